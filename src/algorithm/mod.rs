@@ -1,0 +1,1 @@
+//! Collective algorithms as pure schedules, plus the one executor that drives links.

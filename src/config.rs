@@ -1,0 +1,435 @@
+//! Typed settings, read from the environment once.
+//!
+//! Nothing else in the crate reads environment variables: everything goes through
+//! [`Config::from_env`], which snapshots the environment and validates every value,
+//! naming the variable and the accepted values when one is refused.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Which algorithm collectives use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoChoice {
+    /// Chosen per call by the cost model.
+    Auto,
+    /// Chunked pipelined ring.
+    Ring,
+    /// Binomial tree (reduce up, broadcast down).
+    Tree,
+    /// Two-level: inside nodes, then across nodes.
+    Hier,
+}
+
+/// Where fp16/bf16 compression applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressMode {
+    /// Never compress.
+    Off,
+    /// Only on inter-node links.
+    Inter,
+    /// On every link.
+    All,
+}
+
+/// How ranks find each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitMethod {
+    /// `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT` (or MPI/Slurm variables) and a TCP store on rank 0.
+    Env,
+    /// A rendezvous directory on a shared filesystem (`file:///path`).
+    File(PathBuf),
+    /// Through MPI (the `mpi` cargo feature).
+    Mpi,
+}
+
+/// Rank identity found in the environment (torchrun, launcher, OpenMPI, PMI, Slurm).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchEnv {
+    /// Global rank.
+    pub rank: Option<usize>,
+    /// Number of ranks.
+    pub world_size: Option<usize>,
+    /// Rank within the node.
+    pub local_rank: Option<usize>,
+    /// Ranks within the node.
+    pub local_world_size: Option<usize>,
+    /// Address of rank 0's store.
+    pub master_addr: Option<String>,
+    /// Port of rank 0's store.
+    pub master_port: Option<u16>,
+    /// Which launcher set these (`torchrun`, `openmpi`, `pmi`, `slurm`).
+    pub source: &'static str,
+}
+
+/// Log verbosity (`HETCCL_DEBUG`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings (default).
+    Warn,
+    /// Configuration, topology, links and algorithm choices, once each.
+    Info,
+    /// Per-collective detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// All settings of a hetccl process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `HETCCL_TIMEOUT` (seconds): how long a collective waits for a silent peer.
+    pub timeout: Duration,
+    /// `HETCCL_ALGO`: `auto|ring|tree|hier`.
+    pub algo: AlgoChoice,
+    /// `HETCCL_SHM_DISABLE`: force TCP between ranks on one host.
+    pub shm_disable: bool,
+    /// `HETCCL_SOCKET_IFNAME`: the network interface to listen and connect on.
+    pub socket_ifname: Option<String>,
+    /// `HETCCL_NSOCKS_PERPEER`: TCP sockets per peer, chunks striped across them.
+    pub nsocks_per_peer: usize,
+    /// `HETCCL_CHUNK_BYTES`: pipeline chunk size.
+    pub chunk_bytes: usize,
+    /// `HETCCL_PIPELINE_DEPTH`: chunks in flight per collective.
+    pub pipeline_depth: usize,
+    /// `HETCCL_DEBUG`: log level.
+    pub debug: LogLevel,
+    /// `HETCCL_INIT`: `env://` (default), `file:///path`, `mpi`.
+    pub init: InitMethod,
+    /// `HETCCL_JOB_ID`: names the job in handshakes and shm segments.
+    pub job_id: Option<String>,
+    /// `HETCCL_JOB_KEY`: the shared secret for connection handshakes.
+    pub job_key: Option<String>,
+    /// `HETCCL_NODE_ID`: overrides hostname+boot id when grouping ranks into nodes.
+    pub node_id: Option<String>,
+    /// `HETCCL_TOPO_FILE`: load the topology from this JSON file instead of discovering it.
+    pub topo_file: Option<PathBuf>,
+    /// `HETCCL_TOPO_DUMP_FILE`: write the discovered topology here.
+    pub topo_dump_file: Option<PathBuf>,
+    /// `HETCCL_COMPRESS`: `off|inter|all`.
+    pub compress: CompressMode,
+    /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
+    pub connect_timeout: Duration,
+    /// Rank identity from the launcher.
+    pub launch: LaunchEnv,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: Duration::from_secs(300),
+            algo: AlgoChoice::Auto,
+            shm_disable: false,
+            socket_ifname: None,
+            nsocks_per_peer: 2,
+            chunk_bytes: 512 << 10,
+            pipeline_depth: 4,
+            debug: LogLevel::Warn,
+            init: InitMethod::Env,
+            job_id: None,
+            job_key: None,
+            node_id: None,
+            topo_file: None,
+            topo_dump_file: None,
+            compress: CompressMode::Off,
+            connect_timeout: Duration::from_secs(60),
+            launch: LaunchEnv::default(),
+        }
+    }
+}
+
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl Vars<'_> {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn bad(&self, k: &str, accepted: &str) -> Error {
+        Error::Config {
+            var: k.to_string(),
+            value: self.0.get(k).cloned().unwrap_or_default(),
+            accepted: accepted.to_string(),
+        }
+    }
+
+    fn parse_usize(&self, k: &str, lo: usize, hi: usize) -> Result<Option<usize>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => {
+                let accepted = format!("an integer from {lo} to {hi}");
+                let n = parse_size(v).ok_or_else(|| self.bad(k, &accepted))?;
+                if n < lo || n > hi {
+                    return Err(self.bad(k, &accepted));
+                }
+                Ok(Some(n))
+            }
+        }
+    }
+
+    fn parse_secs(&self, k: &str) -> Result<Option<Duration>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => {
+                let accepted = "a positive number of seconds (e.g. 30 or 0.5)";
+                let s: f64 = v.parse().map_err(|_| self.bad(k, accepted))?;
+                if !(s.is_finite() && s > 0.0) {
+                    return Err(self.bad(k, accepted));
+                }
+                Ok(Some(Duration::from_secs_f64(s)))
+            }
+        }
+    }
+
+    fn parse_bool(&self, k: &str) -> Result<Option<bool>> {
+        match self.get(k).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(None),
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => Ok(Some(true)),
+                "0" | "false" | "no" | "off" => Ok(Some(false)),
+                _ => Err(self.bad(k, "0, 1, true, false, yes, no, on, off")),
+            },
+        }
+    }
+
+    fn parse_enum<T: Copy>(&self, k: &str, table: &[(&str, T)]) -> Result<Option<T>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => {
+                let v = v.to_ascii_lowercase();
+                table
+                    .iter()
+                    .find(|(name, _)| *name == v)
+                    .map(|(_, t)| Some(*t))
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+                        self.bad(k, &names.join(", "))
+                    })
+            }
+        }
+    }
+
+    fn string(&self, k: &str) -> Option<String> {
+        self.get(k).map(str::to_string)
+    }
+}
+
+/// Parses `4096`, `64K`, `16M`, `1G` (binary units).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1usize << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    /// Reads and validates every `HETCCL_*` and launcher variable from the process environment.
+    pub fn from_env() -> Result<Self> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_vars(&vars)
+    }
+
+    /// Like [`Config::from_env`], from an explicit map (used by tests and the C API).
+    pub fn from_vars(map: &HashMap<String, String>) -> Result<Self> {
+        let v = Vars(map);
+        let d = Config::default();
+        let init = match v.get("HETCCL_INIT") {
+            None | Some("env://") | Some("env") => InitMethod::Env,
+            Some("mpi") | Some("mpi://") => InitMethod::Mpi,
+            Some(s) if s.starts_with("file://") && s.len() > "file://".len() => {
+                InitMethod::File(PathBuf::from(&s["file://".len()..]))
+            }
+            Some(_) => return Err(v.bad("HETCCL_INIT", "env://, mpi, file:///path/to/dir")),
+        };
+        Ok(Config {
+            timeout: v.parse_secs("HETCCL_TIMEOUT")?.unwrap_or(d.timeout),
+            algo: v
+                .parse_enum(
+                    "HETCCL_ALGO",
+                    &[
+                        ("auto", AlgoChoice::Auto),
+                        ("ring", AlgoChoice::Ring),
+                        ("tree", AlgoChoice::Tree),
+                        ("hier", AlgoChoice::Hier),
+                    ],
+                )?
+                .unwrap_or(d.algo),
+            shm_disable: v.parse_bool("HETCCL_SHM_DISABLE")?.unwrap_or(false),
+            socket_ifname: v.string("HETCCL_SOCKET_IFNAME"),
+            nsocks_per_peer: v
+                .parse_usize("HETCCL_NSOCKS_PERPEER", 1, 16)?
+                .unwrap_or(d.nsocks_per_peer),
+            chunk_bytes: v
+                .parse_usize("HETCCL_CHUNK_BYTES", 4096, 64 << 20)?
+                .unwrap_or(d.chunk_bytes),
+            pipeline_depth: v
+                .parse_usize("HETCCL_PIPELINE_DEPTH", 1, 64)?
+                .unwrap_or(d.pipeline_depth),
+            debug: v
+                .parse_enum(
+                    "HETCCL_DEBUG",
+                    &[
+                        ("error", LogLevel::Error),
+                        ("warn", LogLevel::Warn),
+                        ("info", LogLevel::Info),
+                        ("debug", LogLevel::Debug),
+                        ("trace", LogLevel::Trace),
+                    ],
+                )?
+                .unwrap_or(d.debug),
+            init,
+            job_id: v.string("HETCCL_JOB_ID"),
+            job_key: v.string("HETCCL_JOB_KEY"),
+            node_id: v.string("HETCCL_NODE_ID"),
+            topo_file: v.string("HETCCL_TOPO_FILE").map(PathBuf::from),
+            topo_dump_file: v.string("HETCCL_TOPO_DUMP_FILE").map(PathBuf::from),
+            compress: v
+                .parse_enum(
+                    "HETCCL_COMPRESS",
+                    &[
+                        ("off", CompressMode::Off),
+                        ("inter", CompressMode::Inter),
+                        ("all", CompressMode::All),
+                    ],
+                )?
+                .unwrap_or(d.compress),
+            connect_timeout: v
+                .parse_secs("HETCCL_CONNECT_TIMEOUT")?
+                .unwrap_or(d.connect_timeout),
+            launch: launch_env(&v)?,
+        })
+    }
+}
+
+/// Finds rank identity from the first launcher whose variables are present:
+/// torchrun / hetccl launcher, OpenMPI, PMI (MPICH, Intel MPI), Slurm.
+fn launch_env(v: &Vars) -> Result<LaunchEnv> {
+    let pu = |k: &str| v.parse_usize(k, 0, 1 << 24);
+    let mut env = LaunchEnv {
+        master_addr: v.string("MASTER_ADDR"),
+        ..LaunchEnv::default()
+    };
+    env.master_port = match v.get("MASTER_PORT") {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| v.bad("MASTER_PORT", "a TCP port from 1 to 65535"))?,
+        ),
+    };
+    let sources: [(&'static str, [&str; 4]); 4] = [
+        (
+            "torchrun",
+            ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
+        ),
+        (
+            "openmpi",
+            [
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+            ],
+        ),
+        ("pmi", ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"]),
+        (
+            "slurm",
+            ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"],
+        ),
+    ];
+    for (source, [r, w, lr, lw]) in sources {
+        if v.get(r).is_some() && v.get(w).is_some() {
+            env.rank = pu(r)?;
+            env.world_size = pu(w)?;
+            env.local_rank = pu(lr)?;
+            // SLURM_NTASKS_PER_NODE may read "2(x3)"; only a plain number is used.
+            env.local_world_size = v.get(lw).and_then(|s| s.parse().ok());
+            env.source = source;
+            break;
+        }
+    }
+    if let (Some(r), Some(w)) = (env.rank, env.world_size) {
+        if w == 0 || r >= w {
+            return Err(Error::Config {
+                var: "RANK".into(),
+                value: format!("{r} (world size {w})"),
+                accepted: "0 <= RANK < WORLD_SIZE".into(),
+            });
+        }
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(&m)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.algo, AlgoChoice::Auto);
+        assert_eq!(c.timeout, Duration::from_secs(300));
+        let c = cfg(&[
+            ("HETCCL_ALGO", "Ring"),
+            ("HETCCL_TIMEOUT", "2.5"),
+            ("HETCCL_CHUNK_BYTES", "256K"),
+            ("HETCCL_INIT", "file:///tmp/rdv"),
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.algo, AlgoChoice::Ring);
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.chunk_bytes, 256 << 10);
+        assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
+        assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));
+        assert_eq!(c.launch.source, "torchrun");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_accepted_values() {
+        let e = cfg(&[("HETCCL_ALGO", "fast")]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, ring, tree, hier"
+        );
+        let e = cfg(&[("HETCCL_TIMEOUT", "-1")]).unwrap_err().to_string();
+        assert!(e.contains("HETCCL_TIMEOUT"), "{e}");
+        let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")]).unwrap_err().to_string();
+        assert!(e.contains("from 1 to 16"), "{e}");
+        let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string();
+        assert!(e.contains("RANK < WORLD_SIZE"), "{e}");
+        let e = cfg(&[("MASTER_PORT", "http")]).unwrap_err().to_string();
+        assert!(e.contains("MASTER_PORT"), "{e}");
+    }
+
+    #[test]
+    fn openmpi_variables_are_understood() {
+        let c = cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.launch.source, "openmpi");
+        assert_eq!(c.launch.local_world_size, Some(2));
+    }
+}

@@ -1,0 +1,30 @@
+//! hetccl: collective communication for data-parallel training on heterogeneous clusters.
+//!
+//! The crate is layered as `../DESIGN.md` describes; dependencies point down only:
+//!
+//! ```text
+//!  trainer          uses only the public API, like any user
+//!  capi             extern "C" wrappers
+//!  communicator     the user-facing object: collectives, async handles
+//!  algorithm        ring, tree, hierarchical schedules (pure data) + one executor
+//!  compression      fp16/bf16 wire formats       reduce: element math
+//!  transport        point-to-point links: shm, tcp
+//!  topology         who is where
+//!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
+//!  config, error    typed settings read once from HETCCL_* env; one Error enum
+//! ```
+#![warn(missing_docs)]
+
+pub mod algorithm;
+pub mod bootstrap;
+pub mod communicator;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod reduce;
+pub mod transport;
+
+pub use communicator::Communicator;
+pub use config::Config;
+pub use dtype::{DataType, Element, ReduceOp};
+pub use error::{Error, Result};
