@@ -22,6 +22,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod reduce;
+pub mod topology;
 pub mod transport;
 
 pub use communicator::Communicator;

@@ -1,4 +1,657 @@
-//! The user-facing communicator.
+//! The user-facing communicator: collectives on host buffers, blocking or scoped
+//! non-blocking.
+//!
+//! Every collective becomes a unit of work on one progress thread per communicator,
+//! in the order the caller issued them, so operations complete in issue order on
+//! every rank and a trainer can overlap communication with compute:
+//!
+//! ```no_run
+//! # use hetccl::{Communicator, ReduceOp};
+//! # fn main() -> hetccl::Result<()> {
+//! let comm = Communicator::init_from_env()?;
+//! let mut grads = vec![1.0f32; 1 << 20];
+//! let (early, late) = grads.split_at_mut(1 << 19);
+//! comm.scope(|s| -> hetccl::Result<()> {
+//!     let h = s.all_reduce(late, ReduceOp::Sum)?; // runs while we keep computing
+//!     early.iter_mut().for_each(|g| *g *= 0.5);
+//!     h.wait()
+//! })?;
+//! comm.all_reduce(early, ReduceOp::Sum)?;
+//! # Ok(()) }
+//! ```
+//!
+//! After any error the communicator is *broken*: its links are aborted (so peers
+//! fail fast instead of timing out) and every later call returns [`Error::Broken`].
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::algorithm::cost::{self, LinkCost};
+use crate::algorithm::executor::{self, Buffers, ExecCtx};
+use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
+use crate::bootstrap::Bootstrap;
+use crate::config::{AlgoChoice, Config};
+use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
+use crate::error::{Error, Result};
+use crate::topology::Topology;
+use crate::transport::{Link, LinkKind};
+
+/// Completion state of one submitted operation.
+struct Completion {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Completion {
+    fn new() -> Arc<Self> {
+        Arc::new(Completion {
+            result: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn set(&self, r: Result<()>) {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        *g = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.take() {
+                // Leave a marker so a second waiter (scope end after Handle::wait) returns.
+                *g = Some(Ok(()));
+                return r;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// One collective handed to the progress thread.
+struct Work {
+    sched: Arc<Schedule>,
+    bufs: Buffers,
+    ctx: ExecCtx,
+    done: Arc<Completion>,
+}
+
+// SAFETY: `Work` carries raw pointers to caller buffers. The submitting thread keeps
+// those buffers borrowed (blocking call, or a `Scope` that outlives the work) until
+// `done` is set, and the progress thread is the only one touching them meanwhile.
+unsafe impl Send for Work {}
+
+struct Progress {
+    rank: usize,
+    links: Vec<Option<Box<dyn Link>>>,
+    scratch: Vec<u64>,
+    broken: Option<String>,
+}
+
+impl Progress {
+    fn run(mut self, rx: mpsc::Receiver<Work>) {
+        while let Ok(mut w) = rx.recv() {
+            let r = self.execute(&mut w);
+            w.done.set(r);
+        }
+        tracing::debug!(rank = self.rank, "progress thread exits");
+    }
+
+    fn execute(&mut self, w: &mut Work) -> Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        let need = w.sched.scratch_bytes.div_ceil(8);
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        w.bufs.scratch = self.scratch.as_mut_ptr().cast();
+        w.bufs.scratch_len = self.scratch.len() * 8;
+        let r = executor::execute(&w.sched, &mut self.links, &w.bufs, &w.ctx);
+        if let Err(e) = &r {
+            tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
+            self.broken = Some(e.to_string());
+            for l in self.links.iter_mut().flatten() {
+                l.abort();
+            }
+        }
+        r
+    }
+}
 
 /// A group of ranks that run collectives together.
-pub struct Communicator {}
+pub struct Communicator {
+    rank: usize,
+    world_size: usize,
+    cfg: Config,
+    topo: Topology,
+    link_kinds: Vec<Option<LinkKind>>,
+    seq: AtomicU64,
+    p2p_send_seq: Vec<AtomicU64>,
+    p2p_recv_seq: Vec<AtomicU64>,
+    tx: Mutex<Option<mpsc::Sender<Work>>>,
+    worker: Option<JoinHandle<()>>,
+    plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
+    // Kept alive for the communicator's lifetime: rank 0 may serve the store.
+    _boot: Option<Box<dyn Bootstrap>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Communicator {
+    /// Builds a communicator from already-connected links (index = peer rank, `None`
+    /// for self). `init_from_env` is the usual way in; this one serves tests and
+    /// embedders that bring their own bootstrap.
+    pub fn from_parts(
+        cfg: Config,
+        topo: Topology,
+        rank: usize,
+        links: Vec<Option<Box<dyn Link>>>,
+        boot: Option<Box<dyn Bootstrap>>,
+    ) -> Result<Self> {
+        let world_size = topo.world_size();
+        if links.len() != world_size || rank >= world_size {
+            return Err(Error::invalid(
+                "Communicator::from_parts",
+                format!(
+                    "{} links for world size {world_size}, rank {rank}",
+                    links.len()
+                ),
+            ));
+        }
+        let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
+        let (tx, rx) = mpsc::channel::<Work>();
+        let progress = Progress {
+            rank,
+            links,
+            scratch: Vec::new(),
+            broken: None,
+        };
+        let worker = std::thread::Builder::new()
+            .name(format!("hetccl-progress-{rank}"))
+            .spawn(move || progress.run(rx))
+            .map_err(|e| Error::io("starting the progress thread", e))?;
+        Ok(Communicator {
+            rank,
+            world_size,
+            cfg,
+            topo,
+            link_kinds,
+            seq: AtomicU64::new(0),
+            p2p_send_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
+            p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
+            tx: Mutex::new(Some(tx)),
+            worker: Some(worker),
+            plans: Mutex::new(HashMap::new()),
+            _boot: boot,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+    /// Rank within this node.
+    pub fn local_rank(&self) -> usize {
+        self.topo.local_rank(self.rank)
+    }
+    /// Ranks on this node.
+    pub fn local_size(&self) -> usize {
+        self.topo.local_size(self.rank)
+    }
+    /// The job's layout.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// The link used to reach `peer` (`None` for self).
+    pub fn link_kind(&self, peer: usize) -> Option<LinkKind> {
+        self.link_kinds.get(peer).copied().flatten()
+    }
+
+    fn choose_algo(&self, op: CollectiveOp, bytes: usize) -> Algo {
+        match self.cfg.algo {
+            AlgoChoice::Ring | AlgoChoice::Hier => Algo::Ring,
+            AlgoChoice::Tree => Algo::Tree,
+            AlgoChoice::Auto => {
+                let slow = if self.link_kinds.contains(&Some(LinkKind::Tcp)) {
+                    LinkCost::TCP
+                } else {
+                    LinkCost::SHM
+                };
+                cost::choose(op, self.world_size, bytes, slow)
+            }
+        }
+    }
+
+    fn schedule(&self, call: &Call) -> Arc<Schedule> {
+        let algo = if call.op == CollectiveOp::SendRecv {
+            Algo::Ring
+        } else {
+            self.choose_algo(call.op, call.count * call.dtype.size())
+        };
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if plans.len() > 4096 {
+            plans.clear();
+        }
+        plans
+            .entry((*call, algo))
+            .or_insert_with(|| {
+                tracing::info!(
+                    rank = self.rank,
+                    "{} of {} x {}: {} algorithm",
+                    call.op,
+                    call.count,
+                    call.dtype,
+                    algo.name()
+                );
+                let t = Tuning {
+                    chunk_bytes: self.cfg.chunk_bytes,
+                    slots: 2 * self.cfg.pipeline_depth + 1,
+                };
+                Arc::new(algorithm::plan(call, self.rank, self.world_size, algo, t))
+            })
+            .clone()
+    }
+
+    /// Queues a call on the progress thread; the caller must keep the buffers
+    /// borrowed until the returned completion is set.
+    fn submit(
+        &self,
+        call: Call,
+        input: (*const u8, usize),
+        output: (*mut u8, usize),
+    ) -> Result<Arc<Completion>> {
+        let sched = self.schedule(&call);
+        let done = Completion::new();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            return Err(Error::Broken("communicator was shut down".into()));
+        };
+        // Sequence numbers are taken under the queue lock so queue order = seq order.
+        let seq = if call.op == CollectiveOp::SendRecv {
+            let ctr = if call.is_send {
+                &self.p2p_send_seq[call.root]
+            } else {
+                &self.p2p_recv_seq[call.root]
+            };
+            ctr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        };
+        let work = Work {
+            sched,
+            bufs: Buffers {
+                input: input.0,
+                input_len: input.1,
+                output: output.0,
+                output_len: output.1,
+                scratch: std::ptr::null_mut(),
+                scratch_len: 0,
+            },
+            ctx: ExecCtx {
+                rank: self.rank,
+                world_size: self.world_size,
+                seq,
+                op: call.op,
+                dtype: call.dtype,
+                redop: call.redop,
+                count: call.count as u64,
+                timeout: self.cfg.timeout,
+            },
+            done: done.clone(),
+        };
+        tx.send(work)
+            .map_err(|_| Error::Broken("progress thread has stopped".into()))?;
+        Ok(done)
+    }
+
+    fn check_rank(&self, op: &'static str, what: &str, r: usize) -> Result<()> {
+        if r >= self.world_size {
+            return Err(Error::invalid(
+                op,
+                format!("{what} {r} is not a rank of this communicator (world size {})", self.world_size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates a call and returns its pieces for `submit`.
+    fn prepare<T: Element>(&self, req: Request<'_, T>) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+        let n = self.world_size;
+        let Request {
+            op,
+            input,
+            output,
+            redop,
+            root,
+        } = req;
+        let in_len = input.map_or(0, |s| s.len());
+        let out_len = output.len();
+        let name = op.name();
+        let bad = |reason: String| Error::InvalidArgument { op: name, reason };
+        let count = match op {
+            CollectiveOp::AllReduce => {
+                if input.is_some() && in_len != out_len {
+                    return Err(bad(format!(
+                        "send buffer has {in_len} elements, receive buffer {out_len}; they must be equal"
+                    )));
+                }
+                out_len
+            }
+            CollectiveOp::ReduceScatter => {
+                if in_len != out_len * n {
+                    return Err(bad(format!(
+                        "send buffer must hold world_size x receive count = {n} x {out_len} = {} elements, it holds {in_len}",
+                        n * out_len
+                    )));
+                }
+                out_len
+            }
+            CollectiveOp::AllGather => {
+                if out_len != in_len * n {
+                    return Err(bad(format!(
+                        "receive buffer must hold world_size x send count = {n} x {in_len} = {} elements, it holds {out_len}",
+                        n * in_len
+                    )));
+                }
+                in_len
+            }
+            CollectiveOp::Broadcast => {
+                self.check_rank(name, "root", root)?;
+                out_len
+            }
+            CollectiveOp::Reduce => {
+                self.check_rank(name, "root", root)?;
+                if self.rank == root && out_len != in_len {
+                    return Err(bad(format!(
+                        "on the root the receive buffer must match the send buffer ({in_len} elements), it holds {out_len}"
+                    )));
+                }
+                in_len
+            }
+            CollectiveOp::Barrier => 0,
+            CollectiveOp::SendRecv => {
+                self.check_rank(name, "peer", root)?;
+                if root == self.rank {
+                    return Err(bad("a rank cannot send to or receive from itself".into()));
+                }
+                in_len.max(out_len)
+            }
+        };
+        let call = Call {
+            op,
+            dtype: T::DTYPE,
+            redop,
+            count,
+            root,
+            in_place: input.is_none(),
+            is_send: op == CollectiveOp::SendRecv && input.is_some(),
+        };
+        let out_bytes = std::mem::size_of_val(output);
+        let out_ptr = output.as_mut_ptr() as *mut u8;
+        let inp = match input {
+            Some(s) => (s.as_ptr() as *const u8, std::mem::size_of_val(s)),
+            None => (out_ptr as *const u8, out_bytes),
+        };
+        Ok((call, inp, (out_ptr, out_bytes)))
+    }
+
+    fn run<T: Element>(&self, req: Request<'_, T>) -> Result<()> {
+        let (call, i, o) = self.prepare(req)?;
+        if self.skip(&call) {
+            return Ok(());
+        }
+        self.submit(call, i, o)?.wait()
+    }
+
+    /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
+    /// to talk to. Both still need the local copy of out-of-place calls.
+    fn skip(&self, call: &Call) -> bool {
+        (call.count == 0 && call.op != CollectiveOp::Barrier && call.op != CollectiveOp::SendRecv)
+            || (self.world_size == 1 && call.in_place && call.op != CollectiveOp::SendRecv)
+    }
+
+    /// In-place all-reduce: every rank ends with the element-wise reduction of all
+    /// ranks' `buf`.
+    pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Out-of-place all-reduce.
+    pub fn all_reduce_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllReduce, Some(send), recv).redop(op))
+    }
+
+    /// Reduce-scatter: `send` holds `world_size` blocks of `recv.len()` elements; rank
+    /// `r` receives block `r` reduced over all ranks.
+    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        self.run(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
+    }
+
+    /// All-gather: rank `r`'s `send` lands at block `r` of every rank's `recv`.
+    pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// Broadcast `buf` from `root` to every rank.
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.run(Request::new(CollectiveOp::Broadcast, None, buf).root(root))
+    }
+
+    /// Reduce every rank's `send` into `recv` on `root` (`recv` is ignored elsewhere
+    /// and may be empty).
+    pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.run(Request::new(CollectiveOp::Reduce, Some(send), recv).redop(op).root(root))
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&self) -> Result<()> {
+        let mut none: [u8; 0] = [];
+        self.run(Request::new(CollectiveOp::Barrier, None, &mut none))
+    }
+
+    /// Sends `buf` to `peer`, which must post a matching [`Communicator::recv`] of the
+    /// same length. Point-to-point messages between two ranks arrive in send order.
+    pub fn send<T: Element>(&self, buf: &[T], peer: usize) -> Result<()> {
+        let mut none: [T; 0] = [];
+        self.run(Request::new(CollectiveOp::SendRecv, Some(buf), &mut none).root(peer))
+    }
+
+    /// Receives into `buf` from `peer`.
+    pub fn recv<T: Element>(&self, buf: &mut [T], peer: usize) -> Result<()> {
+        self.run(Request::new(CollectiveOp::SendRecv, None, buf).root(peer))
+    }
+
+    /// Runs `f` with a [`Scope`] in which collectives can be started without waiting.
+    /// Every operation started in the scope is finished when `scope` returns, also if
+    /// `f` panics. Operations run one after another, in the order they were started.
+    pub fn scope<'env, R>(&'env self, f: impl for<'s> FnOnce(&'s Scope<'s, 'env>) -> R) -> R {
+        let scope = Scope {
+            comm: self,
+            pending: Mutex::new(Vec::new()),
+            _scope: PhantomData,
+            _env: PhantomData,
+        };
+        struct WaitAll<'a>(&'a Mutex<Vec<Arc<Completion>>>);
+        impl Drop for WaitAll<'_> {
+            fn drop(&mut self) {
+                let pending =
+                    std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+                for c in pending {
+                    // Errors reach the caller through its handles; the communicator is
+                    // broken after one anyway.
+                    let _ = c.wait();
+                }
+            }
+        }
+        let _guard = WaitAll(&scope.pending);
+        f(&scope)
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Closing the queue ends the progress thread once the queued work is done.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A validated request, before it becomes a [`Call`].
+struct Request<'a, T> {
+    op: CollectiveOp,
+    input: Option<&'a [T]>,
+    output: &'a mut [T],
+    redop: ReduceOp,
+    root: usize,
+}
+
+impl<'a, T> Request<'a, T> {
+    fn new(op: CollectiveOp, input: Option<&'a [T]>, output: &'a mut [T]) -> Self {
+        Request {
+            op,
+            input,
+            output,
+            redop: ReduceOp::Sum,
+            root: 0,
+        }
+    }
+    fn redop(mut self, op: ReduceOp) -> Self {
+        self.redop = op;
+        self
+    }
+    fn root(mut self, r: usize) -> Self {
+        self.root = r;
+        self
+    }
+}
+
+/// Starts collectives without waiting; see [`Communicator::scope`].
+pub struct Scope<'s, 'env: 's> {
+    comm: &'env Communicator,
+    pending: Mutex<Vec<Arc<Completion>>>,
+    _scope: PhantomData<&'s mut &'s ()>,
+    _env: PhantomData<&'env mut &'env ()>,
+}
+
+/// A started operation; [`Handle::wait`] returns its result.
+#[must_use = "an operation's error is only reported through its handle"]
+pub struct Handle<'s> {
+    done: Option<Arc<Completion>>,
+    _scope: PhantomData<&'s ()>,
+}
+
+impl Handle<'_> {
+    /// Blocks until the operation is done and returns its result.
+    pub fn wait(self) -> Result<()> {
+        match &self.done {
+            Some(c) => c.wait(),
+            None => Ok(()),
+        }
+    }
+
+    /// True once the operation is done (its result is kept for `wait`).
+    pub fn test(&self) -> bool {
+        self.done.as_ref().is_none_or(|c| c.is_done())
+    }
+}
+
+impl<'s, 'env> Scope<'s, 'env> {
+    fn start<T: Element>(&'s self, req: Request<'env, T>) -> Result<Handle<'s>> {
+        let (call, i, o) = self.comm.prepare(req)?;
+        if self.comm.skip(&call) {
+            return Ok(Handle {
+                done: None,
+                _scope: PhantomData,
+            });
+        }
+        let c = self.comm.submit(call, i, o)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c.clone());
+        Ok(Handle {
+            done: Some(c),
+            _scope: PhantomData,
+        })
+    }
+
+    /// Starts an in-place all-reduce of `buf`.
+    pub fn all_reduce<T: Element>(&'s self, buf: &'env mut [T], op: ReduceOp) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Starts an out-of-place all-reduce.
+    pub fn all_reduce_into<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllReduce, Some(send), recv).redop(op))
+    }
+
+    /// Starts a reduce-scatter.
+    pub fn reduce_scatter<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
+    }
+
+    /// Starts an all-gather.
+    pub fn all_gather<T: Element>(&'s self, send: &'env [T], recv: &'env mut [T]) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// Starts a broadcast.
+    pub fn broadcast<T: Element>(&'s self, buf: &'env mut [T], root: usize) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::Broadcast, None, buf).root(root))
+    }
+
+    /// Starts a reduce.
+    pub fn reduce<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::Reduce, Some(send), recv).redop(op).root(root))
+    }
+}
+
+/// The dtype tag of `T` (re-exported for type-erased callers).
+pub fn dtype_of<T: Element>() -> DataType {
+    T::DTYPE
+}
