@@ -7,6 +7,7 @@
 
 pub mod cost;
 pub mod executor;
+pub mod hierarchical;
 pub mod ring;
 pub mod schedule;
 pub mod sim;
