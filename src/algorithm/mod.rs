@@ -50,6 +50,9 @@ pub enum Algo {
     Ring,
     /// Binomial tree.
     Tree,
+    /// Two-level: intra-node reduce, inter-node ring per shard, intra-node broadcast
+    /// (all-reduce only; other collectives run the ring).
+    Hier,
 }
 
 impl Algo {
@@ -58,6 +61,7 @@ impl Algo {
         match self {
             Algo::Ring => "ring",
             Algo::Tree => "tree",
+            Algo::Hier => "hier",
         }
     }
 }
@@ -83,16 +87,26 @@ pub struct Call {
 }
 
 /// Tuning knobs that shape schedules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Tuning {
     /// Bytes per pipeline chunk.
     pub chunk_bytes: usize,
     /// Scratch slots (chunk-sized) for partial results in flight.
     pub slots: usize,
+    /// Relative sizes of the hierarchical shards (`None`: equal).
+    pub shard_weights: Option<Vec<f64>>,
 }
 
-/// Builds this rank's schedule for `call` over the flat group of all `n` ranks.
-pub fn plan(call: &Call, rank: usize, n: usize, algo: Algo, t: Tuning) -> Schedule {
+/// Builds this rank's schedule for `call` over all `n` ranks, grouped into `nodes`
+/// (ranks of each node; used by [`Algo::Hier`], may be empty otherwise).
+pub fn plan(
+    call: &Call,
+    rank: usize,
+    n: usize,
+    algo: Algo,
+    t: Tuning,
+    nodes: &[Vec<usize>],
+) -> Schedule {
     let members: Vec<usize> = (0..n).collect();
     let g = Group {
         members: &members,
@@ -111,6 +125,16 @@ pub fn plan(call: &Call, rank: usize, n: usize, algo: Algo, t: Tuning) -> Schedu
             match algo {
                 Algo::Ring => ring::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes),
                 Algo::Tree => tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes),
+                Algo::Hier => hierarchical::all_reduce_inplace(
+                    &mut b,
+                    nodes,
+                    rank,
+                    output,
+                    call.count,
+                    e,
+                    t.chunk_bytes,
+                    t.shard_weights.as_deref(),
+                ),
             }
             finalize(&mut b, call.redop, output);
         }
@@ -125,8 +149,10 @@ pub fn plan(call: &Call, rank: usize, n: usize, algo: Algo, t: Tuning) -> Schedu
             ring::all_gather(&mut b, &g, input, out, call.count, e, t.chunk_bytes);
         }
         CollectiveOp::Broadcast => match algo {
-            Algo::Ring => ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root),
             Algo::Tree => tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root),
+            Algo::Ring | Algo::Hier => {
+                ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
+            }
         },
         CollectiveOp::Reduce => {
             let out = if rank == call.root {

@@ -158,6 +158,7 @@ mod tests {
     const T: Tuning = Tuning {
         chunk_bytes: 64,
         slots: 3,
+        shard_weights: None,
     };
 
     fn f32s(v: &[f32]) -> Vec<u8> {
@@ -191,7 +192,7 @@ mod tests {
                 for count in [0usize, 1, 7, 100, 1001] {
                     for in_place in [true, false] {
                         let c = call(CollectiveOp::AllReduce, count, 0, in_place);
-                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T)).collect();
+                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T.clone(), &[])).collect();
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| {
                                 let v: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
@@ -226,7 +227,7 @@ mod tests {
             for count in [0usize, 1, 33] {
                 // reduce_scatter: input n*count, output count.
                 let c = call(CollectiveOp::ReduceScatter, count, 0, false);
-                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T)).collect();
+                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
                 let mut ranks: Vec<SimRank> = (0..n)
                     .map(|r| SimRank {
                         input: f32s(&(0..n * count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -246,7 +247,7 @@ mod tests {
 
                 // all_gather
                 let c = call(CollectiveOp::AllGather, count, 0, false);
-                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T)).collect();
+                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
                 let mut ranks: Vec<SimRank> = (0..n)
                     .map(|r| SimRank {
                         input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -263,7 +264,7 @@ mod tests {
                 for root in [0, n - 1] {
                     for algo in [Algo::Ring, Algo::Tree] {
                         let c = call(CollectiveOp::Broadcast, count, root, true);
-                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T)).collect();
+                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T.clone(), &[])).collect();
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| SimRank {
                                 output: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -277,7 +278,7 @@ mod tests {
                         }
                     }
                     let c = call(CollectiveOp::Reduce, count, root, false);
-                    let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T)).collect();
+                    let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
                     let mut ranks: Vec<SimRank> = (0..n)
                         .map(|r| SimRank {
                             input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -300,7 +301,7 @@ mod tests {
         let n = 4;
         let count = 4096;
         let c = call(CollectiveOp::AllReduce, count, 0, true);
-        let s = plan(&c, 1, n, Algo::Ring, T);
+        let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
         // 2(n-1)/n * S
         assert_eq!(s.bytes_sent(), 2 * (n - 1) * count * 4 / n);
     }
@@ -309,7 +310,7 @@ mod tests {
     fn barrier_exchanges_empty_messages() {
         let n = 5;
         let c = call(CollectiveOp::Barrier, 0, 0, true);
-        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Tree, T)).collect();
+        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Tree, T.clone(), &[])).collect();
         let count = |s: &Schedule| {
             let sends = s.ops.iter().filter(|o| matches!(o.kind, OpKind::Send { .. })).count();
             (sends, s.ops.len() - sends)

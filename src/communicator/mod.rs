@@ -236,15 +236,27 @@ impl Communicator {
 
     fn choose_algo(&self, op: CollectiveOp, bytes: usize) -> Algo {
         match self.cfg.algo {
-            AlgoChoice::Ring | AlgoChoice::Hier => Algo::Ring,
+            AlgoChoice::Ring => Algo::Ring,
             AlgoChoice::Tree => Algo::Tree,
+            AlgoChoice::Hier => Algo::Hier,
             AlgoChoice::Auto => {
-                let slow = if self.link_kinds.contains(&Some(LinkKind::Tcp)) {
-                    LinkCost::TCP
-                } else {
-                    LinkCost::SHM
+                let kind_cost = |k: LinkKind| match k {
+                    LinkKind::Shm => LinkCost::SHM,
+                    LinkKind::Tcp => LinkCost::TCP,
                 };
-                cost::choose(op, self.world_size, bytes, slow)
+                let me = self.topo.node_of[self.rank];
+                let (mut intra, mut inter) = (LinkCost::SHM, LinkCost::SHM);
+                for (p, k) in self.link_kinds.iter().enumerate() {
+                    if let Some(k) = k {
+                        if self.topo.node_of[p] == me {
+                            intra = cost::slower(intra, kind_cost(*k));
+                        } else {
+                            inter = cost::slower(inter, kind_cost(*k));
+                        }
+                    }
+                }
+                let shape = cost::Shape::of(&self.topo.nodes);
+                cost::choose(op, &shape, bytes, intra, inter)
             }
         }
     }
@@ -273,8 +285,9 @@ impl Communicator {
                 let t = Tuning {
                     chunk_bytes: self.cfg.chunk_bytes,
                     slots: 2 * self.cfg.pipeline_depth + 1,
+                    shard_weights: None,
                 };
-                Arc::new(algorithm::plan(call, self.rank, self.world_size, algo, t))
+                Arc::new(algorithm::plan(call, self.rank, self.world_size, algo, t, &self.topo.nodes))
             })
             .clone()
     }
