@@ -1,0 +1,77 @@
+//! CPU reduce kernels against memcpy, the ceiling any reduction step is measured by.
+//!
+//! `Throughput::Bytes` is the payload (bytes of `dst`). Memory traffic is larger:
+//! memcpy reads and writes each byte once (2x); `reduce_inplace` reads `dst` and `src`
+//! and writes `dst` (3x); so at sizes past the last-level cache a reduce running at
+//! 2/3 of memcpy's payload rate is memory-bound, not compute-bound.
+//!
+//! Sizes: 256 KiB (fits L2: the executor's pipeline chunk) and 32 MiB (past LLC).
+//!
+//! ```text
+//! cargo bench --bench kernels
+//! ```
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::{bf16, f16};
+use hetccl::reduce::reduce_inplace;
+use hetccl::{Element, ReduceOp};
+
+const SIZES: [usize; 2] = [256 << 10, 32 << 20];
+
+fn label(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{}MiB", bytes >> 20)
+    } else {
+        format!("{}KiB", bytes >> 10)
+    }
+}
+
+fn reduce_sum<T: Element>(c: &mut Criterion) {
+    let name = T::DTYPE.name();
+    let mut g = c.benchmark_group(format!("reduce_inplace/{name}/sum"));
+    for bytes in SIZES {
+        let n = bytes / std::mem::size_of::<T>();
+        let mut dst: Vec<T> = (0..n).map(|i| T::from_f64((i % 7) as f64)).collect();
+        // Adding zeros runs the same loads, conversions, adds and stores as any other
+        // values but keeps dst fixed, so no sample drifts into inf or rounding regimes.
+        let src: Vec<T> = vec![T::from_f64(0.0); n];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(BenchmarkId::from_parameter(label(bytes)), |b| {
+            b.iter(|| reduce_inplace(ReduceOp::Sum, black_box(&mut dst[..]), black_box(&src[..])))
+        });
+    }
+    g.finish();
+}
+
+fn memcpy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("memcpy");
+    for bytes in SIZES {
+        let src = vec![1u8; bytes];
+        let mut dst = vec![0u8; bytes];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(BenchmarkId::from_parameter(label(bytes)), |b| {
+            b.iter(|| black_box(&mut dst[..]).copy_from_slice(black_box(&src[..])))
+        });
+    }
+    g.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    memcpy(c);
+    reduce_sum::<f32>(c);
+    reduce_sum::<f16>(c);
+    reduce_sum::<bf16>(c);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = kernels
+}
+criterion_main!(benches);
