@@ -47,7 +47,13 @@ pub struct FileBootstrap {
 fn dir_name(job_id: &str) -> String {
     let safe: String = job_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     if safe == job_id && !safe.starts_with('.') {
@@ -66,7 +72,13 @@ fn io_err(what: String) -> impl FnOnce(io::Error) -> Error {
 impl FileBootstrap {
     /// Joins the rendezvous under `root` as `rank` of `world_size`. Waits for peers at most
     /// `timeout` in each all_gather.
-    pub fn new(root: &Path, job_id: &str, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
+    pub fn new(
+        root: &Path,
+        job_id: &str,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
         if rank >= world_size {
             return Err(Error::invalid(
                 "bootstrap",
@@ -74,7 +86,10 @@ impl FileBootstrap {
             ));
         }
         let dir = root.join(dir_name(job_id));
-        fs::create_dir_all(&dir).map_err(io_err(format!("creating the rendezvous directory {}", dir.display())))?;
+        fs::create_dir_all(&dir).map_err(io_err(format!(
+            "creating the rendezvous directory {}",
+            dir.display()
+        )))?;
         let b = FileBootstrap {
             rank,
             world_size,
@@ -97,7 +112,8 @@ impl FileBootstrap {
     }
 
     fn refuse_stale(&self) -> Result<()> {
-        let entries = fs::read_dir(&self.dir).map_err(io_err(format!("listing {}", self.dir.display())))?;
+        let entries =
+            fs::read_dir(&self.dir).map_err(io_err(format!("listing {}", self.dir.display())))?;
         let own_ag = format!("-{}", self.rank);
         let own_exit = format!("exit-{}", self.rank);
         for e in entries.flatten() {
@@ -148,7 +164,12 @@ impl FileBootstrap {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(self.job_id.len() as u64).to_le_bytes());
         out.extend_from_slice(self.job_id.as_bytes());
-        for v in [self.world_size as u64, round, self.rank as u64, data.len() as u64] {
+        for v in [
+            self.world_size as u64,
+            round,
+            self.rank as u64,
+            data.len() as u64,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(data);
@@ -194,7 +215,10 @@ impl FileBootstrap {
         }
         let data = body.get(off + 32..).unwrap_or_default();
         if data.len() != len {
-            return Err(bad(format!("{} payload bytes, header says {len}", data.len())));
+            return Err(bad(format!(
+                "{} payload bytes, header says {len}",
+                data.len()
+            )));
         }
         Ok(data.to_vec())
     }
@@ -226,10 +250,20 @@ impl Bootstrap for FileBootstrap {
                 match fs::read(&p) {
                     Ok(body) => *slot = Some(self.decode(&p, &body, r, k)?),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(format!("rank {}: reading {}", self.rank, p.display()), e)),
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("rank {}: reading {}", self.rank, p.display()),
+                            e,
+                        ))
+                    }
                 }
             }
-            let missing: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(k, _)| k).collect();
+            let missing: Vec<usize> = got
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.is_none())
+                .map(|(k, _)| k)
+                .collect();
             if missing.is_empty() {
                 break;
             }
@@ -252,7 +286,11 @@ impl Bootstrap for FileBootstrap {
             }
         }
         self.round += 1;
-        tracing::debug!("rank {}: file all_gather #{r} done, {} bytes in", self.rank, data.len());
+        tracing::debug!(
+            "rank {}: file all_gather #{r} done, {} bytes in",
+            self.rank,
+            data.len()
+        );
         Ok(got.into_iter().flatten().collect())
     }
 }
@@ -270,7 +308,11 @@ impl Drop for FileBootstrap {
             match fs::remove_dir_all(&self.dir) {
                 Ok(()) => tracing::debug!("rank {}: removed {}", self.rank, self.dir.display()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("rank {}: cannot remove {}: {e}", self.rank, self.dir.display()),
+                Err(e) => tracing::warn!(
+                    "rank {}: cannot remove {}: {e}",
+                    self.rank,
+                    self.dir.display()
+                ),
             }
         }
     }
@@ -281,7 +323,8 @@ mod tests {
     use super::*;
 
     fn tmp_root(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("hetccl-file-test-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("hetccl-file-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
@@ -292,7 +335,10 @@ mod tests {
         assert_eq!(dir_name("run-1a2b"), "run-1a2b");
         let a = dir_name("file:/shared/rdv");
         let b = dir_name("file:_shared_rdv");
-        assert!(a.starts_with("file__shared_rdv-") && a.len() == "file__shared_rdv-".len() + 12, "{a}");
+        assert!(
+            a.starts_with("file__shared_rdv-") && a.len() == "file__shared_rdv-".len() + 12,
+            "{a}"
+        );
         assert_ne!(a, b);
         assert!(!dir_name("..").starts_with('.'));
     }
@@ -304,7 +350,9 @@ mod tests {
             .map(|rank| {
                 let root = root.clone();
                 std::thread::spawn(move || {
-                    let mut b = FileBootstrap::new(&root, "job/ag", rank, 3, Duration::from_secs(20)).unwrap();
+                    let mut b =
+                        FileBootstrap::new(&root, "job/ag", rank, 3, Duration::from_secs(20))
+                            .unwrap();
                     let r0 = b.all_gather(format!("rank{rank}").as_bytes()).unwrap();
                     let r1 = b.all_gather(&vec![rank as u8; rank * 100]).unwrap();
                     b.barrier().unwrap();
@@ -314,7 +362,10 @@ mod tests {
             .collect();
         for h in handles {
             let (r0, r1) = h.join().unwrap();
-            assert_eq!(r0, vec![b"rank0".to_vec(), b"rank1".to_vec(), b"rank2".to_vec()]);
+            assert_eq!(
+                r0,
+                vec![b"rank0".to_vec(), b"rank1".to_vec(), b"rank2".to_vec()]
+            );
             assert_eq!(r1, vec![vec![], vec![1u8; 100], vec![2u8; 200]]);
         }
         // The last rank out removed the job directory.
@@ -338,12 +389,18 @@ mod tests {
             )
         );
         // ag-0-1 is still there: a second rank 1 of the same job id is refused.
-        let e = FileBootstrap::new(&root, "job-m", 1, 4, t).err().unwrap().to_string();
+        let e = FileBootstrap::new(&root, "job-m", 1, 4, t)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("already holds ag-0-1 for this rank"), "{e}");
         drop(b);
         // Rank 1's exit file alone also marks the directory as used.
         fs::remove_file(dir.join("ag-0-1")).unwrap();
-        let e = FileBootstrap::new(&root, "job-m", 1, 4, t).err().unwrap().to_string();
+        let e = FileBootstrap::new(&root, "job-m", 1, 4, t)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("already holds exit-1"), "{e}");
         fs::remove_dir_all(&root).unwrap();
     }
@@ -362,7 +419,9 @@ mod tests {
             job_id: "job-y".into(),
             timeout: t,
         };
-        impostor.write_atomic("ag-0-1", &impostor.encode(0, b"evil")).unwrap();
+        impostor
+            .write_atomic("ag-0-1", &impostor.encode(0, b"evil"))
+            .unwrap();
         std::mem::forget(impostor);
         let e = b.all_gather(b"x").err().unwrap().to_string();
         assert_eq!(

@@ -18,8 +18,6 @@ pub mod tcp;
 
 use std::time::Duration;
 
-use rand::RngCore;
-
 pub use auth::JobAuth;
 pub use file::FileBootstrap;
 pub use store::{GetOutcome, LocalStore, Store, StoreServer, TcpStoreClient};
@@ -76,7 +74,7 @@ pub fn resolve_init(cfg: &Config) -> InitMethod {
 /// - `env://`: rank and world from the launcher's variables; rank 0 serves a TCP store on
 ///   `MASTER_ADDR:MASTER_PORT` until the bootstrap is dropped, the others connect to it
 ///   (retrying until `HETCCL_CONNECT_TIMEOUT`). Job id: `HETCCL_JOB_ID`, else
-///   `env:<MASTER_ADDR>:<MASTER_PORT>`.
+///   `env:<MASTER_ADDR>:<MASTER_PORT>` (so every rank must be given the same spelling).
 /// - `file:///dir`: rank and world from the launcher's variables; blobs go through files
 ///   under `dir`. Job id: `HETCCL_JOB_ID`, else `file:<dir>`.
 /// - `mpi`: rank and world from `MPI_COMM_WORLD`. Rank 0's job id and key (random unless
@@ -93,7 +91,10 @@ pub fn from_config(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
                 return Ok(solo(cfg));
             }
             let (host, port) = master_addr(cfg, rank, world)?;
-            let job_id = cfg.job_id.clone().unwrap_or_else(|| format!("env:{host}:{port}"));
+            let job_id = cfg
+                .job_id
+                .clone()
+                .unwrap_or_else(|| format!("env:{host}:{port}"));
             let auth = JobAuth::new(&job_id, key);
             let b = TcpBootstrap::new(&host, port, &auth, rank, world, cfg.connect_timeout)?;
             Ok((Box::new(b), auth))
@@ -119,7 +120,10 @@ fn solo(cfg: &Config) -> (Box<dyn Bootstrap>, JobAuth) {
         .job_id
         .clone()
         .unwrap_or_else(|| format!("solo:{}", std::process::id()));
-    (Box::new(SoloBootstrap), JobAuth::new(&job_id, cfg.job_key.as_deref()))
+    (
+        Box::new(SoloBootstrap),
+        JobAuth::new(&job_id, cfg.job_key.as_deref()),
+    )
 }
 
 /// The variables [`crate::config`] reads rank and world size from, by launcher.
@@ -167,7 +171,9 @@ fn master_addr(cfg: &Config, rank: usize, world: usize) -> Result<(String, u16)>
     }
 }
 
+#[cfg(feature = "mpi")]
 fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
     let mut b = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -179,7 +185,10 @@ fn mpi_bootstrap(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
     // MPI is a trusted channel: rank 0's identity and key (random unless configured)
     // reach every rank through it, so TCP handshakes get a real secret.
     let mine = if b.rank() == 0 {
-        let id = cfg.job_id.clone().unwrap_or_else(|| format!("mpi-{}", random_hex(8)));
+        let id = cfg
+            .job_id
+            .clone()
+            .unwrap_or_else(|| format!("mpi-{}", random_hex(8)));
         let key = cfg.job_key.clone().unwrap_or_else(|| random_hex(32));
         let mut blob = (id.len() as u64).to_le_bytes().to_vec();
         blob.extend_from_slice(id.as_bytes());
@@ -211,8 +220,6 @@ fn mpi_bootstrap(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
 
 #[cfg(not(feature = "mpi"))]
 fn mpi_bootstrap(_cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
-    // Keeps the helper used in builds without MPI, where only this path would call it.
-    let _ = random_hex;
     Err(Error::Bootstrap(
         "HETCCL_INIT=mpi needs hetccl built with MPI support: rebuild with \
          `cargo build --features mpi` (needs OpenMPI's headers and libclang)"
@@ -234,12 +241,19 @@ mod tests {
     use std::net::TcpListener;
 
     fn cfg(pairs: &[(&str, &str)]) -> Config {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_vars(&m).unwrap()
     }
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]
@@ -264,16 +278,26 @@ mod tests {
 
     #[test]
     fn missing_master_address_is_named() {
-        let e = from_config(&cfg(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1234")]))
-            .err()
-            .unwrap()
-            .to_string();
+        let e = from_config(&cfg(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "1234"),
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
         assert!(
             e.starts_with("bootstrap: rank 1 of 2 (from torchrun variables) needs rank 0's store address, but MASTER_ADDR is not set;"),
             "{e}"
         );
-        let e = from_config(&cfg(&[("RANK", "0"), ("WORLD_SIZE", "2")])).err().unwrap().to_string();
-        assert!(e.contains("but MASTER_ADDR and MASTER_PORT are not set"), "{e}");
+        let e = from_config(&cfg(&[("RANK", "0"), ("WORLD_SIZE", "2")]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("but MASTER_ADDR and MASTER_PORT are not set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -354,7 +378,10 @@ mod tests {
                     let r = rank.to_string();
                     let c = cfg(&[("RANK", &r), ("WORLD_SIZE", "3"), ("HETCCL_INIT", &init)]);
                     let (mut b, auth) = from_config(&c).unwrap();
-                    (b.all_gather(&[rank as u8]).unwrap(), auth.job_id().to_string())
+                    (
+                        b.all_gather(&[rank as u8]).unwrap(),
+                        auth.job_id().to_string(),
+                    )
                 })
             })
             .collect();
@@ -369,7 +396,11 @@ mod tests {
     #[test]
     fn mpirun_without_master_addr_picks_mpi_only_in_mpi_builds() {
         let c = cfg(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2")]);
-        let want = if cfg!(feature = "mpi") { InitMethod::Mpi } else { InitMethod::Env };
+        let want = if cfg!(feature = "mpi") {
+            InitMethod::Mpi
+        } else {
+            InitMethod::Env
+        };
         assert_eq!(resolve_init(&c), want);
         let c = cfg(&[
             ("OMPI_COMM_WORLD_RANK", "0"),
@@ -382,16 +413,27 @@ mod tests {
     #[cfg(not(feature = "mpi"))]
     #[test]
     fn mpi_without_the_feature_says_how_to_rebuild() {
-        let e = from_config(&cfg(&[("HETCCL_INIT", "mpi")])).err().unwrap().to_string();
+        let e = from_config(&cfg(&[("HETCCL_INIT", "mpi")]))
+            .err()
+            .unwrap()
+            .to_string();
         assert_eq!(
             e,
             "bootstrap: HETCCL_INIT=mpi needs hetccl built with MPI support: rebuild with \
              `cargo build --features mpi` (needs OpenMPI's headers and libclang)"
         );
-        let e = from_config(&cfg(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")]))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.ends_with("or rebuild hetccl with `--features mpi` to bootstrap through mpirun itself"), "{e}");
+        let e = from_config(&cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.ends_with(
+                "or rebuild hetccl with `--features mpi` to bootstrap through mpirun itself"
+            ),
+            "{e}"
+        );
     }
 }

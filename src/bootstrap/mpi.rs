@@ -40,7 +40,9 @@ impl MpiBootstrap {
         let world = SimpleCommunicator::world();
         let (rank, size) = (world.rank(), world.size());
         let (Ok(rank), Ok(world_size)) = (usize::try_from(rank), usize::try_from(size)) else {
-            return Err(Error::Bootstrap(format!("MPI reports rank {rank} of {size}")));
+            return Err(Error::Bootstrap(format!(
+                "MPI reports rank {rank} of {size}"
+            )));
         };
         tracing::info!("rank {rank}/{world_size}: bootstrap through MPI");
         Ok(MpiBootstrap {
@@ -77,10 +79,14 @@ impl Bootstrap for MpiBootstrap {
             displs.push(total);
             total = total.checked_add(l).ok_or_else(|| too_big("all blobs"))?;
         }
-        let mut buf = vec![0u8; total as usize];
+        // An empty Rust slice points at address 1, which OpenMPI reads as MPI_IN_PLACE
+        // and refuses: both buffers must point into real memory even when empty.
+        let pad = [0u8; 1];
+        let send = if data.is_empty() { &pad[..0] } else { data };
+        let mut buf = vec![0u8; (total as usize).max(1)];
         {
             let mut part = PartitionMut::new(&mut buf[..], &lens[..], &displs[..]);
-            world.all_gather_varcount_into(data, &mut part);
+            world.all_gather_varcount_into(send, &mut part);
         }
         Ok(displs
             .iter()

@@ -101,10 +101,21 @@ const ST_ERROR: u8 = 4;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
-    Set { key: String, value: Vec<u8> },
-    Get { keys: Vec<String>, timeout: Duration },
-    Add { key: String, delta: i64 },
-    Delete { key: String },
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    Get {
+        keys: Vec<String>,
+        timeout: Duration,
+    },
+    Add {
+        key: String,
+        delta: i64,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -384,7 +395,9 @@ impl Shared {
             if st.stopping {
                 return Reply::Error("rank 0's store is shutting down".into());
             }
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 let missing = keys
                     .iter()
@@ -411,7 +424,9 @@ fn outcome(reply: Reply, what: &str) -> Result<GetOutcome> {
         Reply::Values(v) => Ok(GetOutcome::Values(v)),
         Reply::Missing(m) => Ok(GetOutcome::Missing(m)),
         Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
-        other => Err(Error::Bootstrap(format!("{what}: unexpected reply {other:?}"))),
+        other => Err(Error::Bootstrap(format!(
+            "{what}: unexpected reply {other:?}"
+        ))),
     }
 }
 
@@ -419,7 +434,9 @@ fn ok_reply(reply: Reply, what: &str) -> Result<()> {
     match reply {
         Reply::Ok => Ok(()),
         Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
-        other => Err(Error::Bootstrap(format!("{what}: unexpected reply {other:?}"))),
+        other => Err(Error::Bootstrap(format!(
+            "{what}: unexpected reply {other:?}"
+        ))),
     }
 }
 
@@ -427,7 +444,9 @@ fn counter_reply(reply: Reply, what: &str) -> Result<i64> {
     match reply {
         Reply::Counter(n) => Ok(n),
         Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
-        other => Err(Error::Bootstrap(format!("{what}: unexpected reply {other:?}"))),
+        other => Err(Error::Bootstrap(format!(
+            "{what}: unexpected reply {other:?}"
+        ))),
     }
 }
 
@@ -451,7 +470,10 @@ impl Store for LocalStore {
         counter_reply(self.0.apply(req), "store add")
     }
     fn delete(&mut self, key: &str) -> Result<()> {
-        ok_reply(self.0.apply(Request::Delete { key: key.into() }), "store delete")
+        ok_reply(
+            self.0.apply(Request::Delete { key: key.into() }),
+            "store delete",
+        )
     }
 }
 
@@ -464,10 +486,13 @@ pub struct StoreServer {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     refused: Arc<AtomicUsize>,
-    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+    conns: Conns,
     accept: Option<JoinHandle<()>>,
     addr: SocketAddr,
 }
+
+/// Open connections: a handle to shut each socket down, and its serving thread.
+type Conns = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
 /// What a connection thread needs to know.
 #[derive(Clone)]
@@ -483,6 +508,10 @@ struct ServeCtx {
 impl StoreServer {
     /// Listens on `addr` (every resolved address is tried in turn). Connections must pass
     /// `auth`'s handshake within `handshake_timeout` and present a rank below `world_size`.
+    ///
+    /// When no resolved address belongs to this host (`MASTER_ADDR` names it by an address
+    /// it cannot bind: NAT, a service name), it listens on every interface on that port;
+    /// the handshake keeps strangers out either way.
     pub fn bind(
         addr: &str,
         auth: JobAuth,
@@ -502,6 +531,16 @@ impl StoreServer {
                     break;
                 }
                 Err(e) => last = Some(e),
+            }
+        }
+        if let (None, Some(e), Some(a)) = (&listener, &last, candidates.first()) {
+            if e.kind() == io::ErrorKind::AddrNotAvailable {
+                let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), a.port());
+                tracing::info!("rank 0: {addr} is not an address of this host; listening on {any}");
+                match TcpListener::bind(any) {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => last = Some(e),
+                }
             }
         }
         let listener = match (listener, last) {
@@ -605,7 +644,9 @@ impl StoreServer {
             if n >= at_least {
                 return true;
             }
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if st.clients == 0 || left.is_zero() {
                 return false;
             }
@@ -647,12 +688,7 @@ impl Drop for StoreServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    ctx: ServeCtx,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
-) {
+fn accept_loop(listener: TcpListener, ctx: ServeCtx, stop: Arc<AtomicBool>, conns: Conns) {
     let max_conns = 2 * ctx.world_size + EXTRA_CONNECTIONS;
     while !stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
@@ -687,7 +723,10 @@ fn accept_loop(
             continue;
         }
         let (Ok(()), Ok(keep)) = (stream.set_nonblocking(false), stream.try_clone()) else {
-            tracing::warn!("store on {}: cannot set up the connection from {from}", ctx.local);
+            tracing::warn!(
+                "store on {}: cannot set up the connection from {from}",
+                ctx.local
+            );
             continue;
         };
         let c = ctx.clone();
@@ -787,7 +826,11 @@ impl TcpStoreClient {
         let mut stream = loop {
             attempts += 1;
             let left = timeout.saturating_sub(start.elapsed());
-            let err = match connect_once(host, port, left.clamp(Duration::from_millis(1), Duration::from_secs(5))) {
+            let err = match connect_once(
+                host,
+                port,
+                left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
+            ) {
                 Ok(s) => break s,
                 Err(e) => e,
             };
@@ -798,12 +841,16 @@ impl TcpStoreClient {
                     fmt_secs(timeout)
                 )));
             }
-            tracing::trace!("rank {rank}: store at {addr} not reachable yet ({err}), attempt {attempts}");
+            tracing::trace!(
+                "rank {rank}: store at {addr} not reachable yet ({err}), attempt {attempts}"
+            );
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(Duration::from_millis(500));
         };
         let _ = stream.set_nodelay(true);
-        let hs_timeout = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+        let hs_timeout = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
         auth.connect_handshake(&mut stream, rank as u32, 0, hs_timeout)
             .map_err(|e| {
                 Error::Bootstrap(format!(
@@ -811,7 +858,9 @@ impl TcpStoreClient {
                      (another job on MASTER_PORT {port}, or a different HETCCL_JOB_ID/HETCCL_JOB_KEY?)"
                 ))
             })?;
-        tracing::debug!("rank {rank}: connected to the store at {addr} after {attempts} attempt(s)");
+        tracing::debug!(
+            "rank {rank}: connected to the store at {addr} after {attempts} attempt(s)"
+        );
         Ok(TcpStoreClient { stream, addr, rank })
     }
 
@@ -828,7 +877,10 @@ impl TcpStoreClient {
             .map_err(|e| lost(e, &self.addr, self.rank))?;
         write_frame(&mut self.stream, &req.encode()).map_err(|e| lost(e, &self.addr, self.rank))?;
         let body = read_frame(&mut self.stream).map_err(|e| {
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
                 Error::Bootstrap(format!(
                     "rank {}: rank 0's store at {} did not answer within {}",
                     self.rank,
@@ -852,12 +904,18 @@ impl TcpStoreClient {
 
 fn describe_io(e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => "connection closed (rank 0 exited or stopped its store)".into(),
+        io::ErrorKind::UnexpectedEof => {
+            "connection closed (rank 0 exited or stopped its store)".into()
+        }
         _ => e.to_string(),
     }
 }
 
-fn connect_once(host: &str, port: u16, per_try: Duration) -> std::result::Result<TcpStream, String> {
+fn connect_once(
+    host: &str,
+    port: u16,
+    per_try: Duration,
+) -> std::result::Result<TcpStream, String> {
     let addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {host}: {e}"))?;
@@ -952,7 +1010,8 @@ mod tests {
         let auth = JobAuth::new("store-test", Some("k"));
         let srv = server(&auth, 2);
         let port = srv.local_addr().port();
-        let mut c = TcpStoreClient::connect("127.0.0.1", port, &auth, 1, Duration::from_secs(5)).unwrap();
+        let mut c =
+            TcpStoreClient::connect("127.0.0.1", port, &auth, 1, Duration::from_secs(5)).unwrap();
         let mut l = srv.local_client();
 
         c.set("x", b"hello").unwrap();
@@ -969,10 +1028,14 @@ mod tests {
         assert_eq!(e, "bootstrap: store add: key \"x\" does not hold a counter");
         c.delete("x").unwrap();
         assert_eq!(
-            c.get_many(&["y", "x", "z"], Duration::from_millis(50)).unwrap(),
+            c.get_many(&["y", "x", "z"], Duration::from_millis(50))
+                .unwrap(),
             GetOutcome::Missing(vec![1, 2])
         );
-        let e = l.get("x", Duration::from_millis(20)).unwrap_err().to_string();
+        let e = l
+            .get("x", Duration::from_millis(20))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key \"x\" did not appear"), "{e}");
         assert_eq!(srv.clients(), 1);
     }
@@ -984,10 +1047,12 @@ mod tests {
         let port = srv.local_addr().port();
         let a = auth.clone();
         let waiter = std::thread::spawn(move || {
-            let mut c = TcpStoreClient::connect("127.0.0.1", port, &a, 1, Duration::from_secs(5)).unwrap();
+            let mut c =
+                TcpStoreClient::connect("127.0.0.1", port, &a, 1, Duration::from_secs(5)).unwrap();
             c.get("late", Duration::from_secs(30)).unwrap()
         });
-        let mut c2 = TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
+        let mut c2 =
+            TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
         c2.set("late", b"value").unwrap();
         assert_eq!(waiter.join().unwrap(), b"value");
     }
@@ -997,7 +1062,8 @@ mod tests {
         let auth = JobAuth::new("store-rank", None);
         let srv = server(&auth, 2);
         let port = srv.local_addr().port();
-        let mut c = TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
+        let mut c =
+            TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
         // The handshake succeeds, then the server closes the connection.
         let e = c.set("a", b"b").unwrap_err().to_string();
         assert!(e.contains("lost the connection to rank 0's store"), "{e}");

@@ -53,17 +53,7 @@ impl TcpBootstrap {
         let addr = format!("{host}:{port}");
         let handshake_timeout = timeout.min(Duration::from_secs(10));
         let (store, server): (Box<dyn Store>, _) = if rank == 0 {
-            let server = match StoreServer::bind(&addr, auth.clone(), world_size, handshake_timeout) {
-                Ok(s) => s,
-                // MASTER_ADDR may name this host by an address it cannot bind (NAT, a
-                // service name): fall back to every interface on the same port.
-                Err(first) => {
-                    let any = format!("0.0.0.0:{port}");
-                    tracing::info!("rank 0: {first}; trying {any}");
-                    StoreServer::bind(&any, auth.clone(), world_size, handshake_timeout)
-                        .map_err(|_| first)?
-                }
-            };
+            let server = StoreServer::bind(&addr, auth.clone(), world_size, handshake_timeout)?;
             (Box::new(server.local_client()), Some(server))
         } else {
             let c = TcpStoreClient::connect(host, port, auth, rank, timeout)?;
@@ -152,7 +142,9 @@ impl Drop for TcpBootstrap {
         };
         if self.round > 0 {
             let key = format!("ag/{}/done", self.round - 1);
-            if !server.wait_counter(&key, self.world_size as i64, self.timeout) && server.clients() > 0 {
+            if !server.wait_counter(&key, self.world_size as i64, self.timeout)
+                && server.clients() > 0
+            {
                 tracing::warn!(
                     "rank 0: closing the store at {} while {} rank(s) may still read round {}",
                     self.addr,
@@ -172,7 +164,11 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]
@@ -183,12 +179,22 @@ mod tests {
             .map(|rank| {
                 let auth = auth.clone();
                 std::thread::spawn(move || {
-                    let mut b =
-                        TcpBootstrap::new("127.0.0.1", port, &auth, rank, 4, Duration::from_secs(20)).unwrap();
+                    let mut b = TcpBootstrap::new(
+                        "127.0.0.1",
+                        port,
+                        &auth,
+                        rank,
+                        4,
+                        Duration::from_secs(20),
+                    )
+                    .unwrap();
                     let mut rounds = Vec::new();
                     for round in 0..3u8 {
                         // Rank k sends k+1 bytes of value 10*round + k.
-                        rounds.push(b.all_gather(&vec![10 * round + rank as u8; rank + 1]).unwrap());
+                        rounds.push(
+                            b.all_gather(&vec![10 * round + rank as u8; rank + 1])
+                                .unwrap(),
+                        );
                     }
                     b.barrier().unwrap();
                     rounds
@@ -198,7 +204,9 @@ mod tests {
         for h in handles {
             let rounds = h.join().unwrap();
             for (round, got) in rounds.iter().enumerate() {
-                let want: Vec<Vec<u8>> = (0..4).map(|k| vec![10 * round as u8 + k as u8; k + 1]).collect();
+                let want: Vec<Vec<u8>> = (0..4)
+                    .map(|k| vec![10 * round as u8 + k as u8; k + 1])
+                    .collect();
                 assert_eq!(got, &want);
             }
         }
@@ -218,16 +226,31 @@ mod tests {
         // A silent stranger: connects, says nothing, holds the connection.
         let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
         // Same job, wrong key: the client sees rank 0 cannot prove the key it holds.
-        let e = TcpStoreClient::connect("127.0.0.1", port, &JobAuth::new("tcp-guard", Some("wrong")), 1, t)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("refused this rank") && e.contains("does not hold this job's key"), "{e}");
+        let e = TcpStoreClient::connect(
+            "127.0.0.1",
+            port,
+            &JobAuth::new("tcp-guard", Some("wrong")),
+            1,
+            t,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("refused this rank") && e.contains("does not hold this job's key"),
+            "{e}"
+        );
         // Another job on the port.
-        let e = TcpStoreClient::connect("127.0.0.1", port, &JobAuth::new("other-job", Some("right")), 1, t)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = TcpStoreClient::connect(
+            "127.0.0.1",
+            port,
+            &JobAuth::new("other-job", Some("right")),
+            1,
+            t,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("refused this rank"), "{e}");
 
         let a = auth.clone();
@@ -277,8 +300,66 @@ mod tests {
             b.all_gather(b"x").err().unwrap().to_string()
         });
         let e0 = r0.all_gather(b"x").err().unwrap().to_string();
-        assert!(e0.starts_with("bootstrap: rank 0: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"), "{e0}");
+        assert!(
+            e0.starts_with(
+                "bootstrap: rank 0: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"
+            ),
+            "{e0}"
+        );
         let e1 = r1.join().unwrap();
-        assert!(e1.starts_with("bootstrap: rank 1: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"), "{e1}");
+        assert!(
+            e1.starts_with(
+                "bootstrap: rank 1: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"
+            ),
+            "{e1}"
+        );
+    }
+
+    #[test]
+    fn a_taken_port_is_named() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let auth = JobAuth::new("tcp-taken", None);
+        let e = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 2, Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "bootstrap: rank 0 cannot serve the store on 127.0.0.1:{port}: address in use \
+                 (another job on this port? pick another MASTER_PORT)"
+            )
+        );
+    }
+
+    #[test]
+    fn rank0_keeps_serving_until_every_rank_has_read_the_last_round() {
+        let port = free_port();
+        let auth = JobAuth::new("tcp-linger", None);
+        let t = Duration::from_secs(20);
+        let mut r0 = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 2, t).unwrap();
+        // Rank 1 speaks the all_gather protocol by hand, so it can stop between its set
+        // and its get while rank 0 finishes and drops its bootstrap.
+        let mut r1 = TcpStoreClient::connect("127.0.0.1", port, &auth, 1, t).unwrap();
+        r1.set("ag/0/1", b"one").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rank0 = std::thread::spawn(move || {
+            let got = r0.all_gather(b"zero").unwrap();
+            tx.send(()).unwrap();
+            drop(r0); // returns once rank 1 has counted itself done
+            got
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            r1.get_many(&["ag/0/0", "ag/0/1"], t).unwrap(),
+            GetOutcome::Values(vec![b"zero".to_vec(), b"one".to_vec()])
+        );
+        assert_eq!(r1.add("ag/0/done", 1).unwrap(), 2);
+        assert_eq!(
+            rank0.join().unwrap(),
+            vec![b"zero".to_vec(), b"one".to_vec()]
+        );
     }
 }
