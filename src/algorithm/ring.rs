@@ -57,7 +57,11 @@ pub fn reduce_scatter_inplace(
         for segs in &lay {
             // Send to the right; wait for the left and fold its partial sums into ours.
             b.send(right, at(buf, &segs[(g.me + n - k) % n]));
-            b.recv(left, at(buf, &segs[(g.me + 2 * n - k - 1) % n]), Combine::Accumulate);
+            b.recv(
+                left,
+                at(buf, &segs[(g.me + 2 * n - k - 1) % n]),
+                Combine::Accumulate,
+            );
         }
     }
 }
@@ -124,7 +128,11 @@ pub fn reduce_scatter(
         )
     };
     // Pieces of one block; all blocks are cut the same way.
-    let pieces = split_even(block, block_bytes.div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     if n == 1 {
         for p in &pieces {
             b.copy(blk(0, p), at(output, p));
@@ -169,7 +177,11 @@ pub fn all_gather(
 ) {
     let n = g.size();
     let block_bytes = block * elem;
-    let pieces = split_even(block, block_bytes.div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     let blk = |i: usize, r: &Range<usize>| {
         Region::new(
             output.buf,
@@ -206,7 +218,11 @@ pub fn broadcast_chain(
     let pos = (g.me + n - root) % n; // 0 = root
     let prev = g.members[(g.me + n - 1) % n];
     let next = g.members[(g.me + 1) % n];
-    let pieces = split_even(count, (count * elem).div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     for p in &pieces {
         if pos > 0 {
             b.recv(prev, at(buf, p), Combine::Copy);
@@ -233,7 +249,11 @@ pub fn reduce_chain(
     slots: usize,
 ) {
     let n = g.size();
-    let pieces = split_even(count, (count * elem).div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     if n == 1 {
         for p in &pieces {
             b.copy(at(input, p), at(output, p));
