@@ -140,26 +140,29 @@ pub fn reduce_scatter(
         return;
     }
     let slot_bytes = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
-    let slots = slots.max(2);
-    b.scratch(slot_bytes * slots);
-    let mut next_slot = 0usize;
+    // A partial is live from its receive at step k to its send at step k+1. Pieces go
+    // in groups of `w`, each piece of a group owning two slots (one per step parity),
+    // so no slot is overwritten while its value is still to be sent.
+    let w = (slots / 2).max(1);
+    b.scratch(slot_bytes * 2 * w);
     let (left, right) = (g.left(), g.right());
-    // Where piece p's running partial lives after each step.
-    let mut held: Vec<Region> = pieces.iter().map(|p| blk((g.me + n - 1) % n, p)).collect();
-    for k in 0..n - 1 {
-        for (pi, p) in pieces.iter().enumerate() {
-            b.send(right, held[pi]);
-            // Step k receives the partial of block (me - k - 2) and folds in ours.
-            let blk_idx = (g.me + 2 * n - k - 2) % n;
-            let dst = if k == n - 2 {
-                at(output, p)
-            } else {
-                let s = next_slot % slots;
-                next_slot += 1;
-                Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
-            };
-            b.recv(left, dst, Combine::From(blk(blk_idx, p)));
-            held[pi] = dst;
+    for group in pieces.chunks(w) {
+        // Where each piece's running partial lives after each step.
+        let mut held: Vec<Region> = group.iter().map(|p| blk((g.me + n - 1) % n, p)).collect();
+        for k in 0..n - 1 {
+            for (i, p) in group.iter().enumerate() {
+                b.send(right, held[i]);
+                // Step k receives the partial of block (me - k - 2) and folds in ours.
+                let blk_idx = (g.me + 2 * n - k - 2) % n;
+                let dst = if k == n - 2 {
+                    at(output, p)
+                } else {
+                    let s = 2 * i + k % 2;
+                    Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
+                };
+                b.recv(left, dst, Combine::From(blk(blk_idx, p)));
+                held[i] = dst;
+            }
         }
     }
 }

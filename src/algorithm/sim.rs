@@ -229,7 +229,8 @@ mod tests {
     #[test]
     fn reduce_scatter_all_gather_broadcast_reduce() {
         for n in 1..=7 {
-            for count in [0usize, 1, 33] {
+            // 1000 elements in 64-byte chunks: many more pieces than scratch slots.
+            for count in [0usize, 1, 33, 1000] {
                 // reduce_scatter: input n*count, output count.
                 let c = call(CollectiveOp::ReduceScatter, count, 0, false);
                 let scheds: Vec<_> = (0..n)
