@@ -21,7 +21,12 @@ fn launch(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
     let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(300));
     assert_all_ok(&outs, what);
     let out = outs.into_iter().next().unwrap().output;
-    let passed = out.matches("checks passed").count();
+    let marker = if args.contains(&"--determinism") {
+        "determinism hash"
+    } else {
+        "checks passed"
+    };
+    let passed = out.matches(marker).count();
     assert_eq!(
         passed, n,
         "{what}: expected {n} ranks to report success:\n{out}"
