@@ -62,6 +62,7 @@ impl LinkType {
 type Links = Vec<Option<Box<dyn Link>>>;
 
 /// Full mesh of `n` ranks: `out[r][p]` is rank r's link to p.
+#[allow(clippy::needless_range_loop)] // pairs (a, b) index both ends
 fn connect(kind: LinkType, n: usize, cfg: &Config) -> Vec<Links> {
     let mut out: Vec<Links> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     for a in 0..n {
@@ -119,8 +120,10 @@ struct World {
 
 impl World {
     fn start(kind: LinkType) -> World {
-        let mut cfg = Config::default();
-        cfg.algo = AlgoChoice::Ring;
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            ..Config::default()
+        };
         let topo = Topology::from_ranks(
             (0..RANKS)
                 .map(|rank| RankInfo {

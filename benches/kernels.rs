@@ -35,9 +35,11 @@ fn reduce_sum<T: Element>(c: &mut Criterion) {
     for bytes in SIZES {
         let n = bytes / std::mem::size_of::<T>();
         let mut dst: Vec<T> = (0..n).map(|i| T::from_f64((i % 7) as f64)).collect();
-        // Adding zeros runs the same loads, conversions, adds and stores as any other
-        // values but keeps dst fixed, so no sample drifts into inf or rounding regimes.
-        let src: Vec<T> = vec![T::from_f64(0.0); n];
+        // x + (-0.0) == x: the same loads, conversions, adds and stores as any other
+        // values, but dst stays fixed, so no sample drifts into inf or rounding regimes.
+        // (+0.0 would not do: an all-zero vec is calloc'd and reads hit the shared
+        // zero page, which sits in cache and fakes bandwidth.)
+        let src: Vec<T> = vec![T::from_f64(-0.0); n];
         g.throughput(Throughput::Bytes(bytes as u64));
         g.bench_function(BenchmarkId::from_parameter(label(bytes)), |b| {
             b.iter(|| reduce_inplace(ReduceOp::Sum, black_box(&mut dst[..]), black_box(&src[..])))

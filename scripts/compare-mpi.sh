@@ -15,8 +15,8 @@
 #   tcp2  2 ranks, TCP loopback   (MPI: pml ob1, btl tcp,self; hetccl: HETCCL_SHM_DISABLE=1)
 #   shm4  4 ranks on 2 cores (oversubscribed), shared memory
 #   tcp4  4 ranks on 2 cores (oversubscribed), TCP loopback
-# Nothing is pinned by hetccl's launcher; OpenMPI binds ranks to cores when it does not
-# oversubscribe (its default), so shm2/tcp2 favour MPI there if anything.
+# Pinning: with 2 ranks both pin one rank per core (OpenMPI --bind-to core, hetccl run
+# --bind-cores); with 4 ranks on 2 cores neither pins (--bind-to none, no --bind-cores).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -68,6 +68,7 @@ mpi_common=(mpirun --allow-run-as-root --oversubscribe --mca btl_tcp_if_include 
 run_mpi() {
     local n=${1: -1} link=${1%?} extra
     if [ "$link" = tcp ]; then extra=(--mca pml ob1 --mca btl tcp,self); else extra=(--mca btl self,vader); fi
+    if [ "$n" -le "$(nproc)" ]; then extra+=(--bind-to core); else extra+=(--bind-to none); fi
     "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" "${sizes[@]}" "${iters[@]}" \
         >"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
     awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
@@ -78,13 +79,15 @@ run_mpi() {
 
 # run_hetccl CONFIG -> "size busbw" lines (out-of-place column)
 run_hetccl() {
-    local n=${1: -1} link=${1%?} shm_off=0
+    local n=${1: -1} link=${1%?} shm_off=0 bind=()
     if [ "$link" = tcp ]; then shm_off=1; fi
-    HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" -- "$perf" "${sizes[@]}" "${iters[@]}" -c 1 -d f32 -o sum \
+    if [ "$n" -le "$(nproc)" ]; then bind=(--bind-cores); fi
+    HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${bind[@]}" -- "$perf" "${sizes[@]}" "${iters[@]}" -c 1 -d f32 -o sum \
         >"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
-    # rows: size count type redop root time algbw busbw #wrong ...
-    awk '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 } print $1, $8 }' "$work/hetccl.out"
-    sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.out" >"$work/hetccl.rss"
+    # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
+    sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
+    awk '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 } print $1, $8 }' "$work/hetccl.rank0"
+    sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" >"$work/hetccl.rss"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

@@ -48,7 +48,9 @@ fn main() -> ExitCode {
     let r = hetccl::dispatch_dtype!(a.dtype, T => run::<T>(&comm, &a));
     match r {
         Ok(wrong) if wrong > 0 => {
-            eprintln!("hetccl-perf: rank {}: {wrong} wrong elements", comm.rank());
+            if comm.rank() == 0 {
+                eprintln!("hetccl-perf: {wrong} wrong elements over all ranks");
+            }
             ExitCode::from(3)
         }
         Ok(_) => ExitCode::SUCCESS,

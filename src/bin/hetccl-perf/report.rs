@@ -38,7 +38,9 @@ pub struct Row {
 /// Column headings, three lines, aligned with [`format_row`].
 pub fn table_heading() -> String {
     [
-        format!("#{:>52}{:>34}{:>34}", "", "out-of-place", "in-place"),
+        format!("#{:48}{:^33}  {:^33}", "", "out-of-place", "in-place")
+            .trim_end()
+            .to_string(),
         format!(
             "#{:>11}  {:>12}  {:>6}  {:>5}  {:>4}  {:>9} {:>7} {:>7} {:>7}  {:>9} {:>7} {:>7} {:>7}",
             "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong"
