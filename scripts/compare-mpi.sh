@@ -2,7 +2,7 @@
 # Side-by-side all-reduce bandwidth: OpenMPI's MPI_Allreduce against hetccl-perf, with
 # single-thread memcpy and loopback TCP (iperf3 -P 4) as ceilings.
 #
-#   scripts/compare-mpi.sh [--quick] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
+#   scripts/compare-mpi.sh [--quick] [--bind] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
 #
 # Needs mpicc/mpirun (openmpi-bin, libopenmpi-dev), iperf3 and a Rust toolchain; it
 # installs nothing. For every configuration it runs OpenMPI and hetccl alternately
@@ -15,23 +15,27 @@
 #   tcp2  2 ranks, TCP loopback   (MPI: pml ob1, btl tcp,self; hetccl: HETCCL_SHM_DISABLE=1)
 #   shm4  4 ranks on 2 cores (oversubscribed), shared memory
 #   tcp4  4 ranks on 2 cores (oversubscribed), TCP loopback
-# Pinning: with 2 ranks both pin one rank per core (OpenMPI --bind-to core, hetccl run
-# --bind-cores); with 4 ranks on 2 cores neither pins (--bind-to none, no --bind-cores).
+# Pinning: by default neither pins (OpenMPI --bind-to none; hetccl run without
+# --bind-cores): on a shared machine a pinned rank cannot move off a core that another
+# job is using. With --bind, configurations with no more ranks than cores pin one rank
+# per core on both sides (--bind-to core, --bind-cores).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 quick=0
+bind=0
 repeats=5
 configs="shm2 tcp2 shm4 tcp4"
 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
+        --bind) bind=1 ;;
         --repeats) repeats=$2; shift ;;
         --configs) configs=$2; shift ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "compare-mpi.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -68,7 +72,7 @@ mpi_common=(mpirun --allow-run-as-root --oversubscribe --mca btl_tcp_if_include 
 run_mpi() {
     local n=${1: -1} link=${1%?} extra
     if [ "$link" = tcp ]; then extra=(--mca pml ob1 --mca btl tcp,self); else extra=(--mca btl self,vader); fi
-    if [ "$n" -le "$(nproc)" ]; then extra+=(--bind-to core); else extra+=(--bind-to none); fi
+    if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then extra+=(--bind-to core); else extra+=(--bind-to none); fi
     "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" "${sizes[@]}" "${iters[@]}" \
         >"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
     awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
@@ -77,21 +81,24 @@ run_mpi() {
     sed -n 's/^max_rss_kib=//p' "$work/mpi.out" >"$work/mpi.rss"
 }
 
-# run_hetccl CONFIG -> "size busbw" lines (out-of-place column)
+# run_hetccl CONFIG -> "size busbw_out_of_place busbw_in_place" lines
 run_hetccl() {
-    local n=${1: -1} link=${1%?} shm_off=0 bind=()
+    local n=${1: -1} link=${1%?} shm_off=0 pin=()
     if [ "$link" = tcp ]; then shm_off=1; fi
-    if [ "$n" -le "$(nproc)" ]; then bind=(--bind-cores); fi
-    HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${bind[@]}" -- "$perf" "${sizes[@]}" "${iters[@]}" -c 1 -d f32 -o sum \
+    if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then pin=(--bind-cores); fi
+    HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${pin[@]}" -- "$perf" "${sizes[@]}" "${iters[@]}" -c 1 -d f32 -o sum \
         >"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
     # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
     sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
-    awk '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 } print $1, $8 }' "$work/hetccl.rank0"
+    # busbw from the time column: the table rounds bandwidths to 0.01 GB/s.
+    awk -v n="$n" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
+                                       f = 2 * (n - 1) / n; print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
     sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" >"$work/hetccl.rss"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "# ceilings: memcpy, iperf3" >&2
 "$work/mpi_allreduce_bench" --memcpy "${sizes[@]}" -n 50 -w 5 |
     awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["size"], v["gbps"] }' >"$work/memcpy"
@@ -110,24 +117,28 @@ for cfg in $configs; do
         echo "# $cfg repeat $rep/$repeats" >&2
         run_mpi "$cfg" | while read -r size bw; do echo "$bw" >>"$work/$cfg.mpi.$size"; done
         cat "$work/mpi.rss" >>"$work/$cfg.mpi.rss"
-        run_hetccl "$cfg" | while read -r size bw; do echo "$bw" >>"$work/$cfg.hetccl.$size"; done
+        run_hetccl "$cfg" | while read -r size bw ip; do
+            echo "$bw" >>"$work/$cfg.hetccl.$size"
+            echo "$ip" >>"$work/$cfg.hetccl_ip.$size"
+        done
         cat "$work/hetccl.rss" >>"$work/$cfg.hetccl.rss"
     done
 done
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; mode: $([ $quick = 1 ] && echo quick || echo full)"
-    echo "iperf3 loopback -P 4: $iperf_gbps GB/s"
+    echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $([ $bind = 1 ] && echo yes || echo no); load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | memcpy GB/s |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | hetccl in-place busbw GB/s | memcpy GB/s |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     for cfg in $configs; do
         for size in $(cd "$work" && ls "$cfg.mpi."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
             m=$(median <"$work/$cfg.mpi.$size")
             h=$( [ -f "$work/$cfg.hetccl.$size" ] && median <"$work/$cfg.hetccl.$size" || echo nan)
+            hi=$( [ -f "$work/$cfg.hetccl_ip.$size" ] && median <"$work/$cfg.hetccl_ip.$size" || echo nan)
             c=$(awk -v s="$size" '$1 == s { print $2 }' "$work/memcpy")
-            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v c="${c:-nan}" \
-                'BEGIN { r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"; printf "| %s | %d | %.3f | %.3f | %s | %.2f |\n", cfg, s, m, h, r, c }'
+            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v hi="$hi" -v c="${c:-nan}" \
+                'BEGIN { r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"; printf "| %s | %d | %.3f | %.3f | %s | %.3f | %.2f |\n", cfg, s, m, h, r, hi, c }'
         done
     done
     echo
