@@ -40,10 +40,12 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+# Size bands: each is one launch per tool; large sizes get fewer iterations so a
+# repeat stays under a minute on a busy 2-core machine.
 if [ "$quick" = 1 ]; then
-    sizes=(-b 256 -e 16M -f 16); iters=(-n 10 -w 3)
+    bands=("-b 256 -e 16M -f 16 -n 10 -w 3")
 else
-    sizes=(-b 4 -e 256M -f 4); iters=(-n 20 -w 5)
+    bands=("-b 4 -e 4M -f 4 -n 20 -w 5" "-b 16M -e 256M -f 4 -n 5 -w 2")
 fi
 
 for tool in mpicc mpirun iperf3 cargo; do
@@ -73,12 +75,16 @@ run_mpi() {
     local n=${1: -1} link=${1%?} extra
     if [ "$link" = tcp ]; then extra=(--mca pml ob1 --mca btl tcp,self); else extra=(--mca btl self,vader); fi
     if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then extra+=(--bind-to core); else extra+=(--bind-to none); fi
-    "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" "${sizes[@]}" "${iters[@]}" \
-        >"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
+    : >"$work/mpi.out"
+    for band in "${bands[@]}"; do
+        # shellcheck disable=SC2086 # a band is a list of flags
+        "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" $band \
+            >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
+    done
     awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                             if (v["wrong"] != 0) { print "MPI wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
                             print v["size"], v["busbw"] }' "$work/mpi.out"
-    sed -n 's/^max_rss_kib=//p' "$work/mpi.out" >"$work/mpi.rss"
+    sed -n 's/^max_rss_kib=//p' "$work/mpi.out" | sort -g | tail -1 >"$work/mpi.rss"
 }
 
 # run_hetccl CONFIG -> "size busbw_out_of_place busbw_in_place" lines
@@ -86,21 +92,28 @@ run_hetccl() {
     local n=${1: -1} link=${1%?} shm_off=0 pin=()
     if [ "$link" = tcp ]; then shm_off=1; fi
     if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then pin=(--bind-cores); fi
-    HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${pin[@]}" -- "$perf" "${sizes[@]}" "${iters[@]}" -c 1 -d f32 -o sum \
-        >"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
+    : >"$work/hetccl.out"
+    for band in "${bands[@]}"; do
+        # shellcheck disable=SC2086
+        HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${pin[@]}" -- "$perf" $band -c 1 -d f32 -o sum \
+            >>"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
+    done
     # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
     sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
     # busbw from the time column: the table rounds bandwidths to 0.01 GB/s.
     awk -v n="$n" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
                                        f = 2 * (n - 1) / n; print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
-    sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" >"$work/hetccl.rss"
+    sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" | sort -g | tail -1 >"$work/hetccl.rss"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "# ceilings: memcpy, iperf3" >&2
-"$work/mpi_allreduce_bench" --memcpy "${sizes[@]}" -n 50 -w 5 |
+for band in "${bands[@]}"; do
+    # shellcheck disable=SC2086
+    "$work/mpi_allreduce_bench" --memcpy $band -n 30
+done |
     awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["size"], v["gbps"] }' >"$work/memcpy"
 port=$((20000 + RANDOM % 20000))
 iperf3 -s -B 127.0.0.1 -p "$port" -1 >/dev/null 2>&1 &
