@@ -17,6 +17,7 @@
 
 pub mod algorithm;
 pub mod bootstrap;
+pub mod capi;
 pub mod communicator;
 pub mod config;
 pub mod dtype;
