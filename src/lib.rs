@@ -12,6 +12,8 @@
 //!  topology         who is where
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
+//!
+//!  launcher         `hetccl run`: starts local ranks (beside the stack, used by the CLI)
 //! ```
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ pub mod communicator;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod launcher;
 pub mod reduce;
 pub mod topology;
 pub mod transport;

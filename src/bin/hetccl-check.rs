@@ -22,6 +22,7 @@ struct Args {
     fault: String,
     fault_rank: usize,
     seed: u64,
+    determinism: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -33,6 +34,7 @@ fn parse_args() -> Result<Args, String> {
         fault: "none".into(),
         fault_rank: 1,
         seed: 1,
+        determinism: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,10 +52,14 @@ fn parse_args() -> Result<Args, String> {
             "--fault" => a.fault = val()?,
             "--fault-rank" => a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?,
             "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--determinism" => {
+                a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
-                     \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]"
+                     \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
+                     \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)"
                 );
                 std::process::exit(0);
             }
@@ -268,6 +274,28 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     r2
 }
 
+/// All-reduces pseudo-random f32 values whose sum rounds differently in different
+/// orders, and prints a hash of the result: equal hashes across ranks and runs show
+/// the reduction order is fixed.
+fn determinism(comm: &Communicator, count: usize, seed: u64) -> Result<(), String> {
+    let mut x = (seed ^ (comm.rank() as u64 + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf: Vec<f32> = (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 1e3 - 5e2
+        })
+        .collect();
+    comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in &buf {
+        h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    println!("determinism hash {h:016x}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -286,6 +314,8 @@ fn main() -> ExitCode {
     let t0 = Instant::now();
     let result = if args.fault != "none" {
         fault(&comm, &args)
+    } else if let Some(count) = args.determinism {
+        determinism(&comm, count, args.seed)
     } else {
         let mut ck = Checker { comm: &comm, checks: 0 };
         let run = |ck: &mut Checker| -> Result<(), String> {

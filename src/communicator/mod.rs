@@ -144,7 +144,7 @@ pub struct Communicator {
     worker: Option<JoinHandle<()>>,
     plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
     // Kept alive for the communicator's lifetime: rank 0 may serve the store.
-    _boot: Option<Box<dyn Bootstrap>>,
+    _boot: Mutex<Option<Box<dyn Bootstrap>>>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -201,7 +201,7 @@ impl Communicator {
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
             plans: Mutex::new(HashMap::new()),
-            _boot: boot,
+            _boot: Mutex::new(boot),
         })
     }
 
@@ -667,4 +667,126 @@ impl<'s, 'env> Scope<'s, 'env> {
 /// The dtype tag of `T` (re-exported for type-erased callers).
 pub fn dtype_of<T: Element>() -> DataType {
     T::DTYPE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::RankInfo;
+    use crate::transport::mem;
+
+    /// `n` communicators in one process, fully connected by in-memory links, with
+    /// ranks grouped into nodes of `per_node`.
+    fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
+        let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for a in 0..n {
+            for b in a + 1..n {
+                let (la, lb) = mem::pair_with(a, b, 4096, 4);
+                links[a][b] = Some(Box::new(la));
+                links[b][a] = Some(Box::new(lb));
+            }
+        }
+        let topo = Topology::from_ranks(
+            (0..n)
+                .map(|r| RankInfo {
+                    rank: r,
+                    hostname: "h".into(),
+                    node_id: format!("n{}", r / per_node),
+                    pid: 1,
+                })
+                .collect(),
+        );
+        let cfg = Config {
+            algo,
+            chunk_bytes: 4096,
+            timeout: std::time::Duration::from_secs(20),
+            ..Config::default()
+        };
+        links
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None).unwrap())
+            .collect()
+    }
+
+    fn on_all<R: Send>(comms: &[Communicator], f: impl Fn(&Communicator) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn all_reduce_every_algorithm_over_memory_links() {
+        for algo in [AlgoChoice::Ring, AlgoChoice::Tree, AlgoChoice::Hier, AlgoChoice::Auto] {
+            let comms = world(4, 2, algo);
+            for count in [0usize, 1, 7, 1000, 100_003] {
+                let outs = on_all(&comms, |c| {
+                    let mut v: Vec<f32> = (0..count).map(|i| (c.rank() * 10 + i % 3) as f32).collect();
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    v
+                });
+                let want: Vec<f32> = (0..count).map(|i| (60 + 4 * (i % 3)) as f32).collect();
+                for o in outs {
+                    assert_eq!(o, want, "{algo:?} count={count}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scoped_operations_overlap_and_finish_in_order() {
+        let comms = world(3, 3, AlgoChoice::Ring);
+        let outs = on_all(&comms, |c| {
+            let mut a = vec![c.rank() as i64 + 1; 5000];
+            let mut b = vec![0u8; 10];
+            if c.rank() == 2 {
+                b.fill(9);
+            }
+            c.scope(|s| {
+                let h1 = s.all_reduce(&mut a, ReduceOp::Prod).unwrap();
+                let h2 = s.broadcast(&mut b, 2).unwrap();
+                h2.wait().unwrap();
+                assert!(h1.test(), "an earlier operation finishes first");
+                h1.wait().unwrap();
+            });
+            (a, b)
+        });
+        for (a, b) in outs {
+            assert_eq!(a, vec![6i64; 5000]);
+            assert_eq!(b, vec![9u8; 10]);
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_any_traffic() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let c = &comms[0];
+        let e = c.reduce_scatter(&[1.0f32; 5], &mut [0.0f32; 2], ReduceOp::Sum).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument to reduce_scatter: send buffer must hold world_size x receive count = 2 x 2 = 4 elements, it holds 5"
+        );
+        let e = c.broadcast(&mut [0u8; 4], 2).unwrap_err();
+        assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
+        let e = c.send(&[1u8], 0).unwrap_err();
+        assert!(e.to_string().contains("itself"), "{e}");
+    }
+
+    #[test]
+    fn a_mismatch_breaks_the_communicator_on_both_sides() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let errs = on_all(&comms, |c| {
+            let mut v = vec![1.0f32; 100 + c.rank()];
+            let e = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+            let again = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+            (e.to_string(), again.to_string())
+        });
+        let all = format!("{errs:?}");
+        assert!(all.contains("does not match what peer"), "{all}");
+        for (_, again) in &errs {
+            assert!(again.starts_with("communicator is unusable after an earlier error"), "{again}");
+        }
+    }
 }
