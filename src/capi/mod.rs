@@ -64,19 +64,7 @@ fn init_logging(level: LogLevel) {
 /// Creates the communicator for a fully resolved configuration.
 pub(crate) fn init_communicator(cfg: Config) -> Result<Communicator, Failure> {
     init_logging(cfg.debug);
-    pre_merge::init(cfg).map_err(Failure::from)
-}
-
-// TEMPORARY until the bootstrap/transport merge: world size 1 only.
-mod pre_merge {
-    use crate::{communicator::Communicator, config::Config, topology::{RankInfo, Topology}, Error, Result};
-    pub fn init(cfg: Config) -> Result<Communicator> {
-        if cfg.launch.world_size.unwrap_or(1) != 1 {
-            return Err(Error::Bootstrap("multi-rank init not merged yet".into()));
-        }
-        let topo = Topology::from_ranks(vec![RankInfo::local(0, &cfg)]);
-        Communicator::from_parts(cfg, topo, 0, vec![None], None)
-    }
+    Communicator::init(cfg).map_err(Failure::from)
 }
 
 /// Writes `v` through an out-parameter, refusing NULL.
@@ -522,3 +510,4 @@ pub extern "C" fn hetcclGroupStart() -> hetcclResult_t {
 pub extern "C" fn hetcclGroupEnd() -> hetcclResult_t {
     guard("hetcclGroupEnd", group::end)
 }
+

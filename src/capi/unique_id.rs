@@ -169,7 +169,7 @@ impl JobTicket {
 /// `HETCCL_SOCKET_IFNAME`'s address, else the first interface that is up and not
 /// loopback (ranks may be on other hosts), else loopback.
 pub fn store_host(cfg: &Config) -> Result<String> {
-    match Ok::<_, Error>(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)).map(|x| { let _ = cfg; x }) {
+    match crate::transport::tcp::listen_ip(cfg, true) {
         Ok(ip) => Ok(ip.to_string()),
         // Only a loopback interface: every rank must be on this host anyway.
         Err(Error::Bootstrap(_)) => Ok(Ipv4Addr::LOCALHOST.to_string()),
