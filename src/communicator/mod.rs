@@ -145,6 +145,8 @@ pub struct Communicator {
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
     plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
+    /// (collective, log2 of the size, algorithm) already reported at `info`.
+    logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
     // Kept alive for the communicator's lifetime: rank 0 may serve the store.
     _boot: Mutex<Option<Box<dyn Bootstrap>>>,
 }
@@ -203,6 +205,7 @@ impl Communicator {
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
             plans: Mutex::new(HashMap::new()),
+            logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
         })
     }
@@ -276,14 +279,20 @@ impl Communicator {
         plans
             .entry((*call, algo))
             .or_insert_with(|| {
-                tracing::info!(
-                    rank = self.rank,
-                    "{} of {} x {}: {} algorithm",
-                    call.op,
-                    call.count,
-                    call.dtype,
-                    algo.name()
-                );
+                let bytes = call.count * call.dtype.size();
+                let bucket = usize::BITS - bytes.leading_zeros();
+                let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+                if self.rank == 0 && logged.insert((call.op, bucket, algo)) {
+                    tracing::info!(
+                        rank = self.rank,
+                        "{} of {} bytes ({} x {}): {} algorithm",
+                        call.op,
+                        bytes,
+                        call.count,
+                        call.dtype,
+                        algo.name()
+                    );
+                }
                 let t = Tuning {
                     chunk_bytes: self.cfg.chunk_bytes,
                     slots: 2 * self.cfg.pipeline_depth + 1,
