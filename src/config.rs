@@ -340,10 +340,18 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
                 "OMPI_COMM_WORLD_LOCAL_SIZE",
             ],
         ),
-        ("pmi", ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"]),
+        (
+            "pmi",
+            ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"],
+        ),
         (
             "slurm",
-            ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"],
+            [
+                "SLURM_PROCID",
+                "SLURM_NTASKS",
+                "SLURM_LOCALID",
+                "SLURM_NTASKS_PER_NODE",
+            ],
         ),
     ];
     for (source, [r, w, lr, lw]) in sources {
@@ -412,9 +420,13 @@ mod tests {
         );
         let e = cfg(&[("HETCCL_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("HETCCL_TIMEOUT"), "{e}");
-        let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")]).unwrap_err().to_string();
+        let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("from 1 to 16"), "{e}");
-        let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string();
+        let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK < WORLD_SIZE"), "{e}");
         let e = cfg(&[("MASTER_PORT", "http")]).unwrap_err().to_string();
         assert!(e.contains("MASTER_PORT"), "{e}");

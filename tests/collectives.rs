@@ -21,15 +21,28 @@ fn launch(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
     let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(300));
     assert_all_ok(&outs, what);
     let out = outs.into_iter().next().unwrap().output;
-    let passed = out.matches("checks passed").count();
-    assert_eq!(passed, n, "{what}: expected {n} ranks to report success:\n{out}");
+    let marker = if args.contains(&"--determinism") {
+        "determinism hash"
+    } else {
+        "checks passed"
+    };
+    let passed = out.matches(marker).count();
+    assert_eq!(
+        passed, n,
+        "{what}: expected {n} ranks to report success:\n{out}"
+    );
     out
 }
 
 #[test]
 fn world_sizes_1_to_8_over_shared_memory() {
     for n in 1..=8 {
-        launch(n, &["--counts", "0,1,7,1000", "--mixed", "20"], &[], &format!("shm n={n}"));
+        launch(
+            n,
+            &["--counts", "0,1,7,1000", "--mixed", "20"],
+            &[],
+            &format!("shm n={n}"),
+        );
     }
 }
 
@@ -49,7 +62,12 @@ fn world_sizes_2_to_4_over_tcp() {
 fn large_count_every_op_and_dtype() {
     let big = ((1 << 20) + 3).to_string();
     launch(2, &["--counts", &big], &[], "shm n=2 2^20+3");
-    launch(3, &["--counts", &big], &[("HETCCL_SHM_DISABLE", "1")], "tcp n=3 2^20+3");
+    launch(
+        3,
+        &["--counts", &big],
+        &[("HETCCL_SHM_DISABLE", "1")],
+        "tcp n=3 2^20+3",
+    );
 }
 
 #[test]
@@ -68,7 +86,12 @@ fn each_algorithm_forced() {
 
 #[test]
 fn long_mixed_sequence_with_overlapping_async_handles() {
-    launch(4, &["--counts", "1", "--mixed", "300", "--seed", "7"], &[], "mixed n=4");
+    launch(
+        4,
+        &["--counts", "1", "--mixed", "300", "--seed", "7"],
+        &[],
+        "mixed n=4",
+    );
 }
 
 #[test]

@@ -20,7 +20,10 @@ fn killed_rank(shm_disable: &str) {
         3,
         check_bin(),
         &["--fault", "exit", "--fault-rank", "1"],
-        &[("HETCCL_TIMEOUT", "30"), ("HETCCL_SHM_DISABLE", shm_disable)],
+        &[
+            ("HETCCL_TIMEOUT", "30"),
+            ("HETCCL_SHM_DISABLE", shm_disable),
+        ],
         |_| vec![],
     );
     let outs = collect(children, Duration::from_secs(25));
@@ -29,10 +32,18 @@ fn killed_rank(shm_disable: &str) {
     for r in [0, 2] {
         let o = &outs[r];
         assert_eq!(o.code, Some(1), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("all_reduce #1"), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains("all_reduce #1"),
+            "rank {r}:\n{}",
+            o.output
+        );
         // Either it saw the dead peer itself, or the neighbour that gave up on it.
         assert!(o.output.contains("is gone"), "rank {r}:\n{}", o.output);
-        assert!(o.elapsed < Duration::from_secs(20), "rank {r} took {:?}", o.elapsed);
+        assert!(
+            o.elapsed < Duration::from_secs(20),
+            "rank {r} took {:?}",
+            o.elapsed
+        );
     }
 }
 
@@ -63,16 +74,30 @@ fn a_stopped_rank_times_out_naming_the_peer() {
     for r in [0, 2] {
         let o = &outs[r];
         assert_eq!(o.code, Some(1), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("all_reduce #1"), "rank {r}:\n{}", o.output);
-        if o.output.contains(&format!("rank {r}: all_reduce #1 timed out after")) {
+        assert!(
+            o.output.contains("all_reduce #1"),
+            "rank {r}:\n{}",
+            o.output
+        );
+        if o.output
+            .contains(&format!("rank {r}: all_reduce #1 timed out after"))
+        {
             assert!(o.output.contains("waiting for peer"), "{}", o.output);
             timeouts += 1;
         }
     }
     // At least one survivor reports the timeout itself (the other may learn of it
     // from that rank giving up first).
-    assert!(timeouts >= 1, "{:?}", outs.iter().map(|o| &o.output).collect::<Vec<_>>());
-    assert!(outs[2].output.contains("waiting for peer 1"), "{}", outs[2].output);
+    assert!(
+        timeouts >= 1,
+        "{:?}",
+        outs.iter().map(|o| &o.output).collect::<Vec<_>>()
+    );
+    assert!(
+        outs[2].output.contains("waiting for peer 1"),
+        "{}",
+        outs[2].output
+    );
 }
 
 fn mismatch(fault: &str, expect: &str) {
@@ -130,10 +155,15 @@ fn a_stranger_writing_garbage_to_the_store_port_does_not_disturb_the_job() {
             let t0 = std::time::Instant::now();
             loop {
                 if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\x01garbage garbage garbage garbage");
+                    let _ = s.write_all(
+                        b"GET / HTTP/1.0\r\n\r\n\x00\x01garbage garbage garbage garbage",
+                    );
                     break;
                 }
-                assert!(t0.elapsed() < Duration::from_secs(10), "rank 0 never listened");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "rank 0 never listened"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -178,7 +208,11 @@ fn an_unreachable_master_is_named() {
         .stderr(std::process::Stdio::piped());
     let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(20));
     assert_eq!(outs[0].code, Some(1), "{}", outs[0].output);
-    assert!(outs[0].output.contains(&format!("127.0.0.1:{port}")), "{}", outs[0].output);
+    assert!(
+        outs[0].output.contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        outs[0].output
+    );
     assert!(outs[0].elapsed < Duration::from_secs(10));
 }
 
@@ -199,6 +233,10 @@ fn bad_environment_values_are_refused_at_init() {
         let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(20));
         let o = &outs[0];
         assert_eq!(o.code, Some(1), "{var}={val}:\n{}", o.output);
-        assert!(o.output.contains(var) && o.output.contains(accepted), "{var}:\n{}", o.output);
+        assert!(
+            o.output.contains(var) && o.output.contains(accepted),
+            "{var}:\n{}",
+            o.output
+        );
     }
 }

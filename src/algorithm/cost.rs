@@ -79,14 +79,27 @@ fn log2_ceil(p: usize) -> f64 {
 }
 
 /// Predicted seconds for `algo` running `op` on `bytes`.
-pub fn predict(op: CollectiveOp, algo: Algo, s: &Shape, bytes: usize, intra: LinkCost, inter: LinkCost) -> f64 {
+pub fn predict(
+    op: CollectiveOp,
+    algo: Algo,
+    s: &Shape,
+    bytes: usize,
+    intra: LinkCost,
+    inter: LinkCost,
+) -> f64 {
     let n = bytes as f64;
     let p = s.ranks.max(1);
     let pf = p as f64;
     // A flat schedule is as slow as the slowest link it uses.
-    let l = if s.nodes > 1 { slower(intra, inter) } else { intra };
+    let l = if s.nodes > 1 {
+        slower(intra, inter)
+    } else {
+        intra
+    };
     match (op, algo) {
-        (CollectiveOp::Broadcast | CollectiveOp::Reduce, Algo::Tree) => log2_ceil(p) * (l.alpha + n / l.beta),
+        (CollectiveOp::Broadcast | CollectiveOp::Reduce, Algo::Tree) => {
+            log2_ceil(p) * (l.alpha + n / l.beta)
+        }
         (CollectiveOp::Broadcast | CollectiveOp::Reduce, _) => (pf - 1.0) * l.alpha + n / l.beta,
         (_, Algo::Ring) => 2.0 * (pf - 1.0) * l.alpha + 2.0 * (pf - 1.0) / pf * n / l.beta,
         (_, Algo::Tree) => 2.0 * log2_ceil(p) * l.alpha + 2.0 * n / l.beta,
@@ -103,7 +116,9 @@ pub fn predict(op: CollectiveOp, algo: Algo, s: &Shape, bytes: usize, intra: Lin
 /// The cheapest algorithm for this call (ring where only the ring exists).
 pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter: LinkCost) -> Algo {
     let candidates: &[Algo] = match op {
-        CollectiveOp::AllReduce if s.nodes > 1 && s.max_local > 1 => &[Algo::Ring, Algo::Tree, Algo::Hier],
+        CollectiveOp::AllReduce if s.nodes > 1 && s.max_local > 1 => {
+            &[Algo::Ring, Algo::Tree, Algo::Hier]
+        }
         CollectiveOp::AllReduce | CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
         CollectiveOp::Barrier => return Algo::Tree,
         _ => return Algo::Ring,
@@ -127,9 +142,15 @@ mod tests {
         let l = LinkCost::TCP;
         let s8 = Shape::flat(8);
         assert_eq!(choose(CollectiveOp::AllReduce, &s8, 64, l, l), Algo::Tree);
-        assert_eq!(choose(CollectiveOp::AllReduce, &s8, 64 << 20, l, l), Algo::Ring);
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &s8, 64 << 20, l, l),
+            Algo::Ring
+        );
         // With two ranks the ring is never slower.
-        assert_eq!(choose(CollectiveOp::AllReduce, &Shape::flat(2), 4, l, l), Algo::Ring);
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &Shape::flat(2), 4, l, l),
+            Algo::Ring
+        );
         assert_eq!(log2_ceil(8), 3.0);
         assert_eq!(log2_ceil(5), 3.0);
         assert_eq!(log2_ceil(1), 0.0);
@@ -137,19 +158,49 @@ mod tests {
 
     #[test]
     fn large_messages_across_slow_nodes_take_the_hierarchy() {
-        let slow = LinkCost { alpha: 50e-6, beta: 125e6 }; // 1 Gbit/s
+        let slow = LinkCost {
+            alpha: 50e-6,
+            beta: 125e6,
+        }; // 1 Gbit/s
         let s = Shape::of(&[vec![0, 1], vec![2, 3]]);
-        assert_eq!(choose(CollectiveOp::AllReduce, &s, 64 << 20, LinkCost::SHM, slow), Algo::Hier);
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &s, 64 << 20, LinkCost::SHM, slow),
+            Algo::Hier
+        );
         // 2x2 over a 1 Gbit/s uplink: flat ring 1.5 n/B, hierarchy 1.0 n/B (+ local work).
-        let ring = predict(CollectiveOp::AllReduce, Algo::Ring, &s, 64 << 20, LinkCost::SHM, slow);
-        let hier = predict(CollectiveOp::AllReduce, Algo::Hier, &s, 64 << 20, LinkCost::SHM, slow);
+        let ring = predict(
+            CollectiveOp::AllReduce,
+            Algo::Ring,
+            &s,
+            64 << 20,
+            LinkCost::SHM,
+            slow,
+        );
+        let hier = predict(
+            CollectiveOp::AllReduce,
+            Algo::Hier,
+            &s,
+            64 << 20,
+            LinkCost::SHM,
+            slow,
+        );
         assert!(ring / hier > 1.4 && ring / hier < 1.5, "{}", ring / hier);
     }
 
     #[test]
     fn ring_prediction_matches_the_closed_form() {
-        let l = LinkCost { alpha: 1e-5, beta: 1e9 };
-        let t = predict(CollectiveOp::AllReduce, Algo::Ring, &Shape::flat(4), 1 << 20, l, l);
+        let l = LinkCost {
+            alpha: 1e-5,
+            beta: 1e9,
+        };
+        let t = predict(
+            CollectiveOp::AllReduce,
+            Algo::Ring,
+            &Shape::flat(4),
+            1 << 20,
+            l,
+            l,
+        );
         let want = 6.0 * 1e-5 + 1.5 * (1u64 << 20) as f64 / 1e9;
         assert!((t - want).abs() < 1e-12, "{t} vs {want}");
     }

@@ -245,7 +245,9 @@ pub fn execute(
                 if let Combine::From(src) = combine {
                     bufs.check(&src)?;
                 }
-                queue_for(&mut recvs, links, peer, "receive from")?.ops.push(i);
+                queue_for(&mut recvs, links, peer, "receive from")?
+                    .ops
+                    .push(i);
             }
             OpKind::Copy { src, dst } => {
                 bufs.check(&src)?;

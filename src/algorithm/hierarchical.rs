@@ -49,7 +49,12 @@ pub fn shard_count(nodes: &[Vec<usize>]) -> usize {
 }
 
 /// Splits `count` elements into `shards` ranges (bytes), by `weights` if given.
-pub fn shard_ranges(count: usize, shards: usize, elem: usize, weights: Option<&[f64]>) -> Vec<Range<usize>> {
+pub fn shard_ranges(
+    count: usize,
+    shards: usize,
+    elem: usize,
+    weights: Option<&[f64]>,
+) -> Vec<Range<usize>> {
     let Some(w) = weights.filter(|w| w.len() == shards && w.iter().all(|x| *x > 0.0)) else {
         return split_even(count, shards, elem);
     };
@@ -96,10 +101,14 @@ pub fn all_reduce_inplace(
     let at = |r: &Range<usize>| Region::new(buf.buf, buf.offset + r.start..buf.offset + r.end);
     let chunks = |r: &Range<usize>| -> Vec<Range<usize>> {
         let n = (r.end - r.start) / elem;
-        split_even(n, (r.end - r.start).div_ceil(chunk_bytes.max(elem)).max(1), elem)
-            .into_iter()
-            .map(|c| r.start + c.start..r.start + c.end)
-            .collect()
+        split_even(
+            n,
+            (r.end - r.start).div_ceil(chunk_bytes.max(elem)).max(1),
+            elem,
+        )
+        .into_iter()
+        .map(|c| r.start + c.start..r.start + c.end)
+        .collect()
     };
     let mates = &nodes[k];
 
@@ -189,7 +198,14 @@ mod tests {
 
     #[test]
     fn every_shape_sums_correctly() {
-        for sizes in [&[4][..], &[2, 2], &[2, 3], &[3, 2, 1], &[1, 1, 1, 1], &[1, 3]] {
+        for sizes in [
+            &[4][..],
+            &[2, 2],
+            &[2, 3],
+            &[3, 2, 1],
+            &[1, 1, 1, 1],
+            &[1, 3],
+        ] {
             let nodes = shape(sizes);
             let n: usize = sizes.iter().sum();
             for count in [0usize, 1, 7, 1000, 5003] {
@@ -197,15 +213,18 @@ mod tests {
                 let mut ranks: Vec<SimRank> = (0..n)
                     .map(|r| SimRank {
                         output: bytemuck::cast_slice(
-                            &(0..count).map(|i| (r * 1000 + i) as f32).collect::<Vec<_>>(),
+                            &(0..count)
+                                .map(|i| (r * 1000 + i) as f32)
+                                .collect::<Vec<_>>(),
                         )
                         .to_vec(),
                         ..Default::default()
                     })
                     .collect();
                 run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                let want: Vec<f32> =
-                    (0..count).map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32).collect();
+                let want: Vec<f32> = (0..count)
+                    .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
+                    .collect();
                 for rk in &ranks {
                     let got: Vec<f32> = bytemuck::pod_collect_to_vec(&rk.output);
                     assert_eq!(got, want, "{sizes:?} count={count}");

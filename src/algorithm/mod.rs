@@ -123,8 +123,12 @@ pub fn plan(
                 copy_chunked(&mut b, input, output, t.chunk_bytes, e);
             }
             match algo {
-                Algo::Ring => ring::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes),
-                Algo::Tree => tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes),
+                Algo::Ring => {
+                    ring::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+                }
+                Algo::Tree => {
+                    tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+                }
                 Algo::Hier => hierarchical::all_reduce_inplace(
                     &mut b,
                     nodes,
@@ -149,7 +153,9 @@ pub fn plan(
             ring::all_gather(&mut b, &g, input, out, call.count, e, t.chunk_bytes);
         }
         CollectiveOp::Broadcast => match algo {
-            Algo::Tree => tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root),
+            Algo::Tree => {
+                tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
+            }
             Algo::Ring | Algo::Hier => {
                 ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
             }
@@ -160,7 +166,17 @@ pub fn plan(
             } else {
                 Region::new(BufId::Output, 0..0)
             };
-            ring::reduce_chain(&mut b, &g, input, out, call.count, e, t.chunk_bytes, call.root, t.slots);
+            ring::reduce_chain(
+                &mut b,
+                &g,
+                input,
+                out,
+                call.count,
+                e,
+                t.chunk_bytes,
+                call.root,
+                t.slots,
+            );
             if rank == call.root {
                 finalize(&mut b, call.redop, output);
             }

@@ -57,7 +57,11 @@ pub fn reduce_scatter_inplace(
         for segs in &lay {
             // Send to the right; wait for the left and fold its partial sums into ours.
             b.send(right, at(buf, &segs[(g.me + n - k) % n]));
-            b.recv(left, at(buf, &segs[(g.me + 2 * n - k - 1) % n]), Combine::Accumulate);
+            b.recv(
+                left,
+                at(buf, &segs[(g.me + 2 * n - k - 1) % n]),
+                Combine::Accumulate,
+            );
         }
     }
 }
@@ -124,7 +128,11 @@ pub fn reduce_scatter(
         )
     };
     // Pieces of one block; all blocks are cut the same way.
-    let pieces = split_even(block, block_bytes.div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     if n == 1 {
         for p in &pieces {
             b.copy(blk(0, p), at(output, p));
@@ -132,26 +140,29 @@ pub fn reduce_scatter(
         return;
     }
     let slot_bytes = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
-    let slots = slots.max(2);
-    b.scratch(slot_bytes * slots);
-    let mut next_slot = 0usize;
+    // A partial is live from its receive at step k to its send at step k+1. Pieces go
+    // in groups of `w`, each piece of a group owning two slots (one per step parity),
+    // so no slot is overwritten while its value is still to be sent.
+    let w = (slots / 2).max(1);
+    b.scratch(slot_bytes * 2 * w);
     let (left, right) = (g.left(), g.right());
-    // Where piece p's running partial lives after each step.
-    let mut held: Vec<Region> = pieces.iter().map(|p| blk((g.me + n - 1) % n, p)).collect();
-    for k in 0..n - 1 {
-        for (pi, p) in pieces.iter().enumerate() {
-            b.send(right, held[pi]);
-            // Step k receives the partial of block (me - k - 2) and folds in ours.
-            let blk_idx = (g.me + 2 * n - k - 2) % n;
-            let dst = if k == n - 2 {
-                at(output, p)
-            } else {
-                let s = next_slot % slots;
-                next_slot += 1;
-                Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
-            };
-            b.recv(left, dst, Combine::From(blk(blk_idx, p)));
-            held[pi] = dst;
+    for group in pieces.chunks(w) {
+        // Where each piece's running partial lives after each step.
+        let mut held: Vec<Region> = group.iter().map(|p| blk((g.me + n - 1) % n, p)).collect();
+        for k in 0..n - 1 {
+            for (i, p) in group.iter().enumerate() {
+                b.send(right, held[i]);
+                // Step k receives the partial of block (me - k - 2) and folds in ours.
+                let blk_idx = (g.me + 2 * n - k - 2) % n;
+                let dst = if k == n - 2 {
+                    at(output, p)
+                } else {
+                    let s = 2 * i + k % 2;
+                    Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
+                };
+                b.recv(left, dst, Combine::From(blk(blk_idx, p)));
+                held[i] = dst;
+            }
         }
     }
 }
@@ -169,7 +180,11 @@ pub fn all_gather(
 ) {
     let n = g.size();
     let block_bytes = block * elem;
-    let pieces = split_even(block, block_bytes.div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     let blk = |i: usize, r: &Range<usize>| {
         Region::new(
             output.buf,
@@ -206,7 +221,11 @@ pub fn broadcast_chain(
     let pos = (g.me + n - root) % n; // 0 = root
     let prev = g.members[(g.me + n - 1) % n];
     let next = g.members[(g.me + 1) % n];
-    let pieces = split_even(count, (count * elem).div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     for p in &pieces {
         if pos > 0 {
             b.recv(prev, at(buf, p), Combine::Copy);
@@ -233,7 +252,11 @@ pub fn reduce_chain(
     slots: usize,
 ) {
     let n = g.size();
-    let pieces = split_even(count, (count * elem).div_ceil(chunk_bytes.max(elem)).max(1), elem);
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
     if n == 1 {
         for p in &pieces {
             b.copy(at(input, p), at(output, p));

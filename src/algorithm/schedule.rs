@@ -187,9 +187,7 @@ impl Builder {
     pub fn recv(&mut self, peer: usize, dst: Region, combine: Combine) -> usize {
         match combine {
             Combine::Copy => self.push(OpKind::Recv { peer, dst, combine }, &[], &[dst]),
-            Combine::Accumulate => {
-                self.push(OpKind::Recv { peer, dst, combine }, &[dst], &[dst])
-            }
+            Combine::Accumulate => self.push(OpKind::Recv { peer, dst, combine }, &[dst], &[dst]),
             Combine::From(src) => self.push(OpKind::Recv { peer, dst, combine }, &[src], &[dst]),
         }
     }

@@ -192,12 +192,17 @@ mod tests {
                 for count in [0usize, 1, 7, 100, 1001] {
                     for in_place in [true, false] {
                         let c = call(CollectiveOp::AllReduce, count, 0, in_place);
-                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T.clone(), &[])).collect();
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, algo, T.clone(), &[]))
+                            .collect();
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| {
                                 let v: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
                                 if in_place {
-                                    SimRank { output: f32s(&v), ..Default::default() }
+                                    SimRank {
+                                        output: f32s(&v),
+                                        ..Default::default()
+                                    }
                                 } else {
                                     SimRank {
                                         input: f32s(&v),
@@ -224,10 +229,13 @@ mod tests {
     #[test]
     fn reduce_scatter_all_gather_broadcast_reduce() {
         for n in 1..=7 {
-            for count in [0usize, 1, 33] {
+            // 1000 elements in 64-byte chunks: many more pieces than scratch slots.
+            for count in [0usize, 1, 33, 1000] {
                 // reduce_scatter: input n*count, output count.
                 let c = call(CollectiveOp::ReduceScatter, count, 0, false);
-                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                    .collect();
                 let mut ranks: Vec<SimRank> = (0..n)
                     .map(|r| SimRank {
                         input: f32s(&(0..n * count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -243,11 +251,15 @@ mod tests {
                     assert_eq!(as_f32(&rk.output), want, "rs n={n} count={count} r={r}");
                 }
                 // scratch stays bounded by slots x chunk
-                assert!(scheds.iter().all(|s| s.scratch_bytes <= T.slots * T.chunk_bytes));
+                assert!(scheds
+                    .iter()
+                    .all(|s| s.scratch_bytes <= T.slots * T.chunk_bytes));
 
                 // all_gather
                 let c = call(CollectiveOp::AllGather, count, 0, false);
-                let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                    .collect();
                 let mut ranks: Vec<SimRank> = (0..n)
                     .map(|r| SimRank {
                         input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -256,7 +268,9 @@ mod tests {
                     })
                     .collect();
                 run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                let want: Vec<f32> = (0..n * count).map(|j| val(j / count.max(1), j % count.max(1))).collect();
+                let want: Vec<f32> = (0..n * count)
+                    .map(|j| val(j / count.max(1), j % count.max(1)))
+                    .collect();
                 for rk in &ranks {
                     assert_eq!(as_f32(&rk.output), want, "ag n={n} count={count}");
                 }
@@ -264,7 +278,9 @@ mod tests {
                 for root in [0, n - 1] {
                     for algo in [Algo::Ring, Algo::Tree] {
                         let c = call(CollectiveOp::Broadcast, count, root, true);
-                        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, algo, T.clone(), &[])).collect();
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, algo, T.clone(), &[]))
+                            .collect();
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| SimRank {
                                 output: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -278,7 +294,9 @@ mod tests {
                         }
                     }
                     let c = call(CollectiveOp::Reduce, count, root, false);
-                    let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[])).collect();
+                    let scheds: Vec<_> = (0..n)
+                        .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                        .collect();
                     let mut ranks: Vec<SimRank> = (0..n)
                         .map(|r| SimRank {
                             input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
@@ -290,7 +308,11 @@ mod tests {
                     let want: Vec<f32> = (0..count)
                         .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
                         .collect();
-                    assert_eq!(as_f32(&ranks[root].output), want, "reduce n={n} root={root}");
+                    assert_eq!(
+                        as_f32(&ranks[root].output),
+                        want,
+                        "reduce n={n} root={root}"
+                    );
                 }
             }
         }
@@ -310,9 +332,15 @@ mod tests {
     fn barrier_exchanges_empty_messages() {
         let n = 5;
         let c = call(CollectiveOp::Barrier, 0, 0, true);
-        let scheds: Vec<_> = (0..n).map(|r| plan(&c, r, n, Algo::Tree, T.clone(), &[])).collect();
+        let scheds: Vec<_> = (0..n)
+            .map(|r| plan(&c, r, n, Algo::Tree, T.clone(), &[]))
+            .collect();
         let count = |s: &Schedule| {
-            let sends = s.ops.iter().filter(|o| matches!(o.kind, OpKind::Send { .. })).count();
+            let sends = s
+                .ops
+                .iter()
+                .filter(|o| matches!(o.kind, OpKind::Send { .. }))
+                .count();
             (sends, s.ops.len() - sends)
         };
         // root 0 has children 1, 2, 4: three up, three down; leaf 4 one each way.

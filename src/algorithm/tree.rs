@@ -26,7 +26,11 @@ pub fn binomial(vr: usize, n: usize) -> (Option<usize>, Vec<usize>) {
 }
 
 fn chunks(count: usize, elem: usize, chunk_bytes: usize) -> Vec<std::ops::Range<usize>> {
-    split_even(count, (count * elem).div_ceil(chunk_bytes.max(elem)).max(1), elem)
+    split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    )
 }
 
 fn at(buf: Region, r: &std::ops::Range<usize>) -> Region {

@@ -43,14 +43,20 @@ fn parse_args() -> Result<Args, String> {
             "--counts" => {
                 a.counts = val()?
                     .split(',')
-                    .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--counts: {e}")))
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--counts: {e}"))
+                    })
                     .collect::<Result<_, _>>()?
             }
             "--iters" => a.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
             "--mixed" => a.mixed = val()?.parse().map_err(|e| format!("--mixed: {e}"))?,
             "--big-f32" => a.big_f32 = Some(val()?.parse().map_err(|e| format!("--big-f32: {e}"))?),
             "--fault" => a.fault = val()?,
-            "--fault-rank" => a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?,
+            "--fault-rank" => {
+                a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?
+            }
             "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--determinism" => {
                 a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
@@ -106,7 +112,11 @@ fn mismatch<T: Element>(what: &str, got: &[T], want: impl Fn(usize) -> T) -> Res
     for (i, g) in got.iter().enumerate() {
         let w = want(i);
         if *g != w && !(g.to_f64().is_nan() && w.to_f64().is_nan()) {
-            let wrong = got.iter().enumerate().filter(|(j, x)| **x != want(*j)).count();
+            let wrong = got
+                .iter()
+                .enumerate()
+                .filter(|(j, x)| **x != want(*j))
+                .count();
             return Err(format!(
                 "{what}: element {i} is {g:?}, expected {w:?} ({wrong} wrong of {})",
                 got.len()
@@ -120,45 +130,77 @@ impl Checker<'_> {
     fn all_ops<T: Element>(&mut self, count: usize) -> Result<(), String> {
         let (r, n) = (self.comm.rank(), self.comm.world_size());
         let name = T::DTYPE.name();
-        for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Max, ReduceOp::Min, ReduceOp::Avg] {
+        for op in [
+            ReduceOp::Sum,
+            ReduceOp::Prod,
+            ReduceOp::Max,
+            ReduceOp::Min,
+            ReduceOp::Avg,
+        ] {
             let send: Vec<T> = (0..count).map(|i| input(op, r, i, n)).collect();
             // all_reduce in place and out of place
             let mut buf = send.clone();
-            self.comm.all_reduce(&mut buf, op).map_err(|e| e.to_string())?;
-            mismatch(&format!("all_reduce {name} {op} count {count}"), &buf, |i| expected(op, i, n))?;
+            self.comm
+                .all_reduce(&mut buf, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("all_reduce {name} {op} count {count}"),
+                &buf,
+                |i| expected(op, i, n),
+            )?;
             let mut out = vec![T::from_f64(0.0); count];
-            self.comm.all_reduce_into(&send, &mut out, op).map_err(|e| e.to_string())?;
-            mismatch(&format!("all_reduce_into {name} {op} count {count}"), &out, |i| expected(op, i, n))?;
+            self.comm
+                .all_reduce_into(&send, &mut out, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("all_reduce_into {name} {op} count {count}"),
+                &out,
+                |i| expected(op, i, n),
+            )?;
 
             // reduce_scatter: block b of rank r holds input element b*count + i
             let big: Vec<T> = (0..n * count).map(|i| input(op, r, i, n)).collect();
             let mut part = vec![T::from_f64(0.0); count];
-            self.comm.reduce_scatter(&big, &mut part, op).map_err(|e| e.to_string())?;
-            mismatch(&format!("reduce_scatter {name} {op} count {count}"), &part, |i| {
-                expected(op, r * count + i, n)
-            })?;
+            self.comm
+                .reduce_scatter(&big, &mut part, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("reduce_scatter {name} {op} count {count}"),
+                &part,
+                |i| expected(op, r * count + i, n),
+            )?;
 
             let root = n - 1;
             let mut red = vec![T::from_f64(0.0); if r == root { count } else { 0 }];
-            self.comm.reduce(&send, &mut red, op, root).map_err(|e| e.to_string())?;
+            self.comm
+                .reduce(&send, &mut red, op, root)
+                .map_err(|e| e.to_string())?;
             if r == root {
-                mismatch(&format!("reduce {name} {op} count {count}"), &red, |i| expected(op, i, n))?;
+                mismatch(&format!("reduce {name} {op} count {count}"), &red, |i| {
+                    expected(op, i, n)
+                })?;
             }
             self.checks += 4;
         }
         // all_gather: block b = rank b's input
         let send: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
         let mut all = vec![T::from_f64(0.0); n * count];
-        self.comm.all_gather(&send, &mut all).map_err(|e| e.to_string())?;
+        self.comm
+            .all_gather(&send, &mut all)
+            .map_err(|e| e.to_string())?;
         mismatch(&format!("all_gather {name} count {count}"), &all, |j| {
             input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
         })?;
         for root in [0, n / 2] {
             let mut b: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
-            self.comm.broadcast(&mut b, root).map_err(|e| e.to_string())?;
-            mismatch(&format!("broadcast {name} root {root} count {count}"), &b, |i| {
-                input(ReduceOp::Sum, root, i, n)
-            })?;
+            self.comm
+                .broadcast(&mut b, root)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("broadcast {name} root {root} count {count}"),
+                &b,
+                |i| input(ReduceOp::Sum, root, i, n),
+            )?;
         }
         // send/recv around the ring
         if n > 1 {
@@ -197,9 +239,12 @@ impl Checker<'_> {
             let count = [0usize, 1, 3, 64, 1000, 4099, 70_000][(next() % 7) as usize];
             match next() % 4 {
                 0 => {
-                    let mut a: Vec<f32> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
-                    let mut b: Vec<i64> = (0..count).map(|i| input(ReduceOp::Max, r, i, n)).collect();
-                    let mut c: Vec<bf16> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let mut a: Vec<f32> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let mut b: Vec<i64> =
+                        (0..count).map(|i| input(ReduceOp::Max, r, i, n)).collect();
+                    let mut c: Vec<bf16> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
                     self.comm
                         .scope(|s| -> hetccl::Result<()> {
                             let h1 = s.all_reduce(&mut a, ReduceOp::Sum)?;
@@ -210,15 +255,24 @@ impl Checker<'_> {
                             h2.wait()
                         })
                         .map_err(|e| e.to_string())?;
-                    mismatch("mixed async all_reduce f32", &a, |i| expected(ReduceOp::Sum, i, n))?;
-                    mismatch("mixed async all_reduce i64", &b, |i| expected(ReduceOp::Max, i, n))?;
-                    mismatch("mixed async broadcast bf16", &c, |i| input(ReduceOp::Sum, step % n, i, n))?;
+                    mismatch("mixed async all_reduce f32", &a, |i| {
+                        expected(ReduceOp::Sum, i, n)
+                    })?;
+                    mismatch("mixed async all_reduce i64", &b, |i| {
+                        expected(ReduceOp::Max, i, n)
+                    })?;
+                    mismatch("mixed async broadcast bf16", &c, |i| {
+                        input(ReduceOp::Sum, step % n, i, n)
+                    })?;
                 }
                 1 => self.all_ops_one::<f16>(count)?,
                 2 => {
-                    let send: Vec<i32> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let send: Vec<i32> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
                     let mut all = vec![0i32; n * count];
-                    self.comm.all_gather(&send, &mut all).map_err(|e| e.to_string())?;
+                    self.comm
+                        .all_gather(&send, &mut all)
+                        .map_err(|e| e.to_string())?;
                     mismatch("mixed all_gather i32", &all, |j| {
                         input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
                     })?;
@@ -233,7 +287,9 @@ impl Checker<'_> {
     fn all_ops_one<T: Element>(&mut self, count: usize) -> Result<(), String> {
         let (r, n) = (self.comm.rank(), self.comm.world_size());
         let mut buf: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
-        self.comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+        self.comm
+            .all_reduce(&mut buf, ReduceOp::Sum)
+            .map_err(|e| e.to_string())?;
         mismatch("mixed all_reduce", &buf, |i| expected(ReduceOp::Sum, i, n))
     }
 }
@@ -243,7 +299,8 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     let count = a.counts.iter().copied().max().unwrap_or(1000).max(1);
     let mut buf: Vec<f32> = vec![1.0; count];
     // One collective that works, so every link is known good before the fault.
-    comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+    comm.all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
     if r == a.fault_rank {
         match a.fault.as_str() {
             "exit" => {
@@ -258,7 +315,9 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
             "count" => buf.truncate(count - 1),
             "dtype" => {
                 let mut other = vec![1.0f64; count];
-                return comm.all_reduce(&mut other, ReduceOp::Sum).map_err(|e| e.to_string());
+                return comm
+                    .all_reduce(&mut other, ReduceOp::Sum)
+                    .map_err(|e| e.to_string());
             }
             "op" => {
                 let mut other = vec![1.0f32; count];
@@ -268,8 +327,13 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
         }
     }
     let t = Instant::now();
-    let r2 = comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string());
-    eprintln!("rank {r}: faulty collective returned after {:.2}s: {r2:?}", t.elapsed().as_secs_f64());
+    let r2 = comm
+        .all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string());
+    eprintln!(
+        "rank {r}: faulty collective returned after {:.2}s: {r2:?}",
+        t.elapsed().as_secs_f64()
+    );
     let _ = n;
     r2
 }
@@ -287,7 +351,8 @@ fn determinism(comm: &Communicator, count: usize, seed: u64) -> Result<(), Strin
             (x >> 40) as f32 / (1u64 << 24) as f32 * 1e3 - 5e2
         })
         .collect();
-    comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+    comm.all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for v in &buf {
         h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
@@ -317,7 +382,10 @@ fn main() -> ExitCode {
     } else if let Some(count) = args.determinism {
         determinism(&comm, count, args.seed)
     } else {
-        let mut ck = Checker { comm: &comm, checks: 0 };
+        let mut ck = Checker {
+            comm: &comm,
+            checks: 0,
+        };
         let run = |ck: &mut Checker| -> Result<(), String> {
             for _ in 0..args.iters {
                 for &count in &args.counts {

@@ -23,6 +23,8 @@
 //! After any error the communicator is *broken*: its links are aborted (so peers
 //! fail fast instead of timing out) and every later call returns [`Error::Broken`].
 
+mod init;
+
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,6 +145,8 @@ pub struct Communicator {
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
     plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
+    /// (collective, log2 of the size, algorithm) already reported at `info`.
+    logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
     // Kept alive for the communicator's lifetime: rank 0 may serve the store.
     _boot: Mutex<Option<Box<dyn Bootstrap>>>,
 }
@@ -201,6 +205,7 @@ impl Communicator {
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
             plans: Mutex::new(HashMap::new()),
+            logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
         })
     }
@@ -274,20 +279,33 @@ impl Communicator {
         plans
             .entry((*call, algo))
             .or_insert_with(|| {
-                tracing::info!(
-                    rank = self.rank,
-                    "{} of {} x {}: {} algorithm",
-                    call.op,
-                    call.count,
-                    call.dtype,
-                    algo.name()
-                );
+                let bytes = call.count * call.dtype.size();
+                let bucket = usize::BITS - bytes.leading_zeros();
+                let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+                if self.rank == 0 && logged.insert((call.op, bucket, algo)) {
+                    tracing::info!(
+                        rank = self.rank,
+                        "{} of {} bytes ({} x {}): {} algorithm",
+                        call.op,
+                        bytes,
+                        call.count,
+                        call.dtype,
+                        algo.name()
+                    );
+                }
                 let t = Tuning {
                     chunk_bytes: self.cfg.chunk_bytes,
                     slots: 2 * self.cfg.pipeline_depth + 1,
                     shard_weights: None,
                 };
-                Arc::new(algorithm::plan(call, self.rank, self.world_size, algo, t, &self.topo.nodes))
+                Arc::new(algorithm::plan(
+                    call,
+                    self.rank,
+                    self.world_size,
+                    algo,
+                    t,
+                    &self.topo.nodes,
+                ))
             })
             .clone()
     }
@@ -348,14 +366,20 @@ impl Communicator {
         if r >= self.world_size {
             return Err(Error::invalid(
                 op,
-                format!("{what} {r} is not a rank of this communicator (world size {})", self.world_size),
+                format!(
+                    "{what} {r} is not a rank of this communicator (world size {})",
+                    self.world_size
+                ),
             ));
         }
         Ok(())
     }
 
     /// Validates a call and returns its pieces for `submit`.
-    fn prepare<T: Element>(&self, req: Request<'_, T>) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+    fn prepare<T: Element>(
+        &self,
+        req: Request<'_, T>,
+    ) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
         let n = self.world_size;
         let Request {
             op,
@@ -457,13 +481,23 @@ impl Communicator {
     }
 
     /// Out-of-place all-reduce.
-    pub fn all_reduce_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn all_reduce_into<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         self.run(Request::new(CollectiveOp::AllReduce, Some(send), recv).redop(op))
     }
 
     /// Reduce-scatter: `send` holds `world_size` blocks of `recv.len()` elements; rank
     /// `r` receives block `r` reduced over all ranks.
-    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         self.run(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
     }
 
@@ -479,8 +513,18 @@ impl Communicator {
 
     /// Reduce every rank's `send` into `recv` on `root` (`recv` is ignored elsewhere
     /// and may be empty).
-    pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        self.run(Request::new(CollectiveOp::Reduce, Some(send), recv).redop(op).root(root))
+    pub fn reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.run(
+            Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
     }
 
     /// Returns once every rank has entered the barrier.
@@ -618,7 +662,11 @@ impl<'s, 'env> Scope<'s, 'env> {
     }
 
     /// Starts an in-place all-reduce of `buf`.
-    pub fn all_reduce<T: Element>(&'s self, buf: &'env mut [T], op: ReduceOp) -> Result<Handle<'s>> {
+    pub fn all_reduce<T: Element>(
+        &'s self,
+        buf: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
         self.start(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
     }
 
@@ -643,7 +691,11 @@ impl<'s, 'env> Scope<'s, 'env> {
     }
 
     /// Starts an all-gather.
-    pub fn all_gather<T: Element>(&'s self, send: &'env [T], recv: &'env mut [T]) -> Result<Handle<'s>> {
+    pub fn all_gather<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+    ) -> Result<Handle<'s>> {
         self.start(Request::new(CollectiveOp::AllGather, Some(send), recv))
     }
 
@@ -660,7 +712,11 @@ impl<'s, 'env> Scope<'s, 'env> {
         op: ReduceOp,
         root: usize,
     ) -> Result<Handle<'s>> {
-        self.start(Request::new(CollectiveOp::Reduce, Some(send), recv).redop(op).root(root))
+        self.start(
+            Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
     }
 }
 
@@ -719,11 +775,17 @@ mod tests {
 
     #[test]
     fn all_reduce_every_algorithm_over_memory_links() {
-        for algo in [AlgoChoice::Ring, AlgoChoice::Tree, AlgoChoice::Hier, AlgoChoice::Auto] {
+        for algo in [
+            AlgoChoice::Ring,
+            AlgoChoice::Tree,
+            AlgoChoice::Hier,
+            AlgoChoice::Auto,
+        ] {
             let comms = world(4, 2, algo);
             for count in [0usize, 1, 7, 1000, 100_003] {
                 let outs = on_all(&comms, |c| {
-                    let mut v: Vec<f32> = (0..count).map(|i| (c.rank() * 10 + i % 3) as f32).collect();
+                    let mut v: Vec<f32> =
+                        (0..count).map(|i| (c.rank() * 10 + i % 3) as f32).collect();
                     c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
                     v
                 });
@@ -763,7 +825,9 @@ mod tests {
     fn bad_arguments_are_refused_before_any_traffic() {
         let comms = world(2, 2, AlgoChoice::Ring);
         let c = &comms[0];
-        let e = c.reduce_scatter(&[1.0f32; 5], &mut [0.0f32; 2], ReduceOp::Sum).unwrap_err();
+        let e = c
+            .reduce_scatter(&[1.0f32; 5], &mut [0.0f32; 2], ReduceOp::Sum)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "invalid argument to reduce_scatter: send buffer must hold world_size x receive count = 2 x 2 = 4 elements, it holds 5"
@@ -786,7 +850,10 @@ mod tests {
         let all = format!("{errs:?}");
         assert!(all.contains("does not match what peer"), "{all}");
         for (_, again) in &errs {
-            assert!(again.starts_with("communicator is unusable after an earlier error"), "{again}");
+            assert!(
+                again.starts_with("communicator is unusable after an earlier error"),
+                "{again}"
+            );
         }
     }
 }
