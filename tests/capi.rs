@@ -43,13 +43,17 @@ fn finish(mut cmd: Command, env: &[(&str, &str)]) -> common::Outcome {
         cmd.env(k, v);
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     collect(vec![child], DEADLINE).remove(0)
 }
 
 fn launch(n: usize, env: &[(&str, &str)], program: &PathBuf, args: &[&str]) -> common::Outcome {
     let mut c = Command::new(launcher());
-    c.args(["run", "-n", &n.to_string(), "--"]).arg(program).args(args);
+    c.args(["run", "-n", &n.to_string(), "--"])
+        .arg(program)
+        .args(args);
     finish(c, env)
 }
 
@@ -62,8 +66,16 @@ fn passed_lines(out: &str, n: usize) -> usize {
 
 fn check_under_launcher(n: usize, env: &[(&str, &str)]) {
     let o = launch(n, env, allreduce_check(), &[]);
-    assert_all_ok(std::slice::from_ref(&o), &format!("allreduce_check on {n} ranks {env:?}"));
-    assert_eq!(passed_lines(&o.output, n), n, "every rank reports:\n{}", o.output);
+    assert_all_ok(
+        std::slice::from_ref(&o),
+        &format!("allreduce_check on {n} ranks {env:?}"),
+    );
+    assert_eq!(
+        passed_lines(&o.output, n),
+        n,
+        "every rank reports:\n{}",
+        o.output
+    );
 }
 
 #[test]
@@ -100,12 +112,29 @@ fn c_example_under_mpirun() {
     let port = free_port().to_string();
     let mut c = Command::new("mpirun");
     c.args(["--allow-run-as-root", "--oversubscribe"])
-        .args(["--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"])
-        .args(["-n", "2", "-x", "MASTER_ADDR=127.0.0.1", "-x", &format!("MASTER_PORT={port}")])
+        .args([
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+        ])
+        .args([
+            "-n",
+            "2",
+            "-x",
+            "MASTER_ADDR=127.0.0.1",
+            "-x",
+            &format!("MASTER_PORT={port}"),
+        ])
         .args(["-x", "HETCCL_TIMEOUT=60", "-x", "HETCCL_CONNECT_TIMEOUT=30"])
         .arg(allreduce_check());
     let o = finish(c, &[]);
-    assert_all_ok(std::slice::from_ref(&o), "allreduce_check under mpirun -n 2");
+    assert_all_ok(
+        std::slice::from_ref(&o),
+        "allreduce_check under mpirun -n 2",
+    );
     assert_eq!(passed_lines(&o.output, 2), 2, "{}", o.output);
 }
 
@@ -126,25 +155,47 @@ fn c_example_init_failure_reports_the_bad_variable() {
 
 #[test]
 fn c_unique_id_one_process_per_rank_through_a_pipe() {
-    for (n, env) in [(1, vec![]), (3, vec![]), (4, vec![("HETCCL_SHM_DISABLE", "1")])] {
+    for (n, env) in [
+        (1, vec![]),
+        (3, vec![]),
+        (4, vec![("HETCCL_SHM_DISABLE", "1")]),
+    ] {
         let mut c = Command::new(uniqueid_init());
         c.args(["fork", &n.to_string()]);
         let o = finish(c, &env);
-        assert_all_ok(std::slice::from_ref(&o), &format!("uniqueid_init fork {n} {env:?}"));
+        assert_all_ok(
+            std::slice::from_ref(&o),
+            &format!("uniqueid_init fork {n} {env:?}"),
+        );
         for r in 0..n {
-            assert!(o.output.contains(&format!("rank {r} of {n}: ok")), "{}", o.output);
+            assert!(
+                o.output.contains(&format!("rank {r} of {n}: ok")),
+                "{}",
+                o.output
+            );
         }
     }
 }
 
 #[test]
 fn c_unique_id_every_rank_in_one_thread_with_groups() {
-    for (n, env) in [(1, vec![]), (2, vec![]), (4, vec![("HETCCL_SHM_DISABLE", "1")])] {
+    for (n, env) in [
+        (1, vec![]),
+        (2, vec![]),
+        (4, vec![("HETCCL_SHM_DISABLE", "1")]),
+    ] {
         let mut c = Command::new(uniqueid_init());
         c.args(["group", &n.to_string()]);
         let o = finish(c, &env);
-        assert_all_ok(std::slice::from_ref(&o), &format!("uniqueid_init group {n} {env:?}"));
-        assert!(o.output.contains(&format!("{n} ranks in one thread: ok")), "{}", o.output);
+        assert_all_ok(
+            std::slice::from_ref(&o),
+            &format!("uniqueid_init group {n} {env:?}"),
+        );
+        assert!(
+            o.output.contains(&format!("{n} ranks in one thread: ok")),
+            "{}",
+            o.output
+        );
     }
 }
 
@@ -172,7 +223,9 @@ fn python_ctypes_example_on_2_ranks() {
     assert_all_ok(std::slice::from_ref(&o), "allreduce_ctypes.py on 2 ranks");
     for r in 0..2 {
         assert!(
-            o.output.contains(&format!("[rank {r}] rank {r} of 2: all-reduce of 1000000 float32 ok")),
+            o.output.contains(&format!(
+                "[rank {r}] rank {r} of 2: all-reduce of 1000000 float32 ok"
+            )),
             "{}",
             o.output
         );
@@ -183,7 +236,11 @@ fn python_ctypes_example_on_2_ranks() {
 fn static_library_links_a_c_program() {
     // libhetccl.a carries Rust's std; the C side adds what std needs from libc.
     let a = lib_path().with_file_name("libhetccl.a");
-    assert!(a.exists(), "{} missing: crate-type must include staticlib", a.display());
+    assert!(
+        a.exists(),
+        "{} missing: crate-type must include staticlib",
+        a.display()
+    );
     let src = scratch("static").join("version.c");
     std::fs::write(
         &src,
@@ -204,5 +261,76 @@ fn static_library_links_a_c_program() {
     );
     assert!(o.status.success(), "{}", capi_support::text(&o));
     let o = capi_support::run(&mut Command::new(&exe));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), hetccl::capi::VERSION_CODE.to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        hetccl::capi::VERSION_CODE.to_string()
+    );
+}
+
+#[test]
+fn install_script_and_pkg_config_build_a_program() {
+    if !have("pkg-config") {
+        eprintln!("skipped: pkg-config is not installed");
+        return;
+    }
+    let target = capi_support::target_dir();
+    let profile = target
+        .file_name()
+        .and_then(|p| p.to_str())
+        .expect("profile dir")
+        .to_string();
+    let prefix = scratch("install").join("prefix");
+    let _ = std::fs::remove_dir_all(&prefix);
+    let o = capi_support::run(
+        Command::new("bash")
+            .arg(root().join("scripts/install-lib.sh"))
+            .arg("--from")
+            .arg(capi_support::deps_dir())
+            .arg(&prefix),
+    );
+    assert!(o.status.success(), "{}", capi_support::text(&o));
+    for f in [
+        "lib/libhetccl.so",
+        "lib/libhetccl.a",
+        "include/hetccl.h",
+        "lib/pkgconfig/hetccl.pc",
+    ] {
+        assert!(prefix.join(f).exists(), "{f} installed");
+    }
+    let pc = |args: &[&str]| {
+        let o = capi_support::run(
+            Command::new("pkg-config")
+                .args(args)
+                .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")),
+        );
+        assert!(o.status.success(), "{}", capi_support::text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(pc(&["--modversion", "hetccl"]), env!("CARGO_PKG_VERSION"));
+    let flags = pc(&["--cflags", "--libs", "hetccl"]);
+    let p = prefix.display();
+    assert_eq!(
+        flags,
+        format!("-I{p}/include -L{p}/lib -Wl,-rpath,{p}/lib -lhetccl")
+    );
+    // Build against the installed copy only, then run it.
+    let exe = scratch("install").join("uniqueid_init");
+    let o = capi_support::run(
+        Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Werror"])
+            .arg(example("uniqueid_init.c"))
+            .args(flags.split_whitespace())
+            .arg("-o")
+            .arg(&exe),
+    );
+    assert!(o.status.success(), "{}", capi_support::text(&o));
+    let mut c = Command::new(&exe);
+    c.args(["group", "2"]);
+    let o = finish(c, &[]);
+    assert_all_ok(std::slice::from_ref(&o), "installed uniqueid_init group 2");
+    assert!(
+        o.output.contains("2 ranks in one thread: ok"),
+        "{}",
+        o.output
+    );
 }

@@ -59,7 +59,10 @@ fn pair() -> [hetcclComm_t; 2] {
         // SAFETY: the slots outlive hetcclGroupEnd below.
         ok(unsafe { hetcclCommInitRank(slot, 2, id, r as i32) });
     }
-    assert!(c[0].is_null(), "inside a group the handle is written at hetcclGroupEnd");
+    assert!(
+        c[0].is_null(),
+        "inside a group the handle is written at hetcclGroupEnd"
+    );
     ok(hetcclGroupEnd());
     c
 }
@@ -68,10 +71,14 @@ fn pair() -> [hetcclComm_t; 2] {
 fn both<R: Send>(c: [hetcclComm_t; 2], f: impl Fn(usize, hetcclComm_t) -> R + Sync) -> [R; 2] {
     let handles = c.map(|h| h as usize);
     std::thread::scope(|s| {
-        let t: Vec<_> = (0..2).map(|r| s.spawn({
-            let f = &f;
-            move || f(r, handles[r] as hetcclComm_t)
-        })).collect();
+        let t: Vec<_> = (0..2)
+            .map(|r| {
+                s.spawn({
+                    let f = &f;
+                    move || f(r, handles[r] as hetcclComm_t)
+                })
+            })
+            .collect();
         let mut out = t.into_iter().map(|t| t.join().expect("rank thread"));
         [out.next().unwrap(), out.next().unwrap()]
     })
@@ -151,11 +158,27 @@ fn null_buffer_with_nonzero_count() {
             "invalid argument to hetcclRecv: recvbuff is NULL but count is 1",
         );
         // Zero elements: NULL is fine, as in NCCL.
-        ok(hetcclAllReduce(null(), null_mut(), 0, I32, SUM, c, null_mut()));
+        ok(hetcclAllReduce(
+            null(),
+            null_mut(),
+            0,
+            I32,
+            SUM,
+            c,
+            null_mut(),
+        ));
         ok(hetcclAllGather(null(), null_mut(), 0, I32, c, null_mut()));
         // Out-of-place broadcast on the root copies send to receive.
         let src = [7i32, 8, 9];
-        ok(hetcclBroadcast(src.as_ptr().cast(), p, 3, I32, 0, c, null_mut()));
+        ok(hetcclBroadcast(
+            src.as_ptr().cast(),
+            p,
+            3,
+            I32,
+            0,
+            c,
+            null_mut(),
+        ));
         assert_eq!(x, [7, 8, 9]);
     }
     ok(hetcclCommDestroy(c));
@@ -184,15 +207,32 @@ fn destroyed_or_unknown_communicator_is_refused() {
     ok(unsafe { hetcclCommCount(c, &mut n) });
     assert_eq!(n, 1);
     ok(hetcclCommDestroy(c));
-    let dead = format!("comm {c:p} is not a live communicator (it was destroyed, or never created)");
+    let dead =
+        format!("comm {c:p} is not a live communicator (it was destroyed, or never created)");
     let mut x = [1.0f32; 2];
     // SAFETY (this block): valid buffers and out-parameters.
     unsafe {
-        fails(all_reduce(&mut x, c), hetcclInvalidArgument, &format!("invalid argument to hetcclAllReduce: {dead}"));
-        fails(hetcclCommUserRank(c, &mut n), hetcclInvalidArgument, &format!("invalid argument to hetcclCommUserRank: {dead}"));
+        fails(
+            all_reduce(&mut x, c),
+            hetcclInvalidArgument,
+            &format!("invalid argument to hetcclAllReduce: {dead}"),
+        );
+        fails(
+            hetcclCommUserRank(c, &mut n),
+            hetcclInvalidArgument,
+            &format!("invalid argument to hetcclCommUserRank: {dead}"),
+        );
     }
-    fails(hetcclCommDestroy(c), hetcclInvalidArgument, &format!("invalid argument to hetcclCommDestroy: {dead}"));
-    fails(hetcclCommAbort(c), hetcclInvalidArgument, &format!("invalid argument to hetcclCommAbort: {dead}"));
+    fails(
+        hetcclCommDestroy(c),
+        hetcclInvalidArgument,
+        &format!("invalid argument to hetcclCommDestroy: {dead}"),
+    );
+    fails(
+        hetcclCommAbort(c),
+        hetcclInvalidArgument,
+        &format!("invalid argument to hetcclCommAbort: {dead}"),
+    );
     // A value that was never a handle, and NULL.
     let forged = 0x5a5a0 as hetcclComm_t;
     fails(
@@ -201,7 +241,11 @@ fn destroyed_or_unknown_communicator_is_refused() {
         "invalid argument to hetcclCommDestroy: comm 0x5a5a0 is not a live communicator (it was destroyed, or never created)",
     );
     // SAFETY: valid buffer.
-    fails(unsafe { all_reduce(&mut x, null_mut()) }, hetcclInvalidArgument, "invalid argument to hetcclAllReduce: comm is NULL");
+    fails(
+        unsafe { all_reduce(&mut x, null_mut()) },
+        hetcclInvalidArgument,
+        "invalid argument to hetcclAllReduce: comm is NULL",
+    );
     // A new communicator never reuses a dead handle's value.
     let c2 = solo();
     assert_ne!(c2, c);
@@ -264,9 +308,21 @@ fn init_rank_argument_errors() {
     let mut c = null_mut();
     // SAFETY (this block): `c` is a valid out-parameter, or NULL on purpose.
     unsafe {
-        fails(hetcclCommInitRank(&mut c, 0, id, 0), hetcclInvalidArgument, "invalid argument to hetcclCommInitRank: nranks is 0; it must be at least 1");
-        fails(hetcclCommInitRank(&mut c, 2, id, 2), hetcclInvalidArgument, "invalid argument to hetcclCommInitRank: rank 2 is outside 0..2");
-        fails(hetcclCommInitRank(null_mut(), 1, id, 0), hetcclInvalidArgument, "invalid argument to hetcclCommInitRank: comm is NULL");
+        fails(
+            hetcclCommInitRank(&mut c, 0, id, 0),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclCommInitRank: nranks is 0; it must be at least 1",
+        );
+        fails(
+            hetcclCommInitRank(&mut c, 2, id, 2),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclCommInitRank: rank 2 is outside 0..2",
+        );
+        fails(
+            hetcclCommInitRank(null_mut(), 1, id, 0),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclCommInitRank: comm is NULL",
+        );
         let mut bad = id;
         bad.internal[0] = b'X' as _;
         fails(
@@ -275,9 +331,21 @@ fn init_rank_argument_errors() {
             "invalid argument to hetcclCommInitRank: id is not a hetcclUniqueId from hetcclGetUniqueId (it \
              starts with [58, 43, 55, 31], not \"HCU1\"); every rank must receive rank 0's id unchanged",
         );
-        fails(hetcclGetUniqueId(null_mut()), hetcclInvalidArgument, "invalid argument to hetcclGetUniqueId: uniqueId is NULL");
-        fails(hetcclCommInitFromEnv(null_mut()), hetcclInvalidArgument, "invalid argument to hetcclCommInitFromEnv: comm is NULL");
-        fails(hetcclGetVersion(null_mut()), hetcclInvalidArgument, "invalid argument to hetcclGetVersion: version is NULL");
+        fails(
+            hetcclGetUniqueId(null_mut()),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclGetUniqueId: uniqueId is NULL",
+        );
+        fails(
+            hetcclCommInitFromEnv(null_mut()),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclCommInitFromEnv: comm is NULL",
+        );
+        fails(
+            hetcclGetVersion(null_mut()),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclGetVersion: version is NULL",
+        );
     }
     assert!(c.is_null(), "no handle is written on failure");
 }
@@ -310,15 +378,27 @@ fn mismatched_counts_across_two_ranks() {
         } else {
             // The peer found the mismatch first and aborted the link under this rank.
             assert_eq!(code, hetcclRemoteError, "rank {r}: {msg}");
-            assert!(msg.starts_with(&format!("rank {r}: peer {} is gone during all_reduce #0: ", 1 - r)), "{msg}");
+            assert!(
+                msg.starts_with(&format!(
+                    "rank {r}: peer {} is gone during all_reduce #0: ",
+                    1 - r
+                )),
+                "{msg}"
+            );
         }
         // After a failure the communicator refuses further work, naming the cause.
         assert_eq!(
             (again, msg2),
-            (hetcclInvalidUsage, format!("communicator is unusable after an earlier error: {msg}"))
+            (
+                hetcclInvalidUsage,
+                format!("communicator is unusable after an earlier error: {msg}")
+            )
         );
     }
-    assert!(mismatches >= 1, "at least the first rank to look names the mismatch");
+    assert!(
+        mismatches >= 1,
+        "at least the first rank to look names the mismatch"
+    );
     for h in c {
         ok(hetcclCommDestroy(h));
     }
@@ -337,7 +417,7 @@ fn group_misuse() {
     let p = x.as_mut_ptr() as *mut c_void;
     ok(hetcclGroupStart());
     ok(hetcclGroupStart()); // nested: only the outermost end runs the group
-    // SAFETY (this block): `x` outlives the group.
+                            // SAFETY (this block): `x` outlives the group.
     unsafe {
         ok(hetcclAllReduce(p, p, 2, F32, 0, c, null_mut()));
         fails(
@@ -367,13 +447,27 @@ fn send_to_self_inside_a_group_is_a_copy() {
     // SAFETY (this block): buffers outlive each group.
     unsafe {
         ok(hetcclGroupStart());
-        ok(hetcclRecv(dst.as_mut_ptr().cast(), 3, I32, 0, c, null_mut()));
+        ok(hetcclRecv(
+            dst.as_mut_ptr().cast(),
+            3,
+            I32,
+            0,
+            c,
+            null_mut(),
+        ));
         ok(hetcclSend(src.as_ptr().cast(), 3, I32, 0, c, null_mut()));
         ok(hetcclGroupEnd());
         assert_eq!(dst, [1, 2, 3]);
         ok(hetcclGroupStart());
         ok(hetcclSend(src.as_ptr().cast(), 3, I32, 0, c, null_mut()));
-        ok(hetcclRecv(dst.as_mut_ptr().cast(), 2, I32, 0, c, null_mut()));
+        ok(hetcclRecv(
+            dst.as_mut_ptr().cast(),
+            2,
+            I32,
+            0,
+            c,
+            null_mut(),
+        ));
         fails(
             hetcclGroupEnd(),
             hetcclInvalidArgument,
@@ -396,7 +490,10 @@ fn send_to_self_inside_a_group_is_a_copy() {
 fn error_strings() {
     let s = |r: i32| {
         // SAFETY: hetcclGetErrorString returns a static NUL-terminated string.
-        unsafe { CStr::from_ptr(hetcclGetErrorString(r)) }.to_str().unwrap().to_string()
+        unsafe { CStr::from_ptr(hetcclGetErrorString(r)) }
+            .to_str()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(s(0), "no error");
     assert_eq!(s(4), "invalid argument");
@@ -423,7 +520,11 @@ fn large_exchange_deadlocks_outside_a_group_and_completes_inside() {
         // SAFETY: buffers hold N floats.
         let code = unsafe {
             let s = hetcclSend(send.as_ptr().cast(), N, F32, peer, comm, null_mut());
-            if s != hetcclSuccess { s } else { hetcclRecv(recv.as_mut_ptr().cast(), N, F32, peer, comm, null_mut()) }
+            if s != hetcclSuccess {
+                s
+            } else {
+                hetcclRecv(recv.as_mut_ptr().cast(), N, F32, peer, comm, null_mut())
+            }
         };
         (code, last_error())
     });
@@ -442,7 +543,12 @@ fn large_exchange_deadlocks_outside_a_group_and_completes_inside() {
             );
         } else {
             assert_eq!(*code, hetcclRemoteError, "rank {r}: {msg}");
-            assert!(msg.starts_with(&format!("rank {r}: peer {peer} is gone during send/recv #0: ")), "rank {r}: {msg}");
+            assert!(
+                msg.starts_with(&format!(
+                    "rank {r}: peer {peer} is gone during send/recv #0: "
+                )),
+                "rank {r}: {msg}"
+            );
         }
     }
     for h in c {
@@ -457,11 +563,29 @@ fn large_exchange_deadlocks_outside_a_group_and_completes_inside() {
         ok(hetcclGroupStart());
         // SAFETY: buffers outlive the group.
         unsafe {
-            ok(hetcclSend(send.as_ptr().cast(), N, F32, peer, comm, null_mut()));
-            ok(hetcclRecv(recv.as_mut_ptr().cast(), N, F32, peer, comm, null_mut()));
+            ok(hetcclSend(
+                send.as_ptr().cast(),
+                N,
+                F32,
+                peer,
+                comm,
+                null_mut(),
+            ));
+            ok(hetcclRecv(
+                recv.as_mut_ptr().cast(),
+                N,
+                F32,
+                peer,
+                comm,
+                null_mut(),
+            ));
         }
         let code = hetcclGroupEnd();
-        (code, last_error(), recv.iter().all(|&v| v == (peer + 1) as f32))
+        (
+            code,
+            last_error(),
+            recv.iter().all(|&v| v == (peer + 1) as f32),
+        )
     });
     for (r, (code, msg, right)) in out.into_iter().enumerate() {
         assert_eq!(code, hetcclSuccess, "rank {r}: {msg}");

@@ -39,13 +39,19 @@ fn header_prototypes() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for decl in code.split(';') {
         let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
-        let decl = decl.trim_start_matches("extern \"C\" {").trim().trim_start_matches('}').trim();
+        let decl = decl
+            .trim_start_matches("extern \"C\" {")
+            .trim()
+            .trim_start_matches('}')
+            .trim();
         let Some(open) = decl.find('(') else { continue };
         if decl.starts_with("typedef") || !decl.ends_with(')') {
             continue;
         }
         let head = &decl[..open];
-        let name_at = head.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
+        let name_at = head
+            .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .map_or(0, |i| i + 1);
         let (ret, name) = (head[..name_at].trim().replace(" *", "*"), &head[name_at..]);
         if !name.starts_with("hetccl") {
             continue;
@@ -58,11 +64,14 @@ fn header_prototypes() -> Vec<(String, String)> {
                     return p;
                 }
                 // Drop the parameter name: the last identifier after the type.
-                let cut = p.rfind(|c: char| c == ' ' || c == '*').expect("typed parameter");
+                let cut = p.rfind([' ', '*']).expect("typed parameter");
                 p[..=cut].trim().to_string()
             })
             .collect();
-        out.push((name.to_string(), format!("({}) -> {ret}", params.join(", "))));
+        out.push((
+            name.to_string(),
+            format!("({}) -> {ret}", params.join(", ")),
+        ));
     }
     out
 }
@@ -126,7 +135,10 @@ fn header_prototypes_match_the_rust_signatures() {
     let rust = rust_signatures();
     let h_names: BTreeSet<&str> = header.iter().map(|(n, _)| n.as_str()).collect();
     let r_names: BTreeSet<&str> = rust.iter().map(|(n, _)| *n).collect();
-    assert_eq!(h_names, r_names, "functions declared in hetccl.h vs entry points in src/capi");
+    assert_eq!(
+        h_names, r_names,
+        "functions declared in hetccl.h vs entry points in src/capi"
+    );
     for (name, sig) in &header {
         let want = rust.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
         assert_eq!(Some(sig.as_str()), want, "prototype of {name}");
@@ -147,19 +159,27 @@ fn header_declares_exactly_what_the_library_exports() {
         .collect();
     let declared: BTreeSet<String> = header_prototypes().into_iter().map(|(n, _)| n).collect();
     assert_eq!(declared.len(), 20, "{declared:?}");
-    assert_eq!(declared, exported, "hetccl.h declarations vs `nm -D` of {}", lib.display());
+    assert_eq!(
+        declared,
+        exported,
+        "hetccl.h declarations vs `nm -D` of {}",
+        lib.display()
+    );
 }
 
 /// Enumerators declared in the header's `typedef enum { ... } NAME;` blocks.
 fn header_enumerators(type_name: &str) -> BTreeSet<String> {
     let h = header();
-    let end = h.find(&format!("}} {type_name};")).unwrap_or_else(|| panic!("enum {type_name}"));
+    let end = h
+        .find(&format!("}} {type_name};"))
+        .unwrap_or_else(|| panic!("enum {type_name}"));
     let start = h[..end].rfind("typedef enum {").expect("typedef enum");
     h[start..end]
         .lines()
         .filter_map(|l| {
             let l = l.trim();
-            l.starts_with("hetccl").then(|| l.split([' ', '=']).next().unwrap_or("").to_string())
+            l.starts_with("hetccl")
+                .then(|| l.split([' ', '=']).next().unwrap_or("").to_string())
         })
         .collect()
 }
@@ -187,12 +207,36 @@ fn header_enums_and_sizes_match_rust_checked_by_the_c_compiler() {
     }
     expect(&mut redops, "hetcclNumOps", ops::NUM_OPS as i64);
     let mut other = BTreeSet::new();
-    expect(&mut other, "HETCCL_UNIQUE_ID_BYTES", unique_id::UNIQUE_ID_BYTES as i64);
-    expect(&mut other, "sizeof(hetcclUniqueId)", std::mem::size_of::<hetcclUniqueId>() as i64);
-    expect(&mut other, "sizeof(hetcclResult_t)", std::mem::size_of::<hetcclResult_t>() as i64);
-    expect(&mut other, "sizeof(hetcclDataType_t)", std::mem::size_of::<hetcclDataType_t>() as i64);
-    expect(&mut other, "sizeof(hetcclRedOp_t)", std::mem::size_of::<hetcclRedOp_t>() as i64);
-    expect(&mut other, "sizeof(hetcclStream_t)", std::mem::size_of::<hetcclStream_t>() as i64);
+    expect(
+        &mut other,
+        "HETCCL_UNIQUE_ID_BYTES",
+        unique_id::UNIQUE_ID_BYTES as i64,
+    );
+    expect(
+        &mut other,
+        "sizeof(hetcclUniqueId)",
+        std::mem::size_of::<hetcclUniqueId>() as i64,
+    );
+    expect(
+        &mut other,
+        "sizeof(hetcclResult_t)",
+        std::mem::size_of::<hetcclResult_t>() as i64,
+    );
+    expect(
+        &mut other,
+        "sizeof(hetcclDataType_t)",
+        std::mem::size_of::<hetcclDataType_t>() as i64,
+    );
+    expect(
+        &mut other,
+        "sizeof(hetcclRedOp_t)",
+        std::mem::size_of::<hetcclRedOp_t>() as i64,
+    );
+    expect(
+        &mut other,
+        "sizeof(hetcclStream_t)",
+        std::mem::size_of::<hetcclStream_t>() as i64,
+    );
     expect(&mut other, "HETCCL_VERSION_CODE", capi::VERSION_CODE as i64);
     // Every enumerator of the header is in a Rust table (the other direction is the
     // compiler's: an unknown name fails to compile).
@@ -247,9 +291,21 @@ fn header_compiles_as_cxx_too() {
         return;
     }
     let src = scratch("header").join("header_cxx.cc");
-    std::fs::write(&src, "#include <hetccl.h>\nint main() { return hetcclSuccess; }\n").unwrap();
+    std::fs::write(
+        &src,
+        "#include <hetccl.h>\nint main() { return hetcclSuccess; }\n",
+    )
+    .unwrap();
     let o = run(Command::new("c++")
-        .args(["-std=c++11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fsyntax-only", "-I"])
+        .args([
+            "-std=c++11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-fsyntax-only",
+            "-I",
+        ])
         .arg(root().join("bindings"))
         .arg(&src));
     assert!(o.status.success(), "{}", text(&o));

@@ -29,10 +29,10 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::handle::Entry;
 use super::handle::{self, hetcclComm_t};
 use super::ops::{self, Op};
 use super::status::{hetcclResult_t, Failure};
-use super::handle::Entry;
 use crate::communicator::Communicator;
 use crate::config::Config;
 use crate::error::Result;
@@ -52,7 +52,7 @@ pub struct PendingInit {
 
 #[derive(Debug)]
 enum Deferred {
-    Init(PendingInit),
+    Init(Box<PendingInit>),
     Op(Op),
 }
 
@@ -121,7 +121,7 @@ pub unsafe fn submit_init(init: PendingInit) -> std::result::Result<(), Failure>
         if g.depth == 0 {
             return Some(init);
         }
-        g.deferred.push(Deferred::Init(init));
+        g.deferred.push(Deferred::Init(Box::new(init)));
         None
     });
     match now {
@@ -164,7 +164,7 @@ pub fn end() -> std::result::Result<(), Failure> {
     let mut ops = Vec::new();
     for d in deferred {
         match d {
-            Deferred::Init(i) => inits.push(i),
+            Deferred::Init(i) => inits.push(*i),
             Deferred::Op(o) => ops.push(o),
         }
     }
@@ -248,7 +248,9 @@ pub fn run_ops(ops: Vec<Op>) -> Result<()> {
         0 => Ok(()),
         // SAFETY: the buffers stay valid until hetcclGroupEnd returns (API contract);
         // this runs inside it.
-        1 => per_comm.pop().map_or(Ok(()), |(c, ops)| unsafe { run_comm(&c, ops) }),
+        1 => per_comm
+            .pop()
+            .map_or(Ok(()), |(c, ops)| unsafe { run_comm(&c, ops) }),
         _ => std::thread::scope(|s| {
             let threads: Vec<_> = per_comm
                 .into_iter()
@@ -377,7 +379,9 @@ mod tests {
                 }
                 let mut moved = false;
                 for r in 0..n {
-                    let Some(&(p, s)) = lists[r].get(pos[r]) else { continue };
+                    let Some(&(p, s)) = lists[r].get(pos[r]) else {
+                        continue;
+                    };
                     if lists[p].get(pos[p]) == Some(&(r, !s)) {
                         pos[r] += 1;
                         pos[p] += 1;
@@ -396,7 +400,10 @@ mod tests {
             assert!(completes(&reordered(all_to_all(n))), "all-to-all of {n}");
             // In call order both patterns are stuck: that is why the group reorders.
             assert!(!completes(&ring(n)), "ring of {n} in call order");
-            assert!(!completes(&all_to_all(n)), "all-to-all of {n} in call order");
+            assert!(
+                !completes(&all_to_all(n)),
+                "all-to-all of {n} in call order"
+            );
         }
     }
 }

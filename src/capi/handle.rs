@@ -24,23 +24,15 @@ pub struct hetcclComm {
 #[allow(non_camel_case_types)]
 pub type hetcclComm_t = *mut hetcclComm;
 
-/// A live communicator. [`Communicator`] is `Send` but not `Sync` (it owns the
-/// bootstrap, a `Box<dyn Bootstrap + Send>`), so calls take turns through a mutex; a
-/// communicator must not be used by two threads at once anyway, as in NCCL. Rank and
-/// size are copied out so queries do not wait for a running collective.
+/// A live communicator, with rank and size copied out for the argument checks.
 pub struct Entry {
     /// This process's rank.
     pub rank: usize,
     /// Number of ranks.
     pub world_size: usize,
-    comm: Mutex<Communicator>,
-}
-
-impl Entry {
-    /// Exclusive use of the communicator for one operation.
-    pub fn lock(&self) -> MutexGuard<'_, Communicator> {
-        self.comm.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    /// The communicator. Like an NCCL communicator it must not be driven by two
+    /// threads at once: the order of their calls would differ between ranks.
+    pub comm: Communicator,
 }
 
 static LIVE: Mutex<BTreeMap<usize, Arc<Entry>>> = Mutex::new(BTreeMap::new());
@@ -60,7 +52,7 @@ pub fn register(comm: Communicator) -> hetcclComm_t {
     let entry = Entry {
         rank: comm.rank(),
         world_size: comm.world_size(),
-        comm: Mutex::new(comm),
+        comm,
     };
     live().insert(token, Arc::new(entry));
     token as hetcclComm_t

@@ -21,7 +21,6 @@ pub mod status;
 pub mod unique_id;
 
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::Once;
 
 pub use handle::{hetcclComm, hetcclComm_t, register};
 pub use ops::{hetcclDataType_t, hetcclRedOp_t, hetcclStream_t};
@@ -34,7 +33,7 @@ use status::{guard, Failure};
 use unique_id::JobTicket;
 
 use crate::communicator::Communicator;
-use crate::config::{Config, LogLevel};
+use crate::config::Config;
 
 /// `HETCCL_MAJOR`, `HETCCL_MINOR`, `HETCCL_PATCH` in the header: the crate's version.
 pub const VERSION: (i32, i32, i32) = (0, 1, 0);
@@ -42,28 +41,8 @@ pub const VERSION: (i32, i32, i32) = (0, 1, 0);
 /// `HETCCL_VERSION_CODE`: `major * 10000 + minor * 100 + patch`, as NCCL encodes its own.
 pub const VERSION_CODE: i32 = VERSION.0 * 10000 + VERSION.1 * 100 + VERSION.2;
 
-/// Logs go to stderr at `HETCCL_DEBUG`'s level, unless the host program installed its
-/// own `tracing` subscriber first (Rust hosts).
-fn init_logging(level: LogLevel) {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let filter = match level {
-            LogLevel::Error => tracing::Level::ERROR,
-            LogLevel::Warn => tracing::Level::WARN,
-            LogLevel::Info => tracing::Level::INFO,
-            LogLevel::Debug => tracing::Level::DEBUG,
-            LogLevel::Trace => tracing::Level::TRACE,
-        };
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    });
-}
-
 /// Creates the communicator for a fully resolved configuration.
 pub(crate) fn init_communicator(cfg: Config) -> Result<Communicator, Failure> {
-    init_logging(cfg.debug);
     Communicator::init(cfg).map_err(Failure::from)
 }
 
@@ -163,10 +142,15 @@ pub unsafe extern "C" fn hetcclCommInitRank(
             let n = usize::try_from(nranks)
                 .ok()
                 .filter(|&n| n >= 1)
-                .ok_or_else(|| Failure::invalid(F, format!("nranks is {nranks}; it must be at least 1")))?;
-            let r = usize::try_from(rank).ok().filter(|&r| r < n).ok_or_else(|| {
-                Failure::invalid(F, format!("rank {rank} is outside 0..{nranks}"))
-            })?;
+                .ok_or_else(|| {
+                    Failure::invalid(F, format!("nranks is {nranks}; it must be at least 1"))
+                })?;
+            let r = usize::try_from(rank)
+                .ok()
+                .filter(|&r| r < n)
+                .ok_or_else(|| {
+                    Failure::invalid(F, format!("rank {rank} is outside 0..{nranks}"))
+                })?;
             let ticket = JobTicket::decode(F, &commId)?;
             let mut cfg = Config::from_env()?;
             ticket.apply(&mut cfg, r, n);
@@ -252,7 +236,10 @@ pub unsafe extern "C" fn hetcclCommCount(comm: hetcclComm_t, count: *mut c_int) 
 /// # Safety
 /// `rank` must be NULL or point at a writable `int`.
 #[no_mangle]
-pub unsafe extern "C" fn hetcclCommUserRank(comm: hetcclComm_t, rank: *mut c_int) -> hetcclResult_t {
+pub unsafe extern "C" fn hetcclCommUserRank(
+    comm: hetcclComm_t,
+    rank: *mut c_int,
+) -> hetcclResult_t {
     const F: &str = "hetcclCommUserRank";
     guard(F, || {
         let c = handle::lookup(F, comm)?;
@@ -285,7 +272,9 @@ pub extern "C" fn hetcclGetErrorString(result: c_int) -> *const c_char {
     usize::try_from(result)
         .ok()
         .and_then(|i| hetcclResult_t::ALL.get(i))
-        .map_or(c"unknown result code".as_ptr(), |r| r.description().as_ptr())
+        .map_or(c"unknown result code".as_ptr(), |r| {
+            r.description().as_ptr()
+        })
 }
 
 /// The message of the most recent failed hetccl call on this thread (also for failed
@@ -510,4 +499,3 @@ pub extern "C" fn hetcclGroupStart() -> hetcclResult_t {
 pub extern "C" fn hetcclGroupEnd() -> hetcclResult_t {
     guard("hetcclGroupEnd", group::end)
 }
-

@@ -8,8 +8,8 @@
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
-use super::status::Failure;
 use super::handle::Entry;
+use super::status::Failure;
 use crate::dtype::{DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 
@@ -237,10 +237,13 @@ pub fn buf_arg(
         return Ok(Ptr(p as *mut c_void));
     }
     if p.is_null() {
-        return Err(Failure::invalid(func, format!("{name} is NULL but count is {count}")));
+        return Err(Failure::invalid(
+            func,
+            format!("{name} is NULL but count is {count}"),
+        ));
     }
     let size = dtype.size();
-    if count.checked_mul(size).is_none_or(|b| b > isize::MAX as usize) {
+    if !matches!(count.checked_mul(size), Some(b) if b <= isize::MAX as usize) {
         return Err(Failure::invalid(
             func,
             format!("{name}: {count} elements of {dtype} do not fit in memory"),
@@ -314,7 +317,7 @@ impl Op {
     /// # Safety
     /// As [`Op::run`].
     unsafe fn run_typed<T: Element>(&self) -> Result<()> {
-        let c = &*self.comm.lock();
+        let c = &self.comm.comm;
         let n = c.world_size();
         let sz = std::mem::size_of::<T>();
         // SAFETY (every block below): the buffers are valid per the caller's contract;
@@ -411,10 +414,19 @@ impl Op {
 /// # Safety
 /// As [`Op::run`], for both operations.
 pub unsafe fn self_copy(send: &Op, recv: &Op) -> Result<()> {
-    let (Kind::Send { buf: s, count: sc, .. }, Kind::Recv { buf: r, count: rc, .. }) =
-        (send.kind, recv.kind)
+    let (
+        Kind::Send {
+            buf: s, count: sc, ..
+        },
+        Kind::Recv {
+            buf: r, count: rc, ..
+        },
+    ) = (send.kind, recv.kind)
     else {
-        return Err(Error::invalid("hetcclGroupEnd", "self_copy needs a send and a receive"));
+        return Err(Error::invalid(
+            "hetcclGroupEnd",
+            "self_copy needs a send and a receive",
+        ));
     };
     if sc != rc || send.dtype != recv.dtype {
         return Err(Error::invalid(
@@ -460,20 +472,30 @@ mod tests {
     fn buffers_are_checked_for_null_alignment_and_size() {
         assert!(buf_arg("f", "sendbuff", std::ptr::null(), 0, DataType::F32).is_ok());
         assert_eq!(
-            buf_arg("f", "sendbuff", std::ptr::null(), 3, DataType::F32).unwrap_err().message,
+            buf_arg("f", "sendbuff", std::ptr::null(), 3, DataType::F32)
+                .unwrap_err()
+                .message,
             "invalid argument to f: sendbuff is NULL but count is 3"
         );
         let words = [0u64; 2];
         let odd = (words.as_ptr() as *const u8).wrapping_add(2) as *const c_void;
-        let e = buf_arg("f", "recvbuff", odd, 1, DataType::F32).unwrap_err().message;
+        let e = buf_arg("f", "recvbuff", odd, 1, DataType::F32)
+            .unwrap_err()
+            .message;
         assert_eq!(
             e,
             format!("invalid argument to f: recvbuff {odd:p} is not aligned to 4 bytes, as f32 elements must be")
         );
         assert!(buf_arg("f", "recvbuff", odd, 1, DataType::F16).is_ok());
-        let e = buf_arg("f", "b", words.as_ptr().cast(), usize::MAX / 2, DataType::F64)
-            .unwrap_err()
-            .message;
+        let e = buf_arg(
+            "f",
+            "b",
+            words.as_ptr().cast(),
+            usize::MAX / 2,
+            DataType::F64,
+        )
+        .unwrap_err()
+        .message;
         assert!(e.ends_with("elements of f64 do not fit in memory"), "{e}");
     }
 

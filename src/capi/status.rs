@@ -255,12 +255,21 @@ mod tests {
     fn guard_turns_panics_into_internal_errors_with_the_function_name() {
         let r = guard("hetcclTestEntry", || panic!("boom {}", 7));
         assert_eq!(r, hetcclInternalError);
-        assert_eq!(last_error(), "internal error in hetcclTestEntry: panic: boom 7");
-        let r = guard("hetcclTestEntry", || Err(Failure::invalid("hetcclTestEntry", "n is 3")));
+        assert_eq!(
+            last_error(),
+            "internal error in hetcclTestEntry: panic: boom 7"
+        );
+        let r = guard("hetcclTestEntry", || {
+            Err(Failure::invalid("hetcclTestEntry", "n is 3"))
+        });
         assert_eq!(r, hetcclInvalidArgument);
         assert_eq!(last_error(), "invalid argument to hetcclTestEntry: n is 3");
         assert_eq!(guard("hetcclTestEntry", || Ok(())), hetcclSuccess);
-        assert_eq!(last_error(), "invalid argument to hetcclTestEntry: n is 3", "success keeps it");
+        assert_eq!(
+            last_error(),
+            "invalid argument to hetcclTestEntry: n is 3",
+            "success keeps it"
+        );
     }
 
     #[test]

@@ -129,7 +129,10 @@ impl JobTicket {
             )
         };
         if &b[..4] != MAGIC {
-            return Err(bad(&format!("it starts with {:02x?}, not \"HCU1\"", &b[..4])));
+            return Err(bad(&format!(
+                "it starts with {:02x?}, not \"HCU1\"",
+                &b[..4]
+            )));
         }
         let port = u16::from_be_bytes([b[4], b[5]]);
         let len = b[46] as usize;
@@ -210,7 +213,9 @@ mod tests {
         let zero = hetcclUniqueId {
             internal: [0; UNIQUE_ID_BYTES],
         };
-        let e = JobTicket::decode("hetcclCommInitRank", &zero).unwrap_err().to_string();
+        let e = JobTicket::decode("hetcclCommInitRank", &zero)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid argument to hetcclCommInitRank: id is not a hetcclUniqueId from \

@@ -10,18 +10,27 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `target/<profile>/`: the test binary runs from its `deps/` subfolder.
-pub fn target_dir() -> PathBuf {
+/// `target/<profile>/deps/`, where the test binary runs from.
+pub fn deps_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
+    exe.parent().expect("test binary directory").to_path_buf()
+}
+
+/// `target/<profile>/`.
+pub fn target_dir() -> PathBuf {
+    deps_dir()
+        .parent()
         .expect("test binary lives in target/<profile>/deps")
         .to_path_buf()
 }
 
-/// `libhetccl.so`, built by cargo next to the test binaries (crate-type cdylib).
+/// `libhetccl.so` as built for this test run. `cargo test` builds the library with
+/// every crate type of `[lib]`, but copies the cdylib and staticlib up to
+/// `target/<profile>/` only when the library itself was asked for (`cargo build`), so
+/// the fresh copy is the one in `deps/`, next to the test binary; the one above may be
+/// stale or absent.
 pub fn lib_path() -> PathBuf {
-    let p = target_dir().join("libhetccl.so");
+    let p = deps_dir().join("libhetccl.so");
     assert!(p.exists(), "{} is missing; the [lib] crate-type must include cdylib", p.display());
     p
 }
@@ -55,7 +64,14 @@ pub fn compile_c(srcs: &[&Path], exe_name: &str) -> PathBuf {
     let lib_dir = lib_path().parent().expect("lib dir").to_path_buf();
     let out = scratch("c").join(exe_name);
     let o = run(Command::new("cc")
-        .args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+        .args([
+            "-std=c11",
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+        ])
         .arg("-I")
         .arg(root().join("bindings"))
         .args(srcs)
@@ -64,7 +80,11 @@ pub fn compile_c(srcs: &[&Path], exe_name: &str) -> PathBuf {
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .args(["-lhetccl", "-lpthread", "-lm", "-o"])
         .arg(&out));
-    assert!(o.status.success(), "compiling {srcs:?} failed:\n{}", text(&o));
+    assert!(
+        o.status.success(),
+        "compiling {srcs:?} failed:\n{}",
+        text(&o)
+    );
     out
 }
 
