@@ -14,7 +14,9 @@ use hetccl::compression;
 const SIZES: [usize; 2] = [1 << 20, 16 << 20]; // elements: 4 MiB and 64 MiB of f32
 
 fn inputs(n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7919) % 10007) as f32 * 1e-3 - 5.0).collect()
+    (0..n)
+        .map(|i| ((i * 7919) % 10007) as f32 * 1e-3 - 5.0)
+        .collect()
 }
 
 fn bench_compress(c: &mut Criterion) {
@@ -26,17 +28,38 @@ fn bench_compress(c: &mut Criterion) {
         let mut h = vec![f16::ZERO; n];
         let mut b = vec![bf16::ZERO; n];
         g.throughput(Throughput::Bytes(14 * n as u64));
-        g.bench_with_input(BenchmarkId::new("fp16_compress+residual", n), &n, |bch, _| {
-            bch.iter(|| compression::fp16_compress(black_box(&src), 0.25, Some(&mut res), &mut h))
-        });
-        g.bench_with_input(BenchmarkId::new("bf16_compress+residual", n), &n, |bch, _| {
-            bch.iter(|| compression::bf16_compress(black_box(&src), 0.25, Some(&mut res), &mut b))
-        });
-        g.bench_with_input(BenchmarkId::new("reference::fp16_compress+residual", n), &n, |bch, _| {
-            bch.iter(|| {
-                compression::reference::fp16_compress(black_box(&src), 0.25, Some(&mut res), &mut h)
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("fp16_compress+residual", n),
+            &n,
+            |bch, _| {
+                bch.iter(|| {
+                    compression::fp16_compress(black_box(&src), 0.25, Some(&mut res), &mut h)
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("bf16_compress+residual", n),
+            &n,
+            |bch, _| {
+                bch.iter(|| {
+                    compression::bf16_compress(black_box(&src), 0.25, Some(&mut res), &mut b)
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("reference::fp16_compress+residual", n),
+            &n,
+            |bch, _| {
+                bch.iter(|| {
+                    compression::reference::fp16_compress(
+                        black_box(&src),
+                        0.25,
+                        Some(&mut res),
+                        &mut h,
+                    )
+                })
+            },
+        );
         // memcpy of the same 14 bytes/element: 7 read + 7 written.
         let from = vec![1u8; 7 * n];
         let mut to = vec![0u8; 7 * n];

@@ -137,7 +137,13 @@ impl Compressor {
         done
     }
 
-    fn residual_chunk(&mut self, op: &'static str, buffer: u64, offset: usize, len: usize) -> Result<Option<&mut [f32]>> {
+    fn residual_chunk(
+        &mut self,
+        op: &'static str,
+        buffer: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<&mut [f32]>> {
         if !self.error_feedback {
             return Ok(None);
         }
@@ -167,8 +173,12 @@ impl Compressor {
         let format = self.format;
         let residual = self.residual_chunk(OP, buffer, offset, src.len())?;
         let stats = match format {
-            WireFormat::F16 => with_wire_mut::<f16, _>(dst, |d| super::compress(src, scale, residual, d)),
-            WireFormat::Bf16 => with_wire_mut::<bf16, _>(dst, |d| super::compress(src, scale, residual, d)),
+            WireFormat::F16 => {
+                with_wire_mut::<f16, _>(dst, |d| super::compress(src, scale, residual, d))
+            }
+            WireFormat::Bf16 => {
+                with_wire_mut::<bf16, _>(dst, |d| super::compress(src, scale, residual, d))
+            }
         };
         self.pending += stats;
         Ok(stats)
@@ -282,7 +292,12 @@ impl Compressor {
     pub fn load(r: impl Read) -> Result<Compressor> {
         let mut r = Fnv::new(r);
         let ctx = "loading compressor state";
-        let bad = |what: String| Error::io(ctx, std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+        let bad = |what: String| {
+            Error::io(
+                ctx,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+            )
+        };
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic).map_err(|e| Error::io(ctx, e))?;
         if &magic != MAGIC {
@@ -290,11 +305,14 @@ impl Compressor {
         }
         let version = read_u32(&mut r).map_err(|e| Error::io(ctx, e))?;
         if version != VERSION {
-            return Err(bad(format!("version {version}, this build reads {VERSION}")));
+            return Err(bad(format!(
+                "version {version}, this build reads {VERSION}"
+            )));
         }
         let mut b = [0u8; 2];
         r.read_exact(&mut b).map_err(|e| Error::io(ctx, e))?;
-        let format = WireFormat::from_u8(b[0]).ok_or_else(|| bad(format!("format tag {}", b[0])))?;
+        let format =
+            WireFormat::from_u8(b[0]).ok_or_else(|| bad(format!("format tag {}", b[0])))?;
         let factor = f32::from_bits(read_u32(&mut r).map_err(|e| Error::io(ctx, e))?);
         let scale = match b[1] {
             0 => ScalePolicy::InverseWorldSize,
@@ -308,8 +326,14 @@ impl Compressor {
         for x in u.iter_mut() {
             *x = read_u64(&mut r).map_err(|e| Error::io(ctx, e))?;
         }
-        c.total = OverflowStats { overflow: u[0], nonfinite: u[1] };
-        c.pending = OverflowStats { overflow: u[2], nonfinite: u[3] };
+        c.total = OverflowStats {
+            overflow: u[0],
+            nonfinite: u[1],
+        };
+        c.pending = OverflowStats {
+            overflow: u[2],
+            nonfinite: u[3],
+        };
         c.collectives = u[4];
         for _ in 0..u[5] {
             let id = read_u64(&mut r).map_err(|e| Error::io(ctx, e))?;
@@ -332,7 +356,9 @@ impl Compressor {
         r.inner.read_exact(&mut s).map_err(|e| Error::io(ctx, e))?;
         let got = u64::from_le_bytes(s);
         if got != want {
-            return Err(bad(format!("checksum {got:016x}, content hashes to {want:016x}")));
+            return Err(bad(format!(
+                "checksum {got:016x}, content hashes to {want:016x}"
+            )));
         }
         Ok(c)
     }
@@ -342,7 +368,10 @@ fn check_wire_len(op: &'static str, bytes: usize, elems: usize) -> Result<()> {
     if Some(bytes) == elems.checked_mul(2) {
         Ok(())
     } else {
-        Err(Error::invalid(op, format!("{bytes} wire bytes for {elems} f32 values (want 2 per value)")))
+        Err(Error::invalid(
+            op,
+            format!("{bytes} wire bytes for {elems} f32 values (want 2 per value)"),
+        ))
     }
 }
 
@@ -388,7 +417,10 @@ struct Fnv<T> {
 
 impl<T> Fnv<T> {
     fn new(inner: T) -> Self {
-        Fnv { inner, hash: 0xcbf2_9ce4_8422_2325 }
+        Fnv {
+            inner,
+            hash: 0xcbf2_9ce4_8422_2325,
+        }
     }
     fn update(&mut self, bytes: &[u8]) {
         for b in bytes {
@@ -421,7 +453,9 @@ mod tests {
     use super::*;
 
     fn gradient(step: usize, n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7 + step * 13) % 101) as f32 * 0.0137 - 0.6).collect()
+        (0..n)
+            .map(|i| ((i * 7 + step * 13) % 101) as f32 * 0.0137 - 0.6)
+            .collect()
     }
 
     /// One ring-like step: compress chunk 0, fuse chunk 1 with a fixed incoming value.
@@ -431,7 +465,8 @@ mod tests {
         c.compress(7, 0, &g[..32], 4, &mut wire).unwrap();
         out.extend_from_slice(&wire);
         let incoming: Vec<u8> = bytemuck::cast_slice(&vec![f16::from_f32(0.3); 32]).to_vec();
-        c.decompress_add_compress(7, 32, &incoming, &g[32..], 4, &mut wire).unwrap();
+        c.decompress_add_compress(7, 32, &incoming, &g[32..], 4, &mut wire)
+            .unwrap();
         out.extend_from_slice(&wire);
         c.finish_collective();
     }
@@ -475,12 +510,16 @@ mod tests {
 
         let mut flipped = saved.clone();
         flipped[19 + 48 + 16] ^= 1;
-        let e = Compressor::load(flipped.as_slice()).unwrap_err().to_string();
+        let e = Compressor::load(flipped.as_slice())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("checksum"), "{e}");
 
         let e = Compressor::load(&saved[..saved.len() - 3]).unwrap_err();
         match e {
-            Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof),
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof)
+            }
             other => panic!("{other}"),
         }
 
@@ -494,13 +533,34 @@ mod tests {
     fn counters_accumulate_per_collective() {
         let mut c = Compressor::new(WireFormat::F16, ScalePolicy::Factor(1.0), false).unwrap();
         let mut wire = vec![0u8; 8];
-        c.compress(0, 0, &[1.0, 1e5, f32::NAN, -1e6], 2, &mut wire).unwrap();
-        c.compress(0, 0, &[1.0, 1.0, 1.0, 7e4], 2, &mut wire).unwrap();
-        assert_eq!(c.pending(), OverflowStats { overflow: 3, nonfinite: 1 });
-        assert_eq!(c.finish_collective(), OverflowStats { overflow: 3, nonfinite: 1 });
-        c.compress(0, 0, &[1.0, 2.0, 3.0, 4.0], 2, &mut wire).unwrap();
+        c.compress(0, 0, &[1.0, 1e5, f32::NAN, -1e6], 2, &mut wire)
+            .unwrap();
+        c.compress(0, 0, &[1.0, 1.0, 1.0, 7e4], 2, &mut wire)
+            .unwrap();
+        assert_eq!(
+            c.pending(),
+            OverflowStats {
+                overflow: 3,
+                nonfinite: 1
+            }
+        );
+        assert_eq!(
+            c.finish_collective(),
+            OverflowStats {
+                overflow: 3,
+                nonfinite: 1
+            }
+        );
+        c.compress(0, 0, &[1.0, 2.0, 3.0, 4.0], 2, &mut wire)
+            .unwrap();
         assert_eq!(c.finish_collective(), OverflowStats::default());
-        assert_eq!(c.total(), OverflowStats { overflow: 3, nonfinite: 1 });
+        assert_eq!(
+            c.total(),
+            OverflowStats {
+                overflow: 3,
+                nonfinite: 1
+            }
+        );
         assert_eq!(c.collectives(), 2);
         // Without error feedback no residual is kept.
         assert_eq!(c.residual(0), None);
@@ -516,7 +576,10 @@ mod tests {
         }
         let mut c = c;
         let mut wire = vec![0u8; 5];
-        let e = c.compress(0, 0, &[1.0, 2.0, 3.0], 1, &mut wire).unwrap_err().to_string();
+        let e = c
+            .compress(0, 0, &[1.0, 2.0, 3.0], 1, &mut wire)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid argument to Compressor::compress: 5 wire bytes for 3 f32 values (want 2 per value)"
@@ -530,7 +593,8 @@ mod tests {
         let g = gradient(0, 33);
         let mut aligned = vec![0u16; 33];
         let mut raw = vec![0u8; 67];
-        a.compress(0, 0, &g, 3, bytemuck::cast_slice_mut(&mut aligned)).unwrap();
+        a.compress(0, 0, &g, 3, bytemuck::cast_slice_mut(&mut aligned))
+            .unwrap();
         b.compress(0, 0, &g, 3, &mut raw[1..]).unwrap();
         assert_eq!(bytemuck::cast_slice::<u16, u8>(&aligned), &raw[1..]);
         let mut back = vec![0.0f32; 33];

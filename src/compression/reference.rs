@@ -58,7 +58,11 @@ pub fn decompress_add_compress<W: WireFloat>(
     let mut stats = OverflowStats::default();
     match residual {
         Some(res) => {
-            let it = incoming.iter().zip(local).zip(res.iter_mut()).zip(dst.iter_mut());
+            let it = incoming
+                .iter()
+                .zip(local)
+                .zip(res.iter_mut())
+                .zip(dst.iter_mut());
             for (((i, l), r), d) in it {
                 let x = i.widen();
                 let v = x + (*l * scale + *r);

@@ -52,7 +52,10 @@ fn fp16_round_trip_relative_error_is_at_most_half_ulp() {
     }
     assert!(worst <= 2f64.powi(-11), "worst relative error {worst:e}");
     // And the bound is tight: some value lands close to a midpoint.
-    assert!(worst > 0.9 * 2f64.powi(-11), "worst relative error {worst:e}");
+    assert!(
+        worst > 0.9 * 2f64.powi(-11),
+        "worst relative error {worst:e}"
+    );
 }
 
 #[test]
@@ -72,12 +75,18 @@ fn bf16_round_trip_relative_error_is_at_most_half_ulp() {
         assert_eq!(x - y, res[i] as f64, "element {i}: {x}");
     }
     assert!(worst <= 2f64.powi(-8), "worst relative error {worst:e}");
-    assert!(worst > 0.9 * 2f64.powi(-8), "worst relative error {worst:e}");
+    assert!(
+        worst > 0.9 * 2f64.powi(-8),
+        "worst relative error {worst:e}"
+    );
 }
 
 #[test]
 fn decompress_add_adds_in_f32() {
-    let wire: Vec<f16> = [1.5f32, -2.0, 0.25].iter().map(|&x| f16::from_f32(x)).collect();
+    let wire: Vec<f16> = [1.5f32, -2.0, 0.25]
+        .iter()
+        .map(|&x| f16::from_f32(x))
+        .collect();
     let mut dst = [1.0f32, 1.0, 1e8];
     fp16_decompress_add(&wire, &mut dst);
     assert_eq!(dst, [2.5, -1.0, 1e8]);
@@ -105,20 +114,34 @@ fn fp16_overflow_saturates_and_nonfinite_propagates() {
     for (label, fast) in [("fast", true), ("reference", false)] {
         res.fill(0.0);
         // 3e38 * 2 overflows f32 itself: a finite input, so it saturates, not inf.
-        let scaled: Vec<f32> = src.iter().map(|&x| if x == 3.0e38 { x } else { x / 2.0 }).collect();
+        let scaled: Vec<f32> = src
+            .iter()
+            .map(|&x| if x == 3.0e38 { x } else { x / 2.0 })
+            .collect();
         let stats = if fast {
             fp16_compress(&scaled, 2.0, Some(&mut res), &mut dst)
         } else {
             reference::fp16_compress(&scaled, 2.0, Some(&mut res), &mut dst)
         };
-        assert_eq!(stats, OverflowStats { overflow: 4, nonfinite: 3 }, "{label}");
+        assert_eq!(
+            stats,
+            OverflowStats {
+                overflow: 4,
+                nonfinite: 3
+            },
+            "{label}"
+        );
         let bits: Vec<u16> = dst.iter().map(|d| d.to_bits()).collect();
         assert_eq!(
             bits,
             [0x3C00, 0x7BFF, 0xFBFF, 0x7E00, 0x7C00, 0xFC00, 0x7BFF, 0x7BFF, 0x7BFF],
             "{label}"
         );
-        assert_eq!(res, [0.0, 4496.0, -934496.0, 0.0, 0.0, 0.0, 0.0, 15.0, 0.0], "{label}");
+        assert_eq!(
+            res,
+            [0.0, 4496.0, -934496.0, 0.0, 0.0, 0.0, 0.0, 15.0, 0.0],
+            "{label}"
+        );
     }
 }
 
@@ -129,7 +152,13 @@ fn bf16_overflow_saturates_at_f32_edge() {
     let mut res = [0.0f32; 4];
     let mut dst = [bf16::ZERO; 4];
     let stats = bf16_compress(&src, 1.0, Some(&mut res), &mut dst);
-    assert_eq!(stats, OverflowStats { overflow: 2, nonfinite: 1 });
+    assert_eq!(
+        stats,
+        OverflowStats {
+            overflow: 2,
+            nonfinite: 1
+        }
+    );
     let bits: Vec<u16> = dst.iter().map(|d| d.to_bits()).collect();
     assert_eq!(bits, [0x7F7F, 0xFF7F, 0x3F80, 0x7FC0]);
     assert_eq!(res[0], 3.4e38 - 3.389_531_4e38);
@@ -147,7 +176,13 @@ fn fused_step_rounds_once_and_counts() {
     let mut res = [0.0f32, 0.0, 0.0, 0.5];
     let mut dst = [f16::ZERO; 4];
     let stats = fp16_decompress_add_compress(&incoming, &local, 0.5, Some(&mut res), &mut dst);
-    assert_eq!(stats, OverflowStats { overflow: 1, nonfinite: 1 });
+    assert_eq!(
+        stats,
+        OverflowStats {
+            overflow: 1,
+            nonfinite: 1
+        }
+    );
     assert_eq!(dst[0].to_bits(), 0x7BFF);
     assert_eq!(res[0], 4496.0);
     assert_eq!(dst[1].to_bits(), 0x7E00);
@@ -170,7 +205,11 @@ fn accumulate(g: &[f32], steps: usize, error_feedback: bool) -> (f64, f64) {
     let mut acc = vec![0.0f64; g.len()];
     let mut worst_rel = 0.0f64;
     for t in 1..=steps {
-        let r = if error_feedback { Some(res.as_mut_slice()) } else { None };
+        let r = if error_feedback {
+            Some(res.as_mut_slice())
+        } else {
+            None
+        };
         assert!(fp16_compress(g, 1.0, r, &mut wire).is_clean());
         fp16_decompress(&wire, &mut dec);
         for i in 0..g.len() {
@@ -195,11 +234,17 @@ fn error_feedback_keeps_accumulated_error_bounded() {
     // With feedback the accumulated error is the current residual, at most half an fp16
     // ulp of g, plus f32 rounding of `g + residual` once per step (1000 · 2^-24 · |g|).
     let bound = 2f64.powi(-11) + 1000.0 * 2f64.powi(-24);
-    assert!(ef_worst <= bound, "with feedback: worst {ef_worst:e} > {bound:e}");
+    assert!(
+        ef_worst <= bound,
+        "with feedback: worst {ef_worst:e} > {bound:e}"
+    );
     // Without it the rounding error of g repeats every step and grows linearly:
     // 1000 steps of on average a quarter ulp.
     assert!(raw_worst > 0.4, "without feedback: worst {raw_worst:e}");
-    assert!(raw_mean > 200.0 * ef_mean, "mean error {raw_mean:e} vs {ef_mean:e}");
+    assert!(
+        raw_mean > 200.0 * ef_mean,
+        "mean error {raw_mean:e} vs {ef_mean:e}"
+    );
 }
 
 fn bits16<W: WireFloat>(v: &[W]) -> Vec<u16> {
@@ -223,22 +268,39 @@ fn fast_matches_reference<W: WireFloat>(seed: u64) {
         let (mut r1, mut r2) = (res0.clone(), res0.clone());
         let s1 = compress(&src, scale, Some(&mut r1), &mut d1);
         let s2 = reference::compress(&src, scale, Some(&mut r2), &mut d2);
-        assert_eq!((bits16(&d1), bits32(&r1), s1), (bits16(&d2), bits32(&r2), s2), "compress n={n}");
+        assert_eq!(
+            (bits16(&d1), bits32(&r1), s1),
+            (bits16(&d2), bits32(&r2), s2),
+            "compress n={n}"
+        );
         if n > 1000 {
             // The mix must actually reach the rare paths.
             assert!(s1.overflow > 1000 && s1.nonfinite > 1000, "{s1:?}");
         }
         let s1 = compress(&src, scale, None, &mut d1);
         let s2 = reference::compress(&src, scale, None, &mut d2);
-        assert_eq!((bits16(&d1), s1), (bits16(&d2), s2), "compress no residual n={n}");
+        assert_eq!(
+            (bits16(&d1), s1),
+            (bits16(&d2), s2),
+            "compress no residual n={n}"
+        );
 
         let (mut r1, mut r2) = (res0.clone(), res0.clone());
         let s1 = decompress_add_compress(&wire_in, &local, scale, Some(&mut r1), &mut d1);
-        let s2 = reference::decompress_add_compress(&wire_in, &local, scale, Some(&mut r2), &mut d2);
-        assert_eq!((bits16(&d1), bits32(&r1), s1), (bits16(&d2), bits32(&r2), s2), "fused n={n}");
+        let s2 =
+            reference::decompress_add_compress(&wire_in, &local, scale, Some(&mut r2), &mut d2);
+        assert_eq!(
+            (bits16(&d1), bits32(&r1), s1),
+            (bits16(&d2), bits32(&r2), s2),
+            "fused n={n}"
+        );
         let s1 = decompress_add_compress(&wire_in, &local, scale, None, &mut d1);
         let s2 = reference::decompress_add_compress(&wire_in, &local, scale, None, &mut d2);
-        assert_eq!((bits16(&d1), s1), (bits16(&d2), s2), "fused no residual n={n}");
+        assert_eq!(
+            (bits16(&d1), s1),
+            (bits16(&d2), s2),
+            "fused no residual n={n}"
+        );
 
         let (mut f1, mut f2) = (vec![0.0f32; n], vec![0.0f32; n]);
         decompress(&wire_in, &mut f1);
@@ -265,14 +327,19 @@ fn bf16_fast_path_matches_reference_bitwise() {
 fn fp16_subnormal_results_round_like_reference() {
     // Every f32 between 0 and the smallest fp16 normal, stepping through many exponents:
     // exercises subnormal rounding in vcvtps2ph against the software reference.
-    let src: Vec<f32> = (0..200_000u32).map(|i| f32::from_bits(0x2F00_0000 + i * 797)).collect();
+    let src: Vec<f32> = (0..200_000u32)
+        .map(|i| f32::from_bits(0x2F00_0000 + i * 797))
+        .collect();
     let (mut d1, mut d2) = (vec![f16::ZERO; src.len()], vec![f16::ZERO; src.len()]);
     let (mut r1, mut r2) = (vec![0.0f32; src.len()], vec![0.0f32; src.len()]);
     fp16_compress(&src, 1.0, Some(&mut r1), &mut d1);
     reference::fp16_compress(&src, 1.0, Some(&mut r2), &mut d2);
     assert_eq!(bits16(&d1), bits16(&d2));
     assert_eq!(bits32(&r1), bits32(&r2));
-    assert!(src.last().is_some_and(|&x| x > 6.1e-5), "covers up to the normal range");
+    assert!(
+        src.last().is_some_and(|&x| x > 6.1e-5),
+        "covers up to the normal range"
+    );
 }
 
 #[test]
@@ -283,6 +350,9 @@ fn wire_constants_match_half() {
     assert_eq!(<bf16 as WireFloat>::MAX_BITS, bf16::MAX.to_bits());
     assert_eq!(<f16 as WireFloat>::INF_BITS, f16::INFINITY.to_bits());
     assert_eq!(<bf16 as WireFloat>::INF_BITS, bf16::INFINITY.to_bits());
-    assert_eq!(WireFormat::from_u8(WireFormat::Bf16 as u8), Some(WireFormat::Bf16));
+    assert_eq!(
+        WireFormat::from_u8(WireFormat::Bf16 as u8),
+        Some(WireFormat::Bf16)
+    );
     assert_eq!(WireFormat::from_u8(2), None);
 }

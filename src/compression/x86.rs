@@ -122,7 +122,10 @@ pub(super) unsafe fn decompress_add<W: WireFloat>(src: &[W], dst: &mut [f32]) {
     let mut i = 0;
     while i + 8 <= n {
         let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
-        _mm256_storeu_ps(dp.add(i), _mm256_add_ps(_mm256_loadu_ps(dp.add(i)), W::widen8(h)));
+        _mm256_storeu_ps(
+            dp.add(i),
+            _mm256_add_ps(_mm256_loadu_ps(dp.add(i)), W::widen8(h)),
+        );
         i += 8;
     }
     reference::decompress_add(&src[i..n], &mut dst[i..n]);
@@ -156,7 +159,12 @@ unsafe fn fused_body<W: WireFloat, const R: bool>(
     if R {
         n = n.min(res.len());
     }
-    let (ip, lp, dp, rp) = (incoming.as_ptr(), local.as_ptr(), dst.as_mut_ptr(), res.as_mut_ptr());
+    let (ip, lp, dp, rp) = (
+        incoming.as_ptr(),
+        local.as_ptr(),
+        dst.as_mut_ptr(),
+        res.as_mut_ptr(),
+    );
     let scale8 = _mm256_set1_ps(scale);
     let max8 = _mm256_set1_ps(W::MAX);
     let mut stats = OverflowStats::default();
@@ -188,5 +196,11 @@ unsafe fn fused_body<W: WireFloat, const R: bool>(
     }
     let r = if R { Some(&mut res[i..n]) } else { None };
     stats
-        + reference::decompress_add_compress(&incoming[i..n], &local[i..n], scale, r, &mut dst[i..n])
+        + reference::decompress_add_compress(
+            &incoming[i..n],
+            &local[i..n],
+            scale,
+            r,
+            &mut dst[i..n],
+        )
 }
