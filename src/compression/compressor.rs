@@ -464,7 +464,7 @@ mod tests {
         let mut wire = vec![0u8; 64];
         c.compress(7, 0, &g[..32], 4, &mut wire).unwrap();
         out.extend_from_slice(&wire);
-        let incoming: Vec<u8> = bytemuck::cast_slice(&vec![f16::from_f32(0.3); 32]).to_vec();
+        let incoming: Vec<u8> = bytemuck::cast_slice(&[f16::from_f32(0.3); 32]).to_vec();
         c.decompress_add_compress(7, 32, &incoming, &g[32..], 4, &mut wire)
             .unwrap();
         out.extend_from_slice(&wire);
@@ -592,7 +592,7 @@ mod tests {
         let mut b = a.clone();
         let g = gradient(0, 33);
         let mut aligned = vec![0u16; 33];
-        let mut raw = vec![0u8; 67];
+        let mut raw = [0u8; 67];
         a.compress(0, 0, &g, 3, bytemuck::cast_slice_mut(&mut aligned))
             .unwrap();
         b.compress(0, 0, &g, 3, &mut raw[1..]).unwrap();
