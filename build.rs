@@ -73,7 +73,7 @@ fn main() {
     fs::write(&unit_path, unit).unwrap_or_else(|e| panic!("writing {}: {e}", unit_path.display()));
 
     let nvcc = find_nvcc().unwrap_or_else(|tried| {
-        panic!("\n\nfeature `cuda` needs nvcc, which was not found (tried: {tried}).\nTo get it: {INSTALL_HINT}.\n\n")
+        fail(&format!("feature `cuda` needs nvcc, which was not found (tried: {tried}).\nTo get it: {INSTALL_HINT}."))
     });
     let fatbin = out.join("kernels.fatbin");
     let output = Command::new(&nvcc)
@@ -85,21 +85,27 @@ fn main() {
         .arg(&fatbin)
         .arg(&unit_path)
         .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}. {INSTALL_HINT}", nvcc.display()));
+        .unwrap_or_else(|e| fail(&format!("running {}: {e}. {INSTALL_HINT}", nvcc.display())));
     let report = String::from_utf8_lossy(&output.stderr).into_owned();
     let _ = fs::write(out.join("ptxas.txt"), &report);
     if !output.status.success() {
-        panic!(
+        fail(&format!(
             "nvcc ({}) failed with {}:\n{}\n{}",
             nvcc.display(),
             output.status,
             String::from_utf8_lossy(&output.stdout),
             report
-        );
+        ));
     }
     for line in summarize_ptxas(&report) {
         println!("cargo:warning={line}");
     }
+}
+
+/// Stops the build with `msg` (shown by cargo under "--- stderr"), without a backtrace.
+fn fail(msg: &str) -> ! {
+    eprintln!("\nerror: {msg}\n");
+    std::process::exit(1)
 }
 
 /// Finds nvcc, or returns the list of places tried.
@@ -127,12 +133,14 @@ fn find_nvcc() -> Result<PathBuf, String> {
         let probe = Command::new(py)
             .args(["-c", "import nvidia; print(list(nvidia.__path__)[0])"])
             .output();
-        if let Ok(o) = probe {
-            if o.status.success() {
+        match probe {
+            Ok(o) if o.status.success() => {
                 let dir = String::from_utf8_lossy(&o.stdout).trim().to_string();
                 candidates.push(Path::new(&dir).join("cu13").join("bin").join("nvcc"));
                 break;
             }
+            Ok(_) => tried.push(format!("{py}: no `nvidia` package")),
+            Err(_) => tried.push(format!("{py}: not runnable")),
         }
     }
     if let Some(home) = env::var_os("CUDA_HOME") {

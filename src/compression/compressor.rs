@@ -186,8 +186,11 @@ impl Compressor {
 
     /// The fused ring step on chunk `offset..offset+local.len()` of `buffer`: `dst` =
     /// wire(`incoming` + `local`·scale + residual). `incoming` and `dst` hold
-    /// `2 * local.len()` bytes each; they may be the same memory only through separate
-    /// calls (Rust's borrows keep them apart here).
+    /// `2 * local.len()` bytes each, in separate buffers.
+    ///
+    /// In a ring reduce-scatter each element of a rank's buffer is compressed by that rank
+    /// once per collective, either by [`Compressor::compress`] (the first send) or here, so
+    /// one residual per element carries both kinds of rounding to the next collective.
     pub fn decompress_add_compress(
         &mut self,
         buffer: u64,

@@ -2,7 +2,7 @@
 //!
 //! Gradients travel as 16-bit floats and are accumulated in f32. Every kernel here is the
 //! CPU twin of a CUDA kernel in `kernels/compress.cu` with the same name and argument
-//! order; [`reference`] holds plain scalar versions that the fast paths (AVX2/F16C on
+//! order; [`mod@reference`] holds plain scalar versions that the fast paths (AVX2/F16C on
 //! x86-64, chosen at run time) must match bit for bit.
 //!
 //! # Numeric policy (shared with the CUDA kernels)

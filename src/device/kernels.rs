@@ -369,3 +369,28 @@ pub fn reduce_finalize<T: GpuElement>(
     // SAFETY: (T*, unsigned long long, size_t) as in reduce.cu; dst holds n elements.
     unsafe { stream.launch(&name, n, &mut args) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Without a GPU, the ptxas report of the build is the best witness of what the
+    /// fatbin holds: every launcher's kernel must be there for both architectures, and
+    /// nothing else.
+    #[test]
+    fn every_launcher_has_a_compiled_kernel() {
+        let report = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
+        for arch in ["sm_80", "sm_90"] {
+            let compiled: BTreeSet<&str> = report
+                .lines()
+                .filter_map(|l| l.split("Compiling entry function '").nth(1))
+                .filter(|rest| rest.ends_with(&format!("for '{arch}'")))
+                .filter_map(|rest| rest.split('\'').next())
+                .collect();
+            let wanted: BTreeSet<String> = super::kernel_names().into_iter().collect();
+            let wanted: BTreeSet<&str> = wanted.iter().map(|s| s.as_str()).collect();
+            assert_eq!(compiled, wanted, "{arch}");
+            assert_eq!(wanted.len(), 8 + 3 * 11);
+        }
+    }
+}
