@@ -18,8 +18,6 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"
 
 /// Threads per block for every kernel (the kernels' `__launch_bounds__`).
 const BLOCK: u32 = 256;
-/// Resident blocks per SM worth launching; grid-stride loops cover the rest.
-const BLOCKS_PER_SM: u32 = 8;
 
 pub(super) fn device_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
     let op = op.into();
@@ -54,7 +52,8 @@ pub(super) fn device_count() -> std::result::Result<usize, String> {
 pub(super) struct Module {
     ctx: Arc<CudaContext>,
     raw: sys::CUmodule,
-    funcs: HashMap<String, sys::CUfunction>,
+    /// name -> (function, blocks of `BLOCK` threads resident per SM)
+    funcs: HashMap<String, (sys::CUfunction, u32)>,
 }
 
 // SAFETY: module and function handles are driver objects usable from any thread while
@@ -86,12 +85,19 @@ impl Module {
             // SAFETY: `m.raw` is the module loaded above, unloaded only when `m` drops.
             let f = unsafe { result::module::get_function(m.raw, c) }
                 .map_err(device_error(format!("find kernel {name}")))?;
-            m.funcs.insert(name, f);
+            // Grids are sized to exactly one resident wave: grid-stride loops then give every
+            // block the same work and no second, partly idle wave trails behind.
+            // SAFETY: `f` was just resolved from the loaded module.
+            let per_sm = unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(f, BLOCK as i32, 0)
+            }
+            .map_err(device_error(format!("occupancy of {name}")))?;
+            m.funcs.insert(name, (f, per_sm.max(1) as u32));
         }
         Ok(m)
     }
 
-    fn function(&self, name: &str) -> Result<sys::CUfunction> {
+    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32)> {
         self.funcs.get(name).copied().ok_or_else(|| Error::Device {
             op: format!("launch {name}"),
             detail: "no such kernel in the embedded module".to_string(),
@@ -309,7 +315,7 @@ impl Stream {
     }
 
     /// Launches kernel `name` over `items` work items (one per thread per grid-stride
-    /// step), with a grid capped at a few blocks per SM.
+    /// step), with a grid capped at what the device holds resident at once.
     ///
     /// # Safety
     /// `args` must point at values matching the kernel's parameter list in type and
@@ -320,8 +326,8 @@ impl Stream {
         items: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        let f = self.module.function(name)?;
-        let cap = (self.sm_count * BLOCKS_PER_SM) as usize;
+        let (f, per_sm) = self.module.function(name)?;
+        let cap = (self.sm_count * per_sm) as usize;
         let blocks = items.div_ceil(BLOCK as usize).clamp(1, cap) as u32;
         self.inner
             .context()
