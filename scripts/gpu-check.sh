@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
+# gpu-bin/ is git-ignored: copy it along with the checkout (it is ~3 MiB stripped).
 # Logs go to $OUT if set (else gpu-check-logs/). Exit status: 0 when every test passed
 # and the bench ran.
 set -uo pipefail

@@ -291,7 +291,7 @@ impl Stream {
         })
     }
 
-    /// Runs `f` (which issues work on this stream) between two CUDA events and returns the
+    /// Runs `f` (which enqueues work on this stream) between two CUDA events and returns the
     /// elapsed device time in milliseconds. Waits for the end event.
     pub fn time(&self, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
         let ctx = self.inner.context();
