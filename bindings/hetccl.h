@@ -45,7 +45,7 @@ typedef struct {
 /* Values 0..7 equal NCCL's ncclResult_t. */
 typedef enum {
   hetcclSuccess = 0,
-  hetcclUnhandledCudaError = 1, /* a CUDA call failed (cuda builds only) */
+  hetcclUnhandledCudaError = 1, /* GPU, driver or kernel launch failed (cuda builds) */
   hetcclSystemError = 2,        /* sockets, shared memory, files, bootstrap store */
   hetcclInternalError = 3,      /* a defect in hetccl; the message says where */
   hetcclInvalidArgument = 4,    /* NULL buffer, bad enum, bad rank, dead handle, stream */
@@ -84,7 +84,7 @@ typedef enum {
   hetcclNumOps = 5
 } hetcclRedOp_t;
 
-/* Must be NULL: host buffers only (device buffers need a build with the cuda feature). */
+/* Must be NULL: the collectives move host buffers only. */
 typedef void* hetcclStream_t;
 
 /* Library version as HETCCL_VERSION_CODE encodes it. */

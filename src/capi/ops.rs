@@ -197,17 +197,23 @@ pub fn redop_arg(func: &'static str, v: hetcclRedOp_t) -> Result<ReduceOp, Failu
         })
 }
 
-/// Refuses device streams: this build moves host memory only.
+/// Why a non-NULL stream is refused, by build.
+pub const STREAM_REFUSAL: &str = if cfg!(feature = "cuda") {
+    "the C API's collectives work on host buffers only for now; device buffers and CUDA \
+     streams are not supported yet"
+} else {
+    "this build of hetccl works on host buffers only, device buffers and CUDA streams need \
+     hetccl built with the cuda feature"
+};
+
+/// Refuses device streams: collectives move host memory only.
 pub fn stream_arg(func: &'static str, s: hetcclStream_t) -> Result<(), Failure> {
     if s.is_null() {
         return Ok(());
     }
     Err(Failure::invalid(
         func,
-        format!(
-            "stream {s:p} is not NULL; this build of hetccl works on host buffers only, \
-             device buffers and CUDA streams need hetccl built with the cuda feature"
-        ),
+        format!("stream {s:p} is not NULL; {STREAM_REFUSAL}"),
     ))
 }
 

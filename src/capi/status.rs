@@ -15,7 +15,7 @@ use crate::error::Error;
 pub enum hetcclResult_t {
     /// The call did what it was asked.
     hetcclSuccess = 0,
-    /// A CUDA call failed (only in builds with the `cuda` feature).
+    /// The GPU, its driver or a kernel launch failed (`Error::Device`).
     hetcclUnhandledCudaError = 1,
     /// The operating system refused something: sockets, shared memory, files, the
     /// bootstrap store.
@@ -95,6 +95,7 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
         Error::Timeout { .. } => hetcclTimeout,
         Error::PeerLost { .. } | Error::Link { .. } | Error::Auth { .. } => hetcclRemoteError,
         Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } => hetcclSystemError,
+        Error::Device { .. } => hetcclUnhandledCudaError,
     }
 }
 
@@ -245,6 +246,13 @@ mod tests {
             (Error::Bootstrap("x".into()), hetcclSystemError),
             (Error::Shm("x".into()), hetcclSystemError),
             (Error::io("binding", io()), hetcclSystemError),
+            (
+                Error::Device {
+                    op: "open device 0".into(),
+                    detail: "no CUDA driver".into(),
+                },
+                hetcclUnhandledCudaError,
+            ),
         ];
         for (e, want) in cases {
             assert_eq!(code_of(&e), want, "{e}");

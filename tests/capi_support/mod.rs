@@ -31,7 +31,11 @@ pub fn target_dir() -> PathBuf {
 /// stale or absent.
 pub fn lib_path() -> PathBuf {
     let p = deps_dir().join("libhetccl.so");
-    assert!(p.exists(), "{} is missing; the [lib] crate-type must include cdylib", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing; the [lib] crate-type must include cdylib",
+        p.display()
+    );
     p
 }
 
