@@ -273,12 +273,6 @@ fn install_script_and_pkg_config_build_a_program() {
         eprintln!("skipped: pkg-config is not installed");
         return;
     }
-    let target = capi_support::target_dir();
-    let profile = target
-        .file_name()
-        .and_then(|p| p.to_str())
-        .expect("profile dir")
-        .to_string();
     let prefix = scratch("install").join("prefix");
     let _ = std::fs::remove_dir_all(&prefix);
     let o = capi_support::run(
