@@ -118,6 +118,12 @@ impl Compressor {
         self.collectives
     }
 
+    /// Adds counts seen outside this object (the executor's compressing sends) to the
+    /// current collective.
+    pub fn add_pending(&mut self, s: OverflowStats) {
+        self.pending += s;
+    }
+
     /// Closes the books on one collective: returns its counts and adds them to
     /// [`Compressor::total`]. Logs a warning when anything was saturated or non-finite.
     pub fn finish_collective(&mut self) -> OverflowStats {

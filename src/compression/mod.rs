@@ -413,3 +413,58 @@ pub fn bf16_decompress_add_compress(
 
 #[cfg(test)]
 mod tests;
+
+/// Views wire bytes as `W`, copying only when they are misaligned.
+fn wire_slice<W: WireFloat>(bytes: &[u8]) -> std::borrow::Cow<'_, [W]> {
+    match bytemuck::try_cast_slice::<u8, W>(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+/// [`compress`] into raw wire bytes (`2 * src.len()` of them) of a runtime `format`:
+/// the form the executor sends over a compressing link.
+pub fn compress_bytes(
+    format: WireFormat,
+    src: &[f32],
+    scale: f32,
+    residual: Option<&mut [f32]>,
+    dst: &mut [u8],
+) -> OverflowStats {
+    fn go<W: WireFloat>(
+        src: &[f32],
+        scale: f32,
+        r: Option<&mut [f32]>,
+        dst: &mut [u8],
+    ) -> OverflowStats {
+        match bytemuck::try_cast_slice_mut::<u8, W>(dst) {
+            Ok(d) => compress(src, scale, r, d),
+            Err(_) => {
+                let mut tmp = vec![W::default(); src.len()];
+                let s = compress(src, scale, r, &mut tmp);
+                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+                s
+            }
+        }
+    }
+    match format {
+        WireFormat::F16 => go::<f16>(src, scale, residual, dst),
+        WireFormat::Bf16 => go::<bf16>(src, scale, residual, dst),
+    }
+}
+
+/// `dst = f32(wire)` from raw wire bytes.
+pub fn decompress_bytes(format: WireFormat, src: &[u8], dst: &mut [f32]) {
+    match format {
+        WireFormat::F16 => decompress::<f16>(&wire_slice(src), dst),
+        WireFormat::Bf16 => decompress::<bf16>(&wire_slice(src), dst),
+    }
+}
+
+/// `dst += f32(wire)` from raw wire bytes.
+pub fn decompress_add_bytes(format: WireFormat, src: &[u8], dst: &mut [f32]) {
+    match format {
+        WireFormat::F16 => decompress_add::<f16>(&wire_slice(src), dst),
+        WireFormat::Bf16 => decompress_add::<bf16>(&wire_slice(src), dst),
+    }
+}
