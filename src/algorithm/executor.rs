@@ -319,6 +319,7 @@ pub fn execute(
     bufs: &Buffers,
     ctx: &ExecCtx,
     wire: Option<&Wire>,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<OverflowStats> {
     let mut stats = OverflowStats::default();
     // One staging buffer per compressing link (one message in flight per link), sized
@@ -462,6 +463,12 @@ pub fn execute(
         let now = Instant::now();
         if now.duration_since(last_check) >= Duration::from_millis(50) {
             last_check = now;
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(Error::Broken(format!(
+                    "rank {}: {} #{} aborted by the application",
+                    ctx.rank, ctx.op, ctx.seq
+                )));
+            }
             for &p in &active {
                 if let Some(l) = links[p].as_mut() {
                     l.check_peer().map_err(|e| in_context(e, ctx))?;
