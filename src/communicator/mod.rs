@@ -416,8 +416,8 @@ impl Communicator {
     fn submit(
         &self,
         call: Call,
-        input: (*const u8, usize),
-        output: (*mut u8, usize),
+        input: RawIn,
+        output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<Arc<Completion>> {
         let compress =
@@ -531,10 +531,7 @@ impl Communicator {
     }
 
     /// Validates a call and returns its pieces for `submit`.
-    fn prepare<T: Element>(
-        &self,
-        req: Request<'_, T>,
-    ) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+    fn prepare<T: Element>(&self, req: Request<'_, T>) -> Result<(Call, RawIn, RawOut)> {
         let n = self.world_size;
         let Request {
             op,
@@ -761,6 +758,11 @@ impl Drop for Communicator {
     }
 }
 
+/// A caller's send buffer as the progress thread sees it: address and length in bytes.
+type RawIn = (*const u8, usize);
+/// A caller's receive buffer: address and length in bytes.
+type RawOut = (*mut u8, usize);
+
 /// A validated request, before it becomes a [`Call`].
 struct Request<'a, T> {
     op: CollectiveOp,
@@ -951,6 +953,7 @@ mod tests {
 
     /// `n` communicators in one process, fully connected by in-memory links, with
     /// ranks grouped into nodes of `per_node`.
+    #[allow(clippy::needless_range_loop)]
     fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
