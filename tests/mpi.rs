@@ -102,3 +102,52 @@ fn mpi_rank_main() {
         auth.job_id()
     );
 }
+
+/// Every collective through `hetccl-check` with ranks started by `mpirun`, peers
+/// found through MPI (shared memory between them, as they share this host).
+#[test]
+fn collectives_under_mpirun() {
+    if !cfg!(feature = "mpi") {
+        eprintln!("skipped: hetccl was built without `--features mpi`");
+        return;
+    }
+    if !mpirun_present() {
+        eprintln!("skipped: no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    for (n, shm_disable) in [(2usize, "0"), (4, "0"), (2, "1")] {
+        let out = Command::new("mpirun")
+            .args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-n",
+                &n.to_string(),
+            ])
+            .args([
+                "--mca",
+                "btl_tcp_if_include",
+                "lo",
+                "--mca",
+                "oob_tcp_if_include",
+                "lo",
+            ])
+            .args(["-x", &format!("HETCCL_SHM_DISABLE={shm_disable}")])
+            .arg(env!("CARGO_BIN_EXE_hetccl-check"))
+            .args(["--counts", "0,1,7,1000", "--mixed", "20"])
+            .env_remove("MASTER_ADDR")
+            .env_remove("MASTER_PORT")
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "mpirun -n {n} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.matches("checks passed").count(), n, "{stdout}");
+        assert!(stdout.contains(&format!("rank 0/{n}: ")), "{stdout}");
+    }
+}

@@ -18,6 +18,7 @@ fn init_logging(cfg: &Config) {
     };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
             "hetccl={level}"
         )))
@@ -51,11 +52,6 @@ impl Communicator {
         }
         let links =
             crate::transport::connect_all(&cfg, boot.as_mut(), &auth, &topo.same_node(rank))?;
-        for (peer, l) in links.iter().enumerate() {
-            if let Some(l) = l {
-                tracing::info!(rank, peer, "link {:?}", l.kind());
-            }
-        }
         Self::from_parts(cfg, topo, rank, links, Some(boot))
     }
 }

@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(d, want);
 
         // src starting at an odd address
-        let mut raw = vec![0u8; 4 * 3 + 1];
+        let mut raw = [0u8; 4 * 3 + 1];
         raw[1..].copy_from_slice(bytemuck::cast_slice(&[1i32, 2, 3]));
         let mut dst = [10i32, 20, 30];
         reduce_inplace_bytes(
