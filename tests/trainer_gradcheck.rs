@@ -15,7 +15,9 @@ const H: f64 = 1e-6;
 const TOL: f64 = 1e-5;
 
 fn randn(n: usize, key: u64) -> Vec<f64> {
-    (0..n).map(|i| normal(99, Stream::Init, key, i as u64)).collect()
+    (0..n)
+        .map(|i| normal(99, Stream::Init, key, i as u64))
+        .collect()
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -63,7 +65,9 @@ fn matmul_backward_matches_finite_differences() {
     };
     let mut x = vec![randn(n * c, 2), randn(oc * c, 3), randn(oc, 4)];
     let mut g = vec![vec![0.0; n * c], vec![0.0; oc * c], vec![0.0; oc]];
-    let [gi, gw, gb] = &mut g[..] else { unreachable!() };
+    let [gi, gw, gb] = &mut g[..] else {
+        unreachable!()
+    };
     matmul_backward(gi, gw, Some(gb), &r, &x[0], &x[1], n, c, oc);
     report("matmul", max_rel_err(&mut x, &g, &fwd));
 }
@@ -81,7 +85,9 @@ fn layernorm_backward_matches_finite_differences() {
     let (mut out, mut m, mut s) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     layernorm_forward(&mut out, &mut m, &mut s, &x[0], &x[1], &x[2], n, c);
     let mut g = vec![vec![0.0; n * c], vec![0.0; c], vec![0.0; c]];
-    let [gi, gw, gb] = &mut g[..] else { unreachable!() };
+    let [gi, gw, gb] = &mut g[..] else {
+        unreachable!()
+    };
     layernorm_backward(gi, gw, gb, &r, &x[0], &x[1], &m, &s, n, c);
     report("layernorm", max_rel_err(&mut x, &g, &fwd));
 }
@@ -104,7 +110,9 @@ fn attention_backward_matches_finite_differences() {
     }
     let mut g = vec![vec![0.0; b * t * 3 * c]];
     let (mut datt, mut dpre) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
-    attention_backward(&mut g[0], &mut datt, &mut dpre, &r, &x[0], &att, b, t, c, nh);
+    attention_backward(
+        &mut g[0], &mut datt, &mut dpre, &r, &x[0], &att, b, t, c, nh,
+    );
     report("attention", max_rel_err(&mut x, &g, &fwd));
 }
 
@@ -163,7 +171,9 @@ fn encoder_backward_matches_finite_differences() {
     };
     let mut x = vec![randn(vocab * c, 16), randn(maxt * c, 17), randn(2 * c, 18)];
     let mut g = vec![vec![0.0; vocab * c], vec![0.0; maxt * c], vec![0.0; 2 * c]];
-    let [gw, gp, gt] = &mut g[..] else { unreachable!() };
+    let [gw, gp, gt] = &mut g[..] else {
+        unreachable!()
+    };
     encoder_backward(gw, gp, gt, &r, &inp, &tt, b, t, c);
     report("encoder", max_rel_err(&mut x, &g, &fwd));
 }
@@ -210,7 +220,11 @@ fn model_check(layers: usize) {
     // Adding the same vector to every key shifts each score row by a constant, which
     // softmax ignores: the key bias gets exactly no gradient.
     let c = 16;
-    for t in layout.tensors.iter().filter(|t| t.name.ends_with("qkv.bias")) {
+    for t in layout
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with("qkv.bias"))
+    {
         let key_bias = &grads[t.range.start + c..t.range.start + 2 * c];
         assert!(key_bias.iter().all(|g| g.abs() < 1e-12), "{key_bias:?}");
     }

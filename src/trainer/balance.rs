@@ -16,7 +16,10 @@ pub fn split_batch(global: usize, speeds: &[f64]) -> Result<Vec<usize>> {
         ));
     }
     if speeds.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-        return Err(Error::invalid("split_batch", format!("speeds must be positive: {speeds:?}")));
+        return Err(Error::invalid(
+            "split_batch",
+            format!("speeds must be positive: {speeds:?}"),
+        ));
     }
     let total: f64 = speeds.iter().sum();
     let quota: Vec<f64> = speeds.iter().map(|s| global as f64 * s / total).collect();
@@ -71,7 +74,11 @@ mod tests {
         assert_eq!(split_batch(4, &[1.0, 1000.0]).unwrap(), [1, 3]);
         assert_eq!(split_batch(3, &[1e-9, 1e-9, 1.0]).unwrap(), [1, 1, 1]);
         let err = split_batch(2, &[1.0, 1.0, 1.0]).unwrap_err();
-        assert!(err.to_string().contains("each of 3 ranks a sample out of 2"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("each of 3 ranks a sample out of 2"),
+            "{err}"
+        );
         assert!(split_batch(4, &[1.0, 0.0]).is_err());
     }
 

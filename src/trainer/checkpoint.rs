@@ -74,7 +74,13 @@ fn fail(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 /// Writes a checkpoint atomically.
-pub fn save(path: &Path, meta: &CheckpointMeta, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+pub fn save(
+    path: &Path,
+    meta: &CheckpointMeta,
+    params: &[f32],
+    m: &[f32],
+    v: &[f32],
+) -> Result<()> {
     let n = meta.num_params;
     if params.len() != n || m.len() != n || v.len() != n {
         return Err(Error::invalid(
@@ -136,7 +142,10 @@ pub fn save(path: &Path, meta: &CheckpointMeta, params: &[f32], m: &[f32], v: &[
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e)
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
     })?;
     // The rename is durable once the directory entry is.
     if let Ok(d) = std::fs::File::open(&dir) {
@@ -150,8 +159,8 @@ pub fn save(path: &Path, meta: &CheckpointMeta, params: &[f32], m: &[f32], v: &[
 /// Reads and checks a checkpoint: magic, version, length, checksum, metadata, sizes.
 /// Each failed check is an [`Error::Checkpoint`] whose reason names it.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::io(format!("reading checkpoint {}", path.display()), e))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading checkpoint {}", path.display()), e))?;
     decode(path, &bytes)
 }
 
@@ -162,13 +171,17 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
         }
         return Err(fail(
             path,
-            format!("truncated: {} bytes, the header alone needs {HEADER_LEN}", bytes.len()),
+            format!(
+                "truncated: {} bytes, the header alone needs {HEADER_LEN}",
+                bytes.len()
+            ),
         ));
     }
     if &bytes[..8] != MAGIC {
         return Err(fail(path, "bad magic: not a hetccl-bert checkpoint"));
     }
-    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let u64_at = |o: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&bytes[o..o + 8]);
@@ -190,17 +203,20 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
         Some(w) if w > bytes.len() as u64 => {
             return Err(fail(
                 path,
-                format!("truncated: header promises {w} bytes, file has {}", bytes.len()),
+                format!(
+                    "truncated: header promises {w} bytes, file has {}",
+                    bytes.len()
+                ),
             ))
         }
         _ => {
             return Err(fail(
                 path,
                 format!(
-                    "size mismatch: header promises {} + {meta_len} + {payload_len} bytes, file has {}",
-                    HEADER_LEN,
-                    bytes.len()
-                ),
+                "size mismatch: header promises {} + {meta_len} + {payload_len} bytes, file has {}",
+                HEADER_LEN,
+                bytes.len()
+            ),
             ))
         }
     }

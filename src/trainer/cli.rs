@@ -68,8 +68,20 @@ mod tests {
     #[test]
     fn flags_parse_into_options() {
         let cli = Cli::try_parse_from([
-            "hetccl-bert", "--model", "bert-mini", "--steps", "5", "--balance", "auto",
-            "--slow-ranks", "1,2", "--slowdown", "2.5", "--no-checkpoint", "--sim-ranks", "3",
+            "hetccl-bert",
+            "--model",
+            "bert-mini",
+            "--steps",
+            "5",
+            "--balance",
+            "auto",
+            "--slow-ranks",
+            "1,2",
+            "--slowdown",
+            "2.5",
+            "--no-checkpoint",
+            "--sim-ranks",
+            "3",
         ])
         .unwrap();
         let (cfg, run) = cli.options(4).unwrap();

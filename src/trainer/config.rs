@@ -247,9 +247,10 @@ impl Settings {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
         Self::from_toml(&text).map_err(|e| match e {
-            Error::InvalidArgument { reason, .. } => {
-                Error::invalid("Settings::from_toml_file", format!("{}: {reason}", path.display()))
-            }
+            Error::InvalidArgument { reason, .. } => Error::invalid(
+                "Settings::from_toml_file",
+                format!("{}: {reason}", path.display()),
+            ),
             other => other,
         })
     }
@@ -341,8 +342,10 @@ mod tests {
 
     #[test]
     fn toml_then_flags_override_defaults() {
-        let file = Settings::from_toml("model = \"bert-mini\"\nsteps = 50\nlr = 2e-4\nbalance = \"auto\"\n")
-            .unwrap();
+        let file = Settings::from_toml(
+            "model = \"bert-mini\"\nsteps = 50\nlr = 2e-4\nbalance = \"auto\"\n",
+        )
+        .unwrap();
         let flags = Settings {
             steps: Some(70),
             hidden: Some(64),
@@ -350,7 +353,10 @@ mod tests {
         };
         let (cfg, run) = file.merge(flags).resolve(2).unwrap();
         assert_eq!(cfg.model.layers, 4);
-        assert_eq!((cfg.model.hidden, cfg.model.ffn, cfg.model.heads), (64, 256, 4));
+        assert_eq!(
+            (cfg.model.hidden, cfg.model.ffn, cfg.model.heads),
+            (64, 256, 4)
+        );
         assert_eq!(cfg.steps, 70);
         assert_eq!(cfg.warmup_steps, 7);
         assert_eq!(cfg.lr, 2e-4);
@@ -382,13 +388,18 @@ mod tests {
         cfg.grad_accum = 4;
         assert!(cfg.validate(4).is_ok());
         let err = cfg.validate(5).unwrap_err();
-        assert!(err.to_string().contains("at least grad_accum × world size = 20"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("at least grad_accum × world size = 20"),
+            "{err}"
+        );
     }
 
     #[test]
     fn shipped_config_files_parse() {
         for name in ["bert-tiny", "bert-mini", "bert-small", "bert-base"] {
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
+            let path =
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
             let s = Settings::from_toml_file(&path).unwrap();
             let (cfg, _) = s.resolve(1).unwrap();
             assert_eq!(cfg.model, ModelConfig::preset(name).unwrap());

@@ -97,7 +97,10 @@ impl Sampler {
         tok: &WordPiece,
     ) -> Result<Sampler> {
         if seq_len < 3 {
-            return Err(Error::invalid("Sampler::new", format!("seq_len {seq_len} < 3")));
+            return Err(Error::invalid(
+                "Sampler::new",
+                format!("seq_len {seq_len} < 3"),
+            ));
         }
         let s = Sampler {
             corpus,
@@ -118,7 +121,10 @@ impl Sampler {
             ));
         }
         if s.first_regular >= s.vocab_size {
-            return Err(Error::invalid("Sampler::new", "vocabulary has no regular tokens"));
+            return Err(Error::invalid(
+                "Sampler::new",
+                "vocabulary has no regular tokens",
+            ));
         }
         Ok(s)
     }
@@ -159,7 +165,11 @@ impl Sampler {
         let n = self.seq_len - 2;
         let corpus = self.corpus.clone();
         let tokens = &corpus.train[win * n..][..n];
-        self.mask(tokens, g, [Stream::MaskSelect, Stream::MaskKind, Stream::MaskToken])
+        self.mask(
+            tokens,
+            g,
+            [Stream::MaskSelect, Stream::MaskKind, Stream::MaskToken],
+        )
     }
 
     /// Validation sample number `i` (window `i mod val_windows`), with fixed masks.
@@ -167,7 +177,11 @@ impl Sampler {
         let n = self.seq_len - 2;
         let win = (i % self.val_windows() as u64) as usize;
         let tokens = &self.corpus.val[win * n..][..n];
-        self.mask(tokens, i, [Stream::ValSelect, Stream::ValKind, Stream::ValToken])
+        self.mask(
+            tokens,
+            i,
+            [Stream::ValSelect, Stream::ValKind, Stream::ValToken],
+        )
     }
 
     fn mask(&self, tokens: &[u32], key: u64, streams: [Stream; 3]) -> Sample {
@@ -181,7 +195,8 @@ impl Sampler {
             .filter(|&p| rng::uniform(self.seed, select, key, p as u64) < MASK_PROB)
             .collect();
         if positions.is_empty() {
-            positions.push(1 + rng::below(self.seed, select, key, u64::MAX, (t - 2) as u64) as usize);
+            positions
+                .push(1 + rng::below(self.seed, select, key, u64::MAX, (t - 2) as u64) as usize);
         }
         let targets: Vec<u32> = positions.iter().map(|&p| input_ids[p]).collect();
         for &p in &positions {
@@ -211,7 +226,8 @@ pub fn make_batch(samples: &[Sample], seq_len: usize) -> Batch {
     };
     for (i, s) in samples.iter().enumerate() {
         b.input_ids.extend_from_slice(&s.input_ids);
-        b.masked_positions.extend(s.positions.iter().map(|&p| i * seq_len + p));
+        b.masked_positions
+            .extend(s.positions.iter().map(|&p| i * seq_len + p));
         b.masked_targets.extend_from_slice(&s.targets);
     }
     b.token_types = vec![0; b.input_ids.len()];
@@ -225,7 +241,13 @@ mod tests {
 
     fn vocab() -> WordPiece {
         let mut lines: Vec<String> = (0..104).map(|i| format!("[unused{i}]")).collect();
-        for (i, s) in [(0, "[PAD]"), (100, "[UNK]"), (101, "[CLS]"), (102, "[SEP]"), (103, "[MASK]")] {
+        for (i, s) in [
+            (0, "[PAD]"),
+            (100, "[UNK]"),
+            (101, "[CLS]"),
+            (102, "[SEP]"),
+            (103, "[MASK]"),
+        ] {
             lines[i] = s.into();
         }
         lines.extend((0..400).map(|i| format!("w{i}")));

@@ -5,6 +5,19 @@
 //! the training loop ([`train`]) uses hetccl only through the small [`sync::GradSync`]
 //! trait, as any framework would use a communicator.
 //!
+//! ```text
+//! # two ranks as threads of one process, bert-tiny on tinyshakespeare (a few minutes)
+//! cargo run --release --bin hetccl-bert -- --config configs/bert-tiny.toml --sim-ranks 2
+//! # continue an interrupted run exactly where it stopped
+//! cargo run --release --bin hetccl-bert -- --resume runs/hetccl-bert.ckpt
+//! # a heterogeneous pair: rank 1 three times slower, batch shares by measured speed
+//! cargo run --release --bin hetccl-bert -- --config configs/bert-tiny.toml --sim-ranks 2 \
+//!     --slow-ranks 1 --slowdown 3 --balance auto
+//! ```
+//!
+//! Outputs go to `runs/`: `metrics.jsonl` (one JSON object per step and per evaluation),
+//! `loss.png` (train and validation loss), `hetccl-bert.ckpt` (latest checkpoint).
+//!
 //! | module | what |
 //! | --- | --- |
 //! | [`ops`] | `*_forward` / `*_backward` for embeddings, layernorm, matmul, attention, GELU, softmax + cross-entropy |

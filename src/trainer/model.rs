@@ -30,6 +30,7 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::ops::*;
@@ -105,7 +106,9 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::invalid("ModelConfig::validate", reason));
         if self.hidden == 0 || self.heads == 0 || self.layers == 0 || self.ffn == 0 {
-            return bad(format!("hidden, heads, layers and ffn must be > 0: {self:?}"));
+            return bad(format!(
+                "hidden, heads, layers and ffn must be > 0: {self:?}"
+            ));
         }
         if self.hidden % self.heads != 0 {
             return bad(format!(
@@ -275,7 +278,9 @@ pub fn init_params<T: Real>(layout: &ParamLayout, seed: u64) -> Vec<T> {
     for t in &layout.tensors {
         for i in t.range.clone() {
             p[i] = match t.kind {
-                ParamKind::Weight => T::from_f64(0.02 * rng::normal(seed, Stream::Init, 0, i as u64)),
+                ParamKind::Weight => {
+                    T::from_f64(0.02 * rng::normal(seed, Stream::Init, 0, i as u64))
+                }
                 ParamKind::Bias | ParamKind::NormBias => T::zero(),
                 ParamKind::NormGain => T::one(),
             };
@@ -340,39 +345,89 @@ struct Head<S> {
 impl<'a, T> Embeddings<&'a [T]> {
     fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
         let [wte, wpe, wtt, lnw, lnb] = carve(s, &cfg.embedding_sizes());
-        Embeddings { wte, wpe, wtt, lnw, lnb }
+        Embeddings {
+            wte,
+            wpe,
+            wtt,
+            lnw,
+            lnb,
+        }
     }
 }
 impl<'a, T> Embeddings<&'a mut [T]> {
     fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
         let [wte, wpe, wtt, lnw, lnb] = carve_mut(s, &cfg.embedding_sizes());
-        Embeddings { wte, wpe, wtt, lnw, lnb }
+        Embeddings {
+            wte,
+            wpe,
+            wtt,
+            lnw,
+            lnb,
+        }
     }
 }
 impl<'a, T> Layer<&'a [T]> {
     fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
         let [qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b] =
             carve(s, &cfg.layer_sizes());
-        Layer { qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b }
+        Layer {
+            qkvw,
+            qkvb,
+            attw,
+            attb,
+            ln1w,
+            ln1b,
+            fcw,
+            fcb,
+            projw,
+            projb,
+            ln2w,
+            ln2b,
+        }
     }
 }
 impl<'a, T> Layer<&'a mut [T]> {
     fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
         let [qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b] =
             carve_mut(s, &cfg.layer_sizes());
-        Layer { qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b }
+        Layer {
+            qkvw,
+            qkvb,
+            attw,
+            attb,
+            ln1w,
+            ln1b,
+            fcw,
+            fcb,
+            projw,
+            projb,
+            ln2w,
+            ln2b,
+        }
     }
 }
 impl<'a, T> Head<&'a [T]> {
     fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
         let [densew, denseb, lnw, lnb, decb] = carve(s, &cfg.head_sizes());
-        Head { densew, denseb, lnw, lnb, decb }
+        Head {
+            densew,
+            denseb,
+            lnw,
+            lnb,
+            decb,
+        }
     }
 }
 impl<'a, T> Head<&'a mut [T]> {
     fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
         let [densew, denseb, lnw, lnb, decb] = carve_mut(s, &cfg.head_sizes());
-        Head { densew, denseb, lnw, lnb, decb }
+        Head {
+            densew,
+            denseb,
+            lnw,
+            lnb,
+            decb,
+        }
     }
 }
 
@@ -471,23 +526,29 @@ struct Acts<T> {
 /// Activation gradients, reused by every layer.
 #[derive(Default)]
 struct GradActs<T> {
-    dout: Vec<T>,     // (B,T,C) gradient of the current layer's output
-    dx: Vec<T>,       // (B,T,C) gradient of its input
-    dres2: Vec<T>,    // (B,T,C)
-    dh1: Vec<T>,      // (B,T,C)
+    dout: Vec<T>,      // (B,T,C) gradient of the current layer's output
+    dx: Vec<T>,        // (B,T,C) gradient of its input
+    dres2: Vec<T>,     // (B,T,C)
+    dh1: Vec<T>,       // (B,T,C)
     dfch_gelu: Vec<T>, // (B,T,F)
-    dfch: Vec<T>,     // (B,T,F)
-    dres1: Vec<T>,    // (B,T,C)
-    datty: Vec<T>,    // (B,T,C)
-    dqkv: Vec<T>,     // (B,T,3C)
-    datt: Vec<T>,     // (B,NH,T,T)
-    dpreatt: Vec<T>,  // (B,NH,T,T)
-    demb: Vec<T>,     // (B,T,C)
-    dhm: Vec<T>,      // (M,C)
-    dhd: Vec<T>,      // (M,C)
-    dhg: Vec<T>,      // (M,C)
-    dhl: Vec<T>,      // (M,C)
-    dlosses: Vec<T>,  // (M)
+    dfch: Vec<T>,      // (B,T,F)
+    dres1: Vec<T>,     // (B,T,C)
+    datty: Vec<T>,     // (B,T,C)
+    dqkv: Vec<T>,      // (B,T,3C)
+    datt: Vec<T>,      // (B,NH,T,T)
+    dpreatt: Vec<T>,   // (B,NH,T,T)
+    demb: Vec<T>,      // (B,T,C)
+    dhm: Vec<T>,       // (M,C)
+    dhd: Vec<T>,       // (M,C)
+    dhg: Vec<T>,       // (M,C)
+    dhl: Vec<T>,       // (M,C)
+    dlosses: Vec<T>,   // (M)
+}
+
+/// Sets the length of `v` to `n` without clearing it: for outputs that the next op
+/// overwrites entirely.
+fn sized<T: Real>(v: &mut Vec<T>, n: usize) {
+    v.resize(n, T::zero());
 }
 
 /// Sets `v` to `n` zeros, keeping its allocation.
@@ -514,8 +575,10 @@ impl<T: Real> Model<T> {
     pub fn new(cfg: ModelConfig) -> Result<Self> {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
-        let mut acts = Acts::default();
-        acts.layers = (0..cfg.layers).map(|_| LayerActs::default()).collect();
+        let acts = Acts {
+            layers: (0..cfg.layers).map(|_| LayerActs::default()).collect(),
+            ..Acts::default()
+        };
         Ok(Model {
             cfg,
             layout,
@@ -540,10 +603,17 @@ impl<T: Real> Model<T> {
         let bad = |reason: String| Err(Error::invalid("Model::forward", reason));
         let (b, t) = (batch.batch, batch.seq_len);
         if params.len() != self.layout.total {
-            return bad(format!("{} parameters, layout has {}", params.len(), self.layout.total));
+            return bad(format!(
+                "{} parameters, layout has {}",
+                params.len(),
+                self.layout.total
+            ));
         }
         if b == 0 || t == 0 || t > self.cfg.max_position {
-            return bad(format!("batch {b} × seq_len {t} (max_position {})", self.cfg.max_position));
+            return bad(format!(
+                "batch {b} × seq_len {t} (max_position {})",
+                self.cfg.max_position
+            ));
         }
         if batch.input_ids.len() != b * t || batch.token_types.len() != b * t {
             return bad(format!(
@@ -552,15 +622,29 @@ impl<T: Real> Model<T> {
                 batch.token_types.len()
             ));
         }
-        if let Some(&id) = batch.input_ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return bad(format!("token id {id} ≥ vocab_size {}", self.cfg.vocab_size));
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            return bad(format!(
+                "token id {id} ≥ vocab_size {}",
+                self.cfg.vocab_size
+            ));
         }
-        if batch.token_types.iter().any(|&tt| tt as usize >= self.cfg.type_vocab_size) {
+        if batch
+            .token_types
+            .iter()
+            .any(|&tt| tt as usize >= self.cfg.type_vocab_size)
+        {
             return bad("token type out of range".into());
         }
         if batch.masked_positions.len() != batch.masked_targets.len()
             || batch.masked_positions.iter().any(|&p| p >= b * t)
-            || batch.masked_targets.iter().any(|&id| id as usize >= self.cfg.vocab_size)
+            || batch
+                .masked_targets
+                .iter()
+                .any(|&id| id as usize >= self.cfg.vocab_size)
         {
             return bad("masked positions/targets inconsistent with the batch".into());
         }
@@ -589,64 +673,128 @@ impl<T: Real> Model<T> {
         let head = Head::new(&params[self.layout.head.clone()], cfg);
         let a = &mut self.acts;
 
-        zeroed(&mut a.emb, bt * c);
-        zeroed(&mut a.embln, bt * c);
-        zeroed(&mut a.embln_mean, bt);
-        zeroed(&mut a.embln_rstd, bt);
-        encoder_forward(&mut a.emb, &batch.input_ids, &batch.token_types, emb.wte, emb.wpe, emb.wtt, b, t, c);
-        layernorm_forward(&mut a.embln, &mut a.embln_mean, &mut a.embln_rstd, &a.emb, emb.lnw, emb.lnb, bt, c);
+        sized(&mut a.emb, bt * c);
+        sized(&mut a.embln, bt * c);
+        sized(&mut a.embln_mean, bt);
+        sized(&mut a.embln_rstd, bt);
+        encoder_forward(
+            &mut a.emb,
+            &batch.input_ids,
+            &batch.token_types,
+            emb.wte,
+            emb.wpe,
+            emb.wtt,
+            b,
+            t,
+            c,
+        );
+        layernorm_forward(
+            &mut a.embln,
+            &mut a.embln_mean,
+            &mut a.embln_rstd,
+            &a.emb,
+            emb.lnw,
+            emb.lnb,
+            bt,
+            c,
+        );
 
         for l in 0..cfg.layers {
-            let p = Layer::new(&params[self.layout.embeddings.end + l * l_len..][..l_len], cfg);
+            let p = Layer::new(
+                &params[self.layout.embeddings.end + l * l_len..][..l_len],
+                cfg,
+            );
             let (before, rest) = a.layers.split_at_mut(l);
             let la = &mut rest[0];
             let x: &[T] = if l == 0 { &a.embln } else { &before[l - 1].ln2 };
-            zeroed(&mut la.qkv, bt * 3 * c);
-            zeroed(&mut la.att, b * nh * t * t);
-            zeroed(&mut la.atty, bt * c);
-            zeroed(&mut la.attproj, bt * c);
-            zeroed(&mut la.res1, bt * c);
-            zeroed(&mut la.ln1, bt * c);
-            zeroed(&mut la.ln1_mean, bt);
-            zeroed(&mut la.ln1_rstd, bt);
-            zeroed(&mut la.fch, bt * f);
-            zeroed(&mut la.fch_gelu, bt * f);
-            zeroed(&mut la.fcproj, bt * c);
-            zeroed(&mut la.res2, bt * c);
-            zeroed(&mut la.ln2, bt * c);
-            zeroed(&mut la.ln2_mean, bt);
-            zeroed(&mut la.ln2_rstd, bt);
+            sized(&mut la.qkv, bt * 3 * c);
+            sized(&mut la.att, b * nh * t * t);
+            sized(&mut la.atty, bt * c);
+            sized(&mut la.attproj, bt * c);
+            sized(&mut la.res1, bt * c);
+            sized(&mut la.ln1, bt * c);
+            sized(&mut la.ln1_mean, bt);
+            sized(&mut la.ln1_rstd, bt);
+            sized(&mut la.fch, bt * f);
+            sized(&mut la.fch_gelu, bt * f);
+            sized(&mut la.fcproj, bt * c);
+            sized(&mut la.res2, bt * c);
+            sized(&mut la.ln2, bt * c);
+            sized(&mut la.ln2_mean, bt);
+            sized(&mut la.ln2_rstd, bt);
             matmul_forward(&mut la.qkv, x, p.qkvw, Some(p.qkvb), bt, c, 3 * c);
             attention_forward(&mut la.atty, &mut la.att, &la.qkv, b, t, c, nh);
             matmul_forward(&mut la.attproj, &la.atty, p.attw, Some(p.attb), bt, c, c);
             residual_forward(&mut la.res1, x, &la.attproj, bt * c);
-            layernorm_forward(&mut la.ln1, &mut la.ln1_mean, &mut la.ln1_rstd, &la.res1, p.ln1w, p.ln1b, bt, c);
+            layernorm_forward(
+                &mut la.ln1,
+                &mut la.ln1_mean,
+                &mut la.ln1_rstd,
+                &la.res1,
+                p.ln1w,
+                p.ln1b,
+                bt,
+                c,
+            );
             matmul_forward(&mut la.fch, &la.ln1, p.fcw, Some(p.fcb), bt, c, f);
             gelu_forward(&mut la.fch_gelu, &la.fch, bt * f);
-            matmul_forward(&mut la.fcproj, &la.fch_gelu, p.projw, Some(p.projb), bt, f, c);
+            matmul_forward(
+                &mut la.fcproj,
+                &la.fch_gelu,
+                p.projw,
+                Some(p.projb),
+                bt,
+                f,
+                c,
+            );
             residual_forward(&mut la.res2, &la.ln1, &la.fcproj, bt * c);
-            layernorm_forward(&mut la.ln2, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res2, p.ln2w, p.ln2b, bt, c);
+            layernorm_forward(
+                &mut la.ln2,
+                &mut la.ln2_mean,
+                &mut la.ln2_rstd,
+                &la.res2,
+                p.ln2w,
+                p.ln2b,
+                bt,
+                c,
+            );
         }
 
         let last: &[T] = match a.layers.last() {
             Some(la) => &la.ln2,
             None => &a.embln,
         };
-        zeroed(&mut a.hm, m * c);
-        zeroed(&mut a.hd, m * c);
-        zeroed(&mut a.hg, m * c);
-        zeroed(&mut a.hl, m * c);
-        zeroed(&mut a.hl_mean, m);
-        zeroed(&mut a.hl_rstd, m);
-        zeroed(&mut a.logits, m * v);
-        zeroed(&mut a.probs, m * v);
-        zeroed(&mut a.losses, m);
+        sized(&mut a.hm, m * c);
+        sized(&mut a.hd, m * c);
+        sized(&mut a.hg, m * c);
+        sized(&mut a.hl, m * c);
+        sized(&mut a.hl_mean, m);
+        sized(&mut a.hl_rstd, m);
+        sized(&mut a.logits, m * v);
+        sized(&mut a.probs, m * v);
+        sized(&mut a.losses, m);
         gather_rows(&mut a.hm, last, &batch.masked_positions, c);
         matmul_forward(&mut a.hd, &a.hm, head.densew, Some(head.denseb), m, c, c);
         gelu_forward(&mut a.hg, &a.hd, m * c);
-        layernorm_forward(&mut a.hl, &mut a.hl_mean, &mut a.hl_rstd, &a.hg, head.lnw, head.lnb, m, c);
+        layernorm_forward(
+            &mut a.hl,
+            &mut a.hl_mean,
+            &mut a.hl_rstd,
+            &a.hg,
+            head.lnw,
+            head.lnb,
+            m,
+            c,
+        );
         matmul_forward(&mut a.logits, &a.hl, emb.wte, Some(head.decb), m, c, v);
-        softmax_crossentropy_forward(&mut a.losses, &mut a.probs, &a.logits, &batch.masked_targets, m, v);
+        softmax_crossentropy_forward(
+            &mut a.losses,
+            &mut a.probs,
+            &a.logits,
+            &batch.masked_targets,
+            m,
+            v,
+        );
 
         let mut stats = LossStats {
             masked: m,
@@ -654,17 +802,20 @@ impl<T: Real> Model<T> {
         };
         for i in 0..m {
             stats.loss_sum += a.losses[i].to_f64();
-            let row = &a.probs[i * v..][..v];
-            let mut best = 0;
-            for j in 1..v {
-                if row[j] > row[best] {
-                    best = j;
-                }
-            }
-            if best == batch.masked_targets[i] as usize {
-                stats.correct += 1;
-            }
         }
+        stats.correct = a.probs[..m * v]
+            .par_chunks(v)
+            .zip(batch.masked_targets.par_iter())
+            .filter(|(row, &target)| {
+                let mut best = 0;
+                for j in 1..row.len() {
+                    if row[j] > row[best] {
+                        best = j;
+                    }
+                }
+                best == target as usize
+            })
+            .count();
         self.forward_done = true;
         Ok(stats)
     }
@@ -682,7 +833,10 @@ impl<T: Real> Model<T> {
         sink: &mut dyn BucketSink<'g, T>,
     ) -> Result<()> {
         if !self.forward_done {
-            return Err(Error::invalid("Model::backward", "no forward pass to differentiate"));
+            return Err(Error::invalid(
+                "Model::backward",
+                "no forward pass to differentiate",
+            ));
         }
         if grads.len() != self.layout.total || params.len() != self.layout.total {
             return Err(Error::invalid(
@@ -729,16 +883,45 @@ impl<T: Real> Model<T> {
             g.dlosses.fill(T::one());
             let dlogits = &mut a.logits; // logits are no longer needed
             dlogits.fill(T::zero());
-            crossentropy_softmax_backward(dlogits, &g.dlosses, &a.probs, &batch.masked_targets, m, v);
+            crossentropy_softmax_backward(
+                dlogits,
+                &g.dlosses,
+                &a.probs,
+                &batch.masked_targets,
+                m,
+                v,
+            );
             zeroed(&mut g.dhl, m * c);
             zeroed(&mut g.dhg, m * c);
             zeroed(&mut g.dhd, m * c);
             zeroed(&mut g.dhm, m * c);
             // the decoder weight is wte: its gradient goes to the embeddings group
-            matmul_backward(&mut g.dhl, demb.wte, Some(&mut *dh.decb), dlogits, &a.hl, emb.wte, m, c, v);
-            layernorm_backward(&mut g.dhg, dh.lnw, dh.lnb, &g.dhl, &a.hg, head.lnw, &a.hl_mean, &a.hl_rstd, m, c);
+            matmul_backward(
+                &mut g.dhl,
+                demb.wte,
+                Some(&mut *dh.decb),
+                dlogits,
+                &a.hl,
+                emb.wte,
+                m,
+                c,
+                v,
+            );
+            layernorm_backward(
+                &mut g.dhg, dh.lnw, dh.lnb, &g.dhl, &a.hg, head.lnw, &a.hl_mean, &a.hl_rstd, m, c,
+            );
             gelu_backward(&mut g.dhd, &a.hd, &g.dhg, m * c);
-            matmul_backward(&mut g.dhm, dh.densew, Some(&mut *dh.denseb), &g.dhd, &a.hm, head.densew, m, c, c);
+            matmul_backward(
+                &mut g.dhm,
+                dh.densew,
+                Some(&mut *dh.denseb),
+                &g.dhd,
+                &a.hm,
+                head.densew,
+                m,
+                c,
+                c,
+            );
             zeroed(&mut g.dout, bt * c);
             scatter_add_rows(&mut g.dout, &g.dhm, &batch.masked_positions, c);
         }
@@ -762,34 +945,216 @@ impl<T: Real> Model<T> {
             let p = Layer::new(&params[layout.embeddings.end + l * l_len..][..l_len], cfg);
             let dp = Layer::new_mut(&mut *this, cfg);
             let la = &a.layers[l];
-            let x: &[T] = if l == 0 { &a.embln } else { &a.layers[l - 1].ln2 };
+            let x: &[T] = if l == 0 {
+                &a.embln
+            } else {
+                &a.layers[l - 1].ln2
+            };
             for buf in [&mut g.dres2, &mut g.dh1, &mut g.dres1, &mut g.datty] {
                 buf.fill(T::zero());
             }
             g.dfch_gelu.fill(T::zero());
             g.dfch.fill(T::zero());
             g.dqkv.fill(T::zero());
-            layernorm_backward(&mut g.dres2, dp.ln2w, dp.ln2b, &g.dout, &la.res2, p.ln2w, &la.ln2_mean, &la.ln2_rstd, bt, c);
+            layernorm_backward(
+                &mut g.dres2,
+                dp.ln2w,
+                dp.ln2b,
+                &g.dout,
+                &la.res2,
+                p.ln2w,
+                &la.ln2_mean,
+                &la.ln2_rstd,
+                bt,
+                c,
+            );
             // res2 = ln1 + fcproj: both receive dres2
             g.dh1.copy_from_slice(&g.dres2);
-            matmul_backward(&mut g.dfch_gelu, dp.projw, Some(&mut *dp.projb), &g.dres2, &la.fch_gelu, p.projw, bt, f, c);
+            matmul_backward(
+                &mut g.dfch_gelu,
+                dp.projw,
+                Some(&mut *dp.projb),
+                &g.dres2,
+                &la.fch_gelu,
+                p.projw,
+                bt,
+                f,
+                c,
+            );
             gelu_backward(&mut g.dfch, &la.fch, &g.dfch_gelu, bt * f);
-            matmul_backward(&mut g.dh1, dp.fcw, Some(&mut *dp.fcb), &g.dfch, &la.ln1, p.fcw, bt, c, f);
-            layernorm_backward(&mut g.dres1, dp.ln1w, dp.ln1b, &g.dh1, &la.res1, p.ln1w, &la.ln1_mean, &la.ln1_rstd, bt, c);
+            matmul_backward(
+                &mut g.dh1,
+                dp.fcw,
+                Some(&mut *dp.fcb),
+                &g.dfch,
+                &la.ln1,
+                p.fcw,
+                bt,
+                c,
+                f,
+            );
+            layernorm_backward(
+                &mut g.dres1,
+                dp.ln1w,
+                dp.ln1b,
+                &g.dh1,
+                &la.res1,
+                p.ln1w,
+                &la.ln1_mean,
+                &la.ln1_rstd,
+                bt,
+                c,
+            );
             // res1 = x + attproj: both receive dres1
             g.dx.copy_from_slice(&g.dres1);
-            matmul_backward(&mut g.datty, dp.attw, Some(&mut *dp.attb), &g.dres1, &la.atty, p.attw, bt, c, c);
-            attention_backward(&mut g.dqkv, &mut g.datt, &mut g.dpreatt, &g.datty, &la.qkv, &la.att, b, t, c, nh);
-            matmul_backward(&mut g.dx, dp.qkvw, Some(&mut *dp.qkvb), &g.dqkv, x, p.qkvw, bt, c, 3 * c);
+            matmul_backward(
+                &mut g.datty,
+                dp.attw,
+                Some(&mut *dp.attb),
+                &g.dres1,
+                &la.atty,
+                p.attw,
+                bt,
+                c,
+                c,
+            );
+            attention_backward(
+                &mut g.dqkv,
+                &mut g.datt,
+                &mut g.dpreatt,
+                &g.datty,
+                &la.qkv,
+                &la.att,
+                b,
+                t,
+                c,
+                nh,
+            );
+            matmul_backward(
+                &mut g.dx,
+                dp.qkvw,
+                Some(&mut *dp.qkvb),
+                &g.dqkv,
+                x,
+                p.qkvw,
+                bt,
+                c,
+                3 * c,
+            );
             sink.bucket_ready(this)?;
             std::mem::swap(&mut g.dout, &mut g.dx);
         }
 
         // ---- embeddings (g.dout is now the gradient of the embedding LayerNorm's output)
         zeroed(&mut g.demb, bt * c);
-        layernorm_backward(&mut g.demb, demb.lnw, demb.lnb, &g.dout, &a.emb, emb.lnw, &a.embln_mean, &a.embln_rstd, bt, c);
-        encoder_backward(demb.wte, demb.wpe, demb.wtt, &g.demb, &batch.input_ids, &batch.token_types, b, t, c);
+        layernorm_backward(
+            &mut g.demb,
+            demb.lnw,
+            demb.lnb,
+            &g.dout,
+            &a.emb,
+            emb.lnw,
+            &a.embln_mean,
+            &a.embln_rstd,
+            bt,
+            c,
+        );
+        encoder_backward(
+            demb.wte,
+            demb.wpe,
+            demb.wtt,
+            &g.demb,
+            &batch.input_ids,
+            &batch.token_types,
+            b,
+            t,
+            c,
+        );
         sink.bucket_ready(g_emb)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_bert() {
+        // BertModel (with pooler) has 109,482,240 parameters; the MLM head instead of the
+        // pooler gives 109,514,298 (= Hugging Face's BertForMaskedLM count).
+        assert_eq!(ModelConfig::bert_base().num_params(), 109_514_298);
+        assert_eq!(ModelConfig::bert_tiny().num_params(), 4_416_698);
+        for cfg in [ModelConfig::bert_tiny(), ModelConfig::bert_mini()] {
+            assert_eq!(ParamLayout::new(&cfg).total, cfg.num_params());
+        }
+    }
+
+    #[test]
+    fn groups_are_contiguous_and_buckets_run_backwards() {
+        let cfg = ModelConfig::bert_tiny();
+        let l = ParamLayout::new(&cfg);
+        let buckets = l.buckets_in_backward_order();
+        assert_eq!(buckets.len(), cfg.layers + 2);
+        assert_eq!(buckets[0], l.head);
+        assert_eq!(buckets[1], l.layers[1]);
+        assert_eq!(*buckets.last().unwrap(), 0..l.embeddings.end);
+        // consecutive buckets abut: together they cover 0..total exactly once
+        for w in buckets.windows(2) {
+            assert_eq!(w[1].end, w[0].start);
+        }
+        assert_eq!(l.head.end, l.total);
+        let wte = &l.tensors[0];
+        assert_eq!(
+            (wte.name.as_str(), wte.range.clone()),
+            ("embeddings.word", 0..30522 * 128)
+        );
+        let decoder_bias = l.tensors.last().unwrap();
+        assert_eq!(decoder_bias.name, "head.decoder.bias");
+        assert_eq!(decoder_bias.kind, ParamKind::Bias);
+    }
+
+    #[test]
+    fn forward_refuses_bad_batches() {
+        let cfg = ModelConfig {
+            vocab_size: 10,
+            max_position: 4,
+            type_vocab_size: 2,
+            hidden: 4,
+            layers: 1,
+            heads: 2,
+            ffn: 8,
+        };
+        let mut m = Model::<f32>::new(cfg).unwrap();
+        let p: Vec<f32> = init_params(m.layout(), 1);
+        let batch = Batch {
+            batch: 1,
+            seq_len: 3,
+            input_ids: vec![1, 10, 2],
+            token_types: vec![0; 3],
+            masked_positions: vec![1],
+            masked_targets: vec![4],
+        };
+        let err = m.forward(&p, &batch).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid argument to Model::forward: token id 10 ≥ vocab_size 10"
+        );
+        let mut g = vec![0.0; p.len()];
+        let err = m
+            .backward(&p, &mut g, &mut crate::trainer::sync::NoSync)
+            .unwrap_err();
+        assert!(err.to_string().contains("no forward pass"), "{err}");
+        let err = ModelConfig {
+            heads: 3,
+            ..ModelConfig::bert_tiny()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("hidden 128 is not divisible by heads 3"),
+            "{err}"
+        );
     }
 }

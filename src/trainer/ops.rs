@@ -148,11 +148,23 @@ struct Mat<'a, T> {
 impl<'a, T> Mat<'a, T> {
     /// Row-major `rows × cols` starting at `data[0]` with row stride `rs`.
     fn rows(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
-        Mat { data, rows, cols, rs, cs: 1 }
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major `cols × rows` matrix with row stride `rs`.
     fn transposed(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
-        Mat { data, rows, cols, rs: 1, cs: rs }
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rs,
+        }
     }
     /// Number of elements from the first to one past the last addressed element.
     fn extent(&self) -> usize {
@@ -564,7 +576,14 @@ pub fn attention_backward<T: Real>(
                 gemm(T::one(), dout_h, vt, T::zero(), datt_h, t);
                 // dV (T,hs) += attᵀ (T,T) · dout (T,hs)
                 let at = Mat::transposed(att_h, t, t, t);
-                gemm(T::one(), at, dout_h, T::one(), &mut dinp_b[2 * c + h * hs..], c3);
+                gemm(
+                    T::one(),
+                    at,
+                    dout_h,
+                    T::one(),
+                    &mut dinp_b[2 * c + h * hs..],
+                    c3,
+                );
                 // softmax backward, row by row: dpre = att ⊙ (datt - Σ_k att·datt)
                 for i in 0..t {
                     let (a, d) = (&att_h[i * t..][..t], &datt_h[i * t..][..t]);

@@ -145,7 +145,10 @@ mod tests {
     fn clipping_scales_to_max_norm() {
         let mut g = vec![3.0, 4.0];
         assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
-        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+        assert!(
+            (g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6,
+            "{g:?}"
+        );
         let mut small = vec![0.3, 0.4];
         assert_eq!(clip_grad_norm(&mut small, 1.0), 0.5);
         assert_eq!(small, [0.3, 0.4]);
@@ -168,9 +171,21 @@ mod tests {
         let g = vec![0.5f32; layout.total];
         opt.update(&mut p, &g, 0.1);
         // Step 1: m̂ = g, v̂ = g², so the Adam part is lr·g/(|g|+ε) ≈ lr.
-        let weight = layout.tensors.iter().find(|t| t.name == "layer.0.qkv.weight").unwrap();
-        let bias = layout.tensors.iter().find(|t| t.name == "layer.0.qkv.bias").unwrap();
-        let lnw = layout.tensors.iter().find(|t| t.name == "layer.0.ln1.weight").unwrap();
+        let weight = layout
+            .tensors
+            .iter()
+            .find(|t| t.name == "layer.0.qkv.weight")
+            .unwrap();
+        let bias = layout
+            .tensors
+            .iter()
+            .find(|t| t.name == "layer.0.qkv.bias")
+            .unwrap();
+        let lnw = layout
+            .tensors
+            .iter()
+            .find(|t| t.name == "layer.0.ln1.weight")
+            .unwrap();
         let adam = 0.1 * 0.5 / (0.5 + 1e-8);
         assert!((p[weight.range.start] - (1.0 - adam - 0.1 * 0.01)).abs() < 1e-6);
         assert!((p[bias.range.start] - (1.0 - adam)).abs() < 1e-6);

@@ -50,7 +50,10 @@ pub fn plot_losses(path: &Path, steps: &[StepRecord], evals: &[EvalRecord]) -> R
     if !fonts {
         tracing::warn!(target: "hetccl::trainer::plot", "no font file found: loss plot has no labels");
     }
-    let train: Vec<(f64, f64)> = steps.iter().map(|r| ((r.step + 1) as f64, r.loss)).collect();
+    let train: Vec<(f64, f64)> = steps
+        .iter()
+        .map(|r| ((r.step + 1) as f64, r.loss))
+        .collect();
     let val: Vec<(f64, f64)> = evals.iter().map(|e| (e.step as f64, e.val_loss)).collect();
     let all = train.iter().chain(&val);
     let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
@@ -65,7 +68,8 @@ pub fn plot_losses(path: &Path, steps: &[StepRecord], evals: &[EvalRecord]) -> R
     };
 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     let root = BitMapBackend::new(path, (960, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
@@ -88,7 +92,13 @@ pub fn plot_losses(path: &Path, steps: &[StepRecord], evals: &[EvalRecord]) -> R
             .draw()
             .map_err(plot_err)?;
     } else {
-        let frame = [(x_min, y_min), (x_max, y_min), (x_max, y_max), (x_min, y_max), (x_min, y_min)];
+        let frame = [
+            (x_min, y_min),
+            (x_max, y_min),
+            (x_max, y_max),
+            (x_min, y_max),
+            (x_min, y_min),
+        ];
         chart
             .draw_series(LineSeries::new(frame, BLACK.stroke_width(1)))
             .map_err(plot_err)?;
@@ -97,13 +107,15 @@ pub fn plot_losses(path: &Path, steps: &[StepRecord], evals: &[EvalRecord]) -> R
         .draw_series(LineSeries::new(train, BLUE.stroke_width(1)))
         .map_err(plot_err)?;
     if fonts {
-        t.label("train").legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+        t.label("train")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
     }
     let v = chart
         .draw_series(LineSeries::new(val.clone(), RED.stroke_width(2)))
         .map_err(plot_err)?;
     if fonts {
-        v.label("validation").legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+        v.label("validation")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
     }
     chart
         .draw_series(val.iter().map(|&p| Circle::new(p, 3, RED.filled())))

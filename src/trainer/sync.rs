@@ -5,18 +5,44 @@
 //! one f64 per rank (throughput, for load balancing). [`GradSync`] names exactly those.
 //! [`SingleProcess`] is the world of one; [`ThreadGroup`] runs several ranks as threads of
 //! one process (tests, demos). A [`crate::Communicator`] implements it through its
-//! non-blocking `scope` API:
+//! non-blocking `scope` API, each bucket's all-reduce started the moment backward hands
+//! it over:
 //!
 //! ```text
-//! fn reduce_while<'g>(&'g self, grads: &'g mut [f32], backward) -> Result<()> {
-//!     self.scope(|s| {
-//!         let mut sink = ScopeSink { scope: s, handles: Vec::new() };   // Vec<Handle<'s>>
-//!         let res = backward(grads, &mut sink);        // bucket_ready → s.all_reduce(b, Sum)
-//!         let waits: Vec<_> = sink.handles.into_iter().map(|h| h.wait()).collect();
-//!         res.and(waits.into_iter().collect())
-//!     })
+//! struct ScopeSink<'s, 'env> { scope: &'s Scope<'s, 'env>, handles: Vec<Handle<'s>> }
+//!
+//! impl<'s, 'env> BucketSink<'env, f32> for ScopeSink<'s, 'env> {
+//!     fn bucket_ready(&mut self, grads: &'env mut [f32]) -> Result<()> {
+//!         self.handles.push(self.scope.all_reduce(grads, ReduceOp::Sum)?);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! impl GradSync for Communicator {
+//!     fn rank(&self) -> usize { Communicator::rank(self) }
+//!     fn world_size(&self) -> usize { Communicator::world_size(self) }
+//!     fn reduce_while<'g>(&'g self, grads: &'g mut [f32], backward: &mut BackwardFn<'_, 'g>)
+//!         -> Result<()> {
+//!         self.scope(|s| {
+//!             let mut sink = ScopeSink { scope: s, handles: Vec::new() };
+//!             let res = backward(grads, &mut sink);
+//!             // wait for every started bucket, even after an error
+//!             let mut waited = Ok(());
+//!             for h in sink.handles {
+//!                 if let (Err(e), true) = (h.wait(), waited.is_ok()) { waited = Err(e); }
+//!             }
+//!             res.and(waited)
+//!         })
+//!     }
+//!     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> { self.all_reduce(buf, ReduceOp::Sum) }
+//!     fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
+//!         Communicator::all_gather(self, send, recv)
+//!     }
 //! }
 //! ```
+//!
+//! The parameters stay identical on every rank only if an all-reduce gives every rank
+//! bitwise the same sum (hetccl's determinism rule).
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
@@ -51,8 +77,11 @@ pub trait GradSync {
     fn world_size(&self) -> usize;
     /// Runs `backward(grads, sink)`; every bucket it passes to the sink is summed over all
     /// ranks (in place, every rank the same order of buckets). Returns when all are summed.
-    fn reduce_while<'g>(&'g self, grads: &'g mut [f32], backward: &mut BackwardFn<'_, 'g>)
-        -> Result<()>;
+    fn reduce_while<'g>(
+        &'g self,
+        grads: &'g mut [f32],
+        backward: &mut BackwardFn<'_, 'g>,
+    ) -> Result<()>;
     /// Blocking in-place sum over ranks of a few counters.
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
     /// `recv[r*n..(r+1)*n]` = rank r's `send` (n = send.len()).
@@ -143,7 +172,8 @@ impl ThreadGroup {
     /// Makes every current and future collective of the group fail with `why`.
     pub fn abort(&self, why: &str) {
         if let Ok(mut st) = self.shared.state.lock() {
-            st.aborted.get_or_insert_with(|| format!("rank {}: {why}", self.rank));
+            st.aborted
+                .get_or_insert_with(|| format!("rank {}: {why}", self.rank));
         }
         self.shared.cv.notify_all();
     }
@@ -153,7 +183,11 @@ impl ThreadGroup {
     }
 
     fn barrier(&self) -> Result<()> {
-        let mut st = self.shared.state.lock().map_err(|_| self.broken("lock poisoned"))?;
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| self.broken("lock poisoned"))?;
         if let Some(why) = &st.aborted {
             return Err(self.broken(why));
         }
@@ -166,7 +200,11 @@ impl ThreadGroup {
             return Ok(());
         }
         while st.generation == generation && st.aborted.is_none() {
-            st = self.shared.cv.wait(st).map_err(|_| self.broken("lock poisoned"))?;
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .map_err(|_| self.broken("lock poisoned"))?;
         }
         match &st.aborted {
             // The barrier completed before the abort: this collective is whole.
@@ -184,7 +222,9 @@ impl ThreadGroup {
         buf: &mut [T],
     ) -> Result<()> {
         {
-            let mut mine = slots[self.rank].write().map_err(|_| self.broken("slot poisoned"))?;
+            let mut mine = slots[self.rank]
+                .write()
+                .map_err(|_| self.broken("slot poisoned"))?;
             mine.clear();
             mine.extend_from_slice(buf);
         }
@@ -263,7 +303,11 @@ impl GradSync for ThreadGroup {
         if recv.len() != n * self.shared.world {
             return Err(Error::invalid(
                 "all_gather",
-                format!("recv holds {} values, expected {}", recv.len(), n * self.shared.world),
+                format!(
+                    "recv holds {} values, expected {}",
+                    recv.len(),
+                    n * self.shared.world
+                ),
             ));
         }
         // Each rank contributes its values at its offset, zeros elsewhere: a sum gathers.

@@ -227,7 +227,8 @@ pub fn basic_tokenize(text: &str) -> Vec<String> {
 }
 
 fn is_whitespace(ch: char) -> bool {
-    matches!(ch, ' ' | '\t' | '\n' | '\r') || ch.general_category() == GeneralCategory::SpaceSeparator
+    matches!(ch, ' ' | '\t' | '\n' | '\r')
+        || ch.general_category() == GeneralCategory::SpaceSeparator
 }
 
 fn is_control(ch: char) -> bool {
@@ -274,7 +275,9 @@ mod tests {
         lines[101] = "[CLS]".into();
         lines[102] = "[SEP]".into();
         lines[103] = "[MASK]".into();
-        for t in ["un", "##aff", "##able", "runn", "##ing", ",", "!", "a", "##b", "直"] {
+        for t in [
+            "un", "##aff", "##able", "runn", "##ing", ",", "!", "a", "##b", "直",
+        ] {
             lines.push(t.into());
         }
         WordPiece::from_vocab(&lines.join("\n")).unwrap()
@@ -298,7 +301,10 @@ mod tests {
         assert_eq!(wp.first_regular_id(), 104);
         // unaffable → un ##aff ##able (the classic example of the BERT paper's code).
         assert_eq!(wp.encode("unaffable"), [104, 105, 106]);
-        assert_eq!(wp.encode("running, unable!"), [107, 108, 109, 104, 106, 110]);
+        assert_eq!(
+            wp.encode("running, unable!"),
+            [107, 108, 109, 104, 106, 110]
+        );
         // "unx": "un" matches, "##x" does not: the whole word is [UNK].
         assert_eq!(wp.encode("unx a"), [UNK_ID, 111]);
         assert_eq!(wp.encode("ab"), [111, 112]);
@@ -313,6 +319,9 @@ mod tests {
     #[test]
     fn special_tokens_must_be_in_place() {
         let err = WordPiece::from_vocab("[PAD]\nfoo").unwrap_err();
-        assert!(err.to_string().contains("expected [UNK] at id 100"), "{err}");
+        assert!(
+            err.to_string().contains("expected [UNK] at id 100"),
+            "{err}"
+        );
     }
 }

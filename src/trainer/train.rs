@@ -96,9 +96,9 @@ impl Reporter {
         let bar = (on && run.progress).then(|| {
             let bar = ProgressBar::new(total);
             bar.set_position(start);
-            if let Ok(style) = ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len} {msg} ETA {eta}",
-            ) {
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+            {
                 bar.set_style(style);
             }
             bar
@@ -200,7 +200,11 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
 /// Runs `world` ranks as threads of this process, linked by a [`ThreadGroup`], each with
 /// `run.threads` compute threads; returns every rank's report, rank 0 first. Only rank 0
 /// shows progress and writes files.
-pub fn train_threads(cfg: &TrainConfig, run: &RunOptions, world: usize) -> Result<Vec<TrainReport>> {
+pub fn train_threads(
+    cfg: &TrainConfig,
+    run: &RunOptions,
+    world: usize,
+) -> Result<Vec<TrainReport>> {
     let group = ThreadGroup::new(world);
     std::thread::scope(|s| {
         let handles: Vec<_> = group
@@ -283,15 +287,30 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         Some(ck) => {
             if ck.meta.corpus_digest != corpus.digest {
                 return Err(Error::Checkpoint {
-                    path: run.resume.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                    reason: format!("corpus mismatch: checkpoint was trained on corpus {}, {} is {}",
-                        ck.meta.corpus_digest, run.data.display(), corpus.digest),
+                    path: run
+                        .resume
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "corpus mismatch: checkpoint was trained on corpus {}, {} is {}",
+                        ck.meta.corpus_digest,
+                        run.data.display(),
+                        corpus.digest
+                    ),
                 });
             }
             if ck.meta.num_params != layout.total {
                 return Err(Error::Checkpoint {
-                    path: run.resume.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                    reason: format!("{} parameters, the model has {}", ck.meta.num_params, layout.total),
+                    path: run
+                        .resume
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "{} parameters, the model has {}",
+                        ck.meta.num_params, layout.total
+                    ),
                 });
             }
             opt.m = ck.m;
@@ -341,7 +360,8 @@ impl Run<'_> {
             let batch = self.samples_for((i * share) as u64, share);
             let t0 = Instant::now();
             self.model.forward(&self.params, &batch)?;
-            self.model.backward(&self.params, &mut self.grads, &mut NoSync)?;
+            self.model
+                .backward(&self.params, &mut self.grads, &mut NoSync)?;
             let spent = t0.elapsed();
             slow_down(self.slow, spent);
             // The first pass pays for allocation and cold caches.
@@ -356,7 +376,10 @@ impl Run<'_> {
         self.micro = balance::split_batch(self.cfg.micro_batch_global(), &speeds)?;
         rep.say(&format!(
             "balance auto: samples/s per rank {:?} -> micro-batch per rank {:?}",
-            speeds.iter().map(|s| (s * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            speeds
+                .iter()
+                .map(|s| (s * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
             self.micro
         ));
         Ok(())
@@ -365,7 +388,10 @@ impl Run<'_> {
     fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
         let n = self.cfg.val_samples.max(1);
         let chunk = self.micro.iter().copied().max().unwrap_or(1).max(1);
-        let mine: Vec<u64> = (self.rank..n).step_by(self.world).map(|i| i as u64).collect();
+        let mine: Vec<u64> = (self.rank..n)
+            .step_by(self.world)
+            .map(|i| i as u64)
+            .collect();
         let mut stats = LossStats::default();
         for ids in mine.chunks(chunk) {
             let samples: Vec<_> = ids.iter().map(|&i| self.sampler.val_sample(i)).collect();
@@ -427,7 +453,10 @@ impl Run<'_> {
         ));
         if start == 0 {
             let e = self.evaluate(0)?;
-            rep.say(&format!("step 0: val loss {:.4} | val acc {:.3}", e.val_loss, e.val_accuracy));
+            rep.say(&format!(
+                "step 0: val loss {:.4} | val acc {:.3}",
+                e.val_loss, e.val_accuracy
+            ));
             rep.metric("eval", &e)?;
             report.evals.push(e);
         }
@@ -456,7 +485,8 @@ impl Run<'_> {
             }
             report.evals.extend(eval);
             report.steps.push(rec);
-            if self.run.checkpoint_every > 0 && done % self.run.checkpoint_every == 0 && done != end {
+            if self.run.checkpoint_every > 0 && done % self.run.checkpoint_every == 0 && done != end
+            {
                 self.save(done)?;
             }
         }
@@ -469,7 +499,8 @@ impl Run<'_> {
             }
         }
         let steps_run = end.saturating_sub(start) as f64;
-        report.samples_per_s = steps_run * self.cfg.batch_size as f64 / train_time.as_secs_f64().max(1e-9);
+        report.samples_per_s =
+            steps_run * self.cfg.batch_size as f64 / train_time.as_secs_f64().max(1e-9);
         report.params = std::mem::take(&mut self.params);
         Ok(report)
     }
@@ -484,7 +515,8 @@ impl Run<'_> {
         let per_micro = self.cfg.micro_batch_global() as u64;
         let count = self.micro[self.rank];
         for a in 0..self.cfg.grad_accum {
-            let first = step * self.cfg.batch_size as u64 + a as u64 * per_micro + self.offset as u64;
+            let first =
+                step * self.cfg.batch_size as u64 + a as u64 * per_micro + self.offset as u64;
             let batch = self.samples_for(first, count);
             let t0 = Instant::now();
             stats.add(&self.model.forward(&self.params, &batch)?);
@@ -492,7 +524,8 @@ impl Run<'_> {
             compute += t0.elapsed();
             let t1 = Instant::now();
             if a + 1 < self.cfg.grad_accum {
-                self.model.backward(&self.params, &mut self.grads, &mut NoSync)?;
+                self.model
+                    .backward(&self.params, &mut self.grads, &mut NoSync)?;
                 slow_down(self.slow, t1.elapsed());
                 compute += t1.elapsed();
             } else {
@@ -515,7 +548,10 @@ impl Run<'_> {
         comm += t_c.elapsed();
         let masked = sums[1];
         if masked < 1.0 {
-            return Err(Error::invalid("train", format!("step {step}: no masked tokens")));
+            return Err(Error::invalid(
+                "train",
+                format!("step {step}: no masked tokens"),
+            ));
         }
         let inv = (1.0 / masked) as f32;
         for g in self.grads.iter_mut() {
@@ -526,7 +562,10 @@ impl Run<'_> {
         let secs = t_step.elapsed().as_secs_f64();
         let loss = sums[0] / masked;
         if !loss.is_finite() {
-            return Err(Error::invalid("train", format!("step {step}: loss is {loss}")));
+            return Err(Error::invalid(
+                "train",
+                format!("step {step}: loss is {loss}"),
+            ));
         }
         Ok(StepRecord {
             step,
