@@ -88,6 +88,7 @@ pub fn plot_losses(path: &Path, steps: &[StepRecord], evals: &[EvalRecord]) -> R
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("loss (nats)")
             .draw()
             .map_err(plot_err)?;
