@@ -295,3 +295,78 @@ fn f32_model_matches_f64_model() {
     println!("f32 vs f64 gradients: max abs diff {diff:.2e} (max |g| {scale:.2e})");
     assert!(diff < 1e-4 * scale);
 }
+
+/// Records each bucket's length and a copy of its values when backward hands it over.
+struct Recorder(Vec<Vec<f64>>);
+
+impl<'g> hetccl::trainer::BucketSink<'g, f64> for Recorder {
+    fn bucket_ready(&mut self, grads: &'g mut [f64]) -> hetccl::Result<()> {
+        self.0.push(grads.to_vec());
+        Ok(())
+    }
+}
+
+#[test]
+fn buckets_arrive_last_layer_first_and_final() {
+    let mut model = Model::<f64>::new(tiny_config(2)).unwrap();
+    let layout = model.layout().clone();
+    let params: Vec<f64> = init_params(&layout, 3);
+    model.forward(&params, &tiny_batch()).unwrap();
+    let mut grads = vec![0.0; layout.total];
+    let mut rec = Recorder(Vec::new());
+    model.backward(&params, &mut grads, &mut rec).unwrap();
+    let order = layout.buckets_in_backward_order();
+    assert_eq!(rec.0.len(), 4);
+    for (seen, range) in rec.0.iter().zip(&order) {
+        // what the communicator would have sent is what backward ended with
+        assert_eq!(seen[..], grads[range.clone()]);
+    }
+    assert_eq!(order[0], layout.head);
+    assert_eq!(order[1], layout.layers[1]);
+    assert_eq!(order[2], layout.layers[0]);
+    assert_eq!(order[3], layout.embeddings);
+}
+
+#[test]
+fn batch_gradient_is_the_sum_of_per_rank_gradients() {
+    // "rank 0" takes sequence 0, "rank 1" sequence 1; their summed gradients must equal
+    // the gradient of the whole batch (the loss is a sum over masked tokens).
+    let mut model = Model::<f64>::new(tiny_config(2)).unwrap();
+    let layout = model.layout().clone();
+    let params: Vec<f64> = init_params(&layout, 3);
+    let whole = tiny_batch();
+    model.forward(&params, &whole).unwrap();
+    let mut g_whole = vec![0.0; layout.total];
+    model.backward(&params, &mut g_whole, &mut NoSync).unwrap();
+
+    let t = whole.seq_len;
+    let mut g_sum = vec![0.0; layout.total];
+    let mut masked = 0;
+    for r in 0..2 {
+        let keep: Vec<usize> = (0..whole.masked_positions.len())
+            .filter(|&i| whole.masked_positions[i] / t == r)
+            .collect();
+        let part = Batch {
+            batch: 1,
+            seq_len: t,
+            input_ids: whole.input_ids[r * t..(r + 1) * t].to_vec(),
+            token_types: whole.token_types[r * t..(r + 1) * t].to_vec(),
+            masked_positions: keep
+                .iter()
+                .map(|&i| whole.masked_positions[i] - r * t)
+                .collect(),
+            masked_targets: keep.iter().map(|&i| whole.masked_targets[i]).collect(),
+        };
+        masked += model.forward(&params, &part).unwrap().masked;
+        let mut g = vec![0.0; layout.total];
+        model.backward(&params, &mut g, &mut NoSync).unwrap();
+        g_sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x);
+    }
+    assert_eq!(masked, 4);
+    let diff = g_whole
+        .iter()
+        .zip(&g_sum)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    println!("whole batch vs sum of two halves: max abs diff {diff:.2e}");
+    assert!(diff < 1e-12);
+}
