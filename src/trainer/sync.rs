@@ -124,8 +124,8 @@ impl GradSync for SingleProcess {
 /// Several ranks as threads of one process, summing through shared memory.
 ///
 /// Buckets are reduced by a second thread per rank while backward runs (like a real
-/// communicator), in the order backward hands them over, and summed in rank order, so every rank gets bitwise
-/// the same result. If one rank fails, [`ThreadGroup::abort`] wakes every waiting rank
+/// communicator), in the order backward hands them over, and summed in rank order, so
+/// every rank gets bitwise the same result. If one rank fails, [`ThreadGroup::abort`] wakes every waiting rank
 /// with an error instead of leaving it blocked.
 #[derive(Clone)]
 pub struct ThreadGroup {
