@@ -806,15 +806,7 @@ impl<T: Real> Model<T> {
         stats.correct = a.probs[..m * v]
             .par_chunks(v)
             .zip(batch.masked_targets.par_iter())
-            .filter(|(row, &target)| {
-                let mut best = 0;
-                for j in 1..row.len() {
-                    if row[j] > row[best] {
-                        best = j;
-                    }
-                }
-                best == target as usize
-            })
+            .filter(|(row, &target)| argmax_lanes(row) == target as usize)
             .count();
         self.forward_done = true;
         Ok(stats)
