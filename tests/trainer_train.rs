@@ -355,3 +355,35 @@ fn metrics_and_plot_are_written() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn metrics_continue_across_a_resume_and_restart_with_a_fresh_run() {
+    let dir = scratch("metrics-resume");
+    let (cfg, mut run) = setup(&dir, 4, 2);
+    let metrics = dir.join("m.jsonl");
+    run.metrics_out = Some(metrics.clone());
+    run.plot_out = Some(dir.join("loss.png"));
+    run.checkpoint = Some(dir.join("c.ckpt"));
+    run.stop_after = Some(2);
+    single(&cfg, &run);
+    run.stop_after = None;
+    run.resume = Some(dir.join("c.ckpt"));
+    single(&cfg, &run);
+    let count = |kind: &str| {
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == kind)
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(count("train"), [0, 1, 2, 3]);
+    // evaluations: start, end of the first part, end of the run
+    assert_eq!(count("eval"), [0, 2, 4]);
+    run.resume = None;
+    run.stop_after = Some(1);
+    single(&cfg, &run);
+    assert_eq!(count("train"), [0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,9 +109,12 @@ impl Reporter {
                     std::fs::create_dir_all(dir)
                         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
                 }
+                // A fresh run starts the file over; a resumed one continues it.
                 let f = std::fs::OpenOptions::new()
                     .create(true)
-                    .append(true)
+                    .write(true)
+                    .append(start > 0)
+                    .truncate(start == 0)
                     .open(p)
                     .map_err(|e| Error::io(format!("opening metrics {}", p.display()), e))?;
                 Some(std::io::BufWriter::new(f))
@@ -157,6 +160,54 @@ impl Reporter {
             b.finish_and_clear();
         }
     }
+}
+
+/// Reads a metrics file back: for every step up to `end`, its last train and eval records
+/// (an interrupted run may have logged steps past its checkpoint that were then rerun).
+fn read_metrics(path: &std::path::Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
+    use std::collections::BTreeMap;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading metrics {}", path.display()), e))?;
+    let mut steps = BTreeMap::new();
+    let mut evals = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let Some(step) = v.get("step").and_then(|x| x.as_u64()) else {
+            continue;
+        };
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("train") if step < end => {
+                steps.insert(
+                    step,
+                    StepRecord {
+                        step,
+                        loss: num("loss").unwrap_or(f64::NAN),
+                        accuracy: num("accuracy").unwrap_or(0.0),
+                        lr: num("lr").unwrap_or(0.0) as f32,
+                        grad_norm: num("grad_norm").unwrap_or(0.0) as f32,
+                        ms_compute: num("ms_compute").unwrap_or(0.0),
+                        ms_comm: num("ms_comm").unwrap_or(0.0),
+                        tokens_per_s: num("tokens_per_s").unwrap_or(0.0),
+                    },
+                );
+            }
+            Some("eval") if step <= end => {
+                evals.insert(
+                    step,
+                    EvalRecord {
+                        step,
+                        val_loss: num("val_loss").unwrap_or(f64::NAN),
+                        val_accuracy: num("val_accuracy").unwrap_or(0.0),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok((steps.into_values().collect(), evals.into_values().collect()))
 }
 
 /// Makes a slow rank slower: sleeps `(factor - 1) ×` the time just spent computing.
@@ -493,7 +544,13 @@ impl Run<'_> {
         self.save(end)?;
         rep.finish();
         if let (Some(path), 0) = (&self.run.plot_out, self.rank) {
-            match super::plot::plot_losses(path, &report.steps, &report.evals) {
+            // After a resume the metrics file holds the whole run; plot that.
+            let (steps, evals) = match (&self.run.metrics_out, start > 0) {
+                (Some(m), true) => read_metrics(m, end)
+                    .unwrap_or_else(|_| (report.steps.clone(), report.evals.clone())),
+                _ => (report.steps.clone(), report.evals.clone()),
+            };
+            match super::plot::plot_losses(path, &steps, &evals) {
                 Ok(()) => rep.say(&format!("loss curves: {}", path.display())),
                 Err(e) => rep.say(&format!("no loss plot: {e}")),
             }
