@@ -112,6 +112,8 @@ pub struct Config {
     pub topo_dump_file: Option<PathBuf>,
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
+    /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
+    pub compress_format: crate::compression::WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
     /// Rank identity from the launcher.
@@ -136,6 +138,7 @@ impl Default for Config {
             topo_file: None,
             topo_dump_file: None,
             compress: CompressMode::Off,
+            compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             launch: LaunchEnv::default(),
         }
@@ -301,6 +304,15 @@ impl Config {
                     ],
                 )?
                 .unwrap_or(d.compress),
+            compress_format: v
+                .parse_enum(
+                    "HETCCL_COMPRESS_FORMAT",
+                    &[
+                        ("fp16", crate::compression::WireFormat::F16),
+                        ("bf16", crate::compression::WireFormat::Bf16),
+                    ],
+                )?
+                .unwrap_or(d.compress_format),
             connect_timeout: v
                 .parse_secs("HETCCL_CONNECT_TIMEOUT")?
                 .unwrap_or(d.connect_timeout),
@@ -340,10 +352,18 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
                 "OMPI_COMM_WORLD_LOCAL_SIZE",
             ],
         ),
-        ("pmi", ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"]),
+        (
+            "pmi",
+            ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"],
+        ),
         (
             "slurm",
-            ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"],
+            [
+                "SLURM_PROCID",
+                "SLURM_NTASKS",
+                "SLURM_LOCALID",
+                "SLURM_NTASKS_PER_NODE",
+            ],
         ),
     ];
     for (source, [r, w, lr, lw]) in sources {
@@ -412,9 +432,13 @@ mod tests {
         );
         let e = cfg(&[("HETCCL_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("HETCCL_TIMEOUT"), "{e}");
-        let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")]).unwrap_err().to_string();
+        let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("from 1 to 16"), "{e}");
-        let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string();
+        let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK < WORLD_SIZE"), "{e}");
         let e = cfg(&[("MASTER_PORT", "http")]).unwrap_err().to_string();
         assert!(e.contains("MASTER_PORT"), "{e}");

@@ -457,7 +457,10 @@ mod tests {
         assert!(<f32 as Element>::max(f32::NAN, 1.0).is_nan());
         assert!(<f32 as Element>::min(1.0, f32::NAN).is_nan());
         assert_eq!(<f32 as Element>::max(-1.0, 2.0), 2.0);
-        assert_eq!(<bf16 as Element>::add(bf16::from_f32(1.0), bf16::from_f32(2.0)).to_f32(), 3.0);
+        assert_eq!(
+            <bf16 as Element>::add(bf16::from_f32(1.0), bf16::from_f32(2.0)).to_f32(),
+            3.0
+        );
         assert_eq!(<i32 as Element>::div_count(7, 2), 3);
     }
 }

@@ -1,1 +1,217 @@
 //! Collective algorithms as pure schedules, plus the one executor that drives links.
+//!
+//! Algorithms never touch sockets: [`plan`] turns a collective call into a
+//! [`Schedule`] (sends, receives and local copies over byte regions), which
+//! [`executor::execute`] runs over whatever links the communicator holds. Schedules
+//! can therefore be checked with no I/O at all ([`sim`]).
+
+pub mod cost;
+pub mod executor;
+pub mod hierarchical;
+pub mod ring;
+pub mod schedule;
+pub mod sim;
+pub mod tree;
+
+pub use schedule::{BufId, Combine, Op, OpKind, Region, Schedule};
+
+use crate::dtype::{CollectiveOp, DataType, ReduceOp};
+use schedule::Builder;
+
+/// An ordered group of ranks running one (sub-)collective; `me` indexes `members`.
+#[derive(Clone, Debug)]
+pub struct Group<'a> {
+    /// Global ranks, in ring order.
+    pub members: &'a [usize],
+    /// This rank's position in `members`.
+    pub me: usize,
+}
+
+impl Group<'_> {
+    /// Number of members.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+    /// Global rank of the previous member in ring order.
+    pub fn left(&self) -> usize {
+        let n = self.size();
+        self.members[(self.me + n - 1) % n]
+    }
+    /// Global rank of the next member in ring order.
+    pub fn right(&self) -> usize {
+        self.members[(self.me + 1) % self.size()]
+    }
+}
+
+/// An algorithm family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algo {
+    /// Chunked pipelined ring (chain for broadcast/reduce).
+    Ring,
+    /// Binomial tree.
+    Tree,
+    /// Two-level: intra-node reduce, inter-node ring per shard, intra-node broadcast
+    /// (all-reduce only; other collectives run the ring).
+    Hier,
+}
+
+impl Algo {
+    /// Name for logs and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Ring => "ring",
+            Algo::Tree => "tree",
+            Algo::Hier => "hier",
+        }
+    }
+}
+
+/// One collective call as every rank states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Call {
+    /// Which collective.
+    pub op: CollectiveOp,
+    /// Element type.
+    pub dtype: DataType,
+    /// Reduction (ignored where none applies).
+    pub redop: ReduceOp,
+    /// Elements: of the buffer (all_reduce, broadcast, reduce, send/recv), of the
+    /// output block (reduce_scatter), of the input block (all_gather).
+    pub count: usize,
+    /// Root rank (broadcast, reduce) or peer (send/recv).
+    pub root: usize,
+    /// Input and output are the same buffer.
+    pub in_place: bool,
+    /// For send/recv: true on the sending side.
+    pub is_send: bool,
+}
+
+/// Tuning knobs that shape schedules.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Tuning {
+    /// Bytes per pipeline chunk.
+    pub chunk_bytes: usize,
+    /// Scratch slots (chunk-sized) for partial results in flight.
+    pub slots: usize,
+    /// Relative sizes of the hierarchical shards (`None`: equal).
+    pub shard_weights: Option<Vec<f64>>,
+}
+
+/// Builds this rank's schedule for `call` over all `n` ranks, grouped into `nodes`
+/// (ranks of each node; used by [`Algo::Hier`], may be empty otherwise).
+pub fn plan(
+    call: &Call,
+    rank: usize,
+    n: usize,
+    algo: Algo,
+    t: Tuning,
+    nodes: &[Vec<usize>],
+) -> Schedule {
+    let members: Vec<usize> = (0..n).collect();
+    let g = Group {
+        members: &members,
+        me: rank,
+    };
+    let e = call.dtype.size();
+    let bytes = call.count * e;
+    let input = Region::new(BufId::Input, 0..bytes);
+    let output = Region::new(BufId::Output, 0..bytes);
+    let mut b = Builder::new(algo.name());
+    match call.op {
+        CollectiveOp::AllReduce => {
+            let src = if call.in_place { output } else { input };
+            if algo == Algo::Ring && n > 1 {
+                ring::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
+            } else {
+                if !call.in_place {
+                    copy_chunked(&mut b, input, output, t.chunk_bytes, e);
+                }
+                match algo {
+                    Algo::Ring => {}
+                    Algo::Tree => {
+                        tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+                    }
+                    Algo::Hier => hierarchical::all_reduce_inplace(
+                        &mut b,
+                        nodes,
+                        rank,
+                        output,
+                        call.count,
+                        e,
+                        t.chunk_bytes,
+                        t.shard_weights.as_deref(),
+                    ),
+                }
+            }
+            finalize(&mut b, call.redop, output);
+        }
+        CollectiveOp::ReduceScatter => {
+            let out = Region::new(BufId::Output, 0..bytes);
+            let inp = Region::new(BufId::Input, 0..bytes * n);
+            ring::reduce_scatter(&mut b, &g, inp, out, call.count, e, t.chunk_bytes, t.slots);
+            finalize(&mut b, call.redop, out);
+        }
+        CollectiveOp::AllGather => {
+            let out = Region::new(BufId::Output, 0..bytes * n);
+            ring::all_gather(&mut b, &g, input, out, call.count, e, t.chunk_bytes);
+        }
+        CollectiveOp::Broadcast => match algo {
+            Algo::Tree => {
+                tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
+            }
+            Algo::Ring | Algo::Hier => {
+                ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
+            }
+        },
+        CollectiveOp::Reduce => {
+            let out = if rank == call.root {
+                output
+            } else {
+                Region::new(BufId::Output, 0..0)
+            };
+            ring::reduce_chain(
+                &mut b,
+                &g,
+                input,
+                out,
+                call.count,
+                e,
+                t.chunk_bytes,
+                call.root,
+                t.slots,
+            );
+            if rank == call.root {
+                finalize(&mut b, call.redop, output);
+            }
+        }
+        CollectiveOp::Barrier => {
+            let empty = Region::new(BufId::Output, 0..0);
+            tree::all_reduce_inplace(&mut b, &g, empty, 0, 1, t.chunk_bytes);
+        }
+        CollectiveOp::SendRecv => {
+            if call.is_send {
+                b.send(call.root, input);
+            } else {
+                b.recv(call.root, output, Combine::Copy);
+            }
+        }
+    }
+    b.build()
+}
+
+fn copy_chunked(b: &mut Builder, src: Region, dst: Region, chunk: usize, elem: usize) {
+    let count = src.len / elem;
+    let parts = src.len.div_ceil(chunk.max(elem)).max(1);
+    for r in schedule::split_even(count, parts, elem) {
+        b.copy(
+            Region::new(src.buf, src.offset + r.start..src.offset + r.end),
+            Region::new(dst.buf, dst.offset + r.start..dst.offset + r.end),
+        );
+    }
+}
+
+fn finalize(b: &mut Builder, op: ReduceOp, region: Region) {
+    if op == ReduceOp::Avg {
+        b.finalize(region);
+    }
+}

@@ -202,10 +202,7 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(
-        server: JobAuth,
-        client: JobAuth,
-    ) -> (Result<Peer>, Result<()>) {
+    fn pair(server: JobAuth, client: JobAuth) -> (Result<Peer>, Result<()>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -222,7 +219,13 @@ mod tests {
     fn same_job_same_key_is_accepted() {
         let a = JobAuth::new("job-1", Some("secret"));
         let (srv, cli) = pair(a.clone(), a);
-        assert_eq!(srv.unwrap(), Peer { rank: 5, channel: 2 });
+        assert_eq!(
+            srv.unwrap(),
+            Peer {
+                rank: 5,
+                channel: 2
+            }
+        );
         cli.unwrap();
     }
 
@@ -232,7 +235,10 @@ mod tests {
             JobAuth::new("job-1", Some("secret")),
             JobAuth::new("job-1", Some("guess")),
         );
-        assert!(cli.unwrap_err().to_string().contains("does not hold this job's key"));
+        assert!(cli
+            .unwrap_err()
+            .to_string()
+            .contains("does not hold this job's key"));
         assert!(srv.is_err());
 
         let (srv, _) = pair(
@@ -248,7 +254,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nxxxxxxxxxxxxxxxxxxx").unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nxxxxxxxxxxxxxxxxxxx")
+                .unwrap();
         });
         let (mut s, _) = l.accept().unwrap();
         let e = JobAuth::new("j", None)

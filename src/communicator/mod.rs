@@ -1,4 +1,1178 @@
-//! The user-facing communicator.
+//! The user-facing communicator: collectives on host buffers, blocking or scoped
+//! non-blocking.
+//!
+//! Every collective becomes a unit of work on one progress thread per communicator,
+//! in the order the caller issued them, so operations complete in issue order on
+//! every rank and a trainer can overlap communication with compute:
+//!
+//! ```no_run
+//! # use hetccl::{Communicator, ReduceOp};
+//! # fn main() -> hetccl::Result<()> {
+//! let comm = Communicator::init_from_env()?;
+//! let mut grads = vec![1.0f32; 1 << 20];
+//! let (early, late) = grads.split_at_mut(1 << 19);
+//! comm.scope(|s| -> hetccl::Result<()> {
+//!     let h = s.all_reduce(late, ReduceOp::Sum)?; // runs while we keep computing
+//!     early.iter_mut().for_each(|g| *g *= 0.5);
+//!     h.wait()
+//! })?;
+//! comm.all_reduce(early, ReduceOp::Sum)?;
+//! # Ok(()) }
+//! ```
+//!
+//! After any error the communicator is *broken*: its links are aborted (so peers
+//! fail fast instead of timing out) and every later call returns [`Error::Broken`].
+
+mod compress;
+mod init;
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::algorithm::cost::{self, LinkCost};
+use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
+use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
+use crate::bootstrap::Bootstrap;
+use crate::compression::{Compressor, OverflowStats, ScalePolicy};
+use crate::config::{AlgoChoice, CompressMode, Config};
+use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
+use crate::error::{Error, Result};
+use crate::topology::Topology;
+use crate::transport::{Link, LinkKind};
+
+/// Completion state of one submitted operation.
+struct Completion {
+    result: Mutex<Option<Result<OverflowStats>>>,
+    cv: Condvar,
+}
+
+impl Completion {
+    fn new() -> Arc<Self> {
+        Arc::new(Completion {
+            result: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn set(&self, r: Result<OverflowStats>) {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        *g = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<OverflowStats> {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.take() {
+                // Leave a marker so a second waiter (scope end after Handle::wait) returns.
+                *g = Some(Ok(OverflowStats::default()));
+                return r;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// One collective handed to the progress thread.
+struct Work {
+    sched: Arc<Schedule>,
+    bufs: Buffers,
+    ctx: ExecCtx,
+    done: Arc<Completion>,
+    compress: Option<CompressJob>,
+}
+
+/// What a compressed all-reduce needs besides its schedule.
+struct CompressJob {
+    wire: Wire,
+    /// The caller's compressor, or null for the communicator's own (no error feedback).
+    compressor: *mut Compressor,
+    buffer: u64,
+    /// The caller's reduction (`Sum` or `Avg`); the schedule itself always sums.
+    op: ReduceOp,
+}
+
+// SAFETY: `Work` carries raw pointers to caller buffers. The submitting thread keeps
+// those buffers borrowed (blocking call, or a `Scope` that outlives the work) until
+// `done` is set, and the progress thread is the only one touching them meanwhile.
+unsafe impl Send for Work {}
+
+struct Progress {
+    rank: usize,
+    links: Vec<Option<Box<dyn Link>>>,
+    scratch: Vec<u64>,
+    broken: Option<String>,
+    /// Compressor for collectives compressed by `HETCCL_COMPRESS` alone.
+    internal: Option<Compressor>,
+    /// Set by [`Communicator::abort`] from any thread.
+    abort: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Progress {
+    fn run(mut self, rx: mpsc::Receiver<Work>) {
+        while let Ok(mut w) = rx.recv() {
+            let r = self.execute(&mut w);
+            w.done.set(r);
+        }
+        tracing::debug!(rank = self.rank, "progress thread exits");
+    }
+
+    fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            self.broken = Some("aborted by the application".into());
+            for l in self.links.iter_mut().flatten() {
+                l.abort();
+            }
+            return Err(Error::Broken("aborted by the application".into()));
+        }
+        let need = w.sched.scratch_bytes.div_ceil(8);
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        w.bufs.scratch = self.scratch.as_mut_ptr().cast();
+        w.bufs.scratch_len = self.scratch.len() * 8;
+        let r = match w.compress.take() {
+            None => executor::execute(
+                &w.sched,
+                &mut self.links,
+                &w.bufs,
+                &w.ctx,
+                None,
+                Some(&self.abort),
+            ),
+            Some(job) => self.execute_compressed(w, &job),
+        };
+        if let Err(e) = &r {
+            tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
+            self.broken = Some(e.to_string());
+            for l in self.links.iter_mut().flatten() {
+                l.abort();
+            }
+        }
+        r
+    }
+
+    fn execute_compressed(&mut self, w: &Work, job: &CompressJob) -> Result<OverflowStats> {
+        let comp: &mut Compressor = if job.compressor.is_null() {
+            match &mut self.internal {
+                Some(c) if c.format() == job.wire.format => c,
+                slot => slot.insert(Compressor::new(
+                    job.wire.format,
+                    ScalePolicy::InverseWorldSize,
+                    false,
+                )?),
+            }
+        } else {
+            // SAFETY: the caller's `&mut Compressor` is borrowed until this work completes
+            // (blocking call or scope), and only this thread touches it meanwhile.
+            unsafe { &mut *job.compressor }
+        };
+        let n = w.bufs.output_len / 4;
+        // SAFETY: output holds `n` f32 (checked when the call was prepared) and is this
+        // work's exclusively until it completes; input, when distinct, is read only.
+        let out = unsafe { std::slice::from_raw_parts_mut(w.bufs.output.cast::<f32>(), n) };
+        let world = w.ctx.world_size;
+        let mut stats = if std::ptr::eq(w.bufs.input, w.bufs.output) {
+            compress::pre_pass_inplace(comp, job.buffer, out, world)?
+        } else {
+            // SAFETY: as above; distinct buffers of `n` f32.
+            let inp = unsafe { std::slice::from_raw_parts(w.bufs.input.cast::<f32>(), n) };
+            compress::pre_pass(comp, job.buffer, inp, out, world)?
+        };
+        let bufs = Buffers {
+            input: w.bufs.output,
+            input_len: w.bufs.output_len,
+            ..w.bufs
+        };
+        stats += executor::execute(
+            &w.sched,
+            &mut self.links,
+            &bufs,
+            &w.ctx,
+            Some(&job.wire),
+            Some(&self.abort),
+        )?;
+        compress::post_pass(job.wire.format, out, comp.scale(world)?, job.op, world);
+        comp.add_pending(stats);
+        Ok(comp.finish_collective())
+    }
+}
+
+/// Per-call compression for [`Communicator::all_reduce_compressed`].
+pub struct Compression<'a> {
+    /// Which links compress (`Off` makes the call exact).
+    pub mode: CompressMode,
+    /// Wire format, scale and error-feedback residuals; kept by the caller across steps.
+    pub compressor: &'a mut Compressor,
+    /// Names the buffer's residual inside the compressor (e.g. a bucket index).
+    pub buffer: u64,
+}
 
 /// A group of ranks that run collectives together.
-pub struct Communicator {}
+pub struct Communicator {
+    rank: usize,
+    world_size: usize,
+    cfg: Config,
+    topo: Topology,
+    link_kinds: Vec<Option<LinkKind>>,
+    seq: AtomicU64,
+    abort: Arc<std::sync::atomic::AtomicBool>,
+    p2p_send_seq: Vec<AtomicU64>,
+    p2p_recv_seq: Vec<AtomicU64>,
+    tx: Mutex<Option<mpsc::Sender<Work>>>,
+    worker: Option<JoinHandle<()>>,
+    plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
+    /// (collective, log2 of the size, algorithm) already reported at `info`.
+    logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
+    // Kept alive for the communicator's lifetime: rank 0 may serve the store.
+    _boot: Mutex<Option<Box<dyn Bootstrap>>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Communicator {
+    /// Builds a communicator from already-connected links (index = peer rank, `None`
+    /// for self). `init_from_env` is the usual way in; this one serves tests and
+    /// embedders that bring their own bootstrap.
+    pub fn from_parts(
+        cfg: Config,
+        topo: Topology,
+        rank: usize,
+        links: Vec<Option<Box<dyn Link>>>,
+        boot: Option<Box<dyn Bootstrap>>,
+    ) -> Result<Self> {
+        let world_size = topo.world_size();
+        if links.len() != world_size || rank >= world_size {
+            return Err(Error::invalid(
+                "Communicator::from_parts",
+                format!(
+                    "{} links for world size {world_size}, rank {rank}",
+                    links.len()
+                ),
+            ));
+        }
+        let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
+        let (tx, rx) = mpsc::channel::<Work>();
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Progress {
+            rank,
+            links,
+            scratch: Vec::new(),
+            broken: None,
+            internal: None,
+            abort: abort.clone(),
+        };
+        let worker = std::thread::Builder::new()
+            .name(format!("hetccl-progress-{rank}"))
+            .spawn(move || progress.run(rx))
+            .map_err(|e| Error::io("starting the progress thread", e))?;
+        Ok(Communicator {
+            rank,
+            world_size,
+            cfg,
+            topo,
+            link_kinds,
+            seq: AtomicU64::new(0),
+            abort,
+            p2p_send_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
+            p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
+            tx: Mutex::new(Some(tx)),
+            worker: Some(worker),
+            plans: Mutex::new(HashMap::new()),
+            logged: Mutex::new(Default::default()),
+            _boot: Mutex::new(boot),
+        })
+    }
+
+    /// Gives up on the communicator from any thread: an operation blocked on a peer
+    /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
+    /// every later call fails. For watchdogs, like `ncclCommAbort`.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+    /// Rank within this node.
+    pub fn local_rank(&self) -> usize {
+        self.topo.local_rank(self.rank)
+    }
+    /// Ranks on this node.
+    pub fn local_size(&self) -> usize {
+        self.topo.local_size(self.rank)
+    }
+    /// The job's layout.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// The link used to reach `peer` (`None` for self).
+    pub fn link_kind(&self, peer: usize) -> Option<LinkKind> {
+        self.link_kinds.get(peer).copied().flatten()
+    }
+
+    fn choose_algo(&self, op: CollectiveOp, bytes: usize) -> Algo {
+        match self.cfg.algo {
+            AlgoChoice::Ring => Algo::Ring,
+            AlgoChoice::Tree => Algo::Tree,
+            AlgoChoice::Hier => Algo::Hier,
+            AlgoChoice::Auto => {
+                let kind_cost = |k: LinkKind| match k {
+                    LinkKind::Shm => LinkCost::SHM,
+                    LinkKind::Tcp => LinkCost::TCP,
+                };
+                let me = self.topo.node_of[self.rank];
+                let (mut intra, mut inter) = (LinkCost::SHM, LinkCost::SHM);
+                for (p, k) in self.link_kinds.iter().enumerate() {
+                    if let Some(k) = k {
+                        if self.topo.node_of[p] == me {
+                            intra = cost::slower(intra, kind_cost(*k));
+                        } else {
+                            inter = cost::slower(inter, kind_cost(*k));
+                        }
+                    }
+                }
+                let shape = cost::Shape::of(&self.topo.nodes);
+                cost::choose(op, &shape, bytes, intra, inter)
+            }
+        }
+    }
+
+    fn schedule(&self, call: &Call) -> Arc<Schedule> {
+        let algo = if call.op == CollectiveOp::SendRecv {
+            Algo::Ring
+        } else {
+            self.choose_algo(call.op, call.count * call.dtype.size())
+        };
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if plans.len() > 4096 {
+            plans.clear();
+        }
+        plans
+            .entry((*call, algo))
+            .or_insert_with(|| {
+                let bytes = call.count * call.dtype.size();
+                let bucket = usize::BITS - bytes.leading_zeros();
+                let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+                if self.rank == 0 && logged.insert((call.op, bucket, algo)) {
+                    tracing::info!(
+                        rank = self.rank,
+                        "{} of {} bytes ({} x {}): {} algorithm",
+                        call.op,
+                        bytes,
+                        call.count,
+                        call.dtype,
+                        algo.name()
+                    );
+                }
+                let t = Tuning {
+                    chunk_bytes: self.cfg.chunk_bytes,
+                    slots: 2 * self.cfg.pipeline_depth + 1,
+                    shard_weights: None,
+                };
+                Arc::new(algorithm::plan(
+                    call,
+                    self.rank,
+                    self.world_size,
+                    algo,
+                    t,
+                    &self.topo.nodes,
+                ))
+            })
+            .clone()
+    }
+
+    /// Queues a call on the progress thread; the caller must keep the buffers
+    /// borrowed until the returned completion is set.
+    fn submit(
+        &self,
+        call: Call,
+        input: (*const u8, usize),
+        output: (*mut u8, usize),
+        compress: Option<(CompressMode, *mut Compressor, u64)>,
+    ) -> Result<Arc<Completion>> {
+        let compress =
+            compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
+        // A compressed call runs as an in-place sum on the output; its passes do the rest.
+        let plan_call = if compress.is_some() {
+            Call {
+                in_place: true,
+                redop: ReduceOp::Sum,
+                ..call
+            }
+        } else {
+            call
+        };
+        let sched = self.schedule(&plan_call);
+        let done = Completion::new();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            return Err(Error::Broken("communicator was shut down".into()));
+        };
+        // Sequence numbers are taken under the queue lock so queue order = seq order.
+        let seq = if call.op == CollectiveOp::SendRecv {
+            let ctr = if call.is_send {
+                &self.p2p_send_seq[call.root]
+            } else {
+                &self.p2p_recv_seq[call.root]
+            };
+            ctr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        };
+        let work = Work {
+            sched,
+            bufs: Buffers {
+                input: input.0,
+                input_len: input.1,
+                output: output.0,
+                output_len: output.1,
+                scratch: std::ptr::null_mut(),
+                scratch_len: 0,
+            },
+            ctx: ExecCtx {
+                rank: self.rank,
+                world_size: self.world_size,
+                seq,
+                op: call.op,
+                dtype: call.dtype,
+                redop: plan_call.redop,
+                count: call.count as u64,
+                timeout: self.cfg.timeout,
+            },
+            done: done.clone(),
+            compress,
+        };
+        tx.send(work)
+            .map_err(|_| Error::Broken("progress thread has stopped".into()))?;
+        Ok(done)
+    }
+
+    /// The compression plan for `call`, or `None` when nothing would be compressed:
+    /// only f32 sums and averages compress, and only on the links `mode` selects.
+    fn compress_job(
+        &self,
+        call: &Call,
+        mode: CompressMode,
+        compressor: *mut Compressor,
+        buffer: u64,
+    ) -> Option<CompressJob> {
+        let eligible = call.op == CollectiveOp::AllReduce
+            && call.dtype == DataType::F32
+            && matches!(call.redop, ReduceOp::Sum | ReduceOp::Avg);
+        let me = self.topo.node_of[self.rank];
+        let peers: Vec<bool> = (0..self.world_size)
+            .map(|p| {
+                p != self.rank
+                    && match mode {
+                        CompressMode::Off => false,
+                        CompressMode::Inter => self.topo.node_of[p] != me,
+                        CompressMode::All => true,
+                    }
+            })
+            .collect();
+        if !eligible || !peers.contains(&true) {
+            return None;
+        }
+        let format = if compressor.is_null() {
+            self.cfg.compress_format
+        } else {
+            // SAFETY: the pointer comes from a live `&mut Compressor` of the caller.
+            unsafe { (*compressor).format() }
+        };
+        Some(CompressJob {
+            wire: Wire { format, peers },
+            compressor,
+            buffer,
+            op: call.redop,
+        })
+    }
+
+    fn check_rank(&self, op: &'static str, what: &str, r: usize) -> Result<()> {
+        if r >= self.world_size {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{what} {r} is not a rank of this communicator (world size {})",
+                    self.world_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates a call and returns its pieces for `submit`.
+    fn prepare<T: Element>(
+        &self,
+        req: Request<'_, T>,
+    ) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+        let n = self.world_size;
+        let Request {
+            op,
+            input,
+            output,
+            redop,
+            root,
+        } = req;
+        let in_len = input.map_or(0, |s| s.len());
+        let out_len = output.len();
+        let name = op.name();
+        let bad = |reason: String| Error::InvalidArgument { op: name, reason };
+        let count = match op {
+            CollectiveOp::AllReduce => {
+                if input.is_some() && in_len != out_len {
+                    return Err(bad(format!(
+                        "send buffer has {in_len} elements, receive buffer {out_len}; they must be equal"
+                    )));
+                }
+                out_len
+            }
+            CollectiveOp::ReduceScatter => {
+                if in_len != out_len * n {
+                    return Err(bad(format!(
+                        "send buffer must hold world_size x receive count = {n} x {out_len} = {} elements, it holds {in_len}",
+                        n * out_len
+                    )));
+                }
+                out_len
+            }
+            CollectiveOp::AllGather => {
+                if out_len != in_len * n {
+                    return Err(bad(format!(
+                        "receive buffer must hold world_size x send count = {n} x {in_len} = {} elements, it holds {out_len}",
+                        n * in_len
+                    )));
+                }
+                in_len
+            }
+            CollectiveOp::Broadcast => {
+                self.check_rank(name, "root", root)?;
+                out_len
+            }
+            CollectiveOp::Reduce => {
+                self.check_rank(name, "root", root)?;
+                if self.rank == root && out_len != in_len {
+                    return Err(bad(format!(
+                        "on the root the receive buffer must match the send buffer ({in_len} elements), it holds {out_len}"
+                    )));
+                }
+                in_len
+            }
+            CollectiveOp::Barrier => 0,
+            CollectiveOp::SendRecv => {
+                self.check_rank(name, "peer", root)?;
+                if root == self.rank {
+                    return Err(bad("a rank cannot send to or receive from itself".into()));
+                }
+                in_len.max(out_len)
+            }
+        };
+        let call = Call {
+            op,
+            dtype: T::DTYPE,
+            redop,
+            count,
+            root,
+            in_place: input.is_none(),
+            is_send: op == CollectiveOp::SendRecv && input.is_some(),
+        };
+        let out_bytes = std::mem::size_of_val(output);
+        let out_ptr = output.as_mut_ptr() as *mut u8;
+        let inp = match input {
+            Some(s) => (s.as_ptr() as *const u8, std::mem::size_of_val(s)),
+            None => (out_ptr as *const u8, out_bytes),
+        };
+        Ok((call, inp, (out_ptr, out_bytes)))
+    }
+
+    fn run<T: Element>(&self, req: Request<'_, T>) -> Result<()> {
+        let (call, i, o) = self.prepare(req)?;
+        if self.skip(&call) {
+            return Ok(());
+        }
+        let auto = (self.cfg.compress != CompressMode::Off).then_some((
+            self.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        self.submit(call, i, o, auto)?.wait().map(|_| ())
+    }
+
+    /// In-place all-reduce of f32 values with 16-bit values on the links `c.mode`
+    /// selects (sums formed in f32; `Sum` and `Avg` only, other ops run exact).
+    /// Returns how many values had to be saturated or were non-finite, also logged at
+    /// `warn`, so a trainer can skip the step as a loss scaler would.
+    pub fn all_reduce_compressed(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        c: Compression<'_>,
+    ) -> Result<OverflowStats> {
+        let (call, i, o) =
+            self.prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.skip(&call) {
+            return Ok(OverflowStats::default());
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        self.submit(call, i, o, job)?.wait()
+    }
+
+    /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
+    /// to talk to. Both still need the local copy of out-of-place calls.
+    fn skip(&self, call: &Call) -> bool {
+        (call.count == 0 && call.op != CollectiveOp::Barrier && call.op != CollectiveOp::SendRecv)
+            || (self.world_size == 1 && call.in_place && call.op != CollectiveOp::SendRecv)
+    }
+
+    /// In-place all-reduce: every rank ends with the element-wise reduction of all
+    /// ranks' `buf`.
+    pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Out-of-place all-reduce.
+    pub fn all_reduce_into<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllReduce, Some(send), recv).redop(op))
+    }
+
+    /// Reduce-scatter: `send` holds `world_size` blocks of `recv.len()` elements; rank
+    /// `r` receives block `r` reduced over all ranks.
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.run(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
+    }
+
+    /// All-gather: rank `r`'s `send` lands at block `r` of every rank's `recv`.
+    pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// Broadcast `buf` from `root` to every rank.
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.run(Request::new(CollectiveOp::Broadcast, None, buf).root(root))
+    }
+
+    /// Reduce every rank's `send` into `recv` on `root` (`recv` is ignored elsewhere
+    /// and may be empty).
+    pub fn reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.run(
+            Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&self) -> Result<()> {
+        let mut none: [u8; 0] = [];
+        self.run(Request::new(CollectiveOp::Barrier, None, &mut none))
+    }
+
+    /// Sends `buf` to `peer`, which must post a matching [`Communicator::recv`] of the
+    /// same length. Point-to-point messages between two ranks arrive in send order.
+    pub fn send<T: Element>(&self, buf: &[T], peer: usize) -> Result<()> {
+        let mut none: [T; 0] = [];
+        self.run(Request::new(CollectiveOp::SendRecv, Some(buf), &mut none).root(peer))
+    }
+
+    /// Receives into `buf` from `peer`.
+    pub fn recv<T: Element>(&self, buf: &mut [T], peer: usize) -> Result<()> {
+        self.run(Request::new(CollectiveOp::SendRecv, None, buf).root(peer))
+    }
+
+    /// Runs `f` with a [`Scope`] in which collectives can be started without waiting.
+    /// Every operation started in the scope is finished when `scope` returns, also if
+    /// `f` panics. Operations run one after another, in the order they were started.
+    pub fn scope<'env, R>(&'env self, f: impl for<'s> FnOnce(&'s Scope<'s, 'env>) -> R) -> R {
+        let scope = Scope {
+            comm: self,
+            pending: Mutex::new(Vec::new()),
+            _scope: PhantomData,
+            _env: PhantomData,
+        };
+        struct WaitAll<'a>(&'a Mutex<Vec<Arc<Completion>>>);
+        impl Drop for WaitAll<'_> {
+            fn drop(&mut self) {
+                let pending =
+                    std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+                for c in pending {
+                    // Errors reach the caller through its handles; the communicator is
+                    // broken after one anyway.
+                    let _ = c.wait();
+                }
+            }
+        }
+        let _guard = WaitAll(&scope.pending);
+        f(&scope)
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Closing the queue ends the progress thread once the queued work is done.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A validated request, before it becomes a [`Call`].
+struct Request<'a, T> {
+    op: CollectiveOp,
+    input: Option<&'a [T]>,
+    output: &'a mut [T],
+    redop: ReduceOp,
+    root: usize,
+}
+
+impl<'a, T> Request<'a, T> {
+    fn new(op: CollectiveOp, input: Option<&'a [T]>, output: &'a mut [T]) -> Self {
+        Request {
+            op,
+            input,
+            output,
+            redop: ReduceOp::Sum,
+            root: 0,
+        }
+    }
+    fn redop(mut self, op: ReduceOp) -> Self {
+        self.redop = op;
+        self
+    }
+    fn root(mut self, r: usize) -> Self {
+        self.root = r;
+        self
+    }
+}
+
+/// Starts collectives without waiting; see [`Communicator::scope`].
+pub struct Scope<'s, 'env: 's> {
+    comm: &'env Communicator,
+    pending: Mutex<Vec<Arc<Completion>>>,
+    _scope: PhantomData<&'s mut &'s ()>,
+    _env: PhantomData<&'env mut &'env ()>,
+}
+
+/// A started operation; [`Handle::wait`] returns its result.
+#[must_use = "an operation's error is only reported through its handle"]
+pub struct Handle<'s> {
+    done: Option<Arc<Completion>>,
+    _scope: PhantomData<&'s ()>,
+}
+
+impl Handle<'_> {
+    /// Blocks until the operation is done and returns its result.
+    pub fn wait(self) -> Result<()> {
+        self.wait_stats().map(|_| ())
+    }
+
+    /// Like [`Handle::wait`], also returning what compression saturated (zero for
+    /// uncompressed operations).
+    pub fn wait_stats(self) -> Result<OverflowStats> {
+        match &self.done {
+            Some(c) => c.wait(),
+            None => Ok(OverflowStats::default()),
+        }
+    }
+
+    /// True once the operation is done (its result is kept for `wait`).
+    pub fn test(&self) -> bool {
+        self.done.as_ref().is_none_or(|c| c.is_done())
+    }
+}
+
+impl<'s, 'env> Scope<'s, 'env> {
+    fn start<T: Element>(&'s self, req: Request<'env, T>) -> Result<Handle<'s>> {
+        let (call, i, o) = self.comm.prepare(req)?;
+        if self.comm.skip(&call) {
+            return Ok(Handle {
+                done: None,
+                _scope: PhantomData,
+            });
+        }
+        let auto = (self.comm.cfg.compress != CompressMode::Off).then_some((
+            self.comm.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        let c = self.comm.submit(call, i, o, auto)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c.clone());
+        Ok(Handle {
+            done: Some(c),
+            _scope: PhantomData,
+        })
+    }
+
+    /// Starts an in-place all-reduce of `buf`.
+    pub fn all_reduce<T: Element>(
+        &'s self,
+        buf: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Starts a compressed in-place all-reduce (see [`Communicator::all_reduce_compressed`]).
+    pub fn all_reduce_compressed(
+        &'s self,
+        buf: &'env mut [f32],
+        op: ReduceOp,
+        c: Compression<'env>,
+    ) -> Result<Handle<'s>> {
+        let (call, i, o) = self
+            .comm
+            .prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.comm.skip(&call) {
+            return Ok(Handle {
+                done: None,
+                _scope: PhantomData,
+            });
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        let done = self.comm.submit(call, i, o, job)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done.clone());
+        Ok(Handle {
+            done: Some(done),
+            _scope: PhantomData,
+        })
+    }
+
+    /// Starts an out-of-place all-reduce.
+    pub fn all_reduce_into<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllReduce, Some(send), recv).redop(op))
+    }
+
+    /// Starts a reduce-scatter.
+    pub fn reduce_scatter<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
+    }
+
+    /// Starts an all-gather.
+    pub fn all_gather<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// Starts a broadcast.
+    pub fn broadcast<T: Element>(&'s self, buf: &'env mut [T], root: usize) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::Broadcast, None, buf).root(root))
+    }
+
+    /// Starts a reduce.
+    pub fn reduce<T: Element>(
+        &'s self,
+        send: &'env [T],
+        recv: &'env mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Handle<'s>> {
+        self.start(
+            Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
+    }
+}
+
+/// The dtype tag of `T` (re-exported for type-erased callers).
+pub fn dtype_of<T: Element>() -> DataType {
+    T::DTYPE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::RankInfo;
+    use crate::transport::mem;
+
+    /// `n` communicators in one process, fully connected by in-memory links, with
+    /// ranks grouped into nodes of `per_node`.
+    fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
+        let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for a in 0..n {
+            for b in a + 1..n {
+                let (la, lb) = mem::pair_with(a, b, 4096, 4);
+                links[a][b] = Some(Box::new(la));
+                links[b][a] = Some(Box::new(lb));
+            }
+        }
+        let topo = Topology::from_ranks(
+            (0..n)
+                .map(|r| RankInfo {
+                    rank: r,
+                    hostname: "h".into(),
+                    node_id: format!("n{}", r / per_node),
+                    pid: 1,
+                })
+                .collect(),
+        );
+        let cfg = Config {
+            algo,
+            chunk_bytes: 4096,
+            timeout: std::time::Duration::from_secs(20),
+            ..Config::default()
+        };
+        links
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None).unwrap())
+            .collect()
+    }
+
+    fn on_all<R: Send>(comms: &[Communicator], f: impl Fn(&Communicator) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn all_reduce_every_algorithm_over_memory_links() {
+        for algo in [
+            AlgoChoice::Ring,
+            AlgoChoice::Tree,
+            AlgoChoice::Hier,
+            AlgoChoice::Auto,
+        ] {
+            let comms = world(4, 2, algo);
+            for count in [0usize, 1, 7, 1000, 100_003] {
+                let outs = on_all(&comms, |c| {
+                    let mut v: Vec<f32> =
+                        (0..count).map(|i| (c.rank() * 10 + i % 3) as f32).collect();
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    v
+                });
+                let want: Vec<f32> = (0..count).map(|i| (60 + 4 * (i % 3)) as f32).collect();
+                for o in outs {
+                    assert_eq!(o, want, "{algo:?} count={count}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scoped_operations_overlap_and_finish_in_order() {
+        let comms = world(3, 3, AlgoChoice::Ring);
+        let outs = on_all(&comms, |c| {
+            let mut a = vec![c.rank() as i64 + 1; 5000];
+            let mut b = vec![0u8; 10];
+            if c.rank() == 2 {
+                b.fill(9);
+            }
+            c.scope(|s| {
+                let h1 = s.all_reduce(&mut a, ReduceOp::Prod).unwrap();
+                let h2 = s.broadcast(&mut b, 2).unwrap();
+                h2.wait().unwrap();
+                assert!(h1.test(), "an earlier operation finishes first");
+                h1.wait().unwrap();
+            });
+            (a, b)
+        });
+        for (a, b) in outs {
+            assert_eq!(a, vec![6i64; 5000]);
+            assert_eq!(b, vec![9u8; 10]);
+        }
+    }
+
+    #[test]
+    fn compressed_all_reduce_is_close_and_identical_on_every_rank() {
+        use crate::compression::WireFormat;
+        for algo in [AlgoChoice::Ring, AlgoChoice::Tree, AlgoChoice::Hier] {
+            for mode in [CompressMode::Inter, CompressMode::All] {
+                let comms = world(4, 2, algo);
+                let count = 30_001;
+                let outs = on_all(&comms, |c| {
+                    let mut comp =
+                        Compressor::new(WireFormat::F16, ScalePolicy::InverseWorldSize, true)
+                            .unwrap();
+                    let mut v: Vec<f32> = (0..count)
+                        .map(|i| ((i * (c.rank() + 1)) as f32 * 0.001).sin())
+                        .collect();
+                    let stats = c
+                        .all_reduce_compressed(
+                            &mut v,
+                            ReduceOp::Sum,
+                            Compression {
+                                mode,
+                                compressor: &mut comp,
+                                buffer: 0,
+                            },
+                        )
+                        .unwrap();
+                    assert!(stats.is_clean());
+                    assert_eq!(comp.residual(0).map(|r| r.len()), Some(count));
+                    v
+                });
+                for i in (0..count).step_by(997) {
+                    let exact: f64 = (0..4)
+                        .map(|r| ((i * (r + 1)) as f32 * 0.001).sin() as f64)
+                        .sum();
+                    let err = (outs[0][i] as f64 - exact).abs();
+                    // fp16 keeps 11 bits; a 4-term sum of values below 1 stays within 4 * 2^-11.
+                    assert!(
+                        err < 4.0 * 2f64.powi(-11),
+                        "{algo:?} {mode:?} [{i}]: {} vs {exact}",
+                        outs[0][i]
+                    );
+                }
+                for o in &outs[1..] {
+                    assert!(
+                        o.iter()
+                            .zip(&outs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{algo:?} {mode:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overflow_is_counted_not_turned_into_inf() {
+        use crate::compression::WireFormat;
+        let comms = world(2, 1, AlgoChoice::Ring);
+        let outs = on_all(&comms, |c| {
+            let mut comp =
+                Compressor::new(WireFormat::F16, ScalePolicy::Factor(1.0), false).unwrap();
+            let mut v = vec![1.0f32; 64];
+            v[3] = 1e6; // beyond fp16's 65504
+            v[5] = f32::NAN;
+            let stats = c
+                .all_reduce_compressed(
+                    &mut v,
+                    ReduceOp::Sum,
+                    Compression {
+                        mode: CompressMode::Inter,
+                        compressor: &mut comp,
+                        buffer: 0,
+                    },
+                )
+                .unwrap();
+            (stats, v)
+        });
+        for (stats, v) in outs {
+            assert!(stats.overflow >= 1 && stats.nonfinite >= 1, "{stats:?}");
+            assert!(v[3].is_finite());
+            assert!(v[5].is_nan());
+            assert_eq!(v[0], 2.0);
+        }
+    }
+
+    #[test]
+    fn abort_from_another_thread_ends_a_blocked_call() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let t0 = std::time::Instant::now();
+        let e = std::thread::scope(|s| {
+            // Rank 1 never joins: rank 0's all-reduce blocks until the abort.
+            let h = s.spawn(|| comms[0].all_reduce(&mut [1.0f32; 100], ReduceOp::Sum));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            comms[0].abort();
+            h.join().unwrap().unwrap_err()
+        });
+        assert!(e.to_string().contains("aborted by the application"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let again = comms[0].barrier().unwrap_err().to_string();
+        assert!(again.contains("aborted"), "{again}");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_any_traffic() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let c = &comms[0];
+        let e = c
+            .reduce_scatter(&[1.0f32; 5], &mut [0.0f32; 2], ReduceOp::Sum)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument to reduce_scatter: send buffer must hold world_size x receive count = 2 x 2 = 4 elements, it holds 5"
+        );
+        let e = c.broadcast(&mut [0u8; 4], 2).unwrap_err();
+        assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
+        let e = c.send(&[1u8], 0).unwrap_err();
+        assert!(e.to_string().contains("itself"), "{e}");
+    }
+
+    #[test]
+    fn a_mismatch_breaks_the_communicator_on_both_sides() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let errs = on_all(&comms, |c| {
+            let mut v = vec![1.0f32; 100 + c.rank()];
+            let e = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+            let again = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+            (e.to_string(), again.to_string())
+        });
+        let all = format!("{errs:?}");
+        assert!(all.contains("does not match what peer"), "{all}");
+        for (_, again) in &errs {
+            assert!(
+                again.starts_with("communicator is unusable after an earlier error"),
+                "{again}"
+            );
+        }
+    }
+}

@@ -4,48 +4,17 @@
 //! backward is still producing the next ones, summing a few f64 counters, and gathering
 //! one f64 per rank (throughput, for load balancing). [`GradSync`] names exactly those.
 //! [`SingleProcess`] is the world of one; [`ThreadGroup`] runs several ranks as threads of
-//! one process (tests, demos). A [`crate::Communicator`] implements it through its
-//! non-blocking `scope` API, each bucket's all-reduce started the moment backward hands
-//! it over:
-//!
-//! ```text
-//! struct ScopeSink<'s, 'env> { scope: &'s Scope<'s, 'env>, handles: Vec<Handle<'s>> }
-//!
-//! impl<'s, 'env> BucketSink<'env, f32> for ScopeSink<'s, 'env> {
-//!     fn bucket_ready(&mut self, grads: &'env mut [f32]) -> Result<()> {
-//!         self.handles.push(self.scope.all_reduce(grads, ReduceOp::Sum)?);
-//!         Ok(())
-//!     }
-//! }
-//!
-//! impl GradSync for Communicator {
-//!     fn rank(&self) -> usize { Communicator::rank(self) }
-//!     fn world_size(&self) -> usize { Communicator::world_size(self) }
-//!     fn reduce_while<'g>(&'g self, grads: &'g mut [f32], backward: &mut BackwardFn<'_, 'g>)
-//!         -> Result<()> {
-//!         self.scope(|s| {
-//!             let mut sink = ScopeSink { scope: s, handles: Vec::new() };
-//!             let res = backward(grads, &mut sink);
-//!             // wait for every started bucket, even after an error
-//!             let mut waited = Ok(());
-//!             for h in sink.handles {
-//!                 if let (Err(e), true) = (h.wait(), waited.is_ok()) { waited = Err(e); }
-//!             }
-//!             res.and(waited)
-//!         })
-//!     }
-//!     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> { self.all_reduce(buf, ReduceOp::Sum) }
-//!     fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
-//!         Communicator::all_gather(self, send, recv)
-//!     }
-//! }
-//! ```
+//! one process (tests, demos). [`crate::Communicator`] implements it through its
+//! non-blocking `scope` API: each bucket's all-reduce starts the moment backward hands it
+//! over and runs on the communicator's progress thread while backward goes on.
 //!
 //! The parameters stay identical on every rank only if an all-reduce gives every rank
 //! bitwise the same sum (hetccl's determinism rule).
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
+use crate::communicator::{Communicator, Handle, Scope};
+use crate::dtype::ReduceOp;
 use crate::error::{Error, Result};
 
 /// Receives gradient buckets as backward completes them.
@@ -316,6 +285,59 @@ impl GradSync for ThreadGroup {
         self.sum_in_place(&self.shared.slots64, &mut full)?;
         recv.copy_from_slice(&full);
         Ok(())
+    }
+}
+
+/// Starts an all-reduce per bucket inside a [`Communicator::scope`].
+struct ScopeSink<'s, 'env> {
+    scope: &'s Scope<'s, 'env>,
+    handles: Vec<Handle<'s>>,
+}
+
+impl<'env> BucketSink<'env, f32> for ScopeSink<'_, 'env> {
+    fn bucket_ready(&mut self, grads: &'env mut [f32]) -> Result<()> {
+        tracing::debug!(target: "hetccl::trainer::sync", bytes = grads.len() * 4, "bucket all_reduce started");
+        self.handles
+            .push(self.scope.all_reduce(grads, ReduceOp::Sum)?);
+        Ok(())
+    }
+}
+
+impl GradSync for Communicator {
+    fn rank(&self) -> usize {
+        Communicator::rank(self)
+    }
+    fn world_size(&self) -> usize {
+        Communicator::world_size(self)
+    }
+    fn reduce_while<'g>(
+        &'g self,
+        grads: &'g mut [f32],
+        backward: &mut BackwardFn<'_, 'g>,
+    ) -> Result<()> {
+        self.scope(|s| {
+            let mut sink = ScopeSink {
+                scope: s,
+                handles: Vec::new(),
+            };
+            let res = backward(grads, &mut sink);
+            // Wait for every bucket that was started, also after an error, and report
+            // the first failure.
+            let mut waited = Ok(());
+            for h in sink.handles {
+                let r = h.wait();
+                if waited.is_ok() {
+                    waited = r;
+                }
+            }
+            res.and(waited)
+        })
+    }
+    fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
+        self.all_reduce(buf, ReduceOp::Sum)
+    }
+    fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
+        Communicator::all_gather(self, send, recv)
     }
 }
 

@@ -8,8 +8,22 @@
 //! | --- | --- |
 //! | [`shm`] | two ranks on one host (unless `HETCCL_SHM_DISABLE=1`) |
 //! | [`tcp`] | ranks on different hosts; several sockets per peer, chunks striped |
+//! | [`mem`] | two threads of one process (tests of the algorithms) |
+//!
+//! [`connect_all`] builds the full mesh of links at start-up.
 
-use crate::error::Result;
+pub mod mem;
+pub mod shm;
+pub mod tcp;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::bootstrap::auth::JobAuth;
+use crate::bootstrap::Bootstrap;
+use crate::config::Config;
+use crate::error::{Error, Result};
 
 /// First field of every message header.
 pub const MSG_MAGIC: u32 = 0x4843_4d31; // "HCM1"
@@ -57,6 +71,8 @@ pub trait RecvSink {
     /// Called with the payload in order. `offset` is where `bytes` starts within the
     /// message. Pieces start at offsets that are multiples of 64 and every piece but
     /// the last of a message is a multiple of 64 bytes long, so no element is split.
+    /// Every transport in this module also hands out `bytes` at a 64-byte aligned
+    /// address, so the piece can be viewed as a slice of any element type.
     fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()>;
 }
 
@@ -65,7 +81,8 @@ pub trait RecvSink {
 /// At most one message is in flight per direction: the caller repeats `poll_send`
 /// with the same header and payload until it returns `Ok(true)` before starting the
 /// next message (likewise for `poll_recv`). Errors are [`crate::Error::Link`]; the
-/// executor adds the collective's context.
+/// executor adds the collective's context. After an error (its own, or one a sink
+/// returned) a link is unusable: the caller aborts it and drops it.
 pub trait Link: Send {
     /// The rank at the other end.
     fn peer(&self) -> usize;
@@ -86,4 +103,749 @@ pub trait Link: Send {
     /// File descriptors to sleep on in `poll(2)` while waiting for this link
     /// (`(fd, want_write)`); empty for links that can only be polled by spinning.
     fn wait_fds(&self, _out: &mut Vec<(i32, bool)>) {}
+}
+
+/// Heap memory whose first byte sits on a 64-byte boundary (one cache line), for the
+/// staging buffers whose contents are handed to a [`RecvSink`].
+pub(crate) struct AlignedBuf {
+    lines: Vec<Line64>,
+    len: usize,
+}
+
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line64([u8; 64]);
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        AlignedBuf {
+            lines: vec![Line64([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &bytemuck::cast_slice::<Line64, u8>(&self.lines)[..self.len]
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<Line64, u8>(&mut self.lines)[..self.len]
+    }
+}
+
+/// What each rank publishes through the bootstrap while links are set up. The same
+/// shape is exchanged three times (prepare, shm attached, tcp connected); `error` lets
+/// a rank that failed tell every other rank, so all of them fail together instead of
+/// waiting for a timeout.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SetupBlob {
+    error: Option<String>,
+    /// `ip:port` of this rank's listener, where higher ranks connect over TCP.
+    tcp_addr: Option<String>,
+    nsocks: usize,
+    stripe: usize,
+    /// `(peer, segment name)` for the shm segments this rank created.
+    shm: Vec<(usize, String)>,
+}
+
+/// Segments and listener made before anything is exchanged.
+struct Prepared {
+    shm: Vec<(usize, shm::ShmLink)>,
+    listener: Option<std::net::TcpListener>,
+    blob: SetupBlob,
+}
+
+/// Connects this rank to every other rank: shared memory to peers on the same host
+/// (unless `cfg.shm_disable`), TCP to the rest. Collective over `boot`: every rank calls
+/// it once, at the same point. Returns one entry per rank (`None` at this rank's index).
+///
+/// Protocol (each step is a `boot.all_gather`, so a rank that fails a step tells all the
+/// others and every rank returns an error instead of some of them hanging):
+///
+/// 1. for each same-host pair the lower rank creates the segment; ranks with TCP
+///    peers above them bind a listener; names and `ip:port` are exchanged;
+/// 2. the higher rank of each pair maps the segment; after the exchange that follows,
+///    both sides have mapped it and the creator unlinks it from `/dev/shm`;
+/// 3. for each TCP pair the higher rank connects `cfg.nsocks_per_peer` sockets to the
+///    lower one, each authenticated with `auth`; strangers are refused and logged;
+/// 4. a last exchange confirms that every rank has all its links.
+///
+/// `same_host[j]` says whether rank `j` runs on this host; it must have `world_size`
+/// entries and agree between the two ranks of every pair.
+pub fn connect_all(
+    cfg: &Config,
+    boot: &mut dyn Bootstrap,
+    auth: &JobAuth,
+    same_host: &[bool],
+) -> Result<Vec<Option<Box<dyn Link>>>> {
+    let rank = boot.rank();
+    let world = boot.world_size();
+    if same_host.len() != world || rank >= world {
+        return Err(Error::invalid(
+            "connect_all",
+            format!(
+                "rank {rank}, world size {world}, but same_host has {} entries",
+                same_host.len()
+            ),
+        ));
+    }
+    let kinds: Vec<LinkKind> = (0..world)
+        .map(|j| {
+            if same_host[j] && !cfg.shm_disable {
+                LinkKind::Shm
+            } else {
+                LinkKind::Tcp
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + cfg.connect_timeout;
+
+    // 1. Segments and listener.
+    let prepared = prepare(cfg, rank, auth, &kinds, same_host);
+    let blob = match &prepared {
+        Ok(p) => p.blob.clone(),
+        Err(e) => SetupBlob {
+            error: Some(e.to_string()),
+            ..SetupBlob::default()
+        },
+    };
+    let infos = exchange(boot, &blob)?;
+    let Prepared {
+        shm: mut created,
+        listener,
+        ..
+    } = prepared?;
+    others_ok(&infos, rank, "prepare its links")?;
+    check_striping(&infos, &kinds, rank)?;
+
+    // 2. Attach to the segments the lower ranks created, then unlink them all.
+    let opened: Result<Vec<(usize, shm::ShmLink)>> = (0..rank)
+        .filter(|&j| kinds[j] == LinkKind::Shm)
+        .map(|j| {
+            let name = infos[j]
+                .shm
+                .iter()
+                .find(|(p, _)| *p == rank)
+                .map(|(_, n)| n.clone())
+                .ok_or_else(|| {
+                    Error::Shm(format!(
+                        "rank {j} published no segment for rank {rank}: the two ranks disagree \
+                         on whether they share a host or on HETCCL_SHM_DISABLE"
+                    ))
+                })?;
+            Ok((j, shm::ShmLink::open(&name, rank, j)?))
+        })
+        .collect();
+    let status = SetupBlob {
+        error: opened.as_ref().err().map(|e| e.to_string()),
+        ..SetupBlob::default()
+    };
+    let attached = exchange(boot, &status);
+    // Both sides of every segment have mapped it (or given up): the names can go,
+    // so nothing is left in /dev/shm whatever happens to the processes later.
+    for (_, link) in &mut created {
+        link.unlink();
+    }
+    let attached = attached?;
+    let opened = opened?;
+    others_ok(&attached, rank, "attach its shared-memory segments")?;
+
+    // 3. TCP: accept from higher ranks while connecting to lower ones.
+    let higher: Vec<usize> = (rank + 1..world)
+        .filter(|&j| kinds[j] == LinkKind::Tcp)
+        .collect();
+    let lower: Vec<usize> = (0..rank).filter(|&j| kinds[j] == LinkKind::Tcp).collect();
+    let nsocks = blob.nsocks;
+    let stripe = blob.stripe;
+    let tcp_links: Result<Vec<tcp::TcpLink>> = std::thread::scope(|s| {
+        let acceptor = s.spawn(|| match &listener {
+            Some(l) => tcp::accept_links(l, auth, rank, &higher, nsocks, stripe, deadline),
+            None => Ok(Vec::new()),
+        });
+        let mut links = Vec::new();
+        let mut failed = None;
+        for &j in &lower {
+            let addr = infos[j]
+                .tcp_addr
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            let res = match addr {
+                Some(addr) => tcp::connect_link(addr, auth, rank, j, nsocks, stripe, deadline),
+                None => Err(Error::Link {
+                    peer: j,
+                    detail: format!("rank {j} published no TCP listener address"),
+                    lost: false,
+                }),
+            };
+            match res {
+                Ok(l) => links.push(l),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let accepted = acceptor
+            .join()
+            .unwrap_or_else(|_| Err(Error::Bootstrap("the TCP accept thread panicked".into())));
+        match (failed, accepted) {
+            (Some(e), _) => Err(e),
+            (None, Err(e)) => Err(e),
+            (None, Ok(mut acc)) => {
+                links.append(&mut acc);
+                Ok(links)
+            }
+        }
+    });
+    drop(listener);
+
+    // 4. Everyone has every link, or everyone fails.
+    let status = SetupBlob {
+        error: tcp_links.as_ref().err().map(|e| e.to_string()),
+        ..SetupBlob::default()
+    };
+    let done = exchange(boot, &status)?;
+    let tcp_links = tcp_links?;
+    others_ok(&done, rank, "connect its TCP links")?;
+
+    let mut links: Vec<Option<Box<dyn Link>>> = (0..world).map(|_| None).collect();
+    for (j, l) in created.into_iter().chain(opened) {
+        tracing::info!(
+            rank,
+            peer = j,
+            bytes = l.segment_bytes(),
+            "shm link (segment {}, {} slots x {} bytes per direction)",
+            l.name(),
+            l.geometry().nslots,
+            l.geometry().slot_bytes
+        );
+        links[j] = Some(Box::new(l));
+    }
+    for l in tcp_links {
+        let j = l.peer();
+        tracing::info!(
+            rank,
+            peer = j,
+            "tcp link ({} sockets, {} byte stripes, remote {})",
+            nsocks,
+            stripe,
+            l.remote_addr()
+        );
+        links[j] = Some(Box::new(l));
+    }
+    if let Some(j) = (0..world).find(|&j| j != rank && links[j].is_none()) {
+        return Err(Error::Link {
+            peer: j,
+            detail: format!("rank {rank} ended link setup without a link to rank {j}"),
+            lost: false,
+        });
+    }
+    Ok(links)
+}
+
+fn prepare(
+    cfg: &Config,
+    rank: usize,
+    auth: &JobAuth,
+    kinds: &[LinkKind],
+    same_host: &[bool],
+) -> Result<Prepared> {
+    let world = kinds.len();
+    let geom = shm::ShmGeometry::from_config(cfg);
+    let mut p = Prepared {
+        shm: Vec::new(),
+        listener: None,
+        blob: SetupBlob {
+            nsocks: cfg.nsocks_per_peer.max(1),
+            stripe: tcp::stripe_bytes(cfg),
+            ..SetupBlob::default()
+        },
+    };
+    let shm_above = (rank + 1..world).filter(|&j| kinds[j] == LinkKind::Shm);
+    for j in shm_above {
+        let name = shm::segment_name(auth.job_id(), rank, j);
+        p.shm.push((j, shm::ShmLink::create(&name, rank, j, geom)?));
+        p.blob.shm.push((j, name));
+    }
+    if (rank + 1..world).any(|j| kinds[j] == LinkKind::Tcp) {
+        // Only higher ranks connect here: loopback will do unless one of them is remote.
+        let remote = (rank + 1..world).any(|j| kinds[j] == LinkKind::Tcp && !same_host[j]);
+        let ip = tcp::listen_ip(cfg, remote)?;
+        let l = tcp::listen(ip)?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| Error::io(format!("rank {rank}: address of the TCP listener"), e))?;
+        p.blob.tcp_addr = Some(addr.to_string());
+        p.listener = Some(l);
+    }
+    Ok(p)
+}
+
+fn exchange(boot: &mut dyn Bootstrap, blob: &SetupBlob) -> Result<Vec<SetupBlob>> {
+    let bytes = serde_json::to_vec(blob)
+        .map_err(|e| Error::Bootstrap(format!("encoding link setup data: {e}")))?;
+    boot.all_gather(&bytes)?
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            serde_json::from_slice(b).map_err(|e| {
+                Error::Bootstrap(format!("link setup data from rank {r} is unreadable: {e}"))
+            })
+        })
+        .collect()
+}
+
+/// Fails when some other rank reported an error in the step just exchanged.
+fn others_ok(infos: &[SetupBlob], rank: usize, what: &str) -> Result<()> {
+    let failed: Vec<String> = infos
+        .iter()
+        .enumerate()
+        .filter(|(r, _)| *r != rank)
+        .filter_map(|(r, b)| b.error.as_ref().map(|e| format!("rank {r}: {e}")))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Bootstrap(format!(
+            "{} rank(s) could not {what}; {}",
+            failed.len(),
+            failed.join("; ")
+        )))
+    }
+}
+
+/// Both ends of a TCP link must cut messages into the same stripes over the same number
+/// of sockets, or the bytes would be reassembled in the wrong order.
+fn check_striping(infos: &[SetupBlob], kinds: &[LinkKind], rank: usize) -> Result<()> {
+    if !kinds
+        .iter()
+        .enumerate()
+        .any(|(j, k)| j != rank && *k == LinkKind::Tcp)
+    {
+        return Ok(());
+    }
+    let mine = (infos[rank].nsocks, infos[rank].stripe);
+    let differ: BTreeSet<usize> = infos
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| (b.nsocks, b.stripe) != mine)
+        .map(|(r, _)| r)
+        .collect();
+    match differ.first() {
+        None => Ok(()),
+        Some(&r) => Err(Error::Bootstrap(format!(
+            "rank {rank} stripes TCP messages over {} sockets in {} byte pieces but rank {r} \
+             uses {} sockets and {} bytes; set HETCCL_NSOCKS_PERPEER and HETCCL_CHUNK_BYTES \
+             alike on every rank",
+            mine.0, mine.1, infos[r].nsocks, infos[r].stripe
+        ))),
+    }
+}
+
+/// Shared by the transport tests: a bootstrap over threads, a checking sink, and a
+/// driver that moves messages both ways at once like the executor does.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    /// Message sizes every transport must carry intact.
+    pub(crate) const STANDARD_SIZES: [usize; 6] = [0, 1, 63, 64, 1000, 5_000_003];
+
+    /// A header whose every field is distinct, so a mix-up shows.
+    pub(crate) fn header(seq: u64, bytes: usize) -> MsgHeader {
+        MsgHeader {
+            magic: MSG_MAGIC,
+            op: 3,
+            dtype: 7,
+            redop: 1,
+            flags: 0x5a,
+            seq,
+            count: bytes as u64 / 4 + 11,
+            bytes: bytes as u64,
+        }
+    }
+
+    /// Deterministic bytes (xorshift64), different for every seed.
+    pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Collects one message and checks the piece rules of [`RecvSink`].
+    #[derive(Default)]
+    pub(crate) struct VecSink {
+        pub(crate) header: Option<MsgHeader>,
+        pub(crate) data: Vec<u8>,
+        pub(crate) pieces: usize,
+    }
+
+    impl RecvSink for VecSink {
+        fn header(&mut self, h: &MsgHeader) -> Result<()> {
+            self.header = Some(*h);
+            self.data.clear();
+            self.pieces = 0;
+            Ok(())
+        }
+
+        fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+            assert_eq!(
+                offset,
+                self.data.len(),
+                "pieces arrive in order, back to back"
+            );
+            assert_eq!(
+                offset % 64,
+                0,
+                "piece offset {offset} is not a multiple of 64"
+            );
+            assert_eq!(
+                bytes.as_ptr() as usize % 64,
+                0,
+                "piece is not 64-byte aligned"
+            );
+            assert!(!bytes.is_empty(), "empty piece");
+            self.data.extend_from_slice(bytes);
+            self.pieces += 1;
+            Ok(())
+        }
+    }
+
+    /// Repeats `f` until it returns true or fails; panics after 30 s (a hang guard).
+    pub(crate) fn poll_until(mut f: impl FnMut() -> Result<bool>) -> Result<bool> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if f()? {
+                return Ok(true);
+            }
+            assert!(Instant::now() < deadline, "no progress in 30 s");
+            std::thread::yield_now();
+        }
+    }
+
+    /// `a` and `b` each send one message of every size in `sizes` while receiving the
+    /// other's, each driven by one thread that alternates send and receive polls.
+    pub(crate) fn duplex(a: &mut dyn Link, b: &mut dyn Link, sizes: &[usize]) {
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| drive(a, sizes, 1, 2));
+            let tb = s.spawn(|| drive(b, sizes, 2, 1));
+            ta.join().unwrap();
+            tb.join().unwrap();
+        });
+    }
+
+    fn drive(l: &mut dyn Link, sizes: &[usize], me: u64, other: u64) {
+        let out: Vec<(MsgHeader, Vec<u8>)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (header(i as u64, n), pattern(n, me * 1000 + i as u64)))
+            .collect();
+        let (mut sent, mut got) = (0, 0);
+        let mut sink = VecSink::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sent < out.len() || got < sizes.len() {
+            let mut progress = false;
+            if sent < out.len() && l.poll_send(&out[sent].0, &out[sent].1).unwrap() {
+                sent += 1;
+                progress = true;
+            }
+            if got < sizes.len() && l.poll_recv(&mut sink).unwrap() {
+                let n = sizes[got];
+                assert_eq!(
+                    sink.header,
+                    Some(header(got as u64, n)),
+                    "header of message {got}"
+                );
+                assert_eq!(sink.data.len(), n, "length of message {got}");
+                assert!(
+                    sink.data == pattern(n, other * 1000 + got as u64),
+                    "bytes of message {got}"
+                );
+                sink = VecSink::default();
+                got += 1;
+                progress = true;
+            }
+            if !progress {
+                assert!(
+                    Instant::now() < deadline,
+                    "stuck: sent {sent}, received {got}"
+                );
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// A [`Bootstrap`] among threads of this process.
+    pub(crate) struct ThreadBoot {
+        rank: usize,
+        world: usize,
+        shared: Arc<(Mutex<BootState>, Condvar)>,
+    }
+
+    struct BootState {
+        round: u64,
+        arrived: usize,
+        slots: Vec<Vec<u8>>,
+        result: Vec<Vec<u8>>,
+    }
+
+    /// One bootstrap per rank of a `world`-rank job.
+    pub(crate) fn thread_boots(world: usize) -> Vec<ThreadBoot> {
+        let shared = Arc::new((
+            Mutex::new(BootState {
+                round: 0,
+                arrived: 0,
+                slots: vec![Vec::new(); world],
+                result: Vec::new(),
+            }),
+            Condvar::new(),
+        ));
+        (0..world)
+            .map(|rank| ThreadBoot {
+                rank,
+                world,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    impl Bootstrap for ThreadBoot {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn world_size(&self) -> usize {
+            self.world
+        }
+
+        fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+            let (m, cv) = &*self.shared;
+            let mut st = m.lock().unwrap();
+            st.slots[self.rank] = data.to_vec();
+            st.arrived += 1;
+            if st.arrived == self.world {
+                st.result = std::mem::replace(&mut st.slots, vec![Vec::new(); self.world]);
+                st.arrived = 0;
+                st.round += 1;
+                cv.notify_all();
+                return Ok(st.result.clone());
+            }
+            let round = st.round;
+            while st.round == round {
+                let (g, t) = cv.wait_timeout(st, Duration::from_secs(60)).unwrap();
+                st = g;
+                assert!(!t.timed_out() || st.round != round, "all_gather hung");
+            }
+            Ok(st.result.clone())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg(nsocks: usize) -> Config {
+        Config {
+            socket_ifname: Some("lo".into()),
+            nsocks_per_peer: nsocks,
+            connect_timeout: Duration::from_secs(20),
+            ..Config::default()
+        }
+    }
+
+    /// Runs `f(rank, boot)` on one thread per rank.
+    fn run<T: Send>(
+        boots: Vec<impl Bootstrap + 'static>,
+        f: impl Fn(usize, &mut dyn Bootstrap) -> T + Sync,
+    ) -> Vec<T> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = boots
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut b)| {
+                    let f = &f;
+                    s.spawn(move || f(r, &mut b))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Every rank sends `bytes(src, dst)` to every other rank while receiving from all.
+    fn all_to_all(rank: usize, links: &mut [Option<Box<dyn Link>>]) {
+        let world = links.len();
+        let n = |src: usize, dst: usize| 1000 + 70_001 * src + 1_003 * dst;
+        let out: Vec<Vec<u8>> = (0..world)
+            .map(|d| pattern(n(rank, d), (rank * 100 + d) as u64))
+            .collect();
+        let mut sent = vec![false; world];
+        let mut got = vec![false; world];
+        sent[rank] = true;
+        got[rank] = true;
+        let mut sinks: Vec<VecSink> = (0..world).map(|_| VecSink::default()).collect();
+        while !(sent.iter().all(|x| *x) && got.iter().all(|x| *x)) {
+            for p in (0..world).filter(|&p| p != rank) {
+                let l = links[p].as_mut().unwrap();
+                if !sent[p] {
+                    sent[p] = l
+                        .poll_send(&header(rank as u64, out[p].len()), &out[p])
+                        .unwrap();
+                }
+                if !got[p] && l.poll_recv(&mut sinks[p]).unwrap() {
+                    got[p] = true;
+                    assert_eq!(sinks[p].header, Some(header(p as u64, n(p, rank))));
+                    assert!(sinks[p].data == pattern(n(p, rank), (p * 100 + rank) as u64));
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn leftover_segments(job: &str) -> Vec<String> {
+        std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("hetccl-{job}-")))
+            .collect()
+    }
+
+    #[test]
+    fn two_hosts_of_two_ranks_get_shm_inside_and_tcp_across() {
+        let job = format!("mesh{}", std::process::id());
+        let auth = JobAuth::new(&job, Some("k"));
+        let host = |r: usize| r / 2;
+        let kinds = run(thread_boots(4), |rank, boot| {
+            let same: Vec<bool> = (0..4).map(|j| host(j) == host(rank)).collect();
+            let mut links = connect_all(&cfg(2), boot, &auth, &same).unwrap();
+            let kinds: Vec<Option<LinkKind>> =
+                links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
+            for (p, l) in links.iter().enumerate() {
+                assert_eq!(l.as_ref().map(|l| l.peer()), (p != rank).then_some(p));
+            }
+            all_to_all(rank, &mut links);
+            kinds
+        });
+        use LinkKind::{Shm, Tcp};
+        assert_eq!(kinds[0], vec![None, Some(Shm), Some(Tcp), Some(Tcp)]);
+        assert_eq!(kinds[3], vec![Some(Tcp), Some(Tcp), Some(Shm), None]);
+        assert_eq!(leftover_segments(&job), Vec::<String>::new());
+    }
+
+    #[test]
+    fn shm_disabled_means_tcp_everywhere() {
+        let auth = JobAuth::new("nosh", None);
+        let kinds = run(thread_boots(3), |rank, boot| {
+            let c = Config {
+                shm_disable: true,
+                ..cfg(4)
+            };
+            let mut links = connect_all(&c, boot, &auth, &[true; 3]).unwrap();
+            all_to_all(rank, &mut links);
+            links.iter().flatten().map(|l| l.kind()).collect::<Vec<_>>()
+        });
+        assert!(kinds.iter().all(|k| k == &vec![LinkKind::Tcp; 2]));
+    }
+
+    /// Forwards to a [`ThreadBoot`] and, after the first exchange, lets a stranger write
+    /// garbage to this rank's listener before any peer has connected.
+    struct StrangerBoot(ThreadBoot, bool);
+
+    impl Bootstrap for StrangerBoot {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+            let all = self.0.all_gather(data)?;
+            if !self.1 {
+                self.1 = true;
+                let blob: SetupBlob = serde_json::from_slice(&all[self.rank()]).unwrap();
+                let addr: SocketAddr = blob.tcp_addr.unwrap().parse().unwrap();
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                std::mem::forget(s);
+            }
+            Ok(all)
+        }
+    }
+
+    #[test]
+    fn stranger_during_setup_is_refused_and_setup_completes() {
+        let auth = JobAuth::new("strange", Some("k"));
+        let boots: Vec<StrangerBoot> = thread_boots(3)
+            .into_iter()
+            .map(|b| {
+                let skip = b.rank() != 0;
+                StrangerBoot(b, skip)
+            })
+            .collect();
+        run(boots, |rank, boot| {
+            let mut links = connect_all(&cfg(2), boot, &auth, &[false; 3]).unwrap();
+            all_to_all(rank, &mut links);
+        });
+    }
+
+    #[test]
+    fn ranks_that_disagree_on_striping_all_fail() {
+        let auth = JobAuth::new("stripes", None);
+        let errs = run(thread_boots(2), |rank, boot| {
+            let c = cfg(1 + rank);
+            connect_all(&c, boot, &auth, &[false; 2])
+                .err()
+                .unwrap()
+                .to_string()
+        });
+        assert!(
+            errs[0].starts_with("bootstrap: rank 0 stripes TCP messages over 1 sockets"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].starts_with("bootstrap: rank 1 stripes TCP messages over 2 sockets"),
+            "{}",
+            errs[1]
+        );
+    }
+
+    #[test]
+    fn one_rank_failing_fails_every_rank() {
+        let auth = JobAuth::new("fail", None);
+        let errs = run(thread_boots(2), |rank, boot| {
+            let mut c = cfg(1);
+            if rank == 0 {
+                c.socket_ifname = Some("nosuchif0".into());
+            }
+            connect_all(&c, boot, &auth, &[false; 2])
+                .err()
+                .unwrap()
+                .to_string()
+        });
+        assert!(
+            errs[0].starts_with("invalid value \"nosuchif0\" for HETCCL_SOCKET_IFNAME"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].starts_with(
+                "bootstrap: 1 rank(s) could not prepare its links; rank 0: invalid value"
+            ),
+            "{}",
+            errs[1]
+        );
+    }
 }

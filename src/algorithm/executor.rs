@@ -1,0 +1,550 @@
+//! Drives a [`Schedule`] over links: the only place where algorithms meet transports.
+//!
+//! One thread polls every link the schedule uses. Per link, sends and receives each
+//! run in schedule order (links are FIFO); an op starts once its dependencies are
+//! done. Because a send to the right and a receive from the left progress in the same
+//! loop, no schedule can deadlock on buffer space. Received pieces are reduced
+//! straight into their destination as they arrive (no staging copy of the message).
+//!
+//! While nothing moves the executor spins briefly, then yields, then sleeps in short
+//! steps; it asks silent links whether their peer is still alive and gives up after
+//! the configured timeout with an error naming the peer it was waiting for.
+
+use std::time::{Duration, Instant};
+
+use super::schedule::{BufId, Combine, OpKind, Region, Schedule};
+use crate::compression::{self, OverflowStats, WireFormat};
+use crate::dtype::{CollectiveOp, DataType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::reduce;
+use crate::transport::{Link, MsgHeader, RecvSink, MSG_MAGIC};
+
+/// What every message of this collective says about it, and who runs it.
+#[derive(Clone, Copy, Debug)]
+pub struct ExecCtx {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks (for `Avg`).
+    pub world_size: usize,
+    /// Collective sequence number.
+    pub seq: u64,
+    /// Which collective.
+    pub op: CollectiveOp,
+    /// Element type.
+    pub dtype: DataType,
+    /// Reduction.
+    pub redop: ReduceOp,
+    /// Element count as the caller gave it.
+    pub count: u64,
+    /// Longest wait without progress.
+    pub timeout: Duration,
+}
+
+/// Links whose f32 payloads travel as 16-bit wire values (compression). Only for f32
+/// sums and averages: received values are decompressed and added in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wire {
+    /// The 16-bit format.
+    pub format: WireFormat,
+    /// Indexed by peer: true where messages are compressed.
+    pub peers: Vec<bool>,
+}
+
+impl Wire {
+    fn format_for(wire: Option<&Wire>, peer: usize) -> Option<WireFormat> {
+        wire.filter(|w| w.peers.get(peer).copied().unwrap_or(false))
+            .map(|w| w.format)
+    }
+}
+
+/// Header flags value for a wire format (0 = uncompressed).
+fn wire_flags(w: Option<WireFormat>) -> u8 {
+    w.map_or(0, |f| 1 + f as u8)
+}
+
+impl ExecCtx {
+    fn header(&self, bytes: usize, wire: Option<WireFormat>) -> MsgHeader {
+        MsgHeader {
+            magic: MSG_MAGIC,
+            op: self.op as u8,
+            dtype: self.dtype as u8,
+            redop: self.redop as u8,
+            flags: wire_flags(wire),
+            seq: self.seq,
+            count: self.count,
+            bytes: bytes as u64,
+        }
+    }
+}
+
+/// Raw views of the buffers a schedule addresses.
+///
+/// The communicator guarantees they stay valid and unaliased (except input == output
+/// for in-place calls, which schedules never read as `Input`) until `execute` returns.
+pub struct Buffers {
+    /// Caller's send buffer.
+    pub input: *const u8,
+    /// Its length in bytes.
+    pub input_len: usize,
+    /// Caller's receive buffer.
+    pub output: *mut u8,
+    /// Its length in bytes.
+    pub output_len: usize,
+    /// Scratch.
+    pub scratch: *mut u8,
+    /// Its length in bytes.
+    pub scratch_len: usize,
+}
+
+impl Buffers {
+    fn check(&self, r: &Region) -> Result<()> {
+        let len = match r.buf {
+            BufId::Input => self.input_len,
+            BufId::Output => self.output_len,
+            BufId::Scratch => self.scratch_len,
+        };
+        if r.offset.checked_add(r.len).is_none_or(|end| end > len) {
+            return Err(Error::invalid(
+                "execute",
+                format!("schedule addresses {r:?} outside a buffer of {len} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn ptr(&self, r: &Region) -> *mut u8 {
+        let base = match r.buf {
+            BufId::Input => self.input as *mut u8,
+            BufId::Output => self.output,
+            BufId::Scratch => self.scratch,
+        };
+        if r.len == 0 {
+            return std::ptr::NonNull::dangling().as_ptr();
+        }
+        // SAFETY: `check` proved offset + len lies inside the buffer.
+        unsafe { base.add(r.offset) }
+    }
+
+    /// # Safety
+    /// The region must have passed `check`, and no `&mut` to it may be live.
+    unsafe fn slice(&self, r: &Region) -> &[u8] {
+        // SAFETY: bounds checked; the caller rules out a live mutable alias.
+        unsafe { std::slice::from_raw_parts(self.ptr(r), r.len) }
+    }
+}
+
+struct Sink<'a> {
+    ctx: &'a ExecCtx,
+    peer: usize,
+    dst: *mut u8,
+    len: usize,
+    from: Option<*const u8>,
+    combine: Combine,
+    wire: Option<WireFormat>,
+}
+
+impl RecvSink for Sink<'_> {
+    fn header(&mut self, h: &MsgHeader) -> Result<()> {
+        let wire_len = if self.wire.is_some() {
+            self.len / 2
+        } else {
+            self.len
+        };
+        let want = self.ctx.header(wire_len, self.wire);
+        if *h == want {
+            return Ok(());
+        }
+        let describe = |h: &MsgHeader| {
+            format!(
+                "{} #{} of {} x {} ({} op, {} bytes in this message)",
+                CollectiveOp::from_u8(h.op).map_or("unknown op", |o| o.name()),
+                h.seq,
+                h.count,
+                DataType::from_u8(h.dtype).map_or("unknown dtype", |d| d.name()),
+                ReduceOp::from_u8(h.redop).map_or("?", |o| o.name()),
+                h.bytes
+            )
+        };
+        let detail = if h.magic != MSG_MAGIC {
+            format!("received a corrupt header (magic {:#x})", h.magic)
+        } else if h.flags != want.flags {
+            let name = |f: u8| match f {
+                0 => "uncompressed",
+                1 => "fp16",
+                2 => "bf16",
+                _ => "unknown",
+            };
+            format!(
+                "expected {} payload, received {} (compression settings differ between ranks)",
+                name(want.flags),
+                name(h.flags)
+            )
+        } else {
+            format!("expected {}, received {}", describe(&want), describe(h))
+        };
+        Err(Error::Mismatch {
+            rank: self.ctx.rank,
+            peer: self.peer,
+            op: self.ctx.op,
+            seq: self.ctx.seq,
+            detail,
+        })
+    }
+
+    fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if let Some(format) = self.wire {
+            return self.wire_data(format, offset, bytes);
+        }
+        if offset + bytes.len() > self.len {
+            return Err(Error::Link {
+                peer: self.peer,
+                detail: format!(
+                    "payload overruns the expected {} bytes (offset {offset} + {})",
+                    self.len,
+                    bytes.len()
+                ),
+                lost: false,
+            });
+        }
+        // SAFETY: [offset, offset+len) lies inside the destination region, which the
+        // schedule's dependencies keep free of any other reader or writer meanwhile.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(offset), bytes.len()) };
+        match (self.combine, self.from) {
+            (Combine::Copy, _) => dst.copy_from_slice(bytes),
+            (Combine::Accumulate, _) => {
+                reduce::reduce_inplace_bytes(self.ctx.dtype, self.ctx.redop, dst, bytes)
+            }
+            (Combine::From(_), Some(src)) => {
+                // SAFETY: the `From` region has the destination's length and was checked.
+                let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
+                reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, dst, a, bytes)
+            }
+            (Combine::From(_), None) => dst.copy_from_slice(bytes),
+        }
+        Ok(())
+    }
+}
+
+impl Sink<'_> {
+    /// A piece of 16-bit wire values landing in an f32 destination.
+    fn wire_data(&mut self, format: WireFormat, offset: usize, bytes: &[u8]) -> Result<()> {
+        let (off, len) = (offset * 2, bytes.len() * 2);
+        if off + len > self.len || bytes.len() % 2 != 0 {
+            return Err(Error::Link {
+                peer: self.peer,
+                detail: format!(
+                    "compressed payload overruns the expected {} bytes (offset {offset} + {})",
+                    self.len / 2,
+                    bytes.len()
+                ),
+                lost: false,
+            });
+        }
+        // SAFETY: [off, off+len) lies inside the destination region (checked above and by
+        // `Buffers::check`), which dependencies keep to this receive alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(off), len) };
+        let from = match (self.combine, self.from) {
+            // SAFETY: the `From` region has the destination's length and was checked.
+            (Combine::From(_), Some(src)) => {
+                Some(unsafe { std::slice::from_raw_parts(src.add(off), len) })
+            }
+            _ => None,
+        };
+        let combine = self.combine;
+        let apply = |out: &mut [f32]| match (combine, from) {
+            (Combine::Accumulate, _) => compression::decompress_add_bytes(format, bytes, out),
+            (Combine::From(_), Some(a)) => {
+                bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(a);
+                compression::decompress_add_bytes(format, bytes, out);
+            }
+            _ => compression::decompress_bytes(format, bytes, out),
+        };
+        if (dst.as_ptr() as usize) % std::mem::align_of::<f32>() == 0 {
+            apply(bytemuck::cast_slice_mut(dst));
+        } else {
+            let mut tmp: Vec<f32> = bytemuck::pod_collect_to_vec(dst);
+            apply(&mut tmp);
+            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<usize>,
+    next: usize,
+}
+
+impl Queue {
+    fn head(&self) -> Option<usize> {
+        self.ops.get(self.next).copied()
+    }
+}
+
+/// Adds the collective's context to a link error.
+fn in_context(e: Error, ctx: &ExecCtx) -> Error {
+    match e {
+        Error::Link {
+            peer,
+            detail,
+            lost: true,
+        } => Error::PeerLost {
+            rank: ctx.rank,
+            peer,
+            op: ctx.op,
+            seq: ctx.seq,
+            detail,
+        },
+        Error::Link {
+            peer,
+            detail,
+            lost: false,
+        } => Error::PeerLost {
+            rank: ctx.rank,
+            peer,
+            op: ctx.op,
+            seq: ctx.seq,
+            detail: format!("protocol error: {detail}"),
+        },
+        other => other,
+    }
+}
+
+/// Runs `sched` to completion; returns what compressing sends had to saturate. On
+/// error the links may be mid-message: the caller must abort them (the communicator does).
+pub fn execute(
+    sched: &Schedule,
+    links: &mut [Option<Box<dyn Link>>],
+    bufs: &Buffers,
+    ctx: &ExecCtx,
+    wire: Option<&Wire>,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<OverflowStats> {
+    let mut stats = OverflowStats::default();
+    // One staging buffer per compressing link (one message in flight per link), sized
+    // by the largest message: chunk-bounded, never the whole buffer.
+    let mut staging: Vec<(Option<usize>, Vec<u8>)> =
+        (0..links.len()).map(|_| (None, Vec::new())).collect();
+    let n_ops = sched.ops.len();
+    let mut sends: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
+    let mut recvs: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
+    let mut locals = Queue::default();
+    for (i, op) in sched.ops.iter().enumerate() {
+        match op.kind {
+            OpKind::Send { peer, src } => {
+                bufs.check(&src)?;
+                queue_for(&mut sends, links, peer, "send to")?.ops.push(i);
+            }
+            OpKind::Recv { peer, dst, combine } => {
+                bufs.check(&dst)?;
+                if let Combine::From(src) = combine {
+                    bufs.check(&src)?;
+                }
+                queue_for(&mut recvs, links, peer, "receive from")?
+                    .ops
+                    .push(i);
+            }
+            OpKind::Copy { src, dst } => {
+                bufs.check(&src)?;
+                bufs.check(&dst)?;
+                locals.ops.push(i);
+            }
+        }
+    }
+    let active: Vec<usize> = (0..links.len())
+        .filter(|&p| !sends[p].ops.is_empty() || !recvs[p].ops.is_empty())
+        .collect();
+
+    let mut done = vec![false; n_ops];
+    let mut n_done = 0usize;
+    let ready = |done: &[bool], i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);
+    let mut idle = 0u32;
+    let mut last_progress = Instant::now();
+    let mut last_check = Instant::now();
+
+    while n_done < n_ops {
+        let mut progressed = false;
+
+        while let Some(i) = locals.head() {
+            if !ready(&done, i) {
+                break;
+            }
+            if let OpKind::Copy { src, dst } = sched.ops[i].kind {
+                if src.len > 0 {
+                    // SAFETY: both regions were checked; dependencies guarantee no
+                    // concurrent writer of `src` or user of `dst`; they do not overlap
+                    // (input vs output, or disjoint scratch ranges).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
+                    };
+                }
+            }
+            done[i] = true;
+            n_done += 1;
+            locals.next += 1;
+            progressed = true;
+        }
+
+        for &p in &active {
+            let Some(link) = links[p].as_mut() else {
+                continue;
+            };
+            while let Some(i) = sends[p].head() {
+                if !ready(&done, i) {
+                    break;
+                }
+                let OpKind::Send { src, .. } = sched.ops[i].kind else {
+                    break;
+                };
+                // SAFETY: checked region; dependencies keep writers away while it is sent.
+                let mut data = unsafe { bufs.slice(&src) };
+                let format = Wire::format_for(wire, p);
+                if let Some(f) = format {
+                    let (staged_op, buf) = &mut staging[p];
+                    if *staged_op != Some(i) {
+                        buf.resize(src.len / 2, 0);
+                        let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data) {
+                            Ok(v) => std::borrow::Cow::Borrowed(v),
+                            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data)),
+                        };
+                        stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
+                        *staged_op = Some(i);
+                    }
+                    data = &staging[p].1;
+                }
+                if !link
+                    .poll_send(&ctx.header(data.len(), format), data)
+                    .map_err(|e| in_context(e, ctx))?
+                {
+                    break;
+                }
+                done[i] = true;
+                n_done += 1;
+                sends[p].next += 1;
+                progressed = true;
+            }
+            while let Some(i) = recvs[p].head() {
+                if !ready(&done, i) {
+                    break;
+                }
+                let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
+                    break;
+                };
+                let mut sink = Sink {
+                    ctx,
+                    peer: p,
+                    dst: bufs.ptr(&dst),
+                    len: dst.len,
+                    from: match combine {
+                        Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
+                        _ => None,
+                    },
+                    combine,
+                    wire: Wire::format_for(wire, p),
+                };
+                if !link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))? {
+                    break;
+                }
+                done[i] = true;
+                n_done += 1;
+                recvs[p].next += 1;
+                progressed = true;
+            }
+        }
+
+        if progressed {
+            idle = 0;
+            last_progress = Instant::now();
+            continue;
+        }
+        idle = idle.saturating_add(1);
+        backoff(idle);
+        let now = Instant::now();
+        if now.duration_since(last_check) >= Duration::from_millis(50) {
+            last_check = now;
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(Error::Broken(format!(
+                    "rank {}: {} #{} aborted by the application",
+                    ctx.rank, ctx.op, ctx.seq
+                )));
+            }
+            for &p in &active {
+                if let Some(l) = links[p].as_mut() {
+                    l.check_peer().map_err(|e| in_context(e, ctx))?;
+                }
+            }
+            let waited = now.duration_since(last_progress);
+            if waited >= ctx.timeout {
+                let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
+                return Err(Error::Timeout {
+                    rank: ctx.rank,
+                    peer,
+                    op: ctx.op,
+                    seq: ctx.seq,
+                    after: waited,
+                    what,
+                });
+            }
+        }
+    }
+
+    if let Some(f) = sched.finalize {
+        bufs.check(&f)?;
+        // SAFETY: all ops are done; nothing else touches the buffer now.
+        let d = unsafe { std::slice::from_raw_parts_mut(bufs.ptr(&f), f.len) };
+        reduce::reduce_finalize_bytes(ctx.dtype, ctx.redop, d, ctx.world_size);
+    }
+    Ok(stats)
+}
+
+fn queue_for<'q>(
+    qs: &'q mut [Queue],
+    links: &[Option<Box<dyn Link>>],
+    peer: usize,
+    what: &str,
+) -> Result<&'q mut Queue> {
+    if links.get(peer).is_none_or(|l| l.is_none()) {
+        return Err(Error::invalid(
+            "execute",
+            format!("schedule wants to {what} rank {peer}, but there is no link to it"),
+        ));
+    }
+    Ok(&mut qs[peer])
+}
+
+/// The peer a stuck schedule waits for: a receive whose data never came, else a send
+/// the peer never drained.
+fn blocked_on(
+    active: &[usize],
+    sends: &[Queue],
+    recvs: &[Queue],
+    done: &[bool],
+    sched: &Schedule,
+) -> (usize, &'static str) {
+    let ready = |i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);
+    for &p in active {
+        if recvs[p].head().is_some_and(ready) {
+            return (p, "to send data");
+        }
+    }
+    for &p in active {
+        if sends[p].head().is_some_and(ready) {
+            return (p, "to accept data");
+        }
+    }
+    (active.first().copied().unwrap_or(0), "to make progress")
+}
+
+/// Spin a little (a peer on another core answers within microseconds), then yield
+/// (ranks may outnumber cores), then sleep in growing steps up to 200 µs.
+fn backoff(idle: u32) {
+    if idle < 64 {
+        std::hint::spin_loop();
+    } else if idle < 512 {
+        std::thread::yield_now();
+    } else {
+        let us = (idle as u64 - 511).min(200);
+        std::thread::sleep(Duration::from_micros(us));
+    }
+}

@@ -1,0 +1,323 @@
+//! Ring algorithms: reduce-scatter then all-gather, chunked and pipelined.
+//!
+//! The buffer is cut into *pieces* of about `n × chunk` bytes; each piece runs its own
+//! ring over `n` segments, and the pieces of one step are issued back to back, so a
+//! link carries piece `p + 1` while piece `p`'s bytes are being reduced. Every rank
+//! sends `2(n-1)/n · S` bytes: bandwidth optimal.
+//!
+//! ```text
+//! reduce-scatter, step k:  send seg (me-k) to the right; recv seg (me-k-1) from the
+//!                          left and reduce it into ours.      (after n-1 steps we own seg me+1)
+//! all-gather,     step k:  send seg (me+1-k) to the right; recv seg (me-k) from the left.
+//! ```
+
+use std::ops::Range;
+
+use super::schedule::{split_even, BufId, Builder, Combine, Region};
+use super::Group;
+
+/// Byte ranges `[piece][segment]` relative to the start of the buffer.
+pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Vec<Range<usize>>> {
+    let bytes = count * elem;
+    let piece_bytes = (n * chunk_bytes).max(elem);
+    let pieces = bytes.div_ceil(piece_bytes).max(1);
+    split_even(count, pieces, elem)
+        .into_iter()
+        .map(|p| {
+            let pcount = (p.end - p.start) / elem;
+            split_even(pcount, n, elem)
+                .into_iter()
+                .map(|s| p.start + s.start..p.start + s.end)
+                .collect()
+        })
+        .collect()
+}
+
+fn at(buf: Region, r: &Range<usize>) -> Region {
+    Region::new(buf.buf, buf.offset + r.start..buf.offset + r.end)
+}
+
+/// In-place reduce-scatter of `buf` (`count` elements) over `g`. Afterwards member
+/// `me` holds the reduction of segment `(me + 1) % n` of every piece.
+pub fn reduce_scatter_inplace(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    reduce_scatter_into(b, g, buf, buf, count, elem, chunk_bytes);
+}
+
+/// Reduce-scatter reading `src` and leaving partial and final sums in `dst` (the same
+/// region for in-place calls). An out-of-place call costs no extra copy: step 0 sends
+/// straight from `src`, and every receive computes `dst = src + incoming` in one pass.
+pub fn reduce_scatter_into(
+    b: &mut Builder,
+    g: &Group,
+    src: Region,
+    dst: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    let n = g.size();
+    if n == 1 {
+        return;
+    }
+    let lay = layout(count, n, elem, chunk_bytes);
+    let (left, right) = (g.left(), g.right());
+    for k in 0..n - 1 {
+        for segs in &lay {
+            // Send to the right; wait for the left and fold its partial sums into ours.
+            let out = &segs[(g.me + n - k) % n];
+            b.send(right, at(if k == 0 { src } else { dst }, out));
+            let inc = &segs[(g.me + 2 * n - k - 1) % n];
+            let combine = if src == dst {
+                Combine::Accumulate
+            } else {
+                Combine::From(at(src, inc))
+            };
+            b.recv(left, at(dst, inc), combine);
+        }
+    }
+}
+
+/// In-place all-gather of `buf` over `g`, where member `me` starts holding segment
+/// `(me + 1) % n` of every piece (what [`reduce_scatter_inplace`] leaves).
+pub fn all_gather_inplace(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    let n = g.size();
+    if n == 1 {
+        return;
+    }
+    let lay = layout(count, n, elem, chunk_bytes);
+    let (left, right) = (g.left(), g.right());
+    for k in 0..n - 1 {
+        for segs in &lay {
+            b.send(right, at(buf, &segs[(g.me + 1 + n - k) % n]));
+            b.recv(left, at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
+        }
+    }
+}
+
+/// All-reduce of `src` into `dst` over `g` (in place when they are equal).
+pub fn all_reduce_into(
+    b: &mut Builder,
+    g: &Group,
+    src: Region,
+    dst: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    reduce_scatter_into(b, g, src, dst, count, elem, chunk_bytes);
+    all_gather_inplace(b, g, dst, count, elem, chunk_bytes);
+}
+
+/// In-place all-reduce of `buf` over `g`.
+pub fn all_reduce_inplace(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    reduce_scatter_inplace(b, g, buf, count, elem, chunk_bytes);
+    all_gather_inplace(b, g, buf, count, elem, chunk_bytes);
+}
+
+/// Out-of-place reduce-scatter: `input` holds `n` blocks of `block` elements; member
+/// `me` ends with block `me` reduced over all members in `output`.
+///
+/// Partial sums travel through scratch: `slots` chunk-sized slots reused round-robin,
+/// so scratch stays `slots × chunk` bytes whatever the message size.
+#[allow(clippy::too_many_arguments)]
+pub fn reduce_scatter(
+    b: &mut Builder,
+    g: &Group,
+    input: Region,
+    output: Region,
+    block: usize,
+    elem: usize,
+    chunk_bytes: usize,
+    slots: usize,
+) {
+    let n = g.size();
+    let block_bytes = block * elem;
+    let blk = |i: usize, r: &Range<usize>| {
+        Region::new(
+            input.buf,
+            input.offset + i * block_bytes + r.start..input.offset + i * block_bytes + r.end,
+        )
+    };
+    // Pieces of one block; all blocks are cut the same way.
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
+    if n == 1 {
+        for p in &pieces {
+            b.copy(blk(0, p), at(output, p));
+        }
+        return;
+    }
+    let slot_bytes = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
+    // A partial is live from its receive at step k to its send at step k+1. Pieces go
+    // in groups of `w`, each piece of a group owning two slots (one per step parity),
+    // so no slot is overwritten while its value is still to be sent.
+    let w = (slots / 2).max(1);
+    b.scratch(slot_bytes * 2 * w);
+    let (left, right) = (g.left(), g.right());
+    for group in pieces.chunks(w) {
+        // Where each piece's running partial lives after each step.
+        let mut held: Vec<Region> = group.iter().map(|p| blk((g.me + n - 1) % n, p)).collect();
+        for k in 0..n - 1 {
+            for (i, p) in group.iter().enumerate() {
+                b.send(right, held[i]);
+                // Step k receives the partial of block (me - k - 2) and folds in ours.
+                let blk_idx = (g.me + 2 * n - k - 2) % n;
+                let dst = if k == n - 2 {
+                    at(output, p)
+                } else {
+                    let s = 2 * i + k % 2;
+                    Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
+                };
+                b.recv(left, dst, Combine::From(blk(blk_idx, p)));
+                held[i] = dst;
+            }
+        }
+    }
+}
+
+/// Out-of-place all-gather: member `me`'s `input` (`block` elements) lands at block
+/// `me` of every member's `output`.
+pub fn all_gather(
+    b: &mut Builder,
+    g: &Group,
+    input: Region,
+    output: Region,
+    block: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    let n = g.size();
+    let block_bytes = block * elem;
+    let pieces = split_even(
+        block,
+        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
+    let blk = |i: usize, r: &Range<usize>| {
+        Region::new(
+            output.buf,
+            output.offset + i * block_bytes + r.start..output.offset + i * block_bytes + r.end,
+        )
+    };
+    for p in &pieces {
+        b.copy(at(input, p), blk(g.me, p));
+    }
+    let (left, right) = (g.left(), g.right());
+    for k in 0..n.saturating_sub(1) {
+        for p in &pieces {
+            b.send(right, blk((g.me + n - k) % n, p));
+            b.recv(left, blk((g.me + 2 * n - k - 1) % n, p), Combine::Copy);
+        }
+    }
+}
+
+/// Pipelined chain broadcast from member `root`: each member receives a chunk from
+/// its predecessor and forwards it to its successor while the next chunk arrives.
+pub fn broadcast_chain(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+    root: usize,
+) {
+    let n = g.size();
+    if n == 1 {
+        return;
+    }
+    let pos = (g.me + n - root) % n; // 0 = root
+    let prev = g.members[(g.me + n - 1) % n];
+    let next = g.members[(g.me + 1) % n];
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
+    for p in &pieces {
+        if pos > 0 {
+            b.recv(prev, at(buf, p), Combine::Copy);
+        }
+        if pos < n - 1 {
+            b.send(next, at(buf, p));
+        }
+    }
+}
+
+/// Pipelined chain reduce towards member `root`: partial results flow backwards along
+/// the ring (from root's predecessor's far end towards the root); the root writes
+/// the result into `output`. Partials travel through `slots` chunk-sized scratch slots.
+#[allow(clippy::too_many_arguments)]
+pub fn reduce_chain(
+    b: &mut Builder,
+    g: &Group,
+    input: Region,
+    output: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+    root: usize,
+    slots: usize,
+) {
+    let n = g.size();
+    let pieces = split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    );
+    if n == 1 {
+        for p in &pieces {
+            b.copy(at(input, p), at(output, p));
+        }
+        return;
+    }
+    let pos = (g.me + n - root) % n;
+    // Data flows from position n-1 down to 0 (the root).
+    let from = g.members[(g.me + 1) % n];
+    let to = g.members[(g.me + n - 1) % n];
+    let slot_bytes = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
+    let slots = slots.max(2);
+    if pos != 0 && pos != n - 1 {
+        b.scratch(slot_bytes * slots);
+    }
+    for (pi, p) in pieces.iter().enumerate() {
+        if pos == n - 1 {
+            b.send(to, at(input, p));
+        } else {
+            let dst = if pos == 0 {
+                at(output, p)
+            } else {
+                let s = pi % slots;
+                Region::new(BufId::Scratch, s * slot_bytes..s * slot_bytes + p.len())
+            };
+            b.recv(from, dst, Combine::From(at(input, p)));
+            if pos != 0 {
+                b.send(to, dst);
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Schedules: what one rank does in one collective, as pure data.
+//!
+//! A schedule is a list of [`Op`]s over three byte buffers (the caller's input, the
+//! caller's output, and a bounded scratch area). Sends and receives to one peer happen
+//! in list order (links are FIFO); an op starts once every op it depends on is done.
+//! The [`Builder`] derives those dependencies from the regions each op reads and
+//! writes (read-after-write, write-after-read, write-after-write), so algorithm code
+//! only says *what* moves and can never forget a hazard.
+
+use std::ops::Range;
+
+/// Which buffer a region lies in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufId {
+    /// The caller's send buffer (read only).
+    Input,
+    /// The caller's receive buffer (for in-place calls, the one buffer).
+    Output,
+    /// Bounded scratch owned by the communicator.
+    Scratch,
+}
+
+/// A byte range in one buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// The buffer.
+    pub buf: BufId,
+    /// Start, in bytes.
+    pub offset: usize,
+    /// Length, in bytes.
+    pub len: usize,
+}
+
+impl Region {
+    /// A region of `buf` covering `range` (bytes).
+    pub fn new(buf: BufId, range: Range<usize>) -> Self {
+        Region {
+            buf,
+            offset: range.start,
+            len: range.end - range.start,
+        }
+    }
+
+    fn overlaps(&self, other: &Region) -> bool {
+        self.buf == other.buf
+            && self.offset < other.offset + other.len
+            && other.offset < self.offset + self.len
+    }
+}
+
+/// How received bytes land in the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    /// `dst = incoming`
+    Copy,
+    /// `dst = dst (op) incoming`
+    Accumulate,
+    /// `dst = src (op) incoming`, `src` the same length as `dst`.
+    From(Region),
+}
+
+/// One step of a schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Send `src` to `peer` as one message.
+    Send {
+        /// Destination rank.
+        peer: usize,
+        /// Bytes to send.
+        src: Region,
+    },
+    /// Receive one message from `peer` into `dst`.
+    Recv {
+        /// Source rank.
+        peer: usize,
+        /// Where it lands.
+        dst: Region,
+        /// How it is combined with what is there.
+        combine: Combine,
+    },
+    /// Local copy `dst = src`.
+    Copy {
+        /// From.
+        src: Region,
+        /// To (same length).
+        dst: Region,
+    },
+}
+
+/// An op and the indices of the ops it waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// What to do.
+    pub kind: OpKind,
+    /// Earlier ops that must be done first.
+    pub deps: Vec<usize>,
+}
+
+/// A complete per-rank program for one collective call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Ops in issue order.
+    pub ops: Vec<Op>,
+    /// Scratch bytes the ops address.
+    pub scratch_bytes: usize,
+    /// Region to divide by the world size at the end (`Avg`), if any.
+    pub finalize: Option<Region>,
+    /// Name of the algorithm, for logs.
+    pub algo: &'static str,
+}
+
+impl Schedule {
+    /// Bytes this rank sends in total (for cost checks and tests).
+    pub fn bytes_sent(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|o| match o.kind {
+                OpKind::Send { src, .. } => src.len,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Access {
+    op: usize,
+    region: Region,
+    write: bool,
+}
+
+/// Builds a [`Schedule`], deriving dependencies from buffer accesses.
+pub struct Builder {
+    sched: Schedule,
+    accesses: Vec<Access>,
+}
+
+impl Builder {
+    /// An empty schedule named `algo`.
+    pub fn new(algo: &'static str) -> Self {
+        Builder {
+            sched: Schedule {
+                algo,
+                ..Schedule::default()
+            },
+            accesses: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, kind: OpKind, reads: &[Region], writes: &[Region]) -> usize {
+        let idx = self.sched.ops.len();
+        let mut deps = Vec::new();
+        // Scan newest first; a later access to the same bytes already orders after
+        // older ones, but listing a few redundant deps is harmless and cheap.
+        for a in self.accesses.iter().rev() {
+            let hazard = (a.write && reads.iter().any(|r| r.overlaps(&a.region)))
+                || writes.iter().any(|w| w.overlaps(&a.region));
+            if hazard && !deps.contains(&a.op) {
+                deps.push(a.op);
+            }
+        }
+        deps.sort_unstable();
+        for r in reads.iter().filter(|r| r.len > 0) {
+            self.accesses.push(Access {
+                op: idx,
+                region: *r,
+                write: false,
+            });
+        }
+        for w in writes.iter().filter(|w| w.len > 0) {
+            self.accesses.push(Access {
+                op: idx,
+                region: *w,
+                write: true,
+            });
+        }
+        self.sched.ops.push(Op { kind, deps });
+        idx
+    }
+
+    /// Appends a send of `src` to `peer`.
+    pub fn send(&mut self, peer: usize, src: Region) -> usize {
+        self.push(OpKind::Send { peer, src }, &[src], &[])
+    }
+
+    /// Appends a receive from `peer` into `dst`.
+    pub fn recv(&mut self, peer: usize, dst: Region, combine: Combine) -> usize {
+        match combine {
+            Combine::Copy => self.push(OpKind::Recv { peer, dst, combine }, &[], &[dst]),
+            Combine::Accumulate => self.push(OpKind::Recv { peer, dst, combine }, &[dst], &[dst]),
+            Combine::From(src) => self.push(OpKind::Recv { peer, dst, combine }, &[src], &[dst]),
+        }
+    }
+
+    /// Appends a local copy.
+    pub fn copy(&mut self, src: Region, dst: Region) -> usize {
+        self.push(OpKind::Copy { src, dst }, &[src], &[dst])
+    }
+
+    /// Reserves scratch so that offsets below `bytes` are valid.
+    pub fn scratch(&mut self, bytes: usize) {
+        self.sched.scratch_bytes = self.sched.scratch_bytes.max(bytes);
+    }
+
+    /// Marks `region` for the final division by the world size.
+    pub fn finalize(&mut self, region: Region) {
+        self.sched.finalize = Some(region);
+    }
+
+    /// The finished schedule.
+    pub fn build(self) -> Schedule {
+        self.sched
+    }
+}
+
+/// Splits `count` elements into `parts` contiguous ranges whose sizes differ by at
+/// most one element; returns byte ranges for elements of `elem` bytes.
+pub fn split_even(count: usize, parts: usize, elem: usize) -> Vec<Range<usize>> {
+    let parts = parts.max(1);
+    let base = count / parts;
+    let extra = count % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for i in 0..parts {
+        let n = base + usize::from(i < extra);
+        out.push(start * elem..(start + n) * elem);
+        start += n;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_derives_hazards() {
+        let a = Region::new(BufId::Output, 0..8);
+        let b = Region::new(BufId::Output, 8..16);
+        let mut bld = Builder::new("t");
+        let s0 = bld.send(1, a); // reads a
+        let r1 = bld.recv(2, a, Combine::Accumulate); // WAR on a
+        let s2 = bld.send(1, b); // independent
+        let r3 = bld.recv(2, b, Combine::Copy); // WAR on b
+        let s4 = bld.send(1, a); // RAW on a (r1)
+        let s = bld.build();
+        assert_eq!(s.ops[s0].deps, Vec::<usize>::new());
+        assert_eq!(s.ops[r1].deps, vec![s0]);
+        assert_eq!(s.ops[s2].deps, Vec::<usize>::new());
+        assert_eq!(s.ops[r3].deps, vec![s2]);
+        assert_eq!(s.ops[s4].deps, vec![r1]);
+    }
+
+    #[test]
+    fn split_even_covers_everything() {
+        assert_eq!(split_even(10, 3, 4), vec![0..16, 16..28, 28..40]);
+        assert_eq!(split_even(2, 4, 2), vec![0..2, 2..4, 4..4, 4..4]);
+    }
+}

@@ -1,0 +1,353 @@
+//! Runs the schedules of every rank in memory, with no I/O and no threads.
+//!
+//! Links are unbounded FIFOs and the rules are the executor's (an op starts when its
+//! dependencies are done and it heads its link's queue), so a schedule that passes
+//! here moves the right bytes; a cross-rank deadlock shows up as an error naming the
+//! stuck ops.
+
+use std::collections::VecDeque;
+
+use super::schedule::{BufId, Combine, OpKind, Region, Schedule};
+use crate::dtype::{DataType, ReduceOp};
+use crate::reduce;
+
+/// One rank's buffers.
+#[derive(Clone, Debug, Default)]
+pub struct SimRank {
+    /// The send buffer.
+    pub input: Vec<u8>,
+    /// The receive buffer.
+    pub output: Vec<u8>,
+    /// Scratch (sized by the schedule).
+    pub scratch: Vec<u8>,
+}
+
+impl SimRank {
+    fn buf(&self, id: BufId) -> &Vec<u8> {
+        match id {
+            BufId::Input => &self.input,
+            BufId::Output => &self.output,
+            BufId::Scratch => &self.scratch,
+        }
+    }
+    fn buf_mut(&mut self, id: BufId) -> &mut Vec<u8> {
+        match id {
+            BufId::Input => &mut self.input,
+            BufId::Output => &mut self.output,
+            BufId::Scratch => &mut self.scratch,
+        }
+    }
+    fn read(&self, r: Region) -> Vec<u8> {
+        self.buf(r.buf)[r.offset..r.offset + r.len].to_vec()
+    }
+}
+
+/// Executes `scheds[r]` on `ranks[r]` for every rank; `Err` describes a deadlock or a
+/// size mismatch.
+pub fn run(
+    scheds: &[Schedule],
+    ranks: &mut [SimRank],
+    dtype: DataType,
+    redop: ReduceOp,
+) -> Result<(), String> {
+    let n = scheds.len();
+    for (s, r) in scheds.iter().zip(ranks.iter_mut()) {
+        r.scratch = vec![0u8; s.scratch_bytes];
+    }
+    // chan[src][dst]
+    let mut chan: Vec<Vec<VecDeque<Vec<u8>>>> = vec![vec![VecDeque::new(); n]; n];
+    let mut done: Vec<Vec<bool>> = scheds.iter().map(|s| vec![false; s.ops.len()]).collect();
+    loop {
+        let mut progress = false;
+        for r in 0..n {
+            let s = &scheds[r];
+            // Heads of each (peer, direction) queue: the first undone op per queue.
+            let mut head_seen = vec![[false; 2]; n];
+            for (i, op) in s.ops.iter().enumerate() {
+                if done[r][i] {
+                    continue;
+                }
+                let queue = match op.kind {
+                    OpKind::Send { peer, .. } => Some((peer, 0)),
+                    OpKind::Recv { peer, .. } => Some((peer, 1)),
+                    OpKind::Copy { .. } => None,
+                };
+                if let Some((p, d)) = queue {
+                    if head_seen[p][d] {
+                        continue;
+                    }
+                    head_seen[p][d] = true;
+                }
+                if !op.deps.iter().all(|&d| done[r][d]) {
+                    continue;
+                }
+                match op.kind {
+                    OpKind::Send { peer, src } => {
+                        chan[r][peer].push_back(ranks[r].read(src));
+                    }
+                    OpKind::Recv { peer, dst, combine } => {
+                        let Some(msg) = chan[peer][r].pop_front() else {
+                            continue;
+                        };
+                        if msg.len() != dst.len {
+                            return Err(format!(
+                                "rank {r} op {i}: got {} bytes from {peer}, expected {}",
+                                msg.len(),
+                                dst.len
+                            ));
+                        }
+                        let src = match combine {
+                            Combine::From(src) => Some(ranks[r].read(src)),
+                            _ => None,
+                        };
+                        let d = &mut ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len];
+                        match (combine, src) {
+                            (Combine::Copy, _) => d.copy_from_slice(&msg),
+                            (Combine::Accumulate, _) => {
+                                reduce::reduce_inplace_bytes(dtype, redop, d, &msg)
+                            }
+                            (Combine::From(_), Some(a)) => {
+                                reduce::reduce_from_bytes(dtype, redop, d, &a, &msg)
+                            }
+                            (Combine::From(_), None) => unreachable!(),
+                        }
+                    }
+                    OpKind::Copy { src, dst } => {
+                        let data = ranks[r].read(src);
+                        ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len]
+                            .copy_from_slice(&data);
+                    }
+                }
+                done[r][i] = true;
+                progress = true;
+            }
+        }
+        if done.iter().all(|d| d.iter().all(|x| *x)) {
+            break;
+        }
+        if !progress {
+            let stuck: Vec<String> = (0..n)
+                .filter_map(|r| {
+                    done[r]
+                        .iter()
+                        .position(|x| !x)
+                        .map(|i| format!("rank {r} op {i} {:?}", scheds[r].ops[i].kind))
+                })
+                .collect();
+            return Err(format!("deadlock: {}", stuck.join("; ")));
+        }
+    }
+    if chan.iter().flatten().any(|q| !q.is_empty()) {
+        return Err("messages left unreceived".into());
+    }
+    for (s, r) in scheds.iter().zip(ranks.iter_mut()) {
+        if let Some(f) = s.finalize {
+            let d = &mut r.buf_mut(f.buf)[f.offset..f.offset + f.len];
+            reduce::reduce_finalize_bytes(dtype, redop, d, n);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{plan, Algo, Call, Tuning};
+    use super::*;
+    use crate::dtype::CollectiveOp;
+
+    const T: Tuning = Tuning {
+        chunk_bytes: 64,
+        slots: 3,
+        shard_weights: None,
+    };
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        bytemuck::cast_slice(v).to_vec()
+    }
+    fn as_f32(v: &[u8]) -> Vec<f32> {
+        bytemuck::pod_collect_to_vec(v)
+    }
+
+    fn call(op: CollectiveOp, count: usize, root: usize, in_place: bool) -> Call {
+        Call {
+            op,
+            dtype: DataType::F32,
+            redop: ReduceOp::Sum,
+            count,
+            root,
+            in_place,
+            is_send: false,
+        }
+    }
+
+    /// Input of rank r, element i: r*1000 + i (exact in f32 for these sizes).
+    fn val(r: usize, i: usize) -> f32 {
+        (r * 1000 + i) as f32
+    }
+
+    #[test]
+    fn all_reduce_ring_and_tree_every_world_size() {
+        for algo in [Algo::Ring, Algo::Tree] {
+            for n in 1..=8 {
+                for count in [0usize, 1, 7, 100, 1001] {
+                    for in_place in [true, false] {
+                        let c = call(CollectiveOp::AllReduce, count, 0, in_place);
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, algo, T.clone(), &[]))
+                            .collect();
+                        let mut ranks: Vec<SimRank> = (0..n)
+                            .map(|r| {
+                                let v: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
+                                if in_place {
+                                    SimRank {
+                                        output: f32s(&v),
+                                        ..Default::default()
+                                    }
+                                } else {
+                                    SimRank {
+                                        input: f32s(&v),
+                                        output: vec![0; count * 4],
+                                        ..Default::default()
+                                    }
+                                }
+                            })
+                            .collect();
+                        run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                        // sum over r of (1000 r + i) = 1000 n(n-1)/2 + n i
+                        let want: Vec<f32> = (0..count)
+                            .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
+                            .collect();
+                        for r in &ranks {
+                            assert_eq!(as_f32(&r.output), want, "{algo:?} n={n} count={count}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_all_gather_broadcast_reduce() {
+        for n in 1..=7 {
+            // 1000 elements in 64-byte chunks: many more pieces than scratch slots.
+            for count in [0usize, 1, 33, 1000] {
+                // reduce_scatter: input n*count, output count.
+                let c = call(CollectiveOp::ReduceScatter, count, 0, false);
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                    .collect();
+                let mut ranks: Vec<SimRank> = (0..n)
+                    .map(|r| SimRank {
+                        input: f32s(&(0..n * count).map(|i| val(r, i)).collect::<Vec<_>>()),
+                        output: vec![0; count * 4],
+                        ..Default::default()
+                    })
+                    .collect();
+                run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                for (r, rk) in ranks.iter().enumerate() {
+                    let want: Vec<f32> = (0..count)
+                        .map(|i| (1000 * n * (n - 1) / 2 + n * (r * count + i)) as f32)
+                        .collect();
+                    assert_eq!(as_f32(&rk.output), want, "rs n={n} count={count} r={r}");
+                }
+                // scratch stays bounded by slots x chunk
+                assert!(scheds
+                    .iter()
+                    .all(|s| s.scratch_bytes <= T.slots * T.chunk_bytes));
+
+                // all_gather
+                let c = call(CollectiveOp::AllGather, count, 0, false);
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                    .collect();
+                let mut ranks: Vec<SimRank> = (0..n)
+                    .map(|r| SimRank {
+                        input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
+                        output: vec![0; n * count * 4],
+                        ..Default::default()
+                    })
+                    .collect();
+                run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                let want: Vec<f32> = (0..n * count)
+                    .map(|j| val(j / count.max(1), j % count.max(1)))
+                    .collect();
+                for rk in &ranks {
+                    assert_eq!(as_f32(&rk.output), want, "ag n={n} count={count}");
+                }
+
+                for root in [0, n - 1] {
+                    for algo in [Algo::Ring, Algo::Tree] {
+                        let c = call(CollectiveOp::Broadcast, count, root, true);
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, algo, T.clone(), &[]))
+                            .collect();
+                        let mut ranks: Vec<SimRank> = (0..n)
+                            .map(|r| SimRank {
+                                output: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
+                                ..Default::default()
+                            })
+                            .collect();
+                        run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                        let want: Vec<f32> = (0..count).map(|i| val(root, i)).collect();
+                        for rk in &ranks {
+                            assert_eq!(as_f32(&rk.output), want, "bcast n={n} root={root}");
+                        }
+                    }
+                    let c = call(CollectiveOp::Reduce, count, root, false);
+                    let scheds: Vec<_> = (0..n)
+                        .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                        .collect();
+                    let mut ranks: Vec<SimRank> = (0..n)
+                        .map(|r| SimRank {
+                            input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
+                            output: vec![0; count * 4],
+                            ..Default::default()
+                        })
+                        .collect();
+                    run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                    let want: Vec<f32> = (0..count)
+                        .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
+                        .collect();
+                    assert_eq!(
+                        as_f32(&ranks[root].output),
+                        want,
+                        "reduce n={n} root={root}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ring_sends_the_bandwidth_optimal_volume() {
+        let n = 4;
+        let count = 4096;
+        let c = call(CollectiveOp::AllReduce, count, 0, true);
+        let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
+        // 2(n-1)/n * S
+        assert_eq!(s.bytes_sent(), 2 * (n - 1) * count * 4 / n);
+    }
+
+    #[test]
+    fn barrier_exchanges_empty_messages() {
+        let n = 5;
+        let c = call(CollectiveOp::Barrier, 0, 0, true);
+        let scheds: Vec<_> = (0..n)
+            .map(|r| plan(&c, r, n, Algo::Tree, T.clone(), &[]))
+            .collect();
+        let count = |s: &Schedule| {
+            let sends = s
+                .ops
+                .iter()
+                .filter(|o| matches!(o.kind, OpKind::Send { .. }))
+                .count();
+            (sends, s.ops.len() - sends)
+        };
+        // root 0 has children 1, 2, 4: three up, three down; leaf 4 one each way.
+        assert_eq!(count(&scheds[0]), (3, 3));
+        assert_eq!(count(&scheds[4]), (1, 1));
+        assert!(scheds.iter().all(|s| s.bytes_sent() == 0));
+        let mut ranks = vec![SimRank::default(); n];
+        run(&scheds, &mut ranks, DataType::U8, ReduceOp::Sum).unwrap();
+    }
+}

@@ -1,0 +1,505 @@
+//! `hetccl-check`: runs every collective, reduction and element type on the given
+//! counts and checks each result against a closed form. Exits non-zero on the first
+//! wrong element or error. Start it on every rank (launcher, mpirun or env vars):
+//!
+//! ```text
+//! hetccl run -n 4 -- hetccl-check --counts 0,1,7,1000
+//! ```
+//!
+//! Fault flags make one rank misbehave on purpose, for the failure tests.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use hetccl::{Communicator, Element, ReduceOp};
+
+struct Args {
+    counts: Vec<usize>,
+    iters: usize,
+    mixed: usize,
+    big_f32: Option<usize>,
+    fault: String,
+    fault_rank: usize,
+    seed: u64,
+    determinism: Option<usize>,
+    compressed: Option<usize>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        counts: vec![0, 1, 7, 1000],
+        iters: 1,
+        mixed: 0,
+        big_f32: None,
+        fault: "none".into(),
+        fault_rank: 1,
+        seed: 1,
+        determinism: None,
+        compressed: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--counts" => {
+                a.counts = val()?
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--counts: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--iters" => a.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
+            "--mixed" => a.mixed = val()?.parse().map_err(|e| format!("--mixed: {e}"))?,
+            "--big-f32" => a.big_f32 = Some(val()?.parse().map_err(|e| format!("--big-f32: {e}"))?),
+            "--fault" => a.fault = val()?,
+            "--fault-rank" => {
+                a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?
+            }
+            "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--compressed" => {
+                a.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
+            }
+            "--determinism" => {
+                a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
+                     \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
+                     \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
+                     \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Rank r's input element i for `op`: small integers whose reduction is exact in
+/// every element type (sums stay below 128, products are powers of two).
+fn input<T: Element>(op: ReduceOp, r: usize, i: usize, n: usize) -> T {
+    let v = match op {
+        ReduceOp::Prod => 1 + (r + i) % 2,
+        ReduceOp::Max | ReduceOp::Min => (r * 3 + i) % n.max(1) + (i % 5),
+        ReduceOp::Sum | ReduceOp::Avg => 1 + r + (i % 7),
+    };
+    T::from_f64(v as f64)
+}
+
+fn expected<T: Element>(op: ReduceOp, i: usize, n: usize) -> T {
+    let mut acc = input::<T>(op, 0, i, n);
+    for r in 1..n {
+        let x = input::<T>(op, r, i, n);
+        acc = match op {
+            ReduceOp::Sum | ReduceOp::Avg => T::add(acc, x),
+            ReduceOp::Prod => T::mul(acc, x),
+            ReduceOp::Max => T::max(acc, x),
+            ReduceOp::Min => T::min(acc, x),
+        };
+    }
+    if op == ReduceOp::Avg {
+        acc = acc.div_count(n);
+    }
+    acc
+}
+
+struct Checker<'a> {
+    comm: &'a Communicator,
+    checks: usize,
+}
+
+fn mismatch<T: Element>(what: &str, got: &[T], want: impl Fn(usize) -> T) -> Result<(), String> {
+    for (i, g) in got.iter().enumerate() {
+        let w = want(i);
+        if *g != w && !(g.to_f64().is_nan() && w.to_f64().is_nan()) {
+            let wrong = got
+                .iter()
+                .enumerate()
+                .filter(|(j, x)| **x != want(*j))
+                .count();
+            return Err(format!(
+                "{what}: element {i} is {g:?}, expected {w:?} ({wrong} wrong of {})",
+                got.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Checker<'_> {
+    fn all_ops<T: Element>(&mut self, count: usize) -> Result<(), String> {
+        let (r, n) = (self.comm.rank(), self.comm.world_size());
+        let name = T::DTYPE.name();
+        for op in [
+            ReduceOp::Sum,
+            ReduceOp::Prod,
+            ReduceOp::Max,
+            ReduceOp::Min,
+            ReduceOp::Avg,
+        ] {
+            let send: Vec<T> = (0..count).map(|i| input(op, r, i, n)).collect();
+            // all_reduce in place and out of place
+            let mut buf = send.clone();
+            self.comm
+                .all_reduce(&mut buf, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("all_reduce {name} {op} count {count}"),
+                &buf,
+                |i| expected(op, i, n),
+            )?;
+            let mut out = vec![T::from_f64(0.0); count];
+            self.comm
+                .all_reduce_into(&send, &mut out, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("all_reduce_into {name} {op} count {count}"),
+                &out,
+                |i| expected(op, i, n),
+            )?;
+
+            // reduce_scatter: block b of rank r holds input element b*count + i
+            let big: Vec<T> = (0..n * count).map(|i| input(op, r, i, n)).collect();
+            let mut part = vec![T::from_f64(0.0); count];
+            self.comm
+                .reduce_scatter(&big, &mut part, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("reduce_scatter {name} {op} count {count}"),
+                &part,
+                |i| expected(op, r * count + i, n),
+            )?;
+
+            let root = n - 1;
+            let mut red = vec![T::from_f64(0.0); if r == root { count } else { 0 }];
+            self.comm
+                .reduce(&send, &mut red, op, root)
+                .map_err(|e| e.to_string())?;
+            if r == root {
+                mismatch(&format!("reduce {name} {op} count {count}"), &red, |i| {
+                    expected(op, i, n)
+                })?;
+            }
+            self.checks += 4;
+        }
+        // all_gather: block b = rank b's input
+        let send: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+        let mut all = vec![T::from_f64(0.0); n * count];
+        self.comm
+            .all_gather(&send, &mut all)
+            .map_err(|e| e.to_string())?;
+        mismatch(&format!("all_gather {name} count {count}"), &all, |j| {
+            input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
+        })?;
+        for root in [0, n / 2] {
+            let mut b: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+            self.comm
+                .broadcast(&mut b, root)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("broadcast {name} root {root} count {count}"),
+                &b,
+                |i| input(ReduceOp::Sum, root, i, n),
+            )?;
+        }
+        // send/recv around the ring
+        if n > 1 {
+            let right = (r + 1) % n;
+            let left = (r + n - 1) % n;
+            let mine: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+            let mut got = vec![T::from_f64(0.0); count];
+            if r % 2 == 0 {
+                self.comm.send(&mine, right).map_err(|e| e.to_string())?;
+                self.comm.recv(&mut got, left).map_err(|e| e.to_string())?;
+            } else {
+                self.comm.recv(&mut got, left).map_err(|e| e.to_string())?;
+                self.comm.send(&mine, right).map_err(|e| e.to_string())?;
+            }
+            mismatch(&format!("send/recv {name} count {count}"), &got, |i| {
+                input(ReduceOp::Sum, left, i, n)
+            })?;
+        }
+        self.comm.barrier().map_err(|e| e.to_string())?;
+        self.checks += 4;
+        Ok(())
+    }
+
+    /// A long pseudo-random sequence of collectives and sizes, the same on every rank,
+    /// half of it through the non-blocking scope with several operations in flight.
+    fn mixed(&mut self, steps: usize, seed: u64) -> Result<(), String> {
+        let (r, n) = (self.comm.rank(), self.comm.world_size());
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for step in 0..steps {
+            let count = [0usize, 1, 3, 64, 1000, 4099, 70_000][(next() % 7) as usize];
+            match next() % 4 {
+                0 => {
+                    let mut a: Vec<f32> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let mut b: Vec<i64> =
+                        (0..count).map(|i| input(ReduceOp::Max, r, i, n)).collect();
+                    let mut c: Vec<bf16> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    self.comm
+                        .scope(|s| -> hetccl::Result<()> {
+                            let h1 = s.all_reduce(&mut a, ReduceOp::Sum)?;
+                            let h2 = s.all_reduce(&mut b, ReduceOp::Max)?;
+                            let h3 = s.broadcast(&mut c, step % n)?;
+                            h3.wait()?;
+                            h1.wait()?;
+                            h2.wait()
+                        })
+                        .map_err(|e| e.to_string())?;
+                    mismatch("mixed async all_reduce f32", &a, |i| {
+                        expected(ReduceOp::Sum, i, n)
+                    })?;
+                    mismatch("mixed async all_reduce i64", &b, |i| {
+                        expected(ReduceOp::Max, i, n)
+                    })?;
+                    mismatch("mixed async broadcast bf16", &c, |i| {
+                        input(ReduceOp::Sum, step % n, i, n)
+                    })?;
+                }
+                1 => self.all_ops_one::<f16>(count)?,
+                2 => {
+                    let send: Vec<i32> =
+                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let mut all = vec![0i32; n * count];
+                    self.comm
+                        .all_gather(&send, &mut all)
+                        .map_err(|e| e.to_string())?;
+                    mismatch("mixed all_gather i32", &all, |j| {
+                        input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
+                    })?;
+                }
+                _ => self.comm.barrier().map_err(|e| e.to_string())?,
+            }
+            self.checks += 1;
+        }
+        Ok(())
+    }
+
+    fn all_ops_one<T: Element>(&mut self, count: usize) -> Result<(), String> {
+        let (r, n) = (self.comm.rank(), self.comm.world_size());
+        let mut buf: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+        self.comm
+            .all_reduce(&mut buf, ReduceOp::Sum)
+            .map_err(|e| e.to_string())?;
+        mismatch("mixed all_reduce", &buf, |i| expected(ReduceOp::Sum, i, n))
+    }
+}
+
+fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
+    let (r, n) = (comm.rank(), comm.world_size());
+    let count = a.counts.iter().copied().max().unwrap_or(1000).max(1);
+    let mut buf: Vec<f32> = vec![1.0; count];
+    // One collective that works, so every link is known good before the fault.
+    comm.all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    if r == a.fault_rank {
+        match a.fault.as_str() {
+            "exit" => {
+                eprintln!("rank {r}: exiting on purpose");
+                std::process::exit(17);
+            }
+            "stop" => {
+                eprintln!("rank {r}: stopping on purpose");
+                // SAFETY: raising SIGSTOP on ourselves has no memory-safety impact.
+                unsafe { libc::raise(libc::SIGSTOP) };
+            }
+            "count" => buf.truncate(count - 1),
+            "dtype" => {
+                let mut other = vec![1.0f64; count];
+                return comm
+                    .all_reduce(&mut other, ReduceOp::Sum)
+                    .map_err(|e| e.to_string());
+            }
+            "op" => {
+                let mut other = vec![1.0f32; count];
+                return comm.broadcast(&mut other, 0).map_err(|e| e.to_string());
+            }
+            other => return Err(format!("unknown fault {other}")),
+        }
+    }
+    let t = Instant::now();
+    let r2 = comm
+        .all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string());
+    eprintln!(
+        "rank {r}: faulty collective returned after {:.2}s: {r2:?}",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = n;
+    r2
+}
+
+/// All-reduces pseudo-random f32 values whose sum rounds differently in different
+/// orders, and prints a hash of the result: equal hashes across ranks and runs show
+/// the reduction order is fixed.
+fn determinism(comm: &Communicator, count: usize, seed: u64) -> Result<(), String> {
+    let mut x = (seed ^ (comm.rank() as u64 + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf: Vec<f32> = (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 1e3 - 5e2
+        })
+        .collect();
+    comm.all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in &buf {
+        h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    println!("determinism hash {h:016x}");
+    Ok(())
+}
+
+/// Compressed all-reduce of f32 values in [-1, 1): every wire format, mode and both
+/// reductions that compress, checked against the exact sum within the format's bound
+/// (n terms, each rounded once before the sum and the result rounded once after), and a
+/// hash printed so the test can compare ranks.
+fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
+    use hetccl::communicator::Compression;
+    use hetccl::compression::{Compressor, ScalePolicy, WireFormat};
+    use hetccl::config::CompressMode;
+    let (r, n) = (comm.rank(), comm.world_size());
+    let val = |rank: usize, i: usize| ((i * 7 + rank * 13) % 1000) as f32 / 500.0 - 1.0;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut checks = 0;
+    for format in [WireFormat::F16, WireFormat::Bf16] {
+        // Relative precision of the format: 2^-11 (fp16), 2^-8 (bf16).
+        let eps = if format == WireFormat::F16 {
+            2f64.powi(-11)
+        } else {
+            2f64.powi(-8)
+        };
+        let mut comp = Compressor::new(format, ScalePolicy::InverseWorldSize, true)
+            .map_err(|e| e.to_string())?;
+        for mode in [CompressMode::Inter, CompressMode::All] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                let mut buf: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
+                let stats = comm
+                    .all_reduce_compressed(
+                        &mut buf,
+                        op,
+                        Compression {
+                            mode,
+                            compressor: &mut comp,
+                            buffer: 1,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                if !stats.is_clean() {
+                    return Err(format!(
+                        "compressed {format} {op}: unexpected overflow {stats:?}"
+                    ));
+                }
+                for (i, got) in buf.iter().enumerate() {
+                    let mut exact: f64 = (0..n).map(|k| val(k, i) as f64).sum();
+                    if op == ReduceOp::Avg {
+                        exact /= n as f64;
+                    }
+                    // Each hop may round a partial sum once more: n + 2 roundings of
+                    // values no larger than the sum of magnitudes.
+                    let mag: f64 = (0..n).map(|k| val(k, i).abs() as f64).sum::<f64>()
+                        / if op == ReduceOp::Avg { n as f64 } else { 1.0 };
+                    let bound = (n as f64 + 2.0) * eps * mag.max(1e-3) + 1e-6;
+                    if (*got as f64 - exact).abs() > bound {
+                        return Err(format!(
+                            "compressed {format} {mode:?} {op} element {i}: {got} vs exact {exact} (bound {bound:e})"
+                        ));
+                    }
+                    h = (h ^ got.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+                }
+                checks += 1;
+            }
+        }
+    }
+    println!("compressed hash {h:016x}");
+    Ok(checks)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("hetccl-check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let comm = match Communicator::init_from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hetccl-check: init failed: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let t0 = Instant::now();
+    let result = if args.fault != "none" {
+        fault(&comm, &args)
+    } else if let Some(count) = args.determinism {
+        determinism(&comm, count, args.seed)
+    } else if let Some(count) = args.compressed {
+        compressed(&comm, count).map(|k| {
+            println!(
+                "rank {}/{}: {k} checks passed",
+                comm.rank(),
+                comm.world_size()
+            )
+        })
+    } else {
+        let mut ck = Checker {
+            comm: &comm,
+            checks: 0,
+        };
+        let run = |ck: &mut Checker| -> Result<(), String> {
+            for _ in 0..args.iters {
+                for &count in &args.counts {
+                    ck.all_ops::<f32>(count)?;
+                    ck.all_ops::<f64>(count)?;
+                    ck.all_ops::<f16>(count)?;
+                    ck.all_ops::<bf16>(count)?;
+                    ck.all_ops::<i32>(count)?;
+                    ck.all_ops::<i64>(count)?;
+                    ck.all_ops::<u8>(count)?;
+                }
+            }
+            if let Some(big) = args.big_f32 {
+                ck.all_ops_one::<f32>(big)?;
+                ck.all_ops_one::<bf16>(big)?;
+            }
+            ck.mixed(args.mixed, args.seed)
+        };
+        let r = run(&mut ck);
+        if r.is_ok() {
+            println!(
+                "rank {}/{}: {} checks passed in {:.2}s",
+                comm.rank(),
+                comm.world_size(),
+                ck.checks,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        r
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
+            ExitCode::from(1)
+        }
+    }
+}

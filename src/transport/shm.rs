@@ -1,0 +1,1037 @@
+//! Shared-memory link between two processes on one host.
+//!
+//! One segment per pair of ranks holds two single-producer single-consumer rings, one
+//! per direction. The lower rank creates the segment, the higher rank maps it, and the
+//! creator unlinks the name as soon as both have it mapped (see
+//! [`super::connect_all`]): the memory lives on only through the two mappings, so the
+//! kernel frees it when both processes are gone, even if they crash. A crash in the
+//! short window between creation and unlink can leave a file `/dev/shm/hetccl-*`.
+//!
+//! Segment layout (`segment_bytes = 4096 + 2 * ring_bytes`):
+//!
+//! ```text
+//! 0      control page: line 0 header (magic, version, geometry, ranks)
+//!                      line 1 side 0 (creator): pid, state, pid namespace
+//!                      line 2 side 1 (opener):  pid, state, pid namespace
+//!                      lines 3,4 ring 0 (side 0 -> side 1): head, tail
+//!                      lines 5,6 ring 1 (side 1 -> side 0): head, tail
+//! 4096   ring 0: nslots descriptors of 64 bytes (rounded up to a page),
+//!                then nslots slots of slot_bytes
+//! ...    ring 1: the same
+//! ```
+//!
+//! Every cache line is written by one side only (head and descriptors by the producer,
+//! tail by the consumer, a side line by its owner), so the two processes never fight
+//! over a line. `head` and `tail` count slots since the start and never wrap; a slot is
+//! `count % nslots`. The producer fills a slot and its descriptor, then publishes with a
+//! release store of `head`; the consumer reads `head` with acquire, hands the slot to the
+//! sink straight from the mapping (the executor reduces out of the ring, no copy), then
+//! frees it with a release store of `tail`. No system call on this path.
+//!
+//! A message occupies consecutive slots: the first slot's descriptor carries the
+//! [`MsgHeader`] and each slot holds up to `slot_bytes` of payload, so pieces start at
+//! multiples of `slot_bytes` (a multiple of 4096) and only the last may be short. An
+//! empty message takes one slot with no payload.
+//!
+//! Liveness: each side records its pid and a state (attached, closed, aborted).
+//! [`Link::check_peer`] reports the peer lost when it aborted, or when it closed or its
+//! process is gone (`kill(pid, 0)` gives `ESRCH`) while this side still needs it.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use super::{Link, LinkKind, MsgHeader, RecvSink};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
+const SHM_VERSION: u32 = 1;
+const PAGE: usize = 4096;
+/// Bytes before the first ring.
+const CONTROL_BYTES: usize = PAGE;
+
+// Side states. 0 means "not attached yet".
+const ATTACHED: u32 = 1;
+const CLOSED: u32 = 2;
+const ABORTED: u32 = 3;
+
+/// Descriptor flag: this slot starts a message and its descriptor carries the header.
+const FIRST: u64 = 1;
+
+/// Slot count and size of each of the two rings of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmGeometry {
+    /// Slots per ring (2 to 1024).
+    pub nslots: usize,
+    /// Payload bytes per slot: a multiple of 4096, from 4096 to 64 MiB.
+    pub slot_bytes: usize,
+}
+
+impl ShmGeometry {
+    /// 8 slots per direction of half a pipeline chunk each (clamped to 64 KiB..1 MiB,
+    /// rounded down to a page): with the default 512 KiB chunks, 8 x 256 KiB, so one
+    /// chunk fills two slots and the consumer works on one while the producer fills the
+    /// next. A segment is then 4 206 592 bytes (4 MiB + 12 KiB) per pair of ranks on
+    /// a host, so 8 ranks on one host need 28 segments, about 113 MiB of /dev/shm.
+    pub fn from_config(cfg: &Config) -> Self {
+        let slot = (cfg.chunk_bytes / 2).clamp(64 << 10, 1 << 20) / PAGE * PAGE;
+        ShmGeometry {
+            nslots: 8,
+            slot_bytes: slot,
+        }
+    }
+
+    /// Size of a segment with this geometry, in bytes: the control page plus two rings.
+    pub fn segment_bytes(&self) -> usize {
+        CONTROL_BYTES + 2 * self.ring_bytes()
+    }
+
+    fn desc_bytes(&self) -> usize {
+        (self.nslots * 64).div_ceil(PAGE) * PAGE
+    }
+
+    fn ring_bytes(&self) -> usize {
+        self.desc_bytes() + self.nslots * self.slot_bytes
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(2..=1024).contains(&self.nslots)
+            || !(PAGE..=64 << 20).contains(&self.slot_bytes)
+            || self.slot_bytes % PAGE != 0
+        {
+            return Err(Error::Shm(format!(
+                "ring geometry {} slots x {} bytes: need 2 to 1024 slots of a multiple of \
+                 4096 bytes up to 64 MiB",
+                self.nslots, self.slot_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A fresh segment name for the pair `(a, b)` of job `job_id`:
+/// `hetccl-<job>-<low rank>-<high rank>-<random>`. The random part keeps two jobs that
+/// share an id (or a leftover file from a crash) from colliding.
+pub fn segment_name(job_id: &str, a: usize, b: usize) -> String {
+    let job: String = job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!(
+        "hetccl-{job}-{}-{}-{:016x}",
+        a.min(b),
+        a.max(b),
+        rand::random::<u64>()
+    )
+}
+
+#[repr(C, align(64))]
+struct SegHeader {
+    magic: u64,
+    version: u32,
+    nslots: u32,
+    slot_bytes: u64,
+    segment_bytes: u64,
+    creator_rank: u64,
+    opener_rank: u64,
+}
+
+#[repr(C, align(64))]
+struct SideCtl {
+    pid: AtomicI32,
+    state: AtomicU32,
+    /// Inode of the process's pid namespace: a pid means something to the other side
+    /// only when both live in the same namespace.
+    pidns: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct Counter(AtomicU64);
+
+#[repr(C)]
+struct Control {
+    header: SegHeader,
+    side: [SideCtl; 2],
+    /// `[ring0 head, ring0 tail, ring1 head, ring1 tail]`.
+    counters: [Counter; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<Control>() == 7 * 64);
+const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_BYTES);
+
+/// Written by the producer before it publishes the slot.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct SlotDesc {
+    header: MsgHeader,
+    /// Where this slot's payload starts within the message.
+    offset: u64,
+    /// Payload bytes in the slot.
+    len: u64,
+    flags: u64,
+    _pad: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SlotDesc>() == 64);
+
+/// One direction of the segment, as seen from this process.
+struct Ring {
+    head: *const AtomicU64,
+    tail: *const AtomicU64,
+    desc: *mut SlotDesc,
+    data: *mut u8,
+}
+
+/// Which ring a side sends on: side 0 (creator) sends on ring 0.
+fn ring_at(base: *mut u8, geom: &ShmGeometry, ctl: *const Control, index: usize) -> Ring {
+    // SAFETY: `base` maps `geom.segment_bytes()` bytes, `ctl` points at its start and
+    // `index` is 0 or 1, so every offset below stays inside the mapping.
+    unsafe {
+        let start = base.add(CONTROL_BYTES + index * geom.ring_bytes());
+        Ring {
+            head: &(*ctl).counters[2 * index].0,
+            tail: &(*ctl).counters[2 * index + 1].0,
+            desc: start.cast::<SlotDesc>(),
+            data: start.add(geom.desc_bytes()),
+        }
+    }
+}
+
+/// A shared-memory [`Link`]. Create with [`ShmLink::create`] on one side and
+/// [`ShmLink::open`] on the other (or let [`super::connect_all`] do it).
+pub struct ShmLink {
+    rank: usize,
+    peer: usize,
+    name: String,
+    /// 0 for the creator, 1 for the opener.
+    side: usize,
+    base: *mut u8,
+    map_len: usize,
+    geom: ShmGeometry,
+    ctl: *const Control,
+    tx: Ring,
+    rx: Ring,
+    /// Only the creator unlinks, once.
+    linked: bool,
+    aborted: bool,
+    /// Producer's own copy of `tx.head` (it is the only writer) and last `tx.tail` seen.
+    tx_head: u64,
+    tx_tail_seen: u64,
+    /// Consumer's own copy of `rx.tail` and last `rx.head` seen.
+    rx_tail: u64,
+    rx_head_seen: u64,
+    /// Payload bytes of the current outgoing message already in the ring; `None` until
+    /// its first slot (the one with the header) is.
+    send_off: Option<usize>,
+    /// `(message bytes, bytes delivered)` of the current incoming message.
+    recv: Option<(usize, usize)>,
+}
+
+// SAFETY: the raw pointers point into a mapping owned by this value (unmapped only in
+// Drop); nothing else in this process refers to it, so moving it to another thread is
+// fine. The other process is synchronised with through atomics only.
+unsafe impl Send for ShmLink {}
+
+impl ShmLink {
+    /// Creates, sizes and maps the segment `/dev/shm/<name>` for the link from `rank` to
+    /// `peer`, with every page allocated up front (`posix_fallocate`, so a full
+    /// `/dev/shm` gives an error here rather than a `SIGBUS` later) and pre-faulted. The
+    /// caller hands `name` to the peer, which calls [`ShmLink::open`]; once it has, call
+    /// [`ShmLink::unlink`].
+    pub fn create(name: &str, rank: usize, peer: usize, geom: ShmGeometry) -> Result<ShmLink> {
+        geom.validate()?;
+        let bytes = geom.segment_bytes();
+        let cname = shm_cname(name)?;
+        let path = format!("/dev/shm/{name}");
+        if let Some(free) = shm_free_bytes() {
+            if free < bytes as u64 {
+                return Err(too_small(&path, rank, peer, bytes, Some(free)));
+            }
+        }
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let fd = unsafe {
+            libc::shm_open(
+                cname.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::Shm(format!(
+                "rank {rank}: creating {path} for peer {peer}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mapped = size_and_map(fd, bytes, &path, rank, peer);
+        // SAFETY: `fd` is ours; the mapping (if any) keeps the memory alive without it.
+        unsafe { libc::close(fd) };
+        let base = match mapped {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: `cname` is valid; the name is ours (O_EXCL).
+                unsafe { libc::shm_unlink(cname.as_ptr()) };
+                return Err(e);
+            }
+        };
+        let ctl = base.cast::<Control>();
+        // SAFETY: the mapping is fresh, zero-filled and at least CONTROL_BYTES long; no
+        // other process has it yet (the name is published only after this returns).
+        unsafe {
+            std::ptr::write(
+                std::ptr::addr_of_mut!((*ctl).header),
+                SegHeader {
+                    magic: SHM_MAGIC,
+                    version: SHM_VERSION,
+                    nslots: geom.nslots as u32,
+                    slot_bytes: geom.slot_bytes as u64,
+                    segment_bytes: bytes as u64,
+                    creator_rank: rank as u64,
+                    opener_rank: peer as u64,
+                },
+            );
+        }
+        let link = ShmLink::attach(name, rank, peer, 0, base, bytes, geom);
+        tracing::debug!(rank, peer, bytes, "created shared-memory segment {path}");
+        Ok(link)
+    }
+
+    /// Maps the segment `name` that `peer` created for this `rank`, checking that it
+    /// was made for this pair by a compatible build.
+    pub fn open(name: &str, rank: usize, peer: usize) -> Result<ShmLink> {
+        let cname = shm_cname(name)?;
+        let path = format!("/dev/shm/{name}");
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let fd = unsafe { libc::shm_open(cname.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(Error::Shm(format!(
+                "rank {rank}: opening {path} created by rank {peer}: {} (do both ranks see \
+                 the same /dev/shm? set HETCCL_SHM_DISABLE=1 if they do not)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mapped = map_existing(fd, &path, rank);
+        // SAFETY: `fd` is ours; the mapping keeps the memory alive without it.
+        unsafe { libc::close(fd) };
+        let (base, len) = mapped?;
+        // SAFETY: the mapping is at least CONTROL_BYTES long (checked by map_existing);
+        // the header was written by the creator before it published the name, and the
+        // bootstrap exchange that carried the name orders that write before this read.
+        let h = unsafe { std::ptr::read(std::ptr::addr_of!((*base.cast::<Control>()).header)) };
+        let geom = ShmGeometry {
+            nslots: h.nslots as usize,
+            slot_bytes: h.slot_bytes as usize,
+        };
+        let problem = if h.magic != SHM_MAGIC {
+            Some("it is not a hetccl segment".to_string())
+        } else if h.version != SHM_VERSION {
+            Some(format!(
+                "segment version {}, this build uses {SHM_VERSION}",
+                h.version
+            ))
+        } else if h.creator_rank != peer as u64 || h.opener_rank != rank as u64 {
+            Some(format!(
+                "it was made for ranks {} and {}",
+                h.creator_rank, h.opener_rank
+            ))
+        } else if geom.validate().is_err()
+            || geom.segment_bytes() as u64 != h.segment_bytes
+            || h.segment_bytes != len as u64
+        {
+            Some(format!(
+                "its geometry ({} slots x {} bytes, {} bytes) does not match its size {len}",
+                h.nslots, h.slot_bytes, h.segment_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
+            unsafe { libc::munmap(base.cast(), len) };
+            return Err(Error::Shm(format!(
+                "rank {rank}: cannot use {path} from rank {peer}: {p}"
+            )));
+        }
+        Ok(ShmLink::attach(name, rank, peer, 1, base, len, geom))
+    }
+
+    fn attach(
+        name: &str,
+        rank: usize,
+        peer: usize,
+        side: usize,
+        base: *mut u8,
+        map_len: usize,
+        geom: ShmGeometry,
+    ) -> ShmLink {
+        let ctl = base.cast::<Control>().cast_const();
+        // SAFETY: `base` is a live mapping of at least CONTROL_BYTES, kept by the link
+        // built below; `side` is 0 or 1.
+        let me = unsafe { side_ctl(ctl, side) };
+        me.pid.store(std::process::id() as i32, Ordering::Relaxed);
+        me.pidns.store(own_pidns(), Ordering::Relaxed);
+        me.state.store(ATTACHED, Ordering::Release);
+        ShmLink {
+            rank,
+            peer,
+            name: name.to_string(),
+            side,
+            base,
+            map_len,
+            geom,
+            ctl,
+            tx: ring_at(base, &geom, ctl, side),
+            rx: ring_at(base, &geom, ctl, 1 - side),
+            linked: side == 0,
+            aborted: false,
+            tx_head: 0,
+            tx_tail_seen: 0,
+            rx_tail: 0,
+            rx_head_seen: 0,
+            send_off: None,
+            recv: None,
+        }
+    }
+
+    /// Removes the segment's name from `/dev/shm` (creator side; a no-op on the opener
+    /// and on later calls). Call once the peer has opened it: the mappings stay valid.
+    pub fn unlink(&mut self) {
+        if !self.linked {
+            return;
+        }
+        self.linked = false;
+        if let Ok(cname) = shm_cname(&self.name) {
+            // SAFETY: `cname` is a valid NUL-terminated string.
+            if unsafe { libc::shm_unlink(cname.as_ptr()) } != 0 {
+                tracing::warn!(
+                    rank = self.rank,
+                    peer = self.peer,
+                    "could not unlink /dev/shm/{}: {}",
+                    self.name,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
+    /// The segment's name (the file was `/dev/shm/<name>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size of the segment in bytes.
+    pub fn segment_bytes(&self) -> usize {
+        self.map_len
+    }
+
+    /// Ring geometry of the segment.
+    pub fn geometry(&self) -> ShmGeometry {
+        self.geom
+    }
+
+    fn me(&self) -> &SideCtl {
+        // SAFETY: the mapping lives as long as `self`; `side` is 0 or 1.
+        unsafe { side_ctl(self.ctl, self.side) }
+    }
+
+    fn other(&self) -> &SideCtl {
+        // SAFETY: the mapping lives as long as `self`; `side` is 0 or 1.
+        unsafe { side_ctl(self.ctl, 1 - self.side) }
+    }
+
+    fn lost(&self, detail: impl Into<String>) -> Error {
+        Error::Link {
+            peer: self.peer,
+            detail: detail.into(),
+            lost: true,
+        }
+    }
+
+    fn broken(&self, detail: impl Into<String>) -> Error {
+        Error::Link {
+            peer: self.peer,
+            detail: detail.into(),
+            lost: false,
+        }
+    }
+
+    fn check_not_aborted(&self) -> Result<()> {
+        if self.aborted {
+            return Err(self.broken(format!(
+                "rank {} aborted this shared-memory link earlier",
+                self.rank
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the peer's process still exists, as far as this side can tell.
+    fn peer_process_alive(&self) -> bool {
+        let other = self.other();
+        let pid = other.pid.load(Ordering::Relaxed);
+        if pid <= 0 || other.pidns.load(Ordering::Relaxed) != own_pidns() {
+            return true;
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        !(r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+    }
+}
+
+/// The control line of one side.
+///
+/// # Safety
+/// `ctl` must point at the control page of a live mapping that outlives `'a`, and
+/// `side` must be 0 or 1.
+unsafe fn side_ctl<'a>(ctl: *const Control, side: usize) -> &'a SideCtl {
+    // SAFETY: guaranteed by the caller; the fields are atomics, so shared access from
+    // both processes is sound.
+    unsafe { &(*ctl).side[side] }
+}
+
+impl Link for ShmLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+
+    fn kind(&self) -> LinkKind {
+        LinkKind::Shm
+    }
+
+    fn poll_send(&mut self, header: &MsgHeader, data: &[u8]) -> Result<bool> {
+        self.check_not_aborted()?;
+        // The peer's state line is written once or twice in its life, so this load
+        // stays in this core's cache and costs nothing on the fast path.
+        let peer_state = self.other().state.load(Ordering::Acquire);
+        if peer_state >= CLOSED {
+            return Err(self.lost(format!(
+                "peer {} {} the shared-memory link while rank {} was sending",
+                self.peer,
+                if peer_state == ABORTED {
+                    "aborted"
+                } else {
+                    "closed"
+                },
+                self.rank
+            )));
+        }
+        if header.bytes != data.len() as u64 {
+            return Err(Error::invalid(
+                "poll_send",
+                format!(
+                    "header says {} bytes, payload has {}",
+                    header.bytes,
+                    data.len()
+                ),
+            ));
+        }
+        let n = self.geom.nslots as u64;
+        let slot_bytes = self.geom.slot_bytes;
+        // SAFETY: head/tail point at atomics in the live mapping.
+        let (head, tail) = unsafe { (&*self.tx.head, &*self.tx.tail) };
+        loop {
+            if self.tx_head - self.tx_tail_seen == n {
+                self.tx_tail_seen = tail.load(Ordering::Acquire);
+                if self.tx_head - self.tx_tail_seen == n {
+                    return Ok(false);
+                }
+            }
+            let first = self.send_off.is_none();
+            let off = self.send_off.unwrap_or(0);
+            let len = (data.len() - off).min(slot_bytes);
+            let slot = (self.tx_head % n) as usize;
+            // SAFETY: slot < nslots, so the descriptor and the `slot_bytes` bytes at
+            // `data + slot * slot_bytes` lie inside this ring; `len <= slot_bytes`. The
+            // consumer has freed this slot (tail was read with acquire above) and does
+            // not look at it again until the release store of head below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr().add(off),
+                    self.tx.data.add(slot * slot_bytes),
+                    len,
+                );
+                std::ptr::write(
+                    self.tx.desc.add(slot),
+                    SlotDesc {
+                        header: if first { *header } else { MsgHeader::default() },
+                        offset: off as u64,
+                        len: len as u64,
+                        flags: if first { FIRST } else { 0 },
+                        _pad: 0,
+                    },
+                );
+            }
+            self.tx_head += 1;
+            head.store(self.tx_head, Ordering::Release);
+            if off + len == data.len() {
+                self.send_off = None;
+                return Ok(true);
+            }
+            self.send_off = Some(off + len);
+        }
+    }
+
+    fn poll_recv(&mut self, sink: &mut dyn RecvSink) -> Result<bool> {
+        self.check_not_aborted()?;
+        // SAFETY: head/tail point at atomics in the live mapping.
+        let (head, tail) = unsafe { (&*self.rx.head, &*self.rx.tail) };
+        let n = self.geom.nslots as u64;
+        loop {
+            if self.rx_tail == self.rx_head_seen {
+                self.rx_head_seen = head.load(Ordering::Acquire);
+                if self.rx_tail == self.rx_head_seen {
+                    let state = self.other().state.load(Ordering::Acquire);
+                    if state == ABORTED
+                        || (state == CLOSED && head.load(Ordering::Acquire) == self.rx_tail)
+                    {
+                        return Err(self.lost(format!(
+                            "peer {} {} the shared-memory link while rank {} was receiving",
+                            self.peer,
+                            if state == ABORTED {
+                                "aborted"
+                            } else {
+                                "closed"
+                            },
+                            self.rank
+                        )));
+                    }
+                    return Ok(false);
+                }
+            }
+            let slot = (self.rx_tail % n) as usize;
+            // SAFETY: slot < nslots; the producer wrote this descriptor before its
+            // release store of head, which the acquire load above observed.
+            let d = unsafe { std::ptr::read(self.rx.desc.add(slot)) };
+            let (total, done) = match self.recv {
+                None if d.flags & FIRST != 0 => {
+                    sink.header(&d.header)?;
+                    (d.header.bytes as usize, 0)
+                }
+                Some(r) if d.flags & FIRST == 0 => r,
+                _ => {
+                    return Err(self.broken(format!(
+                        "shared-memory ring from peer {} is out of step (slot {} flags {})",
+                        self.peer, self.rx_tail, d.flags
+                    )))
+                }
+            };
+            let len = d.len as usize;
+            if d.offset as usize != done || len > self.geom.slot_bytes || done + len > total {
+                return Err(self.broken(format!(
+                    "shared-memory ring from peer {}: slot carries bytes {}..{} of a {} \
+                     byte message, expected offset {done}",
+                    self.peer,
+                    d.offset,
+                    d.offset + d.len,
+                    total
+                )));
+            }
+            if len > 0 {
+                // SAFETY: the slot holds `len <= slot_bytes` bytes the producer wrote
+                // before publishing; it does not touch the slot again until the release
+                // store of tail below, after the sink is done with it.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(self.rx.data.add(slot * self.geom.slot_bytes), len)
+                };
+                sink.data(done, bytes)?;
+            }
+            self.rx_tail += 1;
+            tail.store(self.rx_tail, Ordering::Release);
+            if done + len == total {
+                self.recv = None;
+                return Ok(true);
+            }
+            self.recv = Some((total, done + len));
+        }
+    }
+
+    fn check_peer(&mut self) -> Result<()> {
+        let state = self.other().state.load(Ordering::Acquire);
+        if state == ABORTED {
+            return Err(self.lost(format!("peer {} aborted the shared-memory link", self.peer)));
+        }
+        let gone = if state == CLOSED {
+            Some("closed the shared-memory link")
+        } else if !self.peer_process_alive() {
+            Some("process has exited")
+        } else {
+            None
+        };
+        if let Some(how) = gone {
+            // Bytes it sent before going are still good; only fail when this side
+            // needs more from it, or is sending to it.
+            // SAFETY: head points at an atomic in the live mapping.
+            let pending = unsafe { &*self.rx.head }.load(Ordering::Acquire) != self.rx_tail;
+            if self.send_off.is_some() || !pending {
+                let pid = self.other().pid.load(Ordering::Relaxed);
+                return Err(self.lost(format!("peer {} (pid {pid}) {how}", self.peer)));
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.aborted = true;
+        self.me().state.store(ABORTED, Ordering::Release);
+    }
+}
+
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        if !self.aborted {
+            self.me().state.store(CLOSED, Ordering::Release);
+        }
+        self.unlink();
+        // SAFETY: `base`/`map_len` is this link's own mapping; no reference into it
+        // outlives `self`.
+        unsafe { libc::munmap(self.base.cast(), self.map_len) };
+    }
+}
+
+fn shm_cname(name: &str) -> Result<CString> {
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(Error::Shm(format!(
+            "bad segment name {name:?}: use 1 to 200 characters from [A-Za-z0-9._-]"
+        )));
+    }
+    CString::new(format!("/{name}")).map_err(|_| Error::Shm(format!("bad segment name {name:?}")))
+}
+
+fn too_small(path: &str, rank: usize, peer: usize, bytes: usize, free: Option<u64>) -> Error {
+    let free = free
+        .map(|f| format!(" ({f} bytes free)"))
+        .unwrap_or_default();
+    Error::Shm(format!(
+        "rank {rank}: segment {path} for peer {peer} needs {bytes} bytes but /dev/shm is too \
+         small{free}; enlarge it (e.g. docker run --shm-size=1g) or set HETCCL_SHM_DISABLE=1 \
+         to use TCP between ranks of one host"
+    ))
+}
+
+/// Free bytes in /dev/shm, if it can be asked.
+fn shm_free_bytes() -> Option<u64> {
+    let path = CString::new("/dev/shm").ok()?;
+    // SAFETY: statvfs is plain data; zeroed is a valid initial value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Sizes the new segment, allocates every page and maps it pre-faulted.
+fn size_and_map(fd: i32, bytes: usize, path: &str, rank: usize, peer: usize) -> Result<*mut u8> {
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::ftruncate(fd, bytes as libc::off_t) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG)) {
+            return Err(too_small(path, rank, peer, bytes, shm_free_bytes()));
+        }
+        return Err(Error::Shm(format!(
+            "rank {rank}: sizing {path} to {bytes} bytes: {e}"
+        )));
+    }
+    // ftruncate only sets the size: touching a page that tmpfs cannot back would raise
+    // SIGBUS. posix_fallocate reserves every page now, or fails cleanly.
+    // SAFETY: plain syscall on our fd; returns an errno value rather than setting errno.
+    let r = unsafe { libc::posix_fallocate(fd, 0, bytes as libc::off_t) };
+    if r != 0 {
+        if r == libc::ENOSPC || r == libc::EFBIG {
+            return Err(too_small(path, rank, peer, bytes, shm_free_bytes()));
+        }
+        return Err(Error::Shm(format!(
+            "rank {rank}: allocating {bytes} bytes for {path}: {}",
+            std::io::Error::from_raw_os_error(r)
+        )));
+    }
+    map(fd, bytes, path, rank)
+}
+
+fn map_existing(fd: i32, path: &str, rank: usize) -> Result<(*mut u8, usize)> {
+    // SAFETY: stat is plain data; zeroed is a valid initial value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: our fd and a valid out pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(Error::Shm(format!(
+            "rank {rank}: stat of {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let len = st.st_size as usize;
+    if len < CONTROL_BYTES {
+        return Err(Error::Shm(format!(
+            "rank {rank}: {path} is only {len} bytes long"
+        )));
+    }
+    Ok((map(fd, len, path, rank)?, len))
+}
+
+fn map(fd: i32, len: usize, path: &str, rank: usize) -> Result<*mut u8> {
+    // SAFETY: a fresh shared mapping of our fd; MAP_POPULATE faults every page in now so
+    // the rings never page-fault on the hot path.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::Shm(format!(
+            "rank {rank}: mapping {len} bytes of {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(p.cast())
+}
+
+/// Inode of this process's pid namespace, 0 when /proc does not say.
+fn own_pidns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::*;
+
+    fn small() -> ShmGeometry {
+        ShmGeometry {
+            nslots: 4,
+            slot_bytes: 4096,
+        }
+    }
+
+    fn pair(geom: ShmGeometry) -> (ShmLink, ShmLink) {
+        let name = segment_name("test", 0, 1);
+        let a = ShmLink::create(&name, 0, 1, geom).unwrap();
+        let b = ShmLink::open(&name, 1, 0).unwrap();
+        (a, b)
+    }
+
+    fn dev_shm_has(name: &str) -> bool {
+        std::path::Path::new(&format!("/dev/shm/{name}")).exists()
+    }
+
+    #[test]
+    fn geometry_from_default_config_is_8_by_256k() {
+        let g = ShmGeometry::from_config(&Config::default());
+        assert_eq!(
+            g,
+            ShmGeometry {
+                nslots: 8,
+                slot_bytes: 256 << 10
+            }
+        );
+        assert_eq!(g.segment_bytes(), 4096 + 2 * (4096 + 8 * (256 << 10)));
+    }
+
+    #[test]
+    fn messages_pass_both_ways_at_once() {
+        let (mut a, mut b) = pair(small());
+        let name = a.name().to_string();
+        a.unlink();
+        assert!(!dev_shm_has(&name));
+        duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn default_geometry_carries_messages() {
+        let (mut a, mut b) = pair(ShmGeometry::from_config(&Config::default()));
+        duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn segment_is_unlinked_on_drop_of_the_creator() {
+        let (a, b) = pair(small());
+        let name = a.name().to_string();
+        assert!(dev_shm_has(&name));
+        drop(a);
+        assert!(!dev_shm_has(&name));
+        drop(b);
+    }
+
+    #[test]
+    fn open_checks_the_pair() {
+        let name = segment_name("test", 0, 1);
+        let _a = ShmLink::create(&name, 0, 1, small()).unwrap();
+        let e = ShmLink::open(&name, 2, 0).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "shared memory: rank 2: cannot use /dev/shm/{name} from rank 0: it was made \
+                 for ranks 0 and 1"
+            )
+        );
+        let e = ShmLink::open("hetccl-test-none", 1, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("opening /dev/shm/hetccl-test-none created by rank 0: No such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn too_small_dev_shm_is_a_clear_error() {
+        let Some(free) = shm_free_bytes() else {
+            eprintln!("/dev/shm reports no size limit; cannot build an oversized segment");
+            return;
+        };
+        // More slots of the largest size than /dev/shm can hold.
+        let slot = 64usize << 20;
+        let nslots = ((free as usize / slot) / 2 + 2).min(1024);
+        let geom = ShmGeometry {
+            nslots,
+            slot_bytes: slot,
+        };
+        if geom.segment_bytes() as u64 <= free {
+            eprintln!("/dev/shm has {free} bytes free; cannot build an oversized segment");
+            return;
+        }
+        let name = segment_name("test", 0, 1);
+        let e = ShmLink::create(&name, 0, 1, geom)
+            .err()
+            .unwrap()
+            .to_string();
+        let want = format!(
+            "shared memory: rank 0: segment /dev/shm/{name} for peer 1 needs {} bytes but \
+             /dev/shm is too small",
+            geom.segment_bytes()
+        );
+        assert!(e.starts_with(&want), "{e}");
+        assert!(e.contains("HETCCL_SHM_DISABLE=1"), "{e}");
+        assert!(!dev_shm_has(&name));
+    }
+
+    #[test]
+    fn abort_and_close_reach_the_peer() {
+        let (mut a, mut b) = pair(small());
+        a.abort();
+        let e = b.check_peer().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 0,
+                    lost: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut sink = VecSink::default();
+        let e = b.poll_recv(&mut sink).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 0,
+                    lost: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = a.poll_send(&header(1, 0), &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 1,
+                    lost: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // A closed peer's last message is still delivered, then the link reports it gone.
+        let (mut a, mut b) = pair(small());
+        let msg = pattern(5000, 3);
+        assert!(a.poll_send(&header(7, 5000), &msg).unwrap());
+        drop(a);
+        b.check_peer().unwrap();
+        let mut sink = VecSink::default();
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(sink.data, msg);
+        assert_eq!(sink.header, Some(header(7, 5000)));
+        let e = b.check_peer().unwrap_err();
+        assert!(e.to_string().contains("peer 0 (pid"), "{e}");
+        assert!(matches!(
+            b.poll_recv(&mut sink),
+            Err(Error::Link { lost: true, .. })
+        ));
+        assert!(matches!(
+            b.poll_send(&header(8, 0), &[]),
+            Err(Error::Link { lost: true, .. })
+        ));
+    }
+
+    #[test]
+    fn killed_peer_process_is_noticed() {
+        let name = segment_name("test", 0, 1);
+        let mut a = ShmLink::create(&name, 0, 1, small()).unwrap();
+        // SAFETY: the child only maps the segment, reports through it and waits to be
+        // killed; it never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = match ShmLink::open(&name, 1, 0) {
+                Ok(mut b) => {
+                    let _ = b.poll_send(&header(1, 3), b"hi!");
+                    std::mem::forget(b);
+                    loop {
+                        // SAFETY: plain sleep until SIGKILL.
+                        unsafe { libc::pause() };
+                    }
+                }
+                Err(_) => 1,
+            };
+            // SAFETY: leave the forked child without running the parent's atexit work.
+            unsafe { libc::_exit(code) };
+        }
+        let mut sink = VecSink::default();
+        let done = poll_until(|| a.poll_recv(&mut sink));
+        assert!(done.unwrap());
+        assert_eq!(sink.data, b"hi!");
+        a.check_peer().unwrap();
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        let e = a.check_peer().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("link to peer 1: peer 1 (pid {pid}) process has exited")
+        );
+        assert!(matches!(
+            e,
+            Error::Link {
+                peer: 1,
+                lost: true,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,1019 @@
+//! TCP link between hosts: `K` sockets per peer (`HETCCL_NSOCKS_PERPEER`), messages
+//! striped across them, since one TCP stream is bound by one core and one congestion
+//! window.
+//!
+//! Wire format of one message of `len` bytes, stripe size `S` (a multiple of 64 that
+//! both ends agree on):
+//!
+//! ```text
+//! socket 0:  MsgHeader (32 bytes, native byte order), stripe 0, stripe K,   stripe 2K, ...
+//! socket k:                                           stripe k, stripe K+k, ...
+//! stripe g = payload bytes [g*S, min((g+1)*S, len))
+//! ```
+//!
+//! Each socket carries its own stripes in order, so the receiver knows from the header
+//! alone which bytes come next on which socket: no per-stripe framing. Sockets move
+//! independently (a slow one does not stop the others) up to the receiver's staging:
+//! one stripe per socket, delivered to the sink strictly in stripe order. Memory per
+//! link is therefore `K * S` whatever the message size.
+//!
+//! Sockets are non-blocking; sends use `sendmsg(MSG_NOSIGNAL)` so a dead peer gives
+//! `EPIPE` rather than killing the process with `SIGPIPE`. End of stream or a reset is
+//! reported as [`Error::Link`] with `lost: true`.
+//!
+//! Setup: the lower rank of a pair listens, the higher one connects `K` sockets; every
+//! connection opens with [`JobAuth`]'s handshake (rank = connector's rank, channel =
+//! socket index). See [`accept_links`] and [`connect_link`].
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::io::{ErrorKind, Read};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::{AlignedBuf, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES, MSG_MAGIC};
+use crate::bootstrap::auth::{JobAuth, Peer};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Iovecs per `sendmsg` call.
+const MAX_IOV: usize = 8;
+/// Longest an accepted connection may take to finish its handshake. Each runs on its
+/// own thread, so a silent stranger only holds that thread, not the setup.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requested `SO_SNDBUF`/`SO_RCVBUF`. Setting a size turns off Linux's buffer
+/// autotuning and is capped at `net.core.{w,r}mem_max`, so it is only set where that cap
+/// allows the full size (otherwise autotuning does better than a capped value).
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Stripe size for `cfg`: a pipeline chunk split over the sockets, so one chunk keeps
+/// every socket busy; a multiple of 64 from 16 KiB to 512 KiB. Must be equal on both
+/// ends of a link.
+pub fn stripe_bytes(cfg: &Config) -> usize {
+    let k = cfg.nsocks_per_peer.max(1);
+    (cfg.chunk_bytes / k / 64 * 64).clamp(16 << 10, 512 << 10)
+}
+
+/// Outgoing message progress.
+struct TxState {
+    active: bool,
+    len: usize,
+    header: [u8; HEADER_BYTES],
+    /// Bytes of socket k's share (header included for socket 0) written so far.
+    pos: Vec<usize>,
+    /// Size of socket k's share.
+    end: Vec<usize>,
+}
+
+/// Incoming message progress.
+struct RxState {
+    header: [u8; HEADER_BYTES],
+    header_got: usize,
+    active: bool,
+    len: usize,
+    nstripes: usize,
+    /// Next stripe to hand to the sink.
+    next: usize,
+    socks: Vec<RxSock>,
+}
+
+/// Staging for the stripe a socket is reading.
+struct RxSock {
+    buf: AlignedBuf,
+    fill: usize,
+    stripe: Option<usize>,
+}
+
+/// A TCP [`Link`] over `K` sockets.
+pub struct TcpLink {
+    rank: usize,
+    peer: usize,
+    socks: Vec<TcpStream>,
+    remote: String,
+    stripe: usize,
+    aborted: bool,
+    tx: TxState,
+    rx: RxState,
+}
+
+fn stripe_len(len: usize, s: usize, g: usize) -> usize {
+    (len - g * s).min(s)
+}
+
+/// Payload bytes socket `k` of `nsocks` carries for a message of `len` bytes.
+fn sock_share(len: usize, s: usize, k: usize, nsocks: usize) -> usize {
+    let n = len.div_ceil(s);
+    if n <= k {
+        return 0;
+    }
+    let count = (n - k).div_ceil(nsocks);
+    let mut bytes = count * s;
+    if (n - 1) % nsocks == k {
+        bytes -= n * s - len;
+    }
+    bytes
+}
+
+impl TcpLink {
+    /// A link over already connected (and authenticated) sockets; socket `k` must be
+    /// the peer's socket `k`. Sets them non-blocking with `TCP_NODELAY`.
+    pub fn new(rank: usize, peer: usize, socks: Vec<TcpStream>, stripe: usize) -> Result<TcpLink> {
+        if socks.is_empty() || stripe == 0 || stripe % 64 != 0 {
+            return Err(Error::invalid(
+                "TcpLink::new",
+                format!(
+                    "{} sockets, stripe {stripe}: need at least one socket and a stripe that \
+                     is a positive multiple of 64",
+                    socks.len()
+                ),
+            ));
+        }
+        for s in &socks {
+            s.set_nodelay(true)
+                .and_then(|_| s.set_nonblocking(true))
+                .map_err(|e| {
+                    Error::io(format!("rank {rank}: configuring socket to rank {peer}"), e)
+                })?;
+            tune_buffers(s.as_raw_fd());
+        }
+        let remote = socks[0]
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "<unknown>".into());
+        let k = socks.len();
+        Ok(TcpLink {
+            rank,
+            peer,
+            remote,
+            stripe,
+            aborted: false,
+            tx: TxState {
+                active: false,
+                len: 0,
+                header: [0; HEADER_BYTES],
+                pos: vec![0; k],
+                end: vec![0; k],
+            },
+            rx: RxState {
+                header: [0; HEADER_BYTES],
+                header_got: 0,
+                active: false,
+                len: 0,
+                nstripes: 0,
+                next: 0,
+                socks: (0..k)
+                    .map(|_| RxSock {
+                        buf: AlignedBuf::zeroed(stripe),
+                        fill: 0,
+                        stripe: None,
+                    })
+                    .collect(),
+            },
+            socks,
+        })
+    }
+
+    /// `ip:port` of the peer's end of socket 0.
+    pub fn remote_addr(&self) -> &str {
+        &self.remote
+    }
+
+    /// Sockets per link.
+    pub fn nsocks(&self) -> usize {
+        self.socks.len()
+    }
+
+    fn check_not_aborted(&self) -> Result<()> {
+        if self.aborted {
+            return Err(Error::Link {
+                peer: self.peer,
+                detail: format!("rank {} aborted this TCP link earlier", self.rank),
+                lost: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn closed(&self, k: usize) -> Error {
+        Error::Link {
+            peer: self.peer,
+            detail: format!(
+                "peer {} closed the connection (socket {k} of {}, {})",
+                self.peer,
+                self.socks.len(),
+                self.remote
+            ),
+            lost: true,
+        }
+    }
+
+    /// An error on an established socket: the connection is unusable either way.
+    fn failed(&self, k: usize, what: &str, e: std::io::Error) -> Error {
+        Error::Link {
+            peer: self.peer,
+            detail: format!(
+                "{what} on socket {k} of {} to peer {} ({}): {e}",
+                self.socks.len(),
+                self.peer,
+                self.remote
+            ),
+            lost: true,
+        }
+    }
+
+    /// Iovecs for socket `k`'s share from position `pos`: the rest of the header (socket
+    /// 0), then the following stripes. Returns how many entries are filled.
+    fn fill_iov(
+        &self,
+        k: usize,
+        pos: usize,
+        data: &[u8],
+        iov: &mut [libc::iovec; MAX_IOV],
+    ) -> usize {
+        let nsocks = self.socks.len();
+        let s = self.stripe;
+        let hdr = if k == 0 { HEADER_BYTES } else { 0 };
+        let mut cnt = 0;
+        if pos < hdr {
+            iov[0] = libc::iovec {
+                iov_base: self.tx.header[pos..].as_ptr() as *mut libc::c_void,
+                iov_len: hdr - pos,
+            };
+            cnt = 1;
+        }
+        let mut q = pos.max(hdr) - hdr;
+        let share = self.tx.end[k] - hdr;
+        while cnt < MAX_IOV && q < share {
+            let g = k + (q / s) * nsocks;
+            let within = q % s;
+            let off = g * s + within;
+            let n = stripe_len(self.tx.len, s, g) - within;
+            iov[cnt] = libc::iovec {
+                iov_base: data[off..off + n].as_ptr() as *mut libc::c_void,
+                iov_len: n,
+            };
+            cnt += 1;
+            q += n;
+        }
+        cnt
+    }
+}
+
+impl Link for TcpLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+
+    fn kind(&self) -> LinkKind {
+        LinkKind::Tcp
+    }
+
+    fn poll_send(&mut self, header: &MsgHeader, data: &[u8]) -> Result<bool> {
+        self.check_not_aborted()?;
+        let nsocks = self.socks.len();
+        if !self.tx.active {
+            if header.bytes != data.len() as u64 {
+                return Err(Error::invalid(
+                    "poll_send",
+                    format!(
+                        "header says {} bytes, payload has {}",
+                        header.bytes,
+                        data.len()
+                    ),
+                ));
+            }
+            self.tx.header.copy_from_slice(bytemuck::bytes_of(header));
+            self.tx.len = data.len();
+            for k in 0..nsocks {
+                self.tx.pos[k] = 0;
+                self.tx.end[k] = sock_share(data.len(), self.stripe, k, nsocks)
+                    + if k == 0 { HEADER_BYTES } else { 0 };
+            }
+            self.tx.active = true;
+        } else if data.len() != self.tx.len {
+            return Err(Error::invalid(
+                "poll_send",
+                format!(
+                    "payload changed from {} to {} bytes while the message was in flight",
+                    self.tx.len,
+                    data.len()
+                ),
+            ));
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut done = true;
+        for k in 0..nsocks {
+            while self.tx.pos[k] < self.tx.end[k] {
+                let cnt = self.fill_iov(k, self.tx.pos[k], data, &mut iov);
+                let want: usize = iov[..cnt].iter().map(|v| v.iov_len).sum();
+                // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = cnt as _;
+                // SAFETY: the iovecs point into `self.tx.header` and `data`, both alive
+                // and unmodified for the duration of the call.
+                let r = unsafe {
+                    libc::sendmsg(
+                        self.socks[k].as_raw_fd(),
+                        &msg,
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match e.kind() {
+                        ErrorKind::WouldBlock => break,
+                        ErrorKind::Interrupted => continue,
+                        _ => return Err(self.failed(k, "sending", e)),
+                    }
+                }
+                self.tx.pos[k] += r as usize;
+                if (r as usize) < want {
+                    // The socket buffer is full; the next call would say EAGAIN.
+                    break;
+                }
+            }
+            done &= self.tx.pos[k] == self.tx.end[k];
+        }
+        if done {
+            self.tx.active = false;
+        }
+        Ok(done)
+    }
+
+    fn poll_recv(&mut self, sink: &mut dyn RecvSink) -> Result<bool> {
+        self.check_not_aborted()?;
+        let nsocks = self.socks.len();
+        let s = self.stripe;
+        if !self.rx.active {
+            while self.rx.header_got < HEADER_BYTES {
+                match (&self.socks[0]).read(&mut self.rx.header[self.rx.header_got..]) {
+                    Ok(0) => return Err(self.closed(0)),
+                    Ok(n) => self.rx.header_got += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(self.failed(0, "receiving", e)),
+                }
+            }
+            self.rx.header_got = 0;
+            let h: MsgHeader = bytemuck::pod_read_unaligned(&self.rx.header);
+            if h.magic != MSG_MAGIC {
+                return Err(Error::Link {
+                    peer: self.peer,
+                    detail: format!(
+                        "stream from peer {} is out of step: header magic {:#x}",
+                        self.peer, h.magic
+                    ),
+                    lost: false,
+                });
+            }
+            sink.header(&h)?;
+            self.rx.len = h.bytes as usize;
+            self.rx.nstripes = self.rx.len.div_ceil(s);
+            self.rx.next = 0;
+            for (k, rs) in self.rx.socks.iter_mut().enumerate() {
+                rs.fill = 0;
+                rs.stripe = (k < self.rx.nstripes).then_some(k);
+            }
+            if self.rx.len == 0 {
+                return Ok(true);
+            }
+            self.rx.active = true;
+        }
+        loop {
+            let mut progress = false;
+            for k in 0..nsocks {
+                let rs = &mut self.rx.socks[k];
+                let Some(g) = rs.stripe else { continue };
+                let want = stripe_len(self.rx.len, s, g);
+                if rs.fill == want {
+                    continue;
+                }
+                match (&self.socks[k]).read(&mut rs.buf.as_mut_slice()[rs.fill..want]) {
+                    Ok(0) => return Err(self.closed(k)),
+                    Ok(n) => {
+                        rs.fill += n;
+                        progress = true;
+                    }
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(self.failed(k, "receiving", e)),
+                }
+            }
+            // Hand complete stripes over in order; a later stripe waits in its socket's
+            // staging buffer until the ones before it are delivered.
+            loop {
+                let g = self.rx.next;
+                let rs = &mut self.rx.socks[g % nsocks];
+                if rs.stripe != Some(g) || rs.fill != stripe_len(self.rx.len, s, g) {
+                    break;
+                }
+                sink.data(g * s, &rs.buf.as_slice()[..rs.fill])?;
+                rs.fill = 0;
+                rs.stripe = (g + nsocks < self.rx.nstripes).then_some(g + nsocks);
+                self.rx.next += 1;
+                progress = true;
+            }
+            if self.rx.next == self.rx.nstripes {
+                self.rx.active = false;
+                return Ok(true);
+            }
+            if !progress {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn check_peer(&mut self) -> Result<()> {
+        self.check_not_aborted()?;
+        let mut b = [0u8; 1];
+        for (k, sock) in self.socks.iter().enumerate() {
+            // A zero-byte peek means end of stream with nothing left to read.
+            // SAFETY: a one-byte peek into a local buffer.
+            let r = unsafe {
+                libc::recv(
+                    sock.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if r == 0 {
+                return Err(self.closed(k));
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                    return Err(self.failed(k, "checking", e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.aborted = true;
+        for s in &self.socks {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Every socket, readable interest always; `want_write` for those with unsent bytes.
+    fn wait_fds(&self, out: &mut Vec<(i32, bool)>) {
+        for (k, s) in self.socks.iter().enumerate() {
+            out.push((
+                s.as_raw_fd(),
+                self.tx.active && self.tx.pos[k] < self.tx.end[k],
+            ));
+        }
+    }
+}
+
+/// Sets large socket buffers where the system lets them be large (see
+/// [`SOCKET_BUFFER_BYTES`]).
+fn tune_buffers(fd: i32) {
+    static ALLOWED: OnceLock<(bool, bool)> = OnceLock::new();
+    let (snd, rcv) = *ALLOWED.get_or_init(|| {
+        let max = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .is_some_and(|m| m >= SOCKET_BUFFER_BYTES)
+        };
+        let allowed = (
+            max("/proc/sys/net/core/wmem_max"),
+            max("/proc/sys/net/core/rmem_max"),
+        );
+        if allowed != (true, true) {
+            tracing::debug!(
+                "net.core.wmem_max/rmem_max below {SOCKET_BUFFER_BYTES}: leaving TCP buffer \
+                 sizes to kernel autotuning"
+            );
+        }
+        allowed
+    });
+    let size = SOCKET_BUFFER_BYTES as libc::c_int;
+    for (on, opt) in [(snd, libc::SO_SNDBUF), (rcv, libc::SO_RCVBUF)] {
+        if on {
+            // SAFETY: setsockopt with a c_int value on a socket we own.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+}
+
+/// IPv4 addresses of this host's interfaces: `(name, address, up, loopback)`.
+fn ipv4_interfaces() -> Result<Vec<(String, Ipv4Addr, bool, bool)>> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(Error::io(
+            "listing network interfaces",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: `p` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*p };
+        // SAFETY: a non-null ifa_addr points at a sockaddr whose family says its type;
+        // ifa_name is a NUL-terminated string.
+        unsafe {
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+                let lo = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+                out.push((name, ip, up, lo));
+            }
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
+/// The IPv4 address of interface `name` (`HETCCL_SOCKET_IFNAME`): an exact name, or
+/// else the first interface whose name starts with it (`eth` finds `eth0`).
+pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
+    let ifs = ipv4_interfaces()?;
+    ifs.iter()
+        .find(|(n, ..)| n == name)
+        .or_else(|| ifs.iter().find(|(n, _, up, _)| *up && n.starts_with(name)))
+        .map(|(_, ip, ..)| *ip)
+        .ok_or_else(|| {
+            let names: Vec<&str> = ifs.iter().map(|(n, ..)| n.as_str()).collect();
+            Error::Config {
+                var: "HETCCL_SOCKET_IFNAME".into(),
+                value: name.into(),
+                accepted: format!(
+                    "the name (or a prefix) of an interface with an IPv4 address: {}",
+                    names.join(", ")
+                ),
+            }
+        })
+}
+
+/// The address to listen on: `HETCCL_SOCKET_IFNAME`'s; loopback when every TCP peer is
+/// on this host; else the local address of the route to `MASTER_ADDR` (the network the
+/// bootstrap already uses); else the first interface that is up and not loopback.
+pub fn listen_ip(cfg: &Config, remote_peers: bool) -> Result<IpAddr> {
+    if let Some(name) = &cfg.socket_ifname {
+        return interface_ipv4(name).map(IpAddr::V4);
+    }
+    if !remote_peers {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    if let Some(master) = &cfg.launch.master_addr {
+        let port = cfg.launch.master_port.unwrap_or(1);
+        let target = (master.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.find(|a| a.is_ipv4() && !a.ip().is_loopback()));
+        if let Some(target) = target {
+            // Connecting a UDP socket sends nothing; it only picks the route.
+            let local = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                .and_then(|u| u.connect(target).and_then(|_| u.local_addr()));
+            if let Ok(a) = local {
+                if !a.ip().is_unspecified() {
+                    return Ok(a.ip());
+                }
+            }
+        }
+    }
+    ipv4_interfaces()?
+        .into_iter()
+        .find(|(_, _, up, lo)| *up && !*lo)
+        .map(|(_, ip, ..)| IpAddr::V4(ip))
+        .ok_or_else(|| {
+            Error::Bootstrap(
+                "ranks on other hosts need a network address but no interface other than \
+                 loopback is up; set HETCCL_SOCKET_IFNAME"
+                    .into(),
+            )
+        })
+}
+
+/// A listener on `ip` with a free port. Accepted sockets inherit its buffer sizes.
+pub fn listen(ip: IpAddr) -> Result<TcpListener> {
+    let l = TcpListener::bind((ip, 0))
+        .map_err(|e| Error::io(format!("binding a TCP listener on {ip}"), e))?;
+    tune_buffers(l.as_raw_fd());
+    Ok(l)
+}
+
+/// Accepts `nsocks` authenticated connections from each rank in `peers` (which connect
+/// with [`connect_link`]) and returns their links, in the order of `peers`.
+///
+/// Each accepted connection runs its handshake on its own thread, with a short timeout;
+/// connections that fail it (strangers, other jobs, wrong key) or that claim an
+/// unexpected rank or socket are logged and dropped, and accepting goes on. Fails at
+/// `deadline`, naming the ranks still missing.
+pub fn accept_links(
+    listener: &TcpListener,
+    auth: &JobAuth,
+    rank: usize,
+    peers: &[usize],
+    nsocks: usize,
+    stripe: usize,
+    deadline: Instant,
+) -> Result<Vec<TcpLink>> {
+    if peers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let here = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "<unknown>".into());
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(format!("rank {rank}: configuring the TCP listener"), e))?;
+    let mut slots: BTreeMap<usize, Vec<Option<TcpStream>>> = peers
+        .iter()
+        .map(|&p| (p, (0..nsocks).map(|_| None).collect()))
+        .collect();
+    let mut missing = peers.len() * nsocks;
+    let (tx, rx) = mpsc::channel::<(Result<Peer>, TcpStream, SocketAddr)>();
+    while missing > 0 {
+        while let Ok((res, stream, from)) = rx.try_recv() {
+            let p = match res {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(rank, "listener {here}: {e}");
+                    continue;
+                }
+            };
+            match slots
+                .get_mut(&(p.rank as usize))
+                .and_then(|v| v.get_mut(p.channel as usize))
+            {
+                Some(slot @ None) => {
+                    *slot = Some(stream);
+                    missing -= 1;
+                }
+                _ => tracing::warn!(
+                    rank,
+                    peer = p.rank,
+                    "dropped a connection from {from} for rank {} socket {}: not expected \
+                     here or already connected",
+                    p.rank,
+                    p.channel
+                ),
+            }
+        }
+        if missing == 0 {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let absent: Vec<String> = slots
+                .iter()
+                .filter(|(_, v)| v.iter().any(Option::is_none))
+                .map(|(p, v)| {
+                    let got = v.iter().filter(|s| s.is_some()).count();
+                    format!("{p} ({got} of {nsocks} sockets)")
+                })
+                .collect();
+            return Err(Error::Bootstrap(format!(
+                "rank {rank}: ranks {} did not connect to {here} in time \
+                 (HETCCL_CONNECT_TIMEOUT)",
+                absent.join(", ")
+            )));
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Short waits, so finished handshakes are collected promptly too.
+        let wait = (deadline - now).min(Duration::from_millis(20));
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+        loop {
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    let auth = auth.clone();
+                    let tx = tx.clone();
+                    let timeout = HANDSHAKE_TIMEOUT
+                        .min(deadline.saturating_duration_since(Instant::now()))
+                        .max(Duration::from_millis(100));
+                    let spawned = std::thread::Builder::new()
+                        .name("hetccl-accept".into())
+                        .spawn(move || {
+                            let mut stream = stream;
+                            let res = stream
+                                .set_nonblocking(false)
+                                .map_err(|e| Error::io("configuring an accepted socket", e))
+                                .and_then(|_| auth.accept_handshake(&mut stream, timeout));
+                            // The receiver may be gone if setup already ended.
+                            let _ = tx.send((res, stream, from));
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!(rank, "dropped a connection from {from}: {e}");
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors and the like: keep trying until the deadline.
+                    tracing::warn!(rank, "accepting on {here}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    slots
+        .into_iter()
+        .map(|(p, v)| TcpLink::new(rank, p, v.into_iter().flatten().collect(), stripe))
+        .collect()
+}
+
+/// Connects `nsocks` sockets from `rank` to `peer`'s listener at `addr`, each
+/// authenticated (channel = socket index), and returns the link.
+pub fn connect_link(
+    addr: SocketAddr,
+    auth: &JobAuth,
+    rank: usize,
+    peer: usize,
+    nsocks: usize,
+    stripe: usize,
+    deadline: Instant,
+) -> Result<TcpLink> {
+    let mut socks = Vec::with_capacity(nsocks);
+    for k in 0..nsocks {
+        let mut s = connect_retry(addr, rank, peer, deadline)?;
+        let timeout = HANDSHAKE_TIMEOUT
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(100));
+        auth.connect_handshake(&mut s, rank as u32, k as u32, timeout)
+            .map_err(|e| Error::Link {
+                peer,
+                detail: format!(
+                    "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {e}"
+                ),
+                lost: false,
+            })?;
+        socks.push(s);
+    }
+    TcpLink::new(rank, peer, socks, stripe)
+}
+
+fn connect_retry(
+    addr: SocketAddr,
+    rank: usize,
+    peer: usize,
+    deadline: Instant,
+) -> Result<TcpStream> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let res = TcpStream::connect_timeout(
+            &addr,
+            left.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
+        match res {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if left > Duration::from_millis(100)
+                    && matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(Error::Link {
+                    peer,
+                    detail: format!("rank {rank} could not connect to rank {peer} at {addr}: {e}"),
+                    lost: false,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::*;
+    use std::io::Write;
+
+    fn auth() -> JobAuth {
+        JobAuth::new("tcp-test", Some("key"))
+    }
+
+    /// Links between rank 0 (listening) and rank 1 over loopback.
+    fn pair(nsocks: usize, stripe: usize) -> (TcpLink, TcpLink) {
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let t =
+            std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, nsocks, stripe, deadline));
+        let mut acc = accept_links(&l, &auth(), 0, &[1], nsocks, stripe, deadline).unwrap();
+        let b = t.join().unwrap().unwrap();
+        let a = acc.pop().unwrap();
+        assert_eq!(
+            (a.peer(), b.peer(), a.nsocks(), b.nsocks()),
+            (1, 0, nsocks, nsocks)
+        );
+        (a, b)
+    }
+
+    #[test]
+    fn stripes_cover_the_message() {
+        // 10 stripes of 64 over 4 sockets, the last one 8 bytes short.
+        let shares: Vec<usize> = (0..4).map(|k| sock_share(632, 64, k, 4)).collect();
+        assert_eq!(shares, vec![192, 192 - 8, 128, 128]);
+        assert_eq!(sock_share(0, 64, 0, 4), 0);
+        assert_eq!(sock_share(64, 64, 1, 4), 0);
+        let cfg = Config {
+            nsocks_per_peer: 4,
+            ..Config::default()
+        };
+        assert_eq!(stripe_bytes(&cfg), 128 << 10);
+    }
+
+    #[test]
+    fn one_socket_carries_messages_both_ways() {
+        let (mut a, mut b) = pair(1, 64 << 10);
+        duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn four_sockets_carry_messages_both_ways() {
+        let (mut a, mut b) = pair(4, 4096);
+        duplex(&mut a, &mut b, &STANDARD_SIZES);
+        let (mut a, mut b) = pair(4, 128 << 10);
+        duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn messages_far_larger_than_socket_buffers_do_not_deadlock() {
+        // Socket buffers hold about 8 MiB each way; both sides send 40 MB at once.
+        let (mut a, mut b) = pair(2, 256 << 10);
+        duplex(&mut a, &mut b, &[40_000_001, 3]);
+    }
+
+    #[test]
+    fn wait_fds_lists_every_socket() {
+        let (a, _b) = pair(3, 4096);
+        let mut fds = Vec::new();
+        a.wait_fds(&mut fds);
+        assert_eq!(fds.len(), 3);
+        assert!(fds.iter().all(|(fd, w)| *fd >= 0 && !*w));
+    }
+
+    #[test]
+    fn closed_peer_is_lost() {
+        let (mut a, b) = pair(2, 4096);
+        drop(b);
+        let mut sink = VecSink::default();
+        let e = poll_until(|| a.poll_recv(&mut sink)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 1,
+                    lost: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("peer 1 closed the connection"),
+            "{e}"
+        );
+        assert!(matches!(
+            a.check_peer(),
+            Err(Error::Link {
+                peer: 1,
+                lost: true,
+                ..
+            })
+        ));
+        // Sending into the closed connection fails too (EPIPE / reset), not SIGPIPE.
+        let msg = pattern(1 << 20, 1);
+        let e = poll_until(|| a.poll_send(&header(0, msg.len()), &msg)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 1,
+                    lost: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn aborted_peer_is_lost() {
+        let (mut a, mut b) = pair(2, 4096);
+        a.check_peer().unwrap();
+        b.abort();
+        let mut sink = VecSink::default();
+        let e = poll_until(|| a.poll_recv(&mut sink)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Link {
+                    peer: 1,
+                    lost: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = b.poll_recv(&mut sink).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "link to peer 0: rank 1 aborted this TCP link earlier"
+        );
+    }
+
+    #[test]
+    fn strangers_are_refused_and_setup_completes() {
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // A silent stranger (holds its connection open and says nothing), one writing
+        // garbage, one from another job, and one with the wrong key; then the peer.
+        let silent = TcpStream::connect(addr).unwrap();
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0xAB; 100]).unwrap();
+        let other_job = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            JobAuth::new("other-job", Some("key")).connect_handshake(
+                &mut s,
+                1,
+                0,
+                Duration::from_secs(5),
+            )
+        });
+        let wrong_key = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            JobAuth::new("tcp-test", Some("guess")).connect_handshake(
+                &mut s,
+                1,
+                0,
+                Duration::from_secs(5),
+            )
+        });
+        let t = std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline));
+        let mut acc = accept_links(&l, &auth(), 0, &[1], 2, 4096, deadline).unwrap();
+        let mut b = t.join().unwrap().unwrap();
+        assert!(other_job.join().unwrap().is_err());
+        assert!(wrong_key.join().unwrap().is_err());
+        let mut a = acc.pop().unwrap();
+        duplex(&mut a, &mut b, &[1000]);
+        drop((silent, garbage));
+    }
+
+    #[test]
+    fn missing_ranks_are_named() {
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let t = std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline));
+        let e = accept_links(&l, &auth(), 0, &[1, 2], 2, 4096, deadline)
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bootstrap: rank 0: ranks 2 (0 of 2 sockets) did not connect to {addr} in time \
+                 (HETCCL_CONNECT_TIMEOUT)"
+            )
+        );
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn unknown_interface_lists_the_known_ones() {
+        let e = interface_ipv4("nosuchif0").unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid value \"nosuchif0\" for HETCCL_SOCKET_IFNAME"),
+            "{e}"
+        );
+        assert!(e.contains("lo"), "{e}");
+        assert_eq!(interface_ipv4("lo").unwrap(), Ipv4Addr::LOCALHOST);
+    }
+}

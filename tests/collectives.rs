@@ -1,0 +1,183 @@
+//! Every collective, reduction and element type across real processes, checked
+//! against closed forms by `hetccl-check` (see src/bin/hetccl-check.rs).
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// `hetccl run -n n -- hetccl-check ARGS` with `env`; asserts success.
+fn launch(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
+    let mut c = Command::new(launcher());
+    c.args(["run", "-n", &n.to_string(), "--", check_bin()])
+        .args(args)
+        .env("HETCCL_TIMEOUT", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(300));
+    assert_all_ok(&outs, what);
+    let out = outs.into_iter().next().unwrap().output;
+    let marker = if args.contains(&"--determinism") {
+        "determinism hash"
+    } else {
+        "checks passed"
+    };
+    let passed = out.matches(marker).count();
+    assert_eq!(
+        passed, n,
+        "{what}: expected {n} ranks to report success:\n{out}"
+    );
+    out
+}
+
+#[test]
+fn world_sizes_1_to_8_over_shared_memory() {
+    for n in 1..=8 {
+        launch(
+            n,
+            &["--counts", "0,1,7,1000", "--mixed", "20"],
+            &[],
+            &format!("shm n={n}"),
+        );
+    }
+}
+
+#[test]
+fn world_sizes_2_to_4_over_tcp() {
+    for n in 2..=4 {
+        launch(
+            n,
+            &["--counts", "0,1,7,1000", "--mixed", "20"],
+            &[("HETCCL_SHM_DISABLE", "1")],
+            &format!("tcp n={n}"),
+        );
+    }
+}
+
+#[test]
+fn large_count_every_op_and_dtype() {
+    let big = ((1 << 20) + 3).to_string();
+    launch(2, &["--counts", &big], &[], "shm n=2 2^20+3");
+    launch(
+        3,
+        &["--counts", &big],
+        &[("HETCCL_SHM_DISABLE", "1")],
+        "tcp n=3 2^20+3",
+    );
+}
+
+#[test]
+fn each_algorithm_forced() {
+    for algo in ["ring", "tree"] {
+        for n in [3, 5] {
+            launch(
+                n,
+                &["--counts", "0,1,7,1000", "--big-f32", "300007"],
+                &[("HETCCL_ALGO", algo)],
+                &format!("{algo} n={n}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn long_mixed_sequence_with_overlapping_async_handles() {
+    launch(
+        4,
+        &["--counts", "1", "--mixed", "300", "--seed", "7"],
+        &[],
+        "mixed n=4",
+    );
+}
+
+#[test]
+fn hierarchical_on_simulated_nodes() {
+    // Ranks grouped into pretend nodes by HETCCL_NODE_ID: shm inside, TCP across.
+    for sizes in [&[2usize, 2][..], &[3, 2, 1], &[1, 3]] {
+        let n: usize = sizes.iter().sum();
+        let node_of: Vec<usize> = sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &g)| std::iter::repeat(k).take(g))
+            .collect();
+        let children = spawn_ranks(
+            n,
+            check_bin(),
+            &["--counts", "0,1,7,1000", "--big-f32", "100003"],
+            &[("HETCCL_ALGO", "hier"), ("HETCCL_TIMEOUT", "60")],
+            |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", node_of[r]))],
+        );
+        let outs = collect(children, Duration::from_secs(300));
+        assert_all_ok(&outs, &format!("hier {sizes:?}"));
+    }
+}
+
+#[test]
+fn results_are_bitwise_deterministic_across_ranks_and_runs() {
+    let mut hashes = Vec::new();
+    for algo in ["ring", "tree"] {
+        for _run in 0..2 {
+            let out = launch(
+                4,
+                &["--determinism", "100003", "--seed", "3"],
+                &[("HETCCL_ALGO", algo)],
+                "determinism",
+            );
+            let hs: Vec<&str> = out
+                .lines()
+                .filter_map(|l| l.split("determinism hash ").nth(1))
+                .collect();
+            assert_eq!(hs.len(), 4, "{out}");
+            assert!(hs.iter().all(|h| *h == hs[0]), "ranks disagree: {hs:?}");
+            hashes.push((algo, hs[0].to_string()));
+        }
+    }
+    assert_eq!(hashes[0].1, hashes[1].1, "ring differs between runs");
+    assert_eq!(hashes[2].1, hashes[3].1, "tree differs between runs");
+}
+
+fn hashes(out: &str, tag: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.split(tag).nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn compressed_all_reduce_over_shm_tcp_and_nodes_every_algorithm() {
+    for (algo, shm_disable) in [("ring", "0"), ("tree", "0"), ("ring", "1"), ("tree", "1")] {
+        let out = launch(
+            3,
+            &["--compressed", "20011"],
+            &[("HETCCL_ALGO", algo), ("HETCCL_SHM_DISABLE", shm_disable)],
+            &format!("compressed {algo} shm_disable={shm_disable}"),
+        );
+        let hs = hashes(&out, "compressed hash ");
+        assert_eq!(hs.len(), 3, "{out}");
+        assert!(hs.iter().all(|h| *h == hs[0]), "ranks disagree: {hs:?}");
+    }
+    // Two pretend nodes of two ranks: `inter` compresses only between them.
+    for algo in ["ring", "tree", "hier"] {
+        let children = spawn_ranks(
+            4,
+            check_bin(),
+            &["--compressed", "20011"],
+            &[("HETCCL_ALGO", algo), ("HETCCL_TIMEOUT", "60")],
+            |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", r / 2))],
+        );
+        let outs = collect(children, Duration::from_secs(120));
+        assert_all_ok(&outs, &format!("compressed nodes {algo}"));
+        let hs: Vec<String> = outs
+            .iter()
+            .flat_map(|o| hashes(&o.output, "compressed hash "))
+            .collect();
+        assert_eq!(hs.len(), 4);
+        assert!(
+            hs.iter().all(|h| *h == hs[0]),
+            "{algo}: ranks disagree: {hs:?}"
+        );
+    }
+}
