@@ -6,7 +6,10 @@
 //! trait, as any framework would use a communicator.
 //!
 //! ```text
-//! # two ranks as threads of one process, bert-tiny on tinyshakespeare (a few minutes)
+//! # two local ranks, bert-tiny on tinyshakespeare (a few minutes on two cores)
+//! cargo build --release
+//! target/release/hetccl run -n 2 -- target/release/hetccl-bert --config configs/bert-tiny.toml
+//! # the same two ranks as threads of one process (no communicator)
 //! cargo run --release --bin hetccl-bert -- --config configs/bert-tiny.toml --sim-ranks 2
 //! # continue an interrupted run exactly where it stopped
 //! cargo run --release --bin hetccl-bert -- --resume runs/hetccl-bert.ckpt
