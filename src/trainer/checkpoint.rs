@@ -15,7 +15,9 @@
 //! ```
 //!
 //! The state is world-size independent: parameters and moments are the same on every rank
-//! and the data position is global, so a checkpoint of N ranks resumes on M ranks. Saving
+//! and the data position is global, so a checkpoint of N ranks resumes on M ranks. There is
+//! no generator state to save: every random number is a pure function of the seed (in the
+//! config) and the sample index (see `rng`). Saving
 //! writes a temporary file in the same directory, fsyncs it, renames it over the target and
 //! fsyncs the directory: a crash leaves the old file or the new one, never a torn one.
 
