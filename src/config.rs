@@ -115,6 +115,8 @@ pub struct Config {
     pub topo_probe: bool,
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
+    /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
+    pub compress_format: crate::compression::WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
     /// Rank identity from the launcher.
@@ -140,6 +142,7 @@ impl Default for Config {
             topo_dump_file: None,
             topo_probe: true,
             compress: CompressMode::Off,
+            compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             launch: LaunchEnv::default(),
         }
@@ -306,6 +309,15 @@ impl Config {
                     ],
                 )?
                 .unwrap_or(d.compress),
+            compress_format: v
+                .parse_enum(
+                    "HETCCL_COMPRESS_FORMAT",
+                    &[
+                        ("fp16", crate::compression::WireFormat::F16),
+                        ("bf16", crate::compression::WireFormat::Bf16),
+                    ],
+                )?
+                .unwrap_or(d.compress_format),
             connect_timeout: v
                 .parse_secs("HETCCL_CONNECT_TIMEOUT")?
                 .unwrap_or(d.connect_timeout),

@@ -120,26 +120,29 @@ pub fn plan(
     let mut b = Builder::new(algo.name());
     match call.op {
         CollectiveOp::AllReduce => {
-            if !call.in_place {
-                copy_chunked(&mut b, input, output, t.chunk_bytes, e);
-            }
-            match algo {
-                Algo::Ring => {
-                    ring::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+            let src = if call.in_place { output } else { input };
+            if algo == Algo::Ring && n > 1 {
+                ring::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
+            } else {
+                if !call.in_place {
+                    copy_chunked(&mut b, input, output, t.chunk_bytes, e);
                 }
-                Algo::Tree => {
-                    tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+                match algo {
+                    Algo::Ring => {}
+                    Algo::Tree => {
+                        tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
+                    }
+                    Algo::Hier => hierarchical::all_reduce_inplace(
+                        &mut b,
+                        nodes,
+                        rank,
+                        output,
+                        call.count,
+                        e,
+                        t.chunk_bytes,
+                        t.shard_weights.as_deref(),
+                    ),
                 }
-                Algo::Hier => hierarchical::all_reduce_inplace(
-                    &mut b,
-                    nodes,
-                    rank,
-                    output,
-                    call.count,
-                    e,
-                    t.chunk_bytes,
-                    t.shard_weights.as_deref(),
-                ),
             }
             finalize(&mut b, call.redop, output);
         }

@@ -47,6 +47,21 @@ pub fn reduce_scatter_inplace(
     elem: usize,
     chunk_bytes: usize,
 ) {
+    reduce_scatter_into(b, g, buf, buf, count, elem, chunk_bytes);
+}
+
+/// Reduce-scatter reading `src` and leaving partial and final sums in `dst` (the same
+/// region for in-place calls). An out-of-place call costs no extra copy: step 0 sends
+/// straight from `src`, and every receive computes `dst = src + incoming` in one pass.
+pub fn reduce_scatter_into(
+    b: &mut Builder,
+    g: &Group,
+    src: Region,
+    dst: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
     let n = g.size();
     if n == 1 {
         return;
@@ -56,12 +71,15 @@ pub fn reduce_scatter_inplace(
     for k in 0..n - 1 {
         for segs in &lay {
             // Send to the right; wait for the left and fold its partial sums into ours.
-            b.send(right, at(buf, &segs[(g.me + n - k) % n]));
-            b.recv(
-                left,
-                at(buf, &segs[(g.me + 2 * n - k - 1) % n]),
-                Combine::Accumulate,
-            );
+            let out = &segs[(g.me + n - k) % n];
+            b.send(right, at(if k == 0 { src } else { dst }, out));
+            let inc = &segs[(g.me + 2 * n - k - 1) % n];
+            let combine = if src == dst {
+                Combine::Accumulate
+            } else {
+                Combine::From(at(src, inc))
+            };
+            b.recv(left, at(dst, inc), combine);
         }
     }
 }
@@ -88,6 +106,20 @@ pub fn all_gather_inplace(
             b.recv(left, at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
         }
     }
+}
+
+/// All-reduce of `src` into `dst` over `g` (in place when they are equal).
+pub fn all_reduce_into(
+    b: &mut Builder,
+    g: &Group,
+    src: Region,
+    dst: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+) {
+    reduce_scatter_into(b, g, src, dst, count, elem, chunk_bytes);
+    all_gather_inplace(b, g, dst, count, elem, chunk_bytes);
 }
 
 /// In-place all-reduce of `buf` over `g`.

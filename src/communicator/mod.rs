@@ -23,6 +23,7 @@
 //! After any error the communicator is *broken*: its links are aborted (so peers
 //! fail fast instead of timing out) and every later call returns [`Error::Broken`].
 
+mod compress;
 mod init;
 mod probe;
 
@@ -32,11 +33,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::algorithm::executor::{self, Buffers, ExecCtx};
+use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
 use crate::bootstrap::Bootstrap;
-use crate::config::{AlgoChoice, Config};
+use crate::compression::{Compressor, OverflowStats, ScalePolicy};
+use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
@@ -44,7 +46,7 @@ use crate::transport::{Link, LinkKind};
 
 /// Completion state of one submitted operation.
 struct Completion {
-    result: Mutex<Option<Result<()>>>,
+    result: Mutex<Option<Result<OverflowStats>>>,
     cv: Condvar,
 }
 
@@ -56,18 +58,18 @@ impl Completion {
         })
     }
 
-    fn set(&self, r: Result<()>) {
+    fn set(&self, r: Result<OverflowStats>) {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         *g = Some(r);
         self.cv.notify_all();
     }
 
-    fn wait(&self) -> Result<()> {
+    fn wait(&self) -> Result<OverflowStats> {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = g.take() {
                 // Leave a marker so a second waiter (scope end after Handle::wait) returns.
-                *g = Some(Ok(()));
+                *g = Some(Ok(OverflowStats::default()));
                 return r;
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -88,6 +90,17 @@ struct Work {
     bufs: Buffers,
     ctx: ExecCtx,
     done: Arc<Completion>,
+    compress: Option<CompressJob>,
+}
+
+/// What a compressed all-reduce needs besides its schedule.
+struct CompressJob {
+    wire: Wire,
+    /// The caller's compressor, or null for the communicator's own (no error feedback).
+    compressor: *mut Compressor,
+    buffer: u64,
+    /// The caller's reduction (`Sum` or `Avg`); the schedule itself always sums.
+    op: ReduceOp,
 }
 
 // SAFETY: `Work` carries raw pointers to caller buffers. The submitting thread keeps
@@ -100,6 +113,8 @@ struct Progress {
     links: Vec<Option<Box<dyn Link>>>,
     scratch: Vec<u64>,
     broken: Option<String>,
+    /// Compressor for collectives compressed by `HETCCL_COMPRESS` alone.
+    internal: Option<Compressor>,
 }
 
 impl Progress {
@@ -111,7 +126,7 @@ impl Progress {
         tracing::debug!(rank = self.rank, "progress thread exits");
     }
 
-    fn execute(&mut self, w: &mut Work) -> Result<()> {
+    fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
@@ -121,7 +136,10 @@ impl Progress {
         }
         w.bufs.scratch = self.scratch.as_mut_ptr().cast();
         w.bufs.scratch_len = self.scratch.len() * 8;
-        let r = executor::execute(&w.sched, &mut self.links, &w.bufs, &w.ctx);
+        let r = match w.compress.take() {
+            None => executor::execute(&w.sched, &mut self.links, &w.bufs, &w.ctx, None),
+            Some(job) => self.execute_compressed(w, &job),
+        };
         if let Err(e) = &r {
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
             self.broken = Some(e.to_string());
@@ -131,6 +149,54 @@ impl Progress {
         }
         r
     }
+
+    fn execute_compressed(&mut self, w: &Work, job: &CompressJob) -> Result<OverflowStats> {
+        let comp: &mut Compressor = if job.compressor.is_null() {
+            match &mut self.internal {
+                Some(c) if c.format() == job.wire.format => c,
+                slot => slot.insert(Compressor::new(
+                    job.wire.format,
+                    ScalePolicy::InverseWorldSize,
+                    false,
+                )?),
+            }
+        } else {
+            // SAFETY: the caller's `&mut Compressor` is borrowed until this work completes
+            // (blocking call or scope), and only this thread touches it meanwhile.
+            unsafe { &mut *job.compressor }
+        };
+        let n = w.bufs.output_len / 4;
+        // SAFETY: output holds `n` f32 (checked when the call was prepared) and is this
+        // work's exclusively until it completes; input, when distinct, is read only.
+        let out = unsafe { std::slice::from_raw_parts_mut(w.bufs.output.cast::<f32>(), n) };
+        let world = w.ctx.world_size;
+        let mut stats = if std::ptr::eq(w.bufs.input, w.bufs.output) {
+            compress::pre_pass_inplace(comp, job.buffer, out, world)?
+        } else {
+            // SAFETY: as above; distinct buffers of `n` f32.
+            let inp = unsafe { std::slice::from_raw_parts(w.bufs.input.cast::<f32>(), n) };
+            compress::pre_pass(comp, job.buffer, inp, out, world)?
+        };
+        let bufs = Buffers {
+            input: w.bufs.output,
+            input_len: w.bufs.output_len,
+            ..w.bufs
+        };
+        stats += executor::execute(&w.sched, &mut self.links, &bufs, &w.ctx, Some(&job.wire))?;
+        compress::post_pass(job.wire.format, out, comp.scale(world)?, job.op, world);
+        comp.add_pending(stats);
+        Ok(comp.finish_collective())
+    }
+}
+
+/// Per-call compression for [`Communicator::all_reduce_compressed`].
+pub struct Compression<'a> {
+    /// Which links compress (`Off` makes the call exact).
+    pub mode: CompressMode,
+    /// Wire format, scale and error-feedback residuals; kept by the caller across steps.
+    pub compressor: &'a mut Compressor,
+    /// Names the buffer's residual inside the compressor (e.g. a bucket index).
+    pub buffer: u64,
 }
 
 /// A group of ranks that run collectives together.
@@ -191,6 +257,7 @@ impl Communicator {
             links,
             scratch: Vec::new(),
             broken: None,
+            internal: None,
         };
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
@@ -304,8 +371,21 @@ impl Communicator {
         call: Call,
         input: (*const u8, usize),
         output: (*mut u8, usize),
+        compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<Arc<Completion>> {
-        let sched = self.schedule(&call);
+        let compress =
+            compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
+        // A compressed call runs as an in-place sum on the output; its passes do the rest.
+        let plan_call = if compress.is_some() {
+            Call {
+                in_place: true,
+                redop: ReduceOp::Sum,
+                ..call
+            }
+        } else {
+            call
+        };
+        let sched = self.schedule(&plan_call);
         let done = Completion::new();
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else {
@@ -338,15 +418,56 @@ impl Communicator {
                 seq,
                 op: call.op,
                 dtype: call.dtype,
-                redop: call.redop,
+                redop: plan_call.redop,
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
             },
             done: done.clone(),
+            compress,
         };
         tx.send(work)
             .map_err(|_| Error::Broken("progress thread has stopped".into()))?;
         Ok(done)
+    }
+
+    /// The compression plan for `call`, or `None` when nothing would be compressed:
+    /// only f32 sums and averages compress, and only on the links `mode` selects.
+    fn compress_job(
+        &self,
+        call: &Call,
+        mode: CompressMode,
+        compressor: *mut Compressor,
+        buffer: u64,
+    ) -> Option<CompressJob> {
+        let eligible = call.op == CollectiveOp::AllReduce
+            && call.dtype == DataType::F32
+            && matches!(call.redop, ReduceOp::Sum | ReduceOp::Avg);
+        let me = self.topo.node_of[self.rank];
+        let peers: Vec<bool> = (0..self.world_size)
+            .map(|p| {
+                p != self.rank
+                    && match mode {
+                        CompressMode::Off => false,
+                        CompressMode::Inter => self.topo.node_of[p] != me,
+                        CompressMode::All => true,
+                    }
+            })
+            .collect();
+        if !eligible || !peers.contains(&true) {
+            return None;
+        }
+        let format = if compressor.is_null() {
+            self.cfg.compress_format
+        } else {
+            // SAFETY: the pointer comes from a live `&mut Compressor` of the caller.
+            unsafe { (*compressor).format() }
+        };
+        Some(CompressJob {
+            wire: Wire { format, peers },
+            compressor,
+            buffer,
+            op: call.redop,
+        })
     }
 
     fn check_rank(&self, op: &'static str, what: &str, r: usize) -> Result<()> {
@@ -451,7 +572,31 @@ impl Communicator {
         if self.skip(&call) {
             return Ok(());
         }
-        self.submit(call, i, o)?.wait()
+        let auto = (self.cfg.compress != CompressMode::Off).then_some((
+            self.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        self.submit(call, i, o, auto)?.wait().map(|_| ())
+    }
+
+    /// In-place all-reduce of f32 values with 16-bit values on the links `c.mode`
+    /// selects (sums formed in f32; `Sum` and `Avg` only, other ops run exact).
+    /// Returns how many values had to be saturated or were non-finite, also logged at
+    /// `warn`, so a trainer can skip the step as a loss scaler would.
+    pub fn all_reduce_compressed(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        c: Compression<'_>,
+    ) -> Result<OverflowStats> {
+        let (call, i, o) =
+            self.prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.skip(&call) {
+            return Ok(OverflowStats::default());
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        self.submit(call, i, o, job)?.wait()
     }
 
     /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
@@ -616,9 +761,15 @@ pub struct Handle<'s> {
 impl Handle<'_> {
     /// Blocks until the operation is done and returns its result.
     pub fn wait(self) -> Result<()> {
+        self.wait_stats().map(|_| ())
+    }
+
+    /// Like [`Handle::wait`], also returning what compression saturated (zero for
+    /// uncompressed operations).
+    pub fn wait_stats(self) -> Result<OverflowStats> {
         match &self.done {
             Some(c) => c.wait(),
-            None => Ok(()),
+            None => Ok(OverflowStats::default()),
         }
     }
 
@@ -637,7 +788,12 @@ impl<'s, 'env> Scope<'s, 'env> {
                 _scope: PhantomData,
             });
         }
-        let c = self.comm.submit(call, i, o)?;
+        let auto = (self.comm.cfg.compress != CompressMode::Off).then_some((
+            self.comm.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        let c = self.comm.submit(call, i, o, auto)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -655,6 +811,34 @@ impl<'s, 'env> Scope<'s, 'env> {
         op: ReduceOp,
     ) -> Result<Handle<'s>> {
         self.start(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Starts a compressed in-place all-reduce (see [`Communicator::all_reduce_compressed`]).
+    pub fn all_reduce_compressed(
+        &'s self,
+        buf: &'env mut [f32],
+        op: ReduceOp,
+        c: Compression<'env>,
+    ) -> Result<Handle<'s>> {
+        let (call, i, o) = self
+            .comm
+            .prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.comm.skip(&call) {
+            return Ok(Handle {
+                done: None,
+                _scope: PhantomData,
+            });
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        let done = self.comm.submit(call, i, o, job)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done.clone());
+        Ok(Handle {
+            done: Some(done),
+            _scope: PhantomData,
+        })
     }
 
     /// Starts an out-of-place all-reduce.
@@ -806,6 +990,90 @@ mod tests {
         for (a, b) in outs {
             assert_eq!(a, vec![6i64; 5000]);
             assert_eq!(b, vec![9u8; 10]);
+        }
+    }
+
+    #[test]
+    fn compressed_all_reduce_is_close_and_identical_on_every_rank() {
+        use crate::compression::WireFormat;
+        for algo in [AlgoChoice::Ring, AlgoChoice::Tree, AlgoChoice::Hier] {
+            for mode in [CompressMode::Inter, CompressMode::All] {
+                let comms = world(4, 2, algo);
+                let count = 30_001;
+                let outs = on_all(&comms, |c| {
+                    let mut comp =
+                        Compressor::new(WireFormat::F16, ScalePolicy::InverseWorldSize, true)
+                            .unwrap();
+                    let mut v: Vec<f32> = (0..count)
+                        .map(|i| ((i * (c.rank() + 1)) as f32 * 0.001).sin())
+                        .collect();
+                    let stats = c
+                        .all_reduce_compressed(
+                            &mut v,
+                            ReduceOp::Sum,
+                            Compression {
+                                mode,
+                                compressor: &mut comp,
+                                buffer: 0,
+                            },
+                        )
+                        .unwrap();
+                    assert!(stats.is_clean());
+                    assert_eq!(comp.residual(0).map(|r| r.len()), Some(count));
+                    v
+                });
+                for i in (0..count).step_by(997) {
+                    let exact: f64 = (0..4)
+                        .map(|r| ((i * (r + 1)) as f32 * 0.001).sin() as f64)
+                        .sum();
+                    let err = (outs[0][i] as f64 - exact).abs();
+                    // fp16 keeps 11 bits; a 4-term sum of values below 1 stays within 4 * 2^-11.
+                    assert!(
+                        err < 4.0 * 2f64.powi(-11),
+                        "{algo:?} {mode:?} [{i}]: {} vs {exact}",
+                        outs[0][i]
+                    );
+                }
+                for o in &outs[1..] {
+                    assert!(
+                        o.iter()
+                            .zip(&outs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{algo:?} {mode:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overflow_is_counted_not_turned_into_inf() {
+        use crate::compression::WireFormat;
+        let comms = world(2, 1, AlgoChoice::Ring);
+        let outs = on_all(&comms, |c| {
+            let mut comp =
+                Compressor::new(WireFormat::F16, ScalePolicy::Factor(1.0), false).unwrap();
+            let mut v = vec![1.0f32; 64];
+            v[3] = 1e6; // beyond fp16's 65504
+            v[5] = f32::NAN;
+            let stats = c
+                .all_reduce_compressed(
+                    &mut v,
+                    ReduceOp::Sum,
+                    Compression {
+                        mode: CompressMode::Inter,
+                        compressor: &mut comp,
+                        buffer: 0,
+                    },
+                )
+                .unwrap();
+            (stats, v)
+        });
+        for (stats, v) in outs {
+            assert!(stats.overflow >= 1 && stats.nonfinite >= 1, "{stats:?}");
+            assert!(v[3].is_finite());
+            assert!(v[5].is_nan());
+            assert_eq!(v[0], 2.0);
         }
     }
 
