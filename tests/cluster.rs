@@ -164,7 +164,11 @@ fn check_shape(ranks: &str, algo: &str) {
                 && l.contains(&format!("{kind} link"))
                 && l.contains(&format!("peer={peer}"))
         });
-        assert!(found, "{ranks}: no {kind} link from rank 0 to {peer}:\n{}", run.output);
+        assert!(
+            found,
+            "{ranks}: no {kind} link from rank 0 to {peer}:\n{}",
+            run.output
+        );
     }
     assert_eq!(leftover_namespaces(&tag), Vec::<String>::new());
 }
@@ -217,7 +221,11 @@ fn ranks_get_their_node_and_launcher_variables() {
         return;
     };
     assert_eq!(run.code, Some(0), "{}", run.output);
-    let mut lines: Vec<&str> = run.output.lines().filter(|l| l.starts_with("[rank")).collect();
+    let mut lines: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("[rank"))
+        .collect();
     lines.sort();
     assert_eq!(
         lines,

@@ -130,8 +130,16 @@ fn nvlink_node_runs_a_ring_of_eight_and_a_tree_for_small_messages() {
     let scheds = plans(&t, Algo::Ring, count, &m);
     for (r, s) in scheds.iter().enumerate() {
         let (to, from, bytes) = traffic(s);
-        assert_eq!(to, BTreeSet::from([(r + 1) % 8]), "rank {r} sends to its right");
-        assert_eq!(from, BTreeSet::from([(r + 7) % 8]), "rank {r} hears its left");
+        assert_eq!(
+            to,
+            BTreeSet::from([(r + 1) % 8]),
+            "rank {r} sends to its right"
+        );
+        assert_eq!(
+            from,
+            BTreeSet::from([(r + 7) % 8]),
+            "rank {r} hears its left"
+        );
         // 2 (n-1)/n of the buffer: 7 MiB
         assert_eq!(bytes, vec![((r + 1) % 8, 7 << 20)]);
     }
@@ -169,7 +177,7 @@ fn mixed_cluster_takes_the_hierarchy_with_shards_sized_by_each_nic() {
     let m = LinkModel::of(&t);
     assert_eq!(m.intra, cost(6.0, 11.0)); // the PCIe node
     assert_eq!(m.inter, cost(30.0, 3.0)); // the 25 Gbit/s NICs
-    // shard j runs between local ranks j of the two nodes: 12, 12, 3, 3 GB/s
+                                          // shard j runs between local ranks j of the two nodes: 12, 12, 3, 3 GB/s
     assert_eq!(m.shard_weights, Some(vec![12.0, 12.0, 3.0, 3.0]));
     assert_eq!(m.choose(CollectiveOp::AllReduce, 64 << 20), Algo::Hier);
 
@@ -198,7 +206,12 @@ fn mixed_cluster_takes_the_hierarchy_with_shards_sized_by_each_nic() {
         let base = r - local;
         let want: Vec<(usize, usize)> = (0..4)
             .filter(|&l| l != local)
-            .map(|l| (base + l, ([1200, 1200, 300, 300][l] + [1200, 1200, 300, 300][local]) * 4))
+            .map(|l| {
+                (
+                    base + l,
+                    ([1200, 1200, 300, 300][l] + [1200, 1200, 300, 300][local]) * 4,
+                )
+            })
             .collect();
         assert_eq!(mates, want, "rank {r}");
     }
@@ -212,7 +225,16 @@ fn probe_covers_the_pairs_the_mixed_schedules_use() {
     let pairs: BTreeSet<(usize, usize)> = probe::probe_order(&t).into_iter().collect();
     // 8 ring neighbours, 6 node mates that are not neighbours, 4 shard owner pairs
     assert_eq!(pairs.len(), 8 + 6 + 4);
-    for p in [(0, 4), (1, 5), (2, 6), (3, 7), (3, 4), (0, 7), (0, 3), (5, 7)] {
+    for p in [
+        (0, 4),
+        (1, 5),
+        (2, 6),
+        (3, 7),
+        (3, 4),
+        (0, 7),
+        (0, 3),
+        (5, 7),
+    ] {
         assert!(pairs.contains(&p), "{p:?}");
     }
 }
@@ -223,7 +245,11 @@ fn every_fixture_dumps_and_loads_back_equal() {
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["nvlink-8gpu.json", "pcie-8gpu.json", "mixed-2x4.json"] {
         let t = fixture(name);
-        assert_eq!(Topology::from_json(&t.to_json().unwrap()).unwrap(), t, "{name}");
+        assert_eq!(
+            Topology::from_json(&t.to_json().unwrap()).unwrap(),
+            t,
+            "{name}"
+        );
         let path = dir.join(name);
         t.dump(&path).unwrap();
         assert_eq!(Topology::load(&path).unwrap(), t, "{name}");
