@@ -7,7 +7,9 @@ use super::Communicator;
 use crate::algorithm::tuning::LinkModel;
 use crate::dtype::ReduceOp;
 use crate::error::Result;
-use crate::topology::probe::{self, BIG_BYTES, SMALL_BYTES, SMALL_ROUNDS, STOP_AFTER};
+use crate::topology::probe::{
+    self, BIG_BYTES, REPEAT_BELOW, SMALL_BYTES, SMALL_ROUNDS, STOP_AFTER, WARMUP_BYTES,
+};
 use crate::topology::{LinkPerf, Topology};
 
 impl Communicator {
@@ -38,6 +40,8 @@ impl Communicator {
                     self.recv(&mut small, b)?;
                     Ok(t0.elapsed())
                 };
+                // Untimed: a fresh TCP connection starts with a small congestion window.
+                timed(WARMUP_BYTES)?;
                 let mut last = (BIG_BYTES[0], Duration::ZERO);
                 for &size in &BIG_BYTES {
                     last = (size, timed(size)?);
@@ -45,9 +49,12 @@ impl Communicator {
                         break;
                     }
                 }
-                // Once more at the final size, keeping the faster: a rank descheduled
-                // mid-transfer on a busy host should not make a link look slow.
-                last.1 = last.1.min(timed(last.0)?);
+                // A short measurement once more, keeping the faster: a rank descheduled
+                // mid-transfer on a busy host should not make a link look slow. Long
+                // ones (slow links) are not worth the time.
+                if last.1 < REPEAT_BELOW {
+                    last.1 = last.1.min(timed(last.0)?);
+                }
                 self.send(&[0u64], b)?;
                 let perf = probe::estimate(rtt, last.0, last.1);
                 tracing::debug!(

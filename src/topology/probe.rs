@@ -11,7 +11,8 @@
 //! ```text
 //! a -> b  8 bytes, b -> a 8 bytes                 x SMALL_ROUNDS: fastest round trip = 2 latency
 //! a -> b  size (u64, 0 ends), a -> b size bytes, b -> a 8 bytes
-//!         for size = 256 KiB, 1 MiB, 4 MiB until one takes STOP_AFTER, then once more
+//!         once untimed with 256 KiB (opens a fresh TCP connection's window), then
+//!         for size = 1 MiB, 4 MiB until one takes STOP_AFTER, then once more if short
 //!         bandwidth = size / (faster elapsed of the last two - round trip)
 //! ```
 //!
@@ -30,10 +31,15 @@ use super::{LinkPerf, Topology};
 pub const SMALL_ROUNDS: usize = 5;
 /// Bytes of the small message.
 pub const SMALL_BYTES: usize = 8;
-/// Sizes of the bandwidth message, tried in turn.
-pub const BIG_BYTES: [usize; 3] = [256 << 10, 1 << 20, 4 << 20];
+/// An untimed message before the bandwidth ones, to open a TCP congestion window.
+pub const WARMUP_BYTES: usize = 256 << 10;
+/// Sizes of the bandwidth message, tried in turn. At least 1 MiB, so a rate limiter's
+/// burst allowance (or a socket buffer) cannot pass for bandwidth.
+pub const BIG_BYTES: [usize; 2] = [1 << 20, 4 << 20];
 /// A bandwidth message that took this long is big enough to trust.
 pub const STOP_AFTER: Duration = Duration::from_millis(5);
+/// A measurement shorter than this is repeated and the faster one kept.
+pub const REPEAT_BELOW: Duration = Duration::from_millis(20);
 /// At most this many pairs are probed (ring neighbours first); the rest keep nominal
 /// figures, so start-up stays short on large jobs.
 pub const MAX_PAIRS: usize = 256;
