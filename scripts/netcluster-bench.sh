@@ -6,7 +6,9 @@
 # RUNS x ITERS timings next to the lower bound 2(N-1)/N * S / B_node.
 #
 #   scripts/netcluster-bench.sh [--runs 3] [--iters 3] [CASE...]
-#   CASE: name:ranks:rate:bytes:algos, e.g. 2x2:2,2:1gbit:64M:hier,ring,auto
+#   CASE: name:ranks:rate:bytes:algos, e.g. 2x2:2,2:1gbit:64M:hier,ring,auto,mpi
+#   (algos: HETCCL_ALGO values, and mpi for Open MPI's MPI_Allreduce through
+#   netcluster.sh mpirun)
 #
 # Needs root (namespaces) and target/release/examples/allreduce_time
 # (cargo build --release --example allreduce_time).
@@ -22,13 +24,18 @@ while [[ ${1:-} == --* ]]; do
 done
 CASES=("$@")
 ((${#CASES[@]})) || CASES=(
-    "2x2:2,2:1gbit:64M:hier,ring,auto"
-    "3+2+1:3,2,1:1gbit:64M:hier,ring,auto"
-    "4x1:1,1,1,1:1gbit:64M:ring,hier,auto"
-    "2x2-100M:2,2:100mbit:8M:hier,ring,auto"
+    "2x2:2,2:1gbit:64M:hier,ring,auto,mpi"
+    "3+2+1:3,2,1:1gbit:64M:hier,ring,auto,mpi"
+    "4x1:1,1,1,1:1gbit:64M:ring,hier,auto,mpi"
+    "2x2-100M:2,2:100mbit:8M:hier,ring,auto,mpi"
 )
 BIN=target/release/examples/allreduce_time
 [[ -x $BIN ]] || { echo "build it first: cargo build --release --example allreduce_time" >&2; exit 2; }
+# "mpi" in a case's algorithm list times Open MPI's MPI_Allreduce (if mpicc is here).
+MPIBIN=target/mpi_allreduce_time
+if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then
+    mpicc -O2 -o "$MPIBIN" scripts/mpi_allreduce_time.c || exit 1
+fi
 export NETCLUSTER_PREFIX=${NETCLUSTER_PREFIX:-hccb}
 NC=scripts/netcluster.sh
 trap '$NC down' EXIT
@@ -56,9 +63,15 @@ for c in "${CASES[@]}"; do
     IFS=, read -r -a alist <<<"$algos"
     for ((r = 0; r < RUNS; r++)); do
         for a in "${alist[@]}"; do
-            out=$(HETCCL_ALGO=$a $NC run --ranks "$ranks" -- "$BIN" "$size" "$ITERS" 2>&1) ||
-                { echo "$name $a failed:" >&2; echo "$out" >&2; exit 1; }
-            t=$(echo "$out" | awk '/\[rank 0\] iteration/{printf "%s ", $5}')
+            if [[ $a == mpi ]]; then
+                out=$($NC mpirun --ranks "$ranks" -- "$MPIBIN" "$(bytes_of "$size")" "$ITERS" 2>&1) ||
+                    { echo "$name $a failed:" >&2; echo "$out" >&2; exit 1; }
+                t=$(echo "$out" | awk '/^iteration/{printf "%s ", $3}')
+            else
+                out=$(HETCCL_ALGO=$a $NC run --ranks "$ranks" -- "$BIN" "$size" "$ITERS" 2>&1) ||
+                    { echo "$name $a failed:" >&2; echo "$out" >&2; exit 1; }
+                t=$(echo "$out" | awk '/\[rank 0\] iteration/{printf "%s ", $5}')
+            fi
             times[$a]+="$t"
         done
     done

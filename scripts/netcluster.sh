@@ -9,6 +9,9 @@
 #                                                     start the ranks of node k in namespace k
 #                                                     (creates the nodes if they are not up,
 #                                                     and removes them again afterwards)
+#   netcluster.sh mpirun --ranks 2,2 [MPIRUN OPTIONS] -- PROGRAM ARGS...
+#                                                     the same placement under Open MPI's
+#                                                     mpirun (nodes must be up)
 #   netcluster.sh down                                remove every namespace it made
 #   netcluster.sh status                              list nodes, addresses and qdiscs
 #
@@ -253,6 +256,50 @@ cmd_run() {
     return $status
 }
 
+# Open MPI: mpirun runs in node 0's namespace and starts its daemons on the other
+# nodes through this script as its rsh agent ("agent HOST COMMAND"), which runs the
+# command in HOST's namespace. Open MPI's shared-memory transport is left out: every
+# namespace has the same hostname and shares /dev/shm, so its segment names collide
+# across nodes (seen as a crash in mca_btl_vader); ranks of one node use TCP on the
+# node's own address instead, which is not rate-limited.
+cmd_mpirun() {
+    local ranks=""
+    local -a opts=()
+    while (($#)); do
+        case $1 in
+        --ranks) ranks=${2:?--ranks needs a value}; shift 2 ;;
+        --) shift; break ;;
+        *) opts+=("$1"); shift ;;
+        esac
+    done
+    (($#)) || die "mpirun needs -- PROGRAM [ARGS...]"
+    [[ $ranks =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--ranks needs a list like 2,2 or 3,2,1"
+    command -v mpirun >/dev/null || skip "mpirun is not installed"
+    local -a per_node
+    IFS=, read -r -a per_node <<<"$ranks"
+    local k=${#per_node[@]} world=0 hosts="" i
+    (($(nodes_up) >= k)) || die "bring $k nodes up first (netcluster.sh up $k ...)"
+    for ((i = 0; i < k; i++)); do
+        world=$((world + per_node[i]))
+        hosts+="${hosts:+,}$(node_addr $i):${per_node[i]}"
+    done
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NETCLUSTER_PREFIX=$PREFIX \
+        ip netns exec "$(node_ns 0)" mpirun -np "$world" --host "$hosts" \
+        --mca plm_rsh_agent "$(readlink -f "$0") agent" \
+        --mca btl self,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
+        --mca oob_tcp_if_include "$SUBNET.0/24" -x NETCLUSTER_PREFIX \
+        "${opts[@]}" "$@"
+}
+
+cmd_agent() {
+    # Open MPI calls "agent [rsh options] HOST COMMAND...", like ssh.
+    while [[ ${1:-} == -* ]]; do shift; done
+    local host=${1:?agent needs a host}
+    shift
+    local k=$((${host##*.} - 1))
+    exec ip netns exec "$(node_ns $k)" /bin/sh -c "$*"
+}
+
 cmd=${1:-}
 shift || true
 case $cmd in
@@ -260,8 +307,10 @@ up) cmd_up "$@" ;;
 down) cmd_down ;;
 run) cmd_run "$@"; exit $? ;;
 status) cmd_status ;;
+mpirun) cmd_mpirun "$@"; exit $? ;;
+agent) cmd_agent "$@" ;;
 *)
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
     [[ -z $cmd || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac
