@@ -94,6 +94,7 @@ cmd_down() {
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$PREFIX-(n[0-9]+|br)$"); do
         ip netns del "$ns" 2>/dev/null || echo "netcluster: could not remove $ns" >&2
     done
+    rm -rf /tmp/netcluster-"$PREFIX"-n[0-9]*
     return 0
 }
 
@@ -261,7 +262,9 @@ cmd_run() {
 # command in HOST's namespace. Open MPI's shared-memory transport is left out: every
 # namespace has the same hostname and shares /dev/shm, so its segment names collide
 # across nodes (seen as a crash in mca_btl_vader); ranks of one node use TCP on the
-# node's own address instead, which is not rate-limited.
+# node's own address instead, which is not rate-limited. For the same reason each
+# node's daemon gets its own session directory, and the hwloc run-time component,
+# whose shared topology segment crashed daemons now and then, is left out (no binding).
 cmd_mpirun() {
     local ranks=""
     local -a opts=()
@@ -286,7 +289,7 @@ cmd_mpirun() {
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NETCLUSTER_PREFIX=$PREFIX \
         ip netns exec "$(node_ns 0)" mpirun -np "$world" --host "$hosts" \
         --mca plm_rsh_agent "$(readlink -f "$0") agent" \
-        --mca btl self,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
+        --mca btl self,tcp --mca btl_tcp_if_include "$SUBNET.0/24" --mca rtc ^hwloc \
         --mca oob_tcp_if_include "$SUBNET.0/24" -x NETCLUSTER_PREFIX \
         "${opts[@]}" "$@"
 }
@@ -297,6 +300,9 @@ cmd_agent() {
     local host=${1:?agent needs a host}
     shift
     local k=$((${host##*.} - 1))
+    # Session files of their own per node: the daemons share one hostname and /tmp.
+    export OMPI_MCA_orte_tmpdir_base="/tmp/netcluster-$PREFIX-n$k"
+    mkdir -p "$OMPI_MCA_orte_tmpdir_base"
     exec ip netns exec "$(node_ns $k)" /bin/sh -c "$*"
 }
 
