@@ -28,7 +28,7 @@ pub mod reduce;
 pub mod topology;
 pub mod transport;
 
-pub use communicator::Communicator;
+pub use communicator::{Communicator, SharedBuf};
 pub use config::Config;
 pub use dtype::{DataType, Element, ReduceOp};
 pub use error::{Error, Result};

@@ -24,6 +24,9 @@
 //! fail fast instead of timing out) and every later call returns [`Error::Broken`].
 
 mod init;
+mod shared;
+
+pub use shared::SharedBuf;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -83,7 +86,9 @@ impl Completion {
 
 /// One collective handed to the progress thread.
 struct Work {
-    sched: Arc<Schedule>,
+    /// `None` when `direct` runs the call instead.
+    sched: Option<Arc<Schedule>>,
+    direct: Option<shared::Direct>,
     bufs: Buffers,
     ctx: ExecCtx,
     done: Arc<Completion>,
@@ -99,6 +104,7 @@ struct Progress {
     links: Vec<Option<Box<dyn Link>>>,
     scratch: Vec<u64>,
     broken: Option<String>,
+    shared: Arc<shared::SharedState>,
 }
 
 impl Progress {
@@ -114,16 +120,26 @@ impl Progress {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
-        let need = w.sched.scratch_bytes.div_ceil(8);
-        if self.scratch.len() < need {
-            self.scratch.resize(need, 0);
-        }
-        w.bufs.scratch = self.scratch.as_mut_ptr().cast();
-        w.bufs.scratch_len = self.scratch.len() * 8;
-        let r = executor::execute(&w.sched, &mut self.links, &w.bufs, &w.ctx);
+        let r = match (&w.direct, &w.sched) {
+            (Some(d), _) => d.execute(&w.bufs, &w.ctx),
+            (None, Some(sched)) => {
+                let need = sched.scratch_bytes.div_ceil(8);
+                if self.scratch.len() < need {
+                    self.scratch.resize(need, 0);
+                }
+                w.bufs.scratch = self.scratch.as_mut_ptr().cast();
+                w.bufs.scratch_len = self.scratch.len() * 8;
+                if w.ctx.op != CollectiveOp::SendRecv {
+                    self.shared.note_link_op(w.ctx.seq);
+                }
+                executor::execute(sched, &mut self.links, &w.bufs, &w.ctx)
+            }
+            (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
+        };
         if let Err(e) = &r {
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
             self.broken = Some(e.to_string());
+            self.shared.abort();
             for l in self.links.iter_mut().flatten() {
                 l.abort();
             }
@@ -149,6 +165,8 @@ pub struct Communicator {
     logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
     // Kept alive for the communicator's lifetime: rank 0 may serve the store.
     _boot: Mutex<Option<Box<dyn Bootstrap>>>,
+    /// Shared buffers and the control pages of the direct path.
+    shared: Arc<shared::SharedState>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -183,11 +201,13 @@ impl Communicator {
         }
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
+        let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
             links,
             scratch: Vec::new(),
             broken: None,
+            shared: shared.clone(),
         };
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
@@ -207,6 +227,7 @@ impl Communicator {
             plans: Mutex::new(HashMap::new()),
             logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
+            shared,
         })
     }
 
@@ -318,7 +339,12 @@ impl Communicator {
         input: (*const u8, usize),
         output: (*mut u8, usize),
     ) -> Result<Arc<Completion>> {
-        let sched = self.schedule(&call);
+        let direct = shared::plan(self, &call, input, output);
+        let sched = if direct.is_none() {
+            Some(self.schedule(&call))
+        } else {
+            None
+        };
         let done = Completion::new();
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else {
@@ -337,6 +363,7 @@ impl Communicator {
         };
         let work = Work {
             sched,
+            direct,
             bufs: Buffers {
                 input: input.0,
                 input_len: input.1,
@@ -579,6 +606,7 @@ impl Drop for Communicator {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+        self.shared.close();
     }
 }
 
