@@ -33,12 +33,19 @@ fn job_of(out: &str) -> String {
 /// `hetccl run -n n -- hetccl-check --shared ARGS`; asserts every rank passed and
 /// that nothing of the job is left in /dev/shm.
 fn launch_shared(n: usize, args: &[&str], what: &str) -> String {
+    launch_shared_env(n, args, &[], what)
+}
+
+fn launch_shared_env(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
     let mut c = Command::new(launcher());
     c.args(["run", "-n", &n.to_string(), "--", check_bin(), "--shared"])
         .args(args)
         .env("HETCCL_TIMEOUT", "60")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
     let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(400));
     assert_all_ok(&outs, what);
     let out = outs.into_iter().next().unwrap().output;
@@ -75,6 +82,13 @@ fn large_count_every_op_and_dtype() {
     for n in [2, 4] {
         launch_shared(n, &["--counts", &big], &format!("shared n={n} 2^20+3"));
     }
+    // Streaming stores for every size.
+    launch_shared_env(
+        3,
+        &["--counts", "1,1000", "--big-f32", &big],
+        &[("HETCCL_STREAM_MIN_BYTES", "0")],
+        "shared n=3 streaming",
+    );
 }
 
 #[test]

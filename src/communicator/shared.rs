@@ -745,6 +745,8 @@ pub(super) struct Direct {
     output: Option<(u64, usize)>,
     /// Broadcast root (global rank).
     root: usize,
+    /// Copy with streaming stores (large outputs; see `Config::stream_min_bytes`).
+    stream: bool,
 }
 
 /// Picks the direct path for `call` when every rank shares this host and this rank's
@@ -770,6 +772,7 @@ pub(super) fn plan(
     } else {
         look(input.0 as usize, input.1)
     };
+    let out_bytes = output.1;
     let (input, output) = match call.op {
         CollectiveOp::AllReduce => (inp, Some(out?)),
         CollectiveOp::ReduceScatter | CollectiveOp::AllGather => (Some(inp?), None),
@@ -793,6 +796,7 @@ pub(super) fn plan(
         input,
         output,
         root: call.root,
+        stream: out_bytes >= comm.cfg.stream_min_bytes,
     })
 }
 
@@ -808,6 +812,7 @@ struct Run<'a> {
     ctx: &'a ExecCtx,
     /// Keeps the peers' mappings used by this collective alive.
     _held: Vec<Arc<Allocation>>,
+    stream: bool,
 }
 
 impl Direct {
@@ -851,6 +856,7 @@ impl Direct {
             node,
             ctx,
             _held: Vec::new(),
+            stream: self.stream,
         };
         for l in 0..node.n() {
             if l != me {
@@ -898,6 +904,21 @@ fn describe(seq: u64, kind: u64, count: u64, root: u64) -> String {
 }
 
 impl Run<'_> {
+    /// Copies bytes that this rank will not read back soon: with streaming stores for
+    /// large outputs, which saves reading the destination's old contents.
+    ///
+    /// # Safety
+    /// As `std::ptr::copy_nonoverlapping`.
+    unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+        if self.stream {
+            // SAFETY: the caller's contract.
+            unsafe { reduce::copy_streaming(dst, src, len) }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
+        }
+    }
+
     fn err_peer(&self, l: usize) -> usize {
         self.node.ranks[l]
     }
@@ -1069,7 +1090,7 @@ impl Run<'_> {
                     ))
                 })?;
                 let off = off as usize;
-                if off.checked_add(need).is_none_or(|end| end > m.len()) {
+                if off.checked_add(need).map_or(true, |end| end > m.len()) {
                     return Err(mismatch(format!(
                         "peer {peer}'s {which} ({need} bytes at offset {off}) overruns its \
                          shared buffer #{idx} of {} bytes",
@@ -1142,9 +1163,9 @@ impl Run<'_> {
             // published the chunk, so it no longer writes it, and this rank's copy of the
             // segment is read by nobody.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    views[r].output.add(a * size),
+                self.copy(
                     bufs.output.add(a * size),
+                    views[r].output.add(a * size),
                     (b - a) * size,
                 )
             };
@@ -1236,9 +1257,7 @@ impl Run<'_> {
             let r = (me + k) % n;
             // SAFETY: each input holds `bytes` bytes, the output n x `bytes`; inputs are
             // unchanged until the exit step and the output is this rank's alone.
-            unsafe {
-                std::ptr::copy_nonoverlapping(views[r].input, bufs.output.add(r * bytes), bytes)
-            };
+            unsafe { self.copy(bufs.output.add(r * bytes), views[r].input, bytes) };
         }
     }
 
@@ -1252,7 +1271,7 @@ impl Run<'_> {
         if l != self.node.me {
             // SAFETY: the root's buffer holds `bytes` bytes and is unchanged until the
             // exit step; this rank's buffer is its own.
-            unsafe { std::ptr::copy_nonoverlapping(views[l].output, bufs.output, bytes) };
+            unsafe { self.copy(bufs.output, views[l].output, bytes) };
         }
     }
 }
@@ -1267,6 +1286,11 @@ mod tests {
 
     /// `n` communicators in one process on one pretend host, joined by in-memory links.
     fn world(n: usize, timeout: Duration) -> Vec<Communicator> {
+        world_with(n, timeout, Config::default().stream_min_bytes)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    fn world_with(n: usize, timeout: Duration, stream_min_bytes: usize) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         for a in 0..n {
@@ -1289,6 +1313,7 @@ mod tests {
         let cfg = Config {
             chunk_bytes: 4096,
             timeout,
+            stream_min_bytes,
             ..Config::default()
         };
         links
@@ -1318,7 +1343,8 @@ mod tests {
     #[test]
     fn all_reduce_on_shared_buffers_every_op_and_several_sizes() {
         for n in [2usize, 3, 4] {
-            let comms = world(n, secs(20));
+            // Three ranks copy with streaming stores, whatever the size.
+            let comms = world_with(n, secs(20), if n == 3 { 0 } else { usize::MAX });
             // Odd lengths, lengths below one 64-byte unit per rank, several chunks.
             for count in [1usize, 7, 1000, 200_003] {
                 let outs = on_all(&comms, |c| {
@@ -1370,7 +1396,7 @@ mod tests {
     #[test]
     fn out_of_place_reduce_scatter_all_gather_broadcast() {
         let n = 3;
-        let comms = world(n, secs(20));
+        let comms = world_with(n, secs(20), 0);
         let count = 70_001;
         let outs = on_all(&comms, |c| {
             let r = c.rank();

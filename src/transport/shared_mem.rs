@@ -309,7 +309,7 @@ fn is_hugetlb(fd: &OwnedFd) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: our fd and a valid out pointer.
     (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }) == 0
-        && st.f_type as i64 == libc::HUGETLBFS_MAGIC as i64
+        && st.f_type == libc::HUGETLBFS_MAGIC
 }
 
 /// Sizes the new file, reserves every page, maps it and faults it in.
