@@ -112,6 +112,8 @@ pub struct Config {
     pub topo_dump_file: Option<PathBuf>,
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
+    /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
+    pub compress_format: crate::compression::WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
     /// `HETCCL_STREAM_MIN_BYTES`: an all-reduce on shared buffers at least this large
@@ -139,6 +141,7 @@ impl Default for Config {
             topo_file: None,
             topo_dump_file: None,
             compress: CompressMode::Off,
+            compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
             launch: LaunchEnv::default(),
@@ -305,6 +308,15 @@ impl Config {
                     ],
                 )?
                 .unwrap_or(d.compress),
+            compress_format: v
+                .parse_enum(
+                    "HETCCL_COMPRESS_FORMAT",
+                    &[
+                        ("fp16", crate::compression::WireFormat::F16),
+                        ("bf16", crate::compression::WireFormat::Bf16),
+                    ],
+                )?
+                .unwrap_or(d.compress_format),
             connect_timeout: v
                 .parse_secs("HETCCL_CONNECT_TIMEOUT")?
                 .unwrap_or(d.connect_timeout),

@@ -116,6 +116,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The GPU, its driver, or a kernel launch failed (or no GPU is usable).
+    #[error("device: {op}: {detail}")]
+    Device {
+        /// What was being done (`open device 0`, `launch fp16_compress`, ...).
+        op: String,
+        /// The driver's error or what is missing.
+        detail: String,
+    },
+
     /// The communicator failed earlier and cannot be used any more.
     #[error("communicator is unusable after an earlier error: {0}")]
     Broken(String),

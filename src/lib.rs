@@ -11,6 +11,7 @@
 //!  transport        point-to-point links: shm, tcp
 //!  topology         who is where
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
+//!  device           CUDA context, streams and the embedded kernels (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
 //!
 //!  launcher         `hetccl run`: starts local ranks (beside the stack, used by the CLI)
@@ -19,8 +20,11 @@
 
 pub mod algorithm;
 pub mod bootstrap;
+pub mod capi;
 pub mod communicator;
+pub mod compression;
 pub mod config;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod launcher;

@@ -102,7 +102,7 @@ fn hierarchical_on_simulated_nodes() {
         let node_of: Vec<usize> = sizes
             .iter()
             .enumerate()
-            .flat_map(|(k, &g)| std::iter::repeat(k).take(g))
+            .flat_map(|(k, &g)| std::iter::repeat_n(k, g))
             .collect();
         let children = spawn_ranks(
             n,
@@ -138,4 +138,46 @@ fn results_are_bitwise_deterministic_across_ranks_and_runs() {
     }
     assert_eq!(hashes[0].1, hashes[1].1, "ring differs between runs");
     assert_eq!(hashes[2].1, hashes[3].1, "tree differs between runs");
+}
+
+fn hashes(out: &str, tag: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.split(tag).nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn compressed_all_reduce_over_shm_tcp_and_nodes_every_algorithm() {
+    for (algo, shm_disable) in [("ring", "0"), ("tree", "0"), ("ring", "1"), ("tree", "1")] {
+        let out = launch(
+            3,
+            &["--compressed", "20011"],
+            &[("HETCCL_ALGO", algo), ("HETCCL_SHM_DISABLE", shm_disable)],
+            &format!("compressed {algo} shm_disable={shm_disable}"),
+        );
+        let hs = hashes(&out, "compressed hash ");
+        assert_eq!(hs.len(), 3, "{out}");
+        assert!(hs.iter().all(|h| *h == hs[0]), "ranks disagree: {hs:?}");
+    }
+    // Two pretend nodes of two ranks: `inter` compresses only between them.
+    for algo in ["ring", "tree", "hier"] {
+        let children = spawn_ranks(
+            4,
+            check_bin(),
+            &["--compressed", "20011"],
+            &[("HETCCL_ALGO", algo), ("HETCCL_TIMEOUT", "60")],
+            |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", r / 2))],
+        );
+        let outs = collect(children, Duration::from_secs(120));
+        assert_all_ok(&outs, &format!("compressed nodes {algo}"));
+        let hs: Vec<String> = outs
+            .iter()
+            .flat_map(|o| hashes(&o.output, "compressed hash "))
+            .collect();
+        assert_eq!(hs.len(), 4);
+        assert!(
+            hs.iter().all(|h| *h == hs[0]),
+            "{algo}: ranks disagree: {hs:?}"
+        );
+    }
 }

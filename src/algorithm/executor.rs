@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::schedule::{BufId, Combine, OpKind, Region, Schedule};
+use crate::compression::{self, OverflowStats, WireFormat};
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce;
@@ -39,14 +40,36 @@ pub struct ExecCtx {
     pub timeout: Duration,
 }
 
+/// Links whose f32 payloads travel as 16-bit wire values (compression). Only for f32
+/// sums and averages: received values are decompressed and added in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wire {
+    /// The 16-bit format.
+    pub format: WireFormat,
+    /// Indexed by peer: true where messages are compressed.
+    pub peers: Vec<bool>,
+}
+
+impl Wire {
+    fn format_for(wire: Option<&Wire>, peer: usize) -> Option<WireFormat> {
+        wire.filter(|w| w.peers.get(peer).copied().unwrap_or(false))
+            .map(|w| w.format)
+    }
+}
+
+/// Header flags value for a wire format (0 = uncompressed).
+fn wire_flags(w: Option<WireFormat>) -> u8 {
+    w.map_or(0, |f| 1 + f as u8)
+}
+
 impl ExecCtx {
-    fn header(&self, bytes: usize) -> MsgHeader {
+    fn header(&self, bytes: usize, wire: Option<WireFormat>) -> MsgHeader {
         MsgHeader {
             magic: MSG_MAGIC,
             op: self.op as u8,
             dtype: self.dtype as u8,
             redop: self.redop as u8,
-            flags: 0,
+            flags: wire_flags(wire),
             seq: self.seq,
             count: self.count,
             bytes: bytes as u64,
@@ -117,11 +140,17 @@ struct Sink<'a> {
     len: usize,
     from: Option<*const u8>,
     combine: Combine,
+    wire: Option<WireFormat>,
 }
 
 impl RecvSink for Sink<'_> {
     fn header(&mut self, h: &MsgHeader) -> Result<()> {
-        let want = self.ctx.header(self.len);
+        let wire_len = if self.wire.is_some() {
+            self.len / 2
+        } else {
+            self.len
+        };
+        let want = self.ctx.header(wire_len, self.wire);
         if *h == want {
             return Ok(());
         }
@@ -138,6 +167,18 @@ impl RecvSink for Sink<'_> {
         };
         let detail = if h.magic != MSG_MAGIC {
             format!("received a corrupt header (magic {:#x})", h.magic)
+        } else if h.flags != want.flags {
+            let name = |f: u8| match f {
+                0 => "uncompressed",
+                1 => "fp16",
+                2 => "bf16",
+                _ => "unknown",
+            };
+            format!(
+                "expected {} payload, received {} (compression settings differ between ranks)",
+                name(want.flags),
+                name(h.flags)
+            )
         } else {
             format!("expected {}, received {}", describe(&want), describe(h))
         };
@@ -151,6 +192,9 @@ impl RecvSink for Sink<'_> {
     }
 
     fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if let Some(format) = self.wire {
+            return self.wire_data(format, offset, bytes);
+        }
         if offset + bytes.len() > self.len {
             return Err(Error::Link {
                 peer: self.peer,
@@ -176,6 +220,51 @@ impl RecvSink for Sink<'_> {
                 reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, dst, a, bytes)
             }
             (Combine::From(_), None) => dst.copy_from_slice(bytes),
+        }
+        Ok(())
+    }
+}
+
+impl Sink<'_> {
+    /// A piece of 16-bit wire values landing in an f32 destination.
+    fn wire_data(&mut self, format: WireFormat, offset: usize, bytes: &[u8]) -> Result<()> {
+        let (off, len) = (offset * 2, bytes.len() * 2);
+        if off + len > self.len || bytes.len() % 2 != 0 {
+            return Err(Error::Link {
+                peer: self.peer,
+                detail: format!(
+                    "compressed payload overruns the expected {} bytes (offset {offset} + {})",
+                    self.len / 2,
+                    bytes.len()
+                ),
+                lost: false,
+            });
+        }
+        // SAFETY: [off, off+len) lies inside the destination region (checked above and by
+        // `Buffers::check`), which dependencies keep to this receive alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(off), len) };
+        let from = match (self.combine, self.from) {
+            // SAFETY: the `From` region has the destination's length and was checked.
+            (Combine::From(_), Some(src)) => {
+                Some(unsafe { std::slice::from_raw_parts(src.add(off), len) })
+            }
+            _ => None,
+        };
+        let combine = self.combine;
+        let apply = |out: &mut [f32]| match (combine, from) {
+            (Combine::Accumulate, _) => compression::decompress_add_bytes(format, bytes, out),
+            (Combine::From(_), Some(a)) => {
+                bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(a);
+                compression::decompress_add_bytes(format, bytes, out);
+            }
+            _ => compression::decompress_bytes(format, bytes, out),
+        };
+        if (dst.as_ptr() as usize) % std::mem::align_of::<f32>() == 0 {
+            apply(bytemuck::cast_slice_mut(dst));
+        } else {
+            let mut tmp: Vec<f32> = bytemuck::pod_collect_to_vec(dst);
+            apply(&mut tmp);
+            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
         }
         Ok(())
     }
@@ -222,14 +311,21 @@ fn in_context(e: Error, ctx: &ExecCtx) -> Error {
     }
 }
 
-/// Runs `sched` to completion. On error the links may be mid-message: the caller must
-/// abort them (the communicator does).
+/// Runs `sched` to completion; returns what compressing sends had to saturate. On
+/// error the links may be mid-message: the caller must abort them (the communicator does).
 pub fn execute(
     sched: &Schedule,
     links: &mut [Option<Box<dyn Link>>],
     bufs: &Buffers,
     ctx: &ExecCtx,
-) -> Result<()> {
+    wire: Option<&Wire>,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<OverflowStats> {
+    let mut stats = OverflowStats::default();
+    // One staging buffer per compressing link (one message in flight per link), sized
+    // by the largest message: chunk-bounded, never the whole buffer.
+    let mut staging: Vec<(Option<usize>, Vec<u8>)> =
+        (0..links.len()).map(|_| (None, Vec::new())).collect();
     let n_ops = sched.ops.len();
     let mut sends: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
     let mut recvs: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
@@ -302,9 +398,23 @@ pub fn execute(
                     break;
                 };
                 // SAFETY: checked region; dependencies keep writers away while it is sent.
-                let data = unsafe { bufs.slice(&src) };
+                let mut data = unsafe { bufs.slice(&src) };
+                let format = Wire::format_for(wire, p);
+                if let Some(f) = format {
+                    let (staged_op, buf) = &mut staging[p];
+                    if *staged_op != Some(i) {
+                        buf.resize(src.len / 2, 0);
+                        let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data) {
+                            Ok(v) => std::borrow::Cow::Borrowed(v),
+                            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data)),
+                        };
+                        stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
+                        *staged_op = Some(i);
+                    }
+                    data = &staging[p].1;
+                }
                 if !link
-                    .poll_send(&ctx.header(src.len), data)
+                    .poll_send(&ctx.header(data.len(), format), data)
                     .map_err(|e| in_context(e, ctx))?
                 {
                     break;
@@ -331,6 +441,7 @@ pub fn execute(
                         _ => None,
                     },
                     combine,
+                    wire: Wire::format_for(wire, p),
                 };
                 if !link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))? {
                     break;
@@ -352,6 +463,12 @@ pub fn execute(
         let now = Instant::now();
         if now.duration_since(last_check) >= Duration::from_millis(50) {
             last_check = now;
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(Error::Broken(format!(
+                    "rank {}: {} #{} aborted by the application",
+                    ctx.rank, ctx.op, ctx.seq
+                )));
+            }
             for &p in &active {
                 if let Some(l) = links[p].as_mut() {
                     l.check_peer().map_err(|e| in_context(e, ctx))?;
@@ -378,7 +495,7 @@ pub fn execute(
         let d = unsafe { std::slice::from_raw_parts_mut(bufs.ptr(&f), f.len) };
         reduce::reduce_finalize_bytes(ctx.dtype, ctx.redop, d, ctx.world_size);
     }
-    Ok(())
+    Ok(stats)
 }
 
 fn queue_for<'q>(

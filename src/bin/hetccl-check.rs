@@ -26,6 +26,7 @@ struct Args {
     seed: u64,
     determinism: Option<usize>,
     shared: bool,
+    compressed: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
         seed: 1,
         determinism: None,
         shared: false,
+        compressed: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +65,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--shared" => a.shared = true,
+            "--compressed" => {
+                a.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
+            }
             "--determinism" => {
                 a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
             }
@@ -71,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
                      \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
+                     \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
                      \x20                   [--shared]  (buffers from alloc_shared)"
                 );
                 std::process::exit(0);
@@ -491,6 +497,71 @@ fn determinism(comm: &Communicator, count: usize, seed: u64, shared: bool) -> Re
     Ok(())
 }
 
+/// Compressed all-reduce of f32 values in [-1, 1): every wire format, mode and both
+/// reductions that compress, checked against the exact sum within the format's bound
+/// (n terms, each rounded once before the sum and the result rounded once after), and a
+/// hash printed so the test can compare ranks.
+fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
+    use hetccl::communicator::Compression;
+    use hetccl::compression::{Compressor, ScalePolicy, WireFormat};
+    use hetccl::config::CompressMode;
+    let (r, n) = (comm.rank(), comm.world_size());
+    let val = |rank: usize, i: usize| ((i * 7 + rank * 13) % 1000) as f32 / 500.0 - 1.0;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut checks = 0;
+    for format in [WireFormat::F16, WireFormat::Bf16] {
+        // Relative precision of the format: 2^-11 (fp16), 2^-8 (bf16).
+        let eps = if format == WireFormat::F16 {
+            2f64.powi(-11)
+        } else {
+            2f64.powi(-8)
+        };
+        let mut comp = Compressor::new(format, ScalePolicy::InverseWorldSize, true)
+            .map_err(|e| e.to_string())?;
+        for mode in [CompressMode::Inter, CompressMode::All] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                let mut buf: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
+                let stats = comm
+                    .all_reduce_compressed(
+                        &mut buf,
+                        op,
+                        Compression {
+                            mode,
+                            compressor: &mut comp,
+                            buffer: 1,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                if !stats.is_clean() {
+                    return Err(format!(
+                        "compressed {format} {op}: unexpected overflow {stats:?}"
+                    ));
+                }
+                for (i, got) in buf.iter().enumerate() {
+                    let mut exact: f64 = (0..n).map(|k| val(k, i) as f64).sum();
+                    if op == ReduceOp::Avg {
+                        exact /= n as f64;
+                    }
+                    // Each hop may round a partial sum once more: n + 2 roundings of
+                    // values no larger than the sum of magnitudes.
+                    let mag: f64 = (0..n).map(|k| val(k, i).abs() as f64).sum::<f64>()
+                        / if op == ReduceOp::Avg { n as f64 } else { 1.0 };
+                    let bound = (n as f64 + 2.0) * eps * mag.max(1e-3) + 1e-6;
+                    if (*got as f64 - exact).abs() > bound {
+                        return Err(format!(
+                            "compressed {format} {mode:?} {op} element {i}: {got} vs exact {exact} (bound {bound:e})"
+                        ));
+                    }
+                    h = (h ^ got.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+                }
+                checks += 1;
+            }
+        }
+    }
+    println!("compressed hash {h:016x}");
+    Ok(checks)
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -518,6 +589,14 @@ fn main() -> ExitCode {
         fault(&comm, &args)
     } else if let Some(count) = args.determinism {
         determinism(&comm, count, args.seed, args.shared)
+    } else if let Some(count) = args.compressed {
+        compressed(&comm, count).map(|k| {
+            println!(
+                "rank {}/{}: {k} checks passed",
+                comm.rank(),
+                comm.world_size()
+            )
+        })
     } else {
         let mut ck = Checker {
             comm: &comm,

@@ -23,6 +23,7 @@
 //! After any error the communicator is *broken*: its links are aborted (so peers
 //! fail fast instead of timing out) and every later call returns [`Error::Broken`].
 
+mod compress;
 mod init;
 mod shared;
 
@@ -35,10 +36,11 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::algorithm::cost::{self, LinkCost};
-use crate::algorithm::executor::{self, Buffers, ExecCtx};
+use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
 use crate::bootstrap::Bootstrap;
-use crate::config::{AlgoChoice, Config};
+use crate::compression::{Compressor, OverflowStats, ScalePolicy};
+use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
@@ -46,7 +48,7 @@ use crate::transport::{Link, LinkKind};
 
 /// Completion state of one submitted operation.
 struct Completion {
-    result: Mutex<Option<Result<()>>>,
+    result: Mutex<Option<Result<OverflowStats>>>,
     cv: Condvar,
 }
 
@@ -58,18 +60,18 @@ impl Completion {
         })
     }
 
-    fn set(&self, r: Result<()>) {
+    fn set(&self, r: Result<OverflowStats>) {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         *g = Some(r);
         self.cv.notify_all();
     }
 
-    fn wait(&self) -> Result<()> {
+    fn wait(&self) -> Result<OverflowStats> {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = g.take() {
                 // Leave a marker so a second waiter (scope end after Handle::wait) returns.
-                *g = Some(Ok(()));
+                *g = Some(Ok(OverflowStats::default()));
                 return r;
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -92,6 +94,17 @@ struct Work {
     bufs: Buffers,
     ctx: ExecCtx,
     done: Arc<Completion>,
+    compress: Option<CompressJob>,
+}
+
+/// What a compressed all-reduce needs besides its schedule.
+struct CompressJob {
+    wire: Wire,
+    /// The caller's compressor, or null for the communicator's own (no error feedback).
+    compressor: *mut Compressor,
+    buffer: u64,
+    /// The caller's reduction (`Sum` or `Avg`); the schedule itself always sums.
+    op: ReduceOp,
 }
 
 // SAFETY: `Work` carries raw pointers to caller buffers. The submitting thread keeps
@@ -104,6 +117,10 @@ struct Progress {
     links: Vec<Option<Box<dyn Link>>>,
     scratch: Vec<u64>,
     broken: Option<String>,
+    /// Compressor for collectives compressed by `HETCCL_COMPRESS` alone.
+    internal: Option<Compressor>,
+    /// Set by [`Communicator::abort`] from any thread.
+    abort: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<shared::SharedState>,
 }
 
@@ -116,12 +133,22 @@ impl Progress {
         tracing::debug!(rank = self.rank, "progress thread exits");
     }
 
-    fn execute(&mut self, w: &mut Work) -> Result<()> {
+    fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
-        let r = match (&w.direct, &w.sched) {
-            (Some(d), _) => d.execute(&w.bufs, &w.ctx),
+        if self.abort.load(Ordering::Relaxed) {
+            self.broken = Some("aborted by the application".into());
+            self.shared.abort();
+            for l in self.links.iter_mut().flatten() {
+                l.abort();
+            }
+            return Err(Error::Broken("aborted by the application".into()));
+        }
+        let r = match (&w.direct, w.sched.clone()) {
+            (Some(d), _) => d
+                .execute(&w.bufs, &w.ctx, &self.abort)
+                .map(|()| OverflowStats::default()),
             (None, Some(sched)) => {
                 let need = sched.scratch_bytes.div_ceil(8);
                 if self.scratch.len() < need {
@@ -132,7 +159,17 @@ impl Progress {
                 if w.ctx.op != CollectiveOp::SendRecv {
                     self.shared.note_link_op(w.ctx.seq);
                 }
-                executor::execute(sched, &mut self.links, &w.bufs, &w.ctx)
+                match w.compress.take() {
+                    None => executor::execute(
+                        &sched,
+                        &mut self.links,
+                        &w.bufs,
+                        &w.ctx,
+                        None,
+                        Some(&self.abort),
+                    ),
+                    Some(job) => self.execute_compressed(w, &sched, &job),
+                }
             }
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
@@ -146,6 +183,66 @@ impl Progress {
         }
         r
     }
+
+    fn execute_compressed(
+        &mut self,
+        w: &Work,
+        sched: &Schedule,
+        job: &CompressJob,
+    ) -> Result<OverflowStats> {
+        let comp: &mut Compressor = if job.compressor.is_null() {
+            match &mut self.internal {
+                Some(c) if c.format() == job.wire.format => c,
+                slot => slot.insert(Compressor::new(
+                    job.wire.format,
+                    ScalePolicy::InverseWorldSize,
+                    false,
+                )?),
+            }
+        } else {
+            // SAFETY: the caller's `&mut Compressor` is borrowed until this work completes
+            // (blocking call or scope), and only this thread touches it meanwhile.
+            unsafe { &mut *job.compressor }
+        };
+        let n = w.bufs.output_len / 4;
+        // SAFETY: output holds `n` f32 (checked when the call was prepared) and is this
+        // work's exclusively until it completes; input, when distinct, is read only.
+        let out = unsafe { std::slice::from_raw_parts_mut(w.bufs.output.cast::<f32>(), n) };
+        let world = w.ctx.world_size;
+        let mut stats = if std::ptr::eq(w.bufs.input, w.bufs.output) {
+            compress::pre_pass_inplace(comp, job.buffer, out, world)?
+        } else {
+            // SAFETY: as above; distinct buffers of `n` f32.
+            let inp = unsafe { std::slice::from_raw_parts(w.bufs.input.cast::<f32>(), n) };
+            compress::pre_pass(comp, job.buffer, inp, out, world)?
+        };
+        let bufs = Buffers {
+            input: w.bufs.output,
+            input_len: w.bufs.output_len,
+            ..w.bufs
+        };
+        stats += executor::execute(
+            sched,
+            &mut self.links,
+            &bufs,
+            &w.ctx,
+            Some(&job.wire),
+            Some(&self.abort),
+        )?;
+        compress::post_pass(job.wire.format, out, comp.scale(world)?, job.op, world);
+        comp.add_pending(stats);
+        Ok(comp.finish_collective())
+    }
+}
+
+/// Per-call compression for [`Communicator::all_reduce_compressed`].
+pub struct Compression<'a> {
+    /// Which links compress (`Off` makes the call exact).
+    pub mode: CompressMode,
+    /// Wire format, scale and error-feedback residuals; kept by the caller across steps.
+    pub compressor: &'a mut Compressor,
+    /// Names the buffer's residual inside the compressor (e.g. a bucket index).
+    pub buffer: u64,
 }
 
 /// A group of ranks that run collectives together.
@@ -156,6 +253,7 @@ pub struct Communicator {
     topo: Topology,
     link_kinds: Vec<Option<LinkKind>>,
     seq: AtomicU64,
+    abort: Arc<std::sync::atomic::AtomicBool>,
     p2p_send_seq: Vec<AtomicU64>,
     p2p_recv_seq: Vec<AtomicU64>,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
@@ -201,12 +299,15 @@ impl Communicator {
         }
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
             links,
             scratch: Vec::new(),
             broken: None,
+            internal: None,
+            abort: abort.clone(),
             shared: shared.clone(),
         };
         let worker = std::thread::Builder::new()
@@ -220,6 +321,7 @@ impl Communicator {
             topo,
             link_kinds,
             seq: AtomicU64::new(0),
+            abort,
             p2p_send_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             tx: Mutex::new(Some(tx)),
@@ -229,6 +331,13 @@ impl Communicator {
             _boot: Mutex::new(boot),
             shared,
         })
+    }
+
+    /// Gives up on the communicator from any thread: an operation blocked on a peer
+    /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
+    /// every later call fails. For watchdogs, like `ncclCommAbort`.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
     }
 
     /// This rank.
@@ -336,12 +445,31 @@ impl Communicator {
     fn submit(
         &self,
         call: Call,
-        input: (*const u8, usize),
-        output: (*mut u8, usize),
+        input: RawIn,
+        output: RawOut,
+        compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<Arc<Completion>> {
-        let direct = shared::plan(self, &call, input, output);
+        let compress =
+            compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
+        // Shared buffers are read in place, unless the call asked for compression,
+        // which is about what crosses links.
+        let direct = if compress.is_none() {
+            shared::plan(self, &call, input, output)
+        } else {
+            None
+        };
+        // A compressed call runs as an in-place sum on the output; its passes do the rest.
+        let plan_call = if compress.is_some() {
+            Call {
+                in_place: true,
+                redop: ReduceOp::Sum,
+                ..call
+            }
+        } else {
+            call
+        };
         let sched = if direct.is_none() {
-            Some(self.schedule(&call))
+            Some(self.schedule(&plan_call))
         } else {
             None
         };
@@ -378,15 +506,56 @@ impl Communicator {
                 seq,
                 op: call.op,
                 dtype: call.dtype,
-                redop: call.redop,
+                redop: plan_call.redop,
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
             },
             done: done.clone(),
+            compress,
         };
         tx.send(work)
             .map_err(|_| Error::Broken("progress thread has stopped".into()))?;
         Ok(done)
+    }
+
+    /// The compression plan for `call`, or `None` when nothing would be compressed:
+    /// only f32 sums and averages compress, and only on the links `mode` selects.
+    fn compress_job(
+        &self,
+        call: &Call,
+        mode: CompressMode,
+        compressor: *mut Compressor,
+        buffer: u64,
+    ) -> Option<CompressJob> {
+        let eligible = call.op == CollectiveOp::AllReduce
+            && call.dtype == DataType::F32
+            && matches!(call.redop, ReduceOp::Sum | ReduceOp::Avg);
+        let me = self.topo.node_of[self.rank];
+        let peers: Vec<bool> = (0..self.world_size)
+            .map(|p| {
+                p != self.rank
+                    && match mode {
+                        CompressMode::Off => false,
+                        CompressMode::Inter => self.topo.node_of[p] != me,
+                        CompressMode::All => true,
+                    }
+            })
+            .collect();
+        if !eligible || !peers.contains(&true) {
+            return None;
+        }
+        let format = if compressor.is_null() {
+            self.cfg.compress_format
+        } else {
+            // SAFETY: the pointer comes from a live `&mut Compressor` of the caller.
+            unsafe { (*compressor).format() }
+        };
+        Some(CompressJob {
+            wire: Wire { format, peers },
+            compressor,
+            buffer,
+            op: call.redop,
+        })
     }
 
     fn check_rank(&self, op: &'static str, what: &str, r: usize) -> Result<()> {
@@ -403,10 +572,7 @@ impl Communicator {
     }
 
     /// Validates a call and returns its pieces for `submit`.
-    fn prepare<T: Element>(
-        &self,
-        req: Request<'_, T>,
-    ) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+    fn prepare<T: Element>(&self, req: Request<'_, T>) -> Result<(Call, RawIn, RawOut)> {
         let n = self.world_size;
         let Request {
             op,
@@ -491,7 +657,31 @@ impl Communicator {
         if self.skip(&call) {
             return Ok(());
         }
-        self.submit(call, i, o)?.wait()
+        let auto = (self.cfg.compress != CompressMode::Off).then_some((
+            self.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        self.submit(call, i, o, auto)?.wait().map(|_| ())
+    }
+
+    /// In-place all-reduce of f32 values with 16-bit values on the links `c.mode`
+    /// selects (sums formed in f32; `Sum` and `Avg` only, other ops run exact).
+    /// Returns how many values had to be saturated or were non-finite, also logged at
+    /// `warn`, so a trainer can skip the step as a loss scaler would.
+    pub fn all_reduce_compressed(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        c: Compression<'_>,
+    ) -> Result<OverflowStats> {
+        let (call, i, o) =
+            self.prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.skip(&call) {
+            return Ok(OverflowStats::default());
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        self.submit(call, i, o, job)?.wait()
     }
 
     /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
@@ -610,6 +800,11 @@ impl Drop for Communicator {
     }
 }
 
+/// A caller's send buffer as the progress thread sees it: address and length in bytes.
+type RawIn = (*const u8, usize);
+/// A caller's receive buffer: address and length in bytes.
+type RawOut = (*mut u8, usize);
+
 /// A validated request, before it becomes a [`Call`].
 struct Request<'a, T> {
     op: CollectiveOp,
@@ -657,9 +852,15 @@ pub struct Handle<'s> {
 impl Handle<'_> {
     /// Blocks until the operation is done and returns its result.
     pub fn wait(self) -> Result<()> {
+        self.wait_stats().map(|_| ())
+    }
+
+    /// Like [`Handle::wait`], also returning what compression saturated (zero for
+    /// uncompressed operations).
+    pub fn wait_stats(self) -> Result<OverflowStats> {
         match &self.done {
             Some(c) => c.wait(),
-            None => Ok(()),
+            None => Ok(OverflowStats::default()),
         }
     }
 
@@ -678,7 +879,12 @@ impl<'s, 'env> Scope<'s, 'env> {
                 _scope: PhantomData,
             });
         }
-        let c = self.comm.submit(call, i, o)?;
+        let auto = (self.comm.cfg.compress != CompressMode::Off).then_some((
+            self.comm.cfg.compress,
+            std::ptr::null_mut(),
+            0,
+        ));
+        let c = self.comm.submit(call, i, o, auto)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -696,6 +902,34 @@ impl<'s, 'env> Scope<'s, 'env> {
         op: ReduceOp,
     ) -> Result<Handle<'s>> {
         self.start(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))
+    }
+
+    /// Starts a compressed in-place all-reduce (see [`Communicator::all_reduce_compressed`]).
+    pub fn all_reduce_compressed(
+        &'s self,
+        buf: &'env mut [f32],
+        op: ReduceOp,
+        c: Compression<'env>,
+    ) -> Result<Handle<'s>> {
+        let (call, i, o) = self
+            .comm
+            .prepare(Request::new(CollectiveOp::AllReduce, None, buf).redop(op))?;
+        if self.comm.skip(&call) {
+            return Ok(Handle {
+                done: None,
+                _scope: PhantomData,
+            });
+        }
+        let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
+        let done = self.comm.submit(call, i, o, job)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done.clone());
+        Ok(Handle {
+            done: Some(done),
+            _scope: PhantomData,
+        })
     }
 
     /// Starts an out-of-place all-reduce.
@@ -761,6 +995,7 @@ mod tests {
 
     /// `n` communicators in one process, fully connected by in-memory links, with
     /// ranks grouped into nodes of `per_node`.
+    #[allow(clippy::needless_range_loop)]
     fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
@@ -847,6 +1082,107 @@ mod tests {
             assert_eq!(a, vec![6i64; 5000]);
             assert_eq!(b, vec![9u8; 10]);
         }
+    }
+
+    #[test]
+    fn compressed_all_reduce_is_close_and_identical_on_every_rank() {
+        use crate::compression::WireFormat;
+        for algo in [AlgoChoice::Ring, AlgoChoice::Tree, AlgoChoice::Hier] {
+            for mode in [CompressMode::Inter, CompressMode::All] {
+                let comms = world(4, 2, algo);
+                let count = 30_001;
+                let outs = on_all(&comms, |c| {
+                    let mut comp =
+                        Compressor::new(WireFormat::F16, ScalePolicy::InverseWorldSize, true)
+                            .unwrap();
+                    let mut v: Vec<f32> = (0..count)
+                        .map(|i| ((i * (c.rank() + 1)) as f32 * 0.001).sin())
+                        .collect();
+                    let stats = c
+                        .all_reduce_compressed(
+                            &mut v,
+                            ReduceOp::Sum,
+                            Compression {
+                                mode,
+                                compressor: &mut comp,
+                                buffer: 0,
+                            },
+                        )
+                        .unwrap();
+                    assert!(stats.is_clean());
+                    assert_eq!(comp.residual(0).map(|r| r.len()), Some(count));
+                    v
+                });
+                for i in (0..count).step_by(997) {
+                    let exact: f64 = (0..4)
+                        .map(|r| ((i * (r + 1)) as f32 * 0.001).sin() as f64)
+                        .sum();
+                    let err = (outs[0][i] as f64 - exact).abs();
+                    // fp16 keeps 11 bits; a 4-term sum of values below 1 stays within 4 * 2^-11.
+                    assert!(
+                        err < 4.0 * 2f64.powi(-11),
+                        "{algo:?} {mode:?} [{i}]: {} vs {exact}",
+                        outs[0][i]
+                    );
+                }
+                for o in &outs[1..] {
+                    assert!(
+                        o.iter()
+                            .zip(&outs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{algo:?} {mode:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overflow_is_counted_not_turned_into_inf() {
+        use crate::compression::WireFormat;
+        let comms = world(2, 1, AlgoChoice::Ring);
+        let outs = on_all(&comms, |c| {
+            let mut comp =
+                Compressor::new(WireFormat::F16, ScalePolicy::Factor(1.0), false).unwrap();
+            let mut v = vec![1.0f32; 64];
+            v[3] = 1e6; // beyond fp16's 65504
+            v[5] = f32::NAN;
+            let stats = c
+                .all_reduce_compressed(
+                    &mut v,
+                    ReduceOp::Sum,
+                    Compression {
+                        mode: CompressMode::Inter,
+                        compressor: &mut comp,
+                        buffer: 0,
+                    },
+                )
+                .unwrap();
+            (stats, v)
+        });
+        for (stats, v) in outs {
+            assert!(stats.overflow >= 1 && stats.nonfinite >= 1, "{stats:?}");
+            assert!(v[3].is_finite());
+            assert!(v[5].is_nan());
+            assert_eq!(v[0], 2.0);
+        }
+    }
+
+    #[test]
+    fn abort_from_another_thread_ends_a_blocked_call() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let t0 = std::time::Instant::now();
+        let e = std::thread::scope(|s| {
+            // Rank 1 never joins: rank 0's all-reduce blocks until the abort.
+            let h = s.spawn(|| comms[0].all_reduce(&mut [1.0f32; 100], ReduceOp::Sum));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            comms[0].abort();
+            h.join().unwrap().unwrap_err()
+        });
+        assert!(e.to_string().contains("aborted by the application"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let again = comms[0].barrier().unwrap_err().to_string();
+        assert!(again.contains("aborted"), "{again}");
     }
 
     #[test]

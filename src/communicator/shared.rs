@@ -40,7 +40,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -810,6 +810,8 @@ struct PeerView {
 struct Run<'a> {
     node: &'a NodeCtl,
     ctx: &'a ExecCtx,
+    /// Set by `Communicator::abort`.
+    cancel: &'a AtomicBool,
     /// Keeps the peers' mappings used by this collective alive.
     _held: Vec<Arc<Allocation>>,
     stream: bool,
@@ -818,7 +820,7 @@ struct Run<'a> {
 impl Direct {
     /// Runs the collective; on error the caller breaks the communicator (which marks
     /// this rank aborted for the peers).
-    pub(super) fn execute(&self, bufs: &Buffers, ctx: &ExecCtx) -> Result<()> {
+    pub(super) fn execute(&self, bufs: &Buffers, ctx: &ExecCtx, cancel: &AtomicBool) -> Result<()> {
         let Some(node) = self.state.ctl.get() else {
             return Err(Error::Shm(format!(
                 "rank {}: direct {} without control pages",
@@ -855,6 +857,7 @@ impl Direct {
         let mut run = Run {
             node,
             ctx,
+            cancel,
             _held: Vec::new(),
             stream: self.stream,
         };
@@ -958,6 +961,12 @@ impl Run<'_> {
             let now = Instant::now();
             if now.duration_since(last_check) >= CHECK_EVERY {
                 last_check = now;
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Broken(format!(
+                        "rank {}: {} #{} aborted by the application",
+                        self.ctx.rank, self.ctx.op, self.ctx.seq
+                    )));
+                }
                 self.check_peer(l)?;
                 let waited = now.duration_since(start);
                 if waited >= self.ctx.timeout {

@@ -293,7 +293,14 @@ mod tests {
     #[test]
     fn copy_streaming_copies_every_byte_at_any_alignment() {
         let src: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
-        for (off, len) in [(0usize, 0usize), (1, 3), (3, 64), (5, 4000), (0, 4999), (63, 130)] {
+        for (off, len) in [
+            (0usize, 0usize),
+            (1, 3),
+            (3, 64),
+            (5, 4000),
+            (0, 4999),
+            (63, 130),
+        ] {
             let mut dst = vec![0xAAu8; 5100];
             // SAFETY: `off + len` fits both vectors; they do not overlap.
             unsafe { copy_streaming(dst.as_mut_ptr().add(off), src.as_ptr(), len) };
@@ -318,7 +325,7 @@ mod tests {
         assert_eq!(d, want);
 
         // src starting at an odd address
-        let mut raw = vec![0u8; 4 * 3 + 1];
+        let mut raw = [0u8; 4 * 3 + 1];
         raw[1..].copy_from_slice(bytemuck::cast_slice(&[1i32, 2, 3]));
         let mut dst = [10i32, 20, 30];
         reduce_inplace_bytes(

@@ -308,8 +308,7 @@ fn is_hugetlb(fd: &OwnedFd) -> bool {
     // SAFETY: statfs is plain data; zeroed is a valid initial value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: our fd and a valid out pointer.
-    (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }) == 0
-        && st.f_type == libc::HUGETLBFS_MAGIC
+    (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }) == 0 && st.f_type == libc::HUGETLBFS_MAGIC
 }
 
 /// Sizes the new file, reserves every page, maps it and faults it in.

@@ -1,0 +1,167 @@
+/*
+ * hetccl.h - C API of hetccl, collective communication for data-parallel training on
+ * heterogeneous clusters. Link with -lhetccl (pkg-config --cflags --libs hetccl).
+ *
+ * The API follows NCCL's, so a port is mostly renaming nccl -> hetccl; where it differs
+ * (streams, unique id, groups, environment) see docs/nccl-migration.md.
+ *
+ * Buffers are host memory and every call is synchronous: when a collective returns,
+ * the receive buffer holds the result. The stream argument must be NULL.
+ *
+ * Every function returns a hetcclResult_t; on failure hetcclGetLastError() returns a
+ * message naming the call, the rank, the peer and the collective where relevant.
+ *
+ * This header is checked against the library by tests/capi_header.rs: every function
+ * declared here is exported by libhetccl.so and the other way round, and every enum
+ * value and struct size matches the Rust definitions in src/capi/.
+ */
+#ifndef HETCCL_H_
+#define HETCCL_H_
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define HETCCL_MAJOR 0
+#define HETCCL_MINOR 1
+#define HETCCL_PATCH 0
+/* As returned by hetcclGetVersion: major * 10000 + minor * 100 + patch. */
+#define HETCCL_VERSION_CODE (HETCCL_MAJOR * 10000 + HETCCL_MINOR * 100 + HETCCL_PATCH)
+
+#define HETCCL_UNIQUE_ID_BYTES 128
+
+/* A communicator handle. A token, not a pointer to memory: a destroyed handle is
+ * recognised and refused with hetcclInvalidArgument. */
+typedef struct hetcclComm* hetcclComm_t;
+
+/* Made by hetcclGetUniqueId on rank 0, passed unchanged to every rank (MPI_Bcast, a
+ * file, a pipe). It contains the job's secret key: keep it within the job. */
+typedef struct {
+  char internal[HETCCL_UNIQUE_ID_BYTES];
+} hetcclUniqueId;
+
+/* Values 0..7 equal NCCL's ncclResult_t. */
+typedef enum {
+  hetcclSuccess = 0,
+  hetcclUnhandledCudaError = 1, /* GPU, driver or kernel launch failed (cuda builds) */
+  hetcclSystemError = 2,        /* sockets, shared memory, files, bootstrap store */
+  hetcclInternalError = 3,      /* a defect in hetccl; the message says where */
+  hetcclInvalidArgument = 4,    /* NULL buffer, bad enum, bad rank, dead handle, stream */
+  hetcclInvalidUsage = 5,       /* ranks disagree, comm used after failure, bad env */
+  hetcclRemoteError = 6,        /* a peer died, aborted or misbehaved */
+  hetcclInProgress = 7,         /* reserved */
+  hetcclTimeout = 8,            /* no progress within HETCCL_TIMEOUT; message names the peer */
+  hetcclNumResults = 9
+} hetcclResult_t;
+
+typedef enum {
+  hetcclInt8 = 0,
+  hetcclChar = 0,
+  hetcclUint8 = 1,
+  hetcclInt32 = 2,
+  hetcclInt = 2,
+  hetcclUint32 = 3,
+  hetcclInt64 = 4,
+  hetcclUint64 = 5,
+  hetcclFloat16 = 6, /* IEEE binary16, reduced in float and rounded once per step */
+  hetcclHalf = 6,
+  hetcclFloat32 = 7,
+  hetcclFloat = 7,
+  hetcclFloat64 = 8,
+  hetcclDouble = 8,
+  hetcclBfloat16 = 9,
+  hetcclNumTypes = 10
+} hetcclDataType_t;
+
+typedef enum {
+  hetcclSum = 0,
+  hetcclProd = 1,
+  hetcclMax = 2,
+  hetcclMin = 3,
+  hetcclAvg = 4, /* sum / nranks; integer division for integer types */
+  hetcclNumOps = 5
+} hetcclRedOp_t;
+
+/* Must be NULL: the collectives move host buffers only. */
+typedef void* hetcclStream_t;
+
+/* Library version as HETCCL_VERSION_CODE encodes it. */
+hetcclResult_t hetcclGetVersion(int* version);
+
+/* On the future rank 0: a new job id. The bootstrap store will listen on MASTER_ADDR /
+ * MASTER_PORT when set, else on this host's address (HETCCL_SOCKET_IFNAME's, else the
+ * first non-loopback interface) and a port free now. */
+hetcclResult_t hetcclGetUniqueId(hetcclUniqueId* uniqueId);
+
+/* Creates rank `rank` of `nranks`. Blocks until all ranks have called it; inside
+ * hetcclGroupStart/End it runs at hetcclGroupEnd, so one thread may create several
+ * ranks. Other settings come from the HETCCL_* environment. */
+hetcclResult_t hetcclCommInitRank(hetcclComm_t* comm, int nranks, hetcclUniqueId commId, int rank);
+
+/* Creates this process's communicator from its environment: `hetccl run`, torchrun
+ * (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), mpirun (OMPI_COMM_WORLD_* plus
+ * MASTER_ADDR/MASTER_PORT), PMI, Slurm, or HETCCL_INIT=file:///shared/dir. */
+hetcclResult_t hetcclCommInitFromEnv(hetcclComm_t* comm);
+
+/* Releases a communicator; its handle is refused afterwards. */
+hetcclResult_t hetcclCommDestroy(hetcclComm_t comm);
+/* Releases a communicator after an error (calls are synchronous: nothing to cancel). */
+hetcclResult_t hetcclCommAbort(hetcclComm_t comm);
+
+hetcclResult_t hetcclCommCount(const hetcclComm_t comm, int* count);
+hetcclResult_t hetcclCommUserRank(const hetcclComm_t comm, int* rank);
+/* Always hetcclSuccess for a live comm: errors are returned by the calls themselves. */
+hetcclResult_t hetcclCommGetAsyncError(hetcclComm_t comm, hetcclResult_t* asyncError);
+
+/* Static description of a code. */
+const char* hetcclGetErrorString(hetcclResult_t result);
+/* Message of the last failed call on this thread ("" if none); comm may be NULL. Valid
+ * until the next failing call on this thread. */
+const char* hetcclGetLastError(hetcclComm_t comm);
+
+/* In place when sendbuff == recvbuff. */
+hetcclResult_t hetcclAllReduce(const void* sendbuff, void* recvbuff, size_t count,
+                               hetcclDataType_t datatype, hetcclRedOp_t op, hetcclComm_t comm,
+                               hetcclStream_t stream);
+
+/* sendbuff holds nranks * recvcount elements; rank r receives reduced block r. */
+hetcclResult_t hetcclReduceScatter(const void* sendbuff, void* recvbuff, size_t recvcount,
+                                   hetcclDataType_t datatype, hetcclRedOp_t op,
+                                   hetcclComm_t comm, hetcclStream_t stream);
+
+/* recvbuff holds nranks * sendcount elements, rank r's contribution at block r. */
+hetcclResult_t hetcclAllGather(const void* sendbuff, void* recvbuff, size_t sendcount,
+                               hetcclDataType_t datatype, hetcclComm_t comm,
+                               hetcclStream_t stream);
+
+/* Root copies sendbuff to recvbuff when they differ; sendbuff may be NULL elsewhere. */
+hetcclResult_t hetcclBroadcast(const void* sendbuff, void* recvbuff, size_t count,
+                               hetcclDataType_t datatype, int root, hetcclComm_t comm,
+                               hetcclStream_t stream);
+
+/* Only root's recvbuff is written; recvbuff may be NULL elsewhere. */
+hetcclResult_t hetcclReduce(const void* sendbuff, void* recvbuff, size_t count,
+                            hetcclDataType_t datatype, hetcclRedOp_t op, int root,
+                            hetcclComm_t comm, hetcclStream_t stream);
+
+/* Point to point: the peer posts the matching call with the same count and datatype.
+ * Put exchanges between hetcclGroupStart/End: there they cannot deadlock. */
+hetcclResult_t hetcclSend(const void* sendbuff, size_t count, hetcclDataType_t datatype,
+                          int peer, hetcclComm_t comm, hetcclStream_t stream);
+hetcclResult_t hetcclRecv(void* recvbuff, size_t count, hetcclDataType_t datatype, int peer,
+                          hetcclComm_t comm, hetcclStream_t stream);
+
+/* Calls between these are checked at once and run at the outermost hetcclGroupEnd
+ * (collectives in call order, then sends/receives in a deadlock-free order). Buffers
+ * must stay valid until then. If a call in the group failed, nothing runs and
+ * hetcclGroupEnd returns that error. Group state is per thread. */
+hetcclResult_t hetcclGroupStart(void);
+hetcclResult_t hetcclGroupEnd(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* HETCCL_H_ */

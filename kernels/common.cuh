@@ -1,0 +1,124 @@
+// Shared pieces of the hetccl kernels: element types, the wire-format numeric policy,
+// 16-byte vector access, and the overflow counters.
+//
+// Every kernel has a CPU twin in src/ with the same name and argument order; results
+// must match bit for bit. Hence explicit __fmul_rn / __fadd_rn everywhere: nvcc would
+// otherwise contract a*b+c into an FMA, which rounds once where the CPU rounds twice.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace hetccl {
+
+// Element types as stored in memory; all arithmetic is done in f32.
+struct F32 {
+    using storage = float;
+    static __device__ __forceinline__ float load(float x) { return x; }
+    static __device__ __forceinline__ float store(float v) { return v; }
+    static __device__ __forceinline__ float nan() { return __uint_as_float(0x7FC00000u); }
+};
+
+struct F16 {
+    using storage = uint16_t;
+    static constexpr float MAX = 65504.0f;
+    static constexpr uint16_t MAX_BITS = 0x7BFF, INF_BITS = 0x7C00, NAN_BITS = 0x7E00;
+    static __device__ __forceinline__ float load(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+    // cvt.rn.f16.f32: round-to-nearest-even, subnormals kept (no -ftz for these files).
+    static __device__ __forceinline__ uint16_t store(float v) { return __half_as_ushort(__float2half_rn(v)); }
+    static __device__ __forceinline__ uint16_t nan() { return NAN_BITS; }
+};
+
+struct BF16 {
+    using storage = uint16_t;
+    static constexpr float MAX = 3.3895313892515355e38f;
+    static constexpr uint16_t MAX_BITS = 0x7F7F, INF_BITS = 0x7F80, NAN_BITS = 0x7FC0;
+    // A plain shift, NaN payload included, as the CPU twin does.
+    static __device__ __forceinline__ float load(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
+    static __device__ __forceinline__ uint16_t store(float v) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+    static __device__ __forceinline__ uint16_t nan() { return NAN_BITS; }
+};
+
+// Per-thread counts, summed per warp and added to stats[0] (overflow), stats[1] (nonfinite).
+struct Counts {
+    unsigned overflow = 0;
+    unsigned nonfinite = 0;
+};
+
+// Call from every thread of the block (warp-synchronous; blockDim is a multiple of 32).
+__device__ __forceinline__ void flush_counts(const Counts& c, unsigned long long* stats) {
+    unsigned o = __reduce_add_sync(0xFFFFFFFFu, c.overflow);
+    unsigned f = __reduce_add_sync(0xFFFFFFFFu, c.nonfinite);
+    if ((threadIdx.x & 31) == 0 && stats != nullptr) {
+        if (o) atomicAdd(&stats[0], (unsigned long long)o);
+        if (f) atomicAdd(&stats[1], (unsigned long long)f);
+    }
+}
+
+// The wire-format policy (src/compression/mod.rs documents it): returns the wire bits of
+// v and sets res to what is left for the next step.
+template <typename W>
+__device__ __forceinline__ uint16_t encode(float v, bool inputs_finite, float& res, Counts& c) {
+    const uint16_t sign = uint16_t((__float_as_uint(v) >> 16) & 0x8000u);
+    if (isnan(v)) {
+        c.nonfinite++;
+        res = 0.0f;
+        return W::NAN_BITS;
+    }
+    if (isinf(v)) {
+        res = 0.0f;
+        if (inputs_finite) {
+            c.overflow++;
+            return W::MAX_BITS | sign;
+        }
+        c.nonfinite++;
+        return W::INF_BITS | sign;
+    }
+    if (fabsf(v) > W::MAX) {
+        c.overflow++;
+        res = __fsub_rn(v, copysignf(W::MAX, v));
+        return W::MAX_BITS | sign;
+    }
+    const uint16_t w = W::store(v);
+    res = __fsub_rn(v, W::load(w));
+    return w;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// 8 f32 <-> two 16-byte accesses; 8 u16 <-> one.
+__device__ __forceinline__ void load8(const float* p, float (&x)[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
+__device__ __forceinline__ void store8(float* p, const float (&x)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+__device__ __forceinline__ void load8(const uint16_t* p, uint16_t (&x)[8]) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        x[2 * k] = uint16_t(w[k] & 0xFFFFu);
+        x[2 * k + 1] = uint16_t(w[k] >> 16);
+    }
+}
+__device__ __forceinline__ void store8(uint16_t* p, const uint16_t (&x)[8]) {
+    uint4 a;
+    a.x = uint32_t(x[0]) | (uint32_t(x[1]) << 16);
+    a.y = uint32_t(x[2]) | (uint32_t(x[3]) << 16);
+    a.z = uint32_t(x[4]) | (uint32_t(x[5]) << 16);
+    a.w = uint32_t(x[6]) | (uint32_t(x[7]) << 16);
+    *reinterpret_cast<uint4*>(p) = a;
+}
+
+__device__ __forceinline__ size_t global_thread() { return size_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ size_t grid_threads() { return size_t(gridDim.x) * blockDim.x; }
+
+}  // namespace hetccl

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
+# runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
+# binary, then hetccl-kernel-bench) and prints a short table last.
+#
+#   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
+#
+# gpu-bin/ is git-ignored: copy it along with the checkout (it is ~3 MiB stripped).
+# Logs go to $OUT if set (else gpu-check-logs/). Exit status: 0 when every test passed
+# and the bench ran.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${1:-gpu-bin}
+shift || true
+BENCH_ARGS=("$@")
+[ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--sizes 64,256)
+LOG=${OUT:-gpu-check-logs}
+mkdir -p "$LOG"
+
+if [ ! -d "$BIN" ]; then
+    echo "no $BIN/: run scripts/build-gpu-bin.sh on a machine with Rust first" >&2
+    exit 2
+fi
+[ -f "$BIN/BUILD_INFO" ] && cat "$BIN/BUILD_INFO"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not available)"
+
+status=0
+rows=()
+for t in "$BIN"/gpu*; do
+    [ -x "$t" ] || continue
+    name=$(basename "$t")
+    timeout 600 "$t" --test-threads=1 --nocapture >"$LOG/$name.log" 2>&1
+    rc=$?
+    result=$(grep -E '^test result:' "$LOG/$name.log" | tail -n 1)
+    skipped=$(grep -c 'skipping:' "$LOG/$name.log")
+    [ $rc -ne 0 ] && status=1
+    note=""
+    [ "$skipped" -gt 0 ] && note=" ($skipped skipped: $(grep -o -m1 'skipping:.*' "$LOG/$name.log"))"
+    rows+=("$(printf '%-28s rc=%-3s %s%s' "$name" "$rc" "${result:-no result line}" "$note")")
+    if [ $rc -ne 0 ]; then
+        echo "---- $name failed; last lines:"
+        tail -n 30 "$LOG/$name.log"
+    fi
+done
+
+timeout 900 "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
+brc=$?
+grep -v '^SUMMARY' "$LOG/kernel-bench.log"
+[ $brc -ne 0 ] && status=1
+
+echo
+echo "== gpu-check summary =="
+for r in "${rows[@]}"; do echo "$r"; done
+echo "hetccl-kernel-bench          rc=$brc"
+if [ $brc -eq 0 ]; then
+    printf '%-34s %6s %9s %9s\n' kernel MiB GB/s %memcpy
+    grep '^SUMMARY ' "$LOG/kernel-bench.log" | tail -n +2 | while read -r _ k mib gbs pct; do
+        printf '%-34s %6s %9s %8s%%\n' "$k" "$mib" "$gbs" "$pct"
+    done
+fi
+exit $status

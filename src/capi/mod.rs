@@ -1,0 +1,503 @@
+//! The C API: `bindings/hetccl.h` + `libhetccl.so`, shaped like NCCL's so porting a
+//! framework's comms backend is mostly renaming `nccl` to `hetccl`
+//! (`docs/nccl-migration.md`).
+//!
+//! This layer is thin: it checks arguments, erases types (`void*` + a
+//! `hetcclDataType_t` tag, dispatched once through [`crate::dispatch_dtype!`]), defers
+//! calls made inside a group, and maps [`crate::Error`] to a `hetcclResult_t` plus a
+//! message for `hetcclGetLastError`. Every entry point runs inside
+//! [`status::guard`], so no panic unwinds into C.
+//!
+//! Buffers are host memory and every call is synchronous: when a collective returns,
+//! its receive buffer holds the result. The `stream` argument exists so NCCL call
+//! sites compile unchanged; it must be NULL.
+
+#![allow(non_snake_case)]
+
+pub mod group;
+pub mod handle;
+pub mod ops;
+pub mod status;
+pub mod unique_id;
+
+use std::ffi::{c_char, c_int, c_void};
+
+pub use handle::{hetcclComm, hetcclComm_t, register};
+pub use ops::{hetcclDataType_t, hetcclRedOp_t, hetcclStream_t};
+pub use status::{hetcclResult_t, last_error};
+pub use unique_id::{hetcclUniqueId, UNIQUE_ID_BYTES};
+
+use group::{OutPtr, PendingInit};
+use ops::{buf_arg, dtype_arg, rank_arg, redop_arg, stream_arg, times_ranks, Kind, Op};
+use status::{guard, Failure};
+use unique_id::JobTicket;
+
+use crate::communicator::Communicator;
+use crate::config::Config;
+
+/// `HETCCL_MAJOR`, `HETCCL_MINOR`, `HETCCL_PATCH` in the header: the crate's version.
+pub const VERSION: (i32, i32, i32) = (0, 1, 0);
+
+/// `HETCCL_VERSION_CODE`: `major * 10000 + minor * 100 + patch`, as NCCL encodes its own.
+pub const VERSION_CODE: i32 = VERSION.0 * 10000 + VERSION.1 * 100 + VERSION.2;
+
+/// Creates the communicator for a fully resolved configuration.
+pub(crate) fn init_communicator(cfg: Config) -> Result<Communicator, Failure> {
+    Communicator::init(cfg).map_err(Failure::from)
+}
+
+/// Writes `v` through an out-parameter, refusing NULL.
+///
+/// # Safety
+/// `p` must be NULL or valid for a write of `T`.
+unsafe fn out<T>(func: &'static str, name: &str, p: *mut T, v: T) -> Result<(), Failure> {
+    if p.is_null() {
+        return Err(Failure::invalid(func, format!("{name} is NULL")));
+    }
+    // SAFETY: non-NULL, and the caller promises it points at a writable `T`.
+    unsafe { p.write(v) };
+    Ok(())
+}
+
+/// Checks the common arguments of a collective, then runs it or defers it to
+/// `hetcclGroupEnd`.
+fn collective(
+    func: &'static str,
+    comm: hetcclComm_t,
+    datatype: hetcclDataType_t,
+    stream: hetcclStream_t,
+    build: impl FnOnce(&handle::Entry, crate::DataType) -> Result<Kind, Failure>,
+) -> hetcclResult_t {
+    guard(func, || {
+        let r = (|| {
+            let c = handle::lookup(func, comm)?;
+            let dtype = dtype_arg(func, datatype)?;
+            stream_arg(func, stream)?;
+            let kind = build(&c, dtype)?;
+            Ok(Op {
+                func,
+                comm: c,
+                dtype,
+                kind,
+            })
+        })();
+        let op = r.inspect_err(group::note_failure)?;
+        // SAFETY: the buffers are valid for the counts given (the C API contract; inside
+        // a group until hetcclGroupEnd returns), and `build` checked them otherwise.
+        unsafe { group::submit(op) }
+    })
+}
+
+/// Reports the library version as `major * 10000 + minor * 100 + patch`.
+///
+/// # Safety
+/// `version` must be NULL or point at a writable `int`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclGetVersion(version: *mut c_int) -> hetcclResult_t {
+    // SAFETY: forwarded contract on `version`.
+    guard("hetcclGetVersion", || unsafe {
+        out("hetcclGetVersion", "version", version, VERSION_CODE)
+    })
+}
+
+/// Makes a new job id on the rank that will be rank 0. Share it with every other rank
+/// out of band (MPI_Bcast, a file, a pipe); it carries the job's secret key.
+///
+/// # Safety
+/// `uniqueId` must be NULL or point at a writable `hetcclUniqueId`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclGetUniqueId(uniqueId: *mut hetcclUniqueId) -> hetcclResult_t {
+    const F: &str = "hetcclGetUniqueId";
+    guard(F, || {
+        if uniqueId.is_null() {
+            return Err(Failure::invalid(F, "uniqueId is NULL"));
+        }
+        let cfg = Config::from_env()?;
+        let id = JobTicket::generate(&cfg)?.encode();
+        // SAFETY: non-NULL; the caller promises a writable hetcclUniqueId.
+        unsafe { out(F, "uniqueId", uniqueId, id) }
+    })
+}
+
+/// Creates rank `rank` of an `nranks`-rank communicator from rank 0's id. Blocks until
+/// every rank has called it (inside a group: until `hetcclGroupEnd`). Other settings
+/// come from the `HETCCL_*` environment.
+///
+/// # Safety
+/// `comm` must be NULL or point at a writable `hetcclComm_t` (inside a group, until
+/// `hetcclGroupEnd` returns).
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommInitRank(
+    comm: *mut hetcclComm_t,
+    nranks: c_int,
+    commId: hetcclUniqueId,
+    rank: c_int,
+) -> hetcclResult_t {
+    const F: &str = "hetcclCommInitRank";
+    guard(F, || {
+        let r = (|| {
+            if comm.is_null() {
+                return Err(Failure::invalid(F, "comm is NULL"));
+            }
+            let n = usize::try_from(nranks)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| {
+                    Failure::invalid(F, format!("nranks is {nranks}; it must be at least 1"))
+                })?;
+            let r = usize::try_from(rank)
+                .ok()
+                .filter(|&r| r < n)
+                .ok_or_else(|| {
+                    Failure::invalid(F, format!("rank {rank} is outside 0..{nranks}"))
+                })?;
+            let ticket = JobTicket::decode(F, &commId)?;
+            let mut cfg = Config::from_env()?;
+            ticket.apply(&mut cfg, r, n);
+            Ok(PendingInit {
+                out: OutPtr(comm),
+                cfg,
+            })
+        })();
+        let init = r.inspect_err(group::note_failure)?;
+        // SAFETY: `comm` is non-NULL and writable per the caller's contract.
+        unsafe { group::submit_init(init) }
+    })
+}
+
+/// Creates this process's communicator from the environment: `hetccl run`'s or
+/// torchrun's `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT`, OpenMPI's, PMI's or
+/// Slurm's variables, or `HETCCL_INIT=file:///shared/dir` / `mpi`. Blocks until every
+/// rank has called it.
+///
+/// # Safety
+/// `comm` must be NULL or point at a writable `hetcclComm_t`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommInitFromEnv(comm: *mut hetcclComm_t) -> hetcclResult_t {
+    const F: &str = "hetcclCommInitFromEnv";
+    guard(F, || {
+        let r = (|| {
+            if comm.is_null() {
+                return Err(Failure::invalid(F, "comm is NULL"));
+            }
+            Ok(PendingInit {
+                out: OutPtr(comm),
+                cfg: Config::from_env()?,
+            })
+        })();
+        let init = r.inspect_err(group::note_failure)?;
+        // SAFETY: `comm` is non-NULL and writable per the caller's contract.
+        unsafe { group::submit_init(init) }
+    })
+}
+
+/// Releases a communicator. The handle is invalid afterwards: any later call with it
+/// returns `hetcclInvalidArgument`. Calls still running on other threads finish first.
+#[no_mangle]
+pub extern "C" fn hetcclCommDestroy(comm: hetcclComm_t) -> hetcclResult_t {
+    const F: &str = "hetcclCommDestroy";
+    guard(F, || {
+        let c = handle::unregister(F, comm)?;
+        tracing::debug!(target: "hetccl::capi", rank = c.rank, "communicator {comm:p} destroyed");
+        drop(c);
+        Ok(())
+    })
+}
+
+/// Releases a communicator after an error. A call blocked on it in another thread
+/// returns an error within about 50 ms instead of waiting for `HETCCL_TIMEOUT`, and
+/// the peers see the links close.
+#[no_mangle]
+pub extern "C" fn hetcclCommAbort(comm: hetcclComm_t) -> hetcclResult_t {
+    const F: &str = "hetcclCommAbort";
+    guard(F, || {
+        let c = handle::unregister(F, comm)?;
+        c.comm.abort();
+        tracing::debug!(target: "hetccl::capi", rank = c.rank, "communicator {comm:p} aborted");
+        drop(c);
+        Ok(())
+    })
+}
+
+/// Writes the number of ranks.
+///
+/// # Safety
+/// `count` must be NULL or point at a writable `int`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommCount(comm: hetcclComm_t, count: *mut c_int) -> hetcclResult_t {
+    const F: &str = "hetcclCommCount";
+    guard(F, || {
+        let c = handle::lookup(F, comm)?;
+        // SAFETY: forwarded contract on `count`.
+        unsafe { out(F, "count", count, c.world_size as c_int) }
+    })
+}
+
+/// Writes this process's rank.
+///
+/// # Safety
+/// `rank` must be NULL or point at a writable `int`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommUserRank(
+    comm: hetcclComm_t,
+    rank: *mut c_int,
+) -> hetcclResult_t {
+    const F: &str = "hetcclCommUserRank";
+    guard(F, || {
+        let c = handle::lookup(F, comm)?;
+        // SAFETY: forwarded contract on `rank`.
+        unsafe { out(F, "rank", rank, c.rank as c_int) }
+    })
+}
+
+/// Always reports `hetcclSuccess` for a live communicator: operations are synchronous,
+/// so their errors come back from the call itself. Present so NCCL watchdog loops port.
+///
+/// # Safety
+/// `asyncError` must be NULL or point at a writable `hetcclResult_t`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommGetAsyncError(
+    comm: hetcclComm_t,
+    asyncError: *mut hetcclResult_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclCommGetAsyncError";
+    guard(F, || {
+        handle::lookup(F, comm)?;
+        // SAFETY: forwarded contract on `asyncError`.
+        unsafe { out(F, "asyncError", asyncError, hetcclResult_t::hetcclSuccess) }
+    })
+}
+
+/// A static description of a result code ("unknown result code" for other values).
+#[no_mangle]
+pub extern "C" fn hetcclGetErrorString(result: c_int) -> *const c_char {
+    usize::try_from(result)
+        .ok()
+        .and_then(|i| hetcclResult_t::ALL.get(i))
+        .map_or(c"unknown result code".as_ptr(), |r| {
+            r.description().as_ptr()
+        })
+}
+
+/// The message of the most recent failed hetccl call on this thread (also for failed
+/// initialisations, so `comm` may be NULL and is not used); "" if none failed yet. The
+/// text stays valid until the next failing call on this thread.
+#[no_mangle]
+pub extern "C" fn hetcclGetLastError(comm: hetcclComm_t) -> *const c_char {
+    let _ = comm;
+    status::last_error_ptr()
+}
+
+/// Element-wise reduction of every rank's `count` elements; every rank receives the
+/// result. In place when `sendbuff == recvbuff`.
+///
+/// # Safety
+/// `sendbuff` and `recvbuff` must hold `count` elements of `datatype` (inside a group,
+/// until `hetcclGroupEnd` returns).
+#[no_mangle]
+pub unsafe extern "C" fn hetcclAllReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclAllReduce";
+    collective(F, comm, datatype, stream, |_, dt| {
+        Ok(Kind::AllReduce {
+            op: redop_arg(F, op)?,
+            send: buf_arg(F, "sendbuff", sendbuff, count, dt)?,
+            recv: buf_arg(F, "recvbuff", recvbuff, count, dt)?,
+            count,
+        })
+    })
+}
+
+/// Reduces `nranks * recvcount` elements of every rank; rank `r` receives block `r` of
+/// the result (`recvcount` elements). In place when `recvbuff == sendbuff + r *
+/// recvcount` elements.
+///
+/// # Safety
+/// `sendbuff` must hold `nranks * recvcount` elements, `recvbuff` `recvcount`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclReduceScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    recvcount: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclReduceScatter";
+    collective(F, comm, datatype, stream, |c, dt| {
+        let total = times_ranks(F, recvcount, c.world_size)?;
+        Ok(Kind::ReduceScatter {
+            op: redop_arg(F, op)?,
+            send: buf_arg(F, "sendbuff", sendbuff, total, dt)?,
+            recv: buf_arg(F, "recvbuff", recvbuff, recvcount, dt)?,
+            recvcount,
+        })
+    })
+}
+
+/// Every rank's `sendcount` elements, concatenated in rank order into every rank's
+/// `recvbuff` (`nranks * sendcount` elements). In place when `sendbuff == recvbuff + r *
+/// sendcount` elements.
+///
+/// # Safety
+/// `sendbuff` must hold `sendcount` elements, `recvbuff` `nranks * sendcount`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclAllGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: hetcclDataType_t,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclAllGather";
+    collective(F, comm, datatype, stream, |c, dt| {
+        let total = times_ranks(F, sendcount, c.world_size)?;
+        Ok(Kind::AllGather {
+            send: buf_arg(F, "sendbuff", sendbuff, sendcount, dt)?,
+            recv: buf_arg(F, "recvbuff", recvbuff, total, dt)?,
+            sendcount,
+        })
+    })
+}
+
+/// Copies `root`'s `sendbuff` into every rank's `recvbuff`. `sendbuff` is read on the
+/// root only (it may be NULL elsewhere); in place when `sendbuff == recvbuff`.
+///
+/// # Safety
+/// `recvbuff` (and `sendbuff` on the root) must hold `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclBroadcast(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    root: c_int,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclBroadcast";
+    collective(F, comm, datatype, stream, |c, dt| {
+        let root = rank_arg(F, "root", root, c.world_size)?;
+        let send = if c.rank == root {
+            buf_arg(F, "sendbuff", sendbuff, count, dt)?
+        } else {
+            ops::Ptr(recvbuff)
+        };
+        Ok(Kind::Broadcast {
+            send,
+            recv: buf_arg(F, "recvbuff", recvbuff, count, dt)?,
+            count,
+            root,
+        })
+    })
+}
+
+/// Like `hetcclAllReduce`, but only `root` receives the result. `recvbuff` is written
+/// on the root only (it may be NULL elsewhere).
+///
+/// # Safety
+/// `sendbuff` (and `recvbuff` on the root) must hold `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    root: c_int,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclReduce";
+    collective(F, comm, datatype, stream, |c, dt| {
+        let root = rank_arg(F, "root", root, c.world_size)?;
+        let recv = if c.rank == root {
+            buf_arg(F, "recvbuff", recvbuff, count, dt)?
+        } else {
+            ops::Ptr(std::ptr::null_mut())
+        };
+        Ok(Kind::Reduce {
+            op: redop_arg(F, op)?,
+            send: buf_arg(F, "sendbuff", sendbuff, count, dt)?,
+            recv,
+            count,
+            root,
+        })
+    })
+}
+
+/// Sends `count` elements to `peer`, which calls `hetcclRecv` with the same count and
+/// datatype. Messages between two ranks arrive in call order. Outside a group the call
+/// returns once the message is handed to the link (it may wait for the peer to receive
+/// when the message is larger than the link buffers).
+///
+/// # Safety
+/// `sendbuff` must hold `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclSend(
+    sendbuff: *const c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    peer: c_int,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclSend";
+    collective(F, comm, datatype, stream, |c, dt| {
+        Ok(Kind::Send {
+            peer: rank_arg(F, "peer", peer, c.world_size)?,
+            buf: buf_arg(F, "sendbuff", sendbuff, count, dt)?,
+            count,
+        })
+    })
+}
+
+/// Receives `count` elements from `peer`.
+///
+/// # Safety
+/// `recvbuff` must hold `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclRecv(
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    peer: c_int,
+    comm: hetcclComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclRecv";
+    collective(F, comm, datatype, stream, |c, dt| {
+        Ok(Kind::Recv {
+            peer: rank_arg(F, "peer", peer, c.world_size)?,
+            buf: buf_arg(F, "recvbuff", recvbuff, count, dt)?,
+            count,
+        })
+    })
+}
+
+/// Opens a group on this thread: later calls are checked now and run at the matching
+/// outermost `hetcclGroupEnd`. Groups nest.
+#[no_mangle]
+pub extern "C" fn hetcclGroupStart() -> hetcclResult_t {
+    guard("hetcclGroupStart", || {
+        group::start();
+        Ok(())
+    })
+}
+
+/// Closes a group; the outermost one runs the deferred calls (see [`group`]) and
+/// returns when they are all done. If a call in the group failed, nothing runs and its
+/// error is returned.
+#[no_mangle]
+pub extern "C" fn hetcclGroupEnd() -> hetcclResult_t {
+    guard("hetcclGroupEnd", group::end)
+}

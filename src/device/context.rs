@@ -1,0 +1,346 @@
+//! Device, stream and the embedded kernel module.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, ValidAsZeroBits,
+};
+
+use crate::compression::OverflowStats;
+use crate::error::{Error, Result};
+
+/// Every kernel of `kernels/*.cu`, sm_80 + sm_90 machine code and compute_90 PTX.
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+/// Threads per block for every kernel (the kernels' `__launch_bounds__`).
+const BLOCK: u32 = 256;
+
+pub(super) fn device_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
+    let op = op.into();
+    move |e| Error::Device {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+const MISSING_ENTRY: &str =
+    "the CUDA driver library lacks an entry point this build needs (driver older than CUDA 13.0?)";
+
+pub(super) fn device_count() -> std::result::Result<usize, String> {
+    // SAFETY: only tries to dlopen the driver library; no CUDA function is called.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver library (libcuda.so) could be loaded".to_string());
+    }
+    // cudarc panics when a symbol is missing from an old driver: turn that into a reason.
+    let probe = catch_unwind(|| -> std::result::Result<i32, DriverError> {
+        result::init()?;
+        result::device::get_count()
+    });
+    match probe {
+        Ok(Ok(n)) if n > 0 => Ok(n as usize),
+        Ok(Ok(_)) => Err("the CUDA driver sees no device".to_string()),
+        Ok(Err(e)) => Err(format!("the CUDA driver failed to initialise: {e}")),
+        Err(_) => Err(MISSING_ENTRY.to_string()),
+    }
+}
+
+/// The loaded fatbin and its kernels.
+pub(super) struct Module {
+    ctx: Arc<CudaContext>,
+    raw: sys::CUmodule,
+    /// name -> (function, blocks of `BLOCK` threads resident per SM)
+    funcs: HashMap<String, (sys::CUfunction, u32)>,
+}
+
+// SAFETY: module and function handles are driver objects usable from any thread while
+// their context is current; every use below binds `ctx` to the calling thread first.
+unsafe impl Send for Module {}
+// SAFETY: as for Send; the map is never mutated after `load`.
+unsafe impl Sync for Module {}
+
+impl Module {
+    fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
+        // The driver parses the fatbin header with 8-byte loads; include_bytes! promises
+        // only byte alignment, so hand it an aligned copy.
+        let mut image = vec![0u64; FATBIN.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..FATBIN.len()].copy_from_slice(FATBIN);
+        ctx.bind_to_thread().map_err(device_error("bind context"))?;
+        // SAFETY: `image` holds the complete fatbin nvcc wrote at build time and lives
+        // until the call returns (the driver copies what it keeps).
+        let raw = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+            .map_err(device_error("load the embedded kernels"))?;
+        let mut m = Module {
+            ctx: ctx.clone(),
+            raw,
+            funcs: HashMap::new(),
+        };
+        for name in super::kernels::kernel_names() {
+            let c = CString::new(name.as_str()).map_err(|e| {
+                Error::invalid("Module::load", format!("kernel name {name:?}: {e}"))
+            })?;
+            // SAFETY: `m.raw` is the module loaded above, unloaded only when `m` drops.
+            let f = unsafe { result::module::get_function(m.raw, c) }
+                .map_err(device_error(format!("find kernel {name}")))?;
+            // Grids are sized to exactly one resident wave: grid-stride loops then give every
+            // block the same work and no second, partly idle wave trails behind.
+            // SAFETY: `f` was just resolved from the loaded module.
+            let per_sm = unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(f, BLOCK as i32, 0)
+            }
+            .map_err(device_error(format!("occupancy of {name}")))?;
+            m.funcs.insert(name, (f, per_sm.max(1) as u32));
+        }
+        Ok(m)
+    }
+
+    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32)> {
+        self.funcs.get(name).copied().ok_or_else(|| Error::Device {
+            op: format!("launch {name}"),
+            detail: "no such kernel in the embedded module".to_string(),
+        })
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        let bound = self.ctx.bind_to_thread();
+        // SAFETY: `raw` was loaded by `Module::load` and is unloaded exactly once, here.
+        let unloaded = unsafe { result::module::unload(self.raw) };
+        if let Err(e) = bound.and(unloaded) {
+            tracing::warn!(target: "hetccl::device", "unloading kernels: {e}");
+        }
+    }
+}
+
+/// One GPU with the hetccl kernels loaded.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    module: Arc<Module>,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+}
+
+impl Device {
+    /// Opens device `ordinal` (its primary context) and loads the embedded kernels.
+    pub fn open(ordinal: usize) -> Result<Device> {
+        let op = format!("open device {ordinal}");
+        let count = device_count().map_err(|detail| Error::Device {
+            op: op.clone(),
+            detail,
+        })?;
+        if ordinal >= count {
+            return Err(Error::Device {
+                op,
+                detail: format!("only {count} device(s) visible"),
+            });
+        }
+        match catch_unwind(AssertUnwindSafe(|| Self::open_checked(ordinal, &op))) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Device {
+                op,
+                detail: MISSING_ENTRY.to_string(),
+            }),
+        }
+    }
+
+    fn open_checked(ordinal: usize, op: &str) -> Result<Device> {
+        let ctx = CudaContext::new(ordinal).map_err(device_error(op))?;
+        let name = ctx.name().map_err(device_error(op))?;
+        let compute_capability = ctx.compute_capability().map_err(device_error(op))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(device_error(op))?;
+        let module = Arc::new(Module::load(&ctx)?);
+        tracing::info!(
+            target: "hetccl::device",
+            ordinal,
+            name = %name,
+            sm = format!("{}.{}", compute_capability.0, compute_capability.1),
+            sm_count,
+            "opened device"
+        );
+        Ok(Device {
+            ctx,
+            module,
+            name,
+            compute_capability,
+            sm_count: sm_count.max(1) as u32,
+        })
+    }
+
+    /// A new stream with its own overflow counters.
+    pub fn new_stream(&self) -> Result<Stream> {
+        let inner = self
+            .ctx
+            .new_stream()
+            .map_err(device_error("create stream"))?;
+        let stats = inner
+            .alloc_zeros::<u64>(2)
+            .map_err(device_error("allocate overflow counters"))?;
+        let stats_ptr = stats.device_ptr(&inner).0;
+        Ok(Stream {
+            inner,
+            module: self.module.clone(),
+            stats,
+            stats_ptr,
+            sm_count: self.sm_count,
+        })
+    }
+
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The cudarc context, for anything not wrapped here.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+/// A CUDA stream on a [`Device`]. Launches and copies on it run in order; overflow counts
+/// of the compressing kernels accumulate on the device until
+/// [`Stream::take_overflow_stats`].
+pub struct Stream {
+    inner: Arc<CudaStream>,
+    module: Arc<Module>,
+    stats: CudaSlice<u64>,
+    stats_ptr: sys::CUdeviceptr,
+    sm_count: u32,
+}
+
+impl Stream {
+    /// The cudarc stream, for anything not wrapped here.
+    pub fn cuda(&self) -> &Arc<CudaStream> {
+        &self.inner
+    }
+
+    /// A device buffer of `n` zeros.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.inner.alloc_zeros(n).map_err(device_error(format!(
+            "allocate {} bytes",
+            n * std::mem::size_of::<T>()
+        )))
+    }
+
+    /// Copies `host` into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.inner.clone_htod(host).map_err(device_error(format!(
+            "upload {} bytes",
+            std::mem::size_of_val(host)
+        )))
+    }
+
+    /// Copies a device buffer back (waits for it).
+    pub fn download<T: DeviceRepr>(&self, dev: &impl DevicePtr<T>) -> Result<Vec<T>> {
+        self.inner
+            .clone_dtoh(dev)
+            .map_err(device_error(format!("download {} bytes", dev.num_bytes())))
+    }
+
+    /// Device-to-device copy of equal-length buffers.
+    pub fn copy<T>(&self, src: &impl DevicePtr<T>, dst: &mut impl DevicePtrMut<T>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::invalid(
+                "Stream::copy",
+                format!("src has {} elements, dst {}", src.len(), dst.len()),
+            ));
+        }
+        self.inner
+            .memcpy_dtod(src, dst)
+            .map_err(device_error(format!("copy {} bytes", src.num_bytes())))
+    }
+
+    /// Waits for everything issued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .synchronize()
+            .map_err(device_error("synchronize stream"))
+    }
+
+    /// Waits for the stream, returns the overflow counts of the compressing kernels run
+    /// since the last call, and resets them.
+    pub fn take_overflow_stats(&mut self) -> Result<OverflowStats> {
+        let v = self.download(&self.stats)?;
+        self.inner
+            .memset_zeros(&mut self.stats)
+            .map_err(device_error("reset overflow counters"))?;
+        Ok(OverflowStats {
+            overflow: v.first().copied().unwrap_or(0),
+            nonfinite: v.get(1).copied().unwrap_or(0),
+        })
+    }
+
+    /// Runs `f` (which enqueues work on this stream) between two CUDA events and returns the
+    /// elapsed device time in milliseconds. Waits for the end event.
+    pub fn time(&self, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
+        let ctx = self.inner.context();
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx.new_event(flags).map_err(device_error("create event"))?;
+        let end = ctx.new_event(flags).map_err(device_error("create event"))?;
+        start
+            .record(&self.inner)
+            .map_err(device_error("record event"))?;
+        f(self)?;
+        end.record(&self.inner)
+            .map_err(device_error("record event"))?;
+        start
+            .elapsed_ms(&end)
+            .map_err(device_error("read event timer"))
+    }
+
+    /// Device address of the two u64 overflow counters.
+    pub(super) fn stats_ptr(&self) -> sys::CUdeviceptr {
+        self.stats_ptr
+    }
+
+    /// Launches kernel `name` over `items` work items (one per thread per grid-stride
+    /// step), with a grid capped at what the device holds resident at once.
+    ///
+    /// # Safety
+    /// `args` must point at values matching the kernel's parameter list in type and
+    /// order, and every device pointer among them must cover what the kernel touches.
+    pub(super) unsafe fn launch(
+        &self,
+        name: &str,
+        items: usize,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let (f, per_sm) = self.module.function(name)?;
+        let cap = (self.sm_count * per_sm) as usize;
+        let blocks = items.div_ceil(BLOCK as usize).clamp(1, cap) as u32;
+        self.inner
+            .context()
+            .bind_to_thread()
+            .map_err(device_error(format!("launch {name}")))?;
+        result::launch_kernel(
+            f,
+            (blocks, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            self.inner.cu_stream(),
+            args,
+        )
+        .map_err(device_error(format!("launch {name}")))
+    }
+}

@@ -1,0 +1,330 @@
+//! The C API from C (and Python): the examples are compiled with the system `cc`
+//! against `target/<profile>/libhetccl.so` and run as real multi-process jobs under
+//! `hetccl run` (shm and TCP), `mpirun` (when installed), and on their own with
+//! `hetcclGetUniqueId` + `hetcclCommInitRank`. Each example checks closed forms
+//! itself and exits non-zero on the first wrong element.
+
+mod capi_support;
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use capi_support::{compile_c, have, lib_path, root, scratch};
+use common::{assert_all_ok, collect, free_port, launcher};
+
+/// Bounds every run: a hang becomes an error inside the ranks, then a kill here.
+const RANK_ENV: &[(&str, &str)] = &[
+    ("HETCCL_TIMEOUT", "60"),
+    ("HETCCL_CONNECT_TIMEOUT", "30"),
+    ("MASTER_ADDR", "127.0.0.1"),
+];
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn example(name: &str) -> PathBuf {
+    root().join("examples/c").join(name)
+}
+
+fn allreduce_check() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| compile_c(&[&example("allreduce_check.c")], "allreduce_check"))
+}
+
+fn uniqueid_init() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| compile_c(&[&example("uniqueid_init.c")], "uniqueid_init"))
+}
+
+/// Runs `cmd` to completion (or the deadline) and returns its single outcome.
+fn finish(mut cmd: Command, env: &[(&str, &str)]) -> common::Outcome {
+    for (k, v) in RANK_ENV.iter().chain(env) {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    collect(vec![child], DEADLINE).remove(0)
+}
+
+fn launch(n: usize, env: &[(&str, &str)], program: &PathBuf, args: &[&str]) -> common::Outcome {
+    let mut c = Command::new(launcher());
+    c.args(["run", "-n", &n.to_string(), "--"])
+        .arg(program)
+        .args(args);
+    finish(c, env)
+}
+
+/// The number of checks each rank of allreduce_check reports.
+fn passed_lines(out: &str, n: usize) -> usize {
+    (0..n)
+        .filter(|r| out.contains(&format!("rank {r} of {n}: ")) && out.contains("checks passed"))
+        .count()
+}
+
+fn check_under_launcher(n: usize, env: &[(&str, &str)]) {
+    let o = launch(n, env, allreduce_check(), &[]);
+    assert_all_ok(
+        std::slice::from_ref(&o),
+        &format!("allreduce_check on {n} ranks {env:?}"),
+    );
+    assert_eq!(
+        passed_lines(&o.output, n),
+        n,
+        "every rank reports:\n{}",
+        o.output
+    );
+}
+
+#[test]
+fn c_example_every_collective_1_rank() {
+    check_under_launcher(1, &[]);
+}
+
+#[test]
+fn c_example_every_collective_2_ranks_shm() {
+    check_under_launcher(2, &[]);
+}
+
+#[test]
+fn c_example_every_collective_4_ranks_shm() {
+    check_under_launcher(4, &[]);
+}
+
+#[test]
+fn c_example_every_collective_2_ranks_tcp() {
+    check_under_launcher(2, &[("HETCCL_SHM_DISABLE", "1")]);
+}
+
+#[test]
+fn c_example_every_collective_4_ranks_tcp() {
+    check_under_launcher(4, &[("HETCCL_SHM_DISABLE", "1")]);
+}
+
+#[test]
+fn c_example_under_mpirun() {
+    if !have("mpirun") {
+        eprintln!("skipped: mpirun is not installed");
+        return;
+    }
+    let port = free_port().to_string();
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe"])
+        .args([
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+        ])
+        .args([
+            "-n",
+            "2",
+            "-x",
+            "MASTER_ADDR=127.0.0.1",
+            "-x",
+            &format!("MASTER_PORT={port}"),
+        ])
+        .args(["-x", "HETCCL_TIMEOUT=60", "-x", "HETCCL_CONNECT_TIMEOUT=30"])
+        .arg(allreduce_check());
+    let o = finish(c, &[]);
+    assert_all_ok(
+        std::slice::from_ref(&o),
+        "allreduce_check under mpirun -n 2",
+    );
+    assert_eq!(passed_lines(&o.output, 2), 2, "{}", o.output);
+}
+
+#[test]
+fn c_example_init_failure_reports_the_bad_variable() {
+    let o = launch(1, &[("HETCCL_ALGO", "fast")], allreduce_check(), &[]);
+    assert_eq!(o.code, Some(1), "{}", o.output);
+    assert!(
+        o.output.contains(
+            "hetcclCommInitFromEnv(&comm) failed: invalid usage (ranks disagree, or the call is \
+             out of place) (invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, \
+             ring, tree, hier)"
+        ),
+        "{}",
+        o.output
+    );
+}
+
+#[test]
+fn c_unique_id_one_process_per_rank_through_a_pipe() {
+    for (n, env) in [
+        (1, vec![]),
+        (3, vec![]),
+        (4, vec![("HETCCL_SHM_DISABLE", "1")]),
+    ] {
+        let mut c = Command::new(uniqueid_init());
+        c.args(["fork", &n.to_string()]);
+        let o = finish(c, &env);
+        assert_all_ok(
+            std::slice::from_ref(&o),
+            &format!("uniqueid_init fork {n} {env:?}"),
+        );
+        for r in 0..n {
+            assert!(
+                o.output.contains(&format!("rank {r} of {n}: ok")),
+                "{}",
+                o.output
+            );
+        }
+    }
+}
+
+#[test]
+fn c_unique_id_every_rank_in_one_thread_with_groups() {
+    for (n, env) in [
+        (1, vec![]),
+        (2, vec![]),
+        (4, vec![("HETCCL_SHM_DISABLE", "1")]),
+    ] {
+        let mut c = Command::new(uniqueid_init());
+        c.args(["group", &n.to_string()]);
+        let o = finish(c, &env);
+        assert_all_ok(
+            std::slice::from_ref(&o),
+            &format!("uniqueid_init group {n} {env:?}"),
+        );
+        assert!(
+            o.output.contains(&format!("{n} ranks in one thread: ok")),
+            "{}",
+            o.output
+        );
+    }
+}
+
+fn python_with_numpy() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy, ctypes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some("python3")
+}
+
+#[test]
+fn python_ctypes_example_on_2_ranks() {
+    let Some(py) = python_with_numpy() else {
+        eprintln!("skipped: python3 with numpy is not available (pip install numpy)");
+        return;
+    };
+    let script = root().join("examples/python/allreduce_ctypes.py");
+    let lib = lib_path().display().to_string();
+    let mut c = Command::new(launcher());
+    c.args(["run", "-n", "2", "--", py]).arg(&script);
+    let o = finish(c, &[("HETCCL_LIB", lib.as_str())]);
+    assert_all_ok(std::slice::from_ref(&o), "allreduce_ctypes.py on 2 ranks");
+    for r in 0..2 {
+        assert!(
+            o.output.contains(&format!(
+                "[rank {r}] rank {r} of 2: all-reduce of 1000000 float32 ok"
+            )),
+            "{}",
+            o.output
+        );
+    }
+}
+
+#[test]
+fn static_library_links_a_c_program() {
+    // libhetccl.a carries Rust's std; the C side adds what std needs from libc.
+    let a = lib_path().with_file_name("libhetccl.a");
+    assert!(
+        a.exists(),
+        "{} missing: crate-type must include staticlib",
+        a.display()
+    );
+    let src = scratch("static").join("version.c");
+    std::fs::write(
+        &src,
+        "#include <hetccl.h>\n#include <stdio.h>\nint main(void) { int v = 0;\n\
+         if (hetcclGetVersion(&v) != hetcclSuccess) return 1;\n\
+         printf(\"%d\\n\", v); return v == HETCCL_VERSION_CODE ? 0 : 2; }\n",
+    )
+    .unwrap();
+    let exe = scratch("static").join("version");
+    let o = capi_support::run(
+        Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Werror", "-I"])
+            .arg(root().join("bindings"))
+            .arg(&src)
+            .arg(&a)
+            .args(["-lpthread", "-ldl", "-lm", "-o"])
+            .arg(&exe),
+    );
+    assert!(o.status.success(), "{}", capi_support::text(&o));
+    let o = capi_support::run(&mut Command::new(&exe));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        hetccl::capi::VERSION_CODE.to_string()
+    );
+}
+
+#[test]
+fn install_script_and_pkg_config_build_a_program() {
+    if !have("pkg-config") {
+        eprintln!("skipped: pkg-config is not installed");
+        return;
+    }
+    let prefix = scratch("install").join("prefix");
+    let _ = std::fs::remove_dir_all(&prefix);
+    let o = capi_support::run(
+        Command::new("bash")
+            .arg(root().join("scripts/install-lib.sh"))
+            .arg("--from")
+            .arg(capi_support::deps_dir())
+            .arg(&prefix),
+    );
+    assert!(o.status.success(), "{}", capi_support::text(&o));
+    for f in [
+        "lib/libhetccl.so",
+        "lib/libhetccl.a",
+        "include/hetccl.h",
+        "lib/pkgconfig/hetccl.pc",
+    ] {
+        assert!(prefix.join(f).exists(), "{f} installed");
+    }
+    let pc = |args: &[&str]| {
+        let o = capi_support::run(
+            Command::new("pkg-config")
+                .args(args)
+                .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")),
+        );
+        assert!(o.status.success(), "{}", capi_support::text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(pc(&["--modversion", "hetccl"]), env!("CARGO_PKG_VERSION"));
+    let flags = pc(&["--cflags", "--libs", "hetccl"]);
+    let p = prefix.display();
+    assert_eq!(
+        flags,
+        format!("-I{p}/include -L{p}/lib -Wl,-rpath,{p}/lib -lhetccl")
+    );
+    // Build against the installed copy only, then run it.
+    let exe = scratch("install").join("uniqueid_init");
+    let o = capi_support::run(
+        Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Werror"])
+            .arg(example("uniqueid_init.c"))
+            .args(flags.split_whitespace())
+            .arg("-o")
+            .arg(&exe),
+    );
+    assert!(o.status.success(), "{}", capi_support::text(&o));
+    let mut c = Command::new(&exe);
+    c.args(["group", "2"]);
+    let o = finish(c, &[]);
+    assert_all_ok(std::slice::from_ref(&o), "installed uniqueid_init group 2");
+    assert!(
+        o.output.contains("2 ranks in one thread: ok"),
+        "{}",
+        o.output
+    );
+}
