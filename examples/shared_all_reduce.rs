@@ -1,7 +1,8 @@
 //! Times in-place f32 all-reduce on buffers from `alloc_shared` against plain `Vec`s,
 //! alternating the two so machine noise hits both alike, and prints medians with
 //! nccl-tests' bus bandwidth (`algbw * 2(n-1)/n`) next to a single-thread memcpy of the
-//! same size. Start it on every rank:
+//! same size, and how busy rank 0's process was meanwhile (CPU time / wall time: below
+//! 100% it waited for peers, e.g. when other jobs took the cores). Start it on every rank:
 //!
 //! ```text
 //! hetccl run -n 2 -- target/release/examples/shared_all_reduce --sizes 1M,16M,64M,256M --reps 7
@@ -26,6 +27,16 @@ fn parse_size(s: &str) -> Option<usize> {
 /// dependencies in its schedule) it cannot complete before every rank has arrived.
 fn sync(comm: &Communicator) -> hetccl::Result<()> {
     comm.all_reduce(&mut [0u8], ReduceOp::Sum)
+}
+
+/// CPU seconds used by this process so far (all threads).
+fn cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -60,8 +71,8 @@ fn main() -> hetccl::Result<()> {
             "# {n} ranks, f32 sum in place, {reps} reps alternating {modes:?}, median per mode"
         );
         println!(
-            "{:>10} {:>8} {:>10} {:>9} {:>9} {:>12}",
-            "bytes", "mode", "time_us", "algbw", "busbw", "memcpy_GB/s"
+            "{:>10} {:>8} {:>10} {:>9} {:>9} {:>12} {:>8}",
+            "bytes", "mode", "time_us", "algbw", "busbw", "memcpy_GB/s", "rank0_cpu"
         );
     }
     for &bytes in &sizes {
@@ -72,6 +83,7 @@ fn main() -> hetccl::Result<()> {
         shared.fill(1.0);
         let mut plain = vec![1.0f32; count];
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let mut busy: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         // Warm up both paths once.
         comm.all_reduce(&mut shared[..], ReduceOp::Sum)?;
         comm.all_reduce(&mut plain, ReduceOp::Sum)?;
@@ -79,6 +91,7 @@ fn main() -> hetccl::Result<()> {
             for (m, mode) in modes.iter().enumerate() {
                 sync(&comm)?;
                 let t = Instant::now();
+                let c0 = cpu_seconds();
                 for _ in 0..iters {
                     if mode == "shared" {
                         comm.all_reduce(&mut shared[..], ReduceOp::Sum)?;
@@ -86,7 +99,9 @@ fn main() -> hetccl::Result<()> {
                         comm.all_reduce(&mut plain, ReduceOp::Sum)?;
                     }
                 }
-                times[m].push(t.elapsed().as_secs_f64() / iters as f64);
+                let wall = t.elapsed().as_secs_f64();
+                times[m].push(wall / iters as f64);
+                busy[m].push((cpu_seconds() - c0) / wall);
             }
         }
         // Single-thread memcpy of the same size, measured by rank 0 alone while the
@@ -111,13 +126,14 @@ fn main() -> hetccl::Result<()> {
                 let t = median(&mut times[m]);
                 let algbw = bytes as f64 / t / 1e9;
                 println!(
-                    "{:>10} {:>8} {:>10.1} {:>9.2} {:>9.2} {:>12.2}",
+                    "{:>10} {:>8} {:>10.1} {:>9.2} {:>9.2} {:>12.2} {:>7.0}%",
                     bytes,
                     mode,
                     t * 1e6,
                     algbw,
                     algbw * factor,
-                    cpm
+                    cpm,
+                    median(&mut busy[m]) * 100.0
                 );
             }
         }
