@@ -92,6 +92,18 @@ fn large_count_every_op_and_dtype() {
 }
 
 #[test]
+fn shared_buffers_over_tcp_when_shm_is_disabled() {
+    // Nothing is mapped across processes then; the buffers are plain memory and every
+    // collective takes the links.
+    launch_shared_env(
+        3,
+        &["--counts", "0,7,1000", "--mixed", "10"],
+        &[("HETCCL_SHM_DISABLE", "1")],
+        "shared n=3 tcp",
+    );
+}
+
+#[test]
 fn eight_ranks_oversubscribed() {
     launch_shared(
         8,
