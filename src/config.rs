@@ -119,6 +119,9 @@ pub struct Config {
     pub compress_format: crate::compression::WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
+    /// `HETCCL_STREAM_MIN_BYTES`: an all-reduce on shared buffers at least this large
+    /// copies the other ranks' results with streaming (cache-bypassing) stores.
+    pub stream_min_bytes: usize,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,
 }
@@ -144,6 +147,7 @@ impl Default for Config {
             compress: CompressMode::Off,
             compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
+            stream_min_bytes: 32 << 20,
             launch: LaunchEnv::default(),
         }
     }
@@ -321,6 +325,9 @@ impl Config {
             connect_timeout: v
                 .parse_secs("HETCCL_CONNECT_TIMEOUT")?
                 .unwrap_or(d.connect_timeout),
+            stream_min_bytes: v
+                .parse_usize("HETCCL_STREAM_MIN_BYTES", 0, usize::MAX)?
+                .unwrap_or(d.stream_min_bytes),
             launch: launch_env(&v)?,
         })
     }
@@ -415,6 +422,7 @@ mod tests {
             ("HETCCL_ALGO", "Ring"),
             ("HETCCL_TIMEOUT", "2.5"),
             ("HETCCL_CHUNK_BYTES", "256K"),
+            ("HETCCL_STREAM_MIN_BYTES", "1G"),
             ("HETCCL_INIT", "file:///tmp/rdv"),
             ("RANK", "3"),
             ("WORLD_SIZE", "4"),
@@ -423,6 +431,8 @@ mod tests {
         assert_eq!(c.algo, AlgoChoice::Ring);
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.chunk_bytes, 256 << 10);
+        assert_eq!(c.stream_min_bytes, 1 << 30);
+        assert_eq!(cfg(&[]).unwrap().stream_min_bytes, 32 << 20);
         assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
         assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));
         assert_eq!(c.launch.source, "torchrun");

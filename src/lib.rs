@@ -33,7 +33,7 @@ pub mod topology;
 pub mod trainer;
 pub mod transport;
 
-pub use communicator::Communicator;
+pub use communicator::{Communicator, SharedBuf};
 pub use config::Config;
 pub use dtype::{DataType, Element, ReduceOp};
 pub use error::{Error, Result};

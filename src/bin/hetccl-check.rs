@@ -6,13 +6,15 @@
 //! hetccl run -n 4 -- hetccl-check --counts 0,1,7,1000
 //! ```
 //!
-//! Fault flags make one rank misbehave on purpose, for the failure tests.
+//! Fault flags make one rank misbehave on purpose, for the failure tests. `--shared`
+//! puts the buffers in memory from `Communicator::alloc_shared` (at odd offsets too), so
+//! the checks exercise the direct shared-buffer algorithms.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use hetccl::{Communicator, Element, ReduceOp};
+use hetccl::{Communicator, Element, ReduceOp, SharedBuf};
 
 struct Args {
     counts: Vec<usize>,
@@ -23,6 +25,7 @@ struct Args {
     fault_rank: usize,
     seed: u64,
     determinism: Option<usize>,
+    shared: bool,
     compressed: Option<usize>,
 }
 
@@ -36,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         fault_rank: 1,
         seed: 1,
         determinism: None,
+        shared: false,
         compressed: None,
     };
     let mut it = std::env::args().skip(1);
@@ -60,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
                 a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?
             }
             "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--shared" => a.shared = true,
             "--compressed" => {
                 a.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
             }
@@ -71,7 +76,8 @@ fn parse_args() -> Result<Args, String> {
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
                      \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
-                     \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)"
+                     \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
+                     \x20                   [--shared]  (buffers from alloc_shared)"
                 );
                 std::process::exit(0);
             }
@@ -112,6 +118,50 @@ fn expected<T: Element>(op: ReduceOp, i: usize, n: usize) -> T {
 struct Checker<'a> {
     comm: &'a Communicator,
     checks: usize,
+    shared: bool,
+}
+
+/// A buffer in private memory, or a window `[off, off + len)` of a shared one.
+enum Buf<T: Element> {
+    Private(Vec<T>),
+    Shared(SharedBuf<T>, usize, usize),
+}
+
+impl<T: Element> std::ops::Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Buf::Private(v) => v,
+            Buf::Shared(s, off, len) => &s[*off..*off + *len],
+        }
+    }
+}
+
+impl<T: Element> std::ops::DerefMut for Buf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Buf::Private(v) => v,
+            Buf::Shared(s, off, len) => &mut s[*off..*off + *len],
+        }
+    }
+}
+
+/// `data` in a private or (collectively allocated) shared buffer; shared ones start at
+/// element `off` of a larger allocation, so sub-slices are what the collective sees.
+fn make_buf<T: Element>(
+    comm: &Communicator,
+    shared: bool,
+    off: usize,
+    data: Vec<T>,
+) -> Result<Buf<T>, String> {
+    if !shared {
+        return Ok(Buf::Private(data));
+    }
+    let mut s = comm
+        .alloc_shared::<T>(off + data.len() + 2)
+        .map_err(|e| e.to_string())?;
+    s[off..off + data.len()].copy_from_slice(&data);
+    Ok(Buf::Shared(s, off, data.len()))
 }
 
 fn mismatch<T: Element>(what: &str, got: &[T], want: impl Fn(usize) -> T) -> Result<(), String> {
@@ -136,16 +186,21 @@ impl Checker<'_> {
     fn all_ops<T: Element>(&mut self, count: usize) -> Result<(), String> {
         let (r, n) = (self.comm.rank(), self.comm.world_size());
         let name = T::DTYPE.name();
-        for op in [
+        let (comm, sh) = (self.comm, self.shared);
+        for (k, op) in [
             ReduceOp::Sum,
             ReduceOp::Prod,
             ReduceOp::Max,
             ReduceOp::Min,
             ReduceOp::Avg,
-        ] {
-            let send: Vec<T> = (0..count).map(|i| input(op, r, i, n)).collect();
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let send_v: Vec<T> = (0..count).map(|i| input(op, r, i, n)).collect();
+            let send = make_buf(comm, sh, k % 3, send_v.clone())?;
             // all_reduce in place and out of place
-            let mut buf = send.clone();
+            let mut buf = make_buf(comm, sh, 1 + k % 2, send_v.clone())?;
             self.comm
                 .all_reduce(&mut buf, op)
                 .map_err(|e| e.to_string())?;
@@ -154,7 +209,7 @@ impl Checker<'_> {
                 &buf,
                 |i| expected(op, i, n),
             )?;
-            let mut out = vec![T::from_f64(0.0); count];
+            let mut out = make_buf(comm, sh, k % 2, vec![T::from_f64(0.0); count])?;
             self.comm
                 .all_reduce_into(&send, &mut out, op)
                 .map_err(|e| e.to_string())?;
@@ -163,9 +218,26 @@ impl Checker<'_> {
                 &out,
                 |i| expected(op, i, n),
             )?;
+            if sh {
+                // A private input into a shared output.
+                out.fill(T::from_f64(0.0));
+                self.comm
+                    .all_reduce_into(&send_v, &mut out, op)
+                    .map_err(|e| e.to_string())?;
+                mismatch(
+                    &format!("all_reduce_into private->shared {name} {op} count {count}"),
+                    &out,
+                    |i| expected(op, i, n),
+                )?;
+            }
 
             // reduce_scatter: block b of rank r holds input element b*count + i
-            let big: Vec<T> = (0..n * count).map(|i| input(op, r, i, n)).collect();
+            let big = make_buf(
+                comm,
+                sh,
+                k,
+                (0..n * count).map(|i| input(op, r, i, n)).collect(),
+            )?;
             let mut part = vec![T::from_f64(0.0); count];
             self.comm
                 .reduce_scatter(&big, &mut part, op)
@@ -189,7 +261,14 @@ impl Checker<'_> {
             self.checks += 4;
         }
         // all_gather: block b = rank b's input
-        let send: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+        let send = make_buf(
+            comm,
+            sh,
+            5,
+            (0..count)
+                .map(|i| input(ReduceOp::Sum, r, i, n))
+                .collect::<Vec<T>>(),
+        )?;
         let mut all = vec![T::from_f64(0.0); n * count];
         self.comm
             .all_gather(&send, &mut all)
@@ -198,7 +277,14 @@ impl Checker<'_> {
             input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
         })?;
         for root in [0, n / 2] {
-            let mut b: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+            let mut b = make_buf(
+                comm,
+                sh,
+                root,
+                (0..count)
+                    .map(|i| input(ReduceOp::Sum, r, i, n))
+                    .collect::<Vec<T>>(),
+            )?;
             self.comm
                 .broadcast(&mut b, root)
                 .map_err(|e| e.to_string())?;
@@ -245,12 +331,31 @@ impl Checker<'_> {
             let count = [0usize, 1, 3, 64, 1000, 4099, 70_000][(next() % 7) as usize];
             match next() % 4 {
                 0 => {
-                    let mut a: Vec<f32> =
-                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
-                    let mut b: Vec<i64> =
-                        (0..count).map(|i| input(ReduceOp::Max, r, i, n)).collect();
-                    let mut c: Vec<bf16> =
-                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let (comm, sh) = (self.comm, self.shared);
+                    let mut a = make_buf(
+                        comm,
+                        sh,
+                        0,
+                        (0..count)
+                            .map(|i| input(ReduceOp::Sum, r, i, n))
+                            .collect::<Vec<f32>>(),
+                    )?;
+                    let mut b = make_buf(
+                        comm,
+                        sh,
+                        1,
+                        (0..count)
+                            .map(|i| input(ReduceOp::Max, r, i, n))
+                            .collect::<Vec<i64>>(),
+                    )?;
+                    let mut c = make_buf(
+                        comm,
+                        sh,
+                        3,
+                        (0..count)
+                            .map(|i| input(ReduceOp::Sum, r, i, n))
+                            .collect::<Vec<bf16>>(),
+                    )?;
                     self.comm
                         .scope(|s| -> hetccl::Result<()> {
                             let h1 = s.all_reduce(&mut a, ReduceOp::Sum)?;
@@ -273,8 +378,14 @@ impl Checker<'_> {
                 }
                 1 => self.all_ops_one::<f16>(count)?,
                 2 => {
-                    let send: Vec<i32> =
-                        (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+                    let send = make_buf(
+                        self.comm,
+                        self.shared,
+                        2,
+                        (0..count)
+                            .map(|i| input(ReduceOp::Sum, r, i, n))
+                            .collect::<Vec<i32>>(),
+                    )?;
                     let mut all = vec![0i32; n * count];
                     self.comm
                         .all_gather(&send, &mut all)
@@ -292,7 +403,14 @@ impl Checker<'_> {
 
     fn all_ops_one<T: Element>(&mut self, count: usize) -> Result<(), String> {
         let (r, n) = (self.comm.rank(), self.comm.world_size());
-        let mut buf: Vec<T> = (0..count).map(|i| input(ReduceOp::Sum, r, i, n)).collect();
+        let mut buf = make_buf(
+            self.comm,
+            self.shared,
+            0,
+            (0..count)
+                .map(|i| input(ReduceOp::Sum, r, i, n))
+                .collect::<Vec<T>>(),
+        )?;
         self.comm
             .all_reduce(&mut buf, ReduceOp::Sum)
             .map_err(|e| e.to_string())?;
@@ -303,7 +421,7 @@ impl Checker<'_> {
 fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     let (r, n) = (comm.rank(), comm.world_size());
     let count = a.counts.iter().copied().max().unwrap_or(1000).max(1);
-    let mut buf: Vec<f32> = vec![1.0; count];
+    let mut buf = make_buf(comm, a.shared, 0, vec![1.0f32; count])?;
     // One collective that works, so every link is known good before the fault.
     comm.all_reduce(&mut buf, ReduceOp::Sum)
         .map_err(|e| e.to_string())?;
@@ -318,7 +436,18 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
                 // SAFETY: raising SIGSTOP on ourselves has no memory-safety impact.
                 unsafe { libc::raise(libc::SIGSTOP) };
             }
-            "count" => buf.truncate(count - 1),
+            "count" => {
+                return comm
+                    .all_reduce(&mut buf[..count - 1], ReduceOp::Sum)
+                    .map_err(|e| e.to_string());
+            }
+            "private" => {
+                // Shared buffers everywhere else, a private one here.
+                let mut other = vec![1.0f32; count];
+                return comm
+                    .all_reduce(&mut other, ReduceOp::Sum)
+                    .map_err(|e| e.to_string());
+            }
             "dtype" => {
                 let mut other = vec![1.0f64; count];
                 return comm
@@ -347,9 +476,9 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
 /// All-reduces pseudo-random f32 values whose sum rounds differently in different
 /// orders, and prints a hash of the result: equal hashes across ranks and runs show
 /// the reduction order is fixed.
-fn determinism(comm: &Communicator, count: usize, seed: u64) -> Result<(), String> {
+fn determinism(comm: &Communicator, count: usize, seed: u64, shared: bool) -> Result<(), String> {
     let mut x = (seed ^ (comm.rank() as u64 + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut buf: Vec<f32> = (0..count)
+    let data: Vec<f32> = (0..count)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
@@ -357,10 +486,11 @@ fn determinism(comm: &Communicator, count: usize, seed: u64) -> Result<(), Strin
             (x >> 40) as f32 / (1u64 << 24) as f32 * 1e3 - 5e2
         })
         .collect();
+    let mut buf = make_buf(comm, shared, 0, data)?;
     comm.all_reduce(&mut buf, ReduceOp::Sum)
         .map_err(|e| e.to_string())?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in &buf {
+    for v in buf.iter() {
         h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
     }
     println!("determinism hash {h:016x}");
@@ -447,11 +577,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.shared && comm.rank() == 0 {
+        // Lets tests look for files this job might have left in /dev/shm.
+        println!(
+            "shared buffers, job {}",
+            comm.config().job_id.as_deref().unwrap_or("-")
+        );
+    }
     let t0 = Instant::now();
     let result = if args.fault != "none" {
         fault(&comm, &args)
     } else if let Some(count) = args.determinism {
-        determinism(&comm, count, args.seed)
+        determinism(&comm, count, args.seed, args.shared)
     } else if let Some(count) = args.compressed {
         compressed(&comm, count).map(|k| {
             println!(
@@ -464,6 +601,7 @@ fn main() -> ExitCode {
         let mut ck = Checker {
             comm: &comm,
             checks: 0,
+            shared: args.shared,
         };
         let run = |ck: &mut Checker| -> Result<(), String> {
             for _ in 0..args.iters {

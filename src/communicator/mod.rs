@@ -26,6 +26,9 @@
 mod compress;
 mod init;
 mod probe;
+mod shared;
+
+pub use shared::SharedBuf;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -86,7 +89,9 @@ impl Completion {
 
 /// One collective handed to the progress thread.
 struct Work {
-    sched: Arc<Schedule>,
+    /// `None` when `direct` runs the call instead.
+    sched: Option<Arc<Schedule>>,
+    direct: Option<shared::Direct>,
     bufs: Buffers,
     ctx: ExecCtx,
     done: Arc<Completion>,
@@ -117,6 +122,7 @@ struct Progress {
     internal: Option<Compressor>,
     /// Set by [`Communicator::abort`] from any thread.
     abort: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<shared::SharedState>,
 }
 
 impl Progress {
@@ -134,31 +140,44 @@ impl Progress {
         }
         if self.abort.load(Ordering::Relaxed) {
             self.broken = Some("aborted by the application".into());
+            self.shared.abort();
             for l in self.links.iter_mut().flatten() {
                 l.abort();
             }
             return Err(Error::Broken("aborted by the application".into()));
         }
-        let need = w.sched.scratch_bytes.div_ceil(8);
-        if self.scratch.len() < need {
-            self.scratch.resize(need, 0);
-        }
-        w.bufs.scratch = self.scratch.as_mut_ptr().cast();
-        w.bufs.scratch_len = self.scratch.len() * 8;
-        let r = match w.compress.take() {
-            None => executor::execute(
-                &w.sched,
-                &mut self.links,
-                &w.bufs,
-                &w.ctx,
-                None,
-                Some(&self.abort),
-            ),
-            Some(job) => self.execute_compressed(w, &job),
+        let r = match (&w.direct, w.sched.clone()) {
+            (Some(d), _) => d
+                .execute(&w.bufs, &w.ctx, &self.abort)
+                .map(|()| OverflowStats::default()),
+            (None, Some(sched)) => {
+                let need = sched.scratch_bytes.div_ceil(8);
+                if self.scratch.len() < need {
+                    self.scratch.resize(need, 0);
+                }
+                w.bufs.scratch = self.scratch.as_mut_ptr().cast();
+                w.bufs.scratch_len = self.scratch.len() * 8;
+                if w.ctx.op != CollectiveOp::SendRecv {
+                    self.shared.note_link_op(w.ctx.seq);
+                }
+                match w.compress.take() {
+                    None => executor::execute(
+                        &sched,
+                        &mut self.links,
+                        &w.bufs,
+                        &w.ctx,
+                        None,
+                        Some(&self.abort),
+                    ),
+                    Some(job) => self.execute_compressed(w, &sched, &job),
+                }
+            }
+            (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
         if let Err(e) = &r {
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
             self.broken = Some(e.to_string());
+            self.shared.abort();
             for l in self.links.iter_mut().flatten() {
                 l.abort();
             }
@@ -166,7 +185,12 @@ impl Progress {
         r
     }
 
-    fn execute_compressed(&mut self, w: &Work, job: &CompressJob) -> Result<OverflowStats> {
+    fn execute_compressed(
+        &mut self,
+        w: &Work,
+        sched: &Schedule,
+        job: &CompressJob,
+    ) -> Result<OverflowStats> {
         let comp: &mut Compressor = if job.compressor.is_null() {
             match &mut self.internal {
                 Some(c) if c.format() == job.wire.format => c,
@@ -199,7 +223,7 @@ impl Progress {
             ..w.bufs
         };
         stats += executor::execute(
-            &w.sched,
+            sched,
             &mut self.links,
             &bufs,
             &w.ctx,
@@ -242,6 +266,8 @@ pub struct Communicator {
     logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
     // Kept alive for the communicator's lifetime: rank 0 may serve the store.
     _boot: Mutex<Option<Box<dyn Bootstrap>>>,
+    /// Shared buffers and the control pages of the direct path.
+    shared: Arc<shared::SharedState>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -277,6 +303,7 @@ impl Communicator {
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
             links,
@@ -284,6 +311,7 @@ impl Communicator {
             broken: None,
             internal: None,
             abort: abort.clone(),
+            shared: shared.clone(),
         };
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
@@ -305,6 +333,7 @@ impl Communicator {
             plans: Mutex::new(HashMap::new()),
             logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
+            shared,
         })
     }
 
@@ -409,6 +438,13 @@ impl Communicator {
     ) -> Result<Arc<Completion>> {
         let compress =
             compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
+        // Shared buffers are read in place, unless the call asked for compression,
+        // which is about what crosses links.
+        let direct = if compress.is_none() {
+            shared::plan(self, &call, input, output)
+        } else {
+            None
+        };
         // A compressed call runs as an in-place sum on the output; its passes do the rest.
         let plan_call = if compress.is_some() {
             Call {
@@ -419,7 +455,11 @@ impl Communicator {
         } else {
             call
         };
-        let sched = self.schedule(&plan_call);
+        let sched = if direct.is_none() {
+            Some(self.schedule(&plan_call))
+        } else {
+            None
+        };
         let done = Completion::new();
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else {
@@ -438,6 +478,7 @@ impl Communicator {
         };
         let work = Work {
             sched,
+            direct,
             bufs: Buffers {
                 input: input.0,
                 input_len: input.1,
@@ -742,6 +783,7 @@ impl Drop for Communicator {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+        self.shared.close();
     }
 }
 

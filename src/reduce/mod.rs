@@ -156,6 +156,105 @@ pub fn reduce_finalize<T: Element>(op: ReduceOp, dst: &mut [T], world_size: usiz
     }
 }
 
+/// Elements per step of [`reduce_n`]: 8 KiB of accumulator, which stays in L1 while
+/// every source's piece streams through it.
+const TILE_BYTES: usize = 8 << 10;
+
+/// `dst[i] = finalize(srcs[0][i] (op) srcs[1][i] (op) ... (op) srcs[k-1][i])`, folded left
+/// to right in exactly this order (so every caller gets bitwise the same result), in one
+/// pass: each source is read once and `dst` written once, whatever `k`.
+///
+/// Works in L1-sized tiles: the first two sources are combined into a stack
+/// accumulator, the others folded into it, `Avg` divided by `world_size`, and the tile
+/// stored to `dst`. `dst` may be one of the sources (an in-place reduction), since a
+/// tile is read completely before it is written. With one source this is a copy (plus
+/// the `Avg` division).
+///
+/// # Safety
+/// Every `srcs[j]` must be valid for reads of `len` elements and `dst` for writes of
+/// `len` elements; `dst` either equals a source or overlaps none; nothing else writes
+/// any of them during the call.
+pub unsafe fn reduce_n<T: Element>(
+    op: ReduceOp,
+    dst: *mut T,
+    srcs: &[*const T],
+    len: usize,
+    world_size: usize,
+) {
+    if srcs.is_empty() || len == 0 {
+        return;
+    }
+    let tile = TILE_BYTES / std::mem::size_of::<T>();
+    let mut store = [0u64; TILE_BYTES / 8];
+    // Every element type is at most 8 bytes with an alignment that divides 8.
+    let acc_all: &mut [T] = bytemuck::cast_slice_mut(&mut store);
+    let mut off = 0;
+    while off < len {
+        let m = (len - off).min(tile);
+        let acc = &mut acc_all[..m];
+        // SAFETY: the caller guarantees `off + m <= len` elements are readable at every
+        // source and that nobody writes them meanwhile; `dst` is written only below,
+        // after the last read of this tile.
+        let src = |j: usize| unsafe { std::slice::from_raw_parts(srcs[j].add(off), m) };
+        if srcs.len() == 1 {
+            acc.copy_from_slice(src(0));
+        } else {
+            reduce_from(op, acc, src(0), src(1));
+            for j in 2..srcs.len() {
+                reduce_inplace(op, acc, src(j));
+            }
+        }
+        reduce_finalize(op, acc, world_size);
+        // SAFETY: `dst` is valid for `len` writes; `acc` is on this stack frame.
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.add(off), m) };
+        off += m;
+    }
+}
+
+/// Copies `len` bytes with streaming (non-temporal) stores where the CPU has them:
+/// the destination's lines are written without being read first and without
+/// evicting anything from the cache, which saves one memory read per byte when the
+/// destination is not in cache and will not be read again soon (the other ranks'
+/// parts of a large all-reduce). Ends with a store fence, so a later release store
+/// publishes the data like after an ordinary copy.
+///
+/// # Safety
+/// `src` must be valid for `len` reads and `dst` for `len` writes, not overlapping.
+pub unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        // Ordinary stores up to the first 64-byte boundary of `dst`, and for the tail.
+        let head = (dst.align_offset(64)).min(len);
+        // SAFETY: the caller's contract covers every byte touched below: `head + 64 * k
+        // + tail == len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            let (mut s, mut d) = (src.add(head), dst.add(head));
+            let blocks = (len - head) / 64;
+            for _ in 0..blocks {
+                let a = _mm_loadu_si128(s.cast::<__m128i>());
+                let b = _mm_loadu_si128(s.add(16).cast::<__m128i>());
+                let c = _mm_loadu_si128(s.add(32).cast::<__m128i>());
+                let e = _mm_loadu_si128(s.add(48).cast::<__m128i>());
+                _mm_stream_si128(d.cast::<__m128i>(), a);
+                _mm_stream_si128(d.add(16).cast::<__m128i>(), b);
+                _mm_stream_si128(d.add(32).cast::<__m128i>(), c);
+                _mm_stream_si128(d.add(48).cast::<__m128i>(), e);
+                s = s.add(64);
+                d = d.add(64);
+            }
+            std::ptr::copy_nonoverlapping(s, d, len - head - 64 * blocks);
+            _mm_sfence();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, len)
+    };
+}
+
 /// Views raw bytes as a typed slice; falls back to `None` on misalignment.
 fn typed<T: Element>(bytes: &[u8]) -> Option<&[T]> {
     bytemuck::try_cast_slice(bytes).ok()
@@ -245,6 +344,72 @@ mod tests {
         let mut d = [4.0f32, 6.0];
         reduce_finalize(ReduceOp::Avg, &mut d, 2);
         assert_eq!(d, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn reduce_n_folds_in_rank_order_in_place_and_out_of_place() {
+        // 3 sources, more than one tile of f32 (2048 per tile), odd length.
+        let len = 5000;
+        let a: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..len).map(|i| 1e8 + (i % 3) as f32).collect();
+        let c: Vec<f32> = (0..len).map(|_| -1e8).collect();
+        let mut out = vec![0.0f32; len];
+        let srcs = [a.as_ptr(), b.as_ptr(), c.as_ptr()];
+        // SAFETY: every source and `out` hold `len` elements and do not overlap.
+        unsafe { reduce_n(ReduceOp::Sum, out.as_mut_ptr(), &srcs, len, 3) };
+        for i in [0usize, 1, 2047, 2048, 4999] {
+            // Left to right: (a + b) + c, which loses a's low bits to b's magnitude.
+            assert_eq!(out[i], (a[i] + b[i]) + c[i], "element {i}");
+        }
+        assert_eq!(
+            out[1], 0.0,
+            "1 + (1e8 + 1) rounds to 1e8 in f32; minus 1e8 is 0"
+        );
+
+        // In place into the second source, Avg of i32 with world size 3.
+        let x: Vec<i32> = (0..len as i32).collect();
+        let mut y: Vec<i32> = (0..len as i32).map(|i| 2 * i).collect();
+        let z: Vec<i32> = vec![3; len];
+        let srcs = [x.as_ptr(), y.as_ptr(), z.as_ptr()];
+        // SAFETY: `y` is both a source and the destination, exactly; lengths match.
+        unsafe { reduce_n(ReduceOp::Avg, y.as_mut_ptr(), &srcs, len, 3) };
+        for (i, v) in y.iter().enumerate() {
+            assert_eq!(*v, (3 * i as i32 + 3) / 3);
+        }
+
+        // One source: a copy.
+        let mut one = vec![0u8; 3];
+        // SAFETY: three readable and three writable bytes.
+        unsafe {
+            reduce_n(
+                ReduceOp::Max,
+                one.as_mut_ptr(),
+                &[[7u8, 8, 9].as_ptr()],
+                3,
+                1,
+            )
+        };
+        assert_eq!(one, [7, 8, 9]);
+    }
+
+    #[test]
+    fn copy_streaming_copies_every_byte_at_any_alignment() {
+        let src: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for (off, len) in [
+            (0usize, 0usize),
+            (1, 3),
+            (3, 64),
+            (5, 4000),
+            (0, 4999),
+            (63, 130),
+        ] {
+            let mut dst = vec![0xAAu8; 5100];
+            // SAFETY: `off + len` fits both vectors; they do not overlap.
+            unsafe { copy_streaming(dst.as_mut_ptr().add(off), src.as_ptr(), len) };
+            assert_eq!(&dst[off..off + len], &src[..len], "off {off} len {len}");
+            assert!(dst[..off].iter().all(|&b| b == 0xAA));
+            assert!(dst[off + len..].iter().all(|&b| b == 0xAA));
+        }
     }
 
     #[test]

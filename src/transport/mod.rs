@@ -10,9 +10,13 @@
 //! | [`tcp`] | ranks on different hosts; several sockets per peer, chunks striped |
 //! | [`mem`] | two threads of one process (tests of the algorithms) |
 //!
+//! [`shared_mem`] holds the segments behind shared buffers, which ranks of one host map
+//! to read each other's data directly (no link involved).
+//!
 //! [`connect_all`] builds the full mesh of links at start-up.
 
 pub mod mem;
+pub mod shared_mem;
 pub mod shm;
 pub mod tcp;
 

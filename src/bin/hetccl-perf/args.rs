@@ -33,6 +33,8 @@ pub struct Args {
     pub algo: Option<AlgoChoice>,
     /// `--json`: also write the table here (rank 0).
     pub json: Option<String>,
+    /// `--shared`: buffers from `Communicator::alloc_shared` (direct shared-memory path).
+    pub shared: bool,
 }
 
 impl Default for Args {
@@ -50,6 +52,7 @@ impl Default for Args {
             root: 0,
             algo: None,
             json: None,
+            shared: false,
         }
     }
 }
@@ -68,7 +71,8 @@ pub const USAGE: &str = "\
 usage: hetccl-perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] [-c 0|1]
                    [-o sum|prod|min|max|avg] [-d f32|f64|f16|bf16|i8|u8|i32|u32|i64|u64]
                    [-g all_reduce|reduce_scatter|all_gather|broadcast|reduce] [-r ROOT]
-                   [-a auto|ring|tree|hier] [--json FILE]
+                   [-a auto|ring|tree|hier] [--json FILE] [--shared]
+--shared puts the buffers in memory from alloc_shared (ranks of a host read each other's).
 Sizes take K, M, G suffixes (binary). Start one process per rank, e.g.
   hetccl run -n 2 -- hetccl-perf -b 8 -e 256M -f 4";
 
@@ -171,6 +175,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Parsed, String> 
                 })?);
             }
             "--json" => a.json = Some(value()?),
+            "--shared" => a.shared = true,
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use hetccl::config::AlgoChoice;
 use hetccl::dtype::CollectiveOp;
-use hetccl::{Communicator, Config, Element, ReduceOp};
+use hetccl::{Communicator, Config, Element, ReduceOp, SharedBuf};
 
 use args::{Args, Parsed, Shape};
 use report::{Row, Timing};
@@ -136,11 +136,48 @@ fn modes(coll: CollectiveOp) -> (bool, bool) {
     }
 }
 
-struct Bench<'a, T> {
+struct Bench<'a, T: Element> {
     comm: &'a Communicator,
     a: &'a Args,
-    send: Vec<T>,
-    recv: Vec<T>,
+    send: Mem<T>,
+    recv: Mem<T>,
+}
+
+/// A benchmark buffer: private memory, or a shared buffer (`--shared`).
+enum Mem<T: Element> {
+    Private(Vec<T>),
+    Shared(SharedBuf<T>),
+}
+
+impl<T: Element> Mem<T> {
+    /// `len` zeros; collective when `shared`.
+    fn new(comm: &Communicator, len: usize, shared: bool) -> Result<Self, String> {
+        if shared {
+            let b = comm.alloc_shared(len).map_err(|e| e.to_string())?;
+            Ok(Mem::Shared(b))
+        } else {
+            Ok(Mem::Private(vec![T::from_f64(0.0); len]))
+        }
+    }
+}
+
+impl<T: Element> std::ops::Deref for Mem<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Mem::Private(v) => v,
+            Mem::Shared(s) => s,
+        }
+    }
+}
+
+impl<T: Element> std::ops::DerefMut for Mem<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Mem::Private(v) => v,
+            Mem::Shared(s) => s,
+        }
+    }
 }
 
 impl<T: Element> Bench<'_, T> {
@@ -275,8 +312,10 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
         );
         println!("#");
         println!(
-            "# Ranks (world size {n}; chunk {} B, pipeline depth {})",
-            cfg.chunk_bytes, cfg.pipeline_depth
+            "# Ranks (world size {n}; chunk {} B, pipeline depth {}; {} buffers)",
+            cfg.chunk_bytes,
+            cfg.pipeline_depth,
+            if a.shared { "shared" } else { "private" }
         );
         for l in &lines {
             println!("#  {l}");
@@ -290,8 +329,8 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
     let mut b = Bench {
         comm,
         a,
-        send: vec![T::from_f64(0.0); max_send],
-        recv: vec![T::from_f64(0.0); max_recv],
+        send: Mem::<T>::new(comm, max_send, a.shared)?,
+        recv: Mem::<T>::new(comm, max_recv, a.shared)?,
     };
     let (oop, ip) = modes(a.coll);
     let reduces = !matches!(a.coll, CollectiveOp::AllGather | CollectiveOp::Broadcast);

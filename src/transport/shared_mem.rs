@@ -1,0 +1,456 @@
+//! Memory that several processes of one host map at once: the buffers behind
+//! [`crate::Communicator::alloc_shared`] and the per-rank control pages that go with them.
+//!
+//! A segment is made by one process (its owner) and mapped by the others of its host,
+//! which only read it (buffers) or also write a few words (control pages). Two ways to
+//! hand it over, tried in this order:
+//!
+//! - an anonymous `memfd`, which the others open as `/proc/<owner pid>/fd/<fd>`: it never
+//!   has a name in any filesystem, so a crash at any moment leaves nothing behind;
+//! - when that path cannot be opened (pid namespaces differ, `/proc` is hidden): a
+//!   `/dev/shm` file with a random name, unlinked as soon as every process has mapped it.
+//!
+//! Either way the owner drops its handle ([`OwnedSegment::release`]) once everyone has
+//! mapped it; the memory then lives exactly as long as the last mapping.
+//!
+//! Every page is reserved (`fallocate`, so a full memory cgroup or `/dev/shm` is an
+//! error here rather than a `SIGBUS` later) and faulted in at creation, and again by
+//! each mapper (`MAP_POPULATE`): no page fault on the hot path. Segments of 2 MiB and
+//! more try `MFD_HUGETLB` first and ask for transparent huge pages otherwise; both are
+//! best effort (most machines have no huge page pool and `shmem_enabled=never`).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::error::{Error, Result};
+
+const PAGE: usize = 4096;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// How another process of the host finds a segment.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SegmentHandle {
+    /// `/proc/<pid>/fd/<fd>` of the owner.
+    Memfd {
+        /// Owner's process id.
+        pid: u32,
+        /// Descriptor number in the owner.
+        fd: i32,
+    },
+    /// `/dev/shm/<name>`.
+    Named {
+        /// File name under `/dev/shm`.
+        name: String,
+    },
+}
+
+/// One mapping of a segment in this process; unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+    huge: bool,
+    ino: u64,
+}
+
+// SAFETY: a `Mapping` owns its address range (nothing else unmaps it); the bytes in it
+// are accessed through raw pointers by code that synchronises with other processes
+// through atomics, so moving or sharing the owner between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out the address.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// First byte of the mapping (page aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes (a multiple of the page size).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: segments are at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the segment is backed by hugetlb pages.
+    pub fn huge_pages(&self) -> bool {
+        self.huge
+    }
+
+    /// Inode of the segment's file: the same in every process that maps it.
+    pub fn inode(&self) -> u64 {
+        self.ino
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` is this value's own mapping; no reference into it outlives
+        // the value (owners of raw pointers into it hold the value alive).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A segment this process made, mapped read-write, plus what others need to map it.
+#[derive(Debug)]
+pub struct OwnedSegment {
+    map: Mapping,
+    fd: Option<OwnedFd>,
+    /// `/dev/shm` name while it is still linked.
+    linked: Option<LinkedName>,
+    handle: SegmentHandle,
+}
+
+/// A `/dev/shm` name this process created; unlinked on drop.
+#[derive(Debug)]
+struct LinkedName(CString);
+
+impl Drop for LinkedName {
+    fn drop(&mut self) {
+        // SAFETY: valid NUL-terminated name of a file this process created.
+        if unsafe { libc::shm_unlink(self.0.as_ptr()) } != 0 {
+            tracing::warn!(
+                "could not unlink /dev/shm{}: {}",
+                self.0.to_string_lossy(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+impl OwnedSegment {
+    /// Makes a zero-filled segment of at least `bytes` bytes (rounded up to a page, at
+    /// least one page): a memfd, or the `/dev/shm` file `name` when given. `what`
+    /// names the segment in errors ("rank 3: shared buffer #2").
+    pub fn create(bytes: usize, name: Option<&str>, what: &str) -> Result<Self> {
+        let len = bytes.max(1).div_ceil(PAGE) * PAGE;
+        match name {
+            None => {
+                if len >= HUGE_PAGE {
+                    let hlen = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+                    if let Ok(s) = Self::create_memfd(hlen, true, what) {
+                        return Ok(s);
+                    }
+                }
+                Self::create_memfd(len, false, what)
+            }
+            Some(n) => Self::create_named(len, n, what),
+        }
+    }
+
+    fn create_memfd(len: usize, huge: bool, what: &str) -> Result<Self> {
+        let cname = c"hetccl-shared";
+        let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+        // SAFETY: valid NUL-terminated name, plain flags.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(Error::Shm(format!(
+                "{what}: memfd_create: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` was just returned to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let map = size_and_map(&fd, len, huge, what)?;
+        Ok(OwnedSegment {
+            map,
+            handle: SegmentHandle::Memfd {
+                pid: std::process::id(),
+                fd: fd.as_raw_fd(),
+            },
+            fd: Some(fd),
+            linked: None,
+        })
+    }
+
+    fn create_named(len: usize, name: &str, what: &str) -> Result<Self> {
+        let cname = shm_cname(name)?;
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let fd = unsafe {
+            libc::shm_open(
+                cname.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::Shm(format!(
+                "{what}: creating /dev/shm/{name}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` was just returned to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Unlinked when this guard drops: on error right away, else at `release`.
+        let linked = LinkedName(cname);
+        let map = size_and_map(&fd, len, false, what)?;
+        Ok(OwnedSegment {
+            map,
+            fd: Some(fd),
+            linked: Some(linked),
+            handle: SegmentHandle::Named {
+                name: name.to_string(),
+            },
+        })
+    }
+
+    /// What another process passes to [`open`].
+    pub fn handle(&self) -> &SegmentHandle {
+        &self.handle
+    }
+
+    /// The owner's read-write mapping.
+    pub fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// Drops the way in (closes the memfd, unlinks the `/dev/shm` name): call once every
+    /// process that needs the segment has mapped it. Idempotent.
+    pub fn release(&mut self) {
+        self.fd = None;
+        self.linked = None;
+    }
+
+    /// Releases the handle and keeps only the mapping.
+    pub fn into_mapping(mut self) -> Mapping {
+        self.release();
+        self.map
+    }
+}
+
+/// Maps another process's segment, which must be at least `min_bytes` long; read-only
+/// unless `writable`. `what` names it in errors.
+pub fn open(
+    handle: &SegmentHandle,
+    min_bytes: usize,
+    writable: bool,
+    what: &str,
+) -> Result<Mapping> {
+    let (path, cpath) = match handle {
+        SegmentHandle::Memfd { pid, fd } => {
+            let p = format!("/proc/{pid}/fd/{fd}");
+            let c = CString::new(p.clone()).map_err(|_| Error::Shm(format!("bad path {p:?}")))?;
+            (p, c)
+        }
+        SegmentHandle::Named { name } => {
+            shm_cname(name)?;
+            let p = format!("/dev/shm/{name}");
+            let c = CString::new(p.clone()).map_err(|_| Error::Shm(format!("bad path {p:?}")))?;
+            (p, c)
+        }
+    };
+    let mode = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    // SAFETY: valid NUL-terminated path.
+    let fd = unsafe { libc::open(cpath.as_ptr(), mode | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Shm(format!(
+            "{what}: opening {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` was just returned to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: stat is plain data; zeroed is a valid initial value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: our fd and a valid out pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Error::Shm(format!(
+            "{what}: stat of {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let len = st.st_size as usize;
+    if len < min_bytes.max(1) || len % PAGE != 0 {
+        return Err(Error::Shm(format!(
+            "{what}: {path} holds {len} bytes, expected at least {min_bytes}"
+        )));
+    }
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh shared mapping of our fd; MAP_POPULATE fills the page tables now
+    // so reading the peer's memory never faults on the hot path.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::Shm(format!(
+            "{what}: mapping {len} bytes of {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(Mapping {
+        ptr: p.cast(),
+        len,
+        huge: len % HUGE_PAGE == 0 && is_hugetlb(&fd),
+        ino: st.st_ino,
+    })
+}
+
+fn is_hugetlb(fd: &OwnedFd) -> bool {
+    // SAFETY: statfs is plain data; zeroed is a valid initial value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: our fd and a valid out pointer.
+    (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }) == 0 && st.f_type == libc::HUGETLBFS_MAGIC
+}
+
+/// Sizes the new file, reserves every page, maps it and faults it in.
+fn size_and_map(fd: &OwnedFd, len: usize, huge: bool, what: &str) -> Result<Mapping> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::ftruncate(raw, len as libc::off_t) } != 0 {
+        return Err(Error::Shm(format!(
+            "{what}: sizing to {len} bytes: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: plain syscall on our fd; returns an errno value.
+    let r = unsafe { libc::posix_fallocate(raw, 0, len as libc::off_t) };
+    if r != 0 {
+        return Err(Error::Shm(format!(
+            "{what}: reserving {len} bytes: {} (is the memory limit or /dev/shm too small?)",
+            std::io::Error::from_raw_os_error(r)
+        )));
+    }
+    // SAFETY: a fresh shared mapping of our fd, `len` bytes long as just sized.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::Shm(format!(
+            "{what}: mapping {len} bytes: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: stat is plain data; zeroed is a valid initial value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: our fd and a valid out pointer.
+    let ino = if unsafe { libc::fstat(raw, &mut st) } == 0 {
+        st.st_ino
+    } else {
+        0
+    };
+    let map = Mapping {
+        ptr: p.cast(),
+        len,
+        huge,
+        ino,
+    };
+    if !huge {
+        // Best effort: honoured only where shmem transparent huge pages are allowed.
+        // SAFETY: advice on our own mapping.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+    }
+    // Fault every page in now. MADV_POPULATE_WRITE (Linux 5.14) does it in one call;
+    // older kernels get one write per page.
+    const MADV_POPULATE_WRITE: i32 = 23;
+    // SAFETY: advice on our own mapping.
+    if unsafe { libc::madvise(p, len, MADV_POPULATE_WRITE) } != 0 {
+        let step = if huge { HUGE_PAGE } else { PAGE };
+        for off in (0..len).step_by(step) {
+            // SAFETY: inside our fresh mapping, whose pages are reserved (fallocate),
+            // and nobody else has it yet; writing the zero it holds changes nothing.
+            unsafe { std::ptr::write_volatile(map.ptr.add(off), 0) };
+        }
+    }
+    Ok(map)
+}
+
+fn shm_cname(name: &str) -> Result<CString> {
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(Error::Shm(format!(
+            "bad segment name {name:?}: use 1 to 200 characters from [A-Za-z0-9._-]"
+        )));
+    }
+    CString::new(format!("/{name}")).map_err(|_| Error::Shm(format!("bad segment name {name:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill_and_check(owner: &OwnedSegment, other: &Mapping) {
+        // SAFETY: both map the same segment of at least one page; this test is the only
+        // user.
+        unsafe {
+            *owner.mapping().as_ptr().add(100) = 42;
+            assert_eq!(*other.as_ptr().add(100), 42);
+            assert_eq!(*other.as_ptr().add(101), 0);
+        }
+    }
+
+    #[test]
+    fn memfd_segment_is_mapped_through_proc_and_never_named() {
+        let mut s = OwnedSegment::create(10_000, None, "test").unwrap();
+        assert_eq!(s.mapping().len(), 12_288);
+        let SegmentHandle::Memfd { pid, .. } = s.handle().clone() else {
+            panic!("expected a memfd handle, got {:?}", s.handle());
+        };
+        assert_eq!(pid, std::process::id());
+        let m = open(s.handle(), 10_000, false, "test").unwrap();
+        assert_eq!(m.len(), 12_288);
+        fill_and_check(&s, &m);
+        let h = s.handle().clone();
+        s.release();
+        let e = open(&h, 1, false, "peer").unwrap_err().to_string();
+        assert!(e.starts_with("shared memory: peer: opening /proc/"), "{e}");
+        // The mappings outlive the handle.
+        fill_and_check(&s, &m);
+    }
+
+    #[test]
+    fn named_segment_is_unlinked_on_release() {
+        let name = format!("hetccl-test-shared-{:016x}", rand::random::<u64>());
+        let mut s = OwnedSegment::create(1, Some(&name), "test").unwrap();
+        assert_eq!(s.mapping().len(), 4096);
+        assert!(std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+        let m = open(s.handle(), 4096, true, "test").unwrap();
+        fill_and_check(&s, &m);
+        s.release();
+        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+        let s2 = OwnedSegment::create(1, Some(&name), "test").unwrap();
+        drop(s2);
+        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+    }
+
+    #[test]
+    fn open_checks_the_size() {
+        let s = OwnedSegment::create(4096, None, "test").unwrap();
+        let e = open(s.handle(), 8192, false, "rank 1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("holds 4096 bytes, expected at least 8192"),
+            "{e}"
+        );
+    }
+}
