@@ -1316,6 +1316,7 @@ mod tests {
                     hostname: "h".into(),
                     node_id: "n0".into(),
                     pid: std::process::id(),
+                    device: crate::topology::Device::Cpu,
                 })
                 .collect(),
         );
