@@ -3,7 +3,7 @@
 //! The crate is layered as `../DESIGN.md` describes; dependencies point down only:
 //!
 //! ```text
-//!  trainer          uses only the public API, like any user
+//!  trainer          BERT pretraining; uses only the public API, like any user
 //!  capi             extern "C" wrappers
 //!  communicator     the user-facing object: collectives, async handles
 //!  algorithm        ring, tree, hierarchical schedules (pure data) + one executor
@@ -30,6 +30,7 @@ pub mod error;
 pub mod launcher;
 pub mod reduce;
 pub mod topology;
+pub mod trainer;
 pub mod transport;
 
 pub use communicator::Communicator;

@@ -102,7 +102,7 @@ fn hierarchical_on_simulated_nodes() {
         let node_of: Vec<usize> = sizes
             .iter()
             .enumerate()
-            .flat_map(|(k, &g)| std::iter::repeat(k).take(g))
+            .flat_map(|(k, &g)| std::iter::repeat_n(k, g))
             .collect();
         let children = spawn_ranks(
             n,

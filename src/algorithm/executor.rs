@@ -319,6 +319,7 @@ pub fn execute(
     bufs: &Buffers,
     ctx: &ExecCtx,
     wire: Option<&Wire>,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<OverflowStats> {
     let mut stats = OverflowStats::default();
     // One staging buffer per compressing link (one message in flight per link), sized
@@ -359,6 +360,7 @@ pub fn execute(
     let mut n_done = 0usize;
     let ready = |done: &[bool], i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);
     let mut idle = 0u32;
+    let mut fds: Vec<(i32, bool)> = Vec::new();
     let mut last_progress = Instant::now();
     let mut last_check = Instant::now();
 
@@ -458,10 +460,20 @@ pub fn execute(
             continue;
         }
         idle = idle.saturating_add(1);
-        backoff(idle);
+        if idle < 512 {
+            backoff(idle);
+        } else {
+            sleep_on_links(idle, &active, links, &mut fds);
+        }
         let now = Instant::now();
         if now.duration_since(last_check) >= Duration::from_millis(50) {
             last_check = now;
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(Error::Broken(format!(
+                    "rank {}: {} #{} aborted by the application",
+                    ctx.rank, ctx.op, ctx.seq
+                )));
+            }
             // Only peers this rank still has business with: one that got everything it
             // needed from us may already have finished and exited.
             for &p in active
@@ -532,6 +544,52 @@ fn blocked_on(
         }
     }
     (active.first().copied().unwrap_or(0), "to make progress")
+}
+
+/// Sleeps until a socket of a waiting link is ready, when links have sockets: up to 2 ms
+/// when every link can wake us, 100 µs when some (shared memory) can only be polled.
+/// Links with no sockets fall back to [`backoff`]'s growing sleeps.
+fn sleep_on_links(
+    idle: u32,
+    active: &[usize],
+    links: &[Option<Box<dyn Link>>],
+    fds: &mut Vec<(i32, bool)>,
+) {
+    fds.clear();
+    let mut all_wake = true;
+    for &p in active {
+        if let Some(l) = links[p].as_ref() {
+            let before = fds.len();
+            l.wait_fds(fds);
+            all_wake &= fds.len() > before;
+        }
+    }
+    if fds.is_empty() {
+        backoff(idle);
+        return;
+    }
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, w)| libc::pollfd {
+            fd,
+            events: libc::POLLIN | if w { libc::POLLOUT } else { 0 },
+            revents: 0,
+        })
+        .collect();
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: if all_wake { 2_000_000 } else { 100_000 },
+    };
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the call's
+    // duration; a null sigmask leaves the signal mask unchanged.
+    unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
 }
 
 /// Spin a little (a peer on another core answers within microseconds), then yield

@@ -96,7 +96,9 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
         }
         Error::Timeout { .. } => hetcclTimeout,
         Error::PeerLost { .. } | Error::Link { .. } | Error::Auth { .. } => hetcclRemoteError,
-        Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } => hetcclSystemError,
+        Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } | Error::Checkpoint { .. } => {
+            hetcclSystemError
+        }
         Error::Device { .. } => hetcclUnhandledCudaError,
     }
 }

@@ -115,6 +115,8 @@ struct Progress {
     broken: Option<String>,
     /// Compressor for collectives compressed by `HETCCL_COMPRESS` alone.
     internal: Option<Compressor>,
+    /// Set by [`Communicator::abort`] from any thread.
+    abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Progress {
@@ -130,6 +132,13 @@ impl Progress {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
+        if self.abort.load(Ordering::Relaxed) {
+            self.broken = Some("aborted by the application".into());
+            for l in self.links.iter_mut().flatten() {
+                l.abort();
+            }
+            return Err(Error::Broken("aborted by the application".into()));
+        }
         let need = w.sched.scratch_bytes.div_ceil(8);
         if self.scratch.len() < need {
             self.scratch.resize(need, 0);
@@ -137,7 +146,14 @@ impl Progress {
         w.bufs.scratch = self.scratch.as_mut_ptr().cast();
         w.bufs.scratch_len = self.scratch.len() * 8;
         let r = match w.compress.take() {
-            None => executor::execute(&w.sched, &mut self.links, &w.bufs, &w.ctx, None),
+            None => executor::execute(
+                &w.sched,
+                &mut self.links,
+                &w.bufs,
+                &w.ctx,
+                None,
+                Some(&self.abort),
+            ),
             Some(job) => self.execute_compressed(w, &job),
         };
         if let Err(e) = &r {
@@ -182,7 +198,14 @@ impl Progress {
             input_len: w.bufs.output_len,
             ..w.bufs
         };
-        stats += executor::execute(&w.sched, &mut self.links, &bufs, &w.ctx, Some(&job.wire))?;
+        stats += executor::execute(
+            &w.sched,
+            &mut self.links,
+            &bufs,
+            &w.ctx,
+            Some(&job.wire),
+            Some(&self.abort),
+        )?;
         compress::post_pass(job.wire.format, out, comp.scale(world)?, job.op, world);
         comp.add_pending(stats);
         Ok(comp.finish_collective())
@@ -209,6 +232,7 @@ pub struct Communicator {
     model: LinkModel,
     link_kinds: Vec<Option<LinkKind>>,
     seq: AtomicU64,
+    abort: Arc<std::sync::atomic::AtomicBool>,
     p2p_send_seq: Vec<AtomicU64>,
     p2p_recv_seq: Vec<AtomicU64>,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
@@ -252,12 +276,14 @@ impl Communicator {
         }
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let progress = Progress {
             rank,
             links,
             scratch: Vec::new(),
             broken: None,
             internal: None,
+            abort: abort.clone(),
         };
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
@@ -271,6 +297,7 @@ impl Communicator {
             topo,
             link_kinds,
             seq: AtomicU64::new(0),
+            abort,
             p2p_send_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             tx: Mutex::new(Some(tx)),
@@ -279,6 +306,13 @@ impl Communicator {
             logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
         })
+    }
+
+    /// Gives up on the communicator from any thread: an operation blocked on a peer
+    /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
+    /// every later call fails. For watchdogs, like `ncclCommAbort`.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
     }
 
     /// This rank.
@@ -369,8 +403,8 @@ impl Communicator {
     fn submit(
         &self,
         call: Call,
-        input: (*const u8, usize),
-        output: (*mut u8, usize),
+        input: RawIn,
+        output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<Arc<Completion>> {
         let compress =
@@ -484,10 +518,7 @@ impl Communicator {
     }
 
     /// Validates a call and returns its pieces for `submit`.
-    fn prepare<T: Element>(
-        &self,
-        req: Request<'_, T>,
-    ) -> Result<(Call, (*const u8, usize), (*mut u8, usize))> {
+    fn prepare<T: Element>(&self, req: Request<'_, T>) -> Result<(Call, RawIn, RawOut)> {
         let n = self.world_size;
         let Request {
             op,
@@ -714,6 +745,11 @@ impl Drop for Communicator {
     }
 }
 
+/// A caller's send buffer as the progress thread sees it: address and length in bytes.
+type RawIn = (*const u8, usize);
+/// A caller's receive buffer: address and length in bytes.
+type RawOut = (*mut u8, usize);
+
 /// A validated request, before it becomes a [`Call`].
 struct Request<'a, T> {
     op: CollectiveOp,
@@ -904,6 +940,7 @@ mod tests {
 
     /// `n` communicators in one process, fully connected by in-memory links, with
     /// ranks grouped into nodes of `per_node`.
+    #[allow(clippy::needless_range_loop)]
     fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
@@ -1075,6 +1112,23 @@ mod tests {
             assert!(v[5].is_nan());
             assert_eq!(v[0], 2.0);
         }
+    }
+
+    #[test]
+    fn abort_from_another_thread_ends_a_blocked_call() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let t0 = std::time::Instant::now();
+        let e = std::thread::scope(|s| {
+            // Rank 1 never joins: rank 0's all-reduce blocks until the abort.
+            let h = s.spawn(|| comms[0].all_reduce(&mut [1.0f32; 100], ReduceOp::Sum));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            comms[0].abort();
+            h.join().unwrap().unwrap_err()
+        });
+        assert!(e.to_string().contains("aborted by the application"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let again = comms[0].barrier().unwrap_err().to_string();
+        assert!(again.contains("aborted"), "{again}");
     }
 
     #[test]

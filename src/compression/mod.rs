@@ -295,7 +295,7 @@ pub fn compress<W: WireFloat>(
     dst: &mut [W],
 ) -> OverflowStats {
     debug_assert_eq!(src.len(), dst.len());
-    debug_assert!(residual.as_ref().map_or(true, |r| r.len() == src.len()));
+    debug_assert!(residual.as_ref().is_none_or(|r| r.len() == src.len()));
     #[cfg(target_arch = "x86_64")]
     if fast_path() {
         // SAFETY: AVX2 and F16C were detected just above.
@@ -340,7 +340,7 @@ pub fn decompress_add_compress<W: WireFloat>(
 ) -> OverflowStats {
     debug_assert_eq!(incoming.len(), dst.len());
     debug_assert_eq!(local.len(), dst.len());
-    debug_assert!(residual.as_ref().map_or(true, |r| r.len() == dst.len()));
+    debug_assert!(residual.as_ref().is_none_or(|r| r.len() == dst.len()));
     #[cfg(target_arch = "x86_64")]
     if fast_path() {
         // SAFETY: AVX2 and F16C were detected just above.

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Side-by-side all-reduce bandwidth: OpenMPI's MPI_Allreduce against hetccl-perf, with
+# single-thread memcpy and loopback TCP (iperf3 -P 4) as ceilings.
+#
+#   scripts/compare-mpi.sh [--quick] [--bind] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
+#
+# Needs mpicc/mpirun (openmpi-bin, libopenmpi-dev), iperf3 and a Rust toolchain; it
+# installs nothing. For every configuration it runs OpenMPI and hetccl alternately
+# --repeats times (default 5), each run covering every size, and reports per size the
+# median over repeats of each run's busbw (MPI: median over iterations of the slowest
+# rank's time; hetccl: mean over iterations of the slowest rank's time, out-of-place).
+#
+# Configurations:
+#   shm2  2 ranks, shared memory  (MPI: btl self,vader)
+#   tcp2  2 ranks, TCP loopback   (MPI: pml ob1, btl tcp,self; hetccl: HETCCL_SHM_DISABLE=1)
+#   shm4  4 ranks on 2 cores (oversubscribed), shared memory
+#   tcp4  4 ranks on 2 cores (oversubscribed), TCP loopback
+# Pinning: by default neither pins (OpenMPI --bind-to none; hetccl run without
+# --bind-cores): on a shared machine a pinned rank cannot move off a core that another
+# job is using. With --bind, configurations with no more ranks than cores pin one rank
+# per core on both sides (--bind-to core, --bind-cores).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+quick=0
+bind=0
+repeats=5
+configs="shm2 tcp2 shm4 tcp4"
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --bind) bind=1 ;;
+        --repeats) repeats=$2; shift ;;
+        --configs) configs=$2; shift ;;
+        --out) out=$2; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "compare-mpi.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+# Size bands: each is one launch per tool; large sizes get fewer iterations so a
+# repeat stays under a minute on a busy 2-core machine.
+if [ "$quick" = 1 ]; then
+    bands=("-b 256 -e 16M -f 16 -n 10 -w 3")
+else
+    bands=("-b 4 -e 4M -f 4 -n 20 -w 5" "-b 16M -e 256M -f 4 -n 5 -w 2")
+fi
+
+for tool in mpicc mpirun iperf3 cargo; do
+    command -v "$tool" >/dev/null || { echo "compare-mpi.sh: $tool not found (CI installs openmpi-bin libopenmpi-dev iperf3)" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+iperf_pid=""
+cleanup() {
+    if [ -n "$iperf_pid" ]; then kill "$iperf_pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "# building" >&2
+mpicc -O2 -o "$work/mpi_allreduce_bench" "$here/mpi_allreduce_bench.c"
+(cd "$root" && cargo build --release --quiet --bin hetccl --bin hetccl-perf)
+target=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+hetccl="$target/release/hetccl"
+perf="$target/release/hetccl-perf"
+
+mpi_common=(mpirun --allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo)
+
+# run_mpi CONFIG -> "size busbw" lines
+run_mpi() {
+    local n=${1: -1} link=${1%?} extra
+    if [ "$link" = tcp ]; then extra=(--mca pml ob1 --mca btl tcp,self); else extra=(--mca btl self,vader); fi
+    if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then extra+=(--bind-to core); else extra+=(--bind-to none); fi
+    : >"$work/mpi.out"
+    for band in "${bands[@]}"; do
+        # shellcheck disable=SC2086 # a band is a list of flags
+        "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" $band \
+            >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
+    done
+    awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+                            if (v["wrong"] != 0) { print "MPI wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
+                            print v["size"], v["size"] / (v["time_us"] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
+    sed -n 's/^max_rss_kib=//p' "$work/mpi.out" | sort -g | tail -1 >"$work/mpi.rss"
+}
+
+# run_hetccl CONFIG -> "size busbw_out_of_place busbw_in_place" lines
+run_hetccl() {
+    local n=${1: -1} link=${1%?} shm_off=0 pin=()
+    if [ "$link" = tcp ]; then shm_off=1; fi
+    if [ "$bind" = 1 ] && [ "$n" -le "$(nproc)" ]; then pin=(--bind-cores); fi
+    : >"$work/hetccl.out"
+    for band in "${bands[@]}"; do
+        # shellcheck disable=SC2086
+        HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${pin[@]}" -- "$perf" $band -c 1 -d f32 -o sum \
+            >>"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
+    done
+    # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
+    sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
+    # busbw from the time column: the table rounds bandwidths to 0.01 GB/s.
+    awk -v n="$n" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
+                                       f = 2 * (n - 1) / n; print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
+    sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" | sort -g | tail -1 >"$work/hetccl.rss"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "# ceilings: memcpy, iperf3" >&2
+for band in "${bands[@]}"; do
+    # shellcheck disable=SC2086
+    "$work/mpi_allreduce_bench" --memcpy $band -n 30
+done |
+    awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["size"], v["gbps"] }' >"$work/memcpy"
+port=$((20000 + RANDOM % 20000))
+iperf3 -s -B 127.0.0.1 -p "$port" -1 >/dev/null 2>&1 &
+iperf_pid=$!
+sleep 0.5
+iperf_gbps=$(iperf3 -c 127.0.0.1 -p "$port" -P 4 -t 3 -f g 2>/dev/null |
+    awk '/SUM/ && /receiver/ { for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i - 1) / 8 }' | tail -1)
+wait "$iperf_pid" 2>/dev/null || true
+iperf_pid=""
+iperf_gbps=${iperf_gbps:-nan}
+
+for cfg in $configs; do
+    for rep in $(seq 1 "$repeats"); do
+        echo "# $cfg repeat $rep/$repeats" >&2
+        run_mpi "$cfg" | while read -r size bw; do echo "$bw" >>"$work/$cfg.mpi.$size"; done
+        cat "$work/mpi.rss" >>"$work/$cfg.mpi.rss"
+        run_hetccl "$cfg" | while read -r size bw ip; do
+            echo "$bw" >>"$work/$cfg.hetccl.$size"
+            echo "$ip" >>"$work/$cfg.hetccl_ip.$size"
+        done
+        cat "$work/hetccl.rss" >>"$work/$cfg.hetccl.rss"
+    done
+done
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; mode: $([ $quick = 1 ] && echo quick || echo full)"
+    echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $([ $bind = 1 ] && echo yes || echo no); load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | hetccl in-place busbw GB/s | memcpy GB/s |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for cfg in $configs; do
+        for size in $(cd "$work" && ls "$cfg.mpi."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
+            m=$(median <"$work/$cfg.mpi.$size")
+            h=$( [ -f "$work/$cfg.hetccl.$size" ] && median <"$work/$cfg.hetccl.$size" || echo nan)
+            hi=$( [ -f "$work/$cfg.hetccl_ip.$size" ] && median <"$work/$cfg.hetccl_ip.$size" || echo nan)
+            c=$(awk -v s="$size" '$1 == s { print $2 }' "$work/memcpy")
+            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v hi="$hi" -v c="${c:-nan}" \
+                'BEGIN { r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"; printf "| %s | %d | %.3f | %.3f | %s | %.3f | %.2f |\n", cfg, s, m, h, r, hi, c }'
+        done
+    done
+    echo
+    echo "| config | MPI peak RSS per rank (MiB, median) | hetccl peak RSS per rank (MiB, median) |"
+    echo "| --- | ---: | ---: |"
+    for cfg in $configs; do
+        mr=$(awk '{ print $1 / 1024 }' "$work/$cfg.mpi.rss" | median)
+        hr=$(median <"$work/$cfg.hetccl.rss")
+        printf '| %s | %.1f | %.1f |\n' "$cfg" "$mr" "$hr"
+    done
+} | if [ -n "$out" ]; then tee "$out"; else cat; fi

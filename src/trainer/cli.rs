@@ -1,0 +1,96 @@
+//! The `hetccl-bert` command line.
+
+use std::path::PathBuf;
+
+use super::config::{RunOptions, Settings, TrainConfig};
+use crate::error::Result;
+
+/// Pretrain a BERT masked-LM on a text corpus, data-parallel over hetccl ranks.
+#[derive(Debug, clap::Parser)]
+#[command(name = "hetccl-bert", version)]
+pub struct Cli {
+    /// TOML settings file (keys as the flags, snake_case); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Settings (model, optimizer, data, balance).
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Checkpoint file, replaced atomically.
+    #[arg(long, default_value = "runs/hetccl-bert.ckpt")]
+    pub checkpoint: PathBuf,
+    /// Write no checkpoint.
+    #[arg(long)]
+    pub no_checkpoint: bool,
+    /// Continue from a checkpoint (its settings win over the flags).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Metrics as JSON lines.
+    #[arg(long, default_value = "runs/metrics.jsonl")]
+    pub metrics_out: PathBuf,
+    /// Loss-curve PNG written at the end.
+    #[arg(long, default_value = "runs/loss.png")]
+    pub plot_out: PathBuf,
+    /// Stop after this step (checkpoint written), as a job hitting its time limit would.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Run this many ranks as threads of this process (no communicator needed).
+    #[arg(long, default_value_t = 1)]
+    pub sim_ranks: usize,
+}
+
+impl Cli {
+    /// Merges defaults, the TOML file and the flags. `default_threads` applies when
+    /// `--threads` is not given anywhere.
+    pub fn options(&self, default_threads: usize) -> Result<(TrainConfig, RunOptions)> {
+        let base = match &self.config {
+            Some(p) => Settings::from_toml_file(p)?,
+            None => Settings::default(),
+        };
+        let (cfg, mut run) = base.merge(self.settings.clone()).resolve(default_threads)?;
+        run.checkpoint = (!self.no_checkpoint).then(|| self.checkpoint.clone());
+        run.resume = self.resume.clone();
+        run.metrics_out = Some(self.metrics_out.clone());
+        run.plot_out = Some(self.plot_out.clone());
+        run.stop_after = self.stop_after;
+        run.progress = !self.no_progress;
+        Ok((cfg, run))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse_into_options() {
+        let cli = Cli::try_parse_from([
+            "hetccl-bert",
+            "--model",
+            "bert-mini",
+            "--steps",
+            "5",
+            "--balance",
+            "auto",
+            "--slow-ranks",
+            "1,2",
+            "--slowdown",
+            "2.5",
+            "--no-checkpoint",
+            "--sim-ranks",
+            "3",
+        ])
+        .unwrap();
+        let (cfg, run) = cli.options(4).unwrap();
+        assert_eq!(cfg.model.hidden, 256);
+        assert_eq!(cfg.steps, 5);
+        assert_eq!(run.slow_ranks, Some(vec![1, 2]));
+        assert!(run.is_slow(2, 3) && !run.is_slow(0, 3));
+        assert_eq!(run.checkpoint, None);
+        assert_eq!(cli.sim_ranks, 3);
+        assert_eq!(run.threads, 4);
+    }
+}

@@ -1,0 +1,111 @@
+//! Two processes linked by hetccl's communicator (started by `hetccl run`) make the same
+//! updates as one process with the whole batch.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetccl-trainer-dist-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Train losses per step from a metrics file.
+fn losses(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn args(dir: &Path, tag: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("data/tinyshakespeare.txt")).unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, &text[..40_000]).unwrap();
+    [
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--max-position",
+        "32",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "6",
+        "--steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "0",
+        "--val-samples",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-checkpoint",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--data".into(),
+        corpus.display().to_string(),
+        "--vocab".into(),
+        repo()
+            .join("data/bert-base-uncased-vocab.txt")
+            .display()
+            .to_string(),
+        "--metrics-out".into(),
+        dir.join(format!("{tag}.jsonl")).display().to_string(),
+        "--plot-out".into(),
+        dir.join(format!("{tag}.png")).display().to_string(),
+    ])
+    .collect()
+}
+
+#[test]
+fn two_processes_match_one() {
+    let dir = scratch("match");
+    let bert = env!("CARGO_BIN_EXE_hetccl-bert");
+    let one = Command::new(bert).args(args(&dir, "one")).output().unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let two = Command::new(env!("CARGO_BIN_EXE_hetccl"))
+        .args(["run", "-n", "2", "--", bert])
+        .args(args(&dir, "two"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&two.stdout);
+    assert!(
+        two.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    assert!(
+        out.contains("2 ranks, global batch 6 x 24 tokens, micro-batches [3, 3]"),
+        "{out}"
+    );
+    let (a, b) = (
+        losses(&dir.join("one.jsonl")),
+        losses(&dir.join("two.jsonl")),
+    );
+    assert_eq!((a.len(), b.len()), (3, 3));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5 * x, "{a:?} vs {b:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
