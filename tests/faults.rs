@@ -78,7 +78,11 @@ fn a_stopped_rank_times_out_naming_the_peer() {
         "{}",
         o.output
     );
-    assert!(o.output.contains("waiting for peer 1 to send data"), "{}", o.output);
+    assert!(
+        o.output.contains("waiting for peer 1 to send data"),
+        "{}",
+        o.output
+    );
     assert!(o.elapsed < Duration::from_secs(10), "{:?}", o.elapsed);
 }
 
@@ -97,12 +101,19 @@ fn a_stopped_rank_in_a_ring_ends_every_other_rank() {
     for r in [0, 2] {
         let o = &outs[r];
         assert_eq!(o.code, Some(1), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("all_reduce #1"), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains("all_reduce #1"),
+            "rank {r}:\n{}",
+            o.output
+        );
     }
     // The first survivor to give up names whom it waited for; the other learns of it
     // through the aborted link rather than waiting out its own timeout.
     let all: String = outs.iter().map(|o| o.output.clone()).collect();
-    assert!(all.contains("timed out after") && all.contains("waiting for peer"), "{all}");
+    assert!(
+        all.contains("timed out after") && all.contains("waiting for peer"),
+        "{all}"
+    );
 }
 
 fn mismatch(fault: &str, expect: &str) {
