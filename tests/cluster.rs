@@ -4,7 +4,10 @@
 //! forms, on node shapes 1x4, 2x2, 2x3, 3+2+1 and 4x1, with the algorithm the cost
 //! model picks and with the hierarchy and the flat ring forced.
 //!
-//! Needs root for `ip netns`; elsewhere every test prints why and passes.
+//! Needs root for `ip netns`; elsewhere every test prints why and passes. The topology
+//! dump and reload test runs anywhere (nodes pretended with `HETCCL_NODE_ID`).
+
+mod common;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -278,4 +281,71 @@ fn a_failing_rank_fails_the_run_and_stops_the_others() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(leftover_namespaces("fail"), Vec::<String>::new());
+}
+
+/// A job writes its measured topology; a second job loads it instead of probing, and
+/// a file that does not fit the running job is refused on every rank.
+#[test]
+fn topology_dump_feeds_a_later_job() {
+    use hetccl::topology::{LinkClass, Topology};
+    let dir = std::env::temp_dir().join(format!("hetccl-topo-dump-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("topo.json");
+    let path_s = path.to_str().unwrap().to_string();
+    let node = |r: usize| vec![("HETCCL_NODE_ID".to_string(), format!("n{}", r / 2))];
+    let run = |env: &[(&str, &str)]| {
+        let children = common::spawn_ranks(4, check_bin(), &["--counts", "7,1000"], env, node);
+        common::collect(children, Duration::from_secs(60))
+    };
+    let outs = run(&[("HETCCL_TOPO_DUMP_FILE", &path_s), ("HETCCL_DEBUG", "info")]);
+    common::assert_all_ok(&outs, "dumping run");
+    assert!(
+        outs[0].output.contains("probed 6 links"),
+        "{}",
+        outs[0].output
+    );
+    let t = Topology::load(&path).unwrap();
+    assert_eq!(t.nodes, vec![vec![0, 1], vec![2, 3]]);
+    for (a, b, class) in [
+        (0, 1, LinkClass::Shm),
+        (1, 2, LinkClass::Tcp),
+        (0, 2, LinkClass::Tcp),
+    ] {
+        let l = t.link(a, b);
+        assert_eq!(l.class, class, "{a}-{b}");
+        assert!(
+            l.measured.is_some_and(|m| m.bytes_per_s > 0),
+            "{a}-{b}: {l:?}"
+        );
+    }
+
+    let outs = run(&[("HETCCL_TOPO_FILE", &path_s), ("HETCCL_DEBUG", "info")]);
+    common::assert_all_ok(&outs, "run from the file");
+    assert!(!outs[0].output.contains("probed"), "{}", outs[0].output);
+    assert!(outs[0].output.contains("measured"), "{}", outs[0].output);
+
+    // The file puts ranks 0 and 1 on one node; here rank 1 runs on another.
+    let split = |r: usize| vec![("HETCCL_NODE_ID".to_string(), format!("m{}", r % 2))];
+    let children = common::spawn_ranks(
+        4,
+        check_bin(),
+        &["--counts", "7"],
+        &[
+            ("HETCCL_TOPO_FILE", &path_s),
+            ("HETCCL_CONNECT_TIMEOUT", "5"),
+        ],
+        split,
+    );
+    let outs = common::collect(children, Duration::from_secs(60));
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(o.code, Some(1), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains(
+                "topology: the topology file puts ranks 0 and 1 on one node, but they run on m0 and m1"
+            ),
+            "rank {r}:\n{}",
+            o.output
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
