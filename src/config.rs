@@ -110,6 +110,9 @@ pub struct Config {
     pub topo_file: Option<PathBuf>,
     /// `HETCCL_TOPO_DUMP_FILE`: write the discovered topology here.
     pub topo_dump_file: Option<PathBuf>,
+    /// `HETCCL_TOPO_PROBE`: measure latency and bandwidth of the links the algorithms
+    /// use at start (on by default; a fraction of a second).
+    pub topo_probe: bool,
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
     /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
@@ -140,6 +143,7 @@ impl Default for Config {
             node_id: None,
             topo_file: None,
             topo_dump_file: None,
+            topo_probe: true,
             compress: CompressMode::Off,
             compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
@@ -298,6 +302,7 @@ impl Config {
             node_id: v.string("HETCCL_NODE_ID"),
             topo_file: v.string("HETCCL_TOPO_FILE").map(PathBuf::from),
             topo_dump_file: v.string("HETCCL_TOPO_DUMP_FILE").map(PathBuf::from),
+            topo_probe: v.parse_bool("HETCCL_TOPO_PROBE")?.unwrap_or(d.topo_probe),
             compress: v
                 .parse_enum(
                     "HETCCL_COMPRESS",
@@ -452,6 +457,20 @@ mod tests {
         assert!(e.contains("RANK < WORLD_SIZE"), "{e}");
         let e = cfg(&[("MASTER_PORT", "http")]).unwrap_err().to_string();
         assert!(e.contains("MASTER_PORT"), "{e}");
+    }
+
+    #[test]
+    fn topology_probe_switch() {
+        assert!(cfg(&[]).unwrap().topo_probe);
+        assert!(!cfg(&[("HETCCL_TOPO_PROBE", "0")]).unwrap().topo_probe);
+        assert!(cfg(&[("HETCCL_TOPO_PROBE", "on")]).unwrap().topo_probe);
+        let e = cfg(&[("HETCCL_TOPO_PROBE", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid value \"maybe\" for HETCCL_TOPO_PROBE: accepted values are 0, 1, true, false, yes, no, on, off"
+        );
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A topology description is unreadable or does not fit the running job.
+    #[error("topology: {0}")]
+    Topology(String),
+
     /// Shared-memory segments could not be created or mapped.
     #[error("shared memory: {0}")]
     Shm(String),

@@ -474,7 +474,12 @@ pub fn execute(
                     ctx.rank, ctx.op, ctx.seq
                 )));
             }
-            for &p in &active {
+            // Only peers this rank still has business with: one that got everything it
+            // needed from us may already have finished and exited.
+            for &p in active
+                .iter()
+                .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
+            {
                 if let Some(l) = links[p].as_mut() {
                     l.check_peer().map_err(|e| in_context(e, ctx))?;
                 }
@@ -597,5 +602,72 @@ fn backoff(idle: u32) {
     } else {
         let us = (idle as u64 - 511).min(200);
         std::thread::sleep(Duration::from_micros(us));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::schedule::Builder;
+    use crate::transport::mem;
+
+    fn ctx(rank: usize) -> ExecCtx {
+        ExecCtx {
+            rank,
+            world_size: 3,
+            seq: 0,
+            op: CollectiveOp::AllGather,
+            dtype: DataType::U8,
+            redop: ReduceOp::Sum,
+            count: 4,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn run(sched: &Schedule, links: &mut [Option<Box<dyn Link>>], rank: usize) -> Result<Vec<u8>> {
+        let input = [rank as u8; 4];
+        let mut output = [0u8; 8];
+        let bufs = Buffers {
+            input: input.as_ptr(),
+            input_len: 4,
+            output: output.as_mut_ptr(),
+            output_len: 8,
+            scratch: std::ptr::null_mut(),
+            scratch_len: 0,
+        };
+        execute(sched, links, &bufs, &ctx(rank), None)?;
+        Ok(output.to_vec())
+    }
+
+    #[test]
+    fn a_peer_that_finished_and_left_is_not_an_error() {
+        // Rank 0 receives from 1, then (much later) from 2. Rank 1 exits right after
+        // its send, while rank 0 still waits on rank 2.
+        let (l01, l10) = mem::pair(0, 1);
+        let (l02, l20) = mem::pair(0, 2);
+        let mut b = Builder::new("test");
+        b.recv(1, Region::new(BufId::Output, 0..4), Combine::Copy);
+        b.recv(2, Region::new(BufId::Output, 4..8), Combine::Copy);
+        let s0 = b.build();
+        let mut b = Builder::new("test");
+        b.send(0, Region::new(BufId::Input, 0..4));
+        let s_send = b.build();
+        let out = std::thread::scope(|sc| {
+            let s = &s_send;
+            sc.spawn(move || {
+                let mut links: Vec<Option<Box<dyn Link>>> = vec![Some(Box::new(l10)), None, None];
+                run(s, &mut links, 1).unwrap();
+                // dropping `links` closes the link to rank 0
+            });
+            sc.spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                let mut links: Vec<Option<Box<dyn Link>>> = vec![Some(Box::new(l20)), None, None];
+                run(s, &mut links, 2).unwrap();
+            });
+            let mut links: Vec<Option<Box<dyn Link>>> =
+                vec![None, Some(Box::new(l01)), Some(Box::new(l02))];
+            run(&s0, &mut links, 0)
+        });
+        assert_eq!(out.unwrap(), vec![1, 1, 1, 1, 2, 2, 2, 2]);
     }
 }

@@ -12,6 +12,7 @@ pub mod ring;
 pub mod schedule;
 pub mod sim;
 pub mod tree;
+pub mod tuning;
 
 pub use schedule::{BufId, Combine, Op, OpKind, Region, Schedule};
 

@@ -91,7 +91,9 @@ impl hetcclResult_t {
 pub fn code_of(e: &Error) -> hetcclResult_t {
     match e {
         Error::InvalidArgument { .. } => hetcclInvalidArgument,
-        Error::Config { .. } | Error::Mismatch { .. } | Error::Broken(_) => hetcclInvalidUsage,
+        Error::Config { .. } | Error::Mismatch { .. } | Error::Broken(_) | Error::Topology(_) => {
+            hetcclInvalidUsage
+        }
         Error::Timeout { .. } => hetcclTimeout,
         Error::PeerLost { .. } | Error::Link { .. } | Error::Auth { .. } => hetcclRemoteError,
         Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } | Error::Checkpoint { .. } => {

@@ -43,7 +43,22 @@ impl Communicator {
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let topo = Topology::gather(&cfg, boot.as_mut())?;
+        let discovered = Topology::gather(&cfg, boot.as_mut())?;
+        let topo = match &cfg.topo_file {
+            // The file replaces discovery, but only where the job can actually run it.
+            Some(path) => {
+                let t = Topology::load(path)?;
+                t.check_placement(&discovered)?;
+                t
+            }
+            None => {
+                let mut t = discovered;
+                if cfg.shm_disable {
+                    t.disable_shm();
+                }
+                t
+            }
+        };
         if rank == 0 {
             for (i, node) in topo.nodes.iter().enumerate() {
                 let host = &topo.ranks[node[0]].hostname;
@@ -52,6 +67,32 @@ impl Communicator {
         }
         let links =
             crate::transport::connect_all(&cfg, boot.as_mut(), &auth, &topo.same_node(rank))?;
-        Self::from_parts(cfg, topo, rank, links, Some(boot))
+        let mut comm = Self::from_parts(cfg, topo, rank, links, Some(boot))?;
+        if comm.cfg.topo_file.is_none() && comm.cfg.topo_probe && comm.world_size > 1 {
+            comm.measure_topology()?;
+        }
+        if rank == 0 {
+            let m = &comm.model;
+            tracing::info!(
+                rank,
+                "topology: {}\ncost model: intra {:.1} us {:.3} GB/s, inter {:.1} us {:.3} GB/s, \
+                 shard weights {:?}",
+                comm.topo
+                    .table(&crate::topology::probe::used_pairs(&comm.topo)),
+                m.intra.alpha * 1e6,
+                m.intra.beta / 1e9,
+                m.inter.alpha * 1e6,
+                m.inter.beta / 1e9,
+                m.shard_weights
+            );
+            if let Some(path) = &comm.cfg.topo_dump_file {
+                // Only rank 0 writes, so failing here would leave the others waiting.
+                match comm.topo.dump(path) {
+                    Ok(()) => tracing::info!(rank, "topology written to {}", path.display()),
+                    Err(e) => tracing::warn!(rank, "{e}"),
+                }
+            }
+        }
+        Ok(comm)
     }
 }

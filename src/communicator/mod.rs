@@ -25,6 +25,7 @@
 
 mod compress;
 mod init;
+mod probe;
 mod shared;
 
 pub use shared::SharedBuf;
@@ -35,8 +36,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::algorithm::cost::{self, LinkCost};
 use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
+use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
 use crate::bootstrap::Bootstrap;
 use crate::compression::{Compressor, OverflowStats, ScalePolicy};
@@ -251,6 +252,8 @@ pub struct Communicator {
     world_size: usize,
     cfg: Config,
     topo: Topology,
+    /// Cost-model inputs and shard weights derived from `topo`.
+    model: LinkModel,
     link_kinds: Vec<Option<LinkKind>>,
     seq: AtomicU64,
     abort: Arc<std::sync::atomic::AtomicBool>,
@@ -318,6 +321,7 @@ impl Communicator {
             rank,
             world_size,
             cfg,
+            model: LinkModel::of(&topo),
             topo,
             link_kinds,
             seq: AtomicU64::new(0),
@@ -374,25 +378,8 @@ impl Communicator {
             AlgoChoice::Ring => Algo::Ring,
             AlgoChoice::Tree => Algo::Tree,
             AlgoChoice::Hier => Algo::Hier,
-            AlgoChoice::Auto => {
-                let kind_cost = |k: LinkKind| match k {
-                    LinkKind::Shm => LinkCost::SHM,
-                    LinkKind::Tcp => LinkCost::TCP,
-                };
-                let me = self.topo.node_of[self.rank];
-                let (mut intra, mut inter) = (LinkCost::SHM, LinkCost::SHM);
-                for (p, k) in self.link_kinds.iter().enumerate() {
-                    if let Some(k) = k {
-                        if self.topo.node_of[p] == me {
-                            intra = cost::slower(intra, kind_cost(*k));
-                        } else {
-                            inter = cost::slower(inter, kind_cost(*k));
-                        }
-                    }
-                }
-                let shape = cost::Shape::of(&self.topo.nodes);
-                cost::choose(op, &shape, bytes, intra, inter)
-            }
+            // The same on every rank: the model comes from the shared topology.
+            AlgoChoice::Auto => self.model.choose(op, bytes),
         }
     }
 
@@ -426,7 +413,7 @@ impl Communicator {
                 let t = Tuning {
                     chunk_bytes: self.cfg.chunk_bytes,
                     slots: 2 * self.cfg.pipeline_depth + 1,
-                    shard_weights: None,
+                    shard_weights: self.model.shard_weights.clone(),
                 };
                 Arc::new(algorithm::plan(
                     call,
@@ -1013,6 +1000,7 @@ mod tests {
                     hostname: "h".into(),
                     node_id: format!("n{}", r / per_node),
                     pid: 1,
+                    device: crate::topology::Device::Cpu,
                 })
                 .collect(),
         );

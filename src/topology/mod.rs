@@ -1,28 +1,96 @@
-//! Who is where: which ranks share a host ("node"), local ranks, and link classes.
+//! Who is where: which ranks share a host ("node"), each rank's device, how every
+//! pair of ranks is linked and how fast those links are.
 //!
 //! Ranks are grouped into nodes by `HETCCL_NODE_ID` when set (tests use it to pretend
 //! that one machine is several), else by hostname plus the kernel's boot id (two
 //! containers with one hostname on different machines differ in boot id).
+//!
+//! The layout is pure data: [`Topology::gather`] discovers it at start, a short probe
+//! ([`probe`]) adds measured latency and bandwidth per link, and [`Topology::load`]
+//! reads a JSON description instead (to describe hardware this machine lacks, such as
+//! 8-GPU NVLink nodes). [`Topology::dump`] writes the same format.
+
+mod file;
+pub mod link;
+pub mod probe;
+
+pub use link::{LinkClass, LinkInfo, LinkPerf};
+
+use std::path::Path;
 
 use crate::bootstrap::Bootstrap;
 use crate::config::Config;
 use crate::error::{Error, Result};
 
+/// The device a rank computes on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Host memory and CPU kernels.
+    #[default]
+    Cpu,
+    /// One CUDA GPU.
+    Cuda {
+        /// CUDA device ordinal on its host.
+        ordinal: usize,
+        /// PCI bus id, e.g. `0000:07:00.0`: names the GPU across processes.
+        pci_bus_id: String,
+        /// Product name.
+        name: String,
+        /// Device memory in bytes.
+        memory: u64,
+        /// Streaming multiprocessors.
+        sm_count: u32,
+    },
+}
+
+impl Device {
+    /// Short description for tables.
+    pub fn label(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda {
+                ordinal,
+                name,
+                memory,
+                ..
+            } => format!("cuda:{ordinal} {name} {} GiB", memory >> 30),
+        }
+    }
+}
+
+/// The device this process uses. Builds without CUDA support always compute on the
+/// CPU; a CUDA build reports its selected GPU here.
+pub fn local_device() -> Device {
+    Device::Cpu
+}
+
 /// What one rank reports about itself at start.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RankInfo {
     /// Global rank.
     pub rank: usize,
     /// Host name.
+    #[serde(default)]
     pub hostname: String,
     /// Node key: ranks with equal keys share memory.
     pub node_id: String,
-    /// Process id.
+    /// Process id (0: unknown, as in hand-written topology files).
+    #[serde(default)]
     pub pid: u32,
+    /// Where this rank computes.
+    #[serde(default)]
+    pub device: Device,
 }
 
-/// The job's layout: every rank's info and the nodes they form.
+/// The job's layout: every rank's info, the nodes they form, and the link between
+/// every pair of ranks.
+///
+/// Serialized (by [`Topology::dump`], read by [`Topology::load`]) as the ranks plus the
+/// links that differ from what the node grouping implies, see [`file`](self::file).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "file::TopologyFile", into = "file::TopologyFile")]
 pub struct Topology {
     /// Indexed by rank.
     pub ranks: Vec<RankInfo>,
@@ -30,6 +98,8 @@ pub struct Topology {
     pub node_of: Vec<usize>,
     /// Ranks of each node, ascending; nodes ordered by their lowest rank.
     pub nodes: Vec<Vec<usize>>,
+    /// `links[a][b]`, symmetric; the diagonal is unused.
+    links: Vec<Vec<LinkInfo>>,
 }
 
 /// This host's name.
@@ -63,7 +133,20 @@ impl RankInfo {
             hostname,
             node_id,
             pid: std::process::id(),
+            device: local_device(),
         }
+    }
+}
+
+/// The class two ranks' link has when nothing says otherwise: one process, one node
+/// (shared memory) or the network.
+fn default_class(a: &RankInfo, b: &RankInfo) -> LinkClass {
+    if a.node_id != b.node_id {
+        LinkClass::Tcp
+    } else if a.pid != 0 && a.pid == b.pid && a.hostname == b.hostname {
+        LinkClass::SameProcess
+    } else {
+        LinkClass::Shm
     }
 }
 
@@ -85,10 +168,20 @@ impl Topology {
             node_of.push(idx);
             nodes[idx].push(r.rank);
         }
+        let links = ranks
+            .iter()
+            .map(|a| {
+                ranks
+                    .iter()
+                    .map(|b| LinkInfo::of(default_class(a, b)))
+                    .collect()
+            })
+            .collect();
         Topology {
-            ranks: ranks.clone(),
+            ranks,
             node_of,
             nodes,
+            links,
         }
     }
 
@@ -131,6 +224,144 @@ impl Topology {
         let me = self.node_of[rank];
         self.node_of.iter().map(|&n| n == me).collect()
     }
+
+    /// How ranks `a` and `b` are linked (`a == b` reads as one process).
+    pub fn link(&self, a: usize, b: usize) -> LinkInfo {
+        if a == b {
+            return LinkInfo::of(LinkClass::SameProcess);
+        }
+        self.links[a][b]
+    }
+
+    /// Sets the link between `a` and `b` (both directions).
+    pub fn set_link(&mut self, a: usize, b: usize, info: LinkInfo) {
+        if a != b && a < self.ranks.len() && b < self.ranks.len() {
+            self.links[a][b] = info;
+            self.links[b][a] = info;
+        }
+    }
+
+    /// Records measured figures for the link between `a` and `b`.
+    pub fn set_measured(&mut self, a: usize, b: usize, perf: LinkPerf) {
+        let mut l = self.link(a, b);
+        l.measured = Some(perf);
+        self.set_link(a, b, l);
+    }
+
+    /// True when some link carries measured figures.
+    pub fn has_measurements(&self) -> bool {
+        self.links.iter().flatten().any(|l| l.measured.is_some())
+    }
+
+    /// Ranks of one node talk TCP to each other (`HETCCL_SHM_DISABLE`).
+    pub fn disable_shm(&mut self) {
+        for row in &mut self.links {
+            for l in row {
+                if matches!(l.class, LinkClass::Shm | LinkClass::SameProcess) {
+                    l.class = LinkClass::Tcp;
+                }
+            }
+        }
+    }
+
+    /// Reads a topology from a JSON file (the format [`Topology::dump`] writes).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading topology file {}", path.display()), e))?;
+        Self::from_json(&text).map_err(|e| Error::Topology(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses the JSON form.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Topology(e.to_string()))
+    }
+
+    /// The JSON form, indented.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::Topology(e.to_string()))
+    }
+
+    /// Writes the JSON form to `path` (through a temporary file, so a reader never
+    /// sees half of it).
+    pub fn dump(&self, path: &Path) -> Result<()> {
+        let text = self.to_json()? + "\n";
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| Error::io(format!("writing topology file {}", path.display()), e))
+    }
+
+    /// Checks that a loaded topology can run on the discovered one: same number of
+    /// ranks, and ranks it puts on one node really share a host (they will use shared
+    /// memory). Ranks on one host may be described as separate nodes.
+    pub fn check_placement(&self, discovered: &Topology) -> Result<()> {
+        if self.world_size() != discovered.world_size() {
+            return Err(Error::Topology(format!(
+                "the topology file describes {} ranks but {} are running",
+                self.world_size(),
+                discovered.world_size()
+            )));
+        }
+        for node in &self.nodes {
+            for &r in node {
+                if discovered.node_of[r] != discovered.node_of[node[0]] {
+                    return Err(Error::Topology(format!(
+                        "the topology file puts ranks {} and {r} on one node, but they run on \
+                         {} and {}",
+                        node[0], discovered.ranks[node[0]].node_id, discovered.ranks[r].node_id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The layout as a text table: one line per rank, then one line per pair in
+    /// `pairs` (class, latency, bandwidth, and whether measured).
+    pub fn table(&self, pairs: &[(usize, usize)]) -> String {
+        use std::fmt::Write;
+        let mut s = format!(
+            "{} ranks on {} nodes\n{:>5} {:>5} {:<24} {}\n",
+            self.world_size(),
+            self.nodes.len(),
+            "rank",
+            "node",
+            "host",
+            "device"
+        );
+        for r in &self.ranks {
+            let _ = writeln!(
+                s,
+                "{:>5} {:>5} {:<24} {}",
+                r.rank,
+                self.node_of[r.rank],
+                r.hostname,
+                r.device.label()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:>5} {:>5} {:<13} {:>12} {:>10}  source",
+            "a", "b", "link", "latency_us", "GB/s"
+        );
+        for &(a, b) in pairs {
+            let l = self.link(a, b);
+            let p = l.perf();
+            let _ = writeln!(
+                s,
+                "{a:>5} {b:>5} {:<13} {:>12.1} {:>10.3}  {}",
+                l.class.name(),
+                p.latency_ns as f64 / 1e3,
+                p.bandwidth() / 1e9,
+                if l.measured.is_some() {
+                    "measured"
+                } else {
+                    "nominal"
+                }
+            );
+        }
+        s
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +374,7 @@ mod tests {
             hostname: "h".into(),
             node_id: node.into(),
             pid: 1,
+            device: Device::Cpu,
         }
     }
 
@@ -160,5 +392,101 @@ mod tests {
         assert_eq!(t.local_rank(4), 1);
         assert_eq!(t.local_size(3), 1);
         assert_eq!(t.same_node(2), vec![true, false, true, false, false]);
+    }
+
+    #[test]
+    fn default_link_classes_follow_process_and_node() {
+        let mut ranks = vec![info(0, "a"), info(1, "a"), info(2, "a"), info(3, "b")];
+        ranks[2].pid = 2;
+        let mut t = Topology::from_ranks(ranks);
+        assert_eq!(t.link(0, 1).class, LinkClass::SameProcess);
+        assert_eq!(t.link(0, 2).class, LinkClass::Shm);
+        assert_eq!(t.link(2, 3).class, LinkClass::Tcp);
+        assert_eq!(t.link(3, 3).class, LinkClass::SameProcess);
+        t.disable_shm();
+        assert_eq!(t.link(0, 2).class, LinkClass::Tcp);
+        assert_eq!(t.link(1, 0).class, LinkClass::Tcp);
+    }
+
+    #[test]
+    fn dump_reads_back_equal_with_measurements_and_devices() {
+        let mut ranks = vec![info(0, "a"), info(1, "a"), info(2, "b")];
+        ranks[1].pid = 7;
+        ranks[2].device = Device::Cuda {
+            ordinal: 3,
+            pci_bus_id: "0000:41:00.0".into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory: 85_520_809_984,
+            sm_count: 132,
+        };
+        let mut t = Topology::from_ranks(ranks);
+        t.set_measured(0, 1, LinkPerf::from_secs(3.217e-6, 6.123456789e9));
+        t.set_measured(1, 2, LinkPerf::from_secs(61.3e-6, 117_187_500.0));
+        t.set_link(0, 2, LinkInfo::of(LinkClass::Rdma));
+        let json = t.to_json().unwrap();
+        assert_eq!(Topology::from_json(&json).unwrap(), t);
+        let dir = std::env::temp_dir().join(format!("hetccl-topo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.json");
+        t.dump(&path).unwrap();
+        assert_eq!(Topology::load(&path).unwrap(), t);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Only what differs from the defaults is written: three links.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["links"].as_array().unwrap().len(), 3);
+        assert_eq!(v["links"][0]["latency_us"], 3.217);
+    }
+
+    #[test]
+    fn hand_written_files_use_defaults_and_are_checked() {
+        let t = Topology::from_json(
+            r#"{"ranks": [{"rank": 0, "node_id": "x"}, {"rank": 1, "node_id": "x"},
+                          {"rank": 2, "node_id": "y"}],
+                "defaults": {"intra": "nvlink", "inter": "rdma"},
+                "links": [{"ranks": [1, 2], "gb_per_s": 3.5}]}"#,
+        )
+        .unwrap();
+        assert_eq!(t.nodes, vec![vec![0, 1], vec![2]]);
+        assert_eq!(t.link(0, 1), LinkInfo::of(LinkClass::NvLink));
+        assert_eq!(t.link(0, 2), LinkInfo::of(LinkClass::Rdma));
+        assert_eq!(
+            t.link(2, 1).measured,
+            Some(LinkPerf {
+                latency_ns: 3_000,
+                bytes_per_s: 3_500_000_000
+            })
+        );
+        let bad = |json: &str| Topology::from_json(json).unwrap_err().to_string();
+        assert!(bad(
+            r#"{"ranks": [{"rank": 0, "node_id": "x"}, {"rank": 1, "node_id": "y"}],
+                    "links": [{"ranks": [0, 1], "class": "nvlink"}]}"#
+        )
+        .contains("link [0, 1] is nvlink, but ranks 0 and 1 are on different nodes (x and y)"),);
+        assert!(bad(r#"{"ranks": [{"rank": 1, "node_id": "x"}]}"#).contains("entry 0 says rank 1"));
+        assert!(
+            bad(r#"{"ranks": [{"rank": 0, "node_id": "x"}], "links": [{"ranks": [0, 0]}]}"#)
+                .contains("two different ranks below 1")
+        );
+        assert!(
+            bad(r#"{"ranks": [{"rank": 0, "node_id": "x", "gpus": 8}]}"#)
+                .contains("unknown field `gpus`")
+        );
+    }
+
+    #[test]
+    fn a_file_must_fit_the_running_job() {
+        let file = Topology::from_ranks(vec![info(0, "a"), info(1, "a"), info(2, "b")]);
+        let ok = Topology::from_ranks(vec![info(0, "h"), info(1, "h"), info(2, "h")]);
+        file.check_placement(&ok).unwrap();
+        let split = Topology::from_ranks(vec![info(0, "h"), info(1, "g"), info(2, "h")]);
+        assert_eq!(
+            file.check_placement(&split).unwrap_err().to_string(),
+            "topology: the topology file puts ranks 0 and 1 on one node, but they run on h and g"
+        );
+        let small = Topology::from_ranks(vec![info(0, "h")]);
+        assert_eq!(
+            file.check_placement(&small).unwrap_err().to_string(),
+            "topology: the topology file describes 3 ranks but 1 are running"
+        );
     }
 }

@@ -433,6 +433,11 @@ impl Link for TcpLink {
     fn check_peer(&mut self) -> Result<()> {
         self.check_not_aborted()?;
         let mut b = [0u8; 1];
+        // A peer that sent its last stripe and exited closes its sockets one by one,
+        // while stripes on the others may still be in flight (slow links queue a lot):
+        // only when every socket is at its end can nothing more arrive.
+        let mut ended = None;
+        let mut n_ended = 0;
         for (k, sock) in self.socks.iter().enumerate() {
             // A zero-byte peek means end of stream with nothing left to read.
             // SAFETY: a one-byte peek into a local buffer.
@@ -445,7 +450,8 @@ impl Link for TcpLink {
                 )
             };
             if r == 0 {
-                return Err(self.closed(k));
+                ended.get_or_insert(k);
+                n_ended += 1;
             }
             if r < 0 {
                 let e = std::io::Error::last_os_error();
@@ -454,7 +460,10 @@ impl Link for TcpLink {
                 }
             }
         }
-        Ok(())
+        match ended {
+            Some(k) if n_ended == self.socks.len() => Err(self.closed(k)),
+            _ => Ok(()),
+        }
     }
 
     fn abort(&mut self) {
@@ -877,6 +886,24 @@ mod tests {
         a.wait_fds(&mut fds);
         assert_eq!(fds.len(), 3);
         assert!(fds.iter().all(|(fd, w)| *fd >= 0 && !*w));
+    }
+
+    #[test]
+    fn one_socket_at_its_end_is_not_a_lost_peer() {
+        // The peer finished its part on socket 0 and closed it; socket 1 may still
+        // carry a stripe, so the peer is not gone yet.
+        let (mut a, b) = pair(2, 4096);
+        b.socks[0].shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        a.check_peer().unwrap();
+        b.socks[1].shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let e = a.check_peer().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("peer 1 closed the connection (socket 0 of 2"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,0 +1,204 @@
+//! From a [`Topology`] to the cost model's inputs and the hierarchical shard weights.
+//!
+//! Every rank holds the same topology (measured figures are all-gathered), and this is
+//! a pure function of it, so every rank picks the same algorithm and the same shard
+//! split for a call: nothing here may depend on which rank asks.
+
+use super::cost::{self, LinkCost, Shape};
+use super::Algo;
+use crate::dtype::CollectiveOp;
+use crate::topology::{probe, LinkPerf, Topology};
+
+/// Inter-node links whose bandwidths differ by less than this factor count as equal:
+/// shards stay even, so measurement noise does not reshape schedules. On a loaded host
+/// one probe of a link can read half its speed; the NICs worth weighting for differ
+/// more (100 vs 25 Gbit/s, 10 vs 1 Gbit/s).
+pub const WEIGHT_THRESHOLD: f64 = 3.0;
+
+impl From<LinkPerf> for LinkCost {
+    fn from(p: LinkPerf) -> Self {
+        LinkCost {
+            alpha: p.latency_s(),
+            beta: p.bandwidth(),
+        }
+    }
+}
+
+/// What the algorithm choice needs to know about a job's links.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkModel {
+    /// The job's shape.
+    pub shape: Shape,
+    /// The slowest link inside a node that the algorithms use.
+    pub intra: LinkCost,
+    /// The slowest link between nodes that the algorithms use.
+    pub inter: LinkCost,
+    /// Hierarchical shard weights (`None`: equal shards).
+    pub shard_weights: Option<Vec<f64>>,
+}
+
+/// The slowest of `links` (higher latency, lower bandwidth), looking only at measured
+/// ones when any is measured: nominal figures are guesses, measured ones facts.
+fn slowest(t: &Topology, pairs: impl Iterator<Item = (usize, usize)> + Clone) -> Option<LinkCost> {
+    let measured = pairs.clone().any(|(a, b)| t.link(a, b).measured.is_some());
+    pairs
+        .filter(|&(a, b)| !measured || t.link(a, b).measured.is_some())
+        .map(|(a, b)| LinkCost::from(t.link(a, b).perf()))
+        .reduce(cost::slower)
+}
+
+impl LinkModel {
+    /// The model of `t`.
+    pub fn of(t: &Topology) -> Self {
+        let used = probe::used_pairs(t);
+        let same = |&(a, b): &(usize, usize)| t.node_of[a] == t.node_of[b];
+        let intra = slowest(t, used.iter().copied().filter(same)).unwrap_or(LinkCost::SHM);
+        let inter = slowest(t, used.iter().copied().filter(|p| !same(p))).unwrap_or(intra);
+        LinkModel {
+            shape: Shape::of(&t.nodes),
+            intra,
+            inter,
+            shard_weights: shard_weights(t),
+        }
+    }
+
+    /// The cheapest algorithm for `op` on `bytes`.
+    pub fn choose(&self, op: CollectiveOp, bytes: usize) -> Algo {
+        cost::choose(op, &self.shape, bytes, self.intra, self.inter)
+    }
+}
+
+/// Weights for the hierarchical shards: shard `j` in proportion to the bandwidth of the
+/// slowest link of its inter-node ring, so every ring finishes at about the same time.
+/// `None` (equal shards) for a single node, or when those bandwidths are within
+/// [`WEIGHT_THRESHOLD`] of each other.
+pub fn shard_weights(t: &Topology) -> Option<Vec<f64>> {
+    if t.nodes.len() < 2 {
+        return None;
+    }
+    let shards = super::hierarchical::shard_count(&t.nodes);
+    // Measured and nominal figures do not compare: weigh only all of one kind.
+    let pairs: Vec<(usize, usize)> = (0..shards)
+        .flat_map(|j| probe::shard_ring_pairs(&t.nodes, j))
+        .collect();
+    let measured = pairs
+        .iter()
+        .filter(|&&(a, b)| t.link(a, b).measured.is_some())
+        .count();
+    if measured != 0 && measured != pairs.len() {
+        return None;
+    }
+    let w: Vec<f64> = (0..shards)
+        .map(|j| {
+            probe::shard_ring_pairs(&t.nodes, j)
+                .into_iter()
+                .map(|(a, b)| t.link(a, b).perf().bandwidth())
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let max = w.iter().copied().fold(0.0, f64::max);
+    let min = w.iter().copied().fold(f64::INFINITY, f64::min);
+    if !(min > 0.0 && max.is_finite()) || max / min < WEIGHT_THRESHOLD {
+        return None;
+    }
+    // GB/s: readable in logs, and the split only depends on ratios.
+    Some(w.into_iter().map(|x| x / 1e9).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Device, LinkClass, LinkInfo, RankInfo};
+
+    fn topo(sizes: &[usize]) -> Topology {
+        let mut ranks = Vec::new();
+        for (k, &g) in sizes.iter().enumerate() {
+            for _ in 0..g {
+                ranks.push(RankInfo {
+                    rank: ranks.len(),
+                    hostname: format!("h{k}"),
+                    node_id: format!("n{k}"),
+                    pid: 100 + ranks.len() as u32,
+                    device: Device::Cpu,
+                });
+            }
+        }
+        Topology::from_ranks(ranks)
+    }
+
+    fn perf(us: u64, mb_s: u64) -> LinkPerf {
+        LinkPerf {
+            latency_ns: us * 1000,
+            bytes_per_s: mb_s * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn nominal_classes_without_measurements() {
+        let m = LinkModel::of(&topo(&[2, 2]));
+        assert_eq!(m.intra, LinkCost::SHM);
+        assert_eq!(m.inter, LinkCost::TCP);
+        assert_eq!(m.shard_weights, None);
+        let m = LinkModel::of(&topo(&[4]));
+        assert_eq!((m.intra, m.inter), (LinkCost::SHM, LinkCost::SHM));
+    }
+
+    #[test]
+    fn measured_links_replace_nominal_ones() {
+        let mut t = topo(&[2, 2]);
+        t.set_measured(0, 1, perf(5, 6000));
+        t.set_measured(2, 3, perf(7, 4000));
+        t.set_measured(1, 2, perf(90, 118));
+        t.set_measured(0, 2, perf(80, 120));
+        let m = LinkModel::of(&t);
+        assert_eq!(
+            m.intra,
+            LinkCost {
+                alpha: 7e-6,
+                beta: 4e9
+            }
+        );
+        assert_eq!(
+            m.inter,
+            LinkCost {
+                alpha: 90e-6,
+                beta: 118e6
+            }
+        );
+        // (1,3) unmeasured: its nominal 1.5 GB/s is not compared with 120 MB/s.
+        assert_eq!(m.shard_weights, None);
+        // 118 vs 120 MB/s: one speed, even shards.
+        t.set_measured(1, 3, perf(80, 118));
+        assert_eq!(shard_weights(&t), None);
+        // Nor does 2x, which one noisy probe on a busy host can read.
+        t.set_measured(1, 3, perf(80, 60));
+        assert_eq!(shard_weights(&t), None);
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 64 << 20), Algo::Hier);
+        // Small too: 2 slow hops (194 us predicted) against the tree's 4 (360 us).
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 16), Algo::Hier);
+        assert_eq!(m.choose(CollectiveOp::Broadcast, 16), Algo::Tree);
+    }
+
+    #[test]
+    fn unequal_owner_rings_weight_the_shards() {
+        let mut t = topo(&[2, 2]);
+        // shard 0 runs on 0-2, shard 1 on 1-3
+        t.set_link(
+            0,
+            2,
+            LinkInfo {
+                class: LinkClass::Rdma,
+                measured: Some(perf(3, 12_000)),
+            },
+        );
+        t.set_link(
+            1,
+            3,
+            LinkInfo {
+                class: LinkClass::Tcp,
+                measured: Some(perf(30, 3_000)),
+            },
+        );
+        assert_eq!(shard_weights(&t), Some(vec![12.0, 3.0]));
+    }
+}

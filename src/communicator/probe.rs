@@ -1,0 +1,133 @@
+//! Runs the start-up link probe ([`crate::topology::probe`]) over the communicator's
+//! own send/recv, and installs the merged figures in its topology.
+
+use std::time::{Duration, Instant};
+
+use super::Communicator;
+use crate::algorithm::tuning::LinkModel;
+use crate::dtype::ReduceOp;
+use crate::error::Result;
+use crate::topology::probe::{
+    self, BIG_BYTES, REPEAT_BELOW, SMALL_BYTES, SMALL_ROUNDS, STOP_AFTER, WARMUP_BYTES,
+};
+use crate::topology::{LinkPerf, Topology};
+
+impl Communicator {
+    /// Measures every link in [`probe::probe_order`] and returns the figures of the
+    /// pairs this rank drove (it is the lower rank of each). Collective: every rank
+    /// calls it at the same point.
+    pub(crate) fn probe_links(&self) -> Result<Vec<((usize, usize), LinkPerf)>> {
+        let me = self.rank;
+        let order = probe::probe_order(&self.topo);
+        let mut small = [0u8; SMALL_BYTES];
+        // Written once here so no page faults land inside a timed transfer.
+        let mut big = vec![1u8; BIG_BYTES[BIG_BYTES.len() - 1]];
+        let mut out = Vec::new();
+        for &(a, b) in order.iter().filter(|&&(a, b)| a == me || b == me) {
+            if a == me {
+                let mut rtts = Vec::with_capacity(SMALL_ROUNDS);
+                for _ in 0..SMALL_ROUNDS {
+                    let t0 = Instant::now();
+                    self.send(&small, b)?;
+                    self.recv(&mut small, b)?;
+                    rtts.push(t0.elapsed());
+                }
+                let rtt = probe::fastest(&rtts);
+                let mut timed = |size: usize| -> Result<Duration> {
+                    self.send(&[size as u64], b)?;
+                    let t0 = Instant::now();
+                    self.send(&big[..size], b)?;
+                    self.recv(&mut small, b)?;
+                    Ok(t0.elapsed())
+                };
+                // Untimed: a fresh TCP connection starts with a small congestion window.
+                timed(WARMUP_BYTES)?;
+                let mut last = (BIG_BYTES[0], Duration::ZERO);
+                for &size in &BIG_BYTES {
+                    last = (size, timed(size)?);
+                    if last.1 >= STOP_AFTER {
+                        break;
+                    }
+                }
+                // A short measurement once more, keeping the faster: a rank descheduled
+                // mid-transfer on a busy host should not make a link look slow. Long
+                // ones (slow links) are not worth the time.
+                if last.1 < REPEAT_BELOW {
+                    last.1 = last.1.min(timed(last.0)?);
+                }
+                self.send(&[0u64], b)?;
+                let perf = probe::estimate(rtt, last.0, last.1);
+                tracing::debug!(
+                    rank = me,
+                    peer = b,
+                    bytes = last.0,
+                    "probe: {:.1} us, {:.3} GB/s",
+                    perf.latency_ns as f64 / 1e3,
+                    perf.bandwidth() / 1e9
+                );
+                out.push(((a, b), perf));
+            } else {
+                for _ in 0..SMALL_ROUNDS {
+                    self.recv(&mut small, a)?;
+                    self.send(&small, a)?;
+                }
+                loop {
+                    let mut size = [0u64];
+                    self.recv(&mut size, a)?;
+                    let size = size[0] as usize;
+                    if size == 0 || size > big.len() {
+                        break;
+                    }
+                    self.recv(&mut big[..size], a)?;
+                    self.send(&small, a)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Probes the links and merges every rank's figures into this communicator's
+    /// topology, so all ranks hold the same one. Collective.
+    pub(crate) fn measure_topology(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let order = probe::probe_order(&self.topo);
+        let mine = self.probe_links()?;
+        let mut merged = probe::encode(&order, &mine);
+        self.all_reduce(&mut merged, ReduceOp::Max)?;
+        let mut topo = self.topo.clone();
+        probe::apply(&mut topo, &order, &merged);
+        self.set_topology(topo);
+        // Numbering starts over so the caller's first collective is #0 in errors and
+        // logs. Safe: every probe message to or from this rank has been received (links
+        // are FIFO and the merge above finished here), and every rank resets at the
+        // same point of its own sequence.
+        self.seq.store(0, std::sync::atomic::Ordering::Relaxed);
+        for c in self.p2p_send_seq.iter().chain(&self.p2p_recv_seq) {
+            c.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.logged
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if self.rank == 0 {
+            tracing::info!(
+                rank = self.rank,
+                "probed {} links in {:.0} ms",
+                order.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+
+    /// Replaces the topology and what is derived from it. Plans made so far are
+    /// dropped: they may have been chosen from other figures.
+    pub(crate) fn set_topology(&mut self, topo: Topology) {
+        self.model = LinkModel::of(&topo);
+        self.topo = topo;
+        self.plans
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
