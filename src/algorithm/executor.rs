@@ -635,7 +635,7 @@ mod tests {
             scratch: std::ptr::null_mut(),
             scratch_len: 0,
         };
-        execute(sched, links, &bufs, &ctx(rank), None)?;
+        execute(sched, links, &bufs, &ctx(rank), None, None)?;
         Ok(output.to_vec())
     }
 

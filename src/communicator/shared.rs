@@ -1105,7 +1105,7 @@ impl Run<'_> {
                     ))
                 })?;
                 let off = off as usize;
-                if off.checked_add(need).map_or(true, |end| end > m.len()) {
+                if off.checked_add(need).is_none_or(|end| end > m.len()) {
                     return Err(mismatch(format!(
                         "peer {peer}'s {which} ({need} bytes at offset {off}) overruns its \
                          shared buffer #{idx} of {} bytes",
@@ -1322,6 +1322,7 @@ mod tests {
                     hostname: "h".into(),
                     node_id: "n0".into(),
                     pid: std::process::id(),
+                    device: crate::topology::Device::Cpu,
                 })
                 .collect(),
         );
