@@ -131,6 +131,7 @@ impl World {
                     hostname: "bench".into(),
                     node_id: "bench".into(),
                     pid: std::process::id(),
+                    device: hetccl::topology::Device::Cpu,
                 })
                 .collect(),
         );

@@ -66,9 +66,11 @@ const CLOSED: u32 = 3;
 /// Bytes a rank reduces before publishing progress: small enough that the chunk is
 /// still in cache when peers copy it, large enough that publishing costs nothing.
 const CHUNK_BYTES: usize = 256 << 10;
-/// Flag polls before yielding, then yields before sleeping.
+/// Flag polls before yielding, then yields (at least this many, for at least
+/// `YIELD_FOR`) before sleeping.
 const SPINS: u32 = 200;
 const YIELDS: u32 = 16;
+const YIELD_FOR: Duration = Duration::from_micros(200);
 /// Longest single sleep; between sleeps the waiter checks the peer and the timeout.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 const CHECK_EVERY: Duration = Duration::from_millis(50);
@@ -937,13 +939,17 @@ impl Run<'_> {
             }
             std::hint::spin_loop();
         }
-        for _ in 0..YIELDS {
+        let start = Instant::now();
+        // Yield (a peer may be waiting for this core) for up to YIELD_FOR before sleeping:
+        // a futex wake-up costs more than that on a busy machine.
+        let mut k = 0u32;
+        while k < YIELDS || start.elapsed() < YIELD_FOR {
             std::thread::yield_now();
             if reached(flag.load(Ordering::Acquire), target) {
                 return Ok(());
             }
+            k += 1;
         }
-        let start = Instant::now();
         let mut last_check = start;
         let sleep = self.node.sleep_line(l, self.node.me);
         loop {
@@ -1099,7 +1105,7 @@ impl Run<'_> {
                     ))
                 })?;
                 let off = off as usize;
-                if off.checked_add(need).map_or(true, |end| end > m.len()) {
+                if off.checked_add(need).is_none_or(|end| end > m.len()) {
                     return Err(mismatch(format!(
                         "peer {peer}'s {which} ({need} bytes at offset {off}) overruns its \
                          shared buffer #{idx} of {} bytes",
