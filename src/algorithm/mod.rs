@@ -186,8 +186,11 @@ pub fn plan(
             }
         }
         CollectiveOp::Barrier => {
-            let empty = Region::new(BufId::Output, 0..0);
-            tree::all_reduce_inplace(&mut b, &g, empty, 0, 1, t.chunk_bytes);
+            // One byte, reduced up the tree and broadcast down: a real region, so every
+            // send to the parent waits for the children's messages and nobody leaves
+            // before everyone arrived (empty regions would carry no dependencies).
+            let token = Region::new(BufId::Output, 0..1);
+            tree::all_reduce_inplace(&mut b, &g, token, 1, 1, t.chunk_bytes);
         }
         CollectiveOp::SendRecv => {
             if call.is_send {

@@ -329,9 +329,9 @@ mod tests {
     }
 
     #[test]
-    fn barrier_exchanges_empty_messages() {
+    fn barrier_waits_for_the_children_before_telling_the_parent() {
         let n = 5;
-        let c = call(CollectiveOp::Barrier, 0, 0, true);
+        let c = call(CollectiveOp::Barrier, 1, 0, true);
         let scheds: Vec<_> = (0..n)
             .map(|r| plan(&c, r, n, Algo::Tree, T.clone(), &[]))
             .collect();
@@ -346,8 +346,28 @@ mod tests {
         // root 0 has children 1, 2, 4: three up, three down; leaf 4 one each way.
         assert_eq!(count(&scheds[0]), (3, 3));
         assert_eq!(count(&scheds[4]), (1, 1));
-        assert!(scheds.iter().all(|s| s.bytes_sent() == 0));
-        let mut ranks = vec![SimRank::default(); n];
+        // one byte per message
+        assert_eq!(scheds[0].bytes_sent(), 3);
+        // Rank 2 (parent 0, child 3): its message up depends on the one from 3.
+        let s2 = &scheds[2];
+        let recv3 = s2
+            .ops
+            .iter()
+            .position(|o| matches!(o.kind, OpKind::Recv { peer: 3, .. }))
+            .unwrap();
+        let send0 = s2
+            .ops
+            .iter()
+            .position(|o| matches!(o.kind, OpKind::Send { peer: 0, .. }))
+            .unwrap();
+        assert!(s2.ops[send0].deps.contains(&recv3), "{:?}", s2.ops);
+        let mut ranks = vec![
+            SimRank {
+                output: vec![0u8],
+                ..Default::default()
+            };
+            n
+        ];
         run(&scheds, &mut ranks, DataType::U8, ReduceOp::Sum).unwrap();
     }
 }

@@ -612,7 +612,7 @@ impl Communicator {
                 }
                 in_len
             }
-            CollectiveOp::Barrier => 0,
+            CollectiveOp::Barrier => 1,
             CollectiveOp::SendRecv => {
                 self.check_rank(name, "peer", root)?;
                 if root == self.rank {
@@ -733,8 +733,8 @@ impl Communicator {
 
     /// Returns once every rank has entered the barrier.
     pub fn barrier(&self) -> Result<()> {
-        let mut none: [u8; 0] = [];
-        self.run(Request::new(CollectiveOp::Barrier, None, &mut none))
+        let mut token = [0u8; 1];
+        self.run(Request::new(CollectiveOp::Barrier, None, &mut token))
     }
 
     /// Sends `buf` to `peer`, which must post a matching [`Communicator::recv`] of the

@@ -312,7 +312,9 @@ fn fast_matches_reference<W: WireFloat>(seed: u64) {
         // NaN + x keeps "a" NaN payload, and which one is unspecified (the optimiser may
         // swap the operands of the scalar loop): NaNs compare as NaN, the rest bitwise.
         let canon = |v: &[f32]| -> Vec<u32> {
-            v.iter().map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() }).collect()
+            v.iter()
+                .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
+                .collect()
         };
         assert_eq!(canon(&f1), canon(&f2), "decompress_add n={n}");
     }
