@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All-reduce timings on the simulated cluster (scripts/netcluster.sh), as in
-# docs/cluster-results.md. For each case: RUNS processes x ITERS timed f32 sums
+# docs/PERFORMANCE.md ("Simulated cluster"). For each case: RUNS processes x ITERS timed f32 sums
 # (after one untimed call each), per algorithm, interleaved so that load from other
 # work on the host hits every algorithm alike; prints the median, min and max of all
 # RUNS x ITERS timings next to the lower bound 2(N-1)/N * S / B_node.
