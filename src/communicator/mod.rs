@@ -32,7 +32,7 @@ pub use shared::SharedBuf;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -126,12 +126,17 @@ struct Progress {
 }
 
 impl Progress {
-    fn run(mut self, rx: mpsc::Receiver<Work>) {
+    /// The progress thread: runs queued work in order. A blocking call issued while
+    /// nothing is queued runs on the caller's thread instead (see `submit`), holding
+    /// the same lock, so order is kept either way.
+    fn run(me: Arc<Mutex<Progress>>, rx: mpsc::Receiver<Work>, inflight: Arc<AtomicUsize>) {
         while let Ok(mut w) = rx.recv() {
-            let r = self.execute(&mut w);
+            let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
+            let r = p.execute(&mut w);
+            inflight.fetch_sub(1, Ordering::AcqRel);
             w.done.set(r);
         }
-        tracing::debug!(rank = self.rank, "progress thread exits");
+        tracing::debug!("progress thread exits");
     }
 
     fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
@@ -261,6 +266,10 @@ pub struct Communicator {
     p2p_recv_seq: Vec<AtomicU64>,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
+    /// Links, scratch and failure state; the progress thread or an inline caller holds it.
+    progress: Arc<Mutex<Progress>>,
+    /// Work queued for the progress thread and not finished yet.
+    inflight: Arc<AtomicUsize>,
     plans: Mutex<HashMap<(Call, Algo), Arc<Schedule>>>,
     /// (collective, log2 of the size, algorithm) already reported at `info`.
     logged: Mutex<std::collections::HashSet<(CollectiveOp, u32, Algo)>>,
@@ -313,9 +322,12 @@ impl Communicator {
             abort: abort.clone(),
             shared: shared.clone(),
         };
+        let progress = Arc::new(Mutex::new(progress));
+        let inflight = Arc::new(AtomicUsize::new(0));
+        let (p2, i2) = (progress.clone(), inflight.clone());
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
-            .spawn(move || progress.run(rx))
+            .spawn(move || Progress::run(p2, rx, i2))
             .map_err(|e| Error::io("starting the progress thread", e))?;
         Ok(Communicator {
             rank,
@@ -330,6 +342,8 @@ impl Communicator {
             p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
+            progress,
+            inflight,
             plans: Mutex::new(HashMap::new()),
             logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
@@ -428,13 +442,16 @@ impl Communicator {
     }
 
     /// Queues a call on the progress thread; the caller must keep the buffers
-    /// borrowed until the returned completion is set.
+    /// borrowed until the returned completion is set. With `inline` (blocking calls)
+    /// and nothing queued, the call runs right here instead: no hand-off to another
+    /// thread and back, which is most of a small message's latency.
     fn submit(
         &self,
         call: Call,
         input: RawIn,
         output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
+        inline: bool,
     ) -> Result<Arc<Completion>> {
         let compress =
             compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
@@ -461,10 +478,10 @@ impl Communicator {
             None
         };
         let done = Completion::new();
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = tx.as_ref() else {
+        let tx_guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if tx_guard.is_none() {
             return Err(Error::Broken("communicator was shut down".into()));
-        };
+        }
         // Sequence numbers are taken under the queue lock so queue order = seq order.
         let seq = if call.op == CollectiveOp::SendRecv {
             let ctr = if call.is_send {
@@ -500,8 +517,25 @@ impl Communicator {
             done: done.clone(),
             compress,
         };
-        tx.send(work)
-            .map_err(|_| Error::Broken("progress thread has stopped".into()))?;
+        if inline && self.inflight.load(Ordering::Acquire) == 0 {
+            // Take the progress lock before letting other submitters in, so anything
+            // queued after this call also runs after it.
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            drop(tx_guard);
+            let mut work = work;
+            let r = p.execute(&mut work);
+            work.done.set(r);
+            return Ok(done);
+        }
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let sent = match tx_guard.as_ref() {
+            Some(tx) => tx.send(work).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Broken("progress thread has stopped".into()));
+        }
         Ok(done)
     }
 
@@ -649,7 +683,7 @@ impl Communicator {
             std::ptr::null_mut(),
             0,
         ));
-        self.submit(call, i, o, auto)?.wait().map(|_| ())
+        self.submit(call, i, o, auto, true)?.wait().map(|_| ())
     }
 
     /// In-place all-reduce of f32 values with 16-bit values on the links `c.mode`
@@ -668,7 +702,7 @@ impl Communicator {
             return Ok(OverflowStats::default());
         }
         let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
-        self.submit(call, i, o, job)?.wait()
+        self.submit(call, i, o, job, true)?.wait()
     }
 
     /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
@@ -871,7 +905,7 @@ impl<'s, 'env> Scope<'s, 'env> {
             std::ptr::null_mut(),
             0,
         ));
-        let c = self.comm.submit(call, i, o, auto)?;
+        let c = self.comm.submit(call, i, o, auto, false)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -908,7 +942,7 @@ impl<'s, 'env> Scope<'s, 'env> {
             });
         }
         let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
-        let done = self.comm.submit(call, i, o, job)?;
+        let done = self.comm.submit(call, i, o, job, false)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
