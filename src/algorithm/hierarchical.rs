@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use super::schedule::{split_even, Builder, Combine, Region};
+use super::schedule::{self, split_chunks, split_even, Builder, Combine, Region};
 use super::{ring, Group};
 
 /// Largest shard count; beyond it the lcm of node sizes is replaced by a multiple of
@@ -98,17 +98,12 @@ pub fn all_reduce_inplace(
     };
     let shards = shard_count(nodes);
     let ranges = shard_ranges(count, shards, elem, weights);
-    let at = |r: &Range<usize>| Region::new(buf.buf, buf.offset + r.start..buf.offset + r.end);
+    let at = |r: &Range<usize>| schedule::at(buf, r);
     let chunks = |r: &Range<usize>| -> Vec<Range<usize>> {
-        let n = (r.end - r.start) / elem;
-        split_even(
-            n,
-            (r.end - r.start).div_ceil(chunk_bytes.max(elem)).max(1),
-            elem,
-        )
-        .into_iter()
-        .map(|c| r.start + c.start..r.start + c.end)
-        .collect()
+        split_chunks((r.end - r.start) / elem, elem, chunk_bytes)
+            .into_iter()
+            .map(|c| r.start + c.start..r.start + c.end)
+            .collect()
     };
     let mates = &nodes[k];
 

@@ -204,13 +204,8 @@ pub fn plan(
 }
 
 fn copy_chunked(b: &mut Builder, src: Region, dst: Region, chunk: usize, elem: usize) {
-    let count = src.len / elem;
-    let parts = src.len.div_ceil(chunk.max(elem)).max(1);
-    for r in schedule::split_even(count, parts, elem) {
-        b.copy(
-            Region::new(src.buf, src.offset + r.start..src.offset + r.end),
-            Region::new(dst.buf, dst.offset + r.start..dst.offset + r.end),
-        );
+    for r in schedule::split_chunks(src.len / elem, elem, chunk) {
+        b.copy(schedule::at(src, &r), schedule::at(dst, &r));
     }
 }
 

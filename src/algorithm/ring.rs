@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use super::schedule::{split_even, BufId, Builder, Combine, Region};
+use super::schedule::{at, split_chunks, split_even, BufId, Builder, Combine, Region};
 use super::Group;
 
 /// Byte ranges `[piece][segment]` relative to the start of the buffer.
@@ -31,10 +31,6 @@ pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Ve
                 .collect()
         })
         .collect()
-}
-
-fn at(buf: Region, r: &Range<usize>) -> Region {
-    Region::new(buf.buf, buf.offset + r.start..buf.offset + r.end)
 }
 
 /// In-place reduce-scatter of `buf` (`count` elements) over `g`. Afterwards member
@@ -160,11 +156,7 @@ pub fn reduce_scatter(
         )
     };
     // Pieces of one block; all blocks are cut the same way.
-    let pieces = split_even(
-        block,
-        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
-        elem,
-    );
+    let pieces = split_chunks(block, elem, chunk_bytes);
     if n == 1 {
         for p in &pieces {
             b.copy(blk(0, p), at(output, p));
@@ -212,11 +204,7 @@ pub fn all_gather(
 ) {
     let n = g.size();
     let block_bytes = block * elem;
-    let pieces = split_even(
-        block,
-        block_bytes.div_ceil(chunk_bytes.max(elem)).max(1),
-        elem,
-    );
+    let pieces = split_chunks(block, elem, chunk_bytes);
     let blk = |i: usize, r: &Range<usize>| {
         Region::new(
             output.buf,
@@ -253,11 +241,7 @@ pub fn broadcast_chain(
     let pos = (g.me + n - root) % n; // 0 = root
     let prev = g.members[(g.me + n - 1) % n];
     let next = g.members[(g.me + 1) % n];
-    let pieces = split_even(
-        count,
-        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
-        elem,
-    );
+    let pieces = split_chunks(count, elem, chunk_bytes);
     for p in &pieces {
         if pos > 0 {
             b.recv(prev, at(buf, p), Combine::Copy);
@@ -284,11 +268,7 @@ pub fn reduce_chain(
     slots: usize,
 ) {
     let n = g.size();
-    let pieces = split_even(
-        count,
-        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
-        elem,
-    );
+    let pieces = split_chunks(count, elem, chunk_bytes);
     if n == 1 {
         for p in &pieces {
             b.copy(at(input, p), at(output, p));

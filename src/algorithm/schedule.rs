@@ -213,6 +213,21 @@ impl Builder {
     }
 }
 
+/// The part of `buf` at byte `range` relative to its start.
+pub fn at(buf: Region, range: &Range<usize>) -> Region {
+    Region::new(buf.buf, buf.offset + range.start..buf.offset + range.end)
+}
+
+/// Splits `count` elements of `elem` bytes into pipeline chunks of about
+/// `chunk_bytes` (at least one, possibly empty); byte ranges.
+pub fn split_chunks(count: usize, elem: usize, chunk_bytes: usize) -> Vec<Range<usize>> {
+    split_even(
+        count,
+        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
+        elem,
+    )
+}
+
 /// Splits `count` elements into `parts` contiguous ranges whose sizes differ by at
 /// most one element; returns byte ranges for elements of `elem` bytes.
 pub fn split_even(count: usize, parts: usize, elem: usize) -> Vec<Range<usize>> {

@@ -5,7 +5,7 @@
 //! holds bitwise the same bytes. Large buffers are cut into chunks so the tree
 //! pipelines (a parent forwards chunk `c` while chunk `c + 1` climbs).
 
-use super::schedule::{split_even, Builder, Combine, Region};
+use super::schedule::{at, split_chunks, Builder, Combine, Region};
 use super::Group;
 
 /// Parent and children (in receive order) of member `vr` in a binomial tree over `n`
@@ -25,18 +25,6 @@ pub fn binomial(vr: usize, n: usize) -> (Option<usize>, Vec<usize>) {
     (None, children)
 }
 
-fn chunks(count: usize, elem: usize, chunk_bytes: usize) -> Vec<std::ops::Range<usize>> {
-    split_even(
-        count,
-        (count * elem).div_ceil(chunk_bytes.max(elem)).max(1),
-        elem,
-    )
-}
-
-fn at(buf: Region, r: &std::ops::Range<usize>) -> Region {
-    Region::new(buf.buf, buf.offset + r.start..buf.offset + r.end)
-}
-
 /// In-place reduce of `buf` to member `root`; other members' buffers end holding
 /// partial results.
 pub fn reduce_inplace(
@@ -52,7 +40,7 @@ pub fn reduce_inplace(
     let vr = (g.me + n - root) % n;
     let abs = |v: usize| g.members[(v + root) % n];
     let (parent, children) = binomial(vr, n);
-    for c in chunks(count, elem, chunk_bytes) {
+    for c in split_chunks(count, elem, chunk_bytes) {
         for &ch in &children {
             b.recv(abs(ch), at(buf, &c), Combine::Accumulate);
         }
@@ -76,7 +64,7 @@ pub fn broadcast_inplace(
     let vr = (g.me + n - root) % n;
     let abs = |v: usize| g.members[(v + root) % n];
     let (parent, children) = binomial(vr, n);
-    for c in chunks(count, elem, chunk_bytes) {
+    for c in split_chunks(count, elem, chunk_bytes) {
         if let Some(p) = parent {
             b.recv(abs(p), at(buf, &c), Combine::Copy);
         }
