@@ -1008,16 +1008,17 @@ pub fn dtype_of<T: Element>() -> DataType {
     T::DTYPE
 }
 
+/// In-process worlds for unit tests: communicators joined by in-memory links.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::topology::RankInfo;
     use crate::transport::mem;
 
-    /// `n` communicators in one process, fully connected by in-memory links, with
-    /// ranks grouped into nodes of `per_node`.
+    /// `n` communicators in one process, fully connected by in-memory links, ranks
+    /// grouped into pretend nodes of `per_node`; `cfg` with 4 KiB chunks.
     #[allow(clippy::needless_range_loop)]
-    fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
+    pub(crate) fn world(n: usize, per_node: usize, cfg: Config) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         for a in 0..n {
@@ -1033,16 +1034,15 @@ mod tests {
                     rank: r,
                     hostname: "h".into(),
                     node_id: format!("n{}", r / per_node),
-                    pid: 1,
+                    // A live pid: the shared-buffer path checks peers' liveness by pid.
+                    pid: std::process::id(),
                     device: crate::topology::Device::Cpu,
                 })
                 .collect(),
         );
         let cfg = Config {
-            algo,
             chunk_bytes: 4096,
-            timeout: std::time::Duration::from_secs(20),
-            ..Config::default()
+            ..cfg
         };
         links
             .into_iter()
@@ -1051,11 +1051,31 @@ mod tests {
             .collect()
     }
 
-    fn on_all<R: Send>(comms: &[Communicator], f: impl Fn(&Communicator) -> R + Sync) -> Vec<R> {
+    /// Runs `f` on every communicator at once, one thread each.
+    pub(crate) fn on_all<R: Send>(
+        comms: &[Communicator],
+        f: impl Fn(&Communicator) -> R + Sync,
+    ) -> Vec<R> {
         std::thread::scope(|s| {
             let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use testing::on_all;
+
+    fn world(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
+        let cfg = Config {
+            algo,
+            timeout: std::time::Duration::from_secs(20),
+            ..Config::default()
+        };
+        testing::world(n, per_node, cfg)
     }
 
     #[test]

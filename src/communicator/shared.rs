@@ -1295,55 +1295,22 @@ impl Run<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::topology::{RankInfo, Topology};
-    use crate::transport::{mem, Link};
     use half::bf16;
+
+    use crate::communicator::testing::on_all;
 
     /// `n` communicators in one process on one pretend host, joined by in-memory links.
     fn world(n: usize, timeout: Duration) -> Vec<Communicator> {
         world_with(n, timeout, Config::default().stream_min_bytes)
     }
 
-    #[allow(clippy::needless_range_loop)]
     fn world_with(n: usize, timeout: Duration, stream_min_bytes: usize) -> Vec<Communicator> {
-        let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
-            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        for a in 0..n {
-            for b in a + 1..n {
-                let (la, lb) = mem::pair_with(a, b, 4096, 4);
-                links[a][b] = Some(Box::new(la));
-                links[b][a] = Some(Box::new(lb));
-            }
-        }
-        let topo = Topology::from_ranks(
-            (0..n)
-                .map(|r| RankInfo {
-                    rank: r,
-                    hostname: "h".into(),
-                    node_id: "n0".into(),
-                    pid: std::process::id(),
-                    device: crate::topology::Device::Cpu,
-                })
-                .collect(),
-        );
         let cfg = Config {
-            chunk_bytes: 4096,
             timeout,
             stream_min_bytes,
             ..Config::default()
         };
-        links
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None).unwrap())
-            .collect()
-    }
-
-    fn on_all<R: Send>(comms: &[Communicator], f: impl Fn(&Communicator) -> R + Sync) -> Vec<R> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+        crate::communicator::testing::world(n, n, cfg)
     }
 
     /// This rank's flag: the last collective that ran on the direct path ended here.
