@@ -57,6 +57,120 @@ impl Wire {
     }
 }
 
+/// Work done on the output buffer block by block, just before the schedule first
+/// touches a block and just after it last touches it. A compressed all-reduce quantises
+/// its input and rounds its result this way: each pass runs on data that is hot in cache
+/// and overlaps with waiting on the network, instead of being a sweep over the whole
+/// buffer before and after the collective.
+pub trait BlockPasses {
+    /// Block size in bytes; the output splits into blocks of this size (the last may be
+    /// shorter). A multiple of the element size.
+    fn block_bytes(&self) -> usize;
+    /// Prepares output bytes `range` before any op reads or writes them.
+    fn before(&mut self, range: std::ops::Range<usize>) -> Result<()>;
+    /// Finishes output bytes `range` once no op will read or write them again.
+    fn after(&mut self, range: std::ops::Range<usize>) -> Result<()>;
+}
+
+/// Which output blocks are prepared, and how many op touches each still awaits.
+struct BlockTracker<'p> {
+    passes: &'p mut dyn BlockPasses,
+    block: usize,
+    len: usize,
+    prepared: Vec<bool>,
+    remaining: Vec<u32>,
+    started: Vec<bool>,
+    /// `after` waits for the end when a finalize step still changes the output.
+    defer: bool,
+}
+
+impl<'p> BlockTracker<'p> {
+    fn new(passes: &'p mut dyn BlockPasses, sched: &Schedule, output_len: usize) -> Self {
+        let block = passes.block_bytes().max(1);
+        let n = output_len.div_ceil(block);
+        let mut t = BlockTracker {
+            passes,
+            block,
+            len: output_len,
+            prepared: vec![false; n],
+            remaining: vec![0; n],
+            started: vec![false; sched.ops.len()],
+            defer: sched.finalize.is_some(),
+        };
+        for op in &sched.ops {
+            for b in t.blocks_of(&op.kind) {
+                t.remaining[b] += 1;
+            }
+        }
+        t
+    }
+
+    /// Output blocks `kind` touches, once per region that touches them.
+    fn blocks_of(&self, kind: &OpKind) -> impl Iterator<Item = usize> {
+        let regions = match *kind {
+            OpKind::Send { src, .. } => [Some(src), None],
+            OpKind::Recv { dst, combine, .. } => match combine {
+                Combine::From(src) => [Some(dst), Some(src)],
+                _ => [Some(dst), None],
+            },
+            OpKind::Copy { src, dst } => [Some(src), Some(dst)],
+        };
+        let block = self.block;
+        regions
+            .into_iter()
+            .flatten()
+            .filter(|r| r.buf == BufId::Output && r.len > 0)
+            .flat_map(move |r| r.offset / block..(r.offset + r.len).div_ceil(block))
+    }
+
+    fn range(&self, b: usize) -> std::ops::Range<usize> {
+        b * self.block..((b + 1) * self.block).min(self.len)
+    }
+
+    /// Before op `i` first moves data: prepares the blocks it is the first to touch.
+    fn start(&mut self, i: usize, kind: &OpKind) -> Result<()> {
+        if std::mem::replace(&mut self.started[i], true) {
+            return Ok(());
+        }
+        let blocks: Vec<usize> = self.blocks_of(kind).collect();
+        for b in blocks {
+            if !std::mem::replace(&mut self.prepared[b], true) {
+                let r = self.range(b);
+                self.passes.before(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After op `i` is done: finishes the blocks no later op touches.
+    fn finish(&mut self, kind: &OpKind) -> Result<()> {
+        let blocks: Vec<usize> = self.blocks_of(kind).collect();
+        for b in blocks {
+            self.remaining[b] -= 1;
+            if self.remaining[b] == 0 && !self.defer {
+                let r = self.range(b);
+                self.passes.after(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last op (and the finalize step): blocks no op touched get both passes,
+    /// deferred blocks their `after`.
+    fn flush(&mut self) -> Result<()> {
+        for b in 0..self.prepared.len() {
+            let r = self.range(b);
+            if !self.prepared[b] {
+                self.passes.before(r.clone())?;
+                self.passes.after(r)?;
+            } else if self.defer {
+                self.passes.after(r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Header flags value for a wire format (0 = uncompressed).
 fn wire_flags(w: Option<WireFormat>) -> u8 {
     w.map_or(0, |f| 1 + f as u8)
@@ -313,15 +427,18 @@ fn in_context(e: Error, ctx: &ExecCtx) -> Error {
 
 /// Runs `sched` to completion; returns what compressing sends had to saturate. On
 /// error the links may be mid-message: the caller must abort them (the communicator does).
+/// `passes`, when given, run on each output block around the ops that touch it.
 pub fn execute(
     sched: &Schedule,
     links: &mut [Option<Box<dyn Link>>],
     bufs: &Buffers,
     ctx: &ExecCtx,
     wire: Option<&Wire>,
+    passes: Option<&mut dyn BlockPasses>,
     cancel: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<OverflowStats> {
     let mut stats = OverflowStats::default();
+    let mut blocks = passes.map(|p| BlockTracker::new(p, sched, bufs.output_len));
     // One staging buffer per compressing link (one message in flight per link), sized
     // by the largest message: chunk-bounded, never the whole buffer.
     let mut staging: Vec<(Option<usize>, Vec<u8>)> =
@@ -371,6 +488,9 @@ pub fn execute(
             if !ready(&done, i) {
                 break;
             }
+            if let Some(t) = blocks.as_mut() {
+                t.start(i, &sched.ops[i].kind)?;
+            }
             if let OpKind::Copy { src, dst } = sched.ops[i].kind {
                 if src.len > 0 {
                     // SAFETY: both regions were checked; dependencies guarantee no
@@ -380,6 +500,9 @@ pub fn execute(
                         std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
                     };
                 }
+            }
+            if let Some(t) = blocks.as_mut() {
+                t.finish(&sched.ops[i].kind)?;
             }
             done[i] = true;
             n_done += 1;
@@ -398,6 +521,9 @@ pub fn execute(
                 let OpKind::Send { src, .. } = sched.ops[i].kind else {
                     break;
                 };
+                if let Some(t) = blocks.as_mut() {
+                    t.start(i, &sched.ops[i].kind)?;
+                }
                 // SAFETY: checked region; dependencies keep writers away while it is sent.
                 let mut data = unsafe { bufs.slice(&src) };
                 let format = Wire::format_for(wire, p);
@@ -420,6 +546,9 @@ pub fn execute(
                 {
                     break;
                 }
+                if let Some(t) = blocks.as_mut() {
+                    t.finish(&sched.ops[i].kind)?;
+                }
                 done[i] = true;
                 n_done += 1;
                 sends[p].next += 1;
@@ -432,6 +561,9 @@ pub fn execute(
                 let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
                     break;
                 };
+                if let Some(t) = blocks.as_mut() {
+                    t.start(i, &sched.ops[i].kind)?;
+                }
                 let mut sink = Sink {
                     ctx,
                     peer: p,
@@ -446,6 +578,9 @@ pub fn execute(
                 };
                 if !link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))? {
                     break;
+                }
+                if let Some(t) = blocks.as_mut() {
+                    t.finish(&sched.ops[i].kind)?;
                 }
                 done[i] = true;
                 n_done += 1;
@@ -504,6 +639,9 @@ pub fn execute(
         // SAFETY: all ops are done; nothing else touches the buffer now.
         let d = unsafe { std::slice::from_raw_parts_mut(bufs.ptr(&f), f.len) };
         reduce::reduce_finalize_bytes(ctx.dtype, ctx.redop, d, ctx.world_size);
+    }
+    if let Some(t) = blocks.as_mut() {
+        t.flush()?;
     }
     Ok(stats)
 }
@@ -635,7 +773,7 @@ mod tests {
             scratch: std::ptr::null_mut(),
             scratch_len: 0,
         };
-        execute(sched, links, &bufs, &ctx(rank), None, None)?;
+        execute(sched, links, &bufs, &ctx(rank), None, None, None)?;
         Ok(output.to_vec())
     }
 

@@ -172,6 +172,7 @@ impl Progress {
                         &w.bufs,
                         &w.ctx,
                         None,
+                        None,
                         Some(&self.abort),
                     ),
                     Some(job) => self.execute_compressed(w, &sched, &job),
@@ -210,32 +211,36 @@ impl Progress {
             // (blocking call or scope), and only this thread touches it meanwhile.
             unsafe { &mut *job.compressor }
         };
-        let n = w.bufs.output_len / 4;
-        // SAFETY: output holds `n` f32 (checked when the call was prepared) and is this
-        // work's exclusively until it completes; input, when distinct, is read only.
-        let out = unsafe { std::slice::from_raw_parts_mut(w.bufs.output.cast::<f32>(), n) };
         let world = w.ctx.world_size;
-        let mut stats = if std::ptr::eq(w.bufs.input, w.bufs.output) {
-            compress::pre_pass_inplace(comp, job.buffer, out, world)?
-        } else {
-            // SAFETY: as above; distinct buffers of `n` f32.
-            let inp = unsafe { std::slice::from_raw_parts(w.bufs.input.cast::<f32>(), n) };
-            compress::pre_pass(comp, job.buffer, inp, out, world)?
+        let input = (!std::ptr::eq(w.bufs.input, w.bufs.output)).then_some(w.bufs.input.cast());
+        // SAFETY: output (and input, when distinct) hold `output_len / 4` f32, checked when
+        // the call was prepared, and are this work's alone until it completes; input is
+        // only read.
+        let mut passes = unsafe {
+            compress::Passes::new(
+                comp,
+                job.buffer,
+                input,
+                w.bufs.output.cast(),
+                world,
+                job.op,
+            )?
         };
         let bufs = Buffers {
             input: w.bufs.output,
             input_len: w.bufs.output_len,
             ..w.bufs
         };
-        stats += executor::execute(
+        let stats = executor::execute(
             sched,
             &mut self.links,
             &bufs,
             &w.ctx,
             Some(&job.wire),
+            Some(&mut passes),
             Some(&self.abort),
         )?;
-        compress::post_pass(job.wire.format, out, comp.scale(world)?, job.op, world);
+        // The passes counted their own saturations into the compressor.
         comp.add_pending(stats);
         Ok(comp.finish_collective())
     }
@@ -1202,9 +1207,17 @@ mod tests {
                 .unwrap();
             (stats, v)
         });
-        for (stats, v) in outs {
-            assert!(stats.overflow >= 1 && stats.nonfinite >= 1, "{stats:?}");
-            assert!(v[3].is_finite());
+        // Both ranks saturate their own 1e6 and pass their NaN on when quantising. In the
+        // ring, one rank sends chunk 0 (NaN again) while reducing; the other sends the
+        // reduced chunk 0 (65504 + 65504 saturates again, NaN again).
+        let mut counts: Vec<(u64, u64)> = outs
+            .iter()
+            .map(|(s, _)| (s.overflow, s.nonfinite))
+            .collect();
+        counts.sort();
+        assert_eq!(counts, [(1, 2), (2, 2)]);
+        for (_, v) in outs {
+            assert_eq!(v[3], 65504.0);
             assert!(v[5].is_nan());
             assert_eq!(v[0], 2.0);
         }
