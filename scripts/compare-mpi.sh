@@ -2,13 +2,16 @@
 # Side-by-side all-reduce bandwidth: OpenMPI's MPI_Allreduce against hetccl-perf, with
 # single-thread memcpy and loopback TCP (iperf3 -P 4) as ceilings.
 #
-#   scripts/compare-mpi.sh [--quick] [--bind] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
+#   scripts/compare-mpi.sh [--quick | --latency] [--bind] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
 #
 # Needs mpicc/mpirun (openmpi-bin, libopenmpi-dev), iperf3 and a Rust toolchain; it
 # installs nothing. For every configuration it runs OpenMPI and hetccl alternately
 # --repeats times (default 5), each run covering every size, and reports per size the
 # median over repeats of each run's busbw (MPI: median over iterations of the slowest
 # rank's time; hetccl: mean over iterations of the slowest rank's time, out-of-place).
+# --latency measures 4 B to 16 KiB with 2000 iterations and reports microseconds per
+# call instead of busbw (the ratio column is then MPI time / hetccl time, so above 1
+# still means hetccl is faster).
 #
 # Configurations:
 #   shm2  2 ranks, shared memory  (MPI: btl self,vader)
@@ -24,6 +27,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 quick=0
+latency=0
 bind=0
 repeats=5
 configs="shm2 tcp2 shm4 tcp4"
@@ -31,6 +35,7 @@ out=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
+        --latency) latency=1 ;;
         --bind) bind=1 ;;
         --repeats) repeats=$2; shift ;;
         --configs) configs=$2; shift ;;
@@ -42,7 +47,9 @@ while [ $# -gt 0 ]; do
 done
 # Size bands: each is one launch per tool; large sizes get fewer iterations so a
 # repeat stays under a minute on a busy 2-core machine.
-if [ "$quick" = 1 ]; then
+if [ "$latency" = 1 ]; then
+    bands=("-b 4 -e 16K -f 4 -n 2000 -w 200")
+elif [ "$quick" = 1 ]; then
     bands=("-b 256 -e 16M -f 16 -n 10 -w 3")
 else
     bands=("-b 4 -e 4M -f 4 -n 20 -w 5" "-b 16M -e 256M -f 4 -n 5 -w 2")
@@ -81,9 +88,10 @@ run_mpi() {
         "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" $band \
             >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
     done
-    awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    awk -v lat="$latency" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                             if (v["wrong"] != 0) { print "MPI wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
-                            print v["size"], v["size"] / (v["time_us"] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
+                            if (lat == 1) print v["size"], v["time_us"]
+                            else print v["size"], v["size"] / (v["time_us"] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
     sed -n 's/^max_rss_kib=//p' "$work/mpi.out" | sort -g | tail -1 >"$work/mpi.rss"
 }
 
@@ -101,8 +109,10 @@ run_hetccl() {
     # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
     sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
     # busbw from the time column: the table rounds bandwidths to 0.01 GB/s.
-    awk -v n="$n" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
-                                       f = 2 * (n - 1) / n; print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
+    awk -v n="$n" -v lat="$latency" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
+                                       f = 2 * (n - 1) / n
+                                       if (lat == 1) print $1, $6, $10
+                                       else print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
     sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" | sort -g | tail -1 >"$work/hetccl.rss"
 }
 
@@ -139,10 +149,14 @@ for cfg in $configs; do
 done
 
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; mode: $([ $quick = 1 ] && echo quick || echo full)"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
     echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $([ $bind = 1 ] && echo yes || echo no); load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | hetccl in-place busbw GB/s | memcpy GB/s |"
+    if [ "$latency" = 1 ]; then
+        echo "| config | size (B) | MPI us | hetccl us | MPI/hetccl time | hetccl in-place us | memcpy GB/s |"
+    else
+        echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | hetccl in-place busbw GB/s | memcpy GB/s |"
+    fi
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     for cfg in $configs; do
         for size in $(cd "$work" && ls "$cfg.mpi."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
@@ -150,8 +164,10 @@ done
             h=$( [ -f "$work/$cfg.hetccl.$size" ] && median <"$work/$cfg.hetccl.$size" || echo nan)
             hi=$( [ -f "$work/$cfg.hetccl_ip.$size" ] && median <"$work/$cfg.hetccl_ip.$size" || echo nan)
             c=$(awk -v s="$size" '$1 == s { print $2 }' "$work/memcpy")
-            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v hi="$hi" -v c="${c:-nan}" \
-                'BEGIN { r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"; printf "| %s | %d | %.3f | %.3f | %s | %.3f | %.2f |\n", cfg, s, m, h, r, hi, c }'
+            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v hi="$hi" -v c="${c:-nan}" -v lat="$latency" \
+                'BEGIN { if (lat == 1) r = (h > 0 && m == m + 0) ? sprintf("%.2f", m / h) : "n/a"
+                         else r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"
+                         printf "| %s | %d | %.3f | %.3f | %s | %.3f | %.2f |\n", cfg, s, m, h, r, hi, c }'
         done
     done
     echo

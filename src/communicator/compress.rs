@@ -98,9 +98,12 @@ impl BlockPasses for Passes<'_> {
             Some(inp) => {
                 // SAFETY: as above; the input is a distinct buffer, only read.
                 let src = unsafe { std::slice::from_raw_parts(inp.add(e.start), n) };
-                self.comp.compress(self.buffer, e.start, src, self.world, w)?
+                self.comp
+                    .compress(self.buffer, e.start, src, self.world, w)?
             }
-            None => self.comp.compress(self.buffer, e.start, dst, self.world, w)?,
+            None => self
+                .comp
+                .compress(self.buffer, e.start, dst, self.world, w)?,
         };
         compression::decompress_bytes(self.format, w, dst);
         Ok(())
@@ -153,7 +156,14 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         // SAFETY: both vectors hold x.len() f32 and outlive the passes.
         let mut p = unsafe {
-            Passes::new(&mut comp, 7, Some(x.as_ptr()), y.as_mut_ptr(), world, ReduceOp::Sum)
+            Passes::new(
+                &mut comp,
+                7,
+                Some(x.as_ptr()),
+                y.as_mut_ptr(),
+                world,
+                ReduceOp::Sum,
+            )
         }
         .unwrap();
         before_all(&mut p, x.len(), [2, 0, 1].into_iter());

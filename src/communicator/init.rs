@@ -71,6 +71,7 @@ impl Communicator {
         if comm.cfg.topo_file.is_none() && comm.cfg.topo_probe && comm.world_size > 1 {
             comm.measure_topology()?;
         }
+        comm.attach_node()?;
         if rank == 0 {
             let m = &comm.model;
             tracing::info!(

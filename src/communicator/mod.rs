@@ -33,7 +33,7 @@ pub use shared::SharedBuf;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
@@ -94,7 +94,8 @@ struct Work {
     direct: Option<shared::Direct>,
     bufs: Buffers,
     ctx: ExecCtx,
-    done: Arc<Completion>,
+    /// `None` for a call run on the caller's thread.
+    done: Option<Arc<Completion>>,
     compress: Option<CompressJob>,
 }
 
@@ -134,7 +135,9 @@ impl Progress {
             let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
             let r = p.execute(&mut w);
             inflight.fetch_sub(1, Ordering::AcqRel);
-            w.done.set(r);
+            if let Some(d) = &w.done {
+                d.set(r);
+            }
         }
         tracing::debug!("progress thread exits");
     }
@@ -217,14 +220,7 @@ impl Progress {
         // the call was prepared, and are this work's alone until it completes; input is
         // only read.
         let mut passes = unsafe {
-            compress::Passes::new(
-                comp,
-                job.buffer,
-                input,
-                w.bufs.output.cast(),
-                world,
-                job.op,
-            )?
+            compress::Passes::new(comp, job.buffer, input, w.bufs.output.cast(), world, job.op)?
         };
         let bufs = Buffers {
             input: w.bufs.output,
@@ -446,18 +442,72 @@ impl Communicator {
             .clone()
     }
 
+    /// Runs a call to completion: right here when nothing is queued (no hand-off to
+    /// another thread and back, which is most of a small message's latency), else
+    /// behind the queued work on the progress thread.
+    fn run_now(
+        &self,
+        call: Call,
+        input: RawIn,
+        output: RawOut,
+        compress: Option<(CompressMode, *mut Compressor, u64)>,
+    ) -> Result<OverflowStats> {
+        let (mut work, tx_guard) = self.make_work(call, input, output, compress)?;
+        if self.inflight.load(Ordering::Acquire) == 0 {
+            // Take the progress lock before letting other submitters in, so anything
+            // queued after this call also runs after it.
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            drop(tx_guard);
+            return p.execute(&mut work);
+        }
+        let done = Completion::new();
+        work.done = Some(done.clone());
+        self.enqueue(work, tx_guard)?;
+        done.wait()
+    }
+
     /// Queues a call on the progress thread; the caller must keep the buffers
-    /// borrowed until the returned completion is set. With `inline` (blocking calls)
-    /// and nothing queued, the call runs right here instead: no hand-off to another
-    /// thread and back, which is most of a small message's latency.
+    /// borrowed until the returned completion is set.
     fn submit(
         &self,
         call: Call,
         input: RawIn,
         output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
-        inline: bool,
     ) -> Result<Arc<Completion>> {
+        let (mut work, tx_guard) = self.make_work(call, input, output, compress)?;
+        let done = Completion::new();
+        work.done = Some(done.clone());
+        self.enqueue(work, tx_guard)?;
+        Ok(done)
+    }
+
+    fn enqueue(
+        &self,
+        work: Work,
+        tx_guard: MutexGuard<'_, Option<mpsc::Sender<Work>>>,
+    ) -> Result<()> {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let sent = match tx_guard.as_ref() {
+            Some(tx) => tx.send(work).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Broken("progress thread has stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Plans a call and takes its sequence number; returns the work with the queue
+    /// lock still held, so queue order is sequence order.
+    fn make_work(
+        &self,
+        call: Call,
+        input: RawIn,
+        output: RawOut,
+        compress: Option<(CompressMode, *mut Compressor, u64)>,
+    ) -> Result<(Work, MutexGuard<'_, Option<mpsc::Sender<Work>>>)> {
         let compress =
             compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
         // Shared buffers are read in place, unless the call asked for compression,
@@ -482,7 +532,6 @@ impl Communicator {
         } else {
             None
         };
-        let done = Completion::new();
         let tx_guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if tx_guard.is_none() {
             return Err(Error::Broken("communicator was shut down".into()));
@@ -519,29 +568,10 @@ impl Communicator {
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
             },
-            done: done.clone(),
+            done: None,
             compress,
         };
-        if inline && self.inflight.load(Ordering::Acquire) == 0 {
-            // Take the progress lock before letting other submitters in, so anything
-            // queued after this call also runs after it.
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            drop(tx_guard);
-            let mut work = work;
-            let r = p.execute(&mut work);
-            work.done.set(r);
-            return Ok(done);
-        }
-        self.inflight.fetch_add(1, Ordering::AcqRel);
-        let sent = match tx_guard.as_ref() {
-            Some(tx) => tx.send(work).is_ok(),
-            None => false,
-        };
-        if !sent {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Broken("progress thread has stopped".into()));
-        }
-        Ok(done)
+        Ok((work, tx_guard))
     }
 
     /// The compression plan for `call`, or `None` when nothing would be compressed:
@@ -688,7 +718,7 @@ impl Communicator {
             std::ptr::null_mut(),
             0,
         ));
-        self.submit(call, i, o, auto, true)?.wait().map(|_| ())
+        self.run_now(call, i, o, auto).map(|_| ())
     }
 
     /// In-place all-reduce of f32 values with 16-bit values on the links `c.mode`
@@ -707,11 +737,29 @@ impl Communicator {
             return Ok(OverflowStats::default());
         }
         let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
-        self.submit(call, i, o, job, true)?.wait()
+        self.run_now(call, i, o, job)
     }
 
     /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
     /// to talk to. Both still need the local copy of out-of-place calls.
+    /// Numbering starts over after the collectives `init` runs itself, so the caller's
+    /// first collective is #0 in errors and logs. Safe: every message of those
+    /// collectives to or from this rank has been received (links are FIFO and the last
+    /// one finished here), and every rank restarts at the same point of its own
+    /// sequence. Only before the control pages exist: their flags carry sequence
+    /// numbers.
+    fn restart_numbering(&mut self) {
+        debug_assert!(self.shared.ctl.get().is_none());
+        self.seq.store(0, Ordering::Relaxed);
+        for c in self.p2p_send_seq.iter().chain(&self.p2p_recv_seq) {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.logged
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn skip(&self, call: &Call) -> bool {
         (call.count == 0 && call.op != CollectiveOp::Barrier && call.op != CollectiveOp::SendRecv)
             || (self.world_size == 1 && call.in_place && call.op != CollectiveOp::SendRecv)
@@ -910,7 +958,7 @@ impl<'s, 'env> Scope<'s, 'env> {
             std::ptr::null_mut(),
             0,
         ));
-        let c = self.comm.submit(call, i, o, auto, false)?;
+        let c = self.comm.submit(call, i, o, auto)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -947,7 +995,7 @@ impl<'s, 'env> Scope<'s, 'env> {
             });
         }
         let job = Some((c.mode, c.compressor as *mut Compressor, c.buffer));
-        let done = self.comm.submit(call, i, o, job, false)?;
+        let done = self.comm.submit(call, i, o, job)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -97,18 +97,7 @@ impl Communicator {
         let mut topo = self.topo.clone();
         probe::apply(&mut topo, &order, &merged);
         self.set_topology(topo);
-        // Numbering starts over so the caller's first collective is #0 in errors and
-        // logs. Safe: every probe message to or from this rank has been received (links
-        // are FIFO and the merge above finished here), and every rank resets at the
-        // same point of its own sequence.
-        self.seq.store(0, std::sync::atomic::Ordering::Relaxed);
-        for c in self.p2p_send_seq.iter().chain(&self.p2p_recv_seq) {
-            c.store(0, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.logged
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.restart_numbering();
         if self.rank == 0 {
             tracing::info!(
                 rank = self.rank,

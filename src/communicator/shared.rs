@@ -17,6 +17,7 @@
 //! line 3    this collective: seq, op/dtype/redop, count, root, buffers (owner)
 //! line 4    seq + 1 of the last collective run over links     (owner)
 //! line 5+w  rank w sleeps on this page's flag                 (waiter w only)
+//! slots     two eager slots: a header line (seq, call) + EAGER_BYTES of data (owner)
 //! ```
 //!
 //! No two ranks ever write one cache line. Protocol of one collective with sequence
@@ -33,6 +34,14 @@
 //! 3. `flag = (s, EXIT)`; wait until every peer's flag has reached `(s, EXIT)`, so no
 //!    buffer is handed back to its caller while a peer may still read it.
 //!
+//! Small all-reduces (at most [`EAGER_BYTES`]) need no shared buffers: every rank
+//! copies its input into an eager slot of its control page with the call in the
+//! slot's header, publishes `flag = (s, ARRIVE)`, waits for every peer's flag, checks
+//! their headers and reduces all slots in rank order into its output. One flag
+//! exchange and one read of each peer's slot, and no exit step: the slots alternate,
+//! and a rank reuses a slot only after every peer has published the eager call that
+//! followed the slot's last use, which it does only after reading that slot.
+//!
 //! Waiting spins briefly, yields, then sleeps on the peer's flag (`FUTEX_WAIT` on shared
 //! memory, woken by the owner only when its sleep lines say someone sleeps). Sleeps
 //! are sliced so a dead peer (`kill(pid, 0)`), an aborted one, a peer that ran the
@@ -47,6 +56,7 @@ use std::time::{Duration, Instant};
 use super::Communicator;
 use crate::algorithm::executor::{Buffers, ExecCtx};
 use crate::algorithm::Call;
+use crate::config::AlgoChoice;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce;
@@ -78,6 +88,9 @@ const CHECK_EVERY: Duration = Duration::from_millis(50);
 const RECORD_BYTES: usize = 1024;
 /// Phase value meaning "not given" in the published call.
 const NONE: u64 = u64::MAX;
+/// Largest all-reduce, in bytes, that runs through the control pages' eager slots
+/// (when every rank shares one host and the algorithm is not forced).
+pub(super) const EAGER_BYTES: usize = 16 << 10;
 
 #[repr(C, align(64))]
 struct CtlHeader {
@@ -119,8 +132,24 @@ struct CtlPage {
 const SLEEP_LINES_AT: usize = std::mem::size_of::<CtlPage>();
 const _: () = assert!(SLEEP_LINES_AT == 5 * 64);
 
-fn ctl_bytes(local_size: usize) -> usize {
+/// Where the eager slots start on a control page of a host with `local_size` ranks.
+fn eager_at(local_size: usize) -> usize {
     SLEEP_LINES_AT + 64 * local_size
+}
+
+/// One eager slot: a header line, then the data.
+const EAGER_SLOT: usize = 64 + EAGER_BYTES;
+
+fn ctl_bytes(local_size: usize) -> usize {
+    eager_at(local_size) + 2 * EAGER_SLOT
+}
+
+/// Header of an eager slot: the call whose data follows.
+#[repr(C, align(64))]
+struct EagerHeader {
+    seq: AtomicU64,
+    kind: AtomicU64,
+    count: AtomicU64,
 }
 
 /// This rank's view of the control pages of its host.
@@ -132,6 +161,8 @@ pub(super) struct NodeCtl {
     /// Control page of each local rank (this one's included).
     pages: Vec<Mapping>,
     pidns: u64,
+    /// Eager all-reduces this rank has started; the parity picks the slot.
+    eager_calls: AtomicU64,
 }
 
 impl NodeCtl {
@@ -155,6 +186,18 @@ impl NodeCtl {
 
     fn n(&self) -> usize {
         self.pages.len()
+    }
+
+    /// Eager slot `parity` of local rank `l`: its header and its data.
+    fn eager_slot(&self, l: usize, parity: usize) -> (&EagerHeader, *mut u8) {
+        // SAFETY: every page mapping is `ctl_bytes(n)` long, which covers both slots;
+        // the header's fields are atomics.
+        unsafe {
+            let at = self.pages[l]
+                .as_ptr()
+                .add(eager_at(self.n()) + parity * EAGER_SLOT);
+            (&*at.cast::<EagerHeader>(), at.add(64))
+        }
     }
 
     /// Publishes this rank's flag and wakes whoever sleeps on it.
@@ -250,12 +293,13 @@ struct Registry {
 /// thread.
 pub(super) struct SharedState {
     rank: usize,
-    ctl: OnceLock<NodeCtl>,
+    pub(super) ctl: OnceLock<NodeCtl>,
     registry: Mutex<Registry>,
     /// Next allocation index; held for the whole of an allocation so two threads
     /// cannot interleave their exchanges.
     next_idx: Mutex<u64>,
     logged: Mutex<std::collections::HashSet<CollectiveOp>>,
+    eager_logged: AtomicBool,
 }
 
 impl SharedState {
@@ -266,6 +310,7 @@ impl SharedState {
             registry: Mutex::new(Registry::default()),
             next_idx: Mutex::new(0),
             logged: Mutex::new(Default::default()),
+            eager_logged: AtomicBool::new(false),
         })
     }
 
@@ -491,6 +536,37 @@ impl Communicator {
         })
     }
 
+    /// Maps the control pages of this host's ranks when the whole job runs on one
+    /// host, so that small all-reduces take the eager path with no shared buffer
+    /// allocated. Collective. Pages that cannot be made are not an error (every rank
+    /// learns it in the same exchange, and the calls then run over links).
+    /// Numbering restarts afterwards, so the caller's first collective is still #0.
+    pub(super) fn attach_node(&mut self) -> Result<()> {
+        if self.world_size < 2
+            || self.local_size() != self.world_size
+            || self.cfg.shm_disable
+            || self.shared.ctl.get().is_some()
+        {
+            return Ok(());
+        }
+        // The pages' flags start at the current sequence number: restart it first.
+        self.restart_numbering();
+        let made = match self.alloc_shared::<u8>(0) {
+            Ok(_) => Ok(()),
+            Err(Error::Shm(e)) => {
+                tracing::info!(
+                    rank = self.rank,
+                    "no control pages, small all_reduce runs over links: {e}"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        // The allocation's own exchanges went over links; the flags still say 0.
+        self.seq.store(0, Ordering::Relaxed);
+        made
+    }
+
     /// One attempt at an allocation: make, exchange, open, exchange, release. `Ok(None)`
     /// when every failure was a memfd that could not be opened (retry with names).
     #[allow(clippy::type_complexity)]
@@ -651,6 +727,7 @@ impl Communicator {
                 ranks: node.clone(),
                 pages,
                 pidns: own_pidns(),
+                eager_calls: AtomicU64::new(0),
             }
         });
         if let Some(c) = &ctl {
@@ -749,6 +826,8 @@ pub(super) struct Direct {
     root: usize,
     /// Copy with streaming stores (large outputs; see `Config::stream_min_bytes`).
     stream: bool,
+    /// A small all-reduce through the eager slots (buffers need not be shared).
+    eager: bool,
 }
 
 /// Picks the direct path for `call` when every rank shares this host and this rank's
@@ -766,6 +845,26 @@ pub(super) fn plan(
     let n = comm.world_size;
     if n < 2 || comm.local_size() != n || state.ctl.get().is_none() {
         return None;
+    }
+    if call.op == CollectiveOp::AllReduce
+        && call.count * call.dtype.size() <= EAGER_BYTES
+        && comm.cfg.algo == AlgoChoice::Auto
+    {
+        if !state.eager_logged.swap(true, Ordering::Relaxed) && comm.rank == 0 {
+            tracing::info!(
+                rank = comm.rank,
+                "all_reduce of at most {EAGER_BYTES} bytes: eager algorithm through the \
+                 control pages of {n} local ranks"
+            );
+        }
+        return Some(Direct {
+            state: state.clone(),
+            input: None,
+            output: None,
+            root: 0,
+            stream: false,
+            eager: true,
+        });
     }
     let look = |p: usize, len: usize| state.lookup(p, len);
     let out = look(output.0 as usize, output.1);
@@ -799,6 +898,7 @@ pub(super) fn plan(
         output,
         root: call.root,
         stream: out_bytes >= comm.cfg.stream_min_bytes,
+        eager: false,
     })
 }
 
@@ -817,6 +917,8 @@ struct Run<'a> {
     /// Keeps the peers' mappings used by this collective alive.
     _held: Vec<Arc<Allocation>>,
     stream: bool,
+    /// A small all-reduce through the eager slots.
+    eager: bool,
 }
 
 impl Direct {
@@ -829,6 +931,9 @@ impl Direct {
                 self.state.rank, ctx.op
             )));
         };
+        if self.eager {
+            return self.execute_eager(node, bufs, ctx, cancel);
+        }
         let me = node.me;
         let size = ctx.dtype.size();
         let count = ctx.count as usize;
@@ -862,6 +967,7 @@ impl Direct {
             cancel,
             _held: Vec::new(),
             stream: self.stream,
+            eager: false,
         };
         for l in 0..node.n() {
             if l != me {
@@ -886,6 +992,108 @@ impl Direct {
                 run.wait(l, EXIT, "to finish reading this rank's buffer")?;
             }
         }
+        Ok(())
+    }
+}
+
+impl Direct {
+    /// A small all-reduce through the eager slots (see the module docs).
+    fn execute_eager(
+        &self,
+        node: &NodeCtl,
+        bufs: &Buffers,
+        ctx: &ExecCtx,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        let me = node.me;
+        let n = node.n();
+        let bytes = bufs.output_len;
+        if bytes > EAGER_BYTES || bufs.input_len != bytes {
+            return Err(Error::invalid(
+                "all_reduce",
+                format!("eager path given {} -> {bytes} bytes", bufs.input_len),
+            ));
+        }
+        let parity = (node.eager_calls.fetch_add(1, Ordering::Relaxed) & 1) as usize;
+        let kind = call_kind(ctx);
+        // The call line too, so a peer that took the shared-buffer path instead can say
+        // what this rank runs.
+        let line = &node.page(me).call;
+        line.seq.store(ctx.seq, Ordering::Relaxed);
+        line.kind.store(kind, Ordering::Relaxed);
+        line.count.store(ctx.count, Ordering::Relaxed);
+        line.root.store(NONE, Ordering::Relaxed);
+        line.in_idx.store(NONE, Ordering::Relaxed);
+        line.out_idx.store(NONE, Ordering::Relaxed);
+        let (head, data) = node.eager_slot(me, parity);
+        // SAFETY: the slot holds EAGER_BYTES >= bytes; no peer reads it until the flag
+        // below says so, and every peer has finished with this slot's previous call
+        // (module docs).
+        unsafe { std::ptr::copy_nonoverlapping(bufs.input, data, bytes) };
+        head.seq.store(ctx.seq, Ordering::Relaxed);
+        head.kind.store(kind, Ordering::Relaxed);
+        head.count.store(ctx.count, Ordering::Relaxed);
+        node.publish(ctx.seq, ARRIVE);
+
+        let run = Run {
+            node,
+            ctx,
+            cancel,
+            _held: Vec::new(),
+            stream: false,
+            eager: true,
+        };
+        for l in (0..n).filter(|&l| l != me) {
+            run.wait(l, ARRIVE, "to start the collective")?;
+            let (h, _) = node.eager_slot(l, parity);
+            let got = (
+                h.seq.load(Ordering::Relaxed),
+                h.kind.load(Ordering::Relaxed),
+                h.count.load(Ordering::Relaxed),
+            );
+            if got != (ctx.seq, kind, ctx.count) {
+                let peer = run.err_peer(l);
+                let detail = if got.0 == ctx.seq {
+                    format!(
+                        "expected {}, peer runs {}",
+                        describe(ctx.seq, kind, ctx.count, 0),
+                        describe(got.0, got.1, got.2, 0)
+                    )
+                } else {
+                    format!(
+                        "rank {} runs it as a small all_reduce ({bytes} bytes), peer {peer} \
+                         as something else (the ranks disagree on the count or the collective)",
+                        ctx.rank
+                    )
+                };
+                return Err(Error::Mismatch {
+                    rank: ctx.rank,
+                    peer,
+                    op: ctx.op,
+                    seq: ctx.seq,
+                    detail,
+                });
+            }
+        }
+        crate::dispatch_dtype!(ctx.dtype, T => {
+            let count = ctx.count as usize;
+            // SAFETY: the output holds `count` elements and belongs to this call; every
+            // slot holds `count` elements that stay unchanged until this rank publishes
+            // its next eager call (module docs), and no slot overlaps the output.
+            let out = unsafe { std::slice::from_raw_parts_mut(bufs.output.cast::<T>(), count) };
+            let src = |l: usize| unsafe {
+                std::slice::from_raw_parts(node.eager_slot(l, parity).1.cast::<T>().cast_const(), count)
+            };
+            if n == 1 {
+                out.copy_from_slice(src(0));
+            } else {
+                reduce::reduce_from(ctx.redop, out, src(0), src(1));
+                for l in 2..n {
+                    reduce::reduce_inplace(ctx.redop, out, src(l));
+                }
+            }
+            reduce::reduce_finalize(ctx.redop, out, ctx.world_size);
+        });
         Ok(())
     }
 }
@@ -1031,11 +1239,19 @@ impl Run<'_> {
                 peer,
                 op: self.ctx.op,
                 seq: self.ctx.seq,
-                detail: format!(
-                    "rank {} runs it on shared buffers, peer {peer} over links (pass \
-                     buffers from alloc_shared on every rank, or on none)",
-                    self.ctx.rank
-                ),
+                detail: if self.eager {
+                    format!(
+                        "rank {} runs it as a small all_reduce through shared memory, peer \
+                         {peer} over links (the ranks disagree on the count or the collective)",
+                        self.ctx.rank
+                    )
+                } else {
+                    format!(
+                        "rank {} runs it on shared buffers, peer {peer} over links (pass \
+                         buffers from alloc_shared on every rank, or on none)",
+                        self.ctx.rank
+                    )
+                },
             });
         }
         Ok(())
@@ -1345,9 +1561,16 @@ mod tests {
                             *x = (r * 3 + i % 5) as i32 + 1;
                         }
                         c.all_reduce(&mut b[2..2 + count], op).unwrap();
+                        // Small calls go through the eager slots (one phase), the
+                        // others through the buffers themselves (ending with EXIT).
+                        let last = if count * 4 <= EAGER_BYTES {
+                            ARRIVE
+                        } else {
+                            EXIT
+                        };
                         assert_eq!(
                             last_direct(c),
-                            flag_value(c.seq.load(Ordering::Relaxed) - 1, EXIT)
+                            flag_value(c.seq.load(Ordering::Relaxed) - 1, last)
                         );
                         res.push((b[..2].to_vec(), b[2..2 + count].to_vec(), b[2 + count]));
                     }
@@ -1465,9 +1688,10 @@ mod tests {
     #[test]
     fn a_private_buffer_against_shared_ones_is_a_mismatch() {
         let comms = world(2, secs(20));
+        // Above the eager size, where shared and private buffers take different paths.
         let errs = on_all(&comms, |c| {
-            let mut s = c.alloc_shared::<f32>(1000).unwrap();
-            let mut v = vec![1.0f32; 1000];
+            let mut s = c.alloc_shared::<f32>(5000).unwrap();
+            let mut v = vec![1.0f32; 5000];
             let e = if c.rank() == 0 {
                 c.all_reduce(&mut s, ReduceOp::Sum)
             } else {
@@ -1509,6 +1733,174 @@ mod tests {
                 "{again}"
             );
         }
+    }
+
+    /// `n` ranks on one pretend host with their control pages attached up front, as
+    /// `Communicator::init` does, and the algorithm choice `algo`.
+    fn attached(n: usize, timeout: Duration, algo: crate::config::AlgoChoice) -> Vec<Communicator> {
+        let cfg = Config {
+            timeout,
+            algo,
+            ..Config::default()
+        };
+        let mut comms = crate::communicator::testing::world(n, n, cfg);
+        std::thread::scope(|s| {
+            for c in comms.iter_mut() {
+                s.spawn(move || c.attach_node().unwrap());
+            }
+        });
+        // Numbering restarted: the caller's first collective is #0.
+        assert!(comms.iter().all(|c| c.seq.load(Ordering::Relaxed) == 0));
+        comms
+    }
+
+    #[test]
+    fn small_all_reduce_goes_through_the_eager_slots_with_private_buffers() {
+        use crate::config::AlgoChoice;
+        for n in [2usize, 3, 4] {
+            let comms = attached(n, secs(20), AlgoChoice::Auto);
+            let ops = [
+                ReduceOp::Sum,
+                ReduceOp::Prod,
+                ReduceOp::Max,
+                ReduceOp::Min,
+                ReduceOp::Avg,
+            ];
+            // 20 rounds reuse both slots many times; the largest count fills a slot.
+            let counts = [1usize, 5, 1000, EAGER_BYTES / 8];
+            let outs = on_all(&comms, |c| {
+                let r = c.rank() as f64;
+                let node = c.shared.ctl.get().unwrap();
+                let mut res = Vec::new();
+                for round in 0..20 {
+                    for &count in &counts {
+                        for op in ops {
+                            let x: Vec<f64> = (0..count)
+                                .map(|i| r * 7.0 + (i % 11) as f64 + round as f64)
+                                .collect();
+                            let calls = node.eager_calls.load(Ordering::Relaxed);
+                            let out = if round % 2 == 0 {
+                                let mut y = x.clone();
+                                c.all_reduce(&mut y, op).unwrap();
+                                y
+                            } else {
+                                let mut y = vec![0.0; count];
+                                c.all_reduce_into(&x, &mut y, op).unwrap();
+                                y
+                            };
+                            assert_eq!(node.eager_calls.load(Ordering::Relaxed), calls + 1);
+                            assert_eq!(
+                                last_direct(c),
+                                flag_value(c.seq.load(Ordering::Relaxed) - 1, ARRIVE)
+                            );
+                            res.push(out);
+                        }
+                    }
+                }
+                res
+            });
+            let mut k = 0;
+            for round in 0..20 {
+                for &count in &counts {
+                    for op in ops {
+                        for (r, o) in outs.iter().enumerate() {
+                            for i in [0, count / 2, count - 1] {
+                                let v = |q: usize| q as f64 * 7.0 + (i % 11) as f64 + round as f64;
+                                let fold =
+                                    |f: fn(f64, f64) -> f64| (1..n).fold(v(0), |a, q| f(a, v(q)));
+                                let want = match op {
+                                    ReduceOp::Sum => fold(|a, b| a + b),
+                                    ReduceOp::Prod => fold(|a, b| a * b),
+                                    ReduceOp::Max => fold(f64::max),
+                                    ReduceOp::Min => fold(f64::min),
+                                    ReduceOp::Avg => fold(|a, b| a + b) / n as f64,
+                                };
+                                assert_eq!(
+                                    o[k][i], want,
+                                    "n {n} rank {r} round {round} count {count} {op} [{i}]"
+                                );
+                            }
+                        }
+                        k += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eager_sums_are_bitwise_equal_everywhere_and_forced_algorithms_skip_them() {
+        use crate::config::AlgoChoice;
+        // Values whose f32 sum depends on the order: the eager path folds in rank order.
+        let val = |r: usize, i: usize| [1e8f32, 1.0, -1e8, 0.5][r] * (1.0 + i as f32 * 1e-3);
+        let count = 100;
+        let comms = attached(4, secs(20), AlgoChoice::Auto);
+        let outs = on_all(&comms, |c| {
+            let mut b: Vec<f32> = (0..count).map(|i| val(c.rank(), i)).collect();
+            c.all_reduce(&mut b, ReduceOp::Sum).unwrap();
+            b
+        });
+        for i in [0usize, 1, 99] {
+            let want = ((val(0, i) + val(1, i)) + val(2, i)) + val(3, i);
+            for o in &outs {
+                assert_eq!(o[i].to_bits(), want.to_bits(), "element {i}");
+            }
+        }
+        // A forced ring is a ring, however small the call; one byte over the limit is
+        // no eager call either.
+        for (algo, count) in [(AlgoChoice::Ring, 4), (AlgoChoice::Auto, EAGER_BYTES + 1)] {
+            let comms = attached(2, secs(20), algo);
+            let calls = on_all(&comms, |c| {
+                let mut b = vec![1u8; count];
+                c.all_reduce(&mut b, ReduceOp::Sum).unwrap();
+                assert!(b.iter().all(|&x| x == 2));
+                c.shared
+                    .ctl
+                    .get()
+                    .unwrap()
+                    .eager_calls
+                    .load(Ordering::Relaxed)
+            });
+            assert_eq!(calls, [0, 0], "{algo:?} {count}");
+        }
+    }
+
+    #[test]
+    fn eager_calls_that_disagree_are_a_mismatch() {
+        use crate::config::AlgoChoice;
+        // Both small, different counts: each rank names the other's call.
+        let comms = attached(2, secs(20), AlgoChoice::Auto);
+        let errs = on_all(&comms, |c| {
+            let mut b = vec![1.0f32; 10 + 10 * c.rank()];
+            c.all_reduce(&mut b, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        assert_eq!(
+            errs[0],
+            "rank 0: all_reduce #0 does not match what peer 1 sent: expected all_reduce #0 of \
+             10 x f32 (sum op), peer runs all_reduce #0 of 20 x f32 (sum op)"
+        );
+        assert_eq!(
+            errs[1],
+            "rank 1: all_reduce #0 does not match what peer 0 sent: expected all_reduce #0 of \
+             20 x f32 (sum op), peer runs all_reduce #0 of 10 x f32 (sum op)"
+        );
+        // One small, one large: the small one learns that its peer went over links.
+        let comms = attached(2, secs(20), AlgoChoice::Auto);
+        let errs = on_all(&comms, |c| {
+            let mut b = vec![1.0f32; if c.rank() == 0 { 10 } else { 100_000 }];
+            c.all_reduce(&mut b, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        assert!(
+            errs[0].contains(
+                "rank 0: all_reduce #0 does not match what peer 1 sent: rank 0 runs it as a \
+                 small all_reduce through shared memory, peer 1 over links"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("rank 1: peer 0 is gone during all_reduce #0"),
+            "{errs:?}"
+        );
     }
 
     #[test]
