@@ -9,7 +9,7 @@
 # --repeats times (default 5), each run covering every size, and reports per size the
 # median over repeats of each run's busbw (MPI: median over iterations of the slowest
 # rank's time; hetccl: mean over iterations of the slowest rank's time, out-of-place).
-# --latency measures 4 B to 16 KiB with 2000 iterations and reports microseconds per
+# --latency measures 4 B to 64 KiB with 2000 iterations and reports microseconds per
 # call instead of busbw (the ratio column is then MPI time / hetccl time, so above 1
 # still means hetccl is faster).
 #
@@ -48,7 +48,7 @@ done
 # Size bands: each is one launch per tool; large sizes get fewer iterations so a
 # repeat stays under a minute on a busy 2-core machine.
 if [ "$latency" = 1 ]; then
-    bands=("-b 4 -e 16K -f 4 -n 2000 -w 200")
+    bands=("-b 4 -e 64K -f 4 -n 2000 -w 200")
 elif [ "$quick" = 1 ]; then
     bands=("-b 256 -e 16M -f 16 -n 10 -w 3")
 else

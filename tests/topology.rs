@@ -106,7 +106,7 @@ fn cost(us: f64, gb_s: f64) -> LinkCost {
 }
 
 #[test]
-fn nvlink_node_runs_a_ring_of_eight_and_a_tree_for_small_messages() {
+fn nvlink_node_runs_a_ring_of_eight_and_doubling_or_a_tree_for_small_messages() {
     let t = fixture("nvlink-8gpu.json");
     assert_eq!(t.nodes, vec![(0..8).collect::<Vec<_>>()]);
     assert_eq!(
@@ -124,7 +124,9 @@ fn nvlink_node_runs_a_ring_of_eight_and_a_tree_for_small_messages() {
     assert_eq!(m.intra, cost(3.0, 150.0));
     assert_eq!(m.shard_weights, None);
     assert_eq!(m.choose(CollectiveOp::AllReduce, 64 << 20), Algo::Ring);
-    assert_eq!(m.choose(CollectiveOp::AllReduce, 1 << 10), Algo::Tree);
+    // 3 swaps against the tree's 6 steps; past doubling's cap, the tree.
+    assert_eq!(m.choose(CollectiveOp::AllReduce, 1 << 10), Algo::Doubling);
+    assert_eq!(m.choose(CollectiveOp::AllReduce, 128 << 10), Algo::Tree);
 
     let count = 1 << 20; // 4 MiB
     let scheds = plans(&t, Algo::Ring, count, &m);
@@ -157,7 +159,8 @@ fn pcie_node_is_bounded_by_the_hop_across_switches() {
     // The ring 0..7 crosses the root complex twice (3-4, 7-0): that hop sets its pace.
     assert_eq!(m.intra, cost(8.0, 9.0));
     assert_eq!(m.choose(CollectiveOp::AllReduce, 64 << 20), Algo::Ring);
-    assert_eq!(m.choose(CollectiveOp::AllReduce, 4 << 10), Algo::Tree);
+    assert_eq!(m.choose(CollectiveOp::AllReduce, 4 << 10), Algo::Doubling);
+    assert_eq!(m.choose(CollectiveOp::AllReduce, 128 << 10), Algo::Tree);
     assert_eq!(m.choose(CollectiveOp::Broadcast, 64 << 20), Algo::Ring);
     let scheds = plans(&t, Algo::Ring, 1 << 20, &m);
     let (to, _, bytes) = traffic(&scheds[3]);

@@ -8,9 +8,12 @@
 //! - hierarchical: intra-node reduce and broadcast `2(g-1)·α_l + 2(g-1)/g · n/β_l`
 //!   plus the inter-node ring over each node's uplink `2(N-1)·α + 2(N-1)/N · n/β`.
 //!
+//! - recursive doubling (messages up to its scratch cap): `r·(α + n/β)` with
+//!   `r = ⌊log2 p⌋`, plus 2 when `p` is not a power of two.
+//!
 //! Broadcast and reduce: chain `(p-1)·α + n/β` against tree `⌈log2 p⌉·(α + n/β)`.
 
-use super::Algo;
+use super::{doubling, Algo};
 use crate::dtype::CollectiveOp;
 
 /// Latency and bandwidth of a link class.
@@ -103,6 +106,7 @@ pub fn predict(
         (CollectiveOp::Broadcast | CollectiveOp::Reduce, _) => (pf - 1.0) * l.alpha + n / l.beta,
         (_, Algo::Ring) => 2.0 * (pf - 1.0) * l.alpha + 2.0 * (pf - 1.0) / pf * n / l.beta,
         (_, Algo::Tree) => 2.0 * log2_ceil(p) * l.alpha + 2.0 * n / l.beta,
+        (_, Algo::Doubling) => doubling::rounds(p) as f64 * (l.alpha + n / l.beta),
         (_, Algo::Hier) => {
             let g = s.max_local.max(1) as f64;
             let nn = s.nodes.max(1) as f64;
@@ -115,10 +119,16 @@ pub fn predict(
 
 /// The cheapest algorithm for this call (ring where only the ring exists).
 pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter: LinkCost) -> Algo {
+    let small = bytes <= doubling::MAX_BYTES;
     let candidates: &[Algo] = match op {
         CollectiveOp::AllReduce if s.nodes > 1 && s.max_local > 1 => {
-            &[Algo::Ring, Algo::Tree, Algo::Hier]
+            if small {
+                &[Algo::Ring, Algo::Tree, Algo::Hier, Algo::Doubling]
+            } else {
+                &[Algo::Ring, Algo::Tree, Algo::Hier]
+            }
         }
+        CollectiveOp::AllReduce if small => &[Algo::Ring, Algo::Tree, Algo::Doubling],
         CollectiveOp::AllReduce | CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
         CollectiveOp::Barrier => return Algo::Tree,
         _ => return Algo::Ring,
@@ -138,19 +148,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_messages_on_many_ranks_take_the_tree() {
+    fn small_messages_take_recursive_doubling_then_the_tree_then_the_ring() {
         let l = LinkCost::TCP;
         let s8 = Shape::flat(8);
-        assert_eq!(choose(CollectiveOp::AllReduce, &s8, 64, l, l), Algo::Tree);
+        // 3 rounds against the tree's 6 and the ring's 14.
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &s8, 64, l, l),
+            Algo::Doubling
+        );
+        // Above doubling's cap: tree 6·25 us + 2·87 us against ring 14·25 us + 1.75·87 us.
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &s8, 128 << 10, l, l),
+            Algo::Tree
+        );
         assert_eq!(
             choose(CollectiveOp::AllReduce, &s8, 64 << 20, l, l),
             Algo::Ring
         );
-        // With two ranks the ring is never slower.
+        // Two ranks: one swap against the ring's two steps.
         assert_eq!(
             choose(CollectiveOp::AllReduce, &Shape::flat(2), 4, l, l),
+            Algo::Doubling
+        );
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &Shape::flat(2), 1 << 20, l, l),
             Algo::Ring
         );
+        // Only all-reduce swaps whole messages.
+        assert_eq!(choose(CollectiveOp::Broadcast, &s8, 64, l, l), Algo::Tree);
         assert_eq!(log2_ceil(8), 3.0);
         assert_eq!(log2_ceil(5), 3.0);
         assert_eq!(log2_ceil(1), 0.0);

@@ -113,7 +113,7 @@ impl<'p> BlockTracker<'p> {
                 Combine::From(src) => [Some(dst), Some(src)],
                 _ => [Some(dst), None],
             },
-            OpKind::Copy { src, dst } => [Some(src), Some(dst)],
+            OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => [Some(src), Some(dst)],
         };
         let block = self.block;
         regions
@@ -462,9 +462,15 @@ pub fn execute(
                     .ops
                     .push(i);
             }
-            OpKind::Copy { src, dst } => {
+            OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => {
                 bufs.check(&src)?;
                 bufs.check(&dst)?;
+                if src.len != dst.len {
+                    return Err(Error::invalid(
+                        "execute",
+                        format!("local op from {src:?} into {dst:?} of another length"),
+                    ));
+                }
                 locals.ops.push(i);
             }
         }
@@ -491,8 +497,8 @@ pub fn execute(
             if let Some(t) = blocks.as_mut() {
                 t.start(i, &sched.ops[i].kind)?;
             }
-            if let OpKind::Copy { src, dst } = sched.ops[i].kind {
-                if src.len > 0 {
+            match sched.ops[i].kind {
+                OpKind::Copy { src, dst } if src.len > 0 => {
                     // SAFETY: both regions were checked; dependencies guarantee no
                     // concurrent writer of `src` or user of `dst`; they do not overlap
                     // (input vs output, or disjoint scratch ranges).
@@ -500,6 +506,17 @@ pub fn execute(
                         std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
                     };
                 }
+                OpKind::Reduce { src, dst } if src.len > 0 => {
+                    // SAFETY: as for the copy; `dst` is the only region written.
+                    let (a, d) = unsafe {
+                        (
+                            bufs.slice(&src),
+                            std::slice::from_raw_parts_mut(bufs.ptr(&dst), dst.len),
+                        )
+                    };
+                    reduce::reduce_inplace_bytes(ctx.dtype, ctx.redop, d, a);
+                }
+                _ => {}
             }
             if let Some(t) = blocks.as_mut() {
                 t.finish(&sched.ops[i].kind)?;

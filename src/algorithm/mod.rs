@@ -6,6 +6,7 @@
 //! can therefore be checked with no I/O at all ([`sim`]).
 
 pub mod cost;
+pub mod doubling;
 pub mod executor;
 pub mod hierarchical;
 pub mod ring;
@@ -54,6 +55,10 @@ pub enum Algo {
     /// Two-level: intra-node reduce, inter-node ring per shard, intra-node broadcast
     /// (all-reduce only; other collectives run the ring).
     Hier,
+    /// Recursive doubling: whole-message swaps in `log2 n` rounds (small all-reduces
+    /// only, up to [`doubling::MAX_BYTES`]; other collectives and larger messages run
+    /// the ring).
+    Doubling,
 }
 
 impl Algo {
@@ -63,6 +68,7 @@ impl Algo {
             Algo::Ring => "ring",
             Algo::Tree => "tree",
             Algo::Hier => "hier",
+            Algo::Doubling => "doubling",
         }
     }
 }
@@ -117,6 +123,14 @@ pub fn plan(
     let bytes = call.count * e;
     let input = Region::new(BufId::Input, 0..bytes);
     let output = Region::new(BufId::Output, 0..bytes);
+    // Recursive doubling swaps whole messages: small all-reduces only.
+    let algo = if algo == Algo::Doubling
+        && (call.op != CollectiveOp::AllReduce || bytes > doubling::MAX_BYTES)
+    {
+        Algo::Ring
+    } else {
+        algo
+    };
     let mut b = Builder::new(algo.name());
     match call.op {
         CollectiveOp::AllReduce => {
@@ -129,6 +143,7 @@ pub fn plan(
                 }
                 match algo {
                     Algo::Ring => {}
+                    Algo::Doubling => doubling::all_reduce_inplace(&mut b, &g, output),
                     Algo::Tree => {
                         tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
                     }
@@ -160,7 +175,7 @@ pub fn plan(
             Algo::Tree => {
                 tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
             }
-            Algo::Ring | Algo::Hier => {
+            Algo::Ring | Algo::Hier | Algo::Doubling => {
                 ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
             }
         },

@@ -1,7 +1,8 @@
 //! Schedules: what one rank does in one collective, as pure data.
 //!
 //! A schedule is a list of [`Op`]s over three byte buffers (the caller's input, the
-//! caller's output, and a bounded scratch area). Sends and receives to one peer happen
+//! caller's output, and a bounded scratch area): sends, receives (copied into place or
+//! reduced with what is there), local copies and local reductions. Sends and receives to one peer happen
 //! in list order (links are FIFO); an op starts once every op it depends on is done.
 //! The [`Builder`] derives those dependencies from the regions each op reads and
 //! writes (read-after-write, write-after-read, write-after-write), so algorithm code
@@ -83,6 +84,13 @@ pub enum OpKind {
         /// From.
         src: Region,
         /// To (same length).
+        dst: Region,
+    },
+    /// Local reduction `dst = dst (op) src`.
+    Reduce {
+        /// The right operand.
+        src: Region,
+        /// The left operand and the result (same length).
         dst: Region,
     },
 }
@@ -195,6 +203,11 @@ impl Builder {
     /// Appends a local copy.
     pub fn copy(&mut self, src: Region, dst: Region) -> usize {
         self.push(OpKind::Copy { src, dst }, &[src], &[dst])
+    }
+
+    /// Appends a local reduction `dst = dst (op) src`.
+    pub fn reduce(&mut self, src: Region, dst: Region) -> usize {
+        self.push(OpKind::Reduce { src, dst }, &[src, dst], &[dst])
     }
 
     /// Reserves scratch so that offsets below `bytes` are valid.

@@ -70,7 +70,7 @@ pub fn run(
                 let queue = match op.kind {
                     OpKind::Send { peer, .. } => Some((peer, 0)),
                     OpKind::Recv { peer, .. } => Some((peer, 1)),
-                    OpKind::Copy { .. } => None,
+                    OpKind::Copy { .. } | OpKind::Reduce { .. } => None,
                 };
                 if let Some((p, d)) = queue {
                     if head_seen[p][d] {
@@ -116,6 +116,11 @@ pub fn run(
                         let data = ranks[r].read(src);
                         ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len]
                             .copy_from_slice(&data);
+                    }
+                    OpKind::Reduce { src, dst } => {
+                        let data = ranks[r].read(src);
+                        let d = &mut ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len];
+                        reduce::reduce_inplace_bytes(dtype, redop, d, &data);
                     }
                 }
                 done[r][i] = true;
@@ -186,8 +191,8 @@ mod tests {
     }
 
     #[test]
-    fn all_reduce_ring_and_tree_every_world_size() {
-        for algo in [Algo::Ring, Algo::Tree] {
+    fn all_reduce_ring_tree_and_doubling_every_world_size() {
+        for algo in [Algo::Ring, Algo::Tree, Algo::Doubling] {
             for n in 1..=8 {
                 for count in [0usize, 1, 7, 100, 1001] {
                     for in_place in [true, false] {
@@ -224,6 +229,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn doubling_leaves_the_same_bits_on_every_rank() {
+        // Sums that depend on the order of addition, and max over +0 / -0, which picks
+        // its left operand: every rank must still end with one value.
+        for n in 1..=9 {
+            for (redop, v) in [
+                (
+                    ReduceOp::Sum,
+                    [1e8f32, 1.0, -1e8, 0.5, 3.25, -7.0, 1e-3, 2.0, -0.125],
+                ),
+                (
+                    ReduceOp::Max,
+                    [0.0, -0.0, -0.0, 0.0, -0.0, 0.0, 0.0, -0.0, -0.0],
+                ),
+            ] {
+                let count = 5;
+                let c = Call {
+                    redop,
+                    ..call(CollectiveOp::AllReduce, count, 0, true)
+                };
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| plan(&c, r, n, Algo::Doubling, T.clone(), &[]))
+                    .collect();
+                assert!(scheds.iter().all(|s| s.algo == "doubling"));
+                assert_eq!(scheds[0].scratch_bytes, if n > 1 { count * 4 } else { 0 });
+                let mut ranks: Vec<SimRank> = (0..n)
+                    .map(|r| SimRank {
+                        output: f32s(&vec![v[r] * (1.0 + r as f32); count]),
+                        ..Default::default()
+                    })
+                    .collect();
+                run(&scheds, &mut ranks, DataType::F32, redop).unwrap();
+                for rk in &ranks {
+                    assert_eq!(rk.output, ranks[0].output, "{redop} n={n}");
+                }
+            }
+        }
+        // Past its cap the call runs the ring.
+        let big = call(
+            CollectiveOp::AllReduce,
+            super::super::doubling::MAX_BYTES / 4 + 1,
+            0,
+            true,
+        );
+        assert_eq!(
+            plan(&big, 0, 4, Algo::Doubling, T.clone(), &[]).algo,
+            "ring"
+        );
     }
 
     #[test]

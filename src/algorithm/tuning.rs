@@ -174,8 +174,11 @@ mod tests {
         t.set_measured(1, 3, perf(80, 60));
         assert_eq!(shard_weights(&t), None);
         assert_eq!(m.choose(CollectiveOp::AllReduce, 64 << 20), Algo::Hier);
-        // Small too: 2 slow hops (194 us predicted) against the tree's 4 (360 us).
-        assert_eq!(m.choose(CollectiveOp::AllReduce, 16), Algo::Hier);
+        // Small: recursive doubling's 2 rounds (priced as 2 slow hops, 180 us) against
+        // the hierarchy's 194 us and the tree's 4 slow hops (360 us).
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 16), Algo::Doubling);
+        // Past doubling's cap the hierarchy's 2 slow hops win again.
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 128 << 10), Algo::Hier);
         assert_eq!(m.choose(CollectiveOp::Broadcast, 16), Algo::Tree);
     }
 
