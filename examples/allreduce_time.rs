@@ -54,12 +54,7 @@ fn main() -> hetccl::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     if rank == 0 && !times.is_empty() {
-        let algo = match comm.config().algo {
-            hetccl::config::AlgoChoice::Auto => "auto",
-            hetccl::config::AlgoChoice::Ring => "ring",
-            hetccl::config::AlgoChoice::Tree => "tree",
-            hetccl::config::AlgoChoice::Hier => "hier",
-        };
+        let algo = comm.config().algo.name();
         println!(
             "allreduce_time: {} bytes, {n} ranks on {} nodes, algorithm {algo}: median {:.4} s, min {:.4} s, max {:.4} s",
             count * 4,

@@ -21,6 +21,35 @@ pub enum AlgoChoice {
     Tree,
     /// Two-level: inside nodes, then across nodes.
     Hier,
+    /// Recursive doubling for all-reduces up to 64 KiB (larger ones and other
+    /// collectives run the ring).
+    Doubling,
+    /// Recursive halving then doubling for all-reduces (other collectives run the ring).
+    Halving,
+}
+
+impl AlgoChoice {
+    /// Every choice, in the order error messages list them.
+    pub const ALL: [AlgoChoice; 6] = [
+        AlgoChoice::Auto,
+        AlgoChoice::Ring,
+        AlgoChoice::Tree,
+        AlgoChoice::Hier,
+        AlgoChoice::Doubling,
+        AlgoChoice::Halving,
+    ];
+
+    /// The value `HETCCL_ALGO` takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AlgoChoice::Auto => "auto",
+            AlgoChoice::Ring => "ring",
+            AlgoChoice::Tree => "tree",
+            AlgoChoice::Hier => "hier",
+            AlgoChoice::Doubling => "doubling",
+            AlgoChoice::Halving => "halving",
+        }
+    }
 }
 
 /// Where fp16/bf16 compression applies.
@@ -84,7 +113,7 @@ pub enum LogLevel {
 pub struct Config {
     /// `HETCCL_TIMEOUT` (seconds): how long a collective waits for a silent peer.
     pub timeout: Duration,
-    /// `HETCCL_ALGO`: `auto|ring|tree|hier`.
+    /// `HETCCL_ALGO`: `auto|ring|tree|hier|doubling|halving`.
     pub algo: AlgoChoice,
     /// `HETCCL_SHM_DISABLE`: force TCP between ranks on one host.
     pub shm_disable: bool,
@@ -265,12 +294,7 @@ impl Config {
             algo: v
                 .parse_enum(
                     "HETCCL_ALGO",
-                    &[
-                        ("auto", AlgoChoice::Auto),
-                        ("ring", AlgoChoice::Ring),
-                        ("tree", AlgoChoice::Tree),
-                        ("hier", AlgoChoice::Hier),
-                    ],
+                    &AlgoChoice::ALL.map(|a| (a.name(), a)),
                 )?
                 .unwrap_or(d.algo),
             shm_disable: v.parse_bool("HETCCL_SHM_DISABLE")?.unwrap_or(false),
@@ -443,7 +467,8 @@ mod tests {
         let e = cfg(&[("HETCCL_ALGO", "fast")]).unwrap_err().to_string();
         assert_eq!(
             e,
-            "invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, ring, tree, hier"
+            "invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, ring, tree, hier, \
+             doubling, halving"
         );
         let e = cfg(&[("HETCCL_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("HETCCL_TIMEOUT"), "{e}");

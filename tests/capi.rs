@@ -146,7 +146,7 @@ fn c_example_init_failure_reports_the_bad_variable() {
         o.output.contains(
             "hetcclCommInitFromEnv(&comm) failed: invalid usage (ranks disagree, or the call is \
              out of place) (invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, \
-             ring, tree, hier)"
+             ring, tree, hier, doubling, halving)"
         ),
         "{}",
         o.output

@@ -238,7 +238,11 @@ fn an_unreachable_master_is_named() {
 #[test]
 fn bad_environment_values_are_refused_at_init() {
     for (var, val, accepted) in [
-        ("HETCCL_ALGO", "fast", "auto, ring, tree, hier"),
+        (
+            "HETCCL_ALGO",
+            "fast",
+            "auto, ring, tree, hier, doubling, halving",
+        ),
         ("HETCCL_TIMEOUT", "soon", "seconds"),
         ("HETCCL_SHM_DISABLE", "maybe", "0, 1"),
         ("WORLD_SIZE", "two", "integer"),

@@ -9,11 +9,13 @@
 //!   plus the inter-node ring over each node's uplink `2(N-1)·α + 2(N-1)/N · n/β`.
 //!
 //! - recursive doubling (messages up to its scratch cap): `r·(α + n/β)` with
-//!   `r = ⌊log2 p⌋`, plus 2 when `p` is not a power of two.
+//!   `r = ⌊log2 p⌋`, plus 2 when `p` is not a power of two;
+//! - recursive halving + doubling: `2⌊log2 p⌋·α + 2(q-1)/q · n/β` over the largest
+//!   power of two `q ≤ p`, plus `2(α + n/β)` when `p` is not a power of two.
 //!
 //! Broadcast and reduce: chain `(p-1)·α + n/β` against tree `⌈log2 p⌉·(α + n/β)`.
 
-use super::{doubling, Algo};
+use super::{doubling, halving, Algo};
 use crate::dtype::CollectiveOp;
 
 /// Latency and bandwidth of a link class.
@@ -55,6 +57,10 @@ pub struct Shape {
     pub nodes: usize,
     /// Ranks on the largest node.
     pub max_local: usize,
+    /// Any two ranks of a node exchange data at the modelled cost (CPU ranks on shared
+    /// memory or TCP). False for GPU topologies, where the ring's neighbours are the
+    /// fast pairs and other pairs may share a slower hop.
+    pub pairwise: bool,
 }
 
 impl Shape {
@@ -64,6 +70,7 @@ impl Shape {
             ranks: nodes.iter().map(Vec::len).sum(),
             nodes: nodes.len(),
             max_local: nodes.iter().map(Vec::len).max().unwrap_or(1),
+            pairwise: true,
         }
     }
 
@@ -73,6 +80,7 @@ impl Shape {
             ranks: p,
             nodes: 1,
             max_local: p,
+            pairwise: true,
         }
     }
 }
@@ -107,6 +115,12 @@ pub fn predict(
         (_, Algo::Ring) => 2.0 * (pf - 1.0) * l.alpha + 2.0 * (pf - 1.0) / pf * n / l.beta,
         (_, Algo::Tree) => 2.0 * log2_ceil(p) * l.alpha + 2.0 * n / l.beta,
         (_, Algo::Doubling) => doubling::rounds(p) as f64 * (l.alpha + n / l.beta),
+        (_, Algo::Halving) => {
+            let q = 1usize << (usize::BITS - 1 - p.leading_zeros());
+            let fold = if q == p { 0.0 } else { 2.0 * n / l.beta };
+            let qf = q as f64;
+            halving::steps(p) as f64 * l.alpha + 2.0 * (qf - 1.0) / qf * n / l.beta + fold
+        }
         (_, Algo::Hier) => {
             let g = s.max_local.max(1) as f64;
             let nn = s.nodes.max(1) as f64;
@@ -120,6 +134,10 @@ pub fn predict(
 /// The cheapest algorithm for this call (ring where only the ring exists).
 pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter: LinkCost) -> Algo {
     let small = bytes <= doubling::MAX_BYTES;
+    // Halving's first round sends half of every rank's buffer to the other half of the
+    // ranks: with several ranks per node that is the whole node crossing its uplink at
+    // once, and on a GPU node pairs that are not ring neighbours, neither of which the
+    // per-link model sees. So halving only where any pair is as good as any other.
     let candidates: &[Algo] = match op {
         CollectiveOp::AllReduce if s.nodes > 1 && s.max_local > 1 => {
             if small {
@@ -128,8 +146,18 @@ pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter:
                 &[Algo::Ring, Algo::Tree, Algo::Hier]
             }
         }
-        CollectiveOp::AllReduce if small => &[Algo::Ring, Algo::Tree, Algo::Doubling],
-        CollectiveOp::AllReduce | CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
+        CollectiveOp::AllReduce if !s.pairwise => {
+            if small {
+                &[Algo::Ring, Algo::Tree, Algo::Doubling]
+            } else {
+                &[Algo::Ring, Algo::Tree]
+            }
+        }
+        CollectiveOp::AllReduce if small => {
+            &[Algo::Ring, Algo::Tree, Algo::Doubling, Algo::Halving]
+        }
+        CollectiveOp::AllReduce => &[Algo::Ring, Algo::Tree, Algo::Halving],
+        CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
         CollectiveOp::Barrier => return Algo::Tree,
         _ => return Algo::Ring,
     };
@@ -148,21 +176,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_messages_take_recursive_doubling_then_the_tree_then_the_ring() {
+    fn doubling_for_small_messages_halving_or_the_ring_for_the_rest() {
         let l = LinkCost::TCP;
         let s8 = Shape::flat(8);
-        // 3 rounds against the tree's 6 and the ring's 14.
+        // 3 rounds against the tree's 6 steps and the ring's 14.
         assert_eq!(
             choose(CollectiveOp::AllReduce, &s8, 64, l, l),
             Algo::Doubling
         );
-        // Above doubling's cap: tree 6·25 us + 2·87 us against ring 14·25 us + 1.75·87 us.
+        // Past doubling's cap: the ring's bytes in 6 steps instead of 14.
         assert_eq!(
             choose(CollectiveOp::AllReduce, &s8, 128 << 10, l, l),
-            Algo::Tree
+            Algo::Halving
         );
         assert_eq!(
             choose(CollectiveOp::AllReduce, &s8, 64 << 20, l, l),
+            Algo::Halving
+        );
+        // Six ranks: halving first folds two pairs (2 n/β more), so large messages ring.
+        assert_eq!(
+            choose(CollectiveOp::AllReduce, &Shape::flat(6), 64 << 20, l, l),
             Algo::Ring
         );
         // Two ranks: one swap against the ring's two steps.
@@ -170,12 +203,18 @@ mod tests {
             choose(CollectiveOp::AllReduce, &Shape::flat(2), 4, l, l),
             Algo::Doubling
         );
-        assert_eq!(
-            choose(CollectiveOp::AllReduce, &Shape::flat(2), 1 << 20, l, l),
-            Algo::Ring
+        // Two nodes of four: no halving across the uplinks.
+        let s24 = Shape::of(&[vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_ne!(
+            choose(CollectiveOp::AllReduce, &s24, 1 << 20, l, l),
+            Algo::Halving
         );
         // Only all-reduce swaps whole messages.
         assert_eq!(choose(CollectiveOp::Broadcast, &s8, 64, l, l), Algo::Tree);
+        assert_eq!(
+            predict(CollectiveOp::AllReduce, Algo::Halving, &s8, 0, l, l),
+            6.0 * l.alpha
+        );
         assert_eq!(log2_ceil(8), 3.0);
         assert_eq!(log2_ceil(5), 3.0);
         assert_eq!(log2_ceil(1), 0.0);

@@ -8,6 +8,7 @@
 pub mod cost;
 pub mod doubling;
 pub mod executor;
+pub mod halving;
 pub mod hierarchical;
 pub mod ring;
 pub mod schedule;
@@ -59,6 +60,9 @@ pub enum Algo {
     /// only, up to [`doubling::MAX_BYTES`]; other collectives and larger messages run
     /// the ring).
     Doubling,
+    /// Recursive halving then doubling (all-reduce only; other collectives run the
+    /// ring).
+    Halving,
 }
 
 impl Algo {
@@ -69,6 +73,7 @@ impl Algo {
             Algo::Tree => "tree",
             Algo::Hier => "hier",
             Algo::Doubling => "doubling",
+            Algo::Halving => "halving",
         }
     }
 }
@@ -124,12 +129,12 @@ pub fn plan(
     let input = Region::new(BufId::Input, 0..bytes);
     let output = Region::new(BufId::Output, 0..bytes);
     // Recursive doubling swaps whole messages: small all-reduces only.
-    let algo = if algo == Algo::Doubling
-        && (call.op != CollectiveOp::AllReduce || bytes > doubling::MAX_BYTES)
-    {
-        Algo::Ring
-    } else {
-        algo
+    // Recursive doubling swaps whole messages: small all-reduces only. Neither it nor
+    // halving has a form for the other collectives.
+    let algo = match algo {
+        Algo::Doubling | Algo::Halving if call.op != CollectiveOp::AllReduce => Algo::Ring,
+        Algo::Doubling if bytes > doubling::MAX_BYTES => Algo::Ring,
+        a => a,
     };
     let mut b = Builder::new(algo.name());
     match call.op {
@@ -137,6 +142,8 @@ pub fn plan(
             let src = if call.in_place { output } else { input };
             if algo == Algo::Ring && n > 1 {
                 ring::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
+            } else if algo == Algo::Halving && n > 1 {
+                halving::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
             } else {
                 if !call.in_place {
                     copy_chunked(&mut b, input, output, t.chunk_bytes, e);
@@ -144,6 +151,8 @@ pub fn plan(
                 match algo {
                     Algo::Ring => {}
                     Algo::Doubling => doubling::all_reduce_inplace(&mut b, &g, output),
+                    // One rank: nothing to exchange.
+                    Algo::Halving => {}
                     Algo::Tree => {
                         tree::all_reduce_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes)
                     }
@@ -175,7 +184,7 @@ pub fn plan(
             Algo::Tree => {
                 tree::broadcast_inplace(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
             }
-            Algo::Ring | Algo::Hier | Algo::Doubling => {
+            Algo::Ring | Algo::Hier | Algo::Doubling | Algo::Halving => {
                 ring::broadcast_chain(&mut b, &g, output, call.count, e, t.chunk_bytes, call.root)
             }
         },

@@ -192,8 +192,8 @@ mod tests {
 
     #[test]
     fn all_reduce_ring_tree_and_doubling_every_world_size() {
-        for algo in [Algo::Ring, Algo::Tree, Algo::Doubling] {
-            for n in 1..=8 {
+        for algo in [Algo::Ring, Algo::Tree, Algo::Doubling, Algo::Halving] {
+            for n in 1..=9 {
                 for count in [0usize, 1, 7, 100, 1001] {
                     for in_place in [true, false] {
                         let c = call(CollectiveOp::AllReduce, count, 0, in_place);

@@ -55,7 +55,13 @@ impl LinkModel {
         let intra = slowest(t, used.iter().copied().filter(same)).unwrap_or(LinkCost::SHM);
         let inter = slowest(t, used.iter().copied().filter(|p| !same(p))).unwrap_or(intra);
         LinkModel {
-            shape: Shape::of(&t.nodes),
+            shape: Shape {
+                pairwise: t
+                    .ranks
+                    .iter()
+                    .all(|r| r.device == crate::topology::Device::Cpu),
+                ..Shape::of(&t.nodes)
+            },
             intra,
             inter,
             shard_weights: shard_weights(t),

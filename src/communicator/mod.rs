@@ -393,6 +393,8 @@ impl Communicator {
             AlgoChoice::Ring => Algo::Ring,
             AlgoChoice::Tree => Algo::Tree,
             AlgoChoice::Hier => Algo::Hier,
+            AlgoChoice::Doubling => Algo::Doubling,
+            AlgoChoice::Halving => Algo::Halving,
             // The same on every rank: the model comes from the shared topology.
             AlgoChoice::Auto => self.model.choose(op, bytes),
         }

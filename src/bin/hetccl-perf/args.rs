@@ -71,7 +71,7 @@ pub const USAGE: &str = "\
 usage: hetccl-perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] [-c 0|1]
                    [-o sum|prod|min|max|avg] [-d f32|f64|f16|bf16|i8|u8|i32|u32|i64|u64]
                    [-g all_reduce|reduce_scatter|all_gather|broadcast|reduce] [-r ROOT]
-                   [-a auto|ring|tree|hier] [--json FILE] [--shared]
+                   [-a auto|ring|tree|hier|doubling|halving] [--json FILE] [--shared]
 --shared puts the buffers in memory from alloc_shared (ranks of a host read each other's).
 Sizes take K, M, G suffixes (binary). Start one process per rank, e.g.
   hetccl run -n 2 -- hetccl-perf -b 8 -e 256M -f 4";
@@ -90,13 +90,8 @@ pub fn parse_collective(s: &str) -> Option<CollectiveOp> {
 
 /// Parses an algorithm name as `HETCCL_ALGO` spells it.
 pub fn parse_algo(s: &str) -> Option<AlgoChoice> {
-    Some(match s.to_ascii_lowercase().as_str() {
-        "auto" => AlgoChoice::Auto,
-        "ring" => AlgoChoice::Ring,
-        "tree" => AlgoChoice::Tree,
-        "hier" => AlgoChoice::Hier,
-        _ => return None,
-    })
+    let s = s.to_ascii_lowercase();
+    AlgoChoice::ALL.into_iter().find(|a| a.name() == s)
 }
 
 fn number(flag: &str, v: &str) -> Result<usize, String> {
@@ -171,7 +166,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Parsed, String> 
             "-a" | "--algo" => {
                 let v = value()?;
                 a.algo = Some(parse_algo(&v).ok_or_else(|| {
-                    format!("{flag}: unknown algorithm {v:?} (auto, ring, tree, hier)")
+                    format!("{flag}: unknown algorithm {v:?} (auto, ring, tree, hier, doubling, halving)")
                 })?);
             }
             "--json" => a.json = Some(value()?),

@@ -19,7 +19,6 @@ mod report;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use hetccl::config::AlgoChoice;
 use hetccl::dtype::CollectiveOp;
 use hetccl::{Communicator, Config, Element, ReduceOp, SharedBuf};
 
@@ -69,14 +68,6 @@ fn init(a: &Args) -> hetccl::Result<Communicator> {
     Communicator::init(cfg)
 }
 
-fn algo_name(a: AlgoChoice) -> &'static str {
-    match a {
-        AlgoChoice::Auto => "auto",
-        AlgoChoice::Ring => "ring",
-        AlgoChoice::Tree => "tree",
-        AlgoChoice::Hier => "hier",
-    }
-}
 
 /// Peak resident set of this process in KiB.
 fn max_rss_kib() -> u64 {
@@ -304,7 +295,7 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
     let lines = rank_lines(comm)?;
     let shapes = args::rows(a, n);
     let cfg = comm.config();
-    let algo = algo_name(cfg.algo);
+    let algo = cfg.algo.name();
     if rank == 0 {
         println!(
             "# hetccl-perf {}: minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} algo: {}",
