@@ -217,7 +217,14 @@ pub fn all_gather(
     let (left, right) = (g.left(), g.right());
     for k in 0..n.saturating_sub(1) {
         for p in &pieces {
-            b.send(right, blk((g.me + n - k) % n, p));
+            // Step 0 forwards our own block straight from the input, so the first send
+            // need not wait for the local copy above.
+            let out = if k == 0 {
+                at(input, p)
+            } else {
+                blk((g.me + n - k) % n, p)
+            };
+            b.send(right, out);
             b.recv(left, blk((g.me + 2 * n - k - 1) % n, p), Combine::Copy);
         }
     }
