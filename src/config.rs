@@ -292,10 +292,7 @@ impl Config {
         Ok(Config {
             timeout: v.parse_secs("HETCCL_TIMEOUT")?.unwrap_or(d.timeout),
             algo: v
-                .parse_enum(
-                    "HETCCL_ALGO",
-                    &AlgoChoice::ALL.map(|a| (a.name(), a)),
-                )?
+                .parse_enum("HETCCL_ALGO", &AlgoChoice::ALL.map(|a| (a.name(), a)))?
                 .unwrap_or(d.algo),
             shm_disable: v.parse_bool("HETCCL_SHM_DISABLE")?.unwrap_or(false),
             socket_ifname: v.string("HETCCL_SOCKET_IFNAME"),

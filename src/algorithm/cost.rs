@@ -116,9 +116,9 @@ pub fn predict(
         (_, Algo::Tree) => 2.0 * log2_ceil(p) * l.alpha + 2.0 * n / l.beta,
         (_, Algo::Doubling) => doubling::rounds(p) as f64 * (l.alpha + n / l.beta),
         (_, Algo::Halving) => {
-            let q = 1usize << (usize::BITS - 1 - p.leading_zeros());
-            let fold = if q == p { 0.0 } else { 2.0 * n / l.beta };
-            let qf = q as f64;
+            let f = doubling::Fold::of(p);
+            let fold = if f.extra == 0 { 0.0 } else { 2.0 * n / l.beta };
+            let qf = f.p as f64;
             halving::steps(p) as f64 * l.alpha + 2.0 * (qf - 1.0) / qf * n / l.beta + fold
         }
         (_, Algo::Hier) => {

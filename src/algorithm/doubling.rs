@@ -20,13 +20,54 @@ use super::Group;
 /// Largest message recursive doubling is used for (its scratch is one message).
 pub const MAX_BYTES: usize = 64 << 10;
 
+/// How `n` members map onto the largest power of two `p ≤ n` for recursive doubling
+/// and halving: the first `2·extra` members pair up (odd hands its buffer to even and
+/// sits out), and virtual rank `v` of `0..p` is played by member [`Fold::member`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fold {
+    /// Power of two taking part in the swaps.
+    pub p: usize,
+    /// Members folded into a neighbour: `n - p`.
+    pub extra: usize,
+}
+
+impl Fold {
+    /// The fold of `n ≥ 1` members.
+    pub fn of(n: usize) -> Fold {
+        let p = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
+        Fold { p, extra: n - p }
+    }
+
+    /// The member playing virtual rank `v`.
+    pub fn member(&self, v: usize) -> usize {
+        if v < self.extra {
+            2 * v
+        } else {
+            v + self.extra
+        }
+    }
+
+    /// Member `me`'s virtual rank, `None` for a member folded into its even neighbour.
+    pub fn virt(&self, me: usize) -> Option<usize> {
+        if me < 2 * self.extra {
+            (me % 2 == 0).then_some(me / 2)
+        } else {
+            Some(me - self.extra)
+        }
+    }
+
+    /// `log2 p`, plus the fold-in and fold-out steps when members were folded.
+    pub fn steps(&self) -> usize {
+        self.p.trailing_zeros() as usize + if self.extra == 0 { 0 } else { 2 }
+    }
+}
+
 /// Rounds of recursive doubling over `n` members (including the fold-in and fold-out).
 pub fn rounds(n: usize) -> usize {
     if n < 2 {
         return 0;
     }
-    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    p.trailing_zeros() as usize + if p == n { 0 } else { 2 }
+    Fold::of(n).steps()
 }
 
 /// In-place all-reduce of `buf` over `g`.
@@ -36,32 +77,27 @@ pub fn all_reduce_inplace(b: &mut Builder, g: &Group, buf: Region) {
         return;
     }
     let me = g.me;
-    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let extra = n - p;
+    let fold = Fold::of(n);
+    let folded = me < 2 * fold.extra;
     let abs = |m: usize| g.members[m];
-    // Virtual rank v (0..p) is played by member 2v when v < extra, else v + extra.
-    let member = |v: usize| if v < extra { 2 * v } else { v + extra };
     let tmp = Region::new(BufId::Scratch, 0..buf.len);
     b.scratch(buf.len);
 
     // Fold in: each odd member below 2·extra hands its value to its even neighbour.
-    let virt = if me < 2 * extra {
-        if me % 2 == 1 {
+    let virt = fold.virt(me);
+    if folded {
+        if virt.is_none() {
             b.send(abs(me - 1), buf);
-            None
         } else {
             b.recv(abs(me + 1), tmp, Combine::Copy);
             b.reduce(tmp, buf);
-            Some(me / 2)
         }
-    } else {
-        Some(me - extra)
-    };
+    }
 
     if let Some(v) = virt {
         let mut mask = 1;
-        while mask < p {
-            let partner = abs(member(v ^ mask));
+        while mask < fold.p {
+            let partner = abs(fold.member(v ^ mask));
             b.send(partner, buf);
             b.recv(partner, tmp, Combine::Copy);
             if v & mask == 0 {
@@ -77,8 +113,8 @@ pub fn all_reduce_inplace(b: &mut Builder, g: &Group, buf: Region) {
     }
 
     // Fold out: the even neighbour returns the result.
-    if me < 2 * extra {
-        if me % 2 == 1 {
+    if folded {
+        if virt.is_none() {
             b.recv(abs(me - 1), buf, Combine::Copy);
         } else {
             b.send(abs(me + 1), buf);
@@ -94,5 +130,15 @@ mod tests {
     fn rounds_are_log2_plus_two_off_powers_of_two() {
         let got: Vec<usize> = (1..=9).map(rounds).collect();
         assert_eq!(got, [0, 1, 3, 2, 4, 4, 4, 3, 5]);
+    }
+
+    #[test]
+    fn six_members_fold_two_pairs_onto_four() {
+        let f = Fold::of(6);
+        assert_eq!(f, Fold { p: 4, extra: 2 });
+        let virt: Vec<Option<usize>> = (0..6).map(|m| f.virt(m)).collect();
+        assert_eq!(virt, [Some(0), None, Some(1), None, Some(2), Some(3)]);
+        let members: Vec<usize> = (0..4).map(|v| f.member(v)).collect();
+        assert_eq!(members, [0, 2, 4, 5]);
     }
 }

@@ -16,6 +16,7 @@
 
 use std::ops::Range;
 
+use super::doubling::Fold;
 use super::schedule::{at, split_chunks, Builder, Combine, Region};
 use super::Group;
 
@@ -24,8 +25,8 @@ pub fn steps(n: usize) -> usize {
     if n < 2 {
         return 0;
     }
-    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    2 * p.trailing_zeros() as usize + if p == n { 0 } else { 2 }
+    let f = Fold::of(n);
+    2 * f.p.trailing_zeros() as usize + if f.extra == 0 { 0 } else { 2 }
 }
 
 /// All-reduce of `src` into `dst` (`count` elements of `elem` bytes each) over `g`;
@@ -45,10 +46,9 @@ pub fn all_reduce_into(
         return;
     }
     let me = g.me;
-    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let extra = n - p;
+    let fold = Fold::of(n);
+    let folded = me < 2 * fold.extra;
     let abs = |m: usize| g.members[m];
-    let member = |v: usize| if v < extra { 2 * v } else { v + extra };
     // Element range `r` of `buf`, cut into pipeline chunks.
     let pieces = |buf: Region, r: &Range<usize>| -> Vec<Region> {
         let base = r.start * elem;
@@ -78,26 +78,23 @@ pub fn all_reduce_into(
     // Where this rank's running value lives: the input until the first reduction.
     let mut cur = src;
 
-    let virt = if me < 2 * extra {
-        if me % 2 == 1 {
+    let virt = fold.virt(me);
+    if folded {
+        if virt.is_none() {
             send(b, abs(me - 1), cur, &all);
-            None
         } else {
             recv(b, abs(me + 1), Some(cur), &all);
             cur = dst;
-            Some(me / 2)
         }
-    } else {
-        Some(me - extra)
-    };
+    }
 
     if let Some(v) = virt {
         // (partner, part kept, part given away) per round.
         let mut rounds = Vec::new();
         let mut part = all.clone();
-        let mut d = p / 2;
+        let mut d = fold.p / 2;
         while d >= 1 {
-            let partner = abs(member(v ^ d));
+            let partner = abs(fold.member(v ^ d));
             let mid = part.start + part.len() / 2;
             let (keep, give) = if v & d == 0 {
                 (part.start..mid, mid..part.end)
@@ -117,8 +114,8 @@ pub fn all_reduce_into(
         }
     }
 
-    if me < 2 * extra {
-        if me % 2 == 1 {
+    if folded {
+        if virt.is_none() {
             recv(b, abs(me - 1), None, &all);
         } else {
             send(b, abs(me + 1), dst, &all);

@@ -68,7 +68,6 @@ fn init(a: &Args) -> hetccl::Result<Communicator> {
     Communicator::init(cfg)
 }
 
-
 /// Peak resident set of this process in KiB.
 fn max_rss_kib() -> u64 {
     // SAFETY: getrusage writes only into the zeroed struct we pass.
