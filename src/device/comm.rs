@@ -698,6 +698,9 @@ impl DeviceComm {
             return Ok(());
         }
         let (rank, bytes) = (self.rank(), count * std::mem::size_of::<T>());
+        if self.world_size() == 1 {
+            return Ok(());
+        }
         self.guarded(|this| match this.path {
             DevicePath::Ipc => {
                 let ptrs = this.ipc_scratch(bytes)?;
@@ -938,7 +941,12 @@ impl DeviceComm {
     /// different steps, so it aborts the host communicator (peers fail fast) and marks
     /// this object unusable.
     fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
-        let r = f(self);
+        // The raw driver calls below act on the calling thread's current context.
+        let r = self
+            .ctx
+            .bind_to_thread()
+            .map_err(device_error("bind context"))
+            .and_then(|()| f(self));
         if let Err(e) = &r {
             tracing::error!(
                 target: "hetccl::device",
