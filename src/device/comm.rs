@@ -95,7 +95,9 @@ impl fmt::Display for DevicePath {
 /// [`Communicator`] (see the module documentation for the protocol).
 ///
 /// Every rank of the communicator must create one and make the same calls in the same
-/// order, as with the host collectives.
+/// order, as with the host collectives. Its calls run host collectives (barriers,
+/// all-gathers of headers and handles) on the communicator, so they must also be ordered
+/// the same way as any host collectives the program runs on it directly.
 pub struct DeviceComm {
     comm: Arc<Communicator>,
     ctx: Arc<CudaContext>,
