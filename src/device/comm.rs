@@ -1041,7 +1041,6 @@ impl DeviceComm {
     /// on the slot, then every `(device address, slot offset, elements)` that `outs`
     /// lists for the piece is copied back. The copy of piece `k + 1` into the other slot
     /// is queued before the host works on piece `k`, so the two overlap.
-    #[allow(clippy::too_many_arguments)]
     fn staged<T: Element>(
         &mut self,
         stream: &Stream,
