@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU test and benchmark executables with `--features cuda` and copies them,
+# Builds the GPU test and benchmark executables with `--features cuda` (plus the `hetccl`
+# launcher and `hetccl-gpu-check`, which the multi-process GPU tests start) and copies them,
 # stripped, into gpu-bin/ (git-ignored), for scripts/gpu-check.sh on a GPU machine that
 # has the CUDA driver but no Rust toolchain or network. The executables load libcuda at
 # run time and otherwise need only the C library of this build machine's vintage.
@@ -16,8 +17,12 @@ OUT_DIR=gpu-bin
 rm -rf "$OUT_DIR"
 mkdir -p "$OUT_DIR"
 
-cargo build --release --features cuda --bin hetccl-kernel-bench
-cp target/release/hetccl-kernel-bench "$OUT_DIR/"
+# The launcher and the device-collective check run beside the tests: gpu_collectives
+# finds them next to its own executable.
+cargo build --release --features cuda --bin hetccl-kernel-bench --bin hetccl-gpu-check --bin hetccl
+for b in hetccl-kernel-bench hetccl-gpu-check hetccl; do
+    cp "target/release/$b" "$OUT_DIR/"
+done
 
 tests=()
 for f in tests/gpu*.rs; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
-# binary, then hetccl-kernel-bench) and prints a short table last.
+# binary, the device-collective check under the launcher with 2 and 4 ranks, then
+# hetccl-kernel-bench) and prints a short table last.
 #
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
@@ -27,6 +28,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 status=0
 rows=()
+# Tests that start other executables (gpu_collectives) look for them here.
+export HETCCL_BIN_DIR
+HETCCL_BIN_DIR=$(cd "$BIN" && pwd)
 for t in "$BIN"/gpu*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
@@ -41,6 +45,29 @@ for t in "$BIN"/gpu*; do
     if [ $rc -ne 0 ]; then
         echo "---- $name failed; last lines:"
         tail -n 30 "$LOG/$name.log"
+    fi
+done
+
+# Device collectives under the launcher; ranks share GPUs when there are fewer GPUs.
+for n in 2 4; do
+    name="hetccl-gpu-check n=$n"
+    log="$LOG/hetccl-gpu-check-n$n.log"
+    if [ -x "$BIN/hetccl" ] && [ -x "$BIN/hetccl-gpu-check" ]; then
+        HETCCL_TIMEOUT=60 timeout 300 "$BIN/hetccl" run -n "$n" -- "$BIN/hetccl-gpu-check" >"$log" 2>&1
+        rc=$?
+    else
+        echo "hetccl or hetccl-gpu-check missing from $BIN" >"$log"
+        rc=127
+    fi
+    [ $rc -ne 0 ] && status=1
+    result=$(grep -m1 '^\[rank 0\] rank 0/[0-9]*: [0-9]* checks passed' "$log" | sed 's/^\[rank 0\] //')
+    [ -z "$result" ] && result=$(grep -o -m1 'skipping:.*' "$log")
+    [ -z "$result" ] && result=$(grep -o -m1 'hetccl-gpu-check: .*' "$log")
+    speed=$(grep -o -m1 'all_reduce f32 sum .*busbw [0-9.]* GB/s' "$log")
+    rows+=("$(printf '%-28s rc=%-3s %s%s' "$name" "$rc" "${result:-no result line}" "${speed:+; $speed}")")
+    if [ $rc -ne 0 ]; then
+        echo "---- $name failed; last lines:"
+        tail -n 30 "$log"
     fi
 done
 

@@ -6,7 +6,7 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{sys, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 
 use super::context::Stream;
@@ -317,10 +317,30 @@ pub fn reduce_inplace<T: GpuElement>(
     let s = stream.cuda();
     let (src_p, _src_g) = src.device_ptr(s);
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
+    // SAFETY: both pointers come from buffers of n elements (checked above).
+    unsafe { reduce_inplace_ptr::<T>(stream, op, dst_p, src_p, n) }
+}
+
+/// [`reduce_inplace`] on raw device addresses, for memory cudarc does not own (buffers of
+/// other processes opened through CUDA IPC).
+///
+/// # Safety
+/// `dst` and `src` must each address `n` elements of `T` readable (and, for `dst`,
+/// writable) from the stream's context until the kernel has run.
+pub(super) unsafe fn reduce_inplace_ptr<T: GpuElement>(
+    stream: &Stream,
+    op: ReduceOp,
+    dst: sys::CUdeviceptr,
+    src: sys::CUdeviceptr,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     let n64 = n as u64;
     let name = format!("reduce_inplace_{op}_{}", T::NAME);
-    let mut args = [arg(&dst_p), arg(&src_p), arg(&n64)];
-    // SAFETY: (T*, const T*, size_t) as in reduce.cu; both hold n elements.
+    let mut args = [arg(&dst), arg(&src), arg(&n64)];
+    // SAFETY: (T*, const T*, size_t) as in reduce.cu; the caller vouches for n elements.
     unsafe { stream.launch(&name, n.div_ceil(per_vector::<T>()), &mut args) }
 }
 
@@ -342,10 +362,32 @@ pub fn reduce_from<T: GpuElement>(
     let (a_p, _a_g) = a.device_ptr(s);
     let (b_p, _b_g) = b.device_ptr(s);
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
+    // SAFETY: all three pointers come from buffers of n elements (checked above).
+    unsafe { reduce_from_ptr::<T>(stream, op, dst_p, a_p, b_p, n) }
+}
+
+/// [`reduce_from`] on raw device addresses.
+///
+/// # Safety
+/// `dst`, `a` and `b` must each address `n` elements of `T` usable from the stream's
+/// context until the kernel has run; `dst` may equal `a` but must not partly overlap
+/// either input.
+pub(super) unsafe fn reduce_from_ptr<T: GpuElement>(
+    stream: &Stream,
+    op: ReduceOp,
+    dst: sys::CUdeviceptr,
+    a: sys::CUdeviceptr,
+    b: sys::CUdeviceptr,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     let n64 = n as u64;
     let name = format!("reduce_from_{op}_{}", T::NAME);
-    let mut args = [arg(&dst_p), arg(&a_p), arg(&b_p), arg(&n64)];
-    // SAFETY: (T*, const T*, const T*, size_t) as in reduce.cu; all hold n elements.
+    let mut args = [arg(&dst), arg(&a), arg(&b), arg(&n64)];
+    // SAFETY: (T*, const T*, const T*, size_t) as in reduce.cu; the caller vouches for
+    // n elements behind each pointer.
     unsafe { stream.launch(&name, n.div_ceil(per_vector::<T>()), &mut args) }
 }
 
@@ -363,9 +405,27 @@ pub fn reduce_finalize<T: GpuElement>(
     }
     let s = stream.cuda();
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
+    // SAFETY: the pointer comes from a buffer of n elements.
+    unsafe { reduce_finalize_ptr::<T>(stream, op, dst_p, world_size, n) }
+}
+
+/// [`reduce_finalize`] on a raw device address.
+///
+/// # Safety
+/// `dst` must address `n` writable elements of `T` until the kernel has run.
+pub(super) unsafe fn reduce_finalize_ptr<T: GpuElement>(
+    stream: &Stream,
+    op: ReduceOp,
+    dst: sys::CUdeviceptr,
+    world_size: usize,
+    n: usize,
+) -> Result<()> {
+    if op != ReduceOp::Avg || n == 0 {
+        return Ok(());
+    }
     let (world, n64) = (world_size as u64, n as u64);
     let name = format!("reduce_finalize_avg_{}", T::NAME);
-    let mut args = [arg(&dst_p), arg(&world), arg(&n64)];
+    let mut args = [arg(&dst), arg(&world), arg(&n64)];
     // SAFETY: (T*, unsigned long long, size_t) as in reduce.cu; dst holds n elements.
     unsafe { stream.launch(&name, n, &mut args) }
 }

@@ -19,15 +19,19 @@
 //! GPU overflow counts accumulate on the device per [`Stream`] (no host sync per launch);
 //! [`Stream::take_overflow_stats`] synchronises and reads them.
 //!
-//! Not here yet: collectives between GPUs (CUDA IPC handles, peer copies, the ring's
-//! fused receive-reduce-send kernels) — those belong to the `cuda-ipc` transport and the
-//! communicator; this module only provides the single-device building blocks they launch.
+//! Collectives between GPUs live in [`DeviceComm`] (`comm.rs`): CUDA IPC between the
+//! processes of one host, pinned host memory and the host communicator across hosts.
+//! Not here yet: the ring's fused receive-reduce-send kernels over device links.
 
+#[cfg(feature = "cuda")]
+mod comm;
 #[cfg(feature = "cuda")]
 mod context;
 #[cfg(feature = "cuda")]
 mod kernels;
 
+#[cfg(feature = "cuda")]
+pub use comm::{DeviceComm, DevicePath};
 #[cfg(feature = "cuda")]
 pub use context::{Device, Stream};
 #[cfg(feature = "cuda")]

@@ -1,0 +1,392 @@
+//! `hetccl-gpu-check`: device collectives ([`DeviceComm`]) on every rank's GPU, checked
+//! against values computed on the host. Start it on every rank:
+//!
+//! ```text
+//! hetccl run -n 4 -- hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579]
+//! ```
+//!
+//! Rank r uses GPU `local_rank mod device count`, so several ranks share a GPU when there
+//! are fewer GPUs than ranks. Inputs are small integers, so every reduction is exact in
+//! f32, f16 and bf16 and must match bit for bit. A determinism check sums random f32
+//! values twice and requires the same bits on every rank and in both runs (and, on the
+//! IPC path, the bits of a host sum in rank order).
+//!
+//! Prints one table row per (collective, dtype, op, count) on rank 0 with `#wrong`
+//! summed over all ranks, and on every rank `checks passed, #wrong=0` or `#wrong=N`.
+//! Exits 1 on any wrong element or error, 0 otherwise; without a usable GPU it prints
+//! `skipping: <reason>` and exits 0.
+//!
+//! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
+//! picks the staged path and `ipc` must refuse with a clear error.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use hetccl::device::{self, CudaSlice, Device, DeviceComm, DevicePath, GpuElement, Stream};
+use hetccl::{Communicator, Element, ReduceOp};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const OPS: [ReduceOp; 5] = [
+    ReduceOp::Sum,
+    ReduceOp::Prod,
+    ReduceOp::Max,
+    ReduceOp::Min,
+    ReduceOp::Avg,
+];
+
+struct Args {
+    path: DevicePath,
+    counts: Vec<usize>,
+    pretend_nodes: Option<usize>,
+    iters: usize,
+}
+
+const USAGE: &str = "usage: hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579] \
+                     [--pretend-nodes K] [--iters N]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        path: DevicePath::Auto,
+        counts: vec![1, 1000, (1 << 20) + 3],
+        pretend_nodes: None,
+        iters: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--path" => {
+                let v = val()?;
+                a.path = DevicePath::parse(&v)
+                    .ok_or_else(|| format!("--path {v}: expected auto, ipc or staged"))?;
+            }
+            "--counts" => {
+                a.counts = val()?
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--counts: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--pretend-nodes" => {
+                let k: usize = val()?
+                    .parse()
+                    .map_err(|e| format!("--pretend-nodes: {e}"))?;
+                a.pretend_nodes = Some(k.max(1));
+            }
+            "--iters" => a.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Rank r's element i for `op`: small integers whose reduction over up to 8 ranks is
+/// exact in bf16 (sums below 256, products powers of two up to 2^8).
+fn input<T: Element>(op: ReduceOp, r: usize, i: usize) -> T {
+    let v = match op {
+        ReduceOp::Prod => 1 + (r + i) % 2,
+        ReduceOp::Max | ReduceOp::Min => (5 * r + 3 * i) % 11,
+        ReduceOp::Sum | ReduceOp::Avg => 1 + (r + 2 * i) % 9,
+    };
+    T::from_f64(v as f64)
+}
+
+/// The reduction of every rank's `input`, folded on the host in rank order.
+fn expected<T: Element>(op: ReduceOp, i: usize, n: usize) -> T {
+    let mut acc = input::<T>(op, 0, i);
+    for r in 1..n {
+        let x = input::<T>(op, r, i);
+        acc = match op {
+            ReduceOp::Sum | ReduceOp::Avg => T::add(acc, x),
+            ReduceOp::Prod => T::mul(acc, x),
+            ReduceOp::Max => T::max(acc, x),
+            ReduceOp::Min => T::min(acc, x),
+        };
+    }
+    if op == ReduceOp::Avg {
+        acc = acc.div_count(n);
+    }
+    acc
+}
+
+/// Broadcast and all-gather payload: rank r's element i.
+fn payload<T: Element>(r: usize, i: usize) -> T {
+    T::from_f64(((7 * r + i) % 200) as f64)
+}
+
+fn wrong<T: Element>(got: &[T], want: impl Fn(usize) -> T) -> u64 {
+    got.iter()
+        .enumerate()
+        .filter(|(i, g)| **g != want(*i))
+        .count() as u64
+}
+
+struct Check<'a> {
+    dc: &'a mut DeviceComm,
+    stream: &'a Stream,
+    /// (what, elements wrong on this rank)
+    rows: Vec<(String, u64)>,
+}
+
+type Res<T> = Result<T, String>;
+
+fn err(what: &str) -> impl Fn(hetccl::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl Check<'_> {
+    fn upload<T: GpuElement>(&self, v: &[T]) -> Res<CudaSlice<T>> {
+        self.stream.upload(v).map_err(|e| e.to_string())
+    }
+
+    fn download<T: GpuElement>(&self, d: &CudaSlice<T>) -> Res<Vec<T>> {
+        self.stream.download(d).map_err(|e| e.to_string())
+    }
+
+    fn dtype<T: GpuElement>(&mut self, count: usize) -> Res<()> {
+        let (r, n) = (self.dc.rank(), self.dc.world_size());
+        let name = T::DTYPE.name();
+        for op in OPS {
+            let host: Vec<T> = (0..count).map(|i| input(op, r, i)).collect();
+
+            let what = format!("all_reduce {name} {op} {count}");
+            let mut buf = self.upload(&host)?;
+            self.dc
+                .all_reduce(self.stream, &mut buf, op)
+                .map_err(err(&what))?;
+            let got = self.download(&buf)?;
+            self.rows
+                .push((what, wrong(&got, |i| expected::<T>(op, i, n))));
+
+            // Out of place, both buffers one element off their allocation (the kernels'
+            // scalar path), with a guard element after the output that must survive.
+            let what = format!("all_reduce_into {name} {op} {count}");
+            let mut padded = vec![T::from_f64(0.0)];
+            padded.extend_from_slice(&host);
+            let send = self.upload(&padded)?;
+            let guard = T::from_f64(-3.0);
+            let mut out = self.upload(&vec![guard; count + 2])?;
+            {
+                let send_v = send.slice(1..);
+                let mut out_v = out.slice_mut(1..count + 1);
+                self.dc
+                    .all_reduce_into(self.stream, &send_v, &mut out_v, op)
+                    .map_err(err(&what))?;
+            }
+            let got = self.download(&out)?;
+            let bad = wrong(&got, |i| {
+                if i == 0 || i == count + 1 {
+                    guard
+                } else {
+                    expected::<T>(op, i - 1, n)
+                }
+            });
+            self.rows.push((what, bad));
+        }
+
+        let root = (count + 1) % n;
+        let what = format!("broadcast {name} root {root} {count}");
+        let mine: Vec<T> = if r == root {
+            (0..count).map(|i| payload(root, i)).collect()
+        } else {
+            vec![T::from_f64(-1.0); count]
+        };
+        let mut buf = self.upload(&mine)?;
+        self.dc
+            .broadcast(self.stream, &mut buf, root)
+            .map_err(err(&what))?;
+        let got = self.download(&buf)?;
+        self.rows
+            .push((what, wrong(&got, |i| payload::<T>(root, i))));
+
+        let what = format!("all_gather {name} {count}");
+        let send = self.upload(&(0..count).map(|i| payload(r, i)).collect::<Vec<T>>())?;
+        let mut recv = self.upload(&vec![T::from_f64(-1.0); n * count])?;
+        self.dc
+            .all_gather(self.stream, &send, &mut recv)
+            .map_err(err(&what))?;
+        let got = self.download(&recv)?;
+        self.rows.push((
+            what,
+            wrong(&got, |j| payload::<T>(j / count.max(1), j % count.max(1))),
+        ));
+        Ok(())
+    }
+
+    /// Random f32 sums: the same bits twice, on every rank, and (IPC) equal to a host
+    /// fold in rank order.
+    fn determinism(&mut self, count: usize) -> Res<()> {
+        let (r, n) = (self.dc.rank(), self.dc.world_size());
+        let inputs = |q: usize| -> Vec<f32> {
+            let mut rng = StdRng::seed_from_u64(1000 + q as u64);
+            (0..count).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+        };
+        let send = self.upload(&inputs(r))?;
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut out = self.upload(&vec![0.0f32; count])?;
+            self.dc
+                .all_reduce_into(self.stream, &send, &mut out, ReduceOp::Sum)
+                .map_err(err("determinism all_reduce"))?;
+            runs.push(self.download(&out)?);
+        }
+        let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
+        let what = format!("determinism f32 sum {count}: run to run");
+        let (a, b) = (bits(&runs[0]), bits(&runs[1]));
+        self.rows.push((
+            what,
+            a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
+        ));
+
+        // FNV-1a of the bits, gathered: every rank must hold the same result.
+        let hash = a.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let mut hashes = vec![0u64; n];
+        self.dc
+            .communicator()
+            .all_gather(&[hash], &mut hashes)
+            .map_err(err("gather result hashes"))?;
+        self.rows.push((
+            format!("determinism f32 sum {count}: across ranks"),
+            hashes.iter().filter(|h| **h != hashes[0]).count() as u64,
+        ));
+
+        if self.dc.path() == DevicePath::Ipc {
+            let all: Vec<Vec<f32>> = (0..n).map(inputs).collect();
+            let want: Vec<u32> = (0..count)
+                .map(|i| {
+                    all[1..]
+                        .iter()
+                        .fold(all[0][i], |acc, v| acc + v[i])
+                        .to_bits()
+                })
+                .collect();
+            self.rows.push((
+                format!("determinism f32 sum {count}: rank-order host sum"),
+                a.iter().zip(&want).filter(|(x, y)| x != y).count() as u64,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Median time of `iters` in-place f32 sums of `count` elements, in seconds.
+    fn time(&mut self, count: usize, iters: usize) -> Res<f64> {
+        let mut buf = self.upload(&vec![1.0f32; count])?;
+        let mut times = Vec::new();
+        for _ in 0..iters.max(1) + 1 {
+            let t = Instant::now();
+            self.dc
+                .all_reduce(self.stream, &mut buf, ReduceOp::Sum)
+                .map_err(err("timed all_reduce"))?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.remove(0);
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}
+
+fn run(args: &Args) -> Res<bool> {
+    let comm = Arc::new(Communicator::init_from_env().map_err(err("init"))?);
+    let (r, n) = (comm.rank(), comm.world_size());
+    let devices = device::available().map_err(|e| format!("no GPU after all: {e}"))?;
+    let ordinal = comm.local_rank() % devices;
+    let dev = Device::open(ordinal).map_err(err("open device"))?;
+    let stream = dev.new_stream().map_err(err("create stream"))?;
+    let mut dc = DeviceComm::with_path(comm.clone(), &dev, args.path).map_err(err("DeviceComm"))?;
+    println!(
+        "rank {r}/{n}: device {ordinal} ({}), path {}",
+        dev.name(),
+        dc.path()
+    );
+
+    let mut ck = Check {
+        dc: &mut dc,
+        stream: &stream,
+        rows: Vec::new(),
+    };
+    for &count in &args.counts {
+        ck.dtype::<f32>(count)?;
+        ck.dtype::<f16>(count)?;
+        ck.dtype::<bf16>(count)?;
+    }
+    let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
+    ck.determinism(largest)?;
+    let secs = ck.time(largest, args.iters)?;
+    let rows = std::mem::take(&mut ck.rows);
+
+    let mut wrong: Vec<u64> = rows.iter().map(|(_, w)| *w).collect();
+    comm.all_reduce(&mut wrong, ReduceOp::Sum)
+        .map_err(err("sum the wrong counts"))?;
+    let total: u64 = wrong.iter().sum();
+    if r == 0 {
+        println!("{:<56} {:>7}", "# check", "#wrong");
+        for ((what, _), w) in rows.iter().zip(&wrong) {
+            println!("{what:<56} {w:>7}");
+        }
+        let bytes = (largest * 4) as f64;
+        println!(
+            "all_reduce f32 sum {largest} elements on {n} ranks ({}): {:.1} us, algbw {:.2} GB/s, busbw {:.2} GB/s",
+            dc.path(),
+            secs * 1e6,
+            bytes / secs / 1e9,
+            bytes / secs / 1e9 * 2.0 * (n as f64 - 1.0) / n as f64
+        );
+    }
+    println!(
+        "rank {r}/{n}: {} checks passed, #wrong={total} (path {}, scratch {} bytes)",
+        rows.len(),
+        dc.path(),
+        dc.scratch_bytes()
+    );
+    Ok(total == 0)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("hetccl-gpu-check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(why) = device::available() {
+        println!("skipping: {why}");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(k) = args.pretend_nodes {
+        // Before the communicator reads its configuration from the environment.
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        let (rank, world) = (var("RANK").unwrap_or(0), var("WORLD_SIZE").unwrap_or(1));
+        std::env::set_var(
+            "HETCCL_NODE_ID",
+            format!("gpu-check-node-{}", rank * k / world.max(1)),
+        );
+    }
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("hetccl-gpu-check: some results were wrong (see #wrong above)");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("hetccl-gpu-check: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

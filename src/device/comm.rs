@@ -1,0 +1,1237 @@
+//! Collectives on device buffers: [`DeviceComm`] pairs a host [`Communicator`] (which
+//! finds the peers, carries small messages and barriers) with a GPU, and runs
+//! `all_reduce`, `broadcast` and `all_gather` on `CudaSlice`s.
+//!
+//! Every call is ordered on the caller's [`Stream`]: the first copy waits for the work
+//! already queued there, and the call returns after the stream has drained, so the result
+//! is ready for anything issued afterwards (on any stream). Calls block the host thread.
+//!
+//! Two ways to move the data, chosen once per `DeviceComm` ([`DevicePath`]):
+//!
+//! **CUDA IPC** (every rank on this host). Each rank owns one device scratch buffer
+//! allocated with `cuMemAlloc`, exports it with `cuIpcGetMemHandle`, and every rank maps
+//! every peer's buffer with `cuIpcOpenMemHandle`; the 64-byte handles travel through the
+//! host communicator's `all_gather`. Ranks may share one GPU (separate processes on one
+//! device may map each other's memory) or use different GPUs of the host (peer access
+//! is enabled lazily by the driver). An all-reduce of `count` elements, segment `q`
+//! being rank `q`'s `1/n` share:
+//!
+//! ```text
+//! copy input -> own scratch;  sync stream;  host barrier      every scratch holds its input
+//! rank r: out[seg r] = scratch_0[seg r] (op) scratch_1[seg r] (op) ... scratch_{n-1}[seg r]
+//!         out[seg r] -> own scratch[seg r];  sync;  barrier    every segment is reduced
+//! rank r: out[seg q] <- scratch_q[seg q] for q != r;  sync;  barrier   nobody reads any more
+//! ```
+//!
+//! Only rank `q` reduces segment `q`, always in rank order, so every rank gets the same
+//! bits and a rerun gets them again. The last barrier lets the next call overwrite the
+//! scratch. Broadcast and all-gather are the copy-in / copy-out halves of the same.
+//! The scratch holds one whole message: it grows (a collective re-registration, which
+//! every rank does at the same call because they all see the same size) to the largest
+//! message seen and stays that big until the `DeviceComm` is dropped.
+//!
+//! **Staged** (ranks on several hosts, or asked for). The data passes through two pinned
+//! host buffers of `HETCCL_CHUNK_BYTES` each, chunk by chunk: while the host communicator
+//! reduces chunk `k` in one buffer, the copy engine brings chunk `k + 1` into the other,
+//! and chunk `k` goes back to the device as soon as its host collective is done.
+//!
+//! Before moving anything every call exchanges a small header (sequence number,
+//! collective, dtype, reduction, count, root) with all ranks, so a rank that calls
+//! something else, or refuses its own call (buffer too small, stream of another device),
+//! makes every rank return an error instead of corrupting data or hanging. A failure
+//! after that point (a driver error, a peer gone) aborts the host communicator too, so
+//! the peers stop within milliseconds instead of waiting for `HETCCL_TIMEOUT`; the
+//! `DeviceComm` is unusable afterwards.
+
+use std::ffi::{c_char, c_void};
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, DevicePtr, DevicePtrMut, DeviceRepr};
+
+use super::context::{device_error, Device, Stream};
+use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
+use crate::communicator::Communicator;
+use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
+use crate::error::{Error, Result};
+
+/// How device buffers travel between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DevicePath {
+    /// [`DevicePath::Ipc`] when every rank runs on this host, else [`DevicePath::Staged`].
+    Auto,
+    /// Peers read each other's device memory through CUDA IPC. Every rank must run on
+    /// one host.
+    Ipc,
+    /// Chunks pass through pinned host memory and the host communicator's collectives.
+    Staged,
+}
+
+impl DevicePath {
+    /// `auto`, `ipc` or `staged`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DevicePath::Auto => "auto",
+            DevicePath::Ipc => "ipc",
+            DevicePath::Staged => "staged",
+        }
+    }
+
+    /// Parses [`DevicePath::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [DevicePath::Auto, DevicePath::Ipc, DevicePath::Staged]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+impl fmt::Display for DevicePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Collectives on device buffers of one GPU per rank, coordinated by a host
+/// [`Communicator`] (see the module documentation for the protocol).
+///
+/// Every rank of the communicator must create one and make the same calls in the same
+/// order, as with the host collectives. Its calls run host collectives (barriers,
+/// all-gathers of headers and handles) on the communicator, so they must also be ordered
+/// the same way as any host collectives the program runs on it directly.
+pub struct DeviceComm {
+    comm: Arc<Communicator>,
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    /// `Ipc` or `Staged`, never `Auto`.
+    path: DevicePath,
+    /// Calls made so far; the next call's number.
+    seq: u64,
+    /// The IPC path's buffers, from the first call on.
+    ipc: Option<IpcScratch>,
+    /// The staged path's two host buffers, from the first call on.
+    slots: Option<[Slot; 2]>,
+    /// Set by a failure in the middle of a call.
+    broken: Option<String>,
+}
+
+// SAFETY: the raw driver handles inside (device and host allocations, events) belong to
+// this object alone, are used only through `&mut self`, and every use binds the context
+// to the calling thread first; the driver allows that from any thread.
+unsafe impl Send for DeviceComm {}
+
+impl fmt::Debug for DeviceComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceComm")
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("device", &self.ordinal)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one call is, as every rank must agree on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Call {
+    coll: CollectiveOp,
+    dtype: DataType,
+    op: Option<ReduceOp>,
+    count: usize,
+    root: Option<usize>,
+}
+
+/// Header fields: version, seq, collective, dtype, op, count, root, status.
+const HEADER_LEN: usize = 8;
+/// Changes whenever the header or the protocol after it changes.
+const HEADER_VERSION: u64 = 0x6863_636c_6476_0001;
+/// `op` and `root` when the collective has none.
+const NONE: u64 = u64::MAX;
+/// Status of a rank that refused its own call.
+const REFUSED: u64 = 1;
+
+impl Call {
+    fn header(&self, seq: u64, ok: bool) -> [u64; HEADER_LEN] {
+        [
+            HEADER_VERSION,
+            seq,
+            self.coll as u64,
+            self.dtype as u64,
+            self.op.map_or(NONE, |o| o as u64),
+            self.count as u64,
+            self.root.map_or(NONE, |r| r as u64),
+            if ok { 0 } else { REFUSED },
+        ]
+    }
+}
+
+/// `f32 x 1000 (sum)` for one header, in mismatch messages.
+fn describe(h: &[u64]) -> String {
+    let coll = u8::try_from(h[2])
+        .ok()
+        .and_then(CollectiveOp::from_u8)
+        .map_or_else(|| format!("collective {}", h[2]), |c| c.name().to_string());
+    let dtype = u8::try_from(h[3])
+        .ok()
+        .and_then(DataType::from_u8)
+        .map_or_else(|| format!("dtype {}", h[3]), |d| d.name().to_string());
+    let mut s = format!("#{} {coll} {dtype} x {}", h[1], h[5]);
+    if h[4] != NONE {
+        let op = u8::try_from(h[4])
+            .ok()
+            .and_then(ReduceOp::from_u8)
+            .map_or_else(|| format!("op {}", h[4]), |o| o.name().to_string());
+        s.push_str(&format!(" ({op})"));
+    }
+    if h[6] != NONE {
+        s.push_str(&format!(" root {}", h[6]));
+    }
+    s
+}
+
+/// Compares every rank's header (`all`, rank-major) with this rank's; the first peer
+/// that refused its call or disagrees becomes the error.
+fn check_headers(rank: usize, call: &Call, mine: &[u64], all: &[u64]) -> Result<()> {
+    for (peer, theirs) in all.chunks_exact(HEADER_LEN).enumerate() {
+        if peer == rank {
+            continue;
+        }
+        let mismatch = |detail: String| Error::Mismatch {
+            rank,
+            peer,
+            op: call.coll,
+            seq: mine[1],
+            detail,
+        };
+        if theirs[0] != HEADER_VERSION {
+            return Err(mismatch(format!(
+                "peer runs another device protocol version ({:#x}, this rank {:#x})",
+                theirs[0], HEADER_VERSION
+            )));
+        }
+        if theirs[7] == REFUSED {
+            return Err(mismatch(format!(
+                "peer {peer} refused its {} (its own error says why)",
+                describe(theirs)
+            )));
+        }
+        if theirs[1..7] != mine[1..7] {
+            return Err(mismatch(format!(
+                "this rank called {}, peer {peer} called {}",
+                describe(mine),
+                describe(theirs)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Element range `[lo, lo + len)` of segment `q` when `count` elements are split among
+/// `n` ranks. Segments start at multiples of 8 elements so the reduction kernels can use
+/// their 16-byte vector path on every segment; trailing segments may be short or empty.
+fn segment(count: usize, n: usize, q: usize) -> (usize, usize) {
+    let per = count.div_ceil(n.max(1)).div_ceil(8) * 8;
+    let lo = (q * per).min(count);
+    (lo, per.min(count - lo))
+}
+
+/// Address of element `i` of `T` counted from `base`.
+fn at<T>(base: sys::CUdeviceptr, i: usize) -> sys::CUdeviceptr {
+    base + (i * std::mem::size_of::<T>()) as u64
+}
+
+/// Bytes of the scratch buffer for a message of `bytes`: whole 2 MiB pages (the
+/// driver's allocation granularity for large buffers), at least one.
+fn scratch_size(bytes: usize) -> usize {
+    const PAGE: usize = 2 << 20;
+    bytes.div_ceil(PAGE).max(1) * PAGE
+}
+
+/// What a rank tells the others about its scratch buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    handle: [u8; 64],
+    bytes: u64,
+    pid: u64,
+    ordinal: u64,
+    host: String,
+}
+
+const HOST_BYTES: usize = 64;
+const RECORD_LEN: usize = 64 + 3 * 8 + HOST_BYTES;
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(RECORD_LEN);
+        v.extend_from_slice(&self.handle);
+        v.extend_from_slice(&self.bytes.to_le_bytes());
+        v.extend_from_slice(&self.pid.to_le_bytes());
+        v.extend_from_slice(&self.ordinal.to_le_bytes());
+        let mut host = [0u8; HOST_BYTES];
+        let h = self.host.as_bytes();
+        let n = h.len().min(HOST_BYTES);
+        host[..n].copy_from_slice(&h[..n]);
+        v.extend_from_slice(&host);
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Record> {
+        if b.len() != RECORD_LEN {
+            return None;
+        }
+        let word = |i: usize| -> Option<u64> {
+            let s = b.get(64 + 8 * i..64 + 8 * (i + 1))?;
+            Some(u64::from_le_bytes(s.try_into().ok()?))
+        };
+        let host = &b[64 + 24..];
+        let end = host.iter().position(|&c| c == 0).unwrap_or(host.len());
+        Some(Record {
+            handle: b[..64].try_into().ok()?,
+            bytes: word(0)?,
+            pid: word(1)?,
+            ordinal: word(2)?,
+            host: String::from_utf8_lossy(&host[..end]).into_owned(),
+        })
+    }
+}
+
+/// The host name as a [`Record`] carries it (truncated to 64 bytes).
+fn record_host() -> String {
+    let mut h = crate::topology::hostname();
+    while h.len() > HOST_BYTES {
+        h.pop();
+    }
+    h
+}
+
+/// This rank's IPC scratch buffer and its view of every peer's.
+struct IpcScratch {
+    ctx: Arc<CudaContext>,
+    rank: usize,
+    own: sys::CUdeviceptr,
+    bytes: usize,
+    /// Every rank's buffer as this process addresses it (`own` at `rank`); 0 until opened.
+    ptrs: Vec<sys::CUdeviceptr>,
+}
+
+impl IpcScratch {
+    /// Allocates `bytes` of device memory and exports it.
+    fn create(
+        ctx: &Arc<CudaContext>,
+        rank: usize,
+        world: usize,
+        bytes: usize,
+    ) -> Result<(Self, [u8; 64])> {
+        ctx.bind_to_thread().map_err(device_error("bind context"))?;
+        // cuMemAlloc, not cudarc's stream-ordered allocator: memory from a pool cannot be
+        // exported with cuIpcGetMemHandle.
+        // SAFETY: plain allocation; the memory is only used through the bounds recorded
+        // here and freed once, by Drop.
+        let own = unsafe { result::malloc_sync(bytes) }.map_err(device_error(format!(
+            "allocate {bytes} bytes of IPC scratch"
+        )))?;
+        let mut ptrs = vec![0; world];
+        ptrs[rank] = own;
+        let scratch = IpcScratch {
+            ctx: ctx.clone(),
+            rank,
+            own,
+            bytes,
+            ptrs,
+        };
+        let mut handle = sys::CUipcMemHandle {
+            reserved: [0 as c_char; 64],
+        };
+        // SAFETY: `own` is the base of a live cuMemAlloc allocation of this context, and
+        // `handle` is a valid place for the driver to write 64 bytes.
+        unsafe { sys::cuIpcGetMemHandle(&mut handle, own) }
+            .result()
+            .map_err(device_error(format!(
+                "export {bytes} bytes of scratch (cuIpcGetMemHandle)"
+            )))?;
+        Ok((scratch, handle.reserved.map(|c| c as u8)))
+    }
+
+    /// Maps every peer's buffer, after checking that it can be mapped here.
+    fn open_peers(&mut self, records: &[Record]) -> Result<()> {
+        let me = &records[self.rank];
+        self.ctx
+            .bind_to_thread()
+            .map_err(device_error("bind context"))?;
+        for (peer, rec) in records.iter().enumerate() {
+            if peer == self.rank {
+                continue;
+            }
+            let op = || {
+                format!(
+                    "open the IPC scratch of rank {peer} (host {}, pid {}, device {}) on rank {} (device {})",
+                    rec.host, rec.pid, rec.ordinal, self.rank, me.ordinal
+                )
+            };
+            if rec.host != me.host {
+                return Err(Error::Device {
+                    op: op(),
+                    detail: format!(
+                        "rank {peer} runs on host {:?} and this rank on {:?}: CUDA IPC only \
+                         works between processes of one host (use DevicePath::Staged)",
+                        rec.host, me.host
+                    ),
+                });
+            }
+            if rec.pid == me.pid {
+                return Err(Error::Device {
+                    op: op(),
+                    detail: format!(
+                        "rank {peer} is in this same process: CUDA IPC cannot map a \
+                         process's own memory; run one rank per process"
+                    ),
+                });
+            }
+            if rec.bytes != me.bytes {
+                return Err(Error::Device {
+                    op: op(),
+                    detail: format!(
+                        "rank {peer} exported {} bytes, this rank {}: the ranks disagree on \
+                         the message size",
+                        rec.bytes, me.bytes
+                    ),
+                });
+            }
+            let handle = sys::CUipcMemHandle {
+                reserved: rec.handle.map(|b| b as c_char),
+            };
+            let mut ptr: sys::CUdeviceptr = 0;
+            // SAFETY: `handle` came from cuIpcGetMemHandle in another process of this host
+            // (checked above) and `ptr` is a valid place for the mapped address; the
+            // mapping is closed once, by `close_peers`.
+            unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &mut ptr,
+                    handle,
+                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                )
+            }
+            .result()
+            .map_err(device_error(op()))?;
+            self.ptrs[peer] = ptr;
+        }
+        Ok(())
+    }
+
+    /// Unmaps every peer's buffer; returns the first failure after trying them all.
+    fn close_peers(&mut self) -> Result<()> {
+        let mut first = self
+            .ctx
+            .bind_to_thread()
+            .map_err(device_error("bind context"));
+        for (peer, ptr) in self.ptrs.iter_mut().enumerate() {
+            if peer == self.rank || *ptr == 0 {
+                continue;
+            }
+            // SAFETY: `ptr` was returned by cuIpcOpenMemHandle in `open_peers` and is
+            // closed only here, after which it is forgotten.
+            let r = unsafe { sys::cuIpcCloseMemHandle(*ptr) }
+                .result()
+                .map_err(device_error(format!(
+                    "close the IPC scratch of rank {peer}"
+                )));
+            *ptr = 0;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for IpcScratch {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_peers() {
+            tracing::warn!(target: "hetccl::device", rank = self.rank, "{e}");
+        }
+        // SAFETY: `own` came from malloc_sync in `create` and is freed exactly once, here.
+        // Every call ends with a barrier after the peers' last read, so no peer touches it
+        // any more.
+        if let Err(e) = unsafe { result::free_sync(self.own) } {
+            tracing::warn!(target: "hetccl::device", rank = self.rank, "freeing IPC scratch: {e}");
+        }
+    }
+}
+
+/// One pinned host buffer of the staged path and the event that says when the copy
+/// into it is done.
+struct Slot {
+    ctx: Arc<CudaContext>,
+    host: *mut c_void,
+    bytes: usize,
+    ready: CudaEvent,
+}
+
+impl Slot {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Slot> {
+        ctx.bind_to_thread().map_err(device_error("bind context"))?;
+        let ready = ctx.new_event(None).map_err(device_error("create event"))?;
+        // SAFETY: plain allocation of page-locked host memory, freed once by Drop.
+        let host = unsafe { result::malloc_host(bytes, 0) }.map_err(device_error(format!(
+            "allocate {bytes} bytes of pinned host memory"
+        )))?;
+        Ok(Slot {
+            ctx: ctx.clone(),
+            host,
+            bytes,
+            ready,
+        })
+    }
+
+    /// The buffer as `T`s.
+    ///
+    /// # Safety
+    /// No copy into or out of the buffer may be in flight while the slice lives, and no
+    /// other slice of it may exist.
+    unsafe fn as_mut<T: Element>(&mut self) -> &mut [T] {
+        // SAFETY: the allocation is page-aligned and `bytes` long; any bits are a valid T
+        // (Pod); exclusivity is the caller's promise.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.host.cast::<T>(),
+                self.bytes / std::mem::size_of::<T>(),
+            )
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let bound = self.ctx.bind_to_thread();
+        // SAFETY: `host` came from malloc_host and is freed exactly once, here; every call
+        // synchronizes its stream before returning, so no copy still uses it.
+        let freed = unsafe { result::free_host(self.host) };
+        if let Err(e) = bound.and(freed) {
+            tracing::warn!(target: "hetccl::device", "freeing pinned staging memory: {e}");
+        }
+    }
+}
+
+/// `cuMemcpyDtoDAsync` of `bytes` (nothing for 0).
+///
+/// # Safety
+/// Both ranges must be valid device memory in the stream's context (or mapped into it)
+/// until the copy has run.
+unsafe fn copy_dtod(
+    s: &Stream,
+    dst: sys::CUdeviceptr,
+    src: sys::CUdeviceptr,
+    bytes: usize,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller vouches for both ranges.
+    unsafe { result::memcpy_dtod_async(dst, src, bytes, s.cuda().cu_stream()) }
+        .map_err(device_error(format!("copy {bytes} bytes device to device")))
+}
+
+impl DeviceComm {
+    /// A device communicator for `device` over `comm`, choosing the path with
+    /// [`DevicePath::Auto`]. Every rank calls this (it exchanges nothing yet).
+    pub fn new(comm: Arc<Communicator>, device: &Device) -> Result<Self> {
+        Self::with_path(comm, device, DevicePath::Auto)
+    }
+
+    /// As [`DeviceComm::new`] with the path given. [`DevicePath::Ipc`] fails when some
+    /// rank runs on another host, naming those ranks.
+    pub fn with_path(comm: Arc<Communicator>, device: &Device, path: DevicePath) -> Result<Self> {
+        let op = "DeviceComm::new";
+        if let Err(detail) = super::available() {
+            return Err(Error::Device {
+                op: op.to_string(),
+                detail,
+            });
+        }
+        let rank = comm.rank();
+        let all_local = comm.local_size() == comm.world_size();
+        let path = match path {
+            DevicePath::Auto if all_local => DevicePath::Ipc,
+            DevicePath::Auto | DevicePath::Staged => DevicePath::Staged,
+            DevicePath::Ipc if all_local => DevicePath::Ipc,
+            DevicePath::Ipc => {
+                let topo = comm.topology();
+                let mine = topo.node_of[rank];
+                let away: Vec<String> = (0..comm.world_size())
+                    .filter(|&q| topo.node_of[q] != mine)
+                    .map(|q| format!("{q} ({})", topo.ranks[q].hostname))
+                    .collect();
+                return Err(Error::Device {
+                    op: op.to_string(),
+                    detail: format!(
+                        "CUDA IPC needs every rank on one host, but ranks {} run on other hosts \
+                         than rank {rank} ({}); GPUs of different hosts need DevicePath::Staged \
+                         (or Auto)",
+                        away.join(", "),
+                        topo.ranks[rank].hostname
+                    ),
+                });
+            }
+        };
+        tracing::info!(
+            target: "hetccl::device",
+            rank,
+            world_size = comm.world_size(),
+            device = device.ordinal(),
+            name = device.name(),
+            path = path.name(),
+            "device collectives ready"
+        );
+        Ok(DeviceComm {
+            ctx: device.context().clone(),
+            ordinal: device.ordinal(),
+            comm,
+            path,
+            seq: 0,
+            ipc: None,
+            slots: None,
+            broken: None,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// The path in use ([`DevicePath::Ipc`] or [`DevicePath::Staged`]).
+    pub fn path(&self) -> DevicePath {
+        self.path
+    }
+
+    /// The host communicator underneath.
+    pub fn communicator(&self) -> &Arc<Communicator> {
+        &self.comm
+    }
+
+    /// Bytes of device scratch held for the IPC path (0 before its first call).
+    pub fn scratch_bytes(&self) -> usize {
+        self.ipc.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// In-place all-reduce of `buf` on every rank, ordered on `stream`.
+    pub fn all_reduce<T: GpuElement>(
+        &mut self,
+        stream: &Stream,
+        buf: &mut impl DevicePtrMut<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let call = Call {
+            coll: CollectiveOp::AllReduce,
+            dtype: T::DTYPE,
+            op: Some(op),
+            count: buf.len(),
+            root: None,
+        };
+        let local = self.check_stream(stream);
+        let (p, _g) = buf.device_ptr_mut(stream.cuda());
+        self.all_reduce_ptrs::<T>(stream, call, local, p, p)
+    }
+
+    /// Out-of-place all-reduce: `recv[..send.len()]` becomes the reduction of every
+    /// rank's `send`. `recv` must hold at least `send.len()` elements.
+    pub fn all_reduce_into<T: GpuElement>(
+        &mut self,
+        stream: &Stream,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let count = send.len();
+        let call = Call {
+            coll: CollectiveOp::AllReduce,
+            dtype: T::DTYPE,
+            op: Some(op),
+            count,
+            root: None,
+        };
+        let local = self.check_stream(stream).and(if recv.len() < count {
+            Err(Error::invalid(
+                "DeviceComm::all_reduce_into",
+                format!(
+                    "device buffer too small: recv holds {} elements, send {count}",
+                    recv.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        });
+        let s = stream.cuda();
+        let (src, _gs) = send.device_ptr(s);
+        let (dst, _gd) = recv.device_ptr_mut(s);
+        self.all_reduce_ptrs::<T>(stream, call, local, src, dst)
+    }
+
+    /// Broadcast of `buf` from rank `root` to every rank, ordered on `stream`.
+    pub fn broadcast<T: Element + DeviceRepr>(
+        &mut self,
+        stream: &Stream,
+        buf: &mut impl DevicePtrMut<T>,
+        root: usize,
+    ) -> Result<()> {
+        let n = self.world_size();
+        let count = buf.len();
+        let call = Call {
+            coll: CollectiveOp::Broadcast,
+            dtype: T::DTYPE,
+            op: None,
+            count,
+            root: Some(root),
+        };
+        let local = self.check_stream(stream).and(if root >= n {
+            Err(Error::invalid(
+                "DeviceComm::broadcast",
+                format!("root {root} is not a rank of a world of {n}"),
+            ))
+        } else {
+            Ok(())
+        });
+        let (p, _g) = buf.device_ptr_mut(stream.cuda());
+        if !self.agree(&call, local)? {
+            return Ok(());
+        }
+        let (rank, bytes) = (self.rank(), count * std::mem::size_of::<T>());
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        self.guarded(|this| match this.path {
+            DevicePath::Ipc => {
+                let ptrs = this.ipc_scratch(bytes)?;
+                if rank == root {
+                    // SAFETY: `p` holds `count` elements (the caller's buffer) and the own
+                    // scratch at least `bytes`.
+                    unsafe { copy_dtod(stream, ptrs[rank], p, bytes)? };
+                }
+                this.sync_and_barrier(stream)?;
+                if rank != root {
+                    // SAFETY: the root's scratch holds the `bytes` it copied in above.
+                    unsafe { copy_dtod(stream, p, ptrs[root], bytes)? };
+                }
+                this.sync_and_barrier(stream)
+            }
+            _ => {
+                let piece = this.slot_elems::<T>()?;
+                let is_root = rank == root;
+                this.staged::<T>(
+                    stream,
+                    count,
+                    piece,
+                    is_root.then_some(p),
+                    |comm, slot, len| comm.broadcast(&mut slot[..len], root),
+                    |off, len| {
+                        if is_root {
+                            vec![]
+                        } else {
+                            vec![(at::<T>(p, off), 0, len)]
+                        }
+                    },
+                )
+            }
+        })
+    }
+
+    /// All-gather: rank `q`'s `send` lands at elements `[q * send.len(), (q + 1) *
+    /// send.len())` of every rank's `recv`, which must hold at least `world_size *
+    /// send.len()` elements.
+    pub fn all_gather<T: Element + DeviceRepr>(
+        &mut self,
+        stream: &Stream,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let n = self.world_size();
+        let count = send.len();
+        let call = Call {
+            coll: CollectiveOp::AllGather,
+            dtype: T::DTYPE,
+            op: None,
+            count,
+            root: None,
+        };
+        let local = self.check_stream(stream).and(if recv.len() < n * count {
+            Err(Error::invalid(
+                "DeviceComm::all_gather",
+                format!(
+                    "device buffer too small: recv holds {} elements, {n} ranks x {count} needed",
+                    recv.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        });
+        let s = stream.cuda();
+        let (src, _gs) = send.device_ptr(s);
+        let (dst, _gd) = recv.device_ptr_mut(s);
+        if !self.agree(&call, local)? {
+            return Ok(());
+        }
+        let (rank, bytes) = (self.rank(), count * std::mem::size_of::<T>());
+        if n == 1 {
+            // SAFETY: `recv` holds at least `count` elements (checked), `send` `count`.
+            return self.guarded(|_| {
+                unsafe { copy_dtod(stream, dst, src, bytes) }.and_then(|()| stream.synchronize())
+            });
+        }
+        self.guarded(|this| match this.path {
+            DevicePath::Ipc => {
+                let ptrs = this.ipc_scratch(bytes)?;
+                // SAFETY: the own scratch holds at least `bytes`, `send` exactly that.
+                unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
+                this.sync_and_barrier(stream)?;
+                for (q, &from) in ptrs.iter().enumerate() {
+                    let from = if q == rank { src } else { from };
+                    // SAFETY: block q of `recv` is in bounds (recv >= n * count), and
+                    // every scratch holds its rank's `bytes`.
+                    unsafe { copy_dtod(stream, at::<T>(dst, q * count), from, bytes)? };
+                }
+                this.sync_and_barrier(stream)
+            }
+            _ => {
+                // Each slot holds this rank's piece followed by the n gathered pieces.
+                let piece = this.slot_elems::<T>()? / (n + 1);
+                this.staged::<T>(
+                    stream,
+                    count,
+                    piece,
+                    Some(src),
+                    |comm, slot, len| {
+                        let (mine, all) = slot.split_at_mut(piece);
+                        comm.all_gather(&mine[..len], &mut all[..n * len])
+                    },
+                    |off, len| {
+                        (0..n)
+                            .map(|q| (at::<T>(dst, q * count + off), piece + q * len, len))
+                            .collect()
+                    },
+                )
+            }
+        })
+    }
+
+    fn all_reduce_ptrs<T: GpuElement>(
+        &mut self,
+        stream: &Stream,
+        call: Call,
+        local: Result<()>,
+        src: sys::CUdeviceptr,
+        dst: sys::CUdeviceptr,
+    ) -> Result<()> {
+        if !self.agree(&call, local)? {
+            return Ok(());
+        }
+        let op = call.op.unwrap_or(ReduceOp::Sum);
+        let (n, rank, count) = (self.world_size(), self.rank(), call.count);
+        let bytes = count * std::mem::size_of::<T>();
+        if n == 1 {
+            return self.guarded(|_| {
+                if src != dst {
+                    // SAFETY: both buffers hold `count` elements (checked by the caller).
+                    unsafe { copy_dtod(stream, dst, src, bytes)? };
+                }
+                // SAFETY: `dst` holds `count` elements.
+                unsafe { reduce_finalize_ptr::<T>(stream, op, dst, 1, count)? };
+                stream.synchronize()
+            });
+        }
+        self.guarded(|this| match this.path {
+            DevicePath::Ipc => {
+                let ptrs = this.ipc_scratch(bytes)?;
+                // SAFETY: the own scratch holds at least `bytes`, `src` exactly that.
+                unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
+                this.sync_and_barrier(stream)?;
+
+                // Reduce this rank's segment over every scratch, in rank order, into the
+                // output, then publish it in the own scratch for the others to fetch.
+                let (lo, len) = segment(count, n, rank);
+                if len > 0 {
+                    let out = at::<T>(dst, lo);
+                    let from = |q: usize| at::<T>(ptrs[q], lo);
+                    // SAFETY: every scratch holds `count` elements of this call (it was
+                    // grown to `bytes` on every rank) and `[lo, lo + len)` lies within
+                    // `count`, as does the same range of the output.
+                    unsafe {
+                        reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
+                        for q in 2..n {
+                            reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
+                        }
+                        reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
+                        copy_dtod(stream, from(rank), out, len * std::mem::size_of::<T>())?;
+                    }
+                }
+                this.sync_and_barrier(stream)?;
+
+                for (q, &base) in ptrs.iter().enumerate() {
+                    let (lo, len) = segment(count, n, q);
+                    if q == rank || len == 0 {
+                        continue;
+                    }
+                    // SAFETY: segment q of rank q's scratch holds its reduced values and
+                    // lies within `count`, like the same range of the output.
+                    unsafe {
+                        copy_dtod(
+                            stream,
+                            at::<T>(dst, lo),
+                            at::<T>(base, lo),
+                            len * std::mem::size_of::<T>(),
+                        )?
+                    };
+                }
+                this.sync_and_barrier(stream)
+            }
+            _ => {
+                let piece = this.slot_elems::<T>()?;
+                this.staged::<T>(
+                    stream,
+                    count,
+                    piece,
+                    Some(src),
+                    |comm, slot, len| comm.all_reduce(&mut slot[..len], op),
+                    |off, len| vec![(at::<T>(dst, off), 0, len)],
+                )
+            }
+        })
+    }
+
+    fn check_stream(&self, stream: &Stream) -> Result<()> {
+        let theirs = stream.cuda().context().ordinal();
+        if theirs != self.ordinal {
+            return Err(Error::invalid(
+                "DeviceComm",
+                format!(
+                    "the stream belongs to device {theirs}, this DeviceComm to device {}",
+                    self.ordinal
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Exchanges the call's header with every rank. Returns `Ok(false)` when there is
+    /// nothing to move (zero elements, like the host collectives), the local refusal if
+    /// this rank refused, and a mismatch error if any rank disagrees or refused.
+    fn agree(&mut self, call: &Call, local: Result<()>) -> Result<bool> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        if call.count == 0 {
+            return local.map(|()| false);
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        let n = self.world_size();
+        if n == 1 {
+            return local.map(|()| true);
+        }
+        let mine = call.header(seq, local.is_ok());
+        let mut all = vec![0u64; HEADER_LEN * n];
+        self.comm.all_gather(&mine, &mut all)?;
+        local?;
+        check_headers(self.rank(), call, &mine, &all)?;
+        Ok(true)
+    }
+
+    /// Runs the data-moving part of a call; a failure there leaves the ranks at
+    /// different steps, so it aborts the host communicator (peers fail fast) and marks
+    /// this object unusable.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        // The raw driver calls below act on the calling thread's current context.
+        let r = self
+            .ctx
+            .bind_to_thread()
+            .map_err(device_error("bind context"))
+            .and_then(|()| f(self));
+        if let Err(e) = &r {
+            tracing::error!(
+                target: "hetccl::device",
+                rank = self.rank(),
+                device = self.ordinal,
+                seq = self.seq.saturating_sub(1),
+                "device collective failed: {e}"
+            );
+            self.broken = Some(e.to_string());
+            self.comm.abort();
+            // The abort takes effect (links closed) at the next host operation.
+            let _ = self.comm.barrier();
+        }
+        r
+    }
+
+    fn sync_and_barrier(&self, stream: &Stream) -> Result<()> {
+        stream.synchronize()?;
+        self.comm.barrier()
+    }
+
+    /// Every rank's scratch address for a message of `bytes`, growing (collectively) the
+    /// buffers first when they are smaller.
+    fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<sys::CUdeviceptr>> {
+        if let Some(s) = &self.ipc {
+            if s.bytes >= bytes {
+                return Ok(s.ptrs.clone());
+            }
+        }
+        let (rank, n) = (self.rank(), self.world_size());
+        if let Some(mut old) = self.ipc.take() {
+            // Nobody may still map a buffer when its owner frees it.
+            old.close_peers()?;
+            self.comm.barrier()?;
+            drop(old);
+        }
+        let size = scratch_size(bytes);
+        let (mut scratch, handle) = IpcScratch::create(&self.ctx, rank, n, size)?;
+        let mine = Record {
+            handle,
+            bytes: size as u64,
+            pid: u64::from(std::process::id()),
+            ordinal: self.ordinal as u64,
+            host: record_host(),
+        }
+        .encode();
+        let mut all = vec![0u8; RECORD_LEN * n];
+        self.comm.all_gather(&mine, &mut all)?;
+        let records = all
+            .chunks_exact(RECORD_LEN)
+            .enumerate()
+            .map(|(q, b)| {
+                Record::decode(b).ok_or_else(|| Error::Device {
+                    op: "exchange IPC handles".into(),
+                    detail: format!("rank {q} sent an unreadable record"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        scratch.open_peers(&records)?;
+        tracing::debug!(
+            target: "hetccl::device",
+            rank,
+            device = self.ordinal,
+            bytes = size,
+            "IPC scratch registered and every peer's mapped"
+        );
+        let ptrs = scratch.ptrs.clone();
+        self.ipc = Some(scratch);
+        Ok(ptrs)
+    }
+
+    /// Elements of `T` one staging slot holds, allocating the slots on first use.
+    fn slot_elems<T>(&mut self) -> Result<usize> {
+        if self.slots.is_none() {
+            // At least room for a few elements per rank, for the all-gather's layout.
+            let bytes = self
+                .comm
+                .config()
+                .chunk_bytes
+                .max(64 * (self.world_size() + 1))
+                .next_multiple_of(64);
+            self.slots = Some([Slot::new(&self.ctx, bytes)?, Slot::new(&self.ctx, bytes)?]);
+        }
+        let bytes = self.slots.as_ref().map_or(0, |s| s[0].bytes);
+        Ok(bytes / std::mem::size_of::<T>())
+    }
+
+    /// The staged pipeline over `count` elements in pieces of `piece`: piece `k` is
+    /// copied from `src` (when given) into slot `k % 2`, `host` runs the host collective
+    /// on the slot, then every `(device address, slot offset, elements)` that `outs`
+    /// lists for the piece is copied back. The copy of piece `k + 1` into the other slot
+    /// is queued before the host works on piece `k`, so the two overlap.
+    fn staged<T: Element>(
+        &mut self,
+        stream: &Stream,
+        count: usize,
+        piece: usize,
+        src: Option<sys::CUdeviceptr>,
+        mut host: impl FnMut(&Communicator, &mut [T], usize) -> Result<()>,
+        outs: impl Fn(usize, usize) -> Vec<(sys::CUdeviceptr, usize, usize)>,
+    ) -> Result<()> {
+        if piece == 0 {
+            return Err(Error::invalid(
+                "DeviceComm",
+                "the staging buffers hold no element (HETCCL_CHUNK_BYTES too small)",
+            ));
+        }
+        let size = std::mem::size_of::<T>();
+        let cu = stream.cuda().cu_stream();
+        let comm = self.comm.clone();
+        let Some(slots) = self.slots.as_mut() else {
+            return Err(Error::invalid("DeviceComm", "staging buffers missing"));
+        };
+        let pieces = count.div_ceil(piece);
+        let range = |k: usize| (k * piece, piece.min(count - k * piece));
+
+        // Queues piece k's copy into `slot` and marks the slot ready after it. The event
+        // also covers every earlier copy out of this slot (stream order), so once it has
+        // fired the host may write the slot again, copy or no copy.
+        let stage_in = |k: usize, slot: &Slot| -> Result<()> {
+            if let Some(src) = src {
+                let (off, len) = range(k);
+                // SAFETY: the slot holds at least `piece` elements and piece k of `src`
+                // lies within `count`; no host reference to the slot is alive.
+                unsafe { sys::cuMemcpyDtoHAsync_v2(slot.host, at::<T>(src, off), len * size, cu) }
+                    .result()
+                    .map_err(device_error(format!(
+                        "copy {} bytes device to host",
+                        len * size
+                    )))?;
+            }
+            slot.ready
+                .record(stream.cuda())
+                .map_err(device_error("record event"))
+        };
+
+        stream
+            .cuda()
+            .context()
+            .bind_to_thread()
+            .map_err(device_error("bind context"))?;
+        stage_in(0, &slots[0])?;
+        for k in 0..pieces {
+            let b = k % 2;
+            if k + 1 < pieces {
+                stage_in(k + 1, &slots[1 - b])?;
+            }
+            let slot = &mut slots[b];
+            slot.ready
+                .synchronize()
+                .map_err(device_error("wait for a copy to host"))?;
+            let (off, len) = range(k);
+            {
+                // SAFETY: the event covered every copy into or out of this slot queued so
+                // far, and the next one is queued only after this block.
+                let data = unsafe { slot.as_mut::<T>() };
+                host(&comm, data, len)?;
+            }
+            for (dst, from, elems) in outs(off, len) {
+                // SAFETY: `outs` names ranges of the caller's buffer that hold `elems`
+                // elements, and `from + elems` lies within the slot.
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(
+                        dst,
+                        slot.host.cast::<u8>().add(from * size).cast::<c_void>(),
+                        elems * size,
+                        cu,
+                    )
+                }
+                .result()
+                .map_err(device_error(format!(
+                    "copy {} bytes host to device",
+                    elems * size
+                )))?;
+            }
+        }
+        stream.synchronize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_tile_the_buffer_on_vector_boundaries() {
+        for count in [1usize, 7, 8, 1000, (1 << 20) + 3] {
+            for n in 1..=8 {
+                let mut next = 0;
+                for q in 0..n {
+                    let (lo, len) = segment(count, n, q);
+                    assert_eq!(lo, next.min(count), "count {count} n {n} q {q}");
+                    // Empty trailing segments sit at `count`, wherever that is.
+                    assert!(lo % 8 == 0 || len == 0, "count {count} n {n} q {q}");
+                    next = lo + len;
+                }
+                assert_eq!(next, count, "count {count} n {n}");
+            }
+        }
+        assert_eq!(segment(1000, 4, 0), (0, 256));
+        assert_eq!(segment(1000, 4, 3), (768, 232));
+        assert_eq!(segment(1, 4, 0), (0, 1));
+        assert_eq!(segment(1, 4, 1), (1, 0));
+        assert_eq!(segment(1, 4, 3), (1, 0));
+    }
+
+    #[test]
+    fn scratch_grows_in_whole_2mib_pages() {
+        assert_eq!(scratch_size(1), 2 << 20);
+        assert_eq!(scratch_size(2 << 20), 2 << 20);
+        assert_eq!(scratch_size((2 << 20) + 1), 4 << 20);
+        assert_eq!(scratch_size(((1 << 20) + 3) * 4), 6 << 20);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut handle = [0u8; 64];
+        handle
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8 ^ 0xA5);
+        let r = Record {
+            handle,
+            bytes: 6 << 20,
+            pid: 4242,
+            ordinal: 3,
+            host: "gpu-node-07".into(),
+        };
+        let b = r.encode();
+        assert_eq!(b.len(), RECORD_LEN);
+        assert_eq!(Record::decode(&b), Some(r));
+        assert_eq!(Record::decode(&b[1..]), None);
+    }
+
+    fn call(dtype: DataType, count: usize) -> Call {
+        Call {
+            coll: CollectiveOp::AllReduce,
+            dtype,
+            op: Some(ReduceOp::Sum),
+            count,
+            root: None,
+        }
+    }
+
+    #[test]
+    fn headers_that_agree_pass() {
+        let c = call(DataType::F32, 1000);
+        let all: Vec<u64> = (0..3).flat_map(|_| c.header(5, true)).collect();
+        assert!(check_headers(1, &c, &c.header(5, true), &all).is_ok());
+    }
+
+    #[test]
+    fn a_dtype_mismatch_names_the_peer_and_both_calls() {
+        let mine = call(DataType::F32, 1000);
+        let theirs = call(DataType::F16, 1000);
+        let mut all: Vec<u64> = mine.header(2, true).to_vec();
+        all.extend(theirs.header(2, true));
+        let e = check_headers(0, &mine, &mine.header(2, true), &all).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rank 0: all_reduce #2 does not match what peer 1 sent: this rank called \
+             #2 all_reduce f32 x 1000 (sum), peer 1 called #2 all_reduce f16 x 1000 (sum)"
+        );
+    }
+
+    #[test]
+    fn a_refusing_peer_fails_every_rank() {
+        let c = call(DataType::Bf16, 7);
+        let mut all: Vec<u64> = c.header(0, false).to_vec();
+        all.extend(c.header(0, true));
+        let e = check_headers(1, &c, &c.header(0, true), &all).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rank 1: all_reduce #0 does not match what peer 0 sent: peer 0 refused its \
+             #0 all_reduce bf16 x 7 (sum) (its own error says why)"
+        );
+    }
+
+    #[test]
+    fn paths_parse_by_name() {
+        for p in [DevicePath::Auto, DevicePath::Ipc, DevicePath::Staged] {
+            assert_eq!(DevicePath::parse(p.name()), Some(p));
+        }
+        assert_eq!(DevicePath::parse("nvlink"), None);
+    }
+}

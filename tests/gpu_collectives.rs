@@ -1,0 +1,215 @@
+//! Device collectives across processes: `hetccl run -n N -- hetccl-gpu-check`, over
+//! CUDA IPC (every rank on this host, several ranks per GPU when GPUs are fewer) and
+//! staged through pinned host memory (forced, or picked for pretend hosts).
+//!
+//! `hetccl-gpu-check` checks every element against host values and prints
+//! `N checks passed, #wrong=0` per rank; these tests require exactly that on every rank.
+//! For each count there are 12 checks per dtype (5 ops x in and out of place,
+//! broadcast, all-gather), so 108 for three counts and three dtypes, plus 2 determinism
+//! checks (3 on the IPC path, which also matches a host sum in rank order).
+//!
+//! The executables are found through `HETCCL_BIN_DIR`, next to this test executable
+//! (the layout of `gpu-bin/`, see scripts/build-gpu-bin.sh), or in cargo's target
+//! directory. Without the `cuda` feature, or without a usable GPU, each test prints
+//! `skipping: <reason>` and passes.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_collectives_skip_without_the_cuda_feature() {
+    let why = hetccl::device::available().expect_err("no GPU support in this build");
+    println!("skipping: {why}");
+}
+
+#[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use super::common::{collect, Outcome};
+
+    const COUNTS: &str = "1,1000,1048579";
+
+    /// `name` from `HETCCL_BIN_DIR`, beside this executable, one directory up (cargo's
+    /// `target/<profile>/deps/..`), or where cargo built it.
+    fn locate(name: &str, built: Option<&str>) -> PathBuf {
+        let mut tried = Vec::new();
+        let mut dirs = Vec::new();
+        if let Some(d) = std::env::var_os("HETCCL_BIN_DIR") {
+            dirs.push(PathBuf::from(d));
+        }
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(PathBuf::from))
+        {
+            dirs.push(dir.clone());
+            if let Some(up) = dir.parent() {
+                dirs.push(up.to_path_buf());
+            }
+        }
+        let mut candidates: Vec<PathBuf> = dirs.iter().map(|d| d.join(name)).collect();
+        candidates.extend(built.map(PathBuf::from));
+        for c in candidates {
+            if c.is_file() {
+                return c;
+            }
+            tried.push(c.display().to_string());
+        }
+        panic!(
+            "cannot find the {name} executable (tried {}); set HETCCL_BIN_DIR",
+            tried.join(", ")
+        );
+    }
+
+    fn launcher() -> PathBuf {
+        locate("hetccl", option_env!("CARGO_BIN_EXE_hetccl"))
+    }
+
+    fn check_bin() -> PathBuf {
+        locate(
+            "hetccl-gpu-check",
+            option_env!("CARGO_BIN_EXE_hetccl-gpu-check"),
+        )
+    }
+
+    /// The reason to skip, printed, when there is no usable GPU.
+    fn no_gpu() -> bool {
+        match hetccl::device::available() {
+            Ok(n) => {
+                println!("{n} GPU(s) visible");
+                false
+            }
+            Err(why) => {
+                println!("skipping: {why}");
+                true
+            }
+        }
+    }
+
+    /// `hetccl run -n n -- hetccl-gpu-check ARGS` with `env`.
+    fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+        let mut c = Command::new(launcher());
+        c.args(["run", "-n", &n.to_string(), "--"])
+            .arg(check_bin())
+            .args(args)
+            .env("HETCCL_TIMEOUT", "60")
+            .env("HETCCL_CONNECT_TIMEOUT", "30")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().expect("start hetccl run");
+        let out = collect(vec![child], Duration::from_secs(420))
+            .pop()
+            .expect("one outcome");
+        println!("{}", out.output);
+        out
+    }
+
+    /// Asserts success, `path` on every rank, and `checks` checks with none wrong on
+    /// every rank.
+    fn assert_passed(out: &Outcome, n: usize, path: &str, checks: usize, what: &str) {
+        assert!(!out.hung, "{what}: hung:\n{}", out.output);
+        assert_eq!(out.code, Some(0), "{what}: failed:\n{}", out.output);
+        for r in 0..n {
+            let ready = format!("[rank {r}] rank {r}/{n}: device ");
+            let line = out
+                .output
+                .lines()
+                .find(|l| l.starts_with(&ready))
+                .unwrap_or_else(|| panic!("{what}: no device line from rank {r}:\n{}", out.output));
+            assert!(line.ends_with(&format!("path {path}")), "{what}: {line}");
+            let done =
+                format!("[rank {r}] rank {r}/{n}: {checks} checks passed, #wrong=0 (path {path}");
+            assert!(
+                out.output.lines().any(|l| l.starts_with(&done)),
+                "{what}: rank {r} did not report `{done}`:\n{}",
+                out.output
+            );
+        }
+    }
+
+    #[test]
+    fn two_ranks_over_ipc() {
+        if no_gpu() {
+            return;
+        }
+        let out = run(2, &["--path", "auto", "--counts", COUNTS], &[]);
+        assert_passed(&out, 2, "ipc", 111, "ipc n=2");
+    }
+
+    #[test]
+    fn four_ranks_over_ipc() {
+        if no_gpu() {
+            return;
+        }
+        let out = run(4, &["--path", "ipc", "--counts", COUNTS], &[]);
+        assert_passed(&out, 4, "ipc", 111, "ipc n=4");
+    }
+
+    #[test]
+    fn staged_through_pinned_host_memory() {
+        if no_gpu() {
+            return;
+        }
+        // 40000-byte slots: 10000 f32 or 20000 f16 per piece, so the largest count takes
+        // over a hundred pieces and ends with a partial one.
+        let chunk = [("HETCCL_CHUNK_BYTES", "40000")];
+        let out = run(2, &["--path", "staged", "--counts", COUNTS], &chunk);
+        assert_passed(&out, 2, "staged", 110, "staged n=2");
+        // Three ranks on two pretend hosts: auto must pick the staged path.
+        let out = run(3, &["--pretend-nodes", "2", "--counts", COUNTS], &chunk);
+        assert_passed(&out, 3, "staged", 110, "pretend hosts n=3");
+    }
+
+    #[test]
+    fn ipc_refuses_ranks_on_other_hosts() {
+        if no_gpu() {
+            return;
+        }
+        let out = run(
+            2,
+            &["--path", "ipc", "--pretend-nodes", "2", "--counts", "8"],
+            &[],
+        );
+        assert!(!out.hung, "hung:\n{}", out.output);
+        assert_eq!(out.code, Some(1), "{}", out.output);
+        // Whichever rank fails first stops the other, so only one message is certain.
+        assert!(
+            out.output
+                .contains("CUDA IPC needs every rank on one host, but ranks "),
+            "{}",
+            out.output
+        );
+        assert!(
+            out.output
+                .contains("GPUs of different hosts need DevicePath::Staged"),
+            "{}",
+            out.output
+        );
+    }
+
+    /// On a machine without a GPU the check itself must skip on every rank and succeed.
+    #[test]
+    fn the_check_skips_on_every_rank_without_a_gpu() {
+        let Err(why) = hetccl::device::available() else {
+            println!("a GPU is present: the other tests cover the check");
+            return;
+        };
+        let out = run(2, &["--counts", "8"], &[]);
+        assert_eq!(out.code, Some(0), "{}", out.output);
+        for r in 0..2 {
+            let line = format!("[rank {r}] skipping: {why}");
+            assert!(
+                out.output.lines().any(|l| l == line),
+                "no `{line}` in:\n{}",
+                out.output
+            );
+        }
+        println!("skipping: {why}");
+    }
+}
