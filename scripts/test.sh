@@ -16,7 +16,7 @@ fi
 
 if command -v nvcc >/dev/null || python3 -c "import nvidia, os, sys; sys.exit(0 if os.path.exists(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc')) else 1)" 2>/dev/null; then
     echo "== cargo test --features cuda (kernels compile; ptxas register/spill report above; GPU tests skip without a GPU)"
-    cargo test --release --features cuda --test gpu_kernels -- --test-threads=1
+    cargo test --release --features cuda --test gpu_kernels --test gpu_collectives -- --test-threads=1
     cargo test --release --features cuda --lib device:: -- --test-threads=1
 else
     echo "== skipping the cuda feature: nvcc not found (scripts/install-nvcc.sh installs it)"
