@@ -148,8 +148,9 @@ pub struct Config {
     pub compress_format: crate::compression::WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
-    /// `HETCCL_STREAM_MIN_BYTES`: an all-reduce on shared buffers at least this large
-    /// copies the other ranks' results with streaming (cache-bypassing) stores.
+    /// `HETCCL_STREAM_MIN_BYTES`: a collective whose output is at least this large
+    /// writes what it only copies into place (the other ranks' results, on shared
+    /// buffers or received over links) with streaming (cache-bypassing) stores.
     pub stream_min_bytes: usize,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,

@@ -38,6 +38,10 @@ pub struct ExecCtx {
     pub count: u64,
     /// Longest wait without progress.
     pub timeout: Duration,
+    /// Received bytes that are only copied into place go there with streaming stores:
+    /// for messages well beyond the caches, whose destination is not read again soon
+    /// (saves reading each destination line before writing it).
+    pub stream_copies: bool,
 }
 
 /// Links whose f32 payloads travel as 16-bit wire values (compression). Only for f32
@@ -324,6 +328,11 @@ impl RecvSink for Sink<'_> {
         // schedule's dependencies keep free of any other reader or writer meanwhile.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(offset), bytes.len()) };
         match (self.combine, self.from) {
+            // SAFETY: `dst` and `bytes` are valid for `bytes.len()` bytes and distinct
+            // (a link's buffer and the schedule's destination).
+            (Combine::Copy, _) if self.ctx.stream_copies => unsafe {
+                reduce::copy_streaming(dst.as_mut_ptr(), bytes.as_ptr(), bytes.len())
+            },
             (Combine::Copy, _) => dst.copy_from_slice(bytes),
             (Combine::Accumulate, _) => {
                 reduce::reduce_inplace_bytes(self.ctx.dtype, self.ctx.redop, dst, bytes)
@@ -776,6 +785,7 @@ mod tests {
             redop: ReduceOp::Sum,
             count: 4,
             timeout: Duration::from_secs(10),
+            stream_copies: false,
         }
     }
 

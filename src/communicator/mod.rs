@@ -569,6 +569,7 @@ impl Communicator {
                 redop: plan_call.redop,
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
+                stream_copies: output.1 >= self.cfg.stream_min_bytes,
             },
             done: None,
             compress,
