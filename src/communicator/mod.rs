@@ -1159,6 +1159,38 @@ mod tests {
     }
 
     #[test]
+    fn streaming_copies_of_received_pieces_land_exactly() {
+        // Every received piece that is only copied goes through streaming stores here
+        // (threshold 0), at odd lengths and offsets: the heads and tails of each piece
+        // take the ordinary path, the aligned middle the streaming one.
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            stream_min_bytes: 0,
+            timeout: std::time::Duration::from_secs(20),
+            ..Config::default()
+        };
+        let comms = testing::world(3, 3, cfg);
+        for count in [1usize, 7, 1000, 100_003] {
+            let outs = on_all(&comms, |c| {
+                let x: Vec<u8> = (0..count).map(|i| (c.rank() * 50 + i % 7) as u8).collect();
+                let mut sum = vec![0u8; count];
+                c.all_reduce_into(&x, &mut sum, ReduceOp::Sum).unwrap();
+                let mut all = vec![0u8; 3 * count];
+                c.all_gather(&x, &mut all).unwrap();
+                (sum, all)
+            });
+            for (sum, all) in outs {
+                for i in [0, count / 2, count - 1] {
+                    assert_eq!(sum[i], (150 + 3 * (i % 7)) as u8, "count {count} [{i}]");
+                    for r in 0..3 {
+                        assert_eq!(all[r * count + i], (r * 50 + i % 7) as u8);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn scoped_operations_overlap_and_finish_in_order() {
         let comms = world(3, 3, AlgoChoice::Ring);
         let outs = on_all(&comms, |c| {
