@@ -62,17 +62,18 @@ fn world_sizes_2_to_4_over_tcp() {
 fn large_count_every_op_and_dtype() {
     let big = ((1 << 20) + 3).to_string();
     launch(2, &["--counts", &big], &[], "shm n=2 2^20+3");
+    // Three sockets per peer: large chunks striped across them.
     launch(
         3,
         &["--counts", &big],
-        &[("HETCCL_SHM_DISABLE", "1")],
-        "tcp n=3 2^20+3",
+        &[("HETCCL_SHM_DISABLE", "1"), ("HETCCL_NSOCKS_PERPEER", "3")],
+        "tcp n=3 2^20+3, 3 sockets per peer",
     );
 }
 
 #[test]
 fn each_algorithm_forced() {
-    for algo in ["ring", "tree"] {
+    for algo in ["ring", "tree", "doubling", "halving"] {
         for n in [3, 5] {
             launch(
                 n,
