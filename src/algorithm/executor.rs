@@ -512,7 +512,11 @@ pub fn execute(
                     // concurrent writer of `src` or user of `dst`; they do not overlap
                     // (input vs output, or disjoint scratch ranges).
                     unsafe {
-                        std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
+                        if ctx.stream_copies {
+                            reduce::copy_streaming(bufs.ptr(&dst), bufs.ptr(&src), src.len)
+                        } else {
+                            std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
+                        }
                     };
                 }
                 OpKind::Reduce { src, dst } if src.len > 0 => {
