@@ -22,7 +22,8 @@ pub enum AlgoChoice {
     /// Two-level: inside nodes, then across nodes.
     Hier,
     /// Recursive doubling for all-reduces up to 64 KiB (larger ones and other
-    /// collectives run the ring).
+    /// collectives run the ring; compressed all-reduces run the tree, which forms each
+    /// sum once).
     Doubling,
     /// Recursive halving then doubling for all-reduces (other collectives run the ring).
     Halving,

@@ -160,12 +160,20 @@ fn compressed_all_reduce_over_shm_tcp_and_nodes_every_algorithm() {
         assert_eq!(hs.len(), 3, "{out}");
         assert!(hs.iter().all(|h| *h == hs[0]), "ranks disagree: {hs:?}");
     }
-    // Two pretend nodes of two ranks: `inter` compresses only between them.
-    for algo in ["ring", "tree", "hier"] {
+    // Two pretend nodes of two ranks: `inter` compresses only between them. Forced
+    // doubling runs as the tree when compressed (see `Communicator::schedule`).
+    for (algo, count) in [
+        ("ring", "20011"),
+        ("tree", "20011"),
+        ("hier", "20011"),
+        ("halving", "20011"),
+        ("doubling", "1000"),
+        ("auto", "1000"),
+    ] {
         let children = spawn_ranks(
             4,
             check_bin(),
-            &["--compressed", "20011"],
+            &["--compressed", count],
             &[("HETCCL_ALGO", algo), ("HETCCL_TIMEOUT", "60")],
             |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", r / 2))],
         );
