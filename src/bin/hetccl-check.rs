@@ -99,20 +99,8 @@ fn input<T: Element>(op: ReduceOp, r: usize, i: usize, n: usize) -> T {
 }
 
 fn expected<T: Element>(op: ReduceOp, i: usize, n: usize) -> T {
-    let mut acc = input::<T>(op, 0, i, n);
-    for r in 1..n {
-        let x = input::<T>(op, r, i, n);
-        acc = match op {
-            ReduceOp::Sum | ReduceOp::Avg => T::add(acc, x),
-            ReduceOp::Prod => T::mul(acc, x),
-            ReduceOp::Max => T::max(acc, x),
-            ReduceOp::Min => T::min(acc, x),
-        };
-    }
-    if op == ReduceOp::Avg {
-        acc = acc.div_count(n);
-    }
-    acc
+    hetccl::reduce::fold(op, (0..n).map(|r| input::<T>(op, r, i, n)), n)
+        .expect("a world has at least one rank")
 }
 
 struct Checker<'a> {

@@ -147,6 +147,27 @@ mod half16 {
     }
 }
 
+/// The reduction of `values` folded left to right (rank order), with `Avg`'s division
+/// by `world_size` at the end: the element-wise reference the checkers compare
+/// collectives against. `None` for no values.
+pub fn fold<T: Element>(
+    op: ReduceOp,
+    values: impl IntoIterator<Item = T>,
+    world_size: usize,
+) -> Option<T> {
+    let acc = values.into_iter().reduce(|acc, x| match op {
+        ReduceOp::Sum | ReduceOp::Avg => T::add(acc, x),
+        ReduceOp::Prod => T::mul(acc, x),
+        ReduceOp::Max => T::max(acc, x),
+        ReduceOp::Min => T::min(acc, x),
+    })?;
+    Some(if op == ReduceOp::Avg {
+        acc.div_count(world_size)
+    } else {
+        acc
+    })
+}
+
 /// The last step of a reduction: divides by `world_size` for `Avg`, nothing otherwise.
 pub fn reduce_finalize<T: Element>(op: ReduceOp, dst: &mut [T], world_size: usize) {
     if op == ReduceOp::Avg {
@@ -344,6 +365,17 @@ mod tests {
         let mut d = [4.0f32, 6.0];
         reduce_finalize(ReduceOp::Avg, &mut d, 2);
         assert_eq!(d, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn fold_reduces_in_order_and_averages_at_the_end() {
+        assert_eq!(fold(ReduceOp::Sum, [1i32, 2, 3], 3), Some(6));
+        assert_eq!(fold(ReduceOp::Avg, [1i32, 2, 4], 3), Some(2));
+        assert_eq!(fold(ReduceOp::Prod, [2.0f32, 3.0, 4.0], 3), Some(24.0));
+        assert_eq!(fold(ReduceOp::Min, [5u8, 1, 9], 3), Some(1));
+        // Left to right: (1e8 + 1) - 1e8 loses the 1 in f32.
+        assert_eq!(fold(ReduceOp::Sum, [1e8f32, 1.0, -1e8], 3), Some(0.0));
+        assert_eq!(fold(ReduceOp::Max, std::iter::empty::<f32>(), 0), None);
     }
 
     #[test]
