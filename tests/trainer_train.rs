@@ -309,6 +309,48 @@ fn checkpoints_round_trip_and_refuse_damage() {
 }
 
 #[test]
+fn rank_state_files_round_trip_and_refuse_damage() {
+    let dir = scratch("rankstate");
+    let ckpt = dir.join("c.ckpt");
+    let path = checkpoint::rank_state_path(&ckpt, 3);
+    assert_eq!(path, dir.join("c.ckpt.rank3"));
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+    checkpoint::save_rank_state(&path, 40, 4, 3, &payload).unwrap();
+    assert_eq!(
+        checkpoint::load_rank_state(&path, 40, 4, 3).unwrap(),
+        Ok(payload.clone())
+    );
+    // Intact but for another step or world: set aside with the reason, not an error.
+    assert_eq!(
+        checkpoint::load_rank_state(&path, 50, 4, 3).unwrap(),
+        Err(format!(
+            "{} was written for step 40 by rank 3 of 4, this is step 50, rank 3 of 4",
+            path.display()
+        ))
+    );
+    let good = std::fs::read(&path).unwrap();
+    let try_load = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        reason(checkpoint::load_rank_state(&path, 40, 4, 3).unwrap_err())
+    };
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 0x01;
+    assert_eq!(try_load(&flipped), "checksum mismatch (corrupt file)");
+    let n = good.len();
+    assert_eq!(
+        try_load(&good[..n - 10]),
+        "payload is 990 bytes, header says 1000 (truncated?)"
+    );
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert_eq!(
+        try_load(&magic),
+        "not a hetccl rank state file (bad magic or too short)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn resume_refuses_another_corpus() {
     let dir = scratch("corpus");
     let (cfg, mut run) = setup(&dir, 1, 2);

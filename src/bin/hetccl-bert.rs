@@ -13,9 +13,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hetccl::config::InitMethod;
+use hetccl::config::{CompressMode, InitMethod};
 use hetccl::trainer::cli::Cli;
-use hetccl::trainer::{train, train_threads, with_threads, SingleProcess};
+use hetccl::trainer::{train, train_threads, with_threads, CompressedSync, SingleProcess};
 use hetccl::{Communicator, Config};
 
 fn main() -> ExitCode {
@@ -53,7 +53,12 @@ fn run(cli: &Cli) -> hetccl::Result<()> {
     }
     let report = with_threads(run.threads, || {
         let comm = Communicator::init(comm_cfg)?;
-        let report = train(&cfg, &run, &comm)?;
+        let report = if run.compress == CompressMode::Off {
+            train(&cfg, &run, &comm)?
+        } else {
+            let sync = CompressedSync::new(&comm, run.compress, run.compress_format);
+            train(&cfg, &run, &sync)?
+        };
         Ok::<_, hetccl::Error>((comm.rank(), report))
     })??;
     if report.0 == 0 {

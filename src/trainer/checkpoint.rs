@@ -119,6 +119,15 @@ pub fn save(
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     header.extend_from_slice(&digest);
 
+    write_atomic(path, &[&header, &meta_bytes, &payload])?;
+    tracing::info!(target: "hetccl::trainer::checkpoint", path = %path.display(), step = meta.step,
+        bytes = HEADER_LEN + meta_bytes.len() + payload.len(), "checkpoint written");
+    Ok(())
+}
+
+/// Writes `parts` to `path` through a temporary file in the same directory, fsynced
+/// and renamed over the target, then fsyncs the directory.
+fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -132,9 +141,9 @@ pub fn save(
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&header)?;
-        f.write_all(&meta_bytes)?;
-        f.write_all(&payload)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
         f.sync_all()?;
         Ok(())
     };
@@ -153,9 +162,91 @@ pub fn save(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
-    tracing::info!(target: "hetccl::trainer::checkpoint", path = %path.display(), step = meta.step,
-        bytes = HEADER_LEN + meta_bytes.len() + payload.len(), "checkpoint written");
     Ok(())
+}
+
+/// First bytes of a rank's state file.
+pub const RANK_STATE_MAGIC: &[u8; 8] = b"HCRANKST";
+const RANK_STATE_HEADER: usize = 8 + 4 + 4 + 8 * 4 + 32;
+
+/// Where rank `rank` keeps its own state (error-feedback residuals) beside `checkpoint`.
+pub fn rank_state_path(checkpoint: &Path, rank: usize) -> PathBuf {
+    let mut name = checkpoint.as_os_str().to_owned();
+    name.push(format!(".rank{rank}"));
+    PathBuf::from(name)
+}
+
+/// Writes one rank's state for the checkpoint of `step`, atomically.
+///
+/// Layout (little-endian): magic `HCRANKST`, u32 version 1, u32 reserved, u64 step,
+/// u64 world size, u64 rank, u64 payload length, sha256 of the payload, payload.
+pub fn save_rank_state(
+    path: &Path,
+    step: u64,
+    world: usize,
+    rank: usize,
+    payload: &[u8],
+) -> Result<()> {
+    let mut header = Vec::with_capacity(RANK_STATE_HEADER);
+    header.extend_from_slice(RANK_STATE_MAGIC);
+    header.extend_from_slice(&1u32.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    for v in [step, world as u64, rank as u64, payload.len() as u64] {
+        header.extend_from_slice(&v.to_le_bytes());
+    }
+    header.extend_from_slice(&Sha256::digest(payload));
+    write_atomic(path, &[&header, payload])
+}
+
+/// Reads one rank's state. A file that is not intact is an [`Error::Checkpoint`] naming
+/// the failed check; an intact one written for another step, world size or rank is
+/// `Ok(Err(why))`: usable by nobody here, but nothing is corrupt (e.g. a job stopped
+/// between writing the rank files and the checkpoint, or resumed on another size).
+pub fn load_rank_state(
+    path: &Path,
+    step: u64,
+    world: usize,
+    rank: usize,
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading rank state {}", path.display()), e))?;
+    let fail = |reason: String| Error::Checkpoint {
+        path: path.display().to_string(),
+        reason,
+    };
+    if bytes.len() < RANK_STATE_HEADER || &bytes[..8] != RANK_STATE_MAGIC {
+        return Err(fail(
+            "not a hetccl rank state file (bad magic or too short)".into(),
+        ));
+    }
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != 1 {
+        return Err(fail(format!("version {version}, this build reads 1")));
+    }
+    let (s, w, r, len) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
+    let payload = &bytes[RANK_STATE_HEADER..];
+    if payload.len() as u64 != len {
+        return Err(fail(format!(
+            "payload is {} bytes, header says {len} (truncated?)",
+            payload.len()
+        )));
+    }
+    if Sha256::digest(payload).as_slice() != &bytes[48..80] {
+        return Err(fail("checksum mismatch (corrupt file)".into()));
+    }
+    if (s, w, r) != (step, world as u64, rank as u64) {
+        return Ok(Err(format!(
+            "{} was written for step {s} by rank {r} of {w}, this is step {step}, rank {rank} \
+             of {world}",
+            path.display()
+        )));
+    }
+    Ok(Ok(payload.to_vec()))
 }
 
 /// Reads and checks a checkpoint: magic, version, length, checksum, metadata, sizes.

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compression::WireFormat;
+use crate::config::CompressMode;
+
 use super::model::ModelConfig;
 use super::optim::AdamWConfig;
 use crate::error::{Error, Result};
@@ -136,6 +139,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop (with a checkpoint) after this step, as if the job hit its time limit.
     pub stop_after: Option<u64>,
+    /// Gradient buckets cross these links as 16-bit values, with error feedback
+    /// (residuals kept per rank and saved beside checkpoints).
+    pub compress: CompressMode,
+    /// The 16-bit format for `compress`.
+    pub compress_format: WireFormat,
 }
 
 impl RunOptions {
@@ -233,6 +241,12 @@ pub struct Settings {
     /// Compute threads per rank (default: cores / local ranks).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Gradient compression with error feedback: off | inter (between nodes) | all.
+    #[arg(long)]
+    pub compress: Option<String>,
+    /// Wire format of --compress: fp16 | bf16.
+    #[arg(long)]
+    pub compress_format: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -266,7 +280,7 @@ impl Settings {
         merge_fields!(base, over; model, layers, hidden, heads, ffn, vocab_size, max_position,
             seq_len, batch_size, grad_accum, steps, lr, warmup_steps, weight_decay, grad_clip,
             seed, eval_every, val_samples, log_every, checkpoint_every, data, vocab, balance,
-            slowdown, slow_ranks, threads)
+            slowdown, slow_ranks, threads, compress, compress_format)
     }
 
     /// Fills the defaults and splits into the numeric config and the run options.
@@ -309,6 +323,29 @@ impl Settings {
                 accepted: "a factor ≥ 1".into(),
             });
         }
+        let compress = match self.compress.as_deref().unwrap_or("off") {
+            "off" => CompressMode::Off,
+            "inter" => CompressMode::Inter,
+            "all" => CompressMode::All,
+            other => {
+                return Err(Error::Config {
+                    var: "compress".into(),
+                    value: other.into(),
+                    accepted: "off, inter, all".into(),
+                })
+            }
+        };
+        let compress_format = match self.compress_format.as_deref().unwrap_or("fp16") {
+            "fp16" => WireFormat::F16,
+            "bf16" => WireFormat::Bf16,
+            other => {
+                return Err(Error::Config {
+                    var: "compress_format".into(),
+                    value: other.into(),
+                    accepted: "fp16, bf16".into(),
+                })
+            }
+        };
         let run = RunOptions {
             data: self
                 .data
@@ -331,6 +368,8 @@ impl Settings {
             threads: self.threads.unwrap_or(default_threads).max(1),
             progress: true,
             stop_after: None,
+            compress,
+            compress_format,
         };
         Ok((cfg, run))
     }
@@ -376,6 +415,37 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid value \"bert-huge\" for model: accepted values are bert-tiny, bert-mini, bert-small, bert-base"
+        );
+    }
+
+    #[test]
+    fn compression_settings_parse_and_bad_ones_are_named() {
+        let s = Settings::from_toml("compress = \"inter\"\ncompress_format = \"bf16\"").unwrap();
+        let (_, run) = s.resolve(1).unwrap();
+        assert_eq!(
+            (run.compress, run.compress_format),
+            (CompressMode::Inter, WireFormat::Bf16)
+        );
+        let (_, run) = Settings::default().resolve(1).unwrap();
+        assert_eq!(
+            (run.compress, run.compress_format),
+            (CompressMode::Off, WireFormat::F16)
+        );
+        let bad = Settings {
+            compress: Some("zip".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            bad.resolve(1).unwrap_err().to_string(),
+            "invalid value \"zip\" for compress: accepted values are off, inter, all"
+        );
+        let bad = Settings {
+            compress_format: Some("fp8".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            bad.resolve(1).unwrap_err().to_string(),
+            "invalid value \"fp8\" for compress_format: accepted values are fp16, bf16"
         );
     }
 

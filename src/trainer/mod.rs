@@ -53,6 +53,6 @@ pub mod train;
 
 pub use config::{Balance, RunOptions, Settings, TrainConfig};
 pub use model::{Batch, LossStats, Model, ModelConfig, ParamLayout};
-pub use sync::{BucketSink, GradSync, NoSync, SingleProcess, ThreadGroup};
+pub use sync::{BucketSink, CompressedSync, GradSync, NoSync, SingleProcess, ThreadGroup};
 pub use tokenizer::WordPiece;
 pub use train::{train, train_threads, with_threads, EvalRecord, StepRecord, TrainReport};

@@ -296,6 +296,33 @@ pub fn train_threads(
     })
 }
 
+/// Gives `sync` back the state this rank saved beside the checkpoint at `path`, when
+/// there is one for this step, world size and rank; otherwise its residuals start from
+/// zero, with a warning.
+fn restore_rank_state(
+    sync: &dyn GradSync,
+    path: &std::path::Path,
+    step: u64,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    let file = checkpoint::rank_state_path(path, rank);
+    if !file.exists() {
+        // Only a sync that keeps state misses its file.
+        if sync.save_state()?.is_some() {
+            tracing::warn!(target: TARGET, rank, "no {}: error-feedback residuals start from zero", file.display());
+        }
+        return Ok(());
+    }
+    match checkpoint::load_rank_state(&file, step, world, rank)? {
+        Ok(state) => sync.restore_state(&state),
+        Err(why) => {
+            tracing::warn!(target: TARGET, rank, "{why}: error-feedback residuals start from zero");
+            Ok(())
+        }
+    }
+}
+
 /// Trains a BERT masked-LM with `sync` as the link to the other ranks, on the current
 /// rayon pool (see [`with_threads`]; `run.threads` is only reported).
 ///
@@ -367,6 +394,9 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
             opt.m = ck.m;
             opt.v = ck.v;
             opt.t = ck.meta.adam_t;
+            if let Some(path) = &run.resume {
+                restore_rank_state(sync, path, ck.meta.step, rank, world)?;
+            }
             (ck.params, ck.meta.step)
         }
         None => (init_params::<f32>(&layout, cfg.seed), 0),
@@ -462,6 +492,18 @@ impl Run<'_> {
         let Some(path) = &self.run.checkpoint else {
             return Ok(());
         };
+        // Each rank's own state first (error-feedback residuals), then the checkpoint:
+        // a job stopped in between resumes from the old checkpoint and finds state
+        // files of a later step, which it sets aside (see `load_rank_state`).
+        if let Some(state) = self.sync.save_state()? {
+            checkpoint::save_rank_state(
+                &checkpoint::rank_state_path(path, self.rank),
+                next_step,
+                self.world,
+                self.rank,
+                &state,
+            )?;
+        }
         if self.rank != 0 {
             return Ok(());
         }
