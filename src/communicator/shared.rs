@@ -77,8 +77,10 @@ const CLOSED: u32 = 3;
 /// still in cache when peers copy it, large enough that publishing costs nothing.
 const CHUNK_BYTES: usize = 256 << 10;
 /// Flag polls before yielding, then yields (at least this many, for at least
-/// `YIELD_FOR`) before sleeping.
-const SPINS: u32 = 200;
+/// `YIELD_FOR`) before sleeping. Few: a peer on another core answers within a few
+/// polls, and on an oversubscribed host every extra poll is time the awaited rank
+/// cannot run (4 ranks on 2 cores: 200 polls took 2× as long per call as 20).
+const SPINS: u32 = 32;
 const YIELDS: u32 = 16;
 const YIELD_FOR: Duration = Duration::from_micros(200);
 /// Longest single sleep; between sleeps the waiter checks the peer and the timeout.
