@@ -342,94 +342,32 @@ struct Head<S> {
     decb: S,   // (V)
 }
 
-impl<'a, T> Embeddings<&'a [T]> {
-    fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
-        let [wte, wpe, wtt, lnw, lnb] = carve(s, &cfg.embedding_sizes());
-        Embeddings {
-            wte,
-            wpe,
-            wtt,
-            lnw,
-            lnb,
+/// The read-only (`new`) and mutable (`new_mut`) views of one parameter group: its
+/// tensors carved, in declaration order, from a slice laid out by `sizes`.
+macro_rules! views {
+    ($group:ident, $sizes:ident, [$($f:ident),*]) => {
+        impl<'a, T> $group<&'a [T]> {
+            fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
+                let [$($f),*] = carve(s, &cfg.$sizes());
+                $group { $($f),* }
+            }
         }
-    }
-}
-impl<'a, T> Embeddings<&'a mut [T]> {
-    fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
-        let [wte, wpe, wtt, lnw, lnb] = carve_mut(s, &cfg.embedding_sizes());
-        Embeddings {
-            wte,
-            wpe,
-            wtt,
-            lnw,
-            lnb,
+        impl<'a, T> $group<&'a mut [T]> {
+            fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
+                let [$($f),*] = carve_mut(s, &cfg.$sizes());
+                $group { $($f),* }
+            }
         }
-    }
+    };
 }
-impl<'a, T> Layer<&'a [T]> {
-    fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
-        let [qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b] =
-            carve(s, &cfg.layer_sizes());
-        Layer {
-            qkvw,
-            qkvb,
-            attw,
-            attb,
-            ln1w,
-            ln1b,
-            fcw,
-            fcb,
-            projw,
-            projb,
-            ln2w,
-            ln2b,
-        }
-    }
-}
-impl<'a, T> Layer<&'a mut [T]> {
-    fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
-        let [qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b] =
-            carve_mut(s, &cfg.layer_sizes());
-        Layer {
-            qkvw,
-            qkvb,
-            attw,
-            attb,
-            ln1w,
-            ln1b,
-            fcw,
-            fcb,
-            projw,
-            projb,
-            ln2w,
-            ln2b,
-        }
-    }
-}
-impl<'a, T> Head<&'a [T]> {
-    fn new(s: &'a [T], cfg: &ModelConfig) -> Self {
-        let [densew, denseb, lnw, lnb, decb] = carve(s, &cfg.head_sizes());
-        Head {
-            densew,
-            denseb,
-            lnw,
-            lnb,
-            decb,
-        }
-    }
-}
-impl<'a, T> Head<&'a mut [T]> {
-    fn new_mut(s: &'a mut [T], cfg: &ModelConfig) -> Self {
-        let [densew, denseb, lnw, lnb, decb] = carve_mut(s, &cfg.head_sizes());
-        Head {
-            densew,
-            denseb,
-            lnw,
-            lnb,
-            decb,
-        }
-    }
-}
+
+views!(Embeddings, embedding_sizes, [wte, wpe, wtt, lnw, lnb]);
+views!(
+    Layer,
+    layer_sizes,
+    [qkvw, qkvb, attw, attb, ln1w, ln1b, fcw, fcb, projw, projb, ln2w, ln2b]
+);
+views!(Head, head_sizes, [densew, denseb, lnw, lnb, decb]);
 
 /// One micro-batch of masked-LM inputs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
