@@ -114,22 +114,10 @@ pub fn shard_weights(t: &Topology) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{Device, LinkClass, LinkInfo, RankInfo};
+    use crate::topology::{LinkClass, LinkInfo};
 
     fn topo(sizes: &[usize]) -> Topology {
-        let mut ranks = Vec::new();
-        for (k, &g) in sizes.iter().enumerate() {
-            for _ in 0..g {
-                ranks.push(RankInfo {
-                    rank: ranks.len(),
-                    hostname: format!("h{k}"),
-                    node_id: format!("n{k}"),
-                    pid: 100 + ranks.len() as u32,
-                    device: Device::Cpu,
-                });
-            }
-        }
-        Topology::from_ranks(ranks)
+        crate::topology::cpu_nodes(sizes)
     }
 
     fn perf(us: u64, mb_s: u64) -> LinkPerf {

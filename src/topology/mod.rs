@@ -364,6 +364,24 @@ impl Topology {
     }
 }
 
+/// CPU ranks on hosts `h0, h1, …` holding `sizes[k]` ranks each, numbered node by node.
+#[cfg(test)]
+pub(crate) fn cpu_nodes(sizes: &[usize]) -> Topology {
+    let mut ranks = Vec::new();
+    for (k, &g) in sizes.iter().enumerate() {
+        for _ in 0..g {
+            ranks.push(RankInfo {
+                rank: ranks.len(),
+                hostname: format!("h{k}"),
+                node_id: format!("n{k}"),
+                pid: 100 + ranks.len() as u32,
+                device: Device::Cpu,
+            });
+        }
+    }
+    Topology::from_ranks(ranks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,22 +185,9 @@ pub fn apply(t: &mut Topology, order: &[(usize, usize)], merged: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{Device, RankInfo};
 
     fn topo(sizes: &[usize]) -> Topology {
-        let mut ranks = Vec::new();
-        for (k, &g) in sizes.iter().enumerate() {
-            for _ in 0..g {
-                ranks.push(RankInfo {
-                    rank: ranks.len(),
-                    hostname: format!("h{k}"),
-                    node_id: format!("n{k}"),
-                    pid: 100 + ranks.len() as u32,
-                    device: Device::Cpu,
-                });
-            }
-        }
-        Topology::from_ranks(ranks)
+        crate::topology::cpu_nodes(sizes)
     }
 
     #[test]
