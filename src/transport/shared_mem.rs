@@ -380,7 +380,8 @@ fn size_and_map(fd: &OwnedFd, len: usize, huge: bool, what: &str) -> Result<Mapp
     Ok(map)
 }
 
-fn shm_cname(name: &str) -> Result<CString> {
+/// `name` as the argument of `shm_open`: `/name`, after checking it is a plain name.
+pub(crate) fn shm_cname(name: &str) -> Result<CString> {
     if name.is_empty()
         || name.len() > 200
         || !name

@@ -40,6 +40,7 @@
 use std::ffi::CString;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+use super::shared_mem::shm_cname;
 use super::{Link, LinkKind, MsgHeader, RecvSink};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -692,20 +693,6 @@ impl Drop for ShmLink {
         // outlives `self`.
         unsafe { libc::munmap(self.base.cast(), self.map_len) };
     }
-}
-
-fn shm_cname(name: &str) -> Result<CString> {
-    if name.is_empty()
-        || name.len() > 200
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(Error::Shm(format!(
-            "bad segment name {name:?}: use 1 to 200 characters from [A-Za-z0-9._-]"
-        )));
-    }
-    CString::new(format!("/{name}")).map_err(|_| Error::Shm(format!("bad segment name {name:?}")))
 }
 
 fn too_small(path: &str, rank: usize, peer: usize, bytes: usize, free: Option<u64>) -> Error {
