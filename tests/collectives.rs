@@ -4,34 +4,11 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// `hetccl run -n n -- hetccl-check ARGS` with `env`; asserts success.
 fn launch(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
-    let mut c = Command::new(launcher());
-    c.args(["run", "-n", &n.to_string(), "--", check_bin()])
-        .args(args)
-        .env("HETCCL_TIMEOUT", "60")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(300));
-    assert_all_ok(&outs, what);
-    let out = outs.into_iter().next().unwrap().output;
-    let marker = if args.contains(&"--determinism") {
-        "determinism hash"
-    } else {
-        "checks passed"
-    };
-    let passed = out.matches(marker).count();
-    assert_eq!(
-        passed, n,
-        "{what}: expected {n} ranks to report success:\n{out}"
-    );
-    out
+    launch_check(n, args, env, Duration::from_secs(300), what)
 }
 
 #[test]

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Entries of /dev/shm whose name mentions `job`.
@@ -37,28 +36,10 @@ fn launch_shared(n: usize, args: &[&str], what: &str) -> String {
 }
 
 fn launch_shared_env(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
-    let mut c = Command::new(launcher());
-    c.args(["run", "-n", &n.to_string(), "--", check_bin(), "--shared"])
-        .args(args)
-        .env("HETCCL_TIMEOUT", "60")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let outs = collect(vec![c.spawn().unwrap()], Duration::from_secs(400));
-    assert_all_ok(&outs, what);
-    let out = outs.into_iter().next().unwrap().output;
-    let marker = if args.contains(&"--determinism") {
-        "determinism hash"
-    } else {
-        "checks passed"
-    };
-    assert_eq!(
-        out.matches(marker).count(),
-        n,
-        "{what}: expected {n} ranks to report success:\n{out}"
-    );
+    let args: Vec<&str> = std::iter::once("--shared")
+        .chain(args.iter().copied())
+        .collect();
+    let out = launch_check(n, &args, env, Duration::from_secs(400), what);
     let job = job_of(&out);
     assert!(job.starts_with("run-"), "{job}");
     assert_eq!(dev_shm_entries(&job), Vec::<String>::new(), "{what}");

@@ -159,3 +159,38 @@ pub fn assert_all_ok(outs: &[Outcome], what: &str) {
         );
     }
 }
+
+/// `hetccl run -n n -- hetccl-check ARGS` with `env` and `HETCCL_TIMEOUT=60`, killed after
+/// `deadline`; asserts that every rank exited cleanly and reported success ("checks
+/// passed", or a "determinism hash" with `--determinism`). Returns the output.
+pub fn launch_check(
+    n: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    deadline: Duration,
+    what: &str,
+) -> String {
+    let mut c = Command::new(launcher());
+    c.args(["run", "-n", &n.to_string(), "--", check_bin()])
+        .args(args)
+        .env("HETCCL_TIMEOUT", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let outs = collect(vec![c.spawn().unwrap()], deadline);
+    assert_all_ok(&outs, what);
+    let out = outs.into_iter().next().unwrap().output;
+    let marker = if args.contains(&"--determinism") {
+        "determinism hash"
+    } else {
+        "checks passed"
+    };
+    assert_eq!(
+        out.matches(marker).count(),
+        n,
+        "{what}: expected {n} ranks to report success:\n{out}"
+    );
+    out
+}
