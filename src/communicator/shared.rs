@@ -96,8 +96,8 @@ pub(super) const EAGER_BYTES: usize = 64 << 10;
 
 /// Largest all-reduce that takes the eager slots with `n` local ranks. Each rank reads
 /// every peer's slot, `(n-1)·bytes`: with two ranks the ring overtakes it past 16 KiB
-/// (32 KiB: 7.5 µs eager, 5.3–6.1 ring), with four it is still ahead at 64 KiB
-/// (26–32 µs, against 36–65 through the links).
+/// (32 KiB: 7.5 µs eager, 5.9–6.1 ring), with four it is still ahead at 64 KiB
+/// (27–32 µs, against 39–65 through the links).
 pub(super) fn eager_limit(n: usize) -> usize {
     if n <= 2 {
         16 << 10
@@ -864,7 +864,11 @@ pub(super) fn plan(
         && call.count * call.dtype.size() <= eager_limit(n)
         && comm.cfg.algo == AlgoChoice::Auto
     {
-        if !state.eager_logged.swap(true, Ordering::Relaxed) && comm.rank == 0 {
+        // A load first: the swap (a write) happens once, not on every small call.
+        if !state.eager_logged.load(Ordering::Relaxed)
+            && !state.eager_logged.swap(true, Ordering::Relaxed)
+            && comm.rank == 0
+        {
             tracing::info!(
                 rank = comm.rank,
                 "all_reduce of at most {} bytes: eager algorithm through the control pages \
