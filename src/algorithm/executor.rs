@@ -10,6 +10,7 @@
 //! steps; it asks silent links whether their peer is still alive and gives up after
 //! the configured timeout with an error naming the peer it was waiting for.
 
+use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use super::schedule::{BufId, Combine, OpKind, Region, Schedule};
@@ -17,7 +18,7 @@ use crate::compression::{self, OverflowStats, WireFormat};
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce;
-use crate::transport::{Link, MsgHeader, RecvSink, MSG_MAGIC};
+use crate::transport::{DirectDst, Link, MsgHeader, RecvSink, MSG_MAGIC};
 
 /// What every message of this collective says about it, and who runs it.
 #[derive(Clone, Copy, Debug)]
@@ -345,6 +346,20 @@ impl RecvSink for Sink<'_> {
             (Combine::From(_), None) => dst.copy_from_slice(bytes),
         }
         Ok(())
+    }
+
+    fn direct_dst(&mut self) -> Option<DirectDst> {
+        if self.wire.is_some()
+            || !matches!(
+                (self.combine, self.from),
+                (Combine::Copy, _) | (Combine::From(_), None)
+            )
+        {
+            return None;
+        }
+        // SAFETY: `dst` is the receive's checked destination region of `len` bytes, which
+        // the schedule's dependencies keep to this receive until it completes.
+        NonNull::new(self.dst).map(|p| unsafe { DirectDst::new(p, self.len) })
     }
 }
 

@@ -78,6 +78,56 @@ pub trait RecvSink {
     /// Every transport in this module also hands out `bytes` at a 64-byte aligned
     /// address, so the piece can be viewed as a slice of any element type.
     fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()>;
+    /// For a receive that only copies the payload into place: where the payload
+    /// belongs, so a link that reads from a kernel socket can read straight into it and
+    /// skip its staging buffer (one copy less per byte). Asked once per message, after
+    /// [`RecvSink::header`] accepted it; a link that uses it does not call `data`.
+    fn direct_dst(&mut self) -> Option<DirectDst> {
+        None
+    }
+}
+
+/// A destination that a link may write a message's payload into itself
+/// ([`RecvSink::direct_dst`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DirectDst {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a plain address; what makes writes through it sound is the contract of
+// `DirectDst::new`, which does not depend on the thread doing the writing.
+unsafe impl Send for DirectDst {}
+
+impl DirectDst {
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes, and nothing else may read or write
+    /// them, until the receive it is handed out for completes or fails.
+    pub unsafe fn new(ptr: std::ptr::NonNull<u8>, len: usize) -> Self {
+        DirectDst { ptr, len }
+    }
+
+    /// Payload bytes the destination holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the destination is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The destination's bytes at `range`.
+    ///
+    /// # Safety
+    /// The slice must not outlive the receive it was handed out for, and no other slice
+    /// of the same bytes may be live at the same time.
+    pub(crate) unsafe fn slice_mut<'a>(self, range: std::ops::Range<usize>) -> &'a mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: in bounds (asserted); validity and exclusivity are the caller's and
+        // `new`'s contracts.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(range.start), range.len()) }
+    }
 }
 
 /// A bidirectional, ordered, reliable message link to one peer.
@@ -485,23 +535,41 @@ pub(crate) mod testing {
             .collect()
     }
 
-    /// Collects one message and checks the piece rules of [`RecvSink`].
+    /// Collects one message and checks the piece rules of [`RecvSink`]. With `direct`
+    /// set it also offers its buffer through [`RecvSink::direct_dst`].
     #[derive(Default)]
     pub(crate) struct VecSink {
         pub(crate) header: Option<MsgHeader>,
         pub(crate) data: Vec<u8>,
         pub(crate) pieces: usize,
+        pub(crate) direct: bool,
     }
 
     impl RecvSink for VecSink {
         fn header(&mut self, h: &MsgHeader) -> Result<()> {
             self.header = Some(*h);
             self.data.clear();
+            if self.direct {
+                self.data.resize(h.bytes as usize, 0);
+            }
             self.pieces = 0;
             Ok(())
         }
 
+        fn direct_dst(&mut self) -> Option<DirectDst> {
+            let p = std::ptr::NonNull::new(self.data.as_mut_ptr())?;
+            // SAFETY: the vector is neither read nor resized until the receive is over.
+            self.direct
+                .then(|| unsafe { DirectDst::new(p, self.data.len()) })
+        }
+
         fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+            if self.direct {
+                // A link that does not write directly still delivers in order.
+                self.data[offset..offset + bytes.len()].copy_from_slice(bytes);
+                self.pieces += 1;
+                return Ok(());
+            }
             assert_eq!(
                 offset,
                 self.data.len(),
@@ -539,22 +607,36 @@ pub(crate) mod testing {
     /// `a` and `b` each send one message of every size in `sizes` while receiving the
     /// other's, each driven by one thread that alternates send and receive polls.
     pub(crate) fn duplex(a: &mut dyn Link, b: &mut dyn Link, sizes: &[usize]) {
-        std::thread::scope(|s| {
-            let ta = s.spawn(|| drive(a, sizes, 1, 2));
-            let tb = s.spawn(|| drive(b, sizes, 2, 1));
-            ta.join().unwrap();
-            tb.join().unwrap();
-        });
+        duplex_with(a, b, sizes, false);
     }
 
-    fn drive(l: &mut dyn Link, sizes: &[usize], me: u64, other: u64) {
+    /// [`duplex`] with sinks that offer direct destinations when `direct` is set;
+    /// returns how many pieces each side's sinks received through `data`.
+    pub(crate) fn duplex_with(
+        a: &mut dyn Link,
+        b: &mut dyn Link,
+        sizes: &[usize],
+        direct: bool,
+    ) -> (usize, usize) {
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| drive(a, sizes, 1, 2, direct));
+            let tb = s.spawn(|| drive(b, sizes, 2, 1, direct));
+            (ta.join().unwrap(), tb.join().unwrap())
+        })
+    }
+
+    fn drive(l: &mut dyn Link, sizes: &[usize], me: u64, other: u64, direct: bool) -> usize {
         let out: Vec<(MsgHeader, Vec<u8>)> = sizes
             .iter()
             .enumerate()
             .map(|(i, &n)| (header(i as u64, n), pattern(n, me * 1000 + i as u64)))
             .collect();
-        let (mut sent, mut got) = (0, 0);
-        let mut sink = VecSink::default();
+        let (mut sent, mut got, mut pieces) = (0, 0, 0);
+        let fresh = || VecSink {
+            direct,
+            ..VecSink::default()
+        };
+        let mut sink = fresh();
         let deadline = Instant::now() + Duration::from_secs(60);
         while sent < out.len() || got < sizes.len() {
             let mut progress = false;
@@ -574,7 +656,8 @@ pub(crate) mod testing {
                     sink.data == pattern(n, other * 1000 + got as u64),
                     "bytes of message {got}"
                 );
-                sink = VecSink::default();
+                pieces += sink.pieces;
+                sink = fresh();
                 got += 1;
                 progress = true;
             }
@@ -586,6 +669,7 @@ pub(crate) mod testing {
                 std::thread::yield_now();
             }
         }
+        pieces
     }
 
     /// A [`Bootstrap`] among threads of this process.

@@ -34,7 +34,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{AlignedBuf, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES, MSG_MAGIC};
+use super::{AlignedBuf, DirectDst, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES, MSG_MAGIC};
 use crate::bootstrap::auth::{JobAuth, Peer};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -77,6 +77,8 @@ struct RxState {
     nstripes: usize,
     /// Next stripe to hand to the sink.
     next: usize,
+    /// Where the sink wants the payload written directly (no staging, no `data` calls).
+    direct: Option<DirectDst>,
     socks: Vec<RxSock>,
 }
 
@@ -164,6 +166,7 @@ impl TcpLink {
                 len: 0,
                 nstripes: 0,
                 next: 0,
+                direct: None,
                 socks: (0..k)
                     .map(|_| RxSock {
                         buf: AlignedBuf::zeroed(stripe),
@@ -384,6 +387,7 @@ impl Link for TcpLink {
             if self.rx.len == 0 {
                 return Ok(true);
             }
+            self.rx.direct = sink.direct_dst().filter(|d| d.len() == self.rx.len);
             self.rx.active = true;
         }
         loop {
@@ -395,7 +399,13 @@ impl Link for TcpLink {
                 if rs.fill == want {
                     continue;
                 }
-                match (&self.socks[k]).read(&mut rs.buf.as_mut_slice()[rs.fill..want]) {
+                let into = match self.rx.direct {
+                    // SAFETY: the sink handed this destination out for the message in
+                    // progress; stripes are disjoint and this is the only live slice.
+                    Some(d) => unsafe { d.slice_mut(g * s + rs.fill..g * s + want) },
+                    None => &mut rs.buf.as_mut_slice()[rs.fill..want],
+                };
+                match (&self.socks[k]).read(into) {
                     Ok(0) => return Err(self.closed(k)),
                     Ok(n) => {
                         rs.fill += n;
@@ -414,7 +424,9 @@ impl Link for TcpLink {
                 if rs.stripe != Some(g) || rs.fill != stripe_len(self.rx.len, s, g) {
                     break;
                 }
-                sink.data(g * s, &rs.buf.as_slice()[..rs.fill])?;
+                if self.rx.direct.is_none() {
+                    sink.data(g * s, &rs.buf.as_slice()[..rs.fill])?;
+                }
                 rs.fill = 0;
                 rs.stripe = (g + nsocks < self.rx.nstripes).then_some(g + nsocks);
                 self.rx.next += 1;
@@ -422,6 +434,7 @@ impl Link for TcpLink {
             }
             if self.rx.next == self.rx.nstripes {
                 self.rx.active = false;
+                self.rx.direct = None;
                 return Ok(true);
             }
             if !progress {
@@ -870,6 +883,20 @@ mod tests {
         duplex(&mut a, &mut b, &STANDARD_SIZES);
         let (mut a, mut b) = pair(4, 128 << 10);
         duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn direct_receives_read_straight_into_the_destination() {
+        // Every payload byte lands through the sink's direct destination: no piece
+        // passes through `data`, at one socket and at four, down to odd tails.
+        for (nsocks, stripe) in [(1, 64 << 10), (4, 4096)] {
+            let (mut a, mut b) = pair(nsocks, stripe);
+            let sizes = [STANDARD_SIZES.as_slice(), &[5_000_003, 64, 0, 1]].concat();
+            assert_eq!(duplex_with(&mut a, &mut b, &sizes, true), (0, 0));
+            // The same links still stage when the sink offers no destination.
+            let (pa, pb) = duplex_with(&mut a, &mut b, &[100_000], false);
+            assert!(pa > 0 && pb > 0, "staged pieces {pa}, {pb}");
+        }
     }
 
     #[test]
