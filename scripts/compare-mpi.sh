@@ -2,13 +2,16 @@
 # Side-by-side all-reduce bandwidth: OpenMPI's MPI_Allreduce against hetccl-perf, with
 # single-thread memcpy and loopback TCP (iperf3 -P 4) as ceilings.
 #
-#   scripts/compare-mpi.sh [--quick | --latency] [--bind] [--repeats N] [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
+#   scripts/compare-mpi.sh [--quick | --latency] [--bind] [--repeats N] [--stat mean|median]
+#                          [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
 #
 # Needs mpicc/mpirun (openmpi-bin, libopenmpi-dev), iperf3 and a Rust toolchain; it
 # installs nothing. For every configuration it runs OpenMPI and hetccl alternately
 # --repeats times (default 5), each run covering every size, and reports per size the
-# median over repeats of each run's busbw (MPI: median over iterations of the slowest
-# rank's time; hetccl: mean over iterations of the slowest rank's time, out-of-place).
+# median over repeats of each run's busbw. Within a run both sides use the slowest
+# rank's mean time per iteration (nccl-tests' definition); --stat median takes OpenMPI's
+# median over iterations instead (the per-iteration maximum over ranks), which favours
+# it where its times are bimodal. hetccl is out-of-place unless a column says in-place.
 # --latency measures 4 B to 64 KiB with 2000 iterations and reports microseconds per
 # call instead of busbw (the ratio column is then MPI time / hetccl time, so above 1
 # still means hetccl is faster).
@@ -30,6 +33,7 @@ quick=0
 latency=0
 bind=0
 repeats=5
+stat=mean
 configs="shm2 tcp2 shm4 tcp4"
 out=""
 while [ $# -gt 0 ]; do
@@ -38,9 +42,11 @@ while [ $# -gt 0 ]; do
         --latency) latency=1 ;;
         --bind) bind=1 ;;
         --repeats) repeats=$2; shift ;;
+        --stat) stat=$2; shift
+                case "$stat" in mean|median) ;; *) echo "compare-mpi.sh: --stat takes mean or median, not $stat" >&2; exit 2 ;; esac ;;
         --configs) configs=$2; shift ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "compare-mpi.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -88,10 +94,12 @@ run_mpi() {
         "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" $band \
             >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
     done
-    awk -v lat="$latency" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    local key=time_us
+    if [ "$stat" = mean ]; then key=mean_us; fi
+    awk -v lat="$latency" -v key="$key" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                             if (v["wrong"] != 0) { print "MPI wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
-                            if (lat == 1) print v["size"], v["time_us"]
-                            else print v["size"], v["size"] / (v["time_us"] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
+                            if (lat == 1) print v["size"], v[key]
+                            else print v["size"], v["size"] / (v[key] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
     sed -n 's/^max_rss_kib=//p' "$work/mpi.out" | sort -g | tail -1 >"$work/mpi.rss"
 }
 
@@ -149,7 +157,7 @@ for cfg in $configs; do
 done
 
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; MPI time: $stat over iterations; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
     echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $([ $bind = 1 ] && echo yes || echo no); load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     if [ "$latency" = 1 ]; then

@@ -4,12 +4,13 @@
  *   mpirun -n 2 mpi_allreduce_bench -b 4 -e 256M -f 4 -n 20 -w 5
  *       MPI_Allreduce, float sum, separate send and receive buffers (like
  *       hetccl-perf's out-of-place column). Every iteration is timed on its own;
- *       per iteration the slowest rank counts; the median over iterations is reported.
+ *       time_us is the median over iterations of the slowest rank's time, mean_us the
+ *       slowest rank's mean (hetccl-perf's definition, as in nccl-tests).
  *   mpi_allreduce_bench --memcpy -b 4 -e 256M -f 4 -n 20
  *       single-thread memcpy of each size, no MPI: the memory-bandwidth ceiling.
  *
  * One line per size on stdout, key=value, for awk:
- *   mpi_allreduce ranks=2 size=1048576 count=262144 time_us=812.10 algbw=1.2912 busbw=1.2912 wrong=0
+ *   mpi_allreduce ranks=2 size=1048576 count=262144 time_us=812.10 mean_us=840.31 algbw=1.2912 busbw=1.2912 wrong=0
  *   memcpy size=1048576 time_us=90.12 gbps=11.6354
  * and at the end (MPI only) "max_rss_kib=N", the largest peak RSS over ranks.
  */
@@ -109,6 +110,10 @@ int main(int argc, char **argv) {
                 t[i] = MPI_Wtime() - t0;
             }
             MPI_Allreduce(t, tmax, iters, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+            double sum = 0.0, mean = 0.0;
+            for (int i = 0; i < iters; i++) sum += t[i];
+            sum /= iters;
+            MPI_Allreduce(&sum, &mean, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
             long wrong = 0, total = 0;
             for (size_t i = 0; i < count; i++) {
                 float want = 0.0f;
@@ -121,8 +126,9 @@ int main(int argc, char **argv) {
             double algbw = bytes / med / 1e9;
             double busbw = algbw * 2.0 * (n - 1) / n;
             if (rank == 0)
-                printf("mpi_allreduce ranks=%d size=%zu count=%zu time_us=%.2f algbw=%.4f busbw=%.4f wrong=%ld\n",
-                       n, count * sizeof(float), count, med * 1e6, algbw, busbw, total);
+                printf("mpi_allreduce ranks=%d size=%zu count=%zu time_us=%.2f mean_us=%.2f algbw=%.4f "
+                       "busbw=%.4f wrong=%ld\n",
+                       n, count * sizeof(float), count, med * 1e6, mean * 1e6, algbw, busbw, total);
             fflush(stdout);
         }
         if (f < 2) break;

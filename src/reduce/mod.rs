@@ -7,17 +7,62 @@
 use crate::dtype::{DataType, Element, ReduceOp};
 
 #[inline(always)]
-fn zip_apply<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
+fn zip_portable<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f(*d, *s);
     }
 }
 
 #[inline(always)]
-fn zip3_apply<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+fn zip3_portable<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
     for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
         *d = f(*x, *y);
     }
+}
+
+/// The same loops compiled for AVX2, picked at run time: the crate is built for baseline
+/// x86-64 (SSE2, 16-byte vectors), and reductions of cache-resident pieces run about
+/// twice as fast with 32-byte vectors. Element-wise operations give the same bits at any
+/// vector width.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn zip<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
+        super::zip_portable(dst, src, f)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn zip3<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+        super::zip3_portable(dst, a, b, f)
+    }
+}
+
+#[inline(always)]
+fn zip_apply<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
+    #[cfg(target_arch = "x86_64")]
+    if wide::available() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide::zip(dst, src, f) };
+    }
+    zip_portable(dst, src, f)
+}
+
+#[inline(always)]
+fn zip3_apply<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+    #[cfg(target_arch = "x86_64")]
+    if wide::available() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide::zip3(dst, a, b, f) };
+    }
+    zip3_portable(dst, a, b, f)
 }
 
 /// `dst[i] = dst[i] (op) src[i]`. `Avg` accumulates as a sum; see [`reduce_finalize`].
@@ -343,6 +388,45 @@ pub fn reduce_finalize_bytes(dtype: DataType, op: ReduceOp, dst: &mut [u8], worl
 mod tests {
     use super::*;
     use half::f16;
+
+    /// The vector-width dispatch must not change a bit: every op, ragged lengths,
+    /// NaN, infinities, signed zeros and integer wrap-around included.
+    #[test]
+    fn dispatched_kernels_equal_the_portable_loops() {
+        fn check<T: Element + PartialEq + std::fmt::Debug>(vals: &[T]) {
+            let n = 1037;
+            let a: Vec<T> = (0..n).map(|i| vals[i % vals.len()]).collect();
+            let b: Vec<T> = (0..n).map(|i| vals[(i * 7 + 3) % vals.len()]).collect();
+            for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Max, ReduceOp::Min] {
+                for len in [0, 1, 7, 8, 31, 33, 64, 1000, n] {
+                    let f = |x: T, y: T| fold(op, [x, y], 2).unwrap();
+                    let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
+                    let (mut want, mut got) = (vec![T::zeroed(); len], vec![T::zeroed(); len]);
+                    zip3_portable(&mut want, &a[..len], &b[..len], f);
+                    reduce_from(op, &mut got, &a[..len], &b[..len]);
+                    assert_eq!(bits(&got), bits(&want), "{op} from, {len} elements");
+                    let mut got = a[..len].to_vec();
+                    reduce_inplace(op, &mut got, &b[..len]);
+                    assert_eq!(bits(&got), bits(&want), "{op} in place, {len} elements");
+                }
+            }
+        }
+        check(&[
+            1.5f32,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            -3.25,
+            1e30,
+            -7.0,
+            2.0,
+        ]);
+        check(&[1.5f64, -0.0, f64::NAN, f64::NEG_INFINITY, -3.25, 1e300, 9.0]);
+        check(&[i32::MAX, i32::MIN, -1, 0, 7, 123_456]);
+        check(&[u8::MAX, 0, 1, 17, 200]);
+        check(&[i64::MAX, -5, 3, i64::MIN]);
+    }
 
     #[test]
     fn every_op_on_f32() {
