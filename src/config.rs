@@ -156,8 +156,25 @@ pub struct Config {
     /// writes what it only copies into place (the other ranks' results, on shared
     /// buffers or received over links) with streaming (cache-bypassing) stores.
     pub stream_min_bytes: usize,
+    /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
+    pub tcp_congestion: TcpCongestion,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,
+}
+
+/// Which TCP congestion control hetccl's sockets use (`HETCCL_TCP_CONGESTION`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcpCongestion {
+    /// `cubic` where the kernel allows it, else the system default (the default). BBR,
+    /// the default on many hosts, paces segments by a bandwidth estimate that the
+    /// start-up probe's short round trips keep low: on loopback, 2 ranks, 256 KiB
+    /// all-reduce took 100–115 µs under BBR and 53 µs under cubic, 16 MiB 6.8–7.9 ms
+    /// against 5.3–5.5 ms.
+    Auto,
+    /// `system`: leave the sockets as the kernel made them.
+    System,
+    /// Any other value: that algorithm, or link setup fails naming it.
+    Named(String),
 }
 
 impl Default for Config {
@@ -182,6 +199,7 @@ impl Default for Config {
             compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
+            tcp_congestion: TcpCongestion::Auto,
             launch: LaunchEnv::default(),
         }
     }
@@ -354,6 +372,24 @@ impl Config {
             stream_min_bytes: v
                 .parse_usize("HETCCL_STREAM_MIN_BYTES", 0, usize::MAX)?
                 .unwrap_or(d.stream_min_bytes),
+            tcp_congestion: match v.get("HETCCL_TCP_CONGESTION") {
+                None | Some("auto") => TcpCongestion::Auto,
+                Some("system") => TcpCongestion::System,
+                // The kernel's names: at most 15 bytes of letters, digits, '_' and '-'.
+                Some(n)
+                    if n.len() < 16
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                {
+                    TcpCongestion::Named(n.to_string())
+                }
+                Some(_) => {
+                    return Err(v.bad(
+                        "HETCCL_TCP_CONGESTION",
+                        "auto, system, or an algorithm name such as cubic, reno, bbr",
+                    ))
+                }
+            },
             launch: launch_env(&v)?,
         })
     }
@@ -458,6 +494,15 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.chunk_bytes, 256 << 10);
         assert_eq!(c.stream_min_bytes, 1 << 30);
+        assert_eq!(c.tcp_congestion, TcpCongestion::Auto);
+        let named = |v: &str| cfg(&[("HETCCL_TCP_CONGESTION", v)]).map(|c| c.tcp_congestion);
+        assert_eq!(named("system").unwrap(), TcpCongestion::System);
+        assert_eq!(named("reno").unwrap(), TcpCongestion::Named("reno".into()));
+        let e = named("cubic; rm").unwrap_err().to_string();
+        assert!(
+            e.contains("HETCCL_TCP_CONGESTION") && e.contains("cubic, reno"),
+            "{e}"
+        );
         assert_eq!(cfg(&[]).unwrap().stream_min_bytes, 32 << 20);
         assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
         assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));

@@ -353,6 +353,12 @@ pub fn connect_all(
         }
     });
     drop(listener);
+    let tcp_links = tcp_links.and_then(|links| {
+        for l in &links {
+            l.set_congestion(&cfg.tcp_congestion)?;
+        }
+        Ok(links)
+    });
 
     // 4. Everyone has every link, or everyone fails.
     let status = SetupBlob {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use super::{AlignedBuf, DirectDst, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES, MSG_MAGIC};
 use crate::bootstrap::auth::{JobAuth, Peer};
-use crate::config::Config;
+use crate::config::{Config, TcpCongestion};
 use crate::error::{Error, Result};
 
 /// Iovecs per `sendmsg` call.
@@ -177,6 +177,55 @@ impl TcpLink {
             },
             socks,
         })
+    }
+
+    /// Sets the congestion control of every socket of the link ([`TcpCongestion`]).
+    pub fn set_congestion(&self, want: &TcpCongestion) -> Result<()> {
+        let (name, required) = match want {
+            TcpCongestion::System => return Ok(()),
+            TcpCongestion::Auto => ("cubic", false),
+            TcpCongestion::Named(n) => (n.as_str(), true),
+        };
+        for s in &self.socks {
+            // SAFETY: setsockopt with a byte string and its length on a socket we own.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CONGESTION,
+                    name.as_ptr().cast(),
+                    name.len() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if !required {
+                tracing::debug!(
+                    rank = self.rank,
+                    peer = self.peer,
+                    "keeping the system's TCP congestion control ({name}: {e})"
+                );
+                return Ok(());
+            }
+            let known = |f: &str| {
+                std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "unknown".into())
+            };
+            return Err(Error::Config {
+                var: "HETCCL_TCP_CONGESTION".into(),
+                value: name.into(),
+                accepted: format!(
+                    "an algorithm the kernel offers to this process (the socket refused it: {e}; \
+                     available: {}; allowed without privileges: {})",
+                    known("tcp_available_congestion_control"),
+                    known("tcp_allowed_congestion_control")
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// `ip:port` of the peer's end of socket 0.
@@ -897,6 +946,62 @@ mod tests {
             let (pa, pb) = duplex_with(&mut a, &mut b, &[100_000], false);
             assert!(pa > 0 && pb > 0, "staged pieces {pa}, {pb}");
         }
+    }
+
+    fn congestion_of(l: &TcpLink) -> String {
+        let mut buf = [0u8; 16];
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: getsockopt into a buffer of `len` bytes on a socket the link owns.
+        let r = unsafe {
+            libc::getsockopt(
+                l.socks[0].as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        let n = buf[..len as usize]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(len as usize);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn congestion_control_is_set_or_refused_by_name() {
+        let (a, _b) = pair(1, 4096);
+        // Reno is built into every kernel and allowed to everyone.
+        a.set_congestion(&TcpCongestion::Named("reno".into()))
+            .unwrap();
+        assert_eq!(congestion_of(&a), "reno");
+        a.set_congestion(&TcpCongestion::System).unwrap();
+        assert_eq!(congestion_of(&a), "reno", "system leaves the socket alone");
+        let e = a
+            .set_congestion(&TcpCongestion::Named("no-such-cc".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_TCP_CONGESTION")
+                && e.contains("\"no-such-cc\"")
+                && e.contains("available"),
+            "{e}"
+        );
+        // Auto never fails: cubic where the process may pick it, else what the socket had.
+        a.set_congestion(&TcpCongestion::Auto).unwrap();
+        let listed = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                .is_ok_and(|s| s.split_whitespace().any(|n| n == "cubic"))
+        };
+        // SAFETY: geteuid has no preconditions.
+        let may = listed("tcp_allowed_congestion_control") || unsafe { libc::geteuid() } == 0;
+        let want = if listed("tcp_available_congestion_control") && may {
+            "cubic"
+        } else {
+            "reno"
+        };
+        assert_eq!(congestion_of(&a), want);
     }
 
     #[test]
