@@ -97,6 +97,7 @@ impl Communicator {
         let mut topo = self.topo.clone();
         probe::apply(&mut topo, &order, &merged);
         self.set_topology(topo);
+        self.end_probe();
         self.restart_numbering();
         if self.rank == 0 {
             tracing::info!(
@@ -107,6 +108,14 @@ impl Communicator {
             );
         }
         Ok(())
+    }
+
+    /// Lets every link forget what the probe's traffic taught it.
+    fn end_probe(&self) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        for l in p.links.iter_mut().flatten() {
+            l.end_probe();
+        }
     }
 
     /// Replaces the topology and what is derived from it. Plans made so far are

@@ -157,6 +157,9 @@ pub trait Link: Send {
     /// File descriptors to sleep on in `poll(2)` while waiting for this link
     /// (`(fd, want_write)`); empty for links that can only be polled by spinning.
     fn wait_fds(&self, _out: &mut Vec<(i32, bool)>) {}
+    /// Called once the start-up probe is over, so the probe's traffic leaves nothing
+    /// behind that shapes later transfers (TCP: the congestion control's estimates).
+    fn end_probe(&mut self) {}
 }
 
 /// Heap memory whose first byte sits on a 64-byte boundary (one cache line), for the
