@@ -43,7 +43,25 @@ pub struct ExecCtx {
     /// for messages well beyond the caches, whose destination is not read again soon
     /// (saves reading each destination line before writing it).
     pub stream_copies: bool,
+    /// Polls without giving up the core before the wait starts yielding. Zero when this
+    /// host runs more ranks than it has cores: a spinning rank then burns the time
+    /// slice of the peer it waits for (4 ranks on 2 cores over TCP, 4-byte all-reduce:
+    /// 26.6–29.3 µs with 64 spins, 13.3–14.6 µs yielding at once).
+    pub spin_polls: u32,
 }
+
+/// [`ExecCtx::spin_polls`] for a rank sharing its host with `local_ranks - 1` others.
+pub fn spin_polls_for(local_ranks: usize) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if local_ranks > cores {
+        0
+    } else {
+        SPIN_POLLS
+    }
+}
+
+/// Spins before yielding when every rank has a core of its own.
+const SPIN_POLLS: u32 = 64;
 
 /// Links whose f32 payloads travel as 16-bit wire values (compression). Only for f32
 /// sums and averages: received values are decompressed and added in f32.
@@ -641,7 +659,7 @@ pub fn execute(
         }
         idle = idle.saturating_add(1);
         if idle < 512 {
-            backoff(idle);
+            backoff(idle, ctx.spin_polls);
         } else {
             sleep_on_links(idle, &active, links, &mut fds);
         }
@@ -748,7 +766,7 @@ fn sleep_on_links(
         }
     }
     if fds.is_empty() {
-        backoff(idle);
+        backoff(idle, SPIN_POLLS);
         return;
     }
     let mut pfds: Vec<libc::pollfd> = fds
@@ -777,8 +795,8 @@ fn sleep_on_links(
 
 /// Spin a little (a peer on another core answers within microseconds), then yield
 /// (ranks may outnumber cores), then sleep in growing steps up to 200 µs.
-fn backoff(idle: u32) {
-    if idle < 64 {
+fn backoff(idle: u32, spins: u32) {
+    if idle < spins {
         std::hint::spin_loop();
     } else if idle < 512 {
         std::thread::yield_now();
@@ -805,6 +823,7 @@ mod tests {
             count: 4,
             timeout: Duration::from_secs(10),
             stream_copies: false,
+            spin_polls: SPIN_POLLS,
         }
     }
 
@@ -821,6 +840,14 @@ mod tests {
         };
         execute(sched, links, &bufs, &ctx(rank), None, None, None)?;
         Ok(output.to_vec())
+    }
+
+    #[test]
+    fn waits_spin_only_when_every_local_rank_has_a_core() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(spin_polls_for(1), SPIN_POLLS);
+        assert_eq!(spin_polls_for(cores), SPIN_POLLS);
+        assert_eq!(spin_polls_for(cores + 1), 0);
     }
 
     #[test]

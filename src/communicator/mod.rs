@@ -278,6 +278,8 @@ pub struct Communicator {
     _boot: Mutex<Option<Box<dyn Bootstrap>>>,
     /// Shared buffers and the control pages of the direct path.
     shared: Arc<shared::SharedState>,
+    /// [`ExecCtx::spin_polls`] on this host.
+    spin_polls: u32,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -330,10 +332,12 @@ impl Communicator {
             .name(format!("hetccl-progress-{rank}"))
             .spawn(move || Progress::run(p2, rx, i2))
             .map_err(|e| Error::io("starting the progress thread", e))?;
+        let local_ranks = topo.nodes.get(topo.node_of[rank]).map_or(1, Vec::len);
         Ok(Communicator {
             rank,
             world_size,
             cfg,
+            spin_polls: crate::algorithm::executor::spin_polls_for(local_ranks),
             model: LinkModel::of(&topo),
             topo,
             link_kinds,
@@ -576,6 +580,7 @@ impl Communicator {
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
                 stream_copies: output.1 >= self.cfg.stream_min_bytes,
+                spin_polls: self.spin_polls,
             },
             done: None,
             compress,
