@@ -571,6 +571,12 @@ pub fn execute(
             n_done += 1;
             locals.next += 1;
             progressed = true;
+            // One local op per pass while links have work: an all-gather's copy of its
+            // own block then runs piece by piece between sends and receives, in the time
+            // spent waiting for peers, instead of before the first send.
+            if !active.is_empty() {
+                break;
+            }
         }
 
         for &p in &active {
