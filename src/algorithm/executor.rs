@@ -46,7 +46,7 @@ pub struct ExecCtx {
     /// Polls without giving up the core before the wait starts yielding. Zero when this
     /// host runs more ranks than it has cores: a spinning rank then burns the time
     /// slice of the peer it waits for (4 ranks on 2 cores over TCP, 4-byte all-reduce:
-    /// 26.6–29.3 µs with 64 spins, 13.3–14.6 µs yielding at once).
+    /// 26.8–29.1 µs with 64 spins, 13.3–14.6 µs yielding at once).
     pub spin_polls: u32,
 }
 

@@ -524,7 +524,6 @@ impl Link for TcpLink {
         }
     }
 
-    /// Every socket, readable interest always; `want_write` for those with unsent bytes.
     /// Restarts each socket's congestion control from its initial state.
     ///
     /// The probe's short round trips teach the algorithm a tiny minimum RTT and low,
@@ -543,6 +542,7 @@ impl Link for TcpLink {
         }
     }
 
+    /// Every socket, readable interest always; `want_write` for those with unsent bytes.
     fn wait_fds(&self, out: &mut Vec<(i32, bool)>) {
         for (k, s) in self.socks.iter().enumerate() {
             out.push((
@@ -553,8 +553,6 @@ impl Link for TcpLink {
     }
 }
 
-/// Sets large socket buffers where the system lets them be large (see
-/// [`SOCKET_BUFFER_BYTES`]).
 /// Sets the socket's congestion control algorithm by name.
 fn set_congestion(sock: &TcpStream, name: &str) -> std::io::Result<()> {
     // SAFETY: setsockopt with a byte string and its length on a socket we own.
@@ -598,6 +596,8 @@ fn congestion(sock: &TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// Sets large socket buffers where the system lets them be large (see
+/// [`SOCKET_BUFFER_BYTES`]).
 fn tune_buffers(fd: i32) {
     static ALLOWED: OnceLock<(bool, bool)> = OnceLock::new();
     let (snd, rcv) = *ALLOWED.get_or_init(|| {
