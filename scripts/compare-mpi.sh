@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
                 case "$stat" in mean|median) ;; *) echo "compare-mpi.sh: --stat takes mean or median, not $stat" >&2; exit 2 ;; esac ;;
         --configs) configs=$2; shift ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "compare-mpi.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
