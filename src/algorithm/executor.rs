@@ -367,12 +367,7 @@ impl RecvSink for Sink<'_> {
     }
 
     fn direct_dst(&mut self) -> Option<DirectDst> {
-        if self.wire.is_some()
-            || !matches!(
-                (self.combine, self.from),
-                (Combine::Copy, _) | (Combine::From(_), None)
-            )
-        {
+        if self.wire.is_some() || !matches!(self.combine, Combine::Copy) {
             return None;
         }
         // SAFETY: `dst` is the receive's checked destination region of `len` bytes, which
