@@ -357,17 +357,18 @@ impl fmt::Display for DataType {
 }
 
 impl ReduceOp {
+    /// Every operation.
+    pub const ALL: [ReduceOp; 5] = [
+        ReduceOp::Sum,
+        ReduceOp::Prod,
+        ReduceOp::Max,
+        ReduceOp::Min,
+        ReduceOp::Avg,
+    ];
+
     /// Decodes a wire tag.
     pub fn from_u8(v: u8) -> Option<Self> {
-        [
-            ReduceOp::Sum,
-            ReduceOp::Prod,
-            ReduceOp::Max,
-            ReduceOp::Min,
-            ReduceOp::Avg,
-        ]
-        .into_iter()
-        .find(|o| *o as u8 == v)
+        Self::ALL.into_iter().find(|o| *o as u8 == v)
     }
 
     /// Lower-case name (`sum`, `prod`, `max`, `min`, `avg`).

@@ -175,16 +175,7 @@ impl Checker<'_> {
         let (r, n) = (self.comm.rank(), self.comm.world_size());
         let name = T::DTYPE.name();
         let (comm, sh) = (self.comm, self.shared);
-        for (k, op) in [
-            ReduceOp::Sum,
-            ReduceOp::Prod,
-            ReduceOp::Max,
-            ReduceOp::Min,
-            ReduceOp::Avg,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (k, op) in ReduceOp::ALL.into_iter().enumerate() {
             let send_v: Vec<T> = (0..count).map(|i| input(op, r, i, n)).collect();
             let send = make_buf(comm, sh, k % 3, send_v.clone())?;
             // all_reduce in place and out of place

@@ -29,14 +29,6 @@ use hetccl::{Communicator, Element, ReduceOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const OPS: [ReduceOp; 5] = [
-    ReduceOp::Sum,
-    ReduceOp::Prod,
-    ReduceOp::Max,
-    ReduceOp::Min,
-    ReduceOp::Avg,
-];
-
 struct Args {
     path: DevicePath,
     counts: Vec<usize>,
@@ -144,7 +136,7 @@ impl Check<'_> {
     fn dtype<T: GpuElement>(&mut self, count: usize) -> Res<()> {
         let (r, n) = (self.dc.rank(), self.dc.world_size());
         let name = T::DTYPE.name();
-        for op in OPS {
+        for op in ReduceOp::ALL {
             let host: Vec<T> = (0..count).map(|i| input(op, r, i)).collect();
 
             let what = format!("all_reduce {name} {op} {count}");

@@ -1568,13 +1568,7 @@ mod tests {
                 let outs = on_all(&comms, |c| {
                     let r = c.rank();
                     let mut res = Vec::new();
-                    for op in [
-                        ReduceOp::Sum,
-                        ReduceOp::Prod,
-                        ReduceOp::Max,
-                        ReduceOp::Min,
-                        ReduceOp::Avg,
-                    ] {
+                    for op in ReduceOp::ALL {
                         let mut b = c.alloc_shared::<i32>(count + 3).unwrap();
                         for (i, x) in b.iter_mut().enumerate() {
                             *x = (r * 3 + i % 5) as i32 + 1;
@@ -1778,13 +1772,7 @@ mod tests {
         use crate::config::AlgoChoice;
         for n in [2usize, 3, 4] {
             let comms = attached(n, secs(20), AlgoChoice::Auto);
-            let ops = [
-                ReduceOp::Sum,
-                ReduceOp::Prod,
-                ReduceOp::Max,
-                ReduceOp::Min,
-                ReduceOp::Avg,
-            ];
+            let ops = ReduceOp::ALL;
             // 20 rounds reuse both slots many times; the largest count fills a slot.
             let counts = [1usize, 5, 1000, eager_limit(n) / 8];
             let outs = on_all(&comms, |c| {

@@ -122,13 +122,7 @@ mod tests {
 
     #[test]
     fn results_fit_i8_and_miss_the_poison_up_to_24_ranks() {
-        let ops = [
-            ReduceOp::Sum,
-            ReduceOp::Prod,
-            ReduceOp::Max,
-            ReduceOp::Min,
-            ReduceOp::Avg,
-        ];
+        let ops = ReduceOp::ALL;
         let worst = |n| {
             ops.iter()
                 .flat_map(|&op| (0..20).map(move |j| reduce_expected(op, n, j)))
@@ -142,13 +136,7 @@ mod tests {
 
     #[test]
     fn expected_values_repeat_with_the_period() {
-        for op in [
-            ReduceOp::Sum,
-            ReduceOp::Prod,
-            ReduceOp::Max,
-            ReduceOp::Min,
-            ReduceOp::Avg,
-        ] {
+        for op in ReduceOp::ALL {
             for n in [1, 2, 3, 5, 8] {
                 let p = period(op, n);
                 for j in 0..3 * p {
