@@ -121,15 +121,15 @@ impl<'p> BlockTracker<'p> {
             defer: sched.finalize.is_some(),
         };
         for op in &sched.ops {
-            for b in t.blocks_of(&op.kind) {
+            for b in Self::blocks_of(block, &op.kind) {
                 t.remaining[b] += 1;
             }
         }
         t
     }
 
-    /// Output blocks `kind` touches, once per region that touches them.
-    fn blocks_of(&self, kind: &OpKind) -> impl Iterator<Item = usize> {
+    /// Output blocks of `block` bytes that `kind` touches, once per region touching them.
+    fn blocks_of(block: usize, kind: &OpKind) -> impl Iterator<Item = usize> {
         let regions = match *kind {
             OpKind::Send { src, .. } => [Some(src), None],
             OpKind::Recv { dst, combine, .. } => match combine {
@@ -138,7 +138,6 @@ impl<'p> BlockTracker<'p> {
             },
             OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => [Some(src), Some(dst)],
         };
-        let block = self.block;
         regions
             .into_iter()
             .flatten()
@@ -155,8 +154,7 @@ impl<'p> BlockTracker<'p> {
         if std::mem::replace(&mut self.started[i], true) {
             return Ok(());
         }
-        let blocks: Vec<usize> = self.blocks_of(kind).collect();
-        for b in blocks {
+        for b in Self::blocks_of(self.block, kind) {
             if !std::mem::replace(&mut self.prepared[b], true) {
                 let r = self.range(b);
                 self.passes.before(r)?;
@@ -167,8 +165,7 @@ impl<'p> BlockTracker<'p> {
 
     /// After op `i` is done: finishes the blocks no later op touches.
     fn finish(&mut self, kind: &OpKind) -> Result<()> {
-        let blocks: Vec<usize> = self.blocks_of(kind).collect();
-        for b in blocks {
+        for b in Self::blocks_of(self.block, kind) {
             self.remaining[b] -= 1;
             if self.remaining[b] == 0 && !self.defer {
                 let r = self.range(b);
@@ -349,10 +346,10 @@ impl RecvSink for Sink<'_> {
         match (self.combine, self.from) {
             // SAFETY: `dst` and `bytes` are valid for `bytes.len()` bytes and distinct
             // (a link's buffer and the schedule's destination).
-            (Combine::Copy, _) if self.ctx.stream_copies => unsafe {
-                reduce::copy_streaming(dst.as_mut_ptr(), bytes.as_ptr(), bytes.len())
+            (Combine::Copy, _) => unsafe {
+                let (d, s, n) = (dst.as_mut_ptr(), bytes.as_ptr(), bytes.len());
+                reduce::copy_bytes(d, s, n, self.ctx.stream_copies)
             },
-            (Combine::Copy, _) => dst.copy_from_slice(bytes),
             (Combine::Accumulate, _) => {
                 reduce::reduce_inplace_bytes(self.ctx.dtype, self.ctx.redop, dst, bytes)
             }
@@ -540,11 +537,8 @@ pub fn execute(
                     // concurrent writer of `src` or user of `dst`; they do not overlap
                     // (input vs output, or disjoint scratch ranges).
                     unsafe {
-                        if ctx.stream_copies {
-                            reduce::copy_streaming(bufs.ptr(&dst), bufs.ptr(&src), src.len)
-                        } else {
-                            std::ptr::copy_nonoverlapping(bufs.ptr(&src), bufs.ptr(&dst), src.len)
-                        }
+                        let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src));
+                        reduce::copy_bytes(d, s, src.len, ctx.stream_copies)
                     };
                 }
                 OpKind::Reduce { src, dst } if src.len > 0 => {

@@ -1142,13 +1142,8 @@ impl Run<'_> {
     /// # Safety
     /// As `std::ptr::copy_nonoverlapping`.
     unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
-        if self.stream {
-            // SAFETY: the caller's contract.
-            unsafe { reduce::copy_streaming(dst, src, len) }
-        } else {
-            // SAFETY: the caller's contract.
-            unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
-        }
+        // SAFETY: the caller's contract.
+        unsafe { reduce::copy_bytes(dst, src, len, self.stream) }
     }
 
     fn err_peer(&self, l: usize) -> usize {

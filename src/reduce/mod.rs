@@ -321,6 +321,23 @@ pub unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
     };
 }
 
+/// Copies `len` bytes, with [`copy_streaming`] when `streaming` is set and an ordinary
+/// copy otherwise.
+///
+/// # Safety
+/// As for [`copy_streaming`].
+#[inline]
+pub unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize, streaming: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if streaming {
+            copy_streaming(dst, src, len)
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, len)
+        }
+    }
+}
+
 /// Views raw bytes as a typed slice; falls back to `None` on misalignment.
 fn typed<T: Element>(bytes: &[u8]) -> Option<&[T]> {
     bytemuck::try_cast_slice(bytes).ok()
