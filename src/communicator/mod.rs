@@ -472,10 +472,7 @@ impl Communicator {
             drop(tx_guard);
             return p.execute(&mut work);
         }
-        let done = Completion::new();
-        work.done = Some(done.clone());
-        self.enqueue(work, tx_guard)?;
-        done.wait()
+        self.enqueue(work, tx_guard)?.wait()
     }
 
     /// Queues a call on the progress thread; the caller must keep the buffers
@@ -487,18 +484,18 @@ impl Communicator {
         output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<Arc<Completion>> {
-        let (mut work, tx_guard) = self.make_work(call, input, output, compress)?;
-        let done = Completion::new();
-        work.done = Some(done.clone());
-        self.enqueue(work, tx_guard)?;
-        Ok(done)
+        let (work, tx_guard) = self.make_work(call, input, output, compress)?;
+        self.enqueue(work, tx_guard)
     }
 
+    /// Hands `work` to the progress thread; returns the completion it will set.
     fn enqueue(
         &self,
-        work: Work,
+        mut work: Work,
         tx_guard: MutexGuard<'_, Option<mpsc::Sender<Work>>>,
-    ) -> Result<()> {
+    ) -> Result<Arc<Completion>> {
+        let done = Completion::new();
+        work.done = Some(done.clone());
         self.inflight.fetch_add(1, Ordering::AcqRel);
         let sent = match tx_guard.as_ref() {
             Some(tx) => tx.send(work).is_ok(),
@@ -508,7 +505,7 @@ impl Communicator {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::Broken("progress thread has stopped".into()));
         }
-        Ok(())
+        Ok(done)
     }
 
     /// Plans a call and takes its sequence number; returns the work with the queue
@@ -754,8 +751,6 @@ impl Communicator {
         self.run_now(call, i, o, job)
     }
 
-    /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
-    /// to talk to. Both still need the local copy of out-of-place calls.
     /// Numbering starts over after the collectives `init` runs itself, so the caller's
     /// first collective is #0 in errors and logs. Safe: every message of those
     /// collectives to or from this rank has been received (links are FIFO and the last
@@ -774,6 +769,8 @@ impl Communicator {
             .clear();
     }
 
+    /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
+    /// to talk to. Both still need the local copy of out-of-place calls.
     fn skip(&self, call: &Call) -> bool {
         (call.count == 0 && call.op != CollectiveOp::Barrier && call.op != CollectiveOp::SendRecv)
             || (self.world_size == 1 && call.in_place && call.op != CollectiveOp::SendRecv)
