@@ -138,31 +138,27 @@ pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter:
     // ranks: with several ranks per node that is the whole node crossing its uplink at
     // once, and on a GPU node pairs that are not ring neighbours, neither of which the
     // per-link model sees. So halving only where any pair is as good as any other.
+    let hier = s.nodes > 1 && s.max_local > 1;
+    let allowed = |a: Algo| match a {
+        Algo::Hier => hier,
+        Algo::Doubling => small,
+        Algo::Halving => !hier && s.pairwise,
+        Algo::Ring | Algo::Tree => true,
+    };
     let candidates: &[Algo] = match op {
-        CollectiveOp::AllReduce if s.nodes > 1 && s.max_local > 1 => {
-            if small {
-                &[Algo::Ring, Algo::Tree, Algo::Hier, Algo::Doubling]
-            } else {
-                &[Algo::Ring, Algo::Tree, Algo::Hier]
-            }
-        }
-        CollectiveOp::AllReduce if !s.pairwise => {
-            if small {
-                &[Algo::Ring, Algo::Tree, Algo::Doubling]
-            } else {
-                &[Algo::Ring, Algo::Tree]
-            }
-        }
-        CollectiveOp::AllReduce if small => {
-            &[Algo::Ring, Algo::Tree, Algo::Doubling, Algo::Halving]
-        }
-        CollectiveOp::AllReduce => &[Algo::Ring, Algo::Tree, Algo::Halving],
+        CollectiveOp::AllReduce => &[
+            Algo::Ring,
+            Algo::Tree,
+            Algo::Hier,
+            Algo::Doubling,
+            Algo::Halving,
+        ],
         CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
         CollectiveOp::Barrier => return Algo::Tree,
         _ => return Algo::Ring,
     };
     let mut best = (Algo::Ring, f64::INFINITY);
-    for &a in candidates {
+    for &a in candidates.iter().filter(|&&a| allowed(a)) {
         let t = predict(op, a, s, bytes, intra, inter);
         if t < best.1 {
             best = (a, t);
