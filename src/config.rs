@@ -64,6 +64,20 @@ pub enum CompressMode {
     All,
 }
 
+impl CompressMode {
+    /// Every mode.
+    pub const ALL: [CompressMode; 3] = [CompressMode::Off, CompressMode::Inter, CompressMode::All];
+
+    /// `off`, `inter` or `all`, as `HETCCL_COMPRESS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressMode::Off => "off",
+            CompressMode::Inter => "inter",
+            CompressMode::All => "all",
+        }
+    }
+}
+
 /// How ranks find each other.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitMethod {
@@ -348,22 +362,12 @@ impl Config {
             topo_dump_file: v.string("HETCCL_TOPO_DUMP_FILE").map(PathBuf::from),
             topo_probe: v.parse_bool("HETCCL_TOPO_PROBE")?.unwrap_or(d.topo_probe),
             compress: v
-                .parse_enum(
-                    "HETCCL_COMPRESS",
-                    &[
-                        ("off", CompressMode::Off),
-                        ("inter", CompressMode::Inter),
-                        ("all", CompressMode::All),
-                    ],
-                )?
+                .parse_enum("HETCCL_COMPRESS", &CompressMode::ALL.map(|m| (m.name(), m)))?
                 .unwrap_or(d.compress),
             compress_format: v
                 .parse_enum(
                     "HETCCL_COMPRESS_FORMAT",
-                    &[
-                        ("fp16", crate::compression::WireFormat::F16),
-                        ("bf16", crate::compression::WireFormat::Bf16),
-                    ],
+                    &crate::compression::WireFormat::ALL.map(|f| (f.name(), f)),
                 )?
                 .unwrap_or(d.compress_format),
             connect_timeout: v

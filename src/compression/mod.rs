@@ -61,6 +61,9 @@ pub enum WireFormat {
 }
 
 impl WireFormat {
+    /// Every format.
+    pub const ALL: [WireFormat; 2] = [WireFormat::F16, WireFormat::Bf16];
+
     /// Decodes a stored tag.
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {

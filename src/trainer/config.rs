@@ -323,29 +323,18 @@ impl Settings {
                 accepted: "a factor ≥ 1".into(),
             });
         }
-        let compress = match self.compress.as_deref().unwrap_or("off") {
-            "off" => CompressMode::Off,
-            "inter" => CompressMode::Inter,
-            "all" => CompressMode::All,
-            other => {
-                return Err(Error::Config {
-                    var: "compress".into(),
-                    value: other.into(),
-                    accepted: "off, inter, all".into(),
-                })
-            }
-        };
-        let compress_format = match self.compress_format.as_deref().unwrap_or("fp16") {
-            "fp16" => WireFormat::F16,
-            "bf16" => WireFormat::Bf16,
-            other => {
-                return Err(Error::Config {
-                    var: "compress_format".into(),
-                    value: other.into(),
-                    accepted: "fp16, bf16".into(),
-                })
-            }
-        };
+        let compress = pick(
+            "compress",
+            self.compress.as_deref().unwrap_or("off"),
+            CompressMode::ALL,
+            CompressMode::name,
+        )?;
+        let compress_format = pick(
+            "compress_format",
+            self.compress_format.as_deref().unwrap_or("fp16"),
+            WireFormat::ALL,
+            WireFormat::name,
+        )?;
         let run = RunOptions {
             data: self
                 .data
@@ -373,6 +362,22 @@ impl Settings {
         };
         Ok((cfg, run))
     }
+}
+
+/// The value of `all` whose name is `value`, or an error naming `var` and the choices.
+fn pick<T: Copy, const N: usize>(
+    var: &str,
+    value: &str,
+    all: [T; N],
+    name: fn(T) -> &'static str,
+) -> Result<T> {
+    all.into_iter()
+        .find(|&t| name(t) == value)
+        .ok_or_else(|| Error::Config {
+            var: var.into(),
+            value: value.into(),
+            accepted: all.map(name).join(", "),
+        })
 }
 
 #[cfg(test)]
