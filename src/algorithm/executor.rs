@@ -60,6 +60,12 @@ pub fn spin_polls_for(local_ranks: usize) -> u32 {
     }
 }
 
+/// Longest a receive is held back for its forwarding send to reach the head of its
+/// link (see [`Forward::Soon`]).
+const FORWARD_WAIT: Duration = Duration::from_micros(50);
+/// Most sends a forwarding send may be queued behind for its receive to be held back.
+const FORWARD_AHEAD: usize = 2;
+
 /// Spins before yielding when every rank has a core of its own.
 const SPIN_POLLS: u32 = 64;
 
@@ -275,6 +281,15 @@ struct Sink<'a> {
     from: Option<*const u8>,
     combine: Combine,
     wire: Option<WireFormat>,
+    /// Room in the next link's buffer for the message that forwards this receive's
+    /// result, as `(message offset, space)` in order (see [`Link::send_space`]).
+    forward: &'a [(usize, DirectDst)],
+    /// Message offset up to which `forward` has been written: pieces whose offset and
+    /// length match the next space exactly go there too; the first that does not ends
+    /// the forwarding for this call.
+    forwarded: usize,
+    /// Payload bytes delivered so far (all pieces below this offset are in place).
+    got: usize,
 }
 
 impl RecvSink for Sink<'_> {
@@ -343,6 +358,38 @@ impl RecvSink for Sink<'_> {
         // SAFETY: [offset, offset+len) lies inside the destination region, which the
         // schedule's dependencies keep free of any other reader or writer meanwhile.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(offset), bytes.len()) };
+        self.got = offset + bytes.len();
+        if let Some(space) = self.forward_space(offset, bytes.len()) {
+            // Compute the result once, into the forwarding link's buffer (it stays in
+            // cache), then copy it into place: the send that forwards it need not read
+            // the destination again.
+            // SAFETY: `Link::send_space` gave this room to us alone until it is
+            // committed, which happens after this call.
+            let out = unsafe { space.slice_mut(0..bytes.len()) };
+            match (self.combine, self.from) {
+                (Combine::Copy, _) | (Combine::From(_), None) => out.copy_from_slice(bytes),
+                (Combine::Accumulate, _) => {
+                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, dst, bytes)
+                }
+                (Combine::From(_), Some(src)) => {
+                    // SAFETY: the `From` region has the destination's length and was checked.
+                    let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
+                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, a, bytes)
+                }
+            }
+            // SAFETY: `dst` and `out` are valid for `bytes.len()` bytes and distinct (the
+            // schedule's destination and a link's buffer).
+            unsafe {
+                reduce::copy_bytes(
+                    dst.as_mut_ptr(),
+                    out.as_ptr(),
+                    out.len(),
+                    self.ctx.stream_copies,
+                )
+            };
+            self.forwarded += bytes.len();
+            return Ok(());
+        }
         match (self.combine, self.from) {
             // SAFETY: `dst` and `bytes` are valid for `bytes.len()` bytes and distinct
             // (a link's buffer and the schedule's destination).
@@ -374,6 +421,18 @@ impl RecvSink for Sink<'_> {
 }
 
 impl Sink<'_> {
+    /// The forwarding space for the piece at `offset` of `len` bytes, if it is the next
+    /// one and the same size.
+    fn forward_space(&self, offset: usize, len: usize) -> Option<DirectDst> {
+        if offset != self.forwarded || len == 0 {
+            return None;
+        }
+        self.forward
+            .iter()
+            .find(|(o, _)| *o == offset)
+            .and_then(|&(_, space)| (space.len() == len).then_some(space))
+    }
+
     /// A piece of 16-bit wire values landing in an f32 destination.
     fn wire_data(&mut self, format: WireFormat, offset: usize, bytes: &[u8]) -> Result<()> {
         let (off, len) = (offset * 2, bytes.len() * 2);
@@ -427,6 +486,72 @@ struct Queue {
 impl Queue {
     fn head(&self) -> Option<usize> {
         self.ops.get(self.next).copied()
+    }
+}
+
+/// For each receive, the send that forwards exactly what it wrote, if any: a send of
+/// the receive's destination region that depends on it. A ring's steps are such pairs.
+fn forwards(sched: &Schedule) -> Vec<Option<usize>> {
+    let mut fwd = vec![None; sched.ops.len()];
+    for (j, op) in sched.ops.iter().enumerate() {
+        let OpKind::Send { src, .. } = op.kind else {
+            continue;
+        };
+        for &d in &op.deps {
+            if matches!(sched.ops[d].kind, OpKind::Recv { dst, .. } if dst == src && src.len > 0)
+                && fwd[d].is_none()
+            {
+                fwd[d] = Some(j);
+            }
+        }
+    }
+    fwd
+}
+
+/// Whether receive `i` (on link `p`) can hand its result to the send that forwards it.
+enum Forward {
+    /// No forwarding send, or its link has no room to write into.
+    No,
+    /// Send `j` of `len` bytes on link `q` is next on its link and waits only for this
+    /// receive.
+    Now(usize, usize, usize),
+    /// The send is queued behind others on its link that need only room to go.
+    Soon,
+}
+
+fn forward_state(
+    i: usize,
+    forward: &[Option<usize>],
+    sched: &Schedule,
+    sends: &[Queue],
+    done: &[bool],
+    links: &[Option<Box<dyn Link>>],
+) -> Forward {
+    let Some(j) = forward[i] else {
+        return Forward::No;
+    };
+    let OpKind::Send { peer: q, src } = sched.ops[j].kind else {
+        return Forward::No;
+    };
+    if !links[q].as_ref().is_some_and(|l| l.has_send_space()) {
+        return Forward::No;
+    }
+    // `j` waits for nothing but this receive; the sends ahead of it (few, or it is not
+    // worth it) for nothing but room on the link.
+    if !sched.ops[j].deps.iter().all(|&d| d == i || done[d]) {
+        return Forward::No;
+    }
+    let queue = &sends[q].ops[sends[q].next..];
+    match queue.iter().take(FORWARD_AHEAD + 1).position(|&k| k == j) {
+        Some(0) => Forward::Now(j, q, src.len),
+        Some(pos)
+            if queue[..pos]
+                .iter()
+                .all(|&k| sched.ops[k].deps.iter().all(|&d| done[d])) =>
+        {
+            Forward::Soon
+        }
+        _ => Forward::No,
     }
 }
 
@@ -513,6 +638,12 @@ pub fn execute(
         .filter(|&p| !sends[p].ops.is_empty() || !recvs[p].ops.is_empty())
         .collect();
 
+    let forward = forwards(sched);
+    let mut spaces: Vec<(usize, DirectDst)> = Vec::new();
+    // Per link: payload bytes of the receive at the head of its queue delivered so far.
+    let mut got = vec![0usize; links.len()];
+    // Per link: since when its head receive is held back for its forwarding send.
+    let mut held_since: Vec<Option<Instant>> = vec![None; links.len()];
     let mut done = vec![false; n_ops];
     let mut n_done = 0usize;
     let ready = |done: &[bool], i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);
@@ -622,6 +753,52 @@ pub fn execute(
                 if let Some(t) = blocks.as_mut() {
                     t.start(i, &sched.ops[i].kind)?;
                 }
+                let wire_p = Wire::format_for(wire, p);
+                // The send that forwards this receive's result, when it is next on its
+                // link: the receive writes the result into the link's room as well.
+                spaces.clear();
+                let mut fwd = None;
+                let mut hold = false;
+                if blocks.is_none() && wire.is_none() {
+                    match forward_state(i, &forward, sched, &sends, &done, links) {
+                        Forward::Now(j, q, len) => {
+                            let header = ctx.header(len, None);
+                            if let Some(l) = links[q].as_mut() {
+                                l.send_space(&header, &mut spaces);
+                            }
+                            hold = spaces.is_empty();
+                            fwd = Some((j, q, header));
+                        }
+                        Forward::Soon => hold = true,
+                        Forward::No => {}
+                    }
+                }
+                // No room yet, or the send is still behind others: hold the receive
+                // back briefly (never for good, so no wait can close a cycle).
+                if hold {
+                    let since = *held_since[p].get_or_insert_with(Instant::now);
+                    if since.elapsed() < FORWARD_WAIT {
+                        break;
+                    }
+                }
+                held_since[p] = None;
+                // Bytes that arrived before the forwarding send reached the head of its
+                // link are in the destination already (and still in cache): copy them
+                // into the room first, so the rest can be forwarded as it arrives.
+                let mut forwarded = spaces.first().map_or(usize::MAX, |&(o, _)| o);
+                for &(o, space) in &spaces {
+                    if o != forwarded || o + space.len() > got[p] {
+                        break;
+                    }
+                    // SAFETY: the room is ours until committed; the destination's first
+                    // `got[p]` bytes are final and no op writes them meanwhile.
+                    unsafe {
+                        let done_part =
+                            std::slice::from_raw_parts(bufs.ptr(&dst).add(o), space.len());
+                        space.slice_mut(0..space.len()).copy_from_slice(done_part);
+                    }
+                    forwarded = o + space.len();
+                }
                 let mut sink = Sink {
                     ctx,
                     peer: p,
@@ -632,9 +809,33 @@ pub fn execute(
                         _ => None,
                     },
                     combine,
-                    wire: Wire::format_for(wire, p),
+                    wire: wire_p,
+                    forward: &spaces,
+                    forwarded,
+                    got: got[p],
                 };
-                if !link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))? {
+                let Some(link) = links[p].as_mut() else {
+                    break;
+                };
+                let complete = link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))?;
+                let forwarded = sink.forwarded;
+                got[p] = if complete { 0 } else { sink.got };
+                if let (Some((j, q, header)), Some(&(start, _))) = (fwd, spaces.first()) {
+                    if forwarded > start {
+                        progressed = true;
+                        let l = links[q].as_mut().expect("forwarding link is open");
+                        if l.commit_send(&header, forwarded)
+                            .map_err(|e| in_context(e, ctx))?
+                        {
+                            // All of it was forwarded, so all of it has arrived: the
+                            // receive completed in this very call and is marked below.
+                            done[j] = true;
+                            n_done += 1;
+                            sends[q].next += 1;
+                        }
+                    }
+                }
+                if !complete {
                     break;
                 }
                 if let Some(t) = blocks.as_mut() {
@@ -835,6 +1036,136 @@ mod tests {
         };
         execute(sched, links, &bufs, &ctx(rank), None, None, None)?;
         Ok(output.to_vec())
+    }
+
+    /// Delegates to a link and counts the pieces a receive wrote into it in place.
+    struct Counted {
+        inner: Box<dyn Link>,
+        commits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Link for Counted {
+        fn peer(&self) -> usize {
+            self.inner.peer()
+        }
+        fn kind(&self) -> crate::transport::LinkKind {
+            self.inner.kind()
+        }
+        fn poll_send(&mut self, header: &MsgHeader, data: &[u8]) -> Result<bool> {
+            self.inner.poll_send(header, data)
+        }
+        fn poll_recv(&mut self, sink: &mut dyn RecvSink) -> Result<bool> {
+            self.inner.poll_recv(sink)
+        }
+        fn check_peer(&mut self) -> Result<()> {
+            self.inner.check_peer()
+        }
+        fn abort(&mut self) {
+            self.inner.abort()
+        }
+        fn has_send_space(&self) -> bool {
+            self.inner.has_send_space()
+        }
+        fn send_space(&mut self, header: &MsgHeader, out: &mut Vec<(usize, DirectDst)>) {
+            self.inner.send_space(header, out)
+        }
+        fn commit_send(&mut self, header: &MsgHeader, upto: usize) -> Result<bool> {
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.commit_send(header, upto)
+        }
+    }
+
+    /// Three ranks in a ring over shared memory: every step of the ring all-reduce but a
+    /// piece's first forwards what it received, written straight into the next link.
+    #[test]
+    fn ring_all_reduce_forwards_results_through_shared_memory() {
+        use crate::algorithm::{plan, Algo, Call, Tuning};
+        use crate::transport::shm::{segment_name, ShmGeometry, ShmLink};
+        let n = 3;
+        let count = 10_000;
+        let geom = ShmGeometry {
+            nslots: 4,
+            slot_bytes: 4096,
+        };
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let counted = |l: ShmLink| -> Option<Box<dyn Link>> {
+            Some(Box::new(Counted {
+                inner: Box::new(l),
+                commits: commits.clone(),
+            }))
+        };
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            let name = segment_name("fwd-test", a, b);
+            links[a][b] = counted(ShmLink::create(&name, a, b, geom).unwrap());
+            links[b][a] = counted(ShmLink::open(&name, b, a).unwrap());
+        }
+        for in_place in [false, true] {
+            let call = Call {
+                op: CollectiveOp::AllReduce,
+                dtype: DataType::F32,
+                redop: ReduceOp::Sum,
+                count,
+                root: 0,
+                in_place,
+                is_send: false,
+            };
+            let t = Tuning {
+                chunk_bytes: 8192,
+                slots: 4,
+                shard_weights: None,
+            };
+            let before = commits.load(std::sync::atomic::Ordering::Relaxed);
+            let outs: Vec<Vec<f32>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = links
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(rank, l)| {
+                        let sched = plan(&call, rank, n, Algo::Ring, t.clone(), &[]);
+                        sc.spawn(move || {
+                            let input: Vec<f32> =
+                                (0..count).map(|i| ((rank + 1) * (i % 7)) as f32).collect();
+                            let mut output = if in_place {
+                                input.clone()
+                            } else {
+                                vec![-1.0; count]
+                            };
+                            let bufs = Buffers {
+                                input: input.as_ptr().cast(),
+                                input_len: count * 4,
+                                output: output.as_mut_ptr().cast(),
+                                output_len: count * 4,
+                                scratch: std::ptr::null_mut(),
+                                scratch_len: 0,
+                            };
+                            let c = ExecCtx {
+                                rank,
+                                world_size: n,
+                                op: CollectiveOp::AllReduce,
+                                dtype: DataType::F32,
+                                count: count as u64,
+                                ..ctx(rank)
+                            };
+                            execute(&sched, l, &bufs, &c, None, None, None).unwrap();
+                            output
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (rank, out) in outs.iter().enumerate() {
+                for (i, v) in out.iter().enumerate() {
+                    assert_eq!(*v, (6 * (i % 7)) as f32, "rank {rank} element {i}");
+                }
+            }
+            let forwarded = commits.load(std::sync::atomic::Ordering::Relaxed) - before;
+            assert!(
+                forwarded > 0,
+                "in place {in_place}: nothing was forwarded in place"
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Ring algorithms: reduce-scatter then all-gather, chunked and pipelined.
 //!
 //! The buffer is cut into *pieces* of about `n × chunk` bytes; each piece runs its own
-//! ring over `n` segments, and the pieces of one step are issued back to back, so a
-//! link carries piece `p + 1` while piece `p`'s bytes are being reduced. Every rank
-//! sends `2(n-1)/n · S` bytes: bandwidth optimal.
+//! ring over `n` segments, one piece after the other (see [`all_reduce_into`] for why
+//! that order, and how the pieces still overlap). Every rank sends `2(n-1)/n · S`
+//! bytes: bandwidth optimal.
 //!
 //! ```text
 //! reduce-scatter, step k:  send seg (me-k) to the right; recv seg (me-k-1) from the
@@ -33,78 +33,50 @@ pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Ve
         .collect()
 }
 
-/// In-place reduce-scatter of `buf` (`count` elements) over `g`. Afterwards member
-/// `me` holds the reduction of segment `(me + 1) % n` of every piece.
-pub fn reduce_scatter_inplace(
-    b: &mut Builder,
-    g: &Group,
-    buf: Region,
-    count: usize,
-    elem: usize,
-    chunk_bytes: usize,
-) {
-    reduce_scatter_into(b, g, buf, buf, count, elem, chunk_bytes);
-}
-
-/// Reduce-scatter reading `src` and leaving partial and final sums in `dst` (the same
-/// region for in-place calls). An out-of-place call costs no extra copy: step 0 sends
-/// straight from `src`, and every receive computes `dst = src + incoming` in one pass.
-pub fn reduce_scatter_into(
+/// Step `k` of the reduce-scatter of one piece (`segs`, its `n` segments), reading
+/// `src` and leaving partial and final sums in `dst` (the same region in place). Out of
+/// place costs no extra copy: step 0 sends straight from `src`, and the receive
+/// computes `dst = src + incoming` in one pass. After `n - 1` steps member `me` holds
+/// segment `me + 1` reduced.
+fn reduce_scatter_step(
     b: &mut Builder,
     g: &Group,
     src: Region,
     dst: Region,
-    count: usize,
-    elem: usize,
-    chunk_bytes: usize,
+    segs: &[Range<usize>],
+    k: usize,
 ) {
     let n = g.size();
-    if n == 1 {
-        return;
-    }
-    let lay = layout(count, n, elem, chunk_bytes);
-    let (left, right) = (g.left(), g.right());
-    for k in 0..n - 1 {
-        for segs in &lay {
-            // Send to the right; wait for the left and fold its partial sums into ours.
-            let out = &segs[(g.me + n - k) % n];
-            b.send(right, at(if k == 0 { src } else { dst }, out));
-            let inc = &segs[(g.me + 2 * n - k - 1) % n];
-            let combine = if src == dst {
-                Combine::Accumulate
-            } else {
-                Combine::From(at(src, inc))
-            };
-            b.recv(left, at(dst, inc), combine);
-        }
-    }
+    // Send to the right; wait for the left and fold its partial sums into ours.
+    let out = &segs[(g.me + n - k) % n];
+    b.send(g.right(), at(if k == 0 { src } else { dst }, out));
+    let inc = &segs[(g.me + 2 * n - k - 1) % n];
+    let combine = if src == dst {
+        Combine::Accumulate
+    } else {
+        Combine::From(at(src, inc))
+    };
+    b.recv(g.left(), at(dst, inc), combine);
 }
 
-/// In-place all-gather of `buf` over `g`, where member `me` starts holding segment
-/// `(me + 1) % n` of every piece (what [`reduce_scatter_inplace`] leaves).
-pub fn all_gather_inplace(
-    b: &mut Builder,
-    g: &Group,
-    buf: Region,
-    count: usize,
-    elem: usize,
-    chunk_bytes: usize,
-) {
+/// Step `k` of the all-gather of one piece, after its reduce-scatter: member `me`
+/// starts holding segment `me + 1`.
+fn all_gather_step(b: &mut Builder, g: &Group, buf: Region, segs: &[Range<usize>], k: usize) {
     let n = g.size();
-    if n == 1 {
-        return;
-    }
-    let lay = layout(count, n, elem, chunk_bytes);
-    let (left, right) = (g.left(), g.right());
-    for k in 0..n - 1 {
-        for segs in &lay {
-            b.send(right, at(buf, &segs[(g.me + 1 + n - k) % n]));
-            b.recv(left, at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
-        }
-    }
+    b.send(g.right(), at(buf, &segs[(g.me + 1 + n - k) % n]));
+    b.recv(g.left(), at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
 }
 
 /// All-reduce of `src` into `dst` over `g` (in place when they are equal).
+///
+/// Piece by piece: each piece runs its `n - 1` reduce-scatter and `n - 1` all-gather
+/// steps before the next piece starts, as NCCL's ring does. Every step but a piece's
+/// first sends on what the step before it received, and with this order that send is
+/// next on its link when the receive runs, so the executor can write the received
+/// result straight into the link's buffer as well as into `dst` (see
+/// `Link::send_space`) instead of reading it back from `dst` later. The pieces still
+/// overlap: links move a message slot by slot, so a piece's next step starts on its
+/// first slot while the rest is on its way.
 pub fn all_reduce_into(
     b: &mut Builder,
     g: &Group,
@@ -114,8 +86,18 @@ pub fn all_reduce_into(
     elem: usize,
     chunk_bytes: usize,
 ) {
-    reduce_scatter_into(b, g, src, dst, count, elem, chunk_bytes);
-    all_gather_inplace(b, g, dst, count, elem, chunk_bytes);
+    let n = g.size();
+    if n == 1 {
+        return;
+    }
+    for segs in &layout(count, n, elem, chunk_bytes) {
+        for k in 0..n - 1 {
+            reduce_scatter_step(b, g, src, dst, segs, k);
+        }
+        for k in 0..n - 1 {
+            all_gather_step(b, g, dst, segs, k);
+        }
+    }
 }
 
 /// In-place all-reduce of `buf` over `g`.
@@ -127,8 +109,7 @@ pub fn all_reduce_inplace(
     elem: usize,
     chunk_bytes: usize,
 ) {
-    reduce_scatter_inplace(b, g, buf, count, elem, chunk_bytes);
-    all_gather_inplace(b, g, buf, count, elem, chunk_bytes);
+    all_reduce_into(b, g, buf, buf, count, elem, chunk_bytes);
 }
 
 /// Out-of-place reduce-scatter: `input` holds `n` blocks of `block` elements; member

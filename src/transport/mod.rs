@@ -160,6 +160,29 @@ pub trait Link: Send {
     /// Called once the start-up probe is over, so the probe's traffic leaves nothing
     /// behind that shapes later transfers (TCP: the congestion control's estimates).
     fn end_probe(&mut self) {}
+    /// Whether [`Link::send_space`] can offer room (the link has a buffer of its own
+    /// that messages are written into).
+    fn has_send_space(&self) -> bool {
+        false
+    }
+    /// Room in the link's own buffer for the next bytes of the outgoing message
+    /// `header` announces (the current one, or a new one when none is in flight), for a
+    /// caller that produces those bytes in place instead of handing `poll_send` a
+    /// finished payload: a receive that forwards what it reduces writes its result
+    /// there, saving a pass over the result. Appends `(message offset, space)` for each
+    /// free piece in order, from the first byte not yet sent. Taking room changes
+    /// nothing; [`Link::commit_send`] publishes it. The default, for links without such
+    /// a buffer (TCP), offers none.
+    fn send_space(&mut self, _header: &MsgHeader, _out: &mut Vec<(usize, DirectDst)>) {}
+    /// Publishes the pieces of the last [`Link::send_space`] below message offset
+    /// `upto`, every byte of which the caller has written. `Ok(true)` once that
+    /// completes the message. `poll_send` with the same header carries on after them.
+    fn commit_send(&mut self, _header: &MsgHeader, _upto: usize) -> Result<bool> {
+        Err(Error::invalid(
+            "commit_send",
+            "this link offers no room to write messages in place",
+        ))
+    }
 }
 
 /// Heap memory whose first byte sits on a 64-byte boundary (one cache line), for the

@@ -38,10 +38,11 @@
 //! process is gone (`kill(pid, 0)` gives `ESRCH`) while this side still needs it.
 
 use std::ffi::CString;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use super::shared_mem::shm_cname;
-use super::{Link, LinkKind, MsgHeader, RecvSink};
+use super::{DirectDst, Link, LinkKind, MsgHeader, RecvSink};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -472,6 +473,81 @@ impl ShmLink {
         Ok(())
     }
 
+    /// Fails when this side aborted, or the peer closed or aborted its side.
+    fn check_sendable(&self) -> Result<()> {
+        self.check_not_aborted()?;
+        // The peer's state line is written once or twice in its life, so this load
+        // stays in this core's cache and costs nothing on the fast path.
+        let peer_state = self.other().state.load(Ordering::Acquire);
+        if peer_state >= CLOSED {
+            return Err(self.lost(format!(
+                "peer {} {} the shared-memory link while rank {} was sending",
+                self.peer,
+                if peer_state == ABORTED {
+                    "aborted"
+                } else {
+                    "closed"
+                },
+                self.rank
+            )));
+        }
+        Ok(())
+    }
+
+    /// Free slots in the outgoing ring (rereads the consumer's tail only when the
+    /// cached one says the ring is full).
+    fn tx_free(&mut self) -> usize {
+        let n = self.geom.nslots as u64;
+        if self.tx_head - self.tx_tail_seen == n {
+            // SAFETY: tail points at an atomic in the live mapping.
+            self.tx_tail_seen = unsafe { &*self.tx.tail }.load(Ordering::Acquire);
+        }
+        (n - (self.tx_head - self.tx_tail_seen)) as usize
+    }
+
+    /// Payload of the `i`-th slot after `tx_head`.
+    ///
+    /// # Safety
+    /// Write to it only when `i < tx_free()` (the consumer has freed the slot: its tail
+    /// was read with acquire), and no more than `slot_bytes`.
+    unsafe fn tx_slot(&self, i: usize) -> *mut u8 {
+        let slot = ((self.tx_head + i as u64) % self.geom.nslots as u64) as usize;
+        // SAFETY: slot < nslots, so the slot lies inside this ring of the mapping.
+        unsafe { self.tx.data.add(slot * self.geom.slot_bytes) }
+    }
+
+    /// Publishes the slot at `tx_head`, holding the next `len` payload bytes of the
+    /// message `header` announces; true when that completes the message.
+    fn publish(&mut self, header: &MsgHeader, len: usize) -> bool {
+        let first = self.send_off.is_none();
+        let off = self.send_off.unwrap_or(0);
+        let slot = (self.tx_head % self.geom.nslots as u64) as usize;
+        // SAFETY: slot < nslots, so the descriptor lies inside this ring. The consumer
+        // has freed the slot and does not look at it again until the release store of
+        // head below.
+        unsafe {
+            std::ptr::write(
+                self.tx.desc.add(slot),
+                SlotDesc {
+                    header: if first { *header } else { MsgHeader::default() },
+                    offset: off as u64,
+                    len: len as u64,
+                    flags: if first { FIRST } else { 0 },
+                    _pad: 0,
+                },
+            );
+        }
+        self.tx_head += 1;
+        // SAFETY: head points at an atomic in the live mapping.
+        unsafe { &*self.tx.head }.store(self.tx_head, Ordering::Release);
+        if off + len == header.bytes as usize {
+            self.send_off = None;
+            return true;
+        }
+        self.send_off = Some(off + len);
+        false
+    }
+
     /// Whether the peer's process still exists, as far as this side can tell.
     fn peer_process_alive(&self) -> bool {
         let other = self.other();
@@ -506,22 +582,7 @@ impl Link for ShmLink {
     }
 
     fn poll_send(&mut self, header: &MsgHeader, data: &[u8]) -> Result<bool> {
-        self.check_not_aborted()?;
-        // The peer's state line is written once or twice in its life, so this load
-        // stays in this core's cache and costs nothing on the fast path.
-        let peer_state = self.other().state.load(Ordering::Acquire);
-        if peer_state >= CLOSED {
-            return Err(self.lost(format!(
-                "peer {} {} the shared-memory link while rank {} was sending",
-                self.peer,
-                if peer_state == ABORTED {
-                    "aborted"
-                } else {
-                    "closed"
-                },
-                self.rank
-            )));
-        }
+        self.check_sendable()?;
         if header.bytes != data.len() as u64 {
             return Err(Error::invalid(
                 "poll_send",
@@ -532,52 +593,61 @@ impl Link for ShmLink {
                 ),
             ));
         }
-        let n = self.geom.nslots as u64;
         let slot_bytes = self.geom.slot_bytes;
-        // SAFETY: head/tail point at atomics in the live mapping.
-        let (head, tail) = unsafe { (&*self.tx.head, &*self.tx.tail) };
         loop {
-            if self.tx_head - self.tx_tail_seen == n {
-                self.tx_tail_seen = tail.load(Ordering::Acquire);
-                if self.tx_head - self.tx_tail_seen == n {
-                    return Ok(false);
-                }
+            if self.tx_free() == 0 {
+                return Ok(false);
             }
-            let first = self.send_off.is_none();
             let off = self.send_off.unwrap_or(0);
             let len = (data.len() - off).min(slot_bytes);
-            let slot = (self.tx_head % n) as usize;
-            // SAFETY: slot < nslots, so the descriptor and the `slot_bytes` bytes at
-            // `data + slot * slot_bytes` lie inside this ring; `len <= slot_bytes`. The
-            // consumer has freed this slot (tail was read with acquire above) and does
-            // not look at it again until the release store of head below.
+            // SAFETY: the free slot at tx_head has room for `len <= slot_bytes` bytes
+            // (`tx_slot`'s contract); `data` is a separate buffer.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr().add(off),
-                    self.tx.data.add(slot * slot_bytes),
-                    len,
-                );
-                std::ptr::write(
-                    self.tx.desc.add(slot),
-                    SlotDesc {
-                        header: if first { *header } else { MsgHeader::default() },
-                        offset: off as u64,
-                        len: len as u64,
-                        flags: if first { FIRST } else { 0 },
-                        _pad: 0,
-                    },
-                );
+                std::ptr::copy_nonoverlapping(data.as_ptr().add(off), self.tx_slot(0), len);
             }
-            self.tx_head += 1;
-            head.store(self.tx_head, Ordering::Release);
-            if off + len == data.len() {
-                self.send_off = None;
+            if self.publish(header, len) {
                 return Ok(true);
             }
-            self.send_off = Some(off + len);
         }
     }
 
+    fn has_send_space(&self) -> bool {
+        true
+    }
+
+    fn send_space(&mut self, header: &MsgHeader, out: &mut Vec<(usize, DirectDst)>) {
+        if self.aborted {
+            return;
+        }
+        let total = header.bytes as usize;
+        let mut off = self.send_off.unwrap_or(0);
+        for i in 0..self.tx_free() {
+            let len = (total - off).min(self.geom.slot_bytes);
+            if len == 0 {
+                break;
+            }
+            // SAFETY: `i < tx_free()`, so the slot is free and the producer's alone
+            // until it is published; it holds `slot_bytes >= len` bytes.
+            let space = unsafe { DirectDst::new(NonNull::new_unchecked(self.tx_slot(i)), len) };
+            out.push((off, space));
+            off += len;
+        }
+    }
+
+    fn commit_send(&mut self, header: &MsgHeader, upto: usize) -> Result<bool> {
+        self.check_sendable()?;
+        let total = header.bytes as usize;
+        loop {
+            let off = self.send_off.unwrap_or(0);
+            let len = (total - off).min(self.geom.slot_bytes);
+            if off + len > upto || self.tx_free() == 0 {
+                return Ok(false);
+            }
+            if self.publish(header, len) {
+                return Ok(true);
+            }
+        }
+    }
     fn poll_recv(&mut self, sink: &mut dyn RecvSink) -> Result<bool> {
         self.check_not_aborted()?;
         // SAFETY: head/tail point at atomics in the live mapping.
@@ -838,6 +908,56 @@ mod tests {
         a.unlink();
         assert!(!dev_shm_has(&name));
         duplex(&mut a, &mut b, &STANDARD_SIZES);
+    }
+
+    #[test]
+    fn messages_written_in_place_arrive_like_copied_ones() {
+        let (mut a, mut b) = pair(small());
+        assert!(a.has_send_space());
+        let data = pattern(10_000, 5);
+        let h = header(1, data.len());
+        let mut spaces = Vec::new();
+        a.send_space(&h, &mut spaces);
+        let layout: Vec<(usize, usize)> = spaces.iter().map(|(o, s)| (*o, s.len())).collect();
+        assert_eq!(layout, [(0, 4096), (4096, 4096), (8192, 1808)]);
+        for &(o, s) in &spaces[..2] {
+            // SAFETY: the room is this test's until committed.
+            unsafe { s.slice_mut(0..s.len()) }.copy_from_slice(&data[o..o + s.len()]);
+        }
+        // Only whole pieces below `upto` are published; none completes the message.
+        assert!(!a.commit_send(&h, 6000).unwrap());
+        assert!(!a.commit_send(&h, 8192).unwrap());
+        // Room is offered again from the first unsent byte, and `poll_send` carries on.
+        spaces.clear();
+        a.send_space(&h, &mut spaces);
+        assert_eq!(spaces.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [8192]);
+        assert!(a.poll_send(&h, &data).unwrap());
+        let mut sink = VecSink::default();
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(sink.header, Some(h));
+        assert_eq!(sink.data, data);
+
+        // A full ring offers no room, and a whole message committed in place completes.
+        let big = pattern(4 * 4096, 6);
+        let hb = header(2, big.len());
+        assert!(a.poll_send(&hb, &big).unwrap());
+        spaces.clear();
+        a.send_space(&header(3, 100), &mut spaces);
+        assert!(spaces.is_empty());
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(sink.data, big);
+        let small_msg = pattern(100, 7);
+        let hs = header(3, 100);
+        a.send_space(&hs, &mut spaces);
+        assert_eq!(spaces.len(), 1);
+        // SAFETY: as above.
+        unsafe { spaces[0].1.slice_mut(0..100) }.copy_from_slice(&small_msg);
+        assert!(a.commit_send(&hs, 100).unwrap());
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(
+            (sink.header, sink.data.as_slice()),
+            (Some(hs), &small_msg[..])
+        );
     }
 
     #[test]
