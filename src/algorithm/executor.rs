@@ -1080,6 +1080,7 @@ mod tests {
     /// piece's first forwards what it received, written straight into the next link.
     #[test]
     fn ring_all_reduce_forwards_results_through_shared_memory() {
+        use crate::algorithm::ring::RingOrder;
         use crate::algorithm::{plan, Algo, Call, Tuning};
         use crate::transport::shm::{segment_name, ShmGeometry, ShmLink};
         let n = 3;
@@ -1116,6 +1117,7 @@ mod tests {
                 chunk_bytes: 8192,
                 slots: 4,
                 shard_weights: None,
+                ring_order: RingOrder::PieceByPiece,
             };
             let before = commits.load(std::sync::atomic::Ordering::Relaxed);
             let outs: Vec<Vec<f32>> = std::thread::scope(|sc| {

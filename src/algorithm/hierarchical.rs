@@ -19,8 +19,9 @@
 
 use std::ops::Range;
 
+use super::ring::{self, RingOrder};
 use super::schedule::{self, split_chunks, split_even, Builder, Combine, Region};
-use super::{ring, Group};
+use super::Group;
 
 /// Largest shard count; beyond it the lcm of node sizes is replaced by a multiple of
 /// the largest node size (slightly uneven, still correct).
@@ -132,7 +133,9 @@ pub fn all_reduce_inplace(
                 members: &members,
                 me: k,
             };
-            ring::all_reduce_inplace(b, &g, at(r), (r.end - r.start) / elem, elem, chunk_bytes);
+            // Across nodes (TCP): a wave keeps each link's queue full.
+            let count = (r.end - r.start) / elem;
+            ring::all_reduce_inplace(b, &g, at(r), count, elem, chunk_bytes, RingOrder::Wave);
         }
     }
 

@@ -107,6 +107,8 @@ pub struct Tuning {
     pub slots: usize,
     /// Relative sizes of the hierarchical shards (`None`: equal).
     pub shard_weights: Option<Vec<f64>>,
+    /// Order of the steps of a ring all-reduce over all ranks; the same on every rank.
+    pub ring_order: ring::RingOrder,
 }
 
 /// Builds this rank's schedule for `call` over all `n` ranks, grouped into `nodes`
@@ -141,7 +143,8 @@ pub fn plan(
         CollectiveOp::AllReduce => {
             let src = if call.in_place { output } else { input };
             if algo == Algo::Ring && n > 1 {
-                ring::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
+                let (count, chunk) = (call.count, t.chunk_bytes);
+                ring::all_reduce_into(&mut b, &g, src, output, count, e, chunk, t.ring_order);
             } else if algo == Algo::Halving && n > 1 {
                 halving::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
             } else {

@@ -1,9 +1,8 @@
 //! Ring algorithms: reduce-scatter then all-gather, chunked and pipelined.
 //!
 //! The buffer is cut into *pieces* of about `n × chunk` bytes; each piece runs its own
-//! ring over `n` segments, one piece after the other (see [`all_reduce_into`] for why
-//! that order, and how the pieces still overlap). Every rank sends `2(n-1)/n · S`
-//! bytes: bandwidth optimal.
+//! ring over `n` segments; [`RingOrder`] says how the pieces' steps interleave. Every
+//! rank sends `2(n-1)/n · S` bytes: bandwidth optimal.
 //!
 //! ```text
 //! reduce-scatter, step k:  send seg (me-k) to the right; recv seg (me-k-1) from the
@@ -67,16 +66,28 @@ fn all_gather_step(b: &mut Builder, g: &Group, buf: Region, segs: &[Range<usize>
     b.recv(g.left(), at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
 }
 
-/// All-reduce of `src` into `dst` over `g` (in place when they are equal).
-///
-/// Piece by piece: each piece runs its `n - 1` reduce-scatter and `n - 1` all-gather
-/// steps before the next piece starts, as NCCL's ring does. Every step but a piece's
-/// first sends on what the step before it received, and with this order that send is
-/// next on its link when the receive runs, so the executor can write the received
-/// result straight into the link's buffer as well as into `dst` (see
-/// `Link::send_space`) instead of reading it back from `dst` later. The pieces still
-/// overlap: links move a message slot by slot, so a piece's next step starts on its
-/// first slot while the rest is on its way.
+/// In what order a ring all-reduce issues the `2(n-1)` steps (reduce-scatter, then
+/// all-gather) of its pieces. Every rank of a ring must use the same order: it fixes the
+/// sequence of messages on each link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RingOrder {
+    /// Step `s` of piece `p` at time `p + s`, earlier steps first within a time: the
+    /// next pieces' first sends queue ahead of a piece's later steps, so a link has work
+    /// queued while it waits for a piece's data to come round (TCP, slow links).
+    #[default]
+    Wave,
+    /// Each piece's steps before the next piece's, as NCCL's ring does: a piece's next
+    /// send is next on its link when the receive before it runs, so the receive can
+    /// write its result straight into the link's buffer (`Link::send_space`) instead of
+    /// the send reading it back from the output later. Pieces still overlap, as links
+    /// move a message slot by slot (shared memory).
+    PieceByPiece,
+}
+
+/// All-reduce of `src` into `dst` over `g` (in place when they are equal), its steps
+/// issued in `order`. Every step but a piece's first sends on what the step before it
+/// received.
+#[allow(clippy::too_many_arguments)]
 pub fn all_reduce_into(
     b: &mut Builder,
     g: &Group,
@@ -85,17 +96,27 @@ pub fn all_reduce_into(
     count: usize,
     elem: usize,
     chunk_bytes: usize,
+    order: RingOrder,
 ) {
     let n = g.size();
     if n == 1 {
         return;
     }
-    for segs in &layout(count, n, elem, chunk_bytes) {
-        for k in 0..n - 1 {
-            reduce_scatter_step(b, g, src, dst, segs, k);
-        }
-        for k in 0..n - 1 {
-            all_gather_step(b, g, dst, segs, k);
+    let lay = layout(count, n, elem, chunk_bytes);
+    let steps = 2 * (n - 1);
+    let stride = match order {
+        RingOrder::Wave => 1,
+        RingOrder::PieceByPiece => steps,
+    };
+    let mut issue: Vec<(usize, usize, usize)> = (0..lay.len())
+        .flat_map(|p| (0..steps).map(move |s| (p * stride + s, s, p)))
+        .collect();
+    issue.sort_unstable();
+    for (_, s, p) in issue {
+        if s < n - 1 {
+            reduce_scatter_step(b, g, src, dst, &lay[p], s);
+        } else {
+            all_gather_step(b, g, dst, &lay[p], s - (n - 1));
         }
     }
 }
@@ -108,8 +129,9 @@ pub fn all_reduce_inplace(
     count: usize,
     elem: usize,
     chunk_bytes: usize,
+    order: RingOrder,
 ) {
-    all_reduce_into(b, g, buf, buf, count, elem, chunk_bytes);
+    all_reduce_into(b, g, buf, buf, count, elem, chunk_bytes, order);
 }
 
 /// Out-of-place reduce-scatter: `input` holds `n` blocks of `block` elements; member

@@ -156,6 +156,7 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
+    use super::super::ring::RingOrder;
     use super::super::{plan, Algo, Call, Tuning};
     use super::*;
     use crate::dtype::CollectiveOp;
@@ -164,6 +165,7 @@ mod tests {
         chunk_bytes: 64,
         slots: 3,
         shard_weights: None,
+        ring_order: RingOrder::Wave,
     };
 
     fn f32s(v: &[f32]) -> Vec<u8> {
@@ -192,13 +194,23 @@ mod tests {
 
     #[test]
     fn all_reduce_ring_tree_and_doubling_every_world_size() {
-        for algo in [Algo::Ring, Algo::Tree, Algo::Doubling, Algo::Halving] {
+        let ring_pieces = Tuning {
+            ring_order: RingOrder::PieceByPiece,
+            ..T.clone()
+        };
+        for (algo, t) in [
+            (Algo::Ring, &T),
+            (Algo::Ring, &ring_pieces),
+            (Algo::Tree, &T),
+            (Algo::Doubling, &T),
+            (Algo::Halving, &T),
+        ] {
             for n in 1..=9 {
                 for count in [0usize, 1, 7, 100, 1001] {
                     for in_place in [true, false] {
                         let c = call(CollectiveOp::AllReduce, count, 0, in_place);
                         let scheds: Vec<_> = (0..n)
-                            .map(|r| plan(&c, r, n, algo, T.clone(), &[]))
+                            .map(|r| plan(&c, r, n, algo, t.clone(), &[]))
                             .collect();
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| {
@@ -223,7 +235,12 @@ mod tests {
                             .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
                             .collect();
                         for r in &ranks {
-                            assert_eq!(as_f32(&r.output), want, "{algo:?} n={n} count={count}");
+                            let order = t.ring_order;
+                            assert_eq!(
+                                as_f32(&r.output),
+                                want,
+                                "{algo:?} {order:?} n={n} count={count}"
+                            );
                         }
                     }
                 }
@@ -381,6 +398,36 @@ mod tests {
         let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
         // 2(n-1)/n * S
         assert_eq!(s.bytes_sent(), 2 * (n - 1) * count * 4 / n);
+    }
+
+    #[test]
+    fn ring_orders_interleave_pieces_as_documented() {
+        // 3 ranks, 3 pieces of 3 segments of 64 bytes: 4 steps (sends) per piece.
+        let (n, count) = (3, 3 * 3 * 16);
+        let c = call(CollectiveOp::AllReduce, count, 0, true);
+        let piece_of_sends = |order| {
+            let t = Tuning {
+                ring_order: order,
+                ..T.clone()
+            };
+            let s = plan(&c, 0, n, Algo::Ring, t, &[]);
+            s.ops
+                .iter()
+                .filter_map(|op| match op.kind {
+                    OpKind::Send { src, .. } => Some(src.offset / (3 * 64)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            piece_of_sends(RingOrder::PieceByPiece),
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+        );
+        // Step s of piece p at time p + s: piece 1 starts right after piece 0's first step.
+        assert_eq!(
+            piece_of_sends(RingOrder::Wave),
+            [0, 1, 0, 2, 1, 0, 2, 1, 0, 2, 1, 2]
+        );
     }
 
     #[test]

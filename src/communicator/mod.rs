@@ -37,6 +37,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
+use crate::algorithm::ring::RingOrder;
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
 use crate::bootstrap::Bootstrap;
@@ -404,6 +405,18 @@ impl Communicator {
         }
     }
 
+    /// How a ring all-reduce over all ranks orders its steps: piece by piece when its
+    /// links are shared memory (one node, shared memory on), so receives can forward
+    /// their results in place; a wave otherwise. The same on every rank: the node layout
+    /// is shared, and setup fails unless all ranks agree on using shared memory.
+    fn ring_order(&self) -> RingOrder {
+        if self.topo.nodes.len() == 1 && !self.cfg.shm_disable {
+            RingOrder::PieceByPiece
+        } else {
+            RingOrder::Wave
+        }
+    }
+
     /// The schedule for `call`; `compressed` when some of its links carry 16-bit values.
     fn schedule(&self, call: &Call, compressed: bool) -> Arc<Schedule> {
         let algo = match call.op {
@@ -441,6 +454,7 @@ impl Communicator {
                     chunk_bytes: self.cfg.chunk_bytes,
                     slots: 2 * self.cfg.pipeline_depth + 1,
                     shard_weights: self.model.shard_weights.clone(),
+                    ring_order: self.ring_order(),
                 };
                 Arc::new(algorithm::plan(
                     call,
