@@ -480,18 +480,23 @@ impl ShmLink {
         // stays in this core's cache and costs nothing on the fast path.
         let peer_state = self.other().state.load(Ordering::Acquire);
         if peer_state >= CLOSED {
-            return Err(self.lost(format!(
-                "peer {} {} the shared-memory link while rank {} was sending",
-                self.peer,
-                if peer_state == ABORTED {
-                    "aborted"
-                } else {
-                    "closed"
-                },
-                self.rank
-            )));
+            return Err(self.peer_left(peer_state, "sending"));
         }
         Ok(())
+    }
+
+    /// The error for a peer whose side is in `state` (closed or aborted) while this
+    /// side was `doing` something with the link.
+    fn peer_left(&self, state: u32, doing: &str) -> Error {
+        let how = if state == ABORTED {
+            "aborted"
+        } else {
+            "closed"
+        };
+        self.lost(format!(
+            "peer {} {how} the shared-memory link while rank {} was {doing}",
+            self.peer, self.rank
+        ))
     }
 
     /// Free slots in the outgoing ring (rereads the consumer's tail only when the
@@ -661,16 +666,7 @@ impl Link for ShmLink {
                     if state == ABORTED
                         || (state == CLOSED && head.load(Ordering::Acquire) == self.rx_tail)
                     {
-                        return Err(self.lost(format!(
-                            "peer {} {} the shared-memory link while rank {} was receiving",
-                            self.peer,
-                            if state == ABORTED {
-                                "aborted"
-                            } else {
-                                "closed"
-                            },
-                            self.rank
-                        )));
+                        return Err(self.peer_left(state, "receiving"));
                     }
                     return Ok(false);
                 }
