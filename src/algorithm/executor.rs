@@ -61,7 +61,7 @@ pub fn spin_polls_for(local_ranks: usize) -> u32 {
 }
 
 /// Longest a receive is held back for its forwarding send to reach the head of its
-/// link (see [`Forward::Soon`]).
+/// link (see [`Forwarder::prepare`]).
 const FORWARD_WAIT: Duration = Duration::from_micros(50);
 /// Most sends a forwarding send may be queued behind for its receive to be held back.
 const FORWARD_AHEAD: usize = 2;
@@ -489,70 +489,187 @@ impl Queue {
     }
 }
 
-/// For each receive, the send that forwards exactly what it wrote, if any: a send of
-/// the receive's destination region that depends on it. A ring's steps are such pairs.
-fn forwards(sched: &Schedule) -> Vec<Option<usize>> {
-    let mut fwd = vec![None; sched.ops.len()];
-    for (j, op) in sched.ops.iter().enumerate() {
-        let OpKind::Send { src, .. } = op.kind else {
-            continue;
-        };
-        for &d in &op.deps {
-            if matches!(sched.ops[d].kind, OpKind::Recv { dst, .. } if dst == src && src.len > 0)
-                && fwd[d].is_none()
-            {
-                fwd[d] = Some(j);
+/// Receives that write their result into the room of the link that forwards it
+/// ([`Link::send_space`]) as well as into their destination.
+struct Forwarder {
+    /// For each receive, the send that forwards exactly what it wrote, if any: a send
+    /// of the receive's destination region that depends on it. A ring's steps are such
+    /// pairs.
+    target: Vec<Option<usize>>,
+    /// Whether this collective may forward at all.
+    enabled: bool,
+    /// Room taken for the current receive's forwarding send, `(message offset, room)`.
+    spaces: Vec<(usize, DirectDst)>,
+    /// That send: op, link, header.
+    send: Option<(usize, usize, MsgHeader)>,
+    /// Per link: payload bytes of the receive at the head of its queue delivered so far
+    /// (final in the destination).
+    got: Vec<usize>,
+    /// Per link: since when its head receive is held back for its forwarding send.
+    held_since: Vec<Option<Instant>>,
+}
+
+/// What [`Forwarder::commit`] published.
+enum Committed {
+    Nothing,
+    Part,
+    /// The whole forwarding send `j` on link `q`.
+    All(usize, usize),
+}
+
+impl Forwarder {
+    fn new(sched: &Schedule, links: usize, enabled: bool) -> Self {
+        let mut target = vec![None; sched.ops.len()];
+        for (j, op) in sched.ops.iter().enumerate() {
+            let OpKind::Send { src, .. } = op.kind else {
+                continue;
+            };
+            for &d in &op.deps {
+                if matches!(sched.ops[d].kind, OpKind::Recv { dst, .. } if dst == src && src.len > 0)
+                    && target[d].is_none()
+                {
+                    target[d] = Some(j);
+                }
             }
         }
+        Forwarder {
+            target,
+            enabled,
+            spaces: Vec::new(),
+            send: None,
+            got: vec![0; links],
+            held_since: vec![None; links],
+        }
     }
-    fwd
+
+    /// Before receive `i` on link `p` polls: takes room for its forwarding send when
+    /// that send is next on its link and waits for nothing else, and copies into it
+    /// what arrived earlier (`dst`: the receive's destination). Returns the message
+    /// offset from which arriving pieces go into the room (`usize::MAX`: none), or
+    /// `None` to hold the receive back: no room yet, or the send is still behind others
+    /// that need only room. A hold lasts at most [`FORWARD_WAIT`], so no wait between
+    /// ranks can close a cycle.
+    fn prepare(
+        &mut self,
+        i: usize,
+        p: usize,
+        (sched, sends, done): (&Schedule, &[Queue], &[bool]),
+        links: &mut [Option<Box<dyn Link>>],
+        ctx: &ExecCtx,
+        dst: *const u8,
+    ) -> Option<usize> {
+        self.spaces.clear();
+        self.send = None;
+        let mut hold = false;
+        match self.target_state(i, sched, sends, done, links) {
+            Target::Next(j, q, len) => {
+                let header = ctx.header(len, None);
+                if let Some(l) = links[q].as_mut() {
+                    l.send_space(&header, &mut self.spaces);
+                }
+                hold = self.spaces.is_empty();
+                self.send = Some((j, q, header));
+            }
+            Target::Behind => hold = true,
+            Target::None => {}
+        }
+        if hold {
+            let since = *self.held_since[p].get_or_insert_with(Instant::now);
+            if since.elapsed() < FORWARD_WAIT {
+                return None;
+            }
+        }
+        self.held_since[p] = None;
+        // Bytes that arrived before the send reached the head of its link are in the
+        // destination already (and still in cache): copy them into the room first, so
+        // the rest can be forwarded as it arrives.
+        let mut from = self.spaces.first().map_or(usize::MAX, |&(o, _)| o);
+        for &(o, space) in &self.spaces {
+            if o != from || o + space.len() > self.got[p] {
+                break;
+            }
+            // SAFETY: the room is ours until committed; the destination's first
+            // `got[p]` bytes are final and no op writes them meanwhile.
+            unsafe {
+                let done_part = std::slice::from_raw_parts(dst.add(o), space.len());
+                space.slice_mut(0..space.len()).copy_from_slice(done_part);
+            }
+            from = o + space.len();
+        }
+        Some(from)
+    }
+
+    /// After the poll: publishes the room written up to message offset `upto`.
+    fn commit(
+        &mut self,
+        upto: usize,
+        links: &mut [Option<Box<dyn Link>>],
+        ctx: &ExecCtx,
+    ) -> Result<Committed> {
+        let (Some((j, q, header)), Some(&(start, _))) = (self.send, self.spaces.first()) else {
+            return Ok(Committed::Nothing);
+        };
+        if upto == usize::MAX || upto <= start {
+            return Ok(Committed::Nothing);
+        }
+        let l = links[q].as_mut().expect("forwarding link is open");
+        Ok(
+            if l.commit_send(&header, upto)
+                .map_err(|e| in_context(e, ctx))?
+            {
+                Committed::All(j, q)
+            } else {
+                Committed::Part
+            },
+        )
+    }
+
+    fn target_state(
+        &self,
+        i: usize,
+        sched: &Schedule,
+        sends: &[Queue],
+        done: &[bool],
+        links: &[Option<Box<dyn Link>>],
+    ) -> Target {
+        let Some(j) = self.target[i].filter(|_| self.enabled) else {
+            return Target::None;
+        };
+        let OpKind::Send { peer: q, src } = sched.ops[j].kind else {
+            return Target::None;
+        };
+        if !links[q].as_ref().is_some_and(|l| l.has_send_space()) {
+            return Target::None;
+        }
+        // `j` waits for nothing but this receive; the sends ahead of it (few, or it is
+        // not worth it) for nothing but room on the link.
+        if !sched.ops[j].deps.iter().all(|&d| d == i || done[d]) {
+            return Target::None;
+        }
+        let queue = &sends[q].ops[sends[q].next..];
+        match queue.iter().take(FORWARD_AHEAD + 1).position(|&k| k == j) {
+            Some(0) => Target::Next(j, q, src.len),
+            Some(pos)
+                if queue[..pos]
+                    .iter()
+                    .all(|&k| sched.ops[k].deps.iter().all(|&d| done[d])) =>
+            {
+                Target::Behind
+            }
+            _ => Target::None,
+        }
+    }
 }
 
-/// Whether receive `i` (on link `p`) can hand its result to the send that forwards it.
-enum Forward {
-    /// No forwarding send, or its link has no room to write into.
-    No,
+/// Where a receive's forwarding send stands.
+enum Target {
+    /// No forwarding send, or one that cannot take the result as it arrives.
+    None,
     /// Send `j` of `len` bytes on link `q` is next on its link and waits only for this
     /// receive.
-    Now(usize, usize, usize),
+    Next(usize, usize, usize),
     /// The send is queued behind others on its link that need only room to go.
-    Soon,
-}
-
-fn forward_state(
-    i: usize,
-    forward: &[Option<usize>],
-    sched: &Schedule,
-    sends: &[Queue],
-    done: &[bool],
-    links: &[Option<Box<dyn Link>>],
-) -> Forward {
-    let Some(j) = forward[i] else {
-        return Forward::No;
-    };
-    let OpKind::Send { peer: q, src } = sched.ops[j].kind else {
-        return Forward::No;
-    };
-    if !links[q].as_ref().is_some_and(|l| l.has_send_space()) {
-        return Forward::No;
-    }
-    // `j` waits for nothing but this receive; the sends ahead of it (few, or it is not
-    // worth it) for nothing but room on the link.
-    if !sched.ops[j].deps.iter().all(|&d| d == i || done[d]) {
-        return Forward::No;
-    }
-    let queue = &sends[q].ops[sends[q].next..];
-    match queue.iter().take(FORWARD_AHEAD + 1).position(|&k| k == j) {
-        Some(0) => Forward::Now(j, q, src.len),
-        Some(pos)
-            if queue[..pos]
-                .iter()
-                .all(|&k| sched.ops[k].deps.iter().all(|&d| done[d])) =>
-        {
-            Forward::Soon
-        }
-        _ => Forward::No,
-    }
+    Behind,
 }
 
 /// Adds the collective's context to a link error.
@@ -638,12 +755,9 @@ pub fn execute(
         .filter(|&p| !sends[p].ops.is_empty() || !recvs[p].ops.is_empty())
         .collect();
 
-    let forward = forwards(sched);
-    let mut spaces: Vec<(usize, DirectDst)> = Vec::new();
-    // Per link: payload bytes of the receive at the head of its queue delivered so far.
-    let mut got = vec![0usize; links.len()];
-    // Per link: since when its head receive is held back for its forwarding send.
-    let mut held_since: Vec<Option<Instant>> = vec![None; links.len()];
+    // Forwarding needs the receive to write exactly what the send carries: not with
+    // block passes (they run on blocks as ops reach them) or compression on the wire.
+    let mut fwd = Forwarder::new(sched, links.len(), blocks.is_none() && wire.is_none());
     let mut done = vec![false; n_ops];
     let mut n_done = 0usize;
     let ready = |done: &[bool], i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);
@@ -753,86 +867,45 @@ pub fn execute(
                 if let Some(t) = blocks.as_mut() {
                     t.start(i, &sched.ops[i].kind)?;
                 }
-                let wire_p = Wire::format_for(wire, p);
-                // The send that forwards this receive's result, when it is next on its
-                // link: the receive writes the result into the link's room as well.
-                spaces.clear();
-                let mut fwd = None;
-                let mut hold = false;
-                if blocks.is_none() && wire.is_none() {
-                    match forward_state(i, &forward, sched, &sends, &done, links) {
-                        Forward::Now(j, q, len) => {
-                            let header = ctx.header(len, None);
-                            if let Some(l) = links[q].as_mut() {
-                                l.send_space(&header, &mut spaces);
-                            }
-                            hold = spaces.is_empty();
-                            fwd = Some((j, q, header));
-                        }
-                        Forward::Soon => hold = true,
-                        Forward::No => {}
-                    }
-                }
-                // No room yet, or the send is still behind others: hold the receive
-                // back briefly (never for good, so no wait can close a cycle).
-                if hold {
-                    let since = *held_since[p].get_or_insert_with(Instant::now);
-                    if since.elapsed() < FORWARD_WAIT {
-                        break;
-                    }
-                }
-                held_since[p] = None;
-                // Bytes that arrived before the forwarding send reached the head of its
-                // link are in the destination already (and still in cache): copy them
-                // into the room first, so the rest can be forwarded as it arrives.
-                let mut forwarded = spaces.first().map_or(usize::MAX, |&(o, _)| o);
-                for &(o, space) in &spaces {
-                    if o != forwarded || o + space.len() > got[p] {
-                        break;
-                    }
-                    // SAFETY: the room is ours until committed; the destination's first
-                    // `got[p]` bytes are final and no op writes them meanwhile.
-                    unsafe {
-                        let done_part =
-                            std::slice::from_raw_parts(bufs.ptr(&dst).add(o), space.len());
-                        space.slice_mut(0..space.len()).copy_from_slice(done_part);
-                    }
-                    forwarded = o + space.len();
-                }
+                // Room in the next link for the send that forwards this receive's
+                // result, if it is next there; `None`: wait a little for that room.
+                let dst_ptr = bufs.ptr(&dst);
+                let Some(forwarded) =
+                    fwd.prepare(i, p, (sched, &sends, &done), links, ctx, dst_ptr)
+                else {
+                    break;
+                };
                 let mut sink = Sink {
                     ctx,
                     peer: p,
-                    dst: bufs.ptr(&dst),
+                    dst: dst_ptr,
                     len: dst.len,
                     from: match combine {
                         Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
                         _ => None,
                     },
                     combine,
-                    wire: wire_p,
-                    forward: &spaces,
+                    wire: Wire::format_for(wire, p),
+                    forward: &fwd.spaces,
                     forwarded,
-                    got: got[p],
+                    got: fwd.got[p],
                 };
                 let Some(link) = links[p].as_mut() else {
                     break;
                 };
                 let complete = link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))?;
-                let forwarded = sink.forwarded;
-                got[p] = if complete { 0 } else { sink.got };
-                if let (Some((j, q, header)), Some(&(start, _))) = (fwd, spaces.first()) {
-                    if forwarded > start {
+                let (forwarded, got) = (sink.forwarded, sink.got);
+                fwd.got[p] = if complete { 0 } else { got };
+                match fwd.commit(forwarded, links, ctx)? {
+                    Committed::Nothing => {}
+                    Committed::Part => progressed = true,
+                    Committed::All(j, q) => {
+                        // All of it was forwarded, so all of it has arrived: the receive
+                        // completed in this very call and is marked below.
                         progressed = true;
-                        let l = links[q].as_mut().expect("forwarding link is open");
-                        if l.commit_send(&header, forwarded)
-                            .map_err(|e| in_context(e, ctx))?
-                        {
-                            // All of it was forwarded, so all of it has arrived: the
-                            // receive completed in this very call and is marked below.
-                            done[j] = true;
-                            n_done += 1;
-                            sends[q].next += 1;
-                        }
+                        done[j] = true;
+                        n_done += 1;
+                        sends[q].next += 1;
                     }
                 }
                 if !complete {
