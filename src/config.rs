@@ -168,7 +168,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `HETCCL_STREAM_MIN_BYTES`: a collective whose output is at least this large
     /// writes what it only copies into place (the other ranks' results, on shared
-    /// buffers or received over links) with streaming (cache-bypassing) stores.
+    /// buffers or received over links, and ring results it forwarded from a link's
+    /// buffer) with streaming (cache-bypassing) stores.
     pub stream_min_bytes: usize,
     /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
     pub tcp_congestion: TcpCongestion,
