@@ -61,7 +61,7 @@ if [ "$latency" = 1 ]; then
 elif [ "$quick" = 1 ]; then
     bands=("-b 256 -e 16M -f 16 -n 10 -w 3")
 else
-    bands=("-b 4 -e 4M -f 4 -n 20 -w 5" "-b 16M -e 256M -f 4 -n 5 -w 2")
+    bands=("-b 4 -e 16M -f 4 -n 20 -w 5" "-b 64M -e 256M -f 4 -n 5 -w 2")
 fi
 
 for tool in mpicc mpirun iperf3 cargo; do
