@@ -489,13 +489,9 @@ impl Queue {
     }
 }
 
-/// Receives that write their result into the room of the link that forwards it
-/// ([`Link::send_space`]) as well as into their destination.
+/// Receives that write their result into the room ([`Link::send_space`]) of the link
+/// whose send forwards it ([`Schedule::forwards`]) as well as into their destination.
 struct Forwarder {
-    /// For each receive, the send that forwards exactly what it wrote, if any: a send
-    /// of the receive's destination region that depends on it. A ring's steps are such
-    /// pairs.
-    target: Vec<Option<usize>>,
     /// Whether this collective may forward at all.
     enabled: bool,
     /// Room taken for the current receive's forwarding send, `(message offset, room)`.
@@ -518,22 +514,8 @@ enum Committed {
 }
 
 impl Forwarder {
-    fn new(sched: &Schedule, links: usize, enabled: bool) -> Self {
-        let mut target = vec![None; sched.ops.len()];
-        for (j, op) in sched.ops.iter().enumerate() {
-            let OpKind::Send { src, .. } = op.kind else {
-                continue;
-            };
-            for &d in &op.deps {
-                if matches!(sched.ops[d].kind, OpKind::Recv { dst, .. } if dst == src && src.len > 0)
-                    && target[d].is_none()
-                {
-                    target[d] = Some(j);
-                }
-            }
-        }
+    fn new(links: usize, enabled: bool) -> Self {
         Forwarder {
-            target,
             enabled,
             spaces: Vec::new(),
             send: None,
@@ -612,7 +594,9 @@ impl Forwarder {
         if upto == usize::MAX || upto <= start {
             return Ok(Committed::Nothing);
         }
-        let l = links[q].as_mut().expect("forwarding link is open");
+        let Some(l) = links[q].as_mut() else {
+            return Ok(Committed::Nothing);
+        };
         Ok(
             if l.commit_send(&header, upto)
                 .map_err(|e| in_context(e, ctx))?
@@ -632,7 +616,13 @@ impl Forwarder {
         done: &[bool],
         links: &[Option<Box<dyn Link>>],
     ) -> Target {
-        let Some(j) = self.target[i].filter(|_| self.enabled) else {
+        let Some(j) = sched
+            .forwards
+            .get(i)
+            .copied()
+            .flatten()
+            .filter(|_| self.enabled)
+        else {
             return Target::None;
         };
         let OpKind::Send { peer: q, src } = sched.ops[j].kind else {
@@ -757,7 +747,7 @@ pub fn execute(
 
     // Forwarding needs the receive to write exactly what the send carries: not with
     // block passes (they run on blocks as ops reach them) or compression on the wire.
-    let mut fwd = Forwarder::new(sched, links.len(), blocks.is_none() && wire.is_none());
+    let mut fwd = Forwarder::new(links.len(), blocks.is_none() && wire.is_none());
     let mut done = vec![false; n_ops];
     let mut n_done = 0usize;
     let ready = |done: &[bool], i: usize| sched.ops[i].deps.iter().all(|&d| done[d]);

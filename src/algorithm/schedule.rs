@@ -115,6 +115,11 @@ pub struct Schedule {
     pub finalize: Option<Region>,
     /// Name of the algorithm, for logs.
     pub algo: &'static str,
+    /// For each op, when it is a receive: the send that forwards exactly what it wrote
+    /// (a send of the receive's destination region that depends on it), which the
+    /// executor lets the receive write into the link directly. A ring's steps are such
+    /// pairs. Filled in by [`Builder::build`].
+    pub forwards: Vec<Option<usize>>,
 }
 
 impl Schedule {
@@ -221,7 +226,21 @@ impl Builder {
     }
 
     /// The finished schedule.
-    pub fn build(self) -> Schedule {
+    pub fn build(mut self) -> Schedule {
+        let ops = &self.sched.ops;
+        let mut forwards = vec![None; ops.len()];
+        for (j, op) in ops.iter().enumerate() {
+            let OpKind::Send { src, .. } = op.kind else {
+                continue;
+            };
+            for &d in &op.deps {
+                let forwarded = matches!(ops[d].kind, OpKind::Recv { dst, .. } if dst == src);
+                if forwarded && src.len > 0 && forwards[d].is_none() {
+                    forwards[d] = Some(j);
+                }
+            }
+        }
+        self.sched.forwards = forwards;
         self.sched
     }
 }

@@ -431,6 +431,27 @@ mod tests {
     }
 
     #[test]
+    fn ring_receives_know_the_send_that_forwards_them() {
+        // 3 ranks, 3 pieces: every step but a piece's last receive is forwarded.
+        let (n, count) = (3, 3 * 3 * 16);
+        let c = call(CollectiveOp::AllReduce, count, 0, true);
+        let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
+        let mut forwarded = 0;
+        for (i, op) in s.ops.iter().enumerate() {
+            let OpKind::Recv { dst, .. } = op.kind else {
+                assert_eq!(s.forwards[i], None, "op {i} is not a receive");
+                continue;
+            };
+            if let Some(j) = s.forwards[i] {
+                assert!(matches!(s.ops[j].kind, OpKind::Send { src, .. } if src == dst));
+                assert!(s.ops[j].deps.contains(&i));
+                forwarded += 1;
+            }
+        }
+        assert_eq!(forwarded, 3 * (2 * (n - 1) - 1));
+    }
+
+    #[test]
     fn barrier_waits_for_the_children_before_telling_the_parent() {
         let n = 5;
         let c = call(CollectiveOp::Barrier, 1, 0, true);
