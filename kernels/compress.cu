@@ -1,7 +1,7 @@
 // fp16 / bf16 wire-format kernels; CPU twins in src/compression/ (same names, same
-// argument order, bitwise the same results). Grid-stride loops over groups of 8
-// elements, with 16-byte loads/stores when every pointer is 16-byte aligned, then a
-// scalar tail. Launch with blockDim.x a multiple of 32.
+// argument order, bitwise the same results). Grid-stride loops over warp tiles of 256
+// elements (common.cuh, tile_first) when every pointer is 16-byte aligned, then a scalar
+// tail. Launch with blockDim.x a multiple of 32.
 //
 // Arguments after the CPU twin's: n (elements) and stats (2 x u64: overflow, nonfinite;
 // added to, never reset here).
@@ -16,22 +16,23 @@ __device__ __forceinline__ void compress_impl(const float* __restrict__ src, flo
                                               size_t n, Counts& c) {
     size_t done = 0;
     if (VEC) {
-        const size_t groups = n / 8;
+        const size_t groups = n / TILE * 32;
         for (size_t g = global_thread(); g < groups; g += grid_threads()) {
             float s[8], r[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             uint16_t o[8];
-            load8(src + 8 * g, s);
-            if (RES) load8(res + 8 * g, r);
+            const size_t i = tile_first(g);
+            load8(src + i, s);
+            if (RES) load8(res + i, r);
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
                 const float v = RES ? __fadd_rn(__fmul_rn(s[k], scale), r[k]) : __fmul_rn(s[k], scale);
                 const bool fin = isfinite(s[k]) && (!RES || isfinite(r[k]));
                 o[k] = encode<W>(v, fin, r[k], c);
             }
-            store8(dst + 8 * g, o);
-            if (RES) store8(res + 8 * g, r);
+            store8(dst + i, o);
+            if (RES) store8(res + i, r);
         }
-        done = groups * 8;
+        done = n / TILE * TILE;
     }
     for (size_t i = done + global_thread(); i < n; i += grid_threads()) {
         const float s = src[i];
@@ -63,17 +64,18 @@ __device__ __forceinline__ void decompress(const uint16_t* __restrict__ src, flo
                                            size_t n) {
     size_t done = 0;
     if (aligned16(src) && aligned16(dst)) {
-        const size_t groups = n / 8;
+        const size_t groups = n / TILE * 32;
         for (size_t g = global_thread(); g < groups; g += grid_threads()) {
             uint16_t h[8];
             float d[8];
-            load8(src + 8 * g, h);
-            if (ADD) load8(dst + 8 * g, d);
+            const size_t i = tile_first(g);
+            load8(src + i, h);
+            if (ADD) load8(dst + i, d);
 #pragma unroll
             for (int k = 0; k < 8; ++k) d[k] = ADD ? __fadd_rn(d[k], W::load(h[k])) : W::load(h[k]);
-            store8(dst + 8 * g, d);
+            store8(dst + i, d);
         }
-        done = groups * 8;
+        done = n / TILE * TILE;
     }
     for (size_t i = done + global_thread(); i < n; i += grid_threads()) {
         dst[i] = ADD ? __fadd_rn(dst[i], W::load(src[i])) : W::load(src[i]);
@@ -89,13 +91,14 @@ __device__ __forceinline__ void fused_impl(const uint16_t* incoming, const float
                                            size_t n, Counts& c) {
     size_t done = 0;
     if (VEC) {
-        const size_t groups = n / 8;
+        const size_t groups = n / TILE * 32;
         for (size_t g = global_thread(); g < groups; g += grid_threads()) {
             uint16_t h[8], o[8];
             float l[8], r[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            load8(incoming + 8 * g, h);
-            load8(local + 8 * g, l);
-            if (RES) load8(res + 8 * g, r);
+            const size_t i = tile_first(g);
+            load8(incoming + i, h);
+            load8(local + i, l);
+            if (RES) load8(res + i, r);
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
                 const float x = W::load(h[k]);
@@ -103,10 +106,10 @@ __device__ __forceinline__ void fused_impl(const uint16_t* incoming, const float
                 const bool fin = isfinite(x) && isfinite(l[k]) && (!RES || isfinite(r[k]));
                 o[k] = encode<W>(__fadd_rn(x, t), fin, r[k], c);
             }
-            store8(dst + 8 * g, o);
-            if (RES) store8(res + 8 * g, r);
+            store8(dst + i, o);
+            if (RES) store8(res + i, r);
         }
-        done = groups * 8;
+        done = n / TILE * TILE;
     }
     for (size_t i = done + global_thread(); i < n; i += grid_threads()) {
         const float x = W::load(incoming[i]);

@@ -7,8 +7,9 @@
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
 # gpu-bin/ is git-ignored: copy it along with the checkout (it is ~3 MiB stripped).
-# Logs go to $OUT if set (else gpu-check-logs/). Exit status: 0 when every test passed
-# and the bench ran.
+# Logs go to $OUT if set (else gpu-check-logs/). Each step is cut off after
+# $GPU_CHECK_STEP_TIMEOUT seconds (default 150), so one hung step cannot eat the rest.
+# Exit status: 0 when every test passed and the bench ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ shift || true
 BENCH_ARGS=("$@")
 [ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--sizes 64,256)
 LOG=${OUT:-gpu-check-logs}
+STEP=${GPU_CHECK_STEP_TIMEOUT:-150}
 mkdir -p "$LOG"
 
 if [ ! -d "$BIN" ]; then
@@ -34,7 +36,7 @@ HETCCL_BIN_DIR=$(cd "$BIN" && pwd)
 for t in "$BIN"/gpu*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
-    timeout 600 "$t" --test-threads=1 --nocapture >"$LOG/$name.log" 2>&1
+    timeout "$STEP" "$t" --test-threads=1 --nocapture >"$LOG/$name.log" 2>&1
     rc=$?
     result=$(grep -E '^test result:' "$LOG/$name.log" | tail -n 1)
     skipped=$(grep -c 'skipping:' "$LOG/$name.log")
@@ -53,7 +55,7 @@ for n in 2 4; do
     name="hetccl-gpu-check n=$n"
     log="$LOG/hetccl-gpu-check-n$n.log"
     if [ -x "$BIN/hetccl" ] && [ -x "$BIN/hetccl-gpu-check" ]; then
-        HETCCL_TIMEOUT=60 timeout 300 "$BIN/hetccl" run -n "$n" -- "$BIN/hetccl-gpu-check" >"$log" 2>&1
+        HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n "$n" -- "$BIN/hetccl-gpu-check" >"$log" 2>&1
         rc=$?
     else
         echo "hetccl or hetccl-gpu-check missing from $BIN" >"$log"
@@ -71,7 +73,7 @@ for n in 2 4; do
     fi
 done
 
-timeout 900 "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
+timeout "$STEP" "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
 brc=$?
 grep -v '^SUMMARY' "$LOG/kernel-bench.log"
 [ $brc -ne 0 ] && status=1
