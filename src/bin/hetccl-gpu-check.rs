@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! hetccl run -n 4 -- hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579]
+//!                                      [--time 1024,16777216] [--iters 5]
 //! ```
 //!
 //! Rank r uses GPU `local_rank mod device count`, so several ranks share a GPU when there
@@ -15,6 +16,10 @@
 //! summed over all ranks, and on every rank `checks passed, #wrong=0` or `#wrong=N`.
 //! Exits 1 on any wrong element or error, 0 otherwise; without a usable GPU it prints
 //! `skipping: <reason>` and exits 0.
+//!
+//! Then it times an in-place f32 sum of each count in `--time` (default: the largest of
+//! `--counts`), median of `--iters` calls after one warm-up, and rank 0 prints one line
+//! per count with algbw and busbw (nccl-tests' factor 2(n-1)/n).
 //!
 //! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
 //! picks the staged path and `ipc` must refuse with a clear error.
@@ -32,17 +37,29 @@ use rand::{Rng, SeedableRng};
 struct Args {
     path: DevicePath,
     counts: Vec<usize>,
+    time: Option<Vec<usize>>,
     pretend_nodes: Option<usize>,
     iters: usize,
 }
 
 const USAGE: &str = "usage: hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579] \
-                     [--pretend-nodes K] [--iters N]";
+                     [--time 1024,16777216] [--pretend-nodes K] [--iters N]";
+
+fn parse_counts(flag: &str, v: &str) -> Result<Vec<usize>, String> {
+    v.split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {v}: {e}"))
+        })
+        .collect()
+}
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         path: DevicePath::Auto,
         counts: vec![1, 1000, (1 << 20) + 3],
+        time: None,
         pretend_nodes: None,
         iters: 5,
     };
@@ -55,16 +72,8 @@ fn parse_args() -> Result<Args, String> {
                 a.path = DevicePath::parse(&v)
                     .ok_or_else(|| format!("--path {v}: expected auto, ipc or staged"))?;
             }
-            "--counts" => {
-                a.counts = val()?
-                    .split(',')
-                    .map(|s| {
-                        s.trim()
-                            .parse::<usize>()
-                            .map_err(|e| format!("--counts: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?
-            }
+            "--counts" => a.counts = parse_counts("--counts", &val()?)?,
+            "--time" => a.time = Some(parse_counts("--time", &val()?)?),
             "--pretend-nodes" => {
                 let k: usize = val()?
                     .parse()
@@ -303,7 +312,11 @@ fn run(args: &Args) -> Res<bool> {
     }
     let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
     ck.determinism(largest)?;
-    let secs = ck.time(largest, args.iters)?;
+    let timed = args.time.clone().unwrap_or_else(|| vec![largest]);
+    let mut secs = Vec::with_capacity(timed.len());
+    for &count in &timed {
+        secs.push(ck.time(count.max(1), args.iters)?);
+    }
     let rows = std::mem::take(&mut ck.rows);
 
     let mut wrong: Vec<u64> = rows.iter().map(|(_, w)| *w).collect();
@@ -315,14 +328,16 @@ fn run(args: &Args) -> Res<bool> {
         for ((what, _), w) in rows.iter().zip(&wrong) {
             println!("{what:<56} {w:>7}");
         }
-        let bytes = (largest * 4) as f64;
-        println!(
-            "all_reduce f32 sum {largest} elements on {n} ranks ({}): {:.1} us, algbw {:.2} GB/s, busbw {:.2} GB/s",
-            dc.path(),
-            secs * 1e6,
-            bytes / secs / 1e9,
-            bytes / secs / 1e9 * 2.0 * (n as f64 - 1.0) / n as f64
-        );
+        for (&count, &secs) in timed.iter().zip(&secs) {
+            let count = count.max(1);
+            let algbw = (count * 4) as f64 / secs / 1e9;
+            println!(
+                "all_reduce f32 sum {count} elements on {n} ranks ({}): {:.1} us, algbw {algbw:.2} GB/s, busbw {:.2} GB/s",
+                dc.path(),
+                secs * 1e6,
+                algbw * 2.0 * (n as f64 - 1.0) / n as f64
+            );
+        }
     }
     println!(
         "rank {r}/{n}: {} checks passed, #wrong={total} (path {}, scratch {} bytes)",
