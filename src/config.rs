@@ -171,6 +171,9 @@ pub struct Config {
     /// buffers or received over links, and ring results it forwarded from a link's
     /// buffer) with streaming (cache-bypassing) stores.
     pub stream_min_bytes: usize,
+    /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
+    /// on the CUDA IPC path; longer messages pass through it in windows of this size.
+    pub device_scratch_bytes: usize,
     /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
     pub tcp_congestion: TcpCongestion,
     /// Rank identity from the launcher.
@@ -214,6 +217,7 @@ impl Default for Config {
             compress_format: crate::compression::WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
+            device_scratch_bytes: 64 << 20,
             tcp_congestion: TcpCongestion::Auto,
             launch: LaunchEnv::default(),
         }
@@ -377,6 +381,9 @@ impl Config {
             stream_min_bytes: v
                 .parse_usize("HETCCL_STREAM_MIN_BYTES", 0, usize::MAX)?
                 .unwrap_or(d.stream_min_bytes),
+            device_scratch_bytes: v
+                .parse_usize("HETCCL_DEVICE_SCRATCH_BYTES", 1 << 20, 1 << 40)?
+                .unwrap_or(d.device_scratch_bytes),
             tcp_congestion: match v.get("HETCCL_TCP_CONGESTION") {
                 None | Some("auto") => TcpCongestion::Auto,
                 Some("system") => TcpCongestion::System,
@@ -490,6 +497,7 @@ mod tests {
             ("HETCCL_TIMEOUT", "2.5"),
             ("HETCCL_CHUNK_BYTES", "256K"),
             ("HETCCL_STREAM_MIN_BYTES", "1G"),
+            ("HETCCL_DEVICE_SCRATCH_BYTES", "8M"),
             ("HETCCL_INIT", "file:///tmp/rdv"),
             ("RANK", "3"),
             ("WORLD_SIZE", "4"),
@@ -499,6 +507,8 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.chunk_bytes, 256 << 10);
         assert_eq!(c.stream_min_bytes, 1 << 30);
+        assert_eq!(c.device_scratch_bytes, 8 << 20);
+        assert_eq!(cfg(&[]).unwrap().device_scratch_bytes, 64 << 20);
         assert_eq!(c.tcp_congestion, TcpCongestion::Auto);
         let named = |v: &str| cfg(&[("HETCCL_TCP_CONGESTION", v)]).map(|c| c.tcp_congestion);
         assert_eq!(named("system").unwrap(), TcpCongestion::System);
@@ -528,6 +538,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("from 1 to 16"), "{e}");
+        let e = cfg(&[("HETCCL_DEVICE_SCRATCH_BYTES", "4K")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_DEVICE_SCRATCH_BYTES") && e.contains("from 1048576"),
+            "{e}"
+        );
         let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")])
             .unwrap_err()
             .to_string();

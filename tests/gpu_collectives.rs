@@ -152,6 +152,27 @@ mod gpu {
     }
 
     #[test]
+    fn ipc_in_windows_smaller_than_the_message() {
+        if no_gpu() {
+            return;
+        }
+        // A 1 MiB window: 262128 f32 (a multiple of 8 per rank) per all-reduce window,
+        // so 1048579 elements take five windows, the last one partial; the scratch stays
+        // at one 2 MiB page instead of growing to the 4 MiB message.
+        let window = [("HETCCL_DEVICE_SCRATCH_BYTES", "1M")];
+        let out = run(3, &["--path", "ipc", "--counts", "1000,1048579"], &window);
+        assert_passed(&out, 3, "ipc", 75, "ipc n=3 in 1 MiB windows");
+        for r in 0..3 {
+            let line = format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)");
+            assert!(
+                out.output.lines().any(|l| l == line),
+                "rank {r}: no `{line}`:\n{}",
+                out.output
+            );
+        }
+    }
+
+    #[test]
     fn staged_through_pinned_host_memory() {
         if no_gpu() {
             return;

@@ -26,9 +26,12 @@
 //! Only rank `q` reduces segment `q`, always in rank order, so every rank gets the same
 //! bits and a rerun gets them again. The last barrier lets the next call overwrite the
 //! scratch. Broadcast and all-gather are the copy-in / copy-out halves of the same.
-//! The scratch holds one whole message: it grows (a collective re-registration, which
-//! every rank does at the same call because they all see the same size) to the largest
-//! message seen and stays that big until the `DeviceComm` is dropped.
+//! The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer message
+//! runs these steps once per window of that size. Below the bound the scratch grows (a
+//! collective re-registration, which every rank does at the same call because they all
+//! see the same size) to the largest window seen, and stays that big until the
+//! `DeviceComm` is dropped. With `HETCCL_DEBUG=trace` each all-reduce logs how long its
+//! stream drains and barriers took.
 //!
 //! **Staged** (ranks on several hosts, or asked for). The data passes through two pinned
 //! host buffers of `HETCCL_CHUNK_BYTES` each, chunk by chunk: while the host communicator
@@ -54,6 +57,42 @@ use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, G
 use crate::communicator::Communicator;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
+
+/// Wall time of a call's phases, logged at trace level (`HETCCL_DEBUG=trace`): where a
+/// device collective's time goes (the stream draining, or waiting for the peers).
+struct Laps {
+    last: Option<std::time::Instant>,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Laps {
+    fn start() -> Self {
+        let on = tracing::enabled!(target: "hetccl::device", tracing::Level::TRACE);
+        Laps {
+            last: on.then(std::time::Instant::now),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, what: &'static str) {
+        if let Some(last) = &mut self.last {
+            let now = std::time::Instant::now();
+            self.laps.push((what, now - *last));
+            *last = now;
+        }
+    }
+
+    fn report(&self, call: &str, bytes: usize) {
+        if self.last.is_some() {
+            let phases: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(what, d)| format!("{what} {:.1}", d.as_secs_f64() * 1e6))
+                .collect();
+            tracing::trace!(target: "hetccl::device", "{call} {bytes} B, us: {}", phases.join(", "));
+        }
+    }
+}
 
 /// How device buffers travel between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,6 +271,15 @@ fn segment(count: usize, n: usize, q: usize) -> (usize, usize) {
     let per = count.div_ceil(n.max(1)).div_ceil(8) * 8;
     let lo = (q * per).min(count);
     (lo, per.min(count - lo))
+}
+
+/// `(offset, length)` of the consecutive windows of at most `window` elements that
+/// cover `count` elements.
+fn windows(count: usize, window: usize) -> impl Iterator<Item = (usize, usize)> {
+    let window = window.max(1);
+    (0..count)
+        .step_by(window)
+        .map(move |off| (off, window.min(count - off)))
 }
 
 /// Address of element `i` of `T` counted from `base`.
@@ -699,24 +747,29 @@ impl DeviceComm {
         if !self.agree(&call, local)? {
             return Ok(());
         }
-        let (rank, bytes) = (self.rank(), count * std::mem::size_of::<T>());
+        let rank = self.rank();
         if self.world_size() == 1 {
             return Ok(());
         }
         self.guarded(|this| match this.path {
             DevicePath::Ipc => {
-                let ptrs = this.ipc_scratch(bytes)?;
-                if rank == root {
-                    // SAFETY: `p` holds `count` elements (the caller's buffer) and the own
-                    // scratch at least `bytes`.
-                    unsafe { copy_dtod(stream, ptrs[rank], p, bytes)? };
+                let window = this.ipc_window::<T>(1).min(count);
+                let ptrs = this.ipc_scratch(window * size_of::<T>())?;
+                for (off, len) in windows(count, window) {
+                    let (p, bytes) = (at::<T>(p, off), len * size_of::<T>());
+                    if rank == root {
+                        // SAFETY: `[off, off + len)` lies in the caller's buffer of
+                        // `count` elements, and the own scratch holds `window >= len`.
+                        unsafe { copy_dtod(stream, ptrs[rank], p, bytes)? };
+                    }
+                    this.sync_and_barrier(stream)?;
+                    if rank != root {
+                        // SAFETY: the root's scratch holds the `bytes` it copied in above.
+                        unsafe { copy_dtod(stream, p, ptrs[root], bytes)? };
+                    }
+                    this.sync_and_barrier(stream)?;
                 }
-                this.sync_and_barrier(stream)?;
-                if rank != root {
-                    // SAFETY: the root's scratch holds the `bytes` it copied in above.
-                    unsafe { copy_dtod(stream, p, ptrs[root], bytes)? };
-                }
-                this.sync_and_barrier(stream)
+                Ok(())
             }
             _ => {
                 let piece = this.slot_elems::<T>()?;
@@ -783,17 +836,24 @@ impl DeviceComm {
         }
         self.guarded(|this| match this.path {
             DevicePath::Ipc => {
-                let ptrs = this.ipc_scratch(bytes)?;
-                // SAFETY: the own scratch holds at least `bytes`, `send` exactly that.
-                unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
-                this.sync_and_barrier(stream)?;
-                for (q, &from) in ptrs.iter().enumerate() {
-                    let from = if q == rank { src } else { from };
-                    // SAFETY: block q of `recv` is in bounds (recv >= n * count), and
-                    // every scratch holds its rank's `bytes`.
-                    unsafe { copy_dtod(stream, at::<T>(dst, q * count), from, bytes)? };
+                let window = this.ipc_window::<T>(1).min(count);
+                let ptrs = this.ipc_scratch(window * size_of::<T>())?;
+                for (off, len) in windows(count, window) {
+                    let (src, bytes) = (at::<T>(src, off), len * size_of::<T>());
+                    // SAFETY: the own scratch holds `window >= len` elements, and `[off,
+                    // off + len)` lies within `send`.
+                    unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
+                    this.sync_and_barrier(stream)?;
+                    for (q, &from) in ptrs.iter().enumerate() {
+                        let from = if q == rank { src } else { from };
+                        // SAFETY: elements `q * count + [off, off + len)` of `recv` are in
+                        // bounds (recv >= n * count); every scratch holds its rank's
+                        // `bytes` of this window.
+                        unsafe { copy_dtod(stream, at::<T>(dst, q * count + off), from, bytes)? };
+                    }
+                    this.sync_and_barrier(stream)?;
                 }
-                this.sync_and_barrier(stream)
+                Ok(())
             }
             _ => {
                 // Each slot holds this rank's piece followed by the n gathered pieces.
@@ -825,9 +885,11 @@ impl DeviceComm {
         src: sys::CUdeviceptr,
         dst: sys::CUdeviceptr,
     ) -> Result<()> {
+        let mut laps = Laps::start();
         if !self.agree(&call, local)? {
             return Ok(());
         }
+        laps.lap("header");
         let op = call.op.unwrap_or(ReduceOp::Sum);
         let (n, rank, count) = (self.world_size(), self.rank(), call.count);
         let bytes = count * std::mem::size_of::<T>();
@@ -844,48 +906,57 @@ impl DeviceComm {
         }
         self.guarded(|this| match this.path {
             DevicePath::Ipc => {
-                let ptrs = this.ipc_scratch(bytes)?;
-                // SAFETY: the own scratch holds at least `bytes`, `src` exactly that.
-                unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
-                this.sync_and_barrier(stream)?;
+                // Window lengths are multiples of 8 elements per rank, so every segment
+                // of every window starts on the reduction kernels' vector boundary.
+                let window = this.ipc_window::<T>(8 * n).min(count);
+                let ptrs = this.ipc_scratch(window * size_of::<T>())?;
+                for (off, len) in windows(count, window) {
+                    let (src, dst) = (at::<T>(src, off), at::<T>(dst, off));
+                    // SAFETY: the own scratch holds `window >= len` elements, and `[off,
+                    // off + len)` lies within `src` (and `dst`) of `count` elements.
+                    unsafe { copy_dtod(stream, ptrs[rank], src, len * size_of::<T>())? };
+                    this.timed_sync_and_barrier(stream, &mut laps, "copy in")?;
 
-                // Reduce this rank's segment over every scratch, in rank order, into the
-                // output, then publish it in the own scratch for the others to fetch.
-                let (lo, len) = segment(count, n, rank);
-                if len > 0 {
-                    let out = at::<T>(dst, lo);
-                    let from = |q: usize| at::<T>(ptrs[q], lo);
-                    // SAFETY: every scratch holds `count` elements of this call (it was
-                    // grown to `bytes` on every rank) and `[lo, lo + len)` lies within
-                    // `count`, as does the same range of the output.
-                    unsafe {
-                        reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
-                        for q in 2..n {
-                            reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
+                    // Reduce this rank's segment over every scratch, in rank order, into
+                    // the output, then publish it in the own scratch for the others.
+                    let (lo, seg) = segment(len, n, rank);
+                    if seg > 0 {
+                        let out = at::<T>(dst, lo);
+                        let from = |q: usize| at::<T>(ptrs[q], lo);
+                        // SAFETY: every scratch holds this window's `len` elements and
+                        // `[lo, lo + seg)` lies within `len`, as does the same range of
+                        // the output window.
+                        unsafe {
+                            reduce_from_ptr::<T>(stream, op, out, from(0), from(1), seg)?;
+                            for q in 2..n {
+                                reduce_inplace_ptr::<T>(stream, op, out, from(q), seg)?;
+                            }
+                            reduce_finalize_ptr::<T>(stream, op, out, n, seg)?;
+                            copy_dtod(stream, from(rank), out, seg * size_of::<T>())?;
                         }
-                        reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
-                        copy_dtod(stream, from(rank), out, len * std::mem::size_of::<T>())?;
                     }
-                }
-                this.sync_and_barrier(stream)?;
+                    this.timed_sync_and_barrier(stream, &mut laps, "reduce")?;
 
-                for (q, &base) in ptrs.iter().enumerate() {
-                    let (lo, len) = segment(count, n, q);
-                    if q == rank || len == 0 {
-                        continue;
+                    for (q, &base) in ptrs.iter().enumerate() {
+                        let (lo, seg) = segment(len, n, q);
+                        if q == rank || seg == 0 {
+                            continue;
+                        }
+                        // SAFETY: segment q of rank q's scratch holds its reduced values
+                        // and lies within `len`, like the same range of the output.
+                        unsafe {
+                            copy_dtod(
+                                stream,
+                                at::<T>(dst, lo),
+                                at::<T>(base, lo),
+                                seg * size_of::<T>(),
+                            )?
+                        };
                     }
-                    // SAFETY: segment q of rank q's scratch holds its reduced values and
-                    // lies within `count`, like the same range of the output.
-                    unsafe {
-                        copy_dtod(
-                            stream,
-                            at::<T>(dst, lo),
-                            at::<T>(base, lo),
-                            len * std::mem::size_of::<T>(),
-                        )?
-                    };
+                    this.timed_sync_and_barrier(stream, &mut laps, "copy out")?;
                 }
-                this.sync_and_barrier(stream)
+                laps.report("ipc all_reduce", bytes);
+                Ok(())
             }
             _ => {
                 let piece = this.slot_elems::<T>()?;
@@ -970,6 +1041,20 @@ impl DeviceComm {
         self.comm.barrier()
     }
 
+    /// [`DeviceComm::sync_and_barrier`], timing the stream's drain and the barrier apart.
+    fn timed_sync_and_barrier(
+        &self,
+        stream: &Stream,
+        laps: &mut Laps,
+        what: &'static str,
+    ) -> Result<()> {
+        stream.synchronize()?;
+        laps.lap(what);
+        self.comm.barrier()?;
+        laps.lap("barrier");
+        Ok(())
+    }
+
     /// Every rank's scratch address for a message of `bytes`, growing (collectively) the
     /// buffers first when they are smaller.
     fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<sys::CUdeviceptr>> {
@@ -1018,6 +1103,13 @@ impl DeviceComm {
         let ptrs = scratch.ptrs.clone();
         self.ipc = Some(scratch);
         Ok(ptrs)
+    }
+
+    /// Elements of `T` that pass through the IPC scratch at once
+    /// (`HETCCL_DEVICE_SCRATCH_BYTES`), a multiple of `multiple`.
+    fn ipc_window<T>(&self, multiple: usize) -> usize {
+        let elems = self.comm.config().device_scratch_bytes / size_of::<T>();
+        (elems / multiple * multiple).max(multiple)
     }
 
     /// Elements of `T` one staging slot holds, allocating the slots on first use.
@@ -1153,6 +1245,15 @@ mod tests {
         assert_eq!(segment(1, 4, 0), (0, 1));
         assert_eq!(segment(1, 4, 1), (1, 0));
         assert_eq!(segment(1, 4, 3), (1, 0));
+    }
+
+    #[test]
+    fn windows_cover_the_message_in_order() {
+        let all = |count, window| windows(count, window).collect::<Vec<_>>();
+        assert_eq!(all(10, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(all(8, 4), vec![(0, 4), (4, 4)]);
+        assert_eq!(all(3, 64), vec![(0, 3)]);
+        assert_eq!(all(0, 4), vec![]);
     }
 
     #[test]
