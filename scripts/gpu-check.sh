@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
-# binary, the device-collective check under the launcher with 2 and 4 ranks, then
-# hetccl-kernel-bench) and prints a short table last.
+# binary, the device-collective check under the launcher with 2 and 4 ranks, a timed
+# sweep of the device all-reduce over both paths, then hetccl-kernel-bench) and prints a
+# short table last.
 #
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
@@ -73,6 +74,17 @@ for n in 2 4; do
     fi
 done
 
+# Device all-reduce timings, 2 ranks, both paths (all ranks share GPU 0 on a 1-GPU host).
+SWEEP=256,65536,1048576,16777216,67108864
+: >"$LOG/sweep.log"
+for path in ipc staged; do
+    HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$BIN/hetccl-gpu-check" \
+        --path "$path" --counts 1,1000 --time "$SWEEP" --iters 10 >>"$LOG/sweep.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    rows+=("$(printf '%-28s rc=%-3s %s' "sweep $path n=2" "$rc" "see the all-reduce table below")")
+done
+
 timeout "$STEP" "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
 brc=$?
 grep -v '^SUMMARY' "$LOG/kernel-bench.log"
@@ -82,6 +94,9 @@ echo
 echo "== gpu-check summary =="
 for r in "${rows[@]}"; do echo "$r"; done
 echo "hetccl-kernel-bench          rc=$brc"
+printf '%-7s %5s %10s %12s %10s\n' path ranks elements median_us busbw_GB/s
+grep -o 'all_reduce f32 sum [0-9]* elements on [0-9]* ranks ([a-z]*): [0-9.]* us.*busbw [0-9.]*' "$LOG/sweep.log" |
+    sed 's/[(),:]/ /g' | awk '{printf "%-7s %5s %10s %12s %10s\n", $9, $7, $4, $10, $NF}'
 if [ $brc -eq 0 ]; then
     printf '%-34s %6s %9s %9s\n' kernel MiB GB/s %memcpy
     grep '^SUMMARY ' "$LOG/kernel-bench.log" | tail -n +2 | while read -r _ k mib gbs pct; do
