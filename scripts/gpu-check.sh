@@ -10,6 +10,8 @@
 # gpu-bin/ is git-ignored: copy it along with the checkout (it is ~3 MiB stripped).
 # Logs go to $OUT if set (else gpu-check-logs/). Each step is cut off after
 # $GPU_CHECK_STEP_TIMEOUT seconds (default 150), so one hung step cannot eat the rest.
+# With GPU_CHECK_SANITIZE=1 it also runs the kernel tests under compute-sanitizer's
+# memcheck and initcheck, and a 2-rank device-collective check under memcheck.
 # Exit status: 0 when every test passed and the bench ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +75,31 @@ for n in 2 4; do
         tail -n 30 "$log"
     fi
 done
+
+# compute-sanitizer: out-of-bounds and misaligned accesses (memcheck), reads of device
+# memory nothing wrote (initcheck); each run exits 9 on any finding.
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    for tool in memcheck initcheck; do
+        log="$LOG/sanitize-$tool.log"
+        if [ -n "$SAN" ]; then
+            timeout "$STEP" "$SAN" --tool "$tool" --error-exitcode 9 "$BIN/gpu_kernels" --test-threads=1 >"$log" 2>&1
+            rc=$?
+            if [ "$tool" = memcheck ]; then
+                HETCCL_TIMEOUT=120 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$SAN" --tool memcheck \
+                    --error-exitcode 9 "$BIN/hetccl-gpu-check" --counts 1,1000,4099 >>"$log" 2>&1
+                rc2=$?
+                [ $rc -eq 0 ] && rc=$rc2
+            fi
+        else
+            echo "compute-sanitizer not found" >"$log"
+            rc=127
+        fi
+        [ $rc -ne 0 ] && status=1
+        summary=$(grep -h -o 'ERROR SUMMARY: [0-9]* errors*' "$log" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
+        rows+=("$(printf '%-28s rc=%-3s %s' "sanitize $tool" "$rc" "${summary:-no summary line}")")
+    done
+fi
 
 # Device all-reduce timings, 2 ranks, both paths (all ranks share GPU 0 on a 1-GPU host).
 SWEEP=256,65536,1048576,16777216,67108864
