@@ -130,7 +130,6 @@ pub fn plan(
     let bytes = call.count * e;
     let input = Region::new(BufId::Input, 0..bytes);
     let output = Region::new(BufId::Output, 0..bytes);
-    // Recursive doubling swaps whole messages: small all-reduces only.
     // Recursive doubling swaps whole messages: small all-reduces only. Neither it nor
     // halving has a form for the other collectives.
     let algo = match algo {

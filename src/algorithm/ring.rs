@@ -220,14 +220,10 @@ pub fn all_gather(
     let (left, right) = (g.left(), g.right());
     for k in 0..n.saturating_sub(1) {
         for p in &pieces {
-            // Step 0 forwards our own block straight from the input, so the first send
-            // need not wait for the local copy above.
-            let out = if k == 0 {
-                at(input, p)
-            } else {
-                blk((g.me + n - k) % n, p)
-            };
-            b.send(right, out);
+            // Step 0 sends our own block from the output, after the local copy: on a
+            // link with room of its own (shared memory) the copy then writes the room
+            // and the output in one read of the input (`Schedule::forwards`).
+            b.send(right, blk((g.me + n - k) % n, p));
             b.recv(left, blk((g.me + 2 * n - k - 1) % n, p), Combine::Copy);
         }
     }

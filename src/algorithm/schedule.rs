@@ -115,10 +115,11 @@ pub struct Schedule {
     pub finalize: Option<Region>,
     /// Name of the algorithm, for logs.
     pub algo: &'static str,
-    /// For each op, when it is a receive: the send that forwards exactly what it wrote
-    /// (a send of the receive's destination region that depends on it), which the
-    /// executor lets the receive write into the link directly. A ring's steps are such
-    /// pairs. Filled in by [`Builder::build`].
+    /// For each op, when it is a receive or a local copy: the send that forwards
+    /// exactly what it wrote (a send of its destination region that depends on it),
+    /// which the executor lets it write into the link directly. A ring's steps are such
+    /// pairs, and an all-gather's copy of its own block with the first send of it.
+    /// Filled in by [`Builder::build`].
     pub forwards: Vec<Option<usize>>,
 }
 
@@ -234,7 +235,8 @@ impl Builder {
                 continue;
             };
             for &d in &op.deps {
-                let forwarded = matches!(ops[d].kind, OpKind::Recv { dst, .. } if dst == src);
+                let forwarded = matches!(ops[d].kind,
+                    OpKind::Recv { dst, .. } | OpKind::Copy { dst, .. } if dst == src);
                 if forwarded && src.len > 0 && forwards[d].is_none() {
                     forwards[d] = Some(j);
                 }

@@ -452,6 +452,41 @@ mod tests {
     }
 
     #[test]
+    fn all_gather_sends_its_own_block_after_copying_it() {
+        // Each piece of the own block is copied into the output, then sent from there:
+        // the copy knows the send that forwards it, and nothing else does.
+        let (n, count) = (3, 3 * 16);
+        let c = call(CollectiveOp::AllGather, count, 0, false);
+        let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
+        let mut copies = 0;
+        for (i, op) in s.ops.iter().enumerate() {
+            match op.kind {
+                OpKind::Copy { dst, .. } => {
+                    let j = s.forwards[i].expect("a copy of the own block is forwarded");
+                    assert!(matches!(s.ops[j].kind, OpKind::Send { src, .. } if src == dst));
+                    assert!(s.ops[j].deps.contains(&i));
+                    copies += 1;
+                }
+                OpKind::Recv { dst, .. } => {
+                    // Step k's receive is forwarded by step k + 1's send, except the last.
+                    if let Some(j) = s.forwards[i] {
+                        assert!(matches!(s.ops[j].kind, OpKind::Send { src, .. } if src == dst));
+                    }
+                }
+                _ => assert_eq!(s.forwards[i], None, "op {i}"),
+            }
+        }
+        assert!(copies > 0);
+        assert_eq!(
+            copies,
+            s.ops
+                .iter()
+                .filter(|o| matches!(o.kind, OpKind::Copy { .. }))
+                .count()
+        );
+    }
+
+    #[test]
     fn barrier_waits_for_the_children_before_telling_the_parent() {
         let n = 5;
         let c = call(CollectiveOp::Barrier, 1, 0, true);
