@@ -1231,12 +1231,11 @@ mod tests {
                 commits: commits.clone(),
             }))
         };
-        for a in 0..n {
-            for b in a + 1..n {
-                let seg = segment_name(name, a, b);
-                links[a][b] = counted(ShmLink::create(&seg, a, b, geom).unwrap());
-                links[b][a] = counted(ShmLink::open(&seg, b, a).unwrap());
-            }
+        let pairs = (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b)));
+        for (a, b) in pairs {
+            let seg = segment_name(name, a, b);
+            links[a][b] = counted(ShmLink::create(&seg, a, b, geom).unwrap());
+            links[b][a] = counted(ShmLink::open(&seg, b, a).unwrap());
         }
         let t = Tuning {
             chunk_bytes: 8192,
