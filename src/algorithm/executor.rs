@@ -503,6 +503,8 @@ struct Forwarder {
     got: Vec<usize>,
     /// Per link: since when its head receive is held back for its forwarding send.
     held_since: Vec<Option<Instant>>,
+    /// Since when the next local copy is held back for room for its forwarding send.
+    copy_held_since: Option<Instant>,
 }
 
 /// What [`Forwarder::commit`] published.
@@ -521,6 +523,7 @@ impl Forwarder {
             send: None,
             got: vec![0; links],
             held_since: vec![None; links],
+            copy_held_since: None,
         }
     }
 
@@ -585,7 +588,9 @@ impl Forwarder {
     /// on a link with room: copies the bytes the room is for into it, reading `src`
     /// once, then from the room (still in cache) into `dst`, and publishes them.
     /// Returns the byte range it copied (empty: none; the caller copies the rest) and
-    /// what it published. Never waits: without room the caller copies everything.
+    /// what it published, or `None` to hold the copy back while that send waits for
+    /// room (at most [`FORWARD_WAIT`], as for receives): copied without the link, the
+    /// source would be read twice.
     fn copy_through(
         &mut self,
         i: usize,
@@ -594,17 +599,28 @@ impl Forwarder {
         ctx: &ExecCtx,
         src: *const u8,
         dst: *mut u8,
-    ) -> Result<(std::ops::Range<usize>, Committed)> {
+    ) -> Result<Option<(std::ops::Range<usize>, Committed)>> {
         self.spaces.clear();
         self.send = None;
-        let Target::Next(j, q, len) = self.target_state(i, sched, sends, done, links) else {
-            return Ok((0..0, Committed::Nothing));
+        let hold = match self.target_state(i, sched, sends, done, links) {
+            Target::Next(j, q, len) => {
+                let header = ctx.header(len, None);
+                if let Some(l) = links[q].as_mut() {
+                    l.send_space(&header, &mut self.spaces);
+                }
+                self.send = Some((j, q, header));
+                self.spaces.is_empty()
+            }
+            Target::Behind => true,
+            Target::None => false,
         };
-        let header = ctx.header(len, None);
-        if let Some(l) = links[q].as_mut() {
-            l.send_space(&header, &mut self.spaces);
+        if hold {
+            let since = *self.copy_held_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < FORWARD_WAIT {
+                return Ok(None);
+            }
         }
-        self.send = Some((j, q, header));
+        self.copy_held_since = None;
         let start = self.spaces.first().map_or(0, |&(o, _)| o);
         let mut upto = start;
         for &(o, space) in &self.spaces {
@@ -623,9 +639,9 @@ impl Forwarder {
             upto = o + n;
         }
         if upto == start {
-            return Ok((0..0, Committed::Nothing));
+            return Ok(Some((0..0, Committed::Nothing)));
         }
-        Ok((start..upto, self.commit(upto, links, ctx)?))
+        Ok(Some((start..upto, self.commit(upto, links, ctx)?)))
     }
 
     /// After the poll: publishes the room written up to message offset `upto`.
@@ -820,8 +836,11 @@ pub fn execute(
                     let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src) as *const u8);
                     // A copy whose result a send forwards goes through that link's
                     // room when it has some, reading the source once.
-                    let (through, committed) =
-                        fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?;
+                    let Some((through, committed)) =
+                        fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?
+                    else {
+                        break;
+                    };
                     // SAFETY: both regions were checked; dependencies guarantee no
                     // concurrent writer of `src` or user of `dst`; they do not overlap
                     // (input vs output, or disjoint scratch ranges). `copy_through`

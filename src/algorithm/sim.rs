@@ -453,9 +453,9 @@ mod tests {
 
     #[test]
     fn all_gather_sends_its_own_block_after_copying_it() {
-        // Each piece of the own block is copied into the output, then sent from there:
-        // the copy knows the send that forwards it, and nothing else does.
-        let (n, count) = (3, 3 * 16);
+        // Two members: each piece of the own block is copied into the output, then sent
+        // from there; the copy knows the send that forwards it.
+        let (n, count) = (2, 3 * 16);
         let c = call(CollectiveOp::AllGather, count, 0, false);
         let s = plan(&c, 1, n, Algo::Ring, T.clone(), &[]);
         let mut copies = 0;
@@ -484,6 +484,13 @@ mod tests {
                 .filter(|o| matches!(o.kind, OpKind::Copy { .. }))
                 .count()
         );
+        // More members: step 0 sends from the input, so no copy is forwarded.
+        let s = plan(&c, 1, 3, Algo::Ring, T.clone(), &[]);
+        for (i, op) in s.ops.iter().enumerate() {
+            if matches!(op.kind, OpKind::Copy { .. }) {
+                assert_eq!(s.forwards[i], None, "op {i}");
+            }
+        }
     }
 
     #[test]
