@@ -132,6 +132,7 @@ impl World {
                     node_id: "bench".into(),
                     pid: std::process::id(),
                     device: hetccl::topology::Device::Cpu,
+                    cpus: 0,
                 })
                 .collect(),
         );

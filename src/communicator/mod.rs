@@ -1115,6 +1115,7 @@ pub(crate) mod testing {
                     // A live pid: the shared-buffer path checks peers' liveness by pid.
                     pid: std::process::id(),
                     device: crate::topology::Device::Cpu,
+                    cpus: 0,
                 })
                 .collect(),
         );

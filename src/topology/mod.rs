@@ -82,6 +82,9 @@ pub struct RankInfo {
     /// Where this rank computes.
     #[serde(default)]
     pub device: Device,
+    /// CPUs online on the host (0: unknown, as in hand-written topology files).
+    #[serde(default)]
+    pub cpus: usize,
 }
 
 /// The job's layout: every rank's info, the nodes they form, and the link between
@@ -134,8 +137,16 @@ impl RankInfo {
             node_id,
             pid: std::process::id(),
             device: local_device(),
+            cpus: host_cpus(),
         }
     }
+}
+
+/// CPUs online on this host: all of them, not the ones this process is pinned to.
+fn host_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(0)
 }
 
 /// The class two ranks' link has when nothing says otherwise: one process, one node
@@ -201,6 +212,14 @@ impl Topology {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_ranks(ranks))
+    }
+
+    /// Whether node `k` runs more ranks than its host has CPUs, as its ranks reported
+    /// them (false when none did).
+    pub fn oversubscribed(&self, k: usize) -> bool {
+        let ranks = &self.nodes[k];
+        let cpus = ranks.iter().map(|&r| self.ranks[r].cpus).max().unwrap_or(0);
+        cpus > 0 && ranks.len() > cpus
     }
 
     /// Number of ranks.
@@ -376,6 +395,7 @@ pub(crate) fn cpu_nodes(sizes: &[usize]) -> Topology {
                 node_id: format!("n{k}"),
                 pid: 100 + ranks.len() as u32,
                 device: Device::Cpu,
+                cpus: 0,
             });
         }
     }
@@ -393,6 +413,7 @@ mod tests {
             node_id: node.into(),
             pid: 1,
             device: Device::Cpu,
+            cpus: 0,
         }
     }
 
