@@ -17,7 +17,9 @@
 //! }
 //! ```
 //!
-//! Without `defaults`, ranks of one node are linked by shared memory (one process:
+//! A rank may also give `pid` and `cpus` (CPUs online on its host; a node with more
+//! ranks than that linked over TCP does not use recursive halving). Without
+//! `defaults`, ranks of one node are linked by shared memory (one process:
 //! `same_process`) and nodes by TCP. A link entry may give the class, the figures, or
 //! both; figures given alone keep the default class, one figure given alone takes the
 //! other from the class's nominal figures. Nodes are the distinct `node_id`s, in order
