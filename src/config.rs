@@ -195,6 +195,16 @@ pub enum TcpCongestion {
     Named(String),
 }
 
+impl Config {
+    /// This configuration for logs: the handshake key, a secret, reads `<set>`.
+    pub fn redacted(&self) -> Config {
+        Config {
+            job_key: self.job_key.as_ref().map(|_| "<set>".into()),
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -522,6 +532,16 @@ mod tests {
         assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
         assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));
         assert_eq!(c.launch.source, "torchrun");
+    }
+
+    #[test]
+    fn logs_show_whether_a_job_key_is_set_but_not_the_key() {
+        let c = cfg(&[("HETCCL_JOB_KEY", "0123456789abcdef-secret")]).unwrap();
+        let shown = format!("{:?}", c.redacted());
+        assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+        assert!(shown.contains("job_key: Some(\"<set>\")"), "{shown}");
+        assert_eq!(c.job_key.as_deref(), Some("0123456789abcdef-secret"));
+        assert!(format!("{:?}", cfg(&[]).unwrap().redacted()).contains("job_key: None"));
     }
 
     #[test]

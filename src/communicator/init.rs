@@ -39,8 +39,9 @@ impl Communicator {
         let rank = boot.rank();
         if rank == 0 {
             tracing::info!(
-                "hetccl {} configuration: {cfg:?}",
-                env!("CARGO_PKG_VERSION")
+                "hetccl {} configuration: {:?}",
+                env!("CARGO_PKG_VERSION"),
+                cfg.redacted()
             );
         }
         let discovered = Topology::gather(&cfg, boot.as_mut())?;
