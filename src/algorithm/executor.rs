@@ -844,7 +844,7 @@ pub fn execute(
                     // SAFETY: both regions were checked; dependencies guarantee no
                     // concurrent writer of `src` or user of `dst`; they do not overlap
                     // (input vs output, or disjoint scratch ranges). `copy_through`
-                    // wrote `through.clone()`, the rest is copied here.
+                    // wrote the bytes `through`; the rest is copied here.
                     unsafe {
                         reduce::copy_bytes(d, s, through.start, ctx.stream_copies);
                         reduce::copy_bytes(
