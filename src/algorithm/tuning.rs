@@ -81,7 +81,7 @@ impl LinkModel {
 /// sit on different CPUs when ranks are pinned round robin (`hetccl run --bind-cores`),
 /// recursive halving's partners 2 and more apart do not. Measured with 4 ranks on 2
 /// cores, 1 MiB: halving spent 28 % of rank 0's time switching tasks against the ring's
-/// 10 %, and reached 1.08–1.44 GB/s busbw against the ring's 1.37–1.67. Over shared
+/// 10 %, and reached 1.08–1.42 GB/s busbw against the ring's 1.37–1.67. Over shared
 /// memory the two were level.
 fn oversubscribed_tcp(t: &Topology) -> bool {
     t.nodes.iter().enumerate().any(|(k, ranks)| {
