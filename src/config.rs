@@ -195,16 +195,6 @@ pub enum TcpCongestion {
     Named(String),
 }
 
-impl Config {
-    /// This configuration for logs: the handshake key, a secret, reads `<set>`.
-    pub fn redacted(&self) -> Config {
-        Config {
-            job_key: self.job_key.as_ref().map(|_| "<set>".into()),
-            ..self.clone()
-        }
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -323,6 +313,14 @@ pub fn parse_size(s: &str) -> Option<usize> {
 }
 
 impl Config {
+    /// This configuration for logs: the handshake key, a secret, reads `<set>`.
+    pub fn redacted(&self) -> Config {
+        Config {
+            job_key: self.job_key.as_ref().map(|_| "<set>".into()),
+            ..self.clone()
+        }
+    }
+
     /// Reads and validates every `HETCCL_*` and launcher variable from the process environment.
     pub fn from_env() -> Result<Self> {
         let vars: HashMap<String, String> = std::env::vars().collect();

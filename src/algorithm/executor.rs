@@ -543,28 +543,10 @@ impl Forwarder {
         ctx: &ExecCtx,
         dst: *const u8,
     ) -> Option<usize> {
-        self.spaces.clear();
-        self.send = None;
-        let mut hold = false;
-        match self.target_state(i, sched, sends, done, links) {
-            Target::Next(j, q, len) => {
-                let header = ctx.header(len, None);
-                if let Some(l) = links[q].as_mut() {
-                    l.send_space(&header, &mut self.spaces);
-                }
-                hold = self.spaces.is_empty();
-                self.send = Some((j, q, header));
-            }
-            Target::Behind => hold = true,
-            Target::None => {}
+        let hold = self.take_room(i, (sched, sends, done), links, ctx);
+        if keep_holding(&mut self.held_since[p], hold) {
+            return None;
         }
-        if hold {
-            let since = *self.held_since[p].get_or_insert_with(Instant::now);
-            if since.elapsed() < FORWARD_WAIT {
-                return None;
-            }
-        }
-        self.held_since[p] = None;
         // Bytes that arrived before the send reached the head of its link are in the
         // destination already (and still in cache): copy them into the room first, so
         // the rest can be forwarded as it arrives.
@@ -600,27 +582,10 @@ impl Forwarder {
         src: *const u8,
         dst: *mut u8,
     ) -> Result<Option<(std::ops::Range<usize>, Committed)>> {
-        self.spaces.clear();
-        self.send = None;
-        let hold = match self.target_state(i, sched, sends, done, links) {
-            Target::Next(j, q, len) => {
-                let header = ctx.header(len, None);
-                if let Some(l) = links[q].as_mut() {
-                    l.send_space(&header, &mut self.spaces);
-                }
-                self.send = Some((j, q, header));
-                self.spaces.is_empty()
-            }
-            Target::Behind => true,
-            Target::None => false,
-        };
-        if hold {
-            let since = *self.copy_held_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < FORWARD_WAIT {
-                return Ok(None);
-            }
+        let hold = self.take_room(i, (sched, sends, done), links, ctx);
+        if keep_holding(&mut self.copy_held_since, hold) {
+            return Ok(None);
         }
-        self.copy_held_since = None;
         let start = self.spaces.first().map_or(0, |&(o, _)| o);
         let mut upto = start;
         for &(o, space) in &self.spaces {
@@ -671,6 +636,32 @@ impl Forwarder {
         )
     }
 
+    /// Takes room for op `i`'s forwarding send into `spaces` when that send is next on
+    /// its link and waits for nothing else. Returns whether `i` should be held back for
+    /// it: the send has no room yet, or is still behind others that need only room.
+    fn take_room(
+        &mut self,
+        i: usize,
+        (sched, sends, done): (&Schedule, &[Queue], &[bool]),
+        links: &mut [Option<Box<dyn Link>>],
+        ctx: &ExecCtx,
+    ) -> bool {
+        self.spaces.clear();
+        self.send = None;
+        match self.target_state(i, sched, sends, done, links) {
+            Target::Next(j, q, len) => {
+                let header = ctx.header(len, None);
+                if let Some(l) = links[q].as_mut() {
+                    l.send_space(&header, &mut self.spaces);
+                }
+                self.send = Some((j, q, header));
+                self.spaces.is_empty()
+            }
+            Target::Behind => true,
+            Target::None => false,
+        }
+    }
+
     fn target_state(
         &self,
         i: usize,
@@ -712,6 +703,16 @@ impl Forwarder {
             _ => Target::None,
         }
     }
+}
+
+/// Whether an op that asks to be held back (`hold`) still is: a hold lasts at most
+/// [`FORWARD_WAIT`] from its start in `since`, which is cleared when the op goes ahead.
+fn keep_holding(since: &mut Option<Instant>, hold: bool) -> bool {
+    if hold && since.get_or_insert_with(Instant::now).elapsed() < FORWARD_WAIT {
+        return true;
+    }
+    *since = None;
+    false
 }
 
 /// Where a receive's forwarding send stands.

@@ -653,6 +653,7 @@ impl Link for ShmLink {
             }
         }
     }
+
     fn poll_recv(&mut self, sink: &mut dyn RecvSink) -> Result<bool> {
         self.check_not_aborted()?;
         // SAFETY: head/tail point at atomics in the live mapping.
