@@ -133,6 +133,18 @@ mod gpu {
         }
     }
 
+    /// Asserts that each of ranks `0..n` printed the whole line `line(r)`.
+    fn assert_every_rank_printed(out: &Outcome, n: usize, line: impl Fn(usize) -> String) {
+        for r in 0..n {
+            let want = line(r);
+            assert!(
+                out.output.lines().any(|l| l == want),
+                "no `{want}` in:\n{}",
+                out.output
+            );
+        }
+    }
+
     #[test]
     fn two_ranks_over_ipc() {
         if no_gpu() {
@@ -162,14 +174,9 @@ mod gpu {
         let window = [("HETCCL_DEVICE_SCRATCH_BYTES", "1M")];
         let out = run(3, &["--path", "ipc", "--counts", "1000,1048579"], &window);
         assert_passed(&out, 3, "ipc", 75, "ipc n=3 in 1 MiB windows");
-        for r in 0..3 {
-            let line = format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)");
-            assert!(
-                out.output.lines().any(|l| l == line),
-                "rank {r}: no `{line}`:\n{}",
-                out.output
-            );
-        }
+        assert_every_rank_printed(&out, 3, |r| {
+            format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)")
+        });
     }
 
     #[test]
@@ -223,14 +230,7 @@ mod gpu {
         };
         let out = run(2, &["--counts", "8"], &[]);
         assert_eq!(out.code, Some(0), "{}", out.output);
-        for r in 0..2 {
-            let line = format!("[rank {r}] skipping: {why}");
-            assert!(
-                out.output.lines().any(|l| l == line),
-                "no `{line}` in:\n{}",
-                out.output
-            );
-        }
+        assert_every_rank_printed(&out, 2, |r| format!("[rank {r}] skipping: {why}"));
         println!("skipping: {why}");
     }
 }

@@ -538,12 +538,12 @@ impl Forwarder {
         &mut self,
         i: usize,
         p: usize,
-        (sched, sends, done): (&Schedule, &[Queue], &[bool]),
+        state: (&Schedule, &[Queue], &[bool]),
         links: &mut [Option<Box<dyn Link>>],
         ctx: &ExecCtx,
         dst: *const u8,
     ) -> Option<usize> {
-        let hold = self.take_room(i, (sched, sends, done), links, ctx);
+        let hold = self.take_room(i, state, links, ctx);
         if keep_holding(&mut self.held_since[p], hold) {
             return None;
         }
@@ -576,13 +576,13 @@ impl Forwarder {
     fn copy_through(
         &mut self,
         i: usize,
-        (sched, sends, done): (&Schedule, &[Queue], &[bool]),
+        state: (&Schedule, &[Queue], &[bool]),
         links: &mut [Option<Box<dyn Link>>],
         ctx: &ExecCtx,
         src: *const u8,
         dst: *mut u8,
     ) -> Result<Option<(std::ops::Range<usize>, Committed)>> {
-        let hold = self.take_room(i, (sched, sends, done), links, ctx);
+        let hold = self.take_room(i, state, links, ctx);
         if keep_holding(&mut self.copy_held_since, hold) {
             return Ok(None);
         }
