@@ -121,17 +121,20 @@ const char* hetcclGetErrorString(hetcclResult_t result);
  * until the next failing call on this thread. */
 const char* hetcclGetLastError(hetcclComm_t comm);
 
-/* In place when sendbuff == recvbuff. */
+/* In place when sendbuff == recvbuff. In every collective, send and receive buffers that
+ * overlap other than in the documented in-place layout are refused (hetcclInvalidArgument). */
 hetcclResult_t hetcclAllReduce(const void* sendbuff, void* recvbuff, size_t count,
                                hetcclDataType_t datatype, hetcclRedOp_t op, hetcclComm_t comm,
                                hetcclStream_t stream);
 
-/* sendbuff holds nranks * recvcount elements; rank r receives reduced block r. */
+/* sendbuff holds nranks * recvcount elements; rank r receives reduced block r. In place
+ * when recvbuff == sendbuff + r * recvcount elements (the other blocks are only read). */
 hetcclResult_t hetcclReduceScatter(const void* sendbuff, void* recvbuff, size_t recvcount,
                                    hetcclDataType_t datatype, hetcclRedOp_t op,
                                    hetcclComm_t comm, hetcclStream_t stream);
 
-/* recvbuff holds nranks * sendcount elements, rank r's contribution at block r. */
+/* recvbuff holds nranks * sendcount elements, rank r's contribution at block r. In place
+ * when sendbuff == recvbuff + r * sendcount elements. */
 hetcclResult_t hetcclAllGather(const void* sendbuff, void* recvbuff, size_t sendcount,
                                hetcclDataType_t datatype, hetcclComm_t comm,
                                hetcclStream_t stream);
@@ -141,7 +144,8 @@ hetcclResult_t hetcclBroadcast(const void* sendbuff, void* recvbuff, size_t coun
                                hetcclDataType_t datatype, int root, hetcclComm_t comm,
                                hetcclStream_t stream);
 
-/* Only root's recvbuff is written; recvbuff may be NULL elsewhere. */
+/* Only root's recvbuff is written; recvbuff may be NULL elsewhere. In place when
+ * sendbuff == recvbuff on the root. */
 hetcclResult_t hetcclReduce(const void* sendbuff, void* recvbuff, size_t count,
                             hetcclDataType_t datatype, hetcclRedOp_t op, int root,
                             hetcclComm_t comm, hetcclStream_t stream);

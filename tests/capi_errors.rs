@@ -200,6 +200,76 @@ fn misaligned_buffer_is_refused() {
 }
 
 #[test]
+fn overlapping_buffers_outside_the_in_place_layout_are_refused() {
+    let c = pair();
+    let out = both(c, |r, comm| {
+        // Two blocks of 4; rank r's block starts at element 4r.
+        let mut x: Vec<f32> = (0..8).map(|i| (10 * r + i) as f32).collect();
+        let base = x.as_mut_ptr();
+        let at = |i: usize| base.wrapping_add(i) as *mut c_void;
+        // recvbuff one element into the buffer, this rank's block on neither rank:
+        // refused, nothing written.
+        // SAFETY: refused before any access.
+        let refused = unsafe { hetcclReduceScatter(at(0), at(1), 4, F32, SUM, comm, null_mut()) };
+        let message = last_error();
+        let untouched = x.clone();
+        // NCCL's layout: recvbuff = sendbuff + rank x recvcount.
+        // SAFETY: `x` holds 8 floats and outlives the call.
+        let rs = unsafe { hetcclReduceScatter(at(0), at(4 * r), 4, F32, SUM, comm, null_mut()) };
+        let after_rs = x.clone();
+        // All-gather in place: sendbuff = recvbuff + rank x sendcount.
+        // SAFETY: as above.
+        let ag = unsafe { hetcclAllGather(at(4 * r), at(0), 4, F32, comm, null_mut()) };
+        (
+            refused,
+            message,
+            untouched,
+            rs,
+            after_rs,
+            ag,
+            x,
+            base as usize,
+        )
+    });
+    for (r, (refused, message, untouched, rs, after_rs, ag, x, base)) in out.into_iter().enumerate()
+    {
+        let range = |from: usize, n: usize| {
+            format!("[{:#x}, {:#x})", base + 4 * from, base + 4 * (from + n))
+        };
+        assert_eq!(refused, hetcclInvalidArgument);
+        assert_eq!(
+            message,
+            format!(
+                "invalid argument to hetcclReduceScatter: sendbuff {} and recvbuff {} overlap; \
+                 in place, recvbuff must be sendbuff + rank x recvcount elements (here {:#x})",
+                range(0, 8),
+                range(1, 4),
+                base + 16 * r
+            )
+        );
+        let mine: Vec<f32> = (0..8).map(|i| (10 * r + i) as f32).collect();
+        assert_eq!(untouched, mine, "rank {r}: a refused call writes nothing");
+        ok(rs);
+        ok(ag);
+        // Block b reduced: (b*4 + i) + (10 + b*4 + i); the other block left as it was.
+        let sum = |i: usize| (2 * i + 10) as f32;
+        let want: Vec<f32> = (0..8)
+            .map(|i| if i / 4 == r { sum(i) } else { mine[i] })
+            .collect();
+        assert_eq!(after_rs, want, "rank {r}: in-place reduce-scatter");
+        // After the all-gather every rank holds both reduced blocks.
+        assert_eq!(
+            x,
+            (0..8).map(sum).collect::<Vec<_>>(),
+            "rank {r}: in-place all-gather"
+        );
+    }
+    for comm in c {
+        ok(hetcclCommDestroy(comm));
+    }
+}
+
+#[test]
 fn destroyed_or_unknown_communicator_is_refused() {
     let c = solo();
     let mut n = 0;

@@ -192,6 +192,9 @@ static void check_reduce_scatter(hetcclDataType_t t, size_t count, hetcclComm_t 
   CHECK(hetcclReduceScatter(send, mine, count, t, hetcclMax, comm, NULL));
   for (size_t i = 0; i < count; i++)
     expect("in-place reduce_scatter", t, count, mine, i, expected_reduce(hetcclMax, t, (size_t)rank * count + i));
+  /* The other blocks are only read. */
+  for (size_t j = 0; j < total; j++)
+    if (j / count != (size_t)rank) expect("in-place reduce_scatter, other blocks", t, total, send, j, val(rank, j));
   free(send);
   free(recv);
 }
@@ -235,6 +238,12 @@ static void check_broadcast_and_reduce(hetcclDataType_t t, size_t count, hetcclC
   CHECK(hetcclReduce(send, rank == 0 ? recv : NULL, count, t, hetcclSum, 0, comm, NULL));
   if (rank == 0)
     for (size_t i = 0; i < count; i++) expect("reduce", t, count, recv, i, expected_reduce(hetcclSum, t, i));
+
+  /* In place on the root (sendbuff == recvbuff); the others' buffers are only read. */
+  fill_reduce_input(send, count, hetcclMax, t);
+  CHECK(hetcclReduce(send, rank == root ? send : NULL, count, t, hetcclMax, root, comm, NULL));
+  for (size_t i = 0; i < count; i++)
+    expect("in-place reduce", t, count, send, i, rank == root ? expected_reduce(hetcclMax, t, i) : val(rank, i));
   free(send);
   free(recv);
 }

@@ -173,14 +173,29 @@ pub fn plan(
             finalize(&mut b, call.redop, output);
         }
         CollectiveOp::ReduceScatter => {
-            let out = Region::new(BufId::Output, 0..bytes);
-            let inp = Region::new(BufId::Input, 0..bytes * n);
+            // In place (NCCL's layout), the one buffer holds every block and the result
+            // is this rank's block of it.
+            let (inp, out) = if call.in_place {
+                let own = rank * bytes..(rank + 1) * bytes;
+                (
+                    Region::new(BufId::Output, 0..bytes * n),
+                    Region::new(BufId::Output, own),
+                )
+            } else {
+                (Region::new(BufId::Input, 0..bytes * n), output)
+            };
             ring::reduce_scatter(&mut b, &g, inp, out, call.count, e, t.chunk_bytes, t.slots);
             finalize(&mut b, call.redop, out);
         }
         CollectiveOp::AllGather => {
+            // In place, this rank's block of the output is its input.
             let out = Region::new(BufId::Output, 0..bytes * n);
-            ring::all_gather(&mut b, &g, input, out, call.count, e, t.chunk_bytes);
+            let inp = if call.in_place {
+                Region::new(BufId::Output, rank * bytes..(rank + 1) * bytes)
+            } else {
+                input
+            };
+            ring::all_gather(&mut b, &g, inp, out, call.count, e, t.chunk_bytes);
         }
         CollectiveOp::Broadcast => match algo {
             Algo::Tree => {
@@ -191,6 +206,8 @@ pub fn plan(
             }
         },
         CollectiveOp::Reduce => {
+            // In place, the one buffer is every rank's input and the root's output.
+            let inp = if call.in_place { output } else { input };
             let out = if rank == call.root {
                 output
             } else {
@@ -199,7 +216,7 @@ pub fn plan(
             ring::reduce_chain(
                 &mut b,
                 &g,
-                input,
+                inp,
                 out,
                 call.count,
                 e,

@@ -32,6 +32,17 @@ pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Ve
         .collect()
 }
 
+/// Copies `src` to `dst` piece by piece (`pieces` relative to both), unless they are
+/// the same bytes: in-place calls find their block already where it belongs.
+fn copy_pieces(b: &mut Builder, src: Region, dst: Region, pieces: &[Range<usize>]) {
+    if src == dst {
+        return;
+    }
+    for p in pieces {
+        b.copy(at(src, p), at(dst, p));
+    }
+}
+
 /// Step `k` of the reduce-scatter of one piece (`segs`, its `n` segments), reading
 /// `src` and leaving partial and final sums in `dst` (the same region in place). Out of
 /// place costs no extra copy: step 0 sends straight from `src`, and the receive
@@ -134,8 +145,9 @@ pub fn all_reduce_inplace(
     all_reduce_into(b, g, buf, buf, count, elem, chunk_bytes, order);
 }
 
-/// Out-of-place reduce-scatter: `input` holds `n` blocks of `block` elements; member
-/// `me` ends with block `me` reduced over all members in `output`.
+/// Reduce-scatter: `input` holds `n` blocks of `block` elements; member `me` ends with
+/// block `me` reduced over all members in `output`. In place, `output` is block `me` of
+/// `input`; the other blocks are only read.
 ///
 /// Partial sums travel through scratch: `slots` chunk-sized slots reused round-robin,
 /// so scratch stays `slots × chunk` bytes whatever the message size.
@@ -161,9 +173,7 @@ pub fn reduce_scatter(
     // Pieces of one block; all blocks are cut the same way.
     let pieces = split_chunks(block, elem, chunk_bytes);
     if n == 1 {
-        for p in &pieces {
-            b.copy(blk(0, p), at(output, p));
-        }
+        copy_pieces(b, blk(0, &(0..block_bytes)), output, &pieces);
         return;
     }
     let slot_bytes = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -194,8 +204,8 @@ pub fn reduce_scatter(
     }
 }
 
-/// Out-of-place all-gather: member `me`'s `input` (`block` elements) lands at block
-/// `me` of every member's `output`.
+/// All-gather: member `me`'s `input` (`block` elements) lands at block `me` of every
+/// member's `output`. In place, `input` is that block of `output` already.
 pub fn all_gather(
     b: &mut Builder,
     g: &Group,
@@ -214,9 +224,7 @@ pub fn all_gather(
             output.offset + i * block_bytes + r.start..output.offset + i * block_bytes + r.end,
         )
     };
-    for p in &pieces {
-        b.copy(at(input, p), blk(g.me, p));
-    }
+    copy_pieces(b, input, blk(g.me, &(0..block_bytes)), &pieces);
     let (left, right) = (g.left(), g.right());
     // With two members, step 0 is the whole exchange: it sends our own block from the
     // output, after the local copy, so that on a link with room of its own (shared
@@ -286,9 +294,7 @@ pub fn reduce_chain(
     let n = g.size();
     let pieces = split_chunks(count, elem, chunk_bytes);
     if n == 1 {
-        for p in &pieces {
-            b.copy(at(input, p), at(output, p));
-        }
+        copy_pieces(b, input, output, &pieces);
         return;
     }
     let pos = (g.me + n - root) % n;

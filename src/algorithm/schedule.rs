@@ -197,8 +197,18 @@ impl Builder {
         self.push(OpKind::Send { peer, src }, &[src], &[])
     }
 
-    /// Appends a receive from `peer` into `dst`.
+    /// Appends a receive from `peer` into `dst`. `From` a region that is `dst` itself
+    /// (an in-place call, whose input block is its output) is `Accumulate`; `From` a
+    /// region that only partly overlaps `dst` has no meaning and panics.
     pub fn recv(&mut self, peer: usize, dst: Region, combine: Combine) -> usize {
+        let combine = match combine {
+            Combine::From(src) if src == dst => Combine::Accumulate,
+            Combine::From(src) => {
+                assert!(!src.overlaps(&dst), "receive into {dst:?} from {src:?}");
+                combine
+            }
+            c => c,
+        };
         match combine {
             Combine::Copy => self.push(OpKind::Recv { peer, dst, combine }, &[], &[dst]),
             Combine::Accumulate => self.push(OpKind::Recv { peer, dst, combine }, &[dst], &[dst]),
@@ -304,5 +314,32 @@ mod tests {
     fn split_even_covers_everything() {
         assert_eq!(split_even(10, 3, 4), vec![0..16, 16..28, 28..40]);
         assert_eq!(split_even(2, 4, 2), vec![0..2, 2..4, 4..4, 4..4]);
+    }
+
+    #[test]
+    fn a_receive_from_its_own_destination_accumulates() {
+        let own = Region::new(BufId::Output, 16..32);
+        let other = Region::new(BufId::Output, 0..16);
+        let mut bld = Builder::new("t");
+        bld.recv(1, own, Combine::From(own));
+        bld.recv(1, own, Combine::From(other));
+        let s = bld.build();
+        let combines: Vec<_> = s
+            .ops
+            .iter()
+            .map(|op| match op.kind {
+                OpKind::Recv { combine, .. } => combine,
+                k => panic!("{k:?}"),
+            })
+            .collect();
+        assert_eq!(combines, vec![Combine::Accumulate, Combine::From(other)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "receive into")]
+    fn a_receive_from_a_region_half_over_its_destination_is_refused() {
+        let mut bld = Builder::new("t");
+        let dst = Region::new(BufId::Output, 16..32);
+        bld.recv(1, dst, Combine::From(Region::new(BufId::Output, 8..24)));
     }
 }

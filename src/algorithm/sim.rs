@@ -298,53 +298,112 @@ mod tests {
         );
     }
 
+    /// Reduce-scatter and all-gather of `count` elements per block over `n` ranks. In
+    /// place the one buffer holds all `n` blocks: the reduce-scatter leaves the other
+    /// blocks as they were, the all-gather starts from this rank's block alone.
+    fn reduce_scatter_and_all_gather(n: usize, count: usize, in_place: bool) {
+        let what = |op: &str| format!("{op} n={n} count={count} in place {in_place}");
+        let c = call(CollectiveOp::ReduceScatter, count, 0, in_place);
+        let scheds: Vec<_> = (0..n)
+            .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+            .collect();
+        let blocks = |r: usize| (0..n * count).map(|i| val(r, i)).collect::<Vec<_>>();
+        let mut ranks: Vec<SimRank> = (0..n)
+            .map(|r| {
+                if in_place {
+                    SimRank {
+                        output: f32s(&blocks(r)),
+                        ..Default::default()
+                    }
+                } else {
+                    SimRank {
+                        input: f32s(&blocks(r)),
+                        output: vec![0; count * 4],
+                        ..Default::default()
+                    }
+                }
+            })
+            .collect();
+        run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+        for (r, rk) in ranks.iter().enumerate() {
+            let sum = |i: usize| (1000 * n * (n - 1) / 2 + n * (r * count + i)) as f32;
+            let want: Vec<f32> = if in_place {
+                let mut v = blocks(r);
+                for (i, x) in v[r * count..(r + 1) * count].iter_mut().enumerate() {
+                    *x = sum(i);
+                }
+                v
+            } else {
+                (0..count).map(sum).collect()
+            };
+            assert_eq!(as_f32(&rk.output), want, "{} r={r}", what("rs"));
+        }
+        // Scratch stays bounded by slots x chunk.
+        assert!(scheds
+            .iter()
+            .all(|s| s.scratch_bytes <= T.slots * T.chunk_bytes));
+
+        let c = call(CollectiveOp::AllGather, count, 0, in_place);
+        let scheds: Vec<_> = (0..n)
+            .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+            .collect();
+        let mine = |r: usize| f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>());
+        let mut ranks: Vec<SimRank> = (0..n)
+            .map(|r| {
+                // Poison: every byte the all-gather does not write stays 0xff.
+                let mut output = vec![0xff; n * count * 4];
+                if in_place {
+                    output[r * count * 4..(r + 1) * count * 4].copy_from_slice(&mine(r));
+                    SimRank {
+                        output,
+                        ..Default::default()
+                    }
+                } else {
+                    SimRank {
+                        input: mine(r),
+                        output,
+                        ..Default::default()
+                    }
+                }
+            })
+            .collect();
+        run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+        let want: Vec<f32> = (0..n * count)
+            .map(|j| val(j / count.max(1), j % count.max(1)))
+            .collect();
+        for rk in &ranks {
+            assert_eq!(as_f32(&rk.output), want, "{}", what("ag"));
+        }
+        if in_place {
+            // Nothing reads an input buffer; only the output is touched.
+            for s in &scheds {
+                assert!(
+                    s.ops.iter().all(|op| !reads_input(&op.kind)),
+                    "{}",
+                    what("ag")
+                );
+            }
+        }
+    }
+
+    fn reads_input(k: &OpKind) -> bool {
+        match *k {
+            OpKind::Send { src, .. } | OpKind::Copy { src, .. } | OpKind::Reduce { src, .. } => {
+                src.buf == BufId::Input
+            }
+            OpKind::Recv { combine, .. } => {
+                matches!(combine, Combine::From(r) if r.buf == BufId::Input)
+            }
+        }
+    }
+
     #[test]
     fn reduce_scatter_all_gather_broadcast_reduce() {
         for n in 1..=7 {
             // 1000 elements in 64-byte chunks: many more pieces than scratch slots.
             for count in [0usize, 1, 33, 1000] {
-                // reduce_scatter: input n*count, output count.
-                let c = call(CollectiveOp::ReduceScatter, count, 0, false);
-                let scheds: Vec<_> = (0..n)
-                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
-                    .collect();
-                let mut ranks: Vec<SimRank> = (0..n)
-                    .map(|r| SimRank {
-                        input: f32s(&(0..n * count).map(|i| val(r, i)).collect::<Vec<_>>()),
-                        output: vec![0; count * 4],
-                        ..Default::default()
-                    })
-                    .collect();
-                run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                for (r, rk) in ranks.iter().enumerate() {
-                    let want: Vec<f32> = (0..count)
-                        .map(|i| (1000 * n * (n - 1) / 2 + n * (r * count + i)) as f32)
-                        .collect();
-                    assert_eq!(as_f32(&rk.output), want, "rs n={n} count={count} r={r}");
-                }
-                // scratch stays bounded by slots x chunk
-                assert!(scheds
-                    .iter()
-                    .all(|s| s.scratch_bytes <= T.slots * T.chunk_bytes));
-
-                // all_gather
-                let c = call(CollectiveOp::AllGather, count, 0, false);
-                let scheds: Vec<_> = (0..n)
-                    .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
-                    .collect();
-                let mut ranks: Vec<SimRank> = (0..n)
-                    .map(|r| SimRank {
-                        input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
-                        output: vec![0; n * count * 4],
-                        ..Default::default()
-                    })
-                    .collect();
-                run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                let want: Vec<f32> = (0..n * count)
-                    .map(|j| val(j / count.max(1), j % count.max(1)))
-                    .collect();
-                for rk in &ranks {
-                    assert_eq!(as_f32(&rk.output), want, "ag n={n} count={count}");
+                for in_place in [false, true] {
+                    reduce_scatter_and_all_gather(n, count, in_place);
                 }
 
                 for root in [0, n - 1] {
@@ -365,26 +424,42 @@ mod tests {
                             assert_eq!(as_f32(&rk.output), want, "bcast n={n} root={root}");
                         }
                     }
-                    let c = call(CollectiveOp::Reduce, count, root, false);
-                    let scheds: Vec<_> = (0..n)
-                        .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
-                        .collect();
-                    let mut ranks: Vec<SimRank> = (0..n)
-                        .map(|r| SimRank {
-                            input: f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
-                            output: vec![0; count * 4],
-                            ..Default::default()
-                        })
-                        .collect();
-                    run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                    let want: Vec<f32> = (0..count)
-                        .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
-                        .collect();
-                    assert_eq!(
-                        as_f32(&ranks[root].output),
-                        want,
-                        "reduce n={n} root={root}"
-                    );
+                    for in_place in [false, true] {
+                        let c = call(CollectiveOp::Reduce, count, root, in_place);
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, Algo::Ring, T.clone(), &[]))
+                            .collect();
+                        let mut ranks: Vec<SimRank> = (0..n)
+                            .map(|r| {
+                                let v = f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>());
+                                if in_place {
+                                    SimRank {
+                                        output: v,
+                                        ..Default::default()
+                                    }
+                                } else {
+                                    SimRank {
+                                        input: v,
+                                        output: vec![0; count * 4],
+                                        ..Default::default()
+                                    }
+                                }
+                            })
+                            .collect();
+                        run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+                        let want: Vec<f32> = (0..count)
+                            .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
+                            .collect();
+                        let what = format!("reduce n={n} root={root} in place {in_place}");
+                        assert_eq!(as_f32(&ranks[root].output), want, "{what}");
+                        if in_place {
+                            // The others' buffers are their inputs, left as they were.
+                            for (r, rk) in ranks.iter().enumerate().filter(|(r, _)| *r != root) {
+                                let mine: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
+                                assert_eq!(as_f32(&rk.output), mine, "{what} r={r}");
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -227,6 +227,24 @@ impl Checker<'_> {
                 |i| expected(op, r * count + i, n),
             )?;
 
+            // In place: this rank's block of the one buffer takes the result, the
+            // other blocks stay as they were.
+            let mut whole = make_buf(comm, sh, 1 + k % 2, big.to_vec())?;
+            self.comm
+                .reduce_scatter_in_place(&mut whole, op)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("reduce_scatter_in_place {name} {op} count {count}"),
+                &whole,
+                |j| {
+                    if j / count.max(1) == r {
+                        expected(op, j, n)
+                    } else {
+                        input(op, r, j, n)
+                    }
+                },
+            )?;
+
             let root = n - 1;
             let mut red = vec![T::from_f64(0.0); if r == root { count } else { 0 }];
             self.comm
@@ -237,7 +255,24 @@ impl Checker<'_> {
                     expected(op, i, n)
                 })?;
             }
-            self.checks += 4;
+            // In place: the root's buffer takes the result, the others' are only read.
+            let root = k % n;
+            let mut red = make_buf(comm, sh, k % 3, send_v.clone())?;
+            self.comm
+                .reduce_in_place(&mut red, op, root)
+                .map_err(|e| e.to_string())?;
+            mismatch(
+                &format!("reduce_in_place {name} {op} root {root} count {count}"),
+                &red,
+                |i| {
+                    if r == root {
+                        expected(op, i, n)
+                    } else {
+                        input(op, r, i, n)
+                    }
+                },
+            )?;
+            self.checks += 6;
         }
         // all_gather: block b = rank b's input
         let send = make_buf(
@@ -255,6 +290,27 @@ impl Checker<'_> {
         mismatch(&format!("all_gather {name} count {count}"), &all, |j| {
             input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
         })?;
+        // In place: this rank's block is already in the buffer; the rest is 0, which no
+        // input is.
+        let mut all = make_buf(
+            comm,
+            sh,
+            3,
+            (0..n * count)
+                .map(|j| match j / count.max(1) == r {
+                    true => input(ReduceOp::Sum, r, j % count.max(1), n),
+                    false => T::from_f64(0.0),
+                })
+                .collect::<Vec<T>>(),
+        )?;
+        self.comm
+            .all_gather_in_place(&mut all)
+            .map_err(|e| e.to_string())?;
+        mismatch(
+            &format!("all_gather_in_place {name} count {count}"),
+            &all,
+            |j| input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n),
+        )?;
         for root in [0, n / 2] {
             let mut b = make_buf(
                 comm,
@@ -291,7 +347,7 @@ impl Checker<'_> {
             })?;
         }
         self.comm.barrier().map_err(|e| e.to_string())?;
-        self.checks += 4;
+        self.checks += 5;
         Ok(())
     }
 

@@ -74,6 +74,7 @@ fn collective(
             let dtype = dtype_arg(func, datatype)?;
             stream_arg(func, stream)?;
             let kind = build(&c, dtype)?;
+            kind.check_layout(func, dtype.size(), c.rank, c.world_size)?;
             Ok(Op {
                 func,
                 comm: c,
@@ -289,7 +290,8 @@ pub extern "C" fn hetcclGetLastError(comm: hetcclComm_t) -> *const c_char {
 }
 
 /// Element-wise reduction of every rank's `count` elements; every rank receives the
-/// result. In place when `sendbuff == recvbuff`.
+/// result. In place when `sendbuff == recvbuff`; other overlaps of the two buffers are
+/// refused, here and in the other collectives ([`ops::Kind::check_layout`]).
 ///
 /// # Safety
 /// `sendbuff` and `recvbuff` must hold `count` elements of `datatype` (inside a group,
@@ -402,7 +404,7 @@ pub unsafe extern "C" fn hetcclBroadcast(
 }
 
 /// Like `hetcclAllReduce`, but only `root` receives the result. `recvbuff` is written
-/// on the root only (it may be NULL elsewhere).
+/// on the root only (it may be NULL elsewhere); in place when `sendbuff == recvbuff` there.
 ///
 /// # Safety
 /// `sendbuff` (and `recvbuff` on the root) must hold `count` elements.

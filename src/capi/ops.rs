@@ -299,14 +299,122 @@ fn overlaps(a: Ptr, alen: usize, b: Ptr, blen: usize) -> bool {
     alen > 0 && blen > 0 && a < b + blen && b < a + alen
 }
 
-/// A copy of `n` elements at `p`, for sends whose buffer overlaps the receive buffer
-/// (NCCL's in-place layouts): Rust may not hold `&[T]` and `&mut [T]` to one byte.
-///
-/// # Safety
-/// As [`slice`].
-unsafe fn staged<T: Element>(p: Ptr, n: usize) -> Vec<T> {
-    // SAFETY: forwarded contract; the slice is dropped before any `&mut` is made.
-    unsafe { slice::<T>(p, n) }.to_vec()
+/// `p` advanced by `bytes`, as an address (never dereferenced here).
+fn offset(p: Ptr, bytes: usize) -> Ptr {
+    Ptr((p.0 as usize).wrapping_add(bytes) as *mut c_void)
+}
+
+/// Where a collective's two buffers lie, in bytes.
+struct Layout {
+    send: Ptr,
+    send_len: usize,
+    recv: Ptr,
+    recv_len: usize,
+    /// Where `send` starts when the call is in place (NCCL's layouts).
+    in_place_send: Ptr,
+}
+
+impl Kind {
+    /// The buffers of a two-buffer collective, for elements of `size` bytes, on `rank`
+    /// of `nranks`; `None` for calls with one buffer.
+    fn layout(&self, size: usize, rank: usize, nranks: usize) -> Option<Layout> {
+        let l = |send, send_len, recv, recv_len, in_place_send| Layout {
+            send,
+            send_len,
+            recv,
+            recv_len,
+            in_place_send,
+        };
+        match *self {
+            Kind::AllReduce {
+                send, recv, count, ..
+            }
+            | Kind::Reduce {
+                send, recv, count, ..
+            } => Some(l(send, count * size, recv, count * size, recv)),
+            Kind::ReduceScatter {
+                send,
+                recv,
+                recvcount,
+                ..
+            } => {
+                // In place, recvbuff is this rank's block of sendbuff.
+                let block = recvcount * size;
+                let start = Ptr((recv.0 as usize).wrapping_sub(rank * block) as *mut c_void);
+                Some(l(send, block * nranks, recv, block, start))
+            }
+            Kind::AllGather {
+                send,
+                recv,
+                sendcount,
+            } => {
+                // In place, sendbuff is this rank's block of recvbuff.
+                let block = sendcount * size;
+                Some(l(
+                    send,
+                    block,
+                    recv,
+                    block * nranks,
+                    offset(recv, rank * block),
+                ))
+            }
+            Kind::Broadcast { .. } | Kind::Send { .. } | Kind::Recv { .. } => None,
+        }
+    }
+
+    /// Whether the call is in place: its send buffer lies where NCCL's in-place layout
+    /// puts it (see [`Kind::check_layout`]).
+    fn in_place(&self, size: usize, rank: usize, nranks: usize) -> bool {
+        self.layout(size, rank, nranks)
+            .is_some_and(|l| l.send == l.in_place_send)
+    }
+
+    /// Refuses send and receive buffers that share bytes without being in place:
+    /// `recvbuff == sendbuff` (all-reduce, reduce), `recvbuff == sendbuff + rank *
+    /// recvcount` (reduce-scatter), `sendbuff == recvbuff + rank * sendcount`
+    /// (all-gather). Any other overlap would have the call read what it already
+    /// overwrote (NCCL leaves it undefined). A reduce's receive buffer counts on the
+    /// root only.
+    pub fn check_layout(
+        &self,
+        func: &'static str,
+        size: usize,
+        rank: usize,
+        nranks: usize,
+    ) -> Result<(), Failure> {
+        let Some(l) = self.layout(size, rank, nranks) else {
+            return Ok(());
+        };
+        let ignored_recv = matches!(self, Kind::Reduce { root, .. } if *root != rank);
+        if ignored_recv
+            || l.send == l.in_place_send
+            || !overlaps(l.send, l.send_len, l.recv, l.recv_len)
+        {
+            return Ok(());
+        }
+        let range = |p: Ptr, len: usize| format!("[{:p}, {:p})", p.0, offset(p, len).0);
+        let want = match self {
+            Kind::ReduceScatter { .. } => format!(
+                "in place, recvbuff must be sendbuff + rank x recvcount elements \
+                 (here {:p})",
+                offset(l.send, rank * l.recv_len).0
+            ),
+            Kind::AllGather { .. } => format!(
+                "in place, sendbuff must be recvbuff + rank x sendcount elements \
+                 (here {:p})",
+                l.in_place_send.0
+            ),
+            _ => "in place, sendbuff must equal recvbuff".to_string(),
+        };
+        Err(Failure::invalid(
+            func,
+            format!(
+                "sendbuff {} and recvbuff {} overlap; {want}",
+                range(l.send, l.send_len),
+                range(l.recv, l.recv_len)
+            ),
+        ))
+    }
 }
 
 impl Op {
@@ -325,10 +433,10 @@ impl Op {
     unsafe fn run_typed<T: Element>(&self) -> Result<()> {
         let c = &self.comm.comm;
         let n = c.world_size();
-        let sz = std::mem::size_of::<T>();
-        // SAFETY (every block below): the buffers are valid per the caller's contract;
-        // a send range overlapping a receive range is staged in a private copy first,
-        // so no `&[T]` and `&mut [T]` to the same memory are ever live together.
+        let in_place = self.kind.in_place(std::mem::size_of::<T>(), c.rank(), n);
+        // SAFETY (every block below): the buffers are valid per the caller's contract,
+        // and `check_layout` refused send and receive ranges that overlap without being
+        // in place, so no `&[T]` and `&mut [T]` to the same memory are ever live together.
         unsafe {
             match self.kind {
                 Kind::AllReduce {
@@ -337,12 +445,8 @@ impl Op {
                     count,
                     op,
                 } => {
-                    if send == recv {
+                    if in_place {
                         return c.all_reduce(slice_mut::<T>(recv, count), op);
-                    }
-                    if overlaps(send, count * sz, recv, count * sz) {
-                        let s = staged::<T>(send, count);
-                        return c.all_reduce_into(&s, slice_mut(recv, count), op);
                     }
                     c.all_reduce_into(slice::<T>(send, count), slice_mut(recv, count), op)
                 }
@@ -353,9 +457,8 @@ impl Op {
                     op,
                 } => {
                     let total = recvcount * n;
-                    if overlaps(send, total * sz, recv, recvcount * sz) {
-                        let s = staged::<T>(send, total);
-                        return c.reduce_scatter(&s, slice_mut(recv, recvcount), op);
+                    if in_place {
+                        return c.reduce_scatter_in_place(slice_mut::<T>(send, total), op);
                     }
                     c.reduce_scatter(slice::<T>(send, total), slice_mut(recv, recvcount), op)
                 }
@@ -365,9 +468,8 @@ impl Op {
                     sendcount,
                 } => {
                     let total = sendcount * n;
-                    if overlaps(send, sendcount * sz, recv, total * sz) {
-                        let s = staged::<T>(send, sendcount);
-                        return c.all_gather(&s, slice_mut(recv, total));
+                    if in_place {
+                        return c.all_gather_in_place(slice_mut::<T>(recv, total));
                     }
                     c.all_gather(slice::<T>(send, sendcount), slice_mut(recv, total))
                 }
@@ -393,9 +495,8 @@ impl Op {
                     if c.rank() != root {
                         return c.reduce(slice::<T>(send, count), &mut [], op, root);
                     }
-                    if overlaps(send, count * sz, recv, count * sz) {
-                        let s = staged::<T>(send, count);
-                        return c.reduce(&s, slice_mut(recv, count), op, root);
+                    if in_place {
+                        return c.reduce_in_place(slice_mut::<T>(recv, count), op, root);
                     }
                     c.reduce(slice::<T>(send, count), slice_mut(recv, count), op, root)
                 }
@@ -512,5 +613,88 @@ mod tests {
         assert!(overlaps(p(100), 9, p(108), 8));
         assert!(!overlaps(p(100), 0, p(100), 8));
         assert!(overlaps(p(116), 4, p(100), 32));
+    }
+
+    #[test]
+    fn nccl_in_place_layouts_run_in_place_and_other_overlaps_are_refused() {
+        let p = |a: usize| Ptr(a as *mut c_void);
+        let op = ReduceOp::Sum;
+        // Rank 2 of 4, f32 (4 bytes), 8 elements per block (32 bytes).
+        let (size, rank, n) = (4, 2, 4);
+        let check = |k: Kind| {
+            k.check_layout("f", size, rank, n)
+                .map(|()| k.in_place(size, rank, n))
+                .map_err(|e| e.message)
+        };
+        let rs = |send, recv| Kind::ReduceScatter {
+            send: p(send),
+            recv: p(recv),
+            recvcount: 8,
+            op,
+        };
+        assert_eq!(check(rs(0x1000, 0x1040)), Ok(true));
+        assert_eq!(check(rs(0x1000, 0x2000)), Ok(false));
+        assert_eq!(
+            check(rs(0x1000, 0x1020)),
+            Err(
+                "invalid argument to f: sendbuff [0x1000, 0x1080) and recvbuff [0x1020, 0x1040) \
+                 overlap; in place, recvbuff must be sendbuff + rank x recvcount elements \
+                 (here 0x1040)"
+                    .into()
+            )
+        );
+        let ag = |send, recv| Kind::AllGather {
+            send: p(send),
+            recv: p(recv),
+            sendcount: 8,
+        };
+        assert_eq!(check(ag(0x1040, 0x1000)), Ok(true));
+        assert_eq!(check(ag(0x2000, 0x1000)), Ok(false));
+        assert_eq!(
+            check(ag(0x1000, 0x1000)),
+            Err(
+                "invalid argument to f: sendbuff [0x1000, 0x1020) and recvbuff [0x1000, 0x1080) \
+                 overlap; in place, sendbuff must be recvbuff + rank x sendcount elements \
+                 (here 0x1040)"
+                    .into()
+            )
+        );
+        let ar = |send, recv| Kind::AllReduce {
+            send: p(send),
+            recv: p(recv),
+            count: 8,
+            op,
+        };
+        assert_eq!(check(ar(0x1000, 0x1000)), Ok(true));
+        assert_eq!(check(ar(0x1000, 0x1020)), Ok(false));
+        assert_eq!(
+            check(ar(0x1000, 0x1004)),
+            Err(
+                "invalid argument to f: sendbuff [0x1000, 0x1020) and recvbuff [0x1004, 0x1024) \
+                 overlap; in place, sendbuff must equal recvbuff"
+                    .into()
+            )
+        );
+        let reduce = |root, recv| Kind::Reduce {
+            send: p(0x1000),
+            recv: p(recv),
+            count: 8,
+            op,
+            root,
+        };
+        assert_eq!(check(reduce(rank, 0x1000)), Ok(true));
+        assert!(check(reduce(rank, 0x1010)).is_err());
+        // Off the root the receive buffer is ignored.
+        assert_eq!(check(reduce(0, 0x1010)), Ok(false));
+        // Empty buffers overlap nothing.
+        assert_eq!(
+            check(Kind::AllReduce {
+                send: p(0x1000),
+                recv: p(0x1000),
+                count: 0,
+                op
+            }),
+            Ok(true)
+        );
     }
 }

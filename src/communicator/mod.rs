@@ -662,11 +662,23 @@ impl Communicator {
             redop,
             root,
         } = req;
-        let in_len = input.map_or(0, |s| s.len());
         let out_len = output.len();
         let name = op.name();
         let bad = |reason: String| Error::InvalidArgument { op: name, reason };
+        // In place, one buffer is both: the input is the output.
+        let in_len = input.map_or(out_len, |s| s.len());
         let count = match op {
+            // In place (NCCL's layout), the buffer holds every rank's block, this rank's
+            // at block `rank`.
+            CollectiveOp::ReduceScatter | CollectiveOp::AllGather if input.is_none() => {
+                if out_len % n != 0 {
+                    return Err(bad(format!(
+                        "in place the buffer holds world_size = {n} blocks of equal size; \
+                         {out_len} elements do not divide into {n}"
+                    )));
+                }
+                out_len / n
+            }
             CollectiveOp::AllReduce => {
                 if input.is_some() && in_len != out_len {
                     return Err(bad(format!(
@@ -817,9 +829,23 @@ impl Communicator {
         self.run(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
     }
 
+    /// In-place reduce-scatter (NCCL's layout): `buf` holds `world_size` blocks of equal
+    /// size, and rank `r` ends with block `r` reduced over all ranks, in block `r` of
+    /// `buf`. The other blocks are read, not written. Needs no copy of the message: the
+    /// partial sums travel through the communicator's bounded scratch.
+    pub fn reduce_scatter_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.run(Request::new(CollectiveOp::ReduceScatter, None, buf).redop(op))
+    }
+
     /// All-gather: rank `r`'s `send` lands at block `r` of every rank's `recv`.
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         self.run(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// In-place all-gather: `buf` holds `world_size` blocks of equal size; block `r` of
+    /// rank `r`'s `buf` lands at block `r` of every rank's `buf`.
+    pub fn all_gather_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+        self.run(Request::new(CollectiveOp::AllGather, None, buf))
     }
 
     /// Broadcast `buf` from `root` to every rank.
@@ -838,6 +864,21 @@ impl Communicator {
     ) -> Result<()> {
         self.run(
             Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
+    }
+
+    /// In-place reduce: every rank's `buf` (all of equal length) reduced into `root`'s
+    /// `buf`; the other ranks' buffers are read, not written.
+    pub fn reduce_in_place<T: Element>(
+        &self,
+        buf: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.run(
+            Request::new(CollectiveOp::Reduce, None, buf)
                 .redop(op)
                 .root(root),
         )
@@ -1051,6 +1092,15 @@ impl<'s, 'env> Scope<'s, 'env> {
         self.start(Request::new(CollectiveOp::ReduceScatter, Some(send), recv).redop(op))
     }
 
+    /// Starts an in-place reduce-scatter (see [`Communicator::reduce_scatter_in_place`]).
+    pub fn reduce_scatter_in_place<T: Element>(
+        &'s self,
+        buf: &'env mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::ReduceScatter, None, buf).redop(op))
+    }
+
     /// Starts an all-gather.
     pub fn all_gather<T: Element>(
         &'s self,
@@ -1058,6 +1108,11 @@ impl<'s, 'env> Scope<'s, 'env> {
         recv: &'env mut [T],
     ) -> Result<Handle<'s>> {
         self.start(Request::new(CollectiveOp::AllGather, Some(send), recv))
+    }
+
+    /// Starts an in-place all-gather (see [`Communicator::all_gather_in_place`]).
+    pub fn all_gather_in_place<T: Element>(&'s self, buf: &'env mut [T]) -> Result<Handle<'s>> {
+        self.start(Request::new(CollectiveOp::AllGather, None, buf))
     }
 
     /// Starts a broadcast.
@@ -1075,6 +1130,20 @@ impl<'s, 'env> Scope<'s, 'env> {
     ) -> Result<Handle<'s>> {
         self.start(
             Request::new(CollectiveOp::Reduce, Some(send), recv)
+                .redop(op)
+                .root(root),
+        )
+    }
+
+    /// Starts an in-place reduce (see [`Communicator::reduce_in_place`]).
+    pub fn reduce_in_place<T: Element>(
+        &'s self,
+        buf: &'env mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Handle<'s>> {
+        self.start(
+            Request::new(CollectiveOp::Reduce, None, buf)
                 .redop(op)
                 .root(root),
         )

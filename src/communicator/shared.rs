@@ -895,6 +895,8 @@ pub(super) fn plan(
     let out_bytes = output.1;
     let (input, output) = match call.op {
         CollectiveOp::AllReduce => (inp, Some(out?)),
+        // In place, these two address one block of the buffer: the schedule's business.
+        CollectiveOp::ReduceScatter | CollectiveOp::AllGather if call.in_place => return None,
         CollectiveOp::ReduceScatter | CollectiveOp::AllGather => (Some(inp?), None),
         CollectiveOp::Broadcast => (None, Some(out?)),
         _ => return None,

@@ -116,13 +116,12 @@ fn rank_lines(comm: &Communicator) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Which forms the API offers: reduce_scatter, all_gather and reduce take separate
-/// slices (Rust cannot alias them), broadcast has only the one-buffer form.
+/// Which forms the API offers (out of place, in place): broadcast has only the
+/// one-buffer form.
 fn modes(coll: CollectiveOp) -> (bool, bool) {
     match coll {
-        CollectiveOp::AllReduce => (true, true),
         CollectiveOp::Broadcast => (false, true),
-        _ => (true, false),
+        _ => (true, true),
     }
 }
 
@@ -176,7 +175,19 @@ impl<T: Element> Bench<'_, T> {
         let (r, n, a) = (self.comm.rank(), self.comm.world_size(), self.a);
         let value = |j| T::from_f64(check::send_value(a.coll, a.op, r, n, a.root, j));
         let poison = T::from_f64(check::POISON);
-        if in_place {
+        if in_place && a.coll == CollectiveOp::ReduceScatter {
+            // NCCL's layout: the send buffer, whose block `r` takes the result.
+            for (j, x) in self.send[..sh.send].iter_mut().enumerate() {
+                *x = value(j);
+            }
+        } else if in_place && a.coll == CollectiveOp::AllGather {
+            // This rank's block already in place, the rest poisoned.
+            self.recv[..sh.recv].fill(poison);
+            let own = &mut self.recv[r * sh.send..(r + 1) * sh.send];
+            for (j, x) in own.iter_mut().enumerate() {
+                *x = value(j);
+            }
+        } else if in_place {
             for (j, x) in self.recv[..sh.recv].iter_mut().enumerate() {
                 *x = value(j);
             }
@@ -190,6 +201,9 @@ impl<T: Element> Bench<'_, T> {
 
     fn once(&mut self, sh: &Shape, in_place: bool) -> hetccl::Result<()> {
         let (c, op, root) = (self.comm, self.a.op, self.a.root);
+        if in_place && self.a.coll == CollectiveOp::ReduceScatter {
+            return c.reduce_scatter_in_place(&mut self.send[..sh.send], op);
+        }
         let send = &self.send[..sh.send];
         let recv = &mut self.recv[..sh.recv];
         match (self.a.coll, in_place) {
@@ -197,11 +211,13 @@ impl<T: Element> Bench<'_, T> {
             (CollectiveOp::AllReduce, true) => c.all_reduce(recv, op),
             (CollectiveOp::Broadcast, _) => c.broadcast(recv, root),
             (CollectiveOp::ReduceScatter, _) => c.reduce_scatter(send, recv, op),
-            (CollectiveOp::AllGather, _) => c.all_gather(send, recv),
-            (CollectiveOp::Reduce, _) => {
+            (CollectiveOp::AllGather, false) => c.all_gather(send, recv),
+            (CollectiveOp::AllGather, true) => c.all_gather_in_place(recv),
+            (CollectiveOp::Reduce, false) => {
                 let recv = if c.rank() == root { recv } else { &mut [] };
                 c.reduce(send, recv, op, root)
             }
+            (CollectiveOp::Reduce, true) => c.reduce_in_place(recv, op, root),
             (other, _) => Err(hetccl::Error::invalid(
                 "hetccl-perf",
                 format!("{other} is not benchmarked"),
@@ -210,14 +226,18 @@ impl<T: Element> Bench<'_, T> {
     }
 
     /// Wrong elements of this rank's output after `once`.
-    fn count_wrong(&self, sh: &Shape) -> u64 {
+    fn count_wrong(&self, sh: &Shape, in_place: bool) -> u64 {
         let (r, n, a) = (self.comm.rank(), self.comm.world_size(), self.a);
         let block = match a.coll {
             CollectiveOp::ReduceScatter => sh.recv,
             CollectiveOp::AllGather => sh.send,
             _ => sh.recv,
         };
-        let out = &self.recv[..sh.recv];
+        let out = if in_place && a.coll == CollectiveOp::ReduceScatter {
+            &self.send[r * sh.recv..(r + 1) * sh.recv]
+        } else {
+            &self.recv[..sh.recv]
+        };
         let reduction = matches!(
             a.coll,
             CollectiveOp::AllReduce | CollectiveOp::ReduceScatter | CollectiveOp::Reduce
@@ -269,7 +289,7 @@ impl<T: Element> Bench<'_, T> {
         let wrong = if self.a.check {
             self.prepare(sh, in_place);
             self.once(sh, in_place).map_err(err)?;
-            let mut w = [self.count_wrong(sh)];
+            let mut w = [self.count_wrong(sh, in_place)];
             comm.all_reduce(&mut w, ReduceOp::Sum).map_err(err)?;
             Some(w[0])
         } else {
