@@ -4,8 +4,9 @@
 #   scripts/compare-collectives.sh [--ranks N] [--tcp] [--repeats R] [-- hetccl-perf size flags]
 #
 # Runs hetccl-perf once per collective per repeat, cycling through the collectives so
-# each repeat sees the same machine state, and prints per size the median out-of-place
-# busbw (in-place for broadcast, which has only that) and its ratio to all-reduce's.
+# each repeat sees the same machine state, and prints per size the median busbw and its
+# ratio to all-reduce's: one table out of place (broadcast, which has only the in-place
+# form, shows that), one in place.
 # Default sizes: -b 1M -e 256M -f 4 -n 10 -w 2. --tcp sets HETCCL_SHM_DISABLE=1.
 set -euo pipefail
 
@@ -38,32 +39,43 @@ for rep in $(seq 1 "$repeats"); do
         HETCCL_SHM_DISABLE=$tcp "$bin/hetccl" run -n "$ranks" -- "$bin/hetccl-perf" "${sizes[@]}" -g "$g" 2>&1 |
             sed -n 's/^\[rank 0\] //p' |
             awk -v g="$g" '!/^#/ && NF >= 13 {
-                if ($9 != 0 && $9 != "N/A" && $9 != "n/a") { print "wrong results: " g > "/dev/stderr"; exit 1 }
-                bw = ($8 == "n/a") ? $12 : $8; print $1, bw }' |
-            while read -r size bw; do echo "$bw" >>"$work/$g.$size"; done
+                for (k = 9; k <= 13; k += 4)
+                    if ($k != 0 && $k != "N/A" && $k != "n/a") { print "wrong results: " g > "/dev/stderr"; exit 1 }
+                oop = ($8 == "n/a") ? $12 : $8; print $1, oop, $12 }' |
+            while read -r size oop ip; do
+                echo "$oop" >>"$work/$g.$size"
+                echo "$ip" >>"$work/ip.$g.$size"
+            done
     done
 done
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); ranks: $ranks; link: $([ $tcp = 1 ] && echo tcp || echo shm); repeats: $repeats; load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo
-printf '| size (B) |'
-for g in $colls; do printf ' %s |' "$g"; done
-echo
-printf '| ---: |'
-for g in $colls; do printf ' ---: |'; done
-echo
-for size in $(cd "$work" && ls all_reduce.* | sed 's/.*\.//' | sort -n); do
-    ar=$(median <"$work/all_reduce.$size")
-    printf '| %s |' "$size"
-    for g in $colls; do
-        m=$( [ -f "$work/$g.$size" ] && median <"$work/$g.$size" || echo nan)
-        if [ "$g" = all_reduce ]; then
-            printf ' %.2f |' "$m"
-        else
-            awk -v m="$m" -v a="$ar" 'BEGIN { printf " %.2f (%.0f %%) |", m, 100 * m / a }'
-        fi
-    done
+# table PREFIX TITLE: medians of the files $work/PREFIX<collective>.<size>
+table() {
     echo
-done
+    echo "$2"
+    echo
+    printf '| size (B) |'
+    for g in $colls; do printf ' %s |' "$g"; done
+    echo
+    printf '| ---: |'
+    for g in $colls; do printf ' ---: |'; done
+    echo
+    for size in $(cd "$work" && ls "$1"all_reduce.* | sed 's/.*\.//' | sort -n); do
+        ar=$(median <"$work/$1all_reduce.$size")
+        printf '| %s |' "$size"
+        for g in $colls; do
+            m=$( [ -f "$work/$1$g.$size" ] && median <"$work/$1$g.$size" || echo nan)
+            if [ "$g" = all_reduce ]; then
+                printf ' %.2f |' "$m"
+            else
+                awk -v m="$m" -v a="$ar" 'BEGIN { printf " %.2f (%.0f %%) |", m, 100 * m / a }'
+            fi
+        done
+        echo
+    done
+}
+table "" "out of place (broadcast: in place), busbw GB/s"
+table ip. "in place, busbw GB/s"
