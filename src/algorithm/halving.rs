@@ -62,15 +62,12 @@ pub fn all_reduce_into(
             b.send(peer, piece);
         }
     };
-    // Receives part `r` into `dst`: reduced with `cur`'s copy of it, or copied.
+    // Receives part `r` into `dst`: reduced with `cur`'s copy of it (accumulated where
+    // that is `dst` itself), or copied.
     let recv = |b: &mut Builder, peer: usize, cur: Option<Region>, r: &Range<usize>| {
         let from = cur.map(|c| pieces(c, r));
         for (k, piece) in pieces(dst, r).into_iter().enumerate() {
-            let combine = match &from {
-                None => Combine::Copy,
-                Some(f) if f[k] == piece => Combine::Accumulate,
-                Some(f) => Combine::From(f[k]),
-            };
+            let combine = from.as_ref().map_or(Combine::Copy, |f| Combine::From(f[k]));
             b.recv(peer, piece, combine);
         }
     };

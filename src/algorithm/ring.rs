@@ -60,13 +60,9 @@ fn reduce_scatter_step(
     // Send to the right; wait for the left and fold its partial sums into ours.
     let out = &segs[(g.me + n - k) % n];
     b.send(g.right(), at(if k == 0 { src } else { dst }, out));
+    // In place (`src == dst`) the builder makes this an `Accumulate`.
     let inc = &segs[(g.me + 2 * n - k - 1) % n];
-    let combine = if src == dst {
-        Combine::Accumulate
-    } else {
-        Combine::From(at(src, inc))
-    };
-    b.recv(g.left(), at(dst, inc), combine);
+    b.recv(g.left(), at(dst, inc), Combine::From(at(src, inc)));
 }
 
 /// Step `k` of the all-gather of one piece, after its reduce-scatter: member `me`
