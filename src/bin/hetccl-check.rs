@@ -391,16 +391,46 @@ impl Checker<'_> {
                             .map(|i| input(ReduceOp::Sum, r, i, n))
                             .collect::<Vec<bf16>>(),
                     )?;
+                    // In place: every rank's blocks for a reduce-scatter, this rank's
+                    // block (the rest zero) for an all-gather, one buffer for a reduce.
+                    let blocks = (0..n * count).map(|j| input(ReduceOp::Sum, r, j, n));
+                    let mut d = make_buf(comm, sh, 2, blocks.collect::<Vec<f32>>())?;
+                    let own = |j: usize| match j / count.max(1) == r {
+                        true => input(ReduceOp::Sum, r, j % count.max(1), n),
+                        false => 0,
+                    };
+                    let mut e = make_buf(comm, sh, 1, (0..n * count).map(own).collect())?;
+                    let mut f = make_buf(comm, sh, 0, a.to_vec())?;
+                    let root = (step + 1) % n;
                     self.comm
                         .scope(|s| -> hetccl::Result<()> {
                             let h1 = s.all_reduce(&mut a, ReduceOp::Sum)?;
                             let h2 = s.all_reduce(&mut b, ReduceOp::Max)?;
                             let h3 = s.broadcast(&mut c, step % n)?;
+                            let h4 = s.reduce_scatter_in_place(&mut d, ReduceOp::Sum)?;
+                            let h5 = s.all_gather_in_place::<i32>(&mut e)?;
+                            let h6 = s.reduce_in_place(&mut f, ReduceOp::Sum, root)?;
                             h3.wait()?;
                             h1.wait()?;
-                            h2.wait()
+                            h5.wait()?;
+                            h2.wait()?;
+                            h6.wait()?;
+                            h4.wait()
                         })
                         .map_err(|e| e.to_string())?;
+                    mismatch("mixed async reduce_scatter_in_place f32", &d, |j| {
+                        match j / count.max(1) == r {
+                            true => expected(ReduceOp::Sum, j, n),
+                            false => input(ReduceOp::Sum, r, j, n),
+                        }
+                    })?;
+                    mismatch("mixed async all_gather_in_place i32", &e, |j| {
+                        input(ReduceOp::Sum, j / count.max(1), j % count.max(1), n)
+                    })?;
+                    mismatch("mixed async reduce_in_place f32", &f, |i| match r == root {
+                        true => expected(ReduceOp::Sum, i, n),
+                        false => input(ReduceOp::Sum, r, i, n),
+                    })?;
                     mismatch("mixed async all_reduce f32", &a, |i| {
                         expected(ReduceOp::Sum, i, n)
                     })?;
