@@ -842,12 +842,15 @@ pub(super) struct Direct {
     stream: bool,
     /// A small all-reduce through the eager slots (buffers need not be shared).
     eager: bool,
+    /// One buffer: a reduce-scatter's result goes to this rank's block of it, an
+    /// all-gather's own block is in place already.
+    in_place: bool,
 }
 
 /// Picks the direct path for `call` when every rank shares this host and this rank's
 /// buffers are shared ones: all_reduce needs a shared output (a private input is first
-/// copied into it), reduce_scatter and all_gather a shared input, broadcast a shared
-/// buffer. Every rank decides from its own buffers; ranks that decide differently are
+/// copied into it), reduce_scatter and all_gather a shared input (in place, the one
+/// buffer), broadcast a shared buffer. Every rank decides from its own buffers; ranks that decide differently are
 /// caught in the entry step and get [`Error::Mismatch`].
 pub(super) fn plan(
     comm: &Communicator,
@@ -883,20 +886,21 @@ pub(super) fn plan(
             root: 0,
             stream: false,
             eager: true,
+            in_place: call.in_place,
         });
     }
     let look = |p: usize, len: usize| state.lookup(p, len);
     let out = look(output.0 as usize, output.1);
-    let inp = if call.in_place {
-        out
-    } else {
-        look(input.0 as usize, input.1)
+    let block = call.count * call.dtype.size();
+    let inp = match (call.in_place, call.op) {
+        // Peers read an in-place all-gather's input at this rank's block of the buffer.
+        (true, CollectiveOp::AllGather) => look(output.0 as usize + comm.rank * block, block),
+        (true, _) => out,
+        (false, _) => look(input.0 as usize, input.1),
     };
     let out_bytes = output.1;
     let (input, output) = match call.op {
         CollectiveOp::AllReduce => (inp, Some(out?)),
-        // In place, these two address one block of the buffer: the schedule's business.
-        CollectiveOp::ReduceScatter | CollectiveOp::AllGather if call.in_place => return None,
         CollectiveOp::ReduceScatter | CollectiveOp::AllGather => (Some(inp?), None),
         CollectiveOp::Broadcast => (None, Some(out?)),
         _ => return None,
@@ -920,6 +924,7 @@ pub(super) fn plan(
         root: call.root,
         stream: out_bytes >= comm.cfg.stream_min_bytes,
         eager: false,
+        in_place: call.in_place,
     })
 }
 
@@ -1000,8 +1005,13 @@ impl Direct {
         // 2. The collective itself.
         crate::dispatch_dtype!(ctx.dtype, T => match ctx.op {
             CollectiveOp::AllReduce => run.all_reduce::<T>(&views, bufs)?,
-            CollectiveOp::ReduceScatter => run.reduce_scatter::<T>(&views, bufs)?,
-            CollectiveOp::AllGather => run.all_gather(&views, bufs, count * size),
+            CollectiveOp::ReduceScatter => {
+                // In place, the result is this rank's block of the one buffer.
+                let at = if self.in_place { me * count * size } else { 0 };
+                // SAFETY: in place the buffer holds n x count elements.
+                run.reduce_scatter::<T>(&views, unsafe { bufs.output.add(at) })?
+            }
+            CollectiveOp::AllGather => run.all_gather(&views, bufs, count * size, self.in_place),
             CollectiveOp::Broadcast => run.broadcast(&views, bufs, count * size, self.root),
             _ => {}
         });
@@ -1463,7 +1473,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn reduce_scatter<T: Element>(&self, views: &[PeerView], bufs: &Buffers) -> Result<()> {
+    /// This rank's block reduced over every rank's input into `out` (`count` elements;
+    /// in place, the own input's block itself).
+    fn reduce_scatter<T: Element>(&self, views: &[PeerView], out: *mut u8) -> Result<()> {
         let ctx = self.ctx;
         let me = self.node.me;
         let size = std::mem::size_of::<T>();
@@ -1481,11 +1493,12 @@ impl Run<'_> {
                     .map(|v| unsafe { v.input.add((me * count + a) * size) }.cast::<T>()),
             );
             // SAFETY: inputs are readable and unchanged until the exit step; the output
-            // is this rank's own buffer of `count` elements, disjoint from the inputs.
+            // holds `count` elements, written by this rank alone, and is disjoint from
+            // the inputs but for its own block in place, which `reduce_n` allows.
             unsafe {
                 reduce::reduce_n::<T>(
                     ctx.redop,
-                    bufs.output.add(a * size).cast::<T>(),
+                    out.add(a * size).cast::<T>(),
                     &srcs,
                     b - a,
                     ctx.world_size,
@@ -1496,11 +1509,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn all_gather(&self, views: &[PeerView], bufs: &Buffers, bytes: usize) {
+    fn all_gather(&self, views: &[PeerView], bufs: &Buffers, bytes: usize, in_place: bool) {
         let n = views.len();
         let me = self.node.me;
-        // Start with the next rank so the ranks do not all read the same one at once.
-        for k in 0..n {
+        // Start with the next rank so the ranks do not all read the same one at once; in
+        // place, this rank's block is where it belongs.
+        for k in usize::from(in_place)..n {
             let r = (me + k) % n;
             // SAFETY: each input holds `bytes` bytes, the output n x `bytes`; inputs are
             // unchanged until the exit step and the output is this rank's alone.
@@ -1664,6 +1678,46 @@ mod tests {
                 assert_eq!(*x as usize, i / count + 10);
             }
             assert_eq!(bc, vec![100i64; count]);
+        }
+    }
+
+    #[test]
+    fn in_place_reduce_scatter_and_all_gather_read_the_peers_directly() {
+        let n = 3;
+        let comms = world_with(n, secs(20), 0);
+        let count = 70_001;
+        let outs = on_all(&comms, |c| {
+            let r = c.rank();
+            let direct = |c: &Communicator| {
+                // The control page's flag ends at the last call's exit step only when that
+                // call went the direct way.
+                last_direct(c) == flag_value(c.seq.load(Ordering::Relaxed) - 1, EXIT)
+            };
+            let mut buf = c.alloc_shared::<f32>(n * count).unwrap();
+            buf.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (r + i % 5) as f32);
+            c.reduce_scatter_in_place(&mut buf, ReduceOp::Sum).unwrap();
+            let rs = (buf.to_vec(), direct(c));
+            buf.fill(0.0);
+            buf[r * count..(r + 1) * count].fill(r as f32 + 0.5);
+            c.all_gather_in_place(&mut buf).unwrap();
+            (rs, (buf.to_vec(), direct(c)))
+        });
+        for (r, ((rs, rs_direct), (ag, ag_direct))) in outs.into_iter().enumerate() {
+            assert!(rs_direct && ag_direct, "rank {r}: {rs_direct} {ag_direct}");
+            for (i, x) in rs.iter().enumerate() {
+                // Own block: the sum over ranks 0..3 of (rank + i % 5); others as they were.
+                let want = if i / count == r {
+                    (3 + 3 * (i % 5)) as f32
+                } else {
+                    (r + i % 5) as f32
+                };
+                assert_eq!(*x, want, "rank {r} element {i}");
+            }
+            for (i, x) in ag.iter().enumerate() {
+                assert_eq!(*x, (i / count) as f32 + 0.5, "rank {r} element {i}");
+            }
         }
     }
 
