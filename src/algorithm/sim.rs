@@ -192,6 +192,30 @@ mod tests {
         (r * 1000 + i) as f32
     }
 
+    /// Element i summed over n ranks: 1000 n(n-1)/2 + n i.
+    fn sums(n: usize, count: usize) -> Vec<f32> {
+        (0..count)
+            .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
+            .collect()
+    }
+
+    /// A rank holding `data` as its one buffer (in place) or as its input, with an
+    /// output of `out_bytes` zeros.
+    fn holding(data: Vec<u8>, out_bytes: usize, in_place: bool) -> SimRank {
+        if in_place {
+            SimRank {
+                output: data,
+                ..Default::default()
+            }
+        } else {
+            SimRank {
+                input: data,
+                output: vec![0; out_bytes],
+                ..Default::default()
+            }
+        }
+    }
+
     #[test]
     fn all_reduce_ring_tree_and_doubling_every_world_size() {
         let ring_pieces = Tuning {
@@ -215,25 +239,11 @@ mod tests {
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| {
                                 let v: Vec<f32> = (0..count).map(|i| val(r, i)).collect();
-                                if in_place {
-                                    SimRank {
-                                        output: f32s(&v),
-                                        ..Default::default()
-                                    }
-                                } else {
-                                    SimRank {
-                                        input: f32s(&v),
-                                        output: vec![0; count * 4],
-                                        ..Default::default()
-                                    }
-                                }
+                                holding(f32s(&v), count * 4, in_place)
                             })
                             .collect();
                         run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                        // sum over r of (1000 r + i) = 1000 n(n-1)/2 + n i
-                        let want: Vec<f32> = (0..count)
-                            .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
-                            .collect();
+                        let want = sums(n, count);
                         for r in &ranks {
                             let order = t.ring_order;
                             assert_eq!(
@@ -309,20 +319,7 @@ mod tests {
             .collect();
         let blocks = |r: usize| (0..n * count).map(|i| val(r, i)).collect::<Vec<_>>();
         let mut ranks: Vec<SimRank> = (0..n)
-            .map(|r| {
-                if in_place {
-                    SimRank {
-                        output: f32s(&blocks(r)),
-                        ..Default::default()
-                    }
-                } else {
-                    SimRank {
-                        input: f32s(&blocks(r)),
-                        output: vec![0; count * 4],
-                        ..Default::default()
-                    }
-                }
-            })
+            .map(|r| holding(f32s(&blocks(r)), count * 4, in_place))
             .collect();
         run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
         for (r, rk) in ranks.iter().enumerate() {
@@ -432,24 +429,11 @@ mod tests {
                         let mut ranks: Vec<SimRank> = (0..n)
                             .map(|r| {
                                 let v = f32s(&(0..count).map(|i| val(r, i)).collect::<Vec<_>>());
-                                if in_place {
-                                    SimRank {
-                                        output: v,
-                                        ..Default::default()
-                                    }
-                                } else {
-                                    SimRank {
-                                        input: v,
-                                        output: vec![0; count * 4],
-                                        ..Default::default()
-                                    }
-                                }
+                                holding(v, count * 4, in_place)
                             })
                             .collect();
                         run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-                        let want: Vec<f32> = (0..count)
-                            .map(|i| (1000 * n * (n - 1) / 2 + n * i) as f32)
-                            .collect();
+                        let want = sums(n, count);
                         let what = format!("reduce n={n} root={root} in place {in_place}");
                         assert_eq!(as_f32(&ranks[root].output), want, "{what}");
                         if in_place {
