@@ -6,8 +6,13 @@
 # Runs hetccl-perf once per collective per repeat, cycling through the collectives so
 # each repeat sees the same machine state, and prints per size the median busbw and its
 # ratio to all-reduce's: one table out of place (broadcast, which has only the in-place
-# form, shows that), one in place.
-# Default sizes: -b 1M -e 256M -f 4 -n 10 -w 2. --tcp sets HETCCL_SHM_DISABLE=1.
+# form, shows that), one in place. More ranks than CPUs are pinned to cores (`hetccl run
+# --bind-cores`), as compare-mpi.sh does: unpinned, 4 ranks on 2 cores land differently
+# from launch to launch.
+# Default sizes in two bands, each call timed over about as long: -b 1M -e 4M -f 4 -n 100
+# -w 5, then -b 16M -e 256M -f 4 -n 10 -w 2 (10 calls of 1 MiB take a few milliseconds,
+# which a single scheduling hiccup on 2 cores skews). Flags after -- replace both bands.
+# --tcp sets HETCCL_SHM_DISABLE=1.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,14 +20,14 @@ root=$(cd "$here/.." && pwd)
 ranks=2
 tcp=0
 repeats=3
-sizes=(-b 1M -e 256M -f 4 -n 10 -w 2)
+bands=("-b 1M -e 4M -f 4 -n 100 -w 5" "-b 16M -e 256M -f 4 -n 10 -w 2")
 while [ $# -gt 0 ]; do
     case "$1" in
         --ranks) ranks=$2; shift ;;
         --tcp) tcp=1 ;;
         --repeats) repeats=$2; shift ;;
-        --) shift; sizes=("$@"); break ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        --) shift; bands=("$*"); break ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "compare-collectives.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -33,10 +38,16 @@ bin="$root/target/release"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 colls="all_reduce reduce_scatter all_gather broadcast reduce"
+pin=()
+if [ "$ranks" -gt "$(nproc)" ]; then pin=(--bind-cores); fi
 
 for rep in $(seq 1 "$repeats"); do
     for g in $colls; do
-        HETCCL_SHM_DISABLE=$tcp "$bin/hetccl" run -n "$ranks" -- "$bin/hetccl-perf" "${sizes[@]}" -g "$g" 2>&1 |
+        for band in "${bands[@]}"; do
+            # shellcheck disable=SC2086 # a band is a list of flags
+            HETCCL_SHM_DISABLE=$tcp "$bin/hetccl" run -n "$ranks" "${pin[@]}" -- "$bin/hetccl-perf" $band -g "$g" 2>&1 ||
+                { echo "hetccl-perf $band -g $g failed" >&2; exit 1; }
+        done |
             sed -n 's/^\[rank 0\] //p' |
             awk -v g="$g" '!/^#/ && NF >= 13 {
                 for (k = 9; k <= 13; k += 4)
@@ -51,7 +62,7 @@ done
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); ranks: $ranks; link: $([ $tcp = 1 ] && echo tcp || echo shm); repeats: $repeats; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); ranks: $ranks; link: $([ $tcp = 1 ] && echo tcp || echo shm); repeats: $repeats; pinned: $([ ${#pin[@]} -gt 0 ] && echo yes || echo no); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 # table PREFIX TITLE: medians of the files $work/PREFIX<collective>.<size>
 table() {
     echo
