@@ -1436,6 +1436,21 @@ mod tests {
             e.to_string(),
             "invalid argument to reduce_scatter: send buffer must hold world_size x receive count = 2 x 2 = 4 elements, it holds 5"
         );
+        for e in [
+            c.reduce_scatter_in_place(&mut [1.0f32; 5], ReduceOp::Sum),
+            c.all_gather_in_place(&mut [1.0f32; 5]),
+        ] {
+            let e = e.unwrap_err().to_string();
+            assert!(
+                e.ends_with(
+                    "in place the buffer holds world_size = 2 blocks of equal size; 5 elements \
+                     do not divide into 2"
+                ),
+                "{e}"
+            );
+        }
+        let e = c.reduce_in_place(&mut [0u8; 4], ReduceOp::Sum, 2).unwrap_err();
+        assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
         let e = c.broadcast(&mut [0u8; 4], 2).unwrap_err();
         assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
         let e = c.send(&[1u8], 0).unwrap_err();
