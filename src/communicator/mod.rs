@@ -1449,7 +1449,9 @@ mod tests {
                 "{e}"
             );
         }
-        let e = c.reduce_in_place(&mut [0u8; 4], ReduceOp::Sum, 2).unwrap_err();
+        let e = c
+            .reduce_in_place(&mut [0u8; 4], ReduceOp::Sum, 2)
+            .unwrap_err();
         assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
         let e = c.broadcast(&mut [0u8; 4], 2).unwrap_err();
         assert!(e.to_string().contains("root 2 is not a rank"), "{e}");
