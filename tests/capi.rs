@@ -32,6 +32,14 @@ fn allreduce_check() -> &'static PathBuf {
     EXE.get_or_init(|| compile_c(&[&example("allreduce_check.c")], "allreduce_check"))
 }
 
+fn in_place_memory() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let src = root().join("tests/capi_support/in_place_memory.c");
+        compile_c(&[&src], "in_place_memory")
+    })
+}
+
 fn uniqueid_init() -> &'static PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| compile_c(&[&example("uniqueid_init.c")], "uniqueid_init"))
@@ -91,6 +99,38 @@ fn c_example_every_collective_2_ranks_shm() {
 #[test]
 fn c_example_every_collective_4_ranks_shm() {
     check_under_launcher(4, &[]);
+}
+
+/// In-place reduce-scatter, all-gather and reduce through the C API on 64 MiB per rank
+/// (the program checks every element): the peak RSS grows by the bounded scratch at
+/// most, never by a copy of the buffer (the API once staged one for these layouts).
+#[test]
+fn c_in_place_collectives_copy_no_message() {
+    for env in [&[][..], &[("HETCCL_SHM_DISABLE", "1")][..]] {
+        let o = launch(2, env, in_place_memory(), &[]);
+        assert_all_ok(
+            std::slice::from_ref(&o),
+            &format!("in_place_memory {env:?}"),
+        );
+        let growth: Vec<i64> = o
+            .output
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("peak RSS before ")?;
+                let (before, rest) = rest.split_once(" KiB, after ")?;
+                let after = rest.strip_suffix(" KiB")?;
+                Some(after.parse::<i64>().ok()? - before.parse::<i64>().ok()?)
+            })
+            .collect();
+        assert_eq!(growth.len(), 2, "{}", o.output);
+        for g in growth {
+            assert!(
+                g < 16 << 10,
+                "peak RSS grew by {g} KiB {env:?}:\n{}",
+                o.output
+            );
+        }
+    }
 }
 
 #[test]
