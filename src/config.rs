@@ -139,7 +139,8 @@ pub struct Config {
     /// GB/s with one, 1.53 with two); NICs that need several streams to fill can ask
     /// for more.
     pub nsocks_per_peer: usize,
-    /// `HETCCL_CHUNK_BYTES`: pipeline chunk size.
+    /// `HETCCL_CHUNK_BYTES`: pipeline chunk size (halved where a node runs more ranks
+    /// than CPUs over TCP; see `LinkModel::chunk_bytes`).
     pub chunk_bytes: usize,
     /// `HETCCL_PIPELINE_DEPTH`: chunks in flight per collective.
     pub pipeline_depth: usize,

@@ -451,7 +451,7 @@ impl Communicator {
                     );
                 }
                 let t = Tuning {
-                    chunk_bytes: self.cfg.chunk_bytes,
+                    chunk_bytes: self.model.chunk_bytes(self.cfg.chunk_bytes),
                     slots: 2 * self.cfg.pipeline_depth + 1,
                     shard_weights: self.model.shard_weights.clone(),
                     ring_order: self.ring_order(),
