@@ -217,9 +217,16 @@ fn overlapping_buffers_outside_the_in_place_layout_are_refused() {
         // SAFETY: `x` holds 8 floats and outlives the call.
         let rs = unsafe { hetcclReduceScatter(at(0), at(4 * r), 4, F32, SUM, comm, null_mut()) };
         let after_rs = x.clone();
-        // All-gather in place: sendbuff = recvbuff + rank x sendcount.
-        // SAFETY: as above.
+        // All-gather in place: sendbuff = recvbuff + rank x sendcount, inside a group
+        // (checked at the call, run at hetcclGroupEnd).
+        ok(hetcclGroupStart());
+        // SAFETY: as above; `x` outlives hetcclGroupEnd.
         let ag = unsafe { hetcclAllGather(at(4 * r), at(0), 4, F32, comm, null_mut()) };
+        let ag = if ag == hetcclSuccess {
+            hetcclGroupEnd()
+        } else {
+            ag
+        };
         (
             refused,
             message,
