@@ -18,7 +18,8 @@
 //! ```
 //!
 //! A rank may also give `pid` and `cpus` (CPUs online on its host; a node with more
-//! ranks than that linked over TCP does not use recursive halving). Without
+//! ranks than that linked over TCP uses neither recursive halving nor whole pipeline
+//! chunks). Without
 //! `defaults`, ranks of one node are linked by shared memory (one process:
 //! `same_process`) and nodes by TCP. A link entry may give the class, the figures, or
 //! both; figures given alone keep the default class, one figure given alone takes the
