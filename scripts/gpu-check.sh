@@ -101,15 +101,26 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
     done
 fi
 
-# Device all-reduce timings, 2 ranks, both paths (all ranks share GPU 0 on a 1-GPU host).
+# Device all-reduce timings, 2 ranks (all ranks share GPU 0 on a 1-GPU host): the IPC
+# path with device fences (one shot, as chosen on a shared GPU, then forced to two
+# shots), with host fences, and the staged path. Each run is named by its settings.
 SWEEP=256,65536,1048576,16777216,67108864
-: >"$LOG/sweep.log"
-for path in ipc staged; do
-    HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$BIN/hetccl-gpu-check" \
-        --path "$path" --counts 1,1000 --time "$SWEEP" --iters 10 >>"$LOG/sweep.log" 2>&1
+SWEEPS=(
+    "ipc-device ipc HETCCL_DEVICE_FENCE=device"
+    "ipc-device-2shot ipc HETCCL_DEVICE_FENCE=device HETCCL_DEVICE_ONE_SHOT_BYTES=0"
+    "ipc-host ipc HETCCL_DEVICE_FENCE=host"
+    "ipc-host-2shot ipc HETCCL_DEVICE_FENCE=host HETCCL_DEVICE_ONE_SHOT_BYTES=0"
+    "staged staged"
+)
+for sweep in "${SWEEPS[@]}"; do
+    read -r label path settings <<<"$sweep"
+    # shellcheck disable=SC2086 # the settings are separate VAR=value words
+    env HETCCL_TIMEOUT=60 $settings timeout "$STEP" "$BIN/hetccl" run -n 2 -- \
+        "$BIN/hetccl-gpu-check" --path "$path" --counts 1,1000 --time "$SWEEP" --iters 10 \
+        >"$LOG/sweep-$label.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1
-    rows+=("$(printf '%-28s rc=%-3s %s' "sweep $path n=2" "$rc" "see the all-reduce table below")")
+    rows+=("$(printf '%-28s rc=%-3s %s' "sweep $label n=2" "$rc" "${settings:-defaults}")")
 done
 
 timeout "$STEP" "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
@@ -121,9 +132,13 @@ echo
 echo "== gpu-check summary =="
 for r in "${rows[@]}"; do echo "$r"; done
 echo "hetccl-kernel-bench          rc=$brc"
-printf '%-7s %5s %10s %12s %10s\n' path ranks elements median_us busbw_GB/s
-grep -o 'all_reduce f32 sum [0-9]* elements on [0-9]* ranks ([a-z]*): [0-9.]* us.*busbw [0-9.]*' "$LOG/sweep.log" |
-    sed 's/[(),:]/ /g' | awk '{printf "%-7s %5s %10s %12s %10s\n", $9, $7, $4, $10, $NF}'
+printf '%-17s %5s %10s %12s %10s\n' run ranks elements median_us busbw_GB/s
+for sweep in "${SWEEPS[@]}"; do
+    read -r label _ <<<"$sweep"
+    grep -o 'all_reduce f32 sum [0-9]* elements on [0-9]* ranks ([a-z-]*): [0-9.]* us.*busbw [0-9.]*' \
+        "$LOG/sweep-$label.log" | sed 's/[(),:]/ /g' |
+        awk -v l="$label" '{printf "%-17s %5s %10s %12s %10s\n", l, $7, $4, $10, $NF}'
+done
 if [ $brc -eq 0 ]; then
     printf '%-34s %6s %9s %9s\n' kernel MiB GB/s %memcpy
     grep '^SUMMARY ' "$LOG/kernel-bench.log" | tail -n +2 | while read -r _ k mib gbs pct; do

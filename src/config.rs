@@ -78,6 +78,32 @@ impl CompressMode {
     }
 }
 
+/// How the ranks of the CUDA IPC path order their work on the device
+/// (`HETCCL_DEVICE_FENCE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceFence {
+    /// `device` (the default): between the phases of a call each rank's stream writes a
+    /// counter into its peers' scratch and waits for theirs, so the host queues the whole
+    /// call and waits once, at its end.
+    Device,
+    /// `host`: the host drains its stream and meets the peers at a barrier between
+    /// phases.
+    Host,
+}
+
+impl DeviceFence {
+    /// Every kind.
+    pub const ALL: [DeviceFence; 2] = [DeviceFence::Device, DeviceFence::Host];
+
+    /// `device` or `host`, as `HETCCL_DEVICE_FENCE` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceFence::Device => "device",
+            DeviceFence::Host => "host",
+        }
+    }
+}
+
 /// How ranks find each other.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitMethod {
@@ -175,6 +201,14 @@ pub struct Config {
     /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
     /// on the CUDA IPC path; longer messages pass through it in windows of this size.
     pub device_scratch_bytes: usize,
+    /// `HETCCL_DEVICE_FENCE`: `device|host`, how the CUDA IPC path orders the ranks'
+    /// device work between the phases of a call.
+    pub device_fence: DeviceFence,
+    /// `HETCCL_DEVICE_ONE_SHOT_BYTES`: largest window of a device all-reduce on the
+    /// CUDA IPC path that every rank reduces whole (one fence) rather than a segment each
+    /// and then gathering (two). Unset: 256 KiB, and every size when the ranks share
+    /// one GPU; 0: always two.
+    pub device_one_shot_bytes: Option<usize>,
     /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
     pub tcp_congestion: TcpCongestion,
     /// Rank identity from the launcher.
@@ -219,6 +253,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
             device_scratch_bytes: 64 << 20,
+            device_fence: DeviceFence::Device,
+            device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
             launch: LaunchEnv::default(),
         }
@@ -393,6 +429,13 @@ impl Config {
             device_scratch_bytes: v
                 .parse_usize("HETCCL_DEVICE_SCRATCH_BYTES", 1 << 20, 1 << 40)?
                 .unwrap_or(d.device_scratch_bytes),
+            device_fence: v
+                .parse_enum(
+                    "HETCCL_DEVICE_FENCE",
+                    &DeviceFence::ALL.map(|f| (f.name(), f)),
+                )?
+                .unwrap_or(d.device_fence),
+            device_one_shot_bytes: v.parse_usize("HETCCL_DEVICE_ONE_SHOT_BYTES", 0, 1 << 40)?,
             tcp_congestion: match v.get("HETCCL_TCP_CONGESTION") {
                 None | Some("auto") => TcpCongestion::Auto,
                 Some("system") => TcpCongestion::System,
@@ -518,6 +561,12 @@ mod tests {
         assert_eq!(c.stream_min_bytes, 1 << 30);
         assert_eq!(c.device_scratch_bytes, 8 << 20);
         assert_eq!(cfg(&[]).unwrap().device_scratch_bytes, 64 << 20);
+        assert_eq!(c.device_fence, DeviceFence::Device);
+        let fence = cfg(&[("HETCCL_DEVICE_FENCE", "Host")]).unwrap();
+        assert_eq!(fence.device_fence, DeviceFence::Host);
+        assert_eq!(c.device_one_shot_bytes, None);
+        let one = cfg(&[("HETCCL_DEVICE_ONE_SHOT_BYTES", "1M")]).unwrap();
+        assert_eq!(one.device_one_shot_bytes, Some(1 << 20));
         assert_eq!(c.tcp_congestion, TcpCongestion::Auto);
         let named = |v: &str| cfg(&[("HETCCL_TCP_CONGESTION", v)]).map(|c| c.tcp_congestion);
         assert_eq!(named("system").unwrap(), TcpCongestion::System);
@@ -563,6 +612,13 @@ mod tests {
         assert!(
             e.contains("HETCCL_DEVICE_SCRATCH_BYTES") && e.contains("from 1048576"),
             "{e}"
+        );
+        let e = cfg(&[("HETCCL_DEVICE_FENCE", "events")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid value \"events\" for HETCCL_DEVICE_FENCE: accepted values are device, host"
         );
         let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")])
             .unwrap_err()

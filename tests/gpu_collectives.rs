@@ -29,7 +29,7 @@ mod gpu {
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
-    use super::common::{collect, Outcome};
+    use super::common::{collect, spawn_ranks, Outcome};
 
     const COUNTS: &str = "1,1000,1048579";
 
@@ -171,12 +171,155 @@ mod gpu {
         // A 1 MiB window: 262128 f32 (a multiple of 8 per rank) per all-reduce window,
         // so 1048579 elements take five windows, the last one partial; the scratch stays
         // at one 2 MiB page instead of growing to the 4 MiB message.
-        let window = [("HETCCL_DEVICE_SCRATCH_BYTES", "1M")];
-        let out = run(3, &["--path", "ipc", "--counts", "1000,1048579"], &window);
-        assert_passed(&out, 3, "ipc", 75, "ipc n=3 in 1 MiB windows");
-        assert_every_rank_printed(&out, 3, |r| {
-            format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)")
-        });
+        // Both ways to reduce a window: a segment each and then gathering them (two
+        // device fences), and every rank the whole window (one fence).
+        for shots in ["0", "1M"] {
+            let env = [
+                ("HETCCL_DEVICE_SCRATCH_BYTES", "1M"),
+                ("HETCCL_DEVICE_ONE_SHOT_BYTES", shots),
+            ];
+            let out = run(3, &["--path", "ipc", "--counts", "1000,1048579"], &env);
+            let what = format!("ipc n=3 in 1 MiB windows, one shot up to {shots}");
+            assert_passed(&out, 3, "ipc", 75, &what);
+            assert_every_rank_printed(&out, 3, |r| {
+                format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)")
+            });
+        }
+    }
+
+    /// Rank 1 of 2 aborts while both run 64 MiB all-reduces: rank 0 must fail naming
+    /// it, whether it was waiting on the host (a barrier, the next call's header) or
+    /// its stream was waiting for rank 1's counter (a device fence), and not hang.
+    fn a_dead_peer_is_named(fence: &str) {
+        let children = spawn_ranks(
+            2,
+            check_bin().to_str().expect("utf-8 path"),
+            &[
+                "--path",
+                "ipc",
+                "--counts",
+                "1",
+                "--time",
+                "16777216",
+                "--iters",
+                "100000",
+                "--die-after",
+                "3",
+            ],
+            &[("HETCCL_TIMEOUT", "5"), ("HETCCL_DEVICE_FENCE", fence)],
+            |_| vec![],
+        );
+        let outs = collect(children, Duration::from_secs(60));
+        for (r, o) in outs.iter().enumerate() {
+            println!("rank {r} ({fence} fences), {:?}:\n{}", o.elapsed, o.output);
+            assert!(!o.hung, "rank {r} hung:\n{}", o.output);
+        }
+        assert!(
+            outs[1].output.contains("rank 1: aborting on purpose"),
+            "{}",
+            outs[1].output
+        );
+        let o = &outs[0];
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            o.output.contains("peer 1 is gone") || o.output.contains("waiting for peer 1"),
+            "{}",
+            o.output
+        );
+        // Three seconds of work, then at most the 5 s timeout and the clean-up.
+        assert!(o.elapsed < Duration::from_secs(20), "{:?}", o.elapsed);
+    }
+
+    /// Rank 1's stream is held for 6 s before its first collective, as behind a hung
+    /// kernel, while its host goes on. With a 2 s timeout rank 0 must give up naming
+    /// rank 1: under device fences its own stream waits for rank 1's counter, under
+    /// host fences it waits for rank 1 at a barrier.
+    fn a_held_stream_is_named(fence: &str) -> Vec<Outcome> {
+        let children = spawn_ranks(
+            2,
+            check_bin().to_str().expect("utf-8 path"),
+            &["--path", "ipc", "--counts", "1", "--stall-gpu", "6"],
+            &[("HETCCL_TIMEOUT", "2"), ("HETCCL_DEVICE_FENCE", fence)],
+            |_| vec![],
+        );
+        // Rank 1 may not end before its stream is released; only rank 0 must.
+        let outs = collect(children, Duration::from_secs(20));
+        for (r, o) in outs.iter().enumerate() {
+            println!("rank {r} ({fence} fences), {:?}:\n{}", o.elapsed, o.output);
+        }
+        let o = &outs[0];
+        assert!(!o.hung, "rank 0 hung:\n{}", o.output);
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            o.output.contains("timed out after 2") && o.output.contains("waiting for peer 1"),
+            "{}",
+            o.output
+        );
+        assert!(o.elapsed < Duration::from_secs(15), "{:?}", o.elapsed);
+        outs
+    }
+
+    #[test]
+    fn a_held_stream_is_named_under_device_fences() {
+        if no_gpu() {
+            return;
+        }
+        let outs = a_held_stream_is_named("device");
+        assert!(
+            outs[0]
+                .output
+                .contains("waiting for peer 1 to reach the same device fence"),
+            "{}",
+            outs[0].output
+        );
+        // Rank 1 gives up on its own stream, which its peer is not holding.
+        assert!(
+            outs[1].output.contains(
+                "the stream did not drain within 2s, although every peer passed the last \
+                 device fence"
+            ),
+            "{}",
+            outs[1].output
+        );
+    }
+
+    #[test]
+    fn a_held_stream_is_named_under_host_fences() {
+        if no_gpu() {
+            return;
+        }
+        a_held_stream_is_named("host");
+    }
+
+    #[test]
+    fn a_dead_peer_is_named_under_device_fences() {
+        if no_gpu() {
+            return;
+        }
+        a_dead_peer_is_named("device");
+    }
+
+    #[test]
+    fn a_dead_peer_is_named_under_host_fences() {
+        if no_gpu() {
+            return;
+        }
+        a_dead_peer_is_named("host");
+    }
+
+    #[test]
+    fn ipc_with_host_fences() {
+        if no_gpu() {
+            return;
+        }
+        // The host drains and meets the peers between phases instead of the streams
+        // waiting on each other's counters; five windows as above.
+        let env = [
+            ("HETCCL_DEVICE_SCRATCH_BYTES", "1M"),
+            ("HETCCL_DEVICE_FENCE", "host"),
+        ];
+        let out = run(2, &["--path", "ipc", "--counts", "1000,1048579"], &env);
+        assert_passed(&out, 2, "ipc", 75, "ipc n=2, host fences");
     }
 
     #[test]

@@ -23,11 +23,18 @@
 //!
 //! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
 //! picks the staged path and `ipc` must refuse with a clear error.
+//!
+//! `--die-after SECS` makes the last rank abort its process that long after start, in
+//! the middle of whatever it is doing (use a long `--time`/`--iters` run): the other
+//! ranks must then fail with an error that names it, within `HETCCL_TIMEOUT`.
+//! `--stall-gpu SECS` holds the last rank's stream for that long before its first
+//! collective, as a hung kernel would, while its host goes on.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cudarc::driver::sys;
 use half::{bf16, f16};
 use hetccl::device::{self, CudaSlice, Device, DeviceComm, DevicePath, GpuElement, Stream};
 use hetccl::{Communicator, Element, ReduceOp};
@@ -40,10 +47,13 @@ struct Args {
     time: Option<Vec<usize>>,
     pretend_nodes: Option<usize>,
     iters: usize,
+    die_after: Option<f64>,
+    stall_gpu: Option<f64>,
 }
 
 const USAGE: &str = "usage: hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579] \
-                     [--time 1024,16777216] [--pretend-nodes K] [--iters N]";
+                     [--time 1024,16777216] [--pretend-nodes K] [--iters N] [--die-after SECS] \
+                     [--stall-gpu SECS]";
 
 fn parse_counts(flag: &str, v: &str) -> Result<Vec<usize>, String> {
     v.split(',')
@@ -62,6 +72,8 @@ fn parse_args() -> Result<Args, String> {
         time: None,
         pretend_nodes: None,
         iters: 5,
+        die_after: None,
+        stall_gpu: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +93,12 @@ fn parse_args() -> Result<Args, String> {
                 a.pretend_nodes = Some(k.max(1));
             }
             "--iters" => a.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
+            "--die-after" => {
+                a.die_after = Some(val()?.parse().map_err(|e| format!("--die-after: {e}"))?)
+            }
+            "--stall-gpu" => {
+                a.stall_gpu = Some(val()?.parse().map_err(|e| format!("--stall-gpu: {e}"))?)
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -286,6 +304,57 @@ impl Check<'_> {
     }
 }
 
+/// Queues on `stream` a wait for a device word that a thread sets `secs` later, from a
+/// stream of its own: everything queued on `stream` meanwhile waits, as behind a hung
+/// kernel.
+fn stall(dev: &Device, stream: &Stream, secs: f64) -> Res<()> {
+    use cudarc::driver::result;
+    let ctx = dev.context().clone();
+    let release = ctx
+        .new_stream()
+        .map_err(|e| format!("create stream: {e}"))?;
+    // cuMemAlloc memory: stream memory operations refuse the stream-ordered pool's.
+    // SAFETY: a plain 4-byte allocation, zeroed before the wait is queued; it is never
+    // freed, as the held stream may read it until the process ends.
+    let ptr = unsafe {
+        let ptr = result::malloc_sync(4).map_err(|e| format!("allocate: {e}"))?;
+        sys::cuMemsetD32Async(ptr, 0, 1, release.cu_stream())
+            .result()
+            .and_then(|()| release.synchronize())
+            .map_err(|e| format!("zero the word: {e}"))?;
+        sys::cuStreamWaitValue32_v2(
+            stream.cuda().cu_stream(),
+            ptr,
+            1,
+            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+        )
+        .result()
+        .map_err(|e| format!("hold the stream: {e}"))?;
+        ptr
+    };
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        let set = ctx.bind_to_thread().and_then(|()| {
+            // SAFETY: the word is alive (never freed) and 4 bytes long.
+            unsafe { sys::cuMemsetD32Async(ptr, 1, 1, release.cu_stream()) }.result()?;
+            release.synchronize()
+        });
+        if let Err(e) = set {
+            eprintln!("releasing the held stream: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// `staged`, or `ipc-device` / `ipc-host` after the IPC path's kind of fence
+/// (`HETCCL_DEVICE_FENCE`).
+fn path_label(dc: &DeviceComm) -> String {
+    match dc.path() {
+        DevicePath::Ipc => format!("ipc-{}", dc.communicator().config().device_fence.name()),
+        p => p.to_string(),
+    }
+}
+
 fn run(args: &Args) -> Res<bool> {
     let comm = Arc::new(Communicator::init_from_env().map_err(err("init"))?);
     let (r, n) = (comm.rank(), comm.world_size());
@@ -294,6 +363,17 @@ fn run(args: &Args) -> Res<bool> {
     let dev = Device::open(ordinal).map_err(err("open device"))?;
     let stream = dev.new_stream().map_err(err("create stream"))?;
     let mut dc = DeviceComm::with_path(comm.clone(), &dev, args.path).map_err(err("DeviceComm"))?;
+    if let Some(secs) = args.stall_gpu.filter(|_| r + 1 == n) {
+        stall(&dev, &stream, secs)?;
+        println!("rank {r}: stream held for {secs} s");
+    }
+    if let Some(secs) = args.die_after.filter(|_| r + 1 == n) {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+            eprintln!("rank {r}: aborting on purpose (--die-after {secs})");
+            std::process::abort();
+        });
+    }
     println!(
         "rank {r}/{n}: device {ordinal} ({}), path {}",
         dev.name(),
@@ -333,7 +413,7 @@ fn run(args: &Args) -> Res<bool> {
             let algbw = (count * 4) as f64 / secs / 1e9;
             println!(
                 "all_reduce f32 sum {count} elements on {n} ranks ({}): {:.1} us, algbw {algbw:.2} GB/s, busbw {:.2} GB/s",
-                dc.path(),
+                path_label(&dc),
                 secs * 1e6,
                 algbw * 2.0 * (n as f64 - 1.0) / n as f64
             );

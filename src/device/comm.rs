@@ -14,24 +14,40 @@
 //! host communicator's `all_gather`. Ranks may share one GPU (separate processes on one
 //! device may map each other's memory) or use different GPUs of the host (peer access
 //! is enabled lazily by the driver). An all-reduce of `count` elements, segment `q`
-//! being rank `q`'s `1/n` share:
+//! being rank `q`'s `1/n` share, runs in two shots:
 //!
 //! ```text
-//! copy input -> own scratch;  sync stream;  host barrier      every scratch holds its input
+//! copy input -> own scratch;                      fence   every scratch holds its input
 //! rank r: out[seg r] = scratch_0[seg r] (op) scratch_1[seg r] (op) ... scratch_{n-1}[seg r]
-//!         out[seg r] -> own scratch[seg r];  sync;  barrier    every segment is reduced
-//! rank r: out[seg q] <- scratch_q[seg q] for q != r;  sync;  barrier   nobody reads any more
+//!         out[seg r] -> own scratch[seg r];       fence   every segment is reduced
+//! rank r: out[seg q] <- scratch_q[seg q] for q != r;  drain, host barrier   nobody reads
 //! ```
 //!
-//! Only rank `q` reduces segment `q`, always in rank order, so every rank gets the same
-//! bits and a rerun gets them again. The last barrier lets the next call overwrite the
-//! scratch. Broadcast and all-gather are the copy-in / copy-out halves of the same.
-//! The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer message
-//! runs these steps once per window of that size. Below the bound the scratch grows (a
-//! collective re-registration, which every rank does at the same call because they all
-//! see the same size) to the largest window seen, and stays that big until the
-//! `DeviceComm` is dropped. With `HETCCL_DEBUG=trace` each all-reduce logs how long its
-//! stream drains and barriers took.
+//! or in one, where every rank reduces the whole message itself (small messages, and
+//! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`):
+//!
+//! ```text
+//! copy input -> own scratch;                      fence
+//! rank r: out = scratch_0 (op) scratch_1 (op) ... scratch_{n-1};  drain, host barrier
+//! ```
+//!
+//! Every element is reduced in rank order, so every rank gets the same bits, in either
+//! shape, and a rerun gets them again. The barrier at the end lets the next call
+//! overwrite the scratch. Broadcast and all-gather are the copy-in / copy-out halves of
+//! the same. The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer
+//! message runs these steps once per window of that size, with a fence between windows.
+//! Below the bound the scratch grows (a collective re-registration, which every rank
+//! does at the same call because they all see the same size) to the largest window
+//! seen, and stays that big until the `DeviceComm` is dropped.
+//!
+//! A fence is queued on the stream, not waited for by the host: each rank's stream
+//! writes how many fences it has passed into a counter in every peer's scratch, then
+//! waits until every peer's counter in its own scratch has reached the same number
+//! (`cuStreamWriteValue32` / `cuStreamWaitValue32`). The host queues a whole call and
+//! waits once, at its end, at most `HETCCL_TIMEOUT`; a peer that stopped is then named.
+//! With `HETCCL_DEVICE_FENCE=host` each fence is instead the host draining its stream
+//! and meeting the peers at a barrier. With `HETCCL_DEBUG=trace` each call logs how long
+//! its phases, drains and barriers took.
 //!
 //! **Staged** (ranks on several hosts, or asked for). The data passes through two pinned
 //! host buffers of `HETCCL_CHUNK_BYTES` each, chunk by chunk: while the host communicator
@@ -49,34 +65,39 @@
 use std::ffi::{c_char, c_void};
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use cudarc::driver::{result, sys, CudaContext, CudaEvent, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{
+    result, sys, CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError,
+};
 
 use super::context::{device_error, Device, Stream};
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
 use crate::communicator::Communicator;
+use crate::config::DeviceFence;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 
 /// Wall time of a call's phases, logged at trace level (`HETCCL_DEBUG=trace`): where a
 /// device collective's time goes (the stream draining, or waiting for the peers).
 struct Laps {
-    last: Option<std::time::Instant>,
-    laps: Vec<(&'static str, std::time::Duration)>,
+    last: Option<Instant>,
+    laps: Vec<(&'static str, Duration)>,
 }
 
 impl Laps {
     fn start() -> Self {
         let on = tracing::enabled!(target: "hetccl::device", tracing::Level::TRACE);
         Laps {
-            last: on.then(std::time::Instant::now),
+            last: on.then(Instant::now),
             laps: Vec::new(),
         }
     }
 
     fn lap(&mut self, what: &'static str) {
         if let Some(last) = &mut self.last {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             self.laps.push((what, now - *last));
             *last = now;
         }
@@ -298,6 +319,8 @@ fn scratch_size(bytes: usize) -> usize {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Record {
     handle: [u8; 64],
+    /// The GPU's UUID: ranks that share one GPU see the same.
+    uuid: [u8; 16],
     bytes: u64,
     pid: u64,
     ordinal: u64,
@@ -305,12 +328,13 @@ struct Record {
 }
 
 const HOST_BYTES: usize = 64;
-const RECORD_LEN: usize = 64 + 3 * 8 + HOST_BYTES;
+const RECORD_LEN: usize = 64 + 16 + 3 * 8 + HOST_BYTES;
 
 impl Record {
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(RECORD_LEN);
         v.extend_from_slice(&self.handle);
+        v.extend_from_slice(&self.uuid);
         v.extend_from_slice(&self.bytes.to_le_bytes());
         v.extend_from_slice(&self.pid.to_le_bytes());
         v.extend_from_slice(&self.ordinal.to_le_bytes());
@@ -327,13 +351,14 @@ impl Record {
             return None;
         }
         let word = |i: usize| -> Option<u64> {
-            let s = b.get(64 + 8 * i..64 + 8 * (i + 1))?;
+            let s = b.get(80 + 8 * i..80 + 8 * (i + 1))?;
             Some(u64::from_le_bytes(s.try_into().ok()?))
         };
-        let host = &b[64 + 24..];
+        let host = &b[80 + 24..];
         let end = host.iter().position(|&c| c == 0).unwrap_or(host.len());
         Some(Record {
             handle: b[..64].try_into().ok()?,
+            uuid: b[64..80].try_into().ok()?,
             bytes: word(0)?,
             pid: word(1)?,
             ordinal: word(2)?,
@@ -351,18 +376,48 @@ fn record_host() -> String {
     h
 }
 
+/// Largest all-reduce window that every rank reduces whole by itself when the ranks
+/// have GPUs of their own ("one shot": copy in, fence, each rank reads every scratch),
+/// unless `HETCCL_DEVICE_ONE_SHOT_BYTES` says otherwise.
+/// Reducing only its segment and gathering the others' ("two shots") reads
+/// `2(n-1)/n` of the message from the peers instead of `n-1` but needs a second fence,
+/// which is the larger cost for small messages. Ranks sharing one GPU always take one
+/// shot: there each fence waits for the driver to switch between their contexts.
+const ONE_SHOT_MAX_BYTES: usize = 256 << 10;
+
+/// Bytes at the end of every rank's IPC allocation that hold the device fences'
+/// progress counters: one 32-bit word per rank, padded to 256 bytes.
+fn flag_bytes(world: usize) -> usize {
+    (4 * world).next_multiple_of(256)
+}
+
 /// This rank's IPC scratch buffer and its view of every peer's.
+///
+/// The allocation is `data` bytes of scratch followed by [`flag_bytes`] of progress
+/// counters: word `q` of rank `p`'s counters is where rank `q` writes how many device
+/// fences it has passed, for rank `p`'s stream to wait on ([`IpcScratch::fence`]).
 struct IpcScratch {
     ctx: Arc<CudaContext>,
     rank: usize,
     own: sys::CUdeviceptr,
+    /// Bytes of the whole allocation.
     bytes: usize,
+    /// Bytes of scratch, where the counters start.
+    data: usize,
     /// Every rank's buffer as this process addresses it (`own` at `rank`); 0 until opened.
     ptrs: Vec<sys::CUdeviceptr>,
+    /// Device fences queued so far on this scratch; the counters' next value is one more.
+    step: u32,
+    /// A stream of its own for reading and raising the counters while the caller's
+    /// stream waits on them (after a timeout).
+    aux: Arc<CudaStream>,
+    /// Every rank runs on this one GPU (the driver time-slices their contexts).
+    shared_device: bool,
 }
 
 impl IpcScratch {
-    /// Allocates `bytes` of device memory and exports it.
+    /// Allocates `bytes` of device memory, the last [`flag_bytes`] of them zeroed
+    /// counters, and exports it.
     fn create(
         ctx: &Arc<CudaContext>,
         rank: usize,
@@ -370,6 +425,7 @@ impl IpcScratch {
         bytes: usize,
     ) -> Result<(Self, [u8; 64])> {
         ctx.bind_to_thread().map_err(device_error("bind context"))?;
+        let aux = ctx.new_stream().map_err(device_error("create stream"))?;
         // cuMemAlloc, not cudarc's stream-ordered allocator: memory from a pool cannot be
         // exported with cuIpcGetMemHandle.
         // SAFETY: plain allocation; the memory is only used through the bounds recorded
@@ -379,13 +435,24 @@ impl IpcScratch {
         )))?;
         let mut ptrs = vec![0; world];
         ptrs[rank] = own;
+        let data = bytes - flag_bytes(world);
         let scratch = IpcScratch {
             ctx: ctx.clone(),
             rank,
             own,
             bytes,
+            data,
             ptrs,
+            step: 0,
+            aux,
+            shared_device: false,
         };
+        // The counters start at 0 before any peer can learn where they are.
+        // SAFETY: the words lie at the end of the allocation just made.
+        unsafe { sys::cuMemsetD32Async(own + data as u64, 0, world, scratch.aux.cu_stream()) }
+            .result()
+            .and_then(|()| scratch.aux.synchronize())
+            .map_err(device_error("zero the device fences' counters"))?;
         let mut handle = sys::CUipcMemHandle {
             reserved: [0 as c_char; 64],
         };
@@ -463,6 +530,85 @@ impl IpcScratch {
             self.ptrs[peer] = ptr;
         }
         Ok(())
+    }
+
+    /// Address of the counter that rank `from` writes in rank `owner`'s allocation.
+    fn flag(&self, owner: usize, from: usize) -> sys::CUdeviceptr {
+        self.ptrs[owner] + (self.data + 4 * from) as u64
+    }
+
+    /// Queues a device-side barrier on `stream`: the stream tells every peer that it has
+    /// passed this fence (a write into the peer's counter, after a memory barrier that
+    /// makes everything the stream wrote before visible), then waits until every peer
+    /// has told it the same. Work queued after the fence therefore runs after every
+    /// rank's work queued before it, and the host does not wait for anything.
+    ///
+    /// Every rank queues the same fences in the same order, so the counters only grow
+    /// and a peer can be at most one fence ahead; waits compare cyclically, so the
+    /// 32-bit counters may wrap.
+    fn fence(&mut self, stream: sys::CUstream) -> Result<()> {
+        self.step = self.step.wrapping_add(1);
+        let (me, step) = (self.rank, self.step);
+        let peers = (0..self.ptrs.len()).filter(|&q| q != me);
+        for q in peers.clone() {
+            // SAFETY: the word lies in rank q's mapped allocation, which stays mapped
+            // until every rank has drained its stream (the barrier at the end of a call).
+            unsafe {
+                sys::cuStreamWriteValue32_v2(
+                    stream,
+                    self.flag(q, me),
+                    step,
+                    sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                )
+            }
+            .result()
+            .map_err(device_error(format!(
+                "signal rank {q} (device fence {step})"
+            )))?;
+        }
+        for q in peers {
+            // SAFETY: the word lies in this rank's own allocation.
+            unsafe {
+                sys::cuStreamWaitValue32_v2(
+                    stream,
+                    self.flag(me, q),
+                    step,
+                    sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+                )
+            }
+            .result()
+            .map_err(device_error(format!(
+                "wait for rank {q} (device fence {step})"
+            )))?;
+        }
+        Ok(())
+    }
+
+    /// After a timeout: the peers whose counters here have not reached the last fence,
+    /// read on the auxiliary stream; then raises every counter to it, so the caller's
+    /// stream, which may be waiting on them, can drain.
+    fn release(&self) -> Result<Vec<usize>> {
+        let n = self.ptrs.len();
+        let mut words = vec![0u32; n];
+        let cu = self.aux.cu_stream();
+        let base = self.flag(self.rank, 0);
+        // SAFETY: `words` has room for the `n` counters at the end of the own
+        // allocation; the stream is drained before `words` is read.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(words.as_mut_ptr().cast::<c_void>(), base, 4 * n, cu)
+                .result()
+                .and_then(|()| self.aux.synchronize())
+                .map_err(device_error("read the device fences' counters"))?;
+        }
+        let behind = (0..n)
+            .filter(|&q| q != self.rank && (words[q].wrapping_sub(self.step) as i32) < 0)
+            .collect();
+        // SAFETY: as above, the counters at the end of the own allocation.
+        unsafe { sys::cuMemsetD32Async(base, self.step, n, cu) }
+            .result()
+            .and_then(|()| self.aux.synchronize())
+            .map_err(device_error("raise the device fences' counters"))?;
+        Ok(behind)
     }
 
     /// Unmaps every peer's buffer; returns the first failure after trying them all.
@@ -555,6 +701,32 @@ impl Drop for Slot {
         let freed = unsafe { result::free_host(self.host) };
         if let Err(e) = bound.and(freed) {
             tracing::warn!(target: "hetccl::device", "freeing pinned staging memory: {e}");
+        }
+    }
+}
+
+/// Waits until `stream` has run everything queued on it: `Ok(true)`, or `Ok(false)`
+/// when `timeout` passes first. Polls, yielding the CPU between queries.
+fn drain_within(stream: sys::CUstream, timeout: Duration) -> Result<bool> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        // SAFETY: `stream` is a live stream of the context bound to this thread.
+        match unsafe { sys::cuStreamQuery(stream) } {
+            sys::CUresult::CUDA_SUCCESS => return Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => {}
+            e => return Err(device_error("wait for the stream")(DriverError(e))),
+        }
+        if start.elapsed() >= timeout {
+            return Ok(false);
+        }
+        // Yield for about the first millisecond, then sleep: a collective that waits for
+        // a slow peer should not hold a core.
+        polls += 1;
+        if polls < 1000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }
@@ -755,20 +927,25 @@ impl DeviceComm {
             DevicePath::Ipc => {
                 let window = this.ipc_window::<T>(1).min(count);
                 let ptrs = this.ipc_scratch(window * size_of::<T>())?;
-                for (off, len) in windows(count, window) {
+                let (mut laps, last) = (Laps::start(), count.div_ceil(window) - 1);
+                for (w, (off, len)) in windows(count, window).enumerate() {
                     let (p, bytes) = (at::<T>(p, off), len * size_of::<T>());
                     if rank == root {
                         // SAFETY: `[off, off + len)` lies in the caller's buffer of
                         // `count` elements, and the own scratch holds `window >= len`.
                         unsafe { copy_dtod(stream, ptrs[rank], p, bytes)? };
                     }
-                    this.sync_and_barrier(stream)?;
+                    this.ipc_step(stream, &mut laps, "copy in")?;
                     if rank != root {
                         // SAFETY: the root's scratch holds the `bytes` it copied in above.
                         unsafe { copy_dtod(stream, p, ptrs[root], bytes)? };
                     }
-                    this.sync_and_barrier(stream)?;
+                    if w < last {
+                        this.ipc_step(stream, &mut laps, "copy out")?;
+                    }
                 }
+                this.ipc_finish(stream, &mut laps, call.coll)?;
+                laps.report("ipc broadcast", count * size_of::<T>());
                 Ok(())
             }
             _ => {
@@ -838,12 +1015,13 @@ impl DeviceComm {
             DevicePath::Ipc => {
                 let window = this.ipc_window::<T>(1).min(count);
                 let ptrs = this.ipc_scratch(window * size_of::<T>())?;
-                for (off, len) in windows(count, window) {
+                let (mut laps, last) = (Laps::start(), count.div_ceil(window) - 1);
+                for (w, (off, len)) in windows(count, window).enumerate() {
                     let (src, bytes) = (at::<T>(src, off), len * size_of::<T>());
                     // SAFETY: the own scratch holds `window >= len` elements, and `[off,
                     // off + len)` lies within `send`.
                     unsafe { copy_dtod(stream, ptrs[rank], src, bytes)? };
-                    this.sync_and_barrier(stream)?;
+                    this.ipc_step(stream, &mut laps, "copy in")?;
                     for (q, &from) in ptrs.iter().enumerate() {
                         let from = if q == rank { src } else { from };
                         // SAFETY: elements `q * count + [off, off + len)` of `recv` are in
@@ -851,8 +1029,12 @@ impl DeviceComm {
                         // `bytes` of this window.
                         unsafe { copy_dtod(stream, at::<T>(dst, q * count + off), from, bytes)? };
                     }
-                    this.sync_and_barrier(stream)?;
+                    if w < last {
+                        this.ipc_step(stream, &mut laps, "copy out")?;
+                    }
                 }
+                this.ipc_finish(stream, &mut laps, call.coll)?;
+                laps.report("ipc all_gather", n * count * size_of::<T>());
                 Ok(())
             }
             _ => {
@@ -910,17 +1092,21 @@ impl DeviceComm {
                 // of every window starts on the reduction kernels' vector boundary.
                 let window = this.ipc_window::<T>(8 * n).min(count);
                 let ptrs = this.ipc_scratch(window * size_of::<T>())?;
-                for (off, len) in windows(count, window) {
+                let last = count.div_ceil(window) - 1;
+                let one_shot = match this.comm.config().device_one_shot_bytes {
+                    Some(max) => window * size_of::<T>() <= max,
+                    None => {
+                        this.ipc.as_ref().is_some_and(|s| s.shared_device)
+                            || window * size_of::<T>() <= ONE_SHOT_MAX_BYTES
+                    }
+                };
+                for (w, (off, len)) in windows(count, window).enumerate() {
                     let (src, dst) = (at::<T>(src, off), at::<T>(dst, off));
                     // SAFETY: the own scratch holds `window >= len` elements, and `[off,
                     // off + len)` lies within `src` (and `dst`) of `count` elements.
                     unsafe { copy_dtod(stream, ptrs[rank], src, len * size_of::<T>())? };
-                    this.timed_sync_and_barrier(stream, &mut laps, "copy in")?;
-
-                    // Reduce this rank's segment over every scratch, in rank order, into
-                    // the output, then publish it in the own scratch for the others.
-                    let (lo, seg) = segment(len, n, rank);
-                    if seg > 0 {
+                    this.ipc_step(stream, &mut laps, "copy in")?;
+                    let reduce = |lo: usize, seg: usize| -> Result<()> {
                         let out = at::<T>(dst, lo);
                         let from = |q: usize| at::<T>(ptrs[q], lo);
                         // SAFETY: every scratch holds this window's `len` elements and
@@ -931,11 +1117,37 @@ impl DeviceComm {
                             for q in 2..n {
                                 reduce_inplace_ptr::<T>(stream, op, out, from(q), seg)?;
                             }
-                            reduce_finalize_ptr::<T>(stream, op, out, n, seg)?;
-                            copy_dtod(stream, from(rank), out, seg * size_of::<T>())?;
+                            reduce_finalize_ptr::<T>(stream, op, out, n, seg)
                         }
+                    };
+                    if one_shot {
+                        // Every rank reduces the whole window itself, in the same order,
+                        // so all get the same bits with one fence less.
+                        reduce(0, len)?;
+                        laps.lap("reduce");
+                        if w < last {
+                            this.ipc_step(stream, &mut laps, "read")?;
+                        }
+                        continue;
                     }
-                    this.timed_sync_and_barrier(stream, &mut laps, "reduce")?;
+
+                    // Reduce this rank's segment over every scratch, in rank order, into
+                    // the output, then publish it in the own scratch for the others.
+                    let (lo, seg) = segment(len, n, rank);
+                    if seg > 0 {
+                        reduce(lo, seg)?;
+                        // SAFETY: as in `reduce`; the own scratch's segment is read by
+                        // nobody until the next fence.
+                        unsafe {
+                            copy_dtod(
+                                stream,
+                                at::<T>(ptrs[rank], lo),
+                                at::<T>(dst, lo),
+                                seg * size_of::<T>(),
+                            )?
+                        };
+                    }
+                    this.ipc_step(stream, &mut laps, "reduce")?;
 
                     for (q, &base) in ptrs.iter().enumerate() {
                         let (lo, seg) = segment(len, n, q);
@@ -953,8 +1165,12 @@ impl DeviceComm {
                             )?
                         };
                     }
-                    this.timed_sync_and_barrier(stream, &mut laps, "copy out")?;
+                    // The next window overwrites the scratch the peers read here.
+                    if w < last {
+                        this.ipc_step(stream, &mut laps, "copy out")?;
+                    }
                 }
+                this.ipc_finish(stream, &mut laps, call.coll)?;
                 laps.report("ipc all_reduce", bytes);
                 Ok(())
             }
@@ -1036,12 +1252,7 @@ impl DeviceComm {
         r
     }
 
-    fn sync_and_barrier(&self, stream: &Stream) -> Result<()> {
-        stream.synchronize()?;
-        self.comm.barrier()
-    }
-
-    /// [`DeviceComm::sync_and_barrier`], timing the stream's drain and the barrier apart.
+    /// Drains the stream and meets the peers at a host barrier, timing the two apart.
     fn timed_sync_and_barrier(
         &self,
         stream: &Stream,
@@ -1055,11 +1266,77 @@ impl DeviceComm {
         Ok(())
     }
 
+    /// Orders the ranks' device work between two phases of an IPC call: a device fence
+    /// ([`IpcScratch::fence`]), or the host draining the stream and meeting the peers at
+    /// a barrier (`HETCCL_DEVICE_FENCE=host`).
+    fn ipc_step(&mut self, stream: &Stream, laps: &mut Laps, what: &'static str) -> Result<()> {
+        match (self.comm.config().device_fence, self.ipc.as_mut()) {
+            (DeviceFence::Device, Some(ipc)) => {
+                ipc.fence(stream.cuda().cu_stream())?;
+                laps.lap(what);
+                Ok(())
+            }
+            _ => self.timed_sync_and_barrier(stream, laps, what),
+        }
+    }
+
+    /// Ends an IPC call: drains the stream, then meets the peers at a barrier, after
+    /// which nobody reads this rank's scratch or waits on its counters any more. Under
+    /// device fences the stream may be waiting for a peer, so the drain gives up after
+    /// `HETCCL_TIMEOUT`, naming the peers that stayed behind.
+    fn ipc_finish(&mut self, stream: &Stream, laps: &mut Laps, coll: CollectiveOp) -> Result<()> {
+        if self.comm.config().device_fence == DeviceFence::Host {
+            return self.timed_sync_and_barrier(stream, laps, "copy out");
+        }
+        let cu = stream.cuda().cu_stream();
+        let timeout = self.comm.config().timeout;
+        if !drain_within(cu, timeout)? {
+            return Err(self.fence_timeout(stream, coll, timeout));
+        }
+        laps.lap("drain");
+        self.comm.barrier()?;
+        laps.lap("barrier");
+        Ok(())
+    }
+
+    /// The error for a stream that did not drain in time under device fences; unblocks
+    /// the stream first, as far as this rank can.
+    fn fence_timeout(&self, stream: &Stream, coll: CollectiveOp, after: Duration) -> Error {
+        let (rank, seq) = (self.rank(), self.seq.saturating_sub(1));
+        let Some(ipc) = &self.ipc else {
+            return Error::invalid("DeviceComm", "IPC scratch missing");
+        };
+        let behind = match ipc.release() {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        // Raised counters let the stream pass its waits; what it computes now is
+        // garbage, but it no longer holds the caller's later work back.
+        let _ = drain_within(stream.cuda().cu_stream(), Duration::from_secs(1));
+        match behind.first() {
+            Some(&peer) => Error::Timeout {
+                rank,
+                peer,
+                op: coll,
+                seq,
+                after,
+                what: "to reach the same device fence",
+            },
+            None => Error::Device {
+                op: format!("{coll} #{seq} on the device"),
+                detail: format!(
+                    "the stream did not drain within {after:?}, although every peer passed \
+                     the last device fence"
+                ),
+            },
+        }
+    }
+
     /// Every rank's scratch address for a message of `bytes`, growing (collectively) the
     /// buffers first when they are smaller.
     fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<sys::CUdeviceptr>> {
         if let Some(s) = &self.ipc {
-            if s.bytes >= bytes {
+            if s.data >= bytes {
                 return Ok(s.ptrs.clone());
             }
         }
@@ -1070,10 +1347,17 @@ impl DeviceComm {
             self.comm.barrier()?;
             drop(old);
         }
-        let size = scratch_size(bytes);
+        let size = scratch_size(bytes + flag_bytes(n));
         let (mut scratch, handle) = IpcScratch::create(&self.ctx, rank, n, size)?;
+        let uuid = self
+            .ctx
+            .uuid()
+            .map_err(device_error("read the GPU's UUID"))?
+            .bytes
+            .map(|c| c as u8);
         let mine = Record {
             handle,
+            uuid,
             bytes: size as u64,
             pid: u64::from(std::process::id()),
             ordinal: self.ordinal as u64,
@@ -1093,11 +1377,13 @@ impl DeviceComm {
             })
             .collect::<Result<Vec<_>>>()?;
         scratch.open_peers(&records)?;
+        scratch.shared_device = records.iter().all(|r| r.uuid == uuid);
         tracing::debug!(
             target: "hetccl::device",
             rank,
             device = self.ordinal,
             bytes = size,
+            shared_device = scratch.shared_device,
             "IPC scratch registered and every peer's mapped"
         );
         let ptrs = scratch.ptrs.clone();
@@ -1273,6 +1559,7 @@ mod tests {
             .for_each(|(i, b)| *b = i as u8 ^ 0xA5);
         let r = Record {
             handle,
+            uuid: *b"GPU-0123-4567-89",
             bytes: 6 << 20,
             pid: 4242,
             ordinal: 3,
