@@ -166,7 +166,8 @@ pub struct Config {
     /// for more.
     pub nsocks_per_peer: usize,
     /// `HETCCL_CHUNK_BYTES`: pipeline chunk size (halved where a node runs more ranks
-    /// than CPUs over TCP; see `LinkModel::chunk_bytes`).
+    /// than CPUs over TCP, and at most a quarter of each rank's block, down to 128 KiB;
+    /// see `LinkModel::chunk_bytes`).
     pub chunk_bytes: usize,
     /// `HETCCL_PIPELINE_DEPTH`: chunks in flight per collective.
     pub pipeline_depth: usize,
