@@ -110,6 +110,17 @@ impl LinkModel {
         chunk.min((block / 4).max(MIN_BLOCK_CHUNK))
     }
 
+    /// [`LinkModel::chunk_bytes`] for a call of `op` on `bytes` (what the call counts:
+    /// one rank's block for reduce-scatter and all-gather, the whole buffer otherwise)
+    /// among `n` ranks.
+    pub fn chunk_for(&self, op: CollectiveOp, bytes: usize, n: usize, configured: usize) -> usize {
+        let block = match op {
+            CollectiveOp::ReduceScatter | CollectiveOp::AllGather => bytes,
+            _ => bytes / n.max(1),
+        };
+        self.chunk_bytes(configured, block)
+    }
+
     /// The cheapest algorithm for `op` on `bytes`.
     pub fn choose(&self, op: CollectiveOp, bytes: usize) -> Algo {
         cost::choose(op, &self.shape, bytes, self.intra, self.inter)
@@ -251,6 +262,28 @@ mod tests {
                 128 << 10,
                 32 << 10
             ]
+        );
+        // Reduce-scatter and all-gather count one rank's block, the others the buffer.
+        let k = 512 << 10;
+        assert_eq!(
+            m.chunk_for(CollectiveOp::AllReduce, 1 << 20, 2, k),
+            128 << 10
+        );
+        assert_eq!(
+            m.chunk_for(CollectiveOp::AllReduce, 4 << 20, 2, k),
+            512 << 10
+        );
+        assert_eq!(
+            m.chunk_for(CollectiveOp::Broadcast, 1 << 20, 4, k),
+            128 << 10
+        );
+        assert_eq!(
+            m.chunk_for(CollectiveOp::ReduceScatter, 1 << 20, 2, k),
+            256 << 10
+        );
+        assert_eq!(
+            m.chunk_for(CollectiveOp::AllGather, 512 << 10, 4, k),
+            128 << 10
         );
         let mut t = topo(&[4]);
         t.ranks[3].cpus = 2;

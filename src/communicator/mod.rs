@@ -450,13 +450,13 @@ impl Communicator {
                         algo.name()
                     );
                 }
-                // Each rank's share: reduce-scatter and all-gather count one block.
-                let block = match call.op {
-                    CollectiveOp::ReduceScatter | CollectiveOp::AllGather => bytes,
-                    _ => bytes / self.world_size,
-                };
                 let t = Tuning {
-                    chunk_bytes: self.model.chunk_bytes(self.cfg.chunk_bytes, block),
+                    chunk_bytes: self.model.chunk_for(
+                        call.op,
+                        bytes,
+                        self.world_size,
+                        self.cfg.chunk_bytes,
+                    ),
                     slots: 2 * self.cfg.pipeline_depth + 1,
                     shard_weights: self.model.shard_weights.clone(),
                     ring_order: self.ring_order(),
