@@ -271,29 +271,19 @@ mod tests {
         );
         // Reduce-scatter and all-gather count one rank's block, all-reduce a share of the
         // buffer, reduce the whole buffer; broadcast keeps whole chunks.
-        let k = 512 << 10;
-        assert_eq!(
-            m.chunk_for(CollectiveOp::AllReduce, 1 << 20, 2, k),
-            128 << 10
-        );
-        assert_eq!(
-            m.chunk_for(CollectiveOp::AllReduce, 4 << 20, 2, k),
-            512 << 10
-        );
-        assert_eq!(
-            m.chunk_for(CollectiveOp::Broadcast, 1 << 20, 4, k),
-            512 << 10
-        );
-        assert_eq!(m.chunk_for(CollectiveOp::Reduce, 1 << 20, 4, k), 256 << 10);
-        assert_eq!(m.chunk_for(CollectiveOp::Reduce, 4 << 20, 4, k), 512 << 10);
-        assert_eq!(
-            m.chunk_for(CollectiveOp::ReduceScatter, 1 << 20, 2, k),
-            256 << 10
-        );
-        assert_eq!(
-            m.chunk_for(CollectiveOp::AllGather, 512 << 10, 4, k),
-            128 << 10
-        );
+        use CollectiveOp::*;
+        for (op, bytes, n, want) in [
+            (AllReduce, 1 << 20, 2, 128 << 10),
+            (AllReduce, 4 << 20, 2, 512 << 10),
+            (Broadcast, 1 << 20, 4, 512 << 10),
+            (Reduce, 1 << 20, 4, 256 << 10),
+            (Reduce, 4 << 20, 4, 512 << 10),
+            (ReduceScatter, 1 << 20, 2, 256 << 10),
+            (AllGather, 512 << 10, 4, 128 << 10),
+        ] {
+            let got = m.chunk_for(op, bytes, n, 512 << 10);
+            assert_eq!(got, want, "{op} of {bytes} bytes among {n}");
+        }
         let mut t = topo(&[4]);
         t.ranks[3].cpus = 2;
         assert!(t.oversubscribed(0));
