@@ -299,7 +299,8 @@ fn overlaps(a: Ptr, alen: usize, b: Ptr, blen: usize) -> bool {
     alen > 0 && blen > 0 && a < b + blen && b < a + alen
 }
 
-/// `p` advanced by `bytes`, as an address (never dereferenced here).
+/// `p` advanced by `bytes` (wrapping, so a negated count steps back), as an address
+/// (never dereferenced here).
 fn offset(p: Ptr, bytes: usize) -> Ptr {
     Ptr((p.0 as usize).wrapping_add(bytes) as *mut c_void)
 }
@@ -340,7 +341,7 @@ impl Kind {
             } => {
                 // In place, recvbuff is this rank's block of sendbuff.
                 let block = recvcount * size;
-                let start = Ptr((recv.0 as usize).wrapping_sub(rank * block) as *mut c_void);
+                let start = offset(recv, (rank * block).wrapping_neg());
                 Some(l(send, block * nranks, recv, block, start))
             }
             Kind::AllGather {

@@ -850,8 +850,8 @@ pub(super) struct Direct {
 /// Picks the direct path for `call` when every rank shares this host and this rank's
 /// buffers are shared ones: all_reduce needs a shared output (a private input is first
 /// copied into it), reduce_scatter and all_gather a shared input (in place, the one
-/// buffer), broadcast a shared buffer. Every rank decides from its own buffers; ranks that decide differently are
-/// caught in the entry step and get [`Error::Mismatch`].
+/// buffer), broadcast a shared buffer. Every rank decides from its own buffers; ranks
+/// that decide differently are caught in the entry step and get [`Error::Mismatch`].
 pub(super) fn plan(
     comm: &Communicator,
     call: &Call,
