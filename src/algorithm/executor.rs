@@ -290,6 +290,9 @@ struct Sink<'a> {
     forwarded: usize,
     /// Payload bytes delivered so far (all pieces below this offset are in place).
     got: usize,
+    /// Write a reduced result with streaming stores: it is large and nothing in this
+    /// call reads it again (a reduce-scatter's own block, out of place).
+    stream_result: bool,
 }
 
 impl RecvSink for Sink<'_> {
@@ -403,7 +406,12 @@ impl RecvSink for Sink<'_> {
             (Combine::From(_), Some(src)) => {
                 // SAFETY: the `From` region has the destination's length and was checked.
                 let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
-                reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, dst, a, bytes)
+                let (dtype, op) = (self.ctx.dtype, self.ctx.redop);
+                if self.stream_result {
+                    reduce::reduce_from_bytes_streaming(dtype, op, dst, a, bytes)
+                } else {
+                    reduce::reduce_from_bytes(dtype, op, dst, a, bytes)
+                }
             }
             (Combine::From(_), None) => dst.copy_from_slice(bytes),
         }
@@ -966,6 +974,8 @@ pub fn execute(
                     forward: &fwd.spaces,
                     forwarded,
                     got: fwd.got[p],
+                    stream_result: ctx.stream_copies
+                        && !sched.reread.get(i).copied().unwrap_or(true),
                 };
                 let Some(link) = links[p].as_mut() else {
                     break;

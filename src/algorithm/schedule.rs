@@ -121,6 +121,10 @@ pub struct Schedule {
     /// pairs, and an all-gather's copy of its own block with the first send of it.
     /// Filled in by [`Builder::build`].
     pub forwards: Vec<Option<usize>>,
+    /// For each op, whether a later op (or the final division of `finalize`) reads
+    /// bytes it wrote. A result nobody reads again within the call can be written with
+    /// streaming stores. Filled in by [`Builder::build`].
+    pub reread: Vec<bool>,
 }
 
 impl Schedule {
@@ -147,6 +151,7 @@ struct Access {
 pub struct Builder {
     sched: Schedule,
     accesses: Vec<Access>,
+    reread: Vec<bool>,
 }
 
 impl Builder {
@@ -158,6 +163,7 @@ impl Builder {
                 ..Schedule::default()
             },
             accesses: Vec::new(),
+            reread: Vec::new(),
         }
     }
 
@@ -167,10 +173,13 @@ impl Builder {
         // Scan newest first; a later access to the same bytes already orders after
         // older ones, but listing a few redundant deps is harmless and cheap.
         for a in self.accesses.iter().rev() {
-            let hazard = (a.write && reads.iter().any(|r| r.overlaps(&a.region)))
-                || writes.iter().any(|w| w.overlaps(&a.region));
+            let read_after_write = a.write && reads.iter().any(|r| r.overlaps(&a.region));
+            let hazard = read_after_write || writes.iter().any(|w| w.overlaps(&a.region));
             if hazard && !deps.contains(&a.op) {
                 deps.push(a.op);
+            }
+            if read_after_write {
+                self.reread[a.op] = true;
             }
         }
         deps.sort_unstable();
@@ -189,6 +198,7 @@ impl Builder {
             });
         }
         self.sched.ops.push(Op { kind, deps });
+        self.reread.push(false);
         idx
     }
 
@@ -254,6 +264,16 @@ impl Builder {
             }
         }
         self.sched.forwards = forwards;
+        if let Some(f) = self.sched.finalize {
+            for a in self
+                .accesses
+                .iter()
+                .filter(|a| a.write && a.region.overlaps(&f))
+            {
+                self.reread[a.op] = true;
+            }
+        }
+        self.sched.reread = self.reread;
         self.sched
     }
 }
@@ -309,6 +329,27 @@ mod tests {
         assert_eq!(s.ops[s2].deps, Vec::<usize>::new());
         assert_eq!(s.ops[r3].deps, vec![s2]);
         assert_eq!(s.ops[s4].deps, vec![r1]);
+    }
+
+    #[test]
+    fn builder_marks_results_read_again() {
+        let a = Region::new(BufId::Output, 0..8);
+        let b = Region::new(BufId::Output, 8..16);
+        let c = Region::new(BufId::Scratch, 0..8);
+        let mut bld = Builder::new("t");
+        let r0 = bld.recv(1, a, Combine::Copy); // sent below
+        let r1 = bld.recv(1, b, Combine::From(Region::new(BufId::Input, 0..8))); // final
+        let s2 = bld.send(2, a);
+        let r3 = bld.recv(1, c, Combine::Copy); // read by the next receive
+        let r4 = bld.recv(1, c, Combine::Accumulate); // in the final division
+        bld.finalize(c);
+        let s = bld.build();
+        assert_eq!(s.reread.len(), s.ops.len());
+        assert!(s.reread[r0], "sent later");
+        assert!(!s.reread[r1], "read by nothing");
+        assert!(!s.reread[s2], "a send writes nothing");
+        assert!(s.reread[r3], "the accumulating receive reads it");
+        assert!(s.reread[r4], "divided at the end");
     }
 
     #[test]

@@ -1257,9 +1257,10 @@ mod tests {
 
     #[test]
     fn streaming_copies_of_received_pieces_land_exactly() {
-        // Every received piece that is only copied goes through streaming stores here
-        // (threshold 0), at odd lengths and offsets: the heads and tails of each piece
-        // take the ordinary path, the aligned middle the streaming one.
+        // Every received piece that is only copied, and every final sum, goes through
+        // streaming stores here (threshold 0), at odd lengths and offsets: the heads and
+        // tails of each piece take the ordinary path, the aligned middle the streaming
+        // one.
         let cfg = Config {
             algo: AlgoChoice::Ring,
             stream_min_bytes: 0,
@@ -1274,14 +1275,29 @@ mod tests {
                 c.all_reduce_into(&x, &mut sum, ReduceOp::Sum).unwrap();
                 let mut all = vec![0u8; 3 * count];
                 c.all_gather(&x, &mut all).unwrap();
-                (sum, all)
+                // A reduce-scatter's own block, read by nothing after the last step,
+                // is summed with streaming stores.
+                let big: Vec<f32> = (0..3 * count)
+                    .map(|i| (c.rank() * 10 + i % 11) as f32)
+                    .collect();
+                let mut part = vec![0f32; count];
+                c.reduce_scatter(&big, &mut part, ReduceOp::Sum).unwrap();
+                (sum, all, part)
             });
-            for (sum, all) in outs {
+            for (r, (sum, all, part)) in outs.into_iter().enumerate() {
                 for i in [0, count / 2, count - 1] {
                     assert_eq!(sum[i], (150 + 3 * (i % 7)) as u8, "count {count} [{i}]");
                     for r in 0..3 {
                         assert_eq!(all[r * count + i], (r * 50 + i % 7) as u8);
                     }
+                }
+                for (i, x) in part.iter().enumerate() {
+                    let g = r * count + i;
+                    assert_eq!(
+                        *x,
+                        (30 + 3 * (g % 11)) as f32,
+                        "rank {r} count {count} [{i}]"
+                    );
                 }
             }
         }

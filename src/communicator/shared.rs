@@ -1496,13 +1496,13 @@ impl Run<'_> {
             // holds `count` elements, written by this rank alone, and is disjoint from
             // the inputs but for its own block in place, which `reduce_n` allows.
             unsafe {
-                reduce::reduce_n::<T>(
-                    ctx.redop,
-                    out.add(a * size).cast::<T>(),
-                    &srcs,
-                    b - a,
-                    ctx.world_size,
-                )
+                let dst = out.add(a * size).cast::<T>();
+                if self.stream {
+                    // Nobody reads the result within the call: skip fetching its lines.
+                    reduce::reduce_n_streaming::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
+                } else {
+                    reduce::reduce_n::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
+                }
             };
             a = b;
         }
@@ -1650,6 +1650,14 @@ mod tests {
                 .for_each(|(i, x)| *x = bf16::from_f32((r + i % 3) as f32));
             let mut part = vec![bf16::ZERO; count];
             c.reduce_scatter(&big, &mut part, ReduceOp::Sum).unwrap();
+            // The same in f32, whose sums go out with streaming stores (threshold 0;
+            // bf16 takes the ordinary path).
+            let mut wide = c.alloc_shared::<f32>(n * count).unwrap();
+            wide.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (r * 7 + i % 5) as f32);
+            let mut part32 = vec![0f32; count];
+            c.reduce_scatter(&wide, &mut part32, ReduceOp::Sum).unwrap();
             // all_gather from a shared input.
             let mut mine = c.alloc_shared::<u8>(count).unwrap();
             mine.fill(r as u8 + 10);
@@ -1663,9 +1671,9 @@ mod tests {
                 last_direct(c),
                 flag_value(c.seq.load(Ordering::Relaxed) - 1, EXIT)
             );
-            (a, b, part, all, bc.to_vec())
+            (a, b, (part, part32), all, bc.to_vec())
         });
-        for (r, (a, b, part, all, bc)) in outs.into_iter().enumerate() {
+        for (r, (a, b, (part, part32), all, bc)) in outs.into_iter().enumerate() {
             for i in [0usize, 1, 2, 3, 4, 5000, count - 1] {
                 assert_eq!(a[i], (3 + 3 * (i % 4)) as f64, "rank {r} element {i}");
                 assert_eq!(b[i], (2 + i % 4) as f64, "rank {r} element {i}");
@@ -1673,6 +1681,7 @@ mod tests {
             for (i, x) in part.iter().enumerate() {
                 let g = r * count + i;
                 assert_eq!(x.to_f32(), (3 + 3 * (g % 3)) as f32, "rank {r} element {i}");
+                assert_eq!(part32[i], (21 + 3 * (g % 5)) as f32, "rank {r} element {i}");
             }
             for (i, x) in all.iter().enumerate() {
                 assert_eq!(*x as usize, i / count + 10);
