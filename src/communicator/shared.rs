@@ -1441,13 +1441,15 @@ impl Run<'_> {
             // every rank passes the exit step; this rank's output segment is written by
             // it alone and equals its own input exactly when in place.
             unsafe {
-                reduce::reduce_n::<T>(
-                    ctx.redop,
-                    bufs.output.add(a * size).cast::<T>(),
-                    &srcs,
-                    b - a,
-                    ctx.world_size,
-                )
+                let dst = bufs.output.add(a * size).cast::<T>();
+                // Large outputs: the peers read this segment back from memory rather
+                // than from this core's cache, which still costs less than fetching
+                // each line before writing it (2 ranks, 256 MiB: 4.8–5.4 → 5.7–5.8 GB/s).
+                if self.stream {
+                    reduce::reduce_n_streaming::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
+                } else {
+                    reduce::reduce_n::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
+                }
             };
             self.node.publish(ctx.seq, CHUNK0 + c as u32);
             // Copy whatever peers have finished meanwhile, while it is in cache.
