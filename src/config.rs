@@ -197,7 +197,9 @@ pub struct Config {
     /// `HETCCL_STREAM_MIN_BYTES`: a collective whose output is at least this large
     /// writes what it only copies into place (the other ranks' results, on shared
     /// buffers or received over links, and ring results it forwarded from a link's
-    /// buffer) with streaming (cache-bypassing) stores.
+    /// buffer), and out-of-place sums that nothing in the call reads again (a
+    /// reduce-scatter's block, a reduce's result, a rank's segment on shared buffers),
+    /// with streaming (cache-bypassing) stores.
     pub stream_min_bytes: usize,
     /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
     /// on the CUDA IPC path; longer messages pass through it in windows of this size.
