@@ -611,6 +611,28 @@ mod tests {
     use super::*;
     use half::f16;
 
+    /// Calls `$check` with a slice of edge values of each of several element types:
+    /// NaN, infinities, signed zeros, huge values and integer extremes.
+    macro_rules! with_edge_values {
+        ($check:ident) => {
+            $check(&[
+                1.5f32,
+                -0.0,
+                0.0,
+                f32::NAN,
+                f32::INFINITY,
+                -3.25,
+                1e30,
+                -7.0,
+                2.0,
+            ]);
+            $check(&[1.5f64, -0.0, f64::NAN, f64::NEG_INFINITY, -3.25, 1e300, 9.0]);
+            $check(&[i32::MAX, i32::MIN, -1, 0, 7, 123_456]);
+            $check(&[u8::MAX, 0, 1, 17, 200]);
+            $check(&[i64::MAX, -5, 3, i64::MIN]);
+        };
+    }
+
     /// The vector-width dispatch must not change a bit: every op, ragged lengths,
     /// NaN, infinities, signed zeros and integer wrap-around included.
     #[test]
@@ -633,21 +655,7 @@ mod tests {
                 }
             }
         }
-        check(&[
-            1.5f32,
-            -0.0,
-            0.0,
-            f32::NAN,
-            f32::INFINITY,
-            -3.25,
-            1e30,
-            -7.0,
-            2.0,
-        ]);
-        check(&[1.5f64, -0.0, f64::NAN, f64::NEG_INFINITY, -3.25, 1e300, 9.0]);
-        check(&[i32::MAX, i32::MIN, -1, 0, 7, 123_456]);
-        check(&[u8::MAX, 0, 1, 17, 200]);
-        check(&[i64::MAX, -5, 3, i64::MIN]);
+        with_edge_values!(check);
     }
 
     #[test]
@@ -808,21 +816,7 @@ mod tests {
                 assert_eq!(bits(&got), bits(&want), "{op} in place");
             }
         }
-        check(&[
-            1.5f32,
-            -0.0,
-            0.0,
-            f32::NAN,
-            f32::INFINITY,
-            -3.25,
-            1e30,
-            -7.0,
-            2.0,
-        ]);
-        check(&[1.5f64, -0.0, f64::NAN, f64::NEG_INFINITY, -3.25, 1e300, 9.0]);
-        check(&[i32::MAX, i32::MIN, -1, 0, 7, 123_456]);
-        check(&[u8::MAX, 0, 1, 17, 200]);
-        check(&[i64::MAX, -5, 3, i64::MIN]);
+        with_edge_values!(check);
         check(&[
             f16::from_f32(1.5),
             f16::from_f32(-2.0),
