@@ -903,4 +903,26 @@ mod tests {
         );
         assert_eq!(dst, [10, 20, 30]);
     }
+
+    /// The streaming bytes entry gives `reduce_from_bytes`' bytes at every byte offset of
+    /// its operands (misaligned ones take the ordinary path) and adds for `Avg`.
+    #[test]
+    fn streaming_bytes_entry_matches_the_ordinary_one() {
+        let n = 1000;
+        let a: Vec<u8> =
+            bytemuck::cast_slice(&(0..n + 1).map(|i| i as f32 * 0.5).collect::<Vec<_>>()).to_vec();
+        let b: Vec<u8> =
+            bytemuck::cast_slice(&(0..n + 1).map(|i| 3.0 - i as f32).collect::<Vec<_>>()).to_vec();
+        for op in ReduceOp::ALL {
+            for (da, db, dd) in [(0, 0, 0), (1, 0, 0), (0, 2, 0), (0, 0, 3), (4, 4, 4)] {
+                let len = 4 * n;
+                let mut want = vec![0u8; len + 8];
+                let mut got = vec![0u8; len + 8];
+                let (sa, sb) = (&a[da..da + len], &b[db..db + len]);
+                reduce_from_bytes(DataType::F32, op, &mut want[dd..dd + len], sa, sb);
+                reduce_from_bytes_streaming(DataType::F32, op, &mut got[dd..dd + len], sa, sb);
+                assert_eq!(got, want, "{op}, offsets {da} {db} {dd}");
+            }
+        }
+    }
 }
