@@ -386,7 +386,7 @@ mod wide_tiles {
 }
 
 /// [`reduce_n`] for results that nobody reads again soon (a reduce-scatter's output):
-/// the same bits, written with streaming stores in [`LINE_TILE`]-byte tiles, which saves
+/// the same bits, written with streaming stores in 256-byte tiles, which saves
 /// the read of each destination line before it is written and keeps it out of the
 /// cache. Ends with a store fence. These take [`reduce_n`] instead: 16-bit floats, whose
 /// kernels work through f32 blocks; destinations not aligned to their element; and

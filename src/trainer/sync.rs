@@ -1,8 +1,11 @@
 //! How the trainer talks to the other ranks: a small trait over the communicator.
 //!
-//! The trainer needs four things: the rank and world size, summing gradient buckets while
-//! backward is still producing the next ones, summing a few f64 counters, and gathering
-//! one f64 per rank (throughput, for load balancing). [`GradSync`] names exactly those.
+//! The trainer needs five things: the rank and world size, a gradient buffer, summing
+//! gradient buckets while backward is still producing the next ones, summing a few f64
+//! counters, and gathering one f64 per rank (throughput, for load balancing).
+//! [`GradSync`] names exactly those. A communicator's gradient buffer lives in memory
+//! the ranks of a host share ([`Communicator::alloc_shared`]), so that on one host
+//! each bucket is summed straight from the peers' buffers.
 //! [`SingleProcess`] is the world of one; [`ThreadGroup`] runs several ranks as threads of
 //! one process (tests, demos). [`crate::Communicator`] implements it through its
 //! non-blocking `scope` API: each bucket's all-reduce starts the moment backward hands it
@@ -13,7 +16,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use crate::communicator::{Communicator, Compression, Handle, Scope};
+use crate::communicator::{Communicator, Compression, Handle, Scope, SharedBuf};
 use crate::compression::{Compressor, ScalePolicy, WireFormat};
 use crate::config::CompressMode;
 use crate::dtype::ReduceOp;
@@ -65,6 +68,40 @@ pub trait GradSync {
     /// Takes back what [`GradSync::save_state`] returned on this rank.
     fn restore_state(&self, _state: &[u8]) -> Result<()> {
         Ok(())
+    }
+    /// The flat gradient buffer: `len` zeros. Collective: every rank calls it once, at
+    /// the same point of its run. A plain `Vec` here; a communicator hands out memory
+    /// the ranks of a host share, so that the buckets' all-reduces read the peers'
+    /// gradients in place instead of copying them through link buffers.
+    fn alloc_grads(&self, len: usize) -> Result<GradBuf> {
+        Ok(GradBuf::Private(vec![0.0; len]))
+    }
+}
+
+/// The gradient buffer [`GradSync::alloc_grads`] hands out; a `[f32]` either way.
+pub enum GradBuf {
+    /// This process's own memory.
+    Private(Vec<f32>),
+    /// Memory the ranks of this host map ([`Communicator::alloc_shared`]).
+    Shared(SharedBuf<f32>),
+}
+
+impl std::ops::Deref for GradBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            GradBuf::Private(v) => v,
+            GradBuf::Shared(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for GradBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match self {
+            GradBuf::Private(v) => v,
+            GradBuf::Shared(b) => b,
+        }
     }
 }
 
@@ -349,6 +386,11 @@ impl GradSync for Communicator {
     }
     fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
         Communicator::all_gather(self, send, recv)
+    }
+    fn alloc_grads(&self, len: usize) -> Result<GradBuf> {
+        let mut buf = self.alloc_shared::<f32>(len)?;
+        buf.fill(0.0);
+        Ok(GradBuf::Shared(buf))
     }
 }
 

@@ -30,7 +30,7 @@ use super::config::{Balance, RunOptions, TrainConfig};
 use super::data::{make_batch, Corpus, Sampler};
 use super::model::{init_params, Batch, LossStats, Model};
 use super::optim::{clip_grad_norm, learning_rate, AdamW};
-use super::sync::{GradSync, NoSync, ThreadGroup};
+use super::sync::{GradBuf, GradSync, NoSync, ThreadGroup};
 use super::tokenizer::WordPiece;
 use crate::error::{Error, Result};
 
@@ -227,7 +227,7 @@ struct Run<'a> {
     sampler: Sampler,
     model: Model<f32>,
     params: Vec<f32>,
-    grads: Vec<f32>,
+    grads: GradBuf,
     opt: AdamW,
     corpus_digest: String,
     slow: Option<f64>,
@@ -403,7 +403,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
     };
     let slow = run.is_slow(rank, world).then_some(run.slowdown);
     let mut r = Run {
-        grads: vec![0.0; layout.total],
+        grads: sync.alloc_grads(layout.total)?,
         micro: balance::split_equal(cfg.micro_batch_global(), world)?,
         cfg,
         run,
