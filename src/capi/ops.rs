@@ -1,5 +1,5 @@
 //! One C call as a checked, type-erased operation, and its execution on a
-//! [`Communicator`] through the generic API.
+//! [`Communicator`](crate::Communicator) through the generic API.
 //!
 //! Checks that need only the call (NULL pointers, enum values, alignment, ranks) run
 //! when the C function is called, also inside a group; what needs the peers (matching

@@ -91,7 +91,7 @@ pub struct RankInfo {
 /// every pair of ranks.
 ///
 /// Serialized (by [`Topology::dump`], read by [`Topology::load`]) as the ranks plus the
-/// links that differ from what the node grouping implies, see [`file`](self::file).
+/// links that differ from what the node grouping implies, see the `file` module.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "file::TopologyFile", into = "file::TopologyFile")]
 pub struct Topology {

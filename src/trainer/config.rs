@@ -184,7 +184,7 @@ pub struct Settings {
     /// Position-table length.
     #[arg(long)]
     pub max_position: Option<usize>,
-    /// Tokens per sequence, [CLS] and [SEP] included.
+    /// Tokens per sequence, `[CLS]` and `[SEP]` included.
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// Global batch size (samples per optimizer step over all ranks).

@@ -2,7 +2,7 @@
 //!
 //! Written to be read, like llm.c: every operation has a hand-written forward and backward
 //! ([`ops`]), all parameters live in one flat vector with per-tensor views ([`model`]), and
-//! the training loop ([`train`]) uses hetccl only through the small [`sync::GradSync`]
+//! the training loop ([`train()`]) uses hetccl only through the small [`sync::GradSync`]
 //! trait, as any framework would use a communicator.
 //!
 //! ```text
@@ -33,7 +33,7 @@
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
 //! | [`checkpoint`] | atomic, checksummed, world-size independent checkpoints |
 //! | [`config`] | settings: defaults, TOML file, flags |
-//! | [`train`] | the loop, logs, metrics |
+//! | [`train`](mod@train) | the loop, logs, metrics |
 //! | [`plot`] | loss curves PNG |
 //! | [`cli`] | the `hetccl-bert` command line |
 
@@ -53,6 +53,6 @@ pub mod train;
 
 pub use config::{Balance, RunOptions, Settings, TrainConfig};
 pub use model::{Batch, LossStats, Model, ModelConfig, ParamLayout};
-pub use sync::{BucketSink, CompressedSync, GradSync, NoSync, SingleProcess, ThreadGroup};
+pub use sync::{BucketSink, CompressedSync, GradBuf, GradSync, NoSync, SingleProcess, ThreadGroup};
 pub use tokenizer::WordPiece;
 pub use train::{train, train_threads, with_threads, EvalRecord, StepRecord, TrainReport};

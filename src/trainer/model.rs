@@ -374,7 +374,7 @@ views!(Head, head_sizes, [densew, denseb, lnw, lnb, decb]);
 pub struct Batch {
     /// Sequences B.
     pub batch: usize,
-    /// Tokens per sequence T (including [CLS] and [SEP]).
+    /// Tokens per sequence T (including `[CLS]` and `[SEP]`).
     pub seq_len: usize,
     /// Input ids after masking (B,T).
     pub input_ids: Vec<u32>,

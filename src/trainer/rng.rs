@@ -16,7 +16,7 @@ pub enum Stream {
     Shuffle = 2,
     /// Which positions of a training sample are masked (key: sample, position).
     MaskSelect = 3,
-    /// What a masked position becomes: [MASK], a random token, or itself.
+    /// What a masked position becomes: `[MASK]`, a random token, or itself.
     MaskKind = 4,
     /// The replacement token for the "random token" case.
     MaskToken = 5,
