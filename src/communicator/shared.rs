@@ -1158,6 +1158,23 @@ impl Run<'_> {
         unsafe { reduce::copy_bytes(dst, src, len, self.stream) }
     }
 
+    /// `dst = srcs[0] (op) srcs[1] ...` over `len` elements ([`reduce::reduce_n`]), with
+    /// streaming stores for large outputs like [`Run::copy`].
+    ///
+    /// # Safety
+    /// As [`reduce::reduce_n`].
+    unsafe fn reduce<T: Element>(&self, dst: *mut T, srcs: &[*const T], len: usize) {
+        let (op, world) = (self.ctx.redop, self.ctx.world_size);
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.stream {
+                reduce::reduce_n_streaming::<T>(op, dst, srcs, len, world)
+            } else {
+                reduce::reduce_n::<T>(op, dst, srcs, len, world)
+            }
+        }
+    }
+
     fn err_peer(&self, l: usize) -> usize {
         self.node.ranks[l]
     }
@@ -1440,17 +1457,10 @@ impl Run<'_> {
             // SAFETY: inputs are readable for b - a elements and stay unchanged until
             // every rank passes the exit step; this rank's output segment is written by
             // it alone and equals its own input exactly when in place.
-            unsafe {
-                let dst = bufs.output.add(a * size).cast::<T>();
-                // Large outputs: the peers read this segment back from memory rather
-                // than from this core's cache, which still costs less than fetching
-                // each line before writing it (2 ranks, 256 MiB: 4.8–5.4 → 5.7–5.8 GB/s).
-                if self.stream {
-                    reduce::reduce_n_streaming::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
-                } else {
-                    reduce::reduce_n::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
-                }
-            };
+            // Large outputs: the peers read this segment back from memory rather than
+            // from this core's cache, which still costs less than fetching each line
+            // before writing it (2 ranks, 256 MiB: 4.8–5.4 → 5.7–5.8 GB/s).
+            unsafe { self.reduce(bufs.output.add(a * size).cast::<T>(), &srcs, b - a) };
             self.node.publish(ctx.seq, CHUNK0 + c as u32);
             // Copy whatever peers have finished meanwhile, while it is in cache.
             for k in 1..n {
@@ -1497,15 +1507,7 @@ impl Run<'_> {
             // SAFETY: inputs are readable and unchanged until the exit step; the output
             // holds `count` elements, written by this rank alone, and is disjoint from
             // the inputs but for its own block in place, which `reduce_n` allows.
-            unsafe {
-                let dst = out.add(a * size).cast::<T>();
-                if self.stream {
-                    // Nobody reads the result within the call: skip fetching its lines.
-                    reduce::reduce_n_streaming::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
-                } else {
-                    reduce::reduce_n::<T>(ctx.redop, dst, &srcs, b - a, ctx.world_size)
-                }
-            };
+            unsafe { self.reduce(out.add(a * size).cast::<T>(), &srcs, b - a) };
             a = b;
         }
         Ok(())

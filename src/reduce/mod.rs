@@ -43,6 +43,20 @@ mod wide {
     pub(super) unsafe fn zip3<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
         super::zip3_portable(dst, a, b, f)
     }
+
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]); otherwise as for [`super::fold_tiles`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fold_tiles<T: crate::dtype::Element>(
+        dst: *mut T,
+        srcs: &[*const T],
+        range: std::ops::Range<usize>,
+        f: impl Fn(T, T) -> T + Copy,
+        divide_by: Option<usize>,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { super::fold_tiles(dst, srcs, range, f, divide_by) }
+    }
 }
 
 #[inline(always)]
@@ -366,25 +380,6 @@ unsafe fn fold_tiles<T: Element>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod wide_tiles {
-    use crate::dtype::Element;
-
-    /// # Safety
-    /// The CPU must have AVX2; otherwise as for [`super::fold_tiles`].
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn fold_tiles<T: Element>(
-        dst: *mut T,
-        srcs: &[*const T],
-        range: std::ops::Range<usize>,
-        f: impl Fn(T, T) -> T + Copy,
-        divide_by: Option<usize>,
-    ) {
-        // SAFETY: the caller's contract.
-        unsafe { super::fold_tiles(dst, srcs, range, f, divide_by) }
-    }
-}
-
 /// [`reduce_n`] for results that nobody reads again soon (a reduce-scatter's output):
 /// the same bits, written with streaming stores in 256-byte tiles, which saves
 /// the read of each destination line before it is written and keeps it out of the
@@ -409,8 +404,8 @@ pub unsafe fn reduce_n_streaming<T: Element>(
     let size = std::mem::size_of::<T>();
     let per = LINE_TILE / size;
     let head = dst.cast::<u8>().align_offset(64);
-    // The only 2-byte element types are f16 and bf16.
     let in_place = srcs.contains(&dst.cast_const());
+    // The only 2-byte element types are f16 and bf16.
     if srcs.is_empty() || in_place || size == 2 || head % size != 0 || head / size + per > len {
         // SAFETY: the caller's contract.
         return unsafe { reduce_n(op, dst, srcs, len, world_size) };
@@ -450,7 +445,7 @@ unsafe fn fold_tiles_apply<T: Element>(
     #[cfg(target_arch = "x86_64")]
     if wide::available() {
         // SAFETY: the CPU has AVX2; otherwise the caller's contract.
-        return unsafe { wide_tiles::fold_tiles(dst, srcs, range, f, divide_by) };
+        return unsafe { wide::fold_tiles(dst, srcs, range, f, divide_by) };
     }
     // SAFETY: the caller's contract.
     unsafe { fold_tiles(dst, srcs, range, f, divide_by) }
