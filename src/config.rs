@@ -204,6 +204,11 @@ pub struct Config {
     /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
     /// on the CUDA IPC path; longer messages pass through it in windows of this size.
     pub device_scratch_bytes: usize,
+    /// `HETCCL_DEVICE_STAGE_BYTES`: each of the two pinned host buffers that a device
+    /// collective on the staged path passes its data through, piece by piece; every
+    /// piece is one host collective, so pieces much smaller than a few MiB pay the host
+    /// collective's fixed costs too often.
+    pub device_stage_bytes: usize,
     /// `HETCCL_DEVICE_FENCE`: `device|host`, how the CUDA IPC path orders the ranks'
     /// device work between the phases of a call.
     pub device_fence: DeviceFence,
@@ -256,6 +261,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
             device_scratch_bytes: 64 << 20,
+            device_stage_bytes: 2 << 20,
             device_fence: DeviceFence::Device,
             device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
@@ -432,6 +438,9 @@ impl Config {
             device_scratch_bytes: v
                 .parse_usize("HETCCL_DEVICE_SCRATCH_BYTES", 1 << 20, 1 << 40)?
                 .unwrap_or(d.device_scratch_bytes),
+            device_stage_bytes: v
+                .parse_usize("HETCCL_DEVICE_STAGE_BYTES", 4 << 10, 1 << 36)?
+                .unwrap_or(d.device_stage_bytes),
             device_fence: v
                 .parse_enum(
                     "HETCCL_DEVICE_FENCE",
@@ -553,6 +562,7 @@ mod tests {
             ("HETCCL_CHUNK_BYTES", "256K"),
             ("HETCCL_STREAM_MIN_BYTES", "1G"),
             ("HETCCL_DEVICE_SCRATCH_BYTES", "8M"),
+            ("HETCCL_DEVICE_STAGE_BYTES", "40000"),
             ("HETCCL_INIT", "file:///tmp/rdv"),
             ("RANK", "3"),
             ("WORLD_SIZE", "4"),
@@ -564,6 +574,8 @@ mod tests {
         assert_eq!(c.stream_min_bytes, 1 << 30);
         assert_eq!(c.device_scratch_bytes, 8 << 20);
         assert_eq!(cfg(&[]).unwrap().device_scratch_bytes, 64 << 20);
+        assert_eq!(c.device_stage_bytes, 40000);
+        assert_eq!(cfg(&[]).unwrap().device_stage_bytes, 2 << 20);
         assert_eq!(c.device_fence, DeviceFence::Device);
         let fence = cfg(&[("HETCCL_DEVICE_FENCE", "Host")]).unwrap();
         assert_eq!(fence.device_fence, DeviceFence::Host);
@@ -614,6 +626,13 @@ mod tests {
             .to_string();
         assert!(
             e.contains("HETCCL_DEVICE_SCRATCH_BYTES") && e.contains("from 1048576"),
+            "{e}"
+        );
+        let e = cfg(&[("HETCCL_DEVICE_STAGE_BYTES", "1K")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_DEVICE_STAGE_BYTES") && e.contains("from 4096"),
             "{e}"
         );
         let e = cfg(&[("HETCCL_DEVICE_FENCE", "events")])

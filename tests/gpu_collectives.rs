@@ -328,13 +328,21 @@ mod gpu {
             return;
         }
         // 40000-byte slots: 10000 f32 or 20000 f16 per piece, so the largest count takes
-        // over a hundred pieces and ends with a partial one.
-        let chunk = [("HETCCL_CHUNK_BYTES", "40000")];
-        let out = run(2, &["--path", "staged", "--counts", COUNTS], &chunk);
+        // over a hundred pieces and ends with a partial one; each piece's host collective
+        // runs in chunks of the same size.
+        let small = [
+            ("HETCCL_DEVICE_STAGE_BYTES", "40000"),
+            ("HETCCL_CHUNK_BYTES", "40000"),
+        ];
+        let out = run(2, &["--path", "staged", "--counts", COUNTS], &small);
         assert_passed(&out, 2, "staged", 110, "staged n=2");
         // Three ranks on two pretend hosts: auto must pick the staged path.
-        let out = run(3, &["--pretend-nodes", "2", "--counts", COUNTS], &chunk);
+        let out = run(3, &["--pretend-nodes", "2", "--counts", COUNTS], &small);
         assert_passed(&out, 3, "staged", 110, "pretend hosts n=3");
+        // The default 2 MiB slots: 1048579 f32 take two whole pieces and a partial one,
+        // each a host collective of several chunks.
+        let out = run(2, &["--path", "staged", "--counts", COUNTS], &[]);
+        assert_passed(&out, 2, "staged", 110, "staged n=2, default slots");
     }
 
     #[test]

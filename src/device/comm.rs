@@ -50,9 +50,10 @@
 //! its phases, drains and barriers took.
 //!
 //! **Staged** (ranks on several hosts, or asked for). The data passes through two pinned
-//! host buffers of `HETCCL_CHUNK_BYTES` each, chunk by chunk: while the host communicator
-//! reduces chunk `k` in one buffer, the copy engine brings chunk `k + 1` into the other,
-//! and chunk `k` goes back to the device as soon as its host collective is done.
+//! host buffers of `HETCCL_DEVICE_STAGE_BYTES` (2 MiB) each, piece by piece: while the
+//! host communicator reduces piece `k` in one buffer, the copy engine brings piece `k + 1`
+//! into the other, and piece `k` goes back to the device as soon as its host collective
+//! is done. Each piece is one host collective, itself pipelined in `HETCCL_CHUNK_BYTES`.
 //!
 //! Before moving anything every call exchanges a small header (sequence number,
 //! collective, dtype, reduction, count, root) with all ranks, so a rank that calls
@@ -1405,7 +1406,7 @@ impl DeviceComm {
             let bytes = self
                 .comm
                 .config()
-                .chunk_bytes
+                .device_stage_bytes
                 .max(64 * (self.world_size() + 1))
                 .next_multiple_of(64);
             self.slots = Some([Slot::new(&self.ctx, bytes)?, Slot::new(&self.ctx, bytes)?]);
@@ -1431,7 +1432,7 @@ impl DeviceComm {
         if piece == 0 {
             return Err(Error::invalid(
                 "DeviceComm",
-                "the staging buffers hold no element (HETCCL_CHUNK_BYTES too small)",
+                "the staging buffers hold no element (HETCCL_DEVICE_STAGE_BYTES too small)",
             ));
         }
         let size = std::mem::size_of::<T>();
