@@ -101,7 +101,8 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
     done
 fi
 
-# Device all-reduce timings, 2 ranks (all ranks share GPU 0 on a 1-GPU host): the IPC
+# Device all-reduce and reduce-scatter timings, 2 ranks (all ranks share GPU 0 on a
+# 1-GPU host): the IPC
 # path with device fences (one shot, as chosen on a shared GPU, then forced to two
 # shots), with host fences, and the staged path. Each run is named by its settings.
 SWEEP=256,65536,1048576,16777216,67108864
@@ -132,12 +133,12 @@ echo
 echo "== gpu-check summary =="
 for r in "${rows[@]}"; do echo "$r"; done
 echo "hetccl-kernel-bench          rc=$brc"
-printf '%-17s %5s %10s %12s %10s\n' run ranks elements median_us busbw_GB/s
+printf '%-17s %-15s %5s %10s %12s %10s\n' run collective ranks elements median_us busbw_GB/s
 for sweep in "${SWEEPS[@]}"; do
     read -r label _ <<<"$sweep"
-    grep -o 'all_reduce f32 sum [0-9]* elements on [0-9]* ranks ([a-z-]*): [0-9.]* us.*busbw [0-9.]*' \
+    grep -o '[a-z_]* f32 sum [0-9]* elements on [0-9]* ranks ([a-z-]*): [0-9.]* us.*busbw [0-9.]*' \
         "$LOG/sweep-$label.log" | sed 's/[(),:]/ /g' |
-        awk -v l="$label" '{printf "%-17s %5s %10s %12s %10s\n", l, $7, $4, $10, $NF}'
+        awk -v l="$label" '{printf "%-17s %-15s %5s %10s %12s %10s\n", l, $1, $7, $4, $10, $NF}'
 done
 if [ $brc -eq 0 ]; then
     printf '%-34s %6s %9s %9s\n' kernel MiB GB/s %memcpy

@@ -4,9 +4,10 @@
 //!
 //! `hetccl-gpu-check` checks every element against host values and prints
 //! `N checks passed, #wrong=0` per rank; these tests require exactly that on every rank.
-//! For each count there are 12 checks per dtype (5 ops x in and out of place,
-//! broadcast, all-gather), so 108 for three counts and three dtypes, plus 2 determinism
-//! checks (3 on the IPC path, which also matches a host sum in rank order).
+//! For each count there are 22 checks per dtype (5 ops x all-reduce in and out of place,
+//! reduce-scatter and reduce; broadcast; all-gather), so 198 for three counts and three
+//! dtypes, plus 2 determinism checks (3 on the IPC path, which also matches a host sum in
+//! rank order) and 2 calls that a rank refuses (each rank must name why).
 //!
 //! The executables are found through `HETCCL_BIN_DIR`, next to this test executable
 //! (the layout of `gpu-bin/`, see scripts/build-gpu-bin.sh), or in cargo's target
@@ -151,7 +152,7 @@ mod gpu {
             return;
         }
         let out = run(2, &["--path", "auto", "--counts", COUNTS], &[]);
-        assert_passed(&out, 2, "ipc", 111, "ipc n=2");
+        assert_passed(&out, 2, "ipc", 203, "ipc n=2");
     }
 
     #[test]
@@ -160,7 +161,7 @@ mod gpu {
             return;
         }
         let out = run(4, &["--path", "ipc", "--counts", COUNTS], &[]);
-        assert_passed(&out, 4, "ipc", 111, "ipc n=4");
+        assert_passed(&out, 4, "ipc", 203, "ipc n=4");
     }
 
     #[test]
@@ -180,9 +181,9 @@ mod gpu {
             ];
             let out = run(3, &["--path", "ipc", "--counts", "1000,1048579"], &env);
             let what = format!("ipc n=3 in 1 MiB windows, one shot up to {shots}");
-            assert_passed(&out, 3, "ipc", 75, &what);
+            assert_passed(&out, 3, "ipc", 137, &what);
             assert_every_rank_printed(&out, 3, |r| {
-                format!("[rank {r}] rank {r}/3: 75 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)")
+                format!("[rank {r}] rank {r}/3: 137 checks passed, #wrong=0 (path ipc, scratch 2097152 bytes)")
             });
         }
     }
@@ -319,7 +320,7 @@ mod gpu {
             ("HETCCL_DEVICE_FENCE", "host"),
         ];
         let out = run(2, &["--path", "ipc", "--counts", "1000,1048579"], &env);
-        assert_passed(&out, 2, "ipc", 75, "ipc n=2, host fences");
+        assert_passed(&out, 2, "ipc", 137, "ipc n=2, host fences");
     }
 
     #[test]
@@ -335,14 +336,14 @@ mod gpu {
             ("HETCCL_CHUNK_BYTES", "40000"),
         ];
         let out = run(2, &["--path", "staged", "--counts", COUNTS], &small);
-        assert_passed(&out, 2, "staged", 110, "staged n=2");
+        assert_passed(&out, 2, "staged", 202, "staged n=2");
         // Three ranks on two pretend hosts: auto must pick the staged path.
         let out = run(3, &["--pretend-nodes", "2", "--counts", COUNTS], &small);
-        assert_passed(&out, 3, "staged", 110, "pretend hosts n=3");
+        assert_passed(&out, 3, "staged", 202, "pretend hosts n=3");
         // The default 2 MiB slots: 1048579 f32 take two whole pieces and a partial one,
         // each a host collective of several chunks.
         let out = run(2, &["--path", "staged", "--counts", COUNTS], &[]);
-        assert_passed(&out, 2, "staged", 110, "staged n=2, default slots");
+        assert_passed(&out, 2, "staged", 202, "staged n=2, default slots");
     }
 
     #[test]

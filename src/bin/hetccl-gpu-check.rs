@@ -17,9 +17,11 @@
 //! Exits 1 on any wrong element or error, 0 otherwise; without a usable GPU it prints
 //! `skipping: <reason>` and exits 0.
 //!
-//! Then it times an in-place f32 sum of each count in `--time` (default: the largest of
-//! `--counts`), median of `--iters` calls after one warm-up, and rank 0 prints one line
-//! per count with algbw and busbw (nccl-tests' factor 2(n-1)/n).
+//! Then it times an in-place f32 all-reduce sum of each count in `--time` (default: the
+//! largest of `--counts`) and a reduce-scatter sum of the same message (`count / n`
+//! elements per rank), median of `--iters` calls after one warm-up each, and rank 0
+//! prints one line per collective and count with algbw and busbw (nccl-tests' factors
+//! 2(n-1)/n and (n-1)/n).
 //!
 //! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
 //! picks the staged path and `ipc` must refuse with a clear error.
@@ -199,6 +201,36 @@ impl Check<'_> {
                 }
             });
             self.rows.push((what, bad));
+
+            // Reduce-scatter: rank r's recv is block r of every rank's send, reduced.
+            let what = format!("reduce_scatter {name} {op} {count}");
+            let send = self.upload(&(0..n * count).map(|i| input(op, r, i)).collect::<Vec<T>>())?;
+            let mut recv = self.upload(&vec![T::from_f64(-1.0); count])?;
+            self.dc
+                .reduce_scatter(self.stream, &send, &mut recv, op)
+                .map_err(err(&what))?;
+            let got = self.download(&recv)?;
+            self.rows
+                .push((what, wrong(&got, |i| expected::<T>(op, r * count + i, n))));
+
+            // Reduce to a root that moves with the op; the other ranks' recv stays as it
+            // was.
+            let root = (count + op as usize) % n;
+            let what = format!("reduce {name} {op} root {root} {count}");
+            let send = self.upload(&host)?;
+            let mut recv = self.upload(&vec![guard; count])?;
+            self.dc
+                .reduce(self.stream, &send, &mut recv, op, root)
+                .map_err(err(&what))?;
+            let got = self.download(&recv)?;
+            let bad = wrong(&got, |i| {
+                if r == root {
+                    expected::<T>(op, i, n)
+                } else {
+                    guard
+                }
+            });
+            self.rows.push((what, bad));
         }
 
         let root = (count + 1) % n;
@@ -226,6 +258,59 @@ impl Check<'_> {
         self.rows.push((
             what,
             wrong(&got, |j| payload::<T>(j / count.max(1), j % count.max(1))),
+        ));
+        Ok(())
+    }
+
+    /// Calls that a rank refuses: every rank must return an error that says why, and the
+    /// `DeviceComm` must stay usable (an all-reduce after them is checked).
+    fn refusals(&mut self) -> Res<()> {
+        let (r, n) = (self.dc.rank(), self.dc.world_size());
+        // The last rank's send is one element short of n blocks of 4.
+        let send = self.upload(&vec![1.0f32; if r + 1 == n { 4 * n - 1 } else { 4 * n }])?;
+        let mut recv = self.upload(&[0.0f32; 4])?;
+        let got = self
+            .dc
+            .reduce_scatter(self.stream, &send, &mut recv, ReduceOp::Sum);
+        let want = if r + 1 == n {
+            vec!["device buffer too small: send holds".to_string()]
+        } else {
+            vec![
+                format!("peer {} refused its #", n - 1),
+                "reduce_scatter".into(),
+            ]
+        };
+        let bad = match got {
+            Ok(()) => 1,
+            Err(e) if want.iter().all(|w| e.to_string().contains(w.as_str())) => 0,
+            Err(e) => {
+                println!("rank {r}: reduce_scatter refusal said {e:?}, expected {want:?}");
+                1
+            }
+        };
+        self.rows
+            .push(("refused reduce_scatter (send too small)".into(), bad));
+
+        // A root outside the world: every rank refuses on its own.
+        let got = self
+            .dc
+            .reduce(self.stream, &send, &mut recv, ReduceOp::Sum, n);
+        let want = format!("root {n} is not a rank of a world of {n}");
+        let bad = match got {
+            Ok(()) => 1,
+            Err(e) if e.to_string().contains(&want) => 0,
+            Err(e) => {
+                println!("rank {r}: reduce refusal said {e:?}, expected {want:?}");
+                1
+            }
+        };
+        let mut buf = self.upload(&[1.0f32; 4])?;
+        let after = self.dc.all_reduce(self.stream, &mut buf, ReduceOp::Sum);
+        let sums = self.download(&buf)?;
+        let usable = after.is_ok() && sums.iter().all(|&x| x == n as f32);
+        self.rows.push((
+            "refused reduce (bad root), then all_reduce".into(),
+            bad + u64::from(!usable),
         ));
         Ok(())
     }
@@ -287,8 +372,15 @@ impl Check<'_> {
         Ok(())
     }
 
-    /// Median time of `iters` in-place f32 sums of `count` elements, in seconds.
-    fn time(&mut self, count: usize, iters: usize) -> Res<f64> {
+    /// Median times, in seconds, of `iters` in-place f32 all-reduce sums of `count`
+    /// elements and of `iters` f32 reduce-scatter sums of `count / n` elements per rank
+    /// (each after one warm-up).
+    fn time(&mut self, count: usize, iters: usize) -> Res<(f64, f64)> {
+        fn median(mut times: Vec<f64>) -> f64 {
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        }
         let mut buf = self.upload(&vec![1.0f32; count])?;
         let mut times = Vec::new();
         for _ in 0..iters.max(1) + 1 {
@@ -298,9 +390,20 @@ impl Check<'_> {
                 .map_err(err("timed all_reduce"))?;
             times.push(t.elapsed().as_secs_f64());
         }
-        times.remove(0);
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        let all_reduce = median(times);
+
+        let per = (count / self.dc.world_size()).max(1);
+        let send = self.upload(&vec![1.0f32; per * self.dc.world_size()])?;
+        let mut recv = self.upload(&vec![0.0f32; per])?;
+        let mut times = Vec::new();
+        for _ in 0..iters.max(1) + 1 {
+            let t = Instant::now();
+            self.dc
+                .reduce_scatter(self.stream, &send, &mut recv, ReduceOp::Sum)
+                .map_err(err("timed reduce_scatter"))?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok((all_reduce, median(times)))
     }
 }
 
@@ -392,6 +495,9 @@ fn run(args: &Args) -> Res<bool> {
     }
     let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
     ck.determinism(largest)?;
+    if n > 1 {
+        ck.refusals()?;
+    }
     let timed = args.time.clone().unwrap_or_else(|| vec![largest]);
     let mut secs = Vec::with_capacity(timed.len());
     for &count in &timed {
@@ -408,14 +514,25 @@ fn run(args: &Args) -> Res<bool> {
         for ((what, _), w) in rows.iter().zip(&wrong) {
             println!("{what:<56} {w:>7}");
         }
-        for (&count, &secs) in timed.iter().zip(&secs) {
+        // busbw as nccl-tests counts it: algbw x 2(n-1)/n for an all-reduce and x (n-1)/n
+        // for a reduce-scatter, whose size is that of the send buffer.
+        let factor = (n as f64 - 1.0) / n as f64;
+        for (&count, &(ar, rs)) in timed.iter().zip(&secs) {
             let count = count.max(1);
-            let algbw = (count * 4) as f64 / secs / 1e9;
+            let algbw = (count * 4) as f64 / ar / 1e9;
             println!(
                 "all_reduce f32 sum {count} elements on {n} ranks ({}): {:.1} us, algbw {algbw:.2} GB/s, busbw {:.2} GB/s",
                 path_label(&dc),
-                secs * 1e6,
-                algbw * 2.0 * (n as f64 - 1.0) / n as f64
+                ar * 1e6,
+                algbw * 2.0 * factor
+            );
+            let sent = (count / n).max(1) * n;
+            let algbw = (sent * 4) as f64 / rs / 1e9;
+            println!(
+                "reduce_scatter f32 sum {sent} elements on {n} ranks ({}): {:.1} us, algbw {algbw:.2} GB/s, busbw {:.2} GB/s",
+                path_label(&dc),
+                rs * 1e6,
+                algbw * factor
             );
         }
     }

@@ -1,6 +1,7 @@
 //! Collectives on device buffers: [`DeviceComm`] pairs a host [`Communicator`] (which
 //! finds the peers, carries small messages and barriers) with a GPU, and runs
-//! `all_reduce`, `broadcast` and `all_gather` on `CudaSlice`s.
+//! `all_reduce`, `reduce_scatter`, `reduce`, `broadcast` and `all_gather` on
+//! `CudaSlice`s.
 //!
 //! Every call is ordered on the caller's [`Stream`]: the first copy waits for the work
 //! already queued there, and the call returns after the stream has drained, so the result
@@ -33,8 +34,11 @@
 //!
 //! Every element is reduced in rank order, so every rank gets the same bits, in either
 //! shape, and a rerun gets them again. The barrier at the end lets the next call
-//! overwrite the scratch. Broadcast and all-gather are the copy-in / copy-out halves of
-//! the same. The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer
+//! overwrite the scratch. Reduce-scatter and reduce are the one-shot form restricted to
+//! what a rank keeps: for a reduce-scatter each rank copies in the blocks the others
+//! keep and reduces its own block over every scratch (its own part read from its input),
+//! for a reduce only the root reduces. Broadcast and all-gather are the copy-in /
+//! copy-out halves of the same. The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer
 //! message runs these steps once per window of that size, with a fence between windows.
 //! Below the bound the scratch grows (a collective re-registration, which every rank
 //! does at the same call because they all see the same size) to the largest window
@@ -956,7 +960,13 @@ impl DeviceComm {
                     stream,
                     count,
                     piece,
-                    is_root.then_some(p),
+                    |off, len| {
+                        if is_root {
+                            vec![(at::<T>(p, off), 0, len)]
+                        } else {
+                            vec![]
+                        }
+                    },
                     |comm, slot, len| comm.broadcast(&mut slot[..len], root),
                     |off, len| {
                         if is_root {
@@ -1045,7 +1055,7 @@ impl DeviceComm {
                     stream,
                     count,
                     piece,
-                    Some(src),
+                    |off, len| vec![(at::<T>(src, off), 0, len)],
                     |comm, slot, len| {
                         let (mine, all) = slot.split_at_mut(piece);
                         comm.all_gather(&mine[..len], &mut all[..n * len])
@@ -1054,6 +1064,241 @@ impl DeviceComm {
                         (0..n)
                             .map(|q| (at::<T>(dst, q * count + off), piece + q * len, len))
                             .collect()
+                    },
+                )
+            }
+        })
+    }
+
+    /// Reduce-scatter: `send` holds `world_size` blocks of `recv.len()` elements, and
+    /// rank `r`'s `recv` becomes block `r` reduced over every rank's `send` (NCCL's
+    /// `ncclReduceScatter`). On the IPC path the sum runs in rank order, so its bits are
+    /// those of the same block of an all-reduce.
+    pub fn reduce_scatter<T: GpuElement>(
+        &mut self,
+        stream: &Stream,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.world_size();
+        let count = recv.len();
+        let call = Call {
+            coll: CollectiveOp::ReduceScatter,
+            dtype: T::DTYPE,
+            op: Some(op),
+            count,
+            root: None,
+        };
+        let local = self.check_stream(stream).and(if send.len() < n * count {
+            Err(Error::invalid(
+                "DeviceComm::reduce_scatter",
+                format!(
+                    "device buffer too small: send holds {} elements, {n} ranks x {count} needed",
+                    send.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        });
+        let s = stream.cuda();
+        let (src, _gs) = send.device_ptr(s);
+        let (dst, _gd) = recv.device_ptr_mut(s);
+        if !self.agree(&call, local)? {
+            return Ok(());
+        }
+        let rank = self.rank();
+        self.guarded(|this| match this.path {
+            _ if n == 1 => {
+                // SAFETY: both buffers hold at least `count` elements (checked above).
+                unsafe {
+                    copy_dtod(stream, dst, src, count * size_of::<T>())?;
+                    reduce_finalize_ptr::<T>(stream, op, dst, 1, count)?;
+                }
+                stream.synchronize()
+            }
+            DevicePath::Ipc => {
+                // Each scratch holds, per window, the window of every block but its
+                // rank's own, block q at `q * len`; windows are multiples of 8 elements,
+                // so every block starts on the reduction kernels' vector boundary.
+                let window = (this.ipc_window::<T>(8 * n) / n).min(count);
+                let ptrs = this.ipc_scratch(n * window * size_of::<T>())?;
+                let (mut laps, last) = (Laps::start(), count.div_ceil(window) - 1);
+                for (w, (off, len)) in windows(count, window).enumerate() {
+                    let block = |q: usize| at::<T>(src, q * count + off);
+                    for q in (0..n).filter(|&q| q != rank) {
+                        // SAFETY: block q's window lies within `send` (n * count
+                        // elements), and the own scratch holds `n * window >= n * len`.
+                        unsafe {
+                            copy_dtod(
+                                stream,
+                                at::<T>(ptrs[rank], q * len),
+                                block(q),
+                                len * size_of::<T>(),
+                            )?
+                        };
+                    }
+                    this.ipc_step(stream, &mut laps, "copy in")?;
+                    // This rank's block from every rank, in rank order; its own from
+                    // `send` itself.
+                    let from = |q: usize| {
+                        if q == rank {
+                            block(rank)
+                        } else {
+                            at::<T>(ptrs[q], rank * len)
+                        }
+                    };
+                    let out = at::<T>(dst, off);
+                    // SAFETY: every scratch holds block `rank` of this window at `rank *
+                    // len`, `send` holds it at `block(rank)`, and `recv` holds `[off, off
+                    // + len)`.
+                    unsafe {
+                        reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
+                        for q in 2..n {
+                            reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
+                        }
+                        reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
+                    }
+                    laps.lap("reduce");
+                    // The next window overwrites the scratch the peers read here.
+                    if w < last {
+                        this.ipc_step(stream, &mut laps, "read")?;
+                    }
+                }
+                this.ipc_finish(stream, &mut laps, call.coll)?;
+                laps.report("ipc reduce_scatter", n * count * size_of::<T>());
+                Ok(())
+            }
+            _ => {
+                // Each slot holds the piece's window of all n blocks; the host's in-place
+                // reduce-scatter leaves this rank's block reduced where it was.
+                let piece = this.slot_elems::<T>()? / n;
+                this.staged::<T>(
+                    stream,
+                    count,
+                    piece,
+                    |off, len| {
+                        (0..n)
+                            .map(|q| (at::<T>(src, q * count + off), q * len, len))
+                            .collect()
+                    },
+                    |comm, slot, len| comm.reduce_scatter_in_place(&mut slot[..n * len], op),
+                    |off, len| vec![(at::<T>(dst, off), rank * len, len)],
+                )
+            }
+        })
+    }
+
+    /// Reduce to `root`: `root`'s `recv[..send.len()]` becomes the reduction of every
+    /// rank's `send`. The other ranks' `recv` is neither read nor written and may be
+    /// empty (NCCL's `ncclReduce`).
+    pub fn reduce<T: GpuElement>(
+        &mut self,
+        stream: &Stream,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let (n, rank) = (self.world_size(), self.rank());
+        let count = send.len();
+        let call = Call {
+            coll: CollectiveOp::Reduce,
+            dtype: T::DTYPE,
+            op: Some(op),
+            count,
+            root: Some(root),
+        };
+        let local = self.check_stream(stream).and(if root >= n {
+            Err(Error::invalid(
+                "DeviceComm::reduce",
+                format!("root {root} is not a rank of a world of {n}"),
+            ))
+        } else if rank == root && recv.len() < count {
+            Err(Error::invalid(
+                "DeviceComm::reduce",
+                format!(
+                    "device buffer too small: the root's recv holds {} elements, send {count}",
+                    recv.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        });
+        let s = stream.cuda();
+        let (src, _gs) = send.device_ptr(s);
+        let (dst, _gd) = recv.device_ptr_mut(s);
+        if !self.agree(&call, local)? {
+            return Ok(());
+        }
+        let is_root = rank == root;
+        self.guarded(|this| match this.path {
+            _ if n == 1 => {
+                // SAFETY: both buffers hold at least `count` elements (checked above).
+                unsafe {
+                    copy_dtod(stream, dst, src, count * size_of::<T>())?;
+                    reduce_finalize_ptr::<T>(stream, op, dst, 1, count)?;
+                }
+                stream.synchronize()
+            }
+            DevicePath::Ipc => {
+                let window = this.ipc_window::<T>(8).min(count);
+                let ptrs = this.ipc_scratch(window * size_of::<T>())?;
+                let (mut laps, last) = (Laps::start(), count.div_ceil(window) - 1);
+                for (w, (off, len)) in windows(count, window).enumerate() {
+                    if !is_root {
+                        // SAFETY: the own scratch holds `window >= len` elements, and
+                        // `[off, off + len)` lies within `send`.
+                        unsafe {
+                            copy_dtod(stream, ptrs[rank], at::<T>(src, off), len * size_of::<T>())?
+                        };
+                    }
+                    this.ipc_step(stream, &mut laps, "copy in")?;
+                    if is_root {
+                        // Every rank's window in rank order, the root's own from `send`.
+                        let from = |q: usize| {
+                            if q == rank {
+                                at::<T>(src, off)
+                            } else {
+                                ptrs[q]
+                            }
+                        };
+                        let out = at::<T>(dst, off);
+                        // SAFETY: every peer's scratch holds this window's `len`
+                        // elements, and `send` and the root's `recv` hold `[off, off +
+                        // len)`.
+                        unsafe {
+                            reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
+                            for q in 2..n {
+                                reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
+                            }
+                            reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
+                        }
+                        laps.lap("reduce");
+                    }
+                    // The next window overwrites the scratch the root reads here.
+                    if w < last {
+                        this.ipc_step(stream, &mut laps, "read")?;
+                    }
+                }
+                this.ipc_finish(stream, &mut laps, call.coll)?;
+                laps.report("ipc reduce", count * size_of::<T>());
+                Ok(())
+            }
+            _ => {
+                let piece = this.slot_elems::<T>()?;
+                this.staged::<T>(
+                    stream,
+                    count,
+                    piece,
+                    |off, len| vec![(at::<T>(src, off), 0, len)],
+                    |comm, slot, len| comm.reduce_in_place(&mut slot[..len], op, root),
+                    |off, len| {
+                        if is_root {
+                            vec![(at::<T>(dst, off), 0, len)]
+                        } else {
+                            vec![]
+                        }
                     },
                 )
             }
@@ -1181,7 +1426,7 @@ impl DeviceComm {
                     stream,
                     count,
                     piece,
-                    Some(src),
+                    |off, len| vec![(at::<T>(src, off), 0, len)],
                     |comm, slot, len| comm.all_reduce(&mut slot[..len], op),
                     |off, len| vec![(at::<T>(dst, off), 0, len)],
                 )
@@ -1415,17 +1660,18 @@ impl DeviceComm {
         Ok(bytes / std::mem::size_of::<T>())
     }
 
-    /// The staged pipeline over `count` elements in pieces of `piece`: piece `k` is
-    /// copied from `src` (when given) into slot `k % 2`, `host` runs the host collective
-    /// on the slot, then every `(device address, slot offset, elements)` that `outs`
-    /// lists for the piece is copied back. The copy of piece `k + 1` into the other slot
-    /// is queued before the host works on piece `k`, so the two overlap.
+    /// The staged pipeline over `count` elements in pieces of `piece`: for piece `k`
+    /// (elements `off..off + len`), every `(device address, slot offset, elements)` that
+    /// `ins(off, len)` lists is copied into slot `k % 2`, `host` runs the host collective
+    /// on the slot, then every range that `outs(off, len)` lists is copied back. The
+    /// copies of piece `k + 1` into the other slot are queued before the host works on
+    /// piece `k`, so the two overlap.
     fn staged<T: Element>(
         &mut self,
         stream: &Stream,
         count: usize,
         piece: usize,
-        src: Option<sys::CUdeviceptr>,
+        ins: impl Fn(usize, usize) -> Vec<(sys::CUdeviceptr, usize, usize)>,
         mut host: impl FnMut(&Communicator, &mut [T], usize) -> Result<()>,
         outs: impl Fn(usize, usize) -> Vec<(sys::CUdeviceptr, usize, usize)>,
     ) -> Result<()> {
@@ -1444,20 +1690,28 @@ impl DeviceComm {
         let pieces = count.div_ceil(piece);
         let range = |k: usize| (k * piece, piece.min(count - k * piece));
 
-        // Queues piece k's copy into `slot` and marks the slot ready after it. The event
-        // also covers every earlier copy out of this slot (stream order), so once it has
-        // fired the host may write the slot again, copy or no copy.
+        // Queues piece k's copies into `slot` and marks the slot ready after them. The
+        // event also covers every earlier copy out of this slot (stream order), so once it
+        // has fired the host may write the slot again, copies or none.
         let stage_in = |k: usize, slot: &Slot| -> Result<()> {
-            if let Some(src) = src {
-                let (off, len) = range(k);
-                // SAFETY: the slot holds at least `piece` elements and piece k of `src`
-                // lies within `count`; no host reference to the slot is alive.
-                unsafe { sys::cuMemcpyDtoHAsync_v2(slot.host, at::<T>(src, off), len * size, cu) }
-                    .result()
-                    .map_err(device_error(format!(
-                        "copy {} bytes device to host",
-                        len * size
-                    )))?;
+            let (off, len) = range(k);
+            for (src, to, elems) in ins(off, len) {
+                // SAFETY: `ins` names ranges of the caller's buffer that hold `elems`
+                // elements, and `to + elems` lies within the slot; no host reference to
+                // the slot is alive.
+                unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(
+                        slot.host.cast::<u8>().add(to * size).cast::<c_void>(),
+                        src,
+                        elems * size,
+                        cu,
+                    )
+                }
+                .result()
+                .map_err(device_error(format!(
+                    "copy {} bytes device to host",
+                    elems * size
+                )))?;
             }
             slot.ready
                 .record(stream.cuda())
