@@ -102,9 +102,9 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
 fi
 
 # Device all-reduce and reduce-scatter timings, 2 ranks (all ranks share GPU 0 on a
-# 1-GPU host): the IPC
-# path with device fences (one shot, as chosen on a shared GPU, then forced to two
-# shots), with host fences, and the staged path. Each run is named by its settings.
+# 1-GPU host): the IPC path with device fences (one shot, as chosen on a shared GPU,
+# then forced to two shots), with host fences, and the staged path. Each run is named by
+# its settings; the reduce-scatter has one form, timed in every run.
 SWEEP=256,65536,1048576,16777216,67108864
 SWEEPS=(
     "ipc-device ipc HETCCL_DEVICE_FENCE=device"
