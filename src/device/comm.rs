@@ -656,6 +656,31 @@ impl Drop for IpcScratch {
     }
 }
 
+/// `out = from(0) (op) from(1) (op) ... (op) from(n - 1)`, folded in rank order, then
+/// the division of `Avg`: the one order every device reduction uses, so that a value
+/// has the same bits whichever collective and rank produced it. `n` is at least 2.
+///
+/// # Safety
+/// `out` and every `from(q)` must be addresses of `len` elements of `T` on the stream's
+/// device; `out` may not overlap a `from(q)` that is read after the first step.
+unsafe fn reduce_in_rank_order<T: GpuElement>(
+    stream: &Stream,
+    op: ReduceOp,
+    out: sys::CUdeviceptr,
+    n: usize,
+    len: usize,
+    from: impl Fn(usize) -> sys::CUdeviceptr,
+) -> Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe {
+        reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
+        for q in 2..n {
+            reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
+        }
+        reduce_finalize_ptr::<T>(stream, op, out, n, len)
+    }
+}
+
 /// One pinned host buffer of the staged path and the event that says when the copy
 /// into it is done.
 struct Slot {
@@ -1152,13 +1177,7 @@ impl DeviceComm {
                     // SAFETY: every scratch holds block `rank` of this window at `rank *
                     // len`, `send` holds it at `block(rank)`, and `recv` holds `[off, off
                     // + len)`.
-                    unsafe {
-                        reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
-                        for q in 2..n {
-                            reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
-                        }
-                        reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
-                    }
+                    unsafe { reduce_in_rank_order::<T>(stream, op, out, n, len, from)? };
                     laps.lap("reduce");
                     // The next window overwrites the scratch the peers read here.
                     if w < last {
@@ -1267,13 +1286,7 @@ impl DeviceComm {
                         // SAFETY: every peer's scratch holds this window's `len`
                         // elements, and `send` and the root's `recv` hold `[off, off +
                         // len)`.
-                        unsafe {
-                            reduce_from_ptr::<T>(stream, op, out, from(0), from(1), len)?;
-                            for q in 2..n {
-                                reduce_inplace_ptr::<T>(stream, op, out, from(q), len)?;
-                            }
-                            reduce_finalize_ptr::<T>(stream, op, out, n, len)?;
-                        }
+                        unsafe { reduce_in_rank_order::<T>(stream, op, out, n, len, from)? };
                         laps.lap("reduce");
                     }
                     // The next window overwrites the scratch the root reads here.
@@ -1358,13 +1371,7 @@ impl DeviceComm {
                         // SAFETY: every scratch holds this window's `len` elements and
                         // `[lo, lo + seg)` lies within `len`, as does the same range of
                         // the output window.
-                        unsafe {
-                            reduce_from_ptr::<T>(stream, op, out, from(0), from(1), seg)?;
-                            for q in 2..n {
-                                reduce_inplace_ptr::<T>(stream, op, out, from(q), seg)?;
-                            }
-                            reduce_finalize_ptr::<T>(stream, op, out, n, seg)
-                        }
+                        unsafe { reduce_in_rank_order::<T>(stream, op, out, n, seg, from) }
                     };
                     if one_shot {
                         // Every rank reduces the whole window itself, in the same order,
