@@ -38,8 +38,9 @@
 //! what a rank keeps: for a reduce-scatter each rank copies in the blocks the others
 //! keep and reduces its own block over every scratch (its own part read from its input),
 //! for a reduce only the root reduces. Broadcast and all-gather are the copy-in /
-//! copy-out halves of the same. The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES` (64 MiB): a longer
-//! message runs these steps once per window of that size, with a fence between windows.
+//! copy-out halves of the same. The scratch is bounded by `HETCCL_DEVICE_SCRATCH_BYTES`
+//! (64 MiB): a longer message runs these steps once per window of that size, with a
+//! fence between windows.
 //! Below the bound the scratch grows (a collective re-registration, which every rank
 //! does at the same call because they all see the same size) to the largest window
 //! seen, and stays that big until the `DeviceComm` is dropped.
