@@ -82,6 +82,20 @@ fn pass(p: Pattern, streaming: bool, input: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The median over rounds of the slower thread's time, each thread having returned its
+/// `REPEATS` round times.
+fn median_of_slowest(handles: Vec<std::thread::JoinHandle<Vec<f64>>>) -> f64 {
+    let per_thread: Vec<Vec<f64>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("a timing thread panicked"))
+        .collect();
+    let mut slowest: Vec<f64> = (0..REPEATS)
+        .map(|k| per_thread.iter().map(|t| t[k]).fold(0.0, f64::max))
+        .collect();
+    slowest.sort_by(f64::total_cmp);
+    slowest[REPEATS / 2]
+}
+
 /// Median seconds of the slower thread over `REPEATS` timed rounds of `p`.
 fn time(p: Pattern, streaming: bool, bytes: usize) -> f64 {
     let threads = 2;
@@ -107,15 +121,7 @@ fn time(p: Pattern, streaming: bool, bytes: usize) -> f64 {
             })
         })
         .collect();
-    let per_thread: Vec<Vec<f64>> = handles
-        .into_iter()
-        .map(|h| h.join().expect("a timing thread panicked"))
-        .collect();
-    let mut slowest: Vec<f64> = (0..REPEATS)
-        .map(|k| per_thread.iter().map(|t| t[k]).fold(0.0, f64::max))
-        .collect();
-    slowest.sort_by(f64::total_cmp);
-    slowest[REPEATS / 2]
+    median_of_slowest(handles)
 }
 
 /// Slots per ring and bytes per slot: hetccl's pipeline depth and chunk.
@@ -259,15 +265,7 @@ fn time_ring(bytes: usize) -> f64 {
             })
         })
         .collect();
-    let per_thread: Vec<Vec<f64>> = handles
-        .into_iter()
-        .map(|h| h.join().expect("a timing thread panicked"))
-        .collect();
-    let mut slowest: Vec<f64> = (0..REPEATS)
-        .map(|k| per_thread.iter().map(|t| t[k]).fold(0.0, f64::max))
-        .collect();
-    slowest.sort_by(f64::total_cmp);
-    slowest[REPEATS / 2]
+    median_of_slowest(handles)
 }
 
 fn main() {

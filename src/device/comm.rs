@@ -657,6 +657,19 @@ impl Drop for IpcScratch {
     }
 }
 
+/// `Ok` when the caller's device buffers fit the call, else `func`'s refusal that says
+/// which one is too small.
+fn room(func: &'static str, fits: bool, detail: impl FnOnce() -> String) -> Result<()> {
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            func,
+            format!("device buffer too small: {}", detail()),
+        ))
+    }
+}
+
 /// `out = from(0) (op) from(1) (op) ... (op) from(n - 1)`, folded in rank order, then
 /// the division of `Avg`: the one order every device reduction uses, so that a value
 /// has the same bits whichever collective and rank produced it. `n` is at least 2.
@@ -905,17 +918,11 @@ impl DeviceComm {
             count,
             root: None,
         };
-        let local = self.check_stream(stream).and(if recv.len() < count {
-            Err(Error::invalid(
-                "DeviceComm::all_reduce_into",
-                format!(
-                    "device buffer too small: recv holds {} elements, send {count}",
-                    recv.len()
-                ),
-            ))
-        } else {
-            Ok(())
-        });
+        let local = self.check_stream(stream).and(room(
+            "DeviceComm::all_reduce_into",
+            recv.len() >= count,
+            || format!("recv holds {} elements, send {count}", recv.len()),
+        ));
         let s = stream.cuda();
         let (src, _gs) = send.device_ptr(s);
         let (dst, _gd) = recv.device_ptr_mut(s);
@@ -1024,17 +1031,16 @@ impl DeviceComm {
             count,
             root: None,
         };
-        let local = self.check_stream(stream).and(if recv.len() < n * count {
-            Err(Error::invalid(
-                "DeviceComm::all_gather",
+        let local = self.check_stream(stream).and(room(
+            "DeviceComm::all_gather",
+            recv.len() >= n * count,
+            || {
                 format!(
-                    "device buffer too small: recv holds {} elements, {n} ranks x {count} needed",
+                    "recv holds {} elements, {n} ranks x {count} needed",
                     recv.len()
-                ),
-            ))
-        } else {
-            Ok(())
-        });
+                )
+            },
+        ));
         let s = stream.cuda();
         let (src, _gs) = send.device_ptr(s);
         let (dst, _gd) = recv.device_ptr_mut(s);
@@ -1116,17 +1122,16 @@ impl DeviceComm {
             count,
             root: None,
         };
-        let local = self.check_stream(stream).and(if send.len() < n * count {
-            Err(Error::invalid(
-                "DeviceComm::reduce_scatter",
+        let local = self.check_stream(stream).and(room(
+            "DeviceComm::reduce_scatter",
+            send.len() >= n * count,
+            || {
                 format!(
-                    "device buffer too small: send holds {} elements, {n} ranks x {count} needed",
+                    "send holds {} elements, {n} ranks x {count} needed",
                     send.len()
-                ),
-            ))
-        } else {
-            Ok(())
-        });
+                )
+            },
+        ));
         let s = stream.cuda();
         let (src, _gs) = send.device_ptr(s);
         let (dst, _gd) = recv.device_ptr_mut(s);
@@ -1234,16 +1239,17 @@ impl DeviceComm {
                 "DeviceComm::reduce",
                 format!("root {root} is not a rank of a world of {n}"),
             ))
-        } else if rank == root && recv.len() < count {
-            Err(Error::invalid(
-                "DeviceComm::reduce",
-                format!(
-                    "device buffer too small: the root's recv holds {} elements, send {count}",
-                    recv.len()
-                ),
-            ))
         } else {
-            Ok(())
+            room(
+                "DeviceComm::reduce",
+                rank != root || recv.len() >= count,
+                || {
+                    format!(
+                        "the root's recv holds {} elements, send {count}",
+                        recv.len()
+                    )
+                },
+            )
         });
         let s = stream.cuda();
         let (src, _gs) = send.device_ptr(s);
