@@ -388,9 +388,8 @@ impl GradSync for Communicator {
         Communicator::all_gather(self, send, recv)
     }
     fn alloc_grads(&self, len: usize) -> Result<GradBuf> {
-        let mut buf = self.alloc_shared::<f32>(len)?;
-        buf.fill(0.0);
-        Ok(GradBuf::Shared(buf))
+        // Shared buffers come zero-filled.
+        Ok(GradBuf::Shared(self.alloc_shared::<f32>(len)?))
     }
 }
 
