@@ -216,6 +216,22 @@ const NONE: u64 = u64::MAX;
 const REFUSED: u64 = 1;
 
 impl Call {
+    fn new(
+        coll: CollectiveOp,
+        dtype: DataType,
+        count: usize,
+        op: Option<ReduceOp>,
+        root: Option<usize>,
+    ) -> Call {
+        Call {
+            coll,
+            dtype,
+            op,
+            count,
+            root,
+        }
+    }
+
     fn header(&self, seq: u64, ok: bool) -> [u64; HEADER_LEN] {
         [
             HEADER_VERSION,
@@ -889,13 +905,7 @@ impl DeviceComm {
         buf: &mut impl DevicePtrMut<T>,
         op: ReduceOp,
     ) -> Result<()> {
-        let call = Call {
-            coll: CollectiveOp::AllReduce,
-            dtype: T::DTYPE,
-            op: Some(op),
-            count: buf.len(),
-            root: None,
-        };
+        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, buf.len(), Some(op), None);
         let local = self.check_stream(stream);
         let (p, _g) = buf.device_ptr_mut(stream.cuda());
         self.all_reduce_ptrs::<T>(stream, call, local, p, p)
@@ -911,13 +921,7 @@ impl DeviceComm {
         op: ReduceOp,
     ) -> Result<()> {
         let count = send.len();
-        let call = Call {
-            coll: CollectiveOp::AllReduce,
-            dtype: T::DTYPE,
-            op: Some(op),
-            count,
-            root: None,
-        };
+        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count, Some(op), None);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::all_reduce_into",
             recv.len() >= count,
@@ -938,13 +942,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = buf.len();
-        let call = Call {
-            coll: CollectiveOp::Broadcast,
-            dtype: T::DTYPE,
-            op: None,
-            count,
-            root: Some(root),
-        };
+        let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count, None, Some(root));
         let local = self.check_stream(stream).and(if root >= n {
             Err(Error::invalid(
                 "DeviceComm::broadcast",
@@ -1024,13 +1022,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = send.len();
-        let call = Call {
-            coll: CollectiveOp::AllGather,
-            dtype: T::DTYPE,
-            op: None,
-            count,
-            root: None,
-        };
+        let call = Call::new(CollectiveOp::AllGather, T::DTYPE, count, None, None);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::all_gather",
             recv.len() >= n * count,
@@ -1115,13 +1107,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = recv.len();
-        let call = Call {
-            coll: CollectiveOp::ReduceScatter,
-            dtype: T::DTYPE,
-            op: Some(op),
-            count,
-            root: None,
-        };
+        let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, count, Some(op), None);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::reduce_scatter",
             send.len() >= n * count,
@@ -1227,13 +1213,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let (n, rank) = (self.world_size(), self.rank());
         let count = send.len();
-        let call = Call {
-            coll: CollectiveOp::Reduce,
-            dtype: T::DTYPE,
-            op: Some(op),
-            count,
-            root: Some(root),
-        };
+        let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count, Some(op), Some(root));
         let local = self.check_stream(stream).and(if root >= n {
             Err(Error::invalid(
                 "DeviceComm::reduce",
@@ -1841,13 +1821,13 @@ mod tests {
     }
 
     fn call(dtype: DataType, count: usize) -> Call {
-        Call {
-            coll: CollectiveOp::AllReduce,
+        Call::new(
+            CollectiveOp::AllReduce,
             dtype,
-            op: Some(ReduceOp::Sum),
             count,
-            root: None,
-        }
+            Some(ReduceOp::Sum),
+            None,
+        )
     }
 
     #[test]

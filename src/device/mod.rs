@@ -19,8 +19,9 @@
 //! GPU overflow counts accumulate on the device per `Stream` (no host sync per launch);
 //! `Stream::take_overflow_stats` synchronises and reads them.
 //!
-//! Collectives between GPUs live in `DeviceComm` (`comm.rs`, with the `cuda` feature): CUDA IPC between the
-//! processes of one host, pinned host memory and the host communicator across hosts.
+//! Collectives between GPUs live in `DeviceComm` (`comm.rs`, with the `cuda` feature):
+//! CUDA IPC between the processes of one host, pinned host memory and the host
+//! communicator across hosts.
 //! Not here yet: the ring's fused receive-reduce-send kernels over device links.
 
 #[cfg(feature = "cuda")]
