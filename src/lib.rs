@@ -33,6 +33,9 @@ pub mod topology;
 pub mod trainer;
 pub mod transport;
 
+#[cfg(test)]
+pub(crate) mod test_skip;
+
 pub use communicator::{Communicator, SharedBuf};
 pub use config::Config;
 pub use dtype::{DataType, Element, ReduceOp};

@@ -146,7 +146,7 @@ fn c_example_every_collective_4_ranks_tcp() {
 #[test]
 fn c_example_under_mpirun() {
     if !have("mpirun") {
-        eprintln!("skipped: mpirun is not installed");
+        common::skip("mpirun is not installed (apt install openmpi-bin)");
         return;
     }
     let port = free_port().to_string();
@@ -252,7 +252,7 @@ fn python_with_numpy() -> Option<&'static str> {
 #[test]
 fn python_ctypes_example_on_2_ranks() {
     let Some(py) = python_with_numpy() else {
-        eprintln!("skipped: python3 with numpy is not available (pip install numpy)");
+        common::skip("python3 with numpy is not available (pip install numpy)");
         return;
     };
     let script = root().join("examples/python/allreduce_ctypes.py");
@@ -310,7 +310,7 @@ fn static_library_links_a_c_program() {
 #[test]
 fn install_script_and_pkg_config_build_a_program() {
     if !have("pkg-config") {
-        eprintln!("skipped: pkg-config is not installed");
+        common::skip("pkg-config is not installed (apt install pkg-config)");
         return;
     }
     let prefix = scratch("install").join("prefix");

@@ -5,6 +5,7 @@
 //! generated from the Rust tables).
 
 mod capi_support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_void};
@@ -287,7 +288,7 @@ int main(void) {
 #[test]
 fn header_compiles_as_cxx_too() {
     if !capi_support::have("c++") {
-        eprintln!("skipped: no c++ compiler on PATH");
+        common::skip("no c++ compiler on PATH");
         return;
     }
     let src = scratch("header").join("header_cxx.cc");

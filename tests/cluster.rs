@@ -4,7 +4,8 @@
 //! forms, on node shapes 1x4, 2x2, 2x3, 3+2+1 and 4x1, with the algorithm the cost
 //! model picks and with the hierarchy and the flat ring forced.
 //!
-//! Needs root for `ip netns`; elsewhere every test prints why and passes. The topology
+//! Needs root for `ip netns`; elsewhere every such test records itself as skipped, with
+//! the reason (`common::skip`). The topology
 //! dump and reload test runs anywhere (nodes pretended with `HETCCL_NODE_ID`).
 
 mod common;
@@ -99,7 +100,7 @@ fn netcluster(
     let output = reader.join().unwrap() + &err_reader.join().unwrap();
     let code = status.and_then(|s| s.code());
     if code == Some(SKIP) {
-        eprintln!("skipping the simulated cluster test: {}", output.trim());
+        common::skip(&format!("no simulated cluster: {}", output.trim()));
         return None;
     }
     Some(Run { code, output })

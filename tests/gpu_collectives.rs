@@ -11,17 +11,9 @@
 //!
 //! The executables are found through `HETCCL_BIN_DIR`, next to this test executable
 //! (the layout of `gpu-bin/`, see scripts/build-gpu-bin.sh), or in cargo's target
-//! directory. Without the `cuda` feature, or without a usable GPU, each test prints
-//! `skipping: <reason>` and passes.
+//! directory. Built with the `cuda` feature only; without a usable GPU each test records
+//! itself as skipped with the reason (`common::skip`), which the test script counts.
 
-#[cfg(not(feature = "cuda"))]
-#[test]
-fn gpu_collectives_skip_without_the_cuda_feature() {
-    let why = hetccl::device::available().expect_err("no GPU support in this build");
-    println!("skipping: {why}");
-}
-
-#[cfg(feature = "cuda")]
 mod common;
 
 #[cfg(feature = "cuda")]
@@ -84,7 +76,7 @@ mod gpu {
                 false
             }
             Err(why) => {
-                println!("skipping: {why}");
+                super::common::skip(&why);
                 true
             }
         }
@@ -377,12 +369,11 @@ mod gpu {
     #[test]
     fn the_check_skips_on_every_rank_without_a_gpu() {
         let Err(why) = hetccl::device::available() else {
-            println!("a GPU is present: the other tests cover the check");
+            common::skip("a GPU is present: the other tests cover the check");
             return;
         };
         let out = run(2, &["--counts", "8"], &[]);
         assert_eq!(out.code, Some(0), "{}", out.output);
         assert_every_rank_printed(&out, 2, |r| format!("[rank {r}] skipping: {why}"));
-        println!("skipping: {why}");
     }
 }

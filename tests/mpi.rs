@@ -1,7 +1,9 @@
-//! MPI bootstrap under `mpirun` (feature `mpi`). The parent test starts this same test
+//! MPI bootstrap under `mpirun` (built with the feature `mpi` only). The parent test starts this same test
 //! binary under mpirun, running only the ignored `mpi_rank_main` on every rank.
 
 use std::process::Command;
+
+mod common;
 
 fn mpirun_present() -> bool {
     Command::new("mpirun")
@@ -12,12 +14,8 @@ fn mpirun_present() -> bool {
 
 #[test]
 fn mpi_all_gather_under_mpirun() {
-    if !cfg!(feature = "mpi") {
-        eprintln!("skipped: hetccl was built without `--features mpi`");
-        return;
-    }
     if !mpirun_present() {
-        eprintln!("skipped: no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
+        common::skip("no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
         return;
     }
     let me = std::env::current_exe().unwrap();
@@ -107,12 +105,8 @@ fn mpi_rank_main() {
 /// found through MPI (shared memory between them, as they share this host).
 #[test]
 fn collectives_under_mpirun() {
-    if !cfg!(feature = "mpi") {
-        eprintln!("skipped: hetccl was built without `--features mpi`");
-        return;
-    }
     if !mpirun_present() {
-        eprintln!("skipped: no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
+        common::skip("no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
         return;
     }
     for (n, shm_disable) in [(2usize, "0"), (4, "0"), (2, "1")] {

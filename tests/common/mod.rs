@@ -7,6 +7,14 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../src/test_skip.rs"]
+mod test_skip;
+
+/// Records that the calling test cannot run here, and why (see `src/test_skip.rs`).
+pub fn skip(reason: &str) {
+    test_skip::skip(reason);
+}
+
 /// What one process left behind.
 #[derive(Debug)]
 pub struct Outcome {
