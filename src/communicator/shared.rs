@@ -44,8 +44,9 @@
 //!
 //! Waiting spins briefly, yields, then sleeps on the peer's flag (`FUTEX_WAIT` on shared
 //! memory, woken by the owner only when its sleep lines say someone sleeps). Sleeps
-//! are sliced so a dead peer (`kill(pid, 0)`), an aborted one, a peer that ran the
-//! collective over links instead, or the timeout ends the wait with an error.
+//! are sliced so a dead peer (its process has exited, zombie or not: see
+//! [`crate::transport::peer_process`]), an aborted one, a peer that ran the collective
+//! over links instead, or the timeout ends the wait with an error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
@@ -60,6 +61,7 @@ use crate::config::AlgoChoice;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce;
+use crate::transport::peer_process::{own_pidns, PeerProcess};
 use crate::transport::shared_mem::{self, Mapping, OwnedSegment, SegmentHandle};
 
 const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL1");
@@ -174,7 +176,8 @@ pub(super) struct NodeCtl {
     ranks: Vec<usize>,
     /// Control page of each local rank (this one's included).
     pages: Vec<Mapping>,
-    pidns: u64,
+    /// Each local rank's process, as its page's header names it (`None` for this one).
+    procs: Vec<Option<PeerProcess>>,
     /// Eager all-reduces this rank has started; the parity picks the slot.
     eager_calls: AtomicU64,
 }
@@ -461,14 +464,6 @@ struct Record {
     retry_named: bool,
 }
 
-/// Inode of this process's pid namespace, 0 when /proc does not say.
-fn own_pidns() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid")
-        .map(|m| m.ino())
-        .unwrap_or(0)
-}
-
 /// Segments this rank made in one round, before they are exchanged.
 struct Made {
     ctl: Option<OwnedSegment>,
@@ -736,11 +731,23 @@ impl Communicator {
                     pages.extend(m.take());
                 }
             }
+            // Watched from now on, while every peer is known to be alive (it has just
+            // taken part in the exchange).
+            let procs = (0..pages.len())
+                .map(|l| {
+                    (l != me).then(|| {
+                        // SAFETY: every page is at least one page long; its header is
+                        // plain data written once before the page was shared.
+                        let h = unsafe { std::ptr::read(pages[l].as_ptr().cast::<CtlHeader>()) };
+                        PeerProcess::watch(h.pid as i32, h.pidns)
+                    })
+                })
+                .collect();
             NodeCtl {
                 me,
                 ranks: node.clone(),
                 pages,
-                pidns: own_pidns(),
+                procs,
                 eager_calls: AtomicU64::new(0),
             }
         });
@@ -1260,20 +1267,11 @@ impl Run<'_> {
             CLOSED => return Err(lost(format!("peer {peer} closed its communicator"))),
             _ => {}
         }
-        // SAFETY: the header is plain data written once before the page was shared.
-        let (pid, pidns) = unsafe {
-            let h = std::ptr::addr_of!(page.header);
-            (
-                std::ptr::read(std::ptr::addr_of!((*h).pid)),
-                std::ptr::read(std::ptr::addr_of!((*h).pidns)),
-            )
-        };
-        if pid > 0 && pidns == self.node.pidns {
-            // SAFETY: signal 0 only checks that the process exists.
-            let r = unsafe { libc::kill(pid as i32, 0) };
-            if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-                return Err(lost(format!("peer {peer} (pid {pid}) process has exited")));
-            }
+        if let Some(p) = self.node.procs[l].as_ref().filter(|p| p.exited()) {
+            return Err(lost(format!(
+                "peer {peer} (pid {}) process has exited",
+                p.pid()
+            )));
         }
         let ls = page.link_seq.0.load(Ordering::Acquire);
         if ls != 0 && reached(ls.wrapping_sub(1), self.ctx.seq) {

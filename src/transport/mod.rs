@@ -11,11 +11,14 @@
 //! | [`mem`] | two threads of one process (tests of the algorithms) |
 //!
 //! [`shared_mem`] holds the segments behind shared buffers, which ranks of one host map
-//! to read each other's data directly (no link involved).
+//! to read each other's data directly (no link involved). [`peer_process`] tells the
+//! waits on shared memory (shm links, shared buffers) whether a peer's process has
+//! exited, zombies included.
 //!
 //! [`connect_all`] builds the full mesh of links at start-up.
 
 pub mod mem;
+pub(crate) mod peer_process;
 pub mod shared_mem;
 pub mod shm;
 pub mod tcp;

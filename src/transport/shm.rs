@@ -33,14 +33,16 @@
 //! multiples of `slot_bytes` (a multiple of 4096) and only the last may be short. An
 //! empty message takes one slot with no payload.
 //!
-//! Liveness: each side records its pid and a state (attached, closed, aborted).
-//! [`Link::check_peer`] reports the peer lost when it aborted, or when it closed or its
-//! process is gone (`kill(pid, 0)` gives `ESRCH`) while this side still needs it.
+//! Liveness: each side records its pid, pid namespace and a state (attached, closed,
+//! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
+//! closed or its process has exited while this side still needs it; an exited process
+//! is seen through a pidfd (zombies too, see [`super::peer_process`]).
 
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+use super::peer_process::{own_pidns, PeerProcess};
 use super::shared_mem::shm_cname;
 use super::{DirectDst, Link, LinkKind, MsgHeader, RecvSink};
 use crate::config::Config;
@@ -234,6 +236,8 @@ pub struct ShmLink {
     send_off: Option<usize>,
     /// `(message bytes, bytes delivered)` of the current incoming message.
     recv: Option<(usize, usize)>,
+    /// The peer's process, watched once its side has attached.
+    peer_proc: Option<PeerProcess>,
 }
 
 // SAFETY: the raw pointers point into a mapping owned by this value (unmapped only in
@@ -398,6 +402,7 @@ impl ShmLink {
             rx_head_seen: 0,
             send_off: None,
             recv: None,
+            peer_proc: None,
         }
     }
 
@@ -553,16 +558,21 @@ impl ShmLink {
         false
     }
 
-    /// Whether the peer's process still exists, as far as this side can tell.
-    fn peer_process_alive(&self) -> bool {
-        let other = self.other();
-        let pid = other.pid.load(Ordering::Relaxed);
-        if pid <= 0 || other.pidns.load(Ordering::Relaxed) != own_pidns() {
-            return true;
+    /// Whether the peer's process still runs, as far as this side can tell. The watch
+    /// starts once the peer has attached (its pid is in the control page).
+    fn peer_process_alive(&mut self) -> bool {
+        if self.peer_proc.is_none() {
+            let other = self.other();
+            // The state is stored (release) after the pid and namespace.
+            let attached = other.state.load(Ordering::Acquire) != 0;
+            let pid = other.pid.load(Ordering::Relaxed);
+            if !attached || pid <= 0 {
+                return true;
+            }
+            let pidns = other.pidns.load(Ordering::Relaxed);
+            self.peer_proc = Some(PeerProcess::watch(pid, pidns));
         }
-        // SAFETY: signal 0 only checks that the process exists.
-        let r = unsafe { libc::kill(pid, 0) };
-        !(r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+        !self.peer_proc.as_ref().is_some_and(|p| p.exited())
     }
 }
 
@@ -854,14 +864,6 @@ fn map(fd: i32, len: usize, path: &str, rank: usize) -> Result<*mut u8> {
     Ok(p.cast())
 }
 
-/// Inode of this process's pid namespace, 0 when /proc does not say.
-fn own_pidns() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid")
-        .map(|m| m.ino())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1092,7 +1094,7 @@ mod tests {
     }
 
     #[test]
-    fn killed_peer_process_is_noticed() {
+    fn killed_peer_process_is_noticed_while_still_a_zombie() {
         let name = segment_name("test", 0, 1);
         let mut a = ShmLink::create(&name, 0, 1, small()).unwrap();
         // SAFETY: the child only maps the segment, reports through it and waits to be
@@ -1119,12 +1121,26 @@ mod tests {
         assert!(done.unwrap());
         assert_eq!(sink.data, b"hi!");
         a.check_peer().unwrap();
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
-        let e = a.check_peer().unwrap_err();
+        // SAFETY: kill our own child, and do not reap it yet: a zombie, which
+        // `kill(pid, 0)` still finds, must count as gone.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t0 = std::time::Instant::now();
+        let e = loop {
+            match a.check_peer() {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(t0.elapsed().as_secs() < 5, "the dead peer was not noticed");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
+        assert_eq!(
+            crate::transport::peer_process::read_stat(pid)
+                .unwrap()
+                .map(|s| s.state),
+            Some(b'Z'),
+            "the peer is noticed while it is a zombie"
+        );
         assert_eq!(
             e.to_string(),
             format!("link to peer 1: peer 1 (pid {pid}) process has exited")
@@ -1137,5 +1153,8 @@ mod tests {
                 ..
             }
         ));
+        // SAFETY: reap our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert!(a.check_peer().is_err());
     }
 }
