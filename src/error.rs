@@ -138,6 +138,23 @@ pub enum Error {
         detail: String,
     },
 
+    /// A collective ended in a panic inside hetccl (a bug): its progress thread caught
+    /// it, and the communicator is broken from then on.
+    #[error(
+        "rank {rank}: {op} #{seq} failed: the progress thread panicked: {message} (a bug in \
+         hetccl; please report it)"
+    )]
+    Panicked {
+        /// This rank.
+        rank: usize,
+        /// The collective that was running.
+        op: CollectiveOp,
+        /// Its sequence number.
+        seq: u64,
+        /// The panic's message.
+        message: String,
+    },
+
     /// The communicator failed earlier and cannot be used any more.
     #[error("communicator is unusable after an earlier error: {0}")]
     Broken(String),

@@ -100,6 +100,7 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
             hetcclSystemError
         }
         Error::Device { .. } => hetcclUnhandledCudaError,
+        Error::Panicked { .. } => hetcclInternalError,
     }
 }
 
@@ -211,6 +212,15 @@ mod tests {
                 hetcclInvalidUsage,
             ),
             (Error::Broken("x".into()), hetcclInvalidUsage),
+            (
+                Error::Panicked {
+                    rank: 0,
+                    op: CollectiveOp::Barrier,
+                    seq: 1,
+                    message: "x".into(),
+                },
+                hetcclInternalError,
+            ),
             (
                 Error::Timeout {
                     rank: 0,

@@ -22,6 +22,13 @@
 //!
 //! After any error the communicator is *broken*: its links are aborted (so peers
 //! fail fast instead of timing out) and every later call returns [`Error::Broken`].
+//!
+//! No wait here is unbounded: a collective ends by its progress (each wait on a peer
+//! ends by `HETCCL_TIMEOUT`, an abort, or the peer's death), and a caller waiting for
+//! queued work also returns once the progress thread has stopped for any reason. A
+//! panic inside a collective becomes [`Error::Panicked`] for that call and breaks the
+//! communicator; a panic anywhere else on the progress thread fails every queued and
+//! later call with an error that names it.
 
 mod compress;
 mod init;
@@ -48,17 +55,47 @@ use crate::error::{Error, Result};
 use crate::topology::Topology;
 use crate::transport::{Link, LinkKind};
 
+/// Whether the progress thread still serves its queue, and why it stopped.
+#[derive(Default)]
+struct Worker {
+    stopped: Mutex<Option<String>>,
+}
+
+impl Worker {
+    fn stop(&self, why: String) {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// How often a caller waiting for queued work looks whether the progress thread is
+/// still there (it is woken at once when its work completes).
+const WORKER_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Completion state of one submitted operation.
 struct Completion {
     result: Mutex<Option<Result<OverflowStats>>>,
     cv: Condvar,
+    /// The thread that sets `result`. It sets no result after it stopped, so a result
+    /// still missing once it has stopped never comes.
+    worker: Arc<Worker>,
 }
 
 impl Completion {
-    fn new() -> Arc<Self> {
+    fn new(worker: Arc<Worker>) -> Arc<Self> {
         Arc::new(Completion {
             result: Mutex::new(None),
             cv: Condvar::new(),
+            worker,
         })
     }
 
@@ -68,6 +105,8 @@ impl Completion {
         self.cv.notify_all();
     }
 
+    /// Waits for the result: the work's own end (bounded by its waits on peers), or the
+    /// end of the progress thread, whichever comes first.
     fn wait(&self) -> Result<OverflowStats> {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -76,7 +115,17 @@ impl Completion {
                 *g = Some(Ok(OverflowStats::default()));
                 return r;
             }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            // Checked under the result's lock: the worker sets results only before it
+            // stops, so none can come after this.
+            if let Some(why) = self.worker.stopped() {
+                *g = Some(Err(Error::Broken(why.clone())));
+                return Err(Error::Broken(why));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, WORKER_CHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -85,7 +134,27 @@ impl Completion {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+            || self.worker.stopped().is_some()
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a payload that is not text".into())
+}
+
+/// Where a test makes the progress thread panic.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inject {
+    /// Inside a collective.
+    Execute,
+    /// In the loop that serves the queue, outside any collective.
+    Loop,
 }
 
 /// One collective handed to the progress thread.
@@ -125,16 +194,57 @@ struct Progress {
     /// Set by [`Communicator::abort`] from any thread.
     abort: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<shared::SharedState>,
+    /// A panic a test asked for.
+    #[cfg(test)]
+    inject: Option<Inject>,
 }
 
 impl Progress {
     /// The progress thread: runs queued work in order. A blocking call issued while
     /// nothing is queued runs on the caller's thread instead (see `submit`), holding
     /// the same lock, so order is kept either way.
-    fn run(me: Arc<Mutex<Progress>>, rx: mpsc::Receiver<Work>, inflight: Arc<AtomicUsize>) {
+    ///
+    /// Whatever ends it (the queue closed, or a panic outside a collective), `worker`
+    /// says so before the thread goes: callers waiting for queued work then return an
+    /// error instead of waiting for a result that will not come.
+    fn run(
+        me: Arc<Mutex<Progress>>,
+        rx: mpsc::Receiver<Work>,
+        inflight: Arc<AtomicUsize>,
+        worker: Arc<Worker>,
+    ) {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::serve(&me, &rx, &inflight)
+        }));
+        let why = match served {
+            Ok(()) => "the progress thread has stopped (communicator shut down)".to_string(),
+            Err(payload) => {
+                let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
+                let why = format!(
+                    "rank {}: the progress thread panicked: {} (a bug in hetccl; please \
+                     report it)",
+                    p.rank,
+                    panic_message(payload.as_ref())
+                );
+                p.fail(why.clone());
+                why
+            }
+        };
+        worker.stop(why);
+        // Work still queued is dropped with `rx`; its callers see the worker stopped.
+    }
+
+    fn serve(me: &Mutex<Progress>, rx: &mpsc::Receiver<Work>, inflight: &AtomicUsize) {
         while let Ok(mut w) = rx.recv() {
             let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
-            let r = p.execute(&mut w);
+            #[cfg(test)]
+            if p.inject == Some(Inject::Loop) {
+                p.inject = None;
+                drop(p);
+                panic!("injected panic in the progress loop");
+            }
+            let r = p.execute_guarded(&mut w);
+            drop(p);
             inflight.fetch_sub(1, Ordering::AcqRel);
             if let Some(d) = &w.done {
                 d.set(r);
@@ -143,17 +253,48 @@ impl Progress {
         tracing::debug!("progress thread exits");
     }
 
+    /// Breaks the communicator: later calls fail with `why`, and the links and control
+    /// pages tell the peers.
+    fn fail(&mut self, why: String) {
+        self.broken.get_or_insert(why);
+        self.shared.abort();
+        for l in self.links.iter_mut().flatten() {
+            l.abort();
+        }
+    }
+
+    /// [`Progress::execute`], with a panic inside it turned into [`Error::Panicked`]
+    /// (the communicator is broken afterwards: its links may be mid-message).
+    fn execute_guarded(&mut self, w: &mut Work) -> Result<OverflowStats> {
+        let (op, seq) = (w.ctx.op, w.ctx.seq);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(w))) {
+            Ok(r) => r,
+            Err(payload) => {
+                let e = Error::Panicked {
+                    rank: self.rank,
+                    op,
+                    seq,
+                    message: panic_message(payload.as_ref()),
+                };
+                self.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
     fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
         if self.abort.load(Ordering::Relaxed) {
-            self.broken = Some("aborted by the application".into());
-            self.shared.abort();
-            for l in self.links.iter_mut().flatten() {
-                l.abort();
-            }
-            return Err(Error::Broken("aborted by the application".into()));
+            let why = "aborted by the application".to_string();
+            self.fail(why.clone());
+            return Err(Error::Broken(why));
+        }
+        #[cfg(test)]
+        if self.inject == Some(Inject::Execute) {
+            self.inject = None;
+            panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
@@ -185,12 +326,9 @@ impl Progress {
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
         if let Err(e) = &r {
+            // Peers first, the log after: a log that fails must not keep them waiting.
+            self.fail(e.to_string());
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
-            self.broken = Some(e.to_string());
-            self.shared.abort();
-            for l in self.links.iter_mut().flatten() {
-                l.abort();
-            }
         }
         r
     }
@@ -268,6 +406,8 @@ pub struct Communicator {
     p2p_recv_seq: Vec<AtomicU64>,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
+    /// Whether the progress thread still runs.
+    worker_state: Arc<Worker>,
     /// Links, scratch and failure state; the progress thread or an inline caller holds it.
     progress: Arc<Mutex<Progress>>,
     /// Work queued for the progress thread and not finished yet.
@@ -325,13 +465,16 @@ impl Communicator {
             internal: None,
             abort: abort.clone(),
             shared: shared.clone(),
+            #[cfg(test)]
+            inject: None,
         };
         let progress = Arc::new(Mutex::new(progress));
         let inflight = Arc::new(AtomicUsize::new(0));
-        let (p2, i2) = (progress.clone(), inflight.clone());
+        let worker_state = Arc::new(Worker::default());
+        let (p2, i2, w2) = (progress.clone(), inflight.clone(), worker_state.clone());
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
-            .spawn(move || Progress::run(p2, rx, i2))
+            .spawn(move || Progress::run(p2, rx, i2, w2))
             .map_err(|e| Error::io("starting the progress thread", e))?;
         let local_ranks = topo.nodes.get(topo.node_of[rank]).map_or(1, Vec::len);
         Ok(Communicator {
@@ -348,6 +491,7 @@ impl Communicator {
             p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
+            worker_state,
             progress,
             inflight,
             plans: Mutex::new(HashMap::new()),
@@ -489,7 +633,7 @@ impl Communicator {
             // queued after this call also runs after it.
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             drop(tx_guard);
-            return p.execute(&mut work);
+            return p.execute_guarded(&mut work);
         }
         self.enqueue(work, tx_guard)?.wait()
     }
@@ -513,7 +657,7 @@ impl Communicator {
         mut work: Work,
         tx_guard: MutexGuard<'_, Option<mpsc::Sender<Work>>>,
     ) -> Result<Arc<Completion>> {
-        let done = Completion::new();
+        let done = Completion::new(self.worker_state.clone());
         work.done = Some(done.clone());
         self.inflight.fetch_add(1, Ordering::AcqRel);
         let sent = match tx_guard.as_ref() {
@@ -522,7 +666,9 @@ impl Communicator {
         };
         if !sent {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Broken("progress thread has stopped".into()));
+            return Err(Error::Broken(self.worker_state.stopped().unwrap_or_else(
+                || "the progress thread has stopped".into(),
+            )));
         }
         Ok(done)
     }
@@ -1444,6 +1590,81 @@ mod tests {
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
         let again = comms[0].barrier().unwrap_err().to_string();
         assert!(again.contains("aborted"), "{again}");
+    }
+
+    /// Runs `f` on another thread and returns what it returns, failing the test if
+    /// that takes longer than `limit` (the thread is then left behind, hung).
+    fn within<T: Send + 'static>(
+        limit: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .expect("no answer within the limit: a call hung")
+    }
+
+    /// Rank 0's progress thread panics (`inject`) while rank 0 has two all-reduces
+    /// queued: both, and the next call, fail naming the panic; rank 1 learns that rank 0
+    /// gave up. The communicators' timeout is 20 s, so only the panic's handling can end
+    /// the calls within the limit.
+    fn panicking_progress_thread(inject: Inject) -> Vec<(String, String, String)> {
+        within(std::time::Duration::from_secs(10), move || {
+            let comms = world(2, 2, AlgoChoice::Ring);
+            comms[0]
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .inject = Some(inject);
+            on_all(&comms, |c| {
+                let mut a = vec![1.0f32; 1000];
+                let mut b = vec![2.0f32; 1000];
+                let (first, second) = c.scope(|s| {
+                    let h1 = s.all_reduce(&mut a, ReduceOp::Sum).unwrap();
+                    let h2 = s.all_reduce(&mut b, ReduceOp::Sum).unwrap();
+                    (h1.wait(), h2.wait())
+                });
+                let next = c.barrier();
+                let text = |r: Result<()>| r.unwrap_err().to_string();
+                (text(first), text(second), text(next))
+            })
+        })
+    }
+
+    #[test]
+    fn a_panic_inside_a_collective_fails_it_the_queue_and_later_calls() {
+        let t0 = std::time::Instant::now();
+        let errs = panicking_progress_thread(Inject::Execute);
+        let said = "rank 0: all_reduce #0 failed: the progress thread panicked: injected panic \
+                    in all_reduce #0 (a bug in hetccl; please report it)";
+        assert_eq!(errs[0].0, said);
+        let broken = format!("communicator is unusable after an earlier error: {said}");
+        assert_eq!(errs[0].1, broken);
+        assert_eq!(errs[0].2, broken);
+        assert_eq!(
+            errs[1].0,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 aborted the link"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_panic_outside_a_collective_fails_the_queue_and_later_calls() {
+        let t0 = std::time::Instant::now();
+        let errs = panicking_progress_thread(Inject::Loop);
+        let said = "communicator is unusable after an earlier error: rank 0: the progress \
+                    thread panicked: injected panic in the progress loop (a bug in hetccl; \
+                    please report it)";
+        // The thread is gone: the queued calls end when their callers see it stopped,
+        // and the next call finds the queue closed.
+        assert_eq!(errs[0], (said.into(), said.into(), said.into()));
+        assert_eq!(
+            errs[1].0,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 aborted the link"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
