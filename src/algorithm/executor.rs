@@ -633,15 +633,12 @@ impl Forwarder {
         let Some(l) = links[q].as_mut() else {
             return Ok(Committed::Nothing);
         };
-        Ok(
-            if l.commit_send(&header, upto)
-                .map_err(|e| in_context(e, ctx))?
-            {
-                Committed::All(j, q)
-            } else {
-                Committed::Part
-            },
-        )
+        let r = l.commit_send(&header, upto);
+        Ok(if r.map_err(|e| link_error(e, l.as_mut(), ctx))? {
+            Committed::All(j, q)
+        } else {
+            Committed::Part
+        })
     }
 
     /// Takes room for op `i`'s forwarding send into `spaces` when that send is next on
@@ -732,6 +729,41 @@ enum Target {
     Next(usize, usize, usize),
     /// The send is queued behind others on its link that need only room to go.
     Behind,
+}
+
+/// What a timeout's message adds about the peer waited for: what its link sees of it
+/// (`seen`: e.g. a stopped process), else, with more than two ranks, that it may be
+/// waiting itself. A rank sees only its own waits: whether the peer is the end of the
+/// chain is known only where the peer's state can be seen.
+pub(crate) fn timeout_note(peer: usize, world_size: usize, seen: Option<String>) -> String {
+    match seen {
+        Some(s) => format!("; {s}"),
+        None if world_size > 2 => format!(
+            "; peer {peer} may itself be waiting on another rank further along, so the stall \
+             may lie there"
+        ),
+        None => String::new(),
+    }
+}
+
+/// Adds the collective's context to an error of `link`: a peer lost that said why it
+/// gave up becomes [`Error::PeerGaveUp`].
+fn link_error(e: Error, link: &mut dyn Link, ctx: &ExecCtx) -> Error {
+    match e {
+        Error::Link {
+            peer, lost: true, ..
+        } => match link.abort_notice() {
+            Some(cause) => Error::PeerGaveUp {
+                rank: ctx.rank,
+                peer,
+                op: ctx.op,
+                seq: ctx.seq,
+                cause,
+            },
+            None => in_context(e, ctx),
+        },
+        e => in_context(e, ctx),
+    }
 }
 
 /// Adds the collective's context to a link error.
@@ -928,10 +960,8 @@ pub fn execute(
                     }
                     data = &staging[p].1;
                 }
-                if !link
-                    .poll_send(&ctx.header(data.len(), format), data)
-                    .map_err(|e| in_context(e, ctx))?
-                {
+                let r = link.poll_send(&ctx.header(data.len(), format), data);
+                if !r.map_err(|e| link_error(e, link.as_mut(), ctx))? {
                     break;
                 }
                 if let Some(t) = blocks.as_mut() {
@@ -980,7 +1010,8 @@ pub fn execute(
                 let Some(link) = links[p].as_mut() else {
                     break;
                 };
-                let complete = link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))?;
+                let r = link.poll_recv(&mut sink);
+                let complete = r.map_err(|e| link_error(e, link.as_mut(), ctx))?;
                 let (forwarded, got) = (sink.forwarded, sink.got);
                 fwd.got[p] = if complete { 0 } else { got };
                 match fwd.commit(forwarded, links, ctx)? {
@@ -1035,12 +1066,14 @@ pub fn execute(
                 .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
             {
                 if let Some(l) = links[p].as_mut() {
-                    l.check_peer().map_err(|e| in_context(e, ctx))?;
+                    let r = l.check_peer();
+                    r.map_err(|e| link_error(e, l.as_mut(), ctx))?;
                 }
             }
             let waited = now.duration_since(last_progress);
             if waited >= ctx.timeout {
                 let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
+                let seen = links.get_mut(peer).and_then(|l| l.as_mut()?.peer_note());
                 return Err(Error::Timeout {
                     rank: ctx.rank,
                     peer,
@@ -1048,6 +1081,7 @@ pub fn execute(
                     seq: ctx.seq,
                     after: waited,
                     what,
+                    note: timeout_note(peer, ctx.world_size, seen),
                 });
             }
         }
@@ -1220,8 +1254,8 @@ mod tests {
         fn check_peer(&mut self) -> Result<()> {
             self.inner.check_peer()
         }
-        fn abort(&mut self) {
-            self.inner.abort()
+        fn abort(&mut self, cause: crate::error::AbortCause) {
+            self.inner.abort(cause)
         }
         fn has_send_space(&self) -> bool {
             self.inner.has_send_space()

@@ -95,7 +95,10 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
             hetcclInvalidUsage
         }
         Error::Timeout { .. } => hetcclTimeout,
-        Error::PeerLost { .. } | Error::Link { .. } | Error::Auth { .. } => hetcclRemoteError,
+        Error::PeerLost { .. }
+        | Error::PeerGaveUp { .. }
+        | Error::Link { .. }
+        | Error::Auth { .. } => hetcclRemoteError,
         Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } | Error::Checkpoint { .. } => {
             hetcclSystemError
         }
@@ -229,6 +232,7 @@ mod tests {
                     seq: 0,
                     after: Duration::from_secs(1),
                     what: "to send data",
+                    note: String::new(),
                 },
                 hetcclTimeout,
             ),
@@ -239,6 +243,16 @@ mod tests {
                     op: CollectiveOp::Broadcast,
                     seq: 0,
                     detail: String::new(),
+                },
+                hetcclRemoteError,
+            ),
+            (
+                Error::PeerGaveUp {
+                    rank: 0,
+                    peer: 1,
+                    op: CollectiveOp::AllReduce,
+                    seq: 0,
+                    cause: crate::error::AbortCause::new(crate::error::AbortKind::TimedOut, 2),
                 },
                 hetcclRemoteError,
             ),

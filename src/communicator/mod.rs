@@ -21,7 +21,8 @@
 //! ```
 //!
 //! After any error the communicator is *broken*: its links are aborted (so peers
-//! fail fast instead of timing out) and every later call returns [`Error::Broken`].
+//! fail fast instead of timing out, and learn why: see [`crate::error::AbortCause`]) and
+//! every later call returns [`Error::Broken`].
 //!
 //! No wait here is unbounded: a collective ends by its progress (each wait on a peer
 //! ends by `HETCCL_TIMEOUT`, an abort, or the peer's death), and a caller waiting for
@@ -51,7 +52,7 @@ use crate::bootstrap::Bootstrap;
 use crate::compression::{Compressor, OverflowStats, ScalePolicy};
 use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, AbortKind, Error, Result};
 use crate::topology::Topology;
 use crate::transport::{Link, LinkKind};
 
@@ -226,7 +227,8 @@ impl Progress {
                     p.rank,
                     panic_message(payload.as_ref())
                 );
-                p.fail(why.clone());
+                let cause = AbortCause::new(AbortKind::Failed, p.rank);
+                p.fail(why.clone(), cause);
                 why
             }
         };
@@ -254,12 +256,12 @@ impl Progress {
     }
 
     /// Breaks the communicator: later calls fail with `why`, and the links and control
-    /// pages tell the peers.
-    fn fail(&mut self, why: String) {
+    /// pages tell the peers `cause`.
+    fn fail(&mut self, why: String, cause: AbortCause) {
         self.broken.get_or_insert(why);
-        self.shared.abort();
+        self.shared.abort(cause);
         for l in self.links.iter_mut().flatten() {
-            l.abort();
+            l.abort(cause);
         }
     }
 
@@ -276,7 +278,7 @@ impl Progress {
                     seq,
                     message: panic_message(payload.as_ref()),
                 };
-                self.fail(e.to_string());
+                self.fail(e.to_string(), AbortCause::new(AbortKind::Failed, self.rank));
                 Err(e)
             }
         }
@@ -288,7 +290,7 @@ impl Progress {
         }
         if self.abort.load(Ordering::Relaxed) {
             let why = "aborted by the application".to_string();
-            self.fail(why.clone());
+            self.fail(why.clone(), AbortCause::new(AbortKind::Aborted, self.rank));
             return Err(Error::Broken(why));
         }
         #[cfg(test)]
@@ -327,7 +329,13 @@ impl Progress {
         };
         if let Err(e) = &r {
             // Peers first, the log after: a log that fails must not keep them waiting.
-            self.fail(e.to_string());
+            let cause = match e {
+                Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
+                    AbortCause::new(AbortKind::Aborted, self.rank)
+                }
+                e => AbortCause::of_error(e, self.rank),
+            };
+            self.fail(e.to_string(), cause);
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
         }
         r
@@ -666,9 +674,11 @@ impl Communicator {
         };
         if !sent {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Broken(self.worker_state.stopped().unwrap_or_else(
-                || "the progress thread has stopped".into(),
-            )));
+            return Err(Error::Broken(
+                self.worker_state
+                    .stopped()
+                    .unwrap_or_else(|| "the progress thread has stopped".into()),
+            ));
         }
         Ok(done)
     }
@@ -1645,7 +1655,8 @@ mod tests {
         assert_eq!(errs[0].2, broken);
         assert_eq!(
             errs[1].0,
-            "rank 1: peer 0 is gone during all_reduce #0: peer 0 aborted the link"
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after an error on \
+             rank 0"
         );
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     }
@@ -1662,9 +1673,47 @@ mod tests {
         assert_eq!(errs[0], (said.into(), said.into(), said.into()));
         assert_eq!(
             errs[1].0,
-            "rank 1: peer 0 is gone during all_reduce #0: peer 0 aborted the link"
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after an error on \
+             rank 0"
         );
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ranks_waiting_on_a_silent_rank_name_whom_they_waited_on() {
+        // Rank 2 of 3 never joins the ring. Its receiver (rank 0) times out on it; rank 1
+        // waits on rank 0, a waiter, and either times out saying so or learns from rank
+        // 0's abort where the stall is.
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            timeout: std::time::Duration::from_millis(500),
+            ..Config::default()
+        };
+        let comms = testing::world(3, 3, cfg);
+        let errs = on_all(&comms, |c| {
+            if c.rank() == 2 {
+                return String::new();
+            }
+            let mut v = vec![1.0f32; 1000];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        assert!(
+            errs[0].starts_with("rank 0: all_reduce #0 timed out after")
+                && errs[0].ends_with(
+                    "waiting for peer 2 to send data; peer 2 may itself be waiting on another \
+                     rank further along, so the stall may lie there"
+                ),
+            "{errs:?}"
+        );
+        let heard = "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after \
+                     waiting too long for rank 2: the stall is further along, at rank 2 or \
+                     beyond";
+        assert!(
+            errs[1] == heard
+                || (errs[1].starts_with("rank 1: all_reduce #0 timed out after")
+                    && errs[1].contains("waiting for peer 0 to send data; peer 0 may itself")),
+            "{errs:?}"
+        );
     }
 
     #[test]

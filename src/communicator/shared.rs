@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! line 0    header: magic, rank, pid, pid namespace          (written once, at creation)
-//! line 1    state: attached / aborted / closed               (owner)
+//! line 1    state: attached / aborted / closed, abort cause  (owner)
 //! line 2    flag: (seq << 32) | phase, low half is the futex word (owner)
 //! line 3    this collective: seq, op/dtype/redop, count, root, buffers (owner)
 //! line 4    seq + 1 of the last collective run over links     (owner)
@@ -55,16 +55,16 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::Communicator;
-use crate::algorithm::executor::{Buffers, ExecCtx};
+use crate::algorithm::executor::{timeout_note, Buffers, ExecCtx};
 use crate::algorithm::Call;
 use crate::config::AlgoChoice;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 use crate::reduce;
 use crate::transport::peer_process::{own_pidns, PeerProcess};
 use crate::transport::shared_mem::{self, Mapping, OwnedSegment, SegmentHandle};
 
-const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL1");
+const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL2");
 /// Elements of the flag's phase (low 32 bits).
 const ARRIVE: u32 = 1;
 /// Phase after chunk `c` of the owner's segment is reduced: `CHUNK0 + c`.
@@ -119,8 +119,13 @@ struct CtlHeader {
 #[repr(C, align(64))]
 struct Line(AtomicU64);
 
+/// The owner's state and, once it aborted, why ([`AbortCause::to_word`], written
+/// before the state).
 #[repr(C, align(64))]
-struct StateLine(AtomicU32);
+struct StateLine {
+    state: AtomicU32,
+    cause: AtomicU64,
+}
 
 /// The call a rank is running, for the peers to check and to find its buffers.
 #[repr(C, align(64))]
@@ -230,9 +235,10 @@ impl NodeCtl {
         }
     }
 
-    fn set_state(&self, state: u32) {
+    fn set_aborted(&self, cause: AbortCause) {
         let p = self.page(self.me);
-        p.state.0.store(state, Ordering::SeqCst);
+        p.state.cause.store(cause.to_word(), Ordering::Relaxed);
+        p.state.state.store(ABORTED, Ordering::SeqCst);
         futex_wake(&p.flag.0);
     }
 }
@@ -353,10 +359,10 @@ impl SharedState {
         }
     }
 
-    /// Tells the peers this rank's communicator failed.
-    pub(super) fn abort(&self) {
+    /// Tells the peers this rank's communicator failed, and why.
+    pub(super) fn abort(&self, cause: AbortCause) {
         if let Some(c) = self.ctl.get() {
-            c.set_state(ABORTED);
+            c.set_aborted(cause);
         }
     }
 
@@ -364,10 +370,12 @@ impl SharedState {
     pub(super) fn close(&self) {
         if let Some(c) = self.ctl.get() {
             let p = c.page(c.me);
-            let _ =
-                p.state
-                    .0
-                    .compare_exchange(ATTACHED, CLOSED, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = p.state.state.compare_exchange(
+                ATTACHED,
+                CLOSED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
             futex_wake(&p.flag.0);
         }
     }
@@ -623,7 +631,7 @@ impl Communicator {
                         flag_value(self.seq.load(Ordering::Relaxed), 0),
                         Ordering::Relaxed,
                     );
-                    page.state.0.store(ATTACHED, Ordering::Release);
+                    page.state.state.store(ATTACHED, Ordering::Release);
                 }
                 Some(s)
             } else {
@@ -1234,13 +1242,16 @@ impl Run<'_> {
                 self.check_peer(l)?;
                 let waited = now.duration_since(start);
                 if waited >= self.ctx.timeout {
+                    let peer = self.err_peer(l);
+                    let seen = self.node.procs[l].as_ref().and_then(|p| p.stopped());
                     return Err(Error::Timeout {
                         rank: self.ctx.rank,
-                        peer: self.err_peer(l),
+                        peer,
                         op: self.ctx.op,
                         seq: self.ctx.seq,
                         after: waited,
                         what,
+                        note: timeout_note(peer, self.ctx.world_size, seen),
                     });
                 }
             }
@@ -1258,11 +1269,23 @@ impl Run<'_> {
             seq: self.ctx.seq,
             detail,
         };
-        match page.state.0.load(Ordering::Acquire) {
+        match page.state.state.load(Ordering::Acquire) {
             ABORTED => {
-                return Err(lost(format!(
-                    "peer {peer}'s communicator failed (shared-buffer control page says aborted)"
-                )))
+                return Err(
+                    match AbortCause::from_word(page.state.cause.load(Ordering::Relaxed)) {
+                        Some(cause) => Error::PeerGaveUp {
+                            rank: self.ctx.rank,
+                            peer,
+                            op: self.ctx.op,
+                            seq: self.ctx.seq,
+                            cause,
+                        },
+                        None => lost(format!(
+                            "peer {peer}'s communicator failed (shared-buffer control page \
+                             says aborted)"
+                        )),
+                    },
+                )
             }
             CLOSED => return Err(lost(format!("peer {peer} closed its communicator"))),
             _ => {}
@@ -1988,8 +2011,13 @@ mod tests {
         for r in 0..2 {
             let want = format!("rank {r}: all_reduce #2 timed out after");
             assert!(errs[r].starts_with(&want), "{errs:?}");
+            // Three ranks: the silent one may itself be waiting on someone, and this
+            // rank cannot see whether it is (it is not stopped: the same process).
             assert!(
-                errs[r].ends_with("waiting for peer 2 to start the collective"),
+                errs[r].ends_with(
+                    "waiting for peer 2 to start the collective; peer 2 may itself be waiting \
+                     on another rank further along, so the stall may lie there"
+                ),
                 "{errs:?}"
             );
         }

@@ -30,7 +30,7 @@ use std::time::Instant;
 use crate::bootstrap::auth::JobAuth;
 use crate::bootstrap::Bootstrap;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 /// First field of every message header.
 pub const MSG_MAGIC: u32 = 0x4843_4d31; // "HCM1"
@@ -61,6 +61,54 @@ pub struct MsgHeader {
 
 /// Size of [`MsgHeader`] on the wire.
 pub const HEADER_BYTES: usize = std::mem::size_of::<MsgHeader>();
+
+/// First field of an abort notice: a record of a header's size and shape that a TCP
+/// link sends in place of the next message's header when it gives up, with the cause
+/// ([`AbortCause::to_word`]) in `seq` and every other field 0.
+pub const ABORT_MAGIC: u32 = 0x4843_4131; // "HCA1"
+
+/// What a header-sized record read from a peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// The header of a message; its payload follows.
+    Message(MsgHeader),
+    /// The peer gave up on the link, and why (`None`: it did not say anything this
+    /// build understands).
+    Abort(Option<AbortCause>),
+}
+
+impl MsgHeader {
+    /// Decodes a header-sized record a peer wrote (native byte order: both ends run on
+    /// one architecture). Checks the framing only; whether the message is the one
+    /// expected is the receiver's business (the executor compares every field).
+    /// Allocates nothing.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Frame, String> {
+        if bytes.len() != HEADER_BYTES {
+            return Err(format!(
+                "a message header is {HEADER_BYTES} bytes, this one {}",
+                bytes.len()
+            ));
+        }
+        let h: MsgHeader = bytemuck::pod_read_unaligned(bytes);
+        match h.magic {
+            MSG_MAGIC => Ok(Frame::Message(h)),
+            ABORT_MAGIC => Ok(Frame::Abort(AbortCause::from_word(h.seq))),
+            m => Err(format!(
+                "header magic {m:#010x} is neither a message's ({MSG_MAGIC:#010x}) nor an \
+                 abort notice's ({ABORT_MAGIC:#010x})"
+            )),
+        }
+    }
+
+    /// The abort notice for `cause` (see [`ABORT_MAGIC`]).
+    pub fn abort_notice(cause: AbortCause) -> MsgHeader {
+        MsgHeader {
+            magic: ABORT_MAGIC,
+            seq: cause.to_word(),
+            ..MsgHeader::default()
+        }
+    }
+}
 
 /// What kind of link connects two ranks (also used by the topology and cost model).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -154,9 +202,21 @@ pub trait Link: Send {
     /// Checks whether the peer is still there, for transports where a dead peer is
     /// silent (shared memory). Called by the executor while it waits.
     fn check_peer(&mut self) -> Result<()>;
-    /// Tells the peer that this side gives up (after an error); later calls on both
-    /// sides fail promptly instead of waiting for a timeout.
-    fn abort(&mut self);
+    /// Tells the peer that this side gives up (after an error), and why where the
+    /// transport can carry it; later calls on both sides fail promptly instead of
+    /// waiting for a timeout.
+    fn abort(&mut self, cause: AbortCause);
+    /// Why the peer gave up, when it aborted the link and said so. Asked after the link
+    /// reported the peer lost, to tell a peer that died from one that gave up on
+    /// another rank.
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        None
+    }
+    /// What this link can see of the peer's process beyond the link itself, for a
+    /// timeout's message: e.g. that it is stopped. Off the fast path.
+    fn peer_note(&mut self) -> Option<String> {
+        None
+    }
     /// File descriptors to sleep on in `poll(2)` while waiting for this link
     /// (`(fd, want_write)`); empty for links that can only be polled by spinning.
     fn wait_fds(&self, _out: &mut Vec<(i32, bool)>) {}

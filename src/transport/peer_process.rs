@@ -45,7 +45,9 @@ enum Watch {
     Gone,
     Pidfd(OwnedFd),
     /// `/proc/<pid>/stat`, with the process's start time when first seen.
-    Proc { start: Option<u64> },
+    Proc {
+        start: Option<u64>,
+    },
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -152,6 +154,26 @@ impl PeerProcess {
             },
         }
     }
+
+    /// A few words on the process's state when it is held still by a signal or a
+    /// tracer (`T`, `t`): the likely end of a chain of waiting ranks. `None` otherwise,
+    /// or when this side cannot tell.
+    pub(crate) fn stopped(&self) -> Option<String> {
+        if matches!(self.how, Watch::Unknown | Watch::Gone) || self.exited() {
+            return None;
+        }
+        match read_stat(self.pid) {
+            Ok(Some(s)) if s.state == b'T' => Some(format!(
+                "its process (pid {}) is stopped (SIGSTOP or job control)",
+                self.pid
+            )),
+            Ok(Some(s)) if s.state == b't' => Some(format!(
+                "its process (pid {}) is stopped by a debugger or tracer",
+                self.pid
+            )),
+            _ => None,
+        }
+    }
 }
 
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
@@ -220,7 +242,11 @@ mod tests {
         assert!(until_exited(&fd));
         assert!(until_exited(&proc));
         // SAFETY: signal 0 only checks that the process exists.
-        assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the zombie is still there");
+        assert_eq!(
+            unsafe { libc::kill(pid, 0) },
+            0,
+            "the zombie is still there"
+        );
         assert_eq!(read_stat(pid).unwrap().map(|s| s.state), Some(b'Z'));
         reap(pid);
         assert!(fd.exited() && proc.exited());
@@ -241,6 +267,7 @@ mod tests {
             PeerProcess::watch(pid, 0),
         ] {
             assert!(!w.exited());
+            assert_eq!(w.stopped(), None);
         }
     }
 
@@ -254,6 +281,30 @@ mod tests {
             *start = start.map(|t| t + 1);
         }
         assert!(w.exited());
+    }
+
+    #[test]
+    fn a_stopped_process_is_named_as_such() {
+        let pid = sleeper();
+        let w = PeerProcess::watch(pid, own_pidns());
+        assert_eq!(w.stopped(), None);
+        // SAFETY: our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let t = Instant::now();
+        let mut said = None;
+        while said.is_none() && t.elapsed() < Duration::from_secs(5) {
+            said = w.stopped();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            said,
+            Some(format!(
+                "its process (pid {pid}) is stopped (SIGSTOP or job control)"
+            ))
+        );
+        kill(pid);
+        reap(pid);
+        assert_eq!(w.stopped(), None);
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! 0      control page: line 0 header (magic, version, geometry, ranks)
-//!                      line 1 side 0 (creator): pid, state, pid namespace
-//!                      line 2 side 1 (opener):  pid, state, pid namespace
+//!                      line 1 side 0 (creator): pid, state, pid namespace, cause
+//!                      line 2 side 1 (opener):  pid, state, pid namespace, cause
 //!                      lines 3,4 ring 0 (side 0 -> side 1): head, tail
 //!                      lines 5,6 ring 1 (side 1 -> side 0): head, tail
 //! 4096   ring 0: nslots descriptors of 64 bytes (rounded up to a page),
@@ -36,7 +36,9 @@
 //! Liveness: each side records its pid, pid namespace and a state (attached, closed,
 //! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
 //! closed or its process has exited while this side still needs it; an exited process
-//! is seen through a pidfd (zombies too, see [`super::peer_process`]).
+//! is seen through a pidfd (zombies too, see [`super::peer_process`]). A side that
+//! aborts first writes its cause ([`AbortCause::to_word`]) into its line, then the
+//! state with release: the peer reads the state with acquire, then the cause.
 
 use std::ffi::CString;
 use std::ptr::NonNull;
@@ -46,10 +48,10 @@ use super::peer_process::{own_pidns, PeerProcess};
 use super::shared_mem::shm_cname;
 use super::{DirectDst, Link, LinkKind, MsgHeader, RecvSink};
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
-const SHM_VERSION: u32 = 1;
+const SHM_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
@@ -154,6 +156,8 @@ struct SideCtl {
     /// Inode of the process's pid namespace: a pid means something to the other side
     /// only when both live in the same namespace.
     pidns: AtomicU64,
+    /// Why this side aborted ([`AbortCause::to_word`]), written before the state.
+    cause: AtomicU64,
 }
 
 #[repr(C, align(64))]
@@ -754,9 +758,23 @@ impl Link for ShmLink {
         Ok(())
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, cause: AbortCause) {
         self.aborted = true;
+        self.me().cause.store(cause.to_word(), Ordering::Relaxed);
         self.me().state.store(ABORTED, Ordering::Release);
+    }
+
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        let other = self.other();
+        if other.state.load(Ordering::Acquire) != ABORTED {
+            return None;
+        }
+        AbortCause::from_word(other.cause.load(Ordering::Relaxed))
+    }
+
+    fn peer_note(&mut self) -> Option<String> {
+        self.peer_process_alive();
+        self.peer_proc.as_ref().and_then(|p| p.stopped())
     }
 }
 
@@ -1032,7 +1050,15 @@ mod tests {
     #[test]
     fn abort_and_close_reach_the_peer() {
         let (mut a, mut b) = pair(small());
-        a.abort();
+        let cause = AbortCause {
+            kind: crate::error::AbortKind::Lost,
+            rank: 7,
+            relayed: true,
+        };
+        assert_eq!(b.abort_notice(), None);
+        a.abort(cause);
+        assert_eq!(b.abort_notice(), Some(cause));
+        assert_eq!(a.abort_notice(), None, "its own abort is no notice");
         let e = b.check_peer().unwrap_err();
         assert!(
             matches!(
