@@ -87,7 +87,7 @@ pub enum Error {
     /// A peer gave up on the collective (it failed, timed out, or lost another rank)
     /// and said why when it aborted its link to this rank.
     #[error(
-        "rank {rank}: peer {peer} is gone during {op} #{seq}: peer {peer} gave up {}",
+        "rank {rank}: peer {peer} is gone during {op} #{seq}: peer {peer} gave up {}{note}",
         cause.describe(*rank)
     )]
     PeerGaveUp {
@@ -101,6 +101,9 @@ pub enum Error {
         seq: u64,
         /// What the peer said.
         cause: AbortCause,
+        /// When the peer gave up waiting for this rank: whom this rank was waiting for
+        /// meanwhile (empty, or starting with "; ").
+        note: String,
     },
 
     /// A link-level failure outside a collective's context (the executor adds context).
@@ -382,6 +385,7 @@ mod tests {
                 op: CollectiveOp::AllReduce,
                 seq: 4,
                 cause: AbortCause::new(AbortKind::Lost, 2),
+                note: String::new(),
             },
             1,
         );
@@ -399,6 +403,7 @@ mod tests {
             op: CollectiveOp::AllReduce,
             seq: 4,
             cause: relayed,
+            note: String::new(),
         };
         assert_eq!(
             e.to_string(),

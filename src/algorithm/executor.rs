@@ -746,6 +746,49 @@ pub(crate) fn timeout_note(peer: usize, world_size: usize, seen: Option<String>)
     }
 }
 
+/// A peer that gave up waiting for this rank while this rank was itself waiting for
+/// another: says whom this rank waited for, where the stall more likely lies.
+fn waiting_note(
+    e: Error,
+    ctx: &ExecCtx,
+    links: &mut [Option<Box<dyn Link>>],
+    (active, sends, recvs, done, sched): (&[usize], &[Queue], &[Queue], &[bool], &Schedule),
+) -> Error {
+    match e {
+        Error::PeerGaveUp {
+            rank,
+            peer,
+            op,
+            seq,
+            cause,
+            note,
+        } if note.is_empty()
+            && cause.kind == crate::error::AbortKind::TimedOut
+            && cause.rank == ctx.rank =>
+        {
+            let (p, what) = blocked_on(active, sends, recvs, done, sched);
+            let note = if p == peer {
+                note
+            } else {
+                let seen = links.get_mut(p).and_then(|l| l.as_mut()?.peer_note());
+                format!(
+                    "; this rank was waiting for peer {p} {what}{}",
+                    timeout_note(p, ctx.world_size, seen)
+                )
+            };
+            Error::PeerGaveUp {
+                rank,
+                peer,
+                op,
+                seq,
+                cause,
+                note,
+            }
+        }
+        e => e,
+    }
+}
+
 /// Adds the collective's context to an error of `link`: a peer lost that said why it
 /// gave up becomes [`Error::PeerGaveUp`].
 fn link_error(e: Error, link: &mut dyn Link, ctx: &ExecCtx) -> Error {
@@ -759,6 +802,7 @@ fn link_error(e: Error, link: &mut dyn Link, ctx: &ExecCtx) -> Error {
                 op: ctx.op,
                 seq: ctx.seq,
                 cause,
+                note: String::new(),
             },
             None => in_context(e, ctx),
         },
@@ -860,231 +904,246 @@ pub fn execute(
     let mut last_progress = Instant::now();
     let mut last_check = Instant::now();
 
-    while n_done < n_ops {
-        let mut progressed = false;
+    // The loop, so that an error can be told from where this rank itself was waiting.
+    let ran = (|| -> Result<()> {
+        while n_done < n_ops {
+            let mut progressed = false;
 
-        while let Some(i) = locals.head() {
-            if !ready(&done, i) {
-                break;
+            while let Some(i) = locals.head() {
+                if !ready(&done, i) {
+                    break;
+                }
+                // Whether this op also sent a whole message (a copy through a link's room).
+                let mut sent = false;
+                if let Some(t) = blocks.as_mut() {
+                    t.start(i, &sched.ops[i].kind)?;
+                }
+                match sched.ops[i].kind {
+                    OpKind::Copy { src, dst } if src.len > 0 => {
+                        let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src) as *const u8);
+                        // A copy whose result a send forwards goes through that link's
+                        // room when it has some, reading the source once.
+                        let Some((through, committed)) =
+                            fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?
+                        else {
+                            break;
+                        };
+                        // SAFETY: both regions were checked; dependencies guarantee no
+                        // concurrent writer of `src` or user of `dst`; they do not overlap
+                        // (input vs output, or disjoint scratch ranges). `copy_through`
+                        // wrote the bytes `through`; the rest is copied here.
+                        unsafe {
+                            reduce::copy_bytes(d, s, through.start, ctx.stream_copies);
+                            reduce::copy_bytes(
+                                d.add(through.end),
+                                s.add(through.end),
+                                src.len - through.end,
+                                ctx.stream_copies,
+                            );
+                        }
+                        if let Committed::All(j, q) = committed {
+                            done[j] = true;
+                            n_done += 1;
+                            sends[q].next += 1;
+                            sent = true;
+                        }
+                    }
+                    OpKind::Reduce { src, dst } if src.len > 0 => {
+                        // SAFETY: as for the copy; `dst` is the only region written.
+                        let (a, d) = unsafe {
+                            (
+                                bufs.slice(&src),
+                                std::slice::from_raw_parts_mut(bufs.ptr(&dst), dst.len),
+                            )
+                        };
+                        reduce::reduce_inplace_bytes(ctx.dtype, ctx.redop, d, a);
+                    }
+                    _ => {}
+                }
+                if let Some(t) = blocks.as_mut() {
+                    t.finish(&sched.ops[i].kind)?;
+                }
+                done[i] = true;
+                n_done += 1;
+                locals.next += 1;
+                progressed = true;
+                // One local op per pass while links have work: an all-gather's copy of its
+                // own block then runs piece by piece between sends and receives, in the time
+                // spent waiting for peers, instead of before the first send. A copy that went
+                // out through a link whole was link work itself: the next one may follow.
+                if !active.is_empty() && !sent {
+                    break;
+                }
             }
-            // Whether this op also sent a whole message (a copy through a link's room).
-            let mut sent = false;
-            if let Some(t) = blocks.as_mut() {
-                t.start(i, &sched.ops[i].kind)?;
-            }
-            match sched.ops[i].kind {
-                OpKind::Copy { src, dst } if src.len > 0 => {
-                    let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src) as *const u8);
-                    // A copy whose result a send forwards goes through that link's
-                    // room when it has some, reading the source once.
-                    let Some((through, committed)) =
-                        fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?
+
+            for &p in &active {
+                let Some(link) = links[p].as_mut() else {
+                    continue;
+                };
+                while let Some(i) = sends[p].head() {
+                    if !ready(&done, i) {
+                        break;
+                    }
+                    let OpKind::Send { src, .. } = sched.ops[i].kind else {
+                        break;
+                    };
+                    if let Some(t) = blocks.as_mut() {
+                        t.start(i, &sched.ops[i].kind)?;
+                    }
+                    // SAFETY: checked region; dependencies keep writers away while it is sent.
+                    let mut data = unsafe { bufs.slice(&src) };
+                    let format = Wire::format_for(wire, p);
+                    if let Some(f) = format {
+                        let (staged_op, buf) = &mut staging[p];
+                        if *staged_op != Some(i) {
+                            buf.resize(src.len / 2, 0);
+                            let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data)
+                            {
+                                Ok(v) => std::borrow::Cow::Borrowed(v),
+                                Err(_) => {
+                                    std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data))
+                                }
+                            };
+                            stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
+                            *staged_op = Some(i);
+                        }
+                        data = &staging[p].1;
+                    }
+                    let r = link.poll_send(&ctx.header(data.len(), format), data);
+                    if !r.map_err(|e| link_error(e, link.as_mut(), ctx))? {
+                        break;
+                    }
+                    if let Some(t) = blocks.as_mut() {
+                        t.finish(&sched.ops[i].kind)?;
+                    }
+                    done[i] = true;
+                    n_done += 1;
+                    sends[p].next += 1;
+                    progressed = true;
+                }
+                while let Some(i) = recvs[p].head() {
+                    if !ready(&done, i) {
+                        break;
+                    }
+                    let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
+                        break;
+                    };
+                    if let Some(t) = blocks.as_mut() {
+                        t.start(i, &sched.ops[i].kind)?;
+                    }
+                    // Room in the next link for the send that forwards this receive's
+                    // result, if it is next there; `None`: wait a little for that room.
+                    let dst_ptr = bufs.ptr(&dst);
+                    let Some(forwarded) =
+                        fwd.prepare(i, p, (sched, &sends, &done), links, ctx, dst_ptr)
                     else {
                         break;
                     };
-                    // SAFETY: both regions were checked; dependencies guarantee no
-                    // concurrent writer of `src` or user of `dst`; they do not overlap
-                    // (input vs output, or disjoint scratch ranges). `copy_through`
-                    // wrote the bytes `through`; the rest is copied here.
-                    unsafe {
-                        reduce::copy_bytes(d, s, through.start, ctx.stream_copies);
-                        reduce::copy_bytes(
-                            d.add(through.end),
-                            s.add(through.end),
-                            src.len - through.end,
-                            ctx.stream_copies,
-                        );
-                    }
-                    if let Committed::All(j, q) = committed {
-                        done[j] = true;
-                        n_done += 1;
-                        sends[q].next += 1;
-                        sent = true;
-                    }
-                }
-                OpKind::Reduce { src, dst } if src.len > 0 => {
-                    // SAFETY: as for the copy; `dst` is the only region written.
-                    let (a, d) = unsafe {
-                        (
-                            bufs.slice(&src),
-                            std::slice::from_raw_parts_mut(bufs.ptr(&dst), dst.len),
-                        )
+                    let mut sink = Sink {
+                        ctx,
+                        peer: p,
+                        dst: dst_ptr,
+                        len: dst.len,
+                        from: match combine {
+                            Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
+                            _ => None,
+                        },
+                        combine,
+                        wire: Wire::format_for(wire, p),
+                        forward: &fwd.spaces,
+                        forwarded,
+                        got: fwd.got[p],
+                        stream_result: ctx.stream_copies
+                            && !sched.reread.get(i).copied().unwrap_or(true),
                     };
-                    reduce::reduce_inplace_bytes(ctx.dtype, ctx.redop, d, a);
+                    let Some(link) = links[p].as_mut() else {
+                        break;
+                    };
+                    let r = link.poll_recv(&mut sink);
+                    let complete = r.map_err(|e| link_error(e, link.as_mut(), ctx))?;
+                    let (forwarded, got) = (sink.forwarded, sink.got);
+                    fwd.got[p] = if complete { 0 } else { got };
+                    match fwd.commit(forwarded, links, ctx)? {
+                        Committed::Nothing => {}
+                        Committed::Part => progressed = true,
+                        Committed::All(j, q) => {
+                            // All of it was forwarded, so all of it has arrived: the receive
+                            // completed in this very call and is marked below.
+                            progressed = true;
+                            done[j] = true;
+                            n_done += 1;
+                            sends[q].next += 1;
+                        }
+                    }
+                    if !complete {
+                        break;
+                    }
+                    if let Some(t) = blocks.as_mut() {
+                        t.finish(&sched.ops[i].kind)?;
+                    }
+                    done[i] = true;
+                    n_done += 1;
+                    recvs[p].next += 1;
+                    progressed = true;
                 }
-                _ => {}
             }
-            if let Some(t) = blocks.as_mut() {
-                t.finish(&sched.ops[i].kind)?;
-            }
-            done[i] = true;
-            n_done += 1;
-            locals.next += 1;
-            progressed = true;
-            // One local op per pass while links have work: an all-gather's copy of its
-            // own block then runs piece by piece between sends and receives, in the time
-            // spent waiting for peers, instead of before the first send. A copy that went
-            // out through a link whole was link work itself: the next one may follow.
-            if !active.is_empty() && !sent {
-                break;
-            }
-        }
 
-        for &p in &active {
-            let Some(link) = links[p].as_mut() else {
+            if progressed {
+                idle = 0;
+                last_progress = Instant::now();
                 continue;
-            };
-            while let Some(i) = sends[p].head() {
-                if !ready(&done, i) {
-                    break;
-                }
-                let OpKind::Send { src, .. } = sched.ops[i].kind else {
-                    break;
-                };
-                if let Some(t) = blocks.as_mut() {
-                    t.start(i, &sched.ops[i].kind)?;
-                }
-                // SAFETY: checked region; dependencies keep writers away while it is sent.
-                let mut data = unsafe { bufs.slice(&src) };
-                let format = Wire::format_for(wire, p);
-                if let Some(f) = format {
-                    let (staged_op, buf) = &mut staging[p];
-                    if *staged_op != Some(i) {
-                        buf.resize(src.len / 2, 0);
-                        let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data) {
-                            Ok(v) => std::borrow::Cow::Borrowed(v),
-                            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data)),
-                        };
-                        stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
-                        *staged_op = Some(i);
-                    }
-                    data = &staging[p].1;
-                }
-                let r = link.poll_send(&ctx.header(data.len(), format), data);
-                if !r.map_err(|e| link_error(e, link.as_mut(), ctx))? {
-                    break;
-                }
-                if let Some(t) = blocks.as_mut() {
-                    t.finish(&sched.ops[i].kind)?;
-                }
-                done[i] = true;
-                n_done += 1;
-                sends[p].next += 1;
-                progressed = true;
             }
-            while let Some(i) = recvs[p].head() {
-                if !ready(&done, i) {
-                    break;
+            idle = idle.saturating_add(1);
+            if idle < 512 {
+                backoff(idle, ctx.spin_polls);
+            } else {
+                sleep_on_links(idle, &active, links, &mut fds);
+            }
+            let now = Instant::now();
+            if now.duration_since(last_check) >= Duration::from_millis(50) {
+                last_check = now;
+                if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                    return Err(Error::Broken(format!(
+                        "rank {}: {} #{} aborted by the application",
+                        ctx.rank, ctx.op, ctx.seq
+                    )));
                 }
-                let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
-                    break;
-                };
-                if let Some(t) = blocks.as_mut() {
-                    t.start(i, &sched.ops[i].kind)?;
-                }
-                // Room in the next link for the send that forwards this receive's
-                // result, if it is next there; `None`: wait a little for that room.
-                let dst_ptr = bufs.ptr(&dst);
-                let Some(forwarded) =
-                    fwd.prepare(i, p, (sched, &sends, &done), links, ctx, dst_ptr)
-                else {
-                    break;
-                };
-                let mut sink = Sink {
-                    ctx,
-                    peer: p,
-                    dst: dst_ptr,
-                    len: dst.len,
-                    from: match combine {
-                        Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
-                        _ => None,
-                    },
-                    combine,
-                    wire: Wire::format_for(wire, p),
-                    forward: &fwd.spaces,
-                    forwarded,
-                    got: fwd.got[p],
-                    stream_result: ctx.stream_copies
-                        && !sched.reread.get(i).copied().unwrap_or(true),
-                };
-                let Some(link) = links[p].as_mut() else {
-                    break;
-                };
-                let r = link.poll_recv(&mut sink);
-                let complete = r.map_err(|e| link_error(e, link.as_mut(), ctx))?;
-                let (forwarded, got) = (sink.forwarded, sink.got);
-                fwd.got[p] = if complete { 0 } else { got };
-                match fwd.commit(forwarded, links, ctx)? {
-                    Committed::Nothing => {}
-                    Committed::Part => progressed = true,
-                    Committed::All(j, q) => {
-                        // All of it was forwarded, so all of it has arrived: the receive
-                        // completed in this very call and is marked below.
-                        progressed = true;
-                        done[j] = true;
-                        n_done += 1;
-                        sends[q].next += 1;
+                // Only peers this rank still has business with: one that got everything it
+                // needed from us may already have finished and exited.
+                for &p in active
+                    .iter()
+                    .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
+                {
+                    if let Some(l) = links[p].as_mut() {
+                        let r = l.check_peer();
+                        r.map_err(|e| link_error(e, l.as_mut(), ctx))?;
                     }
                 }
-                if !complete {
-                    break;
-                }
-                if let Some(t) = blocks.as_mut() {
-                    t.finish(&sched.ops[i].kind)?;
-                }
-                done[i] = true;
-                n_done += 1;
-                recvs[p].next += 1;
-                progressed = true;
-            }
-        }
-
-        if progressed {
-            idle = 0;
-            last_progress = Instant::now();
-            continue;
-        }
-        idle = idle.saturating_add(1);
-        if idle < 512 {
-            backoff(idle, ctx.spin_polls);
-        } else {
-            sleep_on_links(idle, &active, links, &mut fds);
-        }
-        let now = Instant::now();
-        if now.duration_since(last_check) >= Duration::from_millis(50) {
-            last_check = now;
-            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-                return Err(Error::Broken(format!(
-                    "rank {}: {} #{} aborted by the application",
-                    ctx.rank, ctx.op, ctx.seq
-                )));
-            }
-            // Only peers this rank still has business with: one that got everything it
-            // needed from us may already have finished and exited.
-            for &p in active
-                .iter()
-                .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
-            {
-                if let Some(l) = links[p].as_mut() {
-                    let r = l.check_peer();
-                    r.map_err(|e| link_error(e, l.as_mut(), ctx))?;
+                let waited = now.duration_since(last_progress);
+                if waited >= ctx.timeout {
+                    let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
+                    let seen = links.get_mut(peer).and_then(|l| l.as_mut()?.peer_note());
+                    return Err(Error::Timeout {
+                        rank: ctx.rank,
+                        peer,
+                        op: ctx.op,
+                        seq: ctx.seq,
+                        after: waited,
+                        what,
+                        note: timeout_note(peer, ctx.world_size, seen),
+                    });
                 }
             }
-            let waited = now.duration_since(last_progress);
-            if waited >= ctx.timeout {
-                let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
-                let seen = links.get_mut(peer).and_then(|l| l.as_mut()?.peer_note());
-                return Err(Error::Timeout {
-                    rank: ctx.rank,
-                    peer,
-                    op: ctx.op,
-                    seq: ctx.seq,
-                    after: waited,
-                    what,
-                    note: timeout_note(peer, ctx.world_size, seen),
-                });
-            }
         }
+        Ok(())
+    })();
+    if let Err(e) = ran {
+        return Err(waiting_note(
+            e,
+            ctx,
+            links,
+            (&active, &sends, &recvs, &done, sched),
+        ));
     }
 
     if let Some(f) = sched.finalize {

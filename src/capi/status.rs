@@ -253,6 +253,7 @@ mod tests {
                     op: CollectiveOp::AllReduce,
                     seq: 0,
                     cause: crate::error::AbortCause::new(crate::error::AbortKind::TimedOut, 2),
+                    note: String::new(),
                 },
                 hetcclRemoteError,
             ),

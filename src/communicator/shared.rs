@@ -1279,6 +1279,7 @@ impl Run<'_> {
                             op: self.ctx.op,
                             seq: self.ctx.seq,
                             cause,
+                            note: String::new(),
                         },
                         None => lost(format!(
                             "peer {peer}'s communicator failed (shared-buffer control page \
