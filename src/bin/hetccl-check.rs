@@ -6,9 +6,13 @@
 //! hetccl run -n 4 -- hetccl-check --counts 0,1,7,1000
 //! ```
 //!
-//! Fault flags make one rank misbehave on purpose, for the failure tests. `--shared`
-//! puts the buffers in memory from `Communicator::alloc_shared` (at odd offsets too), so
-//! the checks exercise the direct shared-buffer algorithms.
+//! Fault flags make one rank misbehave on purpose, for the failure tests: after one
+//! all-reduce that works, rank `--fault-rank` exits (`exit`, status 17), dies by
+//! `SIGKILL` (`kill`), stops itself with `SIGSTOP` (`stop`), or calls a collective that
+//! differs from the others' (`count`, `dtype`, `op`, `private`).
+//!
+//! `--shared` puts the buffers in memory from `Communicator::alloc_shared` (at odd
+//! offsets too), so the checks exercise the direct shared-buffer algorithms.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -74,7 +78,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 println!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
-                     \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
+                     \x20                   [--fault none|exit|kill|stop|count|dtype|op|private --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
                      \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
                      \x20                   [--shared]  (buffers from alloc_shared)"
@@ -495,6 +499,11 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
             "exit" => {
                 eprintln!("rank {r}: exiting on purpose");
                 std::process::exit(17);
+            }
+            "kill" => {
+                eprintln!("rank {r}: killing itself on purpose (SIGKILL)");
+                // SAFETY: raising SIGKILL on ourselves has no memory-safety impact.
+                unsafe { libc::raise(libc::SIGKILL) };
             }
             "stop" => {
                 eprintln!("rank {r}: stopping on purpose");
