@@ -1291,6 +1291,67 @@ mod tests {
         Ok(output.to_vec())
     }
 
+    proptest::proptest! {
+        /// A received header, valid or changed in up to three bytes (or all random), is
+        /// accepted only when it is exactly the one this rank expects; otherwise the
+        /// error names the peer, the collective and what differs. No panic, and only a
+        /// small message's worth of allocation.
+        #[test]
+        fn a_header_is_accepted_only_when_it_is_the_one_expected(
+            wire in proptest::option::of(proptest::prelude::Just(WireFormat::F16)),
+            flips in proptest::collection::vec((0usize..32, 1u8..=255), 0..4),
+            random in proptest::option::weighted(0.1, proptest::prelude::any::<[u8; 32]>()),
+        ) {
+            let c = ExecCtx {
+                op: CollectiveOp::AllReduce,
+                dtype: DataType::F32,
+                count: 1000,
+                seq: 9,
+                ..ctx(1)
+            };
+            let mut dst = vec![0u8; 4000];
+            let mut sink = Sink {
+                ctx: &c,
+                peer: 2,
+                dst: dst.as_mut_ptr(),
+                len: dst.len(),
+                from: None,
+                combine: Combine::Copy,
+                wire,
+                forward: &[],
+                forwarded: 0,
+                got: 0,
+                stream_result: false,
+            };
+            let want = c.header(if wire.is_some() { 2000 } else { 4000 }, wire);
+            let mut bytes = random.unwrap_or_else(|| {
+                bytemuck::bytes_of(&want).try_into().unwrap()
+            });
+            for (at, x) in flips {
+                bytes[at] ^= x;
+            }
+            let h: MsgHeader = bytemuck::pod_read_unaligned(&bytes);
+            let (r, allocated) =
+                crate::transport::alloc_meter::allocated_by(|| sink.header(&h));
+            proptest::prop_assert!(allocated < 4096, "{} bytes", allocated);
+            match r {
+                Ok(()) => proptest::prop_assert_eq!(h, want),
+                Err(Error::Mismatch { rank: 1, peer: 2, op: CollectiveOp::AllReduce, seq: 9, detail }) => {
+                    proptest::prop_assert_ne!(h, want);
+                    proptest::prop_assert!(
+                        detail.starts_with("received a corrupt header (magic ")
+                            || detail.ends_with("(compression settings differ between ranks)")
+                            || detail.starts_with(
+                                "expected all_reduce #9 of 1000 x f32 (sum op, "
+                            ),
+                        "{}", detail
+                    );
+                }
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+            }
+        }
+    }
+
     /// Delegates to a link and counts the pieces a receive wrote into it in place.
     struct Counted {
         inner: Box<dyn Link>,

@@ -687,11 +687,8 @@ impl Communicator {
                     let m = open_checked(h, *ino, rec, ctl_bytes(n), true, &what)?;
                     // SAFETY: at least one page, written by its owner before the exchange.
                     let hdr = unsafe { std::ptr::read(m.as_ptr().cast::<CtlHeader>()) };
-                    if hdr.magic != CTL_MAGIC || hdr.rank != peer as u64 {
-                        return Err(Error::Shm(format!(
-                            "{what}: its control page is not a hetccl control page of rank {peer}"
-                        )));
-                    }
+                    hdr.check(peer)
+                        .map_err(|e| Error::Shm(format!("{what}: its control page: {e}")))?;
                     o.ctl[l] = Some(m);
                 }
                 let (h, ino) = rec
@@ -797,14 +794,43 @@ impl Communicator {
         self.all_gather(&blob, &mut all)?;
         all.chunks(RECORD_BYTES)
             .enumerate()
-            .map(|(r, b)| {
-                serde_json::from_slice::<Record>(b).map_err(|e| {
-                    Error::Shm(format!(
-                        "rank {r} sent an unreadable shared-buffer record: {e}"
-                    ))
-                })
-            })
+            .map(|(r, b)| parse_record(r, b))
             .collect()
+    }
+}
+
+/// Reads rank `r`'s record of an allocation exchange (at most [`RECORD_BYTES`] from a
+/// peer: JSON padded with spaces).
+fn parse_record(r: usize, b: &[u8]) -> Result<Record> {
+    if b.len() > RECORD_BYTES {
+        return Err(Error::Shm(format!(
+            "rank {r} sent a shared-buffer record of {} bytes, more than {RECORD_BYTES}",
+            b.len()
+        )));
+    }
+    serde_json::from_slice::<Record>(b).map_err(|e| {
+        Error::Shm(format!(
+            "rank {r} sent an unreadable shared-buffer record: {e}"
+        ))
+    })
+}
+
+impl CtlHeader {
+    /// Checks the header of a control page that local rank `peer`'s process wrote.
+    fn check(&self, peer: usize) -> std::result::Result<(), String> {
+        if self.magic != CTL_MAGIC {
+            return Err(format!(
+                "it is not a hetccl control page of this build (magic {:#018x})",
+                self.magic
+            ));
+        }
+        if self.rank != peer as u64 {
+            return Err(format!(
+                "it is rank {}'s control page, not rank {peer}'s",
+                self.rank
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1567,7 +1593,88 @@ impl Run<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::transport::alloc_meter::allocated_by;
     use half::bf16;
+    use proptest::prelude::*;
+
+    fn valid_record() -> Vec<u8> {
+        let rec = Record {
+            pid: 4242,
+            pidns: 4026531836,
+            ctl: Some((SegmentHandle::Memfd { pid: 4242, fd: 17 }, 99)),
+            buf: Some((
+                SegmentHandle::Named {
+                    name: "hetccl-4242-buf-0-1-0123456789abcdef".into(),
+                },
+                100,
+            )),
+            error: Some("rank 1: something failed".into()),
+            retry_named: true,
+        };
+        let mut b = serde_json::to_vec(&rec).unwrap();
+        b.resize(RECORD_BYTES, b' ');
+        b
+    }
+
+    proptest! {
+        /// Records come from the peers: random bytes, or a valid record with bytes
+        /// changed, parse or fail naming the rank, without a panic and allocating no
+        /// more than a few times the record's size.
+        #[test]
+        fn any_record_parses_or_names_the_rank(
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..RECORD_BYTES + 100),
+                prop::collection::vec((0usize..RECORD_BYTES, any::<u8>()), 1..6).prop_map(|flips| {
+                    let mut b = valid_record();
+                    for (at, v) in flips {
+                        b[at] = v;
+                    }
+                    b
+                }),
+            ]
+        ) {
+            let (r, allocated) = allocated_by(|| parse_record(3, &bytes));
+            prop_assert!(allocated <= 8 * RECORD_BYTES, "{} bytes", allocated);
+            match r {
+                // Longer records are refused before any parsing.
+                Ok(_) => prop_assert!(bytes.len() <= RECORD_BYTES),
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(e.starts_with("shared memory: rank 3 sent "), "{}", e);
+                }
+            }
+        }
+
+        /// Control page headers are written by the peer's process.
+        #[test]
+        fn any_control_page_header_is_checked(
+            magic in prop_oneof![Just(CTL_MAGIC), any::<u64>()],
+            rank in prop_oneof![Just(2u64), any::<u64>()],
+        ) {
+            let h = CtlHeader { magic, rank, pid: 1, pidns: 1 };
+            match h.check(2) {
+                Ok(()) => prop_assert_eq!((magic, rank), (CTL_MAGIC, 2)),
+                Err(e) => prop_assert!(
+                    e.starts_with("it is not a hetccl control page of this build (magic 0x")
+                        || e == format!("it is rank {rank}'s control page, not rank 2's"),
+                    "{}", e
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_record_parses() {
+        let rec = parse_record(0, &valid_record()).unwrap();
+        assert_eq!((rec.pid, rec.retry_named), (4242, true));
+        let e = parse_record(5, &[b'x'; RECORD_BYTES + 1])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "shared memory: rank 5 sent a shared-buffer record of 1025 bytes, more than 1024"
+        );
+    }
 
     use crate::communicator::testing::on_all;
 

@@ -592,6 +592,63 @@ fn check_striping(infos: &[SetupBlob], kinds: &[LinkKind], rank: usize) -> Resul
     }
 }
 
+/// Counts the bytes each thread allocates, so property tests can bound what a parser
+/// allocates for input it does not trust (the library's unit tests only).
+#[cfg(test)]
+pub(crate) mod alloc_meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn add(bytes: usize) {
+        // `try_with`: a thread being torn down may still free and allocate.
+        let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes)));
+    }
+
+    struct Meter;
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; the count is a
+    // const-initialised thread-local without a destructor, which never allocates.
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            add(layout.size());
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            add(layout.size());
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            add(new_size.saturating_sub(layout.size()));
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static METER: Meter = Meter;
+
+    /// Runs `f` and returns what it returned and how many bytes this thread allocated
+    /// meanwhile (growth of reallocations included, frees not subtracted).
+    pub(crate) fn allocated_by<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        let before = ALLOCATED.with(Cell::get);
+        let r = f();
+        (r, ALLOCATED.with(Cell::get) - before)
+    }
+}
+
 /// Shared by the transport tests: a bootstrap over threads, a checking sink, and a
 /// driver that moves messages both ways at once like the executor does.
 #[cfg(test)]
@@ -835,9 +892,74 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::alloc_meter::allocated_by;
     use super::testing::*;
     use super::*;
+    use proptest::prelude::*;
     use std::time::Duration;
+
+    proptest! {
+        /// Headers come from another process: any bytes decode to a frame or to an
+        /// error that names the problem, without a panic and without allocating for a
+        /// frame.
+        #[test]
+        fn any_bytes_decode_to_a_frame_or_a_named_problem(
+            bytes in prop::collection::vec(any::<u8>(), 0..80)
+        ) {
+            let (r, allocated) = allocated_by(|| MsgHeader::decode(&bytes));
+            match r {
+                Ok(Frame::Message(h)) => {
+                    prop_assert_eq!(bytemuck::bytes_of(&h), &bytes[..]);
+                    prop_assert_eq!(h.magic, MSG_MAGIC);
+                    prop_assert_eq!(allocated, 0);
+                }
+                Ok(Frame::Abort(cause)) => {
+                    let h: MsgHeader = bytemuck::pod_read_unaligned(&bytes);
+                    prop_assert_eq!(h.magic, ABORT_MAGIC);
+                    prop_assert_eq!(cause, AbortCause::from_word(h.seq));
+                    prop_assert_eq!(allocated, 0);
+                }
+                Err(e) if bytes.len() != HEADER_BYTES => {
+                    prop_assert_eq!(
+                        e,
+                        format!("a message header is 32 bytes, this one {}", bytes.len())
+                    );
+                    prop_assert!(allocated < 256, "{} bytes for an error", allocated);
+                }
+                Err(e) => {
+                    let magic = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    prop_assert!(e.starts_with(&format!("header magic {magic:#010x} is neither")), "{}", e);
+                    prop_assert!(allocated < 256, "{} bytes for an error", allocated);
+                }
+            }
+        }
+
+        /// A valid header with some bytes changed: only a changed magic is refused (the
+        /// receiver compares the other fields with what it expects).
+        #[test]
+        fn mutated_headers_are_refused_only_for_their_magic(
+            seq in any::<u64>(),
+            len in 0usize..1 << 30,
+            flips in prop::collection::vec((0usize..HEADER_BYTES, 1u8..=255), 1..4)
+        ) {
+            let mut bytes = bytemuck::bytes_of(&testing::header(seq, len)).to_vec();
+            for (at, x) in flips {
+                bytes[at] ^= x;
+            }
+            let magic = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            match MsgHeader::decode(&bytes) {
+                Ok(Frame::Message(h)) => {
+                    prop_assert_eq!(magic, MSG_MAGIC);
+                    prop_assert_eq!(bytemuck::bytes_of(&h), &bytes[..]);
+                }
+                Ok(Frame::Abort(_)) => prop_assert_eq!(magic, ABORT_MAGIC),
+                Err(e) => {
+                    prop_assert!(magic != MSG_MAGIC && magic != ABORT_MAGIC);
+                    prop_assert!(e.contains("header magic"), "{}", e);
+                }
+            }
+        }
+    }
 
     fn cfg(nsocks: usize) -> Config {
         Config {

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use super::peer_process::{own_pidns, PeerProcess};
 use super::shared_mem::shm_cname;
-use super::{DirectDst, Link, LinkKind, MsgHeader, RecvSink};
+use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink};
 use crate::config::Config;
 use crate::error::{AbortCause, Error, Result};
 
@@ -149,6 +149,47 @@ struct SegHeader {
     opener_rank: u64,
 }
 
+impl SegHeader {
+    /// Checks a header that another process wrote, for the segment of `len` bytes that
+    /// `peer` made for `rank`; returns its ring geometry, or what is wrong with it.
+    fn check(
+        &self,
+        rank: usize,
+        peer: usize,
+        len: usize,
+    ) -> std::result::Result<ShmGeometry, String> {
+        let h = self;
+        let geom = ShmGeometry {
+            nslots: h.nslots as usize,
+            slot_bytes: usize::try_from(h.slot_bytes).unwrap_or(usize::MAX),
+        };
+        if h.magic != SHM_MAGIC {
+            Err("it is not a hetccl segment".to_string())
+        } else if h.version != SHM_VERSION {
+            Err(format!(
+                "segment version {}, this build uses {SHM_VERSION}",
+                h.version
+            ))
+        } else if h.creator_rank != peer as u64 || h.opener_rank != rank as u64 {
+            Err(format!(
+                "it was made for ranks {} and {}",
+                h.creator_rank, h.opener_rank
+            ))
+        } else if geom.validate().is_err()
+            // Validated first: the geometry's size cannot overflow.
+            || geom.segment_bytes() as u64 != h.segment_bytes
+            || h.segment_bytes != len as u64
+        {
+            Err(format!(
+                "its geometry ({} slots x {} bytes, {} bytes) does not match its size {len}",
+                h.nslots, h.slot_bytes, h.segment_bytes
+            ))
+        } else {
+            Ok(geom)
+        }
+    }
+}
+
 #[repr(C, align(64))]
 struct SideCtl {
     pid: AtomicI32,
@@ -188,6 +229,74 @@ struct SlotDesc {
 }
 
 const _: () = assert!(std::mem::size_of::<SlotDesc>() == 64);
+
+/// What a checked slot descriptor holds for the receive in progress.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotStep {
+    /// The message's header, when the slot starts one.
+    header: Option<MsgHeader>,
+    /// Payload bytes of the message.
+    total: usize,
+    /// Payload bytes delivered before this slot (where the slot's bytes go).
+    done: usize,
+    /// Payload bytes in the slot.
+    len: usize,
+}
+
+impl SlotDesc {
+    /// Checks a descriptor the peer wrote against the receive in progress (`recv`:
+    /// `(message bytes, bytes delivered)`, `None` between messages), in slots of
+    /// `slot_bytes`. Whatever the peer wrote, the step it returns stays inside the slot
+    /// and the message.
+    fn check(
+        &self,
+        recv: Option<(usize, usize)>,
+        slot_bytes: usize,
+    ) -> std::result::Result<SlotStep, String> {
+        let d = self;
+        let (header, total, done) = match recv {
+            None if d.flags & FIRST != 0 => match MsgHeader::decode(bytemuck::bytes_of(&d.header))?
+            {
+                Frame::Message(h) => {
+                    let total = usize::try_from(h.bytes)
+                        .map_err(|_| format!("a message of {} bytes", h.bytes))?;
+                    (Some(h), total, 0)
+                }
+                Frame::Abort(_) => return Err("an abort notice in a slot".into()),
+            },
+            Some((total, done)) if d.flags & FIRST == 0 => (None, total, done),
+            None => {
+                return Err(format!(
+                    "a message continues (flags {:#x}) where one should start",
+                    d.flags
+                ))
+            }
+            Some(_) => {
+                return Err(format!(
+                    "a message starts (flags {:#x}) inside another",
+                    d.flags
+                ))
+            }
+        };
+        let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+        let left = total.saturating_sub(done);
+        if done > total || d.offset != done as u64 || len > slot_bytes || len > left {
+            return Err(format!(
+                "the slot carries {} bytes at offset {} of a {total} byte message, expected \
+                 at most {} at offset {done}",
+                d.len,
+                d.offset,
+                slot_bytes.min(left)
+            ));
+        }
+        Ok(SlotStep {
+            header,
+            total,
+            done,
+            len,
+        })
+    }
+}
 
 /// One direction of the segment, as seen from this process.
 struct Ring {
@@ -334,40 +443,17 @@ impl ShmLink {
         // the header was written by the creator before it published the name, and the
         // bootstrap exchange that carried the name orders that write before this read.
         let h = unsafe { std::ptr::read(std::ptr::addr_of!((*base.cast::<Control>()).header)) };
-        let geom = ShmGeometry {
-            nslots: h.nslots as usize,
-            slot_bytes: h.slot_bytes as usize,
+        let checked = h.check(rank, peer, len);
+        let geom = match checked {
+            Ok(g) => g,
+            Err(p) => {
+                // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
+                unsafe { libc::munmap(base.cast(), len) };
+                return Err(Error::Shm(format!(
+                    "rank {rank}: cannot use {path} from rank {peer}: {p}"
+                )));
+            }
         };
-        let problem = if h.magic != SHM_MAGIC {
-            Some("it is not a hetccl segment".to_string())
-        } else if h.version != SHM_VERSION {
-            Some(format!(
-                "segment version {}, this build uses {SHM_VERSION}",
-                h.version
-            ))
-        } else if h.creator_rank != peer as u64 || h.opener_rank != rank as u64 {
-            Some(format!(
-                "it was made for ranks {} and {}",
-                h.creator_rank, h.opener_rank
-            ))
-        } else if geom.validate().is_err()
-            || geom.segment_bytes() as u64 != h.segment_bytes
-            || h.segment_bytes != len as u64
-        {
-            Some(format!(
-                "its geometry ({} slots x {} bytes, {} bytes) does not match its size {len}",
-                h.nslots, h.slot_bytes, h.segment_bytes
-            ))
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
-            unsafe { libc::munmap(base.cast(), len) };
-            return Err(Error::Shm(format!(
-                "rank {rank}: cannot use {path} from rank {peer}: {p}"
-            )));
-        }
         Ok(ShmLink::attach(name, rank, peer, 1, base, len, geom))
     }
 
@@ -690,30 +776,16 @@ impl Link for ShmLink {
             // SAFETY: slot < nslots; the producer wrote this descriptor before its
             // release store of head, which the acquire load above observed.
             let d = unsafe { std::ptr::read(self.rx.desc.add(slot)) };
-            let (total, done) = match self.recv {
-                None if d.flags & FIRST != 0 => {
-                    sink.header(&d.header)?;
-                    (d.header.bytes as usize, 0)
-                }
-                Some(r) if d.flags & FIRST == 0 => r,
-                _ => {
-                    return Err(self.broken(format!(
-                        "shared-memory ring from peer {} is out of step (slot {} flags {})",
-                        self.peer, self.rx_tail, d.flags
-                    )))
-                }
-            };
-            let len = d.len as usize;
-            if d.offset as usize != done || len > self.geom.slot_bytes || done + len > total {
-                return Err(self.broken(format!(
-                    "shared-memory ring from peer {}: slot carries bytes {}..{} of a {} \
-                     byte message, expected offset {done}",
-                    self.peer,
-                    d.offset,
-                    d.offset + d.len,
-                    total
-                )));
+            let step = d.check(self.recv, self.geom.slot_bytes).map_err(|e| {
+                self.broken(format!(
+                    "shared-memory ring from peer {} is out of step at slot {}: {e}",
+                    self.peer, self.rx_tail
+                ))
+            })?;
+            if let Some(h) = &step.header {
+                sink.header(h)?;
             }
+            let (total, done, len) = (step.total, step.done, step.len);
             if len > 0 {
                 // SAFETY: the slot holds `len <= slot_bytes` bytes the producer wrote
                 // before publishing; it does not touch the slot again until the release
@@ -885,7 +957,106 @@ fn map(fd: i32, len: usize, path: &str, rank: usize) -> Result<*mut u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::alloc_meter::allocated_by;
     use crate::transport::testing::*;
+    use proptest::prelude::*;
+
+    /// A value that is mostly `valid`, sometimes anything.
+    fn mostly<T: Arbitrary + Clone + std::fmt::Debug + 'static>(
+        valid: T,
+    ) -> impl Strategy<Value = T> {
+        prop_oneof![3 => Just(valid), 1 => any::<T>()]
+    }
+
+    proptest! {
+        /// The segment header is written by the peer's process: any values are checked
+        /// without a panic, and only a header that fits the pair and the mapping passes.
+        #[test]
+        fn any_segment_header_is_checked(
+            (nslots, pages) in (2u32..=16, 1u64..=16),
+            rank in 0usize..8,
+            peer in 0usize..8,
+            magic in mostly(SHM_MAGIC),
+            version in mostly(SHM_VERSION),
+            bad_slots in prop::option::weighted(0.2, any::<u32>()),
+            bad_slot_bytes in prop::option::weighted(0.2, any::<u64>()),
+            bad_segment in prop::option::weighted(0.2, any::<u64>()),
+            bad_len in prop::option::weighted(0.2, any::<usize>()),
+            bad_ranks in prop::option::weighted(0.2, (any::<u64>(), any::<u64>())),
+        ) {
+            let geom = ShmGeometry { nslots: nslots as usize, slot_bytes: (pages * 4096) as usize };
+            let (creator, opener) = bad_ranks.unwrap_or((peer as u64, rank as u64));
+            let h = SegHeader {
+                magic,
+                version,
+                nslots: bad_slots.unwrap_or(nslots),
+                slot_bytes: bad_slot_bytes.unwrap_or(pages * 4096),
+                segment_bytes: bad_segment.unwrap_or(geom.segment_bytes() as u64),
+                creator_rank: creator,
+                opener_rank: opener,
+            };
+            let len = bad_len.unwrap_or(geom.segment_bytes());
+            match h.check(rank, peer, len) {
+                Ok(g) => {
+                    prop_assert!(g.validate().is_ok());
+                    prop_assert_eq!(g.segment_bytes(), len);
+                    prop_assert_eq!(g.segment_bytes() as u64, h.segment_bytes);
+                    prop_assert_eq!((h.magic, h.version), (SHM_MAGIC, SHM_VERSION));
+                    prop_assert_eq!((creator, opener), (peer as u64, rank as u64));
+                }
+                Err(e) => prop_assert!(
+                    e == "it is not a hetccl segment"
+                        || e.starts_with("segment version ")
+                        || e.starts_with("it was made for ranks ")
+                        || e.starts_with("its geometry ("),
+                    "{}", e
+                ),
+            }
+        }
+
+        /// Slot descriptors are written by the peer's process: any descriptor, in any
+        /// state of the receive, is checked without a panic or an allocation, and a step
+        /// that passes stays inside its slot and its message.
+        #[test]
+        fn any_slot_descriptor_is_checked(
+            header in prop_oneof![
+                (any::<u64>(), 0usize..1 << 20).prop_map(|(s, n)| header(s, n)),
+                any::<[u8; 32]>().prop_map(|b| bytemuck::pod_read_unaligned(&b)),
+            ],
+            offset in prop::option::weighted(0.5, prop_oneof![0u64..1 << 20, any::<u64>()]),
+            len in prop_oneof![0u64..1 << 17, any::<u64>()],
+            flags in prop_oneof![Just(FIRST), Just(0u64), any::<u64>()],
+            recv in prop::option::of((0usize..1 << 20, 0usize..1 << 20)),
+            slot_pages in 1usize..=16,
+        ) {
+            // Mostly the offset the receive expects, so steps pass too.
+            let offset = offset.unwrap_or(recv.map_or(0, |r| r.1 as u64));
+            let d = SlotDesc { header, offset, len, flags, _pad: 0 };
+            let slot_bytes = slot_pages * 4096;
+            let (r, allocated) = allocated_by(|| d.check(recv, slot_bytes));
+            match r {
+                Ok(step) => {
+                    prop_assert_eq!(allocated, 0);
+                    prop_assert!(step.len <= slot_bytes);
+                    prop_assert!(step.done + step.len <= step.total);
+                    prop_assert_eq!(step.done as u64, offset);
+                    prop_assert_eq!(step.header.is_some(), recv.is_none());
+                    if let Some(h) = step.header {
+                        prop_assert_eq!(h.magic, crate::transport::MSG_MAGIC);
+                        prop_assert_eq!(step.total as u64, h.bytes);
+                    }
+                }
+                Err(e) => prop_assert!(
+                    e.contains("header magic")
+                        || e.contains("where one should start")
+                        || e.contains("inside another")
+                        || e.contains("the slot carries")
+                        || e.contains("abort notice"),
+                    "{}", e
+                ),
+            }
+        }
+    }
 
     fn small() -> ShmGeometry {
         ShmGeometry {

@@ -1027,6 +1027,94 @@ mod tests {
         (a, b)
     }
 
+    /// Counts what it receives; allocates nothing, and refuses messages over 1 MiB.
+    #[derive(Default)]
+    struct CountSink {
+        header: Option<MsgHeader>,
+        got: usize,
+    }
+
+    impl RecvSink for CountSink {
+        fn header(&mut self, h: &MsgHeader) -> Result<()> {
+            if h.bytes > 1 << 20 {
+                return Err(Error::invalid("CountSink", String::new()));
+            }
+            self.header = Some(*h);
+            Ok(())
+        }
+
+        fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+            assert_eq!(offset, self.got, "pieces in order");
+            self.got += bytes.len();
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever a peer writes (a header, mutated or not, then anything, or only
+        /// garbage) and then closing: the receive completes with exactly the message the
+        /// header announced, or fails naming the problem; never a panic, and no
+        /// allocation while it is under way whatever the header says.
+        #[test]
+        fn any_stream_is_received_or_refused_without_allocating(
+            head in proptest::option::of((
+                0usize..20_000,
+                proptest::collection::vec((0usize..HEADER_BYTES, 1u8..=255), 0..2),
+            )),
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            second in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+        ) {
+            let (mut a, b) = pair(2, 4096);
+            let mut first = Vec::new();
+            if let Some((n, flips)) = &head {
+                first.extend_from_slice(bytemuck::bytes_of(&header(1, *n)));
+                for &(at, x) in flips {
+                    first[at] ^= x;
+                }
+            }
+            first.extend_from_slice(&rest);
+            (&b.socks[0]).write_all(&first).unwrap();
+            (&b.socks[1]).write_all(&second).unwrap();
+            drop(b);
+            let mut sink = CountSink::default();
+            let mut allocated = 0;
+            let t0 = Instant::now();
+            let r = loop {
+                let (r, n) = crate::transport::alloc_meter::allocated_by(|| a.poll_recv(&mut sink));
+                match r {
+                    Ok(true) => break Ok(allocated + n),
+                    Ok(false) => {
+                        allocated += n;
+                        proptest::prop_assert!(t0.elapsed() < Duration::from_secs(10), "stuck");
+                        std::thread::yield_now();
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match r {
+                Ok(allocated) => {
+                    proptest::prop_assert_eq!(allocated, 0);
+                    let h = sink.header.unwrap();
+                    proptest::prop_assert_eq!(h.magic, crate::transport::MSG_MAGIC);
+                    proptest::prop_assert_eq!(sink.got as u64, h.bytes);
+                }
+                Err(e) => {
+                    proptest::prop_assert_eq!(allocated, 0);
+                    let text = e.to_string();
+                    proptest::prop_assert!(
+                        matches!(e, Error::InvalidArgument { op: "CountSink", .. })
+                            || text.contains("closed the connection")
+                            || text.contains("is out of step: header magic")
+                            || text.contains("aborted the TCP link"),
+                        "{}", text
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn stripes_cover_the_message() {
         // 10 stripes of 64 over 4 sockets, the last one 8 bytes short.
