@@ -391,8 +391,13 @@ pub fn connect_all(
         link.unlink();
     }
     let attached = attached?;
-    let opened = opened?;
+    let mut opened = opened?;
     others_ok(&attached, rank, "attach its shared-memory segments")?;
+    // Every peer has attached, so its pid is in the segment: watch it from now on (one
+    // descriptor per link, opened here rather than at the first long wait).
+    for (_, link) in created.iter_mut().chain(opened.iter_mut()) {
+        link.watch_peer();
+    }
 
     // 3. TCP: accept from higher ranks while connecting to lower ones.
     let higher: Vec<usize> = (rank + 1..world)

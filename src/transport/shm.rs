@@ -648,6 +648,13 @@ impl ShmLink {
         false
     }
 
+    /// Starts watching the peer's process, once it has attached (its pid is in the
+    /// control page); a no-op before that and after the first time. Checks of the peer
+    /// start it themselves if nobody did.
+    pub fn watch_peer(&mut self) {
+        self.peer_process_alive();
+    }
+
     /// Whether the peer's process still runs, as far as this side can tell. The watch
     /// starts once the peer has attached (its pid is in the control page).
     fn peer_process_alive(&mut self) -> bool {
