@@ -540,6 +540,13 @@ impl Communicator {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// Overrides `HETCCL_ALGO` for the calls that follow. Like the variable, it must
+    /// be the same on every rank: call it at the same point of the call sequence
+    /// everywhere. `&mut self`: no operation is in flight meanwhile.
+    pub fn set_algorithm(&mut self, algo: AlgoChoice) {
+        self.cfg.algo = algo;
+    }
+
     /// The link used to reach `peer` (`None` for self).
     pub fn link_kind(&self, peer: usize) -> Option<LinkKind> {
         self.link_kinds.get(peer).copied().flatten()
