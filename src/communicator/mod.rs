@@ -335,7 +335,12 @@ impl Progress {
                 }
                 e => AbortCause::of_error(e, self.rank),
             };
-            self.fail(e.to_string(), cause);
+            // Later calls say "unusable after an earlier error: <why>" once, not twice.
+            let why = match e {
+                Error::Broken(why) => why.clone(),
+                e => e.to_string(),
+            };
+            self.fail(why, cause);
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
         }
         r
@@ -1648,6 +1653,40 @@ mod tests {
                 (text(first), text(second), text(next))
             })
         })
+    }
+
+    #[test]
+    fn abort_from_another_thread_ends_queued_work_too() {
+        // Three all-reduces queued on rank 0, whose peer never joins; the timeout is
+        // 20 s, so only the abort ends them within the limit.
+        let errs = within(std::time::Duration::from_secs(10), || {
+            let comms = world(2, 2, AlgoChoice::Ring);
+            std::thread::scope(|s| {
+                let c = &comms[0];
+                let waiter = s.spawn(move || {
+                    let mut bufs = [[1.0f32; 100]; 3];
+                    c.scope(|sc| {
+                        let hs: Vec<_> = bufs
+                            .iter_mut()
+                            .map(|b| sc.all_reduce(b, ReduceOp::Sum).unwrap())
+                            .collect();
+                        hs.into_iter()
+                            .map(|h| h.wait().unwrap_err().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                });
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                c.abort();
+                waiter.join().unwrap()
+            })
+        });
+        for e in &errs {
+            assert_eq!(
+                e,
+                "communicator is unusable after an earlier error: rank 0: all_reduce #0 \
+                 aborted by the application"
+            );
+        }
     }
 
     #[test]
