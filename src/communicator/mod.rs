@@ -516,9 +516,23 @@ impl Communicator {
 
     /// Gives up on the communicator from any thread: an operation blocked on a peer
     /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
-    /// every later call fails. For watchdogs, like `ncclCommAbort`.
+    /// every later call fails. For watchdogs, like `ncclCommAbort`. Never blocks: when
+    /// no operation runs, the links are closed at once (peers waiting on this rank learn
+    /// that its application aborted it); otherwise the running operation closes them.
     pub fn abort(&self) {
         self.abort.store(true, Ordering::Relaxed);
+        let idle = match self.progress.try_lock() {
+            Ok(p) => Some(p),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut p) = idle {
+            let rank = p.rank;
+            p.fail(
+                "aborted by the application".into(),
+                AbortCause::new(AbortKind::Aborted, rank),
+            );
+        }
     }
 
     /// This rank.
@@ -1656,6 +1670,28 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_abort_reaches_the_peers_at_once() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        comms[0].abort();
+        let t0 = std::time::Instant::now();
+        let e = comms[1]
+            .all_reduce(&mut [1.0f32; 100], ReduceOp::Sum)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up because the \
+             application aborted rank 0's communicator"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let again = comms[0].barrier().unwrap_err().to_string();
+        assert_eq!(
+            again,
+            "communicator is unusable after an earlier error: aborted by the application"
+        );
+    }
+
+    #[test]
     fn abort_from_another_thread_ends_queued_work_too() {
         // Three all-reduces queued on rank 0, whose peer never joins; the timeout is
         // 20 s, so only the abort ends them within the limit.
@@ -1680,11 +1716,15 @@ mod tests {
                 waiter.join().unwrap()
             })
         });
+        // The running all-reduce notices the abort (or, had the abort come before the
+        // progress thread took it up, the idle abort broke the communicator first).
         for e in &errs {
-            assert_eq!(
-                e,
-                "communicator is unusable after an earlier error: rank 0: all_reduce #0 \
-                 aborted by the application"
+            assert!(
+                e == "communicator is unusable after an earlier error: rank 0: all_reduce #0 \
+                      aborted by the application"
+                    || e == "communicator is unusable after an earlier error: aborted by the \
+                             application",
+                "{e}"
             );
         }
     }
