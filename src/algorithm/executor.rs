@@ -746,8 +746,9 @@ pub(crate) fn timeout_note(peer: usize, world_size: usize, seen: Option<String>)
     }
 }
 
-/// A peer that gave up waiting for this rank while this rank was itself waiting for
-/// another: says whom this rank waited for, where the stall more likely lies.
+/// A peer that gave up while this rank was waiting for another peer (typically: gave up
+/// waiting for this rank, which was itself held up): says whom this rank waited for,
+/// where the stall more likely lies.
 fn waiting_note(
     e: Error,
     ctx: &ExecCtx,
@@ -762,10 +763,7 @@ fn waiting_note(
             seq,
             cause,
             note,
-        } if note.is_empty()
-            && cause.kind == crate::error::AbortKind::TimedOut
-            && cause.rank == ctx.rank =>
-        {
+        } if note.is_empty() => {
             let (p, what) = blocked_on(active, sends, recvs, done, sched);
             let note = if p == peer {
                 note
