@@ -48,10 +48,13 @@ fn oversubscribe(n: usize) -> &'static [&'static str] {
 }
 
 fn run(c: &mut Command, what: &str) -> Outcome {
-    let out = collect(vec![c.spawn().expect("spawn mpirun")], Duration::from_secs(120))
-        .into_iter()
-        .next()
-        .unwrap();
+    let out = collect(
+        vec![c.spawn().expect("spawn mpirun")],
+        Duration::from_secs(120),
+    )
+    .into_iter()
+    .next()
+    .unwrap();
     assert!(
         out.code == Some(0) && !out.hung,
         "{what}: mpirun exited {:?} (hung {}):\n{}",
@@ -232,5 +235,8 @@ fn two_mpirun_jobs_at_once_do_not_collide() {
         assert_eq!(p.len(), 1, "job {j}: one store, on loopback:\n{}", o.output);
         ports.push(p[0].clone());
     }
-    assert_ne!(ports[0], ports[1], "both jobs served their store on one port");
+    assert_ne!(
+        ports[0], ports[1],
+        "both jobs served their store on one port"
+    );
 }

@@ -227,6 +227,28 @@ fn env_with_key(
     }
 }
 
+/// The key file through which rank 0 hands the job key to the ranks of a one-host job
+/// (see [`keyfile`]), named from the launcher's job identity and the store address;
+/// `None` when the launcher gives neither. Makes the private directory if missing.
+pub fn key_file(cfg: &Config) -> Result<Option<KeyFile>> {
+    let master = cfg
+        .launch
+        .master_addr
+        .as_ref()
+        .zip(cfg.launch.master_port)
+        .map(|(h, p)| format!("{h}:{p}"));
+    if cfg.launch.job_identity.is_none() && master.is_none() {
+        return Ok(None);
+    }
+    let identity = format!(
+        "{}|{}|{}",
+        cfg.launch.source,
+        cfg.launch.job_identity.as_deref().unwrap_or(""),
+        master.unwrap_or_default()
+    );
+    KeyFile::new(&keyfile::key_dir(cfg), cfg.launch.source, &identity).map(Some)
+}
+
 /// `env://` on one host with no key given: rank 0 makes one and publishes it, with its
 /// store's port, in the job's key file; the others wait for the file and connect.
 fn env_with_key_file(
@@ -236,24 +258,14 @@ fn env_with_key_file(
     world: usize,
 ) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
     let source = cfg.launch.source;
-    let identity = match (&cfg.launch.job_identity, &master) {
-        (None, None) => {
-            return Err(Error::Bootstrap(format!(
-                "rank {rank} of {world} (from {source} variables): with no MASTER_ADDR and \
-                 MASTER_PORT the ranks find each other by the launcher's name for the job, and \
-                 the {source} variables carry none; set MASTER_ADDR=127.0.0.1 and MASTER_PORT \
-                 to a free port, or HETCCL_JOB_KEY with them"
-            )))
-        }
-        (id, m) => format!(
-            "{source}|{}|{}",
-            id.as_deref().unwrap_or(""),
-            m.as_ref()
-                .map(|(h, p)| format!("{h}:{p}"))
-                .unwrap_or_default()
-        ),
+    let Some(kf) = key_file(cfg)? else {
+        return Err(Error::Bootstrap(format!(
+            "rank {rank} of {world} (from {source} variables): with no MASTER_ADDR and \
+             MASTER_PORT the ranks find each other by the launcher's name for the job, and \
+             the {source} variables carry none; set MASTER_ADDR=127.0.0.1 and MASTER_PORT \
+             to a free port, or HETCCL_JOB_KEY with them"
+        )));
     };
-    let kf = KeyFile::new(&keyfile::key_dir(cfg), source, &identity)?;
     let job_id = match (&cfg.job_id, &master) {
         (Some(id), _) => id.clone(),
         (None, Some((h, p))) => format!("env:{h}:{p}"),
@@ -290,12 +302,19 @@ fn env_with_key_file(
         .unwrap_or_else(|| "127.0.0.1".into());
     let want_port = master.as_ref().map(|(_, p)| *p);
     let path = kf.path().display().to_string();
+    let store = match want_port {
+        Some(p) => format!(" for its store at {host}:{p}"),
+        None => String::new(),
+    };
     let (client, auth) = TcpStoreClient::connect_to(rank, timeout, || {
         Ok(match kf.read()? {
-            None => Whereabouts::NotYet(format!("rank 0 has not written the key file {path}")),
+            None => {
+                Whereabouts::NotYet(format!("rank 0 has not written the key file {path}{store}"))
+            }
             Some(c) if want_port.is_some_and(|p| p != c.port) => Whereabouts::NotYet(format!(
-                "the key file {path} names port {}, not MASTER_PORT (left by an earlier job?)",
-                c.port
+                "the key file {path} names port {}, not MASTER_PORT {} (left by an earlier job?)",
+                c.port,
+                want_port.unwrap_or_default()
             )),
             Some(c) => Whereabouts::At(StoreTarget {
                 host: host.clone(),
@@ -561,6 +580,23 @@ mod tests {
             e,
             format!("bootstrap: rank 1: cannot reach rank 0's store at 127.0.0.1:{port} after 1s: connection refused")
         );
+        // Without a key the rank waits for rank 0's key file first, and says so.
+        let c = cfg(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &p),
+            ("HETCCL_CONNECT_TIMEOUT", "1"),
+        ]);
+        let path = key_file(&c).unwrap().unwrap().path().display().to_string();
+        let e = from_config(&c).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "bootstrap: rank 1: found no store of rank 0 after 1s: rank 0 has not written \
+                 the key file {path} for its store at 127.0.0.1:{port}"
+            )
+        );
     }
 
     #[test]
@@ -710,18 +746,7 @@ mod tests {
     }
 
     fn key_file_of(c: &Config) -> KeyFile {
-        let id = format!(
-            "{}|{}|{}",
-            c.launch.source,
-            c.launch.job_identity.as_deref().unwrap_or(""),
-            c.launch
-                .master_addr
-                .as_ref()
-                .map(|h| format!("{h}:{}", c.launch.master_port.unwrap()))
-                .unwrap_or_default()
-        );
-        let dir = keyfile::key_dir(c);
-        KeyFile::new(&dir, c.launch.source, &id).unwrap()
+        key_file(c).unwrap().unwrap()
     }
 
     #[test]

@@ -521,18 +521,20 @@ impl Shared {
                         .collect(),
                 );
             }
-            if st.stopping {
-                return Reply::Error("rank 0's store is shutting down".into());
-            }
             // A rank that is gone will not set its keys: answer now rather than at the
             // timeout (values already there were returned above, so the ranks still
-            // reading the last round are not failed by one that finished and left).
+            // reading the last round are not failed by one that finished and left). This
+            // comes before the stop below: rank 0 stops its store when it fails for the
+            // same reason, and the others should hear the reason, not the stop.
             if st
                 .ranks
                 .iter()
                 .any(|r| matches!(r, RankState::Left | RankState::Died(_)))
             {
                 return Reply::Ranks(st.ranks.clone());
+            }
+            if st.stopping {
+                return Reply::Error("rank 0's store is shutting down".into());
             }
             let left = deadline.map_or(Duration::MAX, |d| {
                 d.saturating_duration_since(Instant::now())
@@ -917,11 +919,15 @@ impl StoreServer {
         }
         let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
         for (s, _) in &conns {
-            // Wakes the connection thread out of its blocking read.
-            let _ = s.shutdown(Shutdown::Both);
+            // Wakes the connection thread out of its blocking read, but lets it finish
+            // the reply it may be writing (a blocked GET's answer, woken above), within a
+            // bound: a client that does not read cannot hold the stop.
+            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = s.shutdown(Shutdown::Read);
         }
-        for (_, h) in conns {
+        for (s, h) in conns {
             let _ = h.join();
+            let _ = s.shutdown(Shutdown::Both);
         }
         tracing::debug!("store on {} stopped", self.addr);
     }

@@ -414,9 +414,11 @@ pub fn connect_all(
         error: tcp_links.as_ref().err().map(|e| e.to_string()),
         ..SetupBlob::default()
     };
-    let done = exchange(boot, &status)?;
+    // This rank's own failure first: it names the peer it could not link with, where the
+    // exchange can only say that a rank is gone.
+    let done = exchange(boot, &status);
     let tcp_links = tcp_links?;
-    others_ok(&done, rank, "connect its TCP links")?;
+    others_ok(&done?, rank, "connect its TCP links")?;
 
     let mut links: Vec<Option<Box<dyn Link>>> = (0..world).map(|_| None).collect();
     for (j, l) in created.into_iter().chain(opened) {
