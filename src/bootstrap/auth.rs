@@ -792,6 +792,56 @@ mod tests {
             .unwrap();
     }
 
+    /// Random bytes from a fake acceptor: the connector fails (it cannot be fooled into
+    /// success without the key) within its deadline, never panics or hangs.
+    #[test]
+    fn random_replies_fail_the_connector() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let a = JobAuth::new("stream", "k");
+        let l = std::sync::Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
+        let addr = l.local_addr().unwrap();
+        let strategy = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..120),
+            // A refusal's magic, then anything.
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|t| {
+                let mut v = REFUSE.to_vec();
+                v.extend(t);
+                v
+            }),
+            // A challenge's magic, then anything.
+            proptest::collection::vec(any::<u8>(), 0..80).prop_map(|t| {
+                let mut v = MAGIC.to_vec();
+                v.extend(t);
+                v
+            }),
+        ];
+        let mut runner = TestRunner::new(Config::with_cases(48));
+        runner
+            .run(&strategy, |bytes| {
+                let l = l.clone();
+                let t = std::thread::spawn(move || {
+                    let (mut s, _) = l.accept().unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    let _ = s.read_exact(&mut hello);
+                    let _ = s.write_all(&bytes);
+                    // Nothing more comes: the connector sees the end at once.
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest);
+                });
+                let mut s = TcpStream::connect(addr).unwrap();
+                let start = Instant::now();
+                let r = a.connect_handshake_detailed(&mut s, 1, 0, Duration::from_millis(300));
+                drop(s);
+                t.join().unwrap();
+                prop_assert!(r.is_err());
+                prop_assert!(start.elapsed() < Duration::from_secs(3));
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn refusal_log_shows_a_few_then_counts() {
         let log = RefusalLog::new("test");
