@@ -20,6 +20,10 @@
 //! key <64 hex digits>
 //! ```
 //!
+//! The key line holds the job key, or, when every rank was given `HETCCL_JOB_KEY` (and
+//! the file only carries the port), a digest of it that tells this job's file from an
+//! earlier job's without revealing the key.
+//!
 //! Rank 0 writes it to a temporary name and renames it, so readers see all of it or
 //! nothing, and removes it once every rank has joined (or when its store stops). A file
 //! left by a crashed earlier job with the same identity names a dead store or proves

@@ -124,7 +124,13 @@ pub fn from_config(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
                 (Some(a), Some(p)) => Some((a.clone(), p)),
                 _ => None,
             };
-            match (&cfg.job_key, one_host(cfg, world, master.as_ref())) {
+            let local = one_host(cfg, world, master.as_ref());
+            match (&cfg.job_key, local) {
+                // One host and no store address: the key file carries the port.
+                (Some(_), Some(why)) if master.is_none() => {
+                    tracing::debug!("rank {rank}: all {world} ranks on this host ({why})");
+                    env_with_key_file(cfg, master, rank, world)
+                }
                 (Some(key), _) => {
                     let Some((host, port)) = master else {
                         return Err(missing_master(cfg, rank, world));
@@ -249,8 +255,9 @@ pub fn key_file(cfg: &Config) -> Result<Option<KeyFile>> {
     KeyFile::new(&keyfile::key_dir(cfg), cfg.launch.source, &identity).map(Some)
 }
 
-/// `env://` on one host with no key given: rank 0 makes one and publishes it, with its
-/// store's port, in the job's key file; the others wait for the file and connect.
+/// `env://` on one host with no key given (or no store address): rank 0 makes a key
+/// (or takes `HETCCL_JOB_KEY`) and publishes it, with its store's port, in the job's key
+/// file; the others wait for the file and connect (with `HETCCL_JOB_KEY` when given).
 fn env_with_key_file(
     cfg: &Config,
     master: Option<(String, u16)>,
@@ -276,8 +283,12 @@ fn env_with_key_file(
             .unwrap_or_else(|| source.to_string()),
     };
     let timeout = cfg.connect_timeout;
+    let given = cfg.job_key.as_deref();
+    // With HETCCL_JOB_KEY every rank holds the key already: the file then carries only
+    // a digest of it, which tells this job's file from an earlier job's.
+    let digest = given.map(key_digest);
     if rank == 0 {
-        let key = auth::random_key();
+        let key = given.map_or_else(auth::random_key, str::to_string);
         let auth = JobAuth::new(&job_id, &key);
         let (addr, non_local) = match &master {
             Some((h, p)) => (format!("{h}:{p}"), non_local_bind(cfg)?),
@@ -292,7 +303,10 @@ fn env_with_key_file(
             non_local,
         )?;
         let port = server.local_addr().port();
-        let published = kf.publish(&KeyFileContent { port, key })?;
+        let published = kf.publish(&KeyFileContent {
+            port,
+            key: digest.clone().unwrap_or(key),
+        })?;
         let b = TcpBootstrap::serving(server, world, timeout, Some(published))?;
         return Ok((Box::new(b), auth));
     }
@@ -316,10 +330,16 @@ fn env_with_key_file(
                 c.port,
                 want_port.unwrap_or_default()
             )),
+            Some(c) if digest.as_ref().is_some_and(|d| *d != c.key) => {
+                Whereabouts::NotYet(format!(
+                    "the key file {path} was written for another HETCCL_JOB_KEY (left by an \
+                     earlier job?)"
+                ))
+            }
             Some(c) => Whereabouts::At(StoreTarget {
                 host: host.clone(),
                 port: c.port,
-                auth: JobAuth::new(&job_id, &c.key),
+                auth: JobAuth::new(&job_id, given.unwrap_or(&c.key)),
                 may_be_stale: true,
             }),
         })
@@ -327,6 +347,15 @@ fn env_with_key_file(
     let addr = client.addr().to_string();
     let b = TcpBootstrap::joined(client, &addr, rank, world, timeout)?;
     Ok((Box::new(b), auth))
+}
+
+/// 64 hex digits naming `key` without revealing it.
+fn key_digest(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("hetccl key file digest\n{key}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `file://` with no key given: the directory must be closed to other users; rank 0's
@@ -796,6 +825,31 @@ mod tests {
         });
         assert!(seen[0].starts_with("openmpi-"), "{}", seen[0]);
         assert!(seen.iter().all(|id| id == &seen[0]), "{seen:?}");
+    }
+
+    #[test]
+    fn a_given_key_on_one_host_needs_no_store_address_and_stays_out_of_the_file() {
+        let hnp = format!("1.0;tcp://127.0.0.1:{}", free_port());
+        let vars = [
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("OMPI_MCA_ess_base_jobid", "78"),
+            ("OMPI_MCA_orte_hnp_uri", hnp.as_str()),
+            ("HETCCL_JOB_KEY", "my-own-secret"),
+        ];
+        let c = cfg(&[&vars[..], &[("OMPI_COMM_WORLD_RANK", "1")]].concat());
+        let path = key_file_of(&c).path().to_path_buf();
+        let seen = ranks(2, "OMPI_COMM_WORLD_RANK", &vars, move |rank, mut b, _| {
+            let text = (rank == 1).then(|| std::fs::read_to_string(&path).unwrap());
+            b.all_gather(&[rank as u8]).unwrap();
+            text
+        });
+        let text = seen[1].clone().unwrap();
+        assert!(!text.contains("my-own-secret"), "{text}");
+        assert!(
+            text.ends_with(&format!("key {}\n", key_digest("my-own-secret"))),
+            "{text}"
+        );
     }
 
     #[test]
