@@ -500,9 +500,12 @@ mod tests {
         let (e1, took1) = r1.join().unwrap();
         let why = "rank 2 died (its connection to the store closed without a goodbye: killed, \
                    crashed, or exited without closing its communicator)";
-        assert_eq!(
-            e0,
-            format!("bootstrap: rank 0: all_gather #1 cannot complete: {why} (store at 127.0.0.1:{port})")
+        // (Rank 1 may have left by the time rank 0 looks: it would be named after.)
+        assert!(
+            e0.starts_with(&format!(
+                "bootstrap: rank 0: all_gather #1 cannot complete: {why}"
+            )) && e0.ends_with(&format!("(store at 127.0.0.1:{port})")),
+            "{e0}"
         );
         assert_eq!(
             e1,
@@ -515,6 +518,6 @@ mod tests {
         // Link setup, which waits outside the store, hears it too (and that rank 1 has
         // left since, with a goodbye).
         let gone = r0.liveness().unwrap().gone().unwrap();
-        assert!(gone.ends_with(why), "{gone}");
+        assert!(gone.starts_with(why), "{gone}");
     }
 }
