@@ -902,14 +902,23 @@ pub fn connect_link(
         let timeout = HANDSHAKE_TIMEOUT
             .min(deadline.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(100));
-        auth.connect_handshake(&mut s, rank as u32, k as u32, timeout)
-            .map_err(|e| Error::Link {
+        if let Err(e) = auth.connect_handshake(&mut s, rank as u32, k as u32, timeout) {
+            // A peer killed during its handshake resets it; say that it died if the
+            // bootstrap can tell, rather than only that the handshake failed.
+            if let Some(gone) = gone_after_failure(live) {
+                return Err(Error::Bootstrap(format!(
+                    "rank {rank}: link setup stopped while connecting to rank {peer} at \
+                     {addr}: {gone}"
+                )));
+            }
+            return Err(Error::Link {
                 peer,
                 detail: format!(
                     "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {e}"
                 ),
                 lost: false,
-            })?;
+            });
+        }
         socks.push(s);
     }
     TcpLink::new(rank, peer, socks, stripe)
@@ -923,6 +932,23 @@ fn ask_liveness(live: &dyn Liveness, asked: &mut Instant) -> Option<String> {
     }
     *asked = Instant::now();
     live.gone()
+}
+
+/// After a failure talking to a peer: what `live` says is gone, if it learns it within a
+/// second (a killed process's sockets and its store connection close together, but the
+/// store may hear of it a moment later). `None`: nobody is known gone.
+fn gone_after_failure(live: Option<&dyn Liveness>) -> Option<String> {
+    let live = live?;
+    let start = Instant::now();
+    loop {
+        if let Some(gone) = live.gone() {
+            return Some(gone);
+        }
+        if start.elapsed() >= Duration::from_secs(1) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn connect_retry(
@@ -957,11 +983,17 @@ fn connect_retry(
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
+                if let Some(gone) = gone_after_failure(live) {
+                    return Err(Error::Bootstrap(format!(
+                        "rank {rank}: link setup stopped while connecting to rank {peer} at \
+                         {addr}: {gone}"
+                    )));
+                }
                 return Err(Error::Link {
                     peer,
                     detail: format!("rank {rank} could not connect to rank {peer} at {addr}: {e}"),
                     lost: false,
-                })
+                });
             }
         }
     }
@@ -1241,6 +1273,57 @@ mod tests {
             )
         );
         drop(t.join().unwrap());
+    }
+
+    /// A bootstrap that knows rank 2 died.
+    struct Rank2Died;
+
+    impl Liveness for Rank2Died {
+        fn gone(&self) -> Option<String> {
+            Some("rank 2 died (killed)".into())
+        }
+    }
+
+    #[test]
+    fn a_rank_known_dead_ends_link_setup_at_once() {
+        // Accepting: rank 2 will never connect, and the bootstrap says why.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let start = Instant::now();
+        let e = accept_links(&l, &auth(), 0, &[2], 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bootstrap: rank 0: link setup stopped while waiting for rank(s) [2] to connect \
+                 to {addr}: rank 2 died (killed)"
+            )
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Connecting: nobody listens any more.
+        drop(l);
+        let e = connect_link(addr, &auth(), 3, 2, 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bootstrap: rank 3: link setup stopped while connecting to rank 2 at {addr}: \
+                 rank 2 died (killed)"
+            )
+        );
+        // A listener whose process dies during the handshake: the connection resets.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || drop(l.accept().unwrap()));
+        let e = connect_link(addr, &auth(), 3, 2, 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        t.join().unwrap();
+        assert!(e.to_string().ends_with("rank 2 died (killed)"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[test]
