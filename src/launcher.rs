@@ -807,7 +807,7 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
         let mut blamed = None;
         for (rank, st) in exited {
             statuses[rank] = Some(st);
-            before_failure[rank] = first_failure.is_none() && suspect.is_none();
+            before_failure[rank] = first_failure.is_none() && suspect.is_none() && blamed.is_none();
             tracing::debug!("rank {rank} {}", describe_status(st));
             let stopping = interrupted.is_some() || first_failure.is_some() || blamed.is_some();
             if st.success() || stopping {

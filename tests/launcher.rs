@@ -380,18 +380,24 @@ fn killed_rank_is_blamed(n: usize, victim: usize, env: &[(&str, &str)], extra: &
     let rest = said[1]
         .strip_prefix(&format!("{}; ", sigkill(victim)))
         .unwrap_or_else(|| panic!("{what}:\n{stderr}"));
-    // Every other rank's fate, each rank once: "rank 1 ...", "ranks 0, 1, 3 ...".
+    // Every other rank's fate, each rank once, all after the killed one: "rank 1 ... after
+    // it", "ranks 0, 1, 3 ... after it".
     let mut named: Vec<usize> = rest
         .split("; ")
         .flat_map(|group| {
+            assert!(group.ends_with(" after it"), "{what}:\n{stderr}");
             let list = group
                 .strip_prefix("ranks ")
                 .or_else(|| group.strip_prefix("rank "))
-                .unwrap();
-            let end = list.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+                .unwrap_or_else(|| panic!("{what}: {group:?}"));
+            let end = list.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0);
             list[..end]
                 .split(", ")
-                .map(|r| r.trim().parse::<usize>().unwrap())
+                .map(|r| {
+                    r.trim()
+                        .parse::<usize>()
+                        .unwrap_or_else(|e| panic!("{what}: {group:?}: {e}"))
+                })
                 .collect::<Vec<_>>()
         })
         .collect();
