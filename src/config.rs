@@ -132,6 +132,8 @@ pub struct LaunchEnv {
     pub master_port: Option<u16>,
     /// Which launcher set these (`torchrun`, `openmpi`, `pmi`, `slurm`).
     pub source: &'static str,
+    /// `HETCCL_LAUNCHER_FD`: the socket `hetccl run` hands each rank to watch for its exit.
+    pub launcher_fd: Option<i32>,
 }
 
 /// Log verbosity (`HETCCL_DEBUG`).
@@ -477,6 +479,9 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
     let pu = |k: &str| v.parse_usize(k, 0, 1 << 24);
     let mut env = LaunchEnv {
         master_addr: v.string("MASTER_ADDR"),
+        launcher_fd: v
+            .parse_usize("HETCCL_LAUNCHER_FD", 0, i32::MAX as usize)?
+            .map(|fd| fd as i32),
         ..LaunchEnv::default()
     };
     env.master_port = match v.get("MASTER_PORT") {

@@ -21,7 +21,7 @@ use hetccl::{Communicator, Config};
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
+        .with_writer(hetccl::log::stderr)
         .init();
     let cli = Cli::parse();
     match run(&cli) {
