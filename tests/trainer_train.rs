@@ -63,8 +63,8 @@ fn setup(dir: &Path, steps: u64, batch: usize) -> (TrainConfig, RunOptions) {
     cfg.lr = 2e-3;
     cfg.eval_every = 0;
     cfg.val_samples = 8;
-    run.data = small_corpus(dir);
-    run.vocab = repo().join("data/bert-base-uncased-vocab.txt");
+    run.data = small_corpus(dir).into();
+    run.vocab = repo().join("data/bert-base-uncased-vocab.txt").into();
     run.progress = false;
     run.threads = 1;
     (cfg, run)
@@ -362,7 +362,7 @@ fn resume_refuses_another_corpus() {
         "to be or not to be, that is the question. ".repeat(200),
     )
     .unwrap();
-    run.data = other;
+    run.data = other.into();
     run.resume = Some(dir.join("a.ckpt"));
     let err = with_threads(1, || train(&cfg, &run, &SingleProcess))
         .unwrap()

@@ -3,13 +3,15 @@
 use std::path::PathBuf;
 
 use super::config::{RunOptions, Settings, TrainConfig};
+use super::files::Origin;
 use crate::error::Result;
 
 /// Pretrain a BERT masked-LM on a text corpus, data-parallel over hetccl ranks.
 #[derive(Debug, clap::Parser)]
 #[command(name = "hetccl-bert", version)]
 pub struct Cli {
-    /// TOML settings file (keys as the flags, snake_case); flags override it.
+    /// TOML settings file (keys as the flags, snake_case; paths in it are relative to
+    /// it); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Settings (model, optimizer, data, balance).
@@ -49,7 +51,20 @@ impl Cli {
             Some(p) => Settings::from_toml_file(p)?,
             None => Settings::default(),
         };
-        let (cfg, mut run) = base.merge(self.settings.clone()).resolve(default_threads)?;
+        let flags = &self.settings;
+        let origin =
+            |key: &'static str, flag: &'static str, in_file: bool| match (&self.config, in_file) {
+                (Some(file), true) => Origin::ConfigFile {
+                    key,
+                    file: file.clone(),
+                },
+                _ => Origin::Flag(flag),
+            };
+        let data_origin = origin("data", "--data", flags.data.is_none());
+        let vocab_origin = origin("vocab", "--vocab", flags.vocab.is_none());
+        let (cfg, mut run) = base.merge(flags.clone()).resolve(default_threads)?;
+        run.data = run.data.with_origin(data_origin);
+        run.vocab = run.vocab.with_origin(vocab_origin);
         run.checkpoint = (!self.no_checkpoint).then(|| self.checkpoint.clone());
         run.resume = self.resume.clone();
         run.metrics_out = Some(self.metrics_out.clone());

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::compression::WireFormat;
 use crate::config::CompressMode;
 
+use super::files::{read_limited, shown, DataFile};
 use super::model::ModelConfig;
 use super::optim::AdamWConfig;
 use crate::error::{Error, Result};
@@ -110,9 +111,9 @@ pub enum Balance {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunOptions {
     /// Text corpus.
-    pub data: PathBuf,
+    pub data: DataFile,
     /// WordPiece vocabulary.
-    pub vocab: PathBuf,
+    pub vocab: DataFile,
     /// Checkpoint file (atomically replaced); `None`: no checkpoints.
     pub checkpoint: Option<PathBuf>,
     /// Checkpoint every this many steps (0: only at the end).
@@ -223,10 +224,10 @@ pub struct Settings {
     /// Checkpoint interval in steps.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Text corpus (default data/tinyshakespeare.txt).
+    /// Text corpus (default: data/tinyshakespeare.txt, built in).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Vocabulary file (default data/bert-base-uncased-vocab.txt).
+    /// Vocabulary file (default: data/bert-base-uncased-vocab.txt, built in).
     #[arg(long)]
     pub vocab: Option<PathBuf>,
     /// equal | auto.
@@ -249,6 +250,9 @@ pub struct Settings {
     pub compress_format: Option<String>,
 }
 
+/// Largest settings file read (bytes); the shipped ones are under 1 kB.
+pub const CONFIG_MAX_BYTES: u64 = 1 << 20;
+
 macro_rules! merge_fields {
     ($base:ident, $over:ident; $($f:ident),*) => {
         Settings { $($f: $over.$f.or($base.$f)),* }
@@ -256,17 +260,34 @@ macro_rules! merge_fields {
 }
 
 impl Settings {
-    /// Reads a TOML file of settings (unknown keys are refused).
+    /// Reads a TOML file of settings of at most [`CONFIG_MAX_BYTES`] (unknown keys are
+    /// refused). Relative `data` and `vocab` paths in it are made relative to the file.
     pub fn from_toml_file(path: &Path) -> Result<Settings> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let bytes = read_limited(path, "config", CONFIG_MAX_BYTES)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::invalid(
+                "Settings::from_toml_file",
+                format!(
+                    "{} is not UTF-8 text (invalid byte at offset {})",
+                    shown(path).display(),
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
+        let mut s = Self::from_toml(&text).map_err(|e| match e {
             Error::InvalidArgument { reason, .. } => Error::invalid(
                 "Settings::from_toml_file",
-                format!("{}: {reason}", path.display()),
+                format!("{}: {reason}", shown(path).display()),
             ),
             other => other,
-        })
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut s.data, &mut s.vocab].into_iter().flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(s)
     }
 
     /// Parses TOML settings.
@@ -339,11 +360,11 @@ impl Settings {
             data: self
                 .data
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("data/tinyshakespeare.txt")),
+                .map_or_else(DataFile::builtin_corpus, DataFile::from),
             vocab: self
                 .vocab
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("data/bert-base-uncased-vocab.txt")),
+                .map_or_else(DataFile::builtin_vocab, DataFile::from),
             checkpoint: None,
             checkpoint_every: self.checkpoint_every.unwrap_or(0),
             resume: None,
@@ -468,6 +489,55 @@ mod tests {
                 .contains("at least grad_accum × world size = 20"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn paths_in_a_config_file_are_relative_to_it() {
+        let dir = std::env::temp_dir().join(format!("hetccl-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "data = \"corpus.txt\"\nvocab = \"/abs/vocab.txt\"\n").unwrap();
+        let s = Settings::from_toml_file(&file).unwrap();
+        assert_eq!(s.data, Some(dir.join("corpus.txt")));
+        assert_eq!(s.vocab, Some(PathBuf::from("/abs/vocab.txt")));
+        let (_, run) = Settings::default().resolve(1).unwrap();
+        assert_eq!(run.data, DataFile::builtin_corpus());
+        assert_eq!(run.vocab, DataFile::builtin_vocab());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn config_files_are_bounded() {
+        let err = Settings::from_toml_file(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading config /dev/zero: larger than the 1 MiB limit for a config"
+        );
+        let dir = std::env::temp_dir().join(format!("hetccl-config-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("big.toml");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(CONFIG_MAX_BYTES + 1)
+            .unwrap();
+        assert_eq!(
+            Settings::from_toml_file(&file).unwrap_err().to_string(),
+            format!(
+                "reading config {}: 1048577 bytes (1.0 MiB), more than the 1 MiB limit for a \
+                 config",
+                file.display()
+            )
+        );
+        std::fs::write(&file, b"steps = 3\n\xff").unwrap();
+        assert_eq!(
+            Settings::from_toml_file(&file).unwrap_err().to_string(),
+            format!(
+                "invalid argument to Settings::from_toml_file: {} is not UTF-8 text (invalid \
+                 byte at offset 10)",
+                file.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

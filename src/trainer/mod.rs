@@ -33,6 +33,7 @@
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
 //! | [`checkpoint`] | atomic, checksummed, world-size independent checkpoints |
 //! | [`config`] | settings: defaults, TOML file, flags |
+//! | [`files`] | bounded reads; where a corpus or vocabulary comes from (the defaults are built in) |
 //! | [`train`](mod@train) | the loop, logs, metrics |
 //! | [`plot`] | loss curves PNG |
 //! | [`cli`] | the `hetccl-bert` command line |
@@ -42,6 +43,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod files;
 pub mod model;
 pub mod ops;
 pub mod optim;
@@ -52,6 +54,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{Balance, RunOptions, Settings, TrainConfig};
+pub use files::{DataFile, Origin};
 pub use model::{Batch, LossStats, Model, ModelConfig, ParamLayout};
 pub use sync::{BucketSink, CompressedSync, GradBuf, GradSync, NoSync, SingleProcess, ThreadGroup};
 pub use tokenizer::WordPiece;

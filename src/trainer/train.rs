@@ -344,19 +344,19 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         None => cfg.clone(),
     };
     cfg.validate(world)?;
-    let tok = WordPiece::from_file(&run.vocab)?;
+    let tok = WordPiece::from_data(&run.vocab)?;
     if tok.vocab_size() != cfg.model.vocab_size {
         return Err(Error::invalid(
             "train",
             format!(
                 "vocabulary {} has {} entries, model vocab_size is {}",
-                run.vocab.display(),
+                run.vocab,
                 tok.vocab_size(),
                 cfg.model.vocab_size
             ),
         ));
     }
-    let corpus = Arc::new(Corpus::load(&run.data, &tok)?);
+    let corpus = Arc::new(Corpus::from_data(&run.data, &tok)?);
     let sampler = Sampler::new(corpus.clone(), cfg.seq_len, cfg.seed, &tok)?;
     let model = Model::<f32>::new(cfg.model.clone())?;
     let layout = model.layout().clone();
@@ -372,9 +372,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
                         .unwrap_or_default(),
                     reason: format!(
                         "corpus mismatch: checkpoint was trained on corpus {}, {} is {}",
-                        ck.meta.corpus_digest,
-                        run.data.display(),
-                        corpus.digest
+                        ck.meta.corpus_digest, run.data, corpus.digest
                     ),
                 });
             }

@@ -1,0 +1,128 @@
+//! The `hetccl-bert` binary as people run it: from any directory, with values it must
+//! refuse, with outputs it cannot write, and with nobody reading its standard output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetccl-bert-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Two steps of a small batch: seconds, whatever the model.
+const FAST: &[&str] = &[
+    "--steps",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "2",
+    "--val-samples",
+    "2",
+    "--eval-every",
+    "0",
+    "--threads",
+    "1",
+    "--no-progress",
+];
+
+/// Runs `hetccl-bert args` in `dir`, outputs under `dir`.
+fn bert(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hetccl-bert"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--metrics-out", "m.jsonl", "--plot-out", "loss.png"])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn train_steps(metrics: &Path) -> Vec<u64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn trains_from_any_directory_with_an_absolute_config_or_none() {
+    let dir = scratch("anywhere");
+    let config = repo().join("configs/bert-tiny.toml");
+    let config = config.to_str().unwrap();
+    let mut args = vec!["--config", config, "--checkpoint", "c.ckpt"];
+    args.extend(FAST);
+    let o = bert(&dir, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("step     2/2 | loss"), "{}", text(&o));
+    assert_eq!(train_steps(&dir.join("m.jsonl")), [0, 1]);
+    assert!(dir.join("c.ckpt").is_file());
+    // No config at all: the built-in corpus and vocabulary.
+    let mut args = vec!["--no-checkpoint"];
+    args.extend(FAST);
+    let o = bert(&dir, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(train_steps(&dir.join("m.jsonl")), [0, 1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn paths_resolve_against_the_config_file_or_the_working_directory() {
+    let dir = scratch("paths");
+    let conf_dir = dir.join("conf");
+    let run_dir = dir.join("elsewhere");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let shakespeare = std::fs::read_to_string(repo().join("data/tinyshakespeare.txt")).unwrap();
+    std::fs::write(conf_dir.join("corpus.txt"), &shakespeare[..20_000]).unwrap();
+    let conf = conf_dir.join("c.toml");
+    let conf_s = conf.to_str().unwrap();
+    let mut args = vec!["--config", conf_s, "--no-checkpoint"];
+    args.extend(FAST);
+
+    std::fs::write(&conf, "data = \"missing.txt\"\n").unwrap();
+    let o = bert(&run_dir, &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "hetccl-bert: error: reading corpus {} (from data in {conf_s}, relative to that \
+             file): No such file or directory (os error 2)\n",
+            conf_dir.join("missing.txt").display()
+        )
+    );
+    std::fs::write(&conf, "data = \"corpus.txt\"\n").unwrap();
+    let o = bert(&run_dir, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(train_steps(&run_dir.join("m.jsonl")), [0, 1]);
+    // A flag's path is the working directory's, and overrides the file's.
+    args.extend(["--data", "corpus.txt"]);
+    let o = bert(&run_dir, &args);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "hetccl-bert: error: reading corpus {} (from --data, relative to the working \
+             directory): No such file or directory (os error 2)\n",
+            run_dir.join("corpus.txt").display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
