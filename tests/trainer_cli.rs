@@ -126,3 +126,36 @@ fn paths_resolve_against_the_config_file_or_the_working_directory() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_unwritable_checkpoint_path_is_refused_before_training() {
+    let dir = scratch("unwritable");
+    std::fs::write(dir.join("plain-file"), "not a directory").unwrap();
+    let mut args = vec!["--checkpoint", "plain-file/c.ckpt"];
+    args.extend(FAST);
+    let o = bert(&dir, &args);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "hetccl-bert: error: checkpoint {}: cannot create its directory: {} is a file\n",
+            dir.join("plain-file/c.ckpt").display(),
+            dir.join("plain-file").display()
+        )
+    );
+    std::fs::create_dir(dir.join("a-directory")).unwrap();
+    let mut args = vec!["--checkpoint", "a-directory"];
+    args.extend(FAST);
+    let o = bert(&dir, &args);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "hetccl-bert: error: checkpoint {}: is a directory\n",
+            dir.join("a-directory").display()
+        )
+    );
+    // Refused before the first step: no metrics were written.
+    assert!(!dir.join("m.jsonl").exists());
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -344,6 +344,15 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         None => cfg.clone(),
     };
     cfg.validate(world)?;
+    // Where results go is checked before any work, not at the first save.
+    if let Some(path) = &run.checkpoint {
+        if rank == 0 {
+            checkpoint::check_writable(path)?;
+        }
+        if sync.save_state()?.is_some() {
+            checkpoint::check_writable(&checkpoint::rank_state_path(path, rank))?;
+        }
+    }
     let tok = WordPiece::from_data(&run.vocab)?;
     if tok.vocab_size() != cfg.model.vocab_size {
         return Err(Error::invalid(
