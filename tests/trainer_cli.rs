@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -124,6 +125,81 @@ fn paths_resolve_against_the_config_file_or_the_working_directory() {
             run_dir.join("corpus.txt").display()
         )
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn out_of_range_options_are_refused_before_any_work() {
+    let dir = scratch("ranges");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--grad-clip", "-1"],
+            "invalid value \"-1\" for grad_clip: accepted values are 0 (no clipping) or a \
+             positive finite norm",
+        ),
+        (
+            &["--weight-decay", "-0.5"],
+            "invalid value \"-0.5\" for weight_decay: accepted values are 0 to 1 (0: no decay)",
+        ),
+        (
+            &["--lr", "-1e-3"],
+            "invalid value \"-0.001\" for lr: accepted values are a positive finite number",
+        ),
+        (
+            &["--slowdown", "inf"],
+            "invalid value \"inf\" for slowdown: accepted values are a factor from 1 to 1000",
+        ),
+        (
+            &["--sim-ranks", "0"],
+            "invalid value \"0\" for sim_ranks: accepted values are 1..=1024",
+        ),
+        (
+            &["--threads", "0"],
+            "invalid value \"0\" for threads: accepted values are 1..=4096",
+        ),
+        (
+            &["--log-every", "0"],
+            "invalid value \"0\" for log_every: accepted values are at least 1",
+        ),
+        (
+            &["--slow-ranks", "3", "--slowdown", "2"],
+            "invalid value \"3\" for slow_ranks: accepted values are ranks 0..=0",
+        ),
+    ];
+    for (flags, want) in cases {
+        let o = bert(&dir, flags);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            format!("hetccl-bert: error: {want}\n"),
+            "{flags:?}"
+        );
+    }
+    // Nothing was started: no checkpoint directory, no metrics.
+    assert!(!dir.join("runs").exists() && !dir.join("m.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_model_too_large_for_memory_is_refused_with_what_it_needs() {
+    let dir = scratch("huge");
+    let t0 = Instant::now();
+    let o = bert(&dir, &["--hidden", "1000000", "--no-checkpoint"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        err.starts_with(
+            "hetccl-bert: error: invalid argument to train: the model needs at least 364.7 TiB \
+             of memory: 25031067030522 parameters × 16 bytes (weights, gradients, AdamW \
+             moments) = 364.2 TiB, plus "
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("Lower hidden (1000000), ffn (4000000)"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

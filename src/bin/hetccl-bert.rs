@@ -36,7 +36,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> hetccl::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cli.sim_ranks > 1 {
-        let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1))?;
+        let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1), cli.sim_ranks)?;
         let report = train_threads(&cfg, &run, cli.sim_ranks)?.swap_remove(0);
         println!("{:.1} samples/s over the run", report.samples_per_s);
         return Ok(());
@@ -44,7 +44,7 @@ fn run(cli: &Cli) -> hetccl::Result<()> {
     let comm_cfg = Config::from_env()?;
     let launched = comm_cfg.launch.world_size.is_some() || comm_cfg.init != InitMethod::Env;
     let local = comm_cfg.launch.local_world_size.unwrap_or(1).max(1);
-    let (cfg, run) = cli.options((cores / local).max(1))?;
+    let (cfg, run) = cli.options((cores / local).max(1), local)?;
     if !launched {
         // Started by hand, not by a launcher: a world of one, no communicator needed.
         let report = with_threads(run.threads, || train(&cfg, &run, &SingleProcess))??;

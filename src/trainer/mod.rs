@@ -32,7 +32,7 @@
 //! | [`balance`] | batch shares proportional to rank speed |
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
 //! | [`checkpoint`] | atomic, checksummed, world-size independent checkpoints |
-//! | [`config`] | settings: defaults, TOML file, flags |
+//! | [`config`] | settings: defaults, TOML file, flags; value ranges and the memory check |
 //! | [`files`] | bounded reads; where a corpus or vocabulary comes from (the defaults are built in) |
 //! | [`train`](mod@train) | the loop, logs, metrics |
 //! | [`plot`] | loss curves PNG |

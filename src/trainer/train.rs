@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::balance;
 use super::checkpoint::{self, CheckpointMeta};
-use super::config::{Balance, RunOptions, TrainConfig};
+use super::config::{memory_limit, Balance, RunOptions, TrainConfig};
 use super::data::{make_batch, Corpus, Sampler};
 use super::model::{init_params, Batch, LossStats, Model};
 use super::optim::{clip_grad_norm, learning_rate, AdamW};
@@ -262,6 +262,7 @@ pub fn train_threads(
             .into_iter()
             .map(|g| {
                 let mut opts = run.clone();
+                opts.local_ranks = opts.local_ranks.max(world);
                 if g.rank() != 0 {
                     opts.progress = false;
                     opts.metrics_out = None;
@@ -344,6 +345,16 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         None => cfg.clone(),
     };
     cfg.validate(world)?;
+    if let Some(r) = run.slow_ranks.iter().flatten().find(|&&r| r >= world) {
+        return Err(Error::Config {
+            var: "slow_ranks".into(),
+            value: r.to_string(),
+            accepted: format!("ranks 0..={}", world - 1),
+        });
+    }
+    if let Some(limit) = memory_limit() {
+        cfg.check_memory(world, run.local_ranks, limit)?;
+    }
     // Where results go is checked before any work, not at the first save.
     if let Some(path) = &run.checkpoint {
         if rank == 0 {
