@@ -1,8 +1,9 @@
 //! The `hetccl-bert` binary as people run it: from any directory, with values it must
 //! refuse, with outputs it cannot write, and with nobody reading its standard output.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> &'static Path {
@@ -233,5 +234,66 @@ fn an_unwritable_checkpoint_path_is_refused_before_training() {
     // Refused before the first step: no metrics were written.
     assert!(!dir.join("m.jsonl").exists());
     assert!(o.stdout.is_empty(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_closed_stdout_ends_the_run_with_an_error_not_a_panic() {
+    let dir = scratch("closed-stdout");
+    // Long enough (hundreds of logged steps) that it is still printing when the reader
+    // goes away after the first line, as `hetccl-bert | head -1` does.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hetccl-bert"))
+        .current_dir(&dir)
+        .args([
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2000",
+            "--log-every",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--no-checkpoint",
+            "--metrics-out",
+            "m.jsonl",
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("bert: 1 layers, hidden 32"), "{first}");
+    // The reader is dropped here: stdout is closed.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 120 s after its stdout closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        "hetccl-bert: error: writing progress to standard output: Broken pipe (os error 32)\n"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -124,13 +124,23 @@ impl Reporter {
         Ok(Reporter { on, bar, metrics })
     }
 
-    fn say(&self, line: &str) {
+    /// A line for people. A closed standard output (`hetccl-bert | head`) ends the run
+    /// with an error saying so, as it ends any program whose output nobody reads.
+    fn say(&self, line: &str) -> Result<()> {
         if !self.on {
-            return;
+            return Ok(());
         }
         match &self.bar {
-            Some(b) if !b.is_hidden() => b.println(line),
-            _ => println!("{line}"),
+            Some(b) if !b.is_hidden() => {
+                b.println(line);
+                Ok(())
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::io("writing progress to standard output", e))
+            }
         }
     }
 
@@ -480,8 +490,7 @@ impl Run<'_> {
                 .map(|s| (s * 10.0).round() / 10.0)
                 .collect::<Vec<_>>(),
             self.micro
-        ));
-        Ok(())
+        ))
     }
 
     fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
@@ -561,13 +570,13 @@ impl Run<'_> {
             self.micro,
             self.cfg.grad_accum,
             self.run.threads,
-        ));
+        ))?;
         if start == 0 {
             let e = self.evaluate(0)?;
             rep.say(&format!(
                 "step 0: val loss {:.4} | val acc {:.3}",
                 e.val_loss, e.val_accuracy
-            ));
+            ))?;
             rep.metric("eval", &e)?;
             report.evals.push(e);
         }
@@ -592,7 +601,7 @@ impl Run<'_> {
                 rep.say(&format!(
                     "step {done:>5}/{} | loss {:.4} acc {:.3}{val} | lr {:.2e} | norm {:.3} | {:.0} ms compute {:.0} ms comm | {:.0} tok/s",
                     self.cfg.steps, rec.loss, rec.accuracy, rec.lr, rec.grad_norm, rec.ms_compute, rec.ms_comm, rec.tokens_per_s
-                ));
+                ))?;
             }
             report.evals.extend(eval);
             report.steps.push(rec);
@@ -611,8 +620,8 @@ impl Run<'_> {
                 _ => (report.steps.clone(), report.evals.clone()),
             };
             match super::plot::plot_losses(path, &steps, &evals) {
-                Ok(()) => rep.say(&format!("loss curves: {}", path.display())),
-                Err(e) => rep.say(&format!("no loss plot: {e}")),
+                Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
+                Err(e) => rep.say(&format!("no loss plot: {e}"))?,
             }
         }
         let steps_run = end.saturating_sub(start) as f64;
