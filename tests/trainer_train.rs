@@ -432,6 +432,71 @@ fn metrics_continue_across_a_resume_and_restart_with_a_fresh_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// (kind, step) of every record in a metrics file.
+fn records(path: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["step"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_cuts_metrics_back_to_the_resumed_step() {
+    let dir = scratch("metrics-cut");
+    let (cfg, mut run) = setup(&dir, 5, 2);
+    let metrics = dir.join("m.jsonl");
+    run.metrics_out = Some(metrics.clone());
+    run.plot_out = Some(dir.join("loss.png"));
+    run.checkpoint = Some(dir.join("c.ckpt"));
+    // A checkpoint at step 2, then a run that went on to step 4 and died before its next
+    // checkpoint (its records of steps 2 and 3 are in the file).
+    run.stop_after = Some(2);
+    single(&cfg, &run);
+    std::fs::copy(dir.join("c.ckpt"), dir.join("at2.ckpt")).unwrap();
+    run.resume = Some(dir.join("c.ckpt"));
+    run.stop_after = Some(4);
+    single(&cfg, &run);
+    // A torn last line, as a kill mid-write leaves.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"step\": 4, \"kin").unwrap();
+    drop(f);
+    run.resume = Some(dir.join("at2.ckpt"));
+    run.stop_after = None;
+    single(&cfg, &run);
+    let rec = |k: &str, s: u64| (k.to_string(), s);
+    assert_eq!(
+        records(&metrics),
+        [
+            rec("eval", 0),
+            rec("train", 0),
+            rec("train", 1),
+            rec("eval", 2),
+            rec("train", 2),
+            rec("train", 3),
+            rec("train", 4),
+            rec("eval", 5),
+        ]
+    );
+    // The loss plot is drawn from the same records.
+    let (steps, evals) = hetccl::trainer::train::read_metrics(&metrics, 5).unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [0, 2, 5]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A process that has exited and been waited for: its pid names nobody (until reused).
 fn dead_pid() -> u32 {
     let mut c = std::process::Command::new("true").spawn().unwrap();

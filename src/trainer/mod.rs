@@ -18,8 +18,10 @@
 //!     --slow-ranks 1 --slowdown 3 --balance auto
 //! ```
 //!
-//! Outputs go to `runs/`: `metrics.jsonl` (one JSON object per step and per evaluation),
-//! `loss.png` (train and validation loss), `hetccl-bert.ckpt` (latest checkpoint).
+//! Outputs go to `runs/` (relative to the working directory): `metrics.jsonl` (one JSON
+//! object per step and per evaluation; a resumed run cuts it back to its step first),
+//! `loss.png` (train and validation loss), `hetccl-bert.ckpt` (latest checkpoint) and
+//! `hetccl-bert.ckpt.prev` (the one before it).
 //!
 //! | module | what |
 //! | --- | --- |
