@@ -737,3 +737,27 @@ fn checkpoint_reads_are_bounded_before_allocating() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_flipped_bit_in_the_reserved_header_field_is_refused() {
+    let dir = scratch("reserved");
+    let path = dir.join("c.ckpt");
+    checkpoint::save(&path, &tiny_meta(), &[1.0; 3], &[2.0; 3], &[3.0; 3]).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[13] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(
+        reason(checkpoint::load(&path).unwrap_err()),
+        "reserved header field is 0x400, not 0 (corrupt header?)"
+    );
+    let rs = dir.join("c.ckpt.rank0");
+    checkpoint::save_rank_state(&rs, 1, 1, 0, &[7; 10]).unwrap();
+    let mut bytes = std::fs::read(&rs).unwrap();
+    bytes[15] ^= 0x80;
+    std::fs::write(&rs, &bytes).unwrap();
+    assert_eq!(
+        reason(checkpoint::load_rank_state(&rs, 1, 1, 0).unwrap_err()),
+        "reserved header field is 0x80000000, not 0 (corrupt header?)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

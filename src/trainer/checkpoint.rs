@@ -479,6 +479,13 @@ pub fn load_rank_state(
     if version != 1 {
         return Err(fail(path, format!("version {version}, this build reads 1")));
     }
+    let reserved = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if reserved != 0 {
+        return Err(fail(
+            path,
+            format!("reserved header field is {reserved:#x}, not 0 (corrupt header?)"),
+        ));
+    }
     let (s, w, r, len) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
     if len > RANK_STATE_MAX_BYTES {
         return Err(fail(
@@ -589,6 +596,14 @@ fn read(path: &Path, mut r: impl Read, size: Option<u64>, keep: bool) -> Result<
         return Err(fail(
             path,
             format!("unsupported version {version} (this build reads {VERSION})"),
+        ));
+    }
+    // Not covered by the checksum, like the rest of the header: every field is checked.
+    let reserved = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if reserved != 0 {
+        return Err(fail(
+            path,
+            format!("reserved header field is {reserved:#x}, not 0 (corrupt header?)"),
         ));
     }
     let (meta_len, payload_len) = (u64_at(16), u64_at(24));
