@@ -141,6 +141,8 @@ pub struct LaunchEnv {
     /// Number of hosts the job's ranks run on, where the launcher says
     /// (`SLURM_STEP_NUM_NODES`, else `SLURM_NNODES`).
     pub nodes: Option<usize>,
+    /// `HETCCL_LAUNCHER_FD`: the socket `hetccl run` hands each rank to watch for its exit.
+    pub launcher_fd: Option<i32>,
 }
 
 /// Log verbosity (`HETCCL_DEBUG`).
@@ -510,6 +512,9 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
     let pu = |k: &str| v.parse_usize(k, 0, 1 << 24);
     let mut env = LaunchEnv {
         master_addr: v.string("MASTER_ADDR"),
+        launcher_fd: v
+            .parse_usize("HETCCL_LAUNCHER_FD", 0, i32::MAX as usize)?
+            .map(|fd| fd as i32),
         ..LaunchEnv::default()
     };
     env.master_port = match v.get("MASTER_PORT") {
@@ -880,6 +885,7 @@ mod tests {
         "HETCCL_DEVICE_FENCE",
         "HETCCL_DEVICE_ONE_SHOT_BYTES",
         "HETCCL_TCP_CONGESTION",
+        "HETCCL_LAUNCHER_FD",
         "MASTER_ADDR",
         "MASTER_PORT",
         "RANK",

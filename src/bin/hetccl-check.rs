@@ -16,6 +16,21 @@ use std::time::Instant;
 use half::{bf16, f16};
 use hetccl::{Communicator, Element, ReduceOp, SharedBuf};
 
+/// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
+/// is gone, or the output went into `head`) rather than panic.
+macro_rules! outln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stdout(), $($a)*);
+    }};
+}
+macro_rules! errln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stderr(), $($a)*);
+    }};
+}
+
 struct Args {
     counts: Vec<usize>,
     iters: usize,
@@ -72,7 +87,7 @@ fn parse_args() -> Result<Args, String> {
                 a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
             }
             "-h" | "--help" => {
-                println!(
+                outln!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
                      \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
@@ -493,11 +508,11 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     if r == a.fault_rank {
         match a.fault.as_str() {
             "exit" => {
-                eprintln!("rank {r}: exiting on purpose");
+                errln!("rank {r}: exiting on purpose");
                 std::process::exit(17);
             }
             "stop" => {
-                eprintln!("rank {r}: stopping on purpose");
+                errln!("rank {r}: stopping on purpose");
                 // SAFETY: raising SIGSTOP on ourselves has no memory-safety impact.
                 unsafe { libc::raise(libc::SIGSTOP) };
             }
@@ -530,7 +545,7 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     let r2 = comm
         .all_reduce(&mut buf, ReduceOp::Sum)
         .map_err(|e| e.to_string());
-    eprintln!(
+    errln!(
         "rank {r}: faulty collective returned after {:.2}s: {r2:?}",
         t.elapsed().as_secs_f64()
     );
@@ -558,7 +573,7 @@ fn determinism(comm: &Communicator, count: usize, seed: u64, shared: bool) -> Re
     for v in buf.iter() {
         h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
     }
-    println!("determinism hash {h:016x}");
+    outln!("determinism hash {h:016x}");
     Ok(())
 }
 
@@ -623,7 +638,7 @@ fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
             }
         }
     }
-    println!("compressed hash {h:016x}");
+    outln!("compressed hash {h:016x}");
     Ok(checks)
 }
 
@@ -631,20 +646,20 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("hetccl-check: {e}");
+            errln!("hetccl-check: {e}");
             return ExitCode::from(2);
         }
     };
     let comm = match Communicator::init_from_env() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hetccl-check: init failed: {e}");
+            errln!("hetccl-check: init failed: {e}");
             return ExitCode::from(1);
         }
     };
     if args.shared && comm.rank() == 0 {
         // Lets tests look for files this job might have left in /dev/shm.
-        println!(
+        outln!(
             "shared buffers, job {}",
             comm.config().job_id.as_deref().unwrap_or("-")
         );
@@ -656,7 +671,7 @@ fn main() -> ExitCode {
         determinism(&comm, count, args.seed, args.shared)
     } else if let Some(count) = args.compressed {
         compressed(&comm, count).map(|k| {
-            println!(
+            outln!(
                 "rank {}/{}: {k} checks passed",
                 comm.rank(),
                 comm.world_size()
@@ -688,7 +703,7 @@ fn main() -> ExitCode {
         };
         let r = run(&mut ck);
         if r.is_ok() {
-            println!(
+            outln!(
                 "rank {}/{}: {} checks passed in {:.2}s",
                 comm.rank(),
                 comm.world_size(),
@@ -701,7 +716,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
+            errln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
             ExitCode::from(1)
         }
     }

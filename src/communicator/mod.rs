@@ -25,6 +25,7 @@
 
 mod compress;
 mod init;
+mod launcher_watch;
 mod probe;
 mod shared;
 
@@ -148,12 +149,13 @@ impl Progress {
             return Err(Error::Broken(why.clone()));
         }
         if self.abort.load(Ordering::Relaxed) {
-            self.broken = Some("aborted by the application".into());
+            let why = launcher_watch::abort_reason(&self.abort, &w.ctx);
+            self.broken = Some(why.clone());
             self.shared.abort();
             for l in self.links.iter_mut().flatten() {
                 l.abort();
             }
-            return Err(Error::Broken("aborted by the application".into()));
+            return Err(Error::Broken(why));
         }
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
@@ -184,6 +186,7 @@ impl Progress {
             }
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
+        let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
         if let Err(e) = &r {
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
             self.broken = Some(e.to_string());
@@ -316,6 +319,7 @@ impl Communicator {
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        launcher_watch::register(&cfg, rank, &abort)?;
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
