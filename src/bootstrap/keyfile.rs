@@ -119,11 +119,16 @@ pub fn key_dir(cfg: &Config) -> PathBuf {
     }
 }
 
-/// Makes `dir` (mode 0700) unless it exists, and refuses it unless it is a directory of
-/// this user that nobody else may enter. `what` names it for the error (`the key
-/// directory`, `HETCCL_INIT=file://...`); `fix` says what the user can do instead.
+/// Makes `dir` (mode 0700, with any missing parents) unless it exists, and refuses it
+/// unless it is a directory of this user that nobody else may enter. `what` names it for
+/// the error (`the key directory`, `HETCCL_INIT=file://...`); `fix` says what the user
+/// can do instead.
 pub fn ensure_private_dir(dir: &Path, what: &str, fix: &str) -> Result<()> {
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("creating {what} {}", dir.display()), e)),

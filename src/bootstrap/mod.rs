@@ -660,7 +660,9 @@ mod tests {
 
     #[test]
     fn file_method_through_the_config() {
-        let root = std::env::temp_dir().join(format!("hetccl-mod-file-{}", std::process::id()));
+        let top = std::env::temp_dir().join(format!("hetccl-mod-file-{}", std::process::id()));
+        // Missing parents are made too.
+        let root = top.join("rdv");
         let init = format!("file://{}", root.display());
         let handles: Vec<_> = (0..3)
             .map(|rank| {
@@ -681,7 +683,7 @@ mod tests {
             assert_eq!(got, vec![vec![0], vec![1], vec![2]]);
             assert_eq!(id, format!("file:{}", root.display()));
         }
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&top).unwrap();
     }
 
     #[test]
