@@ -132,6 +132,17 @@ pub struct LaunchEnv {
     pub master_port: Option<u16>,
     /// Which launcher set these (`torchrun`, `openmpi`, `pmi`, `slurm`).
     pub source: &'static str,
+    /// The launcher's name for this job, the same on every rank and different for every
+    /// job running at the same time: OpenMPI's job id and launcher address
+    /// (`OMPI_MCA_ess_base_jobid`, `OMPI_MCA_orte_hnp_uri`), PMIx's namespace and server
+    /// (`PMIX_NAMESPACE`, `PMIX_SERVER_URI*`: OpenMPI 5), Slurm's job and step
+    /// (`SLURM_JOB_ID`, `SLURM_STEP_ID`), torchrun's `TORCHELASTIC_RUN_ID`.
+    pub job_identity: Option<String>,
+    /// Number of hosts the job's ranks run on, where the launcher says
+    /// (`SLURM_STEP_NUM_NODES`, else `SLURM_NNODES`).
+    pub nodes: Option<usize>,
+    /// `HETCCL_LAUNCHER_FD`: the socket `hetccl run` hands each rank to watch for its exit.
+    pub launcher_fd: Option<i32>,
 }
 
 /// Log verbosity (`HETCCL_DEBUG`).
@@ -221,6 +232,9 @@ pub struct Config {
     pub tcp_congestion: TcpCongestion,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,
+    /// `XDG_RUNTIME_DIR`: the user's private runtime directory, where one-host jobs keep
+    /// their key file when `/dev/shm` is missing.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// Which TCP congestion control hetccl's sockets use (`HETCCL_TCP_CONGESTION`).
@@ -266,9 +280,17 @@ impl Default for Config {
             device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
             launch: LaunchEnv::default(),
+            runtime_dir: None,
         }
     }
 }
+
+/// Longest `HETCCL_TIMEOUT`: one week.
+pub const MAX_TIMEOUT_SECS: f64 = 7.0 * 24.0 * 3600.0;
+/// Longest `HETCCL_CONNECT_TIMEOUT`: one day.
+pub const MAX_CONNECT_TIMEOUT_SECS: f64 = 24.0 * 3600.0;
+/// Shortest timeout either variable accepts: one millisecond (shorter ones round to zero).
+pub const MIN_TIMEOUT_SECS: f64 = 0.001;
 
 struct Vars<'a>(&'a HashMap<String, String>);
 
@@ -299,16 +321,22 @@ impl Vars<'_> {
         }
     }
 
-    fn parse_secs(&self, k: &str) -> Result<Option<Duration>> {
+    /// Seconds from `MIN_TIMEOUT_SECS` to `max` (`max_words` says it in words). The upper
+    /// bound keeps `Instant::now() + timeout` and `Duration::from_secs_f64` in range.
+    fn parse_secs(&self, k: &str, max: f64, max_words: &str) -> Result<Option<Duration>> {
         match self.get(k) {
             None => Ok(None),
             Some(v) => {
-                let accepted = "a positive number of seconds (e.g. 30 or 0.5)";
-                let s: f64 = v.parse().map_err(|_| self.bad(k, accepted))?;
-                if !(s.is_finite() && s > 0.0) {
-                    return Err(self.bad(k, accepted));
+                let accepted = format!(
+                    "a number of seconds from {MIN_TIMEOUT_SECS} to {max} ({max_words}), e.g. 30 or 0.5"
+                );
+                let s: f64 = v.parse().map_err(|_| self.bad(k, &accepted))?;
+                if !(MIN_TIMEOUT_SECS..=max).contains(&s) {
+                    return Err(self.bad(k, &accepted));
                 }
-                Ok(Some(Duration::from_secs_f64(s)))
+                Duration::try_from_secs_f64(s)
+                    .map(Some)
+                    .map_err(|_| self.bad(k, &accepted))
             }
         }
     }
@@ -386,7 +414,9 @@ impl Config {
             Some(_) => return Err(v.bad("HETCCL_INIT", "env://, mpi, file:///path/to/dir")),
         };
         Ok(Config {
-            timeout: v.parse_secs("HETCCL_TIMEOUT")?.unwrap_or(d.timeout),
+            timeout: v
+                .parse_secs("HETCCL_TIMEOUT", MAX_TIMEOUT_SECS, "one week")?
+                .unwrap_or(d.timeout),
             algo: v
                 .parse_enum("HETCCL_ALGO", &AlgoChoice::ALL.map(|a| (a.name(), a)))?
                 .unwrap_or(d.algo),
@@ -430,7 +460,11 @@ impl Config {
                 )?
                 .unwrap_or(d.compress_format),
             connect_timeout: v
-                .parse_secs("HETCCL_CONNECT_TIMEOUT")?
+                .parse_secs(
+                    "HETCCL_CONNECT_TIMEOUT",
+                    MAX_CONNECT_TIMEOUT_SECS,
+                    "one day",
+                )?
                 .unwrap_or(d.connect_timeout),
             stream_min_bytes: v
                 .parse_usize("HETCCL_STREAM_MIN_BYTES", 0, usize::MAX)?
@@ -467,6 +501,7 @@ impl Config {
                 }
             },
             launch: launch_env(&v)?,
+            runtime_dir: v.string("XDG_RUNTIME_DIR").map(PathBuf::from),
         })
     }
 }
@@ -477,6 +512,9 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
     let pu = |k: &str| v.parse_usize(k, 0, 1 << 24);
     let mut env = LaunchEnv {
         master_addr: v.string("MASTER_ADDR"),
+        launcher_fd: v
+            .parse_usize("HETCCL_LAUNCHER_FD", 0, i32::MAX as usize)?
+            .map(|fd| fd as i32),
         ..LaunchEnv::default()
     };
     env.master_port = match v.get("MASTER_PORT") {
@@ -527,6 +565,13 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
             break;
         }
     }
+    env.job_identity = job_identity(v, env.source);
+    if env.source == "slurm" {
+        env.nodes = match v.get("SLURM_STEP_NUM_NODES") {
+            Some(_) => pu("SLURM_STEP_NUM_NODES")?,
+            None => pu("SLURM_NNODES")?,
+        };
+    }
     if let (Some(r), Some(w)) = (env.rank, env.world_size) {
         if w == 0 || r >= w {
             return Err(Error::Config {
@@ -537,6 +582,42 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
         }
     }
     Ok(env)
+}
+
+/// The launcher's name for the job (see [`LaunchEnv::job_identity`]), from the variables
+/// its documentation promises to every process: a value that names the launcher process
+/// as well as its job counter, so two launchers on one host never share it.
+fn job_identity(v: &Vars, source: &str) -> Option<String> {
+    let pmix = || {
+        let ns = v.get("PMIX_NAMESPACE")?;
+        let server = ["PMIX_SERVER_URI41", "PMIX_SERVER_URI4", "PMIX_SERVER_URI3"]
+            .iter()
+            .find_map(|k| v.get(k))
+            .unwrap_or("");
+        Some(format!("pmix:{ns}:{server}"))
+    };
+    match source {
+        "openmpi" => match (
+            v.get("OMPI_MCA_ess_base_jobid"),
+            v.get("OMPI_MCA_orte_hnp_uri"),
+        ) {
+            (Some(job), Some(hnp)) => Some(format!("openmpi:{job}:{hnp}")),
+            _ => pmix(),
+        },
+        "slurm" => {
+            let job = v.get("SLURM_JOB_ID").or_else(|| v.get("SLURM_JOBID"))?;
+            let step = v
+                .get("SLURM_STEP_ID")
+                .or_else(|| v.get("SLURM_STEPID"))
+                .unwrap_or("");
+            Some(format!("slurm:{job}.{step}"))
+        }
+        "torchrun" => v
+            .get("TORCHELASTIC_RUN_ID")
+            .map(|id| format!("torchrun:{id}"))
+            .or_else(pmix),
+        _ => pmix(),
+    }
 }
 
 #[cfg(test)]
@@ -675,5 +756,206 @@ mod tests {
         .unwrap();
         assert_eq!(c.launch.source, "openmpi");
         assert_eq!(c.launch.local_world_size, Some(2));
+    }
+
+    #[test]
+    fn timeouts_out_of_range_are_refused_naming_the_variable_and_range() {
+        let week = "a number of seconds from 0.001 to 604800 (one week), e.g. 30 or 0.5";
+        let day = "a number of seconds from 0.001 to 86400 (one day), e.g. 30 or 0.5";
+        for (var, accepted) in [("HETCCL_TIMEOUT", week), ("HETCCL_CONNECT_TIMEOUT", day)] {
+            for bad in [
+                "1e30", "1e19", "inf", "NaN", "0", "-1", "0.0001", "1e400", "ten",
+            ] {
+                let e = cfg(&[(var, bad)]).unwrap_err().to_string();
+                assert_eq!(
+                    e,
+                    format!("invalid value {bad:?} for {var}: accepted values are {accepted}")
+                );
+            }
+        }
+        assert!(cfg(&[("HETCCL_TIMEOUT", "604801")]).is_err());
+        assert!(cfg(&[("HETCCL_CONNECT_TIMEOUT", "86401")]).is_err());
+        let c = cfg(&[
+            ("HETCCL_TIMEOUT", "604800"),
+            ("HETCCL_CONNECT_TIMEOUT", "86400"),
+        ])
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(604800));
+        assert_eq!(c.connect_timeout, Duration::from_secs(86400));
+        // The longest values still leave room on the clock.
+        assert!(std::time::Instant::now().checked_add(c.timeout).is_some());
+        let c = cfg(&[("HETCCL_CONNECT_TIMEOUT", "0.001")]).unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn launchers_name_their_job() {
+        let c = cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_MCA_ess_base_jobid", "140247041"),
+            ("OMPI_MCA_orte_hnp_uri", "140247040.0;tcp://127.0.0.1:41599"),
+            ("PMIX_NAMESPACE", "140247041"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.launch.job_identity.as_deref(),
+            Some("openmpi:140247041:140247040.0;tcp://127.0.0.1:41599")
+        );
+        assert_eq!(c.launch.nodes, None);
+        // OpenMPI 5 (PRRTE) has no ORTE variables: PMIx names the job.
+        let c = cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("PMIX_NAMESPACE", "prterun-vm-2576@1"),
+            (
+                "PMIX_SERVER_URI41",
+                "prterun-vm-2576@0.0;tcp4://127.0.0.1:5000",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.launch.job_identity.as_deref(),
+            Some("pmix:prterun-vm-2576@1:prterun-vm-2576@0.0;tcp4://127.0.0.1:5000")
+        );
+        let c = cfg(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOB_ID", "812"),
+            ("SLURM_STEP_ID", "2"),
+            ("SLURM_NNODES", "2"),
+            ("SLURM_STEP_NUM_NODES", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.launch.source, "slurm");
+        assert_eq!(c.launch.job_identity.as_deref(), Some("slurm:812.2"));
+        assert_eq!(c.launch.nodes, Some(1));
+        let c = cfg(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOBID", "9"),
+            ("SLURM_NNODES", "2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.launch.job_identity.as_deref(), c.launch.nodes),
+            (Some("slurm:9."), Some(2))
+        );
+        let e = cfg(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_NNODES", "two"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("for SLURM_NNODES"), "{e}");
+        let c = cfg(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_RUN_ID", "abc"),
+        ])
+        .unwrap();
+        assert_eq!(c.launch.job_identity.as_deref(), Some("torchrun:abc"));
+        assert_eq!(cfg(&[]).unwrap().launch.job_identity, None);
+    }
+
+    /// Every variable `Config::from_vars` reads.
+    const VARIABLES: &[&str] = &[
+        "HETCCL_TIMEOUT",
+        "HETCCL_ALGO",
+        "HETCCL_SHM_DISABLE",
+        "HETCCL_SOCKET_IFNAME",
+        "HETCCL_NSOCKS_PERPEER",
+        "HETCCL_CHUNK_BYTES",
+        "HETCCL_PIPELINE_DEPTH",
+        "HETCCL_DEBUG",
+        "HETCCL_INIT",
+        "HETCCL_JOB_ID",
+        "HETCCL_JOB_KEY",
+        "HETCCL_NODE_ID",
+        "HETCCL_TOPO_FILE",
+        "HETCCL_TOPO_DUMP_FILE",
+        "HETCCL_TOPO_PROBE",
+        "HETCCL_COMPRESS",
+        "HETCCL_COMPRESS_FORMAT",
+        "HETCCL_CONNECT_TIMEOUT",
+        "HETCCL_STREAM_MIN_BYTES",
+        "HETCCL_DEVICE_SCRATCH_BYTES",
+        "HETCCL_DEVICE_STAGE_BYTES",
+        "HETCCL_DEVICE_FENCE",
+        "HETCCL_DEVICE_ONE_SHOT_BYTES",
+        "HETCCL_TCP_CONGESTION",
+        "HETCCL_LAUNCHER_FD",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_NNODES",
+        "SLURM_STEP_NUM_NODES",
+        "XDG_RUNTIME_DIR",
+    ];
+
+    /// Values near what parsers look for: numbers of every size, units, signs, words.
+    fn value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<String>(),
+            "[-+]?[0-9]{0,25}(\\.[0-9]{0,5})?([eE][-+]?[0-9]{1,4})?[kKmMgG]?",
+            proptest::sample::select(vec![
+                "inf",
+                "-inf",
+                "NaN",
+                "0",
+                "1",
+                "1e30",
+                "1e19",
+                "18446744073709551616",
+                "file://",
+                "file:///x",
+                "mpi",
+                "env://",
+                " ",
+                "\u{0}",
+                "ring",
+                "on",
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(400))]
+        /// Any value of any variable is parsed or refused with an error naming a variable
+        /// that was set; never a panic.
+        #[test]
+        fn any_values_are_parsed_or_refused_by_name(
+            picks in proptest::collection::vec(
+                (proptest::sample::select(VARIABLES), value()), 1..6)
+        ) {
+            let map: HashMap<String, String> =
+                picks.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            if let Err(e) = Config::from_vars(&map) {
+                let Error::Config { var, .. } = &e else {
+                    panic!("not a configuration error: {e}");
+                };
+                // RANK's range check names RANK for every launcher's pair.
+                proptest::prop_assert!(
+                    map.contains_key(var) || var == "RANK",
+                    "error names {var}, which was not set: {e}"
+                );
+                let text = e.to_string();
+                proptest::prop_assert!(text.contains(var.as_str()), "{}", text);
+            }
+        }
     }
 }

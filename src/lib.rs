@@ -13,6 +13,7 @@
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
 //!  device           CUDA context, streams and the embedded kernels (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
+//!  log              writers for log lines and messages that never fail on a closed stream
 //!
 //!  launcher         `hetccl run`: starts local ranks (beside the stack, used by the CLI)
 //! ```
@@ -28,6 +29,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod launcher;
+pub mod log;
 pub mod reduce;
 pub mod topology;
 pub mod trainer;

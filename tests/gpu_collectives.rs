@@ -369,7 +369,7 @@ mod gpu {
     #[test]
     fn the_check_skips_on_every_rank_without_a_gpu() {
         let Err(why) = hetccl::device::available() else {
-            common::skip("a GPU is present: the other tests cover the check");
+            super::common::skip("a GPU is present: the other tests cover the check");
             return;
         };
         let out = run(2, &["--counts", "8"], &[]);

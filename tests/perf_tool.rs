@@ -1,5 +1,6 @@
 //! `hetccl-perf` under the launcher: the table has one row per size, 13 fields per
-//! row, and every checked result is right (#wrong = 0).
+//! row, and every checked result is right (#wrong = 0); its ranks stop when the launcher
+//! is killed.
 
 mod common;
 
@@ -159,4 +160,47 @@ fn broadcast_from_rank_one_writes_json() {
     assert_eq!(jrows[2]["size"], 16384);
     assert_eq!(jrows[2]["in_place"]["wrong"], 0);
     assert!(jrows[2]["out_of_place"].is_null());
+}
+
+/// Behind a wrapper (so the launcher's parent-death signal reaches only the wrapper), both
+/// ranks end within seconds of the launcher's kill -9, with the error naming it: rank 0
+/// writes its stderr to a file, and its table rows to the dead launcher's pipe, which must
+/// not panic it; rank 1's stderr is that pipe too.
+#[test]
+fn ranks_stop_when_the_launcher_is_killed() {
+    common::become_subreaper();
+    let err0 = std::env::temp_dir().join(format!("hetccl-perf-rank0-{}.err", std::process::id()));
+    let script = format!(
+        "if [ $RANK = 0 ]; then exec 2>{}; fi; \"$0\" \"$@\" & echo pid $!; wait $!",
+        err0.display()
+    );
+    let (mut launcher, pids) = common::start_wrapped(
+        &script,
+        PERF,
+        &["-b", "8", "-e", "1M", "-f", "2", "-n", "1000000", "-w", "1"],
+        &[("HETCCL_TOPO_PROBE", "0")],
+    );
+    let why = format!(
+        "the launcher (hetccl run, pid {}) exited; this rank stops",
+        launcher.id()
+    );
+    for (r, (st, after)) in common::kill_launcher(&mut launcher, &pids)
+        .into_iter()
+        .enumerate()
+    {
+        // 1 is hetccl-perf's failure; a panic would be 101.
+        assert_eq!(st.code(), Some(1), "rank {r}: {st:?}");
+        assert!(
+            after < Duration::from_secs(10),
+            "rank {r} ended {after:?} after the launcher"
+        );
+    }
+    let text = std::fs::read_to_string(&err0).unwrap();
+    let _ = std::fs::remove_file(&err0);
+    assert!(!text.contains("panicked at"), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("hetccl-perf: rank 0: ") && last.ends_with(&why),
+        "{text}"
+    );
 }

@@ -260,3 +260,176 @@ fn every_fixture_dumps_and_loads_back_equal() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn topology_files_are_read_up_to_a_limit() {
+    use hetccl::topology::{TOPOLOGY_MAX_BYTES, TOPOLOGY_MAX_RANKS};
+    assert_eq!(
+        Topology::load(std::path::Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string(),
+        "topology: /dev/zero: larger than the 64 MiB limit for a topology file"
+    );
+    let dir = std::env::temp_dir().join(format!("hetccl-topology-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.json");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(TOPOLOGY_MAX_BYTES + 1)
+        .unwrap();
+    assert_eq!(
+        Topology::load(&big).unwrap_err().to_string(),
+        format!(
+            "topology: {}: 67108865 bytes, more than the 64 MiB limit for a topology file",
+            big.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A short file may not make the n x n link table of a huge job.
+    let ranks: Vec<String> = (0..=TOPOLOGY_MAX_RANKS)
+        .map(|r| format!(r#"{{"rank":{r},"node_id":"n"}}"#))
+        .collect();
+    let json = format!(r#"{{"ranks":[{}]}}"#, ranks.join(","));
+    let err = Topology::from_json(&json).unwrap_err().to_string();
+    assert!(
+        err.starts_with("topology: 4097 ranks, more than the 4096 a topology file may describe"),
+        "{err}"
+    );
+}
+
+mod parser_properties {
+    //! Random and mutated topology files: the parser never panics, never builds more than
+    //! its rank limit, and every refusal says what is wrong.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fixtures() -> Vec<String> {
+        ["nvlink-8gpu.json", "pcie-8gpu.json", "mixed-2x4.json"]
+            .iter()
+            .map(|n| {
+                let p: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "topologies", n]
+                    .iter()
+                    .collect();
+                std::fs::read_to_string(p).unwrap()
+            })
+            .collect()
+    }
+
+    /// Whatever came back: an accepted topology reads back equal from its own dump and
+    /// stays within the limit; a refusal is a topology error with a reason.
+    fn check(text: &str) {
+        match Topology::from_json(text) {
+            Ok(t) => {
+                assert!(t.world_size() >= 1);
+                assert!(t.world_size() <= hetccl::topology::TOPOLOGY_MAX_RANKS);
+                assert_eq!(Topology::from_json(&t.to_json().unwrap()).unwrap(), t);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("topology: ") && msg.len() > 12, "{msg}");
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        Truncate(usize),
+        FlipBit(usize, u8),
+        Insert(usize, String),
+        Delete(usize, usize),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let fragment = prop_oneof![
+            Just("-1".to_string()),
+            Just("1e400".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("1152921504606846976".to_string()),
+            Just("null".to_string()),
+            Just("\"\\ud800\"".to_string()),
+            Just("[[[[[[[[".to_string()),
+            Just("{\"ranks\": [0, 1]},".to_string()),
+            "[ -~]{0,12}",
+        ];
+        prop_oneof![
+            any::<usize>().prop_map(Mutation::Truncate),
+            (any::<usize>(), 0u8..8).prop_map(|(p, b)| Mutation::FlipBit(p, b)),
+            (any::<usize>(), fragment).prop_map(|(p, f)| Mutation::Insert(p, f)),
+            (any::<usize>(), 1usize..64).prop_map(|(p, n)| Mutation::Delete(p, n)),
+        ]
+    }
+
+    fn apply(text: &str, muts: &[Mutation]) -> String {
+        let mut b = text.as_bytes().to_vec();
+        for m in muts {
+            let at = |p: usize, len: usize| if len == 0 { 0 } else { p % (len + 1) };
+            match m {
+                Mutation::Truncate(p) => b.truncate(at(*p, b.len())),
+                Mutation::FlipBit(p, bit) if !b.is_empty() => {
+                    let i = p % b.len();
+                    b[i] ^= 1 << bit;
+                }
+                Mutation::FlipBit(..) => {}
+                Mutation::Insert(p, f) => {
+                    let i = at(*p, b.len());
+                    b.splice(i..i, f.bytes());
+                }
+                Mutation::Delete(p, n) => {
+                    let i = at(*p, b.len());
+                    let j = (i + n).min(b.len());
+                    b.drain(i..j);
+                }
+            }
+        }
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_are_refused_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            check(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn mutated_fixtures_parse_or_are_refused_with_a_reason(
+            which in 0usize..3,
+            muts in proptest::collection::vec(mutation(), 1..5),
+        ) {
+            let text = apply(&fixtures()[which], &muts);
+            check(&text);
+        }
+
+        #[test]
+        fn link_entries_naming_absent_ranks_are_refused_by_name(
+            nodes in proptest::collection::vec(0u8..3, 1..6),
+            links in proptest::collection::vec((any::<u64>(), 0u64..8), 0..6),
+        ) {
+            let ranks: Vec<String> = nodes
+                .iter()
+                .enumerate()
+                .map(|(r, n)| format!(r#"{{"rank":{r},"node_id":"n{n}"}}"#))
+                .collect();
+            // Half the indices small (often valid), half anywhere up to 2^64.
+            let links: Vec<(u64, u64)> = links
+                .iter()
+                .map(|&(a, b)| if a % 2 == 0 { (a % 8, b) } else { (a, b) })
+                .collect();
+            let entries: Vec<String> =
+                links.iter().map(|(a, b)| format!(r#"{{"ranks":[{a},{b}]}}"#)).collect();
+            let json = format!(r#"{{"ranks":[{}],"links":[{}]}}"#, ranks.join(","), entries.join(","));
+            let n = nodes.len() as u64;
+            let first_bad = links.iter().find(|(a, b)| *a >= n || *b >= n || a == b);
+            match (Topology::from_json(&json), first_bad) {
+                (Ok(t), None) => prop_assert_eq!(t.world_size(), nodes.len()),
+                (Err(e), Some((a, b))) => {
+                    let want = format!("link [{a}, {b}] must name two different ranks below {n}");
+                    prop_assert!(e.to_string().contains(&want), "{} lacks {}", e, want);
+                }
+                (r, bad) => prop_assert!(false, "{:?} for bad link {:?}", r.map(|t| t.world_size()), bad),
+            }
+        }
+    }
+}

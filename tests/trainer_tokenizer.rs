@@ -60,3 +60,51 @@ fn words_split_into_pieces() {
     // a 101-character word is [UNK]
     assert_eq!(wp.encode(&"a".repeat(101)), [UNK_ID]);
 }
+
+#[test]
+fn the_built_in_vocabulary_is_the_file() {
+    use hetccl::trainer::files::BUILTIN_VOCAB;
+    let file = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bert-base-uncased-vocab.txt"),
+    )
+    .unwrap();
+    assert_eq!(BUILTIN_VOCAB, file);
+    let wp = WordPiece::from_data(&hetccl::trainer::DataFile::builtin_vocab()).unwrap();
+    assert_eq!(wp.vocab_size(), 30522);
+}
+
+#[test]
+fn vocabulary_reads_are_bounded() {
+    use hetccl::trainer::tokenizer::VOCAB_MAX_BYTES;
+    assert_eq!(
+        WordPiece::from_file(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string(),
+        "reading vocabulary /dev/zero: larger than the 64 MiB limit for a vocabulary"
+    );
+    let dir = std::env::temp_dir().join(format!("hetccl-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.txt");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(VOCAB_MAX_BYTES + 1)
+        .unwrap();
+    assert_eq!(
+        WordPiece::from_file(&big).unwrap_err().to_string(),
+        format!(
+            "reading vocabulary {}: 67108865 bytes (64.0 MiB), more than the 64 MiB limit for a \
+             vocabulary",
+            big.display()
+        )
+    );
+    std::fs::write(&big, b"[PAD]\n\xff\n").unwrap();
+    assert_eq!(
+        WordPiece::from_file(&big).unwrap_err().to_string(),
+        format!(
+            "invalid argument to DataFile::read_text: vocabulary {} is not UTF-8 text (invalid \
+             byte at offset 6)",
+            big.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

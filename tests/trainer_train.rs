@@ -63,8 +63,8 @@ fn setup(dir: &Path, steps: u64, batch: usize) -> (TrainConfig, RunOptions) {
     cfg.lr = 2e-3;
     cfg.eval_every = 0;
     cfg.val_samples = 8;
-    run.data = small_corpus(dir);
-    run.vocab = repo().join("data/bert-base-uncased-vocab.txt");
+    run.data = small_corpus(dir).into();
+    run.vocab = repo().join("data/bert-base-uncased-vocab.txt").into();
     run.progress = false;
     run.threads = 1;
     (cfg, run)
@@ -203,8 +203,10 @@ fn uneven_split_and_accumulation_keep_the_update() {
     let two = train_threads(&cfg, &run, 2).unwrap();
     assert_eq!(two[0].micro_batches.iter().sum::<usize>(), 8);
     assert!(two[0].micro_batches.iter().all(|&b| b >= 1));
-    // two micro-batches of 4 on one rank
+    // two micro-batches of 4 on one rank (which has no rank 1 to slow)
     cfg.grad_accum = 2;
+    run.slow_ranks = None;
+    run.slowdown = 1.0;
     let accum = single(&cfg, &run);
     for ((a, b), c) in one.steps.iter().zip(&two[0].steps).zip(&accum.steps) {
         assert!(
@@ -362,7 +364,7 @@ fn resume_refuses_another_corpus() {
         "to be or not to be, that is the question. ".repeat(200),
     )
     .unwrap();
-    run.data = other;
+    run.data = other.into();
     run.resume = Some(dir.join("a.ckpt"));
     let err = with_threads(1, || train(&cfg, &run, &SingleProcess))
         .unwrap()
@@ -427,5 +429,335 @@ fn metrics_continue_across_a_resume_and_restart_with_a_fresh_run() {
     run.stop_after = Some(1);
     single(&cfg, &run);
     assert_eq!(count("train"), [0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// (kind, step) of every record in a metrics file.
+fn records(path: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["step"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_cuts_metrics_back_to_the_resumed_step() {
+    let dir = scratch("metrics-cut");
+    let (cfg, mut run) = setup(&dir, 5, 2);
+    let metrics = dir.join("m.jsonl");
+    run.metrics_out = Some(metrics.clone());
+    run.plot_out = Some(dir.join("loss.png"));
+    run.checkpoint = Some(dir.join("c.ckpt"));
+    // A checkpoint at step 2, then a run that went on to step 4 and died before its next
+    // checkpoint (its records of steps 2 and 3 are in the file).
+    run.stop_after = Some(2);
+    single(&cfg, &run);
+    std::fs::copy(dir.join("c.ckpt"), dir.join("at2.ckpt")).unwrap();
+    run.resume = Some(dir.join("c.ckpt"));
+    run.stop_after = Some(4);
+    single(&cfg, &run);
+    // A torn last line, as a kill mid-write leaves.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"step\": 4, \"kin").unwrap();
+    drop(f);
+    run.resume = Some(dir.join("at2.ckpt"));
+    run.stop_after = None;
+    single(&cfg, &run);
+    let rec = |k: &str, s: u64| (k.to_string(), s);
+    assert_eq!(
+        records(&metrics),
+        [
+            rec("eval", 0),
+            rec("train", 0),
+            rec("train", 1),
+            rec("eval", 2),
+            rec("train", 2),
+            rec("train", 3),
+            rec("train", 4),
+            rec("eval", 5),
+        ]
+    );
+    // The loss plot is drawn from the same records.
+    let (steps, evals) = hetccl::trainer::train::read_metrics(&metrics, 5).unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [0, 2, 5]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process that has exited and been waited for: its pid names nobody (until reused).
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn temporaries_of_dead_writers_are_removed_and_live_ones_kept() {
+    let dir = scratch("stale");
+    let target = dir.join("c.ckpt");
+    let tmp = |pid: u32| checkpoint::temp_path(&target, pid);
+    assert_eq!(tmp(12), dir.join(".c.ckpt.tmp.12"));
+    let touch = |p: &Path| std::fs::write(p, b"half a checkpoint").unwrap();
+    // A writer that died; one that exited but was not reaped (a zombie); one alive.
+    let dead = dead_pid();
+    let mut zombie = std::process::Command::new("true").spawn().unwrap();
+    let mut live = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let zombie_state = format!("/proc/{}/stat", zombie.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&zombie_state).is_ok_and(|s| s.contains(") Z ")) {
+        assert!(std::time::Instant::now() < deadline, "no zombie after 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for pid in [dead, zombie.id(), live.id()] {
+        touch(&tmp(pid));
+    }
+    // This process's pid on a file older than the process: a previous owner of the pid.
+    let reused = tmp(std::process::id());
+    touch(&reused);
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&reused)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    // Not temporaries of this target: left alone whatever their pid.
+    let others = [
+        dir.join(format!(".other.ckpt.tmp.{dead}")),
+        dir.join(format!(".c.ckpt.tmp.{dead}x")),
+        dir.join("c.ckpt.tmp.1"),
+    ];
+    for p in &others {
+        touch(p);
+    }
+    let mut removed = checkpoint::remove_stale_temps(&target);
+    removed.sort();
+    let mut want = vec![tmp(dead), tmp(zombie.id()), reused];
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(tmp(live.id()).exists());
+    assert!(others.iter().all(|p| p.exists()));
+    // Saving cleans up too, and keeps the live writer's file.
+    touch(&tmp(dead));
+    checkpoint::save(&target, &tiny_meta(), &[1.0; 3], &[0.0; 3], &[0.0; 3]).unwrap();
+    assert!(!tmp(dead).exists());
+    assert!(tmp(live.id()).exists());
+    let _ = live.kill();
+    let _ = live.wait();
+    let _ = zombie.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_starts_by_removing_temporaries_its_dead_predecessor_left() {
+    let dir = scratch("stale-run");
+    let (cfg, mut run) = setup(&dir, 1, 2);
+    let target = dir.join("c.ckpt");
+    run.checkpoint = Some(target.clone());
+    run.stop_after = Some(0);
+    let stale = checkpoint::temp_path(&target, dead_pid());
+    std::fs::write(&stale, b"torn").unwrap();
+    single(&cfg, &run);
+    assert!(!stale.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_never_replaces_the_previous_good_one() {
+    let dir = scratch("prev");
+    let path = dir.join("c.ckpt");
+    let prev = checkpoint::previous_path(&path);
+    assert_eq!(prev, dir.join("c.ckpt.prev"));
+    let meta = |step| CheckpointMeta {
+        step,
+        ..tiny_meta()
+    };
+    let save = |step, x: f32| checkpoint::save(&path, &meta(step), &[x; 3], &[x; 3], &[x; 3]);
+    save(2, 2.0).unwrap();
+    assert!(!prev.exists());
+    save(4, 4.0).unwrap();
+    assert_eq!(checkpoint::load(&prev).unwrap().meta.step, 2);
+    assert_eq!(checkpoint::load(&path).unwrap().meta.step, 4);
+    // The newest is damaged on disk: loading says so and names the good one before it.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = checkpoint::load(&path).unwrap_err();
+    assert_eq!(
+        reason(err),
+        format!(
+            "checksum mismatch: the file is corrupt (the checkpoint before it is {}, untouched)",
+            prev.display()
+        )
+    );
+    // Saving over the damaged one does not make it the previous one.
+    save(6, 6.0).unwrap();
+    assert_eq!(checkpoint::load(&path).unwrap().meta.step, 6);
+    assert_eq!(checkpoint::load(&prev).unwrap().meta.step, 2);
+    save(8, 8.0).unwrap();
+    assert_eq!(checkpoint::load(&prev).unwrap().meta.step, 6);
+    // Only the two checkpoints: no temporaries, no links left over.
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["c.ckpt", "c.ckpt.prev"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resuming_a_damaged_checkpoint_fails_and_touches_nothing() {
+    let dir = scratch("resume-damaged");
+    let (cfg, mut run) = setup(&dir, 4, 2);
+    let path = dir.join("c.ckpt");
+    run.checkpoint = Some(path.clone());
+    run.stop_after = Some(1);
+    single(&cfg, &run);
+    run.resume = Some(path.clone());
+    run.stop_after = Some(2);
+    single(&cfg, &run);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let before_prev = std::fs::read(checkpoint::previous_path(&path)).unwrap();
+    run.stop_after = None;
+    let err = with_threads(1, || train(&cfg, &run, &SingleProcess))
+        .unwrap()
+        .unwrap_err();
+    assert!(reason(err).starts_with("checksum mismatch"));
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert_eq!(
+        std::fs::read(checkpoint::previous_path(&path)).unwrap(),
+        before_prev
+    );
+    assert_eq!(
+        checkpoint::load(&checkpoint::previous_path(&path))
+            .unwrap()
+            .meta
+            .step,
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn checkpoint_reads_are_bounded_before_allocating() {
+    let dir = scratch("ckpt-bounds");
+    let path = dir.join("c.ckpt");
+    checkpoint::save(&path, &tiny_meta(), &[1.0; 3], &[2.0; 3], &[3.0; 3]).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let bad = dir.join("bad.ckpt");
+    let try_load = |bytes: &[u8]| {
+        std::fs::write(&bad, bytes).unwrap();
+        reason(checkpoint::load(&bad).unwrap_err())
+    };
+    assert_eq!(
+        reason(checkpoint::load(Path::new("/dev/zero")).unwrap_err()),
+        "bad magic: not a hetccl-bert checkpoint"
+    );
+    // A payload length of 2^60 bytes: refused from the header.
+    let mut huge = good.clone();
+    huge[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert_eq!(
+        try_load(&huge),
+        "header says 1152921504606846976 bytes of tensors, more than the 64 GiB limit \
+         (corrupt header?)"
+    );
+    let mut meta = good.clone();
+    meta[16..24].copy_from_slice(&(u64::MAX).to_le_bytes());
+    assert_eq!(
+        try_load(&meta),
+        "header says 18446744073709551615 bytes of metadata, more than the 1 MiB limit \
+         (corrupt header?)"
+    );
+    // Below the limit but more than the file holds: refused by the file's size.
+    let mut big = good.clone();
+    big[24..32].copy_from_slice(&(12u64 << 30).to_le_bytes());
+    let meta_len = u64::from_le_bytes(good[16..24].try_into().unwrap());
+    assert_eq!(
+        try_load(&big),
+        format!(
+            "truncated: header promises {} bytes, file has {}",
+            64 + meta_len + (12 << 30),
+            good.len()
+        )
+    );
+    // The same through a pipe, where the size is unknown until it ends.
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let writer = {
+        let (fifo, big) = (fifo.clone(), big.clone());
+        std::thread::spawn(move || std::fs::write(fifo, big))
+    };
+    let err = reason(checkpoint::load(&fifo).unwrap_err());
+    writer.join().unwrap().unwrap();
+    assert_eq!(
+        err,
+        format!(
+            "truncated: header promises {} bytes, file has {}",
+            64 + meta_len + (12 << 30),
+            good.len()
+        )
+    );
+    // Rank state files: the same limits.
+    let rs = dir.join("c.ckpt.rank0");
+    checkpoint::save_rank_state(&rs, 1, 1, 0, &[7; 10]).unwrap();
+    let mut claim = std::fs::read(&rs).unwrap();
+    claim[40..48].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(&rs, &claim).unwrap();
+    assert_eq!(
+        reason(checkpoint::load_rank_state(&rs, 1, 1, 0).unwrap_err()),
+        "header says 1152921504606846976 bytes of payload, more than the 21.3 GiB limit \
+         (corrupt header?)"
+    );
+    assert_eq!(
+        reason(checkpoint::load_rank_state(Path::new("/dev/zero"), 1, 1, 0).unwrap_err()),
+        "not a hetccl rank state file (bad magic or too short)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_flipped_bit_in_the_reserved_header_field_is_refused() {
+    let dir = scratch("reserved");
+    let path = dir.join("c.ckpt");
+    checkpoint::save(&path, &tiny_meta(), &[1.0; 3], &[2.0; 3], &[3.0; 3]).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[13] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(
+        reason(checkpoint::load(&path).unwrap_err()),
+        "reserved header field is 0x400, not 0 (corrupt header?)"
+    );
+    let rs = dir.join("c.ckpt.rank0");
+    checkpoint::save_rank_state(&rs, 1, 1, 0, &[7; 10]).unwrap();
+    let mut bytes = std::fs::read(&rs).unwrap();
+    bytes[15] ^= 0x80;
+    std::fs::write(&rs, &bytes).unwrap();
+    assert_eq!(
+        reason(checkpoint::load_rank_state(&rs, 1, 1, 0).unwrap_err()),
+        "reserved header field is 0x80000000, not 0 (corrupt header?)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,13 @@
 //! Without `--sim-ranks`, ranks are found the way every hetccl program finds them
 //! (launcher, torchrun-style `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT`, MPI); a
 //! plain start, with none of those set, is a world of one.
+//!
+//! The default corpus and vocabulary are built in, so it runs from any directory. Bad
+//! values, a model too large for the machine's memory and an unwritable checkpoint path
+//! are refused before any work; a closed standard output (`| head`) ends the run with an
+//! error, as it ends other programs.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,35 +27,43 @@ use hetccl::{Communicator, Config};
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
+        .with_writer(hetccl::log::stderr)
         .init();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hetccl-bert: error: {e}");
+            // Nothing more to say where stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "hetccl-bert: error: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// The last line of a run, on rank 0; a closed stdout is an error like any other.
+fn summary(samples_per_s: f64) -> hetccl::Result<()> {
+    writeln!(
+        std::io::stdout(),
+        "{samples_per_s:.1} samples/s over the run"
+    )
+    .map_err(|e| hetccl::Error::io("writing progress to standard output", e))
+}
+
 fn run(cli: &Cli) -> hetccl::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cli.sim_ranks > 1 {
-        let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1))?;
+        let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1), cli.sim_ranks)?;
         let report = train_threads(&cfg, &run, cli.sim_ranks)?.swap_remove(0);
-        println!("{:.1} samples/s over the run", report.samples_per_s);
-        return Ok(());
+        return summary(report.samples_per_s);
     }
     let comm_cfg = Config::from_env()?;
     let launched = comm_cfg.launch.world_size.is_some() || comm_cfg.init != InitMethod::Env;
     let local = comm_cfg.launch.local_world_size.unwrap_or(1).max(1);
-    let (cfg, run) = cli.options((cores / local).max(1))?;
+    let (cfg, run) = cli.options((cores / local).max(1), local)?;
     if !launched {
         // Started by hand, not by a launcher: a world of one, no communicator needed.
         let report = with_threads(run.threads, || train(&cfg, &run, &SingleProcess))??;
-        println!("{:.1} samples/s over the run", report.samples_per_s);
-        return Ok(());
+        return summary(report.samples_per_s);
     }
     let report = with_threads(run.threads, || {
         let comm = Communicator::init(comm_cfg)?;
@@ -62,7 +76,7 @@ fn run(cli: &Cli) -> hetccl::Result<()> {
         Ok::<_, hetccl::Error>((comm.rank(), report))
     })??;
     if report.0 == 0 {
-        println!("{:.1} samples/s over the run", report.1.samples_per_s);
+        summary(report.1.samples_per_s)?;
     }
     Ok(())
 }

@@ -42,6 +42,20 @@ const SOAK_RSS_SLACK_KIB: u64 = 8 << 10;
 const SOAK_COUNTS: [usize; 9] = [0, 1, 3, 7, 64, 1000, 4099, 16_384, 70_000];
 /// Kinds of soak step: one collective each, or (the last) several in flight at once.
 const SOAK_KINDS: usize = 12;
+/// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
+/// is gone, or the output went into `head`) rather than panic.
+macro_rules! outln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stdout(), $($a)*);
+    }};
+}
+macro_rules! errln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stderr(), $($a)*);
+    }};
+}
 
 struct Args {
     counts: Vec<usize>,
@@ -102,7 +116,7 @@ fn parse_args() -> Result<Args, String> {
                 a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
             }
             "-h" | "--help" => {
-                println!(
+                outln!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
                      \x20                   [--fault none|exit|kill|stop|count|dtype|op|private --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
@@ -779,16 +793,16 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     if r == a.fault_rank {
         match a.fault.as_str() {
             "exit" => {
-                eprintln!("rank {r}: exiting on purpose");
+                errln!("rank {r}: exiting on purpose");
                 std::process::exit(17);
             }
             "kill" => {
-                eprintln!("rank {r}: killing itself on purpose (SIGKILL)");
+                errln!("rank {r}: killing itself on purpose (SIGKILL)");
                 // SAFETY: raising SIGKILL on ourselves has no memory-safety impact.
                 unsafe { libc::raise(libc::SIGKILL) };
             }
             "stop" => {
-                eprintln!("rank {r}: stopping on purpose");
+                errln!("rank {r}: stopping on purpose");
                 // SAFETY: raising SIGSTOP on ourselves has no memory-safety impact.
                 unsafe { libc::raise(libc::SIGSTOP) };
             }
@@ -821,7 +835,7 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     let r2 = comm
         .all_reduce(&mut buf, ReduceOp::Sum)
         .map_err(|e| e.to_string());
-    eprintln!(
+    errln!(
         "rank {r}: faulty collective returned after {:.2}s: {r2:?}",
         t.elapsed().as_secs_f64()
     );
@@ -849,7 +863,7 @@ fn determinism(comm: &Communicator, count: usize, seed: u64, shared: bool) -> Re
     for v in buf.iter() {
         h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
     }
-    println!("determinism hash {h:016x}");
+    outln!("determinism hash {h:016x}");
     Ok(())
 }
 
@@ -914,7 +928,7 @@ fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
             }
         }
     }
-    println!("compressed hash {h:016x}");
+    outln!("compressed hash {h:016x}");
     Ok(checks)
 }
 
@@ -922,20 +936,20 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("hetccl-check: {e}");
+            errln!("hetccl-check: {e}");
             return ExitCode::from(2);
         }
     };
     let mut comm = match Communicator::init_from_env() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hetccl-check: init failed: {e}");
+            errln!("hetccl-check: init failed: {e}");
             return ExitCode::from(1);
         }
     };
     if args.shared && comm.rank() == 0 {
         // Lets tests look for files this job might have left in /dev/shm.
-        println!(
+        outln!(
             "shared buffers, job {}",
             comm.config().job_id.as_deref().unwrap_or("-")
         );
@@ -945,7 +959,7 @@ fn main() -> ExitCode {
         fault(&comm, &args)
     } else if let Some(steps) = args.soak {
         soak(&mut comm, steps, args.seed, args.shared).map(|said| {
-            println!(
+            outln!(
                 "rank {}/{}: {said}; checks passed",
                 comm.rank(),
                 comm.world_size()
@@ -955,7 +969,7 @@ fn main() -> ExitCode {
         determinism(&comm, count, args.seed, args.shared)
     } else if let Some(count) = args.compressed {
         compressed(&comm, count).map(|k| {
-            println!(
+            outln!(
                 "rank {}/{}: {k} checks passed",
                 comm.rank(),
                 comm.world_size()
@@ -987,7 +1001,7 @@ fn main() -> ExitCode {
         };
         let r = run(&mut ck);
         if r.is_ok() {
-            println!(
+            outln!(
                 "rank {}/{}: {} checks passed in {:.2}s",
                 comm.rank(),
                 comm.world_size(),
@@ -1000,7 +1014,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
+            errln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
             ExitCode::from(1)
         }
     }

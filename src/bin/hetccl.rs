@@ -2,6 +2,7 @@
 //! subcommand lives in its own library module.
 
 use std::ffi::OsString;
+use std::io::Write;
 
 const USAGE: &str = "\
 usage: hetccl <command> [ARGS...]
@@ -14,16 +15,20 @@ fn main() {
     let rest = args.get(2..).unwrap_or_default();
     let code = match args.get(1).and_then(|a| a.to_str()) {
         Some("run") => hetccl::launcher::cli(rest),
+        // Messages go through writers that drop them on a closed stream instead of panicking.
         Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
+            let _ = writeln!(hetccl::log::stdout(), "{USAGE}");
             0
         }
         Some(other) => {
-            eprintln!("hetccl: unknown command {other:?}\n\n{USAGE}");
+            let _ = writeln!(
+                hetccl::log::stderr(),
+                "hetccl: unknown command {other:?}\n\n{USAGE}"
+            );
             2
         }
         None => {
-            eprintln!("{USAGE}");
+            let _ = writeln!(hetccl::log::stderr(), "{USAGE}");
             2
         }
     };

@@ -23,7 +23,7 @@
 //! and stale directories never collide with new runs.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,24 @@ use super::{fmt_secs, Bootstrap};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"HCCLRDV1";
+
+/// Largest rendezvous file a rank reads: a blob as large as the TCP store carries, plus
+/// its header and job id.
+pub const MAX_FILE_BYTES: usize = super::store::MAX_FRAME_BYTES + (64 << 10);
+
+/// Reads a rendezvous file, refusing one past [`MAX_FILE_BYTES`] before reading it whole.
+fn read_bounded(p: &Path) -> io::Result<Vec<u8>> {
+    let f = fs::File::open(p)?;
+    let mut body = Vec::new();
+    f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut body)?;
+    if body.len() > MAX_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than the {MAX_FILE_BYTES}-byte limit of a rendezvous file"),
+        ));
+    }
+    Ok(body)
+}
 
 /// Bootstrap through files in a shared directory.
 pub struct FileBootstrap {
@@ -247,7 +265,7 @@ impl Bootstrap for FileBootstrap {
                     continue;
                 }
                 let p = self.path(r, k);
-                match fs::read(&p) {
+                match read_bounded(&p) {
                     Ok(body) => *slot = Some(self.decode(&p, &body, r, k)?),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => {
@@ -433,5 +451,83 @@ mod tests {
         );
         drop(b);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_before_it_is_read_whole() {
+        let root = tmp_root("big");
+        let mut b = FileBootstrap::new(&root, "job-big", 0, 2, Duration::from_secs(5)).unwrap();
+        let big = b.dir().join("ag-0-1");
+        // A sparse file far past the limit: reading it whole would take gigabytes.
+        fs::File::create(&big).unwrap().set_len(8 << 30).unwrap();
+        let e = b.all_gather(b"x").err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "rank 0: reading {}: larger than the {MAX_FILE_BYTES}-byte limit of a \
+                 rendezvous file",
+                big.display()
+            )
+        );
+        drop(b);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn bootstrap_at(dir: &Path, rank: usize) -> FileBootstrap {
+        FileBootstrap {
+            rank,
+            world_size: 3,
+            round: 0,
+            dir: dir.to_path_buf(),
+            job_id: "job-prop".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(3000))]
+        /// Any file contents are a payload of this job, round and rank, or refused with an
+        /// error naming the file; never a panic.
+        #[test]
+        fn any_contents_decode_or_are_refused(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..160)) {
+            let b = std::mem::ManuallyDrop::new(bootstrap_at(Path::new("/nonexistent"), 1));
+            let p = Path::new("/nonexistent/ag-0-2");
+            match b.decode(p, &body, 0, 2) {
+                Ok(data) => proptest::prop_assert!(data.len() < body.len()),
+                Err(e) => proptest::prop_assert!(
+                    e.to_string().starts_with("bootstrap: rank 1: refusing /nonexistent/ag-0-2: "),
+                    "{}", e
+                ),
+            }
+        }
+
+        /// A valid file with one byte changed or cut short is refused unless the change
+        /// falls in the payload.
+        #[test]
+        fn mutated_files_are_refused_or_keep_their_header(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+            at in 0usize..200,
+            xor in 1u8..=255,
+            cut in proptest::prelude::any::<bool>(),
+        ) {
+            let b = std::mem::ManuallyDrop::new(bootstrap_at(Path::new("/nonexistent"), 1));
+            let writer = std::mem::ManuallyDrop::new(bootstrap_at(Path::new("/nonexistent"), 2));
+            let mut body = writer.encode(0, &payload);
+            let header = body.len() - payload.len();
+            let at = at % body.len();
+            if cut {
+                body.truncate(at);
+            } else {
+                body[at] ^= xor;
+            }
+            let p = Path::new("/nonexistent/ag-0-2");
+            match b.decode(p, &body, 0, 2) {
+                Ok(data) => {
+                    proptest::prop_assert!(!cut && at >= header, "a changed header at {} passed", at);
+                    proptest::prop_assert_eq!(data.len(), payload.len());
+                }
+                Err(_) => proptest::prop_assert!(cut || at < header),
+            }
+        }
     }
 }

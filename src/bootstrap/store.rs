@@ -10,37 +10,56 @@
 //!   GET    op=2 timeout_ms:u64le n:u32le (key_len:u32le key){n}
 //!                                                    -> VALUES n:u32le (len:u32le value){n}
 //!                                                       | MISSING m:u32le (index:u32le){m}
+//!                                                       | RANKS (when a rank is gone)
 //!   ADD    op=3 delta:i64le key...                   -> COUNTER value:i64le
 //!   DELETE op=4 key...                               -> OK
+//!   BYE    op=5                                      (no reply; the rank leaves on purpose)
+//!   STATUS op=6                                      -> RANKS
 //! reply   = status:u8 ...   OK=0 VALUES=1 MISSING=2 COUNTER=3 ERROR=4 (message...)
+//!   RANKS=5 n:u32le (state:u8 [len:u32le why]){n}    state: 0 absent, 1 connected,
+//!                                                    2 left (said BYE), 3 died (why)
 //! ```
 //!
 //! GET blocks on the server until every key is present or the client's timeout passes,
 //! so a waiting rank costs one round trip, not a polling loop. Counters (ADD) are stored
 //! as decimal text, so a GET of a counter reads like `"3"`.
 //!
-//! Each connection is served by its own thread, so a stranger that connects and stays
-//! silent only occupies its own thread until the handshake timeout refuses it.
+//! Ranks that go away: the server knows each authenticated connection's rank. A rank whose
+//! connection ends without a BYE (killed, crashed, or exited without closing its
+//! bootstrap) is marked dead; one that said BYE has left. Either wakes every blocked GET,
+//! which then answers RANKS instead of waiting for keys that will never come, so every
+//! rank fails at once naming the one that is gone. STATUS lets waits outside the store
+//! (link setup) ask the same question.
+//!
+//! Admission: each connection is served by its own thread. Connections that have not
+//! finished the handshake have a budget of their own ([`PRE_AUTH_CONNECTIONS`]) and a
+//! short deadline; when the budget is full, a new connection sheds the oldest one that
+//! has not even sent a hello of this job (else the oldest), so idle strangers cannot keep
+//! a rank out, and a shed rank retries. Authenticated ranks are always admitted, one
+//! connection per rank below the world size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::auth::JobAuth;
+use super::auth::{HandshakeFailure, JobAuth, Peer, Refusal, RefusalLog};
 use super::fmt_secs;
 use crate::error::{Error, Result};
 
 /// Largest frame either side accepts; bootstrap blobs are addresses and host names.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 
-/// Connections beyond `2 * world_size + EXTRA_CONNECTIONS` at once are refused, so a
-/// flood of strangers cannot exhaust threads.
-const EXTRA_CONNECTIONS: usize = 64;
+/// Connections still in their handshake at once; a new one beyond this sheds the oldest.
+pub const PRE_AUTH_CONNECTIONS: usize = 64;
+
+/// Longest a connection may take to finish its handshake with the store. A rank needs a
+/// few round trips; a shed or timed-out rank connects again.
+pub const STORE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the accept thread sleeps in `poll` before it looks at the stop flag.
 const ACCEPT_POLL_MS: i32 = 100;
@@ -56,18 +75,53 @@ pub enum GetOutcome {
     Values(Vec<Vec<u8>>),
     /// The timeout passed; indices (into the keys asked for) of those still absent.
     Missing(Vec<usize>),
+    /// Some keys are absent and a rank has left or died, so they may never come: every
+    /// rank's state, by rank.
+    RanksGone(Vec<RankState>),
+}
+
+/// What the store knows of a rank's connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RankState {
+    /// Not connected (yet). Rank 0, which serves the store, counts as connected.
+    Absent,
+    /// Authenticated and connected.
+    Connected,
+    /// Said goodbye and closed its connection.
+    Left,
+    /// Its connection ended without a goodbye; how.
+    Died(String),
+}
+
+/// One line naming every rank in `states` that died, then those that left (usually
+/// because of a death: they come second so the cause leads); `None` when none did.
+pub fn describe_gone(states: &[RankState]) -> Option<String> {
+    let died = states.iter().enumerate().filter_map(|(r, s)| match s {
+        RankState::Died(how) => Some(format!("rank {r} died ({how})")),
+        _ => None,
+    });
+    let left = states.iter().enumerate().filter_map(|(r, s)| match s {
+        RankState::Left => Some(format!(
+            "rank {r} left the job (it closed its bootstrap before the others finished)"
+        )),
+        _ => None,
+    });
+    let gone: Vec<String> = died.chain(left).collect();
+    (!gone.is_empty()).then(|| gone.join("; "))
 }
 
 /// Operations on the bootstrap store, the same for rank 0 (in-process) and the others (TCP).
 pub trait Store: Send {
     /// Stores `value` under `key`, replacing any earlier value, and wakes waiting getters.
     fn set(&mut self, key: &str, value: &[u8]) -> Result<()>;
-    /// Waits until every key is present or `timeout` passes.
+    /// Waits until every key is present, a rank is gone, or `timeout` passes.
     fn get_many(&mut self, keys: &[&str], timeout: Duration) -> Result<GetOutcome>;
     /// Adds `delta` to the counter at `key` (absent counts as 0); returns the new value.
     fn add(&mut self, key: &str, delta: i64) -> Result<i64>;
     /// Removes `key`; removing an absent key is not an error.
     fn delete(&mut self, key: &str) -> Result<()>;
+    /// Every rank's connection state, by rank.
+    fn ranks(&mut self) -> Result<Vec<RankState>>;
 
     /// Waits for one key; the error names it.
     fn get(&mut self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
@@ -81,6 +135,10 @@ pub trait Store: Send {
                 "key {key:?} did not appear in the store within {}",
                 fmt_secs(timeout)
             ))),
+            GetOutcome::RanksGone(states) => Err(Error::Bootstrap(format!(
+                "key {key:?} is not in the store and will not come: {}",
+                describe_gone(&states).unwrap_or_default()
+            ))),
         }
     }
 }
@@ -92,12 +150,15 @@ const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
 const OP_ADD: u8 = 3;
 const OP_DELETE: u8 = 4;
+const OP_BYE: u8 = 5;
+const OP_STATUS: u8 = 6;
 
 const ST_OK: u8 = 0;
 const ST_VALUES: u8 = 1;
 const ST_MISSING: u8 = 2;
 const ST_COUNTER: u8 = 3;
 const ST_ERROR: u8 = 4;
+const ST_RANKS: u8 = 5;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
@@ -116,6 +177,8 @@ enum Request {
     Delete {
         key: String,
     },
+    Bye,
+    Status,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -125,6 +188,7 @@ enum Reply {
     Missing(Vec<usize>),
     Counter(i64),
     Error(String),
+    Ranks(Vec<RankState>),
 }
 
 fn put_u32(out: &mut Vec<u8>, n: usize) {
@@ -170,6 +234,12 @@ impl<'a> Fields<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
+    /// A count of items each at least `min_bytes` long: refused when the rest of the body
+    /// could not hold them, so a forged count never sizes an allocation.
+    fn count(&mut self, min_bytes: usize) -> Option<usize> {
+        let n = self.u32()?;
+        (n <= self.0.len() / min_bytes).then_some(n)
+    }
 }
 
 impl Request {
@@ -199,6 +269,8 @@ impl Request {
                 out.push(OP_DELETE);
                 out.extend_from_slice(key.as_bytes());
             }
+            Request::Bye => out.push(OP_BYE),
+            Request::Status => out.push(OP_STATUS),
         }
         out
     }
@@ -212,11 +284,8 @@ impl Request {
             },
             OP_GET => {
                 let timeout = Duration::from_millis(f.u64()?);
-                let n = f.u32()?;
-                // Each key needs at least its 4-byte length, which bounds `n` by the body.
-                if n > f.0.len() / 4 {
-                    return None;
-                }
+                // Each key needs at least its 4-byte length.
+                let n = f.count(4)?;
                 let keys = (0..n).map(|_| f.string()).collect::<Option<Vec<_>>>()?;
                 Request::Get { keys, timeout }
             }
@@ -227,6 +296,8 @@ impl Request {
             OP_DELETE => Request::Delete {
                 key: String::from_utf8(f.rest().to_vec()).ok()?,
             },
+            OP_BYE => Request::Bye,
+            OP_STATUS => Request::Status,
             _ => return None,
         };
         f.0.is_empty().then_some(req)
@@ -260,6 +331,21 @@ impl Reply {
                 out.push(ST_ERROR);
                 out.extend_from_slice(msg.as_bytes());
             }
+            Reply::Ranks(states) => {
+                out.push(ST_RANKS);
+                put_u32(&mut out, states.len());
+                for s in states {
+                    match s {
+                        RankState::Absent => out.push(0),
+                        RankState::Connected => out.push(1),
+                        RankState::Left => out.push(2),
+                        RankState::Died(why) => {
+                            out.push(3);
+                            put_bytes(&mut out, why.as_bytes());
+                        }
+                    }
+                }
+            }
         }
         out
     }
@@ -269,31 +355,40 @@ impl Reply {
         let reply = match f.u8()? {
             ST_OK => Reply::Ok,
             ST_VALUES => {
-                let n = f.u32()?;
-                if n > f.0.len() / 4 {
-                    return None;
-                }
+                let n = f.count(4)?;
                 let vals = (0..n)
                     .map(|_| f.bytes().map(<[u8]>::to_vec))
                     .collect::<Option<Vec<_>>>()?;
                 Reply::Values(vals)
             }
             ST_MISSING => {
-                let n = f.u32()?;
-                if n > f.0.len() / 4 {
-                    return None;
-                }
+                let n = f.count(4)?;
                 Reply::Missing((0..n).map(|_| f.u32()).collect::<Option<Vec<_>>>()?)
             }
             ST_COUNTER => Reply::Counter(f.u64()? as i64),
             ST_ERROR => Reply::Error(String::from_utf8_lossy(f.rest()).into_owned()),
+            ST_RANKS => {
+                let n = f.count(1)?;
+                let states = (0..n)
+                    .map(|_| {
+                        Some(match f.u8()? {
+                            0 => RankState::Absent,
+                            1 => RankState::Connected,
+                            2 => RankState::Left,
+                            3 => RankState::Died(String::from_utf8_lossy(f.bytes()?).into_owned()),
+                            _ => return None,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Reply::Ranks(states)
+            }
             _ => return None,
         };
         f.0.is_empty().then_some(reply)
     }
 }
 
-fn write_frame(s: &mut TcpStream, body: &[u8]) -> io::Result<()> {
+fn write_frame(s: &mut impl Write, body: &[u8]) -> io::Result<()> {
     if body.len() > MAX_FRAME_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -308,7 +403,16 @@ fn write_frame(s: &mut TcpStream, body: &[u8]) -> io::Result<()> {
     s.write_all(&frame)
 }
 
-fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// Reads one frame. The length prefix is checked against [`MAX_FRAME_BYTES`] before
+/// anything is allocated, and the body buffer grows only with the bytes that actually
+/// arrive, so a peer that announces a large frame and sends little costs little.
+fn read_frame(s: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    read_frame_into(s, &mut body)?;
+    Ok(body)
+}
+
+fn read_frame_into(s: &mut impl Read, body: &mut Vec<u8>) -> io::Result<()> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -318,29 +422,52 @@ fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
             format!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    Ok(body)
+    body.clear();
+    body.reserve(len.min(64 << 10));
+    s.take(len as u64).read_to_end(body)?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame ends after {} of its {len} bytes", body.len()),
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
 // The data, shared by the server's connection threads and rank 0's in-process client
 
-#[derive(Default)]
 struct State {
     map: HashMap<String, Vec<u8>>,
+    /// By rank; rank 0 serves the store and counts as connected.
+    ranks: Vec<RankState>,
     /// Authenticated connections currently open.
     clients: usize,
     stopping: bool,
 }
 
-#[derive(Default)]
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Shared {
+    fn new(world_size: usize) -> Shared {
+        let mut ranks = vec![RankState::Absent; world_size];
+        if let Some(r0) = ranks.first_mut() {
+            *r0 = RankState::Connected;
+        }
+        Shared {
+            state: Mutex::new(State {
+                map: HashMap::new(),
+                ranks,
+                clients: 0,
+                stopping: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic in a holder (every update is one
         // map operation), so a poisoned lock is still safe to use.
@@ -378,6 +505,9 @@ impl Shared {
                 self.lock().map.remove(&key);
                 Reply::Ok
             }
+            Request::Status => Reply::Ranks(self.lock().ranks.clone()),
+            // Handled by the connection itself.
+            Request::Bye => Reply::Ok,
         }
     }
 
@@ -391,6 +521,18 @@ impl Shared {
                         .map(|k| st.map.get(k).cloned().unwrap_or_default())
                         .collect(),
                 );
+            }
+            // A rank that is gone will not set its keys: answer now rather than at the
+            // timeout (values already there were returned above, so the ranks still
+            // reading the last round are not failed by one that finished and left). This
+            // comes before the stop below: rank 0 stops its store when it fails for the
+            // same reason, and the others should hear the reason, not the stop.
+            if st
+                .ranks
+                .iter()
+                .any(|r| matches!(r, RankState::Left | RankState::Died(_)))
+            {
+                return Reply::Ranks(st.ranks.clone());
             }
             if st.stopping {
                 return Reply::Error("rank 0's store is shutting down".into());
@@ -414,6 +556,44 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
     }
+
+    /// Admits an authenticated connection for `rank`, or says why not.
+    fn admit(&self, rank: u32) -> std::result::Result<(), Refusal> {
+        let mut st = self.lock();
+        let world = st.ranks.len();
+        let Some(state) = st.ranks.get_mut(rank as usize) else {
+            return Err(Refusal::BeyondWorld(
+                u32::try_from(world).unwrap_or(u32::MAX),
+            ));
+        };
+        match state {
+            RankState::Absent => {
+                *state = RankState::Connected;
+                st.clients += 1;
+                Ok(())
+            }
+            RankState::Connected => Err(Refusal::AlreadyConnected),
+            RankState::Left | RankState::Died(_) => Err(Refusal::AlreadyGone),
+        }
+    }
+
+    /// The connection of an admitted `rank` ended: it `left` (said BYE), died (`why`), or
+    /// never got its verdict through (`None`, back to absent so it can connect again).
+    fn depart(&self, rank: u32, outcome: Option<RankState>) {
+        let mut st = self.lock();
+        st.clients = st.clients.saturating_sub(1);
+        let stopping = st.stopping;
+        if let Some(state) = st.ranks.get_mut(rank as usize) {
+            *state = match outcome {
+                // Connections the server itself closes on stop are not deaths.
+                Some(RankState::Died(_)) if stopping => RankState::Left,
+                Some(s) => s,
+                None => RankState::Absent,
+            };
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
 }
 
 /// Rank 0's own handle on the store it serves: no socket, same semantics.
@@ -423,6 +603,7 @@ fn outcome(reply: Reply, what: &str) -> Result<GetOutcome> {
     match reply {
         Reply::Values(v) => Ok(GetOutcome::Values(v)),
         Reply::Missing(m) => Ok(GetOutcome::Missing(m)),
+        Reply::Ranks(r) => Ok(GetOutcome::RanksGone(r)),
         Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
         other => Err(Error::Bootstrap(format!(
             "{what}: unexpected reply {other:?}"
@@ -443,6 +624,16 @@ fn ok_reply(reply: Reply, what: &str) -> Result<()> {
 fn counter_reply(reply: Reply, what: &str) -> Result<i64> {
     match reply {
         Reply::Counter(n) => Ok(n),
+        Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
+        other => Err(Error::Bootstrap(format!(
+            "{what}: unexpected reply {other:?}"
+        ))),
+    }
+}
+
+fn ranks_reply(reply: Reply, what: &str) -> Result<Vec<RankState>> {
+    match reply {
+        Reply::Ranks(r) => Ok(r),
         Reply::Error(e) => Err(Error::Bootstrap(format!("{what}: {e}"))),
         other => Err(Error::Bootstrap(format!(
             "{what}: unexpected reply {other:?}"
@@ -475,6 +666,9 @@ impl Store for LocalStore {
             "store delete",
         )
     }
+    fn ranks(&mut self) -> Result<Vec<RankState>> {
+        ranks_reply(self.0.apply(Request::Status), "store status")
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -494,29 +688,59 @@ pub struct StoreServer {
 /// Open connections: a handle to shut each socket down, and its serving thread.
 type Conns = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
+/// A connection still in its handshake: a handle to shed it, and whether it has sent a
+/// hello of this job.
+struct PreAuth {
+    id: u64,
+    stream: TcpStream,
+    hello: Arc<AtomicBool>,
+}
+
 /// What a connection thread needs to know.
 #[derive(Clone)]
 struct ServeCtx {
     shared: Arc<Shared>,
     refused: Arc<AtomicUsize>,
+    log: Arc<RefusalLog>,
+    pre_auth: Arc<Mutex<VecDeque<PreAuth>>>,
     auth: JobAuth,
-    world_size: usize,
     handshake_timeout: Duration,
     local: SocketAddr,
 }
 
+impl ServeCtx {
+    fn refuse(&self, why: &dyn std::fmt::Display) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.log.refused(why);
+    }
+
+    fn pre_auth(&self) -> MutexGuard<'_, VecDeque<PreAuth>> {
+        // A list of handles: a poisoned lock holds nothing inconsistent.
+        self.pre_auth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where rank 0's store listens when the address ranks are given (`MASTER_ADDR`) does not
+/// belong to this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonLocalBind {
+    /// This address (`HETCCL_SOCKET_IFNAME`'s), on the same port.
+    At(IpAddr),
+    /// Every interface, with a warning that says why and how to narrow it.
+    Everywhere,
+}
+
 impl StoreServer {
-    /// Listens on `addr` (every resolved address is tried in turn). Connections must pass
-    /// `auth`'s handshake within `handshake_timeout` and present a rank below `world_size`.
-    ///
-    /// When no resolved address belongs to this host (`MASTER_ADDR` names it by an address
-    /// it cannot bind: NAT, a service name), it listens on every interface on that port;
-    /// the handshake keeps strangers out either way.
+    /// Listens on `addr` (every resolved address is tried in turn), which must be an
+    /// address of this host, or else where `non_local` says. Connections must pass
+    /// `auth`'s handshake within `handshake_timeout` (at most
+    /// [`STORE_HANDSHAKE_TIMEOUT`]) and present a rank below `world_size`.
     pub fn bind(
         addr: &str,
         auth: JobAuth,
         world_size: usize,
         handshake_timeout: Duration,
+        non_local: NonLocalBind,
     ) -> Result<StoreServer> {
         let candidates: Vec<SocketAddr> = addr
             .to_socket_addrs()
@@ -535,9 +759,31 @@ impl StoreServer {
         }
         if let (None, Some(e), Some(a)) = (&listener, &last, candidates.first()) {
             if e.kind() == io::ErrorKind::AddrNotAvailable {
-                let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), a.port());
-                tracing::info!("rank 0: {addr} is not an address of this host; listening on {any}");
-                match TcpListener::bind(any) {
+                // MASTER_ADDR names this host by an address it cannot bind: NAT, a port
+                // forward, a service address. The ranks' packets arrive on some interface
+                // of this host; which one is known only to the user.
+                let at = match non_local {
+                    NonLocalBind::At(ip) => {
+                        tracing::info!(
+                            "rank 0: {addr} is not an address of this host; the store listens \
+                             on {ip} (HETCCL_SOCKET_IFNAME)"
+                        );
+                        ip
+                    }
+                    NonLocalBind::Everywhere => {
+                        let any = IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+                        tracing::warn!(
+                            "rank 0: MASTER_ADDR {addr} is not an address of this host (NAT or \
+                             a forwarded address?), so the store listens on every interface \
+                             ({any}:{port}); set HETCCL_SOCKET_IFNAME to the interface the \
+                             ranks reach this host through to listen there alone. Only ranks \
+                             holding the job key get past the handshake either way",
+                            port = a.port()
+                        );
+                        any
+                    }
+                };
+                match TcpListener::bind(SocketAddr::new(at, a.port())) {
                     Ok(l) => listener = Some(l),
                     Err(e) => last = Some(e),
                 }
@@ -578,16 +824,17 @@ impl StoreServer {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("store listener", e))?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(world_size));
         let stop = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicUsize::new(0));
         let conns = Arc::new(Mutex::new(Vec::new()));
         let ctx = ServeCtx {
             shared: shared.clone(),
             refused: refused.clone(),
+            log: Arc::new(RefusalLog::new(format!("store on {local}"))),
+            pre_auth: Arc::new(Mutex::new(VecDeque::new())),
             auth,
-            world_size,
-            handshake_timeout,
+            handshake_timeout: handshake_timeout.min(STORE_HANDSHAKE_TIMEOUT),
             local,
         };
         let accept = {
@@ -619,7 +866,8 @@ impl StoreServer {
         LocalStore(self.shared.clone())
     }
 
-    /// Connections refused so far (strangers, other jobs, wrong keys, bad requests).
+    /// Connections refused or shed so far (strangers, other jobs, wrong keys, bad
+    /// requests, load shedding).
     pub fn refused(&self) -> usize {
         self.refused.load(Ordering::Relaxed)
     }
@@ -672,11 +920,15 @@ impl StoreServer {
         }
         let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
         for (s, _) in &conns {
-            // Wakes the connection thread out of its blocking read.
-            let _ = s.shutdown(Shutdown::Both);
+            // Wakes the connection thread out of its blocking read, but lets it finish
+            // the reply it may be writing (a blocked GET's answer, woken above), within a
+            // bound: a client that does not read cannot hold the stop.
+            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = s.shutdown(Shutdown::Read);
         }
-        for (_, h) in conns {
+        for (s, h) in conns {
             let _ = h.join();
+            let _ = s.shutdown(Shutdown::Both);
         }
         tracing::debug!("store on {} stopped", self.addr);
     }
@@ -689,8 +941,9 @@ impl Drop for StoreServer {
 }
 
 fn accept_loop(listener: TcpListener, ctx: ServeCtx, stop: Arc<AtomicBool>, conns: Conns) {
-    let max_conns = 2 * ctx.world_size + EXTRA_CONNECTIONS;
+    let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
+        ctx.log.flush();
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
@@ -706,96 +959,161 @@ fn accept_loop(listener: TcpListener, ctx: ServeCtx, stop: Arc<AtomicBool>, conn
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                tracing::warn!("store on {}: accept failed: {e}", ctx.local);
+                // Out of descriptors and the like: refusals, rate-limited like the others.
+                ctx.refuse(&format_args!("accept failed: {e}"));
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
-        let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|(_, h)| !h.is_finished());
-        if list.len() >= max_conns {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "store on {}: refused {from}: already {} connections open",
-                ctx.local,
-                list.len()
-            );
-            continue;
-        }
-        let (Ok(()), Ok(keep)) = (stream.set_nonblocking(false), stream.try_clone()) else {
-            tracing::warn!(
-                "store on {}: cannot set up the connection from {from}",
-                ctx.local
-            );
+        let (Ok(()), Ok(keep), Ok(shed_handle)) = (
+            stream.set_nonblocking(false),
+            stream.try_clone(),
+            stream.try_clone(),
+        ) else {
+            ctx.refuse(&format_args!("cannot set up the connection from {from}"));
             continue;
         };
+        next_id += 1;
+        let id = next_id;
+        let hello = Arc::new(AtomicBool::new(false));
+        let shed = {
+            let mut pre = ctx.pre_auth();
+            pre.push_back(PreAuth {
+                id,
+                stream: shed_handle,
+                hello: hello.clone(),
+            });
+            if pre.len() > PRE_AUTH_CONNECTIONS {
+                // The oldest that has not sent a hello of this job, else the oldest.
+                let at = pre
+                    .iter()
+                    .position(|p| !p.hello.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                pre.remove(at)
+            } else {
+                None
+            }
+        };
+        if let Some(victim) = shed {
+            let _ = victim.stream.shutdown(Shutdown::Both);
+            let who = victim
+                .stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "<unknown>".into());
+            ctx.refuse(&format_args!(
+                "shed {who}: {PRE_AUTH_CONNECTIONS} connections were already in their handshake"
+            ));
+        }
+        let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|(_, h)| !h.is_finished());
         let c = ctx.clone();
         match std::thread::Builder::new()
             .name("hetccl-store-conn".into())
-            .spawn(move || serve_conn(stream, from, c))
+            .spawn(move || serve_conn(stream, from, c, id, hello))
         {
             Ok(h) => list.push((keep, h)),
-            Err(e) => tracing::warn!("store on {}: cannot serve {from}: {e}", ctx.local),
+            Err(e) => {
+                ctx.pre_auth().retain(|p| p.id != id);
+                ctx.refuse(&format_args!("cannot serve {from}: {e}"));
+            }
         }
     }
 }
 
-fn serve_conn(mut s: TcpStream, from: SocketAddr, ctx: ServeCtx) {
-    serve_conn_inner(&mut s, from, &ctx);
+fn serve_conn(mut s: TcpStream, from: SocketAddr, ctx: ServeCtx, id: u64, hello: Arc<AtomicBool>) {
+    serve_conn_inner(&mut s, from, &ctx, id, &hello);
     // The accept thread holds a clone of the socket, so dropping ours would not close it.
     let _ = s.shutdown(Shutdown::Both);
 }
 
-fn serve_conn_inner(s: &mut TcpStream, from: SocketAddr, ctx: &ServeCtx) {
-    let peer = match ctx.auth.accept_handshake(s, ctx.handshake_timeout) {
+fn serve_conn_inner(
+    s: &mut TcpStream,
+    from: SocketAddr,
+    ctx: &ServeCtx,
+    id: u64,
+    hello: &AtomicBool,
+) {
+    let mut admitted = None;
+    // Set once the handshake took this connection out of the budget itself; if it did
+    // not and the connection is not listed any more, the accept thread shed it.
+    let mut unlisted = false;
+    let res = ctx
+        .auth
+        .accept_handshake_with(s, ctx.handshake_timeout, Some(hello), |p: Peer| {
+            // Leaving the budget and admission happen before the verdict, under the
+            // budget's lock, so a connection is never shed after it was admitted.
+            {
+                let mut pre = ctx.pre_auth();
+                let at = pre.iter().position(|q| q.id == id).ok_or(Refusal::Busy)?;
+                pre.remove(at);
+                unlisted = true;
+            }
+            ctx.shared.admit(p.rank)?;
+            admitted = Some(p.rank);
+            Ok(())
+        });
+    let shed = !unlisted && {
+        let mut pre = ctx.pre_auth();
+        let before = pre.len();
+        pre.retain(|q| q.id != id);
+        pre.len() == before
+    };
+    let peer = match res {
         Ok(p) => p,
         Err(e) => {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("store on {}: {e}", ctx.local);
+            if let Some(rank) = admitted {
+                // Admitted, but the verdict did not get through: the rank will retry.
+                ctx.shared.depart(rank, None);
+            }
+            // A shed connection was counted and logged when it was shed.
+            if !shed {
+                ctx.refuse(&e);
+            }
             return;
         }
     };
-    let rank = peer.rank as usize;
-    if rank >= ctx.world_size {
-        ctx.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            "store on {}: refused {from}: claims rank {rank} in a world of {}",
-            ctx.local,
-            ctx.world_size
-        );
-        return;
-    }
+    let rank = peer.rank;
     let _ = s.set_nodelay(true);
     tracing::debug!("store on {}: rank {rank} connected from {from}", ctx.local);
-    ctx.shared.lock().clients += 1;
-    loop {
+    let end = loop {
         let body = match read_frame(s) {
             Ok(b) => b,
             Err(e) => {
-                if e.kind() != io::ErrorKind::UnexpectedEof {
-                    tracing::debug!("store on {}: rank {rank} connection ended: {e}", ctx.local);
-                }
-                break;
+                let how = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    "its connection to the store closed without a goodbye: killed, crashed, or \
+                     exited without closing its communicator"
+                        .to_string()
+                } else {
+                    format!("its connection to the store failed: {e}")
+                };
+                break RankState::Died(how);
             }
         };
         let Some(req) = Request::decode(&body) else {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "store on {}: rank {rank} ({from}) sent a malformed request of {} bytes; closing",
-                ctx.local,
+            ctx.refuse(&format_args!(
+                "rank {rank} ({from}) sent a malformed request of {} bytes; closing",
                 body.len()
-            );
+            ));
             let _ = write_frame(s, &Reply::Error("malformed request".into()).encode());
-            break;
+            break RankState::Died(format!(
+                "it sent a malformed request of {} bytes",
+                body.len()
+            ));
         };
+        if req == Request::Bye {
+            break RankState::Left;
+        }
         let reply = ctx.shared.apply(req);
         if let Err(e) = write_frame(s, &reply.encode()) {
-            tracing::debug!("store on {}: reply to rank {rank} failed: {e}", ctx.local);
-            break;
+            break RankState::Died(format!("the store's reply to it failed: {e}"));
         }
+    };
+    match &end {
+        RankState::Left => tracing::debug!("store on {}: rank {rank} left", ctx.local),
+        other => tracing::debug!("store on {}: rank {rank} ended: {other:?}", ctx.local),
     }
-    ctx.shared.lock().clients -= 1;
-    ctx.shared.changed.notify_all();
+    ctx.shared.depart(rank, Some(end));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -808,10 +1126,29 @@ pub struct TcpStoreClient {
     rank: usize,
 }
 
+/// Where a connecting rank finds rank 0's store, and with which identity.
+pub(crate) struct StoreTarget {
+    pub host: String,
+    pub port: u16,
+    pub auth: JobAuth,
+    /// The address and key came from a key file, which may be an earlier job's: a store
+    /// that proves another key, another job, or nothing at all means "read it again".
+    pub may_be_stale: bool,
+}
+
+/// What a connecting rank knows about the store's whereabouts right now.
+pub(crate) enum Whereabouts {
+    /// Try this.
+    At(StoreTarget),
+    /// Not known yet (rank 0 has not published it); why, for the timeout message.
+    NotYet(String),
+}
+
 impl TcpStoreClient {
-    /// Connects to `host:port`, retrying with backoff while nobody listens yet (rank 0 may
-    /// start later), until `timeout`; then authenticates as `rank`. A refused handshake is
-    /// not retried: it means another job or another key, which waiting does not fix.
+    /// Connects to `host:port` and authenticates as `rank`, retrying until `timeout` while
+    /// nobody listens yet (rank 0 may start later) and while the store sheds load. A
+    /// store that proves a different key, serves another job, or refuses this rank is not
+    /// retried: waiting does not fix those.
     pub fn connect(
         host: &str,
         port: u16,
@@ -819,49 +1156,98 @@ impl TcpStoreClient {
         rank: usize,
         timeout: Duration,
     ) -> Result<TcpStoreClient> {
-        let addr = format!("{host}:{port}");
+        Self::connect_to(rank, timeout, || {
+            Ok(Whereabouts::At(StoreTarget {
+                host: host.to_string(),
+                port,
+                auth: auth.clone(),
+                may_be_stale: false,
+            }))
+        })
+        .map(|(c, _)| c)
+    }
+
+    /// Connects to wherever `find` says the store is, asking again after each failed
+    /// try, until `timeout`. Returns the client and the identity that got in.
+    pub(crate) fn connect_to(
+        rank: usize,
+        timeout: Duration,
+        mut find: impl FnMut() -> Result<Whereabouts>,
+    ) -> Result<(TcpStoreClient, JobAuth)> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         let mut attempts = 0u32;
-        let mut stream = loop {
+        loop {
             attempts += 1;
             let left = timeout.saturating_sub(start.elapsed());
-            let err = match connect_once(
-                host,
-                port,
-                left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
-            ) {
-                Ok(s) => break s,
-                Err(e) => e,
+            // This try's failure: the address tried (if any) and what went wrong.
+            let last: (Option<String>, String) = match find()? {
+                Whereabouts::NotYet(why) => (None, why),
+                Whereabouts::At(t) => {
+                    let addr = format!("{}:{}", t.host, t.port);
+                    let per_try = left.clamp(Duration::from_millis(1), Duration::from_secs(5));
+                    match connect_once(&t.host, t.port, per_try) {
+                        Err(e) => (Some(addr), e),
+                        Ok(mut stream) => {
+                            let _ = stream.set_nodelay(true);
+                            let hs_timeout = left.max(Duration::from_secs(1));
+                            match t.auth.connect_handshake_detailed(
+                                &mut stream,
+                                rank as u32,
+                                0,
+                                hs_timeout,
+                            ) {
+                                Ok(()) => {
+                                    tracing::debug!(
+                                        "rank {rank}: connected to the store at {addr} after \
+                                         {attempts} attempt(s)"
+                                    );
+                                    let client = TcpStoreClient { stream, addr, rank };
+                                    return Ok((client, t.auth));
+                                }
+                                Err(f) => {
+                                    if let Some(e) = fatal(&f, &t, rank, &addr) {
+                                        return Err(e);
+                                    }
+                                    (Some(addr), f.to_string())
+                                }
+                            }
+                        }
+                    }
+                }
             };
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Err(Error::Bootstrap(format!(
-                    "rank {rank}: cannot reach rank 0's store at {addr} after {}: {err}",
-                    fmt_secs(timeout)
-                )));
+                return Err(Error::Bootstrap(match last {
+                    (Some(addr), why) => format!(
+                        "rank {rank}: cannot reach rank 0's store at {addr} after {}: {why}",
+                        fmt_secs(timeout)
+                    ),
+                    (None, why) => format!(
+                        "rank {rank}: found no store of rank 0 after {}: {why}",
+                        fmt_secs(timeout)
+                    ),
+                }));
             }
             tracing::trace!(
-                "rank {rank}: store at {addr} not reachable yet ({err}), attempt {attempts}"
+                "rank {rank}: store not reachable yet ({}), attempt {attempts}",
+                last.1
             );
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(Duration::from_millis(500));
-        };
-        let _ = stream.set_nodelay(true);
-        let hs_timeout = timeout
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_secs(1));
-        auth.connect_handshake(&mut stream, rank as u32, 0, hs_timeout)
-            .map_err(|e| {
-                Error::Bootstrap(format!(
-                    "rank {rank}: rank 0's store at {addr} refused this rank: {e} \
-                     (another job on MASTER_PORT {port}, or a different HETCCL_JOB_ID/HETCCL_JOB_KEY?)"
-                ))
-            })?;
-        tracing::debug!(
-            "rank {rank}: connected to the store at {addr} after {attempts} attempt(s)"
-        );
-        Ok(TcpStoreClient { stream, addr, rank })
+        }
+    }
+
+    /// Drops the connection without a goodbye, as a killed process would.
+    #[cfg(test)]
+    pub(crate) fn abandon(self) {
+        let c = std::mem::ManuallyDrop::new(self);
+        let _ = c.stream.shutdown(Shutdown::Both);
+    }
+
+    /// The store's address, `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     fn request(&mut self, req: &Request, wait: Duration) -> Result<Reply> {
@@ -899,6 +1285,50 @@ impl TcpStoreClient {
                 self.addr
             ))
         })
+    }
+}
+
+/// The error that ends a connecting rank's attempts, or `None` when trying again can help.
+fn fatal(f: &HandshakeFailure, t: &StoreTarget, rank: usize, addr: &str) -> Option<Error> {
+    let port = t.port;
+    let why = match f {
+        HandshakeFailure::Dropped(_) | HandshakeFailure::Refused(Refusal::Busy) => return None,
+        // A key file of an earlier job names its store, which may now be anything.
+        HandshakeFailure::KeyDiffers
+        | HandshakeFailure::NotHetccl
+        | HandshakeFailure::Refused(Refusal::OtherJob)
+            if t.may_be_stale =>
+        {
+            return None
+        }
+        HandshakeFailure::KeyDiffers => format!(
+            "it proved it holds a different job key: HETCCL_JOB_KEY differs between the ranks, \
+             or another job with its own key serves port {port}"
+        ),
+        HandshakeFailure::Refused(Refusal::OtherJob) => format!(
+            "it serves another job: HETCCL_JOB_ID differs between the ranks, or another job \
+             serves port {port}"
+        ),
+        HandshakeFailure::NotHetccl => {
+            format!("what listens there is not a hetccl store (another program on port {port}?)")
+        }
+        HandshakeFailure::Refused(r) => r.to_string(),
+    };
+    Some(Error::Bootstrap(format!(
+        "rank {rank}: rank 0's store at {addr} refused this rank: {why}"
+    )))
+}
+
+impl Drop for TcpStoreClient {
+    fn drop(&mut self) {
+        // The goodbye tells the store this rank leaves on purpose, not by dying. Best
+        // effort, and never blocking for long: a full socket buffer means the store is
+        // not reading anyway.
+        let _ = self
+            .stream
+            .set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = write_frame(&mut self.stream, &Request::Bye.encode());
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -955,6 +1385,12 @@ impl Store for TcpStoreClient {
         let req = Request::Delete { key: key.into() };
         ok_reply(self.request(&req, Duration::ZERO)?, "store delete")
     }
+    fn ranks(&mut self) -> Result<Vec<RankState>> {
+        ranks_reply(
+            self.request(&Request::Status, Duration::ZERO)?,
+            "store status",
+        )
+    }
 }
 
 #[cfg(test)]
@@ -962,7 +1398,33 @@ mod tests {
     use super::*;
 
     fn server(auth: &JobAuth, world: usize) -> StoreServer {
-        StoreServer::bind("127.0.0.1:0", auth.clone(), world, Duration::from_secs(2)).unwrap()
+        StoreServer::bind(
+            "127.0.0.1:0",
+            auth.clone(),
+            world,
+            Duration::from_secs(2),
+            NonLocalBind::Everywhere,
+        )
+        .unwrap()
+    }
+
+    fn connect(srv: &StoreServer, auth: &JobAuth, rank: usize) -> Result<TcpStoreClient> {
+        let port = srv.local_addr().port();
+        TcpStoreClient::connect("127.0.0.1", port, auth, rank, Duration::from_secs(10))
+    }
+
+    /// The server's refusal count once it reaches `n` (it counts after it told the
+    /// connector), or after 5 s.
+    fn refused_reaches(srv: &StoreServer, n: usize) -> usize {
+        let start = Instant::now();
+        while srv.refused() < n && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        srv.refused()
+    }
+
+    fn die(c: TcpStoreClient) {
+        c.abandon();
     }
 
     #[test]
@@ -981,6 +1443,8 @@ mod tests {
                 delta: -7,
             },
             Request::Delete { key: "x".into() },
+            Request::Bye,
+            Request::Status,
         ];
         for r in reqs {
             assert_eq!(Request::decode(&r.encode()), Some(r));
@@ -991,6 +1455,12 @@ mod tests {
             Reply::Missing(vec![0, 3]),
             Reply::Counter(i64::MIN),
             Reply::Error("nope".into()),
+            Reply::Ranks(vec![
+                RankState::Connected,
+                RankState::Absent,
+                RankState::Left,
+                RankState::Died("killed".into()),
+            ]),
         ];
         for r in replies {
             assert_eq!(Reply::decode(&r.encode()), Some(r));
@@ -999,19 +1469,95 @@ mod tests {
         assert_eq!(Request::decode(&[OP_SET, 5, 0, 0, 0, b'a']), None);
         assert_eq!(Request::decode(&[OP_DELETE, b'a', 0xff]), None);
         assert_eq!(Request::decode(&[9]), None);
+        assert_eq!(Request::decode(&[OP_BYE, 0]), None);
         let mut huge = vec![OP_GET];
         huge.extend_from_slice(&0u64.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(Request::decode(&huge), None);
+        let mut huge = vec![ST_RANKS];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Reply::decode(&huge), None);
+    }
+
+    #[test]
+    fn frame_lengths_are_checked_before_allocating() {
+        // A 4 GiB length prefix: refused before a byte of body is allocated.
+        let mut body = Vec::new();
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let e = read_frame_into(&mut r, &mut body).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.to_string(),
+            format!("frame of 4294967295 bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+        );
+        assert_eq!(body.capacity(), 0);
+        // A frame at the limit that sends 10 bytes costs about what arrived.
+        let mut bytes = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[7; 10]);
+        let e = read_frame_into(&mut &bytes[..], &mut body).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            e.to_string(),
+            format!("frame ends after 10 of its {MAX_FRAME_BYTES} bytes")
+        );
+        assert!(body.capacity() <= 128 << 10, "{}", body.capacity());
+        // One past the limit is refused.
+        let mut r: &[u8] = &((MAX_FRAME_BYTES as u32 + 1).to_le_bytes());
+        assert_eq!(
+            read_frame(&mut r).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(3000))]
+        /// Any body decodes to a request or reply, or to nothing; never a panic, and a
+        /// decoded one encodes back to the same bytes.
+        #[test]
+        fn any_bytes_decode_or_are_refused(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96)) {
+            if let Some(r) = Request::decode(&body) {
+                proptest::prop_assert_eq!(Request::decode(&r.encode()), Some(r));
+            }
+            if let Some(r) = Reply::decode(&body) {
+                proptest::prop_assert_eq!(Reply::decode(&r.encode()), Some(r));
+            }
+        }
+
+        /// Valid requests with one byte changed or cut short never panic the decoder.
+        #[test]
+        fn mutated_requests_never_panic(
+            keys in proptest::collection::vec("[a-z/0-9]{0,6}", 0..5),
+            at in 0usize..200,
+            xor in proptest::prelude::any::<u8>(),
+            cut in 0usize..200,
+        ) {
+            let mut b = Request::Get { keys, timeout: Duration::from_millis(5) }.encode();
+            let n = b.len();
+            b[at % n] ^= xor;
+            b.truncate(cut.max(1));
+            let _ = Request::decode(&b);
+            let _ = Reply::decode(&b);
+        }
+
+        /// Any byte stream read as frames: each frame is at most the limit, a length past
+        /// the limit is an error, and the buffer never grows far beyond what arrived.
+        #[test]
+        fn any_stream_reads_as_bounded_frames(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut r = &bytes[..];
+            let mut body = Vec::new();
+            while read_frame_into(&mut r, &mut body).is_ok() {
+                proptest::prop_assert!(body.len() <= MAX_FRAME_BYTES);
+                proptest::prop_assert!(body.capacity() <= (128 << 10) + bytes.len());
+            }
+            proptest::prop_assert!(body.capacity() <= (128 << 10) + bytes.len());
+        }
     }
 
     #[test]
     fn set_get_add_delete_over_tcp_and_in_process() {
-        let auth = JobAuth::new("store-test", Some("k"));
+        let auth = JobAuth::new("store-test", "k");
         let srv = server(&auth, 2);
-        let port = srv.local_addr().port();
-        let mut c =
-            TcpStoreClient::connect("127.0.0.1", port, &auth, 1, Duration::from_secs(5)).unwrap();
+        let mut c = connect(&srv, &auth, 1).unwrap();
         let mut l = srv.local_client();
 
         c.set("x", b"hello").unwrap();
@@ -1038,11 +1584,15 @@ mod tests {
             .to_string();
         assert!(e.contains("key \"x\" did not appear"), "{e}");
         assert_eq!(srv.clients(), 1);
+        assert_eq!(
+            c.ranks().unwrap(),
+            vec![RankState::Connected, RankState::Connected]
+        );
     }
 
     #[test]
     fn get_blocks_until_another_client_sets() {
-        let auth = JobAuth::new("store-block", None);
+        let auth = JobAuth::new("store-block", "k");
         let srv = server(&auth, 3);
         let port = srv.local_addr().port();
         let a = auth.clone();
@@ -1051,22 +1601,144 @@ mod tests {
                 TcpStoreClient::connect("127.0.0.1", port, &a, 1, Duration::from_secs(5)).unwrap();
             c.get("late", Duration::from_secs(30)).unwrap()
         });
-        let mut c2 =
-            TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
+        let mut c2 = connect(&srv, &auth, 2).unwrap();
         c2.set("late", b"value").unwrap();
         assert_eq!(waiter.join().unwrap(), b"value");
     }
 
     #[test]
-    fn a_rank_beyond_the_world_is_refused() {
-        let auth = JobAuth::new("store-rank", None);
+    fn ranks_beyond_the_world_and_second_connections_are_refused() {
+        let auth = JobAuth::new("store-rank", "k");
         let srv = server(&auth, 2);
         let port = srv.local_addr().port();
-        let mut c =
-            TcpStoreClient::connect("127.0.0.1", port, &auth, 2, Duration::from_secs(5)).unwrap();
-        // The handshake succeeds, then the server closes the connection.
-        let e = c.set("a", b"b").unwrap_err().to_string();
-        assert!(e.contains("lost the connection to rank 0's store"), "{e}");
-        assert_eq!(srv.refused(), 1);
+        let e = connect(&srv, &auth, 2).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "bootstrap: rank 2: rank 0's store at 127.0.0.1:{port} refused this rank: rank \
+                 is not below the world size 2"
+            )
+        );
+        assert_eq!(refused_reaches(&srv, 1), 1);
+        let _one = connect(&srv, &auth, 1).unwrap();
+        let e = connect(&srv, &auth, 1).err().unwrap().to_string();
+        assert!(
+            e.ends_with("refused this rank: another connection already holds this rank"),
+            "{e}"
+        );
+        // Rank 0 serves the store: nobody else may claim it.
+        let e = connect(&srv, &auth, 0).err().unwrap().to_string();
+        assert!(
+            e.ends_with("refused this rank: another connection already holds this rank"),
+            "{e}"
+        );
+        assert_eq!(refused_reaches(&srv, 3), 3);
+    }
+
+    #[test]
+    fn a_dead_rank_fails_every_waiter_at_once_naming_it() {
+        let auth = JobAuth::new("store-dead", "k");
+        let srv = server(&auth, 3);
+        let port = srv.local_addr().port();
+        let a = auth.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut c =
+                TcpStoreClient::connect("127.0.0.1", port, &a, 1, Duration::from_secs(5)).unwrap();
+            c.set("k1", b"1").unwrap();
+            let start = Instant::now();
+            let got = c.get_many(&["k1", "k2"], Duration::from_secs(60)).unwrap();
+            (got, start.elapsed())
+        });
+        let c2 = connect(&srv, &auth, 2).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        die(c2);
+        let (got, took) = waiter.join().unwrap();
+        let GetOutcome::RanksGone(states) = got else {
+            panic!("{got:?}")
+        };
+        assert!(matches!(states[2], RankState::Died(_)), "{states:?}");
+        assert_eq!(
+            describe_gone(&states).unwrap(),
+            "rank 2 died (its connection to the store closed without a goodbye: killed, \
+             crashed, or exited without closing its communicator)"
+        );
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        // Rank 0 sees it too, and values already there are still served.
+        let mut l = srv.local_client();
+        assert_eq!(l.get("k1", Duration::from_secs(1)).unwrap(), b"1");
+        let e = l
+            .get("k2", Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
+        // (Rank 1 may be listed too, after: it has closed its client, with a goodbye.)
+        assert!(
+            e.contains(
+                "will not come: rank 2 died (its connection to the store closed without a \
+                 goodbye: killed, crashed, or exited without closing its communicator)"
+            ),
+            "{e}"
+        );
+        // The dead rank cannot come back under its old number.
+        let e = connect(&srv, &auth, 2).err().unwrap().to_string();
+        assert!(
+            e.ends_with("refused this rank: this rank already left the job"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_says_goodbye_has_left() {
+        let auth = JobAuth::new("store-bye", "k");
+        let srv = server(&auth, 2);
+        drop(connect(&srv, &auth, 1).unwrap());
+        let mut l = srv.local_client();
+        let start = Instant::now();
+        let got = l.get_many(&["never"], Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            got,
+            GetOutcome::RanksGone(vec![RankState::Connected, RankState::Left])
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(srv.clients(), 0);
+    }
+
+    #[test]
+    fn idle_strangers_and_garbage_do_not_keep_a_rank_out() {
+        let auth = JobAuth::new("store-flood", "k");
+        let srv = server(&auth, 3);
+        let port = srv.local_addr().port();
+        // Far more idle connections than the handshake budget, and a stream of garbage.
+        let idle: Vec<TcpStream> = (0..200)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+                        n += 1;
+                    }
+                }
+                n
+            })
+        };
+        let start = Instant::now();
+        let c1 = connect(&srv, &auth, 1).unwrap();
+        let c2 = connect(&srv, &auth, 2).unwrap();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let garbage = flood.join().unwrap();
+        assert!(took < Duration::from_secs(8), "took {took:?}");
+        assert_eq!(srv.clients(), 2);
+        assert!(garbage > 0);
+        assert!(
+            srv.refused() >= 200 - PRE_AUTH_CONNECTIONS,
+            "{}",
+            srv.refused()
+        );
+        drop((c1, c2, idle));
     }
 }

@@ -1,34 +1,53 @@
-//! `env://` bootstrap: rank 0 serves a [`store`](super::store) on `MASTER_ADDR:MASTER_PORT`,
-//! every other rank connects to it.
+//! `env://` bootstrap: rank 0 serves a [`store`](super::store), every other rank connects
+//! to it (at `MASTER_ADDR:MASTER_PORT`, or where rank 0's key file says).
 //!
 //! all_gather round `r` (a counter per bootstrap, so every rank names rounds alike):
 //!
 //! ```text
 //! set  ag/<r>/<rank> = data
 //! get  ag/<r>/0 .. ag/<r>/<n-1>       one blocking request, until all are present
+//!                                     (or a rank is gone: then every rank fails, naming it)
 //! add  ag/<r>/done += 1               tells rank 0 this rank has what it needs
 //! del  ag/<r-1>/<rank>                safe: every rank has set round r, so all finished r-1
 //! ```
 //!
 //! Rank 0, when dropped, keeps serving until every rank has counted itself into the last
 //! round's `done` (or has disconnected, or `connect_timeout` passes), so the ranks still
-//! reading the last round's values do not lose the store under their feet.
+//! reading the last round's values do not lose the store under their feet. A rank that is
+//! dropped says goodbye to the store; one that dies without it is reported to every rank
+//! waiting in a round (see [`store`](super::store)).
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::store::{GetOutcome, Store, StoreServer, TcpStoreClient};
-use super::{fmt_secs, Bootstrap};
+use super::keyfile::Published;
+use super::store::{
+    describe_gone, GetOutcome, NonLocalBind, RankState, Store, StoreServer, TcpStoreClient,
+    STORE_HANDSHAKE_TIMEOUT,
+};
+use super::{fmt_secs, Bootstrap, Liveness};
 use crate::bootstrap::auth::JobAuth;
 use crate::error::{Error, Result};
+
+/// The store handle, shared with [`Liveness`] checks made from other threads.
+type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+fn lock(s: &SharedStore) -> MutexGuard<'_, Box<dyn Store>> {
+    // A store handle holds a socket or an Arc: nothing a panicking holder leaves half-done.
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Bootstrap through rank 0's TCP store.
 pub struct TcpBootstrap {
     rank: usize,
     world_size: usize,
     round: u64,
-    store: Box<dyn Store>,
+    store: SharedStore,
     /// Present on rank 0 only.
     server: Option<StoreServer>,
+    /// Rank 0's key file, when the job key went out through one; removed once every rank
+    /// has joined (after the first round), or when the bootstrap is dropped.
+    key_file: Option<Published>,
     addr: String,
     timeout: Duration,
 }
@@ -44,29 +63,62 @@ impl TcpBootstrap {
         world_size: usize,
         timeout: Duration,
     ) -> Result<TcpBootstrap> {
-        if rank >= world_size {
-            return Err(Error::invalid(
-                "bootstrap",
-                format!("rank {rank} is not below the world size {world_size}"),
-            ));
-        }
-        let addr = format!("{host}:{port}");
-        let handshake_timeout = timeout.min(Duration::from_secs(10));
-        let (store, server): (Box<dyn Store>, _) = if rank == 0 {
-            let server = StoreServer::bind(&addr, auth.clone(), world_size, handshake_timeout)?;
-            (Box::new(server.local_client()), Some(server))
+        check_rank(rank, world_size)?;
+        if rank == 0 {
+            let server = StoreServer::bind(
+                &format!("{host}:{port}"),
+                auth.clone(),
+                world_size,
+                STORE_HANDSHAKE_TIMEOUT,
+                NonLocalBind::Everywhere,
+            )?;
+            Self::serving(server, world_size, timeout, None)
         } else {
             let c = TcpStoreClient::connect(host, port, auth, rank, timeout)?;
-            (Box::new(c), None)
-        };
+            Self::joined(c, &format!("{host}:{port}"), rank, world_size, timeout)
+        }
+    }
+
+    /// Rank 0's bootstrap around a server it started; `key_file`, if any, is removed once
+    /// every rank has joined.
+    pub(crate) fn serving(
+        server: StoreServer,
+        world_size: usize,
+        timeout: Duration,
+        key_file: Option<Published>,
+    ) -> Result<TcpBootstrap> {
+        let addr = server.local_addr().to_string();
+        tracing::info!("rank 0/{world_size}: bootstrap through the store at {addr}");
+        Ok(TcpBootstrap {
+            rank: 0,
+            world_size,
+            round: 0,
+            store: Arc::new(Mutex::new(Box::new(server.local_client()))),
+            server: Some(server),
+            key_file,
+            addr,
+            timeout,
+        })
+    }
+
+    /// Another rank's bootstrap around its connection to the store at `addr`.
+    pub(crate) fn joined(
+        client: TcpStoreClient,
+        addr: &str,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<TcpBootstrap> {
+        check_rank(rank, world_size)?;
         tracing::info!("rank {rank}/{world_size}: bootstrap through the store at {addr}");
         Ok(TcpBootstrap {
             rank,
             world_size,
             round: 0,
-            store,
-            server,
-            addr,
+            store: Arc::new(Mutex::new(Box::new(client))),
+            server: None,
+            key_file: None,
+            addr: addr.to_string(),
             timeout,
         })
     }
@@ -79,6 +131,70 @@ impl TcpBootstrap {
     /// Rank 0's server (for its port and counters); `None` on other ranks.
     pub fn server(&self) -> Option<&StoreServer> {
         self.server.as_ref()
+    }
+
+    /// The error for a round that cannot complete because ranks are gone.
+    fn gone_error(&self, r: u64, states: &[RankState]) -> Error {
+        Error::Bootstrap(format!(
+            "rank {}: all_gather #{r} cannot complete: {} (store at {})",
+            self.rank,
+            describe_gone(states).unwrap_or_else(|| "a rank is gone".into()),
+            self.addr
+        ))
+    }
+
+    /// The error for a round that timed out: which ranks never connected (they may start
+    /// late) and which are connected but did not come.
+    fn timeout_error(&self, r: u64, missing: &[usize]) -> Error {
+        let states = lock(&self.store).ranks().unwrap_or_default();
+        let (absent, stuck): (Vec<usize>, Vec<usize>) = missing
+            .iter()
+            .partition(|&&k| matches!(states.get(k), Some(RankState::Absent) | None));
+        let mut parts = Vec::new();
+        if !absent.is_empty() {
+            parts.push(format!(
+                "rank(s) {absent:?} never connected to the store (raise HETCCL_CONNECT_TIMEOUT \
+                 if they start late)"
+            ));
+        }
+        if !stuck.is_empty() {
+            parts.push(format!(
+                "rank(s) {stuck:?} are connected but did not reach this round (stuck, or busy \
+                 elsewhere)"
+            ));
+        }
+        Error::Bootstrap(format!(
+            "rank {}: all_gather #{r} timed out after {} waiting for rank(s) {missing:?}: {} \
+             (store at {})",
+            self.rank,
+            fmt_secs(self.timeout),
+            parts.join("; "),
+            self.addr
+        ))
+    }
+}
+
+fn check_rank(rank: usize, world_size: usize) -> Result<()> {
+    if rank >= world_size {
+        return Err(Error::invalid(
+            "bootstrap",
+            format!("rank {rank} is not below the world size {world_size}"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`Liveness`] through the store: asks it which ranks are gone.
+struct StoreLiveness {
+    store: SharedStore,
+}
+
+impl Liveness for StoreLiveness {
+    fn gone(&self) -> Option<String> {
+        match lock(&self.store).ranks() {
+            Ok(states) => describe_gone(&states),
+            Err(e) => Some(e.to_string()),
+        }
     }
 }
 
@@ -94,10 +210,13 @@ impl Bootstrap for TcpBootstrap {
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let r = self.round;
         let n = self.world_size;
-        self.store.set(&format!("ag/{r}/{}", self.rank), data)?;
+        let mut store = lock(&self.store);
+        store.set(&format!("ag/{r}/{}", self.rank), data)?;
         let keys: Vec<String> = (0..n).map(|k| format!("ag/{r}/{k}")).collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let values = match self.store.get_many(&key_refs, self.timeout)? {
+        let got = store.get_many(&key_refs, self.timeout)?;
+        drop(store);
+        let values = match got {
             GetOutcome::Values(v) if v.len() == n => v,
             GetOutcome::Values(v) => {
                 return Err(Error::Bootstrap(format!(
@@ -106,24 +225,21 @@ impl Bootstrap for TcpBootstrap {
                     v.len()
                 )))
             }
-            GetOutcome::Missing(missing) => {
-                return Err(Error::Bootstrap(format!(
-                    "rank {}: all_gather #{r} timed out after {} waiting for rank(s) {missing:?} \
-                     (store at {}; raise HETCCL_CONNECT_TIMEOUT if they start late)",
-                    self.rank,
-                    fmt_secs(self.timeout),
-                    self.addr
-                )))
-            }
+            GetOutcome::RanksGone(states) => return Err(self.gone_error(r, &states)),
+            GetOutcome::Missing(missing) => return Err(self.timeout_error(r, &missing)),
         };
-        self.store.add(&format!("ag/{r}/done"), 1)?;
+        let mut store = lock(&self.store);
+        store.add(&format!("ag/{r}/done"), 1)?;
         if r > 0 {
-            self.store.delete(&format!("ag/{}/{}", r - 1, self.rank))?;
+            store.delete(&format!("ag/{}/{}", r - 1, self.rank))?;
             if self.rank == 0 {
                 // Every rank's add to round r-1's counter precedes its set for round r.
-                self.store.delete(&format!("ag/{}/done", r - 1))?;
+                store.delete(&format!("ag/{}/done", r - 1))?;
             }
         }
+        drop(store);
+        // Every rank has connected and read the key: the file has served its purpose.
+        self.key_file = None;
         self.round += 1;
         tracing::debug!(
             "rank {}: all_gather #{r} done, {} bytes in, {} bytes out",
@@ -133,10 +249,17 @@ impl Bootstrap for TcpBootstrap {
         );
         Ok(values)
     }
+
+    fn liveness(&self) -> Option<Arc<dyn Liveness>> {
+        Some(Arc::new(StoreLiveness {
+            store: self.store.clone(),
+        }))
+    }
 }
 
 impl Drop for TcpBootstrap {
     fn drop(&mut self) {
+        self.key_file = None;
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -174,7 +297,7 @@ mod tests {
     #[test]
     fn all_gather_across_four_threads() {
         let port = free_port();
-        let auth = JobAuth::new("tcp-ag", Some("key"));
+        let auth = JobAuth::new("tcp-ag", "key");
         let handles: Vec<_> = (0..4)
             .map(|rank| {
                 let auth = auth.clone();
@@ -215,7 +338,7 @@ mod tests {
     #[test]
     fn strangers_and_wrong_keys_are_refused_and_the_job_goes_on() {
         let port = free_port();
-        let auth = JobAuth::new("tcp-guard", Some("right"));
+        let auth = JobAuth::new("tcp-guard", "right");
         let t = Duration::from_secs(2);
         let mut r0 = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 2, t).unwrap();
 
@@ -226,32 +349,22 @@ mod tests {
         // A silent stranger: connects, says nothing, holds the connection.
         let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
         // Same job, wrong key: the client sees rank 0 cannot prove the key it holds.
-        let e = TcpStoreClient::connect(
-            "127.0.0.1",
-            port,
-            &JobAuth::new("tcp-guard", Some("wrong")),
-            1,
-            t,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let e =
+            TcpStoreClient::connect("127.0.0.1", port, &JobAuth::new("tcp-guard", "wrong"), 1, t)
+                .err()
+                .unwrap()
+                .to_string();
         assert!(
-            e.contains("refused this rank") && e.contains("does not hold this job's key"),
+            e.contains("refused this rank") && e.contains("proved it holds a different job key"),
             "{e}"
         );
         // Another job on the port.
-        let e = TcpStoreClient::connect(
-            "127.0.0.1",
-            port,
-            &JobAuth::new("other-job", Some("right")),
-            1,
-            t,
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(e.contains("refused this rank"), "{e}");
+        let e =
+            TcpStoreClient::connect("127.0.0.1", port, &JobAuth::new("other-job", "right"), 1, t)
+                .err()
+                .unwrap()
+                .to_string();
+        assert!(e.ends_with("it serves another job: HETCCL_JOB_ID differs between the ranks, or another job serves port {port}".replace("{port}", &port.to_string()).as_str()), "{e}");
 
         let a = auth.clone();
         let r1 = std::thread::spawn(move || {
@@ -277,7 +390,7 @@ mod tests {
     #[test]
     fn unreachable_rank0_names_the_address() {
         let port = free_port();
-        let auth = JobAuth::new("tcp-none", None);
+        let auth = JobAuth::new("tcp-none", "k");
         let e = TcpBootstrap::new("127.0.0.1", port, &auth, 1, 2, Duration::from_secs(1))
             .err()
             .unwrap()
@@ -291,7 +404,7 @@ mod tests {
     #[test]
     fn a_missing_rank_is_named_in_the_timeout() {
         let port = free_port();
-        let auth = JobAuth::new("tcp-missing", None);
+        let auth = JobAuth::new("tcp-missing", "k");
         let t = Duration::from_millis(300);
         let a = auth.clone();
         let mut r0 = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 3, t).unwrap();
@@ -300,26 +413,21 @@ mod tests {
             b.all_gather(b"x").err().unwrap().to_string()
         });
         let e0 = r0.all_gather(b"x").err().unwrap().to_string();
-        assert!(
-            e0.starts_with(
-                "bootstrap: rank 0: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"
-            ),
-            "{e0}"
+        let tail = format!(
+            "all_gather #0 timed out after 0.3s waiting for rank(s) [2]: rank(s) [2] never \
+             connected to the store (raise HETCCL_CONNECT_TIMEOUT if they start late) (store at \
+             127.0.0.1:{port})"
         );
+        assert_eq!(e0, format!("bootstrap: rank 0: {tail}"));
         let e1 = r1.join().unwrap();
-        assert!(
-            e1.starts_with(
-                "bootstrap: rank 1: all_gather #0 timed out after 0.3s waiting for rank(s) [2]"
-            ),
-            "{e1}"
-        );
+        assert_eq!(e1, format!("bootstrap: rank 1: {tail}"));
     }
 
     #[test]
     fn a_taken_port_is_named() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
-        let auth = JobAuth::new("tcp-taken", None);
+        let auth = JobAuth::new("tcp-taken", "k");
         let e = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 2, Duration::from_secs(1))
             .err()
             .unwrap()
@@ -336,7 +444,7 @@ mod tests {
     #[test]
     fn rank0_keeps_serving_until_every_rank_has_read_the_last_round() {
         let port = free_port();
-        let auth = JobAuth::new("tcp-linger", None);
+        let auth = JobAuth::new("tcp-linger", "k");
         let t = Duration::from_secs(20);
         let mut r0 = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 2, t).unwrap();
         // Rank 1 speaks the all_gather protocol by hand, so it can stop between its set
@@ -361,5 +469,55 @@ mod tests {
             rank0.join().unwrap(),
             vec![b"zero".to_vec(), b"one".to_vec()]
         );
+    }
+
+    #[test]
+    fn a_rank_that_dies_between_rounds_fails_the_others_at_once() {
+        let port = free_port();
+        let auth = JobAuth::new("tcp-dead", "k");
+        // The default connect timeout: the failure must not wait for it.
+        let t = Duration::from_secs(60);
+        let mut r0 = TcpBootstrap::new("127.0.0.1", port, &auth, 0, 3, t).unwrap();
+        let a = auth.clone();
+        let r1 = std::thread::spawn(move || {
+            let mut b = TcpBootstrap::new("127.0.0.1", port, &a, 1, 3, t).unwrap();
+            b.all_gather(b"one").unwrap();
+            let start = std::time::Instant::now();
+            (
+                b.all_gather(b"again").err().unwrap().to_string(),
+                start.elapsed(),
+            )
+        });
+        // Rank 2 takes part in round 0 by hand, then dies without a goodbye.
+        let mut r2 = TcpStoreClient::connect("127.0.0.1", port, &auth, 2, t).unwrap();
+        r2.set("ag/0/2", b"two").unwrap();
+        let got = r0.all_gather(b"zero").unwrap();
+        assert_eq!(got[2], b"two");
+        r2.abandon();
+        let start = std::time::Instant::now();
+        let e0 = r0.all_gather(b"again").err().unwrap().to_string();
+        let took0 = start.elapsed();
+        let (e1, took1) = r1.join().unwrap();
+        let why = "rank 2 died (its connection to the store closed without a goodbye: killed, \
+                   crashed, or exited without closing its communicator)";
+        // (Rank 1 may have left by the time rank 0 looks: it would be named after.)
+        assert!(
+            e0.starts_with(&format!(
+                "bootstrap: rank 0: all_gather #1 cannot complete: {why}"
+            )) && e0.ends_with(&format!("(store at 127.0.0.1:{port})")),
+            "{e0}"
+        );
+        assert_eq!(
+            e1,
+            format!("bootstrap: rank 1: all_gather #1 cannot complete: {why} (store at 127.0.0.1:{port})")
+        );
+        assert!(!e0.contains("HETCCL_CONNECT_TIMEOUT"));
+        for took in [took0, took1] {
+            assert!(took < Duration::from_secs(5), "took {took:?}");
+        }
+        // Link setup, which waits outside the store, hears it too (and that rank 1 has
+        // left since, with a goodbye).
+        let gone = r0.liveness().unwrap().gone().unwrap();
+        assert!(gone.starts_with(why), "{gone}");
     }
 }

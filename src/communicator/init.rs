@@ -17,7 +17,8 @@ fn init_logging(cfg: &Config) {
         LogLevel::Trace => "trace",
     };
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        // A closed stderr (the launcher is gone) must not panic the thread logging.
+        .with_writer(crate::log::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
             "hetccl={level}"

@@ -33,6 +33,7 @@
 
 mod compress;
 mod init;
+mod launcher_watch;
 mod probe;
 mod shared;
 
@@ -289,7 +290,7 @@ impl Progress {
             return Err(Error::Broken(why.clone()));
         }
         if self.abort.load(Ordering::Relaxed) {
-            let why = "aborted by the application".to_string();
+            let why = launcher_watch::abort_reason(&self.abort, &w.ctx);
             self.fail(why.clone(), AbortCause::new(AbortKind::Aborted, self.rank));
             return Err(Error::Broken(why));
         }
@@ -327,6 +328,7 @@ impl Progress {
             }
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
+        let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
         if let Err(e) = &r {
             // Peers first, the log after: a log that fails must not keep them waiting.
             let cause = match e {
@@ -469,6 +471,7 @@ impl Communicator {
         let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        launcher_watch::register(&cfg, rank, &abort)?;
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,

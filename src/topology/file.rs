@@ -29,9 +29,54 @@
 //! Latency is written in microseconds and bandwidth in GB/s (10^9 bytes) for people;
 //! in memory they are whole nanoseconds and bytes per second, so a dump reads back equal.
 
+use std::io::Read;
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use super::{default_class, LinkClass, LinkInfo, LinkPerf, RankInfo, Topology};
+use crate::error::{Error, Result};
+
+/// Largest topology file read (bytes). A hand-written file of a few hundred ranks is tens
+/// of kB; a dump with measured figures for every pair of 1024 ranks is about 40 MB.
+pub const TOPOLOGY_MAX_BYTES: u64 = 64 << 20;
+
+/// Most ranks a topology file may describe: the topology holds a link for every pair
+/// (24 bytes each, 400 MB at this count), built before the file is compared with the job.
+pub const TOPOLOGY_MAX_RANKS: usize = 4096;
+
+/// Reads the text of a topology file, refusing more than [`TOPOLOGY_MAX_BYTES`]: a
+/// regular file by its size, anything else (`/dev/zero`, a FIFO) by reading one byte past
+/// the limit at most.
+pub(crate) fn read(path: &Path) -> Result<String> {
+    let ctx = || format!("reading topology file {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| Error::io(ctx(), e))?;
+    let meta = file.metadata().map_err(|e| Error::io(ctx(), e))?;
+    let too_large = |size: String| {
+        Error::Topology(format!(
+            "{}: {size} the {} MiB limit for a topology file",
+            path.display(),
+            TOPOLOGY_MAX_BYTES >> 20
+        ))
+    };
+    if meta.is_file() && meta.len() > TOPOLOGY_MAX_BYTES {
+        return Err(too_large(format!("{} bytes, more than", meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(TOPOLOGY_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(ctx(), e))?;
+    if bytes.len() as u64 > TOPOLOGY_MAX_BYTES {
+        return Err(too_large("larger than".into()));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Topology(format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,7 +138,7 @@ impl From<Topology> for TopologyFile {
     }
 }
 
-fn finite_positive(what: &str, pair: [usize; 2], v: f64) -> Result<f64, String> {
+fn finite_positive(what: &str, pair: [usize; 2], v: f64) -> std::result::Result<f64, String> {
     if v.is_finite() && v >= 0.0 {
         Ok(v)
     } else {
@@ -106,9 +151,15 @@ fn finite_positive(what: &str, pair: [usize; 2], v: f64) -> Result<f64, String> 
 impl TryFrom<TopologyFile> for Topology {
     type Error = String;
 
-    fn try_from(f: TopologyFile) -> Result<Self, String> {
+    fn try_from(f: TopologyFile) -> std::result::Result<Self, String> {
         if f.ranks.is_empty() {
             return Err("no ranks".into());
+        }
+        if f.ranks.len() > TOPOLOGY_MAX_RANKS {
+            return Err(format!(
+                "{} ranks, more than the {TOPOLOGY_MAX_RANKS} a topology file may describe",
+                f.ranks.len()
+            ));
         }
         for (i, r) in f.ranks.iter().enumerate() {
             if r.rank != i {

@@ -14,6 +14,7 @@ mod file;
 pub mod link;
 pub mod probe;
 
+pub use file::{TOPOLOGY_MAX_BYTES, TOPOLOGY_MAX_RANKS};
 pub use link::{LinkClass, LinkInfo, LinkPerf};
 
 use std::path::Path;
@@ -283,10 +284,10 @@ impl Topology {
         }
     }
 
-    /// Reads a topology from a JSON file (the format [`Topology::dump`] writes).
+    /// Reads a topology from a JSON file (the format [`Topology::dump`] writes) of at most
+    /// [`TOPOLOGY_MAX_BYTES`].
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading topology file {}", path.display()), e))?;
+        let text = file::read(path)?;
         Self::from_json(&text).map_err(|e| Error::Topology(format!("{}: {e}", path.display())))
     }
 

@@ -3,19 +3,24 @@
 use std::path::PathBuf;
 
 use super::config::{RunOptions, Settings, TrainConfig};
-use crate::error::Result;
+use super::files::Origin;
+use crate::error::{Error, Result};
+
+/// Most ranks `--sim-ranks` runs as threads.
+pub const MAX_SIM_RANKS: usize = 1024;
 
 /// Pretrain a BERT masked-LM on a text corpus, data-parallel over hetccl ranks.
 #[derive(Debug, clap::Parser)]
-#[command(name = "hetccl-bert", version)]
+#[command(name = "hetccl-bert", version, allow_negative_numbers = true)]
 pub struct Cli {
-    /// TOML settings file (keys as the flags, snake_case); flags override it.
+    /// TOML settings file (keys as the flags, snake_case; paths in it are relative to
+    /// it); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Settings (model, optimizer, data, balance).
     #[command(flatten)]
     pub settings: Settings,
-    /// Checkpoint file, replaced atomically.
+    /// Checkpoint file, replaced atomically (the one before it kept as FILE.prev).
     #[arg(long, default_value = "runs/hetccl-bert.ckpt")]
     pub checkpoint: PathBuf,
     /// Write no checkpoint.
@@ -36,26 +41,55 @@ pub struct Cli {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// Run this many ranks as threads of this process (no communicator needed).
+    /// Run this many ranks as threads of this process (no communicator needed), 1 to 1024.
     #[arg(long, default_value_t = 1)]
     pub sim_ranks: usize,
 }
 
 impl Cli {
     /// Merges defaults, the TOML file and the flags. `default_threads` applies when
-    /// `--threads` is not given anywhere.
-    pub fn options(&self, default_threads: usize) -> Result<(TrainConfig, RunOptions)> {
+    /// `--threads` is not given anywhere; `local_ranks` ranks share this machine.
+    ///
+    /// Every value is checked here (the world-size dependent checks again in `train`),
+    /// so a bad one is refused before any rank starts work.
+    pub fn options(
+        &self,
+        default_threads: usize,
+        local_ranks: usize,
+    ) -> Result<(TrainConfig, RunOptions)> {
+        if !(1..=MAX_SIM_RANKS).contains(&self.sim_ranks) {
+            return Err(Error::Config {
+                var: "sim_ranks".into(),
+                value: self.sim_ranks.to_string(),
+                accepted: format!("1..={MAX_SIM_RANKS}"),
+            });
+        }
         let base = match &self.config {
             Some(p) => Settings::from_toml_file(p)?,
             None => Settings::default(),
         };
-        let (cfg, mut run) = base.merge(self.settings.clone()).resolve(default_threads)?;
+        let flags = &self.settings;
+        let origin =
+            |key: &'static str, flag: &'static str, in_file: bool| match (&self.config, in_file) {
+                (Some(file), true) => Origin::ConfigFile {
+                    key,
+                    file: file.clone(),
+                },
+                _ => Origin::Flag(flag),
+            };
+        let data_origin = origin("data", "--data", flags.data.is_none());
+        let vocab_origin = origin("vocab", "--vocab", flags.vocab.is_none());
+        let (cfg, mut run) = base.merge(flags.clone()).resolve(default_threads)?;
+        cfg.validate(1)?;
+        run.data = run.data.with_origin(data_origin);
+        run.vocab = run.vocab.with_origin(vocab_origin);
         run.checkpoint = (!self.no_checkpoint).then(|| self.checkpoint.clone());
         run.resume = self.resume.clone();
         run.metrics_out = Some(self.metrics_out.clone());
         run.plot_out = Some(self.plot_out.clone());
         run.stop_after = self.stop_after;
         run.progress = !self.no_progress;
+        run.local_ranks = local_ranks.max(1);
         Ok((cfg, run))
     }
 }
@@ -84,7 +118,7 @@ mod tests {
             "3",
         ])
         .unwrap();
-        let (cfg, run) = cli.options(4).unwrap();
+        let (cfg, run) = cli.options(4, 3).unwrap();
         assert_eq!(cfg.model.hidden, 256);
         assert_eq!(cfg.steps, 5);
         assert_eq!(run.slow_ranks, Some(vec![1, 2]));

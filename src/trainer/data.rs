@@ -15,10 +15,12 @@
 //! predicted. A sample where no position was chosen gets one chosen position, so every
 //! sample contributes to the loss.
 
+use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::files::{human_bytes, open_limited, shown, too_large, DataFile};
 use super::model::Batch;
 use super::rng::{self, Stream};
 use super::tokenizer::{WordPiece, CLS_ID, MASK_ID, SEP_ID};
@@ -38,12 +40,66 @@ pub struct Corpus {
     pub digest: String,
 }
 
+/// Largest corpus read (bytes). Its token ids take about as much memory again (one 4-byte
+/// id per ~4 bytes of English), and tokenizing 4 GiB takes minutes at every start; a
+/// larger corpus wants a pre-tokenized format, which this trainer does not have.
+pub const CORPUS_MAX_BYTES: u64 = 4 << 30;
+
+/// Longest stretch of a corpus without a space, tab or line break (bytes). The corpus is
+/// read and tokenized in pieces cut at such characters (which end a word, so the tokens
+/// are those of the whole text); a longer run is not text (`/dev/zero`, a binary file).
+pub const CORPUS_MAX_RUN_BYTES: usize = 1 << 20;
+
+/// Bytes read at a time while tokenizing a corpus.
+const CORPUS_PIECE_BYTES: usize = 1 << 20;
+
 impl Corpus {
-    /// Reads and tokenizes a UTF-8 text file.
+    /// Reads and tokenizes a UTF-8 text file of at most [`CORPUS_MAX_BYTES`].
     pub fn load(path: &Path, tok: &WordPiece) -> Result<Corpus> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading corpus {}", path.display()), e))?;
-        Ok(Corpus::from_tokens(tok.encode(&text)))
+        Self::read_limited(path, tok, CORPUS_MAX_BYTES)
+    }
+
+    /// The corpus of a file or the built-in one; errors say where a file's name came from.
+    pub fn from_data(src: &DataFile, tok: &WordPiece) -> Result<Corpus> {
+        match src {
+            DataFile::Builtin { text, .. } => Ok(Corpus::from_tokens(tok.encode(text))),
+            DataFile::Path { path, .. } => {
+                Self::read_limited(path, tok, CORPUS_MAX_BYTES).map_err(|e| src.context(e))
+            }
+        }
+    }
+
+    /// Reads and tokenizes at most `limit` bytes of `path`, piece by piece: memory holds the
+    /// token ids and one piece of text, not the whole file.
+    pub fn read_limited(path: &Path, tok: &WordPiece, limit: u64) -> Result<Corpus> {
+        let r = open_limited(path, "corpus", limit)?;
+        let tokens = tokenize_pieces(r, tok, CORPUS_PIECE_BYTES, CORPUS_MAX_RUN_BYTES).map_err(
+            |e| match e {
+                PieceError::Io(e) => {
+                    Error::io(format!("reading corpus {}", shown(path).display()), e)
+                }
+                PieceError::TooLong(at) => Error::invalid(
+                    "Corpus::load",
+                    format!(
+                        "corpus {}: more than {} without a space, tab or line break at byte \
+                         {at}: not text",
+                        shown(path).display(),
+                        human_bytes(CORPUS_MAX_RUN_BYTES as u128)
+                    ),
+                ),
+                PieceError::NotUtf8(at) => Error::invalid(
+                    "Corpus::load",
+                    format!(
+                        "corpus {} is not UTF-8 text (invalid byte at offset {at})",
+                        shown(path).display()
+                    ),
+                ),
+            },
+        )?;
+        match tokens {
+            Some(t) => Ok(Corpus::from_tokens(t)),
+            None => Err(too_large("corpus", path, None, limit)),
+        }
     }
 
     /// Splits a token stream 90/10.
@@ -63,6 +119,66 @@ impl Corpus {
         train.truncate(cut);
         Corpus { train, val, digest }
     }
+}
+
+enum PieceError {
+    Io(std::io::Error),
+    /// A run without whitespace longer than allowed, starting at this byte.
+    TooLong(u64),
+    /// Invalid UTF-8 at this byte.
+    NotUtf8(u64),
+}
+
+/// Tokenizes the text `r` yields, `piece` bytes at a time, each piece cut after its last
+/// ASCII space, tab or line break (BERT's basic tokenizer splits words there, so the ids
+/// equal those of the whole text). `None` when `r` is a `Take` that ran out: the
+/// caller's limit was passed (its reader stops one byte after it).
+fn tokenize_pieces(
+    mut r: std::io::Take<impl Read>,
+    tok: &WordPiece,
+    piece: usize,
+    max_run: usize,
+) -> std::result::Result<Option<Vec<u32>>, PieceError> {
+    let limit = r.limit().saturating_sub(1);
+    let mut tokens = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    // Offset in the file of pending[0].
+    let mut offset = 0u64;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; piece.max(1)];
+    let encode = |text: &[u8], at: u64, tokens: &mut Vec<u32>| {
+        let s = std::str::from_utf8(text)
+            .map_err(|e| PieceError::NotUtf8(at + e.valid_up_to() as u64))?;
+        tokens.extend(tok.encode(s));
+        Ok(())
+    };
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(PieceError::Io(e)),
+        };
+        total += n as u64;
+        if total > limit {
+            return Ok(None);
+        }
+        pending.extend_from_slice(&buf[..n]);
+        match pending
+            .iter()
+            .rposition(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            Some(cut) => {
+                encode(&pending[..=cut], offset, &mut tokens)?;
+                offset += cut as u64 + 1;
+                pending.drain(..=cut);
+            }
+            None if pending.len() > max_run => return Err(PieceError::TooLong(offset)),
+            None => {}
+        }
+    }
+    encode(&pending, offset, &mut tokens)?;
+    Ok(Some(tokens))
 }
 
 /// One masked sequence.
@@ -257,6 +373,83 @@ mod tests {
     fn sampler(seed: u64) -> Sampler {
         let tokens: Vec<u32> = (0..10_000).map(|i| 104 + (i * 7 % 400) as u32).collect();
         Sampler::new(Arc::new(Corpus::from_tokens(tokens)), 34, seed, &vocab()).unwrap()
+    }
+
+    fn take(bytes: &[u8]) -> std::io::Take<&[u8]> {
+        bytes.take(u64::MAX)
+    }
+
+    #[test]
+    fn pieces_make_the_tokens_of_the_whole_text() {
+        let tok = WordPiece::from_vocab(crate::trainer::files::BUILTIN_VOCAB).unwrap();
+        let text = &crate::trainer::files::BUILTIN_CORPUS[..60_000];
+        let whole = tok.encode(text);
+        // Pieces far smaller than a line, cut mid-word and mid-character.
+        for piece in [1, 7, 4096] {
+            let got = tokenize_pieces(take(text.as_bytes()), &tok, piece, 1 << 10);
+            assert!(matches!(&got, Ok(Some(t)) if *t == whole), "piece {piece}");
+        }
+        let accents = "Café\u{a0}naïve\n\tdéjà vu";
+        let got = tokenize_pieces(take(accents.as_bytes()), &tok, 3, 64);
+        assert!(matches!(&got, Ok(Some(t)) if *t == tok.encode(accents)));
+    }
+
+    #[test]
+    fn pieces_refuse_long_runs_bad_utf8_and_too_much() {
+        let tok = vocab();
+        let run = [b"w1 w2\n".as_slice(), &[b'x'; 100]].concat();
+        assert!(matches!(
+            tokenize_pieces(take(&run), &tok, 16, 64),
+            Err(PieceError::TooLong(6))
+        ));
+        assert!(matches!(
+            tokenize_pieces(take(b"w1 w2 \xff w3"), &tok, 4, 64),
+            Err(PieceError::NotUtf8(6))
+        ));
+        // A Take of limit + 1 bytes: exactly the limit passes, one more is too much.
+        let ten = b"w1 w2 w3 w";
+        assert!(matches!(
+            tokenize_pieces(ten.take(11), &tok, 4, 64),
+            Ok(Some(_))
+        ));
+        assert!(matches!(
+            tokenize_pieces(ten.take(10), &tok, 4, 64),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn corpus_files_are_bounded() {
+        let tok = vocab();
+        let err = Corpus::load(Path::new("/dev/zero"), &tok).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid argument to Corpus::load: corpus /dev/zero: more than 1 MiB without a \
+             space, tab or line break at byte 0: not text"
+        );
+        let err = Corpus::read_limited(Path::new("/dev/zero"), &tok, 1000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading corpus /dev/zero: larger than the 1000 bytes limit for a corpus"
+        );
+        // A sparse file one byte past the limit is refused before a byte is read.
+        let dir = std::env::temp_dir().join(format!("hetccl-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.txt");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(CORPUS_MAX_BYTES + 1)
+            .unwrap();
+        let err = Corpus::load(&big, &tok).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "reading corpus {}: 4294967297 bytes (4.0 GiB), more than the 4 GiB limit for \
+                 a corpus",
+                big.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

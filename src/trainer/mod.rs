@@ -18,8 +18,10 @@
 //!     --slow-ranks 1 --slowdown 3 --balance auto
 //! ```
 //!
-//! Outputs go to `runs/`: `metrics.jsonl` (one JSON object per step and per evaluation),
-//! `loss.png` (train and validation loss), `hetccl-bert.ckpt` (latest checkpoint).
+//! Outputs go to `runs/` (relative to the working directory): `metrics.jsonl` (one JSON
+//! object per step and per evaluation; a resumed run cuts it back to its step first),
+//! `loss.png` (train and validation loss), `hetccl-bert.ckpt` (latest checkpoint) and
+//! `hetccl-bert.ckpt.prev` (the one before it).
 //!
 //! | module | what |
 //! | --- | --- |
@@ -32,7 +34,8 @@
 //! | [`balance`] | batch shares proportional to rank speed |
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
 //! | [`checkpoint`] | atomic, checksummed, world-size independent checkpoints |
-//! | [`config`] | settings: defaults, TOML file, flags |
+//! | [`config`] | settings: defaults, TOML file, flags; value ranges and the memory check |
+//! | [`files`] | bounded reads; where a corpus or vocabulary comes from (the defaults are built in) |
 //! | [`train`](mod@train) | the loop, logs, metrics |
 //! | [`plot`] | loss curves PNG |
 //! | [`cli`] | the `hetccl-bert` command line |
@@ -42,6 +45,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod files;
 pub mod model;
 pub mod ops;
 pub mod optim;
@@ -52,6 +56,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{Balance, RunOptions, Settings, TrainConfig};
+pub use files::{DataFile, Origin};
 pub use model::{Batch, LossStats, Model, ModelConfig, ParamLayout};
 pub use sync::{BucketSink, CompressedSync, GradBuf, GradSync, NoSync, SingleProcess, ThreadGroup};
 pub use tokenizer::WordPiece;

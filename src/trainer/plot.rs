@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::files::read_limited;
 use super::train::{EvalRecord, StepRecord};
 use crate::error::{Error, Result};
 
@@ -23,12 +24,15 @@ const FONT_FILES: &[&str] = &[
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
+/// Largest font file read (bytes); DejaVu Sans is 750 kB.
+const FONT_MAX_BYTES: u64 = 64 << 20;
+
 /// Registers the first font found as "sans-serif" (once per process); false if none.
 fn have_font() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         for path in FONT_FILES {
-            if let Ok(bytes) = std::fs::read(path) {
+            if let Ok(bytes) = read_limited(Path::new(path), "font", FONT_MAX_BYTES) {
                 // plotters keeps fonts for the life of the process.
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
                 if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {

@@ -16,6 +16,7 @@ use std::path::Path;
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
+use super::files::DataFile;
 use crate::error::{Error, Result};
 
 /// `[PAD]`
@@ -29,6 +30,10 @@ pub const SEP_ID: u32 = 102;
 /// `[MASK]`
 pub const MASK_ID: u32 = 103;
 
+/// Largest vocabulary file read (bytes): BERT's is 230 kB, the largest multilingual
+/// vocabularies (250k entries) a few MB.
+pub const VOCAB_MAX_BYTES: u64 = 64 << 20;
+
 /// Words longer than this many characters become `[UNK]`.
 pub const MAX_WORD_CHARS: usize = 100;
 
@@ -41,12 +46,18 @@ pub struct WordPiece {
 }
 
 impl WordPiece {
-    /// Reads a vocabulary file: one token per line, id = line number - 1.
+    /// Reads a vocabulary file of at most [`VOCAB_MAX_BYTES`]: one token per line,
+    /// id = line number - 1.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading vocabulary {}", path.display()), e))?;
+        Self::from_data(&DataFile::from(path))
+    }
+
+    /// The vocabulary of a file or the built-in one; errors say where a file's name came
+    /// from.
+    pub fn from_data(src: &DataFile) -> Result<Self> {
+        let text = src.read_text("vocabulary", VOCAB_MAX_BYTES)?;
         Self::from_vocab(&text)
-            .map_err(|e| Error::invalid("WordPiece::from_file", format!("{}: {e}", path.display())))
+            .map_err(|e| Error::invalid("WordPiece::from_file", format!("{src}: {e}")))
     }
 
     /// Builds the tokenizer from the text of a vocabulary file.

@@ -18,6 +18,7 @@
 //! the batch make the update of one rank with the whole batch (up to float summation order).
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,9 @@ use serde::Serialize;
 
 use super::balance;
 use super::checkpoint::{self, CheckpointMeta};
-use super::config::{Balance, RunOptions, TrainConfig};
+use super::config::{memory_limit, Balance, RunOptions, TrainConfig};
 use super::data::{make_batch, Corpus, Sampler};
+use super::files::{human_bytes, open_limited, shown, too_large};
 use super::model::{init_params, Batch, LossStats, Model};
 use super::optim::{clip_grad_norm, learning_rate, AdamW};
 use super::sync::{GradBuf, GradSync, NoSync, ThreadGroup};
@@ -109,7 +111,12 @@ impl Reporter {
                     std::fs::create_dir_all(dir)
                         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
                 }
-                // A fresh run starts the file over; a resumed one continues it.
+                // A fresh run starts the file over; a resumed one continues it from the
+                // step it resumes at (records of later steps came from a run that did not
+                // reach its next checkpoint: they are rerun now).
+                if start > 0 {
+                    truncate_metrics(p, start)?;
+                }
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .write(true)
@@ -124,13 +131,23 @@ impl Reporter {
         Ok(Reporter { on, bar, metrics })
     }
 
-    fn say(&self, line: &str) {
+    /// A line for people. A closed standard output (`hetccl-bert | head`) ends the run
+    /// with an error saying so, as it ends any program whose output nobody reads.
+    fn say(&self, line: &str) -> Result<()> {
         if !self.on {
-            return;
+            return Ok(());
         }
         match &self.bar {
-            Some(b) if !b.is_hidden() => b.println(line),
-            _ => println!("{line}"),
+            Some(b) if !b.is_hidden() => {
+                b.println(line);
+                Ok(())
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::io("writing progress to standard output", e))
+            }
         }
     }
 
@@ -162,24 +179,107 @@ impl Reporter {
     }
 }
 
-/// Reads a metrics file back: for every step up to `end`, its last train and eval records
-/// (an interrupted run may have logged steps past its checkpoint that were then rerun).
-fn read_metrics(path: &std::path::Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
+/// Longest metrics line read back (bytes); the trainer writes about 250.
+const METRICS_MAX_LINE_BYTES: u64 = 64 << 10;
+/// Largest metrics file read back (bytes): some four million steps of records.
+const METRICS_MAX_BYTES: u64 = 1 << 30;
+
+/// Calls `f` with every record of a metrics file: the line as written and its JSON.
+/// Lines that are not JSON objects (one torn by a kill) are skipped.
+fn for_each_metric(
+    path: &Path,
+    mut f: impl FnMut(&[u8], &serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let mut r = std::io::BufReader::new(open_limited(path, "metrics file", METRICS_MAX_BYTES)?);
+    let io = |e| Error::io(format!("reading metrics file {}", shown(path).display()), e);
+    let mut line = Vec::new();
+    let mut total = 0u64;
+    loop {
+        line.clear();
+        let n = (&mut r)
+            .take(METRICS_MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(io)?;
+        if n == 0 {
+            return Ok(());
+        }
+        total += n as u64;
+        if total > METRICS_MAX_BYTES {
+            return Err(too_large("metrics file", path, None, METRICS_MAX_BYTES));
+        }
+        if n as u64 > METRICS_MAX_LINE_BYTES {
+            return Err(Error::invalid(
+                "metrics",
+                format!(
+                    "metrics file {}: a line longer than {}, not one this trainer wrote",
+                    shown(path).display(),
+                    human_bytes(METRICS_MAX_LINE_BYTES.into())
+                ),
+            ));
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
+            if v.is_object() {
+                f(&line, &v)?;
+            }
+        }
+    }
+}
+
+/// (kind, step) of a metrics record.
+fn record_key(v: &serde_json::Value) -> Option<(&str, u64)> {
+    Some((v.get("kind")?.as_str()?, v.get("step")?.as_u64()?))
+}
+
+/// Cuts a metrics file back to what a run resumed at step `start` keeps: train records
+/// of steps before it and evaluations up to it. Rewritten through a temporary file.
+fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map_or_else(|| "metrics".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let werr = |e| Error::io(format!("rewriting metrics file {}", tmp.display()), e);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(werr)?);
+    let kept = for_each_metric(path, |line, v| {
+        let keep = match record_key(v) {
+            Some(("train", step)) => step < start,
+            Some(("eval", step)) => step <= start,
+            _ => false,
+        };
+        if keep {
+            out.write_all(line).map_err(werr)?;
+            if !line.ends_with(b"\n") {
+                out.write_all(b"\n").map_err(werr)?;
+            }
+        }
+        Ok(())
+    })
+    .and_then(|()| out.flush().map_err(werr));
+    drop(out);
+    match kept.and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("replacing metrics file {}", path.display()), e))
+    }) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Reads a metrics file back: for every step up to `end`, its last train and eval records.
+pub fn read_metrics(path: &Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
     use std::collections::BTreeMap;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("reading metrics {}", path.display()), e))?;
     let mut steps = BTreeMap::new();
     let mut evals = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    for_each_metric(path, |_, v| {
         let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
-        let Some(step) = v.get("step").and_then(|x| x.as_u64()) else {
-            continue;
-        };
-        match v.get("kind").and_then(|k| k.as_str()) {
-            Some("train") if step < end => {
+        match record_key(v) {
+            Some(("train", step)) if step < end => {
                 steps.insert(
                     step,
                     StepRecord {
@@ -194,7 +294,7 @@ fn read_metrics(path: &std::path::Path, end: u64) -> Result<(Vec<StepRecord>, Ve
                     },
                 );
             }
-            Some("eval") if step <= end => {
+            Some(("eval", step)) if step <= end => {
                 evals.insert(
                     step,
                     EvalRecord {
@@ -206,7 +306,8 @@ fn read_metrics(path: &std::path::Path, end: u64) -> Result<(Vec<StepRecord>, Ve
             }
             _ => {}
         }
-    }
+        Ok(())
+    })?;
     Ok((steps.into_values().collect(), evals.into_values().collect()))
 }
 
@@ -262,6 +363,7 @@ pub fn train_threads(
             .into_iter()
             .map(|g| {
                 let mut opts = run.clone();
+                opts.local_ranks = opts.local_ranks.max(world);
                 if g.rank() != 0 {
                     opts.progress = false;
                     opts.metrics_out = None;
@@ -344,19 +446,38 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         None => cfg.clone(),
     };
     cfg.validate(world)?;
-    let tok = WordPiece::from_file(&run.vocab)?;
+    if let Some(r) = run.slow_ranks.iter().flatten().find(|&&r| r >= world) {
+        return Err(Error::Config {
+            var: "slow_ranks".into(),
+            value: r.to_string(),
+            accepted: format!("ranks 0..={}", world - 1),
+        });
+    }
+    if let Some(limit) = memory_limit() {
+        cfg.check_memory(world, run.local_ranks, limit)?;
+    }
+    // Where results go is checked before any work, not at the first save.
+    if let Some(path) = &run.checkpoint {
+        if rank == 0 {
+            checkpoint::check_writable(path)?;
+        }
+        if sync.save_state()?.is_some() {
+            checkpoint::check_writable(&checkpoint::rank_state_path(path, rank))?;
+        }
+    }
+    let tok = WordPiece::from_data(&run.vocab)?;
     if tok.vocab_size() != cfg.model.vocab_size {
         return Err(Error::invalid(
             "train",
             format!(
                 "vocabulary {} has {} entries, model vocab_size is {}",
-                run.vocab.display(),
+                run.vocab,
                 tok.vocab_size(),
                 cfg.model.vocab_size
             ),
         ));
     }
-    let corpus = Arc::new(Corpus::load(&run.data, &tok)?);
+    let corpus = Arc::new(Corpus::from_data(&run.data, &tok)?);
     let sampler = Sampler::new(corpus.clone(), cfg.seq_len, cfg.seed, &tok)?;
     let model = Model::<f32>::new(cfg.model.clone())?;
     let layout = model.layout().clone();
@@ -372,9 +493,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
                         .unwrap_or_default(),
                     reason: format!(
                         "corpus mismatch: checkpoint was trained on corpus {}, {} is {}",
-                        ck.meta.corpus_digest,
-                        run.data.display(),
-                        corpus.digest
+                        ck.meta.corpus_digest, run.data, corpus.digest
                     ),
                 });
             }
@@ -462,8 +581,7 @@ impl Run<'_> {
                 .map(|s| (s * 10.0).round() / 10.0)
                 .collect::<Vec<_>>(),
             self.micro
-        ));
-        Ok(())
+        ))
     }
 
     fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
@@ -543,13 +661,13 @@ impl Run<'_> {
             self.micro,
             self.cfg.grad_accum,
             self.run.threads,
-        ));
+        ))?;
         if start == 0 {
             let e = self.evaluate(0)?;
             rep.say(&format!(
                 "step 0: val loss {:.4} | val acc {:.3}",
                 e.val_loss, e.val_accuracy
-            ));
+            ))?;
             rep.metric("eval", &e)?;
             report.evals.push(e);
         }
@@ -574,7 +692,7 @@ impl Run<'_> {
                 rep.say(&format!(
                     "step {done:>5}/{} | loss {:.4} acc {:.3}{val} | lr {:.2e} | norm {:.3} | {:.0} ms compute {:.0} ms comm | {:.0} tok/s",
                     self.cfg.steps, rec.loss, rec.accuracy, rec.lr, rec.grad_norm, rec.ms_compute, rec.ms_comm, rec.tokens_per_s
-                ));
+                ))?;
             }
             report.evals.extend(eval);
             report.steps.push(rec);
@@ -586,15 +704,16 @@ impl Run<'_> {
         self.save(end)?;
         rep.finish();
         if let (Some(path), 0) = (&self.run.plot_out, self.rank) {
-            // After a resume the metrics file holds the whole run; plot that.
-            let (steps, evals) = match (&self.run.metrics_out, start > 0) {
-                (Some(m), true) => read_metrics(m, end)
-                    .unwrap_or_else(|_| (report.steps.clone(), report.evals.clone())),
-                _ => (report.steps.clone(), report.evals.clone()),
+            // After a resume the metrics file holds the whole run (cut back to the
+            // resumed step when it started); plot that.
+            let records = match (&self.run.metrics_out, start > 0) {
+                (Some(m), true) => read_metrics(m, end),
+                _ => Ok((report.steps.clone(), report.evals.clone())),
             };
-            match super::plot::plot_losses(path, &steps, &evals) {
-                Ok(()) => rep.say(&format!("loss curves: {}", path.display())),
-                Err(e) => rep.say(&format!("no loss plot: {e}")),
+            match records.and_then(|(steps, evals)| super::plot::plot_losses(path, &steps, &evals))
+            {
+                Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
+                Err(e) => rep.say(&format!("no loss plot: {e}"))?,
             }
         }
         let steps_run = end.saturating_sub(start) as f64;

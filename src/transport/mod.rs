@@ -342,7 +342,12 @@ pub fn connect_all(
             }
         })
         .collect();
-    let deadline = Instant::now() + cfg.connect_timeout;
+    // Config bounds the timeout to a day, which the clock always holds; were it not, setup
+    // would time out at once rather than panic.
+    let deadline = Instant::now()
+        .checked_add(cfg.connect_timeout)
+        .unwrap_or_else(Instant::now);
+    let live = boot.liveness();
 
     // 1. Segments and listener.
     let prepared = prepare(cfg, rank, auth, &kinds, same_host);
@@ -408,7 +413,16 @@ pub fn connect_all(
     let stripe = blob.stripe;
     let tcp_links: Result<Vec<tcp::TcpLink>> = std::thread::scope(|s| {
         let acceptor = s.spawn(|| match &listener {
-            Some(l) => tcp::accept_links(l, auth, rank, &higher, nsocks, stripe, deadline),
+            Some(l) => tcp::accept_links(
+                l,
+                auth,
+                rank,
+                &higher,
+                nsocks,
+                stripe,
+                deadline,
+                live.as_deref(),
+            ),
             None => Ok(Vec::new()),
         });
         let mut links = Vec::new();
@@ -419,7 +433,16 @@ pub fn connect_all(
                 .as_deref()
                 .and_then(|a| a.parse::<SocketAddr>().ok());
             let res = match addr {
-                Some(addr) => tcp::connect_link(addr, auth, rank, j, nsocks, stripe, deadline),
+                Some(addr) => tcp::connect_link(
+                    addr,
+                    auth,
+                    rank,
+                    j,
+                    nsocks,
+                    stripe,
+                    deadline,
+                    live.as_deref(),
+                ),
                 None => Err(Error::Link {
                     peer: j,
                     detail: format!("rank {j} published no TCP listener address"),
@@ -459,9 +482,11 @@ pub fn connect_all(
         error: tcp_links.as_ref().err().map(|e| e.to_string()),
         ..SetupBlob::default()
     };
-    let done = exchange(boot, &status)?;
+    // This rank's own failure first: it names the peer it could not link with, where the
+    // exchange can only say that a rank is gone.
+    let done = exchange(boot, &status);
     let tcp_links = tcp_links?;
-    others_ok(&done, rank, "connect its TCP links")?;
+    others_ok(&done?, rank, "connect its TCP links")?;
 
     let mut links: Vec<Option<Box<dyn Link>>> = (0..world).map(|_| None).collect();
     for (j, l) in created.into_iter().chain(opened) {
@@ -1035,7 +1060,7 @@ mod tests {
     #[test]
     fn two_hosts_of_two_ranks_get_shm_inside_and_tcp_across() {
         let job = format!("mesh{}", std::process::id());
-        let auth = JobAuth::new(&job, Some("k"));
+        let auth = JobAuth::new(&job, "k");
         let host = |r: usize| r / 2;
         let kinds = run(thread_boots(4), |rank, boot| {
             let same: Vec<bool> = (0..4).map(|j| host(j) == host(rank)).collect();
@@ -1056,7 +1081,7 @@ mod tests {
 
     #[test]
     fn shm_disabled_means_tcp_everywhere() {
-        let auth = JobAuth::new("nosh", None);
+        let auth = JobAuth::new("nosh", "k");
         let kinds = run(thread_boots(3), |rank, boot| {
             let c = Config {
                 shm_disable: true,
@@ -1096,7 +1121,7 @@ mod tests {
 
     #[test]
     fn stranger_during_setup_is_refused_and_setup_completes() {
-        let auth = JobAuth::new("strange", Some("k"));
+        let auth = JobAuth::new("strange", "k");
         let boots: Vec<StrangerBoot> = thread_boots(3)
             .into_iter()
             .map(|b| {
@@ -1112,7 +1137,7 @@ mod tests {
 
     #[test]
     fn ranks_that_disagree_on_striping_all_fail() {
-        let auth = JobAuth::new("stripes", None);
+        let auth = JobAuth::new("stripes", "k");
         let errs = run(thread_boots(2), |rank, boot| {
             let c = cfg(1 + rank);
             connect_all(&c, boot, &auth, &[false; 2])
@@ -1134,7 +1159,7 @@ mod tests {
 
     #[test]
     fn one_rank_failing_fails_every_rank() {
-        let auth = JobAuth::new("fail", None);
+        let auth = JobAuth::new("fail", "k");
         let errs = run(thread_boots(2), |rank, boot| {
             let mut c = cfg(1);
             if rank == 0 {

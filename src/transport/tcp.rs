@@ -43,7 +43,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::{AlignedBuf, DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES};
-use crate::bootstrap::auth::{JobAuth, Peer};
+use crate::bootstrap::auth::{JobAuth, Peer, RefusalLog};
+use crate::bootstrap::Liveness;
 use crate::config::{Config, TcpCongestion};
 use crate::error::{AbortCause, Error, Result};
 
@@ -52,6 +53,8 @@ const MAX_IOV: usize = 8;
 /// Longest an accepted connection may take to finish its handshake. Each runs on its
 /// own thread, so a silent stranger only holds that thread, not the setup.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often link setup asks the bootstrap whether a rank is gone while it waits.
+const LIVENESS_EVERY: Duration = Duration::from_millis(250);
 /// Requested `SO_SNDBUF`/`SO_RCVBUF`. Setting a size turns off Linux's buffer
 /// autotuning and is capped at `net.core.{w,r}mem_max`, so it is only set where that cap
 /// allows the full size (otherwise autotuning does better than a capped value).
@@ -815,8 +818,10 @@ pub fn listen(ip: IpAddr) -> Result<TcpListener> {
 ///
 /// Each accepted connection runs its handshake on its own thread, with a short timeout;
 /// connections that fail it (strangers, other jobs, wrong key) or that claim an
-/// unexpected rank or socket are logged and dropped, and accepting goes on. Fails at
-/// `deadline`, naming the ranks still missing.
+/// unexpected rank or socket are logged (rate-limited) and dropped, and accepting goes
+/// on. Fails at `deadline`, naming the ranks still missing, or as soon as `live` says a
+/// rank is gone.
+#[allow(clippy::too_many_arguments)]
 pub fn accept_links(
     listener: &TcpListener,
     auth: &JobAuth,
@@ -825,6 +830,7 @@ pub fn accept_links(
     nsocks: usize,
     stripe: usize,
     deadline: Instant,
+    live: Option<&dyn Liveness>,
 ) -> Result<Vec<TcpLink>> {
     if peers.is_empty() {
         return Ok(Vec::new());
@@ -842,12 +848,14 @@ pub fn accept_links(
         .collect();
     let mut missing = peers.len() * nsocks;
     let (tx, rx) = mpsc::channel::<(Result<Peer>, TcpStream, SocketAddr)>();
+    let refusals = RefusalLog::new(format!("rank {rank}: listener {here}"));
+    let mut asked = Instant::now();
     while missing > 0 {
         while let Ok((res, stream, from)) = rx.try_recv() {
             let p = match res {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(rank, "listener {here}: {e}");
+                    refusals.refused(&e);
                     continue;
                 }
             };
@@ -859,19 +867,28 @@ pub fn accept_links(
                     *slot = Some(stream);
                     missing -= 1;
                 }
-                _ => tracing::warn!(
-                    rank,
-                    peer = p.rank,
+                _ => refusals.refused(&format_args!(
                     "dropped a connection from {from} for rank {} socket {}: not expected \
                      here or already connected",
-                    p.rank,
-                    p.channel
-                ),
+                    p.rank, p.channel
+                )),
             }
         }
         if missing == 0 {
             break;
         }
+        if let Some(gone) = live.and_then(|l| ask_liveness(l, &mut asked)) {
+            let absent: Vec<usize> = slots
+                .iter()
+                .filter(|(_, v)| v.iter().any(Option::is_none))
+                .map(|(p, _)| *p)
+                .collect();
+            return Err(Error::Bootstrap(format!(
+                "rank {rank}: link setup stopped while waiting for rank(s) {absent:?} to \
+                 connect to {here}: {gone}"
+            )));
+        }
+        refusals.flush();
         let now = Instant::now();
         if now >= deadline {
             let absent: Vec<String> = slots
@@ -937,7 +954,9 @@ pub fn accept_links(
 }
 
 /// Connects `nsocks` sockets from `rank` to `peer`'s listener at `addr`, each
-/// authenticated (channel = socket index), and returns the link.
+/// authenticated (channel = socket index), and returns the link. Retries a listener that
+/// is not up yet until `deadline`, or until `live` says a rank is gone.
+#[allow(clippy::too_many_arguments)]
 pub fn connect_link(
     addr: SocketAddr,
     auth: &JobAuth,
@@ -946,24 +965,61 @@ pub fn connect_link(
     nsocks: usize,
     stripe: usize,
     deadline: Instant,
+    live: Option<&dyn Liveness>,
 ) -> Result<TcpLink> {
     let mut socks = Vec::with_capacity(nsocks);
     for k in 0..nsocks {
-        let mut s = connect_retry(addr, rank, peer, deadline)?;
+        let mut s = connect_retry(addr, rank, peer, deadline, live)?;
         let timeout = HANDSHAKE_TIMEOUT
             .min(deadline.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(100));
-        auth.connect_handshake(&mut s, rank as u32, k as u32, timeout)
-            .map_err(|e| Error::Link {
+        if let Err(e) = auth.connect_handshake(&mut s, rank as u32, k as u32, timeout) {
+            // A peer killed during its handshake resets it; say that it died if the
+            // bootstrap can tell, rather than only that the handshake failed.
+            if let Some(gone) = gone_after_failure(live) {
+                return Err(Error::Bootstrap(format!(
+                    "rank {rank}: link setup stopped while connecting to rank {peer} at \
+                     {addr}: {gone}"
+                )));
+            }
+            return Err(Error::Link {
                 peer,
                 detail: format!(
                     "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {e}"
                 ),
                 lost: false,
-            })?;
+            });
+        }
         socks.push(s);
     }
     TcpLink::new(rank, peer, socks, stripe)
+}
+
+/// `Some(why)` when `live` says a rank is gone; asks at most every [`LIVENESS_EVERY`]
+/// (`asked` is when it last did).
+fn ask_liveness(live: &dyn Liveness, asked: &mut Instant) -> Option<String> {
+    if asked.elapsed() < LIVENESS_EVERY {
+        return None;
+    }
+    *asked = Instant::now();
+    live.gone()
+}
+
+/// After a failure talking to a peer: what `live` says is gone, if it learns it within a
+/// second (a killed process's sockets and its store connection close together, but the
+/// store may hear of it a moment later). `None`: nobody is known gone.
+fn gone_after_failure(live: Option<&dyn Liveness>) -> Option<String> {
+    let live = live?;
+    let start = Instant::now();
+    loop {
+        if let Some(gone) = live.gone() {
+            return Some(gone);
+        }
+        if start.elapsed() >= Duration::from_secs(1) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn connect_retry(
@@ -971,7 +1027,9 @@ fn connect_retry(
     rank: usize,
     peer: usize,
     deadline: Instant,
+    live: Option<&dyn Liveness>,
 ) -> Result<TcpStream> {
+    let mut asked = Instant::now();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let res = TcpStream::connect_timeout(
@@ -987,14 +1045,26 @@ fn connect_retry(
                         ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::Interrupted
                     ) =>
             {
+                if let Some(gone) = live.and_then(|l| ask_liveness(l, &mut asked)) {
+                    return Err(Error::Bootstrap(format!(
+                        "rank {rank}: link setup stopped while connecting to rank {peer} at \
+                         {addr}: {gone}"
+                    )));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
+                if let Some(gone) = gone_after_failure(live) {
+                    return Err(Error::Bootstrap(format!(
+                        "rank {rank}: link setup stopped while connecting to rank {peer} at \
+                         {addr}: {gone}"
+                    )));
+                }
                 return Err(Error::Link {
                     peer,
                     detail: format!("rank {rank} could not connect to rank {peer} at {addr}: {e}"),
                     lost: false,
-                })
+                });
             }
         }
     }
@@ -1007,7 +1077,7 @@ mod tests {
     use std::io::Write;
 
     fn auth() -> JobAuth {
-        JobAuth::new("tcp-test", Some("key"))
+        JobAuth::new("tcp-test", "key")
     }
 
     /// Links between rank 0 (listening) and rank 1 over loopback.
@@ -1015,9 +1085,10 @@ mod tests {
         let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
         let addr = l.local_addr().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let t =
-            std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, nsocks, stripe, deadline));
-        let mut acc = accept_links(&l, &auth(), 0, &[1], nsocks, stripe, deadline).unwrap();
+        let t = std::thread::spawn(move || {
+            connect_link(addr, &auth(), 1, 0, nsocks, stripe, deadline, None)
+        });
+        let mut acc = accept_links(&l, &auth(), 0, &[1], nsocks, stripe, deadline, None).unwrap();
         let b = t.join().unwrap().unwrap();
         let a = acc.pop().unwrap();
         assert_eq!(
@@ -1364,24 +1435,20 @@ mod tests {
         garbage.write_all(&[0xAB; 100]).unwrap();
         let other_job = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            JobAuth::new("other-job", Some("key")).connect_handshake(
-                &mut s,
-                1,
-                0,
-                Duration::from_secs(5),
-            )
+            JobAuth::new("other-job", "key").connect_handshake(&mut s, 1, 0, Duration::from_secs(5))
         });
         let wrong_key = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            JobAuth::new("tcp-test", Some("guess")).connect_handshake(
+            JobAuth::new("tcp-test", "guess").connect_handshake(
                 &mut s,
                 1,
                 0,
                 Duration::from_secs(5),
             )
         });
-        let t = std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline));
-        let mut acc = accept_links(&l, &auth(), 0, &[1], 2, 4096, deadline).unwrap();
+        let t =
+            std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline, None));
+        let mut acc = accept_links(&l, &auth(), 0, &[1], 2, 4096, deadline, None).unwrap();
         let mut b = t.join().unwrap().unwrap();
         assert!(other_job.join().unwrap().is_err());
         assert!(wrong_key.join().unwrap().is_err());
@@ -1395,8 +1462,9 @@ mod tests {
         let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
         let addr = l.local_addr().unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
-        let t = std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline));
-        let e = accept_links(&l, &auth(), 0, &[1, 2], 2, 4096, deadline)
+        let t =
+            std::thread::spawn(move || connect_link(addr, &auth(), 1, 0, 2, 4096, deadline, None));
+        let e = accept_links(&l, &auth(), 0, &[1, 2], 2, 4096, deadline, None)
             .err()
             .unwrap();
         assert_eq!(
@@ -1407,6 +1475,57 @@ mod tests {
             )
         );
         drop(t.join().unwrap());
+    }
+
+    /// A bootstrap that knows rank 2 died.
+    struct Rank2Died;
+
+    impl Liveness for Rank2Died {
+        fn gone(&self) -> Option<String> {
+            Some("rank 2 died (killed)".into())
+        }
+    }
+
+    #[test]
+    fn a_rank_known_dead_ends_link_setup_at_once() {
+        // Accepting: rank 2 will never connect, and the bootstrap says why.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let start = Instant::now();
+        let e = accept_links(&l, &auth(), 0, &[2], 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bootstrap: rank 0: link setup stopped while waiting for rank(s) [2] to connect \
+                 to {addr}: rank 2 died (killed)"
+            )
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Connecting: nobody listens any more.
+        drop(l);
+        let e = connect_link(addr, &auth(), 3, 2, 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bootstrap: rank 3: link setup stopped while connecting to rank 2 at {addr}: \
+                 rank 2 died (killed)"
+            )
+        );
+        // A listener whose process dies during the handshake: the connection resets.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || drop(l.accept().unwrap()));
+        let e = connect_link(addr, &auth(), 3, 2, 1, 4096, deadline, Some(&Rank2Died))
+            .err()
+            .unwrap();
+        t.join().unwrap();
+        assert!(e.to_string().ends_with("rank 2 died (killed)"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

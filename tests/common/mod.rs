@@ -202,3 +202,136 @@ pub fn launch_check(
     );
     out
 }
+
+/// Makes this test process the parent of its orphans: a rank whose launcher was killed is
+/// handed to us instead of to init, so a test can wait for it and read how it ended.
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER only changes an attribute of this process.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+}
+
+/// Whether process `pid` exists (a zombie counts).
+pub fn is_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Waits up to `limit` for `pid` to exit and reaps it. `pid` is this process's child or
+/// one of its descendants: an orphan handed to it (see [`become_subreaper`]) is waited for
+/// once it has been handed over. Past `limit` the process is killed and this is an error.
+pub fn wait_pid(pid: i32, limit: Duration) -> Result<std::process::ExitStatus, String> {
+    use std::os::unix::process::ExitStatusExt;
+    let start = Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid writes one status into `st`.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return Ok(std::process::ExitStatus::from_raw(st));
+        }
+        if r < 0 && !is_alive(pid) {
+            return Err(format!("process {pid} ended but was reaped elsewhere"));
+        }
+        if start.elapsed() > limit {
+            // SAFETY: `pid` is a process this test started (directly or not).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = wait_pid(pid, Duration::from_secs(5));
+            return Err(format!("process {pid} still running after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` runs a communicator already (its progress thread exists), i.e.
+/// it is past bootstrap and into collectives.
+pub fn has_communicator(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("comm"))
+            .is_ok_and(|c| c.starts_with("hetccl-progress"))
+    })
+}
+
+/// Reads `[rank K] pid P` lines from the launcher's stdout until every one of `n` ranks
+/// has told its pid; returns them in rank order.
+pub fn rank_pids(out: &mut std::io::BufReader<std::process::ChildStdout>, n: usize) -> Vec<i32> {
+    let mut pids = vec![0; n];
+    let mut seen = String::new();
+    while pids.contains(&0) {
+        let mut l = String::new();
+        assert!(
+            std::io::BufRead::read_line(out, &mut l).unwrap() > 0,
+            "launcher output ended before every rank told its pid: {seen}"
+        );
+        if let Some((k, p)) = l
+            .strip_prefix("[rank ")
+            .and_then(|r| r.split_once("] pid "))
+        {
+            pids[k.parse::<usize>().unwrap()] = p.trim().parse().unwrap();
+        }
+        seen.push_str(&l);
+    }
+    pids
+}
+
+/// Waits until each of `pids` runs a communicator (past bootstrap, into collectives).
+pub fn wait_for_communicators(pids: &[i32]) {
+    let start = Instant::now();
+    while !pids.iter().all(|&p| has_communicator(p)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "ranks {pids:?} never got a communicator"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `hetccl run -n 2 -- sh -c SCRIPT PROGRAM ARGS...`, where the script prints
+/// `pid P` of the process that runs the program; returns the launcher and those pids
+/// once both have a communicator.
+pub fn start_wrapped(
+    script: &str,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, Vec<i32>) {
+    let mut cmd = Command::new(launcher());
+    cmd.args(["run", "-n", "2", "--", "sh", "-c", script, program])
+        .args(args)
+        .env("HETCCL_TIMEOUT", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let pids = rank_pids(&mut out, 2);
+    // Whatever else the ranks print through the launcher, until it dies.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    wait_for_communicators(&pids);
+    (child, pids)
+}
+
+/// Kills the launcher with SIGKILL; returns each of `pids`' status and how long after the
+/// kill it ended.
+pub fn kill_launcher(
+    launcher: &mut Child,
+    pids: &[i32],
+) -> Vec<(std::process::ExitStatus, Duration)> {
+    // SAFETY: signals the launcher this test started.
+    assert_eq!(
+        unsafe { libc::kill(launcher.id() as i32, libc::SIGKILL) },
+        0
+    );
+    let t0 = Instant::now();
+    launcher.wait().unwrap();
+    pids.iter()
+        .map(|&p| {
+            let st = wait_pid(p, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+            (st, t0.elapsed())
+        })
+        .collect()
+}

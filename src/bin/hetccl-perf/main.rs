@@ -25,22 +25,37 @@ use hetccl::{Communicator, Config, Element, ReduceOp, SharedBuf};
 use args::{Args, Parsed, Shape};
 use report::{Row, Timing};
 
+/// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
+/// is gone, or the output went into `head`) rather than panic.
+macro_rules! outln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stdout(), $($a)*);
+    }};
+}
+macro_rules! errln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(hetccl::log::stderr(), $($a)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let a = match args::parse(std::env::args().skip(1)) {
         Ok(Parsed::Run(a)) => a,
         Ok(Parsed::Help) => {
-            println!("{}", args::USAGE);
+            outln!("{}", args::USAGE);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("hetccl-perf: {e}");
+            errln!("hetccl-perf: {e}");
             return ExitCode::from(2);
         }
     };
     let comm = match init(&a) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hetccl-perf: init failed: {e}");
+            errln!("hetccl-perf: init failed: {e}");
             return ExitCode::from(1);
         }
     };
@@ -48,13 +63,13 @@ fn main() -> ExitCode {
     match r {
         Ok(wrong) if wrong > 0 => {
             if comm.rank() == 0 {
-                eprintln!("hetccl-perf: {wrong} wrong elements over all ranks");
+                errln!("hetccl-perf: {wrong} wrong elements over all ranks");
             }
             ExitCode::from(3)
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hetccl-perf: rank {}: {e}", comm.rank());
+            errln!("hetccl-perf: rank {}: {e}", comm.rank());
             ExitCode::from(1)
         }
     }
@@ -316,22 +331,22 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
     let cfg = comm.config();
     let algo = cfg.algo.name();
     if rank == 0 {
-        println!(
+        outln!(
             "# hetccl-perf {}: minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} algo: {}",
             a.coll, a.min_bytes, a.max_bytes, a.factor, a.warmup, a.iters, a.check as u8, algo
         );
-        println!("#");
-        println!(
+        outln!("#");
+        outln!(
             "# Ranks (world size {n}; chunk {} B, pipeline depth {}; {} buffers)",
             cfg.chunk_bytes,
             cfg.pipeline_depth,
             if a.shared { "shared" } else { "private" }
         );
         for l in &lines {
-            println!("#  {l}");
+            outln!("#  {l}");
         }
-        println!("#");
-        println!("{}", report::table_heading());
+        outln!("#");
+        outln!("{}", report::table_heading());
     }
     let max_send = shapes.iter().map(|s| s.send).max().unwrap_or(0);
     let max_recv = shapes.iter().map(|s| s.recv).max().unwrap_or(0);
@@ -361,7 +376,7 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
             in_place: if ip { Some(b.measure(sh, true)?) } else { None },
         };
         if rank == 0 {
-            println!("{}", report::format_row(&row));
+            outln!("{}", report::format_row(&row));
         }
         rows.push(row);
     }
@@ -372,12 +387,12 @@ fn run<T: Element>(comm: &Communicator, a: &Args) -> Result<u64, String> {
     let avg = report::avg_busbw(&rows);
     if rank == 0 {
         match wrong {
-            Some(0) => println!("# Out of bounds values : 0 OK"),
-            Some(w) => println!("# Out of bounds values : {w} FAILED"),
-            None => println!("# Out of bounds values : not checked"),
+            Some(0) => outln!("# Out of bounds values : 0 OK"),
+            Some(w) => outln!("# Out of bounds values : {w} FAILED"),
+            None => outln!("# Out of bounds values : not checked"),
         }
-        println!("# Avg bus bandwidth    : {avg:.4}");
-        println!(
+        outln!("# Avg bus bandwidth    : {avg:.4}");
+        outln!(
             "# Peak RSS (max over ranks) : {:.1} MiB",
             rss[0] as f64 / 1024.0
         );
