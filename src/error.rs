@@ -231,7 +231,8 @@ pub enum AbortKind {
     Lost = 2,
     /// `rank` called a different collective, count or dtype.
     Mismatch = 3,
-    /// The application aborted `rank`'s communicator.
+    /// `rank`'s communicator was aborted: by its application (`Communicator::abort`), or
+    /// because its launcher exited.
     Aborted = 4,
     /// Any other error, on `rank`.
     Failed = 5,
@@ -312,10 +313,12 @@ impl AbortCause {
                 format!("on news that {who} called a different collective, count or dtype")
             }
             (AbortKind::Aborted, false) => {
-                format!("because the application aborted {who}'s communicator")
+                format!(
+                    "because {who}'s communicator was aborted (by its application or its launcher)"
+                )
             }
             (AbortKind::Aborted, true) => {
-                format!("on news that the application aborted {who}'s communicator")
+                format!("on news that {who}'s communicator was aborted")
             }
             (AbortKind::Failed, false) => format!("after an error on {who}"),
             (AbortKind::Failed, true) => format!("on news of an error on {who}"),

@@ -521,7 +521,7 @@ impl Communicator {
     /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
     /// every later call fails. For watchdogs, like `ncclCommAbort`. Never blocks: when
     /// no operation runs, the links are closed at once (peers waiting on this rank learn
-    /// that its application aborted it); otherwise the running operation closes them.
+    /// that it was aborted); otherwise the running operation closes them.
     pub fn abort(&self) {
         self.abort.store(true, Ordering::Relaxed);
         let idle = match self.progress.try_lock() {
@@ -1684,8 +1684,8 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up because the \
-             application aborted rank 0's communicator"
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up because rank 0's \
+             communicator was aborted (by its application or its launcher)"
         );
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
         let again = comms[0].barrier().unwrap_err().to_string();
