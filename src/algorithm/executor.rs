@@ -8,7 +8,10 @@
 //!
 //! While nothing moves the executor spins briefly, then yields, then sleeps in short
 //! steps; it asks silent links whether their peer is still alive and gives up after
-//! the configured timeout with an error naming the peer it was waiting for.
+//! the configured timeout with an error naming the peer it was waiting for, and what
+//! the link sees of it (a stopped process), or that it may itself be waiting further
+//! along. A peer that gave up and said why becomes [`Error::PeerGaveUp`], with the peer
+//! this rank was waiting for when that was another one.
 
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};

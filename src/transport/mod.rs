@@ -11,11 +11,17 @@
 //! | [`mem`] | two threads of one process (tests of the algorithms) |
 //!
 //! [`shared_mem`] holds the segments behind shared buffers, which ranks of one host map
-//! to read each other's data directly (no link involved). [`peer_process`] tells the
+//! to read each other's data directly (no link involved). `peer_process` tells the
 //! waits on shared memory (shm links, shared buffers) whether a peer's process has
 //! exited, zombies included.
 //!
 //! [`connect_all`] builds the full mesh of links at start-up.
+//!
+//! Every header-sized record read from a peer goes through [`MsgHeader::decode`]. A
+//! link aborted after an error tells its peer why ([`crate::error::AbortCause`]: shm in
+//! its control line, TCP in an abort notice where the next header would go), so a rank
+//! that was waiting on a peer that gave up can say where the failure lies
+//! ([`Link::abort_notice`]).
 
 pub mod mem;
 pub(crate) mod peer_process;

@@ -36,7 +36,7 @@
 //! Liveness: each side records its pid, pid namespace and a state (attached, closed,
 //! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
 //! closed or its process has exited while this side still needs it; an exited process
-//! is seen through a pidfd (zombies too, see [`super::peer_process`]). A side that
+//! is seen through a pidfd (zombies too, see `peer_process`). A side that
 //! aborts first writes its cause ([`AbortCause::to_word`]) into its line, then the
 //! state with release: the peer reads the state with acquire, then the cause.
 
