@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use super::peer_process::{own_pidns, PeerProcess};
 use super::shared_mem::shm_cname;
-use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink};
+use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 use crate::config::Config;
 use crate::error::{AbortCause, Error, Result};
 
@@ -233,8 +233,8 @@ const _: () = assert!(std::mem::size_of::<SlotDesc>() == 64);
 /// What a checked slot descriptor holds for the receive in progress.
 #[derive(Debug, PartialEq, Eq)]
 struct SlotStep {
-    /// The message's header, when the slot starts one.
-    header: Option<MsgHeader>,
+    /// Whether the slot starts a message (its descriptor's header is the message's).
+    first: bool,
     /// Payload bytes of the message.
     total: usize,
     /// Payload bytes delivered before this slot (where the slot's bytes go).
@@ -247,54 +247,70 @@ impl SlotDesc {
     /// Checks a descriptor the peer wrote against the receive in progress (`recv`:
     /// `(message bytes, bytes delivered)`, `None` between messages), in slots of
     /// `slot_bytes`. Whatever the peer wrote, the step it returns stays inside the slot
-    /// and the message.
+    /// and the message. A few compares on the fast path; the words are in `slot_error`.
+    #[inline]
     fn check(
         &self,
         recv: Option<(usize, usize)>,
         slot_bytes: usize,
     ) -> std::result::Result<SlotStep, String> {
-        let d = self;
-        let (header, total, done) = match recv {
-            None if d.flags & FIRST != 0 => match MsgHeader::decode(bytemuck::bytes_of(&d.header))?
-            {
-                Frame::Message(h) => {
-                    let total = usize::try_from(h.bytes)
-                        .map_err(|_| format!("a message of {} bytes", h.bytes))?;
-                    (Some(h), total, 0)
+        let (first, total, done) = match recv {
+            None if self.flags & FIRST != 0 && self.header.magic == MSG_MAGIC => {
+                match usize::try_from(self.header.bytes) {
+                    Ok(total) => (true, total, 0),
+                    Err(_) => return Err(self.slot_error(recv, slot_bytes)),
                 }
-                Frame::Abort(_) => return Err("an abort notice in a slot".into()),
-            },
-            Some((total, done)) if d.flags & FIRST == 0 => (None, total, done),
-            None => {
-                return Err(format!(
-                    "a message continues (flags {:#x}) where one should start",
-                    d.flags
-                ))
             }
-            Some(_) => {
-                return Err(format!(
-                    "a message starts (flags {:#x}) inside another",
-                    d.flags
-                ))
-            }
+            Some((total, done)) if self.flags & FIRST == 0 => (false, total, done),
+            _ => return Err(self.slot_error(recv, slot_bytes)),
         };
-        let len = usize::try_from(d.len).unwrap_or(usize::MAX);
-        let left = total.saturating_sub(done);
-        if done > total || d.offset != done as u64 || len > slot_bytes || len > left {
-            return Err(format!(
-                "the slot carries {} bytes at offset {} of a {total} byte message, expected \
-                 at most {} at offset {done}",
-                d.len,
-                d.offset,
-                slot_bytes.min(left)
-            ));
+        let len = usize::try_from(self.len).unwrap_or(usize::MAX);
+        if done > total || self.offset != done as u64 || len > slot_bytes || len > total - done {
+            return Err(self.slot_error(recv, slot_bytes));
         }
         Ok(SlotStep {
-            header,
+            first,
             total,
             done,
             len,
         })
+    }
+
+    /// What is wrong with a descriptor that [`SlotDesc::check`] refused.
+    #[cold]
+    #[inline(never)]
+    fn slot_error(&self, recv: Option<(usize, usize)>, slot_bytes: usize) -> String {
+        let d = self;
+        let (total, done) = match recv {
+            None if d.flags & FIRST != 0 => {
+                match MsgHeader::decode(bytemuck::bytes_of(&d.header)) {
+                    Err(e) => return e,
+                    Ok(Frame::Abort(_)) => return "an abort notice in a slot".into(),
+                    Ok(Frame::Message(h)) => match usize::try_from(h.bytes) {
+                        Ok(t) => (t, 0),
+                        Err(_) => return format!("a message of {} bytes", h.bytes),
+                    },
+                }
+            }
+            None => {
+                return format!(
+                    "a message continues (flags {:#x}) where one should start",
+                    d.flags
+                )
+            }
+            Some(_) if d.flags & FIRST != 0 => {
+                return format!("a message starts (flags {:#x}) inside another", d.flags)
+            }
+            Some(r) => r,
+        };
+        let left = total.saturating_sub(done);
+        format!(
+            "the slot carries {} bytes at offset {} of a {total} byte message, expected at \
+             most {} at offset {done}",
+            d.len,
+            d.offset,
+            slot_bytes.min(left)
+        )
     }
 }
 
@@ -789,8 +805,8 @@ impl Link for ShmLink {
                     self.peer, self.rx_tail
                 ))
             })?;
-            if let Some(h) = &step.header {
-                sink.header(h)?;
+            if step.first {
+                sink.header(&d.header)?;
             }
             let (total, done, len) = (step.total, step.done, step.len);
             if len > 0 {
@@ -1047,10 +1063,10 @@ mod tests {
                     prop_assert!(step.len <= slot_bytes);
                     prop_assert!(step.done + step.len <= step.total);
                     prop_assert_eq!(step.done as u64, offset);
-                    prop_assert_eq!(step.header.is_some(), recv.is_none());
-                    if let Some(h) = step.header {
-                        prop_assert_eq!(h.magic, crate::transport::MSG_MAGIC);
-                        prop_assert_eq!(step.total as u64, h.bytes);
+                    prop_assert_eq!(step.first, recv.is_none());
+                    if step.first {
+                        prop_assert_eq!(d.header.magic, MSG_MAGIC);
+                        prop_assert_eq!(step.total as u64, d.header.bytes);
                     }
                 }
                 Err(e) => prop_assert!(
