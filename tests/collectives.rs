@@ -1,5 +1,14 @@
 //! Every collective, reduction and element type across real processes, checked
 //! against closed forms by `hetccl-check` (see src/bin/hetccl-check.rs).
+//!
+//! A short soak runs here too: random collectives, types, reductions, sizes and
+//! algorithms on 4 ranks, bitwise checked, with resident memory and open descriptors
+//! flat (see `hetccl-check --soak`). The long form, for a release or after changing
+//! anything that allocates or opens descriptors (a few minutes on two cores):
+//!
+//! ```text
+//! target/release/hetccl run -n 4 -- target/release/hetccl-check --soak 200000 --seed 7
+//! ```
 
 mod common;
 
@@ -166,4 +175,62 @@ fn compressed_all_reduce_over_shm_tcp_and_nodes_every_algorithm() {
             "{algo}: ranks disagree: {hs:?}"
         );
     }
+}
+
+/// What soak rank `r` printed: resident KiB after the warm-up and at the end, and open
+/// descriptors after the warm-up and at the end.
+fn soak_figures(out: &str, r: usize) -> (u64, u64, u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("rank {r}/4: soak of ")))
+        .unwrap_or_else(|| panic!("rank {r} printed no soak figures:\n{out}"));
+    let pair = |tag: &str| -> (u64, u64) {
+        let rest = &line[line.find(tag).unwrap() + tag.len()..];
+        let mut nums = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
+            .map(|w| w.parse::<u64>().unwrap());
+        (nums.next().unwrap(), nums.next().unwrap())
+    };
+    let (rss0, rss1) = pair("resident memory ");
+    let (fd0, fd1) = pair("open descriptors ");
+    (rss0, rss1, fd0, fd1)
+}
+
+/// Four ranks, `steps` soak steps with `env`; asserts every rank passed its checks and
+/// stayed flat: no more descriptors than after the warm-up, at most 8 MiB more memory.
+fn short_soak(steps: usize, seed: u64, env: &[(&str, &str)], what: &str) {
+    let steps_s = steps.to_string();
+    let seed_s = seed.to_string();
+    let mut all_env = vec![("HETCCL_TIMEOUT", "60")];
+    all_env.extend_from_slice(env);
+    let children = spawn_ranks(
+        4,
+        check_bin(),
+        &["--soak", &steps_s, "--seed", &seed_s],
+        &all_env,
+        |_| vec![],
+    );
+    let outs = collect(children, Duration::from_secs(120));
+    assert_all_ok(&outs, what);
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.output
+                .contains(&format!("rank {r}/4: soak of {steps} steps in ")),
+            "{what}: rank {r}:\n{}",
+            o.output
+        );
+        let (rss0, rss1, fd0, fd1) = soak_figures(&o.output, r);
+        assert!(fd1 <= fd0, "{what}: rank {r} descriptors {fd0} -> {fd1}");
+        assert!(
+            rss1 <= rss0 + 8192,
+            "{what}: rank {r} resident memory {rss0} -> {rss1} KiB"
+        );
+    }
+}
+
+#[test]
+fn a_short_soak_of_random_collectives_keeps_memory_and_descriptors_flat() {
+    short_soak(3000, 7, &[], "soak over shm");
+    short_soak(800, 8, &[("HETCCL_SHM_DISABLE", "1")], "soak over tcp");
 }

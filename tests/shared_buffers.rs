@@ -125,7 +125,11 @@ fn results_are_bitwise_equal_across_ranks_and_runs() {
 
 /// Three ranks with `--shared` and a fault on rank 1.
 fn faulty(fault: &str, timeout: &str, deadline: u64) -> Vec<Outcome> {
-    let children = spawn_ranks(
+    collect(spawn_faulty(fault, timeout), Duration::from_secs(deadline))
+}
+
+fn spawn_faulty(fault: &str, timeout: &str) -> Vec<std::process::Child> {
+    spawn_ranks(
         3,
         check_bin(),
         &[
@@ -139,8 +143,7 @@ fn faulty(fault: &str, timeout: &str, deadline: u64) -> Vec<Outcome> {
         ],
         &[("HETCCL_TIMEOUT", timeout)],
         |_| vec![],
-    );
-    collect(children, Duration::from_secs(deadline))
+    )
 }
 
 #[test]
@@ -172,22 +175,47 @@ fn a_killed_rank_is_peer_lost_everywhere() {
     );
 }
 
+/// Kills and reaps the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_stopped_rank_times_out_naming_the_peer() {
-    let outs = faulty("stop", "3", 20);
+    let mut children = spawn_faulty("stop", "3");
+    // Waited for apart: it stays stopped until the others are done, then is killed.
+    let stopped = KillOnDrop(children.remove(1));
+    let outs = collect(children, Duration::from_secs(20));
+    let state =
+        std::fs::read_to_string(format!("/proc/{}/stat", stopped.0.id())).unwrap_or_default();
     assert!(
-        outs[1].hung,
-        "rank 1 was stopped and killed at the deadline"
+        state
+            .rsplit_once(')')
+            .is_some_and(|(_, s)| s.starts_with(" T")),
+        "rank 1 stopped all along: {state}"
     );
-    for r in [0, 2] {
-        let o = &outs[r];
+    drop(stopped);
+    for (o, r) in outs.iter().zip([0, 2]) {
         assert!(!o.hung, "rank {r} hung:\n{}", o.output);
         assert_eq!(o.code, Some(1), "rank {r}:\n{}", o.output);
+        assert!(
+            o.elapsed < Duration::from_secs(15),
+            "rank {r}: {:?}",
+            o.elapsed
+        );
     }
+    // Every rank waits on every other here: a survivor that times out waits on the
+    // stopped rank itself and sees that its process is stopped.
     let all: String = outs.iter().map(|o| o.output.clone()).collect();
     assert!(
         all.contains("all_reduce #3 timed out after")
-            && all.contains("waiting for peer 1 to start the collective"),
+            && all.contains("waiting for peer 1 to start the collective; its process (pid ")
+            && all.contains(") is stopped (SIGSTOP or job control)"),
         "{all}"
     );
 }

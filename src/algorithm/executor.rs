@@ -8,7 +8,10 @@
 //!
 //! While nothing moves the executor spins briefly, then yields, then sleeps in short
 //! steps; it asks silent links whether their peer is still alive and gives up after
-//! the configured timeout with an error naming the peer it was waiting for.
+//! the configured timeout with an error naming the peer it was waiting for, and what
+//! the link sees of it (a stopped process), or that it may itself be waiting further
+//! along. A peer that gave up and said why becomes [`Error::PeerGaveUp`], with the peer
+//! this rank was waiting for when that was another one.
 
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
@@ -633,15 +636,12 @@ impl Forwarder {
         let Some(l) = links[q].as_mut() else {
             return Ok(Committed::Nothing);
         };
-        Ok(
-            if l.commit_send(&header, upto)
-                .map_err(|e| in_context(e, ctx))?
-            {
-                Committed::All(j, q)
-            } else {
-                Committed::Part
-            },
-        )
+        let r = l.commit_send(&header, upto);
+        Ok(if r.map_err(|e| link_error(e, l.as_mut(), ctx))? {
+            Committed::All(j, q)
+        } else {
+            Committed::Part
+        })
     }
 
     /// Takes room for op `i`'s forwarding send into `spaces` when that send is next on
@@ -732,6 +732,83 @@ enum Target {
     Next(usize, usize, usize),
     /// The send is queued behind others on its link that need only room to go.
     Behind,
+}
+
+/// What a timeout's message adds about the peer waited for: what its link sees of it
+/// (`seen`: e.g. a stopped process), else, with more than two ranks, that it may be
+/// waiting itself. A rank sees only its own waits: whether the peer is the end of the
+/// chain is known only where the peer's state can be seen.
+pub(crate) fn timeout_note(peer: usize, world_size: usize, seen: Option<String>) -> String {
+    match seen {
+        Some(s) => format!("; {s}"),
+        None if world_size > 2 => format!(
+            "; peer {peer} may itself be waiting on another rank further along, so the stall \
+             may lie there"
+        ),
+        None => String::new(),
+    }
+}
+
+/// A peer that gave up while this rank was waiting for another peer (typically: gave up
+/// waiting for this rank, which was itself held up): says whom this rank waited for,
+/// where the stall more likely lies.
+fn waiting_note(
+    e: Error,
+    ctx: &ExecCtx,
+    links: &mut [Option<Box<dyn Link>>],
+    (active, sends, recvs, done, sched): (&[usize], &[Queue], &[Queue], &[bool], &Schedule),
+) -> Error {
+    match e {
+        Error::PeerGaveUp {
+            rank,
+            peer,
+            op,
+            seq,
+            cause,
+            note,
+        } if note.is_empty() => {
+            let (p, what) = blocked_on(active, sends, recvs, done, sched);
+            let note = if p == peer {
+                note
+            } else {
+                let seen = links.get_mut(p).and_then(|l| l.as_mut()?.peer_note());
+                format!(
+                    "; this rank was waiting for peer {p} {what}{}",
+                    timeout_note(p, ctx.world_size, seen)
+                )
+            };
+            Error::PeerGaveUp {
+                rank,
+                peer,
+                op,
+                seq,
+                cause,
+                note,
+            }
+        }
+        e => e,
+    }
+}
+
+/// Adds the collective's context to an error of `link`: a peer lost that said why it
+/// gave up becomes [`Error::PeerGaveUp`].
+fn link_error(e: Error, link: &mut dyn Link, ctx: &ExecCtx) -> Error {
+    match e {
+        Error::Link {
+            peer, lost: true, ..
+        } => match link.abort_notice() {
+            Some(cause) => Error::PeerGaveUp {
+                rank: ctx.rank,
+                peer,
+                op: ctx.op,
+                seq: ctx.seq,
+                cause,
+                note: String::new(),
+            },
+            None => in_context(e, ctx),
+        },
+        e => in_context(e, ctx),
+    }
 }
 
 /// Adds the collective's context to a link error.
@@ -828,229 +905,246 @@ pub fn execute(
     let mut last_progress = Instant::now();
     let mut last_check = Instant::now();
 
-    while n_done < n_ops {
-        let mut progressed = false;
+    // The loop, so that an error can be told from where this rank itself was waiting.
+    let ran = (|| -> Result<()> {
+        while n_done < n_ops {
+            let mut progressed = false;
 
-        while let Some(i) = locals.head() {
-            if !ready(&done, i) {
-                break;
+            while let Some(i) = locals.head() {
+                if !ready(&done, i) {
+                    break;
+                }
+                // Whether this op also sent a whole message (a copy through a link's room).
+                let mut sent = false;
+                if let Some(t) = blocks.as_mut() {
+                    t.start(i, &sched.ops[i].kind)?;
+                }
+                match sched.ops[i].kind {
+                    OpKind::Copy { src, dst } if src.len > 0 => {
+                        let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src) as *const u8);
+                        // A copy whose result a send forwards goes through that link's
+                        // room when it has some, reading the source once.
+                        let Some((through, committed)) =
+                            fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?
+                        else {
+                            break;
+                        };
+                        // SAFETY: both regions were checked; dependencies guarantee no
+                        // concurrent writer of `src` or user of `dst`; they do not overlap
+                        // (input vs output, or disjoint scratch ranges). `copy_through`
+                        // wrote the bytes `through`; the rest is copied here.
+                        unsafe {
+                            reduce::copy_bytes(d, s, through.start, ctx.stream_copies);
+                            reduce::copy_bytes(
+                                d.add(through.end),
+                                s.add(through.end),
+                                src.len - through.end,
+                                ctx.stream_copies,
+                            );
+                        }
+                        if let Committed::All(j, q) = committed {
+                            done[j] = true;
+                            n_done += 1;
+                            sends[q].next += 1;
+                            sent = true;
+                        }
+                    }
+                    OpKind::Reduce { src, dst } if src.len > 0 => {
+                        // SAFETY: as for the copy; `dst` is the only region written.
+                        let (a, d) = unsafe {
+                            (
+                                bufs.slice(&src),
+                                std::slice::from_raw_parts_mut(bufs.ptr(&dst), dst.len),
+                            )
+                        };
+                        reduce::reduce_inplace_bytes(ctx.dtype, ctx.redop, d, a);
+                    }
+                    _ => {}
+                }
+                if let Some(t) = blocks.as_mut() {
+                    t.finish(&sched.ops[i].kind)?;
+                }
+                done[i] = true;
+                n_done += 1;
+                locals.next += 1;
+                progressed = true;
+                // One local op per pass while links have work: an all-gather's copy of its
+                // own block then runs piece by piece between sends and receives, in the time
+                // spent waiting for peers, instead of before the first send. A copy that went
+                // out through a link whole was link work itself: the next one may follow.
+                if !active.is_empty() && !sent {
+                    break;
+                }
             }
-            // Whether this op also sent a whole message (a copy through a link's room).
-            let mut sent = false;
-            if let Some(t) = blocks.as_mut() {
-                t.start(i, &sched.ops[i].kind)?;
-            }
-            match sched.ops[i].kind {
-                OpKind::Copy { src, dst } if src.len > 0 => {
-                    let (d, s) = (bufs.ptr(&dst), bufs.ptr(&src) as *const u8);
-                    // A copy whose result a send forwards goes through that link's
-                    // room when it has some, reading the source once.
-                    let Some((through, committed)) =
-                        fwd.copy_through(i, (sched, &sends, &done), links, ctx, s, d)?
+
+            for &p in &active {
+                let Some(link) = links[p].as_mut() else {
+                    continue;
+                };
+                while let Some(i) = sends[p].head() {
+                    if !ready(&done, i) {
+                        break;
+                    }
+                    let OpKind::Send { src, .. } = sched.ops[i].kind else {
+                        break;
+                    };
+                    if let Some(t) = blocks.as_mut() {
+                        t.start(i, &sched.ops[i].kind)?;
+                    }
+                    // SAFETY: checked region; dependencies keep writers away while it is sent.
+                    let mut data = unsafe { bufs.slice(&src) };
+                    let format = Wire::format_for(wire, p);
+                    if let Some(f) = format {
+                        let (staged_op, buf) = &mut staging[p];
+                        if *staged_op != Some(i) {
+                            buf.resize(src.len / 2, 0);
+                            let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data)
+                            {
+                                Ok(v) => std::borrow::Cow::Borrowed(v),
+                                Err(_) => {
+                                    std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data))
+                                }
+                            };
+                            stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
+                            *staged_op = Some(i);
+                        }
+                        data = &staging[p].1;
+                    }
+                    let r = link.poll_send(&ctx.header(data.len(), format), data);
+                    if !r.map_err(|e| link_error(e, link.as_mut(), ctx))? {
+                        break;
+                    }
+                    if let Some(t) = blocks.as_mut() {
+                        t.finish(&sched.ops[i].kind)?;
+                    }
+                    done[i] = true;
+                    n_done += 1;
+                    sends[p].next += 1;
+                    progressed = true;
+                }
+                while let Some(i) = recvs[p].head() {
+                    if !ready(&done, i) {
+                        break;
+                    }
+                    let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
+                        break;
+                    };
+                    if let Some(t) = blocks.as_mut() {
+                        t.start(i, &sched.ops[i].kind)?;
+                    }
+                    // Room in the next link for the send that forwards this receive's
+                    // result, if it is next there; `None`: wait a little for that room.
+                    let dst_ptr = bufs.ptr(&dst);
+                    let Some(forwarded) =
+                        fwd.prepare(i, p, (sched, &sends, &done), links, ctx, dst_ptr)
                     else {
                         break;
                     };
-                    // SAFETY: both regions were checked; dependencies guarantee no
-                    // concurrent writer of `src` or user of `dst`; they do not overlap
-                    // (input vs output, or disjoint scratch ranges). `copy_through`
-                    // wrote the bytes `through`; the rest is copied here.
-                    unsafe {
-                        reduce::copy_bytes(d, s, through.start, ctx.stream_copies);
-                        reduce::copy_bytes(
-                            d.add(through.end),
-                            s.add(through.end),
-                            src.len - through.end,
-                            ctx.stream_copies,
-                        );
-                    }
-                    if let Committed::All(j, q) = committed {
-                        done[j] = true;
-                        n_done += 1;
-                        sends[q].next += 1;
-                        sent = true;
-                    }
-                }
-                OpKind::Reduce { src, dst } if src.len > 0 => {
-                    // SAFETY: as for the copy; `dst` is the only region written.
-                    let (a, d) = unsafe {
-                        (
-                            bufs.slice(&src),
-                            std::slice::from_raw_parts_mut(bufs.ptr(&dst), dst.len),
-                        )
+                    let mut sink = Sink {
+                        ctx,
+                        peer: p,
+                        dst: dst_ptr,
+                        len: dst.len,
+                        from: match combine {
+                            Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
+                            _ => None,
+                        },
+                        combine,
+                        wire: Wire::format_for(wire, p),
+                        forward: &fwd.spaces,
+                        forwarded,
+                        got: fwd.got[p],
+                        stream_result: ctx.stream_copies
+                            && !sched.reread.get(i).copied().unwrap_or(true),
                     };
-                    reduce::reduce_inplace_bytes(ctx.dtype, ctx.redop, d, a);
+                    let Some(link) = links[p].as_mut() else {
+                        break;
+                    };
+                    let r = link.poll_recv(&mut sink);
+                    let complete = r.map_err(|e| link_error(e, link.as_mut(), ctx))?;
+                    let (forwarded, got) = (sink.forwarded, sink.got);
+                    fwd.got[p] = if complete { 0 } else { got };
+                    match fwd.commit(forwarded, links, ctx)? {
+                        Committed::Nothing => {}
+                        Committed::Part => progressed = true,
+                        Committed::All(j, q) => {
+                            // All of it was forwarded, so all of it has arrived: the receive
+                            // completed in this very call and is marked below.
+                            progressed = true;
+                            done[j] = true;
+                            n_done += 1;
+                            sends[q].next += 1;
+                        }
+                    }
+                    if !complete {
+                        break;
+                    }
+                    if let Some(t) = blocks.as_mut() {
+                        t.finish(&sched.ops[i].kind)?;
+                    }
+                    done[i] = true;
+                    n_done += 1;
+                    recvs[p].next += 1;
+                    progressed = true;
                 }
-                _ => {}
             }
-            if let Some(t) = blocks.as_mut() {
-                t.finish(&sched.ops[i].kind)?;
-            }
-            done[i] = true;
-            n_done += 1;
-            locals.next += 1;
-            progressed = true;
-            // One local op per pass while links have work: an all-gather's copy of its
-            // own block then runs piece by piece between sends and receives, in the time
-            // spent waiting for peers, instead of before the first send. A copy that went
-            // out through a link whole was link work itself: the next one may follow.
-            if !active.is_empty() && !sent {
-                break;
-            }
-        }
 
-        for &p in &active {
-            let Some(link) = links[p].as_mut() else {
+            if progressed {
+                idle = 0;
+                last_progress = Instant::now();
                 continue;
-            };
-            while let Some(i) = sends[p].head() {
-                if !ready(&done, i) {
-                    break;
+            }
+            idle = idle.saturating_add(1);
+            if idle < 512 {
+                backoff(idle, ctx.spin_polls);
+            } else {
+                sleep_on_links(idle, &active, links, &mut fds);
+            }
+            let now = Instant::now();
+            if now.duration_since(last_check) >= Duration::from_millis(50) {
+                last_check = now;
+                if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                    return Err(Error::Broken(format!(
+                        "rank {}: {} #{} aborted by the application",
+                        ctx.rank, ctx.op, ctx.seq
+                    )));
                 }
-                let OpKind::Send { src, .. } = sched.ops[i].kind else {
-                    break;
-                };
-                if let Some(t) = blocks.as_mut() {
-                    t.start(i, &sched.ops[i].kind)?;
-                }
-                // SAFETY: checked region; dependencies keep writers away while it is sent.
-                let mut data = unsafe { bufs.slice(&src) };
-                let format = Wire::format_for(wire, p);
-                if let Some(f) = format {
-                    let (staged_op, buf) = &mut staging[p];
-                    if *staged_op != Some(i) {
-                        buf.resize(src.len / 2, 0);
-                        let vals: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(data) {
-                            Ok(v) => std::borrow::Cow::Borrowed(v),
-                            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(data)),
-                        };
-                        stats += compression::compress_bytes(f, &vals, 1.0, None, buf);
-                        *staged_op = Some(i);
-                    }
-                    data = &staging[p].1;
-                }
-                if !link
-                    .poll_send(&ctx.header(data.len(), format), data)
-                    .map_err(|e| in_context(e, ctx))?
+                // Only peers this rank still has business with: one that got everything it
+                // needed from us may already have finished and exited.
+                for &p in active
+                    .iter()
+                    .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
                 {
-                    break;
-                }
-                if let Some(t) = blocks.as_mut() {
-                    t.finish(&sched.ops[i].kind)?;
-                }
-                done[i] = true;
-                n_done += 1;
-                sends[p].next += 1;
-                progressed = true;
-            }
-            while let Some(i) = recvs[p].head() {
-                if !ready(&done, i) {
-                    break;
-                }
-                let OpKind::Recv { dst, combine, .. } = sched.ops[i].kind else {
-                    break;
-                };
-                if let Some(t) = blocks.as_mut() {
-                    t.start(i, &sched.ops[i].kind)?;
-                }
-                // Room in the next link for the send that forwards this receive's
-                // result, if it is next there; `None`: wait a little for that room.
-                let dst_ptr = bufs.ptr(&dst);
-                let Some(forwarded) =
-                    fwd.prepare(i, p, (sched, &sends, &done), links, ctx, dst_ptr)
-                else {
-                    break;
-                };
-                let mut sink = Sink {
-                    ctx,
-                    peer: p,
-                    dst: dst_ptr,
-                    len: dst.len,
-                    from: match combine {
-                        Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
-                        _ => None,
-                    },
-                    combine,
-                    wire: Wire::format_for(wire, p),
-                    forward: &fwd.spaces,
-                    forwarded,
-                    got: fwd.got[p],
-                    stream_result: ctx.stream_copies
-                        && !sched.reread.get(i).copied().unwrap_or(true),
-                };
-                let Some(link) = links[p].as_mut() else {
-                    break;
-                };
-                let complete = link.poll_recv(&mut sink).map_err(|e| in_context(e, ctx))?;
-                let (forwarded, got) = (sink.forwarded, sink.got);
-                fwd.got[p] = if complete { 0 } else { got };
-                match fwd.commit(forwarded, links, ctx)? {
-                    Committed::Nothing => {}
-                    Committed::Part => progressed = true,
-                    Committed::All(j, q) => {
-                        // All of it was forwarded, so all of it has arrived: the receive
-                        // completed in this very call and is marked below.
-                        progressed = true;
-                        done[j] = true;
-                        n_done += 1;
-                        sends[q].next += 1;
+                    if let Some(l) = links[p].as_mut() {
+                        let r = l.check_peer();
+                        r.map_err(|e| link_error(e, l.as_mut(), ctx))?;
                     }
                 }
-                if !complete {
-                    break;
-                }
-                if let Some(t) = blocks.as_mut() {
-                    t.finish(&sched.ops[i].kind)?;
-                }
-                done[i] = true;
-                n_done += 1;
-                recvs[p].next += 1;
-                progressed = true;
-            }
-        }
-
-        if progressed {
-            idle = 0;
-            last_progress = Instant::now();
-            continue;
-        }
-        idle = idle.saturating_add(1);
-        if idle < 512 {
-            backoff(idle, ctx.spin_polls);
-        } else {
-            sleep_on_links(idle, &active, links, &mut fds);
-        }
-        let now = Instant::now();
-        if now.duration_since(last_check) >= Duration::from_millis(50) {
-            last_check = now;
-            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-                return Err(Error::Broken(format!(
-                    "rank {}: {} #{} aborted by the application",
-                    ctx.rank, ctx.op, ctx.seq
-                )));
-            }
-            // Only peers this rank still has business with: one that got everything it
-            // needed from us may already have finished and exited.
-            for &p in active
-                .iter()
-                .filter(|&&p| sends[p].head().is_some() || recvs[p].head().is_some())
-            {
-                if let Some(l) = links[p].as_mut() {
-                    l.check_peer().map_err(|e| in_context(e, ctx))?;
+                let waited = now.duration_since(last_progress);
+                if waited >= ctx.timeout {
+                    let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
+                    let seen = links.get_mut(peer).and_then(|l| l.as_mut()?.peer_note());
+                    return Err(Error::Timeout {
+                        rank: ctx.rank,
+                        peer,
+                        op: ctx.op,
+                        seq: ctx.seq,
+                        after: waited,
+                        what,
+                        note: timeout_note(peer, ctx.world_size, seen),
+                    });
                 }
             }
-            let waited = now.duration_since(last_progress);
-            if waited >= ctx.timeout {
-                let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
-                return Err(Error::Timeout {
-                    rank: ctx.rank,
-                    peer,
-                    op: ctx.op,
-                    seq: ctx.seq,
-                    after: waited,
-                    what,
-                });
-            }
         }
+        Ok(())
+    })();
+    if let Err(e) = ran {
+        return Err(waiting_note(
+            e,
+            ctx,
+            links,
+            (&active, &sends, &recvs, &done, sched),
+        ));
     }
 
     if let Some(f) = sched.finalize {
@@ -1198,6 +1292,67 @@ mod tests {
         Ok(output.to_vec())
     }
 
+    proptest::proptest! {
+        /// A received header, valid or changed in up to three bytes (or all random), is
+        /// accepted only when it is exactly the one this rank expects; otherwise the
+        /// error names the peer, the collective and what differs. No panic, and only a
+        /// small message's worth of allocation.
+        #[test]
+        fn a_header_is_accepted_only_when_it_is_the_one_expected(
+            wire in proptest::option::of(proptest::prelude::Just(WireFormat::F16)),
+            flips in proptest::collection::vec((0usize..32, 1u8..=255), 0..4),
+            random in proptest::option::weighted(0.1, proptest::prelude::any::<[u8; 32]>()),
+        ) {
+            let c = ExecCtx {
+                op: CollectiveOp::AllReduce,
+                dtype: DataType::F32,
+                count: 1000,
+                seq: 9,
+                ..ctx(1)
+            };
+            let mut dst = vec![0u8; 4000];
+            let mut sink = Sink {
+                ctx: &c,
+                peer: 2,
+                dst: dst.as_mut_ptr(),
+                len: dst.len(),
+                from: None,
+                combine: Combine::Copy,
+                wire,
+                forward: &[],
+                forwarded: 0,
+                got: 0,
+                stream_result: false,
+            };
+            let want = c.header(if wire.is_some() { 2000 } else { 4000 }, wire);
+            let mut bytes = random.unwrap_or_else(|| {
+                bytemuck::bytes_of(&want).try_into().unwrap()
+            });
+            for (at, x) in flips {
+                bytes[at] ^= x;
+            }
+            let h: MsgHeader = bytemuck::pod_read_unaligned(&bytes);
+            let (r, allocated) =
+                crate::transport::alloc_meter::allocated_by(|| sink.header(&h));
+            proptest::prop_assert!(allocated < 4096, "{} bytes", allocated);
+            match r {
+                Ok(()) => proptest::prop_assert_eq!(h, want),
+                Err(Error::Mismatch { rank: 1, peer: 2, op: CollectiveOp::AllReduce, seq: 9, detail }) => {
+                    proptest::prop_assert_ne!(h, want);
+                    proptest::prop_assert!(
+                        detail.starts_with("received a corrupt header (magic ")
+                            || detail.ends_with("(compression settings differ between ranks)")
+                            || detail.starts_with(
+                                "expected all_reduce #9 of 1000 x f32 (sum op, "
+                            ),
+                        "{}", detail
+                    );
+                }
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+            }
+        }
+    }
+
     /// Delegates to a link and counts the pieces a receive wrote into it in place.
     struct Counted {
         inner: Box<dyn Link>,
@@ -1220,8 +1375,8 @@ mod tests {
         fn check_peer(&mut self) -> Result<()> {
             self.inner.check_peer()
         }
-        fn abort(&mut self) {
-            self.inner.abort()
+        fn abort(&mut self, cause: crate::error::AbortCause) {
+            self.inner.abort(cause)
         }
         fn has_send_space(&self) -> bool {
             self.inner.has_send_space()

@@ -6,16 +6,42 @@
 //! hetccl run -n 4 -- hetccl-check --counts 0,1,7,1000
 //! ```
 //!
-//! Fault flags make one rank misbehave on purpose, for the failure tests. `--shared`
-//! puts the buffers in memory from `Communicator::alloc_shared` (at odd offsets too), so
-//! the checks exercise the direct shared-buffer algorithms.
+//! Fault flags make one rank misbehave on purpose, for the failure tests: after one
+//! all-reduce that works, rank `--fault-rank` exits (`exit`, status 17), dies by
+//! `SIGKILL` (`kill`), stops itself with `SIGSTOP` (`stop`), or calls a collective that
+//! differs from the others' (`count`, `dtype`, `op`, `private`).
+//!
+//! `--shared` puts the buffers in memory from `Communicator::alloc_shared` (at odd
+//! offsets too), so the checks exercise the direct shared-buffer algorithms.
+//!
+//! `--soak N` runs N pseudo-random steps instead (the same on every rank, from
+//! `--seed`): each a collective, in place or not, blocking or with others in flight,
+//! with a random element type, reduction, size, root, algorithm (as `HETCCL_ALGO`
+//! would set it) and private or shared buffers, checked bitwise against its closed
+//! form. Resident memory (`VmRSS`) and open descriptors are measured after a warm-up
+//! that runs every collective at the largest size under every algorithm, and at the
+//! end: the soak fails if there are more descriptors than after the warm-up or if the
+//! memory grew by more than `SOAK_RSS_SLACK_KIB`. A long soak:
+//!
+//! ```text
+//! hetccl run -n 4 -- hetccl-check --soak 200000 --seed 7
+//! ```
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use half::{bf16, f16};
+use hetccl::config::AlgoChoice;
 use hetccl::{Communicator, Element, ReduceOp, SharedBuf};
 
+/// Resident memory a soak may gain between the end of its warm-up and its end: room for
+/// the allocator's own caching, far below what a leak of even a few bytes per step
+/// adds over a long soak.
+const SOAK_RSS_SLACK_KIB: u64 = 8 << 10;
+/// Element counts a soak step picks from (the last is the warm-up's).
+const SOAK_COUNTS: [usize; 9] = [0, 1, 3, 7, 64, 1000, 4099, 16_384, 70_000];
+/// Kinds of soak step: one collective each, or (the last) several in flight at once.
+const SOAK_KINDS: usize = 12;
 /// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
 /// is gone, or the output went into `head`) rather than panic.
 macro_rules! outln {
@@ -42,6 +68,7 @@ struct Args {
     determinism: Option<usize>,
     shared: bool,
     compressed: Option<usize>,
+    soak: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -56,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
         determinism: None,
         shared: false,
         compressed: None,
+        soak: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -80,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--shared" => a.shared = true,
+            "--soak" => a.soak = Some(val()?.parse().map_err(|e| format!("--soak: {e}"))?),
             "--compressed" => {
                 a.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
             }
@@ -89,10 +118,11 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 outln!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
-                     \x20                   [--fault none|exit|stop|count|dtype|op --fault-rank R] [--seed S]\n\
+                     \x20                   [--fault none|exit|kill|stop|count|dtype|op|private --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
                      \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
-                     \x20                   [--shared]  (buffers from alloc_shared)"
+                     \x20                   [--shared]  (buffers from alloc_shared)\n\
+                     \x20                   [--soak STEPS]  (random collectives, memory and descriptors flat)"
                 );
                 std::process::exit(0);
             }
@@ -498,6 +528,261 @@ impl Checker<'_> {
     }
 }
 
+/// The pseudo-random source of a soak: xorshift64, the same sequence on every rank.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One soak step's collective.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    kind: usize,
+    op: ReduceOp,
+    count: usize,
+    root: usize,
+    shared: bool,
+}
+
+impl Checker<'_> {
+    /// Runs `st` on buffers of `T` and checks the result bitwise.
+    fn soak_step<T: Element>(&mut self, st: Step) -> Result<(), String> {
+        let (r, n) = (self.comm.rank(), self.comm.world_size());
+        let (comm, sh) = (self.comm, st.shared);
+        let Step {
+            kind,
+            op,
+            count,
+            root,
+            ..
+        } = st;
+        let what = |name: &str| format!("soak {name} {} {op} count {count} root {root}", T::DTYPE);
+        let e = |e: hetccl::Error| e.to_string();
+        let mine = |i: usize| input::<T>(op, r, i, n);
+        let zero = || T::from_f64(0.0);
+        let blocks_in = |j: usize| input::<T>(op, r, j, n);
+        match kind {
+            0 => {
+                let mut b = make_buf(comm, sh, 1, (0..count).map(mine).collect())?;
+                comm.all_reduce(&mut b, op).map_err(e)?;
+                mismatch(&what("all_reduce"), &b, |i| expected(op, i, n))
+            }
+            1 => {
+                let send = make_buf(comm, sh, 0, (0..count).map(mine).collect())?;
+                let mut out = make_buf(comm, sh, 2, vec![zero(); count])?;
+                comm.all_reduce_into(&send, &mut out, op).map_err(e)?;
+                mismatch(&what("all_reduce_into"), &out, |i| expected(op, i, n))
+            }
+            2 => {
+                let big = make_buf(comm, sh, 3, (0..n * count).map(blocks_in).collect())?;
+                let mut part = vec![zero(); count];
+                comm.reduce_scatter(&big, &mut part, op).map_err(e)?;
+                mismatch(&what("reduce_scatter"), &part, |i| {
+                    expected(op, r * count + i, n)
+                })
+            }
+            3 => {
+                let mut b = make_buf(comm, sh, 1, (0..n * count).map(blocks_in).collect())?;
+                comm.reduce_scatter_in_place(&mut b, op).map_err(e)?;
+                mismatch(&what("reduce_scatter_in_place"), &b, |j| {
+                    if j / count.max(1) == r {
+                        expected(op, j, n)
+                    } else {
+                        input(op, r, j, n)
+                    }
+                })
+            }
+            4 => {
+                let send = make_buf(comm, sh, 2, (0..count).map(mine).collect())?;
+                let mut all = vec![zero(); n * count];
+                comm.all_gather(&send, &mut all).map_err(e)?;
+                mismatch(&what("all_gather"), &all, |j| {
+                    input(op, j / count.max(1), j % count.max(1), n)
+                })
+            }
+            5 => {
+                let own = |j: usize| match j / count.max(1) == r {
+                    true => input(op, r, j % count.max(1), n),
+                    false => zero(),
+                };
+                let mut b = make_buf(comm, sh, 3, (0..n * count).map(own).collect())?;
+                comm.all_gather_in_place(&mut b).map_err(e)?;
+                mismatch(&what("all_gather_in_place"), &b, |j| {
+                    input(op, j / count.max(1), j % count.max(1), n)
+                })
+            }
+            6 => {
+                let mut b = make_buf(comm, sh, 0, (0..count).map(mine).collect())?;
+                comm.broadcast(&mut b, root).map_err(e)?;
+                mismatch(&what("broadcast"), &b, |i| input(op, root, i, n))
+            }
+            7 => {
+                let send = make_buf(comm, sh, 1, (0..count).map(mine).collect())?;
+                let mut red = vec![zero(); if r == root { count } else { 0 }];
+                comm.reduce(&send, &mut red, op, root).map_err(e)?;
+                mismatch(&what("reduce"), &red, |i| expected(op, i, n))
+            }
+            8 => {
+                let mut b = make_buf(comm, sh, 2, (0..count).map(mine).collect())?;
+                comm.reduce_in_place(&mut b, op, root).map_err(e)?;
+                mismatch(&what("reduce_in_place"), &b, |i| match r == root {
+                    true => expected(op, i, n),
+                    false => input(op, r, i, n),
+                })
+            }
+            9 => {
+                let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+                let send: Vec<T> = (0..count).map(mine).collect();
+                let mut got = vec![zero(); count];
+                if r % 2 == 0 {
+                    comm.send(&send, right).map_err(e)?;
+                    comm.recv(&mut got, left).map_err(e)?;
+                } else {
+                    comm.recv(&mut got, left).map_err(e)?;
+                    comm.send(&send, right).map_err(e)?;
+                }
+                mismatch(&what("send/recv"), &got, |i| input(op, left, i, n))
+            }
+            10 => comm.barrier().map_err(e),
+            _ => {
+                // Three at once through the scope, waited for out of order.
+                let mut a = make_buf(comm, sh, 1, (0..count).map(mine).collect())?;
+                let mut b = make_buf(comm, sh, 0, (0..count).map(mine).collect())?;
+                let mut c = make_buf(comm, sh, 2, (0..n * count).map(blocks_in).collect())?;
+                comm.scope(|s| -> hetccl::Result<()> {
+                    let h1 = s.all_reduce(&mut a, op)?;
+                    let h2 = s.broadcast(&mut b, root)?;
+                    let h3 = s.reduce_scatter_in_place(&mut c, op)?;
+                    h2.wait()?;
+                    h3.wait()?;
+                    h1.wait()
+                })
+                .map_err(e)?;
+                mismatch(&what("async all_reduce"), &a, |i| expected(op, i, n))?;
+                mismatch(&what("async broadcast"), &b, |i| input(op, root, i, n))?;
+                mismatch(&what("async reduce_scatter_in_place"), &c, |j| {
+                    if j / count.max(1) == r {
+                        expected(op, j, n)
+                    } else {
+                        input(op, r, j, n)
+                    }
+                })
+            }
+        }
+    }
+
+    /// `st` on a random element type.
+    fn soak_any(&mut self, dtype: usize, st: Step) -> Result<(), String> {
+        match dtype {
+            0 => self.soak_step::<f32>(st),
+            1 => self.soak_step::<f64>(st),
+            2 => self.soak_step::<f16>(st),
+            3 => self.soak_step::<bf16>(st),
+            4 => self.soak_step::<i32>(st),
+            5 => self.soak_step::<i64>(st),
+            _ => self.soak_step::<u8>(st),
+        }
+    }
+}
+
+/// This process's resident memory (KiB, `VmRSS`) and open descriptors.
+fn resources() -> Result<(u64, usize), String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("reading /proc/self/status: {e}"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no VmRSS line in /proc/self/status")?;
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| format!("listing /proc/self/fd: {e}"))?
+        .count();
+    Ok((rss, fds))
+}
+
+/// Runs the soak (see the module docs); returns what it measured.
+fn soak(comm: &mut Communicator, steps: usize, seed: u64, shared: bool) -> Result<String, String> {
+    let n = comm.world_size();
+    let algo_before = comm.config().algo;
+    // Warm-up: every kind at the largest size and the widest type, under every
+    // algorithm, so the allocator has seen the largest buffers before the first count.
+    let largest = SOAK_COUNTS[SOAK_COUNTS.len() - 1];
+    for algo in AlgoChoice::ALL {
+        comm.set_algorithm(algo);
+        let mut ck = Checker {
+            comm,
+            checks: 0,
+            shared,
+        };
+        for kind in 0..SOAK_KINDS {
+            for sh in [false, true] {
+                let st = Step {
+                    kind,
+                    op: ReduceOp::Sum,
+                    count: largest,
+                    root: n - 1,
+                    shared: sh,
+                };
+                ck.soak_step::<f64>(st)?;
+            }
+        }
+    }
+    let (rss0, fds0) = resources()?;
+    let mut rng = Rng::new(seed);
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let algo = AlgoChoice::ALL[rng.below(AlgoChoice::ALL.len())];
+        comm.set_algorithm(algo);
+        let st = Step {
+            kind: rng.below(SOAK_KINDS),
+            op: ReduceOp::ALL[rng.below(ReduceOp::ALL.len())],
+            count: SOAK_COUNTS[rng.below(SOAK_COUNTS.len())],
+            root: rng.below(n),
+            // Shared buffers in one step of four (each is a collective allocation).
+            shared: shared || rng.below(4) == 0,
+        };
+        let dtype = rng.below(7);
+        let mut ck = Checker {
+            comm,
+            checks: 0,
+            shared,
+        };
+        ck.soak_any(dtype, st)
+            .map_err(|e| format!("soak step {i} ({algo:?} {st:?}, dtype #{dtype}): {e}"))?;
+    }
+    comm.set_algorithm(algo_before);
+    let (rss1, fds1) = resources()?;
+    let said = format!(
+        "soak of {steps} steps in {:.2}s: resident memory {rss0} -> {rss1} KiB, open \
+         descriptors {fds0} -> {fds1}",
+        t0.elapsed().as_secs_f64()
+    );
+    // Fewer is fine: rank 0's store lets go of connections as the others finish with it.
+    if fds1 > fds0 {
+        return Err(format!("{said}: descriptors are not flat"));
+    }
+    if rss1 > rss0 + SOAK_RSS_SLACK_KIB {
+        return Err(format!(
+            "{said}: resident memory grew by more than {SOAK_RSS_SLACK_KIB} KiB"
+        ));
+    }
+    Ok(said)
+}
+
 fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
     let (r, n) = (comm.rank(), comm.world_size());
     let count = a.counts.iter().copied().max().unwrap_or(1000).max(1);
@@ -510,6 +795,11 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
             "exit" => {
                 errln!("rank {r}: exiting on purpose");
                 std::process::exit(17);
+            }
+            "kill" => {
+                errln!("rank {r}: killing itself on purpose (SIGKILL)");
+                // SAFETY: raising SIGKILL on ourselves has no memory-safety impact.
+                unsafe { libc::raise(libc::SIGKILL) };
             }
             "stop" => {
                 errln!("rank {r}: stopping on purpose");
@@ -650,7 +940,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let comm = match Communicator::init_from_env() {
+    let mut comm = match Communicator::init_from_env() {
         Ok(c) => c,
         Err(e) => {
             errln!("hetccl-check: init failed: {e}");
@@ -667,6 +957,14 @@ fn main() -> ExitCode {
     let t0 = Instant::now();
     let result = if args.fault != "none" {
         fault(&comm, &args)
+    } else if let Some(steps) = args.soak {
+        soak(&mut comm, steps, args.seed, args.shared).map(|said| {
+            outln!(
+                "rank {}/{}: {said}; checks passed",
+                comm.rank(),
+                comm.world_size()
+            )
+        })
     } else if let Some(count) = args.determinism {
         determinism(&comm, count, args.seed, args.shared)
     } else if let Some(count) = args.compressed {

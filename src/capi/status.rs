@@ -95,11 +95,15 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
             hetcclInvalidUsage
         }
         Error::Timeout { .. } => hetcclTimeout,
-        Error::PeerLost { .. } | Error::Link { .. } | Error::Auth { .. } => hetcclRemoteError,
+        Error::PeerLost { .. }
+        | Error::PeerGaveUp { .. }
+        | Error::Link { .. }
+        | Error::Auth { .. } => hetcclRemoteError,
         Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } | Error::Checkpoint { .. } => {
             hetcclSystemError
         }
         Error::Device { .. } => hetcclUnhandledCudaError,
+        Error::Panicked { .. } => hetcclInternalError,
     }
 }
 
@@ -212,6 +216,15 @@ mod tests {
             ),
             (Error::Broken("x".into()), hetcclInvalidUsage),
             (
+                Error::Panicked {
+                    rank: 0,
+                    op: CollectiveOp::Barrier,
+                    seq: 1,
+                    message: "x".into(),
+                },
+                hetcclInternalError,
+            ),
+            (
                 Error::Timeout {
                     rank: 0,
                     peer: 1,
@@ -219,6 +232,7 @@ mod tests {
                     seq: 0,
                     after: Duration::from_secs(1),
                     what: "to send data",
+                    note: String::new(),
                 },
                 hetcclTimeout,
             ),
@@ -229,6 +243,17 @@ mod tests {
                     op: CollectiveOp::Broadcast,
                     seq: 0,
                     detail: String::new(),
+                },
+                hetcclRemoteError,
+            ),
+            (
+                Error::PeerGaveUp {
+                    rank: 0,
+                    peer: 1,
+                    op: CollectiveOp::AllReduce,
+                    seq: 0,
+                    cause: crate::error::AbortCause::new(crate::error::AbortKind::TimedOut, 2),
+                    note: String::new(),
                 },
                 hetcclRemoteError,
             ),

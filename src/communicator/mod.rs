@@ -21,7 +21,15 @@
 //! ```
 //!
 //! After any error the communicator is *broken*: its links are aborted (so peers
-//! fail fast instead of timing out) and every later call returns [`Error::Broken`].
+//! fail fast instead of timing out, and learn why: see [`crate::error::AbortCause`]) and
+//! every later call returns [`Error::Broken`].
+//!
+//! No wait here is unbounded: a collective ends by its progress (each wait on a peer
+//! ends by `HETCCL_TIMEOUT`, an abort, or the peer's death), and a caller waiting for
+//! queued work also returns once the progress thread has stopped for any reason. A
+//! panic inside a collective becomes [`Error::Panicked`] for that call and breaks the
+//! communicator; a panic anywhere else on the progress thread fails every queued and
+//! later call with an error that names it.
 
 mod compress;
 mod init;
@@ -45,21 +53,51 @@ use crate::bootstrap::Bootstrap;
 use crate::compression::{Compressor, OverflowStats, ScalePolicy};
 use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, AbortKind, Error, Result};
 use crate::topology::Topology;
 use crate::transport::{Link, LinkKind};
+
+/// Whether the progress thread still serves its queue, and why it stopped.
+#[derive(Default)]
+struct Worker {
+    stopped: Mutex<Option<String>>,
+}
+
+impl Worker {
+    fn stop(&self, why: String) {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// How often a caller waiting for queued work looks whether the progress thread is
+/// still there (it is woken at once when its work completes).
+const WORKER_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Completion state of one submitted operation.
 struct Completion {
     result: Mutex<Option<Result<OverflowStats>>>,
     cv: Condvar,
+    /// The thread that sets `result`. It sets no result after it stopped, so a result
+    /// still missing once it has stopped never comes.
+    worker: Arc<Worker>,
 }
 
 impl Completion {
-    fn new() -> Arc<Self> {
+    fn new(worker: Arc<Worker>) -> Arc<Self> {
         Arc::new(Completion {
             result: Mutex::new(None),
             cv: Condvar::new(),
+            worker,
         })
     }
 
@@ -69,6 +107,8 @@ impl Completion {
         self.cv.notify_all();
     }
 
+    /// Waits for the result: the work's own end (bounded by its waits on peers), or the
+    /// end of the progress thread, whichever comes first.
     fn wait(&self) -> Result<OverflowStats> {
         let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -77,7 +117,17 @@ impl Completion {
                 *g = Some(Ok(OverflowStats::default()));
                 return r;
             }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            // Checked under the result's lock: the worker sets results only before it
+            // stops, so none can come after this.
+            if let Some(why) = self.worker.stopped() {
+                *g = Some(Err(Error::Broken(why.clone())));
+                return Err(Error::Broken(why));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, WORKER_CHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -86,7 +136,27 @@ impl Completion {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+            || self.worker.stopped().is_some()
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a payload that is not text".into())
+}
+
+/// Where a test makes the progress thread panic.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inject {
+    /// Inside a collective.
+    Execute,
+    /// In the loop that serves the queue, outside any collective.
+    Loop,
 }
 
 /// One collective handed to the progress thread.
@@ -126,16 +196,58 @@ struct Progress {
     /// Set by [`Communicator::abort`] from any thread.
     abort: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<shared::SharedState>,
+    /// A panic a test asked for.
+    #[cfg(test)]
+    inject: Option<Inject>,
 }
 
 impl Progress {
     /// The progress thread: runs queued work in order. A blocking call issued while
     /// nothing is queued runs on the caller's thread instead (see `submit`), holding
     /// the same lock, so order is kept either way.
-    fn run(me: Arc<Mutex<Progress>>, rx: mpsc::Receiver<Work>, inflight: Arc<AtomicUsize>) {
+    ///
+    /// Whatever ends it (the queue closed, or a panic outside a collective), `worker`
+    /// says so before the thread goes: callers waiting for queued work then return an
+    /// error instead of waiting for a result that will not come.
+    fn run(
+        me: Arc<Mutex<Progress>>,
+        rx: mpsc::Receiver<Work>,
+        inflight: Arc<AtomicUsize>,
+        worker: Arc<Worker>,
+    ) {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::serve(&me, &rx, &inflight)
+        }));
+        let why = match served {
+            Ok(()) => "the progress thread has stopped (communicator shut down)".to_string(),
+            Err(payload) => {
+                let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
+                let why = format!(
+                    "rank {}: the progress thread panicked: {} (a bug in hetccl; please \
+                     report it)",
+                    p.rank,
+                    panic_message(payload.as_ref())
+                );
+                let cause = AbortCause::new(AbortKind::Failed, p.rank);
+                p.fail(why.clone(), cause);
+                why
+            }
+        };
+        worker.stop(why);
+        // Work still queued is dropped with `rx`; its callers see the worker stopped.
+    }
+
+    fn serve(me: &Mutex<Progress>, rx: &mpsc::Receiver<Work>, inflight: &AtomicUsize) {
         while let Ok(mut w) = rx.recv() {
             let mut p = me.lock().unwrap_or_else(|e| e.into_inner());
-            let r = p.execute(&mut w);
+            #[cfg(test)]
+            if p.inject == Some(Inject::Loop) {
+                p.inject = None;
+                drop(p);
+                panic!("injected panic in the progress loop");
+            }
+            let r = p.execute_guarded(&mut w);
+            drop(p);
             inflight.fetch_sub(1, Ordering::AcqRel);
             if let Some(d) = &w.done {
                 d.set(r);
@@ -144,18 +256,48 @@ impl Progress {
         tracing::debug!("progress thread exits");
     }
 
+    /// Breaks the communicator: later calls fail with `why`, and the links and control
+    /// pages tell the peers `cause`.
+    fn fail(&mut self, why: String, cause: AbortCause) {
+        self.broken.get_or_insert(why);
+        self.shared.abort(cause);
+        for l in self.links.iter_mut().flatten() {
+            l.abort(cause);
+        }
+    }
+
+    /// [`Progress::execute`], with a panic inside it turned into [`Error::Panicked`]
+    /// (the communicator is broken afterwards: its links may be mid-message).
+    fn execute_guarded(&mut self, w: &mut Work) -> Result<OverflowStats> {
+        let (op, seq) = (w.ctx.op, w.ctx.seq);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(w))) {
+            Ok(r) => r,
+            Err(payload) => {
+                let e = Error::Panicked {
+                    rank: self.rank,
+                    op,
+                    seq,
+                    message: panic_message(payload.as_ref()),
+                };
+                self.fail(e.to_string(), AbortCause::new(AbortKind::Failed, self.rank));
+                Err(e)
+            }
+        }
+    }
+
     fn execute(&mut self, w: &mut Work) -> Result<OverflowStats> {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
         if self.abort.load(Ordering::Relaxed) {
             let why = launcher_watch::abort_reason(&self.abort, &w.ctx);
-            self.broken = Some(why.clone());
-            self.shared.abort();
-            for l in self.links.iter_mut().flatten() {
-                l.abort();
-            }
+            self.fail(why.clone(), AbortCause::new(AbortKind::Aborted, self.rank));
             return Err(Error::Broken(why));
+        }
+        #[cfg(test)]
+        if self.inject == Some(Inject::Execute) {
+            self.inject = None;
+            panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
@@ -188,12 +330,20 @@ impl Progress {
         };
         let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
         if let Err(e) = &r {
+            // Peers first, the log after: a log that fails must not keep them waiting.
+            let cause = match e {
+                Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
+                    AbortCause::new(AbortKind::Aborted, self.rank)
+                }
+                e => AbortCause::of_error(e, self.rank),
+            };
+            // Later calls say "unusable after an earlier error: <why>" once, not twice.
+            let why = match e {
+                Error::Broken(why) => why.clone(),
+                e => e.to_string(),
+            };
+            self.fail(why, cause);
             tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
-            self.broken = Some(e.to_string());
-            self.shared.abort();
-            for l in self.links.iter_mut().flatten() {
-                l.abort();
-            }
         }
         r
     }
@@ -271,6 +421,8 @@ pub struct Communicator {
     p2p_recv_seq: Vec<AtomicU64>,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
+    /// Whether the progress thread still runs.
+    worker_state: Arc<Worker>,
     /// Links, scratch and failure state; the progress thread or an inline caller holds it.
     progress: Arc<Mutex<Progress>>,
     /// Work queued for the progress thread and not finished yet.
@@ -329,13 +481,16 @@ impl Communicator {
             internal: None,
             abort: abort.clone(),
             shared: shared.clone(),
+            #[cfg(test)]
+            inject: None,
         };
         let progress = Arc::new(Mutex::new(progress));
         let inflight = Arc::new(AtomicUsize::new(0));
-        let (p2, i2) = (progress.clone(), inflight.clone());
+        let worker_state = Arc::new(Worker::default());
+        let (p2, i2, w2) = (progress.clone(), inflight.clone(), worker_state.clone());
         let worker = std::thread::Builder::new()
             .name(format!("hetccl-progress-{rank}"))
-            .spawn(move || Progress::run(p2, rx, i2))
+            .spawn(move || Progress::run(p2, rx, i2, w2))
             .map_err(|e| Error::io("starting the progress thread", e))?;
         let local_ranks = topo.nodes.get(topo.node_of[rank]).map_or(1, Vec::len);
         Ok(Communicator {
@@ -352,6 +507,7 @@ impl Communicator {
             p2p_recv_seq: (0..world_size).map(|_| AtomicU64::new(0)).collect(),
             tx: Mutex::new(Some(tx)),
             worker: Some(worker),
+            worker_state,
             progress,
             inflight,
             plans: Mutex::new(HashMap::new()),
@@ -363,9 +519,23 @@ impl Communicator {
 
     /// Gives up on the communicator from any thread: an operation blocked on a peer
     /// returns an error within ~50 ms, its links are closed (peers fail fast too), and
-    /// every later call fails. For watchdogs, like `ncclCommAbort`.
+    /// every later call fails. For watchdogs, like `ncclCommAbort`. Never blocks: when
+    /// no operation runs, the links are closed at once (peers waiting on this rank learn
+    /// that it was aborted); otherwise the running operation closes them.
     pub fn abort(&self) {
         self.abort.store(true, Ordering::Relaxed);
+        let idle = match self.progress.try_lock() {
+            Ok(p) => Some(p),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut p) = idle {
+            let rank = p.rank;
+            p.fail(
+                "aborted by the application".into(),
+                AbortCause::new(AbortKind::Aborted, rank),
+            );
+        }
     }
 
     /// This rank.
@@ -392,6 +562,13 @@ impl Communicator {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// Overrides `HETCCL_ALGO` for the calls that follow. Like the variable, it must
+    /// be the same on every rank: call it at the same point of the call sequence
+    /// everywhere. `&mut self`: no operation is in flight meanwhile.
+    pub fn set_algorithm(&mut self, algo: AlgoChoice) {
+        self.cfg.algo = algo;
+    }
+
     /// The link used to reach `peer` (`None` for self).
     pub fn link_kind(&self, peer: usize) -> Option<LinkKind> {
         self.link_kinds.get(peer).copied().flatten()
@@ -493,7 +670,7 @@ impl Communicator {
             // queued after this call also runs after it.
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             drop(tx_guard);
-            return p.execute(&mut work);
+            return p.execute_guarded(&mut work);
         }
         self.enqueue(work, tx_guard)?.wait()
     }
@@ -517,7 +694,7 @@ impl Communicator {
         mut work: Work,
         tx_guard: MutexGuard<'_, Option<mpsc::Sender<Work>>>,
     ) -> Result<Arc<Completion>> {
-        let done = Completion::new();
+        let done = Completion::new(self.worker_state.clone());
         work.done = Some(done.clone());
         self.inflight.fetch_add(1, Ordering::AcqRel);
         let sent = match tx_guard.as_ref() {
@@ -526,7 +703,11 @@ impl Communicator {
         };
         if !sent {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Broken("progress thread has stopped".into()));
+            return Err(Error::Broken(
+                self.worker_state
+                    .stopped()
+                    .unwrap_or_else(|| "the progress thread has stopped".into()),
+            ));
         }
         Ok(done)
     }
@@ -1448,6 +1629,187 @@ mod tests {
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
         let again = comms[0].barrier().unwrap_err().to_string();
         assert!(again.contains("aborted"), "{again}");
+    }
+
+    /// Runs `f` on another thread and returns what it returns, failing the test if
+    /// that takes longer than `limit` (the thread is then left behind, hung).
+    fn within<T: Send + 'static>(
+        limit: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .expect("no answer within the limit: a call hung")
+    }
+
+    /// Rank 0's progress thread panics (`inject`) while rank 0 has two all-reduces
+    /// queued: both, and the next call, fail naming the panic; rank 1 learns that rank 0
+    /// gave up. The communicators' timeout is 20 s, so only the panic's handling can end
+    /// the calls within the limit.
+    fn panicking_progress_thread(inject: Inject) -> Vec<(String, String, String)> {
+        within(std::time::Duration::from_secs(10), move || {
+            let comms = world(2, 2, AlgoChoice::Ring);
+            comms[0]
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .inject = Some(inject);
+            on_all(&comms, |c| {
+                let mut a = vec![1.0f32; 1000];
+                let mut b = vec![2.0f32; 1000];
+                let (first, second) = c.scope(|s| {
+                    // A thread that is gone already refuses the second call at once.
+                    let h1 = s.all_reduce(&mut a, ReduceOp::Sum);
+                    let h2 = s.all_reduce(&mut b, ReduceOp::Sum);
+                    (h1.and_then(|h| h.wait()), h2.and_then(|h| h.wait()))
+                });
+                let next = c.barrier();
+                let text = |r: Result<()>| r.unwrap_err().to_string();
+                (text(first), text(second), text(next))
+            })
+        })
+    }
+
+    #[test]
+    fn an_idle_abort_reaches_the_peers_at_once() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        comms[0].abort();
+        let t0 = std::time::Instant::now();
+        let e = comms[1]
+            .all_reduce(&mut [1.0f32; 100], ReduceOp::Sum)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up because rank 0's \
+             communicator was aborted (by its application or its launcher)"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let again = comms[0].barrier().unwrap_err().to_string();
+        assert_eq!(
+            again,
+            "communicator is unusable after an earlier error: aborted by the application"
+        );
+    }
+
+    #[test]
+    fn abort_from_another_thread_ends_queued_work_too() {
+        // Three all-reduces queued on rank 0, whose peer never joins; the timeout is
+        // 20 s, so only the abort ends them within the limit.
+        let errs = within(std::time::Duration::from_secs(10), || {
+            let comms = world(2, 2, AlgoChoice::Ring);
+            std::thread::scope(|s| {
+                let c = &comms[0];
+                let waiter = s.spawn(move || {
+                    let mut bufs = [[1.0f32; 100]; 3];
+                    c.scope(|sc| {
+                        let hs: Vec<_> = bufs
+                            .iter_mut()
+                            .map(|b| sc.all_reduce(b, ReduceOp::Sum).unwrap())
+                            .collect();
+                        hs.into_iter()
+                            .map(|h| h.wait().unwrap_err().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                });
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                c.abort();
+                waiter.join().unwrap()
+            })
+        });
+        // The running all-reduce notices the abort (or, had the abort come before the
+        // progress thread took it up, the idle abort broke the communicator first).
+        for e in &errs {
+            assert!(
+                e == "communicator is unusable after an earlier error: rank 0: all_reduce #0 \
+                      aborted by the application"
+                    || e == "communicator is unusable after an earlier error: aborted by the \
+                             application",
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_panic_inside_a_collective_fails_it_the_queue_and_later_calls() {
+        let t0 = std::time::Instant::now();
+        let errs = panicking_progress_thread(Inject::Execute);
+        let said = "rank 0: all_reduce #0 failed: the progress thread panicked: injected panic \
+                    in all_reduce #0 (a bug in hetccl; please report it)";
+        assert_eq!(errs[0].0, said);
+        let broken = format!("communicator is unusable after an earlier error: {said}");
+        assert_eq!(errs[0].1, broken);
+        assert_eq!(errs[0].2, broken);
+        assert_eq!(
+            errs[1].0,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after an error on \
+             rank 0"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_panic_outside_a_collective_fails_the_queue_and_later_calls() {
+        let t0 = std::time::Instant::now();
+        let errs = panicking_progress_thread(Inject::Loop);
+        let said = "communicator is unusable after an earlier error: rank 0: the progress \
+                    thread panicked: injected panic in the progress loop (a bug in hetccl; \
+                    please report it)";
+        // The thread is gone: the queued calls end when their callers see it stopped,
+        // and the next call finds the queue closed.
+        assert_eq!(errs[0], (said.into(), said.into(), said.into()));
+        assert_eq!(
+            errs[1].0,
+            "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after an error on \
+             rank 0"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ranks_waiting_on_a_silent_rank_name_whom_they_waited_on() {
+        // Rank 2 of 3 never joins the ring. Its receiver (rank 0) times out on it; rank 1
+        // waits on rank 0, a waiter, and either times out saying so or learns from rank
+        // 0's abort where the stall is.
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            timeout: std::time::Duration::from_millis(500),
+            ..Config::default()
+        };
+        let comms = testing::world(3, 3, cfg);
+        let errs = on_all(&comms, |c| {
+            if c.rank() == 2 {
+                return String::new();
+            }
+            let mut v = vec![1.0f32; 1000];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        // Rank 0 names rank 2, whether it timed out itself or rank 1 gave up on it
+        // first (both wait about as long).
+        let on_2 = "waiting for peer 2 to send data; peer 2 may itself be waiting on another \
+                    rank further along, so the stall may lie there";
+        assert!(
+            errs[0].ends_with(on_2)
+                && (errs[0].starts_with("rank 0: all_reduce #0 timed out after")
+                    || errs[0].starts_with(
+                        "rank 0: peer 1 is gone during all_reduce #0: peer 1 gave up after \
+                         waiting too long for rank 0 (this rank, itself held up by a stall \
+                         further along); this rank was waiting for peer 2 to send data"
+                    )),
+            "{errs:?}"
+        );
+        let heard = "rank 1: peer 0 is gone during all_reduce #0: peer 0 gave up after \
+                     waiting too long for rank 2: the stall is further along, at rank 2 or \
+                     beyond";
+        assert!(
+            errs[1] == heard
+                || (errs[1].starts_with("rank 1: all_reduce #0 timed out after")
+                    && errs[1].contains("waiting for peer 0 to send data; peer 0 may itself")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! line 0    header: magic, rank, pid, pid namespace          (written once, at creation)
-//! line 1    state: attached / aborted / closed               (owner)
+//! line 1    state: attached / aborted / closed, abort cause  (owner)
 //! line 2    flag: (seq << 32) | phase, low half is the futex word (owner)
 //! line 3    this collective: seq, op/dtype/redop, count, root, buffers (owner)
 //! line 4    seq + 1 of the last collective run over links     (owner)
@@ -44,8 +44,9 @@
 //!
 //! Waiting spins briefly, yields, then sleeps on the peer's flag (`FUTEX_WAIT` on shared
 //! memory, woken by the owner only when its sleep lines say someone sleeps). Sleeps
-//! are sliced so a dead peer (`kill(pid, 0)`), an aborted one, a peer that ran the
-//! collective over links instead, or the timeout ends the wait with an error.
+//! are sliced so a dead peer (its process has exited, zombie or not: see
+//! [`crate::transport::peer_process`]), an aborted one, a peer that ran the collective
+//! over links instead, or the timeout ends the wait with an error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
@@ -54,15 +55,16 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::Communicator;
-use crate::algorithm::executor::{Buffers, ExecCtx};
+use crate::algorithm::executor::{timeout_note, Buffers, ExecCtx};
 use crate::algorithm::Call;
 use crate::config::AlgoChoice;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 use crate::reduce;
+use crate::transport::peer_process::{own_pidns, PeerProcess};
 use crate::transport::shared_mem::{self, Mapping, OwnedSegment, SegmentHandle};
 
-const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL1");
+const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL2");
 /// Elements of the flag's phase (low 32 bits).
 const ARRIVE: u32 = 1;
 /// Phase after chunk `c` of the owner's segment is reduced: `CHUNK0 + c`.
@@ -117,8 +119,13 @@ struct CtlHeader {
 #[repr(C, align(64))]
 struct Line(AtomicU64);
 
+/// The owner's state and, once it aborted, why ([`AbortCause::to_word`], written
+/// before the state).
 #[repr(C, align(64))]
-struct StateLine(AtomicU32);
+struct StateLine {
+    state: AtomicU32,
+    cause: AtomicU64,
+}
 
 /// The call a rank is running, for the peers to check and to find its buffers.
 #[repr(C, align(64))]
@@ -174,7 +181,8 @@ pub(super) struct NodeCtl {
     ranks: Vec<usize>,
     /// Control page of each local rank (this one's included).
     pages: Vec<Mapping>,
-    pidns: u64,
+    /// Each local rank's process, as its page's header names it (`None` for this one).
+    procs: Vec<Option<PeerProcess>>,
     /// Eager all-reduces this rank has started; the parity picks the slot.
     eager_calls: AtomicU64,
 }
@@ -227,9 +235,10 @@ impl NodeCtl {
         }
     }
 
-    fn set_state(&self, state: u32) {
+    fn set_aborted(&self, cause: AbortCause) {
         let p = self.page(self.me);
-        p.state.0.store(state, Ordering::SeqCst);
+        p.state.cause.store(cause.to_word(), Ordering::Relaxed);
+        p.state.state.store(ABORTED, Ordering::SeqCst);
         futex_wake(&p.flag.0);
     }
 }
@@ -350,10 +359,10 @@ impl SharedState {
         }
     }
 
-    /// Tells the peers this rank's communicator failed.
-    pub(super) fn abort(&self) {
+    /// Tells the peers this rank's communicator failed, and why.
+    pub(super) fn abort(&self, cause: AbortCause) {
         if let Some(c) = self.ctl.get() {
-            c.set_state(ABORTED);
+            c.set_aborted(cause);
         }
     }
 
@@ -361,10 +370,12 @@ impl SharedState {
     pub(super) fn close(&self) {
         if let Some(c) = self.ctl.get() {
             let p = c.page(c.me);
-            let _ =
-                p.state
-                    .0
-                    .compare_exchange(ATTACHED, CLOSED, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = p.state.state.compare_exchange(
+                ATTACHED,
+                CLOSED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
             futex_wake(&p.flag.0);
         }
     }
@@ -459,14 +470,6 @@ struct Record {
     error: Option<String>,
     /// The error may go away with named segments (a memfd could not be opened).
     retry_named: bool,
-}
-
-/// Inode of this process's pid namespace, 0 when /proc does not say.
-fn own_pidns() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid")
-        .map(|m| m.ino())
-        .unwrap_or(0)
 }
 
 /// Segments this rank made in one round, before they are exchanged.
@@ -628,7 +631,7 @@ impl Communicator {
                         flag_value(self.seq.load(Ordering::Relaxed), 0),
                         Ordering::Relaxed,
                     );
-                    page.state.0.store(ATTACHED, Ordering::Release);
+                    page.state.state.store(ATTACHED, Ordering::Release);
                 }
                 Some(s)
             } else {
@@ -684,11 +687,8 @@ impl Communicator {
                     let m = open_checked(h, *ino, rec, ctl_bytes(n), true, &what)?;
                     // SAFETY: at least one page, written by its owner before the exchange.
                     let hdr = unsafe { std::ptr::read(m.as_ptr().cast::<CtlHeader>()) };
-                    if hdr.magic != CTL_MAGIC || hdr.rank != peer as u64 {
-                        return Err(Error::Shm(format!(
-                            "{what}: its control page is not a hetccl control page of rank {peer}"
-                        )));
-                    }
+                    hdr.check(peer)
+                        .map_err(|e| Error::Shm(format!("{what}: its control page: {e}")))?;
                     o.ctl[l] = Some(m);
                 }
                 let (h, ino) = rec
@@ -736,11 +736,23 @@ impl Communicator {
                     pages.extend(m.take());
                 }
             }
+            // Watched from now on, while every peer is known to be alive (it has just
+            // taken part in the exchange).
+            let procs = (0..pages.len())
+                .map(|l| {
+                    (l != me).then(|| {
+                        // SAFETY: every page is at least one page long; its header is
+                        // plain data written once before the page was shared.
+                        let h = unsafe { std::ptr::read(pages[l].as_ptr().cast::<CtlHeader>()) };
+                        PeerProcess::watch(h.pid as i32, h.pidns)
+                    })
+                })
+                .collect();
             NodeCtl {
                 me,
                 ranks: node.clone(),
                 pages,
-                pidns: own_pidns(),
+                procs,
                 eager_calls: AtomicU64::new(0),
             }
         });
@@ -782,14 +794,43 @@ impl Communicator {
         self.all_gather(&blob, &mut all)?;
         all.chunks(RECORD_BYTES)
             .enumerate()
-            .map(|(r, b)| {
-                serde_json::from_slice::<Record>(b).map_err(|e| {
-                    Error::Shm(format!(
-                        "rank {r} sent an unreadable shared-buffer record: {e}"
-                    ))
-                })
-            })
+            .map(|(r, b)| parse_record(r, b))
             .collect()
+    }
+}
+
+/// Reads rank `r`'s record of an allocation exchange (at most [`RECORD_BYTES`] from a
+/// peer: JSON padded with spaces).
+fn parse_record(r: usize, b: &[u8]) -> Result<Record> {
+    if b.len() > RECORD_BYTES {
+        return Err(Error::Shm(format!(
+            "rank {r} sent a shared-buffer record of {} bytes, more than {RECORD_BYTES}",
+            b.len()
+        )));
+    }
+    serde_json::from_slice::<Record>(b).map_err(|e| {
+        Error::Shm(format!(
+            "rank {r} sent an unreadable shared-buffer record: {e}"
+        ))
+    })
+}
+
+impl CtlHeader {
+    /// Checks the header of a control page that local rank `peer`'s process wrote.
+    fn check(&self, peer: usize) -> std::result::Result<(), String> {
+        if self.magic != CTL_MAGIC {
+            return Err(format!(
+                "it is not a hetccl control page of this build (magic {:#018x})",
+                self.magic
+            ));
+        }
+        if self.rank != peer as u64 {
+            return Err(format!(
+                "it is rank {}'s control page, not rank {peer}'s",
+                self.rank
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1227,13 +1268,16 @@ impl Run<'_> {
                 self.check_peer(l)?;
                 let waited = now.duration_since(start);
                 if waited >= self.ctx.timeout {
+                    let peer = self.err_peer(l);
+                    let seen = self.node.procs[l].as_ref().and_then(|p| p.stopped());
                     return Err(Error::Timeout {
                         rank: self.ctx.rank,
-                        peer: self.err_peer(l),
+                        peer,
                         op: self.ctx.op,
                         seq: self.ctx.seq,
                         after: waited,
                         what,
+                        note: timeout_note(peer, self.ctx.world_size, seen),
                     });
                 }
             }
@@ -1251,29 +1295,33 @@ impl Run<'_> {
             seq: self.ctx.seq,
             detail,
         };
-        match page.state.0.load(Ordering::Acquire) {
+        match page.state.state.load(Ordering::Acquire) {
             ABORTED => {
-                return Err(lost(format!(
-                    "peer {peer}'s communicator failed (shared-buffer control page says aborted)"
-                )))
+                return Err(
+                    match AbortCause::from_word(page.state.cause.load(Ordering::Relaxed)) {
+                        Some(cause) => Error::PeerGaveUp {
+                            rank: self.ctx.rank,
+                            peer,
+                            op: self.ctx.op,
+                            seq: self.ctx.seq,
+                            cause,
+                            note: String::new(),
+                        },
+                        None => lost(format!(
+                            "peer {peer}'s communicator failed (shared-buffer control page \
+                             says aborted)"
+                        )),
+                    },
+                )
             }
             CLOSED => return Err(lost(format!("peer {peer} closed its communicator"))),
             _ => {}
         }
-        // SAFETY: the header is plain data written once before the page was shared.
-        let (pid, pidns) = unsafe {
-            let h = std::ptr::addr_of!(page.header);
-            (
-                std::ptr::read(std::ptr::addr_of!((*h).pid)),
-                std::ptr::read(std::ptr::addr_of!((*h).pidns)),
-            )
-        };
-        if pid > 0 && pidns == self.node.pidns {
-            // SAFETY: signal 0 only checks that the process exists.
-            let r = unsafe { libc::kill(pid as i32, 0) };
-            if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-                return Err(lost(format!("peer {peer} (pid {pid}) process has exited")));
-            }
+        if let Some(p) = self.node.procs[l].as_ref().filter(|p| p.exited()) {
+            return Err(lost(format!(
+                "peer {peer} (pid {}) process has exited",
+                p.pid()
+            )));
         }
         let ls = page.link_seq.0.load(Ordering::Acquire);
         if ls != 0 && reached(ls.wrapping_sub(1), self.ctx.seq) {
@@ -1545,7 +1593,88 @@ impl Run<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::transport::alloc_meter::allocated_by;
     use half::bf16;
+    use proptest::prelude::*;
+
+    fn valid_record() -> Vec<u8> {
+        let rec = Record {
+            pid: 4242,
+            pidns: 4026531836,
+            ctl: Some((SegmentHandle::Memfd { pid: 4242, fd: 17 }, 99)),
+            buf: Some((
+                SegmentHandle::Named {
+                    name: "hetccl-4242-buf-0-1-0123456789abcdef".into(),
+                },
+                100,
+            )),
+            error: Some("rank 1: something failed".into()),
+            retry_named: true,
+        };
+        let mut b = serde_json::to_vec(&rec).unwrap();
+        b.resize(RECORD_BYTES, b' ');
+        b
+    }
+
+    proptest! {
+        /// Records come from the peers: random bytes, or a valid record with bytes
+        /// changed, parse or fail naming the rank, without a panic and allocating no
+        /// more than a few times the record's size.
+        #[test]
+        fn any_record_parses_or_names_the_rank(
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..RECORD_BYTES + 100),
+                prop::collection::vec((0usize..RECORD_BYTES, any::<u8>()), 1..6).prop_map(|flips| {
+                    let mut b = valid_record();
+                    for (at, v) in flips {
+                        b[at] = v;
+                    }
+                    b
+                }),
+            ]
+        ) {
+            let (r, allocated) = allocated_by(|| parse_record(3, &bytes));
+            prop_assert!(allocated <= 8 * RECORD_BYTES, "{} bytes", allocated);
+            match r {
+                // Longer records are refused before any parsing.
+                Ok(_) => prop_assert!(bytes.len() <= RECORD_BYTES),
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(e.starts_with("shared memory: rank 3 sent "), "{}", e);
+                }
+            }
+        }
+
+        /// Control page headers are written by the peer's process.
+        #[test]
+        fn any_control_page_header_is_checked(
+            magic in prop_oneof![Just(CTL_MAGIC), any::<u64>()],
+            rank in prop_oneof![Just(2u64), any::<u64>()],
+        ) {
+            let h = CtlHeader { magic, rank, pid: 1, pidns: 1 };
+            match h.check(2) {
+                Ok(()) => prop_assert_eq!((magic, rank), (CTL_MAGIC, 2)),
+                Err(e) => prop_assert!(
+                    e.starts_with("it is not a hetccl control page of this build (magic 0x")
+                        || e == format!("it is rank {rank}'s control page, not rank 2's"),
+                    "{}", e
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_record_parses() {
+        let rec = parse_record(0, &valid_record()).unwrap();
+        assert_eq!((rec.pid, rec.retry_named), (4242, true));
+        let e = parse_record(5, &[b'x'; RECORD_BYTES + 1])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "shared memory: rank 5 sent a shared-buffer record of 1025 bytes, more than 1024"
+        );
+    }
 
     use crate::communicator::testing::on_all;
 
@@ -1990,8 +2119,13 @@ mod tests {
         for r in 0..2 {
             let want = format!("rank {r}: all_reduce #2 timed out after");
             assert!(errs[r].starts_with(&want), "{errs:?}");
+            // Three ranks: the silent one may itself be waiting on someone, and this
+            // rank cannot see whether it is (it is not stopped: the same process).
             assert!(
-                errs[r].ends_with("waiting for peer 2 to start the collective"),
+                errs[r].ends_with(
+                    "waiting for peer 2 to start the collective; peer 2 may itself be waiting \
+                     on another rank further along, so the stall may lie there"
+                ),
                 "{errs:?}"
             );
         }

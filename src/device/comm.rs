@@ -1561,6 +1561,7 @@ impl DeviceComm {
                 seq,
                 after,
                 what: "to reach the same device fence",
+                note: String::new(),
             },
             None => Error::Device {
                 op: format!("{coll} #{seq} on the device"),

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{AlignedBuf, Link, LinkKind, MsgHeader, RecvSink};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 /// Payload bytes per queued piece in [`pair`].
 pub const DEFAULT_CHUNK_BYTES: usize = 64 << 10;
@@ -26,7 +26,8 @@ struct Queue {
     pieces: VecDeque<Piece>,
     sender_gone: bool,
     receiver_gone: bool,
-    aborted_by: Option<usize>,
+    /// The rank that aborted the link first, and why.
+    aborted_by: Option<(usize, AbortCause)>,
 }
 
 /// One end of an in-process link; see [`pair`].
@@ -91,12 +92,12 @@ impl MemLink {
 
     fn check_abort(&self, q: &Queue) -> Result<()> {
         match q.aborted_by {
-            Some(r) if r == self.rank => Err(Error::Link {
+            Some((r, _)) if r == self.rank => Err(Error::Link {
                 peer: self.peer,
                 detail: format!("rank {} aborted this link earlier", self.rank),
                 lost: false,
             }),
-            Some(r) => Err(self.lost(format!("peer {r} aborted the link"))),
+            Some((r, _)) => Err(self.lost(format!("peer {r} aborted the link"))),
             None => Ok(()),
         }
     }
@@ -199,9 +200,16 @@ impl Link for MemLink {
         Ok(())
     }
 
-    fn abort(&mut self) {
-        lock(&self.tx).aborted_by.get_or_insert(self.rank);
-        lock(&self.rx).aborted_by.get_or_insert(self.rank);
+    fn abort(&mut self, cause: AbortCause) {
+        lock(&self.tx).aborted_by.get_or_insert((self.rank, cause));
+        lock(&self.rx).aborted_by.get_or_insert((self.rank, cause));
+    }
+
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        match lock(&self.rx).aborted_by {
+            Some((r, cause)) if r == self.peer => Some(cause),
+            _ => None,
+        }
     }
 }
 
@@ -259,9 +267,13 @@ mod tests {
         ));
 
         let (mut a, mut b) = pair(0, 1);
-        b.abort();
+        let cause = AbortCause::new(crate::error::AbortKind::TimedOut, 3);
+        assert_eq!(a.abort_notice(), None);
+        b.abort(cause);
         let e = a.check_peer().unwrap_err();
         assert_eq!(e.to_string(), "link to peer 1: peer 1 aborted the link");
+        assert_eq!(a.abort_notice(), Some(cause));
+        assert_eq!(b.abort_notice(), None, "its own abort is no notice");
         assert!(matches!(
             b.check_peer(),
             Err(Error::Link { lost: false, .. })

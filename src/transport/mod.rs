@@ -11,11 +11,20 @@
 //! | [`mem`] | two threads of one process (tests of the algorithms) |
 //!
 //! [`shared_mem`] holds the segments behind shared buffers, which ranks of one host map
-//! to read each other's data directly (no link involved).
+//! to read each other's data directly (no link involved). `peer_process` tells the
+//! waits on shared memory (shm links, shared buffers) whether a peer's process has
+//! exited, zombies included.
 //!
 //! [`connect_all`] builds the full mesh of links at start-up.
+//!
+//! Every header-sized record read from a peer goes through [`MsgHeader::decode`]. A
+//! link aborted after an error tells its peer why ([`crate::error::AbortCause`]: shm in
+//! its control line, TCP in an abort notice where the next header would go), so a rank
+//! that was waiting on a peer that gave up can say where the failure lies
+//! ([`Link::abort_notice`]).
 
 pub mod mem;
+pub(crate) mod peer_process;
 pub mod shared_mem;
 pub mod shm;
 pub mod tcp;
@@ -27,7 +36,7 @@ use std::time::Instant;
 use crate::bootstrap::auth::JobAuth;
 use crate::bootstrap::Bootstrap;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 /// First field of every message header.
 pub const MSG_MAGIC: u32 = 0x4843_4d31; // "HCM1"
@@ -58,6 +67,54 @@ pub struct MsgHeader {
 
 /// Size of [`MsgHeader`] on the wire.
 pub const HEADER_BYTES: usize = std::mem::size_of::<MsgHeader>();
+
+/// First field of an abort notice: a record of a header's size and shape that a TCP
+/// link sends in place of the next message's header when it gives up, with the cause
+/// ([`AbortCause::to_word`]) in `seq` and every other field 0.
+pub const ABORT_MAGIC: u32 = 0x4843_4131; // "HCA1"
+
+/// What a header-sized record read from a peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// The header of a message; its payload follows.
+    Message(MsgHeader),
+    /// The peer gave up on the link, and why (`None`: it did not say anything this
+    /// build understands).
+    Abort(Option<AbortCause>),
+}
+
+impl MsgHeader {
+    /// Decodes a header-sized record a peer wrote (native byte order: both ends run on
+    /// one architecture). Checks the framing only; whether the message is the one
+    /// expected is the receiver's business (the executor compares every field).
+    /// Allocates nothing.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Frame, String> {
+        if bytes.len() != HEADER_BYTES {
+            return Err(format!(
+                "a message header is {HEADER_BYTES} bytes, this one {}",
+                bytes.len()
+            ));
+        }
+        let h: MsgHeader = bytemuck::pod_read_unaligned(bytes);
+        match h.magic {
+            MSG_MAGIC => Ok(Frame::Message(h)),
+            ABORT_MAGIC => Ok(Frame::Abort(AbortCause::from_word(h.seq))),
+            m => Err(format!(
+                "header magic {m:#010x} is neither a message's ({MSG_MAGIC:#010x}) nor an \
+                 abort notice's ({ABORT_MAGIC:#010x})"
+            )),
+        }
+    }
+
+    /// The abort notice for `cause` (see [`ABORT_MAGIC`]).
+    pub fn abort_notice(cause: AbortCause) -> MsgHeader {
+        MsgHeader {
+            magic: ABORT_MAGIC,
+            seq: cause.to_word(),
+            ..MsgHeader::default()
+        }
+    }
+}
 
 /// What kind of link connects two ranks (also used by the topology and cost model).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -151,9 +208,21 @@ pub trait Link: Send {
     /// Checks whether the peer is still there, for transports where a dead peer is
     /// silent (shared memory). Called by the executor while it waits.
     fn check_peer(&mut self) -> Result<()>;
-    /// Tells the peer that this side gives up (after an error); later calls on both
-    /// sides fail promptly instead of waiting for a timeout.
-    fn abort(&mut self);
+    /// Tells the peer that this side gives up (after an error), and why where the
+    /// transport can carry it; later calls on both sides fail promptly instead of
+    /// waiting for a timeout.
+    fn abort(&mut self, cause: AbortCause);
+    /// Why the peer gave up, when it aborted the link and said so. Asked after the link
+    /// reported the peer lost, to tell a peer that died from one that gave up on
+    /// another rank.
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        None
+    }
+    /// What this link can see of the peer's process beyond the link itself, for a
+    /// timeout's message: e.g. that it is stopped. Off the fast path.
+    fn peer_note(&mut self) -> Option<String> {
+        None
+    }
     /// File descriptors to sleep on in `poll(2)` while waiting for this link
     /// (`(fd, want_write)`); empty for links that can only be polled by spinning.
     fn wait_fds(&self, _out: &mut Vec<(i32, bool)>) {}
@@ -333,8 +402,13 @@ pub fn connect_all(
         link.unlink();
     }
     let attached = attached?;
-    let opened = opened?;
+    let mut opened = opened?;
     others_ok(&attached, rank, "attach its shared-memory segments")?;
+    // Every peer has attached, so its pid is in the segment: watch it from now on (one
+    // descriptor per link, opened here rather than at the first long wait).
+    for (_, link) in created.iter_mut().chain(opened.iter_mut()) {
+        link.watch_peer();
+    }
 
     // 3. TCP: accept from higher ranks while connecting to lower ones.
     let higher: Vec<usize> = (rank + 1..world)
@@ -551,6 +625,63 @@ fn check_striping(infos: &[SetupBlob], kinds: &[LinkKind], rank: usize) -> Resul
              alike on every rank",
             mine.0, mine.1, infos[r].nsocks, infos[r].stripe
         ))),
+    }
+}
+
+/// Counts the bytes each thread allocates, so property tests can bound what a parser
+/// allocates for input it does not trust (the library's unit tests only).
+#[cfg(test)]
+pub(crate) mod alloc_meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn add(bytes: usize) {
+        // `try_with`: a thread being torn down may still free and allocate.
+        let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes)));
+    }
+
+    struct Meter;
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; the count is a
+    // const-initialised thread-local without a destructor, which never allocates.
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            add(layout.size());
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            add(layout.size());
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            add(new_size.saturating_sub(layout.size()));
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static METER: Meter = Meter;
+
+    /// Runs `f` and returns what it returned and how many bytes this thread allocated
+    /// meanwhile (growth of reallocations included, frees not subtracted).
+    pub(crate) fn allocated_by<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        let before = ALLOCATED.with(Cell::get);
+        let r = f();
+        (r, ALLOCATED.with(Cell::get) - before)
     }
 }
 
@@ -797,9 +928,74 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::alloc_meter::allocated_by;
     use super::testing::*;
     use super::*;
+    use proptest::prelude::*;
     use std::time::Duration;
+
+    proptest! {
+        /// Headers come from another process: any bytes decode to a frame or to an
+        /// error that names the problem, without a panic and without allocating for a
+        /// frame.
+        #[test]
+        fn any_bytes_decode_to_a_frame_or_a_named_problem(
+            bytes in prop::collection::vec(any::<u8>(), 0..80)
+        ) {
+            let (r, allocated) = allocated_by(|| MsgHeader::decode(&bytes));
+            match r {
+                Ok(Frame::Message(h)) => {
+                    prop_assert_eq!(bytemuck::bytes_of(&h), &bytes[..]);
+                    prop_assert_eq!(h.magic, MSG_MAGIC);
+                    prop_assert_eq!(allocated, 0);
+                }
+                Ok(Frame::Abort(cause)) => {
+                    let h: MsgHeader = bytemuck::pod_read_unaligned(&bytes);
+                    prop_assert_eq!(h.magic, ABORT_MAGIC);
+                    prop_assert_eq!(cause, AbortCause::from_word(h.seq));
+                    prop_assert_eq!(allocated, 0);
+                }
+                Err(e) if bytes.len() != HEADER_BYTES => {
+                    prop_assert_eq!(
+                        e,
+                        format!("a message header is 32 bytes, this one {}", bytes.len())
+                    );
+                    prop_assert!(allocated < 256, "{} bytes for an error", allocated);
+                }
+                Err(e) => {
+                    let magic = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    prop_assert!(e.starts_with(&format!("header magic {magic:#010x} is neither")), "{}", e);
+                    prop_assert!(allocated < 256, "{} bytes for an error", allocated);
+                }
+            }
+        }
+
+        /// A valid header with some bytes changed: only a changed magic is refused (the
+        /// receiver compares the other fields with what it expects).
+        #[test]
+        fn mutated_headers_are_refused_only_for_their_magic(
+            seq in any::<u64>(),
+            len in 0usize..1 << 30,
+            flips in prop::collection::vec((0usize..HEADER_BYTES, 1u8..=255), 1..4)
+        ) {
+            let mut bytes = bytemuck::bytes_of(&testing::header(seq, len)).to_vec();
+            for (at, x) in flips {
+                bytes[at] ^= x;
+            }
+            let magic = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            match MsgHeader::decode(&bytes) {
+                Ok(Frame::Message(h)) => {
+                    prop_assert_eq!(magic, MSG_MAGIC);
+                    prop_assert_eq!(bytemuck::bytes_of(&h), &bytes[..]);
+                }
+                Ok(Frame::Abort(_)) => prop_assert_eq!(magic, ABORT_MAGIC),
+                Err(e) => {
+                    prop_assert!(magic != MSG_MAGIC && magic != ABORT_MAGIC);
+                    prop_assert!(e.contains("header magic"), "{}", e);
+                }
+            }
+        }
+    }
 
     fn cfg(nsocks: usize) -> Config {
         Config {

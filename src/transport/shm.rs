@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! 0      control page: line 0 header (magic, version, geometry, ranks)
-//!                      line 1 side 0 (creator): pid, state, pid namespace
-//!                      line 2 side 1 (opener):  pid, state, pid namespace
+//!                      line 1 side 0 (creator): pid, state, pid namespace, cause
+//!                      line 2 side 1 (opener):  pid, state, pid namespace, cause
 //!                      lines 3,4 ring 0 (side 0 -> side 1): head, tail
 //!                      lines 5,6 ring 1 (side 1 -> side 0): head, tail
 //! 4096   ring 0: nslots descriptors of 64 bytes (rounded up to a page),
@@ -33,21 +33,25 @@
 //! multiples of `slot_bytes` (a multiple of 4096) and only the last may be short. An
 //! empty message takes one slot with no payload.
 //!
-//! Liveness: each side records its pid and a state (attached, closed, aborted).
-//! [`Link::check_peer`] reports the peer lost when it aborted, or when it closed or its
-//! process is gone (`kill(pid, 0)` gives `ESRCH`) while this side still needs it.
+//! Liveness: each side records its pid, pid namespace and a state (attached, closed,
+//! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
+//! closed or its process has exited while this side still needs it; an exited process
+//! is seen through a pidfd (zombies too, see `peer_process`). A side that
+//! aborts first writes its cause ([`AbortCause::to_word`]) into its line, then the
+//! state with release: the peer reads the state with acquire, then the cause.
 
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+use super::peer_process::{own_pidns, PeerProcess};
 use super::shared_mem::shm_cname;
-use super::{DirectDst, Link, LinkKind, MsgHeader, RecvSink};
+use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
-const SHM_VERSION: u32 = 1;
+const SHM_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
@@ -145,6 +149,47 @@ struct SegHeader {
     opener_rank: u64,
 }
 
+impl SegHeader {
+    /// Checks a header that another process wrote, for the segment of `len` bytes that
+    /// `peer` made for `rank`; returns its ring geometry, or what is wrong with it.
+    fn check(
+        &self,
+        rank: usize,
+        peer: usize,
+        len: usize,
+    ) -> std::result::Result<ShmGeometry, String> {
+        let h = self;
+        let geom = ShmGeometry {
+            nslots: h.nslots as usize,
+            slot_bytes: usize::try_from(h.slot_bytes).unwrap_or(usize::MAX),
+        };
+        if h.magic != SHM_MAGIC {
+            Err("it is not a hetccl segment".to_string())
+        } else if h.version != SHM_VERSION {
+            Err(format!(
+                "segment version {}, this build uses {SHM_VERSION}",
+                h.version
+            ))
+        } else if h.creator_rank != peer as u64 || h.opener_rank != rank as u64 {
+            Err(format!(
+                "it was made for ranks {} and {}",
+                h.creator_rank, h.opener_rank
+            ))
+        } else if geom.validate().is_err()
+            // Validated first: the geometry's size cannot overflow.
+            || geom.segment_bytes() as u64 != h.segment_bytes
+            || h.segment_bytes != len as u64
+        {
+            Err(format!(
+                "its geometry ({} slots x {} bytes, {} bytes) does not match its size {len}",
+                h.nslots, h.slot_bytes, h.segment_bytes
+            ))
+        } else {
+            Ok(geom)
+        }
+    }
+}
+
 #[repr(C, align(64))]
 struct SideCtl {
     pid: AtomicI32,
@@ -152,6 +197,8 @@ struct SideCtl {
     /// Inode of the process's pid namespace: a pid means something to the other side
     /// only when both live in the same namespace.
     pidns: AtomicU64,
+    /// Why this side aborted ([`AbortCause::to_word`]), written before the state.
+    cause: AtomicU64,
 }
 
 #[repr(C, align(64))]
@@ -182,6 +229,90 @@ struct SlotDesc {
 }
 
 const _: () = assert!(std::mem::size_of::<SlotDesc>() == 64);
+
+/// What a checked slot descriptor holds for the receive in progress.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotStep {
+    /// Whether the slot starts a message (its descriptor's header is the message's).
+    first: bool,
+    /// Payload bytes of the message.
+    total: usize,
+    /// Payload bytes delivered before this slot (where the slot's bytes go).
+    done: usize,
+    /// Payload bytes in the slot.
+    len: usize,
+}
+
+impl SlotDesc {
+    /// Checks a descriptor the peer wrote against the receive in progress (`recv`:
+    /// `(message bytes, bytes delivered)`, `None` between messages), in slots of
+    /// `slot_bytes`. Whatever the peer wrote, the step it returns stays inside the slot
+    /// and the message. A few compares on the fast path; the words are in `slot_error`.
+    #[inline]
+    fn check(
+        &self,
+        recv: Option<(usize, usize)>,
+        slot_bytes: usize,
+    ) -> std::result::Result<SlotStep, String> {
+        let (first, total, done) = match recv {
+            None if self.flags & FIRST != 0 && self.header.magic == MSG_MAGIC => {
+                match usize::try_from(self.header.bytes) {
+                    Ok(total) => (true, total, 0),
+                    Err(_) => return Err(self.slot_error(recv, slot_bytes)),
+                }
+            }
+            Some((total, done)) if self.flags & FIRST == 0 => (false, total, done),
+            _ => return Err(self.slot_error(recv, slot_bytes)),
+        };
+        let len = usize::try_from(self.len).unwrap_or(usize::MAX);
+        if done > total || self.offset != done as u64 || len > slot_bytes || len > total - done {
+            return Err(self.slot_error(recv, slot_bytes));
+        }
+        Ok(SlotStep {
+            first,
+            total,
+            done,
+            len,
+        })
+    }
+
+    /// What is wrong with a descriptor that [`SlotDesc::check`] refused.
+    #[cold]
+    #[inline(never)]
+    fn slot_error(&self, recv: Option<(usize, usize)>, slot_bytes: usize) -> String {
+        let d = self;
+        let (total, done) = match recv {
+            None if d.flags & FIRST != 0 => {
+                match MsgHeader::decode(bytemuck::bytes_of(&d.header)) {
+                    Err(e) => return e,
+                    Ok(Frame::Abort(_)) => return "an abort notice in a slot".into(),
+                    Ok(Frame::Message(h)) => match usize::try_from(h.bytes) {
+                        Ok(t) => (t, 0),
+                        Err(_) => return format!("a message of {} bytes", h.bytes),
+                    },
+                }
+            }
+            None => {
+                return format!(
+                    "a message continues (flags {:#x}) where one should start",
+                    d.flags
+                )
+            }
+            Some(_) if d.flags & FIRST != 0 => {
+                return format!("a message starts (flags {:#x}) inside another", d.flags)
+            }
+            Some(r) => r,
+        };
+        let left = total.saturating_sub(done);
+        format!(
+            "the slot carries {} bytes at offset {} of a {total} byte message, expected at \
+             most {} at offset {done}",
+            d.len,
+            d.offset,
+            slot_bytes.min(left)
+        )
+    }
+}
 
 /// One direction of the segment, as seen from this process.
 struct Ring {
@@ -234,6 +365,8 @@ pub struct ShmLink {
     send_off: Option<usize>,
     /// `(message bytes, bytes delivered)` of the current incoming message.
     recv: Option<(usize, usize)>,
+    /// The peer's process, watched once its side has attached.
+    peer_proc: Option<PeerProcess>,
 }
 
 // SAFETY: the raw pointers point into a mapping owned by this value (unmapped only in
@@ -326,40 +459,17 @@ impl ShmLink {
         // the header was written by the creator before it published the name, and the
         // bootstrap exchange that carried the name orders that write before this read.
         let h = unsafe { std::ptr::read(std::ptr::addr_of!((*base.cast::<Control>()).header)) };
-        let geom = ShmGeometry {
-            nslots: h.nslots as usize,
-            slot_bytes: h.slot_bytes as usize,
+        let checked = h.check(rank, peer, len);
+        let geom = match checked {
+            Ok(g) => g,
+            Err(p) => {
+                // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
+                unsafe { libc::munmap(base.cast(), len) };
+                return Err(Error::Shm(format!(
+                    "rank {rank}: cannot use {path} from rank {peer}: {p}"
+                )));
+            }
         };
-        let problem = if h.magic != SHM_MAGIC {
-            Some("it is not a hetccl segment".to_string())
-        } else if h.version != SHM_VERSION {
-            Some(format!(
-                "segment version {}, this build uses {SHM_VERSION}",
-                h.version
-            ))
-        } else if h.creator_rank != peer as u64 || h.opener_rank != rank as u64 {
-            Some(format!(
-                "it was made for ranks {} and {}",
-                h.creator_rank, h.opener_rank
-            ))
-        } else if geom.validate().is_err()
-            || geom.segment_bytes() as u64 != h.segment_bytes
-            || h.segment_bytes != len as u64
-        {
-            Some(format!(
-                "its geometry ({} slots x {} bytes, {} bytes) does not match its size {len}",
-                h.nslots, h.slot_bytes, h.segment_bytes
-            ))
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
-            unsafe { libc::munmap(base.cast(), len) };
-            return Err(Error::Shm(format!(
-                "rank {rank}: cannot use {path} from rank {peer}: {p}"
-            )));
-        }
         Ok(ShmLink::attach(name, rank, peer, 1, base, len, geom))
     }
 
@@ -398,6 +508,7 @@ impl ShmLink {
             rx_head_seen: 0,
             send_off: None,
             recv: None,
+            peer_proc: None,
         }
     }
 
@@ -553,16 +664,28 @@ impl ShmLink {
         false
     }
 
-    /// Whether the peer's process still exists, as far as this side can tell.
-    fn peer_process_alive(&self) -> bool {
-        let other = self.other();
-        let pid = other.pid.load(Ordering::Relaxed);
-        if pid <= 0 || other.pidns.load(Ordering::Relaxed) != own_pidns() {
-            return true;
+    /// Starts watching the peer's process, once it has attached (its pid is in the
+    /// control page); a no-op before that and after the first time. Checks of the peer
+    /// start it themselves if nobody did.
+    pub fn watch_peer(&mut self) {
+        self.peer_process_alive();
+    }
+
+    /// Whether the peer's process still runs, as far as this side can tell. The watch
+    /// starts once the peer has attached (its pid is in the control page).
+    fn peer_process_alive(&mut self) -> bool {
+        if self.peer_proc.is_none() {
+            let other = self.other();
+            // The state is stored (release) after the pid and namespace.
+            let attached = other.state.load(Ordering::Acquire) != 0;
+            let pid = other.pid.load(Ordering::Relaxed);
+            if !attached || pid <= 0 {
+                return true;
+            }
+            let pidns = other.pidns.load(Ordering::Relaxed);
+            self.peer_proc = Some(PeerProcess::watch(pid, pidns));
         }
-        // SAFETY: signal 0 only checks that the process exists.
-        let r = unsafe { libc::kill(pid, 0) };
-        !(r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+        !self.peer_proc.as_ref().is_some_and(|p| p.exited())
     }
 }
 
@@ -676,30 +799,16 @@ impl Link for ShmLink {
             // SAFETY: slot < nslots; the producer wrote this descriptor before its
             // release store of head, which the acquire load above observed.
             let d = unsafe { std::ptr::read(self.rx.desc.add(slot)) };
-            let (total, done) = match self.recv {
-                None if d.flags & FIRST != 0 => {
-                    sink.header(&d.header)?;
-                    (d.header.bytes as usize, 0)
-                }
-                Some(r) if d.flags & FIRST == 0 => r,
-                _ => {
-                    return Err(self.broken(format!(
-                        "shared-memory ring from peer {} is out of step (slot {} flags {})",
-                        self.peer, self.rx_tail, d.flags
-                    )))
-                }
-            };
-            let len = d.len as usize;
-            if d.offset as usize != done || len > self.geom.slot_bytes || done + len > total {
-                return Err(self.broken(format!(
-                    "shared-memory ring from peer {}: slot carries bytes {}..{} of a {} \
-                     byte message, expected offset {done}",
-                    self.peer,
-                    d.offset,
-                    d.offset + d.len,
-                    total
-                )));
+            let step = d.check(self.recv, self.geom.slot_bytes).map_err(|e| {
+                self.broken(format!(
+                    "shared-memory ring from peer {} is out of step at slot {}: {e}",
+                    self.peer, self.rx_tail
+                ))
+            })?;
+            if step.first {
+                sink.header(&d.header)?;
             }
+            let (total, done, len) = (step.total, step.done, step.len);
             if len > 0 {
                 // SAFETY: the slot holds `len <= slot_bytes` bytes the producer wrote
                 // before publishing; it does not touch the slot again until the release
@@ -744,9 +853,23 @@ impl Link for ShmLink {
         Ok(())
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, cause: AbortCause) {
         self.aborted = true;
+        self.me().cause.store(cause.to_word(), Ordering::Relaxed);
         self.me().state.store(ABORTED, Ordering::Release);
+    }
+
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        let other = self.other();
+        if other.state.load(Ordering::Acquire) != ABORTED {
+            return None;
+        }
+        AbortCause::from_word(other.cause.load(Ordering::Relaxed))
+    }
+
+    fn peer_note(&mut self) -> Option<String> {
+        self.peer_process_alive();
+        self.peer_proc.as_ref().and_then(|p| p.stopped())
     }
 }
 
@@ -854,18 +977,109 @@ fn map(fd: i32, len: usize, path: &str, rank: usize) -> Result<*mut u8> {
     Ok(p.cast())
 }
 
-/// Inode of this process's pid namespace, 0 when /proc does not say.
-fn own_pidns() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid")
-        .map(|m| m.ino())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::alloc_meter::allocated_by;
     use crate::transport::testing::*;
+    use proptest::prelude::*;
+
+    /// A value that is mostly `valid`, sometimes anything.
+    fn mostly<T: Arbitrary + Clone + std::fmt::Debug + 'static>(
+        valid: T,
+    ) -> impl Strategy<Value = T> {
+        prop_oneof![3 => Just(valid), 1 => any::<T>()]
+    }
+
+    proptest! {
+        /// The segment header is written by the peer's process: any values are checked
+        /// without a panic, and only a header that fits the pair and the mapping passes.
+        #[test]
+        fn any_segment_header_is_checked(
+            (nslots, pages) in (2u32..=16, 1u64..=16),
+            rank in 0usize..8,
+            peer in 0usize..8,
+            magic in mostly(SHM_MAGIC),
+            version in mostly(SHM_VERSION),
+            bad_slots in prop::option::weighted(0.2, any::<u32>()),
+            bad_slot_bytes in prop::option::weighted(0.2, any::<u64>()),
+            bad_segment in prop::option::weighted(0.2, any::<u64>()),
+            bad_len in prop::option::weighted(0.2, any::<usize>()),
+            bad_ranks in prop::option::weighted(0.2, (any::<u64>(), any::<u64>())),
+        ) {
+            let geom = ShmGeometry { nslots: nslots as usize, slot_bytes: (pages * 4096) as usize };
+            let (creator, opener) = bad_ranks.unwrap_or((peer as u64, rank as u64));
+            let h = SegHeader {
+                magic,
+                version,
+                nslots: bad_slots.unwrap_or(nslots),
+                slot_bytes: bad_slot_bytes.unwrap_or(pages * 4096),
+                segment_bytes: bad_segment.unwrap_or(geom.segment_bytes() as u64),
+                creator_rank: creator,
+                opener_rank: opener,
+            };
+            let len = bad_len.unwrap_or(geom.segment_bytes());
+            match h.check(rank, peer, len) {
+                Ok(g) => {
+                    prop_assert!(g.validate().is_ok());
+                    prop_assert_eq!(g.segment_bytes(), len);
+                    prop_assert_eq!(g.segment_bytes() as u64, h.segment_bytes);
+                    prop_assert_eq!((h.magic, h.version), (SHM_MAGIC, SHM_VERSION));
+                    prop_assert_eq!((creator, opener), (peer as u64, rank as u64));
+                }
+                Err(e) => prop_assert!(
+                    e == "it is not a hetccl segment"
+                        || e.starts_with("segment version ")
+                        || e.starts_with("it was made for ranks ")
+                        || e.starts_with("its geometry ("),
+                    "{}", e
+                ),
+            }
+        }
+
+        /// Slot descriptors are written by the peer's process: any descriptor, in any
+        /// state of the receive, is checked without a panic or an allocation, and a step
+        /// that passes stays inside its slot and its message.
+        #[test]
+        fn any_slot_descriptor_is_checked(
+            header in prop_oneof![
+                (any::<u64>(), 0usize..1 << 20).prop_map(|(s, n)| header(s, n)),
+                any::<[u8; 32]>().prop_map(|b| bytemuck::pod_read_unaligned(&b)),
+            ],
+            offset in prop::option::weighted(0.5, prop_oneof![0u64..1 << 20, any::<u64>()]),
+            len in prop_oneof![0u64..1 << 17, any::<u64>()],
+            flags in prop_oneof![Just(FIRST), Just(0u64), any::<u64>()],
+            recv in prop::option::of((0usize..1 << 20, 0usize..1 << 20)),
+            slot_pages in 1usize..=16,
+        ) {
+            // Mostly the offset the receive expects, so steps pass too.
+            let offset = offset.unwrap_or(recv.map_or(0, |r| r.1 as u64));
+            let d = SlotDesc { header, offset, len, flags, _pad: 0 };
+            let slot_bytes = slot_pages * 4096;
+            let (r, allocated) = allocated_by(|| d.check(recv, slot_bytes));
+            match r {
+                Ok(step) => {
+                    prop_assert_eq!(allocated, 0);
+                    prop_assert!(step.len <= slot_bytes);
+                    prop_assert!(step.done + step.len <= step.total);
+                    prop_assert_eq!(step.done as u64, offset);
+                    prop_assert_eq!(step.first, recv.is_none());
+                    if step.first {
+                        prop_assert_eq!(d.header.magic, MSG_MAGIC);
+                        prop_assert_eq!(step.total as u64, d.header.bytes);
+                    }
+                }
+                Err(e) => prop_assert!(
+                    e.contains("header magic")
+                        || e.contains("where one should start")
+                        || e.contains("inside another")
+                        || e.contains("the slot carries")
+                        || e.contains("abort notice"),
+                    "{}", e
+                ),
+            }
+        }
+    }
 
     fn small() -> ShmGeometry {
         ShmGeometry {
@@ -1030,7 +1244,15 @@ mod tests {
     #[test]
     fn abort_and_close_reach_the_peer() {
         let (mut a, mut b) = pair(small());
-        a.abort();
+        let cause = AbortCause {
+            kind: crate::error::AbortKind::Lost,
+            rank: 7,
+            relayed: true,
+        };
+        assert_eq!(b.abort_notice(), None);
+        a.abort(cause);
+        assert_eq!(b.abort_notice(), Some(cause));
+        assert_eq!(a.abort_notice(), None, "its own abort is no notice");
         let e = b.check_peer().unwrap_err();
         assert!(
             matches!(
@@ -1092,7 +1314,7 @@ mod tests {
     }
 
     #[test]
-    fn killed_peer_process_is_noticed() {
+    fn killed_peer_process_is_noticed_while_still_a_zombie() {
         let name = segment_name("test", 0, 1);
         let mut a = ShmLink::create(&name, 0, 1, small()).unwrap();
         // SAFETY: the child only maps the segment, reports through it and waits to be
@@ -1119,12 +1341,26 @@ mod tests {
         assert!(done.unwrap());
         assert_eq!(sink.data, b"hi!");
         a.check_peer().unwrap();
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
-        let e = a.check_peer().unwrap_err();
+        // SAFETY: kill our own child, and do not reap it yet: a zombie, which
+        // `kill(pid, 0)` still finds, must count as gone.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t0 = std::time::Instant::now();
+        let e = loop {
+            match a.check_peer() {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(t0.elapsed().as_secs() < 5, "the dead peer was not noticed");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
+        assert_eq!(
+            crate::transport::peer_process::read_stat(pid)
+                .unwrap()
+                .map(|s| s.state),
+            Some(b'Z'),
+            "the peer is noticed while it is a zombie"
+        );
         assert_eq!(
             e.to_string(),
             format!("link to peer 1: peer 1 (pid {pid}) process has exited")
@@ -1137,5 +1373,8 @@ mod tests {
                 ..
             }
         ));
+        // SAFETY: reap our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert!(a.check_peer().is_err());
     }
 }

@@ -21,6 +21,14 @@
 //! `EPIPE` rather than killing the process with `SIGPIPE`. End of stream or a reset is
 //! reported as [`Error::Link`] with `lost: true`.
 //!
+//! Abort: a side that gives up sends, when no message of its own is half sent, an abort
+//! notice on socket 0 where the next header would go (a header-sized record with
+//! [`super::ABORT_MAGIC`] and the cause, see [`MsgHeader::decode`]), then shuts every
+//! socket down. The other side reads it like a header, or looks for it once the
+//! connection closes, and so can tell a peer that gave up on another rank from one that
+//! died. In the middle of a message there is no place for it: the peer sees the
+//! connection close without a reason.
+//!
 //! Setup: the lower rank of a pair listens, the higher one connects `K` sockets; every
 //! connection opens with [`JobAuth`]'s handshake (rank = connector's rank, channel =
 //! socket index). See [`accept_links`] and [`connect_link`].
@@ -34,11 +42,11 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{AlignedBuf, DirectDst, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES, MSG_MAGIC};
+use super::{AlignedBuf, DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES};
 use crate::bootstrap::auth::{JobAuth, Peer, RefusalLog};
 use crate::bootstrap::Liveness;
 use crate::config::{Config, TcpCongestion};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 
 /// Iovecs per `sendmsg` call.
 const MAX_IOV: usize = 8;
@@ -100,6 +108,9 @@ pub struct TcpLink {
     remote: String,
     stripe: usize,
     aborted: bool,
+    /// The peer's abort notice, once read (`Some(None)`: it sent one with no cause this
+    /// build understands).
+    notice: Option<Option<AbortCause>>,
     tx: TxState,
     rx: RxState,
 }
@@ -155,6 +166,7 @@ impl TcpLink {
             remote,
             stripe,
             aborted: false,
+            notice: None,
             tx: TxState {
                 active: false,
                 len: 0,
@@ -245,13 +257,49 @@ impl TcpLink {
         Error::Link {
             peer: self.peer,
             detail: format!(
-                "peer {} closed the connection (socket {k} of {}, {})",
+                "peer {} closed the connection (socket {k} of {}, {}) without saying why: \
+                 its process ended, or it gave up in the middle of a message",
                 self.peer,
                 self.socks.len(),
                 self.remote
             ),
             lost: true,
         }
+    }
+
+    /// The error once the peer's abort notice has been read.
+    fn gave_up(&self) -> Error {
+        Error::Link {
+            peer: self.peer,
+            detail: format!("peer {} aborted the TCP link", self.peer),
+            lost: true,
+        }
+    }
+
+    /// Reads what has arrived of the next header on socket 0, when no message is being
+    /// received; true once the whole header is buffered (for `poll_recv` to parse). On
+    /// an abort notice, records it and fails.
+    fn read_header(&mut self) -> Result<bool> {
+        if self.notice.is_some() {
+            return Err(self.gave_up());
+        }
+        if self.rx.active {
+            return Ok(false);
+        }
+        while self.rx.header_got < HEADER_BYTES {
+            match (&self.socks[0]).read(&mut self.rx.header[self.rx.header_got..]) {
+                Ok(0) => return Err(self.closed(0)),
+                Ok(n) => self.rx.header_got += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.failed(0, "receiving", e)),
+            }
+        }
+        if let Ok(Frame::Abort(cause)) = MsgHeader::decode(&self.rx.header) {
+            self.notice = Some(cause);
+            return Err(self.gave_up());
+        }
+        Ok(true)
     }
 
     /// An error on an established socket: the connection is unusable either way.
@@ -396,27 +444,22 @@ impl Link for TcpLink {
         let nsocks = self.socks.len();
         let s = self.stripe;
         if !self.rx.active {
-            while self.rx.header_got < HEADER_BYTES {
-                match (&self.socks[0]).read(&mut self.rx.header[self.rx.header_got..]) {
-                    Ok(0) => return Err(self.closed(0)),
-                    Ok(n) => self.rx.header_got += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(self.failed(0, "receiving", e)),
-                }
+            if !self.read_header()? {
+                return Ok(false);
             }
             self.rx.header_got = 0;
-            let h: MsgHeader = bytemuck::pod_read_unaligned(&self.rx.header);
-            if h.magic != MSG_MAGIC {
-                return Err(Error::Link {
-                    peer: self.peer,
-                    detail: format!(
-                        "stream from peer {} is out of step: header magic {:#x}",
-                        self.peer, h.magic
-                    ),
-                    lost: false,
-                });
-            }
+            let h = match MsgHeader::decode(&self.rx.header) {
+                Ok(Frame::Message(h)) => h,
+                // `read_header` took notices already.
+                Ok(Frame::Abort(_)) => return Err(self.gave_up()),
+                Err(e) => {
+                    return Err(Error::Link {
+                        peer: self.peer,
+                        detail: format!("stream from peer {} is out of step: {e}", self.peer),
+                        lost: false,
+                    })
+                }
+            };
             sink.header(&h)?;
             self.rx.len = h.bytes as usize;
             self.rx.nstripes = self.rx.len.div_ceil(s);
@@ -486,6 +529,12 @@ impl Link for TcpLink {
 
     fn check_peer(&mut self) -> Result<()> {
         self.check_not_aborted()?;
+        // A notice waits where the next header would be: read what is there of it (a
+        // real header stays buffered for `poll_recv`).
+        match self.read_header() {
+            Err(e @ Error::Link { .. }) if self.notice.is_some() => return Err(e),
+            _ => {}
+        }
         let mut b = [0u8; 1];
         // A peer that sent its last stripe and exited closes its sockets one by one,
         // while stripes on the others may still be in flight (slow links queue a lot):
@@ -520,11 +569,33 @@ impl Link for TcpLink {
         }
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, cause: AbortCause) {
+        if !self.aborted && !self.tx.active {
+            // Best effort and never blocking: a notice cut short by a full socket buffer
+            // reads as a closed connection on the other side.
+            let notice = MsgHeader::abort_notice(cause);
+            let bytes = bytemuck::bytes_of(&notice);
+            // SAFETY: a send of a local buffer of `bytes.len()` bytes on our socket.
+            unsafe {
+                libc::send(
+                    self.socks[0].as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+        }
         self.aborted = true;
         for s in &self.socks {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    fn abort_notice(&mut self) -> Option<AbortCause> {
+        if self.notice.is_none() {
+            let _ = self.read_header();
+        }
+        self.notice.flatten()
     }
 
     /// Restarts each socket's congestion control from its initial state.
@@ -1027,6 +1098,94 @@ mod tests {
         (a, b)
     }
 
+    /// Counts what it receives; allocates nothing, and refuses messages over 1 MiB.
+    #[derive(Default)]
+    struct CountSink {
+        header: Option<MsgHeader>,
+        got: usize,
+    }
+
+    impl RecvSink for CountSink {
+        fn header(&mut self, h: &MsgHeader) -> Result<()> {
+            if h.bytes > 1 << 20 {
+                return Err(Error::invalid("CountSink", String::new()));
+            }
+            self.header = Some(*h);
+            Ok(())
+        }
+
+        fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+            assert_eq!(offset, self.got, "pieces in order");
+            self.got += bytes.len();
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever a peer writes (a header, mutated or not, then anything, or only
+        /// garbage) and then closing: the receive completes with exactly the message the
+        /// header announced, or fails naming the problem; never a panic, and no
+        /// allocation while it is under way whatever the header says.
+        #[test]
+        fn any_stream_is_received_or_refused_without_allocating(
+            head in proptest::option::of((
+                0usize..20_000,
+                proptest::collection::vec((0usize..HEADER_BYTES, 1u8..=255), 0..2),
+            )),
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            second in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+        ) {
+            let (mut a, b) = pair(2, 4096);
+            let mut first = Vec::new();
+            if let Some((n, flips)) = &head {
+                first.extend_from_slice(bytemuck::bytes_of(&header(1, *n)));
+                for &(at, x) in flips {
+                    first[at] ^= x;
+                }
+            }
+            first.extend_from_slice(&rest);
+            (&b.socks[0]).write_all(&first).unwrap();
+            (&b.socks[1]).write_all(&second).unwrap();
+            drop(b);
+            let mut sink = CountSink::default();
+            let mut allocated = 0;
+            let t0 = Instant::now();
+            let r = loop {
+                let (r, n) = crate::transport::alloc_meter::allocated_by(|| a.poll_recv(&mut sink));
+                match r {
+                    Ok(true) => break Ok(allocated + n),
+                    Ok(false) => {
+                        allocated += n;
+                        proptest::prop_assert!(t0.elapsed() < Duration::from_secs(10), "stuck");
+                        std::thread::yield_now();
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match r {
+                Ok(allocated) => {
+                    proptest::prop_assert_eq!(allocated, 0);
+                    let h = sink.header.unwrap();
+                    proptest::prop_assert_eq!(h.magic, crate::transport::MSG_MAGIC);
+                    proptest::prop_assert_eq!(sink.got as u64, h.bytes);
+                }
+                Err(e) => {
+                    proptest::prop_assert_eq!(allocated, 0);
+                    let text = e.to_string();
+                    proptest::prop_assert!(
+                        matches!(e, Error::InvalidArgument { op: "CountSink", .. })
+                            || text.contains("closed the connection")
+                            || text.contains("is out of step: header magic")
+                            || text.contains("aborted the TCP link"),
+                        "{}", text
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn stripes_cover_the_message() {
         // 10 stripes of 64 over 4 sockets, the last one 8 bytes short.
@@ -1197,28 +1356,71 @@ mod tests {
     }
 
     #[test]
-    fn aborted_peer_is_lost() {
+    fn aborted_peer_is_lost_and_says_why() {
+        let cause = AbortCause::new(crate::error::AbortKind::TimedOut, 3);
         let (mut a, mut b) = pair(2, 4096);
         a.check_peer().unwrap();
-        b.abort();
+        // A message first: the notice comes after it, where the next header would be.
+        let msg = pattern(10_000, 4);
+        poll_until(|| b.poll_send(&header(1, msg.len()), &msg)).unwrap();
+        b.abort(cause);
         let mut sink = VecSink::default();
+        assert!(poll_until(|| a.poll_recv(&mut sink)).unwrap());
+        assert_eq!(sink.data, msg);
         let e = poll_until(|| a.poll_recv(&mut sink)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Link {
-                    peer: 1,
-                    lost: true,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert_eq!(e.to_string(), "link to peer 1: peer 1 aborted the TCP link");
+        assert!(matches!(
+            e,
+            Error::Link {
+                peer: 1,
+                lost: true,
+                ..
+            }
+        ));
+        assert_eq!(a.abort_notice(), Some(cause));
         let e = b.poll_recv(&mut sink).unwrap_err();
         assert_eq!(
             e.to_string(),
             "link to peer 0: rank 1 aborted this TCP link earlier"
         );
+
+        // Nothing to receive: the check finds the notice.
+        let (mut a, mut b) = pair(1, 4096);
+        b.abort(cause);
+        let t0 = Instant::now();
+        let e = loop {
+            match a.check_peer() {
+                Err(e) => break e,
+                Ok(()) => assert!(t0.elapsed() < Duration::from_secs(5)),
+            }
+        };
+        assert_eq!(e.to_string(), "link to peer 1: peer 1 aborted the TCP link");
+        assert_eq!(a.abort_notice(), Some(cause));
+    }
+
+    #[test]
+    fn an_abort_in_the_middle_of_a_message_closes_without_a_notice() {
+        let (mut a, mut b) = pair(2, 4096);
+        // Far more than the socket buffers hold: the send stays in flight.
+        let msg = pattern(40 << 20, 5);
+        assert!(!b.poll_send(&header(1, msg.len()), &msg).unwrap());
+        b.abort(AbortCause::new(crate::error::AbortKind::Failed, 1));
+        let mut sink = VecSink::default();
+        let e = poll_until(|| a.poll_recv(&mut sink)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("closed the connection (socket 0 of 2")
+                || e.to_string()
+                    .contains("closed the connection (socket 1 of 2"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().ends_with(
+                "without saying why: its process ended, or it gave up in the middle of a message"
+            ),
+            "{e}"
+        );
+        assert_eq!(a.abort_notice(), None);
     }
 
     #[test]
