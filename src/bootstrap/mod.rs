@@ -23,6 +23,7 @@ pub mod file;
 pub mod keyfile;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod netif;
 pub mod store;
 pub mod tcp;
 
@@ -201,9 +202,7 @@ fn one_host(cfg: &Config, world: usize, master: Option<&(String, u16)>) -> Optio
 /// Where rank 0's store listens when `MASTER_ADDR` is not an address of this host.
 fn non_local_bind(cfg: &Config) -> Result<NonLocalBind> {
     match &cfg.socket_ifname {
-        Some(name) => Ok(NonLocalBind::At(IpAddr::V4(
-            crate::transport::tcp::interface_ipv4(name)?,
-        ))),
+        Some(name) => Ok(NonLocalBind::At(IpAddr::V4(netif::interface_ipv4(name)?))),
         None => Ok(NonLocalBind::Everywhere),
     }
 }
