@@ -41,6 +41,25 @@ pub fn stdout() -> Lossy<io::StdoutLock<'static>> {
     Lossy(io::stdout().lock())
 }
 
+/// `println!` that drops the line when stdout is closed (the launcher is gone, or the
+/// output went into `head`) rather than panic; for the command-line tools.
+#[macro_export]
+macro_rules! outln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!($crate::log::stdout(), $($a)*);
+    }};
+}
+
+/// `eprintln!` that drops the line when stderr is closed rather than panic.
+#[macro_export]
+macro_rules! errln {
+    ($($a:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!($crate::log::stderr(), $($a)*);
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

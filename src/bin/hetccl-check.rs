@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 use hetccl::config::AlgoChoice;
-use hetccl::{Communicator, Element, ReduceOp, SharedBuf};
+use hetccl::{errln, outln, Communicator, Element, ReduceOp, SharedBuf};
 
 /// Resident memory a soak may gain between the end of its warm-up and its end: room for
 /// the allocator's own caching, far below what a leak of even a few bytes per step
@@ -42,20 +42,6 @@ const SOAK_RSS_SLACK_KIB: u64 = 8 << 10;
 const SOAK_COUNTS: [usize; 9] = [0, 1, 3, 7, 64, 1000, 4099, 16_384, 70_000];
 /// Kinds of soak step: one collective each, or (the last) several in flight at once.
 const SOAK_KINDS: usize = 12;
-/// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
-/// is gone, or the output went into `head`) rather than panic.
-macro_rules! outln {
-    ($($a:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(hetccl::log::stdout(), $($a)*);
-    }};
-}
-macro_rules! errln {
-    ($($a:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(hetccl::log::stderr(), $($a)*);
-    }};
-}
 
 struct Args {
     counts: Vec<usize>,

@@ -20,25 +20,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use hetccl::dtype::CollectiveOp;
-use hetccl::{Communicator, Config, Element, ReduceOp, SharedBuf};
+use hetccl::{errln, outln, Communicator, Config, Element, ReduceOp, SharedBuf};
 
 use args::{Args, Parsed, Shape};
 use report::{Row, Timing};
-
-/// `println!` and `eprintln!` that drop the line when the stream is closed (the launcher
-/// is gone, or the output went into `head`) rather than panic.
-macro_rules! outln {
-    ($($a:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(hetccl::log::stdout(), $($a)*);
-    }};
-}
-macro_rules! errln {
-    ($($a:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(hetccl::log::stderr(), $($a)*);
-    }};
-}
 
 fn main() -> ExitCode {
     let a = match args::parse(std::env::args().skip(1)) {
