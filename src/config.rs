@@ -143,6 +143,9 @@ pub struct LaunchEnv {
     pub nodes: Option<usize>,
     /// `HETCCL_LAUNCHER_FD`: the socket `hetccl run` hands each rank to watch for its exit.
     pub launcher_fd: Option<i32>,
+    /// `TORCHELASTIC_USE_AGENT_STORE`: torchrun's agent already serves its own store (a
+    /// PyTorch `TCPStore`, another protocol) on `MASTER_ADDR:MASTER_PORT`.
+    pub agent_store: bool,
 }
 
 /// Log verbosity (`HETCCL_DEBUG`).
@@ -515,6 +518,9 @@ fn launch_env(v: &Vars) -> Result<LaunchEnv> {
         launcher_fd: v
             .parse_usize("HETCCL_LAUNCHER_FD", 0, i32::MAX as usize)?
             .map(|fd| fd as i32),
+        agent_store: v
+            .parse_bool("TORCHELASTIC_USE_AGENT_STORE")?
+            .unwrap_or(false),
         ..LaunchEnv::default()
     };
     env.master_port = match v.get("MASTER_PORT") {

@@ -126,6 +126,7 @@ pub fn from_config(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
                 _ => None,
             };
             let local = one_host(cfg, world, master.as_ref());
+            let master = store_beside_agent(cfg, master, local.is_some(), rank)?;
             match (&cfg.job_key, local) {
                 // One host and no store address: the key file carries the port.
                 (Some(_), Some(why)) if master.is_none() => {
@@ -197,6 +198,38 @@ fn one_host(cfg: &Config, world: usize, master: Option<&(String, u16)>) -> Optio
         h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
     });
     loopback.then_some("MASTER_ADDR is a loopback address")
+}
+
+/// Where hetccl's store goes when torchrun's agent serves its own on `MASTER_PORT`
+/// (`TORCHELASTIC_USE_AGENT_STORE`): on one host nowhere fixed (rank 0 picks a free
+/// loopback port and writes it in the key file); across hosts on the next port,
+/// `MASTER_PORT + 1`. Otherwise `master` as given.
+fn store_beside_agent(
+    cfg: &Config,
+    master: Option<(String, u16)>,
+    one_host: bool,
+    rank: usize,
+) -> Result<Option<(String, u16)>> {
+    let (true, Some((host, port))) = (cfg.launch.agent_store, &master) else {
+        return Ok(master);
+    };
+    let (host, port) = (host.clone(), *port);
+    if one_host {
+        return Ok(None);
+    }
+    match port.checked_add(1) {
+        Some(next) => {
+            tracing::info!(
+                "rank {rank}: torchrun's agent serves its store on {host}:{port}; hetccl's \
+                 store uses {host}:{next}"
+            );
+            Ok(Some((host, next)))
+        }
+        None => Err(Error::Bootstrap(format!(
+            "rank {rank}: torchrun's agent serves its store on MASTER_PORT {port}, and hetccl's \
+             goes on the next port, which does not exist; pick a lower --master-port"
+        ))),
+    }
 }
 
 /// Where rank 0's store listens when `MASTER_ADDR` is not an address of this host.
@@ -777,6 +810,65 @@ mod tests {
 
     fn key_file_of(c: &Config) -> KeyFile {
         key_file(c).unwrap().unwrap()
+    }
+
+    #[test]
+    fn under_torchrun_the_agents_port_is_left_to_its_store() {
+        // torchrun's agent already listens on MASTER_PORT (its own TCPStore).
+        let agent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        agent.set_nonblocking(true).unwrap();
+        let p = agent.local_addr().unwrap().port().to_string();
+        let run_id = format!("agent-store-test-{p}");
+        let vars = [
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", p.as_str()),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RUN_ID", run_id.as_str()),
+        ];
+        let got = ranks(2, "RANK", &vars, |rank, mut b, _| {
+            b.all_gather(&[rank as u8 + 10]).unwrap()
+        });
+        assert_eq!(got, vec![vec![vec![10], vec![11]]; 2]);
+        // Nobody knocked on the agent's port.
+        assert_eq!(
+            agent.accept().err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::WouldBlock)
+        );
+    }
+
+    #[test]
+    fn across_hosts_torchrun_puts_the_store_on_the_next_port() {
+        let base = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "8"),
+            ("MASTER_ADDR", "node0"),
+            ("HETCCL_JOB_KEY", "k"),
+        ];
+        let at = |port: &str, agent: &str| {
+            let c = cfg(&[
+                &base[..],
+                &[
+                    ("MASTER_PORT", port),
+                    ("TORCHELASTIC_USE_AGENT_STORE", agent),
+                ],
+            ]
+            .concat());
+            store_beside_agent(
+                &c,
+                Some(("node0".into(), c.launch.master_port.unwrap())),
+                false,
+                1,
+            )
+        };
+        assert_eq!(at("29500", "True").unwrap(), Some(("node0".into(), 29501)));
+        assert_eq!(at("29500", "False").unwrap(), Some(("node0".into(), 29500)));
+        assert_eq!(
+            at("65535", "True").unwrap_err().to_string(),
+            "bootstrap: rank 1: torchrun's agent serves its store on MASTER_PORT 65535, and \
+             hetccl's goes on the next port, which does not exist; pick a lower --master-port"
+        );
     }
 
     #[test]
