@@ -103,8 +103,10 @@ pub fn resolve_init(cfg: &Config) -> InitMethod {
 ///   until the bootstrap is dropped, the others connect to it (retrying until
 ///   `HETCCL_CONNECT_TIMEOUT`). The store is at `MASTER_ADDR:MASTER_PORT`; without them,
 ///   on one host, rank 0 listens on 127.0.0.1 on a free port and writes the port with the
-///   key in its key file. Job id: `HETCCL_JOB_ID`, else `env:<MASTER_ADDR>:<MASTER_PORT>`
-///   (so every rank must be given the same spelling), else `<launcher>-<hash of its job
+///   key in its key file. Under torchrun (`TORCHELASTIC_USE_AGENT_STORE`) `MASTER_PORT`
+///   is its agent's, so hetccl's store goes to a free port on one host, `MASTER_PORT + 1`
+///   across hosts. Job id: `HETCCL_JOB_ID`, else `env:<MASTER_ADDR>:<MASTER_PORT>` (so
+///   every rank must be given the same spelling), else `<launcher>-<hash of its job
 ///   identity>`.
 /// - `file:///dir`: rank and world from the launcher's variables; blobs go through files
 ///   under `dir`. Job id: `HETCCL_JOB_ID`, else `file:<dir>`.
