@@ -42,7 +42,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::{AlignedBuf, DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES};
-use crate::bootstrap::auth::{JobAuth, Peer, RefusalLog};
+use crate::bootstrap::auth::{HandshakeFailure, JobAuth, Peer, Refusal, RefusalLog};
 use crate::bootstrap::netif::{interface_ipv4, ipv4_interfaces};
 use crate::bootstrap::Liveness;
 use crate::config::{Config, TcpCongestion};
@@ -899,8 +899,11 @@ pub fn accept_links(
 }
 
 /// Connects `nsocks` sockets from `rank` to `peer`'s listener at `addr`, each
-/// authenticated (channel = socket index), and returns the link. Retries a listener that
-/// is not up yet until `deadline`, or until `live` says a rank is gone.
+/// authenticated (channel = socket index), and returns the link. Until `deadline`, or
+/// until `live` says a rank is gone, it retries a listener that is not up yet and a
+/// handshake the listener dropped (it sheds connections when strangers crowd it, and cuts
+/// slow handshakes). A listener that proved another key, serves another job or is not a
+/// hetccl one ends it at once.
 #[allow(clippy::too_many_arguments)]
 pub fn connect_link(
     addr: SocketAddr,
@@ -912,29 +915,78 @@ pub fn connect_link(
     deadline: Instant,
     live: Option<&dyn Liveness>,
 ) -> Result<TcpLink> {
+    let stopped = |gone: String| {
+        Error::Bootstrap(format!(
+            "rank {rank}: link setup stopped while connecting to rank {peer} at {addr}: {gone}"
+        ))
+    };
     let mut socks = Vec::with_capacity(nsocks);
+    let mut asked = Instant::now();
     for k in 0..nsocks {
-        let mut s = connect_retry(addr, rank, peer, deadline, live)?;
-        let timeout = HANDSHAKE_TIMEOUT
-            .min(deadline.saturating_duration_since(Instant::now()))
-            .max(Duration::from_millis(100));
-        if let Err(e) = auth.connect_handshake(&mut s, rank as u32, k as u32, timeout) {
+        let mut backoff = Duration::from_millis(10);
+        let mut tries = 0u32;
+        let s = loop {
+            tries += 1;
+            let mut s = connect_retry(addr, rank, peer, deadline, live)?;
+            let timeout = HANDSHAKE_TIMEOUT
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(100));
+            let failure =
+                match auth.connect_handshake_detailed(&mut s, rank as u32, k as u32, timeout) {
+                    Ok(()) => break s,
+                    Err(f) => f,
+                };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let dropped = matches!(
+                failure,
+                HandshakeFailure::Dropped(_) | HandshakeFailure::Refused(Refusal::Busy)
+            );
+            if dropped && left > Duration::from_millis(100) {
+                if let Some(gone) = live.and_then(|l| ask_liveness(l, &mut asked)) {
+                    return Err(stopped(gone));
+                }
+                tracing::debug!(
+                    rank,
+                    peer,
+                    "handshake on socket {k} with {addr} did not finish ({failure}); trying again"
+                );
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
             // A peer killed during its handshake resets it; say that it died if the
             // bootstrap can tell, rather than only that the handshake failed.
             if let Some(gone) = gone_after_failure(live) {
-                return Err(Error::Bootstrap(format!(
-                    "rank {rank}: link setup stopped while connecting to rank {peer} at \
-                     {addr}: {gone}"
-                )));
+                return Err(stopped(gone));
             }
+            let why = match failure {
+                HandshakeFailure::KeyDiffers => format!(
+                    "the listener there proved it holds a different job key, so it is not rank \
+                     {peer}'s (another job's process on that port?)"
+                ),
+                HandshakeFailure::Refused(Refusal::OtherJob) => format!(
+                    "the listener there serves another job, so it is not rank {peer}'s \
+                     (another job's process on that port?)"
+                ),
+                HandshakeFailure::NotHetccl => {
+                    "what listens there is not a hetccl link listener (another program on that \
+                     port?)"
+                        .to_string()
+                }
+                HandshakeFailure::Refused(r) if !dropped => format!("refused: {r}"),
+                other => format!(
+                    "{other}, still after {tries} tries until the deadline \
+                     (HETCCL_CONNECT_TIMEOUT)"
+                ),
+            };
             return Err(Error::Link {
                 peer,
                 detail: format!(
-                    "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {e}"
+                    "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {why}"
                 ),
                 lost: false,
             });
-        }
+        };
         socks.push(s);
     }
     TcpLink::new(rank, peer, socks, stripe)
@@ -1020,6 +1072,7 @@ mod tests {
     use super::*;
     use crate::transport::testing::*;
     use std::io::Write;
+    use std::sync::Arc;
 
     fn auth() -> JobAuth {
         JobAuth::new("tcp-test", "key")
@@ -1471,5 +1524,124 @@ mod tests {
         t.join().unwrap();
         assert!(e.to_string().ends_with("rank 2 died (killed)"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Accepts connections on `l` until `stop`, reads each one's hello and closes it, as a
+    /// listener shedding load does; returns how many it closed.
+    fn shed_every_connection(l: TcpListener, stop: Arc<std::sync::atomic::AtomicBool>) -> usize {
+        use crate::bootstrap::auth::HELLO_LEN;
+        use std::sync::atomic::Ordering;
+        l.set_nonblocking(true).unwrap();
+        let mut shed = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    s.read_exact(&mut hello).unwrap();
+                    shed += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        shed
+    }
+
+    #[test]
+    fn a_shed_connector_tries_again_until_the_deadline() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Shed twice, then served: the link forms.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let t = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut hello = [0u8; crate::bootstrap::auth::HELLO_LEN];
+                s.read_exact(&mut hello).unwrap();
+            }
+            accept_links(&l, &auth(), 0, &[1], 2, 4096, deadline, None)
+        });
+        let mut b = connect_link(addr, &auth(), 1, 0, 2, 4096, deadline, None).unwrap();
+        let mut a = t.join().unwrap().unwrap().pop().unwrap();
+        duplex(&mut a, &mut b, &[1000]);
+
+        // Shed every time: the connector keeps trying until its deadline, and says so.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = {
+            let stop = stop.clone();
+            std::thread::spawn(move || shed_every_connection(l, stop))
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(1500);
+        let e = connect_link(addr, &auth(), 1, 0, 1, 4096, deadline, None)
+            .err()
+            .unwrap()
+            .to_string();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let shed = t.join().unwrap();
+        // The listener closed each try after the hello; the last one may instead have run
+        // out of time before the listener got to it.
+        let head = format!("link to peer 0: rank 1: handshake on socket 0 with rank 0 at {addr}: ");
+        let rest = e.strip_prefix(&head).unwrap_or_else(|| panic!("{e}"));
+        let tries = [
+            "acceptor closed the connection during the handshake, still after ",
+            "acceptor did not finish the handshake in time, still after ",
+        ]
+        .iter()
+        .find_map(|why| rest.strip_prefix(why))
+        .and_then(|r| r.strip_suffix(" tries until the deadline (HETCCL_CONNECT_TIMEOUT)"))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+        assert!(
+            tries >= 3 && (tries - 1..=tries).contains(&shed),
+            "{tries} tries, {shed} shed: {e}"
+        );
+        assert!(
+            took >= Duration::from_millis(1300) && took < Duration::from_secs(6),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn only_a_listener_that_proves_another_key_is_blamed_for_it() {
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let other = JobAuth::new("tcp-test", "another key");
+        let t = std::thread::spawn(move || {
+            accept_links(
+                &l,
+                &other,
+                0,
+                &[1],
+                1,
+                4096,
+                Instant::now() + Duration::from_secs(3),
+                None,
+            )
+        });
+        let start = Instant::now();
+        let e = connect_link(addr, &auth(), 1, 0, 1, 4096, deadline, None)
+            .err()
+            .unwrap();
+        // Refused at once, not retried until the deadline.
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "link to peer 0: rank 1: handshake on socket 0 with rank 0 at {addr}: the \
+                 listener there proved it holds a different job key, so it is not rank 0's \
+                 (another job's process on that port?)"
+            )
+        );
+        drop(t.join().unwrap());
     }
 }
