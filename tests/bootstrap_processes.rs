@@ -1,8 +1,8 @@
 //! Bootstrap across real processes: the env:// TCP store and the file:// rendezvous under
-//! `hetccl run`; ranks killed during bootstrap; the key file of one-host jobs; a store
-//! flooded by strangers. The parent tests start this same test binary (or
-//! `hetccl-check`) as every rank, running only the ignored `rank_main` or
-//! `fault_rank_main`.
+//! `hetccl run`; ranks killed during bootstrap; the key file of one-host jobs; a store and
+//! a link listener flooded by strangers. The parent tests start this same test binary (or
+//! `hetccl-check`) as every rank, running only the ignored `rank_main`, `fault_rank_main`
+//! or `link_flood_main`.
 
 use std::process::Command;
 
@@ -469,5 +469,193 @@ fn idle_strangers_and_garbage_do_not_keep_ranks_out_and_logs_stay_short() {
         warns <= 6 * windows + 1,
         "{warns} warning lines for {garbage} garbage connections in {took:?}:\n{}",
         outs[0].output
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// A rank's TCP link listener flooded during link setup. The listener runs in a process of
+// its own (`link_flood_main`), so the handshake threads counted there are its alone.
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+/// Rank 0 accepts 2 sockets from each of ranks 1..=3 while 300 idle connections and a
+/// stream of garbage arrive at its listener; checks the links, and prints the most
+/// handshake threads (`hetccl-accept`) that were alive at once and how many were left a
+/// while after setup returned.
+#[test]
+#[ignore = "the process of the link listener flood test below"]
+fn link_flood_main() {
+    use hetccl::bootstrap::JobAuth;
+    use hetccl::transport::{tcp, Link};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::atomic::AtomicUsize;
+
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
+    let began = Instant::now();
+    let auth = JobAuth::new("link-flood", "link-flood-key");
+    let listener = tcp::listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, most) = (stop.clone(), most.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(threads_named("hetccl-accept"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let acceptor = {
+        let auth = auth.clone();
+        std::thread::spawn(move || {
+            tcp::accept_links(&listener, &auth, 0, &[1, 2, 3], 2, 4096, deadline, None)
+        })
+    };
+    let idle: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut s) = TcpStream::connect(addr) {
+                    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    while sent.load(Ordering::Relaxed) < 500 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let peers: Vec<_> = (1..4)
+        .map(|r| {
+            let auth = auth.clone();
+            std::thread::spawn(move || {
+                tcp::connect_link(addr, &auth, r, 0, 2, 4096, deadline, None)
+            })
+        })
+        .collect();
+    let connected: Vec<usize> = peers
+        .into_iter()
+        .map(|p| p.join().unwrap().unwrap())
+        .map(|l| {
+            assert_eq!((l.peer(), l.nsocks()), (0, 2));
+            l.peer()
+        })
+        .collect();
+    let accepted: Vec<(usize, usize)> = acceptor
+        .join()
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|l| (l.peer(), l.nsocks()))
+        .collect();
+    let took = began.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    sampler.join().unwrap();
+    assert_eq!(accepted, vec![(1, 2), (2, 2), (3, 2)]);
+    assert_eq!(connected, vec![0, 0, 0]);
+    // Setup is over: the idle connections still open are no reason to keep threads.
+    let after = Instant::now();
+    while threads_named("hetccl-accept") > 0 && after.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "link flood: {} idle and {} garbage connections; setup took {:.1}s; at most {} \
+         handshake threads at once, {} left {:.2}s after setup",
+        idle.len(),
+        sent.load(Ordering::Relaxed),
+        took.as_secs_f64(),
+        most.load(Ordering::Relaxed),
+        threads_named("hetccl-accept"),
+        after.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn idle_strangers_and_garbage_at_a_link_listener_cost_bounded_threads_and_logs() {
+    use hetccl::bootstrap::admission::PRE_AUTH_CONNECTIONS;
+
+    let began = Instant::now();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "link_flood_main",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::collect(vec![child], Duration::from_secs(120)).remove(0);
+    let took = began.elapsed();
+    assert_eq!(out.code, Some(0), "link flood process:\n{}", out.output);
+    let line = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("link flood: "))
+        .unwrap_or_else(|| panic!("no summary:\n{}", out.output));
+    println!("{line}");
+    let number_after = |what: &str| -> usize {
+        line.split_once(what)
+            .and_then(|(_, r)| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let idle: usize = line.split(' ').next().and_then(|n| n.parse().ok()).unwrap();
+    let garbage = number_after(" idle and ");
+    assert_eq!(idle, 300, "{line}");
+    assert!(garbage > 200, "only {garbage} garbage connections: {line}");
+    // 300 idle connections fill the budget, and never more than it: one thread each.
+    assert_eq!(
+        number_after("at most "),
+        PRE_AUTH_CONNECTIONS,
+        "{}",
+        out.output
+    );
+    // Those still in their handshake when setup returned were shed, so no thread waited
+    // out its deadline.
+    assert_eq!(number_after("at once, "), 0, "{}", out.output);
+    // Thousands of refusals, a handful of lines: five per 10 s, then one count; the first
+    // is the listener shedding an idle connection.
+    let warns: Vec<&str> = out.output.lines().filter(|l| l.contains("WARN")).collect();
+    let windows = took.as_secs() as usize / 10 + 1;
+    assert!(
+        !warns.is_empty() && warns.len() <= 6 * windows + 1,
+        "{} warning lines in {took:?}:\n{}",
+        warns.len(),
+        out.output
+    );
+    let first = warns[0];
+    assert!(
+        first.contains("rank 0: listener 127.0.0.1:")
+            && first.contains(": shed 127.0.0.1:")
+            && first.ends_with(&format!(
+                ": {PRE_AUTH_CONNECTIONS} connections were already in their handshake"
+            )),
+        "{first}"
     );
 }

@@ -303,8 +303,8 @@ impl JobAuth {
 
     /// [`JobAuth::accept_handshake`] that also asks `admit` whether the authenticated
     /// connector may stay, and tells it the answer. `hello_seen`, when given, is set once a
-    /// hello of this job has arrived (the store sheds connections that have not sent one
-    /// first).
+    /// hello of this job has arrived (listeners shed connections that have not sent one
+    /// first, see [`super::admission`]).
     pub fn accept_handshake_with(
         &self,
         s: &mut TcpStream,

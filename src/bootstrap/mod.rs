@@ -18,6 +18,7 @@
 //! - else (ranks on several hosts, nothing private between them) it refuses to start,
 //!   saying how to set `HETCCL_JOB_KEY`.
 
+pub mod admission;
 pub mod auth;
 pub mod file;
 pub mod keyfile;

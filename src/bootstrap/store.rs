@@ -33,12 +33,13 @@
 //!
 //! Admission: each connection is served by its own thread. Connections that have not
 //! finished the handshake have a budget of their own ([`PRE_AUTH_CONNECTIONS`]) and a
-//! short deadline; when the budget is full, a new connection sheds the oldest one that
-//! has not even sent a hello of this job (else the oldest), so idle strangers cannot keep
-//! a rank out, and a shed rank retries. Authenticated ranks are always admitted, one
-//! connection per rank below the world size.
+//! short deadline ([`STORE_HANDSHAKE_TIMEOUT`]); when the budget is full, a new connection
+//! sheds the oldest one that has not even sent a hello of this job (else the oldest), so
+//! idle strangers cannot keep a rank out, and a shed rank retries. The rule is
+//! [`Admission`]'s, shared with the transports' link listeners. Authenticated ranks are
+//! always admitted, one connection per rank below the world size.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -47,15 +48,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use super::admission::PRE_AUTH_CONNECTIONS;
+use super::admission::{Admission, Ticket};
 use super::auth::{HandshakeFailure, JobAuth, Peer, Refusal, RefusalLog};
 use super::fmt_secs;
 use crate::error::{Error, Result};
 
 /// Largest frame either side accepts; bootstrap blobs are addresses and host names.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
-
-/// Connections still in their handshake at once; a new one beyond this sheds the oldest.
-pub const PRE_AUTH_CONNECTIONS: usize = 64;
 
 /// Longest a connection may take to finish its handshake with the store. A rank needs a
 /// few round trips; a shed or timed-out rank connects again.
@@ -688,23 +688,14 @@ pub struct StoreServer {
 /// Open connections: a handle to shut each socket down, and its serving thread.
 type Conns = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
-/// A connection still in its handshake: a handle to shed it, and whether it has sent a
-/// hello of this job.
-struct PreAuth {
-    id: u64,
-    stream: TcpStream,
-    hello: Arc<AtomicBool>,
-}
-
 /// What a connection thread needs to know.
 #[derive(Clone)]
 struct ServeCtx {
     shared: Arc<Shared>,
     refused: Arc<AtomicUsize>,
     log: Arc<RefusalLog>,
-    pre_auth: Arc<Mutex<VecDeque<PreAuth>>>,
+    admission: Admission,
     auth: JobAuth,
-    handshake_timeout: Duration,
     local: SocketAddr,
 }
 
@@ -712,11 +703,6 @@ impl ServeCtx {
     fn refuse(&self, why: &dyn std::fmt::Display) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         self.log.refused(why);
-    }
-
-    fn pre_auth(&self) -> MutexGuard<'_, VecDeque<PreAuth>> {
-        // A list of handles: a poisoned lock holds nothing inconsistent.
-        self.pre_auth.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -832,9 +818,11 @@ impl StoreServer {
             shared: shared.clone(),
             refused: refused.clone(),
             log: Arc::new(RefusalLog::new(format!("store on {local}"))),
-            pre_auth: Arc::new(Mutex::new(VecDeque::new())),
+            admission: Admission::new(
+                PRE_AUTH_CONNECTIONS,
+                handshake_timeout.min(STORE_HANDSHAKE_TIMEOUT),
+            ),
             auth,
-            handshake_timeout: handshake_timeout.min(STORE_HANDSHAKE_TIMEOUT),
             local,
         };
         let accept = {
@@ -941,7 +929,6 @@ impl Drop for StoreServer {
 }
 
 fn accept_loop(listener: TcpListener, ctx: ServeCtx, stop: Arc<AtomicBool>, conns: Conns) {
-    let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
         ctx.log.flush();
         let mut pfd = libc::pollfd {
@@ -965,100 +952,53 @@ fn accept_loop(listener: TcpListener, ctx: ServeCtx, stop: Arc<AtomicBool>, conn
                 continue;
             }
         };
-        let (Ok(()), Ok(keep), Ok(shed_handle)) = (
-            stream.set_nonblocking(false),
-            stream.try_clone(),
-            stream.try_clone(),
-        ) else {
+        let (Ok(()), Ok(keep)) = (stream.set_nonblocking(false), stream.try_clone()) else {
             ctx.refuse(&format_args!("cannot set up the connection from {from}"));
             continue;
         };
-        next_id += 1;
-        let id = next_id;
-        let hello = Arc::new(AtomicBool::new(false));
-        let shed = {
-            let mut pre = ctx.pre_auth();
-            pre.push_back(PreAuth {
-                id,
-                stream: shed_handle,
-                hello: hello.clone(),
-            });
-            if pre.len() > PRE_AUTH_CONNECTIONS {
-                // The oldest that has not sent a hello of this job, else the oldest.
-                let at = pre
-                    .iter()
-                    .position(|p| !p.hello.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                pre.remove(at)
-            } else {
-                None
-            }
+        let Ok((ticket, shed)) = ctx.admission.enter(&stream) else {
+            ctx.refuse(&format_args!("cannot set up the connection from {from}"));
+            continue;
         };
-        if let Some(victim) = shed {
-            let _ = victim.stream.shutdown(Shutdown::Both);
-            let who = victim
-                .stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "<unknown>".into());
-            ctx.refuse(&format_args!(
-                "shed {who}: {PRE_AUTH_CONNECTIONS} connections were already in their handshake"
-            ));
+        if let Some(shed) = shed {
+            ctx.refuse(&shed);
         }
         let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
         list.retain(|(_, h)| !h.is_finished());
         let c = ctx.clone();
         match std::thread::Builder::new()
             .name("hetccl-store-conn".into())
-            .spawn(move || serve_conn(stream, from, c, id, hello))
+            .spawn(move || serve_conn(stream, from, c, ticket))
         {
             Ok(h) => list.push((keep, h)),
-            Err(e) => {
-                ctx.pre_auth().retain(|p| p.id != id);
-                ctx.refuse(&format_args!("cannot serve {from}: {e}"));
-            }
+            // The ticket went with the thread that never started, and left the budget.
+            Err(e) => ctx.refuse(&format_args!("cannot serve {from}: {e}")),
         }
     }
 }
 
-fn serve_conn(mut s: TcpStream, from: SocketAddr, ctx: ServeCtx, id: u64, hello: Arc<AtomicBool>) {
-    serve_conn_inner(&mut s, from, &ctx, id, &hello);
+fn serve_conn(mut s: TcpStream, from: SocketAddr, ctx: ServeCtx, ticket: Ticket) {
+    serve_conn_inner(&mut s, from, &ctx, &ticket);
     // The accept thread holds a clone of the socket, so dropping ours would not close it.
     let _ = s.shutdown(Shutdown::Both);
 }
 
-fn serve_conn_inner(
-    s: &mut TcpStream,
-    from: SocketAddr,
-    ctx: &ServeCtx,
-    id: u64,
-    hello: &AtomicBool,
-) {
+fn serve_conn_inner(s: &mut TcpStream, from: SocketAddr, ctx: &ServeCtx, ticket: &Ticket) {
     let mut admitted = None;
-    // Set once the handshake took this connection out of the budget itself; if it did
-    // not and the connection is not listed any more, the accept thread shed it.
-    let mut unlisted = false;
-    let res = ctx
-        .auth
-        .accept_handshake_with(s, ctx.handshake_timeout, Some(hello), |p: Peer| {
-            // Leaving the budget and admission happen before the verdict, under the
-            // budget's lock, so a connection is never shed after it was admitted.
-            {
-                let mut pre = ctx.pre_auth();
-                let at = pre.iter().position(|q| q.id == id).ok_or(Refusal::Busy)?;
-                pre.remove(at);
-                unlisted = true;
-            }
+    let res = ctx.auth.accept_handshake_with(
+        s,
+        ticket.remaining(),
+        Some(ticket.hello_seen()),
+        |p: Peer| {
+            // Leaving the budget comes before admission, and both before the verdict, so
+            // a connection is never shed after it was admitted.
+            ticket.leave()?;
             ctx.shared.admit(p.rank)?;
             admitted = Some(p.rank);
             Ok(())
-        });
-    let shed = !unlisted && {
-        let mut pre = ctx.pre_auth();
-        let before = pre.len();
-        pre.retain(|q| q.id != id);
-        pre.len() == before
-    };
+        },
+    );
+    let shed = ticket.was_shed();
     let peer = match res {
         Ok(p) => p,
         Err(e) => {

@@ -31,18 +31,21 @@
 //!
 //! Setup: the lower rank of a pair listens, the higher one connects `K` sockets; every
 //! connection opens with [`JobAuth`]'s handshake (rank = connector's rank, channel =
-//! socket index). See [`accept_links`] and [`connect_link`].
+//! socket index). The listener admits connections in their handshake by the store's rule
+//! ([`Admission`]: a budget, a deadline, the oldest without a hello shed first) and runs
+//! their handshakes on at most that many threads; a connector whose handshake is dropped
+//! tries again until the setup deadline. See [`accept_links`] and [`connect_link`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::{AlignedBuf, DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, HEADER_BYTES};
-use crate::bootstrap::auth::{JobAuth, Peer, RefusalLog};
+use crate::bootstrap::admission::{Admission, Ticket, PRE_AUTH_CONNECTIONS};
+use crate::bootstrap::auth::{HandshakeFailure, JobAuth, Peer, Refusal, RefusalLog};
 use crate::bootstrap::netif::{interface_ipv4, ipv4_interfaces};
 use crate::bootstrap::Liveness;
 use crate::config::{Config, TcpCongestion};
@@ -50,8 +53,11 @@ use crate::error::{AbortCause, Error, Result};
 
 /// Iovecs per `sendmsg` call.
 const MAX_IOV: usize = 8;
-/// Longest an accepted connection may take to finish its handshake. Each runs on its
-/// own thread, so a silent stranger only holds that thread, not the setup.
+/// Longest a connection to a link listener may take to finish its handshake, from its
+/// accept. A rank needs a few round trips; one whose handshake is cut connects again.
+pub const LISTEN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one try of a connector's handshake. Longer than the listener's deadline, which
+/// starts only at the accept (a listener may not accept yet when the connection is made).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often link setup asks the bootstrap whether a rank is gone while it waits.
 const LIVENESS_EVERY: Duration = Duration::from_millis(250);
@@ -761,11 +767,17 @@ pub fn listen(ip: IpAddr) -> Result<TcpListener> {
 /// Accepts `nsocks` authenticated connections from each rank in `peers` (which connect
 /// with [`connect_link`]) and returns their links, in the order of `peers`.
 ///
-/// Each accepted connection runs its handshake on its own thread, with a short timeout;
-/// connections that fail it (strangers, other jobs, wrong key) or that claim an
-/// unexpected rank or socket are logged (rate-limited) and dropped, and accepting goes
-/// on. Fails at `deadline`, naming the ranks still missing, or as soon as `live` says a
-/// rank is gone.
+/// Connections in their handshake follow the store's admission rule ([`Admission`]): at
+/// most [`PRE_AUTH_CONNECTIONS`] at once, each within [`LISTEN_HANDSHAKE_TIMEOUT`] of its
+/// accept; one more sheds the oldest that has not sent a hello of this job, and a shed rank
+/// connects again. The handshakes run on at most as many threads (`hetccl-accept`),
+/// started as connections need them and each taking the next connection when its
+/// handshake ends, so a flood of idle or slow strangers costs a bounded number of threads
+/// and descriptors, not one of each per connection. Connections that fail the handshake
+/// (strangers, other jobs, wrong key) or that claim an unexpected rank or socket are
+/// logged (rate-limited, sheds included) and dropped, and accepting goes on. On return,
+/// connections still in their handshake are shed, so the threads end at once. Fails at
+/// `deadline`, naming the ranks still missing, or as soon as `live` says a rank is gone.
 #[allow(clippy::too_many_arguments)]
 pub fn accept_links(
     listener: &TcpListener,
@@ -792,8 +804,9 @@ pub fn accept_links(
         .map(|&p| (p, (0..nsocks).map(|_| None).collect()))
         .collect();
     let mut missing = peers.len() * nsocks;
-    let (tx, rx) = mpsc::channel::<(Result<Peer>, TcpStream, SocketAddr)>();
+    let (tx, rx) = mpsc::channel::<Handshaken>();
     let refusals = RefusalLog::new(format!("rank {rank}: listener {here}"));
+    let handshakes = Handshakes::new(auth.clone(), deadline, tx);
     let mut asked = Instant::now();
     while missing > 0 {
         while let Ok((res, stream, from)) = rx.try_recv() {
@@ -859,34 +872,46 @@ pub fn accept_links(
         let wait = (deadline - now).min(Duration::from_millis(20));
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
-        loop {
+        // At most a budget's worth per round: a flood that keeps the listener readable must
+        // not keep finished handshakes from being collected, nor the deadline from being
+        // seen.
+        for _ in 0..handshakes.admission.capacity() {
             match listener.accept() {
                 Ok((stream, from)) => {
-                    let auth = auth.clone();
-                    let tx = tx.clone();
-                    let timeout = HANDSHAKE_TIMEOUT
-                        .min(deadline.saturating_duration_since(Instant::now()))
-                        .max(Duration::from_millis(100));
-                    let spawned = std::thread::Builder::new()
-                        .name("hetccl-accept".into())
-                        .spawn(move || {
-                            let mut stream = stream;
-                            let res = stream
-                                .set_nonblocking(false)
-                                .map_err(|e| Error::io("configuring an accepted socket", e))
-                                .and_then(|_| auth.accept_handshake(&mut stream, timeout));
-                            // The receiver may be gone if setup already ended.
-                            let _ = tx.send((res, stream, from));
-                        });
-                    if let Err(e) = spawned {
-                        tracing::warn!(rank, "dropped a connection from {from}: {e}");
+                    let (ticket, shed) = match handshakes.admission.enter(&stream) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            refusals.refused(&format_args!(
+                                "cannot set up the connection from {from}: {e}"
+                            ));
+                            continue;
+                        }
+                    };
+                    if let Some(shed) = shed {
+                        refusals.refused(&shed);
+                    }
+                    // Shed on arrival (every older one has sent a hello): nothing to run.
+                    if ticket.is_shed() {
+                        continue;
+                    }
+                    if let Err(e) = handshakes.start(Pending {
+                        stream,
+                        from,
+                        ticket,
+                    }) {
+                        refusals.refused(&format_args!(
+                            "dropped a connection from {from}: no thread for its handshake: {e}"
+                        ));
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Out of descriptors and the like: keep trying until the deadline.
-                    tracing::warn!(rank, "accepting on {here}: {e}");
+                    // Out of descriptors and the like: rate-limited like the refusals, and
+                    // no spinning on a listener that stays readable; keep trying until
+                    // the deadline.
+                    refusals.refused(&format_args!("accepting on {here} failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(10));
                     break;
                 }
             }
@@ -898,9 +923,176 @@ pub fn accept_links(
         .collect()
 }
 
+/// An accepted connection waiting for a handshake thread.
+struct Pending {
+    stream: TcpStream,
+    from: SocketAddr,
+    ticket: Ticket,
+}
+
+/// What a handshake thread hands back: who authenticated (or why not), and the socket.
+type Handshaken = (Result<Peer>, TcpStream, SocketAddr);
+
+/// The handshakes of one [`accept_links`]: the admission budget, and the threads that run
+/// them, at most one per connection the budget holds. Dropping it sheds the connections
+/// still in their handshake and lets the threads end.
+struct Handshakes {
+    admission: Admission,
+    queue: Arc<HandshakeQueue>,
+    auth: JobAuth,
+    deadline: Instant,
+    done: mpsc::Sender<Handshaken>,
+}
+
+struct HandshakeQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+struct QueueState {
+    /// Accepted connections no thread has taken yet, oldest first.
+    pending: VecDeque<Pending>,
+    /// Threads waiting for a connection.
+    idle: usize,
+    threads: usize,
+    closed: bool,
+}
+
+impl HandshakeQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Plain counters and a queue: a poisoned lock holds nothing inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Handshakes {
+    fn new(auth: JobAuth, deadline: Instant, done: mpsc::Sender<Handshaken>) -> Handshakes {
+        Handshakes {
+            admission: Admission::new(PRE_AUTH_CONNECTIONS, LISTEN_HANDSHAKE_TIMEOUT),
+            queue: Arc::new(HandshakeQueue {
+                state: Mutex::new(QueueState {
+                    pending: VecDeque::new(),
+                    idle: 0,
+                    threads: 0,
+                    closed: false,
+                }),
+                ready: Condvar::new(),
+            }),
+            auth,
+            deadline,
+            done,
+        }
+    }
+
+    /// Hands `p` to an idle thread, or to a new one while there are fewer than the budget;
+    /// else it waits for the first thread whose handshake ends (a full budget sheds one).
+    /// Fails when no thread can be started and none runs.
+    fn start(&self, p: Pending) -> std::io::Result<()> {
+        let mut st = self.queue.lock();
+        st.pending.push_back(p);
+        if st.pending.len() <= st.idle || st.threads >= self.admission.capacity() {
+            drop(st);
+            self.queue.ready.notify_one();
+            return Ok(());
+        }
+        st.threads += 1;
+        drop(st);
+        let (queue, auth, deadline, done) = (
+            self.queue.clone(),
+            self.auth.clone(),
+            self.deadline,
+            self.done.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("hetccl-accept".into())
+            .spawn(move || handshake_thread(&queue, &auth, deadline, &done));
+        if let Err(e) = spawned {
+            let mut st = self.queue.lock();
+            st.threads -= 1;
+            if st.threads == 0 {
+                // Nobody would take them: they leave the budget and close.
+                st.pending.clear();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Handshakes {
+    fn drop(&mut self) {
+        {
+            let mut st = self.queue.lock();
+            st.closed = true;
+            st.pending.clear();
+        }
+        self.queue.ready.notify_all();
+        self.admission.shed_all();
+    }
+}
+
+/// One `hetccl-accept` thread: runs the handshakes of queued connections one after the
+/// other until the queue closes.
+fn handshake_thread(
+    queue: &HandshakeQueue,
+    auth: &JobAuth,
+    deadline: Instant,
+    done: &mpsc::Sender<Handshaken>,
+) {
+    loop {
+        let next = {
+            let mut st = queue.lock();
+            loop {
+                if let Some(p) = st.pending.pop_front() {
+                    break Some(p);
+                }
+                if st.closed {
+                    break None;
+                }
+                st.idle += 1;
+                st = queue.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.idle -= 1;
+            }
+        };
+        let Some(Pending {
+            mut stream,
+            from,
+            ticket,
+        }) = next
+        else {
+            break;
+        };
+        // Shed while it waited for a thread: counted and logged then.
+        if ticket.is_shed() {
+            continue;
+        }
+        let timeout = ticket
+            .remaining()
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(100));
+        let res = stream
+            .set_nonblocking(false)
+            .map_err(|e| Error::io("configuring an accepted socket", e))
+            .and_then(|_| {
+                auth.accept_handshake_with(&mut stream, timeout, Some(ticket.hello_seen()), |_| {
+                    ticket.leave()
+                })
+            });
+        if res.is_err() && ticket.was_shed() {
+            continue;
+        }
+        // The receiver is gone once setup has ended.
+        let _ = done.send((res, stream, from));
+    }
+    queue.lock().threads -= 1;
+}
+
 /// Connects `nsocks` sockets from `rank` to `peer`'s listener at `addr`, each
-/// authenticated (channel = socket index), and returns the link. Retries a listener that
-/// is not up yet until `deadline`, or until `live` says a rank is gone.
+/// authenticated (channel = socket index), and returns the link. Until `deadline`, or
+/// until `live` says a rank is gone, it retries a listener that is not up yet and a
+/// handshake the listener dropped (it sheds connections when strangers crowd it, and cuts
+/// slow handshakes). A listener that proved another key, serves another job or is not a
+/// hetccl one ends it at once.
 #[allow(clippy::too_many_arguments)]
 pub fn connect_link(
     addr: SocketAddr,
@@ -912,29 +1104,78 @@ pub fn connect_link(
     deadline: Instant,
     live: Option<&dyn Liveness>,
 ) -> Result<TcpLink> {
+    let stopped = |gone: String| {
+        Error::Bootstrap(format!(
+            "rank {rank}: link setup stopped while connecting to rank {peer} at {addr}: {gone}"
+        ))
+    };
     let mut socks = Vec::with_capacity(nsocks);
+    let mut asked = Instant::now();
     for k in 0..nsocks {
-        let mut s = connect_retry(addr, rank, peer, deadline, live)?;
-        let timeout = HANDSHAKE_TIMEOUT
-            .min(deadline.saturating_duration_since(Instant::now()))
-            .max(Duration::from_millis(100));
-        if let Err(e) = auth.connect_handshake(&mut s, rank as u32, k as u32, timeout) {
+        let mut backoff = Duration::from_millis(10);
+        let mut tries = 0u32;
+        let s = loop {
+            tries += 1;
+            let mut s = connect_retry(addr, rank, peer, deadline, live)?;
+            let timeout = HANDSHAKE_TIMEOUT
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(100));
+            let failure =
+                match auth.connect_handshake_detailed(&mut s, rank as u32, k as u32, timeout) {
+                    Ok(()) => break s,
+                    Err(f) => f,
+                };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let dropped = matches!(
+                failure,
+                HandshakeFailure::Dropped(_) | HandshakeFailure::Refused(Refusal::Busy)
+            );
+            if dropped && left > Duration::from_millis(100) {
+                if let Some(gone) = live.and_then(|l| ask_liveness(l, &mut asked)) {
+                    return Err(stopped(gone));
+                }
+                tracing::debug!(
+                    rank,
+                    peer,
+                    "handshake on socket {k} with {addr} did not finish ({failure}); trying again"
+                );
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
             // A peer killed during its handshake resets it; say that it died if the
             // bootstrap can tell, rather than only that the handshake failed.
             if let Some(gone) = gone_after_failure(live) {
-                return Err(Error::Bootstrap(format!(
-                    "rank {rank}: link setup stopped while connecting to rank {peer} at \
-                     {addr}: {gone}"
-                )));
+                return Err(stopped(gone));
             }
+            let why = match failure {
+                HandshakeFailure::KeyDiffers => format!(
+                    "the listener there proved it holds a different job key, so it is not rank \
+                     {peer}'s (another job's process on that port?)"
+                ),
+                HandshakeFailure::Refused(Refusal::OtherJob) => format!(
+                    "the listener there serves another job, so it is not rank {peer}'s \
+                     (another job's process on that port?)"
+                ),
+                HandshakeFailure::NotHetccl => {
+                    "what listens there is not a hetccl link listener (another program on that \
+                     port?)"
+                        .to_string()
+                }
+                HandshakeFailure::Refused(r) if !dropped => format!("refused: {r}"),
+                other => format!(
+                    "{other}, still after {tries} {} until the deadline (HETCCL_CONNECT_TIMEOUT)",
+                    if tries == 1 { "try" } else { "tries" }
+                ),
+            };
             return Err(Error::Link {
                 peer,
                 detail: format!(
-                    "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {e}"
+                    "rank {rank}: handshake on socket {k} with rank {peer} at {addr}: {why}"
                 ),
                 lost: false,
             });
-        }
+        };
         socks.push(s);
     }
     TcpLink::new(rank, peer, socks, stripe)
@@ -1471,5 +1712,124 @@ mod tests {
         t.join().unwrap();
         assert!(e.to_string().ends_with("rank 2 died (killed)"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Accepts connections on `l` until `stop`, reads each one's hello and closes it, as a
+    /// listener shedding load does; returns how many it closed.
+    fn shed_every_connection(l: TcpListener, stop: Arc<std::sync::atomic::AtomicBool>) -> usize {
+        use crate::bootstrap::auth::HELLO_LEN;
+        use std::sync::atomic::Ordering;
+        l.set_nonblocking(true).unwrap();
+        let mut shed = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    s.read_exact(&mut hello).unwrap();
+                    shed += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        shed
+    }
+
+    #[test]
+    fn a_shed_connector_tries_again_until_the_deadline() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Shed twice, then served: the link forms.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let t = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut hello = [0u8; crate::bootstrap::auth::HELLO_LEN];
+                s.read_exact(&mut hello).unwrap();
+            }
+            accept_links(&l, &auth(), 0, &[1], 2, 4096, deadline, None)
+        });
+        let mut b = connect_link(addr, &auth(), 1, 0, 2, 4096, deadline, None).unwrap();
+        let mut a = t.join().unwrap().unwrap().pop().unwrap();
+        duplex(&mut a, &mut b, &[1000]);
+
+        // Shed every time: the connector keeps trying until its deadline, and says so.
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = {
+            let stop = stop.clone();
+            std::thread::spawn(move || shed_every_connection(l, stop))
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(1500);
+        let e = connect_link(addr, &auth(), 1, 0, 1, 4096, deadline, None)
+            .err()
+            .unwrap()
+            .to_string();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let shed = t.join().unwrap();
+        // The listener closed each try after the hello; the last one may instead have run
+        // out of time before the listener got to it.
+        let head = format!("link to peer 0: rank 1: handshake on socket 0 with rank 0 at {addr}: ");
+        let rest = e.strip_prefix(&head).unwrap_or_else(|| panic!("{e}"));
+        let tries = [
+            "acceptor closed the connection during the handshake, still after ",
+            "acceptor did not finish the handshake in time, still after ",
+        ]
+        .iter()
+        .find_map(|why| rest.strip_prefix(why))
+        .and_then(|r| r.strip_suffix(" tries until the deadline (HETCCL_CONNECT_TIMEOUT)"))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+        assert!(
+            tries >= 3 && (tries - 1..=tries).contains(&shed),
+            "{tries} tries, {shed} shed: {e}"
+        );
+        assert!(
+            took >= Duration::from_millis(1300) && took < Duration::from_secs(6),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn only_a_listener_that_proves_another_key_is_blamed_for_it() {
+        let l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let other = JobAuth::new("tcp-test", "another key");
+        let t = std::thread::spawn(move || {
+            accept_links(
+                &l,
+                &other,
+                0,
+                &[1],
+                1,
+                4096,
+                Instant::now() + Duration::from_secs(3),
+                None,
+            )
+        });
+        let start = Instant::now();
+        let e = connect_link(addr, &auth(), 1, 0, 1, 4096, deadline, None)
+            .err()
+            .unwrap();
+        // Refused at once, not retried until the deadline.
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "link to peer 0: rank 1: handshake on socket 0 with rank 0 at {addr}: the \
+                 listener there proved it holds a different job key, so it is not rank 0's \
+                 (another job's process on that port?)"
+            )
+        );
+        drop(t.join().unwrap());
     }
 }
