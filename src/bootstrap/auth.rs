@@ -462,7 +462,7 @@ const REFUSALS_SHOWN: u32 = 5;
 const REFUSAL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Warnings about refused connections, rate-limited so a flood of strangers costs a few
-/// lines: the first [`REFUSALS_SHOWN`] of every 10 s one line each, then one line with
+/// lines: the first five of every 10 s one line each, then one line with
 /// the count of the others when the interval ends ([`RefusalLog::flush`] or the next
 /// refusal) or the log is dropped.
 pub struct RefusalLog {
