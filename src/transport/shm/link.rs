@@ -3,7 +3,7 @@
 //! One segment per pair of ranks holds two single-producer single-consumer rings, one
 //! per direction. The lower rank creates the segment, the higher rank maps it, and the
 //! creator unlinks the name as soon as both have it mapped (see
-//! [`super::connect_all`]): the memory lives on only through the two mappings, so the
+//! [`crate::transport::connect_all`]): the memory lives on only through the two mappings, so the
 //! kernel frees it when both processes are gone, even if they crash. A crash in the
 //! short window between creation and unlink can leave a file `/dev/shm/hetccl-*`.
 //!
@@ -36,7 +36,7 @@
 //! Liveness: each side records its pid, pid namespace and a state (attached, closed,
 //! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
 //! closed or its process has exited while this side still needs it; an exited process
-//! is seen through a pidfd (zombies too, see `peer_process`). A side that
+//! is seen through a pidfd (zombies too, see [`super::liveness`]). A side that
 //! aborts first writes its cause ([`AbortCause::to_word`]) into its line, then the
 //! state with release: the peer reads the state with acquire, then the cause.
 
@@ -44,11 +44,11 @@ use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use super::peer_process::{own_pidns, PeerProcess};
-use super::shared_mem::shm_cname;
-use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
+use super::liveness::{own_pidns, PeerProcess};
+use super::segment::shm_cname;
 use crate::config::Config;
 use crate::error::{AbortCause, Error, Result};
+use crate::transport::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
 const SHM_VERSION: u32 = 2;
@@ -338,7 +338,7 @@ fn ring_at(base: *mut u8, geom: &ShmGeometry, ctl: *const Control, index: usize)
 }
 
 /// A shared-memory [`Link`]. Create with [`ShmLink::create`] on one side and
-/// [`ShmLink::open`] on the other (or let [`super::connect_all`] do it).
+/// [`ShmLink::open`] on the other (or let [`crate::transport::connect_all`] do it).
 pub struct ShmLink {
     rank: usize,
     peer: usize,
@@ -1355,7 +1355,7 @@ mod tests {
             }
         };
         assert_eq!(
-            crate::transport::peer_process::read_stat(pid)
+            crate::transport::shm::liveness::read_stat(pid)
                 .unwrap()
                 .map(|s| s.state),
             Some(b'Z'),

@@ -45,7 +45,7 @@
 //! Waiting spins briefly, yields, then sleeps on the peer's flag (`FUTEX_WAIT` on shared
 //! memory, woken by the owner only when its sleep lines say someone sleeps). Sleeps
 //! are sliced so a dead peer (its process has exited, zombie or not: see
-//! [`crate::transport::peer_process`]), an aborted one, a peer that ran the collective
+//! [`crate::transport::shm::liveness`]), an aborted one, a peer that ran the collective
 //! over links instead, or the timeout ends the wait with an error.
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,8 +61,8 @@ use crate::config::AlgoChoice;
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{AbortCause, Error, Result};
 use crate::reduce;
-use crate::transport::peer_process::{own_pidns, PeerProcess};
-use crate::transport::shared_mem::{self, Mapping, OwnedSegment, SegmentHandle};
+use crate::transport::shm::liveness::{own_pidns, PeerProcess};
+use crate::transport::shm::segment::{self, Mapping, OwnedSegment, SegmentHandle};
 
 const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL2");
 /// Elements of the flag's phase (low 32 bits).
@@ -858,7 +858,7 @@ fn open_checked(
             "{what}: the peer lives in another pid namespace {RETRY_MARK}"
         )));
     }
-    let m = shared_mem::open(h, min_bytes, writable, what).map_err(|e| match e {
+    let m = segment::open(h, min_bytes, writable, what).map_err(|e| match e {
         Error::Shm(s) if memfd => Error::Shm(format!("{s} {RETRY_MARK}")),
         other => other,
     })?;
