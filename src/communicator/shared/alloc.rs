@@ -353,7 +353,8 @@ fn open_checked(
             "{what}: the peer lives in another pid namespace {RETRY_MARK}"
         )));
     }
-    let m = segment::open(h, min_bytes, writable, what).map_err(|e| match e {
+    // `what` names the owner already.
+    let m = segment::open(h, None, min_bytes, writable, what).map_err(|e| match e {
         Error::Shm(s) if memfd => Error::Shm(format!("{s} {RETRY_MARK}")),
         other => other,
     })?;
