@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::algorithm::executor::{timeout_note, ExecCtx};
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{AbortCause, Error, Result};
-use crate::transport::shm::liveness::{own_pidns, PeerProcess};
+use crate::transport::shm::liveness::{own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use crate::transport::shm::segment::Mapping;
 
 const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL2");
@@ -37,10 +37,6 @@ pub(super) const ARRIVE: u32 = 1;
 /// Phase after chunk `c` of the owner's segment is reduced: `CHUNK0 + c`.
 pub(super) const CHUNK0: u32 = 2;
 pub(super) const EXIT: u32 = u32::MAX;
-
-const ATTACHED: u32 = 1;
-const ABORTED: u32 = 2;
-const CLOSED: u32 = 3;
 
 /// Flag polls before yielding, then yields (at least this many, for at least
 /// `YIELD_FOR`) before sleeping. Few: a peer on another core answers within a few
@@ -69,8 +65,8 @@ struct CtlHeader {
 #[repr(C, align(64))]
 pub(super) struct Line(pub(super) AtomicU64);
 
-/// The owner's state and, once it aborted, why ([`AbortCause::to_word`], written
-/// before the state).
+/// The owner's state ([`crate::transport::shm::liveness`]) and, once it aborted, why
+/// ([`AbortCause::to_word`], written before the state).
 #[repr(C, align(64))]
 struct StateLine {
     state: AtomicU32,
@@ -512,8 +508,10 @@ impl Waits<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::communicator::shared::testing::world;
+    use crate::communicator::shared::testing::{attached, secs, world};
     use crate::communicator::testing::on_all;
+    use crate::config::AlgoChoice;
+    use crate::error::AbortKind;
     use proptest::prelude::*;
 
     proptest! {
@@ -531,6 +529,41 @@ mod tests {
                         || e == format!("it is rank {rank}'s control page, not rank 2's"),
                     "{}", e
                 ),
+            }
+        }
+    }
+
+    /// The state on a peer's control page says whether it closed its communicator or
+    /// gave up, and why; a waiter notices either well within its timeout.
+    #[test]
+    fn a_closed_peer_and_an_aborted_one_are_told_apart() {
+        let cause = AbortCause::new(AbortKind::Mismatch, 1);
+        for abort in [false, true] {
+            let comms = attached(2, secs(20), AlgoChoice::Auto);
+            // Rank 1 leaves without running the collective that rank 0 waits in.
+            if abort {
+                comms[1].shared.abort(cause);
+            } else {
+                comms[1].shared.close();
+            }
+            let t = Instant::now();
+            let mut b = vec![1.0f32; 4];
+            let e = comms[0].all_reduce(&mut b, ReduceOp::Sum).unwrap_err();
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+            match e {
+                Error::PeerGaveUp {
+                    rank: 0,
+                    peer: 1,
+                    cause: c,
+                    ..
+                } if abort => assert_eq!(c, cause),
+                Error::PeerLost {
+                    rank: 0,
+                    peer: 1,
+                    ref detail,
+                    ..
+                } if !abort => assert_eq!(detail, "peer 1 closed its communicator"),
+                e => panic!("abort {abort}: {e}"),
             }
         }
     }

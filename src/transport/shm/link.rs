@@ -42,7 +42,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use super::liveness::{own_pidns, PeerProcess};
+use super::liveness::{has_left, own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use super::segment::{self, Mapping, OwnedSegment, SegmentHandle, SegmentName};
 use crate::config::Config;
 use crate::error::{AbortCause, Error, Result};
@@ -53,11 +53,6 @@ const SHM_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
-
-// Side states. 0 means "not attached yet".
-const ATTACHED: u32 = 1;
-const CLOSED: u32 = 2;
-const ABORTED: u32 = 3;
 
 /// Descriptor flag: this slot starts a message and its descriptor carries the header.
 const FIRST: u64 = 1;
@@ -542,7 +537,7 @@ impl ShmLink {
         // The peer's state line is written once or twice in its life, so this load
         // stays in this core's cache and costs nothing on the fast path.
         let peer_state = self.other().state.load(Ordering::Acquire);
-        if peer_state >= CLOSED {
+        if has_left(peer_state) {
             return Err(self.peer_left(peer_state, "sending"));
         }
         Ok(())
