@@ -25,9 +25,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::algorithm::executor::{timeout_note, ExecCtx};
+use crate::algorithm::executor::ExecCtx;
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
-use crate::error::{AbortCause, Error, Result};
+use crate::error::{AbortCause, Result};
 use crate::transport::shm::liveness::{own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use crate::transport::shm::segment::Mapping;
 
@@ -416,25 +416,13 @@ impl Waits<'_> {
             if now.duration_since(last_check) >= CHECK_EVERY {
                 last_check = now;
                 if self.cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Broken(format!(
-                        "rank {}: {} #{} aborted by the application",
-                        self.ctx.rank, self.ctx.op, self.ctx.seq
-                    )));
+                    return Err(self.ctx.cancelled());
                 }
                 self.check_peer(l)?;
                 let waited = now.duration_since(start);
                 if waited >= self.ctx.timeout {
-                    let peer = self.peer(l);
                     let seen = self.node.procs[l].as_ref().and_then(|p| p.stopped());
-                    return Err(Error::Timeout {
-                        rank: self.ctx.rank,
-                        peer,
-                        op: self.ctx.op,
-                        seq: self.ctx.seq,
-                        after: waited,
-                        what,
-                        note: timeout_note(peer, self.ctx.world_size, seen),
-                    });
+                    return Err(self.ctx.timed_out(self.peer(l), waited, what, seen));
                 }
             }
         }
@@ -444,62 +432,51 @@ impl Waits<'_> {
     fn check_peer(&self, l: usize) -> Result<()> {
         let page = self.node.page(l);
         let peer = self.peer(l);
-        let lost = |detail: String| Error::PeerLost {
-            rank: self.ctx.rank,
-            peer,
-            op: self.ctx.op,
-            seq: self.ctx.seq,
-            detail,
-        };
+        let ctx = self.ctx;
         match page.state.state.load(Ordering::Acquire) {
             ABORTED => {
                 return Err(
                     match AbortCause::from_word(page.state.cause.load(Ordering::Relaxed)) {
-                        Some(cause) => Error::PeerGaveUp {
-                            rank: self.ctx.rank,
+                        Some(cause) => ctx.peer_gave_up(peer, cause),
+                        None => ctx.peer_lost(
                             peer,
-                            op: self.ctx.op,
-                            seq: self.ctx.seq,
-                            cause,
-                            note: String::new(),
-                        },
-                        None => lost(format!(
-                            "peer {peer}'s communicator failed (shared-buffer control page \
-                             says aborted)"
-                        )),
+                            format!(
+                                "peer {peer}'s communicator failed (shared-buffer control page \
+                                 says aborted)"
+                            ),
+                        ),
                     },
                 )
             }
-            CLOSED => return Err(lost(format!("peer {peer} closed its communicator"))),
+            CLOSED => {
+                return Err(ctx.peer_lost(peer, format!("peer {peer} closed its communicator")))
+            }
             _ => {}
         }
         if let Some(p) = self.node.procs[l].as_ref().filter(|p| p.exited()) {
-            return Err(lost(format!(
-                "peer {peer} (pid {}) process has exited",
-                p.pid()
-            )));
+            return Err(ctx.peer_lost(
+                peer,
+                format!("peer {peer} (pid {}) process has exited", p.pid()),
+            ));
         }
         let ls = page.link_seq.0.load(Ordering::Acquire);
-        if ls != 0 && reached(ls.wrapping_sub(1), self.ctx.seq) {
-            return Err(Error::Mismatch {
-                rank: self.ctx.rank,
+        if ls != 0 && reached(ls.wrapping_sub(1), ctx.seq) {
+            return Err(ctx.mismatch(
                 peer,
-                op: self.ctx.op,
-                seq: self.ctx.seq,
-                detail: if self.eager {
+                if self.eager {
                     format!(
                         "rank {} runs it as a small all_reduce through shared memory, peer \
                          {peer} over links (the ranks disagree on the count or the collective)",
-                        self.ctx.rank
+                        ctx.rank
                     )
                 } else {
                     format!(
                         "rank {} runs it on shared buffers, peer {peer} over links (pass \
                          buffers from alloc_shared on every rank, or on none)",
-                        self.ctx.rank
+                        ctx.rank
                     )
                 },
-            });
+            ));
         }
         Ok(())
     }
@@ -511,7 +488,7 @@ mod tests {
     use crate::communicator::shared::testing::{attached, secs, world};
     use crate::communicator::testing::on_all;
     use crate::config::AlgoChoice;
-    use crate::error::AbortKind;
+    use crate::error::{AbortKind, Error};
     use proptest::prelude::*;
 
     proptest! {

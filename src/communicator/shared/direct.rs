@@ -26,7 +26,7 @@ use super::Communicator;
 use crate::algorithm::executor::{Buffers, ExecCtx};
 use crate::algorithm::Call;
 use crate::dtype::{CollectiveOp, Element};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::reduce;
 
 /// Bytes a rank reduces before publishing progress: small enough that the chunk is
@@ -241,13 +241,7 @@ impl Run<'_> {
                 c.count.load(Ordering::Relaxed),
                 c.root.load(Ordering::Relaxed),
             );
-            let mismatch = |detail: String| Error::Mismatch {
-                rank: ctx.rank,
-                peer,
-                op: ctx.op,
-                seq: ctx.seq,
-                detail,
-            };
+            let mismatch = |detail: String| ctx.mismatch(peer, detail);
             if got != want {
                 return Err(mismatch(format!(
                     "expected {}, peer runs {}",

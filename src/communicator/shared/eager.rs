@@ -93,13 +93,7 @@ pub(super) fn all_reduce(
                     ctx.rank
                 )
             };
-            return Err(Error::Mismatch {
-                rank: ctx.rank,
-                peer,
-                op: ctx.op,
-                seq: ctx.seq,
-                detail,
-            });
+            return Err(ctx.mismatch(peer, detail));
         }
     }
     crate::dispatch_dtype!(ctx.dtype, T => {
