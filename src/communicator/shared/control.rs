@@ -41,7 +41,7 @@ pub(super) const EXIT: u32 = u32::MAX;
 /// Flag polls before yielding, then yields (at least this many, for at least
 /// `YIELD_FOR`) before sleeping. Few: a peer on another core answers within a few
 /// polls, and on an oversubscribed host every extra poll is time the awaited rank
-/// cannot run (4 ranks on 2 cores: 200 polls took 2× as long per call as 20).
+/// cannot run (see `docs/PERFORMANCE.md`, waiting on an oversubscribed host).
 const SPINS: u32 = 32;
 const YIELDS: u32 = 16;
 const YIELD_FOR: Duration = Duration::from_micros(200);

@@ -358,9 +358,10 @@ impl Run<'_> {
             // SAFETY: inputs are readable for b - a elements and stay unchanged until
             // every rank passes the exit step; this rank's output segment is written by
             // it alone and equals its own input exactly when in place.
-            // Large outputs: the peers read this segment back from memory rather than
-            // from this core's cache, which still costs less than fetching each line
-            // before writing it (2 ranks, 256 MiB: 4.8–5.4 → 5.7–5.8 GB/s).
+            // Large outputs go out with streaming stores: the peers then read this
+            // segment back from memory rather than from this core's cache, which still
+            // costs less than fetching each line before writing it (measured in
+            // `docs/PERFORMANCE.md`, streaming stores).
             unsafe { self.reduce(bufs.output.add(a * size).cast::<T>(), &srcs, b - a) };
             node.publish(ctx.seq, CHUNK0 + c as u32);
             // Copy whatever peers have finished meanwhile, while it is in cache.

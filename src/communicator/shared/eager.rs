@@ -16,9 +16,12 @@ use crate::error::{Error, Result};
 use crate::reduce;
 
 /// Largest all-reduce that takes the eager slots with `n` local ranks. Each rank reads
-/// every peer's slot, `(n-1)·bytes`: with two ranks the ring overtakes it past 16 KiB
-/// (32 KiB: 7.5 µs eager, 5.9–6.1 ring), with four it is still ahead at 64 KiB
-/// (27–32 µs, against 39–65 through the links).
+/// every peer's slot, `(n-1)·bytes`, in one step; a ring moves `2(n-1)/n·bytes` per
+/// rank but in `2(n-1)` dependent steps. With two ranks that is two steps and no more
+/// bytes than the eager path reads (which first copies its input into its slot too):
+/// the ring overtakes it past 16 KiB. With three or more, the steps the eager path saves
+/// keep it ahead up to the slot's size (the measurements behind both limits:
+/// `docs/PERFORMANCE.md`, small messages).
 pub(super) fn eager_limit(n: usize) -> usize {
     if n <= 2 {
         16 << 10
