@@ -133,7 +133,7 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
     let staging = Staging::new(wire, links.len());
     // Forwarding needs the receive to write exactly what the send carries: not with
     // block passes (they run on blocks as ops reach them) or compression on the wire.
-    let fwd = Forwarder::new(links.len(), blocks.is_none() && !staging.any());
+    let fwd = Forwarder::new(links.len(), blocks.is_none() && !staging.has_wire());
     let mut run = Run {
         sched,
         bufs,

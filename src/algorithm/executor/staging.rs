@@ -42,8 +42,8 @@ impl<'w> Staging<'w> {
         }
     }
 
-    /// Whether any link compresses.
-    pub(super) fn any(&self) -> bool {
+    /// Whether the run was given a wire setting (whichever links it names).
+    pub(super) fn has_wire(&self) -> bool {
         self.wire.is_some()
     }
 

@@ -156,6 +156,7 @@ impl<'a> Wait<'a> {
     }
 
     /// Every [`CHECK_EVERY`]: the cancel flag, then `awaited`'s peers, then the timeout.
+    #[inline]
     pub(crate) fn check(&mut self, awaited: &mut impl Awaited) -> Result<()> {
         let now = Instant::now();
         let last = *self.last_check.get_or_insert(now);
@@ -163,18 +164,32 @@ impl<'a> Wait<'a> {
             return Ok(());
         }
         self.last_check = Some(now);
-        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(self.ctx.cancelled());
-        }
-        awaited.check_peers()?;
         let waited = now.duration_since(self.since.unwrap_or(last));
-        if waited >= self.ctx.timeout {
-            let (peer, what) = awaited.blocked_on();
-            let seen = awaited.seen(peer);
-            return Err(self.ctx.timed_out(peer, waited, what, seen));
-        }
-        Ok(())
+        checks(self.ctx, self.cancel, waited, awaited)
     }
+}
+
+/// The checks of a wait that has not moved for `waited`. Apart from [`Wait::check`] so
+/// that the wait itself never leaves its caller's registers: its counter is read and
+/// written on every poll of a spin, next to an acquire load of the flag.
+#[cold]
+#[inline(never)]
+fn checks(
+    ctx: &ExecCtx,
+    cancel: Option<&AtomicBool>,
+    waited: Duration,
+    awaited: &mut impl Awaited,
+) -> Result<()> {
+    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        return Err(ctx.cancelled());
+    }
+    awaited.check_peers()?;
+    if waited >= ctx.timeout {
+        let (peer, what) = awaited.blocked_on();
+        let seen = awaited.seen(peer);
+        return Err(ctx.timed_out(peer, waited, what, seen));
+    }
+    Ok(())
 }
 
 /// The executor waits on the links of its schedule.
