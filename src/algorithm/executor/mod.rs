@@ -130,19 +130,18 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
     } = job;
     let deps = Deps::new(sched, links, bufs)?;
     let blocks = passes.map(|p| BlockTracker::new(p, sched, bufs.output_len));
-    let staging = Staging::new(wire, links.len());
     // Forwarding needs the receive to write exactly what the send carries: not with
     // block passes (they run on blocks as ops reach them) or compression on the wire.
-    let fwd = Forwarder::new(links.len(), blocks.is_none() && !staging.has_wire());
+    let forwarding = blocks.is_none() && wire.is_none();
     let mut run = Run {
         sched,
         bufs,
         ctx,
         active: deps.active(),
-        links,
         deps,
-        fwd,
-        staging,
+        fwd: Forwarder::new(links.len(), forwarding),
+        staging: Staging::new(wire, links.len()),
+        links,
         blocks,
     };
     let mut wait = Wait::new(ctx, Ladder::links(ctx.spin_polls), cancel);

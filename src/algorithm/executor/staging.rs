@@ -35,16 +35,17 @@ pub(super) struct Staging<'w> {
 
 impl<'w> Staging<'w> {
     pub(super) fn new(wire: Option<&'w Wire>, links: usize) -> Self {
+        // Only a run with a wire setting stages (`format` is `None` without one): the
+        // others, most of them, allocate nothing here.
+        let bufs = match wire {
+            Some(_) => (0..links).map(|_| (None, Vec::new())).collect(),
+            None => Vec::new(),
+        };
         Staging {
             wire,
-            bufs: (0..links).map(|_| (None, Vec::new())).collect(),
+            bufs,
             stats: OverflowStats::default(),
         }
-    }
-
-    /// Whether the run was given a wire setting (whichever links it names).
-    pub(super) fn has_wire(&self) -> bool {
-        self.wire.is_some()
     }
 
     /// The wire format of link `peer`'s messages (`None`: uncompressed).
