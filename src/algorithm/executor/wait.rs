@@ -133,6 +133,23 @@ impl<'a> Wait<'a> {
         self.since = Some(Instant::now());
     }
 
+    /// The spin stage in one tight loop, for a waiter whose poll is one load (a flag):
+    /// polls `done` and spins until it says so or the spins are over, and returns
+    /// whether it did. The pauses after it continue the ladder with yields. A loop of
+    /// its own because on a core shared with the awaited rank every spin is time that
+    /// rank cannot run: nothing but the load and the counter belongs in it.
+    #[inline]
+    pub(crate) fn spin(&mut self, mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..self.ladder.spins {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        self.idle = self.ladder.spins;
+        false
+    }
+
     /// Pauses after a poll that found nothing to do: spins or yields here, or says that
     /// it is time to sleep.
     #[inline]
@@ -342,6 +359,25 @@ mod tests {
         );
         w.progressed();
         assert_eq!(w.pause(), Spun);
+        // The spin stage as one loop: polled once per spin, then the yields follow.
+        let mut w = Wait::new(&c, ladder, None);
+        let mut polls = 0;
+        assert!(!w.spin(|| {
+            polls += 1;
+            false
+        }));
+        assert_eq!(polls, 3);
+        assert_eq!(
+            [w.pause(), w.pause(), w.pause()],
+            [Yielded, Yielded, Sleep(6)]
+        );
+        let mut w = Wait::new(&c, ladder, None);
+        let mut polls = 0;
+        assert!(w.spin(|| {
+            polls += 1;
+            polls == 2
+        }));
+        assert_eq!(polls, 2);
         // The executor's: 64 spins where every rank has a core, none where they do not,
         // then yields up to the 511th pause.
         for (spins, first_yield) in [(64, 65), (0, 1)] {

@@ -394,6 +394,9 @@ impl Waits<'_> {
         let target = flag_value(self.ctx.seq, phase);
         let flag = &self.node.page(l).flag.0;
         let mut wait = Wait::new(self.ctx, FLAG_LADDER, Some(self.cancel));
+        if wait.spin(|| reached(flag.load(Ordering::Acquire), target)) {
+            return Ok(());
+        }
         loop {
             if reached(flag.load(Ordering::Acquire), target) {
                 return Ok(());
