@@ -188,7 +188,7 @@ impl<'a> Wait<'a> {
 
 /// The checks of a wait that has not moved for `waited`. Apart from [`Wait::check`] so
 /// that the wait itself never leaves its caller's registers: its counter is read and
-/// written on every poll of a spin, next to an acquire load of the flag.
+/// written on every pause, next to acquire loads of what is awaited.
 #[cold]
 #[inline(never)]
 fn checks(
