@@ -36,6 +36,8 @@ mod init;
 mod launcher_watch;
 mod probe;
 mod shared;
+#[cfg(test)]
+mod what_runs;
 
 pub use shared::SharedBuf;
 

@@ -108,6 +108,15 @@ pub(super) fn plan(
 }
 
 impl Direct {
+    /// The path's name in the tests' tables.
+    #[cfg(test)]
+    pub(super) fn name(&self) -> &'static str {
+        match self.path {
+            Path::Eager => "eager",
+            Path::Buffers(_) => "direct",
+        }
+    }
+
     /// Runs the collective; on error the caller breaks the communicator (which marks
     /// this rank aborted for the peers).
     pub(super) fn execute(&self, bufs: &Buffers, ctx: &ExecCtx, cancel: &AtomicBool) -> Result<()> {
