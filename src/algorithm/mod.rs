@@ -5,6 +5,7 @@
 //! [`executor::execute`] runs over whatever links the communicator holds. Schedules
 //! can therefore be checked with no I/O at all ([`sim`]).
 
+pub mod call;
 pub mod cost;
 pub mod doubling;
 pub mod executor;
@@ -16,9 +17,10 @@ pub mod sim;
 pub mod tree;
 pub mod tuning;
 
+pub use call::Call;
 pub use schedule::{BufId, Combine, Op, OpKind, Region, Schedule};
 
-use crate::dtype::{CollectiveOp, DataType, ReduceOp};
+use crate::dtype::{CollectiveOp, ReduceOp};
 use schedule::Builder;
 
 /// An ordered group of ranks running one (sub-)collective; `me` indexes `members`.
@@ -76,26 +78,6 @@ impl Algo {
             Algo::Halving => "halving",
         }
     }
-}
-
-/// One collective call as every rank states it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Call {
-    /// Which collective.
-    pub op: CollectiveOp,
-    /// Element type.
-    pub dtype: DataType,
-    /// Reduction (ignored where none applies).
-    pub redop: ReduceOp,
-    /// Elements: of the buffer (all_reduce, broadcast, reduce, send/recv), of the
-    /// output block (reduce_scatter), of the input block (all_gather).
-    pub count: usize,
-    /// Root rank (broadcast, reduce) or peer (send/recv).
-    pub root: usize,
-    /// Input and output are the same buffer.
-    pub in_place: bool,
-    /// For send/recv: true on the sending side.
-    pub is_send: bool,
 }
 
 /// Tuning knobs that shape schedules.

@@ -10,7 +10,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::control::{call_kind, describe, NodeCtl, Waits, ARRIVE, EAGER_BYTES, NONE};
+use super::control::{load_call, stated, store_call, NodeCtl, Waits, ARRIVE, EAGER_BYTES, NONE};
+use crate::algorithm::call::{self, NO_ROOT};
 use crate::algorithm::executor::{Buffers, ExecCtx};
 use crate::error::{Error, Result};
 use crate::reduce;
@@ -47,14 +48,11 @@ pub(super) fn all_reduce(
         ));
     }
     let parity = (node.eager_calls.fetch_add(1, Ordering::Relaxed) & 1) as usize;
-    let kind = call_kind(ctx);
+    let mine = stated(ctx, NO_ROOT);
     // The call line too, so a peer that took the shared-buffer path instead can say
     // what this rank runs.
     let line = &node.page(me).call;
-    line.seq.store(ctx.seq, Ordering::Relaxed);
-    line.kind.store(kind, Ordering::Relaxed);
-    line.count.store(ctx.count, Ordering::Relaxed);
-    line.root.store(NONE, Ordering::Relaxed);
+    store_call(&line.call, &mine);
     line.in_idx.store(NONE, Ordering::Relaxed);
     line.out_idx.store(NONE, Ordering::Relaxed);
     let (head, data) = node.eager_slot(me, parity);
@@ -62,9 +60,7 @@ pub(super) fn all_reduce(
     // below says so, and every peer has finished with this slot's previous call
     // (module docs).
     unsafe { std::ptr::copy_nonoverlapping(bufs.input, data, bytes) };
-    head.seq.store(ctx.seq, Ordering::Relaxed);
-    head.kind.store(kind, Ordering::Relaxed);
-    head.count.store(ctx.count, Ordering::Relaxed);
+    store_call(&head.call, &mine);
     node.publish(ctx.seq, ARRIVE);
 
     let waits = Waits {
@@ -76,28 +72,10 @@ pub(super) fn all_reduce(
     for l in (0..n).filter(|&l| l != me) {
         waits.wait(l, ARRIVE, "to start the collective")?;
         let (h, _) = node.eager_slot(l, parity);
-        let got = (
-            h.seq.load(Ordering::Relaxed),
-            h.kind.load(Ordering::Relaxed),
-            h.count.load(Ordering::Relaxed),
-        );
-        if got != (ctx.seq, kind, ctx.count) {
-            let peer = waits.peer(l);
-            let detail = if got.0 == ctx.seq {
-                format!(
-                    "expected {}, peer runs {}",
-                    describe(ctx.seq, kind, ctx.count, 0),
-                    describe(got.0, got.1, got.2, 0)
-                )
-            } else {
-                format!(
-                    "rank {} runs it as a small all_reduce ({bytes} bytes), peer {peer} \
-                     as something else (the ranks disagree on the count or the collective)",
-                    ctx.rank
-                )
-            };
-            return Err(ctx.mismatch(peer, detail));
-        }
+        let peer = waits.peer(l);
+        let engine = call::Engine::Eager { bytes };
+        call::check(ctx.rank, peer, &mine, &load_call(&h.call), engine)
+            .map_err(|detail| ctx.mismatch(peer, detail))?;
     }
     crate::dispatch_dtype!(ctx.dtype, T => {
         let count = ctx.count as usize;
