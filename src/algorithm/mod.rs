@@ -13,6 +13,7 @@ pub mod halving;
 pub mod hierarchical;
 pub mod ring;
 pub mod schedule;
+pub mod select;
 pub mod sim;
 pub mod tree;
 pub mod tuning;
@@ -59,8 +60,8 @@ pub enum Algo {
     /// (all-reduce only; other collectives run the ring).
     Hier,
     /// Recursive doubling: whole-message swaps in `log2 n` rounds (small all-reduces
-    /// only, up to [`doubling::MAX_BYTES`]; other collectives and larger messages run
-    /// the ring).
+    /// only, up to [`select::DOUBLING_MAX_BYTES`]; other collectives and larger messages
+    /// run the ring).
     Doubling,
     /// Recursive halving then doubling (all-reduce only; other collectives run the
     /// ring).
@@ -112,13 +113,8 @@ pub fn plan(
     let bytes = call.count * e;
     let input = Region::new(BufId::Input, 0..bytes);
     let output = Region::new(BufId::Output, 0..bytes);
-    // Recursive doubling swaps whole messages: small all-reduces only. Neither it nor
-    // halving has a form for the other collectives.
-    let algo = match algo {
-        Algo::Doubling | Algo::Halving if call.op != CollectiveOp::AllReduce => Algo::Ring,
-        Algo::Doubling if bytes > doubling::MAX_BYTES => Algo::Ring,
-        a => a,
-    };
+    // What the collective has a form for (the selection has already asked for it).
+    let algo = select::runnable(call.op, bytes, algo).0;
     let mut b = Builder::new(algo.name());
     match call.op {
         CollectiveOp::AllReduce => {

@@ -7,8 +7,8 @@
 //! choice depends on the topology and the settings, never on the links themselves.
 
 use super::testing::on_all;
-use super::{Communicator, CompressMode, RawIn, RawOut};
-use crate::algorithm::Call;
+use super::{Communicator, CompressMode, Path, RawIn, RawOut};
+use crate::algorithm::{Algo, Call};
 use crate::config::{AlgoChoice, Config};
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::topology::{LinkPerf, Topology};
@@ -29,41 +29,25 @@ impl Communicator {
         if self.skip(call) {
             return "nothing".into();
         }
-        let job = compress.and_then(|m| self.compress_job(call, m, std::ptr::null_mut(), 0));
-        if job.is_none() {
-            if let Some(d) = super::shared::plan(self, call, input, output) {
-                return d.name().into();
-            }
-        }
-        let plan_call = if job.is_some() {
-            Call {
-                in_place: true,
-                redop: ReduceOp::Sum,
-                ..*call
-            }
-        } else {
-            *call
+        let mode = compress.unwrap_or(CompressMode::Off);
+        let l = match self.choose(call, input, output, mode) {
+            (Path::Eager { .. }, Some(_)) => return "eager".into(),
+            (Path::Direct, Some(_)) => return "direct".into(),
+            (Path::Links(l), None) => l,
+            (p, d) => panic!("{p} with a shared-memory part: {}", d.is_some()),
         };
-        let sched = self.schedule(&plan_call, job.is_some());
-        // What the schedule is, whatever it was asked to be: only an all-reduce takes
-        // every algorithm, and a broadcast the tree or the chain.
-        let algo = match plan_call.op {
-            CollectiveOp::AllReduce => sched.algo,
-            CollectiveOp::Broadcast if sched.algo == "tree" => "tree",
-            CollectiveOp::Broadcast | CollectiveOp::Reduce => "chain",
-            CollectiveOp::ReduceScatter | CollectiveOp::AllGather => "ring",
-            CollectiveOp::Barrier => "tree",
-            CollectiveOp::SendRecv => "message",
+        // The schedule is what the selection says.
+        assert_eq!(self.schedule(&l).algo, l.algo.name());
+        let algo = match (l.call.op, l.algo) {
+            (CollectiveOp::SendRecv, _) => "message",
+            (CollectiveOp::Broadcast | CollectiveOp::Reduce, Algo::Ring) => "chain",
+            (_, a) => a.name(),
         };
-        let bytes = plan_call.count * plan_call.dtype.size();
-        let chunk =
-            self.model
-                .chunk_for(plan_call.op, bytes, self.world_size, self.cfg.chunk_bytes);
         format!(
             "links {algo} chunk {} KiB {:?}{}",
-            chunk >> 10,
-            self.ring_order(),
-            if job.is_some() { " compressed" } else { "" }
+            l.chunk_bytes >> 10,
+            l.ring_order,
+            if l.compressed { " compressed" } else { "" }
         )
     }
 }

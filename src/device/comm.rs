@@ -25,7 +25,8 @@
 //! ```
 //!
 //! or in one, where every rank reduces the whole message itself (small messages, and
-//! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`):
+//! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`; the
+//! choice is [`select::device_all_reduce`]'s):
 //!
 //! ```text
 //! copy input -> own scratch;                      fence
@@ -83,9 +84,10 @@ use cudarc::driver::{
 use super::context::{device_error, Device, Stream};
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
 use crate::algorithm::call::{check, Call, CallHeader, Engine, HEADER_WORDS};
+use crate::algorithm::select::{self, Path};
 use crate::communicator::Communicator;
 use crate::config::DeviceFence;
-use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
+use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
 
 /// Wall time of a call's phases, logged at trace level (`HETCCL_DEBUG=trace`): where a
@@ -326,15 +328,6 @@ fn record_host() -> String {
     }
     h
 }
-
-/// Largest all-reduce window that every rank reduces whole by itself when the ranks
-/// have GPUs of their own ("one shot": copy in, fence, each rank reads every scratch),
-/// unless `HETCCL_DEVICE_ONE_SHOT_BYTES` says otherwise.
-/// Reducing only its segment and gathering the others' ("two shots") reads
-/// `2(n-1)/n` of the message from the peers instead of `n-1` but needs a second fence,
-/// which is the larger cost for small messages. Ranks sharing one GPU always take one
-/// shot: there each fence waits for the driver to switch between their contexts.
-const ONE_SHOT_MAX_BYTES: usize = 256 << 10;
 
 /// Bytes at the end of every rank's IPC allocation that hold the device fences'
 /// progress counters: one 32-bit word per rank, padded to 256 bytes.
@@ -1270,13 +1263,14 @@ impl DeviceComm {
                 let window = this.ipc_window::<T>(8 * n).min(count);
                 let ptrs = this.ipc_scratch(window * size_of::<T>())?;
                 let last = count.div_ceil(window) - 1;
-                let one_shot = match this.comm.config().device_one_shot_bytes {
-                    Some(max) => window * size_of::<T>() <= max,
-                    None => {
-                        this.ipc.as_ref().is_some_and(|s| s.shared_device)
-                            || window * size_of::<T>() <= ONE_SHOT_MAX_BYTES
-                    }
-                };
+                let one_shot = matches!(
+                    select::device_all_reduce(
+                        window * size_of::<T>(),
+                        this.ipc.as_ref().is_some_and(|s| s.shared_device),
+                        this.comm.config().device_one_shot_bytes,
+                    ),
+                    Path::DeviceOneShot { .. }
+                );
                 for (w, (off, len)) in windows(count, window).enumerate() {
                     let (src, dst) = (at::<T>(src, off), at::<T>(dst, off));
                     // SAFETY: the own scratch holds `window >= len` elements, and `[off,
@@ -1691,6 +1685,7 @@ impl DeviceComm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DataType;
 
     #[test]
     fn segments_tile_the_buffer_on_vector_boundaries() {

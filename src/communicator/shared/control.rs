@@ -53,9 +53,9 @@ const SLEEP_SLICE: Duration = Duration::from_millis(10);
 const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// Phase value meaning "not given" in the published call.
 pub(super) const NONE: u64 = u64::MAX;
-/// Size of an eager slot: the largest all-reduce, in bytes, that can run through the
-/// control pages (when every rank shares one host and the algorithm is not forced).
-pub(super) const EAGER_BYTES: usize = 64 << 10;
+/// Size of an eager slot: the largest all-reduce, in bytes, that the selection sends
+/// through the control pages ([`crate::algorithm::select::EAGER_MAX_BYTES`]).
+pub(super) const EAGER_BYTES: usize = crate::algorithm::select::EAGER_MAX_BYTES;
 
 #[repr(C, align(64))]
 struct CtlHeader {

@@ -424,7 +424,7 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::communicator::shared::eager::eager_limit;
+    use crate::algorithm::select::eager_limit;
     use crate::communicator::shared::testing::{last_direct, secs, world, world_with};
     use crate::communicator::testing::on_all;
     use crate::dtype::ReduceOp;

@@ -1,9 +1,11 @@
 //! The eager algorithm: small all-reduces through two slots of every control page, with
 //! no shared buffer needed.
 //!
-//! Every rank copies its input into an eager slot of its control page with the call in
-//! the slot's header, publishes `flag = (s, ARRIVE)`, waits for every peer's flag,
-//! checks their headers and reduces all slots in rank order into its output. One flag
+//! The selection sends an all-reduce here when every rank shares one host and it is at
+//! most [`crate::algorithm::select::eager_limit`] bytes. Every rank copies its input
+//! into an eager slot of its control page with the call in the slot's header, publishes
+//! `flag = (s, ARRIVE)`, waits for every peer's flag, checks their headers and reduces
+//! all slots in rank order into its output. One flag
 //! exchange and one read of each peer's slot, and no exit step: the slots alternate,
 //! and a rank reuses a slot only after every peer has published the eager call that
 //! followed the slot's last use, which it does only after reading that slot.
@@ -15,21 +17,6 @@ use crate::algorithm::call::{self, NO_ROOT};
 use crate::algorithm::executor::{Buffers, ExecCtx};
 use crate::error::{Error, Result};
 use crate::reduce;
-
-/// Largest all-reduce that takes the eager slots with `n` local ranks. Each rank reads
-/// every peer's slot, `(n-1)·bytes`, in one step; a ring moves `2(n-1)/n·bytes` per
-/// rank but in `2(n-1)` dependent steps. With two ranks that is two steps and no more
-/// bytes than the eager path reads (which first copies its input into its slot too):
-/// the ring overtakes it past 16 KiB. With three or more, the steps the eager path saves
-/// keep it ahead up to the slot's size (the measurements behind both limits:
-/// `docs/PERFORMANCE.md`, small messages).
-pub(super) fn eager_limit(n: usize) -> usize {
-    if n <= 2 {
-        16 << 10
-    } else {
-        EAGER_BYTES
-    }
-}
 
 /// Runs a small all-reduce through the eager slots (see the module docs).
 pub(super) fn all_reduce(
@@ -102,6 +89,7 @@ pub(super) fn all_reduce(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::select::eager_limit;
     use crate::communicator::shared::control::flag_value;
     use crate::communicator::shared::testing::{attached, last_direct, secs};
     use crate::communicator::testing::on_all;
