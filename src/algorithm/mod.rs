@@ -4,6 +4,11 @@
 //! [`Schedule`] (sends, receives and local copies over byte regions), which
 //! [`executor::execute`] runs over whatever links the communicator holds. Schedules
 //! can therefore be checked with no I/O at all ([`sim`]).
+//!
+//! Two files answer for every engine, this executor, the shared-memory one and device
+//! collectives alike: [`select`] decides what runs for a call (which engine, which
+//! algorithm, chunk, compression), and [`call`] holds the call, the header every rank
+//! states it in, and the check that the ranks agree on it.
 
 pub mod call;
 pub mod cost;
