@@ -68,17 +68,17 @@
 //! the peers stop within milliseconds instead of waiting for `HETCCL_TIMEOUT`; the
 //! `DeviceComm` is unusable afterwards.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{
-    result, sys, CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError,
-};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::context::{device_error, Device, Stream};
+use super::context::{Device, Stream};
+use super::driver::{
+    self, at, call_failed, device_error, DeviceAddr, DeviceAlloc, IpcMapping, PinnedHost,
+};
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
 use crate::communicator::Communicator;
 use crate::config::DeviceFence;
@@ -180,10 +180,13 @@ pub struct DeviceComm {
     broken: Option<String>,
 }
 
-// SAFETY: the raw driver handles inside (device and host allocations, events) belong to
-// this object alone, are used only through `&mut self`, and every use binds the context
-// to the calling thread first; the driver allows that from any thread.
-unsafe impl Send for DeviceComm {}
+// Callers move a `DeviceComm` to other threads: every driver resource inside it (device
+// and pinned host memory, IPC mappings, events, streams) is an owned handle that may be
+// used from any thread once its context is bound, which every use does.
+const _: () = {
+    const fn is_send<T: Send>() {}
+    is_send::<DeviceComm>();
+};
 
 impl fmt::Debug for DeviceComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -325,11 +328,6 @@ fn windows(count: usize, window: usize) -> impl Iterator<Item = (usize, usize)> 
         .map(move |off| (off, window.min(count - off)))
 }
 
-/// Address of element `i` of `T` counted from `base`.
-fn at<T>(base: sys::CUdeviceptr, i: usize) -> sys::CUdeviceptr {
-    base + (i * std::mem::size_of::<T>()) as u64
-}
-
 /// Bytes of the scratch buffer for a message of `bytes`: whole 2 MiB pages (the
 /// driver's allocation granularity for large buffers), at least one.
 fn scratch_size(bytes: usize) -> usize {
@@ -419,15 +417,19 @@ fn flag_bytes(world: usize) -> usize {
 /// counters: word `q` of rank `p`'s counters is where rank `q` writes how many device
 /// fences it has passed, for rank `p`'s stream to wait on ([`IpcScratch::fence`]).
 struct IpcScratch {
+    /// This rank's allocation. Drop unmaps the peers' first; fields then drop in order,
+    /// so the memory is freed before the auxiliary stream goes.
+    own: DeviceAlloc,
+    /// The peers' buffers mapped here, by rank (`None` for this rank, and until opened).
+    peers: Vec<Option<IpcMapping>>,
     ctx: Arc<CudaContext>,
     rank: usize,
-    own: sys::CUdeviceptr,
     /// Bytes of the whole allocation.
     bytes: usize,
     /// Bytes of scratch, where the counters start.
     data: usize,
     /// Every rank's buffer as this process addresses it (`own` at `rank`); 0 until opened.
-    ptrs: Vec<sys::CUdeviceptr>,
+    ptrs: Vec<DeviceAddr>,
     /// Device fences queued so far on this scratch; the counters' next value is one more.
     step: u32,
     /// A stream of its own for reading and raising the counters while the caller's
@@ -450,18 +452,17 @@ impl IpcScratch {
         let aux = ctx.new_stream().map_err(device_error("create stream"))?;
         // cuMemAlloc, not cudarc's stream-ordered allocator: memory from a pool cannot be
         // exported with cuIpcGetMemHandle.
-        // SAFETY: plain allocation; the memory is only used through the bounds recorded
-        // here and freed once, by Drop.
-        let own = unsafe { result::malloc_sync(bytes) }.map_err(device_error(format!(
+        let own = DeviceAlloc::new(ctx, bytes).map_err(call_failed(format!(
             "allocate {bytes} bytes of IPC scratch"
         )))?;
         let mut ptrs = vec![0; world];
-        ptrs[rank] = own;
+        ptrs[rank] = own.addr();
         let data = bytes - flag_bytes(world);
         let scratch = IpcScratch {
+            own,
+            peers: (0..world).map(|_| None).collect(),
             ctx: ctx.clone(),
             rank,
-            own,
             bytes,
             data,
             ptrs,
@@ -471,21 +472,16 @@ impl IpcScratch {
         };
         // The counters start at 0 before any peer can learn where they are.
         // SAFETY: the words lie at the end of the allocation just made.
-        unsafe { sys::cuMemsetD32Async(own + data as u64, 0, world, scratch.aux.cu_stream()) }
-            .result()
-            .and_then(|()| scratch.aux.synchronize())
-            .map_err(device_error("zero the device fences' counters"))?;
-        let mut handle = sys::CUipcMemHandle {
-            reserved: [0 as c_char; 64],
-        };
-        // SAFETY: `own` is the base of a live cuMemAlloc allocation of this context, and
-        // `handle` is a valid place for the driver to write 64 bytes.
-        unsafe { sys::cuIpcGetMemHandle(&mut handle, own) }
-            .result()
-            .map_err(device_error(format!(
-                "export {bytes} bytes of scratch (cuIpcGetMemHandle)"
-            )))?;
-        Ok((scratch, handle.reserved.map(|c| c as u8)))
+        unsafe {
+            driver::memset_d32_async(&scratch.aux, scratch.own.addr() + data as u64, 0, world)
+        }
+        .and_then(|()| driver::synchronize(&scratch.aux))
+        .map_err(call_failed("zero the device fences' counters"))?;
+        let handle = scratch
+            .own
+            .ipc_handle()
+            .map_err(call_failed(format!("export {bytes} bytes of scratch")))?;
+        Ok((scratch, handle))
     }
 
     /// Maps every peer's buffer, after checking that it can be mapped here.
@@ -533,29 +529,17 @@ impl IpcScratch {
                     ),
                 });
             }
-            let handle = sys::CUipcMemHandle {
-                reserved: rec.handle.map(|b| b as c_char),
-            };
-            let mut ptr: sys::CUdeviceptr = 0;
-            // SAFETY: `handle` came from cuIpcGetMemHandle in another process of this host
-            // (checked above) and `ptr` is a valid place for the mapped address; the
-            // mapping is closed once, by `close_peers`.
-            unsafe {
-                sys::cuIpcOpenMemHandle_v2(
-                    &mut ptr,
-                    handle,
-                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                )
-            }
-            .result()
-            .map_err(device_error(op()))?;
-            self.ptrs[peer] = ptr;
+            // The handle came from cuIpcGetMemHandle in another process of this host
+            // (checked above); the mapping is closed by `close_peers`.
+            let mapping = IpcMapping::open(&self.ctx, &rec.handle).map_err(call_failed(op()))?;
+            self.ptrs[peer] = mapping.addr();
+            self.peers[peer] = Some(mapping);
         }
         Ok(())
     }
 
     /// Address of the counter that rank `from` writes in rank `owner`'s allocation.
-    fn flag(&self, owner: usize, from: usize) -> sys::CUdeviceptr {
+    fn flag(&self, owner: usize, from: usize) -> DeviceAddr {
         self.ptrs[owner] + (self.data + 4 * from) as u64
     }
 
@@ -568,40 +552,22 @@ impl IpcScratch {
     /// Every rank queues the same fences in the same order, so the counters only grow
     /// and a peer can be at most one fence ahead; waits compare cyclically, so the
     /// 32-bit counters may wrap.
-    fn fence(&mut self, stream: sys::CUstream) -> Result<()> {
+    fn fence(&mut self, stream: &CudaStream) -> Result<()> {
         self.step = self.step.wrapping_add(1);
         let (me, step) = (self.rank, self.step);
         let peers = (0..self.ptrs.len()).filter(|&q| q != me);
         for q in peers.clone() {
             // SAFETY: the word lies in rank q's mapped allocation, which stays mapped
             // until every rank has drained its stream (the barrier at the end of a call).
-            unsafe {
-                sys::cuStreamWriteValue32_v2(
-                    stream,
-                    self.flag(q, me),
-                    step,
-                    sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-                )
-            }
-            .result()
-            .map_err(device_error(format!(
-                "signal rank {q} (device fence {step})"
-            )))?;
+            unsafe { driver::stream_write_u32(stream, self.flag(q, me), step) }.map_err(
+                call_failed(format!("signal rank {q} (device fence {step})")),
+            )?;
         }
         for q in peers {
             // SAFETY: the word lies in this rank's own allocation.
-            unsafe {
-                sys::cuStreamWaitValue32_v2(
-                    stream,
-                    self.flag(me, q),
-                    step,
-                    sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-                )
-            }
-            .result()
-            .map_err(device_error(format!(
-                "wait for rank {q} (device fence {step})"
-            )))?;
+            unsafe { driver::stream_wait_geq_u32(stream, self.flag(me, q), step) }.map_err(
+                call_failed(format!("wait for rank {q} (device fence {step})")),
+            )?;
         }
         Ok(())
     }
@@ -612,24 +578,21 @@ impl IpcScratch {
     fn release(&self) -> Result<Vec<usize>> {
         let n = self.ptrs.len();
         let mut words = vec![0u32; n];
-        let cu = self.aux.cu_stream();
         let base = self.flag(self.rank, 0);
         // SAFETY: `words` has room for the `n` counters at the end of the own
         // allocation; the stream is drained before `words` is read.
         unsafe {
-            sys::cuMemcpyDtoHAsync_v2(words.as_mut_ptr().cast::<c_void>(), base, 4 * n, cu)
-                .result()
-                .and_then(|()| self.aux.synchronize())
-                .map_err(device_error("read the device fences' counters"))?;
+            driver::copy_dtoh_async(&self.aux, words.as_mut_ptr().cast::<c_void>(), base, 4 * n)
         }
+        .and_then(|()| driver::synchronize(&self.aux))
+        .map_err(call_failed("read the device fences' counters"))?;
         let behind = (0..n)
             .filter(|&q| q != self.rank && (words[q].wrapping_sub(self.step) as i32) < 0)
             .collect();
         // SAFETY: as above, the counters at the end of the own allocation.
-        unsafe { sys::cuMemsetD32Async(base, self.step, n, cu) }
-            .result()
-            .and_then(|()| self.aux.synchronize())
-            .map_err(device_error("raise the device fences' counters"))?;
+        unsafe { driver::memset_d32_async(&self.aux, base, self.step, n) }
+            .and_then(|()| driver::synchronize(&self.aux))
+            .map_err(call_failed("raise the device fences' counters"))?;
         Ok(behind)
     }
 
@@ -639,18 +602,14 @@ impl IpcScratch {
             .ctx
             .bind_to_thread()
             .map_err(device_error("bind context"));
-        for (peer, ptr) in self.ptrs.iter_mut().enumerate() {
-            if peer == self.rank || *ptr == 0 {
+        for (peer, mapping) in self.peers.iter_mut().enumerate() {
+            let Some(mapping) = mapping.take() else {
                 continue;
-            }
-            // SAFETY: `ptr` was returned by cuIpcOpenMemHandle in `open_peers` and is
-            // closed only here, after which it is forgotten.
-            let r = unsafe { sys::cuIpcCloseMemHandle(*ptr) }
-                .result()
-                .map_err(device_error(format!(
-                    "close the IPC scratch of rank {peer}"
-                )));
-            *ptr = 0;
+            };
+            let r = mapping
+                .close()
+                .map_err(call_failed(format!("close the IPC scratch of rank {peer}")));
+            self.ptrs[peer] = 0;
             if first.is_ok() {
                 first = r;
             }
@@ -664,12 +623,8 @@ impl Drop for IpcScratch {
         if let Err(e) = self.close_peers() {
             tracing::warn!(target: "hetccl::device", rank = self.rank, "{e}");
         }
-        // SAFETY: `own` came from malloc_sync in `create` and is freed exactly once, here.
-        // Every call ends with a barrier after the peers' last read, so no peer touches it
-        // any more.
-        if let Err(e) = unsafe { result::free_sync(self.own) } {
-            tracing::warn!(target: "hetccl::device", rank = self.rank, "freeing IPC scratch: {e}");
-        }
+        // `own` is freed next, by its own Drop. Every call ends with a barrier after the
+        // peers' last read, so no peer touches it any more.
     }
 }
 
@@ -696,10 +651,10 @@ fn room(func: &'static str, fits: bool, detail: impl FnOnce() -> String) -> Resu
 unsafe fn reduce_in_rank_order<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    out: sys::CUdeviceptr,
+    out: DeviceAddr,
     n: usize,
     len: usize,
-    from: impl Fn(usize) -> sys::CUdeviceptr,
+    from: impl Fn(usize) -> DeviceAddr,
 ) -> Result<()> {
     // SAFETY: the caller's promise.
     unsafe {
@@ -714,9 +669,8 @@ unsafe fn reduce_in_rank_order<T: GpuElement>(
 /// One pinned host buffer of the staged path and the event that says when the copy
 /// into it is done.
 struct Slot {
-    ctx: Arc<CudaContext>,
-    host: *mut c_void,
-    bytes: usize,
+    /// Freed (after every call has drained its stream) before the event goes.
+    host: PinnedHost,
     ready: CudaEvent,
 }
 
@@ -724,58 +678,21 @@ impl Slot {
     fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Slot> {
         ctx.bind_to_thread().map_err(device_error("bind context"))?;
         let ready = ctx.new_event(None).map_err(device_error("create event"))?;
-        // SAFETY: plain allocation of page-locked host memory, freed once by Drop.
-        let host = unsafe { result::malloc_host(bytes, 0) }.map_err(device_error(format!(
+        let host = PinnedHost::new(ctx, bytes).map_err(call_failed(format!(
             "allocate {bytes} bytes of pinned host memory"
         )))?;
-        Ok(Slot {
-            ctx: ctx.clone(),
-            host,
-            bytes,
-            ready,
-        })
-    }
-
-    /// The buffer as `T`s.
-    ///
-    /// # Safety
-    /// No copy into or out of the buffer may be in flight while the slice lives, and no
-    /// other slice of it may exist.
-    unsafe fn as_mut<T: Element>(&mut self) -> &mut [T] {
-        // SAFETY: the allocation is page-aligned and `bytes` long; any bits are a valid T
-        // (Pod); exclusivity is the caller's promise.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.host.cast::<T>(),
-                self.bytes / std::mem::size_of::<T>(),
-            )
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let bound = self.ctx.bind_to_thread();
-        // SAFETY: `host` came from malloc_host and is freed exactly once, here; every call
-        // synchronizes its stream before returning, so no copy still uses it.
-        let freed = unsafe { result::free_host(self.host) };
-        if let Err(e) = bound.and(freed) {
-            tracing::warn!(target: "hetccl::device", "freeing pinned staging memory: {e}");
-        }
+        Ok(Slot { host, ready })
     }
 }
 
 /// Waits until `stream` has run everything queued on it: `Ok(true)`, or `Ok(false)`
 /// when `timeout` passes first. Polls, yielding the CPU between queries.
-fn drain_within(stream: sys::CUstream, timeout: Duration) -> Result<bool> {
+fn drain_within(stream: &CudaStream, timeout: Duration) -> Result<bool> {
     let start = Instant::now();
     let mut polls = 0u32;
     loop {
-        // SAFETY: `stream` is a live stream of the context bound to this thread.
-        match unsafe { sys::cuStreamQuery(stream) } {
-            sys::CUresult::CUDA_SUCCESS => return Ok(true),
-            sys::CUresult::CUDA_ERROR_NOT_READY => {}
-            e => return Err(device_error("wait for the stream")(DriverError(e))),
+        if driver::stream_idle(stream).map_err(|e| call_failed("wait for the stream")(e))? {
+            return Ok(true);
         }
         if start.elapsed() >= timeout {
             return Ok(false);
@@ -796,18 +713,13 @@ fn drain_within(stream: sys::CUstream, timeout: Duration) -> Result<bool> {
 /// # Safety
 /// Both ranges must be valid device memory in the stream's context (or mapped into it)
 /// until the copy has run.
-unsafe fn copy_dtod(
-    s: &Stream,
-    dst: sys::CUdeviceptr,
-    src: sys::CUdeviceptr,
-    bytes: usize,
-) -> Result<()> {
+unsafe fn copy_dtod(s: &Stream, dst: DeviceAddr, src: DeviceAddr, bytes: usize) -> Result<()> {
     if bytes == 0 {
         return Ok(());
     }
     // SAFETY: the caller vouches for both ranges.
-    unsafe { result::memcpy_dtod_async(dst, src, bytes, s.cuda().cu_stream()) }
-        .map_err(device_error(format!("copy {bytes} bytes device to device")))
+    unsafe { driver::copy_dtod_async(s.cuda(), dst, src, bytes) }
+        .map_err(call_failed(format!("copy {bytes} bytes device to device")))
 }
 
 impl DeviceComm {
@@ -1310,8 +1222,8 @@ impl DeviceComm {
         stream: &Stream,
         call: Call,
         local: Result<()>,
-        src: sys::CUdeviceptr,
-        dst: sys::CUdeviceptr,
+        src: DeviceAddr,
+        dst: DeviceAddr,
     ) -> Result<()> {
         let mut laps = Laps::start();
         if !self.agree(&call, local)? {
@@ -1512,7 +1424,7 @@ impl DeviceComm {
     fn ipc_step(&mut self, stream: &Stream, laps: &mut Laps, what: &'static str) -> Result<()> {
         match (self.comm.config().device_fence, self.ipc.as_mut()) {
             (DeviceFence::Device, Some(ipc)) => {
-                ipc.fence(stream.cuda().cu_stream())?;
+                ipc.fence(stream.cuda())?;
                 laps.lap(what);
                 Ok(())
             }
@@ -1528,9 +1440,8 @@ impl DeviceComm {
         if self.comm.config().device_fence == DeviceFence::Host {
             return self.timed_sync_and_barrier(stream, laps, "copy out");
         }
-        let cu = stream.cuda().cu_stream();
         let timeout = self.comm.config().timeout;
-        if !drain_within(cu, timeout)? {
+        if !drain_within(stream.cuda(), timeout)? {
             return Err(self.fence_timeout(stream, coll, timeout));
         }
         laps.lap("drain");
@@ -1552,7 +1463,7 @@ impl DeviceComm {
         };
         // Raised counters let the stream pass its waits; what it computes now is
         // garbage, but it no longer holds the caller's later work back.
-        let _ = drain_within(stream.cuda().cu_stream(), Duration::from_secs(1));
+        let _ = drain_within(stream.cuda(), Duration::from_secs(1));
         match behind.first() {
             Some(&peer) => Error::Timeout {
                 rank,
@@ -1575,7 +1486,7 @@ impl DeviceComm {
 
     /// Every rank's scratch address for a message of `bytes`, growing (collectively) the
     /// buffers first when they are smaller.
-    fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<sys::CUdeviceptr>> {
+    fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<DeviceAddr>> {
         if let Some(s) = &self.ipc {
             if s.data >= bytes {
                 return Ok(s.ptrs.clone());
@@ -1651,7 +1562,7 @@ impl DeviceComm {
                 .next_multiple_of(64);
             self.slots = Some([Slot::new(&self.ctx, bytes)?, Slot::new(&self.ctx, bytes)?]);
         }
-        let bytes = self.slots.as_ref().map_or(0, |s| s[0].bytes);
+        let bytes = self.slots.as_ref().map_or(0, |s| s[0].host.bytes());
         Ok(bytes / std::mem::size_of::<T>())
     }
 
@@ -1666,9 +1577,9 @@ impl DeviceComm {
         stream: &Stream,
         count: usize,
         piece: usize,
-        ins: impl Fn(usize, usize) -> Vec<(sys::CUdeviceptr, usize, usize)>,
+        ins: impl Fn(usize, usize) -> Vec<(DeviceAddr, usize, usize)>,
         mut host: impl FnMut(&Communicator, &mut [T], usize) -> Result<()>,
-        outs: impl Fn(usize, usize) -> Vec<(sys::CUdeviceptr, usize, usize)>,
+        outs: impl Fn(usize, usize) -> Vec<(DeviceAddr, usize, usize)>,
     ) -> Result<()> {
         if piece == 0 {
             return Err(Error::invalid(
@@ -1677,7 +1588,6 @@ impl DeviceComm {
             ));
         }
         let size = std::mem::size_of::<T>();
-        let cu = stream.cuda().cu_stream();
         let comm = self.comm.clone();
         let Some(slots) = self.slots.as_mut() else {
             return Err(Error::invalid("DeviceComm", "staging buffers missing"));
@@ -1692,18 +1602,13 @@ impl DeviceComm {
             let (off, len) = range(k);
             for (src, to, elems) in ins(off, len) {
                 // SAFETY: `ins` names ranges of the caller's buffer that hold `elems`
-                // elements, and `to + elems` lies within the slot; no host reference to
-                // the slot is alive.
+                // elements (the slot's side is checked by the copy); no host reference
+                // to the slot is alive.
                 unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(
-                        slot.host.cast::<u8>().add(to * size).cast::<c_void>(),
-                        src,
-                        elems * size,
-                        cu,
-                    )
+                    slot.host
+                        .copy_from_device(stream.cuda(), to * size, src, elems * size)
                 }
-                .result()
-                .map_err(device_error(format!(
+                .map_err(call_failed(format!(
                     "copy {} bytes device to host",
                     elems * size
                 )))?;
@@ -1732,22 +1637,18 @@ impl DeviceComm {
             {
                 // SAFETY: the event covered every copy into or out of this slot queued so
                 // far, and the next one is queued only after this block.
-                let data = unsafe { slot.as_mut::<T>() };
+                let data = unsafe { slot.host.as_mut_slice::<T>() };
                 host(&comm, data, len)?;
             }
             for (dst, from, elems) in outs(off, len) {
                 // SAFETY: `outs` names ranges of the caller's buffer that hold `elems`
-                // elements, and `from + elems` lies within the slot.
+                // elements (the slot's side is checked by the copy); the host writes
+                // this slot again only after its event, which this copy precedes.
                 unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(
-                        dst,
-                        slot.host.cast::<u8>().add(from * size).cast::<c_void>(),
-                        elems * size,
-                        cu,
-                    )
+                    slot.host
+                        .copy_to_device(stream.cuda(), dst, from * size, elems * size)
                 }
-                .result()
-                .map_err(device_error(format!(
+                .map_err(call_failed(format!(
                     "copy {} bytes host to device",
                     elems * size
                 )))?;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, ValidAsZeroBits,
+    ValidAsZeroBits,
 };
 
+use super::driver::{self, device_error, DeviceAddr, MISSING_ENTRY};
 use crate::compression::OverflowStats;
 use crate::error::{Error, Result};
 
@@ -18,35 +19,6 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"
 
 /// Threads per block for every kernel (the kernels' `__launch_bounds__`).
 const BLOCK: u32 = 256;
-
-pub(super) fn device_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
-    let op = op.into();
-    move |e| Error::Device {
-        op,
-        detail: e.to_string(),
-    }
-}
-
-const MISSING_ENTRY: &str =
-    "the CUDA driver library lacks an entry point this build needs (driver older than CUDA 13.0?)";
-
-pub(super) fn device_count() -> std::result::Result<usize, String> {
-    // SAFETY: only tries to dlopen the driver library; no CUDA function is called.
-    if !unsafe { sys::is_culib_present() } {
-        return Err("no CUDA driver library (libcuda.so) could be loaded".to_string());
-    }
-    // cudarc panics when a symbol is missing from an old driver: turn that into a reason.
-    let probe = catch_unwind(|| -> std::result::Result<i32, DriverError> {
-        result::init()?;
-        result::device::get_count()
-    });
-    match probe {
-        Ok(Ok(n)) if n > 0 => Ok(n as usize),
-        Ok(Ok(_)) => Err("the CUDA driver sees no device".to_string()),
-        Ok(Err(e)) => Err(format!("the CUDA driver failed to initialise: {e}")),
-        Err(_) => Err(MISSING_ENTRY.to_string()),
-    }
-}
 
 /// The loaded fatbin and its kernels.
 pub(super) struct Module {
@@ -129,7 +101,7 @@ impl Device {
     /// Opens device `ordinal` (its primary context) and loads the embedded kernels.
     pub fn open(ordinal: usize) -> Result<Device> {
         let op = format!("open device {ordinal}");
-        let count = device_count().map_err(|detail| Error::Device {
+        let count = driver::device_count().map_err(|detail| Error::Device {
             op: op.clone(),
             detail,
         })?;
@@ -152,9 +124,7 @@ impl Device {
         let ctx = CudaContext::new(ordinal).map_err(device_error(op))?;
         let name = ctx.name().map_err(device_error(op))?;
         let compute_capability = ctx.compute_capability().map_err(device_error(op))?;
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(device_error(op))?;
+        let sm_count = driver::multiprocessor_count(&ctx).map_err(device_error(op))?;
         let module = Arc::new(Module::load(&ctx)?);
         tracing::info!(
             target: "hetccl::device",
@@ -225,7 +195,7 @@ pub struct Stream {
     inner: Arc<CudaStream>,
     module: Arc<Module>,
     stats: CudaSlice<u64>,
-    stats_ptr: sys::CUdeviceptr,
+    stats_ptr: DeviceAddr,
     sm_count: u32,
 }
 
@@ -295,9 +265,8 @@ impl Stream {
     /// elapsed device time in milliseconds. Waits for the end event.
     pub fn time(&self, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
         let ctx = self.inner.context();
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = ctx.new_event(flags).map_err(device_error("create event"))?;
-        let end = ctx.new_event(flags).map_err(device_error("create event"))?;
+        let start = driver::timing_event(ctx).map_err(device_error("create event"))?;
+        let end = driver::timing_event(ctx).map_err(device_error("create event"))?;
         start
             .record(&self.inner)
             .map_err(device_error("record event"))?;
@@ -310,7 +279,7 @@ impl Stream {
     }
 
     /// Device address of the two u64 overflow counters.
-    pub(super) fn stats_ptr(&self) -> sys::CUdeviceptr {
+    pub(super) fn stats_ptr(&self) -> DeviceAddr {
         self.stats_ptr
     }
 

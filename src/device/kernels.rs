@@ -6,10 +6,11 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{sys, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 
 use super::context::Stream;
+use super::driver::DeviceAddr;
 use crate::compression::{WireFloat, WireFormat};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -330,8 +331,8 @@ pub fn reduce_inplace<T: GpuElement>(
 pub(super) unsafe fn reduce_inplace_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
-    src: sys::CUdeviceptr,
+    dst: DeviceAddr,
+    src: DeviceAddr,
     n: usize,
 ) -> Result<()> {
     if n == 0 {
@@ -375,9 +376,9 @@ pub fn reduce_from<T: GpuElement>(
 pub(super) unsafe fn reduce_from_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
-    a: sys::CUdeviceptr,
-    b: sys::CUdeviceptr,
+    dst: DeviceAddr,
+    a: DeviceAddr,
+    b: DeviceAddr,
     n: usize,
 ) -> Result<()> {
     if n == 0 {
@@ -416,7 +417,7 @@ pub fn reduce_finalize<T: GpuElement>(
 pub(super) unsafe fn reduce_finalize_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
+    dst: DeviceAddr,
     world_size: usize,
     n: usize,
 ) -> Result<()> {

@@ -29,6 +29,8 @@ mod comm;
 #[cfg(feature = "cuda")]
 mod context;
 #[cfg(feature = "cuda")]
+mod driver;
+#[cfg(feature = "cuda")]
 mod kernels;
 
 #[cfg(feature = "cuda")]
@@ -56,7 +58,7 @@ pub fn available() -> Result<usize, String> {
 /// Tests call this to skip with the reason.
 #[cfg(feature = "cuda")]
 pub fn available() -> Result<usize, String> {
-    context::device_count()
+    driver::device_count()
 }
 
 #[cfg(all(test, not(feature = "cuda")))]
