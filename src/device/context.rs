@@ -1,5 +1,5 @@
 //! Device, stream and the embedded kernel module: the layer between the driver calls
-//! ([`driver`](super::driver)) and the typed launchers ([`kernels`](super::kernels)).
+//! (`driver.rs`) and the typed launchers (`kernels.rs`).
 //! Kernels are looked up by their [`Signature`] key in a table filled when the module is
 //! loaded, and launched through cudarc's launch builder by one prologue,
 //! [`Stream::launch`].

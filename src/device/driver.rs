@@ -1,7 +1,7 @@
 //! The device module's one door to the CUDA driver: every call into cudarc's raw layers
 //! (`cudarc::driver::sys`, `cudarc::driver::result`) that hetccl makes is in this file.
-//! Above it, [`context`](super::context), [`kernels`](super::kernels) and the collectives
-//! use cudarc's safe API and what is here, nothing else.
+//! Above it, `context.rs`, `kernels.rs` and the collectives use cudarc's safe API and
+//! what is here, nothing else.
 //!
 //! What the collectives need beyond cudarc's safe API, and the driver calls behind it:
 //!
@@ -21,8 +21,10 @@
 //! As in cudarc, `unsafe` stays where the device can be misused: a copy or a stream memory
 //! operation on a raw device address is sound only if the memory stays allocated (or
 //! mapped) until the stream has run it, which only the protocol of the caller can promise.
-//! The RAII types bind their context to the calling thread before each driver call they
-//! make, so they can be made and dropped anywhere.
+//! The RAII types bind their context to the calling thread when they are made and when
+//! they are dropped, so that can happen on any thread; calls on a live one (its handle,
+//! its copies) expect the caller to have bound the context, as every collective does
+//! before it moves data.
 //!
 //! A failed call becomes a [`CallError`] naming the driver call; [`call_failed`] turns it
 //! into [`Error::Device`] with what hetccl was doing.
@@ -265,8 +267,8 @@ pub(super) struct PinnedHost {
     bytes: usize,
 }
 
-// SAFETY: the buffer is plain page-locked memory owned by this value alone; every driver
-// call on it binds the context to the calling thread first.
+// SAFETY: the buffer is plain page-locked memory owned by this value alone, usable from
+// any thread; allocating and freeing it bind its context to the calling thread first.
 unsafe impl Send for PinnedHost {}
 
 impl PinnedHost {
