@@ -315,20 +315,10 @@ impl PinnedHost {
         offset: usize,
         len: usize,
     ) -> std::result::Result<*mut c_void, CallError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.bytes => {
-                // SAFETY: `offset <= bytes`, so the address is inside the allocation or
-                // one past its end.
-                Ok(unsafe { self.ptr.cast::<u8>().add(offset) }.cast::<c_void>())
-            }
-            _ => Err(CallError {
-                call,
-                detail: format!(
-                    "bytes {offset}..{offset}+{len} lie outside the {}-byte pinned buffer",
-                    self.bytes
-                ),
-            }),
-        }
+        let offset = check_range(call, offset, len, self.bytes)?;
+        // SAFETY: `offset + len <= bytes` (checked), so the address is inside the
+        // allocation or one past its end.
+        Ok(unsafe { self.ptr.cast::<u8>().add(offset) }.cast::<c_void>())
     }
 
     /// Queues on `stream` a copy of `len` bytes from device address `src` into bytes
@@ -372,6 +362,25 @@ impl PinnedHost {
         unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, len, stream.cu_stream()) }
             .result()
             .map_err(call("cuMemcpyHtoDAsync"))
+    }
+}
+
+/// `offset` when bytes `offset..offset + len` lie in a buffer of `bytes`, else `call`'s
+/// refusal saying they do not.
+fn check_range(
+    call: &'static str,
+    offset: usize,
+    len: usize,
+    bytes: usize,
+) -> std::result::Result<usize, CallError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes => Ok(offset),
+        _ => Err(CallError {
+            call,
+            detail: format!(
+                "bytes {offset}..{offset}+{len} lie outside the {bytes}-byte pinned buffer"
+            ),
+        }),
     }
 }
 
@@ -494,5 +503,33 @@ pub(super) fn stream_idle(stream: &CudaStream) -> std::result::Result<bool, Call
         sys::CUresult::CUDA_SUCCESS => Ok(true),
         sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
         e => Err(call("cuStreamQuery")(DriverError(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_step_by_the_element_size() {
+        assert_eq!(at::<f32>(0x1000, 3), 0x100c);
+        assert_eq!(at::<half::bf16>(0x1000, 3), 0x1006);
+        assert_eq!(at::<u64>(0x1000, 0), 0x1000);
+    }
+
+    #[test]
+    fn pinned_copies_stay_inside_the_buffer_and_a_refusal_names_the_call() {
+        assert_eq!(check_range("cuMemcpyDtoHAsync", 0, 64, 64).ok(), Some(0));
+        assert_eq!(check_range("cuMemcpyDtoHAsync", 64, 0, 64).ok(), Some(64));
+        assert_eq!(check_range("cuMemcpyDtoHAsync", 48, 16, 64).ok(), Some(48));
+        let e = check_range("cuMemcpyHtoDAsync", 56, 16, 64).unwrap_err();
+        assert_eq!(
+            call_failed("copy 16 bytes host to device")(e).to_string(),
+            "device: copy 16 bytes host to device: cuMemcpyHtoDAsync: bytes 56..56+16 lie \
+             outside the 64-byte pinned buffer"
+        );
+        // An end past usize::MAX is outside too, not a wrapped small number.
+        let e = check_range("cuMemcpyDtoHAsync", usize::MAX, 2, 64).unwrap_err();
+        assert_eq!(e.call, "cuMemcpyDtoHAsync");
     }
 }
