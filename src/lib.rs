@@ -14,9 +14,10 @@
 //!  device           CUDA context, streams and the embedded kernels (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
 //!  log              writers for log lines and messages that never fail on a closed stream
-//!
-//!  launcher         `hetccl run`: starts local ranks (beside the stack, used by the CLI)
 //! ```
+//!
+//! The command-line tools (the `hetccl run` launcher, hetccl-perf, hetccl-check, ...) are
+//! the crate in `tools/`; the test kit shared by the tests is `testkit/`.
 #![warn(missing_docs)]
 
 pub mod algorithm;
@@ -28,7 +29,6 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
-pub mod launcher;
 pub mod log;
 pub mod reduce;
 pub mod topology;

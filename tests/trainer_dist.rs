@@ -4,6 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The `hetccl run` launcher, a binary of the tools' package.
+fn launcher() -> PathBuf {
+    hetccl_testkit::ranks::workspace_bin("hetccl")
+}
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -84,7 +89,7 @@ fn two_processes_match_one() {
         "{}",
         String::from_utf8_lossy(&one.stderr)
     );
-    let two = Command::new(env!("CARGO_BIN_EXE_hetccl"))
+    let two = Command::new(launcher())
         .args(["run", "-n", "2", "--", bert])
         .args(args(&dir, "two"))
         .output()
@@ -131,7 +136,7 @@ fn compressed_args(dir: &Path, tag: &str, steps: &str, ckpt: &str) -> Vec<String
 }
 
 fn run_two(extra: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hetccl"))
+    let out = Command::new(launcher())
         .args(["run", "-n", "2", "--", env!("CARGO_BIN_EXE_hetccl-bert")])
         .args(extra)
         .output()

@@ -1,5 +1,5 @@
 //! Shared by the C API tests: where the built library is, compiling C against it,
-//! running programs under the launcher.
+//! running programs.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
