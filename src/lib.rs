@@ -1,6 +1,6 @@
 //! hetccl: collective communication for data-parallel training on heterogeneous clusters.
 //!
-//! The crate is layered as `../DESIGN.md` describes; dependencies point down only:
+//! The crate is layered as `docs/DESIGN.md` describes; dependencies point down only:
 //!
 //! ```text
 //!  trainer          BERT pretraining; uses only the public API, like any user

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::schedule::{BufId, Combine, OpKind, Region, Schedule};
 use crate::compression::{self, OverflowStats, WireFormat};
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 use crate::reduce;
 use crate::transport::{DirectDst, Link, MsgHeader, RecvSink, MSG_MAGIC};
 
@@ -205,7 +205,72 @@ fn wire_flags(w: Option<WireFormat>) -> u8 {
     w.map_or(0, |f| 1 + f as u8)
 }
 
+/// The errors of a collective in its context (this rank, the collective and its
+/// sequence number), worded once for every engine that runs collectives: this executor
+/// and the shared-memory one (`communicator::shared`).
 impl ExecCtx {
+    /// The communicator was aborted (`Communicator::abort`) while this collective waited.
+    pub(crate) fn cancelled(&self) -> Error {
+        Error::Broken(format!(
+            "rank {}: {} #{} aborted by the application",
+            self.rank, self.op, self.seq
+        ))
+    }
+
+    /// Waited `after` (the timeout or more) for `peer` to do `what`; `seen`: what this
+    /// side sees of the peer's process (stopped, say), if anything.
+    pub(crate) fn timed_out(
+        &self,
+        peer: usize,
+        after: Duration,
+        what: &'static str,
+        seen: Option<String>,
+    ) -> Error {
+        Error::Timeout {
+            rank: self.rank,
+            peer,
+            op: self.op,
+            seq: self.seq,
+            after,
+            what,
+            note: timeout_note(peer, self.world_size, seen),
+        }
+    }
+
+    /// `peer` is gone (`detail`: how this rank noticed).
+    pub(crate) fn peer_lost(&self, peer: usize, detail: String) -> Error {
+        Error::PeerLost {
+            rank: self.rank,
+            peer,
+            op: self.op,
+            seq: self.seq,
+            detail,
+        }
+    }
+
+    /// `peer` gave up and said why.
+    pub(crate) fn peer_gave_up(&self, peer: usize, cause: AbortCause) -> Error {
+        Error::PeerGaveUp {
+            rank: self.rank,
+            peer,
+            op: self.op,
+            seq: self.seq,
+            cause,
+            note: String::new(),
+        }
+    }
+
+    /// `peer` runs another call than this rank (`detail`: expected against seen).
+    pub(crate) fn mismatch(&self, peer: usize, detail: String) -> Error {
+        Error::Mismatch {
+            rank: self.rank,
+            peer,
+            op: self.op,
+            seq: self.seq,
+            detail,
+        }
+    }
+
     fn header(&self, bytes: usize, wire: Option<WireFormat>) -> MsgHeader {
         MsgHeader {
             magic: MSG_MAGIC,
@@ -337,13 +402,7 @@ impl RecvSink for Sink<'_> {
         } else {
             format!("expected {}, received {}", describe(&want), describe(h))
         };
-        Err(Error::Mismatch {
-            rank: self.ctx.rank,
-            peer: self.peer,
-            op: self.ctx.op,
-            seq: self.ctx.seq,
-            detail,
-        })
+        Err(self.ctx.mismatch(self.peer, detail))
     }
 
     fn data(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
@@ -738,7 +797,7 @@ enum Target {
 /// (`seen`: e.g. a stopped process), else, with more than two ranks, that it may be
 /// waiting itself. A rank sees only its own waits: whether the peer is the end of the
 /// chain is known only where the peer's state can be seen.
-pub(crate) fn timeout_note(peer: usize, world_size: usize, seen: Option<String>) -> String {
+fn timeout_note(peer: usize, world_size: usize, seen: Option<String>) -> String {
     match seen {
         Some(s) => format!("; {s}"),
         None if world_size > 2 => format!(
@@ -797,14 +856,7 @@ fn link_error(e: Error, link: &mut dyn Link, ctx: &ExecCtx) -> Error {
         Error::Link {
             peer, lost: true, ..
         } => match link.abort_notice() {
-            Some(cause) => Error::PeerGaveUp {
-                rank: ctx.rank,
-                peer,
-                op: ctx.op,
-                seq: ctx.seq,
-                cause,
-                note: String::new(),
-            },
+            Some(cause) => ctx.peer_gave_up(peer, cause),
             None => in_context(e, ctx),
         },
         e => in_context(e, ctx),
@@ -818,24 +870,12 @@ fn in_context(e: Error, ctx: &ExecCtx) -> Error {
             peer,
             detail,
             lost: true,
-        } => Error::PeerLost {
-            rank: ctx.rank,
-            peer,
-            op: ctx.op,
-            seq: ctx.seq,
-            detail,
-        },
+        } => ctx.peer_lost(peer, detail),
         Error::Link {
             peer,
             detail,
             lost: false,
-        } => Error::PeerLost {
-            rank: ctx.rank,
-            peer,
-            op: ctx.op,
-            seq: ctx.seq,
-            detail: format!("protocol error: {detail}"),
-        },
+        } => ctx.peer_lost(peer, format!("protocol error: {detail}")),
         other => other,
     }
 }
@@ -1104,10 +1144,7 @@ pub fn execute(
             if now.duration_since(last_check) >= Duration::from_millis(50) {
                 last_check = now;
                 if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-                    return Err(Error::Broken(format!(
-                        "rank {}: {} #{} aborted by the application",
-                        ctx.rank, ctx.op, ctx.seq
-                    )));
+                    return Err(ctx.cancelled());
                 }
                 // Only peers this rank still has business with: one that got everything it
                 // needed from us may already have finished and exited.
@@ -1124,15 +1161,7 @@ pub fn execute(
                 if waited >= ctx.timeout {
                     let (peer, what) = blocked_on(&active, &sends, &recvs, &done, sched);
                     let seen = links.get_mut(peer).and_then(|l| l.as_mut()?.peer_note());
-                    return Err(Error::Timeout {
-                        rank: ctx.rank,
-                        peer,
-                        op: ctx.op,
-                        seq: ctx.seq,
-                        after: waited,
-                        what,
-                        note: timeout_note(peer, ctx.world_size, seen),
-                    });
+                    return Err(ctx.timed_out(peer, waited, what, seen));
                 }
             }
         }

@@ -10,10 +10,10 @@
 //! | [`tcp`] | ranks on different hosts; several sockets per peer, chunks striped |
 //! | [`mem`] | two threads of one process (tests of the algorithms) |
 //!
-//! [`shared_mem`] holds the segments behind shared buffers, which ranks of one host map
-//! to read each other's data directly (no link involved). `peer_process` tells the
-//! waits on shared memory (shm links, shared buffers) whether a peer's process has
-//! exited, zombies included.
+//! [`shm`] also holds what every use of memory shared by the ranks of one host builds
+//! on: its segments ([`shm::segment`]), which the shared buffers of
+//! [`crate::Communicator::alloc_shared`] live in too, and whether a peer's process still
+//! runs (`shm::liveness`).
 //!
 //! [`connect_all`] builds the full mesh of links at start-up.
 //!
@@ -24,8 +24,6 @@
 //! ([`Link::abort_notice`]).
 
 pub mod mem;
-pub(crate) mod peer_process;
-pub mod shared_mem;
 pub mod shm;
 pub mod tcp;
 

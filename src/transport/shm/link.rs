@@ -1,11 +1,10 @@
 //! Shared-memory link between two processes on one host.
 //!
-//! One segment per pair of ranks holds two single-producer single-consumer rings, one
-//! per direction. The lower rank creates the segment, the higher rank maps it, and the
-//! creator unlinks the name as soon as both have it mapped (see
-//! [`super::connect_all`]): the memory lives on only through the two mappings, so the
-//! kernel frees it when both processes are gone, even if they crash. A crash in the
-//! short window between creation and unlink can leave a file `/dev/shm/hetccl-*`.
+//! One segment per pair of ranks ([`super::segment`], a named `/dev/shm` file) holds two
+//! single-producer single-consumer rings, one per direction. The lower rank creates the
+//! segment, the higher rank maps it, and the creator unlinks the name as soon as both
+//! have it mapped (see [`crate::transport::connect_all`]): the memory lives on only
+//! through the two mappings.
 //!
 //! Segment layout (`segment_bytes = 4096 + 2 * ring_bytes`):
 //!
@@ -36,30 +35,24 @@
 //! Liveness: each side records its pid, pid namespace and a state (attached, closed,
 //! aborted). [`Link::check_peer`] reports the peer lost when it aborted, or when it
 //! closed or its process has exited while this side still needs it; an exited process
-//! is seen through a pidfd (zombies too, see `peer_process`). A side that
+//! is seen through a pidfd (zombies too, see [`super::liveness`]). A side that
 //! aborts first writes its cause ([`AbortCause::to_word`]) into its line, then the
 //! state with release: the peer reads the state with acquire, then the cause.
 
-use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use super::peer_process::{own_pidns, PeerProcess};
-use super::shared_mem::shm_cname;
-use super::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
+use super::liveness::{has_left, own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
+use super::segment::{self, Mapping, OwnedSegment, SegmentHandle, SegmentName};
 use crate::config::Config;
 use crate::error::{AbortCause, Error, Result};
+use crate::transport::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
 const SHM_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
-
-// Side states. 0 means "not attached yet".
-const ATTACHED: u32 = 1;
-const CLOSED: u32 = 2;
-const ABORTED: u32 = 3;
 
 /// Descriptor flag: this slot starts a message and its descriptor carries the header.
 const FIRST: u64 = 1;
@@ -338,21 +331,20 @@ fn ring_at(base: *mut u8, geom: &ShmGeometry, ctl: *const Control, index: usize)
 }
 
 /// A shared-memory [`Link`]. Create with [`ShmLink::create`] on one side and
-/// [`ShmLink::open`] on the other (or let [`super::connect_all`] do it).
+/// [`ShmLink::open`] on the other (or let [`crate::transport::connect_all`] do it).
 pub struct ShmLink {
     rank: usize,
     peer: usize,
     name: String,
     /// 0 for the creator, 1 for the opener.
     side: usize,
-    base: *mut u8,
-    map_len: usize,
+    map: Mapping,
     geom: ShmGeometry,
     ctl: *const Control,
     tx: Ring,
     rx: Ring,
-    /// Only the creator unlinks, once.
-    linked: bool,
+    /// The segment's `/dev/shm` name, which only the creator holds and unlinks.
+    linked: Option<SegmentName>,
     aborted: bool,
     /// Producer's own copy of `tx.head` (it is the only writer) and last `tx.tail` seen.
     tx_head: u64,
@@ -369,53 +361,24 @@ pub struct ShmLink {
     peer_proc: Option<PeerProcess>,
 }
 
-// SAFETY: the raw pointers point into a mapping owned by this value (unmapped only in
-// Drop); nothing else in this process refers to it, so moving it to another thread is
-// fine. The other process is synchronised with through atomics only.
+// SAFETY: the raw pointers point into a mapping owned by this value (unmapped only when
+// it drops); nothing else in this process refers to it, so moving it to another thread
+// is fine. The other process is synchronised with through atomics only.
 unsafe impl Send for ShmLink {}
 
 impl ShmLink {
     /// Creates, sizes and maps the segment `/dev/shm/<name>` for the link from `rank` to
-    /// `peer`, with every page allocated up front (`posix_fallocate`, so a full
-    /// `/dev/shm` gives an error here rather than a `SIGBUS` later) and pre-faulted. The
+    /// `peer` ([`OwnedSegment::create`]: every page reserved up front, so a full
+    /// `/dev/shm` gives an error here rather than a `SIGBUS` later, and pre-faulted). The
     /// caller hands `name` to the peer, which calls [`ShmLink::open`]; once it has, call
     /// [`ShmLink::unlink`].
     pub fn create(name: &str, rank: usize, peer: usize, geom: ShmGeometry) -> Result<ShmLink> {
         geom.validate()?;
         let bytes = geom.segment_bytes();
-        let cname = shm_cname(name)?;
         let path = format!("/dev/shm/{name}");
-        if let Some(free) = shm_free_bytes() {
-            if free < bytes as u64 {
-                return Err(too_small(&path, rank, peer, bytes, Some(free)));
-            }
-        }
-        // SAFETY: `cname` is a valid NUL-terminated string.
-        let fd = unsafe {
-            libc::shm_open(
-                cname.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-                0o600,
-            )
-        };
-        if fd < 0 {
-            return Err(Error::Shm(format!(
-                "rank {rank}: creating {path} for peer {peer}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mapped = size_and_map(fd, bytes, &path, rank, peer);
-        // SAFETY: `fd` is ours; the mapping (if any) keeps the memory alive without it.
-        unsafe { libc::close(fd) };
-        let base = match mapped {
-            Ok(b) => b,
-            Err(e) => {
-                // SAFETY: `cname` is valid; the name is ours (O_EXCL).
-                unsafe { libc::shm_unlink(cname.as_ptr()) };
-                return Err(e);
-            }
-        };
-        let ctl = base.cast::<Control>();
+        let what = format!("rank {rank}: segment {path} for peer {peer}");
+        let (map, linked) = OwnedSegment::create(bytes, Some(name), &what)?.into_named();
+        let ctl = map.as_ptr().cast::<Control>();
         // SAFETY: the mapping is fresh, zero-filled and at least CONTROL_BYTES long; no
         // other process has it yet (the name is published only after this returns).
         unsafe {
@@ -432,7 +395,7 @@ impl ShmLink {
                 },
             );
         }
-        let link = ShmLink::attach(name, rank, peer, 0, base, bytes, geom);
+        let link = ShmLink::attach(name, rank, peer, 0, map, linked, geom);
         tracing::debug!(rank, peer, bytes, "created shared-memory segment {path}");
         Ok(link)
     }
@@ -440,37 +403,27 @@ impl ShmLink {
     /// Maps the segment `name` that `peer` created for this `rank`, checking that it
     /// was made for this pair by a compatible build.
     pub fn open(name: &str, rank: usize, peer: usize) -> Result<ShmLink> {
-        let cname = shm_cname(name)?;
-        let path = format!("/dev/shm/{name}");
-        // SAFETY: `cname` is a valid NUL-terminated string.
-        let fd = unsafe { libc::shm_open(cname.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(Error::Shm(format!(
-                "rank {rank}: opening {path} created by rank {peer}: {} (do both ranks see \
-                 the same /dev/shm? set HETCCL_SHM_DISABLE=1 if they do not)",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mapped = map_existing(fd, &path, rank);
-        // SAFETY: `fd` is ours; the mapping keeps the memory alive without it.
-        unsafe { libc::close(fd) };
-        let (base, len) = mapped?;
-        // SAFETY: the mapping is at least CONTROL_BYTES long (checked by map_existing);
-        // the header was written by the creator before it published the name, and the
-        // bootstrap exchange that carried the name orders that write before this read.
-        let h = unsafe { std::ptr::read(std::ptr::addr_of!((*base.cast::<Control>()).header)) };
-        let checked = h.check(rank, peer, len);
-        let geom = match checked {
-            Ok(g) => g,
-            Err(p) => {
-                // SAFETY: `base`/`len` is the mapping made above and nothing refers to it.
-                unsafe { libc::munmap(base.cast(), len) };
-                return Err(Error::Shm(format!(
-                    "rank {rank}: cannot use {path} from rank {peer}: {p}"
-                )));
-            }
+        let handle = SegmentHandle::Named {
+            name: name.to_string(),
         };
-        Ok(ShmLink::attach(name, rank, peer, 1, base, len, geom))
+        let map = segment::open(
+            &handle,
+            Some(peer),
+            CONTROL_BYTES,
+            true,
+            &format!("rank {rank}"),
+        )?;
+        // SAFETY: the mapping is at least CONTROL_BYTES long (checked by `open`); the
+        // header was written by the creator before it published the name, and the
+        // bootstrap exchange that carried the name orders that write before this read.
+        let h =
+            unsafe { std::ptr::read(std::ptr::addr_of!((*map.as_ptr().cast::<Control>()).header)) };
+        let geom = h.check(rank, peer, map.len()).map_err(|p| {
+            Error::Shm(format!(
+                "rank {rank}: cannot use /dev/shm/{name} from rank {peer}: {p}"
+            ))
+        })?;
+        Ok(ShmLink::attach(name, rank, peer, 1, map, None, geom))
     }
 
     fn attach(
@@ -478,10 +431,11 @@ impl ShmLink {
         rank: usize,
         peer: usize,
         side: usize,
-        base: *mut u8,
-        map_len: usize,
+        map: Mapping,
+        linked: Option<SegmentName>,
         geom: ShmGeometry,
     ) -> ShmLink {
+        let base = map.as_ptr();
         let ctl = base.cast::<Control>().cast_const();
         // SAFETY: `base` is a live mapping of at least CONTROL_BYTES, kept by the link
         // built below; `side` is 0 or 1.
@@ -494,13 +448,12 @@ impl ShmLink {
             peer,
             name: name.to_string(),
             side,
-            base,
-            map_len,
+            map,
             geom,
             ctl,
             tx: ring_at(base, &geom, ctl, side),
             rx: ring_at(base, &geom, ctl, 1 - side),
-            linked: side == 0,
+            linked,
             aborted: false,
             tx_head: 0,
             tx_tail_seen: 0,
@@ -515,19 +468,13 @@ impl ShmLink {
     /// Removes the segment's name from `/dev/shm` (creator side; a no-op on the opener
     /// and on later calls). Call once the peer has opened it: the mappings stay valid.
     pub fn unlink(&mut self) {
-        if !self.linked {
-            return;
-        }
-        self.linked = false;
-        if let Ok(cname) = shm_cname(&self.name) {
-            // SAFETY: `cname` is a valid NUL-terminated string.
-            if unsafe { libc::shm_unlink(cname.as_ptr()) } != 0 {
+        if let Some(mut name) = self.linked.take() {
+            if let Err(e) = name.unlink() {
                 tracing::warn!(
                     rank = self.rank,
                     peer = self.peer,
-                    "could not unlink /dev/shm/{}: {}",
-                    self.name,
-                    std::io::Error::last_os_error()
+                    "could not unlink /dev/shm/{}: {e}",
+                    self.name
                 );
             }
         }
@@ -540,7 +487,7 @@ impl ShmLink {
 
     /// Size of the segment in bytes.
     pub fn segment_bytes(&self) -> usize {
-        self.map_len
+        self.map.len()
     }
 
     /// Ring geometry of the segment.
@@ -590,7 +537,7 @@ impl ShmLink {
         // The peer's state line is written once or twice in its life, so this load
         // stays in this core's cache and costs nothing on the fast path.
         let peer_state = self.other().state.load(Ordering::Acquire);
-        if peer_state >= CLOSED {
+        if has_left(peer_state) {
             return Err(self.peer_left(peer_state, "sending"));
         }
         Ok(())
@@ -878,109 +825,16 @@ impl Drop for ShmLink {
         if !self.aborted {
             self.me().state.store(CLOSED, Ordering::Release);
         }
+        // The mapping goes with `self.map`, after this.
         self.unlink();
-        // SAFETY: `base`/`map_len` is this link's own mapping; no reference into it
-        // outlives `self`.
-        unsafe { libc::munmap(self.base.cast(), self.map_len) };
     }
-}
-
-fn too_small(path: &str, rank: usize, peer: usize, bytes: usize, free: Option<u64>) -> Error {
-    let free = free
-        .map(|f| format!(" ({f} bytes free)"))
-        .unwrap_or_default();
-    Error::Shm(format!(
-        "rank {rank}: segment {path} for peer {peer} needs {bytes} bytes but /dev/shm is too \
-         small{free}; enlarge it (e.g. docker run --shm-size=1g) or set HETCCL_SHM_DISABLE=1 \
-         to use TCP between ranks of one host"
-    ))
-}
-
-/// Free bytes in /dev/shm, if it can be asked.
-fn shm_free_bytes() -> Option<u64> {
-    let path = CString::new("/dev/shm").ok()?;
-    // SAFETY: statvfs is plain data; zeroed is a valid initial value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out pointer.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Sizes the new segment, allocates every page and maps it pre-faulted.
-fn size_and_map(fd: i32, bytes: usize, path: &str, rank: usize, peer: usize) -> Result<*mut u8> {
-    // SAFETY: plain syscall on our fd.
-    if unsafe { libc::ftruncate(fd, bytes as libc::off_t) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG)) {
-            return Err(too_small(path, rank, peer, bytes, shm_free_bytes()));
-        }
-        return Err(Error::Shm(format!(
-            "rank {rank}: sizing {path} to {bytes} bytes: {e}"
-        )));
-    }
-    // ftruncate only sets the size: touching a page that tmpfs cannot back would raise
-    // SIGBUS. posix_fallocate reserves every page now, or fails cleanly.
-    // SAFETY: plain syscall on our fd; returns an errno value rather than setting errno.
-    let r = unsafe { libc::posix_fallocate(fd, 0, bytes as libc::off_t) };
-    if r != 0 {
-        if r == libc::ENOSPC || r == libc::EFBIG {
-            return Err(too_small(path, rank, peer, bytes, shm_free_bytes()));
-        }
-        return Err(Error::Shm(format!(
-            "rank {rank}: allocating {bytes} bytes for {path}: {}",
-            std::io::Error::from_raw_os_error(r)
-        )));
-    }
-    map(fd, bytes, path, rank)
-}
-
-fn map_existing(fd: i32, path: &str, rank: usize) -> Result<(*mut u8, usize)> {
-    // SAFETY: stat is plain data; zeroed is a valid initial value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: our fd and a valid out pointer.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(Error::Shm(format!(
-            "rank {rank}: stat of {path}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    let len = st.st_size as usize;
-    if len < CONTROL_BYTES {
-        return Err(Error::Shm(format!(
-            "rank {rank}: {path} is only {len} bytes long"
-        )));
-    }
-    Ok((map(fd, len, path, rank)?, len))
-}
-
-fn map(fd: i32, len: usize, path: &str, rank: usize) -> Result<*mut u8> {
-    // SAFETY: a fresh shared mapping of our fd; MAP_POPULATE faults every page in now so
-    // the rings never page-fault on the hot path.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::Shm(format!(
-            "rank {rank}: mapping {len} bytes of {path}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(p.cast())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::transport::alloc_meter::allocated_by;
+    use crate::transport::shm::segment::shm_free_bytes;
     use crate::transport::testing::*;
     use proptest::prelude::*;
 
@@ -1212,7 +1066,9 @@ mod tests {
     #[test]
     fn too_small_dev_shm_is_a_clear_error() {
         let Some(free) = shm_free_bytes() else {
-            eprintln!("/dev/shm reports no size limit; cannot build an oversized segment");
+            crate::test_skip::skip(
+                "/dev/shm reports no size limit; cannot build an oversized segment",
+            );
             return;
         };
         // More slots of the largest size than /dev/shm can hold.
@@ -1223,7 +1079,9 @@ mod tests {
             slot_bytes: slot,
         };
         if geom.segment_bytes() as u64 <= free {
-            eprintln!("/dev/shm has {free} bytes free; cannot build an oversized segment");
+            crate::test_skip::skip(&format!(
+                "/dev/shm has {free} bytes free; cannot build an oversized segment"
+            ));
             return;
         }
         let name = segment_name("test", 0, 1);
@@ -1355,7 +1213,7 @@ mod tests {
             }
         };
         assert_eq!(
-            crate::transport::peer_process::read_stat(pid)
+            crate::transport::shm::liveness::read_stat(pid)
                 .unwrap()
                 .map(|s| s.state),
             Some(b'Z'),

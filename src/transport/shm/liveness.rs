@@ -1,5 +1,16 @@
-//! Whether a peer's process on this host is still running, for the waits on shared
-//! memory, where a dead peer is silent (a socket would be closed by the kernel).
+//! Whether a peer on this host is still there, for the waits on shared memory, where a
+//! dead peer is silent (a socket would be closed by the kernel): the state each side
+//! writes into a shared page, and whether its process still runs.
+//!
+//! Every shared page that two or more processes wait on (a link's segment, a control
+//! page) holds, per side, a state word ([`ATTACHED`], [`CLOSED`], [`ABORTED`]; 0 before
+//! the side attached), written by its owner only, and beside it an abort cause
+//! ([`crate::error::AbortCause::to_word`]). A side that aborts writes its cause first,
+//! then the state (release or stronger); a peer reads the state (acquire), then the cause.
+//! A side that closes has let go in order: what it published before still counts.
+//!
+//! A side whose process ended without a word (killed, crashed) is noticed through its
+//! process, whose pid and pid namespace it wrote into the page when it attached:
 //!
 //! `kill(pid, 0)` is not enough: it succeeds on a zombie, a process that has exited but
 //! that its parent has not reaped yet (a launcher or a test harness that is slow to call
@@ -21,6 +32,21 @@
 //! spun and slept a while (every 50 ms), never on the fast path.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The side has attached: its pid and pid namespace are in the page.
+pub(crate) const ATTACHED: u32 = 1;
+/// The side let go in order (a link dropped, a communicator closed).
+pub(crate) const CLOSED: u32 = 2;
+/// The side gave up after an error; its cause word says why.
+pub(crate) const ABORTED: u32 = 3;
+
+const _: () = assert!(ATTACHED < CLOSED && CLOSED < ABORTED);
+
+/// Whether a side in `state` has let go of the page, in order or not.
+#[inline]
+pub(crate) fn has_left(state: u32) -> bool {
+    state >= CLOSED
+}
 
 /// Inode of this process's pid namespace, 0 when /proc does not say.
 pub(crate) fn own_pidns() -> u64 {

@@ -1,23 +1,32 @@
-//! Memory that several processes of one host map at once: the buffers behind
-//! [`crate::Communicator::alloc_shared`] and the per-rank control pages that go with them.
+//! Segments: memory that several processes of one host map at once. Every use of shared
+//! memory goes through here: the rings of the shm links ([`super::ShmLink`]), the
+//! buffers behind [`crate::Communicator::alloc_shared`] and the per-rank control pages
+//! that go with them.
 //!
 //! A segment is made by one process (its owner) and mapped by the others of its host,
-//! which only read it (buffers) or also write a few words (control pages). Two ways to
-//! hand it over, tried in this order:
+//! which only read it (buffers) or also write (rings, control pages). Two ways to hand
+//! it over:
 //!
 //! - an anonymous `memfd`, which the others open as `/proc/<owner pid>/fd/<fd>`: it never
 //!   has a name in any filesystem, so a crash at any moment leaves nothing behind;
-//! - when that path cannot be opened (pid namespaces differ, `/proc` is hidden): a
-//!   `/dev/shm` file with a random name, unlinked as soon as every process has mapped it.
+//! - a `/dev/shm` file with a random name (the links, whose names travel through the
+//!   bootstrap store; shared buffers when a peer cannot open the memfd's path: pid
+//!   namespaces differ, `/proc` is hidden), unlinked as soon as every process has
+//!   mapped it. Only a crash in the short window between creation and unlink can leave
+//!   a file `/dev/shm/hetccl-*` behind.
 //!
-//! Either way the owner drops its handle ([`OwnedSegment::release`]) once everyone has
-//! mapped it; the memory then lives exactly as long as the last mapping.
+//! Either way the owner drops its way in ([`OwnedSegment::release`]) once everyone has
+//! mapped it; the memory then lives exactly as long as the last mapping, and the kernel
+//! frees it when the last process that maps it is gone, however it ended.
 //!
 //! Every page is reserved (`fallocate`, so a full memory cgroup or `/dev/shm` is an
 //! error here rather than a `SIGBUS` later) and faulted in at creation, and again by
-//! each mapper (`MAP_POPULATE`): no page fault on the hot path. Segments of 2 MiB and
-//! more try `MFD_HUGETLB` first and ask for transparent huge pages otherwise; both are
-//! best effort (most machines have no huge page pool and `shmem_enabled=never`).
+//! each mapper (`MAP_POPULATE`): no page fault on the hot path. A `/dev/shm` segment
+//! larger than the space left there is refused before it is made, with an error that
+//! says how to enlarge it (containers often get 64 MiB). Memfd segments of 2 MiB and
+//! more try `MFD_HUGETLB` first, and every segment asks for transparent huge pages
+//! otherwise; both are best effort (most machines have no huge page pool and
+//! `shmem_enabled=never`).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -101,22 +110,39 @@ pub struct OwnedSegment {
     map: Mapping,
     fd: Option<OwnedFd>,
     /// `/dev/shm` name while it is still linked.
-    linked: Option<LinkedName>,
+    linked: Option<SegmentName>,
     handle: SegmentHandle,
 }
 
-/// A `/dev/shm` name this process created; unlinked on drop.
+/// A `/dev/shm` name this process created; unlinked on drop unless unlinked before.
 #[derive(Debug)]
-struct LinkedName(CString);
+pub(crate) struct SegmentName {
+    /// `/name`, as `shm_open` takes it.
+    cname: CString,
+    linked: bool,
+}
 
-impl Drop for LinkedName {
-    fn drop(&mut self) {
+impl SegmentName {
+    /// Removes the name from `/dev/shm` (a no-op after the first call); mappings stay
+    /// valid.
+    pub(crate) fn unlink(&mut self) -> std::io::Result<()> {
+        if !std::mem::take(&mut self.linked) {
+            return Ok(());
+        }
         // SAFETY: valid NUL-terminated name of a file this process created.
-        if unsafe { libc::shm_unlink(self.0.as_ptr()) } != 0 {
+        if unsafe { libc::shm_unlink(self.cname.as_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SegmentName {
+    fn drop(&mut self) {
+        if let Err(e) = self.unlink() {
             tracing::warn!(
-                "could not unlink /dev/shm{}: {}",
-                self.0.to_string_lossy(),
-                std::io::Error::last_os_error()
+                "could not unlink /dev/shm{}: {e}",
+                self.cname.to_string_lossy()
             );
         }
     }
@@ -155,7 +181,7 @@ impl OwnedSegment {
         }
         // SAFETY: `fd` was just returned to us and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let map = size_and_map(&fd, len, huge, what)?;
+        let map = size_and_map(&fd, len, huge, false, what)?;
         Ok(OwnedSegment {
             map,
             handle: SegmentHandle::Memfd {
@@ -169,6 +195,11 @@ impl OwnedSegment {
 
     fn create_named(len: usize, name: &str, what: &str) -> Result<Self> {
         let cname = shm_cname(name)?;
+        if let Some(free) = shm_free_bytes() {
+            if free < len as u64 {
+                return Err(too_small(what, len, Some(free)));
+            }
+        }
         // SAFETY: `cname` is a valid NUL-terminated string.
         let fd = unsafe {
             libc::shm_open(
@@ -186,8 +217,11 @@ impl OwnedSegment {
         // SAFETY: `fd` was just returned to us and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Unlinked when this guard drops: on error right away, else at `release`.
-        let linked = LinkedName(cname);
-        let map = size_and_map(&fd, len, false, what)?;
+        let linked = SegmentName {
+            cname,
+            linked: true,
+        };
+        let map = size_and_map(&fd, len, false, true, what)?;
         Ok(OwnedSegment {
             map,
             fd: Some(fd),
@@ -220,12 +254,21 @@ impl OwnedSegment {
         self.release();
         self.map
     }
+
+    /// Closes the descriptor and keeps the mapping and, for a `/dev/shm` segment, its
+    /// name, for the owner to unlink once the others have opened it by name.
+    pub(crate) fn into_named(mut self) -> (Mapping, Option<SegmentName>) {
+        self.fd = None;
+        (self.map, self.linked.take())
+    }
 }
 
 /// Maps another process's segment, which must be at least `min_bytes` long; read-only
-/// unless `writable`. `what` names it in errors.
+/// unless `writable`. `what` names it in errors, and `owner` the rank that made it when
+/// `what` does not.
 pub fn open(
     handle: &SegmentHandle,
+    owner: Option<usize>,
     min_bytes: usize,
     writable: bool,
     what: &str,
@@ -251,8 +294,17 @@ pub fn open(
     // SAFETY: valid NUL-terminated path.
     let fd = unsafe { libc::open(cpath.as_ptr(), mode | libc::O_CLOEXEC) };
     if fd < 0 {
+        let by = owner
+            .map(|r| format!(" created by rank {r}"))
+            .unwrap_or_default();
+        let hint = match handle {
+            SegmentHandle::Named { .. } => {
+                " (do both ranks see the same /dev/shm? set HETCCL_SHM_DISABLE=1 if they do not)"
+            }
+            SegmentHandle::Memfd { .. } => "",
+        };
         return Err(Error::Shm(format!(
-            "{what}: opening {path}: {}",
+            "{what}: opening {path}{by}: {}{hint}",
             std::io::Error::last_os_error()
         )));
     }
@@ -311,19 +363,34 @@ fn is_hugetlb(fd: &OwnedFd) -> bool {
     (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }) == 0 && st.f_type == libc::HUGETLBFS_MAGIC
 }
 
-/// Sizes the new file, reserves every page, maps it and faults it in.
-fn size_and_map(fd: &OwnedFd, len: usize, huge: bool, what: &str) -> Result<Mapping> {
+/// Sizes the new file, reserves every page, maps it and faults it in. `dev_shm`: the
+/// file lives in `/dev/shm`, whose size is the likely limit when space runs out.
+fn size_and_map(
+    fd: &OwnedFd,
+    len: usize,
+    huge: bool,
+    dev_shm: bool,
+    what: &str,
+) -> Result<Mapping> {
     let raw = fd.as_raw_fd();
+    let full =
+        |errno: Option<i32>| dev_shm && matches!(errno, Some(libc::ENOSPC) | Some(libc::EFBIG));
     // SAFETY: plain syscall on our fd.
     if unsafe { libc::ftruncate(raw, len as libc::off_t) } != 0 {
-        return Err(Error::Shm(format!(
-            "{what}: sizing to {len} bytes: {}",
-            std::io::Error::last_os_error()
-        )));
+        let e = std::io::Error::last_os_error();
+        if full(e.raw_os_error()) {
+            return Err(too_small(what, len, shm_free_bytes()));
+        }
+        return Err(Error::Shm(format!("{what}: sizing to {len} bytes: {e}")));
     }
-    // SAFETY: plain syscall on our fd; returns an errno value.
+    // ftruncate only sets the size: touching a page that tmpfs cannot back would raise
+    // SIGBUS. posix_fallocate reserves every page now, or fails cleanly.
+    // SAFETY: plain syscall on our fd; returns an errno value rather than setting errno.
     let r = unsafe { libc::posix_fallocate(raw, 0, len as libc::off_t) };
     if r != 0 {
+        if full(Some(r)) {
+            return Err(too_small(what, len, shm_free_bytes()));
+        }
         return Err(Error::Shm(format!(
             "{what}: reserving {len} bytes: {} (is the memory limit or /dev/shm too small?)",
             std::io::Error::from_raw_os_error(r)
@@ -380,6 +447,30 @@ fn size_and_map(fd: &OwnedFd, len: usize, huge: bool, what: &str) -> Result<Mapp
     Ok(map)
 }
 
+/// The error for a `/dev/shm` segment of `bytes` bytes that does not fit (`free` bytes
+/// left, when known).
+fn too_small(what: &str, bytes: usize, free: Option<u64>) -> Error {
+    let free = free
+        .map(|f| format!(" ({f} bytes free)"))
+        .unwrap_or_default();
+    Error::Shm(format!(
+        "{what} needs {bytes} bytes but /dev/shm is too small{free}; enlarge it (e.g. docker \
+         run --shm-size=1g) or set HETCCL_SHM_DISABLE=1 to use TCP between ranks of one host"
+    ))
+}
+
+/// Free bytes in /dev/shm, if it can be asked.
+pub(crate) fn shm_free_bytes() -> Option<u64> {
+    let path = CString::new("/dev/shm").ok()?;
+    // SAFETY: statvfs is plain data; zeroed is a valid initial value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// `name` as the argument of `shm_open`: `/name`, after checking it is a plain name.
 pub(crate) fn shm_cname(name: &str) -> Result<CString> {
     if name.is_empty()
@@ -417,12 +508,12 @@ mod tests {
             panic!("expected a memfd handle, got {:?}", s.handle());
         };
         assert_eq!(pid, std::process::id());
-        let m = open(s.handle(), 10_000, false, "test").unwrap();
+        let m = open(s.handle(), None, 10_000, false, "test").unwrap();
         assert_eq!(m.len(), 12_288);
         fill_and_check(&s, &m);
         let h = s.handle().clone();
         s.release();
-        let e = open(&h, 1, false, "peer").unwrap_err().to_string();
+        let e = open(&h, None, 1, false, "peer").unwrap_err().to_string();
         assert!(e.starts_with("shared memory: peer: opening /proc/"), "{e}");
         // The mappings outlive the handle.
         fill_and_check(&s, &m);
@@ -434,7 +525,7 @@ mod tests {
         let mut s = OwnedSegment::create(1, Some(&name), "test").unwrap();
         assert_eq!(s.mapping().len(), 4096);
         assert!(std::path::Path::new(&format!("/dev/shm/{name}")).exists());
-        let m = open(s.handle(), 4096, true, "test").unwrap();
+        let m = open(s.handle(), None, 4096, true, "test").unwrap();
         fill_and_check(&s, &m);
         s.release();
         assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
@@ -446,12 +537,94 @@ mod tests {
     #[test]
     fn open_checks_the_size() {
         let s = OwnedSegment::create(4096, None, "test").unwrap();
-        let e = open(s.handle(), 8192, false, "rank 1")
+        let e = open(s.handle(), None, 8192, false, "rank 1")
             .unwrap_err()
             .to_string();
         assert!(
             e.ends_with("holds 4096 bytes, expected at least 8192"),
             "{e}"
         );
+    }
+
+    fn test_name() -> String {
+        format!("hetccl-test-segment-{:016x}", rand::random::<u64>())
+    }
+
+    #[test]
+    fn a_named_segment_larger_than_dev_shm_is_refused_before_it_is_made() {
+        let Some(free) = shm_free_bytes() else {
+            crate::test_skip::skip("/dev/shm reports no size; cannot ask for more than it holds");
+            return;
+        };
+        // 1 GiB over: room that others free meanwhile does not make it fit.
+        let bytes = (free as usize + (1 << 30)).div_ceil(PAGE) * PAGE;
+        let name = test_name();
+        let e = OwnedSegment::create(bytes, Some(&name), "rank 3: shared buffer #1")
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "shared memory: rank 3: shared buffer #1 needs {bytes} bytes but /dev/shm is too \
+             small ("
+        );
+        assert!(e.starts_with(&want), "{e}");
+        assert!(
+            e.ends_with(
+                " bytes free); enlarge it (e.g. docker run --shm-size=1g) or set \
+                 HETCCL_SHM_DISABLE=1 to use TCP between ranks of one host"
+            ),
+            "{e}"
+        );
+        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+    }
+
+    #[test]
+    fn a_missing_named_segment_names_its_owner_and_what_to_check() {
+        let name = test_name();
+        let e = open(
+            &SegmentHandle::Named { name: name.clone() },
+            Some(4),
+            1,
+            true,
+            "rank 1",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "shared memory: rank 1: opening /dev/shm/{name} created by rank 4: No such file \
+                 or directory (os error 2) (do both ranks see the same /dev/shm? set \
+                 HETCCL_SHM_DISABLE=1 if they do not)"
+            )
+        );
+    }
+
+    #[test]
+    fn into_named_keeps_the_name_until_unlinked_and_the_mapping_after() {
+        let name = test_name();
+        let path = format!("/dev/shm/{name}");
+        let (map, linked) = OwnedSegment::create(5000, Some(&name), "test")
+            .unwrap()
+            .into_named();
+        let mut linked = linked.unwrap();
+        assert_eq!(map.len(), 8192);
+        assert!(std::path::Path::new(&path).exists());
+        let other = open(
+            &SegmentHandle::Named { name: name.clone() },
+            None,
+            8192,
+            false,
+            "test",
+        )
+        .unwrap();
+        linked.unlink().unwrap();
+        assert!(!std::path::Path::new(&path).exists());
+        // A second unlink is a no-op, not an error about a name someone else may own.
+        linked.unlink().unwrap();
+        // SAFETY: both map the same segment of two pages; this test is the only user.
+        unsafe {
+            *map.as_ptr().add(4097) = 7;
+            assert_eq!(*other.as_ptr().add(4097), 7);
+        }
     }
 }

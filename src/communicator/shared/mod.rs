@@ -1,0 +1,182 @@
+//! Shared buffers ([`Communicator::alloc_shared`]) and the collectives that run through
+//! shared memory when every rank shares one host.
+//!
+//! Each rank's [`SharedBuf`] lives in a segment every other rank of its host maps
+//! (read-only), so a collective can read peers' data where it lies instead of moving it
+//! through link rings: an all-reduce costs each rank one read of every input byte it
+//! reduces, one write of its result and one copy of each other result, about 4 bytes
+//! of memory traffic per payload byte against 5 or more through the rings.
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | `control` | the control page each rank owns: layout, flags, futex waits, peers' states |
+//! | `buffer` | [`SharedBuf`] and the registry that finds the allocation a slice lies in |
+//! | `alloc` | the collective allocation protocol ([`Communicator::alloc_shared`]) |
+//! | `direct` | the direct algorithms on shared buffers |
+//! | `eager` | the eager algorithm: small all-reduces through the control pages |
+//!
+//! [`plan`] picks one of the two for a call, or neither (the call then runs over
+//! links). The segments themselves, and whether a peer's process still runs, are the
+//! transport's: [`crate::transport::shm`].
+
+mod alloc;
+mod buffer;
+mod control;
+mod direct;
+mod eager;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::Communicator;
+use crate::algorithm::executor::{Buffers, ExecCtx};
+use crate::algorithm::Call;
+use crate::config::AlgoChoice;
+use crate::dtype::CollectiveOp;
+use crate::error::{Error, Result};
+
+pub use buffer::SharedBuf;
+pub(super) use buffer::SharedState;
+
+/// A collective that runs through shared memory instead of links.
+pub(super) struct Direct {
+    state: Arc<SharedState>,
+    path: Path,
+}
+
+enum Path {
+    /// On shared buffers, read where they lie.
+    Buffers(direct::Placement),
+    /// A small all-reduce through the eager slots (buffers need not be shared).
+    Eager,
+}
+
+/// Picks the path through shared memory for `call` when every rank shares this host:
+/// the eager slots for a small all-reduce (unless the algorithm is forced), else the
+/// direct algorithms when this rank's buffers are shared ones ([`direct::Placement`]).
+/// Every rank decides from its own buffers; ranks that decide differently are caught
+/// in the entry step and get [`Error::Mismatch`].
+pub(super) fn plan(
+    comm: &Communicator,
+    call: &Call,
+    input: (*const u8, usize),
+    output: (*mut u8, usize),
+) -> Option<Direct> {
+    let state = &comm.shared;
+    let n = comm.world_size;
+    if n < 2 || comm.local_size() != n || state.ctl.get().is_none() {
+        return None;
+    }
+    if call.op == CollectiveOp::AllReduce
+        && call.count * call.dtype.size() <= eager::eager_limit(n)
+        && comm.cfg.algo == AlgoChoice::Auto
+    {
+        // A load first: the swap (a write) happens once, not on every small call.
+        if !state.eager_logged.load(Ordering::Relaxed)
+            && !state.eager_logged.swap(true, Ordering::Relaxed)
+            && comm.rank == 0
+        {
+            tracing::info!(
+                rank = comm.rank,
+                "all_reduce of at most {} bytes: eager algorithm through the control pages \
+                 of {n} local ranks",
+                eager::eager_limit(n)
+            );
+        }
+        return Some(Direct {
+            state: state.clone(),
+            path: Path::Eager,
+        });
+    }
+    let placement = direct::Placement::find(comm, call, input, output)?;
+    let first = state
+        .logged
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(call.op);
+    if first && comm.rank == 0 {
+        tracing::info!(
+            rank = comm.rank,
+            "{} on shared buffers: direct algorithm over {n} local ranks",
+            call.op
+        );
+    }
+    Some(Direct {
+        state: state.clone(),
+        path: Path::Buffers(placement),
+    })
+}
+
+impl Direct {
+    /// Runs the collective; on error the caller breaks the communicator (which marks
+    /// this rank aborted for the peers).
+    pub(super) fn execute(&self, bufs: &Buffers, ctx: &ExecCtx, cancel: &AtomicBool) -> Result<()> {
+        let Some(node) = self.state.ctl.get() else {
+            return Err(Error::Shm(format!(
+                "rank {}: direct {} without control pages",
+                self.state.rank, ctx.op
+            )));
+        };
+        match &self.path {
+            Path::Eager => eager::all_reduce(node, bufs, ctx, cancel),
+            Path::Buffers(p) => p.execute(&self.state, node, bufs, ctx, cancel),
+        }
+    }
+}
+
+/// In-process worlds on one pretend host, for the tests of this module's files.
+#[cfg(test)]
+mod testing {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::Communicator;
+    use crate::config::{AlgoChoice, Config};
+
+    /// `n` communicators in one process on one pretend host, joined by in-memory links.
+    pub(super) fn world(n: usize, timeout: Duration) -> Vec<Communicator> {
+        world_with(n, timeout, Config::default().stream_min_bytes)
+    }
+
+    pub(super) fn world_with(
+        n: usize,
+        timeout: Duration,
+        stream_min_bytes: usize,
+    ) -> Vec<Communicator> {
+        let cfg = Config {
+            timeout,
+            stream_min_bytes,
+            ..Config::default()
+        };
+        crate::communicator::testing::world(n, n, cfg)
+    }
+
+    /// `n` ranks on one pretend host with their control pages attached up front, as
+    /// `Communicator::init` does, and the algorithm choice `algo`.
+    pub(super) fn attached(n: usize, timeout: Duration, algo: AlgoChoice) -> Vec<Communicator> {
+        let cfg = Config {
+            timeout,
+            algo,
+            ..Config::default()
+        };
+        let mut comms = crate::communicator::testing::world(n, n, cfg);
+        std::thread::scope(|s| {
+            for c in comms.iter_mut() {
+                s.spawn(move || c.attach_node().unwrap());
+            }
+        });
+        // Numbering restarted: the caller's first collective is #0.
+        assert!(comms.iter().all(|c| c.seq.load(Ordering::Relaxed) == 0));
+        comms
+    }
+
+    /// This rank's flag: the last collective that ran on the direct path ended here.
+    pub(super) fn last_direct(c: &Communicator) -> u64 {
+        let node = c.shared.ctl.get().unwrap();
+        node.page(node.me).flag.0.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+}
