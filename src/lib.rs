@@ -3,7 +3,6 @@
 //! The crate is layered as `docs/DESIGN.md` describes; dependencies point down only:
 //!
 //! ```text
-//!  trainer          BERT pretraining; uses only the public API, like any user
 //!  capi             extern "C" wrappers
 //!  communicator     the user-facing object: collectives, async handles
 //!  algorithm        ring, tree, hierarchical schedules (pure data) + one executor
@@ -16,8 +15,10 @@
 //!  log              writers for log lines and messages that never fail on a closed stream
 //! ```
 //!
-//! The command-line tools (the `hetccl run` launcher, hetccl-perf, hetccl-check, ...) are
-//! the crate in `tools/`; the test kit shared by the tests is `testkit/`.
+//! The crate is the library alone. The BERT trainer (`hetccl-bert`) is the package in
+//! `trainer/`, a user of the public API like any other; the command-line tools (the
+//! `hetccl run` launcher, hetccl-perf, hetccl-check, ...) are the package in `tools/`;
+//! the test kit shared by the tests is `testkit/`.
 #![warn(missing_docs)]
 
 pub mod algorithm;
@@ -32,7 +33,6 @@ pub mod error;
 pub mod log;
 pub mod reduce;
 pub mod topology;
-pub mod trainer;
 pub mod transport;
 
 #[cfg(test)]

@@ -9,8 +9,11 @@ fn launcher() -> PathBuf {
     hetccl_testkit::ranks::workspace_bin("hetccl")
 }
 
+/// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ sits in the repository")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -152,7 +155,7 @@ fn run_two(extra: &[String]) -> String {
 
 #[test]
 fn compressed_run_resumes_bit_for_bit_with_its_residuals() {
-    use hetccl::trainer::checkpoint;
+    use hetccl_trainer::checkpoint;
     let dir = scratch("compressed-resume");
     // Six steps straight through, and three + three with a restart in between.
     run_two(&compressed_args(&dir, "full", "6", "full.ckpt"));
