@@ -52,8 +52,10 @@ if command -v nvcc >/dev/null || python3 -c "import nvidia, os, sys; sys.exit(0 
     stage "cargo test --features cuda (kernels compile; ptxas register/spill report above; GPU tests skip without a GPU)" \
         cargo test --release -p hetccl -p hetccl-tools --features hetccl-tools/cuda \
         --test gpu_kernels --test gpu_collectives -- --test-threads=1
-    stage "cargo test --features cuda --lib device::" \
-        cargo test --release -p hetccl --features cuda --lib device:: -- --test-threads=1
+    # The device layer's unit tests, and the settings that exist only with `cuda`.
+    stage "cargo test --features cuda --lib device:: config::tests::device_" \
+        cargo test --release -p hetccl --features cuda --lib -- device:: config::tests::device_ \
+        --test-threads=1
 else
     skipped_stages+=("stage: cargo test --features cuda	nvcc not found (scripts/install-nvcc.sh installs it)")
 fi
