@@ -1,8 +1,8 @@
 //! `bindings/hetccl.h` is written by hand; these tests keep it in step with the Rust
 //! side: it compiles cleanly, it declares exactly the functions the library exports,
 //! with the C types that correspond to the Rust signatures, and its enum values and
-//! sizes are the Rust ones (checked by the C compiler through `_Static_assert`s
-//! generated from the Rust tables).
+//! sizes are the Rust ones (checked by the C compiler, as the `cc` crate configures
+//! it, through `_Static_assert`s generated from the Rust tables).
 
 mod capi_support;
 mod common;
@@ -12,7 +12,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::fmt::Write;
 use std::process::Command;
 
-use capi_support::{compile_c, lib_path, root, run, scratch, text};
+use capi_support::{c_build, compile_c, compiler, lib_path, root, run, scratch, text};
 use hetccl::capi::{self, ops, status, unique_id, *};
 
 fn header() -> String {
@@ -287,9 +287,21 @@ int main(void) {
 
 #[test]
 fn header_compiles_as_cxx_too() {
-    if !capi_support::have("c++") {
-        common::skip("no c++ compiler on PATH");
-        return;
+    let mut build = c_build("c++11");
+    build.include(root().join("bindings")).flag("-fsyntax-only");
+    match build.try_get_compiler() {
+        Ok(tool) if capi_support::have(&tool.path().display().to_string()) => {}
+        Ok(tool) => {
+            common::skip(&format!(
+                "no C++ compiler: {} is not on PATH (apt install g++)",
+                tool.path().display()
+            ));
+            return;
+        }
+        Err(e) => {
+            common::skip(&format!("cc finds no C++ compiler: {e}"));
+            return;
+        }
     }
     let src = scratch("header").join("header_cxx.cc");
     std::fs::write(
@@ -297,17 +309,12 @@ fn header_compiles_as_cxx_too() {
         "#include <hetccl.h>\nint main() { return hetcclSuccess; }\n",
     )
     .unwrap();
-    let o = run(Command::new("c++")
-        .args([
-            "-std=c++11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-fsyntax-only",
-            "-I",
-        ])
-        .arg(root().join("bindings"))
-        .arg(&src));
-    assert!(o.status.success(), "{}", text(&o));
+    let mut cmd = compiler(&build);
+    let o = run(cmd.arg(&src));
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        capi_support::command_line(&cmd),
+        text(&o)
+    );
 }
