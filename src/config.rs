@@ -178,9 +178,9 @@ pub struct Config {
     /// `HETCCL_SOCKET_IFNAME`: the network interface to listen and connect on.
     pub socket_ifname: Option<String>,
     /// `HETCCL_NSOCKS_PERPEER`: TCP sockets per peer, chunks striped across them. One by
-    /// default: on loopback a second socket only adds syscalls (2 ranks, 64 MiB: 2.04
-    /// GB/s with one, 1.53 with two); NICs that need several streams to fill can ask
-    /// for more.
+    /// default: on loopback a second socket only adds syscalls, and large all-reduces ran
+    /// slower with two (`docs/perf-log/2026-11-27-change-log.md`); NICs that need several
+    /// streams to fill can ask for more.
     pub nsocks_per_peer: usize,
     /// `HETCCL_CHUNK_BYTES`: pipeline chunk size (halved where a node runs more ranks
     /// than CPUs over TCP, and at most a quarter of each rank's block, down to 128 KiB;
@@ -254,9 +254,9 @@ pub struct Config {
 pub enum TcpCongestion {
     /// `cubic` where the kernel allows it, else the system default (the default). BBR,
     /// the default on many hosts, paces segments by a bandwidth estimate that the
-    /// start-up probe's short round trips keep low: on loopback, 2 ranks, 256 KiB
-    /// all-reduce took 100–115 µs under BBR and 53 µs under cubic, 16 MiB 6.8–7.9 ms
-    /// against 5.3–5.5 ms.
+    /// start-up probe's short round trips keep low, so it spaces out the segments of
+    /// every later message; cubic keeps no such estimate (the runs on loopback:
+    /// `docs/perf-log/2026-11-27-tcp-congestion-direct-receives.md`).
     Auto,
     /// `system`: leave the sockets as the kernel made them.
     System,

@@ -1,8 +1,9 @@
-//! The C API from C (and Python): the examples are compiled with the system `cc`
-//! against `target/<profile>/libhetccl.so` and run as real multi-process jobs, one process
-//! per rank with torchrun's variables (shm and TCP), under `mpirun` (when installed), and
-//! on their own with `hetcclGetUniqueId` + `hetcclCommInitRank`. Each example checks closed forms
-//! itself and exits non-zero on the first wrong element.
+//! The C API from C (and Python): the examples are compiled with the C compiler the
+//! `cc` crate configures, against this build's `libhetccl.so`, and run as real
+//! multi-process jobs, one process per rank with torchrun's variables (shm and TCP), under
+//! `mpirun` (when installed), and on their own with `hetcclGetUniqueId` +
+//! `hetcclCommInitRank`. Each example checks closed forms itself and exits non-zero on the
+//! first wrong element.
 
 mod capi_support;
 mod common;
@@ -12,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use capi_support::{compile_c, have, lib_path, root, scratch};
+use capi_support::{compile_c, have, lib_path, root, scratch, Link};
 use common::{assert_all_ok, collect, free_port, spawn_ranks};
 
 /// Bounds every run: a hang becomes an error inside the ranks, then a kill here.
@@ -269,12 +270,6 @@ fn python_ctypes_example_on_2_ranks() {
 #[test]
 fn static_library_links_a_c_program() {
     // libhetccl.a carries Rust's std; the C side adds what std needs from libc.
-    let a = lib_path().with_file_name("libhetccl.a");
-    assert!(
-        a.exists(),
-        "{} missing: crate-type must include staticlib",
-        a.display()
-    );
     let src = scratch("static").join("version.c");
     std::fs::write(
         &src,
@@ -284,16 +279,7 @@ fn static_library_links_a_c_program() {
     )
     .unwrap();
     let exe = scratch("static").join("version");
-    let o = capi_support::run(
-        Command::new("cc")
-            .args(["-std=c11", "-Wall", "-Werror", "-I"])
-            .arg(root().join("bindings"))
-            .arg(&src)
-            .arg(&a)
-            .args(["-lpthread", "-ldl", "-lm", "-o"])
-            .arg(&exe),
-    );
-    assert!(o.status.success(), "{}", capi_support::text(&o));
+    capi_support::build_c(&[&src], Link::Static, &exe);
     let o = capi_support::run(&mut Command::new(&exe));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
@@ -343,15 +329,8 @@ fn install_script_and_pkg_config_build_a_program() {
     );
     // Build against the installed copy only, then run it.
     let exe = scratch("install").join("uniqueid_init");
-    let o = capi_support::run(
-        Command::new("cc")
-            .args(["-std=c11", "-Wall", "-Werror"])
-            .arg(example("uniqueid_init.c"))
-            .args(flags.split_whitespace())
-            .arg("-o")
-            .arg(&exe),
-    );
-    assert!(o.status.success(), "{}", capi_support::text(&o));
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    capi_support::build_c(&[&example("uniqueid_init.c")], Link::Flags(&flags), &exe);
     let mut c = Command::new(&exe);
     c.args(["group", "2"]);
     let o = finish(c, &[]);
