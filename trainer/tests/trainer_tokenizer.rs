@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use hetccl::trainer::tokenizer::{WordPiece, CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID};
+use hetccl_trainer::tokenizer::{WordPiece, CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID};
 
 fn vocab() -> WordPiece {
     WordPiece::from_file(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bert-base-uncased-vocab.txt"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/bert-base-uncased-vocab.txt"),
     )
     .unwrap()
 }
@@ -63,19 +63,19 @@ fn words_split_into_pieces() {
 
 #[test]
 fn the_built_in_vocabulary_is_the_file() {
-    use hetccl::trainer::files::BUILTIN_VOCAB;
+    use hetccl_trainer::files::BUILTIN_VOCAB;
     let file = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bert-base-uncased-vocab.txt"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/bert-base-uncased-vocab.txt"),
     )
     .unwrap();
     assert_eq!(BUILTIN_VOCAB, file);
-    let wp = WordPiece::from_data(&hetccl::trainer::DataFile::builtin_vocab()).unwrap();
+    let wp = WordPiece::from_data(&hetccl_trainer::DataFile::builtin_vocab()).unwrap();
     assert_eq!(wp.vocab_size(), 30522);
 }
 
 #[test]
 fn vocabulary_reads_are_bounded() {
-    use hetccl::trainer::tokenizer::VOCAB_MAX_BYTES;
+    use hetccl_trainer::tokenizer::VOCAB_MAX_BYTES;
     assert_eq!(
         WordPiece::from_file(Path::new("/dev/zero"))
             .unwrap_err()

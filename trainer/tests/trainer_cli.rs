@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ sits in the repository")
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -5,6 +5,11 @@
 //! the training loop ([`train()`]) uses hetccl only through the small [`sync::GradSync`]
 //! trait, as any framework would use a communicator.
 //!
+//! It is a package of its own, like any user of the library: its plotting, command-line,
+//! tokenizer and BLAS dependencies stay out of `libhetccl`. A plain `cargo build
+//! --release` at the top of the repository builds it with the library and the tools;
+//! run from there:
+//!
 //! ```text
 //! # two local ranks, bert-tiny on tinyshakespeare (a few minutes on two cores)
 //! cargo build --release
@@ -39,12 +44,15 @@
 //! | [`train`](mod@train) | the loop, logs, metrics |
 //! | [`plot`] | loss curves PNG |
 //! | [`cli`] | the `hetccl-bert` command line |
+//! | [`error`] | the trainer's [`Error`]: its own failures, and the communicator's wrapped |
+#![warn(missing_docs)]
 
 pub mod balance;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod files;
 pub mod model;
 pub mod ops;
@@ -56,6 +64,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{Balance, RunOptions, Settings, TrainConfig};
+pub use error::{Error, Result};
 pub use files::{DataFile, Origin};
 pub use model::{Batch, LossStats, Model, ModelConfig, ParamLayout};
 pub use sync::{BucketSink, CompressedSync, GradBuf, GradSync, NoSync, SingleProcess, ThreadGroup};

@@ -6,10 +6,10 @@
 //! `|a - n| / max(|a|, |n|, 1e-6)`; the maximum over all elements is printed and must stay
 //! below 1e-5 (f64 central differences reach ~1e-8 on these smooth functions).
 
-use hetccl::trainer::model::{init_params, Batch, Model, ModelConfig};
-use hetccl::trainer::ops::*;
-use hetccl::trainer::rng::{normal, Stream};
-use hetccl::trainer::sync::NoSync;
+use hetccl_trainer::model::{init_params, Batch, Model, ModelConfig};
+use hetccl_trainer::ops::*;
+use hetccl_trainer::rng::{normal, Stream};
+use hetccl_trainer::sync::NoSync;
 
 const H: f64 = 1e-6;
 const TOL: f64 = 1e-5;
@@ -299,8 +299,8 @@ fn f32_model_matches_f64_model() {
 /// Records each bucket's length and a copy of its values when backward hands it over.
 struct Recorder(Vec<Vec<f64>>);
 
-impl<'g> hetccl::trainer::BucketSink<'g, f64> for Recorder {
-    fn bucket_ready(&mut self, grads: &'g mut [f64]) -> hetccl::Result<()> {
+impl<'g> hetccl_trainer::BucketSink<'g, f64> for Recorder {
+    fn bucket_ready(&mut self, grads: &'g mut [f64]) -> hetccl_trainer::Result<()> {
         self.0.push(grads.to_vec());
         Ok(())
     }

@@ -41,8 +41,8 @@
 //!   that died before would never send the signal, and the rank is not started.
 //! - The watch socket: the launcher keeps one end of a Unix socket pair (close-on-exec,
 //!   so no rank holds it open) and every rank inherits the other as `HETCCL_LAUNCHER_FD`.
-//!   hetccl's communicators watch it (`communicator::launcher_watch`): when the
-//!   launcher's end closes, whatever a rank's collective is waiting for, it returns
+//!   The library's communicators watch it (`src/communicator/launcher_watch.rs`): when
+//!   the launcher's end closes, whatever a rank's collective is waiting for, it returns
 //!   "the launcher (hetccl run, pid N) exited; this rank stops", and so does every later
 //!   call. This reaches programs started through a wrapper and programs that handle
 //!   SIGTERM; one that is computing then finds out at its next call.
@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use crate::error::{Error, Result};
+use hetccl::{Error, Result};
 
 /// Help text of `hetccl run`.
 pub const USAGE: &str = "\
@@ -299,14 +299,14 @@ impl Outcome {
 
 /// One line from the launcher on its stderr; dropped if stderr is closed.
 fn say(msg: impl std::fmt::Display) {
-    let _ = writeln!(crate::log::stderr(), "hetccl run: {msg}");
+    let _ = writeln!(hetccl::log::stderr(), "hetccl run: {msg}");
 }
 
 /// `hetccl run ARGS...`: parses, runs, reports; returns the process exit code.
 pub fn cli(args: &[OsString]) -> i32 {
     match RunOptions::parse(args) {
         Ok(Parsed::Help) => {
-            let _ = writeln!(crate::log::stdout(), "{USAGE}");
+            let _ = writeln!(hetccl::log::stdout(), "{USAGE}");
             0
         }
         Err(msg) => {
@@ -1079,7 +1079,7 @@ mod tests {
                 slow.kill().unwrap();
                 slow.wait().unwrap();
                 quick.wait().unwrap();
-                crate::test_skip::skip(&format!("pidfd_open fails here: {e}"));
+                hetccl_testkit::skip(&format!("pidfd_open fails here: {e}"));
                 return;
             }
         };

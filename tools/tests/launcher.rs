@@ -311,7 +311,6 @@ fn usage_errors_exit_2() {
 }
 
 const CHECK: &str = env!("CARGO_BIN_EXE_hetccl-check");
-const BERT: &str = env!("CARGO_BIN_EXE_hetccl-bert");
 
 /// A fresh directory for one test's files.
 fn scratch(tag: &str) -> PathBuf {
@@ -508,7 +507,8 @@ fn ranks_in_collectives_fail_naming_the_launcher_when_it_is_killed() {
 fn the_trainer_fails_naming_the_launcher_when_it_is_killed() {
     become_subreaper();
     let dir = scratch("trainer");
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bert = common::workspace_bin("hetccl-bert");
+    let repo = common::repo();
     let script = format!(
         "\"$0\" \"$@\" >{d}/out$RANK 2>{d}/err$RANK & echo pid $!; wait $!",
         d = dir.display()
@@ -516,7 +516,7 @@ fn the_trainer_fails_naming_the_launcher_when_it_is_killed() {
     let metrics = dir.join("metrics.jsonl");
     let (mut launcher, pids) = start_wrapped(
         &script,
-        BERT,
+        bert.to_str().unwrap(),
         &[
             "--config",
             repo.join("configs/bert-tiny.toml").to_str().unwrap(),

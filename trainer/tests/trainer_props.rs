@@ -8,9 +8,9 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hetccl::trainer::checkpoint::{self, CheckpointMeta};
-use hetccl::trainer::Settings;
-use hetccl::Error;
+use hetccl_trainer::checkpoint::{self, CheckpointMeta};
+use hetccl_trainer::Error;
+use hetccl_trainer::Settings;
 use proptest::prelude::*;
 
 /// Passes every call to the system allocator and remembers, per thread, the largest

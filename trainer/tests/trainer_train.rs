@@ -4,19 +4,22 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hetccl::trainer::checkpoint::{self, CheckpointMeta};
-use hetccl::trainer::data::{make_batch, Corpus, Sampler};
-use hetccl::trainer::model::{init_params, Model, ModelConfig};
-use hetccl::trainer::optim::{AdamW, AdamWConfig};
-use hetccl::trainer::sync::NoSync;
-use hetccl::trainer::{
+use hetccl_trainer::checkpoint::{self, CheckpointMeta};
+use hetccl_trainer::data::{make_batch, Corpus, Sampler};
+use hetccl_trainer::model::{init_params, Model, ModelConfig};
+use hetccl_trainer::optim::{AdamW, AdamWConfig};
+use hetccl_trainer::sync::NoSync;
+use hetccl_trainer::Error;
+use hetccl_trainer::{
     train, train_threads, with_threads, Balance, RunOptions, Settings, SingleProcess, TrainConfig,
     WordPiece,
 };
-use hetccl::Error;
 
+/// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ sits in the repository")
 }
 
 /// A fresh scratch directory under the system temp dir.
@@ -70,7 +73,7 @@ fn setup(dir: &Path, steps: u64, batch: usize) -> (TrainConfig, RunOptions) {
     (cfg, run)
 }
 
-fn single(cfg: &TrainConfig, run: &RunOptions) -> hetccl::trainer::TrainReport {
+fn single(cfg: &TrainConfig, run: &RunOptions) -> hetccl_trainer::TrainReport {
     with_threads(run.threads, || train(cfg, run, &SingleProcess))
         .unwrap()
         .unwrap()
@@ -127,7 +130,7 @@ fn resume_continues_bit_for_bit() {
     run.checkpoint = Some(dir.join("resumed.ckpt"));
     let rest = single(&cfg, &run);
     let losses =
-        |r: &[hetccl::trainer::StepRecord]| r.iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
+        |r: &[hetccl_trainer::StepRecord]| r.iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
     assert_eq!(losses(&first.steps), losses(&full.steps[..3]));
     assert_eq!(losses(&rest.steps), losses(&full.steps[3..]));
     assert_eq!(rest.steps[0].step, 3);
@@ -488,7 +491,7 @@ fn resume_cuts_metrics_back_to_the_resumed_step() {
         ]
     );
     // The loss plot is drawn from the same records.
-    let (steps, evals) = hetccl::trainer::train::read_metrics(&metrics, 5).unwrap();
+    let (steps, evals) = hetccl_trainer::train::read_metrics(&metrics, 5).unwrap();
     assert_eq!(
         steps.iter().map(|s| s.step).collect::<Vec<_>>(),
         [0, 1, 2, 3, 4]

@@ -129,7 +129,7 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trainer::model::ModelConfig;
+    use crate::model::ModelConfig;
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {

@@ -1,15 +1,8 @@
-//! `hetccl-check`: runs every collective, reduction and element type on the given
-//! counts and checks each result against a closed form. Exits non-zero on the first
-//! wrong element or error. Start it on every rank (launcher, mpirun or env vars):
-//!
-//! ```text
-//! hetccl run -n 4 -- hetccl-check --counts 0,1,7,1000
-//! ```
-//!
-//! Fault flags make one rank misbehave on purpose, for the failure tests: after one
-//! all-reduce that works, rank `--fault-rank` exits (`exit`, status 17), dies by
-//! `SIGKILL` (`kill`), stops itself with `SIGSTOP` (`stop`), or calls a collective that
-//! differs from the others' (`count`, `dtype`, `op`, `private`).
+//! The checks of `hetccl-check`, for that tool and for tests alike: every collective,
+//! reduction and element type on given counts, checked bitwise against the closed forms
+//! of [`crate::oracle`]; a long mixed sequence with operations in flight; a soak; a
+//! determinism hash; compressed all-reduces within their bounds. [`Options`] holds the
+//! flags that choose them (`hetccl-check --help` lists them), [`main`] is a whole rank.
 //!
 //! `--shared` puts the buffers in memory from `Communicator::alloc_shared` (at odd
 //! offsets too), so the checks exercise the direct shared-buffer algorithms.
@@ -21,18 +14,24 @@
 //! form. Resident memory (`VmRSS`) and open descriptors are measured after a warm-up
 //! that runs every collective at the largest size under every algorithm, and at the
 //! end: the soak fails if there are more descriptors than after the warm-up or if the
-//! memory grew by more than `SOAK_RSS_SLACK_KIB`. A long soak:
+//! memory grew by more than `SOAK_RSS_SLACK_KIB`.
 //!
-//! ```text
-//! hetccl run -n 4 -- hetccl-check --soak 200000 --seed 7
-//! ```
+//! In a test, the ranks are the test's own executable: [`launch`] (or [`spawn`], and
+//! [`command`] or [`argv`] for ranks started another way) runs it as each rank with only
+//! the ignored entry test [`ENTRY`], which calls [`rank_main`]; the checks' flags travel
+//! in [`ARGS_VAR`]. Each rank prints what `hetccl-check` prints (`rank R/N: K checks
+//! passed in Ts`, `determinism hash H`, ...) and exits 0, or 1 after `check rank: rank R:
+//! FAILED: why`.
 
-use std::process::ExitCode;
-use std::time::Instant;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use hetccl::config::AlgoChoice;
-use hetccl::{errln, outln, Communicator, Element, ReduceOp, SharedBuf};
+use hetccl::{errln, outln, Communicator, Element, ReduceOp};
+
+use crate::oracle::{expected, input, make_buf, mismatch};
+use crate::ranks::{assert_all_ok, collect, spawn_ranks, this_test, this_test_argv};
 
 /// Resident memory a soak may gain between the end of its warm-up and its end: room for
 /// the allocator's own caching, far below what a leak of even a few bytes per step
@@ -43,40 +42,57 @@ const SOAK_COUNTS: [usize; 9] = [0, 1, 3, 7, 64, 1000, 4099, 16_384, 70_000];
 /// Kinds of soak step: one collective each, or (the last) several in flight at once.
 const SOAK_KINDS: usize = 12;
 
-struct Args {
-    counts: Vec<usize>,
-    iters: usize,
-    mixed: usize,
-    big_f32: Option<usize>,
-    fault: String,
-    fault_rank: usize,
-    seed: u64,
-    determinism: Option<usize>,
-    shared: bool,
-    compressed: Option<usize>,
-    soak: Option<usize>,
+/// Which checks to run, from the flags `--counts`, `--iters`, `--mixed`, `--big-f32`,
+/// `--seed`, `--determinism`, `--compressed`, `--shared` and `--soak`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Element counts every collective runs with.
+    pub counts: Vec<usize>,
+    /// Times the whole set of counts is run.
+    pub iters: usize,
+    /// Steps of the mixed sequence after the counts.
+    pub mixed: usize,
+    /// One f32 and one bf16 all-reduce of this many elements.
+    pub big_f32: Option<usize>,
+    /// Seed of the mixed sequence, the soak and the determinism data.
+    pub seed: u64,
+    /// Only the determinism hash of an all-reduce of this many elements.
+    pub determinism: Option<usize>,
+    /// Buffers from `Communicator::alloc_shared`.
+    pub shared: bool,
+    /// Only compressed all-reduces of this many elements.
+    pub compressed: Option<usize>,
+    /// Only a soak of this many steps.
+    pub soak: Option<usize>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        counts: vec![0, 1, 7, 1000],
-        iters: 1,
-        mixed: 0,
-        big_f32: None,
-        fault: "none".into(),
-        fault_rank: 1,
-        seed: 1,
-        determinism: None,
-        shared: false,
-        compressed: None,
-        soak: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            counts: vec![0, 1, 7, 1000],
+            iters: 1,
+            mixed: 0,
+            big_f32: None,
+            seed: 1,
+            determinism: None,
+            shared: false,
+            compressed: None,
+            soak: None,
+        }
+    }
+}
+
+impl Options {
+    /// Takes `flag`, reading its value (if it has one) from `val`; `Ok(false)` when it is
+    /// not one of these flags, so a tool can add its own.
+    pub fn flag(
+        &mut self,
+        flag: &str,
+        mut val: impl FnMut() -> Result<String, String>,
+    ) -> Result<bool, String> {
+        match flag {
             "--counts" => {
-                a.counts = val()?
+                self.counts = val()?
                     .split(',')
                     .map(|s| {
                         s.trim()
@@ -85,120 +101,44 @@ fn parse_args() -> Result<Args, String> {
                     })
                     .collect::<Result<_, _>>()?
             }
-            "--iters" => a.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
-            "--mixed" => a.mixed = val()?.parse().map_err(|e| format!("--mixed: {e}"))?,
-            "--big-f32" => a.big_f32 = Some(val()?.parse().map_err(|e| format!("--big-f32: {e}"))?),
-            "--fault" => a.fault = val()?,
-            "--fault-rank" => {
-                a.fault_rank = val()?.parse().map_err(|e| format!("--fault-rank: {e}"))?
+            "--iters" => self.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
+            "--mixed" => self.mixed = val()?.parse().map_err(|e| format!("--mixed: {e}"))?,
+            "--big-f32" => {
+                self.big_f32 = Some(val()?.parse().map_err(|e| format!("--big-f32: {e}"))?)
             }
-            "--seed" => a.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
-            "--shared" => a.shared = true,
-            "--soak" => a.soak = Some(val()?.parse().map_err(|e| format!("--soak: {e}"))?),
+            "--seed" => self.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--shared" => self.shared = true,
+            "--soak" => self.soak = Some(val()?.parse().map_err(|e| format!("--soak: {e}"))?),
             "--compressed" => {
-                a.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
+                self.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
             }
             "--determinism" => {
-                a.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
+                self.determinism = Some(val()?.parse().map_err(|e| format!("--determinism: {e}"))?)
             }
-            "-h" | "--help" => {
-                outln!(
-                    "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
-                     \x20                   [--fault none|exit|kill|stop|count|dtype|op|private --fault-rank R] [--seed S]\n\
-                     \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
-                     \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
-                     \x20                   [--shared]  (buffers from alloc_shared)\n\
-                     \x20                   [--soak STEPS]  (random collectives, memory and descriptors flat)"
-                );
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag {other}")),
+            _ => return Ok(false),
         }
+        Ok(true)
     }
-    Ok(a)
+
+    /// Options from flags and values, e.g. `["--counts", "0,7", "--mixed", "20"]`.
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Options, String> {
+        let mut o = Options::default();
+        let mut it = args.iter().map(|a| a.as_ref().to_string());
+        while let Some(flag) = it.next() {
+            let val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+            if !o.flag(&flag, val)? {
+                return Err(format!("unknown flag {flag}"));
+            }
+        }
+        Ok(o)
+    }
 }
 
-/// Rank r's input element i for `op`: small integers whose reduction is exact in
-/// every element type (sums stay below 128, products are powers of two).
-fn input<T: Element>(op: ReduceOp, r: usize, i: usize, n: usize) -> T {
-    let v = match op {
-        ReduceOp::Prod => 1 + (r + i) % 2,
-        ReduceOp::Max | ReduceOp::Min => (r * 3 + i) % n.max(1) + (i % 5),
-        ReduceOp::Sum | ReduceOp::Avg => 1 + r + (i % 7),
-    };
-    T::from_f64(v as f64)
-}
-
-fn expected<T: Element>(op: ReduceOp, i: usize, n: usize) -> T {
-    hetccl::reduce::fold(op, (0..n).map(|r| input::<T>(op, r, i, n)), n)
-        .expect("a world has at least one rank")
-}
-
+/// Runs collectives on one communicator and counts the checks that passed.
 struct Checker<'a> {
     comm: &'a Communicator,
     checks: usize,
     shared: bool,
-}
-
-/// A buffer in private memory, or a window `[off, off + len)` of a shared one.
-enum Buf<T: Element> {
-    Private(Vec<T>),
-    Shared(SharedBuf<T>, usize, usize),
-}
-
-impl<T: Element> std::ops::Deref for Buf<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        match self {
-            Buf::Private(v) => v,
-            Buf::Shared(s, off, len) => &s[*off..*off + *len],
-        }
-    }
-}
-
-impl<T: Element> std::ops::DerefMut for Buf<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        match self {
-            Buf::Private(v) => v,
-            Buf::Shared(s, off, len) => &mut s[*off..*off + *len],
-        }
-    }
-}
-
-/// `data` in a private or (collectively allocated) shared buffer; shared ones start at
-/// element `off` of a larger allocation, so sub-slices are what the collective sees.
-fn make_buf<T: Element>(
-    comm: &Communicator,
-    shared: bool,
-    off: usize,
-    data: Vec<T>,
-) -> Result<Buf<T>, String> {
-    if !shared {
-        return Ok(Buf::Private(data));
-    }
-    let mut s = comm
-        .alloc_shared::<T>(off + data.len() + 2)
-        .map_err(|e| e.to_string())?;
-    s[off..off + data.len()].copy_from_slice(&data);
-    Ok(Buf::Shared(s, off, data.len()))
-}
-
-fn mismatch<T: Element>(what: &str, got: &[T], want: impl Fn(usize) -> T) -> Result<(), String> {
-    for (i, g) in got.iter().enumerate() {
-        let w = want(i);
-        if *g != w && !(g.to_f64().is_nan() && w.to_f64().is_nan()) {
-            let wrong = got
-                .iter()
-                .enumerate()
-                .filter(|(j, x)| **x != want(*j))
-                .count();
-            return Err(format!(
-                "{what}: element {i} is {g:?}, expected {w:?} ({wrong} wrong of {})",
-                got.len()
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Checker<'_> {
@@ -769,66 +709,6 @@ fn soak(comm: &mut Communicator, steps: usize, seed: u64, shared: bool) -> Resul
     Ok(said)
 }
 
-fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
-    let (r, n) = (comm.rank(), comm.world_size());
-    let count = a.counts.iter().copied().max().unwrap_or(1000).max(1);
-    let mut buf = make_buf(comm, a.shared, 0, vec![1.0f32; count])?;
-    // One collective that works, so every link is known good before the fault.
-    comm.all_reduce(&mut buf, ReduceOp::Sum)
-        .map_err(|e| e.to_string())?;
-    if r == a.fault_rank {
-        match a.fault.as_str() {
-            "exit" => {
-                errln!("rank {r}: exiting on purpose");
-                std::process::exit(17);
-            }
-            "kill" => {
-                errln!("rank {r}: killing itself on purpose (SIGKILL)");
-                // SAFETY: raising SIGKILL on ourselves has no memory-safety impact.
-                unsafe { libc::raise(libc::SIGKILL) };
-            }
-            "stop" => {
-                errln!("rank {r}: stopping on purpose");
-                // SAFETY: raising SIGSTOP on ourselves has no memory-safety impact.
-                unsafe { libc::raise(libc::SIGSTOP) };
-            }
-            "count" => {
-                return comm
-                    .all_reduce(&mut buf[..count - 1], ReduceOp::Sum)
-                    .map_err(|e| e.to_string());
-            }
-            "private" => {
-                // Shared buffers everywhere else, a private one here.
-                let mut other = vec![1.0f32; count];
-                return comm
-                    .all_reduce(&mut other, ReduceOp::Sum)
-                    .map_err(|e| e.to_string());
-            }
-            "dtype" => {
-                let mut other = vec![1.0f64; count];
-                return comm
-                    .all_reduce(&mut other, ReduceOp::Sum)
-                    .map_err(|e| e.to_string());
-            }
-            "op" => {
-                let mut other = vec![1.0f32; count];
-                return comm.broadcast(&mut other, 0).map_err(|e| e.to_string());
-            }
-            other => return Err(format!("unknown fault {other}")),
-        }
-    }
-    let t = Instant::now();
-    let r2 = comm
-        .all_reduce(&mut buf, ReduceOp::Sum)
-        .map_err(|e| e.to_string());
-    errln!(
-        "rank {r}: faulty collective returned after {:.2}s: {r2:?}",
-        t.elapsed().as_secs_f64()
-    );
-    let _ = n;
-    r2
-}
-
 /// All-reduces pseudo-random f32 values whose sum rounds differently in different
 /// orders, and prints a hash of the result: equal hashes across ranks and runs show
 /// the reduction order is fixed.
@@ -918,90 +798,208 @@ fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
     Ok(checks)
 }
 
-fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            errln!("hetccl-check: {e}");
-            return ExitCode::from(2);
-        }
+/// Runs the checks `o` asks for on `comm` and prints their result lines: `determinism
+/// hash H`, `compressed hash H` then `rank R/N: K checks passed`, a soak's figures then
+/// `; checks passed`, or `rank R/N: K checks passed in Ts`.
+pub fn run(comm: &mut Communicator, o: &Options) -> Result<(), String> {
+    let t0 = Instant::now();
+    if let Some(steps) = o.soak {
+        let said = soak(comm, steps, o.seed, o.shared)?;
+        outln!(
+            "rank {}/{}: {said}; checks passed",
+            comm.rank(),
+            comm.world_size()
+        );
+        return Ok(());
+    }
+    if let Some(count) = o.determinism {
+        return determinism(comm, count, o.seed, o.shared);
+    }
+    if let Some(count) = o.compressed {
+        let k = compressed(comm, count)?;
+        outln!(
+            "rank {}/{}: {k} checks passed",
+            comm.rank(),
+            comm.world_size()
+        );
+        return Ok(());
+    }
+    let mut ck = Checker {
+        comm,
+        checks: 0,
+        shared: o.shared,
     };
+    for _ in 0..o.iters {
+        for &count in &o.counts {
+            ck.all_ops::<f32>(count)?;
+            ck.all_ops::<f64>(count)?;
+            ck.all_ops::<f16>(count)?;
+            ck.all_ops::<bf16>(count)?;
+            ck.all_ops::<i32>(count)?;
+            ck.all_ops::<i64>(count)?;
+            ck.all_ops::<u8>(count)?;
+        }
+    }
+    if let Some(big) = o.big_f32 {
+        ck.all_ops_one::<f32>(big)?;
+        ck.all_ops_one::<bf16>(big)?;
+    }
+    ck.mixed(o.mixed, o.seed)?;
+    outln!(
+        "rank {}/{}: {} checks passed in {:.2}s",
+        comm.rank(),
+        comm.world_size(),
+        ck.checks,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One rank from start to end: a communicator from the environment, then `instead`'s
+/// work where it has some for this run (a tool's own modes), else [`run`]. Returns the
+/// exit status: 0, or 1 after `<program>: init failed: why` or `<program>: rank R:
+/// FAILED: why` on stderr.
+pub fn main(
+    program: &str,
+    o: &Options,
+    instead: impl FnOnce(&Communicator) -> Option<Result<(), String>>,
+) -> u8 {
     let mut comm = match Communicator::init_from_env() {
         Ok(c) => c,
         Err(e) => {
-            errln!("hetccl-check: init failed: {e}");
-            return ExitCode::from(1);
+            errln!("{program}: init failed: {e}");
+            return 1;
         }
     };
-    if args.shared && comm.rank() == 0 {
+    if o.shared && comm.rank() == 0 {
         // Lets tests look for files this job might have left in /dev/shm.
         outln!(
             "shared buffers, job {}",
             comm.config().job_id.as_deref().unwrap_or("-")
         );
     }
-    let t0 = Instant::now();
-    let result = if args.fault != "none" {
-        fault(&comm, &args)
-    } else if let Some(steps) = args.soak {
-        soak(&mut comm, steps, args.seed, args.shared).map(|said| {
-            outln!(
-                "rank {}/{}: {said}; checks passed",
-                comm.rank(),
-                comm.world_size()
-            )
-        })
-    } else if let Some(count) = args.determinism {
-        determinism(&comm, count, args.seed, args.shared)
-    } else if let Some(count) = args.compressed {
-        compressed(&comm, count).map(|k| {
-            outln!(
-                "rank {}/{}: {k} checks passed",
-                comm.rank(),
-                comm.world_size()
-            )
-        })
-    } else {
-        let mut ck = Checker {
-            comm: &comm,
-            checks: 0,
-            shared: args.shared,
-        };
-        let run = |ck: &mut Checker| -> Result<(), String> {
-            for _ in 0..args.iters {
-                for &count in &args.counts {
-                    ck.all_ops::<f32>(count)?;
-                    ck.all_ops::<f64>(count)?;
-                    ck.all_ops::<f16>(count)?;
-                    ck.all_ops::<bf16>(count)?;
-                    ck.all_ops::<i32>(count)?;
-                    ck.all_ops::<i64>(count)?;
-                    ck.all_ops::<u8>(count)?;
-                }
-            }
-            if let Some(big) = args.big_f32 {
-                ck.all_ops_one::<f32>(big)?;
-                ck.all_ops_one::<bf16>(big)?;
-            }
-            ck.mixed(args.mixed, args.seed)
-        };
-        let r = run(&mut ck);
-        if r.is_ok() {
-            outln!(
-                "rank {}/{}: {} checks passed in {:.2}s",
-                comm.rank(),
-                comm.world_size(),
-                ck.checks,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-        r
+    let result = match instead(&comm) {
+        Some(r) => r,
+        None => run(&mut comm, o),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
-            errln!("hetccl-check: rank {}: FAILED: {e}", comm.rank());
-            ExitCode::from(1)
+            errln!("{program}: rank {}: FAILED: {e}", comm.rank());
+            1
         }
+    }
+}
+
+/// The ignored test a test file defines to be a checking rank (it calls [`rank_main`]).
+pub const ENTRY: &str = "check_rank";
+
+/// The variable that carries the checks' flags to a rank, separated by spaces.
+pub const ARGS_VAR: &str = "HETCCL_TESTKIT_CHECK_ARGS";
+
+/// The body of the entry test [`ENTRY`]: one rank of the checks in [`ARGS_VAR`]; ends
+/// the process with [`main`]'s status, so the test harness prints no result of its own
+/// into the rank's output.
+pub fn rank_main() -> ! {
+    use std::io::Write;
+    let args = std::env::var(ARGS_VAR).unwrap_or_default();
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let code = match Options::parse(&args) {
+        Ok(o) => main("check rank", &o, |_| None),
+        Err(e) => {
+            errln!("check rank: {ARGS_VAR}={args:?}: {e}");
+            2
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code.into());
+}
+
+/// This test executable as one checking rank with `args`, for ranks started by hand
+/// (a test's own environment for each).
+pub fn command(args: &[&str]) -> Command {
+    let mut c = this_test(ENTRY);
+    c.env(ARGS_VAR, args.join(" "));
+    c
+}
+
+/// The command line of a checking rank of this test executable, for ranks another
+/// program starts (`mpirun`, a simulated cluster), with the variable that carries `args`.
+pub fn argv(args: &[&str]) -> (Vec<String>, (&'static str, String)) {
+    (this_test_argv(ENTRY), (ARGS_VAR, args.join(" ")))
+}
+
+/// `n` checking ranks of this test executable, as [`spawn_ranks`] starts them.
+pub fn spawn(
+    n: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    per_rank: impl Fn(usize) -> Vec<(String, String)>,
+) -> Vec<Child> {
+    let (argv, (var, val)) = argv(args);
+    let mut all: Vec<(&str, &str)> = vec![(var, &val)];
+    all.extend_from_slice(env);
+    let rest: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+    spawn_ranks(n, &argv[0], &rest, &all, per_rank)
+}
+
+/// `n` checking ranks with `args` and `env` (plus `HETCCL_TIMEOUT=60` and
+/// `HETCCL_CONNECT_TIMEOUT=60`), killed after `deadline`; asserts that every rank exited
+/// cleanly and reported success ("checks passed", or a "determinism hash" with
+/// `--determinism`). Returns every rank's output, in rank order.
+pub fn launch(
+    n: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    deadline: Duration,
+    what: &str,
+) -> String {
+    let mut all = vec![("HETCCL_TIMEOUT", "60"), ("HETCCL_CONNECT_TIMEOUT", "60")];
+    all.extend_from_slice(env);
+    let outs = collect(spawn(n, args, &all, |_| vec![]), deadline);
+    assert_all_ok(&outs, what);
+    let out: String = outs.into_iter().map(|o| o.output).collect();
+    let marker = if args.contains(&"--determinism") {
+        "determinism hash"
+    } else {
+        "checks passed"
+    };
+    assert_eq!(
+        out.matches(marker).count(),
+        n,
+        "{what}: expected {n} ranks to report success (does the test file define the \
+         ignored entry test `{ENTRY}`?):\n{out}"
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_into_options_and_unknown_ones_are_named() {
+        let o = Options::parse(&["--counts", "0,7", "--mixed", "20", "--shared"]).unwrap();
+        assert_eq!(
+            o,
+            Options {
+                counts: vec![0, 7],
+                mixed: 20,
+                shared: true,
+                ..Options::default()
+            }
+        );
+        assert_eq!(
+            Options::parse(&["--counts", "1,x"]).unwrap_err(),
+            "--counts: invalid digit found in string"
+        );
+        assert_eq!(
+            Options::parse(&["--soak"]).unwrap_err(),
+            "--soak needs a value"
+        );
+        assert_eq!(
+            Options::parse(&["--fault", "kill"]).unwrap_err(),
+            "unknown flag --fault"
+        );
     }
 }

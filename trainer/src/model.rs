@@ -1072,7 +1072,7 @@ mod tests {
         );
         let mut g = vec![0.0; p.len()];
         let err = m
-            .backward(&p, &mut g, &mut crate::trainer::sync::NoSync)
+            .backward(&p, &mut g, &mut crate::sync::NoSync)
             .unwrap_err();
         assert!(err.to_string().contains("no forward pass"), "{err}");
         let err = ModelConfig {

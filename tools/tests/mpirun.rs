@@ -97,8 +97,8 @@ fn hetccl_check_runs_under_mpirun_with_only_its_environment() {
     }
 }
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+fn repo() -> PathBuf {
+    common::repo()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -166,11 +166,12 @@ fn the_trainer_runs_under_mpirun_with_only_its_environment() {
     for n in [2usize, 4] {
         let dir = scratch(&format!("bert{n}"));
         let what = format!("mpirun -n {n} hetccl-bert");
+        let bert = common::workspace_bin("hetccl-bert");
         let out = run(
             &mut mpirun(
                 n,
                 oversubscribe(n),
-                env!("CARGO_BIN_EXE_hetccl-bert"),
+                bert.to_str().unwrap(),
                 &bert_args(&dir),
             ),
             &what,

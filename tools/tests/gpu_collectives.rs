@@ -11,7 +11,7 @@
 //!
 //! The executables are found through `HETCCL_BIN_DIR`, next to this test executable
 //! (the layout of `gpu-bin/`, see scripts/build-gpu-bin.sh), or in cargo's target
-//! directory. Built with the `cuda` feature only; without a usable GPU each test records
+//! directory (`hetccl_testkit::ranks::workspace_bin`). Built with the `cuda` feature only; without a usable GPU each test records
 //! itself as skipped with the reason (`common::skip`), which the test script counts.
 
 mod common;
@@ -26,46 +26,12 @@ mod gpu {
 
     const COUNTS: &str = "1,1000,1048579";
 
-    /// `name` from `HETCCL_BIN_DIR`, beside this executable, one directory up (cargo's
-    /// `target/<profile>/deps/..`), or where cargo built it.
-    fn locate(name: &str, built: Option<&str>) -> PathBuf {
-        let mut tried = Vec::new();
-        let mut dirs = Vec::new();
-        if let Some(d) = std::env::var_os("HETCCL_BIN_DIR") {
-            dirs.push(PathBuf::from(d));
-        }
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(PathBuf::from))
-        {
-            dirs.push(dir.clone());
-            if let Some(up) = dir.parent() {
-                dirs.push(up.to_path_buf());
-            }
-        }
-        let mut candidates: Vec<PathBuf> = dirs.iter().map(|d| d.join(name)).collect();
-        candidates.extend(built.map(PathBuf::from));
-        for c in candidates {
-            if c.is_file() {
-                return c;
-            }
-            tried.push(c.display().to_string());
-        }
-        panic!(
-            "cannot find the {name} executable (tried {}); set HETCCL_BIN_DIR",
-            tried.join(", ")
-        );
-    }
-
     fn launcher() -> PathBuf {
-        locate("hetccl", option_env!("CARGO_BIN_EXE_hetccl"))
+        super::common::workspace_bin("hetccl")
     }
 
     fn check_bin() -> PathBuf {
-        locate(
-            "hetccl-gpu-check",
-            option_env!("CARGO_BIN_EXE_hetccl-gpu-check"),
-        )
+        super::common::workspace_bin("hetccl-gpu-check")
     }
 
     /// The reason to skip, printed, when there is no usable GPU.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compression::WireFormat;
-use crate::config::CompressMode;
+use hetccl::compression::WireFormat;
+use hetccl::config::CompressMode;
 
 use super::files::{human_bytes, read_limited, shown, DataFile};
 use super::model::ModelConfig;
@@ -952,7 +952,7 @@ mod tests {
     fn shipped_config_files_parse() {
         for name in ["bert-tiny", "bert-mini", "bert-small", "bert-base"] {
             let path =
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/{name}.toml"));
             let s = Settings::from_toml_file(&path).unwrap();
             let (cfg, _) = s.resolve(1).unwrap();
             assert_eq!(cfg.model, ModelConfig::preset(name).unwrap());

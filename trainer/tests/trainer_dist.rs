@@ -4,8 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The `hetccl run` launcher, a binary of the tools' package.
+fn launcher() -> PathBuf {
+    hetccl_testkit::ranks::workspace_bin("hetccl")
+}
+
+/// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ sits in the repository")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -84,7 +92,7 @@ fn two_processes_match_one() {
         "{}",
         String::from_utf8_lossy(&one.stderr)
     );
-    let two = Command::new(env!("CARGO_BIN_EXE_hetccl"))
+    let two = Command::new(launcher())
         .args(["run", "-n", "2", "--", bert])
         .args(args(&dir, "two"))
         .output()
@@ -131,7 +139,7 @@ fn compressed_args(dir: &Path, tag: &str, steps: &str, ckpt: &str) -> Vec<String
 }
 
 fn run_two(extra: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hetccl"))
+    let out = Command::new(launcher())
         .args(["run", "-n", "2", "--", env!("CARGO_BIN_EXE_hetccl-bert")])
         .args(extra)
         .output()
@@ -147,7 +155,7 @@ fn run_two(extra: &[String]) -> String {
 
 #[test]
 fn compressed_run_resumes_bit_for_bit_with_its_residuals() {
-    use hetccl::trainer::checkpoint;
+    use hetccl_trainer::checkpoint;
     let dir = scratch("compressed-resume");
     // Six steps straight through, and three + three with a restart in between.
     run_two(&compressed_args(&dir, "full", "6", "full.ckpt"));

@@ -387,7 +387,9 @@ pub fn train_threads(
                     first_err.get_or_insert(e);
                 }
                 Err(_) => {
-                    first_err.get_or_insert(Error::Broken("a rank thread panicked".into()));
+                    first_err.get_or_insert(
+                        hetccl::Error::Broken("a rank thread panicked".into()).into(),
+                    );
                 }
             }
         }

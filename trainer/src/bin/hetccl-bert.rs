@@ -20,9 +20,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hetccl::config::{CompressMode, InitMethod};
-use hetccl::trainer::cli::Cli;
-use hetccl::trainer::{train, train_threads, with_threads, CompressedSync, SingleProcess};
 use hetccl::{Communicator, Config};
+use hetccl_trainer::cli::Cli;
+use hetccl_trainer::{
+    train, train_threads, with_threads, CompressedSync, Error, Result, SingleProcess,
+};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -41,15 +43,15 @@ fn main() -> ExitCode {
 }
 
 /// The last line of a run, on rank 0; a closed stdout is an error like any other.
-fn summary(samples_per_s: f64) -> hetccl::Result<()> {
+fn summary(samples_per_s: f64) -> Result<()> {
     writeln!(
         std::io::stdout(),
         "{samples_per_s:.1} samples/s over the run"
     )
-    .map_err(|e| hetccl::Error::io("writing progress to standard output", e))
+    .map_err(|e| Error::io("writing progress to standard output", e))
 }
 
-fn run(cli: &Cli) -> hetccl::Result<()> {
+fn run(cli: &Cli) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cli.sim_ranks > 1 {
         let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1), cli.sim_ranks)?;
@@ -73,7 +75,7 @@ fn run(cli: &Cli) -> hetccl::Result<()> {
             let sync = CompressedSync::new(&comm, run.compress, run.compress_format);
             train(&cfg, &run, &sync)?
         };
-        Ok::<_, hetccl::Error>((comm.rank(), report))
+        Ok::<_, Error>((comm.rank(), report))
     })??;
     if report.0 == 0 {
         summary(report.1.samples_per_s)?;

@@ -7,7 +7,7 @@
 //! the ranks of a host share ([`Communicator::alloc_shared`]), so that on one host
 //! each bucket is summed straight from the peers' buffers.
 //! [`SingleProcess`] is the world of one; [`ThreadGroup`] runs several ranks as threads of
-//! one process (tests, demos). [`crate::Communicator`] implements it through its
+//! one process (tests, demos). [`hetccl::Communicator`] implements it through its
 //! non-blocking `scope` API: each bucket's all-reduce starts the moment backward hands it
 //! over and runs on the communicator's progress thread while backward goes on.
 //!
@@ -16,11 +16,11 @@
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use crate::communicator::{Communicator, Compression, Handle, Scope, SharedBuf};
-use crate::compression::{Compressor, ScalePolicy, WireFormat};
-use crate::config::CompressMode;
-use crate::dtype::ReduceOp;
 use crate::error::{Error, Result};
+use hetccl::communicator::{Communicator, Compression, Handle, Scope, SharedBuf};
+use hetccl::compression::{Compressor, ScalePolicy, WireFormat};
+use hetccl::config::CompressMode;
+use hetccl::dtype::ReduceOp;
 
 /// Receives gradient buckets as backward completes them.
 pub trait BucketSink<'g, T> {
@@ -196,7 +196,7 @@ impl ThreadGroup {
     }
 
     fn broken(&self, why: &str) -> Error {
-        Error::Broken(format!("thread group rank {}: {why}", self.rank))
+        hetccl::Error::Broken(format!("thread group rank {}: {why}", self.rank)).into()
     }
 
     fn barrier(&self) -> Result<()> {
@@ -275,9 +275,9 @@ struct ChannelSink<'g> {
 
 impl<'g> BucketSink<'g, f32> for ChannelSink<'g> {
     fn bucket_ready(&mut self, grads: &'g mut [f32]) -> Result<()> {
-        self.tx
-            .send(grads)
-            .map_err(|_| Error::Broken("gradient reduction thread has stopped".into()))
+        self.tx.send(grads).map_err(|_| {
+            hetccl::Error::Broken("gradient reduction thread has stopped".into()).into()
+        })
     }
 }
 
@@ -373,7 +373,7 @@ impl GradSync for Communicator {
             // the first failure.
             let mut waited = Ok(());
             for h in sink.handles {
-                let r = h.wait();
+                let r = h.wait().map_err(Error::from);
                 if waited.is_ok() {
                     waited = r;
                 }
@@ -382,10 +382,10 @@ impl GradSync for Communicator {
         })
     }
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
-        self.all_reduce(buf, ReduceOp::Sum)
+        Ok(self.all_reduce(buf, ReduceOp::Sum)?)
     }
     fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
-        Communicator::all_gather(self, send, recv)
+        Ok(Communicator::all_gather(self, send, recv)?)
     }
     fn alloc_grads(&self, len: usize) -> Result<GradBuf> {
         // Shared buffers come zero-filled.
@@ -417,7 +417,11 @@ impl<'c> CompressedSync<'c> {
     }
 
     fn compressor(&self) -> Result<Compressor> {
-        Compressor::new(self.format, ScalePolicy::InverseWorldSize, true)
+        Ok(Compressor::new(
+            self.format,
+            ScalePolicy::InverseWorldSize,
+            true,
+        )?)
     }
 
     fn compression<'a>(&self, compressor: &'a mut Compressor) -> Compression<'a> {
@@ -478,7 +482,7 @@ impl GradSync for CompressedSync<'_> {
             let res = backward(grads, &mut sink);
             let mut waited = Ok(());
             for h in sink.handles {
-                let r = h.wait_stats().map(|_| ());
+                let r = h.wait_stats().map(|_| ()).map_err(Error::from);
                 if waited.is_ok() {
                     waited = r;
                 }
@@ -499,15 +503,15 @@ impl GradSync for CompressedSync<'_> {
                 .iter_mut()
                 .zip(late)
                 .map(|(c, g)| s.all_reduce_compressed(g, ReduceOp::Sum, self.compression(c)))
-                .collect::<Result<Vec<_>>>()?;
-            handles.into_iter().try_for_each(|h| h.wait())
+                .collect::<hetccl::Result<Vec<_>>>()?;
+            Ok(handles.into_iter().try_for_each(|h| h.wait())?)
         })
     }
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
-        self.comm.all_reduce(buf, ReduceOp::Sum)
+        Ok(self.comm.all_reduce(buf, ReduceOp::Sum)?)
     }
     fn all_gather(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
-        self.comm.all_gather(send, recv)
+        Ok(self.comm.all_gather(send, recv)?)
     }
     /// Layout: u64 bucket count, then each bucket's [`Compressor::save`] in order.
     fn save_state(&self) -> Result<Option<Vec<u8>>> {
@@ -556,7 +560,7 @@ mod tests {
         step: usize,
     ) -> Vec<Vec<f32>> {
         let n = 3000;
-        crate::communicator::testing::on_all(comms, |c| {
+        hetccl_testkit::on_all(comms, |c| {
             let r = c.rank();
             let mut grads: Vec<f32> = (0..n)
                 .map(|i| ((i * (r + 1) + step * 7) as f32 * 0.013).sin() * 0.37)
@@ -576,9 +580,9 @@ mod tests {
 
     #[test]
     fn compressed_buckets_sum_within_fp16_and_residuals_survive_a_restart() {
-        use crate::config::Config;
+        use hetccl::Config;
         // Two pretend nodes of one rank: `inter` compresses the one link.
-        let comms = crate::communicator::testing::world(2, 1, Config::default());
+        let comms = hetccl_testkit::world(2, 1, Config::default());
         let syncs: Vec<_> = comms
             .iter()
             .map(|c| CompressedSync::new(c, CompressMode::Inter, WireFormat::F16))

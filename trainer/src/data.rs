@@ -381,8 +381,8 @@ mod tests {
 
     #[test]
     fn pieces_make_the_tokens_of_the_whole_text() {
-        let tok = WordPiece::from_vocab(crate::trainer::files::BUILTIN_VOCAB).unwrap();
-        let text = &crate::trainer::files::BUILTIN_CORPUS[..60_000];
+        let tok = WordPiece::from_vocab(crate::files::BUILTIN_VOCAB).unwrap();
+        let text = &crate::files::BUILTIN_CORPUS[..60_000];
         let whole = tok.encode(text);
         // Pieces far smaller than a line, cut mid-word and mid-character.
         for piece in [1, 7, 4096] {
