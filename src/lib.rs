@@ -4,13 +4,14 @@
 //!
 //! ```text
 //!  capi             extern "C" wrappers
+//!  DeviceComm       device collectives over the host communicator (`device`, feature `cuda`)
 //!  communicator     the user-facing object: collectives, async handles
 //!  algorithm        ring, tree, hierarchical schedules (pure data) + one executor
 //!  compression      fp16/bf16 wire formats       reduce: element math
 //!  transport        point-to-point links: shm, tcp
 //!  topology         who is where
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
-//!  device           CUDA context, streams and the embedded kernels (feature `cuda`)
+//!  device           driver calls, CUDA context, streams, kernels, launchers (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
 //!  log              writers for log lines and messages that never fail on a closed stream
 //! ```
