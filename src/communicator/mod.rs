@@ -1317,9 +1317,12 @@ pub fn dtype_of<T: Element>() -> DataType {
     T::DTYPE
 }
 
-/// In-process worlds for unit tests: communicators joined by in-memory links.
-#[cfg(test)]
-pub(crate) mod testing {
+/// In-process worlds for tests: communicators joined by in-memory links, one thread per
+/// rank. The unit tests use them as they are; integration tests and other crates get them
+/// through hetccl-testkit, which turns on the `testkit` feature. Test support: a world
+/// that cannot be built panics, as a failed test should.
+#[cfg(any(test, feature = "testkit"))]
+pub mod testing {
     use super::*;
     use crate::topology::RankInfo;
     use crate::transport::mem;
@@ -1327,7 +1330,7 @@ pub(crate) mod testing {
     /// `n` communicators in one process, fully connected by in-memory links, ranks
     /// grouped into pretend nodes of `per_node`; `cfg` with 4 KiB chunks.
     #[allow(clippy::needless_range_loop)]
-    pub(crate) fn world(n: usize, per_node: usize, cfg: Config) -> Vec<Communicator> {
+    pub fn world(n: usize, per_node: usize, cfg: Config) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         for a in 0..n {
@@ -1357,18 +1360,24 @@ pub(crate) mod testing {
         links
             .into_iter()
             .enumerate()
-            .map(|(r, l)| Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None).unwrap())
+            .map(|(r, l)| {
+                Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None)
+                    .unwrap_or_else(|e| panic!("in-process world of {n}: rank {r}: {e}"))
+            })
             .collect()
     }
 
-    /// Runs `f` on every communicator at once, one thread each.
-    pub(crate) fn on_all<R: Send>(
+    /// Runs `f` on every communicator at once, one thread each; a rank's panic is
+    /// raised again here.
+    pub fn on_all<R: Send>(
         comms: &[Communicator],
         f: impl Fn(&Communicator) -> R + Sync,
     ) -> Vec<R> {
         std::thread::scope(|s| {
             let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
         })
     }
 }
