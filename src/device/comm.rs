@@ -20,8 +20,10 @@
 //! This file holds what every call does whatever the path: the checks of its arguments,
 //! the agreement below, and the guard that breaks the `DeviceComm` on a failure.
 //!
-//! Before moving anything every call exchanges a small header (sequence number,
-//! collective, dtype, reduction, count, root) with all ranks, so a rank that calls
+//! Before moving anything every call exchanges a small header (the call's
+//! [`CallHeader`]: sequence number, collective, dtype, reduction, count, root; and
+//! whether this rank refused it) with all ranks and checks it with
+//! [`crate::algorithm::call::check`], so a rank that calls
 //! something else, or refuses its own call (buffer too small, stream of another device),
 //! makes every rank return an error instead of corrupting data or hanging. A failure
 //! after that point (a driver error, a peer gone) aborts the host communicator too, so
@@ -39,8 +41,9 @@ use super::driver::{call_failed, device_error, DeviceAddr};
 use super::ipc::IpcScratch;
 use super::kernels::{reduce_finalize_ptr, GpuElement};
 use super::staged::Slot;
+use crate::algorithm::call::{check, Call, CallHeader, Engine, HEADER_WORDS};
 use crate::communicator::Communicator;
-use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
+use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
 
 /// Wall time of a call's phases, logged at trace level (`HETCCL_DEBUG=trace`): where a
@@ -157,113 +160,39 @@ impl fmt::Debug for DeviceComm {
     }
 }
 
-/// What one call is, as every rank must agree on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Call {
-    coll: CollectiveOp,
-    dtype: DataType,
-    op: Option<ReduceOp>,
-    count: usize,
-    root: Option<usize>,
-}
-
-/// Header fields: version, seq, collective, dtype, op, count, root, status.
-const HEADER_LEN: usize = 8;
-/// Changes whenever the header or the protocol after it changes.
-const HEADER_VERSION: u64 = 0x6863_636c_6476_0001;
-/// `op` and `root` when the collective has none.
-const NONE: u64 = u64::MAX;
+/// Header words: the call's ([`CallHeader`]), then this rank's status.
+const HEADER_LEN: usize = HEADER_WORDS + 1;
 /// Status of a rank that refused its own call.
 const REFUSED: u64 = 1;
 
-impl Call {
-    fn new(
-        coll: CollectiveOp,
-        dtype: DataType,
-        count: usize,
-        op: Option<ReduceOp>,
-        root: Option<usize>,
-    ) -> Call {
-        Call {
-            coll,
-            dtype,
-            op,
-            count,
-            root,
-        }
-    }
-
-    fn header(&self, seq: u64, ok: bool) -> [u64; HEADER_LEN] {
-        [
-            HEADER_VERSION,
-            seq,
-            self.coll as u64,
-            self.dtype as u64,
-            self.op.map_or(NONE, |o| o as u64),
-            self.count as u64,
-            self.root.map_or(NONE, |r| r as u64),
-            if ok { 0 } else { REFUSED },
-        ]
-    }
+/// What this rank tells the others about call number `seq` before it: the call, and
+/// whether it accepts its own part (`ok`).
+fn header(call: &Call, seq: u64, ok: bool) -> [u64; HEADER_LEN] {
+    let mut h = [0; HEADER_LEN];
+    h[..HEADER_WORDS].copy_from_slice(&call.header(seq).to_words());
+    h[HEADER_WORDS] = if ok { 0 } else { REFUSED };
+    h
 }
 
-/// `f32 x 1000 (sum)` for one header, in mismatch messages.
-fn describe(h: &[u64]) -> String {
-    let coll = u8::try_from(h[2])
-        .ok()
-        .and_then(CollectiveOp::from_u8)
-        .map_or_else(|| format!("collective {}", h[2]), |c| c.name().to_string());
-    let dtype = u8::try_from(h[3])
-        .ok()
-        .and_then(DataType::from_u8)
-        .map_or_else(|| format!("dtype {}", h[3]), |d| d.name().to_string());
-    let mut s = format!("#{} {coll} {dtype} x {}", h[1], h[5]);
-    if h[4] != NONE {
-        let op = u8::try_from(h[4])
-            .ok()
-            .and_then(ReduceOp::from_u8)
-            .map_or_else(|| format!("op {}", h[4]), |o| o.name().to_string());
-        s.push_str(&format!(" ({op})"));
-    }
-    if h[6] != NONE {
-        s.push_str(&format!(" root {}", h[6]));
-    }
-    s
-}
-
-/// Compares every rank's header (`all`, rank-major) with this rank's; the first peer
+/// Checks every rank's header (`all`, rank-major) against this rank's; the first peer
 /// that refused its call or disagrees becomes the error.
 fn check_headers(rank: usize, call: &Call, mine: &[u64], all: &[u64]) -> Result<()> {
+    let stated = |h: &[u64]| CallHeader::from_words(std::array::from_fn(|i| h[i]));
     for (peer, theirs) in all.chunks_exact(HEADER_LEN).enumerate() {
         if peer == rank {
             continue;
         }
-        let mismatch = |detail: String| Error::Mismatch {
-            rank,
-            peer,
-            op: call.coll,
-            seq: mine[1],
-            detail,
-        };
-        if theirs[0] != HEADER_VERSION {
-            return Err(mismatch(format!(
-                "peer runs another device protocol version ({:#x}, this rank {:#x})",
-                theirs[0], HEADER_VERSION
-            )));
-        }
-        if theirs[7] == REFUSED {
-            return Err(mismatch(format!(
-                "peer {peer} refused its {} (its own error says why)",
-                describe(theirs)
-            )));
-        }
-        if theirs[1..7] != mine[1..7] {
-            return Err(mismatch(format!(
-                "this rank called {}, peer {peer} called {}",
-                describe(mine),
-                describe(theirs)
-            )));
-        }
+        let refused = theirs[HEADER_WORDS] == REFUSED;
+        let (m, t) = (stated(mine), stated(theirs));
+        check(rank, peer, &m, &t, Engine::Device { refused }).map_err(|detail| {
+            Error::Mismatch {
+                rank,
+                peer,
+                op: call.op,
+                seq: m.seq,
+                detail,
+            }
+        })?;
     }
     Ok(())
 }
@@ -395,7 +324,7 @@ impl DeviceComm {
         buf: &mut impl DevicePtrMut<T>,
         op: ReduceOp,
     ) -> Result<()> {
-        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, buf.len(), Some(op), None);
+        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, buf.len()).with_redop(op);
         let local = self.check_stream(stream);
         let (p, _g) = buf.device_ptr_mut(stream.cuda());
         self.all_reduce_ptrs::<T>(stream, call, local, p, p)
@@ -411,7 +340,7 @@ impl DeviceComm {
         op: ReduceOp,
     ) -> Result<()> {
         let count = send.len();
-        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count, Some(op), None);
+        let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count).with_redop(op);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::all_reduce_into",
             recv.len() >= count,
@@ -432,7 +361,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = buf.len();
-        let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count, None, Some(root));
+        let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count).with_root(root);
         let local = self.check_stream(stream).and(if root >= n {
             Err(Error::invalid(
                 "DeviceComm::broadcast",
@@ -465,7 +394,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = send.len();
-        let call = Call::new(CollectiveOp::AllGather, T::DTYPE, count, None, None);
+        let call = Call::new(CollectiveOp::AllGather, T::DTYPE, count);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::all_gather",
             recv.len() >= n * count,
@@ -508,7 +437,7 @@ impl DeviceComm {
     ) -> Result<()> {
         let n = self.world_size();
         let count = recv.len();
-        let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, count, Some(op), None);
+        let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, count).with_redop(op);
         let local = self.check_stream(stream).and(room(
             "DeviceComm::reduce_scatter",
             send.len() >= n * count,
@@ -552,7 +481,9 @@ impl DeviceComm {
     ) -> Result<()> {
         let (n, rank) = (self.world_size(), self.rank());
         let count = send.len();
-        let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count, Some(op), Some(root));
+        let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count)
+            .with_redop(op)
+            .with_root(root);
         let local = self.check_stream(stream).and(if root >= n {
             Err(Error::invalid(
                 "DeviceComm::reduce",
@@ -603,7 +534,7 @@ impl DeviceComm {
             return Ok(());
         }
         laps.lap("header");
-        let op = call.op.unwrap_or(ReduceOp::Sum);
+        let op = call.redop;
         let (n, count) = (self.world_size(), call.count);
         let bytes = count * std::mem::size_of::<T>();
         if n == 1 {
@@ -653,7 +584,7 @@ impl DeviceComm {
         if n == 1 {
             return local.map(|()| true);
         }
-        let mine = call.header(seq, local.is_ok());
+        let mine = header(call, seq, local.is_ok());
         let mut all = vec![0u64; HEADER_LEN * n];
         self.comm.all_gather(&mine, &mut all)?;
         local?;
@@ -691,31 +622,26 @@ impl DeviceComm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DataType;
 
     fn call(dtype: DataType, count: usize) -> Call {
-        Call::new(
-            CollectiveOp::AllReduce,
-            dtype,
-            count,
-            Some(ReduceOp::Sum),
-            None,
-        )
+        Call::new(CollectiveOp::AllReduce, dtype, count).with_redop(ReduceOp::Sum)
     }
 
     #[test]
     fn headers_that_agree_pass() {
         let c = call(DataType::F32, 1000);
-        let all: Vec<u64> = (0..3).flat_map(|_| c.header(5, true)).collect();
-        assert!(check_headers(1, &c, &c.header(5, true), &all).is_ok());
+        let all: Vec<u64> = (0..3).flat_map(|_| header(&c, 5, true)).collect();
+        assert!(check_headers(1, &c, &header(&c, 5, true), &all).is_ok());
     }
 
     #[test]
     fn a_dtype_mismatch_names_the_peer_and_both_calls() {
         let mine = call(DataType::F32, 1000);
         let theirs = call(DataType::F16, 1000);
-        let mut all: Vec<u64> = mine.header(2, true).to_vec();
-        all.extend(theirs.header(2, true));
-        let e = check_headers(0, &mine, &mine.header(2, true), &all).unwrap_err();
+        let mut all: Vec<u64> = header(&mine, 2, true).to_vec();
+        all.extend(header(&theirs, 2, true));
+        let e = check_headers(0, &mine, &header(&mine, 2, true), &all).unwrap_err();
         assert_eq!(
             e.to_string(),
             "rank 0: all_reduce #2 does not match what peer 1 sent: this rank called \
@@ -726,9 +652,9 @@ mod tests {
     #[test]
     fn a_refusing_peer_fails_every_rank() {
         let c = call(DataType::Bf16, 7);
-        let mut all: Vec<u64> = c.header(0, false).to_vec();
-        all.extend(c.header(0, true));
-        let e = check_headers(1, &c, &c.header(0, true), &all).unwrap_err();
+        let mut all: Vec<u64> = header(&c, 0, false).to_vec();
+        all.extend(header(&c, 0, true));
+        let e = check_headers(1, &c, &header(&c, 0, true), &all).unwrap_err();
         assert_eq!(
             e.to_string(),
             "rank 1: all_reduce #0 does not match what peer 0 sent: peer 0 refused its \

@@ -16,7 +16,8 @@
 //! ```
 //!
 //! or in one, where every rank reduces the whole message itself (small messages, and
-//! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`):
+//! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`; the
+//! choice is [`select::device_all_reduce`]'s):
 //!
 //! ```text
 //! copy input -> own scratch;                      fence
@@ -47,17 +48,9 @@ use super::context::Stream;
 use super::driver::{self, at, call_failed, device_error, DeviceAddr, DeviceAlloc, IpcMapping};
 use super::fence::flag_bytes;
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
+use crate::algorithm::select::{self, Path};
 use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
-
-/// Largest all-reduce window that every rank reduces whole by itself when the ranks
-/// have GPUs of their own ("one shot": copy in, fence, each rank reads every scratch),
-/// unless `HETCCL_DEVICE_ONE_SHOT_BYTES` says otherwise.
-/// Reducing only its segment and gathering the others' ("two shots") reads
-/// `2(n-1)/n` of the message from the peers instead of `n-1` but needs a second fence,
-/// which is the larger cost for small messages. Ranks sharing one GPU always take one
-/// shot: there each fence waits for the driver to switch between their contexts.
-const ONE_SHOT_MAX_BYTES: usize = 256 << 10;
 
 /// Element range `[lo, lo + len)` of segment `q` when `count` elements are split among
 /// `n` ranks. Segments start at multiples of 8 elements so the reduction kernels can use
@@ -417,16 +410,17 @@ impl DeviceComm {
         Ok(())
     }
 
-    /// Whether an all-reduce window of `bytes` runs in one shot: up to
-    /// `HETCCL_DEVICE_ONE_SHOT_BYTES` when set, else always when the ranks share one GPU
-    /// and up to [`ONE_SHOT_MAX_BYTES`] otherwise. Call after [`DeviceComm::ipc_scratch`].
+    /// Whether an all-reduce window of `bytes` runs in one shot, as
+    /// [`select::device_all_reduce`] decides. Call after [`DeviceComm::ipc_scratch`].
     fn one_shot(&self, bytes: usize) -> bool {
-        match self.comm.config().device_one_shot_bytes {
-            Some(max) => bytes <= max,
-            None => {
-                self.ipc.as_ref().is_some_and(|s| s.shared_device) || bytes <= ONE_SHOT_MAX_BYTES
-            }
-        }
+        matches!(
+            select::device_all_reduce(
+                bytes,
+                self.ipc.as_ref().is_some_and(|s| s.shared_device),
+                self.comm.config().device_one_shot_bytes,
+            ),
+            Path::DeviceOneShot { .. }
+        )
     }
 
     /// [`DeviceComm::broadcast`] over CUDA IPC: the root copies each window into its
