@@ -3,8 +3,11 @@
 //! 64M 5`); rank 0 prints one line per iteration and a summary:
 //!
 //! ```text
-//! allreduce_time: 67108864 bytes, 4 ranks on 2 nodes, algorithm hier: median 0.5712 s, min 0.5650 s, max 0.5801 s
+//! allreduce_time: 67108864 bytes, 4 ranks on 2 nodes, algorithm hier: median T s, min T s, max T s
 //! ```
+//!
+//! (T in seconds to four places; what such runs take now: `docs/PERFORMANCE.md`,
+//! simulated cluster.)
 //!
 //! Every iteration starts after a barrier and counts as long as the slowest rank took
 //! (each rank times its own call); the result is checked against its closed form so a

@@ -18,18 +18,21 @@ rm -rf "$OUT_DIR"
 mkdir -p "$OUT_DIR"
 
 # The launcher and the device-collective check run beside the tests: gpu_collectives
-# finds them next to its own executable.
-cargo build --release --features cuda --bin hetccl-kernel-bench --bin hetccl-gpu-check --bin hetccl
+# finds them next to its own executable. All three are the tools' package.
+cargo build --release -p hetccl-tools --features cuda --bin hetccl-kernel-bench --bin hetccl-gpu-check --bin hetccl
 for b in hetccl-kernel-bench hetccl-gpu-check hetccl; do
     cp "target/release/$b" "$OUT_DIR/"
 done
 
+# The GPU tests of the library (tests/) and of the tools (tools/tests/); the tools'
+# `cuda` feature turns on the library's.
 tests=()
-for f in tests/gpu*.rs; do
+for f in tests/gpu*.rs tools/tests/gpu*.rs; do
     tests+=(--test "$(basename "$f" .rs)")
 done
 # Each test executable's path comes from cargo's JSON messages.
-cargo test --release --features cuda --no-run "${tests[@]}" --message-format=json 2>/dev/null |
+cargo test --release -p hetccl -p hetccl-tools --features hetccl-tools/cuda --no-run "${tests[@]}" \
+    --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys, shutil, os
 for line in sys.stdin:

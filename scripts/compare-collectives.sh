@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-(cd "$root" && cargo build --release --quiet --bin hetccl --bin hetccl-perf)
+(cd "$root" && cargo build --release --quiet -p hetccl-tools --bin hetccl --bin hetccl-perf)
 bin="$root/target/release"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

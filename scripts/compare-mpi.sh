@@ -78,7 +78,7 @@ trap cleanup EXIT
 
 echo "# building" >&2
 mpicc -O2 -o "$work/mpi_allreduce_bench" "$here/mpi_allreduce_bench.c"
-(cd "$root" && cargo build --release --quiet --bin hetccl --bin hetccl-perf)
+(cd "$root" && cargo build --release --quiet -p hetccl-tools --bin hetccl --bin hetccl-perf)
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 hetccl="$target/release/hetccl"

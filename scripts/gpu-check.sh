@@ -42,10 +42,11 @@ for t in "$BIN"/gpu*; do
     timeout "$STEP" "$t" --test-threads=1 --nocapture >"$LOG/$name.log" 2>&1
     rc=$?
     result=$(grep -E '^test result:' "$LOG/$name.log" | tail -n 1)
-    skipped=$(grep -c 'skipping:' "$LOG/$name.log")
+    # A test that skips prints `SKIPPED <binary>::<test>: <reason>` (common::skip).
+    skipped=$(grep -c 'SKIPPED [^ ]*: ' "$LOG/$name.log")
     [ $rc -ne 0 ] && status=1
     note=""
-    [ "$skipped" -gt 0 ] && note=" ($skipped skipped: $(grep -o -m1 'skipping:.*' "$LOG/$name.log"))"
+    [ "$skipped" -gt 0 ] && note=" ($skipped skipped: $(grep -o -m1 'SKIPPED [^ ]*: .*' "$LOG/$name.log" | sed 's/^SKIPPED [^ ]*: //'))"
     rows+=("$(printf '%-28s rc=%-3s %s%s' "$name" "$rc" "${result:-no result line}" "$note")")
     if [ $rc -ne 0 ]; then
         echo "---- $name failed; last lines:"

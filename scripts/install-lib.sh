@@ -41,7 +41,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${from:-${CARGO_TARGET_DIR:-$repo/target}/$profile}"
 if [ "$build" = 1 ]; then
   # shellcheck disable=SC2086
-  (cd "$repo" && cargo build --lib "${cargo_profile[@]}" ${CARGO_FLAGS:-})
+  (cd "$repo" && cargo build -p hetccl --lib "${cargo_profile[@]}" ${CARGO_FLAGS:-})
 fi
 for f in libhetccl.so libhetccl.a; do
   [ -f "$target/$f" ] || { echo "install-lib.sh: $target/$f is missing (build first)" >&2; exit 1; }

@@ -36,19 +36,26 @@ stage() {
     fi
 }
 
-stage "cargo test (default features)" cargo test --release -- --test-threads=2
+# Every package's binaries first: tests of one package start the others' (the trainer's
+# tests run `hetccl run`, the launcher's tests run `hetccl-bert`), which cargo builds only
+# for the package under test.
+stage "cargo build --workspace --bins" cargo build --release --workspace --bins
+stage "cargo test --workspace (default features)" cargo test --release --workspace -- --test-threads=2
 
 if command -v mpirun >/dev/null; then
-    stage "cargo test --features mpi" cargo test --release --features mpi --test mpi -- --test-threads=1
+    stage "cargo test --features mpi" cargo test --release -p hetccl --features mpi --test mpi -- --test-threads=1
 else
     skipped_stages+=("stage: cargo test --features mpi	mpirun is not installed (apt install openmpi-bin libopenmpi-dev)")
 fi
 
 if command -v nvcc >/dev/null || python3 -c "import nvidia, os, sys; sys.exit(0 if os.path.exists(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc')) else 1)" 2>/dev/null; then
     stage "cargo test --features cuda (kernels compile; ptxas register/spill report above; GPU tests skip without a GPU)" \
-        cargo test --release --features cuda --test gpu_kernels --test gpu_collectives -- --test-threads=1
-    stage "cargo test --features cuda --lib device::" \
-        cargo test --release --features cuda --lib device:: -- --test-threads=1
+        cargo test --release -p hetccl -p hetccl-tools --features hetccl-tools/cuda \
+        --test gpu_kernels --test gpu_collectives -- --test-threads=1
+    # The device layer's unit tests, and the settings that exist only with `cuda`.
+    stage "cargo test --features cuda --lib device:: config::tests::device_" \
+        cargo test --release -p hetccl --features cuda --lib -- device:: config::tests::device_ \
+        --test-threads=1
 else
     skipped_stages+=("stage: cargo test --features cuda	nvcc not found (scripts/install-nvcc.sh installs it)")
 fi

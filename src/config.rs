@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dtype::WireFormat;
 use crate::error::{Error, Result};
 
 /// Which algorithm collectives use.
@@ -80,6 +81,7 @@ impl CompressMode {
 
 /// How the ranks of the CUDA IPC path order their work on the device
 /// (`HETCCL_DEVICE_FENCE`).
+#[cfg(feature = "cuda")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceFence {
     /// `device` (the default): between the phases of a call each rank's stream writes a
@@ -91,6 +93,7 @@ pub enum DeviceFence {
     Host,
 }
 
+#[cfg(feature = "cuda")]
 impl DeviceFence {
     /// Every kind.
     pub const ALL: [DeviceFence; 2] = [DeviceFence::Device, DeviceFence::Host];
@@ -175,9 +178,9 @@ pub struct Config {
     /// `HETCCL_SOCKET_IFNAME`: the network interface to listen and connect on.
     pub socket_ifname: Option<String>,
     /// `HETCCL_NSOCKS_PERPEER`: TCP sockets per peer, chunks striped across them. One by
-    /// default: on loopback a second socket only adds syscalls (2 ranks, 64 MiB: 2.04
-    /// GB/s with one, 1.53 with two); NICs that need several streams to fill can ask
-    /// for more.
+    /// default: on loopback a second socket only adds syscalls, and large all-reduces ran
+    /// slower with two (`docs/perf-log/2026-11-27-change-log.md`); NICs that need several
+    /// streams to fill can ask for more.
     pub nsocks_per_peer: usize,
     /// `HETCCL_CHUNK_BYTES`: pipeline chunk size (halved where a node runs more ranks
     /// than CPUs over TCP, and at most a quarter of each rank's block, down to 128 KiB;
@@ -205,7 +208,7 @@ pub struct Config {
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
     /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
-    pub compress_format: crate::compression::WireFormat,
+    pub compress_format: WireFormat,
     /// `HETCCL_CONNECT_TIMEOUT` (seconds): how long bootstrap waits for rank 0 / peers.
     pub connect_timeout: Duration,
     /// `HETCCL_STREAM_MIN_BYTES`: a collective whose output is at least this large
@@ -217,19 +220,25 @@ pub struct Config {
     pub stream_min_bytes: usize,
     /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
     /// on the CUDA IPC path; longer messages pass through it in windows of this size.
+    /// The `device_*` settings exist in builds with the `cuda` feature only; other
+    /// builds do not read their variables.
+    #[cfg(feature = "cuda")]
     pub device_scratch_bytes: usize,
     /// `HETCCL_DEVICE_STAGE_BYTES`: each of the two pinned host buffers that a device
     /// collective on the staged path passes its data through, piece by piece; every
     /// piece is one host collective, so pieces much smaller than a few MiB pay the host
     /// collective's fixed costs too often.
+    #[cfg(feature = "cuda")]
     pub device_stage_bytes: usize,
     /// `HETCCL_DEVICE_FENCE`: `device|host`, how the CUDA IPC path orders the ranks'
     /// device work between the phases of a call.
+    #[cfg(feature = "cuda")]
     pub device_fence: DeviceFence,
     /// `HETCCL_DEVICE_ONE_SHOT_BYTES`: largest window of a device all-reduce on the
     /// CUDA IPC path that every rank reduces whole (one fence) rather than a segment each
     /// and then gathering (two). Unset: 256 KiB, and every size when the ranks share
     /// one GPU; 0: always two.
+    #[cfg(feature = "cuda")]
     pub device_one_shot_bytes: Option<usize>,
     /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
     pub tcp_congestion: TcpCongestion,
@@ -245,9 +254,9 @@ pub struct Config {
 pub enum TcpCongestion {
     /// `cubic` where the kernel allows it, else the system default (the default). BBR,
     /// the default on many hosts, paces segments by a bandwidth estimate that the
-    /// start-up probe's short round trips keep low: on loopback, 2 ranks, 256 KiB
-    /// all-reduce took 100–115 µs under BBR and 53 µs under cubic, 16 MiB 6.8–7.9 ms
-    /// against 5.3–5.5 ms.
+    /// start-up probe's short round trips keep low, so it spaces out the segments of
+    /// every later message; cubic keeps no such estimate (the runs on loopback:
+    /// `docs/perf-log/2026-11-27-tcp-congestion-direct-receives.md`).
     Auto,
     /// `system`: leave the sockets as the kernel made them.
     System,
@@ -274,12 +283,16 @@ impl Default for Config {
             topo_dump_file: None,
             topo_probe: true,
             compress: CompressMode::Off,
-            compress_format: crate::compression::WireFormat::F16,
+            compress_format: WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
             stream_min_bytes: 32 << 20,
+            #[cfg(feature = "cuda")]
             device_scratch_bytes: 64 << 20,
+            #[cfg(feature = "cuda")]
             device_stage_bytes: 2 << 20,
+            #[cfg(feature = "cuda")]
             device_fence: DeviceFence::Device,
+            #[cfg(feature = "cuda")]
             device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
             launch: LaunchEnv::default(),
@@ -459,7 +472,7 @@ impl Config {
             compress_format: v
                 .parse_enum(
                     "HETCCL_COMPRESS_FORMAT",
-                    &crate::compression::WireFormat::ALL.map(|f| (f.name(), f)),
+                    &WireFormat::ALL.map(|f| (f.name(), f)),
                 )?
                 .unwrap_or(d.compress_format),
             connect_timeout: v
@@ -472,18 +485,22 @@ impl Config {
             stream_min_bytes: v
                 .parse_usize("HETCCL_STREAM_MIN_BYTES", 0, usize::MAX)?
                 .unwrap_or(d.stream_min_bytes),
+            #[cfg(feature = "cuda")]
             device_scratch_bytes: v
                 .parse_usize("HETCCL_DEVICE_SCRATCH_BYTES", 1 << 20, 1 << 40)?
                 .unwrap_or(d.device_scratch_bytes),
+            #[cfg(feature = "cuda")]
             device_stage_bytes: v
                 .parse_usize("HETCCL_DEVICE_STAGE_BYTES", 4 << 10, 1 << 36)?
                 .unwrap_or(d.device_stage_bytes),
+            #[cfg(feature = "cuda")]
             device_fence: v
                 .parse_enum(
                     "HETCCL_DEVICE_FENCE",
                     &DeviceFence::ALL.map(|f| (f.name(), f)),
                 )?
                 .unwrap_or(d.device_fence),
+            #[cfg(feature = "cuda")]
             device_one_shot_bytes: v.parse_usize("HETCCL_DEVICE_ONE_SHOT_BYTES", 0, 1 << 40)?,
             tcp_congestion: match v.get("HETCCL_TCP_CONGESTION") {
                 None | Some("auto") => TcpCongestion::Auto,
@@ -648,8 +665,6 @@ mod tests {
             ("HETCCL_TIMEOUT", "2.5"),
             ("HETCCL_CHUNK_BYTES", "256K"),
             ("HETCCL_STREAM_MIN_BYTES", "1G"),
-            ("HETCCL_DEVICE_SCRATCH_BYTES", "8M"),
-            ("HETCCL_DEVICE_STAGE_BYTES", "40000"),
             ("HETCCL_INIT", "file:///tmp/rdv"),
             ("RANK", "3"),
             ("WORLD_SIZE", "4"),
@@ -659,16 +674,6 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.chunk_bytes, 256 << 10);
         assert_eq!(c.stream_min_bytes, 1 << 30);
-        assert_eq!(c.device_scratch_bytes, 8 << 20);
-        assert_eq!(cfg(&[]).unwrap().device_scratch_bytes, 64 << 20);
-        assert_eq!(c.device_stage_bytes, 40000);
-        assert_eq!(cfg(&[]).unwrap().device_stage_bytes, 2 << 20);
-        assert_eq!(c.device_fence, DeviceFence::Device);
-        let fence = cfg(&[("HETCCL_DEVICE_FENCE", "Host")]).unwrap();
-        assert_eq!(fence.device_fence, DeviceFence::Host);
-        assert_eq!(c.device_one_shot_bytes, None);
-        let one = cfg(&[("HETCCL_DEVICE_ONE_SHOT_BYTES", "1M")]).unwrap();
-        assert_eq!(one.device_one_shot_bytes, Some(1 << 20));
         assert_eq!(c.tcp_congestion, TcpCongestion::Auto);
         let named = |v: &str| cfg(&[("HETCCL_TCP_CONGESTION", v)]).map(|c| c.tcp_congestion);
         assert_eq!(named("system").unwrap(), TcpCongestion::System);
@@ -682,6 +687,48 @@ mod tests {
         assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
         assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));
         assert_eq!(c.launch.source, "torchrun");
+    }
+
+    /// The `device_*` settings, which builds with the `cuda` feature alone have.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn device_settings_defaults_overrides_and_refusals() {
+        let c = cfg(&[
+            ("HETCCL_DEVICE_SCRATCH_BYTES", "8M"),
+            ("HETCCL_DEVICE_STAGE_BYTES", "40000"),
+        ])
+        .unwrap();
+        assert_eq!(c.device_scratch_bytes, 8 << 20);
+        assert_eq!(cfg(&[]).unwrap().device_scratch_bytes, 64 << 20);
+        assert_eq!(c.device_stage_bytes, 40000);
+        assert_eq!(cfg(&[]).unwrap().device_stage_bytes, 2 << 20);
+        assert_eq!(c.device_fence, DeviceFence::Device);
+        let fence = cfg(&[("HETCCL_DEVICE_FENCE", "Host")]).unwrap();
+        assert_eq!(fence.device_fence, DeviceFence::Host);
+        assert_eq!(c.device_one_shot_bytes, None);
+        let one = cfg(&[("HETCCL_DEVICE_ONE_SHOT_BYTES", "1M")]).unwrap();
+        assert_eq!(one.device_one_shot_bytes, Some(1 << 20));
+        let e = cfg(&[("HETCCL_DEVICE_SCRATCH_BYTES", "4K")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_DEVICE_SCRATCH_BYTES") && e.contains("from 1048576"),
+            "{e}"
+        );
+        let e = cfg(&[("HETCCL_DEVICE_STAGE_BYTES", "1K")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_DEVICE_STAGE_BYTES") && e.contains("from 4096"),
+            "{e}"
+        );
+        let e = cfg(&[("HETCCL_DEVICE_FENCE", "events")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid value \"events\" for HETCCL_DEVICE_FENCE: accepted values are device, host"
+        );
     }
 
     #[test]
@@ -708,27 +755,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("from 1 to 16"), "{e}");
-        let e = cfg(&[("HETCCL_DEVICE_SCRATCH_BYTES", "4K")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("HETCCL_DEVICE_SCRATCH_BYTES") && e.contains("from 1048576"),
-            "{e}"
-        );
-        let e = cfg(&[("HETCCL_DEVICE_STAGE_BYTES", "1K")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("HETCCL_DEVICE_STAGE_BYTES") && e.contains("from 4096"),
-            "{e}"
-        );
-        let e = cfg(&[("HETCCL_DEVICE_FENCE", "events")])
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "invalid value \"events\" for HETCCL_DEVICE_FENCE: accepted values are device, host"
-        );
         let e = cfg(&[("RANK", "4"), ("WORLD_SIZE", "4")])
             .unwrap_err()
             .to_string();

@@ -1,4 +1,4 @@
-//! Element types, reduction operators and collective names.
+//! Element types, reduction operators, collective names and the 16-bit wire formats.
 //!
 //! One generic trait ([`Element`]) covers every dtype; the table of dtypes lives in
 //! one macro invocation below, so adding a type is one line.
@@ -432,6 +432,46 @@ impl CollectiveOp {
 }
 
 impl fmt::Display for CollectiveOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which 16-bit format travels on the wire when gradients are compressed. The kernels and
+/// each format's range are [`crate::compression`]'s; the settings name the format, so it
+/// sits down here with the other element types.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum WireFormat {
+    /// IEEE binary16: 11-bit significand, range ±65504.
+    F16 = 0,
+    /// bfloat16: 8-bit significand, the range of f32.
+    Bf16 = 1,
+}
+
+impl WireFormat {
+    /// Every format.
+    pub const ALL: [WireFormat; 2] = [WireFormat::F16, WireFormat::Bf16];
+
+    /// Decodes a stored tag.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(WireFormat::F16),
+            1 => Some(WireFormat::Bf16),
+            _ => None,
+        }
+    }
+
+    /// `fp16` or `bf16`, as in the kernel names.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireFormat::F16 => "fp16",
+            WireFormat::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for WireFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }

@@ -148,15 +148,6 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A checkpoint file was refused (which check failed is in `reason`).
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The file.
-        path: String,
-        /// The failed check, e.g. "checksum mismatch" or "truncated".
-        reason: String,
-    },
-
     /// The GPU, its driver, or a kernel launch failed (or no GPU is usable).
     #[error("device: {op}: {detail}")]
     Device {

@@ -3,20 +3,23 @@
 //! The crate is layered as `docs/DESIGN.md` describes; dependencies point down only:
 //!
 //! ```text
-//!  trainer          BERT pretraining; uses only the public API, like any user
 //!  capi             extern "C" wrappers
+//!  DeviceComm       device collectives over the host communicator (`device`, feature `cuda`)
 //!  communicator     the user-facing object: collectives, async handles
 //!  algorithm        ring, tree, hierarchical schedules (pure data) + one executor
 //!  compression      fp16/bf16 wire formats       reduce: element math
 //!  transport        point-to-point links: shm, tcp
 //!  topology         who is where
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
-//!  device           CUDA context, streams and the embedded kernels (feature `cuda`)
+//!  device           driver calls, CUDA context, streams, kernels, launchers (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
 //!  log              writers for log lines and messages that never fail on a closed stream
-//!
-//!  launcher         `hetccl run`: starts local ranks (beside the stack, used by the CLI)
 //! ```
+//!
+//! The crate is the library alone. The BERT trainer (`hetccl-bert`) is the package in
+//! `trainer/`, a user of the public API like any other; the command-line tools (the
+//! `hetccl run` launcher, hetccl-perf, hetccl-check, ...) are the package in `tools/`;
+//! the test kit shared by the tests is `testkit/`.
 #![warn(missing_docs)]
 
 pub mod algorithm;
@@ -28,11 +31,9 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
-pub mod launcher;
 pub mod log;
 pub mod reduce;
 pub mod topology;
-pub mod trainer;
 pub mod transport;
 
 #[cfg(test)]

@@ -1,19 +1,20 @@
-//! The C API from C (and Python): the examples are compiled with the system `cc`
-//! against `target/<profile>/libhetccl.so` and run as real multi-process jobs under
-//! `hetccl run` (shm and TCP), `mpirun` (when installed), and on their own with
-//! `hetcclGetUniqueId` + `hetcclCommInitRank`. Each example checks closed forms
-//! itself and exits non-zero on the first wrong element.
+//! The C API from C (and Python): the examples are compiled with the C compiler the
+//! `cc` crate configures, against this build's `libhetccl.so`, and run as real
+//! multi-process jobs, one process per rank with torchrun's variables (shm and TCP), under
+//! `mpirun` (when installed), and on their own with `hetcclGetUniqueId` +
+//! `hetcclCommInitRank`. Each example checks closed forms itself and exits non-zero on the
+//! first wrong element.
 
 mod capi_support;
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use capi_support::{compile_c, have, lib_path, root, scratch};
-use common::{assert_all_ok, collect, free_port, launcher};
+use capi_support::{compile_c, have, lib_path, root, scratch, Link};
+use common::{assert_all_ok, collect, free_port, spawn_ranks};
 
 /// Bounds every run: a hang becomes an error inside the ranks, then a kill here.
 const RANK_ENV: &[(&str, &str)] = &[
@@ -57,12 +58,17 @@ fn finish(mut cmd: Command, env: &[(&str, &str)]) -> common::Outcome {
     collect(vec![child], DEADLINE).remove(0)
 }
 
-fn launch(n: usize, env: &[(&str, &str)], program: &PathBuf, args: &[&str]) -> common::Outcome {
-    let mut c = Command::new(launcher());
-    c.args(["run", "-n", &n.to_string(), "--"])
-        .arg(program)
-        .args(args);
-    finish(c, env)
+/// `n` ranks of `program args`, one process each (the test kit's torchrun-style
+/// variables), with `env`; what each left behind, in rank order.
+fn launch(n: usize, env: &[(&str, &str)], program: &Path, args: &[&str]) -> Vec<common::Outcome> {
+    let env: Vec<(&str, &str)> = RANK_ENV.iter().chain(env).copied().collect();
+    let program = program.to_str().expect("a UTF-8 path");
+    collect(spawn_ranks(n, program, args, &env, |_| vec![]), DEADLINE)
+}
+
+/// Every rank's output, in rank order.
+fn all_output(outs: &[common::Outcome]) -> String {
+    outs.iter().map(|o| o.output.as_str()).collect()
 }
 
 /// The number of checks each rank of allreduce_check reports.
@@ -72,33 +78,26 @@ fn passed_lines(out: &str, n: usize) -> usize {
         .count()
 }
 
-fn check_under_launcher(n: usize, env: &[(&str, &str)]) {
-    let o = launch(n, env, allreduce_check(), &[]);
-    assert_all_ok(
-        std::slice::from_ref(&o),
-        &format!("allreduce_check on {n} ranks {env:?}"),
-    );
-    assert_eq!(
-        passed_lines(&o.output, n),
-        n,
-        "every rank reports:\n{}",
-        o.output
-    );
+fn check_on_ranks(n: usize, env: &[(&str, &str)]) {
+    let outs = launch(n, env, allreduce_check(), &[]);
+    assert_all_ok(&outs, &format!("allreduce_check on {n} ranks {env:?}"));
+    let out = all_output(&outs);
+    assert_eq!(passed_lines(&out, n), n, "every rank reports:\n{out}");
 }
 
 #[test]
 fn c_example_every_collective_1_rank() {
-    check_under_launcher(1, &[]);
+    check_on_ranks(1, &[]);
 }
 
 #[test]
 fn c_example_every_collective_2_ranks_shm() {
-    check_under_launcher(2, &[]);
+    check_on_ranks(2, &[]);
 }
 
 #[test]
 fn c_example_every_collective_4_ranks_shm() {
-    check_under_launcher(4, &[]);
+    check_on_ranks(4, &[]);
 }
 
 /// In-place reduce-scatter, all-gather and reduce through the C API on 64 MiB per rank
@@ -107,13 +106,10 @@ fn c_example_every_collective_4_ranks_shm() {
 #[test]
 fn c_in_place_collectives_copy_no_message() {
     for env in [&[][..], &[("HETCCL_SHM_DISABLE", "1")][..]] {
-        let o = launch(2, env, in_place_memory(), &[]);
-        assert_all_ok(
-            std::slice::from_ref(&o),
-            &format!("in_place_memory {env:?}"),
-        );
-        let growth: Vec<i64> = o
-            .output
+        let outs = launch(2, env, in_place_memory(), &[]);
+        assert_all_ok(&outs, &format!("in_place_memory {env:?}"));
+        let out = all_output(&outs);
+        let growth: Vec<i64> = out
             .lines()
             .filter_map(|l| {
                 let (_, rest) = l.split_once("peak RSS before ")?;
@@ -122,25 +118,21 @@ fn c_in_place_collectives_copy_no_message() {
                 Some(after.parse::<i64>().ok()? - before.parse::<i64>().ok()?)
             })
             .collect();
-        assert_eq!(growth.len(), 2, "{}", o.output);
+        assert_eq!(growth.len(), 2, "{out}");
         for g in growth {
-            assert!(
-                g < 16 << 10,
-                "peak RSS grew by {g} KiB {env:?}:\n{}",
-                o.output
-            );
+            assert!(g < 16 << 10, "peak RSS grew by {g} KiB {env:?}:\n{out}");
         }
     }
 }
 
 #[test]
 fn c_example_every_collective_2_ranks_tcp() {
-    check_under_launcher(2, &[("HETCCL_SHM_DISABLE", "1")]);
+    check_on_ranks(2, &[("HETCCL_SHM_DISABLE", "1")]);
 }
 
 #[test]
 fn c_example_every_collective_4_ranks_tcp() {
-    check_under_launcher(4, &[("HETCCL_SHM_DISABLE", "1")]);
+    check_on_ranks(4, &[("HETCCL_SHM_DISABLE", "1")]);
 }
 
 #[test]
@@ -180,7 +172,7 @@ fn c_example_under_mpirun() {
 
 #[test]
 fn c_example_init_failure_reports_the_bad_variable() {
-    let o = launch(1, &[("HETCCL_ALGO", "fast")], allreduce_check(), &[]);
+    let o = launch(1, &[("HETCCL_ALGO", "fast")], allreduce_check(), &[]).remove(0);
     assert_eq!(o.code, Some(1), "{}", o.output);
     assert!(
         o.output.contains(
@@ -257,15 +249,18 @@ fn python_ctypes_example_on_2_ranks() {
     };
     let script = root().join("examples/python/allreduce_ctypes.py");
     let lib = lib_path().display().to_string();
-    let mut c = Command::new(launcher());
-    c.args(["run", "-n", "2", "--", py]).arg(&script);
-    let o = finish(c, &[("HETCCL_LIB", lib.as_str())]);
-    assert_all_ok(std::slice::from_ref(&o), "allreduce_ctypes.py on 2 ranks");
-    for r in 0..2 {
+    let env: Vec<(&str, &str)> = RANK_ENV
+        .iter()
+        .copied()
+        .chain([("HETCCL_LIB", lib.as_str())])
+        .collect();
+    let script = script.to_str().expect("a UTF-8 path");
+    let outs = collect(spawn_ranks(2, py, &[script], &env, |_| vec![]), DEADLINE);
+    assert_all_ok(&outs, "allreduce_ctypes.py on 2 ranks");
+    for (r, o) in outs.iter().enumerate() {
         assert!(
-            o.output.contains(&format!(
-                "[rank {r}] rank {r} of 2: all-reduce of 1000000 float32 ok"
-            )),
+            o.output
+                .contains(&format!("rank {r} of 2: all-reduce of 1000000 float32 ok")),
             "{}",
             o.output
         );
@@ -275,12 +270,6 @@ fn python_ctypes_example_on_2_ranks() {
 #[test]
 fn static_library_links_a_c_program() {
     // libhetccl.a carries Rust's std; the C side adds what std needs from libc.
-    let a = lib_path().with_file_name("libhetccl.a");
-    assert!(
-        a.exists(),
-        "{} missing: crate-type must include staticlib",
-        a.display()
-    );
     let src = scratch("static").join("version.c");
     std::fs::write(
         &src,
@@ -290,16 +279,7 @@ fn static_library_links_a_c_program() {
     )
     .unwrap();
     let exe = scratch("static").join("version");
-    let o = capi_support::run(
-        Command::new("cc")
-            .args(["-std=c11", "-Wall", "-Werror", "-I"])
-            .arg(root().join("bindings"))
-            .arg(&src)
-            .arg(&a)
-            .args(["-lpthread", "-ldl", "-lm", "-o"])
-            .arg(&exe),
-    );
-    assert!(o.status.success(), "{}", capi_support::text(&o));
+    capi_support::build_c(&[&src], Link::Static, &exe);
     let o = capi_support::run(&mut Command::new(&exe));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
@@ -349,15 +329,8 @@ fn install_script_and_pkg_config_build_a_program() {
     );
     // Build against the installed copy only, then run it.
     let exe = scratch("install").join("uniqueid_init");
-    let o = capi_support::run(
-        Command::new("cc")
-            .args(["-std=c11", "-Wall", "-Werror"])
-            .arg(example("uniqueid_init.c"))
-            .args(flags.split_whitespace())
-            .arg("-o")
-            .arg(&exe),
-    );
-    assert!(o.status.success(), "{}", capi_support::text(&o));
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    capi_support::build_c(&[&example("uniqueid_init.c")], Link::Flags(&flags), &exe);
     let mut c = Command::new(&exe);
     c.args(["group", "2"]);
     let o = finish(c, &[]);

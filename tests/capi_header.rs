@@ -1,153 +1,306 @@
 //! `bindings/hetccl.h` is written by hand; these tests keep it in step with the Rust
-//! side: it compiles cleanly, it declares exactly the functions the library exports,
-//! with the C types that correspond to the Rust signatures, and its enum values and
-//! sizes are the Rust ones (checked by the C compiler through `_Static_assert`s
-//! generated from the Rust tables).
+//! side. bindgen reads the header through libclang into Rust declarations, and those
+//! are compared with the `extern "C"` functions of `src/capi/` as syn reads them and
+//! with what `libhetccl.so` exports: the same functions with the same argument and
+//! return types, the same types, the same enumerators and constants with the same
+//! values. The C compiler (as the `cc` crate configures it) checks the enum values and
+//! sizes once more through `_Static_assert`s generated from the Rust tables and links a
+//! call to every function; a C++ compiler checks that the header compiles as C++.
 
 mod capi_support;
 mod common;
 
-use std::collections::BTreeSet;
-use std::ffi::{c_char, c_int, c_void};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
-use capi_support::{compile_c, lib_path, root, run, scratch, text};
+use capi_support::{c_build, compile_c, compiler, lib_path, root, run, scratch, text};
 use hetccl::capi::{self, ops, status, unique_id, *};
+use syn::{ForeignItem, Item, ReturnType, Type};
 
-fn header() -> String {
-    std::fs::read_to_string(root().join("bindings/hetccl.h")).expect("read bindings/hetccl.h")
+/// The functions the header declares (and the library exports).
+const FUNCTIONS: usize = 20;
+
+fn header_path() -> PathBuf {
+    root().join("bindings/hetccl.h")
 }
 
-/// `NAME(types...) -> ret` for every function prototype in the header, parameter
-/// names dropped and whitespace normalised.
-fn header_prototypes() -> Vec<(String, String)> {
-    // Drop comments and preprocessor lines, then split into declarations.
-    let mut code = String::new();
-    let h = header();
-    let mut rest = h.as_str();
-    while let Some(i) = rest.find("/*") {
-        code.push_str(&rest[..i]);
-        let end = rest[i..].find("*/").expect("closed comment") + i + 2;
-        rest = &rest[end..];
+/// bindgen's Rust for the header, or why it cannot be made here.
+fn bindgen_output() -> &'static Result<String, String> {
+    static OUT: OnceLock<Result<String, String>> = OnceLock::new();
+    OUT.get_or_init(|| {
+        // bindgen panics when it cannot load libclang: the one failure that means "this
+        // machine cannot check" rather than "the header is wrong".
+        if let Err(p) = std::panic::catch_unwind(bindgen::clang_version) {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            return Err(format!(
+                "libclang cannot be loaded, so bindgen cannot read bindings/hetccl.h \
+                 (apt install libclang-dev): {why}"
+            ));
+        }
+        let header = header_path();
+        let bindings = bindgen::Builder::default()
+            .header(header.display().to_string())
+            // A warning is a defect of the header as much as an error.
+            .clang_args(["-std=c11", "-Wall", "-Wextra", "-pedantic", "-Werror"])
+            .allowlist_file(".*/bindings/hetccl\\.h")
+            // Enumerators as plain constants of the enum's type, named as in C, so every
+            // alias (hetcclInt8 and hetcclChar are both 0) is kept.
+            .default_enum_style(bindgen::EnumVariation::Consts)
+            .prepend_enum_name(false)
+            .layout_tests(false)
+            .generate_comments(false)
+            .formatter(bindgen::Formatter::None)
+            .generate()
+            .unwrap_or_else(|e| panic!("bindgen cannot read {}: {e}", header.display()));
+        Ok(bindings.to_string())
+    })
+}
+
+/// The header as bindgen declares it; None, with the skip recorded, where libclang is
+/// missing.
+fn header_bindings() -> Option<syn::File> {
+    match bindgen_output() {
+        Ok(src) => Some(
+            syn::parse_file(src)
+                .unwrap_or_else(|e| panic!("bindgen's output does not parse: {e}\n{src}")),
+        ),
+        Err(why) => {
+            common::skip(why);
+            None
+        }
     }
-    code.push_str(rest);
-    let code: String = code
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut out = Vec::new();
-    for decl in code.split(';') {
-        let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
-        let decl = decl
-            .trim_start_matches("extern \"C\" {")
-            .trim()
-            .trim_start_matches('}')
-            .trim();
-        let Some(open) = decl.find('(') else { continue };
-        if decl.starts_with("typedef") || !decl.ends_with(')') {
-            continue;
+}
+
+/// A type as C spells it, from its Rust spelling on either side: bindgen writes
+/// `*mut ::std::os::raw::c_int`, src/capi `*mut c_int`; both are `int*`.
+fn c_spelling(ty: &Type) -> String {
+    match ty {
+        Type::Ptr(p) => {
+            let to = c_spelling(&p.elem);
+            if p.const_token.is_some() {
+                format!("const {to}*")
+            } else {
+                format!("{to}*")
+            }
         }
-        let head = &decl[..open];
-        let name_at = head
-            .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-            .map_or(0, |i| i + 1);
-        let (ret, name) = (head[..name_at].trim().replace(" *", "*"), &head[name_at..]);
-        if !name.starts_with("hetccl") {
-            continue;
+        Type::Path(p) if p.qself.is_none() => {
+            let last = p.path.segments.last().expect("a type path has a segment");
+            assert!(
+                last.arguments.is_empty(),
+                "generic type {} in the C API",
+                last.ident
+            );
+            match last.ident.to_string().as_str() {
+                "c_int" => "int".to_string(),
+                "c_char" => "char".to_string(),
+                "c_void" => "void".to_string(),
+                "usize" => "size_t".to_string(),
+                other => other.to_string(),
+            }
         }
-        let params: Vec<String> = decl[open + 1..decl.len() - 1]
-            .split(',')
-            .map(|p| {
-                let p = p.trim().replace(" *", "*");
-                if p == "void" {
-                    return p;
-                }
-                // Drop the parameter name: the last identifier after the type.
-                let cut = p.rfind([' ', '*']).expect("typed parameter");
-                p[..=cut].trim().to_string()
+        Type::Tuple(t) if t.elems.is_empty() => "void".to_string(),
+        _ => panic!("a C API type that is neither a pointer nor a named type"),
+    }
+}
+
+/// Parameter and return types of a function, C-spelled.
+#[derive(Debug, PartialEq, Eq)]
+struct Prototype {
+    params: Vec<String>,
+    ret: String,
+}
+
+impl Prototype {
+    fn of(sig: &syn::Signature) -> Prototype {
+        let params = sig
+            .inputs
+            .iter()
+            .map(|a| match a {
+                syn::FnArg::Typed(t) => c_spelling(&t.ty),
+                syn::FnArg::Receiver(_) => panic!("{}: a method in the C API", sig.ident),
             })
             .collect();
-        out.push((
-            name.to_string(),
-            format!("({}) -> {ret}", params.join(", ")),
-        ));
+        let ret = match &sig.output {
+            ReturnType::Default => "void".to_string(),
+            ReturnType::Type(_, t) => c_spelling(t),
+        };
+        Prototype { params, ret }
+    }
+}
+
+impl std::fmt::Display for Prototype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let params = if self.params.is_empty() {
+            "void".to_string()
+        } else {
+            self.params.join(", ")
+        };
+        write!(f, "({params}) -> {}", self.ret)
+    }
+}
+
+/// Parameters the Rust side takes as a different, ABI-identical type, and why.
+const PARAM_TAKEN_AS: &[(&str, &str, &str)] = &[(
+    "hetcclResult_t",
+    "int",
+    "hetcclGetErrorString must answer any int: a Rust enum holding a value outside \
+     its variants would be undefined behaviour",
+)];
+
+fn params_agree(c: &str, rust: &str) -> bool {
+    c == rust || PARAM_TAKEN_AS.iter().any(|(h, r, _)| *h == c && *r == rust)
+}
+
+/// Every function the header declares, with its prototype.
+fn header_functions(bindings: &syn::File) -> BTreeMap<String, Prototype> {
+    let mut out = BTreeMap::new();
+    for item in &bindings.items {
+        let Item::ForeignMod(m) = item else { continue };
+        for f in &m.items {
+            if let ForeignItem::Fn(f) = f {
+                out.insert(f.sig.ident.to_string(), Prototype::of(&f.sig));
+            }
+        }
     }
     out
 }
 
-/// The C signature each Rust entry point must have. The `let _: unsafe extern "C"
-/// fn(..)` line makes the compiler check the Rust side against the Rust types written
-/// next to the C ones, so a change on either side without the other fails a test.
-macro_rules! sigs {
-    ($($f:ident: fn($($rt:ty),*) -> $rr:ty = $c:literal;)*) => {{
-        let mut v: Vec<(&'static str, &'static str)> = Vec::new();
-        $(
-            let _: unsafe extern "C" fn($($rt),*) -> $rr = capi::$f;
-            v.push((stringify!($f), $c));
-        )*
-        v
-    }};
+/// `src/capi/*.rs` as syn reads it, file by file.
+fn capi_sources() -> Vec<(PathBuf, syn::File)> {
+    let dir = root().join("src/capi");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.expect("src/capi entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let src = std::fs::read_to_string(&p).expect("read a src/capi file");
+            let file = syn::parse_file(&src)
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", p.display()));
+            (p, file)
+        })
+        .collect()
 }
 
-fn rust_signatures() -> Vec<(&'static str, &'static str)> {
-    type Comm = hetcclComm_t;
-    type Res = hetcclResult_t;
-    type Dt = hetcclDataType_t;
-    type Op = hetcclRedOp_t;
-    type St = hetcclStream_t;
-    sigs! {
-        hetcclGetVersion: fn(*mut c_int) -> Res = "(int*) -> hetcclResult_t";
-        hetcclGetUniqueId: fn(*mut hetcclUniqueId) -> Res = "(hetcclUniqueId*) -> hetcclResult_t";
-        hetcclCommInitRank: fn(*mut Comm, c_int, hetcclUniqueId, c_int) -> Res =
-            "(hetcclComm_t*, int, hetcclUniqueId, int) -> hetcclResult_t";
-        hetcclCommInitFromEnv: fn(*mut Comm) -> Res = "(hetcclComm_t*) -> hetcclResult_t";
-        hetcclCommDestroy: fn(Comm) -> Res = "(hetcclComm_t) -> hetcclResult_t";
-        hetcclCommAbort: fn(Comm) -> Res = "(hetcclComm_t) -> hetcclResult_t";
-        hetcclCommCount: fn(Comm, *mut c_int) -> Res = "(const hetcclComm_t, int*) -> hetcclResult_t";
-        hetcclCommUserRank: fn(Comm, *mut c_int) -> Res = "(const hetcclComm_t, int*) -> hetcclResult_t";
-        hetcclCommGetAsyncError: fn(Comm, *mut Res) -> Res =
-            "(hetcclComm_t, hetcclResult_t*) -> hetcclResult_t";
-        hetcclGetErrorString: fn(c_int) -> *const c_char = "(hetcclResult_t) -> const char*";
-        hetcclGetLastError: fn(Comm) -> *const c_char = "(hetcclComm_t) -> const char*";
-        hetcclAllReduce: fn(*const c_void, *mut c_void, usize, Dt, Op, Comm, St) -> Res =
-            "(const void*, void*, size_t, hetcclDataType_t, hetcclRedOp_t, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclReduceScatter: fn(*const c_void, *mut c_void, usize, Dt, Op, Comm, St) -> Res =
-            "(const void*, void*, size_t, hetcclDataType_t, hetcclRedOp_t, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclAllGather: fn(*const c_void, *mut c_void, usize, Dt, Comm, St) -> Res =
-            "(const void*, void*, size_t, hetcclDataType_t, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclBroadcast: fn(*const c_void, *mut c_void, usize, Dt, c_int, Comm, St) -> Res =
-            "(const void*, void*, size_t, hetcclDataType_t, int, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclReduce: fn(*const c_void, *mut c_void, usize, Dt, Op, c_int, Comm, St) -> Res =
-            "(const void*, void*, size_t, hetcclDataType_t, hetcclRedOp_t, int, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclSend: fn(*const c_void, usize, Dt, c_int, Comm, St) -> Res =
-            "(const void*, size_t, hetcclDataType_t, int, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclRecv: fn(*mut c_void, usize, Dt, c_int, Comm, St) -> Res =
-            "(void*, size_t, hetcclDataType_t, int, hetcclComm_t, hetcclStream_t) -> hetcclResult_t";
-        hetcclGroupStart: fn() -> Res = "(void) -> hetcclResult_t";
-        hetcclGroupEnd: fn() -> Res = "(void) -> hetcclResult_t";
+/// Items of a file and of the modules written inside it.
+fn all_items(items: &[Item]) -> Vec<&Item> {
+    let mut out = Vec::new();
+    for item in items {
+        out.push(item);
+        if let Item::Mod(syn::ItemMod {
+            content: Some((_, inner)),
+            ..
+        }) = item
+        {
+            out.extend(all_items(inner));
+        }
     }
+    out
+}
+
+/// `#[no_mangle]` or `#[unsafe(no_mangle)]`.
+fn is_no_mangle(attr: &syn::Attribute) -> bool {
+    if attr.path().is_ident("no_mangle") {
+        return true;
+    }
+    let mut inner = false;
+    if attr.path().is_ident("unsafe") {
+        let _ = attr.parse_nested_meta(|m| {
+            inner |= m.path.is_ident("no_mangle");
+            Ok(())
+        });
+    }
+    inner
+}
+
+/// Every unmangled `extern "C"` function of src/capi, with its prototype and file.
+fn rust_functions() -> BTreeMap<String, (Prototype, PathBuf)> {
+    let mut out = BTreeMap::new();
+    for (path, file) in capi_sources() {
+        for item in all_items(&file.items) {
+            let Item::Fn(f) = item else { continue };
+            let extern_c = f
+                .sig
+                .abi
+                .as_ref()
+                .is_some_and(|abi| abi.name.as_ref().is_some_and(|n| n.value() == "C"));
+            if extern_c && f.attrs.iter().any(is_no_mangle) {
+                let name = f.sig.ident.to_string();
+                let previous = out.insert(name.clone(), (Prototype::of(&f.sig), path.clone()));
+                assert!(previous.is_none(), "{name} is defined twice in src/capi");
+            }
+        }
+    }
+    out
 }
 
 #[test]
-fn header_prototypes_match_the_rust_signatures() {
-    let header: Vec<(String, String)> = header_prototypes();
-    let rust = rust_signatures();
-    let h_names: BTreeSet<&str> = header.iter().map(|(n, _)| n.as_str()).collect();
-    let r_names: BTreeSet<&str> = rust.iter().map(|(n, _)| *n).collect();
+fn header_declares_the_functions_of_src_capi_with_their_types() {
+    let Some(bindings) = header_bindings() else {
+        return;
+    };
+    let header = header_functions(&bindings);
+    let rust = rust_functions();
+    assert_eq!(header.len(), FUNCTIONS, "{:?}", header.keys());
     assert_eq!(
-        h_names, r_names,
-        "functions declared in hetccl.h vs entry points in src/capi"
+        header.keys().collect::<Vec<_>>(),
+        rust.keys().collect::<Vec<_>>(),
+        "functions declared in hetccl.h vs #[no_mangle] extern \"C\" functions in src/capi"
     );
-    for (name, sig) in &header {
-        let want = rust.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
-        assert_eq!(Some(sig.as_str()), want, "prototype of {name}");
+    for (name, h) in &header {
+        let (r, file) = &rust[name];
+        let agree = h.ret == r.ret
+            && h.params.len() == r.params.len()
+            && h.params
+                .iter()
+                .zip(&r.params)
+                .all(|(c, r)| params_agree(c, r));
+        assert!(
+            agree,
+            "{name}: hetccl.h declares {h}, {} defines {r}",
+            file.display()
+        );
     }
+    // The one difference allowed is in use; were it not, the table should go.
+    let r = &rust["hetcclGetErrorString"].0;
+    assert_eq!(
+        (header["hetcclGetErrorString"].to_string(), r.to_string()),
+        (
+            "(hetcclResult_t) -> const char*".to_string(),
+            "(int) -> const char*".to_string()
+        )
+    );
+    // A few prototypes spelled out, so the comparison above is known to see types.
+    assert_eq!(
+        header["hetcclAllReduce"].to_string(),
+        "(const void*, void*, size_t, hetcclDataType_t, hetcclRedOp_t, hetcclComm_t, \
+         hetcclStream_t) -> hetcclResult_t"
+    );
+    assert_eq!(
+        header["hetcclCommInitRank"].to_string(),
+        "(hetcclComm_t*, int, hetcclUniqueId, int) -> hetcclResult_t"
+    );
+    assert_eq!(
+        header["hetcclGroupEnd"].to_string(),
+        "(void) -> hetcclResult_t"
+    );
 }
 
 #[test]
 fn header_declares_exactly_what_the_library_exports() {
+    let Some(bindings) = header_bindings() else {
+        return;
+    };
     let lib = lib_path();
     let o = run(Command::new("nm").args(["-D", "--defined-only"]).arg(&lib));
     assert!(o.status.success(), "nm failed:\n{}", text(&o));
@@ -158,8 +311,8 @@ fn header_declares_exactly_what_the_library_exports() {
             (f.len() == 3 && f[1] == "T" && f[2].starts_with("hetccl")).then(|| f[2].to_string())
         })
         .collect();
-    let declared: BTreeSet<String> = header_prototypes().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(declared.len(), 20, "{declared:?}");
+    let declared: BTreeSet<String> = header_functions(&bindings).into_keys().collect();
+    assert_eq!(declared.len(), FUNCTIONS, "{declared:?}");
     assert_eq!(
         declared,
         exported,
@@ -168,82 +321,214 @@ fn header_declares_exactly_what_the_library_exports() {
     );
 }
 
-/// Enumerators declared in the header's `typedef enum { ... } NAME;` blocks.
-fn header_enumerators(type_name: &str) -> BTreeSet<String> {
-    let h = header();
-    let end = h
-        .find(&format!("}} {type_name};"))
-        .unwrap_or_else(|| panic!("enum {type_name}"));
-    let start = h[..end].rfind("typedef enum {").expect("typedef enum");
-    h[start..end]
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            l.starts_with("hetccl")
-                .then(|| l.split([' ', '=']).next().unwrap_or("").to_string())
+/// An integer constant's value as bindgen writes it (`0`, `128`, `-1`).
+fn const_value(expr: &syn::Expr) -> i64 {
+    match expr {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Int(i),
+            ..
+        }) => i.base10_parse().expect("an integer constant"),
+        syn::Expr::Unary(syn::ExprUnary {
+            op: syn::UnOp::Neg(_),
+            expr,
+            ..
+        }) => -const_value(expr),
+        _ => panic!("a constant that is not an integer literal"),
+    }
+}
+
+/// The header's integer constants by the C type they have: each enum's enumerators
+/// under the enum's name, `#define`d numbers under `#define`.
+fn header_constants(bindings: &syn::File) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let enums: BTreeSet<String> = rust_enum_names();
+    let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for item in &bindings.items {
+        let Item::Const(c) = item else { continue };
+        let ty = c_spelling(&c.ty);
+        let group = if enums.contains(&ty) {
+            ty
+        } else {
+            "#define".to_string()
+        };
+        out.entry(group)
+            .or_default()
+            .insert(c.ident.to_string(), const_value(&c.expr));
+    }
+    out
+}
+
+/// The C enums of the API.
+fn rust_enum_names() -> BTreeSet<String> {
+    ["hetcclResult_t", "hetcclDataType_t", "hetcclRedOp_t"]
+        .map(String::from)
+        .into()
+}
+
+/// The header's constants as the Rust tables give them.
+fn rust_constants() -> BTreeMap<String, BTreeMap<String, i64>> {
+    let named = |pairs: Vec<(&str, i64)>| -> BTreeMap<String, i64> {
+        pairs.into_iter().map(|(n, v)| (n.to_string(), v)).collect()
+    };
+    let mut results: Vec<(&str, i64)> = hetcclResult_t::ALL
+        .iter()
+        .map(|r| (r.c_name(), *r as i64))
+        .collect();
+    results.push(("hetcclNumResults", status::NUM_RESULTS as i64));
+    let mut types: Vec<(&str, i64)> = ops::DATATYPE_NAMES
+        .iter()
+        .map(|(n, dt)| (*n, *dt as u8 as i64))
+        .collect();
+    types.push(("hetcclNumTypes", ops::NUM_TYPES as i64));
+    let mut redops: Vec<(&str, i64)> = ops::REDOP_NAMES
+        .iter()
+        .map(|(n, op)| (*n, *op as u8 as i64))
+        .collect();
+    redops.push(("hetcclNumOps", ops::NUM_OPS as i64));
+    let defines = vec![
+        ("HETCCL_MAJOR", capi::VERSION.0 as i64),
+        ("HETCCL_MINOR", capi::VERSION.1 as i64),
+        ("HETCCL_PATCH", capi::VERSION.2 as i64),
+        ("HETCCL_VERSION_CODE", capi::VERSION_CODE as i64),
+        ("HETCCL_UNIQUE_ID_BYTES", unique_id::UNIQUE_ID_BYTES as i64),
+    ];
+    [
+        ("hetcclResult_t", named(results)),
+        ("hetcclDataType_t", named(types)),
+        ("hetcclRedOp_t", named(redops)),
+        ("#define", named(defines)),
+    ]
+    .into_iter()
+    .map(|(g, m)| (g.to_string(), m))
+    .collect()
+}
+
+#[test]
+fn header_enumerators_and_constants_are_the_rust_ones() {
+    let Some(bindings) = header_bindings() else {
+        return;
+    };
+    let header = header_constants(&bindings);
+    let rust = rust_constants();
+    for (group, want) in &rust {
+        assert_eq!(
+            header.get(group),
+            Some(want),
+            "{group}: hetccl.h (left) vs the Rust tables (right)"
+        );
+    }
+    assert_eq!(
+        header.keys().collect::<Vec<_>>(),
+        rust.keys().collect::<Vec<_>>(),
+        "kinds of constant in hetccl.h"
+    );
+    assert_eq!(header["hetcclDataType_t"]["hetcclChar"], 0);
+    assert_eq!(header["hetcclDataType_t"]["hetcclBfloat16"], 9);
+}
+
+/// The names of the types the header declares, and of those src/capi defines for it.
+#[test]
+fn header_declares_the_types_of_src_capi() {
+    let Some(bindings) = header_bindings() else {
+        return;
+    };
+    let declared: BTreeSet<String> = bindings
+        .items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Type(t) => Some(t.ident.to_string()),
+            Item::Struct(s) => Some(s.ident.to_string()),
+            _ => None,
         })
-        .collect()
+        .collect();
+    let defined: BTreeSet<String> = capi_sources()
+        .iter()
+        .flat_map(|(_, f)| all_items(&f.items))
+        .filter_map(|item| match item {
+            Item::Type(t) => Some(t.ident.to_string()),
+            Item::Struct(s) => Some(s.ident.to_string()),
+            Item::Enum(e) => Some(e.ident.to_string()),
+            _ => None,
+        })
+        .filter(|n| n.starts_with("hetccl"))
+        .collect();
+    assert_eq!(declared, defined, "types in hetccl.h vs src/capi");
+    assert_eq!(
+        declared.into_iter().collect::<Vec<_>>(),
+        [
+            "hetcclComm",
+            "hetcclComm_t",
+            "hetcclDataType_t",
+            "hetcclRedOp_t",
+            "hetcclResult_t",
+            "hetcclStream_t",
+            "hetcclUniqueId"
+        ]
+    );
+}
+
+/// Without libclang the bindgen tests do not pass quietly: they record a skip that says
+/// libclang is missing. clang-sys looks only where `LIBCLANG_PATH` points when it is
+/// set, so an empty folder there hides the installed libclang from a second run of
+/// this test binary.
+#[test]
+fn without_libclang_the_bindgen_tests_record_a_skip() {
+    let dir = scratch("no-libclang");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("create an empty folder");
+    let log = dir.join("skipped");
+    let _ = std::fs::remove_file(&log);
+    let test = "header_declares_exactly_what_the_library_exports";
+    let exe = std::env::current_exe().expect("test binary path");
+    let o = run(Command::new(exe)
+        .args([test, "--exact"])
+        .env("LIBCLANG_PATH", &empty)
+        .env("HETCCL_TEST_SKIP_LOG", &log));
+    assert!(o.status.success(), "{}", text(&o));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert_eq!(lines.len(), 1, "{logged:?}\n{}", text(&o));
+    let (name, reason) = lines[0].split_once('\t').expect("name<TAB>reason");
+    assert_eq!(name, format!("capi_header::{test}"));
+    assert!(
+        reason.starts_with(
+            "libclang cannot be loaded, so bindgen cannot read bindings/hetccl.h \
+             (apt install libclang-dev): Unable to find libclang"
+        ),
+        "{reason}"
+    );
 }
 
 #[test]
 fn header_enums_and_sizes_match_rust_checked_by_the_c_compiler() {
     let mut c = String::from("#include <hetccl.h>\n#include <stddef.h>\n\n");
-    let mut expect = |names: &mut BTreeSet<String>, name: &str, v: i64| {
+    let mut expect = |name: &str, v: i64| {
         writeln!(c, "_Static_assert({name} == {v}, \"{name} must be {v}\");").unwrap();
-        names.insert(name.to_string());
     };
-    let mut results = BTreeSet::new();
-    for r in hetcclResult_t::ALL {
-        expect(&mut results, r.c_name(), r as i64);
+    for group in rust_constants().values() {
+        for (name, v) in group {
+            expect(name, *v);
+        }
     }
-    expect(&mut results, "hetcclNumResults", status::NUM_RESULTS as i64);
-    let mut types = BTreeSet::new();
-    for (name, dt) in ops::DATATYPE_NAMES {
-        expect(&mut types, name, *dt as u8 as i64);
-    }
-    expect(&mut types, "hetcclNumTypes", ops::NUM_TYPES as i64);
-    let mut redops = BTreeSet::new();
-    for (name, op) in ops::REDOP_NAMES {
-        expect(&mut redops, name, *op as u8 as i64);
-    }
-    expect(&mut redops, "hetcclNumOps", ops::NUM_OPS as i64);
-    let mut other = BTreeSet::new();
     expect(
-        &mut other,
-        "HETCCL_UNIQUE_ID_BYTES",
-        unique_id::UNIQUE_ID_BYTES as i64,
-    );
-    expect(
-        &mut other,
         "sizeof(hetcclUniqueId)",
         std::mem::size_of::<hetcclUniqueId>() as i64,
     );
     expect(
-        &mut other,
         "sizeof(hetcclResult_t)",
         std::mem::size_of::<hetcclResult_t>() as i64,
     );
     expect(
-        &mut other,
         "sizeof(hetcclDataType_t)",
         std::mem::size_of::<hetcclDataType_t>() as i64,
     );
     expect(
-        &mut other,
         "sizeof(hetcclRedOp_t)",
         std::mem::size_of::<hetcclRedOp_t>() as i64,
     );
     expect(
-        &mut other,
         "sizeof(hetcclStream_t)",
         std::mem::size_of::<hetcclStream_t>() as i64,
     );
-    expect(&mut other, "HETCCL_VERSION_CODE", capi::VERSION_CODE as i64);
-    // Every enumerator of the header is in a Rust table (the other direction is the
-    // compiler's: an unknown name fails to compile).
-    assert_eq!(header_enumerators("hetcclResult_t"), results);
-    assert_eq!(header_enumerators("hetcclDataType_t"), types);
-    assert_eq!(header_enumerators("hetcclRedOp_t"), redops);
     // The program also calls every function once, so a wrong prototype that still
     // parses (or a missing export) fails at link time.
     c.push_str(
@@ -287,9 +572,21 @@ int main(void) {
 
 #[test]
 fn header_compiles_as_cxx_too() {
-    if !capi_support::have("c++") {
-        common::skip("no c++ compiler on PATH");
-        return;
+    let mut build = c_build("c++11");
+    build.include(root().join("bindings")).flag("-fsyntax-only");
+    match build.try_get_compiler() {
+        Ok(tool) if capi_support::have(&tool.path().display().to_string()) => {}
+        Ok(tool) => {
+            common::skip(&format!(
+                "no C++ compiler: {} is not on PATH (apt install g++)",
+                tool.path().display()
+            ));
+            return;
+        }
+        Err(e) => {
+            common::skip(&format!("cc finds no C++ compiler: {e}"));
+            return;
+        }
     }
     let src = scratch("header").join("header_cxx.cc");
     std::fs::write(
@@ -297,17 +594,12 @@ fn header_compiles_as_cxx_too() {
         "#include <hetccl.h>\nint main() { return hetcclSuccess; }\n",
     )
     .unwrap();
-    let o = run(Command::new("c++")
-        .args([
-            "-std=c++11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-fsyntax-only",
-            "-I",
-        ])
-        .arg(root().join("bindings"))
-        .arg(&src));
-    assert!(o.status.success(), "{}", text(&o));
+    let mut cmd = compiler(&build);
+    let o = run(cmd.arg(&src));
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        capi_support::command_line(&cmd),
+        text(&o)
+    );
 }

@@ -1,7 +1,7 @@
 //! Collectives across a simulated cluster: `scripts/netcluster.sh` puts each node in a
-//! network namespace (shared memory inside, TCP over veth pairs between), and
-//! `hetccl-check` compares every collective, reduction and element type with closed
-//! forms, on node shapes 1x4, 2x2, 2x3, 3+2+1 and 4x1, with the algorithm the cost
+//! network namespace (shared memory inside, TCP over veth pairs between), and the test
+//! kit's checks (this test executable as every rank) compare every collective, reduction
+//! and element type with closed forms, on node shapes 1x4, 2x2, 2x3, 3+2+1 and 4x1, with the algorithm the cost
 //! model picks and with the hierarchy and the flat ring forced.
 //!
 //! Needs root for `ip netns`; elsewhere every such test records itself as skipped, with
@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hetccl_testkit::check;
+
 /// What `netcluster.sh` exits with where namespaces cannot be made.
 const SKIP: i32 = 77;
 
@@ -29,8 +31,11 @@ fn script() -> PathBuf {
         .collect()
 }
 
-fn check_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_hetccl-check")
+/// One rank of the tests below that run collectives (the test kit's checks).
+#[test]
+#[ignore = "a rank of the tests below; they start it"]
+fn check_rank() {
+    check::rank_main();
 }
 
 /// Namespace prefix unique to this process and test.
@@ -117,22 +122,18 @@ fn leftover_namespaces(tag: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs `hetccl-check` on node shape `ranks` with `HETCCL_ALGO=algo` and checks that
+/// Runs the checks on node shape `ranks` with `HETCCL_ALGO=algo` and checks that
 /// every rank passed the same number of checks.
 fn check_shape(ranks: &str, algo: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tag = format!("{}-{algo}", ranks.replace(',', ""));
+    let (argv, (var, val)) = check::argv(&["--counts", "0,1,7,1000,65537", "--big-f32", "1000003"]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let Some(run) = netcluster(
         &tag,
         ranks,
-        &[("HETCCL_ALGO", algo), ("HETCCL_DEBUG", "info")],
-        &[
-            check_bin(),
-            "--counts",
-            "0,1,7,1000,65537",
-            "--big-f32",
-            "1000003",
-        ],
+        &[("HETCCL_ALGO", algo), ("HETCCL_DEBUG", "info"), (var, &val)],
+        &argv,
         Duration::from_secs(90),
     ) else {
         return;
@@ -295,7 +296,7 @@ fn topology_dump_feeds_a_later_job() {
     let path_s = path.to_str().unwrap().to_string();
     let node = |r: usize| vec![("HETCCL_NODE_ID".to_string(), format!("n{}", r / 2))];
     let run = |env: &[(&str, &str)]| {
-        let children = common::spawn_ranks(4, check_bin(), &["--counts", "7,1000"], env, node);
+        let children = check::spawn(4, &["--counts", "7,1000"], env, node);
         common::collect(children, Duration::from_secs(60))
     };
     let outs = run(&[("HETCCL_TOPO_DUMP_FILE", &path_s), ("HETCCL_DEBUG", "info")]);
@@ -327,9 +328,8 @@ fn topology_dump_feeds_a_later_job() {
 
     // The file puts ranks 0 and 1 on one node; here rank 1 runs on another.
     let split = |r: usize| vec![("HETCCL_NODE_ID".to_string(), format!("m{}", r % 2))];
-    let children = common::spawn_ranks(
+    let children = check::spawn(
         4,
-        check_bin(),
         &["--counts", "7"],
         &[
             ("HETCCL_TOPO_FILE", &path_s),

@@ -1,5 +1,6 @@
 //! Every collective, reduction and element type across real processes, checked
-//! against closed forms by `hetccl-check` (see src/bin/hetccl-check.rs).
+//! against closed forms by the test kit's checks (`hetccl_testkit::check`, those of
+//! `hetccl-check`), run by this test executable as every rank.
 //!
 //! A short soak runs here too: random collectives, types, reductions, sizes and
 //! algorithms on 4 ranks, bitwise checked, with resident memory and open descriptors
@@ -13,11 +14,19 @@
 mod common;
 
 use common::*;
+use hetccl_testkit::check;
 use std::time::Duration;
 
-/// `hetccl run -n n -- hetccl-check ARGS` with `env`; asserts success.
+/// One rank of the tests below (they start it with the checks' arguments).
+#[test]
+#[ignore = "a rank of the tests below; they start it"]
+fn check_rank() {
+    check::rank_main();
+}
+
+/// `n` ranks of the checks `args` with `env`; asserts success.
 fn launch(n: usize, args: &[&str], env: &[(&str, &str)], what: &str) -> String {
-    launch_check(n, args, env, Duration::from_secs(300), what)
+    check::launch(n, args, env, Duration::from_secs(300), what)
 }
 
 #[test]
@@ -91,9 +100,8 @@ fn hierarchical_on_simulated_nodes() {
             .enumerate()
             .flat_map(|(k, &g)| std::iter::repeat_n(k, g))
             .collect();
-        let children = spawn_ranks(
+        let children = check::spawn(
             n,
-            check_bin(),
             &["--counts", "0,1,7,1000", "--big-f32", "100003"],
             &[("HETCCL_ALGO", "hier"), ("HETCCL_TIMEOUT", "60")],
             |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", node_of[r]))],
@@ -156,9 +164,8 @@ fn compressed_all_reduce_over_shm_tcp_and_nodes_every_algorithm() {
         ("doubling", "1000"),
         ("auto", "1000"),
     ] {
-        let children = spawn_ranks(
+        let children = check::spawn(
             4,
-            check_bin(),
             &["--compressed", count],
             &[("HETCCL_ALGO", algo), ("HETCCL_TIMEOUT", "60")],
             |r| vec![("HETCCL_NODE_ID".into(), format!("node{}", r / 2))],
@@ -204,9 +211,8 @@ fn short_soak(steps: usize, seed: u64, env: &[(&str, &str)], what: &str) {
     let seed_s = seed.to_string();
     let mut all_env = vec![("HETCCL_TIMEOUT", "60")];
     all_env.extend_from_slice(env);
-    let children = spawn_ranks(
+    let children = check::spawn(
         4,
-        check_bin(),
         &["--soak", &steps_s, "--seed", &seed_s],
         &all_env,
         |_| vec![],

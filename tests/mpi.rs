@@ -1,5 +1,6 @@
-//! MPI bootstrap under `mpirun` (built with the feature `mpi` only). The parent test starts this same test
-//! binary under mpirun, running only the ignored `mpi_rank_main` on every rank.
+//! MPI bootstrap under `mpirun` (built with the feature `mpi` only). The parent tests start
+//! this same test binary under mpirun, running only the ignored `mpi_rank_main` or the
+//! test kit's checks (`check_rank`) on every rank.
 
 use std::process::Command;
 
@@ -101,14 +102,24 @@ fn mpi_rank_main() {
     );
 }
 
-/// Every collective through `hetccl-check` with ranks started by `mpirun`, peers
-/// found through MPI (shared memory between them, as they share this host).
+/// One rank of `collectives_under_mpirun` (the test kit's checks).
+#[test]
+#[ignore = "a rank of collectives_under_mpirun; needs mpirun"]
+fn check_rank() {
+    hetccl_testkit::check::rank_main();
+}
+
+/// Every collective through the test kit's checks (this test executable as every rank)
+/// with ranks started by `mpirun`, peers found through MPI (shared memory between them,
+/// as they share this host).
 #[test]
 fn collectives_under_mpirun() {
     if !mpirun_present() {
         common::skip("no working `mpirun` on PATH (apt install openmpi-bin libopenmpi-dev)");
         return;
     }
+    let (argv, (var, val)) =
+        hetccl_testkit::check::argv(&["--counts", "0,1,7,1000", "--mixed", "20"]);
     for (n, shm_disable) in [(2usize, "0"), (4, "0"), (2, "1")] {
         let out = Command::new("mpirun")
             .args([
@@ -126,8 +137,8 @@ fn collectives_under_mpirun() {
                 "lo",
             ])
             .args(["-x", &format!("HETCCL_SHM_DISABLE={shm_disable}")])
-            .arg(env!("CARGO_BIN_EXE_hetccl-check"))
-            .args(["--counts", "0,1,7,1000", "--mixed", "20"])
+            .args(["-x", &format!("{var}={val}")])
+            .args(&argv)
             .env_remove("MASTER_ADDR")
             .env_remove("MASTER_PORT")
             .env_remove("RANK")

@@ -1,4 +1,5 @@
-//! The cost model that picks an algorithm per call: `alpha + bytes / beta` per step.
+//! The cost model that prices the candidate algorithms of a call for the selection
+//! ([`super::select`]): `alpha + bytes / beta` per step.
 //!
 //! With `p` ranks, `N` nodes of at most `g` ranks, `n` bytes:
 //!
@@ -8,14 +9,14 @@
 //! - hierarchical: intra-node reduce and broadcast `2(g-1)·α_l + 2(g-1)/g · n/β_l`
 //!   plus the inter-node ring over each node's uplink `2(N-1)·α + 2(N-1)/N · n/β`.
 //!
-//! - recursive doubling (messages up to its scratch cap): `r·(α + n/β)` with
+//! - recursive doubling (messages up to [`select::DOUBLING_MAX_BYTES`]): `r·(α + n/β)` with
 //!   `r = ⌊log2 p⌋`, plus 2 when `p` is not a power of two;
 //! - recursive halving + doubling: `2⌊log2 p⌋·α + 2(q-1)/q · n/β` over the largest
 //!   power of two `q ≤ p`, plus `2(α + n/β)` when `p` is not a power of two.
 //!
 //! Broadcast and reduce: chain `(p-1)·α + n/β` against tree `⌈log2 p⌉·(α + n/β)`.
 
-use super::{doubling, halving, Algo};
+use super::{doubling, halving, select, Algo};
 use crate::dtype::CollectiveOp;
 
 /// Latency and bandwidth of a link class.
@@ -131,34 +132,18 @@ pub fn predict(
     }
 }
 
-/// The cheapest algorithm for this call (ring where only the ring exists).
+/// The cheapest of the candidates [`select`] allows for this call (ties go to the
+/// earlier candidate; the only one where there is one).
 pub fn choose(op: CollectiveOp, s: &Shape, bytes: usize, intra: LinkCost, inter: LinkCost) -> Algo {
-    let small = bytes <= doubling::MAX_BYTES;
-    // Halving's first round sends half of every rank's buffer to the other half of the
-    // ranks: with several ranks per node that is the whole node crossing its uplink at
-    // once, and on a GPU node pairs that are not ring neighbours, neither of which the
-    // per-link model sees. So halving only where any pair is as good as any other.
-    let hier = s.nodes > 1 && s.max_local > 1;
-    let allowed = |a: Algo| match a {
-        Algo::Hier => hier,
-        Algo::Doubling => small,
-        Algo::Halving => !hier && s.pairwise,
-        Algo::Ring | Algo::Tree => true,
-    };
-    let candidates: &[Algo] = match op {
-        CollectiveOp::AllReduce => &[
-            Algo::Ring,
-            Algo::Tree,
-            Algo::Hier,
-            Algo::Doubling,
-            Algo::Halving,
-        ],
-        CollectiveOp::Broadcast => &[Algo::Ring, Algo::Tree],
-        CollectiveOp::Barrier => return Algo::Tree,
-        _ => return Algo::Ring,
-    };
+    let candidates = select::candidates(op);
+    if let [only] = candidates {
+        return *only;
+    }
     let mut best = (Algo::Ring, f64::INFINITY);
-    for &a in candidates.iter().filter(|&&a| allowed(a)) {
+    for &a in candidates
+        .iter()
+        .filter(|&&a| select::candidate(a, s, bytes))
+    {
         let t = predict(op, a, s, bytes, intra, inter);
         if t < best.1 {
             best = (a, t);

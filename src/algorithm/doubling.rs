@@ -11,14 +11,12 @@
 //! group's, in that order (the upper one reduces into its scratch copy of the incoming
 //! value, then copies it back), so both hold the same bits, and by induction every rank
 //! ends with bitwise the same result. The whole message crosses every round, and the
-//! incoming copy needs scratch the size of the message: the chooser only takes this for
-//! messages up to [`MAX_BYTES`], where rounds cost more than bytes.
+//! incoming copy needs scratch the size of the message: the selection only takes this
+//! for messages up to [`super::select::DOUBLING_MAX_BYTES`], where rounds cost more than
+//! bytes.
 
 use super::schedule::{BufId, Builder, Combine, Region};
 use super::Group;
-
-/// Largest message recursive doubling is used for (its scratch is one message).
-pub const MAX_BYTES: usize = 64 << 10;
 
 /// How `n` members map onto the largest power of two `p ≤ n` for recursive doubling
 /// and halving: the first `2·extra` members pair up (odd hands its buffer to even and

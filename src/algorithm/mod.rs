@@ -4,7 +4,13 @@
 //! [`Schedule`] (sends, receives and local copies over byte regions), which
 //! [`executor::execute`] runs over whatever links the communicator holds. Schedules
 //! can therefore be checked with no I/O at all ([`sim`]).
+//!
+//! Two files answer for every engine, this executor, the shared-memory one and device
+//! collectives alike: [`select`] decides what runs for a call (which engine, which
+//! algorithm, chunk, compression), and [`call`] holds the call, the header every rank
+//! states it in, and the check that the ranks agree on it.
 
+pub mod call;
 pub mod cost;
 pub mod doubling;
 pub mod executor;
@@ -12,13 +18,15 @@ pub mod halving;
 pub mod hierarchical;
 pub mod ring;
 pub mod schedule;
+pub mod select;
 pub mod sim;
 pub mod tree;
 pub mod tuning;
 
+pub use call::Call;
 pub use schedule::{BufId, Combine, Op, OpKind, Region, Schedule};
 
-use crate::dtype::{CollectiveOp, DataType, ReduceOp};
+use crate::dtype::{CollectiveOp, ReduceOp};
 use schedule::Builder;
 
 /// An ordered group of ranks running one (sub-)collective; `me` indexes `members`.
@@ -57,8 +65,8 @@ pub enum Algo {
     /// (all-reduce only; other collectives run the ring).
     Hier,
     /// Recursive doubling: whole-message swaps in `log2 n` rounds (small all-reduces
-    /// only, up to [`doubling::MAX_BYTES`]; other collectives and larger messages run
-    /// the ring).
+    /// only, up to [`select::DOUBLING_MAX_BYTES`]; other collectives and larger messages
+    /// run the ring).
     Doubling,
     /// Recursive halving then doubling (all-reduce only; other collectives run the
     /// ring).
@@ -76,26 +84,6 @@ impl Algo {
             Algo::Halving => "halving",
         }
     }
-}
-
-/// One collective call as every rank states it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Call {
-    /// Which collective.
-    pub op: CollectiveOp,
-    /// Element type.
-    pub dtype: DataType,
-    /// Reduction (ignored where none applies).
-    pub redop: ReduceOp,
-    /// Elements: of the buffer (all_reduce, broadcast, reduce, send/recv), of the
-    /// output block (reduce_scatter), of the input block (all_gather).
-    pub count: usize,
-    /// Root rank (broadcast, reduce) or peer (send/recv).
-    pub root: usize,
-    /// Input and output are the same buffer.
-    pub in_place: bool,
-    /// For send/recv: true on the sending side.
-    pub is_send: bool,
 }
 
 /// Tuning knobs that shape schedules.
@@ -130,13 +118,8 @@ pub fn plan(
     let bytes = call.count * e;
     let input = Region::new(BufId::Input, 0..bytes);
     let output = Region::new(BufId::Output, 0..bytes);
-    // Recursive doubling swaps whole messages: small all-reduces only. Neither it nor
-    // halving has a form for the other collectives.
-    let algo = match algo {
-        Algo::Doubling | Algo::Halving if call.op != CollectiveOp::AllReduce => Algo::Ring,
-        Algo::Doubling if bytes > doubling::MAX_BYTES => Algo::Ring,
-        a => a,
-    };
+    // What the collective has a form for (the selection has already asked for it).
+    let algo = select::runnable(call.op, bytes, algo).0;
     let mut b = Builder::new(algo.name());
     match call.op {
         CollectiveOp::AllReduce => {

@@ -225,10 +225,10 @@ pub fn all_gather(
     // With two members, step 0 is the whole exchange: it sends our own block from the
     // output, after the local copy, so that on a link with room of its own (shared
     // memory) the copy writes the room and the output in one read of the input
-    // (`Schedule::forwards`; 2 ranks, 16 MiB: +14 %, 64 MiB: +0–15 % from run to run).
-    // With more, step 0 sends straight from the input: the forwarded later steps queue
-    // behind it on the link, and pacing it by the local copies cost 3 and 4 ranks
-    // 5–10 % at 64 MiB.
+    // (`Schedule::forwards`): 5 bytes of memory traffic per byte of the own block
+    // instead of 6. With more, step 0 sends straight from the input: the forwarded later
+    // steps queue behind it on the link, and pacing it by the local copies made 3 and 4
+    // ranks slower (the runs: `docs/perf-log/2026-11-27-change-log.md`, all-gather).
     let copy_first = n == 2;
     for k in 0..n.saturating_sub(1) {
         for p in &pieces {

@@ -298,7 +298,7 @@ mod tests {
         // Past its cap the call runs the ring.
         let big = call(
             CollectiveOp::AllReduce,
-            super::super::doubling::MAX_BYTES / 4 + 1,
+            super::super::select::DOUBLING_MAX_BYTES / 4 + 1,
             0,
             true,
         );

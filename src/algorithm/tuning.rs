@@ -28,10 +28,10 @@ impl From<LinkPerf> for LinkCost {
 /// than CPUs over TCP (a smaller configured one is kept).
 const MIN_CHUNK: usize = 64 << 10;
 
-/// The smallest chunk [`LinkModel::chunk_bytes`] cuts a small block into: 64 KiB pieces
-/// of 128 KiB blocks were slower than whole ones (2 ranks, 256 KiB all-reduce, TCP
-/// 3.57 against 4.12 GB/s busbw, shared memory 7.49 against 8.97), the per-piece costs
-/// (a syscall or a flag per piece and peer) outweighing the overlap.
+/// The smallest chunk [`LinkModel::chunk_bytes`] cuts a small block into: below it the
+/// per-piece costs (a syscall or a flag per piece and peer) outweigh the overlap, and
+/// 64 KiB pieces of 128 KiB blocks made a 2-rank 256 KiB all-reduce slower over TCP and
+/// shared memory alike (`docs/perf-log/2026-11-27-change-log.md`, quarter-block chunks).
 const MIN_BLOCK_CHUNK: usize = 128 << 10;
 
 /// What the algorithm choice needs to know about a job's links.
@@ -87,20 +87,15 @@ impl LinkModel {
     /// The pipeline chunk schedules use, from the configured one: half of it (at least
     /// 64 KiB) where ranks outnumber a node's CPUs and talk over TCP. Two processes that
     /// share a CPU take turns at every socket buffer's worth; smaller pieces keep more of
-    /// the ring moving meanwhile. 4 ranks pinned on 2 cores, all-reduce out of place,
-    /// 256 against 512 KiB in 3 alternating runs, medians: 16 MiB 1.38 against 1.18 GB/s
-    /// busbw, 64 MiB 1.03 against 0.93, 256 MiB 1.14 against 0.90 (4 MiB 1.55 against
-    /// 1.59). With 2 ranks over TCP 256 KiB was up to 10 % slower at 64–256 MiB, and over
-    /// shared memory level.
+    /// the ring moving meanwhile. Only there: with 2 ranks over TCP the half chunk was
+    /// slower on large messages, and over shared memory no faster.
     ///
     /// Then at most a quarter of `block`, the bytes each rank owns of the message (at
     /// least 128 KiB): with fewer pieces per block, sending, receiving and reducing a
-    /// block run one after another instead of overlapping. 1 MiB messages, against
-    /// whole chunks, 5 alternating runs, medians of busbw: 2 ranks over TCP (128 KiB
-    /// instead of one 512 KiB chunk per block) all-reduce 3.28 against 2.91 GB/s,
-    /// reduce-scatter 2.89 against 2.51, all-gather 3.30 against 2.99; 4 ranks pinned on
-    /// 2 cores over TCP 1.56 against 1.35, 1.38 against 1.24, 1.72 against 1.67; over
-    /// shared memory within 5 % either way.
+    /// block run one after another instead of overlapping. That pays over TCP for 1 MiB
+    /// collectives of 2 ranks and of 4 ranks on 2 cores, and over shared memory changes
+    /// nothing beyond noise. The runs behind both rules: `docs/perf-log/2026-11-27-change-log.md`
+    /// (half pipeline chunks; quarter-block chunks).
     pub fn chunk_bytes(&self, configured: usize, block: usize) -> usize {
         let chunk = if self.oversubscribed_tcp {
             (configured / 2).max(MIN_CHUNK).min(configured)
@@ -116,8 +111,8 @@ impl LinkModel {
     ///
     /// An all-reduce's block is its `1/n` share of the buffer; a reduce sends the whole
     /// buffer over every link of its tree or chain, so that is its block. A broadcast has
-    /// no reduction to overlap and keeps whole chunks: with 2 ranks over TCP, cut to a
-    /// quarter it ran at 0.89–0.90× at 256 KiB and 1 MiB (5 alternating runs).
+    /// no reduction to overlap and keeps whole chunks: cut to a quarter it only ran
+    /// slower (2 ranks over TCP, in the runs of [`LinkModel::chunk_bytes`]).
     pub fn chunk_for(&self, op: CollectiveOp, bytes: usize, n: usize, configured: usize) -> usize {
         let block = match op {
             CollectiveOp::AllReduce => bytes / n.max(1),
@@ -137,10 +132,10 @@ impl LinkModel {
 /// not every pair is as good as every other: a TCP transfer needs both processes running,
 /// and two that share a CPU take turns at every socket buffer's worth. Ring neighbours
 /// sit on different CPUs when ranks are pinned round robin (`hetccl run --bind-cores`),
-/// recursive halving's partners 2 and more apart do not. Measured with 4 ranks on 2
-/// cores, 1 MiB: halving spent 28 % of rank 0's time switching tasks against the ring's
-/// 10 %, and reached 1.08–1.42 GB/s busbw against the ring's 1.37–1.67. Over shared
-/// memory the two were level.
+/// recursive halving's partners 2 and more apart do not: with 4 ranks on 2 cores,
+/// halving spent far more of a rank's time switching tasks than the ring and moved fewer
+/// bytes per second; over shared memory the two were level (the current 4-rank TCP
+/// figures: `docs/PERFORMANCE.md`, targets; the runs: `docs/perf-log/2026-11-27-change-log.md`).
 fn oversubscribed_tcp(t: &Topology) -> bool {
     t.nodes.iter().enumerate().any(|(k, ranks)| {
         t.oversubscribed(k)

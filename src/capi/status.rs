@@ -99,9 +99,7 @@ pub fn code_of(e: &Error) -> hetcclResult_t {
         | Error::PeerGaveUp { .. }
         | Error::Link { .. }
         | Error::Auth { .. } => hetcclRemoteError,
-        Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } | Error::Checkpoint { .. } => {
-            hetcclSystemError
-        }
+        Error::Bootstrap(_) | Error::Shm(_) | Error::Io { .. } => hetcclSystemError,
         Error::Device { .. } => hetcclUnhandledCudaError,
         Error::Panicked { .. } => hetcclInternalError,
     }

@@ -19,8 +19,8 @@
 //! bootstrap, below it, cannot know them.
 //!
 //! A rank started by `hetccl run` directly also gets SIGTERM as its parent-death signal
-//! (see `crate::launcher`), which ends it at once whatever it is doing. The watch covers
-//! what that signal does not reach: a program started through a wrapper (`sh -c`,
+//! (see `tools/src/launcher.rs`), which ends it at once whatever it is doing. The watch
+//! covers what that signal does not reach: a program started through a wrapper (`sh -c`,
 //! a Python script starting a subprocess), one that handles SIGTERM, and a parent-death
 //! race. Such a program, when it is computing rather than communicating, learns of the
 //! launcher's exit at its next call, which fails at once.

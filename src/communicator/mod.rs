@@ -36,6 +36,8 @@ mod init;
 mod launcher_watch;
 mod probe;
 mod shared;
+#[cfg(test)]
+mod what_runs;
 
 pub use shared::SharedBuf;
 
@@ -46,7 +48,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::algorithm::executor::{self, Buffers, ExecCtx, Job, Wire};
-use crate::algorithm::ring::RingOrder;
+use crate::algorithm::select::{self, Facts, Path};
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
 use crate::bootstrap::Bootstrap;
@@ -567,42 +569,45 @@ impl Communicator {
         self.link_kinds.get(peer).copied().flatten()
     }
 
-    fn choose_algo(&self, op: CollectiveOp, bytes: usize) -> Algo {
-        match self.cfg.algo {
-            AlgoChoice::Ring => Algo::Ring,
-            AlgoChoice::Tree => Algo::Tree,
-            AlgoChoice::Hier => Algo::Hier,
-            AlgoChoice::Doubling => Algo::Doubling,
-            AlgoChoice::Halving => Algo::Halving,
-            // The same on every rank: the model comes from the shared topology.
-            AlgoChoice::Auto => self.model.choose(op, bytes),
+    /// What the selection knows of this communicator.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            world_size: self.world_size,
+            nodes: self.topo.nodes.len(),
+            control_pages: self.shared.ctl.get().is_some(),
+            shm_disable: self.cfg.shm_disable,
+            algo: self.cfg.algo,
+            chunk_bytes: self.cfg.chunk_bytes,
+            pipeline_depth: self.cfg.pipeline_depth,
+            model: &self.model,
         }
     }
 
-    /// How a ring all-reduce over all ranks orders its steps: piece by piece when its
-    /// links are shared memory (one node, shared memory on), so receives can forward
-    /// their results in place; a wave otherwise. The same on every rank: the node layout
-    /// is shared, and setup fails unless all ranks agree on using shared memory.
-    fn ring_order(&self) -> RingOrder {
-        if self.topo.nodes.len() == 1 && !self.cfg.shm_disable {
-            RingOrder::PieceByPiece
-        } else {
-            RingOrder::Wave
-        }
-    }
-
-    /// The schedule for `call`; `compressed` when some of its links carry 16-bit values.
-    fn schedule(&self, call: &Call, compressed: bool) -> Arc<Schedule> {
-        let algo = match call.op {
-            CollectiveOp::SendRecv => Algo::Ring,
-            _ => match self.choose_algo(call.op, call.count * call.dtype.size()) {
-                // Recursive doubling has both partners add a rounded copy of the other's
-                // partial sum to their own exact one: compressed, they would end with
-                // different bits. The tree computes every sum once, at its root.
-                Algo::Doubling if compressed => Algo::Tree,
-                a => a,
-            },
+    /// What runs for `call` on these buffers, compressed under `mode` where it applies
+    /// ([`select::select`]), with the shared-memory engine's part when that runs it.
+    fn choose(
+        &self,
+        call: &Call,
+        input: RawIn,
+        output: RawOut,
+        mode: CompressMode,
+    ) -> (Path, Option<shared::Direct>) {
+        let mut on_buffers = None;
+        let path = select::select(call, &self.facts(), mode, || {
+            on_buffers = shared::Direct::on_buffers(self, call, input, output);
+            on_buffers.is_some()
+        });
+        let direct = match path {
+            Path::Eager { .. } => Some(shared::Direct::eager(self)),
+            Path::Direct => on_buffers,
+            _ => None,
         };
+        (path, direct)
+    }
+
+    /// The schedule `links` describes, planned once per call and algorithm.
+    fn schedule(&self, links: &select::Links) -> Arc<Schedule> {
+        let (call, algo) = (&links.call, links.algo);
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         if plans.len() > 4096 {
             plans.clear();
@@ -610,30 +615,24 @@ impl Communicator {
         plans
             .entry((*call, algo))
             .or_insert_with(|| {
-                let bytes = call.count * call.dtype.size();
+                let bytes = call.bytes();
                 let bucket = usize::BITS - bytes.leading_zeros();
                 let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
                 if self.rank == 0 && logged.insert((call.op, bucket, algo)) {
                     tracing::info!(
                         rank = self.rank,
-                        "{} of {} bytes ({} x {}): {} algorithm",
+                        "{} of {} bytes ({} x {}): {links}",
                         call.op,
                         bytes,
                         call.count,
                         call.dtype,
-                        algo.name()
                     );
                 }
                 let t = Tuning {
-                    chunk_bytes: self.model.chunk_for(
-                        call.op,
-                        bytes,
-                        self.world_size,
-                        self.cfg.chunk_bytes,
-                    ),
-                    slots: 2 * self.cfg.pipeline_depth + 1,
+                    chunk_bytes: links.chunk_bytes,
+                    slots: links.slots,
                     shard_weights: self.model.shard_weights.clone(),
-                    ring_order: self.ring_order(),
+                    ring_order: links.ring_order,
                 };
                 Arc::new(algorithm::plan(
                     call,
@@ -714,29 +713,17 @@ impl Communicator {
         output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<(Work, MutexGuard<'_, Option<mpsc::Sender<Work>>>)> {
-        let compress =
-            compress.and_then(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer));
-        // Shared buffers are read in place, unless the call asked for compression,
-        // which is about what crosses links.
-        let direct = if compress.is_none() {
-            shared::plan(self, &call, input, output)
-        } else {
-            None
-        };
-        // A compressed call runs as an in-place sum on the output; its passes do the rest.
-        let plan_call = if compress.is_some() {
-            Call {
-                in_place: true,
-                redop: ReduceOp::Sum,
-                ..call
-            }
-        } else {
-            call
-        };
-        let sched = if direct.is_none() {
-            Some(self.schedule(&plan_call, compress.is_some()))
-        } else {
-            None
+        let mode = compress.map_or(CompressMode::Off, |(mode, _, _)| mode);
+        let (path, direct) = self.choose(&call, input, output, mode);
+        let (sched, compress, redop) = match &path {
+            Path::Links(l) => (
+                Some(self.schedule(l)),
+                compress
+                    .filter(|_| l.compressed)
+                    .map(|(mode, c, buffer)| self.compress_job(&call, mode, c, buffer)),
+                l.call.redop,
+            ),
+            _ => (None, None, call.redop),
         };
         let tx_guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if tx_guard.is_none() {
@@ -770,7 +757,7 @@ impl Communicator {
                 seq,
                 op: call.op,
                 dtype: call.dtype,
-                redop: plan_call.redop,
+                redop,
                 count: call.count as u64,
                 timeout: self.cfg.timeout,
                 stream_copies: output.1 >= self.cfg.stream_min_bytes,
@@ -782,44 +769,31 @@ impl Communicator {
         Ok((work, tx_guard))
     }
 
-    /// The compression plan for `call`, or `None` when nothing would be compressed:
-    /// only f32 sums and averages compress, and only on the links `mode` selects.
+    /// The compression plan of `call`, which the selection compresses under `mode`: the
+    /// links `mode` selects carry 16-bit values.
     fn compress_job(
         &self,
         call: &Call,
         mode: CompressMode,
         compressor: *mut Compressor,
         buffer: u64,
-    ) -> Option<CompressJob> {
-        let eligible = call.op == CollectiveOp::AllReduce
-            && call.dtype == DataType::F32
-            && matches!(call.redop, ReduceOp::Sum | ReduceOp::Avg);
+    ) -> CompressJob {
         let me = self.topo.node_of[self.rank];
         let peers: Vec<bool> = (0..self.world_size)
-            .map(|p| {
-                p != self.rank
-                    && match mode {
-                        CompressMode::Off => false,
-                        CompressMode::Inter => self.topo.node_of[p] != me,
-                        CompressMode::All => true,
-                    }
-            })
+            .map(|p| p != self.rank && select::compresses(mode, self.topo.node_of[p] == me))
             .collect();
-        if !eligible || !peers.contains(&true) {
-            return None;
-        }
         let format = if compressor.is_null() {
             self.cfg.compress_format
         } else {
             // SAFETY: the pointer comes from a live `&mut Compressor` of the caller.
             unsafe { (*compressor).format() }
         };
-        Some(CompressJob {
+        CompressJob {
             wire: Wire { format, peers },
             compressor,
             buffer,
             op: call.redop,
-        })
+        }
     }
 
     fn check_rank(&self, op: &'static str, what: &str, r: usize) -> Result<()> {
@@ -978,11 +952,9 @@ impl Communicator {
             .clear();
     }
 
-    /// Zero-element collectives move nothing (as in NCCL); one rank alone has nobody
-    /// to talk to. Both still need the local copy of out-of-place calls.
+    /// Calls that move nothing ([`select::moves_nothing`]) return at once.
     fn skip(&self, call: &Call) -> bool {
-        (call.count == 0 && call.op != CollectiveOp::Barrier && call.op != CollectiveOp::SendRecv)
-            || (self.world_size == 1 && call.in_place && call.op != CollectiveOp::SendRecv)
+        select::moves_nothing(call, self.world_size)
     }
 
     /// In-place all-reduce: every rank ends with the element-wise reduction of all
@@ -1338,9 +1310,12 @@ pub fn dtype_of<T: Element>() -> DataType {
     T::DTYPE
 }
 
-/// In-process worlds for unit tests: communicators joined by in-memory links.
-#[cfg(test)]
-pub(crate) mod testing {
+/// In-process worlds for tests: communicators joined by in-memory links, one thread per
+/// rank. The unit tests use them as they are; integration tests and other crates get them
+/// through hetccl-testkit, which turns on the `testkit` feature. Test support: a world
+/// that cannot be built panics, as a failed test should.
+#[cfg(any(test, feature = "testkit"))]
+pub mod testing {
     use super::*;
     use crate::topology::RankInfo;
     use crate::transport::mem;
@@ -1348,7 +1323,7 @@ pub(crate) mod testing {
     /// `n` communicators in one process, fully connected by in-memory links, ranks
     /// grouped into pretend nodes of `per_node`; `cfg` with 4 KiB chunks.
     #[allow(clippy::needless_range_loop)]
-    pub(crate) fn world(n: usize, per_node: usize, cfg: Config) -> Vec<Communicator> {
+    pub fn world(n: usize, per_node: usize, cfg: Config) -> Vec<Communicator> {
         let mut links: Vec<Vec<Option<Box<dyn Link>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         for a in 0..n {
@@ -1378,18 +1353,24 @@ pub(crate) mod testing {
         links
             .into_iter()
             .enumerate()
-            .map(|(r, l)| Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None).unwrap())
+            .map(|(r, l)| {
+                Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None)
+                    .unwrap_or_else(|e| panic!("in-process world of {n}: rank {r}: {e}"))
+            })
             .collect()
     }
 
-    /// Runs `f` on every communicator at once, one thread each.
-    pub(crate) fn on_all<R: Send>(
+    /// Runs `f` on every communicator at once, one thread each; a rank's panic is
+    /// raised again here.
+    pub fn on_all<R: Send>(
         comms: &[Communicator],
         f: impl Fn(&Communicator) -> R + Sync,
     ) -> Vec<R> {
         std::thread::scope(|s| {
             let hs: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
         })
     }
 }

@@ -50,49 +50,15 @@ mod x86;
 
 pub use compressor::{Compressor, ScalePolicy};
 
-/// Which 16-bit format travels on the wire.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum WireFormat {
-    /// IEEE binary16: 11-bit significand, range ±65504.
-    F16 = 0,
-    /// bfloat16: 8-bit significand, the range of f32.
-    Bf16 = 1,
-}
+pub use crate::dtype::WireFormat;
 
 impl WireFormat {
-    /// Every format.
-    pub const ALL: [WireFormat; 2] = [WireFormat::F16, WireFormat::Bf16];
-
-    /// Decodes a stored tag.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(WireFormat::F16),
-            1 => Some(WireFormat::Bf16),
-            _ => None,
-        }
-    }
-
-    /// `fp16` or `bf16`, as in the kernel names.
-    pub fn name(self) -> &'static str {
-        match self {
-            WireFormat::F16 => "fp16",
-            WireFormat::Bf16 => "bf16",
-        }
-    }
-
     /// Largest finite value of the format, as f32.
     pub fn max(self) -> f32 {
         match self {
             WireFormat::F16 => <f16 as WireFloat>::MAX,
             WireFormat::Bf16 => <bf16 as WireFloat>::MAX,
         }
-    }
-}
-
-impl fmt::Display for WireFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 

@@ -1,15 +1,20 @@
-//! Device, stream and the embedded kernel module.
+//! Device, stream and the embedded kernel module: the layer between the driver calls
+//! (`driver.rs`) and the typed launchers (`kernels.rs`).
+//! Kernels are looked up by their [`Signature`] key in a table filled when the module is
+//! loaded, and launched through cudarc's launch builder by one prologue,
+//! [`Stream::launch`].
 
-use std::collections::HashMap;
-use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, ValidAsZeroBits,
 };
+use cudarc::nvrtc::Ptx;
 
+use super::driver::{self, device_error, DeviceAddr, MISSING_ENTRY};
+use super::kernels::{KernelArgs, Signature, KERNELS};
 use crate::compression::OverflowStats;
 use crate::error::{Error, Result};
 
@@ -19,100 +24,55 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"
 /// Threads per block for every kernel (the kernels' `__launch_bounds__`).
 const BLOCK: u32 = 256;
 
-pub(super) fn device_error(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
-    let op = op.into();
-    move |e| Error::Device {
-        op,
-        detail: e.to_string(),
-    }
-}
-
-const MISSING_ENTRY: &str =
-    "the CUDA driver library lacks an entry point this build needs (driver older than CUDA 13.0?)";
-
-pub(super) fn device_count() -> std::result::Result<usize, String> {
-    // SAFETY: only tries to dlopen the driver library; no CUDA function is called.
-    if !unsafe { sys::is_culib_present() } {
-        return Err("no CUDA driver library (libcuda.so) could be loaded".to_string());
-    }
-    // cudarc panics when a symbol is missing from an old driver: turn that into a reason.
-    let probe = catch_unwind(|| -> std::result::Result<i32, DriverError> {
-        result::init()?;
-        result::device::get_count()
-    });
-    match probe {
-        Ok(Ok(n)) if n > 0 => Ok(n as usize),
-        Ok(Ok(_)) => Err("the CUDA driver sees no device".to_string()),
-        Ok(Err(e)) => Err(format!("the CUDA driver failed to initialise: {e}")),
-        Err(_) => Err(MISSING_ENTRY.to_string()),
-    }
-}
-
-/// The loaded fatbin and its kernels.
+/// The loaded fatbin's kernels, by [`Signature::index`].
 pub(super) struct Module {
-    ctx: Arc<CudaContext>,
-    raw: sys::CUmodule,
-    /// name -> (function, blocks of `BLOCK` threads resident per SM)
-    funcs: HashMap<String, (sys::CUfunction, u32)>,
+    /// (function, blocks of `BLOCK` threads resident per SM); each function holds the
+    /// module loaded, which cudarc unloads when the last one goes.
+    funcs: Vec<(CudaFunction, u32)>,
 }
-
-// SAFETY: module and function handles are driver objects usable from any thread while
-// their context is current; every use below binds `ctx` to the calling thread first.
-unsafe impl Send for Module {}
-// SAFETY: as for Send; the map is never mutated after `load`.
-unsafe impl Sync for Module {}
 
 impl Module {
     fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
+        const OP: &str = "load the embedded kernels";
         // The driver parses the fatbin header with 8-byte loads; include_bytes! promises
-        // only byte alignment, so hand it an aligned copy.
-        let mut image = vec![0u64; FATBIN.len().div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..FATBIN.len()].copy_from_slice(FATBIN);
-        ctx.bind_to_thread().map_err(device_error("bind context"))?;
-        // SAFETY: `image` holds the complete fatbin nvcc wrote at build time and lives
-        // until the call returns (the driver copies what it keeps).
-        let raw = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
-            .map_err(device_error("load the embedded kernels"))?;
-        let mut m = Module {
-            ctx: ctx.clone(),
-            raw,
-            funcs: HashMap::new(),
-        };
-        for name in super::kernels::kernel_names() {
-            let c = CString::new(name.as_str()).map_err(|e| {
-                Error::invalid("Module::load", format!("kernel name {name:?}: {e}"))
-            })?;
-            // SAFETY: `m.raw` is the module loaded above, unloaded only when `m` drops.
-            let f = unsafe { result::module::get_function(m.raw, c) }
+        // only byte alignment, so it gets a copy from the allocator, which aligns buffers
+        // of this size to 16 bytes (checked, as no Rust type promises it).
+        let image = FATBIN.to_vec();
+        if image.as_ptr() as usize % 8 != 0 {
+            return Err(Error::Device {
+                op: OP.to_string(),
+                detail: format!(
+                    "the copy of the {}-byte fatbin is not 8-byte aligned (at {:p}); the \
+                     global allocator must align large buffers to 8 bytes",
+                    image.len(),
+                    image.as_ptr()
+                ),
+            });
+        }
+        // cuModuleLoadData takes cubin, PTX or a fatbin alike; cudarc calls every image a Ptx.
+        let module = ctx
+            .load_module(Ptx::from_binary(image))
+            .map_err(device_error(OP))?;
+        let mut funcs = Vec::with_capacity(KERNELS.len());
+        for name in KERNELS {
+            let f = module
+                .load_function(name)
                 .map_err(device_error(format!("find kernel {name}")))?;
             // Grids are sized to exactly one resident wave: grid-stride loops then give every
             // block the same work and no second, partly idle wave trails behind.
-            // SAFETY: `f` was just resolved from the loaded module.
-            let per_sm = unsafe {
-                result::occupancy::max_active_block_per_multiprocessor(f, BLOCK as i32, 0)
-            }
-            .map_err(device_error(format!("occupancy of {name}")))?;
-            m.funcs.insert(name, (f, per_sm.max(1) as u32));
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+                .map_err(device_error(format!("occupancy of {name}")))?;
+            funcs.push((f, per_sm.max(1)));
         }
-        Ok(m)
+        Ok(Module { funcs })
     }
 
-    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32)> {
-        self.funcs.get(name).copied().ok_or_else(|| Error::Device {
-            op: format!("launch {name}"),
+    fn function(&self, index: usize) -> Result<&(CudaFunction, u32)> {
+        self.funcs.get(index).ok_or_else(|| Error::Device {
+            op: format!("launch kernel #{index}"),
             detail: "no such kernel in the embedded module".to_string(),
         })
-    }
-}
-
-impl Drop for Module {
-    fn drop(&mut self) {
-        let bound = self.ctx.bind_to_thread();
-        // SAFETY: `raw` was loaded by `Module::load` and is unloaded exactly once, here.
-        let unloaded = unsafe { result::module::unload(self.raw) };
-        if let Err(e) = bound.and(unloaded) {
-            tracing::warn!(target: "hetccl::device", "unloading kernels: {e}");
-        }
     }
 }
 
@@ -129,7 +89,7 @@ impl Device {
     /// Opens device `ordinal` (its primary context) and loads the embedded kernels.
     pub fn open(ordinal: usize) -> Result<Device> {
         let op = format!("open device {ordinal}");
-        let count = device_count().map_err(|detail| Error::Device {
+        let count = driver::device_count().map_err(|detail| Error::Device {
             op: op.clone(),
             detail,
         })?;
@@ -152,9 +112,7 @@ impl Device {
         let ctx = CudaContext::new(ordinal).map_err(device_error(op))?;
         let name = ctx.name().map_err(device_error(op))?;
         let compute_capability = ctx.compute_capability().map_err(device_error(op))?;
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(device_error(op))?;
+        let sm_count = driver::multiprocessor_count(&ctx).map_err(device_error(op))?;
         let module = Arc::new(Module::load(&ctx)?);
         tracing::info!(
             target: "hetccl::device",
@@ -225,7 +183,7 @@ pub struct Stream {
     inner: Arc<CudaStream>,
     module: Arc<Module>,
     stats: CudaSlice<u64>,
-    stats_ptr: sys::CUdeviceptr,
+    stats_ptr: DeviceAddr,
     sm_count: u32,
 }
 
@@ -295,9 +253,8 @@ impl Stream {
     /// elapsed device time in milliseconds. Waits for the end event.
     pub fn time(&self, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
         let ctx = self.inner.context();
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = ctx.new_event(flags).map_err(device_error("create event"))?;
-        let end = ctx.new_event(flags).map_err(device_error("create event"))?;
+        let start = driver::timing_event(ctx).map_err(device_error("create event"))?;
+        let end = driver::timing_event(ctx).map_err(device_error("create event"))?;
         start
             .record(&self.inner)
             .map_err(device_error("record event"))?;
@@ -310,37 +267,39 @@ impl Stream {
     }
 
     /// Device address of the two u64 overflow counters.
-    pub(super) fn stats_ptr(&self) -> sys::CUdeviceptr {
+    pub(super) fn stats_ptr(&self) -> DeviceAddr {
         self.stats_ptr
     }
 
-    /// Launches kernel `name` over `items` work items (one per thread per grid-stride
-    /// step), with a grid capped at what the device holds resident at once.
+    /// The one launch prologue: launches the kernel `sig` names over `items` work items
+    /// (one per thread per grid-stride step), with a grid capped at what the device holds
+    /// resident at once, its arguments pushed in order through cudarc's launch builder.
     ///
     /// # Safety
-    /// `args` must point at values matching the kernel's parameter list in type and
-    /// order, and every device pointer among them must cover what the kernel touches.
-    pub(super) unsafe fn launch(
+    /// Every device address among `args` must cover what the kernel touches and stay
+    /// valid until the stream has run it. (Their types and order are the kernel's by
+    /// `Signature`.)
+    pub(super) unsafe fn launch<S: Signature>(
         &self,
-        name: &str,
+        sig: S,
         items: usize,
-        args: &mut [*mut c_void],
+        args: S::Args,
     ) -> Result<()> {
-        let (f, per_sm) = self.module.function(name)?;
+        let (f, per_sm) = self.module.function(sig.index())?;
         let cap = (self.sm_count * per_sm) as usize;
         let blocks = items.div_ceil(BLOCK as usize).clamp(1, cap) as u32;
-        self.inner
-            .context()
-            .bind_to_thread()
-            .map_err(device_error(format!("launch {name}")))?;
-        result::launch_kernel(
-            f,
-            (blocks, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            self.inner.cu_stream(),
-            args,
-        )
-        .map_err(device_error(format!("launch {name}")))
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.inner.launch_builder(f);
+        args.push(&mut launch);
+        // SAFETY: the arguments are the kernel's parameter list (Signature); the caller
+        // vouches for the memory behind the addresses among them. They are plain values,
+        // so the builder adds no event waits: it binds the context and launches.
+        unsafe { launch.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| device_error(format!("launch {}", sig.name()))(e))
     }
 }

@@ -3,13 +3,19 @@
 //! Each checks lengths, takes the device pointers through cudarc (which orders this
 //! stream after earlier writers on other streams), and launches on the given [`Stream`].
 //! All are asynchronous: results are ready after [`Stream::synchronize`] or a download.
+//!
+//! Below the launchers, every kernel of `kernels/*.cu` has a key: a [`Signature`] value
+//! (the kernel's family and its format, operation or element type) that gives the
+//! kernel's index in [`KERNELS`], where the module caches its function, and the Rust
+//! types of its parameter list, [`Signature::Args`]. [`Stream::launch`] takes exactly
+//! those, so a launcher cannot pass another kernel's arguments, and a test checks each
+//! parameter list's size against what the compiler reports for the kernel.
 
-use std::ffi::c_void;
-
-use cudarc::driver::{sys, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, PushKernelArg};
 use half::{bf16, f16};
 
 use super::context::Stream;
+use super::driver::DeviceAddr;
 use crate::compression::{WireFloat, WireFormat};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -21,11 +27,30 @@ pub trait GpuElement: Element + DeviceRepr + private::Sealed {
 }
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
+    /// The element types of the reduction kernels, in the order of their names in
+    /// [`super::KERNELS`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum GpuType {
+        F32 = 0,
+        F16 = 1,
+        Bf16 = 2,
+    }
+
+    pub trait Sealed {
+        const TYPE: GpuType;
+    }
+    impl Sealed for f32 {
+        const TYPE: GpuType = GpuType::F32;
+    }
+    impl Sealed for half::f16 {
+        const TYPE: GpuType = GpuType::F16;
+    }
+    impl Sealed for half::bf16 {
+        const TYPE: GpuType = GpuType::Bf16;
+    }
 }
+
+use private::GpuType;
 
 impl GpuElement for f32 {
     const NAME: &'static str = "f32";
@@ -37,37 +62,192 @@ impl GpuElement for bf16 {
     const NAME: &'static str = "bf16";
 }
 
-const REDUCE_OPS: [ReduceOp; 5] = [
-    ReduceOp::Sum,
-    ReduceOp::Avg,
-    ReduceOp::Prod,
-    ReduceOp::Max,
-    ReduceOp::Min,
-];
-const WIRE_KERNELS: [&str; 4] = [
-    "compress",
-    "decompress",
-    "decompress_add",
-    "decompress_add_compress",
+/// Every `extern "C"` kernel in the fatbin, by index: the wire kernels per format, then
+/// `reduce_inplace`, `reduce_from` (each per element type, then per operation in
+/// [`ReduceOp`]'s order: sum, prod, max, min, avg) and `reduce_finalize_avg` per element
+/// type. The module resolves all of them at load, so a missing one fails `Device::open`
+/// rather than a launch.
+pub(super) const KERNELS: [&str; 41] = [
+    "fp16_compress",
+    "fp16_decompress",
+    "fp16_decompress_add",
+    "fp16_decompress_add_compress",
+    "bf16_compress",
+    "bf16_decompress",
+    "bf16_decompress_add",
+    "bf16_decompress_add_compress",
+    "reduce_inplace_sum_f32",
+    "reduce_inplace_prod_f32",
+    "reduce_inplace_max_f32",
+    "reduce_inplace_min_f32",
+    "reduce_inplace_avg_f32",
+    "reduce_inplace_sum_f16",
+    "reduce_inplace_prod_f16",
+    "reduce_inplace_max_f16",
+    "reduce_inplace_min_f16",
+    "reduce_inplace_avg_f16",
+    "reduce_inplace_sum_bf16",
+    "reduce_inplace_prod_bf16",
+    "reduce_inplace_max_bf16",
+    "reduce_inplace_min_bf16",
+    "reduce_inplace_avg_bf16",
+    "reduce_from_sum_f32",
+    "reduce_from_prod_f32",
+    "reduce_from_max_f32",
+    "reduce_from_min_f32",
+    "reduce_from_avg_f32",
+    "reduce_from_sum_f16",
+    "reduce_from_prod_f16",
+    "reduce_from_max_f16",
+    "reduce_from_min_f16",
+    "reduce_from_avg_f16",
+    "reduce_from_sum_bf16",
+    "reduce_from_prod_bf16",
+    "reduce_from_max_bf16",
+    "reduce_from_min_bf16",
+    "reduce_from_avg_bf16",
+    "reduce_finalize_avg_f32",
+    "reduce_finalize_avg_f16",
+    "reduce_finalize_avg_bf16",
 ];
 
-/// Every `extern "C"` kernel in the fatbin; the module resolves all of them at load, so a
-/// missing one fails `Device::open` rather than a launch.
-pub(super) fn kernel_names() -> Vec<String> {
-    let mut names = Vec::new();
-    for w in [WireFormat::F16, WireFormat::Bf16] {
-        for k in WIRE_KERNELS {
-            names.push(format!("{}_{k}", w.name()));
+/// Index of the first `reduce_inplace`, `reduce_from` and `reduce_finalize_avg` kernel in
+/// [`KERNELS`].
+const REDUCE_INPLACE: usize = 8;
+const REDUCE_FROM: usize = REDUCE_INPLACE + 3 * 5;
+const FINALIZE_AVG: usize = REDUCE_FROM + 3 * 5;
+
+/// A kernel's parameter list as plain values (device addresses and scalars), in the order
+/// of its `.cu` signature: what [`Stream::launch`] pushes through cudarc's launch builder.
+pub(super) trait KernelArgs {
+    /// Bytes of the parameter block the kernel receives, each value at its alignment
+    /// (checked against the compiled kernels by the tests).
+    #[cfg(test)]
+    const PARAM_BYTES: usize;
+
+    /// Pushes every value, in order, as one kernel argument.
+    fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>);
+}
+
+macro_rules! kernel_args {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: DeviceRepr),+> KernelArgs for ($($t,)+) {
+            #[cfg(test)]
+            const PARAM_BYTES: usize = {
+                let mut end: usize = 0;
+                $(end = end.next_multiple_of(std::mem::align_of::<$t>())
+                    + std::mem::size_of::<$t>();)+
+                end
+            };
+
+            fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+                $(launch.arg(&self.$i);)+
+            }
         }
+    };
+}
+
+kernel_args!(A 0, B 1, C 2);
+kernel_args!(A 0, B 1, C 2, D 3);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+
+/// A kernel of the module and the types of its parameters: the key the launch prologue
+/// looks its function up by, and the arguments it accepts.
+pub(super) trait Signature: Copy {
+    /// The parameter list, as in the `.cu` signature.
+    type Args: KernelArgs;
+
+    /// Position in [`KERNELS`].
+    fn index(self) -> usize;
+
+    /// The kernel's name, for errors.
+    fn name(self) -> &'static str {
+        KERNELS
+            .get(self.index())
+            .copied()
+            .unwrap_or("(unknown kernel)")
     }
-    for t in [f32::NAME, f16::NAME, bf16::NAME] {
-        for op in REDUCE_OPS {
-            names.push(format!("reduce_inplace_{op}_{t}"));
-            names.push(format!("reduce_from_{op}_{t}"));
-        }
-        names.push(format!("reduce_finalize_avg_{t}"));
+}
+
+/// `<format>_compress(const float* src, float scale, float* residual, uint16_t* dst,
+/// size_t n, unsigned long long* stats)`
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Compress(pub WireFormat);
+
+impl Signature for Compress {
+    type Args = (DeviceAddr, f32, DeviceAddr, DeviceAddr, u64, DeviceAddr);
+    fn index(self) -> usize {
+        self.0 as usize * 4
     }
-    names
+}
+
+/// `<format>_decompress(const uint16_t* src, float* dst, size_t n)`, or
+/// `<format>_decompress_add` with `add`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Decompress {
+    pub format: WireFormat,
+    pub add: bool,
+}
+
+impl Signature for Decompress {
+    type Args = (DeviceAddr, DeviceAddr, u64);
+    fn index(self) -> usize {
+        self.format as usize * 4 + 1 + usize::from(self.add)
+    }
+}
+
+/// `<format>_decompress_add_compress(const uint16_t* incoming, const float* local, float
+/// scale, float* residual, uint16_t* dst, size_t n, unsigned long long* stats)`
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DecompressAddCompress(pub WireFormat);
+
+impl Signature for DecompressAddCompress {
+    type Args = (
+        DeviceAddr,
+        DeviceAddr,
+        f32,
+        DeviceAddr,
+        DeviceAddr,
+        u64,
+        DeviceAddr,
+    );
+    fn index(self) -> usize {
+        self.0 as usize * 4 + 3
+    }
+}
+
+/// `reduce_inplace_<op>_<type>(T* dst, const T* src, size_t n)`
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ReduceInplace(pub ReduceOp, pub GpuType);
+
+impl Signature for ReduceInplace {
+    type Args = (DeviceAddr, DeviceAddr, u64);
+    fn index(self) -> usize {
+        REDUCE_INPLACE + self.1 as usize * 5 + self.0 as usize
+    }
+}
+
+/// `reduce_from_<op>_<type>(T* dst, const T* a, const T* b, size_t n)`
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ReduceFrom(pub ReduceOp, pub GpuType);
+
+impl Signature for ReduceFrom {
+    type Args = (DeviceAddr, DeviceAddr, DeviceAddr, u64);
+    fn index(self) -> usize {
+        REDUCE_FROM + self.1 as usize * 5 + self.0 as usize
+    }
+}
+
+/// `reduce_finalize_avg_<type>(T* dst, unsigned long long world_size, size_t n)`
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FinalizeAvg(pub GpuType);
+
+impl Signature for FinalizeAvg {
+    type Args = (DeviceAddr, u64, u64);
+    fn index(self) -> usize {
+        FINALIZE_AVG + self.0 as usize
+    }
 }
 
 fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
@@ -79,11 +259,6 @@ fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()
             format!("{what} has {got} elements, expected {want}"),
         ))
     }
-}
-
-/// Erases a kernel argument for `cuLaunchKernel`'s `void**`.
-fn arg<T>(v: &T) -> *mut c_void {
-    v as *const T as *mut c_void
 }
 
 /// Device twin of [`crate::compression::compress`]: `dst = W(src*scale + residual)`.
@@ -114,22 +289,13 @@ pub fn compress<W: WireFloat + DeviceRepr>(
     };
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
     let (n64, stats) = (n as u64, stream.stats_ptr());
-    let name = format!("{}_compress", W::FORMAT.name());
-    let mut args = [
-        arg(&src_p),
-        arg(&scale),
-        arg(&res_p),
-        arg(&dst_p),
-        arg(&n64),
-        arg(&stats),
-    ];
-    // SAFETY: (const float*, float, float*, uint16_t*, size_t, u64*) as in compress.cu;
-    // every buffer holds n elements (checked above), residual may be null.
-    unsafe { stream.launch(&name, n.div_ceil(8), &mut args) }
+    let args = (src_p, scale, res_p, dst_p, n64, stats);
+    // SAFETY: every buffer holds n elements (checked above), residual may be null.
+    unsafe { stream.launch(Compress(W::FORMAT), n.div_ceil(8), args) }
 }
 
 fn decompress_impl<W: WireFloat + DeviceRepr>(
-    kernel: &str,
+    add: bool,
     stream: &Stream,
     src: &impl DevicePtr<W>,
     dst: &mut impl DevicePtrMut<f32>,
@@ -142,11 +308,12 @@ fn decompress_impl<W: WireFloat + DeviceRepr>(
     let s = stream.cuda();
     let (src_p, _src_g) = src.device_ptr(s);
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
-    let n64 = n as u64;
-    let name = format!("{}_{kernel}", W::FORMAT.name());
-    let mut args = [arg(&src_p), arg(&dst_p), arg(&n64)];
-    // SAFETY: (const uint16_t*, float*, size_t) as in compress.cu; both hold n elements.
-    unsafe { stream.launch(&name, n.div_ceil(8), &mut args) }
+    let kernel = Decompress {
+        format: W::FORMAT,
+        add,
+    };
+    // SAFETY: both buffers hold n elements (checked above).
+    unsafe { stream.launch(kernel, n.div_ceil(8), (src_p, dst_p, n as u64)) }
 }
 
 /// Device twin of [`crate::compression::decompress`]: `dst = f32(src)`.
@@ -155,7 +322,7 @@ pub fn decompress<W: WireFloat + DeviceRepr>(
     src: &impl DevicePtr<W>,
     dst: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    decompress_impl("decompress", stream, src, dst)
+    decompress_impl(false, stream, src, dst)
 }
 
 /// Device twin of [`crate::compression::decompress_add`]: `dst += f32(src)`.
@@ -164,7 +331,7 @@ pub fn decompress_add<W: WireFloat + DeviceRepr>(
     src: &impl DevicePtr<W>,
     dst: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    decompress_impl("decompress_add", stream, src, dst)
+    decompress_impl(true, stream, src, dst)
 }
 
 /// Device twin of [`crate::compression::decompress_add_compress`]:
@@ -199,19 +366,10 @@ pub fn decompress_add_compress<W: WireFloat + DeviceRepr>(
     };
     let (dst_p, _dst_g) = dst.device_ptr_mut(s);
     let (n64, stats) = (n as u64, stream.stats_ptr());
-    let name = format!("{}_decompress_add_compress", W::FORMAT.name());
-    let mut args = [
-        arg(&inc_p),
-        arg(&loc_p),
-        arg(&scale),
-        arg(&res_p),
-        arg(&dst_p),
-        arg(&n64),
-        arg(&stats),
-    ];
-    // SAFETY: (const uint16_t*, const float*, float, float*, uint16_t*, size_t, u64*) as
-    // in compress.cu; every buffer holds n elements, residual may be null.
-    unsafe { stream.launch(&name, n.div_ceil(8), &mut args) }
+    let args = (inc_p, loc_p, scale, res_p, dst_p, n64, stats);
+    let kernel = DecompressAddCompress(W::FORMAT);
+    // SAFETY: every buffer holds n elements (checked above), residual may be null.
+    unsafe { stream.launch(kernel, n.div_ceil(8), args) }
 }
 
 /// [`compress`] to fp16.
@@ -330,18 +488,16 @@ pub fn reduce_inplace<T: GpuElement>(
 pub(super) unsafe fn reduce_inplace_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
-    src: sys::CUdeviceptr,
+    dst: DeviceAddr,
+    src: DeviceAddr,
     n: usize,
 ) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let n64 = n as u64;
-    let name = format!("reduce_inplace_{op}_{}", T::NAME);
-    let mut args = [arg(&dst), arg(&src), arg(&n64)];
-    // SAFETY: (T*, const T*, size_t) as in reduce.cu; the caller vouches for n elements.
-    unsafe { stream.launch(&name, n.div_ceil(per_vector::<T>()), &mut args) }
+    let kernel = ReduceInplace(op, T::TYPE);
+    // SAFETY: the caller vouches for n elements behind each address.
+    unsafe { stream.launch(kernel, n.div_ceil(per_vector::<T>()), (dst, src, n as u64)) }
 }
 
 /// Device twin of [`crate::reduce::reduce_from`]: `dst[i] = a[i] (op) b[i]`.
@@ -375,20 +531,18 @@ pub fn reduce_from<T: GpuElement>(
 pub(super) unsafe fn reduce_from_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
-    a: sys::CUdeviceptr,
-    b: sys::CUdeviceptr,
+    dst: DeviceAddr,
+    a: DeviceAddr,
+    b: DeviceAddr,
     n: usize,
 ) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let n64 = n as u64;
-    let name = format!("reduce_from_{op}_{}", T::NAME);
-    let mut args = [arg(&dst), arg(&a), arg(&b), arg(&n64)];
-    // SAFETY: (T*, const T*, const T*, size_t) as in reduce.cu; the caller vouches for
-    // n elements behind each pointer.
-    unsafe { stream.launch(&name, n.div_ceil(per_vector::<T>()), &mut args) }
+    let kernel = ReduceFrom(op, T::TYPE);
+    let items = n.div_ceil(per_vector::<T>());
+    // SAFETY: the caller vouches for n elements behind each address.
+    unsafe { stream.launch(kernel, items, (dst, a, b, n as u64)) }
 }
 
 /// Device twin of [`crate::reduce::reduce_finalize`]: divides by `world_size` for `Avg`,
@@ -416,7 +570,7 @@ pub fn reduce_finalize<T: GpuElement>(
 pub(super) unsafe fn reduce_finalize_ptr<T: GpuElement>(
     stream: &Stream,
     op: ReduceOp,
-    dst: sys::CUdeviceptr,
+    dst: DeviceAddr,
     world_size: usize,
     n: usize,
 ) -> Result<()> {
@@ -424,33 +578,128 @@ pub(super) unsafe fn reduce_finalize_ptr<T: GpuElement>(
         return Ok(());
     }
     let (world, n64) = (world_size as u64, n as u64);
-    let name = format!("reduce_finalize_avg_{}", T::NAME);
-    let mut args = [arg(&dst), arg(&world), arg(&n64)];
-    // SAFETY: (T*, unsigned long long, size_t) as in reduce.cu; dst holds n elements.
-    unsafe { stream.launch(&name, n, &mut args) }
+    // SAFETY: the caller vouches for n elements behind `dst`.
+    unsafe { stream.launch(FinalizeAvg(T::TYPE), n, (dst, world, n64)) }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// Every kernel key with its name as the `.cu` macros compose it and the size of the
+    /// parameter list its launchers pass.
+    fn every_key() -> Vec<(usize, String, usize)> {
+        const OPS: [ReduceOp; 5] = [
+            ReduceOp::Sum,
+            ReduceOp::Prod,
+            ReduceOp::Max,
+            ReduceOp::Min,
+            ReduceOp::Avg,
+        ];
+        const TYPES: [(GpuType, &str); 3] = [
+            (GpuType::F32, f32::NAME),
+            (GpuType::F16, f16::NAME),
+            (GpuType::Bf16, bf16::NAME),
+        ];
+        fn key<S: Signature>(s: S, name: String) -> (usize, String, usize) {
+            (s.index(), name, <S::Args as KernelArgs>::PARAM_BYTES)
+        }
+        let mut keys = Vec::new();
+        for w in WireFormat::ALL {
+            let f = w.name();
+            keys.push(key(Compress(w), format!("{f}_compress")));
+            for (add, k) in [(false, "decompress"), (true, "decompress_add")] {
+                keys.push(key(Decompress { format: w, add }, format!("{f}_{k}")));
+            }
+            let k = DecompressAddCompress(w);
+            keys.push(key(k, format!("{f}_decompress_add_compress")));
+        }
+        for (t, tn) in TYPES {
+            for op in OPS {
+                keys.push(key(
+                    ReduceInplace(op, t),
+                    format!("reduce_inplace_{op}_{tn}"),
+                ));
+                keys.push(key(ReduceFrom(op, t), format!("reduce_from_{op}_{tn}")));
+            }
+            keys.push(key(FinalizeAvg(t), format!("reduce_finalize_avg_{tn}")));
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_names_its_own_kernel() {
+        let keys = every_key();
+        assert_eq!(keys.len(), KERNELS.len());
+        let indices: BTreeSet<usize> = keys.iter().map(|k| k.0).collect();
+        assert_eq!(indices, (0..KERNELS.len()).collect());
+        for (index, name, _) in &keys {
+            assert_eq!(KERNELS[*index], name, "index {index}");
+        }
+        assert_eq!(
+            ReduceFrom(ReduceOp::Min, GpuType::F16).name(),
+            "reduce_from_min_f16"
+        );
+        assert_eq!(Compress(WireFormat::Bf16).name(), "bf16_compress");
+    }
+
+    #[test]
+    fn parameter_blocks_are_packed_as_in_c() {
+        // (ptr, float, ptr, ptr, size_t, ptr): the pointer after the float starts at 16.
+        assert_eq!(<Compress as Signature>::Args::PARAM_BYTES, 48);
+        // (ptr, ptr, float, ptr, ptr, size_t, ptr)
+        assert_eq!(<DecompressAddCompress as Signature>::Args::PARAM_BYTES, 56);
+        assert_eq!(<(u64, u64, u64) as KernelArgs>::PARAM_BYTES, 24);
+        assert_eq!(<(f32, f32, u64) as KernelArgs>::PARAM_BYTES, 16);
+    }
+
+    /// What ptxas reported compiling for `arch`: kernel name -> bytes of constant bank 0,
+    /// where the parameters sit after a fixed header.
+    fn compiled(report: &str, arch: &str) -> BTreeMap<String, Option<usize>> {
+        let mut out = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in report.lines() {
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                current = None;
+                if rest.ends_with(&format!("for '{arch}'")) {
+                    let name = rest.split('\'').next().unwrap_or_default().to_string();
+                    out.insert(name.clone(), None);
+                    current = Some(name);
+                }
+            } else if let (Some(name), Some(used)) = (&current, line.split(" barriers, ").nth(1)) {
+                let bytes = used
+                    .strip_suffix(" bytes cmem[0]")
+                    .and_then(|b| b.parse().ok());
+                out.insert(name.clone(), bytes);
+            }
+        }
+        out
+    }
 
     /// Without a GPU, the ptxas report of the build is the best witness of what the
     /// fatbin holds: every launcher's kernel must be there for both architectures, and
-    /// nothing else.
+    /// nothing else; and on sm_80, whose report gives the size of constant bank 0 (the
+    /// parameters start at its byte 0x160), every kernel's parameter block must be the
+    /// size of the Rust argument list its launchers pass.
     #[test]
     fn every_launcher_has_a_compiled_kernel() {
         let report = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
+        let wanted: BTreeSet<&str> = KERNELS.iter().copied().collect();
+        assert_eq!(wanted.len(), 8 + 3 * 11);
         for arch in ["sm_80", "sm_90"] {
-            let compiled: BTreeSet<&str> = report
-                .lines()
-                .filter_map(|l| l.split("Compiling entry function '").nth(1))
-                .filter(|rest| rest.ends_with(&format!("for '{arch}'")))
-                .filter_map(|rest| rest.split('\'').next())
-                .collect();
-            let wanted: BTreeSet<String> = super::kernel_names().into_iter().collect();
-            let wanted: BTreeSet<&str> = wanted.iter().map(|s| s.as_str()).collect();
-            assert_eq!(compiled, wanted, "{arch}");
-            assert_eq!(wanted.len(), 8 + 3 * 11);
+            let compiled = compiled(report, arch);
+            let names: BTreeSet<&str> = compiled.keys().map(|s| s.as_str()).collect();
+            assert_eq!(names, wanted, "{arch}");
+        }
+        let sm80 = compiled(report, "sm_80");
+        for (index, name, params) in every_key() {
+            assert_eq!(
+                sm80[&name],
+                Some(0x160 + params),
+                "kernel {name} (#{index}): constant bank 0 against the launchers' arguments"
+            );
         }
     }
 }

@@ -19,17 +19,44 @@
 //! GPU overflow counts accumulate on the device per `Stream` (no host sync per launch);
 //! `Stream::take_overflow_stats` synchronises and reads them.
 //!
-//! Collectives between GPUs live in `DeviceComm` (`comm.rs`, with the `cuda` feature):
-//! CUDA IPC between the processes of one host, pinned host memory and the host
-//! communicator across hosts.
+//! Collectives between GPUs live in `DeviceComm` (with the `cuda` feature): CUDA IPC
+//! between the processes of one host, pinned host memory and the host communicator
+//! across hosts.
 //! Not here yet: the ring's fused receive-reduce-send kernels over device links.
+//!
+//! The module is layered as cudarc is (raw calls, a thin layer that turns their codes
+//! into `Result`s, safe types on top); each row uses only the rows below it:
+//!
+//! ```text
+//! comm.rs, ipc.rs,        DeviceComm, one file per concern: the entry points, the
+//! fence.rs, staged.rs     per-call agreement and the guard (comm.rs); the IPC path and
+//!                         the device fences between its phases; the staged path
+//! context.rs, kernels.rs  Device, Stream, the kernel table, the one launch prologue and
+//!                         the typed launchers
+//! driver.rs               every raw driver call: device and pinned memory and IPC
+//!                         mappings as RAII types, async copies and stream memory
+//!                         operations, each failure naming its call
+//! ```
+//!
+//! `Device`, `Stream` and the launchers sit below the host communicator and use none of
+//! it. `DeviceComm` sits above it: the host [`Communicator`](crate::Communicator) finds
+//! the peers, carries the per-call headers and the IPC handles, holds the barriers, and
+//! is the staged path's transport.
 
 #[cfg(feature = "cuda")]
 mod comm;
 #[cfg(feature = "cuda")]
 mod context;
 #[cfg(feature = "cuda")]
+mod driver;
+#[cfg(feature = "cuda")]
+mod fence;
+#[cfg(feature = "cuda")]
+mod ipc;
+#[cfg(feature = "cuda")]
 mod kernels;
+#[cfg(feature = "cuda")]
+mod staged;
 
 #[cfg(feature = "cuda")]
 pub use comm::{DeviceComm, DevicePath};
@@ -56,7 +83,7 @@ pub fn available() -> Result<usize, String> {
 /// Tests call this to skip with the reason.
 #[cfg(feature = "cuda")]
 pub fn available() -> Result<usize, String> {
-    context::device_count()
+    driver::device_count()
 }
 
 #[cfg(all(test, not(feature = "cuda")))]

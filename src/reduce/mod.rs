@@ -21,9 +21,10 @@ fn zip3_portable<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T
 }
 
 /// The same loops compiled for AVX2, picked at run time: the crate is built for baseline
-/// x86-64 (SSE2, 16-byte vectors), and reductions of cache-resident pieces run about
-/// twice as fast with 32-byte vectors. Element-wise operations give the same bits at any
-/// vector width.
+/// x86-64 (SSE2, 16-byte vectors); 32-byte vectors do twice the work per instruction,
+/// which shows wherever the data is in cache (the runs:
+/// `docs/perf-log/2026-11-27-reduce-kernels-avx2.md`). Element-wise operations give the
+/// same bits at any vector width.
 #[cfg(target_arch = "x86_64")]
 mod wide {
     pub(super) fn available() -> bool {
@@ -386,11 +387,10 @@ unsafe fn fold_tiles<T: Element>(
 /// cache. Ends with a store fence. These take [`reduce_n`] instead: 16-bit floats, whose
 /// kernels work through f32 blocks; destinations not aligned to their element; and
 /// reductions in place (`dst` one of the sources), whose lines were just read anyway:
-/// there streaming stores measured 10–30 % slower.
+/// there streaming stores were slower.
 ///
-/// Measured on the development machine against ordinary stores, two cold inputs into a
-/// third of 32 / 128 MiB: one thread 1.45× / 1.6× (`cargo bench --bench kernels --
-/// reduce_from`), two threads at once 1.45× / 1.2×.
+/// The current figures against ordinary stores, two cold inputs into a third
+/// (`cargo bench --bench kernels -- reduce_from`): `docs/PERFORMANCE.md`, CPU kernels.
 ///
 /// # Safety
 /// As for [`reduce_n`].

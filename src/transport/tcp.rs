@@ -607,9 +607,9 @@ impl Link for TcpLink {
     /// Restarts each socket's congestion control from its initial state.
     ///
     /// The probe's short round trips teach the algorithm a tiny minimum RTT and low,
-    /// app-limited delivery rates; BBR then paced every later message by them. On
-    /// loopback, 2 ranks, BBR: 64 KiB–1 MiB all-reduces ran at half the speed they have
-    /// without the probe (256 KiB 2.4 against 4.9 GB/s busbw) until this reset.
+    /// app-limited delivery rates; BBR then paced every later message by them, and
+    /// mid-sized all-reduces on loopback ran well below their speed without the probe
+    /// until this reset (`docs/perf-log/2026-11-27-tcp-congestion-direct-receives.md`).
     fn end_probe(&mut self) {
         for s in &self.socks {
             let Some(name) = congestion(s) else { continue };

@@ -1,5 +1,5 @@
-//! Shared by the C API tests: where the built library is, compiling C against it,
-//! running programs under the launcher.
+//! Shared by the C API tests: where the built library is, compiling C against it
+//! with the compiler the `cc` crate configures, running programs.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -62,33 +62,111 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-/// Compiles C sources against `bindings/hetccl.h` and `libhetccl.so` with warnings as
-/// errors; returns the executable.
-pub fn compile_c(srcs: &[&Path], exe_name: &str) -> PathBuf {
-    let lib_dir = lib_path().parent().expect("lib dir").to_path_buf();
-    let out = scratch("c").join(exe_name);
-    let o = run(Command::new("cc")
-        .args([
-            "-std=c11",
-            "-O1",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-        ])
-        .arg("-I")
-        .arg(root().join("bindings"))
-        .args(srcs)
-        .arg("-L")
-        .arg(&lib_dir)
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .args(["-lhetccl", "-lpthread", "-lm", "-o"])
-        .arg(&out));
+/// The target this test binary was built for, which is the machine it runs on: the C
+/// programs are built for it too.
+fn target() -> String {
+    let env = if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "gnu"
+    };
+    format!("{}-unknown-linux-{env}", std::env::consts::ARCH)
+}
+
+/// The C (or C++) compiler as the `cc` crate finds and configures it: the one `CC` /
+/// `CXX` name, else the platform's, with cc's default flags for the target and ours:
+/// the language standard, `-O1`, every warning as an error, `-pedantic`. A test is no
+/// build script, so what cc would read from Cargo's build-script variables (target,
+/// host, optimisation, output folder) is given here.
+pub fn c_build(std: &str) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.target(&target())
+        .host(&target())
+        .opt_level(1)
+        .debug(false)
+        .out_dir(scratch("cc"))
+        .cargo_metadata(false)
+        .cargo_warnings(false)
+        .cpp(std.starts_with("c++"))
+        .std(std)
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true)
+        .flag("-pedantic");
+    b
+}
+
+/// The configured compiler of `build` as a command, ready for sources and link flags.
+pub fn compiler(build: &cc::Build) -> Command {
+    build
+        .try_get_compiler()
+        .unwrap_or_else(|e| panic!("cc cannot configure a compiler: {e}"))
+        .to_command()
+}
+
+/// How a C program gets libhetccl.
+pub enum Link<'a> {
+    /// This build's `libhetccl.so`, found at run time through an rpath.
+    Shared,
+    /// This build's `libhetccl.a`; the program adds what Rust's std needs from libc.
+    Static,
+    /// An installed copy, through these flags (`pkg-config --cflags --libs hetccl`) only.
+    Flags(&'a [&'a str]),
+}
+
+/// Compiles C11 sources with `cc`'s compiler into `exe`, linked to hetccl as `link`
+/// says; panics with the compiler's output when that fails.
+pub fn build_c(srcs: &[&Path], link: Link, exe: &Path) {
+    let mut build = c_build("c11");
+    if !matches!(link, Link::Flags(_)) {
+        build.include(root().join("bindings"));
+    }
+    let mut cmd = compiler(&build);
+    cmd.args(srcs);
+    match link {
+        Link::Shared => {
+            let lib_dir = lib_path().parent().expect("lib dir").to_path_buf();
+            cmd.arg("-L")
+                .arg(&lib_dir)
+                .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+                .args(["-lhetccl", "-lpthread", "-lm"]);
+        }
+        Link::Static => {
+            let a = lib_path().with_file_name("libhetccl.a");
+            assert!(
+                a.exists(),
+                "{} missing: crate-type must include staticlib",
+                a.display()
+            );
+            cmd.arg(&a).args(["-lpthread", "-ldl", "-lm"]);
+        }
+        Link::Flags(flags) => {
+            cmd.args(flags);
+        }
+    }
+    let o = run(cmd.arg("-o").arg(exe));
     assert!(
         o.status.success(),
-        "compiling {srcs:?} failed:\n{}",
+        "compiling {srcs:?} failed:\n{}\n{}",
+        command_line(&cmd),
         text(&o)
     );
+}
+
+/// A command as a shell would show it, without the environment cc passes along.
+pub fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Compiles C sources against `bindings/hetccl.h` and `libhetccl.so`; returns the
+/// executable.
+pub fn compile_c(srcs: &[&Path], exe_name: &str) -> PathBuf {
+    let out = scratch("c").join(exe_name);
+    build_c(srcs, Link::Shared, &out);
     out
 }
 

@@ -4,28 +4,32 @@
 
 use super::context::ExecCtx;
 use super::recv::Sink;
+use crate::algorithm::call::{self, CallHeader};
 use crate::compression::WireFormat;
-use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::Result;
 use crate::transport::{MsgHeader, MSG_MAGIC};
 
-/// Header flags value for a wire format (0 = uncompressed).
-fn wire_flags(w: Option<WireFormat>) -> u8 {
-    w.map_or(0, |f| 1 + f as u8)
-}
-
 impl ExecCtx {
-    /// The header of a message of `bytes` bytes on the wire (`wire`: its 16-bit format,
-    /// if compressed).
+    /// The header of a message of `bytes` payload in `wire` format: the call's encoding
+    /// ([`call::CallHeader`]) with the link's magic for its version and the payload
+    /// bytes for its root, which a message does not carry.
     pub(super) fn header(&self, bytes: usize, wire: Option<WireFormat>) -> MsgHeader {
+        let c = CallHeader::new(
+            self.seq,
+            self.op,
+            self.dtype,
+            self.redop,
+            self.count,
+            call::NO_ROOT,
+        );
         MsgHeader {
             magic: MSG_MAGIC,
-            op: self.op as u8,
-            dtype: self.dtype as u8,
-            redop: self.redop as u8,
-            flags: wire_flags(wire),
-            seq: self.seq,
-            count: self.count,
+            op: c.op,
+            dtype: c.dtype,
+            redop: c.redop,
+            flags: call::wire_tag(wire),
+            seq: c.seq,
+            count: c.count,
             bytes: bytes as u64,
         }
     }
@@ -33,7 +37,8 @@ impl ExecCtx {
 
 impl Sink<'_> {
     /// [`crate::transport::RecvSink::header`]: accepts exactly the header this rank
-    /// expects for the receive, else names the peer and what differs.
+    /// expects for the receive, else names the peer and what differs
+    /// ([`call::check`], the one agreement check of every engine).
     pub(super) fn check_header(&mut self, h: &MsgHeader) -> Result<()> {
         let wire_len = if self.wire.is_some() {
             self.len / 2
@@ -44,35 +49,23 @@ impl Sink<'_> {
         if *h == want {
             return Ok(());
         }
-        let describe = |h: &MsgHeader| {
-            format!(
-                "{} #{} of {} x {} ({} op, {} bytes in this message)",
-                CollectiveOp::from_u8(h.op).map_or("unknown op", |o| o.name()),
-                h.seq,
-                h.count,
-                DataType::from_u8(h.dtype).map_or("unknown dtype", |d| d.name()),
-                ReduceOp::from_u8(h.redop).map_or("?", |o| o.name()),
-                h.bytes
-            )
+        // The call each header carries, the magic in the version's place.
+        let stated = |h: &MsgHeader| CallHeader {
+            version: h.magic,
+            op: h.op,
+            dtype: h.dtype,
+            redop: h.redop,
+            wire: h.flags,
+            seq: h.seq,
+            count: h.count,
+            root: call::NO_ROOT,
         };
-        let detail = if h.magic != MSG_MAGIC {
-            format!("received a corrupt header (magic {:#x})", h.magic)
-        } else if h.flags != want.flags {
-            let name = |f: u8| match f {
-                0 => "uncompressed",
-                1 => "fp16",
-                2 => "bf16",
-                _ => "unknown",
-            };
-            format!(
-                "expected {} payload, received {} (compression settings differ between ranks)",
-                name(want.flags),
-                name(h.flags)
-            )
-        } else {
-            format!("expected {}, received {}", describe(&want), describe(h))
+        let engine = call::Engine::Link {
+            bytes: want.bytes,
+            got: h.bytes,
         };
-        Err(self.ctx.mismatch(self.peer, detail))
+        call::check(self.ctx.rank, self.peer, &stated(&want), &stated(h), engine)
+            .map_err(|detail| self.ctx.mismatch(self.peer, detail))
     }
 }
 
@@ -81,6 +74,7 @@ mod tests {
     use super::super::testing::ctx;
     use super::*;
     use crate::algorithm::schedule::Combine;
+    use crate::dtype::{CollectiveOp, DataType};
     use crate::error::Error;
     use crate::transport::RecvSink;
 

@@ -32,8 +32,8 @@ pub struct ExecCtx {
     pub stream_copies: bool,
     /// Polls without giving up the core before the wait starts yielding. Zero when this
     /// host runs more ranks than it has cores: a spinning rank then burns the time
-    /// slice of the peer it waits for (4 ranks on 2 cores over TCP, 4-byte all-reduce:
-    /// 26.8–29.1 µs with 64 spins, 13.3–14.6 µs yielding at once).
+    /// slice of the peer it waits for, which costs small calls most (the runs:
+    /// `docs/perf-log/2026-11-27-waiting-oversubscribed.md`).
     pub spin_polls: u32,
 }
 

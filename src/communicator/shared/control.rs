@@ -6,11 +6,14 @@
 //! line 0    header: magic, rank, pid, pid namespace          (written once, at creation)
 //! line 1    state: attached / aborted / closed, abort cause  (owner)
 //! line 2    flag: (seq << 32) | phase, low half is the futex word (owner)
-//! line 3    this collective: seq, op/dtype/redop, count, root, buffers (owner)
+//! line 3    this collective: its call header, then its buffers (owner)
 //! line 4    seq + 1 of the last collective run over links     (owner)
 //! line 5+w  rank w sleeps on this page's flag                 (waiter w only)
-//! slots     two eager slots: a header line (seq, call) + EAGER_BYTES of data (owner)
+//! slots     two eager slots: a line with the call header + EAGER_BYTES of data (owner)
 //! ```
+//!
+//! A call header is the four words of [`CallHeader`], the encoding every engine states
+//! its calls in; a peer's is checked against this rank's with [`crate::algorithm::call::check`].
 //!
 //! No two ranks ever write one cache line. The flag only moves forward: `(s, ARRIVE)`
 //! when collective `s` is published, `(s, CHUNK0 + c)` as the owner's part of it
@@ -27,14 +30,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::algorithm::call::{self, CallHeader, HEADER_WORDS};
 use crate::algorithm::executor::wait::{Awaited, Ladder, Pause, Wait};
 use crate::algorithm::executor::ExecCtx;
-use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{AbortCause, Result};
 use crate::transport::shm::liveness::{own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use crate::transport::shm::segment::Mapping;
 
-const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL2");
+const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL3");
 /// Elements of the flag's phase (low 32 bits).
 pub(super) const ARRIVE: u32 = 1;
 /// Phase after chunk `c` of the owner's segment is reduced: `CHUNK0 + c`.
@@ -63,9 +66,9 @@ const FLAG_LADDER: Ladder = Ladder {
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// Phase value meaning "not given" in the published call.
 pub(super) const NONE: u64 = u64::MAX;
-/// Size of an eager slot: the largest all-reduce, in bytes, that can run through the
-/// control pages (when every rank shares one host and the algorithm is not forced).
-pub(super) const EAGER_BYTES: usize = 64 << 10;
+/// Size of an eager slot: the largest all-reduce, in bytes, that the selection sends
+/// through the control pages ([`crate::algorithm::select::EAGER_MAX_BYTES`]).
+pub(super) const EAGER_BYTES: usize = crate::algorithm::select::EAGER_MAX_BYTES;
 
 #[repr(C, align(64))]
 struct CtlHeader {
@@ -89,11 +92,8 @@ struct StateLine {
 /// The call a rank is running, for the peers to check and to find its buffers.
 #[repr(C, align(64))]
 pub(super) struct CallLine {
-    pub(super) seq: AtomicU64,
-    /// `op | dtype << 8 | redop << 16`.
-    pub(super) kind: AtomicU64,
-    pub(super) count: AtomicU64,
-    pub(super) root: AtomicU64,
+    /// The words of its [`CallHeader`].
+    pub(super) call: [AtomicU64; HEADER_WORDS],
     pub(super) in_idx: AtomicU64,
     pub(super) in_off: AtomicU64,
     pub(super) out_idx: AtomicU64,
@@ -125,12 +125,10 @@ pub(super) fn ctl_bytes(local_size: usize) -> usize {
     eager_at(local_size) + 2 * EAGER_SLOT
 }
 
-/// Header of an eager slot: the call whose data follows.
+/// Header of an eager slot: the words of the [`CallHeader`] whose data follows.
 #[repr(C, align(64))]
 pub(super) struct EagerHeader {
-    pub(super) seq: AtomicU64,
-    pub(super) kind: AtomicU64,
-    pub(super) count: AtomicU64,
+    pub(super) call: [AtomicU64; HEADER_WORDS],
 }
 
 /// Writes the header of a new control page of `rank` and its first flag and state.
@@ -353,24 +351,23 @@ fn futex_wake(a: &AtomicU64) {
     };
 }
 
-/// The call's kind as the call line and the eager slots carry it.
-pub(super) fn call_kind(ctx: &ExecCtx) -> u64 {
-    ctx.op as u64 | (ctx.dtype as u64) << 8 | (ctx.redop as u64) << 16
+/// The header of the call `ctx` runs with root `root` ([`call::NO_ROOT`] where the call
+/// line or slot does not carry one), as this engine publishes it.
+pub(super) fn stated(ctx: &ExecCtx, root: u64) -> CallHeader {
+    CallHeader::new(ctx.seq, ctx.op, ctx.dtype, ctx.redop, ctx.count, root)
 }
 
-/// A published call in words, for mismatch errors.
-pub(super) fn describe(seq: u64, kind: u64, count: u64, root: u64) -> String {
-    let op = CollectiveOp::from_u8(kind as u8);
-    let dtype = DataType::from_u8((kind >> 8) as u8).map_or("?", |d| d.name());
-    let redop = ReduceOp::from_u8((kind >> 16) as u8).map_or("?", |o| o.name());
-    let name = op.map_or("unknown op", |o| o.name());
-    match op {
-        Some(CollectiveOp::Broadcast) => {
-            format!("{name} #{seq} of {count} x {dtype} from root {root}")
-        }
-        Some(CollectiveOp::AllGather) => format!("{name} #{seq} of {count} x {dtype}"),
-        _ => format!("{name} #{seq} of {count} x {dtype} ({redop} op)"),
+/// Publishes `h` in the words of a call line or an eager slot (relaxed: the flag
+/// published after it orders it for the peers).
+pub(super) fn store_call(words: &[AtomicU64; HEADER_WORDS], h: &CallHeader) {
+    for (w, v) in words.iter().zip(h.to_words()) {
+        w.store(v, Ordering::Relaxed);
     }
+}
+
+/// The header a peer published in `words` (after its flag was seen).
+pub(super) fn load_call(words: &[AtomicU64; HEADER_WORDS]) -> CallHeader {
+    CallHeader::from_words(std::array::from_fn(|i| words[i].load(Ordering::Relaxed)))
 }
 
 /// The waits of one collective on its peers' flags.
@@ -460,22 +457,7 @@ impl Waits<'_> {
         }
         let ls = page.link_seq.0.load(Ordering::Acquire);
         if ls != 0 && reached(ls.wrapping_sub(1), ctx.seq) {
-            return Err(ctx.mismatch(
-                peer,
-                if self.eager {
-                    format!(
-                        "rank {} runs it as a small all_reduce through shared memory, peer \
-                         {peer} over links (the ranks disagree on the count or the collective)",
-                        ctx.rank
-                    )
-                } else {
-                    format!(
-                        "rank {} runs it on shared buffers, peer {peer} over links (pass \
-                         buffers from alloc_shared on every rank, or on none)",
-                        ctx.rank
-                    )
-                },
-            ));
+            return Err(ctx.mismatch(peer, call::ran_over_links(ctx.rank, peer, self.eager)));
         }
         Ok(())
     }
@@ -510,6 +492,7 @@ mod tests {
     use crate::communicator::shared::testing::{attached, secs, world};
     use crate::communicator::testing::on_all;
     use crate::config::AlgoChoice;
+    use crate::dtype::ReduceOp;
     use crate::error::{AbortKind, Error};
     use proptest::prelude::*;
     use std::time::Instant;

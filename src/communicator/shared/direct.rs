@@ -20,11 +20,11 @@ use std::sync::{Arc, Weak};
 
 use super::buffer::{Allocation, SharedState};
 use super::control::{
-    call_kind, describe, flag_value, reached, NodeCtl, Waits, ARRIVE, CHUNK0, EXIT, NONE,
+    flag_value, load_call, reached, stated, store_call, NodeCtl, Waits, ARRIVE, CHUNK0, EXIT, NONE,
 };
 use super::Communicator;
+use crate::algorithm::call::{self, Call};
 use crate::algorithm::executor::{Buffers, ExecCtx};
-use crate::algorithm::Call;
 use crate::dtype::{CollectiveOp, Element};
 use crate::error::Result;
 use crate::reduce;
@@ -112,10 +112,7 @@ impl Placement {
         let line = &node.page(me).call;
         let (in_idx, in_off) = input.map_or((NONE, 0), |(i, o)| (i, o as u64));
         let (out_idx, out_off) = self.output.map_or((NONE, 0), |(i, o)| (i, o as u64));
-        line.seq.store(ctx.seq, Ordering::Relaxed);
-        line.kind.store(call_kind(ctx), Ordering::Relaxed);
-        line.count.store(ctx.count, Ordering::Relaxed);
-        line.root.store(self.root as u64, Ordering::Relaxed);
+        store_call(&line.call, &stated(ctx, self.root as u64));
         line.in_idx.store(in_idx, Ordering::Relaxed);
         line.in_off.store(in_off, Ordering::Relaxed);
         line.out_idx.store(out_idx, Ordering::Relaxed);
@@ -216,13 +213,7 @@ impl Run<'_> {
         let ctx = self.waits.ctx;
         let node = self.waits.node;
         let me = node.me;
-        let mine = node.page(me);
-        let want = (
-            ctx.seq,
-            call_kind(ctx),
-            ctx.count,
-            mine.call.root.load(Ordering::Relaxed),
-        );
+        let want = load_call(&node.page(me).call.call);
         let reg = state.registry();
         let mut views = Vec::with_capacity(node.n());
         for l in 0..node.n() {
@@ -235,20 +226,10 @@ impl Run<'_> {
             }
             let peer = self.waits.peer(l);
             let c = &node.page(l).call;
-            let got = (
-                c.seq.load(Ordering::Relaxed),
-                c.kind.load(Ordering::Relaxed),
-                c.count.load(Ordering::Relaxed),
-                c.root.load(Ordering::Relaxed),
-            );
+            let got = load_call(&c.call);
             let mismatch = |detail: String| ctx.mismatch(peer, detail);
-            if got != want {
-                return Err(mismatch(format!(
-                    "expected {}, peer runs {}",
-                    describe(want.0, want.1, want.2, want.3),
-                    describe(got.0, got.1, got.2, got.3)
-                )));
-            }
+            call::check(ctx.rank, peer, &want, &got, call::Engine::SharedBuffers)
+                .map_err(mismatch)?;
             let mut find = |idx: u64, off: u64, need: usize, which: &str| -> Result<*const u8> {
                 if idx == NONE {
                     return Ok(std::ptr::null());
@@ -443,7 +424,7 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::communicator::shared::eager::eager_limit;
+    use crate::algorithm::select::eager_limit;
     use crate::communicator::shared::testing::{last_direct, secs, world, world_with};
     use crate::communicator::testing::on_all;
     use crate::dtype::ReduceOp;

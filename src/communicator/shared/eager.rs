@@ -1,34 +1,22 @@
 //! The eager algorithm: small all-reduces through two slots of every control page, with
 //! no shared buffer needed.
 //!
-//! Every rank copies its input into an eager slot of its control page with the call in
-//! the slot's header, publishes `flag = (s, ARRIVE)`, waits for every peer's flag,
-//! checks their headers and reduces all slots in rank order into its output. One flag
+//! The selection sends an all-reduce here when every rank shares one host and it is at
+//! most [`crate::algorithm::select::eager_limit`] bytes. Every rank copies its input
+//! into an eager slot of its control page with the call in the slot's header, publishes
+//! `flag = (s, ARRIVE)`, waits for every peer's flag, checks their headers and reduces
+//! all slots in rank order into its output. One flag
 //! exchange and one read of each peer's slot, and no exit step: the slots alternate,
 //! and a rank reuses a slot only after every peer has published the eager call that
 //! followed the slot's last use, which it does only after reading that slot.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::control::{call_kind, describe, NodeCtl, Waits, ARRIVE, EAGER_BYTES, NONE};
+use super::control::{load_call, stated, store_call, NodeCtl, Waits, ARRIVE, EAGER_BYTES, NONE};
+use crate::algorithm::call::{self, NO_ROOT};
 use crate::algorithm::executor::{Buffers, ExecCtx};
 use crate::error::{Error, Result};
 use crate::reduce;
-
-/// Largest all-reduce that takes the eager slots with `n` local ranks. Each rank reads
-/// every peer's slot, `(n-1)·bytes`, in one step; a ring moves `2(n-1)/n·bytes` per
-/// rank but in `2(n-1)` dependent steps. With two ranks that is two steps and no more
-/// bytes than the eager path reads (which first copies its input into its slot too):
-/// the ring overtakes it past 16 KiB. With three or more, the steps the eager path saves
-/// keep it ahead up to the slot's size (the measurements behind both limits:
-/// `docs/PERFORMANCE.md`, small messages).
-pub(super) fn eager_limit(n: usize) -> usize {
-    if n <= 2 {
-        16 << 10
-    } else {
-        EAGER_BYTES
-    }
-}
 
 /// Runs a small all-reduce through the eager slots (see the module docs).
 pub(super) fn all_reduce(
@@ -47,14 +35,11 @@ pub(super) fn all_reduce(
         ));
     }
     let parity = (node.eager_calls.fetch_add(1, Ordering::Relaxed) & 1) as usize;
-    let kind = call_kind(ctx);
+    let mine = stated(ctx, NO_ROOT);
     // The call line too, so a peer that took the shared-buffer path instead can say
     // what this rank runs.
     let line = &node.page(me).call;
-    line.seq.store(ctx.seq, Ordering::Relaxed);
-    line.kind.store(kind, Ordering::Relaxed);
-    line.count.store(ctx.count, Ordering::Relaxed);
-    line.root.store(NONE, Ordering::Relaxed);
+    store_call(&line.call, &mine);
     line.in_idx.store(NONE, Ordering::Relaxed);
     line.out_idx.store(NONE, Ordering::Relaxed);
     let (head, data) = node.eager_slot(me, parity);
@@ -62,9 +47,7 @@ pub(super) fn all_reduce(
     // below says so, and every peer has finished with this slot's previous call
     // (module docs).
     unsafe { std::ptr::copy_nonoverlapping(bufs.input, data, bytes) };
-    head.seq.store(ctx.seq, Ordering::Relaxed);
-    head.kind.store(kind, Ordering::Relaxed);
-    head.count.store(ctx.count, Ordering::Relaxed);
+    store_call(&head.call, &mine);
     node.publish(ctx.seq, ARRIVE);
 
     let waits = Waits {
@@ -76,28 +59,10 @@ pub(super) fn all_reduce(
     for l in (0..n).filter(|&l| l != me) {
         waits.wait(l, ARRIVE, "to start the collective")?;
         let (h, _) = node.eager_slot(l, parity);
-        let got = (
-            h.seq.load(Ordering::Relaxed),
-            h.kind.load(Ordering::Relaxed),
-            h.count.load(Ordering::Relaxed),
-        );
-        if got != (ctx.seq, kind, ctx.count) {
-            let peer = waits.peer(l);
-            let detail = if got.0 == ctx.seq {
-                format!(
-                    "expected {}, peer runs {}",
-                    describe(ctx.seq, kind, ctx.count, 0),
-                    describe(got.0, got.1, got.2, 0)
-                )
-            } else {
-                format!(
-                    "rank {} runs it as a small all_reduce ({bytes} bytes), peer {peer} \
-                     as something else (the ranks disagree on the count or the collective)",
-                    ctx.rank
-                )
-            };
-            return Err(ctx.mismatch(peer, detail));
-        }
+        let peer = waits.peer(l);
+        let engine = call::Engine::Eager { bytes };
+        call::check(ctx.rank, peer, &mine, &load_call(&h.call), engine)
+            .map_err(|detail| ctx.mismatch(peer, detail))?;
     }
     crate::dispatch_dtype!(ctx.dtype, T => {
         let count = ctx.count as usize;
@@ -124,6 +89,7 @@ pub(super) fn all_reduce(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::select::eager_limit;
     use crate::communicator::shared::control::flag_value;
     use crate::communicator::shared::testing::{attached, last_direct, secs};
     use crate::communicator::testing::on_all;

@@ -15,9 +15,9 @@
 //! | `direct` | the direct algorithms on shared buffers |
 //! | `eager` | the eager algorithm: small all-reduces through the control pages |
 //!
-//! [`plan`] picks one of the two for a call, or neither (the call then runs over
-//! links). The segments themselves, and whether a peer's process still runs, are the
-//! transport's: [`crate::transport::shm`].
+//! Which of the two runs a call, or neither (the call then runs over links), is the
+//! selection's to say ([`crate::algorithm::select`]). The segments themselves, and
+//! whether a peer's process still runs, are the transport's: [`crate::transport::shm`].
 
 mod alloc;
 mod buffer;
@@ -30,9 +30,7 @@ use std::sync::Arc;
 
 use super::Communicator;
 use crate::algorithm::executor::{Buffers, ExecCtx};
-use crate::algorithm::Call;
-use crate::config::AlgoChoice;
-use crate::dtype::CollectiveOp;
+use crate::algorithm::{select, Call};
 use crate::error::{Error, Result};
 
 pub use buffer::SharedBuf;
@@ -51,63 +49,61 @@ enum Path {
     Eager,
 }
 
-/// Picks the path through shared memory for `call` when every rank shares this host:
-/// the eager slots for a small all-reduce (unless the algorithm is forced), else the
-/// direct algorithms when this rank's buffers are shared ones ([`direct::Placement`]).
-/// Every rank decides from its own buffers; ranks that decide differently are caught
-/// in the entry step and get [`Error::Mismatch`].
-pub(super) fn plan(
-    comm: &Communicator,
-    call: &Call,
-    input: (*const u8, usize),
-    output: (*mut u8, usize),
-) -> Option<Direct> {
-    let state = &comm.shared;
-    let n = comm.world_size;
-    if n < 2 || comm.local_size() != n || state.ctl.get().is_none() {
-        return None;
-    }
-    if call.op == CollectiveOp::AllReduce
-        && call.count * call.dtype.size() <= eager::eager_limit(n)
-        && comm.cfg.algo == AlgoChoice::Auto
-    {
+impl Direct {
+    /// A small all-reduce through the eager slots, which the selection picked
+    /// ([`crate::algorithm::select`]).
+    pub(super) fn eager(comm: &Communicator) -> Direct {
+        let state = &comm.shared;
         // A load first: the swap (a write) happens once, not on every small call.
         if !state.eager_logged.load(Ordering::Relaxed)
             && !state.eager_logged.swap(true, Ordering::Relaxed)
             && comm.rank == 0
         {
+            let n = comm.world_size;
             tracing::info!(
                 rank = comm.rank,
                 "all_reduce of at most {} bytes: eager algorithm through the control pages \
                  of {n} local ranks",
-                eager::eager_limit(n)
+                select::eager_limit(n)
             );
         }
-        return Some(Direct {
+        Direct {
             state: state.clone(),
             path: Path::Eager,
-        });
+        }
     }
-    let placement = direct::Placement::find(comm, call, input, output)?;
-    let first = state
-        .logged
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(call.op);
-    if first && comm.rank == 0 {
-        tracing::info!(
-            rank = comm.rank,
-            "{} on shared buffers: direct algorithm over {n} local ranks",
-            call.op
-        );
-    }
-    Some(Direct {
-        state: state.clone(),
-        path: Path::Buffers(placement),
-    })
-}
 
-impl Direct {
+    /// The direct algorithm for `call` when this rank's buffers are shared ones it can
+    /// read where they lie ([`direct::Placement`]); the selection asks, and takes this
+    /// path when there is one. Every rank decides from its own buffers; ranks that
+    /// decide differently are caught in the entry step and get [`Error::Mismatch`].
+    pub(super) fn on_buffers(
+        comm: &Communicator,
+        call: &Call,
+        input: (*const u8, usize),
+        output: (*mut u8, usize),
+    ) -> Option<Direct> {
+        let state = &comm.shared;
+        let placement = direct::Placement::find(comm, call, input, output)?;
+        let first = state
+            .logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(call.op);
+        if first && comm.rank == 0 {
+            tracing::info!(
+                rank = comm.rank,
+                "{} on shared buffers: direct algorithm over {} local ranks",
+                call.op,
+                comm.world_size
+            );
+        }
+        Some(Direct {
+            state: state.clone(),
+            path: Path::Buffers(placement),
+        })
+    }
+
     /// Runs the collective; on error the caller breaks the communicator (which marks
     /// this rank aborted for the peers).
     pub(super) fn execute(&self, bufs: &Buffers, ctx: &ExecCtx, cancel: &AtomicBool) -> Result<()> {

@@ -1,0 +1,801 @@
+//! The data-parallel training loop.
+//!
+//! One optimizer step, on every rank:
+//!
+//! ```text
+//! zero grads
+//! for each of grad_accum micro-batches:
+//!     forward on this rank's share of the global micro-batch      (samples g = s·N + i)
+//!     backward, gradients ADDED (loss = Σ over masked tokens, not a mean);
+//!     on the last micro-batch the buckets are summed over ranks as backward produces them
+//! all-reduce [Σ loss, #masked, #correct]
+//! grads /= #masked (GLOBAL count)        → the gradient of the mean loss over the global batch
+//! clip to the global norm, AdamW update (identical on every rank)
+//! ```
+//!
+//! Because the loss is normalised by the global number of masked tokens, and sample `g`
+//! is the same sequence with the same masks whoever reads it, N ranks with any split of
+//! the batch make the update of one rank with the whole batch (up to float summation order).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::balance;
+use super::checkpoint::{self, CheckpointMeta};
+use super::config::{memory_limit, Balance, RunOptions, TrainConfig};
+use super::data::{make_batch, Corpus, Sampler};
+use super::files::{human_bytes, open_limited, shown, too_large};
+use super::model::{init_params, Batch, LossStats, Model};
+use super::optim::{clip_grad_norm, learning_rate, AdamW};
+use super::sync::{GradBuf, GradSync, NoSync, ThreadGroup};
+use super::tokenizer::WordPiece;
+use crate::error::{Error, Result};
+
+const TARGET: &str = "hetccl::trainer";
+
+/// One optimizer step, as logged.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// Step index (from 0).
+    pub step: u64,
+    /// Mean masked-LM loss over the global batch.
+    pub loss: f64,
+    /// Masked-token accuracy over the global batch.
+    pub accuracy: f64,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+    /// This rank's forward + backward time (ms), slow-down included.
+    pub ms_compute: f64,
+    /// Time this rank waited for communication after its backward (ms).
+    pub ms_comm: f64,
+    /// Tokens per second over all ranks (global batch tokens / step time).
+    pub tokens_per_s: f64,
+}
+
+/// One validation pass.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalRecord {
+    /// Steps done before it.
+    pub step: u64,
+    /// Mean loss over the validation masked tokens.
+    pub val_loss: f64,
+    /// Masked-token accuracy.
+    pub val_accuracy: f64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainReport {
+    /// Every step run (after a resume: from the resume step on).
+    pub steps: Vec<StepRecord>,
+    /// Every validation pass.
+    pub evals: Vec<EvalRecord>,
+    /// Samples per micro-step of every rank.
+    pub micro_batches: Vec<usize>,
+    /// Parameters at the end.
+    pub params: Vec<f32>,
+    /// Global samples per second over the run (steps only, evaluation excluded).
+    pub samples_per_s: f64,
+}
+
+/// Output for people: a progress bar and log lines on rank 0, nothing elsewhere.
+struct Reporter {
+    on: bool,
+    bar: Option<ProgressBar>,
+    metrics: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Reporter {
+    fn new(rank: usize, run: &RunOptions, start: u64, total: u64) -> Result<Reporter> {
+        let on = rank == 0;
+        let bar = (on && run.progress).then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_position(start);
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        let metrics = match (&run.metrics_out, on) {
+            (Some(p), true) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                }
+                // A fresh run starts the file over; a resumed one continues it from the
+                // step it resumes at (records of later steps came from a run that did not
+                // reach its next checkpoint: they are rerun now).
+                if start > 0 {
+                    truncate_metrics(p, start)?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(start > 0)
+                    .truncate(start == 0)
+                    .open(p)
+                    .map_err(|e| Error::io(format!("opening metrics {}", p.display()), e))?;
+                Some(std::io::BufWriter::new(f))
+            }
+            _ => None,
+        };
+        Ok(Reporter { on, bar, metrics })
+    }
+
+    /// A line for people. A closed standard output (`hetccl-bert | head`) ends the run
+    /// with an error saying so, as it ends any program whose output nobody reads.
+    fn say(&self, line: &str) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        match &self.bar {
+            Some(b) if !b.is_hidden() => {
+                b.println(line);
+                Ok(())
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::io("writing progress to standard output", e))
+            }
+        }
+    }
+
+    fn metric(&mut self, kind: &str, value: &impl Serialize) -> Result<()> {
+        if let Some(w) = &mut self.metrics {
+            let mut obj = serde_json::to_value(value)
+                .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            if let Some(m) = obj.as_object_mut() {
+                m.insert("kind".into(), kind.into());
+            }
+            writeln!(w, "{obj}")
+                .and_then(|_| w.flush())
+                .map_err(|e| Error::io("writing metrics", e))?;
+        }
+        Ok(())
+    }
+
+    fn step(&self, r: &StepRecord) {
+        if let Some(b) = &self.bar {
+            b.set_position(r.step + 1);
+            b.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, r.tokens_per_s));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Longest metrics line read back (bytes); the trainer writes about 250.
+const METRICS_MAX_LINE_BYTES: u64 = 64 << 10;
+/// Largest metrics file read back (bytes): some four million steps of records.
+const METRICS_MAX_BYTES: u64 = 1 << 30;
+
+/// Calls `f` with every record of a metrics file: the line as written and its JSON.
+/// Lines that are not JSON objects (one torn by a kill) are skipped.
+fn for_each_metric(
+    path: &Path,
+    mut f: impl FnMut(&[u8], &serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let mut r = std::io::BufReader::new(open_limited(path, "metrics file", METRICS_MAX_BYTES)?);
+    let io = |e| Error::io(format!("reading metrics file {}", shown(path).display()), e);
+    let mut line = Vec::new();
+    let mut total = 0u64;
+    loop {
+        line.clear();
+        let n = (&mut r)
+            .take(METRICS_MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(io)?;
+        if n == 0 {
+            return Ok(());
+        }
+        total += n as u64;
+        if total > METRICS_MAX_BYTES {
+            return Err(too_large("metrics file", path, None, METRICS_MAX_BYTES));
+        }
+        if n as u64 > METRICS_MAX_LINE_BYTES {
+            return Err(Error::invalid(
+                "metrics",
+                format!(
+                    "metrics file {}: a line longer than {}, not one this trainer wrote",
+                    shown(path).display(),
+                    human_bytes(METRICS_MAX_LINE_BYTES.into())
+                ),
+            ));
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
+            if v.is_object() {
+                f(&line, &v)?;
+            }
+        }
+    }
+}
+
+/// (kind, step) of a metrics record.
+fn record_key(v: &serde_json::Value) -> Option<(&str, u64)> {
+    Some((v.get("kind")?.as_str()?, v.get("step")?.as_u64()?))
+}
+
+/// Cuts a metrics file back to what a run resumed at step `start` keeps: train records
+/// of steps before it and evaluations up to it. Rewritten through a temporary file.
+fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map_or_else(|| "metrics".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let werr = |e| Error::io(format!("rewriting metrics file {}", tmp.display()), e);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(werr)?);
+    let kept = for_each_metric(path, |line, v| {
+        let keep = match record_key(v) {
+            Some(("train", step)) => step < start,
+            Some(("eval", step)) => step <= start,
+            _ => false,
+        };
+        if keep {
+            out.write_all(line).map_err(werr)?;
+            if !line.ends_with(b"\n") {
+                out.write_all(b"\n").map_err(werr)?;
+            }
+        }
+        Ok(())
+    })
+    .and_then(|()| out.flush().map_err(werr));
+    drop(out);
+    match kept.and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("replacing metrics file {}", path.display()), e))
+    }) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Reads a metrics file back: for every step up to `end`, its last train and eval records.
+pub fn read_metrics(path: &Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
+    use std::collections::BTreeMap;
+    let mut steps = BTreeMap::new();
+    let mut evals = BTreeMap::new();
+    for_each_metric(path, |_, v| {
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        match record_key(v) {
+            Some(("train", step)) if step < end => {
+                steps.insert(
+                    step,
+                    StepRecord {
+                        step,
+                        loss: num("loss").unwrap_or(f64::NAN),
+                        accuracy: num("accuracy").unwrap_or(0.0),
+                        lr: num("lr").unwrap_or(0.0) as f32,
+                        grad_norm: num("grad_norm").unwrap_or(0.0) as f32,
+                        ms_compute: num("ms_compute").unwrap_or(0.0),
+                        ms_comm: num("ms_comm").unwrap_or(0.0),
+                        tokens_per_s: num("tokens_per_s").unwrap_or(0.0),
+                    },
+                );
+            }
+            Some(("eval", step)) if step <= end => {
+                evals.insert(
+                    step,
+                    EvalRecord {
+                        step,
+                        val_loss: num("val_loss").unwrap_or(f64::NAN),
+                        val_accuracy: num("val_accuracy").unwrap_or(0.0),
+                    },
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok((steps.into_values().collect(), evals.into_values().collect()))
+}
+
+/// Makes a slow rank slower: sleeps `(factor - 1) ×` the time just spent computing.
+fn slow_down(factor: Option<f64>, spent: Duration) {
+    if let Some(f) = factor {
+        std::thread::sleep(spent.mul_f64(f - 1.0));
+    }
+}
+
+/// The state of one rank's training run.
+struct Run<'a> {
+    cfg: TrainConfig,
+    run: &'a RunOptions,
+    sync: &'a dyn GradSync,
+    rank: usize,
+    world: usize,
+    sampler: Sampler,
+    model: Model<f32>,
+    params: Vec<f32>,
+    grads: GradBuf,
+    opt: AdamW,
+    corpus_digest: String,
+    slow: Option<f64>,
+    /// This rank's first sample and count within each global micro-batch.
+    offset: usize,
+    micro: Vec<usize>,
+}
+
+/// Runs `f` on a rayon pool of `threads` threads, which every parallel op inside uses.
+///
+/// Create the communicator inside `f` if it is not `Sync`: nothing else crosses threads.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(move |i| format!("hetccl-bert-{i}"))
+        .build()
+        .map_err(|e| Error::invalid("with_threads", format!("thread pool: {e}")))?;
+    Ok(pool.install(f))
+}
+
+/// Runs `world` ranks as threads of this process, linked by a [`ThreadGroup`], each with
+/// `run.threads` compute threads; returns every rank's report, rank 0 first. Only rank 0
+/// shows progress and writes files.
+pub fn train_threads(
+    cfg: &TrainConfig,
+    run: &RunOptions,
+    world: usize,
+) -> Result<Vec<TrainReport>> {
+    let group = ThreadGroup::new(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|g| {
+                let mut opts = run.clone();
+                opts.local_ranks = opts.local_ranks.max(world);
+                if g.rank() != 0 {
+                    opts.progress = false;
+                    opts.metrics_out = None;
+                    opts.plot_out = None;
+                }
+                s.spawn(move || {
+                    let res = with_threads(opts.threads, || train(cfg, &opts, &g)).and_then(|r| r);
+                    if let Err(e) = &res {
+                        g.abort(&e.to_string());
+                    }
+                    res
+                })
+            })
+            .collect();
+        let mut reports = Vec::with_capacity(world);
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(r)) => reports.push(r),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(
+                        hetccl::Error::Broken("a rank thread panicked".into()).into(),
+                    );
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
+    })
+}
+
+/// Gives `sync` back the state this rank saved beside the checkpoint at `path`, when
+/// there is one for this step, world size and rank; otherwise its residuals start from
+/// zero, with a warning.
+fn restore_rank_state(
+    sync: &dyn GradSync,
+    path: &std::path::Path,
+    step: u64,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    let file = checkpoint::rank_state_path(path, rank);
+    if !file.exists() {
+        // Only a sync that keeps state misses its file.
+        if sync.save_state()?.is_some() {
+            tracing::warn!(target: TARGET, rank, "no {}: error-feedback residuals start from zero", file.display());
+        }
+        return Ok(());
+    }
+    match checkpoint::load_rank_state(&file, step, world, rank)? {
+        Ok(state) => sync.restore_state(&state),
+        Err(why) => {
+            tracing::warn!(target: TARGET, rank, "{why}: error-feedback residuals start from zero");
+            Ok(())
+        }
+    }
+}
+
+/// Trains a BERT masked-LM with `sync` as the link to the other ranks, on the current
+/// rayon pool (see [`with_threads`]; `run.threads` is only reported).
+///
+/// With `run.resume`, the configuration comes from the checkpoint (`cfg` is ignored apart
+/// from a warning when it differs), so the continued run is the uninterrupted one.
+pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result<TrainReport> {
+    let (rank, world) = (sync.rank(), sync.world_size());
+    let resume = match &run.resume {
+        Some(p) => Some(checkpoint::load(p)?),
+        None => None,
+    };
+    let cfg = match &resume {
+        Some(ck) => {
+            if ck.meta.config != *cfg && rank == 0 {
+                tracing::warn!(target: TARGET, rank, "resuming: settings come from the checkpoint, not the flags");
+            }
+            ck.meta.config.clone()
+        }
+        None => cfg.clone(),
+    };
+    cfg.validate(world)?;
+    if let Some(r) = run.slow_ranks.iter().flatten().find(|&&r| r >= world) {
+        return Err(Error::Config {
+            var: "slow_ranks".into(),
+            value: r.to_string(),
+            accepted: format!("ranks 0..={}", world - 1),
+        });
+    }
+    if let Some(limit) = memory_limit() {
+        cfg.check_memory(world, run.local_ranks, limit)?;
+    }
+    // Where results go is checked before any work, not at the first save.
+    if let Some(path) = &run.checkpoint {
+        if rank == 0 {
+            checkpoint::check_writable(path)?;
+        }
+        if sync.save_state()?.is_some() {
+            checkpoint::check_writable(&checkpoint::rank_state_path(path, rank))?;
+        }
+    }
+    let tok = WordPiece::from_data(&run.vocab)?;
+    if tok.vocab_size() != cfg.model.vocab_size {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "vocabulary {} has {} entries, model vocab_size is {}",
+                run.vocab,
+                tok.vocab_size(),
+                cfg.model.vocab_size
+            ),
+        ));
+    }
+    let corpus = Arc::new(Corpus::from_data(&run.data, &tok)?);
+    let sampler = Sampler::new(corpus.clone(), cfg.seq_len, cfg.seed, &tok)?;
+    let model = Model::<f32>::new(cfg.model.clone())?;
+    let layout = model.layout().clone();
+    let mut opt = AdamW::new(cfg.adamw, &layout);
+    let (params, start) = match resume {
+        Some(ck) => {
+            if ck.meta.corpus_digest != corpus.digest {
+                return Err(Error::Checkpoint {
+                    path: run
+                        .resume
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "corpus mismatch: checkpoint was trained on corpus {}, {} is {}",
+                        ck.meta.corpus_digest, run.data, corpus.digest
+                    ),
+                });
+            }
+            if ck.meta.num_params != layout.total {
+                return Err(Error::Checkpoint {
+                    path: run
+                        .resume
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "{} parameters, the model has {}",
+                        ck.meta.num_params, layout.total
+                    ),
+                });
+            }
+            opt.m = ck.m;
+            opt.v = ck.v;
+            opt.t = ck.meta.adam_t;
+            if let Some(path) = &run.resume {
+                restore_rank_state(sync, path, ck.meta.step, rank, world)?;
+            }
+            (ck.params, ck.meta.step)
+        }
+        None => (init_params::<f32>(&layout, cfg.seed), 0),
+    };
+    let slow = run.is_slow(rank, world).then_some(run.slowdown);
+    let mut r = Run {
+        grads: sync.alloc_grads(layout.total)?,
+        micro: balance::split_equal(cfg.micro_batch_global(), world)?,
+        cfg,
+        run,
+        sync,
+        rank,
+        world,
+        sampler,
+        model,
+        params,
+        opt,
+        corpus_digest: corpus.digest.clone(),
+        slow,
+        offset: 0,
+    };
+    tracing::info!(target: TARGET, rank, world, params = layout.total, threads = run.threads,
+        train_tokens = corpus.train.len(), val_tokens = corpus.val.len(), start, "training");
+    r.run_steps(start)
+}
+
+impl Run<'_> {
+    fn samples_for(&mut self, first: u64, count: usize) -> Batch {
+        let samples: Vec<_> = (0..count as u64)
+            .map(|i| self.sampler.train_sample(first + i))
+            .collect();
+        make_batch(&samples, self.cfg.seq_len)
+    }
+
+    /// Times a few forward/backward passes at the equal share, all-gathers samples/s and
+    /// splits the global micro-batch in proportion.
+    fn balance_auto(&mut self, rep: &Reporter) -> Result<()> {
+        let share = self.micro[self.rank];
+        let probes = self.run.balance_probe_steps.max(2);
+        let mut timed = Duration::ZERO;
+        for i in 0..probes {
+            let batch = self.samples_for((i * share) as u64, share);
+            let t0 = Instant::now();
+            self.model.forward(&self.params, &batch)?;
+            self.model
+                .backward(&self.params, &mut self.grads, &mut NoSync)?;
+            let spent = t0.elapsed();
+            slow_down(self.slow, spent);
+            // The first pass pays for allocation and cold caches.
+            if i > 0 {
+                timed += t0.elapsed();
+            }
+        }
+        self.grads.fill(0.0);
+        let speed = (share * (probes - 1)) as f64 / timed.as_secs_f64().max(1e-9);
+        let mut speeds = vec![0.0; self.world];
+        self.sync.all_gather(&[speed], &mut speeds)?;
+        self.micro = balance::split_batch(self.cfg.micro_batch_global(), &speeds)?;
+        rep.say(&format!(
+            "balance auto: samples/s per rank {:?} -> micro-batch per rank {:?}",
+            speeds
+                .iter()
+                .map(|s| (s * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            self.micro
+        ))
+    }
+
+    fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
+        let n = self.cfg.val_samples.max(1);
+        let chunk = self.micro.iter().copied().max().unwrap_or(1).max(1);
+        let mine: Vec<u64> = (self.rank..n)
+            .step_by(self.world)
+            .map(|i| i as u64)
+            .collect();
+        let mut stats = LossStats::default();
+        for ids in mine.chunks(chunk) {
+            let samples: Vec<_> = ids.iter().map(|&i| self.sampler.val_sample(i)).collect();
+            let batch = make_batch(&samples, self.cfg.seq_len);
+            stats.add(&self.model.forward(&self.params, &batch)?);
+        }
+        let mut sums = [stats.loss_sum, stats.masked as f64, stats.correct as f64];
+        self.sync.all_reduce_sum(&mut sums)?;
+        Ok(EvalRecord {
+            step,
+            val_loss: sums[0] / sums[1].max(1.0),
+            val_accuracy: sums[2] / sums[1].max(1.0),
+        })
+    }
+
+    fn save(&self, next_step: u64) -> Result<()> {
+        let Some(path) = &self.run.checkpoint else {
+            return Ok(());
+        };
+        // Each rank's own state first (error-feedback residuals), then the checkpoint:
+        // a job stopped in between resumes from the old checkpoint and finds state
+        // files of a later step, which it sets aside (see `load_rank_state`).
+        if let Some(state) = self.sync.save_state()? {
+            checkpoint::save_rank_state(
+                &checkpoint::rank_state_path(path, self.rank),
+                next_step,
+                self.world,
+                self.rank,
+                &state,
+            )?;
+        }
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let meta = CheckpointMeta {
+            step: next_step,
+            samples_seen: next_step * self.cfg.batch_size as u64,
+            adam_t: self.opt.t,
+            world_size: self.world,
+            config: self.cfg.clone(),
+            corpus_digest: self.corpus_digest.clone(),
+            num_params: self.params.len(),
+        };
+        checkpoint::save(path, &meta, &self.params, &self.opt.m, &self.opt.v)
+    }
+
+    fn run_steps(&mut self, start: u64) -> Result<TrainReport> {
+        let end = match self.run.stop_after {
+            Some(s) => s.min(self.cfg.steps),
+            None => self.cfg.steps,
+        };
+        let mut rep = Reporter::new(self.rank, self.run, start, self.cfg.steps)?;
+        let mut report = TrainReport::default();
+        if self.run.balance == Balance::Auto && self.world > 1 {
+            self.balance_auto(&rep)?;
+        }
+        self.offset = self.micro[..self.rank].iter().sum();
+        report.micro_batches = self.micro.clone();
+        rep.say(&format!(
+            "bert: {} layers, hidden {}, {} heads, {:.2}M parameters | {} ranks, global batch {} x {} tokens, micro-batches {:?} x {} | {} threads/rank",
+            self.cfg.model.layers,
+            self.cfg.model.hidden,
+            self.cfg.model.heads,
+            self.params.len() as f64 / 1e6,
+            self.world,
+            self.cfg.batch_size,
+            self.cfg.seq_len,
+            self.micro,
+            self.cfg.grad_accum,
+            self.run.threads,
+        ))?;
+        if start == 0 {
+            let e = self.evaluate(0)?;
+            rep.say(&format!(
+                "step 0: val loss {:.4} | val acc {:.3}",
+                e.val_loss, e.val_accuracy
+            ))?;
+            rep.metric("eval", &e)?;
+            report.evals.push(e);
+        }
+        let tokens_per_step = (self.cfg.batch_size * self.cfg.seq_len) as f64;
+        let mut train_time = Duration::ZERO;
+        for step in start..end {
+            let rec = self.step(step, tokens_per_step)?;
+            train_time += Duration::from_secs_f64(tokens_per_step / rec.tokens_per_s.max(1e-9));
+            rep.step(&rec);
+            rep.metric("train", &rec)?;
+            let done = step + 1;
+            let mut eval = None;
+            if done == end || (self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0) {
+                let e = self.evaluate(done)?;
+                rep.metric("eval", &e)?;
+                eval = Some(e);
+            }
+            if done % self.run.log_every == 0 || done == end || eval.is_some() {
+                let val = eval.as_ref().map_or(String::new(), |e| {
+                    format!(" | val loss {:.4} acc {:.3}", e.val_loss, e.val_accuracy)
+                });
+                rep.say(&format!(
+                    "step {done:>5}/{} | loss {:.4} acc {:.3}{val} | lr {:.2e} | norm {:.3} | {:.0} ms compute {:.0} ms comm | {:.0} tok/s",
+                    self.cfg.steps, rec.loss, rec.accuracy, rec.lr, rec.grad_norm, rec.ms_compute, rec.ms_comm, rec.tokens_per_s
+                ))?;
+            }
+            report.evals.extend(eval);
+            report.steps.push(rec);
+            if self.run.checkpoint_every > 0 && done % self.run.checkpoint_every == 0 && done != end
+            {
+                self.save(done)?;
+            }
+        }
+        self.save(end)?;
+        rep.finish();
+        if let (Some(path), 0) = (&self.run.plot_out, self.rank) {
+            // After a resume the metrics file holds the whole run (cut back to the
+            // resumed step when it started); plot that.
+            let records = match (&self.run.metrics_out, start > 0) {
+                (Some(m), true) => read_metrics(m, end),
+                _ => Ok((report.steps.clone(), report.evals.clone())),
+            };
+            match records.and_then(|(steps, evals)| super::plot::plot_losses(path, &steps, &evals))
+            {
+                Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
+                Err(e) => rep.say(&format!("no loss plot: {e}"))?,
+            }
+        }
+        let steps_run = end.saturating_sub(start) as f64;
+        report.samples_per_s =
+            steps_run * self.cfg.batch_size as f64 / train_time.as_secs_f64().max(1e-9);
+        report.params = std::mem::take(&mut self.params);
+        Ok(report)
+    }
+
+    fn step(&mut self, step: u64, tokens_per_step: f64) -> Result<StepRecord> {
+        let t_step = Instant::now();
+        let lr = learning_rate(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps);
+        self.grads.fill(0.0);
+        let mut stats = LossStats::default();
+        let mut compute = Duration::ZERO;
+        let mut comm = Duration::ZERO;
+        let per_micro = self.cfg.micro_batch_global() as u64;
+        let count = self.micro[self.rank];
+        for a in 0..self.cfg.grad_accum {
+            let first =
+                step * self.cfg.batch_size as u64 + a as u64 * per_micro + self.offset as u64;
+            let batch = self.samples_for(first, count);
+            let t0 = Instant::now();
+            stats.add(&self.model.forward(&self.params, &batch)?);
+            slow_down(self.slow, t0.elapsed());
+            compute += t0.elapsed();
+            let t1 = Instant::now();
+            if a + 1 < self.cfg.grad_accum {
+                self.model
+                    .backward(&self.params, &mut self.grads, &mut NoSync)?;
+                slow_down(self.slow, t1.elapsed());
+                compute += t1.elapsed();
+            } else {
+                let mut backward_done = None;
+                let (model, params, slow) = (&mut self.model, &self.params, self.slow);
+                self.sync.reduce_while(&mut self.grads, &mut |g, sink| {
+                    let r = model.backward(params, g, sink);
+                    slow_down(slow, t1.elapsed());
+                    backward_done = Some(Instant::now());
+                    r
+                })?;
+                let done = backward_done.unwrap_or_else(Instant::now);
+                compute += done - t1;
+                comm += done.elapsed();
+            }
+        }
+        let t_c = Instant::now();
+        let mut sums = [stats.loss_sum, stats.masked as f64, stats.correct as f64];
+        self.sync.all_reduce_sum(&mut sums)?;
+        comm += t_c.elapsed();
+        let masked = sums[1];
+        if masked < 1.0 {
+            return Err(Error::invalid(
+                "train",
+                format!("step {step}: no masked tokens"),
+            ));
+        }
+        let inv = (1.0 / masked) as f32;
+        for g in self.grads.iter_mut() {
+            *g *= inv;
+        }
+        let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
+        self.opt.update(&mut self.params, &self.grads, lr);
+        let secs = t_step.elapsed().as_secs_f64();
+        let loss = sums[0] / masked;
+        if !loss.is_finite() {
+            return Err(Error::invalid(
+                "train",
+                format!("step {step}: loss is {loss}"),
+            ));
+        }
+        Ok(StepRecord {
+            step,
+            loss,
+            accuracy: sums[2] / masked,
+            lr,
+            grad_norm,
+            ms_compute: compute.as_secs_f64() * 1e3,
+            ms_comm: comm.as_secs_f64() * 1e3,
+            tokens_per_s: tokens_per_step / secs.max(1e-9),
+        })
+    }
+}

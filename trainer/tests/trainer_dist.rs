@@ -1,0 +1,201 @@
+//! Two processes linked by hetccl's communicator (started by `hetccl run`) make the same
+//! updates as one process with the whole batch.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `hetccl run` launcher, a binary of the tools' package.
+fn launcher() -> PathBuf {
+    hetccl_testkit::ranks::workspace_bin("hetccl")
+}
+
+/// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ sits in the repository")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetccl-trainer-dist-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Train losses per step from a metrics file.
+fn losses(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn args(dir: &Path, tag: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("data/tinyshakespeare.txt")).unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, &text[..40_000]).unwrap();
+    [
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--max-position",
+        "32",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "6",
+        "--steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "0",
+        "--val-samples",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-checkpoint",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--data".into(),
+        corpus.display().to_string(),
+        "--vocab".into(),
+        repo()
+            .join("data/bert-base-uncased-vocab.txt")
+            .display()
+            .to_string(),
+        "--metrics-out".into(),
+        dir.join(format!("{tag}.jsonl")).display().to_string(),
+        "--plot-out".into(),
+        dir.join(format!("{tag}.png")).display().to_string(),
+    ])
+    .collect()
+}
+
+#[test]
+fn two_processes_match_one() {
+    let dir = scratch("match");
+    let bert = env!("CARGO_BIN_EXE_hetccl-bert");
+    let one = Command::new(bert).args(args(&dir, "one")).output().unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let two = Command::new(launcher())
+        .args(["run", "-n", "2", "--", bert])
+        .args(args(&dir, "two"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&two.stdout);
+    assert!(
+        two.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    assert!(
+        out.contains("2 ranks, global batch 6 x 24 tokens, micro-batches [3, 3]"),
+        "{out}"
+    );
+    let (a, b) = (
+        losses(&dir.join("one.jsonl")),
+        losses(&dir.join("two.jsonl")),
+    );
+    assert_eq!((a.len(), b.len()), (3, 3));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5 * x, "{a:?} vs {b:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `args` with a checkpoint instead of none, and fp16 compression on every link.
+fn compressed_args(dir: &Path, tag: &str, steps: &str, ckpt: &str) -> Vec<String> {
+    let mut a: Vec<String> = args(dir, tag)
+        .into_iter()
+        .filter(|s| s != "--no-checkpoint")
+        .collect();
+    let at = a.iter().position(|s| s == "--steps").unwrap();
+    a[at + 1] = steps.into();
+    a.extend(
+        [
+            "--compress",
+            "all",
+            "--checkpoint",
+            &dir.join(ckpt).display().to_string(),
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+fn run_two(extra: &[String]) -> String {
+    let out = Command::new(launcher())
+        .args(["run", "-n", "2", "--", env!("CARGO_BIN_EXE_hetccl-bert")])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn compressed_run_resumes_bit_for_bit_with_its_residuals() {
+    use hetccl_trainer::checkpoint;
+    let dir = scratch("compressed-resume");
+    // Six steps straight through, and three + three with a restart in between.
+    run_two(&compressed_args(&dir, "full", "6", "full.ckpt"));
+    let mut part = compressed_args(&dir, "part", "6", "part.ckpt");
+    part.extend(["--stop-after".into(), "3".into()]);
+    run_two(&part);
+    for r in 0..2 {
+        assert!(checkpoint::rank_state_path(&dir.join("part.ckpt"), r).exists());
+    }
+    let mut resumed = compressed_args(&dir, "resumed", "6", "resumed.ckpt");
+    resumed.extend([
+        "--resume".into(),
+        dir.join("part.ckpt").display().to_string(),
+    ]);
+    run_two(&resumed);
+    let full = checkpoint::load(&dir.join("full.ckpt")).unwrap();
+    let again = checkpoint::load(&dir.join("resumed.ckpt")).unwrap();
+    assert_eq!(full.meta.step, 6);
+    assert!(
+        full.params
+            .iter()
+            .zip(&again.params)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "resumed parameters differ from the uninterrupted run"
+    );
+    // Without the residuals the continuation is a different one, and says why.
+    for r in 0..2 {
+        std::fs::remove_file(checkpoint::rank_state_path(&dir.join("part.ckpt"), r)).unwrap();
+    }
+    let mut lost = compressed_args(&dir, "lost", "6", "lost.ckpt");
+    lost.extend([
+        "--resume".into(),
+        dir.join("part.ckpt").display().to_string(),
+    ]);
+    let text = run_two(&lost);
+    assert!(
+        text.contains("error-feedback residuals start from zero"),
+        "{text}"
+    );
+    let other = checkpoint::load(&dir.join("lost.ckpt")).unwrap();
+    assert_ne!(full.params, other.params);
+    let _ = std::fs::remove_dir_all(&dir);
+}
