@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::algorithm::executor::{self, Buffers, ExecCtx, Wire};
+use crate::algorithm::executor::{self, Buffers, ExecCtx, Job, Wire};
 use crate::algorithm::select::{self, Facts, Path};
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
@@ -317,13 +317,8 @@ impl Progress {
                 }
                 match w.compress.take() {
                     None => executor::execute(
-                        &sched,
                         &mut self.links,
-                        &w.bufs,
-                        &w.ctx,
-                        None,
-                        None,
-                        Some(&self.abort),
+                        Job::new(&sched, &w.bufs, &w.ctx).cancel(&self.abort),
                     ),
                     Some(job) => self.execute_compressed(w, &sched, &job),
                 }
@@ -384,13 +379,11 @@ impl Progress {
             ..w.bufs
         };
         let stats = executor::execute(
-            sched,
             &mut self.links,
-            &bufs,
-            &w.ctx,
-            Some(&job.wire),
-            Some(&mut passes),
-            Some(&self.abort),
+            Job::new(sched, &bufs, &w.ctx)
+                .wire(&job.wire)
+                .passes(&mut passes)
+                .cancel(&self.abort),
         )?;
         // The passes counted their own saturations into the compressor.
         comp.add_pending(stats);

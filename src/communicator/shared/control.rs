@@ -23,12 +23,15 @@
 //! memory, woken by the owner only when its sleep lines say someone sleeps). Sleeps
 //! are sliced so a dead peer (its process has exited, zombie or not: see
 //! [`crate::transport::shm::liveness`]), an aborted one, a peer that ran the collective
-//! over links instead, or the timeout ends the wait with an error.
+//! over links instead, or the timeout ends the wait with an error. The escalation and
+//! the checks are the executor's ([`crate::algorithm::executor::wait`]); the futex
+//! sleep and what is checked of a peer are this page's own.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::algorithm::call::{self, CallHeader, HEADER_WORDS};
+use crate::algorithm::executor::wait::{Awaited, Ladder, Pause, Wait};
 use crate::algorithm::executor::ExecCtx;
 use crate::error::{AbortCause, Result};
 use crate::transport::shm::liveness::{own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
@@ -48,9 +51,19 @@ pub(super) const EXIT: u32 = u32::MAX;
 const SPINS: u32 = 32;
 const YIELDS: u32 = 16;
 const YIELD_FOR: Duration = Duration::from_micros(200);
+/// The ladder of a flag wait ([`crate::algorithm::executor::wait`], shared with the
+/// executor). Its own numbers, for what differs from a wait on links: a poll here is
+/// one load, and the awaited flag is usually set within a few polls, so it spins even
+/// where ranks outnumber cores (`ExecCtx::spin_polls` is zero there); and its sleep is
+/// a futex wait, whose wake-up costs more on a busy machine than yielding for
+/// `YIELD_FOR`.
+const FLAG_LADDER: Ladder = Ladder {
+    spins: SPINS,
+    yield_polls: SPINS + YIELDS,
+    yield_for: YIELD_FOR,
+};
 /// Longest single sleep; between sleeps the waiter checks the peer and the timeout.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
-const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// Phase value meaning "not given" in the published call.
 pub(super) const NONE: u64 = u64::MAX;
 /// Size of an eager slot: the largest all-reduce, in bytes, that the selection sends
@@ -376,28 +389,22 @@ impl Waits<'_> {
     /// Waits until local rank `l`'s flag reaches `(seq, phase)`.
     pub(super) fn wait(&self, l: usize, phase: u32, what: &'static str) -> Result<()> {
         let target = flag_value(self.ctx.seq, phase);
-        let page = self.node.page(l);
-        let flag = &page.flag.0;
-        for _ in 0..SPINS {
-            if reached(flag.load(Ordering::Acquire), target) {
-                return Ok(());
-            }
-            std::hint::spin_loop();
+        let flag = &self.node.page(l).flag.0;
+        let mut wait = Wait::new(self.ctx, FLAG_LADDER, Some(self.cancel));
+        if wait.spin(|| reached(flag.load(Ordering::Acquire), target)) {
+            return Ok(());
         }
-        let start = Instant::now();
-        // Yield (a peer may be waiting for this core) for up to YIELD_FOR before sleeping:
-        // a futex wake-up costs more than that on a busy machine.
-        let mut k = 0u32;
-        while k < YIELDS || start.elapsed() < YIELD_FOR {
-            std::thread::yield_now();
-            if reached(flag.load(Ordering::Acquire), target) {
-                return Ok(());
-            }
-            k += 1;
-        }
-        let mut last_check = start;
-        let sleep = self.node.sleep_line(l, self.node.me);
         loop {
+            if reached(flag.load(Ordering::Acquire), target) {
+                return Ok(());
+            }
+            let Pause::Sleep(_) = wait.pause() else {
+                continue;
+            };
+            // Sleep on the flag. The sleep line goes up before the last look at the
+            // flag: the owner's publish then either is seen here or sees the line and
+            // wakes this rank.
+            let sleep = self.node.sleep_line(l, self.node.me);
             sleep.store(1, Ordering::SeqCst);
             let v = flag.load(Ordering::SeqCst);
             if reached(v, target) {
@@ -409,19 +416,11 @@ impl Waits<'_> {
             if reached(flag.load(Ordering::Acquire), target) {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now.duration_since(last_check) >= CHECK_EVERY {
-                last_check = now;
-                if self.cancel.load(Ordering::Relaxed) {
-                    return Err(self.ctx.cancelled());
-                }
-                self.check_peer(l)?;
-                let waited = now.duration_since(start);
-                if waited >= self.ctx.timeout {
-                    let seen = self.node.procs[l].as_ref().and_then(|p| p.stopped());
-                    return Err(self.ctx.timed_out(self.peer(l), waited, what, seen));
-                }
-            }
+            wait.check(&mut FlagWait {
+                waits: self,
+                l,
+                what,
+            })?;
         }
     }
 
@@ -464,6 +463,29 @@ impl Waits<'_> {
     }
 }
 
+/// A wait on local rank `l`'s flag, as the checks of [`Wait`] see it.
+struct FlagWait<'w, 'a> {
+    waits: &'w Waits<'a>,
+    l: usize,
+    what: &'static str,
+}
+
+impl Awaited for FlagWait<'_, '_> {
+    fn check_peers(&mut self) -> Result<()> {
+        self.waits.check_peer(self.l)
+    }
+
+    fn blocked_on(&mut self) -> (usize, &'static str) {
+        (self.waits.peer(self.l), self.what)
+    }
+
+    fn seen(&mut self, _peer: usize) -> Option<String> {
+        self.waits.node.procs[self.l]
+            .as_ref()
+            .and_then(|p| p.stopped())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +495,7 @@ mod tests {
     use crate::dtype::ReduceOp;
     use crate::error::{AbortKind, Error};
     use proptest::prelude::*;
+    use std::time::Instant;
 
     proptest! {
         /// Control page headers are written by the peer's process.

@@ -1,0 +1,168 @@
+//! Which op may start. Per link, sends and receives each run in schedule order (links are
+//! FIFO), and local copies and reductions in schedule order too; an op starts once every
+//! op it depends on is done.
+
+use super::buffers::Buffers;
+use crate::algorithm::schedule::{Combine, OpKind, Schedule};
+use crate::error::{Error, Result};
+use crate::transport::Link;
+
+/// Ops of one kind on one link (or the local ops), in schedule order.
+#[derive(Default)]
+pub(super) struct Queue {
+    pub(super) ops: Vec<usize>,
+    /// Position of the first op not yet done.
+    pub(super) next: usize,
+}
+
+impl Queue {
+    /// The first op not yet done.
+    #[inline]
+    pub(super) fn head(&self) -> Option<usize> {
+        self.ops.get(self.next).copied()
+    }
+}
+
+/// The queues of a schedule and which of its ops are done.
+pub(super) struct Deps<'s> {
+    pub(super) sched: &'s Schedule,
+    /// Per link.
+    pub(super) sends: Vec<Queue>,
+    /// Per link.
+    pub(super) recvs: Vec<Queue>,
+    pub(super) locals: Queue,
+    pub(super) done: Vec<bool>,
+    n_done: usize,
+}
+
+impl<'s> Deps<'s> {
+    /// The queues of `sched`, once every region it addresses lies inside `bufs`, every
+    /// local op's source and destination have one length, and every peer it sends to or
+    /// receives from has a link.
+    pub(super) fn new(
+        sched: &'s Schedule,
+        links: &[Option<Box<dyn Link>>],
+        bufs: &Buffers,
+    ) -> Result<Self> {
+        let mut sends: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
+        let mut recvs: Vec<Queue> = (0..links.len()).map(|_| Queue::default()).collect();
+        let mut locals = Queue::default();
+        for (i, op) in sched.ops.iter().enumerate() {
+            match op.kind {
+                OpKind::Send { peer, src } => {
+                    bufs.check(&src)?;
+                    queue_for(&mut sends, links, peer, "send to")?.ops.push(i);
+                }
+                OpKind::Recv { peer, dst, combine } => {
+                    bufs.check(&dst)?;
+                    if let Combine::From(src) = combine {
+                        bufs.check(&src)?;
+                    }
+                    queue_for(&mut recvs, links, peer, "receive from")?
+                        .ops
+                        .push(i);
+                }
+                OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => {
+                    bufs.check(&src)?;
+                    bufs.check(&dst)?;
+                    if src.len != dst.len {
+                        return Err(Error::invalid(
+                            "execute",
+                            format!("local op from {src:?} into {dst:?} of another length"),
+                        ));
+                    }
+                    locals.ops.push(i);
+                }
+            }
+        }
+        Ok(Deps {
+            sched,
+            sends,
+            recvs,
+            locals,
+            done: vec![false; sched.ops.len()],
+            n_done: 0,
+        })
+    }
+
+    /// The links with anything to send or receive.
+    pub(super) fn active(&self) -> Vec<usize> {
+        (0..self.sends.len())
+            .filter(|&p| !self.sends[p].ops.is_empty() || !self.recvs[p].ops.is_empty())
+            .collect()
+    }
+
+    /// Whether every op `i` depends on is done.
+    #[inline]
+    pub(super) fn ready(&self, i: usize) -> bool {
+        self.sched.ops[i].deps.iter().all(|&d| self.done[d])
+    }
+
+    #[inline]
+    pub(super) fn all_done(&self) -> bool {
+        self.n_done == self.done.len()
+    }
+
+    /// Whether this rank still has ops for link `p`.
+    pub(super) fn pending(&self, p: usize) -> bool {
+        self.sends[p].head().is_some() || self.recvs[p].head().is_some()
+    }
+
+    #[inline]
+    fn mark(&mut self, i: usize) {
+        self.done[i] = true;
+        self.n_done += 1;
+    }
+
+    /// Send `i`, the head of link `p`'s sends, is done.
+    #[inline]
+    pub(super) fn sent(&mut self, i: usize, p: usize) {
+        self.mark(i);
+        self.sends[p].next += 1;
+    }
+
+    /// Receive `i`, the head of link `p`'s receives, is done.
+    #[inline]
+    pub(super) fn received(&mut self, i: usize, p: usize) {
+        self.mark(i);
+        self.recvs[p].next += 1;
+    }
+
+    /// Local op `i`, the head of the local ops, is done.
+    #[inline]
+    pub(super) fn ran(&mut self, i: usize) {
+        self.mark(i);
+        self.locals.next += 1;
+    }
+
+    /// The peer a stuck schedule waits for, among the links `active`: a receive whose
+    /// data never came, else a send the peer never drained.
+    pub(super) fn blocked_on(&self, active: &[usize]) -> (usize, &'static str) {
+        for &p in active {
+            if self.recvs[p].head().is_some_and(|i| self.ready(i)) {
+                return (p, "to send data");
+            }
+        }
+        for &p in active {
+            if self.sends[p].head().is_some_and(|i| self.ready(i)) {
+                return (p, "to accept data");
+            }
+        }
+        (active.first().copied().unwrap_or(0), "to make progress")
+    }
+}
+
+fn queue_for<'q>(
+    qs: &'q mut [Queue],
+    links: &[Option<Box<dyn Link>>],
+    peer: usize,
+    what: &str,
+) -> Result<&'q mut Queue> {
+    if links.get(peer).is_none_or(|l| l.is_none()) {
+        return Err(Error::invalid(
+            "execute",
+            format!("schedule wants to {what} rank {peer}, but there is no link to it"),
+        ));
+    }
+    Ok(&mut qs[peer])
+}
