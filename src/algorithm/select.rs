@@ -35,8 +35,8 @@
 //!      chunk: tuning::LinkModel::chunk_for; ring order: piece by piece on one node over
 //!        shared memory, else a wave
 //! 4. device buffers (DeviceComm): CUDA IPC when every rank is on this host, else staged
-//!    through pinned host memory (decided when the DeviceComm is made); an IPC
-//!    all-reduce window runs in one shot or two (device_all_reduce())
+//!    through pinned host memory (device_path(), once, when the DeviceComm is made); an
+//!    IPC all-reduce window runs in one shot or two (device_all_reduce())
 //! ```
 //!
 //! | limit | value | what it bounds |
@@ -365,6 +365,54 @@ pub fn candidate(algo: Algo, shape: &Shape, bytes: usize) -> bool {
     }
 }
 
+/// How device buffers travel between ranks ([`device_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DevicePath {
+    /// [`DevicePath::Ipc`] when every rank runs on this host, else [`DevicePath::Staged`].
+    Auto,
+    /// Peers read each other's device memory through CUDA IPC. Every rank must run on
+    /// one host.
+    Ipc,
+    /// Chunks pass through pinned host memory and the host communicator's collectives.
+    Staged,
+}
+
+impl DevicePath {
+    /// `auto`, `ipc` or `staged`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DevicePath::Auto => "auto",
+            DevicePath::Ipc => "ipc",
+            DevicePath::Staged => "staged",
+        }
+    }
+
+    /// Parses [`DevicePath::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [DevicePath::Auto, DevicePath::Ipc, DevicePath::Staged]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+impl fmt::Display for DevicePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path a `DeviceComm` takes for all its calls, given the one `asked` for and
+/// whether every rank runs on this host (`all_local`): never `Auto`; `None` when
+/// [`DevicePath::Ipc`] was asked for across hosts, which cannot work (CUDA IPC maps
+/// memory between processes of one host only).
+pub fn device_path(asked: DevicePath, all_local: bool) -> Option<DevicePath> {
+    match asked {
+        DevicePath::Auto | DevicePath::Ipc if all_local => Some(DevicePath::Ipc),
+        DevicePath::Auto | DevicePath::Staged => Some(DevicePath::Staged),
+        DevicePath::Ipc => None,
+    }
+}
+
 /// One shot or two for a device all-reduce window of `window` bytes on the CUDA IPC
 /// path; `shared_gpu` when the ranks share one GPU, `configured` from
 /// `HETCCL_DEVICE_ONE_SHOT_BYTES`.
@@ -505,6 +553,21 @@ impl fmt::Display for Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_buffers_take_ipc_on_one_host_and_staging_across_hosts() {
+        use DevicePath::{Auto, Ipc, Staged};
+        assert_eq!(device_path(Auto, true), Some(Ipc));
+        assert_eq!(device_path(Auto, false), Some(Staged));
+        assert_eq!(device_path(Ipc, true), Some(Ipc));
+        assert_eq!(device_path(Ipc, false), None);
+        assert_eq!(device_path(Staged, true), Some(Staged));
+        assert_eq!(device_path(Staged, false), Some(Staged));
+        for p in [Auto, Ipc, Staged] {
+            assert_eq!(DevicePath::parse(p.name()), Some(p));
+        }
+        assert_eq!(DevicePath::parse("nvlink"), None);
+    }
     use crate::topology::{cpu_nodes, Topology};
 
     /// What the communicator would tell [`select`] about `t` under the default settings

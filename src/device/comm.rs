@@ -42,6 +42,7 @@ use super::ipc::IpcScratch;
 use super::kernels::{reduce_finalize_ptr, GpuElement};
 use super::staged::Slot;
 use crate::algorithm::call::{check, Call, CallHeader, Engine, HEADER_WORDS};
+use crate::algorithm::select;
 use crate::communicator::Communicator;
 use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -82,41 +83,7 @@ impl Laps {
     }
 }
 
-/// How device buffers travel between ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DevicePath {
-    /// [`DevicePath::Ipc`] when every rank runs on this host, else [`DevicePath::Staged`].
-    Auto,
-    /// Peers read each other's device memory through CUDA IPC. Every rank must run on
-    /// one host.
-    Ipc,
-    /// Chunks pass through pinned host memory and the host communicator's collectives.
-    Staged,
-}
-
-impl DevicePath {
-    /// `auto`, `ipc` or `staged`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DevicePath::Auto => "auto",
-            DevicePath::Ipc => "ipc",
-            DevicePath::Staged => "staged",
-        }
-    }
-
-    /// Parses [`DevicePath::name`].
-    pub fn parse(s: &str) -> Option<Self> {
-        [DevicePath::Auto, DevicePath::Ipc, DevicePath::Staged]
-            .into_iter()
-            .find(|p| p.name() == s)
-    }
-}
-
-impl fmt::Display for DevicePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::algorithm::select::DevicePath;
 
 /// Collectives on device buffers of one GPU per rank, coordinated by a host
 /// [`Communicator`] (see the module documentation for the protocol).
@@ -248,28 +215,23 @@ impl DeviceComm {
         }
         let rank = comm.rank();
         let all_local = comm.local_size() == comm.world_size();
-        let path = match path {
-            DevicePath::Auto if all_local => DevicePath::Ipc,
-            DevicePath::Auto | DevicePath::Staged => DevicePath::Staged,
-            DevicePath::Ipc if all_local => DevicePath::Ipc,
-            DevicePath::Ipc => {
-                let topo = comm.topology();
-                let mine = topo.node_of[rank];
-                let away: Vec<String> = (0..comm.world_size())
-                    .filter(|&q| topo.node_of[q] != mine)
-                    .map(|q| format!("{q} ({})", topo.ranks[q].hostname))
-                    .collect();
-                return Err(Error::Device {
-                    op: op.to_string(),
-                    detail: format!(
-                        "CUDA IPC needs every rank on one host, but ranks {} run on other hosts \
-                         than rank {rank} ({}); GPUs of different hosts need DevicePath::Staged \
-                         (or Auto)",
-                        away.join(", "),
-                        topo.ranks[rank].hostname
-                    ),
-                });
-            }
+        let Some(path) = select::device_path(path, all_local) else {
+            let topo = comm.topology();
+            let mine = topo.node_of[rank];
+            let away: Vec<String> = (0..comm.world_size())
+                .filter(|&q| topo.node_of[q] != mine)
+                .map(|q| format!("{q} ({})", topo.ranks[q].hostname))
+                .collect();
+            return Err(Error::Device {
+                op: op.to_string(),
+                detail: format!(
+                    "CUDA IPC needs every rank on one host, but ranks {} run on other hosts \
+                     than rank {rank} ({}); GPUs of different hosts need DevicePath::Staged \
+                     (or Auto)",
+                    away.join(", "),
+                    topo.ranks[rank].hostname
+                ),
+            });
         };
         tracing::info!(
             target: "hetccl::device",
@@ -660,13 +622,5 @@ mod tests {
             "rank 1: all_reduce #0 does not match what peer 0 sent: peer 0 refused its \
              #0 all_reduce bf16 x 7 (sum) (its own error says why)"
         );
-    }
-
-    #[test]
-    fn paths_parse_by_name() {
-        for p in [DevicePath::Auto, DevicePath::Ipc, DevicePath::Staged] {
-            assert_eq!(DevicePath::parse(p.name()), Some(p));
-        }
-        assert_eq!(DevicePath::parse("nvlink"), None);
     }
 }
