@@ -233,11 +233,10 @@ pub fn check(
         ));
     }
     if theirs.wire != mine.wire {
+        // The inverse of `wire_tag`, for any byte a peer may have written.
         let name = |w: u8| match w {
             0 => "uncompressed",
-            1 => "fp16",
-            2 => "bf16",
-            _ => "unknown",
+            t => WireFormat::from_u8(t - 1).map_or("unknown", WireFormat::name),
         };
         return Err(format!(
             "expected {} payload, received {} (compression settings differ between ranks)",
