@@ -2,8 +2,11 @@
 
 use std::path::PathBuf;
 
+use super::checkpoint;
 use super::config::{RunOptions, Settings, TrainConfig};
-use super::files::Origin;
+use super::files::{shown, DataFile, Origin};
+use super::hf;
+use super::tokenizer::VOCAB_MAX_BYTES;
 use crate::error::{Error, Result};
 
 /// Most ranks `--sim-ranks` runs as threads.
@@ -11,8 +14,16 @@ pub const MAX_SIM_RANKS: usize = 1024;
 
 /// Pretrain a BERT masked-LM on a text corpus, data-parallel over hetccl ranks.
 #[derive(Debug, clap::Parser)]
-#[command(name = "hetccl-bert", version, allow_negative_numbers = true)]
+#[command(
+    name = "hetccl-bert",
+    version,
+    allow_negative_numbers = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Something else than training.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML settings file (keys as the flags, snake_case; paths in it are relative to
     /// it); flags override it.
     #[arg(long)]
@@ -29,6 +40,11 @@ pub struct Cli {
     /// Continue from a checkpoint (its settings win over the flags).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start from the weights of a Hugging Face BertForMaskedLM directory
+    /// (model.safetensors, config.json; its vocab.txt unless --vocab is given). The model's
+    /// shape is the directory's.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Metrics as JSON lines.
     #[arg(long, default_value = "runs/metrics.jsonl")]
     pub metrics_out: PathBuf,
@@ -44,6 +60,65 @@ pub struct Cli {
     /// Run this many ranks as threads of this process (no communicator needed), 1 to 1024.
     #[arg(long, default_value_t = 1)]
     pub sim_ranks: usize,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Write a checkpoint's model in a format other programs read.
+    Export(ExportArgs),
+}
+
+/// `hetccl-bert export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Write a Hugging Face BertForMaskedLM directory (model.safetensors, config.json,
+    /// vocab.txt), created if needed.
+    #[arg(long, value_name = "DIR")]
+    pub hf: PathBuf,
+    /// The checkpoint to export.
+    #[arg(long, default_value = "runs/hetccl-bert.ckpt")]
+    pub checkpoint: PathBuf,
+    /// The vocabulary the model was trained with (default: data/bert-base-uncased-vocab.txt,
+    /// built in).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+}
+
+impl ExportArgs {
+    /// Writes the checkpoint's parameters as a Hugging Face directory; returns what to
+    /// tell the user.
+    pub fn run(&self) -> Result<String> {
+        let ck = checkpoint::load(&self.checkpoint)?;
+        let vocab = self
+            .vocab
+            .clone()
+            .map_or_else(DataFile::builtin_vocab, |p| {
+                DataFile::from(p).with_origin(Origin::Flag("--vocab"))
+            });
+        let text = vocab.read_text("vocabulary", VOCAB_MAX_BYTES)?;
+        let model = &ck.meta.config.model;
+        hf::export(&self.hf, model, &ck.params, &text).map_err(|e| match e {
+            Error::InvalidArgument { reason, .. } => Error::invalid(
+                "hetccl-bert export",
+                format!(
+                    "{} with {vocab}: {reason}",
+                    shown(&self.checkpoint).display()
+                ),
+            ),
+            e => e,
+        })?;
+        Ok(format!(
+            "wrote {} ({}, {}, {}): step {} of {}, {} parameters",
+            shown(&self.hf).display(),
+            hf::WEIGHTS_FILE,
+            hf::CONFIG_FILE,
+            hf::VOCAB_FILE,
+            ck.meta.step,
+            shown(&self.checkpoint).display(),
+            ck.meta.num_params
+        ))
+    }
 }
 
 impl Cli {
@@ -78,8 +153,50 @@ impl Cli {
                 _ => Origin::Flag(flag),
             };
         let data_origin = origin("data", "--data", flags.data.is_none());
-        let vocab_origin = origin("vocab", "--vocab", flags.vocab.is_none());
-        let (cfg, mut run) = base.merge(flags.clone()).resolve(default_threads)?;
+        let mut vocab_origin = origin("vocab", "--vocab", flags.vocab.is_none());
+        let mut merged = base.merge(flags.clone());
+        let hf_shape = match &self.init_from {
+            Some(dir) => {
+                let shape = hf::model_config(dir)?;
+                if merged.vocab.is_none() {
+                    if let Some(v) = hf::vocab_path(dir) {
+                        merged.vocab = Some(v);
+                        vocab_origin = Origin::Flag("--init-from");
+                    }
+                }
+                Some((dir, shape))
+            }
+            None => None,
+        };
+        let (mut cfg, mut run) = merged.resolve(default_threads)?;
+        if let Some((dir, shape)) = hf_shape {
+            // The directory decides the shape; settings that name one must agree with it.
+            let m = &merged;
+            let asked = m.model.is_some()
+                || [
+                    m.layers,
+                    m.hidden,
+                    m.heads,
+                    m.ffn,
+                    m.vocab_size,
+                    m.max_position,
+                ]
+                .iter()
+                .any(Option::is_some);
+            if asked {
+                hf::check_shape(dir, &shape, &cfg.model).map_err(|e| match e {
+                    Error::HfModel { path, reason } => Error::HfModel {
+                        path,
+                        reason: format!(
+                            "{reason} (leave the model settings out to take the directory's shape)"
+                        ),
+                    },
+                    e => e,
+                })?;
+            }
+            cfg.model = shape;
+            run.init_from = Some(dir.clone());
+        }
         cfg.validate(1)?;
         run.data = run.data.with_origin(data_origin);
         run.vocab = run.vocab.with_origin(vocab_origin);

@@ -319,6 +319,8 @@ pub struct RunOptions {
     pub checkpoint_every: u64,
     /// Continue from this checkpoint.
     pub resume: Option<PathBuf>,
+    /// Start from the weights of this Hugging Face directory instead of a random init.
+    pub init_from: Option<PathBuf>,
     /// Metrics, one JSON object per line.
     pub metrics_out: Option<PathBuf>,
     /// Loss-curve PNG.
@@ -585,6 +587,7 @@ impl Settings {
             checkpoint: None,
             checkpoint_every: self.checkpoint_every.unwrap_or(0),
             resume: None,
+            init_from: None,
             metrics_out: None,
             plot_out: None,
             log_every,

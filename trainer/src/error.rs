@@ -47,6 +47,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A Hugging Face model directory's file was refused, or could not be written (which
+    /// tensor or setting, and what would be accepted, is in `reason`).
+    #[error("Hugging Face model {path}: {reason}")]
+    HfModel {
+        /// The file: `config.json` or `model.safetensors` of the directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The gradient exchange failed: hetccl's error as the communicator (or the thread
     /// group standing in for one) gave it.
     #[error(transparent)]

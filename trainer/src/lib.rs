@@ -38,6 +38,7 @@
 //! | [`optim`] | AdamW, warm-up + linear decay, global-norm clipping |
 //! | [`balance`] | batch shares proportional to rank speed |
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
+//! | [`hf`] | Hugging Face `BertForMaskedLM` directories: export, and a start from one |
 //! | [`checkpoint`] | atomic, checksummed, world-size independent checkpoints |
 //! | [`config`] | settings: defaults, TOML file, flags; value ranges and the memory check |
 //! | [`files`] | bounded reads; where a corpus or vocabulary comes from (the defaults are built in) |
@@ -54,6 +55,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod files;
+pub mod hf;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -537,6 +537,12 @@ impl<T: Real> Model<T> {
         &self.layout
     }
 
+    /// The cross-entropy of each masked position in the last forward pass (M), in the
+    /// batch's order.
+    pub fn losses(&self) -> &[T] {
+        &self.acts.losses
+    }
+
     fn check_batch(&self, params: &[T], batch: &Batch) -> Result<()> {
         let bad = |reason: String| Err(Error::invalid("Model::forward", reason));
         let (b, t) = (batch.batch, batch.seq_len);

@@ -197,6 +197,29 @@ pub fn sum_lanes<T: Real>(v: &[T]) -> T {
     s
 }
 
+/// Σ v in f64, in `LANES` partial sums (the same order as [`sum_lanes`], so for f64 input
+/// the same result).
+///
+/// For the softmax denominator over the vocabulary: on a confident row one term is 1 and
+/// thirty thousand others sit below half an f32 ulp of it, so an f32 total holding the 1
+/// drops them whole (6e-5 of the log-sum-exp on such rows). Widening costs one conversion
+/// per term, next to the C multiply-adds each logit took to compute.
+pub fn sum_lanes_f64<T: Real>(v: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += c[k].to_f64();
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &x in rest {
+        s += x.to_f64();
+    }
+    s
+}
+
 /// Σ a⊙b, in `LANES` partial sums.
 pub fn dot_lanes<T: Real>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
@@ -780,6 +803,10 @@ pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T], n: usize) {
 /// Row-wise softmax of `logits` into `probs`, and `losses[i] = -ln probs[i, targets[i]]`
 /// computed from the log-sum-exp (never `ln 0`).
 ///
+/// The denominator and its logarithm are taken in f64 whatever `T` is (see
+/// [`sum_lanes_f64`]): in f32 the loss is then within f32 rounding of the exponentials,
+/// confident rows included; in f64 nothing changes.
+///
 /// losses (N); probs, logits (N,V); targets (N).
 pub fn softmax_crossentropy_forward<T: Real>(
     losses: &mut [T],
@@ -799,12 +826,12 @@ pub fn softmax_crossentropy_forward<T: Real>(
             for (pj, &x) in p.iter_mut().zip(l) {
                 *pj = (x - max).exp();
             }
-            let sum = sum_lanes(p);
-            let inv = T::one() / sum;
+            let sum = sum_lanes_f64(p);
+            let inv = T::from_f64(1.0 / sum);
             for pj in p.iter_mut() {
                 *pj *= inv;
             }
-            *loss = sum.ln() - (l[targets[i] as usize] - max);
+            *loss = T::from_f64(sum.ln() - (l[targets[i] as usize] - max).to_f64());
         });
 }
 
@@ -922,5 +949,47 @@ mod tests {
             argmax_lanes(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]),
             9
         );
+    }
+
+    /// A confident row over BERT's vocabulary: the target's logit 17 to 19 above the
+    /// 30,521 others, so every other term of the softmax denominator is 6e-9 to 4e-8,
+    /// below half an f32 ulp of the running total that holds the target's 1. Eight running
+    /// f32 totals dropped those terms in the lane holding the 1 (loss off by 5.9e-5, a
+    /// tenth of it); the f64 total is off by the f32 rounding of the terms alone.
+    #[test]
+    fn confident_row_log_sum_exp_is_f32_accurate() {
+        let v = 30522;
+        let target = 4321;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let logits: Vec<f32> = (0..v)
+            .map(|j| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (state >> 40) as f64 / (1u64 << 24) as f64;
+                if j == target {
+                    12.0
+                } else {
+                    (-5.0 - 2.0 * u) as f32
+                }
+            })
+            .collect();
+        let max = logits[target] as f64;
+        let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let want = sum.ln();
+        let (mut loss, mut probs) = ([0f32], vec![0f32; v]);
+        softmax_crossentropy_forward(&mut loss, &mut probs, &logits, &[target as u32], 1, v);
+        let err = (loss[0] as f64 - want).abs();
+        assert!(
+            want > 4.0e-4 && want < 7.0e-4,
+            "the row is as confident as meant: loss {want:e}"
+        );
+        assert!(
+            err < 1e-9,
+            "loss {} against f64 {want}: error {err:e}",
+            loss[0]
+        );
+        let p: f64 = probs.iter().map(|&p| p as f64).sum();
+        assert!((p - 1.0).abs() < 1e-6, "probabilities sum to {p}");
     }
 }

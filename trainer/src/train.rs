@@ -30,6 +30,7 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::config::{memory_limit, Balance, RunOptions, TrainConfig};
 use super::data::{make_batch, Corpus, Sampler};
 use super::files::{human_bytes, open_limited, shown, too_large};
+use super::hf;
 use super::model::{init_params, Batch, LossStats, Model};
 use super::optim::{clip_grad_norm, learning_rate, AdamW};
 use super::sync::{GradBuf, GradSync, NoSync, ThreadGroup};
@@ -520,7 +521,10 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
             }
             (ck.params, ck.meta.step)
         }
-        None => (init_params::<f32>(&layout, cfg.seed), 0),
+        None => match &run.init_from {
+            Some(dir) => (hf::import(dir, &cfg.model)?, 0),
+            None => (init_params::<f32>(&layout, cfg.seed), 0),
+        },
     };
     let slow = run.is_slow(rank, world).then_some(run.slowdown);
     let mut r = Run {

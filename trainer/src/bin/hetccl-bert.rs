@@ -4,6 +4,8 @@
 //! hetccl run -n 2 -- hetccl-bert --config configs/bert-tiny.toml     # two local ranks
 //! hetccl-bert --config configs/bert-tiny.toml --sim-ranks 2          # two ranks as threads
 //! hetccl-bert --resume runs/hetccl-bert.ckpt                         # continue exactly
+//! hetccl-bert export --hf runs/hf                                    # for transformers
+//! hetccl-bert --init-from runs/hf --steps 100                        # start from HF weights
 //! ```
 //!
 //! Without `--sim-ranks`, ranks are found the way every hetccl program finds them
@@ -21,7 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use hetccl::config::{CompressMode, InitMethod};
 use hetccl::{Communicator, Config};
-use hetccl_trainer::cli::Cli;
+use hetccl_trainer::cli::{Cli, Command};
 use hetccl_trainer::{
     train, train_threads, with_threads, CompressedSync, Error, Result, SingleProcess,
 };
@@ -52,6 +54,11 @@ fn summary(samples_per_s: f64) -> Result<()> {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(Command::Export(export)) = &cli.command {
+        let done = export.run()?;
+        return writeln!(std::io::stdout(), "{done}")
+            .map_err(|e| Error::io("writing to standard output", e));
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cli.sim_ranks > 1 {
         let (cfg, run) = cli.options((cores / cli.sim_ranks).max(1), cli.sim_ranks)?;
