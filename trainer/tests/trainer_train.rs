@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hetccl_trainer::balance;
 use hetccl_trainer::checkpoint::{self, CheckpointMeta};
 use hetccl_trainer::data::{make_batch, Corpus, Sampler};
 use hetccl_trainer::model::{init_params, Model, ModelConfig};
@@ -228,6 +229,92 @@ fn uneven_split_and_accumulation_keep_the_update() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn the_split_follows_a_rank_slowed_mid_run_and_replays_bit_for_bit() {
+    let dir = scratch("follow");
+    let (mut cfg, mut run) = setup(&dir, 16, 16);
+    // Longer sequences than the other tests: steps of tens of milliseconds, so that the
+    // scheduler's time slices on a shared machine blur the speeds less.
+    cfg.seq_len = 64;
+    cfg.model.max_position = 64;
+    run.balance = Balance::Auto;
+    run.slowdown = 3.0;
+    run.slow_ranks = Some(vec![1]);
+    run.slowdown_from = 4;
+    run.metrics_out = Some(dir.join("full.jsonl"));
+    run.checkpoint = Some(dir.join("full.ckpt"));
+    let full = train_threads(&cfg, &run, 2).unwrap();
+    let splits = &full[0].splits;
+    println!("splits: {splits:?}");
+    // Rank 1 at a third of rank 0's speed from step 4: 12 + 4 is the proportional split.
+    // Steps of a few milliseconds on a shared machine time noisily, so 10 + 6 to 14 + 2
+    // are accepted; the equal 8 + 8 and its neighbour are not.
+    let last = splits.last().unwrap();
+    assert!((2..=6).contains(&last.micro[1]), "{splits:?}");
+    assert!(last.step > 4 && last.step < 16, "{splits:?}");
+    assert_eq!(full[0].steps.last().unwrap().split, last.micro);
+    for s in &full[0].steps {
+        assert_eq!(s.split.iter().sum::<usize>(), 16);
+        assert_eq!(Some(&s.split[..]), balance::split_at(splits, s.step));
+    }
+    assert_eq!(
+        &checkpoint::load(&dir.join("full.ckpt"))
+            .unwrap()
+            .meta
+            .splits,
+        splits
+    );
+    assert_eq!(full[0].splits, full[1].splits);
+
+    // The recorded splits again, stopped at step 9 and resumed: the same numbers.
+    run.balance = Balance::Equal;
+    run.slowdown = 1.0;
+    run.replay_splits = Some(dir.join("full.jsonl"));
+    run.metrics_out = Some(dir.join("replay.jsonl"));
+    run.checkpoint = Some(dir.join("part.ckpt"));
+    run.stop_after = Some(9);
+    let first = train_threads(&cfg, &run, 2).unwrap();
+    let meta = checkpoint::load(&dir.join("part.ckpt")).unwrap().meta;
+    let until: Vec<_> = splits.iter().filter(|c| c.step <= 9).cloned().collect();
+    assert_eq!(meta.splits, until);
+    run.stop_after = None;
+    run.resume = Some(dir.join("part.ckpt"));
+    run.checkpoint = Some(dir.join("rest.ckpt"));
+    let rest = train_threads(&cfg, &run, 2).unwrap();
+    let losses =
+        |r: &[hetccl_trainer::StepRecord]| r.iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&first[0].steps), losses(&full[0].steps[..9]));
+    assert_eq!(losses(&rest[0].steps), losses(&full[0].steps[9..]));
+    let bits = |p: &[f32]| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&rest[0].params), bits(&full[0].params));
+    assert_eq!(&rest[0].splits, splits);
+
+    // A resume without the replay starts from the split in force at its step.
+    run.replay_splits = None;
+    run.balance = Balance::Auto;
+    run.checkpoint = None;
+    let live = train_threads(&cfg, &run, 2).unwrap();
+    assert_eq!(
+        Some(&live[0].steps[0].split[..]),
+        balance::split_at(splits, 9)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn replaying_splits_refuses_a_file_without_them() {
+    let dir = scratch("noreplay");
+    let (cfg, mut run) = setup(&dir, 2, 4);
+    std::fs::write(dir.join("m.jsonl"), "{\"kind\":\"eval\",\"step\":0}\n").unwrap();
+    run.replay_splits = Some(dir.join("m.jsonl"));
+    let e = train_threads(&cfg, &run, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("m.jsonl has no train records with a split"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn tiny_meta() -> CheckpointMeta {
     let (cfg, _) = Settings::default().resolve(1).unwrap();
     CheckpointMeta {
@@ -238,6 +325,7 @@ fn tiny_meta() -> CheckpointMeta {
         config: cfg,
         corpus_digest: "00".into(),
         num_params: 3,
+        splits: Vec::new(),
     }
 }
 
