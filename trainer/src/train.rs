@@ -104,6 +104,9 @@ pub struct TrainReport {
     pub params: Vec<f32>,
     /// Global samples per second over the run (steps only, evaluation excluded).
     pub samples_per_s: f64,
+    /// The validation loss of a model that knows only word frequencies
+    /// ([`Sampler::unigram_loss`]): the line a model that learns more ends below.
+    pub unigram_loss: f64,
 }
 
 /// Output for people: a progress bar and log lines on rank 0, nothing elsewhere.
@@ -410,6 +413,8 @@ struct Run<'a> {
     grads: GradBuf,
     opt: AdamW,
     corpus_digest: String,
+    /// [`TrainReport::unigram_loss`].
+    unigram: f64,
     /// Splits from the first step on, the one in force last.
     splits: Vec<SplitChange>,
     /// The recorded splits this run repeats (`--replay-splits`).
@@ -610,6 +615,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         Some(p) => Some(read_splits(p)?),
         None => None,
     };
+    let unigram = sampler.unigram_loss(cfg.val_samples);
     let mut r = Run {
         grads: sync.alloc_grads(layout.total)?,
         micro: balance::split_equal(cfg.micro_batch_global(), world)?,
@@ -623,6 +629,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         params,
         opt,
         corpus_digest: corpus.digest.clone(),
+        unigram,
         splits,
         replay,
         follower: None,
@@ -860,11 +867,18 @@ impl Run<'_> {
             self.cfg.grad_accum,
             self.run.threads,
         ))?;
+        rep.say(&format!(
+            "unigram entropy {:.4} nats: the validation loss of a model that knows only word \
+             frequencies",
+            self.unigram
+        ))?;
         if start == 0 {
             let e = self.evaluate(0)?;
             rep.say(&format!(
-                "step 0: val loss {:.4} | val acc {:.3}",
-                e.val_loss, e.val_accuracy
+                "step 0: val loss {:.4} ({:+.4} against unigram) | val acc {:.3}",
+                e.val_loss,
+                e.val_loss - self.unigram,
+                e.val_accuracy
             ))?;
             rep.metric("eval", &e)?;
             report.evals.push(e);
@@ -888,7 +902,12 @@ impl Run<'_> {
             }
             if done % self.run.log_every == 0 || done == end || eval.is_some() {
                 let val = eval.as_ref().map_or(String::new(), |e| {
-                    format!(" | val loss {:.4} acc {:.3}", e.val_loss, e.val_accuracy)
+                    format!(
+                        " | val loss {:.4} ({:+.4} against unigram) acc {:.3}",
+                        e.val_loss,
+                        e.val_loss - self.unigram,
+                        e.val_accuracy
+                    )
                 });
                 rep.say(&format!(
                     "step {done:>5}/{} | loss {:.4} acc {:.3}{val} | lr {:.2e} | norm {:.3} | {:.0} ms compute {:.0} ms comm | {:.0} tok/s",
@@ -911,10 +930,23 @@ impl Run<'_> {
                 (Some(m), true) => read_metrics(m, end),
                 _ => Ok((report.steps.clone(), report.evals.clone())),
             };
-            match records.and_then(|(steps, evals)| super::plot::plot_losses(path, &steps, &evals))
-            {
-                Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
-                Err(e) => rep.say(&format!("no loss plot: {e}"))?,
+            let (steps, evals) = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    rep.say(&format!("no plots: {e}"))?;
+                    (Vec::new(), Vec::new())
+                }
+            };
+            if !steps.is_empty() || !evals.is_empty() {
+                match super::plot::plot_losses(path, &steps, &evals, Some(self.unigram)) {
+                    Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
+                    Err(e) => rep.say(&format!("no loss plot: {e}"))?,
+                }
+                let ranks = super::plot::ranks_path(path);
+                match super::plot::plot_ranks(&ranks, &steps, self.cfg.grad_accum) {
+                    Ok(()) => rep.say(&format!("ranks' speeds and shares: {}", ranks.display()))?,
+                    Err(e) => rep.say(&format!("no ranks plot: {e}"))?,
+                }
             }
         }
         let steps_run = end.saturating_sub(start) as f64;
@@ -923,6 +955,7 @@ impl Run<'_> {
         report.params = std::mem::take(&mut self.params);
         report.micro_batches = self.micro.clone();
         report.splits = std::mem::take(&mut self.splits);
+        report.unigram_loss = self.unigram;
         Ok(report)
     }
 
