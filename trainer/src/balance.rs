@@ -1,10 +1,22 @@
-//! Splitting a global batch over ranks of different speeds.
+//! Splitting a global batch over ranks of different speeds, and following the speeds as
+//! they drift.
+//!
+//! [`split_batch`] turns speeds into whole-sample shares. [`Follower`] is the rule that
+//! re-splits during a run: every rank feeds it the same all-gathered per-step speeds, so
+//! every rank takes the same decisions at the same steps. It is a pure state machine
+//! (no clocks, no I/O); the training loop measures and applies.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Splits `global` samples over ranks in proportion to `speeds` (samples/s), every rank
-/// getting at least one: largest-remainder rounding (ties to the lower rank), then ranks
-/// rounded down to 0 take one sample each from the largest share.
+/// Splits `global` samples over ranks of `speeds` (samples/s) so that the slowest rank
+/// finishes first: every rank gets one sample, then each further sample goes to the rank
+/// that would finish it soonest, `(share + 1) / speed` (ties to the lower rank). This is
+/// the whole-sample split with the least `max share / speed`; shares are proportional to
+/// the speeds where whole samples allow.
 ///
 /// Every rank computes this from the same all-gathered speeds, so all agree.
 pub fn split_batch(global: usize, speeds: &[f64]) -> Result<Vec<usize>> {
@@ -21,32 +33,29 @@ pub fn split_batch(global: usize, speeds: &[f64]) -> Result<Vec<usize>> {
             format!("speeds must be positive: {speeds:?}"),
         ));
     }
+    // Start below the optimum: each rank's floor of its proportional quota (at least 1)
+    // finishes no later than `global / Σ speeds`, which no split beats. Filling up one
+    // sample at a time from there keeps the greedy exact without `global × n` steps.
     let total: f64 = speeds.iter().sum();
-    let quota: Vec<f64> = speeds.iter().map(|s| global as f64 * s / total).collect();
-    let mut share: Vec<usize> = quota.iter().map(|q| q.floor() as usize).collect();
-    let mut left = global - share.iter().sum::<usize>().min(global);
-    let mut order: Vec<usize> = (0..n).collect();
-    // Stable sort: equal remainders keep rank order.
-    order.sort_by(|&a, &b| {
-        let (ra, rb) = (quota[a] - quota[a].floor(), quota[b] - quota[b].floor());
-        rb.total_cmp(&ra)
-    });
-    for &r in order.iter().cycle() {
-        if left == 0 {
-            break;
-        }
-        share[r] += 1;
-        left -= 1;
+    let mut share: Vec<usize> = speeds
+        .iter()
+        .map(|s| ((global as f64 * s / total).floor() as usize).max(1))
+        .collect();
+    if share.iter().sum::<usize>() > global {
+        share = vec![1; n];
     }
-    for r in 0..n {
-        if share[r] == 0 {
-            let donor = (0..n)
-                .filter(|&d| share[d] > 1)
-                .max_by(|&a, &b| share[a].cmp(&share[b]).then(b.cmp(&a)))
-                .ok_or_else(|| Error::invalid("split_batch", "no rank can spare a sample"))?;
-            share[donor] -= 1;
-            share[r] = 1;
+    for _ in share.iter().sum::<usize>()..global {
+        let mut best = 0;
+        for r in 1..n {
+            let (tb, tr) = (
+                (share[best] + 1) as f64 / speeds[best],
+                (share[r] + 1) as f64 / speeds[r],
+            );
+            if tr < tb {
+                best = r;
+            }
         }
+        share[best] += 1;
     }
     Ok(share)
 }
@@ -56,12 +65,271 @@ pub fn split_equal(global: usize, n: usize) -> Result<Vec<usize>> {
     split_batch(global, &vec![1.0; n])
 }
 
+/// The time a step takes with `split` at `speeds`: the slowest rank's share over its speed.
+pub fn step_time(split: &[usize], speeds: &[f64]) -> f64 {
+    split
+        .iter()
+        .zip(speeds)
+        .map(|(&b, &s)| b as f64 / s)
+        .fold(0.0, f64::max)
+}
+
+/// A split in force from `step` on (samples per micro-batch of every rank).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitChange {
+    /// First step run with it.
+    pub step: u64,
+    /// Samples per micro-batch, by rank.
+    pub micro: Vec<usize>,
+}
+
+/// The split in force at `step` among `changes` (in step order): the last one at or
+/// before it.
+pub fn split_at(changes: &[SplitChange], step: u64) -> Option<&[usize]> {
+    changes
+        .iter()
+        .take_while(|c| c.step <= step)
+        .last()
+        .map(|c| c.micro.as_slice())
+}
+
+/// When the batch is split again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rebalance {
+    /// Re-split only when the current split's step is predicted this much slower than the
+    /// best split's (0.08: 8 %). The dead band keeps two splits one sample apart, whose
+    /// times differ by less, from taking turns.
+    pub threshold: f64,
+    /// Steps at a split before it may change, and the steps whose per-rank median speed
+    /// decides: the speeds measured at the old split say little about the new one (a
+    /// smaller share runs less efficiently), and one step's noise in fewer than half of
+    /// them never re-splits.
+    pub dwell: usize,
+}
+
+impl Default for Rebalance {
+    fn default() -> Self {
+        Rebalance {
+            threshold: 0.08,
+            dwell: 3,
+        }
+    }
+}
+
+/// Decides from the steps' measured speeds when to re-split (see [`Rebalance`]).
+#[derive(Clone, Debug)]
+pub struct Follower {
+    rule: Rebalance,
+    global: usize,
+    /// Per-step speeds of every rank, the last `dwell` steps since the last re-split,
+    /// newest last.
+    seen: VecDeque<Vec<f64>>,
+}
+
+impl Follower {
+    /// A follower for splits of `global` samples.
+    pub fn new(global: usize, rule: Rebalance) -> Follower {
+        Follower {
+            rule,
+            global,
+            seen: VecDeque::new(),
+        }
+    }
+
+    /// Takes one step's speeds (samples/s of compute, by rank), measured at `split`, and
+    /// returns the split for the next step when the shares are off by more than the
+    /// threshold. Speeds that are not positive and finite (a rank with no measurable
+    /// compute) are not counted.
+    pub fn observe(&mut self, split: &[usize], speeds: &[f64]) -> Option<Vec<usize>> {
+        if speeds.len() != split.len() || speeds.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return None;
+        }
+        self.seen.push_back(speeds.to_vec());
+        let dwell = self.rule.dwell.max(1);
+        while self.seen.len() > dwell {
+            self.seen.pop_front();
+        }
+        if self.seen.len() < dwell {
+            return None;
+        }
+        let seen: Vec<Vec<f64>> = self.seen.iter().cloned().collect();
+        let next = resplit(self.global, split, &seen, self.rule.threshold)?;
+        self.seen.clear();
+        Some(next)
+    }
+}
+
+/// The re-split rule on its own: the per-rank median of `seen` (one speed vector a step)
+/// is the speed estimate; the best whole-sample split for it replaces `split` when
+/// `split`'s predicted step time exceeds the best's by more than `threshold`.
+pub fn resplit(
+    global: usize,
+    split: &[usize],
+    seen: &[Vec<f64>],
+    threshold: f64,
+) -> Option<Vec<usize>> {
+    let n = split.len();
+    if seen.is_empty() || seen.iter().any(|s| s.len() != n) {
+        return None;
+    }
+    let speeds: Vec<f64> = (0..n)
+        .map(|r| {
+            let mut v: Vec<f64> = seen.iter().map(|s| s[r]).collect();
+            v.sort_by(f64::total_cmp);
+            let m = v.len() / 2;
+            if v.len() % 2 == 1 {
+                v[m]
+            } else {
+                0.5 * (v[m - 1] + v[m])
+            }
+        })
+        .collect();
+    let best = split_batch(global, &speeds).ok()?;
+    if best == split {
+        return None;
+    }
+    let (now, then) = (step_time(split, &speeds), step_time(&best, &speeds));
+    (now > then * (1.0 + threshold)).then_some(best)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every split of `global` over n ranks with at least one each, for the brute force.
+    fn all_splits(global: usize, n: usize) -> Vec<Vec<usize>> {
+        if n == 1 {
+            return vec![vec![global]];
+        }
+        (1..=global - (n - 1))
+            .flat_map(|first| {
+                all_splits(global - first, n - 1)
+                    .into_iter()
+                    .map(move |mut rest| {
+                        rest.insert(0, first);
+                        rest
+                    })
+            })
+            .collect()
+    }
+
     #[test]
-    fn proportional_with_largest_remainder() {
+    fn the_split_is_the_fastest_in_whole_samples() {
+        let cases: &[&[f64]] = &[
+            &[1.0, 0.5],
+            &[1.857, 1.0],
+            &[3.0, 1.0, 0.7],
+            &[1.0, 1.0, 0.01],
+            &[0.31, 0.29, 0.9, 0.5],
+        ];
+        for speeds in cases {
+            for global in speeds.len()..=20 {
+                let got = split_batch(global, speeds).unwrap();
+                assert_eq!(got.iter().sum::<usize>(), global);
+                let best = all_splits(global, speeds.len())
+                    .iter()
+                    .map(|s| step_time(s, speeds))
+                    .fold(f64::MAX, f64::min);
+                assert!(
+                    step_time(&got, speeds) <= best * (1.0 + 1e-12),
+                    "{speeds:?} {global}: {got:?} takes {}, best {best}",
+                    step_time(&got, speeds)
+                );
+            }
+        }
+        // A rank at half speed, 16 samples: 11 + 5 (5.5 units) beats the 10 + 6 (6 units)
+        // of rounding the quotas 10.67 and 5.33 to the nearest.
+        assert_eq!(split_batch(16, &[1.0, 0.5]).unwrap(), [11, 5]);
+        // Quotas 10.4 and 5.6: nearest rounding would give 10 + 6 (6.0), 11 + 5 takes 5.92.
+        assert_eq!(split_batch(16, &[1.857, 1.0]).unwrap(), [11, 5]);
+        assert_eq!(split_batch(64, &[1.0, 0.5]).unwrap(), [43, 21]);
+    }
+
+    #[test]
+    fn split_at_finds_the_change_in_force() {
+        let c = [
+            SplitChange {
+                step: 0,
+                micro: vec![8, 8],
+            },
+            SplitChange {
+                step: 5,
+                micro: vec![11, 5],
+            },
+        ];
+        assert_eq!(split_at(&c, 0), Some(&[8, 8][..]));
+        assert_eq!(split_at(&c, 4), Some(&[8, 8][..]));
+        assert_eq!(split_at(&c, 5), Some(&[11, 5][..]));
+        assert_eq!(split_at(&c, 99), Some(&[11, 5][..]));
+        assert_eq!(split_at(&c[1..], 4), None);
+    }
+
+    #[test]
+    fn resplit_needs_more_than_the_threshold() {
+        let seen = |s: &[f64]| vec![s.to_vec(); 3];
+        // Rank 1 at half speed: 8 + 8 takes 8 units, 11 + 5 takes 5.5: 45 % off.
+        assert_eq!(
+            resplit(16, &[8, 8], &seen(&[2.0, 1.0]), 0.08),
+            Some(vec![11, 5])
+        );
+        assert_eq!(resplit(16, &[8, 8], &seen(&[2.0, 1.0]), 0.5), None);
+        // Already the best split: nothing to do, whatever the threshold.
+        assert_eq!(resplit(16, &[11, 5], &seen(&[2.0, 1.0]), 0.0), None);
+        // Speeds drift a little (rank 1 at 0.55 of rank 0): the best split is 10 + 6
+        // (5.45 units against 5.5 for 11 + 5), under 1 % better: inside the dead band.
+        assert_eq!(resplit(16, &[11, 5], &seen(&[2.0, 1.1]), 0.08), None);
+        assert_eq!(
+            resplit(16, &[11, 5], &seen(&[2.0, 1.1]), 0.0),
+            Some(vec![10, 6])
+        );
+        // The median ignores one outlier step in three.
+        let noisy = vec![vec![1.0, 1.0], vec![1.0, 0.1], vec![1.0, 1.0]];
+        assert_eq!(resplit(16, &[8, 8], &noisy, 0.08), None);
+        // Shapes that do not match the split decide nothing.
+        assert_eq!(resplit(16, &[8, 8], &[vec![1.0]], 0.08), None);
+        assert_eq!(resplit(16, &[8, 8], &[], 0.08), None);
+    }
+
+    #[test]
+    fn the_follower_waits_its_dwell_and_follows_a_slowdown() {
+        let rule = Rebalance {
+            threshold: 0.08,
+            dwell: 3,
+        };
+        let mut f = Follower::new(16, rule);
+        let mut split = vec![8, 8];
+        let mut changes = Vec::new();
+        for step in 0..30u64 {
+            // Rank 1 runs at half speed from step 10, with ±3 % jitter.
+            let jitter = 1.0 + 0.03 * ((step * 7 % 5) as f64 - 2.0) / 2.0;
+            let speeds = [
+                100.0,
+                if step >= 10 {
+                    50.0 * jitter
+                } else {
+                    100.0 * jitter
+                },
+            ];
+            if let Some(next) = f.observe(&split, &speeds) {
+                changes.push((step, next.clone()));
+                split = next;
+            }
+        }
+        // One change, once two of the last three steps were slowed, and none back.
+        assert_eq!(changes, [(11, vec![11, 5])]);
+        // Speeds that are not measurable are not counted.
+        let mut f = Follower::new(16, rule);
+        for _ in 0..5 {
+            assert_eq!(f.observe(&[8, 8], &[100.0, 0.0]), None);
+            assert_eq!(f.observe(&[8, 8], &[100.0, f64::NAN]), None);
+        }
+        assert_eq!(f.observe(&[8, 8], &[100.0, 50.0]), None);
+        assert_eq!(f.observe(&[8, 8], &[100.0, 50.0]), None);
+        assert_eq!(f.observe(&[8, 8], &[100.0, 50.0]), Some(vec![11, 5]));
+    }
+
+    #[test]
+    fn proportional_where_whole_samples_allow() {
         assert_eq!(split_batch(16, &[1.0, 3.0]).unwrap(), [4, 12]);
         assert_eq!(split_batch(10, &[1.0, 1.0, 1.0]).unwrap(), [4, 3, 3]);
         // quotas 3.33, 6.67: the larger remainder gets the extra sample

@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::balance::SplitChange;
 use super::config::TrainConfig;
 use super::files::{human_bytes, shown};
 use crate::error::{Error, Result};
@@ -76,6 +77,10 @@ pub struct CheckpointMeta {
     pub corpus_digest: String,
     /// Parameters per tensor block of the payload.
     pub num_params: usize,
+    /// The batch splits of the run up to `step` (the step each took effect), so a resume
+    /// continues with the split in force. Absent in checkpoints of runs that kept none.
+    #[serde(default)]
+    pub splits: Vec<SplitChange>,
 }
 
 /// A loaded checkpoint.

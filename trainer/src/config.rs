@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use hetccl::compression::WireFormat;
 use hetccl::config::CompressMode;
 
+use super::balance::Rebalance;
 use super::files::{human_bytes, read_limited, shown, DataFile};
 use super::model::ModelConfig;
 use super::optim::AdamWConfig;
@@ -247,6 +248,9 @@ pub const MAX_THREADS: usize = 4096;
 /// Largest `slowdown` factor (a slow rank sleeps `factor - 1` times its compute time).
 pub const MAX_SLOWDOWN: f64 = 1000.0;
 
+/// Largest `rebalance_threshold`: a split predicted 10× slower than the best.
+pub const MAX_REBALANCE_THRESHOLD: f64 = 9.0;
+
 /// What [`TrainConfig::memory_estimate`] counts, for one rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryEstimate {
@@ -302,8 +306,12 @@ pub fn memory_limit() -> Option<u64> {
 pub enum Balance {
     /// Equal shares.
     Equal,
-    /// Shares proportional to throughput measured in a short warm-up.
+    /// Shares proportional to throughput measured in a short warm-up, then re-split
+    /// whenever the steps' own compute times show the shares off (see
+    /// [`crate::balance::Follower`]).
     Auto,
+    /// Measured in the warm-up only, kept for the whole run.
+    Start,
 }
 
 /// Settings that do not change the numbers: files, display, balance, speed.
@@ -335,6 +343,13 @@ pub struct RunOptions {
     pub slowdown: f64,
     /// Which ranks `slowdown` applies to (`None`: every rank but 0, or rank 0 alone).
     pub slow_ranks: Option<Vec<usize>>,
+    /// The first step `slowdown` applies to (0: the warm-up too).
+    pub slowdown_from: u64,
+    /// When `Balance::Auto` re-splits.
+    pub rebalance: Rebalance,
+    /// Run with the splits a metrics file recorded, step by step, instead of measuring:
+    /// the numbers of that run again.
+    pub replay_splits: Option<PathBuf>,
     /// Compute threads of this rank.
     pub threads: usize,
     /// Ranks sharing this machine's memory (launched on this host, or threads of this
@@ -354,13 +369,24 @@ pub struct RunOptions {
 impl RunOptions {
     /// Whether `rank` of `world` is artificially slowed.
     pub fn is_slow(&self, rank: usize, world: usize) -> bool {
+        self.slow_factor(rank, world).is_some()
+    }
+
+    /// The slow-down of `rank` of `world` at `step` (the warm-up is step 0), if any.
+    pub fn slow_at(&self, rank: usize, world: usize, step: u64) -> Option<f64> {
+        self.slow_factor(rank, world)
+            .filter(|_| step >= self.slowdown_from)
+    }
+
+    fn slow_factor(&self, rank: usize, world: usize) -> Option<f64> {
         if self.slowdown <= 1.0 {
-            return false;
+            return None;
         }
-        match &self.slow_ranks {
+        let slow = match &self.slow_ranks {
             Some(r) => r.contains(&rank),
             None => world == 1 || rank != 0,
-        }
+        };
+        slow.then_some(self.slowdown)
     }
 }
 
@@ -434,12 +460,24 @@ pub struct Settings {
     /// Vocabulary file (default: data/bert-base-uncased-vocab.txt, built in).
     #[arg(long)]
     pub vocab: Option<PathBuf>,
-    /// equal | auto.
+    /// equal | auto (measured at the start, re-split as speeds drift) | start (measured
+    /// at the start only).
     #[arg(long, value_enum)]
     pub balance: Option<Balance>,
+    /// With --balance auto: re-split when the split's step is predicted this fraction
+    /// slower than the best split's (default 0.08).
+    #[arg(long, allow_hyphen_values = true)]
+    pub rebalance_threshold: Option<f64>,
+    /// Split the batch as the train records of this metrics file did, step by step
+    /// (repeats a balanced run's numbers).
+    #[arg(long)]
+    pub replay_splits: Option<PathBuf>,
     /// Slow ranks take F times their compute time (1 to 1000).
     #[arg(long, allow_hyphen_values = true)]
     pub slowdown: Option<f64>,
+    /// The first step --slowdown applies to (default 0: from the start).
+    #[arg(long)]
+    pub slowdown_from: Option<u64>,
     /// Ranks slowed by --slowdown (comma-separated; default every rank but 0).
     #[arg(long, value_delimiter = ',')]
     pub slow_ranks: Option<Vec<usize>>,
@@ -505,7 +543,8 @@ impl Settings {
         merge_fields!(base, over; model, layers, hidden, heads, ffn, vocab_size, max_position,
             seq_len, batch_size, grad_accum, steps, lr, warmup_steps, weight_decay, grad_clip,
             seed, eval_every, val_samples, log_every, checkpoint_every, data, vocab, balance,
-            slowdown, slow_ranks, threads, compress, compress_format)
+            rebalance_threshold, replay_splits, slowdown, slowdown_from, slow_ranks, threads,
+            compress, compress_format)
     }
 
     /// Fills the defaults and splits into the numeric config and the run options.
@@ -555,6 +594,16 @@ impl Settings {
                 format!("a factor from 1 to {MAX_SLOWDOWN}"),
             );
         }
+        let threshold = self
+            .rebalance_threshold
+            .unwrap_or(Rebalance::default().threshold);
+        if !(0.0..=MAX_REBALANCE_THRESHOLD).contains(&threshold) {
+            return bad(
+                "rebalance_threshold",
+                threshold.to_string(),
+                format!("a fraction from 0 to {MAX_REBALANCE_THRESHOLD}"),
+            );
+        }
         let log_every = self.log_every.unwrap_or(10);
         if log_every == 0 {
             return bad("log_every", "0".into(), "at least 1".into());
@@ -595,6 +644,12 @@ impl Settings {
             balance_probe_steps: 3,
             slowdown,
             slow_ranks: self.slow_ranks.clone(),
+            slowdown_from: self.slowdown_from.unwrap_or(0),
+            rebalance: Rebalance {
+                threshold,
+                ..Rebalance::default()
+            },
+            replay_splits: self.replay_splits.clone(),
             threads,
             local_ranks: 1,
             progress: true,
@@ -816,6 +871,17 @@ mod tests {
                 "invalid value \"10000\" for slowdown: accepted values are a factor from 1 to \
                  1000",
             ),
+            (
+                "rebalance_threshold = -0.1",
+                "invalid value \"-0.1\" for rebalance_threshold: accepted values are a \
+                 fraction from 0 to 9",
+            ),
+            (
+                "rebalance_threshold = 12",
+                "invalid value \"12\" for rebalance_threshold: accepted values are a \
+                 fraction from 0 to 9",
+            ),
+            ("rebalance_threshold = 0.2\nslowdown_from = 40", "ok"),
             ("warmup_steps = 5000", "ok"),
             ("eval_every = 0\ncheckpoint_every = 0\nseed = 0", "ok"),
         ];
@@ -961,5 +1027,22 @@ mod tests {
             assert_eq!(cfg.model, ModelConfig::preset(name).unwrap());
             cfg.validate(1).unwrap();
         }
+    }
+
+    #[test]
+    fn a_slowdown_starts_at_its_step() {
+        let s = Settings::from_toml("slowdown = 2.5\nslowdown_from = 5\nslow_ranks = [1]").unwrap();
+        let (_, run) = s.resolve(1).unwrap();
+        assert_eq!(run.slow_at(1, 2, 4), None);
+        assert_eq!(run.slow_at(1, 2, 5), Some(2.5));
+        assert_eq!(run.slow_at(1, 2, 900), Some(2.5));
+        assert_eq!(run.slow_at(0, 2, 900), None);
+        assert!(run.is_slow(1, 2));
+        let (_, run) = Settings::from_toml("slowdown = 2.5")
+            .unwrap()
+            .resolve(1)
+            .unwrap();
+        assert_eq!(run.slow_at(1, 2, 0), Some(2.5));
+        assert_eq!(run.rebalance, Rebalance::default());
     }
 }

@@ -288,6 +288,31 @@ impl Sampler {
         )
     }
 
+    /// The loss of a model that knows only word frequencies: the mean cross-entropy of the
+    /// masked targets of validation samples `0..val_samples` (those an evaluation
+    /// predicts) under the token frequencies of the training windows. Counts get ½ added
+    /// over the whole vocabulary, so an id the training text never has costs a finite
+    /// amount, as it does a trained model.
+    pub fn unigram_loss(&self, val_samples: usize) -> f64 {
+        let n = self.seq_len - 2;
+        let mut counts = vec![0.5f64; self.vocab_size as usize];
+        for &t in &self.corpus.train[..self.train_windows() * n] {
+            if let Some(c) = counts.get_mut(t as usize) {
+                *c += 1.0;
+            }
+        }
+        let total: f64 = counts.iter().sum();
+        let (mut sum, mut masked) = (0.0, 0usize);
+        for i in 0..val_samples.max(1) as u64 {
+            for &t in &self.val_sample(i).targets {
+                let c = counts.get(t as usize).copied().unwrap_or(0.5);
+                sum -= (c / total).ln();
+                masked += 1;
+            }
+        }
+        sum / masked.max(1) as f64
+    }
+
     /// Validation sample number `i` (window `i mod val_windows`), with fixed masks.
     pub fn val_sample(&self, i: u64) -> Sample {
         let n = self.seq_len - 2;

@@ -18,9 +18,10 @@
 //! cargo run --release --bin hetccl-bert -- --config configs/bert-tiny.toml --sim-ranks 2
 //! # continue an interrupted run exactly where it stopped
 //! cargo run --release --bin hetccl-bert -- --resume runs/hetccl-bert.ckpt
-//! # a heterogeneous pair: rank 1 three times slower, batch shares by measured speed
+//! # a heterogeneous pair: rank 1 three times slower from step 50, batch shares by measured
+//! # speed, re-split when they drift
 //! cargo run --release --bin hetccl-bert -- --config configs/bert-tiny.toml --sim-ranks 2 \
-//!     --slow-ranks 1 --slowdown 3 --balance auto
+//!     --slow-ranks 1 --slowdown 3 --slowdown-from 50 --balance auto
 //! ```
 //!
 //! Outputs go to `runs/` (relative to the working directory): `metrics.jsonl` (one JSON

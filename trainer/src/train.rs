@@ -16,6 +16,15 @@
 //! Because the loss is normalised by the global number of masked tokens, and sample `g`
 //! is the same sequence with the same masks whoever reads it, N ranks with any split of
 //! the batch make the update of one rank with the whole batch (up to float summation order).
+//!
+//! The counters' all-reduce also carries each rank's compute and exposed communication
+//! time (its own slots, zeros elsewhere: a sum that gathers, exact), so every rank sees
+//! every rank's speed at no extra exchange. With `--balance auto` every rank feeds those
+//! speeds to the same [`Follower`](super::balance::Follower), which may re-split the batch
+//! from the next step on; all ranks decide alike because they decide from bitwise the same
+//! values. The splits (the step each took effect) go into the metrics and the checkpoint: a
+//! resume continues with the split in force, and `--replay-splits` repeats a recorded
+//! sequence, so a run's numbers are determined by its settings and its splits.
 
 use std::io::Write;
 use std::path::Path;
@@ -25,7 +34,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::balance;
+use super::balance::{self, Follower, SplitChange};
 use super::checkpoint::{self, CheckpointMeta};
 use super::config::{memory_limit, Balance, RunOptions, TrainConfig};
 use super::data::{make_batch, Corpus, Sampler};
@@ -58,6 +67,15 @@ pub struct StepRecord {
     pub ms_comm: f64,
     /// Tokens per second over all ranks (global batch tokens / step time).
     pub tokens_per_s: f64,
+    /// Samples per micro-batch of every rank at this step.
+    pub split: Vec<usize>,
+    /// Every rank's forward + backward time (ms), slow-down included.
+    pub rank_ms_compute: Vec<f64>,
+    /// Every rank's communication time the compute did not hide (ms), less its waiting.
+    pub rank_ms_comm: Vec<f64>,
+    /// Every rank's time waiting for the slowest rank's compute (ms): the slowest
+    /// compute time less its own.
+    pub rank_ms_wait: Vec<f64>,
 }
 
 /// One validation pass.
@@ -78,12 +96,18 @@ pub struct TrainReport {
     pub steps: Vec<StepRecord>,
     /// Every validation pass.
     pub evals: Vec<EvalRecord>,
-    /// Samples per micro-step of every rank.
+    /// Samples per micro-step of every rank at the end.
     pub micro_batches: Vec<usize>,
+    /// Every split of the run, from the first step (after a resume: the splits of the
+    /// checkpoint, then this run's).
+    pub splits: Vec<SplitChange>,
     /// Parameters at the end.
     pub params: Vec<f32>,
     /// Global samples per second over the run (steps only, evaluation excluded).
     pub samples_per_s: f64,
+    /// The validation loss of a model that knows only word frequencies
+    /// ([`Sampler::unigram_loss`]): the line a model that learns more ends below.
+    pub unigram_loss: f64,
 }
 
 /// Output for people: a progress bar and log lines on rank 0, nothing elsewhere.
@@ -279,6 +303,11 @@ pub fn read_metrics(path: &Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalR
     let mut evals = BTreeMap::new();
     for_each_metric(path, |_, v| {
         let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let nums = |k: &str| -> Vec<f64> {
+            v.get(k)
+                .and_then(|x| x.as_array())
+                .map_or_else(Vec::new, |a| a.iter().filter_map(|x| x.as_f64()).collect())
+        };
         match record_key(v) {
             Some(("train", step)) if step < end => {
                 steps.insert(
@@ -292,6 +321,17 @@ pub fn read_metrics(path: &Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalR
                         ms_compute: num("ms_compute").unwrap_or(0.0),
                         ms_comm: num("ms_comm").unwrap_or(0.0),
                         tokens_per_s: num("tokens_per_s").unwrap_or(0.0),
+                        split: v.get("split").and_then(|x| x.as_array()).map_or_else(
+                            Vec::new,
+                            |a| {
+                                a.iter()
+                                    .filter_map(|x| x.as_u64().map(|b| b as usize))
+                                    .collect()
+                            },
+                        ),
+                        rank_ms_compute: nums("rank_ms_compute"),
+                        rank_ms_comm: nums("rank_ms_comm"),
+                        rank_ms_wait: nums("rank_ms_wait"),
                     },
                 );
             }
@@ -312,11 +352,53 @@ pub fn read_metrics(path: &Path, end: u64) -> Result<(Vec<StepRecord>, Vec<EvalR
     Ok((steps.into_values().collect(), evals.into_values().collect()))
 }
 
+/// The splits a metrics file's train records ran with, as changes (one where the split
+/// differs from the step before).
+pub fn read_splits(path: &Path) -> Result<Vec<SplitChange>> {
+    let (steps, _) = read_metrics(path, u64::MAX)?;
+    let mut changes: Vec<SplitChange> = Vec::new();
+    for s in steps.into_iter().filter(|s| !s.split.is_empty()) {
+        if changes.last().is_none_or(|c| c.micro != s.split) {
+            changes.push(SplitChange {
+                step: s.step,
+                micro: s.split,
+            });
+        }
+    }
+    if changes.is_empty() {
+        return Err(Error::invalid(
+            "replay_splits",
+            format!(
+                "{} has no train records with a split (a metrics file this trainer wrote is \
+                 accepted)",
+                shown(path).display()
+            ),
+        ));
+    }
+    Ok(changes)
+}
+
 /// Makes a slow rank slower: sleeps `(factor - 1) ×` the time just spent computing.
 fn slow_down(factor: Option<f64>, spent: Duration) {
     if let Some(f) = factor {
         std::thread::sleep(spent.mul_f64(f - 1.0));
     }
+}
+
+/// Every rank's samples/s of compute at a step (0 where its compute took no measurable
+/// time).
+pub fn rank_speeds(rec: &StepRecord, grad_accum: usize) -> Vec<f64> {
+    rec.split
+        .iter()
+        .zip(&rec.rank_ms_compute)
+        .map(|(&b, &ms)| {
+            if ms > 0.0 {
+                (b * grad_accum) as f64 * 1e3 / ms
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// The state of one rank's training run.
@@ -332,7 +414,14 @@ struct Run<'a> {
     grads: GradBuf,
     opt: AdamW,
     corpus_digest: String,
-    slow: Option<f64>,
+    /// [`TrainReport::unigram_loss`].
+    unigram: f64,
+    /// Splits from the first step on, the one in force last.
+    splits: Vec<SplitChange>,
+    /// The recorded splits this run repeats (`--replay-splits`).
+    replay: Option<Vec<SplitChange>>,
+    /// Re-splits as speeds drift (`--balance auto`).
+    follower: Option<Follower>,
     /// This rank's first sample and count within each global micro-batch.
     offset: usize,
     micro: Vec<usize>,
@@ -485,7 +574,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
     let model = Model::<f32>::new(cfg.model.clone())?;
     let layout = model.layout().clone();
     let mut opt = AdamW::new(cfg.adamw, &layout);
-    let (params, start) = match resume {
+    let (params, start, splits) = match resume {
         Some(ck) => {
             if ck.meta.corpus_digest != corpus.digest {
                 return Err(Error::Checkpoint {
@@ -519,14 +608,18 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
             if let Some(path) = &run.resume {
                 restore_rank_state(sync, path, ck.meta.step, rank, world)?;
             }
-            (ck.params, ck.meta.step)
+            (ck.params, ck.meta.step, ck.meta.splits)
         }
         None => match &run.init_from {
-            Some(dir) => (hf::import(dir, &cfg.model)?, 0),
-            None => (init_params::<f32>(&layout, cfg.seed), 0),
+            Some(dir) => (hf::import(dir, &cfg.model)?, 0, Vec::new()),
+            None => (init_params::<f32>(&layout, cfg.seed), 0, Vec::new()),
         },
     };
-    let slow = run.is_slow(rank, world).then_some(run.slowdown);
+    let replay = match &run.replay_splits {
+        Some(p) => Some(read_splits(p)?),
+        None => None,
+    };
+    let unigram = sampler.unigram_loss(cfg.val_samples);
     let mut r = Run {
         grads: sync.alloc_grads(layout.total)?,
         micro: balance::split_equal(cfg.micro_batch_global(), world)?,
@@ -540,7 +633,10 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions, sync: &dyn GradSync) -> Result
         params,
         opt,
         corpus_digest: corpus.digest.clone(),
-        slow,
+        unigram,
+        splits,
+        replay,
+        follower: None,
         offset: 0,
     };
     tracing::info!(target: TARGET, rank, world, params = layout.total, threads = run.threads,
@@ -569,7 +665,7 @@ impl Run<'_> {
             self.model
                 .backward(&self.params, &mut self.grads, &mut NoSync)?;
             let spent = t0.elapsed();
-            slow_down(self.slow, spent);
+            slow_down(self.run.slow_at(self.rank, self.world, 0), spent);
             // The first pass pays for allocation and cold caches.
             if i > 0 {
                 timed += t0.elapsed();
@@ -588,6 +684,116 @@ impl Run<'_> {
                 .collect::<Vec<_>>(),
             self.micro
         ))
+    }
+
+    /// Makes `micro` the split from `step` on, recorded when it differs from the one in
+    /// force.
+    fn set_split(&mut self, step: u64, micro: Vec<usize>) {
+        self.offset = micro[..self.rank].iter().sum();
+        if self.splits.last().is_none_or(|c| c.micro != micro) {
+            // A change at the same step (a resume at the step a change was recorded for)
+            // replaces it.
+            self.splits.retain(|c| c.step < step);
+            self.splits.push(SplitChange {
+                step,
+                micro: micro.clone(),
+            });
+        }
+        self.micro = micro;
+    }
+
+    /// The split of the first step: a replayed run's recorded one, a resumed run's split
+    /// in force, or else measured (`auto`, `start`) or equal.
+    fn first_split(&mut self, start: u64, rep: &Reporter) -> Result<()> {
+        let global = self.cfg.micro_batch_global();
+        let fits = |m: &[usize]| m.len() == self.world && m.iter().sum::<usize>() == global;
+        if let Some(replay) = &self.replay {
+            let micro = balance::split_at(replay, start)
+                .filter(|m| fits(m))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "replay_splits",
+                        format!(
+                            "no recorded split of {global} samples over {} ranks in force at \
+                             step {start}; accepted: metrics of a run with this world size \
+                             and batch",
+                            self.world
+                        ),
+                    )
+                })?
+                .to_vec();
+            self.set_split(start, micro);
+            return Ok(());
+        }
+        let resumed = balance::split_at(&self.splits, start)
+            .filter(|m| fits(m) && self.run.balance != Balance::Equal)
+            .map(<[usize]>::to_vec);
+        match resumed {
+            Some(micro) => self.set_split(start, micro),
+            None if self.run.balance != Balance::Equal && self.world > 1 => {
+                self.balance_auto(rep)?;
+                self.set_split(start, self.micro.clone());
+            }
+            None => self.set_split(start, balance::split_equal(global, self.world)?),
+        }
+        if self.run.balance == Balance::Auto && self.world > 1 {
+            self.follower = Some(Follower::new(global, self.run.rebalance));
+        }
+        Ok(())
+    }
+
+    /// Takes the replayed split recorded for `step`, if one starts there.
+    fn replay_split(&mut self, step: u64) -> Result<()> {
+        let next = self
+            .replay
+            .as_ref()
+            .and_then(|r| r.iter().find(|c| c.step == step && c.micro != self.micro))
+            .map(|c| c.micro.clone());
+        if let Some(micro) = next {
+            if micro.len() != self.world
+                || micro.iter().sum::<usize>() != self.cfg.micro_batch_global()
+            {
+                return Err(Error::invalid(
+                    "replay_splits",
+                    format!(
+                        "the split {micro:?} recorded for step {step} is not one of {} \
+                         samples over {} ranks",
+                        self.cfg.micro_batch_global(),
+                        self.world
+                    ),
+                ));
+            }
+            self.set_split(step, micro);
+        }
+        Ok(())
+    }
+
+    /// Gives the follower the step's speeds; a new split applies from the next step.
+    fn follow(&mut self, rec: &StepRecord, rep: &Reporter) -> Result<()> {
+        // After the last step there is nothing left to split.
+        let Some(follower) = self
+            .follower
+            .as_mut()
+            .filter(|_| rec.step + 1 < self.cfg.steps)
+        else {
+            return Ok(());
+        };
+        let speeds: Vec<f64> = rank_speeds(rec, self.cfg.grad_accum);
+        let Some(next) = follower.observe(&rec.split, &speeds) else {
+            return Ok(());
+        };
+        rep.say(&format!(
+            "balance auto: step {}: samples/s per rank {:?} -> micro-batch per rank {:?} from step {}",
+            rec.step + 1,
+            speeds
+                .iter()
+                .map(|s| (s * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            next,
+            rec.step + 2,
+        ))?;
+        self.set_split(rec.step + 1, next);
+        Ok(())
     }
 
     fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
@@ -639,6 +845,7 @@ impl Run<'_> {
             config: self.cfg.clone(),
             corpus_digest: self.corpus_digest.clone(),
             num_params: self.params.len(),
+            splits: self.splits.clone(),
         };
         checkpoint::save(path, &meta, &self.params, &self.opt.m, &self.opt.v)
     }
@@ -650,11 +857,7 @@ impl Run<'_> {
         };
         let mut rep = Reporter::new(self.rank, self.run, start, self.cfg.steps)?;
         let mut report = TrainReport::default();
-        if self.run.balance == Balance::Auto && self.world > 1 {
-            self.balance_auto(&rep)?;
-        }
-        self.offset = self.micro[..self.rank].iter().sum();
-        report.micro_batches = self.micro.clone();
+        self.first_split(start, &rep)?;
         rep.say(&format!(
             "bert: {} layers, hidden {}, {} heads, {:.2}M parameters | {} ranks, global batch {} x {} tokens, micro-batches {:?} x {} | {} threads/rank",
             self.cfg.model.layers,
@@ -668,11 +871,18 @@ impl Run<'_> {
             self.cfg.grad_accum,
             self.run.threads,
         ))?;
+        rep.say(&format!(
+            "unigram entropy {:.4} nats: the validation loss of a model that knows only word \
+             frequencies",
+            self.unigram
+        ))?;
         if start == 0 {
             let e = self.evaluate(0)?;
             rep.say(&format!(
-                "step 0: val loss {:.4} | val acc {:.3}",
-                e.val_loss, e.val_accuracy
+                "step 0: val loss {:.4} ({:+.4} against unigram) | val acc {:.3}",
+                e.val_loss,
+                e.val_loss - self.unigram,
+                e.val_accuracy
             ))?;
             rep.metric("eval", &e)?;
             report.evals.push(e);
@@ -681,6 +891,9 @@ impl Run<'_> {
         let mut train_time = Duration::ZERO;
         for step in start..end {
             let rec = self.step(step, tokens_per_step)?;
+            // The split of the next step is settled before a checkpoint of this one.
+            self.replay_split(step + 1)?;
+            self.follow(&rec, &rep)?;
             train_time += Duration::from_secs_f64(tokens_per_step / rec.tokens_per_s.max(1e-9));
             rep.step(&rec);
             rep.metric("train", &rec)?;
@@ -693,7 +906,12 @@ impl Run<'_> {
             }
             if done % self.run.log_every == 0 || done == end || eval.is_some() {
                 let val = eval.as_ref().map_or(String::new(), |e| {
-                    format!(" | val loss {:.4} acc {:.3}", e.val_loss, e.val_accuracy)
+                    format!(
+                        " | val loss {:.4} ({:+.4} against unigram) acc {:.3}",
+                        e.val_loss,
+                        e.val_loss - self.unigram,
+                        e.val_accuracy
+                    )
                 });
                 rep.say(&format!(
                     "step {done:>5}/{} | loss {:.4} acc {:.3}{val} | lr {:.2e} | norm {:.3} | {:.0} ms compute {:.0} ms comm | {:.0} tok/s",
@@ -716,16 +934,32 @@ impl Run<'_> {
                 (Some(m), true) => read_metrics(m, end),
                 _ => Ok((report.steps.clone(), report.evals.clone())),
             };
-            match records.and_then(|(steps, evals)| super::plot::plot_losses(path, &steps, &evals))
-            {
-                Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
-                Err(e) => rep.say(&format!("no loss plot: {e}"))?,
+            let (steps, evals) = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    rep.say(&format!("no plots: {e}"))?;
+                    (Vec::new(), Vec::new())
+                }
+            };
+            if !steps.is_empty() || !evals.is_empty() {
+                match super::plot::plot_losses(path, &steps, &evals, Some(self.unigram)) {
+                    Ok(()) => rep.say(&format!("loss curves: {}", path.display()))?,
+                    Err(e) => rep.say(&format!("no loss plot: {e}"))?,
+                }
+                let ranks = super::plot::ranks_path(path);
+                match super::plot::plot_ranks(&ranks, &steps, self.cfg.grad_accum) {
+                    Ok(()) => rep.say(&format!("ranks' speeds and shares: {}", ranks.display()))?,
+                    Err(e) => rep.say(&format!("no ranks plot: {e}"))?,
+                }
             }
         }
         let steps_run = end.saturating_sub(start) as f64;
         report.samples_per_s =
             steps_run * self.cfg.batch_size as f64 / train_time.as_secs_f64().max(1e-9);
         report.params = std::mem::take(&mut self.params);
+        report.micro_batches = self.micro.clone();
+        report.splits = std::mem::take(&mut self.splits);
+        report.unigram_loss = self.unigram;
         Ok(report)
     }
 
@@ -738,23 +972,24 @@ impl Run<'_> {
         let mut comm = Duration::ZERO;
         let per_micro = self.cfg.micro_batch_global() as u64;
         let count = self.micro[self.rank];
+        let slow = self.run.slow_at(self.rank, self.world, step);
         for a in 0..self.cfg.grad_accum {
             let first =
                 step * self.cfg.batch_size as u64 + a as u64 * per_micro + self.offset as u64;
             let batch = self.samples_for(first, count);
             let t0 = Instant::now();
             stats.add(&self.model.forward(&self.params, &batch)?);
-            slow_down(self.slow, t0.elapsed());
+            slow_down(slow, t0.elapsed());
             compute += t0.elapsed();
             let t1 = Instant::now();
             if a + 1 < self.cfg.grad_accum {
                 self.model
                     .backward(&self.params, &mut self.grads, &mut NoSync)?;
-                slow_down(self.slow, t1.elapsed());
+                slow_down(slow, t1.elapsed());
                 compute += t1.elapsed();
             } else {
                 let mut backward_done = None;
-                let (model, params, slow) = (&mut self.model, &self.params, self.slow);
+                let (model, params) = (&mut self.model, &self.params);
                 self.sync.reduce_while(&mut self.grads, &mut |g, sink| {
                     let r = model.backward(params, g, sink);
                     slow_down(slow, t1.elapsed());
@@ -767,9 +1002,22 @@ impl Run<'_> {
             }
         }
         let t_c = Instant::now();
-        let mut sums = [stats.loss_sum, stats.masked as f64, stats.correct as f64];
+        // [Σ loss, #masked, #correct, then per rank: compute ms, exposed comm ms].
+        let mut sums = vec![0.0; 3 + 2 * self.world];
+        sums[..3].copy_from_slice(&[stats.loss_sum, stats.masked as f64, stats.correct as f64]);
+        sums[3 + 2 * self.rank] = compute.as_secs_f64() * 1e3;
+        sums[4 + 2 * self.rank] = comm.as_secs_f64() * 1e3;
         self.sync.all_reduce_sum(&mut sums)?;
         comm += t_c.elapsed();
+        let rank_ms_compute: Vec<f64> = sums[3..].iter().step_by(2).copied().collect();
+        let slowest = rank_ms_compute.iter().copied().fold(0.0, f64::max);
+        let rank_ms_wait: Vec<f64> = rank_ms_compute.iter().map(|c| slowest - c).collect();
+        let rank_ms_comm: Vec<f64> = sums[4..]
+            .iter()
+            .step_by(2)
+            .zip(&rank_ms_wait)
+            .map(|(c, w)| (c - w).max(0.0))
+            .collect();
         let masked = sums[1];
         if masked < 1.0 {
             return Err(Error::invalid(
@@ -800,6 +1048,10 @@ impl Run<'_> {
             ms_compute: compute.as_secs_f64() * 1e3,
             ms_comm: comm.as_secs_f64() * 1e3,
             tokens_per_s: tokens_per_step / secs.max(1e-9),
+            split: self.micro.clone(),
+            rank_ms_compute,
+            rank_ms_comm,
+            rank_ms_wait,
         })
     }
 }

@@ -81,6 +81,7 @@ fn meta(step: u64, n: usize) -> CheckpointMeta {
         config: cfg,
         corpus_digest: "ab".repeat(32),
         num_params: n,
+        splits: Vec::new(),
     }
 }
 

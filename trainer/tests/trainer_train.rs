@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hetccl_trainer::balance;
 use hetccl_trainer::checkpoint::{self, CheckpointMeta};
 use hetccl_trainer::data::{make_batch, Corpus, Sampler};
 use hetccl_trainer::model::{init_params, Model, ModelConfig};
@@ -228,6 +229,97 @@ fn uneven_split_and_accumulation_keep_the_update() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn the_split_follows_a_rank_slowed_mid_run_and_replays_bit_for_bit() {
+    let dir = scratch("follow");
+    let (mut cfg, mut run) = setup(&dir, 16, 16);
+    // Longer sequences than the other tests: steps of tens of milliseconds, so that the
+    // scheduler's time slices on a shared machine blur the speeds less.
+    cfg.seq_len = 64;
+    cfg.model.max_position = 64;
+    run.balance = Balance::Auto;
+    run.slowdown = 3.0;
+    run.slow_ranks = Some(vec![1]);
+    run.slowdown_from = 4;
+    run.metrics_out = Some(dir.join("full.jsonl"));
+    run.checkpoint = Some(dir.join("full.ckpt"));
+    let full = train_threads(&cfg, &run, 2).unwrap();
+    let splits = &full[0].splits;
+    println!("splits: {splits:?}");
+    // Rank 1 at a third of rank 0's speed from step 4: 12 + 4 is the proportional split.
+    // Steps of a few milliseconds on a shared machine time noisily, so over the last
+    // eight steps rank 1's median share must be 2 to 6 (10 + 6 to 14 + 2); the equal
+    // 8 + 8 and its neighbour are not accepted.
+    let mut late: Vec<usize> = full[0].steps[8..].iter().map(|s| s.split[1]).collect();
+    late.sort_unstable();
+    assert!((2..=6).contains(&late[4]), "{splits:?}");
+    assert!(
+        splits.iter().any(|c| c.step > 4 && c.micro[1] <= 6),
+        "{splits:?}"
+    );
+    assert!(splits.iter().all(|c| c.step < 16), "{splits:?}");
+    for s in &full[0].steps {
+        assert_eq!(s.split.iter().sum::<usize>(), 16);
+        assert_eq!(Some(&s.split[..]), balance::split_at(splits, s.step));
+    }
+    assert_eq!(
+        &checkpoint::load(&dir.join("full.ckpt"))
+            .unwrap()
+            .meta
+            .splits,
+        splits
+    );
+    assert_eq!(full[0].splits, full[1].splits);
+
+    // The recorded splits again, stopped at step 9 and resumed: the same numbers.
+    run.balance = Balance::Equal;
+    run.slowdown = 1.0;
+    run.replay_splits = Some(dir.join("full.jsonl"));
+    run.metrics_out = Some(dir.join("replay.jsonl"));
+    run.checkpoint = Some(dir.join("part.ckpt"));
+    run.stop_after = Some(9);
+    let first = train_threads(&cfg, &run, 2).unwrap();
+    let meta = checkpoint::load(&dir.join("part.ckpt")).unwrap().meta;
+    let until: Vec<_> = splits.iter().filter(|c| c.step <= 9).cloned().collect();
+    assert_eq!(meta.splits, until);
+    run.stop_after = None;
+    run.resume = Some(dir.join("part.ckpt"));
+    run.checkpoint = Some(dir.join("rest.ckpt"));
+    let rest = train_threads(&cfg, &run, 2).unwrap();
+    let losses =
+        |r: &[hetccl_trainer::StepRecord]| r.iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&first[0].steps), losses(&full[0].steps[..9]));
+    assert_eq!(losses(&rest[0].steps), losses(&full[0].steps[9..]));
+    let bits = |p: &[f32]| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&rest[0].params), bits(&full[0].params));
+    assert_eq!(&rest[0].splits, splits);
+
+    // A resume without the replay starts from the split in force at its step.
+    run.replay_splits = None;
+    run.balance = Balance::Auto;
+    run.checkpoint = None;
+    let live = train_threads(&cfg, &run, 2).unwrap();
+    assert_eq!(
+        Some(&live[0].steps[0].split[..]),
+        balance::split_at(splits, 9)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn replaying_splits_refuses_a_file_without_them() {
+    let dir = scratch("noreplay");
+    let (cfg, mut run) = setup(&dir, 2, 4);
+    std::fs::write(dir.join("m.jsonl"), "{\"kind\":\"eval\",\"step\":0}\n").unwrap();
+    run.replay_splits = Some(dir.join("m.jsonl"));
+    let e = train_threads(&cfg, &run, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("m.jsonl has no train records with a split"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn tiny_meta() -> CheckpointMeta {
     let (cfg, _) = Settings::default().resolve(1).unwrap();
     CheckpointMeta {
@@ -238,6 +330,7 @@ fn tiny_meta() -> CheckpointMeta {
         config: cfg,
         corpus_digest: "00".into(),
         num_params: 3,
+        splits: Vec::new(),
     }
 }
 
@@ -400,6 +493,71 @@ fn metrics_and_plot_are_written() {
     assert!(lines[1]["loss"].as_f64().unwrap() > 9.0);
     let png = std::fs::read(dir.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_carry_every_ranks_times_and_a_second_plot_shows_them() {
+    let dir = scratch("ranks");
+    let (cfg, mut run) = setup(&dir, 6, 8);
+    run.slowdown = 3.0;
+    run.slow_ranks = Some(vec![1]);
+    run.metrics_out = Some(dir.join("m.jsonl"));
+    run.plot_out = Some(dir.join("loss.png"));
+    let reps = train_threads(&cfg, &run, 2).unwrap();
+    let text = std::fs::read_to_string(dir.join("m.jsonl")).unwrap();
+    let train: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["kind"] == "train")
+        .collect();
+    assert_eq!(train.len(), 6);
+    let nums = |v: &serde_json::Value, k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .unwrap_or_else(|| panic!("no {k} in {v}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let mut ratios = Vec::new();
+    for (line, rec) in train.iter().zip(&reps[0].steps) {
+        assert_eq!(line["split"], serde_json::json!([4, 4]));
+        let (compute, comm, wait) = (
+            nums(line, "rank_ms_compute"),
+            nums(line, "rank_ms_comm"),
+            nums(line, "rank_ms_wait"),
+        );
+        assert_eq!(compute.len(), 2);
+        assert!(compute.iter().all(|&c| c > 0.0 && c < 60_000.0), "{line}");
+        assert!(comm.iter().all(|&c| (0.0..60_000.0).contains(&c)), "{line}");
+        // Waiting is the slowest compute less one's own: zero for the slowest rank.
+        let slowest = compute.iter().copied().fold(0.0, f64::max);
+        // (JSON's decimals are read back to within a few ulps.)
+        for r in 0..2 {
+            assert!((wait[r] - (slowest - compute[r])).abs() < 1e-9, "{line}");
+        }
+        assert!(wait.contains(&0.0), "{line}");
+        // Rank 0's own figure is its slot of the gathered ones, bit for bit.
+        assert_eq!(rec.ms_compute, rec.rank_ms_compute[0]);
+        assert_eq!(
+            rec.rank_ms_wait[rec.rank_ms_wait.len() - 1].min(rec.rank_ms_wait[0]),
+            0.0
+        );
+        ratios.push(compute[1] / compute[0]);
+    }
+    // Rank 1 sleeps twice its compute: three times rank 0's in the median step.
+    ratios.sort_by(f64::total_cmp);
+    assert!(ratios[3] > 1.5, "rank 1 / rank 0 compute: {ratios:?}");
+    // Word frequencies of this slice of tinyshakespeare: 6.45 nats (ln 30522 = 10.33 for
+    // a model that knows nothing).
+    assert!(
+        (reps[0].unigram_loss - 6.448).abs() < 0.01,
+        "{}",
+        reps[0].unigram_loss
+    );
+    let png = std::fs::read(dir.join("loss-ranks.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_ne!(png, std::fs::read(dir.join("loss.png")).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

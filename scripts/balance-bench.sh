@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The trainer's load balancing against its targets, on two ranks started by `hetccl run`:
+#
+#   1. rank 1 slowed 2x from the start, global batch 16 and 64: --balance equal against
+#      --balance auto; the speed-up set against the ideal for the speeds measured in the
+#      equal run (continuous shares, and the best split in whole samples);
+#   2. rank 1 slowed 2x from the middle of the run: --balance start (split measured at the
+#      start only) against --balance auto (re-split as speeds drift), over the steps after
+#      the slowdown.
+#
+# Step times come from the runs' metrics (global batch / step time); the first steps of a
+# run (cold caches) are left out of the start-of-run comparison. Prints one table.
+#
+# Usage: scripts/balance-bench.sh [OUT_DIR]   (after cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/balance-bench}
+mkdir -p "$out"
+launcher=target/release/hetccl
+bert=target/release/hetccl-bert
+for b in "$launcher" "$bert"; do
+    [[ -x $b ]] || { echo "missing $b: run cargo build --release first" >&2; exit 1; }
+done
+common=(--config configs/bert-tiny.toml --eval-every 100000 --val-samples 16 --threads 1
+        --no-checkpoint --no-progress --slow-ranks 1 --slowdown 2.0)
+
+run() { # tag, extra flags...
+    local tag=$1
+    shift
+    "$launcher" run -n 2 -- "$bert" "${common[@]}" --metrics-out "$out/$tag.jsonl" \
+        --plot-out "$out/$tag.png" "$@" >"$out/$tag.log" 2>&1 \
+        || { echo "run $tag failed, see $out/$tag.log" >&2; exit 1; }
+}
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+run equal16 --batch-size 16 --steps 40 --balance equal
+run auto16 --batch-size 16 --steps 40 --balance auto
+run equal64 --batch-size 64 --steps 16 --balance equal
+run auto64 --batch-size 64 --steps 16 --balance auto
+run start-mid --batch-size 16 --steps 80 --slowdown-from 30 --balance start
+run auto-mid --batch-size 16 --steps 80 --slowdown-from 30 --balance auto
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+python3 - "$out" <<'PY'
+import json, statistics, sys
+out = sys.argv[1]
+
+def steps(tag):
+    with open(f"{out}/{tag}.jsonl") as f:
+        recs = [json.loads(l) for l in f if l.strip()]
+    return [r for r in recs if r.get("kind") == "train"]
+
+def split_time(split, speeds):
+    return max(b / s for b, s in zip(split, speeds))
+
+def best_split(g, speeds):
+    # The trainer's rule: one each, then each sample to the rank that finishes it first.
+    share = [1] * len(speeds)
+    for _ in range(g - len(speeds)):
+        r = min(range(len(speeds)), key=lambda r: ((share[r] + 1) / speeds[r], r))
+        share[r] += 1
+    return share
+
+def samples_per_s(recs, batch):
+    # Samples over the summed step times (tokens per step / tokens per second).
+    secs = sum(batch * 128 / r["tokens_per_s"] for r in recs)
+    return len(recs) * batch / secs
+
+rows = []
+for g, skip in ((16, 5), (64, 2)):
+    eq, au = steps(f"equal{g}")[skip:], steps(f"auto{g}")[skip:]
+    # Per-rank speeds in the equal run: samples of compute per second, median over steps.
+    speeds = [statistics.median(r["split"][k] * 1e3 / r["rank_ms_compute"][k] for r in eq)
+              for k in range(2)]
+    t_eq = split_time(eq[0]["split"], speeds)
+    ideal = t_eq / (g / sum(speeds))
+    whole = t_eq / split_time(best_split(g, speeds), speeds)
+    got = samples_per_s(au, g) / samples_per_s(eq, g)
+    rows.append((f"slowed 2x from the start, batch {g}",
+                 f"equal {eq[0]['split']} {samples_per_s(eq, g):.1f} samples/s, "
+                 f"auto {au[-1]['split']} {samples_per_s(au, g):.1f}",
+                 f"{got:.3f}x; ideal {ideal:.3f}x ({got / ideal:.1%}), "
+                 f"best whole-sample split {whole:.3f}x ({got / whole:.1%}); "
+                 f"speeds {speeds[0]:.1f} / {speeds[1]:.1f} samples/s"))
+st, au = steps("start-mid"), steps("auto-mid")
+after = lambda recs: [r for r in recs if r["step"] >= 30]
+splits = []
+for r in au:
+    if not splits or splits[-1][1] != r["split"]:
+        splits.append((r["step"], r["split"]))
+a, s = samples_per_s(after(au), 16), samples_per_s(after(st), 16)
+rows.append(("slowed 2x from step 30 of 80, batch 16, steps 30-79",
+             f"start {st[-1]['split']} {s:.1f} samples/s, auto {a:.1f} "
+             f"(splits {splits})", f"{a / s:.3f}x"))
+print("| case | runs | result |")
+print("| --- | --- | --- |")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+PY
