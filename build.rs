@@ -1,13 +1,23 @@
-//! Build script. Without the `cuda` feature it does nothing (no nvcc needed).
+//! Build script. Without the `cuda` or `cuda12` feature it does nothing (no nvcc needed).
 //!
-//! With `cuda`: compiles every `kernels/*.cu` into one fatbin (sm_80 and sm_90 machine
-//! code, plus compute_90 PTX for newer GPUs to JIT), `$OUT_DIR/kernels.fatbin`, which
-//! `src/device/` embeds. ptxas' register/spill report becomes `cargo:warning` lines, one
-//! per kernel and architecture; the full report is left in `$OUT_DIR/ptxas.txt`.
+//! With `cuda`: compiles every `kernels/*.cu` into one fatbin with nvcc (machine code for
+//! sm_75, sm_80, sm_86, sm_89 and sm_90, plus compute_90 PTX for newer GPUs to JIT;
+//! build/ptxas.rs lists them), `$OUT_DIR/kernels.fatbin`, which `src/device/` embeds.
+//! ptxas' register/spill report becomes `cargo:warning` lines, one per kernel and
+//! architecture, and the build fails if a kernel spills or an architecture is missing;
+//! the full report is left in `$OUT_DIR/ptxas.txt`.
 //!
 //! nvcc is looked up as: `$NVCC`, `nvcc` on `PATH`, the pip wheel
 //! (`<site-packages>/nvidia/cu13/bin/nvcc`, see scripts/install-nvcc.sh),
 //! `$CUDA_HOME/bin/nvcc`, `/usr/local/cuda/bin/nvcc`.
+//!
+//! With `cuda12` (the Volta build, docs/DESIGN.md "Volta"): CUDA 13 cannot target sm_70
+//! and the CUDA 12 wheels have no nvcc, so scripts/nvrtc-compile.py compiles the same
+//! translation unit with NVRTC 12 into compute_70 PTX (checked by ptxas for sm_70 to
+//! sm_90, spills fail the build as above), embedded in place of the fatbin. The wheels
+//! are looked up under `$HETCCL_CUDA12_PREFIX`, else `target/cuda12`
+//! (scripts/install-nvcc12.sh). The feature also sets `cfg(feature = "cuda")`, so the
+//! code is the `cuda` build's; only cudarc's bindings are CUDA 12.8's.
 
 use std::env;
 use std::fmt::Write as _;
@@ -15,14 +25,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GENCODE: [&str; 6] = [
-    "-gencode",
-    "arch=compute_80,code=sm_80",
-    "-gencode",
-    "arch=compute_90,code=sm_90",
-    "-gencode",
-    "arch=compute_90,code=compute_90",
-];
+#[path = "build/ptxas.rs"]
+mod ptxas;
 
 const INSTALL_HINT: &str =
     "install the pinned CUDA 13.0 compiler wheels with `bash scripts/install-nvcc.sh` \
@@ -31,8 +35,20 @@ nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85), or point NVCC at an nvcc binary
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+    let cuda13 = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let cuda12 = env::var_os("CARGO_FEATURE_CUDA12").is_some();
+    if cuda13 && cuda12 {
+        fail(
+            "features `cuda` and `cuda12` choose different CUDA versions (cudarc's bindings \
+and the kernels' compiler); enable one: `cuda` (CUDA 13, sm_75 to sm_90) or `cuda12` \
+(CUDA 12, Volta sm_70 and later)",
+        );
+    }
+    if !cuda13 && !cuda12 {
         return;
+    }
+    if cuda12 {
+        println!("cargo:rustc-cfg=feature=\"cuda\"");
     }
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=NVCC");
@@ -74,13 +90,46 @@ fn main() {
     fs::write(&unit_path, unit)
         .unwrap_or_else(|e| fail(&format!("writing {}: {e}", unit_path.display())));
 
+    let fatbin = out.join("kernels.fatbin");
+    if cuda12 {
+        println!("cargo:rerun-if-env-changed=HETCCL_CUDA12_PREFIX");
+        println!("cargo:rerun-if-changed=scripts/nvrtc-compile.py");
+        let prefix = env::var_os("HETCCL_CUDA12_PREFIX")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target").join("cuda12"));
+        let mut cmd = Command::new("python3");
+        cmd.arg(root.join("scripts").join("nvrtc-compile.py"))
+            .arg("--prefix")
+            .arg(&prefix)
+            .arg(format!("--arch=compute_{}", ptxas::VOLTA_PTX));
+        for sm in ptxas::VOLTA_SM {
+            cmd.arg(format!("--sm=sm_{sm}"));
+        }
+        cmd.arg("-I")
+            .arg(&kernels)
+            .arg("--out")
+            .arg(&fatbin)
+            .arg(&unit_path);
+        let output = cmd
+            .output()
+            .unwrap_or_else(|e| fail(&format!("running python3 scripts/nvrtc-compile.py: {e}")));
+        let report = String::from_utf8_lossy(&output.stderr).into_owned();
+        finish(
+            &out,
+            "scripts/nvrtc-compile.py",
+            &output,
+            &report,
+            &ptxas::VOLTA_SM,
+        );
+        return;
+    }
+
     let nvcc = find_nvcc().unwrap_or_else(|tried| {
         fail(&format!("feature `cuda` needs nvcc, which was not found (tried: {tried}).\nTo get it: {INSTALL_HINT}."))
     });
-    let fatbin = out.join("kernels.fatbin");
     let output = Command::new(&nvcc)
         .arg("--fatbin")
-        .args(GENCODE)
+        .args(ptxas::gencode())
         .args(["-O3", "-std=c++17", "-Xptxas", "-v", "-I"])
         .arg(&kernels)
         .arg("-o")
@@ -89,18 +138,36 @@ fn main() {
         .output()
         .unwrap_or_else(|e| fail(&format!("running {}: {e}. {INSTALL_HINT}", nvcc.display())));
     let report = String::from_utf8_lossy(&output.stderr).into_owned();
-    let _ = fs::write(out.join("ptxas.txt"), &report);
+    finish(
+        &out,
+        &nvcc.display().to_string(),
+        &output,
+        &report,
+        &ptxas::FATBIN_SM,
+    );
+}
+
+/// Keeps the report, fails on a failed compile, a spill or a missing architecture, and
+/// prints one `cargo:warning` line per kernel and architecture.
+fn finish(out: &Path, compiler: &str, output: &std::process::Output, report: &str, sms: &[u32]) {
+    let _ = fs::write(out.join("ptxas.txt"), report);
     if !output.status.success() {
         fail(&format!(
-            "nvcc ({}) failed with {}:\n{}\n{}",
-            nvcc.display(),
+            "{compiler} failed with {}:\n{}\n{}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
             report
         ));
     }
-    for line in summarize_ptxas(&report) {
-        println!("cargo:warning={line}");
+    let entries = ptxas::parse(report);
+    for e in &entries {
+        println!("cargo:warning={}", e.line());
+    }
+    if let Err(problems) = ptxas::check(&entries, sms) {
+        fail(&format!(
+            "the kernels' ptxas report ({}) fails its check: {problems}",
+            out.join("ptxas.txt").display()
+        ));
     }
 }
 
@@ -156,38 +223,4 @@ fn find_nvcc() -> Result<PathBuf, String> {
         tried.push(c.display().to_string());
     }
     Err(tried.join(", "))
-}
-
-/// `ptxas sm_90 fp16_compress: 32 registers, spill 0 B stores / 0 B loads` per entry.
-fn summarize_ptxas(report: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    let mut spill = String::new();
-    for line in report.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            let mut parts = rest.split('\'');
-            let name = parts.next().unwrap_or("?").to_string();
-            let arch = parts.nth(1).unwrap_or("?").to_string();
-            current = Some((name, arch));
-            spill.clear();
-        } else if line.contains("spill stores") {
-            // "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
-            let nums: Vec<&str> = line
-                .split_whitespace()
-                .filter(|w| w.parse::<u64>().is_ok())
-                .collect();
-            if nums.len() >= 3 {
-                spill = format!(
-                    "spill {} B stores / {} B loads, stack {} B",
-                    nums[1], nums[2], nums[0]
-                );
-            }
-        } else if let Some(rest) = line.split("Used ").nth(1) {
-            if let Some((name, arch)) = current.take() {
-                let regs = rest.split_whitespace().next().unwrap_or("?");
-                lines.push(format!("ptxas {arch} {name}: {regs} registers, {spill}"));
-            }
-        }
-    }
-    lines
 }

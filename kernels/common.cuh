@@ -8,7 +8,15 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (the Volta build: scripts/nvrtc-compile.py) has no C library headers.
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+#else
 #include <stdint.h>
+#endif
 
 namespace hetccl {
 
@@ -48,10 +56,23 @@ struct Counts {
     unsigned nonfinite = 0;
 };
 
+// The sum of v over the warp, in every lane. __reduce_add_sync is one instruction from
+// sm_80 on; Turing and Volta (sm_75, sm_70) lack it and take five shuffles instead. Both
+// give the same integer, so the counts do not depend on the architecture.
+__device__ __forceinline__ unsigned warp_sum(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return __reduce_add_sync(0xFFFFFFFFu, v);
+#else
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, d);
+    return v;
+#endif
+}
+
 // Call from every thread of the block (warp-synchronous; blockDim is a multiple of 32).
 __device__ __forceinline__ void flush_counts(const Counts& c, unsigned long long* stats) {
-    unsigned o = __reduce_add_sync(0xFFFFFFFFu, c.overflow);
-    unsigned f = __reduce_add_sync(0xFFFFFFFFu, c.nonfinite);
+    unsigned o = warp_sum(c.overflow);
+    unsigned f = warp_sum(c.nonfinite);
     if ((threadIdx.x & 31) == 0 && stats != nullptr) {
         if (o) atomicAdd(&stats[0], (unsigned long long)o);
         if (f) atomicAdd(&stats[1], (unsigned long long)f);

@@ -12,6 +12,7 @@
 
 pub mod call;
 pub mod cost;
+pub mod device_hier;
 pub mod doubling;
 pub mod executor;
 pub mod halving;

@@ -36,7 +36,9 @@
 //!        shared memory, else a wave
 //! 4. device buffers (DeviceComm): CUDA IPC when every rank is on this host, else staged
 //!    through pinned host memory (device_path(), once, when the DeviceComm is made); an
-//!    IPC all-reduce window runs in one shot or two (device_all_reduce())
+//!    IPC all-reduce window runs in one shot or two (device_all_reduce()); a staged
+//!    all-reduce over hosts of which one holds several ranks is planned hierarchically
+//!    (device_across_hosts(), algorithm/device_hier.rs)
 //! ```
 //!
 //! | limit | value | what it bounds |
@@ -413,6 +415,51 @@ pub fn device_path(asked: DevicePath, all_local: bool) -> Option<DevicePath> {
     }
 }
 
+/// How a staged device all-reduce crosses hosts ([`device_across_hosts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceAcrossHosts {
+    /// [`super::device_hier::DeviceHierPlan`]: reduce-scatter inside each host over CUDA
+    /// IPC, each rank's shard alone through pinned memory and the host links, all-gather
+    /// over IPC.
+    Hierarchical {
+        /// The smallest host's rank count: its ranks move `1/fewest` of the buffer over
+        /// PCIe each way, the most of any rank.
+        fewest: usize,
+    },
+    /// Every rank stages its whole buffer and the host communicator reduces it.
+    Flat(FlatWhy),
+}
+
+/// Why a staged device all-reduce stays flat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlatWhy {
+    /// One host: CUDA IPC does it (the flat staged path only when asked).
+    OneHost,
+    /// One rank on every host: no host-mate to share the PCIe bytes with.
+    OneRankPerHost,
+    /// The dtype has no device reduce kernel (f64, integers): the host reduces every
+    /// byte of it, so the whole buffer crosses PCIe whatever the plan.
+    Op,
+}
+
+/// Hierarchical or flat for a staged device all-reduce over hosts of `host_sizes`
+/// ranks; `reducible` when the call's dtype has device reduce kernels. The
+/// hierarchy pays as soon as some host holds two ranks: they split its PCIe bytes.
+pub fn device_across_hosts(host_sizes: &[usize], reducible: bool) -> DeviceAcrossHosts {
+    if host_sizes.len() <= 1 {
+        return DeviceAcrossHosts::Flat(FlatWhy::OneHost);
+    }
+    if !reducible {
+        return DeviceAcrossHosts::Flat(FlatWhy::Op);
+    }
+    if host_sizes.iter().all(|&g| g <= 1) {
+        return DeviceAcrossHosts::Flat(FlatWhy::OneRankPerHost);
+    }
+    DeviceAcrossHosts::Hierarchical {
+        fewest: host_sizes.iter().copied().min().unwrap_or(1),
+    }
+}
+
 /// One shot or two for a device all-reduce window of `window` bytes on the CUDA IPC
 /// path; `shared_gpu` when the ranks share one GPU, `configured` from
 /// `HETCCL_DEVICE_ONE_SHOT_BYTES`.
@@ -553,6 +600,25 @@ impl fmt::Display for Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_device_all_reduces_go_hierarchical_once_a_host_holds_two_ranks() {
+        use DeviceAcrossHosts::{Flat, Hierarchical};
+        assert_eq!(
+            device_across_hosts(&[3, 2, 1], true),
+            Hierarchical { fewest: 1 }
+        );
+        assert_eq!(
+            device_across_hosts(&[2, 2], true),
+            Hierarchical { fewest: 2 }
+        );
+        assert_eq!(
+            device_across_hosts(&[1, 1, 1], true),
+            Flat(FlatWhy::OneRankPerHost)
+        );
+        assert_eq!(device_across_hosts(&[4], true), Flat(FlatWhy::OneHost));
+        assert_eq!(device_across_hosts(&[2, 2], false), Flat(FlatWhy::Op));
+    }
 
     #[test]
     fn device_buffers_take_ipc_on_one_host_and_staging_across_hosts() {

@@ -18,7 +18,8 @@ use super::kernels::{KernelArgs, Signature, KERNELS};
 use crate::compression::OverflowStats;
 use crate::error::{Error, Result};
 
-/// Every kernel of `kernels/*.cu`, sm_80 + sm_90 machine code and compute_90 PTX.
+/// Every kernel of `kernels/*.cu`: the fatbin of build.rs (sm_75 to sm_90 machine code and
+/// compute_90 PTX), or with `cuda12` the compute_70 PTX that NVRTC made, NUL-terminated.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
 /// Threads per block for every kernel (the kernels' `__launch_bounds__`).
