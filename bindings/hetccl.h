@@ -19,6 +19,7 @@
 #define HETCCL_H_
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -112,6 +113,30 @@ hetcclResult_t hetcclCommAbort(hetcclComm_t comm);
 
 hetcclResult_t hetcclCommCount(const hetcclComm_t comm, int* count);
 hetcclResult_t hetcclCommUserRank(const hetcclComm_t comm, int* rank);
+/* A communicator's counters since its initialisation (what HETCCL_DEBUG=info also logs
+ * when it is destroyed). Bytes are payload bytes; times are nanoseconds. */
+typedef struct {
+  uint64_t calls;              /* calls run, failed ones included */
+  uint64_t failed_calls;
+  uint64_t shared_calls;       /* run on shared memory without links (eager, shared buffers) */
+  uint64_t shared_bytes;       /* payload bytes of those */
+  uint64_t bytes_sent_shm;     /* over shared-memory links */
+  uint64_t bytes_sent_tcp;
+  uint64_t bytes_received_shm;
+  uint64_t bytes_received_tcp;
+  uint64_t ns_total;           /* time inside collectives; the phases below add up to it */
+  uint64_t ns_other;           /* outside named phases (trees, doubling, copies) */
+  uint64_t ns_reduce_scatter;  /* a flat ring's reduce-scatter */
+  uint64_t ns_all_gather;      /* a flat ring's all-gather */
+  uint64_t ns_intra_reduce_scatter; /* hierarchical: inside the node */
+  uint64_t ns_inter_all_reduce;     /* hierarchical: across nodes */
+  uint64_t ns_intra_all_gather;     /* hierarchical: inside the node */
+  uint64_t retries;            /* connection attempts link setup repeated */
+  uint64_t compress_overflows; /* values saturated to the wire format's largest */
+  uint64_t compress_nonfinite; /* inf and NaN met by compressed calls */
+} hetcclMetrics_t;
+/* Waits for a collective running on another thread, if any, to end. */
+hetcclResult_t hetcclCommGetMetrics(hetcclComm_t comm, hetcclMetrics_t* metrics);
 /* Always hetcclSuccess for a live comm: errors are returned by the calls themselves. */
 hetcclResult_t hetcclCommGetAsyncError(hetcclComm_t comm, hetcclResult_t* asyncError);
 

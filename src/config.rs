@@ -202,6 +202,9 @@ pub struct Config {
     pub topo_file: Option<PathBuf>,
     /// `HETCCL_TOPO_DUMP_FILE`: write the discovered topology here.
     pub topo_dump_file: Option<PathBuf>,
+    /// `HETCCL_TRACE`: write a Chrome trace / Perfetto timeline of every collective to
+    /// this file, `%r` replaced by the rank (`crate::observe::trace`).
+    pub trace: Option<String>,
     /// `HETCCL_TOPO_PROBE`: measure latency and bandwidth of the links the algorithms
     /// use at start (on by default; a fraction of a second).
     pub topo_probe: bool,
@@ -281,6 +284,7 @@ impl Default for Config {
             node_id: None,
             topo_file: None,
             topo_dump_file: None,
+            trace: None,
             topo_probe: true,
             compress: CompressMode::Off,
             compress_format: WireFormat::F16,
@@ -465,6 +469,7 @@ impl Config {
             node_id: v.string("HETCCL_NODE_ID"),
             topo_file: v.string("HETCCL_TOPO_FILE").map(PathBuf::from),
             topo_dump_file: v.string("HETCCL_TOPO_DUMP_FILE").map(PathBuf::from),
+            trace: v.string("HETCCL_TRACE"),
             topo_probe: v.parse_bool("HETCCL_TOPO_PROBE")?.unwrap_or(d.topo_probe),
             compress: v
                 .parse_enum("HETCCL_COMPRESS", &CompressMode::ALL.map(|m| (m.name(), m)))?
@@ -907,6 +912,7 @@ mod tests {
         "HETCCL_NODE_ID",
         "HETCCL_TOPO_FILE",
         "HETCCL_TOPO_DUMP_FILE",
+        "HETCCL_TRACE",
         "HETCCL_TOPO_PROBE",
         "HETCCL_COMPRESS",
         "HETCCL_COMPRESS_FORMAT",

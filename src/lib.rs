@@ -14,6 +14,7 @@
 //!  device           driver calls, CUDA context, streams, kernels, launchers (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
 //!  log              writers for log lines and messages that never fail on a closed stream
+//!  observe          per-communicator counters and the timeline trace (HETCCL_TRACE)
 //! ```
 //!
 //! The crate is the library alone. The BERT trainer (`hetccl-bert`) is the package in
@@ -32,6 +33,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod log;
+pub mod observe;
 pub mod reduce;
 pub mod topology;
 pub mod transport;

@@ -21,7 +21,7 @@ use hetccl::capi::{self, ops, status, unique_id, *};
 use syn::{ForeignItem, Item, ReturnType, Type};
 
 /// The functions the header declares (and the library exports).
-const FUNCTIONS: usize = 20;
+const FUNCTIONS: usize = 21;
 
 fn header_path() -> PathBuf {
     root().join("bindings/hetccl.h")
@@ -458,6 +458,7 @@ fn header_declares_the_types_of_src_capi() {
             "hetcclComm",
             "hetcclComm_t",
             "hetcclDataType_t",
+            "hetcclMetrics_t",
             "hetcclRedOp_t",
             "hetcclResult_t",
             "hetcclStream_t",
@@ -529,6 +530,19 @@ fn header_enums_and_sizes_match_rust_checked_by_the_c_compiler() {
         "sizeof(hetcclStream_t)",
         std::mem::size_of::<hetcclStream_t>() as i64,
     );
+    expect(
+        "sizeof(hetcclMetrics_t)",
+        std::mem::size_of::<hetcclMetrics_t>() as i64,
+    );
+    // Fields in the same order: the first phase's and the last field's places agree.
+    expect(
+        "offsetof(hetcclMetrics_t, ns_total)",
+        std::mem::offset_of!(hetcclMetrics_t, ns_total) as i64,
+    );
+    expect(
+        "offsetof(hetcclMetrics_t, compress_nonfinite)",
+        std::mem::offset_of!(hetcclMetrics_t, compress_nonfinite) as i64,
+    );
     // The program also calls every function once, so a wrong prototype that still
     // parses (or a missing export) fails at link time.
     c.push_str(
@@ -549,6 +563,7 @@ int main(void) {
     (void)hetcclCommCount(comm, &v);
     (void)hetcclCommUserRank(comm, &v);
     (void)hetcclCommGetAsyncError(comm, NULL);
+    (void)hetcclCommGetMetrics(comm, NULL);
     (void)hetcclAllReduce(NULL, NULL, 0, hetcclFloat, hetcclSum, comm, NULL);
     (void)hetcclReduceScatter(NULL, NULL, 0, hetcclFloat, hetcclSum, comm, NULL);
     (void)hetcclAllGather(NULL, NULL, 0, hetcclFloat, comm, NULL);

@@ -20,7 +20,7 @@
 use std::ops::Range;
 
 use super::ring::{self, RingOrder};
-use super::schedule::{self, split_chunks, split_even, Builder, Combine, Region};
+use super::schedule::{self, split_chunks, split_even, Builder, Combine, Phase, Region};
 use super::Group;
 
 /// Largest shard count; beyond it the lcm of node sizes is replaced by a multiple of
@@ -109,6 +109,7 @@ pub fn all_reduce_inplace(
     let mates = &nodes[k];
 
     // 1. Inside the node, every shard is reduced into its owner.
+    b.phase(Phase::IntraReduceScatter);
     for (j, r) in ranges.iter().enumerate() {
         let own = owner(nodes, k, j);
         for c in chunks(r) {
@@ -123,6 +124,7 @@ pub fn all_reduce_inplace(
     }
 
     // 2. Across nodes, the owners of each shard run a ring all-reduce.
+    b.phase(Phase::InterAllReduce);
     if nodes.len() > 1 {
         for (j, r) in ranges.iter().enumerate() {
             if owner(nodes, k, j) != rank {
@@ -135,11 +137,14 @@ pub fn all_reduce_inplace(
             };
             // Across nodes (TCP): a wave keeps each link's queue full.
             let count = (r.end - r.start) / elem;
-            ring::all_reduce_inplace(b, &g, at(r), count, elem, chunk_bytes, RingOrder::Wave);
+            b.hold_phase(Phase::InterAllReduce, |b| {
+                ring::all_reduce_inplace(b, &g, at(r), count, elem, chunk_bytes, RingOrder::Wave)
+            });
         }
     }
 
     // 3. Inside the node, owners hand the finished shards to their node-mates.
+    b.phase(Phase::IntraAllGather);
     for (j, r) in ranges.iter().enumerate() {
         let own = owner(nodes, k, j);
         for c in chunks(r) {
@@ -152,6 +157,7 @@ pub fn all_reduce_inplace(
             }
         }
     }
+    b.phase(Phase::Unnamed);
 }
 
 /// Bytes each node sends across the network in one hierarchical all-reduce of `bytes`

@@ -25,7 +25,7 @@ pub mod tree;
 pub mod tuning;
 
 pub use call::Call;
-pub use schedule::{BufId, Combine, Op, OpKind, Region, Schedule};
+pub use schedule::{BufId, Combine, Op, OpKind, Phase, Region, Schedule};
 
 use crate::dtype::{CollectiveOp, ReduceOp};
 use schedule::Builder;

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use super::schedule::{at, split_chunks, split_even, BufId, Builder, Combine, Region};
+use super::schedule::{at, split_chunks, split_even, BufId, Builder, Combine, Phase, Region};
 use super::Group;
 
 /// Byte ranges `[piece][segment]` relative to the start of the buffer.
@@ -121,11 +121,14 @@ pub fn all_reduce_into(
     issue.sort_unstable();
     for (_, s, p) in issue {
         if s < n - 1 {
+            b.phase(Phase::ReduceScatter);
             reduce_scatter_step(b, g, src, dst, &lay[p], s);
         } else {
+            b.phase(Phase::AllGather);
             all_gather_step(b, g, dst, &lay[p], s - (n - 1));
         }
     }
+    b.phase(Phase::Unnamed);
 }
 
 /// In-place all-reduce of `buf` over `g`.

@@ -95,6 +95,53 @@ pub enum OpKind {
     },
 }
 
+/// The part of a collective an op belongs to, for the time each part takes (metrics
+/// and the trace). Ops of different phases may interleave in a schedule (a ring's
+/// pieces run their steps in a wave); a phase is over when its last op is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Phase {
+    /// Not part of a named phase (trees, doubling, copies, single-form collectives).
+    #[default]
+    Unnamed = 0,
+    /// A flat ring's reduce-scatter steps.
+    ReduceScatter = 1,
+    /// A flat ring's all-gather steps.
+    AllGather = 2,
+    /// Hierarchical step 1: every shard reduced into its owner inside the node.
+    IntraReduceScatter = 3,
+    /// Hierarchical step 2: the owners' ring all-reduce across nodes.
+    InterAllReduce = 4,
+    /// Hierarchical step 3: the owners hand the finished shards to their node-mates.
+    IntraAllGather = 5,
+}
+
+impl Phase {
+    /// Number of phases, [`Phase::Unnamed`] included.
+    pub const COUNT: usize = 6;
+    /// Every phase, in the order of their values.
+    pub const ALL: [Phase; Phase::COUNT] = [
+        Phase::Unnamed,
+        Phase::ReduceScatter,
+        Phase::AllGather,
+        Phase::IntraReduceScatter,
+        Phase::InterAllReduce,
+        Phase::IntraAllGather,
+    ];
+
+    /// The phase's name in traces and metric dumps.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Unnamed => "other",
+            Phase::ReduceScatter => "reduce-scatter",
+            Phase::AllGather => "all-gather",
+            Phase::IntraReduceScatter => "intra-node reduce-scatter",
+            Phase::InterAllReduce => "inter-node all-reduce",
+            Phase::IntraAllGather => "intra-node all-gather",
+        }
+    }
+}
+
 /// An op and the indices of the ops it waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Op {
@@ -125,6 +172,15 @@ pub struct Schedule {
     /// bytes it wrote. A result nobody reads again within the call can be written with
     /// streaming stores. Filled in by [`Builder::build`].
     pub reread: Vec<bool>,
+    /// For each op, the phase it belongs to.
+    pub op_phase: Vec<Phase>,
+    /// How many ops each phase has (indexed by the phase's value).
+    pub phase_ops: [u32; Phase::COUNT],
+    /// Payload bytes sent to each peer, `(peer, bytes)` in rank order, peers with no
+    /// sends left out; what the metrics count. Filled in by [`Builder::build`].
+    pub sent_to: Vec<(usize, u64)>,
+    /// Payload bytes received from each peer, as `sent_to`.
+    pub received_from: Vec<(usize, u64)>,
 }
 
 impl Schedule {
@@ -152,6 +208,10 @@ pub struct Builder {
     sched: Schedule,
     accesses: Vec<Access>,
     reread: Vec<bool>,
+    /// The phase new ops belong to.
+    phase: Phase,
+    /// Set while an outer algorithm names the phase of an inner one's ops.
+    phase_held: bool,
 }
 
 impl Builder {
@@ -164,7 +224,29 @@ impl Builder {
             },
             accesses: Vec::new(),
             reread: Vec::new(),
+            phase: Phase::Unnamed,
+            phase_held: false,
         }
+    }
+
+    /// The ops appended from now on belong to `phase`, unless an outer algorithm holds
+    /// the phase ([`Builder::hold_phase`]).
+    pub fn phase(&mut self, phase: Phase) {
+        if !self.phase_held {
+            self.phase = phase;
+        }
+    }
+
+    /// Appends `f`'s ops as `phase`, whatever phases `f` names itself: a hierarchical
+    /// all-reduce's inter-node ring is one phase of it, not a reduce-scatter and an
+    /// all-gather of its own.
+    pub fn hold_phase(&mut self, phase: Phase, f: impl FnOnce(&mut Builder)) {
+        let (was, held) = (self.phase, self.phase_held);
+        self.phase = phase;
+        self.phase_held = true;
+        f(self);
+        self.phase_held = held;
+        self.phase = was;
     }
 
     fn push(&mut self, kind: OpKind, reads: &[Region], writes: &[Region]) -> usize {
@@ -198,6 +280,8 @@ impl Builder {
             });
         }
         self.sched.ops.push(Op { kind, deps });
+        self.sched.op_phase.push(self.phase);
+        self.sched.phase_ops[self.phase as usize] += 1;
         self.reread.push(false);
         idx
     }
@@ -274,6 +358,19 @@ impl Builder {
             }
         }
         self.sched.reread = self.reread;
+        let mut sent = std::collections::BTreeMap::<usize, u64>::new();
+        let mut received = std::collections::BTreeMap::<usize, u64>::new();
+        for o in &self.sched.ops {
+            match o.kind {
+                OpKind::Send { peer, src } => *sent.entry(peer).or_default() += src.len as u64,
+                OpKind::Recv { peer, dst, .. } => {
+                    *received.entry(peer).or_default() += dst.len as u64
+                }
+                _ => {}
+            }
+        }
+        self.sched.sent_to = sent.into_iter().collect();
+        self.sched.received_from = received.into_iter().collect();
         self.sched
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod group;
 pub mod handle;
+pub mod metrics;
 pub mod ops;
 pub mod status;
 pub mod unique_id;
@@ -23,6 +24,7 @@ pub mod unique_id;
 use std::ffi::{c_char, c_int, c_void};
 
 pub use handle::{hetcclComm, hetcclComm_t, register};
+pub use metrics::hetcclMetrics_t;
 pub use ops::{hetcclDataType_t, hetcclRedOp_t, hetcclStream_t};
 pub use status::{hetcclResult_t, last_error};
 pub use unique_id::{hetcclUniqueId, UNIQUE_ID_BYTES};

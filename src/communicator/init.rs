@@ -70,10 +70,16 @@ impl Communicator {
         let links =
             crate::transport::connect_all(&cfg, boot.as_mut(), &auth, &topo.same_node(rank))?;
         let mut comm = Self::from_parts(cfg, topo, rank, links, Some(boot))?;
+        comm.pause_observing();
         if comm.cfg.topo_file.is_none() && comm.cfg.topo_probe && comm.world_size > 1 {
             comm.measure_topology()?;
         }
+        if comm.world_size > 1 {
+            comm.align_trace_clock()?;
+            comm.restart_numbering();
+        }
         comm.attach_node()?;
+        comm.restart_metrics();
         if rank == 0 {
             let m = &comm.model;
             tracing::info!(

@@ -56,6 +56,8 @@ use crate::compression::{Compressor, OverflowStats, ScalePolicy};
 use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{AbortCause, AbortKind, Error, Result};
+use crate::observe::trace::Tracer;
+use crate::observe::{CallDone, LinkClass, Metrics, Observer, Phase, Span};
 use crate::topology::Topology;
 use crate::transport::{Link, LinkKind};
 
@@ -171,6 +173,8 @@ struct Work {
     /// `None` for a call run on the caller's thread.
     done: Option<Arc<Completion>>,
     compress: Option<CompressJob>,
+    /// The engine that runs it, as the metrics and the trace name it.
+    path: &'static str,
 }
 
 /// What a compressed all-reduce needs besides its schedule.
@@ -198,6 +202,8 @@ struct Progress {
     /// Set by [`Communicator::abort`] from any thread.
     abort: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<shared::SharedState>,
+    /// Counters and the trace.
+    obs: Observer,
     /// A panic a test asked for.
     #[cfg(test)]
     inject: Option<Inject>,
@@ -301,6 +307,8 @@ impl Progress {
             self.inject = None;
             panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
+        let start = std::time::Instant::now();
+        let mut phase_end = [None; Phase::COUNT];
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
                 .execute(&w.bufs, &w.ctx, &self.abort)
@@ -318,13 +326,29 @@ impl Progress {
                 match w.compress.take() {
                     None => executor::execute(
                         &mut self.links,
-                        Job::new(&sched, &w.bufs, &w.ctx).cancel(&self.abort),
+                        Job::new(&sched, &w.bufs, &w.ctx)
+                            .cancel(&self.abort)
+                            .phase_ends(&mut phase_end),
                     ),
-                    Some(job) => self.execute_compressed(w, &sched, &job),
+                    Some(job) => {
+                        let r = self.execute_compressed(w, &sched, &job, &mut phase_end);
+                        w.compress = Some(job);
+                        r
+                    }
                 }
             }
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
+        self.obs.call(&CallDone {
+            ctx: &w.ctx,
+            path: w.path,
+            sched: w.sched.as_deref(),
+            wire: w.compress.as_ref().map(|j| &j.wire),
+            result: &r,
+            start,
+            end: std::time::Instant::now(),
+            phase_end: &phase_end,
+        });
         let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
         if let Err(e) = &r {
             // Peers first, the log after: a log that fails must not keep them waiting.
@@ -350,6 +374,7 @@ impl Progress {
         w: &Work,
         sched: &Schedule,
         job: &CompressJob,
+        phase_end: &mut executor::PhaseEnds,
     ) -> Result<OverflowStats> {
         let comp: &mut Compressor = if job.compressor.is_null() {
             match &mut self.internal {
@@ -383,7 +408,8 @@ impl Progress {
             Job::new(sched, &bufs, &w.ctx)
                 .wire(&job.wire)
                 .passes(&mut passes)
-                .cancel(&self.abort),
+                .cancel(&self.abort)
+                .phase_ends(phase_end),
         )?;
         // The passes counted their own saturations into the compressor.
         comp.add_pending(stats);
@@ -431,6 +457,8 @@ pub struct Communicator {
     shared: Arc<shared::SharedState>,
     /// [`ExecCtx::spin_polls`] on this host.
     spin_polls: u32,
+    /// The timeline (`HETCCL_TRACE`), also held by the progress state.
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -463,7 +491,18 @@ impl Communicator {
                 ),
             ));
         }
-        let link_kinds = links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
+        let link_kinds: Vec<Option<LinkKind>> =
+            links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
+        let tracer = match &cfg.trace {
+            Some(pattern) => Some(Arc::new(Tracer::create(pattern, rank, world_size)?)),
+            None => None,
+        };
+        let mut obs = Observer {
+            classes: link_kinds.iter().map(|k| k.map(LinkClass::of)).collect(),
+            tracer: tracer.clone(),
+            ..Observer::default()
+        };
+        obs.counters.m.retries = links.iter().flatten().map(|l| l.setup_retries()).sum();
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
@@ -476,6 +515,7 @@ impl Communicator {
             internal: None,
             abort: abort.clone(),
             shared: shared.clone(),
+            obs,
             #[cfg(test)]
             inject: None,
         };
@@ -509,7 +549,65 @@ impl Communicator {
             logged: Mutex::new(Default::default()),
             _boot: Mutex::new(boot),
             shared,
+            tracer,
         })
+    }
+
+    /// This communicator's counters since its initialisation ([`Metrics`]). Waits for
+    /// the call running now, if any, to end.
+    pub fn metrics(&self) -> Metrics {
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.obs.counters.m.clone()
+    }
+
+    /// Starts a span of the program's own on the timeline (`HETCCL_TRACE`), ended when
+    /// the returned guard is dropped; without a trace it records nothing and costs a
+    /// branch. A trainer marks its forward, backward, optimizer steps this way, beside
+    /// the collectives that the communicator records itself.
+    pub fn span(&self, name: &'static str) -> Span<'_> {
+        Span::start(self.tracer.as_deref(), name)
+    }
+
+    /// Writes the trace events gathered so far to the trace file (they are also written
+    /// every few thousand events and when the communicator is dropped).
+    pub fn flush_trace(&self) {
+        if let Some(t) = &self.tracer {
+            t.flush();
+        }
+    }
+
+    /// The collectives `init` runs itself (the probe, the clock offset, the control
+    /// pages) are not the caller's: they stay off the trace, and counting starts over
+    /// after them ([`Communicator::restart_metrics`]).
+    fn pause_observing(&mut self) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.obs.tracer = None;
+    }
+
+    /// Counting starts over, setup retries aside, and the trace records from here.
+    fn restart_metrics(&mut self) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &mut p.obs.counters.m;
+        *m = Metrics {
+            retries: m.retries,
+            ..Metrics::default()
+        };
+        p.obs.tracer = self.tracer.clone();
+    }
+
+    /// Measures this rank's trace clock against rank 0's and notes it in the trace, when
+    /// any rank traces. Collective.
+    fn align_trace_clock(&mut self) -> Result<()> {
+        // Whether any rank traces: a rank without a trace still answers the others.
+        let mut any = [u8::from(self.tracer.is_some())];
+        self.all_reduce(&mut any, ReduceOp::Max)?;
+        if any[0] != 0 {
+            let (offset, error) = crate::observe::offset_to_rank0(self)?;
+            if let Some(t) = &self.tracer {
+                t.set_clock(self.world_size, offset, error);
+            }
+        }
+        Ok(())
     }
 
     /// Gives up on the communicator from any thread: an operation blocked on a peer
@@ -715,6 +813,11 @@ impl Communicator {
     ) -> Result<(Work, MutexGuard<'_, Option<mpsc::Sender<Work>>>)> {
         let mode = compress.map_or(CompressMode::Off, |(mode, _, _)| mode);
         let (path, direct) = self.choose(&call, input, output, mode);
+        let engine = match &path {
+            Path::Eager { .. } => "eager",
+            Path::Direct => "shared buffers",
+            _ => "links",
+        };
         let (sched, compress, redop) = match &path {
             Path::Links(l) => (
                 Some(self.schedule(l)),
@@ -765,6 +868,7 @@ impl Communicator {
             },
             done: None,
             compress,
+            path: engine,
         };
         Ok((work, tx_guard))
     }
@@ -1092,6 +1196,11 @@ impl Drop for Communicator {
             let _ = w.join();
         }
         self.shared.close();
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(rank = self.rank, "metrics: {}", p.obs.counters.m.summary());
+        if let Some(t) = &self.tracer {
+            t.finish();
+        }
     }
 }
 
@@ -1354,8 +1463,13 @@ pub mod testing {
             .into_iter()
             .enumerate()
             .map(|(r, l)| {
-                Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None)
-                    .unwrap_or_else(|e| panic!("in-process world of {n}: rank {r}: {e}"))
+                let c = Communicator::from_parts(cfg.clone(), topo.clone(), r, l, None)
+                    .unwrap_or_else(|e| panic!("in-process world of {n}: rank {r}: {e}"));
+                // One process, one trace clock: every rank is on rank 0's exactly.
+                if let Some(t) = &c.tracer {
+                    t.set_clock(n, 0.0, 0.0);
+                }
+                c
             })
             .collect()
     }

@@ -227,6 +227,10 @@ pub trait Link: Send {
     /// Called once the start-up probe is over, so the probe's traffic leaves nothing
     /// behind that shapes later transfers (TCP: the congestion control's estimates).
     fn end_probe(&mut self) {}
+    /// Connection attempts and handshakes that setting this link up had to repeat.
+    fn setup_retries(&self) -> u64 {
+        0
+    }
     /// Whether [`Link::send_space`] can offer room (the link has a buffer of its own
     /// that messages are written into).
     fn has_send_space(&self) -> bool {

@@ -119,6 +119,8 @@ pub struct TcpLink {
     notice: Option<Option<AbortCause>>,
     tx: TxState,
     rx: RxState,
+    /// Connection attempts and handshakes setup had to repeat (connector side).
+    retries: u64,
 }
 
 fn stripe_len(len: usize, s: usize, g: usize) -> usize {
@@ -173,6 +175,7 @@ impl TcpLink {
             stripe,
             aborted: false,
             notice: None,
+            retries: 0,
             tx: TxState {
                 active: false,
                 len: 0,
@@ -610,6 +613,10 @@ impl Link for TcpLink {
     /// app-limited delivery rates; BBR then paced every later message by them, and
     /// mid-sized all-reduces on loopback ran well below their speed without the probe
     /// until this reset (`docs/perf-log/2026-11-27-tcp-congestion-direct-receives.md`).
+    fn setup_retries(&self) -> u64 {
+        self.retries
+    }
+
     fn end_probe(&mut self) {
         for s in &self.socks {
             let Some(name) = congestion(s) else { continue };
@@ -1111,12 +1118,14 @@ pub fn connect_link(
     };
     let mut socks = Vec::with_capacity(nsocks);
     let mut asked = Instant::now();
+    let mut retries = 0u64;
     for k in 0..nsocks {
         let mut backoff = Duration::from_millis(10);
         let mut tries = 0u32;
         let s = loop {
             tries += 1;
-            let mut s = connect_retry(addr, rank, peer, deadline, live)?;
+            retries += u64::from(tries > 1);
+            let mut s = connect_retry(addr, rank, peer, deadline, live, &mut retries)?;
             let timeout = HANDSHAKE_TIMEOUT
                 .min(deadline.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(100));
@@ -1178,7 +1187,9 @@ pub fn connect_link(
         };
         socks.push(s);
     }
-    TcpLink::new(rank, peer, socks, stripe)
+    let mut link = TcpLink::new(rank, peer, socks, stripe)?;
+    link.retries = retries;
+    Ok(link)
 }
 
 /// `Some(why)` when `live` says a rank is gone; asks at most every [`LIVENESS_EVERY`]
@@ -1214,6 +1225,7 @@ fn connect_retry(
     peer: usize,
     deadline: Instant,
     live: Option<&dyn Liveness>,
+    retries: &mut u64,
 ) -> Result<TcpStream> {
     let mut asked = Instant::now();
     loop {
@@ -1237,6 +1249,7 @@ fn connect_retry(
                          {addr}: {gone}"
                     )));
                 }
+                *retries += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {

@@ -2,7 +2,7 @@
 //!
 //! | binary | what |
 //! | --- | --- |
-//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]) |
+//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]); `hetccl trace merge OUT FILES...`: every rank's trace on one timeline ([`trace_merge`]) |
 //! | `hetccl-perf` | nccl-tests style bandwidth table of every collective |
 //! | `hetccl-check` | every collective, element type and reduction against its closed form, faults on purpose, soaks (the checks are hetccl-testkit's) |
 //! | `hetccl-gpu-check` | the device collectives, checked (feature `cuda`) |
@@ -14,3 +14,4 @@
 #![warn(missing_docs)]
 
 pub mod launcher;
+pub mod trace_merge;

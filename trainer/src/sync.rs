@@ -56,6 +56,11 @@ pub trait GradSync {
         grads: &'g mut [f32],
         backward: &mut BackwardFn<'_, 'g>,
     ) -> Result<()>;
+    /// A span on the communicator's timeline (`HETCCL_TRACE`), ended when dropped;
+    /// nothing is recorded without one.
+    fn span(&self, name: &'static str) -> hetccl::observe::Span<'_> {
+        hetccl::observe::Span::off(name)
+    }
     /// Blocking in-place sum over ranks of a few counters.
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
     /// `recv[r*n..(r+1)*n]` = rank r's `send` (n = send.len()).
@@ -355,6 +360,9 @@ impl GradSync for Communicator {
     fn rank(&self) -> usize {
         Communicator::rank(self)
     }
+    fn span(&self, name: &'static str) -> hetccl::observe::Span<'_> {
+        Communicator::span(self, name)
+    }
     fn world_size(&self) -> usize {
         Communicator::world_size(self)
     }
@@ -460,6 +468,9 @@ impl<'g: 'l, 'l> BucketSink<'g, f32> for CompressedSink<'_, 'l, 'g> {
 impl GradSync for CompressedSync<'_> {
     fn rank(&self) -> usize {
         self.comm.rank()
+    }
+    fn span(&self, name: &'static str) -> hetccl::observe::Span<'_> {
+        self.comm.span(name)
     }
     fn world_size(&self) -> usize {
         self.comm.world_size()

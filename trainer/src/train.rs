@@ -42,7 +42,7 @@ use super::files::{human_bytes, open_limited, shown, too_large};
 use super::hf;
 use super::model::{init_params, Batch, LossStats, Model};
 use super::optim::{clip_grad_norm, learning_rate, AdamW};
-use super::sync::{GradBuf, GradSync, NoSync, ThreadGroup};
+use super::sync::{BucketSink, GradBuf, GradSync, NoSync, ThreadGroup};
 use super::tokenizer::WordPiece;
 use crate::error::{Error, Result};
 
@@ -797,6 +797,7 @@ impl Run<'_> {
     }
 
     fn evaluate(&mut self, step: u64) -> Result<EvalRecord> {
+        let _eval = self.sync.span("evaluation").arg("step", step);
         let n = self.cfg.val_samples.max(1);
         let chunk = self.micro.iter().copied().max().unwrap_or(1).max(1);
         let mine: Vec<u64> = (self.rank..n)
@@ -976,13 +977,18 @@ impl Run<'_> {
         for a in 0..self.cfg.grad_accum {
             let first =
                 step * self.cfg.batch_size as u64 + a as u64 * per_micro + self.offset as u64;
+            let data = self.sync.span("data").arg("step", step);
             let batch = self.samples_for(first, count);
+            drop(data);
             let t0 = Instant::now();
+            let fwd = self.sync.span("forward").arg("step", step);
             stats.add(&self.model.forward(&self.params, &batch)?);
             slow_down(slow, t0.elapsed());
+            drop(fwd);
             compute += t0.elapsed();
             let t1 = Instant::now();
             if a + 1 < self.cfg.grad_accum {
+                let _bwd = self.sync.span("backward").arg("step", step);
                 self.model
                     .backward(&self.params, &mut self.grads, &mut NoSync)?;
                 slow_down(slow, t1.elapsed());
@@ -990,8 +996,20 @@ impl Run<'_> {
             } else {
                 let mut backward_done = None;
                 let (model, params) = (&mut self.model, &self.params);
+                let sync = self.sync;
                 self.sync.reduce_while(&mut self.grads, &mut |g, sink| {
-                    let r = model.backward(params, g, sink);
+                    // One span per bucket: the backward that produced it, ended where its
+                    // all-reduce starts (the collective's own span, on the thread that runs
+                    // it, shows how the two overlap).
+                    let mut traced = BucketSpans {
+                        inner: sink,
+                        sync,
+                        step,
+                        bucket: 0,
+                        open: Some(sync.span("backward").arg("step", step).arg("bucket", 0)),
+                    };
+                    let r = model.backward(params, g, &mut traced);
+                    drop(traced);
                     slow_down(slow, t1.elapsed());
                     backward_done = Some(Instant::now());
                     r
@@ -1029,8 +1047,10 @@ impl Run<'_> {
         for g in self.grads.iter_mut() {
             *g *= inv;
         }
+        let opt = self.sync.span("optimizer").arg("step", step);
         let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
         self.opt.update(&mut self.params, &self.grads, lr);
+        drop(opt);
         let secs = t_step.elapsed().as_secs_f64();
         let loss = sums[0] / masked;
         if !loss.is_finite() {
@@ -1053,5 +1073,26 @@ impl Run<'_> {
             rank_ms_comm,
             rank_ms_wait,
         })
+    }
+}
+
+/// Hands buckets on to `inner`, with a trace span per bucket of backward: each ends
+/// where its bucket is handed over, and the next begins.
+struct BucketSpans<'s, 'i, 'g> {
+    inner: &'i mut dyn BucketSink<'g, f32>,
+    sync: &'s dyn GradSync,
+    step: u64,
+    bucket: u64,
+    open: Option<hetccl::observe::Span<'s>>,
+}
+
+impl<'g> BucketSink<'g, f32> for BucketSpans<'_, '_, 'g> {
+    fn bucket_ready(&mut self, grads: &'g mut [f32]) -> Result<()> {
+        self.open = None;
+        self.inner.bucket_ready(grads)?;
+        self.bucket += 1;
+        let span = self.sync.span("backward").arg("step", self.step);
+        self.open = Some(span.arg("bucket", self.bucket));
+        Ok(())
     }
 }

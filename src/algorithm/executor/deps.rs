@@ -2,8 +2,10 @@
 //! FIFO), and local copies and reductions in schedule order too; an op starts once every
 //! op it depends on is done.
 
+use std::time::Instant;
+
 use super::buffers::Buffers;
-use crate::algorithm::schedule::{Combine, OpKind, Schedule};
+use crate::algorithm::schedule::{Combine, OpKind, Phase, Schedule};
 use crate::error::{Error, Result};
 use crate::transport::Link;
 
@@ -33,7 +35,14 @@ pub(super) struct Deps<'s> {
     pub(super) locals: Queue,
     pub(super) done: Vec<bool>,
     n_done: usize,
+    /// Ops of each phase not done yet, and when each named phase's last op was done.
+    phase_left: [u32; Phase::COUNT],
+    pub(super) phase_end: PhaseEnds,
 }
+
+/// When each phase of a run ended (its last op was done), indexed by the phase's
+/// value; `None` for a phase without ops.
+pub type PhaseEnds = [Option<Instant>; Phase::COUNT];
 
 impl<'s> Deps<'s> {
     /// The queues of `sched`, once every region it addresses lies inside `bufs`, every
@@ -82,6 +91,8 @@ impl<'s> Deps<'s> {
             locals,
             done: vec![false; sched.ops.len()],
             n_done: 0,
+            phase_left: sched.phase_ops,
+            phase_end: [None; Phase::COUNT],
         })
     }
 
@@ -112,6 +123,14 @@ impl<'s> Deps<'s> {
     fn mark(&mut self, i: usize) {
         self.done[i] = true;
         self.n_done += 1;
+        // A phase's end is its last op's: one clock read per phase and run.
+        if let Some(&ph) = self.sched.op_phase.get(i) {
+            let left = &mut self.phase_left[ph as usize];
+            *left = left.saturating_sub(1);
+            if *left == 0 && ph != Phase::Unnamed {
+                self.phase_end[ph as usize] = Some(Instant::now());
+            }
+        }
     }
 
     /// Send `i`, the head of link `p`'s sends, is done.

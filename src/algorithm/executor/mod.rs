@@ -55,6 +55,7 @@ use wait::{Ladder, Pause, Wait};
 pub use blocks::BlockPasses;
 pub use buffers::Buffers;
 pub use context::ExecCtx;
+pub use deps::PhaseEnds;
 pub use staging::Wire;
 pub use wait::spin_polls_for;
 
@@ -66,6 +67,7 @@ pub struct Job<'a> {
     wire: Option<&'a Wire>,
     passes: Option<&'a mut dyn BlockPasses>,
     cancel: Option<&'a AtomicBool>,
+    phase_end: Option<&'a mut PhaseEnds>,
 }
 
 impl<'a> Job<'a> {
@@ -79,7 +81,14 @@ impl<'a> Job<'a> {
             wire: None,
             passes: None,
             cancel: None,
+            phase_end: None,
         }
+    }
+
+    /// A run that completes writes into `ends` when each phase of the schedule ended.
+    pub fn phase_ends(mut self, ends: &'a mut PhaseEnds) -> Self {
+        self.phase_end = Some(ends);
+        self
     }
 
     /// Messages to the links `wire` names travel as 16-bit values.
@@ -127,6 +136,7 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
         wire,
         passes,
         cancel,
+        phase_end,
     } = job;
     let deps = Deps::new(sched, links, bufs)?;
     let blocks = passes.map(|p| BlockTracker::new(p, sched, bufs.output_len));
@@ -184,6 +194,9 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
     }
     if let Some(t) = run.blocks.as_mut() {
         t.flush()?;
+    }
+    if let Some(ends) = phase_end {
+        *ends = run.deps.phase_end;
     }
     Ok(run.staging.stats)
 }

@@ -1,0 +1,231 @@
+//! Per-communicator counters: calls, bytes by link class, time by phase, link-setup
+//! retries, compression overflows.
+//!
+//! Bytes are the payload the schedule of each completed collective sent and received
+//! per peer (message headers not counted), on a link that carries 16-bit values the
+//! 16-bit size. The path's engine runs exactly its schedule, so these are the bytes
+//! that crossed each link. Calls run on shared memory without links (the eager slots,
+//! shared buffers) read their peers' memory and are counted apart.
+
+use std::time::{Duration, Instant};
+
+use crate::algorithm::executor::PhaseEnds;
+use crate::algorithm::{Phase, Schedule};
+use crate::compression::OverflowStats;
+use crate::transport::LinkKind;
+
+/// The kind of link bytes crossed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinkClass {
+    /// Shared-memory rings between processes of one host (and the in-process links of
+    /// test worlds, which stand in for them).
+    Shm = 0,
+    /// TCP sockets.
+    Tcp = 1,
+}
+
+impl LinkClass {
+    /// Number of classes.
+    pub const COUNT: usize = 2;
+    /// Every class, in the order of their values.
+    pub const ALL: [LinkClass; LinkClass::COUNT] = [LinkClass::Shm, LinkClass::Tcp];
+
+    /// The class's name in dumps and traces.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkClass::Shm => "shm",
+            LinkClass::Tcp => "tcp",
+        }
+    }
+
+    /// The class of a link.
+    pub fn of(kind: LinkKind) -> Self {
+        match kind {
+            LinkKind::Shm => LinkClass::Shm,
+            LinkKind::Tcp => LinkClass::Tcp,
+        }
+    }
+}
+
+/// A snapshot of a communicator's counters since its initialisation (the collectives
+/// `init` runs itself, the link probe among them, are not counted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Collectives and point-to-point calls run, failed ones included (calls that move
+    /// nothing, such as a one-rank all-reduce, return at once and are not counted).
+    pub calls: u64,
+    /// Of `calls`, those that failed.
+    pub failed_calls: u64,
+    /// Of `calls`, those run on shared memory without links (eager slots, shared
+    /// buffers).
+    pub shared_calls: u64,
+    /// Payload bytes of the `shared_calls`.
+    pub shared_bytes: u64,
+    /// Payload bytes sent over links, by [`LinkClass`] value.
+    pub bytes_sent: [u64; LinkClass::COUNT],
+    /// Payload bytes received over links, by [`LinkClass`] value.
+    pub bytes_received: [u64; LinkClass::COUNT],
+    /// Time inside collectives, from the start of their work to its end.
+    pub time_total: Duration,
+    /// Time by [`Phase`] value. A phase's time runs from the end of the phase before
+    /// it (or the start of the call) to the end of its last op; what the call spends
+    /// outside named phases is [`Phase::Unnamed`]'s.
+    pub time_by_phase: [Duration; Phase::COUNT],
+    /// Connection attempts that link setup had to repeat (a refused connection, a
+    /// handshake shed by a busy listener).
+    pub retries: u64,
+    /// Values that compression saturated to the wire format's largest finite value.
+    pub compress_overflows: u64,
+    /// Non-finite values (inf, NaN) that compressed calls met.
+    pub compress_nonfinite: u64,
+}
+
+impl Metrics {
+    /// Payload bytes sent over links of `class`.
+    pub fn sent(&self, class: LinkClass) -> u64 {
+        self.bytes_sent[class as usize]
+    }
+
+    /// Payload bytes received over links of `class`.
+    pub fn received(&self, class: LinkClass) -> u64 {
+        self.bytes_received[class as usize]
+    }
+
+    /// Time spent in `phase`.
+    pub fn time_in(&self, phase: Phase) -> Duration {
+        self.time_by_phase[phase as usize]
+    }
+
+    /// One line for the log at exit (`HETCCL_DEBUG=info`).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} calls ({} failed, {} on shared memory: {} bytes)",
+            self.calls, self.failed_calls, self.shared_calls, self.shared_bytes
+        );
+        for c in LinkClass::ALL {
+            s += &format!(
+                "; {} sent {} received {} bytes",
+                c.name(),
+                self.sent(c),
+                self.received(c)
+            );
+        }
+        s += &format!("; {:.3} ms in collectives", ms(self.time_total));
+        for p in Phase::ALL {
+            let t = self.time_in(p);
+            if !t.is_zero() {
+                s += &format!(", {} {:.3} ms", p.name(), ms(t));
+            }
+        }
+        s += &format!(
+            "; {} setup retries; compression {} overflows, {} non-finite",
+            self.retries, self.compress_overflows, self.compress_nonfinite
+        );
+        s
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// When each phase of one call ran, derived from when it ended: consecutive, in
+/// phase order, the first from the call's start, none past its end.
+pub(crate) fn phase_spans(
+    start: Instant,
+    end: Instant,
+    ends: &PhaseEnds,
+) -> impl Iterator<Item = (Phase, Instant, Instant)> + '_ {
+    let mut from = start;
+    Phase::ALL.into_iter().filter_map(move |p| {
+        let e = ends[p as usize]?;
+        let e = e.clamp(from, end.max(from));
+        let span = (p, from, e);
+        from = e;
+        Some(span)
+    })
+}
+
+/// The counters a communicator keeps; [`Metrics`] is their snapshot.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) m: Metrics,
+}
+
+impl Counters {
+    /// Counts one call that ran over links with `sched`, compressed on the links
+    /// `wire_peers` marks (each carries half the bytes), whose links are of `classes`.
+    pub(crate) fn links_call(
+        &mut self,
+        sched: &Schedule,
+        classes: &[Option<LinkClass>],
+        wire_peers: Option<&[bool]>,
+    ) {
+        let on_wire = |p: usize, b: u64| match wire_peers {
+            Some(w) if w.get(p).copied().unwrap_or(false) => b / 2,
+            _ => b,
+        };
+        for &(p, b) in &sched.sent_to {
+            if let Some(Some(c)) = classes.get(p) {
+                self.m.bytes_sent[*c as usize] += on_wire(p, b);
+            }
+        }
+        for &(p, b) in &sched.received_from {
+            if let Some(Some(c)) = classes.get(p) {
+                self.m.bytes_received[*c as usize] += on_wire(p, b);
+            }
+        }
+    }
+
+    /// Counts a call's time: in all, and by phase.
+    pub(crate) fn time(&mut self, start: Instant, end: Instant, ends: &PhaseEnds) {
+        let total = end.saturating_duration_since(start);
+        self.m.time_total += total;
+        let mut named = Duration::ZERO;
+        for (p, a, b) in phase_spans(start, end, ends) {
+            let d = b.saturating_duration_since(a);
+            named += d;
+            self.m.time_by_phase[p as usize] += d;
+        }
+        self.m.time_by_phase[Phase::Unnamed as usize] += total.saturating_sub(named);
+    }
+
+    /// Counts what a compressed call saturated.
+    pub(crate) fn overflow(&mut self, s: &OverflowStats) {
+        self.m.compress_overflows += s.overflow;
+        self.m.compress_nonfinite += s.nonfinite;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_consecutive_and_clamped_to_the_call() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut ends: PhaseEnds = [None; Phase::COUNT];
+        ends[Phase::IntraReduceScatter as usize] = Some(at(3));
+        // Ended before the phase before it: it takes no time of its own.
+        ends[Phase::InterAllReduce as usize] = Some(at(2));
+        ends[Phase::IntraAllGather as usize] = Some(at(12));
+        let spans: Vec<_> = phase_spans(t0, at(10), &ends)
+            .map(|(p, a, b)| (p, a - t0, b - t0))
+            .collect();
+        let d = Duration::from_millis;
+        assert_eq!(
+            spans,
+            [
+                (Phase::IntraReduceScatter, d(0), d(3)),
+                (Phase::InterAllReduce, d(3), d(3)),
+                (Phase::IntraAllGather, d(3), d(10)),
+            ]
+        );
+        let mut c = Counters::default();
+        c.time(t0, at(10), &ends);
+        assert_eq!(c.m.time_in(Phase::IntraAllGather), d(7));
+        assert_eq!(c.m.time_in(Phase::Unnamed), d(0));
+        assert_eq!(c.m.time_total, d(10));
+    }
+}

@@ -1,0 +1,270 @@
+//! Seeing inside a job: per-communicator counters ([`Metrics`]) and the timeline trace
+//! (`HETCCL_TRACE`, [`trace`]).
+//!
+//! Counters are plain integers kept with the communicator's links (under the lock
+//! the running collective holds anyway), added once per collective from what the
+//! schedule moved: no atomics and no per-message work. The trace is off unless
+//! `HETCCL_TRACE` names a file; off, a collective pays one branch on an `Option`.
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | `metrics` | [`Metrics`], the counters and their dump at exit |
+//! | `trace` | the event buffer, its Chrome trace / Perfetto JSON and [`Span`] |
+//! | `clock` | the offset of each rank's trace clock to rank 0's, measured at init |
+
+mod clock;
+pub mod metrics;
+pub mod trace;
+
+pub use crate::algorithm::Phase;
+pub use metrics::{LinkClass, Metrics};
+pub use trace::Span;
+
+pub(crate) use clock::offset_to_rank0;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+
+use crate::algorithm::executor::{ExecCtx, PhaseEnds, Wire};
+use crate::algorithm::Schedule;
+use crate::compression::OverflowStats;
+use crate::error::Result;
+use metrics::{phase_spans, Counters};
+use trace::Tracer;
+
+/// What one finished call was, for the counters and the trace.
+pub(crate) struct CallDone<'a> {
+    pub(crate) ctx: &'a ExecCtx,
+    /// The engine: `"links"`, `"eager"` or `"shared buffers"`.
+    pub(crate) path: &'static str,
+    /// The schedule, for a call over links.
+    pub(crate) sched: Option<&'a Schedule>,
+    /// The links that carried 16-bit values, for a compressed call.
+    pub(crate) wire: Option<&'a Wire>,
+    pub(crate) result: &'a Result<OverflowStats>,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+    pub(crate) phase_end: &'a PhaseEnds,
+}
+
+/// A communicator's counters and trace, kept with its links (the progress state) so
+/// that the call that runs updates them under the lock it holds anyway.
+#[derive(Default)]
+pub(crate) struct Observer {
+    pub(crate) counters: Counters,
+    /// The class of the link to each peer (`None` for self).
+    pub(crate) classes: Vec<Option<LinkClass>>,
+    pub(crate) tracer: Option<Arc<Tracer>>,
+}
+
+impl Observer {
+    /// Counts a finished call and, when tracing, records it and its phases.
+    pub(crate) fn call(&mut self, c: &CallDone<'_>) {
+        let m = &mut self.counters.m;
+        m.calls += 1;
+        let bytes = c.ctx.count * c.ctx.dtype.size() as u64;
+        match &c.result {
+            Err(_) => m.failed_calls += 1,
+            Ok(stats) => {
+                match c.sched {
+                    Some(s) => {
+                        let wire = c.wire.map(|w| w.peers.as_slice());
+                        self.counters.links_call(s, &self.classes, wire);
+                    }
+                    None => {
+                        m.shared_calls += 1;
+                        m.shared_bytes += bytes;
+                    }
+                }
+                self.counters.overflow(stats);
+            }
+        }
+        self.counters.time(c.start, c.end, c.phase_end);
+        if let Some(t) = &self.tracer {
+            record(t, c, bytes, &self.classes);
+        }
+    }
+}
+
+/// The trace events of one call: its span, then one per phase.
+#[cold]
+fn record(t: &Tracer, c: &CallDone<'_>, bytes: u64, classes: &[Option<LinkClass>]) {
+    let ctx = c.ctx;
+    let mut args = Map::new();
+    let mut put = |k: &str, v: Value| {
+        args.insert(k.to_string(), v);
+    };
+    put("seq", ctx.seq.into());
+    put("bytes", bytes.into());
+    put("count", ctx.count.into());
+    put("dtype", ctx.dtype.name().into());
+    put("redop", ctx.redop.name().into());
+    put("path", c.path.into());
+    if let Some(s) = c.sched {
+        put("algorithm", s.algo.into());
+        // Bytes per peer as the link carried them, and the peer's link class.
+        let per_peer = |list: &[(usize, u64)]| -> Value {
+            let mut o = Map::new();
+            for &(p, b) in list {
+                let b = match c.wire {
+                    Some(w) if w.peers.get(p).copied().unwrap_or(false) => b / 2,
+                    _ => b,
+                };
+                let class = classes
+                    .get(p)
+                    .copied()
+                    .flatten()
+                    .map_or("?", LinkClass::name);
+                o.insert(format!("{p} ({class})"), b.into());
+            }
+            Value::Object(o)
+        };
+        put("sent", per_peer(&s.sent_to));
+        put("received", per_peer(&s.received_from));
+    }
+    put(
+        "compression",
+        c.wire.map_or("off", |w| w.format.name()).into(),
+    );
+    if let Err(e) = &c.result {
+        put("error", e.to_string().into());
+    }
+    let name = ctx.op.name();
+    t.complete(name, "collective", c.start, c.end, args);
+    for (p, a, b) in phase_spans(c.start, c.end, c.phase_end) {
+        let mut args = Map::new();
+        args.insert("op".into(), name.into());
+        args.insert("seq".into(), ctx.seq.into());
+        t.complete(p.name(), "phase", a, b, args);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::communicator::testing::{on_all, world};
+    use crate::compression::{Compressor, ScalePolicy, WireFormat};
+    use crate::config::{AlgoChoice, CompressMode, Config};
+    use crate::dtype::ReduceOp;
+    use crate::Communicator;
+
+    fn comms(n: usize, per_node: usize, algo: AlgoChoice) -> Vec<Communicator> {
+        let cfg = Config {
+            algo,
+            timeout: Duration::from_secs(20),
+            ..Config::default()
+        };
+        world(n, per_node, cfg)
+    }
+
+    #[test]
+    fn a_ring_counts_the_bytes_it_moves() {
+        // Ring all-reduce of S bytes: every rank sends and receives 2(n-1)/n · S.
+        for (n, count) in [(2, 1000), (4, 1024)] {
+            let cs = comms(n, n, AlgoChoice::Ring);
+            let ms = on_all(&cs, |c| {
+                let mut v = vec![1.0f32; count];
+                c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                c.metrics()
+            });
+            let moved = (2 * (n - 1) * count * 4 / n) as u64;
+            for m in &ms {
+                assert_eq!(m.calls, 1);
+                assert_eq!(m.failed_calls, 0);
+                assert_eq!(m.sent(LinkClass::Shm), moved, "{n} ranks");
+                assert_eq!(m.received(LinkClass::Shm), moved, "{n} ranks");
+                assert_eq!(m.sent(LinkClass::Tcp), 0);
+                // Both phases ran, and the call's time is theirs and the rest's.
+                assert!(!m.time_in(Phase::ReduceScatter).is_zero(), "{m:?}");
+                assert!(!m.time_in(Phase::AllGather).is_zero(), "{m:?}");
+                let parts: Duration = m.time_by_phase.iter().sum();
+                assert_eq!(parts, m.time_total);
+            }
+        }
+    }
+
+    #[test]
+    fn a_hierarchical_all_reduce_counts_every_phase() {
+        // 2 nodes x 2, S = 4096 bytes, two shards of S/2: a rank sends its mate the shard
+        // it does not own (S/2), runs the 2-owner ring over its own (S/2), and hands its
+        // finished shard to its mate (S/2).
+        let cs = comms(4, 2, AlgoChoice::Hier);
+        let ms = on_all(&cs, |c| {
+            let mut v = vec![1.0f32; 1024];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+            c.metrics()
+        });
+        for m in &ms {
+            assert_eq!(m.calls, 2);
+            assert_eq!(m.sent(LinkClass::Shm), 2 * 3 * 2048, "{m:?}");
+            assert_eq!(m.received(LinkClass::Shm), 2 * 3 * 2048, "{m:?}");
+            // The last phase may end with the inter-node ring's last receive, which it
+            // forwards to the node-mate as it lands: it can take no time of its own.
+            for p in [Phase::IntraReduceScatter, Phase::InterAllReduce] {
+                assert!(!m.time_in(p).is_zero(), "{p:?}: {m:?}");
+            }
+            assert!(m.time_in(Phase::ReduceScatter).is_zero(), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn compressed_links_count_16_bit_bytes_and_overflows() {
+        let cs = comms(2, 1, AlgoChoice::Ring);
+        let ms = on_all(&cs, |c| {
+            let mut comp =
+                Compressor::new(WireFormat::F16, ScalePolicy::Factor(1.0), false).unwrap();
+            let mut v = vec![1.0f32; 64];
+            v[3] = 1e6;
+            let c2 = crate::communicator::Compression {
+                mode: CompressMode::Inter,
+                compressor: &mut comp,
+                buffer: 0,
+            };
+            let stats = c.all_reduce_compressed(&mut v, ReduceOp::Sum, c2).unwrap();
+            (stats, c.metrics())
+        });
+        for (stats, m) in &ms {
+            // 64 f32 = 256 bytes through a 2-rank ring, as 16-bit values: 128.
+            assert_eq!(m.sent(LinkClass::Shm), 128, "{m:?}");
+            assert_eq!(m.compress_overflows, stats.overflow);
+        }
+        let total: u64 = ms.iter().map(|(_, m)| m.compress_overflows).sum();
+        assert!(total >= 2, "each rank saturates its own 1e6: {ms:?}");
+    }
+
+    #[test]
+    fn a_failed_call_is_counted_and_moves_nothing_counted() {
+        let cs = comms(2, 2, AlgoChoice::Ring);
+        let ms = on_all(&cs, |c| {
+            let mut v = vec![1.0f32; 100 + c.rank()];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+            c.metrics()
+        });
+        for m in &ms {
+            assert_eq!((m.calls, m.failed_calls), (1, 1));
+            assert_eq!(m.sent(LinkClass::Shm), 0);
+        }
+    }
+
+    #[test]
+    fn the_summary_names_every_counter() {
+        let mut m = Metrics {
+            calls: 3,
+            retries: 2,
+            ..Metrics::default()
+        };
+        m.bytes_sent[LinkClass::Tcp as usize] = 4096;
+        m.time_by_phase[Phase::AllGather as usize] = Duration::from_micros(1500);
+        assert_eq!(
+            m.summary(),
+            "3 calls (0 failed, 0 on shared memory: 0 bytes); shm sent 0 received 0 bytes; \
+             tcp sent 4096 received 0 bytes; 0.000 ms in collectives, all-gather 1.500 ms; \
+             2 setup retries; compression 0 overflows, 0 non-finite"
+        );
+    }
+}
