@@ -6,6 +6,7 @@
 //! | [`ranks`] | ranks as processes: starting them with torchrun's variables, collecting what they print under a deadline, this test executable as a rank, binaries of other packages of the workspace |
 //! | [`oracle`] | the closed form of every collective: each rank's input and the expected result for every element type and reduction |
 //! | [`check`] | the checks of `hetccl-check` (every collective, a mixed sequence, a soak, determinism and compression), run by that tool and by a test's own executable as each rank |
+//! | [`timed`] | the runtime's schedules played against a clock on a cluster of nodes (links, NICs, switch): each rank's finish time |
 //! | [`skip`] | how a test that cannot run here says so, for `scripts/test.sh` to count |
 //!
 //! A multi-process test of the library starts its own test executable as every rank,
@@ -30,6 +31,7 @@
 pub mod check;
 pub mod oracle;
 pub mod ranks;
+pub mod timed;
 
 #[path = "../../src/test_skip.rs"]
 mod test_skip;

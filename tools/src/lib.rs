@@ -3,6 +3,7 @@
 //! | binary | what |
 //! | --- | --- |
 //! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]); `hetccl trace merge OUT FILES...`: every rank's trace on one timeline ([`trace_merge`]) |
+//! | `hetccl simulate` | a training step on a described cluster, per strategy, from the runtime's schedules played against a clock ([`simulate`]) |
 //! | `hetccl-perf` | nccl-tests style bandwidth table of every collective |
 //! | `hetccl-check` | every collective, element type and reduction against its closed form, faults on purpose, soaks (the checks are hetccl-testkit's) |
 //! | `hetccl-gpu-check` | the device collectives, checked (feature `cuda`) |
@@ -14,4 +15,5 @@
 #![warn(missing_docs)]
 
 pub mod launcher;
+pub mod simulate;
 pub mod trace_merge;

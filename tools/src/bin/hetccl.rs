@@ -8,8 +8,9 @@ const USAGE: &str = "\
 usage: hetccl <command> [ARGS...]
 
 commands:
-  run    start N local ranks of a program (hetccl run --help)
-  trace  trace merge OUT FILE...: every rank's HETCCL_TRACE file on one timeline";
+  run       start N local ranks of a program (hetccl run --help)
+  simulate  predict a training step on a described cluster (hetccl simulate --help)
+  trace     trace merge OUT FILE...: every rank's HETCCL_TRACE file on one timeline";
 
 fn main() {
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -17,6 +18,7 @@ fn main() {
     let code = match args.get(1).and_then(|a| a.to_str()) {
         Some("run") => hetccl_tools::launcher::cli(rest),
         Some("trace") => hetccl_tools::trace_merge::cli(rest),
+        Some("simulate") => hetccl_tools::simulate::cli(rest),
         // Messages go through writers that drop them on a closed stream instead of panicking.
         Some("-h" | "--help" | "help") => {
             let _ = writeln!(hetccl::log::stdout(), "{USAGE}");
