@@ -96,10 +96,26 @@ hetcclResult_t hetcclGetVersion(int* version);
  * first non-loopback interface) and a port free now. */
 hetcclResult_t hetcclGetUniqueId(hetcclUniqueId* uniqueId);
 
+/* hetcclGetUniqueId for programs with a rendezvous of their own (PyTorch's store, which
+ * already holds MASTER_PORT): the store will listen on host (NULL: MASTER_ADDR, else as
+ * hetcclGetUniqueId picks) and port (0: a port free now). keyFromEnv != 0: the id carries
+ * no key, every rank must have the same HETCCL_JOB_KEY, and the id may then travel over
+ * channels others can read; 0: the id holds a fresh key and must be kept within the job. */
+hetcclResult_t hetcclGetUniqueIdAt(hetcclUniqueId* uniqueId, const char* host, int port,
+                                   int keyFromEnv);
+
 /* Creates rank `rank` of `nranks`. Blocks until all ranks have called it; inside
  * hetcclGroupStart/End it runs at hetcclGroupEnd, so one thread may create several
  * ranks. Other settings come from the HETCCL_* environment. */
 hetcclResult_t hetcclCommInitRank(hetcclComm_t* comm, int nranks, hetcclUniqueId commId, int rank);
+
+/* hetcclCommInitRank with settings of this communicator's own: NULL or "HETCCL_NAME=value"
+ * lines separated by newlines, e.g. "HETCCL_COMPRESS=all\nHETCCL_COMPRESS_FORMAT=bf16",
+ * taking precedence over the environment and checked as it is (HETCCL_JOB_KEY and
+ * HETCCL_JOB_ID are refused: the id carries the job). */
+hetcclResult_t hetcclCommInitRankSettings(hetcclComm_t* comm, int nranks,
+                                          hetcclUniqueId commId, int rank,
+                                          const char* settings);
 
 /* Creates this process's communicator from its environment: `hetccl run`, torchrun
  * (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), mpirun (OMPI_COMM_WORLD_* plus

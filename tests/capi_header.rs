@@ -21,7 +21,7 @@ use hetccl::capi::{self, ops, status, unique_id, *};
 use syn::{ForeignItem, Item, ReturnType, Type};
 
 /// The functions the header declares (and the library exports).
-const FUNCTIONS: usize = 21;
+const FUNCTIONS: usize = 23;
 
 fn header_path() -> PathBuf {
     root().join("bindings/hetccl.h")
@@ -558,6 +558,8 @@ int main(void) {
   if (0) {
     (void)hetcclGetUniqueId(&id);
     (void)hetcclCommInitRank(&comm, 1, id, 0);
+    (void)hetcclGetUniqueIdAt(&id, NULL, 0, 0);
+    (void)hetcclCommInitRankSettings(&comm, 1, id, 0, "HETCCL_COMPRESS=all");
     (void)hetcclCommInitFromEnv(&comm);
     (void)hetcclCommAbort(comm);
     (void)hetcclCommCount(comm, &v);

@@ -122,6 +122,55 @@ pub unsafe extern "C" fn hetcclGetUniqueId(uniqueId: *mut hetcclUniqueId) -> het
     })
 }
 
+/// Like `hetcclGetUniqueId`, for programs with a rendezvous of their own (PyTorch's
+/// c10d store, whose port `MASTER_PORT` already is): rank 0's bootstrap store will listen
+/// on `host` (NULL: `MASTER_ADDR`, else as `hetcclGetUniqueId` picks) and `port` (0: a
+/// port free now). With `keyFromEnv` non-zero the id carries no key: every rank must
+/// have the same `HETCCL_JOB_KEY`, and the id may travel over channels others can read.
+///
+/// # Safety
+/// `uniqueId` must be NULL or point at a writable `hetcclUniqueId`; `host` must be NULL
+/// or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclGetUniqueIdAt(
+    uniqueId: *mut hetcclUniqueId,
+    host: *const c_char,
+    port: c_int,
+    keyFromEnv: c_int,
+) -> hetcclResult_t {
+    const F: &str = "hetcclGetUniqueIdAt";
+    guard(F, || {
+        if uniqueId.is_null() {
+            return Err(Failure::invalid(F, "uniqueId is NULL"));
+        }
+        let host = if host.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+            let h = unsafe { std::ffi::CStr::from_ptr(host) };
+            Some(
+                h.to_str()
+                    .map_err(|_| Failure::invalid(F, "host is not UTF-8"))?
+                    .to_string(),
+            )
+        };
+        let port = match u16::try_from(port) {
+            Ok(0) => None,
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Err(Failure::invalid(
+                    F,
+                    format!("port is {port}; it must be 0 (a free port) or 1 to 65535"),
+                ))
+            }
+        };
+        let cfg = Config::from_env()?;
+        let id = JobTicket::generate_at(&cfg, host, port, keyFromEnv != 0)?.encode();
+        // SAFETY: non-NULL; the caller promises a writable hetcclUniqueId.
+        unsafe { out(F, "uniqueId", uniqueId, id) }
+    })
+}
+
 /// Creates rank `rank` of an `nranks`-rank communicator from rank 0's id. Blocks until
 /// every rank has called it (inside a group: until `hetcclGroupEnd`). Other settings
 /// come from the `HETCCL_*` environment.
@@ -136,7 +185,74 @@ pub unsafe extern "C" fn hetcclCommInitRank(
     commId: hetcclUniqueId,
     rank: c_int,
 ) -> hetcclResult_t {
-    const F: &str = "hetcclCommInitRank";
+    // SAFETY: forwarded contract on `comm`.
+    unsafe { init_rank("hetcclCommInitRank", comm, nranks, commId, rank, None) }
+}
+
+/// `hetcclCommInitRank` with settings of this communicator's own: `settings` is NULL or
+/// `HETCCL_NAME=value` lines (separated by newlines), which take precedence over the
+/// environment and are checked as it is (e.g. `"HETCCL_COMPRESS=all\nHETCCL_COMPRESS_FORMAT=bf16"`
+/// for one process group of a framework).
+///
+/// # Safety
+/// As `hetcclCommInitRank`; `settings` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommInitRankSettings(
+    comm: *mut hetcclComm_t,
+    nranks: c_int,
+    commId: hetcclUniqueId,
+    rank: c_int,
+    settings: *const c_char,
+) -> hetcclResult_t {
+    const F: &str = "hetcclCommInitRankSettings";
+    let text = if settings.is_null() {
+        None
+    } else {
+        // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+        Some(unsafe { std::ffi::CStr::from_ptr(settings) })
+    };
+    // SAFETY: forwarded contract on `comm`.
+    unsafe { init_rank(F, comm, nranks, commId, rank, text) }
+}
+
+/// `HETCCL_NAME=value` lines over the process environment.
+fn settings_over_env(
+    func: &'static str,
+    text: &std::ffi::CStr,
+) -> Result<std::collections::HashMap<String, String>, Failure> {
+    let text = text
+        .to_str()
+        .map_err(|_| Failure::invalid(func, "settings are not UTF-8"))?;
+    let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            Failure::invalid(func, format!("setting {line:?} is not HETCCL_NAME=value"))
+        })?;
+        let k = k.trim();
+        if !k.starts_with("HETCCL_") || k == "HETCCL_JOB_KEY" || k == "HETCCL_JOB_ID" {
+            return Err(Failure::invalid(
+                func,
+                format!(
+                    "setting {k:?} is not accepted: only HETCCL_* settings, other than the \
+                     job's id and key (the unique id carries those)"
+                ),
+            ));
+        }
+        vars.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(vars)
+}
+
+/// # Safety
+/// `comm` must be NULL or point at a writable `hetcclComm_t`.
+unsafe fn init_rank(
+    F: &'static str,
+    comm: *mut hetcclComm_t,
+    nranks: c_int,
+    commId: hetcclUniqueId,
+    rank: c_int,
+    settings: Option<&std::ffi::CStr>,
+) -> hetcclResult_t {
     guard(F, || {
         let r = (|| {
             if comm.is_null() {
@@ -155,8 +271,11 @@ pub unsafe extern "C" fn hetcclCommInitRank(
                     Failure::invalid(F, format!("rank {rank} is outside 0..{nranks}"))
                 })?;
             let ticket = JobTicket::decode(F, &commId)?;
-            let mut cfg = Config::from_env()?;
-            ticket.apply(&mut cfg, r, n);
+            let mut cfg = match settings {
+                None => Config::from_env()?,
+                Some(text) => Config::from_vars(&settings_over_env(F, text)?)?,
+            };
+            ticket.apply(F, &mut cfg, r, n)?;
             Ok(PendingInit {
                 out: OutPtr(comm),
                 cfg,

@@ -8,14 +8,17 @@
 //!      0     4  magic "HCU1"
 //!      4     2  store port
 //!      6     8  job id (random; names shm segments and handshakes)
-//!     14    32  job key (random; the HMAC secret of every connection handshake)
+//!     14    32  job key (random; the HMAC secret of every connection handshake), or
+//!                 all zero: every rank takes the key from its own `HETCCL_JOB_KEY`
 //!     46     1  address length L, 1..=81
 //!     47     L  store host (IP address or host name, ASCII)
 //!   47+L     -  zero
 //! ```
 //!
 //! The key travels inside the id, so the id is a secret of the job, as NCCL's is not:
-//! share it only over channels the job's ranks own.
+//! share it only over channels the job's ranks own. An id made by `hetcclGetUniqueIdAt`
+//! with `keyFromEnv` carries no key (zeros) and may travel over channels others read
+//! (PyTorch's store): without the key it lets nobody join.
 
 use std::net::{Ipv4Addr, TcpListener};
 
@@ -52,6 +55,8 @@ pub struct JobTicket {
     pub job_id: String,
     /// Job key, as the handshakes use it.
     pub job_key: String,
+    /// The id carries no key: every rank uses its `HETCCL_JOB_KEY`.
+    pub key_from_env: bool,
     id_bytes: [u8; 8],
     key_bytes: [u8; 32],
 }
@@ -76,6 +81,7 @@ impl JobTicket {
             port,
             job_id: format!("uid-{}", hex(&id_bytes)),
             job_key: hex(&key_bytes),
+            key_from_env: key_bytes == [0; 32],
             id_bytes,
             key_bytes,
         }
@@ -85,11 +91,30 @@ impl JobTicket {
     /// `MASTER_ADDR`/`MASTER_PORT` when they are set, else on this host's address (see
     /// [`store_host`]) and a port that is free right now.
     pub fn generate(cfg: &Config) -> Result<Self> {
-        let host = match &cfg.launch.master_addr {
-            Some(a) => a.clone(),
+        Self::generate_at(cfg, None, cfg.launch.master_port, false)
+    }
+
+    /// A new ticket whose store listens on `host` (else `MASTER_ADDR`, else
+    /// [`store_host`]) and `port` (else a port free now). With `key_from_env` the ticket
+    /// carries no key and every rank must have `HETCCL_JOB_KEY` (this one is checked now).
+    pub fn generate_at(
+        cfg: &Config,
+        host: Option<String>,
+        port: Option<u16>,
+        key_from_env: bool,
+    ) -> Result<Self> {
+        if key_from_env && cfg.job_key.is_none() {
+            return Err(Error::invalid(
+                "hetcclGetUniqueIdAt",
+                "keyFromEnv is set but HETCCL_JOB_KEY is not: set it to the same secret on \
+                 every rank (e.g. export HETCCL_JOB_KEY=$(openssl rand -hex 32))",
+            ));
+        }
+        let host = match host.or_else(|| cfg.launch.master_addr.clone()) {
+            Some(a) => a,
             None => store_host(cfg)?,
         };
-        let port = match cfg.launch.master_port {
+        let port = match port {
             Some(p) => p,
             None => free_port()?,
         };
@@ -99,7 +124,11 @@ impl JobTicket {
                 format!("store host {host:?} must be 1 to {MAX_ADDR_LEN} ASCII characters"),
             ));
         }
-        Ok(Self::from_random(host, port))
+        let mut t = Self::from_random(host, port);
+        if key_from_env {
+            t = Self::from_parts(t.host, t.port, t.id_bytes, [0; 32]);
+        }
+        Ok(t)
     }
 
     /// The 128-byte form.
@@ -152,8 +181,25 @@ impl JobTicket {
     }
 
     /// `cfg` for rank `rank` of `nranks`, bootstrapping through this ticket's store
-    /// whatever the environment's launcher variables say.
-    pub fn apply(&self, cfg: &mut Config, rank: usize, nranks: usize) {
+    /// whatever the environment's launcher variables say. A ticket without a key needs
+    /// `HETCCL_JOB_KEY` in `cfg`; `func` names the C call in that error.
+    pub fn apply(
+        &self,
+        func: &'static str,
+        cfg: &mut Config,
+        rank: usize,
+        nranks: usize,
+    ) -> Result<()> {
+        if self.key_from_env && cfg.job_key.is_none() {
+            return Err(Error::invalid(
+                func,
+                format!(
+                    "rank {rank}: the id carries no job key (hetcclGetUniqueIdAt with \
+                     keyFromEnv) and HETCCL_JOB_KEY is not set; set it to the same secret \
+                     on every rank"
+                ),
+            ));
+        }
         cfg.init = InitMethod::Env;
         cfg.launch.rank = Some(rank);
         cfg.launch.world_size = Some(nranks);
@@ -164,7 +210,10 @@ impl JobTicket {
         cfg.launch.master_port = Some(self.port);
         cfg.launch.source = "hetcclUniqueId";
         cfg.job_id = Some(self.job_id.clone());
-        cfg.job_key = Some(self.job_key.clone());
+        if !self.key_from_env {
+            cfg.job_key = Some(self.job_key.clone());
+        }
+        Ok(())
     }
 }
 
@@ -236,11 +285,47 @@ mod tests {
         assert_eq!(a.job_key.len(), 64);
         let mut applied = Config::default();
         applied.launch.local_rank = Some(5);
-        a.apply(&mut applied, 1, 3);
+        a.apply("t", &mut applied, 1, 3).unwrap();
         assert_eq!(applied.launch.rank, Some(1));
         assert_eq!(applied.launch.world_size, Some(3));
         assert_eq!(applied.launch.local_rank, None);
         assert_eq!(applied.launch.master_port, Some(4242));
         assert_eq!(applied.job_key.as_deref(), Some(a.job_key.as_str()));
+    }
+
+    #[test]
+    fn a_keyless_ticket_needs_and_uses_hetccl_job_key() {
+        let mut cfg = Config::default();
+        let e = JobTicket::generate_at(&cfg, Some("127.0.0.1".into()), Some(4243), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keyFromEnv is set but HETCCL_JOB_KEY is not"),
+            "{e}"
+        );
+        cfg.job_key = Some("the-shared-secret".into());
+        let t = JobTicket::generate_at(&cfg, Some("127.0.0.1".into()), Some(4243), true).unwrap();
+        let b = t.encode().internal.map(|x| x as u8);
+        assert!(
+            b[14..46].iter().all(|&x| x == 0),
+            "the key must not travel in the id"
+        );
+        let back = JobTicket::decode("t", &t.encode()).unwrap();
+        assert!(back.key_from_env);
+        let mut applied = cfg.clone();
+        back.apply("t", &mut applied, 0, 2).unwrap();
+        assert_eq!(applied.job_key.as_deref(), Some("the-shared-secret"));
+        assert_eq!(applied.job_id.as_deref(), Some(t.job_id.as_str()));
+        let mut without = Config::default();
+        let e = back
+            .apply("hetcclCommInitRank", &mut without, 1, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 1: the id carries no job key"), "{e}");
+        assert!(e.contains("HETCCL_JOB_KEY is not set"), "{e}");
+        // An ordinary ticket still carries its own key.
+        let k = JobTicket::generate_at(&cfg, None, Some(4244), false).unwrap();
+        assert!(!k.key_from_env);
+        assert_ne!(k.job_key, "the-shared-secret");
     }
 }

@@ -1,0 +1,297 @@
+"""The hetccl torch.distributed backend against Gloo's results, its errors, and DDP.
+
+Run: HETCCL_TORCH_PYTHON=<python with torch> cargo test --release -p hetccl-tools --test
+torch_backend, or directly: python -m unittest discover -s python/tests.
+Each case starts its ranks as processes (spawn) that write their outcome to a file.
+"""
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import unittest
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+DTYPES = [torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+          torch.float32, torch.float64]
+OPS = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
+       "max": dist.ReduceOp.MAX}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, n, port, out, env):
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        import hetccl_torch  # noqa: F401  registers "hetccl"
+        result = {"ok": fn(rank, n)}
+    except BaseException as e:  # noqa: BLE001  the outcome is the test's to judge
+        result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)
+
+
+def run_ranks(fn, n, env=None, timeout=240):
+    """Runs fn(rank, n) in n processes; returns each rank's {"ok": ...} or {"error": ...}."""
+    ctx = mp.get_context("spawn")
+    out = tempfile.mkdtemp(prefix="hetccl-torch-test-")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, n, port, out, env or {})) for r in range(n)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(1, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = []
+    for r in range(n):
+        path = os.path.join(out, f"{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+        else:
+            results.append(None)
+    if hung:
+        raise AssertionError(f"ranks {hung} still ran after {timeout} s; results: {results}")
+    return results
+
+
+def values(rank, n, dtype, numel=37):
+    # Small integers: every sum, product, min and max is exact in every dtype compared.
+    base = torch.arange(numel, dtype=torch.int64) % 3 + 1 + (rank % 2)
+    if dtype in (torch.int8, torch.uint8):
+        base = base % 2 + 1
+    return base.to(dtype)
+
+
+def collectives(rank, n):
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    het = dist.new_group(backend="hetccl")
+    glo = dist.new_group(backend="gloo")
+    checked = []
+
+    def same(a, b, what):
+        if not torch.equal(a, b):
+            raise AssertionError(f"{what}: hetccl {a.tolist()} != gloo {b.tolist()}")
+        checked.append(what)
+
+    for dtype in DTYPES:
+        for name, op in OPS.items():
+            a, b = values(rank, n, dtype), values(rank, n, dtype)
+            dist.all_reduce(a, op=op, group=het)
+            dist.all_reduce(b, op=op, group=glo)
+            same(a, b, f"all_reduce {name} {dtype}")
+            root = n - 1
+            a, b = values(rank, n, dtype), values(rank, n, dtype)
+            dist.reduce(a, root, op=op, group=het)
+            dist.reduce(b, root, op=op, group=glo)
+            if rank == root:
+                same(a, b, f"reduce {name} {dtype}")
+        if dtype.is_floating_point:
+            a, b = values(rank, n, dtype), values(rank, n, dtype)
+            dist.all_reduce(a, op=dist.ReduceOp.AVG, group=het)
+            dist.all_reduce(b, group=glo)  # Gloo has no AVG
+            same(a, b / n, f"all_reduce avg {dtype}")
+        a = values(rank, n, dtype) * 0 + rank
+        b = a.clone()
+        dist.broadcast(a, 1, group=het)
+        dist.broadcast(b, 1, group=glo)
+        same(a, b, f"broadcast {dtype}")
+        x = values(rank, n, dtype, 5) + rank
+        la = [torch.zeros_like(x) for _ in range(n)]
+        lb = [torch.zeros_like(x) for _ in range(n)]
+        dist.all_gather(la, x, group=het)
+        dist.all_gather(lb, x, group=glo)
+        same(torch.stack(la), torch.stack(lb), f"all_gather {dtype}")
+        oa = torch.zeros(5 * n, dtype=dtype)
+        ob = torch.zeros(5 * n, dtype=dtype)
+        dist.all_gather_into_tensor(oa, x, group=het)
+        dist.all_gather_into_tensor(ob, x, group=glo)
+        same(oa, ob, f"all_gather_into_tensor {dtype}")
+        big = values(rank, n, dtype, 6 * n)
+        ra, rb = torch.zeros(6, dtype=dtype), torch.zeros(6, dtype=dtype)
+        dist.reduce_scatter_tensor(ra, big, group=het)
+        dist.reduce_scatter_tensor(rb, big, group=glo)
+        same(ra, rb, f"reduce_scatter_tensor {dtype}")
+        if rank < 2:
+            s = values(rank, n, dtype, 9) if rank == 0 else torch.zeros(9, dtype=dtype)
+            if rank == 0:
+                dist.send(s, 1, group=het)
+            else:
+                dist.recv(s, 0, group=het)
+                same(s, values(0, n, dtype, 9), f"send/recv {dtype}")
+    # Asynchronous calls complete in issue order; wait() and is_completed() follow them.
+    ts = [torch.full((1 << 16,), float(rank + i)) for i in range(4)]
+    works = [dist.all_reduce(t, group=het, async_op=True) for t in ts]
+    works[-1].wait()
+    if not all(w.is_completed() for w in works):
+        raise AssertionError("an earlier call is not complete after a later one's wait()")
+    for i, t in enumerate(ts):
+        same(t[:3], torch.full((3,), float(sum(r + i for r in range(n)))), f"async {i}")
+    dist.barrier(group=het)
+    dist.destroy_process_group()
+    return checked
+
+
+def mismatched_shapes(rank, n):
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    t = torch.ones(4 + 4 * rank)
+    try:
+        dist.all_reduce(t)
+    except dist.DistBackendError as e:
+        return str(e)
+    return "no error"
+
+
+def wrong_output_size(rank, n):
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    try:
+        dist.all_gather_into_tensor(torch.zeros(3), torch.ones(2))
+    except dist.DistBackendError as e:
+        return str(e)
+    return "no error"
+
+
+def dead_rank(rank, n):
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    dist.all_reduce(torch.ones(8))
+    if rank == 1:
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1 << 20))
+    except dist.DistBackendError as e:
+        return {"error": str(e), "seconds": time.monotonic() - t0}
+    return {"error": None}
+
+
+def compressed(rank, n):
+    import hetccl_torch
+
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    g = dist.new_group(backend="hetccl", pg_options=hetccl_torch.Options(compress="all",
+                                                                         compress_format="bf16"))
+    # 1 + 2^-10 is not a bfloat16 value: the compressed sum rounds it, the plain one not.
+    t = torch.full((1024,), 1.0 + 2.0 ** -10)
+    dist.all_reduce(t, group=g)
+    plain = torch.full((1024,), 1.0 + 2.0 ** -10)
+    dist.all_reduce(plain)
+    return [t[0].item(), plain[0].item()]
+
+
+BERT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64)
+
+
+def ddp_bert(rank, n, backend, steps=24, seq=32, batch=4):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import BertConfig, BertForMaskedLM
+
+    dist.init_process_group(backend, rank=rank, world_size=n)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**BERT))
+    model.train()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(5, BERT["vocab_size"], (batch, seq), generator=gen)
+        labels = ids.clone()
+        mask = torch.rand(ids.shape, generator=gen) < 0.15
+        labels[~mask] = -100
+        ids[mask] = 4
+        loss = ddp(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    dist.destroy_process_group()
+    return losses
+
+
+def ddp_bert_hetccl(rank, n):
+    return ddp_bert(rank, n, "hetccl")
+
+
+def ddp_bert_gloo(rank, n):
+    return ddp_bert(rank, n, "gloo")
+
+
+class Backend(unittest.TestCase):
+    def check_collectives(self, n):
+        res = run_ranks(collectives, n)
+        for r, x in enumerate(res):
+            self.assertIn("ok", x, f"rank {r}: {x}")
+        # Rank 0, per dtype: all_reduce x 4 ops, broadcast, two gathers, reduce-scatter;
+        # avg for the 4 float dtypes; the 4 asynchronous calls.
+        self.assertEqual(len(res[0]["ok"]), 8 * (4 + 4) + 4 + 4)
+        self.assertIn("reduce sum torch.bfloat16", res[n - 1]["ok"])
+        self.assertIn("send/recv torch.int64", res[1]["ok"])
+
+    def test_collectives_match_gloo_on_2_ranks(self):
+        self.check_collectives(2)
+
+    def test_collectives_match_gloo_on_4_ranks(self):
+        self.check_collectives(4)
+
+    def test_mismatched_shapes_raise_on_every_rank(self):
+        res = run_ranks(mismatched_shapes, 2, env={"HETCCL_TIMEOUT": "20"})
+        for r, x in enumerate(res):
+            self.assertIn("hetccl: hetcclAllReduce failed", x.get("ok", ""), f"rank {r}: {x}")
+
+    def test_wrong_output_size_is_refused_at_the_call(self):
+        res = run_ranks(wrong_output_size, 2)
+        self.assertEqual(
+            res[0]["ok"],
+            "hetccl backend: all_gather_into_tensor's output has 3 elements; it must have "
+            "world size (2) times the input's 2, of the same dtype",
+        )
+
+    def test_a_dead_rank_is_named_not_waited_for(self):
+        res = run_ranks(dead_rank, 2, env={"HETCCL_TIMEOUT": "60"})
+        out = res[0]["ok"]
+        self.assertIsNotNone(out["error"], res)
+        self.assertIn("peer 1 is gone during all_reduce", out["error"])
+        self.assertLess(out["seconds"], 30, out)
+
+    def test_compression_is_a_process_group_option(self):
+        res = run_ranks(compressed, 2)
+        got, plain = res[0]["ok"]
+        self.assertEqual(plain, 2 * (1.0 + 2.0 ** -10))
+        self.assertEqual(got, 2.0)
+
+    def test_ddp_bert_losses_equal_gloo(self):
+        het = run_ranks(ddp_bert_hetccl, 2)
+        glo = run_ranks(ddp_bert_gloo, 2)
+        for r in range(2):
+            self.assertIn("ok", het[r], het[r])
+            self.assertIn("ok", glo[r], glo[r])
+            self.assertEqual(len(het[r]["ok"]), 24)
+            for i, (a, b) in enumerate(zip(het[r]["ok"], glo[r]["ok"])):
+                self.assertAlmostEqual(a, b, delta=1e-4 * abs(b), msg=f"rank {r} step {i}")
+        # The model learns: the last losses are below the first.
+        self.assertLess(sum(het[0]["ok"][-4:]), sum(het[0]["ok"][:4]))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,60 @@
+//! The PyTorch backend (`python/hetccl_torch`): runs `python/tests/test_backend.py`
+//! (collectives against Gloo on 2 and 4 ranks, error paths, DDP BERT against Gloo) with
+//! the Python that `HETCCL_TORCH_PYTHON` names, else `python3`. Without PyTorch there
+//! (it is large: `scripts/install-torch.sh` installs it) the test is recorded as skipped.
+
+mod common;
+
+use std::process::Command;
+
+fn python() -> String {
+    std::env::var("HETCCL_TORCH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Why the backend's tests cannot run with `py`, if they cannot.
+fn missing(py: &str) -> Option<String> {
+    let probe = Command::new(py)
+        .args([
+            "-c",
+            "import torch, torch.distributed as d, transformers; assert d.is_gloo_available()",
+        ])
+        .output();
+    match probe {
+        Err(e) => Some(format!("{py} does not run ({e})")),
+        Ok(o) if !o.status.success() => Some(format!(
+            "PyTorch with Gloo and transformers is not importable by {py} \
+             (scripts/install-torch.sh installs them; HETCCL_TORCH_PYTHON selects the Python)"
+        )),
+        Ok(_) => None,
+    }
+}
+
+#[test]
+fn torch_backend_matches_gloo_and_trains_ddp_bert() {
+    let py = python();
+    if let Some(why) = missing(&py) {
+        common::skip(&why);
+        return;
+    }
+    let repo = common::repo();
+    let lib = repo.join("target/release/libhetccl.so");
+    assert!(
+        lib.is_file(),
+        "{} is missing: cargo build --release first",
+        lib.display()
+    );
+    let out = Command::new(&py)
+        .args(["-m", "unittest", "-v", "test_backend"])
+        .current_dir(repo.join("python/tests"))
+        .env("HETCCL_LIB_DIR", repo.join("target/release"))
+        .output()
+        .expect("running the Python tests");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python/tests/test_backend.py failed:\n{text}"
+    );
+    // unittest's summary: every case ran, none was skipped.
+    assert!(text.contains("Ran 8 tests"), "{text}");
+    assert!(text.trim_end().ends_with("OK"), "{text}");
+}
