@@ -1019,12 +1019,18 @@ mod tests {
 
     #[test]
     fn shipped_config_files_parse() {
-        for name in ["bert-tiny", "bert-mini", "bert-small", "bert-base"] {
+        for (file, name) in [
+            ("bert-tiny", "bert-tiny"),
+            ("bert-mini", "bert-mini"),
+            ("bert-small", "bert-small"),
+            ("bert-base", "bert-base"),
+            ("demo", "bert-tiny"),
+        ] {
             let path =
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/{name}.toml"));
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/{file}.toml"));
             let s = Settings::from_toml_file(&path).unwrap();
             let (cfg, _) = s.resolve(1).unwrap();
-            assert_eq!(cfg.model, ModelConfig::preset(name).unwrap());
+            assert_eq!(cfg.model, ModelConfig::preset(name).unwrap(), "{file}.toml");
             cfg.validate(1).unwrap();
         }
     }
