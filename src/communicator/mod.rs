@@ -301,6 +301,7 @@ impl Progress {
             self.inject = None;
             panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
+        let entry = crate::flight::begin(&w.ctx);
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
                 .execute(&w.bufs, &w.ctx, &self.abort)
@@ -326,6 +327,12 @@ impl Progress {
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
         let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
+        match &r {
+            Ok(_) => crate::flight::end(entry),
+            Err(e) => {
+                crate::flight::failed(entry, e, Some(AbortCause::of_error(e, self.rank).rank))
+            }
+        }
         if let Err(e) = &r {
             // Peers first, the log after: a log that fails must not keep them waiting.
             let cause = match e {
@@ -467,6 +474,7 @@ impl Communicator {
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
+        crate::flight::register(&cfg, rank, world_size);
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,

@@ -2,7 +2,7 @@
 //!
 //! | binary | what |
 //! | --- | --- |
-//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]) |
+//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]) and prints one hang report from their flight dumps ([`hang`]) |
 //! | `hetccl-perf` | nccl-tests style bandwidth table of every collective |
 //! | `hetccl-check` | every collective, element type and reduction against its closed form, faults on purpose, soaks (the checks are hetccl-testkit's) |
 //! | `hetccl-gpu-check` | the device collectives, checked (feature `cuda`) |
@@ -13,4 +13,5 @@
 //! library watches.
 #![warn(missing_docs)]
 
+pub mod hang;
 pub mod launcher;
