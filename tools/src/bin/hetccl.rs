@@ -8,13 +8,15 @@ const USAGE: &str = "\
 usage: hetccl <command> [ARGS...]
 
 commands:
-  run    start N local ranks of a program (hetccl run --help)";
+  run     start N local ranks of a program (hetccl run --help)
+  doctor  preflight checks, run as a job: hetccl run -n N -- hetccl doctor";
 
 fn main() {
     let args: Vec<OsString> = std::env::args_os().collect();
     let rest = args.get(2..).unwrap_or_default();
     let code = match args.get(1).and_then(|a| a.to_str()) {
         Some("run") => hetccl_tools::launcher::cli(rest),
+        Some("doctor") => hetccl_tools::doctor::cli(rest),
         // Messages go through writers that drop them on a closed stream instead of panicking.
         Some("-h" | "--help" | "help") => {
             let _ = writeln!(hetccl::log::stdout(), "{USAGE}");
