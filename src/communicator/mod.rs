@@ -1100,6 +1100,7 @@ impl Drop for Communicator {
             let _ = w.join();
         }
         self.shared.close();
+        crate::flight::unregister();
     }
 }
 

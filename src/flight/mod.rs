@@ -23,6 +23,17 @@
 //! prints one report ([`report::Report`]). Without a directory a SIGUSR1 dump goes to
 //! stderr as text.
 //!
+//! Without the launcher (mpirun, srun, torchrun, ranks started by hand) the directory is
+//! `HETCCL_FLIGHT_DIR`, else one derived from the job's identity in the temporary
+//! directory (`hetccl-flight-<uid>-<digest>`; one per host). A rank whose collective
+//! failed writes its dump, waits 100 ms per rank below it (capped at 1 s) so the lowest
+//! failing rank goes first, leaves the report to a lower rank whose dump says it failed
+//! too, and else takes `report.lock` (create-exclusive): the one rank that gets it collects the others' dumps as the launcher would (asking the ranks
+//! on its host that did not dump with SIGUSR1, describing those that are stopped or
+//! gone) and prints the report on its stderr; the others print only their own error,
+//! which names the rank it deduced. The last communicator of a process to close removes
+//! its marker, and its dump when nothing failed, and the directory once empty.
+//!
 //! SIGUSR1: the first communicator installs a handler when the signal still has its
 //! default action (which would end the process), never over a handler the application
 //! installed. The handler only writes a byte to a pipe; a thread of this module turns it
@@ -108,6 +119,13 @@ struct Process {
     rank: usize,
     world_size: usize,
     dir: Option<PathBuf>,
+    /// The dump directory was derived here (no launcher, no `HETCCL_FLIGHT_DIR`): remove
+    /// it when the process is done with it.
+    derived: bool,
+    /// Started by `hetccl run`, which prints the report.
+    launcher: bool,
+    /// Communicators alive in this process.
+    live: usize,
     job_id: Option<String>,
     /// The last error of a collective, and the rank it points at.
     error: Option<(String, Option<usize>)>,
@@ -189,21 +207,117 @@ pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
     }
     RECORDER.last_left_ms.store(now, Ordering::Relaxed);
     CURRENT.with(|c| c.set(0));
-    let dir = {
+    let (dir, alone, rank, world) = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         match p.as_mut() {
             Some(p) => {
-                p.error = Some((err.to_string(), culprit));
-                p.dir.clone()
+                // The first error stays: later ones follow from it.
+                p.error.get_or_insert((err.to_string(), culprit));
+                (p.dir.clone(), !p.launcher, p.rank, p.world_size)
             }
-            None => None,
+            None => (None, false, 0, 0),
         }
     };
     if let Some(dir) = dir {
+        if !dir.is_dir() {
+            // Without a launcher: the report was printed and its directory removed.
+            return;
+        }
         if let Err(e) = write_dump(&dir, &snapshot("error")) {
             tracing::warn!("flight recorder: {e}");
+            return;
+        }
+        if alone {
+            report_alone(&dir, rank, world);
         }
     }
+}
+
+/// Without a launcher: the lowest failing rank that takes `report.lock` prints the one
+/// report (see the module docs).
+#[cold]
+fn report_alone(dir: &Path, rank: usize, world: usize) {
+    std::thread::sleep(std::time::Duration::from_millis(100 * rank.min(10) as u64));
+    // A lower rank that failed too prints it (or already did).
+    let lower_failed =
+        (0..rank).any(|k| read_dump(&dump_path(dir, k)).is_some_and(|s| s.why == "error"));
+    if lower_failed {
+        return;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join("report.lock"));
+    if lock.is_err() {
+        return;
+    }
+    let start = now_ms();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    let host = crate::topology::hostname();
+    let mut asked = vec![false; world];
+    let (states, fates) = loop {
+        let mut states: Vec<Option<RankState>> = vec![None; world];
+        let mut fates = vec![report::Fate::Unknown; world];
+        let mut waiting = false;
+        for k in 0..world {
+            states[k] = read_dump(&dump_path(dir, k))
+                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
+            // Only processes on this host can be looked at and asked.
+            let Some(pid) =
+                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
+            else {
+                continue;
+            };
+            fates[k] = match proc_state(pid) {
+                Some('T' | 't') => report::Fate::Stopped,
+                Some('Z' | 'X') | None => report::Fate::Gone,
+                Some(_) => report::Fate::Running,
+            };
+            if states[k].is_none() && fates[k] == report::Fate::Running {
+                if !asked[k] {
+                    asked[k] = true;
+                    // SAFETY: kill(2) has no memory effects; the marker says this process
+                    // handles SIGUSR1.
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                }
+                waiting = true;
+            }
+        }
+        if !waiting || std::time::Instant::now() >= deadline {
+            break (states, fates);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let title = format!("printed by rank {rank}, the lowest rank that failed");
+    let r = report::build(&title, &states, &fates, now_ms());
+    use std::io::Write as _;
+    let _ = crate::log::stderr().write_all(r.text.as_bytes());
+    // Printed once: the dumps have served. A rank that fails later finds no directory
+    // and stays quiet.
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::debug!("flight recorder: removing {}: {e}", dir.display());
+    }
+}
+
+fn read_dump(path: &Path) -> Option<RankState> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// A marker's process and host: `PID HOST`.
+pub fn read_marker(path: &Path) -> Option<(u32, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.split_whitespace();
+    let pid = it.next()?.parse().ok()?;
+    Some((pid, it.next().unwrap_or_default().to_string()))
+}
+
+/// The state letter of `/proc/PID/stat` (R, S, D, T, t, Z, ...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) S ...": COMM may hold spaces and parentheses; the state follows the
+    // last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
 }
 
 /// Records that this thread's collective has waited on `peer` (for `what`, e.g. "to
@@ -310,7 +424,15 @@ pub fn pid_path(dir: &Path, rank: usize) -> PathBuf {
 /// Writes `state` to `dir/rank-K.json` whole: to a temporary name, then renamed.
 pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
     let path = dump_path(dir, state.rank);
-    let tmp = dir.join(format!(".rank-{}.json.{}", state.rank, std::process::id()));
+    // A name of this write's own: a failure's dump and a SIGUSR1 dump may be written at
+    // once by two threads, and one must not rename the other's half-written file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".rank-{}.json.{}.{}",
+        state.rank,
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let text = serde_json::to_vec(state)
         .map_err(|e| Error::invalid("flight recorder", format!("cannot encode the state: {e}")))?;
     std::fs::write(&tmp, text)
@@ -321,24 +443,35 @@ pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
 /// Registers the first communicator of the process (later ones are recorded too, but
 /// dumps speak for the first rank) and installs the SIGUSR1 dump.
 pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize) {
-    {
+    let dir = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-        if p.is_some() {
+        if let Some(p) = p.as_mut() {
+            p.live += 1;
             return;
         }
+        let (dir, derived) = match &cfg.flight_dir {
+            Some(d) => (Some(d.clone()), false),
+            None if cfg.launch.launcher_fd.is_none() => (derived_dir(cfg), true),
+            None => (None, false),
+        };
         *p = Some(Process {
             rank,
             world_size,
-            dir: cfg.flight_dir.clone(),
+            dir: dir.clone(),
+            derived,
+            launcher: cfg.launch.launcher_fd.is_some(),
+            live: 1,
             job_id: cfg.job_id.clone(),
             error: None,
         });
-    }
+        dir
+    };
     match install_sigusr1() {
         Ok(true) => {
-            if let Some(dir) = &cfg.flight_dir {
+            if let Some(dir) = &dir {
                 let path = pid_path(dir, rank);
-                if let Err(e) = std::fs::write(&path, std::process::id().to_string()) {
+                let marker = format!("{} {}", std::process::id(), crate::topology::hostname());
+                if let Err(e) = std::fs::write(&path, marker) {
                     tracing::warn!(
                         "flight recorder: cannot write {}: {e}; the launcher will not ask \
                          this rank for its state",
@@ -351,6 +484,54 @@ pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize) {
             "SIGUSR1 has the application's handler; the flight recorder dumps on errors only"
         ),
         Err(e) => tracing::warn!("flight recorder: no SIGUSR1 dump: {e}"),
+    }
+}
+
+/// A communicator of the process closed: the last one removes the marker, the dump when
+/// nothing failed, and a derived directory once empty.
+pub(crate) fn unregister() {
+    let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(proc_) = p.as_mut() else { return };
+    proc_.live = proc_.live.saturating_sub(1);
+    if proc_.live > 0 {
+        return;
+    }
+    if let Some(dir) = &proc_.dir {
+        let _ = std::fs::remove_file(pid_path(dir, proc_.rank));
+        if proc_.error.is_none() {
+            let _ = std::fs::remove_file(dump_path(dir, proc_.rank));
+        }
+        if proc_.derived {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `$TMPDIR/hetccl-flight-<uid>-<digest of the job's identity>`, made (0700) if needed;
+/// `None` without an identity every rank shares.
+fn derived_dir(cfg: &Config) -> Option<PathBuf> {
+    use sha2::Digest as _;
+    let identity = cfg
+        .job_id
+        .clone()
+        .or_else(|| cfg.launch.job_identity.clone())
+        .or_else(|| {
+            let (a, p) = (cfg.launch.master_addr.as_ref()?, cfg.launch.master_port?);
+            Some(format!("{a}:{p}"))
+        })?;
+    let digest = sha2::Sha256::digest(identity.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("hetccl-flight-{uid}-{hex}"));
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
+        Err(e) => {
+            tracing::warn!("flight recorder: cannot make {}: {e}", dir.display());
+            None
+        }
     }
 }
 
@@ -438,12 +619,12 @@ fn serve_sigusr1(rd: i32) {
             .as_ref()
             .and_then(|p| p.dir.clone());
         match dir {
-            Some(dir) => {
+            Some(dir) if dir.is_dir() => {
                 if let Err(e) = write_dump(&dir, &state) {
                     tracing::warn!("flight recorder: {e}");
                 }
             }
-            None => {
+            _ => {
                 use std::io::Write as _;
                 let text = report::describe_rank(&state, state.taken_ms);
                 let _ = writeln!(
@@ -493,6 +674,9 @@ mod tests {
             rank,
             world_size: 4,
             dir: None,
+            derived: false,
+            launcher: false,
+            live: 1,
             job_id: None,
             error: None,
         });

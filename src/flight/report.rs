@@ -102,6 +102,8 @@ pub enum Fate {
     Exited(i32),
     /// Killed by this signal, not by the collector.
     Killed(i32),
+    /// Its process is gone (killed or exited; the collector is not its parent).
+    Gone,
 }
 
 fn secs(ms: u64) -> String {
@@ -215,6 +217,10 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
             }
             Fate::Stopped => {
                 why = "is stopped (SIGSTOP or a debugger) and cannot answer".into();
+                culprit = Some(r);
+            }
+            Fate::Gone if states.get(r).is_none_or(Option::is_none) => {
+                why = "is gone: its process ended (killed?) without a word".into();
                 culprit = Some(r);
             }
             _ => continue,
@@ -350,6 +356,7 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
                 format!("no state: killed by signal {sig} ({})", signal_name(sig))
             }
             (None, Fate::Stopped) => "no state: its process is stopped".into(),
+            (None, Fate::Gone) => "no state: its process is gone".into(),
             (None, Fate::Exited(c)) => format!("no state: exited with status {c}"),
             (None, _) => "no state: did not answer".into(),
         };

@@ -26,7 +26,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use hetccl::flight::report::{build, Fate, RankState, Report};
-use hetccl::flight::{dump_path, now_ms, pid_path};
+use hetccl::flight::{dump_path, now_ms, pid_path, proc_state, read_marker};
 use hetccl::{Error, Result};
 
 /// Longest wait for the ranks' dumps.
@@ -83,7 +83,7 @@ impl FlightDir {
             let mut waiting = false;
             let mut hetccl_job = false;
             for k in 0..n {
-                let marker = read_pid(&pid_path(&self.path, k));
+                let marker = read_marker(&pid_path(&self.path, k)).map(|m| m.0);
                 hetccl_job |= marker.is_some() || dump_path(&self.path, k).exists();
                 fates[k] = match statuses.get(k).copied().flatten() {
                     Some(st) => fate_of(st),
@@ -150,22 +150,9 @@ fn fate_of(st: ExitStatus) -> Fate {
     }
 }
 
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn read_dump(path: &Path) -> Option<RankState> {
     let text = std::fs::read(path).ok()?;
     serde_json::from_slice(&text).ok()
-}
-
-/// The state letter of `/proc/PID/stat` (R, S, D, T, t, Z, ...).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "PID (COMM) S ...": COMM may hold spaces and parentheses; the state follows the
-    // last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.trim_start().chars().next()
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -276,3 +276,83 @@ fn sigusr1_to_the_launcher_reports_a_live_job() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{seen}");
 }
+
+/// Without the launcher (ranks started with torchrun's variables, as mpirun or srun
+/// would): the lowest rank that failed prints the one report, and the time its faulty
+/// collective took (the wait, then the report) stays within `HETCCL_TIMEOUT` + 2 s.
+fn without_launcher(fault: &str, culprit: &str) {
+    let mut children = spawn_ranks(
+        4,
+        check_bin(),
+        &["--fault", fault, "--fault-rank", "2", "--counts", "1000"],
+        &[("HETCCL_TIMEOUT", &TIMEOUT_S.to_string())],
+        |_| vec![],
+    );
+    let mut faulty = children.remove(2);
+    let outs = collect(children, Duration::from_secs(40));
+    let _ = faulty.kill();
+    let _ = faulty.wait();
+    let all: String = outs.iter().map(|o| o.output.clone()).collect();
+    for o in &outs {
+        assert!(!o.hung, "{all}");
+        assert_eq!(o.code, Some(1), "{all}");
+    }
+    assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
+    assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
+    // The rank that printed it: its faulty collective returned after the wait and the
+    // report.
+    let printer = outs
+        .iter()
+        .find(|o| o.output.contains("hetccl hang report"))
+        .unwrap();
+    let took: f64 = printer
+        .output
+        .split("faulty collective returned after ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{}", printer.output));
+    assert!(took < (TIMEOUT_S + 2) as f64, "{took} s:\n{all}");
+    // The rank that printed it says so (the lowest that had failed when it looked: rank 0
+    // unless it failed more than 100 ms after a higher rank).
+    let k = outs
+        .iter()
+        .position(|o| o.output.contains("hetccl hang report"))
+        .map(|i| if i >= 2 { i + 1 } else { i })
+        .unwrap();
+    assert!(
+        printer.output.contains(&format!(
+            "hetccl hang report (printed by rank {k}, the lowest rank that failed)"
+        )),
+        "{all}"
+    );
+}
+
+#[test]
+fn without_the_launcher_a_stopped_rank_is_named_once() {
+    without_launcher(
+        "stop",
+        "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and cannot answer",
+    );
+}
+
+#[test]
+fn without_the_launcher_a_killed_rank_is_named_once() {
+    without_launcher(
+        "kill",
+        "rank 2 in all_reduce #1: rank 2 is gone: its process ended (killed?) without a word",
+    );
+}
+
+#[test]
+fn without_the_launcher_a_rank_that_never_calls_is_named_once() {
+    without_launcher("skip", "rank 2 in all_reduce #1: rank 2 in compute for ");
+}
+
+#[test]
+fn without_the_launcher_a_rank_that_calls_another_collective_is_named_once() {
+    without_launcher(
+        "op",
+        "rank 2 in broadcast #1: rank 2 called broadcast #1 where ranks 0, 1, 3 called all_reduce #1",
+    );
+}
