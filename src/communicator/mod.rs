@@ -301,7 +301,7 @@ impl Progress {
             self.inject = None;
             panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
-        let entry = crate::flight::begin(&w.ctx);
+        let entry = crate::flight::begin(w.ctx.rank, w.ctx.op, w.ctx.seq, w.ctx.count);
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
                 .execute(&w.bufs, &w.ctx, &self.abort)
@@ -474,7 +474,7 @@ impl Communicator {
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
-        crate::flight::register(&cfg, rank, world_size);
+        crate::flight::register(&cfg, rank, world_size, &crate::topology::hostname());
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,

@@ -47,7 +47,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use crate::algorithm::executor::ExecCtx;
 use crate::config::Config;
 use crate::dtype::CollectiveOp;
 use crate::error::{Error, Result};
@@ -124,6 +123,8 @@ struct Process {
     derived: bool,
     /// Started by `hetccl run`, which prints the report.
     launcher: bool,
+    /// This host's name, for dumps and markers.
+    host: String,
     /// Communicators alive in this process.
     live: usize,
     job_id: Option<String>,
@@ -159,16 +160,17 @@ pub fn now_ms() -> u64 {
 #[derive(Clone, Copy, Debug)]
 pub struct Entry(u64);
 
-/// Records the start of the collective `ctx` on this thread.
+/// Records the start of collective `op` #`seq` of `count` elements on `rank`, on this
+/// thread.
 #[inline]
-pub fn begin(ctx: &ExecCtx) -> Entry {
+pub fn begin(rank: usize, op: CollectiveOp, seq: u64, count: u64) -> Entry {
     let call = RECORDER.calls.fetch_add(1, Ordering::Relaxed) + 1;
     let s = &RECORDER.slots[(call % SLOTS as u64) as usize];
     s.call.store(call, Ordering::Relaxed);
-    s.rank.store(ctx.rank as u32, Ordering::Relaxed);
-    s.op.store(ctx.op as u8, Ordering::Relaxed);
-    s.seq.store(ctx.seq, Ordering::Relaxed);
-    s.count.store(ctx.count, Ordering::Relaxed);
+    s.rank.store(rank as u32, Ordering::Relaxed);
+    s.op.store(op as u8, Ordering::Relaxed);
+    s.seq.store(seq, Ordering::Relaxed);
+    s.count.store(count, Ordering::Relaxed);
     s.started_ms.store(now_ms(), Ordering::Relaxed);
     s.ended_ms.store(0, Ordering::Relaxed);
     s.peer.store(NO_PEER, Ordering::Relaxed);
@@ -207,15 +209,21 @@ pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
     }
     RECORDER.last_left_ms.store(now, Ordering::Relaxed);
     CURRENT.with(|c| c.set(0));
-    let (dir, alone, rank, world) = {
+    let (dir, alone, rank, world, host) = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         match p.as_mut() {
             Some(p) => {
                 // The first error stays: later ones follow from it.
                 p.error.get_or_insert((err.to_string(), culprit));
-                (p.dir.clone(), !p.launcher, p.rank, p.world_size)
+                (
+                    p.dir.clone(),
+                    !p.launcher,
+                    p.rank,
+                    p.world_size,
+                    p.host.clone(),
+                )
             }
-            None => (None, false, 0, 0),
+            None => (None, false, 0, 0, String::new()),
         }
     };
     if let Some(dir) = dir {
@@ -228,7 +236,7 @@ pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
             return;
         }
         if alone {
-            report_alone(&dir, rank, world);
+            report_alone(&dir, rank, world, &host);
         }
     }
 }
@@ -236,7 +244,7 @@ pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
 /// Without a launcher: the lowest failing rank that takes `report.lock` prints the one
 /// report (see the module docs).
 #[cold]
-fn report_alone(dir: &Path, rank: usize, world: usize) {
+fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     std::thread::sleep(std::time::Duration::from_millis(100 * rank.min(10) as u64));
     // A lower rank that failed too prints it (or already did).
     let lower_failed =
@@ -253,7 +261,6 @@ fn report_alone(dir: &Path, rank: usize, world: usize) {
     }
     let start = now_ms();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-    let host = crate::topology::hostname();
     let mut asked = vec![false; world];
     let (states, fates) = loop {
         let mut states: Vec<Option<RankState>> = vec![None; world];
@@ -359,11 +366,17 @@ fn what_of(i: u8) -> Option<String> {
 
 /// This process's state now: its remembered collectives, oldest first.
 pub fn snapshot(why: &str) -> RankState {
-    let (rank, world_size, job_id, error) = {
+    let (rank, world_size, job_id, error, host) = {
         let p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         match p.as_ref() {
-            Some(p) => (p.rank, p.world_size, p.job_id.clone(), p.error.clone()),
-            None => (0, 0, None, None),
+            Some(p) => (
+                p.rank,
+                p.world_size,
+                p.job_id.clone(),
+                p.error.clone(),
+                p.host.clone(),
+            ),
+            None => (0, 0, None, None, String::new()),
         }
     };
     let mut calls: Vec<(u64, CallRecord)> = Vec::new();
@@ -400,7 +413,7 @@ pub fn snapshot(why: &str) -> RankState {
         rank,
         world_size,
         pid: std::process::id(),
-        host: crate::topology::hostname(),
+        host,
         job_id,
         why: why.to_string(),
         taken_ms: now_ms(),
@@ -442,7 +455,7 @@ pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
 
 /// Registers the first communicator of the process (later ones are recorded too, but
 /// dumps speak for the first rank) and installs the SIGUSR1 dump.
-pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize) {
+pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize, host: &str) {
     let dir = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = p.as_mut() {
@@ -460,6 +473,7 @@ pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize) {
             dir: dir.clone(),
             derived,
             launcher: cfg.launch.launcher_fd.is_some(),
+            host: host.to_string(),
             live: 1,
             job_id: cfg.job_id.clone(),
             error: None,
@@ -470,7 +484,7 @@ pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize) {
         Ok(true) => {
             if let Some(dir) = &dir {
                 let path = pid_path(dir, rank);
-                let marker = format!("{} {}", std::process::id(), crate::topology::hostname());
+                let marker = format!("{} {host}", std::process::id());
                 if let Err(e) = std::fs::write(&path, marker) {
                     tracing::warn!(
                         "flight recorder: cannot write {}: {e}; the launcher will not ask \
@@ -640,33 +654,16 @@ fn serve_sigusr1(rd: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::{DataType, ReduceOp};
-    use std::time::Duration;
-
-    fn ctx(rank: usize, seq: u64, op: CollectiveOp) -> ExecCtx {
-        ExecCtx {
-            rank,
-            world_size: 4,
-            seq,
-            op,
-            dtype: DataType::F32,
-            redop: ReduceOp::Sum,
-            count: 10,
-            timeout: Duration::from_secs(1),
-            stream_copies: false,
-            spin_polls: 0,
-        }
-    }
 
     #[test]
     fn the_ring_keeps_the_last_calls_with_their_state_and_waits() {
         // A rank no other test of this process uses.
         let rank = 3_000_001;
         for seq in 0..(SLOTS as u64 + 5) {
-            let e = begin(&ctx(rank, seq, CollectiveOp::AllReduce));
+            let e = begin(rank, CollectiveOp::AllReduce, seq, 10);
             end(e);
         }
-        let e = begin(&ctx(rank, 99, CollectiveOp::Broadcast));
+        let e = begin(rank, CollectiveOp::Broadcast, 99, 10);
         waiting(2, "to send data", 1500);
         let mut p = PROCESS.lock().unwrap();
         let saved = p.take();
@@ -676,6 +673,7 @@ mod tests {
             dir: None,
             derived: false,
             launcher: false,
+            host: "h".into(),
             live: 1,
             job_id: None,
             error: None,
