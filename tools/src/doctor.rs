@@ -300,6 +300,8 @@ pub fn check_interface(cfg: &Config) -> (Row, Option<(String, u32)>) {
         None => {
             // The interface of the route to MASTER_ADDR: the kernel's choice of source
             // address for a datagram socket connected there (nothing is sent).
+            // No MASTER_ADDR (mpirun on one host: the store is found through a key
+            // file): the ranks meet on loopback.
             let master = cfg
                 .launch
                 .master_addr
@@ -695,6 +697,7 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         hetccl::errln!("hetccl doctor: unknown argument {a:?}\n\n{USAGE}");
         return 2;
     }
+    let started = Instant::now();
     let mut cfg = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -727,7 +730,6 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     if rows[3].status == Status::Fail {
         cfg.socket_ifname = None;
     }
-    let started = Instant::now();
     let comm = match Communicator::init(cfg) {
         Ok(c) => c,
         Err(e) => {

@@ -247,3 +247,43 @@ fn an_unreachable_store_is_reported() {
         "the address is named: {t}"
     );
 }
+
+#[test]
+fn under_mpirun_a_healthy_job_passes() {
+    let present = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        skip("no mpirun here");
+        return;
+    }
+    // Only what finds programs: whatever reaches the ranks comes from mpirun.
+    let mut c = Command::new("mpirun");
+    c.env_clear();
+    for k in ["PATH", "HOME"] {
+        if let Some(v) = std::env::var_os(k) {
+            c.env(k, v);
+        }
+    }
+    let o = c
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "3"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .args(["--mca", "oob_tcp_if_include", "lo"])
+        .args([doctor_bin(), "doctor"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert_eq!(
+        t.matches("hetccl doctor: 3 rank(s) on 1 host(s)").count(),
+        1,
+        "{t}"
+    );
+    assert_eq!(status_of(&t, "connectivity"), "ok", "{t}");
+    assert!(
+        t.contains("HETCCL_JOB_KEY unset: one host's ranks share a private key file"),
+        "{t}"
+    );
+    assert!(t.contains("all checks passed"), "{t}");
+}
