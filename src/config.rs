@@ -245,6 +245,10 @@ pub struct Config {
     pub device_one_shot_bytes: Option<usize>,
     /// `HETCCL_TCP_CONGESTION`: congestion control of hetccl's TCP sockets.
     pub tcp_congestion: TcpCongestion,
+    /// `HETCCL_FLIGHT_DIR`: where a rank writes its flight-recorder dump (`rank-K.json`)
+    /// when a collective fails or SIGUSR1 asks; `hetccl run` sets it to a private
+    /// directory per job and prints one report from the dumps (`src/flight/`).
+    pub flight_dir: Option<PathBuf>,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,
     /// `XDG_RUNTIME_DIR`: the user's private runtime directory, where one-host jobs keep
@@ -299,6 +303,7 @@ impl Default for Config {
             #[cfg(feature = "cuda")]
             device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
+            flight_dir: None,
             launch: LaunchEnv::default(),
             runtime_dir: None,
         }
@@ -525,6 +530,7 @@ impl Config {
                     ))
                 }
             },
+            flight_dir: v.string("HETCCL_FLIGHT_DIR").map(PathBuf::from),
             launch: launch_env(&v)?,
             runtime_dir: v.string("XDG_RUNTIME_DIR").map(PathBuf::from),
         })
@@ -923,6 +929,7 @@ mod tests {
         "HETCCL_DEVICE_FENCE",
         "HETCCL_DEVICE_ONE_SHOT_BYTES",
         "HETCCL_TCP_CONGESTION",
+        "HETCCL_FLIGHT_DIR",
         "HETCCL_LAUNCHER_FD",
         "MASTER_ADDR",
         "MASTER_PORT",

@@ -13,6 +13,7 @@
 //!  bootstrap        who am I: rank/world, all-gather of small blobs, job key
 //!  device           driver calls, CUDA context, streams, kernels, launchers (feature `cuda`)
 //!  config, error    typed settings read once from HETCCL_* env; one Error enum
+//!  flight           the flight recorder: each rank's last collectives, dumps, the hang report
 //!  log              writers for log lines and messages that never fail on a closed stream
 //!  observe          per-communicator counters and the timeline trace (HETCCL_TRACE)
 //! ```
@@ -32,6 +33,7 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod flight;
 pub mod log;
 pub mod observe;
 pub mod reduce;

@@ -309,6 +309,7 @@ impl Progress {
         }
         let start = std::time::Instant::now();
         let mut phase_end = [None; Phase::COUNT];
+        let entry = crate::flight::begin(w.ctx.rank, w.ctx.op, w.ctx.seq, w.ctx.count);
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
                 .execute(&w.bufs, &w.ctx, &self.abort)
@@ -350,6 +351,12 @@ impl Progress {
             phase_end: &phase_end,
         });
         let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
+        match &r {
+            Ok(_) => crate::flight::end(entry),
+            Err(e) => {
+                crate::flight::failed(entry, e, Some(AbortCause::of_error(e, self.rank).rank))
+            }
+        }
         if let Err(e) = &r {
             // Peers first, the log after: a log that fails must not keep them waiting.
             let cause = match e {
@@ -506,6 +513,7 @@ impl Communicator {
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
+        crate::flight::register(&cfg, rank, world_size, &crate::topology::hostname());
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
@@ -1196,6 +1204,7 @@ impl Drop for Communicator {
             let _ = w.join();
         }
         self.shared.close();
+        crate::flight::unregister();
         let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         tracing::info!(rank = self.rank, "metrics: {}", p.obs.counters.m.summary());
         if let Some(t) = &self.tracer {

@@ -22,6 +22,9 @@
 //!   the first rank killed by a signal -> named, SIGTERM the others' groups, SIGKILL after
 //!     the grace; the first that exits non-zero -> the same, unless a rank killed by a
 //!     signal turns up within 250 ms (SETTLE), which is named instead
+//!   at the first failure, before the others are stopped: one hang report from the
+//!     ranks' flight dumps (`crate::hang`)
+//!   SIGUSR1 to the launcher -> the same report of the live job, which goes on
 //! all ranks reaped -> the first failure and the others' fates in one line; exit 0 if all
 //!   exited 0, else the first failure's status (128+signal if killed)
 //! ```
@@ -65,6 +68,8 @@ use rand::RngCore;
 
 use hetccl::{Error, Result};
 
+use crate::hang;
+
 /// Help text of `hetccl run`.
 pub const USAGE: &str = "\
 usage: hetccl run -n N [OPTIONS] [--] PROGRAM [ARGS...]
@@ -79,6 +84,11 @@ grace period) and hetccl run exits with that rank's status (128+signal if killed
 naming the rank that failed first and then what became of the others. SIGINT and
 SIGTERM are forwarded to every rank. If hetccl run itself dies, its ranks get
 SIGTERM, and hetccl's collectives in any process they started fail naming it.
+
+At the first failure of ranks that use hetccl, one hang report is printed before the
+others are stopped: the rank that stopped first and the collective it holds the others
+up in, who waits for whom, and what every rank was last doing. SIGUSR1 to hetccl run
+prints the same report of a running job, which goes on.
 
 options:
   -n, --nproc N          number of ranks (also --nproc-per-node)
@@ -342,6 +352,8 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSTOP => "SIGSTOP",
         _ => "signal",
     }
 }
@@ -436,6 +448,8 @@ fn forward_lines(pipe: impl Read, prefix: String, to_stderr: bool) {
 struct Signals {
     int: Arc<AtomicBool>,
     term: Arc<AtomicBool>,
+    /// SIGUSR1: print the ranks' state, the job goes on.
+    usr1: Arc<AtomicBool>,
     ids: Vec<signal_hook::SigId>,
     /// Read end of the self-pipe the handlers write a byte to, so a waiting poll() wakes.
     wake: UnixStream,
@@ -445,11 +459,16 @@ impl Signals {
     fn install() -> Result<Signals> {
         let int = Arc::new(AtomicBool::new(false));
         let term = Arc::new(AtomicBool::new(false));
+        let usr1 = Arc::new(AtomicBool::new(false));
         let pipe_err = |e| Error::io("creating the signal self-pipe", e);
         let (wake, wake_tx) = UnixStream::pair().map_err(pipe_err)?;
         wake.set_nonblocking(true).map_err(pipe_err)?;
         let mut ids = Vec::new();
-        for (sig, flag) in [(libc::SIGINT, &int), (libc::SIGTERM, &term)] {
+        for (sig, flag) in [
+            (libc::SIGINT, &int),
+            (libc::SIGTERM, &term),
+            (libc::SIGUSR1, &usr1),
+        ] {
             let failed = |e| Error::io(format!("installing a {} handler", signal_name(sig)), e);
             // Actions run in the order registered: the flag is set before the wake-up.
             ids.push(signal_hook::flag::register(sig, flag.clone()).map_err(failed)?);
@@ -459,6 +478,7 @@ impl Signals {
         Ok(Signals {
             int,
             term,
+            usr1,
             ids,
             wake,
         })
@@ -468,6 +488,11 @@ impl Signals {
     fn drain(&self) {
         let mut b = [0u8; 64];
         while matches!((&self.wake).read(&mut b), Ok(n) if n > 0) {}
+    }
+
+    /// Whether SIGUSR1 arrived since the last call.
+    fn take_usr1(&self) -> bool {
+        self.usr1.swap(false, Ordering::SeqCst)
     }
 
     /// The signal received since the last call, if any.
@@ -514,6 +539,7 @@ fn spawn_rank(
     key: &str,
     cpus: &[usize],
     watch_fd: RawFd,
+    flight_dir: &std::path::Path,
 ) -> std::io::Result<Child> {
     let n = opts.nproc.to_string();
     let r = rank.to_string();
@@ -528,6 +554,7 @@ fn spawn_rank(
         .env("HETCCL_JOB_ID", job_id)
         .env("HETCCL_JOB_KEY", key)
         .env("HETCCL_LAUNCHER_FD", watch_fd.to_string())
+        .env("HETCCL_FLIGHT_DIR", flight_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -698,6 +725,7 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
     );
     // Held until every rank has exited: its closing is how they learn the launcher died.
     let (_watch, ranks_end) = watch_socket()?;
+    let flight = hang::FlightDir::create(&job_id)?;
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut children: Vec<Child> = Vec::with_capacity(opts.nproc);
@@ -711,6 +739,7 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
             &key,
             &cpus,
             ranks_end.as_raw_fd(),
+            flight.path(),
         );
         let mut child = match spawned {
             Ok(c) => c,
@@ -774,7 +803,15 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
     let mut interrupted = None;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
+    // The hang report is printed once, at the first failure.
+    let mut reported = false;
     loop {
+        if signals.take_usr1() {
+            say("got SIGUSR1; asking every rank for its state");
+            let pids: Vec<u32> = children.iter().map(Child::id).collect();
+            let r = flight.report("asked with SIGUSR1", &pids, &statuses, true);
+            hang::print(r);
+        }
         if let Some(sig) = signals.take() {
             if interrupted.is_none() {
                 say(format_args!(
@@ -834,6 +871,12 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
         }
         if let Some((rank, st)) = blamed {
             first_failure = Some((rank, st));
+            if !reported {
+                reported = true;
+                let pids: Vec<u32> = children.iter().map(Child::id).collect();
+                let title = format!("rank {rank} {}", describe_status(st));
+                hang::print(flight.report(&title, &pids, &statuses, false));
+            }
             say(format_args!(
                 "rank {rank} {}; stopping the others",
                 describe_status(st)

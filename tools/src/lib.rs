@@ -2,7 +2,8 @@
 //!
 //! | binary | what |
 //! | --- | --- |
-//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]); `hetccl trace merge OUT FILES...`: every rank's trace on one timeline ([`trace_merge`]) |
+//! | `hetccl` | `hetccl run -n N -- PROGRAM`: starts N local ranks ([`launcher`]) and prints one hang report from their flight dumps ([`hang`]); `hetccl trace merge OUT FILES...`: every rank's trace on one timeline ([`trace_merge`]) |
+//! | `hetccl doctor` | run as a job (`hetccl run -n N -- hetccl doctor`): a preflight of limits, /dev/shm, interface, links, clocks ([`doctor`]) |
 //! | `hetccl simulate` | a training step on a described cluster, per strategy, from the runtime's schedules played against a clock ([`simulate`]) |
 //! | `hetccl-perf` | nccl-tests style bandwidth table of every collective |
 //! | `hetccl-check` | every collective, element type and reduction against its closed form, faults on purpose, soaks (the checks are hetccl-testkit's) |
@@ -14,6 +15,8 @@
 //! library watches.
 #![warn(missing_docs)]
 
+pub mod doctor;
+pub mod hang;
 pub mod launcher;
 pub mod simulate;
 pub mod trace_merge;

@@ -200,6 +200,8 @@ fn checks(
     if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
         return Err(ctx.cancelled());
     }
+    let (peer, what) = awaited.blocked_on();
+    crate::flight::waiting(peer, what, waited.as_millis() as u64);
     awaited.check_peers()?;
     if waited >= ctx.timeout {
         let (peer, what) = awaited.blocked_on();

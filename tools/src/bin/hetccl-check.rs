@@ -16,7 +16,8 @@
 //!
 //! Fault flags, this tool's own, make one rank misbehave on purpose, for the failure
 //! tests: after one all-reduce that works, rank `--fault-rank` exits (`exit`, status 17),
-//! dies by `SIGKILL` (`kill`), stops itself with `SIGSTOP` (`stop`), or calls a
+//! dies by `SIGKILL` (`kill`), stops itself with `SIGSTOP` (`stop`), never calls the
+//! next collective (`skip`: sleeps for ten minutes instead), or calls a
 //! collective that differs from the others' (`count`, `dtype`, `op`, `private`).
 
 use std::process::ExitCode;
@@ -49,7 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 outln!(
                     "usage: hetccl-check [--counts 0,1,7,1000] [--iters N] [--mixed N] [--big-f32 COUNT]\n\
-                     \x20                   [--fault none|exit|kill|stop|count|dtype|op|private --fault-rank R] [--seed S]\n\
+                     \x20                   [--fault none|exit|kill|stop|skip|count|dtype|op|private --fault-rank R] [--seed S]\n\
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
                      \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
                      \x20                   [--shared]  (buffers from alloc_shared)\n\
@@ -84,6 +85,12 @@ fn fault(comm: &Communicator, a: &Args) -> Result<(), String> {
                 errln!("rank {r}: killing itself on purpose (SIGKILL)");
                 // SAFETY: raising SIGKILL on ourselves has no memory-safety impact.
                 unsafe { libc::raise(libc::SIGKILL) };
+            }
+            "skip" => {
+                errln!("rank {r}: not calling the collective on purpose");
+                // In compute, as far as the others can tell, until the launcher stops it.
+                std::thread::sleep(std::time::Duration::from_secs(600));
+                return Ok(());
             }
             "stop" => {
                 errln!("rank {r}: stopping on purpose");

@@ -1,0 +1,705 @@
+//! The flight recorder: what every rank was last doing, kept so that a hang or a failure
+//! can be explained across ranks after the fact.
+//!
+//! Each process keeps its last [`SLOTS`] collectives in a fixed ring of atomic slots (no
+//! allocation, no lock, no system call per collective: a counter, a few relaxed stores
+//! and a coarse clock read at each end). A slot says which collective (op, sequence
+//! number, count), its state (running, done, failed), when it started and ended, and
+//! the peer it waited on since when. The peer is written by the waits' checks (every
+//! `CHECK_EVERY`, 50 ms, of a wait without progress: `algorithm::executor::wait`), so a
+//! collective that never waits costs nothing more.
+//!
+//! ```text
+//! Progress::execute    begin(ctx) -> slot          the thread's current slot
+//! a wait's checks      waiting(peer, what, since)  on the thread's current slot
+//! Progress::execute    end(slot) / failed(slot, error): the error's culprit, then a dump
+//! SIGUSR1              a dump (the job asked; the rank keeps running)
+//! ```
+//!
+//! A dump is this process's [`report::RankState`] as JSON. With `HETCCL_FLIGHT_DIR` set
+//! (`hetccl run` sets it to a private directory per job) it is written there as
+//! `rank-K.json` (to a temporary name, then renamed, so a reader never sees half of
+//! one); the launcher collects the files of every rank that can still write one and
+//! prints one report ([`report::Report`]). Without a directory a SIGUSR1 dump goes to
+//! stderr as text.
+//!
+//! Without the launcher (mpirun, srun, torchrun, ranks started by hand) the directory is
+//! `HETCCL_FLIGHT_DIR`, else one derived from the job's identity in the temporary
+//! directory (`hetccl-flight-<uid>-<digest>`; one per host). A rank whose collective
+//! failed writes its dump, waits 100 ms per rank below it (capped at 1 s) so the lowest
+//! failing rank goes first, leaves the report to a lower rank whose dump says it failed
+//! too, and else takes `report.lock` (create-exclusive): the one rank that gets it collects the others' dumps as the launcher would (asking the ranks
+//! on its host that did not dump with SIGUSR1, describing those that are stopped or
+//! gone) and prints the report on its stderr; the others print only their own error,
+//! which names the rank it deduced. The last communicator of a process to close removes
+//! its marker, and its dump when nothing failed, and the directory once empty.
+//!
+//! SIGUSR1: the first communicator installs a handler when the signal still has its
+//! default action (which would end the process), never over a handler the application
+//! installed. The handler only writes a byte to a pipe; a thread of this module turns it
+//! into a dump. Then it writes `rank-K.pid` into the directory: the launcher signals
+//! only processes that said they handle SIGUSR1, as for any other it would be fatal.
+
+pub mod report;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use crate::config::Config;
+use crate::dtype::CollectiveOp;
+use crate::error::{Error, Result};
+use report::{CallRecord, CallState, RankState};
+
+/// Collectives each process remembers.
+pub const SLOTS: usize = 64;
+
+const NO_PEER: u32 = u32::MAX;
+
+/// One remembered collective. Written by the thread that runs it; read, without any
+/// ordering promise beyond each field's own, by a dump (a hang report is a snapshot of
+/// ranks that may still move).
+struct Slot {
+    /// Which collective of the process (1-based; 0: never used). Written first by
+    /// `begin`, so `end` and `waiting` can tell that a slot still holds their call.
+    call: AtomicU64,
+    rank: AtomicU32,
+    op: AtomicU8,
+    state: AtomicU8,
+    seq: AtomicU64,
+    count: AtomicU64,
+    started_ms: AtomicU64,
+    ended_ms: AtomicU64,
+    peer: AtomicU32,
+    /// Index into [`WHATS`] of what the peer was waited on for.
+    what: AtomicU8,
+    waiting_since_ms: AtomicU64,
+}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            call: AtomicU64::new(0),
+            rank: AtomicU32::new(0),
+            op: AtomicU8::new(0),
+            state: AtomicU8::new(0),
+            seq: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            started_ms: AtomicU64::new(0),
+            ended_ms: AtomicU64::new(0),
+            peer: AtomicU32::new(NO_PEER),
+            what: AtomicU8::new(0),
+            waiting_since_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+struct Recorder {
+    slots: [Slot; SLOTS],
+    /// Collectives begun by this process.
+    calls: AtomicU64,
+    /// When the process last left a collective (Unix ms; 0: never).
+    last_left_ms: AtomicU64,
+}
+
+static RECORDER: Recorder = Recorder {
+    slots: [const { Slot::new() }; SLOTS],
+    calls: AtomicU64::new(0),
+    last_left_ms: AtomicU64::new(0),
+};
+
+/// What waits say they wait for (`Awaited::blocked_on`), interned so a slot holds a
+/// byte; index 0 is "nothing recorded".
+static WHATS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// Who this process is and where its dumps go, from the first communicator.
+struct Process {
+    rank: usize,
+    world_size: usize,
+    dir: Option<PathBuf>,
+    /// The dump directory was derived here (no launcher, no `HETCCL_FLIGHT_DIR`): remove
+    /// it when the process is done with it.
+    derived: bool,
+    /// Started by `hetccl run`, which prints the report.
+    launcher: bool,
+    /// This host's name, for dumps and markers.
+    host: String,
+    /// Communicators alive in this process.
+    live: usize,
+    job_id: Option<String>,
+    /// The last error of a collective, and the rank it points at.
+    error: Option<(String, Option<usize>)>,
+}
+
+static PROCESS: Mutex<Option<Process>> = Mutex::new(None);
+
+thread_local! {
+    /// The slot of the collective this thread runs (`call` number; 0: none).
+    static CURRENT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Now, in Unix milliseconds, from the coarse clock (a few ms of resolution, a few ns
+/// to read): enough for "waiting since", and comparable between the ranks' dumps.
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000_000)
+}
+
+/// A collective's slot, returned by [`begin`].
+#[derive(Clone, Copy, Debug)]
+pub struct Entry(u64);
+
+/// Records the start of collective `op` #`seq` of `count` elements on `rank`, on this
+/// thread.
+#[inline]
+pub fn begin(rank: usize, op: CollectiveOp, seq: u64, count: u64) -> Entry {
+    let call = RECORDER.calls.fetch_add(1, Ordering::Relaxed) + 1;
+    let s = &RECORDER.slots[(call % SLOTS as u64) as usize];
+    s.call.store(call, Ordering::Relaxed);
+    s.rank.store(rank as u32, Ordering::Relaxed);
+    s.op.store(op as u8, Ordering::Relaxed);
+    s.seq.store(seq, Ordering::Relaxed);
+    s.count.store(count, Ordering::Relaxed);
+    s.started_ms.store(now_ms(), Ordering::Relaxed);
+    s.ended_ms.store(0, Ordering::Relaxed);
+    s.peer.store(NO_PEER, Ordering::Relaxed);
+    s.what.store(0, Ordering::Relaxed);
+    s.state.store(CallState::Running as u8, Ordering::Release);
+    CURRENT.with(|c| c.set(call));
+    Entry(call)
+}
+
+fn slot_of(e: Entry) -> Option<&'static Slot> {
+    let s = &RECORDER.slots[(e.0 % SLOTS as u64) as usize];
+    (s.call.load(Ordering::Relaxed) == e.0).then_some(s)
+}
+
+/// Records that the collective of `e` returned successfully.
+#[inline]
+pub fn end(e: Entry) {
+    let now = now_ms();
+    if let Some(s) = slot_of(e) {
+        s.ended_ms.store(now, Ordering::Relaxed);
+        s.state.store(CallState::Done as u8, Ordering::Release);
+    }
+    RECORDER.last_left_ms.store(now, Ordering::Relaxed);
+    CURRENT.with(|c| c.set(0));
+}
+
+/// Records that the collective of `e` failed with `err`, whose culprit is `culprit`
+/// (the rank the error points at), and writes a dump when dumps have a directory. Cold:
+/// a failed collective breaks its communicator.
+#[cold]
+pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
+    let now = now_ms();
+    if let Some(s) = slot_of(e) {
+        s.ended_ms.store(now, Ordering::Relaxed);
+        s.state.store(CallState::Failed as u8, Ordering::Release);
+    }
+    RECORDER.last_left_ms.store(now, Ordering::Relaxed);
+    CURRENT.with(|c| c.set(0));
+    let (dir, alone, rank, world, host) = {
+        let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+        match p.as_mut() {
+            Some(p) => {
+                // The first error stays: later ones follow from it.
+                p.error.get_or_insert((err.to_string(), culprit));
+                (
+                    p.dir.clone(),
+                    !p.launcher,
+                    p.rank,
+                    p.world_size,
+                    p.host.clone(),
+                )
+            }
+            None => (None, false, 0, 0, String::new()),
+        }
+    };
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            // Without a launcher: the report was printed and its directory removed.
+            return;
+        }
+        if let Err(e) = write_dump(&dir, &snapshot("error")) {
+            tracing::warn!("flight recorder: {e}");
+            return;
+        }
+        if alone {
+            report_alone(&dir, rank, world, &host);
+        }
+    }
+}
+
+/// Without a launcher: the lowest failing rank that takes `report.lock` prints the one
+/// report (see the module docs).
+#[cold]
+fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
+    std::thread::sleep(std::time::Duration::from_millis(100 * rank.min(10) as u64));
+    // A lower rank that failed too prints it (or already did).
+    let lower_failed =
+        (0..rank).any(|k| read_dump(&dump_path(dir, k)).is_some_and(|s| s.why == "error"));
+    if lower_failed {
+        return;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join("report.lock"));
+    if lock.is_err() {
+        return;
+    }
+    let start = now_ms();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    let mut asked = vec![false; world];
+    let (states, fates) = loop {
+        let mut states: Vec<Option<RankState>> = vec![None; world];
+        let mut fates = vec![report::Fate::Unknown; world];
+        let mut waiting = false;
+        for k in 0..world {
+            states[k] = read_dump(&dump_path(dir, k))
+                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
+            // Only processes on this host can be looked at and asked.
+            let Some(pid) =
+                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
+            else {
+                continue;
+            };
+            fates[k] = match proc_state(pid) {
+                Some('T' | 't') => report::Fate::Stopped,
+                Some('Z' | 'X') | None => report::Fate::Gone,
+                Some(_) => report::Fate::Running,
+            };
+            if states[k].is_none() && fates[k] == report::Fate::Running {
+                if !asked[k] {
+                    asked[k] = true;
+                    // SAFETY: kill(2) has no memory effects; the marker says this process
+                    // handles SIGUSR1.
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                }
+                waiting = true;
+            }
+        }
+        if !waiting || std::time::Instant::now() >= deadline {
+            break (states, fates);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let title = format!("printed by rank {rank}, the lowest rank that failed");
+    let r = report::build(&title, &states, &fates, now_ms());
+    use std::io::Write as _;
+    let _ = crate::log::stderr().write_all(r.text.as_bytes());
+    // Printed once: the dumps have served. A rank that fails later finds no directory
+    // and stays quiet.
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::debug!("flight recorder: removing {}: {e}", dir.display());
+    }
+}
+
+fn read_dump(path: &Path) -> Option<RankState> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// A marker's process and host: `PID HOST`.
+pub fn read_marker(path: &Path) -> Option<(u32, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.split_whitespace();
+    let pid = it.next()?.parse().ok()?;
+    Some((pid, it.next().unwrap_or_default().to_string()))
+}
+
+/// The state letter of `/proc/PID/stat` (R, S, D, T, t, Z, ...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) S ...": COMM may hold spaces and parentheses; the state follows the
+    // last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
+}
+
+/// Records that this thread's collective has waited on `peer` (for `what`, e.g. "to
+/// send data") without progress for `waited_ms`. Called by a wait's checks only, so at
+/// most every 50 ms of a wait.
+pub fn waiting(peer: usize, what: &'static str, waited_ms: u64) {
+    let call = CURRENT.with(Cell::get);
+    if call == 0 {
+        return;
+    }
+    let s = &RECORDER.slots[(call % SLOTS as u64) as usize];
+    if s.call.load(Ordering::Relaxed) != call {
+        return;
+    }
+    s.peer.store(peer as u32, Ordering::Relaxed);
+    s.what.store(intern(what), Ordering::Relaxed);
+    s.waiting_since_ms
+        .store(now_ms().saturating_sub(waited_ms), Ordering::Relaxed);
+}
+
+fn intern(what: &'static str) -> u8 {
+    let mut w = WHATS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = w.iter().position(|x| *x == what) {
+        return (i + 1) as u8;
+    }
+    if w.len() >= u8::MAX as usize {
+        return 0;
+    }
+    w.push(what);
+    w.len() as u8
+}
+
+fn what_of(i: u8) -> Option<String> {
+    let w = WHATS.lock().unwrap_or_else(|p| p.into_inner());
+    (i > 0)
+        .then(|| w.get(i as usize - 1).map(|s| s.to_string()))
+        .flatten()
+}
+
+/// This process's state now: its remembered collectives, oldest first.
+pub fn snapshot(why: &str) -> RankState {
+    let (rank, world_size, job_id, error, host) = {
+        let p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+        match p.as_ref() {
+            Some(p) => (
+                p.rank,
+                p.world_size,
+                p.job_id.clone(),
+                p.error.clone(),
+                p.host.clone(),
+            ),
+            None => (0, 0, None, None, String::new()),
+        }
+    };
+    let mut calls: Vec<(u64, CallRecord)> = Vec::new();
+    for s in &RECORDER.slots {
+        let call = s.call.load(Ordering::Relaxed);
+        if call == 0 || s.rank.load(Ordering::Relaxed) as usize != rank {
+            continue;
+        }
+        let Some(op) = CollectiveOp::from_u8(s.op.load(Ordering::Relaxed)) else {
+            continue;
+        };
+        let state = CallState::from_u8(s.state.load(Ordering::Acquire));
+        let peer = s.peer.load(Ordering::Relaxed);
+        let ended = s.ended_ms.load(Ordering::Relaxed);
+        calls.push((
+            call,
+            CallRecord {
+                op: op.name().to_string(),
+                seq: s.seq.load(Ordering::Relaxed),
+                count: s.count.load(Ordering::Relaxed),
+                state,
+                started_ms: s.started_ms.load(Ordering::Relaxed),
+                ended_ms: (ended != 0).then_some(ended),
+                waiting_on: (peer != NO_PEER).then_some(peer as usize),
+                what: what_of(s.what.load(Ordering::Relaxed)),
+                waiting_since_ms: (peer != NO_PEER)
+                    .then(|| s.waiting_since_ms.load(Ordering::Relaxed)),
+            },
+        ));
+    }
+    calls.sort_by_key(|c| c.0);
+    let left = RECORDER.last_left_ms.load(Ordering::Relaxed);
+    RankState {
+        rank,
+        world_size,
+        pid: std::process::id(),
+        host,
+        job_id,
+        why: why.to_string(),
+        taken_ms: now_ms(),
+        last_left_ms: (left != 0).then_some(left),
+        error: error.as_ref().map(|e| e.0.clone()),
+        culprit: error.and_then(|e| e.1),
+        calls: calls.into_iter().map(|c| c.1).collect(),
+    }
+}
+
+/// `dir/rank-K.json`.
+pub fn dump_path(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("rank-{rank}.json"))
+}
+
+/// `dir/rank-K.pid`: the process of rank K handles SIGUSR1.
+pub fn pid_path(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("rank-{rank}.pid"))
+}
+
+/// Writes `state` to `dir/rank-K.json` whole: to a temporary name, then renamed.
+pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
+    let path = dump_path(dir, state.rank);
+    // A name of this write's own: a failure's dump and a SIGUSR1 dump may be written at
+    // once by two threads, and one must not rename the other's half-written file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".rank-{}.json.{}.{}",
+        state.rank,
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let text = serde_json::to_vec(state)
+        .map_err(|e| Error::invalid("flight recorder", format!("cannot encode the state: {e}")))?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::io(format!("writing the flight dump {}", path.display()), e))
+}
+
+/// Registers the first communicator of the process (later ones are recorded too, but
+/// dumps speak for the first rank) and installs the SIGUSR1 dump.
+pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize, host: &str) {
+    let dir = {
+        let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = p.as_mut() {
+            p.live += 1;
+            return;
+        }
+        let (dir, derived) = match &cfg.flight_dir {
+            Some(d) => (Some(d.clone()), false),
+            None if cfg.launch.launcher_fd.is_none() => (derived_dir(cfg), true),
+            None => (None, false),
+        };
+        *p = Some(Process {
+            rank,
+            world_size,
+            dir: dir.clone(),
+            derived,
+            launcher: cfg.launch.launcher_fd.is_some(),
+            host: host.to_string(),
+            live: 1,
+            job_id: cfg.job_id.clone(),
+            error: None,
+        });
+        dir
+    };
+    match install_sigusr1() {
+        Ok(true) => {
+            if let Some(dir) = &dir {
+                let path = pid_path(dir, rank);
+                let marker = format!("{} {host}", std::process::id());
+                if let Err(e) = std::fs::write(&path, marker) {
+                    tracing::warn!(
+                        "flight recorder: cannot write {}: {e}; the launcher will not ask \
+                         this rank for its state",
+                        path.display()
+                    );
+                }
+            }
+        }
+        Ok(false) => tracing::debug!(
+            "SIGUSR1 has the application's handler; the flight recorder dumps on errors only"
+        ),
+        Err(e) => tracing::warn!("flight recorder: no SIGUSR1 dump: {e}"),
+    }
+}
+
+/// A communicator of the process closed: the last one removes the marker, the dump when
+/// nothing failed, and a derived directory once empty.
+pub(crate) fn unregister() {
+    let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(proc_) = p.as_mut() else { return };
+    proc_.live = proc_.live.saturating_sub(1);
+    if proc_.live > 0 {
+        return;
+    }
+    if let Some(dir) = &proc_.dir {
+        let _ = std::fs::remove_file(pid_path(dir, proc_.rank));
+        if proc_.error.is_none() {
+            let _ = std::fs::remove_file(dump_path(dir, proc_.rank));
+        }
+        if proc_.derived {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `$TMPDIR/hetccl-flight-<uid>-<digest of the job's identity>`, made (0700) if needed;
+/// `None` without an identity every rank shares.
+fn derived_dir(cfg: &Config) -> Option<PathBuf> {
+    use sha2::Digest as _;
+    let identity = cfg
+        .job_id
+        .clone()
+        .or_else(|| cfg.launch.job_identity.clone())
+        .or_else(|| {
+            let (a, p) = (cfg.launch.master_addr.as_ref()?, cfg.launch.master_port?);
+            Some(format!("{a}:{p}"))
+        })?;
+    let digest = sha2::Sha256::digest(identity.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("hetccl-flight-{uid}-{hex}"));
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
+        Err(e) => {
+            tracing::warn!("flight recorder: cannot make {}: {e}", dir.display());
+            None
+        }
+    }
+}
+
+/// Write end of the pipe the SIGUSR1 handler writes to; -1 until installed.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: errno is thread-local and both calls are async-signal-safe; the saved
+    // value is put back so the interrupted code sees its own.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let b = 1u8;
+        libc::write(fd, (&b as *const u8).cast(), 1);
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// Installs the SIGUSR1 handler and its thread; `Ok(false)` when the application
+/// handles or ignores the signal itself.
+fn install_sigusr1() -> std::io::Result<bool> {
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return Ok(true);
+    }
+    // SAFETY: a zeroed sigaction is a valid out-parameter; sigaction with a null new
+    // action only reads the current one.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if old.sa_sigaction != libc::SIG_DFL {
+        return Ok(false);
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // The reader blocks; only the handler's end must never block.
+    // SAFETY: fcntl on a descriptor this function just made.
+    unsafe { libc::fcntl(rd, libc::F_SETFL, 0) };
+    SIGNAL_PIPE.store(wr, Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("hetccl-flight".into())
+        .spawn(move || serve_sigusr1(rd))?;
+    // SAFETY: a zeroed sigaction with a handler, an empty mask and SA_RESTART is valid;
+    // the handler is async-signal-safe (one write to a non-blocking pipe).
+    let rc = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as usize;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+fn serve_sigusr1(rd: i32) {
+    let mut b = [0u8; 64];
+    loop {
+        // SAFETY: reads into `b`, which outlives the call, at most its length.
+        let n = unsafe { libc::read(rd, b.as_mut_ptr().cast(), b.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        let state = snapshot("SIGUSR1");
+        let dir = PROCESS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|p| p.dir.clone());
+        match dir {
+            Some(dir) if dir.is_dir() => {
+                if let Err(e) = write_dump(&dir, &state) {
+                    tracing::warn!("flight recorder: {e}");
+                }
+            }
+            _ => {
+                use std::io::Write as _;
+                let text = report::describe_rank(&state, state.taken_ms);
+                let _ = writeln!(
+                    crate::log::stderr(),
+                    "hetccl: rank {} state (SIGUSR1): {text}",
+                    state.rank
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_last_calls_with_their_state_and_waits() {
+        // A rank no other test of this process uses.
+        let rank = 3_000_001;
+        for seq in 0..(SLOTS as u64 + 5) {
+            let e = begin(rank, CollectiveOp::AllReduce, seq, 10);
+            end(e);
+        }
+        let e = begin(rank, CollectiveOp::Broadcast, 99, 10);
+        waiting(2, "to send data", 1500);
+        let mut p = PROCESS.lock().unwrap();
+        let saved = p.take();
+        *p = Some(Process {
+            rank,
+            world_size: 4,
+            dir: None,
+            derived: false,
+            launcher: false,
+            host: "h".into(),
+            live: 1,
+            job_id: None,
+            error: None,
+        });
+        drop(p);
+        let s = snapshot("test");
+        *PROCESS.lock().unwrap() = saved;
+        end(e);
+        // Other tests of this process record calls of their own ranks in the same ring.
+        assert!(
+            s.calls.len() <= SLOTS && s.calls.len() > 1,
+            "{}",
+            s.calls.len()
+        );
+        let last = s.calls.last().unwrap();
+        assert_eq!((last.op.as_str(), last.seq), ("broadcast", 99));
+        assert_eq!(last.state, CallState::Running);
+        assert_eq!(last.waiting_on, Some(2));
+        assert_eq!(last.what.as_deref(), Some("to send data"));
+        let since = s.taken_ms - last.waiting_since_ms.unwrap();
+        assert!((1400..5000).contains(&since), "{since}");
+        let before = &s.calls[s.calls.len() - 2];
+        assert_eq!(
+            (before.seq, before.state),
+            (SLOTS as u64 + 4, CallState::Done)
+        );
+        assert!(s.last_left_ms.is_some());
+    }
+}

@@ -1,0 +1,289 @@
+//! `hetccl doctor` as a job: a healthy run passes, and each check that can be made to
+//! fail here fails with its fix and a non-zero exit: a tiny /dev/shm (a mount namespace
+//! with a 1 MiB tmpfs), a low locked-memory limit, a wrong interface name, a peer that
+//! never joins, a store nobody serves.
+
+mod common;
+
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+
+fn doctor_bin() -> &'static str {
+    launcher()
+}
+
+fn run_job(n: usize, env: &[(&str, &str)], memlock: Option<u64>) -> Output {
+    let mut cmd = Command::new(launcher());
+    cmd.args(["run", "-n", &n.to_string(), "--", doctor_bin(), "doctor"])
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(bytes) = memlock {
+        // SAFETY: setrlimit between fork and exec only lowers this child's own limit.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The table's line of `check` (rank 0's), e.g. "open files  ok  ...".
+fn line<'a>(t: &'a str, check: &str) -> &'a str {
+    t.lines()
+        .find(|l| {
+            l.trim_start_matches("[rank 0]")
+                .trim_start()
+                .starts_with(check)
+        })
+        .unwrap_or_else(|| panic!("no {check:?} line:\n{t}"))
+}
+
+fn status_of(t: &str, check: &str) -> String {
+    line(t, check)
+        .trim_start_matches("[rank 0]")
+        .trim_start()
+        .strip_prefix(check)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_healthy_job_passes_every_check() {
+    for shm in ["0", "1"] {
+        let o = run_job(3, &[("HETCCL_SHM_DISABLE", shm)], None);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        for check in [
+            "/dev/shm",
+            "locked memory",
+            "open files",
+            "interface",
+            "job key",
+            "GPUs",
+            "connectivity",
+            "MTU",
+            "clock skew",
+        ] {
+            assert_eq!(status_of(&t, check), "ok", "{check}:\n{t}");
+        }
+        assert_eq!(
+            t.matches("hetccl doctor: 3 rank(s) on 1 host(s)").count(),
+            1,
+            "{t}"
+        );
+        assert!(
+            line(&t, "bandwidth").contains(if shm == "1" {
+                "3 pair(s) over tcp"
+            } else {
+                "3 pair(s) over shm"
+            }),
+            "{t}"
+        );
+        assert!(
+            line(&t, "interface").contains("lo (127.0.0.1, MTU 65536)"),
+            "{t}"
+        );
+        assert!(t.contains("[rank 0] all checks passed"), "{t}");
+    }
+}
+
+#[test]
+fn a_low_locked_memory_limit_fails_with_the_fix() {
+    let o = run_job(2, &[], Some(64 << 10));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        line(&t, "locked memory").ends_with(
+            "FAIL  rank(s) 0, 1: ulimit -l is 64 KiB, below the 4.0 MiB of pinned staging \
+             buffers a device collective locks"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("fix: raise the locked-memory limit to at least 4.0 MiB (ulimit -l unlimited"),
+        "{t}"
+    );
+    assert!(t.contains("[rank 0] some checks FAILED"), "{t}");
+}
+
+#[test]
+fn a_wrong_interface_fails_naming_the_real_ones() {
+    let o = run_job(2, &[("HETCCL_SOCKET_IFNAME", "nosuchif0")], None);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        line(&t, "interface").contains(
+            "FAIL  rank(s) 0, 1: HETCCL_SOCKET_IFNAME=nosuchif0: no interface of that name"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("fix: set HETCCL_SOCKET_IFNAME to one of: "),
+        "{t}"
+    );
+    assert!(t.contains("lo"), "{t}");
+    // The other checks still ran, without the bad name.
+    assert_eq!(status_of(&t, "connectivity"), "ok", "{t}");
+}
+
+#[test]
+fn a_tiny_dev_shm_fails_and_the_rest_runs_over_tcp() {
+    // A private mount namespace whose /dev/shm is a 1 MiB tmpfs; 3 ranks plan 3
+    // segments of 4 MiB.
+    let probe = Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            skip(&format!(
+                "no mount namespace with a tmpfs here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            return;
+        }
+        Err(e) => {
+            skip(&format!("unshare cannot run: {e}"));
+            return;
+        }
+    }
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {} run -n 3 -- {} doctor",
+        launcher(),
+        doctor_bin()
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        line(&t, "/dev/shm").contains("FAIL  rank(s) 0, 1, 2: 1.0 MiB free in /dev/shm, 12.0 MiB planned (3 segment(s) of 4.0 MiB for 3 rank(s) on this host)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("fix: enlarge /dev/shm to at least 12.0 MiB"),
+        "{t}"
+    );
+    assert!(line(&t, "bandwidth").contains("over tcp"), "{t}");
+}
+
+#[test]
+fn a_peer_that_never_joins_is_reported() {
+    let port = free_port().to_string();
+    let o = Command::new(doctor_bin())
+        .arg("doctor")
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", &port)
+        .env("HETCCL_JOB_KEY", "0123456789abcdef0123456789abcdef")
+        .env("HETCCL_CONNECT_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("hetccl doctor (rank 0 alone):"), "{t}");
+    let l = line(&t, "connectivity");
+    assert!(
+        l.contains("FAIL  rank 0 could not join the other ranks after "),
+        "{t}"
+    );
+    assert!(
+        l.contains("rank(s) [1] never connected to the store"),
+        "the missing rank is named: {t}"
+    );
+    assert!(
+        t.contains("fix: start every rank with the same MASTER_ADDR, MASTER_PORT"),
+        "{t}"
+    );
+}
+
+#[test]
+fn an_unreachable_store_is_reported() {
+    let port = free_port().to_string();
+    let o = Command::new(doctor_bin())
+        .arg("doctor")
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", &port)
+        .env("HETCCL_JOB_KEY", "0123456789abcdef0123456789abcdef")
+        .env("HETCCL_CONNECT_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    let l = line(&t, "connectivity");
+    assert!(
+        l.contains("FAIL  rank 1 could not join the other ranks after "),
+        "{t}"
+    );
+    assert!(
+        l.contains(&format!("127.0.0.1:{port}")),
+        "the address is named: {t}"
+    );
+}
+
+#[test]
+fn under_mpirun_a_healthy_job_passes() {
+    let present = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        skip("no mpirun here");
+        return;
+    }
+    // Only what finds programs: whatever reaches the ranks comes from mpirun.
+    let mut c = Command::new("mpirun");
+    c.env_clear();
+    for k in ["PATH", "HOME"] {
+        if let Some(v) = std::env::var_os(k) {
+            c.env(k, v);
+        }
+    }
+    let o = c
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "3"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .args(["--mca", "oob_tcp_if_include", "lo"])
+        .args([doctor_bin(), "doctor"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert_eq!(
+        t.matches("hetccl doctor: 3 rank(s) on 1 host(s)").count(),
+        1,
+        "{t}"
+    );
+    assert_eq!(status_of(&t, "connectivity"), "ok", "{t}");
+    assert!(
+        t.contains("HETCCL_JOB_KEY unset: one host's ranks share a private key file"),
+        "{t}"
+    );
+    assert!(t.contains("all checks passed"), "{t}");
+}

@@ -1,0 +1,358 @@
+//! The hang report of `hetccl run`: one rank of four misbehaves after one good
+//! all-reduce (`hetccl-check --fault F --fault-rank 2`), the others' next all-reduce
+//! (#1) cannot finish, and the launcher must print one report that names rank 2 and the
+//! collective, within `HETCCL_TIMEOUT` + 2 s of the fault, over shared memory and TCP:
+//!
+//! - `stop`: rank 2 stops itself with SIGSTOP; the others time out;
+//! - `kill`: rank 2 dies by SIGKILL; the others lose it;
+//! - `skip`: rank 2 never calls the collective (it sleeps); the others time out, and
+//!   rank 2, asked by SIGUSR1, says it is in compute, not in any collective;
+//! - `op`: rank 2 calls broadcast #1 where the others call all_reduce #1.
+
+mod common;
+
+use common::*;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT_S: u64 = 3;
+
+struct Run {
+    /// The launcher's stderr, line by line, each with when the test read it.
+    lines: Vec<(Instant, String)>,
+    code: Option<i32>,
+}
+
+impl Run {
+    fn text(&self) -> String {
+        self.lines.iter().map(|l| format!("{}\n", l.1)).collect()
+    }
+
+    fn first(&self, pat: &str) -> Option<Instant> {
+        self.lines.iter().find(|l| l.1.contains(pat)).map(|l| l.0)
+    }
+}
+
+fn launch(fault: &str, shm_disable: &str, extra: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(launcher());
+    cmd.args(["run", "-n", "4", "--grace-period", "0.5", "--"])
+        .arg(check_bin())
+        .args(["--fault", fault, "--fault-rank", "2", "--counts", "1000"])
+        .env("HETCCL_TIMEOUT", TIMEOUT_S.to_string())
+        .env("HETCCL_SHM_DISABLE", shm_disable)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        err.lines()
+            .map_while(|l| l.ok())
+            .map(|l| (Instant::now(), l))
+            .collect::<Vec<_>>()
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            let st = child.wait().unwrap();
+            let lines = reader.join().unwrap();
+            panic!(
+                "the job hung ({st}):\n{}",
+                lines
+                    .iter()
+                    .map(|l| l.1.clone())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        lines: reader.join().unwrap(),
+        code: status.code(),
+    }
+}
+
+/// One report, naming rank 2 with `culprit` (the words after "culprit: "), in time.
+fn assert_report(run: &Run, culprit: &str, fault_line: &str) {
+    let text = run.text();
+    assert_eq!(
+        text.matches("hetccl hang report").count(),
+        1,
+        "not one report:\n{text}"
+    );
+    assert_eq!(
+        text.matches("culprit:").count(),
+        1,
+        "not one culprit:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("  culprit: {culprit}")),
+        "expected culprit {culprit:?}:\n{text}"
+    );
+    let fault = run
+        .first(fault_line)
+        .unwrap_or_else(|| panic!("no {fault_line:?}:\n{text}"));
+    let report = run.first("culprit:").unwrap();
+    let took = report.saturating_duration_since(fault);
+    assert!(
+        took < Duration::from_secs(TIMEOUT_S + 2),
+        "the report came {took:?} after the fault:\n{text}"
+    );
+    assert_ne!(run.code, Some(0), "{text}");
+}
+
+fn stopped(shm_disable: &str) {
+    let run = launch("stop", shm_disable, &[]);
+    assert_report(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and cannot answer",
+        "rank 2: stopping on purpose",
+    );
+    let text = run.text();
+    assert!(
+        text.contains("  rank 2: no state: its process is stopped"),
+        "{text}"
+    );
+    // Every other rank waited on rank 2, directly or through a rank that did.
+    assert!(text.contains("  waits for: "), "{text}");
+    assert!(text.contains("-> 2 (all_reduce #1"), "{text}");
+}
+
+#[test]
+fn a_stopped_rank_is_named_once_shm() {
+    stopped("0");
+}
+
+#[test]
+fn a_stopped_rank_is_named_once_tcp() {
+    stopped("1");
+}
+
+fn killed(shm_disable: &str) {
+    let run = launch("kill", shm_disable, &[]);
+    assert_report(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 was killed by signal 9 (SIGKILL)",
+        "rank 2: killing itself on purpose",
+    );
+    let text = run.text();
+    assert!(
+        text.contains("  rank 2: no state: killed by signal 9 (SIGKILL)"),
+        "{text}"
+    );
+    // The survivors answered with their own state: in (or failed in) all_reduce #1.
+    for r in [0, 1, 3] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  rank {r}: ")))
+            .unwrap_or_else(|| panic!("no line for rank {r}:\n{text}"));
+        assert!(line.contains(" all_reduce #1"), "{line}\n{text}");
+    }
+}
+
+#[test]
+fn a_killed_rank_is_named_once_shm() {
+    killed("0");
+}
+
+#[test]
+fn a_killed_rank_is_named_once_tcp() {
+    killed("1");
+}
+
+fn skipped(shm_disable: &str) {
+    let run = launch("skip", shm_disable, &[]);
+    assert_report(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 in compute for ",
+        "rank 2: not calling the collective on purpose",
+    );
+    let text = run.text();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("  rank 2: "))
+        .unwrap_or_else(|| panic!("no line for rank 2:\n{text}"));
+    assert!(
+        line.ends_with("not in any collective (last: all_reduce #0, finished)"),
+        "{line}"
+    );
+    // "in compute for X s": about the timeout, since it left all_reduce #0.
+    let secs: f64 = line
+        .split("in compute for ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        secs >= (TIMEOUT_S as f64) - 0.5 && secs < (TIMEOUT_S + 10) as f64,
+        "{line}"
+    );
+}
+
+#[test]
+fn a_rank_that_never_calls_is_named_once_shm() {
+    skipped("0");
+}
+
+#[test]
+fn a_rank_that_never_calls_is_named_once_tcp() {
+    skipped("1");
+}
+
+fn other_collective(shm_disable: &str) {
+    let run = launch("op", shm_disable, &[]);
+    assert_report(
+        &run,
+        "rank 2 in broadcast #1: rank 2 called broadcast #1 where ranks 0, 1, 3 called all_reduce #1",
+        "hetccl-check: rank 2: FAILED",
+    );
+}
+
+#[test]
+fn a_rank_that_calls_another_collective_is_named_once_shm() {
+    other_collective("0");
+}
+
+#[test]
+fn a_rank_that_calls_another_collective_is_named_once_tcp() {
+    other_collective("1");
+}
+
+/// SIGUSR1 to the launcher of a live job: a report of every rank's state, and the job
+/// goes on (here: until the test stops it).
+#[test]
+fn sigusr1_to_the_launcher_reports_a_live_job() {
+    let mut cmd = Command::new(launcher());
+    cmd.args(["run", "-n", "2", "--grace-period", "0.5", "--"])
+        .arg(check_bin())
+        .args(["--fault", "skip", "--fault-rank", "1", "--counts", "1000"])
+        .env("HETCCL_TIMEOUT", "120")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("not calling the collective on purpose") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    // Rank 0 is in all_reduce #1 by now or soon; its wait is recorded after 50 ms.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling the launcher this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let t = Instant::now();
+    while !seen.contains("  rank 1: ") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        seen.contains("hetccl hang report (asked with SIGUSR1), 2 ranks:"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("  culprit: rank 1 in all_reduce #1: rank 1 in compute for "),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("  rank 0: in all_reduce #1 for ") && seen.contains("waiting for rank 1"),
+        "{seen}"
+    );
+    // Still running: the report did not stop the job.
+    assert!(child.try_wait().unwrap().is_none(), "{seen}");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{seen}");
+}
+
+/// Without the launcher (ranks started with torchrun's variables, as mpirun or srun
+/// would): the lowest rank that failed prints the one report, and the time its faulty
+/// collective took (the wait, then the report) stays within `HETCCL_TIMEOUT` + 2 s.
+fn without_launcher(fault: &str, culprit: &str) {
+    let mut children = spawn_ranks(
+        4,
+        check_bin(),
+        &["--fault", fault, "--fault-rank", "2", "--counts", "1000"],
+        &[("HETCCL_TIMEOUT", &TIMEOUT_S.to_string())],
+        |_| vec![],
+    );
+    let mut faulty = children.remove(2);
+    let outs = collect(children, Duration::from_secs(40));
+    let _ = faulty.kill();
+    let _ = faulty.wait();
+    let all: String = outs.iter().map(|o| o.output.clone()).collect();
+    for o in &outs {
+        assert!(!o.hung, "{all}");
+        assert_eq!(o.code, Some(1), "{all}");
+    }
+    assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
+    assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
+    // The rank that printed it: its faulty collective returned after the wait and the
+    // report.
+    let printer = outs
+        .iter()
+        .find(|o| o.output.contains("hetccl hang report"))
+        .unwrap();
+    let took: f64 = printer
+        .output
+        .split("faulty collective returned after ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{}", printer.output));
+    assert!(took < (TIMEOUT_S + 2) as f64, "{took} s:\n{all}");
+    // The rank that printed it says so (the lowest that had failed when it looked: rank 0
+    // unless it failed more than 100 ms after a higher rank).
+    let k = outs
+        .iter()
+        .position(|o| o.output.contains("hetccl hang report"))
+        .map(|i| if i >= 2 { i + 1 } else { i })
+        .unwrap();
+    assert!(
+        printer.output.contains(&format!(
+            "hetccl hang report (printed by rank {k}, the lowest rank that failed)"
+        )),
+        "{all}"
+    );
+}
+
+#[test]
+fn without_the_launcher_a_stopped_rank_is_named_once() {
+    without_launcher(
+        "stop",
+        "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and cannot answer",
+    );
+}
+
+#[test]
+fn without_the_launcher_a_killed_rank_is_named_once() {
+    without_launcher(
+        "kill",
+        "rank 2 in all_reduce #1: rank 2 is gone: its process ended (killed?) without a word",
+    );
+}
+
+#[test]
+fn without_the_launcher_a_rank_that_never_calls_is_named_once() {
+    without_launcher("skip", "rank 2 in all_reduce #1: rank 2 in compute for ");
+}
+
+#[test]
+fn without_the_launcher_a_rank_that_calls_another_collective_is_named_once() {
+    without_launcher(
+        "op",
+        "rank 2 in broadcast #1: rank 2 called broadcast #1 where ranks 0, 1, 3 called all_reduce #1",
+    );
+}
