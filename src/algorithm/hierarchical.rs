@@ -123,21 +123,7 @@ pub fn all_reduce_inplace(
     }
 
     // 2. Across nodes, the owners of each shard run a ring all-reduce.
-    if nodes.len() > 1 {
-        for (j, r) in ranges.iter().enumerate() {
-            if owner(nodes, k, j) != rank {
-                continue;
-            }
-            let members: Vec<usize> = (0..nodes.len()).map(|kk| owner(nodes, kk, j)).collect();
-            let g = Group {
-                members: &members,
-                me: k,
-            };
-            // Across nodes (TCP): a wave keeps each link's queue full.
-            let count = (r.end - r.start) / elem;
-            ring::all_reduce_inplace(b, &g, at(r), count, elem, chunk_bytes, RingOrder::Wave);
-        }
-    }
+    inter_node(b, nodes, rank, &ranges, elem, chunk_bytes, |_, r| at(r));
 
     // 3. Inside the node, owners hand the finished shards to their node-mates.
     for (j, r) in ranges.iter().enumerate() {
@@ -151,6 +137,50 @@ pub fn all_reduce_inplace(
                 b.recv(own, at(&c), Combine::Copy);
             }
         }
+    }
+}
+
+/// Appends phase 2 alone for `rank`: for each shard it owns (byte ranges `ranges` of
+/// the whole buffer), a ring all-reduce with the owners of the same shard on the other
+/// nodes, over the region `place(j, range)` says holds shard `j` here. With `place`
+/// the shard's own range of the buffer this is the middle of [`all_reduce_inplace`];
+/// the hierarchical device all-reduce places the shards this rank owns one after
+/// another in a pinned host buffer, having done phases 1 and 3 over CUDA IPC.
+pub fn inter_node(
+    b: &mut Builder,
+    nodes: &[Vec<usize>],
+    rank: usize,
+    ranges: &[Range<usize>],
+    elem: usize,
+    chunk_bytes: usize,
+    place: impl Fn(usize, &Range<usize>) -> Region,
+) {
+    let Some(k) = nodes.iter().position(|n| n.contains(&rank)) else {
+        return;
+    };
+    if nodes.len() <= 1 {
+        return;
+    }
+    for (j, r) in ranges.iter().enumerate() {
+        if owner(nodes, k, j) != rank {
+            continue;
+        }
+        let members: Vec<usize> = (0..nodes.len()).map(|kk| owner(nodes, kk, j)).collect();
+        let g = Group {
+            members: &members,
+            me: k,
+        };
+        // Across nodes (TCP): a wave keeps each link's queue full.
+        let count = (r.end - r.start) / elem;
+        ring::all_reduce_inplace(
+            b,
+            &g,
+            place(j, r),
+            count,
+            elem,
+            chunk_bytes,
+            RingOrder::Wave,
+        );
     }
 }
 
