@@ -125,6 +125,22 @@ impl DeviceHierPlan {
             .sum()
     }
 
+    /// Where bytes `packed` of `rank`'s packed host buffer live in the buffer:
+    /// `(byte in the buffer, byte in the packed buffer, bytes)`, one per shard the range
+    /// touches, in order. The device path stages and returns its packed buffer block
+    /// by block this way.
+    pub fn buffer_pieces(&self, rank: usize, packed: Range<usize>) -> Vec<(usize, usize, usize)> {
+        let e = self.elem;
+        self.packed(rank)
+            .into_iter()
+            .filter_map(|(_, r, at)| {
+                let (lo, hi) = (at * e, (at + r.end - r.start) * e);
+                let (a, b) = (packed.start.max(lo), packed.end.min(hi));
+                (a < b).then(|| (r.start * e + (a - lo), a, b - a))
+            })
+            .collect()
+    }
+
     /// Phase 2 of `rank`: the host path's inter-node rings
     /// ([`hierarchical::inter_node`]) over its packed host buffer (the output, of the
     /// plan's elements), in chunks of about `chunk_bytes`. Empty for a rank of a single
@@ -323,12 +339,16 @@ mod tests {
                     let call = Call::new(CollectiveOp::AllReduce, DataType::F32, count)
                         .with_redop(ReduceOp::Sum);
                     let mut seen = Seen::default();
-                    c.run_planned(
-                        call,
-                        sched,
-                        bytemuck::cast_slice_mut(&mut p),
-                        Some(&mut seen),
-                    )
+                    // SAFETY: `p` is this thread's alone until the call returns.
+                    unsafe {
+                        c.run_planned(
+                            call,
+                            sched,
+                            p.as_mut_ptr().cast(),
+                            p.len() * 4,
+                            Some(&mut seen),
+                        )
+                    }
                     .unwrap();
                     (p, seen)
                 });
@@ -404,6 +424,40 @@ mod tests {
             .iter()
             .map(|r| bytemuck::pod_collect_to_vec(&r.output))
             .collect()
+    }
+
+    #[test]
+    fn packed_blocks_map_onto_the_owned_shards_exactly() {
+        let plan = DeviceHierPlan::new(&shape(&[3, 2, 1]), 6001, 4);
+        // Rank 3 owns shards 0, 2, 4 (1001, 1000, 1000 elements).
+        assert_eq!(plan.packed_len(3), 3001);
+        assert_eq!(
+            plan.buffer_pieces(3, 3000..8000),
+            vec![(3000, 3000, 1004), (8004, 4004, 3996)]
+        );
+        for rank in 0..6 {
+            let bytes = plan.packed_len(rank) * 4;
+            let mut covered = vec![0u8; 6001 * 4];
+            let mut next = 0;
+            for b in (0..bytes).step_by(1024) {
+                for (at, from, len) in plan.buffer_pieces(rank, b..(b + 1024).min(bytes)) {
+                    assert_eq!(from, next, "rank {rank}");
+                    next += len;
+                    covered[at..at + len].iter_mut().for_each(|c| *c += 1);
+                }
+            }
+            assert_eq!(next, bytes, "rank {rank}");
+            let want: Vec<u8> = (0..6001 * 4)
+                .map(|i| {
+                    u8::from(
+                        plan.owned(rank)
+                            .iter()
+                            .any(|&j| plan.shards[j].contains(&(i / 4))),
+                    )
+                })
+                .collect();
+            assert_eq!(covered, want, "rank {rank}");
+        }
     }
 
     #[test]

@@ -770,8 +770,8 @@ impl Communicator {
         Ok((work, tx_guard))
     }
 
-    /// Runs `sched`, this rank's part of a collective its caller planned, over `buf`
-    /// (its output, and its input), as call `call`: every rank must run one with the
+    /// Runs `sched`, this rank's part of a collective its caller planned, over the `len`
+    /// bytes at `buf` (its output, and its input), as call `call`: every rank must run one with the
     /// same call at the same point of its sequence, ranks with nothing to move too
     /// (an empty schedule), so the numbering stays the same everywhere. `passes` run on
     /// each block of `buf` as the executor first and last touches it. Blocks until it
@@ -781,15 +781,21 @@ impl Communicator {
     /// ([`crate::algorithm::hierarchical::inter_node`] over the shards this rank owns,
     /// packed in pinned host memory): the ring between the owners of one shard on each
     /// node is a part of one collective of the whole world, not a group of its own.
+    ///
+    /// # Safety
+    /// `buf` must address `len` bytes that nothing but this call and its passes reads or
+    /// writes until it returns (the passes may move a block in or out only in their
+    /// `before` and `after` of that block).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn run_planned(
+    pub(crate) unsafe fn run_planned(
         &self,
         call: Call,
         sched: Arc<Schedule>,
-        buf: &mut [u8],
+        buf: *mut u8,
+        len: usize,
         passes: Option<&mut dyn BlockPasses>,
     ) -> Result<()> {
-        let out: RawOut = (buf.as_mut_ptr(), buf.len());
+        let out: RawOut = (buf, len);
         let tx_guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if tx_guard.is_none() {
             return Err(Error::Broken("communicator was shut down".into()));
