@@ -28,7 +28,7 @@
 //! all-reduce across pretend hosts of which one holds two ranks runs hierarchically
 //! (`staged-hier` in the timing lines; `--path staged` keeps it flat): then a further
 //! check requires the bytes each rank moved over each link class in an all-reduce of
-//! the largest count to be the plan's (PCIe at most 1/L of the buffer + 5 % each way,
+//! the largest count (of `--counts` and `--time`) to be the plan's (PCIe at most 1/L of the buffer + 5 % each way,
 //! L the ranks of its host), and every rank prints them.
 //!
 //! `--die-after SECS` makes the last rank abort its process that long after start, in
@@ -557,7 +557,9 @@ fn run(args: &Args) -> Res<bool> {
     let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
     ck.determinism(largest)?;
     if matches!(ck.dc.across_hosts(), DeviceAcrossHosts::Hierarchical { .. }) {
-        ck.link_bytes(largest)?;
+        // The largest message of the run, timed ones included.
+        let most = args.time.iter().flatten().fold(largest, |m, &c| m.max(c));
+        ck.link_bytes(most)?;
     }
     if n > 1 {
         ck.refusals()?;
