@@ -337,7 +337,8 @@ mod gpu {
         // 2 hosts x 2 ranks, all on this GPU: IPC inside each pretend host, each rank's
         // half of the buffer through pinned memory and the host links. Every dtype and
         // op at awkward counts, #wrong = 0, and each rank's PCIe bytes within 1/2 of the
-        // buffer + 5 % (the extra check).
+        // buffer + 5 % (an extra check); with the host collectives hierarchical too,
+        // the random sums must have the host path's bits (another).
         let out = run(
             4,
             &[
@@ -348,9 +349,15 @@ mod gpu {
                 "--time",
                 "1048579",
             ],
-            &[],
+            &[("HETCCL_ALGO", "hier")],
         );
-        assert_passed(&out, 4, "staged", 203, "hierarchical 2 x 2");
+        assert_passed(&out, 4, "staged", 204, "hierarchical 2 x 2");
+        assert!(
+            out.output
+                .contains("determinism f32 sum 1048579: host hierarchical all_reduce's bits"),
+            "{}",
+            out.output
+        );
         assert_hierarchical(&out, 4, 1_048_579);
         // 1 MiB of scratch: 262144 f32 per window, so the largest count takes five
         // windows (each a hierarchical all-reduce of its own), the last one partial;

@@ -28,7 +28,9 @@
 //! all-reduce across pretend hosts of which one holds two ranks runs hierarchically
 //! (`staged-hier` in the timing lines; `--path staged` keeps it flat): then a further
 //! check requires the bytes each rank moved over each link class in an all-reduce of
-//! the largest count (of `--counts` and `--time`) to be the plan's (PCIe at most 1/L of the buffer + 5 % each way,
+//! the largest count (of `--counts` and `--time`) to be the plan's, and, when the host
+//! collectives are hierarchical too (`HETCCL_ALGO=hier`), the random sums to have the
+//! bits of the host communicator's hierarchical all-reduce (PCIe at most 1/L of the buffer + 5 % each way,
 //! L the ranks of its host), and every rank prints them.
 //!
 //! `--die-after SECS` makes the last rank abort its process that long after start, in
@@ -44,6 +46,7 @@ use std::time::Instant;
 use cudarc::driver::sys;
 use half::{bf16, f16};
 use hetccl::algorithm::device_hier::DeviceHierPlan;
+use hetccl::config::AlgoChoice;
 use hetccl::device::{
     self, CudaSlice, Device, DeviceAcrossHosts, DeviceComm, DevicePath, GpuElement, Stream,
 };
@@ -361,6 +364,23 @@ impl Check<'_> {
             format!("determinism f32 sum {count}: across ranks"),
             hashes.iter().filter(|h| **h != hashes[0]).count() as u64,
         ));
+
+        // Hierarchical across hosts, with the host collectives hierarchical too
+        // (HETCCL_ALGO=hier): the same shards, sums and rings, so the same bits.
+        let comm = self.dc.communicator().clone();
+        if matches!(
+            self.dc.across_hosts(),
+            DeviceAcrossHosts::Hierarchical { .. }
+        ) && comm.config().algo == AlgoChoice::Hier
+        {
+            let mut host = inputs(r);
+            comm.all_reduce(&mut host, ReduceOp::Sum)
+                .map_err(err("host hierarchical all_reduce"))?;
+            self.rows.push((
+                format!("determinism f32 sum {count}: host hierarchical all_reduce's bits"),
+                a.iter().zip(&bits(&host)).filter(|(x, y)| x != y).count() as u64,
+            ));
+        }
 
         if self.dc.path() == DevicePath::Ipc {
             let all: Vec<Vec<f32>> = (0..n).map(inputs).collect();
