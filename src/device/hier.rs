@@ -20,16 +20,21 @@
 //! divides (Avg sums, its division comes last, the same on every rank), and the ring
 //! sums with the call's reduction; every rank ends with the owner's bits of each shard.
 //!
-//! The bytes each call moved per link class are kept for [`DeviceComm::link_bytes`].
+//! A block's copy to the host runs behind phase 1's device fence; the host waits for it
+//! at most `HETCCL_TIMEOUT`, then releases the fence and names a host-mate that never
+//! reached it, as the IPC path's end of call does. The bytes each call moved per link
+//! class are kept for [`DeviceComm::link_bytes`].
 
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::comm::{copy_dtod, DeviceComm, Laps};
 use super::context::Stream;
 use super::driver::{self, at, call_failed, device_error, DeviceAddr, PinnedHost};
+use super::ipc::IpcScratch;
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
 use crate::algorithm::device_hier::{DeviceHierPlan, LinkBytes};
 use crate::algorithm::executor::BlockPasses;
@@ -68,6 +73,10 @@ impl HierStage {
 /// done with it. They may run on the communicator's progress thread.
 struct Passes<'a> {
     ctx: &'a Arc<CudaContext>,
+    /// To name the host-mate a copy waits for, past `timeout`.
+    ipc: &'a IpcScratch,
+    timeout: Duration,
+    seq: u64,
     stream: &'a CudaStream,
     events: &'a [CudaEvent],
     host: *mut u8,
@@ -86,9 +95,20 @@ impl BlockPasses for Passes<'_> {
         self.ctx
             .bind_to_thread()
             .map_err(device_error("bind context"))?;
-        self.events[range.start / BLOCK]
-            .synchronize()
-            .map_err(device_error("wait for a copy to host"))
+        // The copy waits behind the device fence of phase 1: a host-mate that never
+        // reaches it must not hold this rank forever.
+        let event = &self.events[range.start / BLOCK];
+        let start = Instant::now();
+        while !event
+            .try_is_complete()
+            .map_err(device_error("wait for a copy to host"))?
+        {
+            if start.elapsed() >= self.timeout {
+                return Err(self.stuck());
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Ok(())
     }
 
     // The driver acts on the calling thread's context, and the passes may run on the
@@ -113,6 +133,35 @@ impl BlockPasses for Passes<'_> {
             self.host_to_device += len;
         }
         Ok(())
+    }
+}
+
+impl Passes<'_> {
+    /// The error for a copy to the host that did not run within the timeout; releases
+    /// the stream's fence waits first, so it can drain.
+    fn stuck(&self) -> Error {
+        let (rank, after) = (self.ipc.rank, self.timeout);
+        match self.ipc.release() {
+            Err(e) => e,
+            Ok(behind) => match behind.first() {
+                Some(&peer) => Error::Timeout {
+                    rank,
+                    peer,
+                    op: CollectiveOp::AllReduce,
+                    seq: self.seq,
+                    after,
+                    what: "to reach the same device fence",
+                    note: String::new(),
+                },
+                None => Error::Device {
+                    op: format!("all_reduce #{} on the device", self.seq),
+                    detail: format!(
+                        "a copy to the host did not run within {after:?}, although every \
+                         host-mate passed the last device fence"
+                    ),
+                },
+            },
+        }
     }
 }
 
@@ -277,8 +326,14 @@ impl DeviceComm {
             })
             .sum();
         let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, len).with_redop(ring_op);
+        let Some(ipc) = self.ipc.as_ref() else {
+            return Err(Error::invalid("DeviceComm", "IPC scratch missing"));
+        };
         let mut passes = Passes {
             ctx: &self.ctx,
+            ipc,
+            timeout: self.comm.config().timeout,
+            seq: self.seq.saturating_sub(1),
             stream: stream.cuda(),
             events: &stage.events,
             host,

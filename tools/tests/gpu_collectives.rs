@@ -402,6 +402,56 @@ mod gpu {
         assert!(out.output.contains("on 4 ranks (staged)"), "{}", out.output);
     }
 
+    /// Rank 3 of 4 (2 pretend hosts x 2) aborts while all run 64 MiB hierarchical
+    /// all-reduces: its host-mate, whose copies to the host wait behind a device fence
+    /// that rank 3 never reaches, or whose network ring waits for it, must fail naming
+    /// it, and no rank may hang.
+    #[test]
+    fn a_dead_host_mate_is_named_on_the_hierarchical_path() {
+        if no_gpu() {
+            return;
+        }
+        let children = spawn_ranks(
+            4,
+            check_bin().to_str().expect("utf-8 path"),
+            &[
+                "--pretend-nodes",
+                "2",
+                "--counts",
+                "1",
+                "--time",
+                "16777216",
+                "--iters",
+                "100000",
+                "--die-after",
+                "4",
+            ],
+            &[("HETCCL_TIMEOUT", "5")],
+            |_| vec![],
+        );
+        let outs = collect(children, Duration::from_secs(60));
+        for (r, o) in outs.iter().enumerate() {
+            println!("rank {r}, {:?}:\n{}", o.elapsed, o.output);
+            assert!(!o.hung, "rank {r} hung:\n{}", o.output);
+        }
+        assert!(
+            outs[3].output.contains("rank 3: aborting on purpose"),
+            "{}",
+            outs[3].output
+        );
+        let o = &outs[2];
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            o.output.contains("peer 3 is gone") || o.output.contains("waiting for peer 3"),
+            "{}",
+            o.output
+        );
+        for o in &outs[..3] {
+            assert_eq!(o.code, Some(1), "{}", o.output);
+            assert!(o.elapsed < Duration::from_secs(25), "{:?}", o.elapsed);
+        }
+    }
+
     #[test]
     fn ipc_refuses_ranks_on_other_hosts() {
         if no_gpu() {
