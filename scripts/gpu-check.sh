@@ -2,8 +2,9 @@
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
 # binary, the device-collective check under the launcher with 2 and 4 ranks, a timed
-# sweep of the device all-reduce over both paths, then hetccl-kernel-bench) and prints a
-# short table last.
+# sweep of the device all-reduce over both paths, the hierarchical device all-reduce
+# against the flat staged one on 2 pretend hosts x 2 ranks, then hetccl-kernel-bench) and
+# prints a short table last.
 #
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
@@ -125,6 +126,30 @@ for sweep in "${SWEEPS[@]}"; do
     rows+=("$(printf '%-28s rc=%-3s %s' "sweep $label n=2" "$rc" "${settings:-defaults}")")
 done
 
+# Hierarchical against flat staged across hosts: 4 ranks on 2 pretend hosts
+# (HETCCL_NODE_ID; all share this host's GPUs), a 64 MiB f32 all-reduce, median of 5.
+# The links between the pretend hosts are this host's (loopback), not rate-limited: the
+# launcher's ranks share one network namespace, so the 1 Gbit/s targets are not
+# measured here.
+HIERS=(
+    "hier-2x2 auto"
+    "flat-2x2 staged"
+)
+for h in "${HIERS[@]}"; do
+    read -r label path <<<"$h"
+    env HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n 4 -- \
+        "$BIN/hetccl-gpu-check" --path "$path" --pretend-nodes 2 --counts 8 --time 16777216 \
+        --iters 5 >"$LOG/$label.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    result=$(grep -m1 '^\[rank 0\] rank 0/[0-9]*: [0-9]* checks passed' "$LOG/$label.log" | sed 's/^\[rank 0\] //')
+    rows+=("$(printf '%-28s rc=%-3s %s' "$label n=4 (2 pretend hosts)" "$rc" "${result:-no result line}")")
+    if [ $rc -ne 0 ]; then
+        echo "---- $label failed; last lines:"
+        tail -n 30 "$LOG/$label.log"
+    fi
+done
+
 timeout "$STEP" "$BIN/hetccl-kernel-bench" "${BENCH_ARGS[@]}" >"$LOG/kernel-bench.log" 2>&1
 brc=$?
 grep -v '^SUMMARY' "$LOG/kernel-bench.log"
@@ -141,6 +166,19 @@ for sweep in "${SWEEPS[@]}"; do
         "$LOG/sweep-$label.log" | sed 's/[(),:]/ /g' |
         awk -v l="$label" '{printf "%-17s %-15s %5s %10s %12s %10s\n", l, $1, $7, $4, $10, $NF}'
 done
+for h in "${HIERS[@]}"; do
+    read -r label _ <<<"$h"
+    grep -o 'all_reduce f32 sum [0-9]* elements on [0-9]* ranks ([a-z-]*): [0-9.]* us.*busbw [0-9.]*' \
+        "$LOG/$label.log" | sed 's/[(),:]/ /g' |
+        awk -v l="$label" '{printf "%-17s %-15s %5s %10s %12s %10s\n", l, $1, $7, $4, $10, $NF}'
+done
+us() { grep -o -m1 'all_reduce f32 sum 16777216 elements on 4 ranks ([a-z-]*): [0-9.]* us' "$LOG/$1.log" | grep -o '[0-9.]* us$' | cut -d' ' -f1; }
+hier_us=$(us hier-2x2)
+flat_us=$(us flat-2x2)
+if [ -n "$hier_us" ] && [ -n "$flat_us" ]; then
+    awk -v h="$hier_us" -v f="$flat_us" 'BEGIN { printf "64 MiB across 2 pretend hosts, unlimited links: flat/hier = %.2fx (target >= 1.3x)\n", f / h }'
+fi
+grep -h -o -m1 'rank 0: hierarchical all_reduce of .*' "$LOG/hier-2x2.log" 2>/dev/null
 if [ $brc -eq 0 ]; then
     printf '%-34s %6s %9s %9s\n' kernel MiB GB/s %memcpy
     grep '^SUMMARY ' "$LOG/kernel-bench.log" | tail -n +2 | while read -r _ k mib gbs pct; do

@@ -28,7 +28,8 @@
 
 use std::ops::Range;
 
-use super::hierarchical::{owner, shard_count, shard_ranges};
+use super::hierarchical::{self, owner, shard_count, shard_ranges};
+use super::schedule::{BufId, Builder, Region, Schedule};
 
 /// Bytes one rank moves in one hierarchical device all-reduce, by link class.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,6 +101,74 @@ impl DeviceHierPlan {
             .collect()
     }
 
+    /// The shards `rank` owns as phase 2 holds them in host memory, one after another
+    /// in shard order: `(shard, its elements in the buffer, its first element in the
+    /// packed host buffer)`.
+    pub fn packed(&self, rank: usize) -> Vec<(usize, Range<usize>, usize)> {
+        let mut at = 0;
+        self.owned(rank)
+            .into_iter()
+            .map(|j| {
+                let r = self.shards[j].clone();
+                let here = at;
+                at += r.end - r.start;
+                (j, r, here)
+            })
+            .collect()
+    }
+
+    /// Elements of the packed host buffer of `rank` ([`DeviceHierPlan::packed`]).
+    pub fn packed_len(&self, rank: usize) -> usize {
+        self.owned(rank)
+            .into_iter()
+            .map(|j| self.shards[j].end - self.shards[j].start)
+            .sum()
+    }
+
+    /// Where bytes `packed` of `rank`'s packed host buffer live in the buffer:
+    /// `(byte in the buffer, byte in the packed buffer, bytes)`, one per shard the range
+    /// touches, in order. The device path stages and returns its packed buffer block
+    /// by block this way.
+    pub fn buffer_pieces(&self, rank: usize, packed: Range<usize>) -> Vec<(usize, usize, usize)> {
+        let e = self.elem;
+        self.packed(rank)
+            .into_iter()
+            .filter_map(|(_, r, at)| {
+                let (lo, hi) = (at * e, (at + r.end - r.start) * e);
+                let (a, b) = (packed.start.max(lo), packed.end.min(hi));
+                (a < b).then(|| (r.start * e + (a - lo), a, b - a))
+            })
+            .collect()
+    }
+
+    /// Phase 2 of `rank`: the host path's inter-node rings
+    /// ([`hierarchical::inter_node`]) over its packed host buffer (the output, of the
+    /// plan's elements), in chunks of about `chunk_bytes`. Empty for a rank of a single
+    /// host.
+    pub fn inter_host_schedule(&self, rank: usize, chunk_bytes: usize) -> Schedule {
+        let wire = self.elem;
+        let mut b = Builder::new("device-hier inter-host");
+        let ranges: Vec<Range<usize>> = self
+            .shards
+            .iter()
+            .map(|r| r.start * wire..r.end * wire)
+            .collect();
+        let packed = self.packed(rank);
+        hierarchical::inter_node(
+            &mut b,
+            &self.nodes,
+            rank,
+            &ranges,
+            wire,
+            chunk_bytes,
+            |j, r| {
+                let at = packed.iter().find(|p| p.0 == j).map_or(0, |p| p.2 * wire);
+                Region::new(BufId::Output, at..at + (r.end - r.start))
+            },
+        );
+        b.build()
+    }
+
     /// What `rank` moves over each link class; `wire` bytes per element on the host
     /// links and through pinned memory (`elem` uncompressed, 2 for fp16/bf16).
     pub fn link_bytes(&self, rank: usize, wire: usize) -> LinkBytes {
@@ -130,11 +199,7 @@ impl DeviceHierPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::algorithm::hierarchical;
-    use crate::algorithm::ring::{self, RingOrder};
-    use crate::algorithm::schedule::{self, BufId, Builder, Region};
     use crate::algorithm::sim::{run, SimRank};
-    use crate::algorithm::Group;
     use crate::dtype::{DataType, ReduceOp};
 
     const CHUNK: usize = 256;
@@ -167,6 +232,34 @@ mod tests {
     /// among the owners run in the simulator, phase 3 as the IPC reads copy.
     fn device_twin(plan: &DeviceHierPlan, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
         let n = inputs.len();
+        let mut bufs = phase1(plan, inputs);
+        if plan.nodes.len() > 1 {
+            // Phase 2 on each rank's packed host buffer, as the device path stages it.
+            let scheds: Vec<_> = (0..n)
+                .map(|rank| plan.inter_host_schedule(rank, CHUNK))
+                .collect();
+            let mut ranks: Vec<SimRank> = (0..n)
+                .map(|rank| SimRank {
+                    output: to_bytes(&pack(plan, rank, &bufs[rank])),
+                    ..Default::default()
+                })
+                .collect();
+            run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
+            for (rank, r) in ranks.iter().enumerate() {
+                unpack(
+                    plan,
+                    rank,
+                    &bytemuck::pod_collect_to_vec(&r.output),
+                    &mut bufs[rank],
+                );
+            }
+        }
+        phase3(plan, &mut bufs);
+        bufs
+    }
+
+    /// Phase 1 as the IPC reduce does it: the owner's shard plus each source's, in order.
+    fn phase1(plan: &DeviceHierPlan, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
         let mut bufs = inputs.to_vec();
         for (k, _) in plan.nodes.iter().enumerate() {
             for (j, r) in plan.shards.iter().enumerate() {
@@ -178,48 +271,12 @@ mod tests {
                 }
             }
         }
-        if plan.nodes.len() > 1 {
-            let count = inputs.first().map_or(0, |v| v.len());
-            let scheds: Vec<_> = (0..n)
-                .map(|rank| {
-                    let mut b = Builder::new("device-hier inter-host");
-                    let buf = Region::new(BufId::Output, 0..count * 4);
-                    for j in plan.owned(rank) {
-                        let members = plan.inter_host_ring(j);
-                        let me = members.iter().position(|&m| m == rank).unwrap();
-                        let r = &plan.shards[j];
-                        let g = Group {
-                            members: &members,
-                            me,
-                        };
-                        let region = schedule::at(buf, &(r.start * 4..r.end * 4));
-                        ring::all_reduce_inplace(
-                            &mut b,
-                            &g,
-                            region,
-                            r.end - r.start,
-                            4,
-                            CHUNK,
-                            RingOrder::Wave,
-                        );
-                    }
-                    b.build()
-                })
-                .collect();
-            let mut ranks: Vec<SimRank> = bufs
-                .iter()
-                .map(|v| SimRank {
-                    output: to_bytes(v),
-                    ..Default::default()
-                })
-                .collect();
-            run(&scheds, &mut ranks, DataType::F32, ReduceOp::Sum).unwrap();
-            bufs = ranks
-                .iter()
-                .map(|r| bytemuck::pod_collect_to_vec(&r.output))
-                .collect();
-        }
-        let finished = bufs.clone();
+        bufs
+    }
+
+    /// Phase 3 as the IPC reads copy: every host-mate takes each shard from its owner.
+    fn phase3(plan: &DeviceHierPlan, bufs: &mut [Vec<f32>]) {
+        let finished = bufs.to_vec();
         for (k, host) in plan.nodes.iter().enumerate() {
             for (j, r) in plan.shards.iter().enumerate() {
                 let own = owner(&plan.nodes, k, j);
@@ -228,7 +285,120 @@ mod tests {
                 }
             }
         }
-        bufs
+    }
+
+    /// Records the byte ranges the executor hands to the passes, in order.
+    #[derive(Default)]
+    struct Seen {
+        events: Vec<(bool, Range<usize>)>,
+    }
+
+    impl crate::algorithm::executor::BlockPasses for Seen {
+        fn block_bytes(&self) -> usize {
+            1024
+        }
+        fn before(&mut self, r: Range<usize>) -> crate::Result<()> {
+            self.events.push((true, r));
+            Ok(())
+        }
+        fn after(&mut self, r: Range<usize>) -> crate::Result<()> {
+            self.events.push((false, r));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_inter_node_phase_alone_on_packed_shards_is_the_host_all_reduces_middle() {
+        use crate::algorithm::Call;
+        use crate::communicator::testing::{on_all, world};
+        use crate::config::{AlgoChoice, Config};
+        use crate::dtype::CollectiveOp;
+        use std::sync::Arc;
+
+        for (n, per) in [(4, 2), (6, 2), (6, 3), (3, 1)] {
+            let cfg = Config {
+                algo: AlgoChoice::Hier,
+                timeout: std::time::Duration::from_secs(20),
+                ..Config::default()
+            };
+            let comms = world(n, per, cfg);
+            let nodes = comms[0].topology().nodes.clone();
+            for count in [1usize, 1000, 70_001] {
+                let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, count)).collect();
+                let want = on_all(&comms, |c| {
+                    let mut v = inputs[c.rank()].clone();
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    v
+                });
+                let plan = DeviceHierPlan::new(&nodes, count, 4);
+                let staged = phase1(&plan, &inputs);
+                let out = on_all(&comms, |c| {
+                    let r = c.rank();
+                    let mut p = pack(&plan, r, &staged[r]);
+                    let sched = Arc::new(plan.inter_host_schedule(r, c.config().chunk_bytes));
+                    let call = Call::new(CollectiveOp::AllReduce, DataType::F32, count)
+                        .with_redop(ReduceOp::Sum);
+                    let mut seen = Seen::default();
+                    // SAFETY: `p` is this thread's alone until the call returns.
+                    unsafe {
+                        c.run_planned(
+                            call,
+                            sched,
+                            p.as_mut_ptr().cast(),
+                            p.len() * 4,
+                            Some(&mut seen),
+                        )
+                    }
+                    .unwrap();
+                    (p, seen)
+                });
+                let mut bufs = staged.clone();
+                for (r, (p, seen)) in out.iter().enumerate() {
+                    unpack(&plan, r, p, &mut bufs[r]);
+                    // Every block of the packed buffer: prepared once, before it is
+                    // finished once.
+                    let bytes = p.len() * 4;
+                    let blocks = bytes.div_ceil(1024);
+                    for b in 0..blocks {
+                        let range = b * 1024..((b + 1) * 1024).min(bytes);
+                        let at = |kind| {
+                            let hits: Vec<usize> = (0..seen.events.len())
+                                .filter(|&i| seen.events[i] == (kind, range.clone()))
+                                .collect();
+                            assert_eq!(hits.len(), 1, "n={n} rank {r} block {b}");
+                            hits[0]
+                        };
+                        assert!(at(true) < at(false), "n={n} rank {r} block {b}");
+                    }
+                    assert_eq!(seen.events.len(), 2 * blocks, "n={n} rank {r}");
+                }
+                phase3(&plan, &mut bufs);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for r in 0..n {
+                    assert_eq!(
+                        bits(&bufs[r]),
+                        bits(&want[r]),
+                        "n={n}/{per} count={count} rank {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The shards `rank` owns, one after another.
+    fn pack(plan: &DeviceHierPlan, rank: usize, buf: &[f32]) -> Vec<f32> {
+        let mut v = vec![0.0; plan.packed_len(rank)];
+        for (_, r, at) in plan.packed(rank) {
+            v[at..at + r.len()].copy_from_slice(&buf[r]);
+        }
+        v
+    }
+
+    fn unpack(plan: &DeviceHierPlan, rank: usize, packed: &[f32], buf: &mut [f32]) {
+        for (_, r, at) in plan.packed(rank) {
+            let len = r.len();
+            buf[r].copy_from_slice(&packed[at..at + len]);
+        }
     }
 
     /// The host path's hierarchical all-reduce of the same inputs, in the simulator.
@@ -254,6 +424,40 @@ mod tests {
             .iter()
             .map(|r| bytemuck::pod_collect_to_vec(&r.output))
             .collect()
+    }
+
+    #[test]
+    fn packed_blocks_map_onto_the_owned_shards_exactly() {
+        let plan = DeviceHierPlan::new(&shape(&[3, 2, 1]), 6001, 4);
+        // Rank 3 owns shards 0, 2, 4 (1001, 1000, 1000 elements).
+        assert_eq!(plan.packed_len(3), 3001);
+        assert_eq!(
+            plan.buffer_pieces(3, 3000..8000),
+            vec![(3000, 3000, 1004), (8004, 4004, 3996)]
+        );
+        for rank in 0..6 {
+            let bytes = plan.packed_len(rank) * 4;
+            let mut covered = vec![0u8; 6001 * 4];
+            let mut next = 0;
+            for b in (0..bytes).step_by(1024) {
+                for (at, from, len) in plan.buffer_pieces(rank, b..(b + 1024).min(bytes)) {
+                    assert_eq!(from, next, "rank {rank}");
+                    next += len;
+                    covered[at..at + len].iter_mut().for_each(|c| *c += 1);
+                }
+            }
+            assert_eq!(next, bytes, "rank {rank}");
+            let want: Vec<u8> = (0..6001 * 4)
+                .map(|i| {
+                    u8::from(
+                        plan.owned(rank)
+                            .iter()
+                            .any(|&j| plan.shards[j].contains(&(i / 4))),
+                    )
+                })
+                .collect();
+            assert_eq!(covered, want, "rank {rank}");
+        }
     }
 
     #[test]

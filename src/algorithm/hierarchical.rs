@@ -125,23 +125,7 @@ pub fn all_reduce_inplace(
 
     // 2. Across nodes, the owners of each shard run a ring all-reduce.
     b.phase(Phase::InterAllReduce);
-    if nodes.len() > 1 {
-        for (j, r) in ranges.iter().enumerate() {
-            if owner(nodes, k, j) != rank {
-                continue;
-            }
-            let members: Vec<usize> = (0..nodes.len()).map(|kk| owner(nodes, kk, j)).collect();
-            let g = Group {
-                members: &members,
-                me: k,
-            };
-            // Across nodes (TCP): a wave keeps each link's queue full.
-            let count = (r.end - r.start) / elem;
-            b.hold_phase(Phase::InterAllReduce, |b| {
-                ring::all_reduce_inplace(b, &g, at(r), count, elem, chunk_bytes, RingOrder::Wave)
-            });
-        }
-    }
+    inter_node(b, nodes, rank, &ranges, elem, chunk_bytes, |_, r| at(r));
 
     // 3. Inside the node, owners hand the finished shards to their node-mates.
     b.phase(Phase::IntraAllGather);
@@ -158,6 +142,45 @@ pub fn all_reduce_inplace(
         }
     }
     b.phase(Phase::Unnamed);
+}
+
+/// Appends phase 2 alone for `rank`: for each shard it owns (byte ranges `ranges` of
+/// the whole buffer), a ring all-reduce with the owners of the same shard on the other
+/// nodes, over the region `place(j, range)` says holds shard `j` here. With `place`
+/// the shard's own range of the buffer this is the middle of [`all_reduce_inplace`];
+/// the hierarchical device all-reduce places the shards this rank owns one after
+/// another in a pinned host buffer, having done phases 1 and 3 over CUDA IPC.
+pub fn inter_node(
+    b: &mut Builder,
+    nodes: &[Vec<usize>],
+    rank: usize,
+    ranges: &[Range<usize>],
+    elem: usize,
+    chunk_bytes: usize,
+    place: impl Fn(usize, &Range<usize>) -> Region,
+) {
+    let Some(k) = nodes.iter().position(|n| n.contains(&rank)) else {
+        return;
+    };
+    if nodes.len() <= 1 {
+        return;
+    }
+    for (j, r) in ranges.iter().enumerate() {
+        if owner(nodes, k, j) != rank {
+            continue;
+        }
+        let members: Vec<usize> = (0..nodes.len()).map(|kk| owner(nodes, kk, j)).collect();
+        let g = Group {
+            members: &members,
+            me: k,
+        };
+        // Across nodes (TCP): a wave keeps each link's queue full.
+        let count = (r.end - r.start) / elem;
+        let region = place(j, r);
+        b.hold_phase(Phase::InterAllReduce, |b| {
+            ring::all_reduce_inplace(b, &g, region, count, elem, chunk_bytes, RingOrder::Wave)
+        });
+    }
 }
 
 /// Bytes each node sends across the network in one hierarchical all-reduce of `bytes`

@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::algorithm::executor::{self, Buffers, ExecCtx, Job, Wire};
+use crate::algorithm::executor::{self, BlockPasses, Buffers, ExecCtx, Job, Wire};
 use crate::algorithm::select::{self, Facts, Path};
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
@@ -175,6 +175,9 @@ struct Work {
     compress: Option<CompressJob>,
     /// The engine that runs it, as the metrics and the trace name it.
     path: &'static str,
+    /// Passes around the output's blocks of a call planned by its caller
+    /// ([`Communicator::run_planned`]); borrowed until `done`, as the buffers are.
+    passes: Option<*mut (dyn BlockPasses + 'static)>,
 }
 
 /// What a compressed all-reduce needs besides its schedule.
@@ -324,14 +327,23 @@ impl Progress {
                 if w.ctx.op != CollectiveOp::SendRecv {
                     self.shared.note_link_op(w.ctx.seq);
                 }
-                match w.compress.take() {
-                    None => executor::execute(
+                match (w.compress.take(), w.passes) {
+                    (None, None) => executor::execute(
                         &mut self.links,
                         Job::new(&sched, &w.bufs, &w.ctx)
                             .cancel(&self.abort)
                             .phase_ends(&mut phase_end),
                     ),
-                    Some(job) => {
+                    (None, Some(passes)) => executor::execute(
+                        &mut self.links,
+                        Job::new(&sched, &w.bufs, &w.ctx)
+                            // SAFETY: `run_planned`'s caller keeps the passes borrowed
+                            // until this work is done, and only this thread uses them.
+                            .passes(unsafe { &mut *passes })
+                            .cancel(&self.abort)
+                            .phase_ends(&mut phase_end),
+                    ),
+                    (Some(job), _) => {
                         let r = self.execute_compressed(w, &sched, &job, &mut phase_end);
                         w.compress = Some(job);
                         r
@@ -762,7 +774,16 @@ impl Communicator {
         output: RawOut,
         compress: Option<(CompressMode, *mut Compressor, u64)>,
     ) -> Result<OverflowStats> {
-        let (mut work, tx_guard) = self.make_work(call, input, output, compress)?;
+        let (work, tx_guard) = self.make_work(call, input, output, compress)?;
+        self.dispatch(work, tx_guard)
+    }
+
+    /// [`Communicator::run_now`] of work already made.
+    fn dispatch(
+        &self,
+        mut work: Work,
+        tx_guard: MutexGuard<'_, Option<mpsc::Sender<Work>>>,
+    ) -> Result<OverflowStats> {
         if self.inflight.load(Ordering::Acquire) == 0 {
             // Take the progress lock before letting other submitters in, so anything
             // queued after this call also runs after it.
@@ -841,16 +862,7 @@ impl Communicator {
             return Err(Error::Broken("communicator was shut down".into()));
         }
         // Sequence numbers are taken under the queue lock so queue order = seq order.
-        let seq = if call.op == CollectiveOp::SendRecv {
-            let ctr = if call.is_send {
-                &self.p2p_send_seq[call.root]
-            } else {
-                &self.p2p_recv_seq[call.root]
-            };
-            ctr.fetch_add(1, Ordering::Relaxed)
-        } else {
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        };
+        let seq = self.next_seq(&call);
         let work = Work {
             sched,
             direct,
@@ -862,23 +874,102 @@ impl Communicator {
                 scratch: std::ptr::null_mut(),
                 scratch_len: 0,
             },
-            ctx: ExecCtx {
-                rank: self.rank,
-                world_size: self.world_size,
-                seq,
-                op: call.op,
-                dtype: call.dtype,
-                redop,
-                count: call.count as u64,
-                timeout: self.cfg.timeout,
-                stream_copies: output.1 >= self.cfg.stream_min_bytes,
-                spin_polls: self.spin_polls,
-            },
+            ctx: self.exec_ctx(&call, seq, redop, output.1),
             done: None,
             compress,
             path: engine,
+            passes: None,
         };
         Ok((work, tx_guard))
+    }
+
+    /// Runs `sched`, this rank's part of a collective its caller planned, over the `len`
+    /// bytes at `buf` (its output, and its input), as call `call`: every rank must run one with the
+    /// same call at the same point of its sequence, ranks with nothing to move too
+    /// (an empty schedule), so the numbering stays the same everywhere. `passes` run on
+    /// each block of `buf` as the executor first and last touches it. Blocks until it
+    /// is done.
+    ///
+    /// The hierarchical device all-reduce runs its inter-host phase this way
+    /// ([`crate::algorithm::hierarchical::inter_node`] over the shards this rank owns,
+    /// packed in pinned host memory): the ring between the owners of one shard on each
+    /// node is a part of one collective of the whole world, not a group of its own.
+    ///
+    /// # Safety
+    /// `buf` must address `len` bytes that nothing but this call and its passes reads or
+    /// writes until it returns (the passes may move a block in or out only in their
+    /// `before` and `after` of that block).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) unsafe fn run_planned(
+        &self,
+        call: Call,
+        sched: Arc<Schedule>,
+        buf: *mut u8,
+        len: usize,
+        passes: Option<&mut dyn BlockPasses>,
+    ) -> Result<()> {
+        let out: RawOut = (buf, len);
+        let tx_guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if tx_guard.is_none() {
+            return Err(Error::Broken("communicator was shut down".into()));
+        }
+        let seq = self.next_seq(&call);
+        let passes = passes.map(|p| {
+            // SAFETY: only the lifetime is erased; this call blocks until the work is
+            // done (inline, or waited for), so the passes outlive every use.
+            unsafe {
+                std::mem::transmute::<&mut dyn BlockPasses, *mut (dyn BlockPasses + 'static)>(p)
+            }
+        });
+        let work = Work {
+            sched: Some(sched),
+            direct: None,
+            bufs: Buffers {
+                input: out.0,
+                input_len: out.1,
+                output: out.0,
+                output_len: out.1,
+                scratch: std::ptr::null_mut(),
+                scratch_len: 0,
+            },
+            ctx: self.exec_ctx(&call, seq, call.redop, out.1),
+            done: None,
+            compress: None,
+            path: "planned links",
+            passes,
+        };
+        self.dispatch(work, tx_guard).map(|_| ())
+    }
+
+    /// The next sequence number of `call`'s kind; under the queue lock.
+    fn next_seq(&self, call: &Call) -> u64 {
+        if call.op == CollectiveOp::SendRecv {
+            let ctr = if call.is_send {
+                &self.p2p_send_seq[call.root]
+            } else {
+                &self.p2p_recv_seq[call.root]
+            };
+            ctr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        }
+    }
+
+    /// The executor's context of call `call`, number `seq`, over an output of
+    /// `out_bytes`.
+    fn exec_ctx(&self, call: &Call, seq: u64, redop: ReduceOp, out_bytes: usize) -> ExecCtx {
+        ExecCtx {
+            rank: self.rank,
+            world_size: self.world_size,
+            seq,
+            op: call.op,
+            dtype: call.dtype,
+            redop,
+            count: call.count as u64,
+            timeout: self.cfg.timeout,
+            stream_copies: out_bytes >= self.cfg.stream_min_bytes,
+            spin_polls: self.spin_polls,
+        }
     }
 
     /// The compression plan of `call`, which the selection compresses under `mode`: the

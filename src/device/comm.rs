@@ -16,6 +16,10 @@
 //! - **Staged** (ranks on several hosts, or asked for, `staged.rs`): the data passes
 //!   piece by piece through two pinned host buffers and the host communicator's
 //!   collectives, copies of the next piece overlapping the host's work on this one.
+//!   An all-reduce across hosts of which one holds two or more ranks runs
+//!   hierarchically instead (`hier.rs`, unless [`DevicePath::Staged`] was asked for):
+//!   CUDA IPC inside each host, only each rank's shard through pinned memory and the
+//!   host links. [`DeviceComm::link_bytes`] says what a call moved over each link class.
 //!
 //! This file holds what every call does whatever the path: the checks of its arguments,
 //! the agreement below, and the guard that breaks the `DeviceComm` on a failure.
@@ -38,11 +42,13 @@ use cudarc::driver::{CudaContext, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::context::{Device, Stream};
 use super::driver::{call_failed, device_error, DeviceAddr};
+use super::hier::HierStage;
 use super::ipc::IpcScratch;
 use super::kernels::{reduce_finalize_ptr, GpuElement};
 use super::staged::Slot;
 use crate::algorithm::call::{check, Call, CallHeader, Engine, HEADER_WORDS};
-use crate::algorithm::select;
+use crate::algorithm::device_hier::LinkBytes;
+use crate::algorithm::select::{self, DeviceAcrossHosts};
 use crate::communicator::Communicator;
 use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -104,6 +110,15 @@ pub struct DeviceComm {
     pub(super) ipc: Option<IpcScratch>,
     /// The staged path's two host buffers, from the first call on.
     pub(super) slots: Option<[Slot; 2]>,
+    /// The ranks this one shares IPC scratch with, itself included: every rank on the
+    /// IPC path, the ranks of its host on the hierarchical one.
+    pub(super) ipc_members: Vec<usize>,
+    /// Whether staged all-reduces run hierarchically (`hier.rs`).
+    across: DeviceAcrossHosts,
+    /// The hierarchical path's pinned buffer, from its first call on.
+    pub(super) hier: Option<HierStage>,
+    /// What the last all-reduce moved over each link class.
+    pub(super) link_bytes: LinkBytes,
     /// Set by a failure in the middle of a call.
     broken: Option<String>,
 }
@@ -215,6 +230,7 @@ impl DeviceComm {
         }
         let rank = comm.rank();
         let all_local = comm.local_size() == comm.world_size();
+        let asked = path;
         let Some(path) = select::device_path(path, all_local) else {
             let topo = comm.topology();
             let mine = topo.node_of[rank];
@@ -233,6 +249,22 @@ impl DeviceComm {
                 ),
             });
         };
+        let topo = comm.topology();
+        let sizes: Vec<usize> = topo.nodes.iter().map(|n| n.len()).collect();
+        // Asked for by name, the staged path stays flat (to compare with).
+        let across = match (path, asked) {
+            (DevicePath::Staged, DevicePath::Auto) => select::device_across_hosts(&sizes, true),
+            _ => DeviceAcrossHosts::Flat(select::FlatWhy::OneHost),
+        };
+        let ipc_members = match across {
+            DeviceAcrossHosts::Hierarchical { .. } => topo
+                .nodes
+                .iter()
+                .find(|n| n.contains(&rank))
+                .cloned()
+                .unwrap_or_else(|| vec![rank]),
+            DeviceAcrossHosts::Flat(_) => (0..comm.world_size()).collect(),
+        };
         tracing::info!(
             target: "hetccl::device",
             rank,
@@ -240,6 +272,7 @@ impl DeviceComm {
             device = device.ordinal(),
             name = device.name(),
             path = path.name(),
+            across = ?across,
             "device collectives ready"
         );
         Ok(DeviceComm {
@@ -250,6 +283,10 @@ impl DeviceComm {
             seq: 0,
             ipc: None,
             slots: None,
+            ipc_members,
+            across,
+            hier: None,
+            link_bytes: LinkBytes::default(),
             broken: None,
         })
     }
@@ -272,6 +309,19 @@ impl DeviceComm {
     /// The host communicator underneath.
     pub fn communicator(&self) -> &Arc<Communicator> {
         &self.comm
+    }
+
+    /// Whether all-reduces run hierarchically across hosts ([`select::device_across_hosts`]).
+    pub fn across_hosts(&self) -> DeviceAcrossHosts {
+        self.across
+    }
+
+    /// What this rank moved over each link class in its last all-reduce: counted on the
+    /// hierarchical path; the flat staged path counts its copies to and from the host
+    /// (the host communicator's network bytes are not counted there), the IPC path
+    /// nothing.
+    pub fn link_bytes(&self) -> LinkBytes {
+        self.link_bytes
     }
 
     /// Bytes of device scratch held for the IPC path (0 before its first call).
@@ -510,9 +560,23 @@ impl DeviceComm {
                 stream.synchronize()
             });
         }
-        self.guarded(|this| match this.path {
-            DevicePath::Ipc => this.ipc_all_reduce::<T>(stream, &mut laps, src, dst, count, op),
-            _ => this.staged_all_reduce::<T>(stream, src, dst, count, op),
+        self.link_bytes = LinkBytes::default();
+        self.guarded(|this| match (this.path, this.across) {
+            (DevicePath::Ipc, _) => {
+                this.ipc_all_reduce::<T>(stream, &mut laps, src, dst, count, op)
+            }
+            (_, DeviceAcrossHosts::Hierarchical { .. }) => {
+                this.hier_all_reduce::<T>(stream, src, dst, count, op)
+            }
+            _ => {
+                this.staged_all_reduce::<T>(stream, src, dst, count, op)?;
+                this.link_bytes = LinkBytes {
+                    device_to_host: bytes,
+                    host_to_device: bytes,
+                    ..LinkBytes::default()
+                };
+                Ok(())
+            }
         })
     }
 

@@ -308,6 +308,11 @@ impl PinnedHost {
         }
     }
 
+    /// The first byte's address, for copies whose ranges the caller checks.
+    pub(super) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.cast()
+    }
+
     /// The host address of byte `offset`, when `[offset, offset + len)` lies inside.
     fn range(
         &self,
@@ -428,6 +433,24 @@ pub(super) unsafe fn copy_dtoh_async(
     unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, len, stream.cu_stream()) }
         .result()
         .map_err(call("cuMemcpyDtoHAsync"))
+}
+
+/// Queues on `stream` a copy of `len` bytes from host memory to device address `dst`.
+///
+/// # Safety
+/// `src` must address `len` readable bytes of host memory (pinned, for the copy to be
+/// asynchronous) that nothing writes, and `dst` `len` writable bytes of device memory,
+/// both until the copy has run.
+pub(super) unsafe fn copy_htod_async(
+    stream: &CudaStream,
+    dst: DeviceAddr,
+    src: *const c_void,
+    len: usize,
+) -> std::result::Result<(), CallError> {
+    // SAFETY: the caller vouches for both ranges.
+    unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, len, stream.cu_stream()) }
+        .result()
+        .map_err(call("cuMemcpyHtoDAsync"))
 }
 
 /// Queues on `stream` a copy of `len` bytes between device addresses.

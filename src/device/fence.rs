@@ -2,8 +2,10 @@
 //! without the host waiting.
 //!
 //! A fence is queued on the stream, not waited for by the host: each rank's stream
-//! writes how many fences it has passed into a counter in every peer's scratch, then
-//! waits until every peer's counter in its own scratch has reached the same number
+//! writes how many fences it has passed into a counter in the scratch of every rank it
+//! shares scratch with (every rank on the IPC path, the host-mates on the hierarchical
+//! one), then waits until each of their counters in its own scratch has reached the
+//! same number
 //! (`cuStreamWriteValue32` / `cuStreamWaitValue32`). The host queues a whole call and
 //! waits once, at its end, at most `HETCCL_TIMEOUT`; a peer that stopped is then named.
 //! With `HETCCL_DEVICE_FENCE=host` each fence is instead the host draining its stream
@@ -47,7 +49,7 @@ impl IpcScratch {
     pub(super) fn fence(&mut self, stream: &CudaStream) -> Result<()> {
         self.step = self.step.wrapping_add(1);
         let (me, step) = (self.rank, self.step);
-        let peers = (0..self.ptrs.len()).filter(|&q| q != me);
+        let peers = self.members.iter().copied().filter(|&q| q != me);
         for q in peers.clone() {
             // SAFETY: the word lies in rank q's mapped allocation, which stays mapped
             // until every rank has drained its stream (the barrier at the end of a call).
@@ -78,7 +80,7 @@ impl IpcScratch {
         }
         .and_then(|()| driver::synchronize(&self.aux))
         .map_err(call_failed("read the device fences' counters"))?;
-        let behind = (0..n)
+        let behind = (self.members.iter().copied())
             .filter(|&q| q != self.rank && (words[q].wrapping_sub(self.step) as i32) < 0)
             .collect();
         // SAFETY: as above, the counters at the end of the own allocation.

@@ -147,22 +147,27 @@ pub(super) struct IpcScratch {
     /// This rank's allocation. Drop unmaps the peers' first; fields then drop in order,
     /// so the memory is freed before the auxiliary stream goes.
     own: DeviceAlloc,
-    /// The peers' buffers mapped here, by rank (`None` for this rank, and until opened).
+    /// The peers' buffers mapped here, by rank (`None` for this rank, for ranks outside
+    /// `members`, and until opened).
     peers: Vec<Option<IpcMapping>>,
+    /// The ranks that share their scratch with each other, this one included, in rank
+    /// order: every rank on the IPC path, the ranks of this host on the hierarchical one.
+    pub(super) members: Vec<usize>,
     pub(super) ctx: Arc<CudaContext>,
     pub(super) rank: usize,
     /// Bytes of the whole allocation.
     pub(super) bytes: usize,
     /// Bytes of scratch, where the counters start.
     pub(super) data: usize,
-    /// Every rank's buffer as this process addresses it (`own` at `rank`); 0 until opened.
+    /// Every member's buffer as this process addresses it (`own` at `rank`); 0 until
+    /// opened, and for ranks outside `members`.
     pub(super) ptrs: Vec<DeviceAddr>,
     /// Device fences queued so far on this scratch; the counters' next value is one more.
     pub(super) step: u32,
     /// A stream of its own for reading and raising the counters while the caller's
     /// stream waits on them (after a timeout).
     pub(super) aux: Arc<CudaStream>,
-    /// Every rank runs on this one GPU (the driver time-slices their contexts).
+    /// Every member runs on this one GPU (the driver time-slices their contexts).
     pub(super) shared_device: bool,
 }
 
@@ -172,6 +177,7 @@ impl IpcScratch {
     fn create(
         ctx: &Arc<CudaContext>,
         rank: usize,
+        members: Vec<usize>,
         world: usize,
         bytes: usize,
     ) -> Result<(Self, [u8; 64])> {
@@ -188,6 +194,7 @@ impl IpcScratch {
         let scratch = IpcScratch {
             own,
             peers: (0..world).map(|_| None).collect(),
+            members,
             ctx: ctx.clone(),
             rank,
             bytes,
@@ -211,14 +218,14 @@ impl IpcScratch {
         Ok((scratch, handle))
     }
 
-    /// Maps every peer's buffer, after checking that it can be mapped here.
+    /// Maps every other member's buffer, after checking that it can be mapped here.
     fn open_peers(&mut self, records: &[Record]) -> Result<()> {
         let me = &records[self.rank];
         self.ctx
             .bind_to_thread()
             .map_err(device_error("bind context"))?;
         for (peer, rec) in records.iter().enumerate() {
-            if peer == self.rank {
+            if peer == self.rank || !self.members.contains(&peer) {
                 continue;
             }
             let op = || {
@@ -598,8 +605,9 @@ impl DeviceComm {
         Ok(())
     }
 
-    /// Every rank's scratch address for a message of `bytes`, growing (collectively) the
-    /// buffers first when they are smaller.
+    /// Every member's scratch address for a message of `bytes` (0 for other ranks),
+    /// growing (collectively, with every rank of the world) the buffers first when they
+    /// are smaller.
     pub(super) fn ipc_scratch(&mut self, bytes: usize) -> Result<Vec<DeviceAddr>> {
         if let Some(s) = &self.ipc {
             if s.data >= bytes {
@@ -614,7 +622,8 @@ impl DeviceComm {
             drop(old);
         }
         let size = scratch_size(bytes + flag_bytes(n));
-        let (mut scratch, handle) = IpcScratch::create(&self.ctx, rank, n, size)?;
+        let members = self.ipc_members.clone();
+        let (mut scratch, handle) = IpcScratch::create(&self.ctx, rank, members, n, size)?;
         let uuid = self
             .ctx
             .uuid()
@@ -643,7 +652,7 @@ impl DeviceComm {
             })
             .collect::<Result<Vec<_>>>()?;
         scratch.open_peers(&records)?;
-        scratch.shared_device = records.iter().all(|r| r.uuid == uuid);
+        scratch.shared_device = scratch.members.iter().all(|&q| records[q].uuid == uuid);
         tracing::debug!(
             target: "hetccl::device",
             rank,

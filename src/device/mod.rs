@@ -29,8 +29,9 @@
 //!
 //! ```text
 //! comm.rs, ipc.rs,        DeviceComm, one file per concern: the entry points, the
-//! fence.rs, staged.rs     per-call agreement and the guard (comm.rs); the IPC path and
-//!                         the device fences between its phases; the staged path
+//! fence.rs, staged.rs,    per-call agreement and the guard (comm.rs); the IPC path and
+//! hier.rs                 the device fences between its phases; the staged path; the
+//!                         hierarchical all-reduce across hosts
 //! context.rs, kernels.rs  Device, Stream, the kernel table, the one launch prologue and
 //!                         the typed launchers
 //! driver.rs               every raw driver call: device and pinned memory and IPC
@@ -52,12 +53,18 @@ mod driver;
 #[cfg(feature = "cuda")]
 mod fence;
 #[cfg(feature = "cuda")]
+mod hier;
+#[cfg(feature = "cuda")]
 mod ipc;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
 mod staged;
 
+#[cfg(feature = "cuda")]
+pub use crate::algorithm::device_hier::LinkBytes;
+#[cfg(feature = "cuda")]
+pub use crate::algorithm::select::DeviceAcrossHosts;
 #[cfg(feature = "cuda")]
 pub use comm::{DeviceComm, DevicePath};
 #[cfg(feature = "cuda")]

@@ -7,7 +7,10 @@
 //! For each count there are 22 checks per dtype (5 ops x all-reduce in and out of place,
 //! reduce-scatter and reduce; broadcast; all-gather), so 198 for three counts and three
 //! dtypes, plus 2 determinism checks (3 on the IPC path, which also matches a host sum in
-//! rank order) and 2 calls that a rank refuses (each rank must name why).
+//! rank order), 2 calls that a rank refuses (each rank must name why), and on the
+//! hierarchical path (pretend hosts, one holding two ranks) the bytes per link class.
+//! Two ranks on two pretend hosts stay flat (one rank per host): the hierarchical
+//! tests run 3 ranks (2 + 1) and 4 (2 + 2).
 //!
 //! The executables are found through `HETCCL_BIN_DIR`, next to this test executable
 //! (the layout of `gpu-bin/`, see scripts/build-gpu-bin.sh), or in cargo's target
@@ -295,13 +298,158 @@ mod gpu {
         ];
         let out = run(2, &["--path", "staged", "--counts", COUNTS], &small);
         assert_passed(&out, 2, "staged", 202, "staged n=2");
-        // Three ranks on two pretend hosts: auto must pick the staged path.
+        // Three ranks on two pretend hosts (2 + 1): auto must pick the staged path, its
+        // all-reduces hierarchical (one more check: the bytes per link class).
         let out = run(3, &["--pretend-nodes", "2", "--counts", COUNTS], &small);
-        assert_passed(&out, 3, "staged", 202, "pretend hosts n=3");
+        assert_passed(&out, 3, "staged", 203, "pretend hosts n=3");
         // The default 2 MiB slots: 1048579 f32 take two whole pieces and a partial one,
         // each a host collective of several chunks.
         let out = run(2, &["--path", "staged", "--counts", COUNTS], &[]);
         assert_passed(&out, 2, "staged", 202, "staged n=2, default slots");
+    }
+
+    /// Asserts that every rank of `n` reported the bytes per link class of an all-reduce
+    /// of `count` f32, and that the timing lines name the hierarchical path.
+    fn assert_hierarchical(out: &Outcome, n: usize, count: usize) {
+        for r in 0..n {
+            let head = format!(
+                "[rank {r}] rank {r}: hierarchical all_reduce of {} bytes moved ipc ",
+                count * 4
+            );
+            assert!(
+                out.output.lines().any(|l| l.starts_with(&head)),
+                "no `{head}` in:\n{}",
+                out.output
+            );
+        }
+        assert!(
+            out.output.contains(&format!("on {n} ranks (staged-hier)")),
+            "{}",
+            out.output
+        );
+    }
+
+    #[test]
+    fn hierarchical_across_two_pretend_hosts_of_two() {
+        if no_gpu() {
+            return;
+        }
+        // 2 hosts x 2 ranks, all on this GPU: IPC inside each pretend host, each rank's
+        // half of the buffer through pinned memory and the host links. Every dtype and
+        // op at awkward counts, #wrong = 0, and each rank's PCIe bytes within 1/2 of the
+        // buffer + 5 % (an extra check); with the host collectives hierarchical too,
+        // the random sums must have the host path's bits (another).
+        let out = run(
+            4,
+            &[
+                "--pretend-nodes",
+                "2",
+                "--counts",
+                COUNTS,
+                "--time",
+                "1048579",
+            ],
+            &[("HETCCL_ALGO", "hier")],
+        );
+        assert_passed(&out, 4, "staged", 204, "hierarchical 2 x 2");
+        assert!(
+            out.output
+                .contains("determinism f32 sum 1048579: host hierarchical all_reduce's bits"),
+            "{}",
+            out.output
+        );
+        assert_hierarchical(&out, 4, 1_048_579);
+        // 1 MiB of scratch: 262144 f32 per window, so the largest count takes five
+        // windows (each a hierarchical all-reduce of its own), the last one partial;
+        // small chunks make each window's inter-host rings many messages.
+        let env = [
+            ("HETCCL_DEVICE_SCRATCH_BYTES", "1M"),
+            ("HETCCL_CHUNK_BYTES", "40000"),
+        ];
+        let out = run(
+            4,
+            &[
+                "--pretend-nodes",
+                "2",
+                "--counts",
+                "1000,1048579",
+                "--time",
+                "1000",
+            ],
+            &env,
+        );
+        assert_passed(
+            &out,
+            4,
+            "staged",
+            137,
+            "hierarchical 2 x 2 in 1 MiB windows",
+        );
+        // Asked for by name, the staged path stays flat: no link-bytes check.
+        let out = run(
+            4,
+            &[
+                "--path",
+                "staged",
+                "--pretend-nodes",
+                "2",
+                "--counts",
+                "1000",
+            ],
+            &[],
+        );
+        assert_passed(&out, 4, "staged", 70, "flat staged 2 x 2");
+        assert!(out.output.contains("on 4 ranks (staged)"), "{}", out.output);
+    }
+
+    /// Rank 3 of 4 (2 pretend hosts x 2) aborts while all run 64 MiB hierarchical
+    /// all-reduces: its host-mate, whose copies to the host wait behind a device fence
+    /// that rank 3 never reaches, or whose network ring waits for it, must fail naming
+    /// it, and no rank may hang.
+    #[test]
+    fn a_dead_host_mate_is_named_on_the_hierarchical_path() {
+        if no_gpu() {
+            return;
+        }
+        let children = spawn_ranks(
+            4,
+            check_bin().to_str().expect("utf-8 path"),
+            &[
+                "--pretend-nodes",
+                "2",
+                "--counts",
+                "1",
+                "--time",
+                "16777216",
+                "--iters",
+                "100000",
+                "--die-after",
+                "4",
+            ],
+            &[("HETCCL_TIMEOUT", "5")],
+            |_| vec![],
+        );
+        let outs = collect(children, Duration::from_secs(60));
+        for (r, o) in outs.iter().enumerate() {
+            println!("rank {r}, {:?}:\n{}", o.elapsed, o.output);
+            assert!(!o.hung, "rank {r} hung:\n{}", o.output);
+        }
+        assert!(
+            outs[3].output.contains("rank 3: aborting on purpose"),
+            "{}",
+            outs[3].output
+        );
+        let o = &outs[2];
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            o.output.contains("peer 3 is gone") || o.output.contains("waiting for peer 3"),
+            "{}",
+            o.output
+        );
+        for o in &outs[..3] {
+            assert_eq!(o.code, Some(1), "{}", o.output);
+            assert!(o.elapsed < Duration::from_secs(25), "{:?}", o.elapsed);
+        }
     }
 
     #[test]

@@ -24,7 +24,14 @@
 //! 2(n-1)/n and (n-1)/n).
 //!
 //! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
-//! picks the staged path and `ipc` must refuse with a clear error.
+//! picks the staged path and `ipc` must refuse with a clear error. With `auto`, an
+//! all-reduce across pretend hosts of which one holds two ranks runs hierarchically
+//! (`staged-hier` in the timing lines; `--path staged` keeps it flat): then a further
+//! check requires the bytes each rank moved over each link class in an all-reduce of
+//! the largest count (of `--counts` and `--time`) to be the plan's, and, when the host
+//! collectives are hierarchical too (`HETCCL_ALGO=hier`), the random sums to have the
+//! bits of the host communicator's hierarchical all-reduce (PCIe at most 1/L of the buffer + 5 % each way,
+//! L the ranks of its host), and every rank prints them.
 //!
 //! `--die-after SECS` makes the last rank abort its process that long after start, in
 //! the middle of whatever it is doing (use a long `--time`/`--iters` run): the other
@@ -38,7 +45,11 @@ use std::time::Instant;
 
 use cudarc::driver::sys;
 use half::{bf16, f16};
-use hetccl::device::{self, CudaSlice, Device, DeviceComm, DevicePath, GpuElement, Stream};
+use hetccl::algorithm::device_hier::DeviceHierPlan;
+use hetccl::config::AlgoChoice;
+use hetccl::device::{
+    self, CudaSlice, Device, DeviceAcrossHosts, DeviceComm, DevicePath, GpuElement, Stream,
+};
 use hetccl::{Communicator, Element, ReduceOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -354,6 +365,23 @@ impl Check<'_> {
             hashes.iter().filter(|h| **h != hashes[0]).count() as u64,
         ));
 
+        // Hierarchical across hosts, with the host collectives hierarchical too
+        // (HETCCL_ALGO=hier): the same shards, sums and rings, so the same bits.
+        let comm = self.dc.communicator().clone();
+        if matches!(
+            self.dc.across_hosts(),
+            DeviceAcrossHosts::Hierarchical { .. }
+        ) && comm.config().algo == AlgoChoice::Hier
+        {
+            let mut host = inputs(r);
+            comm.all_reduce(&mut host, ReduceOp::Sum)
+                .map_err(err("host hierarchical all_reduce"))?;
+            self.rows.push((
+                format!("determinism f32 sum {count}: host hierarchical all_reduce's bits"),
+                a.iter().zip(&bits(&host)).filter(|(x, y)| x != y).count() as u64,
+            ));
+        }
+
         if self.dc.path() == DevicePath::Ipc {
             let all: Vec<Vec<f32>> = (0..n).map(inputs).collect();
             let want: Vec<u32> = (0..count)
@@ -369,6 +397,55 @@ impl Check<'_> {
                 a.iter().zip(&want).filter(|(x, y)| x != y).count() as u64,
             ));
         }
+        Ok(())
+    }
+
+    /// On the hierarchical path: the bytes an all-reduce of `count` f32 moved over each
+    /// link class, against the plan's; PCIe within 1/L of the buffer + 5 % each way.
+    fn link_bytes(&mut self, count: usize) -> Res<()> {
+        let r = self.dc.rank();
+        let mut buf = self.upload(&vec![1.0f32; count])?;
+        self.dc
+            .all_reduce(self.stream, &mut buf, ReduceOp::Sum)
+            .map_err(err("all_reduce for the link counters"))?;
+        let got = self.dc.link_bytes();
+        let nodes = self.dc.communicator().topology().nodes.clone();
+        let l = nodes.iter().find(|n| n.contains(&r)).map_or(1, |n| n.len());
+        // The plan of each window of HETCCL_DEVICE_SCRATCH_BYTES, as the path runs them.
+        let scratch = self.dc.communicator().config().device_scratch_bytes;
+        let window = (scratch / 4 / 8 * 8).max(8);
+        let mut plan = hetccl::device::LinkBytes::default();
+        for off in (0..count).step_by(window) {
+            let b = DeviceHierPlan::new(&nodes, window.min(count - off), 4).link_bytes(r, 4);
+            plan.ipc_read += b.ipc_read;
+            plan.device_to_host += b.device_to_host;
+            plan.host_to_device += b.host_to_device;
+            plan.network_sent += b.network_sent;
+        }
+        let bytes = (count * 4) as f64;
+        let limit = bytes / l as f64 * 1.05;
+        println!(
+            "rank {r}: hierarchical all_reduce of {} bytes moved ipc {} B, device->host {} B,              host->device {} B, network {} B (plan: {} / {} / {} / {}; PCIe limit {limit:.0} B)",
+            count * 4,
+            got.ipc_read,
+            got.device_to_host,
+            got.host_to_device,
+            got.network_sent,
+            plan.ipc_read,
+            plan.device_to_host,
+            plan.host_to_device,
+            plan.network_sent
+        );
+        let net_off = (got.network_sent as f64 - plan.network_sent as f64).abs();
+        let bad = u64::from(got.ipc_read != plan.ipc_read)
+            + u64::from(got.device_to_host != plan.device_to_host)
+            + u64::from(got.host_to_device != plan.host_to_device)
+            + u64::from(got.device_to_host as f64 > limit)
+            + u64::from(net_off > 0.01 * plan.network_sent as f64 + 64.0);
+        self.rows.push((
+            format!("hierarchical link bytes f32 {count} (PCIe <= 1/{l} + 5%)"),
+            bad,
+        ));
         Ok(())
     }
 
@@ -449,12 +526,16 @@ fn stall(dev: &Device, stream: &Stream, secs: f64) -> Res<()> {
     Ok(())
 }
 
-/// `staged`, or `ipc-device` / `ipc-host` after the IPC path's kind of fence
+/// `staged`, `staged-hier` (all-reduces hierarchical across hosts), or `ipc-device` /
+/// `ipc-host` after the IPC path's kind of fence
 /// (`HETCCL_DEVICE_FENCE`).
 fn path_label(dc: &DeviceComm) -> String {
-    match dc.path() {
-        DevicePath::Ipc => format!("ipc-{}", dc.communicator().config().device_fence.name()),
-        p => p.to_string(),
+    match (dc.path(), dc.across_hosts()) {
+        (DevicePath::Ipc, _) => {
+            format!("ipc-{}", dc.communicator().config().device_fence.name())
+        }
+        (_, DeviceAcrossHosts::Hierarchical { .. }) => "staged-hier".to_string(),
+        (p, _) => p.to_string(),
     }
 }
 
@@ -495,6 +576,11 @@ fn run(args: &Args) -> Res<bool> {
     }
     let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
     ck.determinism(largest)?;
+    if matches!(ck.dc.across_hosts(), DeviceAcrossHosts::Hierarchical { .. }) {
+        // The largest message of the run, timed ones included.
+        let most = args.time.iter().flatten().fold(largest, |m, &c| m.max(c));
+        ck.link_bytes(most)?;
+    }
     if n > 1 {
         ck.refusals()?;
     }
