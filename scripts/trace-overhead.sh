@@ -12,7 +12,12 @@
 # size (the i-th entry of --iters is N for the i-th size), with the trace off and on,
 # and, with --base, for the same program built from a commit before the trace existed.
 # Waiting ranks poll their links, and what the polls cost depends on how long they
-# wait: the range says how much that moved the figures.
+# wait: the range says how much that moved the figures. So the table also gives the
+# trace's own instructions per call, which do not depend on waits: a traced run that
+# counts only inside the functions no untraced call runs (callgrind --toggle-collect:
+# observe::record, which keeps the call, Tracer::write_out, which writes it,
+# LinkWaits::stalled and ::moved, which time its waits), per call as above (median of
+# the ranks), and what that is of the median per-call count with the trace off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,16 +46,20 @@ work=$(mktemp -d /tmp/hetccl-trace-overhead.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 # Instruction totals of the 4 ranks, one per line, in rank order:
-# totals PROGRAM TRACE(on|off) TRANSPORT SIZE ITERS
+# totals PROGRAM MODE(off|on|own) TRANSPORT SIZE ITERS
 totals() {
     local prog="$1" mode="$2" transport="$3" size="$4" n="$5" d
     d="$work/$mode-$transport-$size-$n"
     mkdir -p "$d"
-    local env=(HETCCL_TOPO_PROBE=0 HETCCL_TIMEOUT=900)
+    local env=(HETCCL_TOPO_PROBE=0 HETCCL_TIMEOUT=900) only=()
     [ "$transport" = tcp ] && env+=(HETCCL_SHM_DISABLE=1)
-    [ "$mode" = on ] && env+=("HETCCL_TRACE=$d/trace-%r.json")
+    [ "$mode" != off ] && env+=("HETCCL_TRACE=$d/trace-%r.json")
+    [ "$mode" = own ] && only=(--collect-atstart=no
+        --toggle-collect='hetccl::observe::record'
+        --toggle-collect='hetccl::observe::trace::Tracer::write_out'
+        --toggle-collect='hetccl::observe::waits::LinkWaits::*')
     env "${env[@]}" "$launcher" run -n 4 -- \
-        valgrind --tool=callgrind --callgrind-out-file="$d/cg.%q{RANK}" \
+        valgrind --tool=callgrind "${only[@]}" --callgrind-out-file="$d/cg.%q{RANK}" \
         "$prog" "$size" "$n" >"$d/log" 2>&1 || {
         echo "trace-overhead.sh: $mode $transport $size x$n failed:" >&2
         tail -20 "$d/log" >&2
@@ -66,13 +75,13 @@ per_call() {
     local prog="$1" mode="$2" transport="$3" size="$4" n="$5"
     paste <(totals "$prog" "$mode" "$transport" "$size" "$n") \
         <(totals "$prog" "$mode" "$transport" "$size" $((2 * n))) |
-        awk -v n="$n" '{ print ($2 - $1) / n }' | sort -n |
+        awk -v n="$n" '{ printf "%.0f\n", ($2 - $1) / n }' | sort -n |
         awk '{ v[NR] = $1 } END { printf "%.0f %.0f %.0f\n", (v[2] + v[3]) / 2, v[1], v[4] }'
 }
 
 printf '# trace overhead, instructions per all-reduce (callgrind), 4 ranks, %s\n' "$(date -u +%F)"
-printf '%-6s %6s %5s %14s %14s %14s %9s %9s\n' \
-    transport size N base off on "off/base" "on/off"
+printf '%-6s %6s %5s %14s %14s %14s %9s %9s %10s %9s\n' \
+    transport size N base off on "off/base" "on/off" "trace own" "own/off"
 set -- $iters
 for size in $sizes; do
     n="${1:-2}"
@@ -80,13 +89,16 @@ for size in $sizes; do
     for transport in shm tcp; do
         read -r off off_lo off_hi < <(per_call "$bin" off "$transport" "$size" "$n")
         read -r on on_lo on_hi < <(per_call "$bin" on "$transport" "$size" "$n")
+        read -r own _ < <(per_call "$bin" own "$transport" "$size" "$n")
         b="-" b_lo="" b_hi="" ob="-"
         if [ -n "$base" ]; then
             read -r b b_lo b_hi < <(per_call "$base" off "$transport" "$size" "$n")
             ob=$(awk -v a="$off" -v b="$b" 'BEGIN { printf "%+.2f%%", (a / b - 1) * 100 }')
         fi
         oo=$(awk -v a="$on" -v b="$off" 'BEGIN { printf "%+.2f%%", (a / b - 1) * 100 }')
-        printf '%-6s %6s %5s %14s %14s %14s %9s %9s\n' "$transport" "$size" "$n" "$b" "$off" "$on" "$ob" "$oo"
+        om=$(awk -v a="$own" -v b="$off" 'BEGIN { printf "%.2f%%", a / b * 100 }')
+        printf '%-6s %6s %5s %14s %14s %14s %9s %9s %10s %9s\n' \
+            "$transport" "$size" "$n" "$b" "$off" "$on" "$ob" "$oo" "$own" "$om"
         printf '%-6s %6s %5s %14s %14s %14s\n' "" "" "range" \
             "${b_lo:+$b_lo-$b_hi}" "$off_lo-$off_hi" "$on_lo-$on_hi"
     done

@@ -108,8 +108,10 @@ impl Observer {
 }
 
 /// The trace record of one call: what it was, copied (the schedule shared, not copied);
-/// its JSON is written when the trace is written out, off the collective's path.
+/// its JSON is written when the trace is written out, off the collective's path. Never
+/// inlined, so that `scripts/trace-overhead.sh` can count it.
 #[cold]
+#[inline(never)]
 fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, waits: &[Duration]) {
     let ctx = c.ctx;
     t.call(

@@ -377,17 +377,26 @@ fn line(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     serde_json::to_writer(&mut *w, v).map_err(std::io::Error::other)
 }
 
+/// `00` to `99`, two bytes each: numbers are written two digits a step.
+const PAIRS: &[u8; 200] = b"00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
 /// Appends `v` in decimal.
 fn uint(out: &mut Vec<u8>, mut v: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while v >= 100 {
+        let d = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+    }
+    if v >= 10 {
+        let d = v as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
+        digits[i] = b'0' + v as u8;
     }
     out.extend_from_slice(&digits[i..]);
 }
@@ -404,13 +413,9 @@ fn nanos(t: Instant, epoch: Instant) -> u64 {
 /// time.
 fn micros_of(out: &mut Vec<u8>, ns: u64) {
     uint(out, ns / 1000);
-    let frac = ns % 1000;
-    out.extend_from_slice(&[
-        b'.',
-        b'0' + (frac / 100) as u8,
-        b'0' + (frac / 10 % 10) as u8,
-        b'0' + (frac % 10) as u8,
-    ]);
+    let frac = (ns % 1000) as usize;
+    let d = frac % 100 * 2;
+    out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, PAIRS[d], PAIRS[d + 1]]);
 }
 
 /// Appends `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
@@ -635,6 +640,25 @@ mod tests {
         let clock = cut.iter().find(|e| e["name"] == "hetccl_clock").unwrap();
         assert_eq!(clock["args"]["offset_us"], 12.5);
         assert_eq!(clock["args"]["world_size"], 4);
+    }
+
+    #[test]
+    fn numbers_are_written_as_rust_formats_them() {
+        for v in [0u64, 7, 10, 99, 100, 101, 12_345, 1_000_000_007, u64::MAX] {
+            let mut out = Vec::new();
+            uint(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        for (ns, text) in [
+            (0u64, "0.000"),
+            (5, "0.005"),
+            (1_234_567, "1234.567"),
+            (90_010, "90.010"),
+        ] {
+            let mut out = Vec::new();
+            micros_of(&mut out, ns);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
     }
 
     #[test]

@@ -22,16 +22,18 @@ impl<'a> LinkWaits<'a> {
     }
 
     /// A poll found nothing to do: a stretch starts, unless one is under way, waiting
-    /// on `peer()`.
-    #[inline]
+    /// on `peer()`. Never inlined, so that `scripts/trace-overhead.sh` can count it: it
+    /// is called only while tracing.
+    #[inline(never)]
     pub fn stalled(&mut self, peer: impl FnOnce() -> usize) {
         if self.since.is_none() {
             self.since = Some((Instant::now(), peer()));
         }
     }
 
-    /// Something moved: the stretch under way, if any, is over.
-    #[inline]
+    /// Something moved: the stretch under way, if any, is over. Never inlined, as
+    /// [`LinkWaits::stalled`].
+    #[inline(never)]
     pub fn moved(&mut self) {
         if let Some((t, p)) = self.since.take() {
             if let Some(slot) = self.per_peer.get_mut(p) {
