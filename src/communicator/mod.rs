@@ -332,7 +332,8 @@ impl Progress {
                         &mut self.links,
                         Job::new(&sched, &w.bufs, &w.ctx)
                             .cancel(&self.abort)
-                            .phase_ends(&mut phase_end),
+                            .phase_ends(&mut phase_end)
+                            .link_waits(self.obs.link_waits()),
                     ),
                     (None, Some(passes)) => executor::execute(
                         &mut self.links,
@@ -355,7 +356,7 @@ impl Progress {
         self.obs.call(&CallDone {
             ctx: &w.ctx,
             path: w.path,
-            sched: w.sched.as_deref(),
+            sched: w.sched.as_ref(),
             wire: w.compress.as_ref().map(|j| &j.wire),
             result: &r,
             start,
@@ -428,7 +429,8 @@ impl Progress {
                 .wire(&job.wire)
                 .passes(&mut passes)
                 .cancel(&self.abort)
-                .phase_ends(phase_end),
+                .phase_ends(phase_end)
+                .link_waits(self.obs.link_waits()),
         )?;
         // The passes counted their own saturations into the compressor.
         comp.add_pending(stats);

@@ -11,27 +11,28 @@
 //! | `metrics` | [`Metrics`], the counters and their dump at exit |
 //! | `trace` | the event buffer, its Chrome trace / Perfetto JSON and [`Span`] |
 //! | `clock` | the offset of each rank's trace clock to rank 0's, measured at init |
+//! | `waits` | the time a call waited on each peer, for the trace |
 
 mod clock;
 pub mod metrics;
 pub mod trace;
+mod waits;
 
 pub use crate::algorithm::Phase;
 pub use metrics::{LinkClass, Metrics};
 pub use trace::Span;
+pub(crate) use waits::LinkWaits;
 
 pub(crate) use clock::offset_to_rank0;
 
 use std::sync::Arc;
-use std::time::Instant;
-
-use serde_json::{Map, Value};
+use std::time::{Duration, Instant};
 
 use crate::algorithm::executor::{ExecCtx, PhaseEnds, Wire};
 use crate::algorithm::Schedule;
 use crate::compression::OverflowStats;
 use crate::error::Result;
-use metrics::{phase_spans, Counters};
+use metrics::Counters;
 use trace::Tracer;
 
 /// What one finished call was, for the counters and the trace.
@@ -40,7 +41,7 @@ pub(crate) struct CallDone<'a> {
     /// The engine: `"links"`, `"eager"` or `"shared buffers"`.
     pub(crate) path: &'static str,
     /// The schedule, for a call over links.
-    pub(crate) sched: Option<&'a Schedule>,
+    pub(crate) sched: Option<&'a Arc<Schedule>>,
     /// The links that carried 16-bit values, for a compressed call.
     pub(crate) wire: Option<&'a Wire>,
     pub(crate) result: &'a Result<OverflowStats>,
@@ -55,11 +56,24 @@ pub(crate) struct CallDone<'a> {
 pub(crate) struct Observer {
     pub(crate) counters: Counters,
     /// The class of the link to each peer (`None` for self).
-    pub(crate) classes: Vec<Option<LinkClass>>,
+    pub(crate) classes: Arc<[Option<LinkClass>]>,
     pub(crate) tracer: Option<Arc<Tracer>>,
+    /// While tracing: the time the running call waited on each peer, and whether the
+    /// running call handed it to the executor.
+    pub(crate) waits: Vec<Duration>,
+    pub(crate) waits_taken: bool,
 }
 
 impl Observer {
+    /// Where the next run over links adds its waits on each peer: only while tracing.
+    pub(crate) fn link_waits(&mut self) -> Option<&mut [Duration]> {
+        self.tracer.as_ref()?;
+        self.waits.clear();
+        self.waits.resize(self.classes.len(), Duration::ZERO);
+        self.waits_taken = true;
+        Some(&mut self.waits)
+    }
+
     /// Counts a finished call and, when tracing, records it and its phases.
     pub(crate) fn call(&mut self, c: &CallDone<'_>) {
         let m = &mut self.counters.m;
@@ -83,62 +97,43 @@ impl Observer {
         }
         self.counters.time(c.start, c.end, c.phase_end);
         if let Some(t) = &self.tracer {
-            record(t, c, bytes, &self.classes);
+            let waits: &[Duration] = if std::mem::take(&mut self.waits_taken) {
+                &self.waits
+            } else {
+                &[]
+            };
+            record(t, c, &self.classes, waits);
         }
     }
 }
 
-/// The trace events of one call: its span, then one per phase.
+/// The trace record of one call: what it was, copied (the schedule shared, not copied);
+/// its JSON is written when the trace is written out, off the collective's path. Never
+/// inlined, so that `scripts/trace-overhead.sh` can count it.
 #[cold]
-fn record(t: &Tracer, c: &CallDone<'_>, bytes: u64, classes: &[Option<LinkClass>]) {
+#[inline(never)]
+fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, waits: &[Duration]) {
     let ctx = c.ctx;
-    let mut args = Map::new();
-    let mut put = |k: &str, v: Value| {
-        args.insert(k.to_string(), v);
-    };
-    put("seq", ctx.seq.into());
-    put("bytes", bytes.into());
-    put("count", ctx.count.into());
-    put("dtype", ctx.dtype.name().into());
-    put("redop", ctx.redop.name().into());
-    put("path", c.path.into());
-    if let Some(s) = c.sched {
-        put("algorithm", s.algo.into());
-        // Bytes per peer as the link carried them, and the peer's link class.
-        let per_peer = |list: &[(usize, u64)]| -> Value {
-            let mut o = Map::new();
-            for &(p, b) in list {
-                let b = match c.wire {
-                    Some(w) if w.peers.get(p).copied().unwrap_or(false) => b / 2,
-                    _ => b,
-                };
-                let class = classes
-                    .get(p)
-                    .copied()
-                    .flatten()
-                    .map_or("?", LinkClass::name);
-                o.insert(format!("{p} ({class})"), b.into());
-            }
-            Value::Object(o)
-        };
-        put("sent", per_peer(&s.sent_to));
-        put("received", per_peer(&s.received_from));
-    }
-    put(
-        "compression",
-        c.wire.map_or("off", |w| w.format.name()).into(),
+    t.call(
+        trace::CallEvent {
+            op: ctx.op,
+            seq: ctx.seq,
+            count: ctx.count,
+            dtype: ctx.dtype,
+            redop: ctx.redop,
+            path: c.path,
+            sched: c.sched.cloned(),
+            // Copied for compressed calls only: which links halved their bytes.
+            wire: c.wire.cloned(),
+            classes: classes.clone(),
+            error: c.result.as_ref().err().map(ToString::to_string),
+            start: c.start,
+            end: c.end,
+            phase_end: *c.phase_end,
+            waits: 0..0,
+        },
+        waits,
     );
-    if let Err(e) = &c.result {
-        put("error", e.to_string().into());
-    }
-    let name = ctx.op.name();
-    t.complete(name, "collective", c.start, c.end, args);
-    for (p, a, b) in phase_spans(c.start, c.end, c.phase_end) {
-        let mut args = Map::new();
-        args.insert("op".into(), name.into());
-        args.insert("seq".into(), ctx.seq.into());
-        t.complete(p.name(), "phase", a, b, args);
-    }
 }
 
 #[cfg(test)]
@@ -249,6 +244,49 @@ mod tests {
             assert_eq!((m.calls, m.failed_calls), (1, 1));
             assert_eq!(m.sent(LinkClass::Shm), 0);
         }
+    }
+
+    #[test]
+    fn the_trace_puts_a_wait_on_the_peer_that_came_late() {
+        // Rank 1 comes to the all-reduce 200 ms late: rank 0 waits that long on it;
+        // rank 1 finds rank 0 there already and waits on it for no such time. One
+        // message each way and step (1 KiB, under a chunk), so that the exchange itself,
+        // in which each side waits on the other in turn, takes no time worth the name.
+        let dir = std::env::temp_dir().join(format!("hetccl-waits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pattern = format!("{}/t-%r.json", dir.display());
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            timeout: Duration::from_secs(20),
+            trace: Some(pattern.clone()),
+            ..Config::default()
+        };
+        let cs = world(2, 2, cfg);
+        on_all(&cs, |c| {
+            if c.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let mut v = vec![1.0f32; 256];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        });
+        drop(cs);
+        let waited = |rank: usize| -> serde_json::Value {
+            let path = trace::path_for(&pattern, rank);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let events: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+            let call = events
+                .iter()
+                .find(|e| e["cat"] == "collective")
+                .unwrap_or_else(|| panic!("no collective in {text}"));
+            assert_eq!(call["args"]["path"], "links", "{call}");
+            call["args"]["waited_us"].clone()
+        };
+        let (w0, w1) = (waited(0), waited(1));
+        let on = |w: &serde_json::Value, key: &str| w[key].as_f64().unwrap_or(0.0);
+        assert!(on(&w0, "1 (shm)") >= 150_000.0, "rank 0: {w0}");
+        assert_eq!(w0.as_object().map(|o| o.len()), Some(1), "rank 0: {w0}");
+        assert!(on(&w1, "0 (shm)") < 100_000.0, "rank 1: {w1}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

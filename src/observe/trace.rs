@@ -12,32 +12,41 @@
 //!     "offset_us":O,"error_us":E,"unix_epoch_us":U}}
 //! {"ph":"M","name":"thread_name","pid":R,"tid":T,"args":{"name":"..."}}
 //! {"ph":"X","name":"all_reduce","cat":"collective","ts":..,"dur":..,"pid":R,"tid":T,
-//!     "args":{"seq":..,"bytes":..,"algorithm":..,"path":..,...}}
+//!     "args":{"seq":..,"bytes":..,"algorithm":..,"path":..,"sent":{"P (CLASS)":BYTES},
+//!             "received":{..},"waited_us":{"P (CLASS)":MICROSECONDS},...}}
 //! {"ph":"X","name":"inter-node all-reduce","cat":"phase",...}
 //! ...
 //! ]
 //! ```
 //!
-//! `pid` is the rank, `tid` a small number per thread of the process; `ts` and `dur`
+//! `waited_us` is the time the call spent with nothing to do but wait on each peer
+//! (`observe::waits`), peers never waited on left out. `pid` is the rank, `tid` a small number per thread of the process; `ts` and `dur`
 //! are microseconds of this process's trace clock (a monotonic clock counted from
 //! the first traced event of the process). `hetccl_clock` says how to put the rank on
 //! rank 0's clock: add `offset_us` (measured at init, within `error_us`);
 //! `hetccl trace merge` does so for every file it merges.
 //!
 //! Events are kept in memory and written when a few thousand have gathered and when
-//! the communicator is dropped, so a traced call costs a clock read and a push.
+//! the communicator is dropped. A collective is kept as plain values (its schedule
+//! shared) and written as JSON by hand, not through `serde_json::Value`: tracing adds
+//! under 3 % to a collective's instructions (`scripts/trace-overhead.sh`,
+//! `docs/PERFORMANCE.md`), writing included.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use super::metrics::{phase_spans, LinkClass};
+use crate::algorithm::executor::{PhaseEnds, Wire};
+use crate::algorithm::Schedule;
+use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{Error, Result};
 
 /// Events kept before they are written out.
@@ -73,23 +82,59 @@ pub fn path_for(pattern: &str, rank: usize) -> PathBuf {
     PathBuf::from(pattern.replace("%r", &rank.to_string()))
 }
 
-/// One complete event.
-struct Event {
+/// One complete event of the program's ([`Span`]).
+struct SpanEvent {
     name: Cow<'static, str>,
     cat: &'static str,
     start: Instant,
     dur: Duration,
-    tid: u32,
     args: Map<String, Value>,
+}
+
+/// One collective, as the call recorded it: plain values, its schedule shared, no
+/// formatting and no allocation (an error's text and a compressed call's links aside).
+/// Its span and its phases' spans are written from it later ([`write_call`]).
+pub(crate) struct CallEvent {
+    pub(crate) op: CollectiveOp,
+    pub(crate) seq: u64,
+    pub(crate) count: u64,
+    pub(crate) dtype: DataType,
+    pub(crate) redop: ReduceOp,
+    pub(crate) path: &'static str,
+    pub(crate) sched: Option<Arc<Schedule>>,
+    pub(crate) wire: Option<Wire>,
+    /// The class of the link to each peer.
+    pub(crate) classes: Arc<[Option<LinkClass>]>,
+    pub(crate) error: Option<String>,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+    pub(crate) phase_end: PhaseEnds,
+    /// Its waits on each peer: `(peer, nanoseconds)` in the buffer's `waits`.
+    pub(crate) waits: Range<usize>,
+}
+
+enum Kind {
+    Span(SpanEvent),
+    Call(CallEvent),
+}
+
+struct Event {
+    tid: u32,
+    kind: Kind,
 }
 
 struct Buf {
     events: Vec<Event>,
     out: Option<BufWriter<File>>,
-    /// Threads whose name is written already.
-    named: HashSet<u32>,
+    /// Threads whose name is written already (a handful).
+    named: Vec<u32>,
     /// Metadata lines not written yet.
     meta: Vec<Value>,
+    /// The line being written, kept for its capacity.
+    line: Vec<u8>,
+    /// The calls' waits on peers they waited on, `(peer, nanoseconds)`; each call holds
+    /// its range. Kept for its capacity like the events.
+    waits: Vec<(u32, u64)>,
 }
 
 /// The trace of one rank: its events in memory, and the file they go to.
@@ -162,8 +207,10 @@ impl Tracer {
             buf: Mutex::new(Buf {
                 events: Vec::with_capacity(FLUSH_EVERY),
                 out: Some(out),
-                named: HashSet::new(),
+                named: Vec::new(),
                 meta: Vec::new(),
+                line: Vec::new(),
+                waits: Vec::new(),
             }),
         })
     }
@@ -200,25 +247,46 @@ impl Tracer {
         end: Instant,
         args: Map<String, Value>,
     ) {
-        let ev = Event {
+        self.push(Kind::Span(SpanEvent {
             name: name.into(),
             cat,
             start,
             dur: end.saturating_duration_since(start),
-            tid: thread_id(),
             args,
-        };
+        }));
+    }
+
+    /// Records a collective on the calling thread, with its wait on each peer
+    /// (indexed by rank; empty when it ran on no links).
+    pub(crate) fn call(&self, mut c: CallEvent, waits: &[Duration]) {
         let mut b = self.lock();
-        if b.named.insert(ev.tid) {
+        let from = b.waits.len();
+        for (p, d) in waits.iter().enumerate().filter(|(_, d)| !d.is_zero()) {
+            b.waits
+                .push((p as u32, d.as_nanos().min(u128::from(u64::MAX)) as u64));
+        }
+        c.waits = from..b.waits.len();
+        self.push_locked(b, Kind::Call(c));
+    }
+
+    fn push(&self, kind: Kind) {
+        let b = self.lock();
+        self.push_locked(b, kind);
+    }
+
+    fn push_locked(&self, mut b: std::sync::MutexGuard<'_, Buf>, kind: Kind) {
+        let tid = thread_id();
+        if !b.named.contains(&tid) {
+            b.named.push(tid);
             let t = std::thread::current();
             let name = t
                 .name()
-                .map_or_else(|| format!("thread {}", ev.tid), str::to_string);
+                .map_or_else(|| format!("thread {tid}"), str::to_string);
             b.meta
                 .push(json!({"ph": "M", "name": "thread_name", "pid": self.rank,
-                               "tid": ev.tid, "args": {"name": name}}));
+                               "tid": tid, "args": {"name": name}}));
         }
-        b.events.push(ev);
+        b.events.push(Event { tid, kind });
         if b.events.len() >= FLUSH_EVERY {
             self.write_out(&mut b);
         }
@@ -243,11 +311,17 @@ impl Tracer {
 
     fn write_out(&self, b: &mut Buf) {
         let Buf {
-            events, out, meta, ..
+            events,
+            out,
+            meta,
+            line: text,
+            waits,
+            ..
         } = b;
         let Some(w) = out.as_mut() else {
             events.clear();
             meta.clear();
+            waits.clear();
             return;
         };
         let written = (|| -> std::io::Result<()> {
@@ -255,21 +329,34 @@ impl Tracer {
                 line(w, &m)?;
             }
             for e in events.drain(..) {
-                let mut v = json!({
-                    "ph": "X", "name": e.name, "cat": e.cat, "ts": micros(e.start),
-                    "dur": e.dur.as_nanos() as f64 / 1e3, "pid": self.rank, "tid": e.tid,
-                });
-                if !e.args.is_empty() {
-                    v["args"] = Value::Object(e.args);
+                match e.kind {
+                    Kind::Span(s) => {
+                        let mut v = json!({
+                            "ph": "X", "name": s.name, "cat": s.cat, "ts": micros(s.start),
+                            "dur": s.dur.as_nanos() as f64 / 1e3, "pid": self.rank,
+                            "tid": e.tid,
+                        });
+                        if !s.args.is_empty() {
+                            v["args"] = Value::Object(s.args);
+                        }
+                        line(w, &v)?;
+                    }
+                    Kind::Call(c) => {
+                        text.clear();
+                        let waited = waits.get(c.waits.clone()).unwrap_or(&[]);
+                        write_call(text, &c, waited, self.rank, e.tid);
+                        w.write_all(text)?;
+                    }
                 }
-                line(w, &v)?;
             }
+            waits.clear();
             w.flush()
         })();
         if let Err(e) = written {
             // A trace that cannot be written must not fail the job: say so once.
             *out = None;
             events.clear();
+            waits.clear();
             self.failed(e);
         }
     }
@@ -288,6 +375,170 @@ impl Tracer {
 fn line(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     w.write_all(b",\n")?;
     serde_json::to_writer(&mut *w, v).map_err(std::io::Error::other)
+}
+
+/// `00` to `99`, two bytes each: numbers are written two digits a step.
+const PAIRS: &[u8; 200] = b"00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
+/// Appends `v` in decimal.
+fn uint(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    while v >= 100 {
+        let d = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+    }
+    if v >= 10 {
+        let d = v as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+    } else {
+        i -= 1;
+        digits[i] = b'0' + v as u8;
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Nanoseconds of the trace clock at `t`, in integers: cheaper to write than `f64`.
+fn nanos(t: Instant, epoch: Instant) -> u64 {
+    let d = t.saturating_duration_since(epoch);
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
+/// Appends `ns` nanoseconds as microseconds with three decimals, as the format counts
+/// time.
+fn micros_of(out: &mut Vec<u8>, ns: u64) {
+    uint(out, ns / 1000);
+    let frac = (ns % 1000) as usize;
+    let d = frac % 100 * 2;
+    out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, PAIRS[d], PAIRS[d + 1]]);
+}
+
+/// Appends `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
+/// nanoseconds).
+fn times(out: &mut Vec<u8>, a: u64, b: u64, rank: usize, tid: u32) {
+    out.extend_from_slice(b"\"ts\":");
+    micros_of(out, a);
+    out.extend_from_slice(b",\"dur\":");
+    micros_of(out, b.saturating_sub(a));
+    out.extend_from_slice(b",\"pid\":");
+    uint(out, rank as u64);
+    out.extend_from_slice(b",\"tid\":");
+    uint(out, u64::from(tid));
+}
+
+/// Appends `"key":"value"` (`key` given with its quotes and colon) for a value of the
+/// runtime's own naming, which needs no escaping (operation, type, algorithm and format
+/// names).
+fn name_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
+    out.extend_from_slice(key);
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+/// Appends a peer as the per-peer arguments name it: `P (CLASS)`.
+fn peer_key(out: &mut Vec<u8>, p: usize, classes: &[Option<LinkClass>]) {
+    let class = classes
+        .get(p)
+        .copied()
+        .flatten()
+        .map_or("?", LinkClass::name);
+    uint(out, p as u64);
+    out.extend_from_slice(b" (");
+    out.extend_from_slice(class.as_bytes());
+    out.push(b')');
+}
+
+/// The lines of one collective: its span, then one per phase, each after the `,\n`
+/// that ends the line before (as [`line`] writes them). Written by hand rather than
+/// through `serde_json::Value`, which would cost the call more than the 3 % of its
+/// instructions `docs/PERFORMANCE.md` holds the trace to.
+fn write_call(out: &mut Vec<u8>, c: &CallEvent, waited: &[(u32, u64)], rank: usize, tid: u32) {
+    let op = c.op.name();
+    let epoch = epoch();
+    out.reserve(1024);
+    out.extend_from_slice(b",\n{\"ph\":\"X\",");
+    name_field(out, b"\"name\":", op);
+    out.extend_from_slice(b",\"cat\":\"collective\",");
+    times(out, nanos(c.start, epoch), nanos(c.end, epoch), rank, tid);
+    out.extend_from_slice(b",\"args\":{\"seq\":");
+    uint(out, c.seq);
+    out.extend_from_slice(b",\"bytes\":");
+    uint(out, c.count.saturating_mul(c.dtype.size() as u64));
+    out.extend_from_slice(b",\"count\":");
+    uint(out, c.count);
+    out.push(b',');
+    name_field(out, b"\"dtype\":", c.dtype.name());
+    out.push(b',');
+    name_field(out, b"\"redop\":", c.redop.name());
+    out.push(b',');
+    name_field(out, b"\"path\":", c.path);
+    if let Some(s) = &c.sched {
+        out.push(b',');
+        name_field(out, b"\"algorithm\":", s.algo);
+        // Bytes per peer as the link carried them, and the peer's link class.
+        let per_peer = |out: &mut Vec<u8>, key: &str, list: &[(usize, u64)]| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":{");
+            for (i, &(p, b)) in list.iter().enumerate() {
+                let b = match &c.wire {
+                    Some(w) if w.peers.get(p).copied().unwrap_or(false) => b / 2,
+                    _ => b,
+                };
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.push(b'"');
+                peer_key(out, p, &c.classes);
+                out.extend_from_slice(b"\":");
+                uint(out, b);
+            }
+            out.push(b'}');
+        };
+        per_peer(out, "sent", &s.sent_to);
+        per_peer(out, "received", &s.received_from);
+        // Microseconds spent waiting on each peer, peers never waited on left out.
+        out.extend_from_slice(b",\"waited_us\":{");
+        for (i, &(p, ns)) in waited.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'"');
+            peer_key(out, p as usize, &c.classes);
+            out.extend_from_slice(b"\":");
+            micros_of(out, ns);
+        }
+        out.push(b'}');
+    }
+    out.push(b',');
+    name_field(
+        out,
+        b"\"compression\":",
+        c.wire.as_ref().map_or("off", |w| w.format.name()),
+    );
+    if let Some(e) = &c.error {
+        out.extend_from_slice(b",\"error\":");
+        // The one free text: escaped by the JSON writer. Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, e);
+    }
+    out.extend_from_slice(b"}}");
+    for (p, a, b) in phase_spans(c.start, c.end, &c.phase_end) {
+        out.extend_from_slice(b",\n{\"ph\":\"X\",");
+        name_field(out, b"\"name\":", p.name());
+        out.extend_from_slice(b",\"cat\":\"phase\",");
+        times(out, nanos(a, epoch), nanos(b, epoch), rank, tid);
+        out.extend_from_slice(b",\"args\":{");
+        name_field(out, b"\"op\":", op);
+        out.extend_from_slice(b",\"seq\":");
+        uint(out, c.seq);
+        out.extend_from_slice(b"}}");
+    }
 }
 
 /// A span of the program's own (forward, backward, optimizer, ...), recorded when it is
@@ -389,6 +640,25 @@ mod tests {
         let clock = cut.iter().find(|e| e["name"] == "hetccl_clock").unwrap();
         assert_eq!(clock["args"]["offset_us"], 12.5);
         assert_eq!(clock["args"]["world_size"], 4);
+    }
+
+    #[test]
+    fn numbers_are_written_as_rust_formats_them() {
+        for v in [0u64, 7, 10, 99, 100, 101, 12_345, 1_000_000_007, u64::MAX] {
+            let mut out = Vec::new();
+            uint(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        for (ns, text) in [
+            (0u64, "0.000"),
+            (5, "0.005"),
+            (1_234_567, "1234.567"),
+            (90_010, "90.010"),
+        ] {
+            let mut out = Vec::new();
+            micros_of(&mut out, ns);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
     }
 
     #[test]

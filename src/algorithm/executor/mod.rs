@@ -7,8 +7,10 @@
 //! straight into their destination as they arrive (no staging copy of the message).
 //!
 //! While nothing moves the executor spins briefly, then yields, then sleeps in short
-//! steps; it asks silent links whether their peer is still alive and gives up after
-//! the configured timeout with an error naming the peer it was waiting for, and what
+//! steps (while tracing, each such stretch counts as a wait on the peer it is blocked
+//! on, `observe::waits`); it asks silent links whether their peer is still alive and
+//! gives up after the configured timeout with an error naming the peer it was waiting
+//! for, and what
 //! the link sees of it (a stopped process), or that it may itself be waiting further
 //! along. A peer that gave up and said why becomes
 //! [`Error::PeerGaveUp`](crate::error::Error::PeerGaveUp), with the peer this rank was
@@ -40,10 +42,12 @@ mod staging;
 pub(crate) mod wait;
 
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use super::schedule::Schedule;
 use crate::compression::OverflowStats;
 use crate::error::Result;
+use crate::observe::LinkWaits;
 use crate::reduce;
 use crate::transport::Link;
 use blocks::BlockTracker;
@@ -68,6 +72,7 @@ pub struct Job<'a> {
     passes: Option<&'a mut dyn BlockPasses>,
     cancel: Option<&'a AtomicBool>,
     phase_end: Option<&'a mut PhaseEnds>,
+    waits: Option<&'a mut [Duration]>,
 }
 
 impl<'a> Job<'a> {
@@ -82,7 +87,14 @@ impl<'a> Job<'a> {
             passes: None,
             cancel: None,
             phase_end: None,
+            waits: None,
         }
+    }
+
+    /// The run adds the time it waited on each peer into `per_peer` (by rank).
+    pub fn link_waits(mut self, per_peer: Option<&'a mut [Duration]>) -> Self {
+        self.waits = per_peer;
+        self
     }
 
     /// A run that completes writes into `ends` when each phase of the schedule ended.
@@ -137,7 +149,9 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
         passes,
         cancel,
         phase_end,
+        waits,
     } = job;
+    let mut waits = waits.map(LinkWaits::new);
     let deps = Deps::new(sched, links, bufs)?;
     let blocks = passes.map(|p| BlockTracker::new(p, sched, bufs.output_len));
     // Forwarding needs the receive to write exactly what the send carries: not with
@@ -171,7 +185,13 @@ pub fn execute(links: &mut [Option<Box<dyn Link>>], job: Job<'_>) -> Result<Over
             }
             if progressed {
                 wait.progressed();
+                if let Some(w) = waits.as_mut() {
+                    w.moved();
+                }
                 continue;
+            }
+            if let Some(w) = waits.as_mut() {
+                w.stalled(|| run.deps.blocked_on(&run.active).0);
             }
             // Nothing moved: spin, yield, or sleep on the links' sockets; then, now and
             // again, the cancel flag, the peers and the timeout.

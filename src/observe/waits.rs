@@ -1,0 +1,66 @@
+//! How long a run of the executor waited on each peer, for the trace: a stretch in
+//! which nothing moved counts for the peer the executor was blocked on when it began
+//! (the first receive that could start, else the first send; as a timeout names it).
+//! Kept only while tracing: two clock reads per stretch, nothing per message.
+
+use std::time::{Duration, Instant};
+
+/// The waits of one run, added into a slot per peer.
+pub struct LinkWaits<'a> {
+    per_peer: &'a mut [Duration],
+    /// The stretch under way: when it began and on whom.
+    since: Option<(Instant, usize)>,
+}
+
+impl<'a> LinkWaits<'a> {
+    /// Adds this run's waits into `per_peer` (indexed by rank).
+    pub fn new(per_peer: &'a mut [Duration]) -> Self {
+        LinkWaits {
+            per_peer,
+            since: None,
+        }
+    }
+
+    /// A poll found nothing to do: a stretch starts, unless one is under way, waiting
+    /// on `peer()`. Never inlined, so that `scripts/trace-overhead.sh` can count it: it
+    /// is called only while tracing.
+    #[inline(never)]
+    pub fn stalled(&mut self, peer: impl FnOnce() -> usize) {
+        if self.since.is_none() {
+            self.since = Some((Instant::now(), peer()));
+        }
+    }
+
+    /// Something moved: the stretch under way, if any, is over. Never inlined, as
+    /// [`LinkWaits::stalled`].
+    #[inline(never)]
+    pub fn moved(&mut self) {
+        if let Some((t, p)) = self.since.take() {
+            if let Some(slot) = self.per_peer.get_mut(p) {
+                *slot += t.elapsed();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stretch_counts_once_for_the_peer_it_began_on() {
+        let mut slots = [Duration::ZERO; 3];
+        let mut w = LinkWaits::new(&mut slots);
+        w.moved();
+        w.stalled(|| 2);
+        std::thread::sleep(Duration::from_millis(20));
+        // Later polls of the same stretch do not restart it nor change its peer.
+        w.stalled(|| 1);
+        w.moved();
+        w.moved();
+        assert_eq!(slots[0], Duration::ZERO);
+        assert_eq!(slots[1], Duration::ZERO);
+        assert!(slots[2] >= Duration::from_millis(20), "{slots:?}");
+        assert!(slots[2] < Duration::from_secs(5), "{slots:?}");
+    }
+}
