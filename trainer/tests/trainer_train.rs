@@ -545,9 +545,12 @@ fn metrics_carry_every_ranks_times_and_a_second_plot_shows_them() {
         );
         ratios.push(compute[1] / compute[0]);
     }
-    // Rank 1 sleeps twice its compute: three times rank 0's in the median step.
+    // Rank 1 sleeps twice its compute: about three times rank 0's in the median step on a
+    // quiet machine. Steps here take milliseconds, so a rank preempted by the other tests
+    // of this file moves single ratios a lot (1.3-2.1 seen under load); swapped or copied
+    // slots would give 1/3 or exactly 1.
     ratios.sort_by(f64::total_cmp);
-    assert!(ratios[3] > 1.5, "rank 1 / rank 0 compute: {ratios:?}");
+    assert!(ratios[3] > 1.2, "rank 1 / rank 0 compute: {ratios:?}");
     // Word frequencies of this slice of tinyshakespeare: 6.45 nats (ln 30522 = 10.33 for
     // a model that knows nothing).
     assert!(
