@@ -1,5 +1,8 @@
 //! Two processes linked by hetccl's communicator (started by `hetccl run`) make the same
-//! updates as one process with the whole batch.
+//! updates as one process with the whole batch; traced (`HETCCL_TRACE`), every rank's
+//! timeline has the trainer's spans (data, forward, backward per gradient bucket,
+//! optimizer) and each bucket's all-reduce, recorded by the communicator on the thread
+//! that runs it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -197,5 +200,62 @@ fn compressed_run_resumes_bit_for_bit_with_its_residuals() {
     );
     let other = checkpoint::load(&dir.join("lost.ckpt")).unwrap();
     assert_ne!(full.params, other.params);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_traced_run_shows_the_spans_of_each_step_and_the_bucket_all_reduces() {
+    let dir = scratch("trace");
+    let bert = env!("CARGO_BIN_EXE_hetccl-bert");
+    let pattern = format!("{}/bert-%r.json", dir.display());
+    let two = Command::new(launcher())
+        .args(["run", "-n", "2", "--", bert])
+        .args(args(&dir, "two"))
+        .env("HETCCL_TRACE", &pattern)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&two.stdout);
+    assert!(
+        two.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    for r in 0..2 {
+        let path = dir.join(format!("bert-{r}.json"));
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let named = |n: &str| -> Vec<&serde_json::Value> {
+            events
+                .iter()
+                .filter(|e| e["ph"] == "X" && e["name"] == n)
+                .collect()
+        };
+        // 3 steps of one micro-batch each.
+        for n in ["data", "forward", "optimizer"] {
+            assert_eq!(named(n).len(), 3, "rank {r}: {n}");
+        }
+        let backward = named("backward");
+        let buckets = backward.iter().filter(|e| e["args"]["step"] == 0).count();
+        assert!(buckets >= 2, "rank {r}: {buckets} backward spans in step 0");
+        assert_eq!(backward.len(), 3 * buckets, "rank {r}");
+        for (i, b) in backward.iter().take(buckets).enumerate() {
+            assert_eq!(b["args"]["bucket"], i, "rank {r}");
+        }
+        // Each bucket's all-reduce (and one of the loss counters per step), on the
+        // progress thread, not the one running backward.
+        let reduces: Vec<&serde_json::Value> = named("all_reduce")
+            .into_iter()
+            .filter(|e| e["args"]["dtype"] == "f32")
+            .collect();
+        assert!(
+            reduces.len() >= 3 * (buckets - 1),
+            "rank {r}: {} all-reduces",
+            reduces.len()
+        );
+        assert!(
+            reduces.iter().any(|e| e["tid"] != backward[0]["tid"]),
+            "rank {r}: no all-reduce off the backward thread"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
