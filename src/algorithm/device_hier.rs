@@ -199,22 +199,11 @@ impl DeviceHierPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::hierarchical::tests::shape;
     use crate::algorithm::sim::{run, SimRank};
     use crate::dtype::{DataType, ReduceOp};
 
     const CHUNK: usize = 256;
-
-    fn shape(sizes: &[usize]) -> Vec<Vec<usize>> {
-        let mut next = 0;
-        sizes
-            .iter()
-            .map(|&g| {
-                let v: Vec<usize> = (next..next + g).collect();
-                next += g;
-                v
-            })
-            .collect()
-    }
 
     /// Values whose sums round (not small integers), different on every rank.
     fn input(rank: usize, count: usize) -> Vec<f32> {

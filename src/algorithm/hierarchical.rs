@@ -190,13 +190,14 @@ pub fn inter_node_bytes_per_node(nodes: usize, bytes: usize) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::algorithm::schedule::{BufId, OpKind, Schedule};
     use crate::algorithm::sim::{run, SimRank};
     use crate::dtype::{DataType, ReduceOp};
 
-    fn shape(sizes: &[usize]) -> Vec<Vec<usize>> {
+    /// Nodes of the given sizes, ranks numbered node by node.
+    pub(crate) fn shape(sizes: &[usize]) -> Vec<Vec<usize>> {
         let mut next = 0;
         sizes
             .iter()
