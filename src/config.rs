@@ -426,6 +426,15 @@ impl Config {
         Self::from_vars(&vars)
     }
 
+    /// Like [`Config::from_env`], with `overrides` (name, value) laid over the process
+    /// environment: the settings of one communicator (the C API's
+    /// `hetcclCommInitRankSettings`).
+    pub fn from_env_with(overrides: &[(String, String)]) -> Result<Self> {
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        vars.extend(overrides.iter().cloned());
+        Self::from_vars(&vars)
+    }
+
     /// Like [`Config::from_env`], from an explicit map (used by tests and the C API).
     pub fn from_vars(map: &HashMap<String, String>) -> Result<Self> {
         let v = Vars(map);

@@ -215,15 +215,15 @@ pub unsafe extern "C" fn hetcclCommInitRankSettings(
     unsafe { init_rank(F, comm, nranks, commId, rank, text) }
 }
 
-/// `HETCCL_NAME=value` lines over the process environment.
-fn settings_over_env(
+/// The `HETCCL_NAME=value` lines of one communicator's settings, checked.
+fn parse_settings(
     func: &'static str,
     text: &std::ffi::CStr,
-) -> Result<std::collections::HashMap<String, String>, Failure> {
+) -> Result<Vec<(String, String)>, Failure> {
     let text = text
         .to_str()
         .map_err(|_| Failure::invalid(func, "settings are not UTF-8"))?;
-    let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let mut vars = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let (k, v) = line.split_once('=').ok_or_else(|| {
             Failure::invalid(func, format!("setting {line:?} is not HETCCL_NAME=value"))
@@ -238,7 +238,7 @@ fn settings_over_env(
                 ),
             ));
         }
-        vars.insert(k.to_string(), v.trim().to_string());
+        vars.push((k.to_string(), v.trim().to_string()));
     }
     Ok(vars)
 }
@@ -273,7 +273,7 @@ unsafe fn init_rank(
             let ticket = JobTicket::decode(F, &commId)?;
             let mut cfg = match settings {
                 None => Config::from_env()?,
-                Some(text) => Config::from_vars(&settings_over_env(F, text)?)?,
+                Some(text) => Config::from_env_with(&parse_settings(F, text)?)?,
             };
             ticket.apply(F, &mut cfg, r, n)?;
             Ok(PendingInit {
