@@ -4,8 +4,9 @@
     torch.distributed.init_process_group(backend="hetccl")
 
 CPU tensors: all_reduce (sum, avg, product, min, max), broadcast, reduce, all_gather,
-all_gather_into_tensor, reduce_scatter_tensor, barrier, send/recv (tag 0). Every call
-returns at once; the calls run on one backend thread per process group, in the order
+all_gather_into_tensor, reduce_scatter_tensor, barrier, send/recv (tag 0),
+batch_isend_irecv and the coalescing manager (one hetccl group, so rings of sends and
+receives cannot deadlock), all_to_all_single, all_to_all. Every call returns at once; the calls run on one backend thread per process group, in the order
 issued, and ``wait()`` raises hetccl's error as ``torch.distributed.DistBackendError``.
 
 Rendezvous: rank 0 of each process group makes a hetccl unique id; the job key never

@@ -152,6 +152,69 @@ def collectives(rank, n):
     return checked
 
 
+def grouped_exchanges(rank, n):
+    """batch_isend_irecv rings, all_to_all_single and all_to_all, through hetccl and Gloo."""
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    het = dist.new_group(backend="hetccl")
+    glo = dist.new_group(backend="gloo")
+    right, left = (rank + 1) % n, (rank - 1) % n
+    checked = []
+
+    def exchange(group):
+        # Both directions of the ring at once; 4 MiB outgrows every link's buffering, so
+        # run in call order (send before receive on every rank) these would deadlock.
+        big = torch.arange(1 << 20, dtype=torch.float32) + 1000 * rank
+        small = torch.arange(7, dtype=torch.int64) * (rank + 1)
+        from_left = torch.zeros(1 << 20, dtype=torch.float32)
+        from_right = torch.zeros(7, dtype=torch.int64)
+        ops = [dist.P2POp(dist.isend, big, right, group),
+               dist.P2POp(dist.irecv, from_left, left, group),
+               dist.P2POp(dist.isend, small, left, group),
+               dist.P2POp(dist.irecv, from_right, right, group)]
+        works = dist.batch_isend_irecv(ops)
+        for w in works:
+            w.wait()
+        # all_to_all_single with uneven splits: rank r sends r + p + 1 rows of 3 to p.
+        ins = [r + rank + 1 for r in range(n)]
+        outs = [rank + r + 1 for r in range(n)]
+        x = torch.cat([torch.full((k, 3), 100.0 * rank + p) for p, k in enumerate(ins)])
+        y = torch.zeros(sum(outs), 3)
+        dist.all_to_all_single(y, x, outs, ins, group=group)
+        # all_to_all_single in equal blocks, and all_to_all of lists.
+        e = torch.arange(2 * n, dtype=torch.int32) + 10 * rank
+        f = torch.zeros(2 * n, dtype=torch.int32)
+        dist.all_to_all_single(f, e, group=group)
+        li = [torch.full((3,), float(rank * n + p), dtype=torch.float64) for p in range(n)]
+        lo = [torch.zeros(3, dtype=torch.float64) for _ in range(n)]
+        dist.all_to_all(lo, li, group=group)
+        # _coalescing_manager's fast path: one allreduce_coalesced of both tensors.
+        c1, c2 = torch.full((5,), rank + 1.0), torch.full((3,), 2.0 * rank)
+        with dist._coalescing_manager(group=group, async_ops=True) as cm:
+            dist.all_reduce(c1, group=group)
+            dist.all_reduce(c2, group=group)
+        cm.wait()
+        return [from_left, from_right, y, f, torch.cat(lo), torch.cat([c1, c2])]
+
+    got, want = exchange(het), exchange(glo)
+    names = ["ring right", "ring left", "all_to_all_single uneven", "all_to_all_single",
+             "all_to_all", "coalesced all_reduce"]
+    for a, b, name in zip(got, want, names):
+        if not torch.equal(a, b):
+            raise AssertionError(f"{name}: hetccl {a.tolist()[:8]} != gloo {b.tolist()[:8]}")
+        checked.append(name)
+    # The closed forms, so that agreeing with Gloo is not agreeing on nothing.
+    if not torch.equal(got[0][:3], torch.tensor([0.0, 1.0, 2.0]) + 1000 * left):
+        raise AssertionError(f"ring right: {got[0][:3].tolist()} from rank {left}")
+    if not torch.equal(got[1], torch.arange(7, dtype=torch.int64) * (right + 1)):
+        raise AssertionError(f"ring left: {got[1].tolist()} from rank {right}")
+    if got[2][:, 0].tolist() != [100.0 * p + rank for p in range(n) for _ in range(rank + p + 1)]:
+        raise AssertionError(f"all_to_all_single uneven: {got[2][:, 0].tolist()}")
+    if got[5].tolist() != [n * (n + 1) / 2] * 5 + [float(n * (n - 1))] * 3:
+        raise AssertionError(f"coalesced all_reduce: {got[5].tolist()}")
+    dist.destroy_process_group()
+    return checked
+
+
 def mismatched_shapes(rank, n):
     dist.init_process_group("hetccl", rank=rank, world_size=n)
     t = torch.ones(4 + 4 * rank)
@@ -253,6 +316,20 @@ class Backend(unittest.TestCase):
 
     def test_collectives_match_gloo_on_4_ranks(self):
         self.check_collectives(4)
+
+    def check_grouped(self, n):
+        res = run_ranks(grouped_exchanges, n)
+        for r, x in enumerate(res):
+            self.assertIn("ok", x, f"rank {r}: {x}")
+            self.assertEqual(x["ok"], ["ring right", "ring left", "all_to_all_single uneven",
+                                       "all_to_all_single", "all_to_all",
+                                       "coalesced all_reduce"])
+
+    def test_grouped_point_to_point_matches_gloo_on_2_ranks(self):
+        self.check_grouped(2)
+
+    def test_grouped_point_to_point_matches_gloo_on_4_ranks(self):
+        self.check_grouped(4)
 
     def test_mismatched_shapes_raise_on_every_rank(self):
         res = run_ranks(mismatched_shapes, 2, env={"HETCCL_TIMEOUT": "20"})
