@@ -19,6 +19,12 @@ travels through PyTorch's store (which is not authenticated).
 - otherwise ``HETCCL_JOB_KEY`` (the same secret on every rank) is required: the store
   carries an id without a key, and each rank proves the key from its own environment.
 
+Timeout: the process group's ``timeout`` (``init_process_group(..., timeout=...)``,
+``new_group``) is hetccl's ``HETCCL_TIMEOUT`` for it: a call that waits longer than that
+for a peer fails with hetccl's message naming the peer. ``HETCCL_TIMEOUT`` in the
+environment applies where the program left torch's default (30 minutes); a
+``HETCCL_TIMEOUT`` in ``Options.settings`` wins over both.
+
 Per process group options: ``pg_options=hetccl_torch.Options(compress="all",
 compress_format="bf16")`` (``HETCCL_COMPRESS`` semantics: f32 sums and averages travel
 as 16-bit values), or any ``HETCCL_*`` setting in ``settings``; the rest comes from the
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from ._build import find_library, load_extension
 
@@ -51,16 +58,37 @@ class Options:
     compress_format: str = None  # "fp16" | "bf16", as HETCCL_COMPRESS_FORMAT
     settings: dict = field(default_factory=dict)  # other HETCCL_* settings
 
-    def text(self):
+    def as_dict(self):
         s = dict(self.settings)
         if self.compress is not None:
             s["HETCCL_COMPRESS"] = self.compress
         if self.compress_format is not None:
             s["HETCCL_COMPRESS_FORMAT"] = self.compress_format
-        for k, v in s.items():
-            if "\n" in f"{k}{v}" or "=" in k:
-                raise ValueError(f"hetccl_torch.Options: bad setting {k!r}={v!r}")
-        return "\n".join(f"{k}={v}" for k, v in s.items())
+        return s
+
+
+def _settings_text(settings):
+    for k, v in settings.items():
+        if "\n" in f"{k}{v}" or "=" in k:
+            raise ValueError(f"hetccl_torch.Options: bad setting {k!r}={v!r}")
+    return "\n".join(f"{k}={v}" for k, v in settings.items())
+
+
+# hetccl's accepted HETCCL_TIMEOUT range (src/config.rs): a longer torch timeout is
+# as good as none, so it is cut to the longest hetccl takes.
+_MIN_TIMEOUT_S, _MAX_TIMEOUT_S = 0.001, 7 * 24 * 3600.0
+
+
+def _timeout_setting(settings, timeout):
+    """HETCCL_TIMEOUT from the process group's ``timeout`` (init_process_group,
+    new_group), unless pg_options name it, or the program left torch's default and the
+    environment sets HETCCL_TIMEOUT: an explicit argument wins over the environment."""
+    if "HETCCL_TIMEOUT" in settings or timeout is None:
+        return settings
+    if timeout == default_pg_timeout and os.environ.get("HETCCL_TIMEOUT"):
+        return settings
+    secs = min(max(timeout.total_seconds(), _MIN_TIMEOUT_S), _MAX_TIMEOUT_S)
+    return {**settings, "HETCCL_TIMEOUT": repr(secs)}
 
 
 def _host_identity():
@@ -116,7 +144,8 @@ def _create(opts, backend_options):
             "hetccl backend: pg_options must be hetccl_torch.Options, not "
             f"{type(backend_options).__name__}"
         )
-    settings = backend_options.text() if backend_options is not None else ""
+    settings = backend_options.as_dict() if backend_options is not None else {}
+    settings = _settings_text(_timeout_setting(settings, getattr(opts, "timeout", None)))
     key_env = bool(os.environ.get("HETCCL_JOB_KEY"))
 
     store.set(f"hetccl/host/{rank}", _host_identity())

@@ -247,6 +247,31 @@ def dead_rank(rank, n):
     return {"error": None}
 
 
+def silent_peer(rank, n):
+    """Rank 1 never makes the second call; rank 0's waits for it as long as the process
+    group's timeout (4 s), not HETCCL_TIMEOUT's 300 s from the environment."""
+    from datetime import timedelta
+
+    dist.init_process_group("hetccl", rank=rank, world_size=n, timeout=timedelta(seconds=4))
+    store = dist.distributed_c10d._get_default_store()
+    dist.all_reduce(torch.ones(8))
+    if rank == 1:
+        # Alive and silent until rank 0 is done (the store is not hetccl's).
+        store.wait(["silent_peer/done"], timedelta(seconds=120))
+        store.set("silent_peer/seen", "1")
+        return None
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(8))
+        out = {"error": None}
+    except dist.DistBackendError as e:
+        out = {"error": str(e), "seconds": time.monotonic() - t0}
+    store.set("silent_peer/done", "1")
+    # Rank 0 serves the store: it stays until rank 1 has read it.
+    store.wait(["silent_peer/seen"], timedelta(seconds=120))
+    return out
+
+
 def compressed(rank, n):
     import hetccl_torch
 
@@ -350,6 +375,18 @@ class Backend(unittest.TestCase):
         self.assertIsNotNone(out["error"], res)
         self.assertIn("peer 1 is gone during all_reduce", out["error"])
         self.assertLess(out["seconds"], 30, out)
+
+    def test_the_process_group_timeout_is_hetccls(self):
+        res = run_ranks(silent_peer, 2, env={"HETCCL_TIMEOUT": "300"})
+        self.assertEqual(res[1], {"ok": None}, res)
+        out = res[0]["ok"]
+        self.assertIsNotNone(out["error"], res)
+        self.assertTrue(out["error"].startswith("hetccl: hetcclAllReduce failed ("), out)
+        self.assertRegex(out["error"],
+                         r"rank 0: all_reduce #1 timed out after 4(\.\d+)?s waiting for peer 1 ")
+        # Not before the timeout, and well before HETCCL_TIMEOUT's 300 s.
+        self.assertGreater(out["seconds"], 3.5, out)
+        self.assertLess(out["seconds"], 4 + 10, out)
 
     def test_compression_is_a_process_group_option(self):
         res = run_ranks(compressed, 2)
