@@ -20,10 +20,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DTYPES = [torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-          torch.float32, torch.float64]
+# Every dtype torch and hetccl share. Gloo has no unsigned types wider than 8 bits: for
+# those its side of the comparison runs on int64 copies of the same values.
+DTYPES = [torch.int8, torch.uint8, torch.int32, torch.uint32, torch.int64, torch.uint64,
+          torch.float16, torch.bfloat16, torch.float32, torch.float64]
+NOT_IN_GLOO = (torch.uint32, torch.uint64)
+# Gloo has no AVG: its side is a sum divided by the world size (integer division for
+# integer dtypes, as hetccl's AVG).
 OPS = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
-       "max": dist.ReduceOp.MAX}
+       "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}
 
 
 def free_port():
@@ -75,12 +80,13 @@ def run_ranks(fn, n, env=None, timeout=240):
     return results
 
 
-def values(rank, n, dtype, numel=37):
+def values(rank, n, dtype, numel=37, plus=0):
     # Small integers: every sum, product, min and max is exact in every dtype compared.
+    # Built in int64 (unsigned tensors of 32 and 64 bits have few arithmetic ops).
     base = torch.arange(numel, dtype=torch.int64) % 3 + 1 + (rank % 2)
     if dtype in (torch.int8, torch.uint8):
         base = base % 2 + 1
-    return base.to(dtype)
+    return (base + plus).to(dtype)
 
 
 def collectives(rank, n):
@@ -90,61 +96,66 @@ def collectives(rank, n):
     checked = []
 
     def same(a, b, what):
-        if not torch.equal(a, b):
+        if a.dtype != dtype:
+            raise AssertionError(f"{what}: hetccl returned {a.dtype}")
+        if not torch.equal(a.to(b.dtype), b):
             raise AssertionError(f"{what}: hetccl {a.tolist()} != gloo {b.tolist()}")
         checked.append(what)
 
+    def gloo_reduced(b, name):
+        # Gloo's result for op `name`, b already reduced with SUM where name is avg.
+        if name != "avg":
+            return b
+        return b / n if b.dtype.is_floating_point else b // n
+
     for dtype in DTYPES:
+        gdt = torch.int64 if dtype in NOT_IN_GLOO else dtype  # Gloo's side
         for name, op in OPS.items():
-            a, b = values(rank, n, dtype), values(rank, n, dtype)
+            gop = dist.ReduceOp.SUM if name == "avg" else op
+            a, b = values(rank, n, dtype), values(rank, n, gdt)
             dist.all_reduce(a, op=op, group=het)
-            dist.all_reduce(b, op=op, group=glo)
-            same(a, b, f"all_reduce {name} {dtype}")
+            dist.all_reduce(b, op=gop, group=glo)
+            same(a, gloo_reduced(b, name), f"all_reduce {name} {dtype}")
             root = n - 1
-            a, b = values(rank, n, dtype), values(rank, n, dtype)
+            a, b = values(rank, n, dtype), values(rank, n, gdt)
             dist.reduce(a, root, op=op, group=het)
-            dist.reduce(b, root, op=op, group=glo)
+            dist.reduce(b, root, op=gop, group=glo)
             if rank == root:
-                same(a, b, f"reduce {name} {dtype}")
-        if dtype.is_floating_point:
-            a, b = values(rank, n, dtype), values(rank, n, dtype)
-            dist.all_reduce(a, op=dist.ReduceOp.AVG, group=het)
-            dist.all_reduce(b, group=glo)  # Gloo has no AVG
-            same(a, b / n, f"all_reduce avg {dtype}")
-        a = values(rank, n, dtype) * 0 + rank
-        b = a.clone()
+                same(a, gloo_reduced(b, name), f"reduce {name} {dtype}")
+            big_a, big_b = values(rank, n, dtype, 6 * n), values(rank, n, gdt, 6 * n)
+            ra, rb = torch.zeros(6, dtype=dtype), torch.zeros(6, dtype=gdt)
+            dist.reduce_scatter_tensor(ra, big_a, op=op, group=het)
+            dist.reduce_scatter_tensor(rb, big_b, op=gop, group=glo)
+            same(ra, gloo_reduced(rb, name), f"reduce_scatter_tensor {name} {dtype}")
+        a, b = values(rank, n, dtype, plus=rank), values(rank, n, gdt, plus=rank)
         dist.broadcast(a, 1, group=het)
         dist.broadcast(b, 1, group=glo)
         same(a, b, f"broadcast {dtype}")
-        x = values(rank, n, dtype, 5) + rank
-        la = [torch.zeros_like(x) for _ in range(n)]
-        lb = [torch.zeros_like(x) for _ in range(n)]
+        x, y = values(rank, n, dtype, 5, plus=rank), values(rank, n, gdt, 5, plus=rank)
+        la = [torch.zeros(5, dtype=dtype) for _ in range(n)]
+        lb = [torch.zeros(5, dtype=gdt) for _ in range(n)]
         dist.all_gather(la, x, group=het)
-        dist.all_gather(lb, x, group=glo)
-        same(torch.stack(la), torch.stack(lb), f"all_gather {dtype}")
+        dist.all_gather(lb, y, group=glo)
+        same(torch.cat(la), torch.cat(lb), f"all_gather {dtype}")
         oa = torch.zeros(5 * n, dtype=dtype)
-        ob = torch.zeros(5 * n, dtype=dtype)
+        ob = torch.zeros(5 * n, dtype=gdt)
         dist.all_gather_into_tensor(oa, x, group=het)
-        dist.all_gather_into_tensor(ob, x, group=glo)
+        dist.all_gather_into_tensor(ob, y, group=glo)
         same(oa, ob, f"all_gather_into_tensor {dtype}")
-        big = values(rank, n, dtype, 6 * n)
-        ra, rb = torch.zeros(6, dtype=dtype), torch.zeros(6, dtype=dtype)
-        dist.reduce_scatter_tensor(ra, big, group=het)
-        dist.reduce_scatter_tensor(rb, big, group=glo)
-        same(ra, rb, f"reduce_scatter_tensor {dtype}")
         if rank < 2:
             s = values(rank, n, dtype, 9) if rank == 0 else torch.zeros(9, dtype=dtype)
             if rank == 0:
                 dist.send(s, 1, group=het)
             else:
                 dist.recv(s, 0, group=het)
-                same(s, values(0, n, dtype, 9), f"send/recv {dtype}")
+                same(s, values(0, n, gdt, 9), f"send/recv {dtype}")
     # Asynchronous calls complete in issue order; wait() and is_completed() follow them.
     ts = [torch.full((1 << 16,), float(rank + i)) for i in range(4)]
     works = [dist.all_reduce(t, group=het, async_op=True) for t in ts]
     works[-1].wait()
     if not all(w.is_completed() for w in works):
         raise AssertionError("an earlier call is not complete after a later one's wait()")
+    dtype = torch.float32
     for i, t in enumerate(ts):
         same(t[:3], torch.full((3,), float(sum(r + i for r in range(n)))), f"async {i}")
     dist.barrier(group=het)
@@ -235,9 +246,10 @@ def wrong_output_size(rank, n):
 
 
 def dead_rank(rank, n):
+    """Rank 1 of 2, rank 2 of 4, ends without a word after the first all_reduce."""
     dist.init_process_group("hetccl", rank=rank, world_size=n)
     dist.all_reduce(torch.ones(8))
-    if rank == 1:
+    if rank == n // 2:
         os._exit(3)
     t0 = time.monotonic()
     try:
@@ -330,11 +342,16 @@ class Backend(unittest.TestCase):
         res = run_ranks(collectives, n)
         for r, x in enumerate(res):
             self.assertIn("ok", x, f"rank {r}: {x}")
-        # Rank 0, per dtype: all_reduce x 4 ops, broadcast, two gathers, reduce-scatter;
-        # avg for the 4 float dtypes; the 4 asynchronous calls.
-        self.assertEqual(len(res[0]["ok"]), 8 * (4 + 4) + 4 + 4)
-        self.assertIn("reduce sum torch.bfloat16", res[n - 1]["ok"])
-        self.assertIn("send/recv torch.int64", res[1]["ok"])
+        # Rank 0, per dtype: all_reduce and reduce_scatter_tensor x 5 ops, broadcast,
+        # two gathers, send; the 4 asynchronous calls. The root adds reduce x 5 ops.
+        self.assertEqual(len(res[0]["ok"]), len(DTYPES) * (2 * 5 + 3) + 4)
+        self.assertEqual(len(res[n - 1]["ok"]),
+                         len(DTYPES) * (3 * 5 + 3 + (n - 1 == 1)) + 4)
+        for dtype in DTYPES:
+            for name in OPS:
+                self.assertIn(f"reduce {name} {dtype}", res[n - 1]["ok"])
+                self.assertIn(f"reduce_scatter_tensor {name} {dtype}", res[0]["ok"])
+            self.assertIn(f"send/recv {dtype}", res[1]["ok"])
 
     def test_collectives_match_gloo_on_2_ranks(self):
         self.check_collectives(2)
@@ -356,10 +373,22 @@ class Backend(unittest.TestCase):
     def test_grouped_point_to_point_matches_gloo_on_4_ranks(self):
         self.check_grouped(4)
 
-    def test_mismatched_shapes_raise_on_every_rank(self):
-        res = run_ranks(mismatched_shapes, 2, env={"HETCCL_TIMEOUT": "20"})
+    def check_mismatched_shapes(self, n):
+        res = run_ranks(mismatched_shapes, n, env={"HETCCL_TIMEOUT": "20"})
         for r, x in enumerate(res):
-            self.assertIn("hetccl: hetcclAllReduce failed", x.get("ok", ""), f"rank {r}: {x}")
+            self.assertIsInstance(x, dict, f"rank {r}: {res}")
+            msg = x.get("ok", "")
+            self.assertTrue(msg.startswith("hetccl: hetcclAllReduce failed (invalid usage"),
+                            f"rank {r}: {x}")
+            # hetccl's own message: this rank, the call, its shape and a disagreeing peer's.
+            self.assertRegex(msg, rf"rank {r}: all_reduce #0 does not match what peer \d+ "
+                                  rf"sent: expected all_reduce #0 of {4 + 4 * r} x f32")
+
+    def test_mismatched_shapes_raise_on_every_rank_of_2(self):
+        self.check_mismatched_shapes(2)
+
+    def test_mismatched_shapes_raise_on_every_rank_of_4(self):
+        self.check_mismatched_shapes(4)
 
     def test_wrong_output_size_is_refused_at_the_call(self):
         res = run_ranks(wrong_output_size, 2)
@@ -375,6 +404,20 @@ class Backend(unittest.TestCase):
         self.assertIsNotNone(out["error"], res)
         self.assertIn("peer 1 is gone during all_reduce", out["error"])
         self.assertLess(out["seconds"], 30, out)
+
+    def test_a_dead_rank_of_4_is_named_on_every_other_rank(self):
+        res = run_ranks(dead_rank, 4, env={"HETCCL_TIMEOUT": "60"})
+        self.assertIsNone(res[2], res)  # it ended before writing anything
+        for r in (0, 1, 3):
+            out = res[r]["ok"]
+            self.assertIsNotNone(out["error"], res)
+            self.assertTrue(out["error"].startswith(
+                "hetccl: hetcclAllReduce failed (remote process exited"), out)
+            # Its neighbours lost it; the others hear it from a peer that gave up.
+            self.assertRegex(out["error"], rf"rank {r}: peer \d is gone during all_reduce #1: "
+                                           r"peer (2 \(pid \d+\) process has exited|"
+                                           r"\d gave up after losing rank 2 )")
+            self.assertLess(out["seconds"], 30, out)
 
     def test_the_process_group_timeout_is_hetccls(self):
         res = run_ranks(silent_peer, 2, env={"HETCCL_TIMEOUT": "300"})
