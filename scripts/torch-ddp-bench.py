@@ -7,7 +7,10 @@ bert-mini: 4 layers, hidden 256, 4 heads, FFN 1024, the BERT vocabulary (30,522)
 --no-sync every step runs under `no_sync()` (no gradient communication at all): the step
 time of the same ranks with communication skipped, so `step - step(no-sync)` is the
 communication that backward does not hide. Prints rank 0's median step time over the steps
-after two warm-up steps, samples/s for the whole job, and the last loss. Set
+after two warm-up steps, samples/s for the whole job, and the last loss, then the CPU
+time per timed step of rank 0's threads: the main thread (forward, backward, optimizer)
+and the others (the backend's: hetccl's call thread, Gloo's workers, autograd's), which
+is what communication takes from the compute of ranks sharing cores. Set
 HETCCL_SHM_DISABLE=1 to run hetccl over TCP.
 """
 
@@ -31,6 +34,22 @@ MINI = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attentio
 SEQ, BATCH, WARMUP = 128, 8, 2
 
 
+def thread_cpu():
+    """{tid: (name, user + system seconds)} of this process's threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
 def worker(rank, a, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -45,7 +64,9 @@ def worker(rank, a, port):
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1000 + rank)
     times, loss = [], float("nan")
-    for _ in range(WARMUP + a.steps):
+    for i in range(WARMUP + a.steps):
+        if i == WARMUP:
+            cpu0 = thread_cpu()
         ids = torch.randint(1000, MINI["vocab_size"], (BATCH, SEQ), generator=gen)
         labels = ids.clone()
         mask = torch.rand(ids.shape, generator=gen) < 0.15
@@ -60,14 +81,23 @@ def worker(rank, a, port):
         opt.step()
         times.append(time.perf_counter() - t0)
         loss = out.loss.item()
+    cpu1 = thread_cpu()
     dist.barrier()
     if rank == 0:
+        main = os.getpid()
+        spent = {t: c - cpu0.get(t, (n, 0.0))[1] for t, (n, c) in cpu1.items()}
+        others = sorted(((c, cpu1[t][0]) for t, c in spent.items() if t != main and c > 0),
+                        reverse=True)
         step = statistics.median(times[WARMUP:])
         mode = "no-sync" if a.no_sync else "sync"
         tcp = " tcp" if os.environ.get("HETCCL_SHM_DISABLE") == "1" else ""
         print(f"{a.backend}{tcp} {mode} ranks={a.ranks}: step median {step * 1e3:.0f} ms "
               f"(min {min(times[WARMUP:]) * 1e3:.0f}, max {max(times[WARMUP:]) * 1e3:.0f}, "
               f"{a.steps} steps), {a.ranks * BATCH / step:.2f} samples/s, last loss {loss:.4f}",
+              flush=True)
+        print(f"  cpu per step: main thread {spent[main] / a.steps * 1e3:.0f} ms, other "
+              f"threads {sum(c for c, _ in others) / a.steps * 1e3:.0f} ms ("
+              + ", ".join(f"{n} {c / a.steps * 1e3:.0f}" for c, n in others[:4]) + ")",
               flush=True)
     dist.destroy_process_group()
 
