@@ -369,30 +369,38 @@ impl Progress {
             end,
             phase_end: &phase_end,
         });
-        let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
-        match &r {
-            Ok(_) => crate::flight::end(entry, end),
-            Err(e) => {
-                crate::flight::failed(entry, end, e, Some(AbortCause::of_error(e, self.rank).rank))
+        let e = match r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx)) {
+            Ok(v) => {
+                crate::flight::end(entry, end);
+                return Ok(v);
             }
-        }
-        if let Err(e) = &r {
-            // Peers first, the log after: a log that fails must not keep them waiting.
-            let cause = match e {
-                Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
-                    AbortCause::new(AbortKind::Aborted, self.rank)
-                }
-                e => AbortCause::of_error(e, self.rank),
-            };
-            // Later calls say "unusable after an earlier error: <why>" once, not twice.
-            let why = match e {
-                Error::Broken(why) => why.clone(),
-                e => e.to_string(),
-            };
-            self.fail(why, cause);
-            tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
-        }
-        r
+            Err(e) => e,
+        };
+        // Peers first, the recorder and the log after: neither must keep them waiting.
+        let cause = match &e {
+            Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
+                AbortCause::new(AbortKind::Aborted, self.rank)
+            }
+            e => AbortCause::of_error(e, self.rank),
+        };
+        // Later calls say "unusable after an earlier error: <why>" once, not twice.
+        let why = |e: &Error| match e {
+            Error::Broken(why) => why.clone(),
+            e => e.to_string(),
+        };
+        self.fail(why(&e), cause);
+        let culprit = AbortCause::of_error(&e, self.rank).rank;
+        // Every rank's error names the job's first failure, not only the peer it saw.
+        let e = match crate::flight::failed(entry, end, &e, Some(culprit)) {
+            Some(finding) => {
+                let e = e.with_finding(&finding);
+                self.broken = Some(why(&e));
+                e
+            }
+            None => e,
+        };
+        tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
+        Err(e)
     }
 
     fn execute_compressed(

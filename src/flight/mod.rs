@@ -36,6 +36,11 @@
 //! which names the rank it deduced. The last communicator of a process to close removes
 //! its marker, and its dump when nothing failed, and the directory once empty.
 //!
+//! Every failing rank also names the job's culprit in its own error: after its dump
+//! it reads the others' dumps and the states of this host's processes for up to a
+//! second (less once a rank is found stopped or gone), builds the report's findings
+//! and adds "; the job's first failure: rank R in OP #SEQ: rank R ..." to its error.
+//!
 //! SIGUSR1: the first communicator installs a handler when the signal still has its
 //! default action (which would end the process), never over a handler the application
 //! installed. The handler only writes a byte to a pipe; a thread of this module turns it
@@ -246,9 +251,12 @@ pub fn clear_current() {
 
 /// Records that the collective of `e` failed at `at` with `err`, whose culprit is
 /// `culprit` (the rank the error points at), and writes a dump when dumps have a
-/// directory. Cold: a failed collective breaks its communicator.
+/// directory. Then, from the dumps and the processes it can see, it names the rank that
+/// stopped first, job-wide ([`job_finding`]): the text to add to this rank's error, so
+/// that every rank's error names the same rank, not only the peer it waited on. Cold:
+/// a failed collective breaks its communicator.
 #[cold]
-pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) {
+pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Option<String> {
     if let Some(s) = slot_of(e) {
         s.ended.store(at.ticks(), Ordering::Relaxed);
         s.state.store(CallState::Failed as u8, Ordering::Release);
@@ -272,18 +280,96 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) {
             None => (None, false, 0, 0, String::new()),
         }
     };
-    if let Some(dir) = dir {
-        if !dir.is_dir() {
-            // Without a launcher: the report was printed and its directory removed.
-            return;
+    let dir = dir?;
+    if !dir.is_dir() {
+        // Without a launcher: the report was printed and its directory removed.
+        return None;
+    }
+    if let Err(e) = write_dump(&dir, &snapshot("error")) {
+        tracing::warn!("flight recorder: {e}");
+        return None;
+    }
+    let finding = job_finding(&dir, world, &host);
+    if alone {
+        report_alone(&dir, rank, world, &host);
+    }
+    finding
+}
+
+/// How long a failing rank looks for the others' dumps before it names the job's
+/// culprit with what it has: the ranks that fail with it dump within a few tens of ms
+/// of each other (their timeouts started together), a stopped or gone process is seen
+/// at once.
+const FINDING_WAIT_MS: u64 = 1000;
+
+/// The job-wide culprit as the hang report finds it from the dumps in `dir` and the
+/// processes of this host (rule 1: a stopped or gone process names itself at once),
+/// phrased to follow an error: "; the job's first failure: rank 2 in all_reduce #1 is
+/// stopped ...". `None` when nothing names one.
+#[cold]
+fn job_finding(dir: &Path, world: usize, host: &str) -> Option<String> {
+    let start = now_ms();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(FINDING_WAIT_MS);
+    let (states, fates) = collect(dir, world, host, start, deadline, true, true);
+    let r = report::build("", &states, &fates, now_ms());
+    let culprit = r.culprit?;
+    let place = r.collective.map(|c| format!(" in {c}")).unwrap_or_default();
+    Some(format!(
+        "; the job's first failure: rank {culprit}{place}: rank {culprit} {}",
+        r.why
+    ))
+}
+
+/// The dumps in `dir` of the `world` ranks (those taken on an error, or since `start`)
+/// and the fates of this host's processes, read until every rank has a dump or a fate
+/// that needs none (stopped, gone), or `deadline`; with `early` (for a culprit only),
+/// as soon as a rank is found stopped or gone. With `ask`, a running rank of this host
+/// that has not dumped is asked once with SIGUSR1.
+fn collect(
+    dir: &Path,
+    world: usize,
+    host: &str,
+    start: u64,
+    deadline: std::time::Instant,
+    ask: bool,
+    early: bool,
+) -> (Vec<Option<RankState>>, Vec<report::Fate>) {
+    let mut asked = vec![false; world];
+    loop {
+        let mut states: Vec<Option<RankState>> = vec![None; world];
+        let mut fates = vec![report::Fate::Unknown; world];
+        let mut waiting = false;
+        let mut decided = false;
+        for k in 0..world {
+            states[k] = read_dump(&dump_path(dir, k))
+                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
+            // Only processes on this host can be looked at and asked.
+            let Some(pid) =
+                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
+            else {
+                continue;
+            };
+            fates[k] = match proc_state(pid) {
+                Some('T' | 't') => report::Fate::Stopped,
+                Some('Z' | 'X') | None => report::Fate::Gone,
+                Some(_) => report::Fate::Running,
+            };
+            decided |= matches!(fates[k], report::Fate::Stopped)
+                || (fates[k] == report::Fate::Gone && states[k].is_none());
+            if states[k].is_none() && fates[k] == report::Fate::Running {
+                if ask && !asked[k] {
+                    asked[k] = true;
+                    // SAFETY: kill(2) has no memory effects; the marker says this process
+                    // handles SIGUSR1.
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                }
+                waiting = true;
+            }
         }
-        if let Err(e) = write_dump(&dir, &snapshot("error")) {
-            tracing::warn!("flight recorder: {e}");
-            return;
+        if (decided && early) || !waiting || std::time::Instant::now() >= deadline {
+            return (states, fates);
         }
-        if alone {
-            report_alone(&dir, rank, world, &host);
-        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -307,40 +393,7 @@ fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     }
     let start = now_ms();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-    let mut asked = vec![false; world];
-    let (states, fates) = loop {
-        let mut states: Vec<Option<RankState>> = vec![None; world];
-        let mut fates = vec![report::Fate::Unknown; world];
-        let mut waiting = false;
-        for k in 0..world {
-            states[k] = read_dump(&dump_path(dir, k))
-                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
-            // Only processes on this host can be looked at and asked.
-            let Some(pid) =
-                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
-            else {
-                continue;
-            };
-            fates[k] = match proc_state(pid) {
-                Some('T' | 't') => report::Fate::Stopped,
-                Some('Z' | 'X') | None => report::Fate::Gone,
-                Some(_) => report::Fate::Running,
-            };
-            if states[k].is_none() && fates[k] == report::Fate::Running {
-                if !asked[k] {
-                    asked[k] = true;
-                    // SAFETY: kill(2) has no memory effects; the marker says this process
-                    // handles SIGUSR1.
-                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-                }
-                waiting = true;
-            }
-        }
-        if !waiting || std::time::Instant::now() >= deadline {
-            break (states, fates);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let (states, fates) = collect(dir, world, host, start, deadline, true, false);
     let title = format!("printed by rank {rank}, the lowest rank that failed");
     let r = report::build(&title, &states, &fates, now_ms());
     use std::io::Write as _;
@@ -707,12 +760,14 @@ fn serve_sigusr1(rd: i32) {
         if n == 0 {
             return;
         }
-        let state = snapshot("SIGUSR1");
-        let dir = PROCESS
+        let (dir, failed) = PROCESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .and_then(|p| p.dir.clone());
+            .map_or((None, false), |p| (p.dir.clone(), p.error.is_some()));
+        // After a failure the dump stays one of the error (a failing rank asks the others
+        // while it names the culprit): a collector keeps error dumps whatever their age.
+        let state = snapshot(if failed { "error" } else { "SIGUSR1" });
         match dir {
             Some(dir) if dir.is_dir() => {
                 if let Err(e) = write_dump(&dir, &state) {
