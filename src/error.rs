@@ -188,6 +188,74 @@ impl Error {
         }
     }
 
+    /// This error with `finding` (what the flight recorder found of the job's first
+    /// failure, starting with "; ") added to the text that says what else the rank
+    /// knows; the kind, and so the C API's code and the cause told to peers, stay.
+    pub fn with_finding(self, finding: &str) -> Self {
+        match self {
+            Error::Timeout {
+                rank,
+                peer,
+                op,
+                seq,
+                after,
+                what,
+                note,
+            } => Error::Timeout {
+                rank,
+                peer,
+                op,
+                seq,
+                after,
+                what,
+                note: note + finding,
+            },
+            Error::PeerGaveUp {
+                rank,
+                peer,
+                op,
+                seq,
+                cause,
+                note,
+            } => Error::PeerGaveUp {
+                rank,
+                peer,
+                op,
+                seq,
+                cause,
+                note: note + finding,
+            },
+            Error::PeerLost {
+                rank,
+                peer,
+                op,
+                seq,
+                detail,
+            } => Error::PeerLost {
+                rank,
+                peer,
+                op,
+                seq,
+                detail: detail + finding,
+            },
+            Error::Mismatch {
+                rank,
+                peer,
+                op,
+                seq,
+                detail,
+            } => Error::Mismatch {
+                rank,
+                peer,
+                op,
+                seq,
+                detail: detail + finding,
+            },
+            Error::Broken(why) => Error::Broken(why + finding),
+            e => e,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {

@@ -56,8 +56,9 @@ use crate::compression::{Compressor, OverflowStats, ScalePolicy};
 use crate::config::{AlgoChoice, CompressMode, Config};
 use crate::dtype::{CollectiveOp, DataType, Element, ReduceOp};
 use crate::error::{AbortCause, AbortKind, Error, Result};
+use crate::flight::Stamp;
 use crate::observe::trace::Tracer;
-use crate::observe::{CallDone, LinkClass, Metrics, Observer, Phase, Span};
+use crate::observe::{CallDone, Counters, LinkClass, Metrics, Observer, Phase, Span};
 use crate::topology::Topology;
 use crate::transport::{Link, LinkKind};
 
@@ -207,6 +208,8 @@ struct Progress {
     shared: Arc<shared::SharedState>,
     /// Counters and the trace.
     obs: Observer,
+    /// This communicator's flight recorder.
+    flight: &'static crate::flight::Recorder,
     /// A panic a test asked for.
     #[cfg(test)]
     inject: Option<Inject>,
@@ -284,6 +287,7 @@ impl Progress {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(w))) {
             Ok(r) => r,
             Err(payload) => {
+                crate::flight::clear_current();
                 let e = Error::Panicked {
                     rank: self.rank,
                     op,
@@ -310,9 +314,10 @@ impl Progress {
             self.inject = None;
             panic!("injected panic in {} #{}", w.ctx.op, w.ctx.seq);
         }
-        let start = std::time::Instant::now();
+        // One clock read at each end, shared by the recorder, the counters and the trace.
+        let start = Stamp::now();
         let mut phase_end = [None; Phase::COUNT];
-        let entry = crate::flight::begin(w.ctx.rank, w.ctx.op, w.ctx.seq, w.ctx.count);
+        let entry = self.flight.begin(w.ctx.op, w.ctx.seq, w.ctx.count, start);
         let r = match (&w.direct, w.sched.clone()) {
             (Some(d), _) => d
                 .execute(&w.bufs, &w.ctx, &self.abort)
@@ -353,6 +358,7 @@ impl Progress {
             }
             (None, None) => Err(Error::invalid("execute", "work with nothing to run")),
         };
+        let end = Stamp::now();
         self.obs.call(&CallDone {
             ctx: &w.ctx,
             path: w.path,
@@ -360,33 +366,41 @@ impl Progress {
             wire: w.compress.as_ref().map(|j| &j.wire),
             result: &r,
             start,
-            end: std::time::Instant::now(),
+            end,
             phase_end: &phase_end,
         });
-        let r = r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx));
-        match &r {
-            Ok(_) => crate::flight::end(entry),
-            Err(e) => {
-                crate::flight::failed(entry, e, Some(AbortCause::of_error(e, self.rank).rank))
+        let e = match r.map_err(|e| launcher_watch::blame(&self.abort, e, &w.ctx)) {
+            Ok(v) => {
+                crate::flight::end(entry, end);
+                return Ok(v);
             }
-        }
-        if let Err(e) = &r {
-            // Peers first, the log after: a log that fails must not keep them waiting.
-            let cause = match e {
-                Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
-                    AbortCause::new(AbortKind::Aborted, self.rank)
-                }
-                e => AbortCause::of_error(e, self.rank),
-            };
-            // Later calls say "unusable after an earlier error: <why>" once, not twice.
-            let why = match e {
-                Error::Broken(why) => why.clone(),
-                e => e.to_string(),
-            };
-            self.fail(why, cause);
-            tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
-        }
-        r
+            Err(e) => e,
+        };
+        // Peers first, the recorder and the log after: neither must keep them waiting.
+        let cause = match &e {
+            Error::Broken(_) if self.abort.load(Ordering::Relaxed) => {
+                AbortCause::new(AbortKind::Aborted, self.rank)
+            }
+            e => AbortCause::of_error(e, self.rank),
+        };
+        // Later calls say "unusable after an earlier error: <why>" once, not twice.
+        let why = |e: &Error| match e {
+            Error::Broken(why) => why.clone(),
+            e => e.to_string(),
+        };
+        self.fail(why(&e), cause);
+        let culprit = AbortCause::of_error(&e, self.rank).rank;
+        // Every rank's error names the job's first failure, not only the peer it saw.
+        let e = match crate::flight::failed(entry, end, &e, Some(culprit)) {
+            Some(finding) => {
+                let e = e.with_finding(&finding);
+                self.broken = Some(why(&e));
+                e
+            }
+            None => e,
+        };
+        tracing::error!(rank = self.rank, op = %w.ctx.op, seq = w.ctx.seq, "{e}");
+        Err(e)
     }
 
     fn execute_compressed(
@@ -527,7 +541,7 @@ impl Communicator {
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
-        crate::flight::register(&cfg, rank, world_size, &crate::topology::hostname());
+        let flight = crate::flight::register(&cfg, rank, world_size, &crate::topology::hostname());
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,
@@ -538,6 +552,7 @@ impl Communicator {
             abort: abort.clone(),
             shared: shared.clone(),
             obs,
+            flight,
             #[cfg(test)]
             inject: None,
         };
@@ -579,7 +594,7 @@ impl Communicator {
     /// the call running now, if any, to end.
     pub fn metrics(&self) -> Metrics {
         let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        p.obs.counters.m.clone()
+        p.obs.counters.snapshot()
     }
 
     /// Starts a span of the program's own on the timeline (`HETCCL_TRACE`), ended when
@@ -609,11 +624,9 @@ impl Communicator {
     /// Counting starts over, setup retries aside, and the trace records from here.
     fn restart_metrics(&mut self) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let m = &mut p.obs.counters.m;
-        *m = Metrics {
-            retries: m.retries,
-            ..Metrics::default()
-        };
+        let retries = p.obs.counters.m.retries;
+        p.obs.counters = Counters::default();
+        p.obs.counters.m.retries = retries;
         p.obs.tracer = self.tracer.clone();
     }
 
@@ -1297,9 +1310,13 @@ impl Drop for Communicator {
             let _ = w.join();
         }
         self.shared.close();
-        crate::flight::unregister();
         let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        tracing::info!(rank = self.rank, "metrics: {}", p.obs.counters.m.summary());
+        crate::flight::unregister(p.flight);
+        tracing::info!(
+            rank = self.rank,
+            "metrics: {}",
+            p.obs.counters.snapshot().summary()
+        );
         if let Some(t) = &self.tracer {
             t.finish();
         }

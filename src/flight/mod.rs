@@ -1,18 +1,20 @@
 //! The flight recorder: what every rank was last doing, kept so that a hang or a failure
 //! can be explained across ranks after the fact.
 //!
-//! Each process keeps its last [`SLOTS`] collectives in a fixed ring of atomic slots (no
-//! allocation, no lock, no system call per collective: a counter, a few relaxed stores
-//! and a coarse clock read at each end). A slot says which collective (op, sequence
-//! number, count), its state (running, done, failed), when it started and ended, and
-//! the peer it waited on since when. The peer is written by the waits' checks (every
-//! `CHECK_EVERY`, 50 ms, of a wait without progress: `algorithm::executor::wait`), so a
-//! collective that never waits costs nothing more.
+//! Each communicator keeps its last [`SLOTS`] collectives in a fixed ring of atomic
+//! slots ([`Recorder`]; no allocation, no lock, no system call, no read-modify-write per
+//! collective: a load and a store of its counter and a few relaxed stores at each end).
+//! The times are the call's own clock reads ([`Stamp`], shared with the counters and the
+//! trace), made Unix milliseconds only when a dump is taken. A slot says which
+//! collective (op, sequence number, count), its state (running, done, failed), when it
+//! started and ended, and the peer it waited on since when. The peer is written by the
+//! waits' checks (every `CHECK_EVERY`, 50 ms, of a wait without progress:
+//! `algorithm::executor::wait`), so a collective that never waits costs nothing more.
 //!
 //! ```text
-//! Progress::execute    begin(ctx) -> slot          the thread's current slot
+//! Progress::execute    rec.begin(ctx, now) -> slot  the thread's current slot
 //! a wait's checks      waiting(peer, what, since)  on the thread's current slot
-//! Progress::execute    end(slot) / failed(slot, error): the error's culprit, then a dump
+//! Progress::execute    end(slot, now) / failed(slot, now, error): the culprit, a dump
 //! SIGUSR1              a dump (the job asked; the rank keeps running)
 //! ```
 //!
@@ -34,12 +36,18 @@
 //! which names the rank it deduced. The last communicator of a process to close removes
 //! its marker, and its dump when nothing failed, and the directory once empty.
 //!
+//! Every failing rank also names the job's culprit in its own error: after its dump
+//! it reads the others' dumps and the states of this host's processes for up to a
+//! second (less once a rank is found stopped or gone), builds the report's findings
+//! and adds "; the job's first failure: rank R in OP #SEQ: rank R ..." to its error.
+//!
 //! SIGUSR1: the first communicator installs a handler when the signal still has its
 //! default action (which would end the process), never over a handler the application
 //! installed. The handler only writes a byte to a pipe; a thread of this module turns it
 //! into a dump. Then it writes `rank-K.pid` into the directory: the launcher signals
 //! only processes that said they handle SIGUSR1, as for any other it would be fatal.
 
+pub mod clock;
 pub mod report;
 
 use std::cell::Cell;
@@ -50,9 +58,10 @@ use std::sync::Mutex;
 use crate::config::Config;
 use crate::dtype::CollectiveOp;
 use crate::error::{Error, Result};
+pub use clock::Stamp;
 use report::{CallRecord, CallState, RankState};
 
-/// Collectives each process remembers.
+/// Collectives each communicator remembers.
 pub const SLOTS: usize = 64;
 
 const NO_PEER: u32 = u32::MAX;
@@ -61,16 +70,16 @@ const NO_PEER: u32 = u32::MAX;
 /// ordering promise beyond each field's own, by a dump (a hang report is a snapshot of
 /// ranks that may still move).
 struct Slot {
-    /// Which collective of the process (1-based; 0: never used). Written first by
+    /// Which collective of the communicator (1-based; 0: never used). Written first by
     /// `begin`, so `end` and `waiting` can tell that a slot still holds their call.
     call: AtomicU64,
-    rank: AtomicU32,
     op: AtomicU8,
     state: AtomicU8,
     seq: AtomicU64,
     count: AtomicU64,
-    started_ms: AtomicU64,
-    ended_ms: AtomicU64,
+    /// [`Stamp`] ticks.
+    started: AtomicU64,
+    ended: AtomicU64,
     peer: AtomicU32,
     /// Index into [`WHATS`] of what the peer was waited on for.
     what: AtomicU8,
@@ -81,13 +90,12 @@ impl Slot {
     const fn new() -> Slot {
         Slot {
             call: AtomicU64::new(0),
-            rank: AtomicU32::new(0),
             op: AtomicU8::new(0),
             state: AtomicU8::new(0),
             seq: AtomicU64::new(0),
             count: AtomicU64::new(0),
-            started_ms: AtomicU64::new(0),
-            ended_ms: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             peer: AtomicU32::new(NO_PEER),
             what: AtomicU8::new(0),
             waiting_since_ms: AtomicU64::new(0),
@@ -95,19 +103,53 @@ impl Slot {
     }
 }
 
-struct Recorder {
+/// One communicator's ring of remembered collectives.
+///
+/// Only the thread that holds the communicator's progress lock writes it, so its counter
+/// moves by a load and a store, not a read-modify-write; dumps read it from any thread.
+/// Recorders are never freed: a closed communicator's goes back to a free list for the
+/// next one, so a `&'static` to one (the thread's current call, an [`Entry`]) stays
+/// valid without a reference count.
+pub struct Recorder {
     slots: [Slot; SLOTS],
-    /// Collectives begun by this process.
+    /// The rank of the communicator that holds it.
+    rank: AtomicU32,
+    /// Collectives begun through it.
     calls: AtomicU64,
-    /// When the process last left a collective (Unix ms; 0: never).
-    last_left_ms: AtomicU64,
+    /// When its communicator last left a collective ([`Stamp`] ticks; 0: never).
+    last_left: AtomicU64,
 }
 
-static RECORDER: Recorder = Recorder {
-    slots: [const { Slot::new() }; SLOTS],
-    calls: AtomicU64::new(0),
-    last_left_ms: AtomicU64::new(0),
-};
+/// Every recorder made, and whether a communicator holds it now.
+static RECORDERS: Mutex<Vec<(&'static Recorder, bool)>> = Mutex::new(Vec::new());
+
+/// A recorder for a new communicator of `rank`: a free one emptied, or a new one.
+pub(crate) fn recorder(rank: usize) -> &'static Recorder {
+    let mut all = RECORDERS.lock().unwrap_or_else(|p| p.into_inner());
+    let r = match all.iter_mut().find(|(_, held)| !held) {
+        Some((r, held)) => {
+            *held = true;
+            for s in &r.slots {
+                s.call.store(0, Ordering::Relaxed);
+            }
+            r.calls.store(0, Ordering::Relaxed);
+            r.last_left.store(0, Ordering::Relaxed);
+            *r
+        }
+        None => {
+            let r: &'static Recorder = Box::leak(Box::new(Recorder {
+                slots: [const { Slot::new() }; SLOTS],
+                rank: AtomicU32::new(0),
+                calls: AtomicU64::new(0),
+                last_left: AtomicU64::new(0),
+            }));
+            all.push((r, true));
+            r
+        }
+    };
+    r.rank.store(rank as u32, Ordering::Relaxed);
+    r
+}
 
 /// What waits say they wait for (`Awaited::blocked_on`), interned so a slot holds a
 /// byte; index 0 is "nothing recorded".
@@ -135,8 +177,8 @@ struct Process {
 static PROCESS: Mutex<Option<Process>> = Mutex::new(None);
 
 thread_local! {
-    /// The slot of the collective this thread runs (`call` number; 0: none).
-    static CURRENT: Cell<u64> = const { Cell::new(0) };
+    /// The collective this thread runs: its recorder and `call` number (0: none).
+    static CURRENT: Cell<(Option<&'static Recorder>, u64)> = const { Cell::new((None, 0)) };
 }
 
 /// Now, in Unix milliseconds, from the coarse clock (a few ms of resolution, a few ns
@@ -156,59 +198,71 @@ pub fn now_ms() -> u64 {
         .saturating_add(ts.tv_nsec as u64 / 1_000_000)
 }
 
-/// A collective's slot, returned by [`begin`].
-#[derive(Clone, Copy, Debug)]
-pub struct Entry(u64);
+/// A collective's slot, returned by [`Recorder::begin`].
+#[derive(Clone, Copy)]
+pub struct Entry {
+    rec: &'static Recorder,
+    call: u64,
+}
 
-/// Records the start of collective `op` #`seq` of `count` elements on `rank`, on this
-/// thread.
-#[inline]
-pub fn begin(rank: usize, op: CollectiveOp, seq: u64, count: u64) -> Entry {
-    let call = RECORDER.calls.fetch_add(1, Ordering::Relaxed) + 1;
-    let s = &RECORDER.slots[(call % SLOTS as u64) as usize];
-    s.call.store(call, Ordering::Relaxed);
-    s.rank.store(rank as u32, Ordering::Relaxed);
-    s.op.store(op as u8, Ordering::Relaxed);
-    s.seq.store(seq, Ordering::Relaxed);
-    s.count.store(count, Ordering::Relaxed);
-    s.started_ms.store(now_ms(), Ordering::Relaxed);
-    s.ended_ms.store(0, Ordering::Relaxed);
-    s.peer.store(NO_PEER, Ordering::Relaxed);
-    s.what.store(0, Ordering::Relaxed);
-    s.state.store(CallState::Running as u8, Ordering::Release);
-    CURRENT.with(|c| c.set(call));
-    Entry(call)
+impl Recorder {
+    /// Records the start, at `at` (the call's own clock read), of collective `op` #`seq`
+    /// of `count` elements, on this thread. The caller holds the communicator's
+    /// progress lock: the one writer.
+    #[inline]
+    pub fn begin(&'static self, op: CollectiveOp, seq: u64, count: u64, at: Stamp) -> Entry {
+        let call = self.calls.load(Ordering::Relaxed) + 1;
+        self.calls.store(call, Ordering::Relaxed);
+        let s = &self.slots[(call % SLOTS as u64) as usize];
+        s.call.store(call, Ordering::Relaxed);
+        s.op.store(op as u8, Ordering::Relaxed);
+        s.seq.store(seq, Ordering::Relaxed);
+        s.count.store(count, Ordering::Relaxed);
+        s.started.store(at.ticks(), Ordering::Relaxed);
+        s.ended.store(0, Ordering::Relaxed);
+        s.peer.store(NO_PEER, Ordering::Relaxed);
+        s.what.store(0, Ordering::Relaxed);
+        s.state.store(CallState::Running as u8, Ordering::Release);
+        CURRENT.with(|c| c.set((Some(self), call)));
+        Entry { rec: self, call }
+    }
 }
 
 fn slot_of(e: Entry) -> Option<&'static Slot> {
-    let s = &RECORDER.slots[(e.0 % SLOTS as u64) as usize];
-    (s.call.load(Ordering::Relaxed) == e.0).then_some(s)
+    let s = &e.rec.slots[(e.call % SLOTS as u64) as usize];
+    (s.call.load(Ordering::Relaxed) == e.call).then_some(s)
 }
 
-/// Records that the collective of `e` returned successfully.
+/// Records that the collective of `e` returned successfully at `at`.
 #[inline]
-pub fn end(e: Entry) {
-    let now = now_ms();
+pub fn end(e: Entry, at: Stamp) {
     if let Some(s) = slot_of(e) {
-        s.ended_ms.store(now, Ordering::Relaxed);
+        s.ended.store(at.ticks(), Ordering::Relaxed);
         s.state.store(CallState::Done as u8, Ordering::Release);
     }
-    RECORDER.last_left_ms.store(now, Ordering::Relaxed);
-    CURRENT.with(|c| c.set(0));
+    e.rec.last_left.store(at.ticks(), Ordering::Relaxed);
+    CURRENT.with(|c| c.set((None, 0)));
 }
 
-/// Records that the collective of `e` failed with `err`, whose culprit is `culprit`
-/// (the rank the error points at), and writes a dump when dumps have a directory. Cold:
+/// Forgets this thread's current collective (one that ended by a panic).
+pub fn clear_current() {
+    CURRENT.with(|c| c.set((None, 0)));
+}
+
+/// Records that the collective of `e` failed at `at` with `err`, whose culprit is
+/// `culprit` (the rank the error points at), and writes a dump when dumps have a
+/// directory. Then, from the dumps and the processes it can see, it names the rank that
+/// stopped first, job-wide ([`job_finding`]): the text to add to this rank's error, so
+/// that every rank's error names the same rank, not only the peer it waited on. Cold:
 /// a failed collective breaks its communicator.
 #[cold]
-pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
-    let now = now_ms();
+pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Option<String> {
     if let Some(s) = slot_of(e) {
-        s.ended_ms.store(now, Ordering::Relaxed);
+        s.ended.store(at.ticks(), Ordering::Relaxed);
         s.state.store(CallState::Failed as u8, Ordering::Release);
     }
-    RECORDER.last_left_ms.store(now, Ordering::Relaxed);
-    CURRENT.with(|c| c.set(0));
+    e.rec.last_left.store(at.ticks(), Ordering::Relaxed);
+    CURRENT.with(|c| c.set((None, 0)));
     let (dir, alone, rank, world, host) = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         match p.as_mut() {
@@ -226,18 +280,96 @@ pub fn failed(e: Entry, err: &Error, culprit: Option<usize>) {
             None => (None, false, 0, 0, String::new()),
         }
     };
-    if let Some(dir) = dir {
-        if !dir.is_dir() {
-            // Without a launcher: the report was printed and its directory removed.
-            return;
+    let dir = dir?;
+    if !dir.is_dir() {
+        // Without a launcher: the report was printed and its directory removed.
+        return None;
+    }
+    if let Err(e) = write_dump(&dir, &snapshot("error")) {
+        tracing::warn!("flight recorder: {e}");
+        return None;
+    }
+    let finding = job_finding(&dir, world, &host);
+    if alone {
+        report_alone(&dir, rank, world, &host);
+    }
+    finding
+}
+
+/// How long a failing rank looks for the others' dumps before it names the job's
+/// culprit with what it has: the ranks that fail with it dump within a few tens of ms
+/// of each other (their timeouts started together), a stopped or gone process is seen
+/// at once.
+const FINDING_WAIT_MS: u64 = 1000;
+
+/// The job-wide culprit as the hang report finds it from the dumps in `dir` and the
+/// processes of this host (rule 1: a stopped or gone process names itself at once),
+/// phrased to follow an error: "; the job's first failure: rank 2 in all_reduce #1 is
+/// stopped ...". `None` when nothing names one.
+#[cold]
+fn job_finding(dir: &Path, world: usize, host: &str) -> Option<String> {
+    let start = now_ms();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(FINDING_WAIT_MS);
+    let (states, fates) = collect(dir, world, host, start, deadline, true, true);
+    let r = report::build("", &states, &fates, now_ms());
+    let culprit = r.culprit?;
+    let place = r.collective.map(|c| format!(" in {c}")).unwrap_or_default();
+    Some(format!(
+        "; the job's first failure: rank {culprit}{place}: rank {culprit} {}",
+        r.why
+    ))
+}
+
+/// The dumps in `dir` of the `world` ranks (those taken on an error, or since `start`)
+/// and the fates of this host's processes, read until every rank has a dump or a fate
+/// that needs none (stopped, gone), or `deadline`; with `early` (for a culprit only),
+/// as soon as a rank is found stopped or gone. With `ask`, a running rank of this host
+/// that has not dumped is asked once with SIGUSR1.
+fn collect(
+    dir: &Path,
+    world: usize,
+    host: &str,
+    start: u64,
+    deadline: std::time::Instant,
+    ask: bool,
+    early: bool,
+) -> (Vec<Option<RankState>>, Vec<report::Fate>) {
+    let mut asked = vec![false; world];
+    loop {
+        let mut states: Vec<Option<RankState>> = vec![None; world];
+        let mut fates = vec![report::Fate::Unknown; world];
+        let mut waiting = false;
+        let mut decided = false;
+        for k in 0..world {
+            states[k] = read_dump(&dump_path(dir, k))
+                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
+            // Only processes on this host can be looked at and asked.
+            let Some(pid) =
+                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
+            else {
+                continue;
+            };
+            fates[k] = match proc_state(pid) {
+                Some('T' | 't') => report::Fate::Stopped,
+                Some('Z' | 'X') | None => report::Fate::Gone,
+                Some(_) => report::Fate::Running,
+            };
+            decided |= matches!(fates[k], report::Fate::Stopped)
+                || (fates[k] == report::Fate::Gone && states[k].is_none());
+            if states[k].is_none() && fates[k] == report::Fate::Running {
+                if ask && !asked[k] {
+                    asked[k] = true;
+                    // SAFETY: kill(2) has no memory effects; the marker says this process
+                    // handles SIGUSR1.
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                }
+                waiting = true;
+            }
         }
-        if let Err(e) = write_dump(&dir, &snapshot("error")) {
-            tracing::warn!("flight recorder: {e}");
-            return;
+        if (decided && early) || !waiting || std::time::Instant::now() >= deadline {
+            return (states, fates);
         }
-        if alone {
-            report_alone(&dir, rank, world, &host);
-        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -261,40 +393,7 @@ fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     }
     let start = now_ms();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-    let mut asked = vec![false; world];
-    let (states, fates) = loop {
-        let mut states: Vec<Option<RankState>> = vec![None; world];
-        let mut fates = vec![report::Fate::Unknown; world];
-        let mut waiting = false;
-        for k in 0..world {
-            states[k] = read_dump(&dump_path(dir, k))
-                .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
-            // Only processes on this host can be looked at and asked.
-            let Some(pid) =
-                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
-            else {
-                continue;
-            };
-            fates[k] = match proc_state(pid) {
-                Some('T' | 't') => report::Fate::Stopped,
-                Some('Z' | 'X') | None => report::Fate::Gone,
-                Some(_) => report::Fate::Running,
-            };
-            if states[k].is_none() && fates[k] == report::Fate::Running {
-                if !asked[k] {
-                    asked[k] = true;
-                    // SAFETY: kill(2) has no memory effects; the marker says this process
-                    // handles SIGUSR1.
-                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-                }
-                waiting = true;
-            }
-        }
-        if !waiting || std::time::Instant::now() >= deadline {
-            break (states, fates);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let (states, fates) = collect(dir, world, host, start, deadline, true, false);
     let title = format!("printed by rank {rank}, the lowest rank that failed");
     let r = report::build(&title, &states, &fates, now_ms());
     use std::io::Write as _;
@@ -331,11 +430,10 @@ pub fn proc_state(pid: u32) -> Option<char> {
 /// send data") without progress for `waited_ms`. Called by a wait's checks only, so at
 /// most every 50 ms of a wait.
 pub fn waiting(peer: usize, what: &'static str, waited_ms: u64) {
-    let call = CURRENT.with(Cell::get);
-    if call == 0 {
+    let (Some(rec), call) = CURRENT.with(Cell::get) else {
         return;
-    }
-    let s = &RECORDER.slots[(call % SLOTS as u64) as usize];
+    };
+    let s = &rec.slots[(call % SLOTS as u64) as usize];
     if s.call.load(Ordering::Relaxed) != call {
         return;
     }
@@ -379,36 +477,54 @@ pub fn snapshot(why: &str) -> RankState {
             None => (0, 0, None, None, String::new()),
         }
     };
-    let mut calls: Vec<(u64, CallRecord)> = Vec::new();
-    for s in &RECORDER.slots {
-        let call = s.call.load(Ordering::Relaxed);
-        if call == 0 || s.rank.load(Ordering::Relaxed) as usize != rank {
-            continue;
+    // Stamps become Unix ms against one reading of both clocks.
+    let (now, now_unix) = (Stamp::now(), now_ms());
+    let unix = |t: u64| clock::unix_ms(Stamp::from_ticks(t), now, now_unix);
+    let recorders: Vec<&'static Recorder> = RECORDERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(r, _)| *r)
+        .filter(|r| r.rank.load(Ordering::Relaxed) as usize == rank)
+        .collect();
+    // Ordered by start, ties by the recorder's own order.
+    let mut calls: Vec<((u64, u64), CallRecord)> = Vec::new();
+    let mut left = 0;
+    for rec in &recorders {
+        left = left.max(rec.last_left.load(Ordering::Relaxed));
+        for s in &rec.slots {
+            let call = s.call.load(Ordering::Relaxed);
+            if call == 0 {
+                continue;
+            }
+            let Some(op) = CollectiveOp::from_u8(s.op.load(Ordering::Relaxed)) else {
+                continue;
+            };
+            let state = CallState::from_u8(s.state.load(Ordering::Acquire));
+            let peer = s.peer.load(Ordering::Relaxed);
+            let started = s.started.load(Ordering::Relaxed);
+            let ended = s.ended.load(Ordering::Relaxed);
+            calls.push((
+                (started, call),
+                CallRecord {
+                    op: op.name().to_string(),
+                    seq: s.seq.load(Ordering::Relaxed),
+                    count: s.count.load(Ordering::Relaxed),
+                    state,
+                    started_ms: unix(started),
+                    ended_ms: (ended != 0).then(|| unix(ended)),
+                    waiting_on: (peer != NO_PEER).then_some(peer as usize),
+                    what: what_of(s.what.load(Ordering::Relaxed)),
+                    waiting_since_ms: (peer != NO_PEER)
+                        .then(|| s.waiting_since_ms.load(Ordering::Relaxed)),
+                },
+            ));
         }
-        let Some(op) = CollectiveOp::from_u8(s.op.load(Ordering::Relaxed)) else {
-            continue;
-        };
-        let state = CallState::from_u8(s.state.load(Ordering::Acquire));
-        let peer = s.peer.load(Ordering::Relaxed);
-        let ended = s.ended_ms.load(Ordering::Relaxed);
-        calls.push((
-            call,
-            CallRecord {
-                op: op.name().to_string(),
-                seq: s.seq.load(Ordering::Relaxed),
-                count: s.count.load(Ordering::Relaxed),
-                state,
-                started_ms: s.started_ms.load(Ordering::Relaxed),
-                ended_ms: (ended != 0).then_some(ended),
-                waiting_on: (peer != NO_PEER).then_some(peer as usize),
-                what: what_of(s.what.load(Ordering::Relaxed)),
-                waiting_since_ms: (peer != NO_PEER)
-                    .then(|| s.waiting_since_ms.load(Ordering::Relaxed)),
-            },
-        ));
     }
     calls.sort_by_key(|c| c.0);
-    let left = RECORDER.last_left_ms.load(Ordering::Relaxed);
+    if calls.len() > SLOTS {
+        calls.drain(..calls.len() - SLOTS);
+    }
     RankState {
         rank,
         world_size,
@@ -416,8 +532,8 @@ pub fn snapshot(why: &str) -> RankState {
         host,
         job_id,
         why: why.to_string(),
-        taken_ms: now_ms(),
-        last_left_ms: (left != 0).then_some(left),
+        taken_ms: now_unix,
+        last_left_ms: (left != 0).then(|| unix(left)),
         error: error.as_ref().map(|e| e.0.clone()),
         culprit: error.and_then(|e| e.1),
         calls: calls.into_iter().map(|c| c.1).collect(),
@@ -453,14 +569,22 @@ pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
         .map_err(|e| Error::io(format!("writing the flight dump {}", path.display()), e))
 }
 
-/// Registers the first communicator of the process (later ones are recorded too, but
-/// dumps speak for the first rank) and installs the SIGUSR1 dump.
-pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize, host: &str) {
+/// Registers a communicator of `rank` and returns its recorder. The first of the process
+/// decides whom dumps speak for (later ones are recorded too, but dumps speak for the
+/// first rank) and installs the SIGUSR1 dump.
+pub(crate) fn register(
+    cfg: &Config,
+    rank: usize,
+    world_size: usize,
+    host: &str,
+) -> &'static Recorder {
+    clock::init();
+    let rec = recorder(rank);
     let dir = {
         let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = p.as_mut() {
             p.live += 1;
-            return;
+            return rec;
         }
         let (dir, derived) = match &cfg.flight_dir {
             Some(d) => (Some(d.clone()), false),
@@ -499,11 +623,21 @@ pub(crate) fn register(cfg: &Config, rank: usize, world_size: usize, host: &str)
         ),
         Err(e) => tracing::warn!("flight recorder: no SIGUSR1 dump: {e}"),
     }
+    rec
 }
 
-/// A communicator of the process closed: the last one removes the marker, the dump when
-/// nothing failed, and a derived directory once empty.
-pub(crate) fn unregister() {
+/// A communicator of the process closed, handing back its recorder (whose calls dumps
+/// still show until another communicator takes it): the last one removes the marker,
+/// the dump when nothing failed, and a derived directory once empty.
+pub(crate) fn unregister(rec: &'static Recorder) {
+    if let Some(e) = RECORDERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter_mut()
+        .find(|(r, _)| std::ptr::eq(*r, rec))
+    {
+        e.1 = false;
+    }
     let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
     let Some(proc_) = p.as_mut() else { return };
     proc_.live = proc_.live.saturating_sub(1);
@@ -626,12 +760,14 @@ fn serve_sigusr1(rd: i32) {
         if n == 0 {
             return;
         }
-        let state = snapshot("SIGUSR1");
-        let dir = PROCESS
+        let (dir, failed) = PROCESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .and_then(|p| p.dir.clone());
+            .map_or((None, false), |p| (p.dir.clone(), p.error.is_some()));
+        // After a failure the dump stays one of the error (a failing rank asks the others
+        // while it names the culprit): a collector keeps error dumps whatever their age.
+        let state = snapshot(if failed { "error" } else { "SIGUSR1" });
         match dir {
             Some(dir) if dir.is_dir() => {
                 if let Err(e) = write_dump(&dir, &state) {
@@ -659,11 +795,13 @@ mod tests {
     fn the_ring_keeps_the_last_calls_with_their_state_and_waits() {
         // A rank no other test of this process uses.
         let rank = 3_000_001;
+        clock::init();
+        let rec = recorder(rank);
         for seq in 0..(SLOTS as u64 + 5) {
-            let e = begin(rank, CollectiveOp::AllReduce, seq, 10);
-            end(e);
+            let e = rec.begin(CollectiveOp::AllReduce, seq, 10, Stamp::now());
+            end(e, Stamp::now());
         }
-        let e = begin(rank, CollectiveOp::Broadcast, 99, 10);
+        let e = rec.begin(CollectiveOp::Broadcast, 99, 10, Stamp::now());
         waiting(2, "to send data", 1500);
         let mut p = PROCESS.lock().unwrap();
         let saved = p.take();
@@ -681,13 +819,9 @@ mod tests {
         drop(p);
         let s = snapshot("test");
         *PROCESS.lock().unwrap() = saved;
-        end(e);
-        // Other tests of this process record calls of their own ranks in the same ring.
-        assert!(
-            s.calls.len() <= SLOTS && s.calls.len() > 1,
-            "{}",
-            s.calls.len()
-        );
+        end(e, Stamp::now());
+        // The ring keeps the last SLOTS calls of its communicator.
+        assert_eq!(s.calls.len(), SLOTS);
         let last = s.calls.last().unwrap();
         assert_eq!((last.op.as_str(), last.seq), ("broadcast", 99));
         assert_eq!(last.state, CallState::Running);

@@ -171,6 +171,8 @@ pub struct Report {
     pub culprit: Option<usize>,
     /// The collective it holds the others up in ("all_reduce #1").
     pub collective: Option<String>,
+    /// What the culprit did, to follow "rank R " ("is stopped (SIGSTOP ...)").
+    pub why: String,
     /// The whole text, one line per finding and per rank.
     pub text: String,
 }
@@ -365,6 +367,7 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
     Report {
         culprit,
         collective,
+        why,
         text,
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use crate::algorithm::executor::PhaseEnds;
 use crate::algorithm::{Phase, Schedule};
 use crate::compression::OverflowStats;
+use crate::flight::clock::ticks_to_duration;
+use crate::flight::Stamp;
 use crate::transport::LinkKind;
 
 /// The kind of link bytes crossed.
@@ -150,6 +152,10 @@ pub(crate) fn phase_spans(
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) m: Metrics,
+    /// The time of the calls without phases, in per-call clock ticks, made time only
+    /// by [`Counters::snapshot`]: such a call (the eager path's small messages) pays a
+    /// subtraction and an add, no conversion.
+    unphased_ticks: u64,
 }
 
 impl Counters {
@@ -177,8 +183,28 @@ impl Counters {
         }
     }
 
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> Metrics {
+        let mut m = self.m.clone();
+        let t = ticks_to_duration(self.unphased_ticks);
+        m.time_total += t;
+        m.time_by_phase[Phase::Unnamed as usize] += t;
+        m
+    }
+
     /// Counts a call's time: in all, and by phase.
-    pub(crate) fn time(&mut self, start: Instant, end: Instant, ends: &PhaseEnds) {
+    #[inline]
+    pub(crate) fn time(&mut self, start: Stamp, end: Stamp, ends: &PhaseEnds) {
+        if ends.iter().all(Option::is_none) {
+            self.unphased_ticks += end.ticks().saturating_sub(start.ticks());
+            return;
+        }
+        self.time_phased(start.instant(), end.instant(), ends);
+    }
+
+    /// [`Counters::time`] of a call with phases, whose ends the executor read as
+    /// `Instant`s.
+    fn time_phased(&mut self, start: Instant, end: Instant, ends: &PhaseEnds) {
         let total = end.saturating_duration_since(start);
         self.m.time_total += total;
         let mut named = Duration::ZERO;
@@ -223,7 +249,7 @@ mod tests {
             ]
         );
         let mut c = Counters::default();
-        c.time(t0, at(10), &ends);
+        c.time_phased(t0, at(10), &ends);
         assert_eq!(c.m.time_in(Phase::IntraAllGather), d(7));
         assert_eq!(c.m.time_in(Phase::Unnamed), d(0));
         assert_eq!(c.m.time_total, d(10));

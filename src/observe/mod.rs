@@ -26,13 +26,14 @@ pub(crate) use waits::LinkWaits;
 pub(crate) use clock::offset_to_rank0;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::algorithm::executor::{ExecCtx, PhaseEnds, Wire};
 use crate::algorithm::Schedule;
 use crate::compression::OverflowStats;
 use crate::error::Result;
-use metrics::Counters;
+use crate::flight::Stamp;
+pub(crate) use metrics::Counters;
 use trace::Tracer;
 
 /// What one finished call was, for the counters and the trace.
@@ -45,8 +46,8 @@ pub(crate) struct CallDone<'a> {
     /// The links that carried 16-bit values, for a compressed call.
     pub(crate) wire: Option<&'a Wire>,
     pub(crate) result: &'a Result<OverflowStats>,
-    pub(crate) start: Instant,
-    pub(crate) end: Instant,
+    pub(crate) start: Stamp,
+    pub(crate) end: Stamp,
     pub(crate) phase_end: &'a PhaseEnds,
 }
 
@@ -127,8 +128,8 @@ fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, wait
             wire: c.wire.cloned(),
             classes: classes.clone(),
             error: c.result.as_ref().err().map(ToString::to_string),
-            start: c.start,
-            end: c.end,
+            start: c.start.instant(),
+            end: c.end.instant(),
             phase_end: *c.phase_end,
             waits: 0..0,
         },

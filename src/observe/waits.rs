@@ -1,15 +1,18 @@
 //! How long a run of the executor waited on each peer, for the trace: a stretch in
 //! which nothing moved counts for the peer the executor was blocked on when it began
 //! (the first receive that could start, else the first send; as a timeout names it).
-//! Kept only while tracing: two clock reads per stretch, nothing per message.
+//! Kept only while tracing: two reads of the per-call clock ([`Stamp`]) per stretch,
+//! nothing per message.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::flight::Stamp;
 
 /// The waits of one run, added into a slot per peer.
 pub struct LinkWaits<'a> {
     per_peer: &'a mut [Duration],
     /// The stretch under way: when it began and on whom.
-    since: Option<(Instant, usize)>,
+    since: Option<(Stamp, usize)>,
 }
 
 impl<'a> LinkWaits<'a> {
@@ -27,7 +30,7 @@ impl<'a> LinkWaits<'a> {
     #[inline(never)]
     pub fn stalled(&mut self, peer: impl FnOnce() -> usize) {
         if self.since.is_none() {
-            self.since = Some((Instant::now(), peer()));
+            self.since = Some((Stamp::now(), peer()));
         }
     }
 
@@ -37,7 +40,7 @@ impl<'a> LinkWaits<'a> {
     pub fn moved(&mut self) {
         if let Some((t, p)) = self.since.take() {
             if let Some(slot) = self.per_peer.get_mut(p) {
-                *slot += t.elapsed();
+                *slot += Stamp::now().since(t);
             }
         }
     }
@@ -49,6 +52,7 @@ mod tests {
 
     #[test]
     fn a_stretch_counts_once_for_the_peer_it_began_on() {
+        crate::flight::clock::init();
         let mut slots = [Duration::ZERO; 3];
         let mut w = LinkWaits::new(&mut slots);
         w.moved();

@@ -124,6 +124,26 @@ fn stopped(shm_disable: &str) {
     // Every other rank waited on rank 2, directly or through a rank that did.
     assert!(text.contains("  waits for: "), "{text}");
     assert!(text.contains("-> 2 (all_reduce #1"), "{text}");
+    // And each one's own error names rank 2 too, whichever peer it waited on itself.
+    let named = errors_name(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and cannot answer",
+    );
+    assert_eq!(named, 3, "{text}");
+}
+
+/// Checks that every rank's own error (`hetccl-check: rank R: FAILED: ...`) ends with
+/// the job's first failure, `finding`; returns how many ranks printed one.
+fn errors_name(run: &Run, finding: &str) -> usize {
+    let text = run.text();
+    let failed: Vec<&str> = text.lines().filter(|l| l.contains(": FAILED: ")).collect();
+    for l in &failed {
+        assert!(
+            l.ends_with(&format!("; the job's first failure: {finding}")),
+            "{l}\n{text}"
+        );
+    }
+    failed.len()
 }
 
 #[test]
@@ -155,6 +175,15 @@ fn killed(shm_disable: &str) {
             .find(|l| l.starts_with(&format!("  rank {r}: ")))
             .unwrap_or_else(|| panic!("no line for rank {r}:\n{text}"));
         assert!(line.contains(" all_reduce #1"), "{line}\n{text}");
+    }
+    // The ranks that saw the loss before the launcher stopped them (over TCP the reset
+    // comes at once; over shared memory the launcher is usually first) name rank 2.
+    let named = errors_name(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 is gone: its process ended (killed?) without a word",
+    );
+    if shm_disable == "1" {
+        assert!(named >= 1, "{text}");
     }
 }
 
@@ -299,6 +328,20 @@ fn without_launcher(fault: &str, culprit: &str) {
     }
     assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
     assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
+    // For a stopped or killed rank, each rank's own error names the same rank, whomever
+    // it waited on itself (the others fail together, before the report is printed and
+    // its dumps removed).
+    for o in outs.iter().filter(|_| fault == "stop" || fault == "kill") {
+        let line = o
+            .output
+            .lines()
+            .find(|l| l.contains(": FAILED: "))
+            .unwrap_or_else(|| panic!("no error:\n{all}"));
+        assert!(
+            line.contains(&format!("; the job's first failure: {culprit}")),
+            "{line}\n{all}"
+        );
+    }
     // The rank that printed it: its faulty collective returned after the wait and the
     // report.
     let printer = outs
