@@ -44,9 +44,36 @@ pub fn init() {
     EPOCH.get_or_init(|| {
         let source = if tsc_invariant() { TSC } else { INSTANT };
         SOURCE.store(source, Ordering::Relaxed);
-        let t0 = Instant::now();
-        (raw(source, t0), t0)
+        if source == TSC {
+            tsc_beside_instant()
+        } else {
+            let t0 = Instant::now();
+            (raw(source, t0), t0)
+        }
     });
+}
+
+/// A TSC read and the `Instant` of the same moment: the middle of the tightest of a few
+/// `Instant`–TSC–`Instant` brackets, so a preemption between two reads cannot skew the
+/// rate measured from the pair.
+fn tsc_beside_instant() -> (u64, Instant) {
+    let bracket = || {
+        let a = Instant::now();
+        let tsc = raw(TSC, a);
+        let width = Instant::now().duration_since(a);
+        (width, tsc, a + width / 2)
+    };
+    let mut best = bracket();
+    for _ in 0..4 {
+        if best.0 < Duration::from_micros(20) {
+            break;
+        }
+        let next = bracket();
+        if next.0 < best.0 {
+            best = next;
+        }
+    }
+    (best.1, best.2)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -134,12 +161,11 @@ fn ns_per_tick() -> f64 {
     };
     // Over less than 2 ms the two reads' skew would show: wait that long, once, right
     // after the first communicator (its setup takes longer than that anyway).
-    let mut t = Instant::now();
-    while t.duration_since(t0) < Duration::from_millis(2) {
+    while Instant::now().duration_since(t0) < Duration::from_millis(2) {
         std::hint::spin_loop();
-        t = Instant::now();
     }
-    let ticks = Stamp::now().0.saturating_sub(tsc0).max(1);
+    let (tsc, t) = tsc_beside_instant();
+    let ticks = tsc.saturating_sub(tsc0).max(1);
     let elapsed = t.duration_since(t0);
     let rate = elapsed.as_nanos() as f64 / ticks as f64;
     if elapsed >= Duration::from_secs(1) {
@@ -162,6 +188,8 @@ mod tests {
     use super::*;
 
     #[test]
+    // Bounds of 5 ms over 30 ms: a preemption between two adjacent reads on a loaded
+    // machine stays inside them; a wrong tick rate (1 ns per tick at GHz) does not.
     fn stamps_measure_time_as_instant_does() {
         init();
         let (s0, i0) = (Stamp::now(), Instant::now());
@@ -170,17 +198,17 @@ mod tests {
         let by_stamp = s1.since(s0).as_secs_f64();
         let by_instant = i1.duration_since(i0).as_secs_f64();
         assert!(
-            (by_stamp - by_instant).abs() < 0.002,
+            (by_stamp - by_instant).abs() < 0.005,
             "{by_stamp} s against {by_instant} s"
         );
         let back = s1.instant();
         let off = if back > i1 { back - i1 } else { i1 - back };
-        assert!(off < Duration::from_millis(2), "{off:?}");
+        assert!(off < Duration::from_millis(5), "{off:?}");
         assert_eq!(s0.since(s1), Duration::ZERO);
         let now_ms = 1_000_000;
         let expected = now_ms - (by_instant * 1e3) as u64;
         let ms = unix_ms(s0, s1, now_ms);
-        assert!(ms.abs_diff(expected) <= 2, "{ms} against {expected}");
+        assert!(ms.abs_diff(expected) <= 5, "{ms} against {expected}");
         assert_eq!(unix_ms(Stamp::default(), s1, now_ms), 0);
     }
 }
