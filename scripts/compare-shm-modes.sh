@@ -24,6 +24,7 @@
 # right after the default one, so the settings can be compared in each mode. Defaults: 10 rounds, 6 s apart, --peer intelmpi,
 # sizes 1, 16 and 64 MiB.
 set -euo pipefail
+trap 'echo "compare-shm-modes.sh: stopped by a failed command at line $LINENO" >&2' ERR
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
