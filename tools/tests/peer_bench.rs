@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const COLLECTIVES: [&str; 5] = [
@@ -46,7 +46,7 @@ fn build(peer: &str) -> Result<PathBuf, String> {
 
 /// The benchmark's `mpi_allreduce` lines for `coll` on 3 ranks over `link`, each as its
 /// key=value pairs.
-fn run(peer: &str, bin: &PathBuf, link: &str, coll: &str) -> Vec<Vec<(String, String)>> {
+fn run(peer: &str, bin: &Path, link: &str, coll: &str) -> Vec<Vec<(String, String)>> {
     let out = with_peers(&format!(
         "peer_launch {peer} 3 {link} 0 && timeout 300 \"${{peer_cmd[@]}}\" {} -b 4 -e 256K -f 16 -n 2 -w 1 -g {coll}",
         bin.display()
