@@ -9,7 +9,8 @@
 # ratio to all-reduce's: one table out of place (broadcast, which has only the in-place
 # form, shows that), one in place. With --peer (scripts/peers.sh; default none), each
 # peer's MPI collective (scripts/mpi_allreduce_bench.c -g) runs right before hetccl's in
-# every repeat, and a table per collective gives every run of each side, the medians and
+# every repeat (its busbw from its mean time over iterations, as hetccl-perf's), and a
+# table per collective gives every run of each side, the medians and
 # hetccl's out-of-place median over the best peer's, with the load at each repeat. More
 # ranks than CPUs are pinned to cores (`hetccl run --bind-cores`, the peers' launchers
 # alike), as compare-mpi.sh does: unpinned, 4 ranks on 2 cores land differently from
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --repeats) repeats=$2; shift ;;
         --) shift; bands=("$*"); break ;;
         --peer) peers_arg=$2; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "compare-collectives.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -71,7 +72,7 @@ for rep in $(seq 1 "$repeats"); do
             done |
                 awk -v q="$q" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                        if (v["wrong"] != 0) { print q " wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
-                       print v["size"], v["busbw"] }' |
+                       print v["size"], v["busbw"] * v["time_us"] / v["mean_us"] }' |
                 while read -r size bw; do echo "$bw" >>"$work/peer.$q.$g.$size"; done
         done
         for band in "${bands[@]}"; do
