@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
-# Side-by-side all-reduce bandwidth: OpenMPI's MPI_Allreduce against hetccl-perf, with
-# single-thread memcpy and loopback TCP (iperf3 -P 4) as ceilings.
+# Side-by-side all-reduce bandwidth: MPI_Allreduce of one or more MPI libraries (the
+# peers) against hetccl-perf, with single-thread memcpy and loopback TCP (iperf3 -P 4) as
+# ceilings.
 #
-#   scripts/compare-mpi.sh [--quick | --latency] [--bind | --no-bind] [--repeats N] [--stat mean|median]
+#   scripts/compare-mpi.sh [--peer all|openmpi,mpich,intelmpi] [--quick | --latency]
+#                          [--bind | --no-bind] [--repeats N] [--stat mean|median]
 #                          [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
 #
-# Needs mpicc/mpirun (openmpi-bin, libopenmpi-dev), iperf3 and a Rust toolchain; it
-# installs nothing. For every configuration it runs OpenMPI and hetccl alternately
-# --repeats times (default 5), each run covering every size, and reports per size the
-# median over repeats of each run's busbw. Within a run both sides use the slowest
-# rank's mean time per iteration (nccl-tests' definition); --stat median takes OpenMPI's
-# median over iterations instead (the per-iteration maximum over ranks), which favours
-# it where its times are bimodal. hetccl is out-of-place unless a column says in-place.
+# Peers (scripts/peers.sh): openmpi (the system's), mpich and intelmpi (private prefixes
+# from scripts/install-peers.sh, never on PATH); --peer all (the default) takes all three.
+# Needs iperf3 and a Rust toolchain; it installs nothing. For every configuration it runs
+# each peer and hetccl alternately --repeats times (default 5), each run covering every
+# size, and prints per size every run of every side, each side's median over runs, and
+# hetccl's median over the best peer's (the peer with the highest median busbw, or the
+# lowest median time with --latency), with the load average at each run. Within a run
+# both sides use the slowest rank's mean time per iteration (nccl-tests' definition);
+# --stat median takes the peer's median over iterations instead (the per-iteration
+# maximum over ranks), which favours it where its times are bimodal. hetccl is
+# out-of-place unless a column says in-place.
 # --latency measures 4 B to 64 KiB with 2000 iterations and reports microseconds per
-# call instead of busbw (the ratio column is then MPI time / hetccl time, so above 1
+# call instead of busbw (the ratio column is then peer time / hetccl time, so above 1
 # still means hetccl is faster).
 #
 # Configurations:
-#   shm2  2 ranks, shared memory  (MPI: btl self,vader)
-#   tcp2  2 ranks, TCP loopback   (MPI: pml ob1, btl tcp,self; hetccl: HETCCL_SHM_DISABLE=1)
+#   shm2  2 ranks, shared memory  (see scripts/peers.sh for each peer's settings)
+#   tcp2  2 ranks, TCP loopback   (hetccl: HETCCL_SHM_DISABLE=1)
 #   shm4  4 ranks on 2 cores (oversubscribed), shared memory
 #   tcp4  4 ranks on 2 cores (oversubscribed), TCP loopback
-# Pinning: configurations with more ranks than cores pin rank k to core k mod C on both
-# sides (OpenMPI --bind-to core:overload-allowed, hetccl run --bind-cores): left to the
-# scheduler, 4 ranks on 2 cores land differently from launch to launch and small
-# all-reduces take 2.0 or 3.5 µs depending on the launch. The others pin nothing
-# (--bind-to none; no --bind-cores): on a shared machine a pinned rank cannot move off
-# a core that another job is using. --bind pins every configuration, --no-bind none.
+# Pinning: configurations with more ranks than cores pin rank k to core k mod C on every
+# side (the peers' launchers, hetccl run --bind-cores): left to the scheduler, 4 ranks on
+# 2 cores land differently from launch to launch and small all-reduces take 2.0 or 3.5 µs
+# depending on the launch. The others pin nothing: on a shared machine a pinned rank
+# cannot move off a core that another job is using. --bind pins every configuration,
+# --no-bind none.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=scripts/peers.sh
+. "$here/peers.sh"
+peers_arg=all
 quick=0
 latency=0
 bind=oversubscribed
@@ -40,6 +49,7 @@ configs="shm2 tcp2 shm4 tcp4"
 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --peer) peers_arg=$2; shift ;;
         --quick) quick=1 ;;
         --latency) latency=1 ;;
         --bind) bind=all ;;
@@ -64,9 +74,11 @@ else
     bands=("-b 4 -e 16M -f 4 -n 20 -w 5" "-b 64M -e 256M -f 4 -n 5 -w 2")
 fi
 
-for tool in mpicc mpirun iperf3 cargo; do
-    command -v "$tool" >/dev/null || { echo "compare-mpi.sh: $tool not found (CI installs openmpi-bin libopenmpi-dev iperf3)" >&2; exit 1; }
+for tool in iperf3 cargo; do
+    command -v "$tool" >/dev/null || { echo "compare-mpi.sh: $tool not found (CI installs iperf3)" >&2; exit 1; }
 done
+peers=$(peer_list "$peers_arg") || exit 2
+for q in $peers; do peer_check "$q" || exit 1; done
 
 work=$(mktemp -d)
 iperf_pid=""
@@ -77,14 +89,12 @@ cleanup() {
 trap cleanup EXIT
 
 echo "# building" >&2
-mpicc -O2 -o "$work/mpi_allreduce_bench" "$here/mpi_allreduce_bench.c"
+for q in $peers; do peer_build "$q" "$here/mpi_allreduce_bench.c" "$work/bench.$q"; done
 (cd "$root" && cargo build --release --quiet -p hetccl-tools --bin hetccl --bin hetccl-perf)
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 hetccl="$target/release/hetccl"
 perf="$target/release/hetccl-perf"
-
-mpi_common=(mpirun --allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo)
 
 # pinned N: whether configurations of N ranks pin them (see "Pinning" above).
 pinned() {
@@ -95,21 +105,21 @@ pinned() {
     esac
 }
 
-# run_mpi CONFIG -> "size busbw" lines
+# run_mpi PEER CONFIG -> "size busbw" lines (or "size us" with --latency)
 run_mpi() {
-    local n=${1: -1} link=${1%?} extra
-    if [ "$link" = tcp ]; then extra=(--mca pml ob1 --mca btl tcp,self); else extra=(--mca btl self,vader); fi
-    if pinned "$n"; then extra+=(--bind-to core:overload-allowed); else extra+=(--bind-to none); fi
+    local peer=$1 n=${2: -1} link=${2%?} pin=0
+    if pinned "$n"; then pin=1; fi
+    peer_launch "$peer" "$n" "$link" "$pin"
     : >"$work/mpi.out"
     for band in "${bands[@]}"; do
         # shellcheck disable=SC2086 # a band is a list of flags
-        "${mpi_common[@]}" -n "$n" "${extra[@]}" "$work/mpi_allreduce_bench" $band \
+        "${peer_cmd[@]}" "$work/bench.$peer" $band \
             >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
     done
     local key=time_us
     if [ "$stat" = mean ]; then key=mean_us; fi
-    awk -v lat="$latency" -v key="$key" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-                            if (v["wrong"] != 0) { print "MPI wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
+    awk -v lat="$latency" -v key="$key" -v peer="$peer" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+                            if (v["wrong"] != 0) { print peer " wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
                             if (lat == 1) print v["size"], v[key]
                             else print v["size"], v["size"] / (v[key] * 1e3) * 2 * (v["ranks"] - 1) / v["ranks"] }' "$work/mpi.out"
     sed -n 's/^max_rss_kib=//p' "$work/mpi.out" | sort -g | tail -1 >"$work/mpi.rss"
@@ -142,7 +152,7 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "# ceilings: memcpy, iperf3" >&2
 for band in "${bands[@]}"; do
     # shellcheck disable=SC2086
-    "$work/mpi_allreduce_bench" --memcpy $band -n 30
+    "$work/bench.${peers%% *}" --memcpy $band -n 30
 done |
     awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["size"], v["gbps"] }' >"$work/memcpy"
 port=$((20000 + RANDOM % 20000))
@@ -157,9 +167,14 @@ iperf_gbps=${iperf_gbps:-nan}
 
 for cfg in $configs; do
     for rep in $(seq 1 "$repeats"); do
-        echo "# $cfg repeat $rep/$repeats" >&2
-        run_mpi "$cfg" | while read -r size bw; do echo "$bw" >>"$work/$cfg.mpi.$size"; done
-        cat "$work/mpi.rss" >>"$work/$cfg.mpi.rss"
+        for q in $peers; do
+            echo "# $cfg repeat $rep/$repeats: $q" >&2
+            echo "$q $(cut -d' ' -f1 /proc/loadavg)" >>"$work/$cfg.load.$rep"
+            run_mpi "$q" "$cfg" | while read -r size bw; do echo "$bw" >>"$work/$cfg.$q.$size"; done
+            cat "$work/mpi.rss" >>"$work/$cfg.$q.rss"
+        done
+        echo "# $cfg repeat $rep/$repeats: hetccl" >&2
+        echo "hetccl $(cut -d' ' -f1 /proc/loadavg)" >>"$work/$cfg.load.$rep"
         run_hetccl "$cfg" | while read -r size bw ip; do
             echo "$bw" >>"$work/$cfg.hetccl.$size"
             echo "$ip" >>"$work/$cfg.hetccl_ip.$size"
@@ -168,34 +183,72 @@ for cfg in $configs; do
     done
 done
 
+# best_of LAT MEDIANS...: the index (from 1) and value of the best median, the highest
+# busbw or (LAT=1) the lowest time; "nan" entries never win.
+best_of() {
+    local lat=$1; shift
+    printf '%s\n' "$@" | awk -v lat="$lat" '$1 ~ /^[0-9.e+-]+$/ && (!seen || (lat == 1 ? $1 < b : $1 > b)) { b = $1; k = NR; seen = 1 }
+                                            END { if (seen) print k, b; else print 0, "nan" }'
+}
+runs() { if [ -f "$1" ]; then awk '{ printf "%s%.3f", (NR > 1 ? " " : ""), $1 }' "$1"; else echo "-"; fi; }
+
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); repeats: $repeats; MPI time: $stat over iterations; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); peers: $peers; repeats: $repeats; peer time: $stat over iterations; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
     echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $bind; load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    if [ "$latency" = 1 ]; then
-        echo "| config | size (B) | MPI us | hetccl us | MPI/hetccl time | hetccl in-place us | memcpy GB/s |"
-    else
-        echo "| config | size (B) | MPI busbw GB/s | hetccl busbw GB/s | hetccl/MPI | hetccl in-place busbw GB/s | memcpy GB/s |"
-    fi
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    unit="busbw GB/s"; ratio="hetccl/best"
+    if [ "$latency" = 1 ]; then unit="us"; ratio="best/hetccl time"; fi
+    printf '| config | size (B) |'
+    for q in $peers; do printf ' %s %s |' "$q" "$unit"; done
+    printf ' best peer | hetccl %s | %s | hetccl in-place %s | memcpy GB/s |\n' "$unit" "$ratio" "$unit"
+    printf '| --- | ---: |'
+    for q in $peers; do printf ' ---: |'; done
+    echo ' --- | ---: | ---: | ---: | ---: |'
     for cfg in $configs; do
-        for size in $(cd "$work" && ls "$cfg.mpi."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
-            m=$(median <"$work/$cfg.mpi.$size")
-            h=$( [ -f "$work/$cfg.hetccl.$size" ] && median <"$work/$cfg.hetccl.$size" || echo nan)
+        for size in $(cd "$work" && ls "$cfg.hetccl."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
+            meds=()
+            for q in $peers; do meds+=("$( [ -f "$work/$cfg.$q.$size" ] && median <"$work/$cfg.$q.$size" || echo nan)"); done
+            read -r bi b <<<"$(best_of "$latency" "${meds[@]}")"
+            bq=$( [ "$bi" -gt 0 ] && echo "$peers" | awk -v k="$bi" '{ print $k }' || echo none)
+            h=$(median <"$work/$cfg.hetccl.$size")
             hi=$( [ -f "$work/$cfg.hetccl_ip.$size" ] && median <"$work/$cfg.hetccl_ip.$size" || echo nan)
             c=$(awk -v s="$size" '$1 == s { print $2 }' "$work/memcpy")
-            awk -v cfg="$cfg" -v s="$size" -v m="$m" -v h="$h" -v hi="$hi" -v c="${c:-nan}" -v lat="$latency" \
-                'BEGIN { if (lat == 1) r = (h > 0 && m == m + 0) ? sprintf("%.2f", m / h) : "n/a"
-                         else r = (m > 0 && h == h + 0) ? sprintf("%.2f", h / m) : "n/a"
-                         printf "| %s | %d | %.3f | %.3f | %s | %.3f | %.2f |\n", cfg, s, m, h, r, hi, c }'
+            printf '| %s | %d |' "$cfg" "$size"
+            for m in "${meds[@]}"; do printf ' %.3f |' "$m"; done
+            awk -v bq="$bq" -v b="$b" -v h="$h" -v hi="$hi" -v c="${c:-nan}" -v lat="$latency" \
+                'BEGIN { if (lat == 1) r = (h > 0 && b == b + 0) ? sprintf("%.2f", b / h) : "n/a"
+                         else r = (b > 0 && h == h + 0) ? sprintf("%.2f", h / b) : "n/a"
+                         printf " %s | %.3f | %s | %.3f | %.2f |\n", bq, h, r, hi, c }'
         done
     done
     echo
-    echo "| config | MPI peak RSS per rank (MiB, median) | hetccl peak RSS per rank (MiB, median) |"
-    echo "| --- | ---: | ---: |"
+    echo "Every run, in the order they alternated (each repeat: the peers, then hetccl; hetccl out of place):"
+    echo
+    echo "| config | size (B) | side | runs |"
+    echo "| --- | ---: | --- | --- |"
     for cfg in $configs; do
-        mr=$(awk '{ print $1 / 1024 }' "$work/$cfg.mpi.rss" | median)
-        hr=$(median <"$work/$cfg.hetccl.rss")
-        printf '| %s | %.1f | %.1f |\n' "$cfg" "$mr" "$hr"
+        for size in $(cd "$work" && ls "$cfg.hetccl."[0-9]* 2>/dev/null | sed 's/.*\.//' | sort -n); do
+            for q in $peers hetccl; do printf '| %s | %d | %s | %s |\n' "$cfg" "$size" "$q" "$(runs "$work/$cfg.$q.$size")"; done
+        done
+    done
+    echo
+    echo "Load average (1 min) as each run started:"
+    echo
+    for cfg in $configs; do
+        for rep in $(seq 1 "$repeats"); do
+            printf -- '- %s repeat %d: %s\n' "$cfg" "$rep" "$(tr '\n' ';' <"$work/$cfg.load.$rep" | sed 's/;$//; s/;/, /g')"
+        done
+    done
+    echo
+    printf '| config |'
+    for q in $peers hetccl; do printf ' %s peak RSS per rank (MiB, median) |' "$q"; done
+    echo
+    printf '| --- |'
+    for q in $peers hetccl; do printf ' ---: |'; done
+    echo
+    for cfg in $configs; do
+        printf '| %s |' "$cfg"
+        for q in $peers; do printf ' %.1f |' "$(awk '{ print $1 / 1024 }' "$work/$cfg.$q.rss" | median)"; done
+        printf ' %.1f |\n' "$(median <"$work/$cfg.hetccl.rss")"
     done
 } | if [ -n "$out" ]; then tee "$out"; else cat; fi
