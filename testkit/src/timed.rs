@@ -232,6 +232,7 @@ pub fn all_reduce(net: &Net, bytes: usize, knobs: Knobs, start: &[f64]) -> Resul
         chunk_bytes: links.chunk_bytes,
         slots: links.slots,
         shard_weights: model.shard_weights.clone(),
+        inter_parts: model.inter_parts.clone(),
         ring_order: links.ring_order,
     };
     let scheds: Vec<Schedule> = (0..n)
@@ -574,6 +575,58 @@ mod tests {
         let net = net(vec![node("a", 1, GBIT), node("b", 1, slow)]);
         let p = all_reduce(&net, s, forced(AlgoChoice::Ring), &[0.0, 0.0]).unwrap();
         close(p.end(), s as f64 / slow.beta + slow.alpha, 1e-6);
+    }
+
+    /// 3 nodes x 2 ranks, NICs at 1, 1 and 0.25 Gbit/s, 64 MiB. With equal parts every
+    /// shard's ring sends `2(N-1)/N · S` through the slow NIC: `(4/3) S/B_slow`. The
+    /// parts the model picks let the slow node finish every shard, so it sends and
+    /// receives `S` once, while the fast ones carry `2S` at four times the speed: the
+    /// whole all-reduce within a pipeline's fill of `S/B_slow` (2.15 s), under 1.15x it.
+    #[test]
+    fn a_slow_node_finishes_every_shard_and_sets_a_lower_pace() {
+        let s = 64 * MIB;
+        let slow = LinkCost {
+            alpha: 50e-6,
+            beta: GBIT.beta / 4.0,
+        };
+        let net = net(vec![
+            node("a", 2, GBIT),
+            node("b", 2, GBIT),
+            node("c", 2, slow),
+        ]);
+        let parts = LinkModel::of(&net.topology()).inter_parts.unwrap();
+        assert_eq!(parts.order, vec![0, 1, 2]);
+        assert_eq!(parts.parts, vec![0.0, 0.0, 1.0]);
+        let bound = s as f64 / slow.beta;
+        let t0 = [0.0; 6];
+        let p = all_reduce(&net, s, forced(AlgoChoice::Hier), &t0).unwrap();
+        assert_eq!(p.algo, Algo::Hier);
+        assert!(p.end() >= bound, "{} s beats the bound {bound} s", p.end());
+        assert!(p.end() <= 1.15 * bound, "{} s against {bound} s", p.end());
+        // Exactly: C's NIC busy both ways throughout, plus the last piece's trip out of
+        // C (C -> A at the slow rate) and on to B (A -> B, fast) before it is done
+        // everywhere, plus the first piece's A -> B before C's downlink has work.
+        let piece = p.chunk_bytes as f64;
+        assert_eq!(p.chunk_bytes, 512 << 10);
+        close(
+            p.end(),
+            bound + piece / slow.beta + 2.0 * piece / GBIT.beta,
+            0.001,
+        );
+        // The same schedules with equal parts: the slow NIC carries 4/3 S.
+        let nodes = net.node_lists();
+        let tuning = Tuning {
+            chunk_bytes: p.chunk_bytes,
+            slots: 4,
+            ..Tuning::default()
+        };
+        let call = Call::new(CollectiveOp::AllReduce, DataType::F32, s / 4);
+        let scheds: Vec<Schedule> = (0..6)
+            .map(|r| algorithm::plan(&call, r, 6, Algo::Hier, tuning.clone(), &nodes))
+            .collect();
+        let even = play(&scheds, &net, false, false, &t0).unwrap();
+        let even_end = even.iter().copied().fold(0.0, f64::max);
+        close(even_end, 4.0 / 3.0 * bound, 0.01);
     }
 
     /// Four single-rank nodes behind a switch with a core of half their NICs' sum: the
