@@ -63,6 +63,9 @@ pub struct LinkModel {
     /// Some node runs more ranks than CPUs and links them over TCP (see
     /// [`LinkModel::chunk_bytes`]).
     pub oversubscribed_tcp: bool,
+    /// Shards of a hierarchical all-reduce on this job's nodes
+    /// ([`super::hierarchical::shard_count`]; see [`LinkModel::hier_chunk`]).
+    pub hier_shards: usize,
 }
 
 /// The slowest of `links` (higher latency, lower bandwidth), looking only at measured
@@ -97,6 +100,7 @@ impl LinkModel {
             shard_weights: shard_weights(t),
             inter_parts: inter_parts(t),
             oversubscribed_tcp,
+            hier_shards: super::hierarchical::shard_count(&t.nodes),
         }
     }
 
@@ -136,6 +140,24 @@ impl LinkModel {
             _ => bytes,
         };
         self.chunk_bytes(configured, block)
+    }
+
+    /// The pipeline chunk of a hierarchical all-reduce, from [`LinkModel::chunk_for`]'s.
+    /// Every shard's inter-node ring crosses every node's NIC, all at once, so a ring's
+    /// start (its first pieces wait for the intra-node reduction of their chunks) and its
+    /// end (the last pieces' `2(N-1)` steps, then their hand-over inside the node) each
+    /// last about `shards × chunk / B`: with uneven nodes (3 + 2 + 1 ranks: 6 shards) three
+    /// times what 2 × 2 (2 shards, where the chunk was tuned) pays. So beyond 2 shards the
+    /// chunk shrinks to keep `shards × chunk` at 2 chunks' worth, in 4 KiB steps, down to
+    /// 128 KiB. On the simulated cluster (3 + 2 + 1 at 1 Gbit/s, 64 MiB) 128 and 256 KiB
+    /// chunks took 1.07-1.08x the bound against 512 KiB's 1.10x; 2 × 2 was the same with
+    /// all three (`docs/perf-log/2026-12-06-hier.md`).
+    pub fn hier_chunk(&self, chunk: usize) -> usize {
+        if self.hier_shards <= 2 {
+            return chunk;
+        }
+        let scaled = chunk.saturating_mul(2) / self.hier_shards / 4096 * 4096;
+        scaled.max(MIN_BLOCK_CHUNK).min(chunk)
     }
 
     /// The cheapest algorithm for `op` on `bytes`.
@@ -399,6 +421,29 @@ mod tests {
         assert!(t.oversubscribed(0));
         t.ranks[3].cpus = 4;
         assert!(!t.oversubscribed(0));
+    }
+
+    #[test]
+    fn hierarchical_chunks_shrink_with_the_shards_through_each_nic() {
+        // 2 x 2 and 4 x 1: 2 shards or fewer, the chunk as given.
+        assert_eq!(
+            LinkModel::of(&topo(&[2, 2])).hier_chunk(512 << 10),
+            512 << 10
+        );
+        assert_eq!(
+            LinkModel::of(&topo(&[1, 1, 1, 1])).hier_chunk(512 << 10),
+            512 << 10
+        );
+        // 3 + 2 + 1: 6 shards, 512 KiB x 2/6 = 170.7 KiB, down to 168 KiB.
+        let m = LinkModel::of(&topo(&[3, 2, 1]));
+        assert_eq!(m.hier_shards, 6);
+        assert_eq!(m.hier_chunk(512 << 10), 168 << 10);
+        // Never below 128 KiB, nor above the chunk given.
+        assert_eq!(
+            LinkModel::of(&topo(&[4, 4, 3])).hier_chunk(512 << 10),
+            128 << 10
+        );
+        assert_eq!(m.hier_chunk(64 << 10), 64 << 10);
     }
 
     #[test]
