@@ -101,7 +101,7 @@ fn path_min_sums(e: &[f64], mmax: usize) -> Vec<f64> {
         for k in 0..=mmax {
             let skip = best[k][0].min(best[k][1]);
             next[k][0] = next[k][0].min(skip);
-            if k + 1 <= mmax && best[k][0].is_finite() {
+            if k < mmax && best[k][0].is_finite() {
                 next[k + 1][1] = next[k + 1][1].min(best[k][0] + x);
             }
         }
