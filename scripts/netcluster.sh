@@ -5,7 +5,8 @@
 # talk TCP over the limited links. Nothing outside the namespaces it creates is touched.
 #
 #   netcluster.sh up K [--rate 1gbit] [--mtu 1500]   create K nodes (no --rate: unlimited)
-#   netcluster.sh run --ranks 3,2,1 [--rate R] [--port P] [--quiet] -- PROGRAM ARGS...
+#                 [--rates 1gbit,1gbit,250mbit]       or a rate per node (a slower NIC)
+#   netcluster.sh run --ranks 3,2,1 [--rate R | --rates R0,R1,..] [--port P] [--quiet] -- PROGRAM ARGS...
 #                                                     start the ranks of node k in namespace k
 #                                                     (creates the nodes if they are not up,
 #                                                     and removes them again afterwards)
@@ -102,14 +103,21 @@ cmd_up() {
     local k=${1:-}
     shift || true
     [[ $k =~ ^[0-9]+$ ]] && ((k >= 1 && k <= 64)) || die "up needs a node count from 1 to 64"
-    local rate="" mtu=1500
+    local rate="" rates="" mtu=1500
     while (($#)); do
         case $1 in
         --rate) rate=${2:?--rate needs a value}; shift 2 ;;
+        --rates) rates=${2:?--rates needs a value}; shift 2 ;;
         --mtu) mtu=${2:?--mtu needs a value}; shift 2 ;;
         *) die "unknown option $1 for up" ;;
         esac
     done
+    local -a per_rate=()
+    if [[ -n $rates ]]; then
+        [[ -z $rate ]] || die "give --rate or --rates, not both"
+        IFS=, read -r -a per_rate <<<"$rates"
+        ((${#per_rate[@]} == k)) || die "--rates $rates names ${#per_rate[@]} rates for $k nodes"
+    fi
     check_permitted
     (($(nodes_up) == 0)) || die "a cluster with prefix $PREFIX is up already; run 'down' first"
     # A half-built cluster is removed again whatever fails below.
@@ -132,14 +140,15 @@ cmd_up() {
         ip netns exec "$BR_NS" ip link set "$port" up
         ip netns exec "$ns" ip addr add "$(node_addr $i)/24" dev "$dev"
         ip netns exec "$ns" ip link set "$dev" up
-        if [[ -n $rate ]]; then
-            limit "$ns" "$dev" "$rate"          # what the node sends
-            limit "$BR_NS" "$port" "$rate"      # what the node receives
+        local r=${per_rate[i]:-$rate}
+        if [[ -n $r ]]; then
+            limit "$ns" "$dev" "$r"             # what the node sends
+            limit "$BR_NS" "$port" "$r"         # what the node receives
         fi
     done
     set +e
     trap - EXIT INT TERM
-    echo "netcluster: $k nodes up (prefix $PREFIX, ${rate:-unlimited} per direction per node)"
+    echo "netcluster: $k nodes up (prefix $PREFIX, ${rates:-${rate:-unlimited}} per direction per node)"
 }
 
 cmd_status() {
@@ -173,11 +182,12 @@ cleanup_run() {
 }
 
 cmd_run() {
-    local ranks="" rate="" port="" quiet=0
+    local ranks="" rate="" rates="" port="" quiet=0
     while (($#)); do
         case $1 in
         --ranks) ranks=${2:?--ranks needs a value}; shift 2 ;;
         --rate) rate=${2:?--rate needs a value}; shift 2 ;;
+        --rates) rates=${2:?--rates needs a value}; shift 2 ;;
         --port) port=${2:?--port needs a value}; shift 2 ;;
         --quiet) quiet=1; shift ;;
         --) shift; break ;;
@@ -201,12 +211,13 @@ cmd_run() {
     if ((up == 0)); then
         local -a opts=()
         [[ -n $rate ]] && opts=(--rate "$rate")
+        [[ -n $rates ]] && opts+=(--rates "$rates")
         (cmd_up "$k" "${opts[@]}") >/dev/null || exit $?
         CREATED=1
     elif ((up < k)); then
         die "$up nodes are up but --ranks names $k; run 'down' first"
-    elif [[ -n $rate ]]; then
-        die "--rate applies when run creates the nodes; they are up already"
+    elif [[ -n $rate$rates ]]; then
+        die "--rate and --rates apply when run creates the nodes; they are up already"
     fi
 
     [[ -n $port ]] || port=$((20000 + RANDOM % 40000))
@@ -316,7 +327,7 @@ status) cmd_status ;;
 mpirun) cmd_mpirun "$@"; exit $? ;;
 agent) cmd_agent "$@" ;;
 *)
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     [[ -z $cmd || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

@@ -38,6 +38,7 @@ fn plans(t: &Topology, algo: Algo, count: usize, m: &LinkModel) -> Vec<Schedule>
         chunk_bytes: 64 << 10,
         slots: 9,
         shard_weights: m.shard_weights.clone(),
+        inter_parts: m.inter_parts.clone(),
         ring_order: Default::default(),
     };
     (0..t.world_size())

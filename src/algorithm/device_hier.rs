@@ -161,6 +161,7 @@ impl DeviceHierPlan {
             &ranges,
             wire,
             chunk_bytes,
+            None,
             |j, r| {
                 let at = packed.iter().find(|p| p.0 == j).map_or(0, |p| p.2 * wire);
                 Region::new(BufId::Output, at..at + (r.end - r.start))
@@ -397,7 +398,9 @@ mod tests {
             .map(|rank| {
                 let mut b = Builder::new("hier");
                 let buf = Region::new(BufId::Output, 0..count * 4);
-                hierarchical::all_reduce_inplace(&mut b, nodes, rank, buf, count, 4, CHUNK, None);
+                hierarchical::all_reduce_inplace(
+                    &mut b, nodes, rank, buf, count, 4, CHUNK, None, None,
+                );
                 b.build()
             })
             .collect();

@@ -19,8 +19,11 @@
 
 use std::ops::Range;
 
+use super::parts::RingParts;
 use super::ring::{self, RingOrder};
-use super::schedule::{self, split_chunks, split_even, Builder, Combine, Phase, Region};
+use super::schedule::{
+    self, split_chunks, split_even, split_weighted, Builder, Combine, Phase, Region,
+};
 use super::Group;
 
 /// Largest shard count; beyond it the lcm of node sizes is replaced by a multiple of
@@ -59,22 +62,7 @@ pub fn shard_ranges(
     let Some(w) = weights.filter(|w| w.len() == shards && w.iter().all(|x| *x > 0.0)) else {
         return split_even(count, shards, elem);
     };
-    let total: f64 = w.iter().sum();
-    let mut out = Vec::with_capacity(shards);
-    let mut start = 0usize;
-    let mut acc = 0.0;
-    for (j, wj) in w.iter().enumerate() {
-        acc += wj;
-        let end = if j + 1 == shards {
-            count
-        } else {
-            ((acc / total) * count as f64).round() as usize
-        }
-        .clamp(start, count);
-        out.push(start * elem..end * elem);
-        start = end;
-    }
-    out
+    split_weighted(count, elem, w)
 }
 
 /// Owner of shard `j` on node `k`.
@@ -93,6 +81,7 @@ pub fn all_reduce_inplace(
     elem: usize,
     chunk_bytes: usize,
     weights: Option<&[f64]>,
+    parts: Option<&RingParts>,
 ) {
     let Some(k) = nodes.iter().position(|n| n.contains(&rank)) else {
         return;
@@ -125,7 +114,9 @@ pub fn all_reduce_inplace(
 
     // 2. Across nodes, the owners of each shard run a ring all-reduce.
     b.phase(Phase::InterAllReduce);
-    inter_node(b, nodes, rank, &ranges, elem, chunk_bytes, |_, r| at(r));
+    inter_node(b, nodes, rank, &ranges, elem, chunk_bytes, parts, |_, r| {
+        at(r)
+    });
 
     // 3. Inside the node, owners hand the finished shards to their node-mates.
     b.phase(Phase::IntraAllGather);
@@ -150,6 +141,11 @@ pub fn all_reduce_inplace(
 /// the shard's own range of the buffer this is the middle of [`all_reduce_inplace`];
 /// the hierarchical device all-reduce places the shards this rank owns one after
 /// another in a pinned host buffer, having done phases 1 and 3 over CUDA IPC.
+///
+/// With `parts`, every shard's ring visits the nodes in `parts.order` and the node at
+/// position `i` finishes `parts.parts[i]` of the shard ([`super::parts`]); without, the
+/// nodes in index order with equal parts.
+#[allow(clippy::too_many_arguments)]
 pub fn inter_node(
     b: &mut Builder,
     nodes: &[Vec<usize>],
@@ -157,6 +153,7 @@ pub fn inter_node(
     ranges: &[Range<usize>],
     elem: usize,
     chunk_bytes: usize,
+    parts: Option<&RingParts>,
     place: impl Fn(usize, &Range<usize>) -> Region,
 ) {
     let Some(k) = nodes.iter().position(|n| n.contains(&rank)) else {
@@ -165,20 +162,48 @@ pub fn inter_node(
     if nodes.len() <= 1 {
         return;
     }
+    // Parts that do not fit this job (another node count) are not used.
+    let parts = parts.filter(|p| {
+        let mut seen = vec![false; nodes.len()];
+        p.order.len() == nodes.len()
+            && p.parts.len() == nodes.len()
+            && p.order
+                .iter()
+                .all(|&kk| kk < seen.len() && !std::mem::replace(&mut seen[kk], true))
+    });
+    let order: Vec<usize> = match parts {
+        Some(p) => p.order.clone(),
+        None => (0..nodes.len()).collect(),
+    };
+    let Some(me) = order.iter().position(|&kk| kk == k) else {
+        return;
+    };
     for (j, r) in ranges.iter().enumerate() {
         if owner(nodes, k, j) != rank {
             continue;
         }
-        let members: Vec<usize> = (0..nodes.len()).map(|kk| owner(nodes, kk, j)).collect();
+        let members: Vec<usize> = order.iter().map(|&kk| owner(nodes, kk, j)).collect();
         let g = Group {
             members: &members,
-            me: k,
+            me,
         };
         // Across nodes (TCP): a wave keeps each link's queue full.
         let count = (r.end - r.start) / elem;
         let region = place(j, r);
-        b.hold_phase(Phase::InterAllReduce, |b| {
-            ring::all_reduce_inplace(b, &g, region, count, elem, chunk_bytes, RingOrder::Wave)
+        b.hold_phase(Phase::InterAllReduce, |b| match parts {
+            Some(p) => ring::all_reduce_parts(
+                b,
+                &g,
+                region,
+                count,
+                elem,
+                chunk_bytes,
+                RingOrder::Wave,
+                &p.parts,
+            ),
+            None => {
+                ring::all_reduce_inplace(b, &g, region, count, elem, chunk_bytes, RingOrder::Wave)
+            }
         });
     }
 }
@@ -212,7 +237,7 @@ pub(crate) mod tests {
     fn plan(nodes: &[Vec<usize>], rank: usize, count: usize, w: Option<&[f64]>) -> Schedule {
         let mut b = Builder::new("hier");
         let buf = Region::new(BufId::Output, 0..count * 4);
-        all_reduce_inplace(&mut b, nodes, rank, buf, count, 4, 256, w);
+        all_reduce_inplace(&mut b, nodes, rank, buf, count, 4, 256, w, None);
         b.build()
     }
 

@@ -17,6 +17,7 @@ pub mod doubling;
 pub mod executor;
 pub mod halving;
 pub mod hierarchical;
+pub mod parts;
 pub mod ring;
 pub mod schedule;
 pub mod select;
@@ -96,6 +97,9 @@ pub struct Tuning {
     pub slots: usize,
     /// Relative sizes of the hierarchical shards (`None`: equal).
     pub shard_weights: Option<Vec<f64>>,
+    /// Node order and uneven parts of the hierarchical inter-node rings (`None`: node
+    /// order, equal parts).
+    pub inter_parts: Option<parts::RingParts>,
     /// Order of the steps of a ring all-reduce over all ranks; the same on every rank.
     pub ring_order: ring::RingOrder,
 }
@@ -151,6 +155,7 @@ pub fn plan(
                         e,
                         t.chunk_bytes,
                         t.shard_weights.as_deref(),
+                        t.inter_parts.as_ref(),
                     ),
                 }
             }

@@ -12,7 +12,9 @@
 
 use std::ops::Range;
 
-use super::schedule::{at, split_chunks, split_even, BufId, Builder, Combine, Phase, Region};
+use super::schedule::{
+    at, split_chunks, split_even, split_weighted, BufId, Builder, Combine, Phase, Region,
+};
 use super::Group;
 
 /// Byte ranges `[piece][segment]` relative to the start of the buffer.
@@ -25,6 +27,32 @@ pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Ve
         .map(|p| {
             let pcount = (p.end - p.start) / elem;
             split_even(pcount, n, elem)
+                .into_iter()
+                .map(|s| p.start + s.start..p.start + s.end)
+                .collect()
+        })
+        .collect()
+}
+
+/// Byte ranges `[piece][segment]` like [`layout`], segment `j` of every piece taking the
+/// fraction `weights[j]` of it (rounded to elements; a weight of 0 leaves it empty).
+/// Pieces are cut so the largest segment is about `chunk_bytes`, as in [`layout`].
+pub fn layout_weighted(
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+    weights: &[f64],
+) -> Vec<Vec<Range<usize>>> {
+    let total: f64 = weights.iter().sum();
+    let widest = weights.iter().copied().fold(0.0, f64::max) / total;
+    let bytes = count * elem;
+    let piece_bytes = ((chunk_bytes as f64 / widest) as usize).max(elem);
+    let pieces = bytes.div_ceil(piece_bytes).max(1);
+    split_even(count, pieces, elem)
+        .into_iter()
+        .map(|p| {
+            let pcount = (p.end - p.start) / elem;
+            split_weighted(pcount, elem, weights)
                 .into_iter()
                 .map(|s| p.start + s.start..p.start + s.end)
                 .collect()
@@ -47,7 +75,8 @@ fn copy_pieces(b: &mut Builder, src: Region, dst: Region, pieces: &[Range<usize>
 /// `src` and leaving partial and final sums in `dst` (the same region in place). Out of
 /// place costs no extra copy: step 0 sends straight from `src`, and the receive
 /// computes `dst = src + incoming` in one pass. After `n - 1` steps member `me` holds
-/// segment `me + 1` reduced.
+/// segment `me + 1` reduced. `skip_empty`: empty segments are not sent at all (every
+/// member skips the same ones, so the messages on each link still pair up).
 fn reduce_scatter_step(
     b: &mut Builder,
     g: &Group,
@@ -55,22 +84,40 @@ fn reduce_scatter_step(
     dst: Region,
     segs: &[Range<usize>],
     k: usize,
+    skip_empty: bool,
 ) {
     let n = g.size();
     // Send to the right; wait for the left and fold its partial sums into ours.
     let out = &segs[(g.me + n - k) % n];
-    b.send(g.right(), at(if k == 0 { src } else { dst }, out));
+    if !(skip_empty && out.is_empty()) {
+        b.send(g.right(), at(if k == 0 { src } else { dst }, out));
+    }
     // In place (`src == dst`) the builder makes this an `Accumulate`.
     let inc = &segs[(g.me + 2 * n - k - 1) % n];
-    b.recv(g.left(), at(dst, inc), Combine::From(at(src, inc)));
+    if !(skip_empty && inc.is_empty()) {
+        b.recv(g.left(), at(dst, inc), Combine::From(at(src, inc)));
+    }
 }
 
 /// Step `k` of the all-gather of one piece, after its reduce-scatter: member `me`
 /// starts holding segment `me + 1`.
-fn all_gather_step(b: &mut Builder, g: &Group, buf: Region, segs: &[Range<usize>], k: usize) {
+fn all_gather_step(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    segs: &[Range<usize>],
+    k: usize,
+    skip_empty: bool,
+) {
     let n = g.size();
-    b.send(g.right(), at(buf, &segs[(g.me + 1 + n - k) % n]));
-    b.recv(g.left(), at(buf, &segs[(g.me + n - k) % n]), Combine::Copy);
+    let out = &segs[(g.me + 1 + n - k) % n];
+    if !(skip_empty && out.is_empty()) {
+        b.send(g.right(), at(buf, out));
+    }
+    let inc = &segs[(g.me + n - k) % n];
+    if !(skip_empty && inc.is_empty()) {
+        b.recv(g.left(), at(buf, inc), Combine::Copy);
+    }
 }
 
 /// In what order a ring all-reduce issues the `2(n-1)` steps (reduce-scatter, then
@@ -110,6 +157,52 @@ pub fn all_reduce_into(
         return;
     }
     let lay = layout(count, n, elem, chunk_bytes);
+    run_steps(b, g, src, dst, &lay, order, false);
+}
+
+/// In-place all-reduce of `buf` over `g` where member `i` finishes the fraction
+/// `parts[i]` of every piece (`docs/ALGORITHMS.md`, uneven inter-node parts): with
+/// parts matched to its links' speeds, a member on a slow link sends and receives less.
+/// Empty segments send nothing. Each element is still reduced once, along the ring in
+/// the same order as with equal parts, so every member gets bitwise the same result.
+#[allow(clippy::too_many_arguments)]
+pub fn all_reduce_parts(
+    b: &mut Builder,
+    g: &Group,
+    buf: Region,
+    count: usize,
+    elem: usize,
+    chunk_bytes: usize,
+    order: RingOrder,
+    parts: &[f64],
+) {
+    let n = g.size();
+    if n == 1 {
+        return;
+    }
+    // Member i ends holding segment i + 1 (see the step functions).
+    let mut weights = vec![0.0; n];
+    for (i, p) in parts.iter().enumerate().take(n) {
+        weights[(i + 1) % n] = *p;
+    }
+    if !(weights.iter().all(|w| *w >= 0.0) && weights.iter().sum::<f64>() > 0.0) {
+        weights = vec![1.0; n];
+    }
+    let lay = layout_weighted(count, elem, chunk_bytes, &weights);
+    run_steps(b, g, buf, buf, &lay, order, true);
+}
+
+/// The `2(n-1)` steps of every piece of `lay`, issued in `order`.
+fn run_steps(
+    b: &mut Builder,
+    g: &Group,
+    src: Region,
+    dst: Region,
+    lay: &[Vec<Range<usize>>],
+    order: RingOrder,
+    skip_empty: bool,
+) {
+    let n = g.size();
     let steps = 2 * (n - 1);
     let stride = match order {
         RingOrder::Wave => 1,
@@ -122,10 +215,10 @@ pub fn all_reduce_into(
     for (_, s, p) in issue {
         if s < n - 1 {
             b.phase(Phase::ReduceScatter);
-            reduce_scatter_step(b, g, src, dst, &lay[p], s);
+            reduce_scatter_step(b, g, src, dst, &lay[p], s, skip_empty);
         } else {
             b.phase(Phase::AllGather);
-            all_gather_step(b, g, dst, &lay[p], s - (n - 1));
+            all_gather_step(b, g, dst, &lay[p], s - (n - 1), skip_empty);
         }
     }
     b.phase(Phase::Unnamed);

@@ -406,6 +406,29 @@ pub fn split_even(count: usize, parts: usize, elem: usize) -> Vec<Range<usize>> 
     out
 }
 
+/// Splits `count` elements into `weights.len()` contiguous ranges in proportion to
+/// `weights` (non-negative, not all 0), each boundary rounded to the nearest element of
+/// the running share; byte ranges for elements of `elem` bytes. A weight of 0 gives an
+/// empty range.
+pub fn split_weighted(count: usize, elem: usize, weights: &[f64]) -> Vec<Range<usize>> {
+    let total: f64 = weights.iter().sum();
+    let mut out = Vec::with_capacity(weights.len());
+    let mut start = 0usize;
+    let mut acc = 0.0;
+    for (j, wj) in weights.iter().enumerate() {
+        acc += wj;
+        let end = if j + 1 == weights.len() {
+            count
+        } else {
+            ((acc / total) * count as f64).round() as usize
+        }
+        .clamp(start, count);
+        out.push(start * elem..end * elem);
+        start = end;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,8 +32,8 @@
 //!      what the collective has a form for (runnable()): doubling only for all-reduces
 //!        up to DOUBLING_MAX_BYTES, halving and hierarchical only for all-reduce, the tree
 //!        or the chain for broadcast, the ring/chain for the rest, the tree for barrier
-//!      chunk: tuning::LinkModel::chunk_for; ring order: piece by piece on one node over
-//!        shared memory, else a wave
+//!      chunk: tuning::LinkModel::chunk_for (hierarchical: then hier_chunk); ring order:
+//!        piece by piece on one node over shared memory, else a wave
 //! 4. device buffers (DeviceComm): CUDA IPC when every rank is on this host, else staged
 //!    through pinned host memory (device_path(), once, when the DeviceComm is made); an
 //!    IPC all-reduce window runs in one shot or two (device_all_reduce()); a staged
@@ -297,7 +297,14 @@ pub fn select(
     Path::Links(Links {
         call,
         algo,
-        chunk_bytes: facts.model.chunk_for(call.op, bytes, n, facts.chunk_bytes),
+        chunk_bytes: match algo {
+            Algo::Hier => {
+                facts
+                    .model
+                    .hier_chunk(facts.model.chunk_for(call.op, bytes, n, facts.chunk_bytes))
+            }
+            _ => facts.model.chunk_for(call.op, bytes, n, facts.chunk_bytes),
+        },
         slots: 2 * facts.pipeline_depth + 1,
         // Piece by piece where the links are shared memory, so receives can forward
         // their results in place (the same on every rank: the node layout is shared, and

@@ -165,6 +165,7 @@ mod tests {
         chunk_bytes: 64,
         slots: 3,
         shard_weights: None,
+        inter_parts: None,
         ring_order: RingOrder::Wave,
     };
 

@@ -5,6 +5,7 @@
 //! split for a call: nothing here may depend on which rank asks.
 
 use super::cost::{self, LinkCost, Shape};
+use super::parts::{self, RingParts};
 use super::Algo;
 use crate::dtype::CollectiveOp;
 use crate::topology::{probe, LinkPerf, Topology};
@@ -14,6 +15,17 @@ use crate::topology::{probe, LinkPerf, Topology};
 /// one probe of a link can read half its speed; the NICs worth weighting for differ
 /// more (100 vs 25 Gbit/s, 10 vs 1 Gbit/s).
 pub const WEIGHT_THRESHOLD: f64 = 3.0;
+
+/// Uneven inter-node parts ([`inter_parts`]) are used only when the predicted time of
+/// the inter-node phase beats equal parts by at least this factor: run-to-run noise of
+/// a network-bound all-reduce is a few percent, so a smaller gain could not be told
+/// from it, and is not worth a less familiar schedule.
+pub const PARTS_MIN_GAIN: f64 = 1.1;
+
+/// Node counts up to this have every ring order tried for [`inter_parts`] (`(N-1)!`
+/// orders: 720 for 7 nodes); larger jobs try the index order and the nodes sorted by
+/// bandwidth.
+pub const PARTS_ORDER_SEARCH_MAX: usize = 7;
 
 impl From<LinkPerf> for LinkCost {
     fn from(p: LinkPerf) -> Self {
@@ -45,9 +57,15 @@ pub struct LinkModel {
     pub inter: LinkCost,
     /// Hierarchical shard weights (`None`: equal shards).
     pub shard_weights: Option<Vec<f64>>,
+    /// Node order and uneven parts of the hierarchical inter-node rings (`None`: node
+    /// order, equal parts).
+    pub inter_parts: Option<RingParts>,
     /// Some node runs more ranks than CPUs and links them over TCP (see
     /// [`LinkModel::chunk_bytes`]).
     pub oversubscribed_tcp: bool,
+    /// Shards of a hierarchical all-reduce on this job's nodes
+    /// ([`super::hierarchical::shard_count`]; see [`LinkModel::hier_chunk`]).
+    pub hier_shards: usize,
 }
 
 /// The slowest of `links` (higher latency, lower bandwidth), looking only at measured
@@ -80,7 +98,9 @@ impl LinkModel {
             intra,
             inter,
             shard_weights: shard_weights(t),
+            inter_parts: inter_parts(t),
             oversubscribed_tcp,
+            hier_shards: super::hierarchical::shard_count(&t.nodes),
         }
     }
 
@@ -120,6 +140,24 @@ impl LinkModel {
             _ => bytes,
         };
         self.chunk_bytes(configured, block)
+    }
+
+    /// The pipeline chunk of a hierarchical all-reduce, from [`LinkModel::chunk_for`]'s.
+    /// Every shard's inter-node ring crosses every node's NIC, all at once, so a ring's
+    /// start (its first pieces wait for the intra-node reduction of their chunks) and its
+    /// end (the last pieces' `2(N-1)` steps, then their hand-over inside the node) each
+    /// last about `shards × chunk / B`: with uneven nodes (3 + 2 + 1 ranks: 6 shards) three
+    /// times what 2 × 2 (2 shards, where the chunk was tuned) pays. So beyond 2 shards the
+    /// chunk shrinks to keep `shards × chunk` at 2 chunks' worth, in 4 KiB steps, down to
+    /// 128 KiB. On the simulated cluster (3 + 2 + 1 at 1 Gbit/s, 64 MiB) 128 and 256 KiB
+    /// chunks took 1.07-1.08x the bound against 512 KiB's 1.10x; 2 × 2 was the same with
+    /// all three (`docs/perf-log/2026-12-06-hier.md`).
+    pub fn hier_chunk(&self, chunk: usize) -> usize {
+        if self.hier_shards <= 2 {
+            return chunk;
+        }
+        let scaled = chunk.saturating_mul(2) / self.hier_shards / 4096 * 4096;
+        scaled.max(MIN_BLOCK_CHUNK).min(chunk)
     }
 
     /// The cheapest algorithm for `op` on `bytes`.
@@ -180,6 +218,105 @@ pub fn shard_weights(t: &Topology) -> Option<Vec<f64>> {
     }
     // GB/s: readable in logs, and the split only depends on ratios.
     Some(w.into_iter().map(|x| x / 1e9).collect())
+}
+
+/// Each node's network bandwidth (bytes/s) as the probe saw it: the fastest measured
+/// link from one of its ranks to another node. A link runs at the slower of its two
+/// ends, so this is the node's own NIC unless every node it was measured against is
+/// slower (then a lower bound). `None` unless every node has a measured link out.
+pub fn node_bandwidths(t: &Topology) -> Option<Vec<f64>> {
+    let k = t.nodes.len();
+    let mut bw = vec![0.0f64; k];
+    let n = t.world_size();
+    for a in 0..n {
+        for b in a + 1..n {
+            let (ka, kb) = (t.node_of[a], t.node_of[b]);
+            if ka == kb {
+                continue;
+            }
+            if let Some(m) = t.link(a, b).measured {
+                let x = m.bandwidth();
+                bw[ka] = bw[ka].max(x);
+                bw[kb] = bw[kb].max(x);
+            }
+        }
+    }
+    bw.iter().all(|x| *x > 0.0 && x.is_finite()).then_some(bw)
+}
+
+/// Edge bandwidths of a ring visiting nodes of bandwidths `bw` in `order`: the slower
+/// end of each edge.
+fn ring_edges(bw: &[f64], order: &[usize]) -> Vec<f64> {
+    let n = order.len();
+    (0..n)
+        .map(|i| bw[order[i]].min(bw[order[(i + 1) % n]]))
+        .collect()
+}
+
+/// Every order of `0..n` with node 0 first (rotations of a ring are the same ring).
+fn ring_orders(n: usize) -> Vec<Vec<usize>> {
+    fn extend(cur: &mut Vec<usize>, left: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if left.is_empty() {
+            out.push(cur.clone());
+            return;
+        }
+        for i in 0..left.len() {
+            let x = left.remove(i);
+            cur.push(x);
+            extend(cur, left, out);
+            cur.pop();
+            left.insert(i, x);
+        }
+    }
+    let mut out = Vec::new();
+    extend(&mut vec![0], &mut (1..n).collect(), &mut out);
+    out
+}
+
+/// Uneven parts for the hierarchical inter-node rings when one node's network is much
+/// slower than another's: the ring order and parts ([`parts::solve`]) that make the
+/// slowest node's time least, from [`node_bandwidths`]. `None` (node order, equal parts)
+/// for fewer than 3 nodes (with 2, every part costs each node the same), when the nodes'
+/// bandwidths are within [`WEIGHT_THRESHOLD`] of each other (what one noisy probe can
+/// read as a difference), or when the parts do not beat equal parts by
+/// [`PARTS_MIN_GAIN`].
+pub fn inter_parts(t: &Topology) -> Option<RingParts> {
+    let k = t.nodes.len();
+    if k < 3 {
+        return None;
+    }
+    let bw = node_bandwidths(t)?;
+    let max = bw.iter().copied().fold(0.0, f64::max);
+    let min = bw.iter().copied().fold(f64::INFINITY, f64::min);
+    if max / min < WEIGHT_THRESHOLD {
+        return None;
+    }
+    let identity: Vec<usize> = (0..k).collect();
+    let equal_time = parts::ring_time(&ring_edges(&bw, &identity), &parts::equal(k));
+    let candidates = if k <= PARTS_ORDER_SEARCH_MAX {
+        ring_orders(k)
+    } else {
+        let mut sorted = identity.clone();
+        // Fastest first: slow nodes side by side leave fewer slow edges.
+        sorted.sort_by(|&a, &b| bw[b].total_cmp(&bw[a]));
+        vec![identity, sorted]
+    };
+    // The first order (the index order leads) that is best by more than rounding.
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    for order in candidates {
+        let t = parts::best_time(&ring_edges(&bw, &order));
+        if best.as_ref().is_none_or(|(bt, _)| t < bt * (1.0 - 1e-9)) {
+            best = Some((t, order));
+        }
+    }
+    let (_, order) = best?;
+    let (time, parts) = parts::solve(&ring_edges(&bw, &order));
+    (equal_time / time >= PARTS_MIN_GAIN).then_some(RingParts {
+        order,
+        parts,
+        time,
+        equal_time,
+    })
 }
 
 #[cfg(test)]
@@ -287,6 +424,29 @@ mod tests {
     }
 
     #[test]
+    fn hierarchical_chunks_shrink_with_the_shards_through_each_nic() {
+        // 2 x 2 and 4 x 1: 2 shards or fewer, the chunk as given.
+        assert_eq!(
+            LinkModel::of(&topo(&[2, 2])).hier_chunk(512 << 10),
+            512 << 10
+        );
+        assert_eq!(
+            LinkModel::of(&topo(&[1, 1, 1, 1])).hier_chunk(512 << 10),
+            512 << 10
+        );
+        // 3 + 2 + 1: 6 shards, 512 KiB x 2/6 = 170.7 KiB, down to 168 KiB.
+        let m = LinkModel::of(&topo(&[3, 2, 1]));
+        assert_eq!(m.hier_shards, 6);
+        assert_eq!(m.hier_chunk(512 << 10), 168 << 10);
+        // Never below 128 KiB, nor above the chunk given.
+        assert_eq!(
+            LinkModel::of(&topo(&[4, 4, 3])).hier_chunk(512 << 10),
+            128 << 10
+        );
+        assert_eq!(m.hier_chunk(64 << 10), 64 << 10);
+    }
+
+    #[test]
     fn measured_links_replace_nominal_ones() {
         let mut t = topo(&[2, 2]);
         t.set_measured(0, 1, perf(5, 6000));
@@ -323,6 +483,73 @@ mod tests {
         // Past doubling's cap the hierarchy's 2 slow hops win again.
         assert_eq!(m.choose(CollectiveOp::AllReduce, 128 << 10), Algo::Hier);
         assert_eq!(m.choose(CollectiveOp::Broadcast, 16), Algo::Tree);
+    }
+
+    /// Nodes of `sizes` ranks whose NICs run at `mb_s` MB/s: every pair of ranks on
+    /// different nodes measured at the slower NIC, ranks of a node at 6 GB/s.
+    fn nics(sizes: &[usize], mb_s: &[u64]) -> Topology {
+        let mut t = topo(sizes);
+        let n = t.world_size();
+        for a in 0..n {
+            for b in a + 1..n {
+                let (ka, kb) = (t.node_of[a], t.node_of[b]);
+                let p = if ka == kb {
+                    perf(5, 6000)
+                } else {
+                    perf(80, mb_s[ka].min(mb_s[kb]))
+                };
+                t.set_measured(a, b, p);
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_slow_node_finishes_every_shard() {
+        // 1, 1 and 0.25 GB/s: edges 1, 0.25, 0.25. Equal parts take (4/3)/0.25e9 s per
+        // byte; the slow node finishing everything sends and receives each byte once:
+        // 1/0.25e9.
+        let t = nics(&[2, 2, 2], &[1000, 1000, 250]);
+        assert_eq!(node_bandwidths(&t), Some(vec![1e9, 1e9, 0.25e9]));
+        let p = inter_parts(&t).unwrap();
+        assert_eq!(p.order, vec![0, 1, 2]);
+        assert_eq!(p.parts, vec![0.0, 0.0, 1.0]);
+        assert!((p.time - 4e-9).abs() < 1e-18, "{}", p.time);
+        assert!((p.equal_time - 16.0 / 3.0 * 1e-9).abs() < 1e-18);
+        assert_eq!(
+            p.to_string(),
+            "node 0 0.0% -> node 1 0.0% -> node 2 100.0% \
+             (inter-node phase 4.000 s/GB, 5.333 s/GB with equal parts)"
+        );
+        assert_eq!(LinkModel::of(&t).inter_parts, Some(p));
+        // The slow node first: still its own parts.
+        let t = nics(&[1, 2, 3], &[250, 1000, 1000]);
+        let p = inter_parts(&t).unwrap();
+        assert_eq!(p.parts, vec![1.0, 0.0, 0.0]);
+        // Four nodes, one slow: 6 -> 4 (x 1e-9 s per byte), the slow one takes it all.
+        let t = nics(&[1, 1, 1, 1], &[1000, 1000, 1000, 250]);
+        let p = inter_parts(&t).unwrap();
+        assert_eq!(
+            (p.order, p.parts),
+            (vec![0, 1, 2, 3], vec![0.0, 0.0, 0.0, 1.0])
+        );
+        assert!((p.equal_time / p.time - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn parts_stay_equal_within_the_noise() {
+        // 2x apart: what one noisy probe can read.
+        assert_eq!(inter_parts(&nics(&[2, 2, 2], &[1000, 1000, 500])), None);
+        assert_eq!(inter_parts(&nics(&[2, 2, 2], &[1000, 1000, 1000])), None);
+        // Two nodes: every part costs each the same.
+        assert_eq!(inter_parts(&nics(&[2, 2], &[1000, 250])), None);
+        // Two slow nodes of four: no order or parts beat equal parts' 1.5/0.25.
+        assert_eq!(
+            inter_parts(&nics(&[1, 1, 1, 1], &[1000, 1000, 250, 250])),
+            None
+        );
+        // Nominal figures only: nothing measured, nothing to weigh.
+        assert_eq!(inter_parts(&topo(&[2, 2, 2])), None);
     }
 
     #[test]

@@ -85,14 +85,18 @@ impl Communicator {
             tracing::info!(
                 rank,
                 "topology: {}\ncost model: intra {:.1} us {:.3} GB/s, inter {:.1} us {:.3} GB/s, \
-                 shard weights {:?}",
+                 shard weights {:?}, inter-node parts {}",
                 comm.topo
                     .table(&crate::topology::probe::used_pairs(&comm.topo)),
                 m.intra.alpha * 1e6,
                 m.intra.beta / 1e9,
                 m.inter.alpha * 1e6,
                 m.inter.beta / 1e9,
-                m.shard_weights
+                m.shard_weights,
+                match &m.inter_parts {
+                    Some(p) => p.to_string(),
+                    None => "equal".to_string(),
+                }
             );
             if let Some(path) = &comm.cfg.topo_dump_file {
                 // Only rank 0 writes, so failing here would leave the others waiting.

@@ -765,6 +765,7 @@ impl Communicator {
                     chunk_bytes: links.chunk_bytes,
                     slots: links.slots,
                     shard_weights: self.model.shard_weights.clone(),
+                    inter_parts: self.model.inter_parts.clone(),
                     ring_order: links.ring_order,
                 };
                 Arc::new(algorithm::plan(

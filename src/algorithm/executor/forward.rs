@@ -328,6 +328,7 @@ mod tests {
             chunk_bytes: 8192,
             slots: 4,
             shard_weights: None,
+            inter_parts: None,
             ring_order: RingOrder::PieceByPiece,
         };
         let out_len = match call.op {
