@@ -11,13 +11,22 @@
 # Step times come from the runs' metrics (global batch / step time); the first steps of a
 # run (cold caches) are left out of the start-of-run comparison. Prints one table.
 #
+# Beside the target's figure (speeds from the equal run) it prints what bounds it: the ideal
+# for the speeds the auto run itself measured (both ranks computing at once, where in the
+# equal run the slowed rank sleeps while the other computes), each rank's compute time per
+# sample in the auto run against the equal run, and the median time per step outside the
+# slowest rank's compute (optimizer, counters, exposed communication), which no split
+# shortens.
+#
 # Usage: scripts/balance-bench.sh [OUT_DIR]   (after cargo build --release)
+#        BIN_DIR=DIR scripts/balance-bench.sh OUT_DIR   (the binaries of another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/balance-bench}
 mkdir -p "$out"
-launcher=target/release/hetccl
-bert=target/release/hetccl-bert
+bin=${BIN_DIR:-target/release}
+launcher=$bin/hetccl
+bert=$bin/hetccl-bert
 for b in "$launcher" "$bert"; do
     [[ -x $b ]] || { echo "missing $b: run cargo build --release first" >&2; exit 1; }
 done
@@ -66,12 +75,20 @@ def samples_per_s(recs, batch):
     secs = sum(batch * 128 / r["tokens_per_s"] for r in recs)
     return len(recs) * batch / secs
 
-rows = []
+def rank_speeds(recs):
+    # Per-rank speeds: samples of compute per second, median over steps.
+    return [statistics.median(r["split"][k] * 1e3 / r["rank_ms_compute"][k] for r in recs)
+            for k in range(2)]
+
+def outside_ms(recs, batch):
+    # Median time per step outside the slowest rank's forward and backward.
+    return statistics.median(batch * 128 / r["tokens_per_s"] * 1e3 - max(r["rank_ms_compute"])
+                             for r in recs)
+
+rows, bounds = [], []
 for g, skip in ((16, 5), (64, 2)):
     eq, au = steps(f"equal{g}")[skip:], steps(f"auto{g}")[skip:]
-    # Per-rank speeds in the equal run: samples of compute per second, median over steps.
-    speeds = [statistics.median(r["split"][k] * 1e3 / r["rank_ms_compute"][k] for r in eq)
-              for k in range(2)]
+    speeds = rank_speeds(eq)
     t_eq = split_time(eq[0]["split"], speeds)
     ideal = t_eq / (g / sum(speeds))
     whole = t_eq / split_time(best_split(g, speeds), speeds)
@@ -82,6 +99,13 @@ for g, skip in ((16, 5), (64, 2)):
                  f"{got:.3f}x; ideal {ideal:.3f}x ({got / ideal:.1%}), "
                  f"best whole-sample split {whole:.3f}x ({got / whole:.1%}); "
                  f"speeds {speeds[0]:.1f} / {speeds[1]:.1f} samples/s"))
+    own = rank_speeds(au)
+    own_ideal = split_time(eq[0]["split"], own) / (g / sum(own))
+    bounds.append(f"batch {g}: auto run's own speeds {own[0]:.1f} / {own[1]:.1f} samples/s, "
+                  f"ideal for them {own_ideal:.3f}x ({got / own_ideal:.1%}); compute per sample "
+                  f"auto / equal {speeds[0] / own[0]:.3f} (rank 0), {speeds[1] / own[1]:.3f} "
+                  f"(rank 1); outside compute per step {outside_ms(eq, g):.1f} ms (equal), "
+                  f"{outside_ms(au, g):.1f} ms (auto) of {statistics.median(g * 128 / r['tokens_per_s'] * 1e3 for r in au):.1f}")
 st, au = steps("start-mid"), steps("auto-mid")
 after = lambda recs: [r for r in recs if r["step"] >= 30]
 splits = []
@@ -96,4 +120,7 @@ print("| case | runs | result |")
 print("| --- | --- | --- |")
 for row in rows:
     print("| " + " | ".join(row) + " |")
+print()
+for b in bounds:
+    print(b)
 PY

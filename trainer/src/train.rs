@@ -3,14 +3,14 @@
 //! One optimizer step, on every rank:
 //!
 //! ```text
-//! zero grads
 //! for each of grad_accum micro-batches:
 //!     forward on this rank's share of the global micro-batch      (samples g = s·N + i)
 //!     backward, gradients ADDED (loss = Σ over masked tokens, not a mean);
 //!     on the last micro-batch the buckets are summed over ranks as backward produces them
 //! all-reduce [Σ loss, #masked, #correct]
 //! grads /= #masked (GLOBAL count)        → the gradient of the mean loss over the global batch
-//! clip to the global norm, AdamW update (identical on every rank)
+//! clip to the global norm, AdamW update (identical on every rank; the three in one pass
+//! over the parameters, which also zeroes grads for the next step)
 //! ```
 //!
 //! Because the loss is normalised by the global number of masked tokens, and sample `g`
@@ -41,7 +41,7 @@ use super::data::{make_batch, Corpus, Sampler};
 use super::files::{human_bytes, open_limited, shown, too_large};
 use super::hf;
 use super::model::{init_params, Batch, LossStats, Model};
-use super::optim::{clip_grad_norm, learning_rate, AdamW};
+use super::optim::{clip_factor, learning_rate, scaled_norm, AdamW};
 use super::sync::{BucketSink, GradBuf, GradSync, NoSync, ThreadGroup};
 use super::tokenizer::WordPiece;
 use crate::error::{Error, Result};
@@ -967,7 +967,8 @@ impl Run<'_> {
     fn step(&mut self, step: u64, tokens_per_step: f64) -> Result<StepRecord> {
         let t_step = Instant::now();
         let lr = learning_rate(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps);
-        self.grads.fill(0.0);
+        // `grads` is zero here: allocated so, and left so by the last step's update and by
+        // the balance probe.
         let mut stats = LossStats::default();
         let mut compute = Duration::ZERO;
         let mut comm = Duration::ZERO;
@@ -1043,13 +1044,15 @@ impl Run<'_> {
                 format!("step {step}: no masked tokens"),
             ));
         }
+        // The gradient of the mean loss is the sum times 1/#masked; the norm, the clip
+        // and the update apply that factor as they read each element (see
+        // `AdamW::update_fused`), and the update leaves the buffer zero for the next step.
         let inv = (1.0 / masked) as f32;
-        for g in self.grads.iter_mut() {
-            *g *= inv;
-        }
         let opt = self.sync.span("optimizer").arg("step", step);
-        let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
-        self.opt.update(&mut self.params, &self.grads, lr);
+        let grad_norm = scaled_norm(&self.grads, inv);
+        let clip = clip_factor(grad_norm, self.cfg.grad_clip);
+        self.opt
+            .update_fused(&mut self.params, &mut self.grads, inv, clip, lr);
         drop(opt);
         let secs = t_step.elapsed().as_secs_f64();
         let loss = sums[0] / masked;
