@@ -615,7 +615,15 @@ fn a_stopped_rank_is_named_by_the_ranks_that_wait_on_it() {
     );
     assert!(
         e.contains("waiting for peer 1 to start the collective; its process (pid ")
-            && e.ends_with(") is stopped (SIGSTOP or job control)"),
+            && e.contains(") is stopped (SIGSTOP or job control)"),
+        "{e}"
+    );
+    // The job-wide finding comes last, from the stopped rank's process state.
+    assert!(
+        e.ends_with(
+            "; the job's first failure: rank 1 in all_reduce #1: rank 1 is stopped \
+             (SIGSTOP or a debugger) and cannot answer"
+        ),
         "{e}"
     );
     // A ring of four over TCP: rank 3 waits on the stopped rank 2; ranks 0 and 1 wait on
