@@ -249,6 +249,10 @@ pub struct Config {
     /// when a collective fails or SIGUSR1 asks; `hetccl run` sets it to a private
     /// directory per job and prints one report from the dumps (`src/flight/`).
     pub flight_dir: Option<PathBuf>,
+    /// `HETCCL_DOCTOR_CLOCK_OFFSET_MS`: milliseconds `hetccl doctor` adds to this rank's
+    /// clock in its replies to the clock-skew pings: a skewed clock, to see the check
+    /// fail without touching the system clock. Unset: 0.
+    pub doctor_clock_offset_ms: f64,
     /// Rank identity from the launcher.
     pub launch: LaunchEnv,
     /// `XDG_RUNTIME_DIR`: the user's private runtime directory, where one-host jobs keep
@@ -304,6 +308,7 @@ impl Default for Config {
             device_one_shot_bytes: None,
             tcp_congestion: TcpCongestion::Auto,
             flight_dir: None,
+            doctor_clock_offset_ms: 0.0,
             launch: LaunchEnv::default(),
             runtime_dir: None,
         }
@@ -362,6 +367,22 @@ impl Vars<'_> {
                 Duration::try_from_secs_f64(s)
                     .map(Some)
                     .map_err(|_| self.bad(k, &accepted))
+            }
+        }
+    }
+
+    /// A signed number of milliseconds within a day; unset is 0.
+    fn parse_offset_ms(&self, k: &str) -> Result<f64> {
+        match self.get(k) {
+            None => Ok(0.0),
+            Some(v) => {
+                let accepted =
+                    "a number of milliseconds from -86400000 to 86400000, e.g. 5000 or -2.5";
+                let ms: f64 = v.trim().parse().map_err(|_| self.bad(k, accepted))?;
+                if !(-86_400_000.0..=86_400_000.0).contains(&ms) {
+                    return Err(self.bad(k, accepted));
+                }
+                Ok(ms)
             }
         }
     }
@@ -540,6 +561,7 @@ impl Config {
                 }
             },
             flight_dir: v.string("HETCCL_FLIGHT_DIR").map(PathBuf::from),
+            doctor_clock_offset_ms: v.parse_offset_ms("HETCCL_DOCTOR_CLOCK_OFFSET_MS")?,
             launch: launch_env(&v)?,
             runtime_dir: v.string("XDG_RUNTIME_DIR").map(PathBuf::from),
         })
@@ -769,6 +791,17 @@ mod tests {
             "invalid value \"fast\" for HETCCL_ALGO: accepted values are auto, ring, tree, hier, \
              doubling, halving"
         );
+        let e = cfg(&[("HETCCL_DOCTOR_CLOCK_OFFSET_MS", "1e9")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid value \"1e9\" for HETCCL_DOCTOR_CLOCK_OFFSET_MS: accepted values are a \
+             number of milliseconds from -86400000 to 86400000, e.g. 5000 or -2.5"
+        );
+        let c = cfg(&[("HETCCL_DOCTOR_CLOCK_OFFSET_MS", "-2.5")]).unwrap();
+        assert_eq!(c.doctor_clock_offset_ms, -2.5);
+        assert_eq!(cfg(&[]).unwrap().doctor_clock_offset_ms, 0.0);
         let e = cfg(&[("HETCCL_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("HETCCL_TIMEOUT"), "{e}");
         let e = cfg(&[("HETCCL_NSOCKS_PERPEER", "99")])
@@ -939,6 +972,7 @@ mod tests {
         "HETCCL_DEVICE_ONE_SHOT_BYTES",
         "HETCCL_TCP_CONGESTION",
         "HETCCL_FLIGHT_DIR",
+        "HETCCL_DOCTOR_CLOCK_OFFSET_MS",
         "HETCCL_LAUNCHER_FD",
         "MASTER_ADDR",
         "MASTER_PORT",

@@ -179,6 +179,35 @@ pub fn from_config(cfg: &Config) -> Result<(Box<dyn Bootstrap>, JobAuth)> {
     }
 }
 
+/// Why the ranks of `cfg`'s job cannot start without `HETCCL_JOB_KEY`: the env method,
+/// more than one rank, no key, and nothing says every rank is on this host (the case
+/// [`from_config`] refuses). `None` when the bootstrap would start. For `hetccl
+/// doctor`, which reports it with the fix ([`cross_host_key_fix`]) before trying.
+pub fn missing_cross_host_key(cfg: &Config) -> Option<String> {
+    if resolve_init(cfg) != InitMethod::Env || cfg.job_key.is_some() {
+        return None;
+    }
+    let world = cfg.launch.world_size.filter(|&w| w > 1)?;
+    let master = match (&cfg.launch.master_addr, cfg.launch.master_port) {
+        (Some(a), Some(p)) => Some((a.clone(), p)),
+        _ => None,
+    };
+    if one_host(cfg, world, master.as_ref()).is_some() {
+        return None;
+    }
+    Some(format!(
+        "{world} ranks (from {} variables) may run on several hosts: MASTER_ADDR is {}, \
+         and the launcher does not say that every rank is on one host",
+        cfg.launch.source,
+        cfg.launch.master_addr.as_deref().unwrap_or("unset")
+    ))
+}
+
+/// What to do about [`missing_cross_host_key`].
+pub fn cross_host_key_fix() -> &'static str {
+    CROSS_HOST_KEY
+}
+
 /// How to give ranks on several hosts a key, for the errors that need one.
 const CROSS_HOST_KEY: &str = "Across hosts hetccl has no private channel to hand out a job \
      key, and a key derived from addresses or ports would let anyone who reaches the store \

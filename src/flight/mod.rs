@@ -7,13 +7,15 @@
 //! The times are the call's own clock reads ([`Stamp`], shared with the counters and the
 //! trace), made Unix milliseconds only when a dump is taken. A slot says which
 //! collective (op, sequence number, count), its state (running, done, failed), when it
-//! started and ended, and the peer it waited on since when. The peer is written by the
+//! started and ended, and the peer it waited on since when, in which phase of its
+//! schedule (intra-node reduce-scatter, inter-node all-reduce, ...: the phase of the op
+//! that waits). The peer and phase are written by the
 //! waits' checks (every `CHECK_EVERY`, 50 ms, of a wait without progress:
 //! `algorithm::executor::wait`), so a collective that never waits costs nothing more.
 //!
 //! ```text
 //! Progress::execute    rec.begin(ctx, now) -> slot  the thread's current slot
-//! a wait's checks      waiting(peer, what, since)  on the thread's current slot
+//! a wait's checks      waiting(peer, what, phase, since)  on the thread's current slot
 //! Progress::execute    end(slot, now) / failed(slot, now, error): the culprit, a dump
 //! SIGUSR1              a dump (the job asked; the rank keeps running)
 //! ```
@@ -55,6 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use crate::algorithm::Phase;
 use crate::config::Config;
 use crate::dtype::CollectiveOp;
 use crate::error::{Error, Result};
@@ -83,6 +86,9 @@ struct Slot {
     peer: AtomicU32,
     /// Index into [`WHATS`] of what the peer was waited on for.
     what: AtomicU8,
+    /// The [`Phase`] of the collective that wait was in; written with `peer`, and
+    /// read only when `peer` is set, so `begin` need not clear it.
+    phase: AtomicU8,
     waiting_since_ms: AtomicU64,
 }
 
@@ -98,6 +104,7 @@ impl Slot {
             ended: AtomicU64::new(0),
             peer: AtomicU32::new(NO_PEER),
             what: AtomicU8::new(0),
+            phase: AtomicU8::new(0),
             waiting_since_ms: AtomicU64::new(0),
         }
     }
@@ -429,7 +436,7 @@ pub fn proc_state(pid: u32) -> Option<char> {
 /// Records that this thread's collective has waited on `peer` (for `what`, e.g. "to
 /// send data") without progress for `waited_ms`. Called by a wait's checks only, so at
 /// most every 50 ms of a wait.
-pub fn waiting(peer: usize, what: &'static str, waited_ms: u64) {
+pub fn waiting(peer: usize, what: &'static str, phase: Phase, waited_ms: u64) {
     let (Some(rec), call) = CURRENT.with(Cell::get) else {
         return;
     };
@@ -439,6 +446,7 @@ pub fn waiting(peer: usize, what: &'static str, waited_ms: u64) {
     }
     s.peer.store(peer as u32, Ordering::Relaxed);
     s.what.store(intern(what), Ordering::Relaxed);
+    s.phase.store(phase as u8, Ordering::Relaxed);
     s.waiting_since_ms
         .store(now_ms().saturating_sub(waited_ms), Ordering::Relaxed);
 }
@@ -453,6 +461,15 @@ fn intern(what: &'static str) -> u8 {
     }
     w.push(what);
     w.len() as u8
+}
+
+/// A named phase's name; `None` for [`Phase::Unnamed`] (a tree, a copy: nothing to add
+/// to the op's name).
+fn phase_name(v: u8) -> Option<String> {
+    Phase::ALL
+        .get(v as usize)
+        .filter(|&&p| p != Phase::Unnamed)
+        .map(|p| p.name().to_string())
 }
 
 fn what_of(i: u8) -> Option<String> {
@@ -515,6 +532,9 @@ pub fn snapshot(why: &str) -> RankState {
                     ended_ms: (ended != 0).then(|| unix(ended)),
                     waiting_on: (peer != NO_PEER).then_some(peer as usize),
                     what: what_of(s.what.load(Ordering::Relaxed)),
+                    phase: (peer != NO_PEER)
+                        .then(|| phase_name(s.phase.load(Ordering::Relaxed)))
+                        .flatten(),
                     waiting_since_ms: (peer != NO_PEER)
                         .then(|| s.waiting_since_ms.load(Ordering::Relaxed)),
                 },
@@ -802,7 +822,7 @@ mod tests {
             end(e, Stamp::now());
         }
         let e = rec.begin(CollectiveOp::Broadcast, 99, 10, Stamp::now());
-        waiting(2, "to send data", 1500);
+        waiting(2, "to send data", Phase::InterAllReduce, 1500);
         let mut p = PROCESS.lock().unwrap();
         let saved = p.take();
         *p = Some(Process {
@@ -827,6 +847,7 @@ mod tests {
         assert_eq!(last.state, CallState::Running);
         assert_eq!(last.waiting_on, Some(2));
         assert_eq!(last.what.as_deref(), Some("to send data"));
+        assert_eq!(last.phase.as_deref(), Some("inter-node all-reduce"));
         let since = s.taken_ms - last.waiting_since_ms.unwrap();
         assert!((1400..5000).contains(&since), "{since}");
         let before = &s.calls[s.calls.len() - 2];
@@ -834,6 +855,8 @@ mod tests {
             (before.seq, before.state),
             (SLOTS as u64 + 4, CallState::Done)
         );
+        // A call that never waited has no phase, whatever its slot held before.
+        assert_eq!(before.phase, None);
         assert!(s.last_left_ms.is_some());
     }
 }

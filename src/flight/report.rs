@@ -13,6 +13,11 @@
 //!    that waits until a rank that waits on nobody; the end most waits lead to. That
 //!    rank is in an earlier collective, in compute (not in any collective), or silent;
 //! 4. the rank most errors point at.
+//!
+//! Each wait carries the phase of its schedule it was in, so the report says where in
+//! the collective each waiting rank is, and the culprit's phase: its own when it waits
+//! in a named phase itself, else the earliest phase (schedule order) in which a rank
+//! waits on it directly — for a stopped rank, the step of the algorithm it holds up.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -60,6 +65,10 @@ pub struct CallRecord {
     pub what: Option<String>,
     /// Since when that wait had seen no progress (Unix ms).
     pub waiting_since_ms: Option<u64>,
+    /// The phase of its schedule that wait was in ("inter-node all-reduce"); none
+    /// outside a named phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// One rank's dump.
@@ -145,6 +154,12 @@ pub fn describe_rank(s: &RankState, now: u64) -> String {
         ),
         _ => String::new(),
     };
+    let wait = match (&wait, last.state, &last.phase) {
+        (w, CallState::Running | CallState::Failed, Some(ph)) if !w.is_empty() => {
+            format!("{w}, in the {ph}")
+        }
+        _ => wait,
+    };
     match last.state {
         CallState::Running => format!(
             "in {name} for {}{wait}",
@@ -173,6 +188,9 @@ pub struct Report {
     pub collective: Option<String>,
     /// What the culprit did, to follow "rank R " ("is stopped (SIGSTOP ...)").
     pub why: String,
+    /// The phase of the collective the culprit holds the others up in, and whose
+    /// view that is ("its own wait", "where rank 3 waits on it").
+    pub phase: Option<(String, String)>,
     /// The whole text, one line per finding and per rank.
     pub text: String,
 }
@@ -318,6 +336,8 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
             .or_else(|| common_name.clone())
     });
 
+    let phase = culprit.and_then(|r| culprit_phase(r, states, &edges));
+
     let mut text = String::new();
     let _ = writeln!(text, "hetccl hang report ({title}), {n} ranks:");
     match (culprit, &collective) {
@@ -334,14 +354,21 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
             let _ = writeln!(text, "  culprit: none found ({why})");
         }
     }
+    if let Some((ph, whose)) = &phase {
+        let _ = writeln!(text, "  culprit's phase: {ph} ({whose})");
+    }
     if !edges.is_empty() {
         let graph: Vec<String> = edges
             .iter()
             .map(|(r, (p, c))| {
                 format!(
-                    "{r} -> {p} ({} #{}{})",
+                    "{r} -> {p} ({} #{}{}{})",
                     c.op,
                     c.seq,
+                    c.phase
+                        .as_deref()
+                        .map(|ph| format!(", {ph}"))
+                        .unwrap_or_default(),
                     c.what
                         .as_deref()
                         .map(|w| format!(", {w}"))
@@ -368,8 +395,45 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
         culprit,
         collective,
         why,
+        phase,
         text,
     }
+}
+
+/// The phase the culprit `r` holds the others up in: its own, when it waits in a
+/// named phase itself; else (stopped, gone, in compute, silent) the earliest phase, in
+/// schedule order, in which a rank waits on it directly, with the ranks that do.
+fn culprit_phase(
+    r: usize,
+    states: &[Option<RankState>],
+    edges: &BTreeMap<usize, (usize, &CallRecord)>,
+) -> Option<(String, String)> {
+    let own = states
+        .get(r)
+        .and_then(Option::as_ref)
+        .and_then(|s| s.current())
+        .and_then(|c| c.phase.clone());
+    if let Some(ph) = own {
+        return Some((ph, "its own wait".into()));
+    }
+    let order = |ph: &str| {
+        crate::algorithm::Phase::ALL
+            .iter()
+            .position(|p| p.name() == ph)
+            .unwrap_or(usize::MAX)
+    };
+    let mut by_phase: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
+    for (&w, (p, c)) in edges {
+        if let (true, Some(ph)) = (*p == r, c.phase.as_deref()) {
+            by_phase.entry((order(ph), ph)).or_default().push(w);
+        }
+    }
+    let ((_, ph), waiters) = by_phase.into_iter().next()?;
+    let verb = if waiters.len() == 1 { "waits" } else { "wait" };
+    Some((
+        ph.to_string(),
+        format!("where {} {verb} on it", ranks_phrase(&waiters)),
+    ))
 }
 
 /// "rank 0", "ranks 0, 2, 3".
@@ -398,6 +462,7 @@ mod tests {
             waiting_on,
             what: waiting_on.map(|_| "to send data".to_string()),
             waiting_since_ms: waiting_on.map(|_| 10_050),
+            phase: None,
         }
     }
 
@@ -554,5 +619,150 @@ mod tests {
         .unwrap();
         let back: RankState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    fn phased(state: CallState, peer: usize, phase: &str) -> CallRecord {
+        CallRecord {
+            phase: Some(phase.into()),
+            ..call("all_reduce", 1, state, Some(peer))
+        }
+    }
+
+    /// A 2x2 hierarchical all-reduce whose rank 2 is stopped before #1: its node-mate
+    /// waits on it in the intra-node reduce-scatter, rank 0 in the inter-node ring, and
+    /// rank 1 on rank 3 there; the culprit's phase is the earliest one it is awaited in.
+    #[test]
+    fn the_phases_of_a_stopped_culprit_and_of_each_waiting_rank_are_named() {
+        let states = vec![
+            rank(
+                0,
+                vec![
+                    first(0),
+                    phased(CallState::Failed, 2, "inter-node all-reduce"),
+                ],
+            ),
+            rank(
+                1,
+                vec![
+                    first(0),
+                    phased(CallState::Failed, 3, "inter-node all-reduce"),
+                ],
+            ),
+            None,
+            rank(
+                3,
+                vec![
+                    first(0),
+                    phased(CallState::Running, 2, "intra-node reduce-scatter"),
+                ],
+            ),
+        ];
+        let fates = [Fate::Running, Fate::Running, Fate::Stopped, Fate::Running];
+        let r = build("t", &states, &fates, 13_000);
+        assert_eq!(r.culprit, Some(2));
+        assert_eq!(
+            r.phase,
+            Some((
+                "intra-node reduce-scatter".to_string(),
+                "where rank 3 waits on it".to_string()
+            ))
+        );
+        let lines: Vec<&str> = r.text.lines().collect();
+        assert_eq!(
+            lines[1..4],
+            [
+                "  culprit: rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) \
+                 and cannot answer",
+                "  culprit's phase: intra-node reduce-scatter (where rank 3 waits on it)",
+                "  waits for: 0 -> 2 (all_reduce #1, inter-node all-reduce, to send data); \
+                 1 -> 3 (all_reduce #1, inter-node all-reduce, to send data); \
+                 3 -> 2 (all_reduce #1, intra-node reduce-scatter, to send data)",
+            ],
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text.contains(
+                "  rank 3: in all_reduce #1 for 3.0 s, waiting for rank 2 to send data for \
+                 3.0 s, in the intra-node reduce-scatter\n"
+            ),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text.contains(
+                "  rank 0: failed in all_reduce #1, waiting for rank 2 to send data for 1.9 s, \
+                 in the inter-node all-reduce\n"
+            ),
+            "{}",
+            r.text
+        );
+    }
+
+    /// A culprit that waits in a phase itself is placed by its own record, and two ranks
+    /// waiting on a stopped one in the same phase are both named.
+    #[test]
+    fn a_culprit_with_a_phase_of_its_own_is_placed_by_it() {
+        let states = vec![
+            rank(
+                0,
+                vec![first(0), phased(CallState::Running, 1, "all-gather")],
+            ),
+            rank(
+                1,
+                vec![first(0), phased(CallState::Running, 2, "reduce-scatter")],
+            ),
+            rank(2, vec![first(0)]),
+        ];
+        let r = build("t", &states, &[Fate::Running; 3], 13_000);
+        assert_eq!(r.culprit, Some(2));
+        assert_eq!(
+            r.phase,
+            Some(("reduce-scatter".into(), "where rank 1 waits on it".into()))
+        );
+        let states = vec![
+            rank(
+                0,
+                vec![
+                    first(0),
+                    phased(CallState::Running, 2, "inter-node all-reduce"),
+                ],
+            ),
+            rank(
+                1,
+                vec![
+                    first(0),
+                    phased(CallState::Running, 2, "inter-node all-reduce"),
+                ],
+            ),
+            rank(
+                2,
+                vec![
+                    first(0),
+                    phased(CallState::Running, 3, "intra-node all-gather"),
+                ],
+            ),
+            rank(
+                3,
+                vec![first(0), call("all_reduce", 1, CallState::Running, None)],
+            ),
+        ];
+        let r = build("t", &states, &[Fate::Running; 4], 13_000);
+        assert_eq!(r.culprit, Some(3));
+        assert_eq!(
+            r.phase,
+            Some((
+                "intra-node all-gather".into(),
+                "where rank 2 waits on it".into()
+            ))
+        );
+        // Rank 2 dumped (SIGUSR1) before it was stopped: its own record places it.
+        let fates = [Fate::Running, Fate::Running, Fate::Stopped, Fate::Running];
+        let r = build("t", &states, &fates, 13_000);
+        assert_eq!(r.culprit, Some(2));
+        assert_eq!(
+            r.phase,
+            Some(("intra-node all-gather".into(), "its own wait".into()))
+        );
     }
 }

@@ -17,7 +17,11 @@
 //! ```
 //!
 //! The exit status is 1 when a check failed on any rank, else 0. A rank that cannot join
-//! the others prints its own table, with what stopped it, and exits 1.
+//! the others prints its own table, with what stopped it, and exits 1; so does a rank
+//! whose job key check failed (no `HETCCL_JOB_KEY` where the ranks may span hosts: the
+//! bootstrap would refuse), without trying to join. Interfaces of different MTUs fail;
+//! so does a clock more than 1 s off rank 0's (`HETCCL_DOCTOR_CLOCK_OFFSET_MS` skews a
+//! rank's replies, to see that check fail).
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -364,6 +368,14 @@ pub fn check_interface(cfg: &Config) -> (Row, Option<(String, u32)>) {
 
 /// The job key every connection is authenticated with.
 pub fn check_job_key(cfg: &Config, world: usize) -> Row {
+    if let Some(why) = hetccl::bootstrap::missing_cross_host_key(cfg) {
+        return row(
+            "job key",
+            Status::Fail,
+            format!("HETCCL_JOB_KEY unset, and {why}: the bootstrap refuses to start"),
+            hetccl::bootstrap::cross_host_key_fix(),
+        );
+    }
     match cfg.job_key.as_deref() {
         Some(k) if k.len() < 16 => row(
             "job key",
@@ -465,7 +477,8 @@ fn wall_ms() -> f64 {
 }
 
 /// Every pair of ranks in one global order: the lower rank measures.
-fn exchange(comm: &Communicator) -> hetccl::Result<Vec<Pair>> {
+/// `offset_ms` is added to this rank's clock in its replies (`HETCCL_DOCTOR_CLOCK_OFFSET_MS`).
+fn exchange(comm: &Communicator, offset_ms: f64) -> hetccl::Result<Vec<Pair>> {
     let (me, n) = (comm.rank(), comm.world_size());
     let mut out = Vec::new();
     let mut big = vec![0u8; BW_BYTES];
@@ -509,7 +522,7 @@ fn exchange(comm: &Communicator) -> hetccl::Result<Vec<Pair>> {
                 let mut t = [0f64; 1];
                 for _ in 0..PINGS {
                     comm.recv(&mut t, a)?;
-                    comm.send(&[wall_ms()], a)?;
+                    comm.send(&[wall_ms() + offset_ms], a)?;
                 }
                 for _ in 0..BW_ROUNDS {
                     comm.recv(&mut big, a)?;
@@ -637,12 +650,18 @@ fn fold(all: &[Findings]) -> Vec<Row> {
             .iter()
             .map(|(r, i, m)| format!("rank {r} {i} {m}"))
             .collect();
+        // Frames the larger side sends whole are dropped or fragmented on the way into
+        // the smaller: TCP stalls when path MTU discovery is blocked. A job fails or crawls.
+        let low = distinct.first().copied().unwrap_or(0);
         rows.push(row(
             "MTU",
-            Status::Warn,
+            Status::Fail,
             format!("the interfaces differ: {}", list.join(", ")),
-            "set one MTU on every node's interface (ip link set dev IF mtu N): a mismatch drops \
-             or fragments large frames",
+            format!(
+                "set one MTU on every rank's interface (ip link set dev IF mtu {low} on the \
+                 others, or raise the smaller ones and the switch): a mismatch drops or \
+                 fragments large frames"
+            ),
         ));
     } else if let Some(m) = distinct.first() {
         rows.push(row(
@@ -730,6 +749,12 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     if rows[3].status == Status::Fail {
         cfg.socket_ifname = None;
     }
+    // Without the key the bootstrap refuses at once: its row says why and how to fix it.
+    if rows[4].status == Status::Fail {
+        hetccl::errln!("hetccl doctor (rank {rank} alone):\n{}", table(&rows));
+        return 1;
+    }
+    let clock_offset_ms = cfg.doctor_clock_offset_ms;
     let comm = match Communicator::init(cfg) {
         Ok(c) => c,
         Err(e) => {
@@ -749,7 +774,7 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         }
     };
     let rank = comm.rank();
-    let measured = exchange(&comm);
+    let measured = exchange(&comm, clock_offset_ms);
     let mine = Findings {
         rank,
         host: hetccl::topology::hostname(),
@@ -796,6 +821,63 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The job key check fails exactly where the bootstrap would refuse: several
+    /// ranks, no key, and nothing that puts them all on one host.
+    #[test]
+    fn a_job_across_hosts_without_a_key_fails_and_one_host_or_a_key_passes() {
+        let cfg = |extra: &[(&str, &str)]| {
+            let mut m: std::collections::HashMap<String, String> = [
+                ("RANK", "1"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("LOCAL_WORLD_SIZE", "1"),
+                ("MASTER_ADDR", "node0"),
+                ("MASTER_PORT", "29500"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            for (k, v) in extra {
+                m.insert(k.to_string(), v.to_string());
+            }
+            Config::from_vars(&m).unwrap()
+        };
+        let r = check_job_key(&cfg(&[]), 2);
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(
+            r.found,
+            "HETCCL_JOB_KEY unset, and 2 ranks (from torchrun variables) may run on several \
+             hosts: MASTER_ADDR is node0, and the launcher does not say that every rank is on \
+             one host: the bootstrap refuses to start"
+        );
+        assert!(r
+            .fix
+            .contains("Set HETCCL_JOB_KEY to the same secret on every rank"));
+        for (extra, found) in [
+            (
+                &[("HETCCL_JOB_KEY", "0123456789abcdef0123456789abcdef")][..],
+                "HETCCL_JOB_KEY set (32 characters)",
+            ),
+            (
+                &[("LOCAL_WORLD_SIZE", "2")][..],
+                "HETCCL_JOB_KEY unset: one host's ranks share a private key file (across hosts \
+                 the bootstrap refuses to start without a key)",
+            ),
+            (
+                &[("MASTER_ADDR", "127.0.0.1")][..],
+                "HETCCL_JOB_KEY unset: one host's ranks share a private key file (across hosts \
+                 the bootstrap refuses to start without a key)",
+            ),
+        ] {
+            let r = check_job_key(&cfg(extra), 2);
+            assert_eq!(
+                (r.status, r.found.as_str()),
+                (Status::Ok, found),
+                "{extra:?}"
+            );
+        }
+    }
 
     #[test]
     fn limits_below_the_need_fail_with_the_fix() {
@@ -878,11 +960,18 @@ mod tests {
         g.iface = Some(("eth0".into(), 1500));
         let rows = fold(&[f(0, Status::Ok), g]);
         let mtu = rows.iter().find(|r| r.check == "MTU").unwrap();
-        assert_eq!(mtu.status, Status::Warn);
+        assert_eq!(mtu.status, Status::Fail);
         assert_eq!(
             mtu.found,
             "the interfaces differ: rank 0 lo 65536, rank 1 eth0 1500"
         );
-        assert_eq!(exit_code(&rows), 0);
+        assert!(
+            mtu.fix.starts_with(
+                "set one MTU on every rank's interface (ip link set dev IF mtu 1500 on the others"
+            ),
+            "{}",
+            mtu.fix
+        );
+        assert_eq!(exit_code(&rows), 1);
     }
 }

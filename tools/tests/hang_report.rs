@@ -35,10 +35,23 @@ impl Run {
 }
 
 fn launch(fault: &str, shm_disable: &str, extra: &[(&str, &str)]) -> Run {
+    let argv = [
+        check_bin(),
+        "--fault",
+        fault,
+        "--fault-rank",
+        "2",
+        "--counts",
+        "1000",
+    ];
+    launch_argv(&argv, shm_disable, extra)
+}
+
+/// `hetccl run -n 4` of `argv`, as [`launch`].
+fn launch_argv(argv: &[&str], shm_disable: &str, extra: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(launcher());
     cmd.args(["run", "-n", "4", "--grace-period", "0.5", "--"])
-        .arg(check_bin())
-        .args(["--fault", fault, "--fault-rank", "2", "--counts", "1000"])
+        .args(argv)
         .env("HETCCL_TIMEOUT", TIMEOUT_S.to_string())
         .env("HETCCL_SHM_DISABLE", shm_disable)
         .stdout(Stdio::null())
@@ -134,6 +147,65 @@ fn stopped(shm_disable: &str) {
 
 /// Checks that every rank's own error (`hetccl-check: rank R: FAILED: ...`) ends with
 /// the job's first failure, `finding`; returns how many ranks printed one.
+/// 2 nodes x 2 ranks (`HETCCL_NODE_ID` n0 for ranks 0 and 1, n1 for 2 and 3), the
+/// hierarchical all-reduce forced, rank 2 stopped before #1: its node-mate 3 waits on it
+/// in the intra-node reduce-scatter, and the report places the culprit there and names
+/// the phase each waiting rank is in.
+#[test]
+fn a_stopped_rank_of_a_hierarchical_all_reduce_is_placed_in_its_phase() {
+    let check = check_bin();
+    let script = format!(
+        "HETCCL_NODE_ID=n$((RANK / 2)) exec {check} --fault stop --fault-rank 2 --counts 1000"
+    );
+    let run = launch_argv(
+        &["sh", "-c", &script],
+        "0",
+        &[("HETCCL_ALGO", "hier"), ("HETCCL_TOPO_PROBE", "0")],
+    );
+    assert_report(
+        &run,
+        "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and cannot answer",
+        "rank 2: stopping on purpose",
+    );
+    let text = run.text();
+    assert!(
+        text.contains("  culprit's phase: intra-node reduce-scatter (where rank 3 waits on it)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 -> 2 (all_reduce #1, intra-node reduce-scatter, to send data)"),
+        "{text}"
+    );
+    // Rank 3 in the intra-node step; ranks 0 and 1 got past theirs (their node is
+    // whole) and wait across nodes on their ring partners 2 and 3 (not on each other
+    // in the all-gather that follows, whose receives are ready from the start too).
+    let rank_line = |r: usize| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("  rank {r}: ")))
+            .unwrap_or_else(|| panic!("no line for rank {r}:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        rank_line(3).ends_with("in the intra-node reduce-scatter")
+            || rank_line(3).contains("in the intra-node reduce-scatter: "),
+        "{text}"
+    );
+    for r in [0, 1] {
+        assert!(
+            rank_line(r).contains(&format!("waiting for rank {} to send data for ", r + 2))
+                && rank_line(r).contains("s, in the inter-node all-reduce"),
+            "rank {r}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{r} -> {} (all_reduce #1, inter-node all-reduce, to send data)",
+                r + 2
+            )),
+            "{text}"
+        );
+    }
+}
+
 fn errors_name(run: &Run, finding: &str) -> usize {
     let text = run.text();
     let failed: Vec<&str> = text.lines().filter(|l| l.contains(": FAILED: ")).collect();

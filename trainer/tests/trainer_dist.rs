@@ -259,3 +259,77 @@ fn a_traced_run_shows_the_spans_of_each_step_and_the_bucket_all_reduces() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The bucket all-reduces of a step overlap its backward: on every rank, some step has
+/// an f32 all-reduce (a gradient bucket's; the loss counters are f64), on another thread
+/// than backward, that starts after that step's first backward span begins and before
+/// its backward hands over its last bucket. The step's last backward span is left out:
+/// it opens after the last bucket's handover and holds no gradient work, so an
+/// all-reduce inside it would be the last bucket's, which overlaps nothing.
+#[test]
+fn a_traced_run_shows_bucket_all_reduces_overlapping_backward() {
+    let dir = scratch("overlap");
+    let bert = env!("CARGO_BIN_EXE_hetccl-bert");
+    let pattern = format!("{}/bert-%r.json", dir.display());
+    let two = Command::new(launcher())
+        .args(["run", "-n", "2", "--", bert])
+        .args(args(&dir, "two"))
+        .env("HETCCL_TRACE", &pattern)
+        .output()
+        .unwrap();
+    assert!(
+        two.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&two.stdout),
+        String::from_utf8_lossy(&two.stderr)
+    );
+    for r in 0..2 {
+        let path = dir.join(format!("bert-{r}.json"));
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let spans = |n: &str| -> Vec<&serde_json::Value> {
+            events
+                .iter()
+                .filter(|e| e["ph"] == "X" && e["name"] == n)
+                .collect()
+        };
+        let ts = |e: &serde_json::Value| e["ts"].as_f64().unwrap();
+        let end = |e: &serde_json::Value| ts(e) + e["dur"].as_f64().unwrap();
+        let backward = spans("backward");
+        let buckets: Vec<&serde_json::Value> = spans("all_reduce")
+            .into_iter()
+            .filter(|e| e["args"]["dtype"] == "f32")
+            .collect();
+        let mut overlapping = Vec::new();
+        for step in 0..3u64 {
+            let of_step: Vec<&&serde_json::Value> = backward
+                .iter()
+                .filter(|e| e["args"]["step"] == step)
+                .collect();
+            assert!(of_step.len() >= 2, "rank {r} step {step}: {of_step:?}");
+            let trailing = of_step
+                .iter()
+                .map(|e| e["args"]["bucket"].as_u64().unwrap())
+                .max()
+                .unwrap();
+            let first = of_step.iter().map(|e| ts(e)).fold(f64::INFINITY, f64::min);
+            let last = of_step
+                .iter()
+                .filter(|e| e["args"]["bucket"] != trailing)
+                .map(|e| end(e))
+                .fold(0.0, f64::max);
+            overlapping.extend(
+                buckets
+                    .iter()
+                    .filter(|a| ts(a) >= first && ts(a) < last && a["tid"] != of_step[0]["tid"])
+                    .map(|a| (step, a["args"]["seq"].clone(), ts(a), last)),
+            );
+        }
+        assert!(
+            !overlapping.is_empty(),
+            "rank {r}: no bucket all-reduce starts before its step's backward ends; \
+             backward {backward:?}, all-reduces {buckets:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -157,17 +157,43 @@ impl<'s> Deps<'s> {
     /// The peer a stuck schedule waits for, among the links `active`: a receive whose
     /// data never came, else a send the peer never drained.
     pub(super) fn blocked_on(&self, active: &[usize]) -> (usize, &'static str) {
-        for &p in active {
-            if self.recvs[p].head().is_some_and(|i| self.ready(i)) {
-                return (p, "to send data");
-            }
+        let (p, what, _) = self.blocked_op(active);
+        (p, what)
+    }
+
+    /// The phase of the op [`Deps::blocked_on`] names, for the flight recorder: the
+    /// phase a rank is stuck in. Asked by a wait's checks only (every 50 ms of a wait
+    /// without progress), so a run pays nothing for it.
+    pub(super) fn blocked_phase(&self, active: &[usize]) -> Phase {
+        let (_, _, op) = self.blocked_op(active);
+        op.and_then(|i| self.sched.op_phase.get(i).copied())
+            .unwrap_or(Phase::Unnamed)
+    }
+
+    /// The peer waited on, what for, and the op that waits: a ready receive first
+    /// (its data is all that is missing), else a ready send; of several, the one
+    /// earliest in the schedule. A later phase's receive may be ready too (its buffer
+    /// is free from the start), but the earliest op is the one the rest waits behind:
+    /// in a hierarchical all-reduce, the inter-node ring's receive, not the intra-node
+    /// all-gather's that follows it.
+    fn blocked_op(&self, active: &[usize]) -> (usize, &'static str, Option<usize>) {
+        let earliest = |qs: &[Queue]| {
+            active
+                .iter()
+                .filter_map(|&p| Some((qs[p].head().filter(|&i| self.ready(i))?, p)))
+                .min()
+        };
+        if let Some((i, p)) = earliest(&self.recvs) {
+            return (p, "to send data", Some(i));
         }
-        for &p in active {
-            if self.sends[p].head().is_some_and(|i| self.ready(i)) {
-                return (p, "to accept data");
-            }
+        if let Some((i, p)) = earliest(&self.sends) {
+            return (p, "to accept data", Some(i));
         }
-        (active.first().copied().unwrap_or(0), "to make progress")
+        (
+            active.first().copied().unwrap_or(0),
+            "to make progress",
+            None,
+        )
     }
 }
 

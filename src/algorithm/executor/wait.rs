@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::context::{link_error, timeout_note, ExecCtx};
 use super::Run;
+use crate::algorithm::Phase;
 use crate::error::{Error, Result};
 
 /// How often a wait checks the cancel flag, its peers and the timeout.
@@ -85,6 +86,11 @@ pub(crate) trait Awaited {
     fn blocked_on(&mut self) -> (usize, &'static str);
     /// What this side sees of `peer`'s process (stopped, say), for a timeout.
     fn seen(&mut self, peer: usize) -> Option<String>;
+    /// The phase of the collective the wait is in, for the flight recorder; a wait
+    /// outside a phased schedule says [`Phase::Unnamed`].
+    fn phase(&mut self) -> Phase {
+        Phase::Unnamed
+    }
 }
 
 /// One wait: its place on the ladder, its clock, and what ends it early.
@@ -201,7 +207,7 @@ fn checks(
         return Err(ctx.cancelled());
     }
     let (peer, what) = awaited.blocked_on();
-    crate::flight::waiting(peer, what, waited.as_millis() as u64);
+    crate::flight::waiting(peer, what, awaited.phase(), waited.as_millis() as u64);
     awaited.check_peers()?;
     if waited >= ctx.timeout {
         let (peer, what) = awaited.blocked_on();
@@ -227,6 +233,10 @@ impl Awaited for Run<'_, '_> {
 
     fn blocked_on(&mut self) -> (usize, &'static str) {
         self.deps.blocked_on(&self.active)
+    }
+
+    fn phase(&mut self) -> Phase {
+        self.deps.blocked_phase(&self.active)
     }
 
     fn seen(&mut self, peer: usize) -> Option<String> {
