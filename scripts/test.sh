@@ -40,7 +40,8 @@ stage() {
 # tests run `hetccl run`, the launcher's tests run `hetccl-bert`), which cargo builds only
 # for the package under test.
 stage "cargo build --workspace --bins" cargo build --release --workspace --bins
-stage "cargo test --workspace (default features)" cargo test --release --workspace -- --test-threads=2
+# --no-fail-fast: one failing test file must not hide the results of the ones after it.
+stage "cargo test --workspace (default features)" cargo test --release --workspace --no-fail-fast -- --test-threads=2
 
 if command -v mpirun >/dev/null; then
     stage "cargo test --features mpi" cargo test --release -p hetccl --features mpi --test mpi -- --test-threads=1

@@ -152,9 +152,10 @@ impl Communicator {
         let name = |what: &str| {
             named.then(|| {
                 format!(
-                    "hetccl-{}-{what}-{idx}-{rank}-{:016x}",
+                    "hetccl-{}-{what}-{idx}-{rank}-{:016x}-{}",
                     std::process::id(),
-                    rand::random::<u64>()
+                    rand::random::<u64>(),
+                    segment::owner_tag()
                 )
             })
         };

@@ -109,8 +109,9 @@ impl ShmGeometry {
 }
 
 /// A fresh segment name for the pair `(a, b)` of job `job_id`:
-/// `hetccl-<job>-<low rank>-<high rank>-<random>`. The random part keeps two jobs that
-/// share an id (or a leftover file from a crash) from colliding.
+/// `hetccl-<job>-<low rank>-<high rank>-<random>-<owner tag>`. The random part keeps two
+/// jobs that share an id (or a leftover file from a crash) from colliding; the owner tag
+/// lets a later process remove the file if this one dies before unlinking it.
 pub fn segment_name(job_id: &str, a: usize, b: usize) -> String {
     let job: String = job_id
         .chars()
@@ -124,10 +125,11 @@ pub fn segment_name(job_id: &str, a: usize, b: usize) -> String {
         .take(64)
         .collect();
     format!(
-        "hetccl-{job}-{}-{}-{:016x}",
+        "hetccl-{job}-{}-{}-{:016x}-{}",
         a.min(b),
         a.max(b),
-        rand::random::<u64>()
+        rand::random::<u64>(),
+        super::segment::owner_tag()
     )
 }
 

@@ -13,7 +13,9 @@
 //!   bootstrap store; shared buffers when a peer cannot open the memfd's path: pid
 //!   namespaces differ, `/proc` is hidden), unlinked as soon as every process has
 //!   mapped it. Only a crash in the short window between creation and unlink can leave
-//!   a file `/dev/shm/hetccl-*` behind.
+//!   a file `/dev/shm/hetccl-*` behind; its name ends with its maker's pid and pid
+//!   namespace ([`owner_tag`]), and the next process that makes a named segment removes
+//!   every such file whose maker is gone ([`sweep_leftovers`]).
 //!
 //! Either way the owner drops its way in ([`OwnedSegment::release`]) once everyone has
 //! mapped it; the memory then lives exactly as long as the last mapping, and the kernel
@@ -31,6 +33,7 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::liveness::own_pidns;
 use crate::error::{Error, Result};
 
 const PAGE: usize = 4096;
@@ -114,6 +117,57 @@ pub struct OwnedSegment {
     handle: SegmentHandle,
 }
 
+/// The last part of every `/dev/shm` name this process makes: `p<pid>n<pid namespace
+/// inode, hex>`, so that a later process can tell a crash's leftover from a live file.
+pub(crate) fn owner_tag() -> String {
+    format!("p{}n{:x}", std::process::id(), own_pidns())
+}
+
+/// How old a leftover must be before it is removed: longer than any rendezvous keeps a
+/// name linked, so a file whose maker just died while a peer is still opening it is
+/// left to that peer's error path.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Removes the files `dir/hetccl-*` that a crashed process of this pid namespace left:
+/// its [`owner_tag`] names a pid that no longer exists and the file is older than
+/// `min_age`. Files of other pid namespaces (their pids mean nothing here), of live
+/// processes and untagged ones are kept. Returns the names removed.
+pub(crate) fn sweep_leftovers(dir: &std::path::Path, min_age: std::time::Duration) -> Vec<String> {
+    let ns = own_pidns();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = leftover_pid(&name, ns) else {
+            continue;
+        };
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+        // kill(pid, 0) fails with ESRCH only when no process (zombie included) has it.
+        // SAFETY: signal 0 sends nothing; it only checks that the pid exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if old && gone && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!("removed /dev/shm leftover {name} of exited process {pid}");
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+/// The pid in `name`'s owner tag when the name is hetccl's and the tag names pid
+/// namespace `ns`.
+fn leftover_pid(name: &str, ns: u64) -> Option<i32> {
+    let tag = name.strip_prefix("hetccl-")?.rsplit('-').next()?;
+    let (pid, pidns) = tag.strip_prefix('p')?.split_once('n')?;
+    let pid: i32 = pid.parse().ok()?;
+    (pid > 0 && ns != 0 && u64::from_str_radix(pidns, 16).ok()? == ns).then_some(pid)
+}
+
 /// A `/dev/shm` name this process created; unlinked on drop unless unlinked before.
 #[derive(Debug)]
 pub(crate) struct SegmentName {
@@ -195,6 +249,10 @@ impl OwnedSegment {
 
     fn create_named(len: usize, name: &str, what: &str) -> Result<Self> {
         let cname = shm_cname(name)?;
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            sweep_leftovers(std::path::Path::new("/dev/shm"), LEFTOVER_AGE);
+        });
         if let Some(free) = shm_free_bytes() {
             if free < len as u64 {
                 return Err(too_small(what, len, Some(free)));
@@ -498,6 +556,66 @@ mod tests {
             assert_eq!(*other.as_ptr().add(100), 42);
             assert_eq!(*other.as_ptr().add(101), 0);
         }
+    }
+
+    #[test]
+    fn leftovers_of_exited_makers_are_swept_and_nothing_else() {
+        let ns = own_pidns();
+        if ns == 0 {
+            return crate::test_skip::skip("/proc/self/ns/pid is not readable");
+        }
+        // A pid that certainly existed and is gone: a reaped child's.
+        let dead = std::process::Command::new("true")
+            .spawn()
+            .and_then(|mut c| c.wait().map(|_| c.id()))
+            .unwrap();
+        let me = std::process::id();
+        let dir =
+            std::env::temp_dir().join(format!("hetccl-sweep-{me}-{:x}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).unwrap();
+        let names = [
+            format!("hetccl-job-0-1-00ff-p{dead}n{ns:x}"),
+            format!("hetccl-{dead}-buf-0-1-00ff-p{dead}n{ns:x}"),
+            format!("hetccl-job-0-1-00ff-p{me}n{ns:x}"),
+            format!("hetccl-job-0-1-00ff-p{dead}n{:x}", ns ^ 1),
+            format!("hetccl-{dead}-buf-0-1-e048cf4b2d166169"),
+            format!("other-p{dead}n{ns:x}"),
+        ];
+        for n in &names {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        // Younger than the age limit: nothing goes.
+        assert_eq!(
+            sweep_leftovers(&dir, std::time::Duration::from_secs(3600)),
+            Vec::<String>::new()
+        );
+        let mut removed = sweep_leftovers(&dir, std::time::Duration::ZERO);
+        removed.sort();
+        let mut expected = vec![names[0].clone(), names[1].clone()];
+        expected.sort();
+        assert_eq!(removed, expected);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut kept = names[2..].to_vec();
+        kept.sort();
+        assert_eq!(left, kept);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn owner_tags_parse_back_to_the_pid_only_in_their_namespace() {
+        let ns = own_pidns();
+        let name = format!("hetccl-job-0-1-00ff-{}", owner_tag());
+        let me = std::process::id() as i32;
+        assert_eq!(leftover_pid(&name, ns), (ns != 0).then_some(me));
+        assert_eq!(leftover_pid(&name, ns ^ 1), None);
+        assert_eq!(leftover_pid("hetccl-job-0-1-p12nzz", 0xab), None);
+        assert_eq!(leftover_pid("hetccl-job-0-1-p0nab", 0xab), None);
+        assert_eq!(leftover_pid("hetccl-job-0-1-p12nab", 0xab), Some(12));
+        assert_eq!(leftover_pid("xhetccl-job-0-1-p12nab", 0xab), None);
     }
 
     #[test]
