@@ -28,9 +28,14 @@ fn with_peers(script: &str) -> std::process::Output {
         .expect("run bash")
 }
 
-/// Builds the benchmark against `peer`'s MPI, or says why it cannot (not installed).
-fn build(peer: &str) -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("hetccl-peer-bench-{}-{peer}", std::process::id()));
+/// Builds the benchmark against `peer`'s MPI into a directory of the test `test`'s own
+/// (tests run in parallel and each removes its directory), or says why it cannot (not
+/// installed).
+fn build(peer: &str, test: &str) -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "hetccl-peer-bench-{}-{test}-{peer}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).expect("make the build directory");
     let bin = dir.join("bench");
     let out = with_peers(&format!(
@@ -81,7 +86,7 @@ fn get<'a>(line: &'a [(String, String)], key: &str) -> &'a str {
 }
 
 fn every_collective_is_right(peer: &str) {
-    let bin = match build(peer) {
+    let bin = match build(peer, "collectives") {
         Ok(b) => b,
         Err(why) => {
             common::skip(&format!(
@@ -138,7 +143,7 @@ fn intelmpi_runs_every_collective_right() {
 #[test]
 fn unknown_collective_and_peer_are_refused_by_name() {
     // The benchmark checks its flags before MPI_Init, so it runs without a launcher.
-    let bin = match build("openmpi") {
+    let bin = match build("openmpi", "refusals") {
         Ok(b) => b,
         Err(why) => {
             common::skip(&format!(
