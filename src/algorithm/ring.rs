@@ -19,14 +19,24 @@ use super::Group;
 
 /// Byte ranges `[piece][segment]` relative to the start of the buffer.
 pub fn layout(count: usize, n: usize, elem: usize, chunk_bytes: usize) -> Vec<Vec<Range<usize>>> {
-    let bytes = count * elem;
-    let piece_bytes = (n * chunk_bytes).max(elem);
-    let pieces = bytes.div_ceil(piece_bytes).max(1);
+    pieces(count, elem, n * chunk_bytes, |pcount| {
+        split_even(pcount, n, elem)
+    })
+}
+
+/// Cuts `count` elements into even pieces of about `piece_bytes` and each piece into the
+/// segments `segments(elements in the piece)` gives (relative to the piece).
+fn pieces(
+    count: usize,
+    elem: usize,
+    piece_bytes: usize,
+    segments: impl Fn(usize) -> Vec<Range<usize>>,
+) -> Vec<Vec<Range<usize>>> {
+    let pieces = (count * elem).div_ceil(piece_bytes.max(elem)).max(1);
     split_even(count, pieces, elem)
         .into_iter()
         .map(|p| {
-            let pcount = (p.end - p.start) / elem;
-            split_even(pcount, n, elem)
+            segments((p.end - p.start) / elem)
                 .into_iter()
                 .map(|s| p.start + s.start..p.start + s.end)
                 .collect()
@@ -45,19 +55,10 @@ pub fn layout_weighted(
 ) -> Vec<Vec<Range<usize>>> {
     let total: f64 = weights.iter().sum();
     let widest = weights.iter().copied().fold(0.0, f64::max) / total;
-    let bytes = count * elem;
-    let piece_bytes = ((chunk_bytes as f64 / widest) as usize).max(elem);
-    let pieces = bytes.div_ceil(piece_bytes).max(1);
-    split_even(count, pieces, elem)
-        .into_iter()
-        .map(|p| {
-            let pcount = (p.end - p.start) / elem;
-            split_weighted(pcount, elem, weights)
-                .into_iter()
-                .map(|s| p.start + s.start..p.start + s.end)
-                .collect()
-        })
-        .collect()
+    let piece_bytes = (chunk_bytes as f64 / widest) as usize;
+    pieces(count, elem, piece_bytes, |pcount| {
+        split_weighted(pcount, elem, weights)
+    })
 }
 
 /// Copies `src` to `dst` piece by piece (`pieces` relative to both), unless they are
