@@ -25,8 +25,9 @@
 //!   at the first failure, before the others are stopped: one hang report from the
 //!     ranks' flight dumps (`crate::hang`)
 //!   SIGUSR1 to the launcher -> the same report of the live job, which goes on
-//! all ranks reaped -> the first failure and the others' fates in one line; exit 0 if all
-//!   exited 0, else the first failure's status (128+signal if killed)
+//! all ranks reaped -> /dev/shm files tagged with a rank's pid removed (a rank killed
+//!   while a named segment was linked), the first failure and the others' fates in one
+//!   line; exit 0 if all exited 0, else the first failure's status (128+signal if killed)
 //! ```
 //!
 //! Own process groups keep a terminal's Ctrl-C from reaching the ranks twice (once from the
@@ -66,6 +67,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
+use hetccl::transport::shm::segment;
 use hetccl::{Error, Result};
 
 use crate::hang;
@@ -914,6 +916,19 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
         signals.drain();
     }
     drop(signals);
+
+    // A rank killed between making a named /dev/shm segment and unlinking it (a
+    // rendezvous window) leaves the file; every rank has been reaped, so nobody can
+    // still be opening one.
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let removed = segment::remove_files_of(std::path::Path::new("/dev/shm"), &pids);
+    if !removed.is_empty() {
+        say(format_args!(
+            "removed {} /dev/shm segment(s) that exited ranks left: {}",
+            removed.len(),
+            removed.join(", ")
+        ));
+    }
 
     // The pipes close when the ranks and their children have exited; a child process a
     // rank left running would hold them open, so do not wait for it forever.

@@ -366,10 +366,23 @@ fn killed_rank_is_blamed(n: usize, victim: usize, env: &[(&str, &str)], extra: &
     drain.join().unwrap();
     let what = format!("{n} ranks {env:?} {extra:?}, rank {victim} killed");
     assert!(!stderr.contains("panicked at"), "{what}:\n{stderr}");
+    // Ranks stopped inside a rendezvous can leave named segments, which the launcher
+    // removes and says so; whatever the timing, none of the ranks' files may be left.
     let said: Vec<&str> = stderr
         .lines()
         .filter_map(|l| l.strip_prefix("hetccl run: "))
+        .filter(|l| !l.starts_with("removed "))
         .collect();
+    let tags: Vec<String> = pids.iter().map(|p| format!("-p{p}n")).collect();
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with("hetccl-") && tags.iter().any(|t| f.contains(t.as_str())))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(left, Vec::<String>::new(), "{what}:\n{stderr}");
     assert_eq!(
         said.first().copied().unwrap_or_default(),
         format!("{}; stopping the others", sigkill(victim)),
@@ -610,4 +623,60 @@ fn closed_output_streams_panic_nobody_and_the_status_is_the_ranks() {
             "--fault {fault}: {st:?}, first line {first:?}"
         );
     }
+}
+
+/// A rank killed while one of its named /dev/shm segments is still linked leaves the
+/// file behind; the launcher removes every file tagged with one of its ranks' pids once
+/// all have exited, and nothing else.
+#[test]
+fn segments_a_killed_rank_left_in_dev_shm_are_removed() {
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap_or_default();
+    if ns.as_os_str().is_empty() || !std::path::Path::new("/dev/shm").is_dir() {
+        return common::skip("no readable /proc/self/ns/pid or no /dev/shm");
+    }
+    let tag = format!("{:x}", rand::random::<u32>());
+    // Each rank names a file as the library does (`hetccl-…-p<pid>n<pid namespace, hex>`);
+    // rank 1 then dies by SIGKILL. A file tagged with the test's own pid must stay.
+    let script = format!(
+        "ns=$(stat -L -c %i /proc/self/ns/pid); \
+         f=/dev/shm/hetccl-launchtest-{tag}-$RANK-p$$n$(printf %x $ns); \
+         : > $f; echo made $f; \
+         if [ $RANK = 1 ]; then kill -9 $$; fi; exec sleep 300"
+    );
+    let ns_ino = std::fs::metadata("/proc/self/ns/pid").unwrap();
+    let keep = format!(
+        "/dev/shm/hetccl-launchtest-{tag}-keep-p{}n{:x}",
+        std::process::id(),
+        std::os::unix::fs::MetadataExt::ino(&ns_ino)
+    );
+    std::fs::write(&keep, b"").unwrap();
+    let out = run(&["-n", "2", "--", "sh", "-c", &script], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&format!("launchtest-{tag}-")))
+        .collect();
+    std::fs::remove_file(&keep).unwrap();
+    assert_eq!(out.status.code(), Some(128 + 9), "{stderr}");
+    let made: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("] made /dev/shm/").map(|(_, f)| f))
+        .collect();
+    assert_eq!(made.len(), 2, "{stdout}");
+    assert_eq!(
+        left,
+        vec![keep.trim_start_matches("/dev/shm/").to_string()],
+        "{stderr}"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("/dev/shm segment(s)"))
+        .unwrap_or_else(|| panic!("no removal line:\n{stderr}"));
+    assert!(
+        line.starts_with("hetccl run: removed 2 /dev/shm segment(s) that exited ranks left: ")
+            && made.iter().all(|f| line.contains(f)),
+        "{line}"
+    );
 }

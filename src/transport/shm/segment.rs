@@ -14,8 +14,9 @@
 //!   namespaces differ, `/proc` is hidden), unlinked as soon as every process has
 //!   mapped it. Only a crash in the short window between creation and unlink can leave
 //!   a file `/dev/shm/hetccl-*` behind; its name ends with its maker's pid and pid
-//!   namespace ([`owner_tag`]), and the next process that makes a named segment removes
-//!   every such file whose maker is gone ([`sweep_leftovers`]).
+//!   namespace ([`owner_tag`]); `hetccl run` removes its ranks' files once they have all
+//!   exited ([`remove_files_of`]), and the next process that makes a named segment removes
+//!   every such file whose maker is gone ([`sweep_leftovers`]), for jobs started otherwise.
 //!
 //! Either way the owner drops its way in ([`OwnedSegment::release`]) once everyone has
 //! mapped it; the memory then lives exactly as long as the last mapping, and the kernel
@@ -156,6 +157,29 @@ pub(crate) fn sweep_leftovers(dir: &std::path::Path, min_age: std::time::Duratio
             removed.push(name);
         }
     }
+    removed
+}
+
+/// Removes the files `dir/hetccl-*` whose [`owner_tag`] names one of `pids` in this
+/// process's pid namespace, whatever their age: for a caller that has reaped those
+/// processes itself (the launcher, once every rank has exited), so no peer of theirs can
+/// still be opening the files. Returns the names removed.
+pub fn remove_files_of(dir: &std::path::Path, pids: &[u32]) -> Vec<String> {
+    let ns = own_pidns();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = leftover_pid(&name, ns)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .is_some_and(|pid| pids.contains(&pid));
+        if ours && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
     removed
 }
 
@@ -602,6 +626,43 @@ mod tests {
         let mut kept = names[2..].to_vec();
         kept.sort();
         assert_eq!(left, kept);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_of_named_pids_are_removed_whatever_their_age() {
+        let ns = own_pidns();
+        if ns == 0 {
+            return crate::test_skip::skip("/proc/self/ns/pid is not readable");
+        }
+        let me = std::process::id();
+        let dir = std::env::temp_dir().join(format!("hetccl-of-{me}-{:x}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).unwrap();
+        let names = [
+            format!("hetccl-job-0-1-00ff-p4001n{ns:x}"),
+            format!("hetccl-4002-ctl-0-1-00ff-p4002n{ns:x}"),
+            // Another pid, another namespace, no tag, not hetccl's.
+            format!("hetccl-job-0-1-00ff-p4003n{ns:x}"),
+            format!("hetccl-job-0-1-00ff-p4001n{:x}", ns ^ 1),
+            "hetccl-4001-buf-0-1-e048cf4b2d166169".to_string(),
+            format!("other-p4001n{ns:x}"),
+        ];
+        for n in &names {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        assert_eq!(
+            remove_files_of(&dir, &[4001, 4002]),
+            vec![names[1].clone(), names[0].clone()]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut kept = names[2..].to_vec();
+        kept.sort();
+        assert_eq!(left, kept);
+        assert_eq!(remove_files_of(&dir, &[]), Vec::<String>::new());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
