@@ -71,8 +71,8 @@ pub use comm::{DeviceComm, DevicePath};
 pub use context::{Device, Stream};
 #[cfg(feature = "cuda")]
 pub use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    DeviceSlice, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 #[cfg(feature = "cuda")]
 pub use kernels::*;
