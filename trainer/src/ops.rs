@@ -684,9 +684,12 @@ pub fn attention_forward<T: Real>(
 ///
 /// att (N,T), N = B·NH·T.
 pub fn softmax_forward<T: Real>(att: &mut [T], scale: T, n: usize, t: usize) {
+    let scaled = scale != T::one();
     for row in att[..n * t].chunks_mut(t) {
-        for v in row.iter_mut() {
-            *v *= scale;
+        if scaled {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
         }
         softmax_row(row);
     }
