@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
-# binary, the trainer's kernel tests among them, the device-collective check under the launcher with 2 and 4 ranks, a timed
+# binary, the trainer's kernel, product and model tests among them, the device-collective check under the launcher with 2 and 4 ranks, a timed
 # sweep of the device all-reduce over both paths, the hierarchical device all-reduce
 # against the flat staged one on 2 pretend hosts x 2 ranks, then hetccl-kernel-bench) and
 # prints a short table last.
@@ -31,6 +31,18 @@ if [ ! -d "$BIN" ]; then
 fi
 [ -f "$BIN/BUILD_INFO" ] && cat "$BIN/BUILD_INFO"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not available)"
+
+# cuBLAS (the trainer's products) comes from the Python environment's NVIDIA wheels when
+# the system has none: put the wheel's library directory on the loader's path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+    CUBLAS_DIR=$(python3 -c 'import nvidia, glob, os; d = [os.path.dirname(p) for r in nvidia.__path__ for p in glob.glob(os.path.join(r, "*", "lib", "libcublas.so*"))]; print(d[0] if d else "")' 2>/dev/null)
+    if [ -n "$CUBLAS_DIR" ]; then
+        export LD_LIBRARY_PATH="$CUBLAS_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS from $CUBLAS_DIR"
+    else
+        echo "(no cuBLAS found: the trainer's product tests will skip)"
+    fi
+fi
 
 status=0
 rows=()

@@ -59,6 +59,8 @@ pub mod error;
 pub mod files;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_blas;
 pub mod hf;
 pub mod model;
 pub mod ops;
