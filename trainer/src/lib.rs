@@ -61,6 +61,8 @@ pub mod files;
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpu_blas;
+#[cfg(feature = "cuda")]
+pub mod gpu_model;
 pub mod hf;
 pub mod model;
 pub mod ops;
