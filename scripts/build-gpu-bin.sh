@@ -24,14 +24,15 @@ for b in hetccl-kernel-bench hetccl-gpu-check hetccl; do
     cp "target/release/$b" "$OUT_DIR/"
 done
 
-# The GPU tests of the library (tests/) and of the tools (tools/tests/); the tools'
-# `cuda` feature turns on the library's.
+# The GPU tests of the library (tests/), the tools (tools/tests/) and the trainer
+# (trainer/tests/); the tools' and the trainer's `cuda` features turn on the library's.
 tests=()
-for f in tests/gpu*.rs tools/tests/gpu*.rs; do
+for f in tests/gpu*.rs tools/tests/gpu*.rs trainer/tests/gpu*.rs; do
     tests+=(--test "$(basename "$f" .rs)")
 done
 # Each test executable's path comes from cargo's JSON messages.
-cargo test --release -p hetccl -p hetccl-tools --features hetccl-tools/cuda --no-run "${tests[@]}" \
+cargo test --release -p hetccl -p hetccl-tools -p hetccl-trainer \
+    --features hetccl-tools/cuda,hetccl-trainer/cuda --no-run "${tests[@]}" \
     --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys, shutil, os

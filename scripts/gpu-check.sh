@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
-# binary, the device-collective check under the launcher with 2 and 4 ranks, a timed
+# binary, the trainer's kernel, product and model tests among them, the device-collective check under the launcher with 2 and 4 ranks, a timed
 # sweep of the device all-reduce over both paths, the hierarchical device all-reduce
 # against the flat staged one on 2 pretend hosts x 2 ranks, then hetccl-kernel-bench) and
 # prints a short table last.
@@ -31,6 +31,18 @@ if [ ! -d "$BIN" ]; then
 fi
 [ -f "$BIN/BUILD_INFO" ] && cat "$BIN/BUILD_INFO"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not available)"
+
+# cuBLAS (the trainer's products) comes from the Python environment's NVIDIA wheels when
+# the system has none: put the wheel's library directory on the loader's path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+    CUBLAS_DIR=$(python3 -c 'import nvidia, glob, os; d = [os.path.dirname(p) for r in nvidia.__path__ for p in glob.glob(os.path.join(r, "*", "lib", "libcublas.so*"))]; print(d[0] if d else "")' 2>/dev/null)
+    if [ -n "$CUBLAS_DIR" ]; then
+        export LD_LIBRARY_PATH="$CUBLAS_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS from $CUBLAS_DIR"
+    else
+        echo "(no cuBLAS found: the trainer's product tests will skip)"
+    fi
+fi
 
 status=0
 rows=()
@@ -87,6 +99,10 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
         if [ -n "$SAN" ]; then
             timeout "$STEP" "$SAN" --tool "$tool" --error-exitcode 9 "$BIN/gpu_kernels" --test-threads=1 >"$log" 2>&1
             rc=$?
+            # The trainer's kernels (kernels/bert.cu) index by token ids and row lists.
+            timeout "$STEP" "$SAN" --tool "$tool" --error-exitcode 9 "$BIN/gpu_bert_kernels" --test-threads=1 >>"$log" 2>&1
+            rc2=$?
+            [ $rc -eq 0 ] && rc=$rc2
             if [ "$tool" = memcheck ]; then
                 HETCCL_TIMEOUT=120 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$SAN" --tool memcheck \
                     --error-exitcode 9 "$BIN/hetccl-gpu-check" --counts 1,1000,4099 >>"$log" 2>&1

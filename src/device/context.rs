@@ -8,8 +8,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -30,6 +30,9 @@ pub(super) struct Module {
     /// (function, blocks of `BLOCK` threads resident per SM); each function holds the
     /// module loaded, which cudarc unloads when the last one goes.
     funcs: Vec<(CudaFunction, u32)>,
+    /// The module itself, for the kernels of the fatbin that are not the library's own
+    /// (the trainer's `kernels/bert*.cu`), found by name through [`Device::function`].
+    module: Arc<CudaModule>,
 }
 
 impl Module {
@@ -66,7 +69,7 @@ impl Module {
                 .map_err(device_error(format!("occupancy of {name}")))?;
             funcs.push((f, per_sm.max(1)));
         }
-        Ok(Module { funcs })
+        Ok(Module { funcs, module })
     }
 
     fn function(&self, index: usize) -> Result<&(CudaFunction, u32)> {
@@ -174,6 +177,16 @@ impl Device {
     /// The cudarc context, for anything not wrapped here.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// A kernel of the embedded fatbin by its `extern "C"` name, for the kernels the
+    /// library has no launcher for (the trainer's, `kernels/bert*.cu`); the caller
+    /// launches it through cudarc's launch builder on a [`Stream::cuda`].
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module
+            .module
+            .load_function(name)
+            .map_err(device_error(format!("find kernel {name}")))
     }
 }
 

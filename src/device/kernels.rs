@@ -678,16 +678,37 @@ mod tests {
         out
     }
 
+    /// The kernels of `kernels/bert.cu` (the trainer's, launched by name through
+    /// `Device::function`): every `extern "C" __global__ void [__launch_bounds__(..)] name(`.
+    fn trainer_kernels() -> BTreeSet<&'static str> {
+        let src = include_str!("../../kernels/bert.cu");
+        src.split("extern \"C\" __global__ void")
+            .skip(1)
+            .filter_map(|rest| {
+                let rest = rest.trim_start();
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(r) => r.split_once(')')?.1.trim_start(),
+                    None => rest,
+                };
+                rest.split_once('(').map(|(name, _)| name.trim())
+            })
+            .collect()
+    }
+
     /// Without a GPU, the ptxas report of the build is the best witness of what the
     /// fatbin holds: every launcher's kernel must be there for every architecture, and
-    /// nothing else; and on sm_80, whose report gives the size of constant bank 0 (the
+    /// nothing else but the trainer's; and on sm_80, whose report gives the size of constant bank 0 (the
     /// parameters start at its byte 0x160), every kernel's parameter block must be the
     /// size of the Rust argument list its launchers pass.
     #[test]
     fn every_launcher_has_a_compiled_kernel() {
         let report = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
-        let wanted: BTreeSet<&str> = KERNELS.iter().copied().collect();
+        let mut wanted: BTreeSet<&str> = KERNELS.iter().copied().collect();
         assert_eq!(wanted.len(), 8 + 3 * 11);
+        let trainer = trainer_kernels();
+        assert_eq!(trainer.len(), 16, "{trainer:?}");
+        assert!(trainer.is_disjoint(&wanted), "{trainer:?}");
+        wanted.extend(trainer);
         for arch in ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"] {
             let compiled = compiled(report, arch);
             let names: BTreeSet<&str> = compiled.keys().map(|s| s.as_str()).collect();

@@ -69,13 +69,34 @@ pub use crate::algorithm::select::DeviceAcrossHosts;
 pub use comm::{DeviceComm, DevicePath};
 #[cfg(feature = "cuda")]
 pub use context::{Device, Stream};
+/// cudarc's cuBLAS, loaded at run time like the driver, for matrix products the library
+/// does not wrap (the trainer's); call [`cublas_available`] first (cudarc panics when the
+/// library is missing).
+#[cfg(feature = "cuda")]
+pub use cudarc::cublas;
 #[cfg(feature = "cuda")]
 pub use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 #[cfg(feature = "cuda")]
 pub use kernels::*;
+
+/// Whether cuBLAS can be loaded (`libcublas.so`, or a versioned name, on the loader's
+/// path), or why not.
+#[cfg(feature = "cuda")]
+pub fn cublas_available() -> Result<(), String> {
+    // SAFETY: only tries to dlopen the library; no cuBLAS function is called.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(
+            "no cuBLAS library (libcublas.so) could be loaded: put its directory on \
+             LD_LIBRARY_PATH (the nvidia-cublas wheel's nvidia/cu13/lib or nvidia/cublas/lib)"
+                .to_string(),
+        )
+    }
+}
 
 /// Number of usable CUDA devices, or why there are none: built without the `cuda`
 /// feature, no driver library, the driver failed to initialise, or it sees no device.

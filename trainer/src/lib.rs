@@ -37,6 +37,7 @@
 //! | [`data`] | corpus split, deterministic sample order and masking |
 //! | [`rng`] | counter-based random numbers (no state to save) |
 //! | [`optim`] | AdamW, warm-up + linear decay, global-norm clipping |
+//! | `gpu` | (feature `cuda`) the GPU twins of the ops' and the optimizer's kernels |
 //! | [`balance`] | batch shares proportional to rank speed |
 //! | [`sync`] | what training needs from a communicator; one-process and thread-group versions |
 //! | [`hf`] | Hugging Face `BertForMaskedLM` directories: export, and a start from one |
@@ -56,6 +57,12 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod files;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_blas;
+#[cfg(feature = "cuda")]
+pub mod gpu_model;
 pub mod hf;
 pub mod model;
 pub mod ops;

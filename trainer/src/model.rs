@@ -495,6 +495,62 @@ fn zeroed<T: Real>(v: &mut Vec<T>, n: usize) {
     v.resize(n, T::zero());
 }
 
+/// Refuses a batch `cfg` cannot run (ids, types or masked positions out of range, wrong
+/// lengths), or a parameter vector not of the layout's length; `op` names the caller.
+pub(crate) fn check_batch(
+    op: &'static str,
+    cfg: &ModelConfig,
+    layout: &ParamLayout,
+    params: usize,
+    batch: &Batch,
+) -> Result<()> {
+    let bad = |reason: String| Err(Error::invalid(op, reason));
+    let (b, t) = (batch.batch, batch.seq_len);
+    if params != layout.total {
+        return bad(format!(
+            "{} parameters, layout has {}",
+            params, layout.total
+        ));
+    }
+    if b == 0 || t == 0 || t > cfg.max_position {
+        return bad(format!(
+            "batch {b} × seq_len {t} (max_position {})",
+            cfg.max_position
+        ));
+    }
+    if batch.input_ids.len() != b * t || batch.token_types.len() != b * t {
+        return bad(format!(
+            "{} ids / {} token types for {b}×{t}",
+            batch.input_ids.len(),
+            batch.token_types.len()
+        ));
+    }
+    if let Some(&id) = batch
+        .input_ids
+        .iter()
+        .find(|&&id| id as usize >= cfg.vocab_size)
+    {
+        return bad(format!("token id {id} ≥ vocab_size {}", cfg.vocab_size));
+    }
+    if batch
+        .token_types
+        .iter()
+        .any(|&tt| tt as usize >= cfg.type_vocab_size)
+    {
+        return bad("token type out of range".into());
+    }
+    if batch.masked_positions.len() != batch.masked_targets.len()
+        || batch.masked_positions.iter().any(|&p| p >= b * t)
+        || batch
+            .masked_targets
+            .iter()
+            .any(|&id| id as usize >= cfg.vocab_size)
+    {
+        return bad("masked positions/targets inconsistent with the batch".into());
+    }
+    Ok(())
+}
+
 /// A BERT masked-LM: its shape, layout and activation buffers. Parameters and gradients
 /// are owned by the caller (flat vectors of [`ParamLayout::total`] elements), so that the
 /// gradient vector can be handed to the communicator while the model keeps working.
@@ -544,55 +600,13 @@ impl<T: Real> Model<T> {
     }
 
     fn check_batch(&self, params: &[T], batch: &Batch) -> Result<()> {
-        let bad = |reason: String| Err(Error::invalid("Model::forward", reason));
-        let (b, t) = (batch.batch, batch.seq_len);
-        if params.len() != self.layout.total {
-            return bad(format!(
-                "{} parameters, layout has {}",
-                params.len(),
-                self.layout.total
-            ));
-        }
-        if b == 0 || t == 0 || t > self.cfg.max_position {
-            return bad(format!(
-                "batch {b} × seq_len {t} (max_position {})",
-                self.cfg.max_position
-            ));
-        }
-        if batch.input_ids.len() != b * t || batch.token_types.len() != b * t {
-            return bad(format!(
-                "{} ids / {} token types for {b}×{t}",
-                batch.input_ids.len(),
-                batch.token_types.len()
-            ));
-        }
-        if let Some(&id) = batch
-            .input_ids
-            .iter()
-            .find(|&&id| id as usize >= self.cfg.vocab_size)
-        {
-            return bad(format!(
-                "token id {id} ≥ vocab_size {}",
-                self.cfg.vocab_size
-            ));
-        }
-        if batch
-            .token_types
-            .iter()
-            .any(|&tt| tt as usize >= self.cfg.type_vocab_size)
-        {
-            return bad("token type out of range".into());
-        }
-        if batch.masked_positions.len() != batch.masked_targets.len()
-            || batch.masked_positions.iter().any(|&p| p >= b * t)
-            || batch
-                .masked_targets
-                .iter()
-                .any(|&id| id as usize >= self.cfg.vocab_size)
-        {
-            return bad("masked positions/targets inconsistent with the batch".into());
-        }
-        Ok(())
+        check_batch(
+            "Model::forward",
+            &self.cfg,
+            &self.layout,
+            params.len(),
+            batch,
+        )
     }
 
     /// Runs the model on `batch`, keeping the activations for [`Model::backward`], and

@@ -614,19 +614,26 @@ pub fn matmul_backward<T: Real>(
             gemm(T::one(), a, b, T::one(), dw_chunk, c);
         });
     if let Some(dbias) = dbias {
-        dbias[..oc]
-            .par_chunks_mut(orows)
-            .enumerate()
-            .for_each(|(task, db_chunk)| {
-                let o0 = task * orows;
-                for row in 0..n {
-                    let d = &dout[row * oc + o0..][..db_chunk.len()];
-                    for (g, &x) in db_chunk.iter_mut().zip(d) {
-                        *g += x;
-                    }
-                }
-            });
+        bias_backward(dbias, dout, n, oc);
     }
+}
+
+/// The bias part of [`matmul_backward`]: `dbias (OC) += Σ_rows dout (N,OC)`, each column
+/// summed over the rows in order.
+pub fn bias_backward<T: Real>(dbias: &mut [T], dout: &[T], n: usize, oc: usize) {
+    let orows = rows_per_task(oc, 16);
+    dbias[..oc]
+        .par_chunks_mut(orows)
+        .enumerate()
+        .for_each(|(task, db_chunk)| {
+            let o0 = task * orows;
+            for row in 0..n {
+                let d = &dout[row * oc + o0..][..db_chunk.len()];
+                for (g, &x) in db_chunk.iter_mut().zip(d) {
+                    *g += x;
+                }
+            }
+        });
 }
 
 // ----------------------------------------------------------------------------------------
@@ -661,15 +668,52 @@ pub fn attention_forward<T: Real>(
                 let q = Mat::rows(&inp_b[h * hs..], t, hs, c3);
                 let kt = Mat::transposed(&inp_b[c + h * hs..], hs, t, c3);
                 gemm(scale, q, kt, T::zero(), att_h, t);
-                for row in att_h.chunks_mut(t) {
-                    softmax_row(row);
-                }
+                // the product carries the scale already
+                softmax_forward(att_h, T::one(), t, t);
                 // (T,hs) = att (T,T) · V (T,hs), written into the head's columns of out.
                 let a = Mat::rows(&att_h[..], t, t, t);
                 let v = Mat::rows(&inp_b[2 * c + h * hs..], t, hs, c3);
                 gemm(T::one(), a, v, T::zero(), &mut out_b[h * hs..], c);
             }
         });
+}
+
+/// Attention's softmax in place over N rows of T scores: `att = softmax(scale·att)` row by
+/// row (a GPU product may leave the scale to it; the CPU's carries it and passes 1, by which
+/// a multiplication is exact). No mask: every position attends to every position.
+///
+/// att (N,T), N = B·NH·T.
+pub fn softmax_forward<T: Real>(att: &mut [T], scale: T, n: usize, t: usize) {
+    let scaled = scale != T::one();
+    for row in att[..n * t].chunks_mut(t) {
+        if scaled {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+        softmax_row(row);
+    }
+}
+
+/// Backward of [`softmax_forward`]: `dpreatt = scale·att ⊙ (datt - Σ_k att·datt)` row by
+/// row (overwritten).
+///
+/// dpreatt, datt, att (N,T).
+pub fn softmax_backward<T: Real>(
+    dpreatt: &mut [T],
+    datt: &[T],
+    att: &[T],
+    scale: T,
+    n: usize,
+    t: usize,
+) {
+    for (i, dp) in dpreatt[..n * t].chunks_mut(t).enumerate() {
+        let (a, d) = (&att[i * t..][..t], &datt[i * t..][..t]);
+        let dot = dot_lanes(a, d);
+        for j in 0..t {
+            dp[j] = a[j] * (d[j] - dot) * scale;
+        }
+    }
 }
 
 /// In-place numerically stable softmax of one row.
@@ -731,15 +775,8 @@ pub fn attention_backward<T: Real>(
                     &mut dinp_b[2 * c + h * hs..],
                     c3,
                 );
-                // softmax backward, row by row: dpre = att ⊙ (datt - Σ_k att·datt)
-                for i in 0..t {
-                    let (a, d) = (&att_h[i * t..][..t], &datt_h[i * t..][..t]);
-                    let dot = dot_lanes(a, d);
-                    let dp = &mut dpre_h[i * t..][..t];
-                    for j in 0..t {
-                        dp[j] = a[j] * (d[j] - dot);
-                    }
-                }
+                // dpre = att ⊙ (datt - Σ_k att·datt); the scale is in the products below
+                softmax_backward(dpre_h, datt_h, att_h, T::one(), t, t);
                 // dQ (T,hs) += scale · dpre (T,T) · K (T,hs)
                 let dpre = Mat::rows(&dpre_h[..], t, t, t);
                 let k = Mat::rows(&inp_b[c + h * hs..], t, hs, c3);
@@ -757,44 +794,100 @@ pub fn attention_backward<T: Real>(
 
 const GELU_SCALE: f64 = 0.797_884_560_802_865_4; // sqrt(2/pi)
 
-/// `out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, elementwise over N values.
-pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T], n: usize) {
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, the one expression every GELU here
+/// evaluates (kernels/bert.cu's `gelu` follows it operation for operation).
+#[inline(always)]
+fn gelu<T: Real>(x: T) -> T {
     let (s, k, half) = (
         T::from_f64(GELU_SCALE),
         T::from_f64(0.044715),
         T::from_f64(0.5),
     );
-    // Fixed-size chunks with a plain inner loop: it vectorizes.
-    out[..n]
-        .par_chunks_mut(4096)
-        .zip(inp[..n].par_chunks(4096))
-        .for_each(|(o, i)| {
-            for (o, &x) in o.iter_mut().zip(i) {
-                let cube = k * x * x * x;
-                *o = half * x * (T::one() + (s * (x + cube)).tanh());
-            }
-        });
+    let cube = k * x * x * x;
+    half * x * (T::one() + (s * (x + cube)).tanh())
 }
 
-/// Backward of [`gelu_forward`]: `dinp += gelu'(inp)·dout`.
-pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T], n: usize) {
+/// gelu'(x) (kernels/bert.cu's `gelu_grad`).
+#[inline(always)]
+fn gelu_grad<T: Real>(x: T) -> T {
     let (s, k, half) = (
         T::from_f64(GELU_SCALE),
         T::from_f64(0.044715),
         T::from_f64(0.5),
     );
     let k3 = T::from_f64(3.0 * 0.044715);
+    let th = (s * (x + k * x * x * x)).tanh();
+    let sech2 = T::one() - th * th;
+    half * (T::one() + th) + half * x * sech2 * s * (T::one() + k3 * x * x)
+}
+
+/// `out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, elementwise over N values.
+pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T], n: usize) {
+    // Fixed-size chunks with a plain inner loop: it vectorizes.
+    out[..n]
+        .par_chunks_mut(4096)
+        .zip(inp[..n].par_chunks(4096))
+        .for_each(|(o, i)| {
+            for (o, &x) in o.iter_mut().zip(i) {
+                *o = gelu(x);
+            }
+        });
+}
+
+/// Backward of [`gelu_forward`]: `dinp += gelu'(inp)·dout`.
+pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T], n: usize) {
     dinp[..n]
         .par_chunks_mut(4096)
         .zip(inp[..n].par_chunks(4096).zip(dout[..n].par_chunks(4096)))
         .for_each(|(di, (i, d))| {
             for ((di, &x), &d) in di.iter_mut().zip(i).zip(d) {
-                let th = (s * (x + k * x * x * x)).tanh();
-                let sech2 = T::one() - th * th;
-                let local = half * (T::one() + th) + half * x * sech2 * s * (T::one() + k3 * x * x);
-                *di += local * d;
+                *di += gelu_grad(x) * d;
             }
         });
+}
+
+/// The bias and the GELU after a product that left the bias out (a GPU product with no
+/// bias epilogue): `inp += bias` in place (kept for the backward pass), `out =
+/// gelu(inp)`; bitwise [`gelu_forward`] of `inp + bias`.
+///
+/// The CPU model does not call it: its [`matmul_forward`] starts the product's
+/// accumulator at the bias, which rounds differently from adding the bias afterwards.
+///
+/// out, inp (N,OC); bias (OC).
+pub fn bias_gelu_forward<T: Real>(out: &mut [T], inp: &mut [T], bias: &[T], n: usize, oc: usize) {
+    out[..n * oc]
+        .par_chunks_mut(oc)
+        .zip(inp[..n * oc].par_chunks_mut(oc))
+        .for_each(|(o, x)| {
+            for ((o, x), &b) in o.iter_mut().zip(x.iter_mut()).zip(&bias[..oc]) {
+                *x += b;
+                *o = gelu(*x);
+            }
+        });
+}
+
+/// Backward of [`bias_gelu_forward`]: with `g = gelu'(inp)·dout`, `dinp += g` and `dbias
+/// += Σ_rows g`, the rows summed in order. On a zero `dinp` this is bitwise what the CPU
+/// model does with [`gelu_backward`] and the bias part of [`matmul_backward`].
+///
+/// dinp, inp, dout (N,OC); dbias (OC).
+pub fn bias_gelu_backward<T: Real>(
+    dinp: &mut [T],
+    dbias: &mut [T],
+    inp: &[T],
+    dout: &[T],
+    n: usize,
+    oc: usize,
+) {
+    for row in 0..n {
+        let (x, d) = (&inp[row * oc..][..oc], &dout[row * oc..][..oc]);
+        let di = &mut dinp[row * oc..][..oc];
+        for j in 0..oc {
+            let g = gelu_grad(x[j]) * d[j];
+            di[j] += g;
+            dbias[j] += g;
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------------------
@@ -852,6 +945,42 @@ pub fn crossentropy_softmax_backward<T: Real>(
             for (j, g) in dl.iter_mut().enumerate() {
                 let ind = if j == tgt { T::one() } else { T::zero() };
                 *g += (p[j] - ind) * d;
+            }
+        });
+}
+
+/// [`softmax_crossentropy_forward`]'s losses and [`crossentropy_softmax_backward`]'s
+/// gradient in one pass, in place: `logits` (N,V) becomes `dlosses[i]·(probs - onehot)`,
+/// bitwise what the two give on a zero gradient, without the (N,V) probabilities. The GPU
+/// runs the MLM head this way; the CPU model keeps the probabilities for its accuracy
+/// count, so it calls the two.
+///
+/// losses, dlosses, targets (N); logits (N,V).
+pub fn crossentropy_fused<T: Real>(
+    losses: &mut [T],
+    logits: &mut [T],
+    dlosses: &[T],
+    targets: &[u32],
+    n: usize,
+    v: usize,
+) {
+    logits[..n * v]
+        .par_chunks_mut(v)
+        .zip(losses[..n].par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (l, loss))| {
+            let tgt = targets[i] as usize;
+            let max = max_lanes(l);
+            let lt = l[tgt];
+            for x in l.iter_mut() {
+                *x = (*x - max).exp();
+            }
+            let sum = sum_lanes_f64(l);
+            let inv = T::from_f64(1.0 / sum);
+            *loss = T::from_f64(sum.ln() - (lt - max).to_f64());
+            for (j, x) in l.iter_mut().enumerate() {
+                let ind = if j == tgt { T::one() } else { T::zero() };
+                *x = (*x * inv - ind) * dlosses[i];
             }
         });
 }
@@ -949,6 +1078,75 @@ mod tests {
             argmax_lanes(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]),
             9
         );
+    }
+
+    fn wave(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 101) as f32 / 25.0 - 2.0)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The GPU's fused ops are bitwise the CPU model's separate ones.
+    #[test]
+    fn fused_bias_gelu_is_the_separate_ops() {
+        let (n, oc) = (5, 11);
+        let (x, b, d) = (wave(n * oc, 1), wave(oc, 2), wave(n * oc, 3));
+        let pre: Vec<f32> = (0..n * oc).map(|i| x[i] + b[i % oc]).collect();
+        let mut want = vec![0.0; n * oc];
+        gelu_forward(&mut want, &pre, n * oc);
+        let (mut out, mut inp) = (vec![0.0; n * oc], x.clone());
+        bias_gelu_forward(&mut out, &mut inp, &b, n, oc);
+        assert_eq!((bits(&out), bits(&inp)), (bits(&want), bits(&pre)));
+
+        let (mut dpre, mut dbias) = (vec![0.0; n * oc], vec![0.5; oc]);
+        gelu_backward(&mut dpre, &pre, &d, n * oc);
+        bias_backward(&mut dbias, &dpre, n, oc);
+        let (mut dinp, mut dbias2) = (vec![0.0; n * oc], vec![0.5; oc]);
+        bias_gelu_backward(&mut dinp, &mut dbias2, &inp, &d, n, oc);
+        assert_eq!((bits(&dinp), bits(&dbias2)), (bits(&dpre), bits(&dbias)));
+        assert!(dbias2.iter().any(|&g| g != 0.5), "the bias gradient moved");
+    }
+
+    #[test]
+    fn fused_cross_entropy_is_forward_then_backward() {
+        let (n, v) = (3, 1001);
+        let logits = wave(n * v, 4);
+        let targets = [0u32, 500, 1000];
+        let dlosses = [1.0f32, 0.5, 2.0];
+        let (mut losses, mut probs) = (vec![0.0; n], vec![0.0; n * v]);
+        softmax_crossentropy_forward(&mut losses, &mut probs, &logits, &targets, n, v);
+        let mut dlogits = vec![0.0; n * v];
+        crossentropy_softmax_backward(&mut dlogits, &dlosses, &probs, &targets, n, v);
+        let (mut losses2, mut grad) = (vec![0.0; n], logits.clone());
+        crossentropy_fused(&mut losses2, &mut grad, &dlosses, &targets, n, v);
+        assert_eq!(bits(&losses2), bits(&losses));
+        assert_eq!(bits(&grad), bits(&dlogits));
+        assert!(grad[500 + v] < 0.0, "the target's gradient is p - 1");
+    }
+
+    /// A scale folded into the softmax is the scale applied to the scores before it; the
+    /// backward's scale multiplies the gradient of the scores.
+    #[test]
+    fn softmax_scale_is_applied_to_the_scores() {
+        let (n, t) = (4, 13);
+        let (x, d) = (wave(n * t, 5), wave(n * t, 6));
+        let mut scaled: Vec<f32> = x.iter().map(|&v| v * 0.25).collect();
+        softmax_forward(&mut scaled, 1.0, n, t);
+        let mut att = x.clone();
+        softmax_forward(&mut att, 0.25, n, t);
+        assert_eq!(bits(&att), bits(&scaled));
+        for row in att.chunks(t) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        let (mut d1, mut d4) = (vec![0.0; n * t], vec![0.0; n * t]);
+        softmax_backward(&mut d1, &d, &att, 1.0, n, t);
+        softmax_backward(&mut d4, &d, &att, 0.25, n, t);
+        let quarter: Vec<f32> = d1.iter().map(|&g| g * 0.25).collect();
+        assert_eq!(bits(&d4), bits(&quarter));
     }
 
     /// A confident row over BERT's vocabulary: the target's logit 17 to 19 above the

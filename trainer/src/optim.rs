@@ -118,20 +118,59 @@ impl AdamW {
                 .zip(self.m[range.clone()].par_chunks_mut(BLOCK))
                 .zip(self.v[range.clone()].par_chunks_mut(BLOCK))
                 .for_each(|(((p, g), m), v)| {
-                    let k = Coefs {
-                        beta1: c.beta1,
-                        beta2: c.beta2,
-                        eps: c.eps,
-                        bc1,
-                        bc2,
-                        lr,
-                        wd,
-                        scale: (inv, clip),
-                    };
-                    adamw_apply(p, g, m, v, k)
+                    adamw_update(p, g, m, v, c, bc1, bc2, lr, wd, inv, clip)
                 });
         }
     }
+
+    /// The bias corrections `(1 - β1^t, 1 - β2^t)` the next update uses (t counted after it).
+    pub fn next_bias_corrections(&self) -> (f32, f32) {
+        let t = (self.t + 1) as i32;
+        (1.0 - self.cfg.beta1.powi(t), 1.0 - self.cfg.beta2.powi(t))
+    }
+
+    /// The parameter ranges and whether each decays, consecutive tensors of one class
+    /// merged: the launches a device update needs.
+    pub fn decay_ranges(&self) -> Vec<(std::ops::Range<usize>, bool)> {
+        let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+        for (r, d) in &self.groups {
+            match out.last_mut() {
+                Some((last, ld)) if *ld == *d && last.end == r.start => last.end = r.end,
+                _ => out.push((r.clone(), *d)),
+            }
+        }
+        out
+    }
+}
+
+/// [`AdamW::update_fused`] on one range of one decay class (`wd` 0 for no decay), with
+/// the step's bias corrections `bc1`, `bc2`: the gradient is scaled by `inv` then `clip`,
+/// used, and zeroed. kernels/bert.cu's `adamw_update` is its twin.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_update(
+    params: &mut [f32],
+    grads: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    cfg: AdamWConfig,
+    bc1: f32,
+    bc2: f32,
+    lr: f32,
+    wd: f32,
+    inv: f32,
+    clip: f32,
+) {
+    let k = Coefs {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        bc1,
+        bc2,
+        lr,
+        wd,
+        scale: (inv, clip),
+    };
+    adamw_apply(params, grads, m, v, k)
 }
 
 /// Everything one element's update needs besides its own four values.
