@@ -117,9 +117,11 @@ fn shm_pair(op: CollectiveOp, facts: &Facts<'_>) -> bool {
 /// pieces (`tuning::LinkModel::chunk_bytes`, tuned on TCP) took a 1 MiB all-reduce to
 /// 8.4-9.6 GB/s busbw where whole blocks ran 10.0-12.5, 512 KiB 7.2-9.4 against
 /// 8.7-10.4, in the same minutes (`docs/perf-log/2026-12-06-shm.md`). Measured with two
-/// ranks only; more ranks keep the quarter blocks.
+/// ranks only; more ranks keep the quarter blocks. Half the bytes is rounded up to 64:
+/// with an odd count the larger block is half an element longer, and must still be one
+/// piece.
 pub fn shm_pair_chunk(bytes: usize, configured: usize) -> usize {
-    configured.min((bytes / 2).max(128 << 10))
+    configured.min((bytes / 2).next_multiple_of(64).max(128 << 10))
 }
 
 /// What the communicator knows that the choice depends on.
@@ -769,6 +771,8 @@ mod tests {
             (256 << 10, 128 << 10),
             (512 << 10, 256 << 10),
             ((1 << 20) + 4, 512 << 10),
+            // 150 001 elements: blocks of 75 001 and 75 000, 300 004 bytes at most.
+            (600_004, 300_032),
             (1 << 20, 512 << 10),
             (4 << 20, 512 << 10),
             (256 << 20, 512 << 10),

@@ -228,7 +228,8 @@ mod tests {
     /// bits, within rounding of the exact sum.
     #[test]
     fn whole_block_pieces_sum_bitwise_as_small_pieces_do() {
-        for len in [262_147, 300_001, 786_431] {
+        // 100 001 elements: whole blocks of 200 064-byte chunks, not a multiple of 4096.
+        for len in [100_001, 262_147, 300_001, 786_431] {
             let (a, b) = (noise(1, len), noise(2, len));
             for chunk in [512 << 10, 64 << 10] {
                 let got = sums(2, len, chunk);
