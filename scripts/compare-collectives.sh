@@ -9,7 +9,7 @@
 # ratio to all-reduce's: one table out of place (broadcast, which has only the in-place
 # form, shows that), one in place. With --peer (scripts/peers.sh; default none), each
 # peer's MPI collective (scripts/mpi_allreduce_bench.c -g) runs right before hetccl's in
-# every repeat (its busbw from its mean time over iterations, as hetccl-perf's), and a
+# every repeat (both sides' busbw from their median over iterations), and a
 # table per collective gives every run of each side, the medians and
 # hetccl's out-of-place median over the best peer's, with the load at each repeat. More
 # ranks than CPUs are pinned to cores (`hetccl run --bind-cores`, the peers' launchers
@@ -72,7 +72,7 @@ for rep in $(seq 1 "$repeats"); do
             done |
                 awk -v q="$q" '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                        if (v["wrong"] != 0) { print q " wrong=" v["wrong"] > "/dev/stderr"; exit 1 }
-                       print v["size"], v["busbw"] * v["time_us"] / v["mean_us"] }' |
+                       print v["size"], v["busbw"] }' |
                 while read -r size bw; do echo "$bw" >>"$work/peer.$q.$g.$size"; done
         done
         for band in "${bands[@]}"; do
@@ -81,10 +81,12 @@ for rep in $(seq 1 "$repeats"); do
                 { echo "hetccl-perf $band -g $g failed" >&2; exit 1; }
         done |
             sed -n 's/^\[rank 0\] //p' |
-            awk -v g="$g" '!/^#/ && NF >= 13 {
+            awk -v g="$g" '!/^#/ && NF >= 15 {
                 for (k = 9; k <= 13; k += 4)
                     if ($k != 0 && $k != "N/A" && $k != "n/a") { print "wrong results: " g > "/dev/stderr"; exit 1 }
-                oop = ($8 == "n/a") ? $12 : $8; print $1, oop, $12 }' |
+                # busbw at the median time (fields 14, 15): busbw x mean / median
+                ip = $12 * $10 / $15
+                oop = ($8 == "n/a") ? ip : $8 * $6 / $14; print $1, oop, ip }' |
             while read -r size oop ip; do
                 echo "$oop" >>"$work/$g.$size"
                 echo "$ip" >>"$work/ip.$g.$size"

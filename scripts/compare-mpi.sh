@@ -14,10 +14,11 @@
 # size, and prints per size every run of every side, each side's median over runs, and
 # hetccl's median over the best peer's (the peer with the highest median busbw, or the
 # lowest median time with --latency), with the load average at each run. Within a run
-# both sides use the slowest rank's mean time per iteration (nccl-tests' definition);
-# --stat median takes the peer's median over iterations instead (the per-iteration
-# maximum over ranks), which favours it where its times are bimodal. hetccl is
-# out-of-place unless a column says in-place.
+# both sides use their median over iterations of each iteration's slowest rank (what
+# the peers' own benchmarks report; on a loaded 2-core machine one preempted iteration
+# moves a mean, not the median); --stat mean takes both sides' slowest rank's mean time
+# per iteration instead (nccl-tests' definition). hetccl is out-of-place unless a
+# column says in-place.
 # --latency measures 4 B to 64 KiB with 2000 iterations and reports microseconds per
 # call instead of busbw (the ratio column is then peer time / hetccl time, so above 1
 # still means hetccl is faster).
@@ -44,7 +45,7 @@ quick=0
 latency=0
 bind=oversubscribed
 repeats=5
-stat=mean
+stat=median
 configs="shm2 tcp2 shm4 tcp4"
 out=""
 while [ $# -gt 0 ]; do
@@ -136,13 +137,16 @@ run_hetccl() {
         HETCCL_SHM_DISABLE=$shm_off "$hetccl" run -n "$n" "${pin[@]}" -- "$perf" $band -c 1 -d f32 -o sum \
             >>"$work/hetccl.out" 2>"$work/hetccl.err" || { cat "$work/hetccl.out" "$work/hetccl.err" >&2; return 1; }
     done
-    # The launcher prefixes "[rank K] "; rows: size count type redop root time algbw busbw #wrong ...
+    # The launcher prefixes "[rank K] "; rows: size count type redop root, then out of
+    # place and in place: mean time algbw busbw #wrong, then the median times out of
+    # place and in place (fields 14 and 15).
     sed -n 's/^\[rank 0\] //p' "$work/hetccl.out" >"$work/hetccl.rank0"
-    # busbw from the time column: the table rounds bandwidths to 0.01 GB/s.
-    awk -v n="$n" -v lat="$latency" '!/^#/ && NF >= 13 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
+    # busbw from a time column: the table rounds bandwidths to 0.01 GB/s.
+    awk -v n="$n" -v lat="$latency" -v stat="$stat" '!/^#/ && NF >= 15 { if ($9 != 0) { print "hetccl wrong=" $9 > "/dev/stderr"; exit 1 }
                                        f = 2 * (n - 1) / n
-                                       if (lat == 1) print $1, $6, $10
-                                       else print $1, $1 / ($6 * 1e3) * f, $1 / ($10 * 1e3) * f }' "$work/hetccl.rank0"
+                                       o = (stat == "median") ? $14 : $6; i = (stat == "median") ? $15 : $10
+                                       if (lat == 1) print $1, o, i
+                                       else print $1, $1 / (o * 1e3) * f, $1 / (i * 1e3) * f }' "$work/hetccl.rank0"
     sed -n 's/^# Peak RSS (max over ranks) : \([0-9.]*\) MiB/\1/p' "$work/hetccl.rank0" | sort -g | tail -1 >"$work/hetccl.rss"
 }
 
@@ -193,7 +197,7 @@ best_of() {
 runs() { if [ -f "$1" ]; then awk '{ printf "%s%.3f", (NR > 1 ? " " : ""), $1 }' "$1"; else echo "-"; fi; }
 
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); peers: $peers; repeats: $repeats; peer time: $stat over iterations; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpu: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc); peers: $peers; repeats: $repeats; time (both sides): $stat over iterations; mode: $([ $latency = 1 ] && echo latency || { [ $quick = 1 ] && echo quick || echo full; })"
     echo "iperf3 loopback -P 4: $iperf_gbps GB/s; pinned: $bind; load average at start/end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     unit="busbw GB/s"; ratio="hetccl/best"

@@ -10,9 +10,9 @@
 #                                [--sizes "1 16 64"] [--variant "NAME VAR=VALUE..."]... [--out FILE]
 #
 # One line per round (and per launch in FILE.raw): the time, the load average, the slot
-# exchange's and memcpy floor's busbw per size, then per side its busbw per size (hetccl:
-# out of place / in place; the peers: from their mean over iterations, as hetccl's / from
-# their median), its
+# exchange's and memcpy floor's busbw per size, then per side its busbw per size from
+# its median over iterations (hetccl: out of place / in place; the peers: from their
+# median / from their mean over iterations), its
 # context switches, migrations and page faults, and for hetccl the CPUs its ranks' threads
 # were seen on (rank:thread=cpu,cpu...), and last the host's steal time over the round
 # in jiffies (/proc/stat). --max-load L waits (polling every 10 s) until
@@ -124,8 +124,8 @@ for round in $(seq 1 "$rounds"); do
         if [ -n "$launcher" ]; then placement "$launcher" >"$work/h.cpus"; else : >"$work/h.cpus"; fi
         wait "$hpid" || { cat "$work/h.out" >&2; exit 1; }
         het=$(sed -n 's/^\[rank 0\] //p' "$work/h.out" |
-            awk '!/^#/ && NF >= 13 { if ($9 != 0 || $13 != 0) { print "hetccl wrong" > "/dev/stderr"; exit 1 }
-                                      printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), $1 / 1048576, $8, $12 }')
+            awk '!/^#/ && NF >= 15 { if ($9 != 0 || $13 != 0) { print "hetccl wrong" > "/dev/stderr"; exit 1 }
+                                      printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), $1 / 1048576, $1 / ($14 * 1e3), $1 / ($15 * 1e3) }')
         name=hetccl
         [ "$vname" = default ] || name="hetccl-$vname"
         line+=" $name[$het $(counts "$work/h.perf")]"
@@ -142,7 +142,7 @@ for round in $(seq 1 "$rounds"); do
             >"$work/p.out" 2>&1 || { cat "$work/p.out" >&2; exit 1; }
         pb=$(awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                    if (v["wrong"] != 0) { print "peer wrong" > "/dev/stderr"; exit 1 }
-                   printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), v["size"] / 1048576, v["size"] / (v["mean_us"] * 1e3), v["size"] / (v["time_us"] * 1e3) }' "$work/p.out")
+                   printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), v["size"] / 1048576, v["size"] / (v["time_us"] * 1e3), v["size"] / (v["mean_us"] * 1e3) }' "$work/p.out")
         line+=" $q[$pb $(counts "$work/p.perf")]"
     done
     line+=" steal=$(( $(stealing) - steal0 ))j"

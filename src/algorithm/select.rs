@@ -32,7 +32,8 @@
 //!      what the collective has a form for (runnable()): doubling only for all-reduces
 //!        up to DOUBLING_MAX_BYTES, halving and hierarchical only for all-reduce, the tree
 //!        or the chain for broadcast, the ring/chain for the rest, the tree for barrier
-//!      chunk: tuning::LinkModel::chunk_for (hierarchical: then hier_chunk); ring order:
+//!      chunk: tuning::LinkModel::chunk_for (hierarchical: then hier_chunk; a 2-rank
+//!        all-reduce over shared memory: shm_pair_chunk, the whole block); ring order:
 //!        piece by piece on one node over shared memory, else a wave
 //! 4. device buffers (DeviceComm): CUDA IPC when every rank is on this host, else staged
 //!    through pinned host memory (device_path(), once, when the DeviceComm is made); an
@@ -100,6 +101,27 @@ pub fn eager_limit(n: usize) -> usize {
     } else {
         EAGER_MAX_BYTES
     }
+}
+
+/// Whether a call over links is an all-reduce of two ranks of one host over shared
+/// memory, whose pieces [`shm_pair_chunk`] sizes.
+fn shm_pair(op: CollectiveOp, facts: &Facts<'_>) -> bool {
+    op == CollectiveOp::AllReduce && facts.world_size == 2 && facts.nodes == 1 && !facts.shm_disable
+}
+
+/// The pipeline chunk of a 2-rank all-reduce over shared memory: the whole block (half
+/// the message) up to `configured`, never less than `tuning::MIN_BLOCK_CHUNK`'s 128 KiB.
+/// Over shared memory a piece costs a flag handoff between the two cores (a cache line
+/// written by one and read by the other, per direction and phase), which the machine's
+/// slow minutes make dearer while the reduction it overlaps stays cheap: quarter-block
+/// pieces (`tuning::LinkModel::chunk_bytes`, tuned on TCP) took a 1 MiB all-reduce to
+/// 8.4-9.6 GB/s busbw where whole blocks ran 10.0-12.5, 512 KiB 7.2-9.4 against
+/// 8.7-10.4, in the same minutes (`docs/perf-log/2026-12-06-shm.md`). Measured with two
+/// ranks only; more ranks keep the quarter blocks. Half the bytes is rounded up to 64:
+/// with an odd count the larger block is half an element longer, and must still be one
+/// piece.
+pub fn shm_pair_chunk(bytes: usize, configured: usize) -> usize {
+    configured.min((bytes / 2).next_multiple_of(64).max(128 << 10))
 }
 
 /// What the communicator knows that the choice depends on.
@@ -303,6 +325,7 @@ pub fn select(
                     .model
                     .hier_chunk(facts.model.chunk_for(call.op, bytes, n, facts.chunk_bytes))
             }
+            _ if shm_pair(call.op, facts) => shm_pair_chunk(bytes, facts.chunk_bytes),
             _ => facts.model.chunk_for(call.op, bytes, n, facts.chunk_bytes),
         },
         slots: 2 * facts.pipeline_depth + 1,
@@ -731,6 +754,45 @@ mod tests {
         assert_eq!(
             p.to_string(),
             "links: ring, 128 KiB chunks, in a wave (the cost model's cheapest)"
+        );
+    }
+
+    #[test]
+    fn two_ranks_over_shared_memory_reduce_whole_blocks() {
+        let at = |t: &Topology, bytes: usize, tcp: bool| {
+            let m = LinkModel::of(t);
+            let f = facts(&m, t, AlgoChoice::Auto, tcp);
+            links(&select(&f32_sum(bytes), &f, CompressMode::Off, || false)).chunk_bytes
+        };
+        let pair = cpu_nodes(&[2]);
+        // bytes -> chunk: half the message up to the configured 512 KiB, 128 KiB at least.
+        for (bytes, chunk) in [
+            (20 << 10, 128 << 10),
+            (256 << 10, 128 << 10),
+            (512 << 10, 256 << 10),
+            ((1 << 20) + 4, 512 << 10),
+            // 150 001 elements: blocks of 75 001 and 75 000, 300 004 bytes at most.
+            (600_004, 300_032),
+            (1 << 20, 512 << 10),
+            (4 << 20, 512 << 10),
+            (256 << 20, 512 << 10),
+        ] {
+            assert_eq!(at(&pair, bytes, false), chunk, "{bytes} bytes");
+        }
+        assert_eq!(shm_pair_chunk(1 << 20, 256 << 10), 256 << 10);
+        // The quarter blocks elsewhere: over TCP, with 4 ranks, across hosts.
+        let mut tcp = cpu_nodes(&[2]);
+        tcp.disable_shm();
+        assert_eq!(at(&tcp, 1 << 20, true), 128 << 10);
+        assert_eq!(at(&cpu_nodes(&[4]), 2 << 20, false), 128 << 10);
+        assert_eq!(at(&cpu_nodes(&[1, 1]), 1 << 20, false), 128 << 10);
+        // Other collectives of two ranks keep theirs.
+        let m = LinkModel::of(&pair);
+        let f = facts(&m, &pair, AlgoChoice::Auto, false);
+        let rs = Call::new(CollectiveOp::ReduceScatter, DataType::F32, 1 << 18);
+        assert_eq!(
+            links(&select(&rs, &f, CompressMode::Off, || false)).chunk_bytes,
+            m.chunk_for(CollectiveOp::ReduceScatter, rs.bytes(), 2, 512 << 10)
         );
     }
 

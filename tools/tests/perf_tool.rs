@@ -1,6 +1,6 @@
-//! `hetccl-perf` under the launcher: the table has one row per size, 13 fields per
-//! row, and every checked result is right (#wrong = 0); its ranks stop when the launcher
-//! is killed.
+//! `hetccl-perf` under the launcher: the table has one row per size, 15 fields per
+//! row (the nccl-tests columns, then the median times), and every checked result is
+//! right (#wrong = 0); its ranks stop when the launcher is killed.
 
 mod common;
 
@@ -59,7 +59,12 @@ fn all_reduce_rows_are_all_right_over_shm() {
     let sizes: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
     assert_eq!(sizes, ["8", "64", "512", "4096", "32768"], "{lines:#?}");
     for r in &rows {
-        assert_eq!(r.len(), 13, "{r:?}");
+        assert_eq!(r.len(), 15, "{r:?}");
+        // Medians of the per-iteration times, one per mode, positive microseconds.
+        for k in [13, 14] {
+            let m: f64 = r[k].parse().unwrap_or_else(|_| panic!("median {k}: {r:?}"));
+            assert!(m > 0.0, "{r:?}");
+        }
         assert_eq!(
             (r[2].as_str(), r[3].as_str(), r[4].as_str()),
             ("f32", "sum", "-1")
@@ -160,6 +165,13 @@ fn broadcast_from_rank_one_writes_json() {
     assert_eq!(jrows[2]["size"], 16384);
     assert_eq!(jrows[2]["in_place"]["wrong"], 0);
     assert!(jrows[2]["out_of_place"].is_null());
+    // The JSON median is the table's last field, unrounded; broadcast has no
+    // out-of-place median.
+    let m = jrows[2]["in_place"]["median_us"]
+        .as_f64()
+        .expect("median_us");
+    assert_eq!(format!("{m:.2}"), rows[2][14], "{:?}", rows[2]);
+    assert_eq!(rows[2][13], "n/a");
 }
 
 /// Behind a wrapper (so the launcher's parent-death signal reaches only the wrapper), both

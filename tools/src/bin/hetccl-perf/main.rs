@@ -8,7 +8,10 @@
 //!
 //! For every size it times `-n` iterations after `-w` warm-ups, out of place and in
 //! place where the API has both forms, reports the slowest rank's per-iteration mean,
-//! algbw = bytes / time and busbw = algbw x the collective's bus factor, then (with
+//! algbw = bytes / time and busbw = algbw x the collective's bus factor, and last the
+//! median over iterations of each iteration's slowest rank (as the MPI peers'
+//! benchmarks report: on a loaded machine one preempted iteration moves the mean, not
+//! the median), then (with
 //! `-c 1`) runs once more on inputs whose results are exact and counts wrong elements
 //! over all ranks. Only rank 0 prints.
 
@@ -280,12 +283,20 @@ impl<T: Element> Bench<'_, T> {
             self.once(sh, in_place).map_err(err)?;
         }
         comm.barrier().map_err(err)?;
+        // Each iteration timed on its own; the mean stays the whole loop's time so that
+        // the time column means what it did before.
+        let mut each = vec![0.0f64; self.a.iters];
         let t0 = Instant::now();
-        for _ in 0..self.a.iters {
+        for e in each.iter_mut() {
+            let ti = Instant::now();
             self.once(sh, in_place).map_err(err)?;
+            *e = ti.elapsed().as_secs_f64() * 1e6;
         }
         let mut t = [t0.elapsed().as_secs_f64() * 1e6 / self.a.iters as f64];
         comm.all_reduce(&mut t, ReduceOp::Max).map_err(err)?;
+        // Iteration i's time is its slowest rank's.
+        comm.all_reduce(&mut each, ReduceOp::Max).map_err(err)?;
+        let median_us = report::median(&each);
         let wrong = if self.a.check {
             self.prepare(sh, in_place);
             self.once(sh, in_place).map_err(err)?;
@@ -298,6 +309,7 @@ impl<T: Element> Bench<'_, T> {
         let (algbw, busbw) = args::bandwidths(self.a.coll, comm.world_size(), sh.bytes, t[0]);
         Ok(Timing {
             time_us: t[0],
+            median_us,
             algbw,
             busbw,
             wrong,
