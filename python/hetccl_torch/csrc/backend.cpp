@@ -492,7 +492,19 @@ class BackendHetccl : public c10d::Backend {
     thread_ = std::thread([this] { run(); });
   }
 
+  // Dropped from Python (destroy_process_group), the GIL held: the backend's threads
+  // may need it to finish (dropping the last reference to a tensor Python made takes
+  // the GIL), so it is released while they are joined.
   ~BackendHetccl() override {
+    if (PyGILState_Check()) {
+      pybind11::gil_scoped_release nogil;
+      shutdown();
+    } else {
+      shutdown();
+    }
+  }
+
+  void shutdown() {
     {
       std::lock_guard<std::mutex> g(m_);
       stop_ = true;
