@@ -153,6 +153,10 @@ typedef struct {
 } hetcclMetrics_t;
 /* Waits for a collective running on another thread, if any, to end. */
 hetcclResult_t hetcclCommGetMetrics(hetcclComm_t comm, hetcclMetrics_t* metrics);
+/* How long calls issued on comm from now on wait for a peer before they fail naming it
+ * (HETCCL_TIMEOUT until then), in seconds from 0.001 to 604800 (one week); calls already
+ * running keep theirs. */
+hetcclResult_t hetcclCommSetTimeout(hetcclComm_t comm, double seconds);
 /* Always hetcclSuccess for a live comm: errors are returned by the calls themselves. */
 hetcclResult_t hetcclCommGetAsyncError(hetcclComm_t comm, hetcclResult_t* asyncError);
 

@@ -680,3 +680,61 @@ fn large_exchange_deadlocks_outside_a_group_and_completes_inside() {
         ok(hetcclCommDestroy(h));
     }
 }
+
+/// `hetcclCommSetTimeout`: the next call waits the new timeout for a silent peer (the
+/// pair was made with HETCCL_TIMEOUT=60), and values outside HETCCL_TIMEOUT's range or a
+/// dead handle are refused.
+#[test]
+fn set_timeout_applies_to_the_next_call() {
+    setup();
+    let id = loopback_id();
+    let mut c = [null_mut(); 2];
+    ok(hetcclGroupStart());
+    for (r, slot) in c.iter_mut().enumerate() {
+        // SAFETY: the slots outlive hetcclGroupEnd; the settings are NUL-terminated.
+        ok(unsafe {
+            hetcclCommInitRankSettings(slot, 2, id, r as i32, c"HETCCL_TIMEOUT=60".as_ptr())
+        });
+    }
+    ok(hetcclGroupEnd());
+    for bad in [0.0, 0.0009, 604800.5, f64::NAN, -1.0] {
+        fails(
+            hetcclCommSetTimeout(c[0], bad),
+            hetcclInvalidArgument,
+            &format!(
+                "invalid argument to hetcclCommSetTimeout: seconds is {bad}; it must be from \
+                 0.001 to 604800 (one week), as HETCCL_TIMEOUT"
+            ),
+        );
+    }
+    let out = both(c, |r, comm| {
+        let mut x = vec![1.0f32; 8];
+        // SAFETY: `x` holds 8 floats.
+        ok(unsafe { all_reduce(&mut x, comm) });
+        if r == 1 {
+            return None; // never makes the second call
+        }
+        ok(hetcclCommSetTimeout(comm, 0.5));
+        let t0 = std::time::Instant::now();
+        // SAFETY: as above.
+        let code = unsafe { all_reduce(&mut x, comm) };
+        Some((code, last_error(), t0.elapsed()))
+    });
+    let (code, msg, took) = out[0].clone().expect("rank 0's outcome");
+    assert_eq!(code, hetcclTimeout, "{msg}");
+    assert!(
+        msg.starts_with("rank 0: all_reduce #1 timed out after ")
+            && msg.contains(" waiting for peer 1 "),
+        "{msg}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}: {msg}");
+    for h in c {
+        ok(hetcclCommAbort(h));
+    }
+    assert_eq!(hetcclCommSetTimeout(c[0], 1.0), hetcclInvalidArgument);
+    assert!(
+        last_error().ends_with(" is not a live communicator (it was destroyed, or never created)"),
+        "{}",
+        last_error()
+    );
+}

@@ -4,10 +4,14 @@
     torch.distributed.init_process_group(backend="hetccl")
 
 CPU tensors: all_reduce (sum, avg, product, min, max), broadcast, reduce, all_gather,
-all_gather_into_tensor, reduce_scatter_tensor, barrier, send/recv (tag 0),
-batch_isend_irecv and the coalescing manager (one hetccl group, so rings of sends and
-receives cannot deadlock), all_to_all_single, all_to_all. Every call returns at once; the calls run on one backend thread per process group, in the order
-issued, and ``wait()`` raises hetccl's error as ``torch.distributed.DistBackendError``.
+all_gather_into_tensor, reduce_scatter_tensor, barrier, send/recv/isend/irecv and
+batch_isend_irecv (with tags), the coalescing manager, all_to_all_single, all_to_all.
+Every call returns at once. Collectives run on one backend thread per process group, in
+the order issued; sends and receives each progress on their own, as with Gloo (a ring
+of ``irecv``/``isend`` posted in any order completes), and match by (peer, tag): every
+ordered pair of ranks has a two-rank hetccl communicator of its own for them, made with
+the process group. ``wait()`` raises hetccl's error as
+``torch.distributed.DistBackendError``.
 
 Rendezvous: rank 0 of each process group makes a hetccl unique id; the job key never
 travels through PyTorch's store (which is not authenticated).
@@ -24,6 +28,8 @@ Timeout: the process group's ``timeout`` (``init_process_group(..., timeout=...)
 for a peer fails with hetccl's message naming the peer. ``HETCCL_TIMEOUT`` in the
 environment applies where the program left torch's default (30 minutes); a
 ``HETCCL_TIMEOUT`` in ``Options.settings`` wins over both.
+``torch.distributed.set_timeout(timeout, group)`` changes it for the calls issued after
+it (hetcclCommSetTimeout), sends and receives included.
 
 Per process group options: ``pg_options=hetccl_torch.Options(compress="all",
 compress_format="bf16")`` (``HETCCL_COMPRESS`` semantics: f32 sums and averages travel
@@ -137,6 +143,24 @@ def _read_private(path):
     return path.read_bytes()
 
 
+def _p2p_host(one_host):
+    """Where this rank's point-to-point channels listen: loopback when the whole group
+    is on this host, else the address this host reaches MASTER_ADDR from."""
+    if one_host:
+        return "127.0.0.1"
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        raise RuntimeError(
+            "hetccl backend: ranks of this process group run on several hosts and "
+            "MASTER_ADDR is not set; it names the host whose route gives each rank's "
+            "address for point-to-point channels"
+        )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        # No packet is sent: connect() on UDP only picks the route and source address.
+        s.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+        return s.getsockname()[0]
+
+
 def _create(opts, backend_options):
     store, rank, size = opts.store, opts.group_rank, opts.group_size
     if backend_options is not None and not isinstance(backend_options, Options):
@@ -173,7 +197,8 @@ def _create(opts, backend_options):
     else:
         uid = store.get("hetccl/id")
     try:
-        return _ext.BackendHetccl(rank, size, uid, settings)
+        return _ext.BackendHetccl(rank, size, uid, settings, _p2p_host(one_host),
+                                  key_env)
     finally:
         if id_file is not None:
             id_file.unlink(missing_ok=True)

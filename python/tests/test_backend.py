@@ -284,6 +284,125 @@ def silent_peer(rank, n):
     return out
 
 
+def unordered_point_to_point(rank, n):
+    """Plain isend/irecv (no batch_isend_irecv) posted in orders that only complete if
+    each one progresses on its own, as with Gloo: every message is 4 MiB, more than any
+    link buffers, so a send completes only while its receiver receives."""
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    right, left = (rank + 1) % n, (rank - 1) % n
+    big = 1 << 20
+    checked = []
+
+    def sent(by, k=0):
+        return torch.arange(big, dtype=torch.float32) + 1000 * by + k
+
+    def same(got, want, what):
+        if not torch.equal(got, want):
+            raise AssertionError(f"{what}: {got[:4].tolist()} != {want[:4].tolist()}")
+        checked.append(what)
+
+    # A ring, receive posted first on every rank: req_r = irecv(left); req_s = isend(right).
+    got = torch.zeros(big)
+    req_r = dist.irecv(got, left)
+    req_s = dist.isend(sent(rank), right)
+    req_r.wait()
+    req_s.wait()
+    same(got, sent(left), "ring, receive first")
+    # Both directions of the ring at once, waited for in the opposite order; each
+    # direction has a tag of its own (on 2 ranks left and right are the same peer).
+    from_left, from_right = torch.zeros(big), torch.zeros(big)
+    reqs = [dist.isend(sent(rank, 1), right, tag=1), dist.isend(sent(rank, 2), left, tag=2),
+            dist.irecv(from_right, right, tag=2), dist.irecv(from_left, left, tag=1)]
+    for r in reversed(reqs):
+        r.wait()
+    same(from_left, sent(left, 1), "ring, both directions (from the left)")
+    same(from_right, sent(right, 2), "ring, both directions (from the right)")
+    # A receive posted before a collective and the send its peer needs after it: the
+    # all_reduce runs while the receive waits, and the data is right.
+    partner = rank ^ 1
+    if partner < n:
+        x = torch.zeros(big)
+        req = dist.irecv(x, partner)
+        s = torch.full((3,), float(rank + 1))
+        dist.all_reduce(s)
+        same(s, torch.full((3,), float(n * (n + 1) // 2)), "all_reduce while a receive waits")
+        dist.send(sent(rank, 3), partner)
+        req.wait()
+        same(x, sent(partner, 3), "receive posted before the collective")
+    dist.barrier()
+    dist.destroy_process_group()
+    return checked
+
+
+def tagged(rank, n):
+    """Rank 0 sends tag 1 (4 MiB, more than a link buffers) then tag 2; rank 1 receives
+    tag 2 first, then tag 1. Tag 0 runs alongside both."""
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    one = torch.arange(1 << 20, dtype=torch.float32) * 3
+    two = torch.arange(5, dtype=torch.int64) + 20
+    out = None
+    if rank == 0:
+        reqs = [dist.isend(one, 1, tag=1), dist.isend(two, 1, tag=2),
+                dist.isend(torch.tensor([7.0]), 1)]
+        for r in reqs:
+            r.wait()
+    elif rank == 1:
+        a, b, c = torch.zeros(5, dtype=torch.int64), torch.zeros(1 << 20), torch.zeros(1)
+        dist.recv(a, 0, tag=2)
+        dist.recv(b, 0, tag=1)
+        dist.recv(c, 0)
+        out = [a.tolist(), torch.equal(b, one), c.tolist()]
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def mismatched_recv(rank, n):
+    """Rank 1 receives 4 elements where rank 0 sent 3 with tag 5; the next message still
+    arrives intact."""
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    out = None
+    if rank == 0:
+        dist.send(torch.ones(3), 1, tag=5)
+        dist.send(torch.full((2,), 9.0), 1, tag=5)
+    else:
+        try:
+            dist.recv(torch.zeros(4), 0, tag=5)
+            out = "no error"
+        except dist.DistBackendError as e:
+            out = str(e)
+        y = torch.zeros(2)
+        dist.recv(y, 0, tag=5)
+        out = [out, y.tolist()]
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def timeout_changed(rank, n):
+    """The group starts with torch's default timeout and HETCCL_TIMEOUT=300 s; after
+    set_timeout(3 s) rank 1 never makes the second call, and rank 0 waits 3 s for it."""
+    from datetime import timedelta
+
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    store = dist.distributed_c10d._get_default_store()
+    dist.all_reduce(torch.ones(8))
+    dist.set_timeout(timedelta(seconds=3))
+    if rank == 1:
+        store.wait(["timeout_changed/done"], timedelta(seconds=120))
+        store.set("timeout_changed/seen", "1")
+        return None
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(8))
+        out = {"error": None}
+    except dist.DistBackendError as e:
+        out = {"error": str(e), "seconds": time.monotonic() - t0}
+    store.set("timeout_changed/done", "1")
+    store.wait(["timeout_changed/seen"], timedelta(seconds=120))
+    return out
+
+
 def compressed(rank, n):
     import hetccl_torch
 
@@ -413,10 +532,11 @@ class Backend(unittest.TestCase):
             self.assertIsNotNone(out["error"], res)
             self.assertTrue(out["error"].startswith(
                 "hetccl: hetcclAllReduce failed (remote process exited"), out)
-            # Its neighbours lost it; the others hear it from a peer that gave up.
+            # Its neighbours lost it; the others hear it from a peer that gave up (hetccl
+            # words that two ways, depending on how the peer learnt of the loss).
             self.assertRegex(out["error"], rf"rank {r}: peer \d is gone during all_reduce #1: "
                                            r"peer (2 \(pid \d+\) process has exited|"
-                                           r"\d gave up after losing rank 2 )")
+                                           r"\d gave up (after losing rank 2|on news that rank 2 was lost) )")
             self.assertLess(out["seconds"], 30, out)
 
     def test_the_process_group_timeout_is_hetccls(self):
@@ -430,6 +550,48 @@ class Backend(unittest.TestCase):
         # Not before the timeout, and well before HETCCL_TIMEOUT's 300 s.
         self.assertGreater(out["seconds"], 3.5, out)
         self.assertLess(out["seconds"], 4 + 10, out)
+
+    def check_unordered(self, n):
+        res = run_ranks(unordered_point_to_point, n, env={"HETCCL_TIMEOUT": "30"}, timeout=180)
+        for r, x in enumerate(res):
+            self.assertIn("ok", x, f"rank {r}: {x}")
+            want = ["ring, receive first", "ring, both directions (from the left)",
+                    "ring, both directions (from the right)"]
+            if r ^ 1 < n:
+                want += ["all_reduce while a receive waits",
+                         "receive posted before the collective"]
+            self.assertEqual(x["ok"], want, f"rank {r}")
+
+    def test_plain_isend_irecv_progress_out_of_order_on_2_ranks(self):
+        self.check_unordered(2)
+
+    def test_plain_isend_irecv_progress_out_of_order_on_4_ranks(self):
+        self.check_unordered(4)
+
+    def test_tags_match_sends_to_receives(self):
+        res = run_ranks(tagged, 2, env={"HETCCL_TIMEOUT": "30"}, timeout=180)
+        self.assertEqual(res[0], {"ok": None}, res)
+        self.assertEqual(res[1], {"ok": [[20, 21, 22, 23, 24], True, [7.0]]}, res)
+
+    def test_a_receive_of_the_wrong_size_is_refused_and_the_next_arrives(self):
+        res = run_ranks(mismatched_recv, 2, env={"HETCCL_TIMEOUT": "30"}, timeout=180)
+        self.assertEqual(res[0], {"ok": None}, res)
+        msg, nxt = res[1]["ok"]
+        self.assertEqual(
+            msg, "hetccl backend: rank 1's recv from rank 0 with tag 5 was posted for 4 "
+                 "elements of Float; rank 0 sent 3 elements of Float")
+        self.assertEqual(nxt, [9.0, 9.0])
+
+    def test_set_timeout_applies_to_the_next_call(self):
+        res = run_ranks(timeout_changed, 2, env={"HETCCL_TIMEOUT": "300"})
+        self.assertEqual(res[1], {"ok": None}, res)
+        out = res[0]["ok"]
+        self.assertIsNotNone(out["error"], res)
+        self.assertTrue(out["error"].startswith("hetccl: hetcclAllReduce failed ("), out)
+        self.assertRegex(out["error"],
+                         r"rank 0: all_reduce #1 timed out after 3(\.\d+)?s waiting for peer 1 ")
+        self.assertGreater(out["seconds"], 2.5, out)
+        self.assertLess(out["seconds"], 3 + 10, out)
 
     def test_compression_is_a_process_group_option(self):
         res = run_ranks(compressed, 2)

@@ -372,6 +372,35 @@ pub unsafe extern "C" fn hetcclCommUserRank(
     })
 }
 
+/// Sets how long the calls issued on `comm` from now on wait for a peer before they fail
+/// naming it (`HETCCL_TIMEOUT` until then), in seconds, in `HETCCL_TIMEOUT`'s range.
+/// Calls already running keep the timeout they started with.
+#[no_mangle]
+pub extern "C" fn hetcclCommSetTimeout(comm: hetcclComm_t, seconds: f64) -> hetcclResult_t {
+    const F: &str = "hetcclCommSetTimeout";
+    guard(F, || {
+        let c = handle::lookup(F, comm)?;
+        let secs = Some(seconds)
+            .filter(|s| {
+                (crate::config::MIN_TIMEOUT_SECS..=crate::config::MAX_TIMEOUT_SECS).contains(s)
+            })
+            .ok_or_else(|| {
+                Failure::invalid(
+                    F,
+                    format!(
+                        "seconds is {seconds}; it must be from {} to {} (one week), as \
+                         HETCCL_TIMEOUT",
+                        crate::config::MIN_TIMEOUT_SECS,
+                        crate::config::MAX_TIMEOUT_SECS
+                    ),
+                )
+            })?;
+        c.comm
+            .set_timeout(std::time::Duration::from_secs_f64(secs))
+            .map_err(Failure::from)
+    })
+}
+
 /// Always reports `hetcclSuccess` for a live communicator: operations are synchronous,
 /// so their errors come back from the call itself. Present so NCCL watchdog loops port.
 ///

@@ -475,6 +475,9 @@ pub struct Communicator {
     abort: Arc<std::sync::atomic::AtomicBool>,
     p2p_send_seq: Vec<AtomicU64>,
     p2p_recv_seq: Vec<AtomicU64>,
+    /// How long a call waits for a peer, in nanoseconds: `HETCCL_TIMEOUT` until
+    /// [`Communicator::set_timeout`]; read when a call is issued.
+    timeout_ns: AtomicU64,
     tx: Mutex<Option<mpsc::Sender<Work>>>,
     worker: Option<JoinHandle<()>>,
     /// Whether the progress thread still runs.
@@ -494,6 +497,11 @@ pub struct Communicator {
     spin_polls: u32,
     /// The timeline (`HETCCL_TRACE`), also held by the progress state.
     tracer: Option<Arc<Tracer>>,
+}
+
+/// `d` in nanoseconds; `HETCCL_TIMEOUT`'s week fits in a u64 many times over.
+fn duration_ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl std::fmt::Debug for Communicator {
@@ -568,6 +576,7 @@ impl Communicator {
         Ok(Communicator {
             rank,
             world_size,
+            timeout_ns: AtomicU64::new(duration_ns(cfg.timeout)),
             cfg,
             spin_polls: crate::algorithm::executor::spin_polls_for(local_ranks),
             model: LinkModel::of(&topo),
@@ -957,6 +966,33 @@ impl Communicator {
         self.dispatch(work, tx_guard).map(|_| ())
     }
 
+    /// How long calls issued now wait for a peer before they fail naming it.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets the timeout of the calls issued from now on (calls already queued keep
+    /// theirs), in `HETCCL_TIMEOUT`'s range: what a framework's "change this group's
+    /// timeout" maps onto.
+    pub fn set_timeout(&self, timeout: std::time::Duration) -> Result<()> {
+        let secs = timeout.as_secs_f64();
+        if !(crate::config::MIN_TIMEOUT_SECS..=crate::config::MAX_TIMEOUT_SECS).contains(&secs) {
+            return Err(Error::invalid(
+                "set_timeout",
+                format!(
+                    "rank {}: a timeout of {secs} s; accepted: {} to {} s (one week), as \
+                     HETCCL_TIMEOUT",
+                    self.rank,
+                    crate::config::MIN_TIMEOUT_SECS,
+                    crate::config::MAX_TIMEOUT_SECS
+                ),
+            ));
+        }
+        self.timeout_ns
+            .store(duration_ns(timeout), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The next sequence number of `call`'s kind; under the queue lock.
     fn next_seq(&self, call: &Call) -> u64 {
         if call.op == CollectiveOp::SendRecv {
@@ -982,7 +1018,7 @@ impl Communicator {
             dtype: call.dtype,
             redop,
             count: call.count as u64,
-            timeout: self.cfg.timeout,
+            timeout: self.timeout(),
             stream_copies: out_bytes >= self.cfg.stream_min_bytes,
             spin_polls: self.spin_polls,
         }

@@ -1,7 +1,9 @@
 //! The PyTorch backend (`python/hetccl_torch`): runs `python/tests/test_backend.py`
 //! (collectives of every shared dtype and op, grouped sends and receives and
-//! all_to_all against Gloo on 2 and 4 ranks; mismatched shapes and a dead rank on 2 and
-//! 4 ranks, the process group's timeout; DDP BERT against Gloo) with
+//! all_to_all against Gloo on 2 and 4 ranks; plain isend/irecv rings posted receive
+//! first, and a receive posted before a collective, on 2 and 4 ranks; sends and receives
+//! matched by tag, a receive of the wrong size; mismatched shapes and a dead rank on 2
+//! and 4 ranks, the process group's timeout and `set_timeout`; DDP BERT against Gloo) with
 //! the Python that `HETCCL_TORCH_PYTHON` names, else `python3`. Without PyTorch there
 //! (it is large: `scripts/install-torch.sh` installs it) the test is recorded as skipped.
 

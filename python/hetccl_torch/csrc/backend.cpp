@@ -1,19 +1,31 @@
 // hetccl as a c10d Backend: CPU tensors through bindings/hetccl.h.
 //
-// The C API is synchronous, so every call runs on one thread of this backend, in the
-// order the program issued them (the order every rank issues them in, which the
+// The C API is synchronous, so every collective runs on one thread of this backend, in
+// the order the program issued them (the order every rank issues them in, which the
 // collectives need); the Work returned at once completes when that thread has run the
 // call. A failed call's message is hetccl's own (hetcclGetLastError, read on the thread
 // that made the call), raised as torch.distributed.DistBackendError.
 //
+// Point to point (send, recv, isend, irecv, batch_isend_irecv) does not run there: as
+// with Gloo, each one progresses on its own, whatever the order the two sides post them
+// in and whatever collectives run meanwhile. Every ordered pair of ranks (p -> q) has a
+// channel: a two-rank hetccl communicator of its own (p is its rank 0, q its rank 1)
+// with one thread on each side, made when the backend is (every rank makes a unique id
+// per channel it sends on and hands it out over the group's communicator, so the job
+// key never leaves hetccl's links). A channel carries p's sends in the order
+// p posted them; each message is a header (tag, dtype, count: 3 x int64) and then the
+// payload. q's thread reads a header only while a receive from p is posted, delivers
+// the payload into the oldest posted receive of that tag, and keeps a message nobody
+// has posted a receive for yet (another tag's, or one ahead of its receive) in a buffer
+// of its own until that receive is posted, so sends and receives match by (peer, tag)
+// and, per tag, in post order.
+//
 // Coalescing (batch_isend_irecv, _coalescing_manager): between startCoalescing and
-// endCoalescing the calls are only recorded; endCoalescing queues them as one item that
-// the backend thread runs between hetcclGroupStart and hetcclGroupEnd, where hetccl
-// orders the sends and receives so that no exchange deadlocks (a ring of sends and
-// receives included). all_to_all is such a group too: per peer, a send of its block and
-// a receive of the peer's. Isolated isend/irecv run one after another as issued: a
-// ring of them deadlocks once a message outgrows the link's buffering, as with NCCL
-// outside a group.
+// endCoalescing the calls are only recorded; endCoalescing posts the sends and receives
+// on their channels and queues the collectives as one item that the backend thread runs
+// between hetcclGroupStart and hetcclGroupEnd; the batch's Work completes when all of it
+// has. all_to_all is a collective: per peer, a send of its block and a receive of the
+// peer's in one hetccl group on the group's communicator.
 #include <torch/extension.h>
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -21,11 +33,15 @@
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -158,9 +174,306 @@ class WorkHetccl : public c10d::Work {
   std::exception_ptr error_;
 };
 
+// What a finished call reports to: its Work, and a batch's Work where it is part of one.
+using Done = std::function<void(std::exception_ptr)>;
+
+// Completes `work` once `count` parts have arrived, with the first error among them.
+class Joint {
+ public:
+  Joint(c10::intrusive_ptr<WorkHetccl> work, size_t count)
+      : work_(std::move(work)), left_(count) {
+    if (left_ == 0) work_->finish(nullptr);
+  }
+  void arrive(std::exception_ptr e) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> g(m_);
+      if (e && !error_) error_ = e;
+      last = --left_ == 0;
+    }
+    if (last) work_->finish(error_);
+  }
+
+ private:
+  c10::intrusive_ptr<WorkHetccl> work_;
+  std::mutex m_;
+  size_t left_;
+  std::exception_ptr error_;
+};
+
+at::ScalarType scalar_of(int64_t dt) {
+  switch (dt) {
+    case hetcclInt8: return at::kChar;
+    case hetcclUint8: return at::kByte;
+    case hetcclInt32: return at::kInt;
+    case hetcclUint32: return at::kUInt32;
+    case hetcclInt64: return at::kLong;
+    case hetcclUint64: return at::kUInt64;
+    case hetcclFloat16: return at::kHalf;
+    case hetcclFloat32: return at::kFloat;
+    case hetcclFloat64: return at::kDouble;
+    case hetcclBfloat16: return at::kBFloat16;
+    default: fail("hetccl backend: a message header names dtype " + std::to_string(dt));
+  }
+}
+
+// One direction of point-to-point traffic with one peer (see the top of this file).
+// This rank's rank in the channel's communicator: 0 where it sends, 1 where it receives.
+class Channel {
+ public:
+  struct Op {
+    int tag;
+    at::Tensor t;
+    Done done;
+    double timeout = 0;  // seconds, 0: as the channel was made (see set_timeout)
+  };
+
+  Channel(hetcclComm_t comm, bool sends, int rank, int peer)
+      : comm_(comm), sends_(sends), rank_(rank), peer_(peer) {
+    thread_ = std::thread([this] { sends_ ? run_sends() : run_recvs(); });
+  }
+
+  // Sends still queued are sent first; a call blocked on a peer that never comes (a
+  // receive whose send was never posted) is cut short by aborting the communicator.
+  ~Channel() {
+    bool abort;
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+      abort = busy_ && !sends_;
+    }
+    cv_.notify_all();
+    if (abort) aborted_ = hetcclCommAbort(comm_) == hetcclSuccess;
+    if (thread_.joinable()) thread_.join();
+    if (!aborted_) (broken_ ? hetcclCommAbort(comm_) : hetcclCommDestroy(comm_));
+  }
+
+  void post(Op op) {
+    std::exception_ptr broken;
+    {
+      std::lock_guard<std::mutex> g(m_);
+      broken = broken_;
+      if (!broken) {
+        if (sends_) {
+          sends_q_.push_back(std::move(op));
+        } else {
+          if (op.timeout > 0) recv_timeout_ = op.timeout;
+          posted_[op.tag].push_back(std::move(op));
+          ++n_posted_;
+        }
+      }
+    }
+    if (broken) {
+      op.done(broken);
+      return;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  struct Header {
+    int64_t tag, dtype, count;
+  };
+
+  // The timeout the next call waits for the peer: a send's own, set when it was
+  // posted; for receives (a header may belong to any of them) the latest posted one's.
+  void apply_timeout(double seconds, int tag) {
+    if (seconds <= 0 || seconds == applied_timeout_) return;
+    call(hetcclCommSetTimeout(comm_, seconds), tag);
+    applied_timeout_ = seconds;
+  }
+
+  // hetccl's message speaks of the channel's two ranks; say which ranks of the group
+  // they are.
+  // tag < 0: a header, whose tag is not known yet.
+  void call(hetcclResult_t r, int tag) {
+    if (r == hetcclSuccess) return;
+    const char* msg = hetcclGetLastError(comm_);
+    fail("hetccl backend: rank " + std::to_string(rank_) + (sends_ ? "'s send to rank " :
+         "'s recv from rank ") + std::to_string(peer_) +
+         (tag < 0 ? std::string() : " with tag " + std::to_string(tag)) + " failed (" +
+         hetcclGetErrorString(r) + "); on their channel rank " +
+         std::to_string(sends_ ? rank_ : peer_) + " is rank 0 and rank " +
+         std::to_string(sends_ ? peer_ : rank_) + " rank 1: " +
+         (msg && *msg ? msg : "no message"));
+  }
+
+  // The channel is unusable after a failed call: what is posted, and all posted later,
+  // fail with its error.
+  void break_with(std::exception_ptr e) {
+    std::vector<Op> failed;
+    {
+      std::lock_guard<std::mutex> g(m_);
+      if (!broken_) broken_ = e;
+      for (auto& o : sends_q_) failed.push_back(std::move(o));
+      sends_q_.clear();
+      for (auto& [tag, q] : posted_) {
+        for (auto& o : q) failed.push_back(std::move(o));
+      }
+      posted_.clear();
+      n_posted_ = 0;
+    }
+    for (auto& o : failed) o.done(broken_);
+  }
+
+  void run_sends() {
+    for (;;) {
+      Op op;
+      {
+        std::unique_lock<std::mutex> g(m_);
+        cv_.wait(g, [&] { return stop_ || !sends_q_.empty(); });
+        if (sends_q_.empty()) return;
+        op = std::move(sends_q_.front());
+        sends_q_.pop_front();
+        busy_ = true;
+      }
+      std::exception_ptr e;
+      try {
+        apply_timeout(op.timeout, op.tag);
+        Header h{op.tag, dtype_of(op.t), op.t.numel()};
+        call(hetcclSend(&h, 3, hetcclInt64, 1, comm_, nullptr), op.tag);
+        if (h.count > 0) {
+          call(hetcclSend(op.t.data_ptr(), h.count, static_cast<hetcclDataType_t>(h.dtype), 1,
+                          comm_, nullptr),
+               op.tag);
+        }
+      } catch (...) {
+        e = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> g(m_);
+        busy_ = false;
+      }
+      op.done(e);
+      if (e) break_with(e);
+    }
+  }
+
+  // Checks that the message `got` (from the buffer of early messages) fits `op`, and
+  // copies it in.
+  void deliver(Op& op, const at::Tensor& got) {
+    std::exception_ptr e;
+    try {
+      check_fits(op, got.scalar_type(), got.numel());
+      if (got.numel() > 0) op.t.view({-1}).copy_(got);
+    } catch (...) {
+      e = std::current_exception();
+    }
+    op.done(e);
+  }
+
+  void check_fits(const Op& op, at::ScalarType dt, int64_t count) const {
+    if (op.t.scalar_type() != dt || op.t.numel() != count) {
+      fail("hetccl backend: rank " + std::to_string(rank_) + "'s recv from rank " +
+           std::to_string(peer_) + " with tag " + std::to_string(op.tag) +
+           " was posted for " + std::to_string(op.t.numel()) + " elements of " +
+           c10::toString(op.t.scalar_type()) + "; rank " + std::to_string(peer_) + " sent " +
+           std::to_string(count) + " elements of " + c10::toString(dt));
+    }
+  }
+
+  void run_recvs() {
+    for (;;) {
+      std::optional<Op> early_op;
+      at::Tensor early;
+      double timeout;
+      {
+        std::unique_lock<std::mutex> g(m_);
+        cv_.wait(g, [&] { return stop_ || n_posted_ > 0; });
+        if (stop_) break;
+        // A posted receive whose message came before it.
+        for (auto& [tag, q] : posted_) {
+          auto it = early_.find(tag);
+          if (q.empty() || it == early_.end() || it->second.empty()) continue;
+          early_op = std::move(q.front());
+          q.pop_front();
+          --n_posted_;
+          early = std::move(it->second.front());
+          it->second.pop_front();
+          break;
+        }
+        if (!early_op) busy_ = true;
+        timeout = recv_timeout_;
+      }
+      if (early_op) {
+        deliver(*early_op, early);
+        continue;
+      }
+      // The next message on the channel, for whichever tag.
+      std::exception_ptr e;
+      try {
+        apply_timeout(timeout, -1);
+        Header h{};
+        call(hetcclRecv(&h, 3, hetcclInt64, 0, comm_, nullptr), -1);
+        at::ScalarType dt = scalar_of(h.dtype);
+        std::optional<Op> op;
+        {
+          std::lock_guard<std::mutex> g(m_);
+          auto it = posted_.find(static_cast<int>(h.tag));
+          if (it != posted_.end() && !it->second.empty()) {
+            op = std::move(it->second.front());
+            it->second.pop_front();
+            --n_posted_;
+          }
+        }
+        bool direct = op && op->t.scalar_type() == dt && op->t.numel() == h.count;
+        at::Tensor into = direct ? op->t : at::empty({h.count}, at::TensorOptions().dtype(dt));
+        if (h.count > 0) {
+          call(hetcclRecv(into.data_ptr(), h.count, static_cast<hetcclDataType_t>(h.dtype), 0,
+                          comm_, nullptr),
+               static_cast<int>(h.tag));
+        }
+        if (direct) {
+          op->done(nullptr);
+        } else if (op) {
+          deliver(*op, into);  // does not fit: its error
+        } else {
+          std::lock_guard<std::mutex> g(m_);
+          early_[static_cast<int>(h.tag)].push_back(into);
+        }
+      } catch (...) {
+        e = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> g(m_);
+        busy_ = false;
+      }
+      if (e) break_with(e);
+    }
+    // Stopped: receives still posted never get their message.
+    try {
+      fail("hetccl backend: the process group was destroyed while a recv from rank " +
+           std::to_string(peer_) + " was posted");
+    } catch (...) {
+      break_with(std::current_exception());
+    }
+  }
+
+  hetcclComm_t comm_;
+  const bool sends_;
+  const int rank_, peer_;
+  std::thread thread_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  bool busy_ = false;  // inside a hetccl call
+  bool aborted_ = false;
+  double recv_timeout_ = 0;     // under m_
+  double applied_timeout_ = 0;  // the channel thread's
+  std::exception_ptr broken_;
+  std::deque<Op> sends_q_;                    // sending side, in post order
+  std::map<int, std::deque<Op>> posted_;      // receiving side: per tag, in post order
+  size_t n_posted_ = 0;
+  std::map<int, std::deque<at::Tensor>> early_;  // messages ahead of their receive
+};
+
 class BackendHetccl : public c10d::Backend {
  public:
-  BackendHetccl(int rank, int size, const std::string& id, const std::string& settings)
+  // p2p_host: where this rank's channel stores listen (an address the group's other
+  // ranks reach); key_from_env: the channels' ids carry no key, every rank has
+  // HETCCL_JOB_KEY.
+  BackendHetccl(int rank, int size, const std::string& id, const std::string& settings,
+                const std::string& p2p_host, bool key_from_env)
       : c10d::Backend(rank, size) {
     if (id.size() != sizeof(hetcclUniqueId)) {
       fail("hetccl backend: the unique id has " + std::to_string(id.size()) +
@@ -174,21 +487,45 @@ class BackendHetccl : public c10d::Backend {
       hetcclResult_t r = hetcclCommInitRankSettings(
           &comm_, size, uid, rank, settings.empty() ? nullptr : settings.c_str());
       check(r, nullptr, "hetcclCommInitRankSettings");
+      open_channels(settings, p2p_host, key_from_env);
     }
     thread_ = std::thread([this] { run(); });
   }
 
+  // Dropped from Python (destroy_process_group), the GIL held: the backend's threads
+  // may need it to finish (dropping the last reference to a tensor Python made takes
+  // the GIL), so it is released while they are joined.
   ~BackendHetccl() override {
+    if (PyGILState_Check()) {
+      pybind11::gil_scoped_release nogil;
+      shutdown();
+    } else {
+      shutdown();
+    }
+  }
+
+  void shutdown() {
     {
       std::lock_guard<std::mutex> g(m_);
       stop_ = true;
     }
     cv_.notify_all();
     if (thread_.joinable()) thread_.join();
+    to_.clear();
+    from_.clear();
     if (comm_) (failed_ ? hetcclCommAbort(comm_) : hetcclCommDestroy(comm_));
   }
 
   const std::string getBackendName() const override { return "hetccl"; }
+
+  // torch.distributed.set_timeout: calls issued from now on wait that long for a peer
+  // (hetccl's HETCCL_TIMEOUT range: shorter ones wait a millisecond, longer a week).
+  // Each call carries the timeout of its issue; the thread that runs it hands it to
+  // hetccl (hetcclCommSetTimeout) before the call where it changed.
+  void setTimeout(std::chrono::milliseconds timeout) override {
+    double s = std::clamp(static_cast<double>(timeout.count()) / 1000.0, 0.001, 604800.0);
+    timeout_s_.store(s);
+  }
 
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& ts,
                                           const c10d::AllreduceOptions& o) override {
@@ -325,23 +662,15 @@ class BackendHetccl : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& ts, int dst, int tag) override {
     at::Tensor t = one_cpu(ts, "send");
     check_cpu(t, "send");
-    check_tag(tag, "send");
     check_peer(dst, "send");
-    auto dt = dtype_of(t);
-    return enqueue(c10d::OpType::SEND, {t}, [=, this] {
-      check(hetcclSend(t.data_ptr(), t.numel(), dt, dst, comm_, nullptr), comm_, "hetcclSend");
-    });
+    return post(c10d::OpType::SEND, t, dst, tag);
   }
 
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& ts, int src, int tag) override {
     at::Tensor t = one_cpu(ts, "recv");
     check_cpu(t, "recv");
-    check_tag(tag, "recv");
     check_peer(src, "recv");
-    auto dt = dtype_of(t);
-    return enqueue(c10d::OpType::RECV, {t}, [=, this] {
-      check(hetcclRecv(t.data_ptr(), t.numel(), dt, src, comm_, nullptr), comm_, "hetcclRecv");
-    });
+    return post(c10d::OpType::RECV, t, src, tag);
   }
 
   // all_to_all_single: rank r's input rows [in_off[p], in_off[p] + in_rows[p]) go to
@@ -492,6 +821,7 @@ class BackendHetccl : public c10d::Backend {
   // The recorded calls as one group; the Work returned completes when all of them have.
   c10::intrusive_ptr<c10d::Work> endCoalescing() override {
     std::vector<std::pair<c10::intrusive_ptr<WorkHetccl>, Call>> batch;
+    std::vector<std::pair<Channel*, Channel::Op>> p2p;
     {
       std::lock_guard<std::mutex> g(m_);
       if (!coalescing_) {
@@ -499,6 +829,7 @@ class BackendHetccl : public c10d::Backend {
       }
       coalescing_ = false;
       batch.swap(batch_);
+      p2p.swap(batch_p2p_);
     }
     std::vector<at::Tensor> outputs;
     Item item;
@@ -506,13 +837,26 @@ class BackendHetccl : public c10d::Backend {
     for (auto& [w, c] : batch) {
       if (w) {
         for (const auto& t : w->outputs()) outputs.push_back(t);
-        item.works.push_back(w);
+        item.dones.push_back([w](std::exception_ptr e) { w->finish(e); });
       }
       item.calls.push_back(std::move(c));
     }
+    for (auto& [ch, op] : p2p) outputs.push_back(op.t);
     auto work = c10::make_intrusive<WorkHetccl>(rank_, c10d::OpType::COALESCED, outputs);
-    item.works.push_back(work);
-    push(std::move(item));
+    // The batch's Work: when its collectives (one item) and each send and receive are done.
+    auto joint = std::make_shared<Joint>(work, p2p.size() + (item.calls.empty() ? 0 : 1));
+    for (auto& [ch, op] : p2p) {
+      Done own = std::move(op.done);
+      op.done = [own, joint](std::exception_ptr e) {
+        own(e);
+        joint->arrive(e);
+      };
+      ch->post(std::move(op));
+    }
+    if (!item.calls.empty()) {
+      item.dones.push_back([joint](std::exception_ptr e) { joint->arrive(e); });
+      push(std::move(item));
+    }
     return work;
   }
 
@@ -526,23 +870,117 @@ class BackendHetccl : public c10d::Backend {
 
   // What the backend thread runs at once: one call, or a group of them (grouped).
   struct Item {
-    std::vector<c10::intrusive_ptr<WorkHetccl>> works;  // finished when the item is
+    std::vector<Done> dones;  // called when the item is finished
+    double timeout = 0;       // seconds, 0: the communicator's own
     std::vector<Call> calls;
     bool grouped = false;
   };
-
-  static void check_tag(int tag, const char* op) {
-    if (tag != 0) {
-      fail(std::string("hetccl backend: ") + op + " with tag " + std::to_string(tag) +
-           ": hetccl matches messages by order, not tags; use tag 0");
-    }
-  }
 
   void check_peer(int peer, const char* op) const {
     if (peer < 0 || peer >= size_) {
       fail(std::string("hetccl backend: ") + op + " to or from rank " + std::to_string(peer) +
            ": the process group has ranks 0 to " + std::to_string(size_ - 1));
     }
+    if (peer == rank_) {
+      fail(std::string("hetccl backend: ") + op + " to or from rank " + std::to_string(peer) +
+           ", this rank itself; send to and receive from other ranks");
+    }
+  }
+
+  // Every rank makes the ids of the channels it sends on and sends all of them to every
+  // peer, in one group of sends and receives on the group's communicator (which leaves
+  // the numbering of the program's collectives as it is); then each rank joins its
+  // 2 (size - 1) channels in one hetccl group, which creates them at once. An id names
+  // a port that was free when it was made, and the kernel hands a port just released to
+  // the next asker: where two ids of the table name one port, the rank that made the
+  // later one makes it again, and the table goes round again (every rank sees the same
+  // table, so all agree on when it is done).
+  void open_channels(const std::string& settings, const std::string& host, bool key_from_env) {
+    if (size_ < 2) return;
+    const size_t idb = sizeof(hetcclUniqueId);
+    std::vector<hetcclUniqueId> table(size_t(size_) * size_);  // [p * size + q]: p -> q
+    auto port = [&](int p, int q) {
+      const auto* b = reinterpret_cast<const unsigned char*>(table[p * size_ + q].internal);
+      return (b[4] << 8) | b[5];  // the id's store port, big-endian at offset 4
+    };
+    std::vector<bool> again(size_, true);
+    again[rank_] = false;
+    for (int round = 0;; ++round) {
+      for (int q = 0; q < size_; ++q) {
+        if (!again[q]) continue;
+        check(hetcclGetUniqueIdAt(&table[rank_ * size_ + q], host.c_str(), 0,
+                                  key_from_env ? 1 : 0),
+              nullptr, "hetcclGetUniqueIdAt (point-to-point channel)");
+      }
+      check(hetcclGroupStart(), nullptr, "hetcclGroupStart");
+      hetcclResult_t r = hetcclSuccess;
+      for (int q = 0; q < size_ && r == hetcclSuccess; ++q) {
+        if (q == rank_) continue;
+        r = hetcclSend(&table[rank_ * size_], size_ * idb, hetcclUint8, q, comm_, nullptr);
+        if (r == hetcclSuccess) {
+          r = hetcclRecv(&table[q * size_], size_ * idb, hetcclUint8, q, comm_, nullptr);
+        }
+      }
+      hetcclResult_t end = hetcclGroupEnd();
+      check(r != hetcclSuccess ? r : end, comm_,
+            "hetcclSend/hetcclRecv (point-to-point channel ids)");
+      std::map<int, int> seen;  // port -> times named
+      bool clash = false;
+      std::fill(again.begin(), again.end(), false);
+      for (int p = 0; p < size_; ++p) {
+        for (int q = 0; q < size_; ++q) {
+          if (p == q) continue;
+          if (seen[port(p, q)]++ > 0) {
+            clash = true;
+            if (p == rank_) again[q] = true;
+          }
+        }
+      }
+      if (!clash) break;
+      if (round == 8) {
+        fail("hetccl backend: the ids of the point-to-point channels kept naming one port "
+             "twice after " + std::to_string(round + 1) + " rounds");
+      }
+    }
+    std::vector<hetcclComm_t> to(size_, nullptr), from(size_, nullptr);
+    const char* set = settings.empty() ? nullptr : settings.c_str();
+    check(hetcclGroupStart(), nullptr, "hetcclGroupStart");
+    hetcclResult_t r = hetcclSuccess;
+    for (int q = 0; q < size_ && r == hetcclSuccess; ++q) {
+      if (q == rank_) continue;
+      r = hetcclCommInitRankSettings(&to[q], 2, table[rank_ * size_ + q], 0, set);
+      if (r == hetcclSuccess) {
+        r = hetcclCommInitRankSettings(&from[q], 2, table[q * size_ + rank_], 1, set);
+      }
+    }
+    hetcclResult_t end = hetcclGroupEnd();
+    check(r != hetcclSuccess ? r : end, nullptr,
+          "hetcclCommInitRankSettings (point-to-point channels)");
+    to_.resize(size_);
+    from_.resize(size_);
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      to_[q] = std::make_unique<Channel>(to[q], true, rank_, q);
+      from_[q] = std::make_unique<Channel>(from[q], false, rank_, q);
+    }
+  }
+
+  // A send or receive on its channel; inside an open batch it is recorded and posted at
+  // endCoalescing.
+  c10::intrusive_ptr<c10d::Work> post(c10d::OpType type, const at::Tensor& t, int peer, int tag) {
+    auto work = c10::make_intrusive<WorkHetccl>(rank_, type, std::vector<at::Tensor>{t});
+    Channel* ch = type == c10d::OpType::SEND ? to_[peer].get() : from_[peer].get();
+    {
+      std::lock_guard<std::mutex> g(m_);
+      if (coalescing_) {
+        batch_p2p_.push_back({ch, Channel::Op{tag, t, [work](std::exception_ptr e) {
+                                                work->finish(e);
+                                              }, timeout_s_.load()}});
+        return work;
+      }
+    }
+    ch->post({tag, t, [work](std::exception_ptr e) { work->finish(e); }, timeout_s_.load()});
+    return work;
   }
 
   static void check_pairs(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& ins,
@@ -592,7 +1030,7 @@ class BackendHetccl : public c10d::Backend {
       }
     }
     Item item;
-    item.works.push_back(work);
+    item.dones.push_back([work](std::exception_ptr e) { work->finish(e); });
     item.calls.push_back({std::move(issue), std::move(after)});
     push(std::move(item));
     return work;
@@ -614,7 +1052,7 @@ class BackendHetccl : public c10d::Backend {
     }
     Item item;
     item.grouped = true;
-    item.works.push_back(work);
+    item.dones.push_back([work](std::exception_ptr e) { work->finish(e); });
     item.calls = std::move(calls);
     push(std::move(item));
     return work;
@@ -642,12 +1080,14 @@ class BackendHetccl : public c10d::Backend {
       std::lock_guard<std::mutex> g(m_);
       coalescing_ = false;
       batch_.clear();
+      batch_p2p_.clear();
       throw;
     }
     return endCoalescing();
   }
 
   void push(Item item) {
+    item.timeout = timeout_s_.load();
     {
       std::lock_guard<std::mutex> g(m_);
       queue_.push_back(std::move(item));
@@ -658,6 +1098,10 @@ class BackendHetccl : public c10d::Backend {
   // One item on the backend thread. A group is closed even when a call in it failed
   // (hetcclGroupEnd then runs none of it), so the thread's group state starts afresh.
   void execute(Item& item) {
+    if (item.timeout > 0 && item.timeout != applied_timeout_) {
+      check(hetcclCommSetTimeout(comm_, item.timeout), comm_, "hetcclCommSetTimeout");
+      applied_timeout_ = item.timeout;
+    }
     if (!item.grouped) {
       for (auto& c : item.calls) c.issue();
     } else {
@@ -692,7 +1136,7 @@ class BackendHetccl : public c10d::Backend {
         e = std::current_exception();
         failed_ = true;
       }
-      for (auto& w : item.works) w->finish(e);
+      for (auto& d : item.dones) d(e);
     }
   }
 
@@ -705,8 +1149,14 @@ class BackendHetccl : public c10d::Backend {
   // Recorded between startCoalescing and endCoalescing; a null Work: a call whose Work
   // is another entry's (the parts of an all_to_all).
   std::vector<std::pair<c10::intrusive_ptr<WorkHetccl>, Call>> batch_;
+  std::vector<std::pair<Channel*, Channel::Op>> batch_p2p_;  // sends and receives of it
+  // Point-to-point channels, by peer: to_[q] carries this rank's sends to q, from_[q]
+  // q's to this rank (none at this rank's own index).
+  std::vector<std::unique_ptr<Channel>> to_, from_;
   bool stop_ = false;
   bool failed_ = false;
+  std::atomic<double> timeout_s_{0};  // set_timeout's, 0: never called
+  double applied_timeout_ = 0;        // the backend thread's
 };
 
 pybind11::bytes unique_id(std::optional<std::string> host, int port, bool key_from_env) {
@@ -723,10 +1173,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("key_from_env"));
   pybind11::class_<hetccl_torch::BackendHetccl, c10d::Backend,
                    c10::intrusive_ptr<hetccl_torch::BackendHetccl>>(m, "BackendHetccl")
-      .def(pybind11::init([](int rank, int size, pybind11::bytes id, const std::string& settings) {
-             return c10::make_intrusive<hetccl_torch::BackendHetccl>(rank, size, std::string(id),
-                                                                    settings);
+      .def(pybind11::init([](int rank, int size, pybind11::bytes id, const std::string& settings,
+                             const std::string& p2p_host, bool key_from_env) {
+             return c10::make_intrusive<hetccl_torch::BackendHetccl>(
+                 rank, size, std::string(id), settings, p2p_host, key_from_env);
            }),
            pybind11::arg("rank"), pybind11::arg("size"), pybind11::arg("id"),
-           pybind11::arg("settings"));
+           pybind11::arg("settings"), pybind11::arg("p2p_host"), pybind11::arg("key_from_env"));
 }
