@@ -24,19 +24,33 @@ pub enum LinkClass {
     Shm = 0,
     /// TCP sockets.
     Tcp = 1,
+    /// A device collective's reads of host-mates' device memory over CUDA IPC (counted
+    /// as received).
+    DeviceIpc = 2,
+    /// A device collective's copies through pinned host memory: device to host counted
+    /// as sent, host to device as received (the host links' own bytes are counted in
+    /// their classes by the host communicator).
+    DeviceStaged = 3,
 }
 
 impl LinkClass {
     /// Number of classes.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 4;
     /// Every class, in the order of their values.
-    pub const ALL: [LinkClass; LinkClass::COUNT] = [LinkClass::Shm, LinkClass::Tcp];
+    pub const ALL: [LinkClass; LinkClass::COUNT] = [
+        LinkClass::Shm,
+        LinkClass::Tcp,
+        LinkClass::DeviceIpc,
+        LinkClass::DeviceStaged,
+    ];
 
     /// The class's name in dumps and traces.
     pub fn name(self) -> &'static str {
         match self {
             LinkClass::Shm => "shm",
             LinkClass::Tcp => "tcp",
+            LinkClass::DeviceIpc => "device ipc",
+            LinkClass::DeviceStaged => "device staged",
         }
     }
 
@@ -184,6 +198,15 @@ impl Counters {
         }
     }
 
+    /// Counts what a device collective moved: `ipc_read` bytes read from host-mates'
+    /// device memory, `to_host` and `to_device` bytes copied through pinned host memory.
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn device_call(&mut self, ipc_read: u64, to_host: u64, to_device: u64) {
+        self.m.bytes_received[LinkClass::DeviceIpc as usize] += ipc_read;
+        self.m.bytes_sent[LinkClass::DeviceStaged as usize] += to_host;
+        self.m.bytes_received[LinkClass::DeviceStaged as usize] += to_device;
+    }
+
     /// The counters now. The unnamed share is what the named phases leave of the
     /// total, so that the phases add up to it exactly.
     pub(crate) fn snapshot(&self) -> Metrics {
@@ -259,5 +282,22 @@ mod tests {
         let parts: Duration = m.time_by_phase.iter().sum();
         assert_eq!(parts, m.time_total);
         assert_eq!(m.time_total, ticks_to_duration(15));
+    }
+
+    #[test]
+    fn device_bytes_count_in_their_classes() {
+        let mut c = Counters::default();
+        c.device_call(3000, 0, 0);
+        c.device_call(500, 4096, 2048);
+        let m = c.snapshot();
+        assert_eq!(m.received(LinkClass::DeviceIpc), 3500);
+        assert_eq!(m.sent(LinkClass::DeviceIpc), 0);
+        assert_eq!(m.sent(LinkClass::DeviceStaged), 4096);
+        assert_eq!(m.received(LinkClass::DeviceStaged), 2048);
+        // The host links' classes are the host communicator's alone.
+        assert_eq!((m.sent(LinkClass::Shm), m.sent(LinkClass::Tcp)), (0, 0));
+        assert!(m.summary().contains(
+            "; device ipc sent 0 received 3500 bytes; device staged sent 4096 received 2048 bytes"
+        ), "{}", m.summary());
     }
 }

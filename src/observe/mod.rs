@@ -389,7 +389,8 @@ mod tests {
         assert_eq!(
             m.summary(),
             "3 calls (0 failed, 0 on shared memory: 0 bytes); shm sent 0 received 0 bytes; \
-             tcp sent 4096 received 0 bytes; 0.000 ms in collectives, all-gather 1.500 ms; \
+             tcp sent 4096 received 0 bytes; device ipc sent 0 received 0 bytes; \
+             device staged sent 0 received 0 bytes; 0.000 ms in collectives, all-gather 1.500 ms; \
              2 setup retries; compression 0 overflows, 0 non-finite"
         );
     }
