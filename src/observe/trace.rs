@@ -436,16 +436,32 @@ fn micros_of(out: &mut Vec<u8>, ns: u64) {
 }
 
 /// Appends `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
-/// nanoseconds).
-fn times(out: &mut Vec<u8>, a: u64, b: u64, rank: usize, tid: u32) {
+/// nanoseconds). `who` is where `,"pid":..,"tid":..` was written already for an earlier
+/// line of the same call, copied rather than written again; `None` the first time, and
+/// returned for the next.
+fn times(
+    out: &mut Vec<u8>,
+    a: u64,
+    b: u64,
+    rank: usize,
+    tid: u32,
+    who: Option<Range<usize>>,
+) -> Range<usize> {
     out.extend_from_slice(b"\"ts\":");
     micros_of(out, a);
     out.extend_from_slice(b",\"dur\":");
     micros_of(out, b.saturating_sub(a));
-    out.extend_from_slice(b",\"pid\":");
-    uint(out, rank as u64);
-    out.extend_from_slice(b",\"tid\":");
-    uint(out, u64::from(tid));
+    let from = out.len();
+    match who {
+        Some(r) => out.extend_from_within(r),
+        None => {
+            out.extend_from_slice(b",\"pid\":");
+            uint(out, rank as u64);
+            out.extend_from_slice(b",\"tid\":");
+            uint(out, u64::from(tid));
+        }
+    }
+    from..out.len()
 }
 
 /// Appends `"key":"value"` (`key` given with its quotes and colon) for a value of the
@@ -488,7 +504,7 @@ fn write_call(
     out.extend_from_slice(b",\n{\"ph\":\"X\",");
     name_field(out, b"\"name\":", op);
     out.extend_from_slice(b",\"cat\":\"collective\",");
-    times(out, clock.at(c.start), clock.at(c.end), rank, tid);
+    let who = times(out, clock.at(c.start), clock.at(c.end), rank, tid, None);
     out.extend_from_slice(b",\"args\":{\"seq\":");
     uint(out, c.seq);
     out.extend_from_slice(b",\"bytes\":");
@@ -555,7 +571,7 @@ fn write_call(
         out.extend_from_slice(b",\n{\"ph\":\"X\",");
         name_field(out, b"\"name\":", p.name());
         out.extend_from_slice(b",\"cat\":\"phase\",");
-        times(out, clock.at(a), clock.at(b), rank, tid);
+        times(out, clock.at(a), clock.at(b), rank, tid, Some(who.clone()));
         out.extend_from_slice(b",\"args\":{");
         name_field(out, b"\"op\":", op);
         out.extend_from_slice(b",\"seq\":");

@@ -23,17 +23,24 @@ impl<'a> LinkWaits<'a> {
     }
 
     /// A poll found nothing to do: a stretch starts, unless one is under way, waiting
-    /// on `peer()`. Never inlined, so that `scripts/trace-overhead.sh` can count it: it
-    /// is called only while tracing.
-    #[inline(never)]
+    /// on `peer()`. Inlined: every idle pass of the executor asks, and only the first of
+    /// a stretch reads the clock ([`LinkWaits::begin`]).
+    #[inline]
     pub fn stalled(&mut self, peer: impl FnOnce() -> usize) {
         if self.since.is_none() {
-            self.since = Some((Stamp::now(), peer()));
+            self.begin(peer());
         }
     }
 
+    /// A stretch starts. Never inlined, so that `scripts/trace-overhead.sh` can count it:
+    /// it is called only while tracing.
+    #[inline(never)]
+    fn begin(&mut self, peer: usize) {
+        self.since = Some((Stamp::now(), peer));
+    }
+
     /// Something moved: the stretch under way, if any, is over. Never inlined, as
-    /// [`LinkWaits::stalled`].
+    /// [`LinkWaits::begin`].
     #[inline(never)]
     pub fn moved(&mut self) {
         if let Some((t, p)) = self.since.take() {

@@ -5,7 +5,9 @@
 //! ```text
 //! every rank, alone       /dev/shm against the segments this job's shm links would make,
 //!                         locked-memory (pinned) and open-file limits, the interface and
-//!                         its route to MASTER_ADDR, the job key, GPUs (feature cuda)
+//!                         its route to MASTER_ADDR, the job key; GPUs, IPC between this
+//!                         host's ranks' GPUs and pinned memory (feature cuda; skipped,
+//!                         with the reason, without it or without a CUDA driver)
 //!                         a failed /dev/shm or interface check is left out of what
 //!                         follows (TCP instead; the default route), so the rest runs
 //! every rank, together    a communicator: every rank joins, every connection authenticated
