@@ -35,8 +35,11 @@
 //! too, and else takes `report.lock` (create-exclusive): the one rank that gets it collects the others' dumps as the launcher would (asking the ranks
 //! on its host that did not dump with SIGUSR1, describing those that are stopped or
 //! gone) and prints the report on its stderr; the others print only their own error,
-//! which names the rank it deduced. The last communicator of a process to close removes
-//! its marker, and its dump when nothing failed, and the directory once empty.
+//! which names the rank it deduced. The printing rank then leaves `finding` (the job's
+//! first failure) in place of the dumps, and keeps the lock: a rank that fails later
+//! names that failure and prints no second report. The last communicator of a process
+//! to close removes its marker, and its dump when nothing failed; the last process the
+//! finding and the lock, and the directory once empty.
 //!
 //! Every failing rank also names the job's culprit in its own error: after its dump
 //! it reads the others' dumps and the states of this host's processes for up to a
@@ -336,9 +339,9 @@ fn keep_finding(f: &str) {
 }
 
 /// After the report: `finding` (written whole, to a temporary name then renamed) takes
-/// the place of the dumps and the report's lock, which are removed so that no second
-/// report is printed. The ranks' markers stay: each process removes its own as it
-/// closes, and the last one the finding and the directory.
+/// the place of the dumps, which are removed. The report's lock stays, so that no second
+/// report is printed, and so do the ranks' markers: each process removes its own as it
+/// closes, and the last one the finding, the lock and the directory.
 fn leave_finding(dir: &Path, finding: Option<&str>) {
     if let Some(f) = finding {
         let tmp = dir.join(".finding");
@@ -357,7 +360,7 @@ fn leave_finding(dir: &Path, finding: Option<&str>) {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name != "finding" && !name.ends_with(".pid") {
+        if name != "finding" && name != "report.lock" && !name.ends_with(".pid") {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -744,6 +747,7 @@ pub(crate) fn unregister(rec: &'static Recorder) {
             });
             if !markers_left {
                 let _ = std::fs::remove_file(finding_path(dir));
+                let _ = std::fs::remove_file(dir.join("report.lock"));
             }
             let _ = std::fs::remove_dir(dir);
         }
@@ -961,7 +965,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["finding", "rank-1.pid", "rank-3.pid"]);
+        assert_eq!(left, ["finding", "rank-1.pid", "rank-3.pid", "report.lock"]);
 
         let process = |dir: Option<PathBuf>| Process {
             rank,
