@@ -150,6 +150,9 @@ typedef struct {
   uint64_t retries;            /* connection attempts link setup repeated */
   uint64_t compress_overflows; /* values saturated to the wire format's largest */
   uint64_t compress_nonfinite; /* inf and NaN met by compressed calls */
+  uint64_t bytes_device_ipc_read;  /* device collectives: read from host-mates' GPUs over CUDA IPC */
+  uint64_t bytes_device_to_host;   /* device collectives: copied to pinned host memory */
+  uint64_t bytes_host_to_device;   /* device collectives: copied from pinned host memory */
 } hetcclMetrics_t;
 /* Waits for a collective running on another thread, if any, to end. */
 hetcclResult_t hetcclCommGetMetrics(hetcclComm_t comm, hetcclMetrics_t* metrics);

@@ -47,6 +47,12 @@ pub struct hetcclMetrics_t {
     pub compress_overflows: u64,
     /// Non-finite values compressed calls met.
     pub compress_nonfinite: u64,
+    /// Device collectives: bytes read from host-mates' device memory over CUDA IPC.
+    pub bytes_device_ipc_read: u64,
+    /// Device collectives: bytes copied from the device to pinned host memory.
+    pub bytes_device_to_host: u64,
+    /// Device collectives: bytes copied from pinned host memory to the device.
+    pub bytes_host_to_device: u64,
 }
 
 impl From<&Metrics> for hetcclMetrics_t {
@@ -71,6 +77,9 @@ impl From<&Metrics> for hetcclMetrics_t {
             retries: m.retries,
             compress_overflows: m.compress_overflows,
             compress_nonfinite: m.compress_nonfinite,
+            bytes_device_ipc_read: m.received(LinkClass::DeviceIpc),
+            bytes_device_to_host: m.sent(LinkClass::DeviceStaged),
+            bytes_host_to_device: m.received(LinkClass::DeviceStaged),
         }
     }
 }

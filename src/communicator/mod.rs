@@ -606,6 +606,14 @@ impl Communicator {
         p.obs.counters.snapshot()
     }
 
+    /// Adds what a device collective over this communicator moved to its counters
+    /// (`observe::Counters::device_call`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn count_device(&self, ipc_read: u64, to_host: u64, to_device: u64) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.obs.counters.device_call(ipc_read, to_host, to_device);
+    }
+
     /// Starts a span of the program's own on the timeline (`HETCCL_TRACE`), ended when
     /// the returned guard is dropped; without a trace it records nothing and costs a
     /// branch. A trainer marks its forward, backward, optimizer steps this way, beside

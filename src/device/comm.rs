@@ -19,7 +19,9 @@
 //!   An all-reduce across hosts of which one holds two or more ranks runs
 //!   hierarchically instead (`hier.rs`, unless [`DevicePath::Staged`] was asked for):
 //!   CUDA IPC inside each host, only each rank's shard through pinned memory and the
-//!   host links. [`DeviceComm::link_bytes`] says what a call moved over each link class.
+//!   host links. [`DeviceComm::link_bytes`] says what a call moved over each link class,
+//!   and every all-reduce adds it to the host communicator's [`crate::Metrics`] in the
+//!   device classes (`DeviceIpc`, `DeviceStaged`).
 //!
 //! This file holds what every call does whatever the path: the checks of its arguments,
 //! the agreement below, and the guard that breaks the `DeviceComm` on a failure.
@@ -561,7 +563,7 @@ impl DeviceComm {
             });
         }
         self.link_bytes = LinkBytes::default();
-        self.guarded(|this| match (this.path, this.across) {
+        let r = self.guarded(|this| match (this.path, this.across) {
             (DevicePath::Ipc, _) => {
                 this.ipc_all_reduce::<T>(stream, &mut laps, src, dst, count, op)
             }
@@ -577,7 +579,17 @@ impl DeviceComm {
                 };
                 Ok(())
             }
-        })
+        });
+        if r.is_ok() {
+            // Into the host communicator's counters, in the device classes.
+            let b = self.link_bytes;
+            self.comm.count_device(
+                b.ipc_read as u64,
+                b.device_to_host as u64,
+                b.host_to_device as u64,
+            );
+        }
+        r
     }
 
     fn check_stream(&self, stream: &Stream) -> Result<()> {

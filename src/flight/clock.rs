@@ -143,6 +143,52 @@ impl Stamp {
     }
 }
 
+/// Stamps as nanoseconds since a given `Instant`, for many stamps at once (the trace's
+/// writer): the epoch and the rate read once, then a multiply and an add per stamp, no
+/// `Instant` arithmetic.
+#[derive(Clone, Copy, Debug)]
+pub struct StampNanos {
+    tsc0: u64,
+    ns_per_tick: f64,
+    /// Nanoseconds from `since` to the clock's epoch (negative when the epoch is earlier).
+    epoch_ns: f64,
+}
+
+impl StampNanos {
+    /// Converts stamps to nanoseconds after `since`.
+    pub fn since(since: Instant) -> StampNanos {
+        let (tsc0, t0) = *EPOCH.get_or_init(|| (0, Instant::now()));
+        let epoch_ns = match t0.checked_duration_since(since) {
+            Some(d) => d.as_nanos() as f64,
+            None => -(since.saturating_duration_since(t0).as_nanos() as f64),
+        };
+        let ns_per_tick = if SOURCE.load(Ordering::Relaxed) == TSC {
+            ns_per_tick()
+        } else {
+            1.0
+        };
+        StampNanos {
+            tsc0,
+            ns_per_tick,
+            epoch_ns,
+        }
+    }
+
+    /// Nanoseconds from `since` to `s`, zero for a stamp before it (the float's cast
+    /// saturates). A double holds nanoseconds exactly for 104 days.
+    #[inline]
+    pub fn at(&self, s: Stamp) -> u64 {
+        let ticks = s.0.wrapping_sub(self.tsc0) as i64;
+        (self.epoch_ns + ticks as f64 * self.ns_per_tick) as u64
+    }
+
+    /// `ticks` of the clock as nanoseconds.
+    #[inline]
+    pub fn span(&self, ticks: u64) -> u64 {
+        (ticks as f64 * self.ns_per_tick) as u64
+    }
+}
+
 /// `ticks` of the per-call clock as time.
 pub fn ticks_to_duration(ticks: u64) -> Duration {
     if SOURCE.load(Ordering::Relaxed) != TSC {
@@ -210,5 +256,19 @@ mod tests {
         let ms = unix_ms(s0, s1, now_ms);
         assert!(ms.abs_diff(expected) <= 5, "{ms} against {expected}");
         assert_eq!(unix_ms(Stamp::default(), s1, now_ms), 0);
+        // The writer's conversion agrees with `Stamp::instant` to within rounding.
+        let conv = StampNanos::since(i0);
+        let via_instant = s1.instant().saturating_duration_since(i0).as_nanos() as u64;
+        let at = conv.at(s1);
+        assert!(
+            at.abs_diff(via_instant) < 50_000,
+            "{at} ns against {via_instant} ns"
+        );
+        let span = conv.span(s1.0 - s0.0);
+        let since = s1.since(s0).as_nanos() as u64;
+        assert!(
+            span.abs_diff(since) < 50_000,
+            "{span} ns against {since} ns"
+        );
     }
 }

@@ -35,8 +35,11 @@
 //! too, and else takes `report.lock` (create-exclusive): the one rank that gets it collects the others' dumps as the launcher would (asking the ranks
 //! on its host that did not dump with SIGUSR1, describing those that are stopped or
 //! gone) and prints the report on its stderr; the others print only their own error,
-//! which names the rank it deduced. The last communicator of a process to close removes
-//! its marker, and its dump when nothing failed, and the directory once empty.
+//! which names the rank it deduced. The printing rank then leaves `finding` (the job's
+//! first failure) in place of the dumps, and keeps the lock: a rank that fails later
+//! names that failure and prints no second report. The last communicator of a process
+//! to close removes its marker, and its dump when nothing failed; the last process the
+//! finding and the lock, and the directory once empty.
 //!
 //! Every failing rank also names the job's culprit in its own error: after its dump
 //! it reads the others' dumps and the states of this host's processes for up to a
@@ -179,6 +182,8 @@ struct Process {
     job_id: Option<String>,
     /// The last error of a collective, and the rank it points at.
     error: Option<(String, Option<usize>)>,
+    /// The job's first failure as this process found it, for its later failures.
+    finding: Option<String>,
 }
 
 static PROCESS: Mutex<Option<Process>> = Mutex::new(None);
@@ -276,6 +281,9 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Optio
             Some(p) => {
                 // The first error stays: later ones follow from it.
                 p.error.get_or_insert((err.to_string(), culprit));
+                if let Some(f) = &p.finding {
+                    return Some(f.clone());
+                }
                 (
                     p.dir.clone(),
                     !p.launcher,
@@ -288,8 +296,13 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Optio
         }
     };
     let dir = dir?;
+    // Without a launcher, once the report is printed its dumps are gone and what it
+    // found stays in their place: a rank failing later names it and stays quiet.
+    if let Some(f) = read_finding(&dir) {
+        keep_finding(&f);
+        return Some(f);
+    }
     if !dir.is_dir() {
-        // Without a launcher: the report was printed and its directory removed.
         return None;
     }
     if let Err(e) = write_dump(&dir, &snapshot("error")) {
@@ -300,7 +313,57 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Optio
     if alone {
         report_alone(&dir, rank, world, &host);
     }
+    if let Some(f) = &finding {
+        keep_finding(f);
+    }
     finding
+}
+
+/// `dir/finding`: the job's first failure as the printed report named it.
+fn finding_path(dir: &Path) -> PathBuf {
+    dir.join("finding")
+}
+
+fn read_finding(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(finding_path(dir))
+        .ok()
+        .filter(|f| !f.is_empty())
+}
+
+/// The process's later failures name the same first failure without looking again.
+fn keep_finding(f: &str) {
+    let mut p = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = p.as_mut() {
+        p.finding.get_or_insert_with(|| f.to_string());
+    }
+}
+
+/// After the report: `finding` (written whole, to a temporary name then renamed) takes
+/// the place of the dumps, which are removed. The report's lock stays, so that no second
+/// report is printed, and so do the ranks' markers: each process removes its own as it
+/// closes, and the last one the finding, the lock and the directory.
+fn leave_finding(dir: &Path, finding: Option<&str>) {
+    if let Some(f) = finding {
+        let tmp = dir.join(".finding");
+        let written =
+            std::fs::write(&tmp, f).and_then(|()| std::fs::rename(&tmp, finding_path(dir)));
+        if let Err(e) = written {
+            tracing::debug!(
+                "flight recorder: writing {}: {e}",
+                finding_path(dir).display()
+            );
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name != "finding" && name != "report.lock" && !name.ends_with(".pid") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// How long a failing rank looks for the others' dumps before it names the job's
@@ -319,8 +382,17 @@ fn job_finding(dir: &Path, world: usize, host: &str) -> Option<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(FINDING_WAIT_MS);
     let (states, fates) = collect(dir, world, host, start, deadline, true, true);
     let r = report::build("", &states, &fates, now_ms());
+    phrase(&r)
+}
+
+/// A report's finding, phrased to follow an error.
+fn phrase(r: &report::Report) -> Option<String> {
     let culprit = r.culprit?;
-    let place = r.collective.map(|c| format!(" in {c}")).unwrap_or_default();
+    let place = r
+        .collective
+        .as_ref()
+        .map(|c| format!(" in {c}"))
+        .unwrap_or_default();
     Some(format!(
         "; the job's first failure: rank {culprit}{place}: rank {culprit} {}",
         r.why
@@ -405,11 +477,9 @@ fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     let r = report::build(&title, &states, &fates, now_ms());
     use std::io::Write as _;
     let _ = crate::log::stderr().write_all(r.text.as_bytes());
-    // Printed once: the dumps have served. A rank that fails later finds no directory
-    // and stays quiet.
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        tracing::debug!("flight recorder: removing {}: {e}", dir.display());
-    }
+    // Printed once: the dumps have served. A rank that fails later finds the finding
+    // in their place, names it and stays quiet.
+    leave_finding(dir, phrase(&r).as_deref());
 }
 
 fn read_dump(path: &Path) -> Option<RankState> {
@@ -621,6 +691,7 @@ pub(crate) fn register(
             live: 1,
             job_id: cfg.job_id.clone(),
             error: None,
+            finding: None,
         });
         dir
     };
@@ -670,6 +741,14 @@ pub(crate) fn unregister(rec: &'static Recorder) {
             let _ = std::fs::remove_file(dump_path(dir, proc_.rank));
         }
         if proc_.derived {
+            let markers_left = std::fs::read_dir(dir).is_ok_and(|es| {
+                es.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".pid"))
+            });
+            if !markers_left {
+                let _ = std::fs::remove_file(finding_path(dir));
+                let _ = std::fs::remove_file(dir.join("report.lock"));
+            }
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -789,7 +868,8 @@ fn serve_sigusr1(rd: i32) {
         // while it names the culprit): a collector keeps error dumps whatever their age.
         let state = snapshot(if failed { "error" } else { "SIGUSR1" });
         match dir {
-            Some(dir) if dir.is_dir() => {
+            // After a printed report its directory holds the finding, not dumps.
+            Some(dir) if dir.is_dir() && read_finding(&dir).is_none() => {
                 if let Err(e) = write_dump(&dir, &state) {
                     tracing::warn!("flight recorder: {e}");
                 }
@@ -835,6 +915,7 @@ mod tests {
             live: 1,
             job_id: None,
             error: None,
+            finding: None,
         });
         drop(p);
         let s = snapshot("test");
@@ -858,5 +939,59 @@ mod tests {
         // A call that never waited has no phase, whatever its slot held before.
         assert_eq!(before.phase, None);
         assert!(s.last_left_ms.is_some());
+    }
+
+    #[test]
+    fn a_rank_failing_after_the_report_names_the_first_failure() {
+        let rank = 3_000_002;
+        clock::init();
+        let dir = std::env::temp_dir().join(format!("hetccl-finding-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "rank-0.json",
+            "rank-1.json",
+            "report.lock",
+            "rank-1.pid",
+            "rank-3.pid",
+        ] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let finding = "; the job's first failure: rank 2 in all_reduce #1: rank 2 is stopped \
+                       (SIGSTOP or a debugger) and cannot answer";
+        // What the rank that printed the report leaves: the finding, the markers.
+        leave_finding(&dir, Some(finding));
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["finding", "rank-1.pid", "rank-3.pid", "report.lock"]);
+
+        let process = |dir: Option<PathBuf>| Process {
+            rank,
+            world_size: 4,
+            dir,
+            derived: false,
+            launcher: false,
+            host: "h".into(),
+            live: 1,
+            job_id: None,
+            error: None,
+            finding: None,
+        };
+        let rec = recorder(rank);
+        let err = Error::invalid("all_reduce", "timed out waiting for rank 0");
+        let saved = PROCESS.lock().unwrap().replace(process(Some(dir.clone())));
+        // A rank of another process fails later: it reads the finding, writes no dump.
+        let e = rec.begin(CollectiveOp::AllReduce, 1, 10, Stamp::now());
+        let got = failed(e, Stamp::now(), &err, Some(0));
+        assert!(!dump_path(&dir, rank).exists());
+        // Its process keeps it: a later failure names it with the directory gone.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = rec.begin(CollectiveOp::AllReduce, 2, 10, Stamp::now());
+        let again = failed(e, Stamp::now(), &err, Some(0));
+        *PROCESS.lock().unwrap() = saved;
+        assert_eq!(got.as_deref(), Some(finding));
+        assert_eq!(again.as_deref(), Some(finding));
     }
 }

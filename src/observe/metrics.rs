@@ -7,7 +7,7 @@
 //! that crossed each link. Calls run on shared memory without links (the eager slots,
 //! shared buffers) read their peers' memory and are counted apart.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::algorithm::executor::PhaseEnds;
 use crate::algorithm::{Phase, Schedule};
@@ -24,19 +24,33 @@ pub enum LinkClass {
     Shm = 0,
     /// TCP sockets.
     Tcp = 1,
+    /// A device collective's reads of host-mates' device memory over CUDA IPC (counted
+    /// as received).
+    DeviceIpc = 2,
+    /// A device collective's copies through pinned host memory: device to host counted
+    /// as sent, host to device as received (the host links' own bytes are counted in
+    /// their classes by the host communicator).
+    DeviceStaged = 3,
 }
 
 impl LinkClass {
     /// Number of classes.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 4;
     /// Every class, in the order of their values.
-    pub const ALL: [LinkClass; LinkClass::COUNT] = [LinkClass::Shm, LinkClass::Tcp];
+    pub const ALL: [LinkClass; LinkClass::COUNT] = [
+        LinkClass::Shm,
+        LinkClass::Tcp,
+        LinkClass::DeviceIpc,
+        LinkClass::DeviceStaged,
+    ];
 
     /// The class's name in dumps and traces.
     pub fn name(self) -> &'static str {
         match self {
             LinkClass::Shm => "shm",
             LinkClass::Tcp => "tcp",
+            LinkClass::DeviceIpc => "device ipc",
+            LinkClass::DeviceStaged => "device staged",
         }
     }
 
@@ -134,10 +148,10 @@ fn ms(d: Duration) -> f64 {
 /// When each phase of one call ran, derived from when it ended: consecutive, in
 /// phase order, the first from the call's start, none past its end.
 pub(crate) fn phase_spans(
-    start: Instant,
-    end: Instant,
+    start: Stamp,
+    end: Stamp,
     ends: &PhaseEnds,
-) -> impl Iterator<Item = (Phase, Instant, Instant)> + '_ {
+) -> impl Iterator<Item = (Phase, Stamp, Stamp)> + '_ {
     let mut from = start;
     Phase::ALL.into_iter().filter_map(move |p| {
         let e = ends[p as usize]?;
@@ -152,10 +166,11 @@ pub(crate) fn phase_spans(
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) m: Metrics,
-    /// The time of the calls without phases, in per-call clock ticks, made time only
-    /// by [`Counters::snapshot`]: such a call (the eager path's small messages) pays a
-    /// subtraction and an add, no conversion.
-    unphased_ticks: u64,
+    /// The time of every call and of each named phase, in per-call clock ticks, made
+    /// time only by [`Counters::snapshot`]: a call pays a subtraction and an add per
+    /// phase, no conversion.
+    total_ticks: u64,
+    phase_ticks: [u64; Phase::COUNT],
 }
 
 impl Counters {
@@ -183,37 +198,45 @@ impl Counters {
         }
     }
 
-    /// The counters now.
+    /// Counts what a device collective moved: `ipc_read` bytes read from host-mates'
+    /// device memory, `to_host` and `to_device` bytes copied through pinned host memory.
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn device_call(&mut self, ipc_read: u64, to_host: u64, to_device: u64) {
+        self.m.bytes_received[LinkClass::DeviceIpc as usize] += ipc_read;
+        self.m.bytes_sent[LinkClass::DeviceStaged as usize] += to_host;
+        self.m.bytes_received[LinkClass::DeviceStaged as usize] += to_device;
+    }
+
+    /// The counters now. The unnamed share is what the named phases leave of the
+    /// total, so that the phases add up to it exactly.
     pub(crate) fn snapshot(&self) -> Metrics {
         let mut m = self.m.clone();
-        let t = ticks_to_duration(self.unphased_ticks);
-        m.time_total += t;
-        m.time_by_phase[Phase::Unnamed as usize] += t;
+        let total = ticks_to_duration(self.total_ticks);
+        m.time_total += total;
+        let mut named = Duration::ZERO;
+        for p in Phase::ALL {
+            if p != Phase::Unnamed {
+                let d = ticks_to_duration(self.phase_ticks[p as usize]);
+                named += d;
+                m.time_by_phase[p as usize] += d;
+            }
+        }
+        m.time_by_phase[Phase::Unnamed as usize] += total.saturating_sub(named);
         m
     }
 
     /// Counts a call's time: in all, and by phase.
     #[inline]
     pub(crate) fn time(&mut self, start: Stamp, end: Stamp, ends: &PhaseEnds) {
+        self.total_ticks += end.ticks().saturating_sub(start.ticks());
         if ends.iter().all(Option::is_none) {
-            self.unphased_ticks += end.ticks().saturating_sub(start.ticks());
             return;
         }
-        self.time_phased(start.instant(), end.instant(), ends);
-    }
-
-    /// [`Counters::time`] of a call with phases, whose ends the executor read as
-    /// `Instant`s.
-    fn time_phased(&mut self, start: Instant, end: Instant, ends: &PhaseEnds) {
-        let total = end.saturating_duration_since(start);
-        self.m.time_total += total;
-        let mut named = Duration::ZERO;
         for (p, a, b) in phase_spans(start, end, ends) {
-            let d = b.saturating_duration_since(a);
-            named += d;
-            self.m.time_by_phase[p as usize] += d;
+            if p != Phase::Unnamed {
+                self.phase_ticks[p as usize] += b.ticks().saturating_sub(a.ticks());
+            }
         }
-        self.m.time_by_phase[Phase::Unnamed as usize] += total.saturating_sub(named);
     }
 
     /// Counts what a compressed call saturated.
@@ -229,29 +252,52 @@ mod tests {
 
     #[test]
     fn phases_are_consecutive_and_clamped_to_the_call() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let at = |t: u64| Stamp::from_ticks(1000 + t);
         let mut ends: PhaseEnds = [None; Phase::COUNT];
         ends[Phase::IntraReduceScatter as usize] = Some(at(3));
         // Ended before the phase before it: it takes no time of its own.
         ends[Phase::InterAllReduce as usize] = Some(at(2));
         ends[Phase::IntraAllGather as usize] = Some(at(12));
-        let spans: Vec<_> = phase_spans(t0, at(10), &ends)
-            .map(|(p, a, b)| (p, a - t0, b - t0))
+        let spans: Vec<_> = phase_spans(at(0), at(10), &ends)
+            .map(|(p, a, b)| (p, a.ticks() - 1000, b.ticks() - 1000))
             .collect();
-        let d = Duration::from_millis;
         assert_eq!(
             spans,
             [
-                (Phase::IntraReduceScatter, d(0), d(3)),
-                (Phase::InterAllReduce, d(3), d(3)),
-                (Phase::IntraAllGather, d(3), d(10)),
+                (Phase::IntraReduceScatter, 0, 3),
+                (Phase::InterAllReduce, 3, 3),
+                (Phase::IntraAllGather, 3, 10),
             ]
         );
         let mut c = Counters::default();
-        c.time_phased(t0, at(10), &ends);
-        assert_eq!(c.m.time_in(Phase::IntraAllGather), d(7));
-        assert_eq!(c.m.time_in(Phase::Unnamed), d(0));
-        assert_eq!(c.m.time_total, d(10));
+        c.time(at(0), at(10), &ends);
+        c.time(at(20), at(25), &[None; Phase::COUNT]);
+        assert_eq!(c.total_ticks, 15);
+        assert_eq!(c.phase_ticks[Phase::IntraAllGather as usize], 7);
+        assert_eq!(c.phase_ticks[Phase::IntraReduceScatter as usize], 3);
+        assert_eq!(c.phase_ticks[Phase::InterAllReduce as usize], 0);
+        assert_eq!(c.phase_ticks[Phase::Unnamed as usize], 0);
+        // Made time at the snapshot, the phases adding up to the total.
+        let m = c.snapshot();
+        let parts: Duration = m.time_by_phase.iter().sum();
+        assert_eq!(parts, m.time_total);
+        assert_eq!(m.time_total, ticks_to_duration(15));
+    }
+
+    #[test]
+    fn device_bytes_count_in_their_classes() {
+        let mut c = Counters::default();
+        c.device_call(3000, 0, 0);
+        c.device_call(500, 4096, 2048);
+        let m = c.snapshot();
+        assert_eq!(m.received(LinkClass::DeviceIpc), 3500);
+        assert_eq!(m.sent(LinkClass::DeviceIpc), 0);
+        assert_eq!(m.sent(LinkClass::DeviceStaged), 4096);
+        assert_eq!(m.received(LinkClass::DeviceStaged), 2048);
+        // The host links' classes are the host communicator's alone.
+        assert_eq!((m.sent(LinkClass::Shm), m.sent(LinkClass::Tcp)), (0, 0));
+        assert!(m.summary().contains(
+            "; device ipc sent 0 received 3500 bytes; device staged sent 4096 received 2048 bytes"
+        ), "{}", m.summary());
     }
 }

@@ -26,7 +26,6 @@ pub(crate) use waits::LinkWaits;
 pub(crate) use clock::offset_to_rank0;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::algorithm::executor::{ExecCtx, PhaseEnds, Wire};
 use crate::algorithm::Schedule;
@@ -61,16 +60,17 @@ pub(crate) struct Observer {
     pub(crate) tracer: Option<Arc<Tracer>>,
     /// While tracing: the time the running call waited on each peer, and whether the
     /// running call handed it to the executor.
-    pub(crate) waits: Vec<Duration>,
+    /// Per-call clock ticks.
+    pub(crate) waits: Vec<u64>,
     pub(crate) waits_taken: bool,
 }
 
 impl Observer {
     /// Where the next run over links adds its waits on each peer: only while tracing.
-    pub(crate) fn link_waits(&mut self) -> Option<&mut [Duration]> {
+    pub(crate) fn link_waits(&mut self) -> Option<&mut [u64]> {
         self.tracer.as_ref()?;
         self.waits.clear();
-        self.waits.resize(self.classes.len(), Duration::ZERO);
+        self.waits.resize(self.classes.len(), 0);
         self.waits_taken = true;
         Some(&mut self.waits)
     }
@@ -98,7 +98,7 @@ impl Observer {
         }
         self.counters.time(c.start, c.end, c.phase_end);
         if let Some(t) = &self.tracer {
-            let waits: &[Duration] = if std::mem::take(&mut self.waits_taken) {
+            let waits: &[u64] = if std::mem::take(&mut self.waits_taken) {
                 &self.waits
             } else {
                 &[]
@@ -108,12 +108,13 @@ impl Observer {
     }
 }
 
-/// The trace record of one call: what it was, copied (the schedule shared, not copied);
-/// its JSON is written when the trace is written out, off the collective's path. Never
-/// inlined, so that `scripts/trace-overhead.sh` can count it.
+/// The trace record of one call: what it was, copied as fixed-size values (the schedule
+/// and the link classes shared, not copied; its clock stamps raw); its JSON is written
+/// when the trace is written out, off the collective's path. Never inlined, so that
+/// `scripts/trace-overhead.sh` can count it.
 #[cold]
 #[inline(never)]
-fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, waits: &[Duration]) {
+fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, waits: &[u64]) {
     let ctx = c.ctx;
     t.call(
         trace::CallEvent {
@@ -128,8 +129,8 @@ fn record(t: &Tracer, c: &CallDone<'_>, classes: &Arc<[Option<LinkClass>]>, wait
             wire: c.wire.cloned(),
             classes: classes.clone(),
             error: c.result.as_ref().err().map(ToString::to_string),
-            start: c.start.instant(),
-            end: c.end.instant(),
+            start: c.start,
+            end: c.end,
             phase_end: *c.phase_end,
             waits: 0..0,
         },
@@ -291,6 +292,92 @@ mod tests {
     }
 
     #[test]
+    fn a_traced_call_writes_every_field_and_its_phases_inside_it() {
+        let dir = std::env::temp_dir().join(format!("hetccl-fields-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pattern = format!("{}/t-%r.json", dir.display());
+        let cfg = Config {
+            algo: AlgoChoice::Ring,
+            timeout: Duration::from_secs(20),
+            trace: Some(pattern.clone()),
+            ..Config::default()
+        };
+        let cs = world(2, 2, cfg);
+        on_all(&cs, |c| {
+            let mut v = vec![1.0f32; 1000];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        });
+        drop(cs);
+        let text = std::fs::read_to_string(trace::path_for(&pattern, 1)).unwrap();
+        let events: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let calls: Vec<_> = events.iter().filter(|e| e["cat"] == "collective").collect();
+        assert_eq!(calls.len(), 2, "{text}");
+        let call = calls[1];
+        let keys: Vec<&str> = call["args"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut want = [
+            "seq",
+            "bytes",
+            "count",
+            "dtype",
+            "redop",
+            "path",
+            "algorithm",
+            "sent",
+            "received",
+            "waited_us",
+            "compression",
+        ];
+        want.sort_unstable();
+        let mut got = keys.clone();
+        got.sort_unstable();
+        assert_eq!(got, want, "{call}");
+        let a = &call["args"];
+        assert_eq!(
+            (a["seq"].as_u64(), a["bytes"].as_u64(), a["count"].as_u64()),
+            (Some(1), Some(4000), Some(1000))
+        );
+        assert_eq!(
+            (a["dtype"].as_str(), a["redop"].as_str()),
+            (Some("f32"), Some("sum"))
+        );
+        assert_eq!(
+            (a["algorithm"].as_str(), a["compression"].as_str()),
+            (Some("ring"), Some("off"))
+        );
+        // A 2-rank ring moves 2(n-1)/n · S = S each way with its one peer.
+        assert_eq!(a["sent"]["0 (shm)"], 4000, "{call}");
+        assert_eq!(a["received"]["0 (shm)"], 4000, "{call}");
+        assert_eq!(
+            (call["pid"].as_u64(), call["ph"].as_str()),
+            (Some(1), Some("X"))
+        );
+        let (ts, dur) = (call["ts"].as_f64().unwrap(), call["dur"].as_f64().unwrap());
+        let phases: Vec<_> = events
+            .iter()
+            .filter(|e| e["cat"] == "phase" && e["args"]["seq"] == 1)
+            .collect();
+        let names: Vec<_> = phases.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["reduce-scatter", "all-gather"], "{text}");
+        // Consecutive, from the call's start, inside it (three decimals of rounding).
+        assert_eq!(phases[0]["ts"].as_f64(), Some(ts));
+        let end0 = phases[0]["ts"].as_f64().unwrap() + phases[0]["dur"].as_f64().unwrap();
+        assert!(
+            (phases[1]["ts"].as_f64().unwrap() - end0).abs() < 0.002,
+            "{text}"
+        );
+        let end1 = phases[1]["ts"].as_f64().unwrap() + phases[1]["dur"].as_f64().unwrap();
+        assert!(end1 <= ts + dur + 0.002, "{text}");
+        assert_eq!(phases[1]["args"]["op"], "all_reduce");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_summary_names_every_counter() {
         let mut m = Metrics {
             calls: 3,
@@ -302,7 +389,8 @@ mod tests {
         assert_eq!(
             m.summary(),
             "3 calls (0 failed, 0 on shared memory: 0 bytes); shm sent 0 received 0 bytes; \
-             tcp sent 4096 received 0 bytes; 0.000 ms in collectives, all-gather 1.500 ms; \
+             tcp sent 4096 received 0 bytes; device ipc sent 0 received 0 bytes; \
+             device staged sent 0 received 0 bytes; 0.000 ms in collectives, all-gather 1.500 ms; \
              2 setup retries; compression 0 overflows, 0 non-finite"
         );
     }

@@ -27,8 +27,10 @@
 //! `hetccl trace merge` does so for every file it merges.
 //!
 //! Events are kept in memory and written when a few thousand have gathered and when
-//! the communicator is dropped. A collective is kept as plain values (its schedule
-//! shared) and written as JSON by hand, not through `serde_json::Value`: tracing adds
+//! the communicator is dropped. A collective is kept as fixed-size values (its schedule
+//! and link classes shared, its times raw per-call clock stamps, made microseconds of
+//! the trace clock only when written) and written as JSON by hand, not through
+//! `serde_json::Value`: tracing adds
 //! under 3 % to a collective's instructions (`scripts/trace-overhead.sh`,
 //! `docs/PERFORMANCE.md`), writing included.
 
@@ -48,6 +50,8 @@ use crate::algorithm::executor::{PhaseEnds, Wire};
 use crate::algorithm::Schedule;
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::flight::clock::StampNanos;
+use crate::flight::Stamp;
 
 /// Events kept before they are written out.
 const FLUSH_EVERY: usize = 4096;
@@ -106,10 +110,11 @@ pub(crate) struct CallEvent {
     /// The class of the link to each peer.
     pub(crate) classes: Arc<[Option<LinkClass>]>,
     pub(crate) error: Option<String>,
-    pub(crate) start: Instant,
-    pub(crate) end: Instant,
+    /// The per-call clock's stamps, made trace-clock time when written.
+    pub(crate) start: Stamp,
+    pub(crate) end: Stamp,
     pub(crate) phase_end: PhaseEnds,
-    /// Its waits on each peer: `(peer, nanoseconds)` in the buffer's `waits`.
+    /// Its waits on each peer: `(peer, ticks)` in the buffer's `waits`.
     pub(crate) waits: Range<usize>,
 }
 
@@ -132,8 +137,8 @@ struct Buf {
     meta: Vec<Value>,
     /// The line being written, kept for its capacity.
     line: Vec<u8>,
-    /// The calls' waits on peers they waited on, `(peer, nanoseconds)`; each call holds
-    /// its range. Kept for its capacity like the events.
+    /// The calls' waits on peers they waited on, `(peer, per-call clock ticks)`; each
+    /// call holds its range. Kept for its capacity like the events.
     waits: Vec<(u32, u64)>,
 }
 
@@ -256,14 +261,13 @@ impl Tracer {
         }));
     }
 
-    /// Records a collective on the calling thread, with its wait on each peer
-    /// (indexed by rank; empty when it ran on no links).
-    pub(crate) fn call(&self, mut c: CallEvent, waits: &[Duration]) {
+    /// Records a collective on the calling thread, with its wait on each peer in
+    /// per-call clock ticks (indexed by rank; empty when it ran on no links).
+    pub(crate) fn call(&self, mut c: CallEvent, waits: &[u64]) {
         let mut b = self.lock();
         let from = b.waits.len();
-        for (p, d) in waits.iter().enumerate().filter(|(_, d)| !d.is_zero()) {
-            b.waits
-                .push((p as u32, d.as_nanos().min(u128::from(u64::MAX)) as u64));
+        for (p, &t) in waits.iter().enumerate().filter(|(_, &t)| t != 0) {
+            b.waits.push((p as u32, t));
         }
         c.waits = from..b.waits.len();
         self.push_locked(b, Kind::Call(c));
@@ -324,6 +328,8 @@ impl Tracer {
             waits.clear();
             return;
         };
+        // One reading of the per-call clock's epoch and rate for all the calls written.
+        let clock = StampNanos::since(epoch());
         let written = (|| -> std::io::Result<()> {
             for m in meta.drain(..) {
                 line(w, &m)?;
@@ -344,7 +350,7 @@ impl Tracer {
                     Kind::Call(c) => {
                         text.clear();
                         let waited = waits.get(c.waits.clone()).unwrap_or(&[]);
-                        write_call(text, &c, waited, self.rank, e.tid);
+                        write_call(text, &c, waited, &clock, self.rank, e.tid);
                         w.write_all(text)?;
                     }
                 }
@@ -380,33 +386,44 @@ fn line(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
 /// `00` to `99`, two bytes each: numbers are written two digits a step.
 const PAIRS: &[u8; 200] = b"00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
 
-/// Appends `v` in decimal.
+/// 10^i for i up to 19, the powers a `u64` holds.
+const POW10: [u64; 20] = {
+    let mut p = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        p[i] = p[i - 1] * 10;
+        i += 1;
+    }
+    p
+};
+
+/// Appends `v` in decimal: its digits into a fixed array from the left, the whole array
+/// appended (a fixed-size copy, no `memcpy` call) and cut back to the digits.
 fn uint(out: &mut Vec<u8>, mut v: u64) {
+    // The digit count from the bit length: log10(2) ~ 1233 / 4096, one table look-up
+    // to correct it.
+    let bits = 64 - (v | 1).leading_zeros() as usize;
+    let t = (bits * 1233) >> 12;
+    let n = (t + 1 - usize::from(v < POW10[t])).max(1);
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
+    let mut i = n;
     while v >= 100 {
         let d = (v % 100) as usize * 2;
         v /= 100;
         i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+        digits[i] = PAIRS[d];
+        digits[i + 1] = PAIRS[d + 1];
     }
     if v >= 10 {
         let d = v as usize * 2;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
+        digits[0] = PAIRS[d];
+        digits[1] = PAIRS[d + 1];
     } else {
-        i -= 1;
-        digits[i] = b'0' + v as u8;
+        digits[0] = b'0' + v as u8;
     }
-    out.extend_from_slice(&digits[i..]);
-}
-
-/// Nanoseconds of the trace clock at `t`, in integers: cheaper to write than `f64`.
-fn nanos(t: Instant, epoch: Instant) -> u64 {
-    let d = t.saturating_duration_since(epoch);
-    d.as_secs()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::from(d.subsec_nanos()))
+    let len = out.len();
+    out.extend_from_slice(&digits);
+    out.truncate(len + n);
 }
 
 /// Appends `ns` nanoseconds as microseconds with three decimals, as the format counts
@@ -419,16 +436,32 @@ fn micros_of(out: &mut Vec<u8>, ns: u64) {
 }
 
 /// Appends `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
-/// nanoseconds).
-fn times(out: &mut Vec<u8>, a: u64, b: u64, rank: usize, tid: u32) {
+/// nanoseconds). `who` is where `,"pid":..,"tid":..` was written already for an earlier
+/// line of the same call, copied rather than written again; `None` the first time, and
+/// returned for the next.
+fn times(
+    out: &mut Vec<u8>,
+    a: u64,
+    b: u64,
+    rank: usize,
+    tid: u32,
+    who: Option<Range<usize>>,
+) -> Range<usize> {
     out.extend_from_slice(b"\"ts\":");
     micros_of(out, a);
     out.extend_from_slice(b",\"dur\":");
     micros_of(out, b.saturating_sub(a));
-    out.extend_from_slice(b",\"pid\":");
-    uint(out, rank as u64);
-    out.extend_from_slice(b",\"tid\":");
-    uint(out, u64::from(tid));
+    let from = out.len();
+    match who {
+        Some(r) => out.extend_from_within(r),
+        None => {
+            out.extend_from_slice(b",\"pid\":");
+            uint(out, rank as u64);
+            out.extend_from_slice(b",\"tid\":");
+            uint(out, u64::from(tid));
+        }
+    }
+    from..out.len()
 }
 
 /// Appends `"key":"value"` (`key` given with its quotes and colon) for a value of the
@@ -458,14 +491,20 @@ fn peer_key(out: &mut Vec<u8>, p: usize, classes: &[Option<LinkClass>]) {
 /// that ends the line before (as [`line`] writes them). Written by hand rather than
 /// through `serde_json::Value`, which would cost the call more than the 3 % of its
 /// instructions `docs/PERFORMANCE.md` holds the trace to.
-fn write_call(out: &mut Vec<u8>, c: &CallEvent, waited: &[(u32, u64)], rank: usize, tid: u32) {
+fn write_call(
+    out: &mut Vec<u8>,
+    c: &CallEvent,
+    waited: &[(u32, u64)],
+    clock: &StampNanos,
+    rank: usize,
+    tid: u32,
+) {
     let op = c.op.name();
-    let epoch = epoch();
     out.reserve(1024);
     out.extend_from_slice(b",\n{\"ph\":\"X\",");
     name_field(out, b"\"name\":", op);
     out.extend_from_slice(b",\"cat\":\"collective\",");
-    times(out, nanos(c.start, epoch), nanos(c.end, epoch), rank, tid);
+    let who = times(out, clock.at(c.start), clock.at(c.end), rank, tid, None);
     out.extend_from_slice(b",\"args\":{\"seq\":");
     uint(out, c.seq);
     out.extend_from_slice(b",\"bytes\":");
@@ -505,14 +544,14 @@ fn write_call(out: &mut Vec<u8>, c: &CallEvent, waited: &[(u32, u64)], rank: usi
         per_peer(out, "received", &s.received_from);
         // Microseconds spent waiting on each peer, peers never waited on left out.
         out.extend_from_slice(b",\"waited_us\":{");
-        for (i, &(p, ns)) in waited.iter().enumerate() {
+        for (i, &(p, ticks)) in waited.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             out.push(b'"');
             peer_key(out, p as usize, &c.classes);
             out.extend_from_slice(b"\":");
-            micros_of(out, ns);
+            micros_of(out, clock.span(ticks));
         }
         out.push(b'}');
     }
@@ -532,7 +571,7 @@ fn write_call(out: &mut Vec<u8>, c: &CallEvent, waited: &[(u32, u64)], rank: usi
         out.extend_from_slice(b",\n{\"ph\":\"X\",");
         name_field(out, b"\"name\":", p.name());
         out.extend_from_slice(b",\"cat\":\"phase\",");
-        times(out, nanos(a, epoch), nanos(b, epoch), rank, tid);
+        times(out, clock.at(a), clock.at(b), rank, tid, Some(who.clone()));
         out.extend_from_slice(b",\"args\":{");
         name_field(out, b"\"op\":", op);
         out.extend_from_slice(b",\"seq\":");

@@ -5,7 +5,9 @@
 //! ```text
 //! every rank, alone       /dev/shm against the segments this job's shm links would make,
 //!                         locked-memory (pinned) and open-file limits, the interface and
-//!                         its route to MASTER_ADDR, the job key, GPUs (feature cuda)
+//!                         its route to MASTER_ADDR, the job key; GPUs, IPC between this
+//!                         host's ranks' GPUs and pinned memory (feature cuda; skipped,
+//!                         with the reason, without it or without a CUDA driver)
 //!                         a failed /dev/shm or interface check is left out of what
 //!                         follows (TCP instead; the default route), so the rest runs
 //! every rank, together    a communicator: every rank joins, every connection authenticated
@@ -46,6 +48,9 @@ check (ok, warn or FAIL, and the fix) and every rank exits 1 when a check failed
 pub enum Status {
     /// Fine.
     Ok,
+    /// Not checked here, for the reason given (no CUDA driver, a build without GPUs):
+    /// neither passed nor failed.
+    Skip,
     /// Works, but slower or weaker than it could.
     Warn,
     /// A job would fail.
@@ -56,6 +61,7 @@ impl Status {
     fn word(self) -> &'static str {
         match self {
             Status::Ok => "ok",
+            Status::Skip => "skipped",
             Status::Warn => "warn",
             Status::Fail => "FAIL",
         }
@@ -400,20 +406,30 @@ pub fn check_job_key(cfg: &Config, world: usize) -> Row {
     }
 }
 
-/// GPUs this rank can use (feature `cuda`; the driver is asked only when its library
-/// loads).
-pub fn check_gpus() -> Row {
+/// Why the GPU checks cannot run here, if they cannot: a build without the `cuda`
+/// feature, or no CUDA driver library (cudarc would panic on the first driver call, so
+/// the library is looked for first).
+fn gpu_checks_skipped() -> Option<&'static str> {
     #[cfg(feature = "cuda")]
     {
         // SAFETY: only tries to dlopen the driver library; no CUDA function is called.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return row(
-                "GPUs",
-                Status::Warn,
-                "no CUDA driver library (libcuda.so): host collectives only",
-                "install the NVIDIA driver, or ignore on CPU-only hosts",
-            );
+            return Some("no CUDA driver library (libcuda.so) on this host");
         }
+        None
+    }
+    #[cfg(not(feature = "cuda"))]
+    Some("built without the cuda feature (host collectives only)")
+}
+
+/// GPUs this rank can use (feature `cuda`; the driver is asked only when its library
+/// loads).
+pub fn check_gpus() -> Row {
+    if let Some(why) = gpu_checks_skipped() {
+        return row("GPUs", Status::Skip, format!("not checked: {why}"), "");
+    }
+    #[cfg(feature = "cuda")]
+    {
         let probe = std::panic::catch_unwind(|| {
             cudarc::driver::result::init()?;
             cudarc::driver::result::device::get_count()
@@ -441,12 +457,174 @@ pub fn check_gpus() -> Row {
         }
     }
     #[cfg(not(feature = "cuda"))]
+    skipped_without_cuda("GPUs")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn skipped_without_cuda(check: &str) -> Row {
+    // What `gpu_checks_skipped` says for every build without the feature.
     row(
-        "GPUs",
-        Status::Ok,
-        "not checked: built without the cuda feature (host collectives only)",
+        check,
+        Status::Skip,
+        "not checked: built without the cuda feature",
         "",
     )
+}
+
+/// The device a local rank uses, as the device collectives pick it: local rank modulo
+/// the devices visible.
+#[cfg(feature = "cuda")]
+fn device_of(local_rank: usize, devices: usize) -> usize {
+    local_rank % devices.max(1)
+}
+
+/// CUDA IPC between the GPUs of this host's ranks: this rank's device can map every
+/// other local rank's device memory (`cuDeviceCanAccessPeer`); ranks on one device need
+/// no peer access. Opening a peer's IPC handle needs the peer's process and is left to
+/// the job's first device collective, which fails with the driver's words.
+pub fn check_gpu_ipc(local_rank: usize, local_ranks: usize) -> Row {
+    if let Some(why) = gpu_checks_skipped() {
+        return row("GPU IPC", Status::Skip, format!("not checked: {why}"), "");
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::result;
+        let probe = std::panic::catch_unwind(|| -> Result<Row, result::DriverError> {
+            result::init()?;
+            let n = result::device::get_count()?.max(0) as usize;
+            if n == 0 {
+                return Ok(row(
+                    "GPU IPC",
+                    Status::Skip,
+                    "not checked: the CUDA driver sees no device",
+                    "",
+                ));
+            }
+            let mine = device_of(local_rank, n);
+            let me = result::device::get(mine as i32)?;
+            let mut blocked = Vec::new();
+            let mut others: Vec<usize> = (0..local_ranks)
+                .map(|l| device_of(l, n))
+                .filter(|&d| d != mine)
+                .collect();
+            others.sort_unstable();
+            others.dedup();
+            for &d in &others {
+                let peer = result::device::get(d as i32)?;
+                let mut can = 0i32;
+                // SAFETY: both handles came from the driver just now; `can` is written.
+                let rc = unsafe { cudarc::driver::sys::cuDeviceCanAccessPeer(&mut can, me, peer) };
+                rc.result()?;
+                if can == 0 {
+                    blocked.push(d.to_string());
+                }
+            }
+            Ok(if blocked.is_empty() {
+                row(
+                    "GPU IPC",
+                    Status::Ok,
+                    format!(
+                        "device {mine} maps the memory of {} other local device(s)",
+                        others.len()
+                    ),
+                    "",
+                )
+            } else {
+                row(
+                    "GPU IPC",
+                    Status::Warn,
+                    format!(
+                        "device {mine} cannot access device(s) {} directly",
+                        blocked.join(", ")
+                    ),
+                    "enable peer access between the GPUs (IOMMU/ACS settings, one PCIe \
+                     root), or run the device collectives on the staged path \
+                     (DevicePath::Staged), through host memory",
+                )
+            })
+        });
+        match probe {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => row(
+                "GPU IPC",
+                Status::Fail,
+                format!("the CUDA driver failed: {e}"),
+                "check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES",
+            ),
+            Err(_) => row(
+                "GPU IPC",
+                Status::Fail,
+                "the CUDA driver lacks an entry point this build needs",
+                "update the NVIDIA driver",
+            ),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (local_rank, local_ranks);
+        skipped_without_cuda("GPU IPC")
+    }
+}
+
+/// Pinned host memory: the staged device path's two staging buffers, allocated once
+/// and freed (`cuMemHostAlloc`), which is where a low `ulimit -l` or a container's
+/// limit shows.
+pub fn check_pinned(cfg: &Config) -> Row {
+    if let Some(why) = gpu_checks_skipped() {
+        return row(
+            "pinned memory",
+            Status::Skip,
+            format!("not checked: {why}"),
+            "",
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::result;
+        let need = pinned_bytes(cfg) as usize;
+        let probe = std::panic::catch_unwind(|| -> Result<(), result::DriverError> {
+            result::init()?;
+            let dev = result::device::get(0)?;
+            // SAFETY: the primary context is retained, made current, used for one
+            // allocation freed at once, and released.
+            unsafe {
+                let ctx = result::primary_ctx::retain(dev)?;
+                result::ctx::set_current(ctx)?;
+                let r = result::malloc_host(need, 0).and_then(|p| result::free_host(p));
+                result::primary_ctx::release(dev)?;
+                r
+            }
+        });
+        match probe {
+            Ok(Ok(())) => row(
+                "pinned memory",
+                Status::Ok,
+                format!("{} of pinned staging buffers allocated", mib(need as u64)),
+                "",
+            ),
+            Ok(Err(e)) => row(
+                "pinned memory",
+                Status::Fail,
+                format!(
+                    "{} of pinned memory could not be allocated: {e}",
+                    mib(need as u64)
+                ),
+                "raise the locked-memory limit (ulimit -l, the container's memlock) or lower \
+                 HETCCL_DEVICE_STAGE_BYTES",
+            ),
+            Err(_) => row(
+                "pinned memory",
+                Status::Fail,
+                "the CUDA driver lacks an entry point this build needs",
+                "update the NVIDIA driver",
+            ),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        skipped_without_cuda("pinned memory")
+    }
 }
 
 /// One pair as its lower rank measured it: (peer, link, one-way latency us, bandwidth
@@ -741,6 +919,8 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         iface_row,
         check_job_key(&cfg, world),
         check_gpus(),
+        check_gpu_ipc(cfg.launch.local_rank.unwrap_or(0), local),
+        check_pinned(&cfg),
     ];
     // What failed alone is left out of the rest, so the rest can still be checked.
     if rows[0].status == Status::Fail {
@@ -821,6 +1001,32 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the GPU checks cannot run, each says why and is skipped: neither a pass
+    /// nor a failure, and no fix to follow.
+    #[test]
+    fn without_a_cuda_driver_the_gpu_checks_are_skipped_with_the_reason() {
+        #[cfg(feature = "cuda")]
+        // SAFETY: only tries to dlopen the driver library.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            hetccl_testkit::skip("a CUDA driver library is present: the checks run");
+            return;
+        }
+        let why = if cfg!(feature = "cuda") {
+            "not checked: no CUDA driver library (libcuda.so) on this host"
+        } else {
+            "not checked: built without the cuda feature (host collectives only)"
+        };
+        let cfg = Config::default();
+        let rows = [check_gpus(), check_gpu_ipc(1, 4), check_pinned(&cfg)];
+        for (r, check) in rows.iter().zip(["GPUs", "GPU IPC", "pinned memory"]) {
+            assert_eq!(r, &row(check, Status::Skip, why, ""));
+        }
+        // Skipped rows fail nothing, and the table says "skipped".
+        assert_eq!(exit_code(&rows), 0);
+        let t = table(&rows);
+        assert!(t.contains("GPU IPC        skipped  "), "{t}");
+    }
 
     /// The job key check fails exactly where the bootstrap would refuse: several
     /// ranks, no key, and nothing that puts them all on one host.

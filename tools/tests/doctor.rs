@@ -83,13 +83,20 @@ fn a_healthy_job_passes_every_check() {
             "open files",
             "interface",
             "job key",
-            "GPUs",
             "connectivity",
             "MTU",
             "clock skew",
         ] {
             assert_eq!(status_of(&t, check), "ok", "{check}:\n{t}");
         }
+        // Built without the cuda feature: the GPU checks are skipped, not passed.
+        for check in ["GPUs", "GPU IPC", "pinned memory"] {
+            assert_eq!(status_of(&t, check), "skipped", "{check}:\n{t}");
+        }
+        assert!(
+            t.contains("not checked: built without the cuda feature (host collectives only)"),
+            "{t}"
+        );
         assert_eq!(
             t.matches("hetccl doctor: 3 rank(s) on 1 host(s)").count(),
             1,

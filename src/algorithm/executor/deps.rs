@@ -2,7 +2,7 @@
 //! FIFO), and local copies and reductions in schedule order too; an op starts once every
 //! op it depends on is done.
 
-use std::time::Instant;
+use crate::flight::Stamp;
 
 use super::buffers::Buffers;
 use crate::algorithm::schedule::{Combine, OpKind, Phase, Schedule};
@@ -41,8 +41,9 @@ pub(super) struct Deps<'s> {
 }
 
 /// When each phase of a run ended (its last op was done), indexed by the phase's
-/// value; `None` for a phase without ops.
-pub type PhaseEnds = [Option<Instant>; Phase::COUNT];
+/// value; `None` for a phase without ops. Per-call clock stamps: a read costs a
+/// `rdtsc`, and the counters and the trace make them time only when read.
+pub type PhaseEnds = [Option<Stamp>; Phase::COUNT];
 
 impl<'s> Deps<'s> {
     /// The queues of `sched`, once every region it addresses lies inside `bufs`, every
@@ -128,7 +129,7 @@ impl<'s> Deps<'s> {
             let left = &mut self.phase_left[ph as usize];
             *left = left.saturating_sub(1);
             if *left == 0 && ph != Phase::Unnamed {
-                self.phase_end[ph as usize] = Some(Instant::now());
+                self.phase_end[ph as usize] = Some(Stamp::now());
             }
         }
     }

@@ -42,7 +42,6 @@ mod staging;
 pub(crate) mod wait;
 
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use super::schedule::Schedule;
 use crate::compression::OverflowStats;
@@ -72,7 +71,7 @@ pub struct Job<'a> {
     passes: Option<&'a mut dyn BlockPasses>,
     cancel: Option<&'a AtomicBool>,
     phase_end: Option<&'a mut PhaseEnds>,
-    waits: Option<&'a mut [Duration]>,
+    waits: Option<&'a mut [u64]>,
 }
 
 impl<'a> Job<'a> {
@@ -91,8 +90,9 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// The run adds the time it waited on each peer into `per_peer` (by rank).
-    pub fn link_waits(mut self, per_peer: Option<&'a mut [Duration]>) -> Self {
+    /// The run adds the time it waited on each peer into `per_peer` (by rank), in
+    /// per-call clock ticks ([`crate::flight::Stamp`]).
+    pub fn link_waits(mut self, per_peer: Option<&'a mut [u64]>) -> Self {
         self.waits = per_peer;
         self
     }
