@@ -53,6 +53,10 @@ if command -v nvcc >/dev/null || python3 -c "import nvidia, os, sys; sys.exit(0 
     stage "cargo test --features cuda (kernels compile; ptxas register/spill report above; GPU tests skip without a GPU)" \
         cargo test --release -p hetccl -p hetccl-tools --features hetccl-tools/cuda \
         --test gpu_kernels --test gpu_collectives -- --test-threads=1
+    # The trainer's kernels, cuBLAS products and model against their CPU twins.
+    stage "cargo test -p hetccl-trainer --features cuda (GPU tests skip without a GPU)" \
+        cargo test --release -p hetccl-trainer --features cuda \
+        --test gpu_bert_kernels --test gpu_bert_matmul --test gpu_bert_model -- --test-threads=1
     # The device layer's unit tests, and the settings that exist only with `cuda`.
     stage "cargo test --features cuda --lib device:: config::tests::device_" \
         cargo test --release -p hetccl --features cuda --lib -- device:: config::tests::device_ \
