@@ -23,7 +23,7 @@
 # words perf:FLAG to hetccl-perf, as in --variant "shared perf:--shared"),
 # right after the default one, so the settings can be compared in each mode. Defaults: 10 rounds, 6 s apart, --peer intelmpi,
 # sizes 1, 16 and 64 MiB.
-set -euo pipefail
+set -Eeuo pipefail
 trap 'echo "compare-shm-modes.sh: stopped by a failed command at line $LINENO" >&2' ERR
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -82,7 +82,9 @@ counts() { awk -F, '$3 == "context-switches" { c = $1 } $3 == "cpu-migrations" {
 placement() {
     local launcher=$1 kids k t
     while kill -0 "$launcher" 2>/dev/null; do
-        kids=$(awk -v p="$launcher" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null | sort -n)
+        # A process that exits between the glob and awk's read makes awk exit 2 (a file
+        # it could not open); under pipefail that would end the script, silently.
+        kids=$({ awk -v p="$launcher" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null || true; } | sort -n)
         k=0
         for pid in $kids; do
             for t in /proc/"$pid"/task/*; do
@@ -120,7 +122,7 @@ for round in $(seq 1 "$rounds"); do
             "$target/release/hetccl-perf" "${band[@]}" "${pflags[@]}" >"$work/h.out" 2>&1 &
         hpid=$!
         sleep 0.2
-        launcher=$(awk -v p="$hpid" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null | head -1)
+        launcher=$({ awk -v p="$hpid" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null || true; } | head -1)
         if [ -n "$launcher" ]; then placement "$launcher" >"$work/h.cpus"; else : >"$work/h.cpus"; fi
         wait "$hpid" || { cat "$work/h.out" >&2; exit 1; }
         het=$(sed -n 's/^\[rank 0\] //p' "$work/h.out" |
