@@ -188,6 +188,12 @@ struct Process {
 
 static PROCESS: Mutex<Option<Process>> = Mutex::new(None);
 
+/// Held from deciding what kind of dump to write until it is written, by a failing call
+/// and by the SIGUSR1 thread alike: otherwise a request that read "not failed" just
+/// before the failure could write its live dump over the error dump, and the report
+/// would find no state for this rank.
+static DUMP_WRITE: Mutex<()> = Mutex::new(());
+
 thread_local! {
     /// The collective this thread runs: its recorder and `call` number (0: none).
     static CURRENT: Cell<(Option<&'static Recorder>, u64)> = const { Cell::new((None, 0)) };
@@ -305,7 +311,11 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Optio
     if !dir.is_dir() {
         return None;
     }
-    if let Err(e) = write_dump(&dir, &snapshot("error")) {
+    let written = {
+        let _order = DUMP_WRITE.lock().unwrap_or_else(|p| p.into_inner());
+        write_dump(&dir, &snapshot("error"))
+    };
+    if let Err(e) = written {
         tracing::warn!("flight recorder: {e}");
         return None;
     }
@@ -859,6 +869,7 @@ fn serve_sigusr1(rd: i32) {
         if n == 0 {
             return;
         }
+        let _order = DUMP_WRITE.lock().unwrap_or_else(|p| p.into_inner());
         let (dir, failed) = PROCESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
