@@ -637,11 +637,19 @@ fn segments_a_killed_rank_left_in_dev_shm_are_removed() {
     let tag = format!("{:x}", rand::random::<u32>());
     // Each rank names a file as the library does (`hetccl-…-p<pid>n<pid namespace, hex>`);
     // rank 1 then dies by SIGKILL. A file tagged with the test's own pid must stay.
+    // Rank 1 dies only once rank 0 has said what it made (the launcher stops rank 0 at
+    // once after that).
+    let said = std::env::temp_dir().join(format!("hetccl-launchtest-{tag}.said"));
     let script = format!(
         "ns=$(stat -L -c %i /proc/self/ns/pid); \
          f=/dev/shm/hetccl-launchtest-{tag}-$RANK-p$$n$(printf %x $ns); \
          : > $f; echo made $f; \
-         if [ $RANK = 1 ]; then kill -9 $$; fi; exec sleep 300"
+         if [ $RANK = 0 ]; then : > {said}; fi; \
+         if [ $RANK = 1 ]; then \
+           i=0; while [ ! -e {said} ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; \
+           kill -9 $$; \
+         fi; exec sleep 300",
+        said = said.display()
     );
     let ns_ino = std::fs::metadata("/proc/self/ns/pid").unwrap();
     let keep = format!(
@@ -659,6 +667,7 @@ fn segments_a_killed_rank_left_in_dev_shm_are_removed() {
         .filter(|n| n.contains(&format!("launchtest-{tag}-")))
         .collect();
     std::fs::remove_file(&keep).unwrap();
+    let _ = std::fs::remove_file(&said);
     assert_eq!(out.status.code(), Some(128 + 9), "{stderr}");
     let made: Vec<&str> = stdout
         .lines()
