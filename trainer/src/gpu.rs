@@ -98,7 +98,7 @@ fn dim(op: &'static str, what: &str, v: usize) -> Result<i32> {
 
 /// A buffer must hold at least what the shapes address (the CPU twins slice `[..n]` the
 /// same way).
-fn need(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn need(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got >= want {
         Ok(())
     } else {

@@ -33,7 +33,7 @@ use hetccl::device::cublas::{result::CublasError, sys, CudaBlas};
 use hetccl::device::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, Stream};
 
 use crate::error::{Error, Result};
-use crate::gpu::Kernels;
+use crate::gpu::{need, Kernels};
 
 /// How the products may round their inputs (the module doc states the policy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,17 +103,6 @@ fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
             ),
         )
     })
-}
-
-fn need(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got >= want {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            format!("{what} has {got} elements, needs at least {want}"),
-        ))
-    }
 }
 
 fn trans(t: bool) -> sys::cublasOperation_t {
