@@ -549,7 +549,22 @@ impl Communicator {
         let (tx, rx) = mpsc::channel::<Work>();
         let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         launcher_watch::register(&cfg, rank, &abort)?;
-        let flight = crate::flight::register(&cfg, rank, world_size, &crate::topology::hostname());
+        // Every rank's host and process: the same on every rank, new with every run.
+        let instance = topo.ranks.iter().all(|r| r.pid != 0).then(|| {
+            let members: Vec<String> = topo
+                .ranks
+                .iter()
+                .map(|r| format!("{}:{}", r.hostname, r.pid))
+                .collect();
+            members.join(",")
+        });
+        let flight = crate::flight::register(
+            &cfg,
+            rank,
+            world_size,
+            &crate::topology::hostname(),
+            instance.as_deref(),
+        );
         let shared = shared::SharedState::new(rank);
         let progress = Progress {
             rank,

@@ -28,8 +28,12 @@
 //! stderr as text.
 //!
 //! Without the launcher (mpirun, srun, torchrun, ranks started by hand) the directory is
-//! `HETCCL_FLIGHT_DIR`, else one derived from the job's identity in the temporary
-//! directory (`hetccl-flight-<uid>-<digest>`; one per host). A rank whose collective
+//! `HETCCL_FLIGHT_DIR`, else one derived from the job's identity and this run of it
+//! (every rank's host and process id) in the temporary directory
+//! (`hetccl-flight-<uid>-<digest>`; one per host): a job started again under the same
+//! identity (torchrun's port, a fixed job id) never meets what an earlier run left. Such
+//! leftovers (a run whose last process was killed keeps its markers and finding) are
+//! removed by the next run of this user on the host. A rank whose collective
 //! failed writes its dump, waits 100 ms per rank below it (capped at 1 s) so the lowest
 //! failing rank goes first, leaves the report to a lower rank whose dump says it failed
 //! too, and else takes `report.lock` (create-exclusive): the one rank that gets it collects the others' dumps as the launcher would (asking the ranks
@@ -49,8 +53,9 @@
 //! SIGUSR1: the first communicator installs a handler when the signal still has its
 //! default action (which would end the process), never over a handler the application
 //! installed. The handler only writes a byte to a pipe; a thread of this module turns it
-//! into a dump. Then it writes `rank-K.pid` into the directory: the launcher signals
-//! only processes that said they handle SIGUSR1, as for any other it would be fatal.
+//! into a dump. Every process writes `rank-K.pid` (its [`Marker`]) into the directory,
+//! saying whether it handles SIGUSR1: the launcher signals only those that do, as for
+//! any other the signal would be fatal.
 
 pub mod clock;
 pub mod report;
@@ -433,8 +438,8 @@ fn collect(
             states[k] = read_dump(&dump_path(dir, k))
                 .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
             // Only processes on this host can be looked at and asked.
-            let Some(pid) =
-                read_marker(&pid_path(dir, k)).and_then(|(pid, h)| (h == host).then_some(pid))
+            let Some(Marker { pid, asks, .. }) =
+                read_marker(&pid_path(dir, k)).filter(|m| m.host == host)
             else {
                 continue;
             };
@@ -445,11 +450,11 @@ fn collect(
             };
             decided |= matches!(fates[k], report::Fate::Stopped)
                 || (fates[k] == report::Fate::Gone && states[k].is_none());
-            if states[k].is_none() && fates[k] == report::Fate::Running {
+            if states[k].is_none() && fates[k] == report::Fate::Running && asks {
                 if ask && !asked[k] {
                     asked[k] = true;
                     // SAFETY: kill(2) has no memory effects; the marker says this process
-                    // handles SIGUSR1.
+                    // handles SIGUSR1 (`asks`).
                     unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
                 }
                 waiting = true;
@@ -496,12 +501,17 @@ fn read_dump(path: &Path) -> Option<RankState> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// A marker's process and host: `PID HOST`.
-pub fn read_marker(path: &Path) -> Option<(u32, String)> {
+/// The marker at `path` ([`Marker`]).
+pub fn read_marker(path: &Path) -> Option<Marker> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut it = text.split_whitespace();
     let pid = it.next()?.parse().ok()?;
-    Some((pid, it.next().unwrap_or_default().to_string()))
+    let host = it.next().unwrap_or_default().to_string();
+    Some(Marker {
+        pid,
+        host,
+        asks: it.next() != Some("-"),
+    })
 }
 
 /// The state letter of `/proc/PID/stat` (R, S, D, T, t, Z, ...).
@@ -645,7 +655,7 @@ pub fn dump_path(dir: &Path, rank: usize) -> PathBuf {
     dir.join(format!("rank-{rank}.json"))
 }
 
-/// `dir/rank-K.pid`: the process of rank K handles SIGUSR1.
+/// `dir/rank-K.pid`: the [`Marker`] of rank K's process.
 pub fn pid_path(dir: &Path, rank: usize) -> PathBuf {
     dir.join(format!("rank-{rank}.pid"))
 }
@@ -672,11 +682,17 @@ pub fn write_dump(dir: &Path, state: &RankState) -> Result<()> {
 /// Registers a communicator of `rank` and returns its recorder. The first of the process
 /// decides whom dumps speak for (later ones are recorded too, but dumps speak for the
 /// first rank) and installs the SIGUSR1 dump.
+///
+/// `instance` tells this run of the job from an earlier one of the same identity (every
+/// rank's host and process id, when all are known): without a launcher's directory the
+/// dumps go to a directory derived from both, so what a crashed run left behind (its
+/// dumps, its finding, its report's lock) can never be read as this run's.
 pub(crate) fn register(
     cfg: &Config,
     rank: usize,
     world_size: usize,
     host: &str,
+    instance: Option<&str>,
 ) -> &'static Recorder {
     clock::init();
     let rec = recorder(rank);
@@ -688,7 +704,7 @@ pub(crate) fn register(
         }
         let (dir, derived) = match &cfg.flight_dir {
             Some(d) => (Some(d.clone()), false),
-            None if cfg.launch.launcher_fd.is_none() => (derived_dir(cfg), true),
+            None if cfg.launch.launcher_fd.is_none() => (derived_dir(cfg, instance, host), true),
             None => (None, false),
         };
         *p = Some(Process {
@@ -705,26 +721,58 @@ pub(crate) fn register(
         });
         dir
     };
-    match install_sigusr1() {
-        Ok(true) => {
-            if let Some(dir) = &dir {
-                let path = pid_path(dir, rank);
-                let marker = format!("{} {host}", std::process::id());
-                if let Err(e) = std::fs::write(&path, marker) {
-                    tracing::warn!(
-                        "flight recorder: cannot write {}: {e}; the launcher will not ask \
-                         this rank for its state",
-                        path.display()
-                    );
-                }
-            }
+    let asks = match install_sigusr1() {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(
+                "SIGUSR1 has the application's handler; the flight recorder dumps on errors only"
+            );
+            false
         }
-        Ok(false) => tracing::debug!(
-            "SIGUSR1 has the application's handler; the flight recorder dumps on errors only"
-        ),
-        Err(e) => tracing::warn!("flight recorder: no SIGUSR1 dump: {e}"),
+        Err(e) => {
+            tracing::warn!("flight recorder: no SIGUSR1 dump: {e}");
+            false
+        }
+    };
+    if let Some(dir) = &dir {
+        let path = pid_path(dir, rank);
+        let marker = Marker {
+            pid: std::process::id(),
+            host: host.to_string(),
+            asks,
+        };
+        if let Err(e) = std::fs::write(&path, marker.to_string()) {
+            tracing::warn!(
+                "flight recorder: cannot write {}: {e}; the launcher will not ask this rank \
+                 for its state",
+                path.display()
+            );
+        }
     }
     rec
+}
+
+/// What `rank-K.pid` says: rank K's process and host, and whether it answers SIGUSR1
+/// with a dump (for any other process the signal would be fatal). Written as
+/// `PID HOST`, or `PID HOST -` for a process that does not answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    /// The rank's process.
+    pub pid: u32,
+    /// The host it runs on (only processes of this host can be looked at).
+    pub host: String,
+    /// It handles SIGUSR1 with a dump.
+    pub asks: bool,
+}
+
+impl std::fmt::Display for Marker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.pid, self.host)?;
+        if !self.asks {
+            f.write_str(" -")?;
+        }
+        Ok(())
+    }
 }
 
 /// A communicator of the process closed, handing back its recorder (whose calls dumps
@@ -764,9 +812,10 @@ pub(crate) fn unregister(rec: &'static Recorder) {
     }
 }
 
-/// `$TMPDIR/hetccl-flight-<uid>-<digest of the job's identity>`, made (0700) if needed;
-/// `None` without an identity every rank shares.
-fn derived_dir(cfg: &Config) -> Option<PathBuf> {
+/// `$TMPDIR/hetccl-flight-<uid>-<digest of the job's identity and instance>`, made
+/// (0700) if needed; `None` without an identity every rank shares. Directories of this
+/// user that earlier runs left behind (their last process killed) are removed first.
+fn derived_dir(cfg: &Config, instance: Option<&str>, host: &str) -> Option<PathBuf> {
     use sha2::Digest as _;
     let identity = cfg
         .job_id
@@ -776,11 +825,21 @@ fn derived_dir(cfg: &Config) -> Option<PathBuf> {
             let (a, p) = (cfg.launch.master_addr.as_ref()?, cfg.launch.master_port?);
             Some(format!("{a}:{p}"))
         })?;
-    let digest = sha2::Sha256::digest(identity.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut h = sha2::Sha256::new();
+    h.update(identity.as_bytes());
+    if let Some(i) = instance {
+        h.update(b"\n");
+        h.update(i.as_bytes());
+    }
+    let hex: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     // SAFETY: getuid cannot fail and touches no memory.
     let uid = unsafe { libc::getuid() };
-    let dir = std::env::temp_dir().join(format!("hetccl-flight-{uid}-{hex}"));
+    let prefix = format!("hetccl-flight-{uid}-");
+    let dir = std::env::temp_dir().join(format!("{prefix}{hex}"));
+    remove_abandoned(&std::env::temp_dir(), &prefix, &dir, host);
     use std::os::unix::fs::DirBuilderExt as _;
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => Some(dir),
@@ -790,6 +849,61 @@ fn derived_dir(cfg: &Config) -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// A directory with no marker is left this long after its last change: a run that is
+/// starting has made it and not yet written its markers.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the dump directories `parent/<prefix>*` other than `keep` that no live
+/// process of this host holds: every marker in it names a process of this host that is
+/// gone (a run whose last process was killed, or that failed and kept its finding for
+/// processes that were then killed), or it has no marker and has not changed for
+/// [`ABANDONED_AFTER`]. A directory with a marker of another host (a shared temporary
+/// directory) is left to that host.
+fn remove_abandoned(parent: &Path, prefix: &str, keep: &Path, host: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path == keep || !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        if abandoned(&path, host) {
+            let _ = std::fs::remove_dir_all(&path);
+            tracing::debug!(
+                "flight recorder: removed {}, left by an earlier run",
+                path.display()
+            );
+        }
+    }
+}
+
+fn abandoned(dir: &Path, host: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut markers = 0;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".pid") {
+            continue;
+        }
+        markers += 1;
+        match read_marker(&e.path()) {
+            Some(m) if m.host == host => {
+                if !matches!(proc_state(m.pid), None | Some('Z' | 'X')) {
+                    return false;
+                }
+            }
+            // Another host's process, or a marker being written: not ours to judge.
+            _ => return false,
+        }
+    }
+    markers > 0
+        || std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= ABANDONED_AFTER))
 }
 
 /// Write end of the pipe the SIGUSR1 handler writes to; -1 until installed.
@@ -1004,5 +1118,84 @@ mod tests {
         *PROCESS.lock().unwrap() = saved;
         assert_eq!(got.as_deref(), Some(finding));
         assert_eq!(again.as_deref(), Some(finding));
+    }
+
+    #[test]
+    fn markers_say_whether_the_process_answers_sigusr1() {
+        let dir = std::env::temp_dir().join(format!("hetccl-marker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for asks in [true, false] {
+            let m = Marker {
+                pid: 42,
+                host: "h1".into(),
+                asks,
+            };
+            std::fs::write(pid_path(&dir, 1), m.to_string()).unwrap();
+            assert_eq!(read_marker(&pid_path(&dir, 1)), Some(m));
+        }
+        // The form written before markers said it: a process that answers.
+        std::fs::write(pid_path(&dir, 1), "42 h1").unwrap();
+        assert!(read_marker(&pid_path(&dir, 1)).unwrap().asks);
+        std::fs::write(pid_path(&dir, 1), "x h1").unwrap();
+        assert_eq!(read_marker(&pid_path(&dir, 1)), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_directories_no_live_process_of_this_host_holds_are_removed() {
+        let parent = std::env::temp_dir().join(format!("hetccl-abandon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        std::fs::create_dir_all(&parent).unwrap();
+        // A process that has surely exited: a child, reaped.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        let (dead, me) = (c.id(), std::process::id());
+        let marker = |pid: u32, host: &str| {
+            Marker {
+                pid,
+                host: host.into(),
+                asks: true,
+            }
+            .to_string()
+        };
+        let make = |name: &str, files: &[(&str, String)]| {
+            let d = parent.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, text) in files {
+                std::fs::write(d.join(f), text).unwrap();
+            }
+        };
+        // A killed run: its marker's process is gone, its finding and lock stay.
+        make(
+            "p-killed",
+            &[
+                ("rank-2.pid", marker(dead, "h")),
+                ("finding", "x".into()),
+                ("report.lock", String::new()),
+            ],
+        );
+        // A live run: one of its processes is alive.
+        make(
+            "p-live",
+            &[
+                ("rank-0.pid", marker(me, "h")),
+                ("rank-1.pid", marker(dead, "h")),
+            ],
+        );
+        // Another host's process: not judged here.
+        make("p-other", &[("rank-0.pid", marker(dead, "other"))]);
+        // A run starting: no marker yet, just made.
+        make("p-new", &[]);
+        // Not a dump directory of this prefix, and the directory being made now.
+        make("q-killed", &[("rank-0.pid", marker(dead, "h"))]);
+        make("p-mine", &[("rank-0.pid", marker(dead, "h"))]);
+        remove_abandoned(&parent, "p-", &parent.join("p-mine"), "h");
+        let mut left: Vec<String> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["p-live", "p-mine", "p-new", "p-other", "q-killed"]);
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 }

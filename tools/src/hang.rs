@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! start       mkdir $TMPDIR/hetccl-<job id> (0700); every rank gets HETCCL_FLIGHT_DIR
-//! a rank      writes rank-K.pid once it handles SIGUSR1 (its first communicator),
+//! a rank      writes rank-K.pid at its first communicator (whether it handles SIGUSR1),
 //!             rank-K.json when a collective fails (src/flight/)
 //! report      at the first failure, or when the launcher gets SIGUSR1:
 //!   every 20 ms, for each rank: its dump if it wrote one (for SIGUSR1: a fresh one),
 //!     else what its process is (exited, killed, stopped: /proc/PID/stat);
-//!     a running rank without a dump gets SIGUSR1 once, if it wrote rank-K.pid
+//!     a running rank without a dump gets SIGUSR1 once, if its rank-K.pid says it
+//!     handles it
 //!   until every rank has a dump or cannot write one, or GATHER passed
 //!   hetccl::flight::report::build -> one text on stderr
 //! end         the directory is removed
@@ -83,7 +84,9 @@ impl FlightDir {
             let mut waiting = false;
             let mut hetccl_job = false;
             for k in 0..n {
-                let marker = read_marker(&pid_path(&self.path, k)).map(|m| m.0);
+                let marker = read_marker(&pid_path(&self.path, k));
+                let asks = marker.as_ref().is_some_and(|m| m.asks);
+                let marker = marker.map(|m| m.pid);
                 hetccl_job |= marker.is_some() || dump_path(&self.path, k).exists();
                 fates[k] = match statuses.get(k).copied().flatten() {
                     Some(st) => fate_of(st),
@@ -107,7 +110,7 @@ impl FlightDir {
                 // report (SIGUSR1 dumps of an earlier request are stale).
                 states[k] = read_dump(&dump_path(&self.path, k))
                     .filter(|s| (!fresh && s.why == "error") || s.taken_ms + 10 >= start);
-                if states[k].is_none() && fates[k] == Fate::Running {
+                if states[k].is_none() && fates[k] == Fate::Running && asks {
                     if let Some(pid) = marker {
                         if !asked[k] {
                             asked[k] = true;
@@ -125,6 +128,13 @@ impl FlightDir {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl FlightDir {
+    /// Whether rank `k`'s own collective failed: its dump was taken on an error.
+    pub fn failed_itself(&self, k: usize) -> bool {
+        read_dump(&dump_path(&self.path, k)).is_some_and(|s| s.why == "error")
     }
 }
 

@@ -23,7 +23,9 @@
 //!     the grace; the first that exits non-zero -> the same, unless a rank killed by a
 //!     signal turns up within 250 ms (SETTLE), which is named instead
 //!   at the first failure, before the others are stopped: one hang report from the
-//!     ranks' flight dumps (`crate::hang`)
+//!     ranks' flight dumps (`crate::hang`); a rank whose own collective failed (its dump
+//!     says so) gets SIGTERM only 1 s later (OWN_EXIT), time to print its own error,
+//!     which names the job's culprit, and to exit by itself
 //!   SIGUSR1 to the launcher -> the same report of the live job, which goes on
 //! all ranks reaped -> /dev/shm files tagged with a rank's pid removed (a rank killed
 //!   while a named segment was linked), the first failure and the others' fates in one
@@ -683,6 +685,11 @@ impl Exits {
 /// before the others are stopped.
 const SETTLE: Duration = Duration::from_millis(250);
 
+/// How long a rank whose collective failed may take to print its error and exit by
+/// itself, once the first failure is known, before it gets SIGTERM: it is already on its
+/// way out, and its error says what the job's culprit is from where it stood.
+const OWN_EXIT: Duration = Duration::from_secs(1);
+
 /// Whether an exit status looks like the cause of a failure rather than its consequence:
 /// killed by a signal, except SIGPIPE, which a program that does not ignore it gets for
 /// writing to a peer that has gone.
@@ -805,6 +812,8 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
     let mut interrupted = None;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
+    // Ranks failing by themselves, told to stop only at this time (OWN_EXIT).
+    let mut term_at: Vec<Option<Instant>> = vec![None; n];
     // The hang report is printed once, at the first failure.
     let mut reported = false;
     loop {
@@ -883,13 +892,26 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
                 "rank {rank} {}; stopping the others",
                 describe_status(st)
             ));
+            let now = Instant::now();
+            let mut last_term = now;
             for &k in &running {
-                signal_group(children[k].id(), libc::SIGTERM);
+                if flight.failed_itself(k) {
+                    term_at[k] = Some(now + OWN_EXIT);
+                    last_term = now + OWN_EXIT;
+                } else {
+                    signal_group(children[k].id(), libc::SIGTERM);
+                }
             }
-            kill_at = Some(Instant::now() + opts.grace);
+            kill_at = Some(last_term + opts.grace);
         }
         if running.is_empty() {
             break;
+        }
+        for &k in &running {
+            if term_at[k].is_some_and(|t| Instant::now() >= t) {
+                term_at[k] = None;
+                signal_group(children[k].id(), libc::SIGTERM);
+            }
         }
         if let Some(t) = kill_at {
             if !killed && Instant::now() >= t {
@@ -906,6 +928,7 @@ pub fn run(opts: &RunOptions) -> Result<Outcome> {
         let wake_at = [
             kill_at.filter(|_| !killed),
             suspect.filter(|_| first_failure.is_none()).map(|s| s.2),
+            running.iter().filter_map(|&k| term_at[k]).min(),
         ];
         let timeout = wake_at
             .into_iter()
