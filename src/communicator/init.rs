@@ -69,6 +69,7 @@ impl Communicator {
         }
         let links =
             crate::transport::connect_all(&cfg, boot.as_mut(), &auth, &topo.same_node(rank))?;
+        super::flight_net::start(&cfg, &auth, boot.as_mut(), &topo, rank)?;
         let mut comm = Self::from_parts(cfg, topo, rank, links, Some(boot))?;
         comm.pause_observing();
         if comm.cfg.topo_file.is_none() && comm.cfg.topo_probe && comm.world_size > 1 {

@@ -32,6 +32,7 @@
 //! later call with an error that names it.
 
 mod compress;
+mod flight_net;
 mod init;
 mod launcher_watch;
 mod probe;

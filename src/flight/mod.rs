@@ -45,6 +45,15 @@
 //! to close removes its marker, and its dump when nothing failed; the last process the
 //! finding and the lock, and the directory once empty.
 //!
+//! Ranks on other hosts cannot read this host's directory. In a job that spans hosts
+//! the communicator gives the recorder a [`Remote`] (`communicator::flight_net`): a
+//! failing rank asks the ranks of other hosts for their states over the network (once
+//! each, all at once, [`ASK_WITHIN`]; one that takes the connection and says nothing is
+//! silent, stopped or hung; one whose host refuses it is gone), sends its own error
+//! state to the lowest ranks of other hosts below it (they may print the report after
+//! it exits), and the rank that prints the report tells the others its finding, so that
+//! no other host prints a second one.
+//!
 //! Every failing rank also names the job's culprit in its own error: after its dump
 //! it reads the others' dumps and the states of this host's processes for up to a
 //! second (less once a rank is found stopped or gone), builds the report's findings
@@ -63,7 +72,8 @@ pub mod report;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::algorithm::Phase;
 use crate::config::Config;
@@ -199,6 +209,163 @@ static PROCESS: Mutex<Option<Process>> = Mutex::new(None);
 /// would find no state for this rank.
 static DUMP_WRITE: Mutex<()> = Mutex::new(());
 
+/// The ranks of this job on other hosts, reached over the network (the communicator's
+/// `flight_net`): with no directory shared between hosts, their states come this way.
+pub trait Remote: Send + Sync {
+    /// Whether rank `k` runs on another host than this process.
+    fn is_remote(&self, k: usize) -> bool;
+    /// Asks each of `ranks` for its state, all at once, taking at most `within`; one
+    /// answer per rank, in the order of `ranks`.
+    fn ask(&self, ranks: &[usize], within: Duration) -> Vec<Answer>;
+    /// Tells the ranks on other hosts the job's first failure, once its report is printed.
+    fn tell(&self, finding: &str);
+    /// Sends this rank's error state to the lowest ranks of other hosts below it, which
+    /// may print the report ([`shared`]); it may exit before they would ask. Returns at
+    /// once: the sending is left to a thread of its own.
+    fn share(&self, state: RankState);
+}
+
+/// What a rank on another host answered.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// Its state ([`answer`]).
+    State(Box<RankState>),
+    /// Its host refused the connection: the process is gone.
+    Gone,
+    /// Its host took the connection but the process never answered: stopped or hung.
+    Silent,
+    /// Its host could not be reached, or the exchange broke.
+    Unreachable,
+}
+
+/// How long a failing rank waits for the answers of ranks on other hosts: a live
+/// process answers in a few ms (its answering thread does not wait for its
+/// collectives), so this is the time after which silence means "stopped".
+pub const ASK_WITHIN: Duration = Duration::from_millis(600);
+
+/// The first communicator's ranks on other hosts (see [`set_remote`]).
+static REMOTE: Mutex<Option<Arc<dyn Remote>>> = Mutex::new(None);
+
+/// Makes `r` how this process reaches the ranks of other hosts, if no communicator of the
+/// process is alive yet (later ones, as with dumps, do not speak for the process).
+/// Cleared when the last communicator closes.
+pub fn set_remote(r: Arc<dyn Remote>) {
+    let live = PROCESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.live > 0);
+    if !live {
+        *REMOTE.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        FAR.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+fn remote() -> Option<Arc<dyn Remote>> {
+    REMOTE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// What the ranks of other hosts answered so far, by rank: a state stays after its
+/// process exits (a dump would stay in the directory), and a rank that is settled (its
+/// state is an error's, or it is silent or gone) is not asked again.
+static FAR: Mutex<Vec<Option<FarRank>>> = Mutex::new(Vec::new());
+
+/// A rank of another host as last heard of: its state (kept after its process is gone)
+/// and what became of it.
+type FarRank = (Option<RankState>, report::Fate);
+
+/// The states and fates of the ranks of other hosts among `0..world` (all of them, or
+/// those below `below`), asking those not settled yet.
+fn far_states(
+    r: &dyn Remote,
+    world: usize,
+    below: usize,
+) -> Vec<(usize, Option<RankState>, report::Fate)> {
+    use report::Fate;
+    let ranks: Vec<usize> = (0..world.min(below)).filter(|&k| r.is_remote(k)).collect();
+    let settled = |e: &Option<FarRank>| match e {
+        Some((s, f)) => {
+            matches!(f, Fate::Silent | Fate::Gone) || s.as_ref().is_some_and(|s| s.why == "error")
+        }
+        None => false,
+    };
+    let need: Vec<usize> = {
+        let known = FAR.lock().unwrap_or_else(|p| p.into_inner());
+        ranks
+            .iter()
+            .copied()
+            .filter(|&k| !known.get(k).is_some_and(settled))
+            .collect()
+    };
+    let answers = if need.is_empty() {
+        Vec::new()
+    } else {
+        r.ask(&need, ASK_WITHIN)
+    };
+    let mut known = FAR.lock().unwrap_or_else(|p| p.into_inner());
+    if known.len() < world {
+        known.resize(world, None);
+    }
+    for (k, a) in need.into_iter().zip(answers) {
+        let before = known[k].take().and_then(|e| e.0);
+        known[k] = Some(match a {
+            Answer::State(s) => (Some(*s), Fate::Running),
+            Answer::Gone => (before, Fate::Gone),
+            Answer::Silent => (before, Fate::Silent),
+            Answer::Unreachable => (before, Fate::Unknown),
+        });
+    }
+    ranks
+        .into_iter()
+        .map(|k| match &known[k] {
+            Some((s, f)) => (k, s.clone(), *f),
+            None => (k, None, Fate::Unknown),
+        })
+        .collect()
+}
+
+/// This process's state, for a rank of another host that asks: taken on an error once
+/// a collective failed (as a dump would be), else "asked".
+pub fn answer() -> RankState {
+    let failed = PROCESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.error.is_some());
+    snapshot(if failed { "error" } else { "asked" })
+}
+
+/// A rank of another host failed and sent its state, taken at its error: kept as its
+/// answer, which no later question replaces.
+pub fn shared(state: RankState) {
+    let mut known = FAR.lock().unwrap_or_else(|p| p.into_inner());
+    let k = state.rank;
+    if k >= state.world_size.max(known.len()) || k > 1 << 20 {
+        return;
+    }
+    if known.len() <= k {
+        known.resize(k + 1, None);
+    }
+    known[k] = Some((Some(state), report::Fate::Running));
+}
+
+/// A rank of another host printed the job's report, and this was its finding: this
+/// process's failures name it and print no report, and the ranks of this host that
+/// fail later find it in the dump directory as they would the local report's.
+pub fn told(finding: &str) {
+    keep_finding(finding);
+    let dir = PROCESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|p| p.dir.clone());
+    if let Some(dir) = dir.filter(|d| d.is_dir()) {
+        if read_finding(&dir).is_none() {
+            leave_finding(&dir, Some(finding));
+        }
+    }
+}
+
 thread_local! {
     /// The collective this thread runs: its recorder and `call` number (0: none).
     static CURRENT: Cell<(Option<&'static Recorder>, u64)> = const { Cell::new((None, 0)) };
@@ -316,13 +483,17 @@ pub fn failed(e: Entry, at: Stamp, err: &Error, culprit: Option<usize>) -> Optio
     if !dir.is_dir() {
         return None;
     }
+    let state = snapshot("error");
     let written = {
         let _order = DUMP_WRITE.lock().unwrap_or_else(|p| p.into_inner());
-        write_dump(&dir, &snapshot("error"))
+        write_dump(&dir, &state)
     };
     if let Err(e) = written {
         tracing::warn!("flight recorder: {e}");
         return None;
+    }
+    if let Some(r) = remote() {
+        r.share(state);
     }
     let finding = job_finding(&dir, world, &host);
     if alone {
@@ -429,12 +600,22 @@ fn collect(
     early: bool,
 ) -> (Vec<Option<RankState>>, Vec<report::Fate>) {
     let mut asked = vec![false; world];
+    // Ranks on other hosts are asked once, over the network, before this host's dumps
+    // are read: they answer at once or not at all.
+    let far = match remote() {
+        Some(r) if ask => far_states(r.as_ref(), world, world),
+        _ => Vec::new(),
+    };
     loop {
         let mut states: Vec<Option<RankState>> = vec![None; world];
         let mut fates = vec![report::Fate::Unknown; world];
         let mut waiting = false;
         let mut decided = false;
-        for k in 0..world {
+        for (k, state, fate) in &far {
+            (states[*k], fates[*k]) = (state.clone(), *fate);
+            decided |= state.is_none() && matches!(fate, report::Fate::Gone | report::Fate::Silent);
+        }
+        for k in (0..world).filter(|k| !far.iter().any(|f| f.0 == *k)) {
             states[k] = read_dump(&dump_path(dir, k))
                 .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
             // Only processes on this host can be looked at and asked.
@@ -472,11 +653,21 @@ fn collect(
 #[cold]
 fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     std::thread::sleep(std::time::Duration::from_millis(100 * rank.min(10) as u64));
-    // A lower rank that failed too prints it (or already did).
+    // A lower rank that failed too prints it (or already did), on this host or another.
     let lower_failed =
         (0..rank).any(|k| read_dump(&dump_path(dir, k)).is_some_and(|s| s.why == "error"));
     if lower_failed {
         return;
+    }
+    let far = remote();
+    if let Some(r) = &far {
+        let lower = far_states(r.as_ref(), world, rank);
+        if lower
+            .iter()
+            .any(|(_, s, _)| s.as_ref().is_some_and(|s| s.why == "error"))
+        {
+            return;
+        }
     }
     let lock = std::fs::OpenOptions::new()
         .write(true)
@@ -488,13 +679,26 @@ fn report_alone(dir: &Path, rank: usize, world: usize, host: &str) {
     let start = now_ms();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
     let (states, fates) = collect(dir, world, host, start, deadline, true, false);
+    // A rank of another host printed it meanwhile and told this one.
+    let told = PROCESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.finding.is_some());
+    if told {
+        return;
+    }
     let title = format!("printed by rank {rank}, the lowest rank that failed");
     let r = report::build(&title, &states, &fates, now_ms());
     use std::io::Write as _;
     let _ = crate::log::stderr().write_all(r.text.as_bytes());
     // Printed once: the dumps have served. A rank that fails later finds the finding
-    // in their place, names it and stays quiet.
-    leave_finding(dir, phrase(&r).as_deref());
+    // in their place, names it and stays quiet; on other hosts, through `told`.
+    let finding = phrase(&r);
+    leave_finding(dir, finding.as_deref());
+    if let (Some(far), Some(f)) = (far, &finding) {
+        far.tell(f);
+    }
 }
 
 fn read_dump(path: &Path) -> Option<RankState> {
@@ -793,6 +997,8 @@ pub(crate) fn unregister(rec: &'static Recorder) {
     if proc_.live > 0 {
         return;
     }
+    *REMOTE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    FAR.lock().unwrap_or_else(|p| p.into_inner()).clear();
     if let Some(dir) = &proc_.dir {
         let _ = std::fs::remove_file(pid_path(dir, proc_.rank));
         if proc_.error.is_none() {

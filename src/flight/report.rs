@@ -5,8 +5,9 @@
 //! `None` for a rank that sent none, and what it knows of each rank's process
 //! ([`Fate`]). The culprit is found in this order, the first rule that names one wins:
 //!
-//! 1. a rank whose process was killed by a signal or stopped (SIGSTOP, a debugger):
-//!    the others cannot be the cause of that;
+//! 1. a rank whose process was killed by a signal or stopped (SIGSTOP, a debugger), or,
+//!    on another host, is gone or does not answer: the others cannot be the cause of
+//!    that;
 //! 2. a rank that called another collective than the others at the same sequence
 //!    number (the minority; on a tie, the higher ranks);
 //! 3. the end of the wait-for graph: follow "rank r waits on peer p" from every rank
@@ -113,6 +114,9 @@ pub enum Fate {
     Killed(i32),
     /// Its process is gone (killed or exited; the collector is not its parent).
     Gone,
+    /// On another host, it took the connection but never answered: stopped (SIGSTOP,
+    /// a debugger) or hung.
+    Silent,
 }
 
 fn secs(ms: u64) -> String {
@@ -220,7 +224,18 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
                 .push(s.rank);
         }
     }
-    let common = calls
+    // Counted among the ranks held up in theirs (failed, or waiting on a peer) when there
+    // are any: a rank caught finishing the collective before is not held up by anyone.
+    let mut held: BTreeMap<(u64, &str), Vec<usize>> = BTreeMap::new();
+    for s in states.iter().flatten() {
+        if let Some(c) = s
+            .current()
+            .filter(|c| c.state == CallState::Failed || c.waiting_on.is_some())
+        {
+            held.entry((c.seq, c.op.as_str())).or_default().push(s.rank);
+        }
+    }
+    let common = if held.is_empty() { &calls } else { &held }
         .iter()
         .max_by_key(|(k, v)| (v.len(), std::cmp::Reverse(k.0)))
         .map(|(k, v)| (k.0, k.1.to_string(), v.clone()));
@@ -241,6 +256,11 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
             }
             Fate::Gone if states.get(r).is_none_or(Option::is_none) => {
                 why = "is gone: its process ended (killed?) without a word".into();
+                culprit = Some(r);
+            }
+            Fate::Silent if states.get(r).is_none_or(Option::is_none) => {
+                why =
+                    "does not answer from its host: stopped (SIGSTOP or a debugger) or hung".into();
                 culprit = Some(r);
             }
             _ => continue,
@@ -386,6 +406,7 @@ pub fn build(title: &str, states: &[Option<RankState>], fates: &[Fate], now: u64
             }
             (None, Fate::Stopped) => "no state: its process is stopped".into(),
             (None, Fate::Gone) => "no state: its process is gone".into(),
+            (None, Fate::Silent) => "no state: it does not answer from its host".into(),
             (None, Fate::Exited(c)) => format!("no state: exited with status {c}"),
             (None, _) => "no state: did not answer".into(),
         };
@@ -561,6 +582,68 @@ mod tests {
         let r = build("test", &states, &fates, 13_000);
         assert_eq!(r.culprit, Some(1));
         assert!(r.text.contains("rank 1 is stopped"), "{}", r.text);
+        // On another host: silent, with no state.
+        let fates = [Fate::Running, Fate::Silent, Fate::Running];
+        let r = build("test", &states, &fates, 13_000);
+        assert_eq!(r.culprit, Some(1));
+        assert!(
+            r.text.contains(
+                "culprit: rank 1 in all_reduce #1: rank 1 does not answer from its host: \
+                 stopped (SIGSTOP or a debugger) or hung"
+            ),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text
+                .contains("rank 1: no state: it does not answer from its host"),
+            "{}",
+            r.text
+        );
+    }
+
+    #[test]
+    fn the_collective_is_the_one_ranks_are_held_up_in() {
+        // Rank 2 was killed after all_reduce #0; rank 0 failed in #1; ranks 1 and 3 were
+        // caught still finishing #0, waiting on nobody.
+        let states = vec![
+            rank(
+                0,
+                vec![first(0), call("all_reduce", 1, CallState::Failed, Some(2))],
+            ),
+            rank(1, vec![call("all_reduce", 0, CallState::Running, None)]),
+            None,
+            rank(3, vec![call("all_reduce", 0, CallState::Running, None)]),
+        ];
+        let fates = [Fate::Running, Fate::Running, Fate::Gone, Fate::Running];
+        let r = build("test", &states, &fates, 13_000);
+        assert_eq!(r.culprit, Some(2));
+        assert!(
+            r.text
+                .contains("culprit: rank 2 in all_reduce #1: rank 2 is gone"),
+            "{}",
+            r.text
+        );
+    }
+
+    #[test]
+    fn a_silent_rank_that_answered_before_is_not_named_for_its_silence() {
+        // Rank 2 answered (it failed, waiting on rank 1) and is silent now: the waits
+        // still lead to rank 1.
+        let states = vec![
+            rank(
+                0,
+                vec![first(0), call("all_reduce", 1, CallState::Failed, Some(1))],
+            ),
+            rank(1, vec![first(0)]),
+            rank(
+                2,
+                vec![first(0), call("all_reduce", 1, CallState::Failed, Some(1))],
+            ),
+        ];
+        let fates = [Fate::Running, Fate::Running, Fate::Silent];
+        let r = build("test", &states, &fates, 13_000);
+        assert_eq!(r.culprit, Some(1), "{}", r.text);
     }
 
     #[test]

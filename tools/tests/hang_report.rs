@@ -519,3 +519,116 @@ fn without_the_launcher_a_job_run_again_reports_its_own_failure() {
     assert_ne!(second, first);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// 2 hosts x 2 ranks without a launcher or a shared directory: each rank in a UTS
+/// namespace of its own named `h0` (ranks 0, 1) or `h1` (ranks 2, 3), each host with its
+/// own temporary directory, so the dumps of one host are out of the other's reach. Rank
+/// 2 misbehaves; the one report (rank 0's, on h0) must hold the states of h1's ranks,
+/// asked over the network, and name rank 2. Returns the ranks' outputs in rank order
+/// (rank 2's left out) and the report.
+fn across_hosts(fault: &str, culprit: &str) -> (Vec<Outcome>, String) {
+    if !Command::new("unshare")
+        .args(["--uts", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        skip("unshare --uts is not permitted here (needs root or user namespaces)");
+        return (Vec::new(), String::new());
+    }
+    let base = std::env::temp_dir().join(format!("hetccl-hosts-{fault}-{}", std::process::id()));
+    for h in ["h0", "h1"] {
+        std::fs::create_dir_all(base.join(h)).unwrap();
+    }
+    let script = format!(
+        "hostname h$((RANK / 2)) && exec {} --fault {fault} --fault-rank 2 --counts 1000",
+        check_bin()
+    );
+    let timeout = TIMEOUT_S.to_string();
+    let mut children = spawn_ranks(
+        4,
+        "unshare",
+        &["--uts", "sh", "-c", &script],
+        &[("HETCCL_TIMEOUT", &timeout)],
+        |r| {
+            let tmp = base.join(format!("h{}", r / 2));
+            vec![("TMPDIR".to_string(), tmp.to_string_lossy().into_owned())]
+        },
+    );
+    let mut faulty = children.remove(2);
+    let outs = collect(children, Duration::from_secs(40));
+    let _ = faulty.kill();
+    let _ = faulty.wait();
+    let all: String = outs.iter().map(|o| o.output.clone()).collect();
+    for o in &outs {
+        assert!(!o.hung, "{all}");
+        assert_eq!(o.code, Some(1), "{all}");
+    }
+    assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
+    // Rank 0 printed it: the lowest that failed, on h0.
+    assert!(
+        outs[0]
+            .output
+            .contains("hetccl hang report (printed by rank 0, the lowest rank that failed)"),
+        "{all}"
+    );
+    assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
+    let report = outs[0].output.clone();
+    // Rank 3's state came from h1 over the network: a line of its own, not "no state".
+    let line3 = report
+        .lines()
+        .find(|l| l.starts_with("  rank 3: "))
+        .unwrap_or_else(|| panic!("no line for rank 3:\n{all}"));
+    assert!(line3.contains(" all_reduce #1"), "{line3}\n{all}");
+    std::fs::remove_dir_all(&base).unwrap();
+    (outs, report)
+}
+
+#[test]
+fn across_hosts_a_stopped_rank_is_named_once() {
+    let silent = "rank 2 in all_reduce #1: rank 2 does not answer from its host: stopped \
+                  (SIGSTOP or a debugger) or hung";
+    let (outs, report) = across_hosts("stop", silent);
+    if outs.is_empty() {
+        return;
+    }
+    assert!(
+        report.contains("  rank 2: no state: it does not answer from its host"),
+        "{report}"
+    );
+    // Ranks 0 and 1 see rank 2 only over the network; rank 3, on its host, sees its
+    // process stopped.
+    let stopped = "rank 2 in all_reduce #1: rank 2 is stopped (SIGSTOP or a debugger) and \
+                   cannot answer";
+    for (o, finding) in outs.iter().zip([silent, silent, stopped]) {
+        let line = o
+            .output
+            .lines()
+            .find(|l| l.contains(": FAILED: "))
+            .unwrap_or_else(|| panic!("no error:\n{}", o.output));
+        assert!(
+            line.ends_with(&format!("; the job's first failure: {finding}")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn across_hosts_a_killed_rank_is_named_once() {
+    let gone =
+        "rank 2 in all_reduce #1: rank 2 is gone: its process ended (killed?) without a word";
+    let (outs, report) = across_hosts("kill", gone);
+    if outs.is_empty() {
+        return;
+    }
+    assert!(
+        report.contains("  rank 2: no state: its process is gone"),
+        "{report}"
+    );
+    for o in &outs {
+        let line = o.output.lines().find(|l| l.contains(": FAILED: ")).unwrap();
+        assert!(
+            line.ends_with(&format!("; the job's first failure: {gone}")),
+            "{line}"
+        );
+    }
+}
