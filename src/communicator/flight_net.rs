@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! asker                                  answering thread of rank k's process
-//!   connect, the job's handshake  ---->  accept; the handshake (job and key), one at a time
+//!   connect, the job's handshake  ---->  accept; the handshake (job and key)
 //!   b'S'                          ---->  state = flight::answer()
 //!                                 <----  u32le length, the state as JSON
 //!   b'F', u32le length, text      ---->  flight::told(text): the report was printed
@@ -23,8 +23,9 @@
 //! the kernel but never answers: after [`flight::ASK_WITHIN`] the asker calls it silent.
 //! One that is gone has its port closed, and its host refuses the connection. A
 //! stranger, or a rank of another job, fails the handshake, is logged (rate-limited) and
-//! dropped; each handshake has [`HANDSHAKE`] to finish, so a connection that sends
-//! nothing delays the answers by at most that.
+//! dropped. Each connection is answered on a thread of its own (at most [`ANSWERING`] at
+//! once) and has [`HANDSHAKE`] to finish, so a stranger that connects and sends nothing
+//! delays no rank's answer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -119,16 +120,38 @@ fn listen(cfg: &Config) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Answers the ranks of other hosts, one connection at a time, for the process's life.
+/// Connections answered at once, each on a thread of its own for at most [`HANDSHAKE`]:
+/// a stranger that connects and says nothing holds one of them, not the others' answers.
+/// Beyond this, new connections are closed at once.
+const ANSWERING: usize = 16;
+
+/// Answers the ranks of other hosts for the process's life.
 fn serve(l: TcpListener, addr: SocketAddr) {
-    let refusals = RefusalLog::new(format!("flight listener on {addr}"));
+    let refusals = Arc::new(RefusalLog::new(format!("flight listener on {addr}")));
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
         let Some(auth) = SERVING.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             continue;
         };
-        if let Err(e) = answer_one(&mut s, &auth) {
-            refusals.refused(&e);
+        if busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= ANSWERING {
+            busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            refusals.refused(&format_args!(
+                "{ANSWERING} connections are being answered already; closed a new one"
+            ));
+            continue;
+        }
+        let (refusals, busy2) = (refusals.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
+            .name("hetccl-flight-answer".into())
+            .spawn(move || {
+                if let Err(e) = answer_one(&mut s, &auth) {
+                    refusals.refused(&e);
+                }
+                busy2.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }
@@ -434,6 +457,27 @@ mod tests {
         assert!(matches!(got[2], Answer::Unreachable), "{got:?}");
         assert!(
             took >= Duration::from_millis(290) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn strangers_that_say_nothing_do_not_delay_the_answers() {
+        let auth = JobAuth::new("flight-serve-test", "k");
+        *SERVING.lock().unwrap() = Some(auth.clone());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || serve(l, addr));
+        // Three connections that never send a hello: answered one after the other, they
+        // would hold the rank's question for 3 x HANDSHAKE = 1.5 s.
+        let _mute: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let got = peers(vec![Some(addr)], &auth).ask(&[0], Duration::from_secs(5));
+        let took = t.elapsed();
+        assert!(matches!(got[0], Answer::State(_)), "{got:?}");
+        assert!(
+            took < 3 * HANDSHAKE - Duration::from_millis(100),
             "{took:?}"
         );
     }

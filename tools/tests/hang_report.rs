@@ -573,6 +573,14 @@ fn across_hosts(fault: &str, culprit: &str) -> (Vec<Outcome>, String) {
     );
     assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
     let report = outs[0].output.clone();
+    // Its faulty collective returned, the report printed, within the timeout + 2 s.
+    let took: f64 = report
+        .split("faulty collective returned after ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(took < (TIMEOUT_S + 2) as f64, "{took} s:\n{all}");
     // Rank 3's state came from h1 over the network: a line of its own, not "no state".
     let line3 = report
         .lines()
@@ -631,4 +639,29 @@ fn across_hosts_a_killed_rank_is_named_once() {
             "{line}"
         );
     }
+}
+
+#[test]
+fn across_hosts_a_rank_that_never_calls_is_named_once() {
+    let (outs, report) = across_hosts("skip", "rank 2 in all_reduce #1: rank 2 in compute for ");
+    if outs.is_empty() {
+        return;
+    }
+    // Rank 2's own state, asked over the network while it sleeps.
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("  rank 2: "))
+        .unwrap_or_else(|| panic!("no line for rank 2:\n{report}"));
+    assert!(
+        line.ends_with("not in any collective (last: all_reduce #0, finished)"),
+        "{line}\n{report}"
+    );
+}
+
+#[test]
+fn across_hosts_a_rank_that_calls_another_collective_is_named_once() {
+    across_hosts(
+        "op",
+        "rank 2 in broadcast #1: rank 2 called broadcast #1 where ranks 0, 1, 3 called all_reduce #1",
+    );
 }
