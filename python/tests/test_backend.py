@@ -448,6 +448,21 @@ def ddp_bert(rank, n, backend, steps=24, seq=32, batch=4):
     return losses
 
 
+def traced(rank, n):
+    """An all_reduce and a send/recv with HETCCL_TRACE set: the rank's trace file."""
+    dist.init_process_group("hetccl", rank=rank, world_size=n)
+    x = torch.ones(1024)
+    dist.all_reduce(x)
+    if rank == 0:
+        dist.send(torch.full((4,), 3.0), 1)
+    elif rank == 1:
+        y = torch.zeros(4)
+        dist.recv(y, 0)
+    dist.barrier()
+    dist.destroy_process_group()
+    return os.environ["HETCCL_TRACE"].replace("%r", str(rank))
+
+
 def ddp_bert_hetccl(rank, n):
     return ddp_bert(rank, n, "hetccl")
 
@@ -592,6 +607,19 @@ class Backend(unittest.TestCase):
                          r"rank 0: all_reduce #1 timed out after 3(\.\d+)?s waiting for peer 1 ")
         self.assertGreater(out["seconds"], 2.5, out)
         self.assertLess(out["seconds"], 3 + 10, out)
+
+    def test_a_trace_has_one_file_per_rank_that_point_to_point_channels_leave_alone(self):
+        d = tempfile.mkdtemp(prefix="hetccl-torch-trace-")
+        res = run_ranks(traced, 2, env={"HETCCL_TRACE": os.path.join(d, "t-%r.json")})
+        self.assertEqual(sorted(os.listdir(d)), ["t-0.json", "t-1.json"])
+        for r in range(2):
+            with open(res[r]["ok"]) as f:
+                events = json.load(f)
+            # The group's own rank, with its all_reduce.
+            ranks = {e["pid"] for e in events if e.get("ph") == "X"}
+            self.assertEqual(ranks, {r}, events)
+            names = [e["name"] for e in events if e.get("ph") == "X"]
+            self.assertIn("all_reduce", names, names)
 
     def test_compression_is_a_process_group_option(self):
         res = run_ranks(compressed, 2)

@@ -943,7 +943,11 @@ class BackendHetccl : public c10d::Backend {
       }
     }
     std::vector<hetcclComm_t> to(size_, nullptr), from(size_, nullptr);
-    const char* set = settings.empty() ? nullptr : settings.c_str();
+    // Channels stay off the timeline: as two-rank communicators their HETCCL_TRACE "%r"
+    // would be 0 and 1, the names of the group's ranks 0 and 1, whose files they would
+    // overwrite.
+    const std::string chan = settings.empty() ? "HETCCL_TRACE=" : settings + "\nHETCCL_TRACE=";
+    const char* set = chan.c_str();
     check(hetcclGroupStart(), nullptr, "hetcclGroupStart");
     hetcclResult_t r = hetcclSuccess;
     for (int q = 0; q < size_ && r == hetcclSuccess; ++q) {
