@@ -30,9 +30,11 @@
 //! the communicator is dropped. A collective is kept as fixed-size values (its schedule
 //! and link classes shared, its times raw per-call clock stamps, made microseconds of
 //! the trace clock only when written) and written as JSON by hand, not through
-//! `serde_json::Value`: tracing adds
-//! under 3 % to a collective's instructions (`scripts/trace-overhead.sh`,
-//! `docs/PERFORMANCE.md`), writing included.
+//! `serde_json::Value`: through a cursor into a byte buffer that goes to the file in
+//! large writes, what repeats between calls of one shape (names, sizes, bytes per
+//! peer) written once and copied (`Shape`). Tracing adds under 3 % to a collective's
+//! instructions (`scripts/trace-overhead.sh`, `docs/PERFORMANCE.md`), writing
+//! included.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -47,6 +49,7 @@ use serde_json::{json, Map, Value};
 
 use super::metrics::{phase_spans, LinkClass};
 use crate::algorithm::executor::{PhaseEnds, Wire};
+use crate::algorithm::Phase;
 use crate::algorithm::Schedule;
 use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 use crate::error::{Error, Result};
@@ -135,8 +138,10 @@ struct Buf {
     named: Vec<u32>,
     /// Metadata lines not written yet.
     meta: Vec<Value>,
-    /// The line being written, kept for its capacity.
+    /// Calls' lines on their way to the file ([`Cursor`]), kept for its length.
     line: Vec<u8>,
+    /// The repeated arguments of the last call written.
+    shape: Shape,
     /// The calls' waits on peers they waited on, `(peer, per-call clock ticks)`; each
     /// call holds its range. Kept for its capacity like the events.
     waits: Vec<(u32, u64)>,
@@ -214,7 +219,9 @@ impl Tracer {
                 out: Some(out),
                 named: Vec::new(),
                 meta: Vec::new(),
-                line: Vec::new(),
+                // At its full length once: a call's lines never wait for it to grow.
+                line: vec![0; TEXT_FLUSH + 4096],
+                shape: Shape::default(),
                 waits: Vec::new(),
             }),
         })
@@ -319,6 +326,7 @@ impl Tracer {
             out,
             meta,
             line: text,
+            shape,
             waits,
             ..
         } = b;
@@ -334,9 +342,14 @@ impl Tracer {
             for m in meta.drain(..) {
                 line(w, &m)?;
             }
+            // Calls' lines gather in `text` up to `at` and go to the file in large
+            // writes; a span's line, written to the file directly, first sends them.
+            let mut at = 0;
             for e in events.drain(..) {
                 match e.kind {
                     Kind::Span(s) => {
+                        w.write_all(&text[..at])?;
+                        at = 0;
                         let mut v = json!({
                             "ph": "X", "name": s.name, "cat": s.cat, "ts": micros(s.start),
                             "dur": s.dur.as_nanos() as f64 / 1e3, "pid": self.rank,
@@ -348,13 +361,24 @@ impl Tracer {
                         line(w, &v)?;
                     }
                     Kind::Call(c) => {
-                        text.clear();
                         let waited = waits.get(c.waits.clone()).unwrap_or(&[]);
-                        write_call(text, &c, waited, &clock, self.rank, e.tid);
-                        w.write_all(text)?;
+                        at = write_call_into(
+                            text,
+                            at,
+                            shape,
+                            &c,
+                            waited,
+                            &clock,
+                            (self.rank, e.tid),
+                        );
+                        if at >= TEXT_FLUSH {
+                            w.write_all(&text[..at])?;
+                            at = 0;
+                        }
                     }
                 }
             }
+            w.write_all(&text[..at])?;
             waits.clear();
             w.flush()
         })();
@@ -397,94 +421,377 @@ const POW10: [u64; 20] = {
     p
 };
 
-/// Appends `v` in decimal: its digits into a fixed array from the left, the whole array
-/// appended (a fixed-size copy, no `memcpy` call) and cut back to the digits.
-fn uint(out: &mut Vec<u8>, mut v: u64) {
-    // The digit count from the bit length: log10(2) ~ 1233 / 4096, one table look-up
-    // to correct it.
-    let bits = 64 - (v | 1).leading_zeros() as usize;
-    let t = (bits * 1233) >> 12;
-    let n = (t + 1 - usize::from(v < POW10[t])).max(1);
-    let mut digits = [0u8; 20];
-    let mut i = n;
-    while v >= 100 {
-        let d = (v % 100) as usize * 2;
-        v /= 100;
-        i -= 2;
-        digits[i] = PAIRS[d];
-        digits[i + 1] = PAIRS[d + 1];
-    }
-    if v >= 10 {
-        let d = v as usize * 2;
-        digits[0] = PAIRS[d];
-        digits[1] = PAIRS[d + 1];
-    } else {
-        digits[0] = b'0' + v as u8;
-    }
-    let len = out.len();
-    out.extend_from_slice(&digits);
-    out.truncate(len + n);
+/// Bytes of calls' lines gathered before they go to the file: one write to the file's
+/// buffered writer per so many, which passes them on without copying them.
+const TEXT_FLUSH: usize = 64 << 10;
+
+/// Where a call's lines are written: a byte buffer kept at its full length (zeroed
+/// once, when it grows) and the end of what is written in it. A piece that does not fit
+/// is not written and marks the cursor `short`; the writer then writes the call again
+/// into a longer buffer. So a piece costs a bounds check and a copy, with no capacity
+/// check and length update in a `Vec` per piece.
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+    short: bool,
 }
 
-/// Appends `ns` nanoseconds as microseconds with three decimals, as the format counts
-/// time.
-fn micros_of(out: &mut Vec<u8>, ns: u64) {
-    uint(out, ns / 1000);
-    let frac = (ns % 1000) as usize;
-    let d = frac % 100 * 2;
-    out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, PAIRS[d], PAIRS[d + 1]]);
-}
-
-/// Appends `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
-/// nanoseconds). `who` is where `,"pid":..,"tid":..` was written already for an earlier
-/// line of the same call, copied rather than written again; `None` the first time, and
-/// returned for the next.
-fn times(
-    out: &mut Vec<u8>,
-    a: u64,
-    b: u64,
-    rank: usize,
-    tid: u32,
-    who: Option<Range<usize>>,
-) -> Range<usize> {
-    out.extend_from_slice(b"\"ts\":");
-    micros_of(out, a);
-    out.extend_from_slice(b",\"dur\":");
-    micros_of(out, b.saturating_sub(a));
-    let from = out.len();
-    match who {
-        Some(r) => out.extend_from_within(r),
-        None => {
-            out.extend_from_slice(b",\"pid\":");
-            uint(out, rank as u64);
-            out.extend_from_slice(b",\"tid\":");
-            uint(out, u64::from(tid));
+impl<'a> Cursor<'a> {
+    fn new(buf: &'a mut [u8], at: usize) -> Self {
+        Cursor {
+            buf,
+            at,
+            short: false,
         }
     }
-    from..out.len()
+
+    #[inline(always)]
+    fn put(&mut self, s: &[u8]) {
+        let end = self.at + s.len();
+        match self.buf.get_mut(self.at..end) {
+            Some(d) => {
+                d.copy_from_slice(s);
+                self.at = end;
+            }
+            None => self.short = true,
+        }
+    }
+
+    /// Copies what was written at `r` (the same call's bytes) to the end.
+    #[inline(always)]
+    fn again(&mut self, r: Range<usize>) {
+        let end = self.at + r.len();
+        if r.end <= self.at && end <= self.buf.len() {
+            self.buf.copy_within(r, self.at);
+            self.at = end;
+        } else {
+            self.short = true;
+        }
+    }
+
+    /// `v` in decimal: the digit count from the bit length (log10(2) ~ 1233 / 4096, one
+    /// table look-up to correct it), then the digits from the right, two a step, into
+    /// the buffer itself.
+    #[inline(always)]
+    fn uint(&mut self, mut v: u64) {
+        let bits = 64 - (v | 1).leading_zeros() as usize;
+        let t = (bits * 1233) >> 12;
+        let n = (t + 1 - usize::from(v < POW10[t])).max(1);
+        let Some(digits) = self
+            .buf
+            .get_mut(self.at..)
+            .and_then(|b| b.first_chunk_mut::<20>())
+        else {
+            self.short = true;
+            return;
+        };
+        let mut i = n;
+        while v >= 100 {
+            let d = (v % 100) as usize * 2;
+            v /= 100;
+            i -= 2;
+            digits[i] = PAIRS[d];
+            digits[i + 1] = PAIRS[d + 1];
+        }
+        if v >= 10 {
+            let d = v as usize * 2;
+            digits[0] = PAIRS[d];
+            digits[1] = PAIRS[d + 1];
+        } else {
+            digits[0] = b'0' + v as u8;
+        }
+        self.at += n;
+    }
+
+    /// `ns` nanoseconds as microseconds with three decimals, as the format counts time.
+    #[inline(always)]
+    fn micros(&mut self, ns: u64) {
+        self.uint(ns / 1000);
+        let frac = (ns % 1000) as usize;
+        let d = frac % 100 * 2;
+        self.put(&[b'.', b'0' + (frac / 100) as u8, PAIRS[d], PAIRS[d + 1]]);
+    }
+
+    /// `"ts":..,"dur":..,"pid":..,"tid":..` of a span from `a` to `b` (trace clock
+    /// nanoseconds). `ts` and `who` are where `a` and `,"pid":..,"tid":..` were written
+    /// already for an earlier line of the same call, copied rather than written again;
+    /// `None` the first time. Returns where they are, for the next line.
+    #[inline(always)]
+    fn times(
+        &mut self,
+        a: u64,
+        b: u64,
+        ts: Option<Range<usize>>,
+        rank: usize,
+        tid: u32,
+        who: Option<Range<usize>>,
+    ) -> (Range<usize>, Range<usize>) {
+        self.put(b"\"ts\":");
+        let from = self.at;
+        match ts {
+            Some(r) => self.again(r),
+            None => self.micros(a),
+        }
+        let ts = from..self.at;
+        self.put(b",\"dur\":");
+        self.micros(b.saturating_sub(a));
+        let from = self.at;
+        match who {
+            Some(r) => self.again(r),
+            None => {
+                self.put(b",\"pid\":");
+                self.uint(rank as u64);
+                self.put(b",\"tid\":");
+                self.uint(u64::from(tid));
+            }
+        }
+        (ts, from..self.at)
+    }
+
+    /// `"key":"value"` (`key` given with its quotes and colon) for a value of the
+    /// runtime's own naming, which needs no escaping (operation, type, algorithm and
+    /// format names).
+    #[inline(always)]
+    fn name_field(&mut self, key: &[u8], value: &str) {
+        self.put(key);
+        self.put(b"\"");
+        self.put(value.as_bytes());
+        self.put(b"\"");
+    }
+
+    /// A peer as the per-peer arguments name it, in quotes and with its colon:
+    /// `"P (CLASS)":`.
+    #[inline(always)]
+    fn peer_key(&mut self, p: usize, classes: &[Option<LinkClass>]) {
+        let class = classes
+            .get(p)
+            .copied()
+            .flatten()
+            .map_or("?", LinkClass::name);
+        self.put(b"\"");
+        self.uint(p as u64);
+        self.put(b" (");
+        self.put(class.as_bytes());
+        self.put(b")\":");
+    }
+
+    /// A JSON string of free text, escaped by the JSON writer.
+    fn text(&mut self, s: &str) {
+        let Some(mut rest) = self.buf.get_mut(self.at..) else {
+            self.short = true;
+            return;
+        };
+        let room = rest.len();
+        // A slice too short for the text fails the write: the call is written again.
+        match serde_json::to_writer(&mut rest, s) {
+            Ok(()) => self.at += room - rest.len(),
+            Err(_) => self.short = true,
+        }
+    }
 }
 
-/// Appends `"key":"value"` (`key` given with its quotes and colon) for a value of the
-/// runtime's own naming, which needs no escaping (operation, type, algorithm and format
-/// names).
-fn name_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
-    out.extend_from_slice(key);
-    out.push(b'"');
-    out.extend_from_slice(value.as_bytes());
-    out.push(b'"');
+/// Per-call clock stamps and tick counts as nanoseconds of the trace clock: the
+/// clock's conversion when written out ([`StampNanos`]), a fixed one in tests.
+trait ToNanos {
+    fn at(&self, s: Stamp) -> u64;
+    fn span(&self, ticks: u64) -> u64;
 }
 
-/// Appends a peer as the per-peer arguments name it: `P (CLASS)`.
-fn peer_key(out: &mut Vec<u8>, p: usize, classes: &[Option<LinkClass>]) {
-    let class = classes
-        .get(p)
-        .copied()
-        .flatten()
-        .map_or("?", LinkClass::name);
-    uint(out, p as u64);
-    out.extend_from_slice(b" (");
-    out.extend_from_slice(class.as_bytes());
-    out.push(b')');
+impl ToNanos for StampNanos {
+    #[inline]
+    fn at(&self, s: Stamp) -> u64 {
+        StampNanos::at(self, s)
+    }
+
+    #[inline]
+    fn span(&self, ticks: u64) -> u64 {
+        StampNanos::span(self, ticks)
+    }
+}
+
+/// What repeats from call to call of one shape (the same operation, count, types,
+/// engine, schedule, link classes and compression), as written for the last call: the
+/// next call of that shape copies it. The pieces, in the order the lines hold them:
+///
+/// ```text
+/// head        ,\n{"ph":"X","name":"all_reduce","cat":"collective",
+/// args        ,"bytes":..,"count":..,"dtype":..,..,"received":{..},"waited_us":{
+/// tail        ,"compression":"off"
+/// phase_args  ,"args":{"op":"all_reduce","seq":
+/// phase_head  ,\n{"ph":"X","name":"reduce-scatter","cat":"phase",   (one per phase)
+/// ```
+///
+/// `args` ends with `"waited_us":{` only for a call over links. Holds the schedule and
+/// the classes it was written from, so that their addresses, which it compares, stay
+/// theirs.
+#[derive(Default)]
+struct Shape {
+    of: Option<CallShape>,
+    bytes: Vec<u8>,
+    /// Where each piece lies in `bytes`: head, args, tail, phase_args, then the phases'
+    /// heads in [`Phase::ALL`]'s order.
+    at: [Range<usize>; 4 + Phase::COUNT],
+}
+
+struct CallShape {
+    op: CollectiveOp,
+    count: u64,
+    dtype: DataType,
+    redop: ReduceOp,
+    path: &'static str,
+    sched: Option<Arc<Schedule>>,
+    classes: Arc<[Option<LinkClass>]>,
+    wire: Option<Wire>,
+}
+
+impl Shape {
+    /// Makes the pieces `c`'s, written anew unless the last call's were `c`'s.
+    fn of(&mut self, c: &CallEvent) {
+        let same = self.of.as_ref().is_some_and(|s| {
+            s.op == c.op
+                && s.count == c.count
+                && s.dtype == c.dtype
+                && s.redop == c.redop
+                && std::ptr::eq(s.path, c.path)
+                && match (&s.sched, &c.sched) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+                && Arc::ptr_eq(&s.classes, &c.classes)
+                && s.wire == c.wire
+        });
+        if same {
+            return;
+        }
+        loop {
+            let mut cur = Cursor::new(&mut self.bytes, 0);
+            let at = shape_pieces(&mut cur, c);
+            if !cur.short {
+                self.at = at;
+                break;
+            }
+            let longer = (self.bytes.len() * 2).max(1024);
+            self.bytes.resize(longer, 0);
+        }
+        self.of = Some(CallShape {
+            op: c.op,
+            count: c.count,
+            dtype: c.dtype,
+            redop: c.redop,
+            path: c.path,
+            sched: c.sched.clone(),
+            classes: c.classes.clone(),
+            wire: c.wire.clone(),
+        });
+    }
+
+    fn piece(&self, i: usize) -> &[u8] {
+        self.at
+            .get(i)
+            .and_then(|r| self.bytes.get(r.clone()))
+            .unwrap_or(&[])
+    }
+
+    fn head(&self) -> &[u8] {
+        self.piece(0)
+    }
+
+    fn args(&self) -> &[u8] {
+        self.piece(1)
+    }
+
+    fn tail(&self) -> &[u8] {
+        self.piece(2)
+    }
+
+    fn phase_args(&self) -> &[u8] {
+        self.piece(3)
+    }
+
+    fn phase_head(&self, p: Phase) -> &[u8] {
+        self.piece(4 + p as usize)
+    }
+}
+
+/// Writes [`Shape`]'s pieces for `c`; returns where each lies.
+fn shape_pieces(out: &mut Cursor<'_>, c: &CallEvent) -> [Range<usize>; 4 + Phase::COUNT] {
+    let mut at: [Range<usize>; 4 + Phase::COUNT] = Default::default();
+    let op = c.op.name();
+    let from = out.at;
+    out.name_field(b",\n{\"ph\":\"X\",\"name\":", op);
+    out.put(b",\"cat\":\"collective\",");
+    at[0] = from..out.at;
+    let from = out.at;
+    out.put(b",\"bytes\":");
+    out.uint(c.count.saturating_mul(c.dtype.size() as u64));
+    out.put(b",\"count\":");
+    out.uint(c.count);
+    out.name_field(b",\"dtype\":", c.dtype.name());
+    out.name_field(b",\"redop\":", c.redop.name());
+    out.name_field(b",\"path\":", c.path);
+    if let Some(s) = &c.sched {
+        out.name_field(b",\"algorithm\":", s.algo);
+        // Bytes per peer as the link carried them, and the peer's link class.
+        let per_peer = |out: &mut Cursor<'_>, key: &[u8], list: &[(usize, u64)]| {
+            out.put(key);
+            for (i, &(p, b)) in list.iter().enumerate() {
+                let b = match &c.wire {
+                    Some(w) if w.peers.get(p).copied().unwrap_or(false) => b / 2,
+                    _ => b,
+                };
+                if i > 0 {
+                    out.put(b",");
+                }
+                out.peer_key(p, &c.classes);
+                out.uint(b);
+            }
+            out.put(b"}");
+        };
+        per_peer(out, b",\"sent\":{", &s.sent_to);
+        per_peer(out, b",\"received\":{", &s.received_from);
+        out.put(b",\"waited_us\":{");
+    }
+    at[1] = from..out.at;
+    let from = out.at;
+    out.name_field(
+        b",\"compression\":",
+        c.wire.as_ref().map_or("off", |w| w.format.name()),
+    );
+    at[2] = from..out.at;
+    let from = out.at;
+    out.name_field(b",\"args\":{\"op\":", op);
+    out.put(b",\"seq\":");
+    at[3] = from..out.at;
+    for p in Phase::ALL {
+        let from = out.at;
+        out.name_field(b",\n{\"ph\":\"X\",\"name\":", p.name());
+        out.put(b",\"cat\":\"phase\",");
+        at[4 + p as usize] = from..out.at;
+    }
+    at
+}
+
+/// Writes the lines of one collective of thread `tid` of `rank` at `at` in `text`,
+/// which grows until they fit; returns where they end.
+fn write_call_into(
+    text: &mut Vec<u8>,
+    at: usize,
+    shape: &mut Shape,
+    c: &CallEvent,
+    waited: &[(u32, u64)],
+    clock: &impl ToNanos,
+    (rank, tid): (usize, u32),
+) -> usize {
+    loop {
+        let mut cur = Cursor::new(text, at);
+        write_call(&mut cur, shape, c, waited, clock, rank, tid);
+        if !cur.short {
+            return cur.at;
+        }
+        let longer = (text.len() * 2).max(at + 4096);
+        text.resize(longer, 0);
+    }
 }
 
 /// The lines of one collective: its span, then one per phase, each after the `,\n`
@@ -492,91 +799,50 @@ fn peer_key(out: &mut Vec<u8>, p: usize, classes: &[Option<LinkClass>]) {
 /// through `serde_json::Value`, which would cost the call more than the 3 % of its
 /// instructions `docs/PERFORMANCE.md` holds the trace to.
 fn write_call(
-    out: &mut Vec<u8>,
+    out: &mut Cursor<'_>,
+    shape: &mut Shape,
     c: &CallEvent,
     waited: &[(u32, u64)],
-    clock: &StampNanos,
+    clock: &impl ToNanos,
     rank: usize,
     tid: u32,
 ) {
-    let op = c.op.name();
-    out.reserve(1024);
-    out.extend_from_slice(b",\n{\"ph\":\"X\",");
-    name_field(out, b"\"name\":", op);
-    out.extend_from_slice(b",\"cat\":\"collective\",");
-    let who = times(out, clock.at(c.start), clock.at(c.end), rank, tid, None);
-    out.extend_from_slice(b",\"args\":{\"seq\":");
-    uint(out, c.seq);
-    out.extend_from_slice(b",\"bytes\":");
-    uint(out, c.count.saturating_mul(c.dtype.size() as u64));
-    out.extend_from_slice(b",\"count\":");
-    uint(out, c.count);
-    out.push(b',');
-    name_field(out, b"\"dtype\":", c.dtype.name());
-    out.push(b',');
-    name_field(out, b"\"redop\":", c.redop.name());
-    out.push(b',');
-    name_field(out, b"\"path\":", c.path);
-    if let Some(s) = &c.sched {
-        out.push(b',');
-        name_field(out, b"\"algorithm\":", s.algo);
-        // Bytes per peer as the link carried them, and the peer's link class.
-        let per_peer = |out: &mut Vec<u8>, key: &str, list: &[(usize, u64)]| {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":{");
-            for (i, &(p, b)) in list.iter().enumerate() {
-                let b = match &c.wire {
-                    Some(w) if w.peers.get(p).copied().unwrap_or(false) => b / 2,
-                    _ => b,
-                };
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.push(b'"');
-                peer_key(out, p, &c.classes);
-                out.extend_from_slice(b"\":");
-                uint(out, b);
-            }
-            out.push(b'}');
-        };
-        per_peer(out, "sent", &s.sent_to);
-        per_peer(out, "received", &s.received_from);
+    shape.of(c);
+    out.put(shape.head());
+    let start = clock.at(c.start);
+    let (ts, who) = out.times(start, clock.at(c.end), None, rank, tid, None);
+    out.put(b",\"args\":{\"seq\":");
+    let from = out.at;
+    out.uint(c.seq);
+    let seq = from..out.at;
+    out.put(shape.args());
+    if c.sched.is_some() {
         // Microseconds spent waiting on each peer, peers never waited on left out.
-        out.extend_from_slice(b",\"waited_us\":{");
         for (i, &(p, ticks)) in waited.iter().enumerate() {
             if i > 0 {
-                out.push(b',');
+                out.put(b",");
             }
-            out.push(b'"');
-            peer_key(out, p as usize, &c.classes);
-            out.extend_from_slice(b"\":");
-            micros_of(out, clock.span(ticks));
+            out.peer_key(p as usize, &c.classes);
+            out.micros(clock.span(ticks));
         }
-        out.push(b'}');
+        out.put(b"}");
     }
-    out.push(b',');
-    name_field(
-        out,
-        b"\"compression\":",
-        c.wire.as_ref().map_or("off", |w| w.format.name()),
-    );
+    out.put(shape.tail());
     if let Some(e) = &c.error {
-        out.extend_from_slice(b",\"error\":");
-        // The one free text: escaped by the JSON writer. Writing to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, e);
+        // The one free text.
+        out.put(b",\"error\":");
+        out.text(e);
     }
-    out.extend_from_slice(b"}}");
+    out.put(b"}}");
     for (p, a, b) in phase_spans(c.start, c.end, &c.phase_end) {
-        out.extend_from_slice(b",\n{\"ph\":\"X\",");
-        name_field(out, b"\"name\":", p.name());
-        out.extend_from_slice(b",\"cat\":\"phase\",");
-        times(out, clock.at(a), clock.at(b), rank, tid, Some(who.clone()));
-        out.extend_from_slice(b",\"args\":{");
-        name_field(out, b"\"op\":", op);
-        out.extend_from_slice(b",\"seq\":");
-        uint(out, c.seq);
-        out.extend_from_slice(b"}}");
+        out.put(shape.phase_head(p));
+        // The first phase starts with the call: the same stamp, the same text.
+        let a_ns = clock.at(a);
+        let same_ts = (a == c.start).then(|| ts.clone());
+        out.times(a_ns, clock.at(b), same_ts, rank, tid, Some(who.clone()));
+        out.put(shape.phase_args());
+        out.again(seq.clone());
+        out.put(b"}}");
     }
 }
 
@@ -681,22 +947,194 @@ mod tests {
         assert_eq!(clock["args"]["world_size"], 4);
     }
 
+    fn written(f: impl FnOnce(&mut Cursor<'_>)) -> String {
+        let mut buf = vec![0u8; 64];
+        let mut cur = Cursor::new(&mut buf, 0);
+        f(&mut cur);
+        assert!(!cur.short);
+        let end = cur.at;
+        String::from_utf8(buf[..end].to_vec()).unwrap()
+    }
+
     #[test]
     fn numbers_are_written_as_rust_formats_them() {
-        for v in [0u64, 7, 10, 99, 100, 101, 12_345, 1_000_000_007, u64::MAX] {
-            let mut out = Vec::new();
-            uint(&mut out, v);
-            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        // Every digit count's first and last value, where the count from the bit length
+        // needs its correction, and the ends of the range.
+        let mut edges = vec![0u64, 7, 1_000_000_007, u64::MAX, u64::MAX - 1];
+        for p in POW10 {
+            edges.extend([p - 1, p, p + 1]);
         }
+        for v in edges {
+            assert_eq!(written(|c| c.uint(v)), v.to_string());
+        }
+        // Microseconds: the integer part, then the three decimals of the nanoseconds
+        // (no rounding: the nanoseconds are exact), zeros kept.
         for (ns, text) in [
             (0u64, "0.000"),
             (5, "0.005"),
-            (1_234_567, "1234.567"),
+            (999, "0.999"),
+            (1_000, "1.000"),
             (90_010, "90.010"),
+            (1_234_567, "1234.567"),
+            (u64::MAX, "18446744073709551.615"),
         ] {
-            let mut out = Vec::new();
-            micros_of(&mut out, ns);
-            assert_eq!(String::from_utf8(out).unwrap(), text);
+            assert_eq!(written(|c| c.micros(ns)), text);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_number_is_written_as_rust_formats_it(v: u64) {
+            proptest::prop_assert_eq!(written(|c| c.uint(v)), v.to_string());
+            // As the float the format means prints with three decimals, wherever the
+            // double's error stays under half a nanosecond (the trace clock's first 26
+            // days).
+            let ns = v >> 13;
+            proptest::prop_assert_eq!(
+                written(|c| c.micros(ns)),
+                format!("{}.{:03}", ns / 1000, ns % 1000)
+            );
+            proptest::prop_assert_eq!(
+                written(|c| c.micros(ns)),
+                format!("{:.3}", ns as f64 / 1e3)
+            );
+        }
+    }
+
+    /// Stamps as nanoseconds: 1 tick, 1 ns, from tick 1000 on.
+    struct Fixed;
+
+    impl ToNanos for Fixed {
+        fn at(&self, s: Stamp) -> u64 {
+            s.ticks().saturating_sub(1000)
+        }
+        fn span(&self, ticks: u64) -> u64 {
+            ticks
+        }
+    }
+
+    /// A 4-rank ring's call on rank 2 as the writer keeps it: TCP to the right, shared
+    /// memory from the left, both phases ended.
+    fn ring_call(error: Option<String>, wire: Option<Wire>) -> (CallEvent, Vec<(u32, u64)>) {
+        let sched = Schedule {
+            algo: "ring",
+            sent_to: vec![(3, 1_572_864)],
+            received_from: vec![(1, 1_572_864)],
+            ..Schedule::default()
+        };
+        let mut phase_end: PhaseEnds = Default::default();
+        phase_end[crate::algorithm::Phase::ReduceScatter as usize] =
+            Some(Stamp::from_ticks(1000 + 299_534_344_999));
+        phase_end[crate::algorithm::Phase::AllGather as usize] =
+            Some(Stamp::from_ticks(1000 + 307_467_038_000));
+        let call = CallEvent {
+            op: CollectiveOp::AllReduce,
+            seq: 18_446_744_073_709_551_615,
+            count: 262_144,
+            dtype: DataType::F32,
+            redop: ReduceOp::Sum,
+            path: "links",
+            sched: Some(Arc::new(sched)),
+            wire,
+            classes: vec![
+                Some(LinkClass::Shm),
+                Some(LinkClass::Shm),
+                None,
+                Some(LinkClass::Tcp),
+            ]
+            .into(),
+            error,
+            start: Stamp::from_ticks(1000 + 279_300_095_000),
+            end: Stamp::from_ticks(1000 + 307_466_794_001),
+            phase_end,
+            waits: 0..2,
+        };
+        (call, vec![(1, 6_760_066_499), (3, 0)])
+    }
+
+    /// What the writer wrote for [`ring_call`] before calls were written through a
+    /// [`Cursor`] (`Vec` appends and the same digit tables), byte for byte.
+    const RING_CALL: &str = concat!(
+        r#","#,
+        "\n",
+        r#"{"ph":"X","name":"all_reduce","cat":"collective","ts":279300095.000,"dur":28166699.001,"pid":2,"tid":7,"args":{"seq":18446744073709551615,"bytes":1048576,"count":262144,"dtype":"f32","redop":"sum","path":"links","algorithm":"ring","sent":{"3 (tcp)":1572864},"received":{"1 (shm)":1572864},"waited_us":{"1 (shm)":6760066.499,"3 (tcp)":0.000},"compression":"off"}},"#,
+        "\n",
+        r#"{"ph":"X","name":"reduce-scatter","cat":"phase","ts":279300095.000,"dur":20234249.999,"pid":2,"tid":7,"args":{"op":"all_reduce","seq":18446744073709551615}},"#,
+        "\n",
+        r#"{"ph":"X","name":"all-gather","cat":"phase","ts":299534344.999,"dur":7932449.002,"pid":2,"tid":7,"args":{"op":"all_reduce","seq":18446744073709551615}}"#,
+    );
+
+    /// [`RING_CALL`] compressed on the link to rank 3 and failed, from rank 0, thread 1.
+    const RING_CALL_FAILED: &str = concat!(
+        r#","#,
+        "\n",
+        r#"{"ph":"X","name":"all_reduce","cat":"collective","ts":279300095.000,"dur":28166699.001,"pid":0,"tid":1,"args":{"seq":18446744073709551615,"bytes":1048576,"count":262144,"dtype":"f32","redop":"sum","path":"links","algorithm":"ring","sent":{"3 (tcp)":786432},"received":{"1 (shm)":1572864},"waited_us":{"1 (shm)":6760066.499,"3 (tcp)":0.000},"compression":"bf16","error":"rank 1: peer 3 \"closed\"\n\ttab \u0001"}},"#,
+        "\n",
+        r#"{"ph":"X","name":"reduce-scatter","cat":"phase","ts":279300095.000,"dur":20234249.999,"pid":0,"tid":1,"args":{"op":"all_reduce","seq":18446744073709551615}},"#,
+        "\n",
+        r#"{"ph":"X","name":"all-gather","cat":"phase","ts":299534344.999,"dur":7932449.002,"pid":0,"tid":1,"args":{"op":"all_reduce","seq":18446744073709551615}}"#,
+    );
+
+    fn failed_ring_call() -> (CallEvent, Vec<(u32, u64)>) {
+        ring_call(
+            Some("rank 1: peer 3 \"closed\"\n\ttab \u{1}".into()),
+            Some(Wire {
+                format: crate::dtype::WireFormat::Bf16,
+                peers: vec![false, false, false, true],
+            }),
+        )
+    }
+
+    #[test]
+    fn a_call_is_written_as_before_byte_for_byte() {
+        // One shape kept across the calls, as the writer keeps it: a call of the last
+        // call's shape copies its arguments, one of another shape writes them anew.
+        let mut shape = Shape::default();
+        let mut text = Vec::new();
+        let (ring, waited) = ring_call(None, None);
+        let (failed, failed_waited) = failed_ring_call();
+        for (c, waited, rank, tid, want) in [
+            (&ring, &waited, 2, 7, RING_CALL),
+            (&ring, &waited, 2, 7, RING_CALL),
+            (&failed, &failed_waited, 0, 1, RING_CALL_FAILED),
+            (&ring, &waited, 2, 7, RING_CALL),
+        ] {
+            let end = write_call_into(&mut text, 0, &mut shape, c, waited, &Fixed, (rank, tid));
+            assert_eq!(std::str::from_utf8(&text[..end]).unwrap(), want);
+        }
+        // The same schedule at another count is another shape.
+        let mut other = ring_call(None, None).0;
+        other.sched = ring.sched.clone();
+        other.classes = ring.classes.clone();
+        other.count = 5;
+        let end = write_call_into(&mut text, 0, &mut shape, &other, &waited, &Fixed, (2, 7));
+        let want = RING_CALL.replace("1048576,\"count\":262144", "20,\"count\":5");
+        assert_eq!(std::str::from_utf8(&text[..end]).unwrap(), want);
+    }
+
+    #[test]
+    fn a_call_that_does_not_fit_is_written_again_into_a_longer_buffer() {
+        // Every length from none to the whole call's: each piece, the numbers and the
+        // escaped error among them, falls short of the end once, and what was written
+        // before the call stays.
+        let (c, waited) = failed_ring_call();
+        for room in 0..RING_CALL_FAILED.len() + 40 {
+            let mut text = vec![b'#'; 3 + room];
+            let end = write_call_into(
+                &mut text,
+                3,
+                &mut Shape::default(),
+                &c,
+                &waited,
+                &Fixed,
+                (0, 1),
+            );
+            assert_eq!(&text[..3], b"###", "room {room}");
+            assert_eq!(
+                std::str::from_utf8(&text[3..end]).unwrap(),
+                RING_CALL_FAILED,
+                "room {room}"
+            );
         }
     }
 
