@@ -559,7 +559,7 @@ impl DeviceComm {
             && self.path != DevicePath::Ipc
             && matches!(self.across, DeviceAcrossHosts::Hierarchical { .. })
         {
-            // Counts what its plan moved, window by window.
+            // It counts its own copies and reads as it queues them, window by window.
             return self.count_bytes(|this| this.hier_all_reduce::<T>(stream, src, dst, count, op));
         }
         self.counted(&call, |this| match this.path {
