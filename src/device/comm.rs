@@ -19,9 +19,15 @@
 //!   An all-reduce across hosts of which one holds two or more ranks runs
 //!   hierarchically instead (`hier.rs`, unless [`DevicePath::Staged`] was asked for):
 //!   CUDA IPC inside each host, only each rank's shard through pinned memory and the
-//!   host links. [`DeviceComm::link_bytes`] says what a call moved over each link class,
-//!   and every all-reduce adds it to the host communicator's [`crate::Metrics`] in the
-//!   device classes (`DeviceIpc`, `DeviceStaged`).
+//!   host links.
+//!
+//! [`DeviceComm::link_bytes`] says what this rank's last call moved over each link
+//! class: bytes read from peers' device memory over CUDA IPC, and copies device to host
+//! and host to device on the staged paths (`traffic.rs` has the table per collective
+//! and path; the hierarchical all-reduce counts its plan's). Every call that succeeds
+//! adds them once to the host communicator's [`crate::Metrics`] in the device classes
+//! (`DeviceIpc`, `DeviceStaged`); the host links' bytes of the staged paths are counted
+//! by the host collectives in their own classes. A one-rank call moves nothing.
 //!
 //! This file holds what every call does whatever the path: the checks of its arguments,
 //! the agreement below, and the guard that breaks the `DeviceComm` on a failure.
@@ -48,6 +54,7 @@ use super::hier::HierStage;
 use super::ipc::IpcScratch;
 use super::kernels::{reduce_finalize_ptr, GpuElement};
 use super::staged::Slot;
+use super::traffic::{device_link_bytes, DeviceRoute};
 use crate::algorithm::call::{check, Call, CallHeader, Engine, HEADER_WORDS};
 use crate::algorithm::device_hier::LinkBytes;
 use crate::algorithm::select::{self, DeviceAcrossHosts};
@@ -119,8 +126,8 @@ pub struct DeviceComm {
     across: DeviceAcrossHosts,
     /// The hierarchical path's pinned buffer, from its first call on.
     pub(super) hier: Option<HierStage>,
-    /// What the last all-reduce moved over each link class.
-    pub(super) link_bytes: LinkBytes,
+    /// What the last call moved over each link class.
+    link_bytes: LinkBytes,
     /// Set by a failure in the middle of a call.
     broken: Option<String>,
 }
@@ -318,10 +325,11 @@ impl DeviceComm {
         self.across
     }
 
-    /// What this rank moved over each link class in its last all-reduce: counted on the
-    /// hierarchical path; the flat staged path counts its copies to and from the host
-    /// (the host communicator's network bytes are not counted there), the IPC path
-    /// nothing.
+    /// What this rank moved over each link class in its last call (every collective,
+    /// every path; see the module documentation): reads of peers' device memory over
+    /// CUDA IPC, copies to and from pinned host memory, and on the hierarchical path
+    /// the bytes its inter-host rings sent. Zero after a call that moved nothing (one
+    /// rank, no element) or failed.
     pub fn link_bytes(&self) -> LinkBytes {
         self.link_bytes
     }
@@ -388,10 +396,8 @@ impl DeviceComm {
         if !self.agree(&call, local)? {
             return Ok(());
         }
-        if self.world_size() == 1 {
-            return Ok(());
-        }
-        self.guarded(|this| match this.path {
+        self.counted(&call, |this| match this.path {
+            _ if n == 1 => Ok(()),
             DevicePath::Ipc => this.ipc_broadcast::<T>(stream, p, count, root),
             _ => this.staged_broadcast::<T>(stream, p, count, root),
         })
@@ -426,13 +432,11 @@ impl DeviceComm {
             return Ok(());
         }
         let bytes = count * std::mem::size_of::<T>();
-        if n == 1 {
-            // SAFETY: `recv` holds at least `count` elements (checked), `send` `count`.
-            return self.guarded(|_| {
+        self.counted(&call, |this| match this.path {
+            _ if n == 1 => {
+                // SAFETY: `recv` holds at least `count` elements (checked), `send` `count`.
                 unsafe { copy_dtod(stream, dst, src, bytes) }.and_then(|()| stream.synchronize())
-            });
-        }
-        self.guarded(|this| match this.path {
+            }
             DevicePath::Ipc => this.ipc_all_gather::<T>(stream, src, dst, count),
             _ => this.staged_all_gather::<T>(stream, src, dst, count),
         })
@@ -468,7 +472,7 @@ impl DeviceComm {
         if !self.agree(&call, local)? {
             return Ok(());
         }
-        self.guarded(|this| match this.path {
+        self.counted(&call, |this| match this.path {
             _ if n == 1 => {
                 // SAFETY: both buffers hold at least `count` elements (checked above).
                 unsafe {
@@ -521,7 +525,7 @@ impl DeviceComm {
         if !self.agree(&call, local)? {
             return Ok(());
         }
-        self.guarded(|this| match this.path {
+        self.counted(&call, |this| match this.path {
             _ if n == 1 => {
                 // SAFETY: both buffers hold at least `count` elements (checked above).
                 unsafe {
@@ -551,8 +555,15 @@ impl DeviceComm {
         let op = call.redop;
         let (n, count) = (self.world_size(), call.count);
         let bytes = count * std::mem::size_of::<T>();
-        if n == 1 {
-            return self.guarded(|_| {
+        if n > 1
+            && self.path != DevicePath::Ipc
+            && matches!(self.across, DeviceAcrossHosts::Hierarchical { .. })
+        {
+            // It counts its own copies and reads as it queues them, window by window.
+            return self.count_bytes(|this| this.hier_all_reduce::<T>(stream, src, dst, count, op));
+        }
+        self.counted(&call, |this| match this.path {
+            _ if n == 1 => {
                 if src != dst {
                     // SAFETY: both buffers hold `count` elements (checked by the caller).
                     unsafe { copy_dtod(stream, dst, src, bytes)? };
@@ -560,36 +571,49 @@ impl DeviceComm {
                 // SAFETY: `dst` holds `count` elements.
                 unsafe { reduce_finalize_ptr::<T>(stream, op, dst, 1, count)? };
                 stream.synchronize()
-            });
-        }
-        self.link_bytes = LinkBytes::default();
-        let r = self.guarded(|this| match (this.path, this.across) {
-            (DevicePath::Ipc, _) => {
-                this.ipc_all_reduce::<T>(stream, &mut laps, src, dst, count, op)
             }
-            (_, DeviceAcrossHosts::Hierarchical { .. }) => {
-                this.hier_all_reduce::<T>(stream, src, dst, count, op)
-            }
-            _ => {
-                this.staged_all_reduce::<T>(stream, src, dst, count, op)?;
-                this.link_bytes = LinkBytes {
-                    device_to_host: bytes,
-                    host_to_device: bytes,
-                    ..LinkBytes::default()
-                };
-                Ok(())
-            }
-        });
-        if r.is_ok() {
-            // Into the host communicator's counters, in the device classes.
-            let b = self.link_bytes;
-            self.comm.count_device(
-                b.ipc_read as u64,
-                b.device_to_host as u64,
-                b.host_to_device as u64,
-            );
-        }
-        r
+            DevicePath::Ipc => this.ipc_all_reduce::<T>(stream, &mut laps, src, dst, count, op),
+            _ => this.staged_all_reduce::<T>(stream, src, dst, count, op),
+        })
+    }
+
+    /// Runs a call's data movement ([`DeviceComm::guarded`]) on the IPC or flat staged
+    /// path, then counts what it moved there ([`device_link_bytes`]).
+    fn counted(&mut self, call: &Call, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.count_bytes(|this| {
+            f(this)?;
+            // The IPC route is known once the call has registered the scratch (whether
+            // the ranks share one GPU decides an all-reduce's shape).
+            let config = this.comm.config();
+            let route = match this.path {
+                DevicePath::Ipc => DeviceRoute::Ipc {
+                    scratch_bytes: config.device_scratch_bytes,
+                    one_shot_bytes: config.device_one_shot_bytes,
+                    shared_gpu: this.shared_gpu(),
+                },
+                _ => DeviceRoute::Staged,
+            };
+            Ok(device_link_bytes(
+                call,
+                this.world_size(),
+                this.rank(),
+                route,
+            ))
+        })
+    }
+
+    /// Runs a call's data movement ([`DeviceComm::guarded`]), which returns what it
+    /// moved; keeps that for [`DeviceComm::link_bytes`] and adds it to the host
+    /// communicator's counters in the device classes, once, if the call succeeded.
+    fn count_bytes(&mut self, f: impl FnOnce(&mut Self) -> Result<LinkBytes>) -> Result<()> {
+        let b = self.guarded(f)?;
+        self.link_bytes = b;
+        self.comm.count_device(
+            b.ipc_read as u64,
+            b.device_to_host as u64,
+            b.host_to_device as u64,
+        );
+        Ok(())
     }
 
     fn check_stream(&self, stream: &Stream) -> Result<()> {
@@ -608,8 +632,10 @@ impl DeviceComm {
 
     /// Exchanges the call's header with every rank. Returns `Ok(false)` when there is
     /// nothing to move (zero elements, like the host collectives), the local refusal if
-    /// this rank refused, and a mismatch error if any rank disagrees or refused.
+    /// this rank refused, and a mismatch error if any rank disagrees or refused. Clears
+    /// [`DeviceComm::link_bytes`]: until the call has moved its data, it moved nothing.
     fn agree(&mut self, call: &Call, local: Result<()>) -> Result<bool> {
+        self.link_bytes = LinkBytes::default();
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
@@ -633,7 +659,7 @@ impl DeviceComm {
     /// Runs the data-moving part of a call; a failure there leaves the ranks at
     /// different steps, so it aborts the host communicator (peers fail fast) and marks
     /// this object unusable.
-    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+    fn guarded<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         // The raw driver calls below act on the calling thread's current context.
         let r = self
             .ctx

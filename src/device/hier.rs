@@ -175,7 +175,7 @@ impl DeviceComm {
         dst: DeviceAddr,
         count: usize,
         op: ReduceOp,
-    ) -> Result<()> {
+    ) -> Result<LinkBytes> {
         let mut laps = Laps::start();
         let size = size_of::<T>();
         let nodes = self.comm.topology().nodes.clone();
@@ -210,7 +210,6 @@ impl DeviceComm {
         // SAFETY: `dst` holds `count` elements; Avg divides once, after every phase.
         unsafe { reduce_finalize_ptr::<T>(stream, op, dst, self.world_size(), count)? };
         stream.synchronize()?;
-        self.link_bytes = total;
         tracing::debug!(
             target: "hetccl::device",
             rank = self.rank(),
@@ -223,7 +222,7 @@ impl DeviceComm {
             "hierarchical device all_reduce: bytes per link class"
         );
         laps.report("hier all_reduce", count * size);
-        Ok(())
+        Ok(total)
     }
 
     /// One window of [`DeviceComm::hier_all_reduce`]; returns the bytes it moved.

@@ -17,7 +17,7 @@
 //!
 //! or in one, where every rank reduces the whole message itself (small messages, and
 //! every message when the ranks share one GPU; `HETCCL_DEVICE_ONE_SHOT_BYTES`; the
-//! choice is [`select::device_all_reduce`]'s):
+//! choice is [`device_all_reduce`](crate::algorithm::select::device_all_reduce)'s):
 //!
 //! ```text
 //! copy input -> own scratch;                      fence
@@ -48,27 +48,9 @@ use super::context::Stream;
 use super::driver::{self, at, call_failed, device_error, DeviceAddr, DeviceAlloc, IpcMapping};
 use super::fence::flag_bytes;
 use super::kernels::{reduce_finalize_ptr, reduce_from_ptr, reduce_inplace_ptr, GpuElement};
-use crate::algorithm::select::{self, Path};
+use super::traffic::{ipc_one_shot, ipc_window, segment, windows};
 use crate::dtype::{CollectiveOp, Element, ReduceOp};
 use crate::error::{Error, Result};
-
-/// Element range `[lo, lo + len)` of segment `q` when `count` elements are split among
-/// `n` ranks. Segments start at multiples of 8 elements so the reduction kernels can use
-/// their 16-byte vector path on every segment; trailing segments may be short or empty.
-fn segment(count: usize, n: usize, q: usize) -> (usize, usize) {
-    let per = count.div_ceil(n.max(1)).div_ceil(8) * 8;
-    let lo = (q * per).min(count);
-    (lo, per.min(count - lo))
-}
-
-/// `(offset, length)` of the consecutive windows of at most `window` elements that
-/// cover `count` elements.
-fn windows(count: usize, window: usize) -> impl Iterator<Item = (usize, usize)> {
-    let window = window.max(1);
-    (0..count)
-        .step_by(window)
-        .map(move |off| (off, window.min(count - off)))
-}
 
 /// Bytes of the scratch buffer for a message of `bytes`: whole 2 MiB pages (the
 /// driver's allocation granularity for large buffers), at least one.
@@ -417,17 +399,20 @@ impl DeviceComm {
         Ok(())
     }
 
-    /// Whether an all-reduce window of `bytes` runs in one shot, as
-    /// [`select::device_all_reduce`] decides. Call after [`DeviceComm::ipc_scratch`].
+    /// Whether an all-reduce window of `bytes` runs in one shot
+    /// ([`ipc_one_shot`]). Call after [`DeviceComm::ipc_scratch`].
     fn one_shot(&self, bytes: usize) -> bool {
-        matches!(
-            select::device_all_reduce(
-                bytes,
-                self.ipc.as_ref().is_some_and(|s| s.shared_device),
-                self.comm.config().device_one_shot_bytes,
-            ),
-            Path::DeviceOneShot { .. }
+        ipc_one_shot(
+            bytes,
+            self.shared_gpu(),
+            self.comm.config().device_one_shot_bytes,
         )
+    }
+
+    /// Whether every member of the IPC scratch runs on this one GPU (false before the
+    /// first IPC call).
+    pub(super) fn shared_gpu(&self) -> bool {
+        self.ipc.as_ref().is_some_and(|s| s.shared_device)
     }
 
     /// [`DeviceComm::broadcast`] over CUDA IPC: the root copies each window into its
@@ -669,45 +654,17 @@ impl DeviceComm {
     /// Elements of `T` that pass through the IPC scratch at once
     /// (`HETCCL_DEVICE_SCRATCH_BYTES`), a multiple of `multiple`.
     pub(super) fn ipc_window<T>(&self, multiple: usize) -> usize {
-        let elems = self.comm.config().device_scratch_bytes / size_of::<T>();
-        (elems / multiple * multiple).max(multiple)
+        ipc_window(
+            self.comm.config().device_scratch_bytes,
+            size_of::<T>(),
+            multiple,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_tile_the_buffer_on_vector_boundaries() {
-        for count in [1usize, 7, 8, 1000, (1 << 20) + 3] {
-            for n in 1..=8 {
-                let mut next = 0;
-                for q in 0..n {
-                    let (lo, len) = segment(count, n, q);
-                    assert_eq!(lo, next.min(count), "count {count} n {n} q {q}");
-                    // Empty trailing segments sit at `count`, wherever that is.
-                    assert!(lo % 8 == 0 || len == 0, "count {count} n {n} q {q}");
-                    next = lo + len;
-                }
-                assert_eq!(next, count, "count {count} n {n}");
-            }
-        }
-        assert_eq!(segment(1000, 4, 0), (0, 256));
-        assert_eq!(segment(1000, 4, 3), (768, 232));
-        assert_eq!(segment(1, 4, 0), (0, 1));
-        assert_eq!(segment(1, 4, 1), (1, 0));
-        assert_eq!(segment(1, 4, 3), (1, 0));
-    }
-
-    #[test]
-    fn windows_cover_the_message_in_order() {
-        let all = |count, window| windows(count, window).collect::<Vec<_>>();
-        assert_eq!(all(10, 4), vec![(0, 4), (4, 4), (8, 2)]);
-        assert_eq!(all(8, 4), vec![(0, 4), (4, 4)]);
-        assert_eq!(all(3, 64), vec![(0, 3)]);
-        assert_eq!(all(0, 4), vec![]);
-    }
 
     #[test]
     fn scratch_grows_in_whole_2mib_pages() {

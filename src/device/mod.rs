@@ -30,8 +30,9 @@
 //! ```text
 //! comm.rs, ipc.rs,        DeviceComm, one file per concern: the entry points, the
 //! fence.rs, staged.rs,    per-call agreement and the guard (comm.rs); the IPC path and
-//! hier.rs                 the device fences between its phases; the staged path; the
-//!                         hierarchical all-reduce across hosts
+//! hier.rs, traffic.rs     the device fences between its phases; the staged path; the
+//!                         hierarchical all-reduce across hosts; the bytes each call
+//!                         moves per link class (pure, no CUDA type)
 //! context.rs, kernels.rs  Device, Stream, the kernel table, the one launch prologue and
 //!                         the typed launchers
 //! driver.rs               every raw driver call: device and pinned memory and IPC
@@ -60,6 +61,9 @@ mod ipc;
 mod kernels;
 #[cfg(feature = "cuda")]
 mod staged;
+// Pure arithmetic, so its tests run without the feature too.
+#[cfg(any(feature = "cuda", test))]
+mod traffic;
 
 #[cfg(feature = "cuda")]
 pub use crate::algorithm::device_hier::LinkBytes;
@@ -81,6 +85,8 @@ pub use cudarc::driver::{
 };
 #[cfg(feature = "cuda")]
 pub use kernels::*;
+#[cfg(feature = "cuda")]
+pub use traffic::{device_link_bytes, ipc_one_shot, ipc_window, DeviceRoute};
 
 /// Whether cuBLAS can be loaded (`libcublas.so`, or a versioned name, on the loader's
 /// path), or why not.

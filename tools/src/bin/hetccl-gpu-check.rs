@@ -23,6 +23,14 @@
 //! prints one line per collective and count with algbw and busbw (nccl-tests' factors
 //! 2(n-1)/n and (n-1)/n).
 //!
+//! After every device collective of those checks it also requires
+//! [`DeviceComm::link_bytes`] to be what [`device::device_link_bytes`] says for the call,
+//! rank and path (the hierarchical all-reduce: its plan's,
+//! [`DeviceHierPlan::link_bytes`], window by window), and the communicator's device
+//! counters ([`hetccl::observe::Metrics`], classes `DeviceIpc` and `DeviceStaged`) to
+//! have grown by exactly that; one `link bytes and counters` row per collective sums
+//! the mismatches, and every rank prints its first one.
+//!
 //! `--pretend-nodes K` puts the ranks on K pretend hosts (`HETCCL_NODE_ID`), so `auto`
 //! picks the staged path and `ipc` must refuse with a clear error. With `auto`, an
 //! all-reduce across pretend hosts of which one holds two ranks runs hierarchically
@@ -46,10 +54,14 @@ use std::time::Instant;
 use cudarc::driver::sys;
 use half::{bf16, f16};
 use hetccl::algorithm::device_hier::DeviceHierPlan;
+use hetccl::algorithm::Call;
 use hetccl::config::AlgoChoice;
 use hetccl::device::{
-    self, CudaSlice, Device, DeviceAcrossHosts, DeviceComm, DevicePath, GpuElement, Stream,
+    self, CudaSlice, Device, DeviceAcrossHosts, DeviceComm, DevicePath, DeviceRoute, GpuElement,
+    LinkBytes, Stream,
 };
+use hetccl::dtype::CollectiveOp;
+use hetccl::observe::LinkClass;
 use hetccl::{Communicator, Element, ReduceOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -156,6 +168,24 @@ struct Check<'a> {
     stream: &'a Stream,
     /// (what, elements wrong on this rank)
     rows: Vec<(String, u64)>,
+    /// Every rank runs on the same GPU (an IPC all-reduce then takes one shot).
+    shared_gpu: bool,
+    /// Per collective: calls whose link bytes were checked, and of them those whose
+    /// bytes or counters were wrong.
+    moved: Vec<(CollectiveOp, u64, u64)>,
+    /// This rank's first link-bytes mismatch, printed at the end.
+    first_moved_wrong: Option<String>,
+}
+
+/// The communicator's device counters: bytes read over CUDA IPC, copied device to host,
+/// copied host to device.
+fn device_counters(comm: &Communicator) -> [u64; 3] {
+    let m = comm.metrics();
+    [
+        m.received(LinkClass::DeviceIpc),
+        m.sent(LinkClass::DeviceStaged),
+        m.received(LinkClass::DeviceStaged),
+    ]
 }
 
 type Res<T> = Result<T, String>;
@@ -173,6 +203,78 @@ impl Check<'_> {
         self.stream.download(d).map_err(|e| e.to_string())
     }
 
+    /// What `call` must have moved on this rank: the IPC or flat staged path's bytes
+    /// ([`device::device_link_bytes`]), or the hierarchical plan's per window.
+    fn expected_bytes(&self, call: &Call) -> LinkBytes {
+        let (r, n) = (self.dc.rank(), self.dc.world_size());
+        let cfg = self.dc.communicator().config();
+        let hier = matches!(
+            self.dc.across_hosts(),
+            DeviceAcrossHosts::Hierarchical { .. }
+        );
+        let route = match self.dc.path() {
+            DevicePath::Ipc => DeviceRoute::Ipc {
+                scratch_bytes: cfg.device_scratch_bytes,
+                one_shot_bytes: cfg.device_one_shot_bytes,
+                shared_gpu: self.shared_gpu,
+            },
+            _ if hier && call.op == CollectiveOp::AllReduce && n > 1 => {
+                let nodes = &self.dc.communicator().topology().nodes;
+                let elem = call.dtype.size();
+                let window = device::ipc_window(cfg.device_scratch_bytes, elem, 8);
+                let mut plan = LinkBytes::default();
+                for off in (0..call.count).step_by(window) {
+                    let len = window.min(call.count - off);
+                    let b = DeviceHierPlan::new(nodes, len, elem).link_bytes(r, elem);
+                    plan.ipc_read += b.ipc_read;
+                    plan.device_to_host += b.device_to_host;
+                    plan.host_to_device += b.host_to_device;
+                }
+                return plan;
+            }
+            _ => DeviceRoute::Staged,
+        };
+        device::device_link_bytes(call, n, r, route)
+    }
+
+    /// After a device collective `call` that succeeded: `link_bytes()` must be what it
+    /// should have moved, and the counters (`before` the call) must have grown by that.
+    fn check_moved(&mut self, what: &str, call: Call, before: [u64; 3]) {
+        let want = self.expected_bytes(&call);
+        let mut got = self.dc.link_bytes();
+        // The hierarchical rings' sends are checked by `link_bytes` against the plan,
+        // within rounding; the other paths leave the host links to the host counters.
+        let hier = call.op == CollectiveOp::AllReduce
+            && matches!(
+                self.dc.across_hosts(),
+                DeviceAcrossHosts::Hierarchical { .. }
+            );
+        if hier {
+            got.network_sent = 0;
+        }
+        let after = device_counters(self.dc.communicator());
+        let grew = [0, 1, 2].map(|i| after[i].wrapping_sub(before[i]));
+        let counted = [want.ipc_read, want.device_to_host, want.host_to_device].map(|b| b as u64);
+        let bad = got != want || grew != counted;
+        if bad && self.first_moved_wrong.is_none() {
+            self.first_moved_wrong = Some(format!(
+                "{what}: link_bytes {got:?}, expected {want:?}; counters (ipc, to host, to \
+                 device) grew by {grew:?}, expected {counted:?}"
+            ));
+        }
+        match self.moved.iter_mut().find(|(op, ..)| *op == call.op) {
+            Some(row) => {
+                row.1 += 1;
+                row.2 += u64::from(bad);
+            }
+            None => self.moved.push((call.op, 1, u64::from(bad))),
+        }
+    }
+
+    fn counters(&self) -> [u64; 3] {
+        device_counters(self.dc.communicator())
+    }
+
     fn dtype<T: GpuElement>(&mut self, count: usize) -> Res<()> {
         let (r, n) = (self.dc.rank(), self.dc.world_size());
         let name = T::DTYPE.name();
@@ -181,9 +283,12 @@ impl Check<'_> {
 
             let what = format!("all_reduce {name} {op} {count}");
             let mut buf = self.upload(&host)?;
+            let before = self.counters();
             self.dc
                 .all_reduce(self.stream, &mut buf, op)
                 .map_err(err(&what))?;
+            let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count);
+            self.check_moved(&what, call, before);
             let got = self.download(&buf)?;
             self.rows
                 .push((what, wrong(&got, |i| expected::<T>(op, i, n))));
@@ -199,9 +304,12 @@ impl Check<'_> {
             {
                 let send_v = send.slice(1..);
                 let mut out_v = out.slice_mut(1..count + 1);
+                let before = self.counters();
                 self.dc
                     .all_reduce_into(self.stream, &send_v, &mut out_v, op)
                     .map_err(err(&what))?;
+                let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count);
+                self.check_moved(&what, call, before);
             }
             let got = self.download(&out)?;
             let bad = wrong(&got, |i| {
@@ -217,9 +325,12 @@ impl Check<'_> {
             let what = format!("reduce_scatter {name} {op} {count}");
             let send = self.upload(&(0..n * count).map(|i| input(op, r, i)).collect::<Vec<T>>())?;
             let mut recv = self.upload(&vec![T::from_f64(-1.0); count])?;
+            let before = self.counters();
             self.dc
                 .reduce_scatter(self.stream, &send, &mut recv, op)
                 .map_err(err(&what))?;
+            let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, count);
+            self.check_moved(&what, call, before);
             let got = self.download(&recv)?;
             self.rows
                 .push((what, wrong(&got, |i| expected::<T>(op, r * count + i, n))));
@@ -230,9 +341,12 @@ impl Check<'_> {
             let what = format!("reduce {name} {op} root {root} {count}");
             let send = self.upload(&host)?;
             let mut recv = self.upload(&vec![guard; count])?;
+            let before = self.counters();
             self.dc
                 .reduce(self.stream, &send, &mut recv, op, root)
                 .map_err(err(&what))?;
+            let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count).with_root(root);
+            self.check_moved(&what, call, before);
             let got = self.download(&recv)?;
             let bad = wrong(&got, |i| {
                 if r == root {
@@ -252,9 +366,12 @@ impl Check<'_> {
             vec![T::from_f64(-1.0); count]
         };
         let mut buf = self.upload(&mine)?;
+        let before = self.counters();
         self.dc
             .broadcast(self.stream, &mut buf, root)
             .map_err(err(&what))?;
+        let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count).with_root(root);
+        self.check_moved(&what, call, before);
         let got = self.download(&buf)?;
         self.rows
             .push((what, wrong(&got, |i| payload::<T>(root, i))));
@@ -262,9 +379,12 @@ impl Check<'_> {
         let what = format!("all_gather {name} {count}");
         let send = self.upload(&(0..count).map(|i| payload(r, i)).collect::<Vec<T>>())?;
         let mut recv = self.upload(&vec![T::from_f64(-1.0); n * count])?;
+        let before = self.counters();
         self.dc
             .all_gather(self.stream, &send, &mut recv)
             .map_err(err(&what))?;
+        let call = Call::new(CollectiveOp::AllGather, T::DTYPE, count);
+        self.check_moved(&what, call, before);
         let got = self.download(&recv)?;
         self.rows.push((
             what,
@@ -280,9 +400,15 @@ impl Check<'_> {
         // The last rank's send is one element short of n blocks of 4.
         let send = self.upload(&vec![1.0f32; if r + 1 == n { 4 * n - 1 } else { 4 * n }])?;
         let mut recv = self.upload(&[0.0f32; 4])?;
+        let before = self.counters();
         let got = self
             .dc
             .reduce_scatter(self.stream, &send, &mut recv, ReduceOp::Sum);
+        let nothing = self.dc.link_bytes() == LinkBytes::default() && self.counters() == before;
+        self.rows.push((
+            "refused reduce_scatter moved and counted nothing".into(),
+            u64::from(!nothing),
+        ));
         let want = if r + 1 == n {
             vec!["device buffer too small: send holds".to_string()]
         } else {
@@ -564,15 +690,31 @@ fn run(args: &Args) -> Res<bool> {
         dc.path()
     );
 
+    // Ranks of one host on the same ordinal share one GPU (the IPC path's case).
+    let mut ordinals = vec![0u64; n];
+    comm.all_gather(&[ordinal as u64], &mut ordinals)
+        .map_err(err("gather device ordinals"))?;
     let mut ck = Check {
         dc: &mut dc,
         stream: &stream,
         rows: Vec::new(),
+        shared_gpu: ordinals.iter().all(|&o| o == ordinals[0]),
+        moved: Vec::new(),
+        first_moved_wrong: None,
     };
     for &count in &args.counts {
         ck.dtype::<f32>(count)?;
         ck.dtype::<f16>(count)?;
         ck.dtype::<bf16>(count)?;
+    }
+    for (op, calls, bad) in std::mem::take(&mut ck.moved) {
+        ck.rows.push((
+            format!("link bytes and counters: {} ({calls} calls)", op.name()),
+            bad,
+        ));
+    }
+    if let Some(first) = ck.first_moved_wrong.take() {
+        println!("rank {r}: {first}");
     }
     let largest = args.counts.iter().copied().max().unwrap_or(1).max(1);
     ck.determinism(largest)?;
