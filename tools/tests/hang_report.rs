@@ -383,22 +383,10 @@ fn sigusr1_to_the_launcher_reports_a_live_job() {
 /// Without the launcher (ranks started with torchrun's variables, as mpirun or srun
 /// would): the lowest rank that failed prints the one report, and the time its faulty
 /// collective took (the wait, then the report) stays within `HETCCL_TIMEOUT` + 2 s.
-fn without_launcher(fault: &str, culprit: &str) {
-    without_launcher_with(fault, culprit, &[]);
-}
-
-/// [`without_launcher`] with `env` on top of the ranks' variables.
-fn without_launcher_with(fault: &str, culprit: &str, env: &[(&str, &str)]) {
-    let timeout = TIMEOUT_S.to_string();
-    let mut vars = vec![("HETCCL_TIMEOUT", timeout.as_str())];
-    vars.extend_from_slice(env);
-    let mut children = spawn_ranks(
-        4,
-        check_bin(),
-        &["--fault", fault, "--fault-rank", "2", "--counts", "1000"],
-        &vars,
-        |_| vec![],
-    );
+/// Waits for the ranks of a job whose rank 2 misbehaves (then kills rank 2): every other
+/// rank must exit with status 1, and the job print one report naming `culprit`.
+/// Returns their outcomes, rank 2's left out, and all their output.
+fn outcomes(mut children: Vec<std::process::Child>, culprit: &str) -> (Vec<Outcome>, String) {
     let mut faulty = children.remove(2);
     let outs = collect(children, Duration::from_secs(40));
     let _ = faulty.kill();
@@ -410,6 +398,36 @@ fn without_launcher_with(fault: &str, culprit: &str, env: &[(&str, &str)]) {
     }
     assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
     assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
+    (outs, all)
+}
+
+/// The seconds of `hetccl-check`'s "faulty collective returned after Xs" in `output`.
+fn returned_after(output: &str) -> f64 {
+    output
+        .split("faulty collective returned after ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{output}"))
+}
+
+fn without_launcher(fault: &str, culprit: &str) {
+    without_launcher_with(fault, culprit, &[]);
+}
+
+/// [`without_launcher`] with `env` on top of the ranks' variables.
+fn without_launcher_with(fault: &str, culprit: &str, env: &[(&str, &str)]) {
+    let timeout = TIMEOUT_S.to_string();
+    let mut vars = vec![("HETCCL_TIMEOUT", timeout.as_str())];
+    vars.extend_from_slice(env);
+    let children = spawn_ranks(
+        4,
+        check_bin(),
+        &["--fault", fault, "--fault-rank", "2", "--counts", "1000"],
+        &vars,
+        |_| vec![],
+    );
+    let (outs, all) = outcomes(children, culprit);
     // For a stopped or killed rank, each rank's own error names the same rank, whomever
     // it waited on itself (the others fail together, before the report is printed and
     // its dumps removed).
@@ -430,13 +448,7 @@ fn without_launcher_with(fault: &str, culprit: &str, env: &[(&str, &str)]) {
         .iter()
         .find(|o| o.output.contains("hetccl hang report"))
         .unwrap();
-    let took: f64 = printer
-        .output
-        .split("faulty collective returned after ")
-        .nth(1)
-        .and_then(|s| s.split('s').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{}", printer.output));
+    let took = returned_after(&printer.output);
     assert!(took < (TIMEOUT_S + 2) as f64, "{took} s:\n{all}");
     // The rank that printed it says so (the lowest that had failed when it looked: rank 0
     // unless it failed more than 100 ms after a higher rank).
@@ -544,7 +556,7 @@ fn across_hosts(fault: &str, culprit: &str) -> (Vec<Outcome>, String) {
         check_bin()
     );
     let timeout = TIMEOUT_S.to_string();
-    let mut children = spawn_ranks(
+    let children = spawn_ranks(
         4,
         "unshare",
         &["--uts", "sh", "-c", &script],
@@ -554,16 +566,7 @@ fn across_hosts(fault: &str, culprit: &str) -> (Vec<Outcome>, String) {
             vec![("TMPDIR".to_string(), tmp.to_string_lossy().into_owned())]
         },
     );
-    let mut faulty = children.remove(2);
-    let outs = collect(children, Duration::from_secs(40));
-    let _ = faulty.kill();
-    let _ = faulty.wait();
-    let all: String = outs.iter().map(|o| o.output.clone()).collect();
-    for o in &outs {
-        assert!(!o.hung, "{all}");
-        assert_eq!(o.code, Some(1), "{all}");
-    }
-    assert_eq!(all.matches("hetccl hang report").count(), 1, "{all}");
+    let (outs, all) = outcomes(children, culprit);
     // Rank 0 printed it: the lowest that failed, on h0.
     assert!(
         outs[0]
@@ -571,15 +574,9 @@ fn across_hosts(fault: &str, culprit: &str) -> (Vec<Outcome>, String) {
             .contains("hetccl hang report (printed by rank 0, the lowest rank that failed)"),
         "{all}"
     );
-    assert!(all.contains(&format!("  culprit: {culprit}")), "{all}");
     let report = outs[0].output.clone();
     // Its faulty collective returned, the report printed, within the timeout + 2 s.
-    let took: f64 = report
-        .split("faulty collective returned after ")
-        .nth(1)
-        .and_then(|s| s.split('s').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{report}"));
+    let took = returned_after(&report);
     assert!(took < (TIMEOUT_S + 2) as f64, "{took} s:\n{all}");
     // Rank 3's state came from h1 over the network: a line of its own, not "no state".
     let line3 = report
