@@ -178,9 +178,7 @@ fn answer_one(s: &mut TcpStream, auth: &JobAuth) -> Result<()> {
             let text = serde_json::to_vec(&flight::answer()).map_err(|e| {
                 Error::invalid("flight recorder", format!("cannot encode the state: {e}"))
             })?;
-            let mut msg = (text.len() as u32).to_le_bytes().to_vec();
-            msg.extend_from_slice(&text);
-            s.write_all(&msg).map_err(io)
+            s.write_all(&framed(None, &text)).map_err(io)
         }
         b'F' => {
             let text = read_message(s).map_err(io)?;
@@ -219,6 +217,16 @@ fn set_deadline(s: &TcpStream, deadline: Instant) -> std::io::Result<()> {
     s.set_write_timeout(Some(left))
 }
 
+/// `body` as it travels: the request byte `what` (none in an answer), its length as a
+/// u32le, the body. [`read_message`] reads what follows the request byte.
+fn framed(what: Option<u8>, body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(5 + body.len());
+    msg.extend(what);
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    msg
+}
+
 fn read_message(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
@@ -235,6 +243,7 @@ fn read_message(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// The ranks of a job on other hosts, as the flight recorder asks them.
+#[derive(Clone)]
 struct Peers {
     rank: usize,
     auth: JobAuth,
@@ -332,12 +341,7 @@ impl flight::Remote for Peers {
         if below.is_empty() {
             return;
         }
-        let me = Peers {
-            rank: self.rank,
-            auth: self.auth.clone(),
-            peers: self.peers.clone(),
-            remote: self.remote.clone(),
-        };
+        let me = self.clone();
         let sent = std::thread::Builder::new()
             .name("hetccl-flight-share".into())
             .spawn(move || me.send(&below, b'P', &text));
@@ -352,9 +356,7 @@ impl Peers {
     /// [`flight::ASK_WITHIN`]; best effort.
     fn send(&self, ranks: &[usize], what: u8, body: &[u8]) {
         let deadline = Instant::now() + flight::ASK_WITHIN;
-        let mut msg = vec![what];
-        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        msg.extend_from_slice(body);
+        let msg = framed(Some(what), body);
         std::thread::scope(|sc| {
             for &k in ranks {
                 let msg = &msg;

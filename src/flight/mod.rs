@@ -611,11 +611,13 @@ fn collect(
         let mut fates = vec![report::Fate::Unknown; world];
         let mut waiting = false;
         let mut decided = false;
+        let mut here = vec![true; world];
         for (k, state, fate) in &far {
+            here[*k] = false;
             (states[*k], fates[*k]) = (state.clone(), *fate);
             decided |= state.is_none() && matches!(fate, report::Fate::Gone | report::Fate::Silent);
         }
-        for k in (0..world).filter(|k| !far.iter().any(|f| f.0 == *k)) {
+        for k in (0..world).filter(|&k| here[k]) {
             states[k] = read_dump(&dump_path(dir, k))
                 .filter(|s| s.why == "error" || s.taken_ms + 10 >= start);
             // Only processes on this host can be looked at and asked.
@@ -1222,6 +1224,22 @@ fn serve_sigusr1(rd: i32) {
 mod tests {
     use super::*;
 
+    /// A process of rank `rank` of 4, on host "h", with one communicator alive.
+    fn process(rank: usize, dir: Option<PathBuf>) -> Process {
+        Process {
+            rank,
+            world_size: 4,
+            dir,
+            derived: false,
+            launcher: false,
+            host: "h".into(),
+            live: 1,
+            job_id: None,
+            error: None,
+            finding: None,
+        }
+    }
+
     #[test]
     fn the_ring_keeps_the_last_calls_with_their_state_and_waits() {
         // A rank no other test of this process uses.
@@ -1236,18 +1254,7 @@ mod tests {
         waiting(2, "to send data", Phase::InterAllReduce, 1500);
         let mut p = PROCESS.lock().unwrap();
         let saved = p.take();
-        *p = Some(Process {
-            rank,
-            world_size: 4,
-            dir: None,
-            derived: false,
-            launcher: false,
-            host: "h".into(),
-            live: 1,
-            job_id: None,
-            error: None,
-            finding: None,
-        });
+        *p = Some(process(rank, None));
         drop(p);
         let s = snapshot("test");
         *PROCESS.lock().unwrap() = saved;
@@ -1298,21 +1305,12 @@ mod tests {
         left.sort();
         assert_eq!(left, ["finding", "rank-1.pid", "rank-3.pid", "report.lock"]);
 
-        let process = |dir: Option<PathBuf>| Process {
-            rank,
-            world_size: 4,
-            dir,
-            derived: false,
-            launcher: false,
-            host: "h".into(),
-            live: 1,
-            job_id: None,
-            error: None,
-            finding: None,
-        };
         let rec = recorder(rank);
         let err = Error::invalid("all_reduce", "timed out waiting for rank 0");
-        let saved = PROCESS.lock().unwrap().replace(process(Some(dir.clone())));
+        let saved = PROCESS
+            .lock()
+            .unwrap()
+            .replace(process(rank, Some(dir.clone())));
         // A rank of another process fails later: it reads the finding, writes no dump.
         let e = rec.begin(CollectiveOp::AllReduce, 1, 10, Stamp::now());
         let got = failed(e, Stamp::now(), &err, Some(0));

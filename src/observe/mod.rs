@@ -248,13 +248,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_trace_puts_a_wait_on_the_peer_that_came_late() {
-        // Rank 1 comes to the all-reduce 200 ms late: rank 0 waits that long on it;
-        // rank 1 finds rank 0 there already and waits on it for no such time. One
-        // message each way and step (1 KiB, under a chunk), so that the exchange itself,
-        // in which each side waits on the other in turn, takes no time worth the name.
-        let dir = std::env::temp_dir().join(format!("hetccl-waits-{}", std::process::id()));
+    /// Two ranks running the ring, traced into `$TMPDIR/hetccl-NAME-<pid>/t-%r.json`:
+    /// the directory, the trace's pattern, the communicators.
+    fn traced_pair(name: &str) -> (std::path::PathBuf, String, Vec<Communicator>) {
+        let dir = std::env::temp_dir().join(format!("hetccl-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let pattern = format!("{}/t-%r.json", dir.display());
         let cfg = Config {
@@ -263,7 +260,16 @@ mod tests {
             trace: Some(pattern.clone()),
             ..Config::default()
         };
-        let cs = world(2, 2, cfg);
+        (dir, pattern, world(2, 2, cfg))
+    }
+
+    #[test]
+    fn the_trace_puts_a_wait_on_the_peer_that_came_late() {
+        // Rank 1 comes to the all-reduce 200 ms late: rank 0 waits that long on it;
+        // rank 1 finds rank 0 there already and waits on it for no such time. One
+        // message each way and step (1 KiB, under a chunk), so that the exchange itself,
+        // in which each side waits on the other in turn, takes no time worth the name.
+        let (dir, pattern, cs) = traced_pair("waits");
         on_all(&cs, |c| {
             if c.rank() == 1 {
                 std::thread::sleep(Duration::from_millis(200));
@@ -293,16 +299,7 @@ mod tests {
 
     #[test]
     fn a_traced_call_writes_every_field_and_its_phases_inside_it() {
-        let dir = std::env::temp_dir().join(format!("hetccl-fields-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pattern = format!("{}/t-%r.json", dir.display());
-        let cfg = Config {
-            algo: AlgoChoice::Ring,
-            timeout: Duration::from_secs(20),
-            trace: Some(pattern.clone()),
-            ..Config::default()
-        };
-        let cs = world(2, 2, cfg);
+        let (dir, pattern, cs) = traced_pair("fields");
         on_all(&cs, |c| {
             let mut v = vec![1.0f32; 1000];
             c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
