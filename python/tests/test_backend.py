@@ -7,6 +7,7 @@ Each case starts its ranks as processes (spawn) that write their outcome to a fi
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def run_ranks(fn, n, env=None, timeout=240):
                 results.append(json.load(f))
         else:
             results.append(None)
+    shutil.rmtree(out, ignore_errors=True)
     if hung:
         raise AssertionError(f"ranks {hung} still ran after {timeout} s; results: {results}")
     return results
@@ -610,6 +612,7 @@ class Backend(unittest.TestCase):
 
     def test_a_trace_has_one_file_per_rank_that_point_to_point_channels_leave_alone(self):
         d = tempfile.mkdtemp(prefix="hetccl-torch-trace-")
+        self.addCleanup(shutil.rmtree, d, ignore_errors=True)
         res = run_ranks(traced, 2, env={"HETCCL_TRACE": os.path.join(d, "t-%r.json")})
         self.assertEqual(sorted(os.listdir(d)), ["t-0.json", "t-1.json"])
         for r in range(2):

@@ -1059,6 +1059,18 @@ fn derived_dir(cfg: &Config, instance: Option<&str>, host: &str) -> Option<PathB
     }
 }
 
+/// Removes the directories `$TMPDIR/<prefix>*` other than `keep` that earlier runs of
+/// this host left, by the rule of [`remove_abandoned`]: how `hetccl run` clears the dump
+/// directories of launchers that were killed before they could remove their own.
+pub fn sweep(prefix: &str, keep: &Path) {
+    remove_abandoned(
+        &std::env::temp_dir(),
+        prefix,
+        keep,
+        &crate::topology::hostname(),
+    );
+}
+
 /// A directory with no marker is left this long after its last change: a run that is
 /// starting has made it and not yet written its markers.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);

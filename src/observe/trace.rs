@@ -945,6 +945,8 @@ mod tests {
         let clock = cut.iter().find(|e| e["name"] == "hetccl_clock").unwrap();
         assert_eq!(clock["args"]["offset_us"], 12.5);
         assert_eq!(clock["args"]["world_size"], 4);
+        drop(t);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn written(f: impl FnOnce(&mut Cursor<'_>)) -> String {

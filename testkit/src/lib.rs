@@ -8,6 +8,7 @@
 //! | [`check`] | the checks of `hetccl-check` (every collective, a mixed sequence, a soak, determinism and compression), run by that tool and by a test's own executable as each rank |
 //! | [`timed`] | the runtime's schedules played against a clock on a cluster of nodes (links, NICs, switch): each rank's finish time |
 //! | [`skip`] | how a test that cannot run here says so, for `scripts/test.sh` to count |
+//! | [`Scratch`] | a test's own temporary directory, removed when the test passes |
 //!
 //! A multi-process test of the library starts its own test executable as every rank,
 //! running one ignored entry test that does a rank's part:
@@ -31,11 +32,13 @@
 pub mod check;
 pub mod oracle;
 pub mod ranks;
+mod scratch;
 pub mod timed;
 
 #[path = "../../src/test_skip.rs"]
 mod test_skip;
 
+pub use scratch::Scratch;
 pub use test_skip::skip;
 
 #[cfg(feature = "world")]

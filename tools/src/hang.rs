@@ -27,7 +27,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use hetccl::flight::report::{build, Fate, RankState, Report};
-use hetccl::flight::{dump_path, now_ms, pid_path, proc_state, read_marker};
+use hetccl::flight::{dump_path, now_ms, pid_path, proc_state, read_marker, Marker};
 use hetccl::{Error, Result};
 
 /// Longest wait for the ranks' dumps.
@@ -39,9 +39,15 @@ pub struct FlightDir {
 }
 
 impl FlightDir {
-    /// Makes `$TMPDIR/hetccl-<job_id>`, readable by this user only.
+    /// Makes `$TMPDIR/hetccl-<job_id>`, readable by this user only, with the launcher's
+    /// own marker in it (`launcher.pid`), and removes what launchers of this host that
+    /// were killed left there: directories of `hetccl-<prefix>` (the job id up to its
+    /// last `-`) whose every marker names a dead process (see [`hetccl::flight::sweep`]).
     pub fn create(job_id: &str) -> Result<FlightDir> {
         let path = std::env::temp_dir().join(format!("hetccl-{job_id}"));
+        if let Some((prefix, _)) = job_id.rsplit_once('-') {
+            hetccl::flight::sweep(&format!("hetccl-{prefix}-"), &path);
+        }
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -54,7 +60,16 @@ impl FlightDir {
                     e,
                 )
             })?;
-        Ok(FlightDir { path })
+        let dir = FlightDir { path };
+        let marker = Marker {
+            pid: std::process::id(),
+            host: hetccl::topology::hostname(),
+            asks: false,
+        };
+        let launcher = dir.path.join("launcher.pid");
+        std::fs::write(&launcher, marker.to_string())
+            .map_err(|e| Error::io(format!("writing {}", launcher.display()), e))?;
+        Ok(dir)
     }
 
     /// The directory.

@@ -6,11 +6,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{become_subreaper, kill_launcher, rank_pids, start_wrapped, wait_for_communicators};
+use hetccl_testkit::Scratch;
 
 const HETCCL: &str = env!("CARGO_BIN_EXE_hetccl");
 
@@ -206,7 +206,6 @@ fn a_rank_killed_just_after_a_peer_exited_is_named() {
         d = dir.display()
     );
     let out = run(&["-n", "2", "--", "sh", "-c", &script], &[]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
         "hetccl run: rank 1 was killed by signal 9 (SIGKILL); stopping the others\n\
@@ -313,11 +312,8 @@ fn usage_errors_exit_2() {
 const CHECK: &str = env!("CARGO_BIN_EXE_hetccl-check");
 
 /// A fresh directory for one test's files.
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hetccl-launcher-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(tag: &str) -> Scratch {
+    Scratch::new(&format!("launcher-{tag}"))
 }
 
 fn kill(pid: i32, sig: i32) {
@@ -512,7 +508,6 @@ fn ranks_in_collectives_fail_naming_the_launcher_when_it_is_killed() {
         .find(|l| l.starts_with("hetccl-check: rank 0: FAILED: "))
         .unwrap_or_else(|| panic!("no failure reported:\n{text}"));
     assert!(failed.ends_with(&why), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The trainer, between and inside its gradient all-reduces, behind a wrapper.
@@ -591,7 +586,6 @@ fn the_trainer_fails_naming_the_launcher_when_it_is_killed() {
             "rank {r}:\n{text}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `hetccl run ... | head -1` and a closed stderr: the launcher drops what it cannot
@@ -688,4 +682,68 @@ fn segments_a_killed_rank_left_in_dev_shm_are_removed() {
             && made.iter().all(|f| line.contains(f)),
         "{line}"
     );
+}
+
+/// A launcher killed by SIGKILL cannot remove its dump directory (`$TMPDIR/hetccl-run-*`);
+/// the next `hetccl run` of the host removes it once every marker in it names a dead
+/// process, or, with no marker, once it has not changed for a minute. A directory with a
+/// live process's marker, and one that changed just now, stay.
+#[test]
+fn dump_directories_of_killed_launchers_are_removed_by_the_next_run() {
+    let tmp = scratch("sweep");
+    let host = hetccl::topology::hostname();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let dir = |name: &str, files: &[(&str, String)]| {
+        let d = tmp.join(format!("hetccl-run-{name}"));
+        std::fs::create_dir(&d).unwrap();
+        for (f, text) in files {
+            std::fs::write(d.join(f), text).unwrap();
+        }
+        d
+    };
+    let killed = dir(
+        "killed",
+        &[
+            ("launcher.pid", format!("{dead} {host} -")),
+            ("rank-1.json", "{}".into()),
+        ],
+    );
+    let live = dir(
+        "live",
+        &[("launcher.pid", format!("{} {host} -", std::process::id()))],
+    );
+    let old = dir("old", &[("rank-0.json", "{}".into())]);
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::open(&old)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let new = dir("new", &[("rank-0.json", "{}".into())]);
+    let other_host = dir(
+        "elsewhere",
+        &[("launcher.pid", format!("{dead} not-{host} -"))],
+    );
+
+    let tmpdir = tmp.display().to_string();
+    let out = run(&["-n", "1", "--", "true"], &[("TMPDIR", &tmpdir)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&*tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["hetccl-run-elsewhere", "hetccl-run-live", "hetccl-run-new"],
+        "killed: {}, old: {}",
+        killed.exists(),
+        old.exists()
+    );
+    assert!(live.join("launcher.pid").exists() && new.exists() && other_host.exists());
 }

@@ -2,9 +2,11 @@
 //! refuse, with outputs it cannot write, and with nobody reading its standard output.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use hetccl_testkit::Scratch;
 
 /// The repository, where `configs/` and `data/` are (this package is `trainer/` in it).
 fn repo() -> &'static Path {
@@ -13,11 +15,8 @@ fn repo() -> &'static Path {
         .expect("trainer/ sits in the repository")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hetccl-bert-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("bert-cli-{name}"))
 }
 
 /// Two steps of a small batch: seconds, whatever the model.
@@ -86,7 +85,6 @@ fn trains_from_any_directory_with_an_absolute_config_or_none() {
     let o = bert(&dir, &args);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(train_steps(&dir.join("m.jsonl")), [0, 1]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -129,7 +127,6 @@ fn paths_resolve_against_the_config_file_or_the_working_directory() {
             run_dir.join("corpus.txt").display()
         )
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -181,7 +178,6 @@ fn out_of_range_options_are_refused_before_any_work() {
     }
     // Nothing was started: no checkpoint directory, no metrics.
     assert!(!dir.join("runs").exists() && !dir.join("m.jsonl").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -204,7 +200,6 @@ fn a_model_too_large_for_memory_is_refused_with_what_it_needs() {
         "{err}"
     );
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -237,7 +232,6 @@ fn an_unwritable_checkpoint_path_is_refused_before_training() {
     // Refused before the first step: no metrics were written.
     assert!(!dir.join("m.jsonl").exists());
     assert!(o.stdout.is_empty(), "{}", text(&o));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -298,5 +292,4 @@ fn a_closed_stdout_ends_the_run_with_an_error_not_a_panic() {
         err,
         "hetccl-bert: error: writing progress to standard output: Broken pipe (os error 32)\n"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hetccl_testkit::Scratch;
+
 /// The `hetccl run` launcher, a binary of the tools' package.
 fn launcher() -> PathBuf {
     hetccl_testkit::ranks::workspace_bin("hetccl")
@@ -19,11 +21,8 @@ fn repo() -> &'static Path {
         .expect("trainer/ sits in the repository")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hetccl-trainer-dist-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("trainer-dist-{name}"))
 }
 
 /// Train losses per step from a metrics file.
@@ -118,7 +117,6 @@ fn two_processes_match_one() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 1e-5 * x, "{a:?} vs {b:?}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `args` with a checkpoint instead of none, and fp16 compression on every link.
@@ -200,7 +198,6 @@ fn compressed_run_resumes_bit_for_bit_with_its_residuals() {
     );
     let other = checkpoint::load(&dir.join("lost.ckpt")).unwrap();
     assert_ne!(full.params, other.params);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -257,7 +254,6 @@ fn a_traced_run_shows_the_spans_of_each_step_and_the_bucket_all_reduces() {
             "rank {r}: no all-reduce off the backward thread"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The bucket all-reduces of a step overlap its backward: on every rank, some step has
@@ -331,5 +327,4 @@ fn a_traced_run_shows_bucket_all_reduces_overlapping_backward() {
              backward {backward:?}, all-reduces {buckets:?}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,10 +3,10 @@
 //! directory (library and command line).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hetccl_testkit::Scratch;
 use hetccl_trainer::hf::{self, CONFIG_FILE, WEIGHTS_FILE};
 use hetccl_trainer::model::{init_params, ModelConfig, ParamLayout};
 use hetccl_trainer::rng::{normal, Stream};
@@ -19,16 +19,8 @@ fn repo() -> &'static Path {
         .expect("trainer/ sits in the repository")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "hetccl-hf-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("hf-{name}"))
 }
 
 fn tiny() -> ModelConfig {
@@ -65,7 +57,7 @@ fn bits(p: &[f32]) -> Vec<u32> {
     p.iter().map(|x| x.to_bits()).collect()
 }
 
-fn exported(name: &str) -> (PathBuf, Vec<f32>) {
+fn exported(name: &str) -> (Scratch, Vec<f32>) {
     let dir = scratch(name);
     let layout = ParamLayout::new(&tiny());
     let params = distinct_params(&layout);
@@ -206,7 +198,7 @@ fn the_names_of_real_checkpoints_are_read() {
 }
 
 /// The error of importing `dir` after `edit` rewrote its tensors.
-fn refused(name: &str, edit: impl FnOnce(&mut Tensors)) -> (PathBuf, String) {
+fn refused(name: &str, edit: impl FnOnce(&mut Tensors)) -> (Scratch, String) {
     let (dir, _) = exported(name);
     let mut t = tensors_of(&dir);
     edit(&mut t);

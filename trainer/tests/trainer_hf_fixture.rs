@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hetccl_testkit::Scratch;
 use hetccl_trainer::hf;
 use hetccl_trainer::model::{Batch, Model, ModelConfig};
 use hetccl_trainer::ops::Real;
@@ -159,7 +160,7 @@ fn the_fixture_weights_export_as_they_came_in() {
     let dir = fixture_dir();
     let cfg = hf::model_config(&dir).unwrap();
     let params = hf::import(&dir, &cfg).unwrap();
-    let out = std::env::temp_dir().join(format!("hetccl-hf-fixture-{}", std::process::id()));
+    let out = Scratch::new("hf-fixture-export");
     let vocab: String = (0..cfg.vocab_size)
         .map(|i| format!("[unused{i}]\n"))
         .collect();
@@ -181,5 +182,4 @@ fn the_fixture_weights_export_as_they_came_in() {
         n
     };
     assert_eq!(names(&ours), names(&theirs));
-    println!("exported to {}", out.display());
 }

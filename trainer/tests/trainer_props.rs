@@ -5,9 +5,9 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
+use hetccl_testkit::Scratch;
 use hetccl_trainer::checkpoint::{self, CheckpointMeta};
 use hetccl_trainer::Error;
 use hetccl_trainer::Settings;
@@ -59,16 +59,8 @@ fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, LARGEST.with(|m| m.get()))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "hetccl-trainer-props-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("trainer-props-{name}"))
 }
 
 fn meta(step: u64, n: usize) -> CheckpointMeta {
@@ -94,7 +86,6 @@ fn valid(step: u64) -> Vec<u8> {
     let t: Vec<f32> = (0..PARAMS).map(|i| i as f32 * 0.5 + step as f32).collect();
     checkpoint::save(&p, &meta(step, PARAMS), &t, &t, &t).unwrap();
     let b = std::fs::read(&p).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     b
 }
 
@@ -258,8 +249,7 @@ proptest! {
         } else {
             prop_assert_eq!(std::fs::read(&prev).unwrap(), good_prev);
         }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+        }
 }
 
 /// Every key of a settings file, with the kind of value it takes.

@@ -2,8 +2,8 @@
 //! learning, bit-exact resume, refused checkpoints, data-parallel equivalence.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hetccl_testkit::Scratch;
 use hetccl_trainer::balance;
 use hetccl_trainer::checkpoint::{self, CheckpointMeta};
 use hetccl_trainer::data::{make_batch, Corpus, Sampler};
@@ -23,17 +23,8 @@ fn repo() -> &'static Path {
         .expect("trainer/ sits in the repository")
 }
 
-/// A fresh scratch directory under the system temp dir.
-fn scratch(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "hetccl-trainer-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("trainer-{name}"))
 }
 
 /// The first 40 kB of tinyshakespeare (about 10k tokens).
@@ -140,7 +131,6 @@ fn resume_continues_bit_for_bit() {
     let a = checkpoint::load(&dir.join("full.ckpt")).unwrap();
     let b = checkpoint::load(&dir.join("resumed.ckpt")).unwrap();
     assert_eq!(a, b);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -168,7 +158,6 @@ fn checkpoint_from_one_rank_resumes_on_two() {
     }
     // both ranks hold the same parameters, bit for bit
     assert_eq!(two[0].params, two[1].params);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -192,7 +181,6 @@ fn two_ranks_with_half_batches_make_the_one_rank_update() {
     assert!(worst < 1e-5);
     assert!(pdiff < 1e-5);
     assert_eq!(two[0].params, two[1].params);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -226,7 +214,6 @@ fn uneven_split_and_accumulation_keep_the_update() {
             c.loss
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -303,7 +290,6 @@ fn the_split_follows_a_rank_slowed_mid_run_and_replays_bit_for_bit() {
         Some(&live[0].steps[0].split[..]),
         balance::split_at(splits, 9)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -317,7 +303,6 @@ fn replaying_splits_refuses_a_file_without_them() {
         e.contains("m.jsonl has no train records with a split"),
         "{e}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tiny_meta() -> CheckpointMeta {
@@ -403,7 +388,6 @@ fn checkpoints_round_trip_and_refuse_damage() {
         checkpoint::load(&dir.join("missing.ckpt")),
         Err(Error::Io { .. })
     ));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -445,7 +429,6 @@ fn rank_state_files_round_trip_and_refuse_damage() {
         try_load(&magic),
         "not a hetccl rank state file (bad magic or too short)"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -466,7 +449,6 @@ fn resume_refuses_another_corpus() {
         .unwrap()
         .unwrap_err();
     assert!(reason(err).starts_with("corpus mismatch"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -493,7 +475,6 @@ fn metrics_and_plot_are_written() {
     assert!(lines[1]["loss"].as_f64().unwrap() > 9.0);
     let png = std::fs::read(dir.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -561,7 +542,6 @@ fn metrics_carry_every_ranks_times_and_a_second_plot_shows_them() {
     let png = std::fs::read(dir.join("loss-ranks.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert_ne!(png, std::fs::read(dir.join("loss.png")).unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -593,7 +573,6 @@ fn metrics_continue_across_a_resume_and_restart_with_a_fresh_run() {
     run.stop_after = Some(1);
     single(&cfg, &run);
     assert_eq!(count("train"), [0]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// (kind, step) of every record in a metrics file.
@@ -658,7 +637,6 @@ fn resume_cuts_metrics_back_to_the_resumed_step() {
         [0, 1, 2, 3, 4]
     );
     assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [0, 2, 5]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A process that has exited and been waited for: its pid names nobody (until reused).
@@ -726,7 +704,6 @@ fn temporaries_of_dead_writers_are_removed_and_live_ones_kept() {
     let _ = live.kill();
     let _ = live.wait();
     let _ = zombie.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -740,7 +717,6 @@ fn a_run_starts_by_removing_temporaries_its_dead_predecessor_left() {
     std::fs::write(&stale, b"torn").unwrap();
     single(&cfg, &run);
     assert!(!stale.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -785,7 +761,6 @@ fn a_damaged_newest_checkpoint_never_replaces_the_previous_good_one() {
         .collect();
     names.sort();
     assert_eq!(names, ["c.ckpt", "c.ckpt.prev"]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -820,7 +795,6 @@ fn resuming_a_damaged_checkpoint_fails_and_touches_nothing() {
             .step,
         1
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -899,7 +873,6 @@ fn checkpoint_reads_are_bounded_before_allocating() {
         reason(checkpoint::load_rank_state(Path::new("/dev/zero"), 1, 1, 0).unwrap_err()),
         "not a hetccl rank state file (bad magic or too short)"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -923,5 +896,4 @@ fn a_flipped_bit_in_the_reserved_header_field_is_refused() {
         reason(checkpoint::load_rank_state(&rs, 1, 1, 0).unwrap_err()),
         "reserved header field is 0x80000000, not 0 (corrupt header?)"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
