@@ -5,7 +5,7 @@
 #
 #   scripts/compare-mpi.sh [--peer all|openmpi,mpich,intelmpi] [--quick | --latency]
 #                          [--bind | --no-bind] [--repeats N] [--stat mean|median]
-#                          [--configs "shm2 tcp2 shm4 tcp4"] [--out FILE]
+#                          [--configs "shm2 tcp2 shm4 tcp4"] [--limit S] [--out FILE]
 #
 # Peers (scripts/peers.sh): openmpi (the system's), mpich and intelmpi (private prefixes
 # from scripts/install-peers.sh, never on PATH); --peer all (the default) takes all three.
@@ -19,6 +19,10 @@
 # moves a mean, not the median); --stat mean takes both sides' slowest rank's mean time
 # per iteration instead (nccl-tests' definition). hetccl is out-of-place unless a
 # column says in-place.
+# --limit S (default 300) stops a peer's launch that runs longer than S seconds, keeps
+# the sizes it finished and lists it under the table: MPICH's ranks, two to a core,
+# take a scheduler time slice per message (8 ms per all-reduce of 4 B on 4 ranks), and
+# would take hours over the full sweep.
 # --latency measures 4 B to 64 KiB with 2000 iterations and reports microseconds per
 # call instead of busbw (the ratio column is then peer time / hetccl time, so above 1
 # still means hetccl is faster).
@@ -47,6 +51,7 @@ bind=oversubscribed
 repeats=5
 stat=median
 configs="shm2 tcp2 shm4 tcp4"
+limit=300
 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,6 +64,7 @@ while [ $# -gt 0 ]; do
         --stat) stat=$2; shift
                 case "$stat" in mean|median) ;; *) echo "compare-mpi.sh: --stat takes mean or median, not $stat" >&2; exit 2 ;; esac ;;
         --configs) configs=$2; shift ;;
+        --limit) limit=$2; shift ;;
         --out) out=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "compare-mpi.sh: unknown argument $1" >&2; exit 2 ;;
@@ -114,8 +120,19 @@ run_mpi() {
     : >"$work/mpi.out"
     for band in "${bands[@]}"; do
         # shellcheck disable=SC2086 # a band is a list of flags
-        "${peer_cmd[@]}" "$work/bench.$peer" $band \
-            >>"$work/mpi.out" 2>"$work/mpi.err" || { cat "$work/mpi.err" >&2; return 1; }
+        local rc=0
+        timeout -k 5 "$limit" "${peer_cmd[@]}" "$work/bench.$peer" $band \
+            >>"$work/mpi.out" 2>"$work/mpi.err" || rc=$?
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+            # Ranks the launcher left behind go too; the sizes finished so far count.
+            pkill -KILL -f "$work/bench.$peer" 2>/dev/null || true
+            echo "# $peer $2: stopped after $limit s in band $band" >&2
+            echo "$peer $2 band [$band] stopped after $limit s" >>"$work/stopped"
+            break
+        elif [ "$rc" != 0 ]; then
+            cat "$work/mpi.err" >&2
+            return 1
+        fi
     done
     local key=time_us
     if [ "$stat" = mean ]; then key=mean_us; fi
@@ -225,6 +242,12 @@ runs() { if [ -f "$1" ]; then awk '{ printf "%s%.3f", (NR > 1 ? " " : ""), $1 }'
                          printf " %s | %.3f | %s | %.3f | %.2f |\n", bq, h, r, hi, c }'
         done
     done
+    if [ -s "$work/stopped" ]; then
+        echo
+        echo "Peer launches stopped at the time limit (--limit; the sizes they finished count):"
+        echo
+        sed 's/^/- /' "$work/stopped"
+    fi
     echo
     echo "Every run, in the order they alternated (each repeat: the peers, then hetccl; hetccl out of place):"
     echo
