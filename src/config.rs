@@ -208,6 +208,10 @@ pub struct Config {
     /// `HETCCL_TOPO_PROBE`: measure latency and bandwidth of the links the algorithms
     /// use at start (on by default; a fraction of a second).
     pub topo_probe: bool,
+    /// `HETCCL_SPREAD`: at init, move each rank of a host that has a core for each of
+    /// its ranks to a core of its own, then allow it every core again
+    /// (`crate::topology::place`; on by default).
+    pub spread: bool,
     /// `HETCCL_COMPRESS`: `off|inter|all`.
     pub compress: CompressMode,
     /// `HETCCL_COMPRESS_FORMAT`: `fp16|bf16`, the wire format `HETCCL_COMPRESS` uses.
@@ -294,6 +298,7 @@ impl Default for Config {
             topo_dump_file: None,
             trace: None,
             topo_probe: true,
+            spread: true,
             compress: CompressMode::Off,
             compress_format: WireFormat::F16,
             connect_timeout: Duration::from_secs(60),
@@ -506,6 +511,7 @@ impl Config {
             topo_dump_file: v.string("HETCCL_TOPO_DUMP_FILE").map(PathBuf::from),
             trace: v.string("HETCCL_TRACE"),
             topo_probe: v.parse_bool("HETCCL_TOPO_PROBE")?.unwrap_or(d.topo_probe),
+            spread: v.parse_bool("HETCCL_SPREAD")?.unwrap_or(d.spread),
             compress: v
                 .parse_enum("HETCCL_COMPRESS", &CompressMode::ALL.map(|m| (m.name(), m)))?
                 .unwrap_or(d.compress),
@@ -821,6 +827,15 @@ mod tests {
         assert!(cfg(&[]).unwrap().topo_probe);
         assert!(!cfg(&[("HETCCL_TOPO_PROBE", "0")]).unwrap().topo_probe);
         assert!(cfg(&[("HETCCL_TOPO_PROBE", "on")]).unwrap().topo_probe);
+        assert!(cfg(&[]).unwrap().spread);
+        assert!(!cfg(&[("HETCCL_SPREAD", "0")]).unwrap().spread);
+        let e = cfg(&[("HETCCL_SPREAD", "sometimes")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HETCCL_SPREAD") && e.contains("sometimes"),
+            "{e}"
+        );
         let e = cfg(&[("HETCCL_TOPO_PROBE", "maybe")])
             .unwrap_err()
             .to_string();
@@ -962,6 +977,7 @@ mod tests {
         "HETCCL_TOPO_DUMP_FILE",
         "HETCCL_TRACE",
         "HETCCL_TOPO_PROBE",
+        "HETCCL_SPREAD",
         "HETCCL_COMPRESS",
         "HETCCL_COMPRESS_FORMAT",
         "HETCCL_CONNECT_TIMEOUT",

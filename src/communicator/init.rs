@@ -81,6 +81,14 @@ impl Communicator {
         }
         comm.attach_node()?;
         comm.restart_metrics();
+        // Last, after the exchanges of init, whose wake-ups can bring a host's ranks
+        // together on one core (`topology::place`).
+        if comm.cfg.spread {
+            let host = &comm.topo.nodes[comm.topo.node_of[rank]];
+            if let Some(local) = host.iter().position(|&r| r == rank) {
+                crate::topology::place::spread(local, host.len());
+            }
+        }
         if rank == 0 {
             let m = &comm.model;
             tracing::info!(

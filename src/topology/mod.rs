@@ -12,6 +12,7 @@
 
 mod file;
 pub mod link;
+pub mod place;
 pub mod probe;
 
 pub use file::{TOPOLOGY_MAX_BYTES, TOPOLOGY_MAX_RANKS};

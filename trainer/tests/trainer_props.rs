@@ -85,8 +85,7 @@ fn valid(step: u64) -> Vec<u8> {
     let p = dir.join("c.ckpt");
     let t: Vec<f32> = (0..PARAMS).map(|i| i as f32 * 0.5 + step as f32).collect();
     checkpoint::save(&p, &meta(step, PARAMS), &t, &t, &t).unwrap();
-    let b = std::fs::read(&p).unwrap();
-    b
+    std::fs::read(&p).unwrap()
 }
 
 /// The checks a refusal may name (see `checkpoint::load`).
