@@ -120,6 +120,52 @@ pub fn all_reduce_inplace(b: &mut Builder, g: &Group, buf: Region) {
     }
 }
 
+/// Whether [`all_reduce_into`] takes `n` members: a power of two above one (no member
+/// folds into another, whose first step would send the input it holds).
+pub fn reads_input(n: usize) -> bool {
+    n >= 2 && n.is_power_of_two()
+}
+
+/// Out-of-place all-reduce of `src` into `dst` over a group of [`reads_input`] size.
+/// The first round reads `src` where it is, instead of a copy of it in `dst`: the send
+/// takes `src`, and the receive forms the first partial result in `dst`. The lower
+/// member receives straight into it (`dst = src (op) theirs`, one pass); the upper one
+/// receives the lower's value into `dst` and reduces its own onto it (`theirs (op)
+/// mine`), so both hold the same bits as in place. The later rounds are those of
+/// [`all_reduce_inplace`] on `dst`. What this saves: writing the whole message into
+/// `dst` before the first send, and the upper member's round trip through scratch.
+pub fn all_reduce_into(b: &mut Builder, g: &Group, src: Region, dst: Region) {
+    let n = g.size();
+    debug_assert!(reads_input(n), "doubling out of place over {n} members");
+    let me = g.me;
+    let tmp = Region::new(BufId::Scratch, 0..dst.len);
+    let mut mask = 1;
+    while mask < n {
+        let partner = g.members[me ^ mask];
+        let lower = me & mask == 0;
+        if mask == 1 {
+            b.send(partner, src);
+            if lower {
+                b.recv(partner, dst, Combine::From(src));
+            } else {
+                b.recv(partner, dst, Combine::Copy);
+                b.reduce(src, dst);
+            }
+        } else {
+            b.scratch(dst.len);
+            b.send(partner, dst);
+            b.recv(partner, tmp, Combine::Copy);
+            if lower {
+                b.reduce(tmp, dst);
+            } else {
+                b.reduce(dst, tmp);
+                b.copy(tmp, dst);
+            }
+        }
+        mask <<= 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

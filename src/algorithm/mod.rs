@@ -134,6 +134,8 @@ pub fn plan(
                 ring::all_reduce_into(&mut b, &g, src, output, count, e, chunk, t.ring_order);
             } else if algo == Algo::Halving && n > 1 {
                 halving::all_reduce_into(&mut b, &g, src, output, call.count, e, t.chunk_bytes);
+            } else if algo == Algo::Doubling && !call.in_place && doubling::reads_input(n) {
+                doubling::all_reduce_into(&mut b, &g, input, output);
             } else {
                 if !call.in_place {
                     copy_chunked(&mut b, input, output, t.chunk_bytes, e);

@@ -274,25 +274,57 @@ mod tests {
                     [0.0, -0.0, -0.0, 0.0, -0.0, 0.0, 0.0, -0.0, -0.0],
                 ),
             ] {
-                let count = 5;
-                let c = Call {
-                    redop,
-                    ..call(CollectiveOp::AllReduce, count, 0, true)
-                };
-                let scheds: Vec<_> = (0..n)
-                    .map(|r| plan(&c, r, n, Algo::Doubling, T.clone(), &[]))
-                    .collect();
-                assert!(scheds.iter().all(|s| s.algo == "doubling"));
-                assert_eq!(scheds[0].scratch_bytes, if n > 1 { count * 4 } else { 0 });
-                let mut ranks: Vec<SimRank> = (0..n)
-                    .map(|r| SimRank {
-                        output: f32s(&vec![v[r] * (1.0 + r as f32); count]),
-                        ..Default::default()
-                    })
-                    .collect();
-                run(&scheds, &mut ranks, DataType::F32, redop).unwrap();
-                for rk in &ranks {
-                    assert_eq!(rk.output, ranks[0].output, "{redop} n={n}");
+                for in_place in [true, false] {
+                    let count = 5;
+                    let c = Call {
+                        redop,
+                        ..call(CollectiveOp::AllReduce, count, 0, in_place)
+                    };
+                    let scheds: Vec<_> = (0..n)
+                        .map(|r| plan(&c, r, n, Algo::Doubling, T.clone(), &[]))
+                        .collect();
+                    assert!(scheds.iter().all(|s| s.algo == "doubling"));
+                    // Out of place, two members swap their inputs once and need no
+                    // scratch: each forms the result in its output as it receives.
+                    let scratch = match (n, in_place) {
+                        (1, _) | (2, false) => 0,
+                        _ => count * 4,
+                    };
+                    assert_eq!(
+                        scheds[0].scratch_bytes, scratch,
+                        "n={n} in place {in_place}"
+                    );
+                    let mut ranks: Vec<SimRank> = (0..n)
+                        .map(|r| {
+                            let v = f32s(&vec![v[r] * (1.0 + r as f32); count]);
+                            holding(v, count * 4, in_place)
+                        })
+                        .collect();
+                    run(&scheds, &mut ranks, DataType::F32, redop).unwrap();
+                    for rk in &ranks {
+                        assert_eq!(
+                            rk.output, ranks[0].output,
+                            "{redop} n={n} in place {in_place}"
+                        );
+                    }
+                    // Out of place gives the bits of in place.
+                    if !in_place {
+                        let mut inplace: Vec<SimRank> = (0..n)
+                            .map(|r| SimRank {
+                                output: f32s(&vec![v[r] * (1.0 + r as f32); count]),
+                                ..Default::default()
+                            })
+                            .collect();
+                        let c = Call {
+                            in_place: true,
+                            ..c
+                        };
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| plan(&c, r, n, Algo::Doubling, T.clone(), &[]))
+                            .collect();
+                        run(&scheds, &mut inplace, DataType::F32, redop).unwrap();
+                        assert_eq!(ranks[0].output, inplace[0].output, "{redop} n={n}");
+                    }
                 }
             }
         }
