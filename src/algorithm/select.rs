@@ -45,7 +45,7 @@
 //! | limit | value | what it bounds |
 //! | --- | --- | --- |
 //! | [`EAGER_MAX_BYTES`] | 64 KiB | eager all-reduce with 3 or more ranks (the slot size) |
-//! | [`EAGER_MAX_BYTES_TWO_RANKS`] | 16 KiB | eager all-reduce with 2 ranks |
+//! | [`EAGER_MAX_BYTES_TWO_RANKS`] | 4 KiB | eager all-reduce with 2 ranks |
 //! | [`DOUBLING_MAX_BYTES`] | 64 KiB | recursive doubling (its scratch is the whole message) |
 //! | [`DEVICE_ONE_SHOT_MAX_BYTES`] | 256 KiB | one-shot device all-reduce window (GPUs of their own) |
 //! | `tuning::MIN_CHUNK`, `tuning::MIN_BLOCK_CHUNK` | 64, 128 KiB | pipeline chunks |
@@ -76,10 +76,13 @@ use crate::dtype::{CollectiveOp, DataType, ReduceOp};
 pub const EAGER_MAX_BYTES: usize = 64 << 10;
 
 /// Largest eager all-reduce with 2 ranks. Each rank reads every peer's slot,
-/// `(n-1)·bytes`, in one step; with two ranks a ring takes two steps and moves no more
-/// bytes than the eager path reads (which first copies its input into its slot too):
-/// the ring overtakes it past this size.
-pub const EAGER_MAX_BYTES_TWO_RANKS: usize = 16 << 10;
+/// `(n-1)·bytes`, in one step, but first copies its input into its own slot and then
+/// reads that back too; recursive doubling swaps the inputs in one step as well and,
+/// out of place, reduces the incoming bytes straight into the output as they arrive.
+/// Alternated on the 2-core machine (`docs/perf-log/2026-12-07-doubling-out-of-place.md`),
+/// out of place: 4 KiB eager 0.59-0.62 µs against doubling 0.67-0.80; 8 KiB 0.81-0.85
+/// against 0.75-0.77 (one launch 1.05); 16 KiB 1.39-1.52 against 1.08-1.11 (one 1.50).
+pub const EAGER_MAX_BYTES_TWO_RANKS: usize = 4 << 10;
 
 /// Largest all-reduce recursive doubling runs: it swaps whole messages, and the incoming
 /// copy needs scratch the size of the message; beyond this, rounds cost less than bytes.
@@ -798,7 +801,7 @@ mod tests {
 
     #[test]
     fn small_all_reduces_on_one_host_take_the_eager_slots_up_to_the_limit() {
-        for (n, limit) in [(2, 16 << 10), (3, 64 << 10), (4, 64 << 10)] {
+        for (n, limit) in [(2, 4 << 10), (3, 64 << 10), (4, 64 << 10)] {
             let t = cpu_nodes(&[n]);
             let m = LinkModel::of(&t);
             let auto = facts(&m, &t, AlgoChoice::Auto, false);
@@ -843,7 +846,7 @@ mod tests {
                 || true
             )
             .to_string(),
-            "eager slots on the control pages (every rank on this host, at most 16 KiB with \
+            "eager slots on the control pages (every rank on this host, at most 4 KiB with \
              2 ranks, HETCCL_ALGO=auto)"
         );
     }

@@ -331,8 +331,9 @@ fn ranks_of_one_host() {
         cfg(),
         &[
             all_reduce(4, "eager"),
-            all_reduce(16 * KIB, "eager"),
-            all_reduce(16 * KIB + 4, "links doubling chunk 128 KiB PieceByPiece"),
+            all_reduce(4 * KIB, "eager"),
+            all_reduce(4 * KIB + 4, "links doubling chunk 128 KiB PieceByPiece"),
+            all_reduce(16 * KIB, "links doubling chunk 128 KiB PieceByPiece").out_of_place(),
             // Two ranks over shared memory move each half as one piece.
             all_reduce(MIB, "links ring chunk 512 KiB PieceByPiece"),
             all_reduce(KIB, "links tree chunk 128 KiB PieceByPiece compressed")

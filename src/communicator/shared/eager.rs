@@ -102,7 +102,7 @@ mod tests {
             let comms = attached(n, secs(20), AlgoChoice::Auto);
             let ops = ReduceOp::ALL;
             // 20 rounds reuse both slots many times; the largest count fills a slot.
-            let counts = [1usize, 5, 1000, eager_limit(n) / 8];
+            let counts = [1usize, 5, eager_limit(n) / 16, eager_limit(n) / 8];
             let outs = on_all(&comms, |c| {
                 let r = c.rank() as f64;
                 let node = c.shared.ctl.get().unwrap();
