@@ -128,12 +128,12 @@ pub fn reads_input(n: usize) -> bool {
 
 /// Out-of-place all-reduce of `src` into `dst` over a group of [`reads_input`] size.
 /// The first round reads `src` where it is, instead of a copy of it in `dst`: the send
-/// takes `src`, and the receive forms the first partial result in `dst`. The lower
-/// member receives straight into it (`dst = src (op) theirs`, one pass); the upper one
-/// receives the lower's value into `dst` and reduces its own onto it (`theirs (op)
-/// mine`), so both hold the same bits as in place. The later rounds are those of
-/// [`all_reduce_inplace`] on `dst`. What this saves: writing the whole message into
-/// `dst` before the first send, and the upper member's round trip through scratch.
+/// takes `src`, and the receive forms the first partial result in `dst` in one pass
+/// over the incoming bytes: `src (op) theirs` on the lower member, `theirs (op) src` on
+/// the upper one ([`Combine::FromAfter`]), so both hold the same bits as in place. The
+/// later rounds are those of [`all_reduce_inplace`] on `dst`. What this saves: writing
+/// the whole message into `dst` before the first send, and the upper member's round
+/// trip through scratch.
 pub fn all_reduce_into(b: &mut Builder, g: &Group, src: Region, dst: Region) {
     let n = g.size();
     debug_assert!(reads_input(n), "doubling out of place over {n} members");
@@ -145,12 +145,12 @@ pub fn all_reduce_into(b: &mut Builder, g: &Group, src: Region, dst: Region) {
         let lower = me & mask == 0;
         if mask == 1 {
             b.send(partner, src);
-            if lower {
-                b.recv(partner, dst, Combine::From(src));
+            let first = if lower {
+                Combine::From(src)
             } else {
-                b.recv(partner, dst, Combine::Copy);
-                b.reduce(src, dst);
-            }
+                Combine::FromAfter(src)
+            };
+            b.recv(partner, dst, first);
         } else {
             b.scratch(dst.len);
             b.send(partner, dst);

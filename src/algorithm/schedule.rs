@@ -58,6 +58,10 @@ pub enum Combine {
     Accumulate,
     /// `dst = src (op) incoming`, `src` the same length as `dst`.
     From(Region),
+    /// `dst = incoming (op) src`: [`Combine::From`] with the operands the other way
+    /// round, for a schedule whose peer holds the left operand (recursive doubling's
+    /// upper member), so both sides form the same bits.
+    FromAfter(Region),
 }
 
 /// One step of a schedule.
@@ -298,7 +302,7 @@ impl Builder {
     pub fn recv(&mut self, peer: usize, dst: Region, combine: Combine) -> usize {
         let combine = match combine {
             Combine::From(src) if src == dst => Combine::Accumulate,
-            Combine::From(src) => {
+            Combine::From(src) | Combine::FromAfter(src) => {
                 debug_assert!(!src.overlaps(&dst), "receive into {dst:?} from {src:?}");
                 combine
             }
@@ -307,7 +311,9 @@ impl Builder {
         match combine {
             Combine::Copy => self.push(OpKind::Recv { peer, dst, combine }, &[], &[dst]),
             Combine::Accumulate => self.push(OpKind::Recv { peer, dst, combine }, &[dst], &[dst]),
-            Combine::From(src) => self.push(OpKind::Recv { peer, dst, combine }, &[src], &[dst]),
+            Combine::From(src) | Combine::FromAfter(src) => {
+                self.push(OpKind::Recv { peer, dst, combine }, &[src], &[dst])
+            }
         }
     }
 

@@ -97,7 +97,9 @@ pub fn run(
                             ));
                         }
                         let src = match combine {
-                            Combine::From(src) => Some(ranks[r].read(src)),
+                            Combine::From(src) | Combine::FromAfter(src) => {
+                                Some(ranks[r].read(src))
+                            }
                             _ => None,
                         };
                         let d = &mut ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len];
@@ -109,7 +111,10 @@ pub fn run(
                             (Combine::From(_), Some(a)) => {
                                 reduce::reduce_from_bytes(dtype, redop, d, &a, &msg)
                             }
-                            (Combine::From(_), None) => unreachable!(),
+                            (Combine::FromAfter(_), Some(a)) => {
+                                reduce::reduce_from_bytes(dtype, redop, d, &msg, &a)
+                            }
+                            (Combine::From(_) | Combine::FromAfter(_), None) => unreachable!(),
                         }
                     }
                     OpKind::Copy { src, dst } => {

@@ -1709,6 +1709,42 @@ mod tests {
     }
 
     #[test]
+    fn doubling_out_of_place_leaves_the_same_bits_on_both_ranks() {
+        // Max over +0 and -0 picks its left operand, and these sums depend on the order:
+        // both ranks must still end with one value, the one in place gives, over shared
+        // memory (2 per node) and over links between nodes (1 per node), each element
+        // arriving in pieces of every size the links cut.
+        for per_node in [1, 2] {
+            let cfg = Config {
+                algo: AlgoChoice::Doubling,
+                timeout: std::time::Duration::from_secs(20),
+                ..Config::default()
+            };
+            let comms = testing::world(2, per_node, cfg);
+            for (op, vals) in [
+                (ReduceOp::Max, [0.0f32, -0.0]),
+                (ReduceOp::Min, [-0.0f32, 0.0]),
+                (ReduceOp::Sum, [1e8f32, 0.75]),
+            ] {
+                let count = 5000;
+                let outs = on_all(&comms, |c| {
+                    let x: Vec<f32> = (0..count)
+                        .map(|i| vals[(c.rank() + i) % 2] * (1.0 + (i % 3) as f32))
+                        .collect();
+                    let mut out = vec![7.0f32; count];
+                    c.all_reduce_into(&x, &mut out, op).unwrap();
+                    let mut inplace = x.clone();
+                    c.all_reduce(&mut inplace, op).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    (bits(&out), bits(&inplace))
+                });
+                assert_eq!(outs[0].0, outs[1].0, "{op} per node {per_node}");
+                assert_eq!(outs[0].0, outs[0].1, "{op} per node {per_node}: in place");
+            }
+        }
+    }
+
+    #[test]
     fn streaming_copies_of_received_pieces_land_exactly() {
         // Every received piece that is only copied, and every final sum, goes through
         // streaming stores here (threshold 0), at odd lengths and offsets: the heads and

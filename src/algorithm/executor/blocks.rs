@@ -61,7 +61,7 @@ impl<'p> BlockTracker<'p> {
         let regions = match *kind {
             OpKind::Send { src, .. } => [Some(src), None],
             OpKind::Recv { dst, combine, .. } => match combine {
-                Combine::From(src) => [Some(dst), Some(src)],
+                Combine::From(src) | Combine::FromAfter(src) => [Some(dst), Some(src)],
                 _ => [Some(dst), None],
             },
             OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => [Some(src), Some(dst)],

@@ -65,7 +65,7 @@ impl<'s> Deps<'s> {
                 }
                 OpKind::Recv { peer, dst, combine } => {
                     bufs.check(&dst)?;
-                    if let Combine::From(src) = combine {
+                    if let Combine::From(src) | Combine::FromAfter(src) = combine {
                         bufs.check(&src)?;
                     }
                     queue_for(&mut recvs, links, peer, "receive from")?

@@ -53,7 +53,9 @@ impl Run<'_, '_> {
                 dst: dst_ptr,
                 len: dst.len,
                 from: match combine {
-                    Combine::From(src) => Some(bufs.ptr(&src) as *const u8),
+                    Combine::From(src) | Combine::FromAfter(src) => {
+                        Some(bufs.ptr(&src) as *const u8)
+                    }
                     _ => None,
                 },
                 combine,
@@ -148,7 +150,9 @@ impl RecvSink for Sink<'_> {
             // committed, which happens after this call.
             let out = unsafe { space.slice_mut(0..bytes.len()) };
             match (self.combine, self.from) {
-                (Combine::Copy, _) | (Combine::From(_), None) => out.copy_from_slice(bytes),
+                (Combine::Copy, _) | (Combine::From(_), None) | (Combine::FromAfter(_), None) => {
+                    out.copy_from_slice(bytes)
+                }
                 (Combine::Accumulate, _) => {
                     reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, dst, bytes)
                 }
@@ -156,6 +160,11 @@ impl RecvSink for Sink<'_> {
                     // SAFETY: the `From` region has the destination's length and was checked.
                     let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
                     reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, a, bytes)
+                }
+                (Combine::FromAfter(_), Some(src)) => {
+                    // SAFETY: as for `From`.
+                    let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
+                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, bytes, a)
                 }
             }
             // SAFETY: `dst` and `out` are valid for `bytes.len()` bytes and distinct (the
@@ -191,7 +200,17 @@ impl RecvSink for Sink<'_> {
                     reduce::reduce_from_bytes(dtype, op, dst, a, bytes)
                 }
             }
-            (Combine::From(_), None) => dst.copy_from_slice(bytes),
+            (Combine::FromAfter(_), Some(src)) => {
+                // SAFETY: as for `From`.
+                let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
+                let (dtype, op) = (self.ctx.dtype, self.ctx.redop);
+                if self.stream_result {
+                    reduce::reduce_from_bytes_streaming(dtype, op, dst, bytes, a)
+                } else {
+                    reduce::reduce_from_bytes(dtype, op, dst, bytes, a)
+                }
+            }
+            (Combine::From(_) | Combine::FromAfter(_), None) => dst.copy_from_slice(bytes),
         }
         Ok(())
     }
@@ -236,9 +255,10 @@ impl Sink<'_> {
         // SAFETY: [off, off+len) lies inside the destination region (checked above and by
         // `Buffers::check`), which dependencies keep to this receive alone.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(off), len) };
+        // Compressed calls are sums, whose operands commute: `FromAfter` is `From` here.
         let from = match (self.combine, self.from) {
             // SAFETY: the `From` region has the destination's length and was checked.
-            (Combine::From(_), Some(src)) => {
+            (Combine::From(_) | Combine::FromAfter(_), Some(src)) => {
                 Some(unsafe { std::slice::from_raw_parts(src.add(off), len) })
             }
             _ => None,
@@ -246,7 +266,7 @@ impl Sink<'_> {
         let combine = self.combine;
         let apply = |out: &mut [f32]| match (combine, from) {
             (Combine::Accumulate, _) => compression::decompress_add_bytes(format, bytes, out),
-            (Combine::From(_), Some(a)) => {
+            (Combine::From(_) | Combine::FromAfter(_), Some(a)) => {
                 bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(a);
                 compression::decompress_add_bytes(format, bytes, out);
             }
