@@ -270,17 +270,24 @@ pub fn check(
 }
 
 /// What a shared-memory engine says when a peer ran call `seq` over links while this
-/// rank waits for it on the control pages (the ranks chose different paths).
-pub fn ran_over_links(rank: usize, peer: usize, eager: bool) -> String {
+/// rank waits for it on the control pages (the ranks chose different paths); `theirs`:
+/// the call the peer stated there, when it could be read.
+pub fn ran_over_links(
+    rank: usize,
+    peer: usize,
+    eager: bool,
+    theirs: Option<&CallHeader>,
+) -> String {
+    let runs = theirs.map_or(String::new(), |h| format!("runs {} ", shared_words(h)));
     if eager {
         format!(
             "rank {rank} runs it as a small all_reduce through shared memory, peer {peer} \
-             over links (the ranks disagree on the count or the collective)"
+             {runs}over links (the ranks disagree on the count, the dtype or the collective)"
         )
     } else {
         format!(
-            "rank {rank} runs it on shared buffers, peer {peer} over links (pass buffers \
-             from alloc_shared on every rank, or on none)"
+            "rank {rank} runs it on shared buffers, peer {peer} {runs}over links (pass \
+             buffers from alloc_shared on every rank, or on none)"
         )
     }
 }
@@ -304,9 +311,10 @@ fn shared_words(h: &CallHeader) -> String {
     let dtype = DataType::from_u8(h.dtype).map_or("?", |d| d.name());
     let (seq, count) = (h.seq, h.count);
     match op {
-        Some(CollectiveOp::Broadcast) => {
+        Some(CollectiveOp::Broadcast) if h.root != NO_ROOT => {
             format!("{name} #{seq} of {count} x {dtype} from root {}", h.root)
         }
+        Some(CollectiveOp::Broadcast) => format!("{name} #{seq} of {count} x {dtype}"),
         Some(CollectiveOp::AllGather) => format!("{name} #{seq} of {count} x {dtype}"),
         _ => {
             let redop = ReduceOp::from_u8(h.redop).map_or("?", |o| o.name());
@@ -559,9 +567,15 @@ mod tests {
             format!("peer runs another device protocol version (0x5, this rank {CALL_VERSION:#x})")
         );
         assert_eq!(
-            ran_over_links(0, 1, false),
+            ran_over_links(0, 1, false, None),
             "rank 0 runs it on shared buffers, peer 1 over links (pass buffers from \
              alloc_shared on every rank, or on none)"
+        );
+        assert_eq!(
+            ran_over_links(0, 1, true, Some(&avg)),
+            "rank 0 runs it as a small all_reduce through shared memory, peer 1 runs \
+             all_reduce #3 of 10 x f32 (avg op) over links (the ranks disagree on the count, \
+             the dtype or the collective)"
         );
     }
 

@@ -331,7 +331,7 @@ impl Progress {
                 w.bufs.scratch = self.scratch.as_mut_ptr().cast();
                 w.bufs.scratch_len = self.scratch.len() * 8;
                 if w.ctx.op != CollectiveOp::SendRecv {
-                    self.shared.note_link_op(w.ctx.seq);
+                    self.shared.note_link_op(&w.ctx);
                 }
                 match (w.compress.take(), w.passes) {
                     (None, None) => executor::execute(

@@ -156,15 +156,11 @@ impl RecvSink for Sink<'_> {
                 (Combine::Accumulate, _) => {
                     reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, dst, bytes)
                 }
-                (Combine::From(_), Some(src)) => {
+                (Combine::From(_) | Combine::FromAfter(_), Some(src)) => {
                     // SAFETY: the `From` region has the destination's length and was checked.
                     let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
-                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, a, bytes)
-                }
-                (Combine::FromAfter(_), Some(src)) => {
-                    // SAFETY: as for `From`.
-                    let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
-                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, bytes, a)
+                    let (l, r) = self.operands(a, bytes);
+                    reduce::reduce_from_bytes(self.ctx.dtype, self.ctx.redop, out, l, r)
                 }
             }
             // SAFETY: `dst` and `out` are valid for `bytes.len()` bytes and distinct (the
@@ -190,24 +186,15 @@ impl RecvSink for Sink<'_> {
             (Combine::Accumulate, _) => {
                 reduce::reduce_inplace_bytes(self.ctx.dtype, self.ctx.redop, dst, bytes)
             }
-            (Combine::From(_), Some(src)) => {
+            (Combine::From(_) | Combine::FromAfter(_), Some(src)) => {
                 // SAFETY: the `From` region has the destination's length and was checked.
                 let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
+                let (l, r) = self.operands(a, bytes);
                 let (dtype, op) = (self.ctx.dtype, self.ctx.redop);
                 if self.stream_result {
-                    reduce::reduce_from_bytes_streaming(dtype, op, dst, a, bytes)
+                    reduce::reduce_from_bytes_streaming(dtype, op, dst, l, r)
                 } else {
-                    reduce::reduce_from_bytes(dtype, op, dst, a, bytes)
-                }
-            }
-            (Combine::FromAfter(_), Some(src)) => {
-                // SAFETY: as for `From`.
-                let a = unsafe { std::slice::from_raw_parts(src.add(offset), bytes.len()) };
-                let (dtype, op) = (self.ctx.dtype, self.ctx.redop);
-                if self.stream_result {
-                    reduce::reduce_from_bytes_streaming(dtype, op, dst, bytes, a)
-                } else {
-                    reduce::reduce_from_bytes(dtype, op, dst, bytes, a)
+                    reduce::reduce_from_bytes(dtype, op, dst, l, r)
                 }
             }
             (Combine::From(_) | Combine::FromAfter(_), None) => dst.copy_from_slice(bytes),
@@ -226,6 +213,17 @@ impl RecvSink for Sink<'_> {
 }
 
 impl Sink<'_> {
+    /// The operands of a `From` receive in their order: the region `a` on the left of
+    /// the operator and the incoming bytes on the right, or the other way round for
+    /// `FromAfter`.
+    fn operands<'b>(&self, a: &'b [u8], incoming: &'b [u8]) -> (&'b [u8], &'b [u8]) {
+        if matches!(self.combine, Combine::FromAfter(_)) {
+            (incoming, a)
+        } else {
+            (a, incoming)
+        }
+    }
+
     /// The forwarding space for the piece at `offset` of `len` bytes, if it is the next
     /// one and the same size.
     fn forward_space(&self, offset: usize, len: usize) -> Option<DirectDst> {

@@ -7,6 +7,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::control::NodeCtl;
+use crate::algorithm::call::NO_ROOT;
+use crate::algorithm::executor::ExecCtx;
 use crate::dtype::{CollectiveOp, Element};
 use crate::error::AbortCause;
 use crate::transport::shm::segment::Mapping;
@@ -63,11 +65,12 @@ impl SharedState {
         (ptr.checked_add(bytes)? <= end).then_some((idx, ptr - start))
     }
 
-    /// Called by the progress thread before it runs collective `seq` over links, so a
-    /// peer waiting for it on the direct path learns the two disagree.
-    pub(in crate::communicator) fn note_link_op(&self, seq: u64) {
+    /// Called by the progress thread before it runs the collective of `ctx` over links,
+    /// so a peer waiting for it on the control pages learns the two disagree, and on
+    /// what (the root is not in the context: the peer names the call without it).
+    pub(in crate::communicator) fn note_link_op(&self, ctx: &ExecCtx) {
         if let Some(c) = self.ctl.get() {
-            c.note_link_op(seq);
+            c.note_link_op(&super::control::stated(ctx, NO_ROOT));
         }
     }
 

@@ -7,7 +7,7 @@
 //! line 1    state: attached / aborted / closed, abort cause  (owner)
 //! line 2    flag: (seq << 32) | phase, low half is the futex word (owner)
 //! line 3    this collective: its call header, then its buffers (owner)
-//! line 4    seq + 1 of the last collective run over links     (owner)
+//! line 4    seq + 1 of the last collective run over links, its call header (owner)
 //! line 5+w  rank w sleeps on this page's flag                 (waiter w only)
 //! slots     two eager slots: a line with the call header + EAGER_BYTES of data (owner)
 //! ```
@@ -37,7 +37,7 @@ use crate::error::{AbortCause, Result};
 use crate::transport::shm::liveness::{own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use crate::transport::shm::segment::Mapping;
 
-const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL3");
+const CTL_MAGIC: u64 = u64::from_le_bytes(*b"HCCLCTL4");
 /// Elements of the flag's phase (low 32 bits).
 pub(super) const ARRIVE: u32 = 1;
 /// Phase after chunk `c` of the owner's segment is reduced: `CHUNK0 + c`.
@@ -100,13 +100,22 @@ pub(super) struct CallLine {
     pub(super) out_off: AtomicU64,
 }
 
+/// The last collective the owner ran over links: `seq + 1` (0: none yet), and its
+/// call, so a peer waiting for it here can say what it runs instead (written before
+/// `seq`, which publishes it).
+#[repr(C, align(64))]
+struct LinkLine {
+    seq: AtomicU64,
+    call: [AtomicU64; HEADER_WORDS],
+}
+
 #[repr(C)]
 pub(super) struct CtlPage {
     header: CtlHeader,
     state: StateLine,
     pub(super) flag: Line,
     pub(super) call: CallLine,
-    link_seq: Line,
+    link: LinkLine,
 }
 
 const SLEEP_LINES_AT: usize = std::mem::size_of::<CtlPage>();
@@ -270,12 +279,11 @@ impl NodeCtl {
         }
     }
 
-    /// Tells the peers this rank ran collective `seq` over links.
-    pub(super) fn note_link_op(&self, seq: u64) {
-        self.page(self.me)
-            .link_seq
-            .0
-            .store(seq.wrapping_add(1), Ordering::Release);
+    /// Tells the peers this rank runs the collective `h` states over links.
+    pub(super) fn note_link_op(&self, h: &CallHeader) {
+        let line = &self.page(self.me).link;
+        store_call(&line.call, h);
+        line.seq.store(h.seq.wrapping_add(1), Ordering::Release);
     }
 
     /// Tells the peers this rank's communicator failed, and why.
@@ -455,9 +463,16 @@ impl Waits<'_> {
                 format!("peer {peer} (pid {}) process has exited", p.pid()),
             ));
         }
-        let ls = page.link_seq.0.load(Ordering::Acquire);
+        let ls = page.link.seq.load(Ordering::Acquire);
         if ls != 0 && reached(ls.wrapping_sub(1), ctx.seq) {
-            return Err(ctx.mismatch(peer, call::ran_over_links(ctx.rank, peer, self.eager)));
+            // What the peer runs, if it is still the call that `ls` published (a peer
+            // that has gone on to another one has rewritten the words meanwhile).
+            let theirs = load_call(&page.link.call);
+            let theirs = (page.link.seq.load(Ordering::Acquire) == ls).then_some(theirs);
+            return Err(ctx.mismatch(
+                peer,
+                call::ran_over_links(ctx.rank, peer, self.eager, theirs.as_ref()),
+            ));
         }
         Ok(())
     }

@@ -636,7 +636,7 @@ mod tests {
         assert!(
             errs[0].contains(
                 "rank 0: all_reduce #2 does not match what peer 1 sent: rank 0 runs it on \
-                 shared buffers, peer 1 over links"
+                 shared buffers, peer 1 runs all_reduce #2 of 5000 x f32 (sum op) over links"
             ),
             "{errs:?}"
         );

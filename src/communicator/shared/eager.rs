@@ -229,7 +229,9 @@ mod tests {
         assert!(
             errs[0].contains(
                 "rank 0: all_reduce #0 does not match what peer 1 sent: rank 0 runs it as a \
-                 small all_reduce through shared memory, peer 1 over links"
+                 small all_reduce through shared memory, peer 1 runs all_reduce #0 of 100000 \
+                 x f32 (sum op) over links (the ranks disagree on the count, the dtype or the \
+                 collective)"
             ),
             "{errs:?}"
         );
