@@ -121,11 +121,16 @@ run_mpi() {
     for band in "${bands[@]}"; do
         # shellcheck disable=SC2086 # a band is a list of flags
         local rc=0
+        ls /dev/shm >"$work/shm.before" 2>/dev/null || true
         timeout -k 5 "$limit" "${peer_cmd[@]}" "$work/bench.$peer" $band \
             >>"$work/mpi.out" 2>"$work/mpi.err" || rc=$?
         if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-            # Ranks the launcher left behind go too; the sizes finished so far count.
+            # Ranks the launcher left behind go too, and the shared-memory segments
+            # they made (this script runs nothing else meanwhile); the sizes finished
+            # so far count.
             pkill -KILL -f "$work/bench.$peer" 2>/dev/null || true
+            ls /dev/shm 2>/dev/null | grep -vxF -f "$work/shm.before" | grep -v '^hetccl' |
+                while read -r f; do rm -f "/dev/shm/$f"; done || true
             echo "# $peer $2: stopped after $limit s in band $band" >&2
             echo "$peer $2 band [$band] stopped after $limit s" >>"$work/stopped"
             break
