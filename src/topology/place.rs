@@ -25,44 +25,69 @@ pub fn home_core(allowed: &[usize], local: usize, locals: usize) -> Option<usize
     Some(allowed[local])
 }
 
+/// The cores the calling thread may run on, ascending; `None` when the system will not
+/// say.
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // the size passed, the set's own, for the calling thread (0).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return None;
+    }
+    Some(
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect(),
+    )
+}
+
+/// The CPU set of `cpus` (each below `CPU_SETSIZE`, as [`allowed_cpus`] gives them;
+/// others are left out).
+pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Restricts the calling thread to `set`; returns once it runs inside it.
+fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: the set is valid for its size; 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Moves the calling thread to [`home_core`] and gives it back its CPU set; returns the
 /// core it moved to, or `None` when it left it where it was. A failed system call only
 /// costs the placement (it is logged).
 pub fn spread(local: usize, locals: usize) -> Option<usize> {
-    // SAFETY: cpu_set_t is plain data, all zeros is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the set is valid for its size; 0 is the calling thread.
-    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+    let Some(allowed) = allowed_cpus() else {
         tracing::debug!(
             "placement: sched_getaffinity: {}",
             std::io::Error::last_os_error()
         );
         return None;
-    }
-    let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect();
+    };
     let home = home_core(&allowed, local, locals)?;
-    // SAFETY: as above; `home` came from the set, so it is below CPU_SETSIZE.
-    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(home, &mut one) };
-    // SAFETY: both sets are valid for their size. The first call returns once the
-    // thread runs on `home`; the second allows every core of the set again.
-    let moved = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) } == 0;
-    let err = (!moved).then(std::io::Error::last_os_error);
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+    let moved = set_affinity(&cpu_set(&[home]));
+    if let Err(e) = set_affinity(&cpu_set(&allowed)) {
         tracing::warn!(
-            "placement: could not give this thread its CPU set back ({}); it stays on core {home}",
-            std::io::Error::last_os_error()
+            "placement: could not give this thread its CPU set back ({e}); it stays on core {home}"
         );
     }
-    match err {
-        None => {
+    match moved {
+        Ok(()) => {
             tracing::debug!("placement: local rank {local} of {locals} moved to core {home}");
             Some(home)
         }
-        Some(e) => {
+        Err(e) => {
             tracing::debug!("placement: moving to core {home}: {e}");
             None
         }
@@ -90,14 +115,16 @@ mod tests {
     }
 
     fn allowed_now() -> Vec<usize> {
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        assert_eq!(
-            unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) },
-            0
-        );
-        (0..libc::CPU_SETSIZE as usize)
+        allowed_cpus().expect("sched_getaffinity")
+    }
+
+    #[test]
+    fn a_cpu_set_holds_the_cores_it_was_made_of() {
+        let set = cpu_set(&[0, 3, libc::CPU_SETSIZE as usize]);
+        let held: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
             .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
+            .collect();
+        assert_eq!(held, [0, 3]);
     }
 
     #[test]

@@ -387,32 +387,11 @@ fn free_port() -> Result<u16> {
         .map_err(|e| Error::io("finding a free port", e))
 }
 
-/// The CPUs this process may run on, in order.
+/// The CPUs this process may run on, in order (all of them when the system will not say).
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
-    // the size passed, which is the set's own size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: see above; `set` lives across the call.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        return (0..n).collect();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| {
-            // SAFETY: `c` is below CPU_SETSIZE, inside the set.
-            unsafe { libc::CPU_ISSET(c, &set) }
-        })
-        .collect()
-}
-
-fn cpu_set_of(cpu: usize) -> libc::cpu_set_t {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` comes from allowed_cpus(), so it is below CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    set
+    hetccl::topology::place::allowed_cpus().unwrap_or_else(|| {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    })
 }
 
 /// Sends `sig` to the process group led by `pid` (each rank leads its own).
@@ -564,7 +543,8 @@ fn spawn_rank(
         .stderr(Stdio::piped())
         .process_group(0);
     let launcher = std::process::id() as libc::pid_t;
-    let pin = (opts.bind_cores && !cpus.is_empty()).then(|| cpu_set_of(cpus[rank % cpus.len()]));
+    let pin = (opts.bind_cores && !cpus.is_empty())
+        .then(|| hetccl::topology::place::cpu_set(&[cpus[rank % cpus.len()]]));
     // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe
     // system calls (prctl, getppid, fcntl, sched_setaffinity) on values built before the
     // fork, and allocates nothing.
