@@ -95,17 +95,7 @@ pub fn all_reduce_inplace(b: &mut Builder, g: &Group, buf: Region) {
     if let Some(v) = virt {
         let mut mask = 1;
         while mask < fold.p {
-            let partner = abs(fold.member(v ^ mask));
-            b.send(partner, buf);
-            b.recv(partner, tmp, Combine::Copy);
-            if v & mask == 0 {
-                // Lower: mine (op) theirs.
-                b.reduce(tmp, buf);
-            } else {
-                // Upper: theirs (op) mine, then back into place.
-                b.reduce(buf, tmp);
-                b.copy(tmp, buf);
-            }
+            swap(b, abs(fold.member(v ^ mask)), v & mask == 0, buf, tmp);
             mask <<= 1;
         }
     }
@@ -153,16 +143,24 @@ pub fn all_reduce_into(b: &mut Builder, g: &Group, src: Region, dst: Region) {
             b.recv(partner, dst, first);
         } else {
             b.scratch(dst.len);
-            b.send(partner, dst);
-            b.recv(partner, tmp, Combine::Copy);
-            if lower {
-                b.reduce(tmp, dst);
-            } else {
-                b.reduce(dst, tmp);
-                b.copy(tmp, dst);
-            }
+            swap(b, partner, lower, dst, tmp);
         }
         mask <<= 1;
+    }
+}
+
+/// One round in place: `buf` swapped with `partner` through `tmp`, the lower member's
+/// value on the left of the operator on both sides.
+fn swap(b: &mut Builder, partner: usize, lower: bool, buf: Region, tmp: Region) {
+    b.send(partner, buf);
+    b.recv(partner, tmp, Combine::Copy);
+    if lower {
+        // Lower: mine (op) theirs.
+        b.reduce(tmp, buf);
+    } else {
+        // Upper: theirs (op) mine, then back into place.
+        b.reduce(buf, tmp);
+        b.copy(tmp, buf);
     }
 }
 
