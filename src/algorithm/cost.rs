@@ -58,10 +58,12 @@ pub struct Shape {
     pub nodes: usize,
     /// Ranks on the largest node.
     pub max_local: usize,
-    /// Any two ranks of a node exchange data at the modelled cost (CPU ranks on shared
-    /// memory or TCP). False for GPU topologies, where the ring's neighbours are the
-    /// fast pairs and other pairs may share a slower hop.
-    pub pairwise: bool,
+    /// Largest message, in bytes, for which any two ranks of a node exchange data at the
+    /// modelled cost: every size for CPU ranks with a CPU each (shared memory or TCP);
+    /// none for GPU topologies, where the ring's neighbours are the fast pairs and other
+    /// pairs may share a slower hop; up to [`select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]
+    /// where a node's ranks outnumber its CPUs and talk over TCP.
+    pub pairwise_max_bytes: usize,
 }
 
 impl Shape {
@@ -71,7 +73,7 @@ impl Shape {
             ranks: nodes.iter().map(Vec::len).sum(),
             nodes: nodes.len(),
             max_local: nodes.iter().map(Vec::len).max().unwrap_or(1),
-            pairwise: true,
+            pairwise_max_bytes: usize::MAX,
         }
     }
 
@@ -81,7 +83,7 @@ impl Shape {
             ranks: p,
             nodes: 1,
             max_local: p,
-            pairwise: true,
+            pairwise_max_bytes: usize::MAX,
         }
     }
 }

@@ -47,13 +47,14 @@
 //! | [`EAGER_MAX_BYTES`] | 64 KiB | eager all-reduce with 3 or more ranks (the slot size) |
 //! | [`EAGER_MAX_BYTES_TWO_RANKS`] | 4 KiB | eager all-reduce with 2 ranks |
 //! | [`DOUBLING_MAX_BYTES`] | 64 KiB | recursive doubling (its scratch is the whole message) |
+//! | [`OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`] | 512 KiB | halving where ranks outnumber CPUs over TCP |
 //! | [`DEVICE_ONE_SHOT_MAX_BYTES`] | 256 KiB | one-shot device all-reduce window (GPUs of their own) |
 //! | `tuning::MIN_CHUNK`, `tuning::MIN_BLOCK_CHUNK` | 64, 128 KiB | pipeline chunks |
 //!
 //! Halving is a candidate only where every pair of ranks is as good as every other
-//! (`Shape::pairwise`: CPU ranks, not more ranks than CPUs over TCP) and the hierarchy is
-//! not (one node, or one rank per node); the hierarchy only with several nodes, one of
-//! them with several ranks.
+//! (`Shape::pairwise_max_bytes`: CPU ranks; where they outnumber the CPUs over TCP, up to
+//! [`OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]) and the hierarchy is not (one node, or one rank
+//! per node); the hierarchy only with several nodes, one of them with several ranks.
 //!
 //! Every input but one is the same on every rank (the shared topology and the
 //! settings), so every rank takes the same path without exchanging anything. The
@@ -83,6 +84,16 @@ pub const EAGER_MAX_BYTES: usize = 64 << 10;
 /// out of place: 4 KiB eager 0.59-0.62 µs against doubling 0.67-0.80; 8 KiB 0.81-0.85
 /// against 0.75-0.77 (one launch 1.05); 16 KiB 1.39-1.52 against 1.08-1.11 (one 1.50).
 pub const EAGER_MAX_BYTES_TWO_RANKS: usize = 4 << 10;
+
+/// Largest all-reduce that recursive halving may run where a node's ranks outnumber its
+/// CPUs and talk over TCP. Two ranks that share a CPU take turns at every socket
+/// buffer's worth, which halving's partners 2 and more apart do (ring neighbours sit on
+/// different CPUs when ranks are pinned round robin); up to this size a message's steps
+/// cost more than those turns, and halving's `2 log2 p` steps beat the ring's `2(p-1)`.
+/// 4 ranks on 2 cores, 12 alternated launches of each, median µs: 128 KiB halving 130
+/// against the ring's 164, 256 KiB 200 against 275, 512 KiB 360 against 432, 1 MiB 844
+/// against 830 (`docs/perf-log/2026-12-07-oversubscribed-halving.md`).
+pub const OVERSUBSCRIBED_PAIRWISE_MAX_BYTES: usize = 512 << 10;
 
 /// Largest all-reduce recursive doubling runs: it swaps whole messages, and the incoming
 /// copy needs scratch the size of the message; beyond this, rounds cost less than bytes.
@@ -395,7 +406,7 @@ pub fn candidate(algo: Algo, shape: &Shape, bytes: usize) -> bool {
     match algo {
         Algo::Hier => hier,
         Algo::Doubling => bytes <= DOUBLING_MAX_BYTES,
-        Algo::Halving => !hier && shape.pairwise,
+        Algo::Halving => !hier && bytes <= shape.pairwise_max_bytes,
         Algo::Ring | Algo::Tree => true,
     }
 }
@@ -994,11 +1005,17 @@ mod tests {
         assert!(!candidate(
             Algo::Halving,
             &Shape {
-                pairwise: false,
+                pairwise_max_bytes: 0,
                 ..flat
             },
-            big
+            1
         ));
+        let oversubscribed = Shape {
+            pairwise_max_bytes: OVERSUBSCRIBED_PAIRWISE_MAX_BYTES,
+            ..flat
+        };
+        assert!(candidate(Algo::Halving, &oversubscribed, 512 << 10));
+        assert!(!candidate(Algo::Halving, &oversubscribed, (512 << 10) + 4));
         assert!(!candidate(Algo::Halving, &two_by_two, big));
         assert!(candidate(Algo::Hier, &two_by_two, big));
         assert!(!candidate(Algo::Hier, &flat, big));

@@ -92,7 +92,11 @@ impl LinkModel {
         let oversubscribed_tcp = oversubscribed_tcp(t);
         LinkModel {
             shape: Shape {
-                pairwise: cpu_only && !oversubscribed_tcp,
+                pairwise_max_bytes: match (cpu_only, oversubscribed_tcp) {
+                    (false, _) => 0,
+                    (true, true) => super::select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES,
+                    (true, false) => usize::MAX,
+                },
                 ..Shape::of(&t.nodes)
             },
             intra,
@@ -172,7 +176,8 @@ impl LinkModel {
 /// sit on different CPUs when ranks are pinned round robin (`hetccl run --bind-cores`),
 /// recursive halving's partners 2 and more apart do not: with 4 ranks on 2 cores,
 /// halving spent far more of a rank's time switching tasks than the ring and moved fewer
-/// bytes per second; over shared memory the two were level (the current 4-rank TCP
+/// bytes per second from 1 MiB up (below, its fewer steps win: see
+/// [`super::select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]); over shared memory the two were level (the current 4-rank TCP
 /// figures: `docs/PERFORMANCE.md`, targets; the runs: `docs/perf-log/2026-11-27-change-log.md`).
 fn oversubscribed_tcp(t: &Topology) -> bool {
     t.nodes.iter().enumerate().any(|(k, ranks)| {
@@ -367,6 +372,17 @@ mod tests {
         assert_eq!(with(8, true), (Algo::Halving, 512 << 10));
         assert_eq!(with(2, false), (Algo::Halving, 512 << 10));
         assert_eq!(with(0, true), (Algo::Halving, 512 << 10));
+        // Up to 512 KiB, halving's fewer steps win there too.
+        let mut t = topo(&[4]);
+        t.disable_shm();
+        t.ranks.iter_mut().for_each(|r| r.cpus = 2);
+        let m = LinkModel::of(&t);
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 256 << 10), Algo::Halving);
+        assert_eq!(m.choose(CollectiveOp::AllReduce, 512 << 10), Algo::Halving);
+        assert_eq!(
+            m.choose(CollectiveOp::AllReduce, (512 << 10) + 4),
+            Algo::Ring
+        );
         // Never below 64 KiB, nor above what was configured.
         let mut t = topo(&[4]);
         t.disable_shm();
