@@ -18,8 +18,12 @@
 # slowest rank's compute (optimizer, counters, exposed communication), which no split
 # shortens.
 #
+# Every case runs REPEATS times (default 3), the runs of a repeat one after another so
+# that the runs compared sit in the same minutes; the table lists every repeat and the
+# median of the ratios.
+#
 # Usage: scripts/balance-bench.sh [OUT_DIR]   (after cargo build --release)
-#        BIN_DIR=DIR scripts/balance-bench.sh OUT_DIR   (the binaries of another build)
+#        BIN_DIR=DIR REPEATS=N scripts/balance-bench.sh OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/balance-bench}
@@ -41,18 +45,21 @@ run() { # tag, extra flags...
         || { echo "run $tag failed, see $out/$tag.log" >&2; exit 1; }
 }
 
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-run equal16 --batch-size 16 --steps 40 --balance equal
-run auto16 --batch-size 16 --steps 40 --balance auto
-run equal64 --batch-size 64 --steps 16 --balance equal
-run auto64 --batch-size 64 --steps 16 --balance auto
-run start-mid --batch-size 16 --steps 80 --slowdown-from 30 --balance start
-run auto-mid --batch-size 16 --steps 80 --slowdown-from 30 --balance auto
+repeats=${REPEATS:-3}
+for ((i = 1; i <= repeats; i++)); do
+    echo "repeat $i, $(date -u +%H:%M:%S) UTC, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    run equal16-$i --batch-size 16 --steps 40 --balance equal
+    run auto16-$i --batch-size 16 --steps 40 --balance auto
+    run equal64-$i --batch-size 64 --steps 24 --balance equal
+    run auto64-$i --batch-size 64 --steps 24 --balance auto
+    run start-mid-$i --batch-size 16 --steps 80 --slowdown-from 30 --balance start
+    run auto-mid-$i --batch-size 16 --steps 80 --slowdown-from 30 --balance auto
+done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$repeats" <<'PY'
 import json, statistics, sys
-out = sys.argv[1]
+out, repeats = sys.argv[1], int(sys.argv[2])
 
 def steps(tag):
     with open(f"{out}/{tag}.jsonl") as f:
@@ -85,37 +92,45 @@ def outside_ms(recs, batch):
     return statistics.median(batch * 128 / r["tokens_per_s"] * 1e3 - max(r["rank_ms_compute"])
                              for r in recs)
 
-rows, bounds = [], []
-for g, skip in ((16, 5), (64, 2)):
-    eq, au = steps(f"equal{g}")[skip:], steps(f"auto{g}")[skip:]
-    speeds = rank_speeds(eq)
-    t_eq = split_time(eq[0]["split"], speeds)
-    ideal = t_eq / (g / sum(speeds))
-    whole = t_eq / split_time(best_split(g, speeds), speeds)
-    got = samples_per_s(au, g) / samples_per_s(eq, g)
-    rows.append((f"slowed 2x from the start, batch {g}",
-                 f"equal {eq[0]['split']} {samples_per_s(eq, g):.1f} samples/s, "
-                 f"auto {au[-1]['split']} {samples_per_s(au, g):.1f}",
-                 f"{got:.3f}x; ideal {ideal:.3f}x ({got / ideal:.1%}), "
-                 f"best whole-sample split {whole:.3f}x ({got / whole:.1%}); "
-                 f"speeds {speeds[0]:.1f} / {speeds[1]:.1f} samples/s"))
-    own = rank_speeds(au)
-    own_ideal = split_time(eq[0]["split"], own) / (g / sum(own))
-    bounds.append(f"batch {g}: auto run's own speeds {own[0]:.1f} / {own[1]:.1f} samples/s, "
-                  f"ideal for them {own_ideal:.3f}x ({got / own_ideal:.1%}); compute per sample "
-                  f"auto / equal {speeds[0] / own[0]:.3f} (rank 0), {speeds[1] / own[1]:.3f} "
-                  f"(rank 1); outside compute per step {outside_ms(eq, g):.1f} ms (equal), "
-                  f"{outside_ms(au, g):.1f} ms (auto) of {statistics.median(g * 128 / r['tokens_per_s'] * 1e3 for r in au):.1f}")
-st, au = steps("start-mid"), steps("auto-mid")
-after = lambda recs: [r for r in recs if r["step"] >= 30]
-splits = []
-for r in au:
-    if not splits or splits[-1][1] != r["split"]:
-        splits.append((r["step"], r["split"]))
-a, s = samples_per_s(after(au), 16), samples_per_s(after(st), 16)
-rows.append(("slowed 2x from step 30 of 80, batch 16, steps 30-79",
-             f"start {st[-1]['split']} {s:.1f} samples/s, auto {a:.1f} "
-             f"(splits {splits})", f"{a / s:.3f}x"))
+rows, bounds, ratios = [], [], {}
+for i in range(1, repeats + 1):
+    for g, skip in ((16, 5), (64, 2)):
+        eq, au = steps(f"equal{g}-{i}")[skip:], steps(f"auto{g}-{i}")[skip:]
+        speeds = rank_speeds(eq)
+        t_eq = split_time(eq[0]["split"], speeds)
+        ideal = t_eq / (g / sum(speeds))
+        whole = t_eq / split_time(best_split(g, speeds), speeds)
+        got = samples_per_s(au, g) / samples_per_s(eq, g)
+        ratios.setdefault(f"batch {g}, of the ideal", []).append(got / ideal)
+        rows.append((f"{i}: slowed 2x from the start, batch {g}",
+                     f"equal {eq[0]['split']} {samples_per_s(eq, g):.1f} samples/s, "
+                     f"auto {au[-1]['split']} {samples_per_s(au, g):.1f}",
+                     f"{got:.3f}x; ideal {ideal:.3f}x ({got / ideal:.1%}), "
+                     f"best whole-sample split {whole:.3f}x ({got / whole:.1%}); "
+                     f"speeds {speeds[0]:.1f} / {speeds[1]:.1f} samples/s"))
+        own = rank_speeds(au)
+        own_ideal = split_time(eq[0]["split"], own) / (g / sum(own))
+        bounds.append(f"{i}: batch {g}: auto run's own speeds {own[0]:.1f} / {own[1]:.1f} "
+                      f"samples/s, ideal for them {own_ideal:.3f}x ({got / own_ideal:.1%}); "
+                      f"compute per sample auto / equal {speeds[0] / own[0]:.3f} (rank 0), "
+                      f"{speeds[1] / own[1]:.3f} (rank 1); outside compute per step "
+                      f"{outside_ms(eq, g):.1f} ms (equal), {outside_ms(au, g):.1f} ms (auto) of "
+                      f"{statistics.median(g * 128 / r['tokens_per_s'] * 1e3 for r in au):.1f}")
+    st, au = steps(f"start-mid-{i}"), steps(f"auto-mid-{i}")
+    after = lambda recs: [r for r in recs if r["step"] >= 30]
+    splits = []
+    for r in au:
+        if not splits or splits[-1][1] != r["split"]:
+            splits.append((r["step"], r["split"]))
+    a, s = samples_per_s(after(au), 16), samples_per_s(after(st), 16)
+    ratios.setdefault("mid-run, auto / start", []).append(a / s)
+    rows.append((f"{i}: slowed 2x from step 30 of 80, batch 16, steps 30-79",
+                 f"start {st[-1]['split']} {s:.1f} samples/s, auto {a:.1f} "
+                 f"(splits {splits})", f"{a / s:.3f}x"))
+for name, v in ratios.items():
+    fmt = (lambda x: f"{x:.1%}") if "ideal" in name else (lambda x: f"{x:.3f}x")
+    rows.append((f"median of {len(v)}: {name}", ", ".join(fmt(x) for x in v),
+                 fmt(statistics.median(v))))
 print("| case | runs | result |")
 print("| --- | --- | --- |")
 for row in rows:

@@ -337,7 +337,8 @@ pub struct RunOptions {
     pub log_every: u64,
     /// Batch split.
     pub balance: Balance,
-    /// Forward/backward passes timed for `Balance::Auto`.
+    /// Forward/backward passes run for `Balance::Auto`'s first split (the first is not
+    /// timed; the median of the others decides).
     pub balance_probe_steps: usize,
     /// Slow ranks take this many times their compute time (sleeping the difference).
     pub slowdown: f64,
@@ -641,7 +642,7 @@ impl Settings {
             plot_out: None,
             log_every,
             balance: self.balance.unwrap_or(Balance::Equal),
-            balance_probe_steps: 3,
+            balance_probe_steps: 4,
             slowdown,
             slow_ranks: self.slow_ranks.clone(),
             slowdown_from: self.slowdown_from.unwrap_or(0),

@@ -654,12 +654,19 @@ impl Run<'_> {
 
     /// Times a few forward/backward passes at the equal share, all-gathers samples/s and
     /// splits the global micro-batch in proportion.
+    ///
+    /// Every pass starts on all ranks at once, as a training step does. Unsynchronised, a
+    /// fast rank ran its later passes while a slow one was still on its first, alone on
+    /// the host's memory and caches, and measured a speed it never reaches in a step
+    /// (batch 64 over a rank slowed 2×: split [44, 20] where the steps' own speeds
+    /// called for [43, 21], a step 2-3 % longer for the whole run).
     fn balance_auto(&mut self, rep: &Reporter) -> Result<()> {
         let share = self.micro[self.rank];
         let probes = self.run.balance_probe_steps.max(2);
-        let mut timed = Duration::ZERO;
+        let mut passes = Vec::with_capacity(probes);
         for i in 0..probes {
             let batch = self.samples_for((i * share) as u64, share);
+            self.sync.all_reduce_sum(&mut [0.0])?;
             let t0 = Instant::now();
             self.model.forward(&self.params, &batch)?;
             self.model
@@ -668,11 +675,14 @@ impl Run<'_> {
             slow_down(self.run.slow_at(self.rank, self.world, 0), spent);
             // The first pass pays for allocation and cold caches.
             if i > 0 {
-                timed += t0.elapsed();
+                passes.push(t0.elapsed().as_secs_f64().max(1e-9));
             }
         }
         self.grads.fill(0.0);
-        let speed = (share * (probes - 1)) as f64 / timed.as_secs_f64().max(1e-9);
+        // The median pass: one disturbed pass (another job's burst) does not set the split
+        // of the whole run.
+        passes.sort_by(f64::total_cmp);
+        let speed = share as f64 / passes[passes.len() / 2];
         let mut speeds = vec![0.0; self.world];
         self.sync.all_gather(&[speed], &mut speeds)?;
         self.micro = balance::split_batch(self.cfg.micro_batch_global(), &speeds)?;
