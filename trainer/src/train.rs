@@ -655,11 +655,13 @@ impl Run<'_> {
     /// Times a few forward/backward passes at the equal share, all-gathers samples/s and
     /// splits the global micro-batch in proportion.
     ///
-    /// Every pass starts on all ranks at once, as a training step does. Unsynchronised, a
-    /// fast rank ran its later passes while a slow one was still on its first, alone on
-    /// the host's memory and caches, and measured a speed it never reaches in a step
-    /// (batch 64 over a rank slowed 2×: split [44, 20] where the steps' own speeds
-    /// called for [43, 21], a step 2-3 % longer for the whole run).
+    /// Every pass starts on all ranks at once, as a step at the equal split does.
+    /// Unsynchronised, a fast rank ran its later passes while a slow one was still on its
+    /// first, alone on the host's memory and caches, at a speed no step gives it. Ranks
+    /// that share a host still compete here for the whole pass, and less at the split
+    /// this chooses, so on one host the probe can be a sample off (batch 64 over a rank
+    /// slowed 2×: [41, 23] to [45, 19] where [43, 21] is best); the follower's fine rule
+    /// corrects that from the steps' own speeds.
     fn balance_auto(&mut self, rep: &Reporter) -> Result<()> {
         let share = self.micro[self.rank];
         let probes = self.run.balance_probe_steps.max(2);
