@@ -1,12 +1,24 @@
 """DDP training of a Hugging Face BertForMaskedLM shaped as bert-mini, through a backend.
 
-    python scripts/torch-ddp-bench.py --backend hetccl [--ranks 2] [--steps 12] [--no-sync]
+    python scripts/torch-ddp-bench.py --backend hetccl [--ranks 2] [--steps 12]
+                                      [--no-sync | --paired]
 
 bert-mini: 4 layers, hidden 256, 4 heads, FFN 1024, the BERT vocabulary (30,522); sequence
 128, per-rank batch 8, DDP's default 25 MB buckets, one thread per rank, AdamW. With
 --no-sync every step runs under `no_sync()` (no gradient communication at all): the step
 time of the same ranks with communication skipped, so `step - step(no-sync)` is the
-communication that backward does not hide. Prints rank 0's median step time over the steps
+communication that backward does not hide.
+
+--paired measures that within one launch, because launches minutes apart differ here by
+more than the communication: its steps alternate between communicating and not, both
+through one DDP comm hook that either runs PyTorch's `allreduce_hook` (what DDP's default
+does: divide by the world size, all-reduce the bucket) or its `noop_hook` (DDP fills and
+empties its buckets all the same, nothing is communicated). `no_sync()` is not that
+baseline: under it DDP leaves the buckets alone, and here its steps ran ~110 ms slower
+than steps with the noop hook. --steps of each kind after two warm-up steps of each;
+"exposed" is the allreduce steps' median minus the noop steps'.
+
+Prints rank 0's median step time over the steps
 after two warm-up steps, samples/s for the whole job, and the last loss, then the CPU
 time per timed step of rank 0's threads: the main thread (forward, backward, optimizer)
 and the others (the backend's: hetccl's call thread, Gloo's workers, autograd's), which
@@ -61,12 +73,23 @@ def worker(rank, a, port):
     dist.init_process_group(a.backend, rank=rank, world_size=a.ranks)
     torch.manual_seed(0)
     ddp = DDP(BertForMaskedLM(BertConfig(**MINI)))
+    hook = {"sync": True}
+    if a.paired:
+        from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def switch(state, bucket):
+            return allreduce_hook(None, bucket) if state["sync"] else noop_hook(None, bucket)
+
+        ddp.register_comm_hook(hook, switch)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1000 + rank)
-    times, loss = [], float("nan")
-    for i in range(WARMUP + a.steps):
-        if i == WARMUP:
+    times, bare, loss = [], [], float("nan")
+    per = 2 if a.paired else 1
+    for i in range(per * (WARMUP + a.steps)):
+        if i == per * WARMUP:
             cpu0 = thread_cpu()
+        hook["sync"] = i % per == 0
         ids = torch.randint(1000, MINI["vocab_size"], (BATCH, SEQ), generator=gen)
         labels = ids.clone()
         mask = torch.rand(ids.shape, generator=gen) < 0.15
@@ -79,8 +102,9 @@ def worker(rank, a, port):
             opt.zero_grad()
             out.loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-        loss = out.loss.item()
+        (times if hook["sync"] else bare).append(time.perf_counter() - t0)
+        if hook["sync"]:
+            loss = out.loss.item()
     cpu1 = thread_cpu()
     dist.barrier()
     if rank == 0:
@@ -89,15 +113,20 @@ def worker(rank, a, port):
         others = sorted(((c, cpu1[t][0]) for t, c in spent.items() if t != main and c > 0),
                         reverse=True)
         step = statistics.median(times[WARMUP:])
-        mode = "no-sync" if a.no_sync else "sync"
+        mode = "no-sync" if a.no_sync else "paired" if a.paired else "sync"
         tcp = " tcp" if os.environ.get("HETCCL_SHM_DISABLE") == "1" else ""
         print(f"{a.backend}{tcp} {mode} ranks={a.ranks}: step median {step * 1e3:.0f} ms "
               f"(min {min(times[WARMUP:]) * 1e3:.0f}, max {max(times[WARMUP:]) * 1e3:.0f}, "
               f"{a.steps} steps), {a.ranks * BATCH / step:.2f} samples/s, last loss {loss:.4f}",
               flush=True)
-        print(f"  cpu per step: main thread {spent[main] / a.steps * 1e3:.0f} ms, other "
-              f"threads {sum(c for c, _ in others) / a.steps * 1e3:.0f} ms ("
-              + ", ".join(f"{n} {c / a.steps * 1e3:.0f}" for c, n in others[:4]) + ")",
+        if a.paired:
+            b = statistics.median(bare[WARMUP:])
+            print(f"  noop-hook steps: median {b * 1e3:.0f} ms; exposed "
+                  f"{(step - b) * 1e3:.1f} ms", flush=True)
+        n = per * a.steps
+        print(f"  cpu per step: main thread {spent[main] / n * 1e3:.0f} ms, other "
+              f"threads {sum(c for c, _ in others) / n * 1e3:.0f} ms ("
+              + ", ".join(f"{name} {c / n * 1e3:.0f}" for c, name in others[:4]) + ")",
               flush=True)
     dist.destroy_process_group()
 
@@ -108,6 +137,7 @@ def main():
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--no-sync", action="store_true")
+    p.add_argument("--paired", action="store_true")
     a = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
