@@ -64,6 +64,9 @@ pub struct Shape {
     /// pairs may share a slower hop; up to [`select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]
     /// where a node's ranks outnumber its CPUs and talk over TCP.
     pub pairwise_max_bytes: usize,
+    /// One node whose ranks all exchange data through memory (shared memory between
+    /// processes, or threads of one process).
+    pub shared_memory: bool,
 }
 
 impl Shape {
@@ -74,6 +77,7 @@ impl Shape {
             nodes: nodes.len(),
             max_local: nodes.iter().map(Vec::len).max().unwrap_or(1),
             pairwise_max_bytes: usize::MAX,
+            shared_memory: false,
         }
     }
 
@@ -84,6 +88,7 @@ impl Shape {
             nodes: 1,
             max_local: p,
             pairwise_max_bytes: usize::MAX,
+            shared_memory: false,
         }
     }
 }

@@ -44,7 +44,8 @@
 //!
 //! | limit | value | what it bounds |
 //! | --- | --- | --- |
-//! | [`EAGER_MAX_BYTES`] | 64 KiB | eager all-reduce with 3 or more ranks (the slot size) |
+//! | [`EAGER_MAX_BYTES`] | 64 KiB | eager all-reduce with 3 ranks (the slot size) |
+//! | [`EAGER_MAX_BYTES_FOUR_RANKS`] | 16 KiB | eager all-reduce with 4 or more ranks |
 //! | [`EAGER_MAX_BYTES_TWO_RANKS`] | 4 KiB | eager all-reduce with 2 ranks |
 //! | [`DOUBLING_MAX_BYTES`] | 64 KiB | recursive doubling (its scratch is the whole message) |
 //! | [`OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`] | 512 KiB | halving where ranks outnumber CPUs over TCP |
@@ -108,12 +109,21 @@ pub const DOUBLING_MAX_BYTES: usize = 64 << 10;
 /// for the driver to switch between their contexts.
 pub const DEVICE_ONE_SHOT_MAX_BYTES: usize = 256 << 10;
 
+/// Largest eager all-reduce with 4 or more ranks. Every rank reads `n-1` peers' slots,
+/// and where ranks share cores most of those reads cross between them; recursive
+/// halving moves `2(n-1)/n` of the message, its largest exchange between ranks that
+/// share a core when they are placed round robin. 4 ranks on 2 cores, alternated, µs:
+/// 16 KiB eager 9.5 against halving 13.1 in the machine's fast minutes, 26 against 20
+/// in its slow ones; 32 KiB 16.0 against 16.7, and 47 against 30; 64 KiB 29 against 22,
+/// and 88 against 48 (`docs/perf-log/2026-12-07-four-ranks-small.md`).
+pub const EAGER_MAX_BYTES_FOUR_RANKS: usize = 16 << 10;
+
 /// Largest all-reduce that takes the eager slots with `n` ranks on one host.
 pub fn eager_limit(n: usize) -> usize {
-    if n <= 2 {
-        EAGER_MAX_BYTES_TWO_RANKS
-    } else {
-        EAGER_MAX_BYTES
+    match n {
+        0..=2 => EAGER_MAX_BYTES_TWO_RANKS,
+        3 => EAGER_MAX_BYTES,
+        _ => EAGER_MAX_BYTES_FOUR_RANKS,
     }
 }
 
@@ -405,7 +415,10 @@ pub fn candidate(algo: Algo, shape: &Shape, bytes: usize) -> bool {
     let hier = shape.nodes > 1 && shape.max_local > 1;
     match algo {
         Algo::Hier => hier,
-        Algo::Doubling => bytes <= DOUBLING_MAX_BYTES,
+        // Doubling sends the whole message every round; among 4 or more ranks of one
+        // host over shared memory halving's smaller exchanges win past the eager slots
+        // (32 KiB on 4 ranks, 2 cores: 47 against 30 µs; see EAGER_MAX_BYTES_FOUR_RANKS).
+        Algo::Doubling => bytes <= DOUBLING_MAX_BYTES && !(shape.shared_memory && shape.ranks >= 4),
         Algo::Halving => !hier && bytes <= shape.pairwise_max_bytes,
         Algo::Ring | Algo::Tree => true,
     }
@@ -812,7 +825,7 @@ mod tests {
 
     #[test]
     fn small_all_reduces_on_one_host_take_the_eager_slots_up_to_the_limit() {
-        for (n, limit) in [(2, 4 << 10), (3, 64 << 10), (4, 64 << 10)] {
+        for (n, limit) in [(2, 4 << 10), (3, 64 << 10), (4, 16 << 10), (8, 16 << 10)] {
             let t = cpu_nodes(&[n]);
             let m = LinkModel::of(&t);
             let auto = facts(&m, &t, AlgoChoice::Auto, false);
@@ -829,6 +842,15 @@ mod tests {
             assert_eq!(at(limit + 4, &auto, CompressMode::Off, true), Path::Direct);
             let private = at(limit + 4, &auto, CompressMode::Off, false);
             assert!(matches!(private, Path::Links(_)), "{private}");
+            // Past the slots, 4 and more ranks take halving, not doubling's whole-message
+            // rounds; 2 ranks swap once by doubling; 3 ranks, past doubling's 64 KiB,
+            // the ring.
+            let want = match n {
+                2 => Algo::Doubling,
+                3 => Algo::Ring,
+                _ => Algo::Halving,
+            };
+            assert_eq!(links(&private).algo, want, "{n} ranks");
             // A forced algorithm (unless the buffers are shared), compression or no
             // control pages: links.
             let ring = facts(&m, &t, AlgoChoice::Ring, false);

@@ -90,6 +90,11 @@ impl LinkModel {
             .iter()
             .all(|r| r.device == crate::topology::Device::Cpu);
         let oversubscribed_tcp = oversubscribed_tcp(t);
+        let shared_memory = t.nodes.len() == 1
+            && used.iter().all(|&(a, b)| {
+                use crate::topology::LinkClass::{SameProcess, Shm};
+                matches!(t.link(a, b).class, Shm | SameProcess)
+            });
         LinkModel {
             shape: Shape {
                 pairwise_max_bytes: match (cpu_only, oversubscribed_tcp) {
@@ -97,6 +102,7 @@ impl LinkModel {
                     (true, true) => super::select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES,
                     (true, false) => usize::MAX,
                 },
+                shared_memory,
                 ..Shape::of(&t.nodes)
             },
             intra,

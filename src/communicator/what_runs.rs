@@ -355,15 +355,18 @@ fn ranks_of_one_host() {
         cfg(),
         &[
             all_reduce(4, "eager").out_of_place(),
-            all_reduce(64 * KIB, "eager").redop(ReduceOp::Max),
-            all_reduce(64 * KIB + 4, "links halving chunk 128 KiB PieceByPiece"),
+            all_reduce(16 * KIB, "eager").redop(ReduceOp::Max),
+            // Past the slots, halving: doubling's rounds would send the whole message.
+            all_reduce(16 * KIB + 4, "links halving chunk 128 KiB PieceByPiece"),
+            all_reduce(64 * KIB, "links halving chunk 128 KiB PieceByPiece"),
             all_reduce(MIB, "links halving chunk 128 KiB PieceByPiece"),
             all_reduce(MIB, "direct").shared(),
             all_reduce(4, "eager").shared().out_of_place(),
             all_reduce(MIB, "links halving chunk 128 KiB PieceByPiece compressed")
                 .shared()
                 .compressed(CompressMode::All),
-            all_reduce(KIB, "links tree chunk 128 KiB PieceByPiece compressed")
+            // Compressed, so not eager: halving (doubling is no candidate here).
+            all_reduce(KIB, "links halving chunk 128 KiB PieceByPiece compressed")
                 .compressed(CompressMode::All),
             all_reduce(KIB, "eager").compressed(CompressMode::Inter),
             op(ReduceScatter, MIB, "direct").shared().out_of_place(),
