@@ -183,8 +183,9 @@ impl LinkModel {
 /// recursive halving's partners 2 and more apart do not: with 4 ranks on 2 cores,
 /// halving spent far more of a rank's time switching tasks than the ring and moved fewer
 /// bytes per second from 1 MiB up (below, its fewer steps win: see
-/// [`super::select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]); over shared memory the two were level (the current 4-rank TCP
-/// figures: `docs/PERFORMANCE.md`, targets; the runs: `docs/perf-log/2026-11-27-change-log.md`).
+/// [`super::select::OVERSUBSCRIBED_PAIRWISE_MAX_BYTES`]); over shared memory the two
+/// were level (the current 4-rank TCP figures: `docs/PERFORMANCE.md`, targets; the runs:
+/// `docs/perf-log/2026-11-27-change-log.md`).
 fn oversubscribed_tcp(t: &Topology) -> bool {
     t.nodes.iter().enumerate().any(|(k, ranks)| {
         t.oversubscribed(k)
