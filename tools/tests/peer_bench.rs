@@ -45,6 +45,8 @@ fn build(peer: &str, test: &str) -> Result<PathBuf, String> {
     if out.status.success() {
         Ok(bin)
     } else {
+        // Nothing was built: the directory goes with the skip.
+        let _ = std::fs::remove_dir_all(&dir);
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
