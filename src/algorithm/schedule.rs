@@ -64,6 +64,16 @@ pub enum Combine {
     FromAfter(Region),
 }
 
+impl Combine {
+    /// The region a `From` or `FromAfter` receive combines with the incoming bytes.
+    pub fn operand(self) -> Option<Region> {
+        match self {
+            Combine::From(src) | Combine::FromAfter(src) => Some(src),
+            Combine::Copy | Combine::Accumulate => None,
+        }
+    }
+}
+
 /// One step of a schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {

@@ -96,12 +96,7 @@ pub fn run(
                                 dst.len
                             ));
                         }
-                        let src = match combine {
-                            Combine::From(src) | Combine::FromAfter(src) => {
-                                Some(ranks[r].read(src))
-                            }
-                            _ => None,
-                        };
+                        let src = combine.operand().map(|src| ranks[r].read(src));
                         let d = &mut ranks[r].buf_mut(dst.buf)[dst.offset..dst.offset + dst.len];
                         match (combine, src) {
                             (Combine::Copy, _) => d.copy_from_slice(&msg),

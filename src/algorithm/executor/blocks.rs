@@ -1,7 +1,7 @@
 //! Passes on the output block by block, around the ops that first and last touch each
 //! block (a compressed all-reduce's quantisation and rounding).
 
-use crate::algorithm::schedule::{BufId, Combine, OpKind, Schedule};
+use crate::algorithm::schedule::{BufId, OpKind, Schedule};
 use crate::error::Result;
 
 /// Work done on the output buffer block by block, just before the schedule first
@@ -60,10 +60,7 @@ impl<'p> BlockTracker<'p> {
     fn blocks_of(block: usize, kind: &OpKind) -> impl Iterator<Item = usize> {
         let regions = match *kind {
             OpKind::Send { src, .. } => [Some(src), None],
-            OpKind::Recv { dst, combine, .. } => match combine {
-                Combine::From(src) | Combine::FromAfter(src) => [Some(dst), Some(src)],
-                _ => [Some(dst), None],
-            },
+            OpKind::Recv { dst, combine, .. } => [Some(dst), combine.operand()],
             OpKind::Copy { src, dst } | OpKind::Reduce { src, dst } => [Some(src), Some(dst)],
         };
         regions

@@ -5,7 +5,7 @@
 use crate::flight::Stamp;
 
 use super::buffers::Buffers;
-use crate::algorithm::schedule::{Combine, OpKind, Phase, Schedule};
+use crate::algorithm::schedule::{OpKind, Phase, Schedule};
 use crate::error::{Error, Result};
 use crate::transport::Link;
 
@@ -65,7 +65,7 @@ impl<'s> Deps<'s> {
                 }
                 OpKind::Recv { peer, dst, combine } => {
                     bufs.check(&dst)?;
-                    if let Combine::From(src) | Combine::FromAfter(src) = combine {
+                    if let Some(src) = combine.operand() {
                         bufs.check(&src)?;
                     }
                     queue_for(&mut recvs, links, peer, "receive from")?

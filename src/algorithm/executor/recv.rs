@@ -52,12 +52,7 @@ impl Run<'_, '_> {
                 peer: p,
                 dst: dst_ptr,
                 len: dst.len,
-                from: match combine {
-                    Combine::From(src) | Combine::FromAfter(src) => {
-                        Some(bufs.ptr(&src) as *const u8)
-                    }
-                    _ => None,
-                },
+                from: combine.operand().map(|src| bufs.ptr(&src) as *const u8),
                 combine,
                 wire: staging.format(p),
                 forward: &fwd.spaces,
@@ -150,7 +145,7 @@ impl RecvSink for Sink<'_> {
             // committed, which happens after this call.
             let out = unsafe { space.slice_mut(0..bytes.len()) };
             match (self.combine, self.from) {
-                (Combine::Copy, _) | (Combine::From(_), None) | (Combine::FromAfter(_), None) => {
+                (Combine::Copy, _) | (Combine::From(_) | Combine::FromAfter(_), None) => {
                     out.copy_from_slice(bytes)
                 }
                 (Combine::Accumulate, _) => {
