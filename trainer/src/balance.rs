@@ -184,16 +184,12 @@ impl Follower {
         if self.seen.len() < dwell {
             return None;
         }
-        let seen: Vec<Vec<f64>> = self.seen.iter().cloned().collect();
-        let quick = resplit(
-            self.global,
-            split,
-            &seen[seen.len() - dwell..],
-            self.rule.threshold,
-        );
+        let (rule, global) = (self.rule, self.global);
+        let seen: &[Vec<f64>] = self.seen.make_contiguous();
+        let quick = resplit(global, split, &seen[seen.len() - dwell..], rule.threshold);
         let next = quick.or_else(|| {
             (seen.len() == fine)
-                .then(|| resplit(self.global, split, &seen, self.rule.fine_threshold))
+                .then(|| resplit(global, split, seen, rule.fine_threshold))
                 .flatten()
         })?;
         self.seen.clear();
