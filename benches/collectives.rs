@@ -75,7 +75,7 @@ fn connect(kind: LinkType, n: usize, cfg: &Config) -> Vec<Links> {
                 LinkType::Shm => {
                     let name = shm::segment_name("bench", a, b);
                     let mut x =
-                        shm::ShmLink::create(&name, a, b, shm::ShmGeometry::from_config(cfg))
+                        shm::ShmLink::create(&name, a, b, shm::ShmGeometry::from_config(cfg, n))
                             .expect("creating a shm segment (is /dev/shm writable?)");
                     let y = shm::ShmLink::open(&name, b, a).expect("opening the shm segment");
                     x.unlink();

@@ -539,7 +539,8 @@ fn prepare(
     same_host: &[bool],
 ) -> Result<Prepared> {
     let world = kinds.len();
-    let geom = shm::ShmGeometry::from_config(cfg);
+    let local_ranks = same_host.iter().filter(|&&h| h).count();
+    let geom = shm::ShmGeometry::from_config(cfg, local_ranks);
     let mut p = Prepared {
         shm: Vec::new(),
         listener: None,

@@ -57,6 +57,16 @@ const CONTROL_BYTES: usize = PAGE;
 /// Descriptor flag: this slot starts a message and its descriptor carries the header.
 const FIRST: u64 = 1;
 
+/// Payload bytes of a ring slot ([`ShmGeometry::from_config`]).
+const SLOT_BYTES: usize = 16 << 10;
+
+/// A consumer reading a long run of slots gives them back to the producer this many
+/// bytes at a time, and at once when it has caught up with the producer or finished a
+/// message: each store of `tail` moves its cache line to the producer's core when the
+/// producer is waiting for room, and slot by slot that handoff cost 16 KiB slots ~5 % at
+/// 64 MiB.
+const RELEASE_BYTES: usize = 128 << 10;
+
 /// Slot count and size of each of the two rings of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShmGeometry {
@@ -67,15 +77,42 @@ pub struct ShmGeometry {
 }
 
 impl ShmGeometry {
-    /// 8 slots per direction of half a pipeline chunk each (clamped to 64 KiB..1 MiB,
-    /// rounded down to a page): with the default 512 KiB chunks, 8 x 256 KiB, so one
-    /// chunk fills two slots and the consumer works on one while the producer fills the
-    /// next. A segment is then 4 206 592 bytes (4 MiB + 12 KiB) per pair of ranks on
-    /// a host, so 8 ranks on one host need 28 segments, about 113 MiB of /dev/shm.
-    pub fn from_config(cfg: &Config) -> Self {
-        let slot = (cfg.chunk_bytes / 2).clamp(64 << 10, 1 << 20) / PAGE * PAGE;
+    /// The geometry of the links of a host running `local_ranks` ranks, from the
+    /// pipeline chunk of `cfg`: [`ShmGeometry::for_host`] with the host's online CPUs.
+    pub fn from_config(cfg: &Config, local_ranks: usize) -> Self {
+        // SAFETY: sysconf only reads its argument.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        Self::for_host(
+            cfg.chunk_bytes,
+            local_ranks,
+            usize::try_from(cpus).unwrap_or(1),
+        )
+    }
+
+    /// Each ring holds four pipeline chunks (half a chunk clamped to 64 KiB..1 MiB, times
+    /// 8: 2 MiB with the default 512 KiB chunks). A segment is then 4 214 784 bytes (4 MiB
+    /// + 20 KiB) per pair of ranks on a host, so 8 ranks on one host need 28 segments,
+    /// about 113 MiB of /dev/shm.
+    ///
+    /// The slot is the unit the consumer can start on, so it sets how much of a message
+    /// smaller than a chunk is copied in before the peer's reduction starts on it. Where
+    /// every rank has a CPU, slots are [`SLOT_BYTES`]: slots of half a chunk (256 KiB)
+    /// made a 64 KiB message one slot, its copy-in and the peer's read one after the
+    /// other, and 16 KiB slots halved the time of 16-128 KiB all-reduces on 2 ranks
+    /// (64 KiB: 9.7 to 4.5 us) and left 1-64 MiB level, with the consumer freeing slots
+    /// [`RELEASE_BYTES`] at a time. Where ranks outnumber CPUs a producer and its consumer
+    /// take turns on a core, so there is no overlap to gain, and the slots stay half a
+    /// chunk (16 KiB slots measured 1 MiB 20 % slower with 4 ranks on 2 CPUs)
+    /// (`docs/perf-log/2026-12-07-shm-slots.md`).
+    pub fn for_host(chunk_bytes: usize, local_ranks: usize, cpus: usize) -> Self {
+        let half_chunk = (chunk_bytes / 2).clamp(64 << 10, 1 << 20) / PAGE * PAGE;
+        let slot = if local_ranks <= cpus {
+            SLOT_BYTES
+        } else {
+            half_chunk
+        };
         ShmGeometry {
-            nslots: 8,
+            nslots: 8 * half_chunk / slot,
             slot_bytes: slot,
         }
     }
@@ -351,9 +388,11 @@ pub struct ShmLink {
     /// Producer's own copy of `tx.head` (it is the only writer) and last `tx.tail` seen.
     tx_head: u64,
     tx_tail_seen: u64,
-    /// Consumer's own copy of `rx.tail` and last `rx.head` seen.
+    /// Consumer's own copy of `rx.tail`, last `rx.head` seen, and the `rx.tail` last
+    /// stored (slots are given back [`RELEASE_BYTES`] at a time).
     rx_tail: u64,
     rx_head_seen: u64,
+    rx_released: u64,
     /// Payload bytes of the current outgoing message already in the ring; `None` until
     /// its first slot (the one with the header) is.
     send_off: Option<usize>,
@@ -460,6 +499,7 @@ impl ShmLink {
             tx_head: 0,
             tx_tail_seen: 0,
             rx_tail: 0,
+            rx_released: 0,
             rx_head_seen: 0,
             send_off: None,
             recv: None,
@@ -557,6 +597,15 @@ impl ShmLink {
             "peer {} {how} the shared-memory link while rank {} was {doing}",
             self.peer, self.rank
         ))
+    }
+
+    /// Gives the slots read so far back to the producer (`tail`: this ring's).
+    #[inline]
+    fn release(&mut self, tail: &AtomicU64) {
+        if self.rx_released != self.rx_tail {
+            self.rx_released = self.rx_tail;
+            tail.store(self.rx_tail, Ordering::Release);
+        }
     }
 
     /// Free slots in the outgoing ring (rereads the consumer's tail only when the
@@ -735,6 +784,7 @@ impl Link for ShmLink {
             if self.rx_tail == self.rx_head_seen {
                 self.rx_head_seen = head.load(Ordering::Acquire);
                 if self.rx_tail == self.rx_head_seen {
+                    self.release(tail);
                     let state = self.other().state.load(Ordering::Acquire);
                     if state == ABORTED
                         || (state == CLOSED && head.load(Ordering::Acquire) == self.rx_tail)
@@ -760,18 +810,21 @@ impl Link for ShmLink {
             let (total, done, len) = (step.total, step.done, step.len);
             if len > 0 {
                 // SAFETY: the slot holds `len <= slot_bytes` bytes the producer wrote
-                // before publishing; it does not touch the slot again until the release
-                // store of tail below, after the sink is done with it.
+                // before publishing; it does not touch the slot again until a release
+                // store of tail past it, after the sink is done with it.
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.rx.data.add(slot * self.geom.slot_bytes), len)
                 };
                 sink.data(done, bytes)?;
             }
             self.rx_tail += 1;
-            tail.store(self.rx_tail, Ordering::Release);
             if done + len == total {
+                self.release(tail);
                 self.recv = None;
                 return Ok(true);
+            }
+            if (self.rx_tail - self.rx_released) as usize * self.geom.slot_bytes >= RELEASE_BYTES {
+                self.release(tail);
             }
             self.recv = Some((total, done + len));
         }
@@ -956,8 +1009,22 @@ mod tests {
     }
 
     #[test]
-    fn geometry_from_default_config_is_8_by_256k() {
-        let g = ShmGeometry::from_config(&Config::default());
+    fn geometry_is_16k_slots_with_a_cpu_per_rank_and_half_chunks_beyond() {
+        let chunk = Config::default().chunk_bytes;
+        assert_eq!(chunk, 512 << 10);
+        let g = ShmGeometry::for_host(chunk, 2, 2);
+        assert_eq!(
+            g,
+            ShmGeometry {
+                nslots: 128,
+                slot_bytes: 16 << 10
+            }
+        );
+        assert_eq!(g.segment_bytes(), 4096 + 2 * (2 * 4096 + 128 * (16 << 10)));
+        assert_eq!(g.segment_bytes(), 4_214_784);
+        g.validate().unwrap();
+        // Ranks that outnumber the CPUs: the same ring in 8 slots of half a chunk.
+        let g = ShmGeometry::for_host(chunk, 4, 2);
         assert_eq!(
             g,
             ShmGeometry {
@@ -966,6 +1033,15 @@ mod tests {
             }
         );
         assert_eq!(g.segment_bytes(), 4096 + 2 * (4096 + 8 * (256 << 10)));
+        // The smallest and largest chunks keep the ring within the slot-count limit.
+        for (chunk, nslots) in [(4096, 32), (64 << 20, 512)] {
+            let g = ShmGeometry::for_host(chunk, 8, 64);
+            g.validate().unwrap();
+            assert_eq!((g.nslots, g.slot_bytes), (nslots, 16 << 10));
+            let g = ShmGeometry::for_host(chunk, 8, 2);
+            g.validate().unwrap();
+            assert_eq!(g.nslots, 8);
+        }
     }
 
     #[test]
@@ -1027,9 +1103,66 @@ mod tests {
         );
     }
 
+    /// Records the ring's shared `tail` (what the producer sees) at every piece.
+    struct TailSink {
+        tail: *const AtomicU64,
+        seen: Vec<u64>,
+    }
+
+    impl RecvSink for TailSink {
+        fn header(&mut self, _: &MsgHeader) -> Result<()> {
+            Ok(())
+        }
+        fn data(&mut self, _: usize, _: &[u8]) -> Result<()> {
+            // SAFETY: the tail of the receiving link's live mapping.
+            self.seen
+                .push(unsafe { &*self.tail }.load(Ordering::Acquire));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_consumer_gives_slots_back_in_batches_and_all_at_the_end() {
+        let geom = ShmGeometry {
+            nslots: 64,
+            slot_bytes: 4096,
+        };
+        let batch = (RELEASE_BYTES / 4096) as u64;
+        assert_eq!(batch, 32);
+        let (mut a, mut b) = pair(geom);
+        let data = pattern(48 * 4096, 3);
+        let h = header(1, data.len());
+        assert!(a.poll_send(&h, &data).unwrap());
+        assert_eq!(a.tx_free(), 16);
+        let mut sink = TailSink {
+            tail: b.rx.tail,
+            seen: Vec::new(),
+        };
+        assert!(b.poll_recv(&mut sink).unwrap());
+        // Slots 0-31 are read before any is given back, 32-47 after the first batch;
+        // the end of the message gives back the rest.
+        let want: Vec<u64> = (0..48).map(|k| if k < batch { 0 } else { batch }).collect();
+        assert_eq!(sink.seen, want);
+        // SAFETY: as above.
+        assert_eq!(unsafe { &*b.rx.tail }.load(Ordering::Acquire), 48);
+
+        // A consumer that catches up with the producer mid-message gives back what it
+        // read before it returns, so a producer waiting for room never waits on it.
+        let data = pattern(80 * 4096, 4);
+        let h = header(2, data.len());
+        assert!(!a.poll_send(&h, &data).unwrap());
+        let mut sink = VecSink::default();
+        assert!(!b.poll_recv(&mut sink).unwrap());
+        // SAFETY: as above.
+        assert_eq!(unsafe { &*b.rx.tail }.load(Ordering::Acquire), 48 + 64);
+        assert!(a.poll_send(&h, &data).unwrap());
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(sink.data, data);
+    }
+
     #[test]
     fn default_geometry_carries_messages() {
-        let (mut a, mut b) = pair(ShmGeometry::from_config(&Config::default()));
+        let (mut a, mut b) = pair(ShmGeometry::for_host(512 << 10, 2, 2));
         duplex(&mut a, &mut b, &STANDARD_SIZES);
     }
 
