@@ -15,8 +15,15 @@ through one DDP comm hook that either runs PyTorch's `allreduce_hook` (what DDP'
 does: divide by the world size, all-reduce the bucket) or its `noop_hook` (DDP fills and
 empties its buckets all the same, nothing is communicated). `no_sync()` is not that
 baseline: under it DDP leaves the buckets alone, and here its steps ran ~110 ms slower
-than steps with the noop hook. --steps of each kind after two warm-up steps of each;
-"exposed" is the allreduce steps' median minus the noop steps'.
+than steps with the noop hook. --steps of each kind after two warm-up steps of each.
+
+In --paired mode every step of both kinds ends with a barrier inside its timing, so that
+both kinds end when the slower rank is done: an all-reduced step cannot end before the
+slower rank's last bucket, while a noop step, timed on rank 0 alone, would end with rank
+0's own compute, and the difference would count the ranks' compute skew (tens of ms a step
+here, moving from step to step) as communication. "exposed" is the median, over the
+pairs of an all-reduced step and the noop step right after it, of their difference:
+pairing neighbours cancels the drift of the machine's speed within a launch.
 
 Prints rank 0's median step time over the steps
 after two warm-up steps, samples/s for the whole job, and the last loss, then the CPU
@@ -102,6 +109,8 @@ def worker(rank, a, port):
             opt.zero_grad()
             out.loss.backward()
         opt.step()
+        if a.paired:
+            dist.barrier()
         (times if hook["sync"] else bare).append(time.perf_counter() - t0)
         if hook["sync"]:
             loss = out.loss.item()
@@ -121,8 +130,9 @@ def worker(rank, a, port):
               flush=True)
         if a.paired:
             b = statistics.median(bare[WARMUP:])
+            exposed = statistics.median(t - u for t, u in zip(times[WARMUP:], bare[WARMUP:]))
             print(f"  noop-hook steps: median {b * 1e3:.0f} ms; exposed "
-                  f"{(step - b) * 1e3:.1f} ms", flush=True)
+                  f"{exposed * 1e3:.1f} ms", flush=True)
         n = per * a.steps
         print(f"  cpu per step: main thread {spent[main] / n * 1e3:.0f} ms, other "
               f"threads {sum(c for c, _ in others) / n * 1e3:.0f} ms ("

@@ -63,8 +63,8 @@ const SLOT_BYTES: usize = 16 << 10;
 /// A consumer reading a long run of slots gives them back to the producer this many
 /// bytes at a time, and at once when it has caught up with the producer or finished a
 /// message: each store of `tail` moves its cache line to the producer's core when the
-/// producer is waiting for room, and slot by slot that handoff cost 16 KiB slots ~5 % at
-/// 64 MiB.
+/// producer is waiting for room, and a ring of small slots would otherwise hand that
+/// line over every 16 KiB of a large message.
 const RELEASE_BYTES: usize = 128 << 10;
 
 /// Slot count and size of each of the two rings of a segment.
