@@ -90,9 +90,9 @@ impl ShmGeometry {
     }
 
     /// Each ring holds four pipeline chunks (half a chunk clamped to 64 KiB..1 MiB, times
-    /// 8: 2 MiB with the default 512 KiB chunks). A segment is then 4 214 784 bytes (4 MiB
-    /// + 20 KiB) per pair of ranks on a host, so 8 ranks on one host need 28 segments,
-    /// about 113 MiB of /dev/shm.
+    /// 8: 2 MiB with the default 512 KiB chunks). A segment is then 4 214 784 bytes
+    /// (4 MiB and 20 KiB) per pair of ranks on a host, so 8 ranks on one host need 28
+    /// segments, about 113 MiB of /dev/shm.
     ///
     /// The slot is the unit the consumer can start on, so it sets how much of a message
     /// smaller than a chunk is copied in before the peer's reduction starts on it. Where
