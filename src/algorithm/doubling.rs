@@ -8,8 +8,8 @@
 //! ```
 //!
 //! In every round both partners combine the lower group's value with the upper
-//! group's, in that order (the upper one reduces into its scratch copy of the incoming
-//! value, then copies it back), so both hold the same bits, and by induction every rank
+//! group's, in that order (the upper one forms `theirs (op) mine` in scratch as the
+//! bytes arrive, then copies it back), so both hold the same bits, and by induction every rank
 //! ends with bitwise the same result. The whole message crosses every round, and the
 //! incoming copy needs scratch the size of the message: the selection only takes this
 //! for messages up to [`super::select::DOUBLING_MAX_BYTES`], where rounds cost more than
@@ -150,16 +150,17 @@ pub fn all_reduce_into(b: &mut Builder, g: &Group, src: Region, dst: Region) {
 }
 
 /// One round in place: `buf` swapped with `partner` through `tmp`, the lower member's
-/// value on the left of the operator on both sides.
+/// value on the left of the operator on both sides. Neither receive writes `buf`, which
+/// the round's send may still be reading, so the send and the receive run at once.
 fn swap(b: &mut Builder, partner: usize, lower: bool, buf: Region, tmp: Region) {
     b.send(partner, buf);
-    b.recv(partner, tmp, Combine::Copy);
     if lower {
         // Lower: mine (op) theirs.
+        b.recv(partner, tmp, Combine::Copy);
         b.reduce(tmp, buf);
     } else {
-        // Upper: theirs (op) mine, then back into place.
-        b.reduce(buf, tmp);
+        // Upper: theirs (op) mine, formed as the bytes arrive, then into place.
+        b.recv(partner, tmp, Combine::FromAfter(buf));
         b.copy(tmp, buf);
     }
 }
@@ -172,6 +173,63 @@ mod tests {
     fn rounds_are_log2_plus_two_off_powers_of_two() {
         let got: Vec<usize> = (1..=9).map(rounds).collect();
         assert_eq!(got, [0, 1, 3, 2, 4, 4, 4, 3, 5]);
+    }
+
+    #[test]
+    fn an_in_place_round_costs_each_member_two_passes_and_never_waits_on_its_send() {
+        use crate::algorithm::schedule::{BufId, OpKind};
+        let buf = Region::new(BufId::Output, 0..4096);
+        let tmp = Region::new(BufId::Scratch, 0..4096);
+        let ops = |me: usize| {
+            let mut b = Builder::new("doubling");
+            all_reduce_inplace(
+                &mut b,
+                &Group {
+                    members: &[7, 9],
+                    me,
+                },
+                buf,
+            );
+            b.build().ops
+        };
+        let lower = ops(0);
+        let kinds: Vec<OpKind> = lower.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                OpKind::Send { peer: 9, src: buf },
+                OpKind::Recv {
+                    peer: 9,
+                    dst: tmp,
+                    combine: Combine::Copy
+                },
+                OpKind::Reduce { src: tmp, dst: buf },
+            ]
+        );
+        // The upper member forms theirs (op) mine as the bytes arrive and copies it back
+        // once its send is done.
+        let upper = ops(1);
+        let kinds: Vec<OpKind> = upper.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                OpKind::Send { peer: 7, src: buf },
+                OpKind::Recv {
+                    peer: 7,
+                    dst: tmp,
+                    combine: Combine::FromAfter(buf)
+                },
+                OpKind::Copy { src: tmp, dst: buf },
+            ]
+        );
+        for ops in [&lower, &upper] {
+            assert!(
+                ops[1].deps.is_empty(),
+                "the receive waits on {:?}",
+                ops[1].deps
+            );
+            assert_eq!(ops[2].deps, [0, 1]);
+        }
     }
 
     #[test]
