@@ -25,7 +25,9 @@
 //! `count % nslots`. The producer fills a slot and its descriptor, then publishes with a
 //! release store of `head`; the consumer reads `head` with acquire, hands the slot to the
 //! sink straight from the mapping (the executor reduces out of the ring, no copy), then
-//! frees it with a release store of `tail`. No system call on this path.
+//! frees it with a release store of `tail` ([`RELEASE_BYTES`] of slots at a time, and
+//! whatever it holds once it has caught up or a message ends). No system call on this
+//! path.
 //!
 //! A message occupies consecutive slots: the first slot's descriptor carries the
 //! [`MsgHeader`] and each slot holds up to `slot_bytes` of payload, so pieces start at
