@@ -102,6 +102,9 @@ for i in range(1, repeats + 1):
         whole = t_eq / split_time(best_split(g, speeds), speeds)
         got = samples_per_s(au, g) / samples_per_s(eq, g)
         ratios.setdefault(f"batch {g}, of the ideal", []).append(got / ideal)
+        # What no balancer can beat: the best whole-sample split for the same speeds.
+        ratios.setdefault(f"batch {g}, best whole-sample split, of the ideal",
+                          []).append(whole / ideal)
         rows.append((f"{i}: slowed 2x from the start, batch {g}",
                      f"equal {eq[0]['split']} {samples_per_s(eq, g):.1f} samples/s, "
                      f"auto {au[-1]['split']} {samples_per_s(au, g):.1f}",
