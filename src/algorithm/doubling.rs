@@ -180,7 +180,25 @@ mod tests {
         use crate::algorithm::schedule::{BufId, OpKind};
         let buf = Region::new(BufId::Output, 0..4096);
         let tmp = Region::new(BufId::Scratch, 0..4096);
-        let ops = |me: usize| {
+        // The lower member reduces theirs into its value; the upper one forms theirs (op)
+        // mine as the bytes arrive and copies it back once its send is done.
+        let lower = [
+            OpKind::Recv {
+                peer: 9,
+                dst: tmp,
+                combine: Combine::Copy,
+            },
+            OpKind::Reduce { src: tmp, dst: buf },
+        ];
+        let upper = [
+            OpKind::Recv {
+                peer: 7,
+                dst: tmp,
+                combine: Combine::FromAfter(buf),
+            },
+            OpKind::Copy { src: tmp, dst: buf },
+        ];
+        for (me, partner, want) in [(0, 9, lower), (1, 7, upper)] {
             let mut b = Builder::new("doubling");
             all_reduce_inplace(
                 &mut b,
@@ -190,39 +208,16 @@ mod tests {
                 },
                 buf,
             );
-            b.build().ops
-        };
-        let lower = ops(0);
-        let kinds: Vec<OpKind> = lower.iter().map(|o| o.kind).collect();
-        assert_eq!(
-            kinds,
-            [
-                OpKind::Send { peer: 9, src: buf },
-                OpKind::Recv {
-                    peer: 9,
-                    dst: tmp,
-                    combine: Combine::Copy
-                },
-                OpKind::Reduce { src: tmp, dst: buf },
-            ]
-        );
-        // The upper member forms theirs (op) mine as the bytes arrive and copies it back
-        // once its send is done.
-        let upper = ops(1);
-        let kinds: Vec<OpKind> = upper.iter().map(|o| o.kind).collect();
-        assert_eq!(
-            kinds,
-            [
-                OpKind::Send { peer: 7, src: buf },
-                OpKind::Recv {
-                    peer: 7,
-                    dst: tmp,
-                    combine: Combine::FromAfter(buf)
-                },
-                OpKind::Copy { src: tmp, dst: buf },
-            ]
-        );
-        for ops in [&lower, &upper] {
+            let ops = b.build().ops;
+            let kinds: Vec<OpKind> = ops.iter().map(|o| o.kind).collect();
+            assert_eq!(
+                kinds[0],
+                OpKind::Send {
+                    peer: partner,
+                    src: buf
+                }
+            );
+            assert_eq!(kinds[1..], want, "member {me}");
             assert!(
                 ops[1].deps.is_empty(),
                 "the receive waits on {:?}",

@@ -80,15 +80,10 @@ pub struct ShmGeometry {
 
 impl ShmGeometry {
     /// The geometry of the links of a host running `local_ranks` ranks, from the
-    /// pipeline chunk of `cfg`: [`ShmGeometry::for_host`] with the host's online CPUs.
+    /// pipeline chunk of `cfg`: [`ShmGeometry::for_host`] with the host's online CPUs
+    /// (the count `Topology::oversubscribed` judges by).
     pub fn from_config(cfg: &Config, local_ranks: usize) -> Self {
-        // SAFETY: sysconf only reads its argument.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        Self::for_host(
-            cfg.chunk_bytes,
-            local_ranks,
-            usize::try_from(cpus).unwrap_or(1),
-        )
+        Self::for_host(cfg.chunk_bytes, local_ranks, crate::topology::host_cpus())
     }
 
     /// Each ring holds four pipeline chunks (half a chunk clamped to 64 KiB..1 MiB, times
@@ -105,13 +100,14 @@ impl ShmGeometry {
     /// [`RELEASE_BYTES`] at a time. Where ranks outnumber CPUs a producer and its consumer
     /// take turns on a core, so there is no overlap to gain, and the slots stay half a
     /// chunk (16 KiB slots measured 1 MiB 20 % slower with 4 ranks on 2 CPUs)
-    /// (`docs/perf-log/2026-12-07-shm-slots.md`).
+    /// (`docs/perf-log/2026-12-07-shm-slots.md`). `cpus` 0 (unknown) counts as enough.
     pub fn for_host(chunk_bytes: usize, local_ranks: usize, cpus: usize) -> Self {
         let half_chunk = (chunk_bytes / 2).clamp(64 << 10, 1 << 20) / PAGE * PAGE;
-        let slot = if local_ranks <= cpus {
-            SLOT_BYTES
-        } else {
+        let oversubscribed = cpus > 0 && local_ranks > cpus;
+        let slot = if oversubscribed {
             half_chunk
+        } else {
+            SLOT_BYTES
         };
         ShmGeometry {
             nslots: 8 * half_chunk / slot,
@@ -395,6 +391,8 @@ pub struct ShmLink {
     rx_tail: u64,
     rx_head_seen: u64,
     rx_released: u64,
+    /// Slots in [`RELEASE_BYTES`] (at least one).
+    release_slots: u64,
     /// Payload bytes of the current outgoing message already in the ring; `None` until
     /// its first slot (the one with the header) is.
     send_off: Option<usize>,
@@ -502,6 +500,7 @@ impl ShmLink {
             tx_tail_seen: 0,
             rx_tail: 0,
             rx_released: 0,
+            release_slots: (RELEASE_BYTES / geom.slot_bytes).max(1) as u64,
             rx_head_seen: 0,
             send_off: None,
             recv: None,
@@ -825,7 +824,7 @@ impl Link for ShmLink {
                 self.recv = None;
                 return Ok(true);
             }
-            if (self.rx_tail - self.rx_released) as usize * self.geom.slot_bytes >= RELEASE_BYTES {
+            if self.rx_tail - self.rx_released >= self.release_slots {
                 self.release(tail);
             }
             self.recv = Some((total, done + len));
