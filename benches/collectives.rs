@@ -65,6 +65,8 @@ type Links = Vec<Option<Box<dyn Link>>>;
 #[allow(clippy::needless_range_loop)] // pairs (a, b) index both ends
 fn connect(kind: LinkType, n: usize, cfg: &Config) -> Vec<Links> {
     let mut out: Vec<Links> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    // The rank threads share this host's CPUs as a host's ranks would.
+    let oversubscribed = n > std::thread::available_parallelism().map_or(1, |c| c.get());
     for a in 0..n {
         for b in a + 1..n {
             let (la, lb): (Box<dyn Link>, Box<dyn Link>) = match kind {
@@ -74,9 +76,13 @@ fn connect(kind: LinkType, n: usize, cfg: &Config) -> Vec<Links> {
                 }
                 LinkType::Shm => {
                     let name = shm::segment_name("bench", a, b);
-                    let mut x =
-                        shm::ShmLink::create(&name, a, b, shm::ShmGeometry::from_config(cfg, n))
-                            .expect("creating a shm segment (is /dev/shm writable?)");
+                    let mut x = shm::ShmLink::create(
+                        &name,
+                        a,
+                        b,
+                        shm::ShmGeometry::from_config(cfg, oversubscribed),
+                    )
+                    .expect("creating a shm segment (is /dev/shm writable?)");
                     let y = shm::ShmLink::open(&name, b, a).expect("opening the shm segment");
                     x.unlink();
                     (Box::new(x), Box::new(y))

@@ -111,7 +111,7 @@ fn fault_rank_main() {
                     die_after: me.then_some(2),
                 };
                 let same_host = vec![true; b.world_size()];
-                hetccl::transport::connect_all(&cfg, &mut b, &auth, &same_host)?;
+                hetccl::transport::connect_all(&cfg, &mut b, &auth, &same_host, false)?;
             }
             "key-file" => {
                 let mut b = b;

@@ -67,8 +67,13 @@ impl Communicator {
                 tracing::info!("node {i} ({host}): ranks {node:?}");
             }
         }
-        let links =
-            crate::transport::connect_all(&cfg, boot.as_mut(), &auth, &topo.same_node(rank))?;
+        let links = crate::transport::connect_all(
+            &cfg,
+            boot.as_mut(),
+            &auth,
+            &topo.same_node(rank),
+            topo.oversubscribed(topo.node_of[rank]),
+        )?;
         super::flight_net::start(&cfg, &auth, boot.as_mut(), &topo, rank)?;
         let mut comm = Self::from_parts(cfg, topo, rank, links, Some(boot))?;
         comm.pause_observing();

@@ -145,7 +145,7 @@ impl RankInfo {
 }
 
 /// CPUs online on this host: all of them, not the ones this process is pinned to.
-pub(crate) fn host_cpus() -> usize {
+fn host_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(0)

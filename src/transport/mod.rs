@@ -323,12 +323,15 @@ struct Prepared {
 /// 4. a last exchange confirms that every rank has all its links.
 ///
 /// `same_host[j]` says whether rank `j` runs on this host; it must have `world_size`
-/// entries and agree between the two ranks of every pair.
+/// entries and agree between the two ranks of every pair. `host_oversubscribed`: this
+/// host runs more ranks than it has CPUs (it sets the rings' slots,
+/// [`shm::ShmGeometry::from_config`]), the same on every rank of the host.
 pub fn connect_all(
     cfg: &Config,
     boot: &mut dyn Bootstrap,
     auth: &JobAuth,
     same_host: &[bool],
+    host_oversubscribed: bool,
 ) -> Result<Vec<Option<Box<dyn Link>>>> {
     let rank = boot.rank();
     let world = boot.world_size();
@@ -358,7 +361,7 @@ pub fn connect_all(
     let live = boot.liveness();
 
     // 1. Segments and listener.
-    let prepared = prepare(cfg, rank, auth, &kinds, same_host);
+    let prepared = prepare(cfg, rank, auth, &kinds, same_host, host_oversubscribed);
     let blob = match &prepared {
         Ok(p) => p.blob.clone(),
         Err(e) => SetupBlob {
@@ -537,10 +540,10 @@ fn prepare(
     auth: &JobAuth,
     kinds: &[LinkKind],
     same_host: &[bool],
+    host_oversubscribed: bool,
 ) -> Result<Prepared> {
     let world = kinds.len();
-    let local_ranks = same_host.iter().filter(|&&h| h).count();
-    let geom = shm::ShmGeometry::from_config(cfg, local_ranks);
+    let geom = shm::ShmGeometry::from_config(cfg, host_oversubscribed);
     let mut p = Prepared {
         shm: Vec::new(),
         listener: None,
@@ -1073,7 +1076,7 @@ mod tests {
         let host = |r: usize| r / 2;
         let kinds = run(thread_boots(4), |rank, boot| {
             let same: Vec<bool> = (0..4).map(|j| host(j) == host(rank)).collect();
-            let mut links = connect_all(&cfg(2), boot, &auth, &same).unwrap();
+            let mut links = connect_all(&cfg(2), boot, &auth, &same, false).unwrap();
             let kinds: Vec<Option<LinkKind>> =
                 links.iter().map(|l| l.as_ref().map(|l| l.kind())).collect();
             for (p, l) in links.iter().enumerate() {
@@ -1096,7 +1099,7 @@ mod tests {
                 shm_disable: true,
                 ..cfg(4)
             };
-            let mut links = connect_all(&c, boot, &auth, &[true; 3]).unwrap();
+            let mut links = connect_all(&c, boot, &auth, &[true; 3], false).unwrap();
             all_to_all(rank, &mut links);
             links.iter().flatten().map(|l| l.kind()).collect::<Vec<_>>()
         });
@@ -1139,7 +1142,7 @@ mod tests {
             })
             .collect();
         run(boots, |rank, boot| {
-            let mut links = connect_all(&cfg(2), boot, &auth, &[false; 3]).unwrap();
+            let mut links = connect_all(&cfg(2), boot, &auth, &[false; 3], false).unwrap();
             all_to_all(rank, &mut links);
         });
     }
@@ -1149,7 +1152,7 @@ mod tests {
         let auth = JobAuth::new("stripes", "k");
         let errs = run(thread_boots(2), |rank, boot| {
             let c = cfg(1 + rank);
-            connect_all(&c, boot, &auth, &[false; 2])
+            connect_all(&c, boot, &auth, &[false; 2], false)
                 .err()
                 .unwrap()
                 .to_string()
@@ -1174,7 +1177,7 @@ mod tests {
             if rank == 0 {
                 c.socket_ifname = Some("nosuchif0".into());
             }
-            connect_all(&c, boot, &auth, &[false; 2])
+            connect_all(&c, boot, &auth, &[false; 2], false)
                 .err()
                 .unwrap()
                 .to_string()

@@ -112,7 +112,8 @@ pub fn check_shm(cfg: &Config, dir: &str, local_ranks: usize) -> Row {
         );
     }
     let pairs = (local_ranks * local_ranks.saturating_sub(1) / 2) as u64;
-    let seg = ShmGeometry::from_config(cfg, local_ranks).segment_bytes() as u64;
+    // The geometry of a host with a CPU per rank: its segments are the larger.
+    let seg = ShmGeometry::from_config(cfg, false).segment_bytes() as u64;
     let planned = pairs * seg;
     let Some(free) = fs_free(dir) else {
         return row(
@@ -1116,7 +1117,7 @@ mod tests {
         let cfg = Config::default();
         let dir = std::env::temp_dir();
         let free = fs_free(dir.to_str().unwrap()).unwrap();
-        let seg = ShmGeometry::from_config(&cfg, 2).segment_bytes() as u64;
+        let seg = ShmGeometry::from_config(&cfg, false).segment_bytes() as u64;
         // Enough ranks that their segments outgrow the free space.
         let ranks = ((2 * free / seg) as f64).sqrt() as usize + 2;
         let r = check_shm(&cfg, dir.to_str().unwrap(), ranks);

@@ -79,11 +79,11 @@ pub struct ShmGeometry {
 }
 
 impl ShmGeometry {
-    /// The geometry of the links of a host running `local_ranks` ranks, from the
-    /// pipeline chunk of `cfg`: [`ShmGeometry::for_host`] with the host's online CPUs
-    /// (the count `Topology::oversubscribed` judges by).
-    pub fn from_config(cfg: &Config, local_ranks: usize) -> Self {
-        Self::for_host(cfg.chunk_bytes, local_ranks, crate::topology::host_cpus())
+    /// The geometry of the links of a host, from the pipeline chunk of `cfg`
+    /// ([`ShmGeometry::for_host`]); `oversubscribed`: the host runs more ranks than it
+    /// has CPUs (the topology's verdict, `Topology::oversubscribed`).
+    pub fn from_config(cfg: &Config, oversubscribed: bool) -> Self {
+        Self::for_host(cfg.chunk_bytes, oversubscribed)
     }
 
     /// Each ring holds four pipeline chunks (half a chunk clamped to 64 KiB..1 MiB, times
@@ -100,10 +100,9 @@ impl ShmGeometry {
     /// [`RELEASE_BYTES`] at a time. Where ranks outnumber CPUs a producer and its consumer
     /// take turns on a core, so there is no overlap to gain, and the slots stay half a
     /// chunk (16 KiB slots measured 1 MiB 20 % slower with 4 ranks on 2 CPUs)
-    /// (`docs/perf-log/2026-12-07-shm-slots.md`). `cpus` 0 (unknown) counts as enough.
-    pub fn for_host(chunk_bytes: usize, local_ranks: usize, cpus: usize) -> Self {
+    /// (`docs/perf-log/2026-12-07-shm-slots.md`).
+    pub fn for_host(chunk_bytes: usize, oversubscribed: bool) -> Self {
         let half_chunk = (chunk_bytes / 2).clamp(64 << 10, 1 << 20) / PAGE * PAGE;
-        let oversubscribed = cpus > 0 && local_ranks > cpus;
         let slot = if oversubscribed {
             half_chunk
         } else {
@@ -1013,7 +1012,7 @@ mod tests {
     fn geometry_is_16k_slots_with_a_cpu_per_rank_and_half_chunks_beyond() {
         let chunk = Config::default().chunk_bytes;
         assert_eq!(chunk, 512 << 10);
-        let g = ShmGeometry::for_host(chunk, 2, 2);
+        let g = ShmGeometry::for_host(chunk, false);
         assert_eq!(
             g,
             ShmGeometry {
@@ -1025,7 +1024,7 @@ mod tests {
         assert_eq!(g.segment_bytes(), 4_214_784);
         g.validate().unwrap();
         // Ranks that outnumber the CPUs: the same ring in 8 slots of half a chunk.
-        let g = ShmGeometry::for_host(chunk, 4, 2);
+        let g = ShmGeometry::for_host(chunk, true);
         assert_eq!(
             g,
             ShmGeometry {
@@ -1036,10 +1035,10 @@ mod tests {
         assert_eq!(g.segment_bytes(), 4096 + 2 * (4096 + 8 * (256 << 10)));
         // The smallest and largest chunks keep the ring within the slot-count limit.
         for (chunk, nslots) in [(4096, 32), (64 << 20, 512)] {
-            let g = ShmGeometry::for_host(chunk, 8, 64);
+            let g = ShmGeometry::for_host(chunk, false);
             g.validate().unwrap();
             assert_eq!((g.nslots, g.slot_bytes), (nslots, 16 << 10));
-            let g = ShmGeometry::for_host(chunk, 8, 2);
+            let g = ShmGeometry::for_host(chunk, true);
             g.validate().unwrap();
             assert_eq!(g.nslots, 8);
         }
@@ -1163,7 +1162,7 @@ mod tests {
 
     #[test]
     fn default_geometry_carries_messages() {
-        let (mut a, mut b) = pair(ShmGeometry::for_host(512 << 10, 2, 2));
+        let (mut a, mut b) = pair(ShmGeometry::for_host(512 << 10, false));
         duplex(&mut a, &mut b, &STANDARD_SIZES);
     }
 
