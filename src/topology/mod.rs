@@ -144,8 +144,10 @@ impl RankInfo {
     }
 }
 
-/// CPUs online on this host: all of them, not the ones this process is pinned to.
-fn host_cpus() -> usize {
+/// CPUs online on this host: all of them, not the ones this process is pinned to (0
+/// when the system will not say). What [`Topology::oversubscribed`] compares a node's
+/// ranks with, as each rank reported it.
+pub fn host_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(0)

@@ -112,8 +112,9 @@ pub fn check_shm(cfg: &Config, dir: &str, local_ranks: usize) -> Row {
         );
     }
     let pairs = (local_ranks * local_ranks.saturating_sub(1) / 2) as u64;
-    // The geometry of a host with a CPU per rank: its segments are the larger.
-    let seg = ShmGeometry::from_config(cfg, false).segment_bytes() as u64;
+    let cpus = hetccl::topology::host_cpus();
+    let oversubscribed = cpus > 0 && local_ranks > cpus;
+    let seg = ShmGeometry::from_config(cfg, oversubscribed).segment_bytes() as u64;
     let planned = pairs * seg;
     let Some(free) = fs_free(dir) else {
         return row(
