@@ -79,6 +79,31 @@ impl CompressMode {
     }
 }
 
+/// How a shared-memory link writes into its ring's slots (`HETCCL_SHM_STORES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShmStores {
+    /// Measure both kinds of store while running and use the cheaper (the default).
+    Auto,
+    /// Ordinary stores, which leave the bytes in the cache.
+    Plain,
+    /// Streaming (non-temporal) stores, which write whole lines to memory.
+    Streaming,
+}
+
+impl ShmStores {
+    /// Every choice.
+    pub const ALL: [ShmStores; 3] = [ShmStores::Auto, ShmStores::Plain, ShmStores::Streaming];
+
+    /// `auto`, `plain` or `streaming`, as `HETCCL_SHM_STORES` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShmStores::Auto => "auto",
+            ShmStores::Plain => "plain",
+            ShmStores::Streaming => "streaming",
+        }
+    }
+}
+
 /// How the ranks of the CUDA IPC path order their work on the device
 /// (`HETCCL_DEVICE_FENCE`).
 #[cfg(feature = "cuda")]
@@ -175,6 +200,9 @@ pub struct Config {
     pub algo: AlgoChoice,
     /// `HETCCL_SHM_DISABLE`: force TCP between ranks on one host.
     pub shm_disable: bool,
+    /// `HETCCL_SHM_STORES`: `auto|plain|streaming`, how shared-memory links write
+    /// into their rings (`auto`: measured as they run, see `transport::shm`).
+    pub shm_stores: ShmStores,
     /// `HETCCL_SOCKET_IFNAME`: the network interface to listen and connect on.
     pub socket_ifname: Option<String>,
     /// `HETCCL_NSOCKS_PERPEER`: TCP sockets per peer, chunks striped across them. One by
@@ -285,6 +313,7 @@ impl Default for Config {
             timeout: Duration::from_secs(300),
             algo: AlgoChoice::Auto,
             shm_disable: false,
+            shm_stores: ShmStores::Auto,
             socket_ifname: None,
             nsocks_per_peer: 1,
             chunk_bytes: 512 << 10,
@@ -481,6 +510,9 @@ impl Config {
                 .parse_enum("HETCCL_ALGO", &AlgoChoice::ALL.map(|a| (a.name(), a)))?
                 .unwrap_or(d.algo),
             shm_disable: v.parse_bool("HETCCL_SHM_DISABLE")?.unwrap_or(false),
+            shm_stores: v
+                .parse_enum("HETCCL_SHM_STORES", &ShmStores::ALL.map(|m| (m.name(), m)))?
+                .unwrap_or(d.shm_stores),
             socket_ifname: v.string("HETCCL_SOCKET_IFNAME"),
             nsocks_per_peer: v
                 .parse_usize("HETCCL_NSOCKS_PERPEER", 1, 16)?
@@ -823,6 +855,21 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_stores_are_measured_unless_fixed() {
+        assert_eq!(cfg(&[]).unwrap().shm_stores, ShmStores::Auto);
+        for m in ShmStores::ALL {
+            let c = cfg(&[("HETCCL_SHM_STORES", m.name())]).unwrap();
+            assert_eq!(c.shm_stores, m);
+        }
+        let e = cfg(&[("HETCCL_SHM_STORES", "nt")]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid value \"nt\" for HETCCL_SHM_STORES: accepted values are auto, plain, \
+             streaming"
+        );
+    }
+
+    #[test]
     fn topology_probe_switch() {
         assert!(cfg(&[]).unwrap().topo_probe);
         assert!(!cfg(&[("HETCCL_TOPO_PROBE", "0")]).unwrap().topo_probe);
@@ -964,6 +1011,7 @@ mod tests {
         "HETCCL_TIMEOUT",
         "HETCCL_ALGO",
         "HETCCL_SHM_DISABLE",
+        "HETCCL_SHM_STORES",
         "HETCCL_SOCKET_IFNAME",
         "HETCCL_NSOCKS_PERPEER",
         "HETCCL_CHUNK_BYTES",

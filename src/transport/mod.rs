@@ -148,6 +148,7 @@ pub trait RecvSink {
 pub struct DirectDst {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    streaming: bool,
 }
 
 // SAFETY: a plain address; what makes writes through it sound is the contract of
@@ -159,7 +160,23 @@ impl DirectDst {
     /// `ptr` must be valid for writes of `len` bytes, and nothing else may read or write
     /// them, until the receive it is handed out for completes or fails.
     pub unsafe fn new(ptr: std::ptr::NonNull<u8>, len: usize) -> Self {
-        DirectDst { ptr, len }
+        DirectDst {
+            ptr,
+            len,
+            streaming: false,
+        }
+    }
+
+    /// The same destination, marked to be written with streaming stores (or not): a
+    /// link's room that its peer reads from another cache domain
+    /// ([`Link::send_space`]).
+    pub fn with_streaming(self, streaming: bool) -> Self {
+        DirectDst { streaming, ..self }
+    }
+
+    /// Whether writers should use streaming stores for this destination.
+    pub fn streaming(&self) -> bool {
+        self.streaming
     }
 
     /// Payload bytes the destination holds.
@@ -242,8 +259,10 @@ pub trait Link: Send {
     /// finished payload: a receive that forwards what it reduces writes its result
     /// there, saving a pass over the result. Appends `(message offset, space)` for each
     /// free piece in order, from the first byte not yet sent. Taking room changes
-    /// nothing; [`Link::commit_send`] publishes it. The default, for links without such
-    /// a buffer (TCP), offers none.
+    /// nothing; [`Link::commit_send`] publishes it. Room marked
+    /// [`DirectDst::streaming`] is best written with streaming stores: the link has
+    /// measured ordinary ones into it to cost more (its peer reads it from another
+    /// cache domain). The default, for links without such a buffer (TCP), offers none.
     fn send_space(&mut self, _header: &MsgHeader, _out: &mut Vec<(usize, DirectDst)>) {}
     /// Publishes the pieces of the last [`Link::send_space`] below message offset
     /// `upto`, every byte of which the caller has written. `Ok(true)` once that
@@ -393,7 +412,9 @@ pub fn connect_all(
                          on whether they share a host or on HETCCL_SHM_DISABLE"
                     ))
                 })?;
-            Ok((j, shm::ShmLink::open(&name, rank, j)?))
+            let mut link = shm::ShmLink::open(&name, rank, j)?;
+            link.set_stores(cfg.shm_stores);
+            Ok((j, link))
         })
         .collect();
     let status = SetupBlob {
@@ -556,7 +577,9 @@ fn prepare(
     let shm_above = (rank + 1..world).filter(|&j| kinds[j] == LinkKind::Shm);
     for j in shm_above {
         let name = shm::segment_name(auth.job_id(), rank, j);
-        p.shm.push((j, shm::ShmLink::create(&name, rank, j, geom)?));
+        let mut link = shm::ShmLink::create(&name, rank, j, geom)?;
+        link.set_stores(cfg.shm_stores);
+        p.shm.push((j, link));
         p.blob.shm.push((j, name));
     }
     if (rank + 1..world).any(|j| kinds[j] == LinkKind::Tcp) {

@@ -88,8 +88,8 @@ impl Forwarder {
             // SAFETY: the room is ours until committed; the destination's first
             // `got[p]` bytes are final and no op writes them meanwhile.
             unsafe {
-                let done_part = std::slice::from_raw_parts(dst.add(o), space.len());
-                space.slice_mut(0..space.len()).copy_from_slice(done_part);
+                let room = space.slice_mut(0..space.len());
+                reduce::copy_bytes(room.as_mut_ptr(), dst.add(o), room.len(), space.streaming());
             }
             from = o + space.len();
         }
@@ -128,8 +128,15 @@ impl Forwarder {
             // no op touches them meanwhile.
             unsafe {
                 let room = space.slice_mut(0..n);
-                room.copy_from_slice(std::slice::from_raw_parts(src.add(o), n));
-                reduce::copy_bytes(dst.add(o), room.as_ptr(), n, ctx.stream_copies);
+                if space.streaming() {
+                    // Streamed into the room, the bytes leave no copy in cache to take
+                    // from there: read the source again (in cache) for the destination.
+                    reduce::copy_streaming(room.as_mut_ptr(), src.add(o), n);
+                    reduce::copy_bytes(dst.add(o), src.add(o), n, ctx.stream_copies);
+                } else {
+                    room.copy_from_slice(std::slice::from_raw_parts(src.add(o), n));
+                    reduce::copy_bytes(dst.add(o), room.as_ptr(), n, ctx.stream_copies);
+                }
             }
             upto = o + n;
         }
@@ -251,6 +258,7 @@ enum Target {
 mod tests {
     use super::super::testing::ctx;
     use super::super::{execute, Buffers, ExecCtx, Job};
+    use crate::config::ShmStores;
     use crate::dtype::{CollectiveOp, DataType, ReduceOp};
     use crate::error::Result;
     use crate::transport::{DirectDst, Link, MsgHeader, RecvSink};
@@ -294,11 +302,13 @@ mod tests {
     }
 
     /// Runs `call` as a ring among `n` ranks (threads) over shared-memory links that
-    /// count their commits (room written in place and published); rank `r`'s input is
-    /// `input(r)`. Returns every rank's output and the number of commits.
+    /// write with `stores` and count their commits (room written in place and
+    /// published); rank `r`'s input is `input(r)`. Returns every rank's output and the
+    /// number of commits.
     fn ring_over_counted_shm(
         name: &str,
         n: usize,
+        stores: ShmStores,
         call: &crate::algorithm::Call,
         input: impl Fn(usize) -> Vec<f32> + Sync,
     ) -> (Vec<Vec<f32>>, usize) {
@@ -321,8 +331,14 @@ mod tests {
         let pairs = (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b)));
         for (a, b) in pairs {
             let seg = segment_name(name, a, b);
-            links[a][b] = counted(ShmLink::create(&seg, a, b, geom).unwrap());
-            links[b][a] = counted(ShmLink::open(&seg, b, a).unwrap());
+            let (mut ab, mut ba) = (
+                ShmLink::create(&seg, a, b, geom).unwrap(),
+                ShmLink::open(&seg, b, a).unwrap(),
+            );
+            ab.set_stores(stores);
+            ba.set_stores(stores);
+            links[a][b] = counted(ab);
+            links[b][a] = counted(ba);
         }
         let t = Tuning {
             chunk_bytes: 8192,
@@ -388,24 +404,29 @@ mod tests {
     }
 
     /// Three ranks in a ring over shared memory: every step of the ring all-reduce but a
-    /// piece's first forwards what it received, written straight into the next link.
+    /// piece's first forwards what it received, written straight into the next link,
+    /// with ordinary stores or streaming ones (the result first in place, then streamed
+    /// into the room).
     #[test]
     fn ring_all_reduce_forwards_results_through_shared_memory() {
         let count = 10_000;
-        for in_place in [false, true] {
-            let call = f32_call(CollectiveOp::AllReduce, count, in_place);
-            let (outs, commits) = ring_over_counted_shm("fwd-test", 3, &call, |rank| {
-                (0..count).map(|i| ((rank + 1) * (i % 7)) as f32).collect()
-            });
-            for (rank, out) in outs.iter().enumerate() {
-                for (i, v) in out.iter().enumerate() {
-                    assert_eq!(*v, (6 * (i % 7)) as f32, "rank {rank} element {i}");
+        for stores in [ShmStores::Plain, ShmStores::Streaming, ShmStores::Auto] {
+            for in_place in [false, true] {
+                let call = f32_call(CollectiveOp::AllReduce, count, in_place);
+                let (outs, commits) = ring_over_counted_shm("fwd-test", 3, stores, &call, |rank| {
+                    (0..count).map(|i| ((rank + 1) * (i % 7)) as f32).collect()
+                });
+                for (rank, out) in outs.iter().enumerate() {
+                    for (i, v) in out.iter().enumerate() {
+                        let want = (6 * (i % 7)) as f32;
+                        assert_eq!(*v, want, "{stores:?}, rank {rank} element {i}");
+                    }
                 }
+                assert!(
+                    commits > 0,
+                    "{stores:?}, in place {in_place}: nothing was forwarded in place"
+                );
             }
-            assert!(
-                commits > 0,
-                "in place {in_place}: nothing was forwarded in place"
-            );
         }
     }
 
@@ -415,19 +436,24 @@ mod tests {
     fn all_gather_copies_its_own_block_through_the_link() {
         let count = 10_000;
         let call = f32_call(CollectiveOp::AllGather, count, false);
-        let (outs, commits) = ring_over_counted_shm("ag-copy-test", 2, &call, |rank| {
-            (0..count).map(|i| (rank * count + i) as f32).collect()
-        });
-        for (rank, out) in outs.iter().enumerate() {
-            let want: Vec<f32> = (0..2 * count).map(|i| i as f32).collect();
-            assert!(*out == want, "rank {rank}: wrong all-gather output");
+        for stores in [ShmStores::Plain, ShmStores::Streaming] {
+            let (outs, commits) = ring_over_counted_shm("ag-copy-test", 2, stores, &call, |rank| {
+                (0..count).map(|i| (rank * count + i) as f32).collect()
+            });
+            for (rank, out) in outs.iter().enumerate() {
+                let want: Vec<f32> = (0..2 * count).map(|i| i as f32).collect();
+                assert!(
+                    *out == want,
+                    "{stores:?}, rank {rank}: wrong all-gather output"
+                );
+            }
+            // 40000 bytes per block in 8192-byte pieces: 5 pieces per rank, each
+            // published in one commit or more when the ring had room.
+            assert!(commits >= 1, "{stores:?}: no copy went through the link");
+            assert!(
+                commits <= 2 * 5 * 2,
+                "{stores:?}: {commits} commits for 10 pieces of 2 slots"
+            );
         }
-        // 40000 bytes per block in 8192-byte pieces: 5 pieces per rank, each published
-        // in one commit or more when the ring had room.
-        assert!(commits >= 1, "no copy went through the link");
-        assert!(
-            commits <= 2 * 5 * 2,
-            "{commits} commits for 10 pieces of 2 slots"
-        );
     }
 }

@@ -138,12 +138,28 @@ impl RecvSink for Sink<'_> {
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(offset), bytes.len()) };
         self.got = offset + bytes.len();
         if let Some(space) = self.forward_space(offset, bytes.len()) {
-            // Compute the result once, into the forwarding link's buffer (it stays in
-            // cache), then copy it into place: the send that forwards it need not read
-            // the destination again.
             // SAFETY: `Link::send_space` gave this room to us alone until it is
             // committed, which happens after this call.
             let out = unsafe { space.slice_mut(0..bytes.len()) };
+            if space.streaming() {
+                // The room is to be written with streaming stores, which leave nothing
+                // in cache: put the result in place, then stream it into the room from
+                // there (still in cache), or from the link's bytes where it is a copy.
+                self.land(dst, offset, bytes);
+                let copied = matches!(
+                    (self.combine, self.from),
+                    (Combine::Copy, _) | (Combine::From(_) | Combine::FromAfter(_), None)
+                );
+                let result = if copied { bytes } else { &*dst };
+                // SAFETY: `out` and `result` are valid for `bytes.len()` bytes and
+                // distinct (the room, and the destination or another link's buffer).
+                unsafe { reduce::copy_streaming(out.as_mut_ptr(), result.as_ptr(), out.len()) };
+                self.forwarded += bytes.len();
+                return Ok(());
+            }
+            // Compute the result once, into the forwarding link's buffer (it stays in
+            // cache), then copy it into place: the send that forwards it need not read
+            // the destination again.
             match (self.combine, self.from) {
                 (Combine::Copy, _) | (Combine::From(_) | Combine::FromAfter(_), None) => {
                     out.copy_from_slice(bytes)
@@ -171,6 +187,24 @@ impl RecvSink for Sink<'_> {
             self.forwarded += bytes.len();
             return Ok(());
         }
+        self.land(dst, offset, bytes);
+        Ok(())
+    }
+
+    fn direct_dst(&mut self) -> Option<DirectDst> {
+        if self.wire.is_some() || !matches!(self.combine, Combine::Copy) {
+            return None;
+        }
+        // SAFETY: `dst` is the receive's checked destination region of `len` bytes, which
+        // the schedule's dependencies keep to this receive until it completes.
+        NonNull::new(self.dst).map(|p| unsafe { DirectDst::new(p, self.len) })
+    }
+}
+
+impl Sink<'_> {
+    /// Writes the piece `bytes` that arrived at message `offset` into its place `dst`
+    /// (the destination's bytes at that offset), as the receive combines it.
+    fn land(&self, dst: &mut [u8], offset: usize, bytes: &[u8]) {
         match (self.combine, self.from) {
             // SAFETY: `dst` and `bytes` are valid for `bytes.len()` bytes and distinct
             // (a link's buffer and the schedule's destination).
@@ -194,20 +228,8 @@ impl RecvSink for Sink<'_> {
             }
             (Combine::From(_) | Combine::FromAfter(_), None) => dst.copy_from_slice(bytes),
         }
-        Ok(())
     }
 
-    fn direct_dst(&mut self) -> Option<DirectDst> {
-        if self.wire.is_some() || !matches!(self.combine, Combine::Copy) {
-            return None;
-        }
-        // SAFETY: `dst` is the receive's checked destination region of `len` bytes, which
-        // the schedule's dependencies keep to this receive until it completes.
-        NonNull::new(self.dst).map(|p| unsafe { DirectDst::new(p, self.len) })
-    }
-}
-
-impl Sink<'_> {
     /// The operands of a `From` receive in their order: the region `a` on the left of
     /// the operator and the incoming bytes on the right, or the other way round for
     /// `FromAfter`.

@@ -46,7 +46,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use super::liveness::{has_left, own_pidns, PeerProcess, ABORTED, ATTACHED, CLOSED};
 use super::segment::{self, Mapping, OwnedSegment, SegmentHandle, SegmentName};
-use crate::config::Config;
+use super::stores::{now_ns, SlotStores};
+use crate::config::{Config, ShmStores};
 use crate::error::{AbortCause, Error, Result};
 use crate::transport::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 
@@ -58,6 +59,14 @@ const CONTROL_BYTES: usize = PAGE;
 
 /// Descriptor flag: this slot starts a message and its descriptor carries the header.
 const FIRST: u64 = 1;
+
+/// Besides each message's first slot, every this many slots carry the time they were
+/// published, from which the consumer learns how far apart the two cores are
+/// (`stores.rs`).
+const STAMP_EVERY: u64 = 8;
+/// A stamped slot's delay counts only when the consumer had found the ring empty at most
+/// this long (ns) before it found the slot: it was watching, not busy elsewhere.
+const WAITING_GAP_NS: u64 = 500;
 
 /// Payload bytes of a ring slot ([`ShmGeometry::from_config`]).
 const SLOT_BYTES: usize = 16 << 10;
@@ -254,7 +263,9 @@ struct SlotDesc {
     /// Payload bytes in the slot.
     len: u64,
     flags: u64,
-    _pad: u64,
+    /// When the producer published the slot (`CLOCK_MONOTONIC` ns), on the first slot
+    /// of a message and every [`STAMP_EVERY`]-th; 0 on the others.
+    stamp: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<SlotDesc>() == 64);
@@ -399,6 +410,11 @@ pub struct ShmLink {
     recv: Option<(usize, usize)>,
     /// The peer's process, watched once its side has attached.
     peer_proc: Option<PeerProcess>,
+    /// How this side writes into its outgoing ring ([`ShmLink::set_stores`]).
+    stores: SlotStores,
+    /// When the consumer last found the incoming ring empty (`now_ns`), if it has not
+    /// read a slot since; 0 otherwise.
+    rx_empty_at: u64,
 }
 
 // SAFETY: the raw pointers point into a mapping owned by this value (unmapped only when
@@ -504,7 +520,16 @@ impl ShmLink {
             send_off: None,
             recv: None,
             peer_proc: None,
+            stores: SlotStores::new(ShmStores::Auto),
+            rx_empty_at: 0,
         }
+    }
+
+    /// Chooses how this side writes into its outgoing ring: ordinary or streaming
+    /// stores, or (the default) by the latency it measures on the incoming ring as it
+    /// runs (`stores.rs`). Each side chooses for its own writes only.
+    pub fn set_stores(&mut self, policy: ShmStores) {
+        self.stores = SlotStores::new(policy);
     }
 
     /// Removes the segment's name from `/dev/shm` (creator side; a no-op on the opener
@@ -639,6 +664,11 @@ impl ShmLink {
         // SAFETY: slot < nslots, so the descriptor lies inside this ring. The consumer
         // has freed the slot and does not look at it again until the release store of
         // head below.
+        let stamp = if first || self.tx_head % STAMP_EVERY == 0 {
+            now_ns()
+        } else {
+            0
+        };
         unsafe {
             std::ptr::write(
                 self.tx.desc.add(slot),
@@ -647,7 +677,7 @@ impl ShmLink {
                     offset: off as u64,
                     len: len as u64,
                     flags: if first { FIRST } else { 0 },
-                    _pad: 0,
+                    stamp,
                 },
             );
         }
@@ -729,7 +759,8 @@ impl Link for ShmLink {
             // SAFETY: the free slot at tx_head has room for `len <= slot_bytes` bytes
             // (`tx_slot`'s contract); `data` is a separate buffer.
             unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr().add(off), self.tx_slot(0), len);
+                let slot = self.tx_slot(0);
+                self.stores.copy(slot, data.as_ptr().add(off), len);
             }
             if self.publish(header, len) {
                 return Ok(true);
@@ -755,7 +786,7 @@ impl Link for ShmLink {
             // SAFETY: `i < tx_free()`, so the slot is free and the producer's alone
             // until it is published; it holds `slot_bytes >= len` bytes.
             let space = unsafe { DirectDst::new(NonNull::new_unchecked(self.tx_slot(i)), len) };
-            out.push((off, space));
+            out.push((off, space.with_streaming(self.stores.streaming())));
             off += len;
         }
     }
@@ -784,6 +815,7 @@ impl Link for ShmLink {
             if self.rx_tail == self.rx_head_seen {
                 self.rx_head_seen = head.load(Ordering::Acquire);
                 if self.rx_tail == self.rx_head_seen {
+                    self.rx_empty_at = now_ns();
                     self.release(tail);
                     let state = self.other().state.load(Ordering::Acquire);
                     if state == ABORTED
@@ -798,6 +830,16 @@ impl Link for ShmLink {
             // SAFETY: slot < nslots; the producer wrote this descriptor before its
             // release store of head, which the acquire load above observed.
             let d = unsafe { std::ptr::read(self.rx.desc.add(slot)) };
+            let empty_at = std::mem::take(&mut self.rx_empty_at);
+            if empty_at != 0 && d.stamp != 0 {
+                // The consumer found the ring empty a moment ago and the slot now: the
+                // delay since its stamp is how long it took to travel between the cores
+                // (plus at most the gap between the two looks).
+                let t = now_ns();
+                if t.saturating_sub(empty_at) < WAITING_GAP_NS {
+                    self.stores.observe(t.saturating_sub(d.stamp));
+                }
+            }
             let step = d.check(self.recv, self.geom.slot_bytes).map_err(|e| {
                 self.broken(format!(
                     "shared-memory ring from peer {} is out of step at slot {}: {e}",
@@ -963,7 +1005,7 @@ mod tests {
         ) {
             // Mostly the offset the receive expects, so steps pass too.
             let offset = offset.unwrap_or(recv.map_or(0, |r| r.1 as u64));
-            let d = SlotDesc { header, offset, len, flags, _pad: 0 };
+            let d = SlotDesc { header, offset, len, flags, stamp: 0 };
             let slot_bytes = slot_pages * 4096;
             let (r, allocated) = allocated_by(|| d.check(recv, slot_bytes));
             match r {
@@ -1158,6 +1200,48 @@ mod tests {
         assert!(a.poll_send(&h, &data).unwrap());
         assert!(b.poll_recv(&mut sink).unwrap());
         assert_eq!(sink.data, data);
+    }
+
+    #[test]
+    fn slots_carry_stamps_and_a_waiting_consumer_measures_the_latency() {
+        let geom = ShmGeometry {
+            nslots: 64,
+            slot_bytes: 4096,
+        };
+        let (mut a, mut b) = pair(geom);
+        // A 20-slot message: its first slot and every STAMP_EVERY-th are stamped.
+        let data = pattern(20 * 4096, 9);
+        assert!(a.poll_send(&header(1, data.len()), &data).unwrap());
+        let stamped: Vec<bool> = (0..20)
+            // SAFETY: slot k < nslots of the live ring; the consumer has not run yet.
+            .map(|k| unsafe { std::ptr::read(b.rx.desc.add(k)) }.stamp != 0)
+            .collect();
+        let want: Vec<bool> = (0..20u64).map(|k| k == 0 || k % STAMP_EVERY == 0).collect();
+        assert_eq!(stamped, want);
+        let mut sink = VecSink::default();
+        assert!(b.poll_recv(&mut sink).unwrap());
+        assert_eq!(sink.data, data);
+        assert_eq!(
+            b.stores.latency_ns(),
+            None,
+            "the consumer was not waiting for any of those slots"
+        );
+        // One slot at a time, each published just after the consumer found the ring
+        // empty: on one thread the delays are the calls' own time. A look that the
+        // scheduler stretched past the gap does not count, so try until the window
+        // is full.
+        let one = pattern(64, 1);
+        let mut seq = 2;
+        while b.stores.latency_ns().is_none() && seq < 100_000 {
+            let mut sink = VecSink::default();
+            assert!(!b.poll_recv(&mut sink).unwrap());
+            assert!(a.poll_send(&header(seq, one.len()), &one).unwrap());
+            assert!(b.poll_recv(&mut sink).unwrap());
+            seq += 1;
+        }
+        let latency = b.stores.latency_ns().expect("a full window of delays");
+        assert!(latency < 1_000_000, "{latency} ns on one thread");
+        assert_eq!(a.stores.latency_ns(), None, "a received nothing");
     }
 
     #[test]

@@ -13,5 +13,6 @@
 mod link;
 pub(crate) mod liveness;
 pub mod segment;
+mod stores;
 
 pub use link::{segment_name, ShmGeometry, ShmLink};

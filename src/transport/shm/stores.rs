@@ -1,0 +1,208 @@
+//! How a producer writes into its ring's slots: with ordinary stores, or with streaming
+//! (non-temporal) ones, chosen while the link runs from how far apart the two cores are.
+//!
+//! Where the two ranks' cores share a last-level cache, an ordinary copy into a slot is
+//! cheap and leaves the bytes in that cache for the peer to read: ordinary stores are
+//! about twice as fast end to end. Where the cores sit in different cache domains (two
+//! sockets, or the two virtual CPUs of a guest that the host has placed on different
+//! dies, which on the test machine comes and goes within seconds), every line of a
+//! slot the peer has read must be taken back from the other domain before an ordinary
+//! store may write it: the copy into the slot costs about ten times as much and the
+//! exchange falls to a quarter of its speed. A streaming store writes whole lines
+//! without taking them, so it costs the same in both placements, and the peer then
+//! reads the bytes from memory.
+//!
+//! Which placement the link is in shows in how long a slot takes to travel: the
+//! producer stamps some slots with the time it publishes them, and the consumer, when
+//! it was already waiting for that slot, notes how long after the stamp it read it.
+//! The least of the last [`WINDOW`] such delays is the link's one-way latency (a rank
+//! descheduled or busy elsewhere only ever adds to a delay); the two directions of a
+//! link join the same two cores, so each side sets its own outgoing ring's stores from
+//! what it measures on the incoming one. Streaming stores are taken once the latency
+//! exceeds [`STREAMING_ABOVE_NS`] and left once it falls below [`PLAIN_BELOW_NS`].
+
+use crate::config::ShmStores;
+use crate::reduce;
+
+/// Delays that make up the latency estimate (the least of them counts).
+pub(super) const WINDOW: usize = 32;
+/// One-way latency (ns) above which streaming stores are taken.
+pub(super) const STREAMING_ABOVE_NS: u64 = 250;
+/// One-way latency (ns) below which ordinary stores are taken again.
+pub(super) const PLAIN_BELOW_NS: u64 = 200;
+
+/// The producer side's choice of stores for one ring.
+#[derive(Debug)]
+pub(super) struct SlotStores {
+    policy: ShmStores,
+    streaming: bool,
+    /// The last [`WINDOW`] delays (ns) seen by this side's consumer; 0: none yet.
+    delays: [u64; WINDOW],
+    next: usize,
+    /// Times the choice changed, for the debug log.
+    switches: u64,
+}
+
+impl SlotStores {
+    pub(super) fn new(policy: ShmStores) -> Self {
+        SlotStores {
+            policy,
+            streaming: policy == ShmStores::Streaming,
+            delays: [0; WINDOW],
+            next: 0,
+            switches: 0,
+        }
+    }
+
+    /// Whether writes into the ring's slots use streaming stores now.
+    #[inline]
+    pub(super) fn streaming(&self) -> bool {
+        self.streaming
+    }
+
+    /// Copies `len` bytes from `src` into a slot at `dst` with the stores in use.
+    ///
+    /// # Safety
+    /// As for [`reduce::copy_bytes`]: `src` valid for `len` reads, `dst` for `len`
+    /// writes, not overlapping.
+    #[inline]
+    pub(super) unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { reduce::copy_bytes(dst, src, len, self.streaming) }
+    }
+
+    /// Takes in one delay (ns) between a slot's stamp and its read by a consumer that
+    /// was waiting for it, and chooses again.
+    pub(super) fn observe(&mut self, delay_ns: u64) {
+        if self.policy != ShmStores::Auto {
+            return;
+        }
+        self.delays[self.next] = delay_ns.max(1);
+        self.next = (self.next + 1) % WINDOW;
+        let Some(latency) = self.latency_ns() else {
+            return;
+        };
+        let now = if self.streaming {
+            latency >= PLAIN_BELOW_NS
+        } else {
+            latency > STREAMING_ABOVE_NS
+        };
+        if now != self.streaming {
+            self.streaming = now;
+            self.switches += 1;
+            tracing::debug!(
+                streaming = now,
+                latency_ns = latency,
+                switches = self.switches,
+                "shared-memory ring: {} stores into the slots",
+                if now { "streaming" } else { "ordinary" }
+            );
+        }
+    }
+
+    /// The link's one-way latency: the least of the last [`WINDOW`] delays, once there
+    /// are that many.
+    pub(super) fn latency_ns(&self) -> Option<u64> {
+        if self.delays.contains(&0) {
+            return None;
+        }
+        self.delays.iter().copied().min()
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock both processes of a link read alike (0 is never
+/// returned, so a slot's stamp of 0 means "not stamped").
+#[inline]
+pub(super) fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(s: &mut SlotStores, ns: u64) {
+        for _ in 0..WINDOW {
+            s.observe(ns);
+        }
+    }
+
+    #[test]
+    fn streaming_is_taken_across_cache_domains_and_left_near_ones() {
+        let mut s = SlotStores::new(ShmStores::Auto);
+        for _ in 0..WINDOW - 1 {
+            s.observe(900);
+        }
+        assert!(!s.streaming(), "fewer than {WINDOW} delays: no choice yet");
+        s.observe(900);
+        assert!(s.streaming(), "900 ns one way");
+        s.observe(120);
+        assert!(!s.streaming(), "one quick delay is the latency: 120 ns");
+        fill(&mut s, 240);
+        assert!(
+            !s.streaming(),
+            "240 ns: between the thresholds, the choice stays"
+        );
+        fill(&mut s, 251);
+        assert!(s.streaming());
+        fill(&mut s, 200);
+        assert!(
+            s.streaming(),
+            "200 ns: between the thresholds, the choice stays"
+        );
+        s.observe(199);
+        assert!(!s.streaming());
+        assert_eq!(s.switches, 4);
+    }
+
+    #[test]
+    fn delays_from_a_busy_consumer_do_not_hide_a_near_peer() {
+        let mut s = SlotStores::new(ShmStores::Auto);
+        fill(&mut s, 80);
+        for k in 0..WINDOW - 1 {
+            s.observe([5_000, 40_000, 900, 3_000, 700, 12_000, 260][k % 7]);
+            assert!(
+                !s.streaming(),
+                "80 ns is still in the window after {k} late delays"
+            );
+        }
+        s.observe(1_000);
+        assert!(
+            s.streaming(),
+            "the last {WINDOW} delays are all over 250 ns"
+        );
+    }
+
+    #[test]
+    fn fixed_policies_ignore_the_delays_and_copies_arrive_whole() {
+        for (policy, streaming) in [(ShmStores::Plain, false), (ShmStores::Streaming, true)] {
+            let mut s = SlotStores::new(policy);
+            fill(&mut s, if streaming { 50 } else { 5_000 });
+            assert_eq!(s.streaming(), streaming);
+            assert_eq!(s.switches, 0);
+            let src: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+            for len in [1, 63, 64, 4097, 40_000] {
+                let mut dst = vec![0u8; len];
+                // SAFETY: `src` holds at least `len` bytes; `dst` is distinct.
+                unsafe { s.copy(dst.as_mut_ptr(), src.as_ptr(), len) };
+                assert_eq!(dst, src[..len], "{policy:?}, {len} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn the_clock_is_never_zero_and_moves_forward() {
+        let a = now_ns();
+        let b = now_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
