@@ -52,7 +52,7 @@ use crate::error::{AbortCause, Error, Result};
 use crate::transport::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
-const SHM_VERSION: u32 = 2;
+const SHM_VERSION: u32 = 3;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
@@ -67,6 +67,8 @@ const STAMP_EVERY: u64 = 8;
 /// A stamped slot's delay counts only when the consumer had found the ring empty at most
 /// this long (ns) before it found the slot: it was watching, not busy elsewhere.
 const WAITING_GAP_NS: u64 = 500;
+/// Sends between two looks at the peer's latency estimate.
+const PEER_LATENCY_EVERY: u32 = 16;
 
 /// Payload bytes of a ring slot ([`ShmGeometry::from_config`]).
 const SLOT_BYTES: usize = 16 << 10;
@@ -242,15 +244,27 @@ struct SideCtl {
 #[repr(C, align(64))]
 struct Counter(AtomicU64);
 
+/// One side's latency estimate between the two cores (`stores.rs`), on a line of its
+/// own: it changes with every measurement, which must not evict the lines the peer
+/// polls.
+#[repr(C, align(64))]
+struct LatencyLine {
+    /// The estimate (ns); 0: none yet.
+    ns: AtomicU64,
+    /// When it was last measured (`now_ns`).
+    at: AtomicU64,
+}
+
 #[repr(C)]
 struct Control {
     header: SegHeader,
     side: [SideCtl; 2],
     /// `[ring0 head, ring0 tail, ring1 head, ring1 tail]`.
     counters: [Counter; 4],
+    latency: [LatencyLine; 2],
 }
 
-const _: () = assert!(std::mem::size_of::<Control>() == 7 * 64);
+const _: () = assert!(std::mem::size_of::<Control>() == 9 * 64);
 const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_BYTES);
 
 /// Written by the producer before it publishes the slot.
@@ -415,6 +429,10 @@ pub struct ShmLink {
     /// When the consumer last found the incoming ring empty (`now_ns`), if it has not
     /// read a slot since; 0 otherwise.
     rx_empty_at: u64,
+    /// This side's latency estimate and when it was measured, as published.
+    latency: (u64, u64),
+    /// Sends since the peer's published estimate was last read.
+    since_peer_read: u32,
 }
 
 // SAFETY: the raw pointers point into a mapping owned by this value (unmapped only when
@@ -522,6 +540,8 @@ impl ShmLink {
             peer_proc: None,
             stores: SlotStores::new(ShmStores::Auto),
             rx_empty_at: 0,
+            latency: (0, 0),
+            since_peer_read: 0,
         }
     }
 
@@ -530,6 +550,40 @@ impl ShmLink {
     /// runs (`stores.rs`). Each side chooses for its own writes only.
     pub fn set_stores(&mut self, policy: ShmStores) {
         self.stores = SlotStores::new(policy);
+    }
+
+    fn latency_line(&self, side: usize) -> &LatencyLine {
+        // SAFETY: the mapping lives as long as `self`; `side` is 0 or 1.
+        unsafe { &(*self.ctl).latency[side] }
+    }
+
+    /// Publishes this side's new latency estimate `ns`, measured at `at`, and chooses
+    /// the stores again.
+    fn publish_latency(&mut self, ns: u64, at: u64) {
+        let line = self.latency_line(self.side);
+        line.ns.store(ns, Ordering::Relaxed);
+        line.at.store(at, Ordering::Release);
+        self.latency = (ns, at);
+        self.choose_stores();
+    }
+
+    /// Chooses the stores from this side's estimate and the peer's published one.
+    fn choose_stores(&mut self) {
+        self.since_peer_read = 0;
+        let line = self.latency_line(1 - self.side);
+        let at = line.at.load(Ordering::Acquire);
+        let peer = (line.ns.load(Ordering::Relaxed), at);
+        self.stores.choose(self.latency, peer);
+    }
+
+    /// Called once per send: every [`PEER_LATENCY_EVERY`]-th looks at the peer's
+    /// estimate, which this side uses while it measures none newer itself.
+    #[inline]
+    fn before_send(&mut self) {
+        self.since_peer_read += 1;
+        if self.since_peer_read >= PEER_LATENCY_EVERY {
+            self.choose_stores();
+        }
     }
 
     /// Removes the segment's name from `/dev/shm` (creator side; a no-op on the opener
@@ -750,6 +804,7 @@ impl Link for ShmLink {
             ));
         }
         let slot_bytes = self.geom.slot_bytes;
+        self.before_send();
         loop {
             if self.tx_free() == 0 {
                 return Ok(false);
@@ -778,6 +833,7 @@ impl Link for ShmLink {
         }
         let total = header.bytes as usize;
         let mut off = self.send_off.unwrap_or(0);
+        self.before_send();
         for i in 0..self.tx_free() {
             let len = (total - off).min(self.geom.slot_bytes);
             if len == 0 {
@@ -837,7 +893,9 @@ impl Link for ShmLink {
                 // (plus at most the gap between the two looks).
                 let t = now_ns();
                 if t.saturating_sub(empty_at) < WAITING_GAP_NS {
-                    self.stores.observe(t.saturating_sub(d.stamp));
+                    if let Some(ns) = self.stores.observe(t.saturating_sub(d.stamp)) {
+                        self.publish_latency(ns, t);
+                    }
                 }
             }
             let step = d.check(self.recv, self.geom.slot_bytes).map_err(|e| {

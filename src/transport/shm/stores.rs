@@ -15,17 +15,21 @@
 //! Which placement the link is in shows in how long a slot takes to travel: the
 //! producer stamps some slots with the time it publishes them, and the consumer, when
 //! it was already waiting for that slot, notes how long after the stamp it read it.
-//! The least of the last [`WINDOW`] such delays is the link's one-way latency (a rank
-//! descheduled or busy elsewhere only ever adds to a delay); the two directions of a
-//! link join the same two cores, so each side sets its own outgoing ring's stores from
-//! what it measures on the incoming one. Streaming stores are taken once the latency
-//! exceeds [`STREAMING_ABOVE_NS`] and left once it falls below [`PLAIN_BELOW_NS`].
+//! The least of the last [`WINDOW`] such delays (of at least [`FIRST_ESTIMATE_AFTER`])
+//! is the link's one-way latency (a rank
+//! descheduled or busy elsewhere only ever adds to a delay). The two directions of a
+//! link join the same two cores, so each side publishes its estimate and sets its own
+//! outgoing ring's stores from the fresher of its own and its peer's. Streaming stores
+//! are taken once the latency exceeds [`STREAMING_ABOVE_NS`] and left once it falls
+//! below [`PLAIN_BELOW_NS`].
 
 use crate::config::ShmStores;
 use crate::reduce;
 
 /// Delays that make up the latency estimate (the least of them counts).
 pub(super) const WINDOW: usize = 32;
+/// Delays needed for a first estimate, so a short job decides early.
+pub(super) const FIRST_ESTIMATE_AFTER: usize = 8;
 /// One-way latency (ns) above which streaming stores are taken.
 pub(super) const STREAMING_ABOVE_NS: u64 = 250;
 /// One-way latency (ns) below which ordinary stores are taken again.
@@ -72,16 +76,30 @@ impl SlotStores {
     }
 
     /// Takes in one delay (ns) between a slot's stamp and its read by a consumer that
-    /// was waiting for it, and chooses again.
-    pub(super) fn observe(&mut self, delay_ns: u64) {
+    /// was waiting for it. Returns this side's latency estimate once the window is
+    /// full, for the link to publish to its peer and pass to [`SlotStores::choose`].
+    pub(super) fn observe(&mut self, delay_ns: u64) -> Option<u64> {
         if self.policy != ShmStores::Auto {
-            return;
+            return None;
         }
         self.delays[self.next] = delay_ns.max(1);
         self.next = (self.next + 1) % WINDOW;
-        let Some(latency) = self.latency_ns() else {
+        self.latency_ns()
+    }
+
+    /// Chooses the stores from the fresher of two latency estimates, each `(ns, taken
+    /// at)`: this side's and the one its peer published (`(0, 0)`: none yet). The two
+    /// directions of a link join the same two cores, and the side that lags behind
+    /// seldom waits for a slot, so it takes its peer's measurement while it has none
+    /// newer of its own.
+    pub(super) fn choose(&mut self, own: (u64, u64), peer: (u64, u64)) {
+        if self.policy != ShmStores::Auto {
             return;
-        };
+        }
+        let (latency, _) = if own.1 >= peer.1 { own } else { peer };
+        if latency == 0 {
+            return;
+        }
         let now = if self.streaming {
             latency >= PLAIN_BELOW_NS
         } else {
@@ -93,6 +111,7 @@ impl SlotStores {
             tracing::debug!(
                 streaming = now,
                 latency_ns = latency,
+                from_peer = own.1 < peer.1,
                 switches = self.switches,
                 "shared-memory ring: {} stores into the slots",
                 if now { "streaming" } else { "ordinary" }
@@ -100,13 +119,14 @@ impl SlotStores {
         }
     }
 
-    /// The link's one-way latency: the least of the last [`WINDOW`] delays, once there
-    /// are that many.
+    /// This side's one-way latency estimate: the least of the last [`WINDOW`] delays,
+    /// once there are [`FIRST_ESTIMATE_AFTER`].
     pub(super) fn latency_ns(&self) -> Option<u64> {
-        if self.delays.contains(&0) {
+        let seen = self.delays.iter().filter(|&&d| d != 0);
+        if seen.clone().count() < FIRST_ESTIMATE_AFTER {
             return None;
         }
-        self.delays.iter().copied().min()
+        seen.copied().min()
     }
 }
 
@@ -130,36 +150,41 @@ pub(super) fn now_ns() -> u64 {
 mod tests {
     use super::*;
 
-    fn fill(s: &mut SlotStores, ns: u64) {
+    /// Feeds `ns` until the window is full of it, choosing from this side alone (taken
+    /// at `at`), as the link does.
+    fn fill(s: &mut SlotStores, ns: u64, at: u64) {
         for _ in 0..WINDOW {
-            s.observe(ns);
+            if let Some(l) = s.observe(ns) {
+                s.choose((l, at), (0, 0));
+            }
         }
     }
 
     #[test]
     fn streaming_is_taken_across_cache_domains_and_left_near_ones() {
         let mut s = SlotStores::new(ShmStores::Auto);
-        for _ in 0..WINDOW - 1 {
-            s.observe(900);
+        for _ in 0..FIRST_ESTIMATE_AFTER - 1 {
+            assert_eq!(s.observe(900), None, "too few delays: no estimate yet");
         }
-        assert!(!s.streaming(), "fewer than {WINDOW} delays: no choice yet");
-        s.observe(900);
+        assert_eq!(s.observe(900), Some(900));
+        s.choose((900, 1), (0, 0));
         assert!(s.streaming(), "900 ns one way");
-        s.observe(120);
-        assert!(!s.streaming(), "one quick delay is the latency: 120 ns");
-        fill(&mut s, 240);
+        assert_eq!(s.observe(120), Some(120), "one quick delay is the latency");
+        s.choose((120, 2), (0, 0));
+        assert!(!s.streaming());
+        fill(&mut s, 240, 3);
         assert!(
             !s.streaming(),
             "240 ns: between the thresholds, the choice stays"
         );
-        fill(&mut s, 251);
+        fill(&mut s, 251, 4);
         assert!(s.streaming());
-        fill(&mut s, 200);
+        fill(&mut s, 200, 5);
         assert!(
             s.streaming(),
             "200 ns: between the thresholds, the choice stays"
         );
-        s.observe(199);
+        s.choose((199, 6), (0, 0));
         assert!(!s.streaming());
         assert_eq!(s.switches, 4);
     }
@@ -167,15 +192,13 @@ mod tests {
     #[test]
     fn delays_from_a_busy_consumer_do_not_hide_a_near_peer() {
         let mut s = SlotStores::new(ShmStores::Auto);
-        fill(&mut s, 80);
+        fill(&mut s, 80, 1);
         for k in 0..WINDOW - 1 {
-            s.observe([5_000, 40_000, 900, 3_000, 700, 12_000, 260][k % 7]);
-            assert!(
-                !s.streaming(),
-                "80 ns is still in the window after {k} late delays"
-            );
+            let late = [5_000, 40_000, 900, 3_000, 700, 12_000, 260][k % 7];
+            assert_eq!(s.observe(late), Some(80), "80 ns stays in the window");
         }
-        s.observe(1_000);
+        assert_eq!(s.observe(1_000), Some(260));
+        s.choose((260, 2), (0, 0));
         assert!(
             s.streaming(),
             "the last {WINDOW} delays are all over 250 ns"
@@ -183,10 +206,28 @@ mod tests {
     }
 
     #[test]
+    fn the_fresher_of_the_two_sides_estimates_decides() {
+        let mut s = SlotStores::new(ShmStores::Auto);
+        s.choose((0, 0), (0, 0));
+        assert!(!s.streaming(), "nothing measured: ordinary stores");
+        s.choose((0, 0), (400, 10));
+        assert!(s.streaming(), "only the peer has measured: 400 ns");
+        s.choose((100, 5), (400, 10));
+        assert!(s.streaming(), "the peer's estimate is newer");
+        s.choose((100, 11), (400, 10));
+        assert!(!s.streaming(), "this side's is newer now");
+        s.choose((100, 11), (90, 20));
+        assert!(!s.streaming());
+        assert_eq!(s.switches, 2);
+    }
+
+    #[test]
     fn fixed_policies_ignore_the_delays_and_copies_arrive_whole() {
         for (policy, streaming) in [(ShmStores::Plain, false), (ShmStores::Streaming, true)] {
             let mut s = SlotStores::new(policy);
-            fill(&mut s, if streaming { 50 } else { 5_000 });
+            fill(&mut s, if streaming { 50 } else { 5_000 }, 1);
+            s.choose((0, 0), (if streaming { 50 } else { 5_000 }, 2));
+            assert_eq!(s.latency_ns(), None);
             assert_eq!(s.streaming(), streaming);
             assert_eq!(s.switches, 0);
             let src: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
