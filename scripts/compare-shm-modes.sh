@@ -15,7 +15,10 @@
 # median / from their mean over iterations), its
 # context switches, migrations and page faults, and for hetccl the CPUs its ranks' threads
 # were seen on (rank:thread=cpu,cpu...), and last the host's steal time over the round
-# in jiffies (/proc/stat). --max-load L waits (polling every 10 s) until
+# in jiffies (/proc/stat). Each launch also shows pp=B/A, the round trip (ns) of a cache
+# line between the first two CPUs just before and just after it
+# (examples/core_pingpong.rs): where the host runs the two virtual CPUs on one die or on
+# two, which changes within seconds and decides how fast shared memory is. --max-load L waits (polling every 10 s) until
 # the 1-minute load average is at most L before each round, so a series can be taken in
 # the quiet windows of a shared machine. Each --variant adds a hetccl launch per round
 # with those settings (for example --variant "chunk128k HETCCL_CHUNK_BYTES=131072";
@@ -62,7 +65,8 @@ target=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
 # The example builds the library with its test kit (a dev-dependency), the tools without:
 # in one target directory each build would undo the other's, so the example has its own.
 (cd "$root" && cargo build --release --quiet -p hetccl-tools --bin hetccl --bin hetccl-perf &&
-    CARGO_TARGET_DIR="$target/floor" cargo build --release --quiet --example memory_floor)
+    CARGO_TARGET_DIR="$target/floor" cargo build --release --quiet --example memory_floor --example core_pingpong)
+pingpong() { "$target/floor/release/examples/core_pingpong"; }
 for q in $peers; do peer_build "$q" "$here/mpi_allreduce_bench.c" "$work/bench.$q"; done
 lo=$(echo "$sizes" | tr ' ' '\n' | sort -n | head -1)
 hi=$(echo "$sizes" | tr ' ' '\n' | sort -n | tail -1)
@@ -90,7 +94,8 @@ placement() {
             for t in /proc/"$pid"/task/*; do
                 [ -r "$t/stat" ] || continue
                 # comm may hold spaces; field 39 counts from after its closing parenthesis.
-                echo "$k $(cat "$t/comm" 2>/dev/null) $(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{ print $37 }')"
+                # A thread may end between the test above and the reads: skip it quietly.
+                echo "$k $(cat "$t/comm" 2>/dev/null || true) $({ sed 's/.*) //' "$t/stat" 2>/dev/null || true; } | awk '{ print $37 }')"
             done
             k=$((k + 1))
         done
@@ -118,6 +123,7 @@ for round in $(seq 1 "$rounds"); do
         for w in $vwords; do
             case "$w" in perf:*) pflags+=("${w#perf:}") ;; --*) vflags+=("$w") ;; *) venv+=("$w") ;; esac
         done
+        pp0=$(pingpong)
         perf stat -x, -e "$counters" -o "$work/h.perf" -- env "${venv[@]}" "$target/release/hetccl" run -n 2 "${vflags[@]}" -- \
             "$target/release/hetccl-perf" "${band[@]}" "${pflags[@]}" >"$work/h.out" 2>&1 &
         hpid=$!
@@ -125,12 +131,13 @@ for round in $(seq 1 "$rounds"); do
         launcher=$({ awk -v p="$hpid" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null || true; } | head -1)
         if [ -n "$launcher" ]; then placement "$launcher" >"$work/h.cpus"; else : >"$work/h.cpus"; fi
         wait "$hpid" || { cat "$work/h.out" >&2; exit 1; }
+        pp1=$(pingpong)
         het=$(sed -n 's/^\[rank 0\] //p' "$work/h.out" |
             awk '!/^#/ && NF >= 15 { if ($9 != 0 || $13 != 0) { print "hetccl wrong" > "/dev/stderr"; exit 1 }
                                       printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), $1 / 1048576, $1 / ($14 * 1e3), $1 / ($15 * 1e3) }')
         name=hetccl
         [ "$vname" = default ] || name="hetccl-$vname"
-        line+=" $name[$het $(counts "$work/h.perf")]"
+        line+=" $name[$het $(counts "$work/h.perf") pp=$pp0/$pp1]"
         if [ "$vname" = default ]; then
             cpus=$(sort -u "$work/h.cpus" | awk '{ k = $1 ":" $2; c[k] = c[k] (c[k] == "" ? "" : ",") $3 }
                                                  END { for (k in c) printf "%s=%s ", k, c[k] }' | tr ' ' '\n' | sort | tr '\n' ' ')
@@ -140,12 +147,14 @@ for round in $(seq 1 "$rounds"); do
     done
     for q in $peers; do
         peer_launch "$q" 2 shm 0
+        pp0=$(pingpong)
         perf stat -x, -e "$counters" -o "$work/p.perf" -- "${peer_cmd[@]}" "$work/bench.$q" "${band[@]}" \
             >"$work/p.out" 2>&1 || { cat "$work/p.out" >&2; exit 1; }
+        pp1=$(pingpong)
         pb=$(awk '/^mpi_allreduce/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                    if (v["wrong"] != 0) { print "peer wrong" > "/dev/stderr"; exit 1 }
                    printf "%s%dM:%.2f/%.2f", (n++ ? " " : ""), v["size"] / 1048576, v["size"] / (v["time_us"] * 1e3), v["size"] / (v["mean_us"] * 1e3) }' "$work/p.out")
-        line+=" $q[$pb $(counts "$work/p.perf")]"
+        line+=" $q[$pb $(counts "$work/p.perf") pp=$pp0/$pp1]"
     done
     line+=" steal=$(( $(stealing) - steal0 ))j"
     echo "$line"

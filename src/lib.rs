@@ -35,6 +35,7 @@ pub mod dtype;
 pub mod error;
 pub mod flight;
 pub mod log;
+pub mod memcopy;
 pub mod observe;
 pub mod reduce;
 pub mod topology;

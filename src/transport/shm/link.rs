@@ -560,6 +560,14 @@ impl ShmLink {
     /// Publishes this side's new latency estimate `ns`, measured at `at`, and chooses
     /// the stores again.
     fn publish_latency(&mut self, ns: u64, at: u64) {
+        if self.latency.1 == 0 {
+            tracing::debug!(
+                rank = self.rank,
+                peer = self.peer,
+                latency_ns = ns,
+                "shared-memory link: first latency estimate between the cores"
+            );
+        }
         let line = self.latency_line(self.side);
         line.ns.store(ns, Ordering::Relaxed);
         line.at.store(at, Ordering::Release);

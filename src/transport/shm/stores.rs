@@ -24,12 +24,15 @@
 //! below [`PLAIN_BELOW_NS`].
 
 use crate::config::ShmStores;
-use crate::reduce;
+use crate::memcopy;
 
 /// Delays that make up the latency estimate (the least of them counts).
 pub(super) const WINDOW: usize = 32;
-/// Delays needed for a first estimate, so a short job decides early.
-pub(super) const FIRST_ESTIMATE_AFTER: usize = 8;
+/// Delays needed for a first estimate. The least of a few delays reads high (those of
+/// start-up, while the ranks are still being placed, read 120–300 ns within one cache),
+/// and a wrong choice of streaming stores halves the speed there, so the link keeps
+/// ordinary stores until it has this many.
+pub(super) const FIRST_ESTIMATE_AFTER: usize = 16;
 /// One-way latency (ns) above which streaming stores are taken.
 pub(super) const STREAMING_ABOVE_NS: u64 = 250;
 /// One-way latency (ns) below which ordinary stores are taken again.
@@ -67,12 +70,12 @@ impl SlotStores {
     /// Copies `len` bytes from `src` into a slot at `dst` with the stores in use.
     ///
     /// # Safety
-    /// As for [`reduce::copy_bytes`]: `src` valid for `len` reads, `dst` for `len`
+    /// As for [`memcopy::copy_bytes`]: `src` valid for `len` reads, `dst` for `len`
     /// writes, not overlapping.
     #[inline]
     pub(super) unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: the caller's contract.
-        unsafe { reduce::copy_bytes(dst, src, len, self.streaming) }
+        unsafe { memcopy::copy_bytes(dst, src, len, self.streaming) }
     }
 
     /// Takes in one delay (ns) between a slot's stamp and its read by a consumer that
