@@ -65,7 +65,10 @@ const FIRST: u64 = 1;
 /// (`stores.rs`).
 const STAMP_EVERY: u64 = 8;
 /// A stamped slot's delay counts only when the consumer had found the ring empty at most
-/// this long (ns) before it found the slot: it was watching, not busy elsewhere.
+/// this long (ns) before it found the slot: it was watching, not busy elsewhere, so the
+/// delay exceeds the latency by at most this (and is never less than it). Across dies
+/// the consumer's own loop takes longer (the lines it polls come from the other die):
+/// 150 ns left it without delays to measure there.
 const WAITING_GAP_NS: u64 = 500;
 /// Sends between two looks at the peer's latency estimate.
 const PEER_LATENCY_EVERY: u32 = 16;

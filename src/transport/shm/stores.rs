@@ -19,7 +19,8 @@
 //! is the link's one-way latency (a rank
 //! descheduled or busy elsewhere only ever adds to a delay). The two directions of a
 //! link join the same two cores, so each side publishes its estimate and sets its own
-//! outgoing ring's stores from the fresher of its own and its peer's. Streaming stores
+//! outgoing ring's stores from the lesser of its own and its peer's (leaving out one
+//! that has gone stale: the side that lags seldom waits for a slot). Streaming stores
 //! are taken once the latency exceeds [`STREAMING_ABOVE_NS`] and left once it falls
 //! below [`PLAIN_BELOW_NS`].
 
@@ -33,6 +34,8 @@ pub(super) const WINDOW: usize = 32;
 /// and a wrong choice of streaming stores halves the speed there, so the link keeps
 /// ordinary stores until it has this many.
 pub(super) const FIRST_ESTIMATE_AFTER: usize = 16;
+/// An estimate this much older (ns) than the other side's is not used.
+pub(super) const STALE_NS: u64 = 20_000_000;
 /// One-way latency (ns) above which streaming stores are taken.
 pub(super) const STREAMING_ABOVE_NS: u64 = 250;
 /// One-way latency (ns) below which ordinary stores are taken again.
@@ -90,19 +93,24 @@ impl SlotStores {
         self.latency_ns()
     }
 
-    /// Chooses the stores from the fresher of two latency estimates, each `(ns, taken
-    /// at)`: this side's and the one its peer published (`(0, 0)`: none yet). The two
-    /// directions of a link join the same two cores, and the side that lags behind
-    /// seldom waits for a slot, so it takes its peer's measurement while it has none
-    /// newer of its own.
+    /// Chooses the stores from two latency estimates, each `(ns, taken at)`: this
+    /// side's and the one its peer published (`(0, 0)`: none yet). The two directions
+    /// of a link join the same two cores, so the lesser of the two counts (each is an
+    /// upper bound); but the side that lags behind seldom waits for a slot, so an
+    /// estimate more than [`STALE_NS`] older than the other is left out.
     pub(super) fn choose(&mut self, own: (u64, u64), peer: (u64, u64)) {
         if self.policy != ShmStores::Auto {
             return;
         }
-        let (latency, _) = if own.1 >= peer.1 { own } else { peer };
-        if latency == 0 {
+        let newest = own.1.max(peer.1);
+        let Some(latency) = [own, peer]
+            .into_iter()
+            .filter(|&(ns, at)| ns != 0 && at + STALE_NS >= newest)
+            .map(|(ns, _)| ns)
+            .min()
+        else {
             return;
-        }
+        };
         let now = if self.streaming {
             latency >= PLAIN_BELOW_NS
         } else {
@@ -114,7 +122,8 @@ impl SlotStores {
             tracing::debug!(
                 streaming = now,
                 latency_ns = latency,
-                from_peer = own.1 < peer.1,
+                own_ns = own.0,
+                peer_ns = peer.0,
                 switches = self.switches,
                 "shared-memory ring: {} stores into the slots",
                 if now { "streaming" } else { "ordinary" }
@@ -209,19 +218,22 @@ mod tests {
     }
 
     #[test]
-    fn the_fresher_of_the_two_sides_estimates_decides() {
+    fn the_lesser_of_the_two_sides_recent_estimates_decides() {
+        let ms = 1_000_000;
         let mut s = SlotStores::new(ShmStores::Auto);
         s.choose((0, 0), (0, 0));
         assert!(!s.streaming(), "nothing measured: ordinary stores");
-        s.choose((0, 0), (400, 10));
+        s.choose((0, 0), (400, 10 * ms));
         assert!(s.streaming(), "only the peer has measured: 400 ns");
-        s.choose((100, 5), (400, 10));
-        assert!(s.streaming(), "the peer's estimate is newer");
-        s.choose((100, 11), (400, 10));
-        assert!(!s.streaming(), "this side's is newer now");
-        s.choose((100, 11), (90, 20));
-        assert!(!s.streaming());
-        assert_eq!(s.switches, 2);
+        s.choose((100, 5 * ms), (400, 10 * ms));
+        assert!(!s.streaming(), "this side's 100 ns, 5 ms older, counts");
+        s.choose((100, 5 * ms), (400, 30 * ms));
+        assert!(s.streaming(), "this side's estimate is 25 ms old: the peer's counts");
+        s.choose((300, 31 * ms), (400, 30 * ms));
+        assert!(s.streaming(), "both over 250 ns");
+        s.choose((300, 31 * ms), (90, 40 * ms));
+        assert!(!s.streaming(), "the peer measured 90 ns");
+        assert_eq!(s.switches, 4);
     }
 
     #[test]
