@@ -228,7 +228,10 @@ mod tests {
         s.choose((100, 5 * ms), (400, 10 * ms));
         assert!(!s.streaming(), "this side's 100 ns, 5 ms older, counts");
         s.choose((100, 5 * ms), (400, 30 * ms));
-        assert!(s.streaming(), "this side's estimate is 25 ms old: the peer's counts");
+        assert!(
+            s.streaming(),
+            "this side's estimate is 25 ms old: the peer's counts"
+        );
         s.choose((300, 31 * ms), (400, 30 * ms));
         assert!(s.streaming(), "both over 250 ns");
         s.choose((300, 31 * ms), (90, 40 * ms));
