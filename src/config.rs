@@ -82,7 +82,8 @@ impl CompressMode {
 /// How a shared-memory link writes into its ring's slots (`HETCCL_SHM_STORES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShmStores {
-    /// Measure both kinds of store while running and use the cheaper (the default).
+    /// Measure the latency between the two cores as the link runs and stream where
+    /// they sit in different cache domains (the default).
     Auto,
     /// Ordinary stores, which leave the bytes in the cache.
     Plain,

@@ -587,8 +587,9 @@ impl ShmLink {
         self.stores.choose(self.latency, peer);
     }
 
-    /// Called once per send: every [`PEER_LATENCY_EVERY`]-th looks at the peer's
-    /// estimate, which this side uses while it measures none newer itself.
+    /// Called once per send: every [`PEER_LATENCY_EVERY`]-th chooses the stores again
+    /// with the peer's latest estimate (a side that seldom waits for a slot measures
+    /// little itself).
     #[inline]
     fn before_send(&mut self) {
         self.since_peer_read += 1;
@@ -726,14 +727,14 @@ impl ShmLink {
         let first = self.send_off.is_none();
         let off = self.send_off.unwrap_or(0);
         let slot = (self.tx_head % self.geom.nslots as u64) as usize;
-        // SAFETY: slot < nslots, so the descriptor lies inside this ring. The consumer
-        // has freed the slot and does not look at it again until the release store of
-        // head below.
         let stamp = if first || self.tx_head % STAMP_EVERY == 0 {
             now_ns()
         } else {
             0
         };
+        // SAFETY: slot < nslots, so the descriptor lies inside this ring. The consumer
+        // has freed the slot and does not look at it again until the release store of
+        // head below.
         unsafe {
             std::ptr::write(
                 self.tx.desc.add(slot),
