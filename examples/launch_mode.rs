@@ -18,14 +18,11 @@ use std::time::Instant;
 
 use hetccl::{Communicator, ReduceOp};
 
+mod common;
 fn main() -> hetccl::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let bytes = args
-        .get(1)
-        .and_then(|s| hetccl::config::parse_size(s))
-        .unwrap_or(1 << 20);
-    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
-    let iters: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let bytes = common::size(1, 1 << 20);
+    let rounds: usize = common::number(2, 8);
+    let iters: usize = common::number(3, 200);
     let comm = Communicator::init_from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let count = bytes / 4;

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use hetccl::{Communicator, ReduceOp};
 
+mod common;
 const ROUND_TRIPS: u64 = 2000;
 
 /// A page of `/dev/shm` both ranks map; rank 0 names it and removes the name.
@@ -102,13 +103,9 @@ impl Drop for ProbePage {
 }
 
 fn main() -> hetccl::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let bytes = args
-        .get(1)
-        .and_then(|s| hetccl::config::parse_size(s))
-        .unwrap_or(1 << 20);
-    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(40);
-    let iters: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
+    let bytes = common::size(1, 1 << 20);
+    let rounds: usize = common::number(2, 40);
+    let iters: usize = common::number(3, 100);
     let comm = Communicator::init_from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     if n != 2 {

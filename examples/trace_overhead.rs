@@ -5,13 +5,10 @@
 
 use hetccl::{Communicator, ReduceOp};
 
+mod common;
 fn main() -> hetccl::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let bytes = args
-        .get(1)
-        .and_then(|s| hetccl::config::parse_size(s))
-        .unwrap_or(1 << 20);
-    let iters: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
+    let bytes = common::size(1, 1 << 20);
+    let iters: usize = common::number(2, 8);
     let comm = Communicator::init_from_env()?;
     let mut buf = vec![1f32; bytes / 4];
     for _ in 0..iters {
