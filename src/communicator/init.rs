@@ -94,6 +94,10 @@ impl Communicator {
                 crate::topology::place::spread(local, host.len());
             }
         }
+        // After the placement, which moves the ranks to the cores they will run on.
+        if comm.world_size > 1 {
+            comm.probe_links_at_start();
+        }
         if rank == 0 {
             let m = &comm.model;
             tracing::info!(

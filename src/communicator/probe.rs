@@ -110,6 +110,21 @@ impl Communicator {
         Ok(())
     }
 
+    /// Lets every link measure what it wants to know before its first message
+    /// ([`crate::transport::Link::probe_at_start`]), each rank in ascending peer order.
+    /// Collective. Not where the host runs more ranks than CPUs: the two ends of a link
+    /// would take turns on a core, and a probe of how far apart two cores are means
+    /// nothing there.
+    pub(crate) fn probe_links_at_start(&self) {
+        if self.topo.oversubscribed(self.topo.node_of[self.rank]) {
+            return;
+        }
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        for l in p.links.iter_mut().flatten() {
+            l.probe_at_start();
+        }
+    }
+
     /// Lets every link forget what the probe's traffic taught it.
     fn end_probe(&self) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());

@@ -244,6 +244,13 @@ pub trait Link: Send {
     /// Called once the start-up probe is over, so the probe's traffic leaves nothing
     /// behind that shapes later transfers (TCP: the congestion control's estimates).
     fn end_probe(&mut self) {}
+    /// Measures, at the end of start-up, what the link wants to know of the path
+    /// before its first message (shared memory: how far apart the two cores are, which
+    /// decides how it writes into its ring). Both ends call it at the same point while
+    /// nothing else uses the link; every rank takes its links in ascending peer order,
+    /// so the pairs of a host meet in one order. Nothing (the default) where the
+    /// transport learns all it needs as it runs.
+    fn probe_at_start(&mut self) {}
     /// Connection attempts and handshakes that setting this link up had to repeat.
     fn setup_retries(&self) -> u64 {
         0

@@ -14,6 +14,8 @@
 //!                      line 2 side 1 (opener):  pid, state, pid namespace, cause
 //!                      lines 3,4 ring 0 (side 0 -> side 1): head, tail
 //!                      lines 5,6 ring 1 (side 1 -> side 0): head, tail
+//!                      lines 7,8 each side's latency estimate between the cores
+//!                      lines 9-12 the start-up latency probe: per side a stamp, a round
 //! 4096   ring 0: nslots descriptors of 64 bytes (rounded up to a page),
 //!                then nslots slots of slot_bytes
 //! ...    ring 1: the same
@@ -52,7 +54,7 @@ use crate::error::{AbortCause, Error, Result};
 use crate::transport::{DirectDst, Frame, Link, LinkKind, MsgHeader, RecvSink, MSG_MAGIC};
 
 const SHM_MAGIC: u64 = u64::from_le_bytes(*b"HCCLSHM1");
-const SHM_VERSION: u32 = 3;
+const SHM_VERSION: u32 = 4;
 const PAGE: usize = 4096;
 /// Bytes before the first ring.
 const CONTROL_BYTES: usize = PAGE;
@@ -72,6 +74,14 @@ const STAMP_EVERY: u64 = 8;
 const WAITING_GAP_NS: u64 = 500;
 /// Sends between two looks at the peer's latency estimate.
 const PEER_LATENCY_EVERY: u32 = 16;
+/// Round trips of the start-up latency probe ([`ShmLink::probe_latency`]).
+const PROBE_ROUNDS: u64 = 64;
+/// Rounds the probe must have timed while waiting for an estimate.
+const PROBE_TIMED_AT_LEAST: usize = 16;
+/// How long (ns) a side of the probe waits for its peer to come to it...
+const PROBE_MEET_NS: u64 = 20_000_000;
+/// ...and then for each answer.
+const PROBE_ANSWER_NS: u64 = 1_000_000;
 
 /// Payload bytes of a ring slot ([`ShmGeometry::from_config`]).
 const SLOT_BYTES: usize = 16 << 10;
@@ -258,6 +268,15 @@ struct LatencyLine {
     at: AtomicU64,
 }
 
+/// One side's half of the start-up latency probe ([`ShmLink::probe_latency`]): when it
+/// sent its last round, and the round, on two lines as a slot's descriptor and the
+/// ring's `head` are, so that a probe round travels as a slot does.
+#[repr(C)]
+struct ProbeLines {
+    stamp: Counter,
+    round: Counter,
+}
+
 #[repr(C)]
 struct Control {
     header: SegHeader,
@@ -265,9 +284,10 @@ struct Control {
     /// `[ring0 head, ring0 tail, ring1 head, ring1 tail]`.
     counters: [Counter; 4],
     latency: [LatencyLine; 2],
+    probe: [ProbeLines; 2],
 }
 
-const _: () = assert!(std::mem::size_of::<Control>() == 9 * 64);
+const _: () = assert!(std::mem::size_of::<Control>() == 13 * 64);
 const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_BYTES);
 
 /// Written by the producer before it publishes the slot.
@@ -585,6 +605,93 @@ impl ShmLink {
         let at = line.at.load(Ordering::Acquire);
         let peer = (line.ns.load(Ordering::Relaxed), at);
         self.stores.choose(self.latency, peer);
+    }
+
+    /// Measures the one-way latency between the two cores before the first message, so
+    /// that the link starts with the stores that suit where they are: the estimate the
+    /// consumer keeps as it runs needs [`super::stores::FIRST_ESTIMATE_AFTER`] slots it
+    /// was waiting for, which a short job may never send. The two sides pass a stamped
+    /// round number back and forth [`PROBE_ROUNDS`] times, and each times the rounds it
+    /// was waiting for the way the consumer times slots (the stamp and the round sit on
+    /// two lines, as a descriptor and `head` do, and only a wait that had just looked in
+    /// vain counts). The least delay sets the stores the link starts with
+    /// ([`SlotStores::start`]) until the running estimate exists on either side; it is
+    /// not published as one (its rounds read lower than slots do).
+    ///
+    /// Collective over the pair: both sides call it at the same point, while nothing
+    /// else uses the link, once. A side whose peer does not come within
+    /// [`PROBE_MEET_NS`] or stops answering for [`PROBE_ANSWER_NS`] (descheduled: the
+    /// two share a core) gives up without an estimate, and so does one that timed too
+    /// few rounds; the link then starts with ordinary stores, as before any estimate.
+    pub fn probe_latency(&mut self) -> Option<u64> {
+        self.probe_latency_within(PROBE_MEET_NS, PROBE_ANSWER_NS)
+    }
+
+    /// [`ShmLink::probe_latency`] with its waits given (ns).
+    fn probe_latency_within(&mut self, meet_ns: u64, answer_ns: u64) -> Option<u64> {
+        // SAFETY: the mapping lives as long as `self`; `side` is 0 or 1.
+        let (mine, theirs) = unsafe {
+            (
+                &(*self.ctl).probe[self.side],
+                &(*self.ctl).probe[1 - self.side],
+            )
+        };
+        let send = |round: u64| {
+            mine.stamp.0.store(now_ns(), Ordering::Relaxed);
+            mine.round.0.store(round, Ordering::Release);
+        };
+        let mut least = u64::MAX;
+        let mut timed = 0;
+        let mut deadline = now_ns().saturating_add(meet_ns);
+        for round in 1..=PROBE_ROUNDS {
+            // Side 0 opens every round and side 1 answers it.
+            if self.side == 0 {
+                send(round);
+            }
+            let mut looked_at = 0;
+            while theirs.round.0.load(Ordering::Acquire) < round {
+                looked_at = now_ns();
+                if looked_at > deadline {
+                    tracing::debug!(
+                        rank = self.rank,
+                        peer = self.peer,
+                        round,
+                        "shared-memory link: the latency probe got no answer; left to the running estimate"
+                    );
+                    return None;
+                }
+            }
+            if looked_at != 0 {
+                let stamp = theirs.stamp.0.load(Ordering::Relaxed);
+                let t = now_ns();
+                if t.saturating_sub(looked_at) < WAITING_GAP_NS {
+                    least = least.min(t.saturating_sub(stamp).max(1));
+                    timed += 1;
+                }
+            }
+            if self.side == 1 {
+                send(round);
+            }
+            deadline = now_ns().saturating_add(answer_ns);
+        }
+        if timed < PROBE_TIMED_AT_LEAST {
+            tracing::debug!(
+                rank = self.rank,
+                peer = self.peer,
+                timed,
+                "shared-memory link: the latency probe timed too few rounds; left to the running estimate"
+            );
+            return None;
+        }
+        tracing::debug!(
+            rank = self.rank,
+            peer = self.peer,
+            latency_ns = least,
+            timed,
+            "shared-memory link: latency probe"
+        );
+        self.stores.start(least);
+        Some(least)
     }
 
     /// Called once per send: every [`PEER_LATENCY_EVERY`]-th chooses the stores again
@@ -981,6 +1088,10 @@ impl Link for ShmLink {
         AbortCause::from_word(other.cause.load(Ordering::Relaxed))
     }
 
+    fn probe_at_start(&mut self) {
+        self.probe_latency();
+    }
+
     fn peer_note(&mut self) -> Option<String> {
         self.peer_process_alive();
         self.peer_proc.as_ref().and_then(|p| p.stopped())
@@ -999,6 +1110,7 @@ impl Drop for ShmLink {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stores::PROBE_STREAMING_ABOVE_NS;
     use super::*;
     use crate::transport::alloc_meter::allocated_by;
     use crate::transport::shm::segment::shm_free_bytes;
@@ -1312,6 +1424,55 @@ mod tests {
         let latency = b.stores.latency_ns().expect("a full window of delays");
         assert!(latency < 1_000_000, "{latency} ns on one thread");
         assert_eq!(a.stores.latency_ns(), None, "a received nothing");
+    }
+
+    #[test]
+    fn the_start_up_probe_sets_the_first_stores_and_messages_pass_after_it() {
+        // Two threads may take turns on a core while other tests run: waits of seconds
+        // rather than PROBE_ANSWER_NS, and fresh pairs until both sides timed enough
+        // rounds (only a round both ran through counts).
+        let (meet, answer) = (10_000_000_000, 1_000_000_000);
+        let mut measured = None;
+        for _ in 0..50 {
+            let (a, b) = pair(small());
+            let peer = std::thread::spawn(move || {
+                let mut b = b;
+                let got = b.probe_latency_within(meet, answer);
+                (b, got)
+            });
+            let mut a = a;
+            let got_a = a.probe_latency_within(meet, answer);
+            let (b, got_b) = peer.join().unwrap();
+            if let (Some(x), Some(y)) = (got_a, got_b) {
+                measured = Some((a, b, x, y));
+                break;
+            }
+        }
+        let (mut a, mut b, x, y) = measured.expect("a probe that both sides finished");
+        for (link, ns) in [(&a, x), (&b, y)] {
+            assert!((1..1_000_000).contains(&ns), "{ns} ns between two threads");
+            assert_eq!(link.stores.streaming(), ns > PROBE_STREAMING_ABOVE_NS);
+            assert_eq!(link.latency, (0, 0), "the probe is not a running estimate");
+        }
+        duplex(&mut a, &mut b, &[0, 1, 4096, 5 * 4096 + 7]);
+    }
+
+    #[test]
+    fn a_probe_without_its_peer_gives_up_with_ordinary_stores() {
+        let (mut a, _b) = pair(small());
+        let t0 = std::time::Instant::now();
+        assert_eq!(a.probe_latency(), None);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_nanos(PROBE_MEET_NS)
+                && waited < std::time::Duration::from_secs(5),
+            "gave up after {waited:?}"
+        );
+        assert!(!a.stores.streaming());
+        // The side that stayed away still carries messages.
+        let (mut a, mut b) = pair(small());
+        assert_eq!(a.probe_latency(), None);
+        duplex(&mut a, &mut b, &[1, 4096]);
     }
 
     #[test]

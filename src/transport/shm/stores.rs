@@ -23,6 +23,11 @@
 //! that has gone stale: the side that lags seldom waits for a slot). Streaming stores
 //! are taken once the latency exceeds [`STREAMING_ABOVE_NS`] and left once it falls
 //! below [`PLAIN_BELOW_NS`].
+//!
+//! Until either side has an estimate, the stores are those a probe at start-up chose
+//! (`ShmLink::probe_latency`: a stamped round passed back and forth between the two
+//! sides, its least delay against [`PROBE_STREAMING_ABOVE_NS`]), so a short job does not
+//! run its first messages across dies with ordinary stores.
 
 use crate::config::ShmStores;
 use crate::memcopy;
@@ -40,6 +45,11 @@ pub(super) const STALE_NS: u64 = 20_000_000;
 pub(super) const STREAMING_ABOVE_NS: u64 = 250;
 /// One-way latency (ns) below which ordinary stores are taken again.
 pub(super) const PLAIN_BELOW_NS: u64 = 200;
+/// Least delay (ns) of the start-up probe above which a link starts with streaming
+/// stores. A probe round passes two bare lines, without a ring to poll, and reads lower
+/// than a slot: on the test machine 40–90 ns within one cache and 210–260 ns across
+/// dies, where slots read 50–150 and 300–450.
+pub(super) const PROBE_STREAMING_ABOVE_NS: u64 = 150;
 
 /// The producer side's choice of stores for one ring.
 #[derive(Debug)]
@@ -79,6 +89,26 @@ impl SlotStores {
     pub(super) unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: the caller's contract.
         unsafe { memcopy::copy_bytes(dst, src, len, self.streaming) }
+    }
+
+    /// Chooses the stores to start with from the start-up probe's least delay (ns),
+    /// before either side has an estimate from slots ([`SlotStores::choose`] decides
+    /// from then on).
+    pub(super) fn start(&mut self, probe_ns: u64) {
+        if self.policy != ShmStores::Auto {
+            return;
+        }
+        self.streaming = probe_ns > PROBE_STREAMING_ABOVE_NS;
+        tracing::debug!(
+            streaming = self.streaming,
+            probe_ns,
+            "shared-memory ring: starts with {} stores into the slots",
+            if self.streaming {
+                "streaming"
+            } else {
+                "ordinary"
+            }
+        );
     }
 
     /// Takes in one delay (ns) between a slot's stamp and its read by a consumer that
@@ -237,6 +267,30 @@ mod tests {
         s.choose((300, 31 * ms), (90, 40 * ms));
         assert!(!s.streaming(), "the peer measured 90 ns");
         assert_eq!(s.switches, 4);
+    }
+
+    #[test]
+    fn the_probe_sets_the_start_and_the_first_estimate_takes_over() {
+        let ms = 1_000_000;
+        let mut s = SlotStores::new(ShmStores::Auto);
+        s.start(PROBE_STREAMING_ABOVE_NS);
+        assert!(!s.streaming(), "at the threshold: ordinary stores");
+        s.start(230);
+        assert!(s.streaming(), "230 ns: two dies");
+        s.choose((0, 0), (0, 0));
+        assert!(s.streaming(), "no estimate yet: the probe's choice stays");
+        s.choose((0, 0), (120, ms));
+        assert!(!s.streaming(), "the peer's first estimate, 120 ns, decides");
+        let mut s = SlotStores::new(ShmStores::Auto);
+        s.start(60);
+        assert!(!s.streaming());
+        s.choose((380, ms), (0, 0));
+        assert!(s.streaming(), "this side's first estimate, 380 ns, decides");
+        for policy in [ShmStores::Plain, ShmStores::Streaming] {
+            let mut s = SlotStores::new(policy);
+            s.start(if policy == ShmStores::Plain { 900 } else { 10 });
+            assert_eq!(s.streaming(), policy == ShmStores::Streaming);
+        }
     }
 
     #[test]
