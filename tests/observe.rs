@@ -155,3 +155,54 @@ fn a_hierarchical_all_reduce_counts_bytes_by_link_and_traces_its_phases_in_order
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One rank of the start-up probe test: init, one all-reduce of [`COUNT`] f32.
+#[test]
+#[ignore = "a rank of the test below; it starts it"]
+fn probe_rank() {
+    let comm = Communicator::init_from_env().unwrap();
+    let mut v = vec![1.0f32; COUNT];
+    comm.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+    assert_eq!(v[COUNT - 1], comm.world_size() as f32);
+}
+
+/// Every shared-memory link is probed once at start-up (the probe's outcome is logged
+/// at debug: an estimate, or why there is none on a busy machine), unless the host runs
+/// more ranks than it has CPUs; TCP links are not.
+#[test]
+fn the_shared_memory_links_probe_the_cores_once_at_start_up_where_each_rank_has_a_cpu() {
+    let argv = common::this_test_argv("probe_rank");
+    let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+    let cpus = hetccl::topology::host_cpus();
+    // (ranks, node of each rank): two ranks on one node; four on one node; 2 x 2 nodes.
+    let layouts: [(usize, fn(usize) -> usize); 3] = [(2, |_| 0), (4, |_| 0), (4, |r| r / 2)];
+    for (n, node) in layouts {
+        let env = [("HETCCL_DEBUG", "debug"), ("HETCCL_TOPO_PROBE", "0")];
+        let children = common::spawn_ranks(n, &argv[0], &args, &env, |r| {
+            vec![("HETCCL_NODE_ID".to_string(), format!("n{}", node(r)))]
+        });
+        let outs = common::collect(children, Duration::from_secs(120));
+        common::assert_all_ok(&outs, "start-up probe");
+        for (r, o) in outs.iter().enumerate() {
+            let node_ranks = (0..n).filter(|&j| node(j) == node(r)).count();
+            let want = if node_ranks <= cpus {
+                node_ranks - 1
+            } else {
+                0
+            };
+            let probes = o
+                .output
+                .lines()
+                .filter(|l| {
+                    l.contains("shared-memory link: latency probe rank=")
+                        || l.contains("shared-memory link: the latency probe")
+                })
+                .count();
+            assert_eq!(
+                probes, want,
+                "{n} ranks, rank {r}, {node_ranks} on its node, {cpus} CPUs:\n{}",
+                o.output
+            );
+        }
+    }
+}
