@@ -252,7 +252,8 @@ pub struct Config {
     /// buffers or received over links, and ring results it forwarded from a link's
     /// buffer), and out-of-place sums that nothing in the call reads again (a
     /// reduce-scatter's block, a reduce's result, a rank's segment on shared buffers),
-    /// with streaming (cache-bypassing) stores.
+    /// with streaming (cache-bypassing) stores; over links, an output of its own (out
+    /// of place) from a quarter of this size ([`Config::stream_min_for`]).
     pub stream_min_bytes: usize,
     /// `HETCCL_DEVICE_SCRATCH_BYTES`: the device buffer each rank shares with the others
     /// on the CUDA IPC path; longer messages pass through it in windows of this size.
@@ -468,6 +469,22 @@ pub fn parse_size(s: &str) -> Option<usize> {
 }
 
 impl Config {
+    /// The output size from which a collective over links writes with streaming stores
+    /// ([`Config::stream_min_bytes`]): that size where the output is also the input (in
+    /// place: its lines were just read and sit in the cache, so a streaming store must
+    /// first push each out, and ordinary ones win up to outputs that no longer fit
+    /// beside the input), a quarter of it where the output is a buffer of its own (out
+    /// of place: none of its lines is in the cache, and an ordinary store first fetches
+    /// each from memory). Two ranks on one host, 8 MiB out of place: 1.6x faster
+    /// streamed, where in place loses 17 %.
+    pub fn stream_min_for(&self, in_place: bool) -> usize {
+        if in_place {
+            self.stream_min_bytes
+        } else {
+            self.stream_min_bytes / 4
+        }
+    }
+
     /// This configuration for logs: the handshake key, a secret, reads `<set>`.
     pub fn redacted(&self) -> Config {
         Config {
@@ -755,6 +772,11 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.chunk_bytes, 256 << 10);
         assert_eq!(c.stream_min_bytes, 1 << 30);
+        assert_eq!(
+            (c.stream_min_for(true), c.stream_min_for(false)),
+            (1 << 30, 256 << 20),
+            "in place from the set size, out of place from a quarter of it"
+        );
         assert_eq!(c.tcp_congestion, TcpCongestion::Auto);
         let named = |v: &str| cfg(&[("HETCCL_TCP_CONGESTION", v)]).map(|c| c.tcp_congestion);
         assert_eq!(named("system").unwrap(), TcpCongestion::System);
@@ -764,7 +786,12 @@ mod tests {
             e.contains("HETCCL_TCP_CONGESTION") && e.contains("cubic, reno"),
             "{e}"
         );
-        assert_eq!(cfg(&[]).unwrap().stream_min_bytes, 32 << 20);
+        let d = cfg(&[]).unwrap();
+        assert_eq!(d.stream_min_bytes, 32 << 20);
+        assert_eq!(
+            (d.stream_min_for(true), d.stream_min_for(false)),
+            (32 << 20, 8 << 20)
+        );
         assert_eq!(c.init, InitMethod::File("/tmp/rdv".into()));
         assert_eq!((c.launch.rank, c.launch.world_size), (Some(3), Some(4)));
         assert_eq!(c.launch.source, "torchrun");

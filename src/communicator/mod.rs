@@ -1043,7 +1043,7 @@ impl Communicator {
             redop,
             count: call.count as u64,
             timeout: self.timeout(),
-            stream_copies: out_bytes >= self.cfg.stream_min_bytes,
+            stream_copies: out_bytes >= self.cfg.stream_min_for(call.in_place),
             spin_polls: self.spin_polls,
         }
     }
@@ -1790,6 +1790,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn outputs_of_their_own_stream_from_a_quarter_of_the_in_place_size() {
+        let comms = world(2, 2, AlgoChoice::Ring);
+        let streams = |in_place: bool, out_bytes: usize| {
+            let call = Call {
+                op: CollectiveOp::AllReduce,
+                dtype: DataType::F32,
+                redop: ReduceOp::Sum,
+                count: out_bytes / 4,
+                root: 0,
+                in_place,
+                is_send: false,
+            };
+            comms[0]
+                .exec_ctx(&call, 0, ReduceOp::Sum, out_bytes)
+                .stream_copies
+        };
+        // The default HETCCL_STREAM_MIN_BYTES, 32 MiB.
+        assert!(!streams(false, (8 << 20) - 4));
+        assert!(streams(false, 8 << 20));
+        assert!(!streams(true, 8 << 20));
+        assert!(!streams(true, (32 << 20) - 4));
+        assert!(streams(true, 32 << 20));
     }
 
     #[test]
