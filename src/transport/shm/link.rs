@@ -652,13 +652,7 @@ impl ShmLink {
             while theirs.round.0.load(Ordering::Acquire) < round {
                 looked_at = now_ns();
                 if looked_at > deadline {
-                    tracing::debug!(
-                        rank = self.rank,
-                        peer = self.peer,
-                        round,
-                        "shared-memory link: the latency probe got no answer; left to the running estimate"
-                    );
-                    return None;
+                    return self.probe_gave_up(&format!("got no answer in round {round}"));
                 }
             }
             if looked_at != 0 {
@@ -675,13 +669,7 @@ impl ShmLink {
             deadline = now_ns().saturating_add(answer_ns);
         }
         if timed < PROBE_TIMED_AT_LEAST {
-            tracing::debug!(
-                rank = self.rank,
-                peer = self.peer,
-                timed,
-                "shared-memory link: the latency probe timed too few rounds; left to the running estimate"
-            );
-            return None;
+            return self.probe_gave_up(&format!("timed {timed} rounds, too few"));
         }
         tracing::debug!(
             rank = self.rank,
@@ -692,6 +680,18 @@ impl ShmLink {
         );
         self.stores.start(least);
         Some(least)
+    }
+
+    /// Logs why the start-up probe has no estimate; the link keeps its stores until the
+    /// running estimate exists.
+    #[cold]
+    fn probe_gave_up(&self, why: &str) -> Option<u64> {
+        tracing::debug!(
+            rank = self.rank,
+            peer = self.peer,
+            "shared-memory link: the latency probe {why}; left to the running estimate"
+        );
+        None
     }
 
     /// Called once per send: every [`PEER_LATENCY_EVERY`]-th chooses the stores again
