@@ -72,6 +72,20 @@ const STAMP_EVERY: u64 = 8;
 /// the consumer's own loop takes longer (the lines it polls come from the other die):
 /// 150 ns left it without delays to measure there.
 const WAITING_GAP_NS: u64 = 500;
+/// How long a stamped arrival took to travel between the cores, with the time now
+/// (`(delay ns, now_ns)`), when the reader had looked in vain at `looked_at` (`now_ns`;
+/// 0: it had not) at most [`WAITING_GAP_NS`] before it found it: the delay then exceeds
+/// the latency by at most that gap. `None` otherwise, and for an unstamped slot
+/// (`stamp` 0). The rule of both the ring's consumer and the start-up probe.
+#[inline]
+fn waited_delay(looked_at: u64, stamp: u64) -> Option<(u64, u64)> {
+    if looked_at == 0 || stamp == 0 {
+        return None;
+    }
+    let t = now_ns();
+    (t.saturating_sub(looked_at) < WAITING_GAP_NS).then(|| (t.saturating_sub(stamp).max(1), t))
+}
+
 /// Sends between two looks at the peer's latency estimate.
 const PEER_LATENCY_EVERY: u32 = 16;
 /// Round trips of the start-up latency probe ([`ShmLink::probe_latency`]).
@@ -655,13 +669,11 @@ impl ShmLink {
                     return self.probe_gave_up(&format!("got no answer in round {round}"));
                 }
             }
-            if looked_at != 0 {
-                let stamp = theirs.stamp.0.load(Ordering::Relaxed);
-                let t = now_ns();
-                if t.saturating_sub(looked_at) < WAITING_GAP_NS {
-                    least = least.min(t.saturating_sub(stamp).max(1));
-                    timed += 1;
-                }
+            if let Some((delay, _)) =
+                waited_delay(looked_at, theirs.stamp.0.load(Ordering::Relaxed))
+            {
+                least = least.min(delay);
+                timed += 1;
             }
             if self.side == 1 {
                 send(round);
@@ -1006,15 +1018,9 @@ impl Link for ShmLink {
             // release store of head, which the acquire load above observed.
             let d = unsafe { std::ptr::read(self.rx.desc.add(slot)) };
             let empty_at = std::mem::take(&mut self.rx_empty_at);
-            if empty_at != 0 && d.stamp != 0 {
-                // The consumer found the ring empty a moment ago and the slot now: the
-                // delay since its stamp is how long it took to travel between the cores
-                // (plus at most the gap between the two looks).
-                let t = now_ns();
-                if t.saturating_sub(empty_at) < WAITING_GAP_NS {
-                    if let Some(ns) = self.stores.observe(t.saturating_sub(d.stamp)) {
-                        self.publish_latency(ns, t);
-                    }
+            if let Some((delay, t)) = waited_delay(empty_at, d.stamp) {
+                if let Some(ns) = self.stores.observe(delay) {
+                    self.publish_latency(ns, t);
                 }
             }
             let step = d.check(self.recv, self.geom.slot_bytes).map_err(|e| {
