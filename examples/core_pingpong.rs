@@ -15,33 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use hetccl::topology::place;
+
 const ROUND_TRIPS: u64 = 20_000;
 
 #[repr(align(128))]
 struct Line(AtomicU64);
-
-/// The CPUs this process may run on, lowest first.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set for the call to fill.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-fn pin(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -55,7 +34,7 @@ fn main() {
         .collect();
     let cpus = match args.as_slice() {
         [a, b] => vec![*a, *b],
-        [] => allowed_cpus(),
+        [] => place::allowed_cpus().unwrap_or_default(),
         _ => {
             eprintln!("usage: core_pingpong [CPU_A CPU_B]");
             std::process::exit(2)
@@ -70,7 +49,7 @@ fn main() {
         .map(|me| {
             let (line, cpu) = (line.clone(), cpus[me as usize]);
             std::thread::spawn(move || {
-                if !pin(cpu) {
+                if place::set_affinity(&place::cpu_set(&[cpu])).is_err() {
                     eprintln!("core_pingpong: cannot run on CPU {cpu}");
                     std::process::exit(1);
                 }

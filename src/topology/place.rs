@@ -55,7 +55,7 @@ pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
 }
 
 /// Restricts the calling thread to `set`; returns once it runs inside it.
-fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+pub fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
     // SAFETY: the set is valid for its size; 0 is the calling thread.
     if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) } == 0 {
         Ok(())
