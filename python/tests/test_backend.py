@@ -7,6 +7,7 @@ Each case starts its ranks as processes (spawn) that write their outcome to a fi
 
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -33,9 +34,23 @@ OPS = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.R
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (as hetccl's own choice), so that no
+    outgoing connection of a test beside this one takes it before rank 0 binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    lo = max(10000, first - 8192)
+    for _ in range(64):
+        port = random.randrange(lo, first) if first > lo else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port for the store")
 
 
 def _entry(fn, rank, n, port, out, env):

@@ -25,6 +25,7 @@ pub mod keyfile;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod netif;
+pub mod port;
 pub mod store;
 pub mod tcp;
 
@@ -581,11 +582,7 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        port::free_store_port().unwrap()
     }
 
     #[test]

@@ -287,11 +287,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::bootstrap::port::free_store_port().unwrap()
     }
 
     #[test]

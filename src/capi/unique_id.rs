@@ -20,7 +20,7 @@
 //! with `keyFromEnv` carries no key (zeros) and may travel over channels others read
 //! (PyTorch's store): without the key it lets nobody join.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 
 use rand::RngCore;
 
@@ -116,7 +116,7 @@ impl JobTicket {
         };
         let port = match port {
             Some(p) => p,
-            None => free_port()?,
+            None => crate::bootstrap::port::free_store_port()?,
         };
         if host.is_empty() || host.len() > MAX_ADDR_LEN || !host.is_ascii() {
             return Err(Error::invalid(
@@ -227,15 +227,6 @@ pub fn store_host(cfg: &Config) -> Result<String> {
         Err(Error::Bootstrap(_)) => Ok(Ipv4Addr::LOCALHOST.to_string()),
         Err(e) => Err(e),
     }
-}
-
-/// A TCP port nobody listens on right now (the store binds it moments later; another
-/// process could take it in between, as with torchrun's free-port choice).
-fn free_port() -> Result<u16> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Error::io("finding a free port for the bootstrap store", e))
 }
 
 #[cfg(test)]

@@ -21,10 +21,10 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the ephemeral range, so that no outgoing
+/// connection of a test running beside this one takes it before rank 0 binds it.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    hetccl::bootstrap::port::free_store_port().expect("choosing a store port")
 }
 
 /// Starts `n` ranks of `program args` on this host with torchrun's variables (`RANK`,

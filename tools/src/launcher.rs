@@ -377,16 +377,6 @@ fn random_hex(bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn free_port() -> Result<u16> {
-    // The listener closes before rank 0 binds the port; another process could take it in
-    // between, and rank 0 would then fail with "address in use" naming the port.
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::io("finding a free port", e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::io("finding a free port", e))
-}
-
 /// The CPUs this process may run on, in order (all of them when the system will not say).
 fn allowed_cpus() -> Vec<usize> {
     hetccl::topology::place::allowed_cpus().unwrap_or_else(|| {
@@ -697,7 +687,8 @@ fn blame_order(exited: &mut [(usize, ExitStatus)]) {
 pub fn run(opts: &RunOptions) -> Result<Outcome> {
     let port = match opts.master_port {
         Some(p) => p,
-        None => free_port()?,
+        // Below the ephemeral range: no outgoing connection takes it before rank 0 binds it.
+        None => hetccl::bootstrap::port::free_store_port()?,
     };
     let job_id = format!("run-{}", random_hex(8));
     let key = random_hex(16);
