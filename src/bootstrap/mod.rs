@@ -571,7 +571,6 @@ pub(crate) fn fmt_secs(d: Duration) -> String {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::net::TcpListener;
 
     fn cfg(pairs: &[(&str, &str)]) -> Config {
         let m: HashMap<String, String> = pairs
