@@ -170,7 +170,8 @@ fn probe_rank() {
 /// at debug: an estimate, or why there is none on a busy machine), unless the host runs
 /// more ranks than it has CPUs; TCP links are not.
 #[test]
-fn the_shared_memory_links_probe_the_cores_once_at_start_up_where_each_rank_has_a_cpu() {
+fn the_shared_memory_links_probe_the_cores_once_at_start_up_or_the_host_cpus_where_ranks_share_them(
+) {
     let argv = common::this_test_argv("probe_rank");
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let cpus = hetccl::topology::host_cpus();
@@ -202,6 +203,27 @@ fn the_shared_memory_links_probe_the_cores_once_at_start_up_where_each_rank_has_
             assert_eq!(
                 probes, want,
                 "{n} ranks, rank {r}, {node_ranks} on its node, {cpus} CPUs:\n{}",
+                o.output
+            );
+            // Where the ranks outnumber the CPUs, the node's first rank measures the CPUs
+            // instead, and every link of the node starts from its verdict (unless no
+            // pair answered: `readings=[]`).
+            let shared = node_ranks > cpus;
+            let first = node.iter().position(|&k| k == node[r]) == Some(r);
+            let cpu_probes = o.output.matches("CPU probe: round trips").count();
+            assert_eq!(
+                cpu_probes,
+                usize::from(shared && first),
+                "rank {r}:\n{}",
+                o.output
+            );
+            let first_out = &outs[node.iter().position(|&k| k == node[r]).unwrap()].output;
+            let measured = shared && !first_out.contains("readings=[]");
+            let started = o.output.matches("from=\"host CPU probe\"").count();
+            assert_eq!(
+                started,
+                if measured { node_ranks - 1 } else { 0 },
+                "rank {r}:\n{}",
                 o.output
             );
         }

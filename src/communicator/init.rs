@@ -82,6 +82,7 @@ impl Communicator {
         }
         if comm.world_size > 1 {
             comm.align_trace_clock()?;
+            comm.start_links_on_shared_cpus()?;
             comm.restart_numbering();
         }
         comm.attach_node()?;

@@ -10,7 +10,15 @@ use crate::error::Result;
 use crate::topology::probe::{
     self, BIG_BYTES, REPEAT_BELOW, SMALL_BYTES, SMALL_ROUNDS, STOP_AFTER, WARMUP_BYTES,
 };
-use crate::topology::{LinkPerf, Topology};
+use crate::topology::{distance, LinkPerf, Topology};
+
+/// Whether links on a host whose ranks share its CPUs start with streaming stores, from
+/// `far` of `of` CPU pairs far apart. A link there joins a far pair some share of the
+/// time; ordinary stores cost about 4× streaming ones across dies and streaming costs
+/// about 2× ordinary near, so streaming wins above a third.
+fn far_apart(far: usize, of: usize) -> bool {
+    3 * far > of
+}
 
 impl Communicator {
     /// Measures every link in [`probe::probe_order`] and returns the figures of the
@@ -113,8 +121,8 @@ impl Communicator {
     /// Lets every link measure what it wants to know before its first message
     /// ([`crate::transport::Link::probe_at_start`]), each rank in ascending peer order.
     /// Collective. Not where the host runs more ranks than CPUs: the two ends of a link
-    /// would take turns on a core, and a probe of how far apart two cores are means
-    /// nothing there.
+    /// take turns on the CPUs there, and a probe of how far apart two cores are means
+    /// nothing ([`Communicator::start_links_on_shared_cpus`] instead).
     pub(crate) fn probe_links_at_start(&self) {
         if self.topo.oversubscribed(self.topo.node_of[self.rank]) {
             return;
@@ -123,6 +131,40 @@ impl Communicator {
         for l in p.links.iter_mut().flatten() {
             l.probe_at_start();
         }
+    }
+
+    /// Where a host runs more ranks than CPUs, its first rank measures how far apart
+    /// the CPUs are ([`distance::far_pairs`]) and every link of the host starts from
+    /// that ([`crate::transport::Link::start_on_shared_cpus`]). Collective where some
+    /// host does (the others wait in the exchange of the verdicts); nothing elsewhere.
+    pub(crate) fn start_links_on_shared_cpus(&self) -> Result<()> {
+        let nodes = self.topo.nodes.len();
+        if !(0..nodes).any(|k| self.topo.oversubscribed(k)) {
+            return Ok(());
+        }
+        let node = self.topo.node_of[self.rank];
+        let shared = self.topo.oversubscribed(node);
+        // Per node: 0 no figure, 1 near, 2 far apart.
+        let mut verdict = vec![0u64; nodes];
+        if shared && self.topo.nodes[node][0] == self.rank {
+            if let Some((far, of)) = distance::far_pairs() {
+                verdict[node] = if far_apart(far, of) { 2 } else { 1 };
+                tracing::debug!(
+                    rank = self.rank,
+                    far,
+                    of,
+                    "CPU probe: {far} of {of} CPU pairs far apart"
+                );
+            }
+        }
+        self.all_reduce(&mut verdict, ReduceOp::Max)?;
+        if shared && verdict[node] != 0 {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            for l in p.links.iter_mut().flatten() {
+                l.start_on_shared_cpus(verdict[node] == 2);
+            }
+        }
+        Ok(())
     }
 
     /// Lets every link forget what the probe's traffic taught it.
@@ -142,5 +184,20 @@ impl Communicator {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::far_apart;
+
+    #[test]
+    fn links_stream_where_more_than_a_third_of_the_cpu_pairs_are_far() {
+        assert!(far_apart(1, 1));
+        assert!(!far_apart(0, 1));
+        assert!(!far_apart(1, 3));
+        assert!(far_apart(2, 5));
+        assert!(!far_apart(5, 15));
+        assert!(far_apart(6, 15));
     }
 }

@@ -10,6 +10,7 @@
 //! reads a JSON description instead (to describe hardware this machine lacks, such as
 //! 8-GPU NVLink nodes). [`Topology::dump`] writes the same format.
 
+pub mod distance;
 mod file;
 pub mod link;
 pub mod place;

@@ -1098,6 +1098,10 @@ impl Link for ShmLink {
         self.probe_latency();
     }
 
+    fn start_on_shared_cpus(&mut self, far_apart: bool) {
+        self.stores.start_on_shared_cpus(far_apart);
+    }
+
     fn peer_note(&mut self) -> Option<String> {
         self.peer_process_alive();
         self.peer_proc.as_ref().and_then(|p| p.stopped())

@@ -95,19 +95,28 @@ impl SlotStores {
     /// before either side has an estimate from slots ([`SlotStores::choose`] decides
     /// from then on).
     pub(super) fn start(&mut self, probe_ns: u64) {
+        self.start_with(probe_ns > PROBE_STREAMING_ABOVE_NS, "link probe");
+    }
+
+    /// Chooses the stores to start with on a host that runs more ranks than CPUs, from
+    /// whether its CPUs are mostly far apart (measured once for the host): the two ranks
+    /// of a link there take turns on the CPUs, so no probe of the link itself means
+    /// anything. Across dies ordinary stores cost about four times streaming ones; near,
+    /// streaming costs about twice ordinary.
+    pub(super) fn start_on_shared_cpus(&mut self, far_apart: bool) {
+        self.start_with(far_apart, "host CPU probe");
+    }
+
+    fn start_with(&mut self, streaming: bool, from: &str) {
         if self.policy != ShmStores::Auto {
             return;
         }
-        self.streaming = probe_ns > PROBE_STREAMING_ABOVE_NS;
+        self.streaming = streaming;
         tracing::debug!(
-            streaming = self.streaming,
-            probe_ns,
+            streaming,
+            from,
             "shared-memory ring: starts with {} stores into the slots",
-            if self.streaming {
-                "streaming"
-            } else {
-                "ordinary"
-            }
+            if streaming { "streaming" } else { "ordinary" }
         );
     }
 
@@ -290,6 +299,24 @@ mod tests {
             let mut s = SlotStores::new(policy);
             s.start(if policy == ShmStores::Plain { 900 } else { 10 });
             assert_eq!(s.streaming(), policy == ShmStores::Streaming);
+        }
+    }
+
+    #[test]
+    fn shared_cpus_far_apart_start_streaming_until_an_estimate_says_otherwise() {
+        let mut s = SlotStores::new(ShmStores::Auto);
+        s.start_on_shared_cpus(true);
+        assert!(s.streaming());
+        s.choose((0, 0), (0, 0));
+        assert!(s.streaming(), "no estimate yet: the host's choice stays");
+        s.choose((90, 1), (0, 0));
+        assert!(!s.streaming(), "a first estimate of 90 ns decides");
+        s.start_on_shared_cpus(false);
+        assert!(!s.streaming());
+        for policy in [ShmStores::Plain, ShmStores::Streaming] {
+            let mut s = SlotStores::new(policy);
+            s.start_on_shared_cpus(policy == ShmStores::Plain);
+            assert_eq!(s.streaming(), policy == ShmStores::Streaming, "{policy:?}");
         }
     }
 
