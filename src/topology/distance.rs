@@ -25,6 +25,10 @@ const BATCHES: u64 = 32;
 pub const FAR_ROUND_TRIP_NS: u64 = 200;
 /// Pairs measured at most by [`far_pairs`].
 const MOST_PAIRS: usize = 16;
+/// Time after which [`far_pairs`] measures no further pair (each takes about 1 ms, or
+/// [`MEET`] where the helper never gets its CPU: the other ranks of a host whose ranks
+/// outnumber its CPUs wait meanwhile).
+const BUDGET: Duration = Duration::from_millis(100);
 /// How long the helper may take to start on its CPU, and then to answer a round.
 const MEET: Duration = Duration::from_millis(50);
 const ANSWER: Duration = Duration::from_millis(5);
@@ -103,14 +107,16 @@ fn wait_for(line: &AtomicU64, want: u64, quit: &AtomicBool, patience: Duration) 
 }
 
 /// How many of the pairs (first allowed CPU, each other allowed one), up to
-/// [`MOST_PAIRS`], read as far apart ([`FAR_ROUND_TRIP_NS`]), of how many measured.
+/// [`MOST_PAIRS`] and as many as [`BUDGET`] allows, read as far apart ([`FAR_ROUND_TRIP_NS`]), of how many measured.
 /// `None` with fewer than two CPUs or no pair measured.
 pub fn far_pairs() -> Option<(usize, usize)> {
     let cpus = place::allowed_cpus()?;
     let (&first, others) = cpus.split_first()?;
+    let start = Instant::now();
     let readings: Vec<u64> = others
         .iter()
         .take(MOST_PAIRS)
+        .take_while(|_| start.elapsed() < BUDGET)
         .filter_map(|&c| round_trip_ns(first, c))
         .collect();
     tracing::debug!(
