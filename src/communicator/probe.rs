@@ -136,10 +136,11 @@ impl Communicator {
     /// Where a host runs more ranks than CPUs, its first rank measures how far apart
     /// the CPUs are ([`distance::far_pairs`]) and every link of the host starts from
     /// that ([`crate::transport::Link::start_on_shared_cpus`]). Collective where some
-    /// host does (the others wait in the exchange of the verdicts); nothing elsewhere.
+    /// host does (the others wait in the exchange of the verdicts); nothing elsewhere,
+    /// and nothing without shared-memory links.
     pub(crate) fn start_links_on_shared_cpus(&self) -> Result<()> {
         let nodes = self.topo.nodes.len();
-        if !(0..nodes).any(|k| self.topo.oversubscribed(k)) {
+        if self.cfg.shm_disable || !(0..nodes).any(|k| self.topo.oversubscribed(k)) {
             return Ok(());
         }
         let node = self.topo.node_of[self.rank];

@@ -251,7 +251,7 @@ pub trait Link: Send {
     /// so the pairs of a host meet in one order. Nothing (the default) where the
     /// transport learns all it needs as it runs.
     fn probe_at_start(&mut self) {}
-    /// Told at the end of start-up, where the host runs more ranks than CPUs (and
+    /// Told during start-up, where the host runs more ranks than CPUs (and
     /// [`Link::probe_at_start`] is not called), whether the host's CPUs are mostly far
     /// apart (`crate::topology::distance`): any link of such a host joins two CPUs one
     /// moment and one the next. Nothing (the default) where the transport does not care.
