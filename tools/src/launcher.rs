@@ -96,7 +96,8 @@ prints the same report of a running job, which goes on.
 
 options:
   -n, --nproc N          number of ranks (also --nproc-per-node)
-  --master-port P        port for rank 0's bootstrap store (default: a free one)
+  --master-port P        port for rank 0's bootstrap store (default: a free one, below
+                         the kernel's ephemeral range)
   --bind-cores           pin rank k to CPU (k mod C), C being the CPUs this launcher
                          may run on (sched_setaffinity before exec)
   --grace-period SECS    time between SIGTERM and SIGKILL when stopping ranks (default 5)
