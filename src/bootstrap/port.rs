@@ -13,6 +13,7 @@
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
@@ -72,20 +73,10 @@ fn candidate_range((first, last): (u32, u32)) -> (u32, u32) {
 /// The next offset into a span: a random start per process, then one port further per
 /// call, so concurrent choices in one process differ.
 fn next_offset(span: u32) -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let mut cur = NEXT.load(Ordering::Relaxed);
-    loop {
-        let base = if cur == u32::MAX {
-            rand::random::<u32>() % span
-        } else {
-            cur
-        };
-        let next = (base + 1) % span;
-        match NEXT.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return base % span,
-            Err(seen) => cur = seen,
-        }
-    }
+    static START: OnceLock<u32> = OnceLock::new();
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let start = *START.get_or_init(rand::random);
+    start.wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed)) % span
 }
 
 /// The first candidate that binds on every IPv4 address (so no listener holds it).

@@ -11,6 +11,7 @@ use crate::topology::probe::{
     self, BIG_BYTES, REPEAT_BELOW, SMALL_BYTES, SMALL_ROUNDS, STOP_AFTER, WARMUP_BYTES,
 };
 use crate::topology::{distance, LinkPerf, Topology};
+use crate::transport::Link;
 
 /// Whether links on a host whose ranks share its CPUs start with streaming stores, from
 /// `far` of `of` CPU pairs far apart. A link there joins a far pair some share of the
@@ -127,10 +128,7 @@ impl Communicator {
         if self.topo.oversubscribed(self.topo.node_of[self.rank]) {
             return;
         }
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        for l in p.links.iter_mut().flatten() {
-            l.probe_at_start();
-        }
+        self.each_link(|l| l.probe_at_start());
     }
 
     /// Where a host runs more ranks than CPUs, its first rank measures how far apart
@@ -160,19 +158,21 @@ impl Communicator {
         }
         self.all_reduce(&mut verdict, ReduceOp::Max)?;
         if shared && verdict[node] != 0 {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            for l in p.links.iter_mut().flatten() {
-                l.start_on_shared_cpus(verdict[node] == 2);
-            }
+            self.each_link(|l| l.start_on_shared_cpus(verdict[node] == 2));
         }
         Ok(())
     }
 
     /// Lets every link forget what the probe's traffic taught it.
     fn end_probe(&self) {
+        self.each_link(|l| l.end_probe());
+    }
+
+    /// Calls `f` on every link of this rank, in peer order.
+    fn each_link(&self, mut f: impl FnMut(&mut dyn Link)) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         for l in p.links.iter_mut().flatten() {
-            l.end_probe();
+            f(l.as_mut());
         }
     }
 
