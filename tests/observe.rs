@@ -168,7 +168,8 @@ fn probe_rank() {
 
 /// Every shared-memory link is probed once at start-up (the probe's outcome is logged
 /// at debug: an estimate, or why there is none on a busy machine), unless the host runs
-/// more ranks than it has CPUs; TCP links are not.
+/// more ranks than it has CPUs: there its first rank probes the CPUs once and every
+/// link starts from that; TCP links are not probed.
 #[test]
 fn the_shared_memory_links_probe_the_cores_once_at_start_up_or_the_host_cpus_where_ranks_share_them(
 ) {
@@ -209,16 +210,15 @@ fn the_shared_memory_links_probe_the_cores_once_at_start_up_or_the_host_cpus_whe
             // instead, and every link of the node starts from its verdict (unless no
             // pair answered: `readings=[]`).
             let shared = node_ranks > cpus;
-            let first = node.iter().position(|&k| k == node[r]) == Some(r);
+            let first = node.iter().position(|&k| k == node[r]).unwrap();
             let cpu_probes = o.output.matches("CPU probe: round trips").count();
             assert_eq!(
                 cpu_probes,
-                usize::from(shared && first),
+                usize::from(shared && first == r),
                 "rank {r}:\n{}",
                 o.output
             );
-            let first_out = &outs[node.iter().position(|&k| k == node[r]).unwrap()].output;
-            let measured = shared && !first_out.contains("readings=[]");
+            let measured = shared && !outs[first].output.contains("readings=[]");
             let started = o.output.matches("from=\"host CPU probe\"").count();
             assert_eq!(
                 started,
