@@ -240,13 +240,19 @@ fn killed(shm_disable: &str) {
         text.contains("  rank 2: no state: killed by signal 9 (SIGKILL)"),
         "{text}"
     );
-    // The survivors answered with their own state: in (or failed in) all_reduce #1.
+    // The survivors answered with their own state: in (or failed in) all_reduce #1, or
+    // still finishing #0, which rank 2 can leave before a slower rank does (its share is
+    // already in shared memory when it moves on; with 4 ranks on 2 CPUs a rank may not
+    // have run again yet).
     for r in [0, 1, 3] {
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("  rank {r}: ")))
             .unwrap_or_else(|| panic!("no line for rank {r}:\n{text}"));
-        assert!(line.contains(" all_reduce #1"), "{line}\n{text}");
+        assert!(
+            line.contains(" all_reduce #1") || line.contains(" in all_reduce #0 for "),
+            "{line}\n{text}"
+        );
     }
     // The ranks that saw the loss before the launcher stopped them name rank 2. Over
     // TCP the reset comes at once, so every survivor fails by itself, and the launcher
