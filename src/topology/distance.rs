@@ -8,7 +8,7 @@
 //! this thread pinned on one CPU and a helper pinned on another pass a counter back and
 //! forth through one cache line. On the 2-vCPU guest of `docs/PERFORMANCE.md` a round
 //! trip reads about 30 ns on one core's two hardware threads, 60–150 ns on two cores
-//! that share a last-level cache and 250–450 ns across dies (where the host places the
+//! that share a last-level cache and 240–450 ns across dies (where the host places the
 //! two virtual CPUs comes and goes).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -106,9 +106,9 @@ fn wait_for(line: &AtomicU64, want: u64, quit: &AtomicBool, patience: Duration) 
     true
 }
 
-/// How many of the pairs (first allowed CPU, each other allowed one), up to
-/// [`MOST_PAIRS`] and as many as [`BUDGET`] allows, read as far apart ([`FAR_ROUND_TRIP_NS`]), of how many measured.
-/// `None` with fewer than two CPUs or no pair measured.
+/// How many of the pairs (first allowed CPU, each other allowed one) read as far apart
+/// ([`FAR_ROUND_TRIP_NS`]), of how many were measured: up to [`MOST_PAIRS`], as many as
+/// [`BUDGET`] allows. `None` with fewer than two CPUs or no pair measured.
 pub fn far_pairs() -> Option<(usize, usize)> {
     let cpus = place::allowed_cpus()?;
     let (&first, others) = cpus.split_first()?;
