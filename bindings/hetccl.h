@@ -6,7 +6,8 @@
  * (streams, unique id, groups, environment) see docs/nccl-migration.md.
  *
  * Buffers are host memory and every call is synchronous: when a collective returns,
- * the receive buffer holds the result. The stream argument must be NULL.
+ * the receive buffer holds the result. The stream argument must be NULL. Device buffers
+ * go through the hetcclDevice* calls at the end, ordered on a CUDA stream.
  *
  * Every function returns a hetcclResult_t; on failure hetcclGetLastError() returns a
  * message naming the call, the rank, the peer and the collective where relevant.
@@ -85,7 +86,8 @@ typedef enum {
   hetcclNumOps = 5
 } hetcclRedOp_t;
 
-/* Must be NULL: the collectives move host buffers only. */
+/* A cudaStream_t (CUstream). Must be NULL in the host collectives; the device ones
+ * order their work on it (NULL: the legacy default stream). */
 typedef void* hetcclStream_t;
 
 /* Library version as HETCCL_VERSION_CODE encodes it. */
@@ -211,6 +213,40 @@ hetcclResult_t hetcclRecv(void* recvbuff, size_t count, hetcclDataType_t datatyp
  * hetcclGroupEnd returns that error. Group state is per thread. */
 hetcclResult_t hetcclGroupStart(void);
 hetcclResult_t hetcclGroupEnd(void);
+
+/* Device collectives (libhetccl built with the cuda feature; otherwise every call below
+ * returns hetcclUnhandledCudaError saying so). A device communicator is made on a host
+ * communicator for one CUDA device of this process (its primary context, the CUDA
+ * runtime's); every rank makes one and then makes the same device calls in the same
+ * order, which run their agreement through the host communicator. Buffers are device
+ * memory of that GPU; each call starts after the work queued on `stream` before it, work
+ * queued there afterwards waits for it, and it returns once the result is in recvbuff.
+ * A buffer smaller than the count is refused, naming its allocation's size. Reductions
+ * take float32, float16 and bfloat16 (computed in f32); broadcast and all-gather take
+ * every datatype. Device calls cannot be part of a group. Destroy a device communicator
+ * before its host communicator. */
+typedef struct hetcclDeviceComm* hetcclDeviceComm_t;
+
+hetcclResult_t hetcclDeviceCommInit(hetcclDeviceComm_t* dcomm, hetcclComm_t comm, int device);
+hetcclResult_t hetcclDeviceCommDestroy(hetcclDeviceComm_t dcomm);
+
+/* Layouts as the host calls', out of place or in place (sendbuff == recvbuff). */
+hetcclResult_t hetcclDeviceAllReduce(const void* sendbuff, void* recvbuff, size_t count,
+                                     hetcclDataType_t datatype, hetcclRedOp_t op,
+                                     hetcclDeviceComm_t dcomm, hetcclStream_t stream);
+hetcclResult_t hetcclDeviceBroadcast(const void* sendbuff, void* recvbuff, size_t count,
+                                     hetcclDataType_t datatype, int root,
+                                     hetcclDeviceComm_t dcomm, hetcclStream_t stream);
+hetcclResult_t hetcclDeviceReduce(const void* sendbuff, void* recvbuff, size_t count,
+                                  hetcclDataType_t datatype, hetcclRedOp_t op, int root,
+                                  hetcclDeviceComm_t dcomm, hetcclStream_t stream);
+hetcclResult_t hetcclDeviceAllGather(const void* sendbuff, void* recvbuff, size_t sendcount,
+                                     hetcclDataType_t datatype, hetcclDeviceComm_t dcomm,
+                                     hetcclStream_t stream);
+hetcclResult_t hetcclDeviceReduceScatter(const void* sendbuff, void* recvbuff,
+                                         size_t recvcount, hetcclDataType_t datatype,
+                                         hetcclRedOp_t op, hetcclDeviceComm_t dcomm,
+                                         hetcclStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -343,14 +343,98 @@ fn non_null_stream_needs_the_cuda_feature() {
         &format!(
             "invalid argument to hetcclAllReduce: stream 0x7f00 is not NULL; {}",
             if cfg!(feature = "cuda") {
-                "the C API's collectives work on host buffers only for now; device buffers and \
-                 CUDA streams are not supported yet"
+                "the host collectives take host buffers; device buffers and their CUDA stream \
+                 go through the hetcclDevice* calls (hetcclDeviceCommInit)"
             } else {
                 "this build of hetccl works on host buffers only, device buffers and CUDA \
-                 streams need hetccl built with the cuda feature"
+                 streams need hetccl built with the cuda feature (the hetcclDevice* calls)"
             }
         ),
     );
+    ok(hetcclCommDestroy(c));
+}
+
+/// The device calls where no GPU can be used (no `cuda` feature, or no driver): each
+/// fails with the reason, after the argument and group checks every build makes. With
+/// a GPU the device calls are checked by `hetccl-gpu-check --capi` (tools/).
+#[test]
+fn device_calls_without_a_usable_gpu_say_why() {
+    let why = match hetccl::device::available() {
+        Ok(n) => {
+            hetccl_testkit::skip(&format!(
+                "{n} GPU(s) usable: the device calls are checked on them by hetccl-gpu-check"
+            ));
+            return;
+        }
+        Err(why) => why,
+    };
+    let c = solo();
+    let mut d: hetcclDeviceComm_t = null_mut();
+    // SAFETY (this block): valid out-parameters; no buffer is touched.
+    unsafe {
+        fails(
+            hetcclDeviceCommInit(null_mut(), c, 0),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclDeviceCommInit: dcomm is NULL",
+        );
+        ok(hetcclGroupStart());
+        fails(
+            hetcclDeviceCommInit(&mut d, c, 0),
+            hetcclInvalidUsage,
+            "invalid use of hetcclDeviceCommInit: device calls cannot be part of a group; call \
+             it outside hetcclGroupStart / hetcclGroupEnd",
+        );
+        ok(hetcclGroupEnd());
+        fails(
+            hetcclDeviceCommInit(&mut d, c, -1),
+            hetcclInvalidArgument,
+            "invalid argument to hetcclDeviceCommInit: device -1 is negative",
+        );
+        fails(
+            hetcclDeviceCommInit(&mut d, c, 0),
+            hetcclUnhandledCudaError,
+            &format!(
+                "device: {}: {why}",
+                if cfg!(feature = "cuda") {
+                    "open device 0"
+                } else {
+                    "hetcclDeviceCommInit"
+                }
+            ),
+        );
+        assert!(d.is_null(), "no handle is written when init fails");
+        let mut x = [1.0f32; 4];
+        let p = x.as_mut_ptr() as *mut c_void;
+        let r = hetcclDeviceAllReduce(p, p, 4, F32, SUM, null_mut(), null_mut());
+        if cfg!(feature = "cuda") {
+            fails(
+                r,
+                hetcclInvalidArgument,
+                "invalid argument to hetcclDeviceAllReduce: dcomm is NULL",
+            );
+            // A host communicator's handle is not a device communicator's.
+            fails(
+                hetcclDeviceAllReduce(p, p, 4, F32, SUM, c as hetcclDeviceComm_t, null_mut()),
+                hetcclInvalidArgument,
+                &format!(
+                    "invalid argument to hetcclDeviceAllReduce: dcomm {c:p} is not a live \
+                     device communicator (it was destroyed, or never created)"
+                ),
+            );
+        } else {
+            fails(
+                r,
+                hetcclUnhandledCudaError,
+                &format!("device: hetcclDeviceAllReduce: {why}"),
+            );
+        }
+    }
+    fails(
+        hetcclDeviceCommDestroy(null_mut()),
+        hetcclInvalidArgument,
+        "invalid argument to hetcclDeviceCommDestroy: dcomm is NULL",
+    );
+    assert_eq!(hetccl::capi::device::live_count(), 0);
     ok(hetcclCommDestroy(c));
 }
 

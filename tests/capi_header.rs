@@ -21,7 +21,7 @@ use hetccl::capi::{self, ops, status, unique_id, *};
 use syn::{ForeignItem, Item, ReturnType, Type};
 
 /// The functions the header declares (and the library exports).
-const FUNCTIONS: usize = 24;
+const FUNCTIONS: usize = 31;
 
 fn header_path() -> PathBuf {
     root().join("bindings/hetccl.h")
@@ -294,6 +294,11 @@ fn header_declares_the_functions_of_src_capi_with_their_types() {
         header["hetcclGroupEnd"].to_string(),
         "(void) -> hetcclResult_t"
     );
+    assert_eq!(
+        header["hetcclDeviceAllReduce"].to_string(),
+        "(const void*, void*, size_t, hetcclDataType_t, hetcclRedOp_t, hetcclDeviceComm_t, \
+         hetcclStream_t) -> hetcclResult_t"
+    );
 }
 
 #[test]
@@ -458,6 +463,8 @@ fn header_declares_the_types_of_src_capi() {
             "hetcclComm",
             "hetcclComm_t",
             "hetcclDataType_t",
+            "hetcclDeviceComm",
+            "hetcclDeviceComm_t",
             "hetcclMetrics_t",
             "hetcclRedOp_t",
             "hetcclResult_t",
@@ -555,7 +562,17 @@ int main(void) {
   if (hetcclCommDestroy(NULL) != hetcclInvalidArgument) return 2;
   if (hetcclGetLastError(NULL)[0] == '\0') return 3;
   (void)hetcclGetErrorString(hetcclTimeout);
+  /* Device calls fail cleanly without a device communicator (and without a GPU). */
+  hetcclDeviceComm_t dcomm = NULL;
+  if (hetcclDeviceCommInit(NULL, comm, 0) != hetcclInvalidArgument) return 4;
+  if (hetcclDeviceCommDestroy(dcomm) == hetcclSuccess) return 5;
+  if (hetcclDeviceAllReduce(NULL, NULL, 0, hetcclFloat, hetcclSum, dcomm, NULL) == hetcclSuccess) return 6;
   if (0) {
+    (void)hetcclDeviceCommInit(&dcomm, comm, 0);
+    (void)hetcclDeviceBroadcast(NULL, NULL, 0, hetcclFloat, 0, dcomm, NULL);
+    (void)hetcclDeviceReduce(NULL, NULL, 0, hetcclFloat, hetcclSum, 0, dcomm, NULL);
+    (void)hetcclDeviceAllGather(NULL, NULL, 0, hetcclFloat, dcomm, NULL);
+    (void)hetcclDeviceReduceScatter(NULL, NULL, 0, hetcclFloat, hetcclSum, dcomm, NULL);
     (void)hetcclGetUniqueId(&id);
     (void)hetcclCommInitRank(&comm, 1, id, 0);
     (void)hetcclGetUniqueIdAt(&id, NULL, 0, 0);

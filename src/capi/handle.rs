@@ -31,60 +31,113 @@ pub struct Entry {
     /// Number of ranks.
     pub world_size: usize,
     /// The communicator. Like an NCCL communicator it must not be driven by two
-    /// threads at once: the order of their calls would differ between ranks.
-    pub comm: Communicator,
+    /// threads at once: the order of their calls would differ between ranks. Shared with
+    /// the device communicators made on it (`hetcclDeviceCommInit`).
+    pub comm: Arc<Communicator>,
 }
 
-static LIVE: Mutex<BTreeMap<usize, Arc<Entry>>> = Mutex::new(BTreeMap::new());
+/// Live objects behind one kind of C handle, by token.
+pub(crate) struct Registry<E> {
+    live: Mutex<BTreeMap<usize, Arc<E>>>,
+    /// What a stale handle is not ("communicator", "device communicator").
+    kind: &'static str,
+}
 
 // Token values step by 16 from 0x10, so they look like aligned addresses in a debugger
-// and the low bits being set betrays a corrupted handle at a glance.
+// and the low bits being set betrays a corrupted handle at a glance. One counter serves
+// every kind of handle, so a handle of one kind is never a live one of another.
 static NEXT: AtomicUsize = AtomicUsize::new(1);
 
-fn live() -> MutexGuard<'static, BTreeMap<usize, Arc<Entry>>> {
-    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+impl<E> Registry<E> {
+    pub(crate) const fn new(kind: &'static str) -> Self {
+        Registry {
+            live: Mutex::new(BTreeMap::new()),
+            kind,
+        }
+    }
+
+    fn live(&self) -> MutexGuard<'_, BTreeMap<usize, Arc<E>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `entry` and returns its new token.
+    pub(crate) fn insert(&self, entry: E) -> usize {
+        let token = NEXT.fetch_add(1, Ordering::Relaxed) << 4;
+        self.live().insert(token, Arc::new(entry));
+        token
+    }
+
+    /// The entry behind `token`, for one call of C function `func`; `name` is the
+    /// argument's name in errors.
+    pub(crate) fn lookup(
+        &self,
+        func: &'static str,
+        name: &str,
+        token: usize,
+    ) -> Result<Arc<E>, Failure> {
+        if token == 0 {
+            return Err(Failure::invalid(func, format!("{name} is NULL")));
+        }
+        self.live()
+            .get(&token)
+            .cloned()
+            .ok_or_else(|| Failure::invalid(func, self.not_live(name, token)))
+    }
+
+    /// Removes `token`; the entry is dropped once calls still running on other threads
+    /// have returned.
+    pub(crate) fn remove(
+        &self,
+        func: &'static str,
+        name: &str,
+        token: usize,
+    ) -> Result<Arc<E>, Failure> {
+        if token == 0 {
+            return Err(Failure::invalid(func, format!("{name} is NULL")));
+        }
+        self.live()
+            .remove(&token)
+            .ok_or_else(|| Failure::invalid(func, self.not_live(name, token)))
+    }
+
+    fn not_live(&self, name: &str, token: usize) -> String {
+        format!(
+            "{name} {:p} is not a live {} (it was destroyed, or never created)",
+            token as *const u8, self.kind
+        )
+    }
+
+    /// Number of live entries.
+    pub(crate) fn len(&self) -> usize {
+        self.live().len()
+    }
 }
+
+static LIVE: Registry<Entry> = Registry::new("communicator");
 
 /// Registers a communicator and returns its new handle. Embedders that built a
 /// [`Communicator`] in Rust can hand it to C code this way.
 pub fn register(comm: Communicator) -> hetcclComm_t {
-    let token = NEXT.fetch_add(1, Ordering::Relaxed) << 4;
     let entry = Entry {
         rank: comm.rank(),
         world_size: comm.world_size(),
-        comm,
+        comm: Arc::new(comm),
     };
-    live().insert(token, Arc::new(entry));
-    token as hetcclComm_t
+    LIVE.insert(entry) as hetcclComm_t
 }
 
 /// The communicator behind a handle, for one call of C function `func`.
 pub fn lookup(func: &'static str, h: hetcclComm_t) -> Result<Arc<Entry>, Failure> {
-    if h.is_null() {
-        return Err(Failure::invalid(func, "comm is NULL"));
-    }
-    live()
-        .get(&(h as usize))
-        .cloned()
-        .ok_or_else(|| Failure::invalid(func, not_live(h)))
+    LIVE.lookup(func, "comm", h as usize)
 }
 
 /// Removes a handle; the communicator shuts down once calls still running on other
-/// threads have returned.
+/// threads have returned (and the device communicators made on it are destroyed).
 pub fn unregister(func: &'static str, h: hetcclComm_t) -> Result<Arc<Entry>, Failure> {
-    if h.is_null() {
-        return Err(Failure::invalid(func, "comm is NULL"));
-    }
-    live()
-        .remove(&(h as usize))
-        .ok_or_else(|| Failure::invalid(func, not_live(h)))
-}
-
-fn not_live(h: hetcclComm_t) -> String {
-    format!("comm {h:p} is not a live communicator (it was destroyed, or never created)")
+    LIVE.remove(func, "comm", h as usize)
 }
 
 /// Number of live communicators (tests check destroy releases them).
 pub fn live_count() -> usize {
-    live().len()
+    LIVE.len()
 }

@@ -14,6 +14,7 @@
 
 #![allow(non_snake_case)]
 
+pub mod device;
 pub mod group;
 pub mod handle;
 pub mod metrics;
@@ -23,6 +24,11 @@ pub mod unique_id;
 
 use std::ffi::{c_char, c_int, c_void};
 
+pub use device::{
+    hetcclDeviceAllGather, hetcclDeviceAllReduce, hetcclDeviceBroadcast, hetcclDeviceComm,
+    hetcclDeviceCommDestroy, hetcclDeviceCommInit, hetcclDeviceComm_t, hetcclDeviceReduce,
+    hetcclDeviceReduceScatter,
+};
 pub use handle::{hetcclComm, hetcclComm_t, register};
 pub use metrics::hetcclMetrics_t;
 pub use ops::{hetcclDataType_t, hetcclRedOp_t, hetcclStream_t};

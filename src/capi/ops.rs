@@ -199,14 +199,14 @@ pub fn redop_arg(func: &'static str, v: hetcclRedOp_t) -> Result<ReduceOp, Failu
 
 /// Why a non-NULL stream is refused, by build.
 pub const STREAM_REFUSAL: &str = if cfg!(feature = "cuda") {
-    "the C API's collectives work on host buffers only for now; device buffers and CUDA \
-     streams are not supported yet"
+    "the host collectives take host buffers; device buffers and their CUDA stream go \
+     through the hetcclDevice* calls (hetcclDeviceCommInit)"
 } else {
     "this build of hetccl works on host buffers only, device buffers and CUDA streams need \
-     hetccl built with the cuda feature"
+     hetccl built with the cuda feature (the hetcclDevice* calls)"
 };
 
-/// Refuses device streams: collectives move host memory only.
+/// Refuses device streams: the host collectives move host memory only.
 pub fn stream_arg(func: &'static str, s: hetcclStream_t) -> Result<(), Failure> {
     if s.is_null() {
         return Ok(());

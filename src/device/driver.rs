@@ -15,6 +15,9 @@
 //! memset_d32_async, copy_dtoh_async, copy_dtod_async     async copies on raw device addresses
 //! stream_write_u32, stream_wait_geq_u32                  stream memory operations (device fences)
 //! stream_idle    cuStreamQuery
+//! allocation_of  cuMemGetAddressRange,          the allocation a caller's address lies in, and
+//!                cuPointerGetAttribute          its device
+//! borrow_stream  (none)                         a caller's CUstream, which cudarc only wraps
 //! device_count   cuInit, cuDeviceGetCount, after checking that libcuda can be loaded
 //! ```
 //!
@@ -517,6 +520,43 @@ pub(super) unsafe fn stream_wait_geq_u32(
     }
     .result()
     .map_err(call("cuStreamWaitValue32"))
+}
+
+/// The allocation that holds a caller's device address: its first byte, its size in
+/// bytes, and the ordinal of the device it lives on (`cuMemGetAddressRange`,
+/// `cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)`). Fails for host memory
+/// and for addresses no allocation covers. The context must be bound.
+pub(super) fn allocation_of(
+    addr: DeviceAddr,
+) -> std::result::Result<(DeviceAddr, usize, i32), CallError> {
+    let (mut base, mut size): (DeviceAddr, usize) = (0, 0);
+    // SAFETY: the driver only looks the address up and writes the two out-values.
+    unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }
+        .result()
+        .map_err(call("cuMemGetAddressRange"))?;
+    let mut ordinal: i32 = -1;
+    // SAFETY: as above; DEVICE_ORDINAL writes one int.
+    unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut i32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            addr,
+        )
+    }
+    .result()
+    .map_err(call("cuPointerGetAttribute"))?;
+    Ok((base, size, ordinal))
+}
+
+/// A caller's stream (a `cudaStream_t`/`CUstream` of `ctx`; NULL is the legacy default
+/// stream) as a cudarc stream that is never destroyed by hetccl.
+///
+/// # Safety
+/// `raw` must be NULL, `CU_STREAM_PER_THREAD`, or a live stream of `ctx` that outlives
+/// the returned handle and everything it is given to.
+pub(super) unsafe fn borrow_stream(ctx: &Arc<CudaContext>, raw: *mut c_void) -> Arc<CudaStream> {
+    // SAFETY: forwarded to the caller.
+    unsafe { ctx.wrap_borrowed_stream(raw.cast()) }
 }
 
 /// Whether `stream` has run everything queued on it (`cuStreamQuery`), without waiting.

@@ -33,6 +33,8 @@
 //! hier.rs, traffic.rs     the device fences between its phases; the staged path; the
 //!                         hierarchical all-reduce across hosts; the bytes each call
 //!                         moves per link class (pure, no CUDA type)
+//! foreign.rs              the caller's own device buffers (checked against their
+//!                         allocation) and streams (ordered with hetccl's own)
 //! context.rs, kernels.rs  Device, Stream, the kernel table, the one launch prologue and
 //!                         the typed launchers
 //! driver.rs               every raw driver call: device and pinned memory and IPC
@@ -53,6 +55,8 @@ mod context;
 mod driver;
 #[cfg(feature = "cuda")]
 mod fence;
+#[cfg(feature = "cuda")]
+mod foreign;
 #[cfg(feature = "cuda")]
 mod hier;
 #[cfg(feature = "cuda")]
@@ -83,6 +87,8 @@ pub use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
+#[cfg(feature = "cuda")]
+pub use foreign::{ForeignBuf, ForeignStream};
 #[cfg(feature = "cuda")]
 pub use kernels::*;
 #[cfg(feature = "cuda")]

@@ -1,0 +1,591 @@
+//! The C API's device collectives: `hetcclDeviceComm_t`, made on a host communicator for
+//! one GPU of the process, and the collectives on device buffers of that GPU, ordered on
+//! the caller's CUDA stream as NCCL's are.
+//!
+//! Every rank makes one (`hetcclDeviceCommInit`) and then makes the same device calls in
+//! the same order; they run their agreement through the host communicator, so they are
+//! ordered with the host collectives on it as well. A call starts after the work queued
+//! on its `stream` before the call (NULL: the legacy default stream), work queued there
+//! afterwards waits for it, and, like the host calls, it returns once the result is in
+//! the receive buffer. Each buffer is checked against the allocation it lies in and
+//! against the communicator's device, so a count larger than a buffer is refused naming
+//! the buffer and its size. The reductions take float32, float16 and bfloat16 (computed
+//! in f32, rounded once); broadcast and all-gather move every datatype. Device calls are
+//! not part of groups: inside `hetcclGroupStart` / `hetcclGroupEnd` they are refused.
+//!
+//! In a build without the `cuda` feature every function is there and fails with
+//! `hetcclUnhandledCudaError`, saying so.
+
+use std::ffi::{c_int, c_void};
+
+use super::group;
+use super::handle::{self, hetcclComm_t, Registry};
+#[cfg(feature = "cuda")]
+use super::ops::{dtype_arg, rank_arg, redop_arg};
+use super::ops::{hetcclDataType_t, hetcclRedOp_t, hetcclStream_t};
+use super::status::{guard, hetcclResult_t, Failure};
+#[cfg(feature = "cuda")]
+use crate::dtype::DataType;
+
+/// The opaque type behind `hetcclDeviceComm_t` (never instantiated).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+pub struct hetcclDeviceComm {
+    _opaque: [u8; 0],
+}
+
+/// `hetcclDeviceComm_t`: a device communicator handle as C sees it (a token, like
+/// `hetcclComm_t`).
+#[allow(non_camel_case_types)]
+pub type hetcclDeviceComm_t = *mut hetcclDeviceComm;
+
+#[cfg(feature = "cuda")]
+mod live {
+    use std::sync::Mutex;
+
+    use crate::device::{Device, DeviceComm, Stream};
+
+    /// A device communicator with the device it was opened on and hetccl's own stream
+    /// there, on which its collectives run.
+    pub(super) struct Live {
+        pub(super) comm: DeviceComm,
+        pub(super) device: Device,
+        pub(super) stream: Stream,
+        pub(super) world_size: usize,
+        pub(super) rank: usize,
+    }
+
+    pub(super) type Slot = Mutex<Live>;
+}
+#[cfg(not(feature = "cuda"))]
+mod live {
+    /// Never made: without the `cuda` feature no device communicator exists.
+    pub(super) enum Slot {}
+}
+
+static LIVE: Registry<live::Slot> = Registry::new("device communicator");
+
+/// Number of live device communicators (tests check destroy releases them).
+pub fn live_count() -> usize {
+    LIVE.len()
+}
+
+/// The refusal of device calls inside a group.
+fn not_in_group(func: &'static str) -> Result<(), Failure> {
+    if group::active() {
+        return Err(Failure::usage(
+            func,
+            "device calls cannot be part of a group; call it outside hetcclGroupStart / \
+             hetcclGroupEnd",
+        ));
+    }
+    Ok(())
+}
+
+/// Why this build has no device collectives, as the failure of `func`.
+#[cfg(not(feature = "cuda"))]
+fn no_cuda(func: &'static str) -> Failure {
+    crate::error::Error::Device {
+        op: func.to_string(),
+        detail: crate::device::available().err().unwrap_or_default(),
+    }
+    .into()
+}
+
+/// Makes a device communicator over `comm` for CUDA device `device` of this process
+/// (its primary context, the one the CUDA runtime uses). Every rank calls it; it
+/// exchanges nothing yet. Destroy it (`hetcclDeviceCommDestroy`) before `comm`.
+///
+/// # Safety
+/// `dcomm` must be NULL or point at a writable `hetcclDeviceComm_t`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceCommInit(
+    dcomm: *mut hetcclDeviceComm_t,
+    comm: hetcclComm_t,
+    device: c_int,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceCommInit";
+    guard(F, || {
+        if dcomm.is_null() {
+            return Err(Failure::invalid(F, "dcomm is NULL"));
+        }
+        not_in_group(F)?;
+        let c = handle::lookup(F, comm)?;
+        let ordinal = usize::try_from(device)
+            .map_err(|_| Failure::invalid(F, format!("device {device} is negative")))?;
+        #[cfg(feature = "cuda")]
+        {
+            use crate::device::{Device, DeviceComm};
+            let dev = Device::open(ordinal)?;
+            let stream = dev.new_stream()?;
+            let dc = DeviceComm::new(c.comm.clone(), &dev)?;
+            let token = LIVE.insert(std::sync::Mutex::new(live::Live {
+                comm: dc,
+                device: dev,
+                stream,
+                world_size: c.world_size,
+                rank: c.rank,
+            }));
+            tracing::debug!(target: "hetccl::capi", rank = c.rank, device = ordinal,
+                            "device communicator {:p} made", token as *const u8);
+            // SAFETY: non-NULL; the caller promises a writable handle.
+            unsafe { dcomm.write(token as hetcclDeviceComm_t) };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (c, ordinal);
+            Err(no_cuda(F))
+        }
+    })
+}
+
+/// Releases a device communicator and its device resources. The handle is invalid
+/// afterwards; calls still running on other threads finish first.
+#[no_mangle]
+pub extern "C" fn hetcclDeviceCommDestroy(dcomm: hetcclDeviceComm_t) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceCommDestroy";
+    guard(F, || {
+        LIVE.remove(F, "dcomm", dcomm as usize)?;
+        Ok(())
+    })
+}
+
+/// The arguments every device collective shares, checked.
+#[cfg(feature = "cuda")]
+struct Args {
+    func: &'static str,
+    dtype: DataType,
+    stream: hetcclStream_t,
+    slot: std::sync::Arc<live::Slot>,
+}
+
+#[cfg(feature = "cuda")]
+fn args(
+    func: &'static str,
+    dcomm: hetcclDeviceComm_t,
+    datatype: hetcclDataType_t,
+    stream: hetcclStream_t,
+) -> Result<Args, Failure> {
+    not_in_group(func)?;
+    let slot = LIVE.lookup(func, "dcomm", dcomm as usize)?;
+    let dtype = dtype_arg(func, datatype)?;
+    Ok(Args {
+        func,
+        dtype,
+        stream,
+        slot,
+    })
+}
+
+/// A reduction's datatype: the GPU reductions take float32, float16 and bfloat16.
+#[cfg(feature = "cuda")]
+fn reducible(func: &'static str, dtype: DataType) -> Result<(), Failure> {
+    match dtype {
+        DataType::F32 | DataType::F16 | DataType::Bf16 => Ok(()),
+        other => Err(Failure::invalid(
+            func,
+            format!("device reductions take float32, float16 and bfloat16, not {other}"),
+        )),
+    }
+}
+
+/// Refuses two buffers (of `sb` and `rb` bytes) that overlap without being the same
+/// buffer (in place).
+#[cfg(feature = "cuda")]
+fn apart(
+    func: &'static str,
+    send: *const c_void,
+    recv: *const c_void,
+    sb: usize,
+    rb: usize,
+) -> Result<(), Failure> {
+    let (s, r) = (send as usize, recv as usize);
+    if s != r && s < r.saturating_add(rb) && r < s.saturating_add(sb) {
+        return Err(Failure::invalid(
+            func,
+            format!(
+                "sendbuff {send:p} ({sb} bytes) and recvbuff {recv:p} ({rb} bytes) overlap \
+                 without being the same buffer"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `$body` with `$T` the Rust type of a reduction's datatype (float32, float16,
+/// bfloat16; the caller has checked it with [`reducible`]).
+#[cfg(feature = "cuda")]
+macro_rules! reducing {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            DataType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            DataType::Bf16 => {
+                type $T = half::bf16;
+                $body
+            }
+            _ => {
+                type $T = f32;
+                $body
+            }
+        }
+    };
+}
+
+#[cfg(feature = "cuda")]
+mod run {
+    //! The typed bodies: each wraps the caller's pointers and runs the
+    //! [`DeviceComm`](crate::device::DeviceComm) collective on them.
+    use std::ffi::c_void;
+
+    use super::{Args, Failure};
+    use crate::device::{DeviceComm, DeviceRepr, ForeignBuf, ForeignStream, GpuElement, Stream};
+    use crate::dtype::{Element, ReduceOp};
+    use crate::error::Result;
+
+    /// Where a call runs: the device communicator, hetccl's stream, this rank and the
+    /// number of ranks.
+    pub(super) struct On<'a> {
+        pub(super) comm: &'a mut DeviceComm,
+        pub(super) stream: &'a Stream,
+        pub(super) func: &'static str,
+        pub(super) rank: usize,
+        pub(super) world_size: usize,
+    }
+
+    /// Locks the device communicator and runs `f` on hetccl's stream, ordered with the
+    /// caller's stream.
+    pub(super) fn on_stream(a: &Args, f: impl FnOnce(On<'_>) -> Result<()>) -> Result<(), Failure> {
+        let mut guard = a.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let live = &mut *guard;
+        // SAFETY: the C API's contract: the stream is NULL or a live stream of the
+        // communicator's device, alive until the call returns.
+        let theirs = unsafe { ForeignStream::new(&live.device, a.stream) };
+        let (rank, world_size) = (live.rank, live.world_size);
+        let comm = &mut live.comm;
+        theirs
+            .around(&live.stream, |stream| {
+                f(On {
+                    comm,
+                    stream,
+                    func: a.func,
+                    rank,
+                    world_size,
+                })
+            })
+            .map_err(Failure::from)
+    }
+
+    impl On<'_> {
+        /// `len` elements at `p`, checked against their allocation.
+        ///
+        /// # Safety
+        /// The C API's contract on the buffer: valid until the call returns.
+        unsafe fn buf<T>(&self, what: &str, p: *const c_void, len: usize) -> Result<ForeignBuf<T>> {
+            // SAFETY: forwarded.
+            unsafe { ForeignBuf::new(self.stream, self.func, what, p as u64, len) }
+        }
+
+        /// # Safety
+        /// The C API's contract on the buffers.
+        pub(super) unsafe fn all_reduce<T: GpuElement>(
+            self,
+            send: *const c_void,
+            recv: *mut c_void,
+            count: usize,
+            op: ReduceOp,
+        ) -> Result<()> {
+            // SAFETY (both): forwarded.
+            let mut r = unsafe { self.buf::<T>("recvbuff", recv, count) }?;
+            if std::ptr::eq(send, recv) {
+                return self.comm.all_reduce(self.stream, &mut r, op);
+            }
+            let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
+            self.comm.all_reduce_into(self.stream, &sb, &mut r, op)
+        }
+
+        /// # Safety
+        /// The C API's contract on the buffers (`recv` only on the root).
+        pub(super) unsafe fn reduce<T: GpuElement>(
+            self,
+            send: *const c_void,
+            recv: *mut c_void,
+            count: usize,
+            op: ReduceOp,
+            root: usize,
+        ) -> Result<()> {
+            let kept = if self.rank == root { count } else { 0 };
+            // SAFETY (both): forwarded.
+            let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
+            let mut r = unsafe { self.buf::<T>("recvbuff", recv, kept) }?;
+            self.comm.reduce(self.stream, &sb, &mut r, op, root)
+        }
+
+        /// # Safety
+        /// The C API's contract on the buffers.
+        pub(super) unsafe fn reduce_scatter<T: GpuElement>(
+            self,
+            send: *const c_void,
+            recv: *mut c_void,
+            recvcount: usize,
+            op: ReduceOp,
+        ) -> Result<()> {
+            // SAFETY (both): forwarded.
+            let sb = unsafe { self.buf::<T>("sendbuff", send, recvcount * self.world_size) }?;
+            let mut r = unsafe { self.buf::<T>("recvbuff", recv, recvcount) }?;
+            self.comm.reduce_scatter(self.stream, &sb, &mut r, op)
+        }
+
+        /// # Safety
+        /// The C API's contract on the buffers (`send` only on the root).
+        pub(super) unsafe fn broadcast<T: Element + DeviceRepr>(
+            self,
+            send: *const c_void,
+            recv: *mut c_void,
+            count: usize,
+            root: usize,
+        ) -> Result<()> {
+            // SAFETY (both): forwarded.
+            let mut r = unsafe { self.buf::<T>("recvbuff", recv, count) }?;
+            if self.rank == root && !std::ptr::eq(send, recv) {
+                let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
+                self.stream.copy(&sb, &mut r)?;
+            }
+            self.comm.broadcast(self.stream, &mut r, root)
+        }
+
+        /// # Safety
+        /// The C API's contract on the buffers.
+        pub(super) unsafe fn all_gather<T: Element + DeviceRepr>(
+            self,
+            send: *const c_void,
+            recv: *mut c_void,
+            sendcount: usize,
+        ) -> Result<()> {
+            // SAFETY (both): forwarded.
+            let sb = unsafe { self.buf::<T>("sendbuff", send, sendcount) }?;
+            let mut r = unsafe { self.buf::<T>("recvbuff", recv, sendcount * self.world_size) }?;
+            self.comm.all_gather(self.stream, &sb, &mut r)
+        }
+    }
+}
+
+/// `count * n`, or the overflow named.
+#[cfg(feature = "cuda")]
+fn times(func: &'static str, count: usize, n: usize) -> Result<usize, Failure> {
+    super::ops::times_ranks(func, count, n)
+}
+
+/// This rank and the number of ranks of a device communicator.
+#[cfg(feature = "cuda")]
+fn world_of(a: &Args) -> (usize, usize) {
+    let live = a.slot.lock().unwrap_or_else(|p| p.into_inner());
+    (live.rank, live.world_size)
+}
+
+/// Device all-reduce: `recvbuff` becomes the reduction of every rank's `sendbuff`
+/// (`count` elements each; in place when the two are the same).
+///
+/// # Safety
+/// Both buffers must be device memory of the communicator's GPU holding `count`
+/// elements, valid and untouched by other work until the call returns; `stream` NULL
+/// or a live stream of that device.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceAllReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    dcomm: hetcclDeviceComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceAllReduce";
+    guard(F, || {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (sendbuff, recvbuff, count, datatype, op, dcomm, stream);
+            Err(no_cuda(F))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let a = args(F, dcomm, datatype, stream)?;
+            let op = redop_arg(F, op)?;
+            reducible(F, a.dtype)?;
+            let b = times(F, count, a.dtype.size())?;
+            apart(F, sendbuff, recvbuff, b, b)?;
+            // SAFETY: the caller's contract on the buffers.
+            run::on_stream(
+                &a,
+                |on| reducing!(a.dtype, T => unsafe { on.all_reduce::<T>(sendbuff, recvbuff, count, op) }),
+            )
+        }
+    })
+}
+
+/// Device broadcast: every rank's `recvbuff` becomes `root`'s `sendbuff` (`count`
+/// elements; in place when the two are the same; `sendbuff` is read on the root only).
+///
+/// # Safety
+/// As [`hetcclDeviceAllReduce`] (`sendbuff` on the root only).
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceBroadcast(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    root: c_int,
+    dcomm: hetcclDeviceComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceBroadcast";
+    guard(F, || {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (sendbuff, recvbuff, count, datatype, root, dcomm, stream);
+            Err(no_cuda(F))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let a = args(F, dcomm, datatype, stream)?;
+            let (rank, n) = world_of(&a);
+            let root = rank_arg(F, "root", root, n)?;
+            if rank == root {
+                let b = times(F, count, a.dtype.size())?;
+                apart(F, sendbuff, recvbuff, b, b)?;
+            }
+            // SAFETY: the caller's contract on the buffers.
+            run::on_stream(&a, |on| {
+                crate::dispatch_dtype!(a.dtype, T => unsafe {
+                    on.broadcast::<T>(sendbuff, recvbuff, count, root)
+                })
+            })
+        }
+    })
+}
+
+/// Device reduce: `root`'s `recvbuff` becomes the reduction of every rank's `sendbuff`
+/// (`count` elements each); the other ranks' `recvbuff` is not touched and may be NULL.
+///
+/// # Safety
+/// As [`hetcclDeviceAllReduce`] (`recvbuff` on the root only).
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    root: c_int,
+    dcomm: hetcclDeviceComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceReduce";
+    guard(F, || {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (sendbuff, recvbuff, count, datatype, op, root, dcomm, stream);
+            Err(no_cuda(F))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let a = args(F, dcomm, datatype, stream)?;
+            let op = redop_arg(F, op)?;
+            reducible(F, a.dtype)?;
+            let (rank, n) = world_of(&a);
+            let root = rank_arg(F, "root", root, n)?;
+            if rank == root {
+                let b = times(F, count, a.dtype.size())?;
+                apart(F, sendbuff, recvbuff, b, b)?;
+            }
+            // SAFETY: the caller's contract on the buffers.
+            run::on_stream(&a, |on| {
+                reducing!(a.dtype, T => unsafe {
+                    on.reduce::<T>(sendbuff, recvbuff, count, op, root)
+                })
+            })
+        }
+    })
+}
+
+/// Device all-gather: rank `q`'s `sendbuff` (`sendcount` elements) lands at elements
+/// `[q * sendcount, (q + 1) * sendcount)` of every rank's `recvbuff`.
+///
+/// # Safety
+/// As [`hetcclDeviceAllReduce`], `recvbuff` holding `sendcount` times the number of
+/// ranks.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceAllGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: hetcclDataType_t,
+    dcomm: hetcclDeviceComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceAllGather";
+    guard(F, || {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (sendbuff, recvbuff, sendcount, datatype, dcomm, stream);
+            Err(no_cuda(F))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let a = args(F, dcomm, datatype, stream)?;
+            let (_, n) = world_of(&a);
+            let sb = times(F, sendcount, a.dtype.size())?;
+            apart(F, sendbuff, recvbuff, sb, times(F, sb, n)?)?;
+            // SAFETY: the caller's contract on the buffers.
+            run::on_stream(&a, |on| {
+                crate::dispatch_dtype!(a.dtype, T => unsafe {
+                    on.all_gather::<T>(sendbuff, recvbuff, sendcount)
+                })
+            })
+        }
+    })
+}
+
+/// Device reduce-scatter: `sendbuff` holds one block of `recvcount` elements per rank,
+/// and rank `r`'s `recvbuff` becomes block `r` reduced over every rank.
+///
+/// # Safety
+/// As [`hetcclDeviceAllReduce`], `sendbuff` holding `recvcount` times the number of
+/// ranks.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclDeviceReduceScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    recvcount: usize,
+    datatype: hetcclDataType_t,
+    op: hetcclRedOp_t,
+    dcomm: hetcclDeviceComm_t,
+    stream: hetcclStream_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclDeviceReduceScatter";
+    guard(F, || {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (sendbuff, recvbuff, recvcount, datatype, op, dcomm, stream);
+            Err(no_cuda(F))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let a = args(F, dcomm, datatype, stream)?;
+            let op = redop_arg(F, op)?;
+            reducible(F, a.dtype)?;
+            let (_, n) = world_of(&a);
+            let rb = times(F, recvcount, a.dtype.size())?;
+            apart(F, sendbuff, recvbuff, times(F, rb, n)?, rb)?;
+            // SAFETY: the caller's contract on the buffers.
+            run::on_stream(&a, |on| {
+                reducing!(a.dtype, T => unsafe {
+                    on.reduce_scatter::<T>(sendbuff, recvbuff, recvcount, op)
+                })
+            })
+        }
+    })
+}
