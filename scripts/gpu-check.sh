@@ -2,7 +2,7 @@
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
 # binary, the trainer's kernel, product and model tests among them, the device-collective check under the launcher with 2 and 4 ranks, a timed
-# sweep of the device all-reduce over both paths, the hierarchical device all-reduce
+# sweep of the device all-reduce over both paths, the C API's device calls, the hierarchical device all-reduce
 # against the flat staged one on 2 pretend hosts x 2 ranks, then hetccl-kernel-bench) and
 # prints a short table last.
 #
@@ -89,6 +89,26 @@ for n in 2 4; do
         tail -n 30 "$log"
     fi
 done
+
+# The C API's device calls (hetcclDevice*) on raw pointers and a stream of the program's.
+name="hetccl-gpu-check --capi n=2"
+log="$LOG/hetccl-gpu-check-capi.log"
+if [ -x "$BIN/hetccl" ] && [ -x "$BIN/hetccl-gpu-check" ]; then
+    HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$BIN/hetccl-gpu-check" --capi >"$log" 2>&1
+    rc=$?
+else
+    echo "hetccl or hetccl-gpu-check missing from $BIN" >"$log"
+    rc=127
+fi
+[ $rc -ne 0 ] && status=1
+result=$(grep -m1 '^\[rank 0\] rank 0/[0-9]*: [0-9]* C API checks passed' "$log" | sed 's/^\[rank 0\] //')
+[ -z "$result" ] && result=$(grep -o -m1 'skipping:.*' "$log")
+[ -z "$result" ] && result=$(grep -o -m1 'hetccl-gpu-check: .*' "$log")
+rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
+if [ $rc -ne 0 ]; then
+    echo "---- $name failed; last lines:"
+    tail -n 30 "$log"
+fi
 
 # compute-sanitizer: out-of-bounds and misaligned accesses (memcheck), reads of device
 # memory nothing wrote (initcheck); each run exits 9 on any finding.

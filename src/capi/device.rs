@@ -190,27 +190,17 @@ fn reducible(func: &'static str, dtype: DataType) -> Result<(), Failure> {
     }
 }
 
-/// Refuses two buffers (of `sb` and `rb` bytes) that overlap without being the same
-/// buffer (in place).
+/// Why two buffers (of `sb` and `rb` bytes) may not be used together: they overlap
+/// without being the same buffer (in place).
 #[cfg(feature = "cuda")]
-fn apart(
-    func: &'static str,
-    send: *const c_void,
-    recv: *const c_void,
-    sb: usize,
-    rb: usize,
-) -> Result<(), Failure> {
+fn overlap(send: *const c_void, recv: *const c_void, sb: usize, rb: usize) -> Option<String> {
     let (s, r) = (send as usize, recv as usize);
-    if s != r && s < r.saturating_add(rb) && r < s.saturating_add(sb) {
-        return Err(Failure::invalid(
-            func,
-            format!(
-                "sendbuff {send:p} ({sb} bytes) and recvbuff {recv:p} ({rb} bytes) overlap \
-                 without being the same buffer"
-            ),
-        ));
-    }
-    Ok(())
+    (s != r && s < r.saturating_add(rb) && r < s.saturating_add(sb)).then(|| {
+        format!(
+            "sendbuff {send:p} ({sb} bytes) and recvbuff {recv:p} ({rb} bytes) overlap \
+             without being the same buffer"
+        )
+    })
 }
 
 /// Runs `$body` with `$T` the Rust type of a reduction's datatype (float32, float16,
@@ -238,22 +228,25 @@ macro_rules! reducing {
 #[cfg(feature = "cuda")]
 mod run {
     //! The typed bodies: each wraps the caller's pointers and runs the
-    //! [`DeviceComm`](crate::device::DeviceComm) collective on them.
+    //! [`DeviceComm`](crate::device::DeviceComm) collective on them. A buffer that fails
+    //! its checks makes this rank refuse the call in the agreement every call starts
+    //! with, so every rank fails, not only this one.
     use std::ffi::c_void;
 
-    use super::{Args, Failure};
+    use super::{overlap, Args, Failure};
+    use crate::algorithm::Call;
     use crate::device::{DeviceComm, DeviceRepr, ForeignBuf, ForeignStream, GpuElement, Stream};
-    use crate::dtype::{Element, ReduceOp};
-    use crate::error::Result;
+    use crate::dtype::{CollectiveOp, Element, ReduceOp};
+    use crate::error::{Error, Result};
 
     /// Where a call runs: the device communicator, hetccl's stream, this rank and the
     /// number of ranks.
     pub(super) struct On<'a> {
-        pub(super) comm: &'a mut DeviceComm,
-        pub(super) stream: &'a Stream,
-        pub(super) func: &'static str,
-        pub(super) rank: usize,
-        pub(super) world_size: usize,
+        comm: &'a mut DeviceComm,
+        stream: &'a Stream,
+        func: &'static str,
+        rank: usize,
+        world_size: usize,
     }
 
     /// Locks the device communicator and runs `f` on hetccl's stream, ordered with the
@@ -279,80 +272,109 @@ mod run {
             .map_err(Failure::from)
     }
 
+    /// Two checked buffers of `T`: what a call reads and what it writes.
+    type Pair<T> = (ForeignBuf<T>, ForeignBuf<T>);
+
     impl On<'_> {
-        /// `len` elements at `p`, checked against their allocation.
+        /// The call's buffers: `send` of `sn` and `recv` of `rn` elements, checked
+        /// against their allocations and against overlapping (unless the same); on a
+        /// failure this rank refuses `call` in the agreement.
         ///
         /// # Safety
-        /// The C API's contract on the buffer: valid until the call returns.
-        unsafe fn buf<T>(&self, what: &str, p: *const c_void, len: usize) -> Result<ForeignBuf<T>> {
-            // SAFETY: forwarded.
-            unsafe { ForeignBuf::new(self.stream, self.func, what, p as u64, len) }
+        /// The C API's contract on the buffers: valid until the call returns.
+        unsafe fn bufs<T>(
+            &mut self,
+            call: Call,
+            (send, sn): (*const c_void, usize),
+            (recv, rn): (*const c_void, usize),
+        ) -> Result<Pair<T>> {
+            let checked = (|| {
+                let size = std::mem::size_of::<T>();
+                let (sb, rb) = (sn.saturating_mul(size), rn.saturating_mul(size));
+                if let Some(why) = overlap(send, recv, sb, rb) {
+                    return Err(Error::invalid(self.func, why));
+                }
+                // SAFETY (both): forwarded.
+                let s = unsafe {
+                    ForeignBuf::new(self.stream, self.func, "sendbuff", send as u64, sn)
+                }?;
+                let r = unsafe {
+                    ForeignBuf::new(self.stream, self.func, "recvbuff", recv as u64, rn)
+                }?;
+                Ok((s, r))
+            })();
+            checked.map_err(|e| self.comm.refuse(call, e))
         }
 
         /// # Safety
         /// The C API's contract on the buffers.
         pub(super) unsafe fn all_reduce<T: GpuElement>(
-            self,
+            mut self,
             send: *const c_void,
             recv: *mut c_void,
             count: usize,
             op: ReduceOp,
         ) -> Result<()> {
-            // SAFETY (both): forwarded.
-            let mut r = unsafe { self.buf::<T>("recvbuff", recv, count) }?;
+            let call = Call::new(CollectiveOp::AllReduce, T::DTYPE, count).with_redop(op);
+            // SAFETY: forwarded.
+            let (s, mut r) = unsafe { self.bufs::<T>(call, (send, count), (recv, count)) }?;
             if std::ptr::eq(send, recv) {
                 return self.comm.all_reduce(self.stream, &mut r, op);
             }
-            let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
-            self.comm.all_reduce_into(self.stream, &sb, &mut r, op)
+            self.comm.all_reduce_into(self.stream, &s, &mut r, op)
         }
 
         /// # Safety
         /// The C API's contract on the buffers (`recv` only on the root).
         pub(super) unsafe fn reduce<T: GpuElement>(
-            self,
+            mut self,
             send: *const c_void,
             recv: *mut c_void,
             count: usize,
             op: ReduceOp,
             root: usize,
         ) -> Result<()> {
+            let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count)
+                .with_redop(op)
+                .with_root(root);
             let kept = if self.rank == root { count } else { 0 };
-            // SAFETY (both): forwarded.
-            let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
-            let mut r = unsafe { self.buf::<T>("recvbuff", recv, kept) }?;
-            self.comm.reduce(self.stream, &sb, &mut r, op, root)
+            // SAFETY: forwarded.
+            let (s, mut r) = unsafe { self.bufs::<T>(call, (send, count), (recv, kept)) }?;
+            self.comm.reduce(self.stream, &s, &mut r, op, root)
         }
 
         /// # Safety
         /// The C API's contract on the buffers.
         pub(super) unsafe fn reduce_scatter<T: GpuElement>(
-            self,
+            mut self,
             send: *const c_void,
             recv: *mut c_void,
             recvcount: usize,
             op: ReduceOp,
         ) -> Result<()> {
-            // SAFETY (both): forwarded.
-            let sb = unsafe { self.buf::<T>("sendbuff", send, recvcount * self.world_size) }?;
-            let mut r = unsafe { self.buf::<T>("recvbuff", recv, recvcount) }?;
-            self.comm.reduce_scatter(self.stream, &sb, &mut r, op)
+            let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, recvcount).with_redop(op);
+            let whole = recvcount * self.world_size;
+            // SAFETY: forwarded.
+            let (s, mut r) = unsafe { self.bufs::<T>(call, (send, whole), (recv, recvcount)) }?;
+            self.comm.reduce_scatter(self.stream, &s, &mut r, op)
         }
 
         /// # Safety
         /// The C API's contract on the buffers (`send` only on the root).
         pub(super) unsafe fn broadcast<T: Element + DeviceRepr>(
-            self,
+            mut self,
             send: *const c_void,
             recv: *mut c_void,
             count: usize,
             root: usize,
         ) -> Result<()> {
-            // SAFETY (both): forwarded.
-            let mut r = unsafe { self.buf::<T>("recvbuff", recv, count) }?;
-            if self.rank == root && !std::ptr::eq(send, recv) {
-                let sb = unsafe { self.buf::<T>("sendbuff", send, count) }?;
-                self.stream.copy(&sb, &mut r)?;
+            let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count).with_root(root);
+            let copy = self.rank == root && !std::ptr::eq(send, recv);
+            let sent = if copy { count } else { 0 };
+            // SAFETY: forwarded.
+            let (s, mut r) = unsafe { self.bufs::<T>(call, (send, sent), (recv, count)) }?;
+            if copy {
+                self.stream.copy(&s, &mut r)?;
             }
             self.comm.broadcast(self.stream, &mut r, root)
         }
@@ -360,15 +382,16 @@ mod run {
         /// # Safety
         /// The C API's contract on the buffers.
         pub(super) unsafe fn all_gather<T: Element + DeviceRepr>(
-            self,
+            mut self,
             send: *const c_void,
             recv: *mut c_void,
             sendcount: usize,
         ) -> Result<()> {
-            // SAFETY (both): forwarded.
-            let sb = unsafe { self.buf::<T>("sendbuff", send, sendcount) }?;
-            let mut r = unsafe { self.buf::<T>("recvbuff", recv, sendcount * self.world_size) }?;
-            self.comm.all_gather(self.stream, &sb, &mut r)
+            let call = Call::new(CollectiveOp::AllGather, T::DTYPE, sendcount);
+            let whole = sendcount * self.world_size;
+            // SAFETY: forwarded.
+            let (s, mut r) = unsafe { self.bufs::<T>(call, (send, sendcount), (recv, whole)) }?;
+            self.comm.all_gather(self.stream, &s, &mut r)
         }
     }
 }
@@ -379,11 +402,10 @@ fn times(func: &'static str, count: usize, n: usize) -> Result<usize, Failure> {
     super::ops::times_ranks(func, count, n)
 }
 
-/// This rank and the number of ranks of a device communicator.
+/// The number of ranks of a device communicator.
 #[cfg(feature = "cuda")]
-fn world_of(a: &Args) -> (usize, usize) {
-    let live = a.slot.lock().unwrap_or_else(|p| p.into_inner());
-    (live.rank, live.world_size)
+fn world_of(a: &Args) -> usize {
+    a.slot.lock().unwrap_or_else(|p| p.into_inner()).world_size
 }
 
 /// Device all-reduce: `recvbuff` becomes the reduction of every rank's `sendbuff`
@@ -415,8 +437,7 @@ pub unsafe extern "C" fn hetcclDeviceAllReduce(
             let a = args(F, dcomm, datatype, stream)?;
             let op = redop_arg(F, op)?;
             reducible(F, a.dtype)?;
-            let b = times(F, count, a.dtype.size())?;
-            apart(F, sendbuff, recvbuff, b, b)?;
+            times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(
                 &a,
@@ -451,12 +472,9 @@ pub unsafe extern "C" fn hetcclDeviceBroadcast(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let (rank, n) = world_of(&a);
+            let n = world_of(&a);
             let root = rank_arg(F, "root", root, n)?;
-            if rank == root {
-                let b = times(F, count, a.dtype.size())?;
-                apart(F, sendbuff, recvbuff, b, b)?;
-            }
+            times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {
                 crate::dispatch_dtype!(a.dtype, T => unsafe {
@@ -495,12 +513,9 @@ pub unsafe extern "C" fn hetcclDeviceReduce(
             let a = args(F, dcomm, datatype, stream)?;
             let op = redop_arg(F, op)?;
             reducible(F, a.dtype)?;
-            let (rank, n) = world_of(&a);
+            let n = world_of(&a);
             let root = rank_arg(F, "root", root, n)?;
-            if rank == root {
-                let b = times(F, count, a.dtype.size())?;
-                apart(F, sendbuff, recvbuff, b, b)?;
-            }
+            times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {
                 reducing!(a.dtype, T => unsafe {
@@ -536,9 +551,8 @@ pub unsafe extern "C" fn hetcclDeviceAllGather(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let (_, n) = world_of(&a);
-            let sb = times(F, sendcount, a.dtype.size())?;
-            apart(F, sendbuff, recvbuff, sb, times(F, sb, n)?)?;
+            let n = world_of(&a);
+            times(F, times(F, sendcount, a.dtype.size())?, n)?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {
                 crate::dispatch_dtype!(a.dtype, T => unsafe {
@@ -577,9 +591,8 @@ pub unsafe extern "C" fn hetcclDeviceReduceScatter(
             let a = args(F, dcomm, datatype, stream)?;
             let op = redop_arg(F, op)?;
             reducible(F, a.dtype)?;
-            let (_, n) = world_of(&a);
-            let rb = times(F, recvcount, a.dtype.size())?;
-            apart(F, sendbuff, recvbuff, times(F, rb, n)?, rb)?;
+            let n = world_of(&a);
+            times(F, times(F, recvcount, a.dtype.size())?, n)?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {
                 reducing!(a.dtype, T => unsafe {

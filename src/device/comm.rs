@@ -539,6 +539,17 @@ impl DeviceComm {
         })
     }
 
+    /// Takes part in `call` only to refuse it, because a check of the caller's own failed
+    /// before the collective could start (a buffer that does not fit, say): every rank's
+    /// call fails, the others naming this rank, instead of leaving them waiting for it.
+    /// Returns `why`. `call` must be the call the collective would have made.
+    pub fn refuse(&mut self, call: Call, why: Error) -> Error {
+        match self.agree(&call, Err(why)) {
+            Err(e) => e,
+            Ok(_) => Error::invalid("DeviceComm::refuse", "the refusal was not taken"),
+        }
+    }
+
     fn all_reduce_ptrs<T: GpuElement>(
         &mut self,
         stream: &Stream,

@@ -15,8 +15,8 @@
 //! memset_d32_async, copy_dtoh_async, copy_dtod_async     async copies on raw device addresses
 //! stream_write_u32, stream_wait_geq_u32                  stream memory operations (device fences)
 //! stream_idle    cuStreamQuery
-//! allocation_of  cuMemGetAddressRange,          the allocation a caller's address lies in, and
-//!                cuPointerGetAttribute          its device
+//! placement_of   cuPointerGetAttribute,         the device a caller's address lies on, and the
+//!                cuMemGetAddressRange           allocation that holds it
 //! borrow_stream  (none)                         a caller's CUstream, which cudarc only wraps
 //! device_count   cuInit, cuDeviceGetCount, after checking that libcuda can be loaded
 //! ```
@@ -522,20 +522,17 @@ pub(super) unsafe fn stream_wait_geq_u32(
     .map_err(call("cuStreamWaitValue32"))
 }
 
-/// The allocation that holds a caller's device address: its first byte, its size in
-/// bytes, and the ordinal of the device it lives on (`cuMemGetAddressRange`,
-/// `cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)`). Fails for host memory
-/// and for addresses no allocation covers. The context must be bound.
-pub(super) fn allocation_of(
+/// Where a caller's device address lies: the ordinal of its device
+/// (`cuPointerGetAttribute`, `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL`; fails for memory the
+/// driver does not know, such as ordinary host memory), and the first byte and size of
+/// the allocation that holds it where the driver reports one (`cuMemGetAddressRange`:
+/// `cuMemAlloc` memory, which is what `cudaMalloc` and PyTorch's caching allocator hand
+/// out; `None` for memory it has no range for). The context must be bound.
+pub(super) fn placement_of(
     addr: DeviceAddr,
-) -> std::result::Result<(DeviceAddr, usize, i32), CallError> {
-    let (mut base, mut size): (DeviceAddr, usize) = (0, 0);
-    // SAFETY: the driver only looks the address up and writes the two out-values.
-    unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }
-        .result()
-        .map_err(call("cuMemGetAddressRange"))?;
+) -> std::result::Result<(i32, Option<(DeviceAddr, usize)>), CallError> {
     let mut ordinal: i32 = -1;
-    // SAFETY: as above; DEVICE_ORDINAL writes one int.
+    // SAFETY: the driver only looks the address up; DEVICE_ORDINAL writes one int.
     unsafe {
         sys::cuPointerGetAttribute(
             (&mut ordinal as *mut i32).cast::<c_void>(),
@@ -545,7 +542,13 @@ pub(super) fn allocation_of(
     }
     .result()
     .map_err(call("cuPointerGetAttribute"))?;
-    Ok((base, size, ordinal))
+    let (mut base, mut size): (DeviceAddr, usize) = (0, 0);
+    // SAFETY: as above; writes the two out-values.
+    let range = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }
+        .result()
+        .ok()
+        .map(|()| (base, size));
+    Ok((ordinal, range))
 }
 
 /// A caller's stream (a `cudaStream_t`/`CUstream` of `ctx`; NULL is the legacy default

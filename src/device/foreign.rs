@@ -2,9 +2,9 @@
 //! allocate (the C API's device calls, a framework's tensors).
 //!
 //! A [`ForeignBuf`] is a raw device address and an element count, checked when it is
-//! made against the allocation the address lies in and against the device, so a count
-//! larger than the buffer is refused with the buffer's size instead of overwriting
-//! whatever follows it. It implements cudarc's `DevicePtr` and `DevicePtrMut`, so every
+//! made against the device and against the allocation the address lies in (where the
+//! driver reports one, as for `cudaMalloc` memory), so a count larger than the buffer
+//! is refused with the buffer's size instead of overwriting whatever follows it. It implements cudarc's `DevicePtr` and `DevicePtrMut`, so every
 //! [`DeviceComm`](super::DeviceComm) collective takes it as it takes a `CudaSlice`.
 //!
 //! A [`ForeignStream`] orders a collective, which runs on hetccl's own stream, with the
@@ -53,9 +53,16 @@ impl<T> ForeignBuf<T> {
             if addr == 0 {
                 return Err(Error::invalid(func, format!("{what} is NULL")));
             }
+            let align = std::mem::align_of::<T>() as u64;
+            if addr % align != 0 {
+                return Err(Error::invalid(
+                    func,
+                    format!("{what} ({addr:#x}) is not aligned to {align} bytes"),
+                ));
+            }
             let ctx = stream.cuda().context();
             ctx.bind_to_thread().map_err(device_error("bind context"))?;
-            let (base, size, ordinal) = driver::allocation_of(addr).map_err(|e| {
+            let (ordinal, range) = driver::placement_of(addr).map_err(|e| {
                 Error::invalid(
                     func,
                     format!("{what} ({addr:#x}) is not device memory of this process ({e})"),
@@ -71,15 +78,17 @@ impl<T> ForeignBuf<T> {
                     ),
                 ));
             }
-            let room = (base + size as u64).saturating_sub(addr);
-            if bytes as u64 > room {
-                return Err(Error::invalid(
-                    func,
-                    format!(
-                        "{what} is too small: {room} bytes from {addr:#x} to the end of \
-                         its allocation ({size} bytes at {base:#x}), the call needs {bytes}"
-                    ),
-                ));
+            if let Some((base, size)) = range {
+                let room = (base + size as u64).saturating_sub(addr);
+                if bytes as u64 > room {
+                    return Err(Error::invalid(
+                        func,
+                        format!(
+                            "{what} is too small: {room} bytes from {addr:#x} to the end of \
+                             its allocation ({size} bytes at {base:#x}), the call needs {bytes}"
+                        ),
+                    ));
+                }
             }
         }
         Ok(ForeignBuf {

@@ -9,6 +9,7 @@
 //! dtypes, plus 2 determinism checks (3 on the IPC path, which also matches a host sum in
 //! rank order), 2 calls that a rank refuses (each rank must name why), and on the
 //! hierarchical path (pretend hosts, one holding two ranks) the bytes per link class.
+//! `--capi` runs the collectives through the C API's device calls instead.
 //! Two ranks on two pretend hosts stay flat (one rank per host): the hierarchical
 //! tests run 3 ranks (2 + 1) and 4 (2 + 2).
 //!
@@ -114,6 +115,25 @@ mod gpu {
         }
         let out = run(2, &["--path", "auto", "--counts", COUNTS], &[]);
         assert_passed(&out, 2, "ipc", 203, "ipc n=2");
+    }
+
+    /// The C API's device calls (`hetccl-gpu-check --capi`): per dtype and count 10
+    /// checks (sum and max: all-reduce out of place and in place, reduce, reduce-scatter;
+    /// broadcast; all-gather), 90 for three counts, then the wait for the caller's stream
+    /// and, with more than one rank, the two refused buffers and a call after them.
+    #[test]
+    fn the_c_api_device_calls() {
+        if no_gpu() {
+            return;
+        }
+        for (n, checks) in [(2, 94), (3, 94)] {
+            let out = run(n, &["--capi", "--counts", COUNTS], &[]);
+            assert!(!out.hung, "capi n={n}: hung:\n{}", out.output);
+            assert_eq!(out.code, Some(0), "capi n={n}: failed:\n{}", out.output);
+            assert_every_rank_printed(&out, n, |r| {
+                format!("[rank {r}] rank {r}/{n}: {checks} C API checks passed, #wrong=0")
+            });
+        }
     }
 
     #[test]

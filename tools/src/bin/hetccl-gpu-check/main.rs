@@ -46,6 +46,13 @@
 //! ranks must then fail with an error that names it, within `HETCCL_TIMEOUT`.
 //! `--stall-gpu SECS` holds the last rank's stream for that long before its first
 //! collective, as a hung kernel would, while its host goes on.
+//!
+//! `--capi` runs the same collectives through the C API's device calls instead
+//! (`hetcclDeviceAllReduce` and the others on raw pointers and a stream of its own; see
+//! `capi.rs`), with the checks only the C API needs: ordering on the caller's stream, and
+//! buffers refused on every rank.
+
+mod capi;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -74,11 +81,12 @@ struct Args {
     iters: usize,
     die_after: Option<f64>,
     stall_gpu: Option<f64>,
+    capi: bool,
 }
 
 const USAGE: &str = "usage: hetccl-gpu-check [--path auto|ipc|staged] [--counts 1,1000,1048579] \
                      [--time 1024,16777216] [--pretend-nodes K] [--iters N] [--die-after SECS] \
-                     [--stall-gpu SECS]";
+                     [--stall-gpu SECS] [--capi]";
 
 fn parse_counts(flag: &str, v: &str) -> Result<Vec<usize>, String> {
     v.split(',')
@@ -99,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
         iters: 5,
         die_after: None,
         stall_gpu: None,
+        capi: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -124,6 +133,7 @@ fn parse_args() -> Result<Args, String> {
             "--stall-gpu" => {
                 a.stall_gpu = Some(val()?.parse().map_err(|e| format!("--stall-gpu: {e}"))?)
             }
+            "--capi" => a.capi = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -614,6 +624,12 @@ impl Check<'_> {
 /// stream of its own: everything queued on `stream` meanwhile waits, as behind a hung
 /// kernel.
 fn stall(dev: &Device, stream: &Stream, secs: f64) -> Res<()> {
+    hold_raw(dev, stream.cuda().cu_stream(), secs)
+}
+
+/// Holds the raw stream `held` for `secs`: it waits on a word that another stream sets
+/// that much later.
+fn hold_raw(dev: &Device, held: sys::CUstream, secs: f64) -> Res<()> {
     use cudarc::driver::result;
     let ctx = dev.context().clone();
     let release = ctx
@@ -629,7 +645,7 @@ fn stall(dev: &Device, stream: &Stream, secs: f64) -> Res<()> {
             .and_then(|()| release.synchronize())
             .map_err(|e| format!("zero the word: {e}"))?;
         sys::cuStreamWaitValue32_v2(
-            stream.cuda().cu_stream(),
+            held,
             ptr,
             1,
             sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
@@ -798,7 +814,12 @@ fn main() -> ExitCode {
             format!("gpu-check-node-{}", rank * k / world.max(1)),
         );
     }
-    match run(&args) {
+    let outcome = if args.capi {
+        capi::run(&args.counts)
+    } else {
+        run(&args)
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("hetccl-gpu-check: some results were wrong (see #wrong above)");
