@@ -23,6 +23,10 @@ cargo build --release -p hetccl-tools --features cuda --bin hetccl-kernel-bench 
 for b in hetccl-kernel-bench hetccl-gpu-check hetccl; do
     cp "target/release/$b" "$OUT_DIR/"
 done
+# The C library with the device calls, for the PyTorch backend's CUDA tests
+# (python/tests/test_backend_cuda.py, which builds the extension against it there).
+cargo build --release -p hetccl --features cuda --lib
+cp target/release/libhetccl.so "$OUT_DIR/"
 
 # The GPU tests of the library (tests/), the tools (tools/tests/) and the trainer
 # (trainer/tests/); the tools' and the trainer's `cuda` features turn on the library's.

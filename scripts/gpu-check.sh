@@ -2,13 +2,14 @@
 # GPU check for a machine with the CUDA driver but no Rust toolchain and no network:
 # runs the executables that scripts/build-gpu-bin.sh left in gpu-bin/ (every GPU test
 # binary, the trainer's kernel, product and model tests among them, the device-collective check under the launcher with 2 and 4 ranks, a timed
-# sweep of the device all-reduce over both paths, the C API's device calls, the hierarchical device all-reduce
+# sweep of the device all-reduce over both paths, the C API's device calls and the PyTorch
+# backend on CUDA tensors, the hierarchical device all-reduce
 # against the flat staged one on 2 pretend hosts x 2 ranks, then hetccl-kernel-bench) and
 # prints a short table last.
 #
 #   bash scripts/gpu-check.sh [BIN_DIR] [bench args...]     (defaults: gpu-bin, --sizes 64,256)
 #
-# gpu-bin/ is git-ignored: copy it along with the checkout (it is ~3 MiB stripped).
+# gpu-bin/ is git-ignored: copy it along with the checkout (about 35 MiB stripped).
 # Logs go to $OUT if set (else gpu-check-logs/). Each step is cut off after
 # $GPU_CHECK_STEP_TIMEOUT seconds (default 150), so one hung step cannot eat the rest.
 # With GPU_CHECK_SANITIZE=1 it also runs the kernel tests under compute-sanitizer's
@@ -104,6 +105,27 @@ fi
 result=$(grep -m1 '^\[rank 0\] rank 0/[0-9]*: [0-9]* C API checks passed' "$log" | sed 's/^\[rank 0\] //')
 [ -z "$result" ] && result=$(grep -o -m1 'skipping:.*' "$log")
 [ -z "$result" ] && result=$(grep -o -m1 'hetccl-gpu-check: .*' "$log")
+rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
+if [ $rc -ne 0 ]; then
+    echo "---- $name failed; last lines:"
+    tail -n 30 "$log"
+fi
+
+# The PyTorch backend on CUDA tensors, with the cuda build of libhetccl in $BIN (the
+# extension is compiled there against the machine's torch).
+name="torch backend, CUDA tensors"
+log="$LOG/torch-backend-cuda.log"
+if [ -f "$BIN/libhetccl.so" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+    (cd python/tests && HETCCL_LIB_DIR="$HETCCL_BIN_DIR" HETCCL_TIMEOUT=60 timeout $((2 * STEP)) \
+        python3 -m unittest -v test_backend_cuda) >"$log" 2>&1
+    rc=$?
+    result=$(grep -E '^(Ran [0-9]+ tests|OK|FAILED)' "$log" | paste -sd ' ' -)
+else
+    echo "no $BIN/libhetccl.so, or no torch and transformers for python3" >"$log"
+    rc=127
+    result=$(cat "$log")
+fi
+[ $rc -ne 0 ] && status=1
 rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
 if [ $rc -ne 0 ]; then
     echo "---- $name failed; last lines:"

@@ -204,4 +204,4 @@ def _create(opts, backend_options):
             id_file.unlink(missing_ok=True)
 
 
-dist.Backend.register_backend("hetccl", _create, extended_api=True, devices=["cpu"])
+dist.Backend.register_backend("hetccl", _create, extended_api=True, devices=["cpu", "cuda"])

@@ -10,7 +10,8 @@
 //!
 //! Buffers are host memory and every call is synchronous: when a collective returns,
 //! its receive buffer holds the result. The `stream` argument exists so NCCL call
-//! sites compile unchanged; it must be NULL.
+//! sites compile unchanged; it must be NULL. Device buffers and their CUDA streams go
+//! through the `hetcclDevice*` calls of [`device`].
 
 #![allow(non_snake_case)]
 

@@ -6,6 +6,8 @@
 //! and 4 ranks, the process group's timeout and `set_timeout`; DDP BERT against Gloo) with
 //! the Python that `HETCCL_TORCH_PYTHON` names, else `python3`. Without PyTorch there
 //! (it is large: `scripts/install-torch.sh` installs it) the test is recorded as skipped.
+//! A second test runs `python/tests/test_backend_cuda.py` where PyTorch and hetccl see a
+//! GPU.
 
 mod common;
 
@@ -72,4 +74,49 @@ fn torch_backend_matches_gloo_and_trains_ddp_bert() {
     assert!(text.contains(&format!("Ran {cases} tests")), "{text}");
     assert!(!text.contains("skipped"), "{text}");
     assert!(text.trim_end().ends_with("OK"), "{text}");
+}
+
+/// The backend on CUDA tensors: `python/tests/test_backend_cuda.py` (every collective on
+/// float32, float16 and bfloat16 CUDA tensors against the same call on CPU tensors, on 2
+/// and 3 ranks; the order with the caller's stream; a refused dtype; DDP BERT on CUDA
+/// against Gloo). Needs a GPU that PyTorch sees and `target/release/libhetccl.so` built
+/// with the cuda feature (`cargo build --release -p hetccl --features cuda`); skipped,
+/// saying which is missing, otherwise.
+#[test]
+fn torch_backend_on_cuda_tensors() {
+    let py = python();
+    if let Some(why) = missing(&py) {
+        common::skip(&why);
+        return;
+    }
+    if let Err(why) = hetccl::device::available() {
+        common::skip(&format!("no GPU for hetccl here: {why}"));
+        return;
+    }
+    let sees = Command::new(&py)
+        .args([
+            "-c",
+            "import torch, sys; sys.exit(not torch.cuda.is_available())",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !sees {
+        common::skip(&format!("PyTorch at {py} sees no CUDA device"));
+        return;
+    }
+    let repo = common::repo();
+    let out = Command::new(&py)
+        .args(["-m", "unittest", "-v", "test_backend_cuda"])
+        .current_dir(repo.join("python/tests"))
+        .env("HETCCL_LIB_DIR", repo.join("target/release"))
+        .output()
+        .expect("running the Python tests");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python/tests/test_backend_cuda.py failed:\n{text}"
+    );
+    assert!(text.contains("Ran 3 tests"), "{text}");
+    assert!(!text.contains("skipped"), "{text}");
 }

@@ -1,10 +1,18 @@
-// hetccl as a c10d Backend: CPU tensors through bindings/hetccl.h.
+// hetccl as a c10d Backend: CPU and CUDA tensors through bindings/hetccl.h.
 //
 // The C API is synchronous, so every collective runs on one thread of this backend, in
 // the order the program issued them (the order every rank issues them in, which the
 // collectives need); the Work returned at once completes when that thread has run the
 // call. A failed call's message is hetccl's own (hetcclGetLastError, read on the thread
 // that made the call), raised as torch.distributed.DistBackendError.
+//
+// CUDA tensors go through hetccl's device calls (hetcclDevice*, in a libhetccl built
+// with the cuda feature; elsewhere they fail saying so), ordered as NCCL's are: at issue
+// a stream of this backend's waits for the work queued so far on the tensor's current
+// stream, the backend thread hands that stream to the device call, which starts after
+// it, and the Work completes once the result is in the tensor (the device calls return
+// then). No CUDA header is needed: streams and events go through c10's device-generic
+// interface. Point to point and all_to_all move CPU tensors only.
 //
 // Point to point (send, recv, isend, irecv, batch_isend_irecv) does not run there: as
 // with Gloo, each one progresses on its own, whatever the order the two sides post them
@@ -31,6 +39,11 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
 #include <atomic>
@@ -102,15 +115,38 @@ const at::Tensor& one_cpu(const std::vector<at::Tensor>& ts, const char* op) {
   return ts[0];
 }
 
-void check_cpu(const at::Tensor& t, const char* op) {
-  if (!t.device().is_cpu()) {
-    fail(std::string("hetccl backend: ") + op + " got a tensor on " + t.device().str() +
-         "; this backend moves CPU tensors (use backend=\"cpu:hetccl,cuda:nccl\" for GPUs)");
-  }
+void check_dense(const at::Tensor& t, const char* op) {
   if (t.is_sparse() || !t.is_contiguous()) {
     fail(std::string("hetccl backend: ") + op + " needs a dense contiguous tensor");
   }
   (void)dtype_of(t);
+}
+
+// Point to point and all_to_all: CPU tensors only.
+void check_cpu(const at::Tensor& t, const char* op) {
+  if (!t.device().is_cpu()) {
+    fail(std::string("hetccl backend: ") + op + " got a tensor on " + t.device().str() +
+         "; this backend's point-to-point calls and all_to_all move CPU tensors (use "
+         "backend=\"cpu:hetccl,cuda:nccl\" for them on GPUs)");
+  }
+  check_dense(t, op);
+}
+
+// The collectives: CPU or CUDA tensors.
+void check_tensor(const at::Tensor& t, const char* op) {
+  if (!t.device().is_cpu() && !t.is_cuda()) {
+    fail(std::string("hetccl backend: ") + op + " got a tensor on " + t.device().str() +
+         "; this backend moves CPU and CUDA tensors");
+  }
+  check_dense(t, op);
+}
+
+// An input and an output of one call must be on one device.
+void check_same_device(const at::Tensor& in, const at::Tensor& out, const char* op) {
+  if (in.device() != out.device()) {
+    fail(std::string("hetccl backend: ") + op + "'s input is on " + in.device().str() +
+         " and its output on " + out.device().str() + "; they must be on one device");
+  }
 }
 
 class WorkHetccl : public c10d::Work {
@@ -513,6 +549,10 @@ class BackendHetccl : public c10d::Backend {
     if (thread_.joinable()) thread_.join();
     to_.clear();
     from_.clear();
+    for (auto& [index, d] : dcomms_) {
+      if (d) (void)hetcclDeviceCommDestroy(d);
+    }
+    dcomms_.clear();
     if (comm_) (failed_ ? hetcclCommAbort(comm_) : hetcclCommDestroy(comm_));
   }
 
@@ -530,47 +570,68 @@ class BackendHetccl : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& ts,
                                           const c10d::AllreduceOptions& o) override {
     at::Tensor t = one_cpu(ts, "all_reduce");
-    check_cpu(t, "all_reduce");
+    check_tensor(t, "all_reduce");
     auto dt = dtype_of(t);
     auto op = op_of(o.reduceOp);
+    Place where = place_of(t);
     return enqueue(c10d::OpType::ALLREDUCE, {t}, [=, this] {
-      check(hetcclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), dt, op, comm_, nullptr),
-            comm_, "hetcclAllReduce");
-    });
+      void* p = t.data_ptr();
+      if (where.device) {
+        check(hetcclDeviceAllReduce(p, p, t.numel(), dt, op, dcomm(where), where.stream), comm_,
+              "hetcclDeviceAllReduce");
+      } else {
+        check(hetcclAllReduce(p, p, t.numel(), dt, op, comm_, nullptr), comm_,
+              "hetcclAllReduce");
+      }
+    }, nullptr, where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& ts,
                                           const c10d::BroadcastOptions& o) override {
     at::Tensor t = one_cpu(ts, "broadcast");
-    check_cpu(t, "broadcast");
+    check_tensor(t, "broadcast");
     auto dt = dtype_of(t);
     int root = static_cast<int>(o.rootRank);
+    Place where = place_of(t);
     return enqueue(c10d::OpType::BROADCAST, {t}, [=, this] {
-      check(hetcclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), dt, root, comm_, nullptr),
-            comm_, "hetcclBroadcast");
-    });
+      void* p = t.data_ptr();
+      if (where.device) {
+        check(hetcclDeviceBroadcast(p, p, t.numel(), dt, root, dcomm(where), where.stream), comm_,
+              "hetcclDeviceBroadcast");
+      } else {
+        check(hetcclBroadcast(p, p, t.numel(), dt, root, comm_, nullptr), comm_,
+              "hetcclBroadcast");
+      }
+    }, nullptr, where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& ts,
                                        const c10d::ReduceOptions& o) override {
     at::Tensor t = one_cpu(ts, "reduce");
-    check_cpu(t, "reduce");
+    check_tensor(t, "reduce");
     auto dt = dtype_of(t);
     auto op = op_of(o.reduceOp);
     int root = static_cast<int>(o.rootRank);
     bool is_root = root == rank_;
+    Place where = place_of(t);
     return enqueue(c10d::OpType::REDUCE, {t}, [=, this] {
-      check(hetcclReduce(t.data_ptr(), is_root ? t.data_ptr() : nullptr, t.numel(), dt, op,
-                         root, comm_, nullptr),
-            comm_, "hetcclReduce");
-    });
+      void* p = t.data_ptr();
+      void* r = is_root ? p : nullptr;
+      if (where.device) {
+        check(hetcclDeviceReduce(p, r, t.numel(), dt, op, root, dcomm(where), where.stream), comm_,
+              "hetcclDeviceReduce");
+      } else {
+        check(hetcclReduce(p, r, t.numel(), dt, op, root, comm_, nullptr), comm_,
+              "hetcclReduce");
+      }
+    }, nullptr, where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outs,
                                           std::vector<at::Tensor>& ins,
                                           const c10d::AllgatherOptions&) override {
     at::Tensor in = one_cpu(ins, "all_gather");
-    check_cpu(in, "all_gather");
+    check_tensor(in, "all_gather");
     if (outs.size() != 1 || static_cast<int>(outs[0].size()) != size_) {
       fail("hetccl backend: all_gather needs one list of " + std::to_string(size_) +
            " output tensors");
@@ -583,29 +644,43 @@ class BackendHetccl : public c10d::Backend {
              c10::toString(out[r].scalar_type()) + "; the input has " +
              std::to_string(in.numel()) + " of " + c10::toString(in.scalar_type()));
       }
+      check_same_device(in, out[r], "all_gather");
     }
     auto dt = dtype_of(in);
     int n = size_;
-    // Gathered into one buffer, copied out once the call (or its group) has run.
+    Place where = place_of(in);
+    // Gathered into one buffer, copied out once the call (or its group) has run: on a GPU
+    // on the backend's stream, waited for before the Work completes.
     at::Tensor flat = at::empty({n * in.numel()}, in.options());
     return enqueue(
         c10d::OpType::ALLGATHER, out,
         [=, this] {
-          check(hetcclAllGather(in.data_ptr(), flat.data_ptr(), in.numel(), dt, comm_,
-                                nullptr),
-                comm_, "hetcclAllGather");
+          if (where.device) {
+            check(hetcclDeviceAllGather(in.data_ptr(), flat.data_ptr(), in.numel(), dt,
+                                        dcomm(where), where.stream),
+                  comm_, "hetcclDeviceAllGather");
+          } else {
+            check(hetcclAllGather(in.data_ptr(), flat.data_ptr(), in.numel(), dt, comm_,
+                                  nullptr),
+                  comm_, "hetcclAllGather");
+          }
         },
-        [=] {
+        [=, this] {
+          std::optional<c10::StreamGuard> on;
+          if (where.device) on.emplace(side_stream(where.index));
           for (int r = 0; r < n; ++r) {
             out[r].view({-1}).copy_(flat.narrow(0, r * in.numel(), in.numel()));
           }
-        });
+          if (where.device) side_stream(where.index).synchronize();
+        },
+        where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& out, at::Tensor& in,
                                                 const c10d::AllgatherOptions&) override {
-    check_cpu(in, "all_gather_into_tensor");
-    check_cpu(out, "all_gather_into_tensor");
+    check_tensor(in, "all_gather_into_tensor");
+    check_tensor(out, "all_gather_into_tensor");
+    check_same_device(in, out, "all_gather_into_tensor");
     if (out.numel() != in.numel() * size_ || out.scalar_type() != in.scalar_type()) {
       fail("hetccl backend: all_gather_into_tensor's output has " +
            std::to_string(out.numel()) + " elements; it must have world size (" +
@@ -613,10 +688,17 @@ class BackendHetccl : public c10d::Backend {
            ", of the same dtype");
     }
     auto dt = dtype_of(in);
+    Place where = place_of(in);
     return enqueue(c10d::OpType::_ALLGATHER_BASE, {out}, [=, this] {
-      check(hetcclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), dt, comm_, nullptr),
-            comm_, "hetcclAllGather");
-    });
+      if (where.device) {
+        check(hetcclDeviceAllGather(in.data_ptr(), out.data_ptr(), in.numel(), dt, dcomm(where),
+                                    where.stream),
+              comm_, "hetcclDeviceAllGather");
+      } else {
+        check(hetcclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), dt, comm_, nullptr),
+              comm_, "hetcclAllGather");
+      }
+    }, nullptr, where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> all_gather_single(at::Tensor& out, at::Tensor& in,
@@ -626,8 +708,9 @@ class BackendHetccl : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
       at::Tensor& out, at::Tensor& in, const c10d::ReduceScatterOptions& o) override {
-    check_cpu(in, "reduce_scatter_tensor");
-    check_cpu(out, "reduce_scatter_tensor");
+    check_tensor(in, "reduce_scatter_tensor");
+    check_tensor(out, "reduce_scatter_tensor");
+    check_same_device(in, out, "reduce_scatter_tensor");
     if (in.numel() != out.numel() * size_ || out.scalar_type() != in.scalar_type()) {
       fail("hetccl backend: reduce_scatter_tensor's input has " +
            std::to_string(in.numel()) + " elements; it must have world size (" +
@@ -636,11 +719,18 @@ class BackendHetccl : public c10d::Backend {
     }
     auto dt = dtype_of(in);
     auto op = op_of(o.reduceOp);
+    Place where = place_of(in);
     return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, {out}, [=, this] {
-      check(hetcclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), dt, op, comm_,
-                                nullptr),
-            comm_, "hetcclReduceScatter");
-    });
+      if (where.device) {
+        check(hetcclDeviceReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), dt, op,
+                                        dcomm(where), where.stream),
+              comm_, "hetcclDeviceReduceScatter");
+      } else {
+        check(hetcclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), dt, op, comm_,
+                                  nullptr),
+              comm_, "hetcclReduceScatter");
+      }
+    }, nullptr, where.device);
   }
 
   c10::intrusive_ptr<c10d::Work> reduce_scatter_single(
@@ -833,7 +923,11 @@ class BackendHetccl : public c10d::Backend {
     }
     std::vector<at::Tensor> outputs;
     Item item;
-    item.grouped = true;
+    // Device calls are not part of hetccl groups: a batch with one runs call by call, in
+    // order (its collectives need no group; point to point moves CPU tensors apart).
+    item.grouped = std::none_of(batch.begin(), batch.end(), [](const auto& wc) {
+      return wc.second.device;
+    });
     for (auto& [w, c] : batch) {
       if (w) {
         for (const auto& t : w->outputs()) outputs.push_back(t);
@@ -866,7 +960,52 @@ class BackendHetccl : public c10d::Backend {
   struct Call {
     std::function<void()> issue;
     std::function<void()> after;
+    bool device = false;  // a device call: never part of a hetccl group
   };
+
+  // Where a tensor's call runs: on the host, or on CUDA device `index` after the work
+  // queued on its current stream at issue (`stream`, the backend's stream there, which
+  // the device call is handed).
+  struct Place {
+    bool device = false;
+    int index = -1;
+    void* stream = nullptr;
+  };
+
+  // For a CUDA tensor: the backend's stream on its device, made to wait for what is
+  // queued on the device's current stream now.
+  Place place_of(const at::Tensor& t) {
+    if (!t.is_cuda()) return {};
+    int index = t.device().index();
+    c10::Stream side = side_stream(index);
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    c10::Stream current = impl->getStream(t.device());
+    c10::Event issued(c10::DeviceType::CUDA);
+    issued.record(current);
+    issued.block(side);
+    return {true, index, side.native_handle()};
+  }
+
+  // The backend's stream on CUDA device `index`, taken from c10's pool at first use.
+  c10::Stream side_stream(int index) {
+    std::lock_guard<std::mutex> g(side_m_);
+    auto it = side_.find(index);
+    if (it == side_.end()) {
+      const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+      c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
+      it = side_.emplace(index, impl->getStreamFromGlobalPool(d, false)).first;
+    }
+    return it->second;
+  }
+
+  // The device communicator for a call's device, made at its first call (backend thread
+  // only; hetcclDeviceCommInit exchanges nothing, so each rank may make it when it first
+  // needs it).
+  hetcclDeviceComm_t dcomm(const Place& where) {
+    hetcclDeviceComm_t& d = dcomms_[where.index];
+    if (!d) check(hetcclDeviceCommInit(&d, comm_, where.index), comm_, "hetcclDeviceCommInit");
+    return d;
+  }
 
   // What the backend thread runs at once: one call, or a group of them (grouped).
   struct Item {
@@ -1024,18 +1163,19 @@ class BackendHetccl : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, std::vector<at::Tensor> outputs,
                                          std::function<void()> issue,
-                                         std::function<void()> after = nullptr) {
+                                         std::function<void()> after = nullptr,
+                                         bool device = false) {
     auto work = c10::make_intrusive<WorkHetccl>(rank_, type, std::move(outputs));
     {
       std::lock_guard<std::mutex> g(m_);
       if (coalescing_) {
-        batch_.emplace_back(work, Call{std::move(issue), std::move(after)});
+        batch_.emplace_back(work, Call{std::move(issue), std::move(after), device});
         return work;
       }
     }
     Item item;
     item.dones.push_back([work](std::exception_ptr e) { work->finish(e); });
-    item.calls.push_back({std::move(issue), std::move(after)});
+    item.calls.push_back({std::move(issue), std::move(after), device});
     push(std::move(item));
     return work;
   }
@@ -1145,6 +1285,9 @@ class BackendHetccl : public c10d::Backend {
   }
 
   hetcclComm_t comm_ = nullptr;
+  std::map<int, hetcclDeviceComm_t> dcomms_;  // by CUDA device index; backend thread only
+  std::mutex side_m_;
+  std::map<int, c10::Stream> side_;  // the backend's stream per CUDA device index
   std::thread thread_;
   std::mutex m_;
   std::condition_variable cv_;
