@@ -149,13 +149,25 @@ void check_same_device(const at::Tensor& in, const at::Tensor& out, const char* 
   }
 }
 
+// The CUDA devices of a call's outputs: its Future's devices, so that callbacks chained
+// on it (DDP's comm hooks) and its waiters are ordered after it on their streams.
+std::vector<c10::Device> cuda_devices(const std::vector<at::Tensor>& ts) {
+  std::vector<c10::Device> ds;
+  for (const auto& t : ts) {
+    if (t.is_cuda() && std::find(ds.begin(), ds.end(), t.device()) == ds.end()) {
+      ds.push_back(t.device());
+    }
+  }
+  return ds;
+}
+
 class WorkHetccl : public c10d::Work {
  public:
   WorkHetccl(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
       : c10d::Work(rank, type),
         outputs_(std::move(outputs)),
         future_(c10::make_intrusive<c10::ivalue::Future>(
-            c10::ListType::create(c10::TensorType::get()))) {}
+            c10::ListType::create(c10::TensorType::get()), cuda_devices(outputs_))) {}
 
   bool isCompleted() override {
     std::lock_guard<std::mutex> g(m_);
