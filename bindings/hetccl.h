@@ -221,7 +221,8 @@ hetcclResult_t hetcclGroupEnd(void);
  * order, which run their agreement through the host communicator. Buffers are device
  * memory of that GPU; each call starts after the work queued on `stream` before it, work
  * queued there afterwards waits for it, and it returns once the result is in recvbuff.
- * A buffer smaller than the count is refused, naming its allocation's size. Reductions
+ * A buffer smaller than the count is refused on every rank (this one naming the
+ * buffer's allocation and size, the others this rank). Reductions
  * take float32, float16 and bfloat16 (computed in f32); broadcast and all-gather take
  * every datatype. Device calls cannot be part of a group. Destroy a device communicator
  * before its host communicator. */

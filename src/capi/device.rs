@@ -7,9 +7,10 @@
 //! ordered with the host collectives on it as well. A call starts after the work queued
 //! on its `stream` before the call (NULL: the legacy default stream), work queued there
 //! afterwards waits for it, and, like the host calls, it returns once the result is in
-//! the receive buffer. Each buffer is checked against the allocation it lies in and
-//! against the communicator's device, so a count larger than a buffer is refused naming
-//! the buffer and its size. The reductions take float32, float16 and bfloat16 (computed
+//! the receive buffer. Each buffer is checked against the communicator's device and the
+//! allocation it lies in, so a count larger than a buffer is refused: on every rank, this
+//! one naming the buffer and its size and the others naming this rank, as with any call a
+//! rank refuses. The reductions take float32, float16 and bfloat16 (computed
 //! in f32, rounded once); broadcast and all-gather move every datatype. Device calls are
 //! not part of groups: inside `hetcclGroupStart` / `hetcclGroupEnd` they are refused.
 //!
