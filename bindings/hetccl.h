@@ -231,7 +231,9 @@ typedef struct hetcclDeviceComm* hetcclDeviceComm_t;
 hetcclResult_t hetcclDeviceCommInit(hetcclDeviceComm_t* dcomm, hetcclComm_t comm, int device);
 hetcclResult_t hetcclDeviceCommDestroy(hetcclDeviceComm_t dcomm);
 
-/* Layouts as the host calls', out of place or in place (sendbuff == recvbuff). */
+/* Layouts as the host calls'. In place where sendbuff == recvbuff (all-reduce, broadcast,
+ * reduce); otherwise the two buffers must not overlap (all-gather and reduce-scatter have
+ * no in-place layout here). */
 hetcclResult_t hetcclDeviceAllReduce(const void* sendbuff, void* recvbuff, size_t count,
                                      hetcclDataType_t datatype, hetcclRedOp_t op,
                                      hetcclDeviceComm_t dcomm, hetcclStream_t stream);
