@@ -111,6 +111,32 @@ if [ $rc -ne 0 ]; then
     tail -n 30 "$log"
 fi
 
+# examples/c/device_allreduce.c, built here with nvcc against the cuda build of libhetccl.
+name="C example device_allreduce"
+log="$LOG/device-allreduce-example.log"
+NVCC=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -n 1)
+if [ -f "$BIN/libhetccl.so" ] && [ -n "$NVCC" ]; then
+    LIBDIR=$(cd "$BIN" && pwd)
+    if "$NVCC" -x cu examples/c/device_allreduce.c -I bindings -L "$LIBDIR" -lhetccl \
+        -Xlinker -rpath="$LIBDIR" -o "$LOG/device_allreduce" >"$log" 2>&1; then
+        HETCCL_TIMEOUT=60 timeout "$STEP" "$BIN/hetccl" run -n 2 -- "$LOG/device_allreduce" >>"$log" 2>&1
+        rc=$?
+    else
+        rc=1
+    fi
+    result=$(grep -o -m1 'rank 0/[0-9]*: device all-reduce .*' "$log")
+else
+    echo "no $BIN/libhetccl.so or no nvcc" >"$log"
+    rc=127
+    result=$(cat "$log")
+fi
+[ $rc -ne 0 ] && status=1
+rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
+if [ $rc -ne 0 ]; then
+    echo "---- $name failed; last lines:"
+    tail -n 30 "$log"
+fi
+
 # The PyTorch backend on CUDA tensors, with the cuda build of libhetccl in $BIN (the
 # extension is compiled there against the machine's torch).
 name="torch backend, CUDA tensors"

@@ -185,6 +185,102 @@ fn c_example_init_failure_reports_the_bad_variable() {
     );
 }
 
+/// The CUDA runtime's headers and library from the `nvidia-cuda-runtime` wheel
+/// (`scripts/install-nvcc.sh` installs it), or why they are not there.
+fn cuda_runtime() -> Result<PathBuf, String> {
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))",
+        ])
+        .output()
+        .map_err(|e| format!("python3 does not run: {e}"))?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let (h, so) = (
+        dir.join("include/cuda_runtime.h"),
+        dir.join("lib/libcudart.so.13"),
+    );
+    if o.status.success() && h.is_file() && so.is_file() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "no CUDA runtime headers and library ({} and {}; the nvidia-cuda-runtime wheel, \
+             which scripts/install-nvcc.sh installs)",
+            h.display(),
+            so.display()
+        ))
+    }
+}
+
+/// `examples/c/device_allreduce.c` compiles with CUDA's runtime headers (every warning an
+/// error) and links against this build's libhetccl. Run as one rank, it either checks
+/// its all-reduce on a GPU or stops at the first call that has none, saying which.
+#[test]
+fn c_device_example_builds_and_says_why_it_cannot_run() {
+    let cuda = match cuda_runtime() {
+        Ok(d) => d,
+        Err(why) => {
+            common::skip(&why);
+            return;
+        }
+    };
+    let mut build = capi_support::c_build("c11");
+    build
+        .include(root().join("bindings"))
+        .include(cuda.join("include"));
+    let mut cmd = capi_support::compiler(&build);
+    let lib_dir = lib_path().parent().expect("lib dir").to_path_buf();
+    let exe = scratch("c").join("device_allreduce");
+    cmd.arg(example("device_allreduce.c"))
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lhetccl")
+        .arg("-L")
+        .arg(cuda.join("lib"))
+        .arg(format!("-Wl,-rpath,{}", cuda.join("lib").display()))
+        .args(["-l:libcudart.so.13", "-o"])
+        .arg(&exe);
+    let o = capi_support::run(&mut cmd);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        capi_support::command_line(&cmd),
+        capi_support::text(&o)
+    );
+    let o = launch(1, &[], &exe, &["1000"]).remove(0);
+    let gpu = hetccl::device::available();
+    if o.output
+        .contains("rank 0: cudaGetDeviceCount(&gpus) failed: ")
+    {
+        // No GPU the runtime can use: the program says so and stops.
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            gpu.is_err(),
+            "hetccl sees a GPU the CUDA runtime does not: {}",
+            o.output
+        );
+    } else if cfg!(feature = "cuda") && gpu.is_ok() {
+        assert_eq!(o.code, Some(0), "{}", o.output);
+        assert!(
+            o.output
+                .contains("rank 0/1: device all-reduce of 1000 floats on GPU 0: ok"),
+            "{}",
+            o.output
+        );
+    } else {
+        // A GPU, but this libhetccl has no device calls: the first one says why.
+        assert_eq!(o.code, Some(1), "{}", o.output);
+        assert!(
+            o.output.contains(
+                "hetcclDeviceCommInit(&dcomm, comm, device) failed: unhandled cuda error"
+            ),
+            "{}",
+            o.output
+        );
+    }
+}
+
 #[test]
 fn c_unique_id_one_process_per_rank_through_a_pipe() {
     for (n, env) in [
