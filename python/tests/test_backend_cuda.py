@@ -1,7 +1,8 @@
 """The hetccl torch.distributed backend on CUDA tensors (hetccl's device calls).
 
 Every collective on float32, float16 and bfloat16 CUDA tensors against the same call on
-CPU tensors through the same process group; the order with the caller's stream (a
+CPU tensors through the same process group, and send/recv and all_to_all_single (which
+go through host copies); the order with the caller's stream (a
 collective issued behind queued GPU work must see that work's result); a dtype the GPU
 reductions do not take, refused with hetccl's message; and DDP of a small BERT on CUDA
 against Gloo. Ranks share GPUs when there are fewer GPUs than ranks.
@@ -79,6 +80,20 @@ def cuda_collectives(rank, n):
         dist.all_gather_into_tensor(og, x.to(dev))
         same(og, oc, f"all_gather_into_tensor {dtype}")
 
+    # Point to point and all_to_all_single (through host copies).
+    if rank < 2:
+        s = (tb.values(0, n, torch.float32, 9) if rank == 0 else torch.zeros(9)).to(dev)
+        if rank == 0:
+            dist.send(s, 1)
+        else:
+            dist.recv(s, 0)
+            same(s, tb.values(0, n, torch.float32, 9), "send/recv")
+    x = torch.arange(2 * n, dtype=torch.float32) + 100 * rank
+    oc, og = torch.zeros(2 * n), torch.zeros(2 * n, device=dev)
+    dist.all_to_all_single(oc, x)
+    dist.all_to_all_single(og, x.to(dev))
+    same(og, oc, "all_to_all_single")
+
     # Issued behind GPU work on the current stream: the collective must wait for it (an
     # unordered one would sum the zeros the tensor held before the fill).
     t = torch.zeros(1 << 20, device=dev)
@@ -144,10 +159,13 @@ class CudaBackend(unittest.TestCase):
         for r, x in enumerate(res):
             self.assertIn("ok", x, f"rank {r}: {x}")
         # Per dtype: all_reduce and reduce_scatter_tensor x 5 ops, broadcast, two
-        # gathers; the root adds reduce x 5; then the ordered call and the refusal.
+        # gathers; the root adds reduce x 5; then all_to_all_single (and on rank 1 the
+        # receive), the ordered call and the refusal.
         per = 2 * 5 + 3
-        self.assertEqual(len(res[0]["ok"]), len(GPU_DTYPES) * per + 2)
-        self.assertEqual(len(res[n - 1]["ok"]), len(GPU_DTYPES) * (per + 5) + 2)
+        self.assertEqual(len(res[0]["ok"]), len(GPU_DTYPES) * per + 3)
+        self.assertEqual(len(res[n - 1]["ok"]),
+                         len(GPU_DTYPES) * (per + 5) + 3 + (n - 1 == 1))
+        self.assertIn("send/recv", res[1]["ok"])
 
     def test_collectives_match_the_cpu_on_2_ranks(self):
         self.check(2)

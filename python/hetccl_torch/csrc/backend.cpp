@@ -12,7 +12,7 @@
 // stream, the backend thread hands that stream to the device call, which starts after
 // it, and the Work completes once the result is in the tensor (the device calls return
 // then). No CUDA header is needed: streams and events go through c10's device-generic
-// interface. Point to point and all_to_all move CPU tensors only.
+// interface. Point to point and all_to_all move CUDA tensors through host copies.
 //
 // Point to point (send, recv, isend, irecv, batch_isend_irecv) does not run there: as
 // with Gloo, each one progresses on its own, whatever the order the two sides post them
@@ -122,17 +122,7 @@ void check_dense(const at::Tensor& t, const char* op) {
   (void)dtype_of(t);
 }
 
-// Point to point and all_to_all: CPU tensors only.
-void check_cpu(const at::Tensor& t, const char* op) {
-  if (!t.device().is_cpu()) {
-    fail(std::string("hetccl backend: ") + op + " got a tensor on " + t.device().str() +
-         "; this backend's point-to-point calls and all_to_all move CPU tensors (use "
-         "backend=\"cpu:hetccl,cuda:nccl\" for them on GPUs)");
-  }
-  check_dense(t, op);
-}
-
-// The collectives: CPU or CUDA tensors.
+// CPU or CUDA tensors.
 void check_tensor(const at::Tensor& t, const char* op) {
   if (!t.device().is_cpu() && !t.is_cuda()) {
     fail(std::string("hetccl backend: ") + op + " got a tensor on " + t.device().str() +
@@ -763,14 +753,14 @@ class BackendHetccl : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& ts, int dst, int tag) override {
     at::Tensor t = one_cpu(ts, "send");
-    check_cpu(t, "send");
+    check_tensor(t, "send");
     check_peer(dst, "send");
     return post(c10d::OpType::SEND, t, dst, tag);
   }
 
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& ts, int src, int tag) override {
     at::Tensor t = one_cpu(ts, "recv");
-    check_cpu(t, "recv");
+    check_tensor(t, "recv");
     check_peer(src, "recv");
     return post(c10d::OpType::RECV, t, src, tag);
   }
@@ -782,8 +772,9 @@ class BackendHetccl : public c10d::Backend {
                                               std::vector<int64_t>& out_splits,
                                               std::vector<int64_t>& in_splits,
                                               const c10d::AllToAllOptions&) override {
-    check_cpu(in, "all_to_all_single");
-    check_cpu(out, "all_to_all_single");
+    check_tensor(in, "all_to_all_single");
+    check_tensor(out, "all_to_all_single");
+    check_same_device(in, out, "all_to_all_single");
     if (in.scalar_type() != out.scalar_type()) {
       fail(std::string("hetccl backend: all_to_all_single's input is ") +
            c10::toString(in.scalar_type()) + " and its output " +
@@ -801,6 +792,9 @@ class BackendHetccl : public c10d::Backend {
     }
     int64_t row = std::max(in_row, out_row);
     auto dt = dtype_of(in);
+    // On a GPU through host copies (stage_in, stage_out, copy_back).
+    at::Tensor in_w = stage_in(in), out_w = stage_out(out);
+    Place where = place_of(out);
     std::vector<Call> calls;
     int64_t in_off = 0, out_off = 0;
     for (int p = 0; p < size_; ++p) {
@@ -808,8 +802,8 @@ class BackendHetccl : public c10d::Backend {
       size_t n_send = in_rows[p] * row, n_recv = out_rows[p] * row;
       // The captured tensors keep both buffers alive until the group has run.
       calls.push_back({[=, this] {
-                         char* s = static_cast<char*>(in.data_ptr()) + src * in.element_size();
-                         char* d = static_cast<char*>(out.data_ptr()) + dst * out.element_size();
+                         char* s = static_cast<char*>(in_w.data_ptr()) + src * in.element_size();
+                         char* d = static_cast<char*>(out_w.data_ptr()) + dst * out.element_size();
                          check(hetcclSend(s, n_send, dt, p, comm_, nullptr), comm_,
                                "hetcclSend (all_to_all_single)");
                          check(hetcclRecv(d, n_recv, dt, p, comm_, nullptr), comm_,
@@ -818,6 +812,9 @@ class BackendHetccl : public c10d::Backend {
                        nullptr});
       in_off += in_rows[p];
       out_off += out_rows[p];
+    }
+    if (where.device) {
+      calls.back().after = [=, this] { copy_back(out, out_w, where); };
     }
     return enqueue_group(c10d::OpType::ALLTOALL_BASE, {out}, std::move(calls));
   }
@@ -841,21 +838,26 @@ class BackendHetccl : public c10d::Backend {
     std::vector<Call> calls;
     for (int p = 0; p < size_; ++p) {
       at::Tensor i = ins[p], o = outs[p];
-      check_cpu(i, "all_to_all");
-      check_cpu(o, "all_to_all");
+      check_tensor(i, "all_to_all");
+      check_tensor(o, "all_to_all");
+      check_same_device(i, o, "all_to_all");
       if (i.scalar_type() != o.scalar_type()) {
         fail("hetccl backend: all_to_all's input " + std::to_string(p) + " is " +
              c10::toString(i.scalar_type()) + " and its output " + std::to_string(p) + " " +
              c10::toString(o.scalar_type()) + "; they must be of one dtype");
       }
       auto dt = dtype_of(i);
+      // On a GPU through host copies (stage_in, stage_out, copy_back).
+      at::Tensor i_w = stage_in(i), o_w = stage_out(o);
+      Place where = place_of(o);
       calls.push_back({[=, this] {
-                         check(hetcclSend(i.data_ptr(), i.numel(), dt, p, comm_, nullptr),
+                         check(hetcclSend(i_w.data_ptr(), i.numel(), dt, p, comm_, nullptr),
                                comm_, "hetcclSend (all_to_all)");
-                         check(hetcclRecv(o.data_ptr(), o.numel(), dt, p, comm_, nullptr),
+                         check(hetcclRecv(o_w.data_ptr(), o.numel(), dt, p, comm_, nullptr),
                                comm_, "hetcclRecv (all_to_all)");
                        },
-                       nullptr});
+                       where.device ? std::function<void()>([=, this] { copy_back(o, o_w, where); })
+                                    : nullptr});
     }
     return enqueue_group(c10d::OpType::ALLTOALL, outs, std::move(calls));
   }
@@ -1122,20 +1124,51 @@ class BackendHetccl : public c10d::Backend {
 
   // A send or receive on its channel; inside an open batch it is recorded and posted at
   // endCoalescing.
+  // A CUDA tensor travels through a host copy (see stage_in and stage_out).
   c10::intrusive_ptr<c10d::Work> post(c10d::OpType type, const at::Tensor& t, int peer, int tag) {
     auto work = c10::make_intrusive<WorkHetccl>(rank_, type, std::vector<at::Tensor>{t});
     Channel* ch = type == c10d::OpType::SEND ? to_[peer].get() : from_[peer].get();
+    bool sends = type == c10d::OpType::SEND;
+    at::Tensor wire = sends ? stage_in(t) : stage_out(t);
+    Place where = !sends ? place_of(t) : Place{};
+    Done done = [this, work, t, wire, where](std::exception_ptr e) {
+      if (!e && where.device) {
+        try {
+          copy_back(t, wire, where);
+        } catch (...) {
+          e = std::current_exception();
+        }
+      }
+      work->finish(e);
+    };
     {
       std::lock_guard<std::mutex> g(m_);
       if (coalescing_) {
-        batch_p2p_.push_back({ch, Channel::Op{tag, t, [work](std::exception_ptr e) {
-                                                work->finish(e);
-                                              }, timeout_s_.load()}});
+        batch_p2p_.push_back({ch, Channel::Op{tag, wire, std::move(done), timeout_s_.load()}});
         return work;
       }
     }
-    ch->post({tag, t, [work](std::exception_ptr e) { work->finish(e); }, timeout_s_.load()});
+    ch->post({tag, wire, std::move(done), timeout_s_.load()});
     return work;
+  }
+
+  // Point to point and all_to_all move host memory: a CUDA tensor goes through a host
+  // copy. What a call reads is copied out at issue, after the work queued on the
+  // tensor's current stream (stage_in); what it writes lands in a host tensor
+  // (stage_out) that copy_back copies into the CUDA tensor on the backend's stream, which
+  // waited at issue for the current stream (place_of), and waits for before the Work
+  // completes. CPU tensors are used as they are.
+  static at::Tensor stage_in(const at::Tensor& t) { return t.is_cuda() ? t.to(at::kCPU) : t; }
+
+  static at::Tensor stage_out(const at::Tensor& t) {
+    return t.is_cuda() ? at::empty(t.sizes(), t.options().device(at::kCPU)) : t;
+  }
+
+  void copy_back(const at::Tensor& t, const at::Tensor& wire, const Place& where) {
+    c10::Stream side = side_stream(where.index);
+    c10::StreamGuard on(side);
+    t.copy_(wire);
+    side.synchronize();
   }
 
   static void check_pairs(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& ins,
