@@ -106,7 +106,7 @@ def cuda_collectives(rank, n):
     try:
         dist.all_reduce(torch.ones(4, dtype=torch.int64, device=dev))
     except Exception as e:  # noqa: BLE001  the message is what is checked
-        if "device reductions take float32, float16 and bfloat16" not in str(e):
+        if "device reductions take f32, f16 and bf16, not i64" not in str(e):
             raise
         checked.append("int64 refused")
     else:

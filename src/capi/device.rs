@@ -186,7 +186,7 @@ fn reducible(func: &'static str, dtype: DataType) -> Result<(), Failure> {
         DataType::F32 | DataType::F16 | DataType::Bf16 => Ok(()),
         other => Err(Failure::invalid(
             func,
-            format!("device reductions take float32, float16 and bfloat16, not {other}"),
+            format!("device reductions take f32, f16 and bf16, not {other}"),
         )),
     }
 }
@@ -602,4 +602,49 @@ pub unsafe extern "C" fn hetcclDeviceReduceScatter(
             })
         }
     })
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_may_be_the_same_or_apart_but_not_overlap() {
+        let p = |a: usize| a as *const c_void;
+        assert_eq!(overlap(p(0x1000), p(0x1000), 64, 64), None, "in place");
+        assert_eq!(overlap(p(0x1000), p(0x1040), 64, 64), None, "adjacent");
+        assert_eq!(
+            overlap(p(0x1040), p(0x1000), 64, 64),
+            None,
+            "adjacent, other order"
+        );
+        assert_eq!(
+            overlap(p(0x1000), p(0), 64, 0),
+            None,
+            "an empty NULL recvbuff"
+        );
+        assert_eq!(
+            overlap(p(0x1000), p(0x1020), 64, 64).as_deref(),
+            Some(
+                "sendbuff 0x1000 (64 bytes) and recvbuff 0x1020 (64 bytes) overlap without \
+                 being the same buffer"
+            )
+        );
+        // NCCL's in-place all-gather layout (send inside recv) is refused here.
+        assert!(overlap(p(0x1040), p(0x1000), 64, 128).is_some());
+    }
+
+    #[test]
+    fn reductions_take_the_float_types_of_the_kernels() {
+        for ok in [DataType::F32, DataType::F16, DataType::Bf16] {
+            assert_eq!(reducible("f", ok), Ok(()));
+        }
+        let e = reducible("hetcclDeviceAllReduce", DataType::I64).unwrap_err();
+        assert_eq!(e.code, hetcclResult_t::hetcclInvalidArgument);
+        assert_eq!(
+            e.message,
+            "invalid argument to hetcclDeviceAllReduce: device reductions take f32, f16 and \
+             bf16, not i64"
+        );
+    }
 }
