@@ -49,6 +49,15 @@ fi
 
 status=0
 rows=()
+# One finished step: its table row, and its log's tail when it failed.
+step_done() { # name, rc, result, log
+    [ "$2" -ne 0 ] && status=1
+    rows+=("$(printf '%-28s rc=%-3s %s' "$1" "$2" "${3:-no result line}")")
+    if [ "$2" -ne 0 ]; then
+        echo "---- $1 failed; last lines:"
+        tail -n 30 "$4"
+    fi
+}
 # Tests that start other executables (gpu_collectives) look for them here.
 export HETCCL_BIN_DIR
 HETCCL_BIN_DIR=$(cd "$BIN" && pwd)
@@ -103,15 +112,10 @@ else
     echo "hetccl or hetccl-gpu-check missing from $BIN" >"$log"
     rc=127
 fi
-[ $rc -ne 0 ] && status=1
 result=$(grep -m1 '^\[rank 0\] rank 0/[0-9]*: [0-9]* C API checks passed' "$log" | sed 's/^\[rank 0\] //')
 [ -z "$result" ] && result=$(grep -o -m1 'skipping:.*' "$log")
 [ -z "$result" ] && result=$(grep -o -m1 'hetccl-gpu-check: .*' "$log")
-rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
-if [ $rc -ne 0 ]; then
-    echo "---- $name failed; last lines:"
-    tail -n 30 "$log"
-fi
+step_done "$name" "$rc" "$result" "$log"
 
 # examples/c/device_allreduce.c, built here with the C compiler against CUDA's runtime
 # (beside nvcc) and the cuda build of libhetccl.
@@ -137,12 +141,7 @@ else
     rc=127
     result=$(cat "$log")
 fi
-[ $rc -ne 0 ] && status=1
-rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
-if [ $rc -ne 0 ]; then
-    echo "---- $name failed; last lines:"
-    tail -n 30 "$log"
-fi
+step_done "$name" "$rc" "$result" "$log"
 
 # The PyTorch backend on CUDA tensors, with the cuda build of libhetccl in $BIN (the
 # extension is compiled there against the machine's torch).
@@ -164,12 +163,7 @@ else
     rc=127
     result=$(cat "$log")
 fi
-[ $rc -ne 0 ] && status=1
-rows+=("$(printf '%-28s rc=%-3s %s' "$name" "$rc" "${result:-no result line}")")
-if [ $rc -ne 0 ]; then
-    echo "---- $name failed; last lines:"
-    tail -n 30 "$log"
-fi
+step_done "$name" "$rc" "$result" "$log"
 
 # compute-sanitizer: out-of-bounds and misaligned accesses (memcheck), reads of device
 # memory nothing wrote (initcheck); each run exits 9 on any finding.

@@ -438,15 +438,18 @@ BERT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_h
             intermediate_size=128, max_position_embeddings=64)
 
 
-def ddp_bert(rank, n, backend, steps=24, seq=32, batch=4):
+def ddp_bert(rank, n, backend, steps=24, seq=32, batch=4, device=None):
+    """Losses of DDP training of a small BertForMaskedLM; on CUDA `device` if given."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import BertConfig, BertForMaskedLM
 
+    if device is not None:
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=n)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**BERT))
+    model = BertForMaskedLM(BertConfig(**BERT)).to(device or "cpu")
     model.train()
-    ddp = DDP(model)
+    ddp = DDP(model, device_ids=None if device is None else [device.index])
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1000 + rank)
     losses = []
@@ -456,6 +459,8 @@ def ddp_bert(rank, n, backend, steps=24, seq=32, batch=4):
         mask = torch.rand(ids.shape, generator=gen) < 0.15
         labels[~mask] = -100
         ids[mask] = 4
+        if device is not None:
+            ids, labels = ids.to(device), labels.to(device)
         loss = ddp(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()

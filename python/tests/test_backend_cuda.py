@@ -115,41 +115,12 @@ def cuda_collectives(rank, n):
     return checked
 
 
-def ddp_bert_cuda(rank, n, backend, steps=12, seq=32, batch=4):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from transformers import BertConfig, BertForMaskedLM
-
-    dev = device_of(rank)
-    torch.cuda.set_device(dev)
-    dist.init_process_group(backend, rank=rank, world_size=n)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**tb.BERT)).to(dev)
-    model.train()
-    ddp = DDP(model, device_ids=[dev.index])
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1000 + rank)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(5, tb.BERT["vocab_size"], (batch, seq), generator=gen)
-        labels = ids.clone()
-        mask = torch.rand(ids.shape, generator=gen) < 0.15
-        labels[~mask] = -100
-        ids[mask] = 4
-        loss = ddp(input_ids=ids.to(dev), labels=labels.to(dev)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    dist.destroy_process_group()
-    return losses
-
-
 def ddp_bert_cuda_hetccl(rank, n):
-    return ddp_bert_cuda(rank, n, "hetccl")
+    return tb.ddp_bert(rank, n, "hetccl", steps=12, device=device_of(rank))
 
 
 def ddp_bert_cuda_gloo(rank, n):
-    return ddp_bert_cuda(rank, n, "gloo")
+    return tb.ddp_bert(rank, n, "gloo", steps=12, device=device_of(rank))
 
 
 @unittest.skipIf(NO_GPU, NO_GPU)

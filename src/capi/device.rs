@@ -152,13 +152,14 @@ pub extern "C" fn hetcclDeviceCommDestroy(dcomm: hetcclDeviceComm_t) -> hetcclRe
     })
 }
 
-/// The arguments every device collective shares, checked.
+/// The arguments every device collective shares, checked, and the communicator's size.
 #[cfg(feature = "cuda")]
 struct Args {
     func: &'static str,
     dtype: DataType,
     stream: hetcclStream_t,
     slot: std::sync::Arc<live::Slot>,
+    world_size: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -171,12 +172,22 @@ fn args(
     not_in_group(func)?;
     let slot = LIVE.lookup(func, "dcomm", dcomm as usize)?;
     let dtype = dtype_arg(func, datatype)?;
+    let world_size = slot.lock().unwrap_or_else(|p| p.into_inner()).world_size;
     Ok(Args {
         func,
         dtype,
         stream,
         slot,
+        world_size,
     })
+}
+
+/// A reduction's op, checked, and its datatype, which the GPU reductions must take.
+#[cfg(feature = "cuda")]
+fn reduction(a: &Args, op: hetcclRedOp_t) -> Result<crate::dtype::ReduceOp, Failure> {
+    let op = redop_arg(a.func, op)?;
+    reducible(a.func, a.dtype)?;
+    Ok(op)
 }
 
 /// A reduction's datatype: the GPU reductions take float32, float16 and bfloat16.
@@ -403,12 +414,6 @@ fn times(func: &'static str, count: usize, n: usize) -> Result<usize, Failure> {
     super::ops::times_ranks(func, count, n)
 }
 
-/// The number of ranks of a device communicator.
-#[cfg(feature = "cuda")]
-fn world_of(a: &Args) -> usize {
-    a.slot.lock().unwrap_or_else(|p| p.into_inner()).world_size
-}
-
 /// Device all-reduce: `recvbuff` becomes the reduction of every rank's `sendbuff`
 /// (`count` elements each; in place when the two are the same).
 ///
@@ -436,8 +441,7 @@ pub unsafe extern "C" fn hetcclDeviceAllReduce(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let op = redop_arg(F, op)?;
-            reducible(F, a.dtype)?;
+            let op = reduction(&a, op)?;
             times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(
@@ -473,7 +477,7 @@ pub unsafe extern "C" fn hetcclDeviceBroadcast(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let n = world_of(&a);
+            let n = a.world_size;
             let root = rank_arg(F, "root", root, n)?;
             times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
@@ -512,9 +516,8 @@ pub unsafe extern "C" fn hetcclDeviceReduce(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let op = redop_arg(F, op)?;
-            reducible(F, a.dtype)?;
-            let n = world_of(&a);
+            let op = reduction(&a, op)?;
+            let n = a.world_size;
             let root = rank_arg(F, "root", root, n)?;
             times(F, count, a.dtype.size())?;
             // SAFETY: the caller's contract on the buffers.
@@ -552,7 +555,7 @@ pub unsafe extern "C" fn hetcclDeviceAllGather(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let n = world_of(&a);
+            let n = a.world_size;
             times(F, times(F, sendcount, a.dtype.size())?, n)?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {
@@ -590,9 +593,8 @@ pub unsafe extern "C" fn hetcclDeviceReduceScatter(
         #[cfg(feature = "cuda")]
         {
             let a = args(F, dcomm, datatype, stream)?;
-            let op = redop_arg(F, op)?;
-            reducible(F, a.dtype)?;
-            let n = world_of(&a);
+            let op = reduction(&a, op)?;
+            let n = a.world_size;
             times(F, times(F, recvcount, a.dtype.size())?, n)?;
             // SAFETY: the caller's contract on the buffers.
             run::on_stream(&a, |on| {

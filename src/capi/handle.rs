@@ -75,13 +75,7 @@ impl<E> Registry<E> {
         name: &str,
         token: usize,
     ) -> Result<Arc<E>, Failure> {
-        if token == 0 {
-            return Err(Failure::invalid(func, format!("{name} is NULL")));
-        }
-        self.live()
-            .get(&token)
-            .cloned()
-            .ok_or_else(|| Failure::invalid(func, self.not_live(name, token)))
+        self.take(func, name, token, |live| live.get(&token).cloned())
     }
 
     /// Removes `token`; the entry is dropped once calls still running on other threads
@@ -92,19 +86,29 @@ impl<E> Registry<E> {
         name: &str,
         token: usize,
     ) -> Result<Arc<E>, Failure> {
+        self.take(func, name, token, |live| live.remove(&token))
+    }
+
+    /// `get` on the live entries, refusing NULL and a token that is not live.
+    fn take(
+        &self,
+        func: &'static str,
+        name: &str,
+        token: usize,
+        get: impl FnOnce(&mut BTreeMap<usize, Arc<E>>) -> Option<Arc<E>>,
+    ) -> Result<Arc<E>, Failure> {
         if token == 0 {
             return Err(Failure::invalid(func, format!("{name} is NULL")));
         }
-        self.live()
-            .remove(&token)
-            .ok_or_else(|| Failure::invalid(func, self.not_live(name, token)))
-    }
-
-    fn not_live(&self, name: &str, token: usize) -> String {
-        format!(
-            "{name} {:p} is not a live {} (it was destroyed, or never created)",
-            token as *const u8, self.kind
-        )
+        get(&mut self.live()).ok_or_else(|| {
+            Failure::invalid(
+                func,
+                format!(
+                    "{name} {:p} is not a live {} (it was destroyed, or never created)",
+                    token as *const u8, self.kind
+                ),
+            )
+        })
     }
 
     /// Number of live entries.

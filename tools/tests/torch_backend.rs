@@ -35,6 +35,24 @@ fn missing(py: &str) -> Option<String> {
     }
 }
 
+/// Runs `python -m unittest -v MODULE` in python/tests against this build's
+/// libhetccl; asserts it passed and returns unittest's report.
+fn unittest(py: &str, module: &str) -> String {
+    let repo = common::repo();
+    let out = Command::new(py)
+        .args(["-m", "unittest", "-v", module])
+        .current_dir(repo.join("python/tests"))
+        .env("HETCCL_LIB_DIR", repo.join("target/release"))
+        .output()
+        .expect("running the Python tests");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "python/tests/{module}.py failed:\n{text}"
+    );
+    text
+}
+
 #[test]
 fn torch_backend_matches_gloo_and_trains_ddp_bert() {
     let py = python();
@@ -49,17 +67,7 @@ fn torch_backend_matches_gloo_and_trains_ddp_bert() {
         "{} is missing: cargo build --release first",
         lib.display()
     );
-    let out = Command::new(&py)
-        .args(["-m", "unittest", "-v", "test_backend"])
-        .current_dir(repo.join("python/tests"))
-        .env("HETCCL_LIB_DIR", repo.join("target/release"))
-        .output()
-        .expect("running the Python tests");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python/tests/test_backend.py failed:\n{text}"
-    );
+    let text = unittest(&py, "test_backend");
     // unittest's summary: every case the file defines ran, none was skipped.
     let source = std::fs::read_to_string(repo.join("python/tests/test_backend.py"))
         .expect("reading python/tests/test_backend.py");
@@ -105,18 +113,7 @@ fn torch_backend_on_cuda_tensors() {
         common::skip(&format!("PyTorch at {py} sees no CUDA device"));
         return;
     }
-    let repo = common::repo();
-    let out = Command::new(&py)
-        .args(["-m", "unittest", "-v", "test_backend_cuda"])
-        .current_dir(repo.join("python/tests"))
-        .env("HETCCL_LIB_DIR", repo.join("target/release"))
-        .output()
-        .expect("running the Python tests");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python/tests/test_backend_cuda.py failed:\n{text}"
-    );
+    let text = unittest(&py, "test_backend_cuda");
     assert!(text.contains("Ran 3 tests"), "{text}");
     assert!(!text.contains("skipped"), "{text}");
 }
