@@ -75,6 +75,19 @@ impl CapiCheck {
             .map_err(|e| format!("download: {e}"))
     }
 
+    /// Downloads `d` and records the row `what` with its elements that differ from
+    /// `want`.
+    fn record<T: GpuElement>(
+        &mut self,
+        what: String,
+        d: &CudaSlice<T>,
+        want: impl Fn(usize) -> T,
+    ) -> Res<()> {
+        let bad = wrong(&self.download(d)?, want);
+        self.rows.push((what, bad));
+        Ok(())
+    }
+
     fn ptr<T>(&self, d: &CudaSlice<T>) -> *mut c_void {
         d.device_ptr(&self.stream).0 as *mut c_void
     }
@@ -100,19 +113,15 @@ impl CapiCheck {
                     s,
                 )
             })?;
-            let bad = wrong(&self.download(&recv)?, |i| expected::<T>(op, i, n));
-            self.rows
-                .push((format!("all_reduce {} {op:?} x {count}", T::NAME), bad));
+            let what = format!("all_reduce {} {op:?} x {count}", T::NAME);
+            self.record(what, &recv, |i| expected::<T>(op, i, n))?;
             let inplace = self.upload(&host)?;
             let p = self.ptr(&inplace);
             ok("hetcclDeviceAllReduce (in place)", unsafe {
                 capi::hetcclDeviceAllReduce(p, p, count, dt::<T>(), opv, d, s)
             })?;
-            let bad = wrong(&self.download(&inplace)?, |i| expected::<T>(op, i, n));
-            self.rows.push((
-                format!("all_reduce in place {} {op:?} x {count}", T::NAME),
-                bad,
-            ));
+            let what = format!("all_reduce in place {} {op:?} x {count}", T::NAME);
+            self.record(what, &inplace, |i| expected::<T>(op, i, n))?;
 
             let root = n - 1;
             let out = self.zeros::<T>(count)?;
@@ -128,16 +137,15 @@ impl CapiCheck {
                     s,
                 )
             })?;
-            let got = self.download(&out)?;
-            let bad = if r == root {
-                wrong(&got, |i| expected::<T>(op, i, n))
-            } else {
-                wrong(&got, |_| T::from_f64(0.0))
-            };
-            self.rows.push((
-                format!("reduce to {root} {} {op:?} x {count}", T::NAME),
-                bad,
-            ));
+            // Only the root's receive buffer is written.
+            let what = format!("reduce to {root} {} {op:?} x {count}", T::NAME);
+            self.record(what, &out, |i| {
+                if r == root {
+                    expected::<T>(op, i, n)
+                } else {
+                    T::from_f64(0.0)
+                }
+            })?;
 
             let per = count.div_ceil(n);
             let whole: Vec<T> = (0..per * n).map(|i| input::<T>(op, r, i)).collect();
@@ -154,9 +162,8 @@ impl CapiCheck {
                     s,
                 )
             })?;
-            let bad = wrong(&self.download(&out)?, |i| expected::<T>(op, r * per + i, n));
-            self.rows
-                .push((format!("reduce_scatter {} {op:?} x {per}", T::NAME), bad));
+            let what = format!("reduce_scatter {} {op:?} x {per}", T::NAME);
+            self.record(what, &out, |i| expected::<T>(op, r * per + i, n))?;
         }
         let root = n - 1;
         let mine: Vec<T> = (0..count).map(|i| payload::<T>(r, i)).collect();
@@ -173,18 +180,14 @@ impl CapiCheck {
                 s,
             )
         })?;
-        let bad = wrong(&self.download(&recv)?, |i| payload::<T>(root, i));
-        self.rows
-            .push((format!("broadcast from {root} {} x {count}", T::NAME), bad));
+        let what = format!("broadcast from {root} {} x {count}", T::NAME);
+        self.record(what, &recv, |i| payload::<T>(root, i))?;
         let all = self.zeros::<T>(count * n)?;
         ok("hetcclDeviceAllGather", unsafe {
             capi::hetcclDeviceAllGather(self.ptr(&send), self.ptr(&all), count, dt::<T>(), d, s)
         })?;
-        let bad = wrong(&self.download(&all)?, |i| {
-            payload::<T>(i / count, i % count)
-        });
-        self.rows
-            .push((format!("all_gather {} x {count}", T::NAME), bad));
+        let what = format!("all_gather {} x {count}", T::NAME);
+        self.record(what, &all, |i| payload::<T>(i / count, i % count))?;
         Ok(())
     }
 
@@ -219,11 +222,8 @@ impl CapiCheck {
             )
         })?;
         let n = self.n as f32;
-        let bad = wrong(&self.download(&buf)?, |_| n);
-        self.rows.push((
-            format!("waits for the caller's stream ({secs} s held)"),
-            bad,
-        ));
+        let what = format!("waits for the caller's stream ({secs} s held)");
+        self.record(what, &buf, |_| n)?;
         Ok(())
     }
 
@@ -324,9 +324,9 @@ impl CapiCheck {
                 self.raw_stream(),
             )
         })?;
-        let bad = wrong(&self.download(&fine)?, |_| 2.0 * n as f32);
-        self.rows
-            .push(("all_reduce after the refusals".into(), bad));
+        self.record("all_reduce after the refusals".into(), &fine, |_| {
+            2.0 * n as f32
+        })?;
         Ok(())
     }
 }
