@@ -52,8 +52,6 @@ mod live {
         pub(super) comm: DeviceComm,
         pub(super) device: Device,
         pub(super) stream: Stream,
-        pub(super) world_size: usize,
-        pub(super) rank: usize,
     }
 
     pub(super) type Slot = Mutex<Live>;
@@ -124,8 +122,6 @@ pub unsafe extern "C" fn hetcclDeviceCommInit(
                 comm: dc,
                 device: dev,
                 stream,
-                world_size: c.world_size,
-                rank: c.rank,
             }));
             tracing::debug!(target: "hetccl::capi", rank = c.rank, device = ordinal,
                             "device communicator {:p} made", token as *const u8);
@@ -172,7 +168,11 @@ fn args(
     not_in_group(func)?;
     let slot = LIVE.lookup(func, "dcomm", dcomm as usize)?;
     let dtype = dtype_arg(func, datatype)?;
-    let world_size = slot.lock().unwrap_or_else(|p| p.into_inner()).world_size;
+    let world_size = slot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .comm
+        .world_size();
     Ok(Args {
         func,
         dtype,
@@ -206,8 +206,9 @@ fn reducible(func: &'static str, dtype: DataType) -> Result<(), Failure> {
 /// without being the same buffer (in place).
 #[cfg(feature = "cuda")]
 fn overlap(send: *const c_void, recv: *const c_void, sb: usize, rb: usize) -> Option<String> {
-    let (s, r) = (send as usize, recv as usize);
-    (s != r && s < r.saturating_add(rb) && r < s.saturating_add(sb)).then(|| {
+    use super::ops::{overlaps, Ptr};
+    let (s, r) = (Ptr(send as *mut c_void), Ptr(recv as *mut c_void));
+    (send != recv && overlaps(s, sb, r, rb)).then(|| {
         format!(
             "sendbuff {send:p} ({sb} bytes) and recvbuff {recv:p} ({rb} bytes) overlap \
              without being the same buffer"
@@ -247,18 +248,17 @@ mod run {
 
     use super::{overlap, Args, Failure};
     use crate::algorithm::Call;
-    use crate::device::{DeviceComm, DeviceRepr, ForeignBuf, ForeignStream, GpuElement, Stream};
+    use crate::device::{
+        DeviceComm, DeviceRepr, DeviceSlice, ForeignBuf, ForeignStream, GpuElement, Stream,
+    };
     use crate::dtype::{CollectiveOp, Element, ReduceOp};
     use crate::error::{Error, Result};
 
-    /// Where a call runs: the device communicator, hetccl's stream, this rank and the
-    /// number of ranks.
+    /// Where a call runs: the device communicator and hetccl's stream.
     pub(super) struct On<'a> {
         comm: &'a mut DeviceComm,
         stream: &'a Stream,
         func: &'static str,
-        rank: usize,
-        world_size: usize,
     }
 
     /// Locks the device communicator and runs `f` on hetccl's stream, ordered with the
@@ -269,7 +269,6 @@ mod run {
         // SAFETY: the C API's contract: the stream is NULL or a live stream of the
         // communicator's device, alive until the call returns.
         let theirs = unsafe { ForeignStream::new(&live.device, a.stream) };
-        let (rank, world_size) = (live.rank, live.world_size);
         let comm = &mut live.comm;
         theirs
             .around(&live.stream, |stream| {
@@ -277,8 +276,6 @@ mod run {
                     comm,
                     stream,
                     func: a.func,
-                    rank,
-                    world_size,
                 })
             })
             .map_err(Failure::from)
@@ -301,11 +298,6 @@ mod run {
             (recv, rn): (*const c_void, usize),
         ) -> Result<Pair<T>> {
             let checked = (|| {
-                let size = std::mem::size_of::<T>();
-                let (sb, rb) = (sn.saturating_mul(size), rn.saturating_mul(size));
-                if let Some(why) = overlap(send, recv, sb, rb) {
-                    return Err(Error::invalid(self.func, why));
-                }
                 // SAFETY (both): forwarded.
                 let s = unsafe {
                     ForeignBuf::new(self.stream, self.func, "sendbuff", send as u64, sn)
@@ -313,6 +305,10 @@ mod run {
                 let r = unsafe {
                     ForeignBuf::new(self.stream, self.func, "recvbuff", recv as u64, rn)
                 }?;
+                // Both sizes fit (ForeignBuf::new checked them).
+                if let Some(why) = overlap(send, recv, s.num_bytes(), r.num_bytes()) {
+                    return Err(Error::invalid(self.func, why));
+                }
                 Ok((s, r))
             })();
             checked.map_err(|e| self.comm.refuse(call, e))
@@ -349,7 +345,7 @@ mod run {
             let call = Call::new(CollectiveOp::Reduce, T::DTYPE, count)
                 .with_redop(op)
                 .with_root(root);
-            let kept = if self.rank == root { count } else { 0 };
+            let kept = if self.comm.rank() == root { count } else { 0 };
             // SAFETY: forwarded.
             let (s, mut r) = unsafe { self.bufs::<T>(call, (send, count), (recv, kept)) }?;
             self.comm.reduce(self.stream, &s, &mut r, op, root)
@@ -365,7 +361,7 @@ mod run {
             op: ReduceOp,
         ) -> Result<()> {
             let call = Call::new(CollectiveOp::ReduceScatter, T::DTYPE, recvcount).with_redop(op);
-            let whole = recvcount * self.world_size;
+            let whole = recvcount * self.comm.world_size();
             // SAFETY: forwarded.
             let (s, mut r) = unsafe { self.bufs::<T>(call, (send, whole), (recv, recvcount)) }?;
             self.comm.reduce_scatter(self.stream, &s, &mut r, op)
@@ -381,7 +377,7 @@ mod run {
             root: usize,
         ) -> Result<()> {
             let call = Call::new(CollectiveOp::Broadcast, T::DTYPE, count).with_root(root);
-            let copy = self.rank == root && !std::ptr::eq(send, recv);
+            let copy = self.comm.rank() == root && !std::ptr::eq(send, recv);
             let sent = if copy { count } else { 0 };
             // SAFETY: forwarded.
             let (s, mut r) = unsafe { self.bufs::<T>(call, (send, sent), (recv, count)) }?;
@@ -400,7 +396,7 @@ mod run {
             sendcount: usize,
         ) -> Result<()> {
             let call = Call::new(CollectiveOp::AllGather, T::DTYPE, sendcount);
-            let whole = sendcount * self.world_size;
+            let whole = sendcount * self.comm.world_size();
             // SAFETY: forwarded.
             let (s, mut r) = unsafe { self.bufs::<T>(call, (send, sendcount), (recv, whole)) }?;
             self.comm.all_gather(self.stream, &s, &mut r)
@@ -624,6 +620,11 @@ mod tests {
             overlap(p(0x1000), p(0), 64, 0),
             None,
             "an empty NULL recvbuff"
+        );
+        assert_eq!(
+            overlap(p(0x1000), p(0x1020), 64, 0),
+            None,
+            "an empty recvbuff inside sendbuff"
         );
         assert_eq!(
             overlap(p(0x1000), p(0x1020), 64, 64).as_deref(),

@@ -293,8 +293,9 @@ unsafe fn slice_mut<'a, T: Element>(p: Ptr, n: usize) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(p.0 as *mut T, n) }
 }
 
-/// True when the byte ranges `[a, a+alen)` and `[b, b+blen)` share a byte.
-fn overlaps(a: Ptr, alen: usize, b: Ptr, blen: usize) -> bool {
+/// True when the byte ranges `[a, a+alen)` and `[b, b+blen)` share a byte (an empty
+/// range shares none).
+pub(crate) fn overlaps(a: Ptr, alen: usize, b: Ptr, blen: usize) -> bool {
     let (a, b) = (a.0 as usize, b.0 as usize);
     alen > 0 && blen > 0 && a < b + blen && b < a + alen
 }

@@ -196,7 +196,7 @@ impl CapiCheck {
     fn stream_order(&mut self, dev: &Device, secs: f64) -> Res<()> {
         let count = 4096;
         let buf = self.zeros::<f32>(count)?;
-        hold(dev, &self.stream, secs)?;
+        super::hold_raw(dev, self.stream.cu_stream(), secs)?;
         // SAFETY: `buf` holds `count` words; the memset is queued behind the hold.
         unsafe {
             sys::cuMemsetD32Async(
@@ -329,12 +329,6 @@ impl CapiCheck {
         })?;
         Ok(())
     }
-}
-
-/// Holds `stream` for `secs` (a wait on a word another stream sets later), as a long
-/// kernel would.
-fn hold(dev: &Device, stream: &CudaStream, secs: f64) -> Res<()> {
-    super::hold_raw(dev, stream.cu_stream(), secs)
 }
 
 /// Runs the checks on this rank; prints a table on rank 0 and a summary on every rank.
