@@ -668,12 +668,11 @@ class BackendHetccl : public c10d::Backend {
           }
         },
         [=, this] {
-          std::optional<c10::StreamGuard> on;
-          if (where.device) on.emplace(side_stream(where.index));
-          for (int r = 0; r < n; ++r) {
-            out[r].view({-1}).copy_(flat.narrow(0, r * in.numel(), in.numel()));
-          }
-          if (where.device) side_stream(where.index).synchronize();
+          on_side(where, [&] {
+            for (int r = 0; r < n; ++r) {
+              out[r].view({-1}).copy_(flat.narrow(0, r * in.numel(), in.numel()));
+            }
+          });
         },
         where.device);
   }
@@ -1165,9 +1164,19 @@ class BackendHetccl : public c10d::Backend {
   }
 
   void copy_back(const at::Tensor& t, const at::Tensor& wire, const Place& where) {
+    on_side(where, [&] { t.copy_(wire); });
+  }
+
+  // Runs `copies` (tensor copies) on the backend's stream of a CUDA call's device and
+  // waits for them; on the host, runs them as they are.
+  void on_side(const Place& where, const std::function<void()>& copies) {
+    if (!where.device) {
+      copies();
+      return;
+    }
     c10::Stream side = side_stream(where.index);
     c10::StreamGuard on(side);
-    t.copy_(wire);
+    copies();
     side.synchronize();
   }
 
