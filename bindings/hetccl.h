@@ -124,6 +124,14 @@ hetcclResult_t hetcclCommInitRankSettings(hetcclComm_t* comm, int nranks,
  * MASTER_ADDR/MASTER_PORT), PMI, Slurm, or HETCCL_INIT=file:///shared/dir. */
 hetcclResult_t hetcclCommInitFromEnv(hetcclComm_t* comm);
 
+/* Splits `comm`, as ncclCommSplit (no config argument: the new communicators take
+ * comm's settings). Every rank of `comm` calls it; ranks passing the same `color` (0 or
+ * more) get a new communicator, ranked by `key`, then by their rank in `comm`; a rank
+ * passing HETCCL_SPLIT_NOCOLOR gets NULL. Blocks until the new communicators are up.
+ * The new job's key is derived from comm's, never sent. Not inside a group. */
+#define HETCCL_SPLIT_NOCOLOR (-1)
+hetcclResult_t hetcclCommSplit(hetcclComm_t comm, int color, int key, hetcclComm_t* newcomm);
+
 /* Releases a communicator; its handle is refused afterwards. */
 hetcclResult_t hetcclCommDestroy(hetcclComm_t comm);
 /* Releases a communicator after an error (calls are synchronous: nothing to cancel). */

@@ -41,6 +41,14 @@ fn in_place_memory() -> &'static PathBuf {
     })
 }
 
+fn comm_split() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let src = root().join("tests/capi_support/comm_split.c");
+        compile_c(&[&src], "comm_split")
+    })
+}
+
 fn uniqueid_init() -> &'static PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| compile_c(&[&example("uniqueid_init.c")], "uniqueid_init"))
@@ -121,6 +129,30 @@ fn c_in_place_collectives_copy_no_message() {
         assert_eq!(growth.len(), 2, "{out}");
         for g in growth {
             assert!(g < 16 << 10, "peak RSS grew by {g} KiB {env:?}:\n{out}");
+        }
+    }
+}
+
+/// `hetcclCommSplit` by parity, without rank 0 (no colour), and around a bad colour on
+/// the last rank, which alone fails; children outlive their parent.
+#[test]
+fn c_comm_split_on_3_and_4_ranks() {
+    for (n, env) in [(3, vec![]), (4, vec![("HETCCL_SHM_DISABLE", "1")])] {
+        let outs = launch(n, &env, comm_split(), &[]);
+        assert_all_ok(&outs, &format!("comm_split on {n} ranks {env:?}"));
+        let out = all_output(&outs);
+        // Checks per rank: 7 in each communicator it is in (parity twice), 1 for rank 0
+        // left out, 3 for the last rank's refusal.
+        for r in 0..n {
+            let want = match r {
+                0 => 7 + 1 + 7 + 7,
+                r if r == n - 1 => 7 + 7 + 3 + 7,
+                _ => 7 * 4,
+            };
+            assert!(
+                out.contains(&format!("rank {r} of {n}: {want} split checks passed")),
+                "rank {r} of {n}:\n{out}"
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ use hetccl::capi::{self, ops, status, unique_id, *};
 use syn::{ForeignItem, Item, ReturnType, Type};
 
 /// The functions the header declares (and the library exports).
-const FUNCTIONS: usize = 31;
+const FUNCTIONS: usize = 32;
 
 fn header_path() -> PathBuf {
     root().join("bindings/hetccl.h")
@@ -395,6 +395,7 @@ fn rust_constants() -> BTreeMap<String, BTreeMap<String, i64>> {
         ("HETCCL_PATCH", capi::VERSION.2 as i64),
         ("HETCCL_VERSION_CODE", capi::VERSION_CODE as i64),
         ("HETCCL_UNIQUE_ID_BYTES", unique_id::UNIQUE_ID_BYTES as i64),
+        ("HETCCL_SPLIT_NOCOLOR", capi::HETCCL_SPLIT_NOCOLOR as i64),
     ];
     [
         ("hetcclResult_t", named(results)),
@@ -567,6 +568,9 @@ int main(void) {
   if (hetcclDeviceCommInit(NULL, comm, 0) != hetcclInvalidArgument) return 4;
   if (hetcclDeviceCommDestroy(dcomm) == hetcclSuccess) return 5;
   if (hetcclDeviceAllReduce(NULL, NULL, 0, hetcclFloat, hetcclSum, dcomm, NULL) == hetcclSuccess) return 6;
+  hetcclComm_t split = NULL;
+  if (hetcclCommSplit(comm, 0, 0, NULL) != hetcclInvalidArgument) return 7;
+  if (hetcclCommSplit(comm, HETCCL_SPLIT_NOCOLOR, 0, &split) != hetcclInvalidArgument || split != NULL) return 8;
   if (0) {
     (void)hetcclDeviceCommInit(&dcomm, comm, 0);
     (void)hetcclDeviceBroadcast(NULL, NULL, 0, hetcclFloat, 0, dcomm, NULL);

@@ -208,6 +208,32 @@ fn four_nodes_of_one() {
     check_shape("1,1,1,1", "hier");
 }
 
+/// Splits whose new communicators span nodes (by parity, the first member on the last
+/// node; every rank but 0; a split of a split): their stores listen on the first
+/// member's network address, their keys derive from the job's.
+#[test]
+fn splits_across_nodes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (argv, (var, val)) = check::argv(&["--split"]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let Some(run) = netcluster(
+        "split",
+        "2,1,2",
+        &[(var, &val)],
+        &argv,
+        Duration::from_secs(90),
+    ) else {
+        return;
+    };
+    assert_eq!(run.code, Some(0), "netcluster run failed:\n{}", run.output);
+    for r in 0..5 {
+        let want = if r == 0 { 9 } else { 11 };
+        let line = format!("[rank {r}] rank {r}/5: {want} checks passed");
+        assert!(run.output.contains(&line), "no {line:?}:\n{}", run.output);
+    }
+    assert_eq!(leftover_namespaces("split"), Vec::<String>::new());
+}
+
 #[test]
 fn ranks_get_their_node_and_launcher_variables() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

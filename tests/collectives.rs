@@ -54,6 +54,29 @@ fn world_sizes_2_to_4_over_tcp() {
 }
 
 #[test]
+fn split_communicators_over_shared_memory_and_tcp() {
+    // Two ranks: a child of one rank each, and rank 0 out of the second split.
+    for n in [2, 5] {
+        let out = launch(n, &["--split"], &[], &format!("split shm n={n}"));
+        // Per rank: 3 checks in each of three new communicators (rank 0 is in two, and
+        // counts 1 for the split it is left out of), the parent twice.
+        let per_rank = |r: usize| if r == 0 { 3 + 1 + 3 + 2 } else { 3 + 3 + 3 + 2 };
+        for r in 0..n {
+            assert!(
+                out.contains(&format!("rank {r}/{n}: {} checks passed", per_rank(r))),
+                "rank {r}:\n{out}"
+            );
+        }
+    }
+    launch(
+        3,
+        &["--split"],
+        &[("HETCCL_SHM_DISABLE", "1")],
+        "split tcp n=3",
+    );
+}
+
+#[test]
 fn large_count_every_op_and_dtype() {
     let big = ((1 << 20) + 3).to_string();
     launch(2, &["--counts", &big], &[], "shm n=2 2^20+3");

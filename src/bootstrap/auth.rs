@@ -202,6 +202,17 @@ impl JobAuth {
         &self.job_id
     }
 
+    /// The key of a job made from this one (a communicator split off it), named by
+    /// `child_id`: 64 hex digits of HMAC-SHA256 under this job's key, so every rank of
+    /// this job derives it by itself and the secret never travels. Without this job's
+    /// key it cannot be computed from the child's id.
+    pub fn derive_key(&self, child_id: &str) -> String {
+        self.mac(&[b"hetccl derived job key\0", child_id.as_bytes()])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
         // HMAC accepts keys of any length, so this never fails; an all-zero MAC would
         // simply fail verification.
@@ -577,6 +588,23 @@ mod tests {
             }
         );
         cli.unwrap();
+    }
+
+    #[test]
+    fn a_derived_key_is_the_hmac_of_the_child_id_under_the_job_key() {
+        let a = JobAuth::new("job-1", "secret");
+        // HMAC-SHA256(b"secret", b"hetccl derived job key\0split-0011223344556677"), as
+        // Python's hmac module computes it.
+        let want = "60e1df9ee867ff19df7381c079de1864a4350da0c27ebcce848c71c6335f2d28";
+        assert_eq!(a.derive_key("split-0011223344556677"), want);
+        // The job id plays no part; the key and the child's id do.
+        let same_key = JobAuth::new("job-2", "secret");
+        assert_eq!(same_key.derive_key("split-0011223344556677"), want);
+        assert_ne!(
+            JobAuth::new("job-1", "other").derive_key("split-0011223344556677"),
+            want
+        );
+        assert_ne!(a.derive_key("split-0011223344556678"), want);
     }
 
     #[test]

@@ -320,6 +320,60 @@ pub unsafe extern "C" fn hetcclCommInitFromEnv(comm: *mut hetcclComm_t) -> hetcc
     })
 }
 
+/// `color` of `hetcclCommSplit` for a rank that joins no new communicator.
+pub const HETCCL_SPLIT_NOCOLOR: c_int = -1;
+
+/// Splits `comm`, as `ncclCommSplit` (without its config argument: the new
+/// communicators take `comm`'s settings). Every rank of `comm` calls it; the ranks that
+/// pass the same `color` (0 or more) get a new communicator in `*newcomm`, ranked by
+/// `key` and, for equal keys, by their rank in `comm`; a rank that passes
+/// `HETCCL_SPLIT_NOCOLOR` gets NULL. Blocks until the new communicators are up. Destroy
+/// each one like any other; either `comm` or the new ones may go first.
+///
+/// # Safety
+/// `newcomm` must be NULL or point at a writable `hetcclComm_t`.
+#[no_mangle]
+pub unsafe extern "C" fn hetcclCommSplit(
+    comm: hetcclComm_t,
+    color: c_int,
+    key: c_int,
+    newcomm: *mut hetcclComm_t,
+) -> hetcclResult_t {
+    const F: &str = "hetcclCommSplit";
+    guard(F, || {
+        if newcomm.is_null() {
+            return Err(Failure::invalid(F, "newcomm is NULL"));
+        }
+        if group::active() {
+            return Err(Failure::usage(
+                F,
+                "a split cannot be part of a group; call it outside hetcclGroupStart / \
+                 hetcclGroupEnd",
+            ));
+        }
+        let c = handle::lookup(F, comm)?;
+        let valid = match color {
+            HETCCL_SPLIT_NOCOLOR => Ok(None),
+            c => u32::try_from(c).map(Some).map_err(|_| {
+                Failure::invalid(
+                    F,
+                    format!("color is {c}; it must be 0 or more, or HETCCL_SPLIT_NOCOLOR (-1)"),
+                )
+            }),
+        };
+        // A bad colour still takes part, as no colour, so no other rank waits for it.
+        let child = c
+            .comm
+            .split(valid.as_ref().ok().copied().flatten(), key)
+            .map_err(Failure::from)?;
+        valid?;
+        let h = child.map_or(std::ptr::null_mut(), handle::register);
+        // SAFETY: non-NULL, and writable per the caller's contract.
+        unsafe { newcomm.write(h) };
+        Ok(())
+    })
+}
+
 /// Releases a communicator. The handle is invalid afterwards: any later call with it
 /// returns `hetcclInvalidArgument`. Calls still running on other threads finish first.
 #[no_mangle]

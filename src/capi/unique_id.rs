@@ -20,8 +20,6 @@
 //! with `keyFromEnv` carries no key (zeros) and may travel over channels others read
 //! (PyTorch's store): without the key it lets nobody join.
 
-use std::net::Ipv4Addr;
-
 use rand::RngCore;
 
 use crate::config::{Config, InitMethod};
@@ -89,13 +87,13 @@ impl JobTicket {
 
     /// A new ticket for a job whose rank 0 runs in this process: the store goes on
     /// `MASTER_ADDR`/`MASTER_PORT` when they are set, else on this host's address (see
-    /// [`store_host`]) and a port that is free right now.
+    /// [`store_host`](crate::transport::tcp::store_host)) and a port that is free right now.
     pub fn generate(cfg: &Config) -> Result<Self> {
         Self::generate_at(cfg, None, cfg.launch.master_port, false)
     }
 
     /// A new ticket whose store listens on `host` (else `MASTER_ADDR`, else
-    /// [`store_host`]) and `port` (else a port free now). With `key_from_env` the ticket
+    /// [`store_host`](crate::transport::tcp::store_host)) and `port` (else a port free now). With `key_from_env` the ticket
     /// carries no key and every rank must have `HETCCL_JOB_KEY` (this one is checked now).
     pub fn generate_at(
         cfg: &Config,
@@ -112,7 +110,7 @@ impl JobTicket {
         }
         let host = match host.or_else(|| cfg.launch.master_addr.clone()) {
             Some(a) => a,
-            None => store_host(cfg)?,
+            None => crate::transport::tcp::store_host(cfg)?,
         };
         let port = match port {
             Some(p) => p,
@@ -214,18 +212,6 @@ impl JobTicket {
             cfg.job_key = Some(self.job_key.clone());
         }
         Ok(())
-    }
-}
-
-/// The address other ranks will reach rank 0's store at when `MASTER_ADDR` is unset:
-/// `HETCCL_SOCKET_IFNAME`'s address, else the first interface that is up and not
-/// loopback (ranks may be on other hosts), else loopback.
-pub fn store_host(cfg: &Config) -> Result<String> {
-    match crate::transport::tcp::listen_ip(cfg, true) {
-        Ok(ip) => Ok(ip.to_string()),
-        // Only a loopback interface: every rank must be on this host anyway.
-        Err(Error::Bootstrap(_)) => Ok(Ipv4Addr::LOCALHOST.to_string()),
-        Err(e) => Err(e),
     }
 }
 

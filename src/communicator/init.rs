@@ -76,6 +76,7 @@ impl Communicator {
         )?;
         super::flight_net::start(&cfg, &auth, boot.as_mut(), &topo, rank)?;
         let mut comm = Self::from_parts(cfg, topo, rank, links, Some(boot))?;
+        comm.auth = Some(auth);
         comm.pause_observing();
         if comm.cfg.topo_file.is_none() && comm.cfg.topo_probe && comm.world_size > 1 {
             comm.measure_topology()?;

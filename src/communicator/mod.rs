@@ -37,6 +37,7 @@ mod init;
 mod launcher_watch;
 mod probe;
 mod shared;
+mod split;
 #[cfg(test)]
 mod what_runs;
 
@@ -52,6 +53,7 @@ use crate::algorithm::executor::{self, BlockPasses, Buffers, ExecCtx, Job, Wire}
 use crate::algorithm::select::{self, Facts, Path};
 use crate::algorithm::tuning::LinkModel;
 use crate::algorithm::{self, Algo, Call, Schedule, Tuning};
+use crate::bootstrap::auth::JobAuth;
 use crate::bootstrap::Bootstrap;
 use crate::compression::{Compressor, OverflowStats, ScalePolicy};
 use crate::config::{AlgoChoice, CompressMode, Config};
@@ -498,6 +500,9 @@ pub struct Communicator {
     spin_polls: u32,
     /// The timeline (`HETCCL_TRACE`), also held by the progress state.
     tracer: Option<Arc<Tracer>>,
+    /// The job's identity and key, from which a split derives its communicators' keys;
+    /// `None` for one built by [`Communicator::from_parts`].
+    auth: Option<JobAuth>,
 }
 
 /// `d` in nanoseconds; `HETCCL_TIMEOUT`'s week fits in a u64 many times over.
@@ -612,6 +617,7 @@ impl Communicator {
             _boot: Mutex::new(boot),
             shared,
             tracer,
+            auth: None,
         })
     }
 

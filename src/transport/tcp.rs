@@ -723,6 +723,18 @@ fn tune_buffers(fd: i32) {
     }
 }
 
+/// The address other ranks will reach a store on this host at, when nothing names it:
+/// `HETCCL_SOCKET_IFNAME`'s address, else the first interface that is up and not
+/// loopback (ranks may be on other hosts), else loopback.
+pub fn store_host(cfg: &Config) -> Result<String> {
+    match listen_ip(cfg, true) {
+        Ok(ip) => Ok(ip.to_string()),
+        // Only a loopback interface: every rank must be on this host anyway.
+        Err(Error::Bootstrap(_)) => Ok(Ipv4Addr::LOCALHOST.to_string()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The address to listen on: `HETCCL_SOCKET_IFNAME`'s; loopback when every TCP peer is
 /// on this host; else the local address of the route to `MASTER_ADDR` (the network the
 /// bootstrap already uses); else the first interface that is up and not loopback.

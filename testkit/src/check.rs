@@ -43,7 +43,7 @@ const SOAK_COUNTS: [usize; 9] = [0, 1, 3, 7, 64, 1000, 4099, 16_384, 70_000];
 const SOAK_KINDS: usize = 12;
 
 /// Which checks to run, from the flags `--counts`, `--iters`, `--mixed`, `--big-f32`,
-/// `--seed`, `--determinism`, `--compressed`, `--shared` and `--soak`.
+/// `--seed`, `--determinism`, `--compressed`, `--shared`, `--soak` and `--split`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     /// Element counts every collective runs with.
@@ -64,6 +64,8 @@ pub struct Options {
     pub compressed: Option<usize>,
     /// Only a soak of this many steps.
     pub soak: Option<usize>,
+    /// Only splits of the communicator, checked in the new ones.
+    pub split: bool,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             shared: false,
             compressed: None,
             soak: None,
+            split: false,
         }
     }
 }
@@ -108,6 +111,7 @@ impl Options {
             }
             "--seed" => self.seed = val()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--shared" => self.shared = true,
+            "--split" => self.split = true,
             "--soak" => self.soak = Some(val()?.parse().map_err(|e| format!("--soak: {e}"))?),
             "--compressed" => {
                 self.compressed = Some(val()?.parse().map_err(|e| format!("--compressed: {e}"))?)
@@ -798,6 +802,91 @@ fn compressed(comm: &Communicator, count: usize) -> Result<usize, String> {
     Ok(checks)
 }
 
+/// One split's new communicator against what it must be: this rank's place among the
+/// parent ranks `members` (in their new order), who they are (an all-gather of parent
+/// ranks) and a sum over exactly them. Returns the checks passed.
+fn check_member(
+    what: &str,
+    comm: &Communicator,
+    child: &Communicator,
+    members: &[usize],
+) -> Result<usize, String> {
+    let want_rank = members.iter().position(|&r| r == comm.rank());
+    if Some(child.rank()) != want_rank || child.world_size() != members.len() {
+        return Err(format!(
+            "{what}: rank {} of {} in the new communicator, expected {want_rank:?} of {}",
+            child.rank(),
+            child.world_size(),
+            members.len()
+        ));
+    }
+    let mut who = vec![0i64; members.len()];
+    child
+        .all_gather(&[comm.rank() as i64], &mut who)
+        .map_err(|e| format!("{what}: all_gather: {e}"))?;
+    let want: Vec<i64> = members.iter().map(|&r| r as i64).collect();
+    if who != want {
+        return Err(format!("{what}: members {who:?}, expected {want:?}"));
+    }
+    let mut sum = vec![(comm.rank() + 1) as f32; 1000];
+    child
+        .all_reduce(&mut sum, ReduceOp::Sum)
+        .map_err(|e| format!("{what}: all_reduce: {e}"))?;
+    let want = members.iter().map(|&r| (r + 1) as f32).sum::<f32>();
+    mismatch(what, &sum, |_| want)?;
+    Ok(3)
+}
+
+/// `Communicator::split` three ways, each new communicator checked by
+/// [`check_member`]: by parity with keys that reverse the order; every rank but 0
+/// (which passes no colour) into one; a split of a split. The parent keeps working
+/// beside its children, and is checked last, after they are gone.
+fn splits(comm: &Communicator) -> Result<usize, String> {
+    let (r, n) = (comm.rank(), comm.world_size());
+    let mut checks = 0;
+
+    let child = comm
+        .split(Some((r % 2) as u32), -(r as i32))
+        .map_err(|e| format!("split by parity: {e}"))?
+        .ok_or("split by parity: no communicator for a colour")?;
+    let parity: Vec<usize> = (0..n).rev().filter(|q| q % 2 == r % 2).collect();
+    checks += check_member("split by parity", comm, &child, &parity)?;
+
+    let without_0 = comm
+        .split((r != 0).then_some(0), 0)
+        .map_err(|e| format!("split without rank 0: {e}"))?;
+    match (r, without_0) {
+        (0, None) => checks += 1,
+        (0, Some(_)) => return Err("split without rank 0: rank 0 got a communicator".into()),
+        (_, Some(c)) => {
+            let rest: Vec<usize> = (1..n).collect();
+            checks += check_member("split without rank 0", comm, &c, &rest)?;
+        }
+        (_, None) => return Err("split without rank 0: no communicator".into()),
+    }
+
+    // The split of a split, while the parent runs a collective of its own first.
+    let mut x = vec![r as f64; 7];
+    comm.all_reduce(&mut x, ReduceOp::Max)
+        .map_err(|e| format!("parent all_reduce beside a split: {e}"))?;
+    mismatch("parent all_reduce beside a split", &x, |_| (n - 1) as f64)?;
+    checks += 1;
+    let grandchild = child
+        .split(Some(0), 0)
+        .map_err(|e| format!("split of a split: {e}"))?
+        .ok_or("split of a split: no communicator")?;
+    // Equal keys: the order of the ranks in the communicator split.
+    checks += check_member("split of a split", comm, &grandchild, &parity)?;
+    drop(grandchild);
+    drop(child);
+
+    let mut sum = vec![1u8; 3];
+    comm.all_reduce(&mut sum, ReduceOp::Sum)
+        .map_err(|e| format!("parent all_reduce after its splits: {e}"))?;
+    mismatch("parent all_reduce after its splits", &sum, |_| n as u8)?;
+    Ok(checks + 1)
+}
+
 /// Runs the checks `o` asks for on `comm` and prints their result lines: `determinism
 /// hash H`, `compressed hash H` then `rank R/N: K checks passed`, a soak's figures then
 /// `; checks passed`, or `rank R/N: K checks passed in Ts`.
@@ -814,6 +903,15 @@ pub fn run(comm: &mut Communicator, o: &Options) -> Result<(), String> {
     }
     if let Some(count) = o.determinism {
         return determinism(comm, count, o.seed, o.shared);
+    }
+    if o.split {
+        let k = splits(comm)?;
+        outln!(
+            "rank {}/{}: {k} checks passed",
+            comm.rank(),
+            comm.world_size()
+        );
+        return Ok(());
     }
     if let Some(count) = o.compressed {
         let k = compressed(comm, count)?;

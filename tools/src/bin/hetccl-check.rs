@@ -7,8 +7,8 @@
 //! ```
 //!
 //! The checks and their closed forms are hetccl-testkit's (`check`, `oracle`), which
-//! tests run on their own executables too; `--shared`, `--soak`, `--determinism` and
-//! `--compressed` are described there. A long soak:
+//! tests run on their own executables too; `--shared`, `--soak`, `--determinism`,
+//! `--compressed` and `--split` are described there. A long soak:
 //!
 //! ```text
 //! hetccl run -n 4 -- hetccl-check --soak 200000 --seed 7
@@ -54,7 +54,8 @@ fn parse_args() -> Result<Args, String> {
                      \x20                   [--determinism COUNT]  (prints a hash of an inexact f32 sum)\n\
                      \x20                   [--compressed COUNT]   (fp16/bf16 all-reduce within bounds, same bits everywhere)\n\
                      \x20                   [--shared]  (buffers from alloc_shared)\n\
-                     \x20                   [--soak STEPS]  (random collectives, memory and descriptors flat)"
+                     \x20                   [--soak STEPS]  (random collectives, memory and descriptors flat)\n\
+                     \x20                   [--split]  (new communicators by colour, checked in each)"
                 );
                 std::process::exit(0);
             }
