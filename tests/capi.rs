@@ -133,8 +133,9 @@ fn c_in_place_collectives_copy_no_message() {
     }
 }
 
-/// `hetcclCommSplit` by parity, without rank 0 (no colour), and around a bad colour on
-/// the last rank, which alone fails; children outlive their parent.
+/// `hetcclCommSplit` by parity, without rank 0 (no colour), around a bad colour on the
+/// last rank and a NULL result on rank 0, which alone fail; children outlive their
+/// parent.
 #[test]
 fn c_comm_split_on_3_and_4_ranks() {
     for (n, env) in [(3, vec![]), (4, vec![("HETCCL_SHM_DISABLE", "1")])] {
@@ -142,12 +143,12 @@ fn c_comm_split_on_3_and_4_ranks() {
         assert_all_ok(&outs, &format!("comm_split on {n} ranks {env:?}"));
         let out = all_output(&outs);
         // Checks per rank: 7 in each communicator it is in (parity twice), 1 for rank 0
-        // left out, 3 for the last rank's refusal.
+        // left out, 3 for the last rank's refusal of its colour, 2 for rank 0's of NULL.
         for r in 0..n {
             let want = match r {
-                0 => 7 + 1 + 7 + 7,
-                r if r == n - 1 => 7 + 7 + 3 + 7,
-                _ => 7 * 4,
+                0 => 7 + 1 + 7 + 2 + 7,
+                r if r == n - 1 => 7 + 7 + 3 + 7 + 7,
+                _ => 7 * 5,
             };
             assert!(
                 out.contains(&format!("rank {r} of {n}: {want} split checks passed")),

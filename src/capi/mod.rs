@@ -341,9 +341,6 @@ pub unsafe extern "C" fn hetcclCommSplit(
 ) -> hetcclResult_t {
     const F: &str = "hetcclCommSplit";
     guard(F, || {
-        if newcomm.is_null() {
-            return Err(Failure::invalid(F, "newcomm is NULL"));
-        }
         if group::active() {
             return Err(Failure::usage(
                 F,
@@ -352,23 +349,27 @@ pub unsafe extern "C" fn hetcclCommSplit(
             ));
         }
         let c = handle::lookup(F, comm)?;
-        let valid = match color {
-            HETCCL_SPLIT_NOCOLOR => Ok(None),
-            c => u32::try_from(c).map(Some).map_err(|_| {
+        let color = if newcomm.is_null() {
+            Err(Failure::invalid(F, "newcomm is NULL"))
+        } else if color == HETCCL_SPLIT_NOCOLOR {
+            Ok(None)
+        } else {
+            u32::try_from(color).map(Some).map_err(|_| {
                 Failure::invalid(
                     F,
-                    format!("color is {c}; it must be 0 or more, or HETCCL_SPLIT_NOCOLOR (-1)"),
+                    format!("color is {color}; it must be 0 or more, or HETCCL_SPLIT_NOCOLOR (-1)"),
                 )
-            }),
+            })
         };
-        // A bad colour still takes part, as no colour, so no other rank waits for it.
+        // A rank with a bad argument still takes part, as no colour, so that no other
+        // rank waits for it; then it fails alone.
         let child = c
             .comm
-            .split(valid.as_ref().ok().copied().flatten(), key)
+            .split(color.as_ref().ok().copied().flatten(), key)
             .map_err(Failure::from)?;
-        valid?;
+        color?;
         let h = child.map_or(std::ptr::null_mut(), handle::register);
-        // SAFETY: non-NULL, and writable per the caller's contract.
+        // SAFETY: non-NULL (checked above), and writable per the caller's contract.
         unsafe { newcomm.write(h) };
         Ok(())
     })

@@ -4,7 +4,8 @@
  *      place in it, and a sum over exactly its members;
  *   2. rank 0 passes HETCCL_SPLIT_NOCOLOR and gets NULL; the others form one;
  *   3. the last rank passes a bad colour (-5): it gets hetcclInvalidArgument naming
- *      it, while the others (who passed 0) get their communicator without waiting.
+ *      it, while the others (who passed 0) get their communicator without waiting;
+ *   4. the same with rank 0 passing NULL for the result.
  *
  * The parent is destroyed before its children, which go on working.
  * Prints "rank R of N: K split checks passed"; exits non-zero on the first wrong value. */
@@ -83,6 +84,19 @@ int main(void) {
     CHECK(res);
     for (int r = 0; r < last; r++) members[r] = r;
     check_member("split around a bad colour", third, members, last);
+  }
+
+  /* Rank 0 passes no place for the result: it fails alone, the others carry on. */
+  hetcclComm_t fourth = NULL;
+  res = hetcclCommSplit(world, 0, 0, rank == 0 ? NULL : &fourth);
+  if (rank == 0) {
+    expect_int("NULL newcomm result", res, hetcclInvalidArgument);
+    expect_int("NULL newcomm named", strstr(hetcclGetLastError(NULL), "newcomm is NULL") != NULL, 1);
+  } else {
+    CHECK(res);
+    for (int r = 1; r < nranks; r++) members[r - 1] = r;
+    check_member("split around a NULL newcomm", fourth, members, nranks - 1);
+    CHECK(hetcclCommDestroy(fourth));
   }
 
   CHECK(hetcclCommDestroy(world));
