@@ -32,7 +32,8 @@ impl Communicator {
     /// passes `None` takes part and gets `None`.
     ///
     /// The new communicators take this one's settings (a topology file describes this
-    /// one's ranks, so theirs is discovered; a trace goes to files of their own), and
+    /// one's ranks, so theirs is discovered; a trace goes to files of their own; the
+    /// process stays where this one's start placed it), and
     /// are independent of it: either may be dropped first. The new job's key is derived
     /// from this one's, never sent.
     pub fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Communicator>> {
@@ -176,6 +177,9 @@ fn child_config(
     cfg.topo_file = None;
     cfg.topo_dump_file = None;
     cfg.trace = parent.trace.as_deref().map(|p| trace_pattern(p, job_id));
+    // The parent placed this process among its host's ranks; the new job's numbering
+    // would move it again.
+    cfg.spread = false;
     cfg
 }
 
@@ -236,6 +240,7 @@ mod tests {
         parent.launch.local_rank = Some(1);
         parent.launch.source = "openmpi";
         parent.launch.job_identity = Some("ompi-1".into());
+        parent.spread = true;
         let c = child_config(&parent, 1, 3, "127.0.0.1".into(), 4242, "split-ab");
         assert_eq!(c.init, InitMethod::Env);
         assert_eq!(
@@ -252,6 +257,7 @@ mod tests {
         assert_eq!(c.topo_file, None);
         assert_eq!(c.trace.as_deref(), Some("/tmp/t-%r.split-ab.json"));
         assert_eq!(c.timeout, parent.timeout);
+        assert!(!c.spread);
         assert_eq!(trace_pattern("/tmp/t-%r", "j"), "/tmp/t-%r.j");
     }
 }
