@@ -485,6 +485,30 @@ impl Config {
         }
     }
 
+    /// Makes this the configuration of rank `rank` of `size` in job `job_id`, whose
+    /// store is at `host:port` (`env://`), whatever launcher variables the environment
+    /// had; `source` names what set them in logs. A launcher's local rank and size
+    /// belong to its own numbering, not to this job's, so they are dropped.
+    pub fn join_store(
+        &mut self,
+        host: String,
+        port: u16,
+        job_id: String,
+        rank: usize,
+        size: usize,
+        source: &'static str,
+    ) {
+        self.init = InitMethod::Env;
+        self.launch.rank = Some(rank);
+        self.launch.world_size = Some(size);
+        self.launch.local_rank = None;
+        self.launch.local_world_size = None;
+        self.launch.master_addr = Some(host);
+        self.launch.master_port = Some(port);
+        self.launch.source = source;
+        self.job_id = Some(job_id);
+    }
+
     /// This configuration for logs: the handshake key, a secret, reads `<set>`.
     pub fn redacted(&self) -> Config {
         Config {

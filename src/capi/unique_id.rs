@@ -22,7 +22,7 @@
 
 use rand::RngCore;
 
-use crate::config::{Config, InitMethod};
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// Bytes in a `hetcclUniqueId`.
@@ -198,16 +198,14 @@ impl JobTicket {
                 ),
             ));
         }
-        cfg.init = InitMethod::Env;
-        cfg.launch.rank = Some(rank);
-        cfg.launch.world_size = Some(nranks);
-        // A launcher's local rank belongs to its own numbering, not to this job's.
-        cfg.launch.local_rank = None;
-        cfg.launch.local_world_size = None;
-        cfg.launch.master_addr = Some(self.host.clone());
-        cfg.launch.master_port = Some(self.port);
-        cfg.launch.source = "hetcclUniqueId";
-        cfg.job_id = Some(self.job_id.clone());
+        cfg.join_store(
+            self.host.clone(),
+            self.port,
+            self.job_id.clone(),
+            rank,
+            nranks,
+            "hetcclUniqueId",
+        );
         if !self.key_from_env {
             cfg.job_key = Some(self.job_key.clone());
         }

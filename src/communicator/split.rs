@@ -10,7 +10,7 @@
 
 use super::Communicator;
 use crate::bootstrap::auth::random_hex;
-use crate::config::{Config, InitMethod};
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 const OP: &str = "Communicator::split";
@@ -37,6 +37,15 @@ impl Communicator {
     /// are independent of it: either may be dropped first. The new job's key is derived
     /// from this one's, never sent.
     pub fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Communicator>> {
+        // Every rank of a communicator built from parts lacks the key alike, so all of
+        // them stop here before any exchange.
+        let auth = self.auth.as_ref().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "this communicator was built from parts and holds no job key to derive the \
+                 new one's from",
+            )
+        })?;
         let mine = [color.map_or(-1, i64::from), i64::from(key)];
         let mut table = vec![0i64; 2 * self.world_size];
         self.all_gather(&mine, &mut table)?;
@@ -66,13 +75,6 @@ impl Communicator {
             .iter()
             .position(|&r| r == self.rank)
             .ok_or_else(|| Error::invalid(OP, "this rank is missing from its own colour"))?;
-        let auth = self.auth.as_ref().ok_or_else(|| {
-            Error::invalid(
-                OP,
-                "this communicator was built from parts and holds no job key to derive the \
-                 new one's from",
-            )
-        })?;
         let mut cfg = child_config(&self.cfg, rank, members.len(), host, port, &job_id);
         cfg.job_key = Some(auth.derive_key(&job_id));
         Communicator::init(cfg).map(Some)
@@ -80,12 +82,6 @@ impl Communicator {
 
     /// Where the group of `members` (this rank first) will find its store, and its job id.
     fn prepare_store(&self, members: &[usize]) -> Result<(String, u16, String)> {
-        if self.auth.is_none() {
-            return Err(Error::invalid(
-                OP,
-                "the communicator was built from parts and holds no job key",
-            ));
-        }
         let node = self.topo.node_of[self.rank];
         let host = if members.iter().all(|&r| self.topo.node_of[r] == node) {
             "127.0.0.1".to_string()
@@ -160,19 +156,11 @@ fn child_config(
     job_id: &str,
 ) -> Config {
     let mut cfg = parent.clone();
-    cfg.init = InitMethod::Env;
-    cfg.launch.rank = Some(rank);
-    cfg.launch.world_size = Some(size);
-    // The launcher's numbering and job name belong to the parent's job.
-    cfg.launch.local_rank = None;
-    cfg.launch.local_world_size = None;
+    cfg.join_store(host, port, job_id.to_string(), rank, size, "split");
+    // The launcher's host count, job name and store belong to the parent's job.
     cfg.launch.nodes = None;
     cfg.launch.job_identity = None;
     cfg.launch.agent_store = false;
-    cfg.launch.master_addr = Some(host);
-    cfg.launch.master_port = Some(port);
-    cfg.launch.source = "split";
-    cfg.job_id = Some(job_id.to_string());
     // A topology file or dump describes the parent's ranks.
     cfg.topo_file = None;
     cfg.topo_dump_file = None;
@@ -195,6 +183,7 @@ fn trace_pattern(parent: &str, job_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::InitMethod;
 
     #[test]
     fn members_are_ordered_by_key_then_rank() {
